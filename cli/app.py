@@ -1,0 +1,87 @@
+"""Root typer app.
+
+Thin by design: each command module parses flags, calls the library and renders with rich.
+Library errors (:class:`featcache.errors.FeatcacheError`) become one sentence on stderr and a
+non-zero exit status, never a traceback.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from featcache.errors import FeatcacheError
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ banner off the CLI
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    help="featcache: extract frozen-CNN features once into an HDF5 cache, then fit and compare "
+    "many cheap classifier heads and publish a report.",
+)
+
+err_console = Console(stderr=True)
+
+# Each module exposes ``register(app: typer.Typer) -> None``. Modules that are not written yet
+# are skipped so the CLI stays usable while the project grows.
+_COMMAND_MODULES = (
+    "extract_cmd",
+    "cache_cmd",
+    "data_cmd",
+    "fit_cmd",
+    "runs_cmd",
+    "predict_cmd",
+    "report_cmd",
+    "pipeline_cmd",
+)
+
+for _name in _COMMAND_MODULES:
+    try:
+        _module = importlib.import_module(f"featcache.cli.{_name}")
+    except ModuleNotFoundError as _exc:  # only tolerate the module itself being absent
+        if _exc.name != f"featcache.cli.{_name}":
+            raise
+        continue
+    _module.register(app)
+
+
+@app.command()
+def version() -> None:
+    """Print the featcache version."""
+    from featcache import __version__
+
+    typer.echo(__version__)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI with ``argv`` and return the exit status (used by tests and ``main``)."""
+    try:
+        app(args=argv, prog_name="featcache", standalone_mode=True)
+    except SystemExit as exc:  # typer/click exit normally through SystemExit
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    except FeatcacheError as exc:
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err_console.print(
+            "[bold red]interrupted:[/] finished work is saved; run the same command to resume."
+        )
+        return 130
+    return 0
+
+
+def main() -> None:
+    """Console-script entry point."""
+    sys.exit(run(sys.argv[1:]))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,1 @@
+"""Classifier heads trained on cached features; one module per head family."""
