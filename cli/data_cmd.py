@@ -1,0 +1,148 @@
+"""`featcache data ...`: look at a dataset before spending hours extracting it.
+
+Thin by design: flags -> :func:`featcache.datasets.discover` / :func:`featcache.datasets.inspect`
+-> rich tables (or JSON). The `download` sub-command lives in cli/download_cmd.py and is attached
+to this sub-app when that module exists.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from featcache.progress import ProgressEvent
+
+console = Console()
+err_console = Console(stderr=True)
+
+data_app = typer.Typer(
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    help="Inspect (and download) datasets.\n\nExample:\n\n    featcache data inspect data/kermany",
+)
+
+_MAX_ROWS = 30  # long lists (duplicates, skipped files) are cut in tables; --json has everything
+
+_INSPECT_HELP = (
+    "Show what featcache sees in DIR: images per split x class x subtype, patients, byte-identical "
+    "duplicates, patients present in more than one split (a leak), and files skipped with their reason."
+    "\n\n"
+    "DIR may be a Kermany tree (train/test\\[/val] with NORMAL/PNEUMONIA), any \\[split/]CLASS/ folder "
+    "tree, or a CSV manifest (path,label\\[,split]\\[,group])."
+    "\n\n"
+    "Examples:\n\n"
+    "    featcache data inspect data/kermany\n\n"
+    "    featcache data inspect data/xrays --manifest data/xrays/labels.csv --json > inspect.json"
+)
+
+
+def _show(text: str) -> str:
+    """Printable and markup-safe: non-UTF-8 bytes shown as \\xNN, rich markup escaped."""
+    return escape(os.fsencode(text).decode("utf-8", "backslashreplace"))
+
+
+class _HashBar:
+    """Progress events of the hashing pass -> one rich bar on stderr."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.task = None
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if self.task is None:
+            self.task = self.progress.add_task("hashing files", total=event.total)
+        self.progress.update(self.task, completed=event.done, total=event.total)
+
+
+def _summary_table(info: dict) -> Table:
+    table = Table(title="dataset", show_header=False)
+    table.add_column("what")
+    table.add_column("value", overflow="fold")
+    table.add_row("root", _show(info["root"]))
+    table.add_row("layout", info["layout"])
+    table.add_row("images", f"{info['n_images']:,} ({info['n_unique']:,} unique)")
+    table.add_row("patients", f"{info['n_patients']:,}")
+    table.add_row("duplicate groups", f"{len(info['duplicates']):,}")
+    leak = len(info["cross_split_patients"])
+    table.add_row("patients in several splits", f"[red]{leak:,}[/]" if leak else "0")
+    table.add_row("skipped files", f"{len(info['skipped']):,}")
+    return table
+
+
+def _counts_table(info: dict) -> Table:
+    table = Table(title="images per split x class x subtype")
+    for col, justify in (("split", "left"), ("class", "left"), ("subtype", "left"), ("images", "right")):
+        table.add_column(col, justify=justify)
+    for split, labels in info["counts"].items():
+        for label, subtypes in labels.items():
+            for subtype, n in subtypes.items():
+                table.add_row(_show(split), _show(label), _show(subtype), f"{n:,}")
+    table.add_section()
+    for split, n in info["patients_per_split"].items():
+        table.add_row(_show(split), "[dim]patients[/]", "", f"{n:,}")
+    return table
+
+
+def _list_table(title: str, columns: tuple[str, str], rows: list[tuple[str, str]], total: int) -> Table:
+    shown = f" (first {_MAX_ROWS} of {total:,}; use --json for all)" if total > len(rows) else ""
+    table = Table(title=title + shown)
+    table.add_column(columns[0], overflow="fold")
+    table.add_column(columns[1], overflow="fold")
+    for a, b in rows:
+        table.add_row(a, b)
+    return table
+
+
+def _render(info: dict) -> None:
+    console.print(_summary_table(info))
+    console.print(_counts_table(info))
+    dups = info["duplicates"]
+    if dups:
+        rows = [(str(i + 1), "\n".join(_show(p) for p in g)) for i, g in enumerate(dups[:_MAX_ROWS])]
+        console.print(_list_table("byte-identical duplicates", ("group", "files"), rows, len(dups)))
+    leaks = list(info["cross_split_patients"].items())
+    if leaks:
+        rows = [(_show(p), ", ".join(_show(s) for s in splits)) for p, splits in leaks[:_MAX_ROWS]]
+        console.print(_list_table("patients in more than one split", ("patient", "splits"), rows, len(leaks)))
+    skipped = info["skipped"]
+    if skipped:
+        rows = [(_show(rel), _show(why)) for rel, why in skipped[:_MAX_ROWS]]
+        console.print(_list_table("skipped files", ("file", "reason"), rows, len(skipped)))
+
+
+@data_app.command("inspect", help=_INSPECT_HELP)
+def inspect_cmd(
+    data: Path = typer.Argument(..., metavar="DIR", help="Dataset folder (or a .csv manifest)."),
+    manifest: Path | None = typer.Option(
+        None, "--manifest", metavar="CSV",
+        help="CSV with header path,label\\[,split]\\[,group]; paths relative to the CSV's folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print the full result as JSON on stdout."),
+) -> None:
+    from featcache.datasets import discover, inspect
+
+    dataset = discover(data, manifest)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=err_console, transient=True, disable=as_json) as progress:
+        info = inspect(dataset, progress=_HashBar(progress))
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+    else:
+        _render(info)
+
+
+def register(app: typer.Typer) -> None:
+    """Attach `featcache data` (and `data download` when cli/download_cmd.py exists)."""
+    try:
+        from featcache.cli import download_cmd
+    except ModuleNotFoundError as exc:
+        if exc.name != "featcache.cli.download_cmd":
+            raise
+    else:
+        download_cmd.register_download(data_app)
+    app.add_typer(data_app, name="data")

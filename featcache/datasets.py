@@ -1,0 +1,436 @@
+"""Finding images, their labels, splits and patients.
+
+Three layouts are understood, all resolved into the same sorted list of :class:`ImageRecord`:
+
+* **kermany**: ``root/{train,test[,val]}/{NORMAL,PNEUMONIA}/*.jpeg`` (or ``root`` being one split
+  folder). File names carry the patient and the pneumonia subtype; we parse them because a split
+  that ignores patients leaks them between train and validation (about 61% of Kermany patients
+  have several images).
+* **folders**: any ``root/[split/]CLASS/*.ext`` tree.
+* **manifest**: a CSV ``path,label[,split][,group]`` with paths relative to the CSV's folder.
+
+Discovery never raises for one odd file: hidden files, wrong extensions, broken links, symlink
+loops and unreadable files land in ``Dataset.skipped`` with a reason, because real folders are
+messy and one stray ``.DS_Store`` must not stop an hour-long extraction. It only raises
+:class:`~featcache.errors.DataError` when the dataset as a whole cannot be used.
+"""
+from __future__ import annotations
+
+import csv
+import errno
+import os
+import re
+import stat
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from featcache.errors import ConfigError, DataError
+from featcache.hashing import sha256_many
+from featcache.progress import ProgressFn, emit
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
+SPLIT_NAMES = {"train", "val", "test"}
+_SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "valid": "val", "test": "test"}
+_KERMANY_LABELS = {"NORMAL", "PNEUMONIA"}
+TASKS = ("binary", "3class", "folders")
+
+# person447_virus_921_1 / person1000_bacteria_2931 -> (subtype, patient)
+_PERSON_RE = re.compile(r"^(person\d+)_(bacteria|virus)_\d+(?:_\d+)*$", re.IGNORECASE)
+# IM-0115-0001 / NORMAL2-IM-1427-0001 / IM-0439-0001-0001 -> patient = prefix up to the first number
+_IM_RE = re.compile(r"^((?:NORMAL\d*-)?IM-\d+)(?:-\d+)+$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image file and everything derived from its location and name."""
+
+    path: Path
+    relpath: str
+    split: str | None
+    label: str
+    subtype: str | None
+    group: str
+
+
+@dataclass
+class Dataset:
+    """A discovered dataset: records sorted by relpath (deterministic order) plus refused files."""
+
+    root: Path
+    layout: str
+    records: list[ImageRecord]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def splits(self) -> list[str]:
+        """Split names present, sorted (``None`` excluded)."""
+        return sorted({r.split for r in self.records if r.split is not None})
+
+    def select(self, splits: Iterable[str] | None) -> list[ImageRecord]:
+        """Records of the given splits (all when ``None``); an absent split is a DataError, not an empty list.
+
+        An empty selection would silently turn into an empty cache or a fit on nothing, so a
+        typo like ``--splits valid`` when only train/test exist fails loudly instead.
+        """
+        if splits is None:
+            return list(self.records)
+        wanted = [_normalise_split(s) for s in splits]
+        present = set(self.splits())
+        for name in wanted:
+            if name not in present:
+                have = ", ".join(present) if present else "none (no split folders or split column)"
+                raise DataError(f"the dataset has no split '{name}'; its splits are: {have}.")
+        keep = set(wanted)
+        return [r for r in self.records if r.split in keep]
+
+
+def _normalise_split(name: str) -> str:
+    """Map folder/manifest spellings (``Validation``, ``VAL``) to train/val/test; keep others as written."""
+    return _SPLIT_ALIASES.get(name.strip().lower(), name.strip())
+
+
+def _split_of_folder(name: str) -> str | None:
+    """The split a folder name stands for, or None when it is not a split folder."""
+    low = name.lower()
+    return _SPLIT_ALIASES[low] if low in ("train", "val", "validation", "test") else None
+
+
+def parse_kermany_name(filename: str) -> tuple[str | None, str | None]:
+    """``(subtype, patient)`` from a Kermany file name, ``(None, None)`` when it is not one.
+
+    ``person447_virus_921_1.jpeg`` -> ("virus", "person447"); ``NORMAL2-IM-1427-0001.jpeg`` ->
+    ("normal", "NORMAL2-IM-1427"). Normal files carry no subtype word: the ``IM-`` naming is
+    only used for normal images in the dataset, but callers should still trust the class folder.
+    """
+    stem = Path(filename).stem if "." in filename else filename
+    m = _PERSON_RE.match(stem)
+    if m:
+        return m.group(2).lower(), m.group(1)
+    m = _IM_RE.match(stem)
+    if m:
+        return "normal", m.group(1)
+    return None, None
+
+
+def _subtype_and_group(label: str, filename: str) -> tuple[str | None, str]:
+    """Subtype (folder wins over name for NORMAL) and patient id (falls back to the file stem)."""
+    name_subtype, patient = parse_kermany_name(filename)
+    if label.upper() == "NORMAL":
+        subtype: str | None = "normal"
+    elif name_subtype in ("bacteria", "virus"):
+        subtype = name_subtype
+    else:
+        subtype = None
+    return subtype, patient if patient else Path(filename).stem
+
+
+# ----------------------------------------------------------------------------------------- discovery
+
+def _rel(parts: Sequence[str]) -> str:
+    return "/".join(parts)
+
+
+def _stat_entry(entry: os.DirEntry) -> os.stat_result | str:
+    """Stat an entry (following links); a reason string instead when that is impossible."""
+    try:
+        if entry.is_symlink():
+            return os.stat(entry.path)
+        return entry.stat(follow_symlinks=False)
+    except FileNotFoundError:
+        return "broken symlink"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symlink loop"
+        return f"unreadable ({exc.strerror or exc})"
+
+
+def _walk(directory: Path, parts: tuple[str, ...], ancestors: frozenset[tuple[int, int]],
+          files: list[tuple[tuple[str, ...], Path]], skipped: list[tuple[str, str]]) -> None:
+    """Depth-first scan collecting candidate image files and refusals, following symlinks safely."""
+    try:
+        with os.scandir(directory) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError as exc:
+        skipped.append((_rel(parts) + "/", f"unreadable folder ({exc.strerror or exc})"))
+        return
+    for entry in entries:
+        sub = (*parts, entry.name)
+        rel = _rel(sub)
+        if entry.name.startswith("."):  # .DS_Store, ._x.jpeg (macOS forks), .ipynb_checkpoints/
+            hidden_dir = entry.is_dir()
+            skipped.append((rel + "/", "hidden folder") if hidden_dir else (rel, "hidden file"))
+            continue
+        st = _stat_entry(entry)
+        if isinstance(st, str):
+            skipped.append((rel, st))
+            continue
+        is_dir = stat.S_ISDIR(st.st_mode)
+        suffix = os.path.splitext(entry.name)[1].lower()
+        if is_dir:
+            key = (st.st_dev, st.st_ino)
+            if suffix in IMAGE_EXTENSIONS:
+                skipped.append((rel + "/", "directory named like an image"))
+            elif key in ancestors:
+                skipped.append((rel + "/", "symlink loop"))
+            else:
+                _walk(Path(entry.path), sub, ancestors | {key}, files, skipped)
+        elif not stat.S_ISREG(st.st_mode):
+            skipped.append((rel, "not a regular file"))
+        elif suffix not in IMAGE_EXTENSIONS:
+            skipped.append((rel, f"not an image file extension ({suffix or 'none'})"))
+        elif not os.access(entry.path, os.R_OK):
+            skipped.append((rel, "unreadable (permission denied)"))
+        else:
+            files.append((sub, Path(entry.path)))
+
+
+def _classify(parts: tuple[str, ...], root_split: str | None) -> tuple[str | None, str] | str:
+    """``(split, label)`` for a file's relative parts, or a skip reason.
+
+    A split folder is recognised directly under the root (or the root itself is one); the class
+    is the next folder. Deeper sub-folders below the class folder are allowed.
+    """
+    dirs = parts[:-1]
+    first_split = _split_of_folder(dirs[0]) if dirs else None
+    if first_split is not None:
+        if len(dirs) < 2:
+            return "not inside a class folder"
+        return first_split, dirs[1]
+    if not dirs:
+        return "not inside a class folder"
+    return root_split, dirs[0]
+
+
+def _discover_folders(root: Path) -> Dataset:
+    files: list[tuple[tuple[str, ...], Path]] = []
+    skipped: list[tuple[str, str]] = []
+    root_st = root.stat()
+    _walk(root, (), frozenset({(root_st.st_dev, root_st.st_ino)}), files, skipped)
+    root_split = _split_of_folder(root.name)
+    classified: list[tuple[tuple[str, ...], Path, str | None, str]] = []
+    for parts, path in files:
+        c = _classify(parts, root_split)
+        if isinstance(c, str):
+            skipped.append((_rel(parts), c))
+        else:
+            classified.append((parts, path, c[0], c[1]))
+    has_split_folders = any(_split_of_folder(p[0]) is not None for p, *_ in classified)
+    records: list[ImageRecord] = []
+    for parts, path, split, label in classified:
+        if has_split_folders and root_split is None and split is None:
+            skipped.append((_rel(parts), "outside the train/val/test folders"))
+            continue
+        subtype, group = _subtype_and_group(label, parts[-1])
+        records.append(ImageRecord(path, _rel(parts), split, label, subtype, group))
+    if not records:
+        raise DataError(_no_images_message(root, skipped))
+    labels = {r.label.upper() for r in records}
+    layout = "kermany" if labels <= _KERMANY_LABELS else "folders"
+    return Dataset(root, layout, sorted(records, key=lambda r: r.relpath), sorted(skipped))
+
+
+def _no_images_message(root: Path, skipped: list[tuple[str, str]]) -> str:
+    where = os.fsdecode(root)
+    if skipped:
+        rel, why = sorted(skipped)[0]
+        return (f"no usable images under '{where}' ({len(skipped)} files skipped, e.g. '{rel}': {why}); "
+                "put images in class folders like DIR/[train/]CLASS/image.jpeg.")
+    return f"no images found under '{where}'; put images in class folders like DIR/[train/]CLASS/image.jpeg."
+
+
+# ----------------------------------------------------------------------------------------- manifest
+
+def _read_manifest_rows(csv_path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """Header (lower-cased) and rows with their 1-based line numbers; DataError for unreadable CSVs."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            if header is None:
+                raise DataError(f"manifest '{os.fsdecode(csv_path)}' is empty; it needs a header "
+                                "line path,label[,split][,group].")
+            cols = [h.strip().lower() for h in header]
+            rows = []
+            for row in reader:
+                if not any(cell.strip() for cell in row):
+                    continue
+                rows.append((reader.line_num, dict(zip(cols, (c.strip() for c in row), strict=False))))
+    except UnicodeDecodeError as exc:
+        name = os.fsdecode(csv_path)
+        raise DataError(f"manifest '{name}' is not UTF-8 text; save it as UTF-8 CSV.") from exc
+    except csv.Error as exc:
+        name = os.fsdecode(csv_path)
+        raise DataError(f"manifest '{name}' is not valid CSV ({exc}); fix the file.") from exc
+    except OSError as exc:
+        name = os.fsdecode(csv_path)
+        raise DataError(f"cannot read manifest '{name}' ({exc.strerror or exc}).") from exc
+    return cols, rows
+
+
+def _manifest_file_problem(path: Path) -> str | None:
+    """Why a listed file cannot be used (None when fine); missing files are handled by the caller."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "broken symlink"
+    except OSError as exc:
+        return "symlink loop" if exc.errno == errno.ELOOP else f"unreadable ({exc.strerror or exc})"
+    if stat.S_ISDIR(st.st_mode):
+        return "directory named like an image" if path.suffix.lower() in IMAGE_EXTENSIONS else "not a file"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        return f"not an image file extension ({path.suffix.lower() or 'none'})"
+    if not os.access(path, os.R_OK):
+        return "unreadable (permission denied)"
+    return None
+
+
+def _discover_manifest(root: Path, csv_path: Path) -> Dataset:
+    cols, rows = _read_manifest_rows(csv_path)
+    missing_cols = [c for c in ("path", "label") if c not in cols]
+    if missing_cols:
+        raise DataError(f"manifest '{os.fsdecode(csv_path)}' lacks the column(s) {', '.join(missing_cols)}; "
+                        "its header must be path,label[,split][,group].")
+    base = csv_path.parent.resolve()
+    records: list[ImageRecord] = []
+    skipped: list[tuple[str, str]] = []
+    missing: list[str] = []
+    seen: dict[str, int] = {}
+    for line, row in rows:
+        raw, label = row.get("path") or "", row.get("label") or ""
+        if not raw or not label:
+            raise DataError(f"manifest '{os.fsdecode(csv_path)}' line {line} has an empty path or label; "
+                            "fill in both.")
+        path = Path(os.path.normpath(base / raw))
+        relpath = Path(os.path.relpath(path, root)).as_posix()
+        if relpath in seen:
+            raise DataError(f"manifest '{os.fsdecode(csv_path)}' lists '{raw}' twice (lines {seen[relpath]} "
+                            f"and {line}); keep one row per image.")
+        seen[relpath] = line
+        if not os.path.lexists(path):
+            missing.append(raw)
+            continue
+        problem = _manifest_file_problem(path)
+        if problem:
+            skipped.append((relpath, problem))
+            continue
+        split = _normalise_split(row["split"]) if row.get("split") else None
+        subtype, group = _subtype_and_group(label, path.name)
+        records.append(ImageRecord(path, relpath, split, label, subtype, row.get("group") or group))
+    if missing:
+        raise DataError(f"manifest '{os.fsdecode(csv_path)}' lists {len(missing)} missing file(s), e.g. "
+                        f"'{missing[0]}'; paths must be relative to the manifest's folder.")
+    if not records:
+        raise DataError(_no_images_message(root, skipped))
+    return Dataset(root, "manifest", sorted(records, key=lambda r: r.relpath), sorted(skipped))
+
+
+def discover(root: str | Path, manifest: str | Path | None = None) -> Dataset:
+    """Find every image under ``root`` (or listed in ``manifest``) with split, label, subtype and patient.
+
+    A ``root`` that is itself a ``.csv`` file is read as a manifest whose folder is the root.
+    """
+    root_path = Path(os.path.abspath(os.fsdecode(root)))
+    if manifest is None and root_path.suffix.lower() == ".csv" and root_path.is_file():
+        manifest, root_path = root_path, root_path.parent
+    if not root_path.exists():
+        raise DataError(f"data folder '{os.fsdecode(root_path)}' does not exist; pass the folder that holds "
+                        "train/ and test/ (or class folders).")
+    if not root_path.is_dir():
+        raise DataError(f"'{os.fsdecode(root_path)}' is not a folder; pass a dataset folder or a .csv "
+                        "manifest.")
+    root_path = root_path.resolve()
+    if manifest is not None:
+        csv_path = Path(os.path.abspath(os.fsdecode(manifest)))
+        if not csv_path.is_file():
+            raise DataError(f"manifest '{os.fsdecode(csv_path)}' does not exist; pass a CSV with header "
+                            "path,label[,split][,group].")
+        return _discover_manifest(root_path, csv_path)
+    return _discover_folders(root_path)
+
+
+# ----------------------------------------------------------------------------------------- labels
+
+def task_labels(records: Sequence[ImageRecord], task: str) -> tuple[np.ndarray, list[str]]:
+    """Integer targets and class names for a labelling task.
+
+    ``binary``: NORMAL -> 0, anything else -> 1 (both kinds must be present); ``3class``:
+    normal/bacteria/virus from the Kermany subtype; ``folders``: the sorted distinct labels.
+    """
+    if task not in TASKS:
+        raise ConfigError(f"unknown task '{task}'; choose one of: {', '.join(TASKS)}.")
+    if not records:
+        raise DataError("no images to label; check the dataset folder and the selected splits.")
+    if task == "binary":
+        y = np.array([0 if r.label.upper() == "NORMAL" else 1 for r in records], dtype=np.int64)
+        if y.min() == y.max():
+            kind = "NORMAL" if y[0] == 0 else "non-NORMAL"
+            raise DataError(f"task 'binary' needs NORMAL and non-NORMAL images but all are {kind}; "
+                            "use --task folders for other class names.")
+        return y, ["NORMAL", "PNEUMONIA"]
+    if task == "3class":
+        classes = ["normal", "bacteria", "virus"]
+        lacking = [r.relpath for r in records if r.subtype not in classes]
+        if lacking:
+            raise DataError(f"task '3class' needs Kermany names (person*_bacteria_*/person*_virus_*) but "
+                            f"{len(lacking)} image(s) have no subtype, e.g. '{lacking[0]}'.")
+        return np.array([classes.index(r.subtype) for r in records], dtype=np.int64), classes
+    classes = sorted({r.label for r in records})
+    index = {c: i for i, c in enumerate(classes)}
+    return np.array([index[r.label] for r in records], dtype=np.int64), classes
+
+
+# ----------------------------------------------------------------------------------------- inspect
+
+def _hash_records(records: Sequence[ImageRecord], progress: ProgressFn | None,
+                  workers: int) -> Iterator[tuple[ImageRecord, str | OSError]]:
+    total = len(records)
+    emit(progress, "hash", 0, total, "hashing image files")
+    step = max(1, total // 100)
+    digests = sha256_many((r.path for r in records), workers)
+    for i, (rec, (_, digest)) in enumerate(zip(records, digests, strict=True), 1):
+        if i % step == 0 or i == total:
+            emit(progress, "hash", i, total)
+        yield rec, digest
+
+
+def inspect(dataset: Dataset, progress: ProgressFn | None = None, workers: int = 4) -> dict:
+    """Counts, patients, byte-identical duplicates and cross-split leaks of a dataset (JSON-ready).
+
+    Duplicates are found by SHA-256 of the file bytes: the cache keys rows the same way, so what
+    is reported here is exactly what extraction will compute once.
+    """
+    counts: dict[str, dict[str, dict[str, int]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(int)))
+    patients_by_split: dict[str, set[str]] = defaultdict(set)
+    splits_by_patient: dict[str, set[str]] = defaultdict(set)
+    by_digest: dict[str, list[ImageRecord]] = defaultdict(list)
+    skipped = list(dataset.skipped)
+    for rec, digest in _hash_records(dataset.records, progress, workers):
+        if isinstance(digest, OSError):
+            skipped.append((rec.relpath, f"unreadable ({digest.strerror or digest})"))
+            continue
+        split = rec.split if rec.split is not None else "-"
+        counts[split][rec.label][rec.subtype or "-"] += 1
+        patients_by_split[split].add(rec.group)
+        splits_by_patient[rec.group].add(split)
+        by_digest[digest].append(rec)
+    dup_groups = sorted(sorted(r.relpath for r in g) for g in by_digest.values() if len(g) > 1)
+    split_of = {r.relpath: (r.split or "-") for r in dataset.records}
+    return {
+        "root": os.fsdecode(dataset.root),
+        "layout": dataset.layout,
+        "n_images": sum(len(g) for g in by_digest.values()),
+        "n_unique": len(by_digest),
+        "counts": {s: {lab: dict(sorted(sub.items())) for lab, sub in sorted(c.items())}
+                   for s, c in sorted(counts.items())},
+        "n_patients": len(splits_by_patient),
+        "patients_per_split": {s: len(p) for s, p in sorted(patients_by_split.items())},
+        "duplicates": dup_groups,
+        "cross_split_patients": {p: sorted(s) for p, s in sorted(splits_by_patient.items()) if len(s) > 1},
+        "cross_split_duplicates": [g for g in dup_groups if len({split_of[r] for r in g}) > 1],
+        "skipped": [[rel, why] for rel, why in sorted(skipped)],
+    }

@@ -1,0 +1,404 @@
+"""One input pipeline: bytes -> uint8 [H, W, 3] at the backbone's size, plus deterministic views.
+
+Every image goes through :func:`decode_image`, so a feature depends only on the file bytes, the
+target size, the resize mode and the view. Real X-ray folders hold every PIL mode there is
+(grayscale, RGB, RGBA, palette, CMYK, 16-bit, 1-bit, EXIF-rotated), truncated or mislabelled
+files, and occasionally a decompression bomb; all of these either decode to the same 3-channel
+uint8 array or raise :class:`ImageDecodeError` with a short reason that extraction lists as a
+skipped file. No PIL exception or warning escapes as anything else.
+
+Sizes are ``(height, width)`` like the arrays (and Keras' ``image_size``); an int means square.
+"""
+from __future__ import annotations
+
+import io
+import math
+import re
+import struct
+import warnings
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from featcache.errors import ConfigError
+
+MAX_PIXELS = 180_000_000  # decompression-bomb guard: far above any X-ray (about 3000 x 3000)
+RESIZE_MODES = ("squash", "pad", "crop")
+RESAMPLE = Image.Resampling.BILINEAR  # one filter everywhere (antialiased when shrinking)
+_ORIENTATION_TAG = 0x0112
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+class ImageDecodeError(Exception):
+    """An image that cannot be decoded; ``reason`` is short enough for a skipped-files table."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _quiet_pil() -> None:
+    """Silence PIL's warnings (bomb warnings, odd EXIF, palette transparency) for this process.
+
+    Problems with a file are reported as skip reasons, not warnings. A module-scoped filter is
+    (re)installed on every call rather than ``warnings.catch_warnings()``, which is not
+    thread-safe and extraction decodes in threads; re-adding survives test harnesses that reset
+    the filter list. Warnings from code outside PIL are untouched.
+    """
+    global _FILTER
+    if _FILTER is None or not warnings.filters or warnings.filters[0] != _FILTER:
+        warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
+        _FILTER = warnings.filters[0]
+
+
+_FILTER: tuple | None = None
+
+
+# ----------------------------------------------------------------------------------------- decoding
+
+def _normalise_size(size: int | tuple[int, int] | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, int | np.integer):
+        size = (int(size), int(size))
+    h, w = (int(v) for v in size)
+    if h < 1 or w < 1:
+        raise ConfigError(f"image size must be positive, got {h}x{w}; pass e.g. --image-size 224.")
+    return h, w
+
+
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height from the header alone, bypassing PIL's own bomb check (for the message)."""
+    prefix = data[:16]
+    for fmt in Image.ID:
+        factory, accept = Image.OPEN[fmt]
+        try:
+            if accept is None or accept(prefix) is True:
+                return factory(io.BytesIO(data), "").size
+        except Exception:  # noqa: BLE001 - a plugin that cannot read the header is simply not the one
+            continue
+    return None
+
+
+def _too_large(w: int, h: int) -> ImageDecodeError:
+    return ImageDecodeError(f"image too large: {w}x{h} pixels (limit {MAX_PIXELS:,}; "
+                            "decompression-bomb guard)")
+
+
+def _open(data: bytes) -> Image.Image:
+    """Open lazily (header only) and apply the size guard before any pixel is allocated."""
+    if not data:
+        raise ImageDecodeError("zero-byte file")
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        dims = _header_size(data)
+        if dims is None:
+            raise ImageDecodeError("image too large (decompression-bomb guard)") from exc
+        raise _too_large(*dims) from exc
+    except UnidentifiedImageError as exc:
+        raise ImageDecodeError("not an image (unrecognised format)") from exc
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for broken headers
+        if _looks_truncated(exc):
+            raise ImageDecodeError("truncated image") from exc
+        raise ImageDecodeError(f"corrupt image header ({_short(exc)})") from exc
+    w, h = im.size
+    if w < 1 or h < 1:
+        raise ImageDecodeError(f"empty image ({w}x{h} pixels)")
+    if w * h > MAX_PIXELS:
+        raise _too_large(w, h)
+    return im
+
+
+def _looks_truncated(exc: BaseException) -> bool:
+    """PIL reports early end-of-data with several types; all mean the file was cut short."""
+    return "truncated" in str(exc).lower() or isinstance(exc, EOFError | struct.error)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:80]
+
+
+def _orientation(im: Image.Image) -> int:
+    """EXIF orientation (1 = upright); a corrupt EXIF block is ignored rather than fatal."""
+    try:
+        value = im.getexif().get(_ORIENTATION_TAG, 1)
+        return int(value) if int(value) in _TRANSPOSE else 1
+    except Exception:  # noqa: BLE001 - broken EXIF must not cost the image
+        return 1
+
+
+def _load(im: Image.Image, size_hw: tuple[int, int]) -> tuple[Image.Image, int]:
+    """Decode pixels and return them with the EXIF orientation.
+
+    JPEGs are first reduced in the DCT domain to at least twice the target size (their EXIF is
+    read from the header, so a 90-degree orientation can swap the requested sides). Other formats
+    read orientation only after loading: PNG's ``getexif()`` loads the pixels itself, and a
+    failed load hidden there would leave a half-decoded image that a second ``load()`` accepts.
+    """
+    orientation = 1
+    if im.format in ("JPEG", "MPO"):
+        orientation = _orientation(im)
+        h, w = size_hw
+        if orientation in (5, 6, 7, 8):  # the stored image is rotated by 90 degrees
+            h, w = w, h
+        if im.mode in ("L", "RGB", "CMYK"):
+            im.draft(im.mode, (2 * w, 2 * h))
+    try:
+        im.load()
+    except Exception as exc:  # noqa: BLE001
+        if _looks_truncated(exc):
+            raise ImageDecodeError("truncated image") from exc
+        if isinstance(exc, zlib.error):
+            raise ImageDecodeError("corrupt image data (bad compressed stream)") from exc
+        raise ImageDecodeError(f"corrupt image data ({_short(exc)})") from exc
+    if im.format not in ("JPEG", "MPO"):
+        orientation = _orientation(im)
+    return im, orientation
+
+
+def _composite_on_black(im: Image.Image, mode: str) -> Image.Image:
+    """Flatten alpha onto black (transparent = background = black, like the padding)."""
+    arr = np.asarray(im, dtype=np.float32)
+    alpha = arr[..., -1:] / 255.0
+    out = np.rint(arr[..., :-1] * alpha).astype(np.uint8)
+    return Image.fromarray(out[..., 0] if mode == "L" else out)
+
+
+def _scale_wide(im: Image.Image) -> Image.Image:
+    """16-bit / 32-bit / float images to 8-bit L by their actual value range.
+
+    A 12-bit detector stored as 16-bit uses 0..4095: a plain ``>> 8`` would leave it nearly black.
+    """
+    arr = np.asarray(im).astype(np.float64)
+    finite = np.isfinite(arr)
+    if not finite.any():
+        return Image.new("L", im.size, 0)
+    lo, hi = float(arr[finite].min()), float(arr[finite].max())
+    if hi > lo:
+        out = (np.nan_to_num(arr, nan=lo, posinf=hi, neginf=lo) - lo) * (255.0 / (hi - lo))
+    else:  # constant image: place it on the nominal scale of its type
+        nominal = 65535.0 if im.mode.startswith("I;16") else (1.0 if im.mode == "F" else 2.0**31 - 1)
+        out = np.full(arr.shape, np.clip(lo / nominal, 0.0, 1.0) * 255.0)
+    return Image.fromarray(np.rint(np.clip(out, 0, 255)).astype(np.uint8))
+
+
+def _to_l_or_rgb(im: Image.Image) -> Image.Image:
+    """Reduce any PIL mode to L or RGB (resizing L is 3x cheaper; channels are expanded last)."""
+    mode = im.mode
+    if mode in ("L", "RGB"):
+        return im
+    if mode == "1":
+        return im.convert("L")
+    if mode in ("LA", "La"):
+        return _composite_on_black(im.convert("LA"), "L")
+    if mode in ("RGBA", "RGBa"):
+        return _composite_on_black(im.convert("RGBA"), "RGB")
+    if mode in ("P", "PA"):
+        has_alpha = mode == "PA" or "transparency" in im.info
+        if has_alpha:
+            return _composite_on_black(im.convert("RGBA"), "RGB")
+        return im.convert("RGB")
+    if mode.startswith("I") or mode == "F":
+        return _scale_wide(im)
+    return im.convert("RGB")  # CMYK (PIL reads JPEG CMYK as Adobe-inverted), YCbCr, LAB, HSV, RGBX
+
+
+def _resize(im: Image.Image, size_hw: tuple[int, int], mode: str) -> Image.Image:
+    h, w = size_hw
+    sw, sh = im.size
+    if (sw, sh) == (w, h):
+        return im  # fast path: already the target size (the 224-px Kermany copy)
+    if mode == "squash":
+        return im.resize((w, h), RESAMPLE)
+    if mode == "crop":  # one resample of the central box with the target's aspect ratio
+        scale = max(w / sw, h / sh)
+        bw, bh = w / scale, h / scale
+        box = ((sw - bw) / 2, (sh - bh) / 2, (sw + bw) / 2, (sh + bh) / 2)
+        return im.resize((w, h), RESAMPLE, box=box)
+    scale = min(w / sw, h / sh)  # pad: fit inside, keep aspect, black borders
+    nw, nh = max(1, min(w, round(sw * scale))), max(1, min(h, round(sh * scale)))
+    canvas = Image.new(im.mode, (w, h), 0)
+    canvas.paste(im.resize((nw, nh), RESAMPLE), ((w - nw) // 2, (h - nh) // 2))
+    return canvas
+
+
+def decode_image(data: bytes, size: int | tuple[int, int], resize: str = "squash") -> np.ndarray:
+    """Decode image bytes to a uint8 ``[H, W, 3]`` array of ``size`` = (height, width).
+
+    Raises :class:`ImageDecodeError` (with ``reason``) for anything that is not a usable image.
+    """
+    if resize not in RESIZE_MODES:
+        raise ConfigError(f"unknown resize mode '{resize}'; choose one of: {', '.join(RESIZE_MODES)}.")
+    size_hw = _normalise_size(size)
+    _quiet_pil()
+    im = _open(data)
+    try:
+        im, orientation = _load(im, size_hw)
+        if orientation != 1:
+            im = im.transpose(_TRANSPOSE[orientation])
+        im = _resize(_to_l_or_rgb(im), size_hw, resize)
+        arr = np.asarray(im, dtype=np.uint8)
+    except ImageDecodeError:
+        raise
+    except MemoryError as exc:
+        raise ImageDecodeError("image too large to decode (out of memory)") from exc
+    except Exception as exc:  # noqa: BLE001 - nothing from PIL may escape as another type
+        raise ImageDecodeError(f"cannot decode image ({_short(exc)})") from exc
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(arr)
+
+
+# ----------------------------------------------------------------------------------------- views
+
+VIEW_FORMS = (
+    "orig",
+    "hflip",
+    "vflip",
+    "rot+D / rot-D (degrees, 0 < D <= 180, counter-clockwise for +, about the centre, black fill)",
+    "bright+F / bright-F (multiply by 1+F / 1-F, 0 < F < 1)",
+    "contrast+F / contrast-F (scale deviations from the image mean by 1+F / 1-F, 0 < F < 1)",
+    "zoomZ (centre zoom by 1 < Z <= 4, e.g. zoom1.1)",
+    "shiftx+F / shiftx-F / shifty+F / shifty-F (translate by F of the width/height, 0 < F < 0.5, black fill;"
+    " + is right/down)",
+)
+_NUM = r"(\d+(?:\.\d*)?|\.\d+)"
+_SIGNED_RE = re.compile(rf"^(rot|bright|contrast|shiftx|shifty)([+-]?){_NUM}$")
+_ZOOM_RE = re.compile(rf"^zoom{_NUM}$")
+_LIMITS = {  # kind -> (exclusive low, high, high inclusive?)
+    "rot": (0.0, 180.0, True),
+    "bright": (0.0, 1.0, False),
+    "contrast": (0.0, 1.0, False),
+    "shiftx": (0.0, 0.5, False),
+    "shifty": (0.0, 0.5, False),
+    "zoom": (1.0, 4.0, True),
+}
+
+
+def _fmt(x: float) -> str:
+    """Canonical number: '20', '7.5', '0.2' (so 'rot+20.0' and 'rot20' name the same rows)."""
+    return format(x, "g")
+
+
+def _parse_view(text: str) -> tuple[str, str, float]:
+    """``(canonical name, kind, signed amount)``; ConfigError listing the valid forms otherwise."""
+    t = text.strip().lower()
+    if t in ("orig", "hflip", "vflip"):
+        return t, t, 0.0
+    kind, sign, num = "", "+", ""
+    m = _SIGNED_RE.match(t)
+    if m:
+        kind, sign, num = m.group(1), m.group(2) or "+", m.group(3)
+    else:
+        m = _ZOOM_RE.match(t)
+        if m:
+            kind, num = "zoom", m.group(1)
+    value = float(num) if kind else math.nan
+    if kind:
+        lo, hi, hi_incl = _LIMITS[kind]
+        if value > lo and (value < hi or (hi_incl and value == hi)):
+            if kind == "zoom":
+                return f"zoom{_fmt(value)}", kind, value
+            signed = value if sign == "+" else -value
+            return f"{kind}{sign}{_fmt(value)}", kind, signed
+    raise ConfigError(f"invalid view '{text.strip()}'; valid forms: {'; '.join(VIEW_FORMS)}.")
+
+
+@dataclass(frozen=True)
+class View:
+    """A deterministic augmentation, identified by its canonical name (its cache row key)."""
+
+    name: str
+    kind: str = field(default="", compare=False, repr=False)
+    amount: float = field(default=0.0, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        name, kind, amount = _parse_view(self.name)
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "amount", amount)
+
+    def apply(self, img: np.ndarray) -> np.ndarray:
+        """The view of a uint8 ``[H, W, 3]`` image: same shape and dtype, same result every time."""
+        if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+            raise ValueError(f"View.apply expects uint8 [H, W, 3], got {img.dtype} {img.shape}")
+        return _APPLY[self.kind](img, self.amount)
+
+
+def _rotate(img: np.ndarray, degrees: float) -> np.ndarray:
+    im = Image.fromarray(img).rotate(degrees, resample=RESAMPLE, expand=False, fillcolor=(0, 0, 0))
+    return np.asarray(im, dtype=np.uint8).copy()
+
+
+def _scale_values(img: np.ndarray, factor: float, centre: float) -> np.ndarray:
+    out = centre + (img.astype(np.float32) - centre) * np.float32(factor)
+    return np.rint(np.clip(out, 0, 255)).astype(np.uint8)
+
+
+def _zoom(img: np.ndarray, z: float) -> np.ndarray:
+    h, w = img.shape[:2]
+    bw, bh = w / z, h / z
+    box = ((w - bw) / 2, (h - bh) / 2, (w + bw) / 2, (h + bh) / 2)
+    return np.asarray(Image.fromarray(img).resize((w, h), RESAMPLE, box=box), dtype=np.uint8).copy()
+
+
+def _shift(img: np.ndarray, frac: float, axis: int) -> np.ndarray:
+    n = img.shape[axis]
+    d = int(round(frac * n))
+    out = np.zeros_like(img)
+    if d == 0:
+        return img.copy()
+    src = [slice(None)] * 3
+    dst = [slice(None)] * 3
+    if d > 0:
+        src[axis], dst[axis] = slice(0, n - d), slice(d, n)
+    else:
+        src[axis], dst[axis] = slice(-d, n), slice(0, n + d)
+    out[tuple(dst)] = img[tuple(src)]
+    return out
+
+
+_APPLY = {
+    "orig": lambda img, _: img,
+    "hflip": lambda img, _: np.ascontiguousarray(img[:, ::-1]),
+    "vflip": lambda img, _: np.ascontiguousarray(img[::-1]),
+    "rot": _rotate,
+    "bright": lambda img, a: _scale_values(img, 1.0 + a, 0.0),
+    "contrast": lambda img, a: _scale_values(img, 1.0 + a, float(img.mean(dtype=np.float64))),
+    "zoom": _zoom,
+    "shiftx": lambda img, a: _shift(img, a, 1),
+    "shifty": lambda img, a: _shift(img, a, 0),
+}
+
+
+def parse_views(spec: str | Sequence[str]) -> list[View]:
+    """Views from ``"orig,hflip,rot+20"`` or a list of such strings; duplicates collapse, order kept."""
+    items = [spec] if isinstance(spec, str) else list(spec)
+    names = [part.strip() for item in items for part in str(item).split(",") if part.strip()]
+    if not names:
+        forms = "; ".join(VIEW_FORMS)
+        raise ConfigError(f"no views given; pass e.g. --views orig,hflip (valid forms: {forms}).")
+    views: list[View] = []
+    for name in names:
+        view = View(name)
+        if view not in views:
+            views.append(view)
+    return views
+
+
+def decode_views(data: bytes, size: int | tuple[int, int], resize: str,
+                 views: Sequence[View]) -> list[np.ndarray]:
+    """Decode once and apply each view (the costly decode is shared by all views of a file)."""
+    base = decode_image(data, size, resize)
+    return [view.apply(base) for view in views]

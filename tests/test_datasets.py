@@ -1,0 +1,300 @@
+"""Dataset discovery, Kermany name parsing, manifests, labels, inspect and `featcache data inspect`."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from badcorpus import DUPLICATE_PAIR, NON_UTF8_NAME, make_bad_corpus, outcome_keyword
+from conftest import make_kermany_tree, write_xray
+from featcache.cli.app import run
+
+from featcache.datasets import discover, inspect, parse_kermany_name, task_labels
+from featcache.errors import ConfigError, DataError
+
+# reasons that discovery itself gives (the rest of the corpus' skips happen at decode time)
+DISCOVERY_KEYWORDS = ("hidden", "extension", "symlink loop", "broken symlink", "not a regular file",
+                      "unreadable", "directory named like an image")
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("person447_virus_921_1.jpeg", ("virus", "person447")),
+    ("person1000_bacteria_2931.jpeg", ("bacteria", "person1000")),
+    ("IM-0115-0001.jpeg", ("normal", "IM-0115")),
+    ("NORMAL2-IM-1427-0001.jpeg", ("normal", "NORMAL2-IM-1427")),
+    ("IM-0439-0001-0001.jpeg", ("normal", "IM-0439")),
+    ("person1_bacteria_1", ("bacteria", "person1")),
+    ("cat.001.jpg", (None, None)),
+    ("person12_bacteria.jpeg", (None, None)),
+    ("IM-0115.jpeg", (None, None)),
+])
+def test_parse_kermany_name(name, expected):
+    assert parse_kermany_name(name) == expected
+
+
+def test_discover_kermany_tree(kermany_tree):
+    ds = discover(kermany_tree)
+    assert ds.layout == "kermany"
+    assert ds.root == kermany_tree.resolve()
+    assert len(ds.records) == 24 and ds.skipped == []
+    assert [r.relpath for r in ds.records] == sorted(r.relpath for r in ds.records)
+    assert Counter(r.split for r in ds.records) == {"train": 12, "test": 12}
+    assert Counter(r.subtype for r in ds.records) == {"normal": 12, "bacteria": 6, "virus": 6}
+    rec = next(r for r in ds.records if r.relpath == "train/PNEUMONIA/person101_virus_8.jpeg")
+    assert (rec.split, rec.label, rec.subtype, rec.group) == ("train", "PNEUMONIA", "virus", "person101")
+    assert rec.path.is_absolute() and rec.path.is_file()
+    normal = next(r for r in ds.records if r.relpath == "test/NORMAL/IM-1100-0001.jpeg")
+    assert (normal.subtype, normal.group) == ("normal", "IM-1100")
+    assert discover(kermany_tree) == ds  # deterministic
+
+
+def test_root_is_one_split_folder(kermany_tree):
+    ds = discover(kermany_tree / "test")
+    assert {r.split for r in ds.records} == {"test"}
+    assert len(ds.records) == 12 and ds.layout == "kermany"
+
+
+def test_generic_folders_without_splits(tmp_path):
+    for i, cls in enumerate(["cats", "dogs", "dogs"]):
+        write_xray(tmp_path / "pets" / cls / f"img{i}.png", seed=i)
+    write_xray(tmp_path / "pets" / "stray.png", seed=9)  # not in a class folder
+    ds = discover(tmp_path / "pets")
+    assert ds.layout == "folders"
+    assert [(r.relpath, r.split, r.label, r.subtype, r.group) for r in ds.records] == [
+        ("cats/img0.png", None, "cats", None, "img0"),
+        ("dogs/img1.png", None, "dogs", None, "img1"),
+        ("dogs/img2.png", None, "dogs", None, "img2"),
+    ]
+    assert ds.skipped == [("stray.png", "not inside a class folder")]
+    y, classes = task_labels(ds.records, "folders")
+    assert classes == ["cats", "dogs"] and y.tolist() == [0, 1, 1]
+
+
+def test_generic_folders_with_split_folders(tmp_path):
+    root = tmp_path / "d"
+    write_xray(root / "Train" / "a" / "1.jpg", 1)
+    write_xray(root / "Validation" / "b" / "2.jpg", 2)
+    write_xray(root / "TEST" / "a" / "sub" / "3.jpg", 3)
+    write_xray(root / "extra" / "a" / "4.jpg", 4)
+    write_xray(root / "train" / "5.jpg", 5)
+    ds = discover(root)
+    assert [(r.relpath, r.split, r.label) for r in ds.records] == [
+        ("TEST/a/sub/3.jpg", "test", "a"),
+        ("Train/a/1.jpg", "train", "a"),
+        ("Validation/b/2.jpg", "val", "b"),
+    ]
+    assert ds.skipped == [("extra/a/4.jpg", "outside the train/val/test folders"),
+                          ("train/5.jpg", "not inside a class folder")]
+    assert [r.relpath for r in ds.select(["validation"])] == ["Validation/b/2.jpg"]
+    assert len(ds.select(None)) == 3
+    with pytest.raises(DataError, match="no split 'nope'"):
+        ds.select(["nope"])
+
+
+def test_select_on_unsplit_dataset_is_an_error(tmp_path):
+    write_xray(tmp_path / "a" / "1.png", 1)
+    with pytest.raises(DataError, match="no split 'train'"):
+        discover(tmp_path).select(["train"])
+
+
+def _write_manifest(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_manifest_with_split_and_group(tmp_path):
+    for i in range(3):
+        write_xray(tmp_path / "imgs" / f"x{i}.png", i)
+    csv_path = _write_manifest(tmp_path / "m.csv", "Path,Label,Split,Group\n"
+                               "imgs/x0.png,sick,Train,p1\nimgs/x1.png,well,validation,p1\n"
+                               "\n"
+                               "imgs/x2.png,well,test,\n")
+    ds = discover(csv_path)  # a .csv root is a manifest whose folder is the root
+    assert ds.layout == "manifest" and ds.root == tmp_path.resolve()
+    assert [(r.relpath, r.split, r.label, r.group) for r in ds.records] == [
+        ("imgs/x0.png", "train", "sick", "p1"),
+        ("imgs/x1.png", "val", "well", "p1"),
+        ("imgs/x2.png", "test", "well", "x2"),
+    ]
+    assert discover(tmp_path, manifest=csv_path) == ds
+
+
+def test_manifest_without_split_keeps_kermany_parsing(tmp_path):
+    write_xray(tmp_path / "a" / "person9_virus_20.jpeg", 1)
+    write_xray(tmp_path / "a" / "IM-0001-0001.jpeg", 2)
+    (tmp_path / "a" / "notes.txt").write_text("x")
+    csv_path = _write_manifest(tmp_path / "a" / "list.csv", "path,label\nperson9_virus_20.jpeg,PNEUMONIA\n"
+                               "IM-0001-0001.jpeg,NORMAL\nnotes.txt,NORMAL\n")
+    ds = discover(csv_path)
+    got = {r.relpath: (r.split, r.subtype, r.group) for r in ds.records}
+    assert got == {"person9_virus_20.jpeg": (None, "virus", "person9"),
+                   "IM-0001-0001.jpeg": (None, "normal", "IM-0001")}
+    assert ds.skipped == [("notes.txt", "not an image file extension (.txt)")]
+    y, classes = task_labels(ds.records, "3class")
+    assert classes == ["normal", "bacteria", "virus"] and sorted(y.tolist()) == [0, 2]
+
+
+@pytest.mark.parametrize(("content", "match"), [
+    ("file,label\nx.png,a\n", "lacks the column"),
+    ("path,split\nx.png,train\n", "lacks the column.*label"),
+    ("path,label\nx.png,\n", "line 2 has an empty path or label"),
+    ("path,label\nmissing.png,a\n", "1 missing file"),
+    ("path,label\nx.png,a\nx.png,b\n", "lists 'x.png' twice"),
+    ("", "is empty"),
+])
+def test_bad_manifests(tmp_path, content, match):
+    write_xray(tmp_path / "x.png", 1)
+    csv_path = _write_manifest(tmp_path / "m.csv", content)
+    with pytest.raises(DataError, match=match) as err:
+        discover(csv_path)
+    assert "\n" not in str(err.value)
+
+
+def test_manifest_not_utf8_and_missing(tmp_path):
+    (tmp_path / "m.csv").write_bytes(b"path,label\n\xff\xfe.png,a\n")
+    with pytest.raises(DataError, match="not UTF-8"):
+        discover(tmp_path / "m.csv")
+    with pytest.raises(DataError, match="does not exist"):
+        discover(tmp_path, manifest=tmp_path / "nope.csv")
+
+
+def test_missing_empty_and_useless_folders(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        discover(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images found"):
+        discover(tmp_path / "empty")
+    (tmp_path / "junk" / "a").mkdir(parents=True)
+    (tmp_path / "junk" / "a" / "README.txt").write_text("hi")
+    with pytest.raises(DataError, match=r"1 files skipped, e\.g\. 'a/README.txt'"):
+        discover(tmp_path / "junk")
+    (tmp_path / "file.png").write_bytes(b"x")
+    with pytest.raises(DataError, match="is not a folder"):
+        discover(tmp_path / "file.png")
+
+
+def test_symlinked_file_outside_root_and_hidden_folder(tmp_path):
+    outside = write_xray(tmp_path / "elsewhere" / "real.jpeg", 3)
+    root = tmp_path / "d"
+    write_xray(root / "A" / "1.jpeg", 1)
+    os.symlink(outside, root / "A" / "linked.jpeg")
+    write_xray(root / ".cache" / "A" / "2.jpeg", 2)
+    ds = discover(root)
+    assert [r.relpath for r in ds.records] == ["A/1.jpeg", "A/linked.jpeg"]
+    assert ds.records[1].path.read_bytes() == outside.read_bytes()
+    assert ds.skipped == [(".cache/", "hidden folder")]
+
+
+def test_bad_corpus_discovery(tmp_path):
+    expected = make_bad_corpus(tmp_path / "bad")
+    ds = discover(tmp_path / "bad")
+    skipped = dict(ds.skipped)
+    found = {r.relpath for r in ds.records}
+    assert set(skipped) | found == set(expected), "every corpus file is either a record or a skip"
+    for rel, outcome in expected.items():
+        kind, keyword = outcome_keyword(outcome)
+        if kind == "ok":
+            assert rel in found, rel
+        elif any(k in keyword for k in DISCOVERY_KEYWORDS):
+            assert rel in skipped and keyword in skipped[rel].lower(), (rel, skipped.get(rel))
+        else:  # decode-time problems are not discovery's business
+            assert rel in found, rel
+    odd = "train/NORMAL/" + os.fsdecode(NON_UTF8_NAME)
+    rec = next(r for r in ds.records if r.relpath == odd)
+    assert os.fsencode(rec.path).endswith(NON_UTF8_NAME) and rec.path.is_file()
+    info = inspect(ds)
+    assert sorted(DUPLICATE_PAIR) in info["duplicates"]
+    json.dumps(info)  # surrogate-escaped names must still serialise
+
+
+def test_task_labels(tmp_path):
+    ds_records = discover(make_kermany_tree(tmp_path / "k", n_normal=2, n_pneu=4, splits=("train",))).records
+    y, classes = task_labels(ds_records, "binary")
+    assert classes == ["NORMAL", "PNEUMONIA"]
+    assert y.dtype == np.int64
+    assert y.tolist() == [0 if r.label == "NORMAL" else 1 for r in ds_records]
+    y3, classes3 = task_labels(ds_records, "3class")
+    assert classes3 == ["normal", "bacteria", "virus"]
+    assert [classes3[i] for i in y3] == [r.subtype for r in ds_records]
+    with pytest.raises(ConfigError, match="unknown task 'five'"):
+        task_labels(ds_records, "five")
+    with pytest.raises(DataError, match="all are NORMAL"):
+        task_labels([r for r in ds_records if r.label == "NORMAL"], "binary")
+    with pytest.raises(DataError, match="no images"):
+        task_labels([], "folders")
+
+
+def test_task_3class_needs_subtypes(tmp_path):
+    write_xray(tmp_path / "PNEUMONIA" / "scan7.jpeg", 1)
+    write_xray(tmp_path / "NORMAL" / "IM-0001-0001.jpeg", 2)
+    with pytest.raises(DataError, match="1 image.* no subtype, e.g. 'PNEUMONIA/scan7.jpeg'"):
+        task_labels(discover(tmp_path).records, "3class")
+
+
+def test_inspect_duplicates_and_leaks(kermany_tree):
+    # the same bytes in train and test (a cross-split duplicate) and one patient in both splits
+    shutil.copy(kermany_tree / "train/NORMAL/IM-1000-0001.jpeg",
+                kermany_tree / "test/NORMAL/IM-1999-0001.jpeg")
+    write_xray(kermany_tree / "test/PNEUMONIA/person100_bacteria_900.jpeg", seed=77)
+    events = []
+    info = inspect(discover(kermany_tree), progress=events.append)
+    assert info["layout"] == "kermany" and info["n_images"] == 26 and info["n_unique"] == 25
+    assert info["counts"]["train"]["PNEUMONIA"] == {"bacteria": 3, "virus": 3}
+    assert info["counts"]["test"]["NORMAL"] == {"normal": 7}
+    assert info["duplicates"] == [["test/NORMAL/IM-1999-0001.jpeg", "train/NORMAL/IM-1000-0001.jpeg"]]
+    assert info["cross_split_duplicates"] == info["duplicates"]
+    assert info["cross_split_patients"] == {"person100": ["test", "train"]}
+    assert info["n_patients"] == 25  # 24 + IM-1999; person100 counted once
+    assert info["patients_per_split"] == {"test": 14, "train": 12}
+    assert events[-1].phase == "hash" and events[-1].done == events[-1].total == 26
+
+
+def test_cli_inspect_json(kermany_tree, capsys):
+    code = run(["data", "inspect", str(kermany_tree), "--json"])
+    out = capsys.readouterr().out
+    assert code == 0
+    info = json.loads(out)
+    assert info["n_images"] == 24 and info["counts"]["test"]["PNEUMONIA"] == {"bacteria": 3, "virus": 3}
+
+
+def test_cli_inspect_tables_escape_markup(tmp_path, capsys):
+    make_bad_corpus(tmp_path / "bad", fifo=False)
+    (tmp_path / "bad/train/NORMAL/[bold]evil[red].txt").write_text("x")
+    with open(os.fsencode(tmp_path / "bad/train/NORMAL") + b"/\xffbad.txt", "wb") as fh:
+        fh.write(b"x")  # a non-UTF-8 name in a table must not crash the console
+    code = run(["data", "inspect", str(tmp_path / "bad")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "duplicates" in out and "skipped files" in out and "symlink loop" in out
+    flat = out.replace("\n", "").replace("│", "").replace(" ", "")
+    assert "[bold]evil[red].txt" in flat  # printed literally: rich markup in names is escaped
+    assert "\\xffbad.txt" in flat
+
+
+def test_cli_inspect_manifest_and_errors(tmp_path, capsys):
+    write_xray(tmp_path / "x.png", 1)
+    _write_manifest(tmp_path / "m.csv", "path,label\nx.png,a\n")
+    assert run(["data", "inspect", str(tmp_path), "--manifest", str(tmp_path / "m.csv"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["layout"] == "manifest"
+    assert run(["data", "inspect", str(tmp_path / "missing")]) == 2
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
+    assert "does not exist; pass the folder" in err and "Traceback" not in err
+
+
+def test_real_kermany_train_split(shared_dir):
+    ds = discover(shared_dir / "data" / "kermany224" / "train")
+    assert ds.layout == "kermany" and ds.skipped == []
+    assert len(ds.records) == 5232
+    assert Counter(r.subtype for r in ds.records) == {"normal": 1349, "bacteria": 2538, "virus": 1345}
+    assert all(r.group != r.path.stem for r in ds.records)
+    assert all((r.label == "NORMAL") == (r.subtype == "normal") for r in ds.records)
+
+
+def test_cli_inspect_help(capsys):
+    assert run(["data", "inspect", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "featcache data inspect data/kermany" in out and "[,split]" in out

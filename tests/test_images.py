@@ -1,0 +1,294 @@
+"""The image pipeline: every PIL mode, EXIF orientation, resize modes, draft mode, bad files, views."""
+from __future__ import annotations
+
+import io
+import re
+import warnings
+
+import numpy as np
+import pytest
+from badcorpus import huge_png, make_bad_corpus, outcome_keyword
+from PIL import Image, JpegImagePlugin
+
+from featcache import images
+from featcache.datasets import discover
+from featcache.errors import ConfigError
+from featcache.images import ImageDecodeError, View, decode_image, decode_views, parse_views
+
+
+def _png(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG", **kw)
+    return buf.getvalue()
+
+
+def _jpeg(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=95, **kw)
+    return buf.getvalue()
+
+
+def _gray(h: int = 24, w: int = 32, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (h, w), dtype=np.uint8)
+
+
+def _rgb(h: int = 24, w: int = 32, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+# ----------------------------------------------------------------------------------------- modes
+
+def test_grayscale_becomes_three_identical_channels():
+    g = _gray()
+    out = decode_image(_png(Image.fromarray(g)), (24, 32))
+    assert out.shape == (24, 32, 3) and out.dtype == np.uint8
+    assert all(np.array_equal(out[..., c], g) for c in range(3))
+
+
+def test_rgb_fast_path_is_exact_and_size_is_height_width():
+    rgb = _rgb(24, 32)
+    assert np.array_equal(decode_image(_png(Image.fromarray(rgb)), (24, 32)), rgb)
+    assert decode_image(_png(Image.fromarray(rgb)), (40, 16)).shape == (40, 16, 3)
+    assert decode_image(_png(Image.fromarray(rgb)), 20).shape == (20, 20, 3)
+
+
+def test_rgba_is_composited_on_black():
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., :3] = 200
+    rgba[:4, :, 3] = 255  # top half opaque, bottom half fully transparent
+    rgba[4:, :, 3] = 0
+    out = decode_image(_png(Image.fromarray(rgba)), 8)
+    assert (out[:4] == 200).all() and (out[4:] == 0).all()
+
+
+def test_la_is_composited_on_black():
+    la = np.dstack([np.full((8, 8), 100, np.uint8), np.full((8, 8), 128, np.uint8)])
+    out = decode_image(_png(Image.fromarray(la)), 8)
+    assert (out == round(100 * 128 / 255)).all()
+
+
+def test_palette_with_transparency():
+    pal = Image.new("P", (8, 8), 1)
+    pal.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
+    pal.paste(0, (0, 0, 8, 4))  # top half uses index 0, declared transparent
+    out = decode_image(_png(pal, transparency=0), 8)
+    assert (out[:4] == 0).all()
+    assert (out[4:] == [0, 255, 0]).all()
+    plain = decode_image(_png(pal), 8)  # without transparency the red stays
+    assert (plain[:4] == [255, 0, 0]).all()
+
+
+def test_16bit_is_scaled_by_its_range_not_shifted():
+    g16 = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 64)  # 0..4032: a 12-bit detector
+    img = Image.fromarray(g16)
+    assert img.mode == "I;16"
+    out = decode_image(_png(img), 8)[..., 0]
+    assert out.min() == 0 and out.max() == 255  # `>> 8` would give a nearly black 0..15
+    assert np.all(np.diff(out.ravel().astype(int)) >= 0)  # order kept
+    flat = decode_image(_png(Image.fromarray(np.full((4, 4), 65535, np.uint16))), 4)
+    assert (flat == 255).all()
+
+
+def test_cmyk_jpeg_matches_rgb():
+    rgb = np.zeros((16, 16, 3), np.uint8)
+    rgb[:8, :, 0] = 220
+    rgb[8:, :, 2] = 180
+    out = decode_image(_jpeg(Image.fromarray(rgb).convert("CMYK")), 16).astype(int)
+    assert Image.open(io.BytesIO(_jpeg(Image.fromarray(rgb).convert("CMYK")))).mode == "CMYK"
+    assert np.abs(out - rgb).mean() < 8
+
+
+def test_one_bit_image():
+    bits = np.zeros((8, 8), bool)
+    bits[:, :4] = True
+    out = decode_image(_png(Image.fromarray(bits)), 8)
+    assert set(np.unique(out)) == {0, 255} and (out[:, :4] == 255).all()
+
+
+def test_exif_orientation_is_applied():
+    stored = np.zeros((30, 50), np.uint8)
+    stored[:, :25] = 255  # bright left half as stored
+    img = Image.fromarray(stored).convert("RGB")
+    exif = img.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    out = decode_image(_jpeg(img, exif=exif), (50, 30))
+    assert out.shape == (50, 30, 3)
+    assert out[:20].mean() > 200 and out[30:].mean() < 50  # left became top
+
+
+def test_resize_modes():
+    wide = np.full((20, 40), 255, np.uint8)
+    data = _png(Image.fromarray(wide))
+    squash = decode_image(data, 32, "squash")
+    assert (squash == 255).all()
+    pad = decode_image(data, 32, "pad")
+    assert (pad[:8] == 0).all() and (pad[-8:] == 0).all() and (pad[9:23] == 255).all()
+    stripes = np.zeros((20, 40), np.uint8)
+    stripes[:, 10:30] = 255  # only the centre square is white
+    crop = decode_image(_png(Image.fromarray(stripes)), 32, "crop")
+    assert (crop[:, 2:-2] == 255).all()
+    assert not (decode_image(_png(Image.fromarray(stripes)), 32, "squash") == 255).all()
+    with pytest.raises(ConfigError, match="unknown resize mode 'zoom'"):
+        decode_image(data, 32, "zoom")
+    with pytest.raises(ConfigError, match="must be positive"):
+        decode_image(data, 0)
+
+
+def test_draft_mode_downscales_big_jpegs_in_dct_domain(monkeypatch):
+    yy, xx = np.mgrid[0:1000, 0:1200]
+    big = ((np.sin(xx / 90) + np.cos(yy / 70)) * 60 + 128).clip(0, 255).astype(np.uint8)
+    data = _jpeg(Image.fromarray(big))
+    calls = []
+    real_draft = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, size):
+        result = real_draft(self, mode, size)
+        calls.append((size, self.size))
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    fast = decode_image(data, 64)
+    assert calls == [((128, 128), (300, 250))]  # scale 1/4: still at least twice the target
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", lambda self, mode, size: None)
+    full = decode_image(data, 64)
+    assert np.abs(fast.astype(int) - full.astype(int)).mean() < 2.0
+
+
+# ----------------------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize(("data", "reason"), [
+    (b"", "zero-byte file"),
+    (b"just some text, not an image\n" * 3, "not an image (unrecognised format)"),
+    (_jpeg(Image.fromarray(_gray(64, 64)))[:300], "truncated image"),
+])
+def test_bad_bytes_raise_decode_error(data, reason):
+    with pytest.raises(ImageDecodeError) as err:
+        decode_image(data, 16)
+    assert err.value.reason == reason
+
+
+def test_decompression_bomb_is_refused_from_the_header():
+    with pytest.raises(ImageDecodeError, match=r"image too large: 30000x30000 pixels"):
+        decode_image(huge_png(), 32)
+
+
+def test_own_pixel_limit_applies_before_loading(monkeypatch):
+    data = _png(Image.fromarray(_gray(40, 40)))
+    monkeypatch.setattr(images, "MAX_PIXELS", 1000)
+    loaded = []
+    monkeypatch.setattr(Image.Image, "load", lambda self: loaded.append(1))
+    with pytest.raises(ImageDecodeError, match="image too large: 40x40 pixels"):
+        decode_image(data, 8)
+    assert loaded == []
+
+
+def test_no_pil_warning_escapes(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 40x40 now triggers PIL's bomb *warning*
+    pal = Image.new("P", (40, 40), 0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        decode_image(_png(Image.fromarray(_gray(40, 40))), 8)
+        decode_image(_png(pal, transparency=0), 8)
+    assert [str(w.message) for w in caught] == []
+
+
+def test_bad_corpus_every_file_cached_or_skipped_with_reason(tmp_path):
+    expected = make_bad_corpus(tmp_path / "bad")
+    ds = discover(tmp_path / "bad")
+    outcome = {rel: f"skip:{why}" for rel, why in ds.skipped}
+    for rec in ds.records:
+        try:
+            arr = decode_image(rec.path.read_bytes(), (24, 20))
+            assert arr.shape == (24, 20, 3) and arr.dtype == np.uint8
+            outcome[rec.relpath] = "ok"
+        except ImageDecodeError as exc:
+            outcome[rec.relpath] = f"skip:{exc.reason}"
+    assert set(outcome) == set(expected)
+    for rel, want in expected.items():
+        kind, keyword = outcome_keyword(want)
+        got_kind, got_reason = outcome_keyword(outcome[rel])
+        assert got_kind == kind, (rel, outcome[rel])
+        if keyword:
+            assert keyword in got_reason.lower(), (rel, outcome[rel])
+    assert sum(v == "ok" for v in expected.values()) >= 15
+
+
+def test_real_originals_decode(shared_dir):
+    files = sorted((shared_dir / "data" / "originals-sample").rglob("*.jpeg"))[:3]
+    for f in files:
+        out = decode_image(f.read_bytes(), 64)
+        assert out.shape == (64, 64, 3) and 20 < out.mean() < 235
+
+
+# ----------------------------------------------------------------------------------------- views
+
+def test_parse_views_canonical_names_and_dedup():
+    views = parse_views("orig, hflip,rot20,rot+20.0,rot-7.50,bright+0.20,contrast-.3,zoom1.10,shiftx-0.1")
+    assert [v.name for v in views] == ["orig", "hflip", "rot+20", "rot-7.5", "bright+0.2", "contrast-0.3",
+                                       "zoom1.1", "shiftx-0.1"]
+    assert parse_views(["orig,vflip", "shifty+0.25"]) == [View("orig"), View("vflip"), View("shifty+0.25")]
+    assert View("rot20") == View("rot+20") and View("rot20").name == "rot+20"
+
+
+@pytest.mark.parametrize("bad", ["blur", "rot+0", "rot+200", "rot", "bright+1", "bright+1.5", "zoom0.9",
+                                 "zoom1", "zoom5", "shiftx+0.5", "contrast", "hflip2", "rot+nan", "rot+2e3"])
+def test_parse_views_rejects_malformed(bad):
+    with pytest.raises(ConfigError, match=re.escape(f"invalid view '{bad}'") + ".*valid forms: orig; hflip"):
+        parse_views(f"orig,{bad}")
+
+
+def test_parse_views_empty():
+    with pytest.raises(ConfigError, match="no views given"):
+        parse_views(" , ")
+
+
+ALL_VIEWS = ["orig", "hflip", "vflip", "rot+20", "rot-20", "bright+0.2", "bright-0.2", "contrast+0.3",
+             "contrast-0.3", "zoom1.1", "shiftx+0.1", "shiftx-0.1", "shifty+0.1", "shifty-0.1"]
+
+
+@pytest.mark.parametrize("name", ALL_VIEWS)
+def test_views_keep_shape_dtype_and_are_deterministic(name):
+    img = _rgb(20, 28, seed=3)
+    view = View(name)
+    a, b = view.apply(img), view.apply(img.copy())
+    assert a.shape == img.shape and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    if name != "orig":
+        assert not np.array_equal(a, img)
+
+
+def test_view_semantics():
+    img = _rgb(16, 16, seed=4)
+    assert np.array_equal(View("hflip").apply(img), img[:, ::-1])
+    assert np.array_equal(View("vflip").apply(img), img[::-1])
+    assert np.array_equal(View("rot+90").apply(img), np.rot90(img, 1))  # + is counter-clockwise
+    flat = np.full((4, 4, 3), 100, np.uint8)
+    assert (View("bright+0.5").apply(flat) == 150).all() and (View("bright-0.5").apply(flat) == 50).all()
+    assert (View("bright+0.9").apply(np.full((2, 2, 3), 200, np.uint8)) == 255).all()  # clipped
+    two = np.zeros((4, 4, 3), np.uint8)
+    two[:, :2] = 100
+    two[:, 2:] = 200  # mean 150
+    c = View("contrast+0.5").apply(two)
+    assert (c[:, :2] == 75).all() and (c[:, 2:] == 225).all()
+    s = View("shiftx+0.25").apply(img)
+    assert (s[:, :4] == 0).all() and np.array_equal(s[:, 4:], img[:, :12])
+    s = View("shifty-0.25").apply(img)
+    assert (s[12:] == 0).all() and np.array_equal(s[:12], img[4:])
+    z = View("zoom2").apply(np.pad(np.full((8, 8, 3), 255, np.uint8), ((4, 4), (4, 4), (0, 0))))
+    assert (z[2:-2, 2:-2] == 255).all()  # the centre half fills the frame
+    with pytest.raises(ValueError, match="uint8"):
+        View("hflip").apply(img.astype(np.float32))
+
+
+def test_decode_views_decodes_once_and_applies_each(monkeypatch):
+    data = _png(Image.fromarray(_rgb(16, 16, seed=5)))
+    calls = []
+    real = images.decode_image
+    monkeypatch.setattr(images, "decode_image", lambda *a, **k: calls.append(1) or real(*a, **k))
+    views = parse_views("orig,hflip,rot+20")
+    out = decode_views(data, 16, "squash", views)
+    assert calls == [1] and len(out) == 3
+    base = real(data, 16)
+    assert np.array_equal(out[0], base) and np.array_equal(out[1], base[:, ::-1])
+    assert np.array_equal(out[2], View("rot+20").apply(base))
