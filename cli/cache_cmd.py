@@ -1,0 +1,167 @@
+"""`featcache cache ls | info | verify | merge`: look into, check and combine feature caches.
+
+Thin layer: every decision lives in featcache.cache; this module parses flags and renders with rich.
+Values from files (paths, dataset roots, view names) go through rich.markup.escape before printing.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from featcache import cache as fc
+
+cache_app = typer.Typer(
+    no_args_is_help=True,
+    help="List, inspect, verify and merge HDF5 feature caches.\n\n"
+    "Example: featcache cache ls --cache-dir ./cache",
+)
+
+
+def _mb(n_bytes: int) -> str:
+    return f"{n_bytes / 2**20:.1f}"
+
+
+def _echo_json(obj: object) -> None:
+    """Plain JSON on stdout (no rich wrapping or markup) so scripts can parse it."""
+    typer.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+@cache_app.command("ls")
+def ls_cmd(
+    cache_dir: Path = typer.Option(Path("cache"), "--cache-dir", help="Folder holding the cache files."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list instead of a table."),
+) -> None:
+    """List the cache files in a folder with their settings and row counts.
+
+    Example: featcache cache ls --cache-dir ./cache --json
+    """
+    entries = []
+    for path in sorted(cache_dir.glob("*.h5")) if cache_dir.is_dir() else []:
+        try:
+            entries.append(fc.info(path))
+        except fc.CacheError as exc:
+            entries.append({"path": str(path), "file": path.name, "size_bytes": path.stat().st_size,
+                            "error": str(exc)})
+    if as_json:
+        _echo_json(entries)
+        return
+    console = Console()
+    if not entries:
+        console.print(f"No cache files in {escape(str(cache_dir))}; `featcache extract` creates them.")
+        return
+    table = Table(title=f"caches in {escape(str(cache_dir))}")
+    numeric = ("size", "dim", "rows", "MB")
+    widest = max(len(e["file"]) for e in entries)
+    for col in ("file", "backbone", "pooling", "size", "dim", "rows", "views", "dtype", "MB"):
+        table.add_column(col, overflow="fold", justify="right" if col in numeric else "left",
+                         min_width=widest if col == "file" and console.width >= widest + 75 else None)
+    for e in entries:
+        if "error" in e:
+            table.add_row(escape(e["file"]), "[red]unreadable[/]", *[""] * 6, _mb(e["size_bytes"]))
+            continue
+        table.add_row(escape(e["file"]), escape(str(e["backbone"])), escape(str(e["pooling"])),
+                      escape(str(e["image_size"])), str(e["feature_dim"]), str(e["n_rows"]),
+                      escape(",".join(e["views"])), escape(str(e["dtype"])), _mb(e["size_bytes"]))
+    console.print(table)
+
+
+@cache_app.command("info")
+def info_cmd(
+    file: Path = typer.Argument(..., help="A cache file (.h5)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Show a cache file's settings, library versions, rows per view and size.
+
+    Example: featcache cache info cache/train__mobilenet-0.75-avg-224__0123456789ab.h5
+    """
+    data = fc.info(file)
+    if as_json:
+        _echo_json(data)
+        return
+    table = Table(title=escape(data["file"]), show_header=False)
+    table.add_column("setting", style="bold")
+    table.add_column("value", overflow="fold")
+    for key, value in data["config"].items():
+        table.add_row(escape(key), escape(str(value)))
+    views = ", ".join(f"{v}: {n}" for v, n in data["views"].items()) or "-"
+    summary = {
+        "config hash": data["config_hash"], "rows": f"{data['n_rows']} ({data['n_images']} images)",
+        "views": views, "features": f"{data['feature_dim']}-d {data['dtype']}",
+        "size": f"{_mb(data['size_bytes'])} MB", "created": data["created"],
+        "closed cleanly": "yes" if data["clean"]
+        else f"no ({data['capacity'] - data['n_rows']} incomplete rows)",
+        "versions": ", ".join(f"{k} {v}" for k, v in sorted(data["versions"].items())),
+    }
+    if data["shard"]:
+        summary["shard"] = f"{data['shard'][0]} of {data['shard'][1]}"
+    for key, value in summary.items():
+        table.add_row(key, escape(str(value)))
+    Console().print(table)
+
+
+@cache_app.command("verify")
+def verify_cmd(
+    file: Path = typer.Argument(..., help="A cache file (.h5)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Check a cache file end to end: readable, settings untouched, every row's digest; exit 1 on problems.
+
+    Example: featcache cache verify cache/train__vgg16-flatten-224__0123456789ab.h5 --json
+    """
+    if as_json:
+        result = fc.verify(file)
+        _echo_json(result)
+    else:
+        result = _verify_with_bar(file)
+        console = Console()
+        for warning in result["warnings"]:
+            console.print(f"[yellow]warning:[/] {escape(warning)}")
+        if result["ok"]:
+            console.print(f"[green]OK[/] {escape(str(file))}: {result['n_rows']} rows, every digest matches.")
+        else:
+            console.print(f"[bold red]{len(result['problems'])} problem(s)[/] in {escape(str(file))}:")
+            for problem in result["problems"]:
+                console.print(f"  - {escape(problem)}")
+    if not result["ok"]:
+        raise typer.Exit(1)
+
+
+def _verify_with_bar(file: Path) -> dict:
+    from rich.progress import Progress
+
+    with Progress(transient=True, console=Console(stderr=True)) as bar:
+        task = bar.add_task("verifying", total=None)
+        return fc.verify(file, progress=lambda ev: bar.update(task, completed=ev.done, total=ev.total))
+
+
+@cache_app.command("merge")
+def merge_cmd(
+    shards: list[Path] = typer.Argument(..., help="Shard files written by `featcache extract --shard I/N`."),
+    out: Path = typer.Option(..., "--out", help="Merged file, or a folder to use the canonical file name."),
+    wait: float | None = typer.Option(None, "--wait", help="Seconds to wait while another process writes."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Combine shard files of one extraction into one cache file (one row per image and view).
+
+    Example: featcache cache merge cache/*.shard-*-of-2.h5 --out cache/
+    """
+    result = fc.merge(shards, out, wait=wait)
+    if as_json:
+        _echo_json(result)
+        return
+    console = Console()
+    console.print(f"merged {len(shards)} shard(s) into {escape(result['out'])}: {result['n_rows']} rows "
+                  f"({result['rows_added']} added, {result['duplicates']} duplicates skipped)")
+    if result["missing_shards"]:
+        missing = ", ".join(map(str, result["missing_shards"]))
+        console.print(f"[yellow]warning:[/] shards {missing} were not given; the merged cache is incomplete")
+
+
+def register(app: typer.Typer) -> None:
+    """Attach `featcache cache ...` to the root app."""
+    app.add_typer(cache_app, name="cache")

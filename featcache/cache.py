@@ -1,0 +1,838 @@
+"""The HDF5 feature cache: one file per (dataset root, backbone config), rows keyed by image content.
+
+Why this shape
+--------------
+Features are a pure function of (image bytes, backbone config, view), so a row is keyed by the SHA-256 of
+the image file plus the view name; labels, splits and patients live elsewhere and one file serves every
+labelling of the same images. The config (dataset root, ``Backbone.describe()``, resize mode, dtype) is
+hashed into the file name and stored in the attributes, so two configs never share a file.
+
+Layout (all datasets row-aligned, length = capacity)::
+
+    features   [N, D] <f4 | <f2   chunked, early allocation, never filled
+    keys       [N] S64            hex sha256 of the image file's bytes
+    views      [N] S32            "orig", "hflip", "rot+20", ...
+    paths      [N] S1024          relative path, utf-8 (surrogateescape keeps non-UTF-8 names)
+    valid      [N] u1             1 = row complete; the valid rows form a prefix
+    row_digest [N] S16            blake2b-8 hex of key|view|feature bytes (tamper evidence)
+
+Plain h5py can read ``features``, ``keys``, ``views`` and ``paths``. After a clean close every row is
+valid; only after a crash (until the next writer finishes) can rows with ``valid == 0`` exist at the
+end: they are incomplete and must be ignored.
+
+Crash safety
+------------
+Chunks are allocated when the dataset grows (``ALLOC_TIME_EARLY``) and never filled (``FILL_TIME_NEVER``),
+and ``track_times`` is off, so writing rows into reserved capacity changes no HDF5 metadata: only raw
+bytes at fixed offsets. ``append`` writes the rows, flushes and fsyncs, then sets ``valid`` and flushes
+again. A ``kill -9`` at any moment of streaming leaves a readable file whose valid prefix is intact; at
+most the chunk in flight is lost and the next writer reuses its slots. The metadata changes happen only
+in ``reserve`` (one resize + flush before streaming), at creation (done in a temporary file that is
+renamed into place) and in ``close`` (shrink + attributes + flush).
+
+Concurrency
+-----------
+A writer holds ``<file>.lock`` (filelock): a second writer fails at once with ``CacheLockedError`` or waits
+``wait`` seconds. HDF5's own file locking is off (``locking=False``) for everyone, so readers can read while
+a writer streams: they read ``valid`` first and use only the valid prefix, which is never rewritten.
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featcache.errors import CacheError, CacheLockedError, ConfigError
+from featcache.faults import crash_point
+from featcache.progress import ProgressFn, emit
+
+FORMAT_VERSION = 1
+DTYPES = {"float32": "<f4", "float16": "<f2"}
+KEY_BYTES, VIEW_BYTES, PATH_BYTES, DIGEST_BYTES = 64, 32, 1024, 16
+DATASETS = ("features", "keys", "views", "paths", "valid", "row_digest")
+# Attributes that are not config keys; a backbone description using one of these names is prefixed.
+RESERVED_ATTRS = {"featcache_format", "config_json", "config_hash", "views", "versions_json", "created",
+                  "n_rows", "about"}
+ABOUT = ("featcache feature cache: features[i] is the vector of the image whose file bytes have sha256 "
+         "keys[i], under augmentation views[i] (paths[i] = its path relative to dataset_root). Use only rows "
+         "with valid[i] == 1: rows with valid == 0 exist only after a writer crashed (or while one runs) and "
+         "are incomplete.")
+CHUNK_BYTES = 2 << 20        # ~2 MiB feature chunks: big sequential I/O, small loss on a crash
+META_CHUNK_ROWS = 4096       # rows per chunk of the 1-D datasets (keys: 256 KiB)
+BLOCK_BYTES = 16 << 20       # rows read per block by verify/merge/get: memory stays flat on big files
+_KEY_RE = re.compile(r"^[0-9a-f]{64}$")
+_NAME_RE = re.compile(r"__(?P<hash>[0-9a-f]{12})(?:\.shard-(?P<i>\d+)-of-(?P<n>\d+))?\.h5$")
+
+
+# ----------------------------------------------------------------------------------------------- config
+def canonical_json(config: dict) -> str:
+    """The one byte-exact spelling of a config: what the hash, the file and the comparisons use."""
+    return json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def cache_config(dataset_root: Path, backbone: dict, resize: str, dtype: str) -> dict:
+    """Everything that determines a row's features except the view: the cache file's identity.
+
+    ``backbone`` is ``Backbone.describe()``; its ``name`` becomes the ``backbone`` key. Keys that would clash
+    with the cache's own settings or attributes are prefixed with ``backbone_`` rather than lost.
+    """
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown cache dtype '{dtype}'; choose one of: {', '.join(DTYPES)}")
+    own = {"dataset_root", "resize", "dtype"}
+    config: dict[str, Any] = {}
+    for key, value in backbone.items():
+        name = "backbone" if key == "name" and "backbone" not in backbone else key
+        if name in own or name in RESERVED_ATTRS:
+            name = f"backbone_{name}"
+        config[name] = value
+    if "backbone" not in config:
+        raise ValueError("backbone description has no 'name'")
+    config.update(dataset_root=str(Path(dataset_root).resolve()), resize=resize, dtype=dtype)
+    return json.loads(canonical_json(config))  # tuples -> lists etc.: equal to what a reader loads
+
+
+def config_hash(config: dict) -> str:
+    """Full hex sha256 of the canonical JSON; the file name carries its first 12 characters."""
+    return hashlib.sha256(canonical_json(config).encode("ascii")).hexdigest()
+
+
+def _slug(text: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")
+    return slug[:60] or "x"
+
+
+def cache_path(cache_dir: Path, config: dict, shard: tuple[int, int] | None = None) -> Path:
+    """``<dataset-slug>__<backbone>-<pooling>-<size>__<hash12>.h5`` (``.shard-I-of-N.h5`` for a shard)."""
+    backbone = str(config.get("backbone", "backbone"))
+    if "/" in backbone or backbone.endswith((".keras", ".h5")):  # a saved model: use its file stem
+        backbone = Path(backbone).stem
+    root_name = Path(str(config.get("dataset_root", "dataset"))).name or "dataset"
+    stem = (f"{_slug(root_name)}__{_slug(backbone)}-{_slug(str(config.get('pooling')))}-"
+            f"{_slug(str(config.get('image_size')))}__{config_hash(config)[:12]}")
+    suffix = f".shard-{shard[0]}-of-{shard[1]}.h5" if shard else ".h5"
+    return Path(cache_dir) / (stem + suffix)
+
+
+def parse_cache_name(path: Path) -> dict | None:
+    """The hash (and shard i/n) a cache file name carries, or None when the name has none."""
+    match = _NAME_RE.search(Path(path).name)
+    if not match:
+        return None
+    shard = (int(match["i"]), int(match["n"])) if match["i"] is not None else None
+    return {"hash12": match["hash"], "shard": shard}
+
+
+def _attr_value(value: Any) -> Any:
+    """How a config value is stored as a flat attribute: scalars as they are, anything else as JSON."""
+    if isinstance(value, (str, bool, int, float)):
+        return value
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _from_attr(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogateescape")
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _versions() -> dict:
+    """Library versions without importing TensorFlow (keeps the cache commands fast)."""
+    from importlib import metadata
+
+    from featcache import __version__
+
+    out = {"python": sys.version.split()[0], "featcache": __version__}
+    for pkg in ("keras", "tensorflow", "jax", "h5py", "numpy", "pillow"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[pkg] = metadata.version(pkg)
+    backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+    if "keras" in sys.modules:
+        with contextlib.suppress(Exception):
+            backend = sys.modules["keras"].backend.backend()
+    out["backend"] = backend
+    return out
+
+
+def row_digest(key: str, view: str, row: np.ndarray) -> str:
+    """blake2b-8 hex of key|view|feature bytes, as stored (dtype of the file, little-endian)."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(key.encode("ascii", "replace"))
+    h.update(b"|")
+    h.update(view.encode("utf-8", "surrogateescape"))
+    h.update(b"|")
+    h.update(np.ascontiguousarray(row).tobytes())
+    return h.hexdigest()
+
+
+def _decode(values: np.ndarray) -> list[str]:
+    return [v.decode("utf-8", "surrogateescape") for v in values]
+
+
+def _encode_path(path: str) -> bytes:
+    """UTF-8 with surrogateescape (non-UTF-8 names survive); cut to the column width (paths are info only)."""
+    return path.encode("utf-8", "surrogateescape")[:PATH_BYTES]
+
+
+def _valid_prefix(valid: np.ndarray) -> int:
+    """Number of leading rows marked valid: the rows readers may use."""
+    zeros = np.flatnonzero(valid != 1)
+    return int(zeros[0]) if zeros.size else int(valid.shape[0])
+
+
+def _blocks(n: int, rows: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, n, rows):
+        yield start, min(n, start + rows)
+
+
+def _block_rows(feature_dim: int, itemsize: int) -> int:
+    return max(1, BLOCK_BYTES // max(1, feature_dim * itemsize))
+
+
+def _open_h5(path: Path, mode: str, **kwargs: Any):
+    """Open without HDF5's own file locking: our lock file guards writers, and readers must be able to
+    read while a writer streams."""
+    import h5py
+
+    try:
+        return h5py.File(path, mode, locking=False, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise CacheError(f"cache file {path} is not a readable HDF5 file (truncated or corrupt); delete it "
+                         "or move it away and run the extraction again") from exc
+
+
+def _read_config(f, path: Path) -> dict:
+    fmt = _from_attr(f.attrs.get("featcache_format", 0))
+    if "config_json" not in f.attrs or not fmt:
+        raise CacheError(f"{path} is an HDF5 file but not a featcache cache (no config attributes); "
+                         "pass a file written by `featcache extract`")
+    if int(fmt) > FORMAT_VERSION:
+        raise CacheError(f"cache file {path} has format {fmt}, newer than this featcache understands "
+                         f"({FORMAT_VERSION}); upgrade featcache")
+    return json.loads(_from_attr(f.attrs["config_json"]))
+
+
+def _config_diff(have: dict, want: dict) -> list[str]:
+    keys = sorted(set(have) | set(want))
+    return [f"{k}: file {have.get(k)!r}, requested {want.get(k)!r}"
+            for k in keys if have.get(k) != want.get(k)]
+
+
+# ----------------------------------------------------------------------------------------------- writer
+class CacheWriter:
+    """The one writer of a cache file: holds the lock, appends complete rows, resumes after crashes."""
+
+    def __init__(self, path: Path, config: dict, feature_dim: int, *, wait: float | None = None,
+                 fsync: bool = True, versions: dict | None = None) -> None:
+        from filelock import FileLock, Timeout
+
+        self.path = Path(path)
+        self.config = json.loads(canonical_json(config))
+        self.feature_dim = int(feature_dim)
+        self.dtype = np.dtype(DTYPES[self.config["dtype"]])
+        self._fsync = fsync
+        self._f = None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = FileLock(str(self.path) + ".lock")
+        try:
+            self._lock.acquire(timeout=max(0.0, wait or 0.0))
+        except Timeout:
+            raise CacheLockedError(
+                f"cache file {self.path} is being written by another featcache process; wait for it to "
+                "finish or pass --wait SECONDS") from None
+        try:
+            self._open(versions)
+        except BaseException:
+            self._release()
+            raise
+
+    # -- opening -------------------------------------------------------------------------------------
+    def _open(self, versions: dict | None) -> None:
+        for stale in self.path.parent.glob(glob.escape(self.path.name) + ".tmp-*"):  # crash during creation
+            with contextlib.suppress(OSError):
+                stale.unlink()
+        if not self.path.exists():
+            self._create(versions)
+        self._f = _open_h5(self.path, "r+", rdcc_nbytes=0)  # no chunk cache: rows go straight to disk
+        f = self._f
+        have = _read_config(f, self.path)
+        if have != self.config:
+            raise CacheError(f"cache file {self.path} was written with other settings "
+                             f"({'; '.join(_config_diff(have, self.config))}); use another --cache-dir or "
+                             "delete that file")
+        if f["features"].shape[1] != self.feature_dim:
+            raise CacheError(f"cache file {self.path} holds {f['features'].shape[1]}-d features but the "
+                             f"backbone gives {self.feature_dim}-d; delete the file and extract again")
+        valid = f["valid"][...]
+        self.n_valid = _valid_prefix(valid)
+        self.capacity = int(valid.shape[0])
+        if valid[self.n_valid:].any():  # stale flags past a gap: those slots are free, clear them first
+            f["valid"][self.n_valid:] = 0
+            self._flush()
+        keys = _decode(f["keys"][: self.n_valid])
+        views = _decode(f["views"][: self.n_valid])
+        self._present = set(zip(keys, views, strict=True))
+        self._views = list(dict.fromkeys(json.loads(_from_attr(f.attrs.get("views", "[]"))) + views))
+
+    def _create(self, versions: dict | None) -> None:
+        """Build the empty file in a temporary name and rename it into place: never a half-made cache."""
+        import h5py
+
+        tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        with h5py.File(tmp, "w", locking=False) as f:
+            # rows per chunk from the float32 size: a float16 file has the same chunks at half the bytes
+            frows = max(1, min(65536, CHUNK_BYTES // (self.feature_dim * 4)))
+            self._make(f, "features", (0, self.feature_dim), self.dtype, (frows, self.feature_dim))
+            self._make(f, "keys", (0,), f"S{KEY_BYTES}", (META_CHUNK_ROWS,))
+            self._make(f, "views", (0,), f"S{VIEW_BYTES}", (META_CHUNK_ROWS,))
+            self._make(f, "paths", (0,), f"S{PATH_BYTES}", (META_CHUNK_ROWS // 8,))
+            self._make(f, "valid", (0,), "u1", (16 * META_CHUNK_ROWS,))
+            self._make(f, "row_digest", (0,), f"S{DIGEST_BYTES}", (META_CHUNK_ROWS,))
+            attrs = f.attrs
+            attrs["featcache_format"] = FORMAT_VERSION
+            attrs["about"] = ABOUT
+            attrs["config_json"] = canonical_json(self.config)
+            attrs["config_hash"] = config_hash(self.config)
+            for key, value in self.config.items():
+                attrs[key] = _attr_value(value)
+            attrs["views"] = "[]"
+            attrs["versions_json"] = json.dumps(versions or _versions(), sort_keys=True)
+            attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            attrs["n_rows"] = 0
+            f.flush()
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        crash_point("cache.during_create")
+        os.replace(tmp, self.path)
+        with contextlib.suppress(OSError):  # make the rename durable
+            dir_fd = os.open(self.path.parent, os.O_RDONLY)
+            os.fsync(dir_fd)
+            os.close(dir_fd)
+
+    @staticmethod
+    def _make(f, name: str, shape: tuple, dtype, chunks: tuple) -> None:
+        from h5py import h5d, h5p
+
+        dcpl = h5p.create(h5p.DATASET_CREATE)
+        dcpl.set_alloc_time(h5d.ALLOC_TIME_EARLY)   # chunks exist before rows are written ...
+        dcpl.set_fill_time(h5d.FILL_TIME_NEVER)     # ... and are never filled: writes touch no metadata
+        f.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks, maxshape=(None,) + shape[1:],
+                         dcpl=dcpl, track_times=False)
+
+    # -- API -----------------------------------------------------------------------------------------
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def present(self) -> set[tuple[str, str]]:
+        """(key, view) pairs already complete in the file: the work a resumed run skips."""
+        return set(self._present)
+
+    def reserve(self, n_rows: int) -> None:
+        """Make room for ``n_rows`` more rows in one resize + flush, before streaming starts."""
+        need = self.n_valid + int(n_rows)
+        if need <= self.capacity:
+            return
+        for name in DATASETS:
+            ds = self._f[name]
+            ds.resize((need,) + ds.shape[1:])
+        crash_point("cache.during_reserve")
+        self._flush()
+        self.capacity = need
+
+    def append(self, keys: Sequence[str], views: Sequence[str], paths: Sequence[str],
+               features: np.ndarray) -> int:
+        """Write complete rows after the valid prefix, then mark them valid; returns rows written.
+
+        Rows whose (key, view) is already present (or repeated in this call) are skipped, so a row is
+        never stored twice whatever the caller passes.
+        """
+        features = np.asarray(features)
+        n = len(keys)
+        if not (len(views) == len(paths) == n and features.shape == (n, self.feature_dim)):
+            raise ValueError(f"append: {n} keys, {len(views)} views, {len(paths)} paths and features "
+                             f"{features.shape}; expected matching lengths and dim {self.feature_dim}")
+        take: list[int] = []
+        seen: set[tuple[str, str]] = set()
+        for i, (key, view) in enumerate(zip(keys, views, strict=True)):
+            if not _KEY_RE.match(key):
+                raise ValueError(f"append: key {key!r} is not a 64-character lowercase hex sha256")
+            if not view or len(view.encode("utf-8", "surrogateescape")) > VIEW_BYTES:
+                raise ValueError(f"append: view name {view!r} is empty or longer than {VIEW_BYTES} bytes")
+            if (key, view) not in self._present and (key, view) not in seen:
+                seen.add((key, view))
+                take.append(i)
+        if not take:
+            return 0
+        k = len(take)
+        if self.n_valid + k > self.capacity:  # caller did not reserve enough: grow (amortised)
+            self.reserve(max(k, self.capacity // 2, 64))
+        rows = np.ascontiguousarray(features[take], dtype=self.dtype)
+        kk = [keys[i] for i in take]
+        vv = [views[i] for i in take]
+        digests = [row_digest(a, b, r) for a, b, r in zip(kk, vv, rows, strict=True)]
+        lo, hi = self.n_valid, self.n_valid + k
+        f = self._f
+        crash_point("cache.before_data_write")
+        f["features"][lo:hi] = rows
+        f["keys"][lo:hi] = np.array([s.encode("ascii") for s in kk], dtype=f"S{KEY_BYTES}")
+        f["views"][lo:hi] = np.array([s.encode("utf-8", "surrogateescape") for s in vv],
+                                     dtype=f"S{VIEW_BYTES}")
+        f["paths"][lo:hi] = np.array([_encode_path(paths[i]) for i in take], dtype=f"S{PATH_BYTES}")
+        f["row_digest"][lo:hi] = np.array([d.encode("ascii") for d in digests], dtype=f"S{DIGEST_BYTES}")
+        crash_point("cache.after_data_write")
+        self._flush()
+        crash_point("cache.after_data_flush")
+        f["valid"][lo:hi] = 1
+        crash_point("cache.after_valid_write")
+        self._flush()
+        self.n_valid = hi
+        self._present.update(zip(kk, vv, strict=True))
+        self._views.extend(v for v in dict.fromkeys(vv) if v not in self._views)
+        crash_point("cache.after_valid_flush")
+        return k
+
+    def close(self) -> None:
+        """Shrink to the valid rows, record ``n_rows`` and ``views``, flush, release the lock."""
+        if self._f is None:
+            self._release()
+            return
+        try:
+            f = self._f
+            if self.capacity != self.n_valid:
+                for name in DATASETS:
+                    ds = f[name]
+                    ds.resize((self.n_valid,) + ds.shape[1:])
+                self.capacity = self.n_valid
+            f.attrs["n_rows"] = self.n_valid
+            f.attrs["views"] = json.dumps(self._views)
+            crash_point("cache.during_close")
+            self._flush()
+            f.close()
+        finally:
+            self._f = None
+            self._release()
+
+    # -- internals -----------------------------------------------------------------------------------
+    def _flush(self) -> None:
+        """h5py flush, then fsync: 'valid' must never reach the disk before the rows it vouches for."""
+        self._f.flush()
+        if self._fsync:
+            with contextlib.suppress(Exception):
+                os.fsync(self._f.id.get_vfd_handle())
+
+    def _release(self) -> None:
+        with contextlib.suppress(Exception):
+            self._lock.release()
+
+
+# ----------------------------------------------------------------------------------------------- reader
+class CacheReader:
+    """Read-only view of the rows that were complete when the file was opened (safe during writes)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CacheError(f"cache file {self.path} does not exist; run `featcache extract` first or check "
+                             "--cache-dir")
+        last: Exception | None = None
+        for attempt in range(3):  # a writer's reserve/close flush can be caught mid-way: retry briefly
+            try:
+                self._f = _open_h5(self.path, "r")
+                try:
+                    self._load()
+                    return
+                except CacheError:
+                    self._f.close()
+                    raise
+                except (OSError, KeyError, ValueError) as exc:
+                    self._f.close()
+                    last = exc
+            except CacheError as exc:
+                last = exc
+            if attempt < 2:
+                time.sleep(0.05 * (attempt + 1))
+        if isinstance(last, CacheError):
+            raise last
+        raise CacheError(f"cache file {self.path} could not be read ({last}); run `featcache cache verify "
+                         f"{self.path}`") from last
+
+    def _load(self) -> None:
+        f = self._f
+        self.config: dict = _read_config(f, self.path)
+        self.config_hash: str = str(_from_attr(f.attrs.get("config_hash", "")))
+        valid = f["valid"][...]          # read first: rows before the first 0 are complete and immutable
+        self.n_rows: int = _valid_prefix(valid)
+        self.feature_dim: int = int(f["features"].shape[1])
+        self.dtype: str = str(self.config.get("dtype", "float32"))
+        keys = _decode(f["keys"][: self.n_rows])
+        views = _decode(f["views"][: self.n_rows])
+        self._index: dict[tuple[str, str], int] = {}
+        for row, kv in enumerate(zip(keys, views, strict=True)):
+            self._index.setdefault(kv, row)
+        self.views: list[str] = list(dict.fromkeys(views))
+
+    def __enter__(self) -> CacheReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the HDF5 handle."""
+        with contextlib.suppress(Exception):
+            self._f.close()
+
+    def index(self) -> dict[tuple[str, str], int]:
+        """(key, view) -> row, for every complete row."""
+        return dict(self._index)
+
+    def has(self, keys: Sequence[str], view: str = "orig") -> np.ndarray:
+        """Boolean mask: which keys have a complete row for ``view``."""
+        return np.array([(k, view) in self._index for k in keys], dtype=bool)
+
+    def get(self, keys: Sequence[str], view: str = "orig") -> np.ndarray:
+        """float32 [len(keys), D] in the given order (duplicates allowed); CacheError if rows are missing."""
+        rows = np.array([self._index.get((k, view), -1) for k in keys], dtype=np.int64)
+        missing = int((rows < 0).sum())
+        if missing:
+            which = "" if view == "orig" else f" for view '{view}'"
+            raise CacheError(f"{missing} of {len(keys)} images are not in the cache {self.path}{which}; run "
+                             "`featcache extract` with the same settings first")
+        return self.read_rows(rows)
+
+    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Features of the given row numbers as float32, read block by block (flat memory, few seeks)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size == 0:
+            return np.empty((0, self.feature_dim), dtype=np.float32)
+        if rows.min() < 0 or rows.max() >= self.n_rows:
+            raise IndexError("row outside the valid rows of the cache")
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        got = np.empty((uniq.shape[0], self.feature_dim), dtype=np.float32)
+        ds = self._f["features"]
+        step = _block_rows(self.feature_dim, ds.dtype.itemsize)
+        pos = 0
+        for _start, stop in _blocks(self.n_rows, step):
+            sel = uniq[pos:][: np.searchsorted(uniq[pos:], stop)]
+            if sel.size == 0:
+                continue
+            lo, hi = int(sel[0]), int(sel[-1]) + 1
+            got[pos:pos + sel.size] = ds[lo:hi][sel - lo]
+            pos += sel.size
+            if pos == uniq.size:
+                break
+        return got[inverse.reshape(-1)]
+
+    def iter_blocks(self, rows_per_block: int | None = None) -> Iterator[dict]:
+        """Yield the complete rows in blocks: {"start", "keys", "views", "paths", "features", "digests"}."""
+        f = self._f
+        step = rows_per_block or _block_rows(self.feature_dim, f["features"].dtype.itemsize)
+        for lo, hi in _blocks(self.n_rows, step):
+            yield {"start": lo, "keys": _decode(f["keys"][lo:hi]), "views": _decode(f["views"][lo:hi]),
+                   "paths": _decode(f["paths"][lo:hi]), "features": f["features"][lo:hi],
+                   "digests": _decode(f["row_digest"][lo:hi])}
+
+
+# ----------------------------------------------------------------------------------------------- tools
+def find_caches(cache_dir: Path, *, dataset_root: Path | None = None, backbone: str | None = None,
+                include_shards: bool = False, **settings: Any) -> list[Path]:
+    """Cache files in ``cache_dir`` whose attributes match every given setting (None = any).
+
+    Unreadable files are skipped (``featcache cache verify`` reports them); shard files are partial and
+    only listed with ``include_shards=True``.
+    """
+    cache_dir = Path(cache_dir)
+    if not cache_dir.is_dir():
+        return []
+    want = {k: v for k, v in settings.items() if v is not None}
+    if backbone is not None:
+        want["backbone"] = backbone
+    if dataset_root is not None:
+        want["dataset_root"] = str(Path(dataset_root).resolve())
+    found = []
+    for path in sorted(cache_dir.glob("*.h5")):
+        name = parse_cache_name(path)
+        if name and name["shard"] and not include_shards:
+            continue
+        try:
+            f = _open_h5(path, "r")
+        except CacheError:
+            continue
+        with f:
+            try:
+                config = _read_config(f, path)
+            except (CacheError, ValueError):
+                continue
+        if all(_same_setting(config.get(k), v) for k, v in want.items()):
+            found.append(path)
+    return found
+
+
+def _same_setting(have: Any, want: Any) -> bool:
+    """Equal as stored, or equal as text (so image_size "224" from a CLI flag matches 224)."""
+    return _attr_value(have) == _attr_value(want) or str(_attr_value(have)) == str(_attr_value(want))
+
+
+def info(path: Path) -> dict:
+    """Settings, row counts, views and size on disk of one cache file (CacheError if unreadable)."""
+    path = Path(path)
+    with CacheReader(path) as reader:
+        f = reader._f
+        counts: dict[str, int] = {}
+        keys: set[str] = set()
+        for kv in reader._index:
+            counts[kv[1]] = counts.get(kv[1], 0) + 1
+            keys.add(kv[0])
+        capacity = int(f["valid"].shape[0])
+        n_rows_attr = int(_from_attr(f.attrs.get("n_rows", 0)))
+        versions = json.loads(_from_attr(f.attrs.get("versions_json", "{}")))
+        created = str(_from_attr(f.attrs.get("created", "")))
+        config = reader.config
+        name = parse_cache_name(path)
+        return {
+            "path": str(path), "file": path.name, "size_bytes": path.stat().st_size,
+            "config": config, "config_hash": reader.config_hash,
+            "backbone": config.get("backbone"), "pooling": config.get("pooling"),
+            "image_size": config.get("image_size"), "dtype": config.get("dtype"),
+            "dataset_root": config.get("dataset_root"), "feature_dim": reader.feature_dim,
+            "n_rows": reader.n_rows, "n_images": len(keys), "views": counts, "capacity": capacity,
+            "clean": capacity == reader.n_rows and n_rows_attr == reader.n_rows,
+            "shard": list(name["shard"]) if name and name["shard"] else None,
+            "versions": versions, "created": created,
+        }
+
+
+def verify(path: Path, progress: ProgressFn | None = None) -> dict:
+    """Check a cache file end to end; returns {"ok", "problems", "warnings", "n_rows", ...}.
+
+    Never raises on corruption (a corrupt file is the answer, not an error); only a missing file raises.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CacheError(f"cache file {path} does not exist; check the path (`featcache cache ls` lists "
+                         "caches)")
+    result: dict[str, Any] = {"path": str(path), "ok": False, "problems": [], "warnings": [], "n_rows": 0,
+                              "capacity": 0}
+    try:
+        f = _open_h5(path, "r")
+    except CacheError:
+        result["problems"].append("not a readable HDF5 file (truncated or corrupt)")
+        return result
+    with f:
+        try:
+            _verify_open(f, path, result, progress)
+        except Exception as exc:  # any read failure inside a damaged file is a finding, not a crash
+            result["problems"].append(f"could not read the file: {type(exc).__name__}: {exc}")
+    result["ok"] = not result["problems"]
+    return result
+
+
+def _verify_open(f, path: Path, result: dict, progress: ProgressFn | None) -> None:
+    problems: list[str] = result["problems"]
+    warnings: list[str] = result["warnings"]
+    missing_attrs = [a for a in ("featcache_format", "config_json", "config_hash", "n_rows", "views")
+                     if a not in f.attrs]
+    missing_ds = [d for d in DATASETS if d not in f]
+    if missing_attrs:
+        problems.append(f"missing attributes: {', '.join(missing_attrs)}")
+    if missing_ds:
+        problems.append(f"missing datasets: {', '.join(missing_ds)}")
+    if missing_ds or "config_json" not in f.attrs:
+        return
+    config = _verify_config(f, path, problems)
+    dims = _verify_shapes(f, config, problems)
+    if dims is None:
+        return
+    capacity, feature_dim = dims
+    result["capacity"] = capacity
+    valid = f["valid"][...]
+    n = _valid_prefix(valid)
+    result["n_rows"] = n
+    if not np.isin(valid, (0, 1)).all():
+        problems.append("the valid column holds values other than 0 and 1")
+    if valid[n:].any():
+        problems.append(f"valid flags are not a prefix: {int(valid[n:].sum())} rows after row {n} are marked "
+                        "valid behind an incomplete row")
+    n_rows_attr = _from_attr(f.attrs.get("n_rows", 0))
+    if isinstance(n_rows_attr, int) and n_rows_attr > n:
+        problems.append(f"attribute n_rows says {n_rows_attr} rows but only {n} rows are valid")
+    elif capacity > n or n_rows_attr != n:
+        warnings.append(f"file was not closed cleanly: {capacity - n} incomplete rows after the {n} valid "
+                        "rows (a writer crashed or is running); the next writer reuses them")
+    _verify_rows(f, n, feature_dim, result, progress)
+    views_attr = f.attrs.get("views")
+    with contextlib.suppress(Exception):
+        listed = set(json.loads(_from_attr(views_attr)))
+        missing = sorted(set(result.get("views", {})) - listed)
+        if missing and not warnings:
+            problems.append(f"attribute views does not list views present in the rows: {', '.join(missing)}")
+
+
+def _verify_config(f, path: Path, problems: list[str]) -> dict:
+    fmt = _from_attr(f.attrs.get("featcache_format", 0))
+    if fmt != FORMAT_VERSION:
+        problems.append(f"featcache_format is {fmt!r}, expected {FORMAT_VERSION}")
+    try:
+        config = json.loads(_from_attr(f.attrs["config_json"]))
+    except (ValueError, TypeError):
+        problems.append("config_json is not valid JSON")
+        return {}
+    digest = config_hash(config)
+    stored = str(_from_attr(f.attrs.get("config_hash", "")))
+    if stored != digest:
+        problems.append("config_hash does not match config_json (the settings were edited)")
+    name = parse_cache_name(path)
+    if name and name["hash12"] != stored[:12]:
+        problems.append(f"the file name carries hash {name['hash12']} but the file's config hash is "
+                        f"{stored[:12]} (settings edited or file renamed)")
+    for key, value in config.items():
+        if key not in f.attrs:
+            problems.append(f"attribute {key} is missing (config_json has {value!r})")
+        elif _from_attr(f.attrs[key]) != _attr_value(value):
+            problems.append(f"attribute {key} = {_from_attr(f.attrs[key])!r} differs from config_json "
+                            f"({value!r}): attributes were edited")
+    return config
+
+
+def _verify_shapes(f, config: dict, problems: list[str]) -> tuple[int, int] | None:
+    feats = f["features"]
+    if feats.ndim != 2:
+        problems.append(f"features has shape {feats.shape}, expected [rows, dim]")
+        return None
+    capacity = feats.shape[0]
+    for name in DATASETS[1:]:
+        ds = f[name]
+        if ds.ndim != 1 or ds.shape[0] != capacity:
+            problems.append(f"{name} has shape {ds.shape}, expected ({capacity},) like features")
+            return None
+    want = DTYPES.get(str(config.get("dtype")))
+    if want is not None and feats.dtype != np.dtype(want):
+        problems.append(f"features dtype is {feats.dtype}, config says {config.get('dtype')}")
+    if "feature_dim" in config and config["feature_dim"] != feats.shape[1]:
+        problems.append(f"features have {feats.shape[1]} columns, config says feature_dim "
+                        f"{config['feature_dim']}")
+    expected = {"keys": f"S{KEY_BYTES}", "views": f"S{VIEW_BYTES}", "paths": f"S{PATH_BYTES}",
+                "valid": "u1", "row_digest": f"S{DIGEST_BYTES}"}
+    for name, dt in expected.items():
+        if f[name].dtype != np.dtype(dt):
+            problems.append(f"{name} dtype is {f[name].dtype}, expected {dt}")
+    return capacity, feats.shape[1]
+
+
+def _verify_rows(f, n: int, feature_dim: int, result: dict, progress: ProgressFn | None) -> None:
+    """Recompute every digest, check keys and uniqueness, block by block."""
+    bad_digest: list[int] = []
+    bad_keys: list[int] = []
+    nonfinite = 0
+    seen: dict[tuple[str, str], int] = {}
+    dupes: list[tuple[int, int]] = []
+    views: dict[str, int] = {}
+    step = _block_rows(feature_dim, f["features"].dtype.itemsize)
+    for lo, hi in _blocks(n, step):
+        feats = f["features"][lo:hi]
+        keys = _decode(f["keys"][lo:hi])
+        vws = _decode(f["views"][lo:hi])
+        digests = _decode(f["row_digest"][lo:hi])
+        nonfinite += int((~np.isfinite(feats)).any(axis=1).sum()) if feats.dtype.kind == "f" else 0
+        for j, (key, view, digest) in enumerate(zip(keys, vws, digests, strict=True)):
+            row = lo + j
+            if not _KEY_RE.match(key):
+                bad_keys.append(row)
+            if row_digest(key, view, feats[j]) != digest:
+                bad_digest.append(row)
+            first = seen.setdefault((key, view), row)
+            if first != row:
+                dupes.append((first, row))
+            views[view] = views.get(view, 0) + 1
+        emit(progress, "verify", hi, n)
+    problems, warnings = result["problems"], result["warnings"]
+    result["views"] = views
+    result["n_images"] = len({k for k, _ in seen})
+    if bad_digest:
+        problems.append(f"row_digest mismatch in {len(bad_digest)} of {n} rows (first: row {bad_digest[0]}): "
+                        "features, keys or views were changed after writing")
+    if bad_keys:
+        problems.append(f"{len(bad_keys)} keys are not 64-character hex sha256 (first: row {bad_keys[0]})")
+    if dupes:
+        problems.append(f"{len(dupes)} duplicate (key, view) rows (first: rows {dupes[0][0]} and "
+                        f"{dupes[0][1]})")
+    if nonfinite:
+        warnings.append(f"{nonfinite} rows hold NaN or infinite features (check the backbone and dtype)")
+
+
+def merge(shards: Sequence[Path], out: Path, *, wait: float | None = None,
+          progress: ProgressFn | None = None) -> dict:
+    """Combine shard files of one config into a normal cache file, one row per (key, view).
+
+    ``out`` may be a directory (the canonical file name is used) or a file path. Shard rows are checked
+    against their digests while copying, so a damaged shard cannot slip into the merged file.
+    """
+    shards = [Path(s) for s in shards]
+    if not shards:
+        raise ConfigError("merge needs at least one shard file; pass the .shard-I-of-N.h5 files to combine")
+    readers = [CacheReader(s) for s in shards]
+    try:
+        first = readers[0]
+        for reader in readers[1:]:
+            if reader.config != first.config:
+                diff = "; ".join(_config_diff(reader.config, first.config))
+                diff = diff.replace("requested", "first shard")
+                raise CacheError(f"shard {reader.path} was written with other settings than {first.path} "
+                                 f"({diff}); merge only shards of one extraction")
+            if reader.feature_dim != first.feature_dim:
+                raise CacheError(f"shard {reader.path} has {reader.feature_dim}-d features, {first.path} has "
+                                 f"{first.feature_dim}-d; merge only shards of one extraction")
+        out = Path(out)
+        if out.is_dir():
+            out = cache_path(out, first.config)
+        if any(out.resolve() == s.resolve() for s in shards):
+            raise ConfigError(f"--out {out} is one of the shards; write the merged cache to a new file")
+        versions = json.loads(_from_attr(first._f.attrs.get("versions_json", "{}"))) or None
+        total = sum(r.n_rows for r in readers)
+        added = 0
+        done = 0
+        with CacheWriter(out, first.config, first.feature_dim, wait=wait, versions=versions) as writer:
+            wanted = set().union(*(r._index.keys() for r in readers))
+            writer.reserve(len(wanted - writer.present()))
+            del wanted
+            for reader in readers:
+                for block in reader.iter_blocks():
+                    _check_block(reader.path, block)
+                    added += writer.append(block["keys"], block["views"], block["paths"], block["features"])
+                    done += len(block["keys"])
+                    emit(progress, "merge", done, total)
+            n_rows = writer.n_valid
+        found = {parse_cache_name(s)["shard"] for s in shards if parse_cache_name(s)}
+        found.discard(None)
+        missing: list[int] = []
+        if found and len({n for _, n in found}) == 1:
+            n_shards = next(iter(found))[1]
+            missing = sorted(set(range(n_shards)) - {i for i, _ in found})
+        return {"out": str(out), "config_hash": first.config_hash, "n_rows": n_rows, "rows_added": added,
+                "duplicates": total - added, "shards": [str(s) for s in shards], "missing_shards": missing}
+    finally:
+        for reader in readers:
+            reader.close()
+
+
+def _check_block(path: Path, block: dict) -> None:
+    rows = zip(block["keys"], block["views"], block["digests"], block["features"], strict=True)
+    for j, (key, view, digest, feats) in enumerate(rows):
+        if row_digest(key, view, feats) != digest:
+            raise CacheError(f"shard {path} fails its integrity check at row {block['start'] + j}; run "
+                             f"`featcache cache verify {path}` and re-extract that shard")

@@ -1,0 +1,522 @@
+"""The HDF5 feature cache: layout, resume, crash safety (SIGKILL), locking, readers during writes, integrity.
+
+Synthetic features only (no TensorFlow): rows come from tests/cache_writer_child.py, whose content depends
+only on (image index, view), so any resumed run must end byte-identical to an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from cache_writer_child import make_config, make_rows, write_all
+from featcache.cli.app import run
+
+from featcache import cache as fc
+from featcache.errors import CacheError, CacheLockedError, ConfigError
+
+CHILD = Path(__file__).with_name("cache_writer_child.py")
+ROOT = Path("/data/xrays")          # a dataset root only used as a config value; never read
+DIM = 16
+
+
+def child(path: Path, *extra: str, crash: str | None = None, **popen) -> subprocess.Popen:
+    env = dict(os.environ)
+    env.pop("FEATCACHE_CRASH_AT", None)
+    if crash:
+        env["FEATCACHE_CRASH_AT"] = crash
+    cmd = [sys.executable, str(CHILD), str(path), "--root", str(ROOT), "--dim", str(DIM), *extra]
+    return subprocess.Popen(cmd, env=env, text=True, **popen)
+
+
+def run_child(path: Path, *extra: str, crash: str | None = None) -> subprocess.CompletedProcess:
+    proc = child(path, *extra, crash=crash, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def dump(path: Path) -> dict:
+    """Everything a resumed run must reproduce exactly: all datasets plus the row-related attributes."""
+    with h5py.File(path, "r") as f:
+        out = {name: f[name][...] for name in fc.DATASETS}
+        out.update({a: f.attrs[a] for a in ("n_rows", "views", "config_json", "config_hash")})
+    return out
+
+
+def assert_same_file_content(a: Path, b: Path) -> None:
+    da, db = dump(a), dump(b)
+    assert da.keys() == db.keys()
+    for key in da:
+        np.testing.assert_array_equal(da[key], db[key], err_msg=key)
+
+
+def write_rows(path: Path, rows: dict, dtype: str = "float32", root: Path = ROOT,
+               pooling: str = "avg") -> None:
+    with fc.CacheWriter(path, make_config(root, rows["features"].shape[1], dtype, pooling),
+                        rows["features"].shape[1]) as w:
+        w.reserve(len(rows["keys"]))
+        w.append(rows["keys"], rows["views"], rows["paths"], rows["features"])
+
+
+@pytest.fixture
+def cfg() -> dict:
+    return make_config(ROOT, DIM)
+
+
+@pytest.fixture
+def good_file(tmp_path: Path, cfg: dict) -> Path:
+    path = fc.cache_path(tmp_path / "cache", cfg)
+    write_all(path, ROOT, n_images=12, chunk=5, dim=DIM, views=("orig", "hflip"))
+    return path
+
+
+# ------------------------------------------------------------------------------------------ config, names
+def test_config_hash_is_canonical_and_in_the_name(tmp_path: Path) -> None:
+    backbone = {"name": "vgg16", "pooling": "flatten", "image_size": 224, "weights": "imagenet"}
+    a = fc.cache_config(Path("data/../data"), backbone, "squash", "float32")
+    b = fc.cache_config(Path("data"), dict(reversed(list(backbone.items()))), "squash", "float32")
+    assert a == b and fc.config_hash(a) == fc.config_hash(b)
+    assert a["backbone"] == "vgg16" and a["dataset_root"] == str(Path("data").resolve())
+    c = fc.cache_config(Path("data"), backbone, "squash", "float16")
+    assert fc.config_hash(c) != fc.config_hash(a)
+    name = fc.cache_path(tmp_path, a).name
+    assert name == f"data__vgg16-flatten-224__{fc.config_hash(a)[:12]}.h5"
+    shard = fc.cache_path(tmp_path, a, shard=(1, 4)).name
+    assert shard.endswith(f"__{fc.config_hash(a)[:12]}.shard-1-of-4.h5")
+    assert fc.parse_cache_name(Path(shard)) == {"hash12": fc.config_hash(a)[:12], "shard": (1, 4)}
+    with pytest.raises(ConfigError, match="float64"):
+        fc.cache_config(Path("data"), backbone, "squash", "float64")
+
+
+# ------------------------------------------------------------------------------------------ write / read
+def test_create_append_reopen_resume(tmp_path: Path, cfg: dict) -> None:
+    path = fc.cache_path(tmp_path, cfg)
+    rows = make_rows(10, DIM)
+    with fc.CacheWriter(path, cfg, DIM) as w:
+        assert w.present() == set()
+        w.reserve(6)
+        assert w.append(rows["keys"][:6], rows["views"][:6], rows["paths"][:6], rows["features"][:6]) == 6
+    with fc.CacheWriter(path, cfg, DIM) as w:
+        assert w.present() == set(zip(rows["keys"][:6], rows["views"][:6], strict=True))
+        # rows 3..9: 3..5 are already there, 9 is passed twice: only 4 new rows are written
+        keys = rows["keys"][3:] + rows["keys"][9:]
+        feats = np.concatenate([rows["features"][3:], rows["features"][9:]])
+        assert w.append(keys, ["orig"] * 8, rows["paths"][3:] + rows["paths"][9:], feats) == 4
+    with fc.CacheReader(path) as r:
+        assert r.n_rows == 10 and r.feature_dim == DIM and r.views == ["orig"]
+        np.testing.assert_array_equal(r.get(rows["keys"]), rows["features"])
+    with h5py.File(path, "r") as f:
+        assert f["features"].shape == (10, DIM) and f.attrs["n_rows"] == 10
+        assert json.loads(f.attrs["views"]) == ["orig"]
+    assert fc.verify(path)["ok"]
+
+
+def test_append_rejects_bad_keys_and_shapes(tmp_path: Path, cfg: dict) -> None:
+    with fc.CacheWriter(tmp_path / "c.h5", cfg, DIM) as w:
+        with pytest.raises(ValueError, match="hex"):
+            w.append(["not-a-hash"], ["orig"], ["a.png"], np.zeros((1, DIM)))
+        with pytest.raises(ValueError, match="dim"):
+            w.append(["a" * 64], ["orig"], ["a.png"], np.zeros((1, DIM + 1)))
+
+
+def test_other_config_or_dim_is_refused(tmp_path: Path, cfg: dict) -> None:
+    path = tmp_path / "c.h5"
+    write_rows(path, make_rows(3, DIM))
+    with pytest.raises(CacheError, match=r"other settings \(pooling: file 'avg', requested 'max'\)"):
+        fc.CacheWriter(path, make_config(ROOT, DIM, pooling="max"), DIM)
+    with pytest.raises(CacheError, match="16-d features"):
+        fc.CacheWriter(path, cfg, DIM * 2)
+    # the refused writers released the lock: a matching writer still gets in
+    with fc.CacheWriter(path, cfg, DIM) as w:
+        assert len(w.present()) == 3
+
+
+def test_get_has_duplicates_and_missing(good_file: Path) -> None:
+    rows = make_rows(12, DIM, ("orig", "hflip"))
+    triples = list(zip(rows["keys"], rows["views"], rows["features"], strict=True))
+    orig = {k: f for k, v, f in triples if v == "orig"}
+    flip = {k: f for k, v, f in triples if v == "hflip"}
+    keys = list(orig)
+    ask = [keys[5], keys[0], keys[5], keys[11]]
+    with fc.CacheReader(good_file) as r:
+        got = r.get(ask)
+        assert got.dtype == np.float32 and got.shape == (4, DIM)
+        np.testing.assert_array_equal(got, np.stack([orig[k] for k in ask]))
+        np.testing.assert_array_equal(r.get(ask, view="hflip"), np.stack([flip[k] for k in ask]))
+        unknown = "f" * 64
+        assert r.has([keys[0], unknown]).tolist() == [True, False]
+        with pytest.raises(CacheError, match=r"1 of 3 images are not in the cache .*featcache extract"):
+            r.get([keys[0], unknown, keys[1]])
+        with pytest.raises(CacheError, match="view 'rot\\+20'"):
+            r.get([keys[0]], view="rot+20")
+        assert len(r.index()) == 24 and sorted(r.views) == ["hflip", "orig"]
+
+
+def test_float16_halves_the_features(tmp_path: Path) -> None:
+    rows = make_rows(400, 256)
+    sizes = {}
+    for dtype in ("float32", "float16"):
+        path = tmp_path / dtype / "c.h5"
+        write_rows(path, rows, dtype=dtype)
+        with h5py.File(path, "r") as f:
+            sizes[dtype] = (f["features"].id.get_storage_size(), path.stat().st_size)
+        with fc.CacheReader(path) as r:
+            got = r.get(rows["keys"])
+        want = rows["features"].astype(dtype).astype(np.float32)
+        np.testing.assert_array_equal(got, want)
+        assert fc.verify(path)["ok"]
+    assert sizes["float16"][0] * 2 == sizes["float32"][0]
+    assert sizes["float16"][1] < sizes["float32"][1] - 0.4 * sizes["float32"][0]
+
+
+def test_plain_h5py_reads_features_keys_paths_views(tmp_path: Path, cfg: dict) -> None:
+    path = tmp_path / "c.h5"
+    rows = make_rows(3, DIM)
+    rows["paths"] = ["train/NORMAL/caf\u00e9.jpeg", "train/x/bad-\udcff.jpeg", "a/" + "d/" * 600 + "x.png"]
+    write_rows(path, rows)
+    with h5py.File(path, "r") as f:  # default h5py: no featcache code involved
+        np.testing.assert_array_equal(f["features"][...], rows["features"])
+        assert [k.decode() for k in f["keys"][...]] == rows["keys"]
+        assert [v.decode() for v in f["views"][...]] == ["orig"] * 3
+        paths = [p.decode("utf-8", "surrogateescape") for p in f["paths"][...]]
+        assert paths[:2] == rows["paths"][:2]
+        assert rows["paths"][2].startswith(paths[2]) and len(paths[2].encode()) == fc.PATH_BYTES
+        assert f.attrs["pooling"] == "avg" and json.loads(f.attrs["config_json"]) == cfg
+        assert f.attrs["image_size"] == 32 and f.attrs["featcache_format"] == 1
+
+
+def test_streaming_writes_touch_only_chunk_bytes(tmp_path: Path, cfg: dict) -> None:
+    """The crash-safety premise: after reserve, appends change no byte outside allocated data chunks."""
+    path = tmp_path / "c.h5"
+    rows = make_rows(40, DIM)
+    with fc.CacheWriter(path, cfg, DIM) as w:
+        w.reserve(40)
+        before = np.frombuffer(path.read_bytes(), np.uint8)
+        for lo in range(0, 40, 7):
+            sl = slice(lo, lo + 7)
+            w.append(rows["keys"][sl], rows["views"][sl], rows["paths"][sl], rows["features"][sl])
+        after = np.frombuffer(path.read_bytes(), np.uint8)
+        spans = []
+        for name in fc.DATASETS:
+            ds = w._f[name]
+            for i in range(ds.id.get_num_chunks()):
+                info = ds.id.get_chunk_info(i)
+                spans.append((info.byte_offset, info.byte_offset + info.size))
+    assert before.size == after.size
+    changed = np.flatnonzero(before != after)
+    assert changed.size > 40 * DIM  # the rows really were written
+    inside = np.zeros(changed.size, bool)
+    for lo, hi in spans:
+        inside |= (changed >= lo) & (changed < hi)
+    assert inside.all(), f"{(~inside).sum()} bytes changed outside data chunks"
+
+
+# ------------------------------------------------------------------------------------------ crash safety
+CRASHES = [
+    ("cache.during_create", 0, 0),         # (point:nth, min and max complete chunks left behind)
+    ("cache.during_reserve", 0, 0),
+    ("cache.before_data_write:2", 1, 1),
+    ("cache.after_data_write:2", 1, 1),
+    ("cache.after_data_flush:3", 2, 2),
+    ("cache.after_valid_write:2", 1, 2),   # valid bytes may or may not have reached the OS yet
+    ("cache.after_valid_flush:2", 2, 2),
+    ("child.between_chunks:3", 3, 3),
+    ("cache.during_close", 5, 5),
+]
+N_IMAGES, VIEWS, CHUNK = 20, "orig,hflip", 8     # 40 rows = 5 chunks
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted run, written in-process."""
+    path = fc.cache_path(tmp_path_factory.mktemp("ref"), make_config(ROOT, DIM))
+    write_all(path, ROOT, N_IMAGES, CHUNK, DIM, tuple(VIEWS.split(",")))
+    return path
+
+
+@pytest.mark.parametrize(("point", "lo", "hi"), CRASHES, ids=[c[0] for c in CRASHES])
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path, reference: Path, point: str, lo: int,
+                                                  hi: int) -> None:
+    path = fc.cache_path(tmp_path, make_config(ROOT, DIM))
+    args = ("--images", str(N_IMAGES), "--views", VIEWS, "--chunk", str(CHUNK))
+    killed = run_child(path, *args, crash=point)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    complete = 0
+    if path.exists():  # the killed writer left a readable file holding only whole chunks
+        check = fc.verify(path)
+        assert check["ok"], check["problems"]
+        with fc.CacheReader(path) as r:
+            complete = r.n_rows
+    assert lo * CHUNK <= complete <= hi * CHUNK and complete % CHUNK == 0
+    done = run_child(path, *args)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-2:] == ["done", str(2 * N_IMAGES - complete)]  # only missing rows computed
+    assert_same_file_content(path, reference)
+    check = fc.verify(path)
+    assert check["ok"] and not check["warnings"], check
+    assert not list(tmp_path.glob("*.tmp-*"))
+
+
+def test_repeated_kills_then_resume(tmp_path: Path, reference: Path) -> None:
+    path = fc.cache_path(tmp_path, make_config(ROOT, DIM))
+    args = ("--images", str(N_IMAGES), "--views", VIEWS, "--chunk", str(CHUNK))
+    complete = []
+    for point in ("cache.during_reserve", "cache.after_data_flush:2", "cache.after_data_write:1",
+                  "child.between_chunks:1", "cache.during_close"):
+        assert run_child(path, *args, crash=point).returncode == -signal.SIGKILL, point
+        assert fc.verify(path)["ok"], point
+        with fc.CacheReader(path) as r:
+            complete.append(r.n_rows)
+    assert complete == [0, 8, 8, 16, 40]
+    assert run_child(path, *args).returncode == 0
+    assert_same_file_content(path, reference)
+    assert fc.verify(path)["ok"]
+
+
+# ------------------------------------------------------------------------------------------ concurrency
+def test_second_writer_in_process_is_refused_or_waits(tmp_path: Path, cfg: dict) -> None:
+    path = tmp_path / "c.h5"
+    with fc.CacheWriter(path, cfg, DIM):
+        with pytest.raises(CacheLockedError, match="being written by another featcache process.*--wait"):
+            fc.CacheWriter(path, cfg, DIM)
+        with pytest.raises(CacheLockedError):
+            fc.CacheWriter(path, cfg, DIM, wait=0.2)
+    with fc.CacheWriter(path, cfg, DIM, wait=0.2) as w:  # free again after close
+        assert w.present() == set()
+
+
+def test_two_writer_processes(tmp_path: Path) -> None:
+    path = fc.cache_path(tmp_path, make_config(ROOT, DIM))
+    args = ("--images", "30", "--chunk", "2", "--sleep", "0.04")
+    first = child(path, *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert first.stdout.readline().strip() == "ready"   # holds the lock now
+        second = run_child(path, *args)
+        assert second.returncode == 3
+        assert "is being written by another featcache process" in second.stderr
+        waiter = child(path, *args, "--wait", "60", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        w_out, w_err = waiter.communicate(timeout=120)
+        out, err = first.communicate(timeout=120)
+    finally:
+        first.kill()
+    assert first.returncode == 0 and out.split()[-2:] == ["done", "30"], err
+    # the waiter got the lock once the first writer finished, then found every row present
+    assert waiter.returncode == 0 and w_out.split() == ["ready", "done", "0"], w_err
+    check = fc.verify(path)
+    assert check["ok"] and check["n_rows"] == 30, check
+    rows = make_rows(30, DIM)
+    with fc.CacheReader(path) as r:
+        np.testing.assert_array_equal(r.get(rows["keys"]), rows["features"])
+
+
+def test_reader_during_writes_sees_only_complete_rows(tmp_path: Path) -> None:
+    path = fc.cache_path(tmp_path, make_config(ROOT, DIM))
+    n, chunk = 60, 3
+    rows = make_rows(n, DIM)
+    want = dict(zip(rows["keys"], rows["features"], strict=True))
+    writer = child(path, "--images", str(n), "--chunk", str(chunk), "--sleep", "0.05",
+                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen: list[int] = []
+    try:
+        assert writer.stdout.readline().strip() == "ready"
+        while writer.poll() is None:
+            with fc.CacheReader(path) as r:
+                seen.append(r.n_rows)
+                assert r.n_rows % chunk == 0
+                for block in r.iter_blocks():
+                    for key, view, digest, feats in zip(block["keys"], block["views"], block["digests"],
+                                                        block["features"], strict=True):
+                        assert fc.row_digest(key, view, feats) == digest
+                        np.testing.assert_array_equal(feats, want[key])
+            time.sleep(0.01)
+        assert writer.wait(timeout=60) == 0
+    finally:
+        writer.kill()
+    assert any(0 < s < n for s in seen), seen   # we really read in the middle of the write
+    assert seen == sorted(seen)
+    assert fc.verify(path)["ok"]
+
+
+# ------------------------------------------------------------------------------------------ integrity
+def test_verify_detects_truncation_and_garbage(good_file: Path, tmp_path: Path) -> None:
+    size = good_file.stat().st_size
+    for cut in (size // 2, size - 1):
+        bad = tmp_path / f"cut{cut}.h5"
+        bad.write_bytes(good_file.read_bytes()[:cut])
+        result = fc.verify(bad)
+        assert not result["ok"]
+        assert result["problems"] == ["not a readable HDF5 file (truncated or corrupt)"]
+        with pytest.raises(CacheError, match="not a readable HDF5 file"):
+            fc.CacheReader(bad)
+    garbage = tmp_path / "garbage.h5"
+    garbage.write_bytes(np.random.default_rng(0).bytes(5000))
+    assert fc.verify(garbage)["problems"] == ["not a readable HDF5 file (truncated or corrupt)"]
+    with pytest.raises(CacheError, match="not a readable HDF5 file"):
+        fc.CacheWriter(garbage, make_config(ROOT, DIM), DIM)
+    with pytest.raises(CacheError, match="does not exist"):
+        fc.verify(tmp_path / "nope.h5")
+
+
+def test_verify_detects_tampered_features_and_keys(good_file: Path) -> None:
+    assert fc.verify(good_file)["ok"]
+    with h5py.File(good_file, "r+") as f:
+        f["features"][7, 3] += 0.001
+    result = fc.verify(good_file)
+    assert not result["ok"]
+    assert any("row_digest mismatch in 1 of 24 rows (first: row 7)" in p for p in result["problems"])
+    with h5py.File(good_file, "r+") as f:
+        f["features"][7, 3] -= 0.001
+        f["keys"][2] = b"0" * 64
+    assert any("row 2" in p for p in fc.verify(good_file)["problems"])
+
+
+def test_verify_detects_edited_attributes(good_file: Path) -> None:
+    with h5py.File(good_file, "r+") as f:
+        f.attrs["pooling"] = "max"
+    problems = fc.verify(good_file)["problems"]
+    assert len(problems) == 1 and "attribute pooling = 'max' differs from config_json" in problems[0]
+    # edited consistently (attrs, config_json, config_hash): the hash in the file name still disagrees
+    with h5py.File(good_file, "r+") as f:
+        config = json.loads(f.attrs["config_json"])
+        config["pooling"] = "max"
+        f.attrs["config_json"] = fc.canonical_json(config)
+        f.attrs["config_hash"] = fc.config_hash(config)
+    problems = fc.verify(good_file)["problems"]
+    assert len(problems) == 1 and "file name carries hash" in problems[0]
+    with h5py.File(good_file, "r+") as f:
+        f.attrs["config_hash"] = "0" * 64
+    assert any("config_hash does not match" in p for p in fc.verify(good_file)["problems"])
+
+
+def test_verify_detects_duplicates_and_broken_prefix(good_file: Path) -> None:
+    with h5py.File(good_file, "r+") as f:
+        key, view = f["keys"][0].decode(), f["views"][0].decode()
+        f["keys"][1], f["views"][1] = key.encode(), view.encode()
+        f["row_digest"][1] = fc.row_digest(key, view, f["features"][1]).encode()
+    problems = fc.verify(good_file)["problems"]
+    assert problems == ["1 duplicate (key, view) rows (first: rows 0 and 1)"]
+    with h5py.File(good_file, "r+") as f:
+        f["valid"][1] = 0
+    result = fc.verify(good_file)
+    assert any("not a prefix" in p for p in result["problems"]) and result["n_rows"] == 1
+    with fc.CacheReader(good_file) as r:
+        assert r.n_rows == 1
+
+
+# ------------------------------------------------------------------------------------------ find, merge
+def test_find_caches_filters_by_settings(tmp_path: Path) -> None:
+    rows = make_rows(2, DIM)
+    made = {}
+    for pooling, dtype in (("avg", "float32"), ("max", "float32"), ("avg", "float16")):
+        path = fc.cache_path(tmp_path, make_config(ROOT, DIM, dtype, pooling))
+        write_rows(path, rows, dtype=dtype, pooling=pooling)
+        made[pooling, dtype] = path
+    shard = fc.cache_path(tmp_path, make_config(ROOT, DIM), shard=(0, 2))
+    write_rows(shard, rows)
+    (tmp_path / "broken.h5").write_bytes(b"not hdf5")
+    found = fc.find_caches(tmp_path, dataset_root=ROOT, backbone="testnet", pooling="avg")
+    assert found == sorted([made["avg", "float32"], made["avg", "float16"]])
+    only_f16 = fc.find_caches(tmp_path, pooling="avg", dtype="float16", image_size="32")  # CLI-style text
+    assert only_f16 == [made["avg", "float16"]]
+    assert fc.find_caches(tmp_path, backbone="vgg16") == []
+    assert fc.find_caches(tmp_path, dataset_root=tmp_path) == []
+    assert shard in fc.find_caches(tmp_path, pooling="avg", dtype="float32", include_shards=True)
+    assert fc.find_caches(tmp_path / "missing") == []
+
+
+def test_merge_shards(tmp_path: Path) -> None:
+    cfg = make_config(ROOT, DIM)
+    s0, s1 = fc.cache_path(tmp_path, cfg, shard=(0, 3)), fc.cache_path(tmp_path, cfg, shard=(1, 3))
+    write_all(s0, ROOT, 15, 4, DIM, ("orig", "hflip"))
+    write_all(s1, ROOT, 16, 4, DIM, ("orig", "hflip"), start=10)   # images 10..14 are in both
+    out_dir = tmp_path / "merged"
+    out_dir.mkdir()
+    result = fc.merge([s0, s1], out_dir)
+    out = Path(result["out"])
+    assert out == fc.cache_path(out_dir, cfg)
+    assert result["n_rows"] == 52 and result["rows_added"] == 52 and result["duplicates"] == 10
+    assert result["missing_shards"] == [2]
+    assert fc.verify(out)["ok"]
+    rows = make_rows(26, DIM, ("orig", "hflip"))
+    with fc.CacheReader(out) as r:
+        for view in ("orig", "hflip"):
+            sel = [i for i, v in enumerate(rows["views"]) if v == view]
+            np.testing.assert_array_equal(r.get([rows["keys"][i] for i in sel], view), rows["features"][sel])
+    assert fc.merge([s0, s1], out)["rows_added"] == 0   # merging again adds nothing
+
+    other = tmp_path / "other.h5"
+    write_rows(other, make_rows(3, DIM), pooling="max")
+    with pytest.raises(CacheError, match="other settings .*pooling"):
+        fc.merge([s0, other], tmp_path / "x.h5")
+    with h5py.File(s1, "r+") as f:
+        f["features"][0, 0] += 1
+    with pytest.raises(CacheError, match="fails its integrity check at row 0"):
+        fc.merge([s0, s1], tmp_path / "y.h5")
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def test_cli_ls_info_json_and_escaping(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    evil_root = tmp_path / "[bold]evil<img src=x>"
+    cfg = make_config(evil_root, DIM)
+    path = fc.cache_path(tmp_path / "cache", cfg)
+    write_rows(path, make_rows(4, DIM), root=evil_root)
+    (tmp_path / "cache" / "junk.h5").write_bytes(b"junk")
+    assert run(["cache", "ls", "--cache-dir", str(tmp_path / "cache"), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [e["file"] for e in listed] == sorted([path.name, "junk.h5"])
+    good = next(e for e in listed if e["file"] == path.name)
+    assert good["n_rows"] == 4 and good["feature_dim"] == DIM and good["views"] == {"orig": 4}
+    assert "not a readable HDF5 file" in next(e for e in listed if e["file"] == "junk.h5")["error"]
+
+    assert run(["cache", "ls", "--cache-dir", str(tmp_path / "cache")]) == 0
+    out = capsys.readouterr().out
+    assert path.name in out and "testnet" in out and "unreadable" in out
+
+    assert run(["cache", "info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "[bold]evil<img src=x>" in out and fc.config_hash(cfg) in out
+    assert run(["cache", "info", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"] == cfg
+
+    assert run(["cache", "ls", "--cache-dir", str(tmp_path / "none")]) == 0
+    assert "No cache files" in capsys.readouterr().out
+
+
+def test_cli_verify_exit_codes(good_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert run(["cache", "verify", str(good_file)]) == 0
+    assert "OK" in capsys.readouterr().out
+    assert run(["cache", "verify", str(good_file), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] is True
+    with h5py.File(good_file, "r+") as f:
+        f["features"][0, 0] = 42.0
+    assert run(["cache", "verify", str(good_file)]) == 1
+    assert "row_digest mismatch" in capsys.readouterr().out
+    assert run(["cache", "verify", str(good_file), "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["ok"] is False
+    assert run(["cache", "verify", str(tmp_path / "nope.h5")]) == 2
+    assert "does not exist" in " ".join(capsys.readouterr().err.split())
+    assert run(["cache", "info", str(tmp_path / "nope.h5")]) == 2
+
+
+def test_cli_merge_and_lock_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = make_config(ROOT, DIM)
+    s0, s1 = fc.cache_path(tmp_path, cfg, shard=(0, 2)), fc.cache_path(tmp_path, cfg, shard=(1, 2))
+    write_all(s0, ROOT, 5, 2, DIM)
+    write_all(s1, ROOT, 5, 2, DIM, start=5)
+    out = tmp_path / "all.h5"
+    assert run(["cache", "merge", str(s0), str(s1), "--out", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n_rows"] == 10 and result["missing_shards"] == []
+    other = tmp_path / "locked.h5"
+    with fc.CacheWriter(other, cfg, DIM):
+        assert run(["cache", "merge", str(s0), "--out", str(other)]) == 3
+    assert "being written by another featcache process" in " ".join(capsys.readouterr().err.split())
