@@ -1,0 +1,190 @@
+"""`featcache extract`: run a frozen backbone over a dataset into the HDF5 feature cache.
+
+Thin layer: featcache.extract does the work; this module parses flags, shows a rich progress bar
+(images/s, ETA) on stderr and a summary. Strings from the data (file names, reasons) are escaped
+before rich renders them, and non-UTF-8 names are shown with replacement characters.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from featcache.errors import DataError
+
+MAX_SKIPPED_SHOWN = 20
+# One string per paragraph: typer's rich help keeps line breaks, so paragraphs are not wrapped by hand.
+HELP = (
+    "Extract frozen-CNN features of every image into a resumable HDF5 cache.\n\n"
+    "Rows already in the cache are reused, duplicate files are computed once, and an interrupted run "
+    "resumes where it stopped. Files that cannot be decoded are skipped and listed with their reason "
+    "(exit 0; --strict makes that exit non-zero after the good images are cached).\n\n"
+    "Example: featcache extract --data ../shared/data/kermany224/train --backbone mobilenet-0.75 "
+    "--weights none --image-size 128"
+)
+_PHASE_LABELS = {"backbone": "building backbone", "hash": "hashing files", "extract": "extracting"}
+
+
+def _printable(text: str) -> str:
+    """Display form of a path that may hold undecodable bytes (kept as surrogates by os.fsdecode)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _safe(text: object) -> str:
+    return escape(_printable(str(text)))
+
+
+class _RateColumn(ProgressColumn):
+    """images/s from rich's own moving speed estimate."""
+
+    def render(self, task) -> Text:  # noqa: ANN001 - rich's Task
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:6.1f} img/s" if speed else "     -- img/s", style="cyan")
+
+
+class _ProgressView:
+    """Turns library ProgressEvents into one rich task per phase."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.tasks: dict[str, int] = {}
+
+    def __call__(self, event) -> None:  # noqa: ANN001 - featcache.progress.ProgressEvent
+        label = _PHASE_LABELS.get(event.phase, event.phase)
+        if event.phase not in self.tasks:
+            self.tasks[event.phase] = self.progress.add_task(label, total=event.total)
+        self.progress.update(self.tasks[event.phase], completed=event.done, total=event.total)
+
+
+def _result_dict(result) -> dict:  # noqa: ANN001 - featcache.extract.ExtractResult
+    path = Path(result.cache_path)
+    return {
+        "cache_path": str(path),
+        "cache_bytes": path.stat().st_size if path.exists() else None,
+        "n_files": result.n_files,
+        "n_unique": result.n_unique,
+        "rows_computed": result.rows_computed,
+        "rows_reused": result.rows_reused,
+        "duplicates": result.duplicates,
+        "skipped": [[rel, reason] for rel, reason in result.skipped],
+        "seconds": round(result.seconds, 3),
+        "images_per_s": round(result.images_per_s, 2),
+        "feature_dim": result.feature_dim,
+        "timings": {k: round(v, 3) for k, v in result.timings.items()},
+    }
+
+
+def _render_summary(console: Console, result) -> None:  # noqa: ANN001 - ExtractResult
+    info = _result_dict(result)
+    table = Table(title="extract summary", show_header=False)
+    table.add_column("what")
+    table.add_column("value", overflow="fold")
+    size = info["cache_bytes"]
+    rows = [
+        ("cache file", _safe(info["cache_path"])),
+        ("cache size", f"{size / 2**20:.1f} MB" if size is not None else "-"),
+        ("feature dim", str(info["feature_dim"])),
+        ("files", str(info["n_files"])),
+        ("unique images", str(info["n_unique"])),
+        ("duplicate files (computed once)", str(info["duplicates"])),
+        ("rows computed", str(info["rows_computed"])),
+        ("rows reused from cache", str(info["rows_reused"])),
+        ("files skipped", str(len(info["skipped"]))),
+        ("time", f"{info['seconds']:.1f} s ({info['images_per_s']:.1f} rows/s)"),
+    ]
+    for what, value in rows:
+        table.add_row(what, value)
+    console.print(table)
+    skipped = result.skipped
+    if skipped:
+        st = Table(title=f"skipped files ({len(skipped)})")
+        st.add_column("file", overflow="fold")
+        st.add_column("reason", overflow="fold")
+        for rel, reason in skipped[:MAX_SKIPPED_SHOWN]:
+            st.add_row(_safe(rel), _safe(reason))
+        console.print(st)
+        if len(skipped) > MAX_SKIPPED_SHOWN:
+            console.print(f"... and {len(skipped) - MAX_SKIPPED_SHOWN} more (use --json for the full list)")
+
+
+def extract_cmd(
+    data: Path = typer.Option(
+        ..., "--data", help="Dataset folder (Kermany layout, class folders) or a CSV manifest."),
+    backbone: str = typer.Option(
+        ..., "--backbone", help="Registry name (vgg16, inceptionv3, resnet50, densenet121, densenet201, "
+        "xception, mobilenet, mobilenet-0.75) or a saved .keras model."),
+    weights: str = typer.Option(
+        "imagenet", "--weights",
+        help="imagenet (Keras download cache), none (random, seeded) or the path of a weights .h5 file."),
+    pooling: str | None = typer.Option(
+        None, "--pooling", help="avg, max or flatten (default: the backbone's)."),
+    image_size: int | None = typer.Option(
+        None, "--image-size", help="Input size in pixels (default: the backbone's; at least its minimum)."),
+    resize: str = typer.Option(
+        "squash", "--resize", help="squash (aspect not kept, as the papers), pad or crop."),
+    views: str = typer.Option(
+        "orig", "--views", help="Comma-separated views, e.g. orig,hflip,rot+20,bright+0.2."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass (and per cache chunk)."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 or float16 (half the file size)."),
+    cache_dir: Path = typer.Option(Path("cache"), "--cache-dir", help="Folder for the cache files."),
+    shard: str | None = typer.Option(None, "--shard", help="I/N: compute only shard I of N (merge later)."),
+    splits: str | None = typer.Option(
+        None, "--splits", help="Comma-separated splits to extract, e.g. train,test (default: all)."),
+    layer: str | None = typer.Option(None, "--layer", help="For a saved-model backbone: the feature layer."),
+    workers: int = typer.Option(2, "--workers", help="Decode threads running ahead of the forward pass."),
+    strict: bool = typer.Option(
+        False, "--strict", help="Exit non-zero if any file is skipped (the good ones are still cached)."),
+    wait: float | None = typer.Option(
+        None, "--wait", help="Seconds to wait if another process writes the same cache file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+) -> None:
+    """Extract frozen-CNN features of every image into a resumable HDF5 cache (help text: HELP)."""
+    from featcache.backbones import BackboneConfig
+    from featcache.datasets import discover
+    from featcache.extract import ExtractOptions, check_options, extract, parse_shard
+
+    config = BackboneConfig(backbone, weights=weights, pooling=pooling, image_size=image_size, layer=layer)
+    config.resolved()  # bad backbone/pooling/size: one sentence before any slow work
+    options = ExtractOptions(
+        batch_size=batch_size, views=views, resize=resize, dtype=dtype, strict=strict,
+        shard=parse_shard(shard) if shard else None,
+        splits=[s.strip() for s in splits.split(",") if s.strip()] if splits else None,
+        workers=workers, wait=wait,
+    )
+    check_options(options)  # bad --views/--resize/--dtype: fail before discovery and the progress display
+    dataset = discover(data)
+    err_console = Console(stderr=True)
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               _RateColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*columns, console=err_console, transient=False, disable=as_json) as progress:
+        try:
+            result = extract(dataset, config, cache_dir, options, progress=_ProgressView(progress))
+        except DataError as exc:
+            partial = getattr(exc, "result", None)   # --strict: show what was saved and skipped, then fail
+            if partial is not None and not as_json:
+                _render_summary(err_console, partial)
+            raise
+    if as_json:
+        typer.echo(json.dumps(_result_dict(result), indent=2))
+        return
+    _render_summary(Console(), result)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `featcache extract` to the root app."""
+    app.command("extract", help=HELP)(extract_cmd)

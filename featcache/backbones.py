@@ -1,0 +1,390 @@
+"""Backbone registry: frozen ImageNet CNNs (and saved Keras models) as feature extractors.
+
+Features must be a pure function of (image pixels, backbone, weights, size, pooling, preprocessing),
+so everything that decides them is pinned here and reported by :meth:`Backbone.describe`, which
+goes into the cache config hash. Two design points matter for speed and reproducibility:
+
+* Preprocessing (each model's own ``keras.applications.<module>.preprocess_input``) runs *inside*
+  the compiled forward function, on a uint8 input: the decode threads hand over 4x fewer bytes and
+  the arithmetic is fused with the first convolution instead of costing a numpy pass on 2 cores.
+* The forward pass is ``model.predict_on_batch`` (measured as fast as a hand-written
+  ``tf.function`` on the TF backend, 3x faster than eager calls and far faster than XLA on this CPU,
+  and backend-agnostic, so JAX works too) with a fixed batch shape: short batches are padded so the
+  function is traced once.
+
+TensorFlow/Keras are imported lazily so ``featcache --help`` stays fast.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featcache.errors import ConfigError
+from featcache.hashing import sha256_file
+
+POOLINGS = ("avg", "max", "flatten")
+_WEIGHT_KEYWORDS = ("imagenet", "none")
+_SAVED_MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One registry entry: what a name means (input size, pooling, preprocessing)."""
+
+    name: str
+    input_size: int
+    default_pooling: str
+    preprocess: str          # keras.applications module whose preprocess_input applies
+    min_size: int = 32       # smallest input keras.applications accepts for this architecture
+
+
+_SPECS: dict[str, BackboneSpec] = {
+    "vgg16": BackboneSpec("vgg16", 224, "flatten", "vgg16"),
+    "inceptionv3": BackboneSpec("inceptionv3", 299, "avg", "inception_v3", min_size=75),
+    "resnet50": BackboneSpec("resnet50", 224, "avg", "resnet50"),
+    "densenet121": BackboneSpec("densenet121", 224, "avg", "densenet"),
+    "densenet201": BackboneSpec("densenet201", 224, "avg", "densenet"),
+    "xception": BackboneSpec("xception", 299, "avg", "xception", min_size=71),
+    "mobilenet": BackboneSpec("mobilenet", 224, "avg", "mobilenet"),
+    "mobilenet-0.75": BackboneSpec("mobilenet-0.75", 224, "avg", "mobilenet"),
+}
+_CONSTRUCTORS: dict[str, tuple[str, dict[str, Any]]] = {
+    "vgg16": ("VGG16", {}),
+    "inceptionv3": ("InceptionV3", {}),
+    "resnet50": ("ResNet50", {}),
+    "densenet121": ("DenseNet121", {}),
+    "densenet201": ("DenseNet201", {}),
+    "xception": ("Xception", {}),
+    "mobilenet": ("MobileNet", {"alpha": 1.0}),
+    "mobilenet-0.75": ("MobileNet", {"alpha": 0.75}),
+}
+# name -> (keras.applications constructor, extra keyword arguments)
+BACKBONE_NAMES = tuple(_SPECS)
+
+
+def get_spec(name: str) -> BackboneSpec:
+    """Registry lookup; an unknown name is a user error that lists the valid ones."""
+    spec = _SPECS.get(name.lower())
+    if spec is None:
+        raise ConfigError(
+            f"unknown backbone '{name}'; choose one of: {', '.join(BACKBONE_NAMES)} "
+            "(or give the path of a saved .keras model with --layer NAME)"
+        )
+    return spec
+
+
+def is_saved_model(name: str) -> bool:
+    """A backbone name that looks like a model file (not a registry name) is a saved Keras model."""
+    return name.lower() not in _SPECS and (name.lower().endswith(_SAVED_MODEL_SUFFIXES) or os.sep in name)
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """Everything the user chooses about a backbone; :meth:`resolved` fills in defaults."""
+
+    name: str
+    weights: str = "imagenet"
+    pooling: str | None = None
+    image_size: int | None = None
+    layer: str | None = None
+    seed: int = 0
+
+    def resolved(self) -> BackboneConfig:
+        """Fill defaults and validate, so two spellings of the same setup give the same cache."""
+        weights = self.weights.strip()
+        if weights.lower() in _WEIGHT_KEYWORDS:
+            weights = weights.lower()
+        pooling = self.pooling.lower() if self.pooling else None
+        if pooling is not None and pooling not in POOLINGS:
+            raise ConfigError(f"unknown pooling '{self.pooling}'; choose one of: {', '.join(POOLINGS)}")
+        if self.image_size is not None and self.image_size < 1:
+            raise ConfigError(f"image size must be a positive number of pixels, got {self.image_size}")
+        if weights not in _WEIGHT_KEYWORDS and not Path(weights).is_file():
+            raise ConfigError(
+                f"weights file '{weights}' does not exist; "
+                "give --weights imagenet, none or the path of a .h5 file"
+            )
+        if is_saved_model(self.name):
+            return self._resolved_saved(weights, pooling)
+        spec = get_spec(self.name)
+        size = self.image_size or spec.input_size
+        if size < spec.min_size:
+            raise ConfigError(
+                f"{spec.name} needs images of at least {spec.min_size} px, got --image-size {size}; "
+                f"use {spec.min_size} or more"
+            )
+        if self.layer is not None:
+            raise ConfigError(f"--layer only applies to a saved-model backbone, not to '{spec.name}'")
+        return replace(self, name=spec.name, weights=weights, pooling=pooling or spec.default_pooling,
+                       image_size=size)
+
+    def _resolved_saved(self, weights: str, pooling: str | None) -> BackboneConfig:
+        path = Path(self.name).expanduser()
+        if not path.is_file():
+            raise ConfigError(
+                f"saved model '{self.name}' does not exist; give a registry name or a .keras file"
+            )
+        if weights == "none":
+            raise ConfigError("a saved-model backbone uses its own trained weights; drop --weights none")
+        if not self.layer:
+            raise ConfigError(f"a saved-model backbone needs --layer NAME (the layer whose output is the "
+                              f"feature) for '{self.name}'")
+        return replace(self, name=str(path.resolve()), weights=weights, pooling=pooling or "avg")
+
+
+class Backbone:
+    """A built, frozen feature extractor: uint8 images in, float32 feature rows out."""
+
+    def __init__(self, config: BackboneConfig, model: Any, *, preprocess_name: str, weights_digest: str,
+                 weights_file_sha256: str | None = None, channels: int = 3) -> None:
+        self.config = config
+        self.model = model
+        self.preprocess_name = preprocess_name
+        self.weights_digest = weights_digest
+        self.weights_file_sha256 = weights_file_sha256
+        self.feature_dim = int(model.output_shape[-1])
+        self.input_size = int(config.image_size or 0)
+        self._channels = channels
+        self._fixed_batch: int | None = None
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """Features of a uint8 [B, H, W, 3] batch as float32 [B, D].
+
+        The first call fixes the batch size: shorter batches are padded (and larger ones split) so
+        the compiled function keeps one input shape and is never retraced.
+        """
+        batch = np.asarray(batch)
+        s = self.input_size
+        if batch.ndim != 4 or batch.shape[1:] != (s, s, 3):
+            raise ValueError(f"expected a batch of shape [B, {s}, {s}, 3], got {batch.shape}")
+        if batch.dtype != np.uint8:
+            batch = np.clip(batch, 0, 255).astype(np.uint8)
+        n = batch.shape[0]
+        if n == 0:
+            return np.zeros((0, self.feature_dim), np.float32)
+        if self._fixed_batch is None:
+            self._fixed_batch = n
+        fixed = self._fixed_batch
+        out = np.empty((n, self.feature_dim), np.float32)
+        for start in range(0, n, fixed):
+            part = batch[start:start + fixed]
+            m = part.shape[0]
+            if m < fixed:
+                pad = np.zeros((fixed - m, s, s, 3), np.uint8)
+                part = np.concatenate([part, pad])
+            if self._channels == 1:
+                part = part[..., :1]
+            out[start:start + m] = np.asarray(self.model.predict_on_batch(part), np.float32)[:m]
+        return out
+
+    def describe(self) -> dict:
+        """Every setting that determines the features (the cache config hashes this)."""
+        cfg = self.config
+        saved = is_saved_model(cfg.name)
+        if cfg.weights in _WEIGHT_KEYWORDS:
+            weights = "saved" if saved and cfg.weights == "imagenet" else cfg.weights
+        else:
+            weights = "file"
+        out = {
+            "backbone": _saved_name(cfg.name) if saved else cfg.name,
+            "weights": weights,
+            "weights_digest": self.weights_digest,
+            "pooling": cfg.pooling,
+            "image_size": self.input_size,
+            "preprocess": self.preprocess_name,
+            "feature_dim": self.feature_dim,
+        }
+        if self.weights_file_sha256:
+            out["weights_file_sha256"] = self.weights_file_sha256
+        if saved:
+            out["layer"] = cfg.layer
+        return out
+
+
+def _saved_name(path: str) -> str:
+    """A file-name-safe backbone label for a saved model, distinct from every registry name."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(path).stem)[:40] or "model"
+    return f"saved-{stem}"
+
+
+def weights_digest(model: Any) -> str:
+    """sha256 over the model's weight arrays (shape, dtype, bytes; names excluded because Keras
+    numbers auto-named layers per process). Identical weights give the same digest in any process."""
+    h = hashlib.sha256()
+    for w in model.weights:
+        arr = np.ascontiguousarray(np.asarray(w.numpy() if hasattr(w, "numpy") else w))
+        h.update(f"{arr.dtype.str}{arr.shape}".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def imagenet_weights_file(name: str, image_size: int) -> str:
+    """The no-top weights file name keras.applications looks for in $KERAS_HOME/models."""
+    if name.startswith("mobilenet"):
+        alpha_text = "7_5" if name == "mobilenet-0.75" else "1_0"
+        rows = image_size if image_size in (128, 160, 192, 224) else 224
+        return f"mobilenet_{alpha_text}_{rows}_tf_no_top.h5"
+    stem = {"inceptionv3": "inception_v3"}.get(name, name)
+    return f"{stem}_weights_tf_dim_ordering_tf_kernels_notop.h5"
+
+
+def keras_models_dir() -> Path:
+    """Where keras.applications caches downloaded weights ($KERAS_HOME/models, default ~/.keras/models)."""
+    from keras.src.backend import config as kconfig
+
+    return Path(os.path.expanduser(kconfig.keras_home())) / "models"
+
+
+def build_backbone(config: BackboneConfig) -> Backbone:
+    """Build (and load weights into) the frozen extractor described by ``config``."""
+    cfg = config.resolved()
+    if is_saved_model(cfg.name):
+        return _build_saved(cfg)
+    return _build_registry(cfg)
+
+
+def _preprocess_layer(mode: str, channels: int = 3) -> Any:
+    """A layer that casts uint8 to float32 and applies ``mode`` inside the compiled graph."""
+    import importlib
+
+    import keras
+    from keras import ops
+
+    if mode in ("scale01", "none"):
+        fn = (lambda x: x / 255.0) if mode == "scale01" else (lambda x: x)
+    else:
+        fn = importlib.import_module(f"keras.applications.{mode}").preprocess_input
+
+    class FeatcachePreprocess(keras.layers.Layer):
+        """uint8 -> float32 -> the backbone's own preprocess_input (graph ops, backend-agnostic)."""
+
+        def call(self, x):
+            return fn(ops.cast(x, "float32"))
+
+    return FeatcachePreprocess(name=f"featcache_preprocess_{mode}")
+
+
+def _build_registry(cfg: BackboneConfig) -> Backbone:
+    import keras
+
+    spec = get_spec(cfg.name)
+    ctor_name, kwargs = _CONSTRUCTORS[spec.name]
+    ctor = getattr(keras.applications, ctor_name)
+    size = int(cfg.image_size or spec.input_size)
+    keras_pool = None if cfg.pooling == "flatten" else cfg.pooling
+    file_sha = None
+    if cfg.weights == "none":
+        keras.utils.set_random_seed(cfg.seed)   # random init is seeded: features stay deterministic
+    base = _construct(ctor, spec, cfg, size, keras_pool, kwargs)
+    if cfg.weights == "imagenet":
+        cached = keras_models_dir() / imagenet_weights_file(spec.name, size)
+        file_sha = sha256_file(cached) if cached.is_file() else None
+    elif cfg.weights != "none":
+        file_sha = _load_weights_file(base, Path(cfg.weights), spec.name)
+    inp = keras.Input((size, size, 3), dtype="uint8", name="image")
+    x = base(_preprocess_layer(spec.preprocess)(inp))
+    if cfg.pooling == "flatten":
+        x = keras.layers.Flatten(name="featcache_flatten")(x)
+    model = keras.Model(inp, x, name=f"featcache_{spec.name}")
+    model.trainable = False
+    return Backbone(replace(cfg, image_size=size), model, preprocess_name=spec.preprocess,
+                    weights_digest=weights_digest(base), weights_file_sha256=file_sha)
+
+
+def _construct(ctor: Any, spec: BackboneSpec, cfg: BackboneConfig, size: int, pooling: str | None,
+               kwargs: dict[str, Any]) -> Any:
+    """Call the keras.applications constructor; a failed ImageNet download becomes one sentence."""
+    weights = "imagenet" if cfg.weights == "imagenet" else None
+    try:
+        # Keras prints its download progress on stdout; send it to stderr so `--json` output stays clean.
+        with contextlib.redirect_stdout(sys.stderr):
+            return ctor(include_top=False, weights=weights, input_shape=(size, size, 3), pooling=pooling,
+                        **kwargs)
+    except Exception as exc:
+        expected = keras_models_dir() / imagenet_weights_file(spec.name, size)
+        if weights != "imagenet" or expected.is_file():
+            raise
+        raise ConfigError(
+            f"could not download the ImageNet weights for {spec.name} (no network?); put "
+            f"{expected.name} in {expected.parent} (the Keras cache, set by $KERAS_HOME), or use "
+            "--weights none (random, seeded) or --weights PATH to a weights file"
+        ) from exc
+
+
+def _load_weights_file(model: Any, path: Path, label: str) -> str:
+    """Load a weights file into ``model``; ConfigError if it does not fit. Returns the file's sha256."""
+    try:
+        model.load_weights(str(path))
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"weights file '{path}' does not fit backbone {label} ({reason})") from exc
+    return sha256_file(path)
+
+
+def _build_saved(cfg: BackboneConfig) -> Backbone:
+    import keras
+
+    path = Path(cfg.name)
+    try:
+        full = keras.models.load_model(str(path), safe_mode=True, compile=False)
+    except Exception as exc:
+        raise ConfigError(f"could not load saved model '{path}' as a backbone ({type(exc).__name__}: "
+                          f"{str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''})") from exc
+    file_sha = None
+    if cfg.weights not in _WEIGHT_KEYWORDS:
+        file_sha = _load_weights_file(full, Path(cfg.weights), path.name)
+    try:
+        layer = full.get_layer(cfg.layer)
+    except ValueError as exc:
+        names = ", ".join(ly.name for ly in full.layers[-8:])
+        raise ConfigError(f"saved model '{path.name}' has no layer '{cfg.layer}'; its last layers are: "
+                          f"{names}") from exc
+    in_shape = full.input_shape
+    if isinstance(in_shape, list):
+        raise ConfigError(
+            f"saved model '{path.name}' has several inputs; a backbone needs exactly one image input"
+        )
+    h, w, channels = in_shape[1], in_shape[2], in_shape[3]
+    if channels not in (1, 3):
+        raise ConfigError(f"saved model '{path.name}' expects {channels} channels; a backbone needs 1 or 3")
+    size = cfg.image_size or h or 224
+    if (h and h != size) or (w and w != size):
+        raise ConfigError(f"saved model '{path.name}' takes {h}x{w} images, not --image-size {size}; "
+                          "drop --image-size")
+    preprocess = "none" if _has_own_preprocessing(full) else "scale01"
+    feat = keras.Model(full.inputs, layer.output)
+    inp = keras.Input((size, size, channels), dtype="uint8", name="image")
+    x = feat(_preprocess_layer(preprocess)(inp))
+    if len(x.shape) == 4:
+        if cfg.pooling == "flatten":
+            x = keras.layers.Flatten()(x)
+        elif cfg.pooling == "max":
+            x = keras.layers.GlobalMaxPooling2D()(x)
+        else:
+            x = keras.layers.GlobalAveragePooling2D()(x)
+    elif len(x.shape) != 2:
+        x = keras.layers.Flatten()(x)
+    model = keras.Model(inp, x, name="featcache_saved")
+    model.trainable = False
+    resolved = replace(cfg, image_size=int(size))
+    return Backbone(resolved, model, preprocess_name=preprocess, weights_digest=weights_digest(feat),
+                    weights_file_sha256=file_sha or sha256_file(path), channels=channels)
+
+
+def _has_own_preprocessing(model: Any) -> bool:
+    """True when the model rescales its own input (a Rescaling/Normalization layer before any conv)."""
+    for ly in model.layers:
+        kind = type(ly).__name__
+        if kind in ("Rescaling", "Normalization"):
+            return True
+        if "Conv" in kind or kind == "Dense":
+            return False
+    return False

@@ -1,0 +1,266 @@
+"""The streaming extract pipeline and `featcache extract`: cache hits, duplicates, views, shards, bad
+files, strictness, kill -9 resume at many points, and one-sentence CLI errors.
+
+Everything runs MobileNet-0.75 with seeded random weights at 32 px on ~24 tiny images, so a whole
+extraction takes well under a second once TensorFlow is loaded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from badcorpus import DUPLICATE_PAIR, make_bad_corpus, outcome_keyword
+from conftest import make_kermany_tree
+from featcache.cli.app import run
+
+from featcache import cache as fcache
+from featcache.backbones import BackboneConfig, build_backbone
+from featcache.datasets import discover
+from featcache.errors import ConfigError, DataError
+from featcache.extract import ExtractOptions, extract, parse_shard
+
+BB = BackboneConfig("mobilenet-0.75", weights="none", image_size=32)
+CLI_BB = ["--backbone", "mobilenet-0.75", "--weights", "none", "--image-size", "32"]
+
+
+def _rows(path: Path) -> dict[tuple[str, str], np.ndarray]:
+    """(key, view) -> feature row, read with the cache's own reader (valid rows only)."""
+    with fcache.CacheReader(path) as reader:
+        index = reader.index()
+        feats = reader.read_rows(np.array([index[k] for k in index]))
+    return {k: feats[i] for i, k in enumerate(index)}
+
+
+def _close(got: np.ndarray, want: np.ndarray) -> None:
+    """Equal to float32 precision, relative to the row's scale (random-init features are tiny)."""
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(np.abs(want).max()))
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    """24 images (train + test) plus one byte-identical copy: shared, read-only, by the tests below."""
+    root = make_kermany_tree(tmp_path_factory.mktemp("ds") / "data")
+    shutil.copy(root / "train/NORMAL/IM-1000-0001.jpeg", root / "train/NORMAL/IM-1000-0002.jpeg")
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(tree: Path, tmp_path_factory) -> dict[tuple[str, str], np.ndarray]:
+    """An uninterrupted extraction with views orig+hflip: what every resumed run must reproduce."""
+    out = tmp_path_factory.mktemp("ref")
+    res = extract(discover(tree), BB, out, ExtractOptions(batch_size=8, views=("orig", "hflip")))
+    assert res.rows_computed == 48 and res.duplicates == 1
+    return _rows(res.cache_path)
+
+
+def test_extract_then_full_cache_hit(tree: Path, tmp_path: Path):
+    ds = discover(tree)
+    events = []
+    first = extract(ds, BB, tmp_path, ExtractOptions(batch_size=8), progress=events.append)
+    assert (first.n_files, first.n_unique, first.duplicates) == (25, 24, 1)
+    assert (first.rows_computed, first.rows_reused, first.skipped) == (24, 0, [])
+    assert first.feature_dim == 768 and first.cache_path.parent == tmp_path
+    done = [e.done for e in events if e.phase == "extract"]
+    assert done == sorted(done) and done[-1] == 24
+    second = extract(ds, BB, tmp_path, ExtractOptions(batch_size=8))
+    assert second.cache_path == first.cache_path
+    assert (second.rows_computed, second.rows_reused) == (0, 24)
+    assert fcache.verify(first.cache_path)["ok"]
+
+
+def test_rows_equal_the_backbone_on_decoded_images(tree: Path, tmp_path: Path, reference):
+    """The pipeline (threads, batching, padding) computes exactly what the backbone gives.
+
+    CPU kernels round differently depending on a row's position in the batch (~1e-7 relative), so
+    rows computed at other batch positions agree to float precision, not bit for bit; the resume
+    test below checks bit-for-bit equality, which holds because batches are aligned to chunks."""
+    from featcache.hashing import sha256_file
+    from featcache.images import decode_views, parse_views
+
+    res = extract(discover(tree), BB, tmp_path, ExtractOptions(batch_size=5, workers=1))  # odd batch
+    rows = _rows(res.cache_path)
+    bb = build_backbone(BB)
+    files = sorted((tree / "test").rglob("*.jpeg"))[:4]
+    views = parse_views("orig,hflip")
+    for f in files:
+        key = sha256_file(f)
+        imgs = decode_views(f.read_bytes(), 32, "squash", views)
+        direct = bb(np.stack(imgs))
+        scale = np.abs(direct).max()
+        assert scale > 0
+        for got in (rows[(key, "orig")], reference[(key, "orig")]):
+            _close(got, direct[0])
+        _close(reference[(key, "hflip")], direct[1])
+        assert np.abs(direct[0] - direct[1]).max() > 1e-2 * scale  # the views really differ
+
+
+def test_new_view_extends_the_same_file(tree: Path, tmp_path: Path, reference):
+    ds = discover(tree)
+    a = extract(ds, BB, tmp_path, ExtractOptions(views=("orig",)))
+    b = extract(ds, BB, tmp_path, ExtractOptions(views=("orig", "hflip")))
+    assert a.cache_path == b.cache_path
+    assert (b.rows_computed, b.rows_reused) == (24, 24)
+    rows = _rows(b.cache_path)
+    assert rows.keys() == reference.keys()
+    for k, v in reference.items():  # other batch positions than the reference: float precision
+        _close(rows[k], v)
+
+
+def test_shards_partition_the_keys_and_merge_to_the_full_cache(tree: Path, tmp_path: Path, reference):
+    ds = discover(tree)
+    shards = []
+    for i in range(2):
+        res = extract(ds, BB, tmp_path, ExtractOptions(views=("orig", "hflip"), shard=(i, 2)))
+        assert res.cache_path.name.endswith(f".shard-{i}-of-2.h5")
+        shards.append(_rows(res.cache_path))
+    assert not shards[0].keys() & shards[1].keys()
+    assert shards[0].keys() | shards[1].keys() == reference.keys()
+    assert all(int(k, 16) % 2 == i for i, rows in enumerate(shards) for k, _ in rows)
+
+
+def test_splits_float16_and_option_errors(tree: Path, tmp_path: Path):
+    ds = discover(tree)
+    res = extract(ds, BB, tmp_path, ExtractOptions(splits=["test"], dtype="float16"))
+    assert res.n_files == 12 and res.rows_computed == 12
+    with fcache.CacheReader(res.cache_path) as r:
+        assert r.config["dtype"] == "float16"
+    for bad in (ExtractOptions(views=("orig", "spin")), ExtractOptions(resize="stretch"),
+                ExtractOptions(dtype="int8"), ExtractOptions(shard=(2, 2)), ExtractOptions(batch_size=0)):
+        with pytest.raises(ConfigError):
+            extract(ds, BB, tmp_path, bad)
+    with pytest.raises(DataError, match="no split 'val'"):
+        extract(ds, BB, tmp_path, ExtractOptions(splits=["val"]))
+    assert parse_shard("1/3") == (1, 3)
+    for text in ("3/3", "x", "1/0", "-1/2", "1/2/3"):
+        with pytest.raises(ConfigError, match="bad --shard"):
+            parse_shard(text)
+
+
+def test_bad_files_are_skipped_with_reasons_and_strict_fails_after_saving(tmp_path: Path):
+    root = make_kermany_tree(tmp_path / "data", n_normal=2, n_pneu=2, splits=("train",))
+    (root / "train/NORMAL/IM-0900-0001.jpeg").write_bytes(b"")
+    (root / "train/NORMAL/IM-0901-0001.jpeg").write_bytes(b"plain text, not a JPEG")
+    ds = discover(root)
+    res = extract(ds, BB, tmp_path / "c1", ExtractOptions())
+    assert res.rows_computed == 4 and len(res.skipped) == 2
+    assert {rel for rel, _ in res.skipped} == {"train/NORMAL/IM-0900-0001.jpeg",
+                                               "train/NORMAL/IM-0901-0001.jpeg"}
+    with pytest.raises(DataError, match="2 file") as err:
+        extract(ds, BB, tmp_path / "c2", ExtractOptions(strict=True))
+    saved = err.value.result  # the good rows are cached before strict mode fails
+    assert saved.rows_computed == 4 and len(_rows(saved.cache_path)) == 4
+
+
+def test_bad_corpus_end_to_end(tmp_path: Path):
+    """Every file of the generated bad corpus is cached or skipped as expected; exit 0 (2 with --strict)."""
+    expected = make_bad_corpus(tmp_path / "bad")
+    code = run(["extract", "--data", str(tmp_path / "bad"), *CLI_BB, "--cache-dir", str(tmp_path / "c"),
+                "--json"])
+    assert code == 0
+    ds = discover(tmp_path / "bad")
+    res = extract(ds, BB, tmp_path / "c", ExtractOptions())
+    assert res.rows_computed == 0  # the CLI run cached everything that can be cached
+    reasons = dict(res.skipped)
+    cached_paths = set()
+    with fcache.CacheReader(res.cache_path) as r:
+        index = r.index()
+    by_rel = {rec.relpath: rec for rec in ds.records}
+    from featcache.hashing import sha256_file
+
+    for rel, outcome in expected.items():
+        kind, keyword = outcome_keyword(outcome)
+        if kind == "ok":
+            assert rel not in reasons, (rel, reasons.get(rel))
+            assert (sha256_file(by_rel[rel].path), "orig") in index, rel
+            cached_paths.add(rel)
+        else:
+            assert rel.rstrip("/") in reasons or rel in reasons, rel
+            reason = reasons.get(rel, reasons.get(rel.rstrip("/"), ""))
+            assert keyword in reason.lower(), (rel, reason)
+    assert len(index) == len(cached_paths) - 2  # the duplicate pair and the symlink share keys
+    pair = [sha256_file(tmp_path / "bad" / rel) for rel in DUPLICATE_PAIR]
+    assert pair[0] == pair[1]
+    assert run(["extract", "--data", str(tmp_path / "bad"), *CLI_BB, "--cache-dir", str(tmp_path / "c"),
+                "--strict"]) != 0
+
+
+def _cli(tree: Path, cache_dir: Path, *extra: str) -> list[str]:
+    return ["extract", "--data", str(tree), *CLI_BB, "--cache-dir", str(cache_dir), "--batch-size", "8",
+            "--views", "orig,hflip", *extra]
+
+
+# Kill points: during decode, before a forward pass, between chunks, mid-chunk (rows written, not
+# flushed), during a flush (data flushed, valid not yet), after valid is written but not flushed.
+# (Creation and growth of the file are killed in tests/test_cache.py.)
+CRASH_POINTS = [
+    "extract.decode:14",
+    "extract.forward:3",
+    "extract.between_chunks:2",
+    "cache.after_data_write:2",
+    "cache.after_data_flush:4",
+    "cache.after_valid_write:3",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", CRASH_POINTS)
+def test_sigkill_then_resume_gives_the_uninterrupted_features(point: str, tree: Path, tmp_path: Path,
+                                                              reference):
+    env = dict(os.environ, FEATCACHE_CRASH_AT=point, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run([sys.executable, "-m", "featcache.cli.app", *_cli(tree, tmp_path)], env=env,
+                          capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    files = sorted(tmp_path.glob("*.h5"))
+    if files:   # whatever survived the kill is readable and holds only complete rows
+        assert len(_rows(files[0])) < 48
+    assert run(_cli(tree, tmp_path)) == 0
+    files = sorted(tmp_path.glob("*.h5"))
+    assert len(files) == 1
+    rows = _rows(files[0])
+    assert rows.keys() == reference.keys()
+    for k, v in reference.items():
+        np.testing.assert_array_equal(rows[k], v, err_msg=str(k))
+    assert run(["cache", "verify", str(files[0])]) == 0
+
+
+def test_cli_json_summary_and_cache_hit(tree: Path, tmp_path: Path, capsys):
+    assert run(_cli(tree, tmp_path, "--json")) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["rows_computed"] == 48 and first["duplicates"] == 1 and first["feature_dim"] == 768
+    assert Path(first["cache_path"]).is_file() and first["cache_bytes"] > 0
+    assert run(_cli(tree, tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert "rows reused from cache" in out and "48" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--backbone", "resnet51"], "unknown backbone"),
+        (["--image-size", "16"], "at least 32 px"),
+        (["--shard", "2/2"], "bad --shard"),
+        (["--shard", "half"], "bad --shard"),
+        (["--views", "orig,spin"], "view"),
+        (["--pooling", "median"], "unknown pooling"),
+        (["--splits", "val"], "no split"),
+        (["--data", "/no/such/folder"], "/no/such/folder"),
+    ],
+)
+def test_cli_errors_are_one_sentence(args: list[str], needle: str, tree: Path, tmp_path: Path, capsys):
+    base = {"--data": str(tree), "--backbone": "mobilenet-0.75", "--weights": "none", "--image-size": "32",
+            "--cache-dir": str(tmp_path)}
+    for flag, value in zip(args[::2], args[1::2], strict=True):
+        base[flag] = value
+    argv = ["extract"] + [x for kv in base.items() for x in kv]
+    code = run(argv)
+    err = capsys.readouterr().err
+    assert code != 0
+    assert needle in err and "Traceback" not in err
+    assert err.count("error:") == 1 and err.strip().startswith("error:")  # one message, nothing before
