@@ -1,0 +1,246 @@
+"""The head interface shared by every classifier family, plus the scikit-learn plumbing they reuse.
+
+Why one small interface: fit.py (model selection, runs, metrics) must not know which family it drives,
+so adding a head is one module. Two selection styles exist: ``CVHead`` (grouped K-fold CV over a grid,
+cheap models) and ``MLPHead`` (grouped hold-out, Keras) -- see docs/ARCHITECTURE.md.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+
+from featcache.errors import ConfigError
+from featcache.progress import ProgressFn, emit
+
+Folds = Sequence[tuple[np.ndarray, np.ndarray]]
+SKLEARN_FILE = "sklearn.joblib"
+_CW_MSG = "class_weight '{}' is not valid; use none, balanced or per-class weights like 1:3."
+
+
+@dataclass
+class SearchResult:
+    """Outcome of a CV grid search; ``cv_results`` is JSON-serialisable and keyed like scikit-learn's."""
+
+    best_params: dict
+    best_index: int
+    best_score: float
+    cv_results: dict = field(default_factory=dict)
+
+
+class FittedHead(Protocol):
+    """A trained head: probabilities for classes 0..K-1, and safe persistence."""
+
+    classes_: np.ndarray
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray: ...
+
+    def save(self, directory: Path) -> list[Path]: ...
+
+    @classmethod
+    def load(cls, directory: Path) -> FittedHead: ...
+
+
+# ---------------------------------------------------------------- parameters
+
+def jsonable(value: Any) -> Any:
+    """Make numpy scalars, tuples and int-keyed dicts JSON friendly (cv_results go into metrics.json)."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def normalize_class_weight(value: Any) -> None | str | dict[int, float]:
+    """Accept None, "balanced", "1:3" or {class: weight} (keys may be strings after JSON round trips)."""
+    if value is None or isinstance(value, str) and value.strip().lower() in ("", "none"):
+        return None
+    if isinstance(value, str):
+        s = value.strip().lower()
+        if s == "balanced":
+            return "balanced"
+        try:
+            return {i: float(v) for i, v in enumerate(s.split(":"))}
+        except ValueError:
+            raise ConfigError(_CW_MSG.format(value)) from None
+    if isinstance(value, dict):
+        try:
+            return {int(k): float(v) for k, v in value.items()}
+        except (TypeError, ValueError):
+            raise ConfigError(_CW_MSG.format(value)) from None
+    raise ConfigError(_CW_MSG.format(value))
+
+
+def check_params(head: str, params: dict, schema: dict[str, str]) -> dict:
+    """Reject parameters the head does not know (one sentence listing the valid ones); normalise weights."""
+    unknown = sorted(set(params) - set(schema))
+    if unknown:
+        raise ConfigError(f"unknown parameter '{unknown[0]}' for head '{head}'; valid ones are: "
+                          f"{', '.join(sorted(schema))}.")
+    out = dict(params)
+    if "class_weight" in out:
+        out["class_weight"] = normalize_class_weight(out["class_weight"])
+    return out
+
+
+def sample_weights(y: np.ndarray, class_weight: Any, n_classes: int) -> np.ndarray | None:
+    """Per-sample weights from a class_weight value, using scikit-learn's "balanced" formula."""
+    cw = normalize_class_weight(class_weight)
+    if cw is None:
+        return None
+    if cw == "balanced":
+        counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+        present = counts > 0
+        w = np.ones(n_classes)
+        w[present] = len(y) / (present.sum() * counts[present])
+    else:
+        w = np.array([cw.get(k, 1.0) for k in range(n_classes)], dtype=np.float64)
+    return w[y]
+
+
+# ---------------------------------------------------------------- cv_results
+
+def build_cv_results(grid: list[dict], split_scores: np.ndarray, fit_times: np.ndarray,
+                     score_times: np.ndarray) -> dict:
+    """scikit-learn-shaped cv_results (params, param_<k>, split<i>_test_score, mean/std/rank...).
+
+    Ranking uses ``rankdata(-mean, "min")`` and the best index is the first of the top rank, exactly like
+    GridSearchCV, so both pick the same candidate on ties.
+    """
+    from scipy.stats import rankdata
+
+    scores = np.asarray(split_scores, dtype=np.float64)
+    mean = scores.mean(axis=1)
+    ranks = rankdata(-np.where(np.isnan(mean), -np.inf, mean), method="min").astype(int)
+    res: dict[str, Any] = {"params": [jsonable(p) for p in grid]}
+    for key in sorted({k for p in grid for k in p}):
+        res[f"param_{key}"] = [jsonable(p.get(key)) for p in grid]
+    for i in range(scores.shape[1]):
+        res[f"split{i}_test_score"] = scores[:, i].tolist()
+    res["mean_test_score"] = mean.tolist()
+    res["std_test_score"] = scores.std(axis=1).tolist()
+    res["rank_test_score"] = ranks.tolist()
+    res["mean_fit_time"] = np.mean(fit_times, axis=1).tolist()
+    res["std_fit_time"] = np.std(fit_times, axis=1).tolist()
+    res["mean_score_time"] = np.mean(score_times, axis=1).tolist()
+    res["std_score_time"] = np.std(score_times, axis=1).tolist()
+    return res
+
+
+def result_from_cv(grid: list[dict], cv_results: dict) -> SearchResult:
+    """Pick the best candidate like GridSearchCV (first of rank 1)."""
+    best = int(np.argmin(cv_results["rank_test_score"]))
+    return SearchResult(best_params=dict(grid[best]), best_index=best,
+                        best_score=float(cv_results["mean_test_score"][best]), cv_results=cv_results)
+
+
+# ---------------------------------------------------------------- fitted sklearn heads
+
+class SklearnHead:
+    """A fitted scikit-learn estimator (a Pipeline with standardisation) as a FittedHead.
+
+    Saved with joblib: that is a pickle, so runs.py records the file's sha256 when featcache writes it and
+    checks it before loading -- a model file is only ever loaded when featcache itself wrote it.
+    """
+
+    def __init__(self, estimator: Any, n_classes: int):
+        self.estimator = estimator
+        self.n_classes = int(n_classes)
+        self.classes_ = np.arange(self.n_classes)
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """[n, K] probabilities; columns of classes absent at training time are zero."""
+        proba = self.estimator.predict_proba(np.asarray(X))
+        out = np.zeros((proba.shape[0], self.n_classes), dtype=np.float64)
+        out[:, np.asarray(self.estimator.classes_, dtype=int)] = proba
+        return out
+
+    def save(self, directory: Path) -> list[Path]:
+        import joblib
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / SKLEARN_FILE
+        tmp = path.with_suffix(".joblib.tmp")
+        joblib.dump({"format": 1, "estimator": self.estimator, "n_classes": self.n_classes}, tmp)
+        tmp.replace(path)
+        return [path]
+
+    @classmethod
+    def load(cls, directory: Path) -> SklearnHead:
+        """Load a model featcache wrote (the caller has verified its sha256 first)."""
+        import joblib
+
+        data = joblib.load(Path(directory) / SKLEARN_FILE)
+        return cls(data["estimator"], data["n_classes"])
+
+
+# ---------------------------------------------------------------- CV heads
+
+class CVHead:
+    """Base for heads selected by grouped K-fold CV; subclasses say how to build the estimator."""
+
+    name: ClassVar[str] = ""
+    selection: ClassVar[str] = "cv"
+    schema: ClassVar[dict[str, str]] = {}
+    default_grid: ClassVar[dict[str, list]] = {}
+
+    def make_estimator(self, params: dict, *, seed: int = 0, for_search: bool = False) -> Any:
+        """A fresh unfitted scikit-learn estimator for ``params`` (validated)."""
+        raise NotImplementedError
+
+    def check(self, params: dict) -> dict:
+        return check_params(self.name, params, self.schema)
+
+    def search(self, X: np.ndarray, y: np.ndarray, folds: Folds, grid: list[dict], *,
+               scoring: str = "accuracy", seed: int = 0, progress: ProgressFn | None = None) -> SearchResult:
+        """Score every config on every fold (GridSearchCV semantics, with progress events)."""
+        from sklearn.metrics import get_scorer
+
+        grid = [self.check(p) for p in grid]
+        scorer = _scorer(scoring, get_scorer)
+        return cv_loop(lambda p: self.make_estimator(p, seed=seed, for_search=True), X, y, folds, grid,
+                       scorer, progress)
+
+    def fit(self, X: np.ndarray, y: np.ndarray, params: dict, *, seed: int = 0) -> SklearnHead:
+        est = self.make_estimator(self.check(params), seed=seed)
+        est.fit(np.asarray(X), np.asarray(y))
+        return SklearnHead(est, int(np.max(y)) + 1)
+
+
+def _scorer(scoring: str, get_scorer: Callable) -> Callable:
+    try:
+        return get_scorer(scoring)
+    except ValueError:
+        raise ConfigError(f"unknown scoring '{scoring}'; use a scikit-learn scorer name such as accuracy, "
+                          "roc_auc or f1_macro.") from None
+
+
+def cv_loop(factory: Callable[[dict], Any], X: np.ndarray, y: np.ndarray, folds: Folds, grid: list[dict],
+            scorer: Callable, progress: ProgressFn | None) -> SearchResult:
+    """Fit/score each (config, fold) pair in grid order; the shared engine of the plain CV heads."""
+    X, y = np.asarray(X), np.asarray(y)
+    n_f = len(folds)
+    scores = np.full((len(grid), n_f), np.nan)
+    fit_t = np.zeros((len(grid), n_f))
+    score_t = np.zeros((len(grid), n_f))
+    total = len(grid) * n_f
+    for i, params in enumerate(grid):
+        for j, (tr, te) in enumerate(folds):
+            est = factory(params)
+            t0 = time.perf_counter()
+            est.fit(X[tr], y[tr])
+            t1 = time.perf_counter()
+            scores[i, j] = scorer(est, X[te], y[te])
+            fit_t[i, j], score_t[i, j] = t1 - t0, time.perf_counter() - t1
+            emit(progress, "fit", i * n_f + j + 1, total, f"config {i + 1}/{len(grid)} fold {j + 1}/{n_f}")
+    return result_from_cv(grid, build_cv_results(grid, scores, fit_t, score_t))

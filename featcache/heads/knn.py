@@ -1,0 +1,42 @@
+"""k-nearest-neighbours head: the cheapest baseline, standardised inside (distances need equal scales)."""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+
+from featcache.heads.base import CVHead, Folds, SearchResult, SklearnHead
+from featcache.progress import ProgressFn
+
+
+class KNNHead(CVHead):
+    """``knn``: n_neighbors, weights (uniform|distance), metric (euclidean, cosine, manhattan, ...)."""
+
+    name: ClassVar[str] = "knn"
+    schema: ClassVar[dict[str, str]] = {"n_neighbors": "int", "weights": "str", "metric": "str"}
+    default_grid: ClassVar[dict[str, list]] = {"n_neighbors": [5, 15, 31], "weights": ["uniform", "distance"]}
+
+    def make_estimator(self, params: dict, *, seed: int = 0, for_search: bool = False) -> Any:
+        from sklearn.neighbors import KNeighborsClassifier
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        return make_pipeline(StandardScaler(), KNeighborsClassifier(
+            n_neighbors=int(params.get("n_neighbors", 5)), weights=params.get("weights", "uniform"),
+            metric=params.get("metric", "euclidean")))
+
+    # Why the cap: a fold (or a small demo set) can hold fewer training rows than n_neighbors, and
+    # scikit-learn then fails at predict time. The effective value is what gets recorded.
+    @staticmethod
+    def _capped(params: dict, n_train: int) -> dict:
+        k = int(params.get("n_neighbors", 5))
+        return {**params, "n_neighbors": max(1, min(k, n_train))}
+
+    def search(self, X: np.ndarray, y: np.ndarray, folds: Folds, grid: list[dict], *,
+               scoring: str = "accuracy", seed: int = 0, progress: ProgressFn | None = None) -> SearchResult:
+        n_train = min(len(tr) for tr, _ in folds) if len(folds) else len(X)
+        return super().search(X, y, folds, [self._capped(self.check(p), n_train) for p in grid],
+                              scoring=scoring, seed=seed, progress=progress)
+
+    def fit(self, X: np.ndarray, y: np.ndarray, params: dict, *, seed: int = 0) -> SklearnHead:
+        return super().fit(X, y, self._capped(self.check(params), len(X)), seed=seed)

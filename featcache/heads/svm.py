@@ -1,0 +1,59 @@
+"""SVM head (linear and RBF) as a cheap baseline, standardised inside.
+
+Why two estimators: ``LinearSVC`` scales to thousands of rows x thousands of features far better than a
+kernel SVC with a linear kernel; ``SVC`` is used for RBF. Probabilities come from Platt scaling
+(``CalibratedClassifierCV(method="sigmoid", cv=3)`` around either model).
+The CV search scores the uncalibrated model (decision-based scorers do not need probabilities, and
+calibration would multiply the cost); only the final fit is calibrated.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from featcache.errors import ConfigError
+from featcache.heads.base import CVHead
+
+
+def _gamma(value: Any) -> Any:
+    if value is None:
+        return "scale"
+    if isinstance(value, str) and value not in ("scale", "auto"):
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"svm gamma '{value}' is not valid; use scale, auto or a positive number.") \
+                from None
+    return value
+
+
+class SVMHead(CVHead):
+    """``svm``: kernel in {linear, rbf}, C, gamma (rbf), class_weight."""
+
+    name: ClassVar[str] = "svm"
+    schema: ClassVar[dict[str, str]] = {"kernel": "str", "C": "float", "gamma": "float|str",
+                                        "class_weight": "class_weight", "max_iter": "int"}
+    default_grid: ClassVar[dict[str, list]] = {"kernel": ["linear", "rbf"], "C": [0.1, 1.0, 10.0],
+                                               "class_weight": [None, "balanced"]}
+
+    def make_estimator(self, params: dict, *, seed: int = 0, for_search: bool = False) -> Any:
+        from sklearn.calibration import CalibratedClassifierCV
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+        from sklearn.svm import SVC, LinearSVC
+
+        kernel = params.get("kernel", "rbf")
+        C = float(params.get("C", 1.0))
+        cw = params.get("class_weight")
+        if kernel == "linear":
+            est: Any = LinearSVC(C=C, class_weight=cw, dual="auto", random_state=seed,
+                                 max_iter=int(params.get("max_iter", 5000)))
+            if not for_search:
+                est = CalibratedClassifierCV(est, method="sigmoid", cv=3)
+        elif kernel == "rbf":
+            est = SVC(kernel="rbf", C=C, gamma=_gamma(params.get("gamma")), class_weight=cw,
+                      random_state=seed, max_iter=int(params.get("max_iter", -1)))
+            if not for_search:
+                est = CalibratedClassifierCV(est, method="sigmoid", cv=3)
+        else:
+            raise ConfigError(f"unknown svm kernel '{kernel}'; use linear or rbf.")
+        return make_pipeline(StandardScaler(), est)

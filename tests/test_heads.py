@@ -1,0 +1,193 @@
+"""Heads: learning, class weights, the fast logistic search against scikit-learn, fused MLP grids, saving."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from featcache.errors import ConfigError
+from featcache.heads import HEAD_NAMES, get_head, load_fitted
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def separable(n: int = 300, d: int = 50, k: int = 2, seed: int = 0, shift: float = 2.0):
+    """Gaussian blobs: class c shifts features c*8..c*8+7 by ``shift`` (linearly separable enough)."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % k
+    rng.shuffle(y)
+    X = rng.normal(size=(n, d))
+    for c in range(k):
+        X[y == c, c * 8:(c + 1) * 8] += shift
+    return X.astype(np.float32), y
+
+
+def folds_for(y: np.ndarray, n: int = 3):
+    from sklearn.model_selection import StratifiedKFold
+
+    return list(StratifiedKFold(n, shuffle=True, random_state=0).split(np.zeros(len(y)), y))
+
+
+@pytest.mark.parametrize("name,grid", [
+    ("logreg", [{"C": 0.01}, {"C": 1.0}]),
+    ("svm", [{"kernel": "linear", "C": 1.0}, {"kernel": "rbf", "C": 1.0}]),
+    ("knn", [{"n_neighbors": 5}, {"n_neighbors": 15, "weights": "distance"}]),
+])
+def test_cv_heads_learn_separable_data(name, grid, tmp_path):
+    X, y = separable(k=3)
+    head = get_head(name)
+    res = head.search(X[:240], y[:240], folds_for(y[:240]), grid)
+    assert res.best_params == grid[res.best_index]
+    assert res.best_score > 0.85
+    assert len(res.cv_results["mean_test_score"]) == len(grid)
+    fitted = head.fit(X[:240], y[:240], res.best_params)
+    proba = fitted.predict_proba(X[240:])
+    assert proba.shape == (60, 3)
+    assert np.allclose(proba.sum(axis=1), 1.0) and (proba >= 0).all()
+    assert np.mean(proba.argmax(axis=1) == y[240:]) > 0.85
+    files = fitted.save(tmp_path / "model")
+    assert [f.name for f in files] == ["sklearn.joblib"]
+    again = load_fitted(name, tmp_path / "model")
+    assert np.allclose(again.predict_proba(X[240:]), proba)
+
+
+def test_class_weight_changes_decisions_on_imbalanced_data():
+    rng = np.random.default_rng(1)
+    y = (rng.random(400) < 0.1).astype(int)
+    X = (rng.normal(size=(400, 20)) + 0.7 * y[:, None] * (np.arange(20) < 3)).astype(np.float32)
+    head = get_head("logreg")
+    plain = head.fit(X, y, {"C": 1.0}).predict_proba(X).argmax(1)
+    balanced = head.fit(X, y, {"C": 1.0, "class_weight": "balanced"}).predict_proba(X).argmax(1)
+    explicit = head.fit(X, y, {"C": 1.0, "class_weight": {0: 1.0, 1: 9.0}}).predict_proba(X).argmax(1)
+    assert balanced.sum() > 2 * plain.sum()
+    assert explicit.sum() > 2 * plain.sum()
+
+
+@pytest.mark.parametrize("n,d", [(120, 300), (200, 20)])  # features outnumber samples, and the reverse
+def test_fast_logistic_search_matches_sklearn(n, d):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from featcache.heads.logreg import DEFAULT_CS, FastLogisticGridSearchCV
+
+    X, y = separable(n, d, k=2, shift=0.6)
+    X = X.astype(np.float64)
+    y[:15] = 0  # mild imbalance so class_weight matters
+    folds = folds_for(y, 4)
+    # max_iter=1000 for both so that scikit-learn converges (at 100 it stops early for large C, and two
+    # unconverged runs may legitimately differ on a test set this small)
+    grid = {"C": DEFAULT_CS, "class_weight": [None, "balanced"], "max_iter": [1000]}
+    ours = FastLogisticGridSearchCV(grid, cv=folds).fit(X, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = GridSearchCV(make_pipeline(StandardScaler(), LogisticRegression()),
+                           {f"logisticregression__{k}": v for k, v in grid.items()}, cv=folds).fit(X, y)
+    assert not ours.used_fallback_
+    assert ours.best_params_ == {k.split("__")[1]: v for k, v in ref.best_params_.items()}
+    diff = np.abs(np.asarray(ours.cv_results_["mean_test_score"]) - ref.cv_results_["mean_test_score"])
+    assert diff.max() <= 0.005
+    ref_keys = {k.replace("logisticregression__", "") for k in ref.cv_results_}
+    assert ref_keys <= set(ours.cv_results_)
+    p_ours = ours.best_estimator_.predict_proba(X)
+    p_ref = ref.best_estimator_.predict_proba(X)
+    assert np.abs(p_ours - p_ref).max() < 1e-3
+    assert type(ours.best_estimator_).__name__ == "Pipeline"
+
+
+def test_fast_logistic_search_multiclass_d_gt_n():
+    from featcache.heads.logreg import FastLogisticGridSearchCV
+
+    X, y = separable(90, 150, k=3)
+    gs = FastLogisticGridSearchCV({"C": [0.01, 1.0]}, cv=3).fit(X.astype(np.float64), y)
+    assert not gs.used_fallback_ and gs.best_score_ > 0.8
+    assert gs.best_estimator_.predict_proba(X).shape == (90, 3)
+
+
+def test_l1_falls_back_to_sklearn():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from featcache.heads.logreg import FastLogisticGridSearchCV
+
+    X, y = separable(150, 30)
+    folds = folds_for(y)
+    grid = {"C": [0.05, 1.0], "l1_ratio": [1.0], "solver": ["liblinear"]}
+    ours = FastLogisticGridSearchCV(grid, cv=folds).fit(X, y)
+    ref = GridSearchCV(make_pipeline(StandardScaler(), LogisticRegression()),
+                       {f"logisticregression__{k}": v for k, v in grid.items()}, cv=folds).fit(X, y)
+    assert ours.used_fallback_
+    assert np.allclose(ours.cv_results_["mean_test_score"], ref.cv_results_["mean_test_score"])
+    assert ours.best_params_["C"] == ref.best_params_["logisticregression__C"]
+
+
+@pytest.mark.parametrize("name,bad", [("logreg", {"nope": 1}), ("svm", {"neighbours": 3}),
+                                      ("knn", {"C": 1.0}), ("mlp", {"layerz": (4,)})])
+def test_unknown_parameter_is_a_config_error(name, bad):
+    X, y = separable(60, 10)
+    head = get_head(name)
+    with pytest.raises(ConfigError, match="unknown parameter"):
+        if name == "mlp":
+            head.train(X, y, X, y, bad)
+        else:
+            head.fit(X, y, bad)
+
+
+def test_unknown_head_lists_valid_names():
+    with pytest.raises(ConfigError) as err:
+        get_head("forest")
+    assert all(n in str(err.value) for n in HEAD_NAMES)
+
+
+def test_mlp_trains_and_round_trips(tmp_path):
+    X, y = separable(240, 24, k=2)
+    head = get_head("mlp")
+    params = {"layers": (16,), "epochs": 6, "batch_size": 32, "lr": 0.01, "checkpoint": True,
+              "reduce_lr_patience": 2, "patience": 4, "dropout": 0.1}
+    fitted, hist = head.train(X[:180], y[:180], X[180:], y[180:], params, seed=0)
+    assert set(hist) == {"loss", "val_loss", "accuracy", "val_accuracy", "lr"}
+    assert len(hist["lr"]) == len(hist["loss"]) >= 1
+    proba = fitted.predict_proba(X[180:])
+    assert proba.shape == (60, 2) and np.allclose(proba.sum(1), 1, atol=1e-5)
+    assert np.mean(proba.argmax(1) == y[180:]) > 0.85
+    files = fitted.save(tmp_path / "m")
+    assert [f.name for f in files] == ["head.keras"]
+    again = load_fitted("mlp", tmp_path / "m")
+    assert np.allclose(again.predict_proba(X[180:]), proba, atol=1e-6)
+
+
+def test_train_many_agrees_with_train():
+    X, y = separable(300, 32, k=2, shift=0.9)
+    Xtr, ytr, Xva, yva = X[:220], y[:220], X[220:], y[220:]
+    head = get_head("mlp")
+    configs = [{"layers": (16, 8), "lr": 0.01, "epochs": 4, "batch_size": 32},
+               {"layers": (16, 8), "lr": 0.001, "epochs": 7, "batch_size": 32, "class_weight": "balanced"},
+               {"layers": (16, 8), "lr": 0.003, "epochs": 5, "batch_size": 32, "checkpoint": True},
+               {"layers": (8,), "lr": 0.01, "epochs": 3, "batch_size": 64, "optimizer": "sgd"}]
+    seen = []
+    many = head.train_many(Xtr, ytr, Xva, yva, configs, seed=0,
+                           on_result=lambda i, h, hist: seen.append(i))
+    assert sorted(seen) == [0, 1, 2, 3]
+    for i, (cfg, (fitted, hist)) in enumerate(zip(configs, many, strict=True)):
+        assert len(hist["val_accuracy"]) == cfg["epochs"]
+        _, ref = head.train(Xtr, ytr, Xva, yva, cfg, seed=i)
+        assert abs(hist["val_accuracy"][-1] - ref["val_accuracy"][-1]) <= 0.1
+        acc = np.mean(fitted.predict_proba(Xva).argmax(1) == yva)
+        if not cfg.get("checkpoint"):
+            assert abs(acc - hist["val_accuracy"][-1]) < 1e-6
+
+
+def test_knn_caps_n_neighbors_at_the_training_size():
+    X, y = separable(n=24, k=2)
+    head = get_head("knn")
+    folds = folds_for(y)  # 16 training rows per fold
+    res = head.search(X, y, folds, [{"n_neighbors": 31}, {"n_neighbors": 3}])
+    assert res.cv_results["param_n_neighbors"] == [16, 3]  # the effective value is recorded
+    assert all(np.isfinite(res.cv_results["mean_test_score"]))
+    fitted = head.fit(X[:10], y[:10], {"n_neighbors": 31})
+    assert fitted.estimator[-1].n_neighbors == 10
+    assert fitted.predict_proba(X).shape == (24, 2)
