@@ -1,0 +1,228 @@
+"""`featcache fit`: train classifier heads on cached features and store one run per config/search.
+
+Thin layer: the protocol lives in featcache.fit; this module parses flags, shows a progress bar over
+configs and prints a results table (or JSON). Values from data (params, tags, ids) are escaped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from featcache.errors import ConfigError
+
+EPILOG = (
+    "Examples:\n\n"
+    "featcache fit --data data/chest_xray --backbone mobilenet-0.75 --head logreg\n\n"
+    "featcache fit --data data/chest_xray --backbone vgg16,inceptionv3 --head svm --grid C=0.1,1,10\n\n"
+    "featcache fit --data data/chest_xray --backbone inceptionv3 --preset mao2018 --task 3class"
+)
+
+
+def _layers(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        sizes = tuple(int(s) for s in text.replace("-", ",").split(",") if s.strip())
+    except ValueError:
+        sizes = ()
+    if not sizes or any(s <= 0 for s in sizes):
+        raise ConfigError(f"--layers expects positive sizes like 1024,512, got '{text}'.")
+    return sizes
+
+
+def fmt(value: object) -> str:
+    """Compact form of a metric or param value for tables."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return "-".join(fmt(v) for v in value)
+    if isinstance(value, dict):
+        return ",".join(f"{k}:{fmt(v)}" for k, v in value.items())
+    return str(value)
+
+
+def params_text(params: dict) -> str:
+    return " ".join(f"{k}={fmt(v)}" for k, v in sorted(params.items()))
+
+
+def summary(run) -> dict:  # noqa: ANN001 - featcache.runs.Run
+    """One row of results: id, params, validation and test metrics at 0.5 and the chosen threshold."""
+    m = run.metrics()
+    val, test = m.get("val") or {}, m.get("test") or {}
+    metric = run.info.get("metric", "accuracy")
+    return {
+        "id": run.id,
+        "head": run.info.get("head"),
+        "task": run.info.get("task"),
+        "backbone": "+".join(b.get("name", "?") for b in run.info.get("backbones", [])),
+        "params": run.info.get("params", {}),
+        "metric": metric,
+        "val": val.get(metric),
+        "test": test.get(metric) if test else None,
+        "test_ci": (test.get("ci") or {}).get(metric) if test else None,
+        "cv_best_score": m.get("cv_best_score"),
+        "threshold": (run.info.get("threshold") or {}).get("chosen"),
+        "test_at_threshold": ((test.get("at_threshold") or {}).get(metric)) if test else None,
+        "path": str(run.path),
+    }
+
+
+def register(app: typer.Typer) -> None:
+    """Add `featcache fit` to the root app."""
+
+    @app.command("fit", epilog=EPILOG)
+    def fit_cmd(
+        ctx: typer.Context,
+        data: Path = typer.Option(
+            ..., "--data", help="Dataset folder (Kermany layout, class folders) or CSV."
+        ),
+        backbone: str = typer.Option(None, "--backbone", help="Backbone name(s); several = feature fusion."),
+        head: str = typer.Option(None, "--head", help="logreg | mlp | svm | knn."),
+        layers: str = typer.Option(None, "--layers", help="mlp hidden layers, e.g. 1024,512."),
+        task: str = typer.Option(None, "--task", help="binary | 3class | folders (default binary)."),
+        grid: list[str] = typer.Option([], "--grid", help="KEY=V1,V2 (repeatable): replaces that key's "
+                                       "values in the head's default grid (or the preset / grid file)."),
+        grid_file: Path = typer.Option(None, "--grid-file", help="TOML file with [grid] or [[grid]] tables."),
+        preset: str = typer.Option(
+            None, "--preset", help="mao2018 | laban2021 | vazquez2021 | aucouturier2020."
+        ),
+        cv_folds: int = typer.Option(5, "--cv-folds", help="Grouped K-fold CV folds (logreg, svm, knn)."),
+        val_fraction: float = typer.Option(0.2, "--val-fraction", help="Grouped hold-out fraction (mlp)."),
+        refit: bool = typer.Option(
+            None,
+            "--refit/--no-refit",
+            help="Refit the chosen config on all training data (default: on for CV heads, off for mlp).",
+        ),
+        metric: str = typer.Option("accuracy", "--metric", help="accuracy | auc | macro_f1 (selection)."),
+        balance: str = typer.Option(None, "--balance", help="none | undersample | oversample."),
+        train_views: str = typer.Option("orig", "--train-views", help="Cached views used as training rows."),
+        tta: bool = typer.Option(False, "--tta", help="Average val/test probabilities over cached views."),
+        threshold: str = typer.Option(
+            "youden", "--threshold", help="youden | sensitivity:0.95 (on validation)."
+        ),
+        seed: int = typer.Option(0, "--seed", help="Seed of splits, resampling and training."),
+        tag: list[str] = typer.Option([], "--tag", help="Tag the runs (repeatable)."),
+        runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where runs are stored."),
+        cache_dir: Path = typer.Option(Path("cache"), "--cache-dir", help="Where feature caches are."),
+        pooling: str = typer.Option(
+            None, "--pooling", help="Pick the cache with this pooling (avg|max|flatten)."
+        ),
+        image_size: int = typer.Option(None, "--image-size", help="Pick the cache with this input size."),
+        as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    ) -> None:
+        """Train heads on cached features with patient-grouped selection; the test split is used once.
+
+        Example: featcache fit --data data/chest_xray --backbone mobilenet-0.75 --head mlp --layers 1024,512
+        """
+        from featcache.fit import FitOptions, fit
+
+        opts = FitOptions(
+            task=task,
+            grid_args=list(grid),
+            grid_file=grid_file,
+            preset=preset,
+            layers=_layers(layers),
+            cv_folds=cv_folds,
+            val_fraction=val_fraction,
+            refit=refit,
+            metric=metric,
+            balance=balance,
+            train_views=train_views,
+            tta=tta,
+            threshold=threshold,
+            seed=seed,
+            tags=list(tag),
+            runs_dir=runs_dir,
+            cache_dir=cache_dir,
+            pooling=pooling,
+            image_size=image_size,
+            command=_command(ctx),
+        )
+        console = Console(stderr=True)
+        if as_json:
+            result = fit(data, backbone or [], head, opts)
+        else:
+            with Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("{task.fields[msg]}"),
+                console=console,
+                transient=True,
+            ) as bar:
+                ids: dict[str, int] = {}
+
+                def on_event(ev) -> None:  # noqa: ANN001 - ProgressEvent
+                    if ev.phase not in ids:
+                        ids[ev.phase] = bar.add_task(ev.phase, total=ev.total, msg="")
+                    bar.update(ids[ev.phase], completed=ev.done, total=ev.total, msg=escape(ev.message[:60]))
+
+                result = fit(data, backbone or [], head, opts, progress=on_event)
+        rows = [summary(r) for r in result.runs]
+        if as_json:
+            typer.echo(
+                json.dumps(
+                    {
+                        "sweep_id": result.sweep_id,
+                        "n_configs": result.n_configs,
+                        "runs": rows,
+                        "skipped": result.skipped,
+                        "cleaned": result.cleaned,
+                    },
+                    indent=2,
+                    default=str,
+                )
+            )
+            return
+        out = Console()
+        if result.skipped:
+            out.print(
+                f"{len(result.skipped)} of {result.n_configs} config(s) already had a finished run "
+                f"in {escape(str(runs_dir))}; skipped them."
+            )
+        if not rows:
+            out.print("Nothing new to train.")
+            return
+        table = Table(title=f"fit sweep {escape(result.sweep_id)}")
+        metric_name = rows[0]["metric"]
+        for col in ("run", "params", f"val {metric_name}", f"test {metric_name}", "test 95% CI", "thr"):
+            table.add_column(col, overflow="fold")
+        for r in rows:
+            ci = r["test_ci"]
+            table.add_row(
+                escape(r["id"]),
+                escape(params_text(r["params"])),
+                fmt(r["val"]),
+                fmt(r["test"]),
+                f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "-",
+                fmt(r["threshold"]),
+            )
+        out.print(table)
+
+
+def _command(ctx: typer.Context) -> list[str]:
+    """The command line as parsed (works in-process too, where sys.argv is the caller's)."""
+    argv = ["featcache", "fit"]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if value is None or value == [] or value == param.default or not param.opts:
+            continue
+        flag = param.opts[0]
+        if isinstance(value, bool):
+            argv.append(flag if value else (param.secondary_opts[0] if param.secondary_opts else flag))
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                argv += [flag, str(v)]
+        else:
+            argv += [flag, str(value)]
+    return argv

@@ -1,0 +1,54 @@
+"""`featcache predict IMAGE... --run RUN_ID`: class probabilities and labels from a stored run.
+
+Thin layer over featcache.predict; image paths and labels are escaped before rich prints them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+
+def register(app: typer.Typer) -> None:
+    """Add `featcache predict` to the root app."""
+
+    @app.command("predict")
+    def predict_cmd(
+        images: list[Path] = typer.Argument(..., help="Image files to classify."),
+        run: str = typer.Option(..., "--run", help="Run id (see `featcache runs ls`)."),
+        runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where runs are stored."),
+        as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    ) -> None:
+        """Classify images with a trained run (its backbone settings, head and chosen threshold).
+
+        Example: featcache predict xray1.jpeg xray2.jpeg --run 20250101-120000-logreg-0123abcd --json
+        """
+        from featcache.predict import predict
+
+        out = predict(images, run, runs_dir)
+        if as_json:
+            typer.echo(json.dumps(out, indent=2))
+            return
+        thr = out["threshold"]
+        title = f"run {escape(out['run'])}" + (
+            f" (threshold {thr:.3f} on P({escape(out['classes'][1])}))" if thr is not None else ""
+        )
+        table = Table(title=title)
+        table.add_column("image", overflow="fold")
+        for c in out["classes"]:
+            table.add_column(f"P({escape(c)})", justify="right")
+        table.add_column("label")
+        table.add_column("features")
+        for p in out["predictions"]:
+            table.add_row(
+                escape(p["image"]),
+                *[f"{p['probabilities'][c]:.3f}" for c in out["classes"]],
+                f"[bold]{escape(p['label'])}[/]",
+                "cache" if p["from_cache"] else "backbone",
+            )
+        Console().print(table)

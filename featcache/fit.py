@@ -1,0 +1,888 @@
+"""Stage 2: train heads on cached features with an honest validation protocol and store each run.
+
+The protocol, and why:
+- Labels, splits and patients come from the dataset at fit time (the cache holds only features keyed
+  by image sha256), so one cache serves binary, 3-class or any other labelling.
+- The official test split is NEVER passed to model selection: its features are not even in the
+  matrices the search sees. Selection uses patient-grouped stratified K-fold CV (logreg/svm/knn) or a
+  patient-grouped hold-out fraction (mlp). The decision threshold is chosen on validation predictions
+  (out-of-fold for CV heads). Test metrics are computed once per run, after every choice is made.
+- Every choice and the exact index arrays (train / val / test / folds) are stored in the run, with
+  their digests, so anyone can check that the test split was not touched.
+- MLP grids store one run per config as soon as it finishes and skip configs whose config hash has a
+  done run: a sweep killed half-way resumes with only the unfinished configs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featcache.errors import CacheError, ConfigError, DataError
+from featcache.faults import crash_point
+from featcache.grids import expand, get_preset, load_grid_file, parse_grid_args, to_jsonable
+from featcache.metrics import bootstrap_ci, choose_threshold, classification_metrics, predict_labels
+from featcache.progress import ProgressFn, emit
+from featcache.runs import Run, RunWriter, clean_stale, config_hash, done_hashes, library_versions
+from featcache.splits import grouped_holdout, grouped_kfold, index_digest
+
+BALANCE_MODES = ("none", "undersample", "oversample")
+METRICS = ("accuracy", "auc", "macro_f1")
+POOL_SPLITS = (None, "train", "val")  # everything but the official test split
+
+
+@dataclass
+class FitOptions:
+    """Everything `featcache fit` can set besides data, backbones and head (defaults = the CLI's)."""
+
+    task: str | None = None  # None: the preset's task, else "binary"
+    grid_args: Sequence[str] = ()  # raw ``KEY=V1,V2`` strings, typed with the head schema
+    grid_file: Path | None = None
+    grid: dict | list | None = None  # an already-typed grid (library callers)
+    preset: str | None = None
+    layers: tuple[int, ...] | None = None  # mlp shortcut for --grid layers=...
+    cv_folds: int = 5
+    val_fraction: float = 0.2
+    refit: bool | None = None  # None: on for CV heads, off for mlp
+    metric: str = "accuracy"
+    balance: str | None = None  # None: the preset's, else "none"
+    train_views: Sequence[str] = ("orig",)
+    tta: bool = False
+    threshold: str = "youden"  # "youden" | "sensitivity:0.95"
+    seed: int = 0
+    tags: Sequence[str] = ()
+    runs_dir: Path = Path("runs")
+    cache_dir: Path = Path("cache")
+    pooling: str | None = None
+    image_size: int | None = None
+    manifest: Path | None = None
+    n_boot: int = 1000
+    command: list[str] | None = None  # argv recorded in run.json (default: sys.argv)
+
+
+@dataclass
+class FitResult:
+    """Runs written by this call, runs skipped because already done, and the sweep id."""
+
+    sweep_id: str
+    runs: list[Run] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # run ids of configs already done
+    n_configs: int = 0
+    cleaned: list[str] = field(default_factory=list)  # stale (killed) run folders removed
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class _Features:
+    """Per-view feature matrices aligned with dataset records (fusion = concatenation across caches)."""
+
+    views: dict[str, tuple[np.ndarray, np.ndarray]]  # view -> (available [n] bool, X [n, D])
+
+    def rows(self, rec_idx: np.ndarray, views: np.ndarray | Sequence[str]) -> np.ndarray:
+        """Feature rows for (record, view) pairs."""
+        rec_idx = np.asarray(rec_idx, dtype=np.int64)
+        views = np.asarray(views)
+        dim = next(iter(self.views.values()))[1].shape[1]
+        out = np.empty((len(rec_idx), dim), dtype=np.float32)
+        for v in np.unique(views):
+            sel = views == v
+            out[sel] = self.views[str(v)][1][rec_idx[sel]]
+        return out
+
+    def has(self, view: str, rec_idx: np.ndarray) -> np.ndarray:
+        if view not in self.views:
+            return np.zeros(len(rec_idx), dtype=bool)
+        return self.views[view][0][np.asarray(rec_idx, dtype=np.int64)]
+
+
+def _find_key(d: Any, key: str) -> Any:
+    """First value of ``key`` anywhere in a nested dict (cache configs nest the backbone description)."""
+    if isinstance(d, dict):
+        if key in d:
+            return d[key]
+        for v in d.values():
+            found = _find_key(v, key)
+            if found is not None:
+                return found
+    return None
+
+
+def _extract_cmd(data: Path, backbone: str, opts: FitOptions, views: Sequence[str] | None = None) -> str:
+    parts = ["featcache extract", f"--data {_q(data)}", f"--backbone {backbone}"]
+    if opts.pooling:
+        parts.append(f"--pooling {opts.pooling}")
+    if opts.image_size:
+        parts.append(f"--image-size {opts.image_size}")
+    if views:
+        parts.append(f"--views {','.join(views)}")
+    parts.append(f"--cache-dir {_q(opts.cache_dir)}")
+    return " ".join(parts)
+
+
+def _q(p: Any) -> str:
+    import shlex
+
+    return shlex.quote(os.fsdecode(p))
+
+
+def _pick_cache(data_root: Path, backbone: str, opts: FitOptions, keys: list[str]) -> Path:
+    """The cache file of ``backbone`` for this dataset; CacheError with the extract command if none."""
+    from featcache.cache import CacheReader, find_caches
+
+    settings = {k: v for k, v in (("pooling", opts.pooling), ("image_size", opts.image_size)) if v}
+    try:
+        found = find_caches(Path(opts.cache_dir), dataset_root=data_root, backbone=backbone, **settings)
+    except FileNotFoundError:
+        found = []
+    if not found:
+        raise CacheError(
+            f"no feature cache for backbone '{backbone}' of {data_root} in {opts.cache_dir}; "
+            f"run `{_extract_cmd(data_root, backbone, opts)}` first."
+        )
+    if len(found) == 1:
+        return Path(found[0])
+    best, best_n = None, -1  # several settings match: the one that covers the most images
+    for p in sorted(found):
+        with CacheReader(Path(p)) as r:
+            n = int(np.sum(r.has(keys, "orig")))
+        if n > best_n:
+            best, best_n = Path(p), n
+    return best  # type: ignore[return-value]
+
+
+def _load_features(
+    data_root: Path,
+    backbones: list[str],
+    keys: list[str],
+    needed: dict[str, np.ndarray],
+    optional_views: set[str],
+    opts: FitOptions,
+) -> tuple[_Features, list[dict]]:
+    """Read the views each record needs from every backbone's cache and concatenate them.
+
+    ``needed[view]`` marks records that must have that view (missing -> CacheError naming the count and
+    the extract command); ``optional_views`` are read where present (TTA, oversampling).
+    """
+    from featcache.cache import CacheReader
+
+    n = len(keys)
+    karr = np.asarray(keys)
+    parts: dict[str, list[np.ndarray]] = {}
+    avail: dict[str, np.ndarray] = {}
+    caches = []
+    for name in backbones:
+        path = _pick_cache(data_root, name, opts, keys)
+        with CacheReader(path) as reader:
+            cfg = reader.config
+            caches.append(
+                {
+                    "name": name,
+                    "path": str(Path(path).resolve()),
+                    "file": Path(path).name,
+                    "config_hash": getattr(reader, "config_hash", None) or _cache_hash(cfg),
+                    "n_rows": int(reader.n_rows),
+                    "feature_dim": int(reader.feature_dim),
+                    "weights_digest": _find_key(cfg, "weights_digest"),
+                    "views": list(reader.views),
+                    "config": cfg,
+                }
+            )
+            for view in sorted(set(needed) | optional_views):
+                ok = np.asarray(reader.has(keys, view), dtype=bool)
+                must = needed.get(view)
+                if must is not None and not ok[must].all():
+                    missing = int(np.sum(must & ~ok))
+                    vs = sorted(set(needed) | {"orig"}, key=lambda v: (v != "orig", v))
+                    cmd = _extract_cmd(data_root, name, opts, vs if view != "orig" else None)
+                    raise CacheError(
+                        f"{missing} of {int(must.sum())} images have no '{view}' features in cache "
+                        f"{path.name}; run `{cmd}` to add them."
+                    )
+                avail[view] = ok if view not in avail else (avail[view] & ok)
+                X = np.zeros((n, reader.feature_dim), dtype=np.float32)
+                if ok.any():
+                    uniq, inv = np.unique(karr[ok], return_inverse=True)
+                    X[ok] = np.asarray(reader.get(list(uniq), view), dtype=np.float32)[inv]
+                parts.setdefault(view, []).append(X)
+    views = {v: (avail[v], np.concatenate(parts[v], axis=1)) for v in parts if avail[v].any()}
+    return _Features(views), caches
+
+
+def _cache_hash(cfg: dict) -> str | None:
+    try:
+        from featcache.cache import config_hash as cache_config_hash
+
+        return cache_config_hash(cfg)
+    except Exception:  # pragma: no cover - older cache module
+        return None
+
+
+def _hash_records(records: Sequence[Any], progress: ProgressFn | None) -> list[str]:
+    from featcache.hashing import sha256_many
+
+    keys: list[str] = []
+    total = len(records)
+    emit(progress, "hash", 0, total, "hashing image files")
+    for i, (path, digest) in enumerate(sha256_many([r.path for r in records]), 1):
+        if isinstance(digest, OSError):
+            raise DataError(
+                f"cannot read {os.fsdecode(path)} ({digest.strerror}); fix its permissions or remove it."
+            )
+        keys.append(digest)
+        if i % 256 == 0 or i == total:
+            emit(progress, "hash", i, total)
+    return keys
+
+
+# ----------------------------------------------------------------------------------------- configs
+
+
+def _parse_threshold(spec: str) -> tuple[str, float | None]:
+    s = spec.strip().lower()
+    if s == "youden":
+        return "youden", None
+    if s.startswith("sensitivity:"):
+        try:
+            target = float(s.split(":", 1)[1])
+        except ValueError:
+            target = -1.0
+        if 0.0 < target <= 1.0:
+            return "sensitivity", target
+    raise ConfigError(f"--threshold must be 'youden' or 'sensitivity:T' with 0 < T <= 1, got '{spec}'.")
+
+
+def _base_grid(head_obj: Any, opts: FitOptions, preset: Any) -> list[dict]:
+    """Sub-grids (dicts of value lists) before --grid / --layers overrides."""
+    schema = head_obj.schema
+    if opts.grid is not None:
+        return [opts.grid] if isinstance(opts.grid, dict) else list(opts.grid)
+    if opts.grid_file is not None:
+        return load_grid_file(opts.grid_file, schema)
+    if preset is not None:
+        return [{k: [v] for k, v in cfg.items()} for cfg in preset.configs]
+    return [dict(head_obj.default_grid)]
+
+
+def build_configs(head_obj: Any, opts: FitOptions, preset: Any = None) -> list[dict]:
+    """The expanded list of configs: base grid (preset / file / head default) with --grid and --layers
+    replacing the values of the keys they name."""
+    schema = head_obj.schema
+    overrides = parse_grid_args(list(opts.grid_args), schema) if opts.grid_args else {}
+    if opts.layers is not None:
+        if "layers" not in schema:
+            raise ConfigError(f"--layers applies to the mlp head only, not '{head_obj.name}'.")
+        overrides["layers"] = [tuple(opts.layers)]
+    grids = [{**g, **overrides} for g in _base_grid(head_obj, opts, preset)]
+    configs = expand(grids)
+    if not configs:
+        raise ConfigError("the grid expands to no configuration; give at least one value per key.")
+    return configs
+
+
+# ----------------------------------------------------------------------------------------- balance
+
+
+def _balance_rows(
+    rec: np.ndarray,
+    view: np.ndarray,
+    y: np.ndarray,
+    mode: str,
+    rng: np.random.Generator,
+    extra: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Training rows (record, view, label) after undersampling / oversampling.
+
+    undersample: every class cut to the smallest class (paper 000). oversample: minority classes
+    topped up with cached augmentation views of their own images (``extra`` candidates), never with
+    exact copies; they stop when the candidates run out.
+    """
+    if mode == "none":
+        return rec, view, y
+    classes, counts = np.unique(y, return_counts=True)
+    if mode == "undersample":
+        keep = np.concatenate(
+            [np.sort(rng.choice(np.flatnonzero(y == c), counts.min(), replace=False)) for c in classes]
+        )
+        keep.sort()
+        return rec[keep], view[keep], y[keep]
+    target = counts.max()
+    add = []
+    if extra is not None:
+        erec, eview, ey = extra
+        for c, n in zip(classes, counts, strict=True):
+            cand = np.flatnonzero(ey == c)
+            if n < target and len(cand):
+                add.append(np.sort(rng.permutation(cand)[: target - n]))
+    if not add:
+        return rec, view, y
+    sel = np.concatenate(add)
+    erec, eview, ey = extra  # type: ignore[misc]
+    return (
+        np.concatenate([rec, erec[sel]]),
+        np.concatenate([view, eview[sel]]),
+        np.concatenate([y, ey[sel]]),
+    )
+
+
+# ----------------------------------------------------------------------------------------- the fit
+
+
+class _Ctx:
+    """State shared by the CV and MLP paths of one `fit` call."""
+
+    def __init__(self, **kw: Any) -> None:
+        self.__dict__.update(kw)
+
+    # rows of the selection-training pool -------------------------------------------------------
+    def train_rows(
+        self, rec_idx: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(record, view, y) training rows for these record indices: train views, then balance."""
+        recs, views = [], []
+        for v in self.train_views:
+            ok = self.feats.has(v, rec_idx)
+            recs.append(rec_idx[ok])
+            views.append(np.full(int(ok.sum()), v, dtype=object))
+        rec = np.concatenate(recs)
+        view = np.concatenate(views).astype(str)
+        y = self.y[rec]
+        extra = None
+        if self.balance == "oversample":
+            er, ev = [], []
+            for v in self.aug_views:
+                ok = self.feats.has(v, rec_idx)
+                er.append(rec_idx[ok])
+                ev.append(np.full(int(ok.sum()), v, dtype=object))
+            if er:
+                erc = np.concatenate(er)
+                extra = (erc, np.concatenate(ev).astype(str), self.y[erc])
+        return _balance_rows(rec, view, y, self.balance, rng, extra)
+
+    def proba(self, model: Any, rec_idx: np.ndarray) -> np.ndarray:
+        """Class probabilities of these records; with TTA the mean over every cached view present."""
+        rec_idx = np.asarray(rec_idx, dtype=np.int64)
+        total = np.asarray(
+            model.predict_proba(self.feats.rows(rec_idx, ["orig"] * len(rec_idx))), dtype=np.float64
+        )
+        if not self.tta or len(rec_idx) == 0:
+            return total
+        count = np.ones(len(rec_idx))
+        for v in self.tta_views:
+            ok = self.feats.has(v, rec_idx)
+            if ok.any():
+                total[ok] += model.predict_proba(self.feats.rows(rec_idx[ok], [v] * int(ok.sum())))
+                count[ok] += 1
+        return total / count[:, None]
+
+
+def fit(
+    data: str | Path,
+    backbones: str | Sequence[str],
+    head: str | None,
+    options: FitOptions | None = None,
+    progress: ProgressFn | None = None,
+) -> FitResult:
+    """Join cached features with labels/splits/patients, select, evaluate on test once, store runs."""
+    from featcache.datasets import discover, task_labels
+    from featcache.heads import get_head
+
+    opts = options or FitOptions()
+    preset = get_preset(opts.preset) if opts.preset else None
+    if preset is not None:
+        if head and head != preset.head:
+            raise ConfigError(
+                f"preset '{preset.name}' uses the {preset.head} head, not '{head}'; drop --head."
+            )
+        head = preset.head
+        opts.balance = opts.balance or preset.options.get("balance")
+        opts.pooling = opts.pooling or preset.options.get("pooling")
+        opts.image_size = opts.image_size or preset.options.get("image_size")
+        if not backbones:
+            backbones = [preset.options["backbone"]]
+    if not head:
+        raise ConfigError("choose a head with --head (logreg, mlp, svm or knn) or a --preset.")
+    task = opts.task or (preset.task if preset and preset.task else "binary")
+    balance = opts.balance or "none"
+    if balance not in BALANCE_MODES:
+        raise ConfigError(f"--balance must be one of {', '.join(BALANCE_MODES)}, got '{balance}'.")
+    if opts.metric not in METRICS:
+        raise ConfigError(f"--metric must be one of {', '.join(METRICS)}, got '{opts.metric}'.")
+    thr_method, thr_target = _parse_threshold(opts.threshold)
+    names = [
+        b.strip() for b in (backbones.split(",") if isinstance(backbones, str) else backbones) if b.strip()
+    ]
+    if not names:
+        raise ConfigError("choose at least one backbone with --backbone (e.g. vgg16 or vgg16,inceptionv3).")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--backbone lists a backbone twice ({','.join(names)}); name each once.")
+    train_views = _views(opts.train_views)
+    head_obj = get_head(head)
+    configs = build_configs(head_obj, opts, preset)
+
+    dataset = discover(data, opts.manifest)
+    records = dataset.records
+    y, classes = task_labels(records, task)
+    split = np.array([r.split if r.split is not None else "" for r in records], dtype=object)
+    pool = np.flatnonzero(np.isin(split, ["", "train", "val"]))
+    test = np.flatnonzero(split == "test")
+    if len(pool) == 0:
+        raise DataError(f"{dataset.root} has no training images (only a test split); add a train split.")
+    if len(np.unique(y[pool])) < len(classes):
+        raise DataError(
+            f"the training images of {dataset.root} lack some of the classes {', '.join(classes)}; "
+            "every class needs training images."
+        )
+    groups = np.array([r.group for r in records], dtype=object)
+    keys = _hash_records(records, progress)
+
+    # which views must / may be read
+    needed = {"orig": np.ones(len(records), dtype=bool)}
+    in_pool = np.zeros(len(records), dtype=bool)
+    in_pool[pool] = True
+    for v in train_views:
+        if v != "orig":
+            needed[v] = in_pool
+    optional: set[str] = set()
+    if opts.tta or balance == "oversample":
+        optional |= _all_cache_views(dataset.root, names, opts, keys)
+    feats, caches = _load_features(dataset.root, names, keys, needed, optional - set(needed), opts)
+    aug_views = sorted(v for v in feats.views if v != "orig" and v not in train_views)
+    if balance == "oversample" and not aug_views:
+        raise ConfigError(
+            "--balance oversample needs augmentation views in the cache beyond the training views; "
+            f"run `{_extract_cmd(dataset.root, names[0], opts, ['orig', 'hflip', 'rot+20'])}`."
+        )
+    tta_views = sorted(v for v in feats.views if v != "orig") if opts.tta else []
+
+    selection = head_obj.selection
+    refit = opts.refit if opts.refit is not None else (selection == "cv")
+    common = {
+        "head": head_obj.name,
+        "task": task,
+        "classes": classes,
+        "backbones": [c["config_hash"] or c["file"] for c in caches],
+        "dataset_root": os.fsdecode(dataset.root),
+        "selection": selection,
+        "cv_folds": opts.cv_folds if selection == "cv" else None,
+        "val_fraction": opts.val_fraction if selection != "cv" else None,
+        "seed": opts.seed,
+        "refit": refit,
+        "balance": balance,
+        "train_views": list(train_views),
+        "tta": opts.tta,
+        "threshold": opts.threshold,
+        "metric": opts.metric,
+        "manifest": os.fsdecode(opts.manifest or ""),
+    }
+    sweep_id = config_hash({"common": common, "configs": [to_jsonable(c) for c in configs]})[:12]
+    counts: dict[str, dict[str, int]] = {}
+    for i in range(len(records)):
+        s = split[i] or "all"
+        counts.setdefault(s, {}).setdefault(classes[y[i]], 0)
+        counts[s][classes[y[i]]] += 1
+    ctx = _Ctx(
+        opts=opts,
+        head_obj=head_obj,
+        task=task,
+        classes=classes,
+        records=records,
+        keys=keys,
+        y=y,
+        groups=groups,
+        pool=pool,
+        test=test,
+        feats=feats,
+        caches=caches,
+        train_views=train_views,
+        aug_views=aug_views,
+        tta=opts.tta,
+        tta_views=tta_views,
+        balance=balance,
+        refit=refit,
+        thr=(thr_method, thr_target),
+        common=common,
+        sweep_id=sweep_id,
+        progress=progress,
+        preset=preset,
+        dataset_info={
+            "root": os.fsdecode(dataset.root),
+            "layout": dataset.layout,
+            "counts": counts,
+            "n_images": len(records),
+            "n_patients": int(len(np.unique(groups))),
+        },
+        backbone_info=[
+            {
+                "name": c["name"],
+                "pooling": _find_key(c["config"], "pooling"),
+                "image_size": _find_key(c["config"], "image_size"),
+                "weights": _find_key(c["config"], "weights"),
+                "feature_dim": c["feature_dim"],
+            }
+            for c in caches
+        ],
+    )
+    result = FitResult(sweep_id=sweep_id, n_configs=len(configs))
+    if selection == "cv":
+        _fit_cv(ctx, configs, result)
+    else:
+        _fit_holdout(ctx, configs, result)
+    return result
+
+
+def _views(spec: Sequence[str] | str) -> list[str]:
+    """Canonical view names (through images.parse_views when available); 'orig' always first."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    try:
+        from featcache.images import parse_views
+
+        names = [v.name for v in parse_views(items)]
+    except ImportError:  # pragma: no cover - images module not present
+        names = [s.strip() for s in items if s.strip()]
+    out = ["orig"] + [v for v in dict.fromkeys(names) if v != "orig"]
+    return out
+
+
+def _all_cache_views(root: Path, names: list[str], opts: FitOptions, keys: list[str]) -> set[str]:
+    from featcache.cache import CacheReader
+
+    views: set[str] | None = None
+    for name in names:
+        with CacheReader(_pick_cache(root, name, opts, keys)) as r:
+            views = set(r.views) if views is None else views & set(r.views)
+    return views or set()
+
+
+def _scoring(metric: str, n_classes: int) -> str:
+    """scikit-learn scoring name for --metric."""
+    if metric == "auc":
+        return "roc_auc" if n_classes == 2 else "roc_auc_ovr"
+    return {"accuracy": "accuracy", "macro_f1": "f1_macro"}[metric]
+
+
+def _threshold_info(ctx: _Ctx, y_val: np.ndarray, p_val: np.ndarray) -> dict:
+    """Youden and chosen thresholds from validation predictions (binary); None for multi-class."""
+    method, target = ctx.thr
+    if len(ctx.classes) != 2:
+        return {"method": None, "youden": None, "chosen": None, "default": None}
+    youden = choose_threshold(y_val, p_val[:, 1], "youden")
+    chosen = youden if method == "youden" else choose_threshold(y_val, p_val[:, 1], "sensitivity", target)
+    return {
+        "method": method,
+        "target_sensitivity": target,
+        "youden": youden,
+        "chosen": chosen,
+        "default": 0.5,
+        "chosen_on": "validation (out-of-fold)" if ctx.head_obj.selection == "cv" else "validation hold-out",
+    }
+
+
+def _evaluate(ctx: _Ctx, y_true: np.ndarray, proba: np.ndarray, thr: float | None, ci: bool) -> dict:
+    m = classification_metrics(y_true, proba, ctx.classes)
+    if thr is not None:
+        m["at_threshold"] = classification_metrics(y_true, proba, ctx.classes, thr)
+    if ci and len(y_true):
+        m["ci"] = bootstrap_ci(y_true, proba, ctx.classes, None, n_boot=ctx.opts.n_boot, seed=ctx.opts.seed)
+        if thr is not None:
+            m["at_threshold"]["ci"] = bootstrap_ci(
+                y_true, proba, ctx.classes, thr, n_boot=ctx.opts.n_boot, seed=ctx.opts.seed
+            )
+    return m
+
+
+def _store_run(
+    ctx: _Ctx,
+    *,
+    params: Any,
+    chash: str,
+    model: Any,
+    selection: dict,
+    val_idx: np.ndarray,
+    p_val: np.ndarray,
+    indices: dict[str, np.ndarray],
+    extra_metrics: dict,
+    train_fit: tuple[np.ndarray, np.ndarray] | None,
+) -> Run:
+    """Write one complete run: status "running" first, then files, then status "done" last."""
+    y_val = ctx.y[val_idx]
+    thr = _threshold_info(ctx, y_val, p_val)
+    info = {
+        "sweep_id": ctx.sweep_id,
+        "head": ctx.head_obj.name,
+        "task": ctx.task,
+        "classes": ctx.classes,
+        "backbones": ctx.backbone_info,
+        "params": to_jsonable(params) if isinstance(params, dict) else params,
+        "config_hash": chash,
+        "seed": ctx.opts.seed,
+        "metric": ctx.opts.metric,
+        "selection": selection,
+        "balance": ctx.balance,
+        "train_views": ctx.train_views,
+        "tta": ctx.tta,
+        "tta_views": ctx.tta_views,
+        "dataset": ctx.dataset_info,
+        "caches": [{k: v for k, v in c.items()} for c in ctx.caches],
+        "versions": library_versions(),
+        "command": list(ctx.opts.command or sys.argv),
+        "tags": list(ctx.opts.tags),
+        "preset": ctx.preset.name if ctx.preset else None,
+        "threshold": thr,
+    }
+    writer = RunWriter(ctx.opts.runs_dir, info)
+    crash_point("fit.run_started")
+    chosen = thr["chosen"]
+    metrics: dict = {
+        "val": _evaluate(ctx, y_val, p_val, chosen, ci=False),
+        "test": None,
+        "cv_results": None,
+        "history": None,
+        "train": None,
+        **extra_metrics,
+    }
+    if train_fit is not None:
+        Xr, yr = train_fit
+        ptr = np.asarray(model.predict_proba(Xr), dtype=np.float64)
+        tm = classification_metrics(yr, ptr, ctx.classes)
+        metrics["train"] = {k: tm[k] for k in ("n", "accuracy", "macro_f1", "log_loss", "auc")}
+    _write_preds(writer, ctx, "val", val_idx, p_val, chosen)
+    if len(ctx.test):  # the one and only look at the test split, after every choice above
+        p_test = ctx.proba(model, ctx.test)
+        metrics["test"] = _evaluate(ctx, ctx.y[ctx.test], p_test, chosen, ci=True)
+        _write_preds(writer, ctx, "test", ctx.test, p_test, chosen)
+    writer.write_metrics(metrics)
+    writer.write_indices(test=ctx.test, pool=ctx.pool, **indices)
+    writer.save_head(model)
+    crash_point("fit.before_run_done")
+    run = writer.finish()
+    crash_point("fit.after_run_saved")
+    return run
+
+
+def _write_preds(
+    writer: RunWriter, ctx: _Ctx, name: str, idx: np.ndarray, proba: np.ndarray, thr: float | None
+) -> None:
+    writer.write_predictions(
+        name,
+        [ctx.records[i].relpath for i in idx],
+        [ctx.keys[i] for i in idx],
+        ctx.y[idx],
+        proba,
+        predict_labels(proba, thr),
+        ctx.classes,
+    )
+
+
+def _selection_record(
+    ctx: _Ctx, method: str, train_idx: np.ndarray, val_idx: np.ndarray, **extra: Any
+) -> dict:
+    return {
+        "method": method,
+        "group_by": "patient",
+        "stratified": True,
+        "seed": ctx.opts.seed,
+        "refit": ctx.refit,
+        "metric": ctx.opts.metric,
+        "n_train_images": int(len(train_idx)),
+        "n_val_images": int(len(val_idx)),
+        "n_test_images": int(len(ctx.test)),
+        "train_indices_digest": index_digest(train_idx),
+        "val_indices_digest": index_digest(val_idx),
+        "test_indices_digest": index_digest(ctx.test),
+        "test_used_for_selection": False,
+        **extra,
+    }
+
+
+def _fit_cv(ctx: _Ctx, configs: list[dict], result: FitResult) -> None:
+    """One run for the whole search: grouped K-fold CV, out-of-fold threshold, refit, test once."""
+    opts = ctx.opts
+    chash = config_hash({**ctx.common, "configs": [to_jsonable(c) for c in configs]})
+    done = done_hashes(opts.runs_dir)
+    result.cleaned = clean_stale(opts.runs_dir, {chash})
+    if chash in done:
+        result.skipped.append(done[chash])
+        emit(ctx.progress, "fit", 1, 1, f"already done: {done[chash]}")
+        return
+    pool = ctx.pool
+    folds_pos = grouped_kfold(ctx.y[pool], ctx.groups[pool], n_splits=opts.cv_folds, seed=opts.seed)
+    rng = np.random.default_rng(opts.seed)
+    # one row matrix for the search; folds index into it (training rows: train views + balance)
+    all_rec, all_view, all_y, fold_rows = [], [], [], []
+    offset = 0
+    for tr_pos, va_pos in folds_pos:
+        r, v, yy = ctx.train_rows(pool[tr_pos], rng)
+        va = pool[va_pos]
+        all_rec += [r, va]
+        all_view += [v, np.full(len(va), "orig")]
+        all_y += [yy, ctx.y[va]]
+        fold_rows.append(
+            (np.arange(offset, offset + len(r)), np.arange(offset + len(r), offset + len(r) + len(va)))
+        )
+        offset += len(r) + len(va)
+    rec_rows = np.concatenate(all_rec)
+    X = ctx.feats.rows(rec_rows, np.concatenate(all_view))
+    yrows = np.concatenate(all_y)
+    emit(
+        ctx.progress,
+        "fit",
+        0,
+        1,
+        f"{ctx.head_obj.name}: searching {len(configs)} configs x {opts.cv_folds} folds",
+    )
+    search = ctx.head_obj.search(
+        X,
+        yrows,
+        fold_rows,
+        configs,
+        scoring=_scoring(opts.metric, len(ctx.classes)),
+        seed=opts.seed,
+        progress=ctx.progress,
+    )
+    best = (
+        dict(configs[search.best_index])
+        if 0 <= search.best_index < len(configs)
+        else dict(search.best_params)
+    )
+    # out-of-fold predictions of the chosen config: the validation predictions (threshold, val metrics)
+    oof = np.zeros((len(pool), len(ctx.classes)))
+    fold_models = []
+    for (tr_rows, _), (_, va_pos) in zip(fold_rows, folds_pos, strict=True):
+        m = ctx.head_obj.fit(X[tr_rows], yrows[tr_rows], best, seed=opts.seed)
+        fold_models.append(m)
+        oof[va_pos] = ctx.proba(m, pool[va_pos])
+    if ctx.refit:
+        r, v, yy = ctx.train_rows(pool, np.random.default_rng(opts.seed + 1))
+        Xf = ctx.feats.rows(r, v)
+        model = ctx.head_obj.fit(Xf, yy, best, seed=opts.seed)
+        train_fit = (Xf, yy)
+        final_train = np.unique(r)
+    else:  # the first fold's model stands as the final head (trained on (K-1)/K of the pool)
+        model = fold_models[0]
+        tr_rows = fold_rows[0][0]
+        train_fit = (X[tr_rows], yrows[tr_rows])
+        final_train = np.unique(rec_rows[tr_rows])
+    indices = {"train": final_train, "val": pool}
+    for i, (tr_pos, va_pos) in enumerate(folds_pos):
+        indices[f"fold{i}_train"] = pool[tr_pos]
+        indices[f"fold{i}_val"] = pool[va_pos]
+    selection = _selection_record(
+        ctx,
+        "grouped_kfold",
+        final_train,
+        pool,
+        folds=opts.cv_folds,
+        best_index=int(search.best_index),
+        best_score=float(search.best_score),
+        scoring=_scoring(opts.metric, len(ctx.classes)),
+        n_configs=len(configs),
+        validation="out-of-fold predictions of the chosen config",
+        fold_digests=[[index_digest(pool[t]), index_digest(pool[v])] for t, v in folds_pos],
+    )
+    run = _store_run(
+        ctx,
+        params=best,
+        chash=chash,
+        model=model,
+        selection=selection,
+        val_idx=pool,
+        p_val=oof,
+        indices=indices,
+        extra_metrics={
+            "cv_results": search.cv_results,
+            "cv_best_score": float(search.best_score),
+            "grid": [to_jsonable(c) for c in configs],
+        },
+        train_fit=train_fit,
+    )
+    result.runs.append(run)
+    emit(ctx.progress, "fit", 1, 1, f"{run.id} done")
+
+
+def _fit_holdout(ctx: _Ctx, configs: list[dict], result: FitResult) -> None:
+    """One run per config on a grouped hold-out; resumable (configs with a done run are skipped)."""
+    opts = ctx.opts
+    pool = ctx.pool
+    hashes = [config_hash({**ctx.common, "params": to_jsonable(c)}) for c in configs]
+    result.cleaned = clean_stale(opts.runs_dir, set(hashes))
+    done = done_hashes(opts.runs_dir)
+    todo = [i for i, h in enumerate(hashes) if h not in done]
+    result.skipped = [done[h] for h in hashes if h in done]
+    total = len(configs)
+    emit(
+        ctx.progress,
+        "fit",
+        total - len(todo),
+        total,
+        f"{len(result.skipped)} config(s) already done" if result.skipped else "training",
+    )
+    if not todo:
+        return
+    tr_pos, va_pos = grouped_holdout(
+        ctx.y[pool], ctx.groups[pool], fraction=opts.val_fraction, seed=opts.seed
+    )
+    tr_idx, va_idx = pool[tr_pos], pool[va_pos]
+    r, v, yy = ctx.train_rows(tr_idx, np.random.default_rng(opts.seed))
+    Xtr = ctx.feats.rows(r, v)
+    Xva = ctx.feats.rows(va_idx, ["orig"] * len(va_idx))
+    yva = ctx.y[va_idx]
+    selection = _selection_record(
+        ctx,
+        "grouped_holdout",
+        np.unique(r),
+        va_idx,
+        fraction=opts.val_fraction,
+        achieved_fraction=round(len(va_idx) / len(pool), 4),
+        n_train_rows=int(len(r)),
+    )
+    indices = {"train": np.unique(r), "val": va_idx}
+    finished = [0]
+
+    def on_result(i: int, model: Any, history: dict) -> None:
+        ci = todo[i]
+        final = model
+        sel = selection
+        if ctx.refit:  # retrain the chosen config on all pool images (hold-out only monitors)
+            rr, vv, yr = ctx.train_rows(pool, np.random.default_rng(opts.seed + 1))
+            final, _ = ctx.head_obj.train(ctx.feats.rows(rr, vv), yr, Xva, yva, configs[ci], seed=opts.seed)
+            sel = {**selection, "refit_train_indices_digest": index_digest(np.unique(rr))}
+        p_val = ctx.proba(model, va_idx)
+        run = _store_run(
+            ctx,
+            params=configs[ci],
+            chash=hashes[ci],
+            model=final,
+            selection=sel,
+            val_idx=va_idx,
+            p_val=p_val,
+            indices=indices,
+            extra_metrics={"history": _jsonable_history(history)},
+            train_fit=(Xtr, yy),
+        )
+        result.runs.append(run)
+        finished[0] += 1
+        emit(ctx.progress, "fit", total - len(todo) + finished[0], total, f"{run.id} done")
+
+    todo_cfgs = [configs[i] for i in todo]
+    if hasattr(ctx.head_obj, "train_many"):
+        ctx.head_obj.train_many(
+            Xtr, yy, Xva, yva, todo_cfgs, seed=opts.seed, progress=ctx.progress, on_result=on_result
+        )
+    else:  # pragma: no cover - a head without batched training
+        for i, cfg in enumerate(todo_cfgs):
+            model, hist = ctx.head_obj.train(Xtr, yy, Xva, yva, cfg, seed=opts.seed, progress=ctx.progress)
+            on_result(i, model, hist)
+
+
+def _jsonable_history(history: dict | None) -> dict | None:
+    if not history:
+        return None
+    return {k: [float(x) for x in v] for k, v in history.items() if isinstance(v, (list, tuple, np.ndarray))}

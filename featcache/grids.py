@@ -1,0 +1,284 @@
+"""Hyper-parameter grids: CLI ``--grid KEY=V1,V2``, TOML grid files, expansion and paper presets.
+
+Values are typed by the head's ``schema`` (param -> "float" | "int" | "str" | "bool" | "layers" |
+"class_weight", a trailing "?" allows None, "a|b" tries each type in order) so a typo such as
+``C=abc`` or an unknown key fails at parse time with one sentence instead of deep inside training.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from featcache.errors import ConfigError
+
+_NONE = {"none", "null"}
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _coerce_one(key: str, raw: Any, typ: str) -> Any:
+    """Coerce one value (a CLI string or a TOML value) to ``typ``; ValueError when impossible."""
+    if typ == "float":
+        if isinstance(raw, bool):
+            raise ValueError
+        return float(raw)
+    if typ == "int":
+        if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+            raise ValueError
+        if isinstance(raw, str):
+            return int(raw.strip())
+        return int(raw)
+    if typ == "bool":
+        if isinstance(raw, bool):
+            return raw
+        s = str(raw).strip().lower()
+        if s in _TRUE:
+            return True
+        if s in _FALSE:
+            return False
+        raise ValueError
+    if typ == "str":
+        if not isinstance(raw, str) or not raw.strip():
+            raise ValueError
+        return raw.strip()
+    if typ == "layers":
+        return parse_layers(raw)
+    if typ == "class_weight":
+        return parse_class_weight(raw)
+    raise ValueError(f"unknown schema type {typ!r} for {key}")
+
+
+def parse_layers(raw: Any) -> tuple[int, ...]:
+    """``"1024-512"`` / ``"1024,512"`` / ``[1024, 512]`` -> (1024, 512); every size a positive int."""
+    if isinstance(raw, str):
+        parts = [p for p in raw.replace(",", "-").replace(" ", "").split("-") if p != ""]
+        sizes = tuple(int(p) for p in parts)
+    elif isinstance(raw, (list, tuple)):
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in raw):
+            raise ValueError
+        sizes = tuple(int(v) for v in raw)
+    elif isinstance(raw, int) and not isinstance(raw, bool):
+        sizes = (raw,)
+    else:
+        raise ValueError
+    if not sizes or any(s <= 0 for s in sizes):
+        raise ValueError
+    return sizes
+
+
+def parse_class_weight(raw: Any) -> str | dict[int, float]:
+    """``"balanced"`` or ``"1:3"`` (weights of class 0, 1, ... in order) or ``{"0": 1, "1": 3}``."""
+    if isinstance(raw, dict):
+        out = {int(k): float(v) for k, v in raw.items()}
+    elif isinstance(raw, str):
+        s = raw.strip().lower()
+        if s == "balanced":
+            return "balanced"
+        out = {i: float(v) for i, v in enumerate(s.split(":"))}
+        if len(out) < 2:
+            raise ValueError
+    else:
+        raise ValueError
+    if any(v <= 0 for v in out.values()):
+        raise ValueError
+    return out
+
+
+def coerce(key: str, raw: Any, typ: str) -> Any:
+    """Coerce ``raw`` to the schema type ``typ`` or raise ConfigError naming the key."""
+    optional = typ.endswith("?")
+    base = typ.rstrip("?")
+    if raw is None or (isinstance(raw, str) and raw.strip().lower() in _NONE):
+        if optional or base == "class_weight":
+            return None
+        raise ConfigError(f"grid parameter '{key}' does not accept None; give a {base} value.")
+    for alt in base.split("|"):
+        try:
+            return _coerce_one(key, raw, alt)
+        except (ValueError, TypeError):
+            continue
+    raise ConfigError(f"grid value {raw!r} for '{key}' is not a valid {base.replace('|', ' or ')}.")
+
+
+def _check_key(key: str, schema: dict) -> str:
+    if key not in schema:
+        raise ConfigError(f"unknown grid parameter '{key}'; valid ones are: {', '.join(sorted(schema))}.")
+    return schema[key]
+
+
+def _split_values(text: str, typ: str) -> list[str]:
+    """Split ``V1,V2``; a class_weight ``{...}`` JSON value is taken whole."""
+    text = text.strip()
+    if text.startswith("[") and text.endswith("]"):  # JSON list, e.g. '["balanced", {"0": 1, "1": 3}]'
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError:
+            values = None
+        if isinstance(values, list):
+            return values
+    return [v for v in (s.strip() for s in text.split(",")) if v != ""]
+
+
+def parse_grid_args(items: list[str], schema: dict) -> dict[str, list]:
+    """``["C=0.1,1", "class_weight=none,balanced,1:3"]`` -> {"C": [0.1, 1.0], "class_weight": [...]}.
+
+    Repeating a key adds values (order kept, duplicates dropped). Unknown keys or values of the wrong
+    type raise ConfigError naming the key and the valid keys.
+    """
+    grid: dict[str, list] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--grid expects KEY=V1,V2 (for example C=0.1,1,10), got {item!r}.")
+        typ = _check_key(key, schema)
+        raw_values = _split_values(values, typ)
+        if not raw_values:
+            raise ConfigError(f"--grid {key}= has no values; write for example {key}=V1,V2.")
+        bucket = grid.setdefault(key, [])
+        for raw in raw_values:
+            v = coerce(key, raw, typ)
+            if v not in bucket:
+                bucket.append(v)
+    return grid
+
+
+def _typed_grid(raw: dict, schema: dict | None, where: str) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for key, values in raw.items():
+        if not isinstance(values, list) or (schema and schema.get(key, "").rstrip("?") == "layers"
+                                            and values and isinstance(values[0], int)):
+            values = [values]  # a scalar, or a single layers list such as [1024, 512]
+        if schema is not None:
+            typ = _check_key(key, schema)
+            values = [coerce(key, v, typ) for v in values]
+        out[key] = values
+    if not out:
+        raise ConfigError(f"{where} has an empty grid; give at least one KEY = [values].")
+    return out
+
+
+def load_grid_file(path: str | Path, schema: dict | None = None) -> list[dict[str, list]]:
+    """Read a TOML grid file: ``[grid]`` with KEY = [values], or several ``[[grid]]`` tables (their
+    union). Values are checked against ``schema`` when given."""
+    import tomllib
+
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"grid file {p} does not exist; check the --grid-file path.") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"grid file {p} is not valid TOML ({exc}); fix its syntax.") from None
+    grids = data.get("grid")
+    if isinstance(grids, dict):
+        grids = [grids]
+    if not isinstance(grids, list) or not grids or not all(isinstance(g, dict) for g in grids):
+        raise ConfigError(f"grid file {p} needs a [grid] table or [[grid]] tables of KEY = [values].")
+    return [_typed_grid(g, schema, f"grid file {p}") for g in grids]
+
+
+def _freeze(v: Any) -> Any:
+    if isinstance(v, dict):
+        return tuple(sorted((str(k), _freeze(x)) for k, x in v.items()))
+    if isinstance(v, (list, tuple)):
+        return tuple(_freeze(x) for x in v)
+    return v
+
+
+def expand(grid: dict[str, list] | Sequence[dict[str, list]]) -> list[dict]:
+    """Cartesian product of every sub-grid, in a deterministic order; duplicate configs dropped."""
+    grids = [grid] if isinstance(grid, dict) else list(grid)
+    seen: set = set()
+    out: list[dict] = []
+    for g in grids:
+        keys = list(g)
+        for combo in itertools.product(*(g[k] for k in keys)):
+            cfg = dict(zip(keys, combo, strict=True))
+            fz = _freeze(cfg)
+            if fz not in seen:
+                seen.add(fz)
+                out.append(cfg)
+    return out
+
+
+def to_jsonable(params: dict) -> dict:
+    """Params with tuples as lists and dict keys as strings (for run.json and config hashes)."""
+    def conv(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {str(k): conv(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        return v
+    return {k: conv(v) for k, v in params.items()}
+
+
+# --- presets ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Preset:
+    """A paper's setup: head, configs and the fit options it implies (backbone, balance, ...)."""
+
+    name: str
+    head: str
+    task: str | None            # None: use --task (the paper ran binary and 3-class)
+    description: str
+    configs: list[dict] = field(default_factory=list)
+    options: dict = field(default_factory=dict)
+
+
+_MAO_LAYERS = [(1024, 512), (1024, 512, 256, 128, 64), (1024, 512, 256, 128, 64, 32, 16, 8)]
+_MAO_BEL = [(64, 50, 0.01), (32, 50, 0.01), (64, 50, 0.1), (64, 50, 0.001), (64, 50, 0.0001),
+            (64, 100, 0.01), (64, 200, 0.01), (1000, 200, 0.01), (1000, 200, 0.001), (1000, 400, 0.01),
+            (1000, 400, 0.001)]
+
+PRESETS: dict[str, Preset] = {
+    "mao2018": Preset(
+        name="mao2018", head="mlp", task=None,
+        description="Mao & Kim (paper 000): InceptionV3 GAP features, dense heads of 3/6/9 layers, Adam, "
+                    "33 (batch, epochs, lr) configs, undersampling to balance; binary or 3class.",
+        configs=[{"layers": layers, "batch_size": b, "epochs": e, "lr": lr, "optimizer": "adam"}
+                 for layers in _MAO_LAYERS for (b, e, lr) in _MAO_BEL],
+        options={"backbone": "inceptionv3", "pooling": "avg", "image_size": 300, "balance": "undersample",
+                 "tasks": ["binary", "3class"]},
+    ),
+    "laban2021": Preset(
+        name="laban2021", head="logreg", task="binary",
+        description="Laban et al. (paper 003): VGG16 features to the last pool (7x7x512 flatten) and "
+                    "LogisticRegression tuned with GridSearchCV, class weights 1:3.",
+        configs=expand({"C": [0.001, 0.01, 0.1, 1.0, 10.0], "class_weight": [{0: 1.0, 1: 3.0}]}),
+        options={"backbone": "vgg16", "pooling": "flatten", "image_size": 224, "balance": "none"},
+    ),
+    "vazquez2021": Preset(
+        name="vazquez2021", head="mlp", task="3class",
+        description="Vazquez (paper 002): ResNet50 2048-d features, dense head with dropout 0.2, sigmoid "
+                    "hidden layers, softmax output, SGD lr 1e-3, 60 epochs, best-validation checkpoint.",
+        configs=[{"layers": (1024, 512), "dropout": 0.2, "activation": "sigmoid",
+                  "output_activation": "softmax", "optimizer": "sgd", "lr": 0.001, "epochs": 60,
+                  "batch_size": 32, "checkpoint": True}],
+        options={"backbone": "resnet50", "pooling": "avg", "image_size": 224, "balance": "oversample",
+                 "tasks": ["binary", "3class"]},
+    ),
+    "aucouturier2020": Preset(
+        name="aucouturier2020", head="mlp", task="3class",
+        description="Aucouturier & Baloche (paper 004): frozen InceptionV3 flatten at 224 px, dense 256 -> "
+                    "128 with dropout, Adam lr 1e-4 with decay 1e-5, batch 64, early stopping.",
+        configs=[{"layers": (256, 128), "dropout": 0.5, "activation": "relu", "optimizer": "adam",
+                  "lr": 0.0001, "lr_decay": 1e-5, "batch_size": 64, "epochs": 100, "patience": 3,
+                  "checkpoint": True}],
+        options={"backbone": "inceptionv3", "pooling": "flatten", "image_size": 224, "balance": "none",
+                 "tasks": ["binary", "3class"]},
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called ``name`` or ConfigError listing the valid names."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset '{name}'; choose one of: {', '.join(sorted(PRESETS))}.") from None

@@ -1,0 +1,340 @@
+"""The run store: one folder per trained head, complete only when run.json says "done".
+
+Layout (``--runs-dir``, default ``./runs``)::
+
+    <run_id>/run.json              config, choices, cache digests, versions, command, artifacts + sha256
+    <run_id>/metrics.json          {"val", "test", "cv_results", "history", "train"}
+    <run_id>/predictions_val.csv   relpath,key,y_true,p_<class>...,y_pred
+    <run_id>/predictions_test.csv
+    <run_id>/indices.npz           the exact train / val / test record indices used (and CV folds)
+    <run_id>/model/...             the head's files
+
+Why: a sweep can be killed at any moment, so ``status`` is written LAST and atomically (temp file +
+os.replace): a folder without ``"status": "done"`` is never shown as a result and a resumed sweep
+retrains that config. Model files are loaded only after their recorded SHA-256 matches, so a
+swapped or tampered file (a pickle can run code) is refused instead of loaded.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import platform
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featcache.errors import RunError
+from featcache.hashing import sha256_file
+
+RUN_FORMAT = 1
+
+
+def canonical_json(obj: Any) -> str:
+    """Stable JSON (sorted keys, no spaces) for hashing configs."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, (set, frozenset)):
+        return sorted(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def config_hash(config: dict) -> str:
+    """sha256 of the canonical JSON of a run's defining config (hex)."""
+    return hashlib.sha256(canonical_json(config).encode()).hexdigest()
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON via a temp file in the same folder + fsync + os.replace: readers see old or new."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(obj, fh, indent=2, sort_keys=False, default=_json_default, allow_nan=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def library_versions() -> dict:
+    """Versions that determine results (recorded in every run)."""
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("featcache", "numpy", "scikit-learn", "keras", "tensorflow", "jax", "h5py", "scipy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+def new_run_id(runs_dir: Path, head: str, chash: str) -> str:
+    """``<UTC yyyymmdd-HHMMSS>-<head>-<hash8>``; a numeric suffix avoids a same-second collision."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    base = f"{stamp}-{head}-{chash[:8]}"
+    run_id, i = base, 1
+    while (Path(runs_dir) / run_id).exists():
+        i += 1
+        run_id = f"{base}-{i}"
+    return run_id
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class Run:
+    """A run folder and its run.json. ``run["head"]`` reads run.json keys for convenience."""
+
+    id: str
+    path: Path
+    info: dict = field(repr=False)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.info[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.info.get(key, default)
+
+    @property
+    def status(self) -> str:
+        return str(self.info.get("status"))
+
+    def metrics(self) -> dict:
+        """metrics.json (empty dict when absent)."""
+        p = self.path / "metrics.json"
+        return json.loads(p.read_text(encoding="utf-8")) if p.exists() else {}
+
+    def predictions(self, split: str) -> list[dict]:
+        """Rows of predictions_<split>.csv (``val`` or ``test``); [] when absent."""
+        p = self.path / f"predictions_{split}.csv"
+        if not p.exists():
+            return []
+        with open(p, newline="", encoding="utf-8") as fh:
+            return list(csv.DictReader(fh))
+
+    def indices(self) -> dict[str, np.ndarray]:
+        """The index arrays saved in indices.npz (train, val, test, fold_*)."""
+        with np.load(self.path / "indices.npz", allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+
+
+class RunWriter:
+    """Builds one run folder: run.json ("running") first, then files, then run.json ("done") last."""
+
+    def __init__(self, runs_dir: Path, info: dict):
+        self.runs_dir = Path(runs_dir)
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self.id = new_run_id(self.runs_dir, info["head"], info["config_hash"])
+        self.path = self.runs_dir / self.id
+        self.path.mkdir()
+        self.info = {
+            "format": RUN_FORMAT,
+            "id": self.id,
+            "status": "running",
+            "created": _now(),
+            "finished": None,
+            **info,
+            "artifacts": {},
+            "owner": {"host": socket.gethostname(), "pid": os.getpid()},
+        }
+        write_json_atomic(self.path / "run.json", self.info)
+
+    def write_metrics(self, metrics: dict) -> None:
+        write_json_atomic(self.path / "metrics.json", metrics)
+
+    def write_predictions(
+        self,
+        split: str,
+        relpaths: Sequence[str],
+        keys: Sequence[str],
+        y_true: np.ndarray,
+        proba: np.ndarray,
+        y_pred: np.ndarray,
+        classes: Sequence[str],
+    ) -> None:
+        """Per-image predictions; relpaths keep non-UTF-8 bytes via surrogateescape."""
+        with open(
+            self.path / f"predictions_{split}.csv",
+            "w",
+            newline="",
+            encoding="utf-8",
+            errors="surrogateescape",
+        ) as fh:
+            w = csv.writer(fh)
+            w.writerow(["relpath", "key", "y_true", *[f"p_{c}" for c in classes], "y_pred"])
+            for i in range(len(keys)):
+                w.writerow(
+                    [relpaths[i], keys[i], int(y_true[i]), *[f"{v:.6g}" for v in proba[i]], int(y_pred[i])]
+                )
+
+    def write_indices(self, **arrays: np.ndarray) -> None:
+        np.savez(self.path / "indices.npz", **{k: np.asarray(v, dtype=np.int64) for k, v in arrays.items()})
+
+    def save_head(self, head: Any) -> list[str]:
+        """Call ``head.save(model/)`` and record the sha256 of every file written."""
+        model_dir = self.path / "model"
+        model_dir.mkdir(exist_ok=True)
+        files = head.save(model_dir)
+        arts = {}
+        for f in files:
+            f = Path(f)
+            arts[f.relative_to(self.path).as_posix()] = sha256_file(f)
+        self.info["artifacts"] = arts
+        return list(arts)
+
+    def finish(self, **extra: Any) -> Run:
+        """Write run.json with status "done" (the commit point of the run)."""
+        self.info.update(extra)
+        self.info["status"] = "done"
+        self.info["finished"] = _now()
+        write_json_atomic(self.path / "run.json", self.info)
+        return Run(self.id, self.path, self.info)
+
+    def fail(self, reason: str) -> None:
+        """Mark the run failed (e.g. training diverged); it is kept for inspection, never resumed into."""
+        self.info["status"] = "failed"
+        self.info["error"] = reason
+        self.info["finished"] = _now()
+        write_json_atomic(self.path / "run.json", self.info)
+
+
+def _iter_run_dirs(runs_dir: Path) -> Iterator[tuple[Path, dict | None]]:
+    root = Path(runs_dir)
+    if not root.is_dir():
+        return
+    for d in sorted(root.iterdir()):
+        if not d.is_dir() or d.name.startswith("."):
+            continue
+        try:
+            info = json.loads((d / "run.json").read_text(encoding="utf-8"))
+            yield d, info if isinstance(info, dict) else None
+        except (OSError, ValueError):
+            yield d, None
+
+
+def list_runs(runs_dir: str | Path, *, include_incomplete: bool = False) -> list[Run]:
+    """Runs sorted by id (= creation time). Only ``done`` runs unless ``include_incomplete``."""
+    out = []
+    for d, info in _iter_run_dirs(Path(runs_dir)):
+        if info is None:
+            if include_incomplete:
+                out.append(Run(d.name, d, {"id": d.name, "status": "corrupt"}))
+            continue
+        if info.get("status") == "done" or include_incomplete:
+            out.append(Run(d.name, d, info))
+    return out
+
+
+def load_run(runs_dir: str | Path, run_id: str) -> Run:
+    """The run ``run_id`` or RunError (unknown id, or a run that never finished)."""
+    runs_dir = Path(runs_dir)
+    d = runs_dir / run_id
+    if (
+        not run_id
+        or "/" in run_id
+        or "\\" in run_id
+        or run_id in {".", ".."}
+        or not (d / "run.json").is_file()
+    ):
+        raise RunError(f"no run '{run_id}' in {runs_dir}; `featcache runs ls` lists them.")
+    try:
+        info = json.loads((d / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise RunError(f"run '{run_id}' has an unreadable run.json; delete {d} and fit again.") from None
+    if info.get("status") != "done":
+        raise RunError(
+            f"run '{run_id}' did not finish (status {info.get('status')!r}); "
+            "rerun the same `featcache fit` command to complete it."
+        )
+    return Run(run_id, d, info)
+
+
+def verify_artifacts(run: Run) -> None:
+    """RunError unless every recorded model file exists and matches its recorded sha256."""
+    arts = run.info.get("artifacts") or {}
+    if not arts:
+        raise RunError(f"run '{run.id}' records no model files; fit it again.")
+    for rel, digest in arts.items():
+        p = (run.path / rel).resolve()
+        if run.path.resolve() not in p.parents:
+            raise RunError(
+                f"run '{run.id}' records a model file outside its folder ({rel}); refusing to load it."
+            )
+        if not p.is_file():
+            raise RunError(f"model file {rel} of run '{run.id}' is missing; fit the run again.")
+        if sha256_file(p) != digest:
+            raise RunError(
+                f"model file {rel} of run '{run.id}' does not match its recorded SHA-256 "
+                "(modified or replaced); refusing to load it, fit the run again."
+            )
+
+
+def load_head(run: Run) -> Any:
+    """Verify every model file's sha256, then load the head with its family's loader."""
+    verify_artifacts(run)
+    from featcache.heads import load_fitted
+
+    return load_fitted(run.info["head"], run.path / "model")
+
+
+def done_hashes(runs_dir: str | Path) -> dict[str, str]:
+    """config_hash -> run id of every done run (what a resumed sweep skips)."""
+    return {r.info["config_hash"]: r.id for r in list_runs(runs_dir) if r.info.get("config_hash")}
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:  # never signal a process group (kill(-1, ...) addresses every process)
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(runs_dir: str | Path, config_hashes: set[str] | None = None) -> list[str]:
+    """Remove folders of runs killed before they finished (status "running", owner process gone,
+    same host) so a resumed sweep leaves the runs folder consistent. Returns the removed ids.
+
+    Only folders with a featcache run.json are touched; a live owner or another host is left alone.
+    """
+    removed = []
+    host = socket.gethostname()
+    for d, info in _iter_run_dirs(Path(runs_dir)):
+        if info is None or info.get("status") != "running" or "config_hash" not in info:
+            continue
+        if config_hashes is not None and info["config_hash"] not in config_hashes:
+            continue
+        owner = info.get("owner") or {}
+        if owner.get("host") != host or _pid_alive(int(owner.get("pid", -1))):
+            continue
+        shutil.rmtree(d)
+        removed.append(d.name)
+    return removed

@@ -1,0 +1,76 @@
+"""Patient-grouped, class-stratified splits.
+
+About 61% of Kermany patients have several X-rays; an image-level split puts the same child on both
+sides and inflates every validation number. Every split here is grouped: all images of one patient
+(``groups``) land on the same side. Stratification keeps the class balance of each side close to
+the pool's so a fold never ends up without a class.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+
+from featcache.errors import ConfigError, DataError
+
+
+def _check(y: Sequence, groups: Sequence, n_splits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Validate inputs shared by both splitters and return them as arrays."""
+    y_arr = np.asarray(y)
+    g_arr = np.asarray(groups)
+    if y_arr.shape[0] != g_arr.shape[0]:
+        raise ValueError(f"y has {y_arr.shape[0]} entries but groups has {g_arr.shape[0]}")
+    n_groups = len(np.unique(g_arr))
+    if n_groups < n_splits:
+        raise DataError(
+            f"only {n_groups} patients are available but the split needs at least {n_splits}; "
+            "add data or lower --cv-folds / raise --val-fraction."
+        )
+    return y_arr, g_arr
+
+
+def grouped_kfold(y: Sequence, groups: Sequence, n_splits: int = 5, seed: int = 0
+                  ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """K folds as (train_idx, val_idx) pairs; a patient is in exactly one validation fold.
+
+    Uses scikit-learn's StratifiedGroupKFold with a seeded shuffle so folds are reproducible.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    if n_splits < 2:
+        raise ConfigError(f"--cv-folds must be at least 2, got {n_splits}.")
+    y_arr, g_arr = _check(y, groups, n_splits)
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():  # "least populated class has only k members": expected on tiny data
+        warnings.simplefilter("ignore", UserWarning)
+        folds = [(np.sort(tr).astype(np.int64), np.sort(va).astype(np.int64))
+                 for tr, va in splitter.split(np.zeros(len(y_arr)), y_arr, g_arr)]
+    return folds
+
+
+def grouped_holdout(y: Sequence, groups: Sequence, fraction: float = 0.2, seed: int = 0
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(train_idx, val_idx) with about ``fraction`` of the images (whole patients) in validation.
+
+    Implemented as the first fold of a grouped stratified K-fold with K = round(1 / fraction), so the
+    achieved fraction is 1/K (0.2 -> 5 folds -> 20%); callers record the achieved size.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ConfigError(f"--val-fraction must be between 0 and 1 (exclusive), got {fraction}.")
+    n_groups = len(np.unique(np.asarray(groups)))
+    if fraction > 0.5:  # a fraction above one half: validation is the complement of one fold
+        n_splits = min(n_groups, max(2, int(round(1.0 / (1.0 - fraction)))))
+        tr, va = grouped_kfold(y, groups, n_splits=n_splits, seed=seed)[0]
+        return va, tr
+    # few patients: fewer folds (a larger validation share) rather than failing
+    n_splits = min(max(2, n_groups), max(2, int(round(1.0 / fraction))))
+    return grouped_kfold(y, groups, n_splits=n_splits, seed=seed)[0]
+
+
+def index_digest(indices: np.ndarray) -> str:
+    """SHA-256 of an index array (int64, sorted): recorded in run.json to prove which rows were used."""
+    import hashlib
+
+    arr = np.sort(np.asarray(indices, dtype=np.int64))
+    return hashlib.sha256(arr.tobytes()).hexdigest()

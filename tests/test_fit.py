@@ -1,0 +1,284 @@
+"""fit: the validation protocol, every head, fusion/views/balance, resumable grids, runs ls, CLI errors.
+
+Features are synthetic (written with CacheWriter under a fake backbone name) so no CNN runs here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import write_xray
+from featcache.cli.app import run as cli
+
+from featcache.cache import CacheWriter, cache_config, cache_path
+from featcache.datasets import discover
+from featcache.errors import CacheError, ConfigError, DataError
+from featcache.fit import FitOptions, fit
+from featcache.hashing import sha256_file
+from featcache.runs import list_runs, load_run
+from featcache.splits import index_digest
+
+SUBTYPES = ("normal", "bacteria", "virus")
+
+
+def make_tree(root: Path, n_patients: int = 12, seed: int = 0) -> Path:
+    """Kermany-layout tree where many patients have 2-3 images (train) plus a test split."""
+    rng = np.random.default_rng(seed)
+    s = 1000 * seed
+    for split, n_pat in (("train", n_patients), ("test", max(6, n_patients // 2))):
+        base = 0 if split == "train" else 500
+        for p in range(n_pat):
+            kind = SUBTYPES[p % 3]
+            for j in range(int(rng.integers(1, 4))):
+                s += 1
+                if kind == "normal":
+                    path = root / split / "NORMAL" / f"IM-{base + p:04d}-{j + 1:04d}.jpeg"
+                else:
+                    path = root / split / "PNEUMONIA" / f"person{base + p}_{kind}_{s}.jpeg"
+                write_xray(path, s, size=16)
+    return root
+
+
+def fake_backbone(name: str = "fakenet", dim: int = 6) -> dict:
+    return {"backbone": name, "weights": "none", "weights_digest": f"digest-{name}", "pooling": "avg",
+            "image_size": 16, "preprocess": "none", "feature_dim": dim}
+
+
+def write_cache(root: Path, cache_dir: Path, name: str = "fakenet", views=("orig",), dim: int = 6,
+                skip: int = 0, noise: float = 0.3, signal_dims: int = 3) -> Path:
+    """Features that separate the 3 subtypes (so binary and 3class are learnable), one row per key/view."""
+    ds = discover(root)
+    cfg = cache_config(ds.root, fake_backbone(name, dim), "squash", "float32")
+    path = cache_path(cache_dir, cfg)
+    keys, paths, feats, vws = [], [], [], []
+    seen = set()
+    for rec in ds.records[skip:]:
+        key = sha256_file(rec.path)
+        if key in seen:
+            continue
+        seen.add(key)
+        name_ = rec.path.name  # class from the file name, so relabelled folders keep identical features
+        cls = 1 if "bacteria" in name_ else 2 if "virus" in name_ else 0
+        rng = np.random.default_rng(int(key[:8], 16))
+        for v_i, view in enumerate(views):
+            x = rng.normal(0, noise, dim)
+            x[cls % signal_dims] += 2.0
+            x[-1] += 0.1 * v_i
+            keys.append(key)
+            paths.append(rec.relpath)
+            vws.append(view)
+            feats.append(x)
+    with CacheWriter(path, cfg, dim) as w:
+        w.reserve(len(keys))
+        w.append(keys, vws, paths, np.asarray(feats, dtype=np.float32))
+    return path
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[Path, Path, Path]:
+    root = make_tree(tmp_path / "data")
+    cache_dir = tmp_path / "cache"
+    write_cache(root, cache_dir, views=("orig", "hflip", "rot+20"))
+    return root, cache_dir, tmp_path / "runs"
+
+
+def opts(cache_dir: Path, runs_dir: Path, **kw) -> FitOptions:
+    kw.setdefault("n_boot", 200)
+    kw.setdefault("cv_folds", 3)
+    return FitOptions(cache_dir=cache_dir, runs_dir=runs_dir, command=["test"], **kw)
+
+
+def test_cv_protocol_never_touches_test(setup) -> None:
+    root, cache_dir, runs_dir = setup
+    res = fit(root, "fakenet", "logreg", opts(cache_dir, runs_dir, grid_args=["C=0.1,1"]))
+    assert len(res.runs) == 1
+    run = load_run(runs_dir, res.runs[0].id)
+    ds = discover(root)
+    idx = run.indices()
+    test = np.flatnonzero([r.split == "test" for r in ds.records])
+    assert np.array_equal(np.sort(idx["test"]), test)
+    selection = np.concatenate([idx["train"], idx["val"], *[idx[k] for k in idx if k.startswith("fold")]])
+    assert not set(selection.tolist()) & set(test.tolist())
+    groups = np.array([r.group for r in ds.records])
+    for i in range(3):
+        assert not set(groups[idx[f"fold{i}_train"]]) & set(groups[idx[f"fold{i}_val"]])
+    sel = run["selection"]
+    assert sel["test_indices_digest"] == index_digest(idx["test"])
+    assert sel["val_indices_digest"] == index_digest(idx["val"])
+    assert sel["method"] == "grouped_kfold" and sel["folds"] == 3
+    val_rel = {r["relpath"] for r in run.predictions("val")}
+    assert all(rel.startswith("train/") for rel in val_rel) and len(val_rel) == len(idx["val"])
+    m = run.metrics()
+    assert m["val"]["accuracy"] > 0.9 and m["test"]["accuracy"] > 0.9
+    assert m["test"]["ci"]["accuracy"][0] <= m["test"]["accuracy"] <= m["test"]["ci"]["accuracy"][1]
+    assert len(m["cv_results"]["mean_test_score"]) == 4  # C x the default class_weight values
+    assert 0.0 <= run["threshold"]["chosen"] <= 1.0 and "at_threshold" in m["test"]
+    assert set(run["artifacts"]) and run["caches"][0]["weights_digest"] == "digest-fakenet"
+    assert run["status"] == "done" and run["command"] == ["test"]
+
+
+def test_test_labels_cannot_change_any_choice(tmp_path: Path) -> None:
+    """Swap the labels of the test split: params, threshold and validation results stay identical."""
+    a = make_tree(tmp_path / "a")
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    for f in list((b / "test" / "NORMAL").iterdir()):  # relabel every test image
+        f.rename(b / "test" / "PNEUMONIA" / f.name)
+    for f in [p for p in (b / "test" / "PNEUMONIA").iterdir() if p.name.startswith("person")]:
+        (b / "test" / "NORMAL").mkdir(exist_ok=True)
+        f.rename(b / "test" / "NORMAL" / f.name)
+    out = []
+    for root in (a, b):
+        write_cache(root, tmp_path / f"cache_{root.name}", noise=1.2)
+        o = opts(tmp_path / f"cache_{root.name}", tmp_path / f"runs_{root.name}")
+        res = fit(root, "fakenet", "logreg", o)
+        out.append(res.runs[0])
+    ra, rb = out
+    assert ra["params"] == rb["params"] and ra["threshold"]["chosen"] == rb["threshold"]["chosen"]
+    assert ra.metrics()["val"] == rb.metrics()["val"]
+    assert ra.metrics()["test"]["accuracy"] != rb.metrics()["test"]["accuracy"]
+
+
+@pytest.mark.parametrize("head, grid", [("svm", ["C=1", "kernel=linear,rbf"]), ("knn", ["n_neighbors=3,5"]),
+                                        ("mlp", ["layers=8", "epochs=3", "lr=0.01,0.001", "dropout=0"])])
+def test_each_head_through_fit(setup, head: str, grid: list[str]) -> None:
+    root, cache_dir, runs_dir = setup
+    res = fit(root, "fakenet", head, opts(cache_dir, runs_dir, grid_args=grid, task="3class"))
+    n_runs = 2 if head == "mlp" else 1  # mlp: one run per config; CV heads: one run per search
+    assert len(res.runs) == n_runs
+    for r in res.runs:
+        m = r.metrics()
+        assert r["task"] == "3class" and r["threshold"]["chosen"] is None
+        assert len(m["val"]["confusion"]) == 3 and m["test"]["auc"] is not None
+        if head == "mlp":
+            assert r["selection"]["method"] == "grouped_holdout" and len(m["history"]["loss"]) >= 1
+            idx = r.indices()
+            groups = np.array([x.group for x in discover(root).records])
+            assert not set(groups[idx["train"]]) & set(groups[idx["val"]])
+        else:
+            assert m["val"]["accuracy"] > 0.8
+
+
+def test_fusion_views_balance_tta(setup) -> None:
+    root, cache_dir, runs_dir = setup
+    write_cache(root, cache_dir, name="othernet", dim=4, views=("orig", "hflip"))
+    res = fit(root, "fakenet,othernet", "logreg",
+              opts(cache_dir, runs_dir, grid_args=["C=1"], train_views=["orig", "hflip"], tta=True,
+                   balance="undersample"))
+    r = res.runs[0]
+    assert [c["name"] for c in r["caches"]] == ["fakenet", "othernet"]
+    assert sum(b["feature_dim"] for b in r["backbones"]) == 10
+    assert r["train_views"] == ["orig", "hflip"] and r["tta_views"] == ["hflip"]
+    assert r["balance"] == "undersample"
+    res2 = fit(root, "fakenet", "logreg", opts(cache_dir, runs_dir, grid_args=["C=1"], balance="oversample"))
+    assert res2.runs[0].metrics()["train"]["n"] > res.runs[0].metrics()["train"]["n"] / 2
+
+
+def test_resume_skips_done_and_cleans_stale(setup) -> None:
+    root, cache_dir, runs_dir = setup
+    o = opts(cache_dir, runs_dir, grid_args=["layers=4", "epochs=2", "dropout=0", "lr=0.01,0.001"])
+    first = fit(root, "fakenet", "mlp", o)
+    assert len(first.runs) == 2
+    more = ["layers=4", "epochs=2", "dropout=0", "lr=0.01,0.001,0.1"]
+    again = fit(root, "fakenet", "mlp", opts(cache_dir, runs_dir, grid_args=more))
+    assert len(again.runs) == 1 and sorted(again.skipped) == sorted(r.id for r in first.runs)
+    assert again.runs[0]["params"]["lr"] == 0.1
+
+
+def _fit_cmd(root: Path, cache_dir: Path, runs_dir: Path, *extra: str) -> list[str]:
+    return ["fit", "--data", str(root), "--backbone", "fakenet", "--cache-dir", str(cache_dir),
+            "--runs-dir", str(runs_dir), *extra]
+
+
+def test_grid_killed_mid_way_resumes_only_unfinished(setup) -> None:
+    root, cache_dir, runs_dir = setup
+    args = _fit_cmd(root, cache_dir, runs_dir, "--head", "mlp", "--grid", "layers=4", "--grid", "epochs=2",
+                    "--grid", "dropout=0", "--grid", "lr=0.1,0.01,0.001", "--json")
+    exe = [str(Path(sys.executable).parent / "featcache")]
+    env = {**os.environ, "FEATCACHE_CRASH_AT": "fit.after_run_saved:2"}
+    killed = subprocess.run([*exe, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    done = list_runs(runs_dir)
+    assert len(done) == 2
+    # a second kill, this time in the middle of writing the third run: leaves a "running" folder
+    env = {**os.environ, "FEATCACHE_CRASH_AT": "fit.run_started:1"}
+    killed = subprocess.run([*exe, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9
+    assert len(list_runs(runs_dir, include_incomplete=True)) == 3 and len(list_runs(runs_dir)) == 2
+    ok = subprocess.run([*exe, *args], capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    out = json.loads(ok.stdout)
+    assert len(out["runs"]) == 1 and sorted(out["skipped"]) == sorted(r.id for r in done)
+    assert len(out["cleaned"]) == 1
+    final = list_runs(runs_dir, include_incomplete=True)
+    assert len(final) == 3 and all(r.status == "done" for r in final)
+    assert sorted(r["params"]["lr"] for r in final) == [0.001, 0.01, 0.1]
+    for r in final:  # consistent: every artifact matches its recorded digest
+        for rel, digest in r["artifacts"].items():
+            assert sha256_file(r.path / rel) == digest
+
+
+def test_runs_ls(setup, capsys) -> None:
+    root, cache_dir, runs_dir = setup
+    fit(root, "fakenet", "knn", opts(cache_dir, runs_dir, grid_args=["n_neighbors=3"], tags=["<img src=x>"]))
+    assert cli(["runs", "ls", "--runs-dir", str(runs_dir), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 1 and rows[0]["head"] == "knn" and rows[0]["val"] is not None
+    assert cli(["runs", "ls", "--runs-dir", str(runs_dir)]) == 0
+    assert "knn" in capsys.readouterr().out
+
+
+def test_cli_fit_table(setup, capsys) -> None:
+    root, cache_dir, runs_dir = setup
+    code = cli(_fit_cmd(root, cache_dir, runs_dir, "--head", "logreg", "--grid", "C=[bold]1"))
+    assert code != 0 and "'C'" in " ".join(capsys.readouterr().err.split())
+    code = cli(_fit_cmd(root, cache_dir, runs_dir, "--head", "logreg", "--grid", "C=1", "--cv-folds", "3"))
+    assert code == 0
+    assert "logreg" in capsys.readouterr().out
+    run = list_runs(runs_dir)[0]
+    assert run["command"][:2] == ["featcache", "fit"] and "--grid" in run["command"]
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--head", "forest"], "unknown head 'forest'"),
+    (["--head", "logreg", "--grid", "C=abc"], "'C'"),
+    (["--head", "logreg", "--grid", "bogus=1"], "bogus"),
+    (["--head", "mlp", "--grid", "epochs=1.5"], "epochs"),
+    (["--head", "logreg", "--preset", "nope"], "unknown preset"),
+    (["--head", "logreg", "--threshold", "magic"], "--threshold"),
+    (["--head", "logreg", "--balance", "sideways"], "--balance"),
+    (["--head", "knn", "--task", "folders", "--metric", "speed"], "--metric"),
+])
+def test_cli_config_errors(setup, capsys, extra: list[str], needle: str) -> None:
+    root, cache_dir, runs_dir = setup
+    assert cli(_fit_cmd(root, cache_dir, runs_dir, *extra)) != 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert needle in err and "Traceback" not in err and err.count("error:") == 1
+
+
+def test_missing_rows_and_3class_errors(tmp_path: Path, capsys) -> None:
+    root = make_tree(tmp_path / "data")
+    write_cache(root, tmp_path / "cache", skip=3)
+    with pytest.raises(CacheError) as exc:
+        fit(root, "fakenet", "logreg", opts(tmp_path / "cache", tmp_path / "runs"))
+    msg = str(exc.value)
+    assert msg.startswith("3 of ") and "featcache extract --data" in msg and "--backbone fakenet" in msg
+    with pytest.raises(CacheError, match="no feature cache for backbone 'vgg16'"):
+        fit(root, "vgg16", "logreg", opts(tmp_path / "cache", tmp_path / "runs"))
+    folders = tmp_path / "pets"
+    for i in range(4):
+        write_xray(folders / "train" / "cat" / f"c{i}.png", i, 16)
+        write_xray(folders / "train" / "dog" / f"d{i}.png", 10 + i, 16)
+    with pytest.raises(DataError, match="3class"):
+        fit(folders, "fakenet", "logreg", opts(tmp_path / "cache", tmp_path / "runs", task="3class"))
+    with pytest.raises(ConfigError, match="--layers applies to the mlp head only"):
+        fit(root, "fakenet", "logreg", opts(tmp_path / "cache", tmp_path / "runs", layers=(8,)))
+    code = cli(["fit", "--data", str(root), "--backbone", "fakenet", "--head", "knn", "--cache-dir",
+                str(tmp_path / "cache"), "--runs-dir", str(tmp_path / "runs")])
+    assert code != 0 and "featcache extract" in " ".join(capsys.readouterr().err.split())

@@ -1,0 +1,121 @@
+"""Grid parsing (CLI and TOML), expansion and the papers' presets."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from featcache.errors import ConfigError
+from featcache.grids import PRESETS, expand, get_preset, load_grid_file, parse_grid_args
+
+SCHEMA = {"C": "float", "max_iter": "int", "penalty": "str", "fit_intercept": "bool",
+          "class_weight": "class_weight", "layers": "layers", "patience": "int?", "gamma": "float|str"}
+
+
+def test_parse_grid_args_types() -> None:
+    g = parse_grid_args(["C=0.1,1", "class_weight=none,balanced,1:3", "layers=1024-512,256",
+                         "patience=none,5", "gamma=scale,0.01", "fit_intercept=true,no", "C=10"], SCHEMA)
+    assert g["C"] == [0.1, 1.0, 10.0]
+    assert g["class_weight"] == [None, "balanced", {0: 1.0, 1: 3.0}]
+    assert g["layers"] == [(1024, 512), (256,)]
+    assert g["patience"] == [None, 5]
+    assert g["gamma"] == ["scale", 0.01]
+    assert g["fit_intercept"] == [True, False]
+
+
+@pytest.mark.parametrize("item, needle", [
+    ("bogus=1", "unknown grid parameter 'bogus'; valid ones are: C, class_weight"),
+    ("C=abc", "'C'"),
+    ("max_iter=1.5", "'max_iter'"),
+    ("layers=10-x", "'layers'"),
+    ("max_iter=none", "'max_iter'"),
+    ("C", "KEY=V1,V2"),
+    ("C=", "no values"),
+])
+def test_parse_grid_errors_name_the_key(item: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        parse_grid_args([item], SCHEMA)
+    assert needle in str(exc.value)
+    assert str(exc.value).count(".") >= 1 and "\n" not in str(exc.value)
+
+
+def test_expand_product_and_union() -> None:
+    cfgs = expand({"C": [1.0, 2.0], "penalty": ["l2", "l1"]})
+    assert cfgs == [{"C": 1.0, "penalty": "l2"}, {"C": 1.0, "penalty": "l1"},
+                    {"C": 2.0, "penalty": "l2"}, {"C": 2.0, "penalty": "l1"}]
+    union = expand([{"C": [1.0, 2.0]}, {"C": [2.0, 3.0]}])
+    assert union == [{"C": 1.0}, {"C": 2.0}, {"C": 3.0}]
+
+
+def test_toml_grid_files(tmp_path: Path) -> None:
+    one = tmp_path / "one.toml"
+    one.write_text('[grid]\nC = [0.1, 1]\nlayers = [[1024, 512], [64]]\nclass_weight = ["balanced", "1:3"]\n')
+    grids = load_grid_file(one, SCHEMA)
+    assert grids == [{"C": [0.1, 1.0], "layers": [(1024, 512), (64,)],
+                      "class_weight": ["balanced", {0: 1.0, 1: 3.0}]}]
+    assert len(expand(grids)) == 8
+    many = tmp_path / "many.toml"
+    many.write_text('[[grid]]\nC = [1]\npenalty = "l2"\n\n[[grid]]\nC = [2, 3]\nmax_iter = 50\n')
+    assert expand(load_grid_file(many, SCHEMA)) == [
+        {"C": 1.0, "penalty": "l2"}, {"C": 2.0, "max_iter": 50}, {"C": 3.0, "max_iter": 50}]
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[grid]\nnope = [1]\n")
+    with pytest.raises(ConfigError, match="nope"):
+        load_grid_file(bad, SCHEMA)
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[grid\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_grid_file(broken, SCHEMA)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_grid_file(tmp_path / "missing.toml", SCHEMA)
+
+
+def test_mao2018_is_the_papers_33_configs() -> None:
+    p = get_preset("mao2018")
+    assert p.head == "mlp" and len(p.configs) == 33 and p.options["balance"] == "undersample"
+    assert set(p.options["tasks"]) == {"binary", "3class"}
+    layers = [c["layers"] for c in p.configs]
+    assert {len(x) for x in layers} == {2, 5, 8}  # 3 / 6 / 9 layers counting the output layer
+    assert all(layers.count(x) == 11 for x in set(layers))
+    # the paper's table rows 1..11 for the 3-layer head (batch, epochs, lr)
+    rows = [(c["batch_size"], c["epochs"], c["lr"]) for c in p.configs if len(c["layers"]) == 2]
+    assert rows[3] == (64, 50, 0.001) and rows[10] == (1000, 400, 0.001) and rows[1] == (32, 50, 0.01)
+    assert len({tuple(sorted((k, str(v)) for k, v in c.items())) for c in p.configs}) == 33
+
+
+def test_other_presets() -> None:
+    lab = get_preset("laban2021")
+    assert lab.head == "logreg" and lab.options["backbone"] == "vgg16" and lab.options["pooling"] == "flatten"
+    assert all(c["class_weight"] == {0: 1.0, 1: 3.0} for c in lab.configs)
+    vaz = get_preset("vazquez2021").configs[0]
+    assert (vaz["dropout"], vaz["activation"], vaz["optimizer"], vaz["lr"], vaz["epochs"]) == \
+        (0.2, "sigmoid", "sgd", 0.001, 60)
+    auc = get_preset("aucouturier2020").configs[0]
+    assert auc["layers"] == (256, 128) and auc["lr"] == 1e-4 and auc["patience"] is not None
+    with pytest.raises(ConfigError, match="mao2018"):
+        get_preset("nope")
+
+
+def test_presets_fit_their_head_schema() -> None:
+    heads = pytest.importorskip("featcache.heads")
+    if not hasattr(heads, "get_head"):
+        pytest.skip("heads not written yet")
+    for preset in PRESETS.values():
+        schema = heads.get_head(preset.head).schema
+        for cfg in preset.configs:
+            unknown = set(cfg) - set(schema)
+            assert not unknown, f"{preset.name}: {unknown}"
+
+
+def test_presets_through_build_configs() -> None:
+    """fit's config builder gives the preset's 33 configs (and --grid still overrides a key)."""
+    heads = pytest.importorskip("featcache.heads")
+    from featcache.fit import FitOptions, build_configs
+
+    mlp = heads.get_head("mlp")
+    for task in ("binary", "3class"):
+        cfgs = build_configs(mlp, FitOptions(preset="mao2018", task=task), get_preset("mao2018"))
+        assert len(cfgs) == 33
+    cfgs = build_configs(mlp, FitOptions(grid_args=["epochs=1"]), get_preset("mao2018"))
+    # epochs overridden: configs that differed only by epochs collapse (7 (batch, lr) pairs x 3 depths)
+    assert all(c["epochs"] == 1 for c in cfgs) and len(cfgs) == 21

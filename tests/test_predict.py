@@ -1,0 +1,112 @@
+"""predict round trip (known images reuse cached rows, new images run the backbone), tampering, errors."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import make_kermany_tree, write_xray
+from featcache.cli.app import run as cli
+
+from featcache.backbones import BackboneConfig
+from featcache.datasets import discover
+from featcache.errors import RunError
+from featcache.extract import ExtractOptions, extract
+from featcache.fit import FitOptions, fit
+from featcache.predict import predict
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path, str]:
+    """A tiny dataset, a real (random-weights, seeded) mobilenet cache at 32 px and one logreg run."""
+    base = tmp_path_factory.mktemp("predict")
+    root = make_kermany_tree(base / "data", n_normal=5, n_pneu=5, size=32)
+    cache_dir, runs_dir = base / "cache", base / "runs"
+    extract(discover(root), BackboneConfig("mobilenet-0.75", weights="none", image_size=32), cache_dir,
+            ExtractOptions(batch_size=8))
+    res = fit(root, "mobilenet-0.75", "logreg",
+              FitOptions(cache_dir=cache_dir, runs_dir=runs_dir, cv_folds=3, grid_args=["C=1"], n_boot=100))
+    return root, runs_dir, res.runs[0].id
+
+
+def _test_csv(runs_dir: Path, run_id: str) -> dict[str, dict]:
+    with open(runs_dir / run_id / "predictions_test.csv", newline="") as fh:
+        return {r["relpath"]: r for r in csv.DictReader(fh)}
+
+
+def test_round_trip_known_and_new_images(trained, tmp_path: Path) -> None:
+    root, runs_dir, run_id = trained
+    known = sorted((root / "test" / "PNEUMONIA").iterdir())[0]
+    new = write_xray(tmp_path / "new.jpeg", 999, size=48)
+    out = predict([known, new], run_id, runs_dir)
+    p_known, p_new = out["predictions"]
+    assert p_known["from_cache"] and not p_new["from_cache"]
+    for p in (p_known, p_new):
+        assert sum(p["probabilities"].values()) == pytest.approx(1.0)
+        assert p["label"] in ("NORMAL", "PNEUMONIA")
+    row = _test_csv(runs_dir, run_id)[f"test/PNEUMONIA/{known.name}"]
+    assert p_known["probabilities"]["PNEUMONIA"] == pytest.approx(float(row["p_PNEUMONIA"]), abs=1e-5)
+    thr = out["threshold"]
+    assert p_known["label"] == ("PNEUMONIA" if p_known["probabilities"]["PNEUMONIA"] >= thr else "NORMAL")
+    # the same bytes under another name are found in the cache; with the cache gone the backbone
+    # recomputes them and gives the same probabilities (same settings, same seeded weights)
+    copy = shutil.copy(known, tmp_path / "renamed.jpeg")
+    run_info = json.loads((runs_dir / run_id / "run.json").read_text())
+    cache_file = Path(run_info["caches"][0]["path"])
+    moved = tmp_path / "moved.h5"
+    shutil.move(cache_file, moved)
+    try:
+        again = predict([copy], run_id, runs_dir)["predictions"][0]
+    finally:
+        shutil.move(moved, cache_file)
+    assert not again["from_cache"]
+    p_again = again["probabilities"]["PNEUMONIA"]
+    assert p_again == pytest.approx(p_known["probabilities"]["PNEUMONIA"], abs=1e-3)
+
+
+def test_cli_predict_json_and_table(trained, capsys) -> None:
+    root, runs_dir, run_id = trained
+    img = sorted((root / "test" / "NORMAL").iterdir())[0]
+    assert cli(["predict", str(img), "--run", run_id, "--runs-dir", str(runs_dir), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["run"] == run_id and len(out["predictions"]) == 1
+    assert cli(["predict", str(img), "--run", run_id, "--runs-dir", str(runs_dir)]) == 0
+    table = capsys.readouterr().out
+    assert "P(NORMAL)" in table and "cache" in table and ("NORMAL" in table.split("P(PNEUMONIA)")[-1])
+
+
+def test_tampered_model_is_refused(trained, tmp_path: Path, capsys) -> None:
+    root, runs_dir, run_id = trained
+    copy_dir = tmp_path / "runs"
+    shutil.copytree(runs_dir / run_id, copy_dir / run_id)
+    model = next((copy_dir / run_id / "model").iterdir())
+    data = bytearray(model.read_bytes())
+    data[-1] ^= 0xFF
+    model.write_bytes(bytes(data))
+    img = sorted((root / "test" / "NORMAL").iterdir())[0]
+    with pytest.raises(RunError, match="does not match its recorded SHA-256"):
+        predict([img], run_id, copy_dir)
+    assert cli(["predict", str(img), "--run", run_id, "--runs-dir", str(copy_dir)]) != 0
+    assert "SHA-256" in " ".join(capsys.readouterr().err.split())
+    # a model file not recorded in run.json (e.g. dropped in by someone else) is never the one loaded
+    info = json.loads((copy_dir / run_id / "run.json").read_text())
+    info["artifacts"] = {}
+    (copy_dir / run_id / "run.json").write_text(json.dumps(info))
+    with pytest.raises(RunError, match="records no model files"):
+        predict([img], run_id, copy_dir)
+
+
+def test_predict_errors(trained, tmp_path: Path, capsys) -> None:
+    root, runs_dir, run_id = trained
+    img = sorted((root / "test" / "NORMAL").iterdir())[0]
+    assert cli(["predict", str(img), "--run", "nope", "--runs-dir", str(runs_dir)]) != 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "no run 'nope'" in err and "featcache runs ls" in err
+    assert cli(["predict", str(tmp_path / "missing.jpeg"), "--run", run_id, "--runs-dir", str(runs_dir)]) != 0
+    assert "does not exist" in " ".join(capsys.readouterr().err.split())
+    bad = tmp_path / "bad.jpeg"
+    bad.write_text("not an image")
+    assert cli(["predict", str(bad), "--run", run_id, "--runs-dir", str(runs_dir)]) != 0
+    assert "cannot decode" in " ".join(capsys.readouterr().err.split())

@@ -1,0 +1,127 @@
+"""Grouped splits never share a patient; metrics, thresholds and bootstrap CIs are right."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score, roc_auc_score
+
+from featcache.errors import ConfigError, DataError
+from featcache.metrics import bootstrap_ci, choose_threshold, classification_metrics
+from featcache.splits import grouped_holdout, grouped_kfold, index_digest
+
+
+def _layout(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A random patient layout: 6-40 patients, 1-6 images each, 2-3 classes, patient-level label."""
+    n_pat = int(rng.integers(6, 41))
+    n_cls = int(rng.integers(2, 4))
+    sizes = rng.integers(1, 7, n_pat)
+    pat_label = rng.integers(0, n_cls, n_pat)
+    pat_label[:n_cls] = np.arange(n_cls)  # every class present
+    groups = np.repeat(np.arange(n_pat), sizes)
+    y = pat_label[groups]
+    perm = rng.permutation(len(y))
+    return y[perm], np.array([f"p{g}" for g in groups[perm]])
+
+
+def test_kfold_never_shares_a_patient_on_thousands_of_layouts() -> None:
+    rng = np.random.default_rng(0)
+    for trial in range(1500):
+        y, groups = _layout(rng)
+        k = int(rng.integers(2, 6))
+        if trial % 2:
+            folds = grouped_kfold(y, groups, n_splits=k, seed=trial)
+            seen_val = np.concatenate([va for _, va in folds])
+            assert sorted(seen_val.tolist()) == list(range(len(y)))  # each image validated once
+        else:
+            folds = [grouped_holdout(y, groups, fraction=float(rng.uniform(0.1, 0.6)), seed=trial)]
+        for tr, va in folds:
+            assert len(tr) and len(va)
+            assert not set(groups[tr]) & set(groups[va])
+            assert len(np.intersect1d(tr, va)) == 0
+            assert len(tr) + len(va) == len(y)
+
+
+def test_holdout_fraction_stratified_and_seeded() -> None:
+    rng = np.random.default_rng(1)
+    groups = np.repeat(np.arange(200), 3)
+    y = (rng.random(200) < 0.3).astype(int)[groups]
+    tr, va = grouped_holdout(y, groups, 0.2, seed=3)
+    assert abs(len(va) / len(y) - 0.2) < 0.03
+    assert abs(y[va].mean() - y.mean()) < 0.05
+    tr2, va2 = grouped_holdout(y, groups, 0.2, seed=3)
+    assert index_digest(va) == index_digest(va2)
+    _, va3 = grouped_holdout(y, groups, 0.2, seed=4)
+    assert index_digest(va) != index_digest(va3)
+
+
+def test_split_errors() -> None:
+    with pytest.raises(DataError, match="patients"):
+        grouped_kfold([0, 1, 0], ["a", "b", "a"], n_splits=5)
+    with pytest.raises(ConfigError):
+        grouped_holdout([0, 1], ["a", "b"], fraction=1.5)
+
+
+def test_binary_metrics_match_sklearn() -> None:
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, 300)
+    p1 = np.clip(0.3 * y + rng.random(300) * 0.7, 0, 1)
+    proba = np.stack([1 - p1, p1], 1)
+    m = classification_metrics(y, proba, ["NORMAL", "PNEUMONIA"], threshold=0.6)
+    pred = (p1 >= 0.6).astype(int)
+    assert m["accuracy"] == pytest.approx(np.mean(pred == y))
+    assert m["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro"))
+    assert m["auc"] == pytest.approx(roc_auc_score(y, p1))
+    tp = int(((pred == 1) & (y == 1)).sum())
+    assert m["sensitivity"] == pytest.approx(tp / (y == 1).sum())
+    assert m["confusion"][1][1] == tp
+    assert len(m["roc"]["fpr"]) <= 101 and m["roc"]["fpr"][0] == 0.0 and m["roc"]["tpr"][-1] == 1.0
+
+
+def test_multiclass_metrics_ovr_auc() -> None:
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 3, 200)
+    logits = rng.normal(size=(200, 3)) + 1.5 * np.eye(3)[y]
+    proba = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    m = classification_metrics(y, proba, ["normal", "bacteria", "virus"])
+    assert m["auc"] == pytest.approx(roc_auc_score(y, proba, multi_class="ovr", average="macro"))
+    assert "sensitivity" not in m and set(m["per_class"]) == {"normal", "bacteria", "virus"}
+    assert np.array(m["confusion"]).sum() == 200
+
+
+def test_choose_threshold() -> None:
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    p = np.array([0.1, 0.2, 0.3, 0.75, 0.7, 0.8, 0.9, 0.95])
+    # Youden: threshold 0.8 gives sens .75 spec 1.0 (J=.75); 0.7 gives sens 1 spec .75 (J=.75): first max
+    t = choose_threshold(y, p, "youden")
+    assert t in (0.7, 0.8)
+    assert choose_threshold(y, p, "sensitivity", target_sensitivity=1.0) == pytest.approx(0.7)
+    assert choose_threshold([1, 1], [0.2, 0.9]) == 0.5
+
+
+def test_bootstrap_ci_matches_loop_and_is_seeded() -> None:
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 2, 120)
+    p1 = np.clip(0.35 * y + rng.random(120) * 0.65, 0, 1)
+    proba = np.stack([1 - p1, p1], 1)
+    ci = bootstrap_ci(y, proba, ["a", "b"], threshold=0.5, n_boot=400, seed=7)
+    assert ci == bootstrap_ci(y, proba, ["a", "b"], threshold=0.5, n_boot=400, seed=7)
+    # same resamples via an explicit loop: counts -> indices
+    w = np.random.default_rng(7).multinomial(120, np.full(120, 1 / 120), size=400)
+    aucs, accs = [], []
+    for row in w:
+        idx = np.repeat(np.arange(120), row)
+        aucs.append(roc_auc_score(y[idx], p1[idx]))
+        accs.append(np.mean((p1[idx] >= 0.5) == y[idx]))
+    assert ci["auc"] == pytest.approx([np.quantile(aucs, 0.025), np.quantile(aucs, 0.975)])
+    assert ci["accuracy"] == pytest.approx([np.quantile(accs, 0.025), np.quantile(accs, 0.975)])
+    point = classification_metrics(y, proba, ["a", "b"])
+    assert ci["auc"][0] < point["auc"] < ci["auc"][1]
+
+
+def test_bootstrap_multiclass_runs() -> None:
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 3, 90)
+    proba = rng.dirichlet(np.ones(3), 90)
+    ci = bootstrap_ci(y, proba, ["a", "b", "c"], n_boot=200)
+    assert 0.0 <= ci["accuracy"][0] <= ci["accuracy"][1] <= 1.0
+    assert ci["auc"][0] < 0.5 < ci["auc"][1] + 0.1
