@@ -1,0 +1,135 @@
+"""`featcache run` (extract + fit + report in one go) and `featcache demo` (the same on the bundled data)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from featcache.cli.report_cmd import make_callback, print_outputs, progress_display
+from rich.console import Console
+from rich.markup import escape
+
+console = Console()
+
+
+def _summary(result) -> None:
+    """Short account of what each stage did, then where the report is."""
+    for ex in result.extracts:
+        console.print(
+            f"[bold]extract[/] {escape(ex.cache_path.name)}: {ex.rows_computed} rows computed, "
+            f"{ex.rows_reused} reused, {len(ex.skipped)} file(s) skipped",
+            highlight=False,
+        )
+        for rel, reason in ex.skipped[:3]:  # the first bad files
+            console.print(f"  skipped {escape(str(rel))}: {escape(str(reason))}", highlight=False)
+    for fr in result.fits:
+        console.print(
+            f"[bold]fit[/] sweep {escape(fr.sweep_id)}: {len(fr.runs)} run(s) trained, "
+            f"{len(fr.skipped)} already done",
+            highlight=False,
+        )
+    print_outputs(result.report, console)
+
+
+def _split(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def register(app: typer.Typer) -> None:
+    """Add `run` and `demo` to the root app."""
+
+    @app.command(
+        "run",
+        epilog="Example: featcache run --data chest_xray --backbone mobilenet-0.75 "
+        "--head logreg,mlp --grid logreg:C=0.01,0.1,1 --grid mlp:lr=0.001,0.0001 --out reports",
+    )
+    def run_cmd(
+        data: Path = typer.Option(
+            ..., "--data", help="Dataset folder (Kermany layout, class folders) or CSV."
+        ),
+        backbone: str = typer.Option(..., "--backbone", help="Backbone name(s), comma-separated."),
+        head: str = typer.Option(..., "--head", help="Head(s), comma-separated: logreg, mlp, svm, knn."),
+        weights: str = typer.Option(
+            "imagenet", "--weights", help="imagenet | none | PATH to a weights file."
+        ),
+        task: str = typer.Option("binary", "--task", help="binary | 3class | folders."),
+        grid: list[str] = typer.Option(
+            [],
+            "--grid",
+            help="KEY=V1,V2 for every head that has KEY, or HEAD:KEY=V1,V2 for one head (repeatable).",
+        ),
+        layers: str | None = typer.Option(None, "--layers", help="mlp hidden layers, e.g. 1024,512."),
+        preset: str | None = typer.Option(
+            None, "--preset", help="A grid preset (see `featcache fit --help`)."
+        ),
+        cv_folds: int = typer.Option(5, "--cv-folds", help="Patient-grouped CV folds (logreg, svm, knn)."),
+        balance: str | None = typer.Option(None, "--balance", help="none | undersample | oversample."),
+        seed: int = typer.Option(0, "--seed", help="Seed of splits, resampling and training."),
+        tag: list[str] = typer.Option([], "--tag", help="Tag the runs (repeatable)."),
+        batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass during extraction."),
+        cache_dir: Path = typer.Option(Path("cache"), "--cache-dir", help="Feature caches."),
+        runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Run store."),
+        out: Path = typer.Option(Path("reports"), "--out", help="Report folder."),
+    ) -> None:
+        """Extract features, fit heads and write the report, in one command with one progress display.
+
+        Every stage resumes: cached features and finished runs are reused when you run it again.
+        """
+        from featcache.extract import ExtractOptions
+        from featcache.fit import FitOptions
+        from featcache.pipeline import run_pipeline
+
+        fopts = FitOptions(
+            task=task,
+            preset=preset,
+            cv_folds=cv_folds,
+            balance=balance,
+            seed=seed,
+            tags=tuple(tag),
+            layers=tuple(int(x) for x in _split(layers)) if layers else None,
+        )
+        with progress_display(console) as bar:
+            result = run_pipeline(
+                data,
+                _split(backbone),
+                _split(head),
+                weights=weights,
+                cache_dir=cache_dir,
+                runs_dir=runs_dir,
+                reports_dir=out,
+                fit_options=fopts,
+                grid_args=grid,
+                extract_options=ExtractOptions(batch_size=batch_size),
+                progress=make_callback(bar),
+            )
+        _summary(result)
+
+    @app.command(
+        "demo",
+        epilog="Example: featcache demo            (then open reports/report.html)\n\n"
+        "Offline: featcache demo --weights none",
+    )
+    def demo_cmd(
+        weights: str = typer.Option(
+            "imagenet",
+            "--weights",
+            help="imagenet (Keras download cache) or none "
+            "(random seeded weights: fast, offline, meaningless accuracy).",
+        ),
+        out: Path | None = typer.Option(None, "--out", help="Report folder (default WORKDIR/reports)."),
+        workdir: Path = typer.Option(
+            Path("."), "--workdir", help="Where cache/, runs/ and reports/ are written."
+        ),
+        head: str = typer.Option("logreg,mlp,svm,knn", "--head", help="Heads to train (comma-separated)."),
+    ) -> None:
+        """Run the whole pipeline on 96 bundled Kermany chest X-rays (mobilenet-0.75); print the report path.
+
+        The sample's test split comes from the official training split (see its ATTRIBUTION.md).
+        """
+        from featcache.pipeline import run_demo
+
+        with progress_display(console) as bar:
+            result = run_demo(
+                workdir, weights=weights, out=out, heads=_split(head), progress=make_callback(bar)
+            )
+        _summary(result)

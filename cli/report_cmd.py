@@ -1,0 +1,136 @@
+"""`featcache report`: turn a runs folder into report.html / report.md / leaderboard.csv / .json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from featcache.errors import ConfigError
+from featcache.progress import ProgressEvent
+
+console = Console()
+
+METRIC_HELP = (
+    "Validation metric that ranks runs: accuracy, balanced_accuracy, macro_f1, auc, sensitivity, "
+    "specificity or loss."
+)
+
+
+def progress_display(console: Console) -> Progress:
+    """One rich progress bar that follows whatever phase the library reports."""
+    return Progress(
+        TextColumn("[bold]{task.fields[phase]:<8}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+        console=console,
+        transient=True,
+    )
+
+
+def make_callback(bar: Progress):
+    """Map ProgressEvents onto one task per phase (messages escaped: they may hold file names)."""
+    tasks: dict[str, int] = {}
+
+    def callback(ev: ProgressEvent) -> None:
+        if ev.phase not in tasks:
+            tasks[ev.phase] = bar.add_task(escape(ev.message), total=ev.total, phase=ev.phase)
+        bar.update(tasks[ev.phase], completed=ev.done, total=ev.total, description=escape(ev.message[:70]))
+
+    return callback
+
+
+def print_outputs(result, console: Console) -> None:
+    """Where the report is: the one thing the user needs after the command."""
+    console.print(
+        f"[green]Report written[/] ({result.n_runs} runs; best [bold]{escape(str(result.best_run_id))}[/]):"
+    )
+    console.print(f"  HTML      {escape(str(result.html.resolve()))}", soft_wrap=True, highlight=False)
+    console.print(f"  Markdown  {escape(str(result.markdown.resolve()))}", soft_wrap=True, highlight=False)
+    console.print(
+        f"  CSV/JSON  {escape(str(result.csv.resolve()))}, {escape(result.json.name)}",
+        soft_wrap=True,
+        highlight=False,
+    )
+    if result.skipped:
+        console.print(
+            f"[yellow]{len(result.skipped)} run folder(s) left out (unfinished, failed or unreadable).[/]"
+        )
+
+
+def parse_heatmap(value: str | None) -> tuple[str, str] | None:
+    if not value:
+        return None
+    parts = [p.strip() for p in value.split(",") if p.strip()]
+    if len(parts) != 2:
+        raise ConfigError(
+            "--heatmap takes two parameter names separated by a comma, e.g. --heatmap lr,batch_size."
+        )
+    return parts[0], parts[1]
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `report` command to the root app."""
+
+    @app.command(epilog="Example: featcache report --runs-dir runs --out reports --group-by head --top 5")
+    def report(
+        runs_dir: Path = typer.Option(
+            Path("runs"), "--runs-dir", help="Runs folder written by `featcache fit`."
+        ),
+        out: Path = typer.Option(
+            Path("reports"), "--out", help="Folder for report.html, report.md and leaderboards."
+        ),
+        group_by: str | None = typer.Option(
+            None, "--group-by", help="Group the leaderboard: backbone, head or task."
+        ),
+        top: int | None = typer.Option(
+            None, "--top", help="Keep the best N runs (per group with --group-by)."
+        ),
+        tag: list[str] = typer.Option([], "--tag", help="Only runs carrying this tag (repeatable)."),
+        run_id: list[str] = typer.Option(
+            [],
+            "--id",
+            help="Only runs whose id matches this glob or substring (repeatable), e.g. --id '*-mlp-*'.",
+        ),
+        metric: str = typer.Option("accuracy", "--metric", help=METRIC_HELP),
+        heatmap: str | None = typer.Option(
+            None,
+            "--heatmap",
+            help="Two hyperparameters for the grid heatmap, "
+            "e.g. lr,batch_size (default: the two that vary most).",
+        ),
+        detail: int = typer.Option(
+            3, "--detail", help="How many top runs get confusion matrices, ROC and curves."
+        ),
+        inspect: bool = typer.Option(
+            True,
+            "--inspect/--no-inspect",
+            help="Re-audit the dataset folder (patients, duplicates) when it still exists.",
+        ),
+        title: str = typer.Option("featcache report", "--title", help="Title of the report."),
+    ) -> None:
+        """Write a self-contained HTML report, a Markdown version and CSV/JSON leaderboards of finished runs.
+
+        Runs are ranked by a validation metric; test metrics (with 95% bootstrap CIs) are shown next to them.
+        """
+        from featcache.report import ReportOptions, build_report
+
+        options = ReportOptions(
+            metric=metric,
+            group_by=group_by,
+            top=top,
+            tags=tag,
+            ids=run_id,
+            heatmap=parse_heatmap(heatmap),
+            detail=detail,
+            inspect_data=inspect,
+            title=title,
+        )
+        with progress_display(console) as bar:
+            result = build_report(runs_dir, out, options, progress=make_callback(bar))
+        print_outputs(result, console)

@@ -1,0 +1,179 @@
+"""One-command pipeline (extract → fit → report) and the bundled demo.
+
+The stages stay separate library calls (each resumable on its own); this module only chains them,
+forwards one progress callback, and tells the report what a reader must know about the data
+(e.g. that the demo's test split is not the official one).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from featcache.errors import ConfigError, DataError
+from featcache.faults import crash_point
+from featcache.progress import ProgressFn, emit
+
+DEMO_BACKBONE = "mobilenet-0.75"
+DEMO_HEADS = ("logreg", "mlp", "svm", "knn")
+# Small grids keep the demo at a couple of minutes on 2 CPU cores while still showing a grid view.
+DEMO_GRIDS: dict[str, dict[str, list]] = {
+    "logreg": {"C": [0.001, 0.01, 0.1, 1.0], "class_weight": [None, "balanced"]},
+    "svm": {"kernel": ["linear", "rbf"], "C": [0.1, 1.0]},
+    "knn": {"n_neighbors": [3, 7], "weights": ["uniform", "distance"]},
+    "mlp": {"layers": [(128,)], "lr": [1e-3, 1e-4], "batch_size": [16], "epochs": [40]},
+}
+NO_WEIGHTS_NOTE = (
+    "run with --weights none: the backbone has random (seeded) weights, so the accuracy here says "
+    "nothing about ImageNet features."
+)
+
+
+def demo_root() -> Path:
+    """The bundled sample (Kermany layout: train/ and test/), located as package data.
+
+    The images sit in ``demo/kermany/`` so that ``demo/ATTRIBUTION.md`` is not part of the dataset.
+    """
+    root = Path(str(resources.files("featcache") / "data" / "demo" / "kermany"))
+    if not (root / "train").is_dir():
+        raise DataError(f"the bundled demo sample is missing from {root}; reinstall featcache.")
+    return root
+
+
+@dataclass
+class PipelineResult:
+    """What each stage produced; ``report.html`` is the path to show the user."""
+
+    extracts: list[Any] = field(default_factory=list)  # featcache.extract.ExtractResult per backbone
+    fits: list[Any] = field(default_factory=list)  # featcache.fit.FitResult per head
+    report: Any = None  # featcache.report.ReportResult
+
+
+def split_grid_args(items: Sequence[str], heads: Sequence[str]) -> dict[str, list[str]]:
+    """Route ``--grid`` items to heads: ``HEAD:KEY=V`` targets one head, ``KEY=V`` every head that has KEY."""
+    from featcache.heads import get_head
+
+    routed: dict[str, list[str]] = {h: [] for h in heads}
+    for item in items:
+        target, sep, rest = item.partition(":")
+        if sep and target in routed and "=" in rest:
+            routed[target].append(rest)
+            continue
+        key = item.split("=", 1)[0].strip()
+        takers = [h for h in heads if key in get_head(h).schema]
+        if not takers:
+            raise ConfigError(
+                f"grid key '{key}' belongs to none of the heads {', '.join(heads)}; "
+                "check the spelling or prefix it with the head, e.g. mlp:lr=0.001."
+            )
+        for h in takers:
+            routed[h].append(item)
+    return routed
+
+
+def run_pipeline(
+    data: str | Path,
+    backbones: Sequence[str],
+    heads: Sequence[str],
+    *,
+    weights: str = "imagenet",
+    cache_dir: Path = Path("cache"),
+    runs_dir: Path = Path("runs"),
+    reports_dir: Path = Path("reports"),
+    extract_options: Any = None,
+    fit_options: Any = None,
+    grid_args: Sequence[str] = (),
+    head_grids: dict[str, dict] | None = None,
+    report_options: Any = None,
+    progress: ProgressFn | None = None,
+) -> PipelineResult:
+    """Extract features for every backbone, fit every head on them, then write the report.
+
+    Each stage reuses finished work (cached rows, done runs), so rerunning after a crash or with one
+    more head only computes what is new. The report covers the runs of this call's sweeps.
+    """
+    from dataclasses import replace
+
+    from featcache.backbones import BackboneConfig
+    from featcache.datasets import discover
+    from featcache.extract import ExtractOptions, extract
+    from featcache.fit import FitOptions, fit
+    from featcache.report import ReportOptions, build_report
+
+    if not backbones:
+        raise ConfigError("choose at least one backbone with --backbone (e.g. mobilenet-0.75).")
+    if not heads:
+        raise ConfigError("choose at least one head with --head (e.g. logreg,mlp).")
+    result = PipelineResult()
+    dataset = discover(data, getattr(fit_options, "manifest", None))
+    routed = split_grid_args(grid_args, heads)
+    fopts = fit_options or FitOptions()
+    for i, name in enumerate(backbones):
+        emit(progress, "pipeline", i, len(backbones) + len(heads) + 1, f"extracting {name}")
+        bb = BackboneConfig(name=name, weights=weights, seed=fopts.seed)
+        result.extracts.append(extract(dataset, bb, cache_dir, extract_options or ExtractOptions(), progress))
+        crash_point("pipeline.after_extract")
+    for j, head in enumerate(heads):
+        emit(progress, "pipeline", len(backbones) + j, len(backbones) + len(heads) + 1, f"fitting {head}")
+        grid = (head_grids or {}).get(head)
+        opts = replace(
+            fopts,
+            runs_dir=Path(runs_dir),
+            cache_dir=Path(cache_dir),
+            grid_args=routed[head],
+            grid=grid if grid is not None else fopts.grid,
+            command=list(fopts.command or ["featcache", *sys.argv[1:]]),
+        )
+        result.fits.append(fit(dataset.root, list(backbones), head, opts, progress))
+        crash_point("pipeline.after_fit")
+    emit(progress, "pipeline", len(backbones) + len(heads), len(backbones) + len(heads) + 1, "writing report")
+    ids = [run.id for fr in result.fits for run in fr.runs] + [
+        rid for fr in result.fits for rid in fr.skipped
+    ]
+    ropts = report_options or ReportOptions()
+    if ropts.run_ids is None:
+        ropts = replace(ropts, run_ids=ids)
+    result.report = build_report(runs_dir, reports_dir, ropts, progress)
+    emit(progress, "pipeline", 1, 1, "done")
+    return result
+
+
+def run_demo(
+    workdir: str | Path = ".",
+    *,
+    weights: str = "imagenet",
+    out: Path | None = None,
+    heads: Sequence[str] = DEMO_HEADS,
+    progress: ProgressFn | None = None,
+) -> PipelineResult:
+    """The whole pipeline on the bundled sample with mobilenet-0.75 (writes cache/, runs/, reports/)."""
+    from featcache.fit import FitOptions
+    from featcache.report import ReportOptions
+
+    if weights not in ("imagenet", "none"):
+        raise ConfigError(f"the demo runs with --weights imagenet or none, not '{weights}'.")
+    work = Path(workdir)
+    tag = f"demo-{weights}"
+    fopts = FitOptions(task="binary", tags=(tag,), cv_folds=3, seed=0, n_boot=500)
+    ropts = ReportOptions(
+        title="featcache demo: pneumonia in pediatric chest X-rays",
+        tags=(tag,),
+        notes=() if weights == "imagenet" else (NO_WEIGHTS_NOTE,),
+    )
+    return run_pipeline(
+        demo_root(),
+        [DEMO_BACKBONE],
+        heads,
+        weights=weights,
+        cache_dir=work / "cache",
+        runs_dir=work / "runs",
+        reports_dir=out or work / "reports",
+        fit_options=fopts,
+        head_grids={h: DEMO_GRIDS[h] for h in heads if h in DEMO_GRIDS},
+        report_options=ropts,
+        progress=progress,
+    )

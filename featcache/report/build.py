@@ -1,0 +1,814 @@
+"""Build the report: runs → leaderboard → document → report.html / report.md / leaderboard.csv / .json.
+
+The page is organised so a reader gets the answer first (best run, its validation and test numbers,
+the caveats that matter on this dataset), then the evidence (leaderboard, per-run plots, grid views),
+then what is needed to trust and reproduce it (dataset audit, provenance).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featcache.errors import ConfigError, FeatcacheError, RunError
+from featcache.faults import crash_point
+from featcache.progress import ProgressFn, emit
+from featcache.report import plots
+from featcache.report.collect import RunRecord, load_runs, select_runs
+from featcache.report.document import Code, Document, Figure, Heading, Hero, Para, Stat, Table
+from featcache.report.html import render_html
+from featcache.report.leaderboard import build_leaderboard, config_string, format_value, write_csv, write_json
+from featcache.report.markdown import render_markdown
+from featcache.report.scores import LOWER_IS_BETTER, chosen_threshold
+
+OVERSTATE_NOTE = (
+    "validation accuracy on this dataset overstates test accuracy. The official Kermany test split differs "
+    "from the training split in class balance (63% vs 74% pneumonia) and in appearance, so expect test "
+    "accuracy 5–15 points below validation accuracy. Runs are ranked on validation data only."
+)
+NO_TEST_NOTE = (
+    "validation only; the official test split was not used. Every number below is a validation estimate."
+)
+DEMO_NOTE = (
+    "this is featcache's bundled demo sample (96 images). Its 'test' split was carved from the official "
+    "Kermany TRAINING split (patient-disjoint from the demo's train split); it is NOT the official test set, "
+    "and with 24 images its numbers are very uncertain and not comparable with published results."
+)
+
+
+@dataclass
+class ReportOptions:
+    """What to include and how to rank (the `featcache report` flags)."""
+
+    metric: str = "accuracy"
+    group_by: str | None = None  # "backbone" | "head" | "task"
+    top: int | None = None  # best N runs per group in the leaderboard
+    tags: Sequence[str] = ()
+    ids: Sequence[str] = ()  # glob patterns (substring when no glob characters)
+    run_ids: Sequence[str] | None = None  # exact run ids (e.g. the runs one `featcache run` call made)
+    heatmap: tuple[str, str] | None = None
+    detail: int = 3  # runs that get confusion matrices / ROC / training curves
+    inspect_data: bool = True  # re-audit the dataset folder when it still exists
+    notes: Sequence[str] = ()  # extra callouts (e.g. from `featcache run`)
+    title: str = "featcache report"
+
+
+@dataclass
+class ReportResult:
+    out_dir: Path
+    html: Path
+    markdown: Path
+    csv: Path
+    json: Path
+    n_runs: int
+    best_run_id: str | None
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _f(value: Any, digits: int = 3) -> str:
+    return "—" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _ci(row: dict, key: str) -> str:
+    lo, hi = row.get(f"{key}_lo"), row.get(f"{key}_hi")
+    base = _f(row.get(key))
+    return f"{base} [{lo:.3f}–{hi:.3f}]" if lo is not None and hi is not None and base != "—" else base
+
+
+def _is_demo(root: str) -> bool:
+    try:
+        from featcache.pipeline import demo_root
+
+        return Path(root).resolve() == demo_root().resolve()
+    except (OSError, ImportError, FeatcacheError):
+        return False
+
+
+# --------------------------------------------------------------------------------------------- summary
+def _hero(best: dict, metric: str, has_test: bool) -> Hero:
+    thr = best.get("threshold")
+    stats = [
+        Stat(
+            f"validation {metric}",
+            _f(best.get(f"val_{metric}")),
+            f"threshold 0.5 · n={best.get('n_val') or '?'}",
+        )
+    ]
+    if thr is not None:
+        stats.append(
+            Stat(
+                "validation accuracy @ chosen threshold",
+                _f(best.get("val_accuracy_thr")),
+                f"threshold {thr:.3f}, chosen on validation",
+            )
+        )
+    if has_test and best.get("test_accuracy") is not None:
+        stats.append(
+            Stat(
+                "test accuracy",
+                _f(best.get("test_accuracy")),
+                f"95% CI {_f(best.get('test_accuracy_lo'))}–{_f(best.get('test_accuracy_hi'))}"
+                f" · n={best.get('n_test')}",
+            )
+        )
+        stats.append(
+            Stat(
+                "test AUC",
+                _f(best.get("test_auc")),
+                f"95% CI {_f(best.get('test_auc_lo'))}–{_f(best.get('test_auc_hi'))}",
+            )
+        )
+        if best.get("test_sensitivity") is not None:
+            stats.append(
+                Stat(
+                    "test sensitivity / specificity",
+                    f"{_f(best.get('test_sensitivity'), 2)} / {_f(best.get('test_specificity'), 2)}",
+                    "threshold 0.5"
+                    + (
+                        f"; {_f(best.get('test_sensitivity_thr'), 2)} / "
+                        f"{_f(best.get('test_specificity_thr'), 2)} at chosen"
+                        if thr is not None
+                        else ""
+                    ),
+                )
+            )
+    else:
+        stats.append(Stat("test", "not used", "validation only"))
+    return Hero(
+        f"{best['backbone']} · {best['head']} · {best['task']}",
+        best["config"] or "(default parameters)",
+        stats,
+    )
+
+
+def _callouts(
+    doc: Document, runs: Sequence[RunRecord], rows: Sequence[dict], skipped: Sequence, options: ReportOptions
+) -> None:
+    doc.add(Para(OVERSTATE_NOTE[0].upper() + OVERSTATE_NOTE[1:], "warn", "Read with care:"))
+    with_test = sum(1 for r in rows if r.get("test_accuracy") is not None)
+    if with_test == 0:
+        doc.add(Para(NO_TEST_NOTE[0].upper() + NO_TEST_NOTE[1:], "warn", "No test split:"))
+    elif with_test < len(rows):
+        doc.add(
+            Para(
+                f"{len(rows) - with_test} of {len(rows)} runs have no test predictions; their test "
+                "columns are empty.",
+                "muted",
+            )
+        )
+    roots = {str((r.run.get("dataset") or {}).get("root", "")) for r in runs}
+    if any(_is_demo(root) for root in roots if root):
+        doc.add(Para(DEMO_NOTE[0].upper() + DEMO_NOTE[1:], "note", "Demo data:"))
+    tasks = {r["task"] for r in rows}
+    if len(tasks) > 1 and options.group_by != "task":
+        doc.add(
+            Para(
+                f"runs of {len(tasks)} different tasks are ranked together; their metrics are not "
+                "comparable (use --group-by task).",
+                "note",
+                "Mixed tasks:",
+            )
+        )
+    for note in options.notes:
+        doc.add(Para(note, "note", "Note:"))
+    if skipped:
+        doc.add(
+            Para(
+                f"{len(skipped)} run folder(s) left out because they are unfinished, failed or "
+                "unreadable (listed at the end).",
+                "muted",
+            )
+        )
+
+
+# ----------------------------------------------------------------------------------------- leaderboard
+def _leaderboard_table(rows: Sequence[dict], metric: str, has_test: bool) -> Table:
+    cols: list[tuple[str, Any]] = [("#", lambda r: str(r["rank"]))]
+    # a column that is the same on every row is noise: say it once in the caption instead
+    constant = [k for k in ("backbone", "head", "task") if len({r[k] for r in rows}) == 1]
+    cols += [(k, lambda r, k=k: r[k]) for k in ("backbone", "head", "task") if k not in constant]
+    cols += [
+        ("config", lambda r: r["config"]),
+        (f"val {metric} ▼", lambda r: _f(r.get(f"val_{metric}"))),
+    ]
+    if metric != "accuracy":
+        cols.append(("val acc", lambda r: _f(r.get("val_accuracy"))))
+    cols += [
+        ("val acc @thr", lambda r: _f(r.get("val_accuracy_thr"))),
+        ("thr", lambda r: _f(r.get("threshold"), 2)),
+    ]
+    if metric != "auc":
+        cols.append(("val AUC", lambda r: _f(r.get("val_auc"))))
+    if has_test:
+        cols += [
+            ("test acc [95% CI]", lambda r: _ci(r, "test_accuracy")),
+            ("test acc @thr", lambda r: _f(r.get("test_accuracy_thr"))),
+            ("test AUC [95% CI]", lambda r: _ci(r, "test_auc")),
+            ("test F1", lambda r: _f(r.get("test_macro_f1"))),
+        ]
+    tag_sets = {", ".join(r["tags"]) for r in rows}
+    if len(tag_sets) > 1:
+        cols.append(("tags", lambda r: ", ".join(r["tags"])))
+    elif tag_sets != {""}:
+        constant.append("tags")
+    cols.append(("run id", lambda r: r["run_id"]))
+    names = [c[0] for c in cols]
+    numeric = {i for i, n in enumerate(names) if n.startswith(("val", "test", "thr", "#"))}
+    body = [[fn(r) for _, fn in cols] for r in rows]
+    best = {i for i, r in enumerate(rows) if r["rank"] == 1}
+
+    def shown(k: str) -> str:
+        return ", ".join(rows[0][k]) if k == "tags" else str(rows[0][k])
+
+    caption = "; ".join(f"{k}: {shown(k)}" for k in constant) + " (all runs)" if constant else ""
+    return Table(names, body, numeric, best, caption=caption, css_class="leaderboard")
+
+
+def _leaderboard_section(
+    doc: Document, rows: list[dict], options: ReportOptions, has_test: bool, n_total: int
+) -> None:
+    doc.section("Leaderboard", "leaderboard")
+    shown = (
+        f"top {options.top} per group"
+        if options.top and options.group_by
+        else (f"top {options.top}" if options.top else "all")
+    )
+    doc.add(
+        Para(
+            f"{n_total} run(s), {shown} shown, sorted by validation {options.metric} at threshold 0.5 "
+            f"({'lower' if options.metric in LOWER_IS_BETTER else 'higher'} is better). '@thr' columns use "
+            "the threshold chosen on validation data (Youden's J unless fit chose another); F1 is "
+            "macro-averaged; CIs are 95% bootstrap intervals over test images.",
+            "muted",
+        )
+    )
+    n_vals = [r["n_val"] for r in rows if isinstance(r.get("n_val"), int) and r["n_val"] > 0]
+    if n_vals and max(n_vals) >= 2 * min(n_vals):
+        doc.add(
+            Para(
+                f"validation sets differ in size ({min(n_vals)} to {max(n_vals)} images: hold-out heads "
+                "such as the MLP validate on a fraction, CV heads on out-of-fold predictions of all training "
+                "images); "
+                "a score on few images is noisy, so compare the test columns too.",
+                "note",
+                "Validation sizes differ:",
+            )
+        )
+    fig = plots.overview_figure(rows, options.metric)
+    if options.group_by:
+        groups: dict[str, list[dict]] = {}
+        for r in rows:
+            groups.setdefault(r["group"], []).append(r)
+        for name, members in groups.items():
+            doc.add(Heading(f"{options.group_by}: {name}", 3))
+            doc.add(_leaderboard_table(members, options.metric, has_test))
+    else:
+        doc.add(_leaderboard_table(rows, options.metric, has_test))
+    if fig:
+        doc.add(
+            Figure(
+                "overview",
+                fig,
+                f"Best runs: validation {options.metric} (blue) and test {options.metric} "
+                "with 95% CI (orange). The gap between them is the optimism of validation numbers.",
+                f"validation versus test {options.metric} of the best runs",
+            )
+        )
+
+
+def _top_runs_section(
+    doc: Document,
+    rows: list[dict],
+    by_id: dict[str, RunRecord],
+    options: ReportOptions,
+    progress: ProgressFn | None,
+) -> None:
+    if options.detail <= 0 or not rows:
+        return
+    if options.group_by:
+        firsts: dict[str, dict] = {}
+        for r in rows:
+            firsts.setdefault(r["group"], r)
+        chosen = list(firsts.values())[: max(options.detail, 1) * 2]
+    else:
+        chosen = rows[: options.detail]
+    doc.section("Top runs", "top-runs")
+    doc.add(
+        Para(
+            "Confusion matrices at threshold 0.5 and at the validation-chosen threshold (test split when "
+            "present, else validation), ROC curves with both operating points (● 0.5, ★ chosen), and "
+            "the MLP's training curves.",
+            "muted",
+        )
+    )
+    for i, row in enumerate(chosen):
+        emit(progress, "report", i, len(chosen), f"plotting {row['run_id']}")
+        rec = by_id[row["run_id"]]
+        doc.add(Heading(f"#{row['rank']} · {row['backbone']} · {row['head']} · {row['task']}", 3))
+        doc.add(
+            Para(
+                f"config: {row['config'] or '(defaults)'} — run {row['run_id']}"
+                f" — val n={row.get('n_val') or '?'}, test n={row.get('n_test') or 'none'}",
+                "muted",
+            )
+        )
+        png = plots.run_figure(rec, chosen_threshold(rec))
+        if png:
+            doc.add(
+                Figure(
+                    f"run-{row['rank']}",
+                    png,
+                    f"Run #{row['rank']} ({row['run_id']}).",
+                    f"confusion matrices, ROC and training curves of run {row['run_id']}",
+                )
+            )
+        else:
+            doc.add(Para("No predictions or training history were recorded for this run.", "muted"))
+
+
+# ---------------------------------------------------------------------------------------------- grids
+def _varying(rows: Sequence[dict]) -> list[tuple[str, int]]:
+    """(param, number of distinct values) for params with 2+ values, most varied first."""
+    keys = sorted({k for r in rows for k in r["params"]})
+    counts = [(k, len({format_value(r["params"].get(k)) for r in rows})) for k in keys]
+    return sorted([c for c in counts if c[1] > 1], key=lambda c: (-c[1], c[0]))
+
+
+def _sort_values(values: set[str]) -> list[str]:
+    def key(v: str) -> tuple:
+        try:
+            return (0, float(v), v)
+        except ValueError:
+            return (1, 0.0, v)
+
+    return sorted(values, key=key)
+
+
+def _heatmap(
+    rows: Sequence[dict], x: str, y: str, value_key: str, title: str, lower_better: bool = False
+) -> bytes:
+    """Best value of ``value_key`` per (x, y) cell of two hyperparameters."""
+    xs = _sort_values({format_value(r["params"].get(x)) for r in rows})
+    ys = _sort_values({format_value(r["params"].get(y)) for r in rows})
+    table = np.full((len(ys), len(xs)), np.nan)
+    better = min if lower_better else max
+    for r in rows:
+        v = r.get(value_key)
+        if v is None:
+            continue
+        i, j = ys.index(format_value(r["params"].get(y))), xs.index(format_value(r["params"].get(x)))
+        table[i, j] = v if np.isnan(table[i, j]) else better(table[i, j], v)
+    return plots.heatmap_figure(table, xs, ys, x, y, title)
+
+
+def _hyper_table(rows: Sequence[dict], varying: list[str], metric: str) -> Table:
+    """Paper 000 Fig. 4/5 style: every config with train/val/test loss, accuracy and F1."""
+    ordered = sorted(rows, key=lambda r: (str(r.get("created") or ""), r["run_id"]))
+    cols = [
+        "model #",
+        *varying,
+        "train loss",
+        "val loss",
+        "test loss",
+        "train acc",
+        "val acc",
+        "test acc",
+        "train F1",
+        "val F1",
+        "test F1",
+        "rank",
+    ]
+    body = []
+    for i, r in enumerate(ordered, 1):
+        body.append(
+            [
+                str(i),
+                *(format_value(r["params"].get(k)) for k in varying),
+                *(_f(r.get(f"{s}_loss")) for s in ("train", "val", "test")),
+                *(_f(r.get(f"{s}_accuracy")) for s in ("train", "val", "test")),
+                *(_f(r.get(f"{s}_macro_f1")) for s in ("train", "val", "test")),
+                str(r["rank"]),
+            ]
+        )
+    numeric = {0, *range(1 + len(varying), len(cols))}
+    best_rank = min(r["rank"] for r in ordered)
+    best = {i for i, r in enumerate(ordered) if r["rank"] == best_rank}
+    return Table(
+        cols,
+        body,
+        numeric,
+        best,
+        caption=f"Highlighted: best validation {metric}. Loss = log loss; F1 = macro F1; accuracy and F1 at "
+        "threshold 0.5. Train metrics as recorded by fit (empty when not recorded).",
+    )
+
+
+def _cv_grid(rec: RunRecord) -> list[dict] | None:
+    """The configs a CV head searched inside ONE run (metrics.json cv_results), as pseudo rows."""
+    cv = rec.metrics.get("cv_results")
+    if not isinstance(cv, dict) or not isinstance(cv.get("params"), list) or len(cv["params"]) < 2:
+        return None
+    out = []
+    for i, params in enumerate(cv["params"]):
+
+        def pick(key: str, i: int = i) -> Any:
+            vals = cv.get(key)
+            return vals[i] if isinstance(vals, list) and i < len(vals) else None
+
+        out.append(
+            {
+                "params": params if isinstance(params, dict) else {"config": params},
+                "cv": pick("mean_test_score"),
+                "std": pick("std_test_score"),
+                "rank": pick("rank_test_score"),
+                "fit_time": pick("mean_fit_time"),
+            }
+        )
+    return out
+
+
+def _cv_section(doc: Document, rec: RunRecord, row: dict, options: ReportOptions) -> None:
+    grid = _cv_grid(rec)
+    if not grid:
+        return
+    scoring = str((rec.run.get("selection") or {}).get("scoring", "score"))
+    folds = (rec.run.get("selection") or {}).get("folds", "?")
+    doc.add(
+        Heading(
+            f"{rec.head} on {rec.backbone} features · task {rec.task} · grid search inside run "
+            f"#{row['rank']} ({len(grid)} configs × {folds} patient-grouped folds)",
+            3,
+        )
+    )
+    names = [v[0] for v in _varying(grid)]
+    pair = (
+        options.heatmap
+        if options.heatmap and all(p in names for p in options.heatmap)
+        else ((names[0], names[1]) if len(names) >= 2 else None)
+    )
+    if pair:
+        png = _heatmap(grid, pair[0], pair[1], "cv", f"mean CV {scoring}: {rec.head} on {rec.backbone}")
+        doc.add(
+            Figure(
+                f"heatmap-cv-{row['rank']}",
+                png,
+                f"Mean cross-validation {scoring} over {pair[0]} × {pair[1]} (best config per cell).",
+                f"heatmap of CV {scoring} over {pair[0]} and {pair[1]}",
+            )
+        )
+    body = [
+        [
+            str(i),
+            *(format_value(g["params"].get(k)) for k in names),
+            _f(g["cv"]),
+            _f(g["std"]),
+            str(g["rank"] if g["rank"] is not None else "—"),
+            _f(g["fit_time"], 2),
+        ]
+        for i, g in enumerate(grid, 1)
+    ]
+    best = {i for i, g in enumerate(grid) if g["rank"] == 1}
+    cols = ["config #", *names, f"mean CV {scoring}", "std", "CV rank", "fit s"]
+    doc.add(
+        Table(
+            cols,
+            body,
+            {0, *range(1 + len(names), len(cols))},
+            best,
+            caption="Highlighted: the config the search chose; the run's train/val/test metrics above are "
+            "for that config only.",
+        )
+    )
+
+
+def _grid_section(
+    doc: Document, rows: list[dict], options: ReportOptions, by_id: dict[str, RunRecord]
+) -> None:
+    families: dict[tuple[str, str, str], list[dict]] = {}
+    for r in rows:
+        families.setdefault((r["backbone"], r["head"], r["task"]), []).append(r)
+    families = {k: v for k, v in families.items() if len(v) >= 2}
+    cv_rows = [r for r in rows if _cv_grid(by_id[r["run_id"]])]
+    if not families and not cv_rows:
+        return
+    doc.section("Grid views", "grids")
+    for r in cv_rows:
+        _cv_section(doc, by_id[r["run_id"]], r, options)
+    for (backbone, head, task), members in families.items():
+        doc.add(Heading(f"{head} on {backbone} features · task {task} · {len(members)} configs", 3))
+        varying = _varying(members)
+        names = [v[0] for v in varying]
+        fixed = sorted({k for r in members for k in r["params"]} - set(names))
+        if fixed:
+            doc.add(
+                Para(
+                    "fixed: " + ", ".join(f"{k}={format_value(members[0]['params'].get(k))}" for k in fixed),
+                    "muted",
+                )
+            )
+        pair: tuple[str, str] | None = None
+        if options.heatmap and all(p in {k for r in members for k in r["params"]} for p in options.heatmap):
+            pair = options.heatmap
+        elif len(names) >= 2:
+            pair = (names[0], names[1])
+        if pair:
+            png = _heatmap(
+                members,
+                pair[0],
+                pair[1],
+                f"val_{options.metric}",
+                f"validation {options.metric}: {head} on {backbone}",
+                options.metric in LOWER_IS_BETTER,
+            )
+            doc.add(
+                Figure(
+                    f"heatmap-{head}-{backbone}",
+                    png,
+                    f"Validation {options.metric} over {pair[0]} × {pair[1]} (best run per cell; other "
+                    "parameters vary inside a cell).",
+                    f"heatmap of {options.metric} over {pair[0]} and {pair[1]}",
+                )
+            )
+        doc.add(_hyper_table(members, names, options.metric))
+
+
+# -------------------------------------------------------------------------------------------- dataset
+def _flatten_counts(counts: Any, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], int]]:
+    if isinstance(counts, dict):
+        out: list[tuple[tuple[str, ...], int]] = []
+        for k in sorted(counts, key=str):
+            out += _flatten_counts(counts[k], (*prefix, str(k)))
+        return out
+    if isinstance(counts, int | float) and not isinstance(counts, bool):
+        return [(prefix, int(counts))]
+    return []
+
+
+def _inspect(root: str, progress: ProgressFn | None) -> dict | None:
+    """Re-audit the dataset folder (patients, duplicates, cross-split leaks) when it still exists."""
+    if not root or not Path(root).is_dir():
+        return None
+    try:
+        from featcache.datasets import discover, inspect
+    except ImportError:
+        return None
+    try:
+        return inspect(discover(root), progress=progress)
+    except (FeatcacheError, OSError, ValueError):
+        return None
+
+
+def _dataset_section(
+    doc: Document, runs: Sequence[RunRecord], options: ReportOptions, progress: ProgressFn | None
+) -> None:
+    datasets: dict[str, dict] = {}
+    for r in runs:
+        ds = r.run.get("dataset") if isinstance(r.run.get("dataset"), dict) else {}
+        datasets.setdefault(str(ds.get("root", "?")), ds)
+    doc.section("Dataset", "dataset")
+    for root, ds in datasets.items():
+        info = _inspect(root, progress) if options.inspect_data else None
+        source = "audited now from the folder" if info else "as recorded by fit (folder not re-read)"
+        doc.add(Heading(f"{root}", 3))
+        doc.add(
+            Para(
+                f"layout: {ds.get('layout') or (info or {}).get('layout') or '?'}; counts {source}.", "muted"
+            )
+        )
+        flat = _flatten_counts((info or {}).get("counts") or ds.get("counts") or {})
+        if flat:
+            depth = max(len(p) for p, _ in flat)
+            names = ["split", "class", "subtype", "level 4", "level 5"][:depth]
+            body = [[*p, *([""] * (depth - len(p))), str(n)] for p, n in flat]
+            body.append(["total", *([""] * (depth - 1)), str(sum(n for _, n in flat))])
+            doc.add(Table([*names, "images"], body, {depth}))
+        if info:
+            _audit(doc, info)
+
+
+def _audit(doc: Document, info: dict) -> None:
+    cross = info.get("cross_split_patients") or {}
+    dups = info.get("duplicates") or []
+    xdups = info.get("cross_split_duplicates") or []
+    pps = info.get("patients_per_split") or {}
+    rows = [["images", str(info.get("n_images", "?"))], ["patients", str(info.get("n_patients", "?"))]]
+    rows += [[f"patients in {k}", str(v)] for k, v in sorted(pps.items(), key=lambda kv: str(kv[0]))]
+    rows += [
+        ["byte-identical duplicate groups", str(len(dups))],
+        ["patients in more than one split", str(len(cross))],
+        ["duplicates across splits", str(len(xdups))],
+        ["files skipped by discovery", str(len(info.get("skipped") or []))],
+    ]
+    doc.add(Table(["audit", "value"], rows, {1}))
+    if cross or xdups:
+        examples = ", ".join(f"{p} ({'/'.join(map(str, s))})" for p, s in list(cross.items())[:5])
+        doc.add(
+            Para(
+                f"{len(cross)} patient(s) and {len(xdups)} duplicate group(s) span several splits: test "
+                f"numbers may be optimistic. Examples: {examples or '—'}",
+                "warn",
+                "Leak:",
+            )
+        )
+    else:
+        doc.add(Para("No patient and no byte-identical image appears in more than one split.", "muted"))
+    if dups:
+        doc.add(Para("duplicate examples: " + "; ".join(" = ".join(map(str, g)) for g in dups[:5]), "muted"))
+
+
+# ----------------------------------------------------------------------------------------- provenance
+SELECTION_KEYS = (
+    "method",
+    "group_by",
+    "folds",
+    "fraction",
+    "scoring",
+    "metric",
+    "refit",
+    "test_used_for_selection",
+)
+
+
+def _provenance_section(doc: Document, runs: Sequence[RunRecord]) -> None:
+    doc.section("Provenance", "provenance")
+    caches: dict[str, list[str]] = {}
+    for r in runs:
+        bbs = r.run.get("backbones") or []
+        for i, c in enumerate(r.run.get("caches") or []):
+            if not isinstance(c, dict):
+                continue
+            bb = bbs[i] if i < len(bbs) and isinstance(bbs[i], dict) else {}
+            digest = str(c.get("weights_digest") or bb.get("weights_digest") or "")
+            caches.setdefault(
+                str(c.get("path")),
+                [
+                    str(bb.get("name", r.backbone)),
+                    str(bb.get("weights", "?")),
+                    str(bb.get("pooling", "?")),
+                    str(bb.get("image_size", bb.get("input_size", "?"))),
+                    digest[:16],
+                    Path(str(c.get("path"))).name,
+                    str(c.get("n_rows", "?")),
+                    str(c.get("config_hash", ""))[:12],
+                ],
+            )
+    if caches:
+        doc.add(Heading("Feature caches", 3))
+        doc.add(
+            Table(
+                [
+                    "backbone",
+                    "weights",
+                    "pooling",
+                    "size",
+                    "weights sha256",
+                    "cache file",
+                    "rows",
+                    "config hash",
+                ],
+                list(caches.values()),
+                {6},
+            )
+        )
+    selections = sorted(
+        {
+            config_string({k: v for k, v in r.run["selection"].items() if k in SELECTION_KEYS})
+            for r in runs
+            if isinstance(r.run.get("selection"), dict)
+        }
+    )
+    seeds = sorted({str(r.run.get("seed")) for r in runs if r.run.get("seed") is not None})
+    doc.add(Heading("Model selection and seeds", 3))
+    doc.add(
+        Table(
+            ["item", "value"], [["selection", s] for s in selections] + [["seeds", ", ".join(seeds) or "—"]]
+        )
+    )
+    versions: dict[str, set[str]] = {}
+    for r in runs:
+        for k, v in (r.run.get("versions") or {}).items():
+            versions.setdefault(str(k), set()).add(str(v))
+    if versions:
+        doc.add(Heading("Versions", 3))
+        doc.add(
+            Table(["package", "version(s)"], [[k, ", ".join(sorted(v))] for k, v in sorted(versions.items())])
+        )
+    commands: list[str] = []
+    for r in runs:
+        cmd = r.run.get("command")
+        text = shlex.join(map(str, cmd)) if isinstance(cmd, list) else str(cmd or "")
+        if text and text not in commands:
+            commands.append(text)
+    if commands:
+        doc.add(Heading("Command lines", 3))
+        doc.add(Code(commands[:30] + ([f"... and {len(commands) - 30} more"] if len(commands) > 30 else [])))
+
+
+# ----------------------------------------------------------------------------------------------- main
+def _atomic_write(path: Path, data: str | bytes) -> None:
+    """Write via a temp file + os.replace so a reader never opens a half-written report."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    mode = "wb" if isinstance(data, bytes) else "w"
+    with open(tmp, mode, **({} if isinstance(data, bytes) else {"encoding": "utf-8"})) as fh:
+        fh.write(data)
+    crash_point("report.before_replace")
+    os.replace(tmp, path)
+
+
+def build_document(
+    runs: Sequence[RunRecord],
+    rows: list[dict],
+    skipped: Sequence[tuple[str, str]],
+    options: ReportOptions,
+    runs_dir: Path,
+    progress: ProgressFn | None = None,
+    n_selected: int | None = None,
+) -> Document:
+    """Assemble every section (format-neutral) from the selected runs and their leaderboard rows."""
+    from featcache import __version__
+
+    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    has_test = any(r.get("test_accuracy") is not None for r in rows)
+    doc = Document(
+        options.title,
+        f"{len(rows)} run(s) from {runs_dir} · ranked by validation {options.metric} · generated {now}",
+    )
+    best = rows[0] if not options.group_by else min(rows, key=lambda r: r["rank"])
+    doc.add(_hero(best, options.metric, has_test))
+    _callouts(doc, runs, rows, skipped, options)
+    _leaderboard_section(doc, rows, options, has_test, n_selected or len(runs))
+    by_id = {r.id: r for r in runs}
+    _top_runs_section(doc, sorted(rows, key=lambda r: r["rank"]), by_id, options, progress)
+    _grid_section(doc, rows, options, by_id)
+    _dataset_section(doc, runs, options, progress)
+    _provenance_section(doc, runs)
+    if skipped:
+        doc.add(Heading("Runs left out", 3))
+        doc.add(Table(["folder", "reason"], [[a, b] for a, b in skipped]))
+    doc.footer = (
+        f"Generated by featcache {__version__} on {now}. Metrics are recomputed from each run's prediction "
+        "CSVs; 95% CIs are percentile bootstrap intervals over test images (1000 resamples, seed 0)."
+    )
+    return doc
+
+
+def build_report(
+    runs_dir: str | Path = "runs",
+    out_dir: str | Path = "reports",
+    options: ReportOptions | None = None,
+    progress: ProgressFn | None = None,
+) -> ReportResult:
+    """Write report.html, report.md (+ report_files/), leaderboard.csv and leaderboard.json to ``out_dir``."""
+    options = options or ReportOptions()
+    if options.heatmap is not None and len(options.heatmap) != 2:
+        raise ConfigError(
+            "--heatmap takes two parameter names separated by a comma, e.g. --heatmap lr,batch_size."
+        )
+    runs_dir, out_dir = Path(runs_dir), Path(out_dir)
+    all_runs, skipped = load_runs(runs_dir, progress)
+    if not all_runs:
+        raise RunError(
+            f"no finished runs in {runs_dir}; train heads with `featcache fit` (or `featcache run`) first."
+        )
+    runs = select_runs(all_runs, options.tags, options.ids)
+    if options.run_ids is not None:
+        wanted = set(options.run_ids)
+        runs = [r for r in runs if r.id in wanted]
+    if not runs:
+        raise RunError(
+            f"none of the {len(all_runs)} finished runs in {runs_dir} matches the --tag/--id selection; "
+            "list run ids and tags with `featcache runs ls`."
+        )
+    emit(progress, "report", 0, len(runs), "computing metrics")
+    rows = build_leaderboard(runs, options.metric, options.group_by, options.top)
+    selected = {r["run_id"] for r in rows}
+    n_selected = len(runs)
+    runs = [r for r in runs if r.id in selected]
+    doc = build_document(runs, rows, skipped, options, runs_dir, progress, n_selected)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    emit(progress, "report", 0, 4, "writing files")
+    html_path, md_path = out_dir / "report.html", out_dir / "report.md"
+    _atomic_write(html_path, render_html(doc))
+    _atomic_write(md_path, render_markdown(doc, out_dir / "report_files", "report_files"))
+    meta = {
+        "runs_dir": str(runs_dir),
+        "metric": options.metric,
+        "group_by": options.group_by,
+        "top": options.top,
+        "tags": list(options.tags),
+        "ids": list(options.ids),
+        "n_runs": len(rows),
+        "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    csv_path = write_csv(rows, out_dir / "leaderboard.csv")
+    json_path = write_json(rows, out_dir / "leaderboard.json", meta)
+    emit(progress, "report", 4, 4, "report written")
+    best = min(rows, key=lambda r: r["rank"])
+    return ReportResult(out_dir, html_path, md_path, csv_path, json_path, len(rows), best["run_id"], skipped)

@@ -1,0 +1,187 @@
+"""Load finished runs from a run store and select the ones a report is about.
+
+The report reads only what ``featcache/runs.py`` wrote (run.json, metrics.json, prediction CSVs), so it
+can be rebuilt at any time without the cache or the models. Metrics are recomputed from the prediction
+CSVs where they exist: that makes every run comparable (same definitions, both thresholds) even when
+different versions of ``fit`` recorded slightly different metric sets.
+"""
+
+from __future__ import annotations
+
+import csv
+import fnmatch
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from featcache.errors import RunError
+from featcache.progress import ProgressFn, emit
+
+
+@dataclass
+class Predictions:
+    """One prediction CSV: true class indices and class probabilities, row-aligned."""
+
+    relpaths: list[str]
+    y_true: np.ndarray  # int [n], index into ``classes``
+    proba: np.ndarray  # float [n, K]
+    classes: list[str]
+
+
+@dataclass
+class RunRecord:
+    """Everything the report needs about one finished run."""
+
+    id: str
+    path: Path
+    run: dict
+    metrics: dict
+    val: Predictions | None = None
+    test: Predictions | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def head(self) -> str:
+        return str(self.run.get("head") or "?")
+
+    @property
+    def task(self) -> str:
+        return str(self.run.get("task") or "?")
+
+    @property
+    def backbone(self) -> str:
+        """Backbone name(s) as one string (a run may concatenate several backbones' features)."""
+        bbs = self.run.get("backbones") or []
+        names = [b.get("name", "?") if isinstance(b, dict) else str(b) for b in bbs]
+        return "+".join(names) if names else "?"
+
+    @property
+    def params(self) -> dict:
+        p = self.run.get("params")
+        return p if isinstance(p, dict) else {}
+
+    @property
+    def tags(self) -> list[str]:
+        return [str(t) for t in (self.run.get("tags") or [])]
+
+
+def _load_json(path: Path) -> dict:
+    with open(path, encoding="utf-8") as fh:
+        data = json.load(fh)
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    return data
+
+
+def _parse_float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
+def read_predictions(path: Path) -> Predictions:
+    """Parse ``relpath,key,y_true,p_<class>...,y_pred``; y_true may be a class index or a class name."""
+    with open(path, encoding="utf-8", newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader)
+        rows = list(reader)
+    pcols = [i for i, h in enumerate(header) if h.startswith("p_")]
+    if "y_true" not in header or not pcols:
+        raise ValueError("missing y_true or p_<class> columns")
+    classes = [header[i][2:] for i in pcols]
+    yi = header.index("y_true")
+    ri = header.index("relpath") if "relpath" in header else None
+    y: list[int] = []
+    for r in rows:
+        raw = r[yi]
+        if raw in classes:
+            y.append(classes.index(raw))
+        else:
+            y.append(int(float(raw)))
+    proba = np.array([[_parse_float(r[i]) for i in pcols] for r in rows], dtype=float).reshape(len(rows), -1)
+    relpaths = [r[ri] if ri is not None else "" for r in rows]
+    return Predictions(relpaths, np.asarray(y, dtype=int), proba, classes)
+
+
+def load_run(path: Path) -> RunRecord:
+    """Read one run folder; raises ValueError/OSError when run.json itself is unusable."""
+    run = _load_json(path / "run.json")
+    rec = RunRecord(id=str(run.get("id") or path.name), path=path, run=run, metrics={})
+    mpath = path / "metrics.json"
+    if mpath.is_file():
+        try:
+            rec.metrics = _load_json(mpath)
+        except (OSError, ValueError) as exc:
+            rec.problems.append(f"metrics.json unreadable ({exc})")
+    for split in ("val", "test"):
+        ppath = path / f"predictions_{split}.csv"
+        if ppath.is_file():
+            try:
+                setattr(rec, split, read_predictions(ppath))
+            except (OSError, ValueError, IndexError, StopIteration) as exc:
+                rec.problems.append(f"predictions_{split}.csv unreadable ({exc})")
+    return rec
+
+
+def load_runs(
+    runs_dir: Path, progress: ProgressFn | None = None
+) -> tuple[list[RunRecord], list[tuple[str, str]]]:
+    """All runs with ``status == "done"``, plus (folder, reason) for every folder left out.
+
+    Unfinished and failed runs are left out on purpose: a report must never mix a half-trained
+    model into a leaderboard; listing them tells the reader why a run is missing.
+    """
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        raise RunError(
+            f"runs folder {runs_dir} does not exist; train heads with `featcache fit` first "
+            "or point --runs-dir at an existing runs folder."
+        )
+    folders = sorted(p for p in runs_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    runs: list[RunRecord] = []
+    skipped: list[tuple[str, str]] = []
+    for i, folder in enumerate(folders):
+        emit(progress, "report", i, len(folders), f"reading {folder.name}")
+        if not (folder / "run.json").is_file():
+            skipped.append((folder.name, "no run.json"))
+            continue
+        try:
+            rec = load_run(folder)
+        except (OSError, ValueError) as exc:
+            skipped.append((folder.name, f"run.json unreadable ({exc})"))
+            continue
+        status = rec.run.get("status")
+        if status != "done":
+            skipped.append((folder.name, f"status {status!r}"))
+            continue
+        runs.append(rec)
+    emit(progress, "report", len(folders), len(folders), "runs read")
+    return runs, skipped
+
+
+def select_runs(
+    runs: Sequence[RunRecord], tags: Sequence[str] = (), ids: Sequence[str] = ()
+) -> list[RunRecord]:
+    """Keep runs carrying any of ``tags`` and whose id matches any glob in ``ids`` (empty = no filter).
+
+    A pattern without glob characters matches as a substring, so ``--id mlp`` does what users expect.
+    """
+
+    def id_ok(run_id: str) -> bool:
+        if not ids:
+            return True
+        for pat in ids:
+            if any(ch in pat for ch in "*?["):
+                if fnmatch.fnmatchcase(run_id, pat):
+                    return True
+            elif pat in run_id:
+                return True
+        return False
+
+    wanted = set(tags)
+    return [r for r in runs if id_ok(r.id) and (not wanted or wanted.intersection(r.tags))]

@@ -1,0 +1,220 @@
+"""The leaderboard: one row per run, sorted by a validation metric, with test metrics and CIs.
+
+Runs are ranked on validation data only (the test split must not choose the model); test columns
+are shown next to them so a reader sees how much the validation ranking overstates real performance.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from featcache.errors import ConfigError
+from featcache.report.collect import RunRecord
+from featcache.report.scores import LOWER_IS_BETTER, METRICS, bootstrap_ci, chosen_threshold, scores
+
+GROUP_BY = ("backbone", "head", "task")
+THR_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "sensitivity", "specificity")
+CI_METRICS = ("accuracy", "macro_f1", "auc")
+
+
+def format_value(value: Any) -> str:
+    """Compact human form of a hyperparameter value: 0.001, 1024-512, 0:1,1:3, None."""
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list | tuple):
+        return "-".join(format_value(v) for v in value)
+    if isinstance(value, dict):
+        return ",".join(f"{k}:{format_value(v)}" for k, v in value.items())
+    return str(value)
+
+
+def config_string(params: dict) -> str:
+    """``key=value`` pairs in a stable order: the config column of every table."""
+    return ", ".join(f"{k}={format_value(v)}" for k, v in sorted(params.items()))
+
+
+def _recorded(metrics: dict, split: str) -> dict:
+    block = metrics.get(split)
+    return block if isinstance(block, dict) else {}
+
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return None if math.isnan(value) else float(value)
+
+
+def _train_metrics(rec: RunRecord) -> dict[str, float | None]:
+    """Training-set loss/accuracy/F1 as fit recorded them (fit keeps no training predictions)."""
+    train = _recorded(rec.metrics, "train")
+    hist = rec.metrics.get("history") if isinstance(rec.metrics.get("history"), dict) else {}
+    loss = _num(train.get("loss", train.get("log_loss")))
+    if loss is None and hist.get("loss"):
+        loss = _num(hist["loss"][-1])
+    acc = _num(train.get("accuracy"))
+    if acc is None and hist.get("accuracy"):
+        acc = _num(hist["accuracy"][-1])
+    return {
+        "train_loss": loss,
+        "train_accuracy": acc,
+        "train_macro_f1": _num(train.get("macro_f1", train.get("f1"))),
+    }
+
+
+def _split_columns(rec: RunRecord, split: str, threshold: float | None) -> dict[str, Any]:
+    pred = getattr(rec, split)
+    out: dict[str, Any] = {}
+    if pred is not None and len(pred.y_true):
+        at_half = scores(pred, 0.5)
+        at_thr = scores(pred, threshold) if threshold is not None else {}
+        for m in METRICS:
+            out[f"{split}_{m}"] = _num(at_half.get(m))
+        for m in THR_METRICS:
+            out[f"{split}_{m}_thr"] = _num(at_thr.get(m))
+        out[f"n_{split}"] = at_half["n"]
+        if split == "test":
+            for suffix, thr in (("", 0.5), ("_thr", threshold)):
+                if suffix and thr is None:
+                    continue
+                for m, (lo, hi) in bootstrap_ci(pred, thr).items():
+                    if suffix and m == "auc":
+                        continue  # AUC does not depend on the threshold
+                    out[f"test_{m}{suffix}_lo"], out[f"test_{m}{suffix}_hi"] = lo, hi
+        return out
+    rec_m = _recorded(rec.metrics, split)
+    for m in METRICS:
+        out[f"{split}_{m}"] = _num(rec_m.get(m, rec_m.get("log_loss") if m == "loss" else None))
+    out[f"n_{split}"] = rec_m.get("n")
+    ci = rec_m.get("ci") if isinstance(rec_m.get("ci"), dict) else {}
+    for m in CI_METRICS:
+        pair = ci.get(m)
+        if isinstance(pair, list | tuple) and len(pair) == 2:
+            out[f"test_{m}_lo"], out[f"test_{m}_hi"] = _num(pair[0]), _num(pair[1])
+    return out
+
+
+def run_row(rec: RunRecord) -> dict[str, Any]:
+    """All leaderboard columns of one run (unranked)."""
+    thr = chosen_threshold(rec)
+    row: dict[str, Any] = {
+        "run_id": rec.id,
+        "sweep_id": rec.run.get("sweep_id"),
+        "backbone": rec.backbone,
+        "head": rec.head,
+        "task": rec.task,
+        "config": config_string(rec.params),
+        "params": rec.params,
+        "tags": rec.tags,
+        "seed": rec.run.get("seed"),
+        "created": rec.run.get("created"),
+        "threshold": thr,
+    }
+    row.update(_split_columns(rec, "val", thr))
+    row.update(_split_columns(rec, "test", thr))
+    row.update(_train_metrics(rec))
+    return row
+
+
+def _sort_key(row: dict, metric: str) -> tuple:
+    value = row.get(f"val_{metric}")
+    missing = value is None
+    signed = 0.0 if missing else (value if metric in LOWER_IS_BETTER else -value)
+    return (missing, signed, row["run_id"])
+
+
+def build_leaderboard(
+    runs: Sequence[RunRecord], metric: str = "accuracy", group_by: str | None = None, top: int | None = None
+) -> list[dict[str, Any]]:
+    """Rows sorted by validation ``metric`` (best first); grouped, groups ordered by their best run.
+
+    ``rank`` is the overall rank; ``top`` keeps the best N of each group (of all runs without grouping).
+    """
+    if metric not in METRICS:
+        raise ConfigError(f"unknown metric '{metric}'; choose one of: {', '.join(METRICS)}.")
+    if group_by is not None and group_by not in GROUP_BY:
+        raise ConfigError(f"cannot group by '{group_by}'; choose one of: {', '.join(GROUP_BY)}.")
+    if top is not None and top < 1:
+        raise ConfigError("--top must be at least 1.")
+    rows = sorted((run_row(r) for r in runs), key=lambda r: _sort_key(r, metric))
+    for i, row in enumerate(rows, 1):
+        row["rank"] = i
+        row["score"] = row.get(f"val_{metric}")
+        row["group"] = str(row[group_by]) if group_by else ""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:  # rows are sorted, so each group's first row is its best: dict order = group order
+        groups.setdefault(row["group"], []).append(row)
+    out: list[dict] = []
+    for members in groups.values():
+        out.extend(members[:top] if top else members)
+    return out
+
+
+CSV_FIRST = ("rank", "group", "run_id", "backbone", "head", "task", "config", "tags", "score", "threshold")
+
+
+def csv_columns(rows: Sequence[dict]) -> list[str]:
+    """Stable column order: identity first, then every metric column any row has."""
+    rest: list[str] = []
+    for row in rows:
+        for key in row:
+            if key not in CSV_FIRST and key not in rest and key != "params":
+                rest.append(key)
+    return [*CSV_FIRST, *sorted(rest), "params"]
+
+
+def _csv_cell(value: Any) -> str:
+    """Cells as text; strings that a spreadsheet would run as a formula get a leading quote."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, dict | list):
+        value = json.dumps(value, sort_keys=True)
+    text = str(value)
+    if text[:1] in ("=", "+", "-", "@", "\t", "\r") and not _is_number(text):
+        text = "'" + text
+    return text
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def write_csv(rows: Sequence[dict], path: Path) -> Path:
+    """leaderboard.csv (RFC 4180 quoting keeps commas, quotes and newlines in one cell)."""
+    cols = csv_columns(rows)
+    with open(path, "w", encoding="utf-8", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(cols)
+        for row in rows:
+            writer.writerow([_csv_cell(row.get(c)) for c in cols])
+    return path
+
+
+def write_json(rows: Sequence[dict], path: Path, meta: dict) -> Path:
+    """leaderboard.json: ``{"meta": {...}, "runs": [...]}``; NaN becomes null so any parser reads it."""
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+            return None
+        if isinstance(v, dict):
+            return {str(k): clean(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [clean(x) for x in v]
+        return v
+
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(clean({"meta": meta, "runs": list(rows)}), fh, indent=2, default=str)
+        fh.write("\n")
+    return path

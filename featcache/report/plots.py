@@ -1,0 +1,245 @@
+"""Report figures rendered with matplotlib's Agg backend to PNG bytes.
+
+PNG bytes can be embedded as data URIs (self-contained HTML) and written next to the Markdown; no
+figure ever references a file or a URL. Every string from data goes through :func:`_t` because
+matplotlib would otherwise read ``$...$`` in a label as math markup (and fail on a lone ``$``).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import numpy as np
+
+from featcache.report.collect import Predictions, RunRecord
+from featcache.report.scores import confusion, predict, roc_points
+
+BLUE, ORANGE, GREY, GREEN = "#1f5fa8", "#e07b00", "#8a8f98", "#2e8540"
+
+
+def _plt():
+    """pyplot on the Agg backend, imported lazily so `featcache --help` stays fast."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update(
+        {
+            "font.size": 9,
+            "axes.titlesize": 10,
+            "axes.spines.top": False,
+            "axes.spines.right": False,
+            "svg.fonttype": "path",
+        }
+    )
+    return plt
+
+
+def _t(text: object) -> str:
+    """Literal text for matplotlib: escape the mathtext trigger."""
+    return str(text).replace("$", r"\$")
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight", metadata={"Software": None})
+    _plt().close(fig)
+    return buf.getvalue()
+
+
+def _confusion_ax(ax, pred: Predictions, threshold: float | None, title: str) -> None:
+    k = pred.proba.shape[1]
+    cm = confusion(pred.y_true, predict(pred, threshold), k)
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(k):
+        for j in range(k):
+            ax.text(
+                j,
+                i,
+                f"{cm[i, j]}\n{norm[i, j]:.0%}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if norm[i, j] > 0.55 else "black",
+            )
+    labels = [_t(c) for c in pred.classes]
+    ax.set_xticks(range(k), labels, rotation=20 if k > 2 else 0)
+    ax.set_yticks(range(k), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(_t(title))
+
+
+def _roc_ax(ax, rec: RunRecord, threshold: float | None) -> None:
+    """ROC of validation and test predictions; 0.5 and the chosen threshold marked on each."""
+    ax.plot([0, 1], [0, 1], color=GREY, lw=0.8, ls=":")
+    for split, color in (("val", BLUE), ("test", ORANGE)):
+        pred = getattr(rec, split)
+        if pred is None or pred.proba.shape[1] != 2 or len(set(pred.y_true.tolist())) < 2:
+            continue
+        fpr, tpr, _ = roc_points(pred.y_true, pred.proba[:, 1])
+        ax.plot(fpr, tpr, color=color, lw=1.6, label=f"{split}")
+        for thr, marker, name in ((0.5, "o", "0.5"), (threshold, "*", "chosen")):
+            if thr is None:
+                continue
+            yp = pred.proba[:, 1] >= thr
+            sens = yp[pred.y_true == 1].mean()
+            fp = yp[pred.y_true == 0].mean()
+            ax.plot(
+                [fp],
+                [sens],
+                marker=marker,
+                ms=9 if marker == "*" else 6,
+                color=color,
+                mec="black",
+                mew=0.6,
+                ls="none",
+                label=f"{split} @ {name}" if split == "val" else None,
+            )
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("1 − specificity (false-positive rate)")
+    ax.set_ylabel("sensitivity")
+    thr_txt = f"{threshold:.2f}" if threshold is not None else "n/a"
+    ax.set_title(f"ROC (● 0.5, ★ chosen {thr_txt})")
+    ax.legend(fontsize=7, loc="lower right", frameon=False)
+
+
+def _history_ax(ax, history: dict) -> None:
+    ax2 = ax.twinx()
+    ep = None
+    for key, color, style in (("loss", BLUE, "-"), ("val_loss", BLUE, "--")):
+        vals = history.get(key)
+        if vals:
+            ep = np.arange(1, len(vals) + 1)
+            ax.plot(ep, vals, color=color, ls=style, lw=1.4, label=key)
+    for key, color, style in (("accuracy", ORANGE, "-"), ("val_accuracy", ORANGE, "--")):
+        vals = history.get(key)
+        if vals:
+            ax2.plot(np.arange(1, len(vals) + 1), vals, color=color, ls=style, lw=1.4, label=key)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss", color=BLUE)
+    ax2.set_ylabel("accuracy", color=ORANGE)
+    ax2.spines["right"].set_visible(True)
+    ax.set_title("MLP training curves" if ep is not None else "no training history")
+    lines = ax.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=7, frameon=False, loc="center right")
+
+
+def run_figure(rec: RunRecord, threshold: float | None) -> bytes | None:
+    """One row of panels for a top run: confusion matrices (0.5 and chosen), ROC, training curves."""
+    pred = rec.test if rec.test is not None else rec.val
+    history = rec.metrics.get("history") if isinstance(rec.metrics.get("history"), dict) else None
+    panels: list[str] = []
+    if pred is not None:
+        panels.append("cm05")
+        if pred.proba.shape[1] == 2 and threshold is not None:
+            panels.append("cmthr")
+            panels.append("roc")
+    if history and any(history.get(k) for k in ("loss", "val_loss")):
+        panels.append("hist")
+    if not panels:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.0))
+    axes = np.atleast_1d(axes)
+    split = "test" if rec.test is not None else "val"
+    for ax, panel in zip(axes, panels, strict=True):
+        if panel == "cm05":
+            _confusion_ax(
+                ax,
+                pred,
+                0.5,
+                f"{split} confusion @ 0.5" if pred.proba.shape[1] == 2 else f"{split} confusion (argmax)",
+            )
+        elif panel == "cmthr":
+            _confusion_ax(ax, pred, threshold, f"{split} confusion @ chosen {threshold:.2f}")
+        elif panel == "roc":
+            _roc_ax(ax, rec, threshold)
+        else:
+            _history_ax(ax, history)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def overview_figure(rows: Sequence[dict], metric: str, n: int = 15) -> bytes | None:
+    """Dot plot of the best runs: validation metric vs test metric with its 95% CI."""
+    rows = [r for r in rows if r.get(f"val_{metric}") is not None][:n]
+    if not rows:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 0.32 * len(rows) + 1.0))
+    y = np.arange(len(rows))[::-1]
+    many_bb = len({r["backbone"] for r in rows}) > 1
+
+    def label(r: dict) -> str:
+        cfg = r["config"] if len(r["config"]) <= 36 else r["config"][:35] + "…"
+        return _t(f"#{r['rank']} {r['backbone'] + ' · ' if many_bb else ''}{r['head']}  {cfg}")
+
+    labels = [label(r) for r in rows]
+    ax.scatter([r[f"val_{metric}"] for r in rows], y, color=BLUE, zorder=3, label=f"validation {metric}")
+    tests = [
+        (yy, r.get(f"test_{metric}"), r.get(f"test_{metric}_lo"), r.get(f"test_{metric}_hi"))
+        for yy, r in zip(y, rows, strict=True)
+    ]
+    tests = [t for t in tests if t[1] is not None]
+    if tests:
+        ty = np.array([t[0] for t in tests])
+        tv = np.array([t[1] for t in tests])
+        lo = np.array([t[2] if t[2] is not None else t[1] for t in tests])
+        hi = np.array([t[3] if t[3] is not None else t[1] for t in tests])
+        ax.errorbar(
+            tv,
+            ty - 0.18,
+            xerr=[tv - lo, hi - tv],
+            fmt="s",
+            color=ORANGE,
+            ms=4,
+            lw=1,
+            capsize=2,
+            zorder=3,
+            label=f"test {metric} (95% CI)",
+        )
+    ax.set_yticks(y, labels)
+    ax.set_xlabel(f"{metric} (threshold 0.5)")
+    ax.grid(axis="x", color="#e3e6ea", lw=0.6)
+    ax.legend(fontsize=8, frameon=False, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=2)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def heatmap_figure(
+    table: np.ndarray, xs: Sequence[str], ys: Sequence[str], x_name: str, y_name: str, title: str
+) -> bytes:
+    """Metric over two hyperparameters (best run per cell; empty cells stay blank)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(xs), 0.9 + 0.45 * len(ys)))
+    masked = np.ma.masked_invalid(table)
+    finite = table[np.isfinite(table)]
+    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    im = ax.imshow(masked, cmap="viridis", aspect="auto", vmin=vmin, vmax=max(vmax, vmin + 1e-9))
+    for i in range(table.shape[0]):
+        for j in range(table.shape[1]):
+            if np.isfinite(table[i, j]):
+                bright = (table[i, j] - vmin) / max(vmax - vmin, 1e-9) > 0.6
+                ax.text(
+                    j,
+                    i,
+                    f"{table[i, j]:.3f}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="black" if bright else "white",
+                )
+    ax.set_xticks(range(len(xs)), [_t(x) for x in xs], rotation=30 if len(xs) > 4 else 0)
+    ax.set_yticks(range(len(ys)), [_t(v) for v in ys])
+    ax.set_xlabel(_t(x_name))
+    ax.set_ylabel(_t(y_name))
+    ax.set_title(_t(title))
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    return _png(fig)

@@ -1,0 +1,168 @@
+"""Metrics recomputed from prediction CSVs: both thresholds, ROC points and bootstrap CIs.
+
+Recomputing (instead of trusting whatever a run recorded) gives every run of a report the same
+definitions. Binary tasks use the positive class = class index 1 (PNEUMONIA); the "chosen"
+threshold is the one fit picked on validation data (run.json ``threshold``), else Youden's J on the
+validation predictions, so it never looks at the test split.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from featcache.report.collect import Predictions, RunRecord
+
+EPS = 1e-7
+METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auc", "sensitivity", "specificity", "loss")
+LOWER_IS_BETTER = {"loss"}
+
+
+def predict(pred: Predictions, threshold: float | None) -> np.ndarray:
+    """Class indices: argmax, or ``p_pos >= threshold`` for two classes."""
+    if pred.proba.shape[1] == 2 and threshold is not None:
+        return (pred.proba[:, 1] >= threshold).astype(int)
+    return np.argmax(pred.proba, axis=1)
+
+
+def confusion(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> np.ndarray:
+    """[k, k] counts, rows = true class, columns = predicted class."""
+    cm = np.zeros((k, k), dtype=int)
+    np.add.at(cm, (y_true, y_pred), 1)
+    return cm
+
+
+def _macro_f1(cm: np.ndarray) -> float:
+    tp = np.diag(cm).astype(float)
+    prec = np.divide(tp, cm.sum(0), out=np.zeros_like(tp), where=cm.sum(0) > 0)
+    rec = np.divide(tp, cm.sum(1), out=np.zeros_like(tp), where=cm.sum(1) > 0)
+    f1 = np.divide(2 * prec * rec, prec + rec, out=np.zeros_like(tp), where=(prec + rec) > 0)
+    present = cm.sum(1) > 0
+    return float(f1[present].mean()) if present.any() else float("nan")
+
+
+def auc_binary(y: np.ndarray, score: np.ndarray) -> float:
+    """Mann-Whitney AUC with ties counted half; NaN when a class is absent."""
+    return float(_auc_weighted(y, score, np.ones((1, len(y))))[0])
+
+
+def _auc_weighted(y: np.ndarray, score: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """AUC for each row of ``weights`` (bootstrap counts) at once: one sort, then cumulative sums."""
+    uniq, inv = np.unique(score, return_inverse=True)
+    pos = np.zeros((weights.shape[0], len(uniq)))
+    neg = np.zeros_like(pos)
+    for cls, arr in ((1, pos), (0, neg)):
+        m = y == cls
+        np.add.at(arr.T, inv[m], weights[:, m].T)
+    n_pos, n_neg = pos.sum(1), neg.sum(1)
+    below = np.cumsum(neg, axis=1) - neg
+    num = (pos * (below + 0.5 * neg)).sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where((n_pos > 0) & (n_neg > 0), num / (n_pos * n_neg), np.nan)
+
+
+def auc(pred: Predictions) -> float:
+    """Binary AUC, or one-vs-rest macro AUC over the classes present."""
+    k = pred.proba.shape[1]
+    if k == 2:
+        return auc_binary(pred.y_true, pred.proba[:, 1])
+    vals = [auc_binary((pred.y_true == c).astype(int), pred.proba[:, c]) for c in range(k)]
+    vals = [v for v in vals if not np.isnan(v)]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def scores(pred: Predictions, threshold: float | None = 0.5) -> dict[str, float]:
+    """Accuracy, balanced accuracy, macro F1, AUC, sensitivity/specificity (binary) and log loss."""
+    k = pred.proba.shape[1]
+    y_pred = predict(pred, threshold)
+    cm = confusion(pred.y_true, y_pred, k)
+    n = max(int(cm.sum()), 1)
+    recalls = [cm[c, c] / cm[c].sum() for c in range(k) if cm[c].sum() > 0]
+    p_true = np.clip(pred.proba[np.arange(len(pred.y_true)), pred.y_true], EPS, 1.0)
+    out = {
+        "accuracy": float(np.trace(cm) / n),
+        "balanced_accuracy": float(np.mean(recalls)) if recalls else float("nan"),
+        "macro_f1": _macro_f1(cm),
+        "auc": auc(pred),
+        "loss": float(-np.mean(np.log(p_true))) if len(p_true) else float("nan"),
+        "n": int(cm.sum()),
+    }
+    if k == 2:
+        out["sensitivity"] = float(cm[1, 1] / cm[1].sum()) if cm[1].sum() else float("nan")
+        out["specificity"] = float(cm[0, 0] / cm[0].sum()) if cm[0].sum() else float("nan")
+    return out
+
+
+def youden_threshold(pred: Predictions) -> float | None:
+    """Threshold maximising sensitivity + specificity − 1 on these (validation) predictions."""
+    if pred.proba.shape[1] != 2 or len(set(pred.y_true.tolist())) < 2:
+        return None
+    p = pred.proba[:, 1]
+    best_t, best_j = 0.5, -1.0
+    for t in np.unique(p):
+        yp = p >= t
+        sens = yp[pred.y_true == 1].mean()
+        spec = (~yp[pred.y_true == 0]).mean()
+        if sens + spec - 1 > best_j:
+            best_t, best_j = float(t), float(sens + spec - 1)
+    return best_t
+
+
+def chosen_threshold(rec: RunRecord) -> float | None:
+    """The validation-chosen threshold recorded by fit, else Youden on the validation predictions."""
+    thr = rec.run.get("threshold")
+    if isinstance(thr, dict):
+        for key in ("chosen", "youden"):
+            val = thr.get(key)
+            if isinstance(val, dict):
+                val = val.get("value", val.get("threshold"))
+            if isinstance(val, int | float) and not isinstance(val, bool):
+                return float(val)
+    elif isinstance(thr, int | float) and not isinstance(thr, bool):
+        return float(thr)
+    return youden_threshold(rec.val) if rec.val is not None else None
+
+
+def roc_points(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fpr, tpr, thresholds) over every distinct score, from (0,0) to (1,1)."""
+    order = np.argsort(-score, kind="mergesort")
+    s, yy = score[order], y[order]
+    distinct = np.r_[np.where(np.diff(s))[0], len(s) - 1]
+    tps = np.cumsum(yy)[distinct]
+    fps = (1 + distinct) - tps
+    p, n = max(yy.sum(), 1), max(len(yy) - yy.sum(), 1)
+    return np.r_[0, fps / n], np.r_[0, tps / p], np.r_[np.inf, s[distinct]]
+
+
+def bootstrap_ci(
+    pred: Predictions, threshold: float | None, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
+) -> dict[str, tuple[float, float]]:
+    """Percentile 95% CIs of accuracy, macro F1 (binary only) and AUC by resampling images.
+
+    Vectorised (one multinomial count matrix) so a report over many runs stays fast.
+    """
+    n = len(pred.y_true)
+    if n == 0:
+        return {}
+    rng = np.random.default_rng(seed)
+    w = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(float)
+    y_pred = predict(pred, threshold)
+    correct = (y_pred == pred.y_true).astype(float)
+    out: dict[str, np.ndarray] = {"accuracy": (w @ correct) / n}
+    k = pred.proba.shape[1]
+    if k == 2:
+        out["auc"] = _auc_weighted(pred.y_true, pred.proba[:, 1], w)
+        tp = w @ ((y_pred == 1) & (pred.y_true == 1))
+        fp = w @ ((y_pred == 1) & (pred.y_true == 0))
+        fn = w @ ((y_pred == 0) & (pred.y_true == 1))
+        tn = w @ ((y_pred == 0) & (pred.y_true == 0))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            f1_pos = np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), 0.0)
+            f1_neg = np.where(2 * tn + fn + fp > 0, 2 * tn / (2 * tn + fn + fp), 0.0)
+        out["macro_f1"] = (f1_pos + f1_neg) / 2
+    cis = {}
+    for name, vals in out.items():
+        vals = vals[~np.isnan(vals)]
+        if len(vals):
+            lo, hi = np.quantile(vals, [alpha / 2, 1 - alpha / 2])
+            cis[name] = (float(lo), float(hi))
+    return cis

@@ -1,0 +1,126 @@
+"""`featcache run` and `featcache demo` end to end (random seeded weights for speed; real weights when
+../shared/weights exists), plus the bundled sample itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from featcache.cli.app import run
+
+from featcache.errors import ConfigError
+from featcache.pipeline import demo_root, split_grid_args
+
+
+def test_bundled_sample_layout_and_attribution():
+    root = demo_root()
+    files = sorted(p for p in root.rglob("*.jpeg"))
+    assert 60 <= len(files) <= 120
+    assert sum(p.stat().st_size for p in root.rglob("*")) < 2.5e6
+    kinds = {"normal": 0, "bacteria": 0, "virus": 0}
+    patients: dict[str, str] = {}
+    for p in files:
+        split = p.relative_to(root).parts[0]
+        assert split in ("train", "test")
+        kind = "normal" if p.parent.name == "NORMAL" else ("bacteria" if "_bacteria_" in p.name else "virus")
+        kinds[kind] += 1
+        m = re.match(r"(person\d+)_", p.name)
+        patient = m.group(1) if m else re.sub(r"-\d+$", "", p.stem)
+        assert patients.setdefault(patient, split) == split, f"patient {patient} in two splits"
+    assert max(kinds.values()) - min(kinds.values()) <= 2  # balanced normal / bacteria / virus
+    text = (root.parent / "ATTRIBUTION.md").read_text(encoding="utf-8")
+    for needle in ("10.17632/rscbjbr9sj.2", "CC BY 4.0", "Cell", "TRAINING split", "NOT the official"):
+        assert needle in text
+
+
+def test_grid_args_are_routed_to_the_heads_that_have_them():
+    routed = split_grid_args(["C=0.1,1", "mlp:lr=0.001", "n_neighbors=3"], ["logreg", "mlp", "svm", "knn"])
+    assert routed["logreg"] == ["C=0.1,1"] and routed["svm"] == ["C=0.1,1"]
+    assert routed["mlp"] == ["lr=0.001"] and routed["knn"] == ["n_neighbors=3"]
+    with pytest.raises(ConfigError, match="belongs to none of the heads"):
+        split_grid_args(["colour=red"], ["logreg"])
+
+
+def test_run_end_to_end(kermany_tree, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = run(
+        [
+            "run",
+            "--data",
+            str(kermany_tree),
+            "--backbone",
+            "mobilenet-0.75",
+            "--weights",
+            "none",
+            "--head",
+            "logreg,knn",
+            "--grid",
+            "logreg:C=0.1,1",
+            "--grid",
+            "n_neighbors=3,5",
+            "--cv-folds",
+            "2",
+            "--tag",
+            "e2e",
+        ]
+    )
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    report = tmp_path / "reports" / "report.html"
+    assert report.is_file() and str(report) in out.out.replace("\n", "")
+    assert (tmp_path / "cache").is_dir() and (tmp_path / "runs").is_dir()
+    board = json.loads((tmp_path / "reports" / "leaderboard.json").read_text())["runs"]
+    assert sorted(r["head"] for r in board) == ["knn", "logreg"]
+    assert all(r["tags"] == ["e2e"] and r["test_accuracy"] is not None for r in board)
+    html = report.read_text()
+    assert "Grid views" in html and "mean CV" in html  # the CV search inside each run is shown
+
+
+def test_demo_with_random_weights(tmp_path, capsys):
+    code = run(["demo", "--weights", "none", "--workdir", str(tmp_path), "--head", "logreg,mlp"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    report = tmp_path / "reports" / "report.html"
+    assert report.is_file() and str(report) in out.out.replace("\n", "")
+    assert "0 file(s) skipped" in " ".join(out.out.split())  # the attribution file is not in the dataset
+    html = report.read_text()
+    assert "TRAINING split" in html and "--weights none" in html
+    board = json.loads((tmp_path / "reports" / "leaderboard.json").read_text())["runs"]
+    assert {r["head"] for r in board} == {"logreg", "mlp"}
+    # a second demo reuses the cached features and the finished runs
+    code = run(["demo", "--weights", "none", "--workdir", str(tmp_path), "--head", "logreg,mlp"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert code == 0 and "0 rows computed, 96 reused" in out and "0 run(s) trained" in out
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_demo_with_real_imagenet_weights(shared_dir, tmp_path):
+    weights = sorted((shared_dir / "weights").glob("mobilenet_7_5_224_tf*.h5"))
+    if not weights:
+        pytest.skip("no mobilenet-0.75 weights in ../shared/weights")
+    keras_home = tmp_path / "keras"
+    (keras_home / "models").mkdir(parents=True)
+    for w in weights:
+        shutil.copy(w, keras_home / "models" / w.name)
+    env = {**os.environ, "KERAS_HOME": str(keras_home), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    exe = Path(sys.executable).with_name("featcache")
+    proc = subprocess.run(
+        [str(exe), "demo", "--workdir", str(tmp_path), "--head", "logreg,mlp"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "report.html" in proc.stdout
+    board = json.loads((tmp_path / "reports" / "leaderboard.json").read_text())["runs"]
+    assert {r["head"] for r in board} == {"logreg", "mlp"}
+    # ImageNet features must separate normal from pneumonia far better than chance on the held-out images
+    assert max(r["test_auc"] for r in board) > 0.75

@@ -1,0 +1,363 @@
+"""Reports: files, self-containment, leaderboard order, selection, escaping, CSV/JSON.
+
+Runs are generated here as fake-but-well-formed run folders (the run store contract of
+docs/ARCHITECTURE.md), so these tests need neither a cache nor a backbone.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from featcache.cli.app import run
+
+from featcache.errors import ConfigError, RunError
+from featcache.report import ReportOptions, build_report
+from featcache.report.markdown import md
+
+INJECT = "<img src=x onerror=alert(1)>"
+CLASSES = ("NORMAL", "PNEUMONIA")
+
+
+def write_fake_run(
+    runs_dir: Path,
+    run_id: str,
+    *,
+    head: str = "logreg",
+    backbone: str = "mobilenet-0.75",
+    task: str = "binary",
+    params: dict | None = None,
+    quality: float = 1.0,
+    seed: int = 0,
+    tags: tuple[str, ...] = (),
+    status: str = "done",
+    test: bool = True,
+    threshold: float | None = 0.4,
+    relpath_prefix: str = "img",
+    dataset_root: str = "/nonexistent/featcache-data",
+    created: str = "2024-01-01T00:00:00Z",
+    n_val: int = 40,
+    n_test: int = 60,
+) -> Path:
+    """Write run.json, metrics.json and prediction CSVs like runs.py does; higher quality = better scores."""
+    rng = np.random.default_rng(seed)
+    folder = runs_dir / run_id
+    folder.mkdir(parents=True)
+
+    def preds(split: str, n: int) -> None:
+        y = np.arange(n) % 2
+        logits = quality * (2 * y - 1) + rng.normal(0, 1.0, n)
+        p = 1 / (1 + np.exp(-logits))
+        with open(folder / f"predictions_{split}.csv", "w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            w.writerow(["relpath", "key", "y_true", *(f"p_{c}" for c in CLASSES), "y_pred"])
+            for i in range(n):
+                w.writerow(
+                    [
+                        f"{split}/{CLASSES[y[i]]}/{relpath_prefix}{i}.jpeg",
+                        f"{i:064x}",
+                        int(y[i]),
+                        f"{1 - p[i]:.6f}",
+                        f"{p[i]:.6f}",
+                        int(p[i] >= 0.5),
+                    ]
+                )
+
+    preds("val", n_val)
+    if test:
+        preds("test", n_test)
+    history = None
+    if head == "mlp":
+        ep = np.arange(1, 11)
+        history = {
+            "loss": list(0.7 / ep),
+            "val_loss": list(0.7 / ep + 0.1),
+            "accuracy": list(1 - 0.3 / ep),
+            "val_accuracy": list(0.95 - 0.3 / ep),
+            "lr": [1e-3] * 10,
+        }
+    metrics = {
+        "val": {"accuracy": 0.0},
+        "test": None,
+        "cv_results": None,
+        "history": history,
+        "train": {"loss": 0.2 / quality, "accuracy": min(1.0, 0.8 + 0.05 * quality), "macro_f1": 0.8},
+    }
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    run_json = {
+        "id": run_id,
+        "sweep_id": "sweep-1",
+        "status": status,
+        "created": created,
+        "finished": created,
+        "head": head,
+        "task": task,
+        "params": params or {},
+        "config_hash": run_id[-8:],
+        "seed": seed,
+        "backbones": [
+            {
+                "name": backbone,
+                "weights": "imagenet",
+                "pooling": "avg",
+                "image_size": 224,
+                "weights_digest": "ab" * 32,
+            }
+        ],
+        "selection": {"method": "cv", "folds": 5, "group_by": "patient"},
+        "dataset": {
+            "root": dataset_root,
+            "layout": "kermany",
+            "counts": {"train": {"NORMAL": {"normal": 20}, "PNEUMONIA": {"bacteria": 10, "virus": 10}}},
+        },
+        "caches": [
+            {
+                "path": f"/tmp/cache/data__{backbone}-avg-224__0123456789ab.h5",
+                "config_hash": "0123456789ab",
+                "n_rows": 100,
+                "weights_digest": "ab" * 32,
+            }
+        ],
+        "versions": {"python": "3.11", "featcache": "0.1.0"},
+        "command": ["featcache", "fit", "--head", head, "--tag", *tags],
+        "tags": list(tags),
+        "threshold": {"youden": threshold, "chosen": threshold},
+    }
+    (folder / "run.json").write_text(json.dumps(run_json))
+    return folder
+
+
+def write_fake_sweep(runs_dir: Path) -> list[str]:
+    """A realistic mix: logreg C x class_weight, an mlp lr x batch grid, and two svm runs (16 runs)."""
+    ids = []
+    k = 0
+    for c in (0.01, 0.1, 1.0):
+        for cw in (None, "balanced"):
+            k += 1
+            rid = f"20240101-0000{k:02d}-logreg-{k:08x}"
+            write_fake_run(
+                runs_dir,
+                rid,
+                params={"C": c, "class_weight": cw},
+                quality=1 + c + (cw is None),
+                seed=k,
+                tags=("baseline",),
+            )
+            ids.append(rid)
+    for lr in (0.1, 0.01, 0.001):
+        for bs in (32, 64):
+            k += 1
+            rid = f"20240101-0000{k:02d}-mlp-{k:08x}"
+            write_fake_run(
+                runs_dir,
+                rid,
+                head="mlp",
+                params={"lr": lr, "batch_size": bs, "layers": [1024, 512]},
+                quality=1.0 + 5 * lr * (bs == 32),
+                seed=k,
+                tags=("mlp-grid",),
+            )
+            ids.append(rid)
+    for c in (1.0, 10.0):
+        k += 1
+        rid = f"20240101-0000{k:02d}-svm-{k:08x}"
+        write_fake_run(runs_dir, rid, head="svm", params={"kernel": "rbf", "C": c}, quality=c / 5, seed=k)
+        ids.append(rid)
+    return ids
+
+
+def _accuracy(path: Path, thr: float = 0.5) -> float:
+    with open(path, encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    return float(np.mean([(float(r["p_PNEUMONIA"]) >= thr) == (int(r["y_true"]) == 1) for r in rows]))
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> tuple[Path, list[str]]:
+    runs = tmp_path / "runs"
+    return runs, write_fake_sweep(runs)
+
+
+def test_report_files_are_written_and_self_contained(sweep, tmp_path):
+    runs, ids = sweep
+    res = build_report(runs, tmp_path / "out")
+    for p in (res.html, res.markdown, res.csv, res.json):
+        assert p.is_file() and p.stat().st_size > 0
+    html = res.html.read_text(encoding="utf-8")
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", html, re.I)
+    assert "<script" not in html.lower() and '<link rel="stylesheet"' not in html
+    assert html.count('src="data:image/png;base64,') >= 4  # overview, top runs, heatmaps
+    for rid in ids:
+        assert rid in html
+    md_text = res.markdown.read_text(encoding="utf-8")
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md_text)
+    assert images and all((res.markdown.parent / img).is_file() for img in images)
+    assert "overstates test accuracy" in html and "overstates test accuracy" in md_text
+    assert "validation only" not in html.lower()  # these runs have a test split
+    assert "Provenance" in html and "ab" * 8 in html  # weights digest shown
+    assert "model #" in html and "train loss" in html  # paper-000-style hyperparameter table
+
+
+def test_leaderboard_order_matches_independent_accuracy(sweep, tmp_path):
+    runs, ids = sweep
+    res = build_report(runs, tmp_path / "out")
+    data = json.loads(res.json.read_text())
+    got = [r["run_id"] for r in data["runs"]]
+    expected = sorted(ids, key=lambda rid: (-_accuracy(runs / rid / "predictions_val.csv"), rid))
+    assert got == expected
+    assert [r["rank"] for r in data["runs"]] == list(range(1, len(ids) + 1))
+    first = data["runs"][0]
+    assert first["val_accuracy"] == pytest.approx(_accuracy(runs / got[0] / "predictions_val.csv"))
+    assert first["val_accuracy_thr"] == pytest.approx(_accuracy(runs / got[0] / "predictions_val.csv", 0.4))
+    assert first["test_accuracy_lo"] <= first["test_accuracy"] <= first["test_accuracy_hi"]
+    assert first["test_auc_lo"] <= first["test_auc"] <= first["test_auc_hi"]
+    assert any(r["test_auc_lo"] < r["test_auc_hi"] for r in data["runs"])
+    with open(res.csv, encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["run_id"] for r in rows] == got
+    assert {"val_accuracy", "test_accuracy", "test_accuracy_lo", "threshold", "params"} <= set(rows[0])
+    assert json.loads(rows[0]["params"]) == first["params"]
+    assert res.best_run_id == got[0]
+
+
+def test_group_top_tag_and_id_selection(sweep, tmp_path):
+    runs, ids = sweep
+    res = build_report(runs, tmp_path / "g", ReportOptions(group_by="head", top=2))
+    data = json.loads(res.json.read_text())["runs"]
+    heads = [r["head"] for r in data]
+    assert len(data) == 6 and all(heads.count(h) == 2 for h in ("logreg", "mlp", "svm"))
+    best_per_group = [data[i]["rank"] for i in range(0, 6, 2)]
+    assert best_per_group == sorted(best_per_group)  # groups ordered by their best run
+    for i in range(0, 6, 2):
+        assert data[i]["rank"] < data[i + 1]["rank"]
+    html = res.html.read_text()
+    assert "head: mlp" in html and "head: svm" in html
+
+    res = build_report(runs, tmp_path / "t", ReportOptions(tags=["mlp-grid"]))
+    assert {r["head"] for r in json.loads(res.json.read_text())["runs"]} == {"mlp"}
+    res = build_report(runs, tmp_path / "i", ReportOptions(ids=["*-svm-*"]))
+    assert sorted(r["run_id"] for r in json.loads(res.json.read_text())["runs"]) == [
+        i for i in ids if "-svm-" in i
+    ]
+    res = build_report(runs, tmp_path / "s", ReportOptions(ids=["logreg"], top=1))
+    assert [r["head"] for r in json.loads(res.json.read_text())["runs"]] == ["logreg"]
+    with pytest.raises(RunError, match="matches the --tag/--id selection"):
+        build_report(runs, tmp_path / "n", ReportOptions(tags=["nope"]))
+    with pytest.raises(ConfigError, match="unknown metric"):
+        build_report(runs, tmp_path / "m", ReportOptions(metric="bogus"))
+
+
+def test_unfinished_runs_are_left_out_and_listed(tmp_path):
+    runs = tmp_path / "runs"
+    write_fake_run(runs, "20240101-000001-logreg-aaaaaaaa", quality=2)
+    write_fake_run(runs, "20240101-000002-logreg-bbbbbbbb", quality=3, status="running")
+    (runs / "junk").mkdir()
+    res = build_report(runs, tmp_path / "out")
+    assert [r["run_id"] for r in json.loads(res.json.read_text())["runs"]] == [
+        "20240101-000001-logreg-aaaaaaaa"
+    ]
+    html = res.html.read_text()
+    assert "Runs left out" in html and "20240101-000002-logreg-bbbbbbbb" in html and "running" in html
+
+
+def test_validation_only_statement_when_no_test_split(tmp_path):
+    runs = tmp_path / "runs"
+    write_fake_run(runs, "20240101-000001-logreg-aaaaaaaa", test=False)
+    write_fake_run(runs, "20240101-000002-mlp-bbbbbbbb", head="mlp", test=False, seed=3)
+    res = build_report(runs, tmp_path / "out")
+    for text in (res.html.read_text(), res.markdown.read_text()):
+        assert "validation only; the official test split was not used" in text.lower()
+        assert "overstates test accuracy" in text
+    assert "test acc [95% CI]" not in res.html.read_text()  # no empty test columns
+
+
+def test_markdown_escape_function():
+    assert md("a|b") == r"a\|b"
+    assert md(INJECT) == "&lt;img src=x onerror=alert(1)&gt;"
+    assert md("[x](javascript:1) `c` *e* _u_") == r"\[x\](javascript:1) \`c\` \*e\* \_u\_"
+    assert md("line1\nline2") == "line1 line2"
+
+
+def test_injected_strings_are_escaped(tmp_path):
+    runs = tmp_path / "runs"
+    for i, q in enumerate((1.0, 2.0)):
+        write_fake_run(
+            runs,
+            f"20240101-00000{i}-logreg-{i:08x}",
+            params={"C": q, "note": "a|b", "t": "$x"},
+            tags=(INJECT, "a|b"),
+            relpath_prefix=INJECT,
+            dataset_root=f"/data/{INJECT}|x",
+            seed=i,
+        )
+    res = build_report(runs, tmp_path / "out")
+    html = res.html.read_text()
+    assert "<img src=x" not in html and "onerror=alert(1)>" not in html
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html
+    md_text = res.markdown.read_text()
+    # raw text may appear only inside fenced code blocks (command lines), which Markdown never renders as HTML
+    fences = [ln for ln in md_text.splitlines() if ln.startswith("~~~~")]
+    assert len(fences) % 2 == 0
+    outside = re.sub(r"^~~~~\n.*?^~~~~$", "", md_text, flags=re.M | re.S)
+    assert "<img" not in outside
+    table_lines = [ln for ln in md_text.splitlines() if ln.startswith("| ")]
+    assert table_lines
+    # each table keeps a constant number of (unescaped) column separators
+    blocks: list[list[str]] = []
+    prev = None
+    for n, ln in enumerate(md_text.splitlines()):
+        if ln.startswith("| "):
+            if prev != n - 1:
+                blocks.append([])
+            blocks[-1].append(ln)
+            prev = n
+    for block in blocks:
+        widths = {len(re.findall(r"(?<!\\)\|", ln)) for ln in block}
+        assert len(widths) == 1, block
+    assert r"a\|b" in md_text
+    with open(res.csv, encoding="utf-8") as fh:
+        row = next(csv.DictReader(fh))
+    assert INJECT in row["tags"]  # CSV keeps the raw value (quoted), it is data, not markup
+
+
+def test_cli_report(sweep, tmp_path, capsys):
+    runs, _ = sweep
+    out = tmp_path / "rep"
+    code = run(
+        [
+            "report",
+            "--runs-dir",
+            str(runs),
+            "--out",
+            str(out),
+            "--group-by",
+            "head",
+            "--top",
+            "3",
+            "--metric",
+            "auc",
+            "--heatmap",
+            "lr,batch_size",
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert (out / "report.html").is_file() and "report.html" in captured.out.replace("\n", "")
+    code = run(["report", "--runs-dir", str(tmp_path / "missing"), "--out", str(out)])
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
+    assert code != 0 and "does not exist" in err and "Traceback" not in err
+    code = run(["report", "--runs-dir", str(runs), "--out", str(out), "--group-by", "colour"])
+    assert code != 0
+
+
+def test_dataset_audit_from_existing_folder(tmp_path, kermany_tree):
+    pytest.importorskip("featcache.datasets")
+    runs = tmp_path / "runs"
+    write_fake_run(runs, "20240101-000001-logreg-aaaaaaaa", dataset_root=str(kermany_tree))
+    res = build_report(runs, tmp_path / "out")
+    html = res.html.read_text()
+    assert "audited now from the folder" in html and "patients in more than one split" in html
