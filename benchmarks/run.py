@@ -1,0 +1,139 @@
+"""One entry point for every featcache benchmark: extraction, logistic-regression grid, dense-head grid.
+
+    python benchmarks/run.py [--quick] [--json] [--data DIR] [--only extract,logreg,mlp]
+
+Each benchmark module exposes ``run(quick) -> dict`` (bench_extract also takes ``data``); modules
+that are not written yet are skipped and reported as such. With ``--json`` one JSON object is
+printed with the ratios under the keys that name them (``pipeline_efficiency`` per backbone,
+``cache_hit_fraction``, ``memory_ratio``, ``logreg_speedup``, ``mlp_grid_speedup``), each module's
+raw results under its own key, the machine description and the wall time of each benchmark.
+``--quick`` is the CI smoke mode (small inputs; numbers are not meaningful).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BENCHES = ("extract", "logreg", "mlp")
+# ratio key -> (benchmark, target, "higher" or "lower" is better)
+TARGETS = {
+    "pipeline_efficiency": ("extract", 0.90, "higher"),
+    "cache_hit_fraction": ("extract", 0.03, "lower"),
+    "memory_ratio": ("extract", 1.15, "lower"),
+    "logreg_speedup": ("logreg", 20.0, "higher"),
+    "mlp_grid_speedup": ("mlp", 3.0, "higher"),
+}
+
+
+def _load(name: str):
+    """Import benchmarks/bench_<name>.py by path (benchmarks/ is not a package); None if absent."""
+    path = HERE / f"bench_{name}.py"
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_all(quick: bool, data: Path | None, only: list[str], mlp_epoch_scale: float = 1.0) -> dict:
+    """Run the selected benchmarks in this process, one after the other; collect ratios and raw data."""
+    out: dict = {"quick": quick, "benchmarks": {}, "wall_seconds": {}, "missing": [], "failed": {}}
+    # bench_extract first: it sets a private KERAS_HOME with ../shared/weights before Keras is imported.
+    for name in only:
+        module = _load(name)
+        if module is None:
+            out["missing"].append(f"bench_{name}.py")
+            continue
+        t0 = time.perf_counter()
+        try:
+            if name == "extract":
+                res = module.run(quick=quick, data=data)
+            elif name == "mlp":
+                res = module.run(quick=quick, epoch_scale=mlp_epoch_scale)
+            else:
+                res = module.run(quick=quick)
+        except Exception as exc:  # noqa: BLE001 - one broken benchmark must not hide the others
+            out["failed"][name] = f"{type(exc).__name__}: {exc}"
+            traceback.print_exc(file=sys.stderr)
+            continue
+        out["wall_seconds"][name] = round(time.perf_counter() - t0, 1)
+        out["benchmarks"][name] = res
+    ext = out["benchmarks"].get("extract", {})
+    if "machine" in ext:
+        out["machine"] = ext["machine"]
+    for key, (bench, _target, _better) in TARGETS.items():
+        res = out["benchmarks"].get(bench, {})
+        if key in res:
+            out[key] = res[key]
+    return out
+
+
+def _verdict(value: float, target: float, better: str) -> str:
+    ok = value >= target if better == "higher" else value <= target
+    return "ok" if ok else "MISSED"
+
+
+def print_table(out: dict) -> None:
+    m = out.get("machine")
+    if m:
+        print(f"machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; {m['platform']}")
+    print(f"{'ratio':28} {'value':>10} {'target':>10}  verdict")
+    for key, (_bench, target, better) in TARGETS.items():
+        if key not in out:
+            print(f"{key:28} {'-':>10} {target:>10}  not measured")
+            continue
+        value = out[key]
+        items = value.items() if isinstance(value, dict) else [("", value)]
+        for sub, v in items:
+            label = f"{key}[{sub}]" if sub else key
+            cmp = ">=" if better == "higher" else "<="
+            print(f"{label:28} {v:>10} {cmp + str(target):>10}  {_verdict(v, target, better)}")
+    ext = out["benchmarks"].get("extract")
+    if ext:
+        for name, r in ext["backbones"].items():
+            print(f"  {name}: forward {r['forward_images_per_s']} img/s, extract {r['extract_images_per_s']} "
+                  f"img/s, second run {r['second_run_seconds']} s, cache {r['cache_file_mb']} MB")
+        if "originals" in ext:
+            o = ext["originals"]
+            print(f"  decode img/s: originals {o['decode_images_per_s_originals']}, 224-px "
+                  f"{o['decode_images_per_s_224']}")
+    for name, secs in out["wall_seconds"].items():
+        print(f"  bench_{name}: {secs} s")
+    for miss in out["missing"]:
+        print(f"  {miss}: not present, skipped")
+    for name, err in out["failed"].items():
+        print(f"  bench_{name}: FAILED ({err})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="CI smoke mode: small inputs, a few minutes")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--data", type=Path, help="dataset for the extraction benchmark "
+                    "(default ../shared/data/kermany224/train)")
+    ap.add_argument("--only", default=",".join(BENCHES), help="comma-separated subset of: extract,logreg,mlp")
+    ap.add_argument("--mlp-epoch-scale", type=float, default=1.0,
+                    help="shorten the dense-head grid's epochs by this factor (recorded in the JSON)")
+    args = ap.parse_args(argv)
+    only = [b.strip() for b in args.only.split(",") if b.strip()]
+    unknown = [b for b in only if b not in BENCHES]
+    if unknown:
+        ap.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHES)}")
+    out = run_all(args.quick, args.data, only, args.mlp_epoch_scale)
+    if args.json:
+        print(json.dumps(out, indent=2, default=str))
+    else:
+        print_table(out)
+    return 1 if out["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
