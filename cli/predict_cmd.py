@@ -23,6 +23,10 @@ def register(app: typer.Typer) -> None:
         run: str = typer.Option(..., "--run", help="Run id (see `featcache runs ls`)."),
         runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where runs are stored."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+        backbone_file: list[Path] = typer.Option(
+            [], "--backbone-file",
+            help="Weights file or saved model the run's backbone was built from (matched by SHA-256).",
+        ),
     ) -> None:
         """Classify images with a trained run (its backbone settings, head and chosen threshold).
 
@@ -30,7 +34,7 @@ def register(app: typer.Typer) -> None:
         """
         from featcache.predict import predict
 
-        out = predict(images, run, runs_dir)
+        out = predict(images, run, runs_dir, backbone_files=backbone_file)
         if as_json:
             typer.echo(json.dumps(out, indent=2))
             return

@@ -44,16 +44,30 @@ def _read_images(images: Sequence[str | Path]) -> list[tuple[str, bytes, str]]:
     return out
 
 
-def _backbone_config(cache: dict) -> Any:
-    """BackboneConfig rebuilt from a cache config recorded in run.json."""
+def _backbone_config(cache: dict, backbone_files: Sequence[str | Path] = ()) -> Any:
+    """BackboneConfig rebuilt from a cache config recorded in run.json.
+
+    Why ``backbone_files``: a weights file or saved model is recorded by its SHA-256, not its path (the
+    same file anywhere gives the same features), so the user hands the file back and we match it by hash.
+    """
     from featcache.backbones import BackboneConfig
+    from featcache.hashing import sha256_file
 
     cfg = cache.get("config") or {}
     weights = cfg.get("weights", "imagenet")
     if weights in ("file", "saved"):
+        want = cfg.get("weights_file_sha256")
+        for f in backbone_files:
+            if want and Path(f).is_file() and sha256_file(Path(f)) == want:
+                if weights == "saved":
+                    return BackboneConfig(str(f), weights="imagenet", layer=cfg.get("layer"),
+                                          pooling=cfg.get("pooling"), image_size=cfg.get("image_size"))
+                return BackboneConfig(cfg.get("backbone"), weights=str(f), pooling=cfg.get("pooling"),
+                                      image_size=cfg.get("image_size"))
+        what = "saved model" if weights == "saved" else "weights file"
         raise RunError(
-            f"run uses features of backbone '{cfg.get('backbone')}' loaded from a file featcache did not "
-            "record; predict supports registry backbones (imagenet or seeded random weights)."
+            f"run uses backbone '{cfg.get('backbone')}' built from a {what} (sha256 {str(want)[:12]}...) and "
+            f"these images are not in its cache; pass that file with --backbone-file PATH."
         )
     fields = {f.name for f in dataclasses.fields(BackboneConfig)}
     kw = {
@@ -70,8 +84,9 @@ def _backbone_config(cache: dict) -> Any:
 class _Extractor:
     """Features of one run cache for given images: cached rows first, the backbone for the rest."""
 
-    def __init__(self, cache: dict) -> None:
+    def __init__(self, cache: dict, backbone_files: Sequence[str | Path] = ()) -> None:
         self.cache = cache
+        self.backbone_files = list(backbone_files)
         self.backbone: Any = None
         self.reader_index: dict | None = None
         self._reader: Any = None
@@ -97,7 +112,7 @@ class _Extractor:
         if self.backbone is None:
             from featcache.backbones import build_backbone
 
-            bb = build_backbone(_backbone_config(self.cache))
+            bb = build_backbone(_backbone_config(self.cache, self.backbone_files))
             want = self.cache.get("weights_digest")
             if want and bb.weights_digest != want:
                 raise RunError(
@@ -146,11 +161,14 @@ def predict(
     run_id: str,
     runs_dir: str | Path = "runs",
     progress: ProgressFn | None = None,
+    backbone_files: Sequence[str | Path] = (),
 ) -> dict:
     """Class probabilities and labels of ``images`` with run ``run_id``.
 
     Returns {"run": id, "classes", "threshold", "predictions": [{"image", "key", "probabilities",
     "label", "from_cache"}]}. RunError for an unknown run or a tampered model file.
+    ``backbone_files``: the weights file / saved model of a run whose backbone came from a file (matched
+    by SHA-256); only needed for images that are not already in the run's caches.
     """
     run: Run = load_run(runs_dir, run_id)
     model = load_head(run)  # sha256 of every model file checked first
@@ -159,7 +177,7 @@ def predict(
     items = _read_images(images)
     classes = list(run.info.get("classes") or [])
     views = ["orig"] + (list(run.info.get("tta_views") or []) if run.info.get("tta") else [])
-    extractors = [_Extractor(c) for c in run.info.get("caches", [])]
+    extractors = [_Extractor(c, backbone_files) for c in run.info.get("caches", [])]
     if not extractors:
         raise RunError(f"run '{run.id}' records no feature caches; fit it again.")
     try:

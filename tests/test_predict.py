@@ -110,3 +110,33 @@ def test_predict_errors(trained, tmp_path: Path, capsys) -> None:
     bad.write_text("not an image")
     assert cli(["predict", str(bad), "--run", run_id, "--runs-dir", str(runs_dir)]) != 0
     assert "cannot decode" in " ".join(capsys.readouterr().err.split())
+
+
+def test_weights_file_backbone_is_matched_by_sha256(tmp_path: Path) -> None:
+    """A run whose backbone came from --weights FILE: new images need that file back, matched by hash."""
+    from featcache.backbones import build_backbone
+
+    root = make_kermany_tree(tmp_path / "data", n_normal=4, n_pneu=4, size=32)
+    src = build_backbone(BackboneConfig("mobilenet-0.75", weights="none", image_size=32, seed=7))
+    wfile = tmp_path / "mine.weights.h5"
+    src.model.layers[2].save_weights(str(wfile))  # the keras.applications model inside the wrapper
+    cache_dir, runs_dir = tmp_path / "cache", tmp_path / "runs"
+    extract(discover(root), BackboneConfig("mobilenet-0.75", weights=str(wfile), image_size=32), cache_dir,
+            ExtractOptions(batch_size=8))
+    run_id = fit(root, "mobilenet-0.75", "logreg", FitOptions(cache_dir=cache_dir, runs_dir=runs_dir,
+                 cv_folds=2, grid_args=["C=1"], n_boot=50)).runs[0].id
+    new = write_xray(tmp_path / "new.jpeg", 123, size=40)
+    with pytest.raises(RunError, match="--backbone-file"):
+        predict([new], run_id, runs_dir)
+    other = tmp_path / "other.weights.h5"
+    build_backbone(BackboneConfig("mobilenet-0.75", weights="none", image_size=32, seed=8)) \
+        .model.layers[2].save_weights(str(other))
+    with pytest.raises(RunError, match="--backbone-file"):
+        predict([new], run_id, runs_dir, backbone_files=[other])  # wrong file: no hash match
+    out = predict([new], run_id, runs_dir, backbone_files=[other, wfile])
+    assert not out["predictions"][0]["from_cache"]
+    assert sum(out["predictions"][0]["probabilities"].values()) == pytest.approx(1.0)
+    known = sorted((root / "test" / "NORMAL").iterdir())[0]  # cached rows need no file at all
+    assert predict([known], run_id, runs_dir)["predictions"][0]["from_cache"]
+    assert cli(["predict", str(new), "--run", run_id, "--runs-dir", str(runs_dir),
+                "--backbone-file", str(wfile), "--json"]) == 0
