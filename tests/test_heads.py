@@ -191,3 +191,23 @@ def test_knn_caps_n_neighbors_at_the_training_size():
     fitted = head.fit(X[:10], y[:10], {"n_neighbors": 31})
     assert fitted.estimator[-1].n_neighbors == 10
     assert fitted.predict_proba(X).shape == (24, 2)
+
+
+def test_fast_scaler_equals_standard_scaler():
+    from sklearn.preprocessing import StandardScaler
+
+    from featcache.heads.logreg import fit_scaler, standardize
+
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(1100, 40)) * rng.uniform(0.1, 50, 40) + rng.normal(size=40) * 100
+    X = X.astype(np.float32)
+    X[:, 5] = 7.0  # a constant feature is scaled by 1, as scikit-learn does
+    ref = StandardScaler().fit(X)
+    ours = fit_scaler(X)
+    np.testing.assert_allclose(ours.mean_, ref.mean_, rtol=1e-10, atol=1e-9)
+    np.testing.assert_allclose(ours.var_, ref.var_, rtol=1e-8, atol=1e-9)
+    assert ours.scale_[5] == 1.0 and ref.scale_[5] == 1.0
+    Z = standardize(ours, X)
+    assert Z.dtype == np.float32
+    np.testing.assert_allclose(Z, ref.transform(X), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours.transform(X), ref.transform(X), rtol=1e-5, atol=1e-5)
