@@ -81,7 +81,7 @@ def grid_flops(cfgs: list[dict], d: int, n_train: int, n_classes: int = 2) -> fl
 
 
 def run(quick: bool = False, features: str | None = None, noise_configs: int = 3, seed: int = 0,
-        epoch_scale: float = 1.0) -> dict:
+        epoch_scale: float = 1.0, fuse: str = "auto") -> dict:
     from featcache.heads import get_head
 
     if features:
@@ -101,7 +101,7 @@ def run(quick: bool = False, features: str | None = None, noise_configs: int = 3
     peak = matmul_peak()
 
     t0 = time.perf_counter()
-    ours = head.train_many(Xtr, ytr, Xva, yva, cfgs, seed=seed)
+    ours = head.train_many(Xtr, ytr, Xva, yva, cfgs, seed=seed, fuse=True if fuse == "always" else None)
     t_ours = time.perf_counter() - t0
     t0 = time.perf_counter()
     ref = [head.train(Xtr, ytr, Xva, yva, c, seed=seed + i) for i, c in enumerate(cfgs)]
@@ -130,7 +130,9 @@ def run(quick: bool = False, features: str | None = None, noise_configs: int = 3
         "noise_configs": sub, "reference_seed_to_seed_diff": [round(v, 4) for v in noise],
         "matmul_peak": peak, "grid_gflop": round(flops / 1e9, 1), "achieved_gflops": round(achieved, 2),
         "fraction_of_peak": round(achieved / max(peak["numpy_gflops"], peak["tf_gflops"]), 3),
-        "implementation": "TensorFlow tf.function (no XLA jit), fused groups by (batch, layers)",
+        "fuse": fuse,
+        "implementation": "TensorFlow tf.function (no XLA jit), fused groups by (batch, layers); "
+                          "fuse=auto fuses only small first layers (FUSE_MAX_FIRST_LAYER)",
     }
 
 
@@ -142,8 +144,10 @@ def main() -> None:
     ap.add_argument("--noise-configs", type=int, default=3, help="configs re-run with another seed")
     ap.add_argument("--epoch-scale", type=float, default=1.0,
                     help="multiply every config's epochs (e.g. 0.1: same grid, 10x shorter; recorded)")
+    ap.add_argument("--fuse", choices=("auto", "always"), default="auto",
+                    help="featcache side: its default rule (auto) or fuse every compatible config (always)")
     a = ap.parse_args()
-    res = run(a.quick, a.features, a.noise_configs, epoch_scale=a.epoch_scale)
+    res = run(a.quick, a.features, a.noise_configs, epoch_scale=a.epoch_scale, fuse=a.fuse)
     if a.json:
         print(json.dumps(res))
     else:

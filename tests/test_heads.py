@@ -211,3 +211,22 @@ def test_fast_scaler_equals_standard_scaler():
     assert Z.dtype == np.float32
     np.testing.assert_allclose(Z, ref.transform(X), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(ours.transform(X), ref.transform(X), rtol=1e-5, atol=1e-5)
+
+
+def test_train_many_fuses_only_small_first_layers(monkeypatch):
+    import featcache.heads.mlp as mlp
+
+    calls = []
+    real = mlp.fused_train
+    monkeypatch.setattr(mlp, "fused_train", lambda *a, **k: (calls.append(len(a[4])), real(*a, **k))[1])
+    monkeypatch.setattr(mlp, "FUSE_MAX_FIRST_LAYER", 32 * 16)
+    X, y = separable(120, 32, k=2)
+    head = get_head("mlp")
+    small = [{"layers": (16,), "lr": lr, "epochs": 2} for lr in (0.01, 0.001)]
+    wide = [{"layers": (64,), "lr": lr, "epochs": 2} for lr in (0.01, 0.001)]
+    alone = [{"layers": (8,), "lr": 0.01, "epochs": 2, "batch_size": 16}]
+    res = head.train_many(X[:90], y[:90], X[90:], y[90:], small + wide + alone)
+    assert calls == [2] and len(res) == 5 and all(r is not None for r in res)
+    calls.clear()
+    head.train_many(X[:90], y[:90], X[90:], y[90:], wide, fuse=True)
+    assert calls == [2]

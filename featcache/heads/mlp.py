@@ -2,13 +2,15 @@
 
 ``train`` builds one ordinary Keras model and calls ``model.fit`` -- the reference behaviour.
 
-``train_many`` is the fast path for grids such as paper 000's 33 configs. Why it is faster: on a small CPU
-a Keras step for a 2,048 -> 1,024 -> 512 head is short, so per-step framework overhead, small GEMMs and
-the per-model Python loop dominate. Configs that share (batch size, layers, activation, output, loss) are
-trained together as ONE fused model written directly in TensorFlow (tf.function): the same minibatch order
-for all k members, layer weights stacked as [k, in, out] (the first layer is a single wide matmul
-``X_b @ [W1_1 | ... | W1_k]``, later layers batched matmuls), per-member learning rate, dropout rate, L2,
-class weights and Adam state, each member stopping at its own epoch count (or early-stopping patience)
+``train_many`` is the grid path. For small heads it is faster: a Keras step is short, so per-step framework
+overhead, small GEMMs and the per-model Python loop dominate. For wide first layers (2,048 -> 1,024, paper
+000's grid) it is NOT: there the sequential Keras loop already reaches about a third of this CPU's matmul
+peak and fusion measured 0.65-0.81x, so ``train_many`` only fuses below ``FUSE_MAX_FIRST_LAYER`` first-layer
+weights per member (``fuse=True`` forces it). Configs that share (batch size, layers, activation, output,
+loss) are trained together as ONE fused model written directly in TensorFlow (tf.function): the same
+minibatch order for all k members, layer weights stacked as [k, in, out] (the first layer is a single wide
+matmul ``X_b @ [W1_1 | ... | W1_k]``, later layers batched matmuls), per-member learning rate, dropout rate,
+L2, class weights and Adam state, each member stopping at its own epoch count (or early-stopping patience)
 and keeping its own best-validation weights when ``checkpoint`` is on. Each member is then exported as an
 ordinary Keras model, so save/load/predict are the same as ``train``. Configs the fused trainer does not
 support (optimizers other than Adam, lr decay, ReduceLROnPlateau) are trained one by one with ``train``.
@@ -231,8 +233,12 @@ class MLPHead:
     def train_many(self, Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarray,
                    configs: list[dict], *, seed: int = 0, progress: ProgressFn | None = None,
                    on_result: Callable[[int, KerasHead, dict], None] | None = None,
-                   ) -> list[tuple[KerasHead, dict]]:
-        """Train many configs, fusing compatible ones (see module docstring); results in config order."""
+                   fuse: bool | None = None) -> list[tuple[KerasHead, dict]]:
+        """Train many configs, fusing compatible ones (see module docstring); results in config order.
+
+        ``fuse``: None = fuse only where it measured faster (small first layers, groups of 2+);
+        True = fuse every compatible config; False = train each config with ``train``.
+        """
         ps = [_params(c) for c in configs]
         ytr, yva = np.asarray(ytr, dtype=int), np.asarray(yva, dtype=int)
         n_classes = int(max(ytr.max(), yva.max() if len(yva) else 0)) + 1
@@ -247,13 +253,19 @@ class MLPHead:
                 on_result(i, head, hist)
 
         groups: dict[tuple, list[int]] = {}
+        alone: list[int] = []
         for i, p in enumerate(ps):
-            if _fusable(p):
+            if _fusable(p, int(np.shape(Xtr)[1]), fuse):
                 key = (p["batch_size"], p["layers"], p["activation"], p["output_activation"])
                 groups.setdefault(key, []).append(i)
             else:
-                head, hist = self.train(Xtr, ytr, Xva, yva, configs[i], seed=seed + i)
-                finish(i, head, hist)
+                alone.append(i)
+        if fuse is None:  # a group of one gains nothing from fusion
+            alone += [idx[0] for idx in groups.values() if len(idx) == 1]
+            groups = {k: idx for k, idx in groups.items() if len(idx) > 1}
+        for i in sorted(alone):
+            head, hist = self.train(Xtr, ytr, Xva, yva, configs[i], seed=seed + i)
+            finish(i, head, hist)
         for idx in groups.values():
             fused_train(np.asarray(Xtr, np.float32), ytr, np.asarray(Xva, np.float32), yva,
                         [ps[i] for i in idx], n_classes, seeds=[seed + i for i in idx],
@@ -262,9 +274,23 @@ class MLPHead:
         return results
 
 
-def _fusable(p: dict) -> bool:
-    """Configs the fused trainer reproduces: Adam with a constant learning rate."""
-    return p["optimizer"] == "adam" and not p["lr_decay"] and p["reduce_lr_patience"] is None
+# Fusion pays when per-step overhead dominates, i.e. for small first layers. Measured on a 2-core Xeon
+# (4 Adam configs, batch 64, 4,185 rows): 768 -> 128 fused 2.8x faster; 2,048 -> 256 equal (1.05x);
+# 768 -> 1024 0.82x and 2,048 -> 1024 0.65x (the sequential Keras loop already runs its GEMMs at ~1/3 of
+# the CPU's matmul peak, and the fused stacked matmuls do worse). Above this many first-layer weights
+# per member, configs are trained one by one.
+FUSE_MAX_FIRST_LAYER = 262_144
+
+
+def _fusable(p: dict, n_features: int = 0, fuse: bool | None = None) -> bool:
+    """Configs the fused trainer reproduces (Adam, constant learning rate) and where fusing is faster."""
+    if fuse is False:
+        return False
+    compatible = p["optimizer"] == "adam" and not p["lr_decay"] and p["reduce_lr_patience"] is None
+    if fuse is True or not compatible:
+        return compatible
+    first = p["layers"][0] if p["layers"] else 2
+    return n_features * first <= FUSE_MAX_FIRST_LAYER
 
 
 def history_json(history: dict) -> str:
