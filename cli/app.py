@@ -68,7 +68,10 @@ def run(argv: list[str] | None = None) -> int:
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 1)
     except FeatcacheError as exc:
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        sentence = str(exc).strip()
+        if sentence and sentence[-1] not in ".!?":
+            sentence += "."  # one full sentence, whichever module raised it
+        err_console.print(f"[bold red]error:[/] {escape(sentence)}", highlight=False)
         return exc.exit_code
     except KeyboardInterrupt:
         err_console.print(
