@@ -585,16 +585,17 @@ def _threshold_info(ctx: _Ctx, y_val: np.ndarray, p_val: np.ndarray) -> dict:
     }
 
 
-def _evaluate(ctx: _Ctx, y_true: np.ndarray, proba: np.ndarray, thr: float | None, ci: bool) -> dict:
+def _evaluate(ctx: _Ctx, y_true: np.ndarray, proba: np.ndarray, thr: float | None, ci: bool,
+              groups: list[str] | None = None) -> dict:
     m = classification_metrics(y_true, proba, ctx.classes)
     if thr is not None:
         m["at_threshold"] = classification_metrics(y_true, proba, ctx.classes, thr)
     if ci and len(y_true):
-        m["ci"] = bootstrap_ci(y_true, proba, ctx.classes, None, n_boot=ctx.opts.n_boot, seed=ctx.opts.seed)
+        kw = {"n_boot": ctx.opts.n_boot, "seed": ctx.opts.seed, "groups": groups}
+        m["ci"] = bootstrap_ci(y_true, proba, ctx.classes, None, **kw)
+        m["ci"]["resampled"] = "patients" if groups is not None else "images"
         if thr is not None:
-            m["at_threshold"]["ci"] = bootstrap_ci(
-                y_true, proba, ctx.classes, thr, n_boot=ctx.opts.n_boot, seed=ctx.opts.seed
-            )
+            m["at_threshold"]["ci"] = bootstrap_ci(y_true, proba, ctx.classes, thr, **kw)
     return m
 
 
@@ -656,7 +657,8 @@ def _store_run(
     _write_preds(writer, ctx, "val", val_idx, p_val, chosen)
     if len(ctx.test):  # the one and only look at the test split, after every choice above
         p_test = ctx.proba(model, ctx.test)
-        metrics["test"] = _evaluate(ctx, ctx.y[ctx.test], p_test, chosen, ci=True)
+        metrics["test"] = _evaluate(ctx, ctx.y[ctx.test], p_test, chosen, ci=True,
+                                    groups=[ctx.records[i].group for i in ctx.test])
         _write_preds(writer, ctx, "test", ctx.test, p_test, chosen)
     writer.write_metrics(metrics)
     writer.write_indices(test=ctx.test, pool=ctx.pool, **indices)
@@ -678,6 +680,7 @@ def _write_preds(
         proba,
         predict_labels(proba, thr),
         ctx.classes,
+        groups=[ctx.records[i].group for i in idx],
     )
 
 

@@ -176,6 +176,17 @@ def _ties(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return order, bounds
 
 
+def bootstrap_weights(n: int, n_boot: int, seed: int, groups: Sequence | None = None) -> np.ndarray:
+    """[n_boot, n] bootstrap draw counts: images resampled, or whole groups when ``groups`` is given."""
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        return rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
+    _, inverse = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)
+    n_groups = int(inverse.max()) + 1
+    counts = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=n_boot).astype(np.float64)
+    return counts[:, inverse]
+
+
 def bootstrap_ci(
     y_true: Sequence[int],
     proba: np.ndarray,
@@ -184,9 +195,13 @@ def bootstrap_ci(
     n_boot: int = 1000,
     seed: int = 0,
     level: float = 0.95,
+    groups: Sequence | None = None,
 ) -> dict:
     """Percentile bootstrap CIs: metric -> [lo, hi] for accuracy, macro_f1, auc, log_loss
-    (+ sensitivity, specificity for binary tasks). Resamples images with replacement (seeded).
+    (+ sensitivity, specificity for binary tasks), seeded.
+
+    With ``groups`` (patient ids) whole patients are resampled, so the several images of one patient are
+    not counted as independent evidence (most Kermany patients have several images); without, images.
     """
     k = len(classes)
     y = np.asarray(y_true, dtype=np.int64)
@@ -195,8 +210,8 @@ def bootstrap_ci(
         return {}
     p = _as_proba(proba, k)
     y_pred = predict_labels(p, threshold)
-    rng = np.random.default_rng(seed)
-    w = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)  # [B, n] draw counts
+    w = bootstrap_weights(n, n_boot, seed, groups)  # [B, n] draw counts
+    total = np.maximum(w.sum(axis=1), 1.0)
 
     cell = y * k + y_pred  # confusion cell of each sample
     onehot = np.zeros((n, k * k))
@@ -212,9 +227,9 @@ def bootstrap_ci(
             precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, _EPS), 0.0
         )
     stats: dict[str, np.ndarray] = {
-        "accuracy": diag.sum(axis=1) / n,
+        "accuracy": diag.sum(axis=1) / total,
         "macro_f1": f1.mean(axis=1),
-        "log_loss": w @ -np.log(np.clip(p[np.arange(n), y], _EPS, 1.0)) / n,
+        "log_loss": w @ -np.log(np.clip(p[np.arange(n), y], _EPS, 1.0)) / total,
     }
     if k == 2:
         stats["sensitivity"] = np.where(row[:, 1] > 0, recall[:, 1], np.nan)

@@ -4,7 +4,7 @@ Layout (``--runs-dir``, default ``./runs``)::
 
     <run_id>/run.json              config, choices, cache digests, versions, command, artifacts + sha256
     <run_id>/metrics.json          {"val", "test", "cv_results", "history", "train"}
-    <run_id>/predictions_val.csv   relpath,key,y_true,p_<class>...,y_pred
+    <run_id>/predictions_val.csv   relpath,key,y_true,p_<class>...,y_pred,group
     <run_id>/predictions_test.csv
     <run_id>/indices.npz           the exact train / val / test record indices used (and CV folds)
     <run_id>/model/...             the head's files
@@ -176,8 +176,10 @@ class RunWriter:
         proba: np.ndarray,
         y_pred: np.ndarray,
         classes: Sequence[str],
+        groups: Sequence[str] | None = None,
     ) -> None:
-        """Per-image predictions; relpaths keep non-UTF-8 bytes via surrogateescape."""
+        """Per-image predictions (+ the patient/group id, for patient-level bootstrap CIs in reports);
+        relpaths keep non-UTF-8 bytes via surrogateescape."""
         with open(
             self.path / f"predictions_{split}.csv",
             "w",
@@ -186,10 +188,12 @@ class RunWriter:
             errors="surrogateescape",
         ) as fh:
             w = csv.writer(fh)
-            w.writerow(["relpath", "key", "y_true", *[f"p_{c}" for c in classes], "y_pred"])
+            extra = ["group"] if groups is not None else []
+            w.writerow(["relpath", "key", "y_true", *[f"p_{c}" for c in classes], "y_pred", *extra])
             for i in range(len(keys)):
                 w.writerow(
-                    [relpaths[i], keys[i], int(y_true[i]), *[f"{v:.6g}" for v in proba[i]], int(y_pred[i])]
+                    [relpaths[i], keys[i], int(y_true[i]), *[f"{v:.6g}" for v in proba[i]], int(y_pred[i]),
+                     *([groups[i]] if groups is not None else [])]
                 )
 
     def write_indices(self, **arrays: np.ndarray) -> None:

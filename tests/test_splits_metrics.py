@@ -125,3 +125,24 @@ def test_bootstrap_multiclass_runs() -> None:
     ci = bootstrap_ci(y, proba, ["a", "b", "c"], n_boot=200)
     assert 0.0 <= ci["accuracy"][0] <= ci["accuracy"][1] <= 1.0
     assert ci["auc"][0] < 0.5 < ci["auc"][1] + 0.1
+
+
+def test_bootstrap_resamples_whole_patients_when_groups_are_given() -> None:
+    from featcache.metrics import bootstrap_weights
+
+    groups = ["p1", "p1", "p2", "p3", "p3", "p3"]
+    w = bootstrap_weights(6, 300, seed=1, groups=groups)
+    assert np.all(w[:, 0] == w[:, 1]) and np.all(w[:, 3] == w[:, 4]) and np.all(w[:, 4] == w[:, 5])
+    assert np.all(w[:, [0, 2, 3]].sum(axis=1) == 3)  # 3 patients drawn per replicate
+    # 40 patients with 5 identical-outcome images each: patient-level CIs are wider than image-level ones
+    rng = np.random.default_rng(0)
+    right = rng.random(40) < 0.8
+    y = np.repeat(rng.integers(0, 2, 40), 5)
+    pred = np.where(np.repeat(right, 5), y, 1 - y)
+    proba = np.column_stack([1.0 - pred, pred]).astype(float) * 0.8 + 0.1
+    pats = np.repeat([f"p{i}" for i in range(40)], 5)
+    by_img = bootstrap_ci(y, proba, ["a", "b"], n_boot=500, seed=3)
+    by_pat = bootstrap_ci(y, proba, ["a", "b"], n_boot=500, seed=3, groups=pats)
+    width = lambda ci: ci["accuracy"][1] - ci["accuracy"][0]  # noqa: E731
+    assert width(by_pat) > 1.6 * width(by_img)
+    assert by_pat["accuracy"][0] <= np.mean(pred == y) <= by_pat["accuracy"][1]

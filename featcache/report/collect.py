@@ -30,6 +30,7 @@ class Predictions:
     y_true: np.ndarray  # int [n], index into ``classes``
     proba: np.ndarray  # float [n, K]
     classes: list[str]
+    groups: list[str] | None = None  # patient ids (bootstrap resamples patients when present)
 
 
 @dataclass
@@ -105,7 +106,9 @@ def read_predictions(path: Path) -> Predictions:
             y.append(int(float(raw)))
     proba = np.array([[_parse_float(r[i]) for i in pcols] for r in rows], dtype=float).reshape(len(rows), -1)
     relpaths = [r[ri] if ri is not None else "" for r in rows]
-    return Predictions(relpaths, np.asarray(y, dtype=int), proba, classes)
+    gi = header.index("group") if "group" in header else None
+    groups = [r[gi] for r in rows] if gi is not None else None
+    return Predictions(relpaths, np.asarray(y, dtype=int), proba, classes, groups)
 
 
 def load_run(path: Path) -> RunRecord:

@@ -136,18 +136,20 @@ def roc_points(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray
 def bootstrap_ci(
     pred: Predictions, threshold: float | None, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
 ) -> dict[str, tuple[float, float]]:
-    """Percentile 95% CIs of accuracy, macro F1 (binary only) and AUC by resampling images.
+    """Percentile 95% CIs of accuracy, macro F1 (binary only) and AUC by resampling patients (the CSV's
+    ``group`` column; images when it is absent).
 
     Vectorised (one multinomial count matrix) so a report over many runs stays fast.
     """
+    from featcache.metrics import bootstrap_weights
+
     n = len(pred.y_true)
     if n == 0:
         return {}
-    rng = np.random.default_rng(seed)
-    w = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(float)
+    w = bootstrap_weights(n, n_boot, seed, pred.groups)
     y_pred = predict(pred, threshold)
     correct = (y_pred == pred.y_true).astype(float)
-    out: dict[str, np.ndarray] = {"accuracy": (w @ correct) / n}
+    out: dict[str, np.ndarray] = {"accuracy": (w @ correct) / np.maximum(w.sum(axis=1), 1.0)}
     k = pred.proba.shape[1]
     if k == 2:
         out["auc"] = _auc_weighted(pred.y_true, pred.proba[:, 1], w)
