@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from featcache.errors import ConfigError
+from featcache.runs import format_value, params_string
 
 EPILOG = (
     "Examples:\n\n"
@@ -38,20 +39,12 @@ def _layers(text: str | None) -> tuple[int, ...] | None:
 
 
 def fmt(value: object) -> str:
-    """Compact form of a metric or param value for tables."""
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, (list, tuple)):
-        return "-".join(fmt(v) for v in value)
-    if isinstance(value, dict):
-        return ",".join(f"{k}:{fmt(v)}" for k, v in value.items())
-    return str(value)
+    """Compact form of a metric or param value for tables (4 significant digits, "-" for none)."""
+    return format_value(value, float_format=".4g", none="-")
 
 
 def params_text(params: dict) -> str:
-    return " ".join(f"{k}={fmt(v)}" for k, v in sorted(params.items()))
+    return params_string(params, sep=" ", float_format=".4g", none="-")
 
 
 def summary(run) -> dict:  # noqa: ANN001 - featcache.runs.Run

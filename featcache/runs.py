@@ -58,6 +58,31 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def format_value(value: Any, *, float_format: str = "g", none: str = "None") -> str:
+    """Compact human form of a parameter or metric value: 0.001, 1024-512, 0:1,1:3.
+
+    One formatter for the CLI tables and the reports, so a config reads the same everywhere.
+    """
+    if value is None:
+        return none
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        return format(value, float_format)
+    if isinstance(value, (list, tuple)):
+        return "-".join(format_value(v, float_format=float_format, none=none) for v in value)
+    if isinstance(value, dict):
+        return ",".join(f"{k}:{format_value(v, float_format=float_format, none=none)}"
+                        for k, v in value.items())
+    return str(value)
+
+
+def params_string(params: dict, *, sep: str = ", ", float_format: str = "g", none: str = "None") -> str:
+    """``key=value`` pairs in a stable (sorted) order."""
+    return sep.join(f"{k}={format_value(v, float_format=float_format, none=none)}"
+                    for k, v in sorted(params.items()))
+
+
 def config_hash(config: dict) -> str:
     """sha256 of the canonical JSON of a run's defining config (hex)."""
     return hashlib.sha256(canonical_json(config).encode()).hexdigest()

@@ -24,9 +24,10 @@ from featcache.report import plots
 from featcache.report.collect import RunRecord, load_runs, select_runs
 from featcache.report.document import Code, Document, Figure, Heading, Hero, Para, Stat, Table
 from featcache.report.html import render_html
-from featcache.report.leaderboard import build_leaderboard, config_string, format_value, write_csv, write_json
+from featcache.report.leaderboard import build_leaderboard, config_string, write_csv, write_json
 from featcache.report.markdown import render_markdown
 from featcache.report.scores import LOWER_IS_BETTER, chosen_threshold
+from featcache.runs import format_value
 
 OVERSTATE_NOTE = (
     "validation accuracy on this dataset overstates test accuracy. The official Kermany test split differs "

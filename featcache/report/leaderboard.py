@@ -16,28 +16,16 @@ from typing import Any
 from featcache.errors import ConfigError
 from featcache.report.collect import RunRecord
 from featcache.report.scores import LOWER_IS_BETTER, METRICS, bootstrap_ci, chosen_threshold, scores
+from featcache.runs import params_string
 
 GROUP_BY = ("backbone", "head", "task")
 THR_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "sensitivity", "specificity")
 CI_METRICS = ("accuracy", "macro_f1", "auc")
 
 
-def format_value(value: Any) -> str:
-    """Compact human form of a hyperparameter value: 0.001, 1024-512, 0:1,1:3, None."""
-    if isinstance(value, bool) or value is None:
-        return str(value)
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, list | tuple):
-        return "-".join(format_value(v) for v in value)
-    if isinstance(value, dict):
-        return ",".join(f"{k}:{format_value(v)}" for k, v in value.items())
-    return str(value)
-
-
 def config_string(params: dict) -> str:
     """``key=value`` pairs in a stable order: the config column of every table."""
-    return ", ".join(f"{k}={format_value(v)}" for k, v in sorted(params.items()))
+    return params_string(params)
 
 
 def _recorded(metrics: dict, split: str) -> dict:
