@@ -187,7 +187,7 @@ def _load_features(
                     "name": name,
                     "path": str(Path(path).resolve()),
                     "file": Path(path).name,
-                    "config_hash": getattr(reader, "config_hash", None) or _cache_hash(cfg),
+                    "config_hash": reader.config_hash,
                     "n_rows": int(reader.n_rows),
                     "feature_dim": int(reader.feature_dim),
                     "weights_digest": _find_key(cfg, "weights_digest"),
@@ -214,15 +214,6 @@ def _load_features(
                 parts.setdefault(view, []).append(X)
     views = {v: (avail[v], np.concatenate(parts[v], axis=1)) for v in parts if avail[v].any()}
     return _Features(views), caches
-
-
-def _cache_hash(cfg: dict) -> str | None:
-    try:
-        from featcache.cache import config_hash as cache_config_hash
-
-        return cache_config_hash(cfg)
-    except Exception:  # pragma: no cover - older cache module
-        return None
 
 
 def _hash_records(records: Sequence[Any], progress: ProgressFn | None) -> list[str]:
@@ -875,14 +866,9 @@ def _fit_holdout(ctx: _Ctx, configs: list[dict], result: FitResult) -> None:
         emit(ctx.progress, "fit", total - len(todo) + finished[0], total, f"{run.id} done")
 
     todo_cfgs = [configs[i] for i in todo]
-    if hasattr(ctx.head_obj, "train_many"):
-        ctx.head_obj.train_many(
-            Xtr, yy, Xva, yva, todo_cfgs, seed=opts.seed, progress=ctx.progress, on_result=on_result
-        )
-    else:  # pragma: no cover - a head without batched training
-        for i, cfg in enumerate(todo_cfgs):
-            model, hist = ctx.head_obj.train(Xtr, yy, Xva, yva, cfg, seed=opts.seed, progress=ctx.progress)
-            on_result(i, model, hist)
+    ctx.head_obj.train_many(
+        Xtr, yy, Xva, yva, todo_cfgs, seed=opts.seed, progress=ctx.progress, on_result=on_result
+    )
 
 
 def _jsonable_history(history: dict | None) -> dict | None:

@@ -99,7 +99,7 @@ class _Extractor:
                 reader = CacheReader(path)
             except CacheError:
                 reader = None
-            if reader is not None and getattr(reader, "config_hash", None) == cache.get("config_hash"):
+            if reader is not None and reader.config_hash == cache.get("config_hash"):
                 self._reader = reader
             elif reader is not None:
                 reader.close()
