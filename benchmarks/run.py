@@ -3,7 +3,7 @@
     python benchmarks/run.py [--quick] [--json] [--data DIR] [--only extract,logreg,mlp]
 
 Each benchmark module exposes ``run(quick) -> dict`` (bench_extract also takes ``data``); modules
-that are not written yet are skipped and reported as such. With ``--json`` one JSON object is
+that are missing (e.g. deleted) are reported as such. With ``--json`` one JSON object is
 printed with the ratios under the keys that name them (``pipeline_efficiency`` per backbone,
 ``cache_hit_fraction``, ``memory_ratio``, ``logreg_speedup``, ``mlp_grid_speedup``), each module's
 raw results under its own key, the machine description and the wall time of each benchmark.

@@ -6,7 +6,6 @@ non-zero exit status, never a traceback.
 """
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 
@@ -29,26 +28,19 @@ app = typer.Typer(
 
 err_console = Console(stderr=True)
 
-# Each module exposes ``register(app: typer.Typer) -> None``. Modules that are not written yet
-# are skipped so the CLI stays usable while the project grows.
-_COMMAND_MODULES = (
-    "extract_cmd",
-    "cache_cmd",
-    "data_cmd",
-    "fit_cmd",
-    "runs_cmd",
-    "predict_cmd",
-    "report_cmd",
-    "pipeline_cmd",
+# Each command module exposes ``register(app: typer.Typer) -> None``.
+from featcache.cli import (  # noqa: E402 - registered after the app exists
+    cache_cmd,
+    data_cmd,
+    extract_cmd,
+    fit_cmd,
+    pipeline_cmd,
+    predict_cmd,
+    report_cmd,
+    runs_cmd,
 )
 
-for _name in _COMMAND_MODULES:
-    try:
-        _module = importlib.import_module(f"featcache.cli.{_name}")
-    except ModuleNotFoundError as _exc:  # only tolerate the module itself being absent
-        if _exc.name != f"featcache.cli.{_name}":
-            raise
-        continue
+for _module in (extract_cmd, cache_cmd, data_cmd, fit_cmd, runs_cmd, predict_cmd, report_cmd, pipeline_cmd):
     _module.register(app)
 
 
