@@ -1,4 +1,4 @@
-"""Probe: fused vs one-by-one dense-head training for one head shape (where FUSE_MAX_FIRST_LAYER comes from).
+"""Probe: fused vs one-by-one dense-head training for one head shape (fused path forced, default precision).
 
     python benchmarks/probe_mlp_fusion.py D LAYERS BATCH K     e.g.  768 128-64 64 4   or   2048 1024-512 64 4
 

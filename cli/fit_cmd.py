@@ -110,6 +110,10 @@ def register(app: typer.Typer) -> None:
             None, "--pooling", help="Pick the cache with this pooling (avg|max|flatten)."
         ),
         image_size: int = typer.Option(None, "--image-size", help="Pick the cache with this input size."),
+        mlp_precision: str = typer.Option(
+            "auto", "--mlp-precision", help="auto | float32 | bfloat16: matmuls of fused mlp grid training "
+            "(auto: bfloat16 on CPUs with AMX/AVX512-BF16; recorded in run.json)."
+        ),
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
     ) -> None:
         """Train heads on cached features with patient-grouped selection; the test split is used once.
@@ -138,6 +142,7 @@ def register(app: typer.Typer) -> None:
             cache_dir=cache_dir,
             pooling=pooling,
             image_size=image_size,
+            mlp_precision=mlp_precision,
             command=_command(ctx),
         )
         console = Console(stderr=True)

@@ -27,6 +27,7 @@ import numpy as np
 from featcache.errors import CacheError, ConfigError, DataError
 from featcache.faults import crash_point
 from featcache.grids import expand, get_preset, load_grid_file, parse_grid_args, to_jsonable
+from featcache.heads.mlp_fused import PRECISIONS
 from featcache.metrics import bootstrap_ci, choose_threshold, classification_metrics, predict_labels
 from featcache.progress import ProgressFn, emit
 from featcache.runs import Run, RunWriter, clean_stale, config_hash, done_hashes, library_versions
@@ -63,6 +64,7 @@ class FitOptions:
     image_size: int | None = None
     manifest: Path | None = None
     n_boot: int = 1000
+    mlp_precision: str = "auto"  # matmul precision of fused mlp grid training: auto | float32 | bfloat16
     command: list[str] | None = None  # argv recorded in run.json (default: sys.argv)
 
 
@@ -406,6 +408,9 @@ def fit(
         raise ConfigError(f"--balance must be one of {', '.join(BALANCE_MODES)}, got '{balance}'.")
     if opts.metric not in METRICS:
         raise ConfigError(f"--metric must be one of {', '.join(METRICS)}, got '{opts.metric}'.")
+    if opts.mlp_precision not in PRECISIONS:
+        raise ConfigError(f"--mlp-precision must be one of {', '.join(PRECISIONS)}, "
+                          f"got '{opts.mlp_precision}'.")
     thr_method, thr_target = _parse_threshold(opts.threshold)
     names = [
         b.strip() for b in (backbones.split(",") if isinstance(backbones, str) else backbones) if b.strip()
@@ -602,6 +607,7 @@ def _store_run(
     indices: dict[str, np.ndarray],
     extra_metrics: dict,
     train_fit: tuple[np.ndarray, np.ndarray] | None,
+    trainer: dict | None = None,
 ) -> Run:
     """Write one complete run: status "running" first, then files, then status "done" last."""
     y_val = ctx.y[val_idx]
@@ -629,6 +635,8 @@ def _store_run(
         "preset": ctx.preset.name if ctx.preset else None,
         "threshold": thr,
     }
+    if trainer is not None:  # how a dense head was trained (fused/bf16 or model.fit/float32)
+        info["trainer"] = trainer
     writer = RunWriter(ctx.opts.runs_dir, info)
     crash_point("fit.run_started")
     chosen = thr["chosen"]
@@ -860,6 +868,7 @@ def _fit_holdout(ctx: _Ctx, configs: list[dict], result: FitResult) -> None:
             indices=indices,
             extra_metrics={"history": _jsonable_history(history)},
             train_fit=(Xtr, yy),
+            trainer={"selection": dict(model.trainer), "saved_model": dict(final.trainer)},
         )
         result.runs.append(run)
         finished[0] += 1
@@ -867,7 +876,8 @@ def _fit_holdout(ctx: _Ctx, configs: list[dict], result: FitResult) -> None:
 
     todo_cfgs = [configs[i] for i in todo]
     ctx.head_obj.train_many(
-        Xtr, yy, Xva, yva, todo_cfgs, seed=opts.seed, progress=ctx.progress, on_result=on_result
+        Xtr, yy, Xva, yva, todo_cfgs, seed=opts.seed, progress=ctx.progress, on_result=on_result,
+        precision=opts.mlp_precision,
     )
 
 

@@ -199,13 +199,18 @@ def _fit_cmd(root: Path, cache_dir: Path, runs_dir: Path, *extra: str) -> list[s
 def test_grid_killed_mid_way_resumes_only_unfinished(setup) -> None:
     root, cache_dir, runs_dir = setup
     args = _fit_cmd(root, cache_dir, runs_dir, "--head", "mlp", "--grid", "layers=4", "--grid", "epochs=2",
-                    "--grid", "dropout=0", "--grid", "lr=0.1,0.01,0.001", "--json")
+                    "--grid", "dropout=0", "--grid", "lr=0.1,0.01,0.001", "--mlp-precision", "float32",
+                    "--json")
     exe = [str(Path(sys.executable).parent / "featcache")]
     env = {**os.environ, "FEATCACHE_CRASH_AT": "fit.after_run_saved:2"}
     killed = subprocess.run([*exe, *args], env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr[-2000:]
     done = list_runs(runs_dir)
     assert len(done) == 2
+    # three configs sharing a batch size were trained as one fused chunk; run.json says so
+    assert [r["trainer"]["selection"]["path"] for r in done] == ["fused", "fused"]
+    assert {r["trainer"]["selection"]["group_size"] for r in done} == {3}
+    assert {r["trainer"]["selection"]["precision"] for r in done} == {"float32"}
     # a second kill, this time in the middle of writing the third run: leaves a "running" folder
     env = {**os.environ, "FEATCACHE_CRASH_AT": "fit.run_started:1"}
     killed = subprocess.run([*exe, *args], env=env, capture_output=True, text=True, timeout=300)
@@ -219,6 +224,7 @@ def test_grid_killed_mid_way_resumes_only_unfinished(setup) -> None:
     final = list_runs(runs_dir, include_incomplete=True)
     assert len(final) == 3 and all(r.status == "done" for r in final)
     assert sorted(r["params"]["lr"] for r in final) == [0.001, 0.01, 0.1]
+    assert sorted(r["trainer"]["selection"]["path"] for r in final) == ["fused", "fused", "keras.fit"]
     for r in final:  # consistent: every artifact matches its recorded digest
         for rel, digest in r["artifacts"].items():
             assert sha256_file(r.path / rel) == digest
@@ -254,6 +260,7 @@ def test_cli_fit_table(setup, capsys) -> None:
     (["--head", "logreg", "--threshold", "magic"], "--threshold"),
     (["--head", "logreg", "--balance", "sideways"], "--balance"),
     (["--head", "knn", "--task", "folders", "--metric", "speed"], "--metric"),
+    (["--head", "mlp", "--mlp-precision", "fp8"], "--mlp-precision"),
 ])
 def test_cli_config_errors(setup, capsys, extra: list[str], needle: str) -> None:
     root, cache_dir, runs_dir = setup

@@ -213,20 +213,69 @@ def test_fast_scaler_equals_standard_scaler():
     np.testing.assert_allclose(ours.transform(X), ref.transform(X), rtol=1e-5, atol=1e-5)
 
 
-def test_train_many_fuses_only_small_first_layers(monkeypatch):
+def test_train_many_fuses_configs_sharing_a_batch_size(monkeypatch):
     import featcache.heads.mlp as mlp
 
     calls = []
     real = mlp.fused_train
     monkeypatch.setattr(mlp, "fused_train", lambda *a, **k: (calls.append(len(a[4])), real(*a, **k))[1])
-    monkeypatch.setattr(mlp, "FUSE_MAX_FIRST_LAYER", 32 * 16)
     X, y = separable(120, 32, k=2)
     head = get_head("mlp")
-    small = [{"layers": (16,), "lr": lr, "epochs": 2} for lr in (0.01, 0.001)]
-    wide = [{"layers": (64,), "lr": lr, "epochs": 2} for lr in (0.01, 0.001)]
-    alone = [{"layers": (8,), "lr": 0.01, "epochs": 2, "batch_size": 16}]
-    res = head.train_many(X[:90], y[:90], X[90:], y[90:], small + wide + alone)
-    assert calls == [2] and len(res) == 5 and all(r is not None for r in res)
+    same_batch = [{"layers": (16,), "lr": 0.01, "epochs": 2}, {"layers": (32, 8), "lr": 0.001, "epochs": 3,
+                                                              "dropout": 0.2, "l2": 1e-4}]
+    alone = [{"layers": (8,), "lr": 0.01, "epochs": 2, "batch_size": 16},
+             {"layers": (8,), "lr": 0.01, "epochs": 2, "optimizer": "sgd"}]
+    res = head.train_many(X[:90], y[:90], X[90:], y[90:], same_batch + alone, precision="float32")
+    assert calls == [2] and len(res) == 4 and all(r is not None for r in res)
+    assert [r[0].trainer["path"] for r in res] == ["fused", "fused", "keras.fit", "keras.fit"]
+    assert res[0][0].trainer["precision"] == "float32" and res[0][0].trainer["group_size"] == 2
+    assert [len(r[1]["loss"]) for r in res] == [2, 3, 2, 2]
     calls.clear()
-    head.train_many(X[:90], y[:90], X[90:], y[90:], wide, fuse=True)
-    assert calls == [2]
+    head.train_many(X[:90], y[:90], X[90:], y[90:], alone[:1], fuse=True)
+    assert calls == [1]
+
+
+def test_fused_float32_matches_model_fit_step_for_step():
+    """Full-batch training removes the minibatch order: fused Adam must then follow model.fit closely."""
+    X, y = separable(200, 24, k=3, shift=0.8)
+    Xtr, ytr, Xva, yva = X[:150], y[:150], X[150:], y[150:]
+    head = get_head("mlp")
+    configs = [{"layers": (16, 8), "lr": 0.01, "epochs": 4, "batch_size": 150, "class_weight": "balanced",
+                "l2": 1e-3},
+               {"layers": (12,), "lr": 0.003, "epochs": 3, "batch_size": 150, "activation": "tanh"}]
+    many = head.train_many(Xtr, ytr, Xva, yva, configs, seed=5, fuse=True, precision="float32")
+    for i, (cfg, (fitted, hist)) in enumerate(zip(configs, many, strict=True)):
+        ref_fitted, ref = head.train(Xtr, ytr, Xva, yva, cfg, seed=5 + i)
+        np.testing.assert_allclose(hist["loss"], ref["loss"], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(hist["val_loss"], ref["val_loss"], rtol=1e-4, atol=1e-5)
+        for w, w_ref in zip(fitted.model.get_weights(), ref_fitted.model.get_weights(), strict=True):
+            np.testing.assert_allclose(w, w_ref, atol=2e-5)
+
+
+def test_bfloat16_grid_training_agrees_with_float32():
+    X, y = separable(300, 64, k=2, shift=0.9)
+    Xtr, ytr, Xva, yva = X[:220], y[:220], X[220:], y[220:]
+    head = get_head("mlp")
+    configs = [{"layers": (32, 16), "lr": lr, "epochs": 5, "batch_size": 32} for lr in (0.01, 0.001)]
+    lo = head.train_many(Xtr, ytr, Xva, yva, configs, precision="bfloat16")
+    hi = head.train_many(Xtr, ytr, Xva, yva, configs, precision="float32")
+    assert [r[0].trainer["precision"] for r in lo] == ["bfloat16"] * 2
+    for (_, a), (_, b) in zip(lo, hi, strict=True):
+        assert abs(a["val_accuracy"][-1] - b["val_accuracy"][-1]) <= 0.05
+        assert abs(a["loss"][0] - b["loss"][0]) < 0.05  # same start, same batches: close first epoch
+
+
+def test_mlp_precision_choice(monkeypatch):
+    from featcache.heads import mlp_fused
+
+    monkeypatch.delenv(mlp_fused.PRECISION_ENV, raising=False)
+    monkeypatch.setattr(mlp_fused, "cpu_has_bf16_matmul", lambda: False)
+    assert mlp_fused.resolve_precision("auto") == "float32"
+    monkeypatch.setattr(mlp_fused, "cpu_has_bf16_matmul", lambda: True)
+    assert mlp_fused.resolve_precision(None) == "bfloat16"
+    assert mlp_fused.resolve_precision("float32") == "float32"
+    monkeypatch.setenv(mlp_fused.PRECISION_ENV, "float32")
+    assert mlp_fused.resolve_precision("auto") == "float32"
+    with pytest.raises(ConfigError, match="precision"):
+        mlp_fused.resolve_precision("fp8")
+

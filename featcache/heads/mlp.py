@@ -1,21 +1,13 @@
-"""Keras dense head (``mlp``) and fused grid training (``train_many``).
+"""Keras dense head (``mlp``) and grid training (``train_many``).
 
-``train`` builds one ordinary Keras model and calls ``model.fit`` -- the reference behaviour.
+``train`` builds one ordinary Keras model and calls ``model.fit`` -- the reference behaviour, float32.
 
-``train_many`` is the grid path. For small heads it is faster: a Keras step is short, so per-step framework
-overhead, small GEMMs and the per-model Python loop dominate. For wide first layers (2,048 -> 1,024, paper
-000's grid) it is NOT: there the sequential Keras loop already reaches about a third of this CPU's matmul
-peak and fusion measured 0.65-0.81x, so ``train_many`` only fuses below ``FUSE_MAX_FIRST_LAYER`` first-layer
-weights per member (``fuse=True`` forces it). Configs that share (batch size, layers, activation, output,
-loss) are trained together as ONE fused model written directly in TensorFlow (tf.function): the same
-minibatch order for all k members, layer weights stacked as [k, in, out] (the first layer is a single wide
-matmul ``X_b @ [W1_1 | ... | W1_k]``, later layers batched matmuls), per-member learning rate, dropout rate,
-L2, class weights and Adam state, each member stopping at its own epoch count (or early-stopping patience)
-and keeping its own best-validation weights when ``checkpoint`` is on. Each member is then exported as an
-ordinary Keras model, so save/load/predict are the same as ``train``. Configs the fused trainer does not
-support (optimizers other than Adam, lr decay, ReduceLROnPlateau) are trained one by one with ``train``.
-Members are initialised like Keras (Glorot-uniform kernels, zero biases) but from their own seeds, so a
-config's result agrees with ``train`` within run-to-run noise, not bit for bit.
+``train_many`` is the grid path. Configs the fused trainer reproduces (Adam, constant learning rate) and
+that share a batch size are trained together by ``featcache.heads.mlp_fused`` (one minibatch stream, one
+compiled step, TensorFlow's fused Adam kernel, bfloat16 matmuls where the CPU has bf16 matrix units); see
+that module for why it is faster and how it matches ``model.fit``. Other configs (SGD/RMSprop/Nadam, lr
+decay, ReduceLROnPlateau) and groups of one are trained one by one with ``train``. Every trained head says
+how it was trained in ``KerasHead.trainer`` (recorded in run.json).
 """
 from __future__ import annotations
 
@@ -28,6 +20,7 @@ import numpy as np
 
 from featcache.errors import ConfigError
 from featcache.heads.base import check_params, sample_weights
+from featcache.heads.mlp_fused import fused_train, resolve_precision
 from featcache.progress import ProgressFn, emit
 
 MODEL_FILE = "head.keras"
@@ -109,10 +102,11 @@ def _class_weight_dict(p: dict, y: np.ndarray, n_classes: int) -> dict[int, floa
 class KerasHead:
     """A trained Keras head; saved as ``head.keras`` and loaded with ``safe_mode=True`` (no pickles)."""
 
-    def __init__(self, model: Any, n_classes: int):
+    def __init__(self, model: Any, n_classes: int, trainer: dict | None = None):
         self.model = model
         self.n_classes = int(n_classes)
         self.classes_ = np.arange(self.n_classes)
+        self.trainer: dict = dict(trainer or {"path": "keras.fit", "precision": "float32"})
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         out = np.asarray(self.model.predict(np.asarray(X, dtype=np.float32), batch_size=1024, verbose=0),
@@ -233,11 +227,12 @@ class MLPHead:
     def train_many(self, Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarray,
                    configs: list[dict], *, seed: int = 0, progress: ProgressFn | None = None,
                    on_result: Callable[[int, KerasHead, dict], None] | None = None,
-                   fuse: bool | None = None) -> list[tuple[KerasHead, dict]]:
-        """Train many configs, fusing compatible ones (see module docstring); results in config order.
+                   fuse: bool | None = None, precision: str = "auto") -> list[tuple[KerasHead, dict]]:
+        """Train many configs, fusing compatible ones (see ``mlp_fused``); results in config order.
 
-        ``fuse``: None = fuse only where it measured faster (small first layers, groups of 2+);
-        True = fuse every compatible config; False = train each config with ``train``.
+        ``fuse``: None = fuse compatible configs sharing a batch size, in groups of 2 or more;
+        True = also fuse groups of one; False = train each config with ``train``.
+        ``precision`` of the fused matmuls: auto (bfloat16 on CPUs with bf16 matrix units), float32, bfloat16.
         """
         ps = [_params(c) for c in configs]
         ytr, yva = np.asarray(ytr, dtype=int), np.asarray(yva, dtype=int)
@@ -252,245 +247,72 @@ class MLPHead:
             if on_result is not None:
                 on_result(i, head, hist)
 
-        groups: dict[tuple, list[int]] = {}
+        groups: dict[int, list[int]] = {}
         alone: list[int] = []
         for i, p in enumerate(ps):
-            if _fusable(p, int(np.shape(Xtr)[1]), fuse):
-                key = (p["batch_size"], p["layers"], p["activation"], p["output_activation"])
-                groups.setdefault(key, []).append(i)
+            if _fusable(p, fuse):
+                groups.setdefault(int(p["batch_size"]), []).append(i)
             else:
                 alone.append(i)
-        if fuse is None:  # a group of one gains nothing from fusion
+        if fuse is None:  # a lone config keeps the reference path (model.fit, float32)
             alone += [idx[0] for idx in groups.values() if len(idx) == 1]
             groups = {k: idx for k, idx in groups.items() if len(idx) > 1}
+        resolved = resolve_precision(precision) if groups else "float32"
         for i in sorted(alone):
             head, hist = self.train(Xtr, ytr, Xva, yva, configs[i], seed=seed + i)
             finish(i, head, hist)
-        for idx in groups.values():
+        d = int(np.shape(Xtr)[1])
+        for idx in [chunk for group in groups.values() for chunk in _cache_sized_chunks(group, ps, d)]:
+            trainer = {"path": "fused", "precision": resolved, "group_size": len(idx)}
+
+            def member_done(j: int, model: Any, hist: dict, idx: list[int] = idx,
+                            trainer: dict = trainer) -> None:
+                finish(idx[j], KerasHead(model, n_classes, trainer), hist)
+
             fused_train(np.asarray(Xtr, np.float32), ytr, np.asarray(Xva, np.float32), yva,
                         [ps[i] for i in idx], n_classes, seeds=[seed + i for i in idx],
-                        on_member=lambda j, model, hist, idx=idx: finish(idx[j], KerasHead(model, n_classes),
-                                                                         hist))
+                        build=lambda p, s: build_model(p, d, n_classes, s),
+                        on_member=member_done, precision=resolved)
         return results
 
 
-# Fusion pays when per-step overhead dominates, i.e. for small first layers. Measured on a 2-core Xeon
-# (4 Adam configs, batch 64, 4,185 rows): 768 -> 128 fused 2.8x faster; 2,048 -> 256 equal (1.05x);
-# 768 -> 1024 0.82x and 2,048 -> 1024 0.65x (the sequential Keras loop already runs its GEMMs at ~1/3 of
-# the CPU's matmul peak, and the fused stacked matmuls do worse). Above this many first-layer weights
-# per member, configs are trained one by one.
-FUSE_MAX_FIRST_LAYER = 262_144
+# Members of one fused step together keep this many bytes of float32 state (weights, Adam m and v,
+# gradient). Why a limit: a lone 2,048 -> 1,024 -> 512 head (2.7M parameters, ~44 MB of state) stays in
+# the CPU's last-level cache from step to step, while 18 of them fused (~780 MB) stream every byte from
+# DRAM each step. Measured (2-core Xeon, batch 64, bf16): 4.1 ms per member-step fused in pairs against
+# 5.4 in a group of 18; small heads fit many to a chunk, where fusing is what pays.
+FUSE_STATE_BYTES = 96 * 2**20
 
 
-def _fusable(p: dict, n_features: int = 0, fuse: bool | None = None) -> bool:
-    """Configs the fused trainer reproduces (Adam, constant learning rate) and where fusing is faster."""
+def _n_params(p: dict, n_features: int, n_out: int = 2) -> int:
+    sizes = [n_features, *p["layers"], n_out]
+    return sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+
+
+def _cache_sized_chunks(idx: list[int], ps: list[dict], n_features: int) -> list[list[int]]:
+    """Split one batch-size group into chunks within ``FUSE_STATE_BYTES``; configs with the same epoch
+    count are kept together (a chunk whose members finish together is traced once)."""
+    order = sorted(idx, key=lambda i: (int(ps[i]["epochs"]), _n_params(ps[i], n_features), i))
+    chunks: list[list[int]] = []
+    used = 0
+    for i in order:
+        size = 16 * _n_params(ps[i], n_features)
+        if chunks and used + size <= FUSE_STATE_BYTES:
+            chunks[-1].append(i)
+            used += size
+        else:
+            chunks.append([i])
+            used = size
+    return chunks
+
+
+def _fusable(p: dict, fuse: bool | None = None) -> bool:
+    """Configs the fused trainer reproduces: Adam with a constant learning rate."""
     if fuse is False:
         return False
-    compatible = p["optimizer"] == "adam" and not p["lr_decay"] and p["reduce_lr_patience"] is None
-    if fuse is True or not compatible:
-        return compatible
-    first = p["layers"][0] if p["layers"] else 2
-    return n_features * first <= FUSE_MAX_FIRST_LAYER
+    return p["optimizer"] == "adam" and not p["lr_decay"] and p["reduce_lr_patience"] is None
 
 
 def history_json(history: dict) -> str:
     """Compact JSON of a history (used by benchmarks and for debugging)."""
     return json.dumps({k: [round(v, 6) for v in vals] for k, vals in history.items()})
-
-
-# ---------------------------------------------------------------- fused training
-
-class _Member:
-    """Host-side state of one config inside a fused group (weights, Adam moments, history, best weights)."""
-
-    def __init__(self, p: dict, model: Any, seed: int):
-        self.p, self.model, self.seed = p, model, seed
-        self.weights = [np.asarray(w, np.float32) for w in model.get_weights()]  # kernel, bias per layer
-        self.m = [np.zeros_like(w) for w in self.weights]
-        self.v = [np.zeros_like(w) for w in self.weights]
-        self.t = 0
-        self.epoch = 0
-        self.history: dict[str, list[float]] = {k: [] for k in ("loss", "val_loss", "accuracy",
-                                                                 "val_accuracy", "lr")}
-        self.best_val, self.best_weights, self.since_best = np.inf, None, 0
-        self.stopped = False
-
-    def finished(self) -> bool:
-        return self.stopped or self.epoch >= int(self.p["epochs"])
-
-    def end_epoch(self, loss: float, acc: float, val_loss: float, val_acc: float) -> None:
-        self.epoch += 1
-        for key, val in zip(("loss", "accuracy", "val_loss", "val_accuracy", "lr"),
-                            (loss, acc, val_loss, val_acc, float(self.p["lr"])), strict=True):
-            self.history[key].append(float(val))
-        if val_loss < self.best_val:
-            self.best_val, self.since_best = val_loss, 0
-            if self.p["checkpoint"]:
-                self.best_weights = [w.copy() for w in self.weights]
-        else:
-            self.since_best += 1
-            if self.p["patience"] is not None and self.since_best >= int(self.p["patience"]) + 0:
-                self.stopped = True
-
-    def export(self) -> Any:
-        self.model.set_weights(self.best_weights if self.best_weights is not None else self.weights)
-        return self.model
-
-
-def _make_step(n_layers: int, activation: str, sigmoid: bool, D: int):
-    """Build the compiled fused train/eval functions for one group shape."""
-    import tensorflow as tf
-
-    act = {"relu": tf.nn.relu, "sigmoid": tf.sigmoid, "tanh": tf.tanh, "elu": tf.nn.elu, "selu": tf.nn.selu,
-           "gelu": tf.nn.gelu, "swish": tf.nn.silu, "silu": tf.nn.silu, "linear": tf.identity,
-           "softplus": tf.nn.softplus}.get(activation)
-    if act is None:
-        raise ConfigError(f"activation '{activation}' is not supported by grid training; use relu, sigmoid, "
-                          "tanh, elu, selu, gelu, swish, softplus or linear.")
-
-    def forward(Ws, bs, x, drop, seed, training):
-        M = tf.shape(bs[0])[0]
-        h0 = tf.shape(bs[0])[1]
-        h = tf.matmul(x, tf.reshape(Ws[0], [D, -1]))               # one wide matmul for all members
-        h = tf.transpose(tf.reshape(h, [tf.shape(x)[0], M, h0]), [1, 0, 2]) + bs[0][:, None, :]
-        for i in range(n_layers):
-            if i > 0:
-                h = tf.matmul(h, Ws[i]) + bs[i][:, None, :]          # batched [M, B, in] @ [M, in, out]
-            if i < n_layers - 1:
-                h = act(h)
-                if training:
-                    keep = tf.random.stateless_uniform(tf.shape(h), seed=[seed, i]) >= drop[:, None, None]
-                    h = tf.where(keep, h / (1.0 - drop[:, None, None]), 0.0)
-        return h                                                    # logits [M, B, k]
-
-    def member_losses(logits, y):
-        if sigmoid:
-            p = tf.clip_by_value(tf.sigmoid(logits[..., 0]), 1e-7, 1 - 1e-7)
-            yf = tf.cast(y, tf.float32)[None, :]
-            ce = -(yf * tf.math.log(p) + (1 - yf) * tf.math.log(1 - p))
-            correct = tf.cast(tf.equal(tf.cast(p > 0.5, tf.int32), y[None, :]), tf.float32)
-        else:
-            labels = tf.broadcast_to(y[None, :], tf.shape(logits)[:2])
-            ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
-            correct = tf.cast(tf.equal(tf.cast(tf.argmax(logits, -1), tf.int32), y[None, :]), tf.float32)
-        return ce, correct
-
-    @tf.function(reduce_retracing=True)
-    def train_step(Ws, bs, ms, vs, x, y, sw, lr, drop, l2, active, t, seed):
-        with tf.GradientTape() as tape:
-            logits = forward(Ws, bs, x, drop, seed, True)
-            ce, correct = member_losses(logits, y)
-            B = tf.cast(tf.shape(x)[0], tf.float32)
-            loss_m = tf.reduce_sum(ce * sw, axis=1) / B
-            reg = tf.add_n([tf.reduce_sum(tf.square(Ws[0]), axis=[0, 2])]
-                           + [tf.reduce_sum(tf.square(w), axis=[1, 2]) for w in Ws[1:]])
-            loss_m = loss_m + l2 * reg
-            total = tf.reduce_sum(loss_m * active)
-        variables = list(Ws) + list(bs)
-        grads = tape.gradient(total, variables)
-        b1, b2, eps = 0.9, 0.999, 1e-7
-        alpha = lr * tf.sqrt(1 - tf.pow(b2, t)) / (1 - tf.pow(b1, t)) * active
-        for var, g, m, v in zip(variables, grads, ms, vs, strict=True):
-            shape_m = [1, -1, 1] if var is Ws[0] else ([-1, 1, 1] if len(var.shape) == 3 else [-1, 1])
-            a = tf.reshape(active, shape_m)
-            m.assign_add(a * (1 - b1) * (g - m))
-            v.assign_add(a * (1 - b2) * (tf.square(g) - v))
-            var.assign_sub(tf.reshape(alpha, shape_m) * m / (tf.sqrt(v) + eps))
-        return loss_m, tf.reduce_mean(correct, axis=1)
-
-    @tf.function(reduce_retracing=True)
-    def evaluate(Ws, bs, x, y):
-        logits = forward(Ws, bs, x, tf.zeros([tf.shape(bs[0])[0]]), 0, False)
-        ce, correct = member_losses(logits, y)
-        return tf.reduce_mean(ce, axis=1), tf.reduce_mean(correct, axis=1)
-
-    return train_step, evaluate
-
-
-def _run_phase(members: list[_Member], Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarray,
-               sw: np.ndarray, rng: np.random.Generator, fns: tuple) -> None:
-    """Train the members together until at least one of them is finished; copy state back to the host."""
-    import tensorflow as tf
-
-    train_step, evaluate = fns
-    L = len(members[0].weights) // 2
-
-    def stack(attr: str, j: int) -> Any:
-        arrs = [getattr(mb, attr)[j] for mb in members]
-        if j == 0:  # first kernel stored [D, M, h] so the wide matmul needs no copy
-            return tf.Variable(np.stack(arrs, axis=1))
-        return tf.Variable(np.stack(arrs, axis=0))
-
-    Ws = [stack("weights", 2 * i) for i in range(L)]
-    bs = [stack("weights", 2 * i + 1) for i in range(L)]
-    order = list(range(0, 2 * L, 2)) + list(range(1, 2 * L, 2))
-    ms = [stack("m", j) for j in order]
-    vs = [stack("v", j) for j in order]
-    lr = tf.constant([float(mb.p["lr"]) for mb in members], tf.float32)
-    drop = tf.constant([float(mb.p["dropout"]) for mb in members], tf.float32)
-    l2 = tf.constant([float(mb.p["l2"]) for mb in members], tf.float32)
-    active = tf.ones([len(members)], tf.float32)
-    swm = tf.constant(sw, tf.float32)
-    batch = int(members[0].p["batch_size"])
-    n = len(ytr)
-    xtr_t, ytr_t = tf.constant(Xtr), tf.constant(ytr.astype(np.int32))
-    xva_t, yva_t = tf.constant(Xva), tf.constant(yva.astype(np.int32))
-    t = members[0].t
-    while not any(mb.finished() for mb in members):
-        perm = tf.constant(rng.permutation(n).astype(np.int32))
-        losses, accs, steps = 0.0, 0.0, 0
-        for start in range(0, n, batch):
-            idx = perm[start:start + batch]
-            t += 1
-            lm, am = train_step(Ws, bs, ms, vs, tf.gather(xtr_t, idx), tf.gather(ytr_t, idx),
-                                tf.gather(swm, idx, axis=1), lr, drop, l2, active,
-                                tf.constant(float(t)), tf.constant(t, tf.int32))
-            w = float(idx.shape[0])
-            losses, accs, steps = losses + lm.numpy() * w, accs + am.numpy() * w, steps + w
-        vl, va = evaluate(Ws, bs, xva_t, yva_t)
-        vl, va = vl.numpy(), va.numpy()
-        host = _host(Ws, bs) if any(mb.p["checkpoint"] for mb in members) else None
-        for k, mb in enumerate(members):
-            if host is not None:
-                mb.weights = _member_slice(host, k)
-            mb.end_epoch(losses[k] / steps, accs[k] / steps, float(vl[k]), float(va[k]))
-    host = _host(Ws, bs)
-    mh = _host(ms[:L], ms[L:])
-    vh = _host(vs[:L], vs[L:])
-    for k, mb in enumerate(members):
-        mb.t = t
-        mb.weights, mb.m, mb.v = _member_slice(host, k), _member_slice(mh, k), _member_slice(vh, k)
-
-
-def _host(Ws: list, bs: list) -> list[np.ndarray]:
-    """Fused variables as host arrays in Keras order [W0, b0, W1, b1, ...] (W0 is [D, M, h])."""
-    return [a.numpy() for i in range(len(Ws)) for a in (Ws[i], bs[i])]
-
-
-def _member_slice(host: list[np.ndarray], k: int) -> list[np.ndarray]:
-    return [arr[:, k].copy() if j == 0 else arr[k].copy() for j, arr in enumerate(host)]
-
-
-def fused_train(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarray, ps: list[dict],
-                n_classes: int, *, seeds: list[int], on_member: Callable[[int, Any, dict], None]) -> None:
-    """Train configs sharing batch size and architecture as one fused model; report each as it ends."""
-    import keras
-
-    keras.utils.set_random_seed(seeds[0])
-    members = [_Member(p, build_model(p, Xtr.shape[1], n_classes, s), s)
-               for p, s in zip(ps, seeds, strict=True)]
-    sigmoid = ps[0]["output_activation"] == "sigmoid"
-    rng = np.random.default_rng(seeds[0])
-    index = {id(mb): j for j, mb in enumerate(members)}
-    live = list(members)
-    while live:
-        sw_rows = []
-        for mb in live:
-            w = sample_weights(ytr, mb.p["class_weight"], n_classes)
-            sw_rows.append(np.ones(len(ytr)) if w is None else w)
-        # a fresh compiled step per phase: the member count (a traced shape) just changed
-        fns = _make_step(len(ps[0]["layers"]) + 1, ps[0]["activation"], sigmoid, Xtr.shape[1])
-        _run_phase(live, Xtr, ytr, Xva, yva, np.stack(sw_rows).astype(np.float32), rng, fns)
-        for mb in [mb for mb in live if mb.finished()]:
-            on_member(index[id(mb)], mb.export(), mb.history)
-        live = [mb for mb in live if not mb.finished()]
