@@ -43,7 +43,8 @@ def _load(name: str):
     return module
 
 
-def run_all(quick: bool, data: Path | None, only: list[str], mlp_epoch_scale: float = 1.0) -> dict:
+def run_all(quick: bool, data: Path | None, only: list[str], mlp_epoch_scale: float = 1.0,
+            mlp_noise_configs: int = 3, mlp_extra_seeds: int = 0) -> dict:
     """Run the selected benchmarks in this process, one after the other; collect ratios and raw data."""
     out: dict = {"quick": quick, "benchmarks": {}, "wall_seconds": {}, "missing": [], "failed": {}}
     # bench_extract first: it sets a private KERAS_HOME with ../shared/weights before Keras is imported.
@@ -57,7 +58,8 @@ def run_all(quick: bool, data: Path | None, only: list[str], mlp_epoch_scale: fl
             if name == "extract":
                 res = module.run(quick=quick, data=data)
             elif name == "mlp":
-                res = module.run(quick=quick, epoch_scale=mlp_epoch_scale)
+                res = module.run(quick=quick, epoch_scale=mlp_epoch_scale, noise_configs=mlp_noise_configs,
+                                 extra_seeds=mlp_extra_seeds)
             else:
                 res = module.run(quick=quick)
         except Exception as exc:  # noqa: BLE001 - one broken benchmark must not hide the others
@@ -122,12 +124,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=",".join(BENCHES), help="comma-separated subset of: extract,logreg,mlp")
     ap.add_argument("--mlp-epoch-scale", type=float, default=1.0,
                     help="shorten the dense-head grid's epochs by this factor (recorded in the JSON)")
+    ap.add_argument("--mlp-noise-configs", type=int, default=3,
+                    help="dense-head configs whose reference is re-trained with another seed (33 = all)")
+    ap.add_argument("--mlp-extra-seeds", type=int, default=0,
+                    help="up to N more reference seeds where featcache matches no reference run yet")
     args = ap.parse_args(argv)
     only = [b.strip() for b in args.only.split(",") if b.strip()]
     unknown = [b for b in only if b not in BENCHES]
     if unknown:
         ap.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHES)}")
-    out = run_all(args.quick, args.data, only, args.mlp_epoch_scale)
+    out = run_all(args.quick, args.data, only, args.mlp_epoch_scale, args.mlp_noise_configs,
+                  args.mlp_extra_seeds)
     if args.json:
         print(json.dumps(out, indent=2, default=str))
     else:
