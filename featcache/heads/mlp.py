@@ -262,6 +262,7 @@ class MLPHead:
             head, hist = self.train(Xtr, ytr, Xva, yva, configs[i], seed=seed + i)
             finish(i, head, hist)
         d = int(np.shape(Xtr)[1])
+        Xtr32, Xva32 = np.asarray(Xtr, np.float32), np.asarray(Xva, np.float32)  # once, not per chunk
         for idx in [chunk for group in groups.values() for chunk in _cache_sized_chunks(group, ps, d)]:
             trainer = {"path": "fused", "precision": resolved, "group_size": len(idx)}
 
@@ -269,7 +270,7 @@ class MLPHead:
                             trainer: dict = trainer) -> None:
                 finish(idx[j], KerasHead(model, n_classes, trainer), hist)
 
-            fused_train(np.asarray(Xtr, np.float32), ytr, np.asarray(Xva, np.float32), yva,
+            fused_train(Xtr32, ytr, Xva32, yva,
                         [ps[i] for i in idx], n_classes, seeds=[seed + i for i in idx],
                         build=lambda p, s: build_model(p, d, n_classes, s),
                         on_member=member_done, precision=resolved)
@@ -285,6 +286,7 @@ FUSE_STATE_BYTES = 96 * 2**20
 
 
 def _n_params(p: dict, n_features: int, n_out: int = 2) -> int:
+    """Weights + biases of config ``p`` (for chunk sizing; the tiny output layer counted as ``n_out``)."""
     sizes = [n_features, *p["layers"], n_out]
     return sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
 

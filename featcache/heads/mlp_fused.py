@@ -124,20 +124,20 @@ def _forward(mb: _Member, x: Any, compute: Any, training: bool, seed: Any) -> An
     """Logits of one member (float32); matmuls in ``compute`` dtype, everything else float32."""
     import tensorflow as tf
 
-    n_layers = len(mb.vars) // 2
+    def dense(h: Any, i: int) -> Any:
+        return tf.cast(tf.matmul(h, tf.cast(mb.vars[2 * i], compute)), tf.float32) + mb.vars[2 * i + 1]
+
+    n_hidden = len(mb.vars) // 2 - 1
     rate = float(mb.p["dropout"])
     h = x
-    for i in range(n_layers):
-        z = tf.cast(tf.matmul(h, tf.cast(mb.vars[2 * i], compute)), tf.float32) + mb.vars[2 * i + 1]
-        if i == n_layers - 1:
-            return z
-        z = mb.act(z)
+    for i in range(n_hidden):
+        z = mb.act(dense(h, i))
         if training and rate > 0:
             key = tf.stack([seed, mb.index * 1000 + i])
             keep = tf.random.stateless_uniform(tf.shape(z), seed=key) >= rate
             z = tf.where(keep, z / (1.0 - rate), 0.0)
         h = tf.cast(z, compute)
-    raise AssertionError("unreachable")
+    return dense(h, n_hidden)
 
 
 def _losses(mb: _Member, logits: Any, y: Any) -> tuple[Any, Any]:
@@ -230,10 +230,8 @@ def fused_train(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarr
         raise ConfigError("a fused group needs one batch size (the members share the minibatch stream).")
     batch = batches.pop()
     keras.utils.set_random_seed(seeds[0])
+    # build() is build_model, which already refuses a sigmoid output on a multi-class task
     members = [_Member(p, build(p, s), s, j) for j, (p, s) in enumerate(zip(ps, seeds, strict=True))]
-    for mb in members:
-        if mb.sigmoid and n_classes != 2:
-            raise ConfigError("output_activation sigmoid needs a binary task; use softmax for more classes.")
     sw = []
     for mb in members:
         w = sample_weights(ytr, mb.p["class_weight"], n_classes)
