@@ -64,13 +64,21 @@ def test_class_weight_changes_decisions_on_imbalanced_data():
     assert explicit.sum() > 2 * plain.sum()
 
 
-@pytest.mark.parametrize("n,d", [(120, 300), (200, 20)])  # features outnumber samples, and the reverse
-def test_fast_logistic_search_matches_sklearn(n, d):
+def sklearn_search(X: np.ndarray, y: np.ndarray, grid: dict, folds: list):
+    """The reference: GridSearchCV over Pipeline(StandardScaler, LogisticRegression), warnings silenced."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GridSearchCV
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return GridSearchCV(make_pipeline(StandardScaler(), LogisticRegression()),
+                            {f"logisticregression__{k}": v for k, v in grid.items()}, cv=folds).fit(X, y)
+
+
+@pytest.mark.parametrize("n,d", [(120, 300), (200, 20)])  # features outnumber samples, and the reverse
+def test_fast_logistic_search_matches_sklearn(n, d):
     from featcache.heads.logreg import DEFAULT_CS, FastLogisticGridSearchCV
 
     X, y = separable(n, d, k=2, shift=0.6)
@@ -81,10 +89,7 @@ def test_fast_logistic_search_matches_sklearn(n, d):
     # unconverged runs may legitimately differ on a test set this small)
     grid = {"C": DEFAULT_CS, "class_weight": [None, "balanced"], "max_iter": [1000]}
     ours = FastLogisticGridSearchCV(grid, cv=folds).fit(X, y)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ref = GridSearchCV(make_pipeline(StandardScaler(), LogisticRegression()),
-                           {f"logisticregression__{k}": v for k, v in grid.items()}, cv=folds).fit(X, y)
+    ref = sklearn_search(X, y, grid, folds)
     assert not ours.used_fallback_
     assert ours.best_params_ == {k.split("__")[1]: v for k, v in ref.best_params_.items()}
     diff = np.abs(np.asarray(ours.cv_results_["mean_test_score"]) - ref.cv_results_["mean_test_score"])
@@ -95,6 +100,61 @@ def test_fast_logistic_search_matches_sklearn(n, d):
     p_ref = ref.best_estimator_.predict_proba(X)
     assert np.abs(p_ours - p_ref).max() < 1e-3
     assert type(ours.best_estimator_).__name__ == "Pipeline"
+
+
+def test_fast_logistic_search_duplicate_rows_matches_sklearn():
+    """Duplicate rows make the fold Grams singular: the pivoted factor (rank < n) must give the same fits."""
+    from featcache.heads.logreg import FastLogisticGridSearchCV
+
+    X, y = separable(100, 260, k=2, shift=0.5)
+    X, y = np.vstack([X, X[:40]]).astype(np.float64), np.concatenate([y, y[:40]])
+    folds = folds_for(y, 3)
+    grid = {"C": [0.01, 1.0], "class_weight": [None, "balanced"], "max_iter": [1000]}
+    ours = FastLogisticGridSearchCV(grid, cv=folds).fit(X, y)
+    ref = sklearn_search(X, y, grid, folds)
+    assert not ours.used_fallback_
+    np.testing.assert_allclose(ours.cv_results_["mean_test_score"], ref.cv_results_["mean_test_score"],
+                               atol=1e-9)
+    np.testing.assert_allclose(ours.best_estimator_.predict_proba(X), ref.best_estimator_.predict_proba(X),
+                               atol=1e-5)
+
+
+def test_pivoted_factor_reproduces_the_gram():
+    from featcache.heads.logreg import _gram, _Space
+
+    rng = np.random.default_rng(0)
+    Z = rng.normal(size=(30, 80))
+    Z = np.vstack([Z, Z[:6], 2 * Z[6:9]])  # rank 30 of 39 rows
+    space = _Space(Z)
+    assert space.r == 30 and space.L21 is not None
+    F = space.mul(np.eye(space.r))
+    np.testing.assert_allclose(F @ F.T, Z @ Z.T, atol=1e-8)
+    R = rng.normal(size=(39, 3))
+    np.testing.assert_allclose(space.tmul(R), F.T @ R, atol=1e-10)
+    np.testing.assert_allclose(np.tril(_gram(Z)), np.tril(Z @ Z.T), atol=1e-10)
+
+
+def test_fold_scalers_equal_per_fold_standard_scalers():
+    """Moments combined per fold equal StandardScaler on each fold's rows, for K-fold and odd splits."""
+    from sklearn.preprocessing import StandardScaler
+
+    from featcache.heads.logreg import _FoldScalers
+
+    rng = np.random.default_rng(4)
+    X = (rng.normal(size=(90, 12)) * rng.uniform(0.1, 30, 12) + 50).astype(np.float32)
+    X[:, 3] = 2.5                       # constant everywhere
+    X[:30, 7] = 1.0                     # constant on a third of the rows
+    kfold = [(np.setdiff1d(np.arange(90), te), te) for te in np.array_split(rng.permutation(90), 3)]
+    odd = [(np.arange(0, 60), np.arange(60, 80)), (np.arange(20, 90), np.arange(0, 20)),
+           (np.arange(10, 50), np.arange(50, 70))]  # overlapping tests, rows 80-89 in no test set
+    for folds in (kfold, odd):
+        fs = _FoldScalers(X, folds)
+        for j, (tr, _) in enumerate(folds):
+            ref, ours = StandardScaler().fit(X[tr]), fs.fold(j)
+            np.testing.assert_allclose(ours.mean_, ref.mean_, rtol=1e-12, atol=1e-10)
+            np.testing.assert_allclose(ours.var_, ref.var_, rtol=1e-9, atol=1e-9)
+            np.testing.assert_array_equal(ours.scale_ == 1.0, ref.scale_ == 1.0)
+        np.testing.assert_allclose(fs.all_rows().var_, StandardScaler().fit(X).var_, rtol=1e-9, atol=1e-9)
 
 
 def test_fast_logistic_search_multiclass_d_gt_n():

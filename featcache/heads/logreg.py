@@ -8,26 +8,32 @@ every iteration streams the whole [n_train, D] matrix twice (two matrix-vector p
 flatten features (D = 25,088 > n) that is memory-bound work repeated for every C, class weighting and fold.
 
 1. *Same standardisation.* Per fold we standardise with the fold's training mean and (population) std, as
-   the Pipeline's StandardScaler does (``fit_scaler``: same statistics, chunked float64 accumulation), so
-   the model sees the same standardised rows Z.
-2. *A smaller, isometric problem.* L-BFGS started at w = 0 only ever moves inside the span of Z's rows
-   (the gradient is Z^T r + w / C'). Pick any F with F F^T = Z Z^T = K (we use a pivoted Cholesky
-   factor of the Gram matrix, r = rank <= n columns): the map gamma -> w = Q gamma with Q = Z^T L^-T is
-   an isometry onto that span, so the objective, its gradient norms, all inner products and therefore
-   **the L-BFGS iterates themselves are the same** in exact arithmetic. We run the very same scipy
-   L-BFGS-B with scikit-learn's options (maxiter, gtol = tol, ftol, maxls=50) on [n, r] instead of
-   [n, D]. scipy's stop test max|grad_i| <= tol is not rotation invariant, so in kernel space we switch
-   it off and apply scikit-learn's test to the D-space gradient ourselves (the bounds
-   ||g||_2/sqrt(D) <= ||g||_inf <= ||g||_2 skip the exact check most of the time). Result: the same
-   iterates AND the same stopping iteration -- decision values agree to ~1e-12 on float64 data, so
-   unconverged fits (max_iter=100 on this data) are reproduced too. When D <= n the "factor" is Z
-   itself (no Gram needed) and only step 3 applies. On float32 inputs scikit-learn evaluates its loss in
-   float32 while we solve in float64, so tiny differences remain there.
+   the Pipeline's StandardScaler does (same statistics in float64, scikit-learn's constant-feature rule),
+   so the model sees the same standardised rows Z. The folds' training sets overlap, so the moments are
+   computed once per group of rows with the same fold membership (K groups for K-fold) and combined per
+   fold with Chan's pairwise update (``_FoldScalers``): one pass over X instead of one per fold.
+2. *A smaller, isometric problem.* L-BFGS started at w = 0 only ever moves inside the span of Z's rows (the
+   gradient is Z^T r + w / C'). Pick any F with F F^T = Z Z^T = K (we use the Cholesky factor of the Gram
+   matrix, pivoted and cut at rank r <= n when K is singular): the map gamma -> w = Q gamma with Q = Z^T
+   L^-T is an isometry onto that span, so the objective, its gradient norms, all inner products and
+   therefore **the L-BFGS iterates themselves are the same** in exact arithmetic. We run the very same scipy
+   L-BFGS-B with scikit-learn's options (maxiter, gtol = tol, ftol, maxls=50) on [n, r] instead of [n, D].
+   scipy's stop test max|grad_i| <= tol is not rotation invariant, so in kernel space we switch it off and
+   apply scikit-learn's test to the D-space gradient ourselves (the bounds ||g||_2/sqrt(D) <= ||g||_inf <=
+   ||g||_2 skip the exact check most of the time). Result: the same iterates AND the same stopping iteration
+   -- decision values agree to ~1e-12 on float64 data, so unconverged fits (max_iter=100 on this data) are
+   reproduced too. When D <= n the "factor" is Z itself (no Gram needed) and only step 3 applies. On float32
+   inputs scikit-learn evaluates its loss in float32 while we solve in float64, so tiny differences remain
+   there.
 3. *All candidates at once.* The 7 C x 2 class-weight problems of a fold share F; each runs its own
-   L-BFGS in a thread and the threads meet at a barrier so that one GEMM ``F @ [g_1 ... g_k]`` serves
-   them all (compute-bound float64 BLAS instead of k memory-bound GEMVs).
+   L-BFGS in a thread and the threads meet at a barrier (``_Evaluator``): the last arrival evaluates all
+   objectives together, with one product ``F @ [g_1 ... g_k]`` (a triangular multiply: F is kept as its
+   Cholesky factor, half the memory traffic of a dense GEMM), one vectorised loss/gradient pass and one
+   ``F.T @ R``.
 4. *float32 BLAS for the big product.* The Gram ``Z Z^T`` (and the test-row cross products) are the only
    O(n^2 D) work: one float32 SYRK/GEMM per fold, the fold's own mean/std applied as the Pipeline would.
+   Gathering a fold's rows and standardising them is one chunked pass into a buffer reused by every fold
+   and the refit (``_Workspace``); the refit's statistics come from the same moments.
 
 Measured on the 2-core dev box: see benchmarks/bench_logreg.py. Unsupported settings (a non-lbfgs solver,
 l1/elastic-net, a scorer we do not compute) fall back to real ``GridSearchCV`` -- still correct, slower.
@@ -56,7 +62,6 @@ from featcache.progress import ProgressFn, emit
 
 DEFAULT_CS = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 1e1, 1e2]
 _SMALL = 400_000  # F entries below which problems are solved one after another
-_ONE_THREAD = 4_000_000  # F entries below which BLAS runs single-threaded during the solves
 _FAST_SCORERS = ("accuracy", "balanced_accuracy", "roc_auc", "f1_macro", "neg_log_loss")
 _LR_DEFAULTS = {"C": 1.0, "class_weight": None, "dual": False, "fit_intercept": True, "intercept_scaling": 1,
                 "l1_ratio": 0.0, "max_iter": 100, "n_jobs": None, "penalty": "deprecated",
@@ -86,44 +91,49 @@ def _fast_supported(p: dict) -> bool:
 
 # ---------------------------------------------------------------- batched evaluation
 
-class _Batcher:
-    """A barrier that lets k concurrent scipy L-BFGS runs share one GEMM per evaluation.
+class _Evaluator:
+    """A barrier at which k concurrent scipy L-BFGS runs (one thread each) get their objectives together.
 
-    Each run (a thread) asks for ``F @ G`` or ``F.T @ R``; when every still-active run is waiting, the last
-    arrival multiplies all requests stacked side by side and wakes the others.
+    Why: every run needs ``F @ G`` and ``F.T @ R`` per evaluation. When all still-active runs are waiting,
+    the last arrival evaluates them all at once: one product with F for all of them, the loss and
+    gradient arithmetic as one vectorised pass, and (kernel space) scikit-learn's D-space stop test with
+    one shared product for the runs that need it. Each run's numbers are those it would get alone.
     """
 
-    def __init__(self, F: np.ndarray, active: int, to_w: Any = None, hot: Any = None):
-        self.F = F
-        self.to_w = to_w
-        self.hot = hot
-        self.active = active
+    def __init__(self, space: _Space, y: np.ndarray, n_cls: int, problems: list[dict], n_features: int,
+                 hot: _HotRows | None):
+        self.space, self.y, self.hot = space, y, hot
+        self.k = 1 if n_cls == 2 else n_cls
+        self.r = space.r
+        self.onehot = None if self.k == 1 else np.eye(self.k)[y]
+        self.n_features = n_features
+        self.specs = []
+        for p in problems:
+            sw = sample_weights(y, p["class_weight"], n_cls)
+            sw = np.ones(len(y)) if sw is None else sw
+            sw_sum = float(sw.sum())
+            self.specs.append({"swn": sw / sw_sum, "l2": 1.0 / (float(p["C"]) * sw_sum),
+                               "intercept": bool(p["fit_intercept"]), "tol": float(p["tol"])})
+        self.active = len(problems)
         self.cond = threading.Condition()
-        self.pending: dict[int, tuple[str, np.ndarray]] = {}
-        self.results: dict[int, np.ndarray] = {}
+        self.pending: dict[int, np.ndarray] = {}
+        self.results: dict[int, tuple[float, np.ndarray]] = {}
+        self.state: dict[int, tuple[np.ndarray, float]] = {}
+        self.error: BaseException | None = None
 
-    def _run(self) -> None:
-        for op in ("F", "FT", "W"):
-            keys = [k for k, v in self.pending.items() if v[0] == op]
-            if not keys:
-                continue
-            mats = [self.pending.pop(k)[1] for k in keys]
-            stacked = np.hstack(mats) if len(mats) > 1 else mats[0]
-            ops = {"F": lambda m: self.F @ m, "FT": lambda m: self.F.T @ m, "W": self.to_w}
-            out = ops[op](stacked)
-            cuts = np.cumsum([m.shape[1] for m in mats])[:-1]
-            for k, part in zip(keys, np.split(out, cuts, axis=1), strict=True):
-                self.results[k] = part
-        self.cond.notify_all()
+    def n_params(self, i: int) -> int:
+        return self.r * self.k + (self.k if self.specs[i]["intercept"] else 0)
 
-    def apply(self, key: int, op: str, M: np.ndarray) -> np.ndarray:
+    def evaluate(self, i: int, x: np.ndarray) -> tuple[float, np.ndarray]:
         with self.cond:
-            self.pending[key] = (op, M)
+            self.pending[i] = x
             if len(self.pending) >= self.active:
                 self._run()
-            while key not in self.results:
+            while i not in self.results and self.error is None:
                 self.cond.wait()
-            return self.results.pop(key)
+            if self.error is not None:
+                raise RuntimeError("a batched logistic-regression evaluation failed") from self.error
+            return self.results.pop(i)
 
     def leave(self) -> None:
         with self.cond:
@@ -131,84 +141,117 @@ class _Batcher:
             if self.pending and len(self.pending) >= self.active:
                 self._run()
 
+    def converged(self, i: int, x: np.ndarray) -> bool:
+        """scikit-learn's stop test (max |D-space gradient| <= tol) for the point ``x`` just accepted."""
+        last = self.state.get(i)
+        return last is not None and np.array_equal(last[0], x) and last[1] <= self.specs[i]["tol"]
 
-def _objective(batcher: _Batcher, key: int, y: np.ndarray, sw: np.ndarray, n_cls: int, r: int,
-               C: float, fit_intercept: bool, tol: float, n_features: int, state: dict):
-    """scikit-learn's lbfgs objective (HalfBinomial / HalfMultinomial, penalty 1/(C sw_sum)) in F-space."""
-    from scipy.special import expit, logsumexp
+    def _run(self) -> None:
+        try:
+            self._evaluate_pending()
+        except BaseException as exc:  # wake every waiter: a failed batch must not hang the others
+            self.error = exc
+        self.cond.notify_all()
 
-    sw_sum = float(sw.sum())
-    l2 = 1.0 / (C * sw_sum)
-    k = 1 if n_cls == 2 else n_cls
-    onehot = None if k == 1 else np.eye(k)[y]
-    swn = (sw / sw_sum)[:, None]
+    def _evaluate_pending(self) -> None:
+        from scipy.special import expit, logsumexp
 
-    def fun(x: np.ndarray) -> tuple[float, np.ndarray]:
-        G = x[: r * k].reshape(r, k)
-        raw = batcher.apply(key, "F", G)
-        if fit_intercept:
-            raw = raw + x[r * k:]
+        keys = sorted(self.pending)
+        xs = [self.pending.pop(i) for i in keys]
+        r, k = self.r, self.k
+        Gs = [x[: r * k].reshape(r, k) for x in xs]
+        raw = self.space.mul(np.hstack(Gs) if len(Gs) > 1 else Gs[0])
+        for j, (i, x) in enumerate(zip(keys, xs, strict=True)):
+            if self.specs[i]["intercept"]:
+                raw[:, j * k:(j + 1) * k] += x[r * k:]
+        SW = np.column_stack([self.specs[i]["swn"] for i in keys])           # [n, m]
         if k == 1:
-            z = raw[:, 0]
-            loss_i = np.logaddexp(0.0, z) - y * z
-            d = (expit(z) - y)[:, None]
+            yc = self.y[:, None]
+            loss_i = np.logaddexp(0.0, raw) - yc * raw
+            D = expit(raw) - yc
+            losses = np.einsum("ij,ij->j", SW, loss_i)
         else:
-            lse = logsumexp(raw, axis=1)
-            loss_i = lse - raw[np.arange(len(y)), y]
-            d = np.exp(raw - lse[:, None]) - onehot
-        d = d * swn
-        loss = float(swn[:, 0] @ loss_i) + 0.5 * l2 * float(np.sum(G * G))
-        gG = batcher.apply(key, "FT", d) + l2 * G
-        gb = d.sum(axis=0)
-        grad = np.concatenate([gG.ravel(), gb]) if fit_intercept else gG.ravel()
-        if batcher.to_w is not None:  # scikit-learn's stop test: max|grad| of the D-space gradient
-            norm2 = float(np.sqrt(np.sum(gG * gG)))
-            gmax = float(np.max(np.abs(gb))) if fit_intercept else 0.0
-            # ||g||_inf lies in [||g||_2 / sqrt(D), ||g||_2]: the exact D-space max is needed only in between
-            if norm2 <= tol or norm2 / np.sqrt(n_features) > tol:
-                gmax = max(gmax, norm2 if norm2 <= tol else np.inf)
-            elif gmax <= tol:  # only then does the D-space max decide the stop test
-                lower = batcher.hot.bound(gG) if batcher.hot is not None else None
-                if lower is not None and lower > tol * (1 + 1e-6):
-                    gmax = lower  # provably not converged: max|Q g| >= max over the hot rows > tol
-                else:
-                    gw = batcher.apply(key, "W", gG)
-                    gmax = max(gmax, float(np.max(np.abs(gw))))
-                    if batcher.hot is not None and gmax > tol:
-                        batcher.hot.learn(gw)  # the bound missed: learn where the gradient is now
-            state["x"], state["gmax"] = x, gmax
-        return loss, grad
+            D = np.empty_like(raw)
+            losses = np.empty(len(keys))
+            rows = np.arange(len(self.y))
+            for j in range(len(keys)):
+                blk = raw[:, j * k:(j + 1) * k]
+                lse = logsumexp(blk, axis=1)
+                losses[j] = SW[:, j] @ (lse - blk[rows, self.y])
+                D[:, j * k:(j + 1) * k] = np.exp(blk - lse[:, None]) - self.onehot
+        D *= np.repeat(SW, k, axis=1) if k > 1 else SW
+        gG_all = self.space.tmul(D)
+        need_w: list[tuple[int, int, np.ndarray, float]] = []
+        for j, i in enumerate(keys):
+            spec, G = self.specs[i], Gs[j]
+            cols = slice(j * k, (j + 1) * k)
+            gG = gG_all[:, cols] + spec["l2"] * G
+            loss = float(losses[j]) + 0.5 * spec["l2"] * float(np.sum(G * G))
+            gb = D[:, cols].sum(axis=0)
+            grad = np.concatenate([gG.ravel(), gb]) if spec["intercept"] else gG.ravel()
+            self.results[i] = (loss, grad)
+            if self.space.to_w is None:
+                continue
+            gmax = self._gradient_max(spec, gG, gb)
+            if gmax is None:
+                need_w.append((i, j, gG, float(np.max(np.abs(gb))) if spec["intercept"] else 0.0))
+            else:
+                self.state[i] = (xs[j], gmax)
+        if need_w:  # the exact D-space gradients, one shared product
+            gw_all = self.space.to_w(np.hstack([g for _, _, g, _ in need_w]))
+            for c, (i, j, _g, gb_max) in enumerate(need_w):
+                gw = gw_all[:, c * k:(c + 1) * k]
+                gmax = max(gb_max, float(np.max(np.abs(gw))))
+                if self.hot is not None and gmax > self.specs[i]["tol"]:
+                    self.hot.learn(gw)  # the bound missed: learn where the gradient is now
+                self.state[i] = (xs[j], gmax)
 
-    return fun, k
+    def _gradient_max(self, spec: dict, gG: np.ndarray, gb: np.ndarray) -> float | None:
+        """max|grad| of the D-space gradient where cheap bounds decide the stop test; None: compute it.
+
+        ||g||_inf lies in [||g||_2 / sqrt(D), ||g||_2], and the hot rows give a lower bound, so the exact
+        D-space product is needed only when those bounds cannot decide ``max|g| <= tol``.
+        """
+        tol = spec["tol"]
+        norm2 = float(np.sqrt(np.sum(gG * gG)))
+        gmax = float(np.max(np.abs(gb))) if spec["intercept"] else 0.0
+        if norm2 <= tol or norm2 / np.sqrt(self.n_features) > tol:
+            return max(gmax, norm2 if norm2 <= tol else np.inf)
+        if gmax > tol:
+            return gmax
+        lower = self.hot.bound(gG) if self.hot is not None else None
+        if lower is not None and lower > tol * (1 + 1e-6):
+            return lower  # provably not converged: max|Q g| >= max over the hot rows > tol
+        return None
 
 
-def _solve_many(F: np.ndarray, y: np.ndarray, n_cls: int, problems: list[dict],
-                progress_cb=None, to_w: Any = None, n_features: int = 0, hot: Any = None) -> list[tuple]:
-    """Run one scipy L-BFGS-B per problem (identical options to scikit-learn) sharing GEMMs.
+def _solve_many(space: _Space, y: np.ndarray, n_cls: int, problems: list[dict],
+                progress_cb=None, n_features: int = 0) -> list[tuple]:
+    """Run one scipy L-BFGS-B per problem (identical options to scikit-learn) sharing the products.
 
     Returns (G [r, k], intercept [k], n_iter) per problem.
     """
     from scipy.optimize import minimize
+    from threadpoolctl import threadpool_limits
 
-    r = F.shape[1]
+    r = space.r
     out: list[Any] = [None] * len(problems)
     errors: list[BaseException] = []
+    exact = space.to_w is not None  # kernel space: apply the tol test in D-space ourselves
+    hot = space.hot()
 
-    def work(i: int, p: dict, batcher: _Batcher) -> None:
+    def work(i: int, key: int, p: dict, ev: _Evaluator) -> None:
+        """Problem i, known to the evaluator ``ev`` as ``key``."""
         try:
-            sw = sample_weights(y, p["class_weight"], n_cls)
-            sw = np.ones(len(y)) if sw is None else sw
-            state: dict = {}
-            fun, k = _objective(batcher, i, y, sw, n_cls, r, float(p["C"]), bool(p["fit_intercept"]),
-                                float(p["tol"]), n_features, state)
-            x0 = np.zeros(r * k + (k if p["fit_intercept"] else 0))
+            k = ev.k
+            x0 = np.zeros(ev.n_params(key))
 
             def stop(intermediate_result: Any) -> None:
-                if np.array_equal(state.get("x"), intermediate_result.x) and state["gmax"] <= float(p["tol"]):
+                if ev.converged(key, intermediate_result.x):
                     raise StopIteration
 
-            exact = to_w is not None  # kernel space: apply the tol test in D-space ourselves
-            res = minimize(fun, x0, method="L-BFGS-B", jac=True, callback=stop if exact else None,
+            res = minimize(lambda x: ev.evaluate(key, x), x0, method="L-BFGS-B", jac=True,
+                           callback=stop if exact else None,
                            options={"maxiter": int(p["max_iter"]), "maxls": 50,
                                     "gtol": 0.0 if exact else float(p["tol"]),
                                     "ftol": 64 * np.finfo(float).eps})
@@ -218,36 +261,139 @@ def _solve_many(F: np.ndarray, y: np.ndarray, n_cls: int, problems: list[dict],
         except BaseException as exc:  # surfaced after join; the barrier must not hang
             errors.append(exc)
         finally:
-            batcher.leave()
+            ev.leave()
             if progress_cb is not None:
                 progress_cb()
 
-    from threadpoolctl import threadpool_limits
-
-    # Small products: one BLAS thread. Multi-threaded OpenBLAS on tiny operands (and inside scipy's
-    # L-BFGS-B) spin-waits; on a busy 2-core box that made the solve 25x slower in our measurements.
-    # Many problems (one Python thread each): one BLAS thread as well -- measured 24 s against 31 s for a
-    # 4,186-row fold of 14 candidates here, the shared GEMMs lose less than the oversubscription costs.
-    one = F.size < _ONE_THREAD or len(problems) > 1
-    with threadpool_limits(1 if one else None, user_api="blas"):
-        _run_all(F, problems, work, to_w, hot)
+    # One BLAS thread: the shared products are triangular multiplies that measured fastest on one
+    # thread here (6.8 ms against 10.7 ms on two for 4,186 rows x 14 columns), and multi-threaded
+    # OpenBLAS spin-waits between the many small calls of L-BFGS-B (25x slower on a busy 2-core box).
+    with threadpool_limits(1, user_api="blas"):
+        if len(problems) == 1 or space.n * r < _SMALL:  # thread hand-offs would cost more than they save
+            for i, p in enumerate(problems):
+                work(i, 0, p, _Evaluator(space, y, n_cls, [p], n_features, hot))
+        else:
+            ev = _Evaluator(space, y, n_cls, problems, n_features, hot)
+            threads = [threading.Thread(target=work, args=(i, i, p, ev), daemon=True)
+                       for i, p in enumerate(problems)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
     if errors:
         raise errors[0]
     return out
 
 
-def _run_all(F: np.ndarray, problems: list[dict], work: Any, to_w: Any, hot: Any = None) -> None:
-    if len(problems) == 1 or F.size < _SMALL:  # thread hand-offs would cost more than the GEMMs save
-        for i, p in enumerate(problems):
-            work(i, p, _Batcher(F, 1, to_w, hot))
-    else:
-        shared = _Batcher(F, len(problems), to_w, hot)
-        threads = [threading.Thread(target=work, args=(i, p, shared), daemon=True)
-                   for i, p in enumerate(problems)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+# ---------------------------------------------------------------- standardisation statistics
+
+_CHUNK_ROWS = 512
+_GATHER_ROWS = 64  # rows per gather-and-standardise step: a few MB, so the second pass hits the cache
+
+
+def _rows(X: np.ndarray, rows: np.ndarray | None, s: int, e: int) -> np.ndarray:
+    return X[s:e] if rows is None else X[rows[s:e]]
+
+
+def _moments(X: np.ndarray, rows: np.ndarray | None = None) -> tuple[int, np.ndarray, np.ndarray]:
+    """(count, mean, sum of squared deviations) of X[rows] per feature, float64, two chunked passes."""
+    n = X.shape[0] if rows is None else len(rows)
+    total = np.zeros(X.shape[1])
+    for s in range(0, n, _CHUNK_ROWS):
+        total += _rows(X, rows, s, s + _CHUNK_ROWS).sum(axis=0, dtype=np.float64)
+    mean = total / max(n, 1)
+    m2 = np.zeros(X.shape[1])
+    for s in range(0, n, _CHUNK_ROWS):
+        dev = _rows(X, rows, s, s + _CHUNK_ROWS).astype(np.float64) - mean
+        m2 += np.einsum("ij,ij->j", dev, dev)
+    return n, mean, m2
+
+
+def _combine(parts: Sequence[tuple[int, np.ndarray, np.ndarray]]) -> tuple[int, np.ndarray, np.ndarray]:
+    """Moments of a union of disjoint row sets (Chan et al.'s pairwise update: additions only, stable)."""
+    n, mean, m2 = parts[0]
+    for nb, mb, m2b in parts[1:]:
+        tot = n + nb
+        delta = mb - mean
+        mean = mean + delta * (nb / tot)
+        m2 = m2 + m2b + delta * delta * (n * nb / tot)
+        n = tot
+    return n, mean, m2
+
+
+def _scaler(n: int, mean: np.ndarray, m2: np.ndarray) -> Any:
+    """A fitted ``StandardScaler`` from moments: population variance, scikit-learn's constant-feature rule."""
+    from sklearn.preprocessing import StandardScaler
+
+    var = m2 / n
+    eps = np.finfo(np.float64).eps
+    constant = var <= n * eps * var + (n * mean * eps) ** 2  # sklearn's _is_constant_feature
+    scale = np.sqrt(var)
+    scale[constant] = 1.0
+    sc = StandardScaler()
+    sc.mean_, sc.var_, sc.scale_ = mean, var, scale
+    sc.n_samples_seen_ = np.int64(n)
+    sc.n_features_in_ = len(mean)
+    return sc
+
+
+def fit_scaler(X: np.ndarray) -> Any:
+    """A fitted ``StandardScaler`` equal to ``StandardScaler().fit(X)`` up to float rounding, made faster.
+
+    Why: scikit-learn's incremental mean/variance makes float64 temporaries of the whole matrix (about 16 s
+    for five 4,186 x 25,088 folds here); two chunked passes with float64 accumulators give the same
+    statistics (population variance, zero variances scaled by 1) in a fraction of that.
+    """
+    return _scaler(*_moments(X))
+
+
+class _FoldScalers:
+    """Every fold's training-set scaler, and the all-rows one, from one pass of statistics over X.
+
+    Why: the Pipeline standardises each fold with its own training rows' mean and std. Those sets overlap
+    (K-fold: each row is in K-1 of them), so the moments are computed once per group of rows that share
+    fold membership and combined per fold, instead of re-reading the training rows for every fold.
+    """
+
+    MAX_GROUPS = 64
+
+    def __init__(self, X: np.ndarray, folds: Sequence[tuple[np.ndarray, np.ndarray]]):
+        self.X, self.folds = X, folds
+        member = np.zeros((X.shape[0], len(folds)), dtype=bool)
+        for j, (tr, _) in enumerate(folds):
+            member[tr, j] = True
+        patterns, codes = np.unique(member, axis=0, return_inverse=True)
+        self.parts: list | None = None
+        if len(patterns) <= self.MAX_GROUPS:
+            codes = codes.ravel()
+            self.patterns = patterns
+            self.parts = [_moments(X, np.flatnonzero(codes == g)) for g in range(len(patterns))]
+
+    def fold(self, j: int) -> Any:
+        if self.parts is None:  # unusual CV with many membership patterns: plain per-fold statistics
+            return fit_scaler(self.X[self.folds[j][0]])
+        return _scaler(*_combine([p for p, pat in zip(self.parts, self.patterns, strict=True) if pat[j]]))
+
+    def all_rows(self) -> Any:
+        return fit_scaler(self.X) if self.parts is None else _scaler(*_combine(self.parts))
+
+
+def standardize(scaler: Any, X: np.ndarray, rows: np.ndarray | None = None,
+                out: np.ndarray | None = None) -> np.ndarray:
+    """``scaler.transform(X[rows])`` in X's dtype, gathered and standardised in small chunks.
+
+    Why chunked: no float64 copy of the whole matrix, and the gathered rows are still in the CPU cache
+    when they are standardised. ``out`` (a reusable buffer) avoids fresh allocations for every fold.
+    """
+    n = X.shape[0] if rows is None else len(rows)
+    dtype = X.dtype if X.dtype in (np.float32, np.float64) else np.float64
+    out = np.empty((n, X.shape[1]), dtype=dtype) if out is None else out[:n]
+    mean, scale = scaler.mean_.astype(out.dtype), scaler.scale_.astype(out.dtype)
+    for s in range(0, n, _GATHER_ROWS):
+        blk = out[s:s + _GATHER_ROWS]
+        np.subtract(_rows(X, rows, s, s + _GATHER_ROWS), mean, out=blk, casting="unsafe")
+        blk /= scale
+    return out
 
 
 # ---------------------------------------------------------------- the isometric space
@@ -257,42 +403,130 @@ def _gram_tol(dtype: np.dtype, diag_max: float) -> float:
     return diag_max * (1e-5 if dtype == np.float32 else 1e-11)
 
 
-class _Space:
-    """F (training rows) and F_te (other rows) with F F^T = Z Z^T, plus the map back to coefficients."""
+def _gram(Z: np.ndarray) -> np.ndarray:
+    """Z Z^T (lower triangle, Fortran order) by one SYRK in Z's precision: half the FLOPs of a GEMM."""
+    from scipy.linalg import blas
 
-    def __init__(self, Z: np.ndarray, others: Sequence[np.ndarray] = ()):
+    syrk = blas.ssyrk if Z.dtype == np.float32 else blas.dsyrk
+    # Z is C-ordered [n, D]: Z.T is the same memory in Fortran order, and syrk(trans=1) gives (Z.T)^T Z.T
+    return syrk(1.0, Z.T, trans=1, lower=1)
+
+
+class _Workspace:
+    """Buffers reused across a search's folds and its refit.
+
+    Why: a fresh half-gigabyte array per fold costs page faults (measured 0.3 s just to convert one
+    4,186-row Gram to float64 into new memory), and the folds run one after another anyway.
+    """
+
+    def __init__(self, rows: int, d: int, dtype: np.dtype, gram_rows: int):
+        self.rows = np.empty((rows, d), dtype=dtype)          # standardised rows of a fold
+        self.gram = np.empty(gram_rows * gram_rows) if gram_rows < d else None  # float64 Cholesky
+
+    def square(self, n: int) -> np.ndarray:
+        """An [n, n] float64 Fortran-ordered view of the Gram buffer (or a new array)."""
+        if self.gram is None or self.gram.size < n * n:
+            return np.empty((n, n), order="F")
+        return self.gram[: n * n].reshape((n, n), order="F")
+
+
+def _cholesky(K: np.ndarray, tol: float, work: _Workspace | None = None
+              ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, int]:
+    """(L11 [r, r] lower, L21 [n-r, r] or None, pivot order, rank) with F F^T = K for F[piv] = [L11; L21].
+
+    K's lower triangle is read (in any float precision) and not modified; the factor is float64. Plain
+    Cholesky when K is clearly positive definite (no pivoting: about half the time of the pivoted one);
+    pivoted Cholesky, stopping at rank r, when it is not (duplicate or collinear rows).
+    """
+    from scipy.linalg.lapack import dpotrf, dpstrf
+
+    n = K.shape[0]
+
+    def float64_copy() -> np.ndarray:
+        A = work.square(n) if work is not None else np.empty((n, n), order="F")
+        np.copyto(A, K)
+        return A
+
+    c, info = dpotrf(float64_copy(), lower=1, clean=0, overwrite_a=1)
+    if info == 0 and float(np.min(np.diag(c))) ** 2 > tol:
+        return c, None, np.arange(n), n
+    c, piv, rank, info = dpstrf(float64_copy(), lower=1, tol=tol, overwrite_a=1)
+    if info < 0:
+        raise RuntimeError(f"pivoted Cholesky failed (info={info})")
+    L21 = np.ascontiguousarray(c[rank:, :rank]) if rank < n else None
+    return np.asfortranarray(c[:rank, :rank]), L21, piv - 1, rank
+
+
+class _Space:
+    """F (training rows) and F_te (other rows) with F F^T = Z Z^T, plus the map back to coefficients.
+
+    F is kept as its triangular Cholesky factor: products with it are triangular multiplies (TRMM),
+    which read half the matrix (measured 6.8 ms against 27 ms for a dense GEMM at 4,186 rows).
+    """
+
+    def __init__(self, Z: np.ndarray, Zte: np.ndarray | None = None, work: _Workspace | None = None):
         n, D = Z.shape
+        self.n = n
         self.primal = n >= D
         self.to_w: Any = None
+        self.Fte: np.ndarray | None = None
         if self.primal:  # the rows themselves are the cheapest factor
             self.F = Z.astype(np.float64)
-            self.others = [o.astype(np.float64) for o in others]
+            self.r = D
+            if Zte is not None:
+                self.Fte = Zte.astype(np.float64)
             return
         from scipy.linalg import solve_triangular
-        from scipy.linalg.lapack import dpstrf
 
         K = _gram(Z)
-        c, piv, rank, info = dpstrf(K, lower=1, tol=_gram_tol(Z.dtype, float(np.max(np.diag(K)))),
-                                    overwrite_a=1)
+        self.L11, self.L21, piv, self.r = _cholesky(K, _gram_tol(Z.dtype, float(np.max(np.diag(K)))), work)
         del K
-        if info < 0:
-            raise RuntimeError(f"pivoted Cholesky failed (info={info})")
-        piv = piv - 1
-        L = c[:, :rank]
-        L[np.triu_indices(rank, 1)] = 0.0  # dpstrf leaves the upper triangle untouched
-        F = np.empty((n, rank))
-        F[piv] = L
-        self.F = F
-        self.n = n
-        self.piv = piv[:rank]
-        self.L11 = np.ascontiguousarray(L[:rank])
+        self.piv, self.rest = piv[:self.r], piv[self.r:]
+        self.identity = self.L21 is None and bool(np.all(self.piv == np.arange(n)))
         self._solve = solve_triangular
-        # cross products with Z itself, then the pivot columns: no [rank, D] copy of Z is made
-        self.others = [solve_triangular(self.L11, (o @ Z.T)[:, self.piv].astype(np.float64).T, lower=True).T
-                       for o in others]
         self.Z = Z
-        self.to_w = lambda G: Z.T @ self._scatter(
-            solve_triangular(self.L11.T, G, lower=False)).astype(Z.dtype)
+        if Zte is not None:  # cross products with Z itself, then the pivot columns: no copy of Z is made
+            cross = Zte @ Z.T
+            cross = (cross if self.identity else cross[:, self.piv]).astype(np.float64)
+            self.Fte = solve_triangular(self.L11, cross.T, lower=True).T
+        self.to_w = self._to_w
+
+    def _to_w(self, G: np.ndarray) -> np.ndarray:
+        """Q @ G, the D-space vectors of F-space ones: a pass over all of Z, so on every BLAS thread
+        (memory-bound: 39 ms against 61 ms on one thread for 4,186 x 25,088 float32 here)."""
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(_cpus(), user_api="blas"):  # inside the solves' one-thread limit
+            alpha = self._scatter(self._solve(self.L11.T, G, lower=False)).astype(self.Z.dtype)
+            return self.Z.T @ alpha
+
+    def mul(self, G: np.ndarray) -> np.ndarray:
+        """F @ G."""
+        if self.primal:
+            return self.F @ G
+        from scipy.linalg.blas import dtrmm
+
+        top = dtrmm(1.0, self.L11, G, lower=1)
+        if self.identity:
+            return top
+        out = np.empty((self.n, G.shape[1]))
+        out[self.piv] = top
+        if self.L21 is not None:
+            out[self.rest] = self.L21 @ G
+        return out
+
+    def tmul(self, R: np.ndarray) -> np.ndarray:
+        """F.T @ R."""
+        if self.primal:
+            return self.F.T @ R
+        from scipy.linalg.blas import dtrmm
+
+        if self.identity:
+            return dtrmm(1.0, self.L11, R, lower=1, trans_a=1)
+        out = dtrmm(1.0, self.L11, R[self.piv], lower=1, trans_a=1)
+        if self.L21 is not None:
+            out += self.L21.T @ R[self.rest]
+        return out
 
     def hot(self) -> _HotRows | None:
         """A cheap lower bound on the D-space gradient max (None in the primal case: no D-space check)."""
@@ -300,6 +534,8 @@ class _Space:
 
     def _scatter(self, alpha: np.ndarray) -> np.ndarray:
         """[n, k] with ``alpha`` on the pivot rows: Z_p^T alpha == Z^T scatter(alpha)."""
+        if self.identity:
+            return alpha
         out = np.zeros((self.n, alpha.shape[1]))
         out[self.piv] = alpha
         return out
@@ -313,57 +549,6 @@ class _Space:
         for s in range(0, Z.shape[0], _CHUNK_ROWS):  # float64 products without a float64 copy of Z
             w += Z[s:s + _CHUNK_ROWS].T.astype(np.float64) @ a[s:s + _CHUNK_ROWS]
         return w
-
-
-def _gram(Z: np.ndarray) -> np.ndarray:
-    """Z Z^T (lower triangle filled) in float64, by one SYRK in Z's precision: half the FLOPs of a GEMM."""
-    from scipy.linalg import blas
-
-    syrk = blas.ssyrk if Z.dtype == np.float32 else blas.dsyrk
-    # Z is C-ordered [n, D]: Z.T is the same memory in Fortran order, and syrk(trans=1) gives (Z.T)^T Z.T
-    K = syrk(1.0, Z.T, trans=1, lower=1)
-    return np.asarray(K, dtype=np.float64, order="F")
-
-
-_CHUNK_ROWS = 512
-
-
-def fit_scaler(X: np.ndarray) -> Any:
-    """A fitted ``StandardScaler`` equal to ``StandardScaler().fit(X)`` up to float rounding, made faster.
-
-    Why: scikit-learn's incremental mean/variance makes float64 temporaries of the whole matrix (about 16 s
-    for five 4,186 x 25,088 folds here); two chunked passes with float64 accumulators give the same
-    statistics (population variance, zero variances scaled by 1) in a fraction of that.
-    """
-    from sklearn.preprocessing import StandardScaler
-
-    n, d = X.shape
-    total = np.zeros(d)
-    for s in range(0, n, _CHUNK_ROWS):
-        total += X[s:s + _CHUNK_ROWS].sum(axis=0, dtype=np.float64)
-    mean = total / n
-    sq = np.zeros(d)
-    for s in range(0, n, _CHUNK_ROWS):
-        dev = X[s:s + _CHUNK_ROWS].astype(np.float64) - mean
-        sq += np.einsum("ij,ij->j", dev, dev)
-    var = sq / n
-    scale = np.sqrt(var)
-    scale[scale < 10 * np.finfo(np.float64).eps] = 1.0
-    sc = StandardScaler()
-    sc.mean_, sc.var_, sc.scale_ = mean, var, scale
-    sc.n_samples_seen_ = np.int64(n)
-    sc.n_features_in_ = d
-    return sc
-
-
-def standardize(scaler: Any, X: np.ndarray) -> np.ndarray:
-    """``scaler.transform(X)`` in X's dtype, chunked (no float64 copy of the whole matrix)."""
-    out = np.empty(X.shape, dtype=X.dtype if X.dtype in (np.float32, np.float64) else np.float64)
-    mean, scale = scaler.mean_.astype(out.dtype), scaler.scale_.astype(out.dtype)
-    for s in range(0, X.shape[0], _CHUNK_ROWS):
-        np.subtract(X[s:s + _CHUNK_ROWS], mean, out=out[s:s + _CHUNK_ROWS], casting="unsafe")
-        out[s:s + _CHUNK_ROWS] /= scale
-    return out
 
 
 class _HotRows:
@@ -404,6 +589,12 @@ class _HotRows:
             Zs = sp.Z[np.ix_(sp.piv, S)].astype(np.float64)          # Z_p[:, S], [r, |S|]
             self.S = S
             self.Q = solve_triangular(sp.L11, Zs, lower=True).T      # (L11^-1 Z_p[:, S])^T = Q[S]
+
+
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _decision(Fte: np.ndarray, G: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -504,28 +695,38 @@ class FastLogisticGridSearchCV:
         fit_t = np.zeros_like(scores)
         score_t = np.zeros_like(scores)
         total, done = len(full) * len(folds), [0]
+        scalers = _FoldScalers(X, folds)
+        need = max([len(tr) + len(te) for tr, te in folds] + [X.shape[0] if self.refit else 0])
+        train = max([len(tr) for tr, _ in folds] + [X.shape[0] if self.refit else 0])
+        work = _Workspace(need, X.shape[1], X.dtype, train)
+        buf = work.rows
         for j, (tr, te) in enumerate(folds):
             t0 = time.perf_counter()
-            space, Fte = _fold_space(X[tr], X[te])
+            scaler = scalers.fold(j)
+            Z = standardize(scaler, X, tr, out=buf)
+            Zte = standardize(scaler, X, te, out=buf[len(tr):])
+            space = _Space(Z, Zte, work)
             classes, yi = np.unique(y[tr], return_inverse=True)
 
             def tick(j=j) -> None:
                 done[0] += 1
                 emit(self.progress, "fit", done[0], total, f"fold {j + 1}/{len(folds)}")
 
-            sols = _solve_many(space.F, yi, len(classes), full, tick, space.to_w, X.shape[1], space.hot())
+            sols = _solve_many(space, yi, len(classes), full, tick, X.shape[1])
             t1 = time.perf_counter()
             for i, (G, b, _nit) in enumerate(sols):
-                scores[i, j] = _score(self.scoring, y[te], _decision(Fte, G, b), classes)
+                scores[i, j] = _score(self.scoring, y[te], _decision(space.Fte, G, b), classes)
             # fold-level cost shared equally by its candidates (they were solved together)
             fit_t[:, j] = (t1 - t0) / len(full)
             score_t[:, j] = (time.perf_counter() - t1) / len(full)
+            del space, Z, Zte
         self.cv_results_ = build_cv_results(candidates, scores, fit_t, score_t)
         res = result_from_cv(candidates, self.cv_results_)
         self.best_index_, self.best_params_ = res.best_index, res.best_params
         self.best_score_ = res.best_score
         if self.refit:
-            self.best_estimator_ = fit_pipeline(X, y, self.best_params_)
+            self.best_estimator_ = fit_pipeline(X, y, self.best_params_, scaler=scalers.all_rows(),
+                                                workspace=work)
         return self
 
     def search_result(self) -> SearchResult:
@@ -536,18 +737,13 @@ class FastLogisticGridSearchCV:
                             best_score=float(self.best_score_), cv_results=cvr)
 
 
-def _fold_space(Xtr: np.ndarray, Xte: np.ndarray) -> tuple[_Space, np.ndarray]:
-    scaler = fit_scaler(Xtr)
-    Z = standardize(scaler, Xtr)
-    space = _Space(Z, [standardize(scaler, Xte)])
-    return space, space.others[0]
-
-
-def fit_pipeline(X: np.ndarray, y: np.ndarray, params: dict) -> Any:
+def fit_pipeline(X: np.ndarray, y: np.ndarray, params: dict, *, scaler: Any = None,
+                 workspace: _Workspace | None = None) -> Any:
     """A fitted Pipeline(StandardScaler, LogisticRegression) for ``params``.
 
     Plain lbfgs/L2 candidates are solved in the isometric space (same iterates as scikit-learn's own fit)
-    and the coefficients mapped back; anything else is fitted by scikit-learn itself.
+    and the coefficients mapped back; anything else is fitted by scikit-learn itself. ``scaler`` (fitted
+    on all of X) and ``workspace`` (buffers with room for all of X) let a grid search reuse its work.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import Pipeline, make_pipeline
@@ -557,11 +753,11 @@ def fit_pipeline(X: np.ndarray, y: np.ndarray, params: dict) -> Any:
     X, y = np.asarray(X), np.asarray(y)
     if not _fast_supported(p) or len(np.unique(y)) < 2:
         return make_pipeline(StandardScaler(), LogisticRegression(**p)).fit(X, y)
-    scaler = fit_scaler(X)
-    Z = standardize(scaler, X)
-    space = _Space(Z)
+    scaler = fit_scaler(X) if scaler is None else scaler
+    Z = standardize(scaler, X, out=None if workspace is None else workspace.rows)
+    space = _Space(Z, work=workspace)
     classes, yi = np.unique(y, return_inverse=True)
-    (G, b, nit), = _solve_many(space.F, yi, len(classes), [p], None, space.to_w, X.shape[1], space.hot())
+    (G, b, nit), = _solve_many(space, yi, len(classes), [p], None, X.shape[1])
     W = space.coefficients(Z, G)
     lr = LogisticRegression(**p)
     lr.classes_ = classes
