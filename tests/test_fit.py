@@ -189,6 +189,15 @@ def test_resume_skips_done_and_cleans_stale(setup) -> None:
     again = fit(root, "fakenet", "mlp", opts(cache_dir, runs_dir, grid_args=more))
     assert len(again.runs) == 1 and sorted(again.skipped) == sorted(r.id for r in first.runs)
     assert again.runs[0]["params"]["lr"] == 0.1
+    # fused grid training in another matmul precision gives other numbers: not the same run
+    o32 = opts(cache_dir, runs_dir / "p", grid_args=more, mlp_precision="float32")
+    bf16 = opts(cache_dir, runs_dir / "p", grid_args=more, mlp_precision="bfloat16")
+    first32 = fit(root, "fakenet", "mlp", o32)
+    assert len(first32.runs) == 3 and not first32.skipped
+    fused32 = {"path": "fused", "precision": "float32", "group_size": 3}
+    assert first32.runs[0]["trainer"]["selection"] == fused32
+    assert len(fit(root, "fakenet", "mlp", bf16).runs) == 3
+    assert len(fit(root, "fakenet", "mlp", bf16).skipped) == 3
 
 
 def _fit_cmd(root: Path, cache_dir: Path, runs_dir: Path, *extra: str) -> list[str]:
