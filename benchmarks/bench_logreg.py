@@ -13,6 +13,7 @@ each row's path, patients from Kermany file names).
     python benchmarks/bench_logreg.py --quick --json
     python benchmarks/bench_logreg.py --n 2000            # mid-size, D = 25,088
     python benchmarks/bench_logreg.py                     # full: 5,232 x 25,088 (long: the reference)
+    python benchmarks/bench_logreg.py --features cache.h5 --dtype float64  # real features, both float64
 """
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def load_cache(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def run(quick: bool = False, n: int | None = None, d: int | None = None, features: str | None = None,
-        max_iter: int = 100) -> dict:
+        max_iter: int = 100, dtype: str = "float32") -> dict:
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GridSearchCV, StratifiedGroupKFold
@@ -87,6 +88,7 @@ def run(quick: bool = False, n: int | None = None, d: int | None = None, feature
         d = d or (3000 if quick else 25088)
         X, y, groups = synthetic_vgg(n, d)
         source = "synthetic_vgg"
+    X = X.astype(dtype, copy=False)  # both sides get the same array (float64: scikit-learn's own precision)
     folds = list(StratifiedGroupKFold(5, shuffle=True, random_state=0).split(X, y, groups))
     grid = {"C": CS, "class_weight": [None, "balanced"], "max_iter": [max_iter]}
 
@@ -131,8 +133,10 @@ def main() -> None:
     ap.add_argument("--d", type=int, help="feature dimension of synthetic features (default 25088)")
     ap.add_argument("--features", help="a featcache cache .h5 file to use instead of synthetic features")
     ap.add_argument("--max-iter", type=int, default=100, help="LogisticRegression max_iter for BOTH sides")
+    ap.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                    help="precision of the feature matrix given to BOTH sides (caches store float32)")
     a = ap.parse_args()
-    res = run(a.quick, a.n, a.d, a.features, a.max_iter)
+    res = run(a.quick, a.n, a.d, a.features, a.max_iter, a.dtype)
     if a.json:
         print(json.dumps(res, default=str))
     else:
