@@ -67,9 +67,6 @@ from featcache.progress import ProgressFn, emit
 DEFAULT_CS = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 1e1, 1e2]
 _SMALL = 400_000  # F entries below which problems are solved one after another
 _FAST_SCORERS = ("accuracy", "balanced_accuracy", "roc_auc", "f1_macro", "neg_log_loss")
-_LR_DEFAULTS = {"C": 1.0, "class_weight": None, "dual": False, "fit_intercept": True, "intercept_scaling": 1,
-                "l1_ratio": 0.0, "max_iter": 100, "n_jobs": None, "penalty": "deprecated",
-                "random_state": None, "solver": "lbfgs", "tol": 1e-4, "verbose": 0, "warm_start": False}
 
 
 def _lr_params(params: dict) -> dict:
@@ -496,13 +493,9 @@ class _Space:
         self.to_w = self._to_w
 
     def _to_w(self, G: np.ndarray) -> np.ndarray:
-        """Q @ G, the D-space vectors of F-space ones: a pass over all of Z, so on every BLAS thread
-        (memory-bound: 39 ms against 61 ms on one thread for 4,186 x 25,088 float32 here)."""
-        from threadpoolctl import threadpool_limits
-
-        with threadpool_limits(_cpus(), user_api="blas"):  # inside the solves' one-thread limit
-            alpha = self._scatter(self._solve(self.L11.T, G, lower=False)).astype(self.Z.dtype)
-            return self.Z.T @ alpha
+        """Q @ G: the D-space vectors of F-space ones (one pass over all of Z)."""
+        alpha = self._scatter(self._solve(self.L11.T, G, lower=False)).astype(self.Z.dtype)
+        return self.Z.T @ alpha
 
     def mul(self, G: np.ndarray) -> np.ndarray:
         """F @ G."""
@@ -571,34 +564,26 @@ class _HotRows:
     def __init__(self, space: _Space):
         self.space = space
         self.Q: np.ndarray | None = None
-        self.lock = threading.Lock()
         self.learnt = 0
 
     def bound(self, gG: np.ndarray) -> float | None:
-        Q = self.Q
-        return None if Q is None else float(np.max(np.abs(Q @ gG)))
+        return None if self.Q is None else float(np.max(np.abs(self.Q @ gG)))
 
     def learn(self, gw: np.ndarray) -> None:
+        """Called only by the evaluating thread (under the evaluator's lock), so no lock of its own."""
         from scipy.linalg import solve_triangular
 
-        with self.lock:
-            if self.learnt >= self.MAX_LEARN:
-                return
-            self.learnt += 1
-            size = min(self.SIZE, gw.shape[0])
-            S = np.argpartition(-np.abs(gw).max(axis=1), size - 1)[:size]
-            if self.Q is not None:  # keep what was hot before as well
-                S = np.union1d(S, self.S)
-            sp = self.space
-            Zs = sp.Z[np.ix_(sp.piv, S)].astype(np.float64)          # Z_p[:, S], [r, |S|]
-            self.S = S
-            self.Q = solve_triangular(sp.L11, Zs, lower=True).T      # (L11^-1 Z_p[:, S])^T = Q[S]
-
-
-def _cpus() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        if self.learnt >= self.MAX_LEARN:
+            return
+        self.learnt += 1
+        size = min(self.SIZE, gw.shape[0])
+        S = np.argpartition(-np.abs(gw).max(axis=1), size - 1)[:size]
+        if self.Q is not None:  # keep what was hot before as well
+            S = np.union1d(S, self.S)
+        sp = self.space
+        Zs = sp.Z[np.ix_(sp.piv, S)].astype(np.float64)          # Z_p[:, S], [r, |S|]
+        self.S = S
+        self.Q = solve_triangular(sp.L11, Zs, lower=True).T      # (L11^-1 Z_p[:, S])^T = Q[S]
 
 
 def _decision(Fte: np.ndarray, G: np.ndarray, b: np.ndarray) -> np.ndarray:
