@@ -339,3 +339,76 @@ def test_mlp_precision_choice(monkeypatch):
     with pytest.raises(ConfigError, match="precision"):
         mlp_fused.resolve_precision("fp8")
 
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_gil_free_triangular_routines_match_numpy(dtype):
+    from featcache.heads import _blas
+
+    rng = np.random.default_rng(3)
+    n = 37
+    A = rng.normal(size=(n, n))
+    L = np.asfortranarray(np.tril(A) + n * np.eye(n), dtype=dtype)
+    B = rng.normal(size=(n, 5))
+    tol = 1e-10 if dtype == np.float64 else 1e-3
+    Ld = L.astype(np.float64)
+    np.testing.assert_allclose(_blas.trmm(L, B), Ld @ B, rtol=tol)
+    np.testing.assert_allclose(_blas.trmm(L, B, trans=True), Ld.T @ B, rtol=tol)
+    np.testing.assert_allclose(_blas.trsm(L, B), np.linalg.solve(Ld, B), rtol=tol, atol=tol)
+    np.testing.assert_allclose(_blas.trsm(L, B, trans=True), np.linalg.solve(Ld.T, B), rtol=tol, atol=tol)
+    K = np.asfortranarray(A @ A.T + n * np.eye(n))
+    F = K.copy(order="F")
+    assert _blas.potrf(F) == 0
+    np.testing.assert_allclose(np.tril(F), np.linalg.cholesky(K), rtol=1e-10)
+    assert _blas.potrf(np.asfortranarray(-np.eye(3))) == 1  # not positive definite: LAPACK's info
+    with pytest.raises(ValueError, match="Fortran-ordered"):
+        _blas.trmm(np.ascontiguousarray(L.T), B)
+
+
+@pytest.mark.parametrize("age", [1, 8, 60])
+def test_deferred_stop_test_gives_scikit_learns_iterations(age, monkeypatch):
+    """Kernel space, 14 problems solved together, stop tests batched (tested ``age`` rounds late, so a run
+    may be stopped retroactively): each run stops at scikit-learn's iteration with its coefficients."""
+    from sklearn.linear_model import LogisticRegression
+
+    from featcache.heads.logreg import _Evaluator, _lr_params, _solve_many, _Space
+
+    monkeypatch.setattr(_Evaluator, "CHECK_AGE", age)
+
+    X, y = separable(700, 1500, k=2, shift=0.4)
+    X = X.astype(np.float64)
+    y[:60] = 0
+    Z = (X - X.mean(0)) / X.std(0)
+    problems = [_lr_params({"C": c, "class_weight": cw, "max_iter": 300})
+                for c in (1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0, 1e4) for cw in (None, "balanced")]
+    space = _Space(Z)
+    assert not space.primal and space.n * space.r >= 400_000  # the threaded, batched path
+    stats: dict = {}
+    sols = _solve_many(space, y, 2, problems, None, Z.shape[1], stats)
+    assert stats["exact_checks"] > 0  # undecided iterates were queued and tested in batches
+    for p, (G, b, nit) in zip(problems, sols, strict=True):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref = LogisticRegression(**p).fit(Z, y)
+        assert nit == int(ref.n_iter_[0]), p
+        w = space.coefficients(Z, G)[:, 0]
+        np.testing.assert_allclose(Z @ w + b[0], ref.decision_function(Z), atol=1e-6, rtol=1e-6)
+
+
+def test_prefetcher_hands_errors_to_the_consumer_and_stops():
+    from featcache.heads.logreg import _Prefetcher, _Tasks, _Workspace
+
+    works = [_Workspace(4, 3, np.float64, 4) for _ in range(2)]
+    made = []
+
+    def make(job, work):
+        made.append(job)
+        if job == 2:
+            return job, [_Tasks([lambda: 1 / 0])]
+        return job, [_Tasks([lambda: None, lambda: None])]
+
+    with pytest.raises(ZeroDivisionError), _Prefetcher(make, list(range(6)), works) as ready:
+        for _ in range(6):
+            ready.get()
+            ready.release()
+    assert made == [0, 1, 2]  # nothing was prepared after the failure
