@@ -148,8 +148,11 @@ class _Evaluator:
         # per problem: the last evaluated point and its stop-test verdict (gmax, or None: undecided)
         self.state: dict[int, tuple[np.ndarray, float | None, np.ndarray, float]] = {}
         self.iters = [0] * len(problems)
-        self.queue: list[tuple[int, int, np.ndarray, np.ndarray, float]] = []  # (i, iteration, x, gG, gb)
+        # queued undecided iterates: (i, iteration, x, gG, max|gb|, ||gG||_2)
+        self.queue: list[tuple[int, int, np.ndarray, np.ndarray, float, float]] = []
         self.queued_at = 0
+        self.rho = 0.0  # largest max|g| / ||g||_2 seen in exact tests (predicts when to test)
+        self.running = set(range(len(problems)))
         self.rounds = 0
         self.exact_checks = 0
         self.exact_columns = 0
@@ -174,9 +177,10 @@ class _Evaluator:
                 raise _Stopped
             return self.results.pop(i)
 
-    def leave(self) -> None:
+    def leave(self, i: int) -> None:
         with self.cond:
             self.active -= 1
+            self.running.discard(i)
             if self.pending and len(self.pending) >= self.active:
                 self._run()
 
@@ -191,7 +195,8 @@ class _Evaluator:
             if gmax is None:  # undecided: test it later, together with others
                 if not self.queue:
                     self.queued_at = self.rounds
-                self.queue.append((i, self.iters[i], x.copy(), last[2], last[3]))
+                self.queue.append((i, self.iters[i], x.copy(), last[2], last[3],
+                                   float(np.sqrt(np.sum(last[2] * last[2])))))
                 return False
             if gmax > self.specs[i]["tol"]:
                 return False
@@ -255,8 +260,26 @@ class _Evaluator:
                 gb_max = float(np.max(np.abs(gb))) if spec["intercept"] else 0.0
                 self.state[i] = (xs[j], self._gradient_max(spec, gG, gb_max), gG, gb_max)
         self.rounds += 1
-        if self.queue and self.rounds - self.queued_at >= self.CHECK_AGE:
+        if self.queue and self._due():
             self._resolve()
+
+    def _due(self) -> bool:
+        """Whether to test the queued iterates now (one shared pass over Z costs about 4-8 rounds).
+
+        Passes are spaced ``CHECK_AGE`` rounds apart, but only when some queued iterate is likely to
+        pass: max|g| / ||g||_2 has been nearly constant (0.022-0.032 on VGG-like features), so its
+        largest value seen so far predicts the test from ||g||_2, which is free. When every run still
+        going likely converged, waiting gains nothing and the pass runs at once. Only *when* to test
+        depends on the prediction; every queued iterate is tested exactly before any result is used.
+        """
+        age = self.rounds - self.queued_at
+        if self.rho <= 0.0:  # nothing learnt yet: test on the age rule alone
+            return age >= self.CHECK_AGE
+        likely = {q[0] for q in self.queue if q[0] not in self.final
+                  and self.rho * q[5] <= self.specs[q[0]]["tol"]}
+        if likely and likely >= self.running - set(self.final):
+            return True
+        return age >= (self.CHECK_AGE if likely else 3 * self.CHECK_AGE)
 
     def _resolve(self) -> None:
         """The exact D-space stop test for every queued iterate, with one shared product."""
@@ -267,10 +290,13 @@ class _Evaluator:
         self.exact_checks += 1
         self.exact_columns += len(queue) * k
         gw_all = self.space.to_w(np.hstack([q[3] for q in queue]))
-        for c, (i, it, x, _g, gb_max) in enumerate(queue):  # in iteration order within each problem
+        for c, (i, it, x, _g, gb_max, norm2) in enumerate(queue):  # iteration order within a problem
+            gw_max = float(np.max(np.abs(gw_all[:, c * k:(c + 1) * k])))
+            if norm2 > 0:
+                self.rho = max(self.rho, gw_max / norm2)
             if i in self.final:
                 continue
-            gmax = max(gb_max, float(np.max(np.abs(gw_all[:, c * k:(c + 1) * k]))))
+            gmax = max(gb_max, gw_max)
             if gmax <= self.specs[i]["tol"]:
                 self.final[i] = (x, it)
 
@@ -333,7 +359,7 @@ def _solve_many(space: _Space, y: np.ndarray, n_cls: int, problems: list[dict],
         except BaseException as exc:  # surfaced after join; the barrier must not hang
             errors.append(exc)
         finally:
-            ev.leave()
+            ev.leave(key)
             if progress_cb is not None:
                 progress_cb()
 
@@ -365,7 +391,7 @@ def _solve_many(space: _Space, y: np.ndarray, n_cls: int, problems: list[dict],
 
 # ---------------------------------------------------------------- standardisation statistics
 
-_CHUNK_ROWS = 512
+_CHUNK_ROWS = 64  # rows per float64 statistics step: small temporaries stay in cache (2.2x faster than 512)
 _GATHER_ROWS = 256  # rows per gather-and-standardise step: few GIL hand-offs, second pass still cached
 
 
