@@ -412,3 +412,18 @@ def test_prefetcher_hands_errors_to_the_consumer_and_stops():
             ready.get()
             ready.release()
     assert made == [0, 1, 2]  # nothing was prepared after the failure
+
+
+def test_search_with_one_workspace_gives_the_same_results(monkeypatch):
+    """When memory is tight the folds are prepared one at a time: same numbers as the prefetching path."""
+    from featcache.heads import logreg
+
+    X, y = separable(160, 400, k=2, shift=0.5)
+    folds = folds_for(y, 4)
+    grid = {"C": [0.01, 1.0], "class_weight": [None, "balanced"]}
+    two = logreg.FastLogisticGridSearchCV(grid, cv=folds).fit(X, y)
+    monkeypatch.setattr(logreg, "_available_memory", lambda: 0.0)
+    one = logreg.FastLogisticGridSearchCV(grid, cv=folds).fit(X, y)
+    np.testing.assert_array_equal(one.cv_results_["mean_test_score"], two.cv_results_["mean_test_score"])
+    np.testing.assert_allclose(one.best_estimator_.predict_proba(X), two.best_estimator_.predict_proba(X),
+                               rtol=0, atol=1e-12)

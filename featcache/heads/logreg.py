@@ -100,6 +100,16 @@ def _fast_supported(p: dict) -> bool:
 
 # ---------------------------------------------------------------- batched evaluation
 
+def _available_memory() -> float:
+    """Bytes of memory available now (Linux/most Unix); infinity where the OS does not say."""
+    import os
+
+    try:
+        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return float("inf")
+
+
 def _cpus() -> int:
     import os
 
@@ -916,7 +926,9 @@ class FastLogisticGridSearchCV:
         need = max([len(tr) + len(te) for tr, te in folds] + [n if self.refit else 0])
         train = max([len(tr) for tr, _ in folds] + [n if self.refit else 0])
         chol = np.empty(train * train) if train < d else None  # one factor is in use at a time
-        works = [_Workspace(need, d, X.dtype, train, chol) for _ in range(min(2, len(jobs)))]
+        # two workspaces let the next fold be prepared during this one's solve; one when memory is tight
+        sets = 2 if len(jobs) > 1 and 2 * need * d * X.dtype.itemsize < 0.5 * _available_memory() else 1
+        works = [_Workspace(need, d, X.dtype, train, chol) for _ in range(sets)]
 
         def prepare(job: tuple, work: _Workspace) -> tuple:
             j, tr, te = job
