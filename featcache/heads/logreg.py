@@ -130,7 +130,7 @@ class _Evaluator:
     scikit-learn's stop test (kernel space only): max|D-space gradient| <= tol at an accepted iterate.
     Cheap bounds decide it on most iterations. When they cannot, the exact test needs a pass over all
     of Z -- memory-bound, ~45 ms whether it is for one gradient or forty. So undecided iterates are
-    queued and the run goes on; after ``CHECK_AGE`` rounds (or when the run ends) every queued iterate
+    queued and the run goes on; every few rounds (``_due``), or when the run ends, every queued iterate
     is tested in one shared product, and a run whose earliest converged iterate is found is stopped and
     returns *that* iterate and iteration count. L-BFGS never looks ahead, so the result is exactly the
     one an immediate test would have given; the price is a few extra rounds for that run.
@@ -155,8 +155,9 @@ class _Evaluator:
         self.cond = threading.Condition()
         self.pending: dict[int, np.ndarray] = {}
         self.results: dict[int, tuple[float, np.ndarray]] = {}
-        # per problem: the last evaluated point and its stop-test verdict (gmax, or None: undecided)
-        self.state: dict[int, tuple[np.ndarray, float | None, np.ndarray, float]] = {}
+        # per problem: the last evaluated point, its stop-test verdict (gmax, or None: undecided), gG,
+        # max|gb| and ||gG||_2
+        self.state: dict[int, tuple[np.ndarray, float | None, np.ndarray, float, float]] = {}
         self.iters = [0] * len(problems)
         # queued undecided iterates: (i, iteration, x, gG, max|gb|, ||gG||_2)
         self.queue: list[tuple[int, int, np.ndarray, np.ndarray, float, float]] = []
@@ -165,7 +166,6 @@ class _Evaluator:
         self.running = set(range(len(problems)))
         self.rounds = 0
         self.exact_checks = 0
-        self.exact_columns = 0
         self.final: dict[int, tuple[np.ndarray, int]] = {}
         self.error: BaseException | None = None
 
@@ -205,8 +205,7 @@ class _Evaluator:
             if gmax is None:  # undecided: test it later, together with others
                 if not self.queue:
                     self.queued_at = self.rounds
-                self.queue.append((i, self.iters[i], x.copy(), last[2], last[3],
-                                   float(np.sqrt(np.sum(last[2] * last[2])))))
+                self.queue.append((i, self.iters[i], x.copy(), last[2], last[3], last[4]))
                 return False
             if gmax > self.specs[i]["tol"]:
                 return False
@@ -266,9 +265,10 @@ class _Evaluator:
             gb = D[:, cols].sum(axis=0)
             grad = np.concatenate([gG.ravel(), gb]) if spec["intercept"] else gG.ravel()
             self.results[i] = (loss, grad)
-            if self.space.to_w is not None:
+            if not self.space.primal:
                 gb_max = float(np.max(np.abs(gb))) if spec["intercept"] else 0.0
-                self.state[i] = (xs[j], self._gradient_max(spec, gG, gb_max), gG, gb_max)
+                norm2 = float(np.sqrt(np.sum(gG * gG)))
+                self.state[i] = (xs[j], self._gradient_max(spec, norm2, gb_max), gG, gb_max, norm2)
         self.rounds += 1
         if self.queue and self._due():
             self._resolve()
@@ -298,7 +298,6 @@ class _Evaluator:
             return
         k = self.k
         self.exact_checks += 1
-        self.exact_columns += len(queue) * k
         gw_all = self.space.to_w(np.hstack([q[3] for q in queue]))
         for c, (i, it, x, _g, gb_max, norm2) in enumerate(queue):  # iteration order within a problem
             gw_max = float(np.max(np.abs(gw_all[:, c * k:(c + 1) * k])))
@@ -310,13 +309,12 @@ class _Evaluator:
             if gmax <= self.specs[i]["tol"]:
                 self.final[i] = (x, it)
 
-    def _gradient_max(self, spec: dict, gG: np.ndarray, gb_max: float) -> float | None:
+    def _gradient_max(self, spec: dict, norm2: float, gb_max: float) -> float | None:
         """max|grad| of the D-space gradient where cheap bounds decide the stop test; None: undecided.
 
-        ||g||_inf lies in [||g||_2 / sqrt(D), ||g||_2] (||g||_2 = ||gG||_2: the map is an isometry).
+        ||g||_inf lies in [||g||_2 / sqrt(D), ||g||_2] (``norm2`` = ||gG||_2 = ||g||_2: an isometry).
         """
         tol = spec["tol"]
-        norm2 = float(np.sqrt(np.sum(gG * gG)))
         if norm2 <= tol or norm2 / np.sqrt(self.n_features) > tol:
             return max(gb_max, norm2 if norm2 <= tol else np.inf)
         if gb_max > tol:
@@ -337,7 +335,7 @@ def _solve_many(space: _Space, y: np.ndarray, n_cls: int, problems: list[dict],
     r = space.r
     out: list[Any] = [None] * len(problems)
     errors: list[BaseException] = []
-    exact = space.to_w is not None  # kernel space: apply the tol test in D-space ourselves
+    exact = not space.primal  # kernel space: apply the tol test in D-space ourselves
 
     def work(i: int, key: int, p: dict, ev: _Evaluator) -> None:
         """Problem i, known to the evaluator ``ev`` as ``key``."""
@@ -393,7 +391,6 @@ def _solve_many(space: _Space, y: np.ndarray, n_cls: int, problems: list[dict],
     if stats is not None:
         stats["rounds"] = stats.get("rounds", 0) + sum(e.rounds for e in evaluators)
         stats["exact_checks"] = stats.get("exact_checks", 0) + sum(e.exact_checks for e in evaluators)
-        stats["exact_columns"] = stats.get("exact_columns", 0) + sum(e.exact_columns for e in evaluators)
     if errors:
         raise errors[0]
     return out
@@ -485,12 +482,13 @@ class _FoldScalers:
             codes = codes.ravel()
             self.patterns = patterns
             # each group in pieces of PIECE rows, on every core (numpy releases the GIL), then combined
-            pieces = [(g, idx[s:s + self.PIECE]) for g in range(len(patterns))
-                      for idx in [np.flatnonzero(codes == g)] for s in range(0, max(len(idx), 1), self.PIECE)]
+            groups = [np.flatnonzero(codes == g) for g in range(len(patterns))]
+            pieces = [(g, rows[s:s + self.PIECE]) for g, rows in enumerate(groups)
+                      for s in range(0, len(rows), self.PIECE)]
             with ThreadPoolExecutor(_cpus()) as pool:
-                moments = list(pool.map(lambda p: _moments(X, p[1]), pieces))
+                moments = list(pool.map(lambda piece: _moments(X, piece[1]), pieces))
             self.parts = [_combine([m for (g2, _), m in zip(pieces, moments, strict=True) if g2 == g])
-                          for g in range(len(patterns))]
+                          for g in range(len(groups))]
 
     def fold(self, j: int) -> Any:
         if self.parts is None:  # unusual CV with many membership patterns: plain per-fold statistics
@@ -539,9 +537,6 @@ def _standardize_tasks(scaler: Any, X: np.ndarray, rows: np.ndarray | None = Non
 def _gram_tol(dtype: np.dtype, diag_max: float) -> float:
     """Pivots below this are rounding noise of the float32 Gram (relative error ~ sqrt(D) * eps32)."""
     return diag_max * (1e-5 if dtype == np.float32 else 1e-11)
-
-
-_GRAM_BLOCK = 512  # rows per Gram block product
 
 
 class _Tasks:
@@ -684,7 +679,6 @@ class _Space:
         n, D = Z.shape
         self.n = n
         self.primal = n >= D
-        self.to_w: Any = None
         if self.primal:  # the rows themselves are the cheapest factor
             self.F = Z.astype(np.float64)
             self.r = D
@@ -695,13 +689,15 @@ class _Space:
         self.piv, self.rest = piv[:self.r], piv[self.r:]
         self.identity = self.L21 is None and bool(np.all(self.piv == np.arange(n)))
         self.Z = Z
-        self.to_w = self._to_w
 
-    def _to_w(self, G: np.ndarray) -> np.ndarray:
-        """Q @ G: the D-space vectors of F-space ones (one pass over all of Z, in Z's precision)."""
-        alpha = self._scatter(_blas.trsm(self.L11, G, trans=True))
+    def _alpha(self, G: np.ndarray) -> np.ndarray:
+        """[n, k] row weights with Z^T alpha = Q G (Q = Z_p^T L11^-T)."""
+        return self._scatter(_blas.trsm(self.L11, G, trans=True))
+
+    def to_w(self, G: np.ndarray) -> np.ndarray:
+        """Q @ G: the D-space vectors of F-space ones (kernel space; one pass over Z, in Z's precision)."""
         # alpha^T Z, not Z^T alpha: OpenBLAS runs this orientation 1.6-2.6x faster for 14-112 columns
-        return (alpha.astype(self.Z.dtype).T @ self.Z).T
+        return (self._alpha(G).astype(self.Z.dtype).T @ self.Z).T
 
     def decisions(self, Zte: np.ndarray, G: np.ndarray) -> np.ndarray:
         """Zte @ w for the solutions G (columns side by side), w = Q G: the fold's test-row decision values.
@@ -711,7 +707,7 @@ class _Space:
         """
         if self.primal:
             return Zte @ G
-        return (Zte @ self._to_w(G)).astype(np.float64)
+        return (Zte @ self.to_w(G)).astype(np.float64)
 
     def mul(self, G: np.ndarray) -> np.ndarray:
         """F @ G."""
@@ -749,7 +745,7 @@ class _Space:
         """w (D x k) for the solution G: w = Z_p^T L11^-T G (or G itself in the primal case)."""
         if self.primal:
             return G
-        a = self._scatter(_blas.trsm(self.L11, G, trans=True))
+        a = self._alpha(G)
         w = np.zeros((Z.shape[1], a.shape[1]))
         for s in range(0, Z.shape[0], _CHUNK_ROWS):  # float64 products without a float64 copy of Z
             w += Z[s:s + _CHUNK_ROWS].T.astype(np.float64) @ a[s:s + _CHUNK_ROWS]
@@ -981,13 +977,11 @@ class FastLogisticGridSearchCV:
                             best_score=float(self.best_score_), cv_results=cvr)
 
 
-def fit_pipeline(X: np.ndarray, y: np.ndarray, params: dict, *, scaler: Any = None,
-                 workspace: _Workspace | None = None) -> Any:
+def fit_pipeline(X: np.ndarray, y: np.ndarray, params: dict) -> Any:
     """A fitted Pipeline(StandardScaler, LogisticRegression) for ``params``.
 
     Plain lbfgs/L2 candidates are solved in the isometric space (same iterates as scikit-learn's own fit)
-    and the coefficients mapped back; anything else is fitted by scikit-learn itself. ``scaler`` (fitted
-    on all of X) and ``workspace`` (buffers with room for all of X) let a grid search reuse its work.
+    and the coefficients mapped back; anything else is fitted by scikit-learn itself.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -997,9 +991,9 @@ def fit_pipeline(X: np.ndarray, y: np.ndarray, params: dict, *, scaler: Any = No
     X, y = np.asarray(X), np.asarray(y)
     if not _fast_supported(p) or len(np.unique(y)) < 2:
         return make_pipeline(StandardScaler(), LogisticRegression(**p)).fit(X, y)
-    scaler = fit_scaler(X) if scaler is None else scaler
-    Z = standardize(scaler, X, out=None if workspace is None else workspace.rows)
-    return _fit_in_space(_Space(Z, work=workspace), Z, y, p, scaler)
+    scaler = fit_scaler(X)
+    Z = standardize(scaler, X)
+    return _fit_in_space(_Space(Z), Z, y, p, scaler)
 
 
 def _fit_in_space(space: _Space, Z: np.ndarray, y: np.ndarray, p: dict, scaler: Any) -> Any:
