@@ -427,3 +427,14 @@ def test_search_with_one_workspace_gives_the_same_results(monkeypatch):
     np.testing.assert_array_equal(one.cv_results_["mean_test_score"], two.cv_results_["mean_test_score"])
     np.testing.assert_allclose(one.best_estimator_.predict_proba(X), two.best_estimator_.predict_proba(X),
                                rtol=0, atol=1e-12)
+
+
+def test_available_memory_counts_reclaimable_page_cache(tmp_path):
+    """MemAvailable (free + droppable page cache) is read, not the free pages alone."""
+    from featcache.heads.logreg import _available_memory
+
+    info = tmp_path / "meminfo"
+    info.write_text("MemTotal:       24000000 kB\nMemFree:          500000 kB\nMemAvailable:   20000000 kB\n")
+    assert _available_memory(str(info)) == 20000000 * 1024.0
+    fallback = _available_memory(str(tmp_path / "missing"))  # no such file: the free-pages reading
+    assert fallback > 0

@@ -100,10 +100,22 @@ def _fast_supported(p: dict) -> bool:
 
 # ---------------------------------------------------------------- batched evaluation
 
-def _available_memory() -> float:
-    """Bytes of memory available now (Linux/most Unix); infinity where the OS does not say."""
+def _available_memory(meminfo: str = "/proc/meminfo") -> float:
+    """Bytes of memory available for new allocations now; infinity where the OS does not say.
+
+    Linux's MemAvailable counts the page cache that can be dropped, which ``SC_AVPHYS_PAGES`` (free
+    pages only) leaves out: after reading a large feature cache most memory is page cache, and free pages
+    alone would make the search choose its slower one-workspace path without need.
+    """
     import os
 
+    try:
+        with open(meminfo, encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (AttributeError, ValueError, OSError):
