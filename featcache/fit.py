@@ -27,7 +27,7 @@ import numpy as np
 from featcache.errors import CacheError, ConfigError, DataError
 from featcache.faults import crash_point
 from featcache.grids import expand, get_preset, load_grid_file, parse_grid_args, to_jsonable
-from featcache.heads.mlp_fused import PRECISIONS, resolve_precision
+from featcache.heads.mlp_fused import PRECISIONS, resolve_precision, resolve_trainer
 from featcache.metrics import bootstrap_ci, choose_threshold, classification_metrics, predict_labels
 from featcache.progress import ProgressFn, emit
 from featcache.runs import Run, RunWriter, clean_stale, config_hash, done_hashes, library_versions
@@ -479,7 +479,10 @@ def fit(
         "manifest": os.fsdecode(opts.manifest or ""),
     }
     if head_obj.name == "mlp":  # fused grids compute in this precision: a different one is a different run
-        common["mlp_precision"] = resolve_precision(opts.mlp_precision)
+        trainer = resolve_trainer()
+        common["mlp_precision"] = resolve_precision(opts.mlp_precision, trainer)
+        if trainer != "tf":  # the JAX trainer draws other dropout masks (TensorFlow runs keep their ids)
+            common["mlp_trainer"] = trainer
     sweep_id = config_hash({"common": common, "configs": [to_jsonable(c) for c in configs]})[:12]
     counts: dict[str, dict[str, int]] = {}
     for i in range(len(records)):

@@ -20,7 +20,7 @@ import numpy as np
 
 from featcache.errors import ConfigError
 from featcache.heads.base import check_params, sample_weights
-from featcache.heads.mlp_fused import fused_train, resolve_precision
+from featcache.heads.mlp_fused import fused_train, resolve_precision, resolve_trainer
 from featcache.progress import ProgressFn, emit
 
 MODEL_FILE = "head.keras"
@@ -227,12 +227,15 @@ class MLPHead:
     def train_many(self, Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarray,
                    configs: list[dict], *, seed: int = 0, progress: ProgressFn | None = None,
                    on_result: Callable[[int, KerasHead, dict], None] | None = None,
-                   fuse: bool | None = None, precision: str = "auto") -> list[tuple[KerasHead, dict]]:
+                   fuse: bool | None = None, precision: str = "auto",
+                   trainer: str | None = None) -> list[tuple[KerasHead, dict]]:
         """Train many configs, fusing compatible ones (see ``mlp_fused``); results in config order.
 
         ``fuse``: None = fuse compatible configs sharing a batch size, in groups of 2 or more;
         True = also fuse groups of one; False = train each config with ``train``.
-        ``precision`` of the fused matmuls: auto (bfloat16 on CPUs with bf16 matrix units), float32, bfloat16.
+        ``precision`` of the fused matmuls: auto (bfloat16 on bf16 matrix units), float32, bfloat16.
+        ``trainer``: the fused implementation, tf or jax (None/auto: follow Keras' backend, see
+        ``mlp_fused.resolve_trainer``).
         """
         ps = [_params(c) for c in configs]
         ytr, yva = np.asarray(ytr, dtype=int), np.asarray(yva, dtype=int)
@@ -257,20 +260,29 @@ class MLPHead:
         if fuse is None:  # a lone config keeps the reference path (model.fit, float32)
             alone += [idx[0] for idx in groups.values() if len(idx) == 1]
             groups = {k: idx for k, idx in groups.items() if len(idx) > 1}
-        resolved = resolve_precision(precision) if groups else "float32"
+        backend = resolve_trainer(trainer) if groups else "tf"
+        resolved = resolve_precision(precision, backend) if groups else "float32"
+        train_group = fused_train
+        d = int(np.shape(Xtr)[1])
+        chunks = [chunk for group in groups.values() for chunk in _cache_sized_chunks(group, ps, d)]
+        if backend == "jax":
+            from featcache.heads.mlp_fused_jax import accelerator, fused_train_jax
+
+            train_group = fused_train_jax
+            if accelerator() is not None:  # the cache-sized chunks are a CPU matter: one chunk per group
+                chunks = list(groups.values())
         for i in sorted(alone):
             head, hist = self.train(Xtr, ytr, Xva, yva, configs[i], seed=seed + i)
             finish(i, head, hist)
-        d = int(np.shape(Xtr)[1])
         Xtr32, Xva32 = np.asarray(Xtr, np.float32), np.asarray(Xva, np.float32)  # once, not per chunk
-        for idx in [chunk for group in groups.values() for chunk in _cache_sized_chunks(group, ps, d)]:
-            trainer = {"path": "fused", "precision": resolved, "group_size": len(idx)}
+        for idx in chunks:
+            how = {"path": "fused" if backend == "tf" else "fused-jax", "precision": resolved,
+                   "group_size": len(idx)}
 
-            def member_done(j: int, model: Any, hist: dict, idx: list[int] = idx,
-                            trainer: dict = trainer) -> None:
-                finish(idx[j], KerasHead(model, n_classes, trainer), hist)
+            def member_done(j: int, model: Any, hist: dict, idx: list[int] = idx, how: dict = how) -> None:
+                finish(idx[j], KerasHead(model, n_classes, how), hist)
 
-            fused_train(Xtr32, ytr, Xva32, yva,
+            train_group(Xtr32, ytr, Xva32, yva,
                         [ps[i] for i in idx], n_classes, seeds=[seed + i for i in idx],
                         build=lambda p, s: build_model(p, d, n_classes, s),
                         on_member=member_done, precision=resolved)

@@ -22,6 +22,7 @@ would draw, so a member agrees with ``train`` within run-to-run noise, not bit f
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable
 from typing import Any
@@ -48,18 +49,51 @@ def cpu_has_bf16_matmul() -> bool:
     return False
 
 
-def resolve_precision(precision: str | None = None) -> str:
-    """``auto`` (or unset) -> bfloat16 where the CPU has bf16 matrix units, else float32.
+def _choice(value: str | None, env: str, allowed: tuple[str, ...], what: str) -> str:
+    """``value``, or the environment variable ``env`` when it is auto/unset; a clear error if not allowed."""
+    choice = value or "auto"
+    if choice == "auto":
+        choice = os.environ.get(env, "auto") or "auto"
+    if choice not in allowed:
+        raise ConfigError(f"unknown {what} '{choice}'; use one of {', '.join(allowed)}.")
+    return choice
 
+
+def resolve_precision(precision: str | None = None, trainer: str = "tf") -> str:
+    """``auto`` (or unset) -> bfloat16 where the matmuls run on bf16 matrix units, else float32.
+
+    bf16 units: for the TensorFlow trainer a CPU with AMX-BF16/AVX512-BF16; for the JAX trainer a GPU/TPU
+    (XLA's CPU backend has no bf16 x bf16 -> float32 product, so JAX on a CPU stays in float32).
     The environment variable ``FEATCACHE_MLP_PRECISION`` overrides ``auto`` (handy for comparisons).
     """
-    choice = precision or "auto"
+    choice = _choice(precision, PRECISION_ENV, PRECISIONS, "MLP precision")
     if choice == "auto":
-        choice = os.environ.get(PRECISION_ENV, "auto") or "auto"
-    if choice not in PRECISIONS:
-        raise ConfigError(f"unknown MLP precision '{choice}'; use one of {', '.join(PRECISIONS)}.")
-    if choice == "auto":
+        if trainer == "jax":
+            from featcache.heads.mlp_fused_jax import accelerator
+
+            return "bfloat16" if accelerator() is not None else "float32"
         return "bfloat16" if cpu_has_bf16_matmul() else "float32"
+    return choice
+
+
+TRAINERS = ("auto", "tf", "jax")
+TRAINER_ENV = "FEATCACHE_MLP_TRAINER"
+
+
+def resolve_trainer(trainer: str | None = None) -> str:
+    """Which fused implementation trains grids: ``tf`` (TensorFlow) or ``jax``.
+
+    ``auto`` (or unset; ``FEATCACHE_MLP_TRAINER`` overrides it) follows Keras' backend: JAX when Keras runs
+    on JAX (GPU images often have no TensorFlow), TensorFlow otherwise.
+    """
+    choice = _choice(trainer, TRAINER_ENV, TRAINERS, "MLP grid trainer")
+    if choice == "auto":
+        import keras
+
+        choice = "jax" if keras.backend.backend() == "jax" else "tf"
+    if choice == "jax" and importlib.util.find_spec("jax") is None:
+        raise ConfigError("the JAX grid trainer needs JAX: pip install jax (or jax[cuda12] for a GPU), "
+                          f"or unset {TRAINER_ENV} to train with TensorFlow.")
     return choice
 
 
@@ -78,19 +112,13 @@ def _activation(name: str) -> Callable:
     return table[name]
 
 
-class _Member:
-    """One config inside a fused group: its own variables, Adam moments, history and best weights."""
+class MemberRecord:
+    """One config inside a fused group, backend-neutral part: its Keras model (initial weights, export
+    target), history, early stopping and best weights. ``weights()`` callables fetch the member's current
+    weights from wherever the trainer keeps them, only when needed."""
 
     def __init__(self, p: dict, model: Any, seed: int, index: int):
-        import tensorflow as tf
-
         self.p, self.model, self.seed, self.index = p, model, seed, index
-        weights = [np.asarray(w, np.float32) for w in model.get_weights()]  # kernel, bias per layer
-        self.vars = [tf.Variable(w) for w in weights]
-        self.m = [tf.Variable(np.zeros_like(w)) for w in weights]
-        self.v = [tf.Variable(np.zeros_like(w)) for w in weights]
-        self.act = _activation(p["activation"])
-        self.sigmoid = p["output_activation"] == "sigmoid"
         self.epoch = 0
         self.history: dict[str, list[float]] = {k: [] for k in ("loss", "val_loss", "accuracy",
                                                                  "val_accuracy", "lr")}
@@ -100,7 +128,8 @@ class _Member:
     def finished(self) -> bool:
         return self.stopped or self.epoch >= int(self.p["epochs"])
 
-    def end_epoch(self, loss: float, acc: float, val_loss: float, val_acc: float) -> None:
+    def end_epoch(self, loss: float, acc: float, val_loss: float, val_acc: float,
+                  weights: Callable[[], list[np.ndarray]]) -> None:
         self.epoch += 1
         for key, val in zip(("loss", "accuracy", "val_loss", "val_accuracy", "lr"),
                             (loss, acc, val_loss, val_acc, float(self.p["lr"])), strict=True):
@@ -108,16 +137,33 @@ class _Member:
         if val_loss < self.best_val:
             self.best_val, self.since_best = val_loss, 0
             if self.p["checkpoint"]:
-                self.best_weights = [v.numpy() for v in self.vars]
+                self.best_weights = weights()
         else:
             self.since_best += 1
             if self.p["patience"] is not None and self.since_best >= int(self.p["patience"]):
                 self.stopped = True
 
-    def export(self) -> Any:
-        weights = self.best_weights if self.best_weights is not None else [v.numpy() for v in self.vars]
-        self.model.set_weights(weights)
+    def export(self, weights: Callable[[], list[np.ndarray]]) -> Any:
+        self.model.set_weights(self.best_weights if self.best_weights is not None else weights())
         return self.model
+
+
+class _Member(MemberRecord):
+    """A member of the TensorFlow trainer: its own variables and Adam moments."""
+
+    def __init__(self, p: dict, model: Any, seed: int, index: int):
+        import tensorflow as tf
+
+        super().__init__(p, model, seed, index)
+        weights = [np.asarray(w, np.float32) for w in model.get_weights()]  # kernel, bias per layer
+        self.vars = [tf.Variable(w) for w in weights]
+        self.m = [tf.Variable(np.zeros_like(w)) for w in weights]
+        self.v = [tf.Variable(np.zeros_like(w)) for w in weights]
+        self.act = _activation(p["activation"])
+        self.sigmoid = p["output_activation"] == "sigmoid"
+
+    def current(self) -> list[np.ndarray]:
+        return [v.numpy() for v in self.vars]
 
 
 def _forward(mb: _Member, x: Any, compute: Any, training: bool, seed: Any) -> Any:
@@ -215,27 +261,36 @@ def _make_fns(members: list[_Member], precision: str, xtr: Any, ytr: Any,
     return train_step, evaluate
 
 
+def group_setup(ytr: np.ndarray, ps: list[dict], n_classes: int, seeds: list[int],
+                build: Callable[[dict, int], Any], member: type[MemberRecord]
+                ) -> tuple[int, list[Any], list[np.ndarray]]:
+    """What both trainers start from: the shared batch size, one ``member`` per config (its Keras model built
+    under the group's seed) and each member's float32 sample weights (class weights, or ones)."""
+    import keras
+
+    batches = {int(p["batch_size"]) for p in ps}
+    if len(batches) != 1:
+        raise ConfigError("a fused group needs one batch size (the members share the minibatch stream).")
+    keras.utils.set_random_seed(seeds[0])
+    # build() is build_model, which already refuses a sigmoid output on a multi-class task
+    members = [member(p, build(p, s), s, j) for j, (p, s) in enumerate(zip(ps, seeds, strict=True))]
+    sw = []
+    for mb in members:
+        w = sample_weights(ytr, mb.p["class_weight"], n_classes)
+        sw.append(np.ones(len(ytr), np.float32) if w is None else w.astype(np.float32))
+    return batches.pop(), members, sw
+
+
 def fused_train(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarray, ps: list[dict],
                 n_classes: int, *, seeds: list[int], build: Callable[[dict, int], Any],
                 on_member: Callable[[int, Any, dict], None], precision: str = "auto") -> str:
     """Train configs sharing a batch size as one fused group; report each (index, model, history) as it
     ends. ``build(p, seed)`` returns the config's Keras model (initial weights and export target).
     Returns the precision used."""
-    import keras
     import tensorflow as tf
 
     precision = resolve_precision(precision)
-    batches = {int(p["batch_size"]) for p in ps}
-    if len(batches) != 1:
-        raise ConfigError("a fused group needs one batch size (the members share the minibatch stream).")
-    batch = batches.pop()
-    keras.utils.set_random_seed(seeds[0])
-    # build() is build_model, which already refuses a sigmoid output on a multi-class task
-    members = [_Member(p, build(p, s), s, j) for j, (p, s) in enumerate(zip(ps, seeds, strict=True))]
-    sw = []
-    for mb in members:
-        w = sample_weights(ytr, mb.p["class_weight"], n_classes)
-        sw.append(np.ones(len(ytr), np.float32) if w is None else w.astype(np.float32))
+    batch, members, sw = group_setup(ytr, ps, n_classes, seeds, build, _Member)
     sw_all = np.stack(sw)
     rng = np.random.default_rng(seeds[0])
     n = len(ytr)
@@ -261,8 +316,8 @@ def fused_train(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarr
             vl, va = evaluate(xva_t, yva_t)
             vl, va = vl.numpy(), va.numpy()
             for k, mb in enumerate(live):
-                mb.end_epoch(losses[k] / n, accs[k] / n, float(vl[k]), float(va[k]))
+                mb.end_epoch(losses[k] / n, accs[k] / n, float(vl[k]), float(va[k]), mb.current)
         for mb in [mb for mb in live if mb.finished()]:
-            on_member(mb.index, mb.export(), mb.history)
+            on_member(mb.index, mb.export(mb.current), mb.history)
         live = [mb for mb in live if not mb.finished()]
     return precision

@@ -1,0 +1,276 @@
+"""Fused grid training for dense heads on JAX: the same semantics as ``mlp_fused``, built for accelerators.
+
+Why a second implementation: with ``KERAS_BACKEND=jax`` TensorFlow may be absent (GPU images often ship
+JAX alone), and on a GPU the TensorFlow trainer's shape -- one Python call per minibatch, one kernel
+sequence per member -- is bound by launch overhead, not by FLOPs. Here:
+
+* members with the same architecture are **stacked** (weights get a leading member axis) and trained
+  with batched matmuls, so a step costs a few kernels per layer whatever the number of members;
+* a whole epoch is **one compiled call** (``lax.scan`` over its full minibatches, plus the short last
+  batch and the validation pass), so Python runs once per epoch, not once per step;
+* members that finish (their epochs, or early stopping) are exported at once; on a CPU they are dropped
+  from the stack when at most half of it is still training (one recompilation, not one per member), on an
+  accelerator never (their arithmetic is nearly free there, a recompilation is not).
+
+Semantics are ``mlp_fused``'s (and so ``model.fit``'s with Keras' Adam): mean over the batch of the class-
+weighted cross-entropy plus the L2 penalties, Adam's bias-corrected step with epsilon outside the square
+root, inverted dropout, validation after every epoch, early stopping on validation loss, best-weights
+checkpointing. The minibatch order is the TensorFlow trainer's (the same numpy generator), so with no
+dropout both trainers follow the same trajectory up to float rounding; dropout masks come from JAX's
+generator. ``precision``: ``auto`` means bfloat16 matmuls (float32 accumulation, float32 master weights and
+Adam state) on GPUs/TPUs and float32 on CPUs (XLA's CPU backend has no bf16 product with a float32 result;
+an explicit ``bfloat16`` there rounds each product to bf16); ``float32`` asks for full float32 matmuls
+(``Precision.HIGHEST``: no TF32 on GPUs).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import numpy as np
+
+from featcache.errors import ConfigError
+from featcache.heads.mlp_fused import MemberRecord
+
+_ACTIVATIONS = ("relu", "sigmoid", "tanh", "elu", "selu", "gelu", "swish", "silu", "linear", "softplus")
+_B1, _B2, _EPS = 0.9, 0.999, 1e-7
+
+
+def accelerator() -> str | None:
+    """JAX's default platform when it is an accelerator ('gpu', 'tpu'...), else None (CPU or no JAX)."""
+    try:
+        import jax
+    except ImportError:
+        return None
+    platform = jax.default_backend()
+    return None if platform == "cpu" else platform
+
+
+def _activation(name: str) -> Callable:
+    import jax
+    import jax.numpy as jnp
+
+    table = {"relu": jax.nn.relu, "sigmoid": jax.nn.sigmoid, "tanh": jnp.tanh, "elu": jax.nn.elu,
+             "selu": jax.nn.selu, "gelu": lambda z: jax.nn.gelu(z, approximate=False), "swish": jax.nn.silu,
+             "silu": jax.nn.silu, "linear": lambda z: z, "softplus": jax.nn.softplus}
+    if name not in table:
+        raise ConfigError(f"activation '{name}' is not supported by grid training; use one of "
+                          f"{', '.join(_ACTIVATIONS)}.")
+    return table[name]
+
+
+class _Stack:
+    """Members sharing an architecture: their weights stacked on a leading axis, plus per-member settings.
+
+    ``members`` are ``MemberRecord``s (host-side bookkeeping); ``slots[k]`` is member k's row in the stack.
+    """
+
+    def __init__(self, members: list[MemberRecord], sw: np.ndarray, state: list[tuple[list, list, list]]):
+        p = members[0].p
+        self.members = members
+        self.activation = p["activation"]
+        self.sigmoid = p["output_activation"] == "sigmoid"
+        # (weights, Adam m, Adam v), each a list of [members, ...] arrays
+        self.state = tuple([np.stack([st[part][j] for st in state]) for j in range(len(state[0][0]))]
+                           for part in range(3))
+        self.lr = np.array([float(mb.p["lr"]) for mb in members], np.float32)
+        self.l2 = np.array([float(mb.p["l2"]) for mb in members], np.float32)
+        self.rate = np.array([float(mb.p["dropout"]) for mb in members], np.float32)
+        self.sw = sw  # [members, n_train] sample weights
+        self.dropout = bool(np.any(self.rate > 0))
+
+
+def _arch(p: dict, weights: list[np.ndarray]) -> tuple:
+    """Members with equal keys can share a stack."""
+    return (p["activation"], p["output_activation"], tuple(w.shape for w in weights))
+
+
+def _build_fns(stacks: list[_Stack], compute: str, batch: int, rem: int) -> tuple[Callable, Callable]:
+    """The compiled epoch (scan over full minibatches, then the short one) and the validation pass."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    cdt = jnp.bfloat16 if compute == "bfloat16" else jnp.float32
+    prec = lax.Precision.HIGHEST if compute == "float32" else None
+    # XLA's CPU backend cannot return a float32 product of bf16 operands: there it returns bf16
+    out_dt = jnp.float32 if compute == "float32" or accelerator() is not None else jnp.bfloat16
+    acts = [_activation(s.activation) for s in stacks]
+    sigm = [s.sigmoid for s in stacks]
+    drops = [s.dropout for s in stacks]
+
+    def mm(h: Any, w: Any, shared: bool) -> Any:
+        spec = "bi,mio->mbo" if shared else "mbi,mio->mbo"
+        return jnp.einsum(spec, h.astype(cdt), w.astype(cdt), precision=prec,
+                          preferred_element_type=out_dt).astype(jnp.float32)
+
+    def forward(si: int, params: list, rate: Any, x: Any, key: Any) -> Any:
+        """Logits [members, batch, out] of stack ``si``; ``key`` None means no dropout."""
+        h, shared = x, True
+        n_hidden = len(params) // 2 - 1
+        for i in range(n_hidden):
+            z = acts[si](mm(h, params[2 * i], shared) + params[2 * i + 1][:, None, :])
+            if key is not None:
+                keep = jax.random.uniform(jax.random.fold_in(key, i), z.shape) >= rate[:, None, None]
+                z = jnp.where(keep, z / (1.0 - rate)[:, None, None], 0.0)
+            h, shared = z, False
+        return mm(h, params[-2], shared) + params[-1][:, None, :]
+
+    def losses(si: int, logits: Any, y: Any) -> tuple[Any, Any]:
+        """Per-member, per-sample cross-entropy and correctness [members, batch], as Keras computes them."""
+        if sigm[si]:
+            p = jnp.clip(jax.nn.sigmoid(logits[..., 0]), 1e-7, 1 - 1e-7)
+            yf = y.astype(jnp.float32)[None, :]
+            ce = -(yf * jnp.log(p) + (1 - yf) * jnp.log(1 - p))
+            correct = ((p > 0.5).astype(jnp.int32) == y[None, :]).astype(jnp.float32)
+        else:
+            logz = jax.nn.logsumexp(logits, axis=-1)
+            picked = jnp.take_along_axis(logits, jnp.broadcast_to(y[None, :, None], logits.shape[:2] + (1,)),
+                                         axis=-1)[..., 0]
+            ce = logz - picked
+            correct = (jnp.argmax(logits, -1) == y[None, :]).astype(jnp.float32)
+        return ce, correct
+
+    def penalty(params: list, l2: Any) -> Any:
+        return l2 * sum(jnp.sum(jnp.square(w), axis=tuple(range(1, w.ndim))) for w in params[0::2])
+
+    def step(state: tuple, idx: Any, t: Any, key: Any, consts: tuple) -> tuple[tuple, tuple]:
+        xtr, ytr, settings = consts
+        x, y = xtr[idx], ytr[idx]
+        nb = jnp.float32(idx.shape[0])
+        params_all = [s[0] for s in state]
+
+        def total(params_all: list) -> tuple[Any, tuple]:
+            out_l, out_a = [], []
+            for si, params in enumerate(params_all):
+                lr, l2, rate, sw = settings[si]
+                logits = forward(si, params, rate, x, jax.random.fold_in(key, si) if drops[si] else None)
+                ce, correct = losses(si, logits, y)
+                member_loss = jnp.sum(ce * sw[:, idx], axis=1) / nb + penalty(params, l2)
+                out_l.append(member_loss)
+                out_a.append(jnp.mean(correct, axis=1))
+            return sum(jnp.sum(v) for v in out_l), (tuple(out_l), tuple(out_a))
+
+        grads, (ls, accs) = jax.grad(total, has_aux=True)(params_all)
+        tf = t.astype(jnp.float32)
+        corr = jnp.sqrt(1 - _B2 ** tf) / (1 - _B1 ** tf)
+        new_state = []
+        for si, (params, m, v) in enumerate(state):
+            lr_t = (settings[si][0] * corr)
+            np_, nm, nv = [], [], []
+            for w, g, mi, vi in zip(params, grads[si], m, v, strict=True):
+                mi = mi + (g - mi) * (1 - _B1)
+                vi = vi + (g * g - vi) * (1 - _B2)
+                scale = lr_t.reshape((-1,) + (1,) * (w.ndim - 1))
+                np_.append(w - scale * mi / (jnp.sqrt(vi) + _EPS))
+                nm.append(mi)
+                nv.append(vi)
+            new_state.append((np_, nm, nv))
+        return tuple(new_state), (ls, accs)
+
+    def epoch(state: tuple, idx_full: Any, idx_rem: Any, t0: Any, key: Any, consts: tuple) -> tuple:
+        """One epoch; returns the new state and per-stack sums of (loss x batch rows, acc x batch rows)."""
+        def body(carry: tuple, inp: tuple) -> tuple:
+            st, sums = carry
+            i, idx = inp
+            st, (ls, accs) = step(st, idx, t0 + i + 1, jax.random.fold_in(key, i), consts)
+            sums = tuple((sl + ls[si] * batch, sa + accs[si] * batch) for si, (sl, sa) in enumerate(sums))
+            return (st, sums), None
+
+        zeros = tuple((jnp.zeros(len(s.members), jnp.float32), jnp.zeros(len(s.members), jnp.float32))
+                      for s in stacks)
+        steps = idx_full.shape[0]
+        (state, sums), _ = lax.scan(body, (state, zeros), (jnp.arange(steps), idx_full))
+        if rem:
+            state, (ls, accs) = step(state, idx_rem, t0 + steps + 1, jax.random.fold_in(key, steps), consts)
+            sums = tuple((sl + ls[si] * rem, sa + accs[si] * rem) for si, (sl, sa) in enumerate(sums))
+        return state, sums
+
+    def evaluate(state: tuple, xva: Any, yva: Any, consts: tuple) -> tuple:
+        out = []
+        for si, (params, _m, _v) in enumerate(state):
+            l2 = consts[2][si][1]
+            ce, correct = losses(si, forward(si, params, None, xva, None), yva)
+            out.append((jnp.mean(ce, axis=1) + penalty(params, l2), jnp.mean(correct, axis=1)))
+        return tuple(out)
+
+    return jax.jit(epoch, donate_argnums=(0,)), jax.jit(evaluate)
+
+
+def fused_train_jax(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarray, ps: list[dict],
+                    n_classes: int, *, seeds: list[int], build: Callable[[dict, int], Any],
+                    on_member: Callable[[int, Any, dict], None], precision: str = "auto") -> str:
+    """``mlp_fused.fused_train`` on JAX (same arguments, same callbacks, same returned precision)."""
+    import jax
+    import jax.numpy as jnp
+
+    from featcache.heads.mlp_fused import group_setup, resolve_precision
+
+    precision = resolve_precision(precision, trainer="jax")
+    batch, members, sw_rows = group_setup(ytr, ps, n_classes, seeds, build, MemberRecord)
+    rng = np.random.default_rng(seeds[0])
+    n = len(ytr)
+    full, rem = divmod(n, batch)
+    xtr = jnp.asarray(np.asarray(Xtr, np.float32))
+    ytr_d = jnp.asarray(np.asarray(ytr, np.int32))
+    xva = jnp.asarray(np.asarray(Xva, np.float32))
+    yva_d = jnp.asarray(np.asarray(yva, np.int32))
+    base_key = jax.random.key(seeds[0])
+    t = 0
+    epoch_no = 0
+    # every member's (weights, Adam m, Adam v) on the host between phases: initial weights, zero moments
+    carried: dict[int, tuple[list, list, list]] = {}
+    for mb in members:
+        w = [np.asarray(a, np.float32) for a in mb.model.get_weights()]
+        carried[mb.index] = (w, [np.zeros_like(a) for a in w], [np.zeros_like(a) for a in w])
+    live = list(members)
+    # Finished members stay in their stack (computed, ignored) until at most half of it still trains; then
+    # the survivors are restacked, which costs a compilation. On an accelerator a step is bound by kernel
+    # launches, not by the members' arithmetic, so the stack is never restacked there: one compilation.
+    compact = accelerator() is None
+    while live:
+        by_arch: dict[tuple, list[MemberRecord]] = {}
+        for mb in live:
+            by_arch.setdefault(_arch(mb.p, carried[mb.index][0]), []).append(mb)
+        stacks = [_Stack(g, np.stack([sw_rows[mb.index] for mb in g]), [carried[mb.index] for mb in g])
+                  for g in by_arch.values()]
+        epoch_fn, eval_fn = _build_fns(stacks, precision, batch, rem)
+        state = tuple(tuple([jnp.asarray(a) for a in part] for part in s.state) for s in stacks)
+        consts = (xtr, ytr_d, tuple((jnp.asarray(s.lr), jnp.asarray(s.l2), jnp.asarray(s.rate),
+                                     jnp.asarray(s.sw)) for s in stacks))
+        training = len(live)
+        while True:
+            perm = rng.permutation(n).astype(np.int32)
+            idx_full = jnp.asarray(perm[: full * batch].reshape(full, batch))
+            idx_rem = jnp.asarray(perm[full * batch:])
+            key = jax.random.fold_in(base_key, epoch_no)
+            state, sums = epoch_fn(state, idx_full, idx_rem, jnp.int32(t), key, consts)
+            t += full + (1 if rem else 0)
+            epoch_no += 1
+            val, sums = jax.device_get((eval_fn(state, xva, yva_d, consts), sums))
+            ended = []
+            for si, s in enumerate(stacks):
+                for k, mb in enumerate(s.members):
+                    if mb.finished():
+                        continue
+                    mb.end_epoch(sums[si][0][k] / n, sums[si][1][k] / n, float(val[si][0][k]),
+                                 float(val[si][1][k]), partial(_member_part, state, si, k, 0))
+                    if mb.finished():
+                        ended.append((si, k, mb))
+            for si, k, mb in ended:
+                on_member(mb.index, mb.export(partial(_member_part, state, si, k, 0)), mb.history)
+            training -= len(ended)
+            if training == 0 or (compact and 2 * training <= len(live)):
+                break
+        carried = {mb.index: tuple(_member_part(state, si, k, part) for part in range(3))
+                   for si, s in enumerate(stacks) for k, mb in enumerate(s.members) if not mb.finished()}
+        live = [mb for mb in live if not mb.finished()]
+    return precision
+
+
+def _member_part(state: tuple, si: int, k: int, part: int) -> list[np.ndarray]:
+    """Member k of stack si on the host: its weights (part 0) or Adam m (1) or v (2)."""
+    import jax
+
+    return [np.asarray(a) for a in jax.device_get([a[k] for a in state[si][part]])]

@@ -1,0 +1,128 @@
+"""The JAX grid trainer (``mlp_fused_jax``): the TF trainer's trajectory, trainer choice, Keras on JAX.
+
+JAX is a dev dependency (CI installs it); without it, asking for this trainer is a ConfigError.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from featcache.errors import ConfigError
+from featcache.heads import get_head
+
+pytest.importorskip("jax")
+
+
+def data(n: int = 300, d: int = 32, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d)).astype(np.float32)
+    y = (X[:, 0] + 0.5 * X[:, 1] > 0).astype(int)
+    return X, y
+
+
+def test_jax_trainer_follows_the_tensorflow_trainer():
+    """No dropout, float32, the same minibatch order: both implementations must trace the same path.
+
+    The grid mixes two architectures (two stacks), class weights, L2, tanh, a checkpointed member, early
+    stopping, and epochs that end at different times (members leave; the stack is compacted)."""
+    X, y = data()
+    y[::7] = 2  # three classes
+    Xtr, ytr, Xva, yva = X[:220], y[:220], X[220:], y[220:]
+    head = get_head("mlp")
+    configs = [{"layers": (16, 8), "lr": 0.01, "epochs": 4, "batch_size": 32},
+               {"layers": (16, 8), "lr": 0.001, "epochs": 7, "batch_size": 32, "class_weight": "balanced",
+                "l2": 1e-3},
+               {"layers": (16, 8), "lr": 0.003, "epochs": 5, "batch_size": 32, "checkpoint": True,
+                "activation": "tanh"},
+               {"layers": (12,), "lr": 0.05, "epochs": 9, "batch_size": 32, "patience": 1},
+               {"layers": (12,), "lr": 0.01, "epochs": 2, "batch_size": 32}]
+    tf_runs = head.train_many(Xtr, ytr, Xva, yva, configs, seed=3, fuse=True, precision="float32",
+                              trainer="tf")
+    jx_runs = head.train_many(Xtr, ytr, Xva, yva, configs, seed=3, fuse=True, precision="float32",
+                              trainer="jax")
+    assert [r[0].trainer["path"] for r in jx_runs] == ["fused-jax"] * 5
+    assert jx_runs[0][0].trainer["precision"] == "float32"
+    for (h_tf, a), (h_jx, b) in zip(tf_runs, jx_runs, strict=True):
+        assert len(a["loss"]) == len(b["loss"])
+        for key in ("loss", "val_loss", "accuracy", "val_accuracy"):
+            np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-5)
+        for w_tf, w_jx in zip(h_tf.model.get_weights(), h_jx.model.get_weights(), strict=True):
+            np.testing.assert_allclose(w_jx, w_tf, atol=1e-4)
+    assert len(jx_runs[3][1]["loss"]) < 9  # early stopping did stop it
+
+
+def test_jax_trainer_binary_sigmoid_dropout_and_bfloat16():
+    X, y = data(400, 24, seed=1)
+    Xtr, ytr, Xva, yva = X[:300], y[:300], X[300:], y[300:]
+    head = get_head("mlp")
+    configs = [{"layers": (32,), "lr": 0.01, "epochs": 6, "batch_size": 50, "dropout": 0.3},
+               {"layers": (32,), "lr": 0.01, "epochs": 6, "batch_size": 50, "output_activation": "sigmoid"}]
+    jx = head.train_many(Xtr, ytr, Xva, yva, configs, seed=0, precision="float32", trainer="jax")
+    tf = head.train_many(Xtr, ytr, Xva, yva, configs, seed=0, precision="float32", trainer="tf")
+    np.testing.assert_allclose(jx[1][1]["val_loss"], tf[1][1]["val_loss"], rtol=1e-4, atol=1e-5)
+    # dropout masks come from different generators: the same accuracy within noise, a different path
+    assert abs(jx[0][1]["val_accuracy"][-1] - tf[0][1]["val_accuracy"][-1]) <= 0.05
+    assert jx[0][1]["val_accuracy"][-1] > 0.8  # it learns (chance is about 0.5)
+    assert not np.allclose(jx[0][1]["loss"], tf[0][1]["loss"])
+    lo = head.train_many(Xtr, ytr, Xva, yva, configs, seed=0, precision="bfloat16", trainer="jax")
+    assert lo[1][0].trainer["precision"] == "bfloat16"
+    assert abs(lo[1][1]["val_accuracy"][-1] - jx[1][1]["val_accuracy"][-1]) <= 0.05
+    proba = lo[1][0].predict_proba(Xva)
+    assert proba.shape == (100, 2) and np.allclose(proba.sum(1), 1, atol=1e-5)
+
+
+def test_trainer_choice(monkeypatch):
+    from featcache.heads import mlp_fused
+    from featcache.heads.mlp_fused_jax import accelerator
+
+    monkeypatch.delenv(mlp_fused.TRAINER_ENV, raising=False)
+    assert mlp_fused.resolve_trainer() == "tf"  # Keras runs on TensorFlow in this test process
+    assert mlp_fused.resolve_trainer("jax") == "jax"
+    monkeypatch.setenv(mlp_fused.TRAINER_ENV, "jax")
+    assert mlp_fused.resolve_trainer("auto") == "jax"
+    with pytest.raises(ConfigError, match="trainer"):
+        mlp_fused.resolve_trainer("torch")
+    monkeypatch.setattr(mlp_fused.importlib.util, "find_spec", lambda name: None)  # as if jax were absent
+    with pytest.raises(ConfigError, match="pip install jax"):
+        mlp_fused.resolve_trainer("jax")
+    monkeypatch.undo()
+    monkeypatch.delenv(mlp_fused.TRAINER_ENV, raising=False)
+    monkeypatch.delenv(mlp_fused.PRECISION_ENV, raising=False)
+    monkeypatch.setattr(mlp_fused, "cpu_has_bf16_matmul", lambda: True)
+    expected = "bfloat16" if accelerator() is not None else "float32"  # XLA CPU: no bf16 -> f32 product
+    assert mlp_fused.resolve_precision("auto", "jax") == expected
+    assert mlp_fused.resolve_precision("auto", "tf") == "bfloat16"
+
+
+@pytest.mark.slow
+def test_grid_training_with_keras_on_jax(tmp_path):
+    """KERAS_BACKEND=jax (e.g. a GPU image without TensorFlow): grids pick the JAX trainer on their own,
+    and the exported heads are ordinary Keras-on-JAX models that save, load and predict."""
+    script = textwrap.dedent(f"""
+        import json, numpy as np, keras
+        from featcache.heads import get_head, load_fitted
+        rng = np.random.default_rng(0)
+        X = rng.normal(size=(200, 16)).astype(np.float32); y = (X[:, 0] > 0).astype(int)
+        head = get_head("mlp")
+        cfgs = [{{"layers": (8,), "lr": 0.01, "epochs": 3, "batch_size": 32}},
+                {{"layers": (8,), "lr": 0.003, "epochs": 2, "batch_size": 32}}]
+        res = head.train_many(X[:150], y[:150], X[150:], y[150:], cfgs)
+        fitted = res[0][0]
+        fitted.save({str(tmp_path)!r})
+        again = load_fitted("mlp", {str(tmp_path)!r})
+        same = bool(np.allclose(again.predict_proba(X[150:]), fitted.predict_proba(X[150:]), atol=1e-6))
+        print(json.dumps({{"backend": keras.backend.backend(), "paths": [r[0].trainer["path"] for r in res],
+                          "epochs": [len(r[1]["loss"]) for r in res], "same": same}}))
+    """)
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    env.pop("FEATCACHE_MLP_TRAINER", None)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == {"backend": "jax", "paths": ["fused-jax", "fused-jax"], "epochs": [3, 2], "same": True}
