@@ -126,3 +126,29 @@ def test_grid_training_with_keras_on_jax(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got == {"backend": "jax", "paths": ["fused-jax", "fused-jax"], "epochs": [3, 2], "same": True}
+
+
+def test_jax_trainer_accelerator_layout_on_the_cpu(monkeypatch):
+    """The GPU layout, exercised here: one group per batch size, finished members kept in their stack
+    (never restacked). Same trajectory as the TensorFlow trainer, one compilation for the whole group."""
+    from featcache.heads import mlp_fused_jax
+
+    X, y = data(260, 20, seed=2)
+    Xtr, ytr, Xva, yva = X[:200], y[:200], X[200:], y[200:]
+    head = get_head("mlp")
+    configs = [{"layers": (16,), "lr": 0.01, "epochs": e, "batch_size": 40, "class_weight": cw}
+               for e, cw in ((2, None), (5, "balanced"), (3, None), (6, None))]
+    configs.append({"layers": (8, 8), "lr": 0.003, "epochs": 4, "batch_size": 40, "patience": 1})
+    tf_runs = head.train_many(Xtr, ytr, Xva, yva, configs, seed=1, precision="float32", trainer="tf")
+    builds = []
+    real_build = mlp_fused_jax._build_fns
+    monkeypatch.setattr(mlp_fused_jax, "_build_fns", lambda *a: (builds.append(len(a[0])), real_build(*a))[1])
+    monkeypatch.setattr(mlp_fused_jax, "accelerator", lambda: "gpu")
+    jx_runs = head.train_many(Xtr, ytr, Xva, yva, configs, seed=1, precision="float32", trainer="jax")
+    assert builds == [2]  # two architectures, compiled once: members that finished were never restacked
+    assert [r[0].trainer["group_size"] for r in jx_runs] == [5] * 5
+    for (h_tf, a), (h_jx, b) in zip(tf_runs, jx_runs, strict=True):
+        assert len(b["loss"]) == len(a["loss"])
+        np.testing.assert_allclose(b["val_loss"], a["val_loss"], rtol=1e-4, atol=1e-5)
+        for w_tf, w_jx in zip(h_tf.model.get_weights(), h_jx.model.get_weights(), strict=True):
+            np.testing.assert_allclose(w_jx, w_tf, atol=1e-4)
