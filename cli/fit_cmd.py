@@ -114,6 +114,10 @@ def register(app: typer.Typer) -> None:
             "auto", "--mlp-precision", help="auto | float32 | bfloat16: matmuls of fused mlp grid training "
             "(auto: bfloat16 on CPUs with AMX/AVX512-BF16; recorded in run.json)."
         ),
+        mlp_trainer: str = typer.Option(
+            "auto", "--mlp-trainer", help="auto | tf | jax: implementation of fused mlp grid training "
+            "(auto: JAX when Keras runs on JAX, e.g. KERAS_BACKEND=jax on a GPU; recorded in run.json)."
+        ),
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
     ) -> None:
         """Train heads on cached features with patient-grouped selection; the test split is used once.
@@ -143,6 +147,7 @@ def register(app: typer.Typer) -> None:
             pooling=pooling,
             image_size=image_size,
             mlp_precision=mlp_precision,
+            mlp_trainer=mlp_trainer,
             command=_command(ctx),
         )
         console = Console(stderr=True)

@@ -27,7 +27,7 @@ import numpy as np
 from featcache.errors import CacheError, ConfigError, DataError
 from featcache.faults import crash_point
 from featcache.grids import expand, get_preset, load_grid_file, parse_grid_args, to_jsonable
-from featcache.heads.mlp_fused import PRECISIONS, resolve_precision, resolve_trainer
+from featcache.heads.mlp_fused import PRECISIONS, TRAINERS, resolve_precision, resolve_trainer
 from featcache.metrics import bootstrap_ci, choose_threshold, classification_metrics, predict_labels
 from featcache.progress import ProgressFn, emit
 from featcache.runs import Run, RunWriter, clean_stale, config_hash, done_hashes, library_versions
@@ -65,6 +65,7 @@ class FitOptions:
     manifest: Path | None = None
     n_boot: int = 1000
     mlp_precision: str = "auto"  # matmul precision of fused mlp grid training: auto | float32 | bfloat16
+    mlp_trainer: str = "auto"  # fused mlp grid trainer: auto (Keras' backend) | tf | jax
     command: list[str] | None = None  # argv recorded in run.json (default: sys.argv)
 
 
@@ -411,6 +412,8 @@ def fit(
     if opts.mlp_precision not in PRECISIONS:
         raise ConfigError(f"--mlp-precision must be one of {', '.join(PRECISIONS)}, "
                           f"got '{opts.mlp_precision}'.")
+    if opts.mlp_trainer not in TRAINERS:
+        raise ConfigError(f"--mlp-trainer must be one of {', '.join(TRAINERS)}, got '{opts.mlp_trainer}'.")
     thr_method, thr_target = _parse_threshold(opts.threshold)
     names = [
         b.strip() for b in (backbones.split(",") if isinstance(backbones, str) else backbones) if b.strip()
@@ -479,7 +482,7 @@ def fit(
         "manifest": os.fsdecode(opts.manifest or ""),
     }
     if head_obj.name == "mlp":  # fused grids compute in this precision: a different one is a different run
-        trainer = resolve_trainer()
+        trainer = resolve_trainer(opts.mlp_trainer)
         common["mlp_precision"] = resolve_precision(opts.mlp_precision, trainer)
         if trainer != "tf":  # the JAX trainer draws other dropout masks (TensorFlow runs keep their ids)
             common["mlp_trainer"] = trainer
@@ -882,7 +885,7 @@ def _fit_holdout(ctx: _Ctx, configs: list[dict], result: FitResult) -> None:
     todo_cfgs = [configs[i] for i in todo]
     ctx.head_obj.train_many(
         Xtr, yy, Xva, yva, todo_cfgs, seed=opts.seed, progress=ctx.progress, on_result=on_result,
-        precision=opts.mlp_precision,
+        precision=opts.mlp_precision, trainer=opts.mlp_trainer,
     )
 
 

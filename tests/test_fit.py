@@ -200,6 +200,23 @@ def test_resume_skips_done_and_cleans_stale(setup) -> None:
     assert len(fit(root, "fakenet", "mlp", bf16).skipped) == 3
 
 
+def test_jax_trainer_runs_are_their_own(setup) -> None:
+    """The JAX grid trainer draws other dropout masks: its runs are new ones, recorded as such."""
+    pytest.importorskip("jax")
+    root, cache_dir, runs_dir = setup
+    grid = ["layers=4", "epochs=2", "dropout=0", "lr=0.01,0.001,0.1"]
+    tf = fit(root, "fakenet", "mlp", opts(cache_dir, runs_dir, grid_args=grid, mlp_precision="float32"))
+    jx = fit(root, "fakenet", "mlp", opts(cache_dir, runs_dir, grid_args=grid, mlp_precision="float32",
+                                          mlp_trainer="jax"))
+    assert len(jx.runs) == 3 and not jx.skipped
+    fused = {"path": "fused-jax", "precision": "float32", "group_size": 3}
+    assert jx.runs[0]["trainer"]["selection"] == fused
+    assert {r.id for r in jx.runs}.isdisjoint(r.id for r in tf.runs)
+    again = fit(root, "fakenet", "mlp", opts(cache_dir, runs_dir, grid_args=grid, mlp_precision="float32",
+                                             mlp_trainer="jax"))
+    assert not again.runs and len(again.skipped) == 3
+
+
 def _fit_cmd(root: Path, cache_dir: Path, runs_dir: Path, *extra: str) -> list[str]:
     return ["fit", "--data", str(root), "--backbone", "fakenet", "--cache-dir", str(cache_dir),
             "--runs-dir", str(runs_dir), *extra]
@@ -270,6 +287,7 @@ def test_cli_fit_table(setup, capsys) -> None:
     (["--head", "logreg", "--balance", "sideways"], "--balance"),
     (["--head", "knn", "--task", "folders", "--metric", "speed"], "--metric"),
     (["--head", "mlp", "--mlp-precision", "fp8"], "--mlp-precision"),
+    (["--head", "mlp", "--mlp-trainer", "torch"], "--mlp-trainer"),
 ])
 def test_cli_config_errors(setup, capsys, extra: list[str], needle: str) -> None:
     root, cache_dir, runs_dir = setup
