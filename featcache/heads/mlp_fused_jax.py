@@ -63,7 +63,7 @@ def _activation(name: str) -> Callable:
 class _Stack:
     """Members sharing an architecture: their weights stacked on a leading axis, plus per-member settings.
 
-    ``members`` are ``MemberRecord``s (host-side bookkeeping); ``slots[k]`` is member k's row in the stack.
+    ``members`` are ``MemberRecord``s (host-side bookkeeping); member k is row k of every stacked array.
     """
 
     def __init__(self, members: list[MemberRecord], sw: np.ndarray, state: list[tuple[list, list, list]]):
