@@ -6,8 +6,8 @@ sequence per member -- is bound by launch overhead, not by FLOPs. Here:
 
 * members with the same architecture are **stacked** (weights get a leading member axis) and trained
   with batched matmuls, so a step costs a few kernels per layer whatever the number of members;
-* a whole epoch is **one compiled call** (``lax.scan`` over its full minibatches, plus the short last
-  batch and the validation pass), so Python runs once per epoch, not once per step;
+* a whole epoch is **one compiled call** (``lax.scan`` over its minibatches, the short last one padded
+  with rows of weight 0), plus the validation pass, so Python runs once per epoch, not once per step;
 * members that finish (their epochs, or early stopping) are exported at once; on a CPU they are dropped
   from the stack when at most half of it is still training (one recompilation, not one per member), on an
   accelerator never (their arithmetic is nearly free there, a recompilation is not).
@@ -86,8 +86,13 @@ def _arch(p: dict, weights: list[np.ndarray]) -> tuple:
     return (p["activation"], p["output_activation"], tuple(w.shape for w in weights))
 
 
-def _build_fns(stacks: list[_Stack], compute: str, batch: int, rem: int) -> tuple[Callable, Callable]:
-    """The compiled epoch (scan over full minibatches, then the short one) and the validation pass."""
+def _build_fns(stacks: list[_Stack], compute: str) -> tuple[Callable, Callable]:
+    """The compiled epoch (a scan over its minibatches) and the validation pass.
+
+    Every minibatch has the batch size: the epoch's short last one is padded with rows of weight 0 and
+    averaged over its real rows (``count``), so one step graph serves all of them. That halves what
+    XLA compiles, next to a separate graph for the short batch.
+    """
     import jax
     import jax.numpy as jnp
     from jax import lax
@@ -135,10 +140,11 @@ def _build_fns(stacks: list[_Stack], compute: str, batch: int, rem: int) -> tupl
     def penalty(params: list, l2: Any) -> Any:
         return l2 * sum(jnp.sum(jnp.square(w), axis=tuple(range(1, w.ndim))) for w in params[0::2])
 
-    def step(state: tuple, idx: Any, t: Any, key: Any, consts: tuple) -> tuple[tuple, tuple]:
+    def step(state: tuple, idx: Any, count: Any, t: Any, key: Any, consts: tuple) -> tuple[tuple, tuple]:
         xtr, ytr, settings = consts
         x, y = xtr[idx], ytr[idx]
-        nb = jnp.float32(idx.shape[0])
+        real = (jnp.arange(idx.shape[0]) < count).astype(jnp.float32)  # 0 on the padding rows
+        nb = count.astype(jnp.float32)
         params_all = [s[0] for s in state]
 
         def total(params_all: list) -> tuple[Any, tuple]:
@@ -147,9 +153,9 @@ def _build_fns(stacks: list[_Stack], compute: str, batch: int, rem: int) -> tupl
                 lr, l2, rate, sw = settings[si]
                 logits = forward(si, params, rate, x, jax.random.fold_in(key, si) if drops[si] else None)
                 ce, correct = losses(si, logits, y)
-                member_loss = jnp.sum(ce * sw[:, idx], axis=1) / nb + penalty(params, l2)
+                member_loss = jnp.sum(ce * (sw[:, idx] * real), axis=1) / nb + penalty(params, l2)
                 out_l.append(member_loss)
-                out_a.append(jnp.mean(correct, axis=1))
+                out_a.append(jnp.sum(correct * real, axis=1) / nb)
             return sum(jnp.sum(v) for v in out_l), (tuple(out_l), tuple(out_a))
 
         grads, (ls, accs) = jax.grad(total, has_aux=True)(params_all)
@@ -169,22 +175,20 @@ def _build_fns(stacks: list[_Stack], compute: str, batch: int, rem: int) -> tupl
             new_state.append((np_, nm, nv))
         return tuple(new_state), (ls, accs)
 
-    def epoch(state: tuple, idx_full: Any, idx_rem: Any, t0: Any, key: Any, consts: tuple) -> tuple:
-        """One epoch; returns the new state and per-stack sums of (loss x batch rows, acc x batch rows)."""
+    def epoch(state: tuple, idx: Any, counts: Any, t0: Any, key: Any, consts: tuple) -> tuple:
+        """One epoch over minibatches ``idx`` [steps, batch] with ``counts`` real rows each; returns the new
+        state and per-stack sums of (loss x real rows, accuracy x real rows)."""
         def body(carry: tuple, inp: tuple) -> tuple:
             st, sums = carry
-            i, idx = inp
-            st, (ls, accs) = step(st, idx, t0 + i + 1, jax.random.fold_in(key, i), consts)
-            sums = tuple((sl + ls[si] * batch, sa + accs[si] * batch) for si, (sl, sa) in enumerate(sums))
+            i, rows, count = inp
+            st, (ls, accs) = step(st, rows, count, t0 + i + 1, jax.random.fold_in(key, i), consts)
+            w = count.astype(jnp.float32)
+            sums = tuple((sl + ls[si] * w, sa + accs[si] * w) for si, (sl, sa) in enumerate(sums))
             return (st, sums), None
 
         zeros = tuple((jnp.zeros(len(s.members), jnp.float32), jnp.zeros(len(s.members), jnp.float32))
                       for s in stacks)
-        steps = idx_full.shape[0]
-        (state, sums), _ = lax.scan(body, (state, zeros), (jnp.arange(steps), idx_full))
-        if rem:
-            state, (ls, accs) = step(state, idx_rem, t0 + steps + 1, jax.random.fold_in(key, steps), consts)
-            sums = tuple((sl + ls[si] * rem, sa + accs[si] * rem) for si, (sl, sa) in enumerate(sums))
+        (state, sums), _ = lax.scan(body, (state, zeros), (jnp.arange(idx.shape[0]), idx, counts))
         return state, sums
 
     def evaluate(state: tuple, xva: Any, yva: Any, consts: tuple) -> tuple:
@@ -211,7 +215,8 @@ def fused_train_jax(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.n
     batch, members, sw_rows = group_setup(ytr, ps, n_classes, seeds, build, MemberRecord)
     rng = np.random.default_rng(seeds[0])
     n = len(ytr)
-    full, rem = divmod(n, batch)
+    steps = -(-n // batch)
+    counts = jnp.asarray(np.minimum(batch, n - batch * np.arange(steps)).astype(np.int32))
     xtr = jnp.asarray(np.asarray(Xtr, np.float32))
     ytr_d = jnp.asarray(np.asarray(ytr, np.int32))
     xva = jnp.asarray(np.asarray(Xva, np.float32))
@@ -235,18 +240,17 @@ def fused_train_jax(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.n
             by_arch.setdefault(_arch(mb.p, carried[mb.index][0]), []).append(mb)
         stacks = [_Stack(g, np.stack([sw_rows[mb.index] for mb in g]), [carried[mb.index] for mb in g])
                   for g in by_arch.values()]
-        epoch_fn, eval_fn = _build_fns(stacks, precision, batch, rem)
+        epoch_fn, eval_fn = _build_fns(stacks, precision)
         state = tuple(tuple([jnp.asarray(a) for a in part] for part in s.state) for s in stacks)
         consts = (xtr, ytr_d, tuple((jnp.asarray(s.lr), jnp.asarray(s.l2), jnp.asarray(s.rate),
                                      jnp.asarray(s.sw)) for s in stacks))
         training = len(live)
         while True:
             perm = rng.permutation(n).astype(np.int32)
-            idx_full = jnp.asarray(perm[: full * batch].reshape(full, batch))
-            idx_rem = jnp.asarray(perm[full * batch:])
+            idx = jnp.asarray(np.resize(perm, steps * batch).reshape(steps, batch))  # pads with early rows
             key = jax.random.fold_in(base_key, epoch_no)
-            state, sums = epoch_fn(state, idx_full, idx_rem, jnp.int32(t), key, consts)
-            t += full + (1 if rem else 0)
+            state, sums = epoch_fn(state, idx, counts, jnp.int32(t), key, consts)
+            t += steps
             epoch_no += 1
             val, sums = jax.device_get((eval_fn(state, xva, yva_d, consts), sums))
             ended = []
