@@ -141,8 +141,8 @@ def test_jax_trainer_accelerator_layout_on_the_cpu(monkeypatch):
     configs.append({"layers": (8, 8), "lr": 0.003, "epochs": 4, "batch_size": 40, "patience": 1})
     tf_runs = head.train_many(Xtr, ytr, Xva, yva, configs, seed=1, precision="float32", trainer="tf")
     builds = []
-    real_build = mlp_fused_jax._build_fns
-    monkeypatch.setattr(mlp_fused_jax, "_build_fns", lambda *a: (builds.append(len(a[0])), real_build(*a))[1])
+    real = mlp_fused_jax._build_epoch
+    monkeypatch.setattr(mlp_fused_jax, "_build_epoch", lambda *a: (builds.append(len(a[0])), real(*a))[1])
     monkeypatch.setattr(mlp_fused_jax, "accelerator", lambda: "gpu")
     jx_runs = head.train_many(Xtr, ytr, Xva, yva, configs, seed=1, precision="float32", trainer="jax")
     assert builds == [2]  # two architectures, compiled once: members that finished were never restacked

@@ -86,8 +86,8 @@ def _arch(p: dict, weights: list[np.ndarray]) -> tuple:
     return (p["activation"], p["output_activation"], tuple(w.shape for w in weights))
 
 
-def _build_fns(stacks: list[_Stack], compute: str) -> tuple[Callable, Callable]:
-    """The compiled epoch (a scan over its minibatches) and the validation pass.
+def _build_epoch(stacks: list[_Stack], compute: str) -> Callable:
+    """One compiled call per epoch: a scan over its minibatches, then the validation pass.
 
     Every minibatch has the batch size: the epoch's short last one is padded with rows of weight 0 and
     averaged over its real rows (``count``), so one step graph serves all of them. That halves what
@@ -141,7 +141,7 @@ def _build_fns(stacks: list[_Stack], compute: str) -> tuple[Callable, Callable]:
         return l2 * sum(jnp.sum(jnp.square(w), axis=tuple(range(1, w.ndim))) for w in params[0::2])
 
     def step(state: tuple, idx: Any, count: Any, t: Any, key: Any, consts: tuple) -> tuple[tuple, tuple]:
-        xtr, ytr, settings = consts
+        xtr, ytr, settings, _val = consts
         x, y = xtr[idx], ytr[idx]
         real = (jnp.arange(idx.shape[0]) < count).astype(jnp.float32)  # 0 on the padding rows
         nb = count.astype(jnp.float32)
@@ -189,9 +189,11 @@ def _build_fns(stacks: list[_Stack], compute: str) -> tuple[Callable, Callable]:
         zeros = tuple((jnp.zeros(len(s.members), jnp.float32), jnp.zeros(len(s.members), jnp.float32))
                       for s in stacks)
         (state, sums), _ = lax.scan(body, (state, zeros), (jnp.arange(idx.shape[0]), idx, counts))
-        return state, sums
+        return state, sums, evaluate(state, consts)
 
-    def evaluate(state: tuple, xva: Any, yva: Any, consts: tuple) -> tuple:
+    def evaluate(state: tuple, consts: tuple) -> tuple:
+        """Per stack: (validation loss with the L2 term, as Keras reports it; validation accuracy)."""
+        xva, yva = consts[3]
         out = []
         for si, (params, _m, _v) in enumerate(state):
             l2 = consts[2][si][1]
@@ -199,7 +201,7 @@ def _build_fns(stacks: list[_Stack], compute: str) -> tuple[Callable, Callable]:
             out.append((jnp.mean(ce, axis=1) + penalty(params, l2), jnp.mean(correct, axis=1)))
         return tuple(out)
 
-    return jax.jit(epoch, donate_argnums=(0,)), jax.jit(evaluate)
+    return jax.jit(epoch, donate_argnums=(0,))
 
 
 def fused_train_jax(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarray, ps: list[dict],
@@ -240,19 +242,19 @@ def fused_train_jax(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.n
             by_arch.setdefault(_arch(mb.p, carried[mb.index][0]), []).append(mb)
         stacks = [_Stack(g, np.stack([sw_rows[mb.index] for mb in g]), [carried[mb.index] for mb in g])
                   for g in by_arch.values()]
-        epoch_fn, eval_fn = _build_fns(stacks, precision)
+        epoch_fn = _build_epoch(stacks, precision)
         state = tuple(tuple([jnp.asarray(a) for a in part] for part in s.state) for s in stacks)
         consts = (xtr, ytr_d, tuple((jnp.asarray(s.lr), jnp.asarray(s.l2), jnp.asarray(s.rate),
-                                     jnp.asarray(s.sw)) for s in stacks))
+                                     jnp.asarray(s.sw)) for s in stacks), (xva, yva_d))
         training = len(live)
         while True:
             perm = rng.permutation(n).astype(np.int32)
             idx = jnp.asarray(np.resize(perm, steps * batch).reshape(steps, batch))  # pads with early rows
             key = jax.random.fold_in(base_key, epoch_no)
-            state, sums = epoch_fn(state, idx, counts, jnp.int32(t), key, consts)
+            state, sums, val = epoch_fn(state, idx, counts, jnp.int32(t), key, consts)
             t += steps
             epoch_no += 1
-            val, sums = jax.device_get((eval_fn(state, xva, yva_d, consts), sums))
+            val, sums = jax.device_get((val, sums))
             ended = []
             for si, s in enumerate(stacks):
                 for k, mb in enumerate(s.members):
