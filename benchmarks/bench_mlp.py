@@ -63,11 +63,7 @@ def matmul_peak(trainer: str = "tf") -> dict:
     ``float32_gflops`` / ``bfloat16_gflops`` are the best float32 and the bfloat16 figure, whichever
     library gave them (the denominators of the peak fractions)."""
     a = np.random.default_rng(0).random((2048, 2048), dtype=np.float32)
-    best_np = 0.0
-    for _ in range(3):
-        t = time.perf_counter()
-        a @ a
-        best_np = max(best_np, 2 * 2048 ** 3 / (time.perf_counter() - t))
+    best_np = _best_rate(lambda: a @ a, 2048)
     if trainer == "jax":
         import jax
         import jax.numpy as jnp
@@ -78,36 +74,33 @@ def matmul_peak(trainer: str = "tf") -> dict:
         f32 = jax.jit(lambda x: jnp.matmul(x, x, precision=jax.lax.Precision.HIGHEST))
         out = jnp.bfloat16 if jax.default_backend() == "cpu" else jnp.float32  # XLA CPU: no bf16 -> f32
         bf = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=out))
-        f32(xa).block_until_ready()
-        bf(xb).block_until_ready()
-        best_fw = best_bf = 0.0
-        for _ in range(3):
-            t = time.perf_counter()
-            f32(xa).block_until_ready()
-            best_fw = max(best_fw, 2 * size ** 3 / (time.perf_counter() - t))
-            t = time.perf_counter()
-            bf(xb).block_until_ready()
-            best_bf = max(best_bf, 2 * size ** 3 / (time.perf_counter() - t))
+        best_fw = _best_rate(lambda: f32(xa).block_until_ready(), size)
+        best_bf = _best_rate(lambda: bf(xb).block_until_ready(), size)
         name = "jax"
     else:
         import tensorflow as tf
 
         ta = tf.constant(a)
         tb = tf.cast(ta, tf.bfloat16)
-        tf.matmul(tb, tb).numpy()  # first call picks the kernel
-        best_fw = best_bf = 0.0
-        for _ in range(3):
-            t = time.perf_counter()
-            tf.matmul(ta, ta).numpy()
-            best_fw = max(best_fw, 2 * 2048 ** 3 / (time.perf_counter() - t))
-            t = time.perf_counter()
-            tf.matmul(tb, tb).numpy()
-            best_bf = max(best_bf, 2 * 2048 ** 3 / (time.perf_counter() - t))
+        best_fw = _best_rate(lambda: tf.matmul(ta, ta).numpy(), 2048)
+        best_bf = _best_rate(lambda: tf.matmul(tb, tb).numpy(), 2048)
         name = "tf"
     return {"numpy_gflops": round(best_np / 1e9, 1), f"{name}_gflops": round(best_fw / 1e9, 1),
             f"{name}_bfloat16_gflops": round(best_bf / 1e9, 1),
             "float32_gflops": round(max(best_np, best_fw) / 1e9, 1),
             "bfloat16_gflops": round(best_bf / 1e9, 1)}
+
+
+def _best_rate(matmul, size: int) -> float:
+    """FLOP/s of the fastest of 3 timed calls of a size^3 ``matmul``, after one untimed call (which
+    compiles or picks the kernel)."""
+    matmul()
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        matmul()
+        best = min(best, time.perf_counter() - t)
+    return 2 * size ** 3 / best
 
 
 def grid_flops(cfgs: list[dict], d: int, n_train: int, n_classes: int = 2) -> float:

@@ -264,13 +264,14 @@ class MLPHead:
         resolved = resolve_precision(precision, backend) if groups else "float32"
         train_group = fused_train
         d = int(np.shape(Xtr)[1])
-        chunks = [chunk for group in groups.values() for chunk in _cache_sized_chunks(group, ps, d)]
+        on_cpu = True
         if backend == "jax":
             from featcache.heads.mlp_fused_jax import accelerator, fused_train_jax
 
-            train_group = fused_train_jax
-            if accelerator() is not None:  # the cache-sized chunks are a CPU matter: one chunk per group
-                chunks = list(groups.values())
+            train_group, on_cpu = fused_train_jax, accelerator() is None
+        # cache-sized chunks are a CPU matter: on an accelerator each batch-size group is one chunk
+        chunks = [chunk for group in groups.values()
+                  for chunk in (_cache_sized_chunks(group, ps, d) if on_cpu else [group])]
         for i in sorted(alone):
             head, hist = self.train(Xtr, ytr, Xva, yva, configs[i], seed=seed + i)
             finish(i, head, hist)
