@@ -97,7 +97,7 @@ def resolve_trainer(trainer: str | None = None) -> str:
     return choice
 
 
-_ACTIVATIONS = ("relu", "sigmoid", "tanh", "elu", "selu", "gelu", "swish", "silu", "linear", "softplus")
+ACTIVATIONS = ("relu", "sigmoid", "tanh", "elu", "selu", "gelu", "swish", "silu", "linear", "softplus")
 
 
 def _activation(name: str) -> Callable:
@@ -108,7 +108,7 @@ def _activation(name: str) -> Callable:
              "softplus": tf.nn.softplus}
     if name not in table:
         raise ConfigError(f"activation '{name}' is not supported by grid training; use one of "
-                          f"{', '.join(_ACTIVATIONS)}.")
+                          f"{', '.join(ACTIVATIONS)}.")
     return table[name]
 
 

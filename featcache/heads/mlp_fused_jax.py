@@ -31,9 +31,8 @@ from typing import Any
 import numpy as np
 
 from featcache.errors import ConfigError
-from featcache.heads.mlp_fused import MemberRecord
+from featcache.heads.mlp_fused import ACTIVATIONS, MemberRecord
 
-_ACTIVATIONS = ("relu", "sigmoid", "tanh", "elu", "selu", "gelu", "swish", "silu", "linear", "softplus")
 _B1, _B2, _EPS = 0.9, 0.999, 1e-7
 
 
@@ -56,7 +55,7 @@ def _activation(name: str) -> Callable:
              "silu": jax.nn.silu, "linear": lambda z: z, "softplus": jax.nn.softplus}
     if name not in table:
         raise ConfigError(f"activation '{name}' is not supported by grid training; use one of "
-                          f"{', '.join(_ACTIVATIONS)}.")
+                          f"{', '.join(ACTIVATIONS)}.")
     return table[name]
 
 
