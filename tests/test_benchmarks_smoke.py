@@ -27,3 +27,20 @@ def test_run_py_quick_json_reports_every_ratio(tmp_path: Path) -> None:
     assert logreg["same_params"] and logreg["max_cv_score_diff"] <= 0.005
     mlp = out["benchmarks"]["mlp"]
     assert len(mlp["val_acc_featcache"]) == len(mlp["val_acc_reference"]) == mlp["n_configs"]
+
+
+def test_table_gives_verdicts_only_for_a_full_run(capsys) -> None:
+    """--quick ratios come from tiny inputs: the table must not call them missed targets."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "benchmarks" / "run.py")
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    out = {"benchmarks": {}, "wall_seconds": {}, "missing": [], "failed": {}, "logreg_speedup": 12.0,
+           "memory_ratio": 1.0}
+    run.print_table({**out, "quick": True})
+    text = capsys.readouterr().out
+    assert "smoke test" in text and "MISSED" not in text
+    run.print_table({**out, "quick": False})
+    text = capsys.readouterr().out
+    assert "logreg_speedup" in text and "MISSED" in text and "smoke test" not in text
