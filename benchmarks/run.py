@@ -1,6 +1,7 @@
 """One entry point for every featcache benchmark: extraction, logistic-regression grid, dense-head grid.
 
     python benchmarks/run.py [--quick] [--json] [--data DIR] [--only extract,logreg,mlp]
+                             [--extract-repeats N] [--logreg-repeats N]
 
 Each benchmark module exposes ``run(quick) -> dict`` (bench_extract also takes ``data``); modules
 that are missing (e.g. deleted) are reported as such. With ``--json`` one JSON object is
@@ -44,7 +45,8 @@ def _load(name: str):
 
 
 def run_all(quick: bool, data: Path | None, only: list[str], mlp_epoch_scale: float = 1.0,
-            mlp_noise_configs: int = 3, mlp_extra_seeds: int = 0) -> dict:
+            mlp_noise_configs: int = 3, mlp_extra_seeds: int = 0, extract_repeats: int = 1,
+            logreg_repeats: int = 1) -> dict:
     """Run the selected benchmarks in this process, one after the other; collect ratios and raw data."""
     out: dict = {"quick": quick, "benchmarks": {}, "wall_seconds": {}, "missing": [], "failed": {}}
     # bench_extract first: it sets a private KERAS_HOME with ../shared/weights before Keras is imported.
@@ -56,12 +58,12 @@ def run_all(quick: bool, data: Path | None, only: list[str], mlp_epoch_scale: fl
         t0 = time.perf_counter()
         try:
             if name == "extract":
-                res = module.run(quick=quick, data=data)
+                res = module.run(quick=quick, data=data, repeats=extract_repeats)
             elif name == "mlp":
                 res = module.run(quick=quick, epoch_scale=mlp_epoch_scale, noise_configs=mlp_noise_configs,
                                  extra_seeds=mlp_extra_seeds)
             else:
-                res = module.run(quick=quick)
+                res = module.run(quick=quick, repeats=logreg_repeats)
         except Exception as exc:  # noqa: BLE001 - one broken benchmark must not hide the others
             out["failed"][name] = f"{type(exc).__name__}: {exc}"
             traceback.print_exc(file=sys.stderr)
@@ -133,13 +135,19 @@ def main(argv: list[str] | None = None) -> int:
                     help="dense-head configs whose reference is re-trained with another seed (33 = all)")
     ap.add_argument("--mlp-extra-seeds", type=int, default=0,
                     help="up to N more reference seeds where featcache matches no reference run yet")
+    ap.add_argument("--extract-repeats", type=int, default=1,
+                    help="time each extract N times; pipeline_efficiency is the median (vgg16: ~17 min each)")
+    ap.add_argument("--logreg-repeats", type=int, default=1,
+                    help="time featcache's logreg search N times; logreg_speedup uses the median")
     args = ap.parse_args(argv)
+    if args.extract_repeats < 1 or args.logreg_repeats < 1:
+        ap.error("--extract-repeats and --logreg-repeats must be at least 1")
     only = [b.strip() for b in args.only.split(",") if b.strip()]
     unknown = [b for b in only if b not in BENCHES]
     if unknown:
         ap.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHES)}")
     out = run_all(args.quick, args.data, only, args.mlp_epoch_scale, args.mlp_noise_configs,
-                  args.mlp_extra_seeds)
+                  args.mlp_extra_seeds, args.extract_repeats, args.logreg_repeats)
     if args.json:
         print(json.dumps(out, indent=2, default=str))
     else:

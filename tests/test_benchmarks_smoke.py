@@ -44,3 +44,42 @@ def test_table_gives_verdicts_only_for_a_full_run(capsys) -> None:
     run.print_table({**out, "quick": False})
     text = capsys.readouterr().out
     assert "logreg_speedup" in text and "MISSED" in text and "smoke test" not in text
+
+
+def _bench(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}_t", ROOT / "benchmarks" / f"bench_{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_logreg_repeats_time_featcache_n_times_and_use_the_median() -> None:
+    bench = _bench("logreg")
+    res = bench.run(quick=True, n=150, d=120, repeats=3)
+    runs = res["t_featcache_runs_s"]
+    assert res["featcache_repeats"] == 3 and len(runs) == 3
+    assert res["t_featcache_s"] == sorted(runs)[1]  # rounding is monotonic: the median of the rounded runs
+    assert res["logreg_speedup"] == pytest.approx(res["t_sklearn_s"] / res["t_featcache_s"], rel=0.01)
+    assert res["featcache_repeats_identical"] is True and res["same_params"]
+    with pytest.raises(ValueError, match="repeats"):
+        bench.run(quick=True, n=150, d=120, repeats=0)
+
+
+@pytest.mark.slow
+def test_extract_repeats_give_one_efficiency_per_extract_and_their_median(tmp_path: Path) -> None:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_extract.py"), "--quick", "--json",
+                           "--no-memory", "--repeats", "2"],
+                          capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout)["backbones"]["mobilenet-0.75"]
+    effs, e2e = r["pipeline_efficiency_runs"], r["extract_images_per_s_runs"]
+    fwd = r["forward_images_per_s_runs"]
+    assert r["repeats"] == 2 and len(effs) == 2 and len(e2e) == 2 and len(fwd) == 3
+    # extract i sits between forward measurements i and i+1
+    for i in range(2):
+        assert effs[i] == pytest.approx(e2e[i] / ((fwd[i] + fwd[i + 1]) / 2), abs=2e-3)
+    assert r["pipeline_efficiency"] == pytest.approx(sum(effs) / 2, abs=2e-3)  # median of two
+    assert r["forward_images_per_s_before_after"] == [fwd[0], fwd[-1]]
