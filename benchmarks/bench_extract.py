@@ -36,7 +36,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -180,16 +179,12 @@ def bench_backbone(name: str, data: Path, quick: bool, batch_size: int, workers:
     min_seconds = 2.0 if quick else 20.0
     opts = ExtractOptions(batch_size=batch_size, workers=workers)
 
-    def forward() -> tuple[float, Any]:
-        bb = build_backbone(cfg)
-        return forward_rate(bb, batches, min_seconds), bb
-
     bb = build_backbone(cfg)
     batches = _decoded_batches(files, bb.input_size, batch_size, 3 if quick else 8)
     fwd = [forward_rate(bb, batches, min_seconds)]
-    del bb
     firsts = []
     for r in range(repeats):
+        del bb  # one model at a time: the extract builds its own
         with tempfile.TemporaryDirectory(prefix="featcache-bench-") as tmp:
             firsts.append(extract(discover(data), cfg, Path(tmp), opts))
             if r == 0:
@@ -197,10 +192,8 @@ def bench_backbone(name: str, data: Path, quick: bool, batch_size: int, workers:
                 second = extract(discover(data), cfg, Path(tmp), opts)
                 second_wall = time.perf_counter() - t0
                 size = firsts[0].cache_path.stat().st_size
-        rate, bb = forward()
-        fwd.append(rate)
-        if r < repeats - 1:
-            del bb
+        bb = build_backbone(cfg)
+        fwd.append(forward_rate(bb, batches, min_seconds))
     e2e = [f.rows_computed / f.seconds for f in firsts]
     effs = [e / ((fwd[i] + fwd[i + 1]) / 2) for i, e in enumerate(e2e)]
     first = firsts[0]
@@ -361,6 +354,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=1,
                     help="time each extract N times; pipeline_efficiency is the median (default 1)")
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
     res = run(args.quick, args.data, args.backbones.split(",") if args.backbones else None,
               batch_size=args.batch_size, workers=args.workers, memory=not args.no_memory,
               repeats=args.repeats)

@@ -82,6 +82,8 @@ def run(quick: bool = False, n: int | None = None, d: int | None = None, feature
 
     from featcache.heads.logreg import FastLogisticGridSearchCV
 
+    if repeats < 1:  # before the (slow) synthetic features are made
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
     if features:
         X, y, groups = load_cache(features)
         source = features
@@ -94,8 +96,6 @@ def run(quick: bool = False, n: int | None = None, d: int | None = None, feature
     folds = list(StratifiedGroupKFold(5, shuffle=True, random_state=0).split(X, y, groups))
     grid = {"C": CS, "class_weight": [None, "balanced"], "max_iter": [max_iter]}
 
-    if repeats < 1:
-        raise ValueError(f"repeats must be at least 1, got {repeats}")
     t_runs, scores = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -148,6 +148,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1,
                     help="time featcache's search N times and use the median (scikit-learn runs once)")
     a = ap.parse_args()
+    if a.repeats < 1:
+        ap.error("--repeats must be at least 1")
     res = run(a.quick, a.n, a.d, a.features, a.max_iter, a.dtype, a.repeats)
     if a.json:
         print(json.dumps(res, default=str))

@@ -3,7 +3,8 @@
     python benchmarks/run.py [--quick] [--json] [--data DIR] [--only extract,logreg,mlp]
                              [--extract-repeats N] [--logreg-repeats N]
 
-Each benchmark module exposes ``run(quick) -> dict`` (bench_extract also takes ``data``); modules
+Each benchmark module exposes ``run(quick) -> dict`` (bench_extract also takes ``data``, and it and
+bench_logreg take ``repeats``: the median of N timings, for the ratios near their target); modules
 that are missing (e.g. deleted) are reported as such. With ``--json`` one JSON object is
 printed with the ratios under the keys that name them (``pipeline_efficiency`` per backbone,
 ``cache_hit_fraction``, ``memory_ratio``, ``logreg_speedup``, ``mlp_grid_speedup``), each module's
