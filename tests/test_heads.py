@@ -134,6 +134,35 @@ def test_pivoted_factor_reproduces_the_gram():
     np.testing.assert_allclose(np.tril(_gram(Z)), np.tril(Z @ Z.T), atol=1e-10)
 
 
+def test_centred_rows_factor_drops_the_null_direction_exactly():
+    """Standardised training rows sum to zero: Z Z^T is rank n-1, and the factor must say so without pivoting.
+
+    Float32 rows as in the cache. A wrong ``centered`` hint (rows not centred) must still give the full-rank
+    factor of the general path.
+    """
+    from featcache.heads.logreg import _gram, _Space, fit_scaler, standardize
+
+    rng = np.random.default_rng(1)
+    X = np.maximum(rng.normal(size=(60, 400)) + rng.normal(size=(60, 4)) @ rng.normal(size=(4, 400)), 0)
+    X = X.astype(np.float32)
+    Z = standardize(fit_scaler(X), X)
+    space = _Space(Z, centered=True)
+    assert space.r == 59 and space.prefix and space.L21 is not None
+    F = space.mul(np.eye(space.r))
+    K = np.tril(_gram(Z).astype(np.float64))
+    K = K + np.tril(K, -1).T
+    np.testing.assert_allclose(F @ F.T, K, atol=1e-3 * float(np.max(np.diag(K))))
+    np.testing.assert_allclose(F[-1], -F[:-1].sum(axis=0), atol=1e-3 * float(np.abs(F).max()))
+    R = rng.normal(size=(60, 3))
+    np.testing.assert_allclose(space.tmul(R), F.T @ R, atol=1e-9)
+    # the same rows shifted off centre: the hint is wrong, the factor must keep all 60 directions
+    off = _Space(Z + np.float32(0.5), centered=True)
+    assert off.r == 60
+    F = off.mul(np.eye(off.r))
+    Zs = (Z + np.float32(0.5)).astype(np.float64)
+    np.testing.assert_allclose(F @ F.T, Zs @ Zs.T, rtol=1e-4, atol=1e-2)
+
+
 def test_fold_scalers_equal_per_fold_standard_scalers():
     """Moments combined per fold equal StandardScaler on each fold's rows, for K-fold and odd splits."""
     from sklearn.preprocessing import StandardScaler
