@@ -14,10 +14,12 @@ Measured in one process per backbone (the memory check uses fresh subprocesses):
   the 224-px copies, and end-to-end extract images/s on the originals.
 
     python benchmarks/bench_extract.py [--quick] [--json] [--data DIR] [--backbones vgg16,inceptionv3]
-                                       [--repeats N] [--no-memory]
+                                       [--repeats N | --repeats NAME=N,...] [--no-memory]
 
 ``--repeats N`` times each extract N times (forward, extract, forward, ..., forward) and reports the
 median efficiency with every run's value: one run on a shared VM moves by a few percent.
+``--repeats mobilenet-0.75=5`` repeats only the backbones named (the others run once): the short extracts
+(mobilenet's takes ~30 s) move most, while five vgg16 extracts would add over an hour.
 
 ``--quick`` (CI smoke test, ~1 min): 64 images (sampled from ../shared when present, else generated)
 and mobilenet-0.75 with random weights. The full run takes ~25 minutes on a 2-core CPU (vgg16 alone
@@ -278,9 +280,33 @@ def bench_originals(small_data: Path, batch_size: int, quick: bool) -> dict:
     return out
 
 
+def parse_repeats(text: str) -> int | dict[str, int]:
+    """``"3"`` (every backbone) or ``"mobilenet-0.75=5,inceptionv3=2"`` (those named; the others once)."""
+    try:
+        if "=" not in text:
+            value: int | dict[str, int] = int(text)
+            counts = [value]
+        else:
+            value = {}
+            for part in text.split(","):
+                name, _, count = part.partition("=")
+                value[name.strip()] = int(count)
+            counts = list(value.values())
+    except ValueError:
+        raise ValueError(f"bad repeats '{text}'; write N or NAME=N[,NAME=N...], "
+                         "e.g. mobilenet-0.75=5") from None
+    if min(counts) < 1:
+        raise ValueError(f"repeats must be at least 1, got '{text}'")
+    return value
+
+
 def run(quick: bool = False, data: Path | None = None, backbones: list[str] | None = None,
-        batch_size: int = 32, workers: int = 2, memory: bool = True, repeats: int = 1) -> dict:
-    """Run the extraction benchmarks and return one JSON-serialisable dict (ratios + raw timings)."""
+        batch_size: int = 32, workers: int = 2, memory: bool = True,
+        repeats: int | dict[str, int] = 1) -> dict:
+    """Run the extraction benchmarks and return one JSON-serialisable dict (ratios + raw timings).
+
+    ``repeats``: extracts per backbone, for all (an int) or per name (a dict; names left out run once).
+    """
     tmp = Path(tempfile.mkdtemp(prefix="featcache-benchdata-"))
     try:
         source = Path(data) if data else DEFAULT_DATA
@@ -295,8 +321,13 @@ def run(quick: bool = False, data: Path | None = None, backbones: list[str] | No
             backbones = backbones or list(FULL_BACKBONES)
         result: dict = {"quick": quick, "data": str(data if not quick else source), "machine": machine(),
                         "backbones": {}}
+        stray = sorted(set(repeats) - set(backbones)) if isinstance(repeats, dict) else []
+        if stray:
+            raise ValueError(f"repeats name backbone(s) not benchmarked here: {', '.join(stray)} "
+                             f"(running {', '.join(backbones)})")
         for name in backbones:
-            result["backbones"][name] = bench_backbone(name, data, quick, batch_size, workers, repeats)
+            n_rep = repeats.get(name, 1) if isinstance(repeats, dict) else repeats
+            result["backbones"][name] = bench_backbone(name, data, quick, batch_size, workers, n_rep)
         per = result["backbones"]
         result["pipeline_efficiency"] = {k: v["pipeline_efficiency"] for k, v in per.items()}
         hit_on = "vgg16" if "vgg16" in per else backbones[0]
@@ -351,11 +382,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2, help="decode threads")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
-    ap.add_argument("--repeats", type=int, default=1,
-                    help="time each extract N times; pipeline_efficiency is the median (default 1)")
+    ap.add_argument("--repeats", default="1",
+                    help="time each extract N times, or NAME=N,... for the backbones named; "
+                         "pipeline_efficiency is the median (default 1)")
     args = ap.parse_args(argv)
-    if args.repeats < 1:
-        ap.error("--repeats must be at least 1")
+    try:
+        args.repeats = parse_repeats(args.repeats)
+    except ValueError as exc:
+        ap.error(str(exc))
     res = run(args.quick, args.data, args.backbones.split(",") if args.backbones else None,
               batch_size=args.batch_size, workers=args.workers, memory=not args.no_memory,
               repeats=args.repeats)

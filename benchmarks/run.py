@@ -1,7 +1,7 @@
 """One entry point for every featcache benchmark: extraction, logistic-regression grid, dense-head grid.
 
     python benchmarks/run.py [--quick] [--json] [--data DIR] [--only extract,logreg,mlp]
-                             [--extract-repeats N] [--logreg-repeats N]
+                             [--extract-repeats N | NAME=N,...] [--logreg-repeats N]
 
 Each benchmark module exposes ``run(quick) -> dict`` (bench_extract also takes ``data``, and it and
 bench_logreg take ``repeats``: the median of N timings, for the ratios near their target); modules
@@ -46,8 +46,8 @@ def _load(name: str):
 
 
 def run_all(quick: bool, data: Path | None, only: list[str], mlp_epoch_scale: float = 1.0,
-            mlp_noise_configs: int = 3, mlp_extra_seeds: int = 0, extract_repeats: int = 1,
-            logreg_repeats: int = 1) -> dict:
+            mlp_noise_configs: int = 3, mlp_extra_seeds: int = 0,
+            extract_repeats: int | dict[str, int] = 1, logreg_repeats: int = 1) -> dict:
     """Run the selected benchmarks in this process, one after the other; collect ratios and raw data."""
     out: dict = {"quick": quick, "benchmarks": {}, "wall_seconds": {}, "missing": [], "failed": {}}
     # bench_extract first: it sets a private KERAS_HOME with ../shared/weights before Keras is imported.
@@ -136,13 +136,20 @@ def main(argv: list[str] | None = None) -> int:
                     help="dense-head configs whose reference is re-trained with another seed (33 = all)")
     ap.add_argument("--mlp-extra-seeds", type=int, default=0,
                     help="up to N more reference seeds where featcache matches no reference run yet")
-    ap.add_argument("--extract-repeats", type=int, default=1,
-                    help="time each extract N times; pipeline_efficiency is the median (vgg16: ~17 min each)")
+    ap.add_argument("--extract-repeats", default="1",
+                    help="time each extract N times, or NAME=N,... for the backbones named (e.g. "
+                         "mobilenet-0.75=5); pipeline_efficiency is the median (vgg16: ~17 min each)")
     ap.add_argument("--logreg-repeats", type=int, default=1,
                     help="time featcache's logreg search N times; logreg_speedup uses the median")
     args = ap.parse_args(argv)
-    if args.extract_repeats < 1 or args.logreg_repeats < 1:
-        ap.error("--extract-repeats and --logreg-repeats must be at least 1")
+    if args.logreg_repeats < 1:
+        ap.error("--logreg-repeats must be at least 1")
+    extract_module = _load("extract")  # its parser; a missing module is reported by run_all
+    if extract_module is not None:
+        try:
+            args.extract_repeats = extract_module.parse_repeats(args.extract_repeats)
+        except ValueError as exc:
+            ap.error(f"--extract-repeats: {exc}")
     only = [b.strip() for b in args.only.split(",") if b.strip()]
     unknown = [b for b in only if b not in BENCHES]
     if unknown:

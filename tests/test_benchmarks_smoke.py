@@ -67,11 +67,22 @@ def test_logreg_repeats_time_featcache_n_times_and_use_the_median() -> None:
         bench.run(quick=True, n=150, d=120, repeats=0)
 
 
+def test_extract_repeats_parse_for_all_or_for_named_backbones() -> None:
+    bench = _bench("extract")
+    assert bench.parse_repeats("3") == 3
+    assert bench.parse_repeats("mobilenet-0.75=5, vgg16=2") == {"mobilenet-0.75": 5, "vgg16": 2}
+    for bad in ("0", "x", "vgg16=0", "vgg16", "vgg16=two"):
+        with pytest.raises(ValueError):
+            bench.parse_repeats(bad)
+    with pytest.raises(ValueError, match="not benchmarked here: vgg16"):
+        bench.run(quick=True, memory=False, repeats={"vgg16": 2})
+
+
 @pytest.mark.slow
 def test_extract_repeats_give_one_efficiency_per_extract_and_their_median(tmp_path: Path) -> None:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_extract.py"), "--quick", "--json",
-                           "--no-memory", "--repeats", "2"],
+                           "--no-memory", "--repeats", "mobilenet-0.75=2"],
                           capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout)["backbones"]["mobilenet-0.75"]
