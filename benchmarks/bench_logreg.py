@@ -124,6 +124,9 @@ def run(quick: bool = False, n: int | None = None, d: int | None = None, feature
         "same_params": ours.best_params_ == ref_best,
         "featcache_best_score": ours.best_score_, "sklearn_best_score": float(ref.best_score_),
         "max_cv_score_diff": float(diff.max()),
+        "candidates": [{k.split("__")[1]: v for k, v in c.items()} for c in ref.cv_results_["params"]],
+        "featcache_mean_test_scores": [float(v) for v in ours.cv_results_["mean_test_score"]],
+        "sklearn_mean_test_scores": [float(v) for v in ref.cv_results_["mean_test_score"]],
         "sklearn_fits_not_converged": int(n_conv), "sklearn_fits": 14 * 5 + 1,
         "machine": f"{platform.processor() or platform.machine()}, {_cpus()} CPU cores",
     }

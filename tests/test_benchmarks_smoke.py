@@ -63,6 +63,10 @@ def test_logreg_repeats_time_featcache_n_times_and_use_the_median() -> None:
     assert res["t_featcache_s"] == sorted(runs)[1]  # rounding is monotonic: the median of the rounded runs
     assert res["logreg_speedup"] == pytest.approx(res["t_sklearn_s"] / res["t_featcache_s"], rel=0.01)
     assert res["featcache_repeats_identical"] is True and res["same_params"]
+    ours, ref = res["featcache_mean_test_scores"], res["sklearn_mean_test_scores"]
+    assert len(res["candidates"]) == len(ours) == len(ref) == 14
+    assert max(abs(a - b) for a, b in zip(ours, ref, strict=True)) == pytest.approx(res["max_cv_score_diff"])
+    assert {"C", "class_weight"} <= set(res["candidates"][0])
     with pytest.raises(ValueError, match="repeats"):
         bench.run(quick=True, n=150, d=120, repeats=0)
 
