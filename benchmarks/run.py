@@ -19,6 +19,7 @@ import json
 import sys
 import time
 import traceback
+from functools import cache
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -33,8 +34,12 @@ TARGETS = {
 }
 
 
+@cache
 def _load(name: str):
-    """Import benchmarks/bench_<name>.py by path (benchmarks/ is not a package); None if absent."""
+    """Import benchmarks/bench_<name>.py by path (benchmarks/ is not a package); None if absent.
+
+    Cached: ``main`` loads bench_extract for its ``--extract-repeats`` parser, ``run_all`` runs it.
+    """
     path = HERE / f"bench_{name}.py"
     if not path.is_file():
         return None

@@ -720,7 +720,8 @@ class _Space:
         self.L11, self.L21, piv, self.r = _cholesky(K, tol, work, centered)
         del K
         self.piv, self.rest = piv[:self.r], piv[self.r:]
-        self.prefix = bool(np.all(self.piv == np.arange(self.r)))  # F's rows in order: slices, no gathers
+        self.prefix = bool(np.all(self.piv == np.arange(self.r)))
+        self.at_piv = slice(0, self.r) if self.prefix else self.piv  # a slice indexes without a gather
         self.identity = self.L21 is None and self.prefix
         self.Z = Z
 
@@ -751,10 +752,7 @@ class _Space:
         if self.identity:
             return top
         out = np.empty((self.n, G.shape[1]))
-        if self.prefix:
-            out[:self.r] = top
-        else:
-            out[self.piv] = top
+        out[self.at_piv] = top
         if self.L21 is not None:
             out[self.rest] = self.L21 @ G
         return out
@@ -765,7 +763,7 @@ class _Space:
             return self.F.T @ R
         if self.identity:
             return _blas.trmm(self.L11, R, trans=True)
-        out = _blas.trmm(self.L11, R[:self.r] if self.prefix else R[self.piv], trans=True)
+        out = _blas.trmm(self.L11, R[self.at_piv], trans=True)
         if self.L21 is not None:
             out += self.L21.T @ R[self.rest]
         return out
@@ -775,10 +773,7 @@ class _Space:
         if self.identity:
             return alpha
         out = np.zeros((self.n, alpha.shape[1]))
-        if self.prefix:
-            out[:self.r] = alpha
-        else:
-            out[self.piv] = alpha
+        out[self.at_piv] = alpha
         return out
 
     def coefficients(self, Z: np.ndarray, G: np.ndarray) -> np.ndarray:
