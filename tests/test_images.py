@@ -139,6 +139,7 @@ def test_draft_mode_downscales_big_jpegs_in_dct_domain(monkeypatch):
     yy, xx = np.mgrid[0:1000, 0:1200]
     big = ((np.sin(xx / 90) + np.cos(yy / 70)) * 60 + 128).clip(0, 255).astype(np.uint8)
     data = _jpeg(Image.fromarray(big))
+    monkeypatch.setattr(images, "_simplejpeg", None)  # PIL's own path: draft() picks the scale
     calls = []
     real_draft = JpegImagePlugin.JpegImageFile.draft
 
@@ -153,6 +154,77 @@ def test_draft_mode_downscales_big_jpegs_in_dct_domain(monkeypatch):
     monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", lambda self, mode, size: None)
     full = decode_image(data, 64)
     assert np.abs(fast.astype(int) - full.astype(int)).mean() < 2.0
+
+
+def _fast_jpeg_cases() -> list[tuple[str, bytes]]:
+    """JPEGs of every layout the simplejpeg path takes: subsamplings, progressive, gray, odd sizes, EXIF."""
+    rng = np.random.default_rng(3)
+    cases = []
+    for w, h in [(224, 224), (333, 217), (97, 411), (1210, 1003)]:
+        coarse = rng.integers(0, 256, (h // 4 + 1, w // 4 + 1, 3), dtype=np.uint8)
+        img = Image.fromarray(coarse).resize((w, h), Image.Resampling.BILINEAR)  # smooth, like photos
+        for sub in (0, 1, 2):
+            cases.append((f"rgb{w}x{h}-sub{sub}", _jpeg(img, subsampling=sub)))
+        cases.append((f"rgb{w}x{h}-progressive", _jpeg(img, progressive=True)))
+        cases.append((f"gray{w}x{h}", _jpeg(img.convert("L"))))
+    rotated = Image.fromarray(_rgb(60, 90, seed=4))
+    exif = rotated.getexif()
+    exif[0x0112] = 6
+    cases.append(("rgb-exif-rotated", _jpeg(rotated, exif=exif)))
+    return cases
+
+
+class _SimplejpegSpy:
+    """Stands in for the simplejpeg module and counts the decodes it is asked for."""
+
+    def __init__(self) -> None:
+        import simplejpeg
+
+        self.real = simplejpeg
+        self.calls: list[float] = []
+
+    def decode_jpeg(self, data, colorspace, **kw):
+        self.calls.append(kw["min_factor"])
+        return self.real.decode_jpeg(data, colorspace, **kw)
+
+
+def test_simplejpeg_path_decodes_the_same_pixels_as_pil(monkeypatch):
+    """Why it matters: a cache made before the fast path (or on a machine without simplejpeg) must hold
+    the features this decoder would compute, bit for bit, at every DCT scale draft() would pick."""
+    assert images._simplejpeg is not None, "simplejpeg is a dependency of featcache"
+    spy = _SimplejpegSpy()
+    used = spy.calls
+    targets = [(224, "squash"), (64, "squash"), (16, "squash"), ((200, 256), "crop"), (299, "pad")]
+    for name, data in _fast_jpeg_cases():
+        for size, mode in targets:
+            monkeypatch.setattr(images, "_simplejpeg", None)
+            want = decode_image(data, size, mode)
+            monkeypatch.setattr(images, "_simplejpeg", spy)
+            n = len(used)
+            got = decode_image(data, size, mode)
+            assert len(used) == n + 1, (name, size, mode)  # the fast path really ran
+            assert got.shape == want.shape and np.array_equal(got, want), (name, size, mode)
+    assert set(used) == {1, 2, 4, 8}  # every draft scale was exercised
+
+
+def test_simplejpeg_path_leaves_other_jpegs_and_errors_to_pil(monkeypatch):
+    spy = _SimplejpegSpy()
+    monkeypatch.setattr(images, "_simplejpeg", spy)
+    cmyk = Image.fromarray(_rgb(20, 20)).convert("CMYK")
+    assert decode_image(_jpeg(cmyk), 16).shape == (16, 16, 3)
+    assert spy.calls == []  # CMYK is PIL's (Adobe-inverted) path
+    whole = _jpeg(Image.fromarray(_gray(64, 64)))
+    with pytest.raises(ImageDecodeError) as err:
+        decode_image(whole[: len(whole) * 2 // 3], 16)  # cut inside the scan: the header still opens
+    assert err.value.reason == "truncated image"
+    assert len(spy.calls) == 1  # simplejpeg refused the cut file, PIL decoded it again and worded the error
+
+
+def test_crop_when_one_side_fits_exactly():
+    """A 31 x 53 image cropped to 299 x 299: the box's left edge came out at -1.8e-15, which PIL refused
+    ("box offset can't be negative"); about one (width, height, target) combination in eight did."""
+    out = decode_image(_png(Image.fromarray(_rgb(53, 31))), 299, "crop")
+    assert out.shape == (299, 299, 3)
 
 
 # ----------------------------------------------------------------------------------------- bad input
