@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 BLOCK_SIZE = 1 << 20  # 1 MiB: large enough to amortise syscalls, small enough to keep memory flat
+_GROUP = 32  # files per pool task in sha256_many
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -67,5 +68,3 @@ def sha256_many(paths: Iterable[str | Path], workers: int = 4) -> Iterator[tuple
         for ps, digests in zip(groups, pool.map(group, groups), strict=True):
             yield from zip(ps, digests, strict=True)
 
-
-_GROUP = 32  # files per pool task

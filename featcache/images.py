@@ -157,11 +157,12 @@ def _load(im: Image.Image, size_hw: tuple[int, int], data: bytes) -> tuple[Image
         h, w = size_hw
         if orientation in (5, 6, 7, 8):  # the stored image is rotated by 90 degrees
             h, w = w, h
-        fast = _fast_jpeg(im, data, (2 * w, 2 * h))
+        request = (2 * w, 2 * h)
+        fast = _fast_jpeg(im, data, request)
         if fast is not None:
             return fast, orientation
         if im.mode in ("L", "RGB", "CMYK"):
-            im.draft(im.mode, (2 * w, 2 * h))
+            im.draft(im.mode, request)
     try:
         im.load()
     except Exception as exc:  # noqa: BLE001
