@@ -32,17 +32,19 @@ flatten features (D = 25,088 > n) that is memory-bound work repeated for every C
    float32-vs-float64 difference on the same data. When D <= n the "factor" is Z itself
    (no Gram needed) and only step 3 applies. On float32 inputs scikit-learn evaluates its loss in float32
    while we solve in float64 (on a float32 Gram), so small differences remain there.
-3. *All candidates at once.* The 7 C x 2 class-weight problems of a fold share F; each runs its own
-   L-BFGS in a thread and the threads meet at a barrier (``_Evaluator``): the last arrival evaluates all
-   objectives together, with one product ``F @ [g_1 ... g_k]`` (a triangular multiply: F is kept as its
-   Cholesky factor, half the memory traffic of a dense GEMM), one vectorised loss/gradient pass and one
-   ``F.T @ R``. A fold's test rows are scored through the coefficients w = Q g (one pass over Z for all
-   candidates), not through test-row kernel products.
+3. *All candidates at once.* The 7 C x 2 class-weight problems of a fold share F. Each runs its own
+   scipy L-BFGS-B, all stepped by one thread through scipy's reverse-communication ``setulb``
+   (``_Lbfgsb``), and every round evaluates all objectives together (``_Evaluator``): one product
+   ``F @ [g_1 ... g_k]`` (a triangular multiply: F is kept as its Cholesky factor, half the memory
+   traffic of a dense GEMM), one vectorised loss/gradient pass and one ``F.T @ R``. A fold's test rows
+   are scored through the coefficients w = Q g (one pass over Z for all candidates), not through
+   test-row kernel products.
 4. *Both cores, no idle one.* The Grams ``Z Z^T`` are the only O(n^2 D) work (float32, the fold's own
    mean/std applied as the Pipeline would). The solves are Python-driven and keep one core busy, so the
    next fold's rows are standardised and its Gram built on a background thread meanwhile
-   (``_Prefetcher``), in pieces that a waiting solver thread helps with (``_Tasks``); the BLAS calls that
-   run beside Python threads release the GIL (numpy's matmul; ``_blas`` for the triangular routines).
+   (``_Prefetcher``), in pieces that the solving thread takes too when it would wait (``_Tasks``); the
+   BLAS calls that run beside Python code release the GIL (numpy's matmul; ``_blas`` for the
+   triangular routines).
    Two sets of buffers alternate (``_Workspace``); the refit's statistics come from the same moments.
 
 Measured on the 2-core dev box: see benchmarks/bench_logreg.py. Unsupported settings (a non-lbfgs solver,
@@ -73,7 +75,6 @@ from featcache.heads.base import (
 from featcache.progress import ProgressFn, emit
 
 DEFAULT_CS = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 1e1, 1e2]
-_SMALL = 400_000  # F entries below which problems are solved one after another
 _FAST_SCORERS = ("accuracy", "balanced_accuracy", "roc_auc", "f1_macro", "neg_log_loss")
 
 
@@ -128,24 +129,86 @@ def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-class _Stopped(Exception):
-    """Raised inside a problem's L-BFGS run once its stopping iterate is known (see ``_Evaluator``)."""
+class _Lbfgsb:
+    """One scipy L-BFGS-B run stepped from outside: scipy's own ``setulb`` inside ``minimize``'s loop.
+
+    Why not ``scipy.optimize.minimize``: it owns the loop and calls the objective itself, so solving many
+    problems with shared products needed one thread per problem, meeting at a barrier -- a thread hand-off
+    and GIL traffic for every evaluation of every problem. ``setulb`` is reverse communication: it returns
+    whenever it wants f and g at ``x``. So one thread steps all runs and evaluates them together.
+    ``advance`` is the loop of ``scipy.optimize._lbfgsb_py._minimize_lbfgsb`` without bounds (maxcor 10,
+    maxfun 15,000, factr = ftol / eps, the callback and max_iter tests in its order; an x equal to the
+    last evaluated one reuses f and g, as its ``ScalarFunction`` does), so the iterates, iteration counts
+    and stops are those scikit-learn gets through ``minimize``.
+    """
+
+    def __init__(self, n: int, *, maxiter: int, gtol: float, ftol: float, maxls: int = 50,
+                 maxcor: int = 10, maxfun: int = 15000):
+        from scipy.optimize import _lbfgsb
+
+        m = maxcor
+        self._setulb = _lbfgsb.setulb
+        self.m, self.maxls, self.maxiter, self.maxfun = m, maxls, maxiter, maxfun
+        self.factr, self.pgtol = ftol / np.finfo(float).eps, gtol
+        self.x = np.zeros(n)
+        self.f: Any = np.array(0.0)
+        self.g = np.zeros(n)
+        self.low, self.up, self.nbd = np.zeros(n), np.zeros(n), np.zeros(n, np.int32)
+        self.wa = np.zeros(2 * m * n + 5 * n + 11 * m * m + 8 * m)
+        self.iwa = np.zeros(3 * n, np.int32)
+        self.task, self.ln_task = np.zeros(2, np.int32), np.zeros(2, np.int32)
+        self.lsave, self.isave, self.dsave = np.zeros(4, np.int32), np.zeros(44, np.int32), np.zeros(29)
+        self.nit = 0
+        self.nfev = 0
+        self._seen: tuple[np.ndarray, float, np.ndarray] | None = None  # last evaluated (x, f, g)
+
+    def tell(self, x: np.ndarray, f: float, g: np.ndarray) -> None:
+        """f and g at ``x`` (a copy of the ``x`` the run asked about)."""
+        self.f, self.g = f, g
+        self.nfev += 1
+        self._seen = (x, f, g)
+
+    def advance(self, accept) -> bool:
+        """Step until the run wants f and g at ``self.x`` (True) or has ended (False).
+
+        ``accept(x)`` is called at every accepted iterate (``minimize``'s callback); True stops the run there.
+        """
+        while True:
+            self.g = self.g.astype(np.float64)  # minimize hands setulb a fresh copy every time
+            self._setulb(self.m, self.x, self.low, self.up, self.nbd, self.f, self.g, self.factr,
+                         self.pgtol, self.wa, self.iwa, self.task, self.lsave, self.isave, self.dsave,
+                         self.maxls, self.ln_task)
+            if self.task[0] == 3:  # wants f, g at x
+                if self._seen is None or not np.array_equal(self.x, self._seen[0]):
+                    return True
+                self.f, self.g = self._seen[1], self._seen[2]
+            elif self.task[0] == 1:  # a new iterate
+                self.nit += 1
+                if accept(self.x):
+                    self.task[:] = (5, 505)
+                if self.nit >= self.maxiter:
+                    self.task[:] = (5, 504)
+                elif self.nfev > self.maxfun:
+                    self.task[:] = (5, 502)
+            else:
+                return False
 
 
 class _Evaluator:
-    """A barrier at which k concurrent scipy L-BFGS runs (one thread each) get their objectives together.
+    """Objectives of k L-BFGS runs evaluated together, and scikit-learn's stop test applied to them.
 
-    Why: every run needs ``F @ G`` and ``F.T @ R`` per evaluation. When all still-active runs are waiting,
-    the last arrival evaluates them all at once: one product with F for all of them and the loss and
-    gradient arithmetic as one vectorised pass. Each run's numbers are those it would get alone.
+    Why together: every run needs ``F @ G`` and ``F.T @ R`` per evaluation. One product with F for all of
+    them, and the loss and gradient arithmetic as one vectorised pass, cost little more than one run's.
+    Each run's numbers are those it would get alone.
 
     scikit-learn's stop test (kernel space only): max|D-space gradient| <= tol at an accepted iterate.
     Cheap bounds decide it on most iterations. When they cannot, the exact test needs a pass over all
-    of Z -- memory-bound, ~45 ms whether it is for one gradient or forty. So undecided iterates are
-    queued and the run goes on; every few rounds (``_due``), or when the run ends, every queued iterate
-    is tested in one shared product, and a run whose earliest converged iterate is found is stopped and
-    returns *that* iterate and iteration count. L-BFGS never looks ahead, so the result is exactly the
-    one an immediate test would have given; the price is a few extra rounds for that run.
+    of Z -- memory-bound, 45-150 ms whether it is for one gradient or forty. So undecided iterates are
+    queued and the run goes on; every few rounds (``_due``) every queued iterate is tested in one shared
+    pass, and a run whose earliest converged iterate is found is stopped and returns *that* iterate and
+    iteration count. Runs that end anyway (max_iter, f stalled, or the bounds' own stop) leave their
+    queued iterates for one last pass (``resolve``). L-BFGS never looks ahead, so every result is the one
+    an immediate test would have given; the price is a few extra rounds for a run that converged unseen.
     """
 
     CHECK_AGE = 8
@@ -163,10 +226,6 @@ class _Evaluator:
             sw_sum = float(sw.sum())
             self.specs.append({"swn": sw / sw_sum, "l2": 1.0 / (float(p["C"]) * sw_sum),
                                "intercept": bool(p["fit_intercept"]), "tol": float(p["tol"])})
-        self.active = len(problems)
-        self.cond = threading.Condition()
-        self.pending: dict[int, np.ndarray] = {}
-        self.results: dict[int, tuple[float, np.ndarray]] = {}
         # per problem: the last evaluated point, its stop-test verdict (gmax, or None: undecided), gG,
         # max|gb| and ||gG||_2
         self.state: dict[int, tuple[np.ndarray, float | None, np.ndarray, float, float]] = {}
@@ -179,79 +238,42 @@ class _Evaluator:
         self.rounds = 0
         self.exact_checks = 0
         self.final: dict[int, tuple[np.ndarray, int]] = {}
-        self.error: BaseException | None = None
 
     def n_params(self, i: int) -> int:
         return self.r * self.k + (self.k if self.specs[i]["intercept"] else 0)
 
-    def evaluate(self, i: int, x: np.ndarray) -> tuple[float, np.ndarray]:
-        with self.cond:
-            if i in self.final:
-                raise _Stopped
-            self.pending[i] = x
-            if len(self.pending) >= self.active:
-                self._run()
-            while i not in self.results and self.error is None:
-                self.cond.wait()
-            if self.error is not None:
-                raise RuntimeError("a batched logistic-regression evaluation failed") from self.error
-            if i in self.final:
-                raise _Stopped
-            return self.results.pop(i)
-
-    def leave(self, i: int) -> None:
-        with self.cond:
-            self.active -= 1
-            self.running.discard(i)
-            if self.pending and len(self.pending) >= self.active:
-                self._run()
+    def ended(self, i: int) -> None:
+        """Problem i's run is over (its queued iterates, if any, wait for ``resolve``)."""
+        self.running.discard(i)
 
     def accepted(self, i: int, x: np.ndarray) -> bool:
-        """scikit-learn's stop test at problem i's accepted iterate ``x``: True means stop here now."""
-        with self.cond:
-            self.iters[i] += 1
-            last = self.state.get(i)
-            if last is None or not np.array_equal(last[0], x):
-                return False
-            gmax = last[1]
-            if gmax is None:  # undecided: test it later, together with others
-                if not self.queue:
-                    self.queued_at = self.rounds
-                self.queue.append((i, self.iters[i], x.copy(), last[2], last[3], last[4]))
-                return False
-            if gmax > self.specs[i]["tol"]:
-                return False
-            if any(q[0] == i for q in self.queue):  # an earlier queued iterate may be the real stop
-                self._resolve()
-                if i in self.final:
-                    raise _Stopped
-            return True
+        """scikit-learn's stop test at problem i's accepted iterate ``x``: True means stop here.
 
-    def finish(self, i: int) -> tuple[np.ndarray, int] | None:
-        """After problem i's run ended: its stopping iterate if a queued test found an earlier one."""
-        with self.cond:
-            if i not in self.final and any(q[0] == i for q in self.queue):
-                self._resolve()
-            return self.final.get(i)
+        A run stopped here may still get an earlier queued iterate as its result from ``resolve``.
+        """
+        self.iters[i] += 1
+        last = self.state.get(i)
+        if last is None or not np.array_equal(last[0], x):
+            return False
+        gmax = last[1]
+        if gmax is None:  # undecided: test it later, together with others
+            if not self.queue:
+                self.queued_at = self.rounds
+            self.queue.append((i, self.iters[i], x.copy(), last[2], last[3], last[4]))
+            return False
+        return gmax <= self.specs[i]["tol"]
 
-    def _run(self) -> None:
-        try:
-            self._evaluate_pending()
-        except BaseException as exc:  # wake every waiter: a failed batch must not hang the others
-            self.error = exc
-        self.cond.notify_all()
-
-    def _evaluate_pending(self) -> None:
+    def evaluate(self, xs: dict[int, np.ndarray]) -> dict[int, tuple[float, np.ndarray]]:
+        """(loss, gradient) of each problem i at ``xs[i]``, all in one batch; may test queued iterates."""
         from scipy.special import expit, logsumexp
 
-        keys = sorted(self.pending)
-        xs = [self.pending.pop(i) for i in keys]
+        keys = sorted(xs)
         r, k = self.r, self.k
-        Gs = [x[: r * k].reshape(r, k) for x in xs]
+        Gs = [xs[i][: r * k].reshape(r, k) for i in keys]
         raw = self.space.mul(np.hstack(Gs) if len(Gs) > 1 else Gs[0])
-        for j, (i, x) in enumerate(zip(keys, xs, strict=True)):
+        for j, i in enumerate(keys):
             if self.specs[i]["intercept"]:
-                raw[:, j * k:(j + 1) * k] += x[r * k:]
+                raw[:, j * k:(j + 1) * k] += xs[i][r * k:]
         SW = np.column_stack([self.specs[i]["swn"] for i in keys])           # [n, m]
         if k == 1:
             yc = self.y[:, None]
@@ -269,6 +291,7 @@ class _Evaluator:
                 D[:, j * k:(j + 1) * k] = np.exp(blk - lse[:, None]) - self.onehot
         D *= np.repeat(SW, k, axis=1) if k > 1 else SW
         gG_all = self.space.tmul(D)
+        results = {}
         for j, i in enumerate(keys):
             spec, G = self.specs[i], Gs[j]
             cols = slice(j * k, (j + 1) * k)
@@ -276,34 +299,39 @@ class _Evaluator:
             loss = float(losses[j]) + 0.5 * spec["l2"] * float(np.sum(G * G))
             gb = D[:, cols].sum(axis=0)
             grad = np.concatenate([gG.ravel(), gb]) if spec["intercept"] else gG.ravel()
-            self.results[i] = (loss, grad)
+            results[i] = (loss, grad)
             if not self.space.primal:
                 gb_max = float(np.max(np.abs(gb))) if spec["intercept"] else 0.0
                 norm2 = float(np.sqrt(np.sum(gG * gG)))
-                self.state[i] = (xs[j], self._gradient_max(spec, norm2, gb_max), gG, gb_max, norm2)
+                self.state[i] = (xs[i], self._gradient_max(spec, norm2, gb_max), gG, gb_max, norm2)
         self.rounds += 1
         if self.queue and self._due():
-            self._resolve()
+            self.resolve()
+        return results
 
     def _due(self) -> bool:
         """Whether to test the queued iterates now (one shared pass over Z costs about 4-8 rounds).
 
-        Passes are spaced ``CHECK_AGE`` rounds apart, but only when some queued iterate is likely to
-        pass: max|g| / ||g||_2 has been nearly constant (0.022-0.032 on VGG-like features), so its
-        largest value seen so far predicts the test from ||g||_2, which is free. When every run still
-        going likely converged, waiting gains nothing and the pass runs at once. Only *when* to test
-        depends on the prediction; every queued iterate is tested exactly before any result is used.
+        Passes are spaced ``CHECK_AGE`` rounds apart, but only when some queued iterate of a running
+        problem is likely to pass: max|g| / ||g||_2 has been nearly constant (0.022-0.032 on VGG-like
+        features), so its largest value seen so far predicts the test from ||g||_2, which is free. When
+        every run still going likely converged, waiting gains nothing and the pass runs at once. Only
+        *when* to test depends on the prediction; every queued iterate is tested exactly before any result
+        is used. Iterates of runs that have ended wait for the last pass.
         """
+        live = self.running - set(self.final)
+        queued = [q for q in self.queue if q[0] in live]
+        if not queued:
+            return False
         age = self.rounds - self.queued_at
         if self.rho <= 0.0:  # nothing learnt yet: test on the age rule alone
             return age >= self.CHECK_AGE
-        likely = {q[0] for q in self.queue if q[0] not in self.final
-                  and self.rho * q[5] <= self.specs[q[0]]["tol"]}
-        if likely and likely >= self.running - set(self.final):
+        likely = {q[0] for q in queued if self.rho * q[5] <= self.specs[q[0]]["tol"]}
+        if likely and likely >= live:
             return True
         return age >= (self.CHECK_AGE if likely else 3 * self.CHECK_AGE)
 
-    def _resolve(self) -> None:
+    def resolve(self) -> None:
         """The exact D-space stop test for every queued iterate, with one shared product."""
         queue, self.queue = self.queue, []
         if not queue:
@@ -334,77 +362,69 @@ class _Evaluator:
         return None
 
 
+def _never(x: np.ndarray) -> bool:
+    """The stop test of a primal run: none of ours (scipy's own gtol applies there, as in scikit-learn)."""
+    return False
+
+
 def _solve_many(space: _Space, y: np.ndarray, n_cls: int, problems: list[dict],
-                progress_cb=None, n_features: int = 0, stats: dict | None = None) -> list[tuple]:
+                progress_cb=None, n_features: int = 0, stats: dict | None = None,
+                threads: int = 1) -> list[tuple]:
     """Run one scipy L-BFGS-B per problem (identical options to scikit-learn) sharing the products.
 
-    Returns (G [r, k], intercept [k], n_iter) per problem. ``stats`` (optional) receives the numbers of
-    evaluation rounds and of exact stop-test passes.
+    All runs are stepped by this one thread (``_Lbfgsb``); each round evaluates every run that is still
+    going in one batch (``_Evaluator``). Returns (G [r, k], intercept [k], n_iter) per problem.
+    ``stats`` (optional) receives the numbers of evaluation rounds and of exact stop-test passes.
+    ``threads``: BLAS threads, more than one only where nothing else runs (see below).
     """
-    from scipy.optimize import minimize
     from threadpoolctl import threadpool_limits
 
     r = space.r
-    out: list[Any] = [None] * len(problems)
-    errors: list[BaseException] = []
     exact = not space.primal  # kernel space: apply the tol test in D-space ourselves
+    ev = _Evaluator(space, y, n_cls, problems, n_features)
+    runs = [_Lbfgsb(ev.n_params(i), maxiter=int(p["max_iter"]), gtol=0.0 if exact else float(p["tol"]),
+                    ftol=64 * np.finfo(float).eps) for i, p in enumerate(problems)]
 
-    def work(i: int, key: int, p: dict, ev: _Evaluator) -> None:
-        """Problem i, known to the evaluator ``ev`` as ``key``."""
-        try:
-            k = ev.k
-            x0 = np.zeros(ev.n_params(key))
+    accepts = [partial(ev.accepted, i) if exact else _never for i in range(len(runs))]
 
-            def stop(intermediate_result: Any) -> None:
-                if ev.accepted(key, intermediate_result.x):
-                    raise StopIteration
-
-            try:
-                res = minimize(lambda x: ev.evaluate(key, x), x0, method="L-BFGS-B", jac=True,
-                               callback=stop if exact else None,
-                               options={"maxiter": int(p["max_iter"]), "maxls": 50,
-                                        "gtol": 0.0 if exact else float(p["tol"]),
-                                        "ftol": 64 * np.finfo(float).eps})
-                x, nit = res.x, int(res.nit)
-            except _Stopped:
-                x, nit = None, 0
-            stopped = ev.finish(key) if exact else None
-            if stopped is not None:
-                x, nit = stopped
-            if x is None:
-                raise RuntimeError("logistic-regression run stopped without a stopping iterate")
-            G = x[: r * k].reshape(r, k)
-            b = x[r * k:] if p["fit_intercept"] else np.zeros(k)
-            out[i] = (G, b, nit)
-        except BaseException as exc:  # surfaced after join; the barrier must not hang
-            errors.append(exc)
-        finally:
-            ev.leave(key)
+    def step(i: int, want: dict) -> None:
+        """Advance run i to its next evaluation (queued in ``want``) or to its end."""
+        if runs[i].advance(accepts[i]):
+            want[i] = runs[i].x.copy()
+        else:
+            ev.ended(i)
             if progress_cb is not None:
                 progress_cb()
 
-    evaluators: list[_Evaluator] = []
-    # One BLAS thread: the shared products are triangular multiplies that measured fastest on one
-    # thread here (6.8 ms against 10.7 ms on two for 4,186 rows x 14 columns), and multi-threaded
-    # OpenBLAS spin-waits between the many small calls of L-BFGS-B (25x slower on a busy 2-core box).
-    with threadpool_limits(1, user_api="blas"):
-        if len(problems) == 1 or space.n * r < _SMALL:  # thread hand-offs would cost more than they save
-            for i, p in enumerate(problems):
-                evaluators.append(_Evaluator(space, y, n_cls, [p], n_features))
-                work(i, 0, p, evaluators[-1])
-        else:
-            evaluators.append(_Evaluator(space, y, n_cls, problems, n_features))
-            threads = [threading.Thread(target=work, args=(i, i, p, evaluators[0]), daemon=True)
-                       for i, p in enumerate(problems)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+    # One BLAS thread for a search's folds: their shared products are triangular multiplies that measured
+    # fastest on one thread here (6.8 ms against 10.7 ms on two for 4,186 rows x 14 columns), and
+    # multi-threaded OpenBLAS spin-waits between the many small calls of L-BFGS-B (25x slower on a busy
+    # 2-core box). A lone fit (one column: ?trmv) runs on all cores: nothing else is running then.
+    with threadpool_limits(threads, user_api="blas"):
+        want: dict[int, np.ndarray] = {}
+        for i in range(len(runs)):
+            step(i, want)
+        while want:
+            results = ev.evaluate(want)
+            asked, want = want, {}
+            for i, (f, g) in results.items():
+                if i in ev.final:  # an earlier iterate passed the stop test: this run is over
+                    ev.ended(i)
+                    if progress_cb is not None:
+                        progress_cb()
+                    continue
+                runs[i].tell(asked[i], f, g)
+                step(i, want)
+        ev.resolve()  # iterates still queued by runs that ended on their own
     if stats is not None:
-        stats["rounds"] = stats.get("rounds", 0) + sum(e.rounds for e in evaluators)
-        stats["exact_checks"] = stats.get("exact_checks", 0) + sum(e.exact_checks for e in evaluators)
-    if errors:
-        raise errors[0]
+        stats["rounds"] = stats.get("rounds", 0) + ev.rounds
+        stats["exact_checks"] = stats.get("exact_checks", 0) + ev.exact_checks
+    out = []
+    for i, (p, run) in enumerate(zip(problems, runs, strict=True)):
+        x, nit = ev.final.get(i, (run.x, run.nit))
+        G = x[: r * ev.k].reshape(r, ev.k)
+        b = x[r * ev.k:] if p["fit_intercept"] else np.zeros(ev.k)
+        out.append((G, b, nit))
     return out
 
 
@@ -602,7 +622,7 @@ class _GramJob(_Tasks):
     The upper triangle of a C-ordered array is filled block by block with numpy's matmul; read as
     Fortran order the same memory holds the lower triangle (``K()``). Why numpy: scipy's BLAS wrappers
     (SYRK) hold the GIL for the whole call, numpy's matmul releases it, so a Gram can be built while the
-    L-BFGS threads run. Same FLOPs as SYRK: diagonal blocks are A @ A.T (numpy calls SYRK for those),
+    L-BFGS runs are stepped. Same FLOPs as SYRK: diagonal blocks are A @ A.T (numpy calls SYRK for those),
     the others lie right of the diagonal.
     """
 
@@ -744,11 +764,19 @@ class _Space:
             return Zte @ G
         return (Zte @ self.to_w(G)).astype(np.float64)
 
+    NARROW = 2  # right-hand columns up to which one ?trmv per column beats ?trmm (see _blas.trmv)
+
+    def _tri(self, B: np.ndarray, trans: bool) -> np.ndarray:
+        """L11 @ B (or L11.T @ B)."""
+        if B.shape[1] > self.NARROW:
+            return _blas.trmm(self.L11, B, trans=trans)
+        return np.column_stack([_blas.trmv(self.L11, B[:, c], trans=trans) for c in range(B.shape[1])])
+
     def mul(self, G: np.ndarray) -> np.ndarray:
         """F @ G."""
         if self.primal:
             return self.F @ G
-        top = _blas.trmm(self.L11, G)
+        top = self._tri(G, False)
         if self.identity:
             return top
         out = np.empty((self.n, G.shape[1]))
@@ -762,8 +790,8 @@ class _Space:
         if self.primal:
             return self.F.T @ R
         if self.identity:
-            return _blas.trmm(self.L11, R, trans=True)
-        out = _blas.trmm(self.L11, R[self.at_piv], trans=True)
+            return self._tri(R, True)
+        out = self._tri(R[self.at_piv], True)
         if self.L21 is not None:
             out += self.L21.T @ R[self.rest]
         return out
@@ -1037,7 +1065,7 @@ def _fit_in_space(space: _Space, Z: np.ndarray, y: np.ndarray, p: dict, scaler: 
     from sklearn.pipeline import Pipeline
 
     classes, yi = np.unique(y, return_inverse=True)
-    (G, b, nit), = _solve_many(space, yi, len(classes), [p], None, Z.shape[1])
+    (G, b, nit), = _solve_many(space, yi, len(classes), [p], None, Z.shape[1], threads=_cpus())
     W = space.coefficients(Z, G)
     lr = LogisticRegression(**p)
     lr.classes_ = classes
