@@ -401,6 +401,54 @@ def test_gil_free_triangular_routines_match_numpy(dtype):
         _blas.trmm(np.ascontiguousarray(L.T), B)
 
 
+@pytest.mark.parametrize("maxiter", [5, 200])
+def test_stepped_lbfgsb_is_scipys_minimize(maxiter):
+    """``_Lbfgsb`` drives scipy's private ``setulb`` with ``minimize``'s loop: same iterates, iteration and
+    evaluation counts, and the same stop when a callback halts the run (guards against scipy changes)."""
+    from scipy.optimize import minimize
+
+    from featcache.heads.logreg import _Lbfgsb
+
+    rng = np.random.default_rng(5)
+    A = rng.normal(size=(60, 25))
+    t = (rng.random(60) < 0.5).astype(float)
+
+    def fg(w: np.ndarray) -> tuple[float, np.ndarray]:
+        z = A @ w
+        loss = float(np.sum(np.logaddexp(0, z) - t * z) + 0.05 * w @ w)
+        return loss, A.T @ (1 / (1 + np.exp(-z)) - t) + 0.1 * w
+
+    opts = {"maxiter": maxiter, "maxls": 50, "gtol": 1e-10, "ftol": 64 * np.finfo(float).eps}
+    for halt_at in (None, 4):
+        seen: list[np.ndarray] = []
+
+        def callback(xk, halt_at=halt_at, seen=seen):  # minimize passes the iterate itself here
+            seen.append(xk.copy())
+            if halt_at is not None and len(seen) >= halt_at:
+                raise StopIteration
+
+        calls = [0]
+
+        def counted(w, calls=calls):
+            calls[0] += 1
+            return fg(w)
+
+        ref = minimize(counted, np.zeros(25), method="L-BFGS-B", jac=True, callback=callback, options=opts)
+        run = _Lbfgsb(25, maxiter=maxiter, gtol=1e-10, ftol=64 * np.finfo(float).eps)
+        ours: list[np.ndarray] = []
+
+        def accept(x, halt_at=halt_at, ours=ours):
+            ours.append(x.copy())
+            return halt_at is not None and len(ours) >= halt_at
+
+        while run.advance(accept):
+            x = run.x.copy()
+            run.tell(x, *fg(x))
+        assert run.nit == ref.nit and run.nfev == calls[0]
+        np.testing.assert_array_equal(run.x, ref.x)
+        assert len(ours) == len(seen) and all(np.array_equal(a, b) for a, b in zip(ours, seen, strict=True))
+
+
 @pytest.mark.parametrize("age", [1, 8, 60])
 def test_deferred_stop_test_gives_scikit_learns_iterations(age, monkeypatch):
     """Kernel space, 14 problems solved together, stop tests batched (tested ``age`` rounds late, so a run
