@@ -399,7 +399,7 @@ def _solve_many(space: _Space, y: np.ndarray, n_cls: int, problems: list[dict],
     # One BLAS thread for a search's folds: their shared products are triangular multiplies that measured
     # fastest on one thread here (6.8 ms against 10.7 ms on two for 4,186 rows x 14 columns), and
     # multi-threaded OpenBLAS spin-waits between the many small calls of L-BFGS-B (25x slower on a busy
-    # 2-core box). A lone fit (one column: ?trmv) runs on all cores: nothing else is running then.
+    # 2-core box). A lone fit (one column: ?trmv) may use more: nothing else is running then.
     with threadpool_limits(threads, user_api="blas"):
         want: dict[int, np.ndarray] = {}
         for i in range(len(runs)):
@@ -1065,7 +1065,9 @@ def _fit_in_space(space: _Space, Z: np.ndarray, y: np.ndarray, p: dict, scaler: 
     from sklearn.pipeline import Pipeline
 
     classes, yi = np.unique(y, return_inverse=True)
-    (G, b, nit), = _solve_many(space, yi, len(classes), [p], None, Z.shape[1], threads=_cpus())
+    # All cores but at most 4: a lone fit's products are memory-bound ?trmv (two threads: 2x here), and
+    # idle OpenBLAS threads spin between L-BFGS-B's small calls.
+    (G, b, nit), = _solve_many(space, yi, len(classes), [p], None, Z.shape[1], threads=min(_cpus(), 4))
     W = space.coefficients(Z, G)
     lr = LogisticRegression(**p)
     lr.classes_ = classes
