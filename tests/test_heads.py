@@ -166,6 +166,39 @@ def test_centred_rows_factor_drops_the_null_direction_exactly():
     np.testing.assert_allclose(F @ F.T, Zs @ Zs.T, rtol=1e-4, atol=1e-2)
 
 
+@pytest.mark.parametrize("widen_cols", [7, 256])
+def test_float32_gram_factored_in_float32_and_widened_in_place(monkeypatch, widen_cols):
+    """``_potrf``: a float32 Gram is factored by spotrf inside the float64 buffer and widened in place.
+
+    The widened factor must be spotrf's bit for bit (an overlap bug in the in-place widening would
+    corrupt columns), K must be left as it was, and a float64 K must still get dpotrf.
+    """
+    from scipy.linalg.lapack import dpotrf, spotrf
+
+    from featcache.heads import logreg
+    from featcache.heads.logreg import _potrf, _Workspace
+
+    monkeypatch.setattr(logreg, "_WIDEN_COLS", widen_cols)
+    rng = np.random.default_rng(5)
+    n = 300
+    A = rng.normal(size=(n, n + 40)).astype(np.float32)
+    K = np.asfortranarray(A @ A.T)
+    K_before = K.copy(order="F")
+    for m, work in ((n, None), (n - 1, _Workspace(n, 2 * n, np.float32, n))):
+        c, info = _potrf(K, m, work)
+        assert info == 0 and c.dtype == np.float64 and c.shape == (m, m) and c.flags.f_contiguous
+        expect, info_s = spotrf(K[:m, :m], lower=1)
+        assert info_s == 0
+        np.testing.assert_array_equal(np.tril(c), np.tril(expect).astype(np.float64))
+        if work is not None:
+            assert np.shares_memory(c, work.chol)
+        np.testing.assert_array_equal(K, K_before)
+    K64 = K.astype(np.float64, order="F")
+    c, info = _potrf(K64, n, None)
+    np.testing.assert_array_equal(np.tril(c), np.tril(dpotrf(K64, lower=1)[0]))
+    assert _potrf(-K64, n, None)[1] == 1 and _potrf(-K, n, None)[1] == 1  # LAPACK's info comes back
+
+
 def test_fold_scalers_equal_per_fold_standard_scalers():
     """Moments combined per fold equal StandardScaler on each fold's rows, for K-fold and odd splits."""
     from sklearn.preprocessing import StandardScaler
@@ -397,6 +430,9 @@ def test_gil_free_triangular_routines_match_numpy(dtype):
     assert _blas.potrf(F) == 0
     np.testing.assert_allclose(np.tril(F), np.linalg.cholesky(K), rtol=1e-10)
     assert _blas.potrf(np.asfortranarray(-np.eye(3))) == 1  # not positive definite: LAPACK's info
+    F32 = K.astype(np.float32, order="F")
+    assert _blas.potrf(F32) == 0  # spotrf
+    np.testing.assert_allclose(np.tril(F32), np.linalg.cholesky(K), rtol=1e-4)
     with pytest.raises(ValueError, match="Fortran-ordered"):
         _blas.trmm(np.ascontiguousarray(L.T), B)
 

@@ -1,4 +1,4 @@
-"""Triangular BLAS/LAPACK calls (?trmm, ?trmv, ?trsm, dpotrf) that release the GIL.
+"""Triangular BLAS/LAPACK calls (?trmm, ?trmv, ?trsm, ?potrf) that release the GIL.
 
 Why: scipy's Python wrappers (``scipy.linalg.blas.dtrmm`` ...) keep the GIL for the whole call. The
 logistic-regression grid prepares the next fold on a background thread while the current fold's L-BFGS
@@ -40,7 +40,7 @@ def _routines() -> dict:
     names = ("dtrmm", "dtrsm", "strmm", "strsm")
     return {**{nm: tri(_pointer(cython_blas, nm)) for nm in names},
             **{nm: trv(_pointer(cython_blas, nm)) for nm in ("dtrmv", "strmv")},
-            "dpotrf": potrf(_pointer(cython_lapack, "dpotrf"))}
+            **{nm: potrf(_pointer(cython_lapack, nm)) for nm in ("dpotrf", "spotrf")}}
 
 
 def _ref(value) -> ctypes._Pointer:
@@ -102,10 +102,13 @@ def trsm(L: np.ndarray, B: np.ndarray, trans: bool = False) -> np.ndarray:
 def potrf(A: np.ndarray) -> int:
     """Lower Cholesky factor of A in place (A's lower triangle is read; the upper is left as it was).
 
+    A is a Fortran-ordered float64 (dpotrf) or float32 (spotrf) array.
     Returns LAPACK's info: 0 on success, k > 0 if the leading minor of order k is not positive definite.
     """
-    _check(A, "A")
+    single = A.dtype == np.float32
+    _check(A, "A", np.float32 if single else np.float64)
     n, lda, info = _INT(A.shape[0]), _INT(max(1, A.shape[0])), _INT(0)
     uplo = ctypes.c_char(b"L")
-    _routines()["dpotrf"](_ref(uplo), _ref(n), A.ctypes.data_as(_P), _ref(lda), _ref(info))
+    routine = "spotrf" if single else "dpotrf"
+    _routines()[routine](_ref(uplo), _ref(n), A.ctypes.data_as(_P), _ref(lda), _ref(info))
     return int(info.value)
