@@ -137,6 +137,20 @@ def test_pivoted_factor_reproduces_the_gram():
     np.testing.assert_allclose(np.tril(_gram(Z)), np.tril(Z @ Z.T), atol=1e-10)
 
 
+def test_to_w_in_row_pieces_equals_one_product():
+    """``_Space.to_w`` (64-row pieces for 2-24 columns, one product otherwise) is Q @ G for every width."""
+    from featcache.heads.logreg import _Space
+
+    rng = np.random.default_rng(2)
+    Z = rng.normal(size=(200, 500)).astype(np.float32)  # 200 rows: four pieces, the last one short
+    space = _Space(Z)
+    Q = Z.T.astype(np.float64) @ np.linalg.inv(np.tril(space.L11)).T  # rows in pivot order: no pivots here
+    assert space.identity
+    for width in (1, 2, 5, 24, 25):
+        G = rng.normal(size=(space.r, width))
+        np.testing.assert_allclose(space.to_w(G), Q @ G, rtol=1e-4, atol=1e-4 * float(np.abs(Q @ G).max()))
+
+
 def test_centred_rows_factor_drops_the_null_direction_exactly():
     """Standardised training rows sum to zero: Z Z^T is rank n-1, and the factor must say so without pivoting.
 
@@ -336,6 +350,12 @@ def test_fast_scaler_equals_standard_scaler():
     assert Z.dtype == np.float32
     np.testing.assert_allclose(Z, ref.transform(X), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(ours.transform(X), ref.transform(X), rtol=1e-5, atol=1e-5)
+    # gathered rows (the clipping gather of float32 rows), negative indices as numpy reads them
+    rows = np.array([1099, 0, 7, -1, -1100, 512] * 60)  # 360 rows: more than one gather chunk
+    np.testing.assert_array_equal(standardize(ours, X, rows), Z[rows])
+    for bad in ([0, 1100], [-1101, 3]):
+        with pytest.raises(IndexError, match="row indices"):
+            standardize(ours, X, np.array(bad))
 
 
 def test_train_many_fuses_configs_sharing_a_batch_size(monkeypatch):
