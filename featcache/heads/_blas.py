@@ -47,15 +47,17 @@ def _ref(value) -> ctypes._Pointer:
     return ctypes.byref(value)
 
 
-def _check(a: np.ndarray, name: str, dtype: type = np.float64) -> None:
+def _prefix(a: np.ndarray, name: str) -> str:
+    """BLAS's type letter for ``a`` ("s" float32, "d" float64), after checking it is Fortran-ordered."""
+    dtype = np.float32 if a.dtype == np.float32 else np.float64
     if a.dtype != dtype or not a.flags.f_contiguous:
-        raise ValueError(f"{name} must be a Fortran-ordered {np.dtype(dtype).name} array")
+        raise ValueError(f"{name} must be a Fortran-ordered float64 or float32 array")
+    return "s" if dtype == np.float32 else "d"
 
 
 def _triangular(routine: str, L: np.ndarray, B: np.ndarray, trans: bool) -> np.ndarray:
-    single = L.dtype == np.float32
-    _check(L, "L", np.float32 if single else np.float64)
-    routine = ("s" if single else "d") + routine
+    routine = _prefix(L, "L") + routine
+    single = routine[0] == "s"
     out = np.array(B, dtype=L.dtype, order="F", copy=True)
     if out.ndim != 2 or L.shape[0] != L.shape[1] or L.shape[0] != out.shape[0]:
         raise ValueError(f"shapes {L.shape} and {B.shape} do not match")
@@ -80,17 +82,15 @@ def trmv(L: np.ndarray, x: np.ndarray, trans: bool = False) -> np.ndarray:
     ?trmv here (12.3 against 5.5 ms at 5,232 rows, one thread), and ?trmv also uses a second thread
     where one is allowed (2.7 ms), which ?trmm with one column does not.
     """
-    single = L.dtype == np.float32
-    _check(L, "L", np.float32 if single else np.float64)
+    routine = _prefix(L, "L") + "trmv"
     out = np.array(x, dtype=L.dtype, copy=True)
     if out.ndim != 1 or L.shape[0] != L.shape[1] or L.shape[0] != out.shape[0]:
         raise ValueError(f"shapes {L.shape} and {x.shape} do not match")
     n, lda, inc = _INT(out.shape[0]), _INT(max(1, L.shape[0])), _INT(1)
     uplo, ta, diag = (ctypes.c_char(c) for c in (b"L", b"T" if trans else b"N", b"N"))
     if out.size:
-        _routines()[("s" if single else "d") + "trmv"](_ref(uplo), _ref(ta), _ref(diag), _ref(n),
-                                                       L.ctypes.data_as(_P), _ref(lda),
-                                                       out.ctypes.data_as(_P), _ref(inc))
+        _routines()[routine](_ref(uplo), _ref(ta), _ref(diag), _ref(n), L.ctypes.data_as(_P), _ref(lda),
+                             out.ctypes.data_as(_P), _ref(inc))
     return out
 
 
@@ -105,10 +105,8 @@ def potrf(A: np.ndarray) -> int:
     A is a Fortran-ordered float64 (dpotrf) or float32 (spotrf) array.
     Returns LAPACK's info: 0 on success, k > 0 if the leading minor of order k is not positive definite.
     """
-    single = A.dtype == np.float32
-    _check(A, "A", np.float32 if single else np.float64)
+    routine = _prefix(A, "A") + "potrf"
     n, lda, info = _INT(A.shape[0]), _INT(max(1, A.shape[0])), _INT(0)
     uplo = ctypes.c_char(b"L")
-    routine = "spotrf" if single else "dpotrf"
     _routines()[routine](_ref(uplo), _ref(n), A.ctypes.data_as(_P), _ref(lda), _ref(info))
     return int(info.value)

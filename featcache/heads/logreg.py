@@ -548,12 +548,13 @@ def standardize(scaler: Any, X: np.ndarray, rows: np.ndarray | None = None,
 def _standardize_tasks(scaler: Any, X: np.ndarray, rows: np.ndarray | None = None,
                        out: np.ndarray | None = None) -> tuple[np.ndarray, list]:
     """``standardize`` as independent chunk tasks (for ``_Tasks``): (the output array, the tasks)."""
-    if rows is not None:  # valid indices, none negative: the gather below clips instead of checking
-        rows = np.asarray(rows, dtype=np.intp)
-        if rows.size and (rows.min() < -X.shape[0] or rows.max() >= X.shape[0]):
-            raise IndexError(f"row indices must lie in [{-X.shape[0]}, {X.shape[0]}) for {X.shape[0]} rows")
-        if rows.size and rows.min() < 0:
-            rows = np.where(rows < 0, rows + X.shape[0], rows)
+    if rows is not None and len(rows):  # valid, none negative: the gather below clips instead of checking
+        rows, rows_x = np.asarray(rows, dtype=np.intp), X.shape[0]
+        lo, hi = int(rows.min()), int(rows.max())
+        if lo < -rows_x or hi >= rows_x:
+            raise IndexError(f"row indices must lie in [{-rows_x}, {rows_x}) for {rows_x} rows")
+        if lo < 0:
+            rows = np.where(rows < 0, rows + rows_x, rows)
     n = X.shape[0] if rows is None else len(rows)
     dtype = X.dtype if X.dtype in (np.float32, np.float64) else np.float64
     out = np.empty((n, X.shape[1]), dtype=dtype) if out is None else out[:n]
@@ -681,6 +682,14 @@ class _Workspace:
         return self.chol[: n * n].reshape((n, n), order="F")
 
 
+def _float64_square(K: np.ndarray, m: int, work: _Workspace | None, copy: bool = True) -> np.ndarray:
+    """An [m, m] float64 Fortran array in ``work``'s factor buffer (or new), holding K[:m, :m] if ``copy``."""
+    A = work.square(m) if work is not None else np.empty((m, m), order="F")
+    if copy:
+        np.copyto(A, K[:m, :m])
+    return A
+
+
 _WIDEN_COLS = 256  # columns per step of _potrf's in-place float32 -> float64 widening (4 MB temporaries)
 
 
@@ -700,9 +709,8 @@ def _potrf(K: np.ndarray, m: int, work: _Workspace | None) -> tuple[np.ndarray, 
     and widened into it column block by column block, left to right: writing float64 columns [a, b)
     overwrites float32 columns [2a - m, 2b - m), all left of b, so none that is still to be read.
     """
-    c = work.square(m) if work is not None else np.empty((m, m), order="F")
+    c = _float64_square(K, m, work, copy=K.dtype != np.float32)
     if K.dtype != np.float32:
-        np.copyto(c, K[:m, :m])
         return c, _blas.potrf(c)  # GIL-free: the prefetch thread keeps running
     s = c.reshape(-1, order="F").view(np.float32)[m * m:].reshape((m, m), order="F")
     np.copyto(s, K[:m, :m])
@@ -736,12 +744,6 @@ def _cholesky(K: np.ndarray, tol: float, work: _Workspace | None = None, centere
     from scipy.linalg.lapack import dpstrf
 
     n = K.shape[0]
-
-    def float64_copy(m: int = n) -> np.ndarray:
-        A = work.square(m) if work is not None else np.empty((m, m), order="F")
-        np.copyto(A, K[:m, :m])
-        return A
-
     if centered and n > 2:
         m = n - 1
         c, info = _potrf(K, m, work)
@@ -752,7 +754,7 @@ def _cholesky(K: np.ndarray, tol: float, work: _Workspace | None = None, centere
     c, info = _potrf(K, n, work)
     if info == 0 and float(np.min(np.diag(c))) ** 2 > tol:
         return c, None, np.arange(n), n
-    c, piv, rank, info = dpstrf(float64_copy(), lower=1, tol=tol, overwrite_a=1)
+    c, piv, rank, info = dpstrf(_float64_square(K, n, work), lower=1, tol=tol, overwrite_a=1)
     if info < 0:
         raise RuntimeError(f"pivoted Cholesky failed (info={info})")
     L21 = np.ascontiguousarray(c[rank:, :rank]) if rank < n else None
