@@ -25,5 +25,5 @@ python3 -c "
 import json, sys
 d = json.load(open(sys.argv[1]))
 print('mlp_grid_speedup', d['mlp_grid_speedup'], '| featcache', d['t_featcache_s'], 's | reference', d['t_reference_s'],
-      's | agreeing', d['agreement']['configs_agreeing'], 'of', d['agreement']['configs'], '|', d['device'],
+      's | JAX compiling', d['jax_compile_s'], '| agreeing', d['agreement']['configs_agreeing'], 'of', d['agreement']['configs'], '|', d['device'],
       '| achieved', d['achieved_gflops'], 'GFLOP/s, peak', d['matmul_peak'])" "$out/mlp_gpu.json"

@@ -27,6 +27,20 @@ def test_run_py_quick_json_reports_every_ratio(tmp_path: Path) -> None:
     assert logreg["same_params"] and logreg["max_cv_score_diff"] <= 0.005
     mlp = out["benchmarks"]["mlp"]
     assert len(mlp["val_acc_featcache"]) == len(mlp["val_acc_reference"]) == mlp["n_configs"]
+    assert mlp["jax_compile_s"] is None  # both sides ran on TensorFlow
+
+
+def test_jax_compile_clock_counts_compilations() -> None:
+    pytest.importorskip("jax")
+    import jax
+    import jax.numpy as jnp
+
+    bench = _bench("mlp")
+    assert bench.JaxCompileClock(False).read() is None
+    clock = bench.JaxCompileClock(True)
+    assert clock.read() == 0.0
+    jax.jit(lambda x: jnp.sin(x) * 3.25 + jnp.arange(7.0))(jnp.ones(7)).block_until_ready()  # a new program
+    assert clock.read() > 0
 
 
 def test_table_gives_verdicts_only_for_a_full_run(capsys) -> None:
