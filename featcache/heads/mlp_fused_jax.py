@@ -26,7 +26,7 @@ an explicit ``bfloat16`` there rounds each product to bf16); ``float32`` asks fo
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
+from functools import cache, partial
 from typing import Any
 
 import numpy as np
@@ -230,7 +230,6 @@ def fused_train_jax(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.n
                     on_member: Callable[[int, Any, dict], None], precision: str = "auto") -> str:
     """``mlp_fused.fused_train`` on JAX (same arguments, same callbacks, same returned precision)."""
     import jax
-    import jax.numpy as jnp
 
     from featcache.heads.mlp_fused import group_setup, resolve_precision
 
@@ -239,11 +238,9 @@ def fused_train_jax(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.n
     rng = np.random.default_rng(seeds[0])
     n = len(ytr)
     steps = -(-n // batch)
-    counts = jnp.asarray(np.minimum(batch, n - batch * np.arange(steps)).astype(np.int32))
-    xtr = jnp.asarray(np.asarray(Xtr, np.float32))
-    ytr_d = jnp.asarray(np.asarray(ytr, np.int32))
-    xva = jnp.asarray(np.asarray(Xva, np.float32))
-    yva_d = jnp.asarray(np.asarray(yva, np.int32))
+    counts = _put(np.minimum(batch, n - batch * np.arange(steps)).astype(np.int32))
+    xtr, ytr_d = _put(np.asarray(Xtr, np.float32)), _put(np.asarray(ytr, np.int32))
+    xva, yva_d = _put(np.asarray(Xva, np.float32)), _put(np.asarray(yva, np.int32))
     base_key = jax.random.key(seeds[0])
     t = 0
     epoch_no = 0
@@ -264,15 +261,15 @@ def fused_train_jax(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.n
         stacks = [_Stack(g, np.stack([sw_rows[mb.index] for mb in g]), [carried[mb.index] for mb in g])
                   for g in by_arch.values()]
         epoch_fn = _build_epoch(stacks, precision)
-        state = tuple(tuple([jnp.asarray(a) for a in part] for part in s.state) for s in stacks)
-        consts = (xtr, ytr_d, tuple((jnp.asarray(s.lr), jnp.asarray(s.l2), jnp.asarray(s.rate),
-                                     jnp.asarray(s.sw)) for s in stacks), (xva, yva_d))
+        state = tuple(tuple([_put(a) for a in part] for part in s.state) for s in stacks)
+        consts = (xtr, ytr_d, tuple((_put(s.lr), _put(s.l2), _put(s.rate), _put(s.sw)) for s in stacks),
+                  (xva, yva_d))
         training = len(live)
         while True:
             perm = rng.permutation(n).astype(np.int32)
-            idx = jnp.asarray(np.resize(perm, steps * batch).reshape(steps, batch))  # pads with early rows
+            idx = _put(np.resize(perm, steps * batch).reshape(steps, batch))  # pads with early rows
             key = jax.random.fold_in(base_key, epoch_no)
-            state, sums, val = epoch_fn(state, idx, counts, jnp.int32(t), key, consts)
+            state, sums, val = epoch_fn(state, idx, counts, np.int32(t), key, consts)
             t += steps
             epoch_no += 1
             val, sums = jax.device_get((val, sums))
@@ -300,5 +297,29 @@ def _member_part(state: tuple, si: int, k: int, part: int) -> list[np.ndarray]:
     """Member k of stack si on the host: its weights (part 0) or Adam m (1) or v (2)."""
     import jax
 
-    return [np.asarray(a) for a in jax.device_get([a[:, k] if _member_axis(j) == 1 else a[k]
-                                                   for j, a in enumerate(state[si][part])])]
+    return [np.asarray(a) for a in jax.device_get(_take_member()(state[si][part], np.int32(k)))]
+
+
+def _put(a: np.ndarray) -> Any:
+    """Host array -> device. ``jnp.asarray`` would compile a small staging program per shape and dtype
+    (55 of the 139 compilations of paper 000's grid on this CPU); ``device_put`` compiles nothing."""
+    import jax
+
+    return jax.device_put(a)
+
+
+@cache
+def _take_member() -> Callable:
+    """One compiled program per stack layout that slices member k (a traced index) out of every array.
+
+    Indexing each array with a Python int compiled two programs per array shape (a dynamic slice and a
+    squeeze: 40 of the 139 compilations of paper 000's grid on this CPU); here the three parts (weights,
+    Adam m and v) share one program, and so do all members and epochs of a stack."""
+    import jax
+    from jax import lax
+
+    def take(arrays: list, k: Any) -> list:
+        return [lax.dynamic_index_in_dim(a, k, axis=_member_axis(j), keepdims=False)
+                for j, a in enumerate(arrays)]
+
+    return jax.jit(take)
