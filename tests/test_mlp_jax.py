@@ -177,3 +177,47 @@ def test_jax_trainer_compiles_no_per_shape_helpers(caplog):
     assert names["jit(epoch)"] == 2  # two stacks, then one restack when 1 of 3 members still trains
     assert names["jit(stage)"] <= 1 and names["jit(dynamic_slice)"] == 0 and names["jit(squeeze)"] == 0, names
     assert 1 <= names["jit(take)"] <= 3, names  # at most one per stack layout
+
+
+def test_jax_groups_compile_ahead_on_an_accelerator(monkeypatch):
+    """On an accelerator (faked here) every batch-size group is prepared before the first trains, and each
+    group's epoch program is compiled in a background thread from shapes alone; training then uses that
+    program (no second build) and follows the TensorFlow trainer's path as before."""
+    import threading
+
+    from featcache.heads import mlp_fused_jax
+
+    X, y = data(260, 20, seed=5)
+    Xtr, ytr, Xva, yva = X[:200], y[:200], X[200:], y[200:]
+    head = get_head("mlp")
+    # within a group the configs are in epoch order, as the CPU's chunks sort them: the group's minibatch
+    # stream is seeded by its first config, so both layouts then draw the same stream
+    configs = [{"layers": (16,), "lr": lr, "epochs": e, "batch_size": b}
+               for b in (40, 64) for lr, e in ((0.003, 2), (0.01, 3))]
+    tf_runs = head.train_many(Xtr, ytr, Xva, yva, configs, seed=1, precision="float32", trainer="tf")
+    events, builds = [], []
+    real_build, real_prepare = mlp_fused_jax._build_epoch, mlp_fused_jax._prepare
+    real_train = mlp_fused_jax._train
+
+    def build(*a):
+        builds.append(threading.current_thread().name)
+        return real_build(*a)
+
+    monkeypatch.setattr(mlp_fused_jax, "_build_epoch", build)
+    monkeypatch.setattr(mlp_fused_jax, "_prepare", lambda *a: (events.append("prepare"), real_prepare(*a))[1])
+    monkeypatch.setattr(mlp_fused_jax, "_train", lambda p: (events.append("train"), real_train(p))[1])
+    monkeypatch.setattr(mlp_fused_jax, "accelerator", lambda: "gpu")
+    jx_runs = head.train_many(Xtr, ytr, Xva, yva, configs, seed=1, precision="float32", trainer="jax")
+    assert events == ["prepare", "prepare", "train", "train"]
+    assert len(builds) == 2 and all(name.startswith("featcache-xla") for name in builds), builds
+    for (h_tf, a), (h_jx, b) in zip(tf_runs, jx_runs, strict=True):
+        assert len(b["loss"]) == len(a["loss"])
+        np.testing.assert_allclose(b["val_loss"], a["val_loss"], rtol=1e-4, atol=1e-5)
+        for w_tf, w_jx in zip(h_tf.model.get_weights(), h_jx.model.get_weights(), strict=True):
+            np.testing.assert_allclose(w_jx, w_tf, atol=1e-4)
+    monkeypatch.setattr(mlp_fused_jax, "accelerator", lambda: None)  # on a CPU: one group after the other
+    events.clear()
+    builds.clear()
+    head.train_many(Xtr, ytr, Xva, yva, configs, seed=1, precision="float32", trainer="jax")
+    assert events == ["prepare", "train", "prepare", "train"]
+    assert len(builds) == 4 and set(builds) == {"MainThread"}  # each group: its stack, then a restack

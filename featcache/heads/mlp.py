@@ -262,13 +262,12 @@ class MLPHead:
             groups = {k: idx for k, idx in groups.items() if len(idx) > 1}
         backend = resolve_trainer(trainer) if groups else "tf"
         resolved = resolve_precision(precision, backend) if groups else "float32"
-        train_group = fused_train
         d = int(np.shape(Xtr)[1])
         on_cpu = True
         if backend == "jax":
-            from featcache.heads.mlp_fused_jax import accelerator, fused_train_jax
+            from featcache.heads.mlp_fused_jax import accelerator
 
-            train_group, on_cpu = fused_train_jax, accelerator() is None
+            on_cpu = accelerator() is None
         # cache-sized chunks are a CPU matter: on an accelerator each batch-size group is one chunk
         chunks = [chunk for group in groups.values()
                   for chunk in (_cache_sized_chunks(group, ps, d) if on_cpu else [group])]
@@ -276,6 +275,7 @@ class MLPHead:
             head, hist = self.train(Xtr, ytr, Xva, yva, configs[i], seed=seed + i)
             finish(i, head, hist)
         Xtr32, Xva32 = np.asarray(Xtr, np.float32), np.asarray(Xva, np.float32)  # once, not per chunk
+        jobs = []
         for idx in chunks:
             how = {"path": "fused" if backend == "tf" else "fused-jax", "precision": resolved,
                    "group_size": len(idx)}
@@ -283,10 +283,19 @@ class MLPHead:
             def member_done(j: int, model: Any, hist: dict, idx: list[int] = idx, how: dict = how) -> None:
                 finish(idx[j], KerasHead(model, n_classes, how), hist)
 
-            train_group(Xtr32, ytr, Xva32, yva,
-                        [ps[i] for i in idx], n_classes, seeds=[seed + i for i in idx],
-                        build=lambda p, s: build_model(p, d, n_classes, s),
-                        on_member=member_done, precision=resolved)
+            jobs.append(([ps[i] for i in idx], [seed + i for i in idx], member_done))
+
+        def build(p: dict, s: int) -> Any:
+            return build_model(p, d, n_classes, s)
+
+        if backend == "jax":  # all groups at once: on an accelerator their compilations overlap
+            from featcache.heads.mlp_fused_jax import fused_train_jax_groups
+
+            fused_train_jax_groups(Xtr32, ytr, Xva32, yva, jobs, n_classes, build=build, precision=resolved)
+        else:
+            for group_ps, seeds, member_done in jobs:
+                fused_train(Xtr32, ytr, Xva32, yva, group_ps, n_classes, seeds=seeds, build=build,
+                            on_member=member_done, precision=resolved)
         return results
 
 

@@ -26,6 +26,8 @@ an explicit ``bfloat16`` there rounds each product to bf16); ``float32`` asks fo
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import cache, partial
 from typing import Any
 
@@ -225,45 +227,141 @@ def _build_epoch(stacks: list[_Stack], compute: str) -> Callable:
     return jax.jit(epoch, donate_argnums=(0,))
 
 
+@dataclass
+class _Prepared:
+    """One batch-size group ready to train: members built, device data placed, and on an accelerator its
+    epoch program compiling in a background thread (``compiled``)."""
+
+    precision: str
+    batch: int
+    members: list
+    sw_rows: list
+    carried: dict
+    seed: int
+    data: tuple              # device arrays: xtr, ytr, xva, yva, counts
+    on_member: Callable[[int, Any, dict], None]
+    compiled: Future | None = None
+
+
 def fused_train_jax(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarray, ps: list[dict],
                     n_classes: int, *, seeds: list[int], build: Callable[[dict, int], Any],
                     on_member: Callable[[int, Any, dict], None], precision: str = "auto") -> str:
     """``mlp_fused.fused_train`` on JAX (same arguments, same callbacks, same returned precision)."""
-    import jax
+    return _train(_prepare(Xtr, ytr, Xva, yva, ps, n_classes, seeds, build, on_member, precision, False))
 
+
+def fused_train_jax_groups(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarray,
+                           jobs: list[tuple[list[dict], list[int], Callable[[int, Any, dict], None]]],
+                           n_classes: int, *, build: Callable[[dict, int], Any],
+                           precision: str = "auto") -> str:
+    """Several groups, each ``(configs, seeds, on_member)`` as for ``fused_train_jax``; returns the precision.
+
+    On an accelerator every group is prepared before the first one trains, and each group's epoch program
+    compiles in a background thread as soon as its members are built: the compilations (seconds each, and
+    on a GPU a large part of a grid's time) overlap each other, the next groups' model building and the
+    first groups' training. On a CPU the groups run one after the other as before: compiling there would
+    take cores from training, and later phases (restacks) compile anyway.
+    """
+    ahead = accelerator() is not None
+    preps = (_prepare(Xtr, ytr, Xva, yva, ps, n_classes, seeds, build, cb, precision, ahead)
+             for ps, seeds, cb in jobs)
+    if ahead:
+        preps = iter(list(preps))
+    used = precision
+    for prep in preps:
+        used = _train(prep)
+    return used
+
+
+def _prepare(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarray, ps: list[dict],
+             n_classes: int, seeds: list[int], build: Callable[[dict, int], Any],
+             on_member: Callable[[int, Any, dict], None], precision: str, compile_ahead: bool) -> _Prepared:
     from featcache.heads.mlp_fused import group_setup, resolve_precision
 
     precision = resolve_precision(precision, trainer="jax")
     batch, members, sw_rows = group_setup(ytr, ps, n_classes, seeds, build, MemberRecord)
-    rng = np.random.default_rng(seeds[0])
     n = len(ytr)
     steps = -(-n // batch)
-    counts = _put(np.minimum(batch, n - batch * np.arange(steps)).astype(np.int32))
-    xtr, ytr_d = _put(np.asarray(Xtr, np.float32)), _put(np.asarray(ytr, np.int32))
-    xva, yva_d = _put(np.asarray(Xva, np.float32)), _put(np.asarray(yva, np.int32))
-    base_key = jax.random.key(seeds[0])
-    t = 0
-    epoch_no = 0
+    counts = np.minimum(batch, n - batch * np.arange(steps)).astype(np.int32)
+    host = (np.asarray(Xtr, np.float32), np.asarray(ytr, np.int32), np.asarray(Xva, np.float32),
+            np.asarray(yva, np.int32), counts)
     # every member's (weights, Adam m, Adam v) on the host between phases: initial weights, zero moments
     carried: dict[int, tuple[list, list, list]] = {}
     for mb in members:
         w = [np.asarray(a, np.float32) for a in mb.model.get_weights()]
         carried[mb.index] = (w, [np.zeros_like(a) for a in w], [np.zeros_like(a) for a in w])
-    live = list(members)
+    prep = _Prepared(precision, batch, members, sw_rows, carried, seeds[0], tuple(_put(a) for a in host),
+                     on_member)
+    if compile_ahead:
+        stacks = _stacks(members, carried, sw_rows)
+        prep.compiled = _compiler().submit(_compile_epoch, stacks, precision, host, batch, prep.seed)
+    return prep
+
+
+def _stacks(live: list[MemberRecord], carried: dict, sw_rows: list) -> list[_Stack]:
+    """The live members grouped by architecture, one ``_Stack`` each (in first-seen order)."""
+    by_arch: dict[tuple, list[MemberRecord]] = {}
+    for mb in live:
+        by_arch.setdefault(_arch(mb.p, carried[mb.index][0]), []).append(mb)
+    return [_Stack(g, np.stack([sw_rows[mb.index] for mb in g]), [carried[mb.index] for mb in g])
+            for g in by_arch.values()]
+
+
+def _phase_args(stacks: list[_Stack], put: Callable) -> tuple[tuple, tuple]:
+    """A phase's stacked state and per-stack settings (lr, l2, dropout rate, sample weights), through
+    ``put``: to the device for training, to shape specs for compiling ahead. One builder for both, so
+    the ahead-of-time program is called with exactly the structure it was compiled for."""
+    state = tuple(tuple([put(a) for a in part] for part in s.state) for s in stacks)
+    settings = tuple((put(s.lr), put(s.l2), put(s.rate), put(s.sw)) for s in stacks)
+    return state, settings
+
+
+def _compile_epoch(stacks: list[_Stack], precision: str, host: tuple, batch: int, seed: int) -> Callable:
+    """Background thread body: the first phase's epoch program, compiled from shapes alone."""
+    import jax
+
+    def spec(a: np.ndarray) -> Any:
+        return jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype)
+
+    xtr, ytr, xva, yva, counts = (spec(a) for a in host)
+    state, settings = _phase_args(stacks, spec)
+    steps = counts.shape[0]
+    return _build_epoch(stacks, precision).lower(
+        state, jax.ShapeDtypeStruct((steps, batch), np.int32), counts, spec(np.int32(0)),
+        jax.random.key(seed), (xtr, ytr, settings, (xva, yva))).compile()
+
+
+@cache
+def _compiler() -> ThreadPoolExecutor:
+    """Threads for ahead-of-time compilation (XLA releases the GIL while it compiles)."""
+    return ThreadPoolExecutor(max_workers=4, thread_name_prefix="featcache-xla")
+
+
+def _train(prep: _Prepared) -> str:
+    """Train one prepared group to the end; members are reported through ``prep.on_member`` as they end."""
+    import jax
+
+    xtr, ytr_d, xva, yva_d, counts = prep.data
+    batch, sw_rows, carried = prep.batch, prep.sw_rows, prep.carried
+    rng = np.random.default_rng(prep.seed)
+    n = int(xtr.shape[0])
+    steps = int(counts.shape[0])
+    base_key = jax.random.key(prep.seed)
+    t = 0
+    epoch_no = 0
+    live = list(prep.members)
     # Finished members stay in their stack (computed, ignored) until at most half of it still trains; then
     # the survivors are restacked, which costs a compilation. On an accelerator a step is bound by kernel
     # launches, not by the members' arithmetic, so the stack is never restacked there: one compilation.
     compact = accelerator() is None
     while live:
-        by_arch: dict[tuple, list[MemberRecord]] = {}
-        for mb in live:
-            by_arch.setdefault(_arch(mb.p, carried[mb.index][0]), []).append(mb)
-        stacks = [_Stack(g, np.stack([sw_rows[mb.index] for mb in g]), [carried[mb.index] for mb in g])
-                  for g in by_arch.values()]
-        epoch_fn = _build_epoch(stacks, precision)
-        state = tuple(tuple([_put(a) for a in part] for part in s.state) for s in stacks)
-        consts = (xtr, ytr_d, tuple((_put(s.lr), _put(s.l2), _put(s.rate), _put(s.sw)) for s in stacks),
-                  (xva, yva_d))
+        stacks = _stacks(live, carried, sw_rows)
+        if prep.compiled is not None:  # the first phase, compiled ahead from the same stacks
+            epoch_fn, prep.compiled = prep.compiled.result(), None
+        else:
+            epoch_fn = _build_epoch(stacks, prep.precision)
+        state, settings = _phase_args(stacks, _put)
+        consts = (xtr, ytr_d, settings, (xva, yva_d))
         training = len(live)
         while True:
             perm = rng.permutation(n).astype(np.int32)
@@ -283,14 +381,14 @@ def fused_train_jax(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.n
                     if mb.finished():
                         ended.append((si, k, mb))
             for si, k, mb in ended:
-                on_member(mb.index, mb.export(partial(_member_part, state, si, k, 0)), mb.history)
+                prep.on_member(mb.index, mb.export(partial(_member_part, state, si, k, 0)), mb.history)
             training -= len(ended)
             if training == 0 or (compact and 2 * training <= len(live)):
                 break
         carried = {mb.index: tuple(_member_part(state, si, k, part) for part in range(3))
                    for si, s in enumerate(stacks) for k, mb in enumerate(s.members) if not mb.finished()}
         live = [mb for mb in live if not mb.finished()]
-    return precision
+    return prep.precision
 
 
 def _member_part(state: tuple, si: int, k: int, part: int) -> list[np.ndarray]:
