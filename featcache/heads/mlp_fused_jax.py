@@ -243,18 +243,12 @@ class _Prepared:
     compiled: Future | None = None
 
 
-def fused_train_jax(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarray, ps: list[dict],
-                    n_classes: int, *, seeds: list[int], build: Callable[[dict, int], Any],
-                    on_member: Callable[[int, Any, dict], None], precision: str = "auto") -> str:
-    """``mlp_fused.fused_train`` on JAX (same arguments, same callbacks, same returned precision)."""
-    return _train(_prepare(Xtr, ytr, Xva, yva, ps, n_classes, seeds, build, on_member, precision, False))
-
-
 def fused_train_jax_groups(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarray,
                            jobs: list[tuple[list[dict], list[int], Callable[[int, Any, dict], None]]],
                            n_classes: int, *, build: Callable[[dict, int], Any],
                            precision: str = "auto") -> str:
-    """Several groups, each ``(configs, seeds, on_member)`` as for ``fused_train_jax``; returns the precision.
+    """``mlp_fused.fused_train`` on JAX for several groups, each ``(configs, seeds, on_member)`` (those
+    arguments of ``fused_train``, with the same callbacks); returns the precision used.
 
     On an accelerator every group is prepared before the first one trains, and each group's epoch program
     compiles in a background thread as soon as its members are built: the compilations (seconds each, and
