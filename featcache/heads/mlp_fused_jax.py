@@ -256,20 +256,27 @@ def fused_train_jax_groups(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yv
     first groups' training. On a CPU the groups run one after the other as before: compiling there would
     take cores from training, and later phases (restacks) compile anyway.
     """
+    host = (np.asarray(Xtr, np.float32), np.asarray(ytr, np.int32), np.asarray(Xva, np.float32),
+            np.asarray(yva, np.int32))
+    device = tuple(_put(a) for a in host)  # once, shared by every group
+
+    def prepare(job: tuple, ahead: bool) -> _Prepared:
+        ps, seeds, on_member = job
+        return _prepare(host, device, ytr, ps, n_classes, seeds, build, on_member, precision, ahead)
+
     ahead = accelerator() is not None
-    preps = (_prepare(Xtr, ytr, Xva, yva, ps, n_classes, seeds, build, cb, precision, ahead)
-             for ps, seeds, cb in jobs)
-    if ahead:
-        preps = iter(list(preps))
+    preps = [prepare(job, True) for job in jobs] if ahead else None
     used = precision
-    for prep in preps:
-        used = _train(prep)
+    for i, job in enumerate(jobs):
+        used = _train(preps[i] if preps else prepare(job, False))
     return used
 
 
-def _prepare(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarray, ps: list[dict],
-             n_classes: int, seeds: list[int], build: Callable[[dict, int], Any],
-             on_member: Callable[[int, Any, dict], None], precision: str, compile_ahead: bool) -> _Prepared:
+def _prepare(host: tuple, device: tuple, ytr: np.ndarray, ps: list[dict], n_classes: int, seeds: list[int],
+             build: Callable[[dict, int], Any], on_member: Callable[[int, Any, dict], None], precision: str,
+             compile_ahead: bool) -> _Prepared:
+    """One group: its members built, ``device`` (xtr, ytr, xva, yva, already placed) plus its own minibatch
+    counts as its data, and with ``compile_ahead`` its epoch program submitted for compilation."""
     from featcache.heads.mlp_fused import group_setup, resolve_precision
 
     precision = resolve_precision(precision, trainer="jax")
@@ -277,18 +284,17 @@ def _prepare(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarray,
     n = len(ytr)
     steps = -(-n // batch)
     counts = np.minimum(batch, n - batch * np.arange(steps)).astype(np.int32)
-    host = (np.asarray(Xtr, np.float32), np.asarray(ytr, np.int32), np.asarray(Xva, np.float32),
-            np.asarray(yva, np.int32), counts)
     # every member's (weights, Adam m, Adam v) on the host between phases: initial weights, zero moments
     carried: dict[int, tuple[list, list, list]] = {}
     for mb in members:
         w = [np.asarray(a, np.float32) for a in mb.model.get_weights()]
         carried[mb.index] = (w, [np.zeros_like(a) for a in w], [np.zeros_like(a) for a in w])
-    prep = _Prepared(precision, batch, members, sw_rows, carried, seeds[0], tuple(_put(a) for a in host),
+    prep = _Prepared(precision, batch, members, sw_rows, carried, seeds[0], (*device, _put(counts)),
                      on_member)
     if compile_ahead:
         stacks = _stacks(members, carried, sw_rows)
-        prep.compiled = _compiler().submit(_compile_epoch, stacks, precision, host, batch, prep.seed)
+        prep.compiled = _compiler().submit(_compile_epoch, stacks, precision, (*host, counts), batch,
+                                           prep.seed)
     return prep
 
 
