@@ -240,6 +240,7 @@ class _Prepared:
     seed: int
     data: tuple              # device arrays: xtr, ytr, xva, yva, counts
     on_member: Callable[[int, Any, dict], None]
+    stacks: list | None = None      # with ``compiled``: the first phase's stacks, which it was compiled for
     compiled: Future | None = None
 
 
@@ -262,7 +263,7 @@ def fused_train_jax_groups(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yv
 
     def prepare(job: tuple, ahead: bool) -> _Prepared:
         ps, seeds, on_member = job
-        return _prepare(host, device, ytr, ps, n_classes, seeds, build, on_member, precision, ahead)
+        return _prepare(host, device, ps, n_classes, seeds, build, on_member, precision, ahead)
 
     ahead = accelerator() is not None
     preps = [prepare(job, True) for job in jobs] if ahead else None
@@ -272,14 +273,16 @@ def fused_train_jax_groups(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yv
     return used
 
 
-def _prepare(host: tuple, device: tuple, ytr: np.ndarray, ps: list[dict], n_classes: int, seeds: list[int],
+def _prepare(host: tuple, device: tuple, ps: list[dict], n_classes: int, seeds: list[int],
              build: Callable[[dict, int], Any], on_member: Callable[[int, Any, dict], None], precision: str,
              compile_ahead: bool) -> _Prepared:
-    """One group: its members built, ``device`` (xtr, ytr, xva, yva, already placed) plus its own minibatch
-    counts as its data, and with ``compile_ahead`` its epoch program submitted for compilation."""
+    """One group: its members built, ``device`` (``host``'s xtr, ytr, xva, yva, already placed) plus its own
+    minibatch counts as its data, and with ``compile_ahead`` its first stacks and their epoch program
+    submitted for compilation."""
     from featcache.heads.mlp_fused import group_setup, resolve_precision
 
     precision = resolve_precision(precision, trainer="jax")
+    ytr = host[1]
     batch, members, sw_rows = group_setup(ytr, ps, n_classes, seeds, build, MemberRecord)
     n = len(ytr)
     steps = -(-n // batch)
@@ -292,8 +295,8 @@ def _prepare(host: tuple, device: tuple, ytr: np.ndarray, ps: list[dict], n_clas
     prep = _Prepared(precision, batch, members, sw_rows, carried, seeds[0], (*device, _put(counts)),
                      on_member)
     if compile_ahead:
-        stacks = _stacks(members, carried, sw_rows)
-        prep.compiled = _compiler().submit(_compile_epoch, stacks, precision, (*host, counts), batch,
+        prep.stacks = _stacks(members, carried, sw_rows)
+        prep.compiled = _compiler().submit(_compile_epoch, prep.stacks, precision, (*host, counts), batch,
                                            prep.seed)
     return prep
 
@@ -355,10 +358,11 @@ def _train(prep: _Prepared) -> str:
     # launches, not by the members' arithmetic, so the stack is never restacked there: one compilation.
     compact = accelerator() is None
     while live:
-        stacks = _stacks(live, carried, sw_rows)
-        if prep.compiled is not None:  # the first phase, compiled ahead from the same stacks
-            epoch_fn, prep.compiled = prep.compiled.result(), None
+        if prep.compiled is not None:  # the first phase: its stacks and their program were built ahead
+            stacks, epoch_fn = prep.stacks, prep.compiled.result()
+            prep.stacks = prep.compiled = None
         else:
+            stacks = _stacks(live, carried, sw_rows)
             epoch_fn = _build_epoch(stacks, prep.precision)
         state, settings = _phase_args(stacks, _put)
         consts = (xtr, ytr_d, settings, (xva, yva_d))
