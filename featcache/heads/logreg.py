@@ -715,9 +715,13 @@ def _potrf(K: np.ndarray, m: int, work: _Workspace | None) -> tuple[np.ndarray, 
     s = c.reshape(-1, order="F").view(np.float32)[m * m:].reshape((m, m), order="F")
     np.copyto(s, K[:m, :m])
     info = _blas.potrf(s)
-    for a in range(0, m, _WIDEN_COLS):  # whole columns: the upper triangle stays finite, as with dpotrf
-        b = min(m, a + _WIDEN_COLS)
-        c[:, a:b] = s[:, a:b]  # numpy buffers the overlap of these two blocks
+    # Whole columns. The upper triangle is never read (the triangular routines take the lower one), and
+    # a Gram built block by block leaves it unwritten: it may hold any bit pattern, NaN included, whose
+    # widening would only raise numpy's "invalid value encountered in cast" warning.
+    with np.errstate(invalid="ignore"):
+        for a in range(0, m, _WIDEN_COLS):
+            b = min(m, a + _WIDEN_COLS)
+            c[:, a:b] = s[:, a:b]  # numpy buffers the overlap of these two blocks
     return c, info
 
 
