@@ -184,6 +184,7 @@ def run(quick: bool = False, features: str | None = None, noise_configs: int = 3
     import keras
 
     from featcache.heads import get_head
+    from featcache.heads.mlp import last_level_cache_bytes
     from featcache.heads.mlp_fused import resolve_trainer
 
     if features:
@@ -251,6 +252,8 @@ def run(quick: bool = False, features: str | None = None, noise_configs: int = 3
         "fraction_of_peak": round(achieved / peak["float32_gflops"], 3),
         "fraction_of_bfloat16_peak": round(achieved / peak["bfloat16_gflops"], 3),
         "fuse": fuse, "precision": sorted({h.trainer["precision"] for h, _ in ours}),
+        "last_level_cache_bytes": last_level_cache_bytes(),
+        "group_sizes": sorted({h.trainer["group_size"] for h, _ in ours if "group_size" in h.trainer}),
         "trainer_paths": sorted({h.trainer["path"] for h, _ in ours}),
         "keras_backend": keras.backend.backend(), "device": _device(trainer),
         "implementation": IMPLEMENTATION[trainer],
@@ -259,8 +262,9 @@ def run(quick: bool = False, features: str | None = None, noise_configs: int = 3
 
 IMPLEMENTATION = {
     "tf": "TensorFlow tf.function (no XLA jit); configs sharing a batch size fused in chunks of <= "
-          "FUSE_STATE_BYTES optimizer state; ResourceApplyAdam; bf16 matmuls where the CPU has bf16 "
-          "matrix units (precision)",
+          "FUSE_STATE_BYTES optimizer state (members whose state exceeds the last-level cache: <= "
+          "STREAMING_STATE_BYTES); ResourceApplyAdam; bf16 matmuls where the CPU has bf16 matrix units "
+          "(precision)",
     "jax": "JAX jit: members of one architecture stacked (batched matmuls), one compiled call per epoch "
            "(lax.scan over minibatches); cache-sized chunks on CPU, one group per batch size on an "
            "accelerator; bf16 matmuls on accelerators and bf16 CPUs (precision)",

@@ -380,6 +380,35 @@ def test_train_many_fuses_configs_sharing_a_batch_size(monkeypatch):
     assert calls == [1]
 
 
+def test_fused_chunks_follow_the_last_level_cache(tmp_path, monkeypatch):
+    import featcache.heads.mlp as mlp
+
+    big = {"layers": (1024, 512)}          # 2,048-d input: 2.6M parameters, 40 MiB of state
+    small = {"layers": (64,)}               # 2 MiB
+    ps = [dict(big, epochs=5), dict(big, epochs=5), dict(big, epochs=10), dict(small, epochs=5),
+          dict(small, epochs=5), dict(big, epochs=5)]
+    idx = list(range(len(ps)))
+    # unknown cache, or one that holds a big member: 96 MiB chunks (pairs of big heads), sorted by epochs
+    for llc in (None, 105 * 2**20):
+        assert mlp._cache_sized_chunks(idx, ps, 2048, llc) == [[3, 4, 0, 1], [5, 2]]
+    # a 32 MiB cache holds no big head: those stream whatever their company and are fused together
+    assert mlp._cache_sized_chunks(idx, ps, 2048, 32 * 2**20) == [[3, 4], [0, 1, 5, 2]]
+    monkeypatch.setattr(mlp, "STREAMING_STATE_BYTES", 100 * 2**20)  # the memory bound still splits
+    assert mlp._cache_sized_chunks(idx, ps, 2048, 32 * 2**20) == [[3, 4], [0, 1], [5, 2]]
+
+    for i, (level, kind, size) in enumerate([(1, "Data", "32K"), (1, "Instruction", "32K"),
+                                             (2, "Unified", "1024K"), (3, "Unified", "32768K")]):
+        d = tmp_path / f"index{i}"
+        d.mkdir()
+        (d / "level").write_text(f"{level}\n")
+        (d / "type").write_text(f"{kind}\n")
+        (d / "size").write_text(f"{size}\n")
+    assert mlp.last_level_cache_bytes(str(tmp_path)) == 32 * 2**20
+    (tmp_path / "index3" / "size").write_text("garbage\n")
+    assert mlp.last_level_cache_bytes(str(tmp_path)) == 2**20
+    assert mlp.last_level_cache_bytes(str(tmp_path / "missing")) is None
+
+
 def test_fused_float32_matches_model_fit_step_for_step():
     """Full-batch training removes the minibatch order: fused Adam must then follow model.fit closely."""
     X, y = separable(200, 24, k=3, shift=0.8)
