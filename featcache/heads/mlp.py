@@ -356,20 +356,20 @@ def _cache_sized_chunks(idx: list[int], ps: list[dict], n_features: int,
     def state(i: int) -> int:
         return 16 * _n_params(ps[i], n_features)
 
-    cached = [i for i in idx if llc_bytes is None or state(i) <= llc_bytes]
-    streaming = [i for i in idx if i not in cached]
-    chunks: list[list[int]] = []
-    for budget, members in ((FUSE_STATE_BYTES, cached), (STREAMING_STATE_BYTES, streaming)):
+    def pack(members: list[int], budget: int) -> list[list[int]]:
+        chunks: list[list[int]] = []
         used = 0
-        first = len(chunks)
         for i in sorted(members, key=lambda i: (int(ps[i]["epochs"]), state(i), i)):
-            if len(chunks) > first and used + state(i) <= budget:
+            if chunks and used + state(i) <= budget:
                 chunks[-1].append(i)
                 used += state(i)
             else:
                 chunks.append([i])
                 used = state(i)
-    return chunks
+        return chunks
+
+    cached = [i for i in idx if llc_bytes is None or state(i) <= llc_bytes]
+    return pack(cached, FUSE_STATE_BYTES) + pack([i for i in idx if i not in cached], STREAMING_STATE_BYTES)
 
 
 def _fusable(p: dict, fuse: bool | None = None) -> bool:
