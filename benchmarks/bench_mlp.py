@@ -185,7 +185,7 @@ def run(quick: bool = False, features: str | None = None, noise_configs: int = 3
 
     from featcache.heads import get_head
     from featcache.heads.mlp import last_level_cache_bytes
-    from featcache.heads.mlp_fused import resolve_trainer
+    from featcache.heads.mlp_fused import cpu_has_bf16_matmul, resolve_trainer
 
     if features:
         import sys
@@ -231,6 +231,7 @@ def run(quick: bool = False, features: str | None = None, noise_configs: int = 3
     agreement = judge_agreement(acc_ours, ref_runs, ytr, yva, extra_seeds, rerun)
     flops = grid_flops(cfgs, X.shape[1], len(ytr))
     achieved = flops / t_ours / 1e9
+    precisions = sorted({h.trainer["precision"] for h, _ in ours})
     diffs = np.abs(np.subtract(acc_ours, acc_ref))
     return {
         "benchmark": "mlp_grid", "quick": quick, "n_train": len(ytr), "n_val": len(yva),
@@ -250,8 +251,11 @@ def run(quick: bool = False, features: str | None = None, noise_configs: int = 3
         "matmul_peak": peak, "grid_gflop": round(flops / 1e9, 1), "achieved_gflops": round(achieved, 2),
         "reference_gflops": round(flops / t_ref / 1e9, 2),
         "fraction_of_peak": round(achieved / peak["float32_gflops"], 3),
-        "fraction_of_bfloat16_peak": round(achieved / peak["bfloat16_gflops"], 3),
-        "fuse": fuse, "precision": sorted({h.trainer["precision"] for h, _ in ours}),
+        # only meaningful when the grid ran in bf16: on CPUs without bf16 units TF emulates it
+        "fraction_of_bfloat16_peak": (round(achieved / peak["bfloat16_gflops"], 3)
+                                      if "bfloat16" in precisions else None),
+        "bf16_matrix_units": cpu_has_bf16_matmul(),
+        "fuse": fuse, "precision": precisions,
         "last_level_cache_bytes": last_level_cache_bytes(),
         "group_sizes": sorted({h.trainer["group_size"] for h, _ in ours if "group_size" in h.trainer}),
         "trainer_paths": sorted({h.trainer["path"] for h, _ in ours}),
