@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import typer
+from featcache.cli.native_log import import_backend_quietly
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -168,6 +169,7 @@ def extract_cmd(
     )
     check_options(options)  # bad --views/--resize/--dtype: fail before discovery and the progress display
     dataset = discover(data)
+    import_backend_quietly()
     err_console = Console(stderr=True)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                _RateColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import typer
+from featcache.cli.native_log import import_backend_quietly
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -125,6 +126,11 @@ def register(app: typer.Typer) -> None:
         Example: featcache fit --data data/chest_xray --backbone mobilenet-0.75 --head mlp --layers 1024,512
         """
         from featcache.fit import FitOptions, fit
+        from featcache.grids import PRESETS
+
+        preset_head = PRESETS[preset].head if preset in PRESETS else None
+        if (head or preset_head) == "mlp":  # only Keras heads need the backend
+            import_backend_quietly()
 
         opts = FitOptions(
             task=task,

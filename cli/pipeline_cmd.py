@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from featcache.cli.native_log import import_backend_quietly
 from featcache.cli.report_cmd import make_callback, print_outputs, progress_display
 from rich.console import Console
 from rich.markup import escape
@@ -88,6 +89,7 @@ def register(app: typer.Typer) -> None:
             tags=tuple(tag),
             layers=tuple(int(x) for x in _split(layers)) if layers else None,
         )
+        import_backend_quietly()
         with progress_display(console) as bar:
             result = run_pipeline(
                 data,
@@ -128,6 +130,7 @@ def register(app: typer.Typer) -> None:
         """
         from featcache.pipeline import run_demo
 
+        import_backend_quietly()
         with progress_display(console) as bar:
             result = run_demo(
                 workdir, weights=weights, out=out, heads=_split(head), progress=make_callback(bar)

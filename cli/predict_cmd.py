@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import typer
+from featcache.cli.native_log import import_backend_quietly
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -34,6 +35,7 @@ def register(app: typer.Typer) -> None:
         """
         from featcache.predict import predict
 
+        import_backend_quietly()
         out = predict(images, run, runs_dir, backbone_files=backbone_file)
         if as_json:
             typer.echo(json.dumps(out, indent=2))
