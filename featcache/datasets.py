@@ -218,6 +218,8 @@ def _discover_folders(root: Path) -> Dataset:
         else:
             classified.append((parts, path, c[0], c[1]))
     has_split_folders = any(_split_of_folder(p[0]) is not None for p, *_ in classified)
+    if not has_split_folders:
+        _refuse_nested_root(root, classified)
     records: list[ImageRecord] = []
     for parts, path, split, label in classified:
         if has_split_folders and root_split is None and split is None:
@@ -230,6 +232,32 @@ def _discover_folders(root: Path) -> Dataset:
     labels = {r.label.upper() for r in records}
     layout = "kermany" if labels <= _KERMANY_LABELS else "folders"
     return Dataset(root, layout, sorted(records, key=lambda r: r.relpath), sorted(skipped))
+
+
+def _refuse_nested_root(
+    root: Path, classified: Sequence[tuple[tuple[str, ...], Path, str | None, str]]
+) -> None:
+    """Refuse a folder one level above a dataset instead of labelling every image by that level.
+
+    Kaggle's Kermany archive unpacks to ``chest_xray/chest_xray/{train,test,val}/...``, so pointing
+    ``--data`` at the outer folder is an easy mistake. Read as a class-folder tree it would make one
+    class, ``chest_xray``, of all 5,856 images, and the extract would run for an hour before a fit
+    failed on the labels. A class folder whose own sub-folders are split folders (train/val/test)
+    or Kermany classes (NORMAL/PNEUMONIA) can only be such a wrapper.
+    """
+    inner: dict[str, set[str]] = defaultdict(set)
+    for parts, _path, _split, label in classified:
+        if len(parts) >= 3:
+            sub = parts[1]
+            if _split_of_folder(sub) is not None or sub.upper() in _KERMANY_LABELS:
+                inner[label].add(sub)
+    if inner:
+        label = sorted(inner)[0]
+        subs = ", ".join(f"{s}/" for s in sorted(inner[label]))
+        raise DataError(
+            f"'{os.fsdecode(root)}' looks like the folder above a dataset: its class folder '{label}' holds "
+            f"{subs}; pass the dataset folder itself: '{os.fsdecode(root / label)}'."
+        )
 
 
 def _no_images_message(root: Path, skipped: list[tuple[str, str]]) -> str:

@@ -162,6 +162,24 @@ def test_manifest_not_utf8_and_missing(tmp_path):
         discover(tmp_path, manifest=tmp_path / "nope.csv")
 
 
+def test_folder_above_a_dataset_is_refused(kermany_tree, tmp_path):
+    # Kaggle's archive unpacks to chest_xray/chest_xray/{train,test}: the outer folder is no dataset
+    outer = tmp_path / "download"
+    shutil.copytree(kermany_tree, outer / "chest_xray")
+    with pytest.raises(DataError, match=r"folder above a dataset: its class folder 'chest_xray' holds "
+                       r"test/, train/; pass the dataset folder itself: '.*download/chest_xray'"):
+        discover(outer)
+    # one split folder with its class folders, one level down, the same
+    shutil.copytree(kermany_tree / "train", tmp_path / "up" / "mytrain")
+    with pytest.raises(DataError, match=r"'mytrain' holds NORMAL/, PNEUMONIA/"):
+        discover(tmp_path / "up")
+    assert len(discover(outer / "chest_xray").records) == len(discover(kermany_tree).records)
+    # deeper folders inside a class folder stay allowed when they are not splits or Kermany classes
+    write_xray(tmp_path / "pets" / "dogs" / "2024" / "a.png", seed=1)
+    write_xray(tmp_path / "pets" / "cats" / "b.png", seed=2)
+    assert [r.label for r in discover(tmp_path / "pets").records] == ["cats", "dogs"]
+
+
 def test_missing_empty_and_useless_folders(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         discover(tmp_path / "nope")
