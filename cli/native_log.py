@@ -39,13 +39,12 @@ def min_log_level() -> int:
 def kept_lines(text: str, min_level: int) -> str:
     """The lines of captured native stderr that ``min_level`` keeps, in order.
 
-    absl messages below ``min_level`` go (with their continuation lines, up to the next absl line,
-    Python warning or traceback),
-    and with them absl's banner about logging before its initialisation. FATAL messages and lines
-    that follow no dropped absl line (Python warnings, other libraries' messages) stay. CUDA's
-    "failed call to cuInit" error also goes when, in the same capture, TensorFlow said it found no
-    CUDA driver: then it only restates that there is no GPU. On a machine with a driver it stays,
-    because there it means something is broken.
+    absl messages below ``min_level`` go, with their continuation lines (up to the next absl line,
+    Python warning or traceback) and absl's banner about logging before its initialisation. FATAL
+    messages and lines that follow no dropped absl line (Python warnings, other libraries'
+    messages) stay. CUDA's "failed call to cuInit" error also goes when, in the same capture,
+    TensorFlow said it found no CUDA driver: then it only restates that there is no GPU. On a
+    machine with a driver it stays, because there it means something is broken.
     """
     lines = text.splitlines(keepends=True)
     no_driver = any(_NO_CUDA_DRIVER in line for line in lines)
