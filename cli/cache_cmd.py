@@ -134,7 +134,8 @@ def verify_cmd(
 def _verify_with_bar(file: Path) -> dict:
     from rich.progress import Progress
 
-    with Progress(transient=True, console=Console(stderr=True)) as bar:
+    console = Console(stderr=True)
+    with Progress(transient=True, console=console, disable=not console.is_interactive) as bar:
         task = bar.add_task("verifying", total=None)
         return fc.verify(file, progress=lambda ev: bar.update(task, completed=ev.done, total=ev.total))
 

@@ -128,7 +128,8 @@ def inspect_cmd(
 
     dataset = discover(data, manifest)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=err_console, transient=True, disable=as_json) as progress:
+                  console=err_console, transient=True,
+                  disable=as_json or not err_console.is_interactive) as progress:
         info = inspect(dataset, progress=_HashBar(progress))
     if as_json:
         typer.echo(json.dumps(info, indent=2))

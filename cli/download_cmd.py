@@ -111,7 +111,8 @@ def kermany(
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                TimeRemainingColumn())
     # Bars only on a terminal: in logs and CI they would be noise (errors and tables still print).
-    with Progress(*columns, console=err_console, transient=True, disable=not err_console.is_terminal) as bars:
+    quiet = not err_console.is_interactive
+    with Progress(*columns, console=err_console, transient=True, disable=quiet) as bars:
         result = download_kermany(
             dest, source=source, url=url, sha256=sha256 or None, force=force, timeout=timeout,
             tfrecord_features=TFRecordFeatures(image=image_key, label=label_key, filename=filename_key),

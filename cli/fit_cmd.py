@@ -168,6 +168,7 @@ def register(app: typer.Typer) -> None:
                 TextColumn("{task.fields[msg]}"),
                 console=console,
                 transient=True,
+                disable=not console.is_interactive,  # in a pipe it would only leave an empty line
             ) as bar:
                 ids: dict[str, int] = {}
 

@@ -20,6 +20,7 @@ def _summary(result) -> None:
             f"[bold]extract[/] {escape(ex.cache_path.name)}: {ex.rows_computed} rows computed, "
             f"{ex.rows_reused} reused, {len(ex.skipped)} file(s) skipped",
             highlight=False,
+            soft_wrap=True,  # one line per stage, whatever the terminal's width (log greps find it)
         )
         for rel, reason in ex.skipped[:3]:  # the first bad files
             console.print(f"  skipped {escape(str(rel))}: {escape(str(reason))}", highlight=False)

@@ -30,6 +30,8 @@ def progress_display(console: Console) -> Progress:
         TextColumn("{task.description}"),
         console=console,
         transient=True,
+        # Off where it cannot animate (pipes, CI logs, TERM=dumb): there rich would only print an empty line.
+        disable=not console.is_interactive,
     )
 
 

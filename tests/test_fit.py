@@ -292,7 +292,9 @@ def test_cli_fit_table(setup, capsys) -> None:
 def test_cli_config_errors(setup, capsys, extra: list[str], needle: str) -> None:
     root, cache_dir, runs_dir = setup
     assert cli(_fit_cmd(root, cache_dir, runs_dir, *extra)) != 0
-    err = " ".join(capsys.readouterr().err.split())
+    raw = capsys.readouterr().err
+    assert raw.startswith("error:"), raw  # the error first: no empty line left by a progress bar
+    err = " ".join(raw.split())
     assert needle in err and "Traceback" not in err and err.count("error:") == 1
 
 

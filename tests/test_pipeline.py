@@ -89,6 +89,8 @@ def test_demo_with_random_weights(tmp_path, capsys):
     report = tmp_path / "reports" / "report.html"
     assert report.is_file() and str(report) in out.out.replace("\n", "")
     assert "0 file(s) skipped" in " ".join(out.out.split())  # the attribution file is not in the dataset
+    first = out.out.splitlines()[0]  # the first line is the extract's summary, whole (no wrapping, no blank)
+    assert first.startswith("extract ") and first.endswith("file(s) skipped"), out.out
     html = report.read_text()
     assert "TRAINING split" in html and "--weights none" in html
     board = json.loads((tmp_path / "reports" / "leaderboard.json").read_text())["runs"]

@@ -347,6 +347,7 @@ def test_cli_report(sweep, tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert (out / "report.html").is_file() and "report.html" in captured.out.replace("\n", "")
+    assert captured.out.startswith("Report written"), captured.out  # no empty line from the progress bar
     code = run(["report", "--runs-dir", str(tmp_path / "missing"), "--out", str(out)])
     err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
     assert code != 0 and "does not exist" in err and "Traceback" not in err
