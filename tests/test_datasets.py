@@ -190,6 +190,13 @@ def test_missing_empty_and_useless_folders(tmp_path):
     (tmp_path / "junk" / "a" / "README.txt").write_text("hi")
     with pytest.raises(DataError, match=r"1 files skipped, e\.g\. 'a/README.txt'"):
         discover(tmp_path / "junk")
+    # one class's folder passed instead of the dataset: the error names the folder above it
+    for i in range(2):
+        write_xray(tmp_path / "ds" / "train" / "NORMAL" / f"n{i}.jpeg", seed=i)
+    (tmp_path / "ds" / "train" / "NORMAL" / "Thumbs.db").write_bytes(b"x")
+    with pytest.raises(DataError) as exc:
+        discover(tmp_path / "ds" / "train" / "NORMAL")
+    assert "2 images" in str(exc.value) and str(exc.value).endswith(f"'{tmp_path / 'ds' / 'train'}'.")
     (tmp_path / "file.png").write_bytes(b"x")
     with pytest.raises(DataError, match="is not a folder"):
         discover(tmp_path / "file.png")
