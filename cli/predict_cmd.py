@@ -14,13 +14,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+MAX_SKIPPED_SHOWN = 20
+
 
 def register(app: typer.Typer) -> None:
     """Add `featcache predict` to the root app."""
 
     @app.command("predict")
     def predict_cmd(
-        images: list[Path] = typer.Argument(..., help="Image files to classify."),
+        images: list[Path] = typer.Argument(..., help="Image files, or folders of them, to classify."),
         run: str = typer.Option(..., "--run", help="Run id (see `featcache runs ls`)."),
         runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where runs are stored."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
@@ -28,10 +30,15 @@ def register(app: typer.Typer) -> None:
             [], "--backbone-file",
             help="Weights file or saved model the run's backbone was built from (matched by SHA-256).",
         ),
+        strict: bool = typer.Option(
+            False, "--strict", help="Exit non-zero if any image is skipped (the others are still classified)."
+        ),
     ) -> None:
         """Classify images with a trained run (its backbone settings, head and chosen threshold).
 
-        Example: featcache predict xray1.jpeg xray2.jpeg --run 20250101-120000-logreg-0123abcd --json
+        Example: featcache predict xray1.jpeg new_xrays/ --run 20250101-120000-logreg-0123abcd --json
+
+        Images that cannot be read or decoded are skipped and listed with their reason.
         """
         from featcache.predict import predict
 
@@ -39,22 +46,37 @@ def register(app: typer.Typer) -> None:
         out = predict(images, run, runs_dir, backbone_files=backbone_file)
         if as_json:
             typer.echo(json.dumps(out, indent=2))
-            return
-        thr = out["threshold"]
-        title = f"run {escape(out['run'])}" + (
-            f" (threshold {thr:.3f} on P({escape(out['classes'][1])}))" if thr is not None else ""
+        else:
+            _print_table(out)
+        if strict and out["skipped"]:
+            raise typer.Exit(1)
+
+
+def _print_table(out: dict) -> None:
+    """Predictions as a table, then the skipped images with their reasons (on stderr)."""
+    thr = out["threshold"]
+    title = f"run {escape(out['run'])}" + (
+        f" (threshold {thr:.3f} on P({escape(out['classes'][1])}))" if thr is not None else ""
+    )
+    table = Table(title=title)
+    table.add_column("image", overflow="fold")
+    for c in out["classes"]:
+        table.add_column(f"P({escape(c)})", justify="right")
+    table.add_column("label")
+    table.add_column("features")
+    for p in out["predictions"]:
+        table.add_row(
+            escape(p["image"]),
+            *[f"{p['probabilities'][c]:.3f}" for c in out["classes"]],
+            f"[bold]{escape(p['label'])}[/]",
+            "cache" if p["from_cache"] else "backbone",
         )
-        table = Table(title=title)
-        table.add_column("image", overflow="fold")
-        for c in out["classes"]:
-            table.add_column(f"P({escape(c)})", justify="right")
-        table.add_column("label")
-        table.add_column("features")
-        for p in out["predictions"]:
-            table.add_row(
-                escape(p["image"]),
-                *[f"{p['probabilities'][c]:.3f}" for c in out["classes"]],
-                f"[bold]{escape(p['label'])}[/]",
-                "cache" if p["from_cache"] else "backbone",
-            )
-        Console().print(table)
+    Console().print(table)
+    skipped = out["skipped"]
+    if skipped:
+        err = Console(stderr=True)
+        err.print(f"[yellow]{len(skipped)} image(s) skipped:[/]")
+        for s in skipped[:MAX_SKIPPED_SHOWN]:
+            err.print(f"  {escape(s['image'])}: {escape(s['reason'])}", highlight=False, soft_wrap=True)
+        if len(skipped) > MAX_SKIPPED_SHOWN:
+            err.print(f"  ... and {len(skipped) - MAX_SKIPPED_SHOWN} more (use --json for the full list)")

@@ -155,6 +155,15 @@ class Backbone:
         self._channels = channels
         self._fixed_batch: int | None = None
 
+    def fix_batch_size(self, n: int) -> None:
+        """Compile for batches of ``n`` before the first call, whatever size that call has.
+
+        Why: callers that feed uneven batches (predict, where part of each chunk comes from the cache)
+        would otherwise fix a tiny batch on a small first call and then split every later batch into it.
+        """
+        if self._fixed_batch is None:
+            self._fixed_batch = max(1, int(n))
+
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """Features of a uint8 [B, H, W, 3] batch as float32 [B, D].
 

@@ -24,24 +24,49 @@ from featcache.metrics import predict_labels
 from featcache.progress import ProgressFn, emit
 from featcache.runs import Run, load_head, load_run
 
+PREDICT_CHUNK = 64
+"""Images read, decoded and classified together: bounds memory (full-size originals are megabytes each)
+and is the backbone's compiled batch size."""
 
-def _read_images(images: Sequence[str | Path]) -> list[tuple[str, bytes, str]]:
-    """(path, bytes, sha256) of each image; DataError for a missing or unreadable file."""
-    out = []
+
+def expand_images(images: Sequence[str | Path]) -> list[str]:
+    """The image paths to classify: files as given, folders replaced by the image files below them.
+
+    Why folders: "classify this folder of new X-rays" is the common case, and a shell glob over
+    thousands of files can exceed the argument limit. Hidden entries are left out, as discovery does;
+    a missing path is kept so that it is reported as skipped, not silently dropped.
+    """
+    from featcache.datasets import IMAGE_EXTENSIONS
+
+    out: list[str] = []
     for img in images:
         p = Path(os.fsdecode(img))
-        try:
-            data = p.read_bytes()
-        except FileNotFoundError:
-            raise DataError(f"image {os.fsdecode(p)} does not exist; check the path.") from None
-        except IsADirectoryError:
-            raise DataError(f"{os.fsdecode(p)} is a folder, not an image; pass image files.") from None
-        except OSError as exc:
-            raise DataError(
-                f"cannot read image {os.fsdecode(p)} ({exc.strerror}); check its permissions."
-            ) from None
-        out.append((os.fsdecode(p), data, sha256_bytes(data)))
+        if not p.is_dir():
+            out.append(os.fsdecode(p))
+            continue
+        found = []
+        for dirpath, dirnames, filenames in os.walk(p):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            found += [os.path.join(dirpath, f) for f in filenames
+                      if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+        if not found:
+            out.append(os.fsdecode(p))  # reported as "a folder with no image files"
+        out += sorted(found)
     return out
+
+
+def _read_image(path: str) -> tuple[str, bytes, str] | str:
+    """(path, bytes, sha256), or the reason the file cannot be used."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        return "does not exist"
+    except IsADirectoryError:
+        return "a folder with no image files"
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    return path, data, sha256_bytes(data)
 
 
 def _backbone_config(cache: dict, backbone_files: Sequence[str | Path] = ()) -> Any:
@@ -84,8 +109,9 @@ def _backbone_config(cache: dict, backbone_files: Sequence[str | Path] = ()) -> 
 class _Extractor:
     """Features of one run cache for given images: cached rows first, the backbone for the rest."""
 
-    def __init__(self, cache: dict, backbone_files: Sequence[str | Path] = ()) -> None:
+    def __init__(self, cache: dict, backbone_files: Sequence[str | Path] = (), batch_size: int = 1) -> None:
         self.cache = cache
+        self.batch_size = batch_size
         self.backbone_files = list(backbone_files)
         self.backbone: Any = None
         self.reader_index: dict | None = None
@@ -113,6 +139,7 @@ class _Extractor:
             from featcache.backbones import build_backbone
 
             bb = build_backbone(_backbone_config(self.cache, self.backbone_files))
+            bb.fix_batch_size(self.batch_size)
             want = self.cache.get("weights_digest")
             if want and bb.weights_digest != want:
                 raise RunError(
@@ -122,8 +149,11 @@ class _Extractor:
             self.backbone = bb
         return self.backbone
 
-    def features(self, items: list[tuple[str, bytes, str]], view: str) -> tuple[np.ndarray, np.ndarray]:
-        """[n, D] features and a bool mask of rows that came from the cache."""
+    def features(
+        self, items: list[tuple[str, bytes, str]], view: str
+    ) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+        """[n, D] features, a bool mask of rows that came from the cache, and {index: reason} of the
+        images that could not be decoded (their rows are left at zero)."""
         keys = [k for _, _, k in items]
         dim = int(self.cache.get("feature_dim") or 0)
         from_cache = (
@@ -134,6 +164,7 @@ class _Extractor:
         out = np.zeros((len(keys), dim), dtype=np.float32)
         if from_cache.any():
             out[from_cache] = self._reader.get([k for k, c in zip(keys, from_cache, strict=True) if c], view)
+        bad: dict[int, str] = {}
         todo = np.flatnonzero(~from_cache)
         if len(todo):
             from featcache.images import ImageDecodeError, decode_image, parse_views
@@ -143,17 +174,45 @@ class _Extractor:
             size = int(cfg.get("image_size") or bb.input_size)
             resize = str(cfg.get("resize", "squash"))
             the_view = parse_views([view])[0]
-            batch = []
+            batch, rows = [], []
             for i in todo:
-                path, data, _ = items[i]
                 try:
-                    batch.append(the_view.apply(decode_image(data, (size, size), resize)))
+                    batch.append(the_view.apply(decode_image(items[i][1], (size, size), resize)))
+                    rows.append(i)
                 except ImageDecodeError as exc:
-                    raise DataError(
-                        f"cannot decode image {path} ({exc.reason}); pass a readable image file."
-                    ) from None
-            out[todo] = bb(np.stack(batch))
-        return out, from_cache
+                    bad[int(i)] = f"cannot decode: {exc.reason}"
+            if batch:
+                out[rows] = bb(np.stack(batch))
+        return out, from_cache, bad
+
+
+def _predict_chunk(
+    items: list[tuple[str, bytes, str]], extractors: list[_Extractor], views: list[str], model: Any
+) -> tuple[list[int], np.ndarray, np.ndarray, dict[int, str]]:
+    """Averaged probabilities of one chunk: (indices used, proba, from-cache mask, {index: reason})."""
+    bad: dict[int, str] = {}
+    good = list(range(len(items)))
+    total: np.ndarray | None = None
+    cached = np.ones(len(items), dtype=bool)
+    for view in views:
+        sub = [items[i] for i in good]
+        parts = [ex.features(sub, view) for ex in extractors]
+        new_bad = {good[j]: why for p in parts for j, why in p[2].items()}
+        if new_bad and view != views[0]:  # the first view decoded every image already
+            raise DataError(f"image {items[min(new_bad)][0]} decoded once but not for view {view}.")
+        keep = [j for j in range(len(sub)) if good[j] not in new_bad]
+        X = np.concatenate([p[0][keep] for p in parts], axis=1)
+        if view == views[0]:
+            for p in parts:
+                cached[good] &= p[1]
+            bad.update(new_bad)
+            good = [good[j] for j in keep]
+        if good:
+            proba = np.asarray(model.predict_proba(X), dtype=np.float64)
+            total = proba if total is None else total + proba
+    if total is None:
+        return [], np.zeros((0, 0)), cached[:0], bad
+    return good, total / len(views), cached[good], bad
 
 
 def predict(
@@ -163,55 +222,74 @@ def predict(
     progress: ProgressFn | None = None,
     backbone_files: Sequence[str | Path] = (),
 ) -> dict:
-    """Class probabilities and labels of ``images`` with run ``run_id``.
+    """Class probabilities and labels of ``images`` (files, or folders of image files) with run ``run_id``.
 
-    Returns {"run": id, "classes", "threshold", "predictions": [{"image", "key", "probabilities",
-    "label", "from_cache"}]}. RunError for an unknown run or a tampered model file.
+    Returns {"run": id, "classes", "threshold", "task", "predictions": [{"image", "key",
+    "probabilities", "label", "from_cache"}], "skipped": [{"image", "reason"}]}. A missing, unreadable
+    or undecodable image is skipped with its reason and the others are still classified (as extract
+    does); DataError only when no image at all can be used. RunError for an unknown run or a tampered
+    model file. Images go through in chunks of PREDICT_CHUNK, so memory does not grow with their number.
     ``backbone_files``: the weights file / saved model of a run whose backbone came from a file (matched
     by SHA-256); only needed for images that are not already in the run's caches.
     """
     run: Run = load_run(runs_dir, run_id)
     model = load_head(run)  # sha256 of every model file checked first
-    if not images:
+    paths = expand_images(images)
+    if not paths:
         raise DataError("give at least one image to predict.")
-    items = _read_images(images)
     classes = list(run.info.get("classes") or [])
     views = ["orig"] + (list(run.info.get("tta_views") or []) if run.info.get("tta") else [])
-    extractors = [_Extractor(c, backbone_files) for c in run.info.get("caches", [])]
+    # The backbone's compiled batch: a chunk, or all images when fewer (one new image is not padded to 64).
+    batch = min(PREDICT_CHUNK, len(paths))
+    extractors = [_Extractor(c, backbone_files, batch) for c in run.info.get("caches", [])]
     if not extractors:
         raise RunError(f"run '{run.id}' records no feature caches; fit it again.")
+    thr = (run.info.get("threshold") or {}).get("chosen") if len(classes) == 2 else None
+    preds: list[dict] = []
+    skipped: list[tuple[int, dict]] = []  # (position in paths, entry): listed in the order given
     try:
-        total = np.zeros((len(items), len(classes)))
-        cached = np.ones(len(items), dtype=bool)
-        for i, view in enumerate(views):
-            emit(progress, "predict", i, len(views), f"view {view}")
-            parts = [ex.features(items, view) for ex in extractors]
-            X = np.concatenate([p[0] for p in parts], axis=1)
-            if view == "orig":
-                for p in parts:
-                    cached &= p[1]
-            total += np.asarray(model.predict_proba(X), dtype=np.float64)
-        emit(progress, "predict", len(views), len(views))
+        for start in range(0, len(paths), PREDICT_CHUNK):
+            emit(progress, "predict", start, len(paths), "classifying images")
+            items: list[tuple[str, bytes, str]] = []
+            where: list[int] = []
+            for pos, path in enumerate(paths[start:start + PREDICT_CHUNK], start):
+                got = _read_image(path)
+                if isinstance(got, str):
+                    skipped.append((pos, {"image": path, "reason": got}))
+                else:
+                    items.append(got)
+                    where.append(pos)
+            if not items:
+                continue
+            good, proba, cached, bad = _predict_chunk(items, extractors, views, model)
+            skipped += [(where[i], {"image": items[i][0], "reason": why}) for i, why in bad.items()]
+            labels = predict_labels(proba, thr) if good else []
+            preds += [
+                {
+                    "image": items[i][0],
+                    "key": items[i][2],
+                    "probabilities": {c: float(proba[r, j]) for j, c in enumerate(classes)},
+                    "label": classes[int(labels[r])],
+                    "from_cache": bool(cached[r]),
+                }
+                for r, i in enumerate(good)
+            ]
+        emit(progress, "predict", len(paths), len(paths))
     finally:
         for ex in extractors:
             ex.close()
-    proba = total / len(views)
-    thr = (run.info.get("threshold") or {}).get("chosen") if len(classes) == 2 else None
-    labels = predict_labels(proba, thr)
-    preds = [
-        {
-            "image": path,
-            "key": key,
-            "probabilities": {c: float(proba[i, j]) for j, c in enumerate(classes)},
-            "label": classes[int(labels[i])],
-            "from_cache": bool(cached[i]),
-        }
-        for i, (path, _, key) in enumerate(items)
-    ]
+    skipped_list = [entry for _, entry in sorted(skipped, key=lambda t: t[0])]
+    if not preds:
+        first = skipped_list[0]
+        raise DataError(
+            f"none of the {len(paths)} image(s) could be classified (e.g. {first['image']}: "
+            f"{first['reason']}); pass readable image files or folders of them."
+        )
     return {
         "run": run.id,
         "classes": classes,
         "threshold": thr,
         "task": run.info.get("task"),
         "predictions": preds,
+        "skipped": skipped_list,
     }

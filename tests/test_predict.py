@@ -12,7 +12,7 @@ from featcache.cli.app import run as cli
 
 from featcache.backbones import BackboneConfig
 from featcache.datasets import discover
-from featcache.errors import RunError
+from featcache.errors import DataError, RunError
 from featcache.extract import ExtractOptions, extract
 from featcache.fit import FitOptions, fit
 from featcache.predict import predict
@@ -140,3 +140,39 @@ def test_weights_file_backbone_is_matched_by_sha256(tmp_path: Path) -> None:
     assert predict([known], run_id, runs_dir)["predictions"][0]["from_cache"]
     assert cli(["predict", str(new), "--run", run_id, "--runs-dir", str(runs_dir),
                 "--backbone-file", str(wfile), "--json"]) == 0
+
+
+def test_bad_images_are_skipped_and_folders_expanded(trained, tmp_path: Path, capsys, monkeypatch) -> None:
+    """One bad file does not cost the others their predictions; chunks give the same numbers as one call."""
+    import featcache.predict as fp
+
+    root, runs_dir, run_id = trained
+    folder = root / "test" / "PNEUMONIA"  # cached rows, read as a folder of images
+    new = write_xray(tmp_path / "new" / "a.jpeg", 7, size=40)  # needs the backbone
+    (tmp_path / "new" / "notes.txt").write_text("not an image, not listed")
+    bad = tmp_path / "bad.jpeg"
+    bad.write_bytes(new.read_bytes()[:200])  # truncated JPEG
+    missing = tmp_path / "missing.png"
+    whole = predict([folder, tmp_path / "new", bad, missing], run_id, runs_dir)
+    names = [Path(p["image"]).name for p in whole["predictions"]]
+    assert names == sorted(f.name for f in folder.iterdir()) + ["a.jpeg"]
+    assert [(Path(s["image"]).name, s["reason"].split(":")[0]) for s in whole["skipped"]] == [
+        ("bad.jpeg", "cannot decode"), ("missing.png", "does not exist")]
+    # in chunks of 2 (a chunk of only cached rows, one of a cached row and the bad file, ...) nothing moves
+    monkeypatch.setattr(fp, "PREDICT_CHUNK", 2)
+    chunked = predict([folder, tmp_path / "new", bad, missing], run_id, runs_dir)
+    assert [p["image"] for p in chunked["predictions"]] == [p["image"] for p in whole["predictions"]]
+    for a, b in zip(chunked["predictions"], whole["predictions"], strict=True):
+        assert a["from_cache"] == b["from_cache"] and a["label"] == b["label"]
+        assert a["probabilities"]["PNEUMONIA"] == pytest.approx(b["probabilities"]["PNEUMONIA"], abs=1e-5)
+    assert chunked["skipped"] == whole["skipped"]
+    # the CLI prints what it could and lists the rest; --strict makes the skip an exit status
+    args = ["predict", str(new), str(bad), "--run", run_id, "--runs-dir", str(runs_dir)]
+    assert cli(args) == 0
+    captured = capsys.readouterr()
+    assert "a.jpeg" in captured.out and "1 image(s) skipped" in captured.err and "bad.jpeg" in captured.err
+    assert cli([*args, "--strict", "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["skipped"][0]["image"] == str(bad)
+    # nothing usable at all is an error, with the first reason
+    with pytest.raises(DataError, match="none of the 2 image.*does not exist"):
+        predict([missing, tmp_path / "empty_dir_missing"], run_id, runs_dir)
