@@ -85,7 +85,9 @@ def register(app: typer.Typer) -> None:
         task: str = typer.Option(None, "--task", help="binary | 3class | folders (default binary)."),
         grid: list[str] = typer.Option([], "--grid", help="KEY=V1,V2 (repeatable): replaces that key's "
                                        "values in the head's default grid (or the preset / grid file)."),
-        grid_file: Path = typer.Option(None, "--grid-file", help="TOML file with [grid] or [[grid]] tables."),
+        grid_file: Path = typer.Option(  # brackets escaped: rich markup would swallow "[grid]"
+            None, "--grid-file", help="TOML file with \\[grid] or \\[\\[grid]] tables of KEY = \\[values]."
+        ),
         preset: str = typer.Option(
             None, "--preset", help="mao2018 | laban2021 | vazquez2021 | aucouturier2020."
         ),

@@ -1,0 +1,33 @@
+"""Every command's help text survives rich markup: nothing in square brackets is swallowed as a tag."""
+from __future__ import annotations
+
+import re
+
+import typer
+from featcache.cli.app import app
+from rich.text import Text
+
+STYLE_TAG = re.compile(r"(?<!\\)\[/?(bold|dim|italic|red|green|yellow|cyan)?\]")  # markup used on purpose
+
+
+def _commands(cmd, path: str = "featcache"):  # noqa: ANN001 - typer's (vendored) click command
+    yield path, cmd
+    for name, sub in (getattr(cmd, "commands", None) or {}).items():
+        yield from _commands(sub, f"{path} {name}")
+
+
+def test_help_texts_keep_their_brackets() -> None:
+    """The app uses rich_markup_mode="rich", so "[grid]" in a help string would print as "" unless escaped."""
+    root = typer.main.get_command(app)
+    eaten = []
+    texts = 0
+    for path, cmd in _commands(root):
+        texts_of = [("help", cmd.help or "")] + [(p.name, getattr(p, "help", None) or "") for p in cmd.params]
+        for where, raw in texts_of:
+            texts += 1
+            shown = Text.from_markup(raw).plain
+            meant = STYLE_TAG.sub("", raw).replace("\\[", "[")  # what the author meant the reader to see
+            if shown != meant:
+                eaten.append(f"{path} {where}: {raw!r} shows as {shown!r}")
+    assert texts > 100  # every command and option was visited
+    assert not eaten, "\n".join(eaten)
