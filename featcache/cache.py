@@ -583,6 +583,31 @@ def find_caches(cache_dir: Path, *, dataset_root: Path | None = None, backbone: 
     return found
 
 
+def unreadable_caches(cache_dir: Path, *, dataset_root: Path | None = None,
+                      backbone: str | None = None) -> list[Path]:
+    """Cache files (by name) in ``cache_dir`` that find_caches skips because they cannot be read.
+
+    Why: when no cache matches, "run extract first" is the wrong advice if the matching cache is there
+    but truncated or corrupt (extract itself refuses to overwrite it). The name carries the dataset
+    folder and backbone slugs, so those narrow the list without opening anything twice.
+    """
+    cache_dir = Path(cache_dir)
+    if not cache_dir.is_dir():
+        return []
+    prefix = f"{_slug(Path(dataset_root).resolve().name)}__" if dataset_root is not None else ""
+    part = f"__{_slug(backbone)}-" if backbone is not None else ""
+    out = []
+    for path in sorted(cache_dir.glob("*.h5")):
+        if not parse_cache_name(path) or not path.name.startswith(prefix) or part not in path.name:
+            continue
+        try:
+            with _open_h5(path, "r") as f:
+                _read_config(f, path)
+        except (CacheError, ValueError):
+            out.append(path)
+    return out
+
+
 def _same_setting(have: Any, want: Any) -> bool:
     """Equal as stored, or equal as text (so image_size "224" from a CLI flag matches 224)."""
     return _attr_value(have) == _attr_value(want) or str(_attr_value(have)) == str(_attr_value(want))

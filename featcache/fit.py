@@ -138,7 +138,7 @@ def _q(p: Any) -> str:
 
 def _pick_cache(data_root: Path, backbone: str, opts: FitOptions, keys: list[str]) -> Path:
     """The cache file of ``backbone`` for this dataset; CacheError with the extract command if none."""
-    from featcache.cache import CacheReader, find_caches
+    from featcache.cache import CacheReader, find_caches, unreadable_caches
 
     settings = {k: v for k, v in (("pooling", opts.pooling), ("image_size", opts.image_size)) if v}
     try:
@@ -146,6 +146,13 @@ def _pick_cache(data_root: Path, backbone: str, opts: FitOptions, keys: list[str
     except FileNotFoundError:
         found = []
     if not found:
+        broken = unreadable_caches(Path(opts.cache_dir), dataset_root=data_root, backbone=backbone)
+        if broken:
+            raise CacheError(
+                f"the feature cache {broken[0]} for backbone '{backbone}' is not a readable HDF5 file "
+                f"(truncated or corrupt); delete it or move it away, then run "
+                f"`{_extract_cmd(data_root, backbone, opts)}` again."
+            )
         raise CacheError(
             f"no feature cache for backbone '{backbone}' of {data_root} in {opts.cache_dir}; "
             f"run `{_extract_cmd(data_root, backbone, opts)}` first."
@@ -214,9 +221,33 @@ def _load_features(
                 if ok.any():
                     uniq, inv = np.unique(karr[ok], return_inverse=True)
                     X[ok] = np.asarray(reader.get(list(uniq), view), dtype=np.float32)[inv]
+                _refuse_non_finite(X, path, view)
                 parts.setdefault(view, []).append(X)
     views = {v: (avail[v], np.concatenate(parts[v], axis=1)) for v in parts if avail[v].any()}
     return _Features(views), caches
+
+
+FEATURE_LIMIT = 1e18
+"""Largest feature magnitude a fit accepts: squares of larger float32 values overflow (a scaler's variance,
+a Gram matrix), and no backbone produces them, so they can only come from a damaged cache file."""
+
+
+def _refuse_non_finite(X: np.ndarray, path: Path, view: str) -> None:
+    """CacheError for NaN, infinite or absurdly large features, instead of a traceback from deep in a head.
+
+    Checked in blocks of 256 rows so that no copy of a 500 MB matrix is made; ``cache verify`` then tells
+    which rows were changed after writing.
+    """
+    bad = 0
+    for start in range(0, X.shape[0], 256):
+        peak = np.abs(X[start:start + 256]).max(axis=1)  # NaN propagates through max
+        bad += int(np.sum(~(peak <= FEATURE_LIMIT)))
+    if bad:
+        raise CacheError(
+            f"cache {path} holds NaN, infinite or absurdly large (> {FEATURE_LIMIT:g}) '{view}' features "
+            f"in {bad} row(s); the file is damaged (`featcache cache verify {_q(path)}` lists the rows): "
+            "delete it and run the extraction again."
+        )
 
 
 def _hash_records(records: Sequence[Any], progress: ProgressFn | None) -> list[str]:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from conftest import write_xray
@@ -307,6 +308,22 @@ def test_missing_rows_and_3class_errors(tmp_path: Path, capsys) -> None:
     assert msg.startswith("3 of ") and "featcache extract --data" in msg and "--backbone fakenet" in msg
     with pytest.raises(CacheError, match="no feature cache for backbone 'vgg16'"):
         fit(root, "vgg16", "logreg", opts(tmp_path / "cache", tmp_path / "runs"))
+    # a cache that is there but truncated is named, not reported missing ("extract first" would not help)
+    broken = write_cache(root, tmp_path / "broken", name="fakenet")
+    broken.write_bytes(broken.read_bytes()[:2000])
+    with pytest.raises(CacheError) as exc:
+        fit(root, "fakenet", "logreg", opts(tmp_path / "broken", tmp_path / "runs"))
+    assert str(broken) in str(exc.value) and "not a readable HDF5 file" in str(exc.value)
+    with pytest.raises(CacheError, match="no feature cache for backbone 'othernet'"):  # only its backbone's
+        fit(root, "othernet", "logreg", opts(tmp_path / "broken", tmp_path / "runs"))
+    # damaged feature values (NaN, infinity, or 3e38 from overwritten bytes) are refused with the file named
+    for bad_value in (np.nan, np.inf, 3.4e38):
+        damaged = write_cache(root, tmp_path / f"damaged{bad_value}", name="fakenet")
+        with h5py.File(damaged, "r+") as h:
+            h["features"][2, 1] = bad_value
+        with pytest.raises(CacheError, match="NaN, infinite or absurdly large .* in 1 row") as exc:
+            fit(root, "fakenet", "logreg", opts(tmp_path / f"damaged{bad_value}", tmp_path / "runs"))
+        assert str(damaged) in str(exc.value) and "cache verify" in str(exc.value)
     folders = tmp_path / "pets"
     for i in range(4):
         write_xray(folders / "train" / "cat" / f"c{i}.png", i, 16)
