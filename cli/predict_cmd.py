@@ -49,7 +49,7 @@ def register(app: typer.Typer) -> None:
         else:
             _print_table(out)
         if strict and out["skipped"]:
-            raise typer.Exit(1)
+            raise typer.Exit(2)  # as extract --strict: the status of a user error
 
 
 def _print_table(out: dict) -> None:

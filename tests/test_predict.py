@@ -171,7 +171,7 @@ def test_bad_images_are_skipped_and_folders_expanded(trained, tmp_path: Path, ca
     assert cli(args) == 0
     captured = capsys.readouterr()
     assert "a.jpeg" in captured.out and "1 image(s) skipped" in captured.err and "bad.jpeg" in captured.err
-    assert cli([*args, "--strict", "--json"]) == 1
+    assert cli([*args, "--strict", "--json"]) == 2
     assert json.loads(capsys.readouterr().out)["skipped"][0]["image"] == str(bad)
     # nothing usable at all is an error, with the first reason
     with pytest.raises(DataError, match="none of the 2 image.*does not exist"):
