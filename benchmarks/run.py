@@ -159,6 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [b for b in only if b not in BENCHES]
     if unknown:
         ap.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHES)}")
+    if {"extract", "mlp"} & set(only):  # the benchmarks that import TensorFlow: its start-up lines filtered
+        try:
+            from featcache.cli.native_log import import_backend_quietly
+        except ImportError:  # featcache on PYTHONPATH from a source tree: no CLI package
+            pass
+        else:
+            import_backend_quietly()
     out = run_all(args.quick, args.data, only, args.mlp_epoch_scale, args.mlp_noise_configs,
                   args.mlp_extra_seeds, args.extract_repeats, args.logreg_repeats)
     if args.json:
