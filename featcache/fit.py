@@ -232,6 +232,16 @@ FEATURE_LIMIT = 1e18
 a Gram matrix), and no backbone produces them, so they can only come from a damaged cache file."""
 
 
+MAX_SEED = 2**31 - 1
+"""Largest --seed: numpy and Keras take seeds below 2**32, and runs derive more seeds by adding offsets."""
+
+
+def check_seed(seed: int) -> None:
+    """ConfigError for a seed the random generators would reject mid-run (negative or too large)."""
+    if not 0 <= int(seed) <= MAX_SEED:
+        raise ConfigError(f"--seed must be between 0 and {MAX_SEED}, got {seed}.")
+
+
 def _refuse_non_finite(X: np.ndarray, path: Path, view: str) -> None:
     """CacheError for NaN, infinite or absurdly large features, instead of a traceback from deep in a head.
 
@@ -434,6 +444,7 @@ def fit(
             backbones = [preset.options["backbone"]]
     if not head:
         raise ConfigError("choose a head with --head (logreg, mlp, svm or knn) or a --preset.")
+    check_seed(opts.seed)
     task = opts.task or (preset.task if preset and preset.task else "binary")
     balance = opts.balance or "none"
     if balance not in BALANCE_MODES:

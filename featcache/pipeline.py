@@ -101,7 +101,7 @@ def run_pipeline(
     from featcache.backbones import BackboneConfig
     from featcache.datasets import discover
     from featcache.extract import ExtractOptions, extract
-    from featcache.fit import FitOptions, fit
+    from featcache.fit import FitOptions, check_seed, fit
     from featcache.report import ReportOptions, build_report
 
     if not backbones:
@@ -112,6 +112,7 @@ def run_pipeline(
     dataset = discover(data, getattr(fit_options, "manifest", None))
     routed = split_grid_args(grid_args, heads)
     fopts = fit_options or FitOptions()
+    check_seed(fopts.seed)  # before the extraction, not an hour later in the fit
     for i, name in enumerate(backbones):
         emit(progress, "pipeline", i, len(backbones) + len(heads) + 1, f"extracting {name}")
         bb = BackboneConfig(name=name, weights=weights, seed=fopts.seed)

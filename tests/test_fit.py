@@ -289,6 +289,7 @@ def test_cli_fit_table(setup, capsys) -> None:
     (["--head", "knn", "--task", "folders", "--metric", "speed"], "--metric"),
     (["--head", "mlp", "--mlp-precision", "fp8"], "--mlp-precision"),
     (["--head", "mlp", "--mlp-trainer", "torch"], "--mlp-trainer"),
+    (["--head", "logreg", "--seed", "-3"], "--seed must be between 0 and"),
 ])
 def test_cli_config_errors(setup, capsys, extra: list[str], needle: str) -> None:
     root, cache_dir, runs_dir = setup

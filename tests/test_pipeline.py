@@ -47,6 +47,16 @@ def test_grid_args_are_routed_to_the_heads_that_have_them():
         split_grid_args(["colour=red"], ["logreg"])
 
 
+def test_bad_seed_is_refused_before_the_extraction(kermany_tree, tmp_path):
+    from featcache.fit import FitOptions
+    from featcache.pipeline import run_pipeline
+
+    with pytest.raises(ConfigError, match="--seed must be between 0 and"):
+        run_pipeline(kermany_tree, ["mobilenet-0.75"], ["logreg"], weights="none", cache_dir=tmp_path / "c",
+                     runs_dir=tmp_path / "r", reports_dir=tmp_path / "rep", fit_options=FitOptions(seed=-1))
+    assert not (tmp_path / "c").exists()  # nothing was extracted
+
+
 def test_run_end_to_end(kermany_tree, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code = run(
