@@ -151,7 +151,7 @@ def extract_cmd(
     strict: bool = typer.Option(
         False, "--strict", help="Exit non-zero if any file is skipped (the good ones are still cached)."),
     wait: float | None = typer.Option(
-        None, "--wait", help="Seconds to wait if another process writes the same cache file."),
+        None, "--wait", min=0, help="Seconds to wait if another process writes the same cache file."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
 ) -> None:
     """Extract frozen-CNN features of every image into a resumable HDF5 cache (help text: HELP)."""

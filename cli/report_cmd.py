@@ -107,7 +107,7 @@ def register(app: typer.Typer) -> None:
             "e.g. lr,batch_size (default: the two that vary most).",
         ),
         detail: int = typer.Option(
-            3, "--detail", help="How many top runs get confusion matrices, ROC and curves."
+            3, "--detail", min=0, help="How many top runs get confusion matrices, ROC and curves."
         ),
         inspect: bool = typer.Option(
             True,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,8 +89,33 @@ def parse_class_weight(raw: Any) -> str | dict[int, float]:
     return out
 
 
+_POSITIVE = (lambda v: v > 0, "a finite number above 0")
+_AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
+_NON_NEGATIVE = (lambda v: v >= 0, "0 or more")
+_RANGES: dict[str, tuple[Any, str]] = {
+    "C": _POSITIVE, "lr": _POSITIVE, "tol": _POSITIVE, "intercept_scaling": _POSITIVE, "gamma": _POSITIVE,
+    "epochs": _AT_LEAST_1, "batch_size": _AT_LEAST_1, "n_neighbors": _AT_LEAST_1, "max_iter": _AT_LEAST_1,
+    "l2": _NON_NEGATIVE, "lr_decay": _NON_NEGATIVE, "patience": _NON_NEGATIVE,
+    "reduce_lr_patience": _NON_NEGATIVE,
+    "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"), "l1_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+}
+"""Value ranges by parameter name (the same meaning in every head that has it). Why here: C=0, lr=-1 or
+epochs=0 would otherwise train nonsense or fail inside scikit-learn/Keras after the sweep started."""
+
+
+def _check_range(key: str, value: Any) -> Any:
+    rule = _RANGES.get(key)
+    if rule is None or isinstance(value, (bool, str)) or not isinstance(value, (int, float)):
+        return value
+    ok, what = rule
+    if not (math.isfinite(value) and ok(value)):
+        raise ConfigError(f"grid value {value!r} for '{key}' is out of range; it must be {what}.")
+    return value
+
+
 def coerce(key: str, raw: Any, typ: str) -> Any:
-    """Coerce ``raw`` to the schema type ``typ`` or raise ConfigError naming the key."""
+    """Coerce ``raw`` to the schema type ``typ`` or raise ConfigError naming the key (also for a value
+    outside the parameter's range, see ``_RANGES``)."""
     optional = typ.endswith("?")
     base = typ.rstrip("?")
     if raw is None or (isinstance(raw, str) and raw.strip().lower() in _NONE):
@@ -98,9 +124,10 @@ def coerce(key: str, raw: Any, typ: str) -> Any:
         raise ConfigError(f"grid parameter '{key}' does not accept None; give a {base} value.")
     for alt in base.split("|"):
         try:
-            return _coerce_one(key, raw, alt)
+            value = _coerce_one(key, raw, alt)
         except (ValueError, TypeError):
             continue
+        return _check_range(key, value)
     raise ConfigError(f"grid value {raw!r} for '{key}' is not a valid {base.replace('|', ' or ')}.")
 
 

@@ -31,12 +31,35 @@ def test_parse_grid_args_types() -> None:
     ("max_iter=none", "'max_iter'"),
     ("C", "KEY=V1,V2"),
     ("C=", "no values"),
+    ("C=0", "grid value 0.0 for 'C' is out of range; it must be a finite number above 0"),
+    ("C=1,-2", "-2.0 for 'C' is out of range"),
+    ("C=inf", "inf for 'C' is out of range"),
+    ("C=nan", "nan for 'C' is out of range"),
+    ("max_iter=0", "must be at least 1"),
+    ("patience=-1", "must be 0 or more"),
+    ("gamma=-0.5", "-0.5 for 'gamma' is out of range"),
 ])
 def test_parse_grid_errors_name_the_key(item: str, needle: str) -> None:
     with pytest.raises(ConfigError) as exc:
         parse_grid_args([item], SCHEMA)
     assert needle in str(exc.value)
     assert str(exc.value).count(".") >= 1 and "\n" not in str(exc.value)
+
+
+def test_ranges_apply_in_grid_files_and_every_head(tmp_path: Path) -> None:
+    from featcache.heads import get_head
+
+    f = tmp_path / "g.toml"
+    f.write_text("[grid]\nlr = [0.001, 0.0]\n")
+    with pytest.raises(ConfigError, match="0.0 for 'lr' is out of range"):
+        load_grid_file(f, get_head("mlp").schema)
+    for key, bad in [("epochs", "0"), ("batch_size", "0"), ("dropout", "1"), ("l2", "-1")]:
+        with pytest.raises(ConfigError, match=f"for '{key}' is out of range"):
+            parse_grid_args([f"{key}={bad}"], get_head("mlp").schema)
+    with pytest.raises(ConfigError, match="'n_neighbors' is out of range"):
+        parse_grid_args(["n_neighbors=0"], get_head("knn").schema)
+    # values at the edges stay valid
+    assert parse_grid_args(["dropout=0", "l2=0", "epochs=1"], get_head("mlp").schema)["dropout"] == [0.0]
 
 
 def test_expand_product_and_union() -> None:

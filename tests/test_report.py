@@ -353,6 +353,9 @@ def test_cli_report(sweep, tmp_path, capsys):
     assert code != 0 and "does not exist" in err and "Traceback" not in err
     code = run(["report", "--runs-dir", str(runs), "--out", str(out), "--group-by", "colour"])
     assert code != 0
+    code = run(["report", "--runs-dir", str(runs), "--out", str(out), "--heatmap", "lr,batchsize"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and "--heatmap names 'batchsize'" in err and "batch_size" in err
 
 
 def test_dataset_audit_from_existing_folder(tmp_path, kermany_tree):

@@ -762,6 +762,22 @@ def build_document(
     return doc
 
 
+def _check_heatmap_names(pair: tuple[str, str] | None, rows: list[dict], runs: Sequence[RunRecord]) -> None:
+    """ConfigError when --heatmap names a parameter that no selected run has (a typo such as
+    ``batchsize`` would otherwise fall back to the default heatmaps without a word)."""
+    if not pair:
+        return
+    names = {k for r in rows for k in r["params"]}
+    for rec in runs:
+        names |= {k for g in (_cv_grid(rec) or []) for k in g["params"]}
+    missing = [p for p in pair if p not in names]
+    if missing:
+        raise ConfigError(
+            f"--heatmap names '{missing[0]}', a parameter none of the selected runs has; "
+            f"theirs are: {', '.join(sorted(names)) or 'none'}."
+        )
+
+
 def build_report(
     runs_dir: str | Path = "runs",
     out_dir: str | Path = "reports",
@@ -791,6 +807,7 @@ def build_report(
         )
     emit(progress, "report", 0, len(runs), "computing metrics")
     rows = build_leaderboard(runs, options.metric, options.group_by, options.top)
+    _check_heatmap_names(options.heatmap, rows, runs)
     selected = {r["run_id"] for r in rows}
     n_selected = len(runs)
     runs = [r for r in runs if r.id in selected]
