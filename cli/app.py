@@ -58,6 +58,8 @@ def run(argv: list[str] | None = None) -> int:
         app(args=argv, prog_name="featcache", standalone_mode=True)
     except SystemExit as exc:  # typer/click exit normally through SystemExit
         code = exc.code
+        if code == 130:  # typer turns Ctrl-C into a silent Exit(130): say what was kept
+            _print_interrupted()
         return code if isinstance(code, int) else (0 if code is None else 1)
     except FeatcacheError as exc:
         sentence = str(exc).strip()
@@ -65,12 +67,14 @@ def run(argv: list[str] | None = None) -> int:
             sentence += "."  # one full sentence, whichever module raised it
         err_console.print(f"[bold red]error:[/] {escape(sentence)}", highlight=False)
         return exc.exit_code
-    except KeyboardInterrupt:
-        err_console.print(
-            "[bold red]interrupted:[/] finished work is saved; run the same command to resume."
-        )
+    except KeyboardInterrupt:  # typer versions that let it through
+        _print_interrupted()
         return 130
     return 0
+
+
+def _print_interrupted() -> None:
+    err_console.print("[bold red]interrupted:[/] finished work is saved; run the same command to resume.")
 
 
 def main() -> None:

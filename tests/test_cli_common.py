@@ -1,4 +1,4 @@
-"""Every command's help text survives rich markup: nothing in square brackets is swallowed as a tag."""
+"""CLI behaviour common to every command: help texts survive rich markup, Ctrl-C is reported."""
 from __future__ import annotations
 
 import re
@@ -31,3 +31,18 @@ def test_help_texts_keep_their_brackets() -> None:
                 eaten.append(f"{path} {where}: {raw!r} shows as {shown!r}")
     assert texts > 100  # every command and option was visited
     assert not eaten, "\n".join(eaten)
+
+
+def test_ctrl_c_exits_130_with_one_line_saying_work_is_kept(tmp_path, monkeypatch, capsys) -> None:
+    """typer turns KeyboardInterrupt into a silent exit 130; the CLI still says what happened."""
+    from featcache.cli.app import run
+
+    import featcache.datasets
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(featcache.datasets, "discover", interrupted)
+    assert run(["data", "inspect", str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "interrupted: finished work is saved; run the same command to resume."
