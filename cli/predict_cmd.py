@@ -40,10 +40,13 @@ def register(app: typer.Typer) -> None:
 
         Images that cannot be read or decoded are skipped and listed with their reason.
         """
+        from featcache.cli.report_cmd import make_callback, progress_display
+
         from featcache.predict import predict
 
         import_backend_quietly()
-        out = predict(images, run, runs_dir, backbone_files=backbone_file)
+        with progress_display(Console(stderr=True)) as bar:  # a folder of thousands of images takes a while
+            out = predict(images, run, runs_dir, backbone_files=backbone_file, progress=make_callback(bar))
         if as_json:
             typer.echo(json.dumps(out, indent=2))
         else:
