@@ -1,4 +1,4 @@
-"""`featcache runs ls`: list finished runs (id, backbone, head, task, params, val and test metric).
+"""`featcache runs ls` / `runs show ID`: finished runs as a list, or one run's full record.
 
 Only runs whose run.json says "done" are listed: a run killed half-way is never shown as a result.
 """
@@ -15,7 +15,8 @@ from rich.table import Table
 
 runs_app = typer.Typer(
     no_args_is_help=True,
-    help="List the runs stored by `featcache fit`.\n\nExample: featcache runs ls --runs-dir runs",
+    help="List the runs stored by `featcache fit`, or show one.\n\n"
+    "Example: featcache runs ls --runs-dir runs",
 )
 
 
@@ -55,6 +56,78 @@ def ls_cmd(
             fmt(r["test"]),
         )
     console.print(table)
+
+
+_METRICS = ("accuracy", "macro_f1", "auc", "sensitivity", "specificity", "log_loss")
+
+
+@runs_app.command("show")
+def show_cmd(
+    run_id: str = typer.Argument(..., help="Run id (see `featcache runs ls`)."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where runs are stored."),
+    as_json: bool = typer.Option(False, "--json", help="Print run.json and metrics.json as one JSON object."),
+) -> None:
+    """Show one run: what was trained on which cache, how it was selected, its metrics with CIs.
+
+    Example: featcache runs show 20250101-120000-logreg-0123abcd
+    """
+    from featcache.cli.fit_cmd import fmt, params_text
+
+    from featcache.runs import load_run
+
+    run = load_run(runs_dir, run_id)
+    info, metrics = run.info, run.metrics()
+    if as_json:
+        out = {"run": info, "metrics": metrics, "path": str(run.path)}
+        typer.echo(json.dumps(out, indent=2, default=str))
+        return
+    sel, thr, ds = info.get("selection") or {}, info.get("threshold") or {}, info.get("dataset") or {}
+    about = Table(title=f"run {escape(run.id)}", show_header=False)
+    about.add_column(style="bold")
+    about.add_column(overflow="fold")
+    rows = [
+        ("folder", str(run.path)),
+        ("finished", str(info.get("finished", "-"))),
+        ("command", " ".join(info.get("command") or []) or "-"),
+        ("head / task", f"{info.get('head')} / {info.get('task')} ({', '.join(info.get('classes') or [])})"),
+        ("params", params_text(info.get("params") or {})),
+        ("seed", str(info.get("seed"))),
+        ("dataset", f"{ds.get('root', '-')} ({ds.get('n_images', '?')} images, {ds.get('n_patients', '?')} "
+                    "patients)"),
+        ("selection", f"{sel.get('method', '-')} by {sel.get('group_by', '-')} on {info.get('metric')}; "
+                      f"train {sel.get('n_train_images', '?')}, validation {sel.get('n_val_images', '?')}, "
+                      f"test {sel.get('n_test_images', '?')} images"),
+        ("threshold", f"{fmt(thr.get('chosen'))} ({thr.get('method', '-')}, on {thr.get('chosen_on', '-')})"
+                      if thr else "-"),
+        ("tags", ", ".join(info.get("tags") or []) or "-"),
+    ]
+    for c in info.get("caches") or []:
+        rows.append((f"cache {c.get('name')}", f"{c.get('path')} (config {str(c.get('config_hash'))[:12]}, "
+                     f"{c.get('n_rows')} rows × {c.get('feature_dim')})"))
+    versions = info.get("versions") or {}
+    rows.append(("versions", ", ".join(f"{k} {v}" for k, v in versions.items()) or "-"))
+    for key, value in rows:
+        about.add_row(escape(key), escape(value))
+    scores = Table(title="metrics (threshold 0.5; test with 95% bootstrap CI over patients)")
+    scores.add_column("split")
+    scores.add_column("n", justify="right")
+    for name in _METRICS:
+        scores.add_column(name, justify="right")
+    for split in ("val", "test"):
+        m = metrics.get(split) or {}
+        if not m:
+            continue
+        ci = m.get("ci") or {}
+        cells = []
+        for name in _METRICS:
+            cell = fmt(m.get(name))
+            if name in ci and ci[name]:
+                cell += f" [{fmt(ci[name][0])}–{fmt(ci[name][1])}]"
+            cells.append(cell)
+        scores.add_row(split, str(m.get("n", "-")), *cells)
+    console = Console()
+    console.print(about)
+    console.print(scores)
 
 
 def register(app: typer.Typer) -> None:

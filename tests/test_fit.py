@@ -265,6 +265,17 @@ def test_runs_ls(setup, capsys) -> None:
     assert len(rows) == 1 and rows[0]["head"] == "knn" and rows[0]["val"] is not None
     assert cli(["runs", "ls", "--runs-dir", str(runs_dir)]) == 0
     assert "knn" in capsys.readouterr().out
+    # one run in full: its record and metrics, as JSON and as tables
+    run_id = rows[0]["id"]
+    assert cli(["runs", "show", run_id, "--runs-dir", str(runs_dir), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["run"]["id"] == run_id and shown["run"]["params"]["n_neighbors"] == 3
+    assert shown["metrics"]["val"]["accuracy"] == rows[0]["val"]
+    assert cli(["runs", "show", run_id, "--runs-dir", str(runs_dir)]) == 0
+    table = " ".join(capsys.readouterr().out.split())
+    assert "n_neighbors=3" in table and "fakenet" in table and "<img src=x>" in table and "val" in table
+    assert cli(["runs", "show", "nope", "--runs-dir", str(runs_dir)]) == 2
+    assert "no run 'nope'" in " ".join(capsys.readouterr().err.split())
 
 
 def test_cli_fit_table(setup, capsys) -> None:
