@@ -143,21 +143,24 @@ def _verify_with_bar(file: Path) -> dict:
 @cache_app.command("merge")
 def merge_cmd(
     shards: list[Path] = typer.Argument(..., help="Shard files written by `featcache extract --shard I/N`."),
-    out: Path = typer.Option(..., "--out", help="Merged file, or a folder to use the canonical file name."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Merged file, or a folder for the canonical name (default: the shards' folder)."
+    ),
     wait: float | None = typer.Option(None, "--wait", help="Seconds to wait while another process writes."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Combine shard files of one extraction into one cache file (one row per image and view).
 
-    Example: featcache cache merge cache/*.shard-*-of-2.h5 --out cache/
+    Example: featcache cache merge cache/*.shard-*-of-2.h5
     """
     result = fc.merge(shards, out, wait=wait)
     if as_json:
         _echo_json(result)
         return
     console = Console()
-    console.print(f"merged {len(shards)} shard(s) into {escape(result['out'])}: {result['n_rows']} rows "
-                  f"({result['rows_added']} added, {result['duplicates']} duplicates skipped)")
+    console.print(f"merged {result['n_shards']} shard(s) into {escape(result['out'])}: "
+                  f"{result['n_rows']} rows ({result['rows_added']} added, "
+                  f"{result['duplicates']} duplicates skipped)")
     if result["missing_shards"]:
         missing = ", ".join(map(str, result["missing_shards"]))
         console.print(f"[yellow]warning:[/] shards {missing} were not given; the merged cache is incomplete")

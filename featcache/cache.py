@@ -800,14 +800,16 @@ def _verify_rows(f, n: int, feature_dim: int, result: dict, progress: ProgressFn
         warnings.append(f"{nonfinite} rows hold NaN or infinite features (check the backbone and dtype)")
 
 
-def merge(shards: Sequence[Path], out: Path, *, wait: float | None = None,
+def merge(shards: Sequence[Path], out: Path | None = None, *, wait: float | None = None,
           progress: ProgressFn | None = None) -> dict:
     """Combine shard files of one config into a normal cache file, one row per (key, view).
 
-    ``out`` may be a directory (the canonical file name is used) or a file path. Shard rows are checked
-    against their digests while copying, so a damaged shard cannot slip into the merged file.
+    ``out`` may be a directory (the canonical file name is used) or a file path; None means the first
+    shard's folder. Shard rows are checked against their digests while copying, so a damaged shard
+    cannot slip into the merged file. Writers' lock files (``*.h5.lock``) in ``shards`` are ignored:
+    a glob such as ``cache/*.shard-*`` catches them.
     """
-    shards = [Path(s) for s in shards]
+    shards = [Path(s) for s in shards if not str(s).endswith(".lock")]
     if not shards:
         raise ConfigError("merge needs at least one shard file; pass the .shard-I-of-N.h5 files to combine")
     readers = [CacheReader(s) for s in shards]
@@ -822,7 +824,7 @@ def merge(shards: Sequence[Path], out: Path, *, wait: float | None = None,
             if reader.feature_dim != first.feature_dim:
                 raise CacheError(f"shard {reader.path} has {reader.feature_dim}-d features, {first.path} has "
                                  f"{first.feature_dim}-d; merge only shards of one extraction")
-        out = Path(out)
+        out = Path(out) if out is not None else first.path.parent
         if out.is_dir():
             out = cache_path(out, first.config)
         if any(out.resolve() == s.resolve() for s in shards):
@@ -849,7 +851,8 @@ def merge(shards: Sequence[Path], out: Path, *, wait: float | None = None,
             n_shards = next(iter(found))[1]
             missing = sorted(set(range(n_shards)) - {i for i, _ in found})
         return {"out": str(out), "config_hash": first.config_hash, "n_rows": n_rows, "rows_added": added,
-                "duplicates": total - added, "shards": [str(s) for s in shards], "missing_shards": missing}
+                "duplicates": total - added, "shards": [str(s) for s in shards], "n_shards": len(shards),
+                "missing_shards": missing}
     finally:
         for reader in readers:
             reader.close()

@@ -146,6 +146,14 @@ def _pick_cache(data_root: Path, backbone: str, opts: FitOptions, keys: list[str
     except FileNotFoundError:
         found = []
     if not found:
+        shards = find_caches(Path(opts.cache_dir), dataset_root=data_root, backbone=backbone,
+                             include_shards=True, **settings)
+        if shards:  # a sharded extraction that was never merged
+            listed = " ".join(_q(p) for p in shards)
+            raise CacheError(
+                f"the features of backbone '{backbone}' are in {len(shards)} shard file(s) in "
+                f"{opts.cache_dir}; merge them first: `featcache cache merge {listed}`."
+            )
         broken = unreadable_caches(Path(opts.cache_dir), dataset_root=data_root, backbone=backbone)
         if broken:
             raise CacheError(

@@ -450,6 +450,14 @@ def test_merge_shards(tmp_path: Path) -> None:
             sel = [i for i, v in enumerate(rows["views"]) if v == view]
             np.testing.assert_array_equal(r.get([rows["keys"][i] for i in sel], view), rows["features"][sel])
     assert fc.merge([s0, s1], out)["rows_added"] == 0   # merging again adds nothing
+    # a glob such as cache/*.shard-* also catches the writers' lock files: they are ignored, and
+    # without --out the merged file goes next to the shards under its canonical name
+    locks = [Path(str(s0) + ".lock"), Path(str(s1) + ".lock")]
+    for lock in locks:
+        lock.touch()
+    beside = fc.merge([s0, locks[0], s1, locks[1]])
+    assert Path(beside["out"]) == fc.cache_path(tmp_path, cfg) and beside["n_shards"] == 2
+    assert beside["n_rows"] == 52 and fc.verify(Path(beside["out"]))["ok"]
 
     other = tmp_path / "other.h5"
     write_rows(other, make_rows(3, DIM), pooling="max")

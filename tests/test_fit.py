@@ -320,6 +320,15 @@ def test_missing_rows_and_3class_errors(tmp_path: Path, capsys) -> None:
     assert msg.startswith("3 of ") and "featcache extract --data" in msg and "--backbone fakenet" in msg
     with pytest.raises(CacheError, match="no feature cache for backbone 'vgg16'"):
         fit(root, "vgg16", "logreg", opts(tmp_path / "cache", tmp_path / "runs"))
+    # shards never merged: the error gives the merge command
+    cfg = cache_config(discover(root).root, fake_backbone("fakenet", 6), "squash", "float32")
+    shard = cache_path(tmp_path / "sharded", cfg, shard=(0, 2))
+    shard.parent.mkdir()
+    shutil.copy(write_cache(root, tmp_path / "whole", name="fakenet"), shard)
+    merge_hint = r"in 1 shard file\(s\) .*merge them first: `featcache cache merge "
+    with pytest.raises(CacheError, match=merge_hint) as exc:
+        fit(root, "fakenet", "logreg", opts(tmp_path / "sharded", tmp_path / "runs"))
+    assert str(shard) in str(exc.value)
     # a cache that is there but truncated is named, not reported missing ("extract first" would not help)
     broken = write_cache(root, tmp_path / "broken", name="fakenet")
     broken.write_bytes(broken.read_bytes()[:2000])
