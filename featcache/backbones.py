@@ -328,14 +328,52 @@ def _construct(ctor: Any, spec: BackboneSpec, cfg: BackboneConfig, size: int, po
         ) from exc
 
 
+_SHAPE_MISMATCH = re.compile(r"variable\.shape=(\([^)]*\)), Received: value\.shape=(\([^)]*\))"
+                            r".*?Target variable: <Variable path=([^,>]+)", re.S)
+
+
 def _load_weights_file(model: Any, path: Path, label: str) -> str:
-    """Load a weights file into ``model``; ConfigError if it does not fit. Returns the file's sha256."""
-    try:
-        model.load_weights(str(path))
-    except Exception as exc:
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"weights file '{path}' does not fit backbone {label} ({reason})") from exc
+    """Load a weights file into ``model``; ConfigError if it does not fit. Returns the file's sha256.
+
+    Why the warnings are caught: on a mismatch Keras 3 first warns once per nested container it skips
+    (dozens of two-line UserWarnings) and then raises, so the user's one-sentence error came last
+    under a screenful of noise. And when it only warns, the skipped layers keep their random initial
+    weights: features from such a half-loaded model would be silently wrong, so that is an error too.
+    """
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            model.load_weights(str(path))
+        except Exception as exc:
+            reason = _load_reason(exc)
+            raise ConfigError(f"weights file '{path}' does not fit backbone {label} ({reason})") from exc
+    skipped = [w for w in caught if "Skipping nested container" in str(w.message)]
+    if skipped:
+        raise ConfigError(f"weights file '{path}' does not fit backbone {label}: {len(skipped)} part(s) of "
+                          "the model were not found in it and would keep random weights")
+    for w in caught:  # anything else Keras said is passed on unchanged
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return sha256_file(path)
+
+
+def _load_reason(exc: Exception) -> str:
+    """The gist of a Keras loading error: the first mismatched variable's shapes, else its first line."""
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    first = text.splitlines()[0]
+    count = re.match(r"A total of (\d+) objects could not be loaded", first)
+    head = f"{count.group(1)} layers do not match; e.g. " if count else ""
+    shapes = _SHAPE_MISMATCH.search(text)
+    if shapes:
+        want, got, var = shapes.groups()
+        return f"{head}{var} is {want} in the model but {got} in the file"
+    paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
+    if count and len(paragraphs) > 1:  # Keras' example error for the first layer that failed
+        return f"{head}{paragraphs[1].splitlines()[0][:160]}"
+    return first.rstrip(":")[:160]
 
 
 def _build_saved(cfg: BackboneConfig) -> Backbone:

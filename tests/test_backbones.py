@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -88,8 +89,34 @@ def test_weights_file_roundtrip_and_mismatch(tmp_path: Path):
     assert desc["weights_file_sha256"] == hashlib.sha256(wfile.read_bytes()).hexdigest()
     x = _images(2, 32)
     np.testing.assert_array_equal(loaded(x), src(x))
-    with pytest.raises(ConfigError, match="does not fit"):
-        build_backbone(BackboneConfig("mobilenet", weights=str(wfile), image_size=32))
+    with warnings.catch_warnings(record=True) as caught:  # Keras' per-container warnings stay inside
+        warnings.simplefilter("always")
+        expected = (r"does not fit backbone mobilenet \(\d+ layers do not match; e\.g\. conv1/kernel is "
+                    r"\(3, 3, 3, 32\) in the model but \(3, 3, 3, 24\) in the file\)")
+        with pytest.raises(ConfigError, match=expected):
+            build_backbone(BackboneConfig("mobilenet", weights=str(wfile), image_size=32))
+    assert not [w for w in caught if "Skipping nested container" in str(w.message)]
+
+
+def test_half_loaded_weights_are_refused(tmp_path: Path):
+    """Keras may only warn that it skipped parts of a model (they keep random weights): that is an error."""
+    from featcache.backbones import _load_weights_file
+
+    class HalfLoads:
+        def load_weights(self, path: str) -> None:
+            warnings.warn("Skipping nested container at 'block_3': no matching group found", UserWarning,
+                          stacklevel=1)
+
+    class LoadsWithANote:
+        def load_weights(self, path: str) -> None:
+            warnings.warn("some other note", UserWarning, stacklevel=1)
+
+    wfile = tmp_path / "w.weights.h5"
+    wfile.write_bytes(b"x")
+    with pytest.raises(ConfigError, match="1 part\\(s\\) of the model were not found in it"):
+        _load_weights_file(HalfLoads(), wfile, "testnet")
+    with pytest.warns(UserWarning, match="some other note"):  # other warnings are passed on
+        assert _load_weights_file(LoadsWithANote(), wfile, "testnet") == hashlib.sha256(b"x").hexdigest()
 
 
 def test_imagenet_download_failure_is_one_sentence(tmp_path: Path, monkeypatch):
