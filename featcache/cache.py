@@ -44,6 +44,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -606,6 +607,31 @@ def unreadable_caches(cache_dir: Path, *, dataset_root: Path | None = None,
         except (CacheError, ValueError):
             out.append(path)
     return out
+
+
+FEATURE_LIMIT = 1e18
+"""Largest feature magnitude a fit or predict accepts: squares of larger float32 values overflow (a
+scaler's variance, a Gram matrix), and no backbone produces them, so they can only come from a damaged
+cache file."""
+
+
+def refuse_damaged_features(X: np.ndarray, path: Path, view: str) -> None:
+    """CacheError for NaN, infinite or absurdly large features, instead of a traceback from deep in a head.
+
+    Checked in blocks of 256 rows so that no copy of a 500 MB matrix is made; ``cache verify`` then tells
+    which rows were changed after writing.
+    """
+    bad = 0
+    for start in range(0, X.shape[0], 256):
+        peak = np.abs(X[start:start + 256]).max(axis=1)  # NaN propagates through max
+        bad += int(np.sum(~(peak <= FEATURE_LIMIT)))
+    if bad:
+        quoted = shlex.quote(os.fsdecode(path))
+        raise CacheError(
+            f"cache {path} holds NaN, infinite or absurdly large (> {FEATURE_LIMIT:g}) '{view}' features "
+            f"in {bad} row(s); the file is damaged (`featcache cache verify {quoted}` lists the rows): "
+            "delete it and run the extraction again."
+        )
 
 
 def _same_setting(have: Any, want: Any) -> bool:

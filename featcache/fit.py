@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from featcache.cache import refuse_damaged_features
 from featcache.errors import CacheError, ConfigError, DataError
 from featcache.faults import crash_point
 from featcache.grids import expand, get_preset, load_grid_file, parse_grid_args, to_jsonable
@@ -229,15 +230,10 @@ def _load_features(
                 if ok.any():
                     uniq, inv = np.unique(karr[ok], return_inverse=True)
                     X[ok] = np.asarray(reader.get(list(uniq), view), dtype=np.float32)[inv]
-                _refuse_non_finite(X, path, view)
+                refuse_damaged_features(X, path, view)
                 parts.setdefault(view, []).append(X)
     views = {v: (avail[v], np.concatenate(parts[v], axis=1)) for v in parts if avail[v].any()}
     return _Features(views), caches
-
-
-FEATURE_LIMIT = 1e18
-"""Largest feature magnitude a fit accepts: squares of larger float32 values overflow (a scaler's variance,
-a Gram matrix), and no backbone produces them, so they can only come from a damaged cache file."""
 
 
 MAX_SEED = 2**31 - 1
@@ -248,24 +244,6 @@ def check_seed(seed: int) -> None:
     """ConfigError for a seed the random generators would reject mid-run (negative or too large)."""
     if not 0 <= int(seed) <= MAX_SEED:
         raise ConfigError(f"--seed must be between 0 and {MAX_SEED}, got {seed}.")
-
-
-def _refuse_non_finite(X: np.ndarray, path: Path, view: str) -> None:
-    """CacheError for NaN, infinite or absurdly large features, instead of a traceback from deep in a head.
-
-    Checked in blocks of 256 rows so that no copy of a 500 MB matrix is made; ``cache verify`` then tells
-    which rows were changed after writing.
-    """
-    bad = 0
-    for start in range(0, X.shape[0], 256):
-        peak = np.abs(X[start:start + 256]).max(axis=1)  # NaN propagates through max
-        bad += int(np.sum(~(peak <= FEATURE_LIMIT)))
-    if bad:
-        raise CacheError(
-            f"cache {path} holds NaN, infinite or absurdly large (> {FEATURE_LIMIT:g}) '{view}' features "
-            f"in {bad} row(s); the file is damaged (`featcache cache verify {_q(path)}` lists the rows): "
-            "delete it and run the extraction again."
-        )
 
 
 def _hash_records(records: Sequence[Any], progress: ProgressFn | None) -> list[str]:

@@ -163,7 +163,13 @@ class _Extractor:
         )
         out = np.zeros((len(keys), dim), dtype=np.float32)
         if from_cache.any():
-            out[from_cache] = self._reader.get([k for k, c in zip(keys, from_cache, strict=True) if c], view)
+            from featcache.cache import refuse_damaged_features
+
+            cached_rows = np.asarray(
+                self._reader.get([k for k, c in zip(keys, from_cache, strict=True) if c], view), np.float32
+            )
+            refuse_damaged_features(cached_rows, self._reader.path, view)  # a NaN would become P = NaN
+            out[from_cache] = cached_rows
         bad: dict[int, str] = {}
         todo = np.flatnonzero(~from_cache)
         if len(todo):

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import make_kermany_tree, write_xray
 from featcache.cli.app import run as cli
@@ -176,3 +177,24 @@ def test_bad_images_are_skipped_and_folders_expanded(trained, tmp_path: Path, ca
     # nothing usable at all is an error, with the first reason
     with pytest.raises(DataError, match="none of the 2 image.*does not exist"):
         predict([missing, tmp_path / "empty_dir_missing"], run_id, runs_dir)
+
+
+def test_damaged_cached_rows_are_refused(trained, tmp_path: Path) -> None:
+    """A NaN written into the run's cache gives a CacheError naming the file, not NaN probabilities."""
+    import h5py
+
+    from featcache.errors import CacheError
+
+    root, runs_dir, run_id = trained
+    info = json.loads((runs_dir / run_id / "run.json").read_text())
+    cache_file = Path(info["caches"][0]["path"])
+    backup = tmp_path / "backup.h5"
+    shutil.copy(cache_file, backup)
+    try:
+        with h5py.File(cache_file, "r+") as h:
+            h["features"][:, 0] = np.nan
+        with pytest.raises(CacheError, match="holds NaN, infinite or absurdly large") as exc:
+            predict([sorted((root / "test" / "NORMAL").iterdir())[0]], run_id, runs_dir)
+        assert str(cache_file) in str(exc.value)
+    finally:
+        shutil.copy(backup, cache_file)
