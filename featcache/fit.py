@@ -416,6 +416,11 @@ def fit(
     from featcache.heads import get_head
 
     opts = options or FitOptions()
+    if head and "," in head:  # `run` takes a list; a sweep here is one head's grid
+        raise ConfigError(
+            f"fit trains one head per call, got --head {head}; run fit once per head, or use "
+            f"`featcache run --head {head}` (extract, fit and report in one command)."
+        )
     preset = get_preset(opts.preset) if opts.preset else None
     if preset is not None:
         if head and head != preset.head:

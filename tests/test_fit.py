@@ -291,6 +291,8 @@ def test_cli_fit_table(setup, capsys) -> None:
 
 @pytest.mark.parametrize("extra, needle", [
     (["--head", "forest"], "unknown head 'forest'"),
+    (["--head", "logreg,mlp"], "fit trains one head per call, got --head logreg,mlp; run fit once per "
+                               "head, or use `featcache run --head logreg,mlp`"),
     (["--head", "logreg", "--grid", "C=abc"], "'C'"),
     (["--head", "logreg", "--grid", "bogus=1"], "bogus"),
     (["--head", "mlp", "--grid", "epochs=1.5"], "epochs"),
