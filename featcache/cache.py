@@ -590,7 +590,7 @@ def unreadable_caches(cache_dir: Path, *, dataset_root: Path | None = None,
 
     Why: when no cache matches, "run extract first" is the wrong advice if the matching cache is there
     but truncated or corrupt (extract itself refuses to overwrite it). The name carries the dataset
-    folder and backbone slugs, so those narrow the list without opening anything twice.
+    folder and backbone slugs, so only files that can be this backbone's are opened (again).
     """
     cache_dir = Path(cache_dir)
     if not cache_dir.is_dir():
