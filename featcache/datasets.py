@@ -265,8 +265,9 @@ def _no_images_message(root: Path, skipped: list[tuple[str, str]]) -> str:
     loose = [rel for rel, why in skipped if why == "not inside a class folder" and "/" not in rel]
     if loose:
         # Every image lies directly in the folder given: most often one class's folder was passed.
-        return (f"the {len(loose)} images under '{where}' lie directly in it, so they have no class folder; "
-                f"if '{root.name}' is a class, pass the folder above it: '{os.fsdecode(root.parent)}'.")
+        parent = os.fsdecode(root.parent)
+        return (f"the {len(loose)} image(s) under '{where}' lie directly in it, so they have no class "
+                f"folder; if '{root.name}' is a class, pass the folder above it: '{parent}'.")
     if skipped:
         rel, why = sorted(skipped)[0]
         return (f"no usable images under '{where}' ({len(skipped)} files skipped, e.g. '{rel}': {why}); "

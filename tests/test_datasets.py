@@ -196,7 +196,7 @@ def test_missing_empty_and_useless_folders(tmp_path):
     (tmp_path / "ds" / "train" / "NORMAL" / "Thumbs.db").write_bytes(b"x")
     with pytest.raises(DataError) as exc:
         discover(tmp_path / "ds" / "train" / "NORMAL")
-    assert "2 images" in str(exc.value) and str(exc.value).endswith(f"'{tmp_path / 'ds' / 'train'}'.")
+    assert "2 image(s)" in str(exc.value) and str(exc.value).endswith(f"'{tmp_path / 'ds' / 'train'}'.")
     (tmp_path / "file.png").write_bytes(b"x")
     with pytest.raises(DataError, match="is not a folder"):
         discover(tmp_path / "file.png")
