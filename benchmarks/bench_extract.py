@@ -386,12 +386,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="time each extract N times, or NAME=N,... for the backbones named; "
                          "pipeline_efficiency is the median (default 1)")
     args = ap.parse_args(argv)
-    try:
-        from featcache.cli.native_log import import_backend_quietly
-    except ImportError:  # featcache on PYTHONPATH from a source tree (gpu_mlp.sh): no CLI package
-        pass
-    else:
-        import_backend_quietly()  # TensorFlow's C++ start-up lines filtered as in the CLI
+    from quiet_start import quiet_backend_start
+
+    quiet_backend_start()  # TensorFlow's C++ start-up lines filtered as in the CLI
     try:
         args.repeats = parse_repeats(args.repeats)
     except ValueError as exc:

@@ -304,12 +304,9 @@ def main() -> None:
                     help="featcache side: fused trainer (auto follows Keras' backend; KERAS_BACKEND=jax for "
                          "a GPU image without TensorFlow)")
     a = ap.parse_args()
-    try:
-        from featcache.cli.native_log import import_backend_quietly
-    except ImportError:  # featcache on PYTHONPATH from a source tree (gpu_mlp.sh): no CLI package
-        pass
-    else:
-        import_backend_quietly()  # TensorFlow's C++ start-up lines filtered as in the CLI
+    from quiet_start import quiet_backend_start
+
+    quiet_backend_start()  # TensorFlow's C++ start-up lines filtered as in the CLI
     res = run(a.quick, a.features, a.noise_configs, epoch_scale=a.epoch_scale, fuse=a.fuse,
               precision=a.precision, extra_seeds=a.extra_seeds, trainer=a.trainer)
     if a.json:

@@ -160,12 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHES)}")
     if {"extract", "mlp"} & set(only):  # the benchmarks that import TensorFlow: its start-up lines filtered
-        try:
-            from featcache.cli.native_log import import_backend_quietly
-        except ImportError:  # featcache on PYTHONPATH from a source tree: no CLI package
-            pass
-        else:
-            import_backend_quietly()
+        from quiet_start import quiet_backend_start
+
+        quiet_backend_start()
     out = run_all(args.quick, args.data, only, args.mlp_epoch_scale, args.mlp_noise_configs,
                   args.mlp_extra_seeds, args.extract_repeats, args.logreg_repeats)
     if args.json:

@@ -9,12 +9,11 @@ import json
 from pathlib import Path
 
 import typer
+from featcache.cli.extract_cmd import MAX_SKIPPED_SHOWN
 from featcache.cli.native_log import import_backend_quietly
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-
-MAX_SKIPPED_SHOWN = 20
 
 
 def register(app: typer.Typer) -> None:

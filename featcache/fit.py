@@ -139,16 +139,17 @@ def _q(p: Any) -> str:
 
 def _pick_cache(data_root: Path, backbone: str, opts: FitOptions, keys: list[str]) -> Path:
     """The cache file of ``backbone`` for this dataset; CacheError with the extract command if none."""
-    from featcache.cache import CacheReader, find_caches, unreadable_caches
+    from featcache.cache import CacheReader, find_caches, parse_cache_name, unreadable_caches
 
     settings = {k: v for k, v in (("pooling", opts.pooling), ("image_size", opts.image_size)) if v}
-    try:
-        found = find_caches(Path(opts.cache_dir), dataset_root=data_root, backbone=backbone, **settings)
+    try:  # one scan; shard files only matter for the error below
+        matching = find_caches(Path(opts.cache_dir), dataset_root=data_root, backbone=backbone,
+                               include_shards=True, **settings)
     except FileNotFoundError:
-        found = []
+        matching = []
+    shards = [p for p in matching if (parse_cache_name(p) or {}).get("shard")]
+    found = [p for p in matching if p not in shards]
     if not found:
-        shards = find_caches(Path(opts.cache_dir), dataset_root=data_root, backbone=backbone,
-                             include_shards=True, **settings)
         if shards:  # a sharded extraction that was never merged
             listed = " ".join(_q(p) for p in shards)
             raise CacheError(
