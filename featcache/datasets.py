@@ -36,6 +36,7 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".
 SPLIT_NAMES = {"train", "val", "test"}
 _SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "valid": "val", "test": "test"}
 _KERMANY_LABELS = {"NORMAL", "PNEUMONIA"}
+_NO_CLASS_FOLDER = "not inside a class folder"  # a skip reason; the no-images message looks for it
 TASKS = ("binary", "3class", "folders")
 
 # person447_virus_921_1 / person1000_bacteria_2931 -> (subtype, patient)
@@ -197,10 +198,10 @@ def _classify(parts: tuple[str, ...], root_split: str | None) -> tuple[str | Non
     first_split = _split_of_folder(dirs[0]) if dirs else None
     if first_split is not None:
         if len(dirs) < 2:
-            return "not inside a class folder"
+            return _NO_CLASS_FOLDER
         return first_split, dirs[1]
     if not dirs:
-        return "not inside a class folder"
+        return _NO_CLASS_FOLDER
     return root_split, dirs[0]
 
 
@@ -262,7 +263,7 @@ def _refuse_nested_root(
 
 def _no_images_message(root: Path, skipped: list[tuple[str, str]]) -> str:
     where = os.fsdecode(root)
-    loose = [rel for rel, why in skipped if why == "not inside a class folder" and "/" not in rel]
+    loose = [rel for rel, why in skipped if why == _NO_CLASS_FOLDER and "/" not in rel]
     if loose:
         # Every image lies directly in the folder given: most often one class's folder was passed.
         parent = os.fsdecode(root.parent)
