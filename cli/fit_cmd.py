@@ -27,16 +27,16 @@ EPILOG = (
 )
 
 
-def _layers(text: str | None) -> tuple[int, ...] | None:
+def layers_option(text: str | None) -> tuple[int, ...] | None:
+    """`--layers` of fit and run, checked before any work starts (run would otherwise extract first)."""
     if text is None:
         return None
+    from featcache.grids import parse_layers
+
     try:
-        sizes = tuple(int(s) for s in text.replace("-", ",").split(",") if s.strip())
+        return parse_layers(text)
     except ValueError:
-        sizes = ()
-    if not sizes or any(s <= 0 for s in sizes):
-        raise ConfigError(f"--layers expects positive sizes like 1024,512, got '{text}'.")
-    return sizes
+        raise ConfigError(f"--layers expects positive sizes like 1024,512, got '{text}'.") from None
 
 
 def fmt(value: object) -> str:
@@ -139,7 +139,7 @@ def register(app: typer.Typer) -> None:
             grid_args=list(grid),
             grid_file=grid_file,
             preset=preset,
-            layers=_layers(layers),
+            layers=layers_option(layers),
             cv_folds=cv_folds,
             val_fraction=val_fraction,
             refit=refit,

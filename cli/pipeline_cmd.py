@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from featcache.cli.fit_cmd import layers_option
 from featcache.cli.native_log import import_backend_quietly
 from featcache.cli.report_cmd import make_callback, print_outputs, progress_display
 from rich.console import Console
@@ -88,7 +89,7 @@ def register(app: typer.Typer) -> None:
             balance=balance,
             seed=seed,
             tags=tuple(tag),
-            layers=tuple(int(x) for x in _split(layers)) if layers else None,
+            layers=layers_option(layers),
         )
         import_backend_quietly()
         with progress_display(console) as bar:

@@ -54,10 +54,14 @@ def _coerce_one(key: str, raw: Any, typ: str) -> Any:
 
 
 def parse_layers(raw: Any) -> tuple[int, ...]:
-    """``"1024-512"`` / ``"1024,512"`` / ``[1024, 512]`` -> (1024, 512); every size a positive int."""
+    """``"1024-512"`` / ``"1024,512"`` / ``[1024, 512]`` -> (1024, 512); every size a positive int.
+
+    Raises ValueError on anything else, including empty parts.
+    """
     if isinstance(raw, str):
-        parts = [p for p in raw.replace(",", "-").replace(" ", "").split("-") if p != ""]
-        sizes = tuple(int(p) for p in parts)
+        # Every separator must sit between two sizes: "1024,,512", "8-" or "-5" are slips, not a
+        # layout (dropping the empty part would train a different network than the one asked for).
+        sizes = tuple(int(p) for p in raw.replace(",", "-").replace(" ", "").split("-"))
     elif isinstance(raw, (list, tuple)):
         if any(isinstance(v, bool) or not isinstance(v, int) for v in raw):
             raise ValueError

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import typer
 from featcache.cli.app import app
 from rich.text import Text
@@ -46,3 +47,19 @@ def test_ctrl_c_exits_130_with_one_line_saying_work_is_kept(tmp_path, monkeypatc
     assert run(["data", "inspect", str(tmp_path)]) == 130
     err = capsys.readouterr().err
     assert err.strip() == "interrupted: finished work is saved; run the same command to resume."
+
+
+@pytest.mark.parametrize("layers", ["1024,,512", "8-", "-5", "0", "abc", ""])
+@pytest.mark.parametrize("command", ["fit", "run"])
+def test_bad_layers_are_one_sentence_before_any_work(command, layers, tmp_path, capsys) -> None:
+    """`run` used to extract first and then fail in Keras (units=0) or with a ValueError traceback."""
+    from featcache.cli.app import run
+
+    data = tmp_path / "data"
+    args = [command, "--data", str(data), "--backbone", "mobilenet-0.75", "--head", "mlp",
+            f"--layers={layers}", "--cache-dir", str(tmp_path / "cache"),
+            "--runs-dir", str(tmp_path / "runs")]
+    assert run(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --layers expects positive sizes like 1024,512"), err
+    assert not (tmp_path / "cache").exists()

@@ -28,6 +28,9 @@ def test_parse_grid_args_types() -> None:
     ("C=abc", "'C'"),
     ("max_iter=1.5", "'max_iter'"),
     ("layers=10-x", "'layers'"),
+    ("layers=1024--512", "'layers'"),  # an empty size is a slip, not a shorter network
+    ("layers=8-", "'layers'"),
+    ("layers=-5", "'layers'"),
     ("max_iter=none", "'max_iter'"),
     ("C", "KEY=V1,V2"),
     ("C=", "no values"),
