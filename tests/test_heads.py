@@ -607,3 +607,16 @@ def test_available_memory_counts_reclaimable_page_cache(tmp_path):
     assert _available_memory(str(info)) == 20000000 * 1024.0
     fallback = _available_memory(str(tmp_path / "missing"))  # no such file: the free-pages reading
     assert fallback > 0
+
+
+def test_svm_max_iter_none_is_each_kernels_default_and_numbers_are_kept():
+    """-1 (SVC's "no limit") is out of the grid's range, so `max_iter=none` is the way to ask for it."""
+    from featcache.grids import parse_grid_args
+
+    head = get_head("svm")
+    grid = parse_grid_args(["max_iter=none,50"], head.schema)
+    assert grid["max_iter"] == [None, 50]
+    svc = head.make_estimator({"kernel": "rbf", "max_iter": None}, for_search=True)[-1]
+    linear = head.make_estimator({"kernel": "linear", "max_iter": None}, for_search=True)[-1]
+    assert (svc.max_iter, linear.max_iter) == (-1, 5000)
+    assert head.make_estimator({"kernel": "rbf", "max_iter": 50}, for_search=True)[-1].max_iter == 50

@@ -27,11 +27,15 @@ def _gamma(value: Any) -> Any:
 
 
 class SVMHead(CVHead):
-    """``svm``: kernel in {linear, rbf}, C, gamma (rbf), class_weight."""
+    """``svm``: kernel in {linear, rbf}, C, gamma (rbf), class_weight, max_iter.
+
+    ``max_iter=none`` is each kernel's default: no limit for rbf (SVC's -1, which the grid's range check
+    refuses as a number since -1 means nothing to the other heads) and 5,000 for linear.
+    """
 
     name: ClassVar[str] = "svm"
     schema: ClassVar[dict[str, str]] = {"kernel": "str", "C": "float", "gamma": "float|str",
-                                        "class_weight": "class_weight", "max_iter": "int"}
+                                        "class_weight": "class_weight", "max_iter": "int?"}
     default_grid: ClassVar[dict[str, list]] = {"kernel": ["linear", "rbf"], "C": [0.1, 1.0, 10.0],
                                                "class_weight": [None, "balanced"]}
 
@@ -46,12 +50,12 @@ class SVMHead(CVHead):
         cw = params.get("class_weight")
         if kernel == "linear":
             est: Any = LinearSVC(C=C, class_weight=cw, dual="auto", random_state=seed,
-                                 max_iter=int(params.get("max_iter", 5000)))
+                                 max_iter=int(params.get("max_iter") or 5000))
             if not for_search:
                 est = CalibratedClassifierCV(est, method="sigmoid", cv=3)
         elif kernel == "rbf":
             est = SVC(kernel="rbf", C=C, gamma=_gamma(params.get("gamma")), class_weight=cw,
-                      random_state=seed, max_iter=int(params.get("max_iter", -1)))
+                      random_state=seed, max_iter=int(params.get("max_iter") or -1))
             if not for_search:
                 est = CalibratedClassifierCV(est, method="sigmoid", cv=3)
         else:
