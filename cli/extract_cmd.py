@@ -176,10 +176,16 @@ def extract_cmd(
     with Progress(*columns, console=err_console, transient=False, disable=as_json) as progress:
         try:
             result = extract(dataset, config, cache_dir, options, progress=_ProgressView(progress))
-        except DataError as exc:
+        except BaseException as exc:
             partial = getattr(exc, "result", None)   # --strict: show what was saved and skipped, then fail
-            if partial is not None and not as_json:
+            if isinstance(exc, DataError) and partial is not None and not as_json:
                 _render_summary(err_console, partial)
+            # A log keeps the bars' last frame as a record of a finished extract; above an error it is
+            # only a stale "0/?" line, so in a pipe the error comes alone (a terminal keeps its bar).
+            if not err_console.is_terminal:
+                progress.live.transient = True
+                progress.live.stop()
+                progress.disable = True  # Progress.stop would still print its empty line
             raise
     if as_json:
         typer.echo(json.dumps(_result_dict(result), indent=2))
