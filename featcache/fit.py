@@ -890,8 +890,7 @@ def _fit_holdout(ctx: _Ctx, configs: list[dict], result: FitResult) -> None:
     indices = {"train": np.unique(r), "val": va_idx}
     finished = [0]
 
-    def on_result(i: int, model: Any, history: dict) -> None:
-        ci = todo[i]
+    def on_result(ci: int, model: Any, history: dict) -> None:
         final = model
         sel = selection
         if ctx.refit:  # retrain the chosen config on all pool images (hold-out only monitors)
@@ -916,10 +915,12 @@ def _fit_holdout(ctx: _Ctx, configs: list[dict], result: FitResult) -> None:
         finished[0] += 1
         emit(ctx.progress, "fit", total - len(todo) + finished[0], total, f"{run.id} done")
 
-    todo_cfgs = [configs[i] for i in todo]
+    # the whole grid with its finished configs skipped, not the unfinished ones alone: each config's seed,
+    # fused chunk and minibatch stream are those of the uninterrupted grid, so a resumed grid gives the
+    # numbers the uninterrupted one would have
     ctx.head_obj.train_many(
-        Xtr, yy, Xva, yva, todo_cfgs, seed=opts.seed, progress=ctx.progress, on_result=on_result,
-        precision=opts.mlp_precision, trainer=opts.mlp_trainer,
+        Xtr, yy, Xva, yva, configs, seed=opts.seed, progress=ctx.progress, on_result=on_result,
+        precision=opts.mlp_precision, trainer=opts.mlp_trainer, skip=set(range(total)) - set(todo),
     )
 
 

@@ -225,9 +225,9 @@ def _fit_cmd(root: Path, cache_dir: Path, runs_dir: Path, *extra: str) -> list[s
 
 def test_grid_killed_mid_way_resumes_only_unfinished(setup) -> None:
     root, cache_dir, runs_dir = setup
-    args = _fit_cmd(root, cache_dir, runs_dir, "--head", "mlp", "--grid", "layers=4", "--grid", "epochs=2",
-                    "--grid", "dropout=0", "--grid", "lr=0.1,0.01,0.001", "--mlp-precision", "float32",
-                    "--json")
+    grid = ["--head", "mlp", "--grid", "layers=4", "--grid", "epochs=2", "--grid", "dropout=0.2", "--grid",
+            "lr=0.1,0.01,0.001", "--mlp-precision", "float32", "--json"]
+    args = _fit_cmd(root, cache_dir, runs_dir, *grid)
     exe = [str(Path(sys.executable).parent / "featcache")]
     env = {**os.environ, "FEATCACHE_CRASH_AT": "fit.after_run_saved:2"}
     killed = subprocess.run([*exe, *args], env=env, capture_output=True, text=True, timeout=300)
@@ -251,7 +251,18 @@ def test_grid_killed_mid_way_resumes_only_unfinished(setup) -> None:
     final = list_runs(runs_dir, include_incomplete=True)
     assert len(final) == 3 and all(r.status == "done" for r in final)
     assert sorted(r["params"]["lr"] for r in final) == [0.001, 0.01, 0.1]
-    assert sorted(r["trainer"]["selection"]["path"] for r in final) == ["fused", "fused", "keras.fit"]
+    # the resumed config trained in its chunk of the whole grid (not alone through model.fit), and all
+    # three runs have exactly the numbers of an uninterrupted grid
+    assert [r["trainer"]["selection"]["group_size"] for r in final] == [3, 3, 3]
+    assert {r["trainer"]["selection"]["path"] for r in final} == {"fused"}
+    whole_dir = runs_dir.parent / "uninterrupted"
+    whole = subprocess.run([*exe, *_fit_cmd(root, cache_dir, whole_dir, *grid)], capture_output=True,
+                           text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    reference = {r["params"]["lr"]: r.metrics() for r in list_runs(whole_dir)}
+    for r in final:
+        m, ref = r.metrics(), reference[r["params"]["lr"]]
+        assert (m["history"], m["val"], m["test"]) == (ref["history"], ref["val"], ref["test"])
     for r in final:  # consistent: every artifact matches its recorded digest
         for rel, digest in r["artifacts"].items():
             assert sha256_file(r.path / rel) == digest

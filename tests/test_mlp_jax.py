@@ -164,6 +164,10 @@ def test_jax_trainer_compiles_no_per_shape_helpers(caplog):
 
     import jax
 
+    from featcache.heads import mlp_fused_jax
+
+    jax.clear_caches()  # programs compiled by earlier tests for the same shapes would not be logged
+    mlp_fused_jax._take_member.cache_clear()
     X, y = data(300, 32, seed=4)
     head = get_head("mlp")
     configs = [{"layers": (16, 8), "lr": lr, "epochs": e, "batch_size": 32}

@@ -12,7 +12,7 @@ how it was trained in ``KerasHead.trainer`` (recorded in run.json).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -228,8 +228,13 @@ class MLPHead:
                    configs: list[dict], *, seed: int = 0, progress: ProgressFn | None = None,
                    on_result: Callable[[int, KerasHead, dict], None] | None = None,
                    fuse: bool | None = None, precision: str = "auto",
-                   trainer: str | None = None) -> list[tuple[KerasHead, dict]]:
+                   trainer: str | None = None, skip: Collection[int] = ()) -> list[tuple[KerasHead, dict]]:
         """Train many configs, fusing compatible ones (see ``mlp_fused``); results in config order.
+
+        ``skip``: indices of configs not to train (a resumed grid's finished ones; their results are None).
+        Everything that shapes a config's numbers -- its seed, fused or alone, its chunk's minibatch stream
+        and its dropout keys -- still comes from the whole list, so a resumed grid trains the rest exactly
+        as the uninterrupted one would have.
 
         ``fuse``: None = fuse compatible configs sharing a batch size, in groups of 2 or more;
         True = also fuse groups of one; False = train each config with ``train``.
@@ -241,12 +246,14 @@ class MLPHead:
         ytr, yva = np.asarray(ytr, dtype=int), np.asarray(yva, dtype=int)
         n_classes = int(max(ytr.max(), yva.max() if len(yva) else 0)) + 1
         results: list[Any] = [None] * len(ps)
+        skip = set(skip)
         done = [0]
+        to_train = sum(i not in skip for i in range(len(ps)))
 
         def finish(i: int, head: KerasHead, hist: dict) -> None:
             results[i] = (head, hist)
             done[0] += 1
-            emit(progress, "fit", done[0], len(ps), f"config {i + 1} done")
+            emit(progress, "fit", done[0], to_train, f"config {i + 1} done")
             if on_result is not None:
                 on_result(i, head, hist)
 
@@ -273,18 +280,22 @@ class MLPHead:
         chunks = [chunk for group in groups.values()
                   for chunk in (_cache_sized_chunks(group, ps, d, llc) if on_cpu else [group])]
         for i in sorted(alone):
-            head, hist = self.train(Xtr, ytr, Xva, yva, configs[i], seed=seed + i)
-            finish(i, head, hist)
+            if i not in skip:
+                head, hist = self.train(Xtr, ytr, Xva, yva, configs[i], seed=seed + i)
+                finish(i, head, hist)
         Xtr32, Xva32 = np.asarray(Xtr, np.float32), np.asarray(Xva, np.float32)  # once, not per chunk
         jobs = []
         for idx in chunks:
+            keep = [j for j, i in enumerate(idx) if i not in skip]
+            if not keep:
+                continue
             how = {"path": "fused" if backend == "tf" else "fused-jax", "precision": resolved,
                    "group_size": len(idx)}
 
             def member_done(j: int, model: Any, hist: dict, idx: list[int] = idx, how: dict = how) -> None:
                 finish(idx[j], KerasHead(model, n_classes, how), hist)
 
-            jobs.append(([ps[i] for i in idx], [seed + i for i in idx], member_done))
+            jobs.append(([ps[i] for i in idx], [seed + i for i in idx], member_done, keep))
 
         def build(p: dict, s: int) -> Any:
             return build_model(p, d, n_classes, s)
@@ -294,9 +305,9 @@ class MLPHead:
 
             fused_train_jax_groups(Xtr32, ytr, Xva32, yva, jobs, n_classes, build=build, precision=resolved)
         else:
-            for group_ps, seeds, member_done in jobs:
+            for group_ps, seeds, member_done, keep in jobs:
                 fused_train(Xtr32, ytr, Xva32, yva, group_ps, n_classes, seeds=seeds, build=build,
-                            on_member=member_done, precision=resolved)
+                            on_member=member_done, precision=resolved, only=keep)
         return results
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -262,36 +262,42 @@ def _make_fns(members: list[_Member], precision: str, xtr: Any, ytr: Any,
 
 
 def group_setup(ytr: np.ndarray, ps: list[dict], n_classes: int, seeds: list[int],
-                build: Callable[[dict, int], Any], member: type[MemberRecord]
-                ) -> tuple[int, list[Any], list[np.ndarray]]:
-    """What both trainers start from: the shared batch size, one ``member`` per config (its Keras model built
-    under the group's seed) and each member's float32 sample weights (class weights, or ones)."""
+                build: Callable[[dict, int], Any], member: type[MemberRecord],
+                only: Sequence[int] | None = None) -> tuple[int, list[Any], dict[int, np.ndarray]]:
+    """What both trainers start from: the shared batch size, one ``member`` per config to train (its Keras
+    model built under the group's seed) and each member's float32 sample weights (class weights, or ones),
+    by member index.
+
+    ``only``: the positions in ``ps`` to train (default all). The others are a resumed grid's finished
+    configs; they still fix the group's seed and each member's index (its dropout keys), so the rest
+    train as they did in the whole group."""
     import keras
 
     batches = {int(p["batch_size"]) for p in ps}
     if len(batches) != 1:
         raise ConfigError("a fused group needs one batch size (the members share the minibatch stream).")
     keras.utils.set_random_seed(seeds[0])
+    positions = range(len(ps)) if only is None else sorted(only)
     # build() is build_model, which already refuses a sigmoid output on a multi-class task
-    members = [member(p, build(p, s), s, j) for j, (p, s) in enumerate(zip(ps, seeds, strict=True))]
-    sw = []
+    members = [member(ps[j], build(ps[j], seeds[j]), seeds[j], j) for j in positions]
+    sw = {}
     for mb in members:
         w = sample_weights(ytr, mb.p["class_weight"], n_classes)
-        sw.append(np.ones(len(ytr), np.float32) if w is None else w.astype(np.float32))
+        sw[mb.index] = np.ones(len(ytr), np.float32) if w is None else w.astype(np.float32)
     return batches.pop(), members, sw
 
 
 def fused_train(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarray, ps: list[dict],
                 n_classes: int, *, seeds: list[int], build: Callable[[dict, int], Any],
-                on_member: Callable[[int, Any, dict], None], precision: str = "auto") -> str:
+                on_member: Callable[[int, Any, dict], None], precision: str = "auto",
+                only: Sequence[int] | None = None) -> str:
     """Train configs sharing a batch size as one fused group; report each (index, model, history) as it
     ends. ``build(p, seed)`` returns the config's Keras model (initial weights and export target).
-    Returns the precision used."""
+    ``only``: positions to train (see ``group_setup``). Returns the precision used."""
     import tensorflow as tf
 
     precision = resolve_precision(precision)
-    batch, members, sw = group_setup(ytr, ps, n_classes, seeds, build, _Member)
-    sw_all = np.stack(sw)
+    batch, members, sw = group_setup(ytr, ps, n_classes, seeds, build, _Member, only)
     rng = np.random.default_rng(seeds[0])
     n = len(ytr)
     xtr_t, ytr_t = tf.constant(np.asarray(Xtr, np.float32)), tf.constant(np.asarray(ytr, np.int32))
@@ -300,7 +306,7 @@ def fused_train(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarr
     live = list(members)
     while live:
         # a fresh compiled step per phase: the member set (baked into the graph) just changed
-        sw_live = tf.constant(sw_all[[mb.index for mb in live]])
+        sw_live = tf.constant(np.stack([sw[mb.index] for mb in live]))
         train_step, evaluate = _make_fns(live, precision, xtr_t, ytr_t, sw_live)
         while not any(mb.finished() for mb in live):
             perm = rng.permutation(n).astype(np.int32)

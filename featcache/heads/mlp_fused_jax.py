@@ -80,6 +80,9 @@ class _Stack:
         self.l2 = np.array([float(mb.p["l2"]) for mb in members], np.float32)
         self.rate = np.array([float(mb.p["dropout"]) for mb in members], np.float32)
         self.sw = sw  # [members, n_train] sample weights
+        # each member's dropout keys come from its own index in the group, not its row in this stack: a
+        # restack, or a resumed grid whose finished members are absent, leaves its masks unchanged
+        self.ids = np.array([mb.index for mb in members], np.int32)
         self.dropout = bool(np.any(self.rate > 0))
 
 
@@ -130,14 +133,16 @@ def _build_epoch(stacks: list[_Stack], compute: str) -> Callable:
         return jnp.einsum("mbi,mio->mbo", h.astype(cdt), w.astype(cdt), precision=prec,
                           preferred_element_type=out_dt).astype(jnp.float32)
 
-    def forward(si: int, params: list, rate: Any, x: Any, key: Any) -> Any:
-        """Logits [members, batch, out] of stack ``si``; ``key`` None means no dropout."""
+    def forward(si: int, params: list, rate: Any, x: Any, keys: Any) -> Any:
+        """Logits [members, batch, out] of stack ``si``; ``keys`` (one per member) None means no dropout."""
         h, shared = x, True
         n_hidden = len(params) // 2 - 1
         for i in range(n_hidden):
             z = acts[si](mm(h, params[2 * i], shared) + params[2 * i + 1][:, None, :])
-            if key is not None:
-                keep = jax.random.uniform(jax.random.fold_in(key, i), z.shape) >= rate[:, None, None]
+            if keys is not None:
+                u = jax.vmap(lambda k, shape=z.shape[1:], i=i: jax.random.uniform(jax.random.fold_in(k, i),
+                                                                                   shape))(keys)
+                keep = u >= rate[:, None, None]
                 z = jnp.where(keep, z / (1.0 - rate)[:, None, None], 0.0)
             h, shared = z, False
         return mm(h, params[-2], shared) + params[-1][:, None, :]
@@ -173,8 +178,9 @@ def _build_epoch(stacks: list[_Stack], compute: str) -> Callable:
         def total(params_all: list) -> tuple[Any, tuple]:
             out_l, out_a = [], []
             for si, params in enumerate(params_all):
-                lr, l2, rate, sw = settings[si]
-                logits = forward(si, params, rate, x, jax.random.fold_in(key, si) if drops[si] else None)
+                lr, l2, rate, sw, ids = settings[si]
+                keys = jax.vmap(lambda m: jax.random.fold_in(key, m))(ids) if drops[si] else None
+                logits = forward(si, params, rate, x, keys)
                 ce, correct = losses(si, logits, y)
                 member_loss = jnp.sum(ce * (sw[:, idx] * real), axis=1) / nb + penalty(params, l2)
                 out_l.append(member_loss)
@@ -227,6 +233,10 @@ def _build_epoch(stacks: list[_Stack], compute: str) -> Callable:
     return jax.jit(epoch, donate_argnums=(0,))
 
 
+OnMember = Callable[[int, Any, dict], None]
+"""Called with (member index, trained Keras model, history) as each member ends."""
+
+
 @dataclass
 class _Prepared:
     """One batch-size group ready to train: members built, device data placed, and on an accelerator its
@@ -235,7 +245,7 @@ class _Prepared:
     precision: str
     batch: int
     members: list
-    sw_rows: list
+    sw_rows: dict
     carried: dict
     seed: int
     data: tuple              # device arrays: xtr, ytr, xva, yva, counts
@@ -245,10 +255,10 @@ class _Prepared:
 
 
 def fused_train_jax_groups(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarray,
-                           jobs: list[tuple[list[dict], list[int], Callable[[int, Any, dict], None]]],
+                           jobs: list[tuple[list[dict], list[int], OnMember, list[int]]],
                            n_classes: int, *, build: Callable[[dict, int], Any],
                            precision: str = "auto") -> str:
-    """``mlp_fused.fused_train`` on JAX for several groups, each ``(configs, seeds, on_member)`` (those
+    """``mlp_fused.fused_train`` on JAX for several groups, each ``(configs, seeds, on_member, only)`` (those
     arguments of ``fused_train``, with the same callbacks); returns the precision used.
 
     On an accelerator every group is prepared before the first one trains, and each group's epoch program
@@ -262,8 +272,8 @@ def fused_train_jax_groups(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yv
     device = tuple(_put(a) for a in host)  # once, shared by every group
 
     def prepare(job: tuple, ahead: bool) -> _Prepared:
-        ps, seeds, on_member = job
-        return _prepare(host, device, ps, n_classes, seeds, build, on_member, precision, ahead)
+        ps, seeds, on_member, only = job
+        return _prepare(host, device, ps, n_classes, seeds, build, on_member, precision, ahead, only)
 
     ahead = accelerator() is not None
     preps = [prepare(job, True) for job in jobs] if ahead else None
@@ -275,7 +285,7 @@ def fused_train_jax_groups(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yv
 
 def _prepare(host: tuple, device: tuple, ps: list[dict], n_classes: int, seeds: list[int],
              build: Callable[[dict, int], Any], on_member: Callable[[int, Any, dict], None], precision: str,
-             compile_ahead: bool) -> _Prepared:
+             compile_ahead: bool, only: list[int] | None = None) -> _Prepared:
     """One group: its members built, ``device`` (``host``'s xtr, ytr, xva, yva, already placed) plus its own
     minibatch counts as its data, and with ``compile_ahead`` its first stacks and their epoch program
     submitted for compilation."""
@@ -283,7 +293,7 @@ def _prepare(host: tuple, device: tuple, ps: list[dict], n_classes: int, seeds: 
 
     precision = resolve_precision(precision, trainer="jax")
     ytr = host[1]
-    batch, members, sw_rows = group_setup(ytr, ps, n_classes, seeds, build, MemberRecord)
+    batch, members, sw_rows = group_setup(ytr, ps, n_classes, seeds, build, MemberRecord, only)
     n = len(ytr)
     steps = -(-n // batch)
     counts = np.minimum(batch, n - batch * np.arange(steps)).astype(np.int32)
@@ -301,7 +311,7 @@ def _prepare(host: tuple, device: tuple, ps: list[dict], n_classes: int, seeds: 
     return prep
 
 
-def _stacks(live: list[MemberRecord], carried: dict, sw_rows: list) -> list[_Stack]:
+def _stacks(live: list[MemberRecord], carried: dict, sw_rows: dict) -> list[_Stack]:
     """The live members grouped by architecture, one ``_Stack`` each (in first-seen order)."""
     by_arch: dict[tuple, list[MemberRecord]] = {}
     for mb in live:
@@ -311,11 +321,12 @@ def _stacks(live: list[MemberRecord], carried: dict, sw_rows: list) -> list[_Sta
 
 
 def _phase_args(stacks: list[_Stack], put: Callable) -> tuple[tuple, tuple]:
-    """A phase's stacked state and per-stack settings (lr, l2, dropout rate, sample weights), through
+    """A phase's stacked state and per-stack settings (lr, l2, dropout rate, sample weights, member
+    indices), through
     ``put``: to the device for training, to shape specs for compiling ahead. One builder for both, so
     the ahead-of-time program is called with exactly the structure it was compiled for."""
     state = tuple(tuple([put(a) for a in part] for part in s.state) for s in stacks)
-    settings = tuple((put(s.lr), put(s.l2), put(s.rate), put(s.sw)) for s in stacks)
+    settings = tuple((put(s.lr), put(s.l2), put(s.rate), put(s.sw), put(s.ids)) for s in stacks)
     return state, settings
 
 
