@@ -15,7 +15,9 @@ The protocol, and why:
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -918,10 +920,17 @@ def _fit_holdout(ctx: _Ctx, configs: list[dict], result: FitResult) -> None:
     # the whole grid with its finished configs skipped, not the unfinished ones alone: each config's seed,
     # fused chunk and minibatch stream are those of the uninterrupted grid, so a resumed grid gives the
     # numbers the uninterrupted one would have
+    # fused chunks save epoch checkpoints here (a hidden folder: run listings skip it), so an interrupted
+    # chunk resumes at its last checkpoint; each chunk's file goes when the chunk has finished
+    checkpoints = opts.runs_dir / ".checkpoints" / ctx.sweep_id
     ctx.head_obj.train_many(
         Xtr, yy, Xva, yva, configs, seed=opts.seed, progress=ctx.progress, on_result=on_result,
         precision=opts.mlp_precision, trainer=opts.mlp_trainer, skip=set(range(total)) - set(todo),
+        checkpoint_dir=checkpoints,
     )
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        checkpoints.parent.rmdir()  # only when no other sweep keeps checkpoints there
 
 
 def _jsonable_history(history: dict | None) -> dict | None:

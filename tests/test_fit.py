@@ -268,6 +268,37 @@ def test_grid_killed_mid_way_resumes_only_unfinished(setup) -> None:
             assert sha256_file(r.path / rel) == digest
 
 
+def test_grid_killed_mid_chunk_resumes_from_its_epoch_checkpoint(setup) -> None:
+    """SIGKILL after a fused chunk's second epoch checkpoint: the rerun resumes the chunk at epoch 2, says so
+    in run.json, gives the uninterrupted grid's numbers and leaves no checkpoint behind."""
+    root, cache_dir, runs_dir = setup
+    grid = ["--head", "mlp", "--grid", "layers=4", "--grid", "epochs=4", "--grid", "dropout=0.2", "--grid",
+            "lr=0.1,0.01,0.001", "--mlp-precision", "float32", "--json"]
+    exe = [str(Path(sys.executable).parent / "featcache")]
+    env = {**os.environ, "FEATCACHE_MLP_CHECKPOINT_SECONDS": "0"}  # a checkpoint before every epoch
+    kill = {**env, "FEATCACHE_CRASH_AT": "mlp.after_checkpoint:2"}
+    killed = subprocess.run([*exe, *_fit_cmd(root, cache_dir, runs_dir, *grid)], capture_output=True,
+                            text=True, env=kill, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not list_runs(runs_dir)
+    assert [p.name for p in (runs_dir / ".checkpoints").glob("*/*")] == ["chunk-0.npz"]
+    ok = subprocess.run([*exe, *_fit_cmd(root, cache_dir, runs_dir, *grid)], capture_output=True, text=True,
+                        env=env, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    resumed = list_runs(runs_dir)
+    assert [r["trainer"]["selection"].get("resumed_from_epoch") for r in resumed] == [2, 2, 2]
+    assert not (runs_dir / ".checkpoints").exists()
+    whole_dir = runs_dir.parent / "uninterrupted"
+    whole = subprocess.run([*exe, *_fit_cmd(root, cache_dir, whole_dir, *grid)], capture_output=True,
+                           text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    reference = {r["params"]["lr"]: r.metrics() for r in list_runs(whole_dir)}
+    assert all("resumed_from_epoch" not in r["trainer"]["selection"] for r in list_runs(whole_dir))
+    for r in resumed:
+        m, ref = r.metrics(), reference[r["params"]["lr"]]
+        assert (m["history"], m["val"], m["test"]) == (ref["history"], ref["val"], ref["test"])
+
+
 def test_runs_ls(setup, capsys) -> None:
     root, cache_dir, runs_dir = setup
     fit(root, "fakenet", "knn", opts(cache_dir, runs_dir, grid_args=["n_neighbors=3"], tags=["<img src=x>"]))

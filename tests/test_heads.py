@@ -675,3 +675,90 @@ def test_a_resumed_grid_on_the_jax_trainer_trains_the_rest_as_the_whole_grid_did
     Stacked products of another width may round differently in the last bits, hence a tolerance."""
     pytest.importorskip("jax")
     _resumed_equals_whole("jax", "float32", exact=False)
+
+
+def test_an_interrupted_fused_chunk_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    """Epoch checkpoints: an interrupted chunk restarts at its last checkpoint, not at epoch 0, and every
+    config still gets the uninterrupted grid's numbers (also when a config the checkpoint holds was saved
+    after it, and so is skipped)."""
+    X, y = separable(300, 32, k=2, shift=0.9)
+    Xtr, ytr, Xva, yva = X[:220], y[:220], X[220:], y[220:]
+    head = get_head("mlp")
+    kw = {"seed": 5, "precision": "float32", "trainer": "tf"}
+    whole = head.train_many(Xtr, ytr, Xva, yva, RESUMED_GRID, **kw)
+    monkeypatch.setenv("FEATCACHE_MLP_CHECKPOINT_SECONDS", "0")  # a checkpoint before every epoch
+    ckpt = tmp_path / "ckpt"
+
+    class Killed(Exception):
+        pass
+
+    saved: list[int] = []
+
+    def store(i, h, hist):  # the 2nd config of the chunk to finish is "killed" while being stored
+        if len(saved) == 1:
+            raise Killed
+        saved.append(i)
+
+    with pytest.raises(Killed):
+        head.train_many(Xtr, ytr, Xva, yva, RESUMED_GRID, skip={4}, on_result=store, checkpoint_dir=ckpt,
+                        **kw)
+    # config 3 stops early after 2 epochs and is stored; config 0 ends after 3 and is "killed": the last
+    # checkpoint is from after epoch 2 and holds configs 0, 1 and 2
+    assert saved == [3] and [p.name for p in ckpt.iterdir()] == ["chunk-0.npz"]
+    for skip in ({3, 4}, {0, 3, 4}):  # the second: as if config 0 had been stored after the checkpoint
+        rest = head.train_many(Xtr, ytr, Xva, yva, RESUMED_GRID, skip=skip, checkpoint_dir=ckpt, **kw)
+        for i in set(range(4)) - skip:
+            (h_whole, a), (h_rest, b) = whole[i], rest[i]
+            assert h_rest.trainer == {**h_whole.trainer, "resumed_from_epoch": 2}, i
+            assert all(b[k] == a[k] for k in ("loss", "val_loss", "accuracy", "val_accuracy")), i
+            for w_a, w_b in zip(h_whole.model.get_weights(), h_rest.model.get_weights(), strict=True):
+                assert np.array_equal(w_a, w_b), i
+        assert not ckpt.exists() or not any(ckpt.iterdir())  # removed once the chunk finished
+        if skip == {3, 4}:  # put the checkpoint back for the second variant
+            with pytest.raises(Killed):
+                saved.clear()
+                head.train_many(Xtr, ytr, Xva, yva, RESUMED_GRID, skip={4}, on_result=store,
+                                checkpoint_dir=ckpt, **kw)
+
+
+def test_checkpoint_round_trip_keeps_every_member_field(tmp_path):
+    """Every field the next epoch depends on survives save/restore; a checkpoint for other data is ignored."""
+    from featcache.heads import mlp_checkpoint
+    from featcache.heads.mlp import _params, build_model
+    from featcache.heads.mlp_fused import _Member, group_setup
+
+    ps = [_params({"layers": (4,), "epochs": 9, "batch_size": 8, "patience": 3, "checkpoint": True}),
+          _params({"layers": (4,), "epochs": 9, "batch_size": 8, "lr": 0.01})]
+    y = np.array([0, 1] * 10)
+
+    def group(seed_shift: int):
+        return group_setup(y, ps, 2, [3, 4], lambda p, s: build_model(p, 6, 2, s + seed_shift), _Member)[1]
+
+    members = group(0)
+    a = members[0]
+    a.epoch, a.since_best, a.best_val = 4, 2, 0.25
+    a.history = {"loss": [0.9, 0.5, 0.4, 0.45], "val_loss": [0.3, 0.25, 0.27, 0.26]}
+    a.best_weights = [w + 1 for w in a.current()]
+    a.m[0].assign(a.m[0] + 0.5)
+    members[1].epoch = 4
+    rng = np.random.default_rng(0)
+    rng.random(3)
+    key = mlp_checkpoint.group_key(ps, [3, 4], "float32", (y,))
+    mlp_checkpoint.save(tmp_path / "c.npz", key, members, 77, rng)
+    fresh = group(100)  # other initial weights, to be overwritten
+    rng2 = np.random.default_rng(1)
+    assert mlp_checkpoint.restore(tmp_path / "c.npz", key, fresh, rng2) == (77, 4)
+    b = fresh[0]
+    assert (b.epoch, b.since_best, b.best_val, b.history, b.resumed_epoch) == (4, 2, 0.25, a.history, 4)
+    for got, want in [(b.current(), a.current()), (b.best_weights, a.best_weights),
+                      ([v.numpy() for v in b.m], [v.numpy() for v in a.m]),
+                      ([v.numpy() for v in b.v], [v.numpy() for v in a.v])]:
+        assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True))
+    assert fresh[1].best_weights is None and fresh[1].best_val == np.inf
+    assert rng2.random() == rng.random()
+    other = mlp_checkpoint.group_key(ps, [3, 4], "float32", (y[::-1],))
+    untouched = group(100)
+    assert mlp_checkpoint.restore(tmp_path / "c.npz", other, untouched, np.random.default_rng(1)) == (0, 0)
+    assert untouched[0].epoch == 0
+    (tmp_path / "bad.npz").write_bytes(b"PK not really a zip")
+    assert mlp_checkpoint.restore(tmp_path / "bad.npz", key, untouched, np.random.default_rng(1)) == (0, 0)

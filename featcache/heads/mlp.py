@@ -228,13 +228,16 @@ class MLPHead:
                    configs: list[dict], *, seed: int = 0, progress: ProgressFn | None = None,
                    on_result: Callable[[int, KerasHead, dict], None] | None = None,
                    fuse: bool | None = None, precision: str = "auto",
-                   trainer: str | None = None, skip: Collection[int] = ()) -> list[tuple[KerasHead, dict]]:
+                   trainer: str | None = None, skip: Collection[int] = (),
+                   checkpoint_dir: Path | None = None) -> list[tuple[KerasHead, dict]]:
         """Train many configs, fusing compatible ones (see ``mlp_fused``); results in config order.
 
         ``skip``: indices of configs not to train (a resumed grid's finished ones; their results are None).
         Everything that shapes a config's numbers -- its seed, fused or alone, its chunk's minibatch stream
         and its dropout keys -- still comes from the whole list, so a resumed grid trains the rest exactly
         as the uninterrupted one would have.
+        ``checkpoint_dir``: where the TensorFlow trainer keeps each fused chunk's epoch checkpoints (see
+        ``mlp_checkpoint``), resumed from when present; a chunk's file is removed once it has finished.
 
         ``fuse``: None = fuse compatible configs sharing a batch size, in groups of 2 or more;
         True = also fuse groups of one; False = train each config with ``train``.
@@ -285,15 +288,19 @@ class MLPHead:
                 finish(i, head, hist)
         Xtr32, Xva32 = np.asarray(Xtr, np.float32), np.asarray(Xva, np.float32)  # once, not per chunk
         jobs = []
+        kept_chunks = []
         for idx in chunks:
             keep = [j for j, i in enumerate(idx) if i not in skip]
             if not keep:
                 continue
+            kept_chunks.append(idx)
             how = {"path": "fused" if backend == "tf" else "fused-jax", "precision": resolved,
                    "group_size": len(idx)}
 
-            def member_done(j: int, model: Any, hist: dict, idx: list[int] = idx, how: dict = how) -> None:
-                finish(idx[j], KerasHead(model, n_classes, how), hist)
+            def member_done(j: int, model: Any, hist: dict, resumed: int = 0, *, idx: list[int] = idx,
+                            how: dict = how) -> None:
+                trainer_info = {**how, "resumed_from_epoch": resumed} if resumed else how
+                finish(idx[j], KerasHead(model, n_classes, trainer_info), hist)
 
             jobs.append(([ps[i] for i in idx], [seed + i for i in idx], member_done, keep))
 
@@ -305,9 +312,10 @@ class MLPHead:
 
             fused_train_jax_groups(Xtr32, ytr, Xva32, yva, jobs, n_classes, build=build, precision=resolved)
         else:
-            for group_ps, seeds, member_done, keep in jobs:
+            for (group_ps, seeds, member_done, keep), idx in zip(jobs, kept_chunks, strict=True):
+                where = None if checkpoint_dir is None else Path(checkpoint_dir) / f"chunk-{idx[0]}.npz"
                 fused_train(Xtr32, ytr, Xva32, yva, group_ps, n_classes, seeds=seeds, build=build,
-                            on_member=member_done, precision=resolved, only=keep)
+                            on_member=member_done, precision=resolved, only=keep, checkpoint=where)
         return results
 
 

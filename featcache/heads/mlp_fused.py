@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from featcache.errors import ConfigError
+from featcache.faults import crash_point
 from featcache.heads.base import sample_weights
 
 PRECISIONS = ("auto", "float32", "bfloat16")
@@ -124,6 +127,7 @@ class MemberRecord:
                                                                  "val_accuracy", "lr")}
         self.best_val, self.best_weights, self.since_best = np.inf, None, 0
         self.stopped = False
+        self.resumed_epoch = 0  # > 0: restored from a checkpoint taken after this many epochs
 
     def finished(self) -> bool:
         return self.stopped or self.epoch >= int(self.p["epochs"])
@@ -289,26 +293,43 @@ def group_setup(ytr: np.ndarray, ps: list[dict], n_classes: int, seeds: list[int
 
 def fused_train(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarray, ps: list[dict],
                 n_classes: int, *, seeds: list[int], build: Callable[[dict, int], Any],
-                on_member: Callable[[int, Any, dict], None], precision: str = "auto",
-                only: Sequence[int] | None = None) -> str:
-    """Train configs sharing a batch size as one fused group; report each (index, model, history) as it
-    ends. ``build(p, seed)`` returns the config's Keras model (initial weights and export target).
-    ``only``: positions to train (see ``group_setup``). Returns the precision used."""
+                on_member: Callable[..., None], precision: str = "auto",
+                only: Sequence[int] | None = None, checkpoint: Path | None = None) -> str:
+    """Train configs sharing a batch size as one fused group; report each (index, model, history,
+    resumed_epoch) as it ends. ``build(p, seed)`` returns the config's Keras model (initial weights and
+    export target). ``only``: positions to train (see ``group_setup``). ``checkpoint``: a file to save the
+    group to every ``mlp_checkpoint.checkpoint_seconds()`` and to resume from (deleted at the end).
+    Returns the precision used."""
     import tensorflow as tf
+
+    from featcache.heads import mlp_checkpoint
 
     precision = resolve_precision(precision)
     batch, members, sw = group_setup(ytr, ps, n_classes, seeds, build, _Member, only)
     rng = np.random.default_rng(seeds[0])
     n = len(ytr)
-    xtr_t, ytr_t = tf.constant(np.asarray(Xtr, np.float32)), tf.constant(np.asarray(ytr, np.int32))
-    xva_t, yva_t = tf.constant(np.asarray(Xva, np.float32)), tf.constant(np.asarray(yva, np.int32))
+    Xtr32, ytr32 = np.asarray(Xtr, np.float32), np.asarray(ytr, np.int32)
+    Xva32, yva32 = np.asarray(Xva, np.float32), np.asarray(yva, np.int32)
+    xtr_t, ytr_t = tf.constant(Xtr32), tf.constant(ytr32)
+    xva_t, yva_t = tf.constant(Xva32), tf.constant(yva32)
     t = 0
+    key = ""
+    if checkpoint is not None:
+        key = mlp_checkpoint.group_key(ps, seeds, precision, (Xtr32, ytr32, Xva32, yva32))
+        t, _ = mlp_checkpoint.restore(checkpoint, key, members, rng)
+    every = mlp_checkpoint.checkpoint_seconds()
+    last_save = time.monotonic()
     live = list(members)
     while live:
         # a fresh compiled step per phase: the member set (baked into the graph) just changed
         sw_live = tf.constant(np.stack([sw[mb.index] for mb in live]))
         train_step, evaluate = _make_fns(live, precision, xtr_t, ytr_t, sw_live)
         while not any(mb.finished() for mb in live):
+            # between epochs every live member is unfinished and every finished one already reported
+            if checkpoint is not None and t > 0 and time.monotonic() - last_save >= every:
+                mlp_checkpoint.save(checkpoint, key, live, t, rng)
+                last_save = time.monotonic()
+                crash_point("mlp.after_checkpoint")
             perm = rng.permutation(n).astype(np.int32)
             losses = np.zeros(len(live))
             accs = np.zeros(len(live))
@@ -324,6 +345,8 @@ def fused_train(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarr
             for k, mb in enumerate(live):
                 mb.end_epoch(losses[k] / n, accs[k] / n, float(vl[k]), float(va[k]), mb.current)
         for mb in [mb for mb in live if mb.finished()]:
-            on_member(mb.index, mb.export(mb.current), mb.history)
+            on_member(mb.index, mb.export(mb.current), mb.history, mb.resumed_epoch)
         live = [mb for mb in live if not mb.finished()]
+    if checkpoint is not None:
+        mlp_checkpoint.remove(checkpoint)
     return precision
