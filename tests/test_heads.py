@@ -762,3 +762,25 @@ def test_checkpoint_round_trip_keeps_every_member_field(tmp_path):
     assert untouched[0].epoch == 0
     (tmp_path / "bad.npz").write_bytes(b"PK not really a zip")
     assert mlp_checkpoint.restore(tmp_path / "bad.npz", key, untouched, np.random.default_rng(1)) == (0, 0)
+
+
+def test_a_checkpoint_that_cannot_be_written_does_not_stop_training(tmp_path, monkeypatch):
+    from featcache.heads import mlp_checkpoint
+
+    X, y = separable(200, 16, k=2, shift=0.9)
+    head = get_head("mlp")
+    grid = RESUMED_GRID[:2]
+    kw = {"seed": 1, "precision": "float32", "trainer": "tf"}
+    whole = head.train_many(X[:150], y[:150], X[150:], y[150:], grid, **kw)
+    monkeypatch.setenv("FEATCACHE_MLP_CHECKPOINT_SECONDS", "0")
+    attempts = []
+
+    def disk_full(*_a, **_k):
+        attempts.append(1)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(mlp_checkpoint.np, "savez", disk_full)
+    got = head.train_many(X[:150], y[:150], X[150:], y[150:], grid, checkpoint_dir=tmp_path / "ck", **kw)
+    assert len(attempts) == 1  # tried once, then trained on without checkpoints
+    assert [h for _, h in got] == [h for _, h in whole]
+    assert not list((tmp_path / "ck").glob("*"))  # no half-written file left

@@ -53,8 +53,11 @@ def group_key(ps: list[dict], seeds: list[int], precision: str, arrays: tuple[np
     return h.hexdigest()
 
 
-def save(path: Path, key: str, members: list[Any], t: int, rng: np.random.Generator) -> None:
-    """Write the live ``members`` (``mlp_fused._Member``) and the group's step count and generator state."""
+def save(path: Path, key: str, members: list[Any], t: int, rng: np.random.Generator) -> bool:
+    """Write the live ``members`` (``mlp_fused._Member``) and the group's step count and generator state.
+
+    Returns False when it could not be written (a full disk, say): the checkpoint is a convenience, so
+    training goes on, and an older checkpoint, if any, stays valid."""
     arrays: dict[str, np.ndarray] = {}
     records = []
     for mb in members:
@@ -68,13 +71,18 @@ def save(path: Path, key: str, members: list[Any], t: int, rng: np.random.Genera
                         "n_arrays": len(mb.vars)})
     meta = {"key": key, "t": t, "rng": rng.bit_generator.state, "members": records}
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        return False
+    return True
 
 
 def restore(path: Path, key: str, members: list[Any], rng: np.random.Generator) -> tuple[int, int]:

@@ -327,7 +327,8 @@ def fused_train(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarr
         while not any(mb.finished() for mb in live):
             # between epochs every live member is unfinished and every finished one already reported
             if checkpoint is not None and t > 0 and time.monotonic() - last_save >= every:
-                mlp_checkpoint.save(checkpoint, key, live, t, rng)
+                if not mlp_checkpoint.save(checkpoint, key, live, t, rng):
+                    every = float("inf")  # cannot write there: train on without checkpoints
                 last_save = time.monotonic()
                 crash_point("mlp.after_checkpoint")
             perm = rng.permutation(n).astype(np.int32)
