@@ -205,6 +205,10 @@ def register(app: typer.Typer) -> None:
         if not rows:
             out.print("Nothing new to train.")
             return
+        resumed = [e for e in map(resumed_epoch, result.runs) if e]
+        if resumed:
+            epochs = ", ".join(map(str, sorted(set(resumed))))
+            out.print(f"{len(resumed)} config(s) resumed at epoch {epochs} from a checkpoint.")
         table = Table(title=f"fit sweep {escape(result.sweep_id)}")
         metric_name = rows[0]["metric"]
         for col in ("run", "params", f"val {metric_name}", f"test {metric_name}", "test 95% CI", "thr"):
@@ -220,6 +224,12 @@ def register(app: typer.Typer) -> None:
                 fmt(r["threshold"]),
             )
         out.print(table)
+
+
+def resumed_epoch(run: object) -> int:
+    """The epoch a run's fused chunk was resumed at from a checkpoint (0: trained from the start)."""
+    selection = (run.get("trainer") or {}).get("selection") or {}  # type: ignore[attr-defined]
+    return int(selection.get("resumed_from_epoch") or 0)
 
 
 def _command(ctx: typer.Context) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from featcache.cli.fit_cmd import layers_option
+from featcache.cli.fit_cmd import layers_option, resumed_epoch
 from featcache.cli.native_log import import_backend_quietly
 from featcache.cli.report_cmd import make_callback, print_outputs, progress_display
 from rich.console import Console
@@ -26,9 +26,10 @@ def _summary(result) -> None:
         for rel, reason in ex.skipped[:3]:  # the first bad files
             console.print(f"  skipped {escape(str(rel))}: {escape(str(reason))}", highlight=False)
     for fr in result.fits:
+        resumed = sum(1 for run in fr.runs if resumed_epoch(run))
         console.print(
             f"[bold]fit[/] sweep {escape(fr.sweep_id)}: {len(fr.runs)} run(s) trained, "
-            f"{len(fr.skipped)} already done",
+            f"{len(fr.skipped)} already done" + (f", {resumed} resumed from a checkpoint" if resumed else ""),
             highlight=False,
         )
     print_outputs(result.report, console)

@@ -63,3 +63,19 @@ def test_bad_layers_are_one_sentence_before_any_work(command, layers, tmp_path, 
     err = capsys.readouterr().err
     assert err.startswith("error: --layers expects positive sizes like 1024,512"), err
     assert not (tmp_path / "cache").exists()
+
+
+def test_run_summary_counts_configs_resumed_from_a_checkpoint(monkeypatch, capsys) -> None:
+    from types import SimpleNamespace
+
+    from featcache.cli import pipeline_cmd
+
+    monkeypatch.setattr(pipeline_cmd, "print_outputs", lambda *_a: None)
+    runs = [{"trainer": {"selection": {"path": "fused", "resumed_from_epoch": 7}}},
+            {"trainer": {"selection": {"path": "fused"}}}, {}]
+    fits = [SimpleNamespace(sweep_id="abc", runs=runs, skipped=["x"]),
+            SimpleNamespace(sweep_id="def", runs=runs[1:], skipped=[])]
+    pipeline_cmd._summary(SimpleNamespace(extracts=[], fits=fits, report=None))
+    assert capsys.readouterr().out.splitlines() == [
+        "fit sweep abc: 3 run(s) trained, 1 already done, 1 resumed from a checkpoint",
+        "fit sweep def: 2 run(s) trained, 0 already done"]
