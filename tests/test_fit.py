@@ -268,7 +268,7 @@ def test_grid_killed_mid_way_resumes_only_unfinished(setup) -> None:
             assert sha256_file(r.path / rel) == digest
 
 
-def test_grid_killed_mid_chunk_resumes_from_its_epoch_checkpoint(setup) -> None:
+def test_grid_killed_mid_chunk_resumes_from_its_epoch_checkpoint(setup, capsys, monkeypatch) -> None:
     """SIGKILL after a fused chunk's second epoch checkpoint: the rerun resumes the chunk at epoch 2, says so
     in run.json, gives the uninterrupted grid's numbers and leaves no checkpoint behind."""
     root, cache_dir, runs_dir = setup
@@ -288,6 +288,10 @@ def test_grid_killed_mid_chunk_resumes_from_its_epoch_checkpoint(setup) -> None:
     assert ok.stdout.startswith("3 config(s) resumed at epoch 2 from a checkpoint.\n")
     resumed = list_runs(runs_dir)
     assert [r["trainer"]["selection"].get("resumed_from_epoch") for r in resumed] == [2, 2, 2]
+    monkeypatch.setenv("COLUMNS", "250")  # one table line per row
+    assert cli(["runs", "show", resumed[0].id, "--runs-dir", str(runs_dir)]) == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "fused (float32, chunk of 3), resumed at epoch 2 from a checkpoint" in shown
     assert not (runs_dir / ".checkpoints").exists()
     whole_dir = runs_dir.parent / "uninterrupted"
     whole = subprocess.run([*exe, *_fit_cmd(root, cache_dir, whole_dir, *grid)], capture_output=True,
