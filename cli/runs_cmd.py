@@ -38,6 +38,7 @@ def ls_cmd(
         typer.echo(json.dumps(rows, indent=2, default=str))
         return
     console = Console()
+    _mention_checkpoints(runs_dir)
     if not rows:
         console.print(f"No finished runs in {escape(str(runs_dir))}; `featcache fit` creates them.")
         return
@@ -56,6 +57,19 @@ def ls_cmd(
             fmt(r["test"]),
         )
     console.print(table)
+
+
+def _mention_checkpoints(runs_dir: Path) -> None:
+    """One line on stderr about interrupted sweeps' checkpoints: they resume a grid, and they take space."""
+    from featcache.runs import CHECKPOINTS_DIR, pending_checkpoints
+
+    pending = pending_checkpoints(runs_dir)
+    if pending:
+        size = sum(n for _, n in pending) / 1e6
+        Console(stderr=True).print(
+            f"{len(pending)} interrupted sweep(s) keep epoch checkpoints in "
+            f"{escape(str(Path(runs_dir) / CHECKPOINTS_DIR))} ({size:,.0f} MB): rerun their fit command to "
+            "resume, or delete the folder.", highlight=False)
 
 
 _METRICS = ("accuracy", "macro_f1", "auc", "sensitivity", "specificity", "log_loss")

@@ -33,7 +33,15 @@ from featcache.grids import expand, get_preset, load_grid_file, parse_grid_args,
 from featcache.heads.mlp_fused import PRECISIONS, TRAINERS, resolve_precision, resolve_trainer
 from featcache.metrics import bootstrap_ci, choose_threshold, classification_metrics, predict_labels
 from featcache.progress import ProgressFn, emit
-from featcache.runs import Run, RunWriter, clean_stale, config_hash, done_hashes, library_versions
+from featcache.runs import (
+    Run,
+    RunWriter,
+    checkpoint_dir,
+    clean_stale,
+    config_hash,
+    done_hashes,
+    library_versions,
+)
 from featcache.splits import grouped_holdout, grouped_kfold, index_digest
 
 BALANCE_MODES = ("none", "undersample", "oversample")
@@ -921,7 +929,7 @@ def _fit_holdout(ctx: _Ctx, configs: list[dict], result: FitResult) -> None:
     # seed, fused chunk and minibatch stream are those of the uninterrupted grid, so a resumed grid gives the
     # numbers the uninterrupted one would have. Fused chunks save epoch checkpoints in a hidden folder (run
     # listings skip it), so an interrupted chunk resumes at its last one; each file goes with its chunk.
-    checkpoints = opts.runs_dir / ".checkpoints" / ctx.sweep_id
+    checkpoints = checkpoint_dir(opts.runs_dir, ctx.sweep_id)
     ctx.head_obj.train_many(
         Xtr, yy, Xva, yva, configs, seed=opts.seed, progress=ctx.progress, on_result=on_result,
         precision=opts.mlp_precision, trainer=opts.mlp_trainer, skip=set(range(total)) - set(todo),

@@ -336,6 +336,30 @@ def done_hashes(runs_dir: str | Path) -> dict[str, str]:
     return {r.info["config_hash"]: r.id for r in list_runs(runs_dir) if r.info.get("config_hash")}
 
 
+CHECKPOINTS_DIR = ".checkpoints"
+"""Folder inside a runs folder where fit keeps epoch checkpoints of unfinished MLP sweeps, one subfolder per
+sweep id (hidden: run listings skip it)."""
+
+
+def checkpoint_dir(runs_dir: str | Path, sweep_id: str) -> Path:
+    """Where the sweep ``sweep_id`` keeps its fused chunks' epoch checkpoints."""
+    return Path(runs_dir) / CHECKPOINTS_DIR / sweep_id
+
+
+def pending_checkpoints(runs_dir: str | Path) -> list[tuple[str, int]]:
+    """(sweep id, bytes) of every sweep that left checkpoints: interrupted, and not rerun to the end yet.
+    They can be large (hundreds of MB per chunk), so listings mention them."""
+    root = Path(runs_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    out = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        files = [f for f in d.iterdir() if f.is_file()]
+        if files:
+            out.append((d.name, sum(f.stat().st_size for f in files)))
+    return out
+
+
 def _pid_alive(pid: int) -> bool:
     if pid <= 0:  # never signal a process group (kill(-1, ...) addresses every process)
         return False

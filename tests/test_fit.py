@@ -282,6 +282,9 @@ def test_grid_killed_mid_chunk_resumes_from_its_epoch_checkpoint(setup, capsys, 
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert not list_runs(runs_dir)
     assert [p.name for p in (runs_dir / ".checkpoints").glob("*/*")] == ["chunk-0.npz"]
+    assert cli(["runs", "ls", "--runs-dir", str(runs_dir)]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.startswith("1 interrupted sweep(s) keep epoch checkpoints in") and "delete the folder" in err
     ok = subprocess.run([*exe, *_fit_cmd(root, cache_dir, runs_dir, *grid[:-1])], capture_output=True,
                         text=True, env=env, timeout=300)
     assert ok.returncode == 0, ok.stderr[-2000:]
@@ -293,6 +296,8 @@ def test_grid_killed_mid_chunk_resumes_from_its_epoch_checkpoint(setup, capsys, 
     shown = " ".join(capsys.readouterr().out.split())
     assert "fused (float32, chunk of 3), resumed at epoch 2 from a checkpoint" in shown
     assert not (runs_dir / ".checkpoints").exists()
+    assert cli(["runs", "ls", "--runs-dir", str(runs_dir)]) == 0
+    assert "checkpoints" not in capsys.readouterr().err
     whole_dir = runs_dir.parent / "uninterrupted"
     whole = subprocess.run([*exe, *_fit_cmd(root, cache_dir, whole_dir, *grid)], capture_output=True,
                            text=True, timeout=300)
