@@ -125,6 +125,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train heads on cached features with patient-grouped selection; the test split is used once.
 
+        Rerun an interrupted grid to resume it (mlp: from its last epoch checkpoint), with the same numbers.
+
         Example: featcache fit --data data/chest_xray --backbone mobilenet-0.75 --head mlp --layers 1024,512
         """
         from featcache.fit import FitOptions, fit
