@@ -87,7 +87,7 @@ def show_cmd(
     """
     from featcache.cli.fit_cmd import fmt, params_text
 
-    from featcache.runs import load_run
+    from featcache.runs import describe_trainer, load_run
 
     run = load_run(runs_dir, run_id)
     info, metrics = run.info, run.metrics()
@@ -116,7 +116,7 @@ def show_cmd(
         ("tags", ", ".join(info.get("tags") or []) or "-"),
     ]
     if info.get("trainer"):
-        rows.append(("trained", _trainer_text(info["trainer"])))
+        rows.append(("trained", describe_trainer(info["trainer"])))
     for c in info.get("caches") or []:
         rows.append((f"cache {c.get('name')}", f"{c.get('path')} (config {str(c.get('config_hash'))[:12]}, "
                      f"{c.get('n_rows')} rows × {c.get('feature_dim')})"))
@@ -144,26 +144,6 @@ def show_cmd(
     console = Console()
     console.print(about)
     console.print(scores)
-
-
-def _how(t: dict) -> str:
-    """'fused (bfloat16, chunk of 18), resumed at epoch 40 from a checkpoint' from a trainer record."""
-    details = [str(t["precision"])] if t.get("precision") else []
-    if t.get("group_size"):
-        details.append(f"chunk of {t['group_size']}")
-    text = str(t.get("path", "?")) + (f" ({', '.join(details)})" if details else "")
-    if t.get("resumed_from_epoch"):
-        text += f", resumed at epoch {t['resumed_from_epoch']} from a checkpoint"
-    return text
-
-
-def _trainer_text(trainer: dict) -> str:
-    """How an MLP run was trained: the selected model, and the saved one when a refit trained it apart."""
-    selection, saved = trainer.get("selection") or {}, trainer.get("saved_model") or {}
-    text = _how(selection)
-    if saved and saved != selection:
-        text += f"; saved model refit: {_how(saved)}"
-    return text
 
 
 def register(app: typer.Typer) -> None:

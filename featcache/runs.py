@@ -336,6 +336,27 @@ def done_hashes(runs_dir: str | Path) -> dict[str, str]:
     return {r.info["config_hash"]: r.id for r in list_runs(runs_dir) if r.info.get("config_hash")}
 
 
+def _describe_one(t: dict, *, detail: bool) -> str:
+    details = [str(t["precision"])] if t.get("precision") else []
+    if detail and t.get("group_size"):
+        details.append(f"chunk of {t['group_size']}")
+    text = str(t.get("path", "?")) + (f" ({', '.join(details)})" if details else "")
+    if detail and t.get("resumed_from_epoch"):
+        text += f", resumed at epoch {t['resumed_from_epoch']} from a checkpoint"
+    return text
+
+
+def describe_trainer(trainer: dict, *, detail: bool = True) -> str:
+    """How an MLP run was trained, from run.json's ``trainer``: e.g. 'fused (bfloat16, chunk of 18), resumed
+    at epoch 40 from a checkpoint; saved model refit: keras.fit (float32)'. ``detail=False`` keeps what
+    shapes the numbers (path and precision) and drops chunk size and resumption, for grouping runs."""
+    selection, saved = trainer.get("selection") or {}, trainer.get("saved_model") or {}
+    text = _describe_one(selection, detail=detail)
+    if saved and _describe_one(saved, detail=detail) != _describe_one(selection, detail=detail):
+        text += f"; saved model refit: {_describe_one(saved, detail=detail)}"
+    return text
+
+
 CHECKPOINTS_DIR = ".checkpoints"
 """Folder inside a runs folder where fit keeps epoch checkpoints of unfinished MLP sweeps, one subfolder per
 sweep id (hidden: run listings skip it)."""

@@ -82,7 +82,7 @@ def test_run_summary_counts_configs_resumed_from_a_checkpoint(monkeypatch, capsy
 
 
 def test_runs_show_says_how_an_mlp_run_was_trained() -> None:
-    from featcache.cli.runs_cmd import _trainer_text
+    from featcache.runs import describe_trainer as _trainer_text
 
     fused = {"path": "fused", "precision": "bfloat16", "group_size": 18}
     assert _trainer_text({"selection": fused, "saved_model": fused}) == "fused (bfloat16, chunk of 18)"
@@ -90,3 +90,5 @@ def test_runs_show_says_how_an_mlp_run_was_trained() -> None:
     assert _trainer_text({"selection": {**fused, "resumed_from_epoch": 40}, "saved_model": refit}) == (
         "fused (bfloat16, chunk of 18), resumed at epoch 40 from a checkpoint; "
         "saved model refit: keras.fit (float32)")
+    assert _trainer_text({"selection": {**fused, "resumed_from_epoch": 40}, "saved_model": fused},
+                         detail=False) == "fused (bfloat16)"

@@ -127,6 +127,10 @@ def write_fake_run(
         "tags": list(tags),
         "threshold": {"youden": threshold, "chosen": threshold},
     }
+    if head == "mlp":  # as train_many records it: fused in chunks of 3, one run resumed from a checkpoint
+        fused = {"path": "fused", "precision": "bfloat16", "group_size": 3}
+        selected = {**fused, "resumed_from_epoch": 4} if seed % 3 == 0 else fused
+        run_json["trainer"] = {"selection": selected, "saved_model": selected}
     (folder / "run.json").write_text(json.dumps(run_json))
     return folder
 
@@ -200,6 +204,7 @@ def test_report_files_are_written_and_self_contained(sweep, tmp_path):
     assert "validation only" not in html.lower()  # these runs have a test split
     assert "Provenance" in html and "ab" * 8 in html  # weights digest shown
     assert "model #" in html and "train loss" in html  # paper-000-style hyperparameter table
+    assert "| mlp training | fused (bfloat16): 6 run(s) |" in md_text  # precision shapes the numbers
 
 
 def test_leaderboard_order_matches_independent_accuracy(sweep, tmp_path):

@@ -27,7 +27,7 @@ from featcache.report.html import render_html
 from featcache.report.leaderboard import build_leaderboard, config_string, write_csv, write_json
 from featcache.report.markdown import render_markdown
 from featcache.report.scores import LOWER_IS_BETTER, chosen_threshold
-from featcache.runs import format_value
+from featcache.runs import describe_trainer, format_value
 
 OVERSTATE_NOTE = (
     "validation accuracy on this dataset overstates test accuracy. The official Kermany test split differs "
@@ -687,10 +687,19 @@ def _provenance_section(doc: Document, runs: Sequence[RunRecord]) -> None:
         }
     )
     seeds = sorted({str(r.run.get("seed")) for r in runs if r.run.get("seed") is not None})
+    # how dense heads were trained: fused bfloat16 and keras.fit float32 give (slightly) different numbers
+    trained: dict[str, int] = {}
+    for r in runs:
+        if isinstance(r.run.get("trainer"), dict):
+            how = describe_trainer(r.run["trainer"], detail=False)
+            trained[how] = trained.get(how, 0) + 1
     doc.add(Heading("Model selection and seeds", 3))
     doc.add(
         Table(
-            ["item", "value"], [["selection", s] for s in selections] + [["seeds", ", ".join(seeds) or "—"]]
+            ["item", "value"],
+            [["selection", s] for s in selections]
+            + [["seeds", ", ".join(seeds) or "—"]]
+            + [["mlp training", f"{how}: {n} run(s)"] for how, n in sorted(trained.items())],
         )
     )
     versions: dict[str, set[str]] = {}
