@@ -779,7 +779,7 @@ def test_a_checkpoint_that_cannot_be_written_does_not_stop_training(tmp_path, mo
         attempts.append(1)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(mlp_checkpoint.np, "savez", disk_full)
+    monkeypatch.setattr(mlp_checkpoint.np.lib.format, "write_array", disk_full)
     got = head.train_many(X[:150], y[:150], X[150:], y[150:], grid, checkpoint_dir=tmp_path / "ck", **kw)
     assert len(attempts) == 1  # tried once, then trained on without checkpoints
     assert [h for _, h in got] == [h for _, h in whole]

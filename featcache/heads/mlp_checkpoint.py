@@ -8,10 +8,10 @@ checkpoint keeps that promise, because it holds everything the next epoch depend
 weights, Adam moments, epoch, history, early-stopping and best-weights state, the step count and the
 minibatch generator's state.
 
-The file is one uncompressed ``.npz`` written to a temporary name and renamed into place, so a crash while
-saving leaves the previous checkpoint. ``key`` (the group's configs, seeds, precision and a digest of the
-training data) must match for a checkpoint to be used; any mismatch or damage means training from the
-start, which gives the same numbers, only later.
+The file is one uncompressed ``.npz``, written one array at a time under a temporary name and renamed into
+place, so a crash while saving leaves the previous checkpoint. ``key`` (the group's configs, seeds,
+precision and a digest of the training data) must match for a checkpoint to be used; any mismatch or damage
+means training from the start, which gives the same numbers, only later.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,9 @@ import numpy as np
 CHECKPOINT_SECONDS = 180.0
 """Least time between two checkpoints of a group (the environment variable below overrides it). Measured
 on the 2-core Zen 4 VM: paper 000's batch-64 chunk (18 members on 2,048-d features, 592 MB of weights
-and Adam moments) saved in 2.2 s and restored in 0.5 s; at this interval that is 1.2% of training time,
-and an interruption costs at most three minutes and an epoch."""
+and Adam moments) saved in 1.2 s without growing the process's peak memory, and restored in 1.35 s; at
+this interval saving is 0.7% of training time, and an interruption costs at most three minutes and an
+epoch."""
 CHECKPOINT_SECONDS_ENV = "FEATCACHE_MLP_CHECKPOINT_SECONDS"
 
 
@@ -58,24 +60,29 @@ def save(path: Path, key: str, members: list[Any], t: int, rng: np.random.Genera
 
     Returns False when it could not be written (a full disk, say): the checkpoint is a convenience, so
     training goes on, and an older checkpoint, if any, stays valid."""
-    arrays: dict[str, np.ndarray] = {}
-    records = []
-    for mb in members:
-        for part, values in (("w", mb.current()), ("m", [v.numpy() for v in mb.m]),
-                             ("v", [v.numpy() for v in mb.v]), ("best", mb.best_weights or [])):
-            for j, a in enumerate(values):
-                arrays[f"{mb.index}_{part}_{j}"] = np.asarray(a)
-        records.append({"index": mb.index, "epoch": mb.epoch, "history": mb.history,
-                        "best_val": None if not np.isfinite(mb.best_val) else float(mb.best_val),
-                        "since_best": mb.since_best, "has_best": mb.best_weights is not None,
-                        "n_arrays": len(mb.vars)})
+    records = [{"index": mb.index, "epoch": mb.epoch, "history": mb.history,
+                "best_val": None if not np.isfinite(mb.best_val) else float(mb.best_val),
+                "since_best": mb.since_best, "has_best": mb.best_weights is not None,
+                "n_arrays": len(mb.vars)} for mb in members]
     meta = {"key": key, "t": t, "rng": rng.bit_generator.state, "members": records}
-    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+
+    def arrays() -> Iterator[tuple[str, np.ndarray]]:
+        """One array at a time: a chunk's state can be gigabytes, so it is never copied whole."""
+        yield "meta", np.frombuffer(json.dumps(meta).encode(), np.uint8)
+        for mb in members:
+            parts = (("w", mb.vars), ("m", mb.m), ("v", mb.v), ("best", mb.best_weights or []))
+            for part, values in parts:
+                for j, a in enumerate(values):
+                    yield f"{mb.index}_{part}_{j}", np.asarray(a.numpy() if hasattr(a, "numpy") else a)
+
     tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+            with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:  # np.load reads it
+                for name, a in arrays():
+                    with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
+                        np.lib.format.write_array(member, a, allow_pickle=False)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
