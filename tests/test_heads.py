@@ -677,14 +677,22 @@ def test_a_resumed_grid_on_the_jax_trainer_trains_the_rest_as_the_whole_grid_did
     _resumed_equals_whole("jax", "float32", exact=False)
 
 
-def test_an_interrupted_fused_chunk_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("trainer", ["tf", "jax"])
+def test_an_interrupted_fused_chunk_resumes_from_its_checkpoint(trainer, tmp_path, monkeypatch):
     """Epoch checkpoints: an interrupted chunk restarts at its last checkpoint, not at epoch 0, and every
     config still gets the uninterrupted grid's numbers (also when a config the checkpoint holds was saved
-    after it, and so is skipped)."""
+    after it, and so is skipped). TF: bit for bit. JAX: its resumed stacks may have another width than the
+    uninterrupted ones at that epoch, whose products may round differently in the last bits."""
+    if trainer == "jax":
+        pytest.importorskip("jax")
     X, y = separable(300, 32, k=2, shift=0.9)
     Xtr, ytr, Xva, yva = X[:220], y[:220], X[220:], y[220:]
     head = get_head("mlp")
-    kw = {"seed": 5, "precision": "float32", "trainer": "tf"}
+    kw = {"seed": 5, "precision": "float32", "trainer": trainer}
+
+    def same(a, b) -> bool:
+        return np.array_equal(a, b) if trainer == "tf" else np.allclose(a, b, rtol=1e-5, atol=1e-6)
+
     whole = head.train_many(Xtr, ytr, Xva, yva, RESUMED_GRID, **kw)
     monkeypatch.setenv("FEATCACHE_MLP_CHECKPOINT_SECONDS", "0")  # a checkpoint before every epoch
     ckpt = tmp_path / "ckpt"
@@ -710,9 +718,9 @@ def test_an_interrupted_fused_chunk_resumes_from_its_checkpoint(tmp_path, monkey
         for i in set(range(4)) - skip:
             (h_whole, a), (h_rest, b) = whole[i], rest[i]
             assert h_rest.trainer == {**h_whole.trainer, "resumed_from_epoch": 2}, i
-            assert all(b[k] == a[k] for k in ("loss", "val_loss", "accuracy", "val_accuracy")), i
+            assert all(same(b[k], a[k]) for k in ("loss", "val_loss", "accuracy", "val_accuracy")), i
             for w_a, w_b in zip(h_whole.model.get_weights(), h_rest.model.get_weights(), strict=True):
-                assert np.array_equal(w_a, w_b), i
+                assert same(w_a, w_b), i
         assert not ckpt.exists() or not any(ckpt.iterdir())  # removed once the chunk finished
         if skip == {3, 4}:  # put the checkpoint back for the second variant
             with pytest.raises(Killed):
@@ -744,24 +752,27 @@ def test_checkpoint_round_trip_keeps_every_member_field(tmp_path):
     rng = np.random.default_rng(0)
     rng.random(3)
     key = mlp_checkpoint.group_key(ps, [3, 4], "float32", (y,))
-    mlp_checkpoint.save(tmp_path / "c.npz", key, members, 77, rng)
-    fresh = group(100)  # other initial weights, to be overwritten
+    state = lambda mb, part: (mb.vars, mb.m, mb.v)[part]  # noqa: E731
+    assert mlp_checkpoint.save(tmp_path / "c.npz", key, members, state, 77, rng, {"epoch_no": 4})
+    fresh = group(100)  # other initial weights: the states come back for the trainer to load
     rng2 = np.random.default_rng(1)
-    assert mlp_checkpoint.restore(tmp_path / "c.npz", key, fresh, rng2) == (77, 4)
+    got = mlp_checkpoint.restore(tmp_path / "c.npz", key, fresh, rng2)
+    assert (got.t, got.extra, sorted(got.states)) == (77, {"epoch_no": 4}, [0, 1])
     b = fresh[0]
     assert (b.epoch, b.since_best, b.best_val, b.history, b.resumed_epoch) == (4, 2, 0.25, a.history, 4)
-    for got, want in [(b.current(), a.current()), (b.best_weights, a.best_weights),
-                      ([v.numpy() for v in b.m], [v.numpy() for v in a.m]),
-                      ([v.numpy() for v in b.v], [v.numpy() for v in a.v])]:
-        assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True))
+    w, m, v = got.states[0]
+    for back, want in [(w, a.current()), (b.best_weights, a.best_weights),
+                       (m, [x.numpy() for x in a.m]), (v, [x.numpy() for x in a.v])]:
+        assert all(np.array_equal(g, x) for g, x in zip(back, want, strict=True))
+    assert not np.array_equal(w[0], b.current()[0])  # restore itself leaves the trainer's arrays alone
     assert fresh[1].best_weights is None and fresh[1].best_val == np.inf
     assert rng2.random() == rng.random()
     other = mlp_checkpoint.group_key(ps, [3, 4], "float32", (y[::-1],))
     untouched = group(100)
-    assert mlp_checkpoint.restore(tmp_path / "c.npz", other, untouched, np.random.default_rng(1)) == (0, 0)
+    assert mlp_checkpoint.restore(tmp_path / "c.npz", other, untouched, np.random.default_rng(1)) is None
     assert untouched[0].epoch == 0
     (tmp_path / "bad.npz").write_bytes(b"PK not really a zip")
-    assert mlp_checkpoint.restore(tmp_path / "bad.npz", key, untouched, np.random.default_rng(1)) == (0, 0)
+    assert mlp_checkpoint.restore(tmp_path / "bad.npz", key, untouched, np.random.default_rng(1)) is None
 
 
 def test_a_checkpoint_that_cannot_be_written_does_not_stop_training(tmp_path, monkeypatch):

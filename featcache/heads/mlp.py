@@ -236,8 +236,8 @@ class MLPHead:
         Everything that shapes a config's numbers -- its seed, fused or alone, its chunk's minibatch stream
         and its dropout keys -- still comes from the whole list, so a resumed grid trains the rest exactly
         as the uninterrupted one would have.
-        ``checkpoint_dir``: where the TensorFlow trainer keeps each fused chunk's epoch checkpoints (see
-        ``mlp_checkpoint``), resumed from when present; a chunk's file is removed once it has finished.
+        ``checkpoint_dir``: where each fused chunk keeps its epoch checkpoints (see ``mlp_checkpoint``),
+        resumed from when present; a chunk's file is removed once it has finished.
 
         ``fuse``: None = fuse compatible configs sharing a batch size, in groups of 2 or more;
         True = also fuse groups of one; False = train each config with ``train``.
@@ -307,15 +307,19 @@ class MLPHead:
         def build(p: dict, s: int) -> Any:
             return build_model(p, d, n_classes, s)
 
+        # one checkpoint file per chunk, named by its first config's index in the grid
+        where = [None if checkpoint_dir is None else Path(checkpoint_dir) / f"chunk-{idx[0]}.npz"
+                 for idx in kept_chunks]
+
         if backend == "jax":  # all groups at once: on an accelerator their compilations overlap
             from featcache.heads.mlp_fused_jax import fused_train_jax_groups
 
-            fused_train_jax_groups(Xtr32, ytr, Xva32, yva, jobs, n_classes, build=build, precision=resolved)
+            fused_train_jax_groups(Xtr32, ytr, Xva32, yva, jobs, n_classes, build=build, precision=resolved,
+                                   checkpoints=where)
         else:
-            for (group_ps, seeds, member_done, keep), idx in zip(jobs, kept_chunks, strict=True):
-                where = None if checkpoint_dir is None else Path(checkpoint_dir) / f"chunk-{idx[0]}.npz"
+            for (group_ps, seeds, member_done, keep), ckpt in zip(jobs, where, strict=True):
                 fused_train(Xtr32, ytr, Xva32, yva, group_ps, n_classes, seeds=seeds, build=build,
-                            on_member=member_done, precision=resolved, only=keep, checkpoint=where)
+                            on_member=member_done, precision=resolved, only=keep, checkpoint=ckpt)
         return results
 
 

@@ -19,7 +19,8 @@ import hashlib
 import json
 import os
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,22 +56,37 @@ def group_key(ps: list[dict], seeds: list[int], precision: str, arrays: tuple[np
     return h.hexdigest()
 
 
-def save(path: Path, key: str, members: list[Any], t: int, rng: np.random.Generator) -> bool:
-    """Write the live ``members`` (``mlp_fused._Member``) and the group's step count and generator state.
+PARTS = ("w", "m", "v")
+"""A member's state: weights, Adam m, Adam v (each a list in ``model.weights`` order)."""
+
+
+@dataclass
+class Restored:
+    """What ``restore`` found: the step count, the trainer's ``extra`` values and each member's state."""
+
+    t: int
+    extra: dict
+    states: dict[int, tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]]
+
+
+def save(path: Path, key: str, members: list[Any], state: Callable[[Any, int], list[Any]], t: int,
+         rng: np.random.Generator, extra: dict | None = None) -> bool:
+    """Write the live ``members`` (``MemberRecord``s; ``state(member, part)`` gives part 0/1/2 of ``PARTS``
+    as arrays, or tensors with ``.numpy()``), the step count, the generator's state and ``extra``.
 
     Returns False when it could not be written (a full disk, say): the checkpoint is a convenience, so
     training goes on, and an older checkpoint, if any, stays valid."""
     records = [{"index": mb.index, "epoch": mb.epoch, "history": mb.history,
                 "best_val": None if not np.isfinite(mb.best_val) else float(mb.best_val),
                 "since_best": mb.since_best, "has_best": mb.best_weights is not None,
-                "n_arrays": len(mb.vars)} for mb in members]
-    meta = {"key": key, "t": t, "rng": rng.bit_generator.state, "members": records}
+                "n_arrays": len(mb.model.weights)} for mb in members]
+    meta = {"key": key, "t": t, "rng": rng.bit_generator.state, "members": records, "extra": extra or {}}
 
     def arrays() -> Iterator[tuple[str, np.ndarray]]:
         """One array at a time: a chunk's state can be gigabytes, so it is never copied whole."""
         yield "meta", np.frombuffer(json.dumps(meta).encode(), np.uint8)
         for mb in members:
-            parts = (("w", mb.vars), ("m", mb.m), ("v", mb.v), ("best", mb.best_weights or []))
+            parts = [(name, state(mb, i)) for i, name in enumerate(PARTS)] + [("best", mb.best_weights or [])]
             for part, values in parts:
                 for j, a in enumerate(values):
                     yield f"{mb.index}_{part}_{j}", np.asarray(a.numpy() if hasattr(a, "numpy") else a)
@@ -92,35 +108,35 @@ def save(path: Path, key: str, members: list[Any], t: int, rng: np.random.Genera
     return True
 
 
-def restore(path: Path, key: str, members: list[Any], rng: np.random.Generator) -> tuple[int, int]:
-    """Load ``path`` into ``members`` and ``rng`` if it was written for ``key`` and holds every one of them
-    (others it holds finished meanwhile and are not trained again). Returns (step count, epoch resumed at);
-    (0, 0) and nothing changed when there is no usable checkpoint."""
+def restore(path: Path, key: str, members: list[Any], rng: np.random.Generator) -> Restored | None:
+    """Read ``path`` if it was written for ``key`` and holds every one of ``members`` (others it holds
+    finished meanwhile and are not trained again): set each member's epoch, history, early-stopping and
+    best-weights state and ``resumed_epoch``, and ``rng``'s state, and return the step count, ``extra`` and
+    the members' states for the trainer to load. None, with nothing changed, when there is no usable
+    checkpoint."""
     if not path.is_file():
-        return 0, 0
+        return None
     try:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(bytes(data["meta"]).decode())
             if meta.get("key") != key:
-                return 0, 0
+                return None
             saved = {r["index"]: r for r in meta["members"]}
             if any(mb.index not in saved for mb in members):
-                return 0, 0
+                return None
             loaded = []
             for mb in members:
                 r = saved[mb.index]
-                parts = {part: [data[f"{mb.index}_{part}_{j}"] for j in range(r["n_arrays"])]
-                         for part in ("w", "m", "v")}
-                best = [data[f"{mb.index}_best_{j}"] for j in range(r["n_arrays"])] if r["has_best"] else None
-                if any(a.shape != tuple(v.shape) for a, v in zip(parts["w"], mb.vars, strict=True)):
-                    return 0, 0
+                n = r["n_arrays"]
+                parts = tuple([data[f"{mb.index}_{part}_{j}"] for j in range(n)] for part in PARTS)
+                best = [data[f"{mb.index}_best_{j}"] for j in range(n)] if r["has_best"] else None
+                shapes = [tuple(w.shape) for w in mb.model.weights]
+                if [a.shape for a in parts[0]] != shapes:
+                    return None
                 loaded.append((mb, r, parts, best))
     except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile):
-        return 0, 0  # damaged or foreign: train from the start (same numbers, only later)
-    for mb, r, parts, best in loaded:
-        for var_list, part in ((mb.vars, "w"), (mb.m, "m"), (mb.v, "v")):
-            for var, a in zip(var_list, parts[part], strict=True):
-                var.assign(a)
+        return None  # damaged or foreign: train from the start (same numbers, only later)
+    for mb, r, _parts, best in loaded:
         mb.epoch = int(r["epoch"])
         mb.history = {k: [float(x) for x in v] for k, v in r["history"].items()}
         mb.best_val = np.inf if r["best_val"] is None else float(r["best_val"])
@@ -128,7 +144,8 @@ def restore(path: Path, key: str, members: list[Any], rng: np.random.Generator) 
         mb.best_weights = [np.array(a) for a in best] if best is not None else None
         mb.resumed_epoch = mb.epoch
     rng.bit_generator.state = meta["rng"]
-    return int(meta["t"]), min(mb.epoch for mb in members) if members else 0
+    return Restored(int(meta["t"]), dict(meta.get("extra") or {}),
+                    {mb.index: parts for mb, _r, parts, _b in loaded})
 
 
 def remove(path: Path) -> None:

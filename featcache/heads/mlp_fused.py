@@ -170,6 +170,11 @@ class _Member(MemberRecord):
         return [v.numpy() for v in self.vars]
 
 
+def _member_state(mb: _Member, part: int) -> list[Any]:
+    """Part 0/1/2 (weights, Adam m, Adam v) of a TF member, for ``mlp_checkpoint.save``."""
+    return (mb.vars, mb.m, mb.v)[part]
+
+
 def _forward(mb: _Member, x: Any, compute: Any, training: bool, seed: Any) -> Any:
     """Logits of one member (float32); matmuls in ``compute`` dtype, everything else float32."""
     import tensorflow as tf
@@ -316,7 +321,13 @@ def fused_train(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarr
     key = ""
     if checkpoint is not None:
         key = mlp_checkpoint.group_key(ps, seeds, precision, (Xtr32, ytr32, Xva32, yva32))
-        t, _ = mlp_checkpoint.restore(checkpoint, key, members, rng)
+        restored = mlp_checkpoint.restore(checkpoint, key, members, rng)
+        if restored is not None:
+            t = restored.t
+            for mb in members:
+                for variables, arrays in zip((mb.vars, mb.m, mb.v), restored.states[mb.index], strict=True):
+                    for var, a in zip(variables, arrays, strict=True):
+                        var.assign(a)
     every = mlp_checkpoint.checkpoint_seconds()
     last_save = time.monotonic()
     live = list(members)
@@ -327,7 +338,7 @@ def fused_train(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarr
         while not any(mb.finished() for mb in live):
             # between epochs every live member is unfinished and every finished one already reported
             if checkpoint is not None and t > 0 and time.monotonic() - last_save >= every:
-                if not mlp_checkpoint.save(checkpoint, key, live, t, rng):
+                if not mlp_checkpoint.save(checkpoint, key, live, _member_state, t, rng):
                     every = float("inf")  # cannot write there: train on without checkpoints
                 last_save = time.monotonic()
                 crash_point("mlp.after_checkpoint")

@@ -25,15 +25,19 @@ an explicit ``bfloat16`` there rounds each product to bf16); ``float32`` asks fo
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache, partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from featcache.errors import ConfigError
+from featcache.faults import crash_point
+from featcache.heads import mlp_checkpoint
 from featcache.heads.mlp_fused import ACTIVATIONS, MemberRecord
 
 _B1, _B2, _EPS = 0.9, 0.999, 1e-7
@@ -249,7 +253,12 @@ class _Prepared:
     carried: dict
     seed: int
     data: tuple              # device arrays: xtr, ytr, xva, yva, counts
-    on_member: Callable[[int, Any, dict], None]
+    on_member: Callable[..., None]
+    rng: np.random.Generator        # the group's minibatch stream
+    t: int = 0                      # steps and epochs already trained (> 0 when resumed from a checkpoint)
+    epoch_no: int = 0
+    checkpoint: Path | None = None  # see mlp_checkpoint; key: what it must have been written for
+    key: str = ""
     stacks: list | None = None      # with ``compiled``: the first phase's stacks, which it was compiled for
     compiled: Future | None = None
 
@@ -257,7 +266,7 @@ class _Prepared:
 def fused_train_jax_groups(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarray,
                            jobs: list[tuple[list[dict], list[int], OnMember, list[int]]],
                            n_classes: int, *, build: Callable[[dict, int], Any],
-                           precision: str = "auto") -> str:
+                           precision: str = "auto", checkpoints: list[Path | None] | None = None) -> str:
     """``mlp_fused.fused_train`` on JAX for several groups, each ``(configs, seeds, on_member, only)`` (those
     arguments of ``fused_train``, with the same callbacks); returns the precision used.
 
@@ -271,21 +280,24 @@ def fused_train_jax_groups(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yv
             np.asarray(yva, np.int32))
     device = tuple(_put(a) for a in host)  # once, shared by every group
 
-    def prepare(job: tuple, ahead: bool) -> _Prepared:
-        ps, seeds, on_member, only = job
-        return _prepare(host, device, ps, n_classes, seeds, build, on_member, precision, ahead, only)
+    where = checkpoints or [None] * len(jobs)
+
+    def prepare(i: int, ahead: bool) -> _Prepared:
+        ps, seeds, on_member, only = jobs[i]
+        return _prepare(host, device, ps, n_classes, seeds, build, on_member, precision, ahead, only,
+                        where[i])
 
     ahead = accelerator() is not None
-    preps = [prepare(job, True) for job in jobs] if ahead else None
+    preps = [prepare(i, True) for i in range(len(jobs))] if ahead else None
     used = precision
-    for i, job in enumerate(jobs):
-        used = _train(preps[i] if preps else prepare(job, False))
+    for i in range(len(jobs)):
+        used = _train(preps[i] if preps else prepare(i, False))
     return used
 
 
 def _prepare(host: tuple, device: tuple, ps: list[dict], n_classes: int, seeds: list[int],
              build: Callable[[dict, int], Any], on_member: Callable[[int, Any, dict], None], precision: str,
-             compile_ahead: bool, only: list[int] | None = None) -> _Prepared:
+             compile_ahead: bool, only: list[int] | None = None, checkpoint: Path | None = None) -> _Prepared:
     """One group: its members built, ``device`` (``host``'s xtr, ytr, xva, yva, already placed) plus its own
     minibatch counts as its data, and with ``compile_ahead`` its first stacks and their epoch program
     submitted for compilation."""
@@ -303,7 +315,15 @@ def _prepare(host: tuple, device: tuple, ps: list[dict], n_classes: int, seeds: 
         w = [np.asarray(a, np.float32) for a in mb.model.get_weights()]
         carried[mb.index] = (w, [np.zeros_like(a) for a in w], [np.zeros_like(a) for a in w])
     prep = _Prepared(precision, batch, members, sw_rows, carried, seeds[0], (*device, _put(counts)),
-                     on_member)
+                     on_member, np.random.default_rng(seeds[0]), checkpoint=checkpoint)
+    if checkpoint is not None:  # before the stacks below are built from ``carried``
+        prep.key = mlp_checkpoint.group_key(ps, seeds, precision, host[:4])
+        restored = mlp_checkpoint.restore(checkpoint, prep.key, members, prep.rng)
+        if restored is not None:
+            for mb in members:
+                carried[mb.index] = tuple([np.asarray(a, np.float32) for a in part]
+                                          for part in restored.states[mb.index])
+            prep.t, prep.epoch_no = restored.t, int(restored.extra["epoch_no"])
     if compile_ahead:
         prep.stacks = _stacks(members, carried, sw_rows)
         prep.compiled = _compiler().submit(_compile_epoch, prep.stacks, precision, (*host, counts), batch,
@@ -357,12 +377,13 @@ def _train(prep: _Prepared) -> str:
 
     xtr, ytr_d, xva, yva_d, counts = prep.data
     batch, sw_rows, carried = prep.batch, prep.sw_rows, prep.carried
-    rng = np.random.default_rng(prep.seed)
+    rng = prep.rng
     n = int(xtr.shape[0])
     steps = int(counts.shape[0])
     base_key = jax.random.key(prep.seed)
-    t = 0
-    epoch_no = 0
+    t, epoch_no = prep.t, prep.epoch_no
+    every = mlp_checkpoint.checkpoint_seconds()
+    last_save = time.monotonic()
     live = list(prep.members)
     # Finished members stay in their stack (computed, ignored) until at most half of it still trains; then
     # the survivors are restacked, which costs a compilation. On an accelerator a step is bound by kernel
@@ -379,6 +400,20 @@ def _train(prep: _Prepared) -> str:
         consts = (xtr, ytr_d, settings, (xva, yva_d))
         training = len(live)
         while True:
+            if prep.checkpoint is not None and t > 0 and time.monotonic() - last_save >= every:
+                # between epochs: members still training, where they sit in the stacks
+                at = {mb.index: (si, k) for si, s in enumerate(stacks) for k, mb in enumerate(s.members)
+                      if not mb.finished()}
+                training_now = [mb for mb in live if mb.index in at]
+
+                def member_state(mb: MemberRecord, part: int, st: tuple = state, at: dict = at) -> list:
+                    return _member_part(st, *at[mb.index], part)
+
+                if not mlp_checkpoint.save(prep.checkpoint, prep.key, training_now, member_state, t, rng,
+                                           {"epoch_no": epoch_no}):
+                    every = float("inf")  # cannot write there: train on without checkpoints
+                last_save = time.monotonic()
+                crash_point("mlp.after_checkpoint")
             perm = rng.permutation(n).astype(np.int32)
             idx = _put(np.resize(perm, steps * batch).reshape(steps, batch))  # pads with early rows
             key = jax.random.fold_in(base_key, epoch_no)
@@ -396,13 +431,16 @@ def _train(prep: _Prepared) -> str:
                     if mb.finished():
                         ended.append((si, k, mb))
             for si, k, mb in ended:
-                prep.on_member(mb.index, mb.export(partial(_member_part, state, si, k, 0)), mb.history)
+                prep.on_member(mb.index, mb.export(partial(_member_part, state, si, k, 0)), mb.history,
+                               mb.resumed_epoch)
             training -= len(ended)
             if training == 0 or (compact and 2 * training <= len(live)):
                 break
         carried = {mb.index: tuple(_member_part(state, si, k, part) for part in range(3))
                    for si, s in enumerate(stacks) for k, mb in enumerate(s.members) if not mb.finished()}
         live = [mb for mb in live if not mb.finished()]
+    if prep.checkpoint is not None:
+        mlp_checkpoint.remove(prep.checkpoint)
     return prep.precision
 
 
