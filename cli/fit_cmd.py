@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from featcache.errors import ConfigError
-from featcache.runs import format_value, params_string
+from featcache.runs import format_value, params_string, resumed_epoch
 
 EPILOG = (
     "Examples:\n\n"
@@ -226,12 +226,6 @@ def register(app: typer.Typer) -> None:
                 fmt(r["threshold"]),
             )
         out.print(table)
-
-
-def resumed_epoch(run: object) -> int:
-    """The epoch a run's fused chunk was resumed at from a checkpoint (0: trained from the start)."""
-    selection = (run.get("trainer") or {}).get("selection") or {}  # type: ignore[attr-defined]
-    return int(selection.get("resumed_from_epoch") or 0)
 
 
 def _command(ctx: typer.Context) -> list[str]:

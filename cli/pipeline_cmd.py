@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from featcache.cli.fit_cmd import layers_option, resumed_epoch
+from featcache.cli.fit_cmd import layers_option
 from featcache.cli.native_log import import_backend_quietly
 from featcache.cli.report_cmd import make_callback, print_outputs, progress_display
 from rich.console import Console
 from rich.markup import escape
+
+from featcache.runs import resumed_epoch
 
 console = Console()
 

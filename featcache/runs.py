@@ -336,6 +336,12 @@ def done_hashes(runs_dir: str | Path) -> dict[str, str]:
     return {r.info["config_hash"]: r.id for r in list_runs(runs_dir) if r.info.get("config_hash")}
 
 
+def resumed_epoch(run: Run | dict) -> int:
+    """The epoch a run's fused chunk was resumed at from a checkpoint (0: trained from the start)."""
+    selection = (run.get("trainer") or {}).get("selection") or {}
+    return int(selection.get("resumed_from_epoch") or 0)
+
+
 def _describe_one(t: dict, *, detail: bool) -> str:
     details = [str(t["precision"])] if t.get("precision") else []
     if detail and t.get("group_size"):

@@ -751,7 +751,7 @@ def test_checkpoint_round_trip_keeps_every_member_field(tmp_path):
     members[1].epoch = 4
     rng = np.random.default_rng(0)
     rng.random(3)
-    key = mlp_checkpoint.group_key(ps, [3, 4], "float32", (y,))
+    key = mlp_checkpoint.group_key(ps, [3, 4], "float32", mlp_checkpoint.data_digest((y,)))
     state = lambda mb, part: (mb.vars, mb.m, mb.v)[part]  # noqa: E731
     assert mlp_checkpoint.save(tmp_path / "c.npz", key, members, state, 77, rng, {"epoch_no": 4})
     fresh = group(100)  # other initial weights: the states come back for the trainer to load
@@ -767,7 +767,7 @@ def test_checkpoint_round_trip_keeps_every_member_field(tmp_path):
     assert not np.array_equal(w[0], b.current()[0])  # restore itself leaves the trainer's arrays alone
     assert fresh[1].best_weights is None and fresh[1].best_val == np.inf
     assert rng2.random() == rng.random()
-    other = mlp_checkpoint.group_key(ps, [3, 4], "float32", (y[::-1],))
+    other = mlp_checkpoint.group_key(ps, [3, 4], "float32", mlp_checkpoint.data_digest((y[::-1],)))
     untouched = group(100)
     assert mlp_checkpoint.restore(tmp_path / "c.npz", other, untouched, np.random.default_rng(1)) is None
     assert untouched[0].epoch == 0

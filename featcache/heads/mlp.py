@@ -20,6 +20,7 @@ import numpy as np
 
 from featcache.errors import ConfigError
 from featcache.heads.base import check_params, sample_weights
+from featcache.heads.mlp_checkpoint import Checkpointer, data_digest
 from featcache.heads.mlp_fused import fused_train, resolve_precision, resolve_trainer
 from featcache.progress import ProgressFn, emit
 
@@ -307,9 +308,12 @@ class MLPHead:
         def build(p: dict, s: int) -> Any:
             return build_model(p, d, n_classes, s)
 
-        # one checkpoint file per chunk, named by its first config's index in the grid
-        where = [None if checkpoint_dir is None else Path(checkpoint_dir) / f"chunk-{idx[0]}.npz"
-                 for idx in kept_chunks]
+        # one checkpoint file per chunk, named by its first config's index in the grid; the data digested once
+        where: list[Checkpointer | None] = [None] * len(kept_chunks)
+        if checkpoint_dir is not None and kept_chunks:
+            digest = data_digest((Xtr32, np.asarray(ytr, np.int32), Xva32, np.asarray(yva, np.int32)))
+            where = [Checkpointer(Path(checkpoint_dir) / f"chunk-{idx[0]}.npz", digest)
+                     for idx in kept_chunks]
 
         if backend == "jax":  # all groups at once: on an accelerator their compilations overlap
             from featcache.heads.mlp_fused_jax import fused_train_jax_groups

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from featcache.faults import crash_point
 
 CHECKPOINT_SECONDS = 180.0
 """Least time between two checkpoints of a group (the environment variable below overrides it). Measured
@@ -44,16 +47,21 @@ def checkpoint_seconds() -> float:
         return CHECKPOINT_SECONDS
 
 
-def group_key(ps: list[dict], seeds: list[int], precision: str, arrays: tuple[np.ndarray, ...]) -> str:
-    """What a checkpoint must have been written for: the group's configs, seeds, precision and data."""
+def data_digest(arrays: tuple[np.ndarray, ...]) -> str:
+    """SHA-256 of the training and validation arrays (dtype, shape and bytes): computed once per grid, since
+    for 25,088-d features it reads hundreds of MB."""
     h = hashlib.sha256()
-    h.update(json.dumps({"ps": ps, "seeds": seeds, "precision": precision}, sort_keys=True,
-                        default=str).encode())
     for a in arrays:
         a = np.ascontiguousarray(a)
         h.update(f"{a.dtype.str}{a.shape}".encode())
         h.update(memoryview(a).cast("B"))
     return h.hexdigest()
+
+
+def group_key(ps: list[dict], seeds: list[int], precision: str, digest: str) -> str:
+    """What a checkpoint must have been written for: the group's configs, seeds, precision and data."""
+    spec = {"ps": ps, "seeds": seeds, "precision": precision, "data": digest}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
 
 
 PARTS = ("w", "m", "v")
@@ -146,6 +154,39 @@ def restore(path: Path, key: str, members: list[Any], rng: np.random.Generator) 
     rng.bit_generator.state = meta["rng"]
     return Restored(int(meta["t"]), dict(meta.get("extra") or {}),
                     {mb.index: parts for mb, _r, parts, _b in loaded})
+
+
+class Checkpointer:
+    """One fused group's checkpoints, as both trainers use them: restore once at the start, save between
+    epochs when ``checkpoint_seconds()`` have passed, remove at the end."""
+
+    def __init__(self, path: Path, digest: str):
+        self.path, self.digest = path, digest
+        self.key = ""
+        self.every = checkpoint_seconds()
+        self.last = time.monotonic()
+
+    def restore(self, ps: list[dict], seeds: list[int], precision: str, members: list[Any],
+                rng: np.random.Generator) -> Restored | None:
+        """``restore`` for this group (see there); also fixes the key later saves are written with."""
+        self.key = group_key(ps, seeds, precision, self.digest)
+        return restore(self.path, self.key, members, rng)
+
+    def due(self, t: int) -> bool:
+        """Whether to save now: some training done since the start and the interval passed."""
+        return t > 0 and time.monotonic() - self.last >= self.every
+
+    def save(self, members: list[Any], state: Callable[[Any, int], list[Any]], t: int,
+             rng: np.random.Generator, extra: dict | None = None) -> None:
+        """``save`` (see there); after a failed write the group trains on without checkpoints."""
+        if not save(self.path, self.key, members, state, t, rng, extra):
+            self.every = float("inf")
+        self.last = time.monotonic()
+        crash_point("mlp.after_checkpoint")
+
+    def done(self) -> None:
+        """The group has finished: its checkpoint is no longer needed."""
+        remove(self.path)
 
 
 def remove(path: Path) -> None:

@@ -24,16 +24,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from featcache.errors import ConfigError
-from featcache.faults import crash_point
 from featcache.heads.base import sample_weights
+
+if TYPE_CHECKING:
+    from featcache.heads.mlp_checkpoint import Checkpointer
 
 PRECISIONS = ("auto", "float32", "bfloat16")
 PRECISION_ENV = "FEATCACHE_MLP_PRECISION"
@@ -171,7 +171,7 @@ class _Member(MemberRecord):
 
 
 def _member_state(mb: _Member, part: int) -> list[Any]:
-    """Part 0/1/2 (weights, Adam m, Adam v) of a TF member, for ``mlp_checkpoint.save``."""
+    """Part 0/1/2 (weights, Adam m, Adam v) of a TF member, for ``Checkpointer.save``."""
     return (mb.vars, mb.m, mb.v)[part]
 
 
@@ -299,37 +299,28 @@ def group_setup(ytr: np.ndarray, ps: list[dict], n_classes: int, seeds: list[int
 def fused_train(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarray, ps: list[dict],
                 n_classes: int, *, seeds: list[int], build: Callable[[dict, int], Any],
                 on_member: Callable[..., None], precision: str = "auto",
-                only: Sequence[int] | None = None, checkpoint: Path | None = None) -> str:
+                only: Sequence[int] | None = None, checkpoint: Checkpointer | None = None) -> str:
     """Train configs sharing a batch size as one fused group; report each (index, model, history,
     resumed_epoch) as it ends. ``build(p, seed)`` returns the config's Keras model (initial weights and
-    export target). ``only``: positions to train (see ``group_setup``). ``checkpoint``: a file to save the
-    group to every ``mlp_checkpoint.checkpoint_seconds()`` and to resume from (deleted at the end).
-    Returns the precision used."""
+    export target). ``only``: positions to train (see ``group_setup``). ``checkpoint``: where the group
+    resumes from and saves to between epochs (see ``mlp_checkpoint``). Returns the precision used."""
     import tensorflow as tf
-
-    from featcache.heads import mlp_checkpoint
 
     precision = resolve_precision(precision)
     batch, members, sw = group_setup(ytr, ps, n_classes, seeds, build, _Member, only)
     rng = np.random.default_rng(seeds[0])
     n = len(ytr)
-    Xtr32, ytr32 = np.asarray(Xtr, np.float32), np.asarray(ytr, np.int32)
-    Xva32, yva32 = np.asarray(Xva, np.float32), np.asarray(yva, np.int32)
-    xtr_t, ytr_t = tf.constant(Xtr32), tf.constant(ytr32)
-    xva_t, yva_t = tf.constant(Xva32), tf.constant(yva32)
+    xtr_t, ytr_t = tf.constant(np.asarray(Xtr, np.float32)), tf.constant(np.asarray(ytr, np.int32))
+    xva_t, yva_t = tf.constant(np.asarray(Xva, np.float32)), tf.constant(np.asarray(yva, np.int32))
     t = 0
-    key = ""
     if checkpoint is not None:
-        key = mlp_checkpoint.group_key(ps, seeds, precision, (Xtr32, ytr32, Xva32, yva32))
-        restored = mlp_checkpoint.restore(checkpoint, key, members, rng)
+        restored = checkpoint.restore(ps, seeds, precision, members, rng)
         if restored is not None:
             t = restored.t
             for mb in members:
                 for variables, arrays in zip((mb.vars, mb.m, mb.v), restored.states[mb.index], strict=True):
                     for var, a in zip(variables, arrays, strict=True):
                         var.assign(a)
-    every = mlp_checkpoint.checkpoint_seconds()
-    last_save = time.monotonic()
     live = list(members)
     while live:
         # a fresh compiled step per phase: the member set (baked into the graph) just changed
@@ -337,11 +328,8 @@ def fused_train(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarr
         train_step, evaluate = _make_fns(live, precision, xtr_t, ytr_t, sw_live)
         while not any(mb.finished() for mb in live):
             # between epochs every live member is unfinished and every finished one already reported
-            if checkpoint is not None and t > 0 and time.monotonic() - last_save >= every:
-                if not mlp_checkpoint.save(checkpoint, key, live, _member_state, t, rng):
-                    every = float("inf")  # cannot write there: train on without checkpoints
-                last_save = time.monotonic()
-                crash_point("mlp.after_checkpoint")
+            if checkpoint is not None and checkpoint.due(t):
+                checkpoint.save(live, _member_state, t, rng)
             perm = rng.permutation(n).astype(np.int32)
             losses = np.zeros(len(live))
             accs = np.zeros(len(live))
@@ -360,5 +348,5 @@ def fused_train(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarr
             on_member(mb.index, mb.export(mb.current), mb.history, mb.resumed_epoch)
         live = [mb for mb in live if not mb.finished()]
     if checkpoint is not None:
-        mlp_checkpoint.remove(checkpoint)
+        checkpoint.done()
     return precision

@@ -25,19 +25,16 @@ an explicit ``bfloat16`` there rounds each product to bf16); ``float32`` asks fo
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache, partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from featcache.errors import ConfigError
-from featcache.faults import crash_point
-from featcache.heads import mlp_checkpoint
+from featcache.heads.mlp_checkpoint import Checkpointer
 from featcache.heads.mlp_fused import ACTIVATIONS, MemberRecord
 
 _B1, _B2, _EPS = 0.9, 0.999, 1e-7
@@ -237,8 +234,8 @@ def _build_epoch(stacks: list[_Stack], compute: str) -> Callable:
     return jax.jit(epoch, donate_argnums=(0,))
 
 
-OnMember = Callable[[int, Any, dict], None]
-"""Called with (member index, trained Keras model, history) as each member ends."""
+OnMember = Callable[..., None]
+"""Called with (member index, trained Keras model, history, epoch resumed at) as each member ends."""
 
 
 @dataclass
@@ -253,12 +250,11 @@ class _Prepared:
     carried: dict
     seed: int
     data: tuple              # device arrays: xtr, ytr, xva, yva, counts
-    on_member: Callable[..., None]
+    on_member: OnMember
     rng: np.random.Generator        # the group's minibatch stream
     t: int = 0                      # steps and epochs already trained (> 0 when resumed from a checkpoint)
     epoch_no: int = 0
-    checkpoint: Path | None = None  # see mlp_checkpoint; key: what it must have been written for
-    key: str = ""
+    checkpoint: Checkpointer | None = None
     stacks: list | None = None      # with ``compiled``: the first phase's stacks, which it was compiled for
     compiled: Future | None = None
 
@@ -266,7 +262,8 @@ class _Prepared:
 def fused_train_jax_groups(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarray,
                            jobs: list[tuple[list[dict], list[int], OnMember, list[int]]],
                            n_classes: int, *, build: Callable[[dict, int], Any],
-                           precision: str = "auto", checkpoints: list[Path | None] | None = None) -> str:
+                           precision: str = "auto", checkpoints: list[Checkpointer | None] | None = None
+                           ) -> str:
     """``mlp_fused.fused_train`` on JAX for several groups, each ``(configs, seeds, on_member, only)`` (those
     arguments of ``fused_train``, with the same callbacks); returns the precision used.
 
@@ -296,8 +293,9 @@ def fused_train_jax_groups(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yv
 
 
 def _prepare(host: tuple, device: tuple, ps: list[dict], n_classes: int, seeds: list[int],
-             build: Callable[[dict, int], Any], on_member: Callable[[int, Any, dict], None], precision: str,
-             compile_ahead: bool, only: list[int] | None = None, checkpoint: Path | None = None) -> _Prepared:
+             build: Callable[[dict, int], Any], on_member: OnMember, precision: str,
+             compile_ahead: bool, only: list[int] | None = None, checkpoint: Checkpointer | None = None
+             ) -> _Prepared:
     """One group: its members built, ``device`` (``host``'s xtr, ytr, xva, yva, already placed) plus its own
     minibatch counts as its data, and with ``compile_ahead`` its first stacks and their epoch program
     submitted for compilation."""
@@ -317,8 +315,7 @@ def _prepare(host: tuple, device: tuple, ps: list[dict], n_classes: int, seeds: 
     prep = _Prepared(precision, batch, members, sw_rows, carried, seeds[0], (*device, _put(counts)),
                      on_member, np.random.default_rng(seeds[0]), checkpoint=checkpoint)
     if checkpoint is not None:  # before the stacks below are built from ``carried``
-        prep.key = mlp_checkpoint.group_key(ps, seeds, precision, host[:4])
-        restored = mlp_checkpoint.restore(checkpoint, prep.key, members, prep.rng)
+        restored = checkpoint.restore(ps, seeds, precision, members, prep.rng)
         if restored is not None:
             for mb in members:
                 carried[mb.index] = tuple([np.asarray(a, np.float32) for a in part]
@@ -342,9 +339,8 @@ def _stacks(live: list[MemberRecord], carried: dict, sw_rows: dict) -> list[_Sta
 
 def _phase_args(stacks: list[_Stack], put: Callable) -> tuple[tuple, tuple]:
     """A phase's stacked state and per-stack settings (lr, l2, dropout rate, sample weights, member
-    indices), through
-    ``put``: to the device for training, to shape specs for compiling ahead. One builder for both, so
-    the ahead-of-time program is called with exactly the structure it was compiled for."""
+    indices), through ``put``: to the device for training, to shape specs for compiling ahead. One builder
+    for both, so the ahead-of-time program is called with exactly the structure it was compiled for."""
     state = tuple(tuple([put(a) for a in part] for part in s.state) for s in stacks)
     settings = tuple((put(s.lr), put(s.l2), put(s.rate), put(s.sw), put(s.ids)) for s in stacks)
     return state, settings
@@ -382,8 +378,6 @@ def _train(prep: _Prepared) -> str:
     steps = int(counts.shape[0])
     base_key = jax.random.key(prep.seed)
     t, epoch_no = prep.t, prep.epoch_no
-    every = mlp_checkpoint.checkpoint_seconds()
-    last_save = time.monotonic()
     live = list(prep.members)
     # Finished members stay in their stack (computed, ignored) until at most half of it still trains; then
     # the survivors are restacked, which costs a compilation. On an accelerator a step is bound by kernel
@@ -400,20 +394,16 @@ def _train(prep: _Prepared) -> str:
         consts = (xtr, ytr_d, settings, (xva, yva_d))
         training = len(live)
         while True:
-            if prep.checkpoint is not None and t > 0 and time.monotonic() - last_save >= every:
+            if prep.checkpoint is not None and prep.checkpoint.due(t):
                 # between epochs: members still training, where they sit in the stacks
                 at = {mb.index: (si, k) for si, s in enumerate(stacks) for k, mb in enumerate(s.members)
                       if not mb.finished()}
-                training_now = [mb for mb in live if mb.index in at]
 
                 def member_state(mb: MemberRecord, part: int, st: tuple = state, at: dict = at) -> list:
                     return _member_part(st, *at[mb.index], part)
 
-                if not mlp_checkpoint.save(prep.checkpoint, prep.key, training_now, member_state, t, rng,
-                                           {"epoch_no": epoch_no}):
-                    every = float("inf")  # cannot write there: train on without checkpoints
-                last_save = time.monotonic()
-                crash_point("mlp.after_checkpoint")
+                prep.checkpoint.save([mb for mb in live if mb.index in at], member_state, t, rng,
+                                     {"epoch_no": epoch_no})
             perm = rng.permutation(n).astype(np.int32)
             idx = _put(np.resize(perm, steps * batch).reshape(steps, batch))  # pads with early rows
             key = jax.random.fold_in(base_key, epoch_no)
@@ -440,7 +430,7 @@ def _train(prep: _Prepared) -> str:
                    for si, s in enumerate(stacks) for k, mb in enumerate(s.members) if not mb.finished()}
         live = [mb for mb in live if not mb.finished()]
     if prep.checkpoint is not None:
-        mlp_checkpoint.remove(prep.checkpoint)
+        prep.checkpoint.done()
     return prep.precision
 
 
