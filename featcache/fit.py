@@ -926,9 +926,10 @@ def _fit_holdout(ctx: _Ctx, configs: list[dict], result: FitResult) -> None:
         emit(ctx.progress, "fit", total - len(todo) + finished[0], total, f"{run.id} done")
 
     # The whole grid goes in, with its finished configs skipped (not the unfinished ones alone): each config's
-    # seed, fused chunk and minibatch stream are those of the uninterrupted grid, so a resumed grid gives the
-    # numbers the uninterrupted one would have. Fused chunks save epoch checkpoints in a hidden folder (run
-    # listings skip it), so an interrupted chunk resumes at its last one; each file goes with its chunk.
+    # seed, fused chunk, minibatch stream and dropout keys are those of the uninterrupted grid, so a resumed
+    # grid gives the numbers the uninterrupted one would have. Fused chunks save epoch checkpoints in a hidden
+    # folder (run listings skip it), so an interrupted chunk resumes at its last one; each file goes with its
+    # chunk.
     checkpoints = checkpoint_dir(opts.runs_dir, ctx.sweep_id)
     ctx.head_obj.train_many(
         Xtr, yy, Xva, yva, configs, seed=opts.seed, progress=ctx.progress, on_result=on_result,

@@ -632,6 +632,22 @@ RESUMED_GRID = [  # one batch-size chunk, members leaving at different epochs, p
 ]
 
 
+def _assert_trained_alike(a_run: tuple, b_run: tuple, exact: bool, where: object) -> None:
+    """Two (head, history) results of one config: the same histories and weights, bit for bit when
+    ``exact``, else to float rounding (JAX's stacked products of another width)."""
+    (h_a, a), (h_b, b) = a_run, b_run
+    for key in ("loss", "val_loss", "accuracy", "val_accuracy"):
+        if exact:
+            assert b[key] == a[key], (where, key)
+        else:
+            np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-6)
+    for w_a, w_b in zip(h_a.model.get_weights(), h_b.model.get_weights(), strict=True):
+        if exact:
+            assert np.array_equal(w_a, w_b), where
+        else:
+            np.testing.assert_allclose(w_b, w_a, rtol=1e-5, atol=1e-6)
+
+
 def _resumed_equals_whole(trainer: str, precision: str, exact: bool) -> None:
     X, y = separable(300, 32, k=2, shift=0.9)
     Xtr, ytr, Xva, yva = X[:220], y[:220], X[220:], y[220:]
@@ -648,18 +664,39 @@ def _resumed_equals_whole(trainer: str, precision: str, exact: bool) -> None:
             if i in skip:
                 assert rest[i] is None
                 continue
-            (h_whole, a), (h_rest, b) = whole[i], rest[i]
-            assert h_rest.trainer == h_whole.trainer
-            for key in ("loss", "val_loss", "accuracy", "val_accuracy"):
-                if exact:
-                    assert b[key] == a[key], (i, key)
-                else:
-                    np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-6)
-            for w_a, w_b in zip(h_whole.model.get_weights(), h_rest.model.get_weights(), strict=True):
-                if exact:
-                    assert np.array_equal(w_a, w_b), i
-                else:
-                    np.testing.assert_allclose(w_b, w_a, rtol=1e-5, atol=1e-6)
+            assert rest[i][0].trainer == whole[i][0].trainer
+            _assert_trained_alike(whole[i], rest[i], exact, i)
+
+
+def _chunking_changes_nothing(trainer: str, precision: str, exact: bool, monkeypatch) -> None:
+    import featcache.heads.mlp as mlp
+
+    X, y = separable(300, 32, k=2, shift=0.9)
+    Xtr, ytr, Xva, yva = X[:220], y[:220], X[220:], y[220:]
+    head = get_head("mlp")
+    kw = {"seed": 5, "precision": precision, "trainer": trainer}
+    whole = head.train_many(Xtr, ytr, Xva, yva, RESUMED_GRID, **kw)
+    assert [r[0].trainer["group_size"] for r in whole[:4]] == [4] * 4  # the batch-32 group is one chunk
+    # a smaller cache budget: the (16, 8) heads hold 10.9 kB of state, the (12,) head 6.8 kB
+    for budget, sizes in ((12_000, [1, 1, 1, 1]), (25_000, [2, 2, 2, 2])):
+        monkeypatch.setattr(mlp, "FUSE_STATE_BYTES", budget)
+        split = head.train_many(Xtr, ytr, Xva, yva, RESUMED_GRID, **kw)
+        assert [r[0].trainer["group_size"] for r in split[:4]] == sizes
+        for i in range(5):
+            _assert_trained_alike(whole[i], split[i], exact, (budget, i))
+
+
+@pytest.mark.parametrize("precision", ["float32", "auto"])
+def test_how_a_machine_chunks_a_group_does_not_change_its_numbers(precision, monkeypatch):
+    """Chunks are sized by the CPU's last-level cache (one per group on a GPU), so two machines may split
+    a batch-size group differently. Every chunk of a group must still draw the group's minibatch stream and
+    each member keep its dropout masks: the same grid gives the same numbers on either machine."""
+    _chunking_changes_nothing("tf", precision, exact=True, monkeypatch=monkeypatch)
+
+
+def test_how_a_machine_chunks_a_group_does_not_change_its_numbers_on_jax(monkeypatch):
+    pytest.importorskip("jax")
+    _chunking_changes_nothing("jax", "float32", exact=False, monkeypatch=monkeypatch)
 
 
 @pytest.mark.parametrize("precision", ["float32", "auto"])
@@ -751,7 +788,8 @@ def test_checkpoint_round_trip_keeps_every_member_field(tmp_path):
     members[1].epoch = 4
     rng = np.random.default_rng(0)
     rng.random(3)
-    key = mlp_checkpoint.group_key(ps, [3, 4], "float32", mlp_checkpoint.data_digest((y,)))
+    fields = {"ps": ps, "seeds": [3, 4], "stream_seed": 3, "keys": None}
+    key = mlp_checkpoint.group_key(fields, "float32", mlp_checkpoint.data_digest((y,)))
     state = lambda mb, part: (mb.vars, mb.m, mb.v)[part]  # noqa: E731
     assert mlp_checkpoint.save(tmp_path / "c.npz", key, members, state, 77, rng, {"epoch_no": 4})
     fresh = group(100)  # other initial weights: the states come back for the trainer to load
@@ -767,9 +805,11 @@ def test_checkpoint_round_trip_keeps_every_member_field(tmp_path):
     assert not np.array_equal(w[0], b.current()[0])  # restore itself leaves the trainer's arrays alone
     assert fresh[1].best_weights is None and fresh[1].best_val == np.inf
     assert rng2.random() == rng.random()
-    other = mlp_checkpoint.group_key(ps, [3, 4], "float32", mlp_checkpoint.data_digest((y[::-1],)))
     untouched = group(100)
-    assert mlp_checkpoint.restore(tmp_path / "c.npz", other, untouched, np.random.default_rng(1)) is None
+    for other in (mlp_checkpoint.group_key(fields, "float32", mlp_checkpoint.data_digest((y[::-1],))),
+                  mlp_checkpoint.group_key({**fields, "stream_seed": 5}, "float32",
+                                           mlp_checkpoint.data_digest((y,)))):
+        assert mlp_checkpoint.restore(tmp_path / "c.npz", other, untouched, np.random.default_rng(1)) is None
     assert untouched[0].epoch == 0
     (tmp_path / "bad.npz").write_bytes(b"PK not really a zip")
     assert mlp_checkpoint.restore(tmp_path / "bad.npz", key, untouched, np.random.default_rng(1)) is None

@@ -21,7 +21,7 @@ import numpy as np
 from featcache.errors import ConfigError
 from featcache.heads.base import check_params, sample_weights
 from featcache.heads.mlp_checkpoint import Checkpointer, data_digest
-from featcache.heads.mlp_fused import fused_train, resolve_precision, resolve_trainer
+from featcache.heads.mlp_fused import FusedJob, fused_train, resolve_precision, resolve_trainer
 from featcache.progress import ProgressFn, emit
 
 MODEL_FILE = "head.keras"
@@ -234,9 +234,11 @@ class MLPHead:
         """Train many configs, fusing compatible ones (see ``mlp_fused``); results in config order.
 
         ``skip``: indices of configs not to train (a resumed grid's finished ones; their results are None).
-        Everything that shapes a config's numbers -- its seed, fused or alone, its chunk's minibatch stream
-        and its dropout keys -- still comes from the whole list, so a resumed grid trains the rest exactly
-        as the uninterrupted one would have.
+        Everything that shapes a config's numbers -- its seed, fused or alone, its minibatch stream and its
+        dropout keys -- still comes from the whole list, so a resumed grid trains the rest exactly as the
+        uninterrupted one would have. The stream and the dropout keys come from the config's batch-size
+        group, not from the chunk it is trained in, so how the group is chunked (by the CPU's cache size;
+        one chunk on an accelerator) does not change them either (see ``mlp_fused.FusedJob``).
         ``checkpoint_dir``: where each fused chunk keeps its epoch checkpoints (see ``mlp_checkpoint``),
         resumed from when present; a chunk's file is removed once it has finished.
 
@@ -281,6 +283,13 @@ class MLPHead:
             on_cpu = accelerator() is None
         # cache-sized chunks are a CPU matter: on an accelerator each batch-size group is one chunk
         llc = last_level_cache_bytes() if on_cpu else None
+        # a chunk's randomness comes from its batch-size group, not from the chunk: every chunk of a group
+        # draws the group's minibatch stream (seeded by its first config) and each member keeps its position
+        # in the group as its dropout key, so the cache size (or a GPU's one chunk per group) changes speed,
+        # not numbers
+        lineage: dict[int, tuple[int, int]] = {}  # config -> (stream seed, dropout key)
+        for group in groups.values():
+            lineage.update({i: (seed + group[0], k) for k, i in enumerate(group)})
         chunks = [chunk for group in groups.values()
                   for chunk in (_cache_sized_chunks(group, ps, d, llc) if on_cpu else [group])]
         for i in sorted(alone):
@@ -303,7 +312,8 @@ class MLPHead:
                 trainer_info = {**how, "resumed_from_epoch": resumed} if resumed else how
                 finish(idx[j], KerasHead(model, n_classes, trainer_info), hist)
 
-            jobs.append(([ps[i] for i in idx], [seed + i for i in idx], member_done, keep))
+            jobs.append(FusedJob([ps[i] for i in idx], [seed + i for i in idx], member_done, keep,
+                                 lineage[idx[0]][0], [lineage[i][1] for i in idx]))
 
         def build(p: dict, s: int) -> Any:
             return build_model(p, d, n_classes, s)
@@ -321,9 +331,10 @@ class MLPHead:
             fused_train_jax_groups(Xtr32, ytr, Xva32, yva, jobs, n_classes, build=build, precision=resolved,
                                    checkpoints=where)
         else:
-            for (group_ps, seeds, member_done, keep), ckpt in zip(jobs, where, strict=True):
-                fused_train(Xtr32, ytr, Xva32, yva, group_ps, n_classes, seeds=seeds, build=build,
-                            on_member=member_done, precision=resolved, only=keep, checkpoint=ckpt)
+            for job, ckpt in zip(jobs, where, strict=True):
+                fused_train(Xtr32, ytr, Xva32, yva, job.ps, n_classes, seeds=job.seeds, build=build,
+                            on_member=job.on_member, precision=resolved, only=job.only, checkpoint=ckpt,
+                            stream_seed=job.stream_seed, keys=job.keys)
         return results
 
 

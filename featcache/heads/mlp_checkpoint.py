@@ -10,8 +10,8 @@ minibatch generator's state.
 
 The file is one uncompressed ``.npz``, written one array at a time under a temporary name and renamed into
 place, so a crash while saving leaves the previous checkpoint. ``key`` (the group's configs, seeds,
-precision and a digest of the training data) must match for a checkpoint to be used; any mismatch or damage
-means training from the start, which gives the same numbers, only later.
+stream seed, dropout keys, precision and a digest of the training data) must match for a checkpoint to be
+used; any mismatch or damage means training from the start, which gives the same numbers, only later.
 """
 from __future__ import annotations
 
@@ -58,9 +58,10 @@ def data_digest(arrays: tuple[np.ndarray, ...]) -> str:
     return h.hexdigest()
 
 
-def group_key(ps: list[dict], seeds: list[int], precision: str, digest: str) -> str:
-    """What a checkpoint must have been written for: the group's configs, seeds, precision and data."""
-    spec = {"ps": ps, "seeds": seeds, "precision": precision, "data": digest}
+def group_key(fields: dict, precision: str, digest: str) -> str:
+    """What a checkpoint must have been written for: the group's ``fields`` (``FusedJob.key_fields``: its
+    configs, seeds, stream seed and dropout keys), precision and data."""
+    spec = {**fields, "precision": precision, "data": digest}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -166,10 +167,11 @@ class Checkpointer:
         self.every = checkpoint_seconds()
         self.last = time.monotonic()
 
-    def restore(self, ps: list[dict], seeds: list[int], precision: str, members: list[Any],
+    def restore(self, fields: dict, precision: str, members: list[Any],
                 rng: np.random.Generator) -> Restored | None:
-        """``restore`` for this group (see there); also fixes the key later saves are written with."""
-        self.key = group_key(ps, seeds, precision, self.digest)
+        """``restore`` for this group (see there; ``fields`` as for ``group_key``); also fixes the key
+        later saves are written with."""
+        self.key = group_key(fields, precision, self.digest)
         return restore(self.path, self.key, members, rng)
 
     def due(self, t: int) -> bool:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -120,8 +120,11 @@ class MemberRecord:
     target), history, early stopping and best weights. ``weights()`` callables fetch the member's current
     weights from wherever the trainer keeps them, only when needed."""
 
-    def __init__(self, p: dict, model: Any, seed: int, index: int):
+    def __init__(self, p: dict, model: Any, seed: int, index: int, key: int | None = None):
         self.p, self.model, self.seed, self.index = p, model, seed, index
+        # the member's dropout identity: its position in its batch-size group, not in its chunk, so how a
+        # machine splits the group into chunks does not change its masks (defaults to ``index``)
+        self.key = index if key is None else key
         self.epoch = 0
         self.history: dict[str, list[float]] = {k: [] for k in ("loss", "val_loss", "accuracy",
                                                                  "val_accuracy", "lr")}
@@ -155,10 +158,10 @@ class MemberRecord:
 class _Member(MemberRecord):
     """A member of the TensorFlow trainer: its own variables and Adam moments."""
 
-    def __init__(self, p: dict, model: Any, seed: int, index: int):
+    def __init__(self, p: dict, model: Any, seed: int, index: int, key: int | None = None):
         import tensorflow as tf
 
-        super().__init__(p, model, seed, index)
+        super().__init__(p, model, seed, index, key)
         weights = [np.asarray(w, np.float32) for w in model.get_weights()]  # kernel, bias per layer
         self.vars = [tf.Variable(w) for w in weights]
         self.m = [tf.Variable(np.zeros_like(w)) for w in weights]
@@ -188,7 +191,7 @@ def _forward(mb: _Member, x: Any, compute: Any, training: bool, seed: Any) -> An
     for i in range(n_hidden):
         z = mb.act(dense(h, i))
         if training and rate > 0:
-            key = tf.stack([seed, mb.index * 1000 + i])
+            key = tf.stack([seed, mb.key * 1000 + i])
             keep = tf.random.stateless_uniform(tf.shape(z), seed=key) >= rate
             z = tf.where(keep, z / (1.0 - rate), 0.0)
         h = tf.cast(z, compute)
@@ -270,16 +273,44 @@ def _make_fns(members: list[_Member], precision: str, xtr: Any, ytr: Any,
     return train_step, evaluate
 
 
+class FusedJob(NamedTuple):
+    """One fused chunk for a trainer: its configs, their seeds, the callback for each finished member
+    (``fused_train``'s ``on_member``), the positions to train (``only``, see ``group_setup``) and where the
+    chunk's randomness comes from: ``stream_seed`` seeds its minibatch stream (default ``seeds[0]``) and
+    ``keys`` are its members' dropout identities (default their positions).
+
+    ``MLPHead.train_many`` gives every chunk of a batch-size group the group's first seed and each member
+    its position in the group: how a machine splits a group into chunks (by its cache size on a CPU, one
+    chunk on an accelerator) then changes no member's minibatch order or dropout masks."""
+
+    ps: list[dict]
+    seeds: list[int]
+    on_member: Callable[..., None]
+    only: Sequence[int] | None = None
+    stream_seed: int | None = None
+    keys: Sequence[int] | None = None
+
+    def stream(self) -> int:
+        """The seed of the chunk's minibatch stream."""
+        return self.seeds[0] if self.stream_seed is None else int(self.stream_seed)
+
+    def key_fields(self) -> dict:
+        """What a checkpoint of this chunk must have been written for (beside precision and data)."""
+        return {"ps": self.ps, "seeds": self.seeds, "stream_seed": self.stream(),
+                "keys": None if self.keys is None else [int(k) for k in self.keys]}
+
+
 def group_setup(ytr: np.ndarray, ps: list[dict], n_classes: int, seeds: list[int],
                 build: Callable[[dict, int], Any], member: type[MemberRecord],
-                only: Sequence[int] | None = None) -> tuple[int, list[Any], dict[int, np.ndarray]]:
+                only: Sequence[int] | None = None, keys: Sequence[int] | None = None
+                ) -> tuple[int, list[Any], dict[int, np.ndarray]]:
     """What both trainers start from: the shared batch size, one ``member`` per config to train (its Keras
-    model built under the group's seed) and each member's float32 sample weights (class weights, or ones),
-    by member index.
+    model built from its own seed) and each member's float32 sample weights (class weights, or ones), by
+    member index.
 
     ``only``: the positions in ``ps`` to train (default all). The others are a resumed grid's finished
-    configs; they still fix the group's seed and each member's index (its dropout keys), so the rest
-    train as they did in the whole group."""
+    configs; members keep their positions, so the rest train as they did in the whole chunk.
+    ``keys``: each position's dropout identity (``MemberRecord.key``; default the position)."""
     import keras
 
     batches = {int(p["batch_size"]) for p in ps}
@@ -288,7 +319,8 @@ def group_setup(ytr: np.ndarray, ps: list[dict], n_classes: int, seeds: list[int
     keras.utils.set_random_seed(seeds[0])
     positions = range(len(ps)) if only is None else sorted(only)
     # build() is build_model, which already refuses a sigmoid output on a multi-class task
-    members = [member(ps[j], build(ps[j], seeds[j]), seeds[j], j) for j in positions]
+    members = [member(ps[j], build(ps[j], seeds[j]), seeds[j], j, None if keys is None else int(keys[j]))
+               for j in positions]
     sw = {}
     for mb in members:
         w = sample_weights(ytr, mb.p["class_weight"], n_classes)
@@ -299,22 +331,24 @@ def group_setup(ytr: np.ndarray, ps: list[dict], n_classes: int, seeds: list[int
 def fused_train(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarray, ps: list[dict],
                 n_classes: int, *, seeds: list[int], build: Callable[[dict, int], Any],
                 on_member: Callable[..., None], precision: str = "auto",
-                only: Sequence[int] | None = None, checkpoint: Checkpointer | None = None) -> str:
+                only: Sequence[int] | None = None, checkpoint: Checkpointer | None = None,
+                stream_seed: int | None = None, keys: Sequence[int] | None = None) -> str:
     """Train configs sharing a batch size as one fused group; report each (index, model, history,
     resumed_epoch) as it ends. ``build(p, seed)`` returns the config's Keras model (initial weights and
-    export target). ``only``: positions to train (see ``group_setup``). ``checkpoint``: where the group
+    export target). ``only``, ``stream_seed``, ``keys``: see ``FusedJob``. ``checkpoint``: where the group
     resumes from and saves to between epochs (see ``mlp_checkpoint``). Returns the precision used."""
     import tensorflow as tf
 
     precision = resolve_precision(precision)
-    batch, members, sw = group_setup(ytr, ps, n_classes, seeds, build, _Member, only)
-    rng = np.random.default_rng(seeds[0])
+    job = FusedJob(ps, seeds, on_member, only, stream_seed, keys)
+    batch, members, sw = group_setup(ytr, ps, n_classes, seeds, build, _Member, only, keys)
+    rng = np.random.default_rng(job.stream())
     n = len(ytr)
     xtr_t, ytr_t = tf.constant(np.asarray(Xtr, np.float32)), tf.constant(np.asarray(ytr, np.int32))
     xva_t, yva_t = tf.constant(np.asarray(Xva, np.float32)), tf.constant(np.asarray(yva, np.int32))
     t = 0
     if checkpoint is not None:
-        restored = checkpoint.restore(ps, seeds, precision, members, rng)
+        restored = checkpoint.restore(job.key_fields(), precision, members, rng)
         if restored is not None:
             t = restored.t
             for mb in members:

@@ -35,7 +35,7 @@ import numpy as np
 
 from featcache.errors import ConfigError
 from featcache.heads.mlp_checkpoint import Checkpointer
-from featcache.heads.mlp_fused import ACTIVATIONS, MemberRecord
+from featcache.heads.mlp_fused import ACTIVATIONS, FusedJob, MemberRecord
 
 _B1, _B2, _EPS = 0.9, 0.999, 1e-7
 
@@ -81,9 +81,10 @@ class _Stack:
         self.l2 = np.array([float(mb.p["l2"]) for mb in members], np.float32)
         self.rate = np.array([float(mb.p["dropout"]) for mb in members], np.float32)
         self.sw = sw  # [members, n_train] sample weights
-        # each member's dropout keys come from its own index in the group, not its row in this stack: a
-        # restack, or a resumed grid whose finished members are absent, leaves its masks unchanged
-        self.ids = np.array([mb.index for mb in members], np.int32)
+        # each member's dropout keys come from its own key (its position in its batch-size group), not its
+        # row in this stack: a restack, another chunking, or a resumed grid whose finished members are
+        # absent leaves its masks unchanged
+        self.ids = np.array([mb.key for mb in members], np.int32)
         self.dropout = bool(np.any(self.rate > 0))
 
 
@@ -260,12 +261,12 @@ class _Prepared:
 
 
 def fused_train_jax_groups(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarray,
-                           jobs: list[tuple[list[dict], list[int], OnMember, list[int]]],
+                           jobs: list[FusedJob],
                            n_classes: int, *, build: Callable[[dict, int], Any],
                            precision: str = "auto", checkpoints: list[Checkpointer | None] | None = None
                            ) -> str:
-    """``mlp_fused.fused_train`` on JAX for several groups, each ``(configs, seeds, on_member, only)`` (those
-    arguments of ``fused_train``, with the same callbacks); returns the precision used.
+    """``mlp_fused.fused_train`` on JAX for several groups, each a ``FusedJob`` (with the callbacks of
+    ``fused_train``); returns the precision used.
 
     On an accelerator every group is prepared before the first one trains, and each group's epoch program
     compiles in a background thread as soon as its members are built: the compilations (seconds each, and
@@ -280,9 +281,7 @@ def fused_train_jax_groups(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yv
     where = checkpoints or [None] * len(jobs)
 
     def prepare(i: int, ahead: bool) -> _Prepared:
-        ps, seeds, on_member, only = jobs[i]
-        return _prepare(host, device, ps, n_classes, seeds, build, on_member, precision, ahead, only,
-                        where[i])
+        return _prepare(host, device, jobs[i], n_classes, build, precision, ahead, where[i])
 
     ahead = accelerator() is not None
     preps = [prepare(i, True) for i in range(len(jobs))] if ahead else None
@@ -292,10 +291,8 @@ def fused_train_jax_groups(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yv
     return used
 
 
-def _prepare(host: tuple, device: tuple, ps: list[dict], n_classes: int, seeds: list[int],
-             build: Callable[[dict, int], Any], on_member: OnMember, precision: str,
-             compile_ahead: bool, only: list[int] | None = None, checkpoint: Checkpointer | None = None
-             ) -> _Prepared:
+def _prepare(host: tuple, device: tuple, job: FusedJob, n_classes: int, build: Callable[[dict, int], Any],
+             precision: str, compile_ahead: bool, checkpoint: Checkpointer | None = None) -> _Prepared:
     """One group: its members built, ``device`` (``host``'s xtr, ytr, xva, yva, already placed) plus its own
     minibatch counts as its data, and with ``compile_ahead`` its first stacks and their epoch program
     submitted for compilation."""
@@ -303,7 +300,8 @@ def _prepare(host: tuple, device: tuple, ps: list[dict], n_classes: int, seeds: 
 
     precision = resolve_precision(precision, trainer="jax")
     ytr = host[1]
-    batch, members, sw_rows = group_setup(ytr, ps, n_classes, seeds, build, MemberRecord, only)
+    batch, members, sw_rows = group_setup(ytr, job.ps, n_classes, job.seeds, build, MemberRecord, job.only,
+                                          job.keys)
     n = len(ytr)
     steps = -(-n // batch)
     counts = np.minimum(batch, n - batch * np.arange(steps)).astype(np.int32)
@@ -312,10 +310,10 @@ def _prepare(host: tuple, device: tuple, ps: list[dict], n_classes: int, seeds: 
     for mb in members:
         w = [np.asarray(a, np.float32) for a in mb.model.get_weights()]
         carried[mb.index] = (w, [np.zeros_like(a) for a in w], [np.zeros_like(a) for a in w])
-    prep = _Prepared(precision, batch, members, sw_rows, carried, seeds[0], (*device, _put(counts)),
-                     on_member, np.random.default_rng(seeds[0]), checkpoint=checkpoint)
+    prep = _Prepared(precision, batch, members, sw_rows, carried, job.stream(), (*device, _put(counts)),
+                     job.on_member, np.random.default_rng(job.stream()), checkpoint=checkpoint)
     if checkpoint is not None:  # before the stacks below are built from ``carried``
-        restored = checkpoint.restore(ps, seeds, precision, members, prep.rng)
+        restored = checkpoint.restore(job.key_fields(), precision, members, prep.rng)
         if restored is not None:
             for mb in members:
                 carried[mb.index] = tuple([np.asarray(a, np.float32) for a in part]
