@@ -653,7 +653,7 @@ def _resumed_equals_whole(trainer: str, precision: str, exact: bool) -> None:
     Xtr, ytr, Xva, yva = X[:220], y[:220], X[220:], y[220:]
     head = get_head("mlp")
     whole = head.train_many(Xtr, ytr, Xva, yva, RESUMED_GRID, seed=5, precision=precision, trainer=trainer)
-    # the chunk's first member (its seed draws the minibatch stream) and the lone config are done already;
+    # the group's first member (its seed draws the group's minibatch stream) and the lone config are done;
     # the chunk keeps 3 members, then 1 (a chunk of one member stays fused, as in the whole grid)
     for skip in ({0, 4}, {0, 1, 3}):
         seen: list[int] = []
