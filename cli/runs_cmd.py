@@ -6,6 +6,8 @@ Only runs whose run.json says "done" are listed: a run killed half-way is never 
 from __future__ import annotations
 
 import json
+import shlex
+from datetime import datetime
 from pathlib import Path
 
 import typer
@@ -60,16 +62,24 @@ def ls_cmd(
 
 
 def _mention_checkpoints(runs_dir: Path) -> None:
-    """One line on stderr about interrupted sweeps' checkpoints: they resume a grid, and they take space."""
+    """On stderr, interrupted sweeps' checkpoints: they resume a grid, and they take space. One line each,
+    with its size, when it was last saved and the command that resumes it."""
     from featcache.runs import CHECKPOINTS_DIR, pending_checkpoints
 
     pending = pending_checkpoints(runs_dir)
-    if pending:
-        size = sum(n for _, n in pending) / 1e6
-        Console(stderr=True).print(
-            f"{len(pending)} interrupted sweep(s) keep epoch checkpoints in "
-            f"{escape(str(Path(runs_dir) / CHECKPOINTS_DIR))} ({size:,.0f} MB): rerun their fit command to "
-            "resume, or delete the folder.", highlight=False)
+    if not pending:
+        return
+    err = Console(stderr=True, highlight=False)
+    size = sum(p.size_bytes for p in pending) / 1e6
+    err.print(f"{len(pending)} interrupted sweep(s) keep epoch checkpoints in "
+              f"{escape(str(Path(runs_dir) / CHECKPOINTS_DIR))} ({size:,.1f} MB): rerun a sweep's command to "
+              "resume it, or delete its folder there.")
+    for p in pending:
+        when = datetime.fromtimestamp(p.last_saved).strftime("%Y-%m-%d %H:%M")
+        command = shlex.join(p.command) if p.command else "(command not recorded)"
+        # unwrapped, so the command can be copied whole
+        err.print(f"  {p.sweep_id}  {p.size_bytes / 1e6:,.1f} MB, last saved {when}: {escape(command)}",
+                  soft_wrap=True)
 
 
 _METRICS = ("accuracy", "macro_f1", "auc", "sensitivity", "specificity", "log_loss")

@@ -935,6 +935,8 @@ def _fit_holdout(ctx: _Ctx, configs: list[dict], result: FitResult) -> None:
         Xtr, yy, Xva, yva, configs, seed=opts.seed, progress=ctx.progress, on_result=on_result,
         precision=opts.mlp_precision, trainer=opts.mlp_trainer, skip=set(range(total)) - set(todo),
         checkpoint_dir=checkpoints,
+        checkpoint_about={"sweep_id": ctx.sweep_id, "command": list(ctx.opts.command or sys.argv),
+                          "configs": total},
     )
     shutil.rmtree(checkpoints, ignore_errors=True)
     with contextlib.suppress(OSError):

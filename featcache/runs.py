@@ -373,18 +373,32 @@ def checkpoint_dir(runs_dir: str | Path, sweep_id: str) -> Path:
     return Path(runs_dir) / CHECKPOINTS_DIR / sweep_id
 
 
-def pending_checkpoints(runs_dir: str | Path) -> list[tuple[str, int]]:
-    """(sweep id, bytes) of every sweep that left checkpoints: interrupted, and not rerun to the end yet.
-    They can be large (hundreds of MB per chunk), so listings mention them."""
+@dataclass
+class PendingSweep:
+    """A sweep that left epoch checkpoints: interrupted, and not rerun to the end yet."""
+
+    sweep_id: str
+    size_bytes: int
+    last_saved: float          # mtime of its newest checkpoint (epoch seconds)
+    command: list[str] | None  # the fit command that resumes it, when its checkpoints recorded one
+
+
+def pending_checkpoints(runs_dir: str | Path) -> list[PendingSweep]:
+    """Every sweep with checkpoints left in ``runs_dir``, oldest first. They can be large (hundreds of MB
+    per chunk), so listings mention them, with the command that resumes each."""
+    from featcache.heads.mlp_checkpoint import read_about
+
     root = Path(runs_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
     out = []
-    for d in sorted(p for p in root.iterdir() if p.is_dir()):
-        files = [f for f in d.iterdir() if f.is_file()]
+    for d in (p for p in root.iterdir() if p.is_dir()):
+        files = [f.stat() for f in d.glob("*.npz") if f.is_file()]
         if files:
-            out.append((d.name, sum(f.stat().st_size for f in files)))
-    return out
+            command = read_about(d).get("command")
+            out.append(PendingSweep(d.name, sum(f.st_size for f in files), max(f.st_mtime for f in files),
+                                    [str(a) for a in command] if isinstance(command, list) else None))
+    return sorted(out, key=lambda p: (p.last_saved, p.sweep_id))
 
 
 def _pid_alive(pid: int) -> bool:

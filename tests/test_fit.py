@@ -281,10 +281,16 @@ def test_grid_killed_mid_chunk_resumes_from_its_epoch_checkpoint(setup, capsys, 
                             text=True, env=kill, timeout=300)
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert not list_runs(runs_dir)
-    assert [p.name for p in (runs_dir / ".checkpoints").glob("*/*")] == ["chunk-0.npz"]
+    assert sorted(p.name for p in (runs_dir / ".checkpoints").glob("*/*")) == ["chunk-0.npz", "sweep.json"]
+    monkeypatch.setenv("COLUMNS", "80")
     assert cli(["runs", "ls", "--runs-dir", str(runs_dir)]) == 0
-    err = " ".join(capsys.readouterr().err.split())
-    assert err.startswith("1 interrupted sweep(s) keep epoch checkpoints in") and "delete the folder" in err
+    *lines, sweep_line = capsys.readouterr().err.splitlines()  # the sweep's line is not wrapped
+    head = " ".join(" ".join(lines).split())
+    assert head.startswith("1 interrupted sweep(s) keep epoch checkpoints in") and "delete its folder" in head
+    # it says which command resumes the sweep (as run.json records commands)
+    sweep_id, _size, _mb, last, saved, *_when, command = sweep_line.split(maxsplit=7)
+    assert sweep_id == next((runs_dir / ".checkpoints").iterdir()).name and (last, saved) == ("last", "saved")
+    assert command.startswith(f"featcache fit --data {root} --backbone fakenet --head mlp --grid layers=4 ")
     ok = subprocess.run([*exe, *_fit_cmd(root, cache_dir, runs_dir, *grid[:-1])], capture_output=True,
                         text=True, env=env, timeout=300)
     assert ok.returncode == 0, ok.stderr[-2000:]

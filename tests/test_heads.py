@@ -831,7 +831,8 @@ def test_a_checkpoint_that_cannot_be_written_does_not_stop_training(tmp_path, mo
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(mlp_checkpoint.np.lib.format, "write_array", disk_full)
-    got = head.train_many(X[:150], y[:150], X[150:], y[150:], grid, checkpoint_dir=tmp_path / "ck", **kw)
+    got = head.train_many(X[:150], y[:150], X[150:], y[150:], grid, checkpoint_dir=tmp_path / "ck",
+                          checkpoint_about={"command": ["featcache", "fit"]}, **kw)
     assert len(attempts) == 1  # tried once, then trained on without checkpoints
     assert [h for _, h in got] == [h for _, h in whole]
-    assert not list((tmp_path / "ck").glob("*"))  # no half-written file left
+    assert not list((tmp_path / "ck").glob("*"))  # no half-written file, no label without a checkpoint

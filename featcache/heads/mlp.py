@@ -230,7 +230,8 @@ class MLPHead:
                    on_result: Callable[[int, KerasHead, dict], None] | None = None,
                    fuse: bool | None = None, precision: str = "auto",
                    trainer: str | None = None, skip: Collection[int] = (),
-                   checkpoint_dir: Path | None = None) -> list[tuple[KerasHead, dict]]:
+                   checkpoint_dir: Path | None = None, checkpoint_about: dict | None = None
+                   ) -> list[tuple[KerasHead, dict]]:
         """Train many configs, fusing compatible ones (see ``mlp_fused``); results in config order.
 
         ``skip``: indices of configs not to train (a resumed grid's finished ones; their results are None).
@@ -240,7 +241,8 @@ class MLPHead:
         group, not from the chunk it is trained in, so how the group is chunked (by the CPU's cache size;
         one chunk on an accelerator) does not change them either (see ``mlp_fused.FusedJob``).
         ``checkpoint_dir``: where each fused chunk keeps its epoch checkpoints (see ``mlp_checkpoint``),
-        resumed from when present; a chunk's file is removed once it has finished.
+        resumed from when present; a chunk's file is removed once it has finished. ``checkpoint_about``:
+        what to write beside them about the sweep (``mlp_checkpoint.ABOUT_FILE``: which command resumes it).
 
         ``fuse``: None = fuse compatible configs sharing a batch size, in groups of 2 or more;
         True = also fuse groups of one; False = train each config with ``train``.
@@ -322,7 +324,7 @@ class MLPHead:
         where: list[Checkpointer | None] = [None] * len(kept_chunks)
         if checkpoint_dir is not None and kept_chunks:
             digest = data_digest((Xtr32, np.asarray(ytr, np.int32), Xva32, np.asarray(yva, np.int32)))
-            where = [Checkpointer(Path(checkpoint_dir) / f"chunk-{idx[0]}.npz", digest)
+            where = [Checkpointer(Path(checkpoint_dir) / f"chunk-{idx[0]}.npz", digest, checkpoint_about)
                      for idx in kept_chunks]
 
         if backend == "jax":  # all groups at once: on an accelerator their compilations overlap

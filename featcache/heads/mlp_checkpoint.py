@@ -157,12 +157,20 @@ def restore(path: Path, key: str, members: list[Any], rng: np.random.Generator) 
                     {mb.index: parts for mb, _r, parts, _b in loaded})
 
 
+ABOUT_FILE = "sweep.json"
+"""Written beside a sweep's first checkpoint: what the caller says about the sweep (``fit``: its id and
+command), so a listing of leftover checkpoints can say which command resumes them."""
+
+
 class Checkpointer:
     """One fused group's checkpoints, as both trainers use them: restore once at the start, save between
-    epochs when ``checkpoint_seconds()`` have passed, remove at the end."""
+    epochs when ``checkpoint_seconds()`` have passed, remove at the end.
 
-    def __init__(self, path: Path, digest: str):
-        self.path, self.digest = path, digest
+    ``about``: a JSON-able description of the sweep, written to ``ABOUT_FILE`` in the checkpoint's folder
+    once a checkpoint is there (not before, so an interruption before the first checkpoint leaves nothing)."""
+
+    def __init__(self, path: Path, digest: str, about: dict | None = None):
+        self.path, self.digest, self.about = path, digest, about
         self.key = ""
         self.every = checkpoint_seconds()
         self.last = time.monotonic()
@@ -183,12 +191,34 @@ class Checkpointer:
         """``save`` (see there); after a failed write the group trains on without checkpoints."""
         if not save(self.path, self.key, members, state, t, rng, extra):
             self.every = float("inf")
+        elif self.about is not None:
+            _write_about(self.path.parent / ABOUT_FILE, self.about)
+            self.about = None
         self.last = time.monotonic()
         crash_point("mlp.after_checkpoint")
 
     def done(self) -> None:
         """The group has finished: its checkpoint is no longer needed."""
         remove(self.path)
+
+
+def _write_about(path: Path, about: dict) -> None:
+    """``about`` as JSON, atomically; best effort (a label, not needed to resume)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(about, indent=1, default=str))
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+def read_about(folder: Path) -> dict:
+    """A sweep's ``ABOUT_FILE`` in ``folder``; {} when absent or unreadable."""
+    try:
+        about = json.loads((Path(folder) / ABOUT_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return about if isinstance(about, dict) else {}
 
 
 def remove(path: Path) -> None:
