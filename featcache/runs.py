@@ -386,7 +386,7 @@ class PendingSweep:
 def pending_checkpoints(runs_dir: str | Path) -> list[PendingSweep]:
     """Every sweep with checkpoints left in ``runs_dir``, oldest first. They can be large (hundreds of MB
     per chunk), so listings mention them, with the command that resumes each."""
-    from featcache.heads.mlp_checkpoint import read_about
+    from featcache.heads.mlp_checkpoint import ABOUT_FILE
 
     root = Path(runs_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
@@ -395,7 +395,10 @@ def pending_checkpoints(runs_dir: str | Path) -> list[PendingSweep]:
     for d in (p for p in root.iterdir() if p.is_dir()):
         files = [f.stat() for f in d.glob("*.npz") if f.is_file()]
         if files:
-            command = read_about(d).get("command")
+            try:
+                command = json.loads((d / ABOUT_FILE).read_text()).get("command")
+            except (OSError, ValueError, AttributeError):  # no label (or a damaged one): still listed
+                command = None
             out.append(PendingSweep(d.name, sum(f.st_size for f in files), max(f.st_mtime for f in files),
                                     [str(a) for a in command] if isinstance(command, list) else None))
     return sorted(out, key=lambda p: (p.last_saved, p.sweep_id))

@@ -363,7 +363,7 @@ def test_train_many_fuses_configs_sharing_a_batch_size(monkeypatch):
 
     calls = []
     real = mlp.fused_train
-    monkeypatch.setattr(mlp, "fused_train", lambda *a, **k: (calls.append(len(a[4])), real(*a, **k))[1])
+    monkeypatch.setattr(mlp, "fused_train", lambda *a, **k: (calls.append(len(a[4].ps)), real(*a, **k))[1])
     X, y = separable(120, 32, k=2)
     head = get_head("mlp")
     same_batch = [{"layers": (16,), "lr": 0.01, "epochs": 2}, {"layers": (32, 8), "lr": 0.001, "epochs": 3,

@@ -334,9 +334,8 @@ class MLPHead:
                                    checkpoints=where)
         else:
             for job, ckpt in zip(jobs, where, strict=True):
-                fused_train(Xtr32, ytr, Xva32, yva, job.ps, n_classes, seeds=job.seeds, build=build,
-                            on_member=job.on_member, precision=resolved, only=job.only, checkpoint=ckpt,
-                            stream_seed=job.stream_seed, keys=job.keys)
+                fused_train(Xtr32, ytr, Xva32, yva, job, n_classes, build=build, precision=resolved,
+                            checkpoint=ckpt)
         return results
 
 

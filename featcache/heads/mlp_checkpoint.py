@@ -15,6 +15,7 @@ used; any mismatch or damage means training from the start, which gives the same
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from featcache.faults import crash_point
+from featcache.runs import write_json_atomic
 
 CHECKPOINT_SECONDS = 180.0
 """Least time between two checkpoints of a group (the environment variable below overrides it). Measured
@@ -192,7 +194,8 @@ class Checkpointer:
         if not save(self.path, self.key, members, state, t, rng, extra):
             self.every = float("inf")
         elif self.about is not None:
-            _write_about(self.path.parent / ABOUT_FILE, self.about)
+            with contextlib.suppress(OSError):  # a label, not needed to resume
+                write_json_atomic(self.path.parent / ABOUT_FILE, self.about)
             self.about = None
         self.last = time.monotonic()
         crash_point("mlp.after_checkpoint")
@@ -200,25 +203,6 @@ class Checkpointer:
     def done(self) -> None:
         """The group has finished: its checkpoint is no longer needed."""
         remove(self.path)
-
-
-def _write_about(path: Path, about: dict) -> None:
-    """``about`` as JSON, atomically; best effort (a label, not needed to resume)."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(about, indent=1, default=str))
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-
-
-def read_about(folder: Path) -> dict:
-    """A sweep's ``ABOUT_FILE`` in ``folder``; {} when absent or unreadable."""
-    try:
-        about = json.loads((Path(folder) / ABOUT_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return about if isinstance(about, dict) else {}
 
 
 def remove(path: Path) -> None:

@@ -275,9 +275,9 @@ def _make_fns(members: list[_Member], precision: str, xtr: Any, ytr: Any,
 
 class FusedJob(NamedTuple):
     """One fused chunk for a trainer: its configs, their seeds, the callback for each finished member
-    (``fused_train``'s ``on_member``), the positions to train (``only``, see ``group_setup``) and where the
-    chunk's randomness comes from: ``stream_seed`` seeds its minibatch stream (default ``seeds[0]``) and
-    ``keys`` are its members' dropout identities (default their positions).
+    (with its index, model, history and resumed epoch), the positions to train (``only``, see
+    ``group_setup``) and where the chunk's randomness comes from: ``stream_seed`` seeds its minibatch
+    stream (default ``seeds[0]``) and ``keys`` are its members' dropout identities (default positions).
 
     ``MLPHead.train_many`` gives every chunk of a batch-size group the group's first seed and each member
     its position in the group: how a machine splits a group into chunks (by its cache size on a CPU, one
@@ -328,20 +328,17 @@ def group_setup(ytr: np.ndarray, ps: list[dict], n_classes: int, seeds: list[int
     return batches.pop(), members, sw
 
 
-def fused_train(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarray, ps: list[dict],
-                n_classes: int, *, seeds: list[int], build: Callable[[dict, int], Any],
-                on_member: Callable[..., None], precision: str = "auto",
-                only: Sequence[int] | None = None, checkpoint: Checkpointer | None = None,
-                stream_seed: int | None = None, keys: Sequence[int] | None = None) -> str:
-    """Train configs sharing a batch size as one fused group; report each (index, model, history,
-    resumed_epoch) as it ends. ``build(p, seed)`` returns the config's Keras model (initial weights and
-    export target). ``only``, ``stream_seed``, ``keys``: see ``FusedJob``. ``checkpoint``: where the group
-    resumes from and saves to between epochs (see ``mlp_checkpoint``). Returns the precision used."""
+def fused_train(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarray, job: FusedJob,
+                n_classes: int, *, build: Callable[[dict, int], Any], precision: str = "auto",
+                checkpoint: Checkpointer | None = None) -> str:
+    """Train ``job``'s configs (sharing a batch size) as one fused group; report each (index, model, history,
+    resumed_epoch) to ``job.on_member`` as it ends. ``build(p, seed)`` returns the config's Keras model
+    (initial weights and export target). ``checkpoint``: where the group resumes from and saves to between
+    epochs (see ``mlp_checkpoint``). Returns the precision used."""
     import tensorflow as tf
 
     precision = resolve_precision(precision)
-    job = FusedJob(ps, seeds, on_member, only, stream_seed, keys)
-    batch, members, sw = group_setup(ytr, ps, n_classes, seeds, build, _Member, only, keys)
+    batch, members, sw = group_setup(ytr, job.ps, n_classes, job.seeds, build, _Member, job.only, job.keys)
     rng = np.random.default_rng(job.stream())
     n = len(ytr)
     xtr_t, ytr_t = tf.constant(np.asarray(Xtr, np.float32)), tf.constant(np.asarray(ytr, np.int32))
@@ -379,7 +376,7 @@ def fused_train(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarr
             for k, mb in enumerate(live):
                 mb.end_epoch(losses[k] / n, accs[k] / n, float(vl[k]), float(va[k]), mb.current)
         for mb in [mb for mb in live if mb.finished()]:
-            on_member(mb.index, mb.export(mb.current), mb.history, mb.resumed_epoch)
+            job.on_member(mb.index, mb.export(mb.current), mb.history, mb.resumed_epoch)
         live = [mb for mb in live if not mb.finished()]
     if checkpoint is not None:
         checkpoint.done()
