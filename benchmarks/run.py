@@ -1,7 +1,7 @@
 """One entry point for every featcache benchmark: extraction, logistic-regression grid, dense-head grid.
 
     python benchmarks/run.py [--quick] [--json] [--data DIR] [--only extract,logreg,mlp]
-                             [--extract-repeats N | NAME=N,...] [--logreg-repeats N]
+                             [--extract-repeats N | NAME=N,...] [--logreg-repeats N] [--save FILE]
 
 Each benchmark module exposes ``run(quick) -> dict`` (bench_extract also takes ``data``, and it and
 bench_logreg take ``repeats``: the median of N timings, for the ratios near their target); modules
@@ -9,7 +9,9 @@ that are missing (e.g. deleted) are reported as such. With ``--json`` one JSON o
 printed with the ratios under the keys that name them (``pipeline_efficiency`` per backbone,
 ``cache_hit_fraction``, ``memory_ratio``, ``logreg_speedup``, ``mlp_grid_speedup``), each module's
 raw results under its own key, the machine description and the wall time of each benchmark.
-``--quick`` is the CI smoke mode (small inputs; numbers are not meaningful).
+``--quick`` is the CI smoke mode (small inputs; numbers are not meaningful). ``--save FILE`` writes
+the same object to FILE after each benchmark (``"complete": false`` until the last), so a full run
+cut short (about 40-60 minutes on a 2-core VM) keeps the benchmarks that finished.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import json
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
@@ -52,9 +55,15 @@ def _load(name: str):
 
 def run_all(quick: bool, data: Path | None, only: list[str], mlp_epoch_scale: float = 1.0,
             mlp_noise_configs: int = 3, mlp_extra_seeds: int = 0,
-            extract_repeats: int | dict[str, int] = 1, logreg_repeats: int = 1) -> dict:
-    """Run the selected benchmarks in this process, one after the other; collect ratios and raw data."""
-    out: dict = {"quick": quick, "benchmarks": {}, "wall_seconds": {}, "missing": [], "failed": {}}
+            extract_repeats: int | dict[str, int] = 1, logreg_repeats: int = 1,
+            on_progress: Callable[[dict], None] | None = None) -> dict:
+    """Run the selected benchmarks in this process, one after the other; collect ratios and raw data.
+
+    ``on_progress`` gets the result so far (``"complete": False``) after each benchmark: an hour-long
+    run that is killed then still leaves what it measured.
+    """
+    out: dict = {"quick": quick, "complete": False, "benchmarks": {}, "wall_seconds": {}, "missing": [],
+                 "failed": {}}
     # bench_extract first: it sets a private KERAS_HOME with ../shared/weights before Keras is imported.
     for name in only:
         module = _load(name)
@@ -73,9 +82,18 @@ def run_all(quick: bool, data: Path | None, only: list[str], mlp_epoch_scale: fl
         except Exception as exc:  # noqa: BLE001 - one broken benchmark must not hide the others
             out["failed"][name] = f"{type(exc).__name__}: {exc}"
             traceback.print_exc(file=sys.stderr)
-            continue
-        out["wall_seconds"][name] = round(time.perf_counter() - t0, 1)
-        out["benchmarks"][name] = res
+        else:
+            out["wall_seconds"][name] = round(time.perf_counter() - t0, 1)
+            out["benchmarks"][name] = res
+            _collect_ratios(out)
+        if on_progress is not None:
+            on_progress(out)
+    out["complete"] = True
+    return out
+
+
+def _collect_ratios(out: dict) -> None:
+    """Copy the machine description and each measured ratio to the top level, under its key."""
     ext = out["benchmarks"].get("extract", {})
     if "machine" in ext:
         out["machine"] = ext["machine"]
@@ -83,7 +101,13 @@ def run_all(quick: bool, data: Path | None, only: list[str], mlp_epoch_scale: fl
         res = out["benchmarks"].get(bench, {})
         if key in res:
             out[key] = res[key]
-    return out
+
+
+def save_json(out: dict, path: Path) -> None:
+    """Write ``out`` to ``path`` through a temporary file and a rename, so a kill never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(out, indent=2, default=str) + "\n")
+    tmp.replace(path)
 
 
 def _verdict(value: float, target: float, better: str) -> str:
@@ -146,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
                          "mobilenet-0.75=5); pipeline_efficiency is the median (vgg16: ~17 min each)")
     ap.add_argument("--logreg-repeats", type=int, default=1,
                     help="time featcache's logreg search N times; logreg_speedup uses the median")
+    ap.add_argument("--save", type=Path, metavar="FILE",
+                    help="also write the JSON object to FILE after each benchmark (complete: false until "
+                         "the last), so a run cut short keeps what finished")
     args = ap.parse_args(argv)
     if args.logreg_repeats < 1:
         ap.error("--logreg-repeats must be at least 1")
@@ -163,8 +190,13 @@ def main(argv: list[str] | None = None) -> int:
         from quiet_start import quiet_backend_start
 
         quiet_backend_start()
+    if args.save is not None and not args.save.parent.is_dir():
+        ap.error(f"--save: folder {args.save.parent} does not exist")
+    save = None if args.save is None else (lambda partial: save_json(partial, args.save))
     out = run_all(args.quick, args.data, only, args.mlp_epoch_scale, args.mlp_noise_configs,
-                  args.mlp_extra_seeds, args.extract_repeats, args.logreg_repeats)
+                  args.mlp_extra_seeds, args.extract_repeats, args.logreg_repeats, on_progress=save)
+    if save is not None:
+        save(out)
     if args.json:
         print(json.dumps(out, indent=2, default=str))
     else:
