@@ -15,11 +15,13 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_run_py_quick_json_reports_every_ratio(tmp_path: Path) -> None:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--json"],
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--json",
+                           "--save", "saved.json"],
                           capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "I0000 " not in proc.stderr, proc.stderr[:2000]  # TensorFlow's native start-up lines filtered
     out = json.loads(proc.stdout)
+    assert out["complete"] is True and json.loads((tmp_path / "saved.json").read_text()) == out
     assert out["quick"] is True and not out["failed"] and not out["missing"]
     assert set(out["pipeline_efficiency"]) == {"mobilenet-0.75"}
     for key in ("cache_hit_fraction", "memory_ratio", "logreg_speedup", "mlp_grid_speedup"):
@@ -59,6 +61,43 @@ def test_table_gives_verdicts_only_for_a_full_run(capsys) -> None:
     run.print_table({**out, "quick": False})
     text = capsys.readouterr().out
     assert "logreg_speedup" in text and "MISSED" in text and "smoke test" not in text
+
+
+def _run_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_run_t", ROOT / "benchmarks" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_run_saves_what_each_benchmark_measured_before_the_next_starts(tmp_path: Path, monkeypatch) -> None:
+    """--save: after every benchmark the file holds the results so far (complete: false), also after one
+    that failed, so a full run killed in its last hour keeps what it measured."""
+    run = _run_module()
+    saved = tmp_path / "run.json"
+    seen: list[dict] = []
+
+    class Logreg:
+        @staticmethod
+        def run(quick: bool, repeats: int) -> dict:
+            return {"logreg_speedup": 21.5, "t_featcache_s": 1.0}
+
+    class Mlp:
+        @staticmethod
+        def run(**_kw) -> dict:
+            seen.append(json.loads(saved.read_text()))  # what a kill right now would leave
+            raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(run, "_load", {"logreg": Logreg, "mlp": Mlp}.get)
+    out = run.run_all(False, None, ["logreg", "mlp"], on_progress=lambda o: run.save_json(o, saved))
+    assert seen[0]["complete"] is False and seen[0]["logreg_speedup"] == 21.5
+    assert "mlp" not in seen[0]["benchmarks"] and seen[0]["failed"] == {}
+    last = json.loads(saved.read_text())
+    assert last["failed"] == {"mlp": "RuntimeError: out of memory"} and last["logreg_speedup"] == 21.5
+    assert last["complete"] is False and out["complete"] is True  # main saves the finished object last
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def _bench(name: str):
