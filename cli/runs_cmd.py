@@ -1,4 +1,5 @@
-"""`featcache runs ls` / `runs show ID`: finished runs as a list, or one run's full record.
+"""`featcache runs ls` / `runs show ID` / `runs drop-checkpoints ID`: finished runs as a list, one run's
+full record, and the epoch checkpoints interrupted sweeps leave behind.
 
 Only runs whose run.json says "done" are listed: a run killed half-way is never shown as a result.
 """
@@ -17,7 +18,8 @@ from rich.table import Table
 
 runs_app = typer.Typer(
     no_args_is_help=True,
-    help="List the runs stored by `featcache fit`, or show one.\n\n"
+    help="List the runs stored by `featcache fit`, show one, or delete an interrupted sweep's checkpoints."
+    "\n\n"
     "Example: featcache runs ls --runs-dir runs",
 )
 
@@ -62,8 +64,9 @@ def ls_cmd(
 
 
 def _mention_checkpoints(runs_dir: Path) -> None:
-    """On stderr, interrupted sweeps' checkpoints: they resume a grid, and they take space. One line each,
-    with its size, when it was last saved and the command that resumes it."""
+    """On stderr, the sweeps that keep epoch checkpoints: they resume a grid, and they take space. One line
+    each, with its size, when it was last saved and the command that resumes it (or the process training it
+    now)."""
     from featcache.runs import CHECKPOINTS_DIR, pending_checkpoints
 
     pending = pending_checkpoints(runs_dir)
@@ -71,15 +74,50 @@ def _mention_checkpoints(runs_dir: Path) -> None:
         return
     err = Console(stderr=True, highlight=False)
     size = sum(p.size_bytes for p in pending) / 1e6
-    err.print(f"{len(pending)} interrupted sweep(s) keep epoch checkpoints in "
-              f"{escape(str(Path(runs_dir) / CHECKPOINTS_DIR))} ({size:,.1f} MB): rerun a sweep's command to "
-              "resume it, or delete its folder there.")
+    running = sum(p.running_pid is not None for p in pending)
+    what = f"{len(pending) - running} interrupted sweep(s)" + (f" and {running} running" if running else "")
+    err.print(f"{what} keep epoch checkpoints in {escape(str(Path(runs_dir) / CHECKPOINTS_DIR))} "
+              f"({size:,.1f} MB): rerun an interrupted sweep's command to resume it, or delete its "
+              "checkpoints with `featcache runs drop-checkpoints ID`.")
     for p in pending:
         when = datetime.fromtimestamp(p.last_saved).strftime("%Y-%m-%d %H:%M")
         command = shlex.join(p.command) if p.command else "(command not recorded)"
+        now = f" (running now: process {p.running_pid})" if p.running_pid is not None else ""
         # unwrapped, so the command can be copied whole
-        err.print(f"  {p.sweep_id}  {p.size_bytes / 1e6:,.1f} MB, last saved {when}: {escape(command)}",
+        err.print(f"  {p.sweep_id}  {p.size_bytes / 1e6:,.1f} MB, last saved {when}{now}: {escape(command)}",
                   soft_wrap=True)
+
+
+@runs_app.command("drop-checkpoints")
+def drop_checkpoints_cmd(
+    sweep_ids: list[str] | None = typer.Argument(None, metavar="SWEEP_ID",
+                                                  help="Sweep ids, as `featcache runs ls` lists them."),
+    every: bool = typer.Option(False, "--all", help="Every interrupted sweep's checkpoints (not those of a "
+                               "sweep running now)."),
+    force: bool = typer.Option(False, "--force", help="Also a named sweep that is still running here."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where runs are stored."),
+) -> None:
+    """Delete the epoch checkpoints that interrupted MLP sweeps left (finished runs are not touched).
+
+    A sweep rerun afterwards trains its unfinished configs from epoch 0, with the same numbers.
+
+    Example: featcache runs drop-checkpoints 3f2a9c1d0b7e --runs-dir runs
+    """
+    from featcache.errors import ConfigError
+    from featcache.runs import drop_checkpoints
+
+    if sweep_ids and every:
+        raise ConfigError("pass sweep ids or --all, not both")
+    if not sweep_ids and not every:
+        raise ConfigError("name the sweep ids whose checkpoints to delete (`featcache runs ls` lists them), "
+                          "or pass --all")
+    dropped = drop_checkpoints(runs_dir, None if every else sweep_ids, force=force)
+    freed = sum(p.size_bytes for p in dropped) / 1e6
+    console = Console(highlight=False)
+    console.print(f"Deleted the checkpoints of {len(dropped)} sweep(s) ({freed:,.1f} MB)"
+                  + (": " + ", ".join(p.sweep_id for p in dropped) if dropped else "") + ".")
+    if every:
+        _mention_checkpoints(runs_dir)  # what is left: sweeps running now
 
 
 _METRICS = ("accuracy", "macro_f1", "auc", "sensitivity", "specificity", "log_loss")

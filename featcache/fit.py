@@ -41,6 +41,7 @@ from featcache.runs import (
     config_hash,
     done_hashes,
     library_versions,
+    this_process,
 )
 from featcache.splits import grouped_holdout, grouped_kfold, index_digest
 
@@ -936,7 +937,7 @@ def _fit_holdout(ctx: _Ctx, configs: list[dict], result: FitResult) -> None:
         precision=opts.mlp_precision, trainer=opts.mlp_trainer, skip=set(range(total)) - set(todo),
         checkpoint_dir=checkpoints,
         checkpoint_about={"sweep_id": ctx.sweep_id, "command": list(ctx.opts.command or sys.argv),
-                          "configs": total},
+                          "configs": total, "owner": this_process()},
     )
     shutil.rmtree(checkpoints, ignore_errors=True)
     with contextlib.suppress(OSError):

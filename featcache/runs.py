@@ -17,6 +17,7 @@ swapped or tampered file (a pickle can run code) is refused instead of loaded.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -185,7 +186,7 @@ class RunWriter:
             "finished": None,
             **info,
             "artifacts": {},
-            "owner": {"host": socket.gethostname(), "pid": os.getpid()},
+            "owner": this_process(),
         }
         write_json_atomic(self.path / "run.json", self.info)
 
@@ -375,19 +376,48 @@ def checkpoint_dir(runs_dir: str | Path, sweep_id: str) -> Path:
 
 @dataclass
 class PendingSweep:
-    """A sweep that left epoch checkpoints: interrupted, and not rerun to the end yet."""
+    """A sweep that left epoch checkpoints: interrupted and not rerun to the end yet, or running now."""
 
     sweep_id: str
     size_bytes: int
     last_saved: float          # mtime of its newest checkpoint (epoch seconds)
     command: list[str] | None  # the fit command that resumes it, when its checkpoints recorded one
+    running_pid: int | None = None  # the fit process still training it on this host, if there is one
+
+
+def _sweep_about(folder: Path) -> dict:
+    """A checkpoint folder's label (``sweep.json``), or {} when it has none or a damaged one."""
+    from featcache.heads.mlp_checkpoint import ABOUT_FILE
+
+    try:
+        about = json.loads((folder / ABOUT_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return about if isinstance(about, dict) else {}
+
+
+def this_process() -> dict:
+    """Who owns a run folder or a sweep's checkpoints: this host and process id, so a later command can tell
+    a live owner from a killed one."""
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def live_owner(owner: object) -> int | None:
+    """The pid in ``owner`` (as ``this_process`` wrote it) when that process still runs on this host; None
+    when it is gone, or on another host (where it cannot be checked from here)."""
+    if not isinstance(owner, dict) or owner.get("host") != socket.gethostname():
+        return None
+    try:
+        pid = int(owner.get("pid", -1))
+    except (TypeError, ValueError):
+        return None
+    return pid if _pid_alive(pid) else None
 
 
 def pending_checkpoints(runs_dir: str | Path) -> list[PendingSweep]:
     """Every sweep with checkpoints left in ``runs_dir``, oldest first. They can be large (hundreds of MB
-    per chunk), so listings mention them, with the command that resumes each."""
-    from featcache.heads.mlp_checkpoint import ABOUT_FILE
-
+    per chunk), so listings mention them, with the command that resumes each and whether its fit is still
+    running."""
     root = Path(runs_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
@@ -395,13 +425,44 @@ def pending_checkpoints(runs_dir: str | Path) -> list[PendingSweep]:
     for d in (p for p in root.iterdir() if p.is_dir()):
         files = [f.stat() for f in d.glob("*.npz") if f.is_file()]
         if files:
-            try:
-                command = json.loads((d / ABOUT_FILE).read_text()).get("command")
-            except (OSError, ValueError, AttributeError):  # no label (or a damaged one): still listed
-                command = None
+            about = _sweep_about(d)  # no label (or a damaged one): still listed
+            command = about.get("command")
             out.append(PendingSweep(d.name, sum(f.st_size for f in files), max(f.st_mtime for f in files),
-                                    [str(a) for a in command] if isinstance(command, list) else None))
+                                    [str(a) for a in command] if isinstance(command, list) else None,
+                                    live_owner(about.get("owner"))))
     return sorted(out, key=lambda p: (p.last_saved, p.sweep_id))
+
+
+def drop_checkpoints(runs_dir: str | Path, sweep_ids: list[str] | None = None,
+                     force: bool = False) -> list[PendingSweep]:
+    """Delete the epoch checkpoints of the sweeps ``sweep_ids`` (None: of every sweep not training now) and
+    return what was deleted. Why a command: an abandoned sweep's checkpoints stay until deleted, and they can
+    take gigabytes. Deleting never touches finished runs; a sweep rerun later trains its unfinished configs
+    from epoch 0 instead, with the same numbers.
+
+    A named sweep that is unknown, or still training on this host (unless ``force``), is refused with a
+    :class:`RunError` before anything is deleted; with ``sweep_ids=None`` running sweeps are left alone.
+    """
+    root = Path(runs_dir) / CHECKPOINTS_DIR
+    pending = {p.sweep_id: p for p in pending_checkpoints(runs_dir)}
+    if sweep_ids is None:
+        chosen = [p for p in pending.values() if p.running_pid is None]
+    else:
+        unknown = [s for s in dict.fromkeys(sweep_ids) if s not in pending]
+        if unknown:
+            raise RunError(f"no checkpoints of sweep {', '.join(unknown)} in {root}; `featcache runs ls` "
+                           "lists the sweeps that keep some")
+        chosen = [pending[s] for s in dict.fromkeys(sweep_ids)]
+        busy = [p for p in chosen if p.running_pid is not None]
+        if busy and not force:
+            who = ", ".join(f"{p.sweep_id} (process {p.running_pid})" for p in busy)
+            raise RunError(f"sweep {who} is still running on this machine and writes these checkpoints; "
+                           "stop it first, or pass --force")
+    for p in chosen:
+        shutil.rmtree(root / p.sweep_id, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        root.rmdir()  # only when no other sweep keeps checkpoints there
+    return chosen
 
 
 def _pid_alive(pid: int) -> bool:
@@ -430,7 +491,7 @@ def clean_stale(runs_dir: str | Path, config_hashes: set[str] | None = None) -> 
         if config_hashes is not None and info["config_hash"] not in config_hashes:
             continue
         owner = info.get("owner") or {}
-        if owner.get("host") != host or _pid_alive(int(owner.get("pid", -1))):
+        if owner.get("host") != host or live_owner(owner) is not None:
             continue
         shutil.rmtree(d)
         removed.append(d.name)

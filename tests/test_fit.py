@@ -286,7 +286,8 @@ def test_grid_killed_mid_chunk_resumes_from_its_epoch_checkpoint(setup, capsys, 
     assert cli(["runs", "ls", "--runs-dir", str(runs_dir)]) == 0
     *lines, sweep_line = capsys.readouterr().err.splitlines()  # the sweep's line is not wrapped
     head = " ".join(" ".join(lines).split())
-    assert head.startswith("1 interrupted sweep(s) keep epoch checkpoints in") and "delete its folder" in head
+    assert head.startswith("1 interrupted sweep(s) keep epoch checkpoints in")
+    assert "delete its checkpoints with `featcache runs drop-checkpoints ID`" in head
     # it says which command resumes the sweep (as run.json records commands)
     sweep_id, _size, _mb, last, saved, *_when, command = sweep_line.split(maxsplit=7)
     assert sweep_id == next((runs_dir / ".checkpoints").iterdir()).name and (last, saved) == ("last", "saved")

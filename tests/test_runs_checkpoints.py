@@ -1,0 +1,99 @@
+"""Checkpoints left by interrupted MLP sweeps: `runs ls` tells interrupted from running sweeps, and
+`runs drop-checkpoints` deletes them, never those of a sweep still running unless forced."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from featcache.cli.app import run as cli
+
+from featcache.errors import RunError
+from featcache.runs import CHECKPOINTS_DIR, drop_checkpoints, pending_checkpoints
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (reaped), as a killed fit leaves in its sweep.json."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _sweep(runs_dir: Path, sweep_id: str, pid: int, host: str | None = None, mb: int = 1) -> Path:
+    """A sweep's checkpoint folder as fit leaves it: one chunk file and its label."""
+    folder = runs_dir / CHECKPOINTS_DIR / sweep_id
+    folder.mkdir(parents=True)
+    (folder / "chunk-0.npz").write_bytes(b"\0" * (mb * 1_000_000))
+    about = {"sweep_id": sweep_id, "command": ["featcache", "fit", "--head", "mlp", "--seed", sweep_id],
+             "configs": 3, "owner": {"host": host or socket.gethostname(), "pid": pid}}
+    (folder / "sweep.json").write_text(json.dumps(about))
+    return folder
+
+
+@pytest.fixture
+def runs_dir(tmp_path: Path) -> Path:
+    runs = tmp_path / "runs"
+    _sweep(runs, "aaaaaaaaaaaa", _dead_pid(), mb=2)                # killed
+    _sweep(runs, "bbbbbbbbbbbb", os.getpid())                      # its fit still runs (this process)
+    _sweep(runs, "cccccccccccc", os.getpid(), host="elsewhere")    # another host: cannot be checked
+    return runs
+
+
+def test_a_sweep_whose_fit_still_runs_here_is_told_apart(runs_dir: Path) -> None:
+    found = {p.sweep_id: p for p in pending_checkpoints(runs_dir)}
+    assert set(found) == {"aaaaaaaaaaaa", "bbbbbbbbbbbb", "cccccccccccc"}
+    assert found["bbbbbbbbbbbb"].running_pid == os.getpid()
+    assert found["aaaaaaaaaaaa"].running_pid is None and found["cccccccccccc"].running_pid is None
+    assert found["aaaaaaaaaaaa"].size_bytes == 2_000_000
+
+
+def test_drop_named_sweeps_deletes_only_them(runs_dir: Path) -> None:
+    dropped = drop_checkpoints(runs_dir, ["aaaaaaaaaaaa", "cccccccccccc"])
+    assert [p.sweep_id for p in dropped] == ["aaaaaaaaaaaa", "cccccccccccc"]
+    assert [p.name for p in (runs_dir / CHECKPOINTS_DIR).iterdir()] == ["bbbbbbbbbbbb"]
+
+
+def test_a_refused_drop_deletes_nothing(runs_dir: Path) -> None:
+    before = sorted((runs_dir / CHECKPOINTS_DIR).iterdir())
+    with pytest.raises(RunError, match="no checkpoints of sweep nope"):
+        drop_checkpoints(runs_dir, ["aaaaaaaaaaaa", "nope"])
+    with pytest.raises(RunError, match=rf"bbbbbbbbbbbb \(process {os.getpid()}\) is still running.*--force"):
+        drop_checkpoints(runs_dir, ["aaaaaaaaaaaa", "bbbbbbbbbbbb"])
+    assert sorted((runs_dir / CHECKPOINTS_DIR).iterdir()) == before
+    assert [p.sweep_id for p in drop_checkpoints(runs_dir, ["bbbbbbbbbbbb"], force=True)] == ["bbbbbbbbbbbb"]
+
+
+def test_drop_all_keeps_running_sweeps_and_then_the_folder_goes(runs_dir: Path) -> None:
+    assert {p.sweep_id for p in drop_checkpoints(runs_dir)} == {"aaaaaaaaaaaa", "cccccccccccc"}
+    assert [p.sweep_id for p in pending_checkpoints(runs_dir)] == ["bbbbbbbbbbbb"]
+    drop_checkpoints(runs_dir, ["bbbbbbbbbbbb"], force=True)
+    assert not (runs_dir / CHECKPOINTS_DIR).exists() and runs_dir.is_dir()
+
+
+def test_cli_lists_then_drops(runs_dir: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    assert cli(["runs", "ls", "--runs-dir", str(runs_dir)]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("2 interrupted sweep(s) and 1 running keep epoch checkpoints in")
+    assert "featcache runs drop-checkpoints ID" in err
+    line = next(x for x in err.splitlines() if x.strip().startswith("bbbbbbbbbbbb"))
+    assert f"(running now: process {os.getpid()}): featcache fit --head mlp --seed bbbbbbbbbbbb" in line
+    assert "running now" not in next(x for x in err.splitlines() if x.strip().startswith("aaaaaaaaaaaa"))
+
+    assert cli(["runs", "drop-checkpoints", "--runs-dir", str(runs_dir)]) == 2
+    assert "name the sweep ids" in capsys.readouterr().err
+    assert cli(["runs", "drop-checkpoints", "aaaaaaaaaaaa", "--all", "--runs-dir", str(runs_dir)]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert cli(["runs", "drop-checkpoints", "bbbbbbbbbbbb", "--runs-dir", str(runs_dir)]) == 2
+    assert "still running on this machine" in capsys.readouterr().err
+    assert len(pending_checkpoints(runs_dir)) == 3
+
+    assert cli(["runs", "drop-checkpoints", "--all", "--runs-dir", str(runs_dir)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == ("Deleted the checkpoints of 2 sweep(s) (3.0 MB): aaaaaaaaaaaa, "
+                                    "cccccccccccc.")
+    assert captured.err.startswith("0 interrupted sweep(s) and 1 running keep epoch checkpoints")
