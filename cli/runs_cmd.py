@@ -75,14 +75,20 @@ def _mention_checkpoints(runs_dir: Path) -> None:
     err = Console(stderr=True, highlight=False)
     size = sum(p.size_bytes for p in pending) / 1e6
     running = sum(p.running_pid is not None for p in pending)
-    what = f"{len(pending) - running} interrupted sweep(s)" + (f" and {running} running" if running else "")
+    away = sum(p.other_host is not None for p in pending)
+    parts = [f"{len(pending) - running - away} interrupted sweep(s)"]
+    parts += [f"{running} running"] if running else []
+    parts += [f"{away} from other machines"] if away else []
+    what = ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]
     err.print(f"{what} keep epoch checkpoints in {escape(str(Path(runs_dir) / CHECKPOINTS_DIR))} "
               f"({size:,.1f} MB): rerun an interrupted sweep's command to resume it, or delete its "
               "checkpoints with `featcache runs drop-checkpoints ID`.")
     for p in pending:
         when = datetime.fromtimestamp(p.last_saved).strftime("%Y-%m-%d %H:%M")
         command = shlex.join(p.command) if p.command else "(command not recorded)"
-        now = f" (running now: process {p.running_pid})" if p.running_pid is not None else ""
+        now = (f" (running now: process {p.running_pid})" if p.running_pid is not None
+               else f" (started on {p.other_host}: whether it still runs cannot be checked from here)"
+               if p.other_host is not None else "")
         # unwrapped, so the command can be copied whole
         err.print(f"  {p.sweep_id}  {p.size_bytes / 1e6:,.1f} MB, last saved {when}{now}: {escape(command)}",
                   soft_wrap=True)
@@ -93,8 +99,9 @@ def drop_checkpoints_cmd(
     sweep_ids: list[str] | None = typer.Argument(None, metavar="SWEEP_ID",
                                                   help="Sweep ids, as `featcache runs ls` lists them."),
     every: bool = typer.Option(False, "--all", help="Every interrupted sweep's checkpoints (not those of a "
-                               "sweep running now)."),
-    force: bool = typer.Option(False, "--force", help="Also a named sweep that is still running here."),
+                               "sweep running now, nor of one started on another machine)."),
+    force: bool = typer.Option(False, "--force", help="Also a named sweep that is still running here, or "
+                               "that was started on another machine sharing this runs folder."),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where runs are stored."),
 ) -> None:
     """Delete the epoch checkpoints that interrupted MLP sweeps left (finished runs are not touched).
@@ -117,7 +124,7 @@ def drop_checkpoints_cmd(
     console.print(f"Deleted the checkpoints of {len(dropped)} sweep(s) ({freed:,.1f} MB)"
                   + (": " + ", ".join(p.sweep_id for p in dropped) if dropped else "") + ".")
     if every:
-        _mention_checkpoints(runs_dir)  # what is left: sweeps running now
+        _mention_checkpoints(runs_dir)  # what is left: sweeps running now, or started elsewhere
 
 
 _METRICS = ("accuracy", "macro_f1", "auc", "sensitivity", "specificity", "log_loss")

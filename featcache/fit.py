@@ -15,9 +15,7 @@ The protocol, and why:
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,6 +39,7 @@ from featcache.runs import (
     config_hash,
     done_hashes,
     library_versions,
+    remove_sweep_checkpoints,
     this_process,
 )
 from featcache.splits import grouped_holdout, grouped_kfold, index_digest
@@ -939,9 +938,7 @@ def _fit_holdout(ctx: _Ctx, configs: list[dict], result: FitResult) -> None:
         checkpoint_about={"sweep_id": ctx.sweep_id, "command": list(ctx.opts.command or sys.argv),
                           "configs": total, "owner": this_process()},
     )
-    shutil.rmtree(checkpoints, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        checkpoints.parent.rmdir()  # only when no other sweep keeps checkpoints there
+    remove_sweep_checkpoints(opts.runs_dir, ctx.sweep_id)
 
 
 def _jsonable_history(history: dict | None) -> dict | None:

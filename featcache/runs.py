@@ -383,6 +383,13 @@ class PendingSweep:
     last_saved: float          # mtime of its newest checkpoint (epoch seconds)
     command: list[str] | None  # the fit command that resumes it, when its checkpoints recorded one
     running_pid: int | None = None  # the fit process still training it on this host, if there is one
+    other_host: str | None = None   # the host its fit ran on, if not this one (its process cannot be checked)
+
+    @property
+    def may_be_running(self) -> bool:
+        """Its fit runs here now, or ran on another host and might still: deleting its checkpoints then
+        needs ``force``."""
+        return self.running_pid is not None or self.other_host is not None
 
 
 def _sweep_about(folder: Path) -> dict:
@@ -426,27 +433,39 @@ def pending_checkpoints(runs_dir: str | Path) -> list[PendingSweep]:
         files = [f.stat() for f in d.glob("*.npz") if f.is_file()]
         if files:
             about = _sweep_about(d)  # no label (or a damaged one): still listed
-            command = about.get("command")
+            command, owner = about.get("command"), about.get("owner")
+            host = owner.get("host") if isinstance(owner, dict) else None
             out.append(PendingSweep(d.name, sum(f.st_size for f in files), max(f.st_mtime for f in files),
                                     [str(a) for a in command] if isinstance(command, list) else None,
-                                    live_owner(about.get("owner"))))
+                                    live_owner(owner),
+                                    str(host) if host is not None and host != socket.gethostname() else None))
     return sorted(out, key=lambda p: (p.last_saved, p.sweep_id))
+
+
+def remove_sweep_checkpoints(runs_dir: str | Path, sweep_id: str) -> None:
+    """Delete one sweep's checkpoint folder, and the ``.checkpoints`` folder too once no sweep keeps any: what
+    fit does when its grid finished and what ``drop_checkpoints`` does per sweep."""
+    folder = checkpoint_dir(runs_dir, sweep_id)
+    shutil.rmtree(folder, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        folder.parent.rmdir()  # only when empty
 
 
 def drop_checkpoints(runs_dir: str | Path, sweep_ids: list[str] | None = None,
                      force: bool = False) -> list[PendingSweep]:
-    """Delete the epoch checkpoints of the sweeps ``sweep_ids`` (None: of every sweep not training now) and
-    return what was deleted. Why a command: an abandoned sweep's checkpoints stay until deleted, and they can
-    take gigabytes. Deleting never touches finished runs; a sweep rerun later trains its unfinished configs
-    from epoch 0 instead, with the same numbers.
+    """Delete the epoch checkpoints of the sweeps ``sweep_ids`` (None: of every sweep known not to be
+    training now) and return what was deleted. Why a command: an abandoned sweep's checkpoints stay until
+    deleted, and they can take gigabytes. Deleting never touches finished runs; a sweep rerun later trains
+    its unfinished configs from epoch 0 instead, with the same numbers.
 
-    A named sweep that is unknown, or still training on this host (unless ``force``), is refused with a
-    :class:`RunError` before anything is deleted; with ``sweep_ids=None`` running sweeps are left alone.
+    A named sweep that is unknown, still training on this host, or started on another host (whose process
+    cannot be checked from here) is refused, unless ``force``, with a :class:`RunError` before anything is
+    deleted; with ``sweep_ids=None`` such sweeps are left alone.
     """
     root = Path(runs_dir) / CHECKPOINTS_DIR
     pending = {p.sweep_id: p for p in pending_checkpoints(runs_dir)}
     if sweep_ids is None:
-        chosen = [p for p in pending.values() if p.running_pid is None]
+        chosen = [p for p in pending.values() if not p.may_be_running]
     else:
         unknown = [s for s in dict.fromkeys(sweep_ids) if s not in pending]
         if unknown:
@@ -458,10 +477,13 @@ def drop_checkpoints(runs_dir: str | Path, sweep_ids: list[str] | None = None,
             who = ", ".join(f"{p.sweep_id} (process {p.running_pid})" for p in busy)
             raise RunError(f"sweep {who} is still running on this machine and writes these checkpoints; "
                            "stop it first, or pass --force")
+        away = [p for p in chosen if p.other_host is not None]
+        if away and not force:
+            who = ", ".join(f"{p.sweep_id} (host {p.other_host})" for p in away)
+            raise RunError(f"sweep {who} was started on another machine, and whether it still runs cannot be "
+                           "checked from here; pass --force once you know it is not running")
     for p in chosen:
-        shutil.rmtree(root / p.sweep_id, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        root.rmdir()  # only when no other sweep keeps checkpoints there
+        remove_sweep_checkpoints(runs_dir, p.sweep_id)
     return chosen
 
 

@@ -48,12 +48,19 @@ def test_a_sweep_whose_fit_still_runs_here_is_told_apart(runs_dir: Path) -> None
     assert set(found) == {"aaaaaaaaaaaa", "bbbbbbbbbbbb", "cccccccccccc"}
     assert found["bbbbbbbbbbbb"].running_pid == os.getpid()
     assert found["aaaaaaaaaaaa"].running_pid is None and found["cccccccccccc"].running_pid is None
+    assert found["cccccccccccc"].other_host == "elsewhere"
+    assert found["aaaaaaaaaaaa"].other_host is None and found["bbbbbbbbbbbb"].other_host is None
+    assert [p.may_be_running for p in (found[k] for k in sorted(found))] == [False, True, True]
     assert found["aaaaaaaaaaaa"].size_bytes == 2_000_000
 
 
 def test_drop_named_sweeps_deletes_only_them(runs_dir: Path) -> None:
-    dropped = drop_checkpoints(runs_dir, ["aaaaaaaaaaaa", "cccccccccccc"])
-    assert [p.sweep_id for p in dropped] == ["aaaaaaaaaaaa", "cccccccccccc"]
+    dropped = drop_checkpoints(runs_dir, ["aaaaaaaaaaaa"])
+    assert [p.sweep_id for p in dropped] == ["aaaaaaaaaaaa"]
+    assert sorted(p.name for p in (runs_dir / CHECKPOINTS_DIR).iterdir()) == ["bbbbbbbbbbbb", "cccccccccccc"]
+    # another machine's sweep: its process cannot be checked from here, so it takes --force
+    dropped = drop_checkpoints(runs_dir, ["cccccccccccc"], force=True)
+    assert [p.sweep_id for p in dropped] == ["cccccccccccc"]
     assert [p.name for p in (runs_dir / CHECKPOINTS_DIR).iterdir()] == ["bbbbbbbbbbbb"]
 
 
@@ -63,14 +70,19 @@ def test_a_refused_drop_deletes_nothing(runs_dir: Path) -> None:
         drop_checkpoints(runs_dir, ["aaaaaaaaaaaa", "nope"])
     with pytest.raises(RunError, match=rf"bbbbbbbbbbbb \(process {os.getpid()}\) is still running.*--force"):
         drop_checkpoints(runs_dir, ["aaaaaaaaaaaa", "bbbbbbbbbbbb"])
+    with pytest.raises(RunError, match=r"cccccccccccc \(host elsewhere\) was started on another machine.*"
+                                       r"--force"):
+        drop_checkpoints(runs_dir, ["aaaaaaaaaaaa", "cccccccccccc"])
     assert sorted((runs_dir / CHECKPOINTS_DIR).iterdir()) == before
     assert [p.sweep_id for p in drop_checkpoints(runs_dir, ["bbbbbbbbbbbb"], force=True)] == ["bbbbbbbbbbbb"]
 
 
-def test_drop_all_keeps_running_sweeps_and_then_the_folder_goes(runs_dir: Path) -> None:
-    assert {p.sweep_id for p in drop_checkpoints(runs_dir)} == {"aaaaaaaaaaaa", "cccccccccccc"}
-    assert [p.sweep_id for p in pending_checkpoints(runs_dir)] == ["bbbbbbbbbbbb"]
+def test_drop_all_keeps_sweeps_that_may_run_and_then_the_folder_goes(runs_dir: Path) -> None:
+    assert [p.sweep_id for p in drop_checkpoints(runs_dir)] == ["aaaaaaaaaaaa"]
+    assert sorted(p.sweep_id for p in pending_checkpoints(runs_dir)) == ["bbbbbbbbbbbb", "cccccccccccc"]
     drop_checkpoints(runs_dir, ["bbbbbbbbbbbb"], force=True)
+    assert (runs_dir / CHECKPOINTS_DIR).is_dir()  # cccccccccccc still keeps its checkpoints there
+    drop_checkpoints(runs_dir, ["cccccccccccc"], force=True)
     assert not (runs_dir / CHECKPOINTS_DIR).exists() and runs_dir.is_dir()
 
 
@@ -78,11 +90,14 @@ def test_cli_lists_then_drops(runs_dir: Path, capsys, monkeypatch) -> None:
     monkeypatch.setenv("COLUMNS", "200")
     assert cli(["runs", "ls", "--runs-dir", str(runs_dir)]) == 0
     err = capsys.readouterr().err
-    assert err.startswith("2 interrupted sweep(s) and 1 running keep epoch checkpoints in")
+    assert err.startswith("1 interrupted sweep(s), 1 running and 1 from other machines keep epoch "
+                          "checkpoints in")
     assert "featcache runs drop-checkpoints ID" in err
     line = next(x for x in err.splitlines() if x.strip().startswith("bbbbbbbbbbbb"))
     assert f"(running now: process {os.getpid()}): featcache fit --head mlp --seed bbbbbbbbbbbb" in line
     assert "running now" not in next(x for x in err.splitlines() if x.strip().startswith("aaaaaaaaaaaa"))
+    line = next(x for x in err.splitlines() if x.strip().startswith("cccccccccccc"))
+    assert "(started on elsewhere: whether it still runs cannot be checked from here): featcache fit" in line
 
     assert cli(["runs", "drop-checkpoints", "--runs-dir", str(runs_dir)]) == 2
     assert "name the sweep ids" in capsys.readouterr().err
@@ -90,10 +105,12 @@ def test_cli_lists_then_drops(runs_dir: Path, capsys, monkeypatch) -> None:
     assert "not both" in capsys.readouterr().err
     assert cli(["runs", "drop-checkpoints", "bbbbbbbbbbbb", "--runs-dir", str(runs_dir)]) == 2
     assert "still running on this machine" in capsys.readouterr().err
+    assert cli(["runs", "drop-checkpoints", "cccccccccccc", "--runs-dir", str(runs_dir)]) == 2
+    assert "started on another machine" in capsys.readouterr().err
     assert len(pending_checkpoints(runs_dir)) == 3
 
     assert cli(["runs", "drop-checkpoints", "--all", "--runs-dir", str(runs_dir)]) == 0
     captured = capsys.readouterr()
-    assert captured.out.strip() == ("Deleted the checkpoints of 2 sweep(s) (3.0 MB): aaaaaaaaaaaa, "
-                                    "cccccccccccc.")
-    assert captured.err.startswith("0 interrupted sweep(s) and 1 running keep epoch checkpoints")
+    assert captured.out.strip() == "Deleted the checkpoints of 1 sweep(s) (2.0 MB): aaaaaaaaaaaa."
+    assert captured.err.startswith("0 interrupted sweep(s), 1 running and 1 from other machines keep epoch "
+                                   "checkpoints")
