@@ -40,6 +40,7 @@ from featcache.runs import (
     done_hashes,
     library_versions,
     remove_sweep_checkpoints,
+    sweep_lock,
     this_process,
 )
 from featcache.splits import grouped_holdout, grouped_kfold, index_digest
@@ -579,10 +580,11 @@ def fit(
         ],
     )
     result = FitResult(sweep_id=sweep_id, n_configs=len(configs))
-    if selection == "cv":
-        _fit_cv(ctx, configs, result)
-    else:
-        _fit_holdout(ctx, configs, result)
+    with sweep_lock(opts.runs_dir, sweep_id):  # the same sweep started twice: the second is refused
+        if selection == "cv":
+            _fit_cv(ctx, configs, result)
+        else:
+            _fit_holdout(ctx, configs, result)
     return result
 
 

@@ -487,6 +487,74 @@ def drop_checkpoints(runs_dir: str | Path, sweep_ids: list[str] | None = None,
     return chosen
 
 
+LOCKS_DIR = ".locks"
+"""Folder inside a runs folder with one lock file per sweep that a fit is training now (hidden: run
+listings skip it)."""
+
+
+@contextlib.contextmanager
+def sweep_lock(runs_dir: str | Path, sweep_id: str) -> Iterator[None]:
+    """Hold the sweep ``sweep_id`` for this process while it trains, or raise :class:`RunError` at once
+    when another fit holds it. Why: the same sweep command started twice (a second terminal, a forgotten
+    tmux window) would train every unfinished config twice, write duplicate run folders and share one set
+    of epoch checkpoints. The second one is refused instead, with the first one's process id.
+
+    An advisory ``flock`` on ``.locks/<sweep_id>.lock``: the operating system drops it when its process
+    dies, so a killed fit never leaves a stale lock, and a rerun resumes as before. The file holds
+    ``this_process()`` for the message. On a file system without working ``flock`` (some network mounts)
+    the lock raises nothing and guards nothing (as on a platform without ``fcntl``); there the rule is to
+    run a sweep once at a time.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+
+    folder = Path(runs_dir) / LOCKS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{sweep_id}.lock"
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # a finishing fit of another sweep removed the empty folder just now
+            folder.mkdir(parents=True, exist_ok=True)
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                owner = json.loads(os.read(fd, 4096) or b"{}")
+            except ValueError:
+                owner = {}
+            os.close(fd)
+            who = (f"process {owner.get('pid')} on {owner.get('host')}" if isinstance(owner, dict)
+                   and owner.get("pid") else "another process")
+            raise RunError(f"sweep {sweep_id} is being trained now by {who}; wait for it to finish (this "
+                           "command then finds every config done), or stop it and rerun this command to "
+                           "resume") from None
+        except OSError:  # no flock here (some network file systems): go on unguarded
+            break
+        # the holder before us may have unlinked the file between our open and our flock: lock the new one
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(this_process()).encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()  # still holding the lock, so no one else holds this file
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only when no other sweep is training
+
+
 def _pid_alive(pid: int) -> bool:
     if pid <= 0:  # never signal a process group (kill(-1, ...) addresses every process)
         return False

@@ -417,3 +417,25 @@ def test_missing_rows_and_3class_errors(tmp_path: Path, capsys) -> None:
     code = cli(["fit", "--data", str(root), "--backbone", "fakenet", "--head", "knn", "--cache-dir",
                 str(tmp_path / "cache"), "--runs-dir", str(tmp_path / "runs")])
     assert code != 0 and "featcache extract" in " ".join(capsys.readouterr().err.split())
+
+
+def test_the_same_sweep_started_while_it_runs_is_refused(setup, capsys) -> None:
+    """A second fit of a sweep that a fit trains now would train its configs twice: it is refused with the
+    first one's process, writes nothing, and runs normally once the first has finished."""
+    from featcache.runs import sweep_lock
+
+    root, cache_dir, runs_dir = setup
+    args = _fit_cmd(root, cache_dir, runs_dir, "--head", "logreg", "--grid", "C=0.1,1", "--cv-folds", "3",
+                    "--json")
+    assert cli(args) == 0
+    sweep_id = json.loads(capsys.readouterr().out)["sweep_id"]
+    shutil.rmtree(runs_dir)  # as if the first fit had not finished yet
+    with sweep_lock(runs_dir, sweep_id):  # what the first fit holds while it trains
+        assert cli(args) == 2
+        err = capsys.readouterr().err
+        assert f"sweep {sweep_id} is being trained now by process {os.getpid()}" in " ".join(err.split())
+        assert list_runs(runs_dir, include_incomplete=True) == []
+    assert cli(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["sweep_id"] == sweep_id and len(out["runs"]) == 1
+    assert not (runs_dir / ".locks").exists()
