@@ -580,7 +580,8 @@ def fit(
         ],
     )
     result = FitResult(sweep_id=sweep_id, n_configs=len(configs))
-    with sweep_lock(opts.runs_dir, sweep_id):  # the same sweep started twice: the second is refused
+    claimed = [_cv_hash(common, configs)] if selection == "cv" else _holdout_hashes(common, configs)
+    with sweep_lock(opts.runs_dir, sweep_id, claimed):  # a sweep or config trained twice at once: refused
         if selection == "cv":
             _fit_cv(ctx, configs, result)
         else:
@@ -758,10 +759,20 @@ def _selection_record(
     }
 
 
+def _cv_hash(common: dict, configs: list[dict]) -> str:
+    """The config hash of a CV search's one run: the whole grid is its config."""
+    return config_hash({**common, "configs": [to_jsonable(c) for c in configs]})
+
+
+def _holdout_hashes(common: dict, configs: list[dict]) -> list[str]:
+    """The config hash of each hold-out run: one per grid point."""
+    return [config_hash({**common, "params": to_jsonable(c)}) for c in configs]
+
+
 def _fit_cv(ctx: _Ctx, configs: list[dict], result: FitResult) -> None:
     """One run for the whole search: grouped K-fold CV, out-of-fold threshold, refit, test once."""
     opts = ctx.opts
-    chash = config_hash({**ctx.common, "configs": [to_jsonable(c) for c in configs]})
+    chash = _cv_hash(ctx.common, configs)
     done = done_hashes(opts.runs_dir)
     result.cleaned = clean_stale(opts.runs_dir, {chash})
     if chash in done:
@@ -867,7 +878,7 @@ def _fit_holdout(ctx: _Ctx, configs: list[dict], result: FitResult) -> None:
     """One run per config on a grouped hold-out; resumable (configs with a done run are skipped)."""
     opts = ctx.opts
     pool = ctx.pool
-    hashes = [config_hash({**ctx.common, "params": to_jsonable(c)}) for c in configs]
+    hashes = _holdout_hashes(ctx.common, configs)
     result.cleaned = clean_stale(opts.runs_dir, set(hashes))
     done = done_hashes(opts.runs_dir)
     todo = [i for i, h in enumerate(hashes) if h not in done]

@@ -26,7 +26,8 @@ import platform
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -493,17 +494,20 @@ listings skip it)."""
 
 
 @contextlib.contextmanager
-def sweep_lock(runs_dir: str | Path, sweep_id: str) -> Iterator[None]:
-    """Hold the sweep ``sweep_id`` for this process while it trains, or raise :class:`RunError` at once
-    when another fit holds it. Why: the same sweep command started twice (a second terminal, a forgotten
-    tmux window) would train every unfinished config twice, write duplicate run folders and share one set
-    of epoch checkpoints. The second one is refused instead, with the first one's process id.
+def sweep_lock(runs_dir: str | Path, sweep_id: str, config_hashes: Iterable[str] = ()) -> Iterator[None]:
+    """Hold the sweep ``sweep_id`` and the configs it trains (``config_hashes``) for this process, or raise
+    :class:`RunError` at once when another fit trains the same sweep or any of these configs now. Why: the
+    same sweep command started twice (a second terminal, a forgotten tmux window), or two overlapping grids
+    (``lr=0.1,0.01`` and ``lr=0.01,0.001``) started side by side, would train the shared configs twice into
+    duplicate runs, and one sweep's twin would share its epoch checkpoints.
 
-    An advisory ``flock`` on ``.locks/<sweep_id>.lock``: the operating system drops it when its process
-    dies, so a killed fit never leaves a stale lock, and a rerun resumes as before. The file holds
-    ``this_process()`` for the message. On a file system without working ``flock`` (some network mounts)
-    the lock raises nothing and guards nothing (as on a platform without ``fcntl``); there the rule is to
-    run a sweep once at a time.
+    An advisory ``flock`` on ``.locks/<sweep_id>.lock``, which lists the held config hashes; a new fit
+    probes the other lock files for live holders that claim any of its configs. The operating system drops
+    a lock when its process dies, so a killed fit never leaves a stale lock, and a rerun resumes as before.
+    Of two overlapping fits started in the same instant, each writes its claim before it probes the other's,
+    so at least one of them sees the overlap. On a file system without working ``flock`` (some network
+    mounts), or a platform without ``fcntl``, the lock guards nothing; there the rule is to run a sweep once
+    at a time.
     """
     try:
         import fcntl
@@ -512,47 +516,102 @@ def sweep_lock(runs_dir: str | Path, sweep_id: str) -> Iterator[None]:
         return
 
     folder = Path(runs_dir) / LOCKS_DIR
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{sweep_id}.lock"
-    while True:
+    fd = _acquire_lock_file(fcntl, path, sweep_id)
+    try:
+        if fd is not None:
+            wanted = sorted(set(config_hashes))
+            claim = {**this_process(), "sweep_id": sweep_id, "configs": wanted}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(claim).encode(), 0)
+            _refuse_overlap(fcntl, path, set(wanted))
+        yield
+    finally:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                path.unlink()  # still holding the lock, so no one else holds this file
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when no other sweep is training
+
+
+def _holder(fd: int) -> dict:
+    """What a lock file says about its holder (``sweep_lock``'s claim), or {} when unreadable."""
+    try:
+        info = json.loads(os.pread(fd, max(os.fstat(fd).st_size, 1), 0) or b"{}")
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _who(info: dict) -> str:
+    return f"process {info['pid']} on {info.get('host')}" if info.get("pid") else "another process"
+
+
+def _acquire_lock_file(fcntl: Any, path: Path, sweep_id: str) -> int | None:
+    """Open and ``flock`` ``path`` (the file of a lock that is not held, even a killed fit's, is taken over);
+    None where ``flock`` is not supported. Busy: a few short retries first, since another fit's probe
+    (``_refuse_overlap``) holds a lock file for an instant."""
+    for attempt in range(6):
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except FileNotFoundError:  # a finishing fit of another sweep removed the empty folder just now
-            folder.mkdir(parents=True, exist_ok=True)
+        except FileNotFoundError:  # the first lock here, or a finishing fit removed the empty folder just now
+            path.parent.mkdir(parents=True, exist_ok=True)
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            try:
-                owner = json.loads(os.read(fd, 4096) or b"{}")
-            except ValueError:
-                owner = {}
+            info = _holder(fd)
             os.close(fd)
-            who = (f"process {owner.get('pid')} on {owner.get('host')}" if isinstance(owner, dict)
-                   and owner.get("pid") else "another process")
-            raise RunError(f"sweep {sweep_id} is being trained now by {who}; wait for it to finish (this "
-                           "command then finds every config done), or stop it and rerun this command to "
-                           "resume") from None
+            if attempt < 5:
+                time.sleep(0.02)
+                continue
+            raise RunError(f"sweep {sweep_id} is being trained now by {_who(info)}; wait for it to finish "
+                           "(this command then finds every config done), or stop it and rerun this command "
+                           "to resume") from None
         except OSError:  # no flock here (some network file systems): go on unguarded
-            break
+            os.close(fd)
+            return None
         # the holder before us may have unlinked the file between our open and our flock: lock the new one
         try:
-            same = os.path.samestat(os.fstat(fd), os.stat(path))
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                return fd
         except FileNotFoundError:
-            same = False
-        if same:
-            break
+            pass
         os.close(fd)
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(this_process()).encode(), 0)
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            path.unlink()  # still holding the lock, so no one else holds this file
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            folder.rmdir()  # only when no other sweep is training
+    raise RunError(f"could not take the lock {path} of sweep {sweep_id}; is another fit starting and "
+                   "finishing this sweep over and over?")
+
+
+def _refuse_overlap(fcntl: Any, own: Path, wanted: set[str]) -> None:
+    """RunError when a live fit of another sweep claims any config in ``wanted``. A lock file whose lock is
+    free is a killed fit's: its claim is void."""
+    if not wanted:
+        return
+    for other in sorted(own.parent.glob("*.lock")):
+        if other == own:
+            continue
+        try:
+            fd = os.open(other, os.O_RDONLY)
+        except OSError:  # finished and removed meanwhile
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:  # held: a live fit
+                info = _holder(fd)
+                shared = wanted & {str(h) for h in info.get("configs") or []}
+                if shared:
+                    raise RunError(
+                        f"{len(shared)} of this sweep's {len(wanted)} config(s) are being trained now by "
+                        f"sweep {info.get('sweep_id', other.stem)} ({_who(info)}); wait for it to finish "
+                        "(this command then skips them), or stop it") from None
+            except OSError:
+                pass
+            else:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
 
 
 def _pid_alive(pid: int) -> bool:

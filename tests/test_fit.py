@@ -439,3 +439,25 @@ def test_the_same_sweep_started_while_it_runs_is_refused(setup, capsys) -> None:
     out = json.loads(capsys.readouterr().out)
     assert out["sweep_id"] == sweep_id and len(out["runs"]) == 1
     assert not (runs_dir / ".locks").exists()
+
+
+def test_an_overlapping_grid_started_while_another_trains_is_refused(setup, capsys) -> None:
+    """Two grids that share a config, side by side, would train it twice into two runs: the later fit is
+    refused while the earlier one holds that config."""
+    from featcache.runs import sweep_lock
+
+    root, cache_dir, runs_dir = setup
+    base = ["--head", "mlp", "--grid", "layers=4", "--grid", "epochs=2", "--grid", "dropout=0.2",
+            "--mlp-precision", "float32", "--json"]
+    assert cli(_fit_cmd(root, cache_dir, runs_dir, *base, "--grid", "lr=0.1,0.01")) == 0
+    capsys.readouterr()
+    shared = next(r["config_hash"] for r in list_runs(runs_dir) if r["params"]["lr"] == 0.01)
+    shutil.rmtree(runs_dir)
+    later = _fit_cmd(root, cache_dir, runs_dir, *base, "--grid", "lr=0.01,0.001")
+    with sweep_lock(runs_dir, "0123456789ab", ["x" * 64, shared]):  # as the earlier grid holds it
+        assert cli(later) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert "1 of this sweep's 2 config(s) are being trained now by sweep 0123456789ab" in err
+        assert list_runs(runs_dir, include_incomplete=True) == []
+    assert cli(later) == 0
+    assert len(json.loads(capsys.readouterr().out)["runs"]) == 2

@@ -1,5 +1,6 @@
-"""The per-sweep lock: the same sweep started twice is refused while the first runs, and a killed fit
-leaves no lock behind (the OS drops a dead process's flock), so a rerun resumes as before."""
+"""The sweep lock: the same sweep, or another sweep with a config in common, started while a fit trains it
+is refused; a killed fit leaves no lock behind (the OS drops a dead process's flock), so a rerun resumes
+as before."""
 from __future__ import annotations
 
 import os
@@ -39,7 +40,7 @@ def test_the_lock_is_released_when_the_body_fails(tmp_path: Path) -> None:
 
 def test_a_killed_holder_leaves_a_file_but_no_lock(tmp_path: Path) -> None:
     code = ("import sys, time; from featcache.runs import sweep_lock\n"
-            "with sweep_lock(sys.argv[1], 'aaaaaaaaaaaa'):\n"
+            "with sweep_lock(sys.argv[1], 'aaaaaaaaaaaa', ['h1', 'h2']):\n"
             "    print('held', flush=True); time.sleep(60)\n")
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
@@ -51,6 +52,21 @@ def test_a_killed_holder_leaves_a_file_but_no_lock(tmp_path: Path) -> None:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     assert (tmp_path / LOCKS_DIR / "aaaaaaaaaaaa.lock").is_file()  # killed before its cleanup
-    with sweep_lock(tmp_path, "aaaaaaaaaaaa"):  # but nothing holds it
+    with sweep_lock(tmp_path, "bbbbbbbbbbbb", ["h2"]):  # its claim died with it
+        pass
+    with sweep_lock(tmp_path, "aaaaaaaaaaaa"):  # and nothing holds its lock
         pass
     assert not (tmp_path / LOCKS_DIR).exists()
+
+
+def test_a_config_claimed_by_another_live_sweep_is_refused(tmp_path: Path) -> None:
+    with sweep_lock(tmp_path, "aaaaaaaaaaaa", ["h1", "h2"]):
+        overlap = (rf"1 of this sweep's 2 config\(s\) are being trained now by sweep aaaaaaaaaaaa "
+                   rf"\(process {os.getpid()} on .*\); wait")
+        with pytest.raises(RunError, match=overlap), sweep_lock(tmp_path, "bbbbbbbbbbbb", ["h2", "h3", "h3"]):
+            pass
+        assert sorted(p.name for p in (tmp_path / LOCKS_DIR).iterdir()) == ["aaaaaaaaaaaa.lock"]
+        with sweep_lock(tmp_path, "bbbbbbbbbbbb", ["h3"]):  # no config in common
+            pass
+    with sweep_lock(tmp_path, "bbbbbbbbbbbb", ["h2", "h3"]):  # the first has finished
+        pass
