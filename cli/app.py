@@ -2,7 +2,7 @@
 
 Thin by design: each command module parses flags, calls the library and renders with rich.
 Library errors (:class:`featcache.errors.FeatcacheError`) become one sentence on stderr and a
-non-zero exit status, never a traceback.
+non-zero exit status, never a traceback; so do operating-system errors (exit 1).
 """
 from __future__ import annotations
 
@@ -70,7 +70,20 @@ def run(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # typer versions that let it through
         _print_interrupted()
         return 130
+    except OSError as exc:  # a folder that cannot be created, a full disk, a path through a file
+        err_console.print(f"[bold red]error:[/] {escape(_os_error_sentence(exc))}", highlight=False)
+        return 1
     return 0
+
+
+def _os_error_sentence(exc: OSError) -> str:
+    """What the operating system refused, and where. Library code turns the errors it expects (damaged
+    caches, unreadable images, locked files) into FeatcacheError; this is for the rest, such as an output
+    folder under a regular file or on a read-only mount, which would otherwise end in a traceback."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    paths = [os.fsdecode(f) for f in (exc.filename, exc.filename2) if f is not None]
+    where = f" ({' -> '.join(paths)})" if paths else ""
+    return f"the operating system refused a file operation{where}: {reason}. Finished work is saved."
 
 
 def _print_interrupted() -> None:

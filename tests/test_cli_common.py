@@ -92,3 +92,27 @@ def test_runs_show_says_how_an_mlp_run_was_trained() -> None:
         "saved model refit: keras.fit (float32)")
     assert _trainer_text({"selection": {**fused, "resumed_from_epoch": 40}, "saved_model": fused},
                          detail=False) == "fused (bfloat16)"
+
+
+def test_an_operating_system_error_is_one_sentence_not_a_traceback(tmp_path, monkeypatch, capsys) -> None:
+    """An output folder that cannot be created (here: under a regular file) or a full disk ends in one line
+    naming the path and the reason, with exit status 1."""
+    from featcache.cli.app import run
+
+    import featcache.datasets
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert run(["demo", "--weights", "none", "--workdir", str(blocker / "demo")]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.startswith(f"error: the operating system refused a file operation ({blocker / 'demo'}")
+    assert err.endswith("): Not a directory. Finished work is saved.")
+
+    def disk_full(*_args, **_kwargs):
+        raise OSError(28, "No space left on device", "/data/x.h5")
+
+    monkeypatch.setattr(featcache.datasets, "discover", disk_full)
+    assert run(["data", "inspect", str(tmp_path)]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "refused a file operation (/data/x.h5): No space left on device." in err
+    assert "Traceback" not in err
