@@ -580,12 +580,13 @@ def fit(
         ],
     )
     result = FitResult(sweep_id=sweep_id, n_configs=len(configs))
-    claimed = [_cv_hash(common, configs)] if selection == "cv" else _holdout_hashes(common, configs)
-    with sweep_lock(opts.runs_dir, sweep_id, claimed):  # a sweep or config trained twice at once: refused
+    # the config hashes of the runs this sweep writes: claimed under the lock, then looked up among done runs
+    hashes = [_cv_hash(common, configs)] if selection == "cv" else _holdout_hashes(common, configs)
+    with sweep_lock(opts.runs_dir, sweep_id, hashes):  # a sweep or config trained twice at once: refused
         if selection == "cv":
-            _fit_cv(ctx, configs, result)
+            _fit_cv(ctx, configs, result, hashes[0])
         else:
-            _fit_holdout(ctx, configs, result)
+            _fit_holdout(ctx, configs, result, hashes)
     return result
 
 
@@ -769,10 +770,10 @@ def _holdout_hashes(common: dict, configs: list[dict]) -> list[str]:
     return [config_hash({**common, "params": to_jsonable(c)}) for c in configs]
 
 
-def _fit_cv(ctx: _Ctx, configs: list[dict], result: FitResult) -> None:
-    """One run for the whole search: grouped K-fold CV, out-of-fold threshold, refit, test once."""
+def _fit_cv(ctx: _Ctx, configs: list[dict], result: FitResult, chash: str) -> None:
+    """One run for the whole search (its config hash ``chash``): grouped K-fold CV, out-of-fold threshold,
+    refit, test once."""
     opts = ctx.opts
-    chash = _cv_hash(ctx.common, configs)
     done = done_hashes(opts.runs_dir)
     result.cleaned = clean_stale(opts.runs_dir, {chash})
     if chash in done:
@@ -874,11 +875,11 @@ def _fit_cv(ctx: _Ctx, configs: list[dict], result: FitResult) -> None:
     emit(ctx.progress, "fit", 1, 1, f"{run.id} done")
 
 
-def _fit_holdout(ctx: _Ctx, configs: list[dict], result: FitResult) -> None:
-    """One run per config on a grouped hold-out; resumable (configs with a done run are skipped)."""
+def _fit_holdout(ctx: _Ctx, configs: list[dict], result: FitResult, hashes: list[str]) -> None:
+    """One run per config (``hashes``: their config hashes) on a grouped hold-out; resumable (configs with
+    a done run are skipped)."""
     opts = ctx.opts
     pool = ctx.pool
-    hashes = _holdout_hashes(ctx.common, configs)
     result.cleaned = clean_stale(opts.runs_dir, set(hashes))
     done = done_hashes(opts.runs_dir)
     todo = [i for i, h in enumerate(hashes) if h not in done]
