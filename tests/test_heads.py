@@ -120,12 +120,12 @@ def test_fast_logistic_search_duplicate_rows_matches_sklearn():
 
 
 def test_pivoted_factor_reproduces_the_gram():
-    from featcache.heads.logreg import _gram, _Space
+    from featcache.heads.logreg_space import Space, _gram
 
     rng = np.random.default_rng(0)
     Z = rng.normal(size=(30, 80))
     Z = np.vstack([Z, Z[:6], 2 * Z[6:9]])  # rank 30 of 39 rows
-    space = _Space(Z)
+    space = Space(Z)
     assert space.r == 30 and space.L21 is not None
     F = space.mul(np.eye(space.r))
     np.testing.assert_allclose(F @ F.T, Z @ Z.T, atol=1e-8)
@@ -138,12 +138,12 @@ def test_pivoted_factor_reproduces_the_gram():
 
 
 def test_to_w_in_row_pieces_equals_one_product():
-    """``_Space.to_w`` (64-row pieces for 2-24 columns, one product otherwise) is Q @ G for every width."""
-    from featcache.heads.logreg import _Space
+    """``Space.to_w`` (64-row pieces for 2-24 columns, one product otherwise) is Q @ G for every width."""
+    from featcache.heads.logreg_space import Space
 
     rng = np.random.default_rng(2)
     Z = rng.normal(size=(200, 500)).astype(np.float32)  # 200 rows: four pieces, the last one short
-    space = _Space(Z)
+    space = Space(Z)
     Q = Z.T.astype(np.float64) @ np.linalg.inv(np.tril(space.L11)).T  # rows in pivot order: no pivots here
     assert space.identity
     for width in (1, 2, 5, 24, 25):
@@ -157,13 +157,14 @@ def test_centred_rows_factor_drops_the_null_direction_exactly():
     Float32 rows as in the cache. A wrong ``centered`` hint (rows not centred) must still give the full-rank
     factor of the general path.
     """
-    from featcache.heads.logreg import _gram, _Space, fit_scaler, standardize
+    from featcache.heads.logreg_space import Space, _gram
+    from featcache.heads.logreg_stats import fit_scaler, standardize
 
     rng = np.random.default_rng(1)
     X = np.maximum(rng.normal(size=(60, 400)) + rng.normal(size=(60, 4)) @ rng.normal(size=(4, 400)), 0)
     X = X.astype(np.float32)
     Z = standardize(fit_scaler(X), X)
-    space = _Space(Z, centered=True)
+    space = Space(Z, centered=True)
     assert space.r == 59 and space.prefix and space.L21 is not None
     F = space.mul(np.eye(space.r))
     K = np.tril(_gram(Z).astype(np.float64))
@@ -173,7 +174,7 @@ def test_centred_rows_factor_drops_the_null_direction_exactly():
     R = rng.normal(size=(60, 3))
     np.testing.assert_allclose(space.tmul(R), F.T @ R, atol=1e-9)
     # the same rows shifted off centre: the hint is wrong, the factor must keep all 60 directions
-    off = _Space(Z + np.float32(0.5), centered=True)
+    off = Space(Z + np.float32(0.5), centered=True)
     assert off.r == 60
     F = off.mul(np.eye(off.r))
     Zs = (Z + np.float32(0.5)).astype(np.float64)
@@ -189,16 +190,16 @@ def test_float32_gram_factored_in_float32_and_widened_in_place(monkeypatch, wide
     """
     from scipy.linalg.lapack import dpotrf, spotrf
 
-    from featcache.heads import logreg
-    from featcache.heads.logreg import _potrf, _Workspace
+    from featcache.heads import logreg_space
+    from featcache.heads.logreg_space import Workspace, _potrf
 
-    monkeypatch.setattr(logreg, "_WIDEN_COLS", widen_cols)
+    monkeypatch.setattr(logreg_space, "_WIDEN_COLS", widen_cols)
     rng = np.random.default_rng(5)
     n = 300
     A = rng.normal(size=(n, n + 40)).astype(np.float32)
     K = np.asfortranarray(A @ A.T)
     K_before = K.copy(order="F")
-    for m, work in ((n, None), (n - 1, _Workspace(n, 2 * n, np.float32, n))):
+    for m, work in ((n, None), (n - 1, Workspace(n, 2 * n, np.float32, n))):
         c, info = _potrf(K, m, work)
         assert info == 0 and c.dtype == np.float64 and c.shape == (m, m) and c.flags.f_contiguous
         expect, info_s = spotrf(K[:m, :m], lower=1)
@@ -217,7 +218,7 @@ def test_fold_scalers_equal_per_fold_standard_scalers():
     """Moments combined per fold equal StandardScaler on each fold's rows, for K-fold and odd splits."""
     from sklearn.preprocessing import StandardScaler
 
-    from featcache.heads.logreg import _FoldScalers
+    from featcache.heads.logreg_stats import FoldScalers
 
     rng = np.random.default_rng(4)
     X = (rng.normal(size=(90, 12)) * rng.uniform(0.1, 30, 12) + 50).astype(np.float32)
@@ -227,7 +228,7 @@ def test_fold_scalers_equal_per_fold_standard_scalers():
     odd = [(np.arange(0, 60), np.arange(60, 80)), (np.arange(20, 90), np.arange(0, 20)),
            (np.arange(10, 50), np.arange(50, 70))]  # overlapping tests, rows 80-89 in no test set
     for folds in (kfold, odd):
-        fs = _FoldScalers(X, folds)
+        fs = FoldScalers(X, folds)
         for j, (tr, _) in enumerate(folds):
             ref, ours = StandardScaler().fit(X[tr]), fs.fold(j)
             np.testing.assert_allclose(ours.mean_, ref.mean_, rtol=1e-12, atol=1e-10)
@@ -335,7 +336,7 @@ def test_knn_caps_n_neighbors_at_the_training_size():
 def test_fast_scaler_equals_standard_scaler():
     from sklearn.preprocessing import StandardScaler
 
-    from featcache.heads.logreg import fit_scaler, standardize
+    from featcache.heads.logreg_stats import fit_scaler, standardize
 
     rng = np.random.default_rng(3)
     X = rng.normal(size=(1100, 40)) * rng.uniform(0.1, 50, 40) + rng.normal(size=40) * 100
@@ -492,7 +493,7 @@ def test_stepped_lbfgsb_is_scipys_minimize(maxiter):
     evaluation counts, and the same stop when a callback halts the run (guards against scipy changes)."""
     from scipy.optimize import minimize
 
-    from featcache.heads.logreg import _Lbfgsb
+    from featcache.heads.logreg_lbfgs import _Lbfgsb
 
     rng = np.random.default_rng(5)
     A = rng.normal(size=(60, 25))
@@ -540,7 +541,9 @@ def test_deferred_stop_test_gives_scikit_learns_iterations(age, monkeypatch):
     may be stopped retroactively): each run stops at scikit-learn's iteration with its coefficients."""
     from sklearn.linear_model import LogisticRegression
 
-    from featcache.heads.logreg import _Evaluator, _lr_params, _solve_many, _Space
+    from featcache.heads.logreg import _lr_params
+    from featcache.heads.logreg_lbfgs import _Evaluator, solve_many
+    from featcache.heads.logreg_space import Space
 
     monkeypatch.setattr(_Evaluator, "CHECK_AGE", age)
 
@@ -550,10 +553,10 @@ def test_deferred_stop_test_gives_scikit_learns_iterations(age, monkeypatch):
     Z = (X - X.mean(0)) / X.std(0)
     problems = [_lr_params({"C": c, "class_weight": cw, "max_iter": 300})
                 for c in (1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0, 1e4) for cw in (None, "balanced")]
-    space = _Space(Z)
+    space = Space(Z)
     assert not space.primal  # kernel space: the deferred D-space stop test applies
     stats: dict = {}
-    sols = _solve_many(space, y, 2, problems, None, Z.shape[1], stats)
+    sols = solve_many(space, y, 2, problems, None, Z.shape[1], stats)
     assert stats["exact_checks"] > 0  # undecided iterates were queued and tested in batches
     for p, (G, b, nit) in zip(problems, sols, strict=True):
         with warnings.catch_warnings():
@@ -565,18 +568,18 @@ def test_deferred_stop_test_gives_scikit_learns_iterations(age, monkeypatch):
 
 
 def test_prefetcher_hands_errors_to_the_consumer_and_stops():
-    from featcache.heads.logreg import _Prefetcher, _Tasks, _Workspace
+    from featcache.heads.logreg_space import Prefetcher, Tasks, Workspace
 
-    works = [_Workspace(4, 3, np.float64, 4) for _ in range(2)]
+    works = [Workspace(4, 3, np.float64, 4) for _ in range(2)]
     made = []
 
     def make(job, work):
         made.append(job)
         if job == 2:
-            return job, [_Tasks([lambda: 1 / 0])]
-        return job, [_Tasks([lambda: None, lambda: None])]
+            return job, [Tasks([lambda: 1 / 0])]
+        return job, [Tasks([lambda: None, lambda: None])]
 
-    with pytest.raises(ZeroDivisionError), _Prefetcher(make, list(range(6)), works) as ready:
+    with pytest.raises(ZeroDivisionError), Prefetcher(make, list(range(6)), works) as ready:
         for _ in range(6):
             ready.get()
             ready.release()
