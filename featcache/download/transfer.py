@@ -1,0 +1,301 @@
+"""Resumable, verified HTTP download of one file.
+
+Why careful: the archive is about 1.2 GB and links drop. A partial download is kept as ``<name>.part``
+and resumed with an HTTP ``Range`` request; a server that ignores ``Range`` or answers another range makes
+us restart from byte 0 instead of splicing two transfers. A connection that closes early looks like a
+normal end of stream to ``http.client``, so the bytes received are compared with ``Content-Length`` /
+``Content-Range``. A checksum is verified against the user's pin or the one recorded on first use, and a
+mismatching file is kept aside as ``<name>.bad``.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from http.client import HTTPException
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from featcache.download.sources import HEX64, RemoteFile, check_url
+from featcache.errors import DownloadError
+from featcache.faults import crash_point
+from featcache.progress import ProgressFn, emit
+
+BLOCK_SIZE = 1 << 18                 # 256 KiB: smooth progress, few syscalls
+DEFAULT_TIMEOUT = 60.0               # seconds of socket silence before we give up (rerun resumes)
+_USER_AGENT = "featcache-download/1 (Python urllib)"
+
+
+@dataclass
+class DownloadResult:
+    """What happened to one remote file."""
+
+    name: str
+    url: str
+    path: Path
+    size: int
+    sha256: str
+    expected_sha256: str | None     # None: nobody told us; the computed digest was recorded instead
+    verified: bool                  # matched an expected digest (table, --sha256 or earlier record)
+    record_path: Path               # <name>.sha256 next to the file
+    bytes_transferred: int          # bytes received in this call (less than size when resumed)
+    resumed: bool
+    reused: bool                    # the complete file was already cached; nothing was transferred
+
+
+class _SafeRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects only to http(s): a server must not bounce us to ``file://`` or ``ftp://``."""
+
+    max_redirections = 10
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: D102 (stdlib signature)
+        if urlsplit(newurl).scheme not in ("http", "https"):
+            raise DownloadError(f"the server redirected to a non-HTTP address ({newurl!r}); "
+                                f"refusing to follow it.")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _opener() -> urllib.request.OpenerDirector:
+    return urllib.request.build_opener(_SafeRedirects())
+
+
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _parse_content_range(value: str | None) -> tuple[int | None, int | None]:
+    """``bytes START-END/TOTAL`` or ``bytes */TOTAL`` -> (start, total); Nones where absent."""
+    m = re.fullmatch(r"\s*bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)\s*", value or "")
+    if not m:
+        return None, None
+    start = int(m.group(1)) if m.group(1) is not None else None
+    total = int(m.group(2)) if m.group(2) != "*" else None
+    return start, total
+
+
+def _content_length(headers) -> int | None:
+    value = headers.get("Content-Length")
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _discard(part: Path, meta_path: Path) -> None:
+    for p in (part, meta_path):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
+def _resume_message(name: str) -> str:
+    return f"rerun the same command to resume the download of {name}"
+
+
+def download_file(url: str, path: str | Path, *, timeout: float = DEFAULT_TIMEOUT,
+                  block_size: int = BLOCK_SIZE, progress: ProgressFn | None = None) -> tuple[int, bool]:
+    """Fetch ``url`` into ``path`` through ``path.part``; return (bytes transferred now, resumed?).
+
+    Resumes an existing ``.part`` with ``Range`` (plus ``If-Range`` when the server gave an ETag or
+    Last-Modified, so a changed remote file restarts instead of being spliced). At most two requests
+    are made: the second only when the server answered a resume with a range we cannot use.
+    Raises DownloadError for HTTP errors, timeouts and truncated transfers; the ``.part`` is kept
+    so the next call resumes.
+    """
+    check_url(url)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + ".part")
+    meta_path = path.with_name(path.name + ".part.json")
+    meta = read_json(meta_path)
+    if meta.get("url") not in (None, url):
+        _discard(part, meta_path)          # a partial file of another URL is not ours to resume
+        meta = {}
+    have = part.stat().st_size if part.exists() else 0
+    if have and meta.get("total") == have:
+        _finish(part, path, meta_path)       # complete earlier, killed before the rename
+        return 0, True
+    for _attempt in range(2):
+        outcome = _one_request(url, path, meta, have, timeout, block_size, progress)
+        if outcome is None:                  # unusable range answer: start again from byte 0
+            _discard(part, meta_path)
+            meta, have = {}, 0
+            continue
+        transferred, resumed = outcome
+        break
+    else:
+        raise DownloadError(f"the server for {path.name} answered resume requests inconsistently; "
+                            f"delete {part} and rerun.")
+    _finish(part, path, meta_path)
+    return transferred, resumed
+
+
+def _one_request(url: str, path: Path, meta: dict, have: int, timeout: float, block_size: int,
+                 progress: ProgressFn | None) -> tuple[int, bool] | None:
+    """One GET; returns (bytes written, continued the partial file?), or None when the answer
+    cannot continue the partial file."""
+    name = path.name
+    part = path.with_name(path.name + ".part")
+    meta_path = path.with_name(path.name + ".part.json")
+    headers = {"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+        validator = meta.get("etag") or meta.get("last_modified")
+        if validator:
+            headers["If-Range"] = validator
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        response = _opener().open(request, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        with contextlib.closing(exc):
+            if exc.code == 416 and have:
+                _, total = _parse_content_range(exc.headers.get("Content-Range"))
+                if total == have:            # we already hold every byte
+                    write_json_atomic(meta_path, {**meta, "url": url, "total": have})
+                    return 0, True
+                return None
+            if exc.code in (401, 403, 429):   # e.g. an anti-bot wall: a browser download still works
+                raise DownloadError(f"the server refused the download (HTTP {exc.code}) of {url}; fetch it "
+                                    f"in a browser, save it as {path} and rerun (it is then checked and "
+                                    f"used).") from None
+            raise DownloadError(f"the server answered HTTP {exc.code} for {url}; check the URL "
+                                f"or try again later.") from None
+    except (urllib.error.URLError, HTTPException, OSError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise DownloadError(f"could not reach {url} ({reason}); check the network, then "
+                            f"{_resume_message(name)}.") from None
+    with response:
+        status = getattr(response, "status", 200)
+        if status == 206:
+            start, total = _parse_content_range(response.headers.get("Content-Range"))
+            if not have or start != have:
+                return None
+            mode = "ab"
+        elif status == 200:
+            have, total, mode = 0, _content_length(response.headers), "wb"   # Range ignored: restart
+        else:
+            raise DownloadError(f"the server answered HTTP {status} for {url}; check the URL or try "
+                                f"again later.")
+        write_json_atomic(meta_path, {"url": url, "total": total, "etag": response.headers.get("ETag"),
+                                       "last_modified": response.headers.get("Last-Modified")})
+        return _stream(response, part, mode, have, total, block_size, progress, name), mode == "ab"
+
+
+def _stream(response, part: Path, mode: str, have: int, total: int | None, block_size: int,
+            progress: ProgressFn | None, name: str) -> int:
+    """Copy the body into ``part`` block by block; detect a short body against ``total``."""
+    done = have
+    error: str | None = None
+    with open(part, mode) as out:
+        emit(progress, "download", done, total, name)
+        while True:
+            try:
+                block = response.read(block_size)
+            except (HTTPException, OSError) as exc:   # IncompleteRead, reset, socket timeout
+                error = type(exc).__name__
+                break
+            if not block:
+                break
+            out.write(block)
+            out.flush()                  # a killed process keeps every byte it received
+            done += len(block)
+            emit(progress, "download", done, total, name)
+            if total is not None and done > total:
+                break
+            crash_point("download.block")
+        out.flush()
+        os.fsync(out.fileno())
+    if total is not None and done > total:
+        part.unlink()
+        raise DownloadError(f"the server sent more bytes for {name} than it announced ({done} > {total}); "
+                            f"the partial file was discarded, rerun to download it again.")
+    if (total is not None and done < total) or error is not None:
+        shown = f"{done} of {total}" if total is not None else f"{done}"
+        why = "the connection timed out" if error in ("TimeoutError", "timeout") else \
+            "the connection closed early"
+        raise DownloadError(f"the transfer of {name} stopped after {shown} bytes ({why}); "
+                            f"{_resume_message(name)}.")
+    return done - have
+
+
+def _finish(part: Path, path: Path, meta_path: Path) -> None:
+    """Atomic rename of the complete ``.part``; only a complete file ever carries the final name."""
+    crash_point("download.before_rename")
+    os.replace(part, path)
+    with contextlib.suppress(FileNotFoundError):
+        meta_path.unlink()
+
+
+def sha256_with_progress(path: Path, progress: ProgressFn | None = None, name: str = "") -> str:
+    """Hex SHA-256 streamed in 1 MiB blocks, reporting ``hash`` progress (1 GB takes seconds)."""
+    digest = hashlib.sha256()
+    total = path.stat().st_size
+    done = 0
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+            done += len(block)
+            emit(progress, "hash", done, total, name or path.name)
+    return digest.hexdigest()
+
+
+def fetch(remote: RemoteFile, downloads: Path, *, pinned: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+          block_size: int = BLOCK_SIZE, progress: ProgressFn | None = None) -> DownloadResult:
+    """Download (or reuse) one file and check its SHA-256.
+
+    Expected digest, in order: ``pinned`` (``--sha256``), the source table, the digest recorded by
+    an earlier run next to the file. A cached file that fails its check is set aside and fetched
+    again once; a fresh download that fails is set aside as ``<name>.bad`` and raises.
+    """
+    path = downloads / remote.name
+    record = downloads / f"{remote.name}.sha256"
+    expected = pinned or remote.sha256
+    if path.exists():
+        known = expected or _read_record(record)
+        actual = sha256_with_progress(path, progress, remote.name)
+        if known is None or actual == known:
+            return _result(remote, path, record, actual, expected or known, 0, False, True)
+        os.replace(path, path.with_name(path.name + ".bad"))   # corrupt cache: keep aside, fetch again
+    transferred, resumed = download_file(remote.url, path, timeout=timeout, block_size=block_size,
+                                         progress=progress)
+    actual = sha256_with_progress(path, progress, remote.name)
+    if expected is not None and actual != expected:
+        bad = path.with_name(path.name + ".bad")
+        os.replace(path, bad)
+        raise DownloadError(f"{remote.name} has SHA-256 {actual} but {expected} was expected; it was kept "
+                            f"aside as {bad} and not extracted (check --sha256 or the URL, then rerun).")
+    return _result(remote, path, record, actual, expected, transferred, resumed, False)
+
+
+def _read_record(record: Path) -> str | None:
+    try:
+        digest = record.read_text(encoding="utf-8").split()[0].lower()
+    except (OSError, IndexError):
+        return None
+    return digest if HEX64.match(digest) else None
+
+
+def _result(remote: RemoteFile, path: Path, record: Path, actual: str, expected: str | None,
+            transferred: int, resumed: bool, reused: bool) -> DownloadResult:
+    """Record the digest (sha256sum format) and build the result."""
+    tmp = record.with_name(record.name + ".tmp")
+    tmp.write_text(f"{actual}  {remote.name}\n", encoding="utf-8")
+    os.replace(tmp, record)
+    return DownloadResult(name=remote.name, url=remote.url, path=path, size=path.stat().st_size,
+                          sha256=actual, expected_sha256=expected,
+                          verified=expected is not None and actual == expected, record_path=record,
+                          bytes_transferred=transferred, resumed=resumed, reused=reused)
