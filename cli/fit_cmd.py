@@ -113,6 +113,15 @@ def register(app: typer.Typer) -> None:
             None, "--pooling", help="Pick the cache with this pooling (avg|max|flatten)."
         ),
         image_size: int = typer.Option(None, "--image-size", help="Pick the cache with this input size."),
+        weights: str = typer.Option(
+            None, "--weights", help="Pick the cache extracted with these weights (imagenet|none|FILE)."
+        ),
+        dtype: str = typer.Option(
+            None, "--dtype", help="Pick the cache stored in this dtype (float32|float16)."
+        ),
+        resize: str = typer.Option(
+            None, "--resize", help="Pick the cache made with this resize mode (squash|pad|crop)."
+        ),
         mlp_precision: str = typer.Option(
             "auto", "--mlp-precision", help="auto | float32 | bfloat16: matmuls of fused mlp grid training "
             "(auto: bfloat16 on CPUs with AMX/AVX512-BF16; recorded in run.json)."
@@ -126,6 +135,8 @@ def register(app: typer.Typer) -> None:
         """Train heads on cached features with patient-grouped selection; the test split is used once.
 
         Rerun an interrupted grid to resume it (mlp: from its last epoch checkpoint), with the same numbers.
+        When the cache folder holds several extractions of a backbone (other --weights, --dtype, --resize,
+        --pooling or --image-size), pick one with those flags: fit never chooses between them silently.
 
         Example: featcache fit --data data/chest_xray --backbone mobilenet-0.75 --head mlp --layers 1024,512
         """
@@ -156,6 +167,9 @@ def register(app: typer.Typer) -> None:
             cache_dir=cache_dir,
             pooling=pooling,
             image_size=image_size,
+            weights=weights,
+            dtype=dtype,
+            resize=resize,
             mlp_precision=mlp_precision,
             mlp_trainer=mlp_trainer,
             command=_command(ctx),
@@ -189,6 +203,7 @@ def register(app: typer.Typer) -> None:
                     {
                         "sweep_id": result.sweep_id,
                         "n_configs": result.n_configs,
+                        "caches": {name: str(p) for name, p in result.caches.items()},
                         "runs": rows,
                         "skipped": result.skipped,
                         "cleaned": result.cleaned,
@@ -199,6 +214,8 @@ def register(app: typer.Typer) -> None:
             )
             return
         out = Console()
+        for name, path in result.caches.items():
+            out.print(f"features of {escape(name)}: {escape(str(path))}", soft_wrap=True)
         if result.skipped:
             out.print(
                 f"{len(result.skipped)} of {result.n_configs} config(s) already had a finished run "

@@ -203,7 +203,7 @@ class Backbone:
         else:
             weights = "file"
         out = {
-            "backbone": _saved_name(cfg.name) if saved else cfg.name,
+            "backbone": saved_name(cfg.name) if saved else cfg.name,
             "weights": weights,
             "weights_digest": self.weights_digest,
             "pooling": cfg.pooling,
@@ -218,7 +218,7 @@ class Backbone:
         return out
 
 
-def _saved_name(path: str) -> str:
+def saved_name(path: str) -> str:
     """A file-name-safe backbone label for a saved model, distinct from every registry name."""
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(path).stem)[:40] or "model"
     return f"saved-{stem}"

@@ -74,6 +74,10 @@ class FitOptions:
     cache_dir: Path = Path("cache")
     pooling: str | None = None
     image_size: int | None = None
+    weights: str | None = None  # pick the cache extracted with these weights: imagenet | none | FILE
+    dtype: str | None = None  # pick the cache stored in this dtype (float32 | float16)
+    resize: str | None = None  # pick the cache made with this resize mode (squash | pad | crop)
+    cache_files: dict[str, Path] | None = None  # backbone -> its cache file (run/demo: what they extracted)
     manifest: Path | None = None
     n_boot: int = 1000
     mlp_precision: str = "auto"  # matmul precision of fused mlp grid training: auto | float32 | bfloat16
@@ -89,6 +93,7 @@ class FitResult:
     runs: list[Run] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # run ids of configs already done
     n_configs: int = 0
+    caches: dict[str, Path] = field(default_factory=dict)  # backbone (as given) -> the cache file read
     cleaned: list[str] = field(default_factory=list)  # stale (killed) run folders removed
 
 
@@ -131,7 +136,14 @@ def _find_key(d: Any, key: str) -> Any:
 
 
 def _extract_cmd(data: Path, backbone: str, opts: FitOptions, views: Sequence[str] | None = None) -> str:
-    parts = ["featcache extract", f"--data {_q(data)}", f"--backbone {backbone}"]
+    from featcache.backbones import is_saved_model
+
+    parts = ["featcache extract", f"--data {_q(data)}", f"--backbone {_q(backbone)}"]
+    if is_saved_model(backbone):
+        parts.append("--layer NAME")
+    for flag, value in (("--weights", opts.weights), ("--dtype", opts.dtype), ("--resize", opts.resize)):
+        if value:
+            parts.append(f"{flag} {_q(value)}")
     if opts.pooling:
         parts.append(f"--pooling {opts.pooling}")
     if opts.image_size:
@@ -148,13 +160,78 @@ def _q(p: Any) -> str:
     return shlex.quote(os.fsdecode(p))
 
 
-def _pick_cache(data_root: Path, backbone: str, opts: FitOptions, keys: list[str]) -> Path:
-    """The cache file of ``backbone`` for this dataset; CacheError with the extract command if none."""
-    from featcache.cache import CacheReader, find_caches, parse_cache_name, unreadable_caches
+_SELECTORS = {  # cache attribute -> the fit flag that picks it
+    "weights": "--weights", "weights_file_sha256": "--weights", "dtype": "--dtype", "resize": "--resize",
+    "pooling": "--pooling", "image_size": "--image-size",
+}
 
-    settings = {k: v for k, v in (("pooling", opts.pooling), ("image_size", opts.image_size)) if v}
+
+def _cache_wanted(backbone: str, opts: FitOptions) -> tuple[str, dict[str, Any]]:
+    """(the backbone name caches record, the attribute values fit's selectors ask of the cache).
+
+    A saved model is recorded as ``saved-<stem>``; when its file is at hand, its SHA-256 picks the cache
+    of exactly that model (two models may share a stem). ``--weights FILE`` is matched by the file's hash.
+    """
+    from featcache.backbones import BACKBONE_NAMES, get_spec, is_saved_model, saved_name
+    from featcache.hashing import sha256_file
+
+    want: dict[str, Any] = {"pooling": opts.pooling, "image_size": opts.image_size, "dtype": opts.dtype,
+                            "resize": opts.resize}
+    if is_saved_model(backbone):
+        name = saved_name(backbone)
+        model = Path(backbone).expanduser()
+        if model.is_file():
+            want["weights_file_sha256"] = sha256_file(model)
+    else:  # a registry name in any spelling; other names only match caches written under them (tests)
+        name = get_spec(backbone).name if backbone.lower() in BACKBONE_NAMES else backbone
+    if opts.weights:
+        weights = opts.weights.strip()
+        if weights.lower() in ("imagenet", "none"):
+            want["weights"] = weights.lower()
+        elif Path(weights).expanduser().is_file():
+            want["weights_file_sha256"] = sha256_file(Path(weights).expanduser())
+        else:
+            raise ConfigError(f"--weights '{weights}' is neither imagenet, none nor an existing file.")
+    return name, {k: v for k, v in want.items() if v is not None}
+
+
+def _ambiguous(backbone: str, found: Sequence[Path], opts: FitOptions) -> CacheError:
+    """The error for several caches of one backbone: which settings differ, and how to pick one."""
+    from featcache.cache import CacheReader
+
+    configs = []
+    for p in found:
+        with CacheReader(Path(p)) as r:
+            configs.append(r.config)
+    keys = sorted({k for c in configs for k in c} - {"dataset_root"})
+    differ = [k for k in keys if len({repr(c.get(k)) for c in configs}) > 1]
+    shown = [k for k in differ if k not in ("weights_digest", "feature_dim")] or differ
+    listed = "; ".join(f"{Path(p).name} ({', '.join(f'{k} {c.get(k)}' for k in shown[:3])})"
+                       for p, c in zip(found, configs, strict=True))
+    flags = sorted({_SELECTORS[k] for k in differ if k in _SELECTORS})
+    how = (f"choose one with {' / '.join(flags)}" if flags
+           else "move the ones you do not want out of it (or extract into separate --cache-dir folders)")
+    return CacheError(
+        f"{len(found)} feature caches of backbone '{backbone}' in {opts.cache_dir} differ in "
+        f"{', '.join(shown)}: {listed}; {how}."
+    )
+
+
+def _pick_cache(data_root: Path, backbone: str, opts: FitOptions) -> Path:
+    """The one cache file of ``backbone`` for this dataset and fit's selectors.
+
+    CacheError with the extract command if there is none, and with the settings that differ if there are
+    several: picking one silently could train on another weights' (even random) features.
+    """
+    from featcache.backbones import get_spec, is_saved_model
+    from featcache.cache import find_caches, parse_cache_name, unreadable_caches
+
+    given = (opts.cache_files or {}).get(backbone)
+    if given is not None:
+        return Path(given)
+    name, settings = _cache_wanted(backbone, opts)
     try:  # one scan; shard files only matter for the error below
-        matching = find_caches(Path(opts.cache_dir), dataset_root=data_root, backbone=backbone,
+        matching = find_caches(Path(opts.cache_dir), dataset_root=data_root, backbone=name,
                                include_shards=True, **settings)
     except FileNotFoundError:
         matching = []
@@ -167,26 +244,22 @@ def _pick_cache(data_root: Path, backbone: str, opts: FitOptions, keys: list[str
                 f"the features of backbone '{backbone}' are in {len(shards)} shard file(s) in "
                 f"{opts.cache_dir}; merge them first: `featcache cache merge {listed}`."
             )
-        broken = unreadable_caches(Path(opts.cache_dir), dataset_root=data_root, backbone=backbone)
+        broken = unreadable_caches(Path(opts.cache_dir), dataset_root=data_root, backbone=name)
         if broken:
             raise CacheError(
                 f"the feature cache {broken[0]} for backbone '{backbone}' is not a readable HDF5 file "
                 f"(truncated or corrupt); delete it or move it away, then run "
                 f"`{_extract_cmd(data_root, backbone, opts)}` again."
             )
+        if not is_saved_model(backbone):
+            get_spec(backbone)  # an unknown name: the valid ones, not an extract command that fails too
         raise CacheError(
             f"no feature cache for backbone '{backbone}' of {data_root} in {opts.cache_dir}; "
             f"run `{_extract_cmd(data_root, backbone, opts)}` first."
         )
-    if len(found) == 1:
-        return Path(found[0])
-    best, best_n = None, -1  # several settings match: the one that covers the most images
-    for p in sorted(found):
-        with CacheReader(Path(p)) as r:
-            n = int(np.sum(r.has(keys, "orig")))
-        if n > best_n:
-            best, best_n = Path(p), n
-    return best  # type: ignore[return-value]
+    if len(found) > 1:
+        raise _ambiguous(backbone, found, opts)
+    return Path(found[0])
 
 
 def _load_features(
@@ -210,7 +283,7 @@ def _load_features(
     avail: dict[str, np.ndarray] = {}
     caches = []
     for name in backbones:
-        path = _pick_cache(data_root, name, opts, keys)
+        path = _pick_cache(data_root, name, opts)
         with CacheReader(path) as reader:
             cfg = reader.config
             caches.append(
@@ -579,7 +652,8 @@ def fit(
             for c in caches
         ],
     )
-    result = FitResult(sweep_id=sweep_id, n_configs=len(configs))
+    result = FitResult(sweep_id=sweep_id, n_configs=len(configs),
+                       caches={c["name"]: Path(c["path"]) for c in caches})
     # the config hashes of the runs this sweep writes: claimed under the lock, then looked up among done runs
     hashes = [_cv_hash(common, configs)] if selection == "cv" else _holdout_hashes(common, configs)
     with sweep_lock(opts.runs_dir, sweep_id, hashes):  # a sweep or config trained twice at once: refused
@@ -608,7 +682,7 @@ def _all_cache_views(root: Path, names: list[str], opts: FitOptions, keys: list[
 
     views: set[str] | None = None
     for name in names:
-        with CacheReader(_pick_cache(root, name, opts, keys)) as r:
+        with CacheReader(_pick_cache(root, name, opts)) as r:
             views = set(r.views) if views is None else views & set(r.views)
     return views or set()
 

@@ -118,6 +118,9 @@ def run_pipeline(
         bb = BackboneConfig(name=name, weights=weights, seed=fopts.seed)
         result.extracts.append(extract(dataset, bb, cache_dir, extract_options or ExtractOptions(), progress))
         crash_point("pipeline.after_extract")
+    # the fits read exactly these files: the cache folder may hold other settings of the same backbone
+    # (another --weights, say), and those must not be picked instead
+    cache_files = {name: ex.cache_path for name, ex in zip(backbones, result.extracts, strict=True)}
     for j, head in enumerate(heads):
         emit(progress, "pipeline", len(backbones) + j, len(backbones) + len(heads) + 1, f"fitting {head}")
         grid = (head_grids or {}).get(head)
@@ -127,6 +130,7 @@ def run_pipeline(
             cache_dir=Path(cache_dir),
             grid_args=routed[head],
             grid=grid if grid is not None else fopts.grid,
+            cache_files=cache_files,
             command=list(fopts.command or ["featcache", *sys.argv[1:]]),
         )
         result.fits.append(fit(dataset.root, list(backbones), head, opts, progress))

@@ -46,16 +46,19 @@ def make_tree(root: Path, n_patients: int = 12, seed: int = 0) -> Path:
     return root
 
 
-def fake_backbone(name: str = "fakenet", dim: int = 6) -> dict:
+def fake_backbone(name: str = "fakenet", dim: int = 6, **settings) -> dict:
     return {"backbone": name, "weights": "none", "weights_digest": f"digest-{name}", "pooling": "avg",
-            "image_size": 16, "preprocess": "none", "feature_dim": dim}
+            "image_size": 16, "preprocess": "none", "feature_dim": dim, **settings}
 
 
 def write_cache(root: Path, cache_dir: Path, name: str = "fakenet", views=("orig",), dim: int = 6,
-                skip: int = 0, noise: float = 0.3, signal_dims: int = 3) -> Path:
-    """Features that separate the 3 subtypes (so binary and 3class are learnable), one row per key/view."""
+                skip: int = 0, noise: float = 0.3, signal_dims: int = 3, dtype: str = "float32",
+                **settings) -> Path:
+    """Features that separate the 3 subtypes (so binary and 3class are learnable), one row per key/view.
+
+    ``settings`` override the fake backbone's description (weights, weights_file_sha256, ...)."""
     ds = discover(root)
-    cfg = cache_config(ds.root, fake_backbone(name, dim), "squash", "float32")
+    cfg = cache_config(ds.root, fake_backbone(name, dim, **settings), "squash", dtype)
     path = cache_path(cache_dir, cfg)
     keys, paths, feats, vws = [], [], [], []
     seen = set()
@@ -396,8 +399,11 @@ def test_missing_rows_and_3class_errors(tmp_path: Path, capsys) -> None:
     with pytest.raises(CacheError) as exc:
         fit(root, "fakenet", "logreg", opts(tmp_path / "broken", tmp_path / "runs"))
     assert str(broken) in str(exc.value) and "not a readable HDF5 file" in str(exc.value)
-    with pytest.raises(CacheError, match="no feature cache for backbone 'othernet'"):  # only its backbone's
-        fit(root, "othernet", "logreg", opts(tmp_path / "broken", tmp_path / "runs"))
+    with pytest.raises(CacheError, match="no feature cache for backbone 'resnet50'"):  # only its backbone's
+        fit(root, "resnet50", "logreg", opts(tmp_path / "broken", tmp_path / "runs"))
+    # a name that is no backbone at all: the valid names, not an extract command that would fail too
+    with pytest.raises(ConfigError, match="unknown backbone 'resnet99'; choose one of: .*vgg16"):
+        fit(root, "resnet99", "logreg", opts(tmp_path / "broken", tmp_path / "runs"))
     # damaged feature values (NaN, infinity, or 3e38 from overwritten bytes) are refused with the file named
     for bad_value in (np.nan, np.inf, 3.4e38):
         damaged = write_cache(root, tmp_path / f"damaged{bad_value}", name="fakenet")
@@ -417,6 +423,66 @@ def test_missing_rows_and_3class_errors(tmp_path: Path, capsys) -> None:
     code = cli(["fit", "--data", str(root), "--backbone", "fakenet", "--head", "knn", "--cache-dir",
                 str(tmp_path / "cache"), "--runs-dir", str(tmp_path / "runs")])
     assert code != 0 and "featcache extract" in " ".join(capsys.readouterr().err.split())
+
+
+def test_several_extractions_of_a_backbone_are_never_chosen_between_silently(tmp_path: Path, capsys) -> None:
+    """Caches of one backbone that differ in weights or dtype: fit refuses to guess and names the flag that
+    picks one (a guess could train on random-weight features); the flags, or the files that `run` extracted,
+    pick exactly one, and fit says which file it read."""
+    root = make_tree(tmp_path / "data")
+    cache_dir, runs = tmp_path / "cache", tmp_path / "runs"
+    imagenet = write_cache(root, cache_dir, weights="imagenet")
+    random_w = write_cache(root, cache_dir, weights="none", noise=0.4)
+    with pytest.raises(CacheError) as exc:
+        fit(root, "fakenet", "knn", opts(cache_dir, runs))
+    msg = str(exc.value)
+    assert "2 feature caches of backbone 'fakenet'" in msg and "differ in weights" in msg
+    assert imagenet.name in msg and random_w.name in msg and "choose one with --weights" in msg
+    assert not runs.exists() or not list_runs(runs)
+    res = fit(root, "fakenet", "knn", opts(cache_dir, runs, weights="none"))
+    assert res.caches == {"fakenet": random_w.resolve()}
+    assert load_run(runs, res.runs[0].id)["caches"][0]["file"] == random_w.name
+    res = fit(root, "fakenet", "knn", opts(cache_dir, runs, weights="ImageNet"))
+    assert res.caches == {"fakenet": imagenet.resolve()}
+    res = fit(root, "fakenet", "knn", opts(cache_dir, runs, cache_files={"fakenet": random_w}))  # `run`
+    assert res.caches == {"fakenet": random_w.resolve()} and res.skipped  # the same sweep as above
+    half = write_cache(root, cache_dir, weights="none", noise=0.4, dtype="float16")
+    with pytest.raises(CacheError, match="differ in dtype.*choose one with --dtype"):
+        fit(root, "fakenet", "knn", opts(cache_dir, runs, weights="none"))
+    assert fit(root, "fakenet", "knn", opts(cache_dir, runs, weights="none", dtype="float16")).caches == {
+        "fakenet": half.resolve()}
+    with pytest.raises(ConfigError, match="--weights 'nope.h5' is neither imagenet, none nor an existing"):
+        fit(root, "fakenet", "knn", opts(cache_dir, runs, weights="nope.h5"))
+    # the CLI names the file it read, and takes the same selectors
+    code = cli(["fit", "--data", str(root), "--backbone", "fakenet", "--head", "knn", "--cache-dir",
+                str(cache_dir), "--runs-dir", str(runs), "--weights", "imagenet", "--cv-folds", "3"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert code == 0 and f"features of fakenet: {imagenet.resolve()}" in out
+    code = cli(["fit", "--data", str(root), "--backbone", "fakenet", "--head", "knn", "--cache-dir",
+                str(cache_dir), "--runs-dir", str(runs)])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and "3 feature caches of backbone 'fakenet'" in err and "--dtype / --weights" in err
+
+
+def test_a_saved_model_backbone_is_found_by_its_path(tmp_path: Path) -> None:
+    """`extract --backbone model.keras --layer L` records the backbone as saved-<stem>; `fit --backbone
+    model.keras` finds that cache, and two models with the same stem are told apart by the file's hash."""
+    root = make_tree(tmp_path / "data")
+    cache_dir, runs = tmp_path / "cache", tmp_path / "runs"
+    mine, other = tmp_path / "mine" / "tiny.keras", tmp_path / "other" / "tiny.keras"
+    for i, model in enumerate((mine, other)):
+        model.parent.mkdir()
+        model.write_bytes(b"model %d" % i)
+    ours = write_cache(root, cache_dir, name="saved-tiny", weights="saved", layer="gap",
+                       weights_file_sha256=sha256_file(mine))
+    write_cache(root, cache_dir, name="saved-tiny", weights="saved", layer="gap", noise=0.4,
+                weights_file_sha256=sha256_file(other))
+    assert fit(root, str(mine), "knn", opts(cache_dir, runs)).caches == {str(mine): ours.resolve()}
+    gone = tmp_path / "moved" / "tiny.keras"  # file not at hand: the name matches both, which is refused
+    with pytest.raises(CacheError, match="2 feature caches of backbone .*differ in weights_file_sha256"):
+        fit(root, str(gone), "knn", opts(cache_dir, runs))
+    with pytest.raises(CacheError, match=r"no feature cache .*--backbone \S*nothere.keras --layer NAME"):
+        fit(root, str(tmp_path / "nothere.keras"), "knn", opts(cache_dir, runs))
 
 
 def test_the_same_sweep_started_while_it_runs_is_refused(setup, capsys) -> None:
