@@ -348,6 +348,22 @@ def _hash_records(records: Sequence[Any], progress: ProgressFn | None) -> list[s
     return keys
 
 
+def _data_digest(keys: Sequence[str], records: Sequence[Any], y: np.ndarray, split: np.ndarray,
+                 groups: np.ndarray) -> str:
+    """A digest of what the runs learn and are tested on: each image's bytes, path, label, split, patient.
+
+    Why it is part of every run's config hash: the dataset root alone stays the same when a dataset changes
+    in place (images added, moved to another class or split, another manifest in the same folder), and a
+    rerun must then train anew instead of finding the runs of the old contents "already done".
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for key, rec, label, part, group in zip(keys, records, y, split, groups, strict=True):
+        h.update(f"{key}\t{rec.relpath}\t{int(label)}\t{part}\t{group}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()[:16]
+
+
 # ----------------------------------------------------------------------------------------- configs
 
 
@@ -598,6 +614,7 @@ def fit(
         "threshold": opts.threshold,
         "metric": opts.metric,
         "manifest": os.fsdecode(opts.manifest or ""),
+        "data": _data_digest(keys, records, y, split, groups),
     }
     if head_obj.name == "mlp":  # fused grids compute in this precision: a different one is a different run
         trainer = resolve_trainer(opts.mlp_trainer)

@@ -298,7 +298,9 @@ def test_grid_killed_mid_chunk_resumes_from_its_epoch_checkpoint(setup, capsys, 
     ok = subprocess.run([*exe, *_fit_cmd(root, cache_dir, runs_dir, *grid[:-1])], capture_output=True,
                         text=True, env=env, timeout=300)
     assert ok.returncode == 0, ok.stderr[-2000:]
-    assert ok.stdout.startswith("3 config(s) resumed at epoch 2 from a checkpoint.\n")
+    first, second, _ = ok.stdout.split("\n", 2)
+    assert first.startswith("features of fakenet: ") and first.endswith(".h5")  # the cache it read
+    assert second == "3 config(s) resumed at epoch 2 from a checkpoint."
     resumed = list_runs(runs_dir)
     assert [r["trainer"]["selection"].get("resumed_from_epoch") for r in resumed] == [2, 2, 2]
     monkeypatch.setenv("COLUMNS", "250")  # one table line per row
@@ -423,6 +425,22 @@ def test_missing_rows_and_3class_errors(tmp_path: Path, capsys) -> None:
     code = cli(["fit", "--data", str(root), "--backbone", "fakenet", "--head", "knn", "--cache-dir",
                 str(tmp_path / "cache"), "--runs-dir", str(tmp_path / "runs")])
     assert code != 0 and "featcache extract" in " ".join(capsys.readouterr().err.split())
+
+
+def test_a_dataset_changed_in_place_is_trained_anew(setup) -> None:
+    """The runs of a dataset's old contents are not "already done" for its new ones: moving an image to
+    another class (or adding one) under the same root gives a new sweep; moving it back finds the old runs."""
+    root, cache_dir, runs_dir = setup
+    first = fit(root, "fakenet", "knn", opts(cache_dir, runs_dir))
+    assert first.runs and not first.skipped
+    image = sorted((root / "train" / "NORMAL").iterdir())[0]
+    moved = root / "train" / "PNEUMONIA" / image.name
+    image.rename(moved)
+    relabelled = fit(root, "fakenet", "knn", opts(cache_dir, runs_dir))
+    assert relabelled.runs and not relabelled.skipped and relabelled.sweep_id != first.sweep_id
+    moved.rename(image)
+    again = fit(root, "fakenet", "knn", opts(cache_dir, runs_dir))
+    assert not again.runs and again.skipped == [first.runs[0].id] and again.sweep_id == first.sweep_id
 
 
 def test_several_extractions_of_a_backbone_are_never_chosen_between_silently(tmp_path: Path, capsys) -> None:
