@@ -204,6 +204,7 @@ def register(app: typer.Typer) -> None:
                         "sweep_id": result.sweep_id,
                         "n_configs": result.n_configs,
                         "caches": {name: str(p) for name, p in result.caches.items()},
+                        "left_out": [{"path": rel, "reason": why} for rel, why in result.left_out],
                         "runs": rows,
                         "skipped": result.skipped,
                         "cleaned": result.cleaned,
@@ -216,6 +217,11 @@ def register(app: typer.Typer) -> None:
         out = Console()
         for name, path in result.caches.items():
             out.print(f"features of {escape(name)}: {escape(str(path))}", soft_wrap=True)
+        if result.left_out:
+            out.print(f"{len(result.left_out)} image(s) cannot be decoded and were left out (extract "
+                      "skipped them too):", soft_wrap=True)
+            for rel, why in result.left_out[:5]:
+                out.print(f"  {escape(rel)}: {escape(why)}", soft_wrap=True, highlight=False)
         if result.skipped:
             out.print(
                 f"{len(result.skipped)} of {result.n_configs} config(s) already had a finished run "

@@ -31,8 +31,10 @@ def _summary(result) -> None:
         resumed = sum(1 for run in fr.runs if resumed_epoch(run))
         console.print(
             f"[bold]fit[/] sweep {escape(fr.sweep_id)}: {len(fr.runs)} run(s) trained, "
-            f"{len(fr.skipped)} already done" + (f", {resumed} resumed from a checkpoint" if resumed else ""),
+            f"{len(fr.skipped)} already done" + (f", {resumed} resumed from a checkpoint" if resumed else "")
+            + (f", {len(fr.left_out)} undecodable image(s) left out" if fr.left_out else ""),
             highlight=False,
+            soft_wrap=True,
         )
     print_outputs(result.report, console)
 

@@ -94,6 +94,7 @@ class FitResult:
     skipped: list[str] = field(default_factory=list)  # run ids of configs already done
     n_configs: int = 0
     caches: dict[str, Path] = field(default_factory=dict)  # backbone (as given) -> the cache file read
+    left_out: list[tuple[str, str]] = field(default_factory=list)  # (relpath, reason): undecodable images
     cleaned: list[str] = field(default_factory=list)  # stale (killed) run folders removed
 
 
@@ -331,6 +332,30 @@ def check_seed(seed: int) -> None:
         raise ConfigError(f"--seed must be between 0 and {MAX_SEED}, got {seed}.")
 
 
+def _undecodable(root: Path, backbones: Sequence[str], opts: FitOptions, records: Sequence[Any],
+                 keys: Sequence[str]) -> dict[int, str]:
+    """{record index: reason} of the images some cache lacks because they cannot be decoded.
+
+    Only images missing from a cache are decoded (at 32 px: the check, not the pixels, matters); one that
+    decodes is simply not extracted yet, and ``_load_features`` asks for the extract command.
+    """
+    from featcache.cache import CacheReader
+    from featcache.images import ImageDecodeError, decode_image
+
+    missing: set[int] = set()
+    for name in backbones:
+        with CacheReader(_pick_cache(root, name, opts)) as reader:
+            has = np.asarray(reader.has(list(keys), "orig"), dtype=bool)
+        missing |= set(np.flatnonzero(~has).tolist())
+    out: dict[int, str] = {}
+    for i in sorted(missing):
+        try:
+            decode_image(Path(records[i].path).read_bytes(), 32)
+        except ImageDecodeError as exc:
+            out[i] = exc.reason
+    return out
+
+
 def _hash_records(records: Sequence[Any], progress: ProgressFn | None) -> list[str]:
     from featcache.hashing import sha256_many
 
@@ -562,7 +587,18 @@ def fit(
 
     dataset = discover(data, opts.manifest)
     records = dataset.records
+    task_labels(records, task)  # a task the dataset cannot have fails before any file is read
+    keys = _hash_records(records, progress)
+    # images that extract skipped because they cannot be decoded have no features: leave them out, as
+    # extract did, instead of asking for an extract that skips them again
+    undecodable = _undecodable(dataset.root, names, opts, records, keys)
+    if undecodable:
+        keep = [i for i in range(len(records)) if i not in undecodable]
+        records, keys = [records[i] for i in keep], [keys[i] for i in keep]
     y, classes = task_labels(records, task)
+    if len(classes) < 2:
+        raise DataError(f"{dataset.root} holds images of one class only ({', '.join(classes) or 'none'}); "
+                        "a classifier needs at least two.")
     split = np.array([r.split if r.split is not None else "" for r in records], dtype=object)
     pool = np.flatnonzero(np.isin(split, ["", "train", "val"]))
     test = np.flatnonzero(split == "test")
@@ -574,7 +610,6 @@ def fit(
             "every class needs training images."
         )
     groups = np.array([r.group for r in records], dtype=object)
-    keys = _hash_records(records, progress)
 
     # which views must / may be read
     needed = {"orig": np.ones(len(records), dtype=bool)}
@@ -657,6 +692,8 @@ def fit(
             "counts": counts,
             "n_images": len(records),
             "n_patients": int(len(np.unique(groups))),
+            "left_out": [{"path": dataset.records[i].relpath, "reason": why}
+                         for i, why in undecodable.items()],
         },
         backbone_info=[
             {
@@ -670,7 +707,8 @@ def fit(
         ],
     )
     result = FitResult(sweep_id=sweep_id, n_configs=len(configs),
-                       caches={c["name"]: Path(c["path"]) for c in caches})
+                       caches={c["name"]: Path(c["path"]) for c in caches},
+                       left_out=[(dataset.records[i].relpath, why) for i, why in undecodable.items()])
     # the config hashes of the runs this sweep writes: claimed under the lock, then looked up among done runs
     hashes = [_cv_hash(common, configs)] if selection == "cv" else _holdout_hashes(common, configs)
     with sweep_lock(opts.runs_dir, sweep_id, hashes):  # a sweep or config trained twice at once: refused

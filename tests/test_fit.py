@@ -427,6 +427,30 @@ def test_missing_rows_and_3class_errors(tmp_path: Path, capsys) -> None:
     assert code != 0 and "featcache extract" in " ".join(capsys.readouterr().err.split())
 
 
+def test_images_extract_could_not_decode_are_left_out_and_named(setup, capsys) -> None:
+    """A zero-byte or text "image" has no features (extract skipped it): fit leaves it out, says so and
+    records it, instead of asking for an extract that would skip it again. A missing image that decodes
+    still asks for the extract."""
+    root, cache_dir, runs_dir = setup
+    (root / "train" / "NORMAL" / "zero.jpeg").write_bytes(b"")
+    (root / "test" / "PNEUMONIA" / "person900_virus_1.jpeg").write_text("not an image")
+    res = fit(root, "fakenet", "knn", opts(cache_dir, runs_dir))
+    assert sorted(rel for rel, _ in res.left_out) == ["test/PNEUMONIA/person900_virus_1.jpeg",
+                                                      "train/NORMAL/zero.jpeg"]
+    run = load_run(runs_dir, res.runs[0].id)
+    assert {e["path"] for e in run["dataset"]["left_out"]} == {rel for rel, _ in res.left_out}
+    assert run["dataset"]["n_images"] == len(discover(root).records) - 2
+    assert "person900" not in {r["relpath"].split("/")[-1][:9] for r in run.predictions("test")}
+    code = cli(["fit", "--data", str(root), "--backbone", "fakenet", "--head", "knn", "--cache-dir",
+                str(cache_dir), "--runs-dir", str(runs_dir), "--cv-folds", "3"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert code == 0 and "2 image(s) cannot be decoded and were left out" in out
+    assert "train/NORMAL/zero.jpeg: zero-byte file" in out
+    write_xray(root / "train" / "NORMAL" / "IM-0999-0001.jpeg", 999, size=16)  # decodes: not extracted yet
+    with pytest.raises(CacheError, match="1 of .* have no 'orig' features .*featcache extract"):
+        fit(root, "fakenet", "knn", opts(cache_dir, runs_dir))
+
+
 def test_a_dataset_changed_in_place_is_trained_anew(setup) -> None:
     """The runs of a dataset's old contents are not "already done" for its new ones: moving an image to
     another class (or adding one) under the same root gives a new sweep; moving it back finds the old runs."""

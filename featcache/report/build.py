@@ -591,6 +591,12 @@ def _dataset_section(
             body = [[*p, *([""] * (depth - len(p))), str(n)] for p, n in flat]
             body.append(["total", *([""] * (depth - 1)), str(sum(n for _, n in flat))])
             doc.add(Table([*names, "images"], body, {depth}))
+        left_out = ds.get("left_out") or []
+        if left_out:  # undecodable images: no features, so no run saw them
+            shown = ", ".join(f"{e.get('path')} ({e.get('reason')})" for e in left_out[:5])
+            more = f" and {len(left_out) - 5} more" if len(left_out) > 5 else ""
+            doc.add(Para(f"{len(left_out)} image(s) could not be decoded and were left out of training and "
+                         f"testing: {shown}{more}.", "warn", "Left out:"))
         if info:
             _audit(doc, info)
 
