@@ -35,11 +35,29 @@ def ls_cmd(
     """
     from featcache.cli.fit_cmd import fmt, params_text, summary
 
+    from featcache.errors import RunError
     from featcache.runs import list_runs
 
-    rows = [summary(r) for r in list_runs(runs_dir)]
+    rows, damaged = [], []
+    for run in list_runs(runs_dir, include_incomplete=True):
+        if run.status == "corrupt":  # no run.json yet: a run being written (or a stray folder)
+            if (run.path / "run.json").is_file():
+                damaged.append((run.id, "run.json unreadable"))
+            continue
+        if run.status != "done":
+            continue
+        try:
+            rows.append({**summary(run), "tags": list(run.info.get("tags") or [])})
+        except RunError:
+            damaged.append((run.id, "metrics.json damaged"))
     if as_json:
         typer.echo(json.dumps(rows, indent=2, default=str))
+    if damaged:  # on stderr: the list (or the JSON) stays what it was, and no damaged run is hidden
+        Console(stderr=True, highlight=False).print(
+            f"{len(damaged)} run folder(s) left out, damaged: "
+            + "; ".join(f"{escape(rid)} ({why})" for rid, why in damaged)
+            + ". Delete them and rerun their fit commands to train those configs anew.", soft_wrap=True)
+    if as_json:
         return
     console = Console()
     _mention_checkpoints(runs_dir)
@@ -47,7 +65,9 @@ def ls_cmd(
         console.print(f"No finished runs in {escape(str(runs_dir))}; `featcache fit` creates them.")
         return
     table = Table(title=f"runs in {escape(str(runs_dir))}")
-    for col in ("id", "backbone", "head", "task", "params", "metric", "val", "test"):
+    tagged = any(r["tags"] for r in rows)
+    columns = ["id", "backbone", "head", "task", "params", "metric", "val", "test"]
+    for col in columns + (["tags"] if tagged else []):
         table.add_column(col, overflow="fold")
     for r in rows:
         table.add_row(
@@ -59,6 +79,7 @@ def ls_cmd(
             escape(str(r["metric"])),
             fmt(r["val"]),
             fmt(r["test"]),
+            *([escape(",".join(r["tags"]))] if tagged else []),
         )
     console.print(table)
 

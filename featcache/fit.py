@@ -107,6 +107,11 @@ class _Features:
 
     views: dict[str, tuple[np.ndarray, np.ndarray]]  # view -> (available [n] bool, X [n, D])
 
+    @property
+    def dim(self) -> int:
+        """Feature width (all views of all backbones, concatenated)."""
+        return int(next(iter(self.views.values()))[1].shape[1])
+
     def rows(self, rec_idx: np.ndarray, views: np.ndarray | Sequence[str]) -> np.ndarray:
         """Feature rows for (record, view) pairs."""
         rec_idx = np.asarray(rec_idx, dtype=np.int64)
@@ -1004,6 +1009,24 @@ def _fit_cv(ctx: _Ctx, configs: list[dict], result: FitResult, chash: str) -> No
     emit(ctx.progress, "fit", 1, 1, f"{run.id} done")
 
 
+def _check_head_memory(configs: list[dict], n_in: int, n_classes: int) -> None:
+    """ConfigError for a dense head whose weights and optimizer state cannot fit in memory (a typo such as
+    ``--layers 100000000``), before TensorFlow fails deep inside with a traceback or the OS kills the fit."""
+    from featcache.heads.logreg import _available_memory
+
+    available = _available_memory()
+    for p in configs:
+        sizes = [n_in, *[int(u) for u in p.get("layers", (1024, 512))], n_classes]
+        n_params = sum((a + 1) * b for a, b in zip(sizes, sizes[1:], strict=False))
+        need = 16 * n_params  # float32 weights, gradient and two Adam moments
+        if need > available:
+            raise ConfigError(
+                f"a dense head with layers {','.join(map(str, sizes[1:-1]))} on {n_in}-d features has "
+                f"{n_params:,} parameters: {need / 2**30:.1f} GiB of weights and optimizer state, more than "
+                f"the {available / 2**30:.1f} GiB of memory available; use smaller --layers."
+            )
+
+
 def _fit_holdout(ctx: _Ctx, configs: list[dict], result: FitResult, hashes: list[str]) -> None:
     """One run per config (``hashes``: their config hashes) on a grouped hold-out; resumable (configs with
     a done run are skipped)."""
@@ -1023,6 +1046,8 @@ def _fit_holdout(ctx: _Ctx, configs: list[dict], result: FitResult, hashes: list
     )
     if not todo:
         return
+    if ctx.head_obj.name == "mlp":
+        _check_head_memory([configs[i] for i in todo], ctx.feats.dim, len(ctx.classes))
     tr_pos, va_pos = grouped_holdout(
         ctx.y[pool], ctx.groups[pool], fraction=opts.val_fraction, seed=opts.seed
     )

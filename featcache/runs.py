@@ -152,9 +152,18 @@ class Run:
         return str(self.info.get("status"))
 
     def metrics(self) -> dict:
-        """metrics.json (empty dict when absent)."""
+        """metrics.json (empty dict when absent); RunError naming the folder when it is damaged."""
         p = self.path / "metrics.json"
-        return json.loads(p.read_text(encoding="utf-8")) if p.exists() else {}
+        if not p.exists():
+            return {}
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            data = None
+        if not isinstance(data, dict):
+            raise RunError(f"run '{self.id}' has a damaged metrics.json; delete {self.path} and fit again "
+                           "(the rerun trains that config anew).")
+        return data
 
     def predictions(self, split: str) -> list[dict]:
         """Rows of predictions_<split>.csv (``val`` or ``test``); [] when absent."""
@@ -296,7 +305,9 @@ def load_run(runs_dir: str | Path, run_id: str) -> Run:
     try:
         info = json.loads((d / "run.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        raise RunError(f"run '{run_id}' has an unreadable run.json; delete {d} and fit again.") from None
+        info = None
+    if not isinstance(info, dict):
+        raise RunError(f"run '{run_id}' has an unreadable run.json; delete {d} and fit again.")
     if info.get("status") != "done":
         raise RunError(
             f"run '{run_id}' did not finish (status {info.get('status')!r}); "

@@ -27,6 +27,12 @@ def _check(y: Sequence, groups: Sequence, n_splits: int) -> tuple[np.ndarray, np
             f"only {n_groups} patients are available but the split needs at least {n_splits}; "
             "add data or lower --cv-folds / raise --val-fraction."
         )
+    largest = int(np.max(np.unique(y_arr, return_counts=True)[1])) if len(y_arr) else 0
+    if largest < n_splits:  # scikit-learn's splitter needs one class with an image for every fold
+        raise DataError(
+            f"every class has fewer than {n_splits} images (the largest has {largest}), and the split "
+            f"needs {n_splits} folds; add data or lower --cv-folds / raise --val-fraction."
+        )
     return y_arr, g_arr
 
 
@@ -59,6 +65,8 @@ def grouped_holdout(y: Sequence, groups: Sequence, fraction: float = 0.2, seed: 
     if not 0.0 < fraction < 1.0:
         raise ConfigError(f"--val-fraction must be between 0 and 1 (exclusive), got {fraction}.")
     n_groups = len(np.unique(np.asarray(groups)))
+    # a tiny fraction asks for more folds than patients, or than the largest class has images: fewer folds
+    n_groups = min(n_groups, int(np.max(np.unique(np.asarray(y), return_counts=True)[1])) if len(y) else 0)
     if fraction > 0.5:  # a fraction above one half: validation is the complement of one fold
         n_splits = min(n_groups, max(2, int(round(1.0 / (1.0 - fraction)))))
         tr, va = grouped_kfold(y, groups, n_splits=n_splits, seed=seed)[0]

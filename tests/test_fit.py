@@ -451,6 +451,73 @@ def test_images_extract_could_not_decode_are_left_out_and_named(setup, capsys) -
         fit(root, "fakenet", "knn", opts(cache_dir, runs_dir))
 
 
+def test_values_scikit_learn_or_keras_reject_and_too_little_data_are_one_sentence(setup, tmp_path) -> None:
+    """Grid values only the estimator knows are invalid, splits that need more images than a class has, an
+    impossible head size and a calibration without data: each is one sentence, not a library traceback."""
+    root, cache_dir, runs_dir = setup
+    cases = [
+        ("knn", {"grid_args": ["metric=foo"]}, ConfigError,
+         "head 'knn' rejected a grid value: The 'metric' parameter of KNeighborsClassifier"),
+        ("logreg", {"grid_args": ["penalty=l1"]}, ConfigError,
+         "logistic regression rejected the grid: Solver lbfgs supports only 'l2' or None penalties"),
+        ("mlp", {"grid_args": ["activation=foo", "epochs=1"], "layers": (4,)}, ConfigError,
+         "unknown activation 'foo'"),
+        ("mlp", {"grid_args": ["epochs=1"], "layers": (10**9,)}, ConfigError,
+         r"parameters: .* GiB of weights and optimizer state, more than the .* GiB of memory available"),
+        ("knn", {"cv_folds": 60}, DataError, "only .* patients are available but the split needs at least"),
+    ]
+    for head, kw, error, message in cases:
+        with pytest.raises(error, match=message) as exc:
+            fit(root, "fakenet", head, opts(cache_dir, runs_dir, **kw))
+        assert "Traceback" not in str(exc.value) and "\n" not in str(exc.value)
+    # a tiny validation fraction means fewer folds (one validation patient), not a failure
+    res = fit(root, "fakenet", "mlp", opts(cache_dir, runs_dir, val_fraction=0.001, layers=(4,),
+                                           grid_args=["epochs=1"]))
+    assert res.runs and all(r["selection"]["method"] == "grouped_holdout" for r in res.runs)
+    # two images: no class has an image for each of 2 folds; svm's calibration needs 2 per class
+    tiny = tmp_path / "tiny"
+    write_xray(tiny / "train" / "NORMAL" / "IM-0001-0001.jpeg", 1, size=16)
+    write_xray(tiny / "train" / "PNEUMONIA" / "person1_virus_1.jpeg", 2, size=16)
+    write_cache(tiny, tmp_path / "tiny_cache")
+    with pytest.raises(DataError, match="every class has fewer than 2 images"):
+        fit(tiny, "fakenet", "knn", opts(tmp_path / "tiny_cache", runs_dir, cv_folds=2))
+    from featcache.heads import get_head
+
+    with pytest.raises(DataError, match="svm's probability calibration needs at least 2 images of every"):
+        get_head("svm").fit(np.eye(3), np.array([0, 0, 1]), {"kernel": "linear"})
+    one_class = tmp_path / "one_class"
+    for i in range(4):
+        write_xray(one_class / "train" / "cats" / f"c{i}.png", i, 16)
+    write_cache(one_class, tmp_path / "one_cache")
+    with pytest.raises(DataError, match="holds images of one class only"):
+        fit(one_class, "fakenet", "knn", opts(tmp_path / "one_cache", runs_dir, task="folders"))
+
+
+def test_damaged_run_files_are_named_not_tracebacks(setup, capsys) -> None:
+    """A run whose metrics.json or run.json was damaged after the fact: `runs ls` lists the others and names
+    it, `runs show` says what to do, and the report leaves it out with the reason."""
+    root, cache_dir, runs_dir = setup
+    for grid in ("n_neighbors=3", "n_neighbors=5", "n_neighbors=7"):
+        fit(root, "fakenet", "knn", opts(cache_dir, runs_dir, grid_args=[grid], tags=["t1"]))
+    a, b, c = (r.id for r in list_runs(runs_dir))
+    (runs_dir / a / "metrics.json").write_text("garbage")
+    (runs_dir / b / "run.json").write_text("[]")
+    assert cli(["runs", "ls", "--runs-dir", str(runs_dir), "--json"]) == 0
+    captured = capsys.readouterr()
+    rows = json.loads(captured.out)
+    assert [r["id"] for r in rows] == [c] and rows[0]["tags"] == ["t1"]
+    err = " ".join(captured.err.split())
+    assert f"2 run folder(s) left out, damaged: {a} (metrics.json damaged); {b} (run.json unreadable)" in err
+    assert cli(["runs", "show", a, "--runs-dir", str(runs_dir)]) == 2
+    assert "has a damaged metrics.json; delete" in " ".join(capsys.readouterr().err.split())
+    assert cli(["runs", "show", b, "--runs-dir", str(runs_dir)]) == 2
+    assert "has an unreadable run.json" in " ".join(capsys.readouterr().err.split())
+    from featcache.report.collect import load_runs
+
+    kept, left_out = load_runs(runs_dir)
+    assert [r.id for r in kept] == [c] and {name for name, _ in left_out} == {a, b}
+
+
 def test_a_dataset_changed_in_place_is_trained_anew(setup) -> None:
     """The runs of a dataset's old contents are not "already done" for its new ones: moving an image to
     another class (or adding one) under the same root gives a new sweep; moving it back finds the old runs."""

@@ -6,9 +6,10 @@ cheap models) and ``MLPHead`` (grouped hold-out, Keras) -- see docs/ARCHITECTURE
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -209,13 +210,34 @@ class CVHead:
 
         grid = [self.check(p) for p in grid]
         scorer = _scorer(scoring, get_scorer)
-        return cv_loop(lambda p: self.make_estimator(p, seed=seed, for_search=True), X, y, folds, grid,
-                       scorer, progress)
+        with rejected_params(self.name):
+            return cv_loop(lambda p: self.make_estimator(p, seed=seed, for_search=True), X, y, folds, grid,
+                           scorer, progress)
 
     def fit(self, X: np.ndarray, y: np.ndarray, params: dict, *, seed: int = 0) -> SklearnHead:
         est = self.make_estimator(self.check(params), seed=seed)
-        est.fit(np.asarray(X), np.asarray(y))
+        with rejected_params(self.name):
+            est.fit(np.asarray(X), np.asarray(y))
         return SklearnHead(est, int(np.max(y)) + 1)
+
+
+@contextlib.contextmanager
+def rejected_params(head: str) -> Iterator[None]:
+    """A parameter value scikit-learn rejects (``--grid metric=foo``) becomes one sentence, not a traceback.
+
+    Only scikit-learn's own parameter validation error is converted: the schema checks types and ranges, but
+    not every estimator's list of allowed strings, which scikit-learn knows best.
+    """
+    try:
+        from sklearn.utils._param_validation import InvalidParameterError
+    except ImportError:  # pragma: no cover - scikit-learn < 1.2 (not supported) has no such class
+        yield
+        return
+    try:
+        yield
+    except InvalidParameterError as exc:
+        text = " ".join(str(exc).split())
+        raise ConfigError(f"head '{head}' rejected a grid value: {text}") from None
 
 
 def _scorer(scoring: str, get_scorer: Callable) -> Callable:

@@ -57,6 +57,7 @@ l1/elastic-net, a scorer we do not compute) fall back to real ``GridSearchCV`` -
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any, ClassVar
 
 import numpy as np
@@ -182,9 +183,13 @@ class FastLogisticGridSearchCV:
         from sklearn.preprocessing import StandardScaler
 
         grid = [{f"logisticregression__{k}": [v] for k, v in c.items()} for c in candidates]
+        # error_score="raise": an invalid pair (penalty=l1 with lbfgs) is the first fit's one sentence,
+        # not scikit-learn's report of every failed fit with their tracebacks
         gs = GridSearchCV(make_pipeline(StandardScaler(), LogisticRegression()), grid, cv=folds,
-                          scoring=self.scoring, refit=self.refit)
-        gs.fit(X, y, groups=groups)
+                          scoring=self.scoring, refit=self.refit, error_score="raise")
+        with warnings.catch_warnings():  # scikit-learn's deprecation notices about 'penalty', once per fit
+            warnings.simplefilter("ignore", FutureWarning)
+            gs.fit(X, y, groups=groups)
         self.used_fallback_ = True
         cvr = dict(gs.cv_results_)
         cvr["params"] = [dict(c) for c in candidates]

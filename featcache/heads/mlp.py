@@ -47,7 +47,19 @@ def _params(params: dict) -> dict:
                           "use inverse_time or exponential.")
     if not 0.0 <= float(p["dropout"]) < 1.0:
         raise ConfigError(f"dropout {p['dropout']} is out of range; use a value in [0, 1).")
+    _check_activation(p["activation"])
     return p
+
+
+def _check_activation(name: str) -> None:
+    """An activation Keras does not know fails here, not as a Keras traceback when the model is built."""
+    import keras
+
+    try:
+        keras.activations.get(name)
+    except ValueError:
+        raise ConfigError(f"unknown activation '{name}'; use a Keras activation name such as relu, elu, "
+                          "tanh or sigmoid.") from None
 
 
 def _n_out(p: dict, n_classes: int) -> int:

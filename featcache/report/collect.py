@@ -162,6 +162,9 @@ def load_runs(
         if status != "done":
             skipped.append((folder.name, f"status {status!r}"))
             continue
+        if not rec.metrics:  # a done run always has its metrics: without them it has no leaderboard row
+            skipped.append((folder.name, "; ".join(rec.problems) or "metrics.json missing or empty"))
+            continue
         runs.append(rec)
     emit(progress, "report", len(folders), len(folders), "runs read")
     return runs, skipped
