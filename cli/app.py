@@ -23,8 +23,25 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
     help="featcache: extract frozen-CNN features once into an HDF5 cache, then fit and compare "
-    "many cheap classifier heads and publish a report.",
+    "many cheap classifier heads and publish a report.\n\n"
+    "Example: featcache demo   (the whole pipeline on 96 bundled chest X-rays)",
 )
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from featcache import __version__
+
+        typer.echo(f"featcache {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    show_version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                      help="Print the featcache version and exit."),
+) -> None:
+    """Options of featcache itself (the help text is the Typer app's)."""
 
 err_console = Console(stderr=True)
 
@@ -46,7 +63,10 @@ for _module in (extract_cmd, cache_cmd, data_cmd, fit_cmd, runs_cmd, predict_cmd
 
 @app.command()
 def version() -> None:
-    """Print the featcache version."""
+    """Print the featcache version (also: featcache --version).
+
+    Example: featcache version
+    """
     from featcache import __version__
 
     typer.echo(__version__)

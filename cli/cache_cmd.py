@@ -144,7 +144,8 @@ def _verify_with_bar(file: Path) -> dict:
 def merge_cmd(
     shards: list[Path] = typer.Argument(..., help="Shard files written by `featcache extract --shard I/N`."),
     out: Path | None = typer.Option(
-        None, "--out", help="Merged file, or a folder for the canonical name (default: the shards' folder)."
+        None, "--out", help="Merged .h5 file, or a folder for the canonical name (created when the name does "
+        "not end in .h5; default: the shards' folder)."
     ),
     wait: float | None = typer.Option(None, "--wait", help="Seconds to wait while another process writes."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),

@@ -141,9 +141,10 @@ def extract_cmd(
     views: str = typer.Option(
         "orig", "--views", help="Comma-separated views, e.g. orig,hflip,rot+20,bright+0.2."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass (and per cache chunk)."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32 or float16 (half the file size)."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 or float16 (half the features' size)."),
     cache_dir: Path = typer.Option(Path("cache"), "--cache-dir", help="Folder for the cache files."),
-    shard: str | None = typer.Option(None, "--shard", help="I/N: compute only shard I of N (merge later)."),
+    shard: str | None = typer.Option(
+        None, "--shard", help="I/N: compute only shard I of N, I from 0 (0/2 and 1/2; merge later)."),
     splits: str | None = typer.Option(
         None, "--splits", help="Comma-separated splits to extract, e.g. train,test (default: all)."),
     layer: str | None = typer.Option(None, "--layer", help="For a saved-model backbone: the feature layer."),
@@ -178,8 +179,11 @@ def extract_cmd(
             result = extract(dataset, config, cache_dir, options, progress=_ProgressView(progress))
         except BaseException as exc:
             partial = getattr(exc, "result", None)   # --strict: show what was saved and skipped, then fail
-            if isinstance(exc, DataError) and partial is not None and not as_json:
-                _render_summary(err_console, partial)
+            if isinstance(exc, DataError) and partial is not None:
+                if as_json:  # scripts get the result, skip list included, then the error and exit 2
+                    typer.echo(json.dumps(_result_dict(partial), indent=2))
+                else:
+                    _render_summary(err_console, partial)
             # A log keeps the bars' last frame as a record of a finished extract; above an error it is
             # only a stale "0/?" line, so in a pipe the error comes alone (a terminal keeps its bar).
             if not err_console.is_terminal:

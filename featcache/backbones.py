@@ -32,6 +32,7 @@ from featcache.hashing import sha256_file
 
 POOLINGS = ("avg", "max", "flatten")
 _WEIGHT_KEYWORDS = ("imagenet", "none")
+MAX_IMAGE_SIZE = 2048  # --image-size cap: one batch of 32 such images is 1.2 GB of float32 pixels
 _SAVED_MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
 
 
@@ -107,6 +108,10 @@ class BackboneConfig:
             raise ConfigError(f"unknown pooling '{self.pooling}'; choose one of: {', '.join(POOLINGS)}")
         if self.image_size is not None and self.image_size < 1:
             raise ConfigError(f"image size must be a positive number of pixels, got {self.image_size}")
+        if self.image_size is not None and self.image_size > MAX_IMAGE_SIZE:
+            # a typo (22400 for 224) would otherwise fill memory with one batch and be killed without a word
+            raise ConfigError(f"image size {self.image_size} is above the {MAX_IMAGE_SIZE} px featcache "
+                              "allows (ImageNet backbones are trained at 224-331 px); use a smaller one")
         if weights not in _WEIGHT_KEYWORDS and not Path(weights).is_file():
             raise ConfigError(
                 f"weights file '{weights}' does not exist; "

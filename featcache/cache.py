@@ -246,13 +246,18 @@ class CacheWriter:
         self._fsync = fsync
         self._f = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = FileLock(str(self.path) + ".lock")
+        lock_path = str(self.path) + ".lock"
+        # filelock reports a lock file it cannot create (read-only folder, /proc) as held by someone else;
+        # creating it here first lets the operating system's own reason through (the CLI prints it)
+        os.close(os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644))
+        self._lock = FileLock(lock_path)
         try:
             self._lock.acquire(timeout=max(0.0, wait or 0.0))
         except Timeout:
+            how = (f"it was still held after --wait {wait:g}; wait longer" if wait
+                   else "wait for it to finish or pass --wait SECONDS")
             raise CacheLockedError(
-                f"cache file {self.path} is being written by another featcache process; wait for it to "
-                "finish or pass --wait SECONDS") from None
+                f"cache file {self.path} is being written by another featcache process; {how}.") from None
         try:
             self._open(versions)
         except BaseException:
@@ -830,10 +835,11 @@ def merge(shards: Sequence[Path], out: Path | None = None, *, wait: float | None
           progress: ProgressFn | None = None) -> dict:
     """Combine shard files of one config into a normal cache file, one row per (key, view).
 
-    ``out`` may be a directory (the canonical file name is used) or a file path; None means the first
-    shard's folder. Shard rows are checked against their digests while copying, so a damaged shard
-    cannot slip into the merged file. Writers' lock files (``*.h5.lock``) in ``shards`` are ignored:
-    a glob such as ``cache/*.shard-*`` catches them.
+    ``out`` may be a directory (the canonical file name is used; a name not ending in .h5 that does not
+    exist yet is created as one) or a file path; None means the first shard's folder. Shard rows are
+    checked against their digests while copying, so a damaged shard cannot slip into the merged file.
+    Writers' lock files (``*.h5.lock``) in ``shards`` are ignored: a glob such as ``cache/*.shard-*``
+    catches them.
     """
     shards = [Path(s) for s in shards if not str(s).endswith(".lock")]
     if not shards:
@@ -851,6 +857,8 @@ def merge(shards: Sequence[Path], out: Path | None = None, *, wait: float | None
                 raise CacheError(f"shard {reader.path} has {reader.feature_dim}-d features, {first.path} has "
                                  f"{first.feature_dim}-d; merge only shards of one extraction")
         out = Path(out) if out is not None else first.path.parent
+        if not out.exists() and out.suffix.lower() not in (".h5", ".hdf5"):  # a folder to create
+            out.mkdir(parents=True, exist_ok=True)
         if out.is_dir():
             out = cache_path(out, first.config)
         if any(out.resolve() == s.resolve() for s in shards):

@@ -527,4 +527,14 @@ def test_cli_merge_and_lock_error(tmp_path: Path, capsys: pytest.CaptureFixture)
     other = tmp_path / "locked.h5"
     with fc.CacheWriter(other, cfg, DIM):
         assert run(["cache", "merge", str(s0), "--out", str(other)]) == 3
-    assert "being written by another featcache process" in " ".join(capsys.readouterr().err.split())
+        assert "pass --wait SECONDS" in " ".join(capsys.readouterr().err.split())
+        assert run(["cache", "merge", str(s0), "--out", str(other), "--wait", "0.1"]) == 3
+    err = " ".join(capsys.readouterr().err.split())
+    assert "being written by another featcache process; it was still held after --wait 0.1" in err
+    # --out naming a folder that does not exist yet (no .h5): created, the canonical name inside
+    assert run(["cache", "merge", str(s0), str(s1), "--out", str(tmp_path / "merged"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["out"] == str(fc.cache_path(tmp_path / "merged", cfg))
+    # a lock file the OS will not create is the OS's reason (exit 1), not "held by another process"
+    assert run(["cache", "merge", str(s0), "--out", "/proc/featcache-test.h5"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "operating system refused" in err and "featcache-test.h5.lock" in err and "another" not in err

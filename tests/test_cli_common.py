@@ -34,6 +34,20 @@ def test_help_texts_keep_their_brackets() -> None:
     assert not eaten, "\n".join(eaten)
 
 
+def test_every_help_text_has_an_example_and_there_is_a_version_flag(capsys) -> None:
+    """The README promises an example in every command's --help, the root's included."""
+    from featcache.cli.app import run
+
+    from featcache import __version__
+
+    root = typer.main.get_command(app)
+    leaves = [(path, cmd) for path, cmd in _commands(root) if not getattr(cmd, "commands", None)]
+    missing = [path for path, cmd in leaves if "Example" not in (cmd.help or "") + (cmd.epilog or "")]
+    assert not missing, missing
+    assert "Example:" in (root.help or "")
+    assert run(["--version"]) == 0 and capsys.readouterr().out.strip() == f"featcache {__version__}"
+
+
 def test_ctrl_c_exits_130_with_one_line_saying_work_is_kept(tmp_path, monkeypatch, capsys) -> None:
     """typer turns KeyboardInterrupt into a silent exit 130; the CLI still says what happened."""
     from featcache.cli.app import run
@@ -73,12 +87,12 @@ def test_run_summary_counts_configs_resumed_from_a_checkpoint(monkeypatch, capsy
     monkeypatch.setattr(pipeline_cmd, "print_outputs", lambda *_a: None)
     runs = [{"trainer": {"selection": {"path": "fused", "resumed_from_epoch": 7}}},
             {"trainer": {"selection": {"path": "fused"}}}, {}]
-    fits = [SimpleNamespace(sweep_id="abc", runs=runs, skipped=["x"]),
-            SimpleNamespace(sweep_id="def", runs=runs[1:], skipped=[])]
+    fits = [SimpleNamespace(sweep_id="abc", runs=runs, skipped=["x"], left_out=[]),
+            SimpleNamespace(sweep_id="def", runs=runs[1:], skipped=[], left_out=[("a.jpeg", "zero bytes")])]
     pipeline_cmd._summary(SimpleNamespace(extracts=[], fits=fits, report=None))
     assert capsys.readouterr().out.splitlines() == [
         "fit sweep abc: 3 run(s) trained, 1 already done, 1 resumed from a checkpoint",
-        "fit sweep def: 2 run(s) trained, 0 already done"]
+        "fit sweep def: 2 run(s) trained, 0 already done, 1 undecodable image(s) left out"]
 
 
 def test_runs_show_says_how_an_mlp_run_was_trained() -> None:

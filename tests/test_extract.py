@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from badcorpus import DUPLICATE_PAIR, make_bad_corpus, outcome_keyword
-from conftest import make_kermany_tree
+from conftest import make_kermany_tree, write_xray
 from featcache.cli.app import run
 
 from featcache import cache as fcache
@@ -189,6 +189,18 @@ def test_bad_corpus_end_to_end(tmp_path: Path):
     assert pair[0] == pair[1]
     assert run(["extract", "--data", str(tmp_path / "bad"), *CLI_BB, "--cache-dir", str(tmp_path / "c"),
                 "--strict"]) != 0
+
+
+def test_strict_json_still_prints_the_result_with_its_skip_list(tmp_path: Path, capsys):
+    """`--strict --json` exits 2 on a skipped file, but scripts still get the JSON result to read it from."""
+    tree = tmp_path / "d"
+    write_xray(tree / "train" / "NORMAL" / "IM-0001-0001.jpeg", 1, 32)
+    (tree / "train" / "NORMAL" / "zero.jpeg").write_bytes(b"")
+    code = run(["extract", "--data", str(tree), *CLI_BB, "--cache-dir", str(tmp_path / "c"), "--strict",
+                "--json"])
+    captured = capsys.readouterr()
+    assert code == 2 and json.loads(captured.out)["skipped"] == [["train/NORMAL/zero.jpeg", "zero-byte file"]]
+    assert "without --strict" in " ".join(captured.err.split())
 
 
 def _cli(tree: Path, cache_dir: Path, *extra: str) -> list[str]:
