@@ -53,7 +53,7 @@ def fake_backbone(name: str = "fakenet", dim: int = 6, **settings) -> dict:
 
 def write_cache(root: Path, cache_dir: Path, name: str = "fakenet", views=("orig",), dim: int = 6,
                 skip: int = 0, noise: float = 0.3, signal_dims: int = 3, dtype: str = "float32",
-                **settings) -> Path:
+                poison: float | None = None, **settings) -> Path:
     """Features that separate the 3 subtypes (so binary and 3class are learnable), one row per key/view.
 
     ``settings`` override the fake backbone's description (weights, weights_file_sha256, ...)."""
@@ -78,6 +78,8 @@ def write_cache(root: Path, cache_dir: Path, name: str = "fakenet", views=("orig
             paths.append(rec.relpath)
             vws.append(view)
             feats.append(x)
+    if poison is not None:  # a value the backbone "produced": written with a matching digest
+        feats[2][1] = poison
     with CacheWriter(path, cfg, dim) as w:
         w.reserve(len(keys))
         w.append(keys, vws, paths, np.asarray(feats, dtype=np.float32))
@@ -408,12 +410,18 @@ def test_missing_rows_and_3class_errors(tmp_path: Path, capsys) -> None:
         fit(root, "resnet99", "logreg", opts(tmp_path / "broken", tmp_path / "runs"))
     # damaged feature values (NaN, infinity, or 3e38 from overwritten bytes) are refused with the file named
     for bad_value in (np.nan, np.inf, 3.4e38):
-        damaged = write_cache(root, tmp_path / f"damaged{bad_value}", name="fakenet")
-        with h5py.File(damaged, "r+") as h:
-            h["features"][2, 1] = bad_value
+        damaged = write_cache(root, tmp_path / f"damaged{bad_value}", name="fakenet", poison=bad_value)
         with pytest.raises(CacheError, match="NaN, infinite or absurdly large .* in 1 row") as exc:
             fit(root, "fakenet", "logreg", opts(tmp_path / f"damaged{bad_value}", tmp_path / "runs"))
         assert str(damaged) in str(exc.value) and "cache verify" in str(exc.value)
+    # a row changed after it was written (its digest no longer matches) is refused, whatever its value
+    tampered = write_cache(root, tmp_path / "tampered", name="fakenet")
+    with h5py.File(tampered, "r+") as h:
+        h["features"][2] = -5 * h["features"][2]
+        first = h["paths"][2].decode()
+    with pytest.raises(CacheError, match=r"1 row\(s\) of cache .* changed after they were written") as exc:
+        fit(root, "fakenet", "logreg", opts(tmp_path / "tampered", tmp_path / "runs"))
+    assert f"the first is {first}" in str(exc.value) and "cache verify" in str(exc.value)
     folders = tmp_path / "pets"
     for i in range(4):
         write_xray(folders / "train" / "cat" / f"c{i}.png", i, 16)
