@@ -60,6 +60,9 @@ def register(app: typer.Typer) -> None:
         weights: str = typer.Option(
             "imagenet", "--weights", help="imagenet | none | PATH to a weights file."
         ),
+        layer: str | None = typer.Option(
+            None, "--layer", help="Feature layer of a saved-model backbone (model.keras)."
+        ),
         task: str = typer.Option("binary", "--task", help="binary | 3class | folders."),
         grid: list[str] = typer.Option(
             [],
@@ -103,6 +106,7 @@ def register(app: typer.Typer) -> None:
                 _split(backbone),
                 _split(head),
                 weights=weights,
+                layer=layer,
                 cache_dir=cache_dir,
                 runs_dir=runs_dir,
                 reports_dir=out,

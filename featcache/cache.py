@@ -704,6 +704,9 @@ def verify(path: Path, progress: ProgressFn | None = None) -> dict:
     if not path.exists():
         raise CacheError(f"cache file {path} does not exist; check the path (`featcache cache ls` lists "
                          "caches)")
+    if path.is_dir():
+        raise CacheError(f"{path} is a folder, not a cache file; pass the .h5 files to check "
+                         f"(`featcache cache ls --cache-dir {shlex.quote(os.fsdecode(path))}` lists them)")
     result: dict[str, Any] = {"path": str(path), "ok": False, "problems": [], "warnings": [], "n_rows": 0,
                               "capacity": 0}
     try:

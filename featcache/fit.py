@@ -634,6 +634,11 @@ def fit(
             f"run `{_extract_cmd(dataset.root, names[0], opts, ['orig', 'hflip', 'rot+20'])}`."
         )
     tta_views = sorted(v for v in feats.views if v != "orig") if opts.tta else []
+    if opts.tta and not tta_views:  # it would average one view: the same numbers, labelled TTA
+        raise ConfigError(
+            "--tta averages over augmentation views, and the cache has none; "
+            f"run `{_extract_cmd(dataset.root, names[0], opts, ['orig', 'hflip'])}` first, or drop --tta."
+        )
 
     selection = head_obj.selection
     refit = opts.refit if opts.refit is not None else (selection == "cv")

@@ -81,6 +81,7 @@ def run_pipeline(
     heads: Sequence[str],
     *,
     weights: str = "imagenet",
+    layer: str | None = None,
     cache_dir: Path = Path("cache"),
     runs_dir: Path = Path("runs"),
     reports_dir: Path = Path("reports"),
@@ -98,7 +99,7 @@ def run_pipeline(
     """
     from dataclasses import replace
 
-    from featcache.backbones import BackboneConfig
+    from featcache.backbones import BackboneConfig, is_saved_model
     from featcache.datasets import discover
     from featcache.extract import ExtractOptions, extract
     from featcache.fit import FitOptions, check_seed, fit
@@ -115,7 +116,8 @@ def run_pipeline(
     check_seed(fopts.seed)  # before the extraction, not an hour later in the fit
     for i, name in enumerate(backbones):
         emit(progress, "pipeline", i, len(backbones) + len(heads) + 1, f"extracting {name}")
-        bb = BackboneConfig(name=name, weights=weights, seed=fopts.seed)
+        bb = BackboneConfig(name=name, weights=weights, seed=fopts.seed,  # layer: saved models only
+                            layer=layer if is_saved_model(name) else None)
         result.extracts.append(extract(dataset, bb, cache_dir, extract_options or ExtractOptions(), progress))
         crash_point("pipeline.after_extract")
     # the fits read exactly these files: the cache folder may hold other settings of the same backbone

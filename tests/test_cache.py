@@ -362,6 +362,8 @@ def test_verify_detects_truncation_and_garbage(good_file: Path, tmp_path: Path) 
         fc.CacheWriter(garbage, make_config(ROOT, DIM), DIM)
     with pytest.raises(CacheError, match="does not exist"):
         fc.verify(tmp_path / "nope.h5")
+    with pytest.raises(CacheError, match="is a folder, not a cache file; .*cache ls --cache-dir"):
+        fc.verify(tmp_path)
 
 
 def test_verify_detects_tampered_features_and_keys(good_file: Path) -> None:

@@ -474,10 +474,14 @@ def test_values_scikit_learn_or_keras_reject_and_too_little_data_are_one_sentenc
          r"parameters: .* GiB of weights and optimizer state, more than the .* GiB of memory available"),
         ("knn", {"cv_folds": 60}, DataError, "only .* patients are available but the split needs at least"),
     ]
+    orig_only = write_cache(root, tmp_path / "orig_only")
     for head, kw, error, message in cases:
         with pytest.raises(error, match=message) as exc:
             fit(root, "fakenet", head, opts(cache_dir, runs_dir, **kw))
         assert "Traceback" not in str(exc.value) and "\n" not in str(exc.value)
+    with pytest.raises(ConfigError, match="--tta averages over augmentation views, and the cache has none"):
+        fit(root, "fakenet", "knn",
+            opts(tmp_path / "orig_only", runs_dir, tta=True, cache_files={"fakenet": orig_only}))
     # a tiny validation fraction means fewer folds (one validation patient), not a failure
     res = fit(root, "fakenet", "mlp", opts(cache_dir, runs_dir, val_fraction=0.001, layers=(4,),
                                            grid_args=["epochs=1"]))

@@ -92,6 +92,29 @@ def test_run_end_to_end(kermany_tree, tmp_path, capsys, monkeypatch):
     assert "Grid views" in html and "mean CV" in html  # the CV search inside each run is shown
 
 
+def test_run_with_a_saved_model_and_then_fit_by_its_path(kermany_tree, tmp_path, capsys, monkeypatch):
+    """`run --backbone model.keras --layer NAME` (the route for fine-tuned CNNs), then `fit --backbone
+    model.keras` finds the cache run wrote (recorded as saved-<stem>) and names it."""
+    import keras
+
+    monkeypatch.chdir(tmp_path)
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((32, 32, 3))
+    x = keras.layers.Conv2D(4, 3, activation="relu")(inp)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    keras.Model(inp, keras.layers.Dense(2)(x)).save(tmp_path / "tiny.keras")
+    code = run(["run", "--data", str(kermany_tree), "--backbone", "tiny.keras", "--layer", "gap", "--head",
+                "knn", "--cv-folds", "2"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    (cache,) = (tmp_path / "cache").glob("*saved-tiny*.h5")
+    code = run(["fit", "--data", str(kermany_tree), "--backbone", "tiny.keras", "--head", "knn", "--cv-folds",
+                "2"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert code == 0 and f"features of tiny.keras: {cache.resolve()}" in out
+    assert "already had a finished run" in out  # the run's sweep
+
+
 def test_demo_with_random_weights(tmp_path, capsys):
     code = run(["demo", "--weights", "none", "--workdir", str(tmp_path), "--head", "logreg,mlp"])
     out = capsys.readouterr()

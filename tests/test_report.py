@@ -361,6 +361,11 @@ def test_cli_report(sweep, tmp_path, capsys):
     code = run(["report", "--runs-dir", str(runs), "--out", str(out), "--heatmap", "lr,batchsize"])
     err = " ".join(capsys.readouterr().err.split())
     assert code == 2 and "--heatmap names 'batchsize'" in err and "batch_size" in err
+    a_file = tmp_path / "leaderboard.csv"
+    a_file.write_text("x")
+    code = run(["report", "--runs-dir", str(runs), "--out", str(a_file)])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and "is a file, not a folder" in err and a_file.read_text() == "x"
 
 
 def test_dataset_audit_from_existing_folder(tmp_path, kermany_tree):

@@ -827,6 +827,8 @@ def build_report(
     n_selected = len(runs)
     runs = [r for r in runs if r.id in selected]
     doc = build_document(runs, rows, skipped, options, runs_dir, progress, n_selected)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir} is a file, not a folder; choose a folder for the report files.")
     out_dir.mkdir(parents=True, exist_ok=True)
     emit(progress, "report", 0, 4, "writing files")
     html_path, md_path = out_dir / "report.html", out_dir / "report.md"
