@@ -28,7 +28,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,6 +199,33 @@ def _group_by_key(records: list[ImageRecord], digests: list[str | OSError],
     return groups
 
 
+def _complete_read_only(path: Path, exc: OSError, todo: Callable[[Any], list[_Item]], *, size: int,
+                        resize: str, skipped: list[tuple[str, str]]) -> list[_Item]:
+    """The missing rows' items when none of them can be computed (undecodable images); else raise ``exc``.
+
+    Why: a cache shared read-only (a group's folder, a read-only mount) has nothing to lock when nothing is
+    missing. Rows missing because their image cannot be decoded are listed as skipped, as a writable
+    extract would list them.
+    """
+    from featcache import cache as fcache
+    from featcache.images import ImageDecodeError, decode_image
+
+    if not path.is_file():
+        raise exc
+    with fcache.CacheReader(path) as reader:
+        items = todo(reader.index())
+    for item in items:
+        try:
+            decode_image(item.records[0].path.read_bytes(), (size, size), resize)
+        except ImageDecodeError as bad:
+            skipped.extend((rec.relpath, bad.reason) for rec in item.records)
+            continue
+        except OSError:
+            pass
+        raise exc  # a row that could be computed is missing: the cache must be written to
+    return items
+
+
 def extract(dataset: Dataset, backbone: BackboneConfig, cache_dir: Path, options: ExtractOptions,
             progress: ProgressFn | None = None) -> ExtractResult:
     """Compute every missing (image, view) row of ``dataset`` into its cache file and return a summary."""
@@ -217,21 +244,32 @@ def extract(dataset: Dataset, backbone: BackboneConfig, cache_dir: Path, options
     shard = tuple(options.shard) if options.shard is not None else None
     path = fcache.cache_path(Path(cache_dir), config, shard)  # a shard gets "<name>.shard-i-of-n.h5"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with fcache.CacheWriter(path, config, bb.feature_dim, wait=options.wait) as writer:
-        present = writer.present()
+
+    def todo(present: set | dict) -> list[_Item]:
         items = []
         for key in keys:
             missing = [v for v in views if (key, v.name) not in present]
             if missing:
                 items.append(_Item(key, groups[key], missing))
-        rows_total = sum(len(it.views) for it in items)
-        rows_reused = len(keys) * len(views) - rows_total
-        t_stream = time.perf_counter()
-        rows_computed = 0
-        if rows_total:
-            writer.reserve(rows_total)
-            rows_computed = _stream(items, bb, writer, options, skipped, rows_total, progress)
-        timings["stream"] = time.perf_counter() - t_stream
+        return items
+
+    rows_computed = 0
+    t_stream = time.perf_counter()
+    try:
+        writer_cm = fcache.CacheWriter(path, config, bb.feature_dim, wait=options.wait)
+    except OSError as exc:  # e.g. a shared cache in a read-only folder: fine if nothing is left to compute
+        undecodable = _complete_read_only(path, exc, todo, size=bb.input_size, resize=options.resize,
+                                          skipped=skipped)
+        rows_reused = len(keys) * len(views) - sum(len(it.views) for it in undecodable)
+    else:
+        with writer_cm as writer:
+            items = todo(writer.present())
+            rows_total = sum(len(it.views) for it in items)
+            rows_reused = len(keys) * len(views) - rows_total
+            if rows_total:
+                writer.reserve(rows_total)
+                rows_computed = _stream(items, bb, writer, options, skipped, rows_total, progress)
+    timings["stream"] = time.perf_counter() - t_stream
     seconds = time.perf_counter() - t0
     result = ExtractResult(
         cache_path=path, n_files=len(records), n_unique=len(keys), rows_computed=rows_computed,

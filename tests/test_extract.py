@@ -158,6 +158,27 @@ def test_bad_files_are_skipped_with_reasons_and_strict_fails_after_saving(tmp_pa
     assert saved.rows_computed == 4 and len(_rows(saved.cache_path)) == 4
 
 
+def test_a_complete_cache_that_cannot_be_written_to_is_used_read_only(tmp_path: Path, monkeypatch):
+    """A shared cache in a folder we may not write to (simulated: root ignores permissions): nothing to
+    compute means nothing to lock, and undecodable images are still listed; a missing row that could be
+    computed is the operating system's refusal, as before."""
+    root = make_kermany_tree(tmp_path / "data", n_normal=2, n_pneu=2, splits=("train",))
+    (root / "train/NORMAL/IM-0900-0001.jpeg").write_bytes(b"")
+    ds = discover(root)
+    first = extract(ds, BB, tmp_path / "c", ExtractOptions())
+
+    def read_only(*_a, **_k):
+        raise PermissionError(13, "Permission denied", str(first.cache_path) + ".lock")
+
+    monkeypatch.setattr(fcache, "CacheWriter", read_only)
+    again = extract(ds, BB, tmp_path / "c", ExtractOptions())
+    assert (again.rows_computed, again.rows_reused) == (0, 4)
+    assert again.skipped == [("train/NORMAL/IM-0900-0001.jpeg", "zero-byte file")]
+    write_xray(root / "train" / "NORMAL" / "IM-0950-0001.jpeg", 950, 32)
+    with pytest.raises(PermissionError):
+        extract(discover(root), BB, tmp_path / "c", ExtractOptions())
+
+
 def test_bad_corpus_end_to_end(tmp_path: Path):
     """Every file of the generated bad corpus is cached or skipped as expected; exit 0 (2 with --strict)."""
     expected = make_bad_corpus(tmp_path / "bad")
