@@ -71,6 +71,10 @@ def _summary_table(info: dict) -> Table:
     table.add_row("duplicate groups", f"{len(info['duplicates']):,}")
     leak = len(info["cross_split_patients"])
     table.add_row("patients in several splits", f"[red]{leak:,}[/]" if leak else "0")
+    xdup = len(info.get("cross_split_duplicates", []))
+    table.add_row("duplicates across splits", f"[red]{xdup:,}[/]" if xdup else "0")
+    clash = len(info.get("conflicting_duplicates", []))
+    table.add_row("duplicates with different labels", f"[red]{clash:,}[/]" if clash else "0")
     table.add_row("skipped files", f"{len(info['skipped']):,}")
     return table
 
@@ -106,6 +110,11 @@ def _render(info: dict) -> None:
     if dups:
         rows = [(str(i + 1), "\n".join(_show(p) for p in g)) for i, g in enumerate(dups[:_MAX_ROWS])]
         console.print(_list_table("byte-identical duplicates", ("group", "files"), rows, len(dups)))
+    clashes = info.get("conflicting_duplicates", [])
+    if clashes:
+        rows = [(str(i + 1), "\n".join(_show(p) for p in g)) for i, g in enumerate(clashes[:_MAX_ROWS])]
+        console.print(_list_table("byte-identical images with different labels", ("group", "files"), rows,
+                                  len(clashes)))
     leaks = list(info["cross_split_patients"].items())
     if leaks:
         rows = [(_show(p), ", ".join(_show(s) for s in splits)) for p, splits in leaks[:_MAX_ROWS]]

@@ -467,5 +467,8 @@ def inspect(dataset: Dataset, progress: ProgressFn | None = None, workers: int =
         "duplicates": dup_groups,
         "cross_split_patients": {p: sorted(s) for p, s in sorted(splits_by_patient.items()) if len(s) > 1},
         "cross_split_duplicates": [g for g in dup_groups if len({split_of[r] for r in g}) > 1],
+        # the same bytes under different labels: at least one label is wrong, whatever a model learns
+        "conflicting_duplicates": sorted(sorted(r.relpath for r in g) for g in by_digest.values()
+                                         if len({(r.label, r.subtype) for r in g}) > 1),
         "skipped": [[rel, why] for rel, why in sorted(skipped)],
     }

@@ -276,6 +276,20 @@ def test_inspect_duplicates_and_leaks(kermany_tree):
     assert info["n_patients"] == 25  # 24 + IM-1999; person100 counted once
     assert info["patients_per_split"] == {"test": 14, "train": 12}
     assert events[-1].phase == "hash" and events[-1].done == events[-1].total == 26
+    assert info["conflicting_duplicates"] == []  # the duplicate is NORMAL on both sides
+
+
+def test_inspect_flags_identical_images_with_different_labels(kermany_tree, capsys):
+    """The same bytes filed as NORMAL and as PNEUMONIA: one label is wrong; inspect and its table say so."""
+    shutil.copy(kermany_tree / "train/NORMAL/IM-1000-0001.jpeg",
+                kermany_tree / "train/PNEUMONIA/person999_virus_1.jpeg")
+    info = inspect(discover(kermany_tree))
+    assert info["conflicting_duplicates"] == [["train/NORMAL/IM-1000-0001.jpeg",
+                                               "train/PNEUMONIA/person999_virus_1.jpeg"]]
+    assert run(["data", "inspect", str(kermany_tree)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "duplicates with different labels │ 1" in out
+    assert "byte-identical images with different labels" in out
 
 
 def test_cli_inspect_json(kermany_tree, capsys):

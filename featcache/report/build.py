@@ -612,11 +612,13 @@ def _audit(doc: Document, info: dict) -> None:
         ["byte-identical duplicate groups", str(len(dups))],
         ["patients in more than one split", str(len(cross))],
         ["duplicates across splits", str(len(xdups))],
+        ["duplicates with different labels", str(len(info.get("conflicting_duplicates") or []))],
         ["files skipped by discovery", str(len(info.get("skipped") or []))],
     ]
     doc.add(Table(["audit", "value"], rows, {1}))
     if cross or xdups:
-        examples = ", ".join(f"{p} ({'/'.join(map(str, s))})" for p, s in list(cross.items())[:5])
+        examples = ", ".join([f"{p} ({'/'.join(map(str, s))})" for p, s in list(cross.items())[:5]]
+                             + [" = ".join(map(str, g)) for g in xdups[: max(0, 5 - len(cross))]])
         doc.add(
             Para(
                 f"{len(cross)} patient(s) and {len(xdups)} duplicate group(s) span several splits: test "
@@ -627,6 +629,11 @@ def _audit(doc: Document, info: dict) -> None:
         )
     else:
         doc.add(Para("No patient and no byte-identical image appears in more than one split.", "muted"))
+    clashes = info.get("conflicting_duplicates") or []
+    if clashes:
+        doc.add(Para(f"{len(clashes)} group(s) of byte-identical images carry different labels, so at least "
+                     "one label of each is wrong: " + "; ".join(" = ".join(map(str, g)) for g in clashes[:5]),
+                     "warn", "Label conflict:"))
     if dups:
         doc.add(Para("duplicate examples: " + "; ".join(" = ".join(map(str, g)) for g in dups[:5]), "muted"))
 
