@@ -222,7 +222,10 @@ def register(app: typer.Typer) -> None:
                       "skipped them too):", soft_wrap=True)
             for rel, why in result.left_out[:5]:
                 out.print(f"  {escape(rel)}: {escape(why)}", soft_wrap=True, highlight=False)
-        if result.skipped:
+        if result.skipped and result.selection == "cv":  # one run holds the whole CV search
+            out.print(f"this search over {result.n_configs} config(s) already has a finished run in "
+                      f"{escape(str(runs_dir))} ({escape(result.skipped[0])}); skipped it.", soft_wrap=True)
+        elif result.skipped:
             out.print(
                 f"{len(result.skipped)} of {result.n_configs} config(s) already had a finished run "
                 f"in {escape(str(runs_dir))}; skipped them."

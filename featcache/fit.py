@@ -93,6 +93,7 @@ class FitResult:
     runs: list[Run] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # run ids of configs already done
     n_configs: int = 0
+    selection: str = ""  # "cv" (one run per search) or "holdout" (one run per config)
     caches: dict[str, Path] = field(default_factory=dict)  # backbone (as given) -> the cache file read
     left_out: list[tuple[str, str]] = field(default_factory=list)  # (relpath, reason): undecodable images
     cleaned: list[str] = field(default_factory=list)  # stale (killed) run folders removed
@@ -716,7 +717,7 @@ def fit(
             for c in caches
         ],
     )
-    result = FitResult(sweep_id=sweep_id, n_configs=len(configs),
+    result = FitResult(sweep_id=sweep_id, n_configs=len(configs), selection=selection,
                        caches={c["name"]: Path(c["path"]) for c in caches},
                        left_out=[(dataset.records[i].relpath, why) for i, why in undecodable.items()])
     # the config hashes of the runs this sweep writes: claimed under the lock, then looked up among done runs

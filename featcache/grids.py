@@ -151,7 +151,12 @@ def _split_values(text: str, typ: str) -> list[str]:
             values = None
         if isinstance(values, list):
             return values
-    return [v for v in (s.strip() for s in text.split(",")) if v != ""]
+    if not text:
+        return []  # "C=": the caller names the key
+    values = [s.strip() for s in text.split(",")]
+    if "" in values:  # "C=1,,2" or "C=1,": a typo would otherwise shrink the grid without a word
+        raise ConfigError(f"--grid values '{text}' include an empty one; separate values with single commas.")
+    return values
 
 
 def parse_grid_args(items: list[str], schema: dict) -> dict[str, list]:

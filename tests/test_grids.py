@@ -34,6 +34,8 @@ def test_parse_grid_args_types() -> None:
     ("max_iter=none", "'max_iter'"),
     ("C", "KEY=V1,V2"),
     ("C=", "no values"),
+    ("C=1,,2", "include an empty one"),
+    ("C=1,", "include an empty one"),
     ("C=0", "grid value 0.0 for 'C' is out of range; it must be a finite number above 0"),
     ("C=1,-2", "-2.0 for 'C' is out of range"),
     ("C=inf", "inf for 'C' is out of range"),

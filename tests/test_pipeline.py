@@ -112,7 +112,7 @@ def test_run_with_a_saved_model_and_then_fit_by_its_path(kermany_tree, tmp_path,
                 "2"])
     out = " ".join(capsys.readouterr().out.split())
     assert code == 0 and f"features of tiny.keras: {cache.resolve()}" in out
-    assert "already had a finished run" in out  # the run's sweep
+    assert "already has a finished run" in out  # the run's sweep (one run for knn's CV search)
 
 
 def test_demo_with_random_weights(tmp_path, capsys):
