@@ -359,6 +359,9 @@ def _discover_manifest(root: Path, csv_path: Path) -> Dataset:
     if missing:
         raise DataError(f"manifest '{os.fsdecode(csv_path)}' lists {len(missing)} missing file(s), e.g. "
                         f"'{missing[0]}'; paths must be relative to the manifest's folder.")
+    if not records and not skipped:  # a header and nothing else: say so, not "no images under the folder"
+        raise DataError(f"manifest '{os.fsdecode(csv_path)}' lists no images; add one row per image "
+                        "(path,label[,split][,group]).")
     if not records:
         raise DataError(_no_images_message(root, skipped))
     return Dataset(root, "manifest", sorted(records, key=lambda r: r.relpath), sorted(skipped))

@@ -61,7 +61,7 @@ def _read_image(path: str) -> tuple[str, bytes, str] | str:
     try:
         data = p.read_bytes()
     except FileNotFoundError:
-        return "does not exist"
+        return "broken symlink" if p.is_symlink() else "does not exist"  # as extract words it
     except IsADirectoryError:
         return "a folder with no image files"
     except OSError as exc:

@@ -145,6 +145,7 @@ def test_manifest_without_split_keeps_kermany_parsing(tmp_path):
     ("path,label\nmissing.png,a\n", "1 missing file"),
     ("path,label\nx.png,a\nx.png,b\n", "lists 'x.png' twice"),
     ("", "is empty"),
+    ("path,label\n", "lists no images; add one row per image"),
 ])
 def test_bad_manifests(tmp_path, content, match):
     write_xray(tmp_path / "x.png", 1)

@@ -199,3 +199,13 @@ def test_damaged_cached_rows_are_refused(trained, tmp_path: Path) -> None:
         assert str(cache_file) in str(exc.value)
     finally:
         shutil.copy(backup, cache_file)
+
+
+def test_a_broken_symlink_is_called_so(tmp_path: Path) -> None:
+    """predict words a dangling link as extract does, not as a missing file."""
+    from featcache import predict as fp
+
+    link = tmp_path / "link.jpeg"
+    link.symlink_to(tmp_path / "gone.jpeg")
+    assert fp._read_image(str(link)) == "broken symlink"
+    assert fp._read_image(str(tmp_path / "nothing.jpeg")) == "does not exist"
