@@ -214,22 +214,24 @@ class RunWriter:
         classes: Sequence[str],
         groups: Sequence[str] | None = None,
     ) -> None:
-        """Per-image predictions (+ the patient/group id, for patient-level bootstrap CIs in reports);
-        relpaths keep non-UTF-8 bytes via surrogateescape."""
+        """Per-image predictions (+ the patient/group id, for patient-level bootstrap CIs in reports).
+
+        The file is valid UTF-8 whatever the file names: a name's non-UTF-8 bytes are written as ``\\xff``
+        escapes. Written raw, they made the CSV unreadable to csv/pandas and to the report itself.
+        """
         with open(
             self.path / f"predictions_{split}.csv",
             "w",
             newline="",
             encoding="utf-8",
-            errors="surrogateescape",
         ) as fh:
             w = csv.writer(fh)
             extra = ["group"] if groups is not None else []
             w.writerow(["relpath", "key", "y_true", *[f"p_{c}" for c in classes], "y_pred", *extra])
             for i in range(len(keys)):
                 w.writerow(
-                    [relpaths[i], keys[i], int(y_true[i]), *[f"{v:.6g}" for v in proba[i]], int(y_pred[i]),
-                     *([groups[i]] if groups is not None else [])]
+                    [_utf8(relpaths[i]), keys[i], int(y_true[i]), *[f"{v:.6g}" for v in proba[i]],
+                     int(y_pred[i]), *([_utf8(groups[i])] if groups is not None else [])]
                 )
 
     def write_indices(self, **arrays: np.ndarray) -> None:
@@ -261,6 +263,11 @@ class RunWriter:
         self.info["error"] = reason
         self.info["finished"] = _now()
         write_json_atomic(self.path / "run.json", self.info)
+
+
+def _utf8(text: Any) -> str:
+    """``text`` with the raw bytes of a non-UTF-8 file name (surrogate escapes) written as ``\\xff``."""
+    return str(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _iter_run_dirs(runs_dir: Path) -> Iterator[tuple[Path, dict | None]]:

@@ -530,6 +530,24 @@ def test_damaged_run_files_are_named_not_tracebacks(setup, capsys) -> None:
     assert [r.id for r in kept] == [c] and {name for name, _ in left_out} == {a, b}
 
 
+def test_prediction_csvs_are_utf8_whatever_the_file_names(tmp_path: Path) -> None:
+    """A file name with non-UTF-8 bytes is written escaped, so csv (and pandas, and the report) read the
+    predictions file back."""
+    import csv
+
+    root = make_tree(tmp_path / "data")
+    odd = os.fsencode(root / "test" / "NORMAL") + b"/IM-9003-\xff\xfe.jpeg"
+    shutil.copy(root / "train" / "NORMAL" / sorted(os.listdir(root / "train" / "NORMAL"))[0], odd)
+    write_cache(root, tmp_path / "cache")
+    res = fit(root, "fakenet", "knn", opts(tmp_path / "cache", tmp_path / "runs"))
+    with open(res.runs[0].path / "predictions_test.csv", encoding="utf-8", newline="") as fh:
+        names = [row["relpath"] for row in csv.DictReader(fh)]
+    assert "test/NORMAL/IM-9003-\\xff\\xfe.jpeg" in names
+    from featcache.report.collect import load_run as load_record
+
+    assert not load_record(res.runs[0].path).problems
+
+
 def test_a_dataset_changed_in_place_is_trained_anew(setup) -> None:
     """The runs of a dataset's old contents are not "already done" for its new ones: moving an image to
     another class (or adding one) under the same root gives a new sweep; moving it back finds the old runs."""
