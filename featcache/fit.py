@@ -703,6 +703,9 @@ def fit(
             "counts": counts,
             "n_images": len(records),
             "n_patients": int(len(np.unique(groups))),
+            # a record whose group is its file stem had no patient id (not in the name, no manifest column):
+            # grouping and the patient bootstrap then treat each such image as its own patient
+            "patient_ids": int(sum(r.group != Path(r.relpath).stem for r in records)),
             "left_out": [{"path": dataset.records[i].relpath, "reason": why}
                          for i, why in undecodable.items()],
         },

@@ -216,6 +216,9 @@ class RunWriter:
     ) -> None:
         """Per-image predictions (+ the patient/group id, for patient-level bootstrap CIs in reports).
 
+        Probabilities are written exactly (shortest round-trip form): rounded, they made ties between
+        classes near 1.0, so metrics recomputed from the CSV (the report's) differed from metrics.json.
+
         The file is valid UTF-8 whatever the file names: a name's non-UTF-8 bytes are written as ``\\xff``
         escapes. Written raw, they made the CSV unreadable to csv/pandas and to the report itself.
         """
@@ -230,7 +233,7 @@ class RunWriter:
             w.writerow(["relpath", "key", "y_true", *[f"p_{c}" for c in classes], "y_pred", *extra])
             for i in range(len(keys)):
                 w.writerow(
-                    [_utf8(relpaths[i]), keys[i], int(y_true[i]), *[f"{v:.6g}" for v in proba[i]],
+                    [_utf8(relpaths[i]), keys[i], int(y_true[i]), *[repr(float(v)) for v in proba[i]],
                      int(y_pred[i]), *([_utf8(groups[i])] if groups is not None else [])]
                 )
 

@@ -548,6 +548,27 @@ def test_prediction_csvs_are_utf8_whatever_the_file_names(tmp_path: Path) -> Non
     assert not load_record(res.runs[0].path).problems
 
 
+def test_prediction_csvs_hold_the_exact_probabilities_and_patient_ids_are_counted(setup, tmp_path) -> None:
+    """The report recomputes metrics from the CSVs: rounded probabilities made false ties and another AUC.
+    run.json counts the images that have a real patient id (0 for names without one)."""
+    from sklearn.metrics import roc_auc_score
+
+    root, cache_dir, runs_dir = setup
+    res = fit(root, "fakenet", "logreg", opts(cache_dir, runs_dir, grid_args=["C=0.1"]))
+    run = load_run(runs_dir, res.runs[0].id)
+    rows = run.predictions("test")
+    auc = roc_auc_score([int(r["y_true"]) for r in rows], [float(r["p_PNEUMONIA"]) for r in rows])
+    assert auc == run.metrics()["test"]["auc"]
+    assert run["dataset"]["patient_ids"] == run["dataset"]["n_images"]
+    plain = tmp_path / "plain"
+    for i in range(6):
+        write_xray(plain / "train" / "cats" / f"c{i}.png", i, 16)
+        write_xray(plain / "train" / "dogs" / f"d{i}.png", 10 + i, 16)
+    write_cache(plain, tmp_path / "plain_cache")
+    res = fit(plain, "fakenet", "knn", opts(tmp_path / "plain_cache", runs_dir, task="folders", cv_folds=2))
+    assert load_run(runs_dir, res.runs[0].id)["dataset"]["patient_ids"] == 0
+
+
 def test_a_dataset_changed_in_place_is_trained_anew(setup) -> None:
     """The runs of a dataset's old contents are not "already done" for its new ones: moving an image to
     another class (or adding one) under the same root gives a new sweep; moving it back finds the old runs."""

@@ -375,3 +375,31 @@ def test_dataset_audit_from_existing_folder(tmp_path, kermany_tree):
     res = build_report(runs, tmp_path / "out")
     html = res.html.read_text()
     assert "audited now from the folder" in html and "patients in more than one split" in html
+
+
+def test_recorded_cis_and_dataset_notes_follow_the_runs(tmp_path):
+    """A run's published CI is the one its fit recorded (its seed and resamples, 3-class AUC included); a
+    run without one gets a recomputed CI. The Kermany caution appears for Kermany data only, and a dataset
+    without patient ids is said to have none."""
+    runs = tmp_path / "runs"
+    recorded = write_fake_run(runs, "20240101-000001-logreg-aaaaaaaa", quality=2)
+    m = json.loads((recorded / "metrics.json").read_text())
+    m["test"] = {"ci": {"accuracy": [0.123, 0.456], "auc": [0.2, 0.3]},
+                 "at_threshold": {"ci": {"accuracy": [0.321, 0.654]}}}
+    (recorded / "metrics.json").write_text(json.dumps(m))
+    write_fake_run(runs, "20240101-000002-logreg-bbbbbbbb", quality=2, seed=1)
+    res = build_report(runs, tmp_path / "out")
+    rows = {r["run_id"]: r for r in json.loads(res.json.read_text())["runs"]}
+    first, second = rows["20240101-000001-logreg-aaaaaaaa"], rows["20240101-000002-logreg-bbbbbbbb"]
+    assert (first["test_accuracy_lo"], first["test_accuracy_hi"]) == (0.123, 0.456)
+    assert (first["test_auc_lo"], first["test_accuracy_thr_lo"]) == (0.2, 0.321)
+    assert second["test_accuracy_lo"] <= second["test_accuracy"] <= second["test_accuracy_hi"]
+    md = res.markdown.read_text()
+    assert "63% vs 74% pneumonia" in md and "No patient ids" not in md
+    for folder in (recorded, runs / "20240101-000002-logreg-bbbbbbbb"):
+        info = json.loads((folder / "run.json").read_text())
+        info["dataset"].update(layout="folders", patient_ids=0)
+        (folder / "run.json").write_text(json.dumps(info))
+    md = build_report(runs, tmp_path / "out2").markdown.read_text()
+    assert "63% vs 74%" not in md and "resemble the training images" in md
+    assert "has no patient ids" in " ".join(md.split())

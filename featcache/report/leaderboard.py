@@ -68,12 +68,25 @@ def _split_columns(rec: RunRecord, split: str, threshold: float | None) -> dict[
             out[f"{split}_{m}_thr"] = _num(at_thr.get(m))
         out[f"n_{split}"] = at_half["n"]
         if split == "test":
+            test_m = rec.metrics.get("test") if isinstance(rec.metrics.get("test"), dict) else {}
             for suffix, thr in (("", 0.5), ("_thr", threshold)):
                 if suffix and thr is None:
                     continue
-                for m, (lo, hi) in bootstrap_ci(pred, thr).items():
+                # the fit's own intervals (its --seed and resamples; 3-class AUC too) where recorded, so one
+                # run is published with one CI; recomputed from the CSV only for runs that lack them
+                where = (test_m.get("at_threshold") or {}) if suffix else test_m
+                recorded = where.get("ci") if isinstance(where.get("ci"), dict) else {}
+                computed = bootstrap_ci(pred, thr)
+                for m in CI_METRICS:
                     if suffix and m == "auc":
                         continue  # AUC does not depend on the threshold
+                    pair = recorded.get(m)
+                    if isinstance(pair, list | tuple) and len(pair) == 2:
+                        lo, hi = _num(pair[0]), _num(pair[1])
+                    elif m in computed:
+                        lo, hi = computed[m]
+                    else:
+                        continue
                     out[f"test_{m}{suffix}_lo"], out[f"test_{m}{suffix}_hi"] = lo, hi
         return out
     rec_m = _recorded(rec.metrics, split)

@@ -195,7 +195,8 @@ def overview_figure(rows: Sequence[dict], metric: str, n: int = 15) -> bytes | N
         ax.errorbar(
             tv,
             ty - 0.18,
-            xerr=[tv - lo, hi - tv],
+            # a recorded interval may miss a point recomputed from rounded old CSVs: never a negative bar
+            xerr=[np.maximum(tv - lo, 0.0), np.maximum(hi - tv, 0.0)],
             fmt="s",
             color=ORANGE,
             ms=4,
