@@ -909,8 +909,16 @@ def _cv_hash(common: dict, configs: list[dict]) -> str:
 
 
 def _holdout_hashes(common: dict, configs: list[dict]) -> list[str]:
-    """The config hash of each hold-out run: one per grid point."""
-    return [config_hash({**common, "params": to_jsonable(c)}) for c in configs]
+    """The config hash of each hold-out run: one per grid point, with the grid points before it.
+
+    Why the preceding points are part of it: a config's seed is the sweep's seed plus its position, and a
+    fused batch-size group draws the minibatch stream of its first member and gives each member the dropout
+    key of its position. So the same config placed elsewhere in another grid gives other numbers, and must
+    not be found "already done" there. Points after it change none of these: a grid extended at its end
+    still finds its earlier points done, with the numbers the longer grid gives them.
+    """
+    grid = [to_jsonable(c) for c in configs]
+    return [config_hash({**common, "params": c, "preceding": grid[:i]}) for i, c in enumerate(grid)]
 
 
 def _fit_cv(ctx: _Ctx, configs: list[dict], result: FitResult, chash: str) -> None:

@@ -668,8 +668,8 @@ def test_the_same_sweep_started_while_it_runs_is_refused(setup, capsys) -> None:
 
 
 def test_an_overlapping_grid_started_while_another_trains_is_refused(setup, capsys) -> None:
-    """Two grids that share a config, side by side, would train it twice into two runs: the later fit is
-    refused while the earlier one holds that config."""
+    """Two grids that share a config (at the same place, e.g. a grid and its extension), side by side, would
+    train it twice into two runs: the later fit is refused while the earlier one holds that config."""
     from featcache.runs import sweep_lock
 
     root, cache_dir, runs_dir = setup
@@ -679,11 +679,28 @@ def test_an_overlapping_grid_started_while_another_trains_is_refused(setup, caps
     capsys.readouterr()
     shared = next(r["config_hash"] for r in list_runs(runs_dir) if r["params"]["lr"] == 0.01)
     shutil.rmtree(runs_dir)
-    later = _fit_cmd(root, cache_dir, runs_dir, *base, "--grid", "lr=0.01,0.001")
+    later = _fit_cmd(root, cache_dir, runs_dir, *base, "--grid", "lr=0.1,0.01,0.001")
     with sweep_lock(runs_dir, "0123456789ab", ["x" * 64, shared]):  # as the earlier grid holds it
         assert cli(later) == 2
         err = " ".join(capsys.readouterr().err.split())
-        assert "1 of this sweep's 2 config(s) are being trained now by sweep 0123456789ab" in err
+        assert "1 of this sweep's 3 config(s) are being trained now by sweep 0123456789ab" in err
         assert list_runs(runs_dir, include_incomplete=True) == []
     assert cli(later) == 0
-    assert len(json.loads(capsys.readouterr().out)["runs"]) == 2
+    assert len(json.loads(capsys.readouterr().out)["runs"]) == 3
+
+
+def test_a_config_placed_elsewhere_in_another_grid_is_trained_there(setup) -> None:
+    """A config's seed, minibatch stream and dropout key depend on the grid points before it: run at
+    another place in another grid, it is not "already done", and its numbers equal those of that grid run
+    in a fresh folder (before, the same command gave numbers that depended on what ran before)."""
+    root, cache_dir, runs_dir = setup
+    base = {"layers": (4,), "mlp_precision": "float32"}
+    grid = ["epochs=3", "dropout=0.2"]
+    fit(root, "fakenet", "mlp", opts(cache_dir, runs_dir, grid_args=[*grid, "lr=0.1,0.01"], **base))
+    here = fit(root, "fakenet", "mlp", opts(cache_dir, runs_dir, grid_args=[*grid, "lr=0.01,0.001"], **base))
+    assert not here.skipped and len(here.runs) == 2
+    fresh = fit(root, "fakenet", "mlp", opts(cache_dir, runs_dir.parent / "fresh",
+                                             grid_args=[*grid, "lr=0.01,0.001"], **base))
+    for a, b in zip(here.runs, fresh.runs, strict=True):
+        assert a["config_hash"] == b["config_hash"]
+        assert a.metrics()["val"] == b.metrics()["val"] and a.metrics()["history"] == b.metrics()["history"]
