@@ -7,7 +7,10 @@ non-zero exit status, never a traceback; so do operating-system errors (exit 1).
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -72,14 +75,59 @@ def version() -> None:
     typer.echo(__version__)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (docker stop, systemd, SLURM), unwound like Ctrl-C: every ``finally`` runs, so cache writers
+    close cleanly and locks are released, instead of the abrupt end of the default handler."""
+
+
+_terminated = False  # set by the SIGTERM handler: typer reports both signals as exit 130
+
+
+def _on_term(signum: int, frame: object) -> None:
+    global _terminated
+    _terminated = True
+    raise Terminated()
+
+
+def _in_gc_callback(frame: Any) -> bool:
+    """Whether ``frame`` runs inside a garbage-collector callback (JAX registers one).
+
+    A KeyboardInterrupt raised there is printed and dropped by Python, and the command runs on to its end.
+    """
+    import gc
+
+    codes = {getattr(cb, "__code__", None) for cb in gc.callbacks} - {None}
+    while frame is not None and codes:
+        if frame.f_code in codes:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _on_int(signum: int, frame: Any) -> None:
+    if _in_gc_callback(frame):  # deliver it again a moment later, outside the callback
+        timer = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT))
+        timer.daemon = True
+        timer.start()
+        return
+    raise KeyboardInterrupt
+
+
+def install_signal_handlers() -> None:
+    """Ctrl-C that is never swallowed, and SIGTERM handled like it (exit 143 with the same sentence)."""
+    signal.signal(signal.SIGINT, _on_int)
+    signal.signal(signal.SIGTERM, _on_term)
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI with ``argv`` and return the exit status (used by tests and ``main``)."""
     try:
         app(args=argv, prog_name="featcache", standalone_mode=True)
     except SystemExit as exc:  # typer/click exit normally through SystemExit
         code = exc.code
-        if code == 130:  # typer turns Ctrl-C into a silent Exit(130): say what was kept
+        if code == 130:  # typer turns Ctrl-C (and our SIGTERM) into a silent Exit(130): say what was kept
             _print_interrupted()
+            return 143 if _terminated else 130
         return code if isinstance(code, int) else (0 if code is None else 1)
     except FeatcacheError as exc:
         sentence = str(exc).strip()
@@ -89,7 +137,7 @@ def run(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:  # typer versions that let it through
         _print_interrupted()
-        return 130
+        return 143 if _terminated else 130
     except OSError as exc:  # a folder that cannot be created, a full disk, a path through a file
         err_console.print(f"[bold red]error:[/] {escape(_os_error_sentence(exc))}", highlight=False)
         return 1
@@ -107,11 +155,13 @@ def _os_error_sentence(exc: OSError) -> str:
 
 
 def _print_interrupted() -> None:
-    err_console.print("[bold red]interrupted:[/] finished work is saved; run the same command to resume.")
+    what = "terminated (SIGTERM)" if _terminated else "interrupted"
+    err_console.print(f"[bold red]{what}:[/] finished work is saved; run the same command to resume.")
 
 
 def main() -> None:
     """Console-script entry point."""
+    install_signal_handlers()
     sys.exit(run(sys.argv[1:]))
 
 

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+import time
 
 import pytest
 import typer
@@ -61,6 +64,54 @@ def test_ctrl_c_exits_130_with_one_line_saying_work_is_kept(tmp_path, monkeypatc
     assert run(["data", "inspect", str(tmp_path)]) == 130
     err = capsys.readouterr().err
     assert err.strip() == "interrupted: finished work is saved; run the same command to resume."
+
+
+def test_sigterm_unwinds_like_ctrl_c_and_exits_143(tmp_path) -> None:
+    """docker stop / systemd / SLURM send SIGTERM: the command unwinds (writers close, locks go), says what
+    was kept, and exits 143 instead of dying with no word and a cache "not closed cleanly"."""
+    code = ("import os, signal, sys, time\n"
+            "import featcache.datasets as d\n"
+            "from featcache.cli import app\n"
+            "app.install_signal_handlers()\n"
+            "def slow(*a, **k):\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(30)\n"
+            "d.discover = slow\n"
+            "sys.exit(app.run(['data', 'inspect', sys.argv[1]]))\n")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 143, done.stderr
+    assert done.stderr.strip() == ("terminated (SIGTERM): finished work is saved; run the same command to "
+                                   "resume.")
+
+
+def test_ctrl_c_inside_a_gc_callback_is_delivered_again(monkeypatch) -> None:
+    """JAX's garbage-collector callback swallowed a Ctrl-C that landed in it (Python prints and drops it),
+    and the command ran to its end: the handler sends it again, outside the callback."""
+    import gc
+
+    from featcache.cli import app as cli_app
+
+    seen, sent = {}, []
+    monkeypatch.setattr(cli_app.os, "kill", lambda pid, sig: sent.append(sig))
+
+    def callback(phase, info):
+        if phase == "start":
+            seen["inside"] = cli_app._in_gc_callback(sys._getframe())
+            cli_app._on_int(2, sys._getframe())  # does not raise here
+            seen["timer"] = True
+
+    gc.callbacks.append(callback)
+    try:
+        gc.collect()
+    finally:
+        gc.callbacks.remove(callback)
+    assert seen == {"inside": True, "timer": True}
+    time.sleep(0.3)
+    assert sent == [cli_app.signal.SIGINT]  # sent again, once, outside the callback
+    assert not cli_app._in_gc_callback(sys._getframe())
+    with pytest.raises(KeyboardInterrupt):
+        cli_app._on_int(2, sys._getframe())
 
 
 @pytest.mark.parametrize("layers", ["1024,,512", "8-", "-5", "0", "abc", ""])
