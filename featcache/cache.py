@@ -869,6 +869,34 @@ def merge(shards: Sequence[Path], out: Path | None = None, *, wait: float | None
     shards = [Path(s) for s in shards if not str(s).endswith(".lock")]
     if not shards:
         raise ConfigError("merge needs at least one shard file; pass the .shard-I-of-N.h5 files to combine")
+    with contextlib.ExitStack() as held:
+        for shard in shards:  # a shard whose extract still runs is incomplete: wait for it, or refuse
+            held.enter_context(_shard_lock(shard, wait))
+        return _merge(shards, out, wait, progress)
+
+
+@contextlib.contextmanager
+def _shard_lock(shard: Path, wait: float | None) -> Iterator[None]:
+    """Hold a shard's writer lock while it is merged (none is taken where its folder is read-only)."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(shard) + ".lock")
+    try:
+        lock.acquire(timeout=max(0.0, wait or 0.0))
+    except Timeout:
+        raise CacheLockedError(
+            f"shard {shard} is still being written by its extract; merge it once that extract has finished "
+            "(or pass --wait SECONDS)") from None
+    except OSError:  # a shard folder we may not write to: no extract can be writing there either
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _merge(shards: list[Path], out: Path | None, wait: float | None, progress: ProgressFn | None) -> dict:
     readers = [CacheReader(s) for s in shards]
     try:
         first = readers[0]

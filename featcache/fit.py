@@ -224,6 +224,16 @@ def _ambiguous(backbone: str, found: Sequence[Path], opts: FitOptions) -> CacheE
     )
 
 
+def _shard_files(data_root: Path, backbone: str, opts: FitOptions) -> list[Path]:
+    """The shard files of ``backbone`` (and fit's selectors) in the cache folder."""
+    from featcache.cache import find_caches, parse_cache_name
+
+    name, settings = _cache_wanted(backbone, opts)
+    found = find_caches(Path(opts.cache_dir), dataset_root=data_root, backbone=name, include_shards=True,
+                        **settings)
+    return [p for p in found if (parse_cache_name(p) or {}).get("shard")]
+
+
 def _pick_cache(data_root: Path, backbone: str, opts: FitOptions) -> Path:
     """The one cache file of ``backbone`` for this dataset and fit's selectors.
 
@@ -313,9 +323,13 @@ def _load_features(
                     missing = int(np.sum(must & ~ok))
                     vs = sorted(set(needed) | {"orig"}, key=lambda v: (v != "orig", v))
                     cmd = _extract_cmd(data_root, name, opts, vs if view != "orig" else None)
+                    shards = _shard_files(data_root, name, opts)
+                    merge = (f" (or, if it was merged from the shard files beside it and the merge was cut "
+                             f"short, rerun `featcache cache merge {' '.join(_q(p) for p in shards)}`)"
+                             if shards else "")
                     raise CacheError(
                         f"{missing} of {int(must.sum())} images have no '{view}' features in cache "
-                        f"{path.name}; run `{cmd}` to add them."
+                        f"{path.name}; run `{cmd}` to add them{merge}."
                     )
                 avail[view] = ok if view not in avail else (avail[view] & ok)
                 X = np.zeros((n, reader.feature_dim), dtype=np.float32)

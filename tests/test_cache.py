@@ -533,6 +533,12 @@ def test_cli_merge_and_lock_error(tmp_path: Path, capsys: pytest.CaptureFixture)
         assert run(["cache", "merge", str(s0), "--out", str(other), "--wait", "0.1"]) == 3
     err = " ".join(capsys.readouterr().err.split())
     assert "being written by another featcache process; it was still held after --wait 0.1" in err
+    # a shard whose extract still writes it is incomplete: refused (exit 3), not merged in part
+    with fc.CacheWriter(s1, cfg, DIM):
+        assert run(["cache", "merge", str(s0), str(s1), "--out", str(tmp_path / "partial.h5")]) == 3
+    err = "".join(capsys.readouterr().err.split())  # rich may wrap the path at a hyphen
+    assert f"shard{s1}isstillbeingwrittenbyitsextract" in err
+    assert not (tmp_path / "partial.h5").exists()
     # --out naming a folder that does not exist yet (no .h5): created, the canonical name inside
     assert run(["cache", "merge", str(s0), str(s1), "--out", str(tmp_path / "merged"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["out"] == str(fc.cache_path(tmp_path / "merged", cfg))

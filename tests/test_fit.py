@@ -386,6 +386,14 @@ def test_missing_rows_and_3class_errors(tmp_path: Path, capsys) -> None:
         fit(root, "fakenet", "logreg", opts(tmp_path / "cache", tmp_path / "runs"))
     msg = str(exc.value)
     assert msg.startswith("3 of ") and "featcache extract --data" in msg and "--backbone fakenet" in msg
+    assert "cache merge" not in msg
+    # a merged file cut short beside its shards: the cheap fix (merge again) is offered too
+    cfg = cache_config(discover(root).root, fake_backbone("fakenet", 6), "squash", "float32")
+    shard = cache_path(tmp_path / "cache", cfg, shard=(0, 1))
+    shutil.copy(write_cache(root, tmp_path / "full", name="fakenet"), shard)
+    with pytest.raises(CacheError, match=r"was cut short, rerun `featcache cache merge .*shard-0-of-1.h5`"):
+        fit(root, "fakenet", "logreg", opts(tmp_path / "cache", tmp_path / "runs"))
+    shard.unlink()
     with pytest.raises(CacheError, match="no feature cache for backbone 'vgg16'"):
         fit(root, "vgg16", "logreg", opts(tmp_path / "cache", tmp_path / "runs"))
     # shards never merged: the error gives the merge command
