@@ -208,21 +208,16 @@ def _complete_read_only(path: Path, exc: OSError, todo: Callable[[Any], list[_It
     extract would list them.
     """
     from featcache import cache as fcache
-    from featcache.images import ImageDecodeError, decode_image
 
     if not path.is_file():
         raise exc
     with fcache.CacheReader(path) as reader:
         items = todo(reader.index())
     for item in items:
-        try:
-            decode_image(item.records[0].path.read_bytes(), (size, size), resize)
-        except ImageDecodeError as bad:
-            skipped.extend((rec.relpath, bad.reason) for rec in item.records)
-            continue
-        except OSError:
-            pass
-        raise exc  # a row that could be computed is missing: the cache must be written to
+        reason = _decode_item(item, size, resize)  # what a writable extract would do with it
+        if not isinstance(reason, str):
+            raise exc  # a row that could be computed is missing: the cache must be written to
+        skipped.extend((rec.relpath, reason) for rec in item.records)
     return items
 
 

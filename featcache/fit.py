@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -608,6 +608,9 @@ def fit(
     dataset = discover(data, opts.manifest)
     records = dataset.records
     task_labels(records, task)  # a task the dataset cannot have fails before any file is read
+    # each backbone's cache file, looked up once (the lookup opens every file in the cache folder and hashes
+    # a saved model's file), before the images are hashed, so a missing cache is reported at once
+    opts = replace(opts, cache_files={name: _pick_cache(dataset.root, name, opts) for name in names})
     keys = _hash_records(records, progress)
     # images that extract skipped because they cannot be decoded have no features: leave them out, as
     # extract did, instead of asking for an extract that skips them again
@@ -1043,9 +1046,9 @@ def _fit_cv(ctx: _Ctx, configs: list[dict], result: FitResult, chash: str) -> No
 def _check_head_memory(configs: list[dict], n_in: int, n_classes: int) -> None:
     """ConfigError for a dense head whose weights and optimizer state cannot fit in memory (a typo such as
     ``--layers 100000000``), before TensorFlow fails deep inside with a traceback or the OS kills the fit."""
-    from featcache.heads.logreg import _available_memory
+    from featcache.resources import available_memory
 
-    available = _available_memory()
+    available = available_memory()
     for p in configs:
         sizes = [n_in, *[int(u) for u in p.get("layers", (1024, 512))], n_classes]
         n_params = sum((a + 1) * b for a, b in zip(sizes, sizes[1:], strict=False))

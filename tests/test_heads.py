@@ -603,7 +603,7 @@ def test_search_with_one_workspace_gives_the_same_results(monkeypatch):
 
 def test_available_memory_counts_reclaimable_page_cache(tmp_path):
     """MemAvailable (free + droppable page cache) is read, not the free pages alone."""
-    from featcache.heads.logreg import _available_memory
+    from featcache.resources import available_memory as _available_memory
 
     info = tmp_path / "meminfo"
     info.write_text("MemTotal:       24000000 kB\nMemFree:          500000 kB\nMemAvailable:   20000000 kB\n")

@@ -74,8 +74,10 @@ from featcache.heads.base import (
 )
 from featcache.heads.logreg_lbfgs import solve_many
 from featcache.heads.logreg_space import GramJob, Prefetcher, Space, Tasks, Workspace
-from featcache.heads.logreg_stats import FoldScalers, cpus, fit_scaler, standardize, standardize_tasks
+from featcache.heads.logreg_stats import FoldScalers, fit_scaler, standardize, standardize_tasks
 from featcache.progress import ProgressFn, emit
+from featcache.resources import available_memory as _available_memory  # tests patch it here
+from featcache.resources import cpus
 
 DEFAULT_CS = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 1e1, 1e2]
 _FAST_SCORERS = ("accuracy", "balanced_accuracy", "roc_auc", "f1_macro", "neg_log_loss")
@@ -100,28 +102,6 @@ def _fast_supported(p: dict) -> bool:
     """True when the candidate is plain L2 lbfgs, which the kernel-space solver reproduces."""
     return (p["solver"] == "lbfgs" and p["penalty"] in ("l2", "deprecated")
             and p["l1_ratio"] in (None, 0, 0.0) and not p["dual"] and np.isfinite(p["C"]) and p["C"] > 0)
-
-
-def _available_memory(meminfo: str = "/proc/meminfo") -> float:
-    """Bytes of memory available for new allocations now; infinity where the OS does not say.
-
-    Linux's MemAvailable counts the page cache that can be dropped, which ``SC_AVPHYS_PAGES`` (free
-    pages only) leaves out: after reading a large feature cache most memory is page cache, and free pages
-    alone would make the search choose its slower one-workspace path without need.
-    """
-    import os
-
-    try:
-        with open(meminfo, encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return float(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (AttributeError, ValueError, OSError):
-        return float("inf")
 
 
 def _score(scoring: str, y: np.ndarray, raw: np.ndarray, classes: np.ndarray) -> float:

@@ -6,18 +6,13 @@ float64 with chunked passes (no float64 copy of the matrix) and shared between o
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
 import numpy as np
 
-
-def cpus() -> int:
-    """CPUs this process may run on (its affinity mask where the OS has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
+from featcache.resources import cpus
 
 CHUNK_ROWS = 64  # rows per float64 statistics step: small temporaries stay in cache (2.2x faster than 512)
 _GATHER_ROWS = 256  # rows per gather-and-standardise step: few GIL hand-offs, second pass still cached

@@ -43,20 +43,20 @@ class SVMHead(CVHead):
         """The calibrated final model; Platt scaling's 3 folds shrink to what the smallest class allows."""
         import numpy as np
 
+        from featcache.heads.base import SklearnHead, rejected_params
+
         smallest = int(np.min(np.bincount(np.asarray(y))[np.unique(y)]))
         if smallest < 2:
             raise DataError(f"svm's probability calibration needs at least 2 images of every class in the "
                             f"rows it is fitted on (each CV fold's training part, then all training images); "
                             f"one class has {smallest} there: add images, or use the logreg or knn head.")
-        self._calibration_folds = min(3, smallest)
-        try:
-            return super().fit(X, y, params, seed=seed)
-        finally:
-            self._calibration_folds = 3
+        est = self.make_estimator(self.check(params), seed=seed, calibration_folds=min(3, smallest))
+        with rejected_params(self.name):
+            est.fit(np.asarray(X), np.asarray(y))
+        return SklearnHead(est, int(np.max(y)) + 1)
 
-    _calibration_folds = 3
-
-    def make_estimator(self, params: dict, *, seed: int = 0, for_search: bool = False) -> Any:
+    def make_estimator(self, params: dict, *, seed: int = 0, for_search: bool = False,
+                       calibration_folds: int = 3) -> Any:
         from sklearn.calibration import CalibratedClassifierCV
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
@@ -69,12 +69,12 @@ class SVMHead(CVHead):
             est: Any = LinearSVC(C=C, class_weight=cw, dual="auto", random_state=seed,
                                  max_iter=int(params.get("max_iter") or 5000))
             if not for_search:
-                est = CalibratedClassifierCV(est, method="sigmoid", cv=self._calibration_folds)
+                est = CalibratedClassifierCV(est, method="sigmoid", cv=calibration_folds)
         elif kernel == "rbf":
             est = SVC(kernel="rbf", C=C, gamma=_gamma(params.get("gamma")), class_weight=cw,
                       random_state=seed, max_iter=int(params.get("max_iter") or -1))
             if not for_search:
-                est = CalibratedClassifierCV(est, method="sigmoid", cv=self._calibration_folds)
+                est = CalibratedClassifierCV(est, method="sigmoid", cv=calibration_folds)
         else:
             raise ConfigError(f"unknown svm kernel '{kernel}'; use linear or rbf.")
         return make_pipeline(StandardScaler(), est)
