@@ -76,18 +76,14 @@ def _split_columns(rec: RunRecord, split: str, threshold: float | None) -> dict[
                 # run is published with one CI; recomputed from the CSV only for runs that lack them
                 where = (test_m.get("at_threshold") or {}) if suffix else test_m
                 recorded = where.get("ci") if isinstance(where.get("ci"), dict) else {}
-                computed = bootstrap_ci(pred, thr)
-                for m in CI_METRICS:
-                    if suffix and m == "auc":
-                        continue  # AUC does not depend on the threshold
-                    pair = recorded.get(m)
-                    if isinstance(pair, list | tuple) and len(pair) == 2:
-                        lo, hi = _num(pair[0]), _num(pair[1])
-                    elif m in computed:
-                        lo, hi = computed[m]
-                    else:
-                        continue
-                    out[f"test_{m}{suffix}_lo"], out[f"test_{m}{suffix}_hi"] = lo, hi
+                wanted = [m for m in CI_METRICS if not (suffix and m == "auc")]  # AUC ignores the threshold
+                pairs = {m: recorded[m] for m in wanted
+                         if isinstance(recorded.get(m), list | tuple) and len(recorded[m]) == 2}
+                if len(pairs) < len(wanted):  # a run that recorded none (or not all): bootstrap the CSV
+                    computed = bootstrap_ci(pred, thr)
+                    pairs.update({m: computed[m] for m in wanted if m not in pairs and m in computed})
+                for m, (lo, hi) in pairs.items():
+                    out[f"test_{m}{suffix}_lo"], out[f"test_{m}{suffix}_hi"] = _num(lo), _num(hi)
         return out
     rec_m = _recorded(rec.metrics, split)
     for m in METRICS:
