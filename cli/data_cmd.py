@@ -7,12 +7,11 @@ to this sub-app when that module exists.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import typer
+from featcache.cli.text import shown
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -42,11 +41,6 @@ _INSPECT_HELP = (
 )
 
 
-def _show(text: str) -> str:
-    """Printable and markup-safe: non-UTF-8 bytes shown as \\xNN, rich markup escaped."""
-    return escape(os.fsencode(text).decode("utf-8", "backslashreplace"))
-
-
 class _HashBar:
     """Progress events of the hashing pass -> one rich bar on stderr."""
 
@@ -64,7 +58,7 @@ def _summary_table(info: dict) -> Table:
     table = Table(title="dataset", show_header=False)
     table.add_column("what")
     table.add_column("value", overflow="fold")
-    table.add_row("root", _show(info["root"]))
+    table.add_row("root", shown(info["root"]))
     table.add_row("layout", info["layout"])
     table.add_row("images", f"{info['n_images']:,} ({info['n_unique']:,} unique)")
     table.add_row("patients", f"{info['n_patients']:,}")
@@ -86,16 +80,16 @@ def _counts_table(info: dict) -> Table:
     for split, labels in info["counts"].items():
         for label, subtypes in labels.items():
             for subtype, n in subtypes.items():
-                table.add_row(_show(split), _show(label), _show(subtype), f"{n:,}")
+                table.add_row(shown(split), shown(label), shown(subtype), f"{n:,}")
     table.add_section()
     for split, n in info["patients_per_split"].items():
-        table.add_row(_show(split), "[dim]patients[/]", "", f"{n:,}")
+        table.add_row(shown(split), "[dim]patients[/]", "", f"{n:,}")
     return table
 
 
 def _list_table(title: str, columns: tuple[str, str], rows: list[tuple[str, str]], total: int) -> Table:
-    shown = f" (first {_MAX_ROWS} of {total:,}; use --json for all)" if total > len(rows) else ""
-    table = Table(title=title + shown)
+    more = f" (first {_MAX_ROWS} of {total:,}; use --json for all)" if total > len(rows) else ""
+    table = Table(title=title + more)
     table.add_column(columns[0], overflow="fold")
     table.add_column(columns[1], overflow="fold")
     for a, b in rows:
@@ -108,20 +102,20 @@ def _render(info: dict) -> None:
     console.print(_counts_table(info))
     dups = info["duplicates"]
     if dups:
-        rows = [(str(i + 1), "\n".join(_show(p) for p in g)) for i, g in enumerate(dups[:_MAX_ROWS])]
+        rows = [(str(i + 1), "\n".join(shown(p) for p in g)) for i, g in enumerate(dups[:_MAX_ROWS])]
         console.print(_list_table("byte-identical duplicates", ("group", "files"), rows, len(dups)))
     clashes = info.get("conflicting_duplicates", [])
     if clashes:
-        rows = [(str(i + 1), "\n".join(_show(p) for p in g)) for i, g in enumerate(clashes[:_MAX_ROWS])]
+        rows = [(str(i + 1), "\n".join(shown(p) for p in g)) for i, g in enumerate(clashes[:_MAX_ROWS])]
         console.print(_list_table("byte-identical images with different labels", ("group", "files"), rows,
                                   len(clashes)))
     leaks = list(info["cross_split_patients"].items())
     if leaks:
-        rows = [(_show(p), ", ".join(_show(s) for s in splits)) for p, splits in leaks[:_MAX_ROWS]]
+        rows = [(shown(p), ", ".join(shown(s) for s in splits)) for p, splits in leaks[:_MAX_ROWS]]
         console.print(_list_table("patients in more than one split", ("patient", "splits"), rows, len(leaks)))
     skipped = info["skipped"]
     if skipped:
-        rows = [(_show(rel), _show(why)) for rel, why in skipped[:_MAX_ROWS]]
+        rows = [(shown(rel), shown(why)) for rel, why in skipped[:_MAX_ROWS]]
         console.print(_list_table("skipped files", ("file", "reason"), rows, len(skipped)))
 
 

@@ -1,8 +1,8 @@
 """`featcache extract`: run a frozen backbone over a dataset into the HDF5 feature cache.
 
 Thin layer: featcache.extract does the work; this module parses flags, shows a rich progress bar
-(images/s, ETA) on stderr and a summary. Strings from the data (file names, reasons) are escaped
-before rich renders them, and non-UTF-8 names are shown with replacement characters.
+(images/s, ETA) on stderr and a summary. Strings from the data (file names, reasons) go through
+:func:`featcache.cli.text.shown` before rich renders them.
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import typer
 from featcache.cli.native_log import import_backend_quietly
+from featcache.cli.text import shown
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -39,15 +39,6 @@ HELP = (
     "--weights none --image-size 128"
 )
 _PHASE_LABELS = {"backbone": "building backbone", "hash": "hashing files", "extract": "extracting"}
-
-
-def _printable(text: str) -> str:
-    """Display form of a path that may hold undecodable bytes (kept as surrogates by os.fsdecode)."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
-def _safe(text: object) -> str:
-    return escape(_printable(str(text)))
 
 
 class _RateColumn(ProgressColumn):
@@ -97,7 +88,7 @@ def _render_summary(console: Console, result) -> None:  # noqa: ANN001 - Extract
     table.add_column("value", overflow="fold")
     size = info["cache_bytes"]
     rows = [
-        ("cache file", _safe(info["cache_path"])),
+        ("cache file", shown(info["cache_path"])),
         ("cache size", f"{size / 2**20:.1f} MB" if size is not None else "-"),
         ("feature dim", str(info["feature_dim"])),
         ("files", str(info["n_files"])),
@@ -117,7 +108,7 @@ def _render_summary(console: Console, result) -> None:  # noqa: ANN001 - Extract
         st.add_column("file", overflow="fold")
         st.add_column("reason", overflow="fold")
         for rel, reason in skipped[:MAX_SKIPPED_SHOWN]:
-            st.add_row(_safe(rel), _safe(reason))
+            st.add_row(shown(rel), shown(reason))
         console.print(st)
         if len(skipped) > MAX_SKIPPED_SHOWN:
             console.print(f"... and {len(skipped) - MAX_SKIPPED_SHOWN} more (use --json for the full list)")

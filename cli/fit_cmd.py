@@ -11,6 +11,7 @@ from pathlib import Path
 
 import typer
 from featcache.cli.native_log import import_backend_quietly
+from featcache.cli.text import shown
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -216,12 +217,12 @@ def register(app: typer.Typer) -> None:
             return
         out = Console()
         for name, path in result.caches.items():
-            out.print(f"features of {escape(name)}: {escape(str(path))}", soft_wrap=True)
+            out.print(f"features of {shown(name)}: {shown(path)}", soft_wrap=True)
         if result.left_out:
             out.print(f"{len(result.left_out)} image(s) cannot be decoded and were left out (extract "
                       "skipped them too):", soft_wrap=True)
             for rel, why in result.left_out[:5]:
-                out.print(f"  {escape(rel)}: {escape(why)}", soft_wrap=True, highlight=False)
+                out.print(f"  {shown(rel)}: {shown(why)}", soft_wrap=True, highlight=False)
         if result.skipped and result.selection == "cv":  # one run holds the whole CV search
             out.print(f"this search over {result.n_configs} config(s) already has a finished run in "
                       f"{escape(str(runs_dir))} ({escape(result.skipped[0])}); skipped it.", soft_wrap=True)
@@ -244,8 +245,8 @@ def register(app: typer.Typer) -> None:
         for r in rows:
             ci = r["test_ci"]
             table.add_row(
-                escape(r["id"]),
-                escape(params_text(r["params"])),
+                shown(r["id"]),
+                shown(params_text(r["params"])),
                 fmt(r["val"]),
                 fmt(r["test"]),
                 f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "-",

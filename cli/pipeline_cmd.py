@@ -8,6 +8,7 @@ import typer
 from featcache.cli.fit_cmd import layers_option
 from featcache.cli.native_log import import_backend_quietly
 from featcache.cli.report_cmd import make_callback, print_outputs, progress_display
+from featcache.cli.text import shown
 from rich.console import Console
 from rich.markup import escape
 
@@ -26,7 +27,7 @@ def _summary(result) -> None:
             soft_wrap=True,  # one line per stage, whatever the terminal's width (log greps find it)
         )
         for rel, reason in ex.skipped[:3]:  # the first bad files
-            console.print(f"  skipped {escape(str(rel))}: {escape(str(reason))}", highlight=False)
+            console.print(f"  skipped {shown(rel)}: {shown(reason)}", highlight=False)
     for fr in result.fits:
         resumed = sum(1 for run in fr.runs if resumed_epoch(run))
         console.print(

@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 from featcache.cli.extract_cmd import MAX_SKIPPED_SHOWN
 from featcache.cli.native_log import import_backend_quietly
+from featcache.cli.text import shown
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -63,14 +64,14 @@ def _print_table(out: dict) -> None:
     table = Table(title=title)
     table.add_column("image", overflow="fold")
     for c in out["classes"]:
-        table.add_column(f"P({escape(c)})", justify="right")
+        table.add_column(f"P({shown(c)})", justify="right")
     table.add_column("label")
     table.add_column("features")
     for p in out["predictions"]:
         table.add_row(
-            escape(p["image"]),
+            shown(p["image"]),
             *[f"{p['probabilities'][c]:.3f}" for c in out["classes"]],
-            f"[bold]{escape(p['label'])}[/]",
+            f"[bold]{shown(p['label'])}[/]",
             "cache" if p["from_cache"] else "backbone",
         )
     Console().print(table)
@@ -79,6 +80,6 @@ def _print_table(out: dict) -> None:
         err = Console(stderr=True)
         err.print(f"[yellow]{len(skipped)} image(s) skipped:[/]")
         for s in skipped[:MAX_SKIPPED_SHOWN]:
-            err.print(f"  {escape(s['image'])}: {escape(s['reason'])}", highlight=False, soft_wrap=True)
+            err.print(f"  {shown(s['image'])}: {shown(s['reason'])}", highlight=False, soft_wrap=True)
         if len(skipped) > MAX_SKIPPED_SHOWN:
             err.print(f"  ... and {len(skipped) - MAX_SKIPPED_SHOWN} more (use --json for the full list)")

@@ -12,6 +12,7 @@ from datetime import datetime
 from pathlib import Path
 
 import typer
+from featcache.cli.text import shown
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -71,15 +72,15 @@ def ls_cmd(
         table.add_column(col, overflow="fold")
     for r in rows:
         table.add_row(
-            escape(r["id"]),
-            escape(str(r["backbone"])),
-            escape(str(r["head"])),
-            escape(str(r["task"])),
-            escape(params_text(r["params"])),
+            shown(r["id"]),
+            shown(r["backbone"]),
+            shown(r["head"]),
+            shown(r["task"]),
+            shown(params_text(r["params"])),
             escape(str(r["metric"])),
             fmt(r["val"]),
             fmt(r["test"]),
-            *([escape(",".join(r["tags"]))] if tagged else []),
+            *([shown(",".join(r["tags"]))] if tagged else []),
         )
     console.print(table)
 
@@ -199,7 +200,7 @@ def show_cmd(
     versions = info.get("versions") or {}
     rows.append(("versions", ", ".join(f"{k} {v}" for k, v in versions.items()) or "-"))
     for key, value in rows:
-        about.add_row(escape(key), escape(value))
+        about.add_row(shown(key), shown(value))
     scores = Table(title="metrics (threshold 0.5; test with 95% bootstrap CI over patients)")
     scores.add_column("split")
     scores.add_column("n", justify="right")

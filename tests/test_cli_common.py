@@ -1,6 +1,7 @@
 """CLI behaviour common to every command: help texts survive rich markup, Ctrl-C is reported."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -181,3 +182,14 @@ def test_an_operating_system_error_is_one_sentence_not_a_traceback(tmp_path, mon
     err = " ".join(capsys.readouterr().err.split())
     assert "refused a file operation (/data/x.h5): No space left on device." in err
     assert "Traceback" not in err
+
+
+def test_names_from_the_data_are_shown_as_one_visible_line() -> None:
+    """A newline in a file name would split a table row; an escape sequence would reach the terminal."""
+    from featcache.cli.text import printable, shown
+
+    odd = os.fsdecode(b"a\nb\tc\x1b[31m\xff[red]d\x85.png")
+    assert printable(odd) == "a\\nb\\tc\\x1b[31m\\xff[red]d\\x85.png"
+    assert shown(odd) == "a\\nb\\tc\\x1b[31m\\xff\\[red]d\\x85.png"  # rich markup escaped
+    assert printable("line\u0085next\u2028") == "line\\x85next\u2028"  # C1 control escaped too
+    assert printable("thorax-ü.png") == "thorax-ü.png"  # printable UTF-8 is left alone

@@ -306,6 +306,7 @@ def test_cli_inspect_tables_escape_markup(tmp_path, capsys):
     (tmp_path / "bad/train/NORMAL/[bold]evil[red].txt").write_text("x")
     with open(os.fsencode(tmp_path / "bad/train/NORMAL") + b"/\xffbad.txt", "wb") as fh:
         fh.write(b"x")  # a non-UTF-8 name in a table must not crash the console
+    (tmp_path / "bad/train/NORMAL/two\nlines\x1b[2J.txt").write_text("x")  # would split a row / clear a screen
     code = run(["data", "inspect", str(tmp_path / "bad")])
     out = capsys.readouterr().out
     assert code == 0
@@ -313,6 +314,7 @@ def test_cli_inspect_tables_escape_markup(tmp_path, capsys):
     flat = out.replace("\n", "").replace("│", "").replace(" ", "")
     assert "[bold]evil[red].txt" in flat  # printed literally: rich markup in names is escaped
     assert "\\xffbad.txt" in flat
+    assert "two\\nlines\\x1b[2J.txt" in flat and "\x1b" not in out
 
 
 def test_cli_inspect_manifest_and_errors(tmp_path, capsys):

@@ -1,0 +1,33 @@
+"""How text from the data (file names, labels, tags, reasons) is shown in the terminal.
+
+A file name may hold bytes that are not UTF-8 (kept as surrogates by ``os.fsdecode``), control
+characters (a newline would split a table row in two and make a listing lie about how many files
+there are; an escape sequence would reach the terminal) and rich markup (``[red]`` would vanish).
+:func:`shown` turns any of them into visible escapes, so what is printed is one line that names the
+file unambiguously.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+from rich.markup import escape
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _visible(match: re.Match[str]) -> str:
+    char = match.group()
+    return _NAMED.get(char, f"\\x{ord(char):02x}")
+
+
+def printable(text: object) -> str:
+    """One printable line: undecodable bytes as ``\\xNN``, control characters as ``\\n``/``\\xNN``."""
+    raw = os.fsencode(str(text)).decode("utf-8", "backslashreplace")
+    return _CONTROL.sub(_visible, raw)
+
+
+def shown(text: object) -> str:
+    """:func:`printable`, with rich markup escaped, for use inside a rich format string."""
+    return escape(printable(text))
