@@ -128,7 +128,7 @@ def extract_cmd(
     image_size: int | None = typer.Option(
         None, "--image-size", help="Input size in pixels (default: the backbone's; at least its minimum)."),
     resize: str = typer.Option(
-        "squash", "--resize", help="squash (aspect not kept, as the papers), pad or crop."),
+        "squash", "--resize", help="squash (aspect not kept, as most of the papers), pad or crop."),
     views: str = typer.Option(
         "orig", "--views", help="Comma-separated views, e.g. orig,hflip,rot+20,bright+0.2."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass (and per cache chunk)."),

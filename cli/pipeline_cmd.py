@@ -56,15 +56,21 @@ def register(app: typer.Typer) -> None:
         data: Path = typer.Option(
             ..., "--data", help="Dataset folder (Kermany layout, class folders) or CSV."
         ),
-        backbone: str = typer.Option(..., "--backbone", help="Backbone name(s), comma-separated."),
-        head: str = typer.Option(..., "--head", help="Head(s), comma-separated: logreg, mlp, svm, knn."),
+        backbone: str = typer.Option(
+            "", "--backbone", help="Backbone name(s), comma-separated (default: the --preset's)."
+        ),
+        head: str = typer.Option(
+            "", "--head", help="Head(s), comma-separated: logreg, mlp, svm, knn (default: the --preset's)."
+        ),
         weights: str = typer.Option(
             "imagenet", "--weights", help="imagenet | none | PATH to a weights file."
         ),
         layer: str | None = typer.Option(
             None, "--layer", help="Feature layer of a saved-model backbone (model.keras)."
         ),
-        task: str = typer.Option("binary", "--task", help="binary | 3class | folders."),
+        task: str | None = typer.Option(
+            None, "--task", help="binary | 3class | folders (default: the --preset's, else binary)."
+        ),
         grid: list[str] = typer.Option(
             [],
             "--grid",
@@ -72,7 +78,8 @@ def register(app: typer.Typer) -> None:
         ),
         layers: str | None = typer.Option(None, "--layers", help="mlp hidden layers, e.g. 1024,512."),
         preset: str | None = typer.Option(
-            None, "--preset", help="A grid preset (see `featcache fit --help`)."
+            None, "--preset", help="A paper's setup: its backbone, pooling, image size, task, head and grid "
+            "(see `featcache fit --help`)."
         ),
         cv_folds: int = typer.Option(5, "--cv-folds", help="Patient-grouped CV folds (logreg, svm, knn)."),
         balance: str | None = typer.Option(None, "--balance", help="none | undersample | oversample."),

@@ -285,8 +285,12 @@ PRESETS: dict[str, Preset] = {
     "laban2021": Preset(
         name="laban2021", head="logreg", task="binary",
         description="Laban et al. (paper 003): VGG16 features to the last pool (7x7x512 flatten) and "
-                    "LogisticRegression tuned with GridSearchCV, class weights 1:3.",
-        configs=expand({"C": [0.001, 0.01, 0.1, 1.0, 10.0], "class_weight": [{0: 1.0, 1: 3.0}]}),
+                    "LogisticRegression tuned with GridSearchCV, a NORMAL image weighted as 3 pneumonia "
+                    "images.",
+        # "treating an instance of normal as 3 instance of pneumonia": NORMAL is class 0 of the binary
+        # task. (The paper's array "[1,3]" reads the other way in LabelBinarizer's sorted order; its
+        # prose and its reason, the 1:3 imbalance against NORMAL, say normal gets the weight.)
+        configs=expand({"C": [0.001, 0.01, 0.1, 1.0, 10.0], "class_weight": [{0: 3.0, 1: 1.0}]}),
         options={"backbone": "vgg16", "pooling": "flatten", "image_size": 224, "balance": "none"},
     ),
     "vazquez2021": Preset(

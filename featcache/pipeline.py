@@ -75,6 +75,30 @@ def split_grid_args(items: Sequence[str], heads: Sequence[str]) -> dict[str, lis
     return routed
 
 
+def _apply_preset(
+    fopts: Any, backbones: list[str], heads: list[str]
+) -> tuple[list[str], list[str], str | None, int | None]:
+    """(backbones, heads, pooling, image size) for the extraction, with a ``--preset``'s defaults.
+
+    Why here and not only in fit: the extraction comes first, and fit then reads the file it is handed.
+    A preset's pooling and image size (laban2021's 25,088-d flatten, say) must reach the extraction, or
+    the fit would train the paper's head on other features without a word.
+    """
+    from featcache.grids import get_preset
+
+    pooling, image_size = fopts.pooling, fopts.image_size
+    if not fopts.preset:
+        return backbones, heads, pooling, image_size
+    preset = get_preset(fopts.preset)
+    wrong = [h for h in heads if h != preset.head]
+    if wrong:
+        raise ConfigError(
+            f"preset '{preset.name}' uses the {preset.head} head, not '{wrong[0]}'; drop --head."
+        )
+    return (backbones or [preset.options["backbone"]], heads or [preset.head],
+            pooling or preset.options.get("pooling"), image_size or preset.options.get("image_size"))
+
+
 def run_pipeline(
     data: str | Path,
     backbones: Sequence[str],
@@ -105,6 +129,8 @@ def run_pipeline(
     from featcache.fit import FitOptions, check_seed, fit
     from featcache.report import ReportOptions, build_report
 
+    fopts = fit_options or FitOptions()
+    backbones, heads, pooling, image_size = _apply_preset(fopts, list(backbones), list(heads))
     if not backbones:
         raise ConfigError("choose at least one backbone with --backbone (e.g. mobilenet-0.75).")
     if not heads:
@@ -112,12 +138,12 @@ def run_pipeline(
     result = PipelineResult()
     dataset = discover(data, getattr(fit_options, "manifest", None))
     routed = split_grid_args(grid_args, heads)
-    fopts = fit_options or FitOptions()
     check_seed(fopts.seed)  # before the extraction, not an hour later in the fit
     for i, name in enumerate(backbones):
         emit(progress, "pipeline", i, len(backbones) + len(heads) + 1, f"extracting {name}")
         bb = BackboneConfig(name=name, weights=weights, seed=fopts.seed,  # layer: saved models only
-                            layer=layer if is_saved_model(name) else None)
+                            layer=layer if is_saved_model(name) else None, pooling=pooling,
+                            image_size=image_size)
         result.extracts.append(extract(dataset, bb, cache_dir, extract_options or ExtractOptions(), progress))
         crash_point("pipeline.after_extract")
     # the fits read exactly these files: the cache folder may hold other settings of the same backbone

@@ -111,10 +111,20 @@ def test_mao2018_is_the_papers_33_configs() -> None:
     assert len({tuple(sorted((k, str(v)) for k, v in c.items())) for c in p.configs}) == 33
 
 
+class _Rec:
+    def __init__(self, label: str) -> None:
+        self.label, self.subtype = label, None
+
+
 def test_other_presets() -> None:
     lab = get_preset("laban2021")
     assert lab.head == "logreg" and lab.options["backbone"] == "vgg16" and lab.options["pooling"] == "flatten"
-    assert all(c["class_weight"] == {0: 1.0, 1: 3.0} for c in lab.configs)
+    # the paper weights a NORMAL image as 3 pneumonia images (the minority class up), not the other way
+    from featcache.datasets import task_labels
+
+    y, _ = task_labels([_Rec("NORMAL"), _Rec("PNEUMONIA")], "binary")
+    normal, pneumonia = int(y[0]), int(y[1])
+    assert all(c["class_weight"] == {normal: 3.0, pneumonia: 1.0} for c in lab.configs)
     vaz = get_preset("vazquez2021").configs[0]
     assert (vaz["dropout"], vaz["activation"], vaz["optimizer"], vaz["lr"], vaz["epochs"]) == \
         (0.2, "sigmoid", "sgd", 0.001, 60)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import pytest
 from featcache.cli.app import run
 
@@ -90,6 +91,26 @@ def test_run_end_to_end(kermany_tree, tmp_path, capsys, monkeypatch):
     assert all(r["tags"] == ["e2e"] and r["test_accuracy"] is not None for r in board)
     html = report.read_text()
     assert "Grid views" in html and "mean CV" in html  # the CV search inside each run is shown
+
+
+def test_run_with_a_preset_extracts_and_fits_the_papers_setup(kermany_tree, tmp_path, capsys, monkeypatch):
+    """`run --preset` takes the preset's pooling, image size, task and head; before, run extracted the
+    backbone's default (avg) features and fit the paper's head on them as a binary task, without a word."""
+    monkeypatch.chdir(tmp_path)
+    code = run(["run", "--data", str(kermany_tree), "--preset", "aucouturier2020", "--backbone",
+                "mobilenet-0.75", "--weights", "none", "--head", "logreg"])
+    assert code == 2 and "uses the mlp head, not 'logreg'" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()  # refused before any extraction
+    code = run(["run", "--data", str(kermany_tree), "--preset", "aucouturier2020", "--backbone",
+                "mobilenet-0.75", "--weights", "none"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    (cache,) = (tmp_path / "cache").glob("*.h5")
+    with h5py.File(cache, "r") as f:
+        assert f["features"].shape[1] == 7 * 7 * 768  # flatten at 224 px, as the preset says
+    (run_json,) = (tmp_path / "runs").glob("*/run.json")
+    record = json.loads(run_json.read_text())
+    assert record["task"] == "3class" and record["preset"] == "aucouturier2020" and record["head"] == "mlp"
 
 
 def test_run_with_a_saved_model_and_then_fit_by_its_path(kermany_tree, tmp_path, capsys, monkeypatch):
