@@ -2,7 +2,8 @@
 
 Layout (``--runs-dir``, default ``./runs``)::
 
-    <run_id>/run.json              config, choices, cache digests, versions, command, artifacts + sha256
+    <run_id>/run.json              config, choices, cache digests, versions, command, artifacts + sha256,
+                                   records (sha256 of metrics.json and the prediction CSVs)
     <run_id>/metrics.json          {"val", "test", "cv_results", "history", "train"}
     <run_id>/predictions_val.csv   relpath,key,y_true,p_<class>...,y_pred,group
     <run_id>/predictions_test.csv
@@ -12,7 +13,8 @@ Layout (``--runs-dir``, default ``./runs``)::
 Why: a sweep can be killed at any moment, so ``status`` is written LAST and atomically (temp file +
 os.replace): a folder without ``"status": "done"`` is never shown as a result and a resumed sweep
 retrains that config. Model files are loaded only after their recorded SHA-256 matches, so a
-swapped or tampered file (a pickle can run code) is refused instead of loaded.
+swapped or tampered file (a pickle can run code) is refused instead of loaded, and a report leaves out
+a run whose metrics or prediction files changed after the fit.
 """
 
 from __future__ import annotations
@@ -88,6 +90,9 @@ def params_string(params: dict, *, sep: str = ", ", float_format: str = "g", non
 def config_hash(config: dict) -> str:
     """sha256 of the canonical JSON of a run's defining config (hex)."""
     return hashlib.sha256(canonical_json(config).encode()).hexdigest()
+
+
+RECORD_FILES = ("metrics.json", "predictions_val.csv", "predictions_test.csv")
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -253,8 +258,15 @@ class RunWriter:
         return list(arts)
 
     def finish(self, **extra: Any) -> Run:
-        """Write run.json with status "done" (the commit point of the run)."""
+        """Write run.json with status "done" (the commit point of the run).
+
+        It records the SHA-256 of metrics.json and the prediction CSVs (``records``): the report reads
+        its numbers from them, and a file edited or cut short later must not be published as the run's.
+        """
         self.info.update(extra)
+        self.info["records"] = {
+            name: sha256_file(self.path / name) for name in RECORD_FILES if (self.path / name).is_file()
+        }
         self.info["status"] = "done"
         self.info["finished"] = _now()
         write_json_atomic(self.path / "run.json", self.info)
@@ -324,6 +336,24 @@ def load_run(runs_dir: str | Path, run_id: str) -> Run:
             "rerun the same `featcache fit` command to complete it."
         )
     return Run(run_id, d, info)
+
+
+def changed_records(path: Path, info: dict) -> list[str]:
+    """Why each result file recorded in run.json's ``records`` can no longer be trusted ([] when none).
+
+    A run written before records existed has none, so nothing is checked here; the report then compares
+    the prediction CSVs with metrics.json instead.
+    """
+    problems = []
+    for name, digest in (info.get("records") or {}).items():
+        if name not in RECORD_FILES:
+            continue  # only our own file names: a record must not make us open arbitrary paths
+        file = path / name
+        if not file.is_file():
+            problems.append(f"{name} is missing")
+        elif sha256_file(file) != digest:
+            problems.append(f"{name} was changed after the fit (its SHA-256 differs from run.json's record)")
+    return problems
 
 
 def verify_artifacts(run: Run) -> None:

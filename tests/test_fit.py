@@ -268,8 +268,9 @@ def test_grid_killed_mid_way_resumes_only_unfinished(setup) -> None:
     for r in final:
         m, ref = r.metrics(), reference[r["params"]["lr"]]
         assert (m["history"], m["val"], m["test"]) == (ref["history"], ref["val"], ref["test"])
-    for r in final:  # consistent: every artifact matches its recorded digest
-        for rel, digest in r["artifacts"].items():
+    for r in final:  # consistent: every artifact and result file matches its recorded digest
+        assert {"metrics.json", "predictions_val.csv", "predictions_test.csv"} <= set(r["records"])
+        for rel, digest in [*r["artifacts"].items(), *r["records"].items()]:
             assert sha256_file(r.path / rel) == digest
 
 

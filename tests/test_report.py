@@ -48,10 +48,15 @@ def write_fake_run(
     folder = runs_dir / run_id
     folder.mkdir(parents=True)
 
+    recorded: dict[str, dict] = {}
+
     def preds(split: str, n: int) -> None:
         y = np.arange(n) % 2
         logits = quality * (2 * y - 1) + rng.normal(0, 1.0, n)
         p = 1 / (1 + np.exp(-logits))
+        # what fit records beside the CSV (from the written, rounded probabilities: they must agree)
+        written = np.array([float(f"{v:.6f}") for v in p])
+        recorded[split] = {"n": n, "accuracy": float(np.mean((written >= 0.5) == (y == 1)))}
         with open(folder / f"predictions_{split}.csv", "w", newline="", encoding="utf-8") as fh:
             w = csv.writer(fh)
             w.writerow(["relpath", "key", "y_true", *(f"p_{c}" for c in CLASSES), "y_pred"])
@@ -81,7 +86,7 @@ def write_fake_run(
             "lr": [1e-3] * 10,
         }
     metrics = {
-        "val": {"accuracy": 0.0},
+        "val": recorded["val"],
         "test": None,
         "cv_results": None,
         "history": history,
@@ -267,6 +272,54 @@ def test_unfinished_runs_are_left_out_and_listed(tmp_path):
     ]
     html = res.html.read_text()
     assert "Runs left out" in html and "20240101-000002-logreg-bbbbbbbb" in html and "running" in html
+
+
+def test_runs_whose_result_files_changed_after_the_fit_are_left_out(tmp_path):
+    """The report recomputes its numbers from the prediction CSVs: one cut short or edited must not be
+    published (beside the fit's recorded CI) as the run's result."""
+    from featcache.hashing import sha256_file
+
+    runs = tmp_path / "runs"
+    good = write_fake_run(runs, "20240101-000001-logreg-aaaaaaaa", quality=2)
+    recorded = write_fake_run(runs, "20240101-000002-logreg-bbbbbbbb", quality=3)
+    legacy = write_fake_run(runs, "20240101-000003-logreg-cccccccc", quality=4)
+    info = json.loads((recorded / "run.json").read_text())  # as runs.finish writes it
+    info["records"] = {n: sha256_file(recorded / n) for n in ("metrics.json", "predictions_test.csv")}
+    (recorded / "run.json").write_text(json.dumps(info))
+    res = build_report(runs, tmp_path / "before")
+    assert len(json.loads(res.json.read_text())["runs"]) == 3
+    text = (recorded / "predictions_test.csv").read_text().replace(",0,", ",1,", 1)  # one y_true flipped
+    (recorded / "predictions_test.csv").write_text(text)
+    lines = (legacy / "predictions_val.csv").read_text().splitlines(keepends=True)
+    (legacy / "predictions_val.csv").write_text("".join(lines[:20]))  # cut short; no records: older run
+    res = build_report(runs, tmp_path / "after")
+    assert [r["run_id"] for r in json.loads(res.json.read_text())["runs"]] == [good.name]
+    flat = " ".join(res.html.read_text().split())
+    assert "predictions_test.csv was changed after the fit" in flat
+    assert "predictions_val.csv has 19 rows, metrics.json says 40" in flat
+
+
+def test_markdown_figures_have_one_file_each_and_no_stale_ones(tmp_path):
+    """A binary and a 3-class grid of one head and backbone: each heatmap gets its own PNG (the second
+    overwrote the first), and a later report into the same folder leaves no figure of the earlier one."""
+    runs = tmp_path / "runs"
+    k = 0
+    for task in ("binary", "3class"):
+        for lr in (0.1, 0.01):
+            for bs in (32, 64):
+                k += 1
+                write_fake_run(runs, f"20240101-0000{k:02d}-mlp-{k:08x}", head="mlp", task=task, seed=k,
+                               params={"lr": lr, "batch_size": bs}, quality=1 + k / 4)
+    res = build_report(runs, tmp_path / "out")
+    text = res.markdown.read_text()
+    links = re.findall(r"report_files/(heatmap-[^)]+\.png)", text)
+    assert len(links) == 2 and len(set(links)) == 2 and all("3class" in n or "binary" in n for n in links)
+    pngs = {p.name for p in (tmp_path / "out" / "report_files").glob("*.png")}
+    assert set(links) <= pngs
+    build_report(runs, tmp_path / "out", ReportOptions(ids=["*-00000[1-4]-*"]))  # the binary grid only
+    again = {p.name for p in (tmp_path / "out" / "report_files").glob("*.png")}
+    linked = set(re.findall(r"report_files/([^)]+\.png)", res.markdown.read_text()))
+    assert again == linked and not any("3class" in n for n in again)
 
 
 def test_validation_only_statement_when_no_test_split(tmp_path):

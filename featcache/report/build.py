@@ -197,8 +197,8 @@ def _callouts(
     if skipped:
         doc.add(
             Para(
-                f"{len(skipped)} run folder(s) left out because they are unfinished, failed or "
-                "unreadable (listed at the end).",
+                f"{len(skipped)} run folder(s) left out because they are unfinished, failed, unreadable or "
+                "changed after the fit (listed at the end).",
                 "muted",
             )
         )
@@ -541,12 +541,12 @@ def _grid_section(
                 pair[0],
                 pair[1],
                 f"val_{options.metric}",
-                f"validation {options.metric}: {head} on {backbone}",
+                f"validation {options.metric}: {head} on {backbone}, {task}",
                 options.metric in LOWER_IS_BETTER,
             )
             doc.add(
                 Figure(
-                    f"heatmap-{head}-{backbone}",
+                    f"heatmap-{head}-{backbone}-{task}",
                     png,
                     f"Validation {options.metric} over {pair[0]} × {pair[1]} (best run per cell; other "
                     "parameters vary inside a cell).",

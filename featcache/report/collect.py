@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from featcache.errors import RunError
+from featcache.metrics import predict_labels
 from featcache.progress import ProgressFn, emit
+from featcache.runs import changed_records
 
 
 @dataclass
@@ -128,7 +130,31 @@ def load_run(path: Path) -> RunRecord:
                 setattr(rec, split, read_predictions(ppath))
             except (OSError, ValueError, IndexError, StopIteration) as exc:
                 rec.problems.append(f"predictions_{split}.csv unreadable ({exc})")
+    rec.problems += changed_records(path, run) if run.get("records") else _disagreements(rec)
     return rec
+
+
+def _disagreements(rec: RunRecord) -> list[str]:
+    """Prediction CSVs that contradict metrics.json, for runs written before run.json had ``records``.
+
+    Why: the report recomputes its numbers from the CSVs; one cut short or edited would otherwise be
+    published beside the fit's recorded confidence interval.
+    """
+    problems = []
+    for split in ("val", "test"):
+        preds, recorded = getattr(rec, split), rec.metrics.get(split)
+        if preds is None or not isinstance(recorded, dict):
+            continue
+        n = recorded.get("n")
+        if isinstance(n, int) and n != len(preds.y_true):
+            problems.append(f"predictions_{split}.csv has {len(preds.y_true)} rows, metrics.json says {n}")
+            continue
+        acc = recorded.get("accuracy")
+        if isinstance(acc, float) and len(preds.y_true) and not np.isnan(preds.proba).any():
+            mine = float(np.mean(predict_labels(preds.proba) == preds.y_true))  # fit's rule at 0.5
+            if abs(mine - acc) > 1e-9:
+                problems.append(f"predictions_{split}.csv gives accuracy {mine:.4f}, metrics.json {acc:.4f}")
+    return problems
 
 
 def load_runs(
@@ -164,6 +190,9 @@ def load_runs(
             continue
         if not rec.metrics:  # a done run always has its metrics: without them it has no leaderboard row
             skipped.append((folder.name, "; ".join(rec.problems) or "metrics.json missing or empty"))
+            continue
+        if rec.problems:  # changed or damaged result files: its numbers cannot be trusted
+            skipped.append((folder.name, "; ".join(rec.problems) + "; restore the files or fit it again"))
             continue
         runs.append(rec)
     emit(progress, "report", len(folders), len(folders), "runs read")

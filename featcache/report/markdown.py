@@ -40,6 +40,7 @@ def render_markdown(doc: Document, assets_dir: Path, assets_rel: str) -> str:
     """The Markdown text; figure PNGs are written to ``assets_dir`` and linked as ``assets_rel/name.png``."""
     assets_dir.mkdir(parents=True, exist_ok=True)
     out: list[str] = [f"# {md(doc.title)}", "", md(doc.subtitle), ""]
+    written: set[str] = set()
     for b in doc.blocks:
         if isinstance(b, Heading):
             out += [f"{'#' * b.level} {md(b.text)}", ""]
@@ -51,7 +52,7 @@ def render_markdown(doc: Document, assets_dir: Path, assets_rel: str) -> str:
         elif isinstance(b, Table):
             out += [*_table(b), ""]
         elif isinstance(b, Figure):
-            name = re.sub(r"[^A-Za-z0-9_.-]", "_", b.name) + ".png"
+            name = _unique(re.sub(r"[^A-Za-z0-9_.-]", "_", b.name), written)
             (assets_dir / name).write_bytes(b.png)
             out += [f"![{md(b.alt)}]({assets_rel}/{name})", "", f"*{md(b.caption)}*", ""]
         elif isinstance(b, Hero):
@@ -66,4 +67,21 @@ def render_markdown(doc: Document, assets_dir: Path, assets_rel: str) -> str:
             out += [fence, *(line.replace("~~~~", "~ ~ ~ ~") for line in b.lines), fence, ""]
     if doc.footer:
         out += ["---", "", f"*{md(doc.footer)}*", ""]
+    for old in assets_dir.glob("*.png"):  # figures of an earlier report that this one does not have
+        if old.name not in written:
+            old.unlink(missing_ok=True)
     return "\n".join(out)
+
+
+def _unique(stem: str, written: set[str]) -> str:
+    """``stem.png``, or ``stem-2.png``... when an earlier figure of this report took the name.
+
+    Why: two figures with one name (a binary and a 3-class grid of one head and backbone) made the
+    second PNG overwrite the first, and the Markdown showed one figure twice.
+    """
+    name, k = f"{stem}.png", 1
+    while name in written:
+        k += 1
+        name = f"{stem}-{k}.png"
+    written.add(name)
+    return name
