@@ -88,7 +88,7 @@ def register(app: typer.Typer) -> None:
             Path("reports"), "--out", help="Folder for report.html, report.md and leaderboards."
         ),
         group_by: str | None = typer.Option(
-            None, "--group-by", help="Group the leaderboard: backbone, head or task."
+            None, "--group-by", help="Group the leaderboard: backbone, head, task or dataset."
         ),
         top: int | None = typer.Option(
             None, "--top", help="Keep the best N runs (per group with --group-by)."
@@ -107,7 +107,9 @@ def register(app: typer.Typer) -> None:
             "e.g. lr,batch_size (default: the two that vary most).",
         ),
         detail: int = typer.Option(
-            3, "--detail", min=0, help="How many top runs get confusion matrices, ROC and curves."
+            3, "--detail", min=0,
+            help="How many top runs (of each group with --group-by) get per-class metrics, confusion "
+            "matrices, ROC and curves.",
         ),
         inspect: bool = typer.Option(
             True,

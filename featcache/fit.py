@@ -717,6 +717,7 @@ def fit(
         dataset_info={
             "root": os.fsdecode(dataset.root),
             "layout": dataset.layout,
+            "digest": common["data"],  # images, labels, splits, patients: two versions of a folder differ
             "counts": counts,
             "n_images": len(records),
             "n_patients": int(len(np.unique(groups))),

@@ -195,7 +195,6 @@ def run_demo(
     ropts = ReportOptions(
         title="featcache demo: pneumonia in pediatric chest X-rays",
         tags=(tag,),
-        notes=() if weights == "imagenet" else (NO_WEIGHTS_NOTE,),
     )
     return run_pipeline(
         demo_root(),

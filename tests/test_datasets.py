@@ -306,7 +306,7 @@ def test_cli_inspect_tables_escape_markup(tmp_path, capsys):
     (tmp_path / "bad/train/NORMAL/[bold]evil[red].txt").write_text("x")
     with open(os.fsencode(tmp_path / "bad/train/NORMAL") + b"/\xffbad.txt", "wb") as fh:
         fh.write(b"x")  # a non-UTF-8 name in a table must not crash the console
-    (tmp_path / "bad/train/NORMAL/two\nlines\x1b[2J.txt").write_text("x")  # would split a row / clear a screen
+    (tmp_path / "bad/train/NORMAL/two\nlines\x1b[2J.txt").write_text("x")  # splits a row, clears a screen
     code = run(["data", "inspect", str(tmp_path / "bad")])
     out = capsys.readouterr().out
     assert code == 0

@@ -146,7 +146,7 @@ def test_demo_with_random_weights(tmp_path, capsys):
     first = out.out.splitlines()[0]  # the first line is the extract's summary, whole (no wrapping, no blank)
     assert first.startswith("extract ") and first.endswith("file(s) skipped"), out.out
     html = report.read_text()
-    assert "TRAINING split" in html and "--weights none" in html
+    assert "TRAINING split" in html and "Random weights:" in html and "(random weights)" in html
     board = json.loads((tmp_path / "reports" / "leaderboard.json").read_text())["runs"]
     assert {r["head"] for r in board} == {"logreg", "mlp"}
     # a second demo reuses the cached features and the finished runs

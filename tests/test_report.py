@@ -205,7 +205,7 @@ def test_report_files_are_written_and_self_contained(sweep, tmp_path):
     md_text = res.markdown.read_text(encoding="utf-8")
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md_text)
     assert images and all((res.markdown.parent / img).is_file() for img in images)
-    assert "overstates test accuracy" in html and "overstates test accuracy" in md_text
+    assert "Read with care:" in html and "Read with care:" in md_text
     assert "validation only" not in html.lower()  # these runs have a test split
     assert "Provenance" in html and "ab" * 8 in html  # weights digest shown
     assert "model #" in html and "train loss" in html  # paper-000-style hyperparameter table
@@ -322,6 +322,27 @@ def test_markdown_figures_have_one_file_each_and_no_stale_ones(tmp_path):
     assert again == linked and not any("3class" in n for n in again)
 
 
+def test_cv_grid_table_highlights_only_the_config_the_search_chose(tmp_path):
+    """Configs tied at the best CV score all have rank 1; only the one the search took is its choice."""
+    runs = tmp_path / "runs"
+    folder = write_fake_run(runs, "20240101-000001-svm-aaaaaaaa", head="svm", params={"C": 1.0})
+    m = json.loads((folder / "metrics.json").read_text())
+    m["cv_results"] = {"params": [{"C": 0.1}, {"C": 1.0}, {"C": 10.0}], "mean_test_score": [0.9, 0.9, 0.8],
+                       "std_test_score": [0.01, 0.02, 0.03], "rank_test_score": [1, 1, 3],
+                       "mean_fit_time": [0.0, 0.0, 0.0]}
+    (folder / "metrics.json").write_text(json.dumps(m))
+    info = json.loads((folder / "run.json").read_text())
+    info["selection"].update(best_index=1, scoring="accuracy")
+    (folder / "run.json").write_text(json.dumps(info))
+    html = build_report(runs, tmp_path / "out").html.read_text()
+    grid = html[html.index("grid search inside run"):]
+    grid = grid[:grid.index("</table>")]
+    highlighted = re.findall(r'<tr class="best">(.*?)</tr>', grid, re.S)
+    assert len(highlighted) == 1 and ">2<" in highlighted[0]  # config #2, C=1, not the first tie
+    assert "2 configs tie at the best mean score" in " ".join(html.split())
+    assert "fit s" not in grid  # no config was timed alone: no column of zeros
+
+
 def test_validation_only_statement_when_no_test_split(tmp_path):
     runs = tmp_path / "runs"
     write_fake_run(runs, "20240101-000001-logreg-aaaaaaaa", test=False)
@@ -329,7 +350,7 @@ def test_validation_only_statement_when_no_test_split(tmp_path):
     res = build_report(runs, tmp_path / "out")
     for text in (res.html.read_text(), res.markdown.read_text()):
         assert "validation only; the official test split was not used" in text.lower()
-        assert "overstates test accuracy" in text
+        assert "Read with care:" in text
     assert "test acc [95% CI]" not in res.html.read_text()  # no empty test columns
 
 
@@ -424,10 +445,20 @@ def test_cli_report(sweep, tmp_path, capsys):
 def test_dataset_audit_from_existing_folder(tmp_path, kermany_tree):
     pytest.importorskip("featcache.datasets")
     runs = tmp_path / "runs"
-    write_fake_run(runs, "20240101-000001-logreg-aaaaaaaa", dataset_root=str(kermany_tree))
+    from featcache.datasets import discover, inspect
+
+    folder = write_fake_run(runs, "20240101-000001-logreg-aaaaaaaa", dataset_root=str(kermany_tree))
     res = build_report(runs, tmp_path / "out")
-    html = res.html.read_text()
-    assert "audited now from the folder" in html and "patients in more than one split" in html
+    html = " ".join(res.html.read_text().split())
+    assert "as the runs used them" in html and "patients in more than one split" in html
+    assert "Changed since the fit:" in html  # the fake run recorded 40 images; the folder holds 24
+    now = inspect(discover(kermany_tree))["counts"]  # what a fit of this folder records (binary classes)
+    info = json.loads((folder / "run.json").read_text())
+    info["dataset"]["counts"] = {s: {("NORMAL" if lab == "NORMAL" else "PNEUMONIA"): sum(sub.values())
+                                     for lab, sub in c.items()} for s, c in now.items()}
+    (folder / "run.json").write_text(json.dumps(info))
+    html = " ".join(build_report(runs, tmp_path / "out").html.read_text().split())
+    assert "as the runs used them" in html and "Changed since the fit:" not in html
 
 
 def test_recorded_cis_and_dataset_notes_follow_the_runs(tmp_path):
@@ -447,8 +478,21 @@ def test_recorded_cis_and_dataset_notes_follow_the_runs(tmp_path):
     assert (first["test_accuracy_lo"], first["test_accuracy_hi"]) == (0.123, 0.456)
     assert (first["test_auc_lo"], first["test_accuracy_thr_lo"]) == (0.2, 0.321)
     assert second["test_accuracy_lo"] <= second["test_accuracy"] <= second["test_accuracy_hi"]
-    md = res.markdown.read_text()
-    assert "63% vs 74% pneumonia" in md and "No patient ids" not in md
+    md = " ".join(res.markdown.read_text().split())
+    # Kermany layout, but not the official test split: the caution gives this data's own class shares
+    assert "63% vs 74%" not in md and "No patient ids" not in md
+    for folder in (recorded, runs / "20240101-000002-logreg-bbbbbbbb"):
+        info = json.loads((folder / "run.json").read_text())
+        info["dataset"]["counts"]["test"] = {"NORMAL": 30, "PNEUMONIA": 90}
+        (folder / "run.json").write_text(json.dumps(info))
+    md = " ".join(build_report(runs, tmp_path / "out1").markdown.read_text().split())
+    assert "63% vs 74%" not in md and "test 75%, train 50% of images are not NORMAL" in md
+    for folder in (recorded, runs / "20240101-000002-logreg-bbbbbbbb"):  # the official test split
+        info = json.loads((folder / "run.json").read_text())
+        info["dataset"]["counts"]["test"] = {"NORMAL": 234, "PNEUMONIA": 390}
+        (folder / "run.json").write_text(json.dumps(info))
+    md = build_report(runs, tmp_path / "out1").markdown.read_text()
+    assert "63% vs 74% pneumonia" in md
     for folder in (recorded, runs / "20240101-000002-logreg-bbbbbbbb"):
         info = json.loads((folder / "run.json").read_text())
         info["dataset"].update(layout="folders", patient_ids=0)
@@ -456,3 +500,15 @@ def test_recorded_cis_and_dataset_notes_follow_the_runs(tmp_path):
     md = build_report(runs, tmp_path / "out2").markdown.read_text()
     assert "63% vs 74%" not in md and "resemble the training images" in md
     assert "has no patient ids" in " ".join(md.split())
+
+
+def test_default_heatmap_shows_the_parameters_that_matter():
+    """svm's C x class_weight heatmap painted every cell 0.937 (each cell's best is a linear kernel) and
+    hid the kernel, the one parameter that moved the score."""
+    from featcache.report.build import _telling_pair
+
+    grid = [{"params": {"C": c, "class_weight": w, "kernel": k},
+             "cv": 0.937 if k == "linear" else 0.8 + c / 100}
+            for c in (0.1, 1, 10) for w in ("none", "balanced") for k in ("linear", "rbf")]
+    pair = _telling_pair(grid, ["C", "class_weight", "kernel"], "cv")
+    assert pair is not None and "kernel" in pair

@@ -26,7 +26,7 @@ from featcache.report.document import Code, Document, Figure, Heading, Hero, Par
 from featcache.report.html import render_html
 from featcache.report.leaderboard import build_leaderboard, config_string, write_csv, write_json
 from featcache.report.markdown import render_markdown
-from featcache.report.scores import LOWER_IS_BETTER, chosen_threshold
+from featcache.report.scores import LOWER_IS_BETTER, chosen_threshold, per_class
 from featcache.runs import describe_trainer, format_value
 
 OVERSTATE_NOTE = (
@@ -97,13 +97,18 @@ def _is_demo(root: str) -> bool:
 
 
 # --------------------------------------------------------------------------------------------- summary
+def _interval(row: dict, key: str) -> str:
+    lo, hi = row.get(f"{key}_lo"), row.get(f"{key}_hi")
+    return "—" if lo is None or hi is None else f"{_f(lo, 2)}–{_f(hi, 2)}"
+
+
 def _hero(best: dict, metric: str, has_test: bool) -> Hero:
     thr = best.get("threshold")
     stats = [
         Stat(
             f"validation {metric}",
             _f(best.get(f"val_{metric}")),
-            f"threshold 0.5 · n={best.get('n_val') or '?'}",
+            f"threshold 0.5 · {best.get('validation') or 'n=' + str(best.get('n_val') or '?')}",
         )
     ]
     if thr is not None:
@@ -131,17 +136,16 @@ def _hero(best: dict, metric: str, has_test: bool) -> Hero:
             )
         )
         if best.get("test_sensitivity") is not None:
+            positive = best.get("positive_class")
             stats.append(
                 Stat(
-                    "test sensitivity / specificity",
-                    f"{_f(best.get('test_sensitivity'), 2)} / {_f(best.get('test_specificity'), 2)}",
-                    "threshold 0.5"
-                    + (
-                        f"; {_f(best.get('test_sensitivity_thr'), 2)} / "
-                        f"{_f(best.get('test_specificity_thr'), 2)} at chosen"
-                        if thr is not None
-                        else ""
-                    ),
+                    "test sensitivity / specificity" + (f" ({positive} positive)" if positive else ""),
+                    _sens_spec(best),
+                    f"threshold 0.5, 95% CI {_interval(best, 'test_sensitivity')} / "
+                    f"{_interval(best, 'test_specificity')}"
+                    + (f"; {_sens_spec(best, '_thr')} at the chosen threshold (CI "
+                       f"{_interval(best, 'test_sensitivity_thr')} / "
+                       f"{_interval(best, 'test_specificity_thr')})" if thr is not None else ""),
                 )
             )
     else:
@@ -153,13 +157,57 @@ def _hero(best: dict, metric: str, has_test: bool) -> Hero:
     )
 
 
+def _class_totals(counts: Any, split: str) -> dict[str, int]:
+    """Images per class (subtypes summed) of one split of a run.json ``dataset.counts``."""
+    part = counts.get(split) if isinstance(counts, dict) else None
+    if not isinstance(part, dict):
+        return {}
+    return {str(label): sum(n for _, n in _flatten_counts(sub)) for label, sub in part.items()}
+
+
+def _official_kermany(ds: Any) -> bool:
+    """The official Kermany test split (234 NORMAL, 390 PNEUMONIA), whose shift the caution quotes."""
+    if not isinstance(ds, dict) or ds.get("layout") != "kermany":
+        return False
+    totals = {k.upper(): v for k, v in _class_totals(ds.get("counts"), "test").items()}
+    return totals == {"NORMAL": 234, "PNEUMONIA": 390}
+
+
+def _prevalence(runs: Sequence[RunRecord]) -> str:
+    """" In /data: test 50% non-NORMAL, train 74%." for binary Kermany-style data: the class shift that
+    the caution talks about, measured on the runs' own data instead of quoting the official split's."""
+    parts = []
+    for root, ds in sorted({r.dataset: r.run.get("dataset") for r in runs}.items()):
+        if not isinstance(ds, dict):
+            continue
+        shares = []
+        for split in ("test", "train"):
+            totals = _class_totals(ds.get("counts"), split)
+            n = sum(totals.values())
+            if n and any(k.upper() == "NORMAL" for k in totals):
+                normal = sum(v for k, v in totals.items() if k.upper() == "NORMAL")
+                shares.append(f"{split} {100 * (n - normal) / n:.0f}%")
+        if len(shares) == 2:
+            parts.append(f"{root}: {', '.join(shares)} of images are not NORMAL")
+    return (" In " + "; in ".join(parts) + ".") if parts else ""
+
+
 def _callouts(
     doc: Document, runs: Sequence[RunRecord], rows: Sequence[dict], skipped: Sequence, options: ReportOptions
 ) -> None:
-    kermany = any(isinstance(r.run.get("dataset"), dict) and r.run["dataset"].get("layout") == "kermany"
-                  for r in runs)
-    note = OVERSTATE_NOTE if kermany else GENERIC_OVERSTATE_NOTE
+    official = any(_official_kermany(r.run.get("dataset")) for r in runs)
+    note = OVERSTATE_NOTE if official else GENERIC_OVERSTATE_NOTE + _prevalence(runs)
     doc.add(Para(note[0].upper() + note[1:], "warn", "Read with care:"))
+    random = sorted({r.backbone for r in runs if r.random_weights})
+    if random:
+        doc.add(Para(f"{', '.join(random)} features come from randomly initialised weights (--weights "
+                     "none), not ImageNet: runs marked '(random weights)' test the pipeline, and their "
+                     "accuracy says nothing about the method.", "warn", "Random weights:"))
+    datasets = sorted({r.dataset for r in runs})
+    if len(datasets) > 1 and options.group_by != "dataset":
+        doc.add(Para(f"runs of {len(datasets)} datasets (or versions of one folder) are ranked together: "
+                     f"{'; '.join(datasets)}. They were validated and tested on different images, so their "
+                     "numbers are not comparable (use --group-by dataset).", "warn", "Mixed datasets:"))
     no_ids = sorted({str(r.run["dataset"].get("root")) for r in runs if isinstance(r.run.get("dataset"), dict)
                      and r.run["dataset"].get("patient_ids") == 0})
     if no_ids:  # "patient-grouped" would claim a protection that was not possible
@@ -208,12 +256,15 @@ def _callouts(
 def _leaderboard_table(rows: Sequence[dict], metric: str, has_test: bool) -> Table:
     cols: list[tuple[str, Any]] = [("#", lambda r: str(r["rank"]))]
     # a column that is the same on every row is noise: say it once in the caption instead
-    constant = [k for k in ("backbone", "head", "task") if len({r[k] for r in rows}) == 1]
-    cols += [(k, lambda r, k=k: r[k]) for k in ("backbone", "head", "task") if k not in constant]
+    keys = ("dataset", "backbone", "head", "task", "validation")
+    constant = [k for k in keys if len({r.get(k) for r in rows}) == 1]
+    cols += [(k, lambda r, k=k: r.get(k)) for k in keys[:4] if k not in constant]
     cols += [
         ("config", lambda r: r["config"]),
         (f"val {metric} ▼", lambda r: _f(r.get(f"val_{metric}"))),
     ]
+    if "validation" not in constant:  # out-of-fold CV on all training images, or a small hold-out
+        cols.append(("validated on", lambda r: r.get("validation")))
     if metric != "accuracy":
         cols.append(("val acc", lambda r: _f(r.get("val_accuracy"))))
     cols += [
@@ -229,6 +280,8 @@ def _leaderboard_table(rows: Sequence[dict], metric: str, has_test: bool) -> Tab
             ("test AUC [95% CI]", lambda r: _ci(r, "test_auc")),
             ("test F1", lambda r: _f(r.get("test_macro_f1"))),
         ]
+        if any(r.get("test_sensitivity") is not None for r in rows):
+            cols.append(("test sens / spec", lambda r: _sens_spec(r)))
     tag_sets = {", ".join(r["tags"]) for r in rows}
     if len(tag_sets) > 1:
         cols.append(("tags", lambda r: ", ".join(r["tags"])))
@@ -247,6 +300,11 @@ def _leaderboard_table(rows: Sequence[dict], metric: str, has_test: bool) -> Tab
     return Table(names, body, numeric, best, caption=caption, css_class="leaderboard")
 
 
+def _sens_spec(row: dict, suffix: str = "") -> str:
+    sens, spec = row.get(f"test_sensitivity{suffix}"), row.get(f"test_specificity{suffix}")
+    return "—" if sens is None else f"{_f(sens, 2)} / {_f(spec, 2)}"
+
+
 def _leaderboard_section(
     doc: Document, rows: list[dict], options: ReportOptions, has_test: bool, n_total: int
 ) -> None:
@@ -260,7 +318,8 @@ def _leaderboard_section(
         Para(
             f"{n_total} run(s), {shown} shown, sorted by validation {options.metric} at threshold 0.5 "
             f"({'lower' if options.metric in LOWER_IS_BETTER else 'higher'} is better). '@thr' columns use "
-            "the threshold chosen on validation data (Youden's J unless fit chose another); F1 is "
+            "the threshold chosen on validation data (Youden's J unless fit chose another); 'val acc @thr' "
+            "is scored on the predictions that chose it, so it is optimistic (its test twin is not); F1 is "
             "macro-averaged; CIs are 95% bootstrap intervals resampling test patients (all images of a "
             "patient together).",
             "muted",
@@ -272,8 +331,9 @@ def _leaderboard_section(
             Para(
                 f"validation sets differ in size ({min(n_vals)} to {max(n_vals)} images: hold-out heads "
                 "such as the MLP validate on a fraction, CV heads on out-of-fold predictions of all training "
-                "images); "
-                "a score on few images is noisy, so compare the test columns too.",
+                "images; see 'validated on'). A score on few images is noisy, and an MLP's hold-out also "
+                "chose its best epoch when early stopping is on, so a hold-out run at the top may owe its "
+                "rank to chance: compare the test columns and their CIs too.",
                 "note",
                 "Validation sizes differ:",
             )
@@ -293,8 +353,9 @@ def _leaderboard_section(
             Figure(
                 "overview",
                 fig,
-                f"Best runs: validation {options.metric} (blue) and test {options.metric} "
-                "with 95% CI (orange). The gap between them is the optimism of validation numbers.",
+                f"The {min(len(rows), plots.OVERVIEW_RUNS)} best of {len(rows)} runs: validation "
+                f"{options.metric} (blue) and test {options.metric} with 95% CI (orange). The gap between "
+                "them is the optimism of validation numbers.",
                 f"validation versus test {options.metric} of the best runs",
             )
         )
@@ -309,11 +370,11 @@ def _top_runs_section(
 ) -> None:
     if options.detail <= 0 or not rows:
         return
-    if options.group_by:
-        firsts: dict[str, dict] = {}
+    if options.group_by:  # the best --detail runs of each group
+        groups: dict[str, list[dict]] = {}
         for r in rows:
-            firsts.setdefault(r["group"], r)
-        chosen = list(firsts.values())[: max(options.detail, 1) * 2]
+            groups.setdefault(r["group"], []).append(r)
+        chosen = [r for members in groups.values() for r in members[: options.detail]]
     else:
         chosen = rows[: options.detail]
     doc.section("Top runs", "top-runs")
@@ -336,6 +397,18 @@ def _top_runs_section(
                 "muted",
             )
         )
+        preds, split = (rec.test, "test") if rec.test is not None else (rec.val, "validation")
+        if preds is not None and len(preds.y_true):
+            rule = "threshold 0.5" if len(preds.classes) == 2 else "most probable class"
+            doc.add(Table(
+                ["class", "precision", "recall", "F1", f"{split} images"],
+                [[c["class"], _f(c["precision"]), _f(c["recall"]), _f(c["f1"]), str(c["n"])]
+                 for c in per_class(preds)],
+                {1, 2, 3, 4},
+                caption=f"Per class on the {split} split ({rule})" + (
+                    f"; the recall of {preds.classes[1]} is the sensitivity, of {preds.classes[0]} the "
+                    "specificity." if len(preds.classes) == 2 else "."),
+            ))
         png = plots.run_figure(rec, chosen_threshold(rec))
         if png:
             doc.add(
@@ -368,10 +441,10 @@ def _sort_values(values: set[str]) -> list[str]:
     return sorted(values, key=key)
 
 
-def _heatmap(
-    rows: Sequence[dict], x: str, y: str, value_key: str, title: str, lower_better: bool = False
-) -> bytes:
-    """Best value of ``value_key`` per (x, y) cell of two hyperparameters."""
+def _cells(
+    rows: Sequence[dict], x: str, y: str, value_key: str, lower_better: bool = False
+) -> tuple[np.ndarray, list[str], list[str]]:
+    """(table, x values, y values): the best ``value_key`` per (x, y) cell of two hyperparameters."""
     xs = _sort_values({format_value(r["params"].get(x)) for r in rows})
     ys = _sort_values({format_value(r["params"].get(y)) for r in rows})
     table = np.full((len(ys), len(xs)), np.nan)
@@ -382,7 +455,32 @@ def _heatmap(
             continue
         i, j = ys.index(format_value(r["params"].get(y))), xs.index(format_value(r["params"].get(x)))
         table[i, j] = v if np.isnan(table[i, j]) else better(table[i, j], v)
+    return table, xs, ys
+
+
+def _heatmap(
+    rows: Sequence[dict], x: str, y: str, value_key: str, title: str, lower_better: bool = False
+) -> bytes:
+    """Best value of ``value_key`` per (x, y) cell of two hyperparameters."""
+    table, xs, ys = _cells(rows, x, y, value_key, lower_better)
     return plots.heatmap_figure(table, xs, ys, x, y, title)
+
+
+def _telling_pair(rows: Sequence[dict], names: list[str], value_key: str) -> tuple[str, str] | None:
+    """The two varying parameters whose heatmap spreads the scores most (first such pair on ties).
+
+    Why: a cell shows the best run over the other parameters, so a pair that leaves out the one that
+    matters (svm's kernel, say) paints every cell the same score and hides it.
+    """
+    best, spread = None, -1.0
+    for a in range(len(names)):
+        for b in range(a + 1, len(names)):
+            table = _cells(rows, names[a], names[b], value_key)[0]
+            finite = table[np.isfinite(table)]
+            width = float(finite.max() - finite.min()) if finite.size else 0.0
+            if width > spread + 1e-12:
+                best, spread = (names[a], names[b]), width
+    return best
 
 
 def _hyper_table(rows: Sequence[dict], varying: list[str], metric: str) -> Table:
@@ -468,7 +566,7 @@ def _cv_section(doc: Document, rec: RunRecord, row: dict, options: ReportOptions
     pair = (
         options.heatmap
         if options.heatmap and all(p in names for p in options.heatmap)
-        else ((names[0], names[1]) if len(names) >= 2 else None)
+        else _telling_pair(grid, names, "cv")
     )
     if pair:
         png = _heatmap(grid, pair[0], pair[1], "cv", f"mean CV {scoring}: {rec.head} on {rec.backbone}")
@@ -476,10 +574,12 @@ def _cv_section(doc: Document, rec: RunRecord, row: dict, options: ReportOptions
             Figure(
                 f"heatmap-cv-{row['rank']}",
                 png,
-                f"Mean cross-validation {scoring} over {pair[0]} × {pair[1]} (best config per cell).",
+                f"Mean cross-validation {scoring} over {pair[0]} × {pair[1]} (best config per cell; "
+                "unless --heatmap names them, the two parameters that spread the scores most).",
                 f"heatmap of CV {scoring} over {pair[0]} and {pair[1]}",
             )
         )
+    timed = any(isinstance(g["fit_time"], int | float) and g["fit_time"] > 0 for g in grid)
     body = [
         [
             str(i),
@@ -487,12 +587,16 @@ def _cv_section(doc: Document, rec: RunRecord, row: dict, options: ReportOptions
             _f(g["cv"]),
             _f(g["std"]),
             str(g["rank"] if g["rank"] is not None else "—"),
-            _f(g["fit_time"], 2),
+            *([_f(g["fit_time"], 2)] if timed else []),  # the shared-Gram search times no config alone
         ]
         for i, g in enumerate(grid, 1)
     ]
-    best = {i for i, g in enumerate(grid) if g["rank"] == 1}
-    cols = ["config #", *names, f"mean CV {scoring}", "std", "CV rank", "fit s"]
+    tied = [i for i, g in enumerate(grid) if g["rank"] == 1]
+    chosen = (rec.run.get("selection") or {}).get("best_index")
+    best = {chosen} if isinstance(chosen, int) and 0 <= chosen < len(grid) else set(tied[:1])
+    ties = (f" {len(tied)} configs tie at the best mean score; like GridSearchCV, the search took the first "
+            "of them." if len(tied) > 1 else "")
+    cols = ["config #", *names, f"mean CV {scoring}", "std", "CV rank", *(["fit s"] if timed else [])]
     doc.add(
         Table(
             cols,
@@ -500,7 +604,7 @@ def _cv_section(doc: Document, rec: RunRecord, row: dict, options: ReportOptions
             {0, *range(1 + len(names), len(cols))},
             best,
             caption="Highlighted: the config the search chose; the run's train/val/test metrics above are "
-            "for that config only.",
+            "for that config only." + ties,
         )
     )
 
@@ -534,7 +638,7 @@ def _grid_section(
         if options.heatmap and all(p in {k for r in members for k in r["params"]} for p in options.heatmap):
             pair = options.heatmap
         elif len(names) >= 2:
-            pair = (names[0], names[1])
+            pair = _telling_pair(members, names, f"val_{options.metric}")
         if pair:
             png = _heatmap(
                 members,
@@ -549,7 +653,8 @@ def _grid_section(
                     f"heatmap-{head}-{backbone}-{task}",
                     png,
                     f"Validation {options.metric} over {pair[0]} × {pair[1]} (best run per cell; other "
-                    "parameters vary inside a cell).",
+                    "parameters vary inside a cell; unless --heatmap names them, the two parameters that "
+                    "spread the scores most).",
                     f"heatmap of {options.metric} over {pair[0]} and {pair[1]}",
                 )
             )
@@ -586,20 +691,27 @@ def _dataset_section(
     doc: Document, runs: Sequence[RunRecord], options: ReportOptions, progress: ProgressFn | None
 ) -> None:
     datasets: dict[str, dict] = {}
-    for r in runs:
+    for r in runs:  # one entry per dataset version (folder + content digest) the runs used
         ds = r.run.get("dataset") if isinstance(r.run.get("dataset"), dict) else {}
-        datasets.setdefault(str(ds.get("root", "?")), ds)
+        datasets.setdefault(r.dataset, ds)
     doc.section("Dataset", "dataset")
-    for root, ds in datasets.items():
+    for name, ds in datasets.items():
+        root = str(ds.get("root", "?"))
         info = _inspect(root, progress) if options.inspect_data else None
-        source = "audited now from the folder" if info else "as recorded by fit (folder not re-read)"
-        doc.add(Heading(f"{root}", 3))
+        recorded = ds.get("counts") or {}
+        source = "as the runs used them (recorded by fit)" if recorded else "audited now from the folder"
+        doc.add(Heading(name, 3))
         doc.add(
             Para(
                 f"layout: {ds.get('layout') or (info or {}).get('layout') or '?'}; counts {source}.", "muted"
             )
         )
-        flat = _flatten_counts((info or {}).get("counts") or ds.get("counts") or {})
+        if info and recorded and _changed_since_fit(info.get("counts") or {}, ds):
+            doc.add(Para(f"the folder now holds other images or labels than when these runs were fit "
+                         f"({info.get('n_images', '?')} images now, {ds.get('n_images', '?')} then). The "
+                         "counts below are what the runs used; the audit after them is of the folder now.",
+                         "warn", "Changed since the fit:"))
+        flat = _flatten_counts(recorded or (info or {}).get("counts") or {})
         if flat:
             depth = max(len(p) for p, _ in flat)
             names = ["split", "class", "subtype", "level 4", "level 5"][:depth]
@@ -614,6 +726,27 @@ def _dataset_section(
                          f"testing: {shown}{more}.", "warn", "Left out:"))
         if info:
             _audit(doc, info)
+
+
+def _changed_since_fit(now: dict, ds: dict) -> bool:
+    """Whether the folder's images (in all, and NORMAL ones) differ in number from what the runs used.
+
+    Coarse on purpose: fit records counts per task class (normal/bacteria/virus for 3class) and leaves
+    out undecodable images, inspect counts folder labels and subtypes, so only totals compare across
+    tasks. Adding, removing or relabelling NORMAL images shows; a fit's data digest has the rest.
+    """
+    then = ds.get("counts") or {}
+    total_then = sum(sum(_class_totals(then, s).values()) for s in then) + len(ds.get("left_out") or [])
+    total_now = sum(sum(_class_totals(now, s).values()) for s in now)
+    if total_now != total_then:
+        return True
+    if ds.get("left_out"):  # their labels are not recorded: the NORMAL count cannot be compared
+        return False
+
+    def normal(counts: dict) -> int:
+        return sum(n for s in counts for k, n in _class_totals(counts, s).items() if k.upper() == "NORMAL")
+
+    return normal(now) != normal(then)
 
 
 def _audit(doc: Document, info: dict) -> None:

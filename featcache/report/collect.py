@@ -63,6 +63,36 @@ class RunRecord:
         return "+".join(names) if names else "?"
 
     @property
+    def random_weights(self) -> bool:
+        """Any backbone with ``--weights none``: its features, and so its accuracy, mean nothing."""
+        bbs = self.run.get("backbones") or []
+        return any(isinstance(b, dict) and b.get("weights") == "none" for b in bbs)
+
+    @property
+    def dataset(self) -> str:
+        """The dataset folder the run used, with its content digest's first 8 hex digits when recorded:
+        a folder whose images changed between two fits is two datasets."""
+        ds = self.run.get("dataset") if isinstance(self.run.get("dataset"), dict) else {}
+        root = str(ds.get("root") or "?")
+        digest = ds.get("digest")
+        return f"{root} @{digest[:8]}" if isinstance(digest, str) and digest else root
+
+    @property
+    def validation(self) -> str:
+        """How the validation numbers were made: out-of-fold CV over all training images, or a hold-out
+        (which for an mlp also chose its stopping epoch): the two are not equally reliable."""
+        sel = self.run.get("selection") if isinstance(self.run.get("selection"), dict) else {}
+        method, n = sel.get("method"), sel.get("n_val_images")
+        if method == "grouped_kfold":
+            folds = sel.get("folds")
+            kind = f"{len(folds) if isinstance(folds, list) else folds or '?'}-fold CV"
+        elif method == "grouped_holdout":
+            kind = "hold-out"
+        else:
+            kind = str(method or "?")
+        return f"{kind}, n={n}" if isinstance(n, int) else kind
+
+    @property
     def params(self) -> dict:
         p = self.run.get("params")
         return p if isinstance(p, dict) else {}

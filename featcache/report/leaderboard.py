@@ -18,9 +18,10 @@ from featcache.report.collect import RunRecord
 from featcache.report.scores import LOWER_IS_BETTER, METRICS, bootstrap_ci, chosen_threshold, scores
 from featcache.runs import params_string
 
-GROUP_BY = ("backbone", "head", "task")
+GROUP_BY = ("backbone", "head", "task", "dataset")
 THR_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "sensitivity", "specificity")
-CI_METRICS = ("accuracy", "macro_f1", "auc")
+CI_METRICS = ("accuracy", "macro_f1", "auc", "sensitivity", "specificity")
+BINARY_ONLY = ("sensitivity", "specificity")
 
 
 def config_string(params: dict) -> str:
@@ -76,7 +77,8 @@ def _split_columns(rec: RunRecord, split: str, threshold: float | None) -> dict[
                 # run is published with one CI; recomputed from the CSV only for runs that lack them
                 where = (test_m.get("at_threshold") or {}) if suffix else test_m
                 recorded = where.get("ci") if isinstance(where.get("ci"), dict) else {}
-                wanted = [m for m in CI_METRICS if not (suffix and m == "auc")]  # AUC ignores the threshold
+                wanted = [m for m in CI_METRICS if not (suffix and m == "auc")  # AUC ignores the threshold
+                          and (m not in BINARY_ONLY or pred.proba.shape[1] == 2)]
                 pairs = {m: recorded[m] for m in wanted
                          if isinstance(recorded.get(m), list | tuple) and len(recorded[m]) == 2}
                 if len(pairs) < len(wanted):  # a run that recorded none (or not all): bootstrap the CSV
@@ -103,7 +105,9 @@ def run_row(rec: RunRecord) -> dict[str, Any]:
     row: dict[str, Any] = {
         "run_id": rec.id,
         "sweep_id": rec.run.get("sweep_id"),
-        "backbone": rec.backbone,
+        "backbone": rec.backbone + (" (random weights)" if rec.random_weights else ""),
+        "dataset": rec.dataset,
+        "validation": rec.validation,
         "head": rec.head,
         "task": rec.task,
         "config": config_string(rec.params),
@@ -113,6 +117,9 @@ def run_row(rec: RunRecord) -> dict[str, Any]:
         "created": rec.run.get("created"),
         "threshold": thr,
     }
+    preds = rec.test or rec.val
+    if preds is not None and len(preds.classes) == 2:
+        row["positive_class"] = preds.classes[1]  # what sensitivity is of
     row.update(_split_columns(rec, "val", thr))
     row.update(_split_columns(rec, "test", thr))
     row.update(_train_metrics(rec))
@@ -153,7 +160,8 @@ def build_leaderboard(
     return out
 
 
-CSV_FIRST = ("rank", "group", "run_id", "backbone", "head", "task", "config", "tags", "score", "threshold")
+CSV_FIRST = ("rank", "group", "run_id", "dataset", "backbone", "head", "task", "config", "tags", "validation",
+             "score", "threshold")
 
 
 def csv_columns(rows: Sequence[dict]) -> list[str]:

@@ -166,19 +166,25 @@ def run_figure(rec: RunRecord, threshold: float | None) -> bytes | None:
     return _png(fig)
 
 
-def overview_figure(rows: Sequence[dict], metric: str, n: int = 15) -> bytes | None:
+OVERVIEW_RUNS = 15  # rows of the overview dot plot; more would not be readable
+HEATMAP_MIN_SPAN = 0.05  # narrowest colour range of a heatmap, in metric units
+
+
+def overview_figure(rows: Sequence[dict], metric: str, n: int = OVERVIEW_RUNS) -> bytes | None:
     """Dot plot of the best runs: validation metric vs test metric with its 95% CI."""
     rows = [r for r in rows if r.get(f"val_{metric}") is not None][:n]
     if not rows:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7.5, 0.32 * len(rows) + 1.0))
+    fig, ax = plt.subplots(figsize=(11.0, 0.32 * len(rows) + 1.0))
     y = np.arange(len(rows))[::-1]
     many_bb = len({r["backbone"] for r in rows}) > 1
+    tasks = {r.get("task") for r in rows}
 
     def label(r: dict) -> str:
-        cfg = r["config"] if len(r["config"]) <= 36 else r["config"][:35] + "…"
-        return _t(f"#{r['rank']} {r['backbone'] + ' · ' if many_bb else ''}{r['head']}  {cfg}")
+        cfg = r["config"] if len(r["config"]) <= 48 else r["config"][:47] + "…"
+        task = f" ({r.get('task')})" if len(tasks) > 1 else ""  # a 3-class score beside binary ones
+        return _t(f"#{r['rank']} {r['backbone'] + ' · ' if many_bb else ''}{r['head']}{task}  {cfg}")
 
     labels = [label(r) for r in rows]
     ax.scatter([r[f"val_{metric}"] for r in rows], y, color=BLUE, zorder=3, label=f"validation {metric}")
@@ -206,7 +212,8 @@ def overview_figure(rows: Sequence[dict], metric: str, n: int = 15) -> bytes | N
             label=f"test {metric} (95% CI)",
         )
     ax.set_yticks(y, labels)
-    ax.set_xlabel(f"{metric} (threshold 0.5)")
+    rule = "threshold 0.5" if tasks == {"binary"} else "threshold 0.5 if binary, else the most probable class"
+    ax.set_xlabel(f"{metric} ({rule})")
     ax.grid(axis="x", color="#e3e6ea", lw=0.6)
     ax.legend(fontsize=8, frameon=False, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=2)
     fig.tight_layout()
@@ -222,7 +229,10 @@ def heatmap_figure(
     masked = np.ma.masked_invalid(table)
     finite = table[np.isfinite(table)]
     vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    im = ax.imshow(masked, cmap="viridis", aspect="auto", vmin=vmin, vmax=max(vmax, vmin + 1e-9))
+    if vmax - vmin < HEATMAP_MIN_SPAN:  # a one-point spread must not look like the whole colour scale
+        mid = (vmin + vmax) / 2
+        vmin, vmax = mid - HEATMAP_MIN_SPAN / 2, mid + HEATMAP_MIN_SPAN / 2
+    im = ax.imshow(masked, cmap="viridis", aspect="auto", vmin=vmin, vmax=vmax)
     for i in range(table.shape[0]):
         for j in range(table.shape[1]):
             if np.isfinite(table[i, j]):
@@ -241,6 +251,7 @@ def heatmap_figure(
     ax.set_xlabel(_t(x_name))
     ax.set_ylabel(_t(y_name))
     ax.set_title(_t(title))
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    bar.ax.yaxis.get_major_formatter().set_useOffset(False)  # "1e-10+9.374e-1" over the title otherwise
     fig.tight_layout()
     return _png(fig)

@@ -31,6 +31,25 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> np.ndarray:
     return cm
 
 
+def per_class(pred: Predictions, threshold: float | None = 0.5) -> list[dict]:
+    """Precision, recall (sensitivity of that class), F1 and image count of each class.
+
+    Why: a 3-class accuracy hides a class the head never finds (viral pneumonia, often); the rows
+    show it. Binary: at ``threshold`` on P(class 1); otherwise the most probable class.
+    """
+    k = pred.proba.shape[1]
+    cm = confusion(pred.y_true, predict(pred, threshold), k)
+    out = []
+    for i, name in enumerate(pred.classes):
+        tp, predicted, actual = cm[i, i], cm[:, i].sum(), cm[i, :].sum()
+        precision = tp / predicted if predicted else float("nan")
+        recall = tp / actual if actual else float("nan")
+        f1 = 2 * precision * recall / (precision + recall) if predicted and actual and tp else 0.0
+        out.append({"class": name, "precision": float(precision), "recall": float(recall),
+                    "f1": float(f1) if actual else float("nan"), "n": int(actual)})
+    return out
+
+
 def _macro_f1(cm: np.ndarray) -> float:
     tp = np.diag(cm).astype(float)
     prec = np.divide(tp, cm.sum(0), out=np.zeros_like(tp), where=cm.sum(0) > 0)
@@ -134,37 +153,15 @@ def roc_points(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 
 def bootstrap_ci(
-    pred: Predictions, threshold: float | None, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
+    pred: Predictions, threshold: float | None, n_boot: int = 1000, seed: int = 0
 ) -> dict[str, tuple[float, float]]:
-    """Percentile 95% CIs of accuracy, macro F1 (binary only) and AUC by resampling patients (the CSV's
-    ``group`` column; images when it is absent).
+    """95% CIs (accuracy, macro F1, AUC, and sensitivity/specificity when binary) for a run that
+    recorded none, with the fit's own bootstrap (:func:`featcache.metrics.bootstrap_ci`: patients are
+    resampled when the CSV has a ``group`` column), so a report never has two definitions of one CI."""
+    from featcache.metrics import bootstrap_ci as fit_bootstrap_ci
 
-    Vectorised (one multinomial count matrix) so a report over many runs stays fast.
-    """
-    from featcache.metrics import bootstrap_weights
-
-    n = len(pred.y_true)
-    if n == 0:
+    if len(pred.y_true) == 0:
         return {}
-    w = bootstrap_weights(n, n_boot, seed, pred.groups)
-    y_pred = predict(pred, threshold)
-    correct = (y_pred == pred.y_true).astype(float)
-    out: dict[str, np.ndarray] = {"accuracy": (w @ correct) / np.maximum(w.sum(axis=1), 1.0)}
-    k = pred.proba.shape[1]
-    if k == 2:
-        out["auc"] = _auc_weighted(pred.y_true, pred.proba[:, 1], w)
-        tp = w @ ((y_pred == 1) & (pred.y_true == 1))
-        fp = w @ ((y_pred == 1) & (pred.y_true == 0))
-        fn = w @ ((y_pred == 0) & (pred.y_true == 1))
-        tn = w @ ((y_pred == 0) & (pred.y_true == 0))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            f1_pos = np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), 0.0)
-            f1_neg = np.where(2 * tn + fn + fp > 0, 2 * tn / (2 * tn + fn + fp), 0.0)
-        out["macro_f1"] = (f1_pos + f1_neg) / 2
-    cis = {}
-    for name, vals in out.items():
-        vals = vals[~np.isnan(vals)]
-        if len(vals):
-            lo, hi = np.quantile(vals, [alpha / 2, 1 - alpha / 2])
-            cis[name] = (float(lo), float(hi))
-    return cis
+    ci = fit_bootstrap_ci(pred.y_true, pred.proba, pred.classes, threshold, n_boot=n_boot, seed=seed,
+                          groups=pred.groups)
+    return {k: (v[0], v[1]) for k, v in ci.items() if isinstance(v, list) and len(v) == 2}
