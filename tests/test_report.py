@@ -113,7 +113,10 @@ def write_fake_run(
                 "weights_digest": "ab" * 32,
             }
         ],
-        "selection": {"method": "cv", "folds": 5, "group_by": "patient"},
+        "selection": ({"method": "grouped_holdout", "fraction": 0.2, "group_by": "patient", "refit": False,
+                       "n_val_images": n_val} if head == "mlp" else
+                      {"method": "grouped_kfold", "folds": 5, "group_by": "patient", "refit": True,
+                       "n_val_images": n_val}),
         "dataset": {
             "root": dataset_root,
             "layout": "kermany",
@@ -206,6 +209,10 @@ def test_report_files_are_written_and_self_contained(sweep, tmp_path):
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md_text)
     assert images and all((res.markdown.parent / img).is_file() for img in images)
     assert "Read with care:" in html and "Read with care:" in md_text
+    methods = " ".join(md_text[md_text.index("## Methods"):md_text.index("## Provenance")].split())
+    assert "patient-grouped stratified 5-fold cross-validation" in methods and "hold-out of 20%" in methods
+    assert "logreg (6 run(s)), mlp (6 run(s)), svm (2 run(s))" in methods
+    assert "5-fold CV, n=40" in html  # each run says how it was validated
     assert "validation only" not in html.lower()  # these runs have a test split
     assert "Provenance" in html and "ab" * 8 in html  # weights digest shown
     assert "model #" in html and "train loss" in html  # paper-000-style hyperparameter table

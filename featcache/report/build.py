@@ -799,6 +799,64 @@ SELECTION_KEYS = (
 )
 
 
+def _methods_text(runs: Sequence[RunRecord]) -> str:
+    """A methods paragraph a reader can adapt for a paper, written from what the runs recorded."""
+    weights_word = {"imagenet": "ImageNet-pretrained", "none": "randomly initialised (--weights none)"}
+    def weights(b: dict) -> str:
+        return weights_word.get(str(b.get("weights")), f"weights from {b.get('weights')}")
+
+    backbones = sorted({
+        f"{b.get('name')} ({weights(b)}, {b.get('pooling')} pooling at {b.get('image_size')} px, "
+        f"{b.get('feature_dim', '?')}-d)"
+        for r in runs for b in (r.run.get("backbones") or []) if isinstance(b, dict)
+    })
+    heads: dict[str, int] = {}
+    for r in runs:
+        heads[r.head] = heads.get(r.head, 0) + 1
+    sel = [r.run.get("selection") for r in runs if isinstance(r.run.get("selection"), dict)]
+    protocols = []
+    cv_folds = sorted({str(s.get("folds")) for s in sel if s.get("method") == "grouped_kfold"})
+    if cv_folds:
+        refit = any(s.get("refit") for s in sel if s.get("method") == "grouped_kfold")
+        protocols.append(f"patient-grouped stratified {'/'.join(cv_folds)}-fold cross-validation over each "
+                         "head's grid (out-of-fold predictions of the chosen config are its validation "
+                         "predictions)" + (", the chosen config then refit on all training images" if refit
+                                           else ""))
+    fractions = sorted({f"{100 * s['fraction']:g}%" for s in sel if s.get("method") == "grouped_holdout"
+                        and isinstance(s.get("fraction"), int | float)})
+    if fractions:
+        protocols.append(f"a patient-grouped stratified hold-out of {'/'.join(fractions)} of the training "
+                         "images (one model per config, trained on the rest)")
+    rules = {"youden": "Youden's J", "sensitivity": "the highest threshold reaching the target sensitivity"}
+    thr = sorted({rules.get(str(r.run["threshold"].get("method")), str(r.run["threshold"].get("method")))
+                  for r in runs if isinstance(r.run.get("threshold"), dict)
+                  and r.run["threshold"].get("method") and r.run["threshold"].get("chosen") is not None})
+    boots = sorted({str(((r.metrics.get("test") or {}).get("ci") or {}).get("n_boot")) for r in runs
+                    if isinstance(r.metrics.get("test"), dict)} - {"None"})
+    seeds = sorted({str(r.run.get("seed")) for r in runs})
+    versions = next((r.run.get("versions") for r in runs if isinstance(r.run.get("versions"), dict)), {})
+    software = ", ".join(f"{k} {versions[k]}" for k in ("featcache", "keras", "tensorflow", "jax",
+                                                         "scikit-learn", "numpy", "python") if k in versions)
+    text = (f"Features were extracted once by frozen {'; '.join(backbones) or 'backbones'} and cached. "
+            f"Heads were trained on the cached features: "
+            f"{', '.join(f'{h} ({n} run(s))' for h, n in sorted(heads.items()))}. ")
+    if protocols:
+        text += "Models were chosen on the training split only, by " + "; or ".join(protocols) + ". "
+    if thr:
+        text += (f"For binary tasks a decision threshold was chosen on the validation predictions "
+                 f"({', '.join(thr)}); headline metrics use 0.5 and the chosen threshold is reported beside "
+                 "it. ")
+    if not any(r.test is not None or isinstance(r.metrics.get("test"), dict) for r in runs):
+        return text + "No test split was used: every number is a validation estimate." + (
+            f" Software: {software}." if software else "")
+    text += ("The chosen model of each run was evaluated once on the test split, which played no part in "
+             "any choice")
+    if boots:
+        text += (f"; 95% confidence intervals are percentile bootstrap intervals over {'/'.join(boots)} "
+                 f"resamples of test patients (all images of a patient together), seed {'/'.join(seeds)}")
+    return text + (f". Software: {software}." if software else ".")
+
+
 def _provenance_section(doc: Document, runs: Sequence[RunRecord]) -> None:
     doc.section("Provenance", "provenance")
     caches: dict[str, list[str]] = {}
@@ -920,6 +978,8 @@ def build_document(
     _top_runs_section(doc, sorted(rows, key=lambda r: r["rank"]), by_id, options, progress)
     _grid_section(doc, rows, options, by_id)
     _dataset_section(doc, runs, options, progress)
+    doc.section("Methods", "methods")
+    doc.add(Para(_methods_text(runs)))
     _provenance_section(doc, runs)
     if skipped:
         doc.add(Heading("Runs left out", 3))
