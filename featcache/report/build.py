@@ -316,7 +316,8 @@ def _leaderboard_section(
     )
     doc.add(
         Para(
-            f"{n_total} run(s), {shown} shown, sorted by validation {options.metric} at threshold 0.5 "
+            f"{n_total} run(s), {shown} shown, sorted by validation {options.metric}"
+            f"{'' if options.metric in ('auc', 'loss') else ' at threshold 0.5'} "
             f"({'lower' if options.metric in LOWER_IS_BETTER else 'higher'} is better). '@thr' columns use "
             "the threshold chosen on validation data (Youden's J unless fit chose another); 'val acc @thr' "
             "is scored on the predictions that chose it, so it is optimistic (its test twin is not); F1 is "
@@ -498,7 +499,7 @@ def _hyper_table(rows: Sequence[dict], varying: list[str], metric: str) -> Table
         "train F1",
         "val F1",
         "test F1",
-        "rank",
+        "leaderboard #",
     ]
     body = []
     for i, r in enumerate(ordered, 1):

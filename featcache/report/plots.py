@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from featcache.report.collect import Predictions, RunRecord
-from featcache.report.scores import confusion, predict, roc_points
+from featcache.report.scores import auc_binary, confusion, predict, roc_points
 
 BLUE, ORANGE, GREY, GREEN = "#1f5fa8", "#e07b00", "#8a8f98", "#2e8540"
 
@@ -76,12 +76,14 @@ def _confusion_ax(ax, pred: Predictions, threshold: float | None, title: str) ->
 def _roc_ax(ax, rec: RunRecord, threshold: float | None) -> None:
     """ROC of validation and test predictions; 0.5 and the chosen threshold marked on each."""
     ax.plot([0, 1], [0, 1], color=GREY, lw=0.8, ls=":")
+    marked: set[str] = set()
     for split, color in (("val", BLUE), ("test", ORANGE)):
         pred = getattr(rec, split)
         if pred is None or pred.proba.shape[1] != 2 or len(set(pred.y_true.tolist())) < 2:
             continue
         fpr, tpr, _ = roc_points(pred.y_true, pred.proba[:, 1])
-        ax.plot(fpr, tpr, color=color, lw=1.6, label=f"{split}")
+        area = auc_binary(pred.y_true, pred.proba[:, 1])
+        ax.plot(fpr, tpr, color=color, lw=1.6, label=f"{split} (AUC {area:.3f})")
         for thr, marker, name in ((0.5, "o", "0.5"), (threshold, "*", "chosen")):
             if thr is None:
                 continue
@@ -97,8 +99,9 @@ def _roc_ax(ax, rec: RunRecord, threshold: float | None) -> None:
                 mec="black",
                 mew=0.6,
                 ls="none",
-                label=f"{split} @ {name}" if split == "val" else None,
+                label=None if name in marked else f"threshold {name}",  # one legend entry per marker
             )
+            marked.add(name)
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("1 − specificity (false-positive rate)")
