@@ -519,3 +519,34 @@ def test_default_heatmap_shows_the_parameters_that_matter():
             for c in (0.1, 1, 10) for w in ("none", "balanced") for k in ("linear", "rbf")]
     pair = _telling_pair(grid, ["C", "class_weight", "kernel"], "cv")
     assert pair is not None and "kernel" in pair
+
+
+def test_paired_difference_is_of_the_same_images_resampled_together():
+    from featcache.report.collect import Predictions
+    from featcache.report.scores import paired_difference
+
+    n = 200
+    y = np.arange(n) % 2
+    groups = [str(i // 2) for i in range(n)]  # two images per patient
+    good = np.where(y == 1, 0.9, 0.1)
+    noisy = good.copy()
+    noisy[:40] = 1 - noisy[:40]  # 40 images wrong: 0.2 accuracy lower
+
+    def preds(p1: np.ndarray, order: np.ndarray) -> Predictions:
+        return Predictions([f"img{i}" for i in order], y[order], np.c_[1 - p1, p1][order], list(CLASSES),
+                           [groups[i] for i in order])
+
+    same = np.arange(n)
+    shuffled = np.random.default_rng(0).permutation(n)  # rows in another order: still the same images
+    diff = paired_difference(preds(noisy, shuffled), preds(good, same))
+    point, lo, hi = diff["accuracy"]
+    assert point == pytest.approx(-0.2) and lo < point < hi < 0  # worse, and the interval says so
+    assert paired_difference(preds(good, shuffled), preds(good, same))["accuracy"] == (0.0, 0.0, 0.0)
+    other = preds(good, same)
+    other.relpaths[0] = "elsewhere.png"
+    assert paired_difference(other, preds(good, same)) is None  # not the same test images
+
+
+def test_report_compares_the_best_run_with_the_next_on_the_same_test_images(sweep, tmp_path):
+    html = " ".join(build_report(sweep[0], tmp_path / "out").html.read_text().split())
+    assert "better than the next runs on the test images?" in html and "paired bootstrap" in html

@@ -26,7 +26,7 @@ from featcache.report.document import Code, Document, Figure, Heading, Hero, Par
 from featcache.report.html import render_html
 from featcache.report.leaderboard import build_leaderboard, config_string, write_csv, write_json
 from featcache.report.markdown import render_markdown
-from featcache.report.scores import LOWER_IS_BETTER, chosen_threshold, per_class
+from featcache.report.scores import LOWER_IS_BETTER, chosen_threshold, paired_difference, per_class
 from featcache.runs import describe_trainer, format_value
 
 OVERSTATE_NOTE = (
@@ -298,6 +298,45 @@ def _leaderboard_table(rows: Sequence[dict], metric: str, has_test: bool) -> Tab
 
     caption = "; ".join(f"{k}: {shown(k)}" for k in constant) + " (all runs)" if constant else ""
     return Table(names, body, numeric, best, caption=caption, css_class="leaderboard")
+
+
+PAIRED_RUNS = 5  # runs after the best that the paired comparison tests against it
+
+
+def _paired_section(doc: Document, rows: list[dict], by_id: dict[str, RunRecord]) -> None:
+    """Is the best run better than the next ones on the test images? Paired patient bootstrap."""
+    ranked = sorted(rows, key=lambda r: r["rank"])
+    best = ranked[0] if ranked else None
+    if best is None or by_id[best["run_id"]].test is None:
+        return
+    body = []
+    for row in ranked[1:]:
+        other = by_id[row["run_id"]].test
+        diff = paired_difference(other, by_id[best["run_id"]].test) if other is not None else None
+        if diff is None:  # another task, dataset or test set: no paired comparison
+            continue
+        cells = []
+        for m in ("accuracy", "auc"):
+            d = diff.get(m)
+            cells.append("—" if d is None else f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]")
+        acc = diff["accuracy"]
+        verdict = "worse" if acc[2] < 0 else ("better" if acc[1] > 0 else "not distinguishable")
+        body.append([str(row["rank"]), f"{row['backbone']} · {row['head']} · {row['config'] or '(defaults)'}",
+                     *cells, verdict])
+        if len(body) == PAIRED_RUNS:
+            break
+    if not body:
+        return
+    doc.add(Heading(f"Is #{best['rank']} better than the next runs on the test images?", 3))
+    doc.add(Table(
+        ["#", "run", "Δ test accuracy vs best [95% CI]", "Δ test AUC vs best [95% CI]", "accuracy"],
+        body,
+        {0, 2, 3},
+        caption="Differences on the same test images, with 95% intervals from 1000 paired bootstrap "
+        "resamples of test patients (seed 0): both runs are scored on each resample. An interval that "
+        "contains 0 means this test set cannot tell the two runs apart, whatever the validation ranking "
+        "says.",
+    ))
 
 
 def _sens_spec(row: dict, suffix: str = "") -> str:
@@ -976,6 +1015,7 @@ def build_document(
     _callouts(doc, runs, rows, skipped, options)
     _leaderboard_section(doc, rows, options, has_test, n_selected or len(runs))
     by_id = {r.id: r for r in runs}
+    _paired_section(doc, rows, by_id)
     _top_runs_section(doc, sorted(rows, key=lambda r: r["rank"]), by_id, options, progress)
     _grid_section(doc, rows, options, by_id)
     _dataset_section(doc, runs, options, progress)

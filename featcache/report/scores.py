@@ -165,3 +165,39 @@ def bootstrap_ci(
     ci = fit_bootstrap_ci(pred.y_true, pred.proba, pred.classes, threshold, n_boot=n_boot, seed=seed,
                           groups=pred.groups)
     return {k: (v[0], v[1]) for k, v in ci.items() if isinstance(v, list) and len(v) == 2}
+
+
+def paired_difference(
+    a: Predictions, b: Predictions, n_boot: int = 1000, seed: int = 0
+) -> dict[str, tuple[float, float, float]] | None:
+    """Test accuracy and (binary) AUC of ``a`` minus ``b`` on the same images: (difference, 95% CI).
+
+    Both runs are scored on the SAME bootstrap resamples of patients, so the interval is of the paired
+    difference: two overlapping single-run CIs do not mean two runs are indistinguishable, and two
+    disjoint ones are rare. None when the runs were not tested on the same images and labels.
+    """
+    from featcache.metrics import bootstrap_weights
+
+    order_a, order_b = np.argsort(a.relpaths, kind="stable"), np.argsort(b.relpaths, kind="stable")
+    same = (len(a.relpaths) == len(b.relpaths) and len(a.relpaths) > 0
+            and [a.relpaths[i] for i in order_a] == [b.relpaths[i] for i in order_b]
+            and np.array_equal(a.y_true[order_a], b.y_true[order_b]) and a.classes == b.classes)
+    if not same:
+        return None
+    y = a.y_true[order_a]
+    groups = [a.groups[i] for i in order_a] if a.groups is not None else None
+    w = bootstrap_weights(len(y), n_boot, seed, groups)
+    total = np.maximum(w.sum(axis=1), 1.0)
+    right_a = (predict(a, 0.5)[order_a] == y).astype(float)
+    right_b = (predict(b, 0.5)[order_b] == y).astype(float)
+    diffs = {"accuracy": (float(right_a.mean() - right_b.mean()), w @ (right_a - right_b) / total)}
+    if a.proba.shape[1] == 2 and len(set(y.tolist())) == 2:
+        pa, pb = a.proba[order_a, 1], b.proba[order_b, 1]
+        point = auc_binary(y, pa) - auc_binary(y, pb)
+        diffs["auc"] = (point, _auc_weighted(y, pa, w) - _auc_weighted(y, pb, w))
+    out = {}
+    for name, (point, boot) in diffs.items():
+        boot = boot[np.isfinite(boot)]
+        lo, hi = np.quantile(boot, [0.025, 0.975]) if len(boot) else (np.nan, np.nan)
+        out[name] = (point, float(lo), float(hi))
+    return out
