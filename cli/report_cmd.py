@@ -16,7 +16,7 @@ console = Console()
 
 METRIC_HELP = (
     "Validation metric that ranks runs: accuracy, balanced_accuracy, macro_f1, auc, sensitivity, "
-    "specificity or loss."
+    "specificity, loss or brier (the last two: lower is better)."
 )
 
 

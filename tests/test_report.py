@@ -550,3 +550,18 @@ def test_paired_difference_is_of_the_same_images_resampled_together():
 def test_report_compares_the_best_run_with_the_next_on_the_same_test_images(sweep, tmp_path):
     html = " ".join(build_report(sweep[0], tmp_path / "out").html.read_text().split())
     assert "better than the next runs on the test images?" in html and "paired bootstrap" in html
+
+
+def test_brier_and_calibration_bins():
+    from featcache.report.collect import Predictions
+    from featcache.report.scores import calibration_bins, scores
+
+    y = np.array([0, 0, 1, 1])
+    p1 = np.array([0.1, 0.3, 0.7, 0.95])
+    pred = Predictions(["a", "b", "c", "d"], y, np.c_[1 - p1, p1], list(CLASSES))
+    assert scores(pred)["brier"] == pytest.approx(np.mean((p1 - y) ** 2))  # the binary Brier score
+    mean_p, observed, counts = calibration_bins(pred, n_bins=2)
+    assert mean_p.tolist() == pytest.approx([0.2, 0.825]) and observed.tolist() == [0.0, 1.0]
+    assert counts.tolist() == [2, 2]
+    three = Predictions(["a", "b"], np.array([0, 2]), np.array([[1.0, 0, 0], [0.5, 0, 0.5]]), ["x", "y", "z"])
+    assert scores(three)["brier"] == pytest.approx((0 + 0.5) / 2)  # (0.25 + 0.25) for the second image

@@ -356,7 +356,7 @@ def _leaderboard_section(
     doc.add(
         Para(
             f"{n_total} run(s), {shown} shown, sorted by validation {options.metric}"
-            f"{'' if options.metric in ('auc', 'loss') else ' at threshold 0.5'} "
+            f"{'' if options.metric in ('auc', 'loss', 'brier') else ' at threshold 0.5'} "
             f"({'lower' if options.metric in LOWER_IS_BETTER else 'higher'} is better). '@thr' columns use "
             "the threshold chosen on validation data (Youden's J unless fit chose another); 'val acc @thr' "
             "is scored on the predictions that chose it, so it is optimistic (its test twin is not); F1 is "
@@ -421,8 +421,9 @@ def _top_runs_section(
     doc.add(
         Para(
             "Confusion matrices at threshold 0.5 and at the validation-chosen threshold (test split when "
-            "present, else validation), ROC curves with both operating points (● 0.5, ★ chosen), and "
-            "the MLP's training curves.",
+            "present, else validation), ROC curves with both operating points (● 0.5, ★ chosen), a "
+            "reliability diagram (binary: predicted probability against the observed fraction, dot area = "
+            "images; on the diagonal is well calibrated) and the MLP's training curves.",
             "muted",
         )
     )

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from featcache.report.collect import Predictions, RunRecord
-from featcache.report.scores import auc_binary, confusion, predict, roc_points
+from featcache.report.scores import auc_binary, calibration_bins, confusion, predict, roc_points, scores
 
 BLUE, ORANGE, GREY, GREEN = "#1f5fa8", "#e07b00", "#8a8f98", "#2e8540"
 
@@ -133,8 +133,23 @@ def _history_ax(ax, history: dict) -> None:
     ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=7, frameon=False, loc="center right")
 
 
+def _calibration_ax(ax, pred: Predictions, split: str) -> None:
+    """Reliability diagram: does P(class 1) = 0.8 come true 80% of the time? Dot area = images in bin."""
+    mean_p, observed, counts = calibration_bins(pred)
+    ax.plot([0, 1], [0, 1], color=GREY, lw=0.8, ls=":")
+    ax.plot(mean_p, observed, color=ORANGE if split == "test" else BLUE, lw=1.2)
+    ax.scatter(mean_p, observed, s=12 + 120 * counts / max(counts.max(), 1),
+               color=ORANGE if split == "test" else BLUE, edgecolor="black", linewidth=0.5, zorder=3)
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel(_t(f"predicted P({pred.classes[1]})"))
+    ax.set_ylabel(_t(f"observed fraction {pred.classes[1]}"))
+    ax.set_title(f"{split} calibration (Brier {scores(pred)['brier']:.3f})")
+
+
 def run_figure(rec: RunRecord, threshold: float | None) -> bytes | None:
-    """One row of panels for a top run: confusion matrices (0.5 and chosen), ROC, training curves."""
+    """One row of panels for a top run: confusion matrices (0.5 and chosen), ROC, calibration (binary),
+    training curves."""
     pred = rec.test if rec.test is not None else rec.val
     history = rec.metrics.get("history") if isinstance(rec.metrics.get("history"), dict) else None
     panels: list[str] = []
@@ -143,6 +158,8 @@ def run_figure(rec: RunRecord, threshold: float | None) -> bytes | None:
         if pred.proba.shape[1] == 2 and threshold is not None:
             panels.append("cmthr")
             panels.append("roc")
+        if pred.proba.shape[1] == 2 and len(pred.y_true):
+            panels.append("calib")
     if history and any(history.get(k) for k in ("loss", "val_loss")):
         panels.append("hist")
     if not panels:
@@ -163,6 +180,8 @@ def run_figure(rec: RunRecord, threshold: float | None) -> bytes | None:
             _confusion_ax(ax, pred, threshold, f"{split} confusion @ chosen {threshold:.2f}")
         elif panel == "roc":
             _roc_ax(ax, rec, threshold)
+        elif panel == "calib":
+            _calibration_ax(ax, pred, split)
         else:
             _history_ax(ax, history)
     fig.tight_layout()

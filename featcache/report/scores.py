@@ -13,8 +13,8 @@ import numpy as np
 from featcache.report.collect import Predictions, RunRecord
 
 EPS = 1e-7
-METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auc", "sensitivity", "specificity", "loss")
-LOWER_IS_BETTER = {"loss"}
+METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auc", "sensitivity", "specificity", "loss", "brier")
+LOWER_IS_BETTER = {"loss", "brier"}
 
 
 def predict(pred: Predictions, threshold: float | None) -> np.ndarray:
@@ -103,12 +103,24 @@ def scores(pred: Predictions, threshold: float | None = 0.5) -> dict[str, float]
         "macro_f1": _macro_f1(cm),
         "auc": auc(pred),
         "loss": float(-np.mean(np.log(p_true))) if len(p_true) else float("nan"),
+        "brier": _brier(pred),
         "n": int(cm.sum()),
     }
     if k == 2:
         out["sensitivity"] = float(cm[1, 1] / cm[1].sum()) if cm[1].sum() else float("nan")
         out["specificity"] = float(cm[0, 0] / cm[0].sum()) if cm[0].sum() else float("nan")
     return out
+
+
+def _brier(pred: Predictions) -> float:
+    """Brier score (0 is perfect; calibration and sharpness together): binary, the mean of
+    (P(class 1) - y)^2 as usually quoted; more classes, Brier's sum over classes of the squared error."""
+    if not len(pred.y_true):
+        return float("nan")
+    k = pred.proba.shape[1]
+    if k == 2:
+        return float(np.mean((pred.proba[:, 1] - (pred.y_true == 1)) ** 2))
+    return float(np.mean(np.sum((pred.proba - np.eye(k)[pred.y_true]) ** 2, axis=1)))
 
 
 def youden_threshold(pred: Predictions) -> float | None:
@@ -201,3 +213,18 @@ def paired_difference(
         lo, hi = np.quantile(boot, [0.025, 0.975]) if len(boot) else (np.nan, np.nan)
         out[name] = (point, float(lo), float(hi))
     return out
+
+
+def calibration_bins(pred: Predictions, n_bins: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean predicted P(class 1), observed fraction of class 1, images) per non-empty equal-width bin."""
+    p = pred.proba[:, 1]
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    which = np.clip(np.digitize(p, edges[1:-1]), 0, n_bins - 1)
+    mean_p, observed, counts = [], [], []
+    for b in range(n_bins):
+        m = which == b
+        if m.any():
+            mean_p.append(float(p[m].mean()))
+            observed.append(float((pred.y_true[m] == 1).mean()))
+            counts.append(int(m.sum()))
+    return np.array(mean_p), np.array(observed), np.array(counts)
