@@ -481,6 +481,10 @@ class CacheReader:
         f = self._f
         self.config: dict = _read_config(f, self.path)
         self.config_hash: str = str(_from_attr(f.attrs.get("config_hash", "")))
+        try:  # what extracted the rows (backend, library versions): settings alone do not pin the numbers
+            self.versions: dict = json.loads(_from_attr(f.attrs.get("versions_json", "{}")))
+        except (TypeError, ValueError):
+            self.versions = {}
         valid = f["valid"][...]          # read first: rows before the first 0 are complete and immutable
         self.n_rows: int = _valid_prefix(valid)
         self.feature_dim: int = int(f["features"].shape[1])

@@ -15,6 +15,7 @@ The protocol, and why:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from collections.abc import Sequence
@@ -38,6 +39,7 @@ from featcache.runs import (
     clean_stale,
     config_hash,
     done_hashes,
+    environment,
     library_versions,
     remove_sweep_checkpoints,
     sweep_lock,
@@ -314,8 +316,10 @@ def _load_features(
                     "weights_digest": _find_key(cfg, "weights_digest"),
                     "views": list(reader.views),
                     "config": cfg,
+                    "extracted_with": reader.versions,
                 }
             )
+            digest = hashlib.sha256()
             for view in sorted(set(needed) | optional_views):
                 ok = np.asarray(reader.has(keys, view), dtype=bool)
                 must = needed.get(view)
@@ -337,7 +341,12 @@ def _load_features(
                     uniq, inv = np.unique(karr[ok], return_inverse=True)
                     X[ok] = np.asarray(reader.get(list(uniq), view), dtype=np.float32)[inv]
                 refuse_damaged_features(X, path, view)
+                digest.update(view.encode() + b"\0")
+                digest.update(memoryview(X).cast("B"))
                 parts.setdefault(view, []).append(X)
+        # the values this fit trains on: the same settings extracted under another backend or oneDNN setting
+        # differ in the last digits, and an MLP's results with them
+        caches[-1]["features_digest"] = digest.hexdigest()
     views = {v: (avail[v], np.concatenate(parts[v], axis=1)) for v in parts if avail[v].any()}
     return _Features(views), caches
 
@@ -665,6 +674,7 @@ def fit(
         "task": task,
         "classes": classes,
         "backbones": [c["config_hash"] or c["file"] for c in caches],
+        "features": [c["features_digest"] for c in caches],
         "dataset_root": os.fsdecode(dataset.root),
         "selection": selection,
         "cv_folds": opts.cv_folds if selection == "cv" else None,
@@ -684,6 +694,8 @@ def fit(
         common["mlp_precision"] = resolve_precision(opts.mlp_precision, trainer)
         if trainer != "tf":  # the JAX trainer draws other dropout masks (TensorFlow runs keep their ids)
             common["mlp_trainer"] = trainer
+        elif "TF_ENABLE_ONEDNN_OPTS" in os.environ:  # oneDNN off or on changes TensorFlow's training numbers
+            common["tf_onednn_opts"] = os.environ["TF_ENABLE_ONEDNN_OPTS"]
     sweep_id = config_hash({"common": common, "configs": [to_jsonable(c) for c in configs]})[:12]
     counts: dict[str, dict[str, int]] = {}
     for i in range(len(records)):
@@ -812,6 +824,16 @@ def _evaluate(ctx: _Ctx, y_true: np.ndarray, proba: np.ndarray, thr: float | Non
     return m
 
 
+def _resolved(head_obj: Any, params: Any) -> dict | None:
+    """The head's full parameters for this config (defaults included), or None if it cannot say."""
+    if not isinstance(params, dict) or not hasattr(head_obj, "resolved"):
+        return None
+    try:
+        return to_jsonable(head_obj.resolved(params))
+    except Exception:  # noqa: BLE001 - a record, never a reason to lose a trained run
+        return None
+
+
 def _store_run(
     ctx: _Ctx,
     *,
@@ -825,8 +847,13 @@ def _store_run(
     extra_metrics: dict,
     train_fit: tuple[np.ndarray, np.ndarray] | None,
     trainer: dict | None = None,
+    grid: dict | None = None,
 ) -> Run:
-    """Write one complete run: status "running" first, then files, then status "done" last."""
+    """Write one complete run: status "running" first, then files, then status "done" last.
+
+    ``grid`` (hold-out heads): the config's place in the whole grid, which its seed, minibatch stream and
+    dropout key come from, so a reader can rerun it from the record alone.
+    """
     y_val = ctx.y[val_idx]
     thr = _threshold_info(ctx, y_val, p_val)
     info = {
@@ -836,6 +863,7 @@ def _store_run(
         "classes": ctx.classes,
         "backbones": ctx.backbone_info,
         "params": to_jsonable(params) if isinstance(params, dict) else params,
+        "hyperparameters": _resolved(ctx.head_obj, params),
         "config_hash": chash,
         "seed": ctx.opts.seed,
         "metric": ctx.opts.metric,
@@ -847,6 +875,7 @@ def _store_run(
         "dataset": ctx.dataset_info,
         "caches": [{k: v for k, v in c.items()} for c in ctx.caches],
         "versions": library_versions(),
+        "environment": environment(),
         "command": list(ctx.opts.command or sys.argv),
         "tags": list(ctx.opts.tags),
         "preset": ctx.preset.name if ctx.preset else None,
@@ -854,6 +883,8 @@ def _store_run(
     }
     if trainer is not None:  # how a dense head was trained (fused/bf16 or model.fit/float32)
         info["trainer"] = trainer
+    if grid is not None:
+        info["grid"] = grid
     writer = RunWriter(ctx.opts.runs_dir, info)
     crash_point("fit.run_started")
     chosen = thr["chosen"]
@@ -1123,6 +1154,7 @@ def _fit_holdout(ctx: _Ctx, configs: list[dict], result: FitResult, hashes: list
             extra_metrics={"history": _jsonable_history(history)},
             train_fit=(Xtr, yy),
             trainer={"selection": dict(model.trainer), "saved_model": dict(final.trainer)},
+            grid={"index": ci, "size": len(configs), "configs": [to_jsonable(c) for c in configs]},
         )
         result.runs.append(run)
         finished[0] += 1

@@ -123,6 +123,45 @@ def library_versions() -> dict:
     return out
 
 
+ENV_VARIABLES = ("KERAS_BACKEND", "TF_ENABLE_ONEDNN_OPTS", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES",
+                 "XLA_FLAGS")
+
+
+def environment() -> dict:
+    """What besides the versions moves a run's numbers or is needed to rerun its command (run.json).
+
+    Measured: ``TF_ENABLE_ONEDNN_OPTS=0`` or another Keras backend changes features and MLP results in
+    the last digits and beyond; the number of CPUs changes logistic-regression probabilities at 1e-15 (the
+    BLAS threads); the command's relative paths need its working folder; an editable install's version
+    number does not change with its code, so the source revision is recorded where there is one.
+    """
+    from featcache.resources import cpus
+
+    out: dict = {"cwd": os.getcwd(), "cpus": cpus(), "machine": platform.machine(),
+                 "variables": {k: os.environ[k] for k in ENV_VARIABLES if k in os.environ}}
+    revision = source_revision()
+    if revision:
+        out["source_revision"] = revision
+    return out
+
+
+def source_revision() -> str | None:
+    """``<commit>`` or ``<commit>-dirty`` when featcache runs from a git checkout (an editable install)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{commit}-dirty" if dirty else commit or None
+
+
 def new_run_id(runs_dir: Path, head: str, chash: str) -> str:
     """``<UTC yyyymmdd-HHMMSS>-<head>-<hash8>``; a numeric suffix avoids a same-second collision."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")

@@ -713,3 +713,28 @@ def test_a_config_placed_elsewhere_in_another_grid_is_trained_there(setup) -> No
     for a, b in zip(here.runs, fresh.runs, strict=True):
         assert a["config_hash"] == b["config_hash"]
         assert a.metrics()["val"] == b.metrics()["val"] and a.metrics()["history"] == b.metrics()["history"]
+
+
+def test_a_run_records_what_its_numbers_depend_on(setup, tmp_path) -> None:
+    """run.json pins the features (a content digest: another backend or oneDNN setting changes them under the
+    same settings), an mlp config's place in its grid, every default, and the working folder; features that
+    differ under the same settings are a new sweep, not an "already done" one."""
+    root, cache_dir, runs_dir = setup
+    grid = ["--grid", "epochs=3", "--grid", "lr=0.01,0.001"]
+    res = fit(root, "fakenet", "mlp", opts(cache_dir, runs_dir, grid_args=grid[1::2], layers=(8,)))
+    run = load_run(runs_dir, res.runs[1].id)
+    size = len(res.runs)  # 2 lr x the default grid's 2 dropouts
+    assert run["grid"]["size"] == size == len(run["grid"]["configs"]) and 0 <= run["grid"]["index"] < size
+    assert run["grid"]["configs"][run["grid"]["index"]] == run["params"]
+    hp = run["hyperparameters"]
+    assert hp["batch_size"] == 64 and hp["optimizer"] == "adam" and hp["layers"] == [8]
+    assert run["environment"]["cwd"] and run["environment"]["cpus"] >= 1
+    cache = run["caches"][0]
+    assert len(cache["features_digest"]) == 64 and "numpy" in cache["extracted_with"]
+    logreg = load_run(runs_dir, fit(root, "fakenet", "logreg", opts(cache_dir, runs_dir)).runs[0].id)
+    assert logreg["hyperparameters"]["C"] > 0 and "max_iter" in logreg["hyperparameters"]
+    other = tmp_path / "other-cache"  # the same settings, other values (as another backend would give)
+    write_cache(root, other, views=("orig", "hflip", "rot+20"), noise=0.31)
+    again = fit(root, "fakenet", "logreg", opts(other, runs_dir))
+    assert again.runs and not again.skipped  # trained on the other values, not reused
+    assert again.sweep_id != logreg["sweep_id"]

@@ -565,3 +565,18 @@ def test_brier_and_calibration_bins():
     assert counts.tolist() == [2, 2]
     three = Predictions(["a", "b"], np.array([0, 2]), np.array([[1.0, 0, 0], [0.5, 0, 0.5]]), ["x", "y", "z"])
     assert scores(three)["brier"] == pytest.approx((0 + 0.5) / 2)  # (0.25 + 0.25) for the second image
+
+
+def test_provenance_gives_the_working_folder_and_source_revision(tmp_path):
+    """A command with relative paths reruns only from its folder; an editable install's version number does
+    not change with its code, so the git revision is shown where fit recorded one."""
+    runs = tmp_path / "runs"
+    folder = write_fake_run(runs, "20240101-000001-logreg-aaaaaaaa")
+    info = json.loads((folder / "run.json").read_text())
+    info["environment"] = {"cwd": "/home/me/study one", "cpus": 2, "source_revision": "0123456789ab-dirty",
+                           "variables": {"TF_ENABLE_ONEDNN_OPTS": "0"}}
+    (folder / "run.json").write_text(json.dumps(info))
+    md = " ".join(build_report(runs, tmp_path / "out").markdown.read_text().split())
+    assert "cd '/home/me/study one' && featcache fit --head logreg --tag" in md
+    assert "0123456789ab-dirty" in md and "TF\\_ENABLE\\_ONEDNN\\_OPTS" in md
+    assert "featcache 0.1.0 (git 0123456789ab-dirty)" in md  # in the Methods paragraph

@@ -188,6 +188,17 @@ class SklearnHead:
 
 # ---------------------------------------------------------------- CV heads
 
+def plain_value(value: Any) -> bool:
+    """JSON-ready scalars, and lists/dicts of them (estimator objects and callables are left out)."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return True
+    if isinstance(value, list | tuple):
+        return all(plain_value(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str | int) and plain_value(v) for k, v in value.items())
+    return False
+
+
 class CVHead:
     """Base for heads selected by grouped K-fold CV; subclasses say how to build the estimator."""
 
@@ -202,6 +213,13 @@ class CVHead:
 
     def check(self, params: dict) -> dict:
         return check_params(self.name, params, self.schema)
+
+    def resolved(self, params: dict) -> dict:
+        """Every plain parameter of the estimator this config builds, defaults included: run.json records
+        it, so a reader sees the whole model, not only the keys the grid varied."""
+        est = self.make_estimator(params)
+        final = est.steps[-1][1] if hasattr(est, "steps") else est
+        return {k: v for k, v in final.get_params(deep=True).items() if plain_value(v)}
 
     def search(self, X: np.ndarray, y: np.ndarray, folds: Folds, grid: list[dict], *,
                scoring: str = "accuracy", seed: int = 0, progress: ProgressFn | None = None) -> SearchResult:

@@ -70,6 +70,7 @@ from featcache.heads.base import (
     SklearnHead,
     build_cv_results,
     normalize_class_weight,
+    plain_value,
     result_from_cv,
 )
 from featcache.heads.logreg_lbfgs import solve_many
@@ -331,6 +332,10 @@ class LogRegHead(CVHead):
         res = gs.search_result()
         res.best_params = dict(grid[res.best_index])
         return res
+
+    def resolved(self, params: dict) -> dict:
+        """Every LogisticRegression parameter of this config, library defaults included."""
+        return {k: v for k, v in _lr_params(self.check(params)).items() if plain_value(v)}
 
     def fit(self, X: np.ndarray, y: np.ndarray, params: dict, *, seed: int = 0) -> SklearnHead:
         params = self.check(params)

@@ -206,6 +206,11 @@ class MLPHead:
     default_grid: ClassVar[dict[str, list]] = {"layers": [(1024, 512)], "lr": [1e-3, 1e-4],
                                                "dropout": [0.0, 0.5], "epochs": [50]}
 
+    def resolved(self, params: dict) -> dict:
+        """The config with every default filled in (batch size, optimizer, activation...): what trains."""
+        p = _params(params)
+        return {**p, "layers": list(p["layers"])}
+
     def train(self, Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarray, params: dict, *,
               seed: int = 0, progress: ProgressFn | None = None) -> tuple[KerasHead, dict]:
         """One Keras model, one ``model.fit`` (the reference behaviour)."""

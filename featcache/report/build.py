@@ -878,6 +878,12 @@ def _methods_text(runs: Sequence[RunRecord]) -> str:
     versions = next((r.run.get("versions") for r in runs if isinstance(r.run.get("versions"), dict)), {})
     software = ", ".join(f"{k} {versions[k]}" for k in ("featcache", "keras", "tensorflow", "jax",
                                                          "scikit-learn", "numpy", "python") if k in versions)
+    revisions = sorted({str(r.run["environment"].get("source_revision")) for r in runs
+                        if isinstance(r.run.get("environment"), dict)
+                        and r.run["environment"].get("source_revision")})
+    if revisions and software:
+        software = software.replace(f"featcache {versions.get('featcache')}",
+                                    f"featcache {versions.get('featcache')} (git {', '.join(revisions)})", 1)
     text = (f"Features were extracted once by frozen {'; '.join(backbones) or 'backbones'} and cached. "
             f"Heads were trained on the cached features: "
             f"{', '.join(f'{h} ({n} run(s))' for h, n in sorted(heads.items()))}. ")
@@ -966,6 +972,11 @@ def _provenance_section(doc: Document, runs: Sequence[RunRecord]) -> None:
     for r in runs:
         for k, v in (r.run.get("versions") or {}).items():
             versions.setdefault(str(k), set()).add(str(v))
+        env = r.run.get("environment") if isinstance(r.run.get("environment"), dict) else {}
+        if env.get("source_revision"):  # an editable install: the version number does not pin the code
+            versions.setdefault("featcache source (git)", set()).add(str(env["source_revision"]))
+        for k, v in (env.get("variables") or {}).items():
+            versions.setdefault(f"${k}", set()).add(str(v))
     if versions:
         doc.add(Heading("Versions", 3))
         doc.add(
@@ -975,6 +986,10 @@ def _provenance_section(doc: Document, runs: Sequence[RunRecord]) -> None:
     for r in runs:
         cmd = r.run.get("command")
         text = shlex.join(map(str, cmd)) if isinstance(cmd, list) else str(cmd or "")
+        env = r.run.get("environment")
+        cwd = env.get("cwd") if isinstance(env, dict) else None
+        if text and cwd:  # relative paths in the command are relative to it
+            text = f"cd {shlex.quote(str(cwd))} && {text}"
         if text and text not in commands:
             commands.append(text)
     if commands:
