@@ -176,12 +176,17 @@ def show_cmd(
     about = Table(title=f"run {escape(run.id)}", show_header=False)
     about.add_column(style="bold")
     about.add_column(overflow="fold")
+    env = info.get("environment") if isinstance(info.get("environment"), dict) else {}
     rows = [
         ("folder", str(run.path)),
         ("finished", str(info.get("finished", "-"))),
-        ("command", " ".join(info.get("command") or []) or "-"),
+        ("command", shlex.join(map(str, info.get("command") or [])) or "-"),
+        *([("run from", str(env["cwd"]))] if env.get("cwd") else []),
         ("head / task", f"{info.get('head')} / {info.get('task')} ({', '.join(info.get('classes') or [])})"),
         ("params", params_text(info.get("params") or {})),
+        *([("grid position", f"config {info['grid']['index'] + 1} of {info['grid']['size']} (its seed, "
+                             "minibatches and dropout come from its place)")]
+          if isinstance(info.get("grid"), dict) and isinstance(info["grid"].get("index"), int) else []),
         ("seed", str(info.get("seed"))),
         ("dataset", f"{ds.get('root', '-')} ({ds.get('n_images', '?')} images, {ds.get('n_patients', '?')} "
                     "patients)"),
@@ -199,6 +204,10 @@ def show_cmd(
                      f"{c.get('n_rows')} rows × {c.get('feature_dim')})"))
     versions = info.get("versions") or {}
     rows.append(("versions", ", ".join(f"{k} {v}" for k, v in versions.items()) or "-"))
+    if env.get("source_revision"):
+        rows.append(("featcache source", f"git {env['source_revision']}"))
+    if env.get("variables"):
+        rows.append(("environment", " ".join(f"{k}={v}" for k, v in env["variables"].items())))
     for key, value in rows:
         about.add_row(shown(key), shown(value))
     scores = Table(title="metrics (threshold 0.5; test with 95% bootstrap CI over patients)")

@@ -580,3 +580,17 @@ def test_provenance_gives_the_working_folder_and_source_revision(tmp_path):
     assert "cd '/home/me/study one' && featcache fit --head logreg --tag" in md
     assert "0123456789ab-dirty" in md and "TF\\_ENABLE\\_ONEDNN\\_OPTS" in md
     assert "featcache 0.1.0 (git 0123456789ab-dirty)" in md  # in the Methods paragraph
+
+
+def test_runs_show_gives_the_grid_position_folder_and_revision(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    folder = write_fake_run(runs, "20240101-000001-mlp-aaaaaaaa", head="mlp", params={"lr": 0.01})
+    info = json.loads((folder / "run.json").read_text())
+    info["grid"] = {"index": 2, "size": 4, "configs": [{"lr": v} for v in (1.0, 0.1, 0.01, 0.001)]}
+    info["environment"] = {"cwd": "/home/me/study", "cpus": 2, "source_revision": "0123456789ab",
+                           "variables": {"KERAS_BACKEND": "jax"}}
+    (folder / "run.json").write_text(json.dumps(info))
+    assert run(["runs", "show", folder.name, "--runs-dir", str(runs)]) == 0
+    out = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    assert "run from /home/me/study" in out and "config 3 of 4" in out
+    assert "git 0123456789ab" in out and "KERAS_BACKEND=jax" in out
