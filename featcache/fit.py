@@ -40,6 +40,7 @@ from featcache.runs import (
     config_hash,
     done_hashes,
     environment,
+    format_value,
     library_versions,
     remove_sweep_checkpoints,
     sweep_lock,
@@ -48,6 +49,7 @@ from featcache.runs import (
 from featcache.splits import grouped_holdout, grouped_kfold, index_digest
 
 BALANCE_MODES = ("none", "undersample", "oversample")
+AUGMENT_VIEWS = ("orig", "hflip", "rot+20")  # what --balance oversample asks to extract (and `run` extracts)
 METRICS = ("accuracy", "auc", "macro_f1")
 POOL_SPLITS = (None, "train", "val")  # everything but the official test split
 
@@ -144,19 +146,30 @@ def _find_key(d: Any, key: str) -> Any:
     return None
 
 
-def _extract_cmd(data: Path, backbone: str, opts: FitOptions, views: Sequence[str] | None = None) -> str:
+def _extract_cmd(data: Path, backbone: str, opts: FitOptions, views: Sequence[str] | None = None,
+                 like: dict | None = None) -> str:
+    """The extract command that writes what fit lacks; ``like``: the config of the cache it should add
+    rows to (its weights, pooling, size...: fit's own flags may not say them, and a command with other
+    settings would write another cache, or fail to download ImageNet weights for a --weights none one)."""
     from featcache.backbones import is_saved_model
+
+    def pick(key: str, given: Any) -> Any:
+        found = _find_key(like, key) if like else None
+        return found if found not in (None, "") else given
 
     parts = ["featcache extract", f"--data {_q(data)}", f"--backbone {_q(backbone)}"]
     if is_saved_model(backbone):
-        parts.append("--layer NAME")
-    for flag, value in (("--weights", opts.weights), ("--dtype", opts.dtype), ("--resize", opts.resize)):
+        parts.append(f"--layer {_q(pick('layer', None) or 'NAME')}")
+    for flag, key, value in (("--weights", "weights", opts.weights), ("--dtype", "dtype", opts.dtype),
+                             ("--resize", "resize", opts.resize)):
+        value = pick(key, value)
         if value:
             parts.append(f"{flag} {_q(value)}")
-    if opts.pooling:
-        parts.append(f"--pooling {opts.pooling}")
-    if opts.image_size:
-        parts.append(f"--image-size {opts.image_size}")
+    pooling, size = pick("pooling", opts.pooling), pick("image_size", opts.image_size)
+    if pooling:
+        parts.append(f"--pooling {pooling}")
+    if size:
+        parts.append(f"--image-size {size}")
     if views:
         parts.append(f"--views {','.join(views)}")
     parts.append(f"--cache-dir {_q(opts.cache_dir)}")
@@ -326,7 +339,7 @@ def _load_features(
                 if must is not None and not ok[must].all():
                     missing = int(np.sum(must & ~ok))
                     vs = sorted(set(needed) | {"orig"}, key=lambda v: (v != "orig", v))
-                    cmd = _extract_cmd(data_root, name, opts, vs if view != "orig" else None)
+                    cmd = _extract_cmd(data_root, name, opts, vs if view != "orig" else None, like=cfg)
                     shards = _shard_files(data_root, name, opts)
                     merge = (f" (or, if it was merged from the shard files beside it and the merge was cut "
                              f"short, rerun `featcache cache merge {' '.join(_q(p) for p in shards)}`)"
@@ -616,7 +629,8 @@ def fit(
 
     dataset = discover(data, opts.manifest)
     records = dataset.records
-    task_labels(records, task)  # a task the dataset cannot have fails before any file is read
+    _, task_classes = task_labels(records, task)  # a task the dataset cannot have fails before reading files
+    _check_class_weights(configs, task_classes)
     # each backbone's cache file, looked up once (the lookup opens every file in the cache folder and hashes
     # a saved model's file), before the images are hashed, so a missing cache is reported at once
     opts = replace(opts, cache_files={name: _pick_cache(dataset.root, name, opts) for name in names})
@@ -658,13 +672,14 @@ def fit(
     if balance == "oversample" and not aug_views:
         raise ConfigError(
             "--balance oversample needs augmentation views in the cache beyond the training views; "
-            f"run `{_extract_cmd(dataset.root, names[0], opts, ['orig', 'hflip', 'rot+20'])}`."
+            f"run `{_extract_cmd(dataset.root, names[0], opts, AUGMENT_VIEWS, caches[0]['config'])}`."
         )
     tta_views = sorted(v for v in feats.views if v != "orig") if opts.tta else []
     if opts.tta and not tta_views:  # it would average one view: the same numbers, labelled TTA
         raise ConfigError(
             "--tta averages over augmentation views, and the cache has none; "
-            f"run `{_extract_cmd(dataset.root, names[0], opts, ['orig', 'hflip'])}` first, or drop --tta."
+            f"run `{_extract_cmd(dataset.root, names[0], opts, ('orig', 'hflip'), caches[0]['config'])}` "
+            "first, or drop --tta."
         )
 
     selection = head_obj.selection
@@ -822,6 +837,26 @@ def _evaluate(ctx: _Ctx, y_true: np.ndarray, proba: np.ndarray, thr: float | Non
         if thr is not None:
             m["at_threshold"]["ci"] = bootstrap_ci(y_true, proba, ctx.classes, thr, **kw)
     return m
+
+
+def _check_class_weights(configs: Sequence[dict], classes: Sequence[str]) -> None:
+    """ConfigError when per-class weights do not name every class of the task exactly.
+
+    Why: the estimators give an unnamed class weight 1 without a word, so laban2021's binary 3:1 run as
+    3class weighted normal 3x against bacteria and virus at 1, which no paper did.
+    """
+    for cfg in configs:
+        cw = cfg.get("class_weight")
+        if not isinstance(cw, dict):
+            continue
+        keys = sorted(int(k) for k in cw)
+        if keys != list(range(len(classes))):
+            example = ":".join(["1"] * len(classes))
+            raise ConfigError(
+                f"class_weight {format_value(cw)} gives weights for classes {', '.join(map(str, keys))}, but "
+                f"task has {len(classes)} classes ({', '.join(classes)}, numbered from 0); give one weight "
+                f"per class, e.g. class_weight={example}, or class_weight=balanced."
+            )
 
 
 def _resolved(head_obj: Any, params: Any) -> dict | None:

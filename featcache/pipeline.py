@@ -99,6 +99,23 @@ def _apply_preset(
             pooling or preset.options.get("pooling"), image_size or preset.options.get("image_size"))
 
 
+def _with_needed_views(xopts: Any, fopts: Any) -> Any:
+    """Extraction options that also write the augmentation views the fit will need.
+
+    Why: ``--balance oversample`` (vazquez2021's preset sets it) and ``--tta`` train or test on cached
+    augmented views; extracting only the originals made the fit refuse after the extraction had run.
+    """
+    from dataclasses import replace
+
+    from featcache.fit import AUGMENT_VIEWS
+    from featcache.grids import get_preset
+
+    balance = fopts.balance or (get_preset(fopts.preset).options.get("balance") if fopts.preset else None)
+    if (balance == "oversample" or fopts.tta) and tuple(xopts.views) == ("orig",):
+        return replace(xopts, views=AUGMENT_VIEWS)
+    return xopts
+
+
 def run_pipeline(
     data: str | Path,
     backbones: Sequence[str],
@@ -139,12 +156,13 @@ def run_pipeline(
     dataset = discover(data, getattr(fit_options, "manifest", None))
     routed = split_grid_args(grid_args, heads)
     check_seed(fopts.seed)  # before the extraction, not an hour later in the fit
+    xopts = _with_needed_views(extract_options or ExtractOptions(), fopts)
     for i, name in enumerate(backbones):
         emit(progress, "pipeline", i, len(backbones) + len(heads) + 1, f"extracting {name}")
         bb = BackboneConfig(name=name, weights=weights, seed=fopts.seed,  # layer: saved models only
                             layer=layer if is_saved_model(name) else None, pooling=pooling,
                             image_size=image_size)
-        result.extracts.append(extract(dataset, bb, cache_dir, extract_options or ExtractOptions(), progress))
+        result.extracts.append(extract(dataset, bb, cache_dir, xopts, progress))
         crash_point("pipeline.after_extract")
     # the fits read exactly these files: the cache folder may hold other settings of the same backbone
     # (another --weights, say), and those must not be picked instead

@@ -738,3 +738,16 @@ def test_a_run_records_what_its_numbers_depend_on(setup, tmp_path) -> None:
     again = fit(root, "fakenet", "logreg", opts(other, runs_dir))
     assert again.runs and not again.skipped  # trained on the other values, not reused
     assert again.sweep_id != logreg["sweep_id"]
+
+
+def test_per_class_weights_must_name_every_class_of_the_task(setup) -> None:
+    """A binary 3:1 used on the 3-class task left bacteria and virus at weight 1 without a word."""
+    root, cache_dir, runs_dir = setup
+    with pytest.raises(ConfigError, match="task has 3 classes .normal, bacteria, virus"):
+        fit(root, "fakenet", "logreg",
+            opts(cache_dir, runs_dir, task="3class", grid_args=["class_weight=3:1"]))
+    with pytest.raises(ConfigError, match="laban2021|class_weight"):
+        fit(root, "fakenet", None, opts(cache_dir, runs_dir, task="3class", preset="laban2021"))
+    res = fit(root, "fakenet", "logreg", opts(cache_dir, runs_dir, task="3class",
+                                                grid_args=["class_weight=3:1:1", "C=1"]))
+    assert res.runs

@@ -113,6 +113,31 @@ def test_run_with_a_preset_extracts_and_fits_the_papers_setup(kermany_tree, tmp_
     assert record["task"] == "3class" and record["preset"] == "aucouturier2020" and record["head"] == "mlp"
 
 
+def test_run_extracts_the_views_an_oversampling_preset_needs(kermany_tree, tmp_path, capsys, monkeypatch):
+    """vazquez2021 oversamples from cached augmentation views: `run` extracts them too (it extracted only
+    the originals and then refused), and fit's hint names the cache's own weights."""
+    monkeypatch.chdir(tmp_path)
+    code = run(["fit", "--data", str(kermany_tree), "--backbone", "mobilenet-0.75", "--head", "knn"])
+    assert code == 2  # no cache yet
+    capsys.readouterr()
+    assert run(["extract", "--data", str(kermany_tree), "--backbone", "mobilenet-0.75", "--weights",
+                "none", "--image-size", "64"]) == 0
+    code = run(["fit", "--data", str(kermany_tree), "--backbone", "mobilenet-0.75", "--head", "knn",
+                "--balance", "oversample", "--cv-folds", "2"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and "--weights none" in err and "--image-size 64" in err and "--views orig,hflip" in err
+    code = run(["run", "--data", str(kermany_tree), "--preset", "vazquez2021", "--backbone", "mobilenet-0.75",
+                "--weights", "none", "--grid", "epochs=2", "--cache-dir", "cache2"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    (cache,) = (tmp_path / "cache2").glob("*.h5")
+    with h5py.File(cache, "r") as f:
+        views = {v.decode() for v in f["views"][...]}
+    assert views == {"orig", "hflip", "rot+20"}
+    (run_json,) = (tmp_path / "runs").glob("*mlp*/run.json")
+    assert json.loads(run_json.read_text())["balance"] == "oversample"
+
+
 def test_run_with_a_saved_model_and_then_fit_by_its_path(kermany_tree, tmp_path, capsys, monkeypatch):
     """`run --backbone model.keras --layer NAME` (the route for fine-tuned CNNs), then `fit --backbone
     model.keras` finds the cache run wrote (recorded as saved-<stem>) and names it."""
