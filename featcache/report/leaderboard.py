@@ -108,6 +108,7 @@ def run_row(rec: RunRecord) -> dict[str, Any]:
         "backbone": rec.backbone + (" (random weights)" if rec.random_weights else ""),
         "dataset": rec.dataset,
         "validation": rec.validation,
+        "preset": rec.run.get("preset"),
         "head": rec.head,
         "task": rec.task,
         "config": config_string(rec.params),
