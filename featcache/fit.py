@@ -741,6 +741,7 @@ def fit(
         sweep_id=sweep_id,
         progress=progress,
         preset=preset,
+        environment=environment(),  # once per fit: it starts git processes, and is the same for every run
         dataset_info={
             "root": os.fsdecode(dataset.root),
             "layout": dataset.layout,
@@ -910,7 +911,7 @@ def _store_run(
         "dataset": ctx.dataset_info,
         "caches": [{k: v for k, v in c.items()} for c in ctx.caches],
         "versions": library_versions(),
-        "environment": environment(),
+        "environment": ctx.environment,
         "command": list(ctx.opts.command or sys.argv),
         "tags": list(ctx.opts.tags),
         "preset": ctx.preset.name if ctx.preset else None,

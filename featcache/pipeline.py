@@ -76,7 +76,7 @@ def split_grid_args(items: Sequence[str], heads: Sequence[str]) -> dict[str, lis
 
 
 def _apply_preset(
-    fopts: Any, backbones: list[str], heads: list[str]
+    fopts: Any, preset: Any, backbones: list[str], heads: list[str]
 ) -> tuple[list[str], list[str], str | None, int | None]:
     """(backbones, heads, pooling, image size) for the extraction, with a ``--preset``'s defaults.
 
@@ -84,12 +84,9 @@ def _apply_preset(
     A preset's pooling and image size (laban2021's 25,088-d flatten, say) must reach the extraction, or
     the fit would train the paper's head on other features without a word.
     """
-    from featcache.grids import get_preset
-
     pooling, image_size = fopts.pooling, fopts.image_size
-    if not fopts.preset:
+    if preset is None:
         return backbones, heads, pooling, image_size
-    preset = get_preset(fopts.preset)
     wrong = [h for h in heads if h != preset.head]
     if wrong:
         raise ConfigError(
@@ -99,7 +96,7 @@ def _apply_preset(
             pooling or preset.options.get("pooling"), image_size or preset.options.get("image_size"))
 
 
-def _with_needed_views(xopts: Any, fopts: Any) -> Any:
+def _with_needed_views(xopts: Any, fopts: Any, preset: Any) -> Any:
     """Extraction options that also write the augmentation views the fit will need.
 
     Why: ``--balance oversample`` (vazquez2021's preset sets it) and ``--tta`` train or test on cached
@@ -108,9 +105,8 @@ def _with_needed_views(xopts: Any, fopts: Any) -> Any:
     from dataclasses import replace
 
     from featcache.fit import AUGMENT_VIEWS
-    from featcache.grids import get_preset
 
-    balance = fopts.balance or (get_preset(fopts.preset).options.get("balance") if fopts.preset else None)
+    balance = fopts.balance or (preset.options.get("balance") if preset is not None else None)
     if (balance == "oversample" or fopts.tta) and tuple(xopts.views) == ("orig",):
         return replace(xopts, views=AUGMENT_VIEWS)
     return xopts
@@ -144,10 +140,12 @@ def run_pipeline(
     from featcache.datasets import discover
     from featcache.extract import ExtractOptions, extract
     from featcache.fit import FitOptions, check_seed, fit
+    from featcache.grids import get_preset
     from featcache.report import ReportOptions, build_report
 
     fopts = fit_options or FitOptions()
-    backbones, heads, pooling, image_size = _apply_preset(fopts, list(backbones), list(heads))
+    preset = get_preset(fopts.preset) if fopts.preset else None  # resolved once: extraction and fit
+    backbones, heads, pooling, image_size = _apply_preset(fopts, preset, list(backbones), list(heads))
     if not backbones:
         raise ConfigError("choose at least one backbone with --backbone (e.g. mobilenet-0.75).")
     if not heads:
@@ -156,7 +154,7 @@ def run_pipeline(
     dataset = discover(data, getattr(fit_options, "manifest", None))
     routed = split_grid_args(grid_args, heads)
     check_seed(fopts.seed)  # before the extraction, not an hour later in the fit
-    xopts = _with_needed_views(extract_options or ExtractOptions(), fopts)
+    xopts = _with_needed_views(extract_options or ExtractOptions(), fopts, preset)
     for i, name in enumerate(backbones):
         emit(progress, "pipeline", i, len(backbones) + len(heads) + 1, f"extracting {name}")
         bb = BackboneConfig(name=name, weights=weights, seed=fopts.seed,  # layer: saved models only

@@ -715,13 +715,19 @@ def test_a_config_placed_elsewhere_in_another_grid_is_trained_there(setup) -> No
         assert a.metrics()["val"] == b.metrics()["val"] and a.metrics()["history"] == b.metrics()["history"]
 
 
-def test_a_run_records_what_its_numbers_depend_on(setup, tmp_path) -> None:
+def test_a_run_records_what_its_numbers_depend_on(setup, tmp_path, monkeypatch) -> None:
     """run.json pins the features (a content digest: another backend or oneDNN setting changes them under the
     same settings), an mlp config's place in its grid, every default, and the working folder; features that
     differ under the same settings are a new sweep, not an "already done" one."""
     root, cache_dir, runs_dir = setup
     grid = ["--grid", "epochs=3", "--grid", "lr=0.01,0.001"]
+    import featcache.fit as fit_module
+
+    calls = []
+    real = fit_module.environment
+    monkeypatch.setattr(fit_module, "environment", lambda: calls.append(1) or real())
     res = fit(root, "fakenet", "mlp", opts(cache_dir, runs_dir, grid_args=grid[1::2], layers=(8,)))
+    assert len(res.runs) > 1 and len(calls) == 1  # once per fit (it starts git), not once per stored run
     run = load_run(runs_dir, res.runs[1].id)
     size = len(res.runs)  # 2 lr x the default grid's 2 dropouts
     assert run["grid"]["size"] == size == len(run["grid"]["configs"]) and 0 <= run["grid"]["index"] < size
