@@ -113,8 +113,8 @@ def write_fake_run(
                 "weights_digest": "ab" * 32,
             }
         ],
-        "selection": ({"method": "grouped_holdout", "fraction": 0.2, "group_by": "patient", "refit": False,
-                       "n_val_images": n_val} if head == "mlp" else
+        "selection": ({"method": "grouped_holdout", "fraction": 0.2, "achieved_fraction": 0.2167,
+                       "group_by": "patient", "refit": False, "n_val_images": n_val} if head == "mlp" else
                       {"method": "grouped_kfold", "folds": 5, "group_by": "patient", "refit": True,
                        "n_val_images": n_val}),
         "dataset": {
@@ -211,6 +211,7 @@ def test_report_files_are_written_and_self_contained(sweep, tmp_path):
     assert "Read with care:" in html and "Read with care:" in md_text
     methods = " ".join(md_text[md_text.index("## Methods"):md_text.index("## Provenance")].split())
     assert "patient-grouped stratified 5-fold cross-validation" in methods and "hold-out of 20%" in methods
+    assert "21.7% achieved" in methods  # whole patients move: the share asked for is not the share got
     assert "logreg (6 run(s)), mlp (6 run(s)), svm (2 run(s))" in methods
     assert "5-fold CV, n=40" in html  # each run says how it was validated
     assert "validation only" not in html.lower()  # these runs have a test split
@@ -550,6 +551,42 @@ def test_paired_difference_is_of_the_same_images_resampled_together():
 def test_report_compares_the_best_run_with_the_next_on_the_same_test_images(sweep, tmp_path):
     html = " ".join(build_report(sweep[0], tmp_path / "out").html.read_text().split())
     assert "better than the next runs on the test images?" in html and "paired bootstrap" in html
+
+
+def test_leaderboard_gives_sensitivity_and_specificity_with_intervals(sweep, tmp_path):
+    md_text = build_report(sweep[0], tmp_path / "out").markdown.read_text(encoding="utf-8")
+    assert "test sens / spec (95% CI)" in md_text
+    number = r"(\d\.\d\d)"
+    cells = re.findall(rf"{number} \({number}–{number}\) / {number} \({number}–{number}\)", md_text)
+    assert len(cells) == len(sweep[1])  # one per run (the best one's in bold)
+    for sens, s_lo, s_hi, spec, p_lo, p_hi in cells:
+        assert float(s_lo) <= float(sens) <= float(s_hi) and float(p_lo) <= float(spec) <= float(p_hi)
+
+
+def test_threshold_free_metric_and_mixed_task_brier_wording(sweep, tmp_path):
+    runs, _ = sweep
+    write_fake_run(runs, "20240102-000001-logreg-3c000001", task="3class", quality=2.0, seed=40)
+    res = build_report(runs, tmp_path / "out", ReportOptions(metric="brier"))
+    md_text = " ".join(res.markdown.read_text(encoding="utf-8").split())
+    assert "The Brier score's scale differs too" in md_text  # binary mean vs multi-class sum
+    assert "sorted by validation brier (lower is better)" in md_text
+    assert "threshold 0.5 ·" not in md_text  # the hero's validation Brier uses no threshold
+    assert "no interval computed for brier" in md_text  # the overview promises no CI it does not draw
+    plain = " ".join(build_report(runs, tmp_path / "acc").markdown.read_text(encoding="utf-8").split())
+    assert "threshold 0.5 ·" in plain and "with 95% CI (orange)" in plain
+    assert "Brier score's scale" not in plain
+
+
+def test_paired_comparison_is_made_within_each_group(sweep, tmp_path):
+    runs, _ = sweep
+    for k in range(3):
+        write_fake_run(runs, f"20240102-00000{k}-logreg-3c00000{k}", task="3class", quality=1.0 + k,
+                       seed=50 + k)
+    grouped = build_report(runs, tmp_path / "out", ReportOptions(group_by="task"))
+    html = " ".join(grouped.html.read_text().split())
+    assert "task binary: is #" in html and "task 3class: is #" in html
+    ungrouped = " ".join(build_report(runs, tmp_path / "all").html.read_text().split())
+    assert ungrouped.count("better than the next runs on the test images?") == 1
 
 
 def test_brier_and_calibration_bins():

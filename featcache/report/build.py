@@ -26,7 +26,13 @@ from featcache.report.document import Code, Document, Figure, Heading, Hero, Par
 from featcache.report.html import render_html
 from featcache.report.leaderboard import build_leaderboard, config_string, write_csv, write_json
 from featcache.report.markdown import render_markdown
-from featcache.report.scores import LOWER_IS_BETTER, chosen_threshold, paired_difference, per_class
+from featcache.report.scores import (
+    LOWER_IS_BETTER,
+    THRESHOLD_FREE,
+    chosen_threshold,
+    paired_difference,
+    per_class,
+)
 from featcache.runs import describe_trainer, format_value
 
 OVERSTATE_NOTE = (
@@ -82,9 +88,9 @@ def _f(value: Any, digits: int = 3) -> str:
 
 
 def _ci(row: dict, key: str) -> str:
-    lo, hi = row.get(f"{key}_lo"), row.get(f"{key}_hi")
-    base = _f(row.get(key))
-    return f"{base} [{lo:.3f}–{hi:.3f}]" if lo is not None and hi is not None and base != "—" else base
+    """``value [lo–hi]``, or the value alone when the run has no interval for it."""
+    base, interval = _f(row.get(key)), _interval(row, key, 3)
+    return f"{base} [{interval}]" if interval != "—" and base != "—" else base
 
 
 def _is_demo(root: str) -> bool:
@@ -97,9 +103,10 @@ def _is_demo(root: str) -> bool:
 
 
 # --------------------------------------------------------------------------------------------- summary
-def _interval(row: dict, key: str) -> str:
+def _interval(row: dict, key: str, digits: int = 2) -> str:
+    """``lo–hi`` of a row's 95% interval for ``key``, or "—" when it has none."""
     lo, hi = row.get(f"{key}_lo"), row.get(f"{key}_hi")
-    return "—" if lo is None or hi is None else f"{_f(lo, 2)}–{_f(hi, 2)}"
+    return "—" if lo is None or hi is None else f"{_f(lo, digits)}–{_f(hi, digits)}"
 
 
 def _hero(best: dict, metric: str, has_test: bool) -> Hero:
@@ -108,7 +115,8 @@ def _hero(best: dict, metric: str, has_test: bool) -> Hero:
         Stat(
             f"validation {metric}",
             _f(best.get(f"val_{metric}")),
-            f"threshold 0.5 · {best.get('validation') or 'n=' + str(best.get('n_val') or '?')}",
+            ("" if metric in THRESHOLD_FREE else "threshold 0.5 · ")
+            + f"{best.get('validation') or 'n=' + str(best.get('n_val') or '?')}",
         )
     ]
     if thr is not None:
@@ -140,10 +148,10 @@ def _hero(best: dict, metric: str, has_test: bool) -> Hero:
             stats.append(
                 Stat(
                     "test sensitivity / specificity" + (f" ({positive} positive)" if positive else ""),
-                    _sens_spec(best),
+                    _sens_spec(best, ci=False),
                     f"threshold 0.5, 95% CI {_interval(best, 'test_sensitivity')} / "
                     f"{_interval(best, 'test_specificity')}"
-                    + (f"; {_sens_spec(best, '_thr')} at the chosen threshold (CI "
+                    + (f"; {_sens_spec(best, '_thr', ci=False)} at the chosen threshold (CI "
                        f"{_interval(best, 'test_sensitivity_thr')} / "
                        f"{_interval(best, 'test_specificity_thr')})" if thr is not None else ""),
                 )
@@ -235,7 +243,10 @@ def _callouts(
         doc.add(
             Para(
                 f"runs of {len(tasks)} different tasks are ranked together; their metrics are not "
-                "comparable (use --group-by task).",
+                "comparable (use --group-by task)."
+                + (" The Brier score's scale differs too: binary runs report the mean of (p − y)² for the "
+                   "positive class (0–1), multi-class runs the sum over classes (0–2)."
+                   if options.metric == "brier" else ""),
                 "note",
                 "Mixed tasks:",
             )
@@ -281,7 +292,7 @@ def _leaderboard_table(rows: Sequence[dict], metric: str, has_test: bool) -> Tab
             ("test F1", lambda r: _f(r.get("test_macro_f1"))),
         ]
         if any(r.get("test_sensitivity") is not None for r in rows):
-            cols.append(("test sens / spec", lambda r: _sens_spec(r)))
+            cols.append(("test sens / spec (95% CI)", lambda r: _sens_spec(r)))
     tag_sets = {", ".join(r["tags"]) for r in rows}
     if len(tag_sets) > 1:
         cols.append(("tags", lambda r: ", ".join(r["tags"])))
@@ -303,12 +314,38 @@ def _leaderboard_table(rows: Sequence[dict], metric: str, has_test: bool) -> Tab
 PAIRED_RUNS = 5  # runs after the best that the paired comparison tests against it
 
 
-def _paired_section(doc: Document, rows: list[dict], by_id: dict[str, RunRecord]) -> None:
-    """Is the best run better than the next ones on the test images? Paired patient bootstrap."""
-    ranked = sorted(rows, key=lambda r: r["rank"])
+def _paired_section(doc: Document, rows: list[dict], by_id: dict[str, RunRecord],
+                    group_by: str | None = None) -> None:
+    """Is the best run better than the next ones on the test images? Paired patient bootstrap.
+
+    With ``--group-by`` each group's best is compared with the next runs of its own group: the groups
+    are what the reader asked to compare within.
+    """
+    groups: dict[str, list[dict]] = {}
+    for r in sorted(rows, key=lambda r: r["rank"]):
+        groups.setdefault(str(r.get("group")) if group_by else "", []).append(r)
+    for name, ranked in groups.items():
+        body = _paired_rows(ranked, by_id)
+        if not body:
+            continue
+        where = f"{group_by} {name}: " if group_by else ""
+        doc.add(Heading(f"{where}is #{ranked[0]['rank']} better than the next runs on the test images?", 3))
+        doc.add(Table(
+            ["#", "run", "Δ test accuracy vs best [95% CI]", "Δ test AUC vs best [95% CI]", "accuracy"],
+            body,
+            {0, 2, 3},
+            caption="Differences on the same test images, with 95% intervals from 1000 paired bootstrap "
+            "resamples of test patients (seed 0): both runs are scored on each resample. An interval that "
+            "contains 0 means this test set cannot tell the two runs apart, whatever the validation "
+            "ranking says.",
+        ))
+
+
+def _paired_rows(ranked: list[dict], by_id: dict[str, RunRecord]) -> list[list[str]]:
+    """Table rows comparing ``ranked[0]`` with up to PAIRED_RUNS later runs scored on its test images."""
     best = ranked[0] if ranked else None
     if best is None or by_id[best["run_id"]].test is None:
-        return
+        return []
     body = []
     for row in ranked[1:]:
         other = by_id[row["run_id"]].test
@@ -325,23 +362,20 @@ def _paired_section(doc: Document, rows: list[dict], by_id: dict[str, RunRecord]
                      *cells, verdict])
         if len(body) == PAIRED_RUNS:
             break
-    if not body:
-        return
-    doc.add(Heading(f"Is #{best['rank']} better than the next runs on the test images?", 3))
-    doc.add(Table(
-        ["#", "run", "Δ test accuracy vs best [95% CI]", "Δ test AUC vs best [95% CI]", "accuracy"],
-        body,
-        {0, 2, 3},
-        caption="Differences on the same test images, with 95% intervals from 1000 paired bootstrap "
-        "resamples of test patients (seed 0): both runs are scored on each resample. An interval that "
-        "contains 0 means this test set cannot tell the two runs apart, whatever the validation ranking "
-        "says.",
-    ))
+    return body
 
 
-def _sens_spec(row: dict, suffix: str = "") -> str:
+def _sens_spec(row: dict, suffix: str = "", ci: bool = True) -> str:
+    """``sens (lo–hi) / spec (lo–hi)``; the intervals are left out where the run has none."""
     sens, spec = row.get(f"test_sensitivity{suffix}"), row.get(f"test_specificity{suffix}")
-    return "—" if sens is None else f"{_f(sens, 2)} / {_f(spec, 2)}"
+    if sens is None:
+        return "—"
+
+    def one(value: Any, key: str) -> str:
+        interval = _interval(row, key)
+        return _f(value, 2) + ("" if interval == "—" or not ci else f" ({interval})")
+
+    return f"{one(sens, f'test_sensitivity{suffix}')} / {one(spec, f'test_specificity{suffix}')}"
 
 
 def _leaderboard_section(
@@ -356,7 +390,7 @@ def _leaderboard_section(
     doc.add(
         Para(
             f"{n_total} run(s), {shown} shown, sorted by validation {options.metric}"
-            f"{'' if options.metric in ('auc', 'loss', 'brier') else ' at threshold 0.5'} "
+            f"{'' if options.metric in THRESHOLD_FREE else ' at threshold 0.5'} "
             f"({'lower' if options.metric in LOWER_IS_BETTER else 'higher'} is better). '@thr' columns use "
             "the threshold chosen on validation data (Youden's J unless fit chose another); 'val acc @thr' "
             "is scored on the predictions that chose it, so it is optimistic (its test twin is not); F1 is "
@@ -389,13 +423,21 @@ def _leaderboard_section(
     else:
         doc.add(_leaderboard_table(rows, options.metric, has_test))
     if fig:
+        shown_rows = plots.overview_rows(rows, options.metric)
+        m = options.metric
+        if not any(r.get(f"test_{m}") is not None for r in shown_rows):
+            test_words = " (no test scores)."
+        elif any(r.get(f"test_{m}_lo") is not None for r in shown_rows):
+            test_words = (f" and test {m} with 95% CI (orange). The gap between them is the optimism of "
+                          "validation numbers.")
+        else:  # a metric without a bootstrap interval (loss, Brier, balanced accuracy)
+            test_words = (f" and test {m} (orange; no interval computed for {m}). The gap between them is "
+                          "the optimism of validation numbers.")
         doc.add(
             Figure(
                 "overview",
                 fig,
-                f"The {min(len(rows), plots.OVERVIEW_RUNS)} best of {len(rows)} runs: validation "
-                f"{options.metric} (blue) and test {options.metric} with 95% CI (orange). The gap between "
-                "them is the optimism of validation numbers.",
+                f"The {len(shown_rows)} best of {len(rows)} runs: validation {m} (blue){test_words}",
                 f"validation versus test {options.metric} of the best runs",
             )
         )
@@ -865,9 +907,13 @@ def _methods_text(runs: Sequence[RunRecord]) -> str:
                                            else ""))
     fractions = sorted({f"{100 * s['fraction']:g}%" for s in sel if s.get("method") == "grouped_holdout"
                         and isinstance(s.get("fraction"), int | float)})
-    if fractions:
+    achieved = sorted({f"{100 * s['achieved_fraction']:.1f}%" for s in sel
+                       if s.get("method") == "grouped_holdout"
+                       and isinstance(s.get("achieved_fraction"), int | float)})
+    if fractions:  # whole patients move, so the hold-out's share is near the one asked for, not equal
+        got = f"; {'/'.join(achieved)} achieved, keeping each patient's images together" if achieved else ""
         protocols.append(f"a patient-grouped stratified hold-out of {'/'.join(fractions)} of the training "
-                         "images (one model per config, trained on the rest)")
+                         f"images requested{got} (one model per config, trained on the rest)")
     rules = {"youden": "Youden's J", "sensitivity": "the highest threshold reaching the target sensitivity"}
     thr = sorted({rules.get(str(r.run["threshold"].get("method")), str(r.run["threshold"].get("method")))
                   for r in runs if isinstance(r.run.get("threshold"), dict)
@@ -1031,7 +1077,7 @@ def build_document(
     _callouts(doc, runs, rows, skipped, options)
     _leaderboard_section(doc, rows, options, has_test, n_selected or len(runs))
     by_id = {r.id: r for r in runs}
-    _paired_section(doc, rows, by_id)
+    _paired_section(doc, rows, by_id, options.group_by)
     _top_runs_section(doc, sorted(rows, key=lambda r: r["rank"]), by_id, options, progress)
     _grid_section(doc, rows, options, by_id)
     _dataset_section(doc, runs, options, progress)

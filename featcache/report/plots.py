@@ -13,7 +13,16 @@ from collections.abc import Sequence
 import numpy as np
 
 from featcache.report.collect import Predictions, RunRecord
-from featcache.report.scores import auc_binary, calibration_bins, confusion, predict, roc_points, scores
+from featcache.report.scores import (
+    LOWER_IS_BETTER,
+    THRESHOLD_FREE,
+    auc_binary,
+    calibration_bins,
+    confusion,
+    predict,
+    roc_points,
+    scores,
+)
 
 BLUE, ORANGE, GREY, GREEN = "#1f5fa8", "#e07b00", "#8a8f98", "#2e8540"
 
@@ -192,9 +201,14 @@ OVERVIEW_RUNS = 15  # rows of the overview dot plot; more would not be readable
 HEATMAP_MIN_SPAN = 0.05  # narrowest colour range of a heatmap, in metric units
 
 
+def overview_rows(rows: Sequence[dict], metric: str, n: int = OVERVIEW_RUNS) -> list[dict]:
+    """The runs the overview plot shows (its caption describes the same ones)."""
+    return [r for r in rows if r.get(f"val_{metric}") is not None][:n]
+
+
 def overview_figure(rows: Sequence[dict], metric: str, n: int = OVERVIEW_RUNS) -> bytes | None:
-    """Dot plot of the best runs: validation metric vs test metric with its 95% CI."""
-    rows = [r for r in rows if r.get(f"val_{metric}") is not None][:n]
+    """Dot plot of the best runs: validation metric vs test metric with its 95% CI where there is one."""
+    rows = overview_rows(rows, metric, n)
     if not rows:
         return None
     plt = _plt()
@@ -231,11 +245,15 @@ def overview_figure(rows: Sequence[dict], metric: str, n: int = OVERVIEW_RUNS) -
             lw=1,
             capsize=2,
             zorder=3,
-            label=f"test {metric} (95% CI)",
+            label=f"test {metric}" + (" (95% CI)" if any(t[2] is not None for t in tests) else ""),
         )
     ax.set_yticks(y, labels)
-    rule = "threshold 0.5" if tasks == {"binary"} else "threshold 0.5 if binary, else the most probable class"
-    ax.set_xlabel(f"{metric} ({rule})")
+    if metric in THRESHOLD_FREE:  # scored on the probabilities themselves
+        ax.set_xlabel(metric + (" (lower is better)" if metric in LOWER_IS_BETTER else ""))
+    else:
+        rule = ("threshold 0.5" if tasks == {"binary"}
+                else "threshold 0.5 if binary, else the most probable class")
+        ax.set_xlabel(f"{metric} ({rule})")
     ax.grid(axis="x", color="#e3e6ea", lw=0.6)
     ax.legend(fontsize=8, frameon=False, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=2)
     fig.tight_layout()

@@ -15,6 +15,7 @@ from featcache.report.collect import Predictions, RunRecord
 EPS = 1e-7
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auc", "sensitivity", "specificity", "loss", "brier")
 LOWER_IS_BETTER = {"loss", "brier"}
+THRESHOLD_FREE = {"auc", "loss", "brier"}  # scored on the probabilities, not on thresholded labels
 
 
 def predict(pred: Predictions, threshold: float | None) -> np.ndarray:
