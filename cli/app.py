@@ -133,13 +133,15 @@ def run(argv: list[str] | None = None) -> int:
         sentence = str(exc).strip()
         if sentence and sentence[-1] not in ".!?":
             sentence += "."  # one full sentence, whichever module raised it
-        err_console.print(f"[bold red]error:[/] {escape(sentence)}", highlight=False)
+        # soft_wrap: one line that the terminal wraps, so a path in it is not split by a newline
+        err_console.print(f"[bold red]error:[/] {escape(sentence)}", highlight=False, soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:  # typer versions that let it through
         _print_interrupted()
         return 143 if _terminated else 130
     except OSError as exc:  # a folder that cannot be created, a full disk, a path through a file
-        err_console.print(f"[bold red]error:[/] {escape(_os_error_sentence(exc))}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(_os_error_sentence(exc))}", highlight=False,
+                          soft_wrap=True)
         return 1
     return 0
 
