@@ -19,6 +19,8 @@ console = Console()
 
 def _summary(result) -> None:
     """Short account of what each stage did, then where the report is."""
+    for note in getattr(result, "notes", []):
+        console.print(f"[bold]note[/] {escape(note)}", highlight=False, soft_wrap=True)
     for ex in result.extracts:
         console.print(
             f"[bold]extract[/] {escape(ex.cache_path.name)}: {ex.rows_computed} rows computed, "

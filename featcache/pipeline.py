@@ -51,6 +51,7 @@ class PipelineResult:
     extracts: list[Any] = field(default_factory=list)  # featcache.extract.ExtractResult per backbone
     fits: list[Any] = field(default_factory=list)  # featcache.fit.FitResult per head
     report: Any = None  # featcache.report.ReportResult
+    notes: list[str] = field(default_factory=list)  # settings the user did not type but that were applied
 
 
 def split_grid_args(items: Sequence[str], heads: Sequence[str]) -> dict[str, list[str]]:
@@ -94,6 +95,24 @@ def _apply_preset(
         )
     return (backbones or [preset.options["backbone"]], heads or [preset.head],
             pooling or preset.options.get("pooling"), image_size or preset.options.get("image_size"))
+
+
+def _preset_notes(
+    preset: Any, backbones: list[str], pooling: str | None, image_size: int | None
+) -> list[str]:
+    """Say when a preset's pooling and image size reach a backbone the paper did not use.
+
+    Why: ``--preset mao2018 --backbone mobilenet-0.75`` extracts at mao2018's 300 px, which is right for
+    the paper's InceptionV3 but a choice the user did not see; the cache name alone shows it.
+    """
+    own = preset.options.get("backbone")
+    others = [b for b in backbones if b != own]
+    if not others or (pooling is None and image_size is None):
+        return []
+    how = ", ".join(x for x in (f"{pooling} pooling" if pooling else "",
+                                f"{image_size} px" if image_size else "") if x)
+    return [f"preset {preset.name}: {', '.join(others)} extracted with the preset's {how} (the paper used "
+            f"{own}); for other settings run extract and fit separately."]
 
 
 def _with_needed_views(xopts: Any, fopts: Any, preset: Any) -> Any:
@@ -151,6 +170,8 @@ def run_pipeline(
     if not heads:
         raise ConfigError("choose at least one head with --head (e.g. logreg,mlp).")
     result = PipelineResult()
+    if preset is not None:
+        result.notes += _preset_notes(preset, backbones, pooling, image_size)
     dataset = discover(data, getattr(fit_options, "manifest", None))
     routed = split_grid_args(grid_args, heads)
     check_seed(fopts.seed)  # before the extraction, not an hour later in the fit

@@ -105,6 +105,9 @@ def test_run_with_a_preset_extracts_and_fits_the_papers_setup(kermany_tree, tmp_
                 "mobilenet-0.75", "--weights", "none"])
     out = capsys.readouterr()
     assert code == 0, out.err
+    note = " ".join(out.out.split())  # the preset's settings reached a backbone the paper did not use
+    assert ("preset aucouturier2020: mobilenet-0.75 extracted with the preset's flatten pooling, 224 px "
+            "(the paper used inceptionv3)") in note
     (cache,) = (tmp_path / "cache").glob("*.h5")
     with h5py.File(cache, "r") as f:
         assert f["features"].shape[1] == 7 * 7 * 768  # flatten at 224 px, as the preset says
