@@ -15,8 +15,8 @@ from featcache.progress import ProgressEvent
 console = Console()
 
 METRIC_HELP = (
-    "Validation metric that ranks runs: accuracy, balanced_accuracy, macro_f1, auc, sensitivity, "
-    "specificity, loss or brier (the last two: lower is better)."
+    "Validation metric that ranks runs: accuracy, balanced_accuracy, macro_f1, auc, average_precision "
+    "(binary), sensitivity, specificity, loss or brier (the last two: lower is better)."
 )
 
 

@@ -631,3 +631,41 @@ def test_runs_show_gives_the_grid_position_folder_and_revision(tmp_path, capsys)
     out = " ".join(capsys.readouterr().out.replace("│", " ").split())
     assert "run from /home/me/study" in out and "config 3 of 4" in out
     assert "git 0123456789ab" in out and "KERAS_BACKEND=jax" in out
+
+
+def test_precision_recall_points_and_average_precision_match_scikit_learn():
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
+    from featcache.report.scores import average_precision, pr_points
+
+    rng = np.random.default_rng(3)
+    for n, ties in ((50, False), (200, True)):
+        y = (rng.random(n) < 0.3).astype(int)
+        score = rng.random(n) + 0.4 * y
+        if ties:
+            score = np.round(score, 1)  # many equal scores: one point per distinct threshold
+        recall, precision, thr = pr_points(y, score)
+        p_ref, r_ref, t_ref = precision_recall_curve(y, score)
+        # scikit-learn lists thresholds ascending and appends the (recall 0, precision 1) end point
+        assert np.allclose(recall, r_ref[:-1][::-1]) and np.allclose(precision, p_ref[:-1][::-1])
+        assert np.allclose(thr, t_ref[::-1])
+        assert average_precision(y, score) == pytest.approx(average_precision_score(y, score))
+    assert np.isnan(average_precision(np.zeros(5, dtype=int), rng.random(5)))
+
+
+def test_runs_can_be_ranked_by_average_precision(sweep, tmp_path):
+    from sklearn.metrics import average_precision_score
+
+    runs, ids = sweep
+    res = build_report(runs, tmp_path / "out", ReportOptions(metric="average_precision"))
+    data = json.loads(res.json.read_text())["runs"]
+
+    def ap(rid: str) -> float:
+        with open(runs / rid / "predictions_val.csv", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+        y, p = [int(r["y_true"]) for r in rows], [float(r["p_PNEUMONIA"]) for r in rows]
+        return average_precision_score(y, p)
+
+    assert [r["run_id"] for r in data] == sorted(ids, key=lambda rid: (-ap(rid), rid))
+    assert data[0]["val_average_precision"] == pytest.approx(ap(data[0]["run_id"]))
+    assert data[0]["test_average_precision"] is not None

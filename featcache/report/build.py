@@ -463,7 +463,9 @@ def _top_runs_section(
     doc.add(
         Para(
             "Confusion matrices at threshold 0.5 and at the validation-chosen threshold (test split when "
-            "present, else validation), ROC curves with both operating points (● 0.5, ★ chosen), a "
+            "present, else validation), ROC and precision-recall curves with both operating points "
+            "(● 0.5, ★ chosen; the dotted line of the precision-recall panel is the positive class's share, "
+            "what a classifier without skill reaches), a "
             "reliability diagram (binary: predicted probability against the observed fraction, dot area = "
             "images; on the diagonal is well calibrated) and the MLP's training curves.",
             "muted",
@@ -499,7 +501,7 @@ def _top_runs_section(
                     f"run-{row['rank']}",
                     png,
                     f"Run #{row['rank']} ({row['run_id']}).",
-                    f"confusion matrices, ROC and training curves of run {row['run_id']}",
+                    f"confusion matrices, ROC, precision-recall and training curves of run {row['run_id']}",
                 )
             )
         else:

@@ -17,8 +17,10 @@ from featcache.report.scores import (
     LOWER_IS_BETTER,
     THRESHOLD_FREE,
     auc_binary,
+    average_precision,
     calibration_bins,
     confusion,
+    pr_points,
     predict,
     roc_points,
     scores,
@@ -120,6 +122,40 @@ def _roc_ax(ax, rec: RunRecord, threshold: float | None) -> None:
     ax.legend(fontsize=7, loc="lower right", frameon=False)
 
 
+def _pr_ax(ax, rec: RunRecord, threshold: float | None) -> None:
+    """Precision-recall of validation and test; the dotted line is the test prevalence (a classifier
+    without skill); 0.5 and the chosen threshold marked as on the ROC."""
+    marked: set[str] = set()
+    for split, color in (("val", BLUE), ("test", ORANGE)):
+        pred = getattr(rec, split)
+        if pred is None or pred.proba.shape[1] != 2 or len(set(pred.y_true.tolist())) < 2:
+            continue
+        y, score = pred.y_true, pred.proba[:, 1]
+        recall, precision, _ = pr_points(y, score)
+        ap = average_precision(y, score)
+        ax.step(np.r_[0.0, recall], np.r_[precision[0], precision], where="pre", color=color, lw=1.6,
+                label=f"{split} (AP {ap:.3f})")
+        if split == "test" or rec.test is None:
+            ax.axhline(float(np.mean(y == 1)), color=GREY, lw=0.8, ls=":")
+        for thr, marker, name in ((0.5, "o", "0.5"), (threshold, "*", "chosen")):
+            if thr is None:
+                continue
+            yp = score >= thr
+            if not yp.any():
+                continue
+            ax.plot([yp[y == 1].mean()], [(y[yp] == 1).mean()], marker=marker, ms=9 if marker == "*" else 6,
+                    color=color, mec="black", mew=0.6, ls="none",
+                    label=None if name in marked else f"threshold {name}")
+            marked.add(name)
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    positive = next((getattr(rec, s).classes[1] for s in ("test", "val") if getattr(rec, s) is not None), "")
+    ax.set_xlabel("recall (sensitivity)")
+    ax.set_ylabel(_t(f"precision ({positive} called)" if positive else "precision"))
+    ax.set_title("precision-recall (⋯ prevalence)")
+    ax.legend(fontsize=7, loc="lower left", frameon=False)
+
+
 def _history_ax(ax, history: dict) -> None:
     ax2 = ax.twinx()
     ep = None
@@ -157,8 +193,8 @@ def _calibration_ax(ax, pred: Predictions, split: str) -> None:
 
 
 def run_figure(rec: RunRecord, threshold: float | None) -> bytes | None:
-    """One row of panels for a top run: confusion matrices (0.5 and chosen), ROC, calibration (binary),
-    training curves."""
+    """One row of panels for a top run: confusion matrices (0.5 and chosen), ROC and precision-recall,
+    calibration (binary), training curves."""
     pred = rec.test if rec.test is not None else rec.val
     history = rec.metrics.get("history") if isinstance(rec.metrics.get("history"), dict) else None
     panels: list[str] = []
@@ -167,6 +203,7 @@ def run_figure(rec: RunRecord, threshold: float | None) -> bytes | None:
         if pred.proba.shape[1] == 2 and threshold is not None:
             panels.append("cmthr")
             panels.append("roc")
+            panels.append("pr")
         if pred.proba.shape[1] == 2 and len(pred.y_true):
             panels.append("calib")
     if history and any(history.get(k) for k in ("loss", "val_loss")):
@@ -189,6 +226,8 @@ def run_figure(rec: RunRecord, threshold: float | None) -> bytes | None:
             _confusion_ax(ax, pred, threshold, f"{split} confusion @ chosen {threshold:.2f}")
         elif panel == "roc":
             _roc_ax(ax, rec, threshold)
+        elif panel == "pr":
+            _pr_ax(ax, rec, threshold)
         elif panel == "calib":
             _calibration_ax(ax, pred, split)
         else:

@@ -13,9 +13,10 @@ import numpy as np
 from featcache.report.collect import Predictions, RunRecord
 
 EPS = 1e-7
-METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auc", "sensitivity", "specificity", "loss", "brier")
+METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auc", "average_precision", "sensitivity",
+           "specificity", "loss", "brier")
 LOWER_IS_BETTER = {"loss", "brier"}
-THRESHOLD_FREE = {"auc", "loss", "brier"}  # scored on the probabilities, not on thresholded labels
+THRESHOLD_FREE = {"auc", "average_precision", "loss", "brier"}  # scored on probabilities, not labels
 
 
 def predict(pred: Predictions, threshold: float | None) -> np.ndarray:
@@ -91,7 +92,8 @@ def auc(pred: Predictions) -> float:
 
 
 def scores(pred: Predictions, threshold: float | None = 0.5) -> dict[str, float]:
-    """Accuracy, balanced accuracy, macro F1, AUC, sensitivity/specificity (binary) and log loss."""
+    """Accuracy, balanced accuracy, macro F1, AUC, log loss, Brier; binary: sensitivity, specificity and
+    average precision (the area under the precision-recall curve of the positive class)."""
     k = pred.proba.shape[1]
     y_pred = predict(pred, threshold)
     cm = confusion(pred.y_true, y_pred, k)
@@ -110,6 +112,7 @@ def scores(pred: Predictions, threshold: float | None = 0.5) -> dict[str, float]
     if k == 2:
         out["sensitivity"] = float(cm[1, 1] / cm[1].sum()) if cm[1].sum() else float("nan")
         out["specificity"] = float(cm[0, 0] / cm[0].sum()) if cm[0].sum() else float("nan")
+        out["average_precision"] = average_precision(pred.y_true, pred.proba[:, 1])
     return out
 
 
@@ -163,6 +166,29 @@ def roc_points(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray
     fps = (1 + distinct) - tps
     p, n = max(yy.sum(), 1), max(len(yy) - yy.sum(), 1)
     return np.r_[0, fps / n], np.r_[0, tps / p], np.r_[np.inf, s[distinct]]
+
+
+def pr_points(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(recall, precision, thresholds) at every distinct score, highest threshold first.
+
+    Why beside the ROC: with few positives (or few negatives, as in Kermany's 3:1 pneumonia share) a ROC
+    curve can look good while most positive calls are wrong; precision shows that.
+    """
+    order = np.argsort(-score, kind="mergesort")
+    s, yy = score[order], y[order]
+    distinct = np.r_[np.where(np.diff(s))[0], len(s) - 1]
+    tps = np.cumsum(yy)[distinct]
+    called = 1 + distinct
+    return tps / max(yy.sum(), 1), tps / called, s[distinct]
+
+
+def average_precision(y: np.ndarray, score: np.ndarray) -> float:
+    """Σ (R_n − R_{n−1}) P_n over the thresholds (scikit-learn's definition, no interpolation); NaN
+    without positives."""
+    if not np.any(y == 1):
+        return float("nan")
+    recall, precision, _ = pr_points(y, score)
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
 def bootstrap_ci(
