@@ -67,6 +67,7 @@ def summary(run) -> dict:  # noqa: ANN001 - featcache.runs.Run
         "cv_best_score": m.get("cv_best_score"),
         "threshold": (run.info.get("threshold") or {}).get("chosen"),
         "test_at_threshold": ((test.get("at_threshold") or {}).get(metric)) if test else None,
+        "has_test": bool(test),
         "path": str(run.path),
     }
 
@@ -209,6 +210,7 @@ def register(app: typer.Typer) -> None:
                         "runs": rows,
                         "skipped": result.skipped,
                         "cleaned": result.cleaned,
+                        "notes": result.notes,
                     },
                     indent=2,
                     default=str,
@@ -218,6 +220,8 @@ def register(app: typer.Typer) -> None:
         out = Console()
         for name, path in result.caches.items():
             out.print(f"features of {shown(name)}: {shown(path)}", soft_wrap=True)
+        for note in result.notes:
+            out.print(f"[bold]note[/] {escape(note)}", highlight=False, soft_wrap=True)
         if result.left_out:
             out.print(f"{len(result.left_out)} image(s) cannot be decoded and were left out (extract "
                       "skipped them too):", soft_wrap=True)
@@ -253,6 +257,10 @@ def register(app: typer.Typer) -> None:
                 fmt(r["threshold"]),
             )
         out.print(table)
+        if not any(r["has_test"] for r in rows):  # say why the test columns are blank
+            out.print("no test images in the data (no test/ folder, no split=test rows): the test columns "
+                      "are blank, and the validation numbers are the only estimate.",
+                      soft_wrap=True, highlight=False)
 
 
 def _command(ctx: typer.Context) -> list[str]:

@@ -31,6 +31,8 @@ def _summary(result) -> None:
         for rel, reason in ex.skipped[:3]:  # the first bad files
             console.print(f"  skipped {shown(rel)}: {shown(reason)}", highlight=False)
     for fr in result.fits:
+        for note in fr.notes:
+            console.print(f"[bold]note[/] {escape(note)}", highlight=False, soft_wrap=True)
         resumed = sum(1 for run in fr.runs if resumed_epoch(run))
         console.print(
             f"[bold]fit[/] sweep {escape(fr.sweep_id)}: {len(fr.runs)} run(s) trained, "

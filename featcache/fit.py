@@ -101,6 +101,7 @@ class FitResult:
     caches: dict[str, Path] = field(default_factory=dict)  # backbone (as given) -> the cache file read
     left_out: list[tuple[str, str]] = field(default_factory=list)  # (relpath, reason): undecodable images
     cleaned: list[str] = field(default_factory=list)  # stale (killed) run folders removed
+    notes: list[str] = field(default_factory=list)  # things the numbers depend on that a user should know
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -1006,6 +1007,42 @@ def _holdout_hashes(common: dict, configs: list[dict]) -> list[str]:
     return [config_hash({**common, "params": c, "preceding": grid[:i]}) for i, c in enumerate(grid)]
 
 
+def _split_gaps(ctx: _Ctx, sides: list[np.ndarray]) -> list[tuple[int, list[str]]]:
+    """(side index, classes with no image there) for each side (pool positions) that lacks a class."""
+    gaps = []
+    for i, pos in enumerate(sides):
+        present = set(np.unique(ctx.y[ctx.pool[pos]]).tolist())
+        missing = [c for k, c in enumerate(ctx.classes) if k not in present]
+        if missing:
+            gaps.append((i, missing))
+    return gaps
+
+
+def _class_sizes(ctx: _Ctx, name: str) -> str:
+    """'1 image from 1 patient': how much training data a class has (why a split cannot cover it)."""
+    k = ctx.classes.index(name)
+    rows = ctx.pool[ctx.y[ctx.pool] == k]
+    n_pat = len(np.unique(ctx.groups[rows]))
+    return f"{len(rows)} image{'s' if len(rows) != 1 else ''} from {n_pat} patient{'s' if n_pat != 1 else ''}"
+
+
+def _check_training_sides(ctx: _Ctx, train_sides: list[np.ndarray], where: str) -> None:
+    """Stop before training when a split's training side lacks a class: the head would learn fewer
+    classes than the task has (logreg/knn then fail with a shape error deep inside, a binary logreg with
+    "needs samples of at least 2 classes", which reads as a fault of the grid)."""
+    gaps = _split_gaps(ctx, train_sides)
+    if not gaps:
+        return
+    side, missing = gaps[0]
+    name = missing[0]
+    place = f"fold {side + 1} of the {len(train_sides)}-fold cross-validation" if where == "cv" else where
+    raise DataError(
+        f"class {name} has {_class_sizes(ctx, name)} for training, and a patient's images stay on one side "
+        f"of the split, so {place} trains without it; every class needs training images from at least 2 "
+        f"patients: add images of {name}, or leave the class out."
+    )
+
+
 def _fit_cv(ctx: _Ctx, configs: list[dict], result: FitResult, chash: str) -> None:
     """One run for the whole search (its config hash ``chash``): grouped K-fold CV, out-of-fold threshold,
     refit, test once."""
@@ -1018,6 +1055,7 @@ def _fit_cv(ctx: _Ctx, configs: list[dict], result: FitResult, chash: str) -> No
         return
     pool = ctx.pool
     folds_pos = grouped_kfold(ctx.y[pool], ctx.groups[pool], n_splits=opts.cv_folds, seed=opts.seed)
+    _check_training_sides(ctx, [tr for tr, _ in folds_pos], "cv")
     rng = np.random.default_rng(opts.seed)
     # one row matrix for the search; folds index into it (training rows: train views + balance)
     all_rec, all_view, all_y, fold_rows = [], [], [], []
@@ -1153,6 +1191,14 @@ def _fit_holdout(ctx: _Ctx, configs: list[dict], result: FitResult, hashes: list
     tr_pos, va_pos = grouped_holdout(
         ctx.y[pool], ctx.groups[pool], fraction=opts.val_fraction, seed=opts.seed
     )
+    _check_training_sides(ctx, [tr_pos], "the training side of the validation hold-out")
+    for _, missing in _split_gaps(ctx, [va_pos]):
+        result.notes.append(
+            f"the validation hold-out has no image of {', '.join(missing)} (a patient's images stay on one "
+            f"side; {'; '.join(f'{c}: {_class_sizes(ctx, c)}' for c in missing)}), so its validation recall "
+            "is undefined (left blank) and validation accuracy does not test it; add images from more "
+            "patients for a fair selection."
+        )
     tr_idx, va_idx = pool[tr_pos], pool[va_pos]
     r, v, yy = ctx.train_rows(tr_idx, np.random.default_rng(opts.seed))
     Xtr = ctx.feats.rows(r, v)

@@ -88,7 +88,7 @@ def classification_metrics(
         "per_class": {
             c: {
                 "precision": float(prec[i]),
-                "recall": float(rec[i]),
+                "recall": float(rec[i]) if support[i] else None,  # no image of the class: undefined
                 "f1": float(f1[i]),
                 "support": int(support[i]),
             }
@@ -100,8 +100,8 @@ def classification_metrics(
         "confusion": cm.astype(int).tolist(),
     }
     if k == 2:
-        out["sensitivity"] = float(rec[1])
-        out["specificity"] = float(rec[0])
+        out["sensitivity"] = float(rec[1]) if support[1] else None  # undefined, not 0, without positives
+        out["specificity"] = float(rec[0]) if support[0] else None
         if len(np.unique(y)) == 2:
             fpr, tpr, thr = roc_curve(y, p[:, 1])
             out["roc"] = _downsample_roc(fpr, tpr, thr)

@@ -757,3 +757,52 @@ def test_per_class_weights_must_name_every_class_of_the_task(setup) -> None:
     res = fit(root, "fakenet", "logreg", opts(cache_dir, runs_dir, task="3class",
                                                 grid_args=["class_weight=3:1:1", "C=1"]))
     assert res.runs
+
+
+def test_a_class_too_small_for_the_split_is_named_before_training(setup, tmp_path: Path, capsys) -> None:
+    """A class with one patient cannot be on both sides of a patient-grouped split: CV heads stop with one
+    sentence naming the class (they raised a numpy shape error, or for binary logreg blamed the grid), and
+    a hold-out without the class says its validation recall is undefined instead of recording 0."""
+    from featcache.metrics import classification_metrics
+
+    root, _, runs_dir = setup
+    write_xray(root / "train" / "OTHER" / "IM-0900-0001.jpeg", 900, size=16)
+    write_cache(root, tmp_path / "c3")
+    for head in ("logreg", "knn"):
+        message = r"^class OTHER has 1 image from 1 patient for training, .* so fold \d of the 3-fold cross-"
+        with pytest.raises(DataError, match=message + "validation trains without it") as exc:
+            fit(root, "fakenet", head, opts(tmp_path / "c3", runs_dir, task="folders"))
+        assert "\n" not in str(exc.value)
+    binary = tmp_path / "binary"
+    for p in range(6):
+        write_xray(binary / "train" / "NORMAL" / f"IM-{p:04d}-0001.jpeg", p, size=16)
+    write_xray(binary / "train" / "PNEUMONIA" / "person77_virus_1.jpeg", 77, size=16)
+    write_cache(binary, tmp_path / "c2")
+    with pytest.raises(DataError, match="^class PNEUMONIA has 1 image from 1 patient for training"):
+        fit(binary, "fakenet", "logreg", opts(tmp_path / "c2", runs_dir))
+    outcomes = set()
+    for seed in range(6):  # the one OTHER patient lands in validation (no training image) or in training
+        try:
+            res = fit(root, "fakenet", "mlp", opts(tmp_path / "c3", tmp_path / f"r{seed}", task="folders",
+                                                   seed=seed, layers=(4,), grid_args=["epochs=1"]))
+        except DataError as exc:
+            assert "the training side of the validation hold-out trains without it" in str(exc)
+            outcomes.add("error")
+            continue
+        assert len(res.notes) == 1 and "the validation hold-out has no image of OTHER" in res.notes[0]
+        val = load_run(tmp_path / f"r{seed}", res.runs[0].id).metrics()["val"]
+        assert val["per_class"]["OTHER"]["recall"] is None
+        assert val["per_class"]["NORMAL"]["recall"] is not None
+        outcomes.add("note")
+        # the CLI prints the note, and says why the test columns are blank (this data has a test split)
+        assert cli(_fit_cmd(root, tmp_path / "c3", tmp_path / f"cli{seed}", "--task", "folders", "--seed",
+                            str(seed), "--head", "mlp", "--layers", "4", "--grid", "epochs=1")) == 0
+        out = " ".join(capsys.readouterr().out.split())
+        assert "note the validation hold-out has no image of OTHER" in out and "no test images" not in out
+    assert "note" in outcomes
+    shutil.rmtree(root / "test")  # no test split: the table's blank test columns are explained
+    write_cache(root, tmp_path / "c4")
+    assert cli(_fit_cmd(root, tmp_path / "c4", tmp_path / "notest", "--head", "knn", "--cv-folds", "3")) == 0
+    assert "no test images in the data" in " ".join(capsys.readouterr().out.split())
+    m = classification_metrics([0, 0, 0], np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7]]), ["a", "b"])
+    assert m["sensitivity"] is None and m["specificity"] == pytest.approx(2 / 3)
