@@ -56,6 +56,12 @@ class ImageRecord:
     subtype: str | None
     group: str
 
+    @property
+    def has_patient_id(self) -> bool:
+        """Whether ``group`` is a real patient id (from the file name or a manifest column), not the file stem
+        that stands in when there is none (then the image is its own patient)."""
+        return self.group != Path(self.relpath).stem
+
 
 @dataclass
 class Dataset:
@@ -65,6 +71,7 @@ class Dataset:
     layout: str
     records: list[ImageRecord]
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    manifest: Path | None = None  # the CSV the records came from (layout "manifest"), to read it again
 
     def splits(self) -> list[str]:
         """Split names present, sorted (``None`` excluded)."""
@@ -364,7 +371,8 @@ def _discover_manifest(root: Path, csv_path: Path) -> Dataset:
                         "(path,label[,split][,group]).")
     if not records:
         raise DataError(_no_images_message(root, skipped))
-    return Dataset(root, "manifest", sorted(records, key=lambda r: r.relpath), sorted(skipped))
+    return Dataset(root, "manifest", sorted(records, key=lambda r: r.relpath), sorted(skipped),
+                   Path(os.path.abspath(csv_path)))
 
 
 def discover(root: str | Path, manifest: str | Path | None = None) -> Dataset:
@@ -453,8 +461,11 @@ def inspect(dataset: Dataset, progress: ProgressFn | None = None, workers: int =
             continue
         split = rec.split if rec.split is not None else "-"
         counts[split][rec.label][rec.subtype or "-"] += 1
-        patients_by_split[split].add(rec.group)
-        splits_by_patient[rec.group].add(split)
+        # without a patient id every image is its own patient (as fit groups it): a file name that recurs
+        # in train/ and test/ is not one child on both sides
+        patient = rec.group if rec.has_patient_id else f"image {rec.relpath}"
+        patients_by_split[split].add(patient)
+        splits_by_patient[patient].add(split)
         by_digest[digest].append(rec)
     dup_groups = sorted(sorted(r.relpath for r in g) for g in by_digest.values() if len(g) > 1)
     split_of = {r.relpath: (r.split or "-") for r in dataset.records}

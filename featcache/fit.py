@@ -746,13 +746,14 @@ def fit(
         dataset_info={
             "root": os.fsdecode(dataset.root),
             "layout": dataset.layout,
+            "manifest": os.fsdecode(dataset.manifest) if dataset.manifest else None,  # the report re-reads it
             "digest": common["data"],  # images, labels, splits, patients: two versions of a folder differ
             "counts": counts,
             "n_images": len(records),
             "n_patients": int(len(np.unique(groups))),
             # a record whose group is its file stem had no patient id (not in the name, no manifest column):
             # grouping and the patient bootstrap then treat each such image as its own patient
-            "patient_ids": int(sum(r.group != Path(r.relpath).stem for r in records)),
+            "patient_ids": int(sum(r.has_patient_id for r in records)),
             "left_out": [{"path": dataset.records[i].relpath, "reason": why}
                          for i, why in undecodable.items()],
         },
@@ -769,7 +770,8 @@ def fit(
     )
     result = FitResult(sweep_id=sweep_id, n_configs=len(configs), selection=selection,
                        caches={c["name"]: Path(c["path"]) for c in caches},
-                       left_out=[(dataset.records[i].relpath, why) for i, why in undecodable.items()])
+                       left_out=[(dataset.records[i].relpath, why) for i, why in undecodable.items()],
+                       notes=_leak_notes(records, pool, test))
     # the config hashes of the runs this sweep writes: claimed under the lock, then looked up among done runs
     hashes = [_cv_hash(common, configs)] if selection == "cv" else _holdout_hashes(common, configs)
     with sweep_lock(opts.runs_dir, sweep_id, hashes):  # a sweep or config trained twice at once: refused
@@ -778,6 +780,20 @@ def fit(
         else:
             _fit_holdout(ctx, configs, result, hashes)
     return result
+
+
+def _leak_notes(records: Sequence[Any], pool: np.ndarray, test: np.ndarray) -> list[str]:
+    """A note when patients (real ids only) have images both in the training pool and in the test split:
+    the split is the data's, so fit keeps it, but test numbers then reward remembering a child."""
+    def ids(idx: np.ndarray) -> set[str]:
+        return {records[i].group for i in idx if records[i].has_patient_id}
+
+    both = sorted(ids(pool) & ids(test))
+    if not both:
+        return []
+    return [f"{len(both)} patient(s) have images in both the training and the test split (e.g. "
+            f"{', '.join(both[:3])}): test numbers may be optimistic; `featcache data inspect` lists them, "
+            "and moving each patient's images to one side fixes it."]
 
 
 def _views(spec: Sequence[str] | str) -> list[str]:

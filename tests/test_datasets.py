@@ -280,6 +280,18 @@ def test_inspect_duplicates_and_leaks(kermany_tree):
     assert info["conflicting_duplicates"] == []  # the duplicate is NORMAL on both sides
 
 
+def test_a_file_name_without_patient_id_is_not_a_patient_across_splits(tmp_path):
+    """Without patient ids each image is its own patient (as fit groups them): scan1.png in train/ and in
+    test/ is two images, not one child on both sides (the report said "Leak" beside "No patient ids")."""
+    for split in ("train", "test"):
+        for cls in ("cats", "dogs"):
+            write_xray(tmp_path / split / cls / "scan1.png", seed=len(split) + len(cls))
+    ds = discover(tmp_path)
+    assert not any(r.has_patient_id for r in ds.records)
+    info = inspect(ds)
+    assert info["cross_split_patients"] == {} and info["n_patients"] == 4
+
+
 def test_inspect_flags_identical_images_with_different_labels(kermany_tree, capsys):
     """The same bytes filed as NORMAL and as PNEUMONIA: one label is wrong; inspect and its table say so."""
     shutil.copy(kermany_tree / "train/NORMAL/IM-1000-0001.jpeg",

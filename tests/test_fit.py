@@ -806,3 +806,29 @@ def test_a_class_too_small_for_the_split_is_named_before_training(setup, tmp_pat
     assert "no test images in the data" in " ".join(capsys.readouterr().out.split())
     m = classification_metrics([0, 0, 0], np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7]]), ["a", "b"])
     assert m["sensitivity"] is None and m["specificity"] == pytest.approx(2 / 3)
+
+
+def test_a_manifest_leak_is_noted_by_fit_and_audited_by_the_report_from_the_manifest(setup, tmp_path) -> None:
+    """A manifest whose split puts one patient in train and test: fit notes it, and the report audits the
+    manifest (it re-read the manifest's folder as class folders and found no leak)."""
+    from featcache.report import ReportOptions, build_report
+
+    root, cache_dir, runs_dir = setup
+    ds = discover(root)
+    rows = ["path,label,split,group"]
+    for i, r in enumerate(ds.records):
+        group = "kid0" if i in (0, len(ds.records) - 1) else f"kid{i}"  # one child: first train, last test
+        rows.append(f"{r.relpath},{r.label},{r.split},{group}")
+    manifest = root / "list.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    assert ds.records[0].split == "test" and ds.records[-1].split == "train"
+    write_cache(manifest, tmp_path / "mc")
+    res = fit(root, "fakenet", "knn", opts(tmp_path / "mc", runs_dir, manifest=manifest))
+    assert len(res.notes) == 1 and "kid0" in res.notes[0]
+    assert res.notes[0].startswith("1 patient(s) have images in both the training and the test split")
+    assert load_run(runs_dir, res.runs[0].id)["dataset"]["manifest"] == str(manifest)
+    text = (build_report(runs_dir, tmp_path / "rep", ReportOptions()).markdown).read_text()
+    assert "| patients in more than one split | 1 |" in text and "kid0 (test/train)" in text
+    manifest.unlink()  # gone: not audited (the folder is not the dataset the runs used)
+    text = (build_report(runs_dir, tmp_path / "rep2", ReportOptions()).markdown).read_text()
+    assert "patients in more than one split" not in text

@@ -758,16 +758,18 @@ def _flatten_counts(counts: Any, prefix: tuple[str, ...] = ()) -> list[tuple[tup
     return []
 
 
-def _inspect(root: str, progress: ProgressFn | None) -> dict | None:
-    """Re-audit the dataset folder (patients, duplicates, cross-split leaks) when it still exists."""
-    if not root or not Path(root).is_dir():
+def _inspect(root: str, manifest: str | None, progress: ProgressFn | None) -> dict | None:
+    """Re-audit the dataset (patients, duplicates, cross-split leaks) when it still exists; a manifest's
+    runs are audited from the manifest (its folder read as class folders would give other labels, splits
+    and patients), and not at all when the manifest is gone."""
+    if not root or not Path(root).is_dir() or (manifest and not Path(manifest).is_file()):
         return None
     try:
         from featcache.datasets import discover, inspect
     except ImportError:
         return None
     try:
-        return inspect(discover(root), progress=progress)
+        return inspect(discover(root, manifest or None), progress=progress)
     except (FeatcacheError, OSError, ValueError):
         return None
 
@@ -782,7 +784,9 @@ def _dataset_section(
     doc.section("Dataset", "dataset")
     for name, ds in datasets.items():
         root = str(ds.get("root", "?"))
-        info = _inspect(root, progress) if options.inspect_data else None
+        # runs of a manifest fit before its path was recorded cannot be re-audited: skip rather than misread
+        readable = ds.get("layout") != "manifest" or ds.get("manifest")
+        info = _inspect(root, ds.get("manifest"), progress) if options.inspect_data and readable else None
         recorded = ds.get("counts") or {}
         source = "as the runs used them (recorded by fit)" if recorded else "audited now from the folder"
         doc.add(Heading(name, 3))
