@@ -651,10 +651,11 @@ def fit(
     test = np.flatnonzero(split == "test")
     if len(pool) == 0:
         raise DataError(f"{dataset.root} has no training images (only a test split); add a train split.")
-    if len(np.unique(y[pool])) < len(classes):
+    absent = [c for k, c in enumerate(classes) if k not in set(np.unique(y[pool]).tolist())]
+    if absent:
         raise DataError(
-            f"the training images of {dataset.root} lack some of the classes {', '.join(classes)}; "
-            "every class needs training images."
+            f"the training images of {dataset.root} have no image of {', '.join(absent)} (classes: "
+            f"{', '.join(classes)}); every class needs training images."
         )
     groups = np.array([r.group for r in records], dtype=object)
 

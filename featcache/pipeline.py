@@ -131,6 +131,26 @@ def _with_needed_views(xopts: Any, fopts: Any, preset: Any) -> Any:
     return xopts
 
 
+def _head_options(fopts: Any, heads: Sequence[str], routed: dict[str, list[str]],
+                  head_grids: dict[str, Any] | None) -> dict[str, Any]:
+    """Each head's fit options: its share of --grid, its grid file, and --layers for the heads that have
+    layers (`run --head logreg,mlp --layers 16` means the mlp's layers, not an error for logreg)."""
+    from dataclasses import replace
+
+    from featcache.heads import get_head
+
+    with_layers = [h for h in heads if "layers" in get_head(h).schema]
+    if fopts.layers is not None and not with_layers:
+        raise ConfigError(f"--layers applies to the mlp head only, and --head is {','.join(heads)}; add mlp "
+                          "to --head, or drop --layers.")
+    out = {}
+    for head in heads:
+        grid = (head_grids or {}).get(head)
+        out[head] = replace(fopts, grid_args=routed[head], grid=grid if grid is not None else fopts.grid,
+                            layers=fopts.layers if head in with_layers else None)
+    return out
+
+
 def run_pipeline(
     data: str | Path,
     backbones: Sequence[str],
@@ -158,8 +178,9 @@ def run_pipeline(
     from featcache.backbones import BackboneConfig, is_saved_model
     from featcache.datasets import discover
     from featcache.extract import ExtractOptions, extract
-    from featcache.fit import FitOptions, check_seed, fit
+    from featcache.fit import FitOptions, build_configs, check_seed, fit
     from featcache.grids import get_preset
+    from featcache.heads import get_head
     from featcache.report import ReportOptions, build_report
 
     fopts = fit_options or FitOptions()
@@ -175,6 +196,9 @@ def run_pipeline(
     dataset = discover(data, getattr(fit_options, "manifest", None))
     routed = split_grid_args(grid_args, heads)
     check_seed(fopts.seed)  # before the extraction, not an hour later in the fit
+    head_opts = _head_options(fopts, heads, routed, head_grids)
+    for head, hopts in head_opts.items():  # a grid a head refuses fails now, not after the extraction
+        build_configs(get_head(head), hopts, preset)
     xopts = _with_needed_views(extract_options or ExtractOptions(), fopts, preset)
     for i, name in enumerate(backbones):
         emit(progress, "pipeline", i, len(backbones) + len(heads) + 1, f"extracting {name}")
@@ -188,13 +212,10 @@ def run_pipeline(
     cache_files = {name: ex.cache_path for name, ex in zip(backbones, result.extracts, strict=True)}
     for j, head in enumerate(heads):
         emit(progress, "pipeline", len(backbones) + j, len(backbones) + len(heads) + 1, f"fitting {head}")
-        grid = (head_grids or {}).get(head)
         opts = replace(
-            fopts,
+            head_opts[head],
             runs_dir=Path(runs_dir),
             cache_dir=Path(cache_dir),
-            grid_args=routed[head],
-            grid=grid if grid is not None else fopts.grid,
             cache_files=cache_files,
             command=list(fopts.command or ["featcache", *sys.argv[1:]]),
         )

@@ -832,3 +832,11 @@ def test_a_manifest_leak_is_noted_by_fit_and_audited_by_the_report_from_the_mani
     manifest.unlink()  # gone: not audited (the folder is not the dataset the runs used)
     text = (build_report(runs_dir, tmp_path / "rep2", ReportOptions()).markdown).read_text()
     assert "patients in more than one split" not in text
+
+
+def test_a_class_only_in_the_test_split_is_named(setup, tmp_path: Path) -> None:
+    root, _, runs_dir = setup
+    write_xray(root / "test" / "OTHER" / "IM-0901-0001.jpeg", 901, size=16)
+    write_cache(root, tmp_path / "c")
+    with pytest.raises(DataError, match=r"have no image of OTHER \(classes: NORMAL, OTHER, PNEUMONIA\);"):
+        fit(root, "fakenet", "knn", opts(tmp_path / "c", runs_dir, task="folders"))

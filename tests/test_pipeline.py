@@ -58,6 +58,24 @@ def test_bad_seed_is_refused_before_the_extraction(kermany_tree, tmp_path):
     assert not (tmp_path / "c").exists()  # nothing was extracted
 
 
+def test_run_gives_layers_to_the_mlp_and_checks_every_grid_before_the_extraction(kermany_tree, tmp_path):
+    """`run --head logreg,mlp --layers 16` means the mlp's layers (it failed for logreg after extracting);
+    a grid a head refuses stops the run before any image is read."""
+    from featcache.fit import FitOptions
+    from featcache.pipeline import _head_options, run_pipeline
+
+    opts = _head_options(FitOptions(layers=(16,)), ["logreg", "mlp"], {"logreg": [], "mlp": []}, None)
+    assert opts["logreg"].layers is None and opts["mlp"].layers == (16,)
+    kw = {"weights": "none", "cache_dir": tmp_path / "c", "runs_dir": tmp_path / "r",
+          "reports_dir": tmp_path / "rep"}
+    with pytest.raises(ConfigError, match="--layers applies to the mlp head only, and --head is logreg,knn"):
+        run_pipeline(kermany_tree, ["mobilenet-0.75"], ["logreg", "knn"], fit_options=FitOptions(layers=(4,)),
+                     **kw)
+    with pytest.raises(ConfigError, match="lr"):
+        run_pipeline(kermany_tree, ["mobilenet-0.75"], ["logreg", "mlp"], grid_args=["mlp:lr=fast"], **kw)
+    assert not (tmp_path / "c").exists()  # nothing was extracted
+
+
 def test_run_end_to_end(kermany_tree, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code = run(
