@@ -360,6 +360,12 @@ def test_validation_only_statement_when_no_test_split(tmp_path):
         assert "validation only; the official test split was not used" in text.lower()
         assert "Read with care:" in text
     assert "test acc [95% CI]" not in res.html.read_text()  # no empty test columns
+    for run_json in runs.glob("*/run.json"):  # class folders of the user's own: no "official" split
+        info = json.loads(run_json.read_text())
+        info["dataset"]["layout"] = "folders"
+        run_json.write_text(json.dumps(info))
+    text = build_report(runs, tmp_path / "out2").markdown.read_text()
+    assert "official" not in text and "Validation only: the data has no test split" in text
 
 
 def test_markdown_escape_function():

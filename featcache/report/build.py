@@ -47,6 +47,10 @@ GENERIC_OVERSTATE_NOTE = (
 NO_TEST_NOTE = (
     "validation only; the official test split was not used. Every number below is a validation estimate."
 )
+NO_TEST_SPLIT_NOTE = (  # data that is not the Kermany layout has no "official" test split to speak of
+    "validation only: the data has no test split (no test/ folder, no split=test rows in a manifest). Every "
+    "number below is a validation estimate."
+)
 DEMO_NOTE = (
     "this is featcache's bundled demo sample (96 images). Its 'test' split was carved from the official "
     "Kermany TRAINING split (patient-disjoint from the demo's train split); it is NOT the official test set, "
@@ -226,7 +230,10 @@ def _callouts(
         doc.add(Para(text, "warn", "No patient ids:"))
     with_test = sum(1 for r in rows if r.get("test_accuracy") is not None)
     if with_test == 0:
-        doc.add(Para(NO_TEST_NOTE[0].upper() + NO_TEST_NOTE[1:], "warn", "No test split:"))
+        kermany = all(isinstance(r.run.get("dataset"), dict) and r.run["dataset"].get("layout") == "kermany"
+                      for r in runs)
+        note = NO_TEST_NOTE if kermany else NO_TEST_SPLIT_NOTE
+        doc.add(Para(note[0].upper() + note[1:], "warn", "No test split:"))
     elif with_test < len(rows):
         doc.add(
             Para(
