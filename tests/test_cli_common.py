@@ -139,11 +139,13 @@ def test_run_summary_counts_configs_resumed_from_a_checkpoint(monkeypatch, capsy
     monkeypatch.setattr(pipeline_cmd, "print_outputs", lambda *_a: None)
     runs = [{"trainer": {"selection": {"path": "fused", "resumed_from_epoch": 7}}},
             {"trainer": {"selection": {"path": "fused"}}}, {}]
-    fits = [SimpleNamespace(sweep_id="abc", runs=runs, skipped=["x"], left_out=[]),
-            SimpleNamespace(sweep_id="def", runs=runs[1:], skipped=[], left_out=[("a.jpeg", "zero bytes")])]
+    fits = [SimpleNamespace(sweep_id="abc", runs=runs, skipped=["x"], left_out=[], notes=[]),
+            SimpleNamespace(sweep_id="def", runs=runs[1:], skipped=[], left_out=[("a.jpeg", "zero bytes")],
+                            notes=["1 patient(s) have images in both the training and the test split"])]
     pipeline_cmd._summary(SimpleNamespace(extracts=[], fits=fits, report=None))
     assert capsys.readouterr().out.splitlines() == [
         "fit sweep abc: 3 run(s) trained, 1 already done, 1 resumed from a checkpoint",
+        "note 1 patient(s) have images in both the training and the test split",
         "fit sweep def: 2 run(s) trained, 0 already done, 1 undecodable image(s) left out"]
 
 
