@@ -432,6 +432,22 @@ def _data_digest(keys: Sequence[str], records: Sequence[Any], y: np.ndarray, spl
     return h.hexdigest()[:16]
 
 
+def _images_digest(keys: Sequence[str], records: Sequence[Any]) -> str:
+    """A digest of the images as the folder (or manifest) labels them, without the task's class numbers.
+
+    Why beside :func:`_data_digest`: that one changes with the task (binary and 3-class runs of one folder
+    number their labels differently), so a report comparing by it would call one folder two datasets. This
+    one changes when an image, its path, folder label, subtype, split or patient changes, and not otherwise.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for key, rec in zip(keys, records, strict=True):
+        line = f"{key}\t{rec.relpath}\t{rec.label}\t{rec.subtype or ''}\t{rec.split or ''}\t{rec.group}\n"
+        h.update(line.encode("utf-8", "surrogateescape"))
+    return h.hexdigest()[:16]
+
+
 # ----------------------------------------------------------------------------------------- configs
 
 
@@ -749,6 +765,7 @@ def fit(
             "layout": dataset.layout,
             "manifest": os.fsdecode(dataset.manifest) if dataset.manifest else None,  # the report re-reads it
             "digest": common["data"],  # images, labels, splits, patients: two versions of a folder differ
+            "images_digest": _images_digest(keys, records),  # the same for every task on one folder version
             "counts": counts,
             "n_images": len(records),
             "n_patients": int(len(np.unique(groups))),

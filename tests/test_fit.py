@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -840,3 +841,22 @@ def test_a_class_only_in_the_test_split_is_named(setup, tmp_path: Path) -> None:
     write_cache(root, tmp_path / "c")
     with pytest.raises(DataError, match=r"have no image of OTHER \(classes: NORMAL, OTHER, PNEUMONIA\);"):
         fit(root, "fakenet", "knn", opts(tmp_path / "c", runs_dir, task="folders"))
+
+
+def test_binary_and_3class_runs_of_one_folder_are_one_dataset_in_the_report(setup, tmp_path: Path) -> None:
+    """The two tasks number labels differently, which changed the data digest: the report called one folder
+    two datasets ("validated and tested on different images") and listed it twice. A changed folder still
+    counts as another version."""
+    from featcache.report import ReportOptions, build_report
+
+    root, cache_dir, runs_dir = setup
+    for task in ("binary", "3class"):
+        fit(root, "fakenet", "knn", opts(cache_dir, runs_dir, task=task, grid_args=["n_neighbors=3"]))
+    text = build_report(runs_dir, tmp_path / "rep", ReportOptions()).markdown.read_text()
+    assert "Mixed datasets" not in text and "Mixed tasks" in text
+    assert len(re.findall(r"^### .*data @", text, re.M)) == 1  # one Dataset entry
+    write_xray(root / "train" / "NORMAL" / "IM-0950-0001.jpeg", 950, size=16)  # the folder changes
+    write_cache(root, cache_dir, views=("orig", "hflip", "rot+20"))
+    fit(root, "fakenet", "knn", opts(cache_dir, runs_dir, task="binary", grid_args=["n_neighbors=3"]))
+    text = build_report(runs_dir, tmp_path / "rep2", ReportOptions()).markdown.read_text()
+    assert "Mixed datasets" in text and len(re.findall(r"^### .*data @", text, re.M)) == 2
