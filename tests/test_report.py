@@ -675,3 +675,40 @@ def test_runs_can_be_ranked_by_average_precision(sweep, tmp_path):
     assert [r["run_id"] for r in data] == sorted(ids, key=lambda rid: (-ap(rid), rid))
     assert data[0]["val_average_precision"] == pytest.approx(ap(data[0]["run_id"]))
     assert data[0]["test_average_precision"] is not None
+
+
+def test_a_tie_for_the_best_validation_score_is_said(tmp_path):
+    """Three runs with the same validation accuracy: the leaderboard breaks the tie by run id, and the
+    report says so (it named one of them "best" as if it had won), also when --top hides the others."""
+    runs = tmp_path / "runs"
+    for k in range(3):  # same seed and quality: the same predictions
+        write_fake_run(runs, f"20240101-00000{k}-logreg-{k:08x}", params={"C": 10.0 ** -k}, quality=2, seed=7)
+    write_fake_run(runs, "20240101-000009-logreg-00000009", params={"C": 100.0}, quality=0.1, seed=1)
+    res = build_report(runs, tmp_path / "out", ReportOptions(top=1))
+    text = res.markdown.read_text()
+    assert "**Tie:** 3 runs share the best validation accuracy" in text
+    assert r"(\#1 and 2 not shown)" in text
+    with open(res.csv, encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["tied"] for r in rows] == ["3"]
+    res = build_report(runs, tmp_path / "out2", ReportOptions(ids=["-000000-", "-000009-"]))
+    assert "Tie:" not in res.markdown.read_text()
+
+
+def test_hyperparameter_table_numbers_models_in_grid_order_and_highlights_every_tie(tmp_path):
+    """A fused grid writes its runs as they finish: "model #" followed the creation time, not the grid the
+    user wrote, and only one of the runs tying for the best validation score was highlighted."""
+    runs = tmp_path / "runs"
+    lrs = (0.1, 0.01, 0.001, 0.0001)
+    for i, lr in enumerate(lrs):  # grid index i, written in the reverse order
+        folder = write_fake_run(runs, f"20240101-00000{i}-mlp-{i:08x}", head="mlp", params={"lr": lr},
+                                quality=3 if i in (1, 3) else 0.2, seed=5 if i in (1, 3) else i,
+                                created=f"2024-01-01T00:00:0{9 - i}Z")
+        run = json.loads((folder / "run.json").read_text())
+        run["grid"] = {"index": i, "size": len(lrs), "configs": [{"lr": v} for v in lrs]}
+        (folder / "run.json").write_text(json.dumps(run))
+    text = build_report(runs, tmp_path / "out").markdown.read_text()
+    table = text[text.index(r"| model \# |"):].split("\n\n")[0].splitlines()[2:]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in table]
+    assert [c[1].strip("*") for c in cells] == [str(v) for v in lrs]
+    assert [c[0].startswith("**") for c in cells] == [False, True, False, True]

@@ -204,6 +204,27 @@ def _prevalence(runs: Sequence[RunRecord]) -> str:
     return (" In " + "; in ".join(parts) + ".") if parts else ""
 
 
+def _ties(doc: Document, rows: Sequence[dict], options: ReportOptions) -> None:
+    """Say when the best run shares its validation score: the leaderboard breaks ties by run id, which says
+    nothing about the runs, so "#1" is then one of several equally good choices."""
+    firsts: dict[str, dict] = {}
+    for r in sorted(rows, key=lambda r: r["rank"]):
+        firsts.setdefault(str(r.get("group") or ""), r)
+    for group, best in firsts.items():
+        n = best.get("tied")
+        if not isinstance(n, int) or n < 2:
+            continue
+        shown = [f"#{r['rank']}" for r in rows if str(r.get("group") or "") == group
+                 and r.get("score") == best["score"]]
+        where = f" of {group}" if options.group_by else ""
+        listed = f" ({', '.join(shown)}" + (f" and {n - len(shown)} not shown)" if n > len(shown) else ")")
+        doc.add(Para(f"{n} runs{where} share the best validation {options.metric}, {_f(best['score'])}"
+                     f"{listed}; the leaderboard orders them by run id, so #{best['rank']} is one of "
+                     f"{n} equally good choices on validation. Choose among them on something other than "
+                     "the test numbers (e.g. the simpler model, or another validation metric with --metric).",
+                     "note", "Tie:"))
+
+
 def _callouts(
     doc: Document, runs: Sequence[RunRecord], rows: Sequence[dict], skipped: Sequence, options: ReportOptions
 ) -> None:
@@ -215,6 +236,7 @@ def _callouts(
         doc.add(Para(f"{', '.join(random)} features come from randomly initialised weights (--weights "
                      "none), not ImageNet: runs marked '(random weights)' test the pipeline, and their "
                      "accuracy says nothing about the method.", "warn", "Random weights:"))
+    _ties(doc, rows, options)
     datasets = sorted({r.dataset for r in runs})
     if len(datasets) > 1 and options.group_by != "dataset":
         doc.add(Para(f"runs of {len(datasets)} datasets (or versions of one folder) are ranked together: "
@@ -575,9 +597,30 @@ def _telling_pair(rows: Sequence[dict], names: list[str], value_key: str) -> tup
     return best
 
 
-def _hyper_table(rows: Sequence[dict], varying: list[str], metric: str) -> Table:
+def _grid_order(rows: Sequence[dict], by_id: dict[str, RunRecord]) -> list[dict]:
+    """Rows in the order of the grids that made them: sweeps by when they started, each in its grid's order.
+
+    Why not by creation time: a fused grid trains every config at once and writes the runs as they finish,
+    so "model #" would not be the config's place in the grid the user wrote (paper 000 numbers its models).
+    """
+    def sweep(r: dict) -> str:
+        return str(by_id[r["run_id"]].run.get("sweep_id") or r["run_id"])
+
+    def index(r: dict) -> float:
+        grid = by_id[r["run_id"]].run.get("grid")
+        i = grid.get("index") if isinstance(grid, dict) else None
+        return float(i) if isinstance(i, int) else float("inf")
+
+    started: dict[str, str] = {}
+    for r in rows:
+        started[sweep(r)] = min(started.get(sweep(r), "~"), str(r.get("created") or ""))
+    return sorted(rows, key=lambda r: (started[sweep(r)], sweep(r), index(r), str(r.get("created") or ""),
+                                       r["run_id"]))
+
+
+def _hyper_table(rows: Sequence[dict], varying: list[str], metric: str, by_id: dict[str, RunRecord]) -> Table:
     """Paper 000 Fig. 4/5 style: every config with train/val/test loss, accuracy and F1."""
-    ordered = sorted(rows, key=lambda r: (str(r.get("created") or ""), r["run_id"]))
+    ordered = _grid_order(rows, by_id)
     cols = [
         "model #",
         *varying,
@@ -605,15 +648,17 @@ def _hyper_table(rows: Sequence[dict], varying: list[str], metric: str) -> Table
             ]
         )
     numeric = {0, *range(1 + len(varying), len(cols))}
-    best_rank = min(r["rank"] for r in ordered)
-    best = {i for i, r in enumerate(ordered) if r["rank"] == best_rank}
+    top = min(ordered, key=lambda r: r["rank"])  # runs that tie with it are as good: all highlighted
+    best = {i for i, r in enumerate(ordered) if r is top or (r.get("score") is not None
+                                                            and r.get("score") == top.get("score"))}
     return Table(
         cols,
         body,
         numeric,
         best,
-        caption=f"Highlighted: best validation {metric}. Loss = log loss; F1 = macro F1; accuracy and F1 at "
-        "threshold 0.5. Train metrics as recorded by fit (empty when not recorded).",
+        caption=f"Highlighted: best validation {metric} (every run that ties for it). Loss = log loss; "
+        "F1 = macro F1; accuracy and F1 at threshold 0.5. Train metrics as recorded by fit (empty when not "
+        "recorded).",
     )
 
 
@@ -750,7 +795,7 @@ def _grid_section(
                     f"heatmap of {options.metric} over {pair[0]} and {pair[1]}",
                 )
             )
-        doc.add(_hyper_table(members, names, options.metric))
+        doc.add(_hyper_table(members, names, options.metric, by_id))
 
 
 # -------------------------------------------------------------------------------------------- dataset

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -157,12 +158,15 @@ def build_leaderboard(
         groups.setdefault(row["group"], []).append(row)
     out: list[dict] = []
     for members in groups.values():
+        scores = Counter(r["score"] for r in members if r["score"] is not None)
+        for r in members:  # before --top trims: a tie with a run left out is still a tie
+            r["tied"] = scores[r["score"]] if r["score"] is not None else None
         out.extend(members[:top] if top else members)
     return out
 
 
 CSV_FIRST = ("rank", "group", "run_id", "dataset", "backbone", "head", "task", "config", "tags", "validation",
-             "score", "threshold")
+             "score", "tied", "threshold")
 
 
 def csv_columns(rows: Sequence[dict]) -> list[str]:
