@@ -144,7 +144,7 @@ def write_fake_run(
 
 
 def write_fake_sweep(runs_dir: Path) -> list[str]:
-    """A realistic mix: logreg C x class_weight, an mlp lr x batch grid, and two svm runs (16 runs)."""
+    """A realistic mix: logreg C x class_weight, an mlp lr x batch grid, and two svm runs (14 runs)."""
     ids = []
     k = 0
     for c in (0.01, 0.1, 1.0):
@@ -712,3 +712,44 @@ def test_hyperparameter_table_numbers_models_in_grid_order_and_highlights_every_
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in table]
     assert [c[1].strip("*") for c in cells] == [str(v) for v in lrs]
     assert [c[0].startswith("**") for c in cells] == [False, True, False, True]
+
+
+def test_a_report_killed_while_writing_leaves_the_previous_report_whole(sweep, tmp_path):
+    """Files were replaced one by one, so a kill midway left the new HTML beside the old Markdown, CSV and
+    figures. Now the new report is written in a staging folder and published by renames: a kill before
+    them leaves the old report whole, and the next report removes the dead staging folder."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    runs, _ = sweep
+    out = tmp_path / "out"
+    build_report(runs, out, ReportOptions(top=3))
+
+    def published() -> dict:
+        meta = json.loads((out / "leaderboard.json").read_text())["meta"]
+        md_runs = int(re.search(r"^(\d+) run\(s\) from", (out / "report.md").read_text(), re.M).group(1))
+        html = (out / "report.html").read_text()
+        with open(out / "leaderboard.csv", encoding="utf-8") as fh:
+            n_csv = sum(1 for _ in csv.DictReader(fh))
+        pngs = sorted(p.name for p in (out / "report_files").glob("*.png"))
+        linked = sorted(set(re.findall(r"report_files/([^)]+\.png)", (out / "report.md").read_text())))
+        return {"json": meta["n_runs"], "md": md_runs, "html": f"{meta['n_runs']} run(s) from" in html,
+                "csv": n_csv, "figures": pngs == linked}
+
+    before = published()
+    assert before == {"json": 3, "md": 3, "html": True, "csv": 3, "figures": True}
+    env = dict(os.environ, FEATCACHE_CRASH_AT="report.staged")
+    cmd = [sys.executable, "-m", "featcache.cli.app", "report", "--runs-dir", str(runs), "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert published() == before and list(out.glob(".staging-*"))
+    assert run(["report", "--runs-dir", str(runs), "--out", str(out)]) == 0
+    assert published() == {"json": 14, "md": 14, "html": True, "csv": 14, "figures": True}
+    assert not list(out.glob(".staging-*"))
+    clash = tmp_path / "clash"
+    (clash / "report.md").mkdir(parents=True)  # checked before anything is published
+    with pytest.raises(ConfigError, match=r"report.md is a folder; the report writes a file of that name"):
+        build_report(runs, clash)
+    assert sorted(p.name for p in clash.iterdir()) == ["report.md"]

@@ -1102,14 +1102,44 @@ def _provenance_section(doc: Document, runs: Sequence[RunRecord]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- main
-def _atomic_write(path: Path, data: str | bytes) -> None:
-    """Write via a temp file + os.replace so a reader never opens a half-written report."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    mode = "wb" if isinstance(data, bytes) else "w"
-    with open(tmp, mode, **({} if isinstance(data, bytes) else {"encoding": "utf-8"})) as fh:
-        fh.write(data)
-    crash_point("report.before_replace")
-    os.replace(tmp, path)
+REPORT_FILES = ("report.html", "report.md", "leaderboard.csv", "leaderboard.json")
+ASSETS = "report_files"
+STAGING_PREFIX = ".staging-"
+
+
+def _remove_stale_staging(out_dir: Path) -> None:
+    """Remove staging folders that killed report commands left (their process is gone)."""
+    import shutil
+
+    for d in out_dir.glob(f"{STAGING_PREFIX}*"):
+        pid = d.name[len(STAGING_PREFIX):].split("-")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except OSError:  # exists, another user's: leave it
+            pass
+
+
+def _publish(staging: Path, out_dir: Path) -> None:
+    """Move a fully written report from ``staging`` into ``out_dir``, replacing the previous one.
+
+    Why a staging folder: writing the four files and the figures one by one in place meant a kill midway
+    left an HTML of the new report beside the Markdown, CSV and figures of the old one. Now everything is
+    written first, and only renames (milliseconds) touch the published files.
+    """
+    import shutil
+
+    crash_point("report.staged")
+    old_assets = out_dir / ASSETS
+    if old_assets.is_dir():
+        os.rename(old_assets, staging / f"{ASSETS}.old")
+    os.rename(staging / ASSETS, old_assets)
+    for name in REPORT_FILES:
+        os.replace(staging / name, out_dir / name)
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def build_document(
@@ -1208,9 +1238,36 @@ def build_report(
         raise ConfigError(f"--out {out_dir} is a file, not a folder; choose a folder for the report files.")
     out_dir.mkdir(parents=True, exist_ok=True)
     emit(progress, "report", 0, 4, "writing files")
-    html_path, md_path = out_dir / "report.html", out_dir / "report.md"
-    _atomic_write(html_path, render_html(doc))
-    _atomic_write(md_path, render_markdown(doc, out_dir / "report_files", "report_files"))
+    if (out_dir / ASSETS).exists() and not (out_dir / ASSETS).is_dir():
+        raise ConfigError(f"{out_dir / ASSETS} is a file; the report's figures go in a folder of that name: "
+                          "move the file or choose another --out.")
+    for name in REPORT_FILES:  # checked before anything is published: a half-published report is worse
+        if (out_dir / name).is_dir():
+            raise ConfigError(f"{out_dir / name} is a folder; the report writes a file of that name: move "
+                              "the folder or choose another --out.")
+    _remove_stale_staging(out_dir)
+    import tempfile
+
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=out_dir))
+    try:
+        _write_report_files(doc, rows, options, runs_dir, staging)
+        _publish(staging, out_dir)
+    finally:  # an error (disk full, say) leaves the previous report as it was, and no staging folder
+        if staging.exists():
+            import shutil
+
+            shutil.rmtree(staging, ignore_errors=True)
+    emit(progress, "report", 4, 4, "report written")
+    best = min(rows, key=lambda r: r["rank"])
+    return ReportResult(out_dir, out_dir / "report.html", out_dir / "report.md", out_dir / "leaderboard.csv",
+                        out_dir / "leaderboard.json", len(rows), best["run_id"], skipped)
+
+
+def _write_report_files(doc: Document, rows: list[dict], options: ReportOptions, runs_dir: Path,
+                        folder: Path) -> None:
+    """The report's four files and its figure folder, written into ``folder`` (a staging folder)."""
+    (folder / "report.html").write_text(render_html(doc), encoding="utf-8")
+    (folder / "report.md").write_text(render_markdown(doc, folder / ASSETS, ASSETS), encoding="utf-8")
     meta = {
         "runs_dir": str(runs_dir),
         "metric": options.metric,
@@ -1221,8 +1278,5 @@ def build_report(
         "n_runs": len(rows),
         "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    csv_path = write_csv(rows, out_dir / "leaderboard.csv")
-    json_path = write_json(rows, out_dir / "leaderboard.json", meta)
-    emit(progress, "report", 4, 4, "report written")
-    best = min(rows, key=lambda r: r["rank"])
-    return ReportResult(out_dir, html_path, md_path, csv_path, json_path, len(rows), best["run_id"], skipped)
+    write_csv(rows, folder / "leaderboard.csv")
+    write_json(rows, folder / "leaderboard.json", meta)
