@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from featcache.errors import FeatcacheError
+from featcache.errors import FeatcacheError, os_reason
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ banner off the CLI
 
@@ -150,7 +150,7 @@ def _os_error_sentence(exc: OSError) -> str:
     """What the operating system refused, and where. Library code turns the errors it expects (damaged
     caches, unreadable images, locked files) into FeatcacheError; this is for the rest, such as an output
     folder under a regular file or on a read-only mount, which would otherwise end in a traceback."""
-    reason = exc.strerror or str(exc) or type(exc).__name__
+    reason = os_reason(exc)  # HDF5's errors carry several lines of detail; the reason is a few words
     paths = [os.fsdecode(f) for f in (exc.filename, exc.filename2) if f is not None]
     where = f" ({' -> '.join(paths)})" if paths else ""
     return f"the operating system refused a file operation{where}: {reason}. Finished work is saved."

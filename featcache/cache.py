@@ -28,7 +28,16 @@ bytes at fixed offsets. ``append`` writes the rows, flushes and fsyncs, then set
 again. A ``kill -9`` at any moment of streaming leaves a readable file whose valid prefix is intact; at
 most the chunk in flight is lost and the next writer reuses its slots. The metadata changes happen only
 in ``reserve`` (one resize + flush before streaming), at creation (done in a temporary file that is
-renamed into place) and in ``close`` (shrink + attributes + flush).
+renamed into place) and in ``close`` (shrink + attributes + flush; skipped when nothing changed).
+
+A full disk
+-----------
+HDF5 writes the new end-of-file address into the superblock even when writing past the old end fails, and
+such a file no longer opens ("truncated"): every row in it would be lost. So ``reserve`` and ``close`` first
+reserve the bytes the file will grow by (``posix_fallocate``) and refuse cleanly, file untouched, when the
+disk cannot give them; the reserved rows cannot run out of blocks later either. Any refused write becomes a
+``CacheWriteError`` (one sentence: the file and the system's reason) and ``close`` then only lets go of
+the file, so the error a user sees is the first one, not a second from unwinding.
 
 Concurrency
 -----------
@@ -39,6 +48,7 @@ a writer streams: they read ``valid`` first and use only the valid prefix, which
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -54,7 +64,7 @@ from typing import Any
 
 import numpy as np
 
-from featcache.errors import CacheError, CacheLockedError, ConfigError
+from featcache.errors import CacheError, CacheLockedError, CacheWriteError, ConfigError, os_reason
 from featcache.faults import crash_point
 from featcache.progress import ProgressFn, emit
 
@@ -231,6 +241,13 @@ def _config_diff(have: dict, want: dict) -> list[str]:
             for k in keys if have.get(k) != want.get(k)]
 
 
+def _write_error(path: Path, exc: BaseException, need: int | None = None) -> CacheWriteError:
+    what = (f"could not reserve {need / 2**20:,.1f} MiB more for the cache file {path}" if need
+            else f"could not write the cache file {path}")
+    return CacheWriteError(f"{what}: {os_reason(exc)}; the rows written before are kept, so free space (or "
+                           "fix the folder) and run the same command to resume")
+
+
 # ----------------------------------------------------------------------------------------------- writer
 class CacheWriter:
     """The one writer of a cache file: holds the lock, appends complete rows, resumes after crashes."""
@@ -245,6 +262,7 @@ class CacheWriter:
         self.dtype = np.dtype(DTYPES[self.config["dtype"]])
         self._fsync = fsync
         self._f = None
+        self._failed = False  # a write was refused (disk full): close() then only lets go of the file
         self.path.parent.mkdir(parents=True, exist_ok=True)
         lock_path = str(self.path) + ".lock"
         # filelock reports a lock file it cannot create (read-only folder, /proc) as held by someone else;
@@ -297,7 +315,11 @@ class CacheWriter:
         import h5py
 
         tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
-        with h5py.File(tmp, "w", locking=False) as f:
+        try:
+            f = h5py.File(tmp, "w", locking=False)
+        except OSError as exc:  # folder not writable: still an OSError (extract may not need to write)
+            raise OSError(exc.errno, os_reason(exc), str(tmp)) from exc
+        try:
             # rows per chunk from the float32 size: a float16 file has the same chunks at half the bytes
             frows = max(1, min(65536, CHUNK_BYTES // (self.feature_dim * 4)))
             self._make(f, "features", (0, self.feature_dim), self.dtype, (frows, self.feature_dim))
@@ -318,8 +340,19 @@ class CacheWriter:
             attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
             attrs["n_rows"] = 0
             f.flush()
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+            f.close()
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+        except (OSError, RuntimeError) as exc:  # disk full, quota, I/O error: say so, leave nothing
+            with contextlib.suppress(Exception):
+                f.close()
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise _write_error(self.path, exc) from None
+        except BaseException:
+            with contextlib.suppress(Exception):
+                f.close()
+            raise
         crash_point("cache.during_create")
         os.replace(tmp, self.path)
         with contextlib.suppress(OSError):  # make the rename durable
@@ -341,8 +374,14 @@ class CacheWriter:
     def __enter__(self) -> CacheWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        # unwinding from an error (a full disk, say): that error is the one to report, not a second one
+        # from shrinking or flushing the file here; the valid prefix on disk is what a rerun resumes from
+        with contextlib.suppress(Exception):
+            self.close()
 
     def present(self) -> set[tuple[str, str]]:
         """(key, view) pairs already complete in the file: the work a resumed run skips."""
@@ -353,11 +392,17 @@ class CacheWriter:
         need = self.n_valid + int(n_rows)
         if need <= self.capacity:
             return
-        for name in DATASETS:
-            ds = self._f[name]
-            ds.resize((need,) + ds.shape[1:])
-        crash_point("cache.during_reserve")
-        self._flush()
+        self._preallocate(self._growth_bytes(need))
+        try:
+            for name in DATASETS:
+                ds = self._f[name]
+                ds.resize((need,) + ds.shape[1:])
+            crash_point("cache.during_reserve")
+            self._flush()
+            self._trim()
+        except (OSError, RuntimeError) as exc:  # disk full, quota, I/O error
+            self._failed = True
+            raise _write_error(self.path, exc) from None
         self.capacity = need
 
     def append(self, keys: Sequence[str], views: Sequence[str], paths: Sequence[str],
@@ -393,19 +438,23 @@ class CacheWriter:
         digests = [row_digest(a, b, r) for a, b, r in zip(kk, vv, rows, strict=True)]
         lo, hi = self.n_valid, self.n_valid + k
         f = self._f
-        crash_point("cache.before_data_write")
-        f["features"][lo:hi] = rows
-        f["keys"][lo:hi] = np.array([s.encode("ascii") for s in kk], dtype=f"S{KEY_BYTES}")
-        f["views"][lo:hi] = np.array([s.encode("utf-8", "surrogateescape") for s in vv],
-                                     dtype=f"S{VIEW_BYTES}")
-        f["paths"][lo:hi] = np.array([_encode_path(paths[i]) for i in take], dtype=f"S{PATH_BYTES}")
-        f["row_digest"][lo:hi] = np.array([d.encode("ascii") for d in digests], dtype=f"S{DIGEST_BYTES}")
-        crash_point("cache.after_data_write")
-        self._flush()
-        crash_point("cache.after_data_flush")
-        f["valid"][lo:hi] = 1
-        crash_point("cache.after_valid_write")
-        self._flush()
+        try:
+            crash_point("cache.before_data_write")
+            f["features"][lo:hi] = rows
+            f["keys"][lo:hi] = np.array([s.encode("ascii") for s in kk], dtype=f"S{KEY_BYTES}")
+            f["views"][lo:hi] = np.array([s.encode("utf-8", "surrogateescape") for s in vv],
+                                         dtype=f"S{VIEW_BYTES}")
+            f["paths"][lo:hi] = np.array([_encode_path(paths[i]) for i in take], dtype=f"S{PATH_BYTES}")
+            f["row_digest"][lo:hi] = np.array([d.encode("ascii") for d in digests], dtype=f"S{DIGEST_BYTES}")
+            crash_point("cache.after_data_write")
+            self._flush()
+            crash_point("cache.after_data_flush")
+            f["valid"][lo:hi] = 1
+            crash_point("cache.after_valid_write")
+            self._flush()
+        except (OSError, RuntimeError) as exc:  # disk full, quota, I/O error: rows past the valid prefix
+            self._failed = True                   # are free slots, so nothing written before is lost
+            raise _write_error(self.path, exc) from None
         self.n_valid = hi
         self._present.update(zip(kk, vv, strict=True))
         self._views.extend(v for v in dict.fromkeys(vv) if v not in self._views)
@@ -413,27 +462,82 @@ class CacheWriter:
         return k
 
     def close(self) -> None:
-        """Shrink to the valid rows, record ``n_rows`` and ``views``, flush, release the lock."""
-        if self._f is None:
-            self._release()
-            return
+        """Shrink to the valid rows, record ``n_rows`` and ``views``, flush, release the lock.
+
+        After a refused write (disk full) it only lets go of the file: the valid prefix already on disk is
+        what a rerun resumes from, and more writes would only fail again.
+        """
+        f = self._f
         try:
-            f = self._f
-            if self.capacity != self.n_valid:
-                for name in DATASETS:
-                    ds = f[name]
-                    ds.resize((self.n_valid,) + ds.shape[1:])
-                self.capacity = self.n_valid
-            f.attrs["n_rows"] = self.n_valid
-            f.attrs["views"] = json.dumps(self._views)
-            crash_point("cache.during_close")
-            self._flush()
-            f.close()
+            if f is not None and not self._failed:
+                try:
+                    views = json.dumps(self._views)
+                    if (self.capacity != self.n_valid or _from_attr(f.attrs.get("n_rows", -1)) != self.n_valid
+                            or _from_attr(f.attrs.get("views", "")) != views):  # else nothing to write
+                        self._preallocate(1 << 20)  # a longer 'views' attribute may need a new home
+                        if self.capacity != self.n_valid:
+                            for name in DATASETS:
+                                ds = f[name]
+                                ds.resize((self.n_valid,) + ds.shape[1:])
+                            self.capacity = self.n_valid
+                        f.attrs["n_rows"] = self.n_valid
+                        f.attrs["views"] = views
+                        crash_point("cache.during_close")
+                        self._flush()
+                        self._trim()
+                    f.close()
+                except (OSError, RuntimeError) as exc:
+                    self._failed = True
+                    raise _write_error(self.path, exc) from None
         finally:
             self._f = None
+            if f is not None and self._failed:
+                with contextlib.suppress(Exception):
+                    f.close()
             self._release()
 
     # -- internals -----------------------------------------------------------------------------------
+    def _growth_bytes(self, rows: int) -> int:
+        """Bytes HDF5 will add to the file to hold ``rows`` rows: the new chunks (allocated early) plus a
+        margin for chunk-index nodes and attributes."""
+        total = 1 << 20
+        for name in DATASETS:
+            ds = self._f[name]
+            per_chunk = ds.chunks[0]
+            chunk_bytes = int(np.prod(ds.chunks)) * ds.dtype.itemsize
+            new_chunks = -(-rows // per_chunk) - ds.id.get_num_chunks()
+            total += max(0, new_chunks) * chunk_bytes
+        return total
+
+    def _preallocate(self, nbytes: int) -> None:
+        """Reserve ``nbytes`` of disk past the end of the file before HDF5 grows it.
+
+        Why: HDF5 writes the new end-of-file address into the superblock even when writing the structures
+        past the old end fails (disk full, quota): the file then reads as truncated and every row in it is
+        lost. Reserving the space first turns a full disk into a clean refusal here, with the file as it
+        was, and the rows' blocks cannot run out later either. Best effort where the file system cannot
+        preallocate.
+        """
+        if not hasattr(os, "posix_fallocate"):  # macOS, Windows
+            return
+        fd = self._f.id.get_vfd_handle()
+        try:
+            os.posix_fallocate(fd, os.fstat(fd).st_size, nbytes)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                return
+            self._failed = True  # the file is as it was; close() must not try to shrink it either
+            raise _write_error(self.path, exc, nbytes) from None
+
+    def _trim(self) -> None:
+        """Give back the preallocated bytes HDF5 did not use: cut the file at HDF5's end of file (its end of
+        allocated space, or the size at opening if larger), past which it keeps nothing."""
+        with contextlib.suppress(OSError):
+            fd = self._f.id.get_vfd_handle()
+            end = int(self._f.id.get_filesize())
+            if os.fstat(fd).st_size > end > 0:
+                os.ftruncate(fd, end)
+
     def _flush(self) -> None:
         """h5py flush, then fsync: 'valid' must never reach the disk before the rows it vouches for."""
         self._f.flush()

@@ -7,6 +7,11 @@ their normal exceptions so bugs stay visible.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+from collections.abc import Iterator
+
 
 class FeatcacheError(Exception):
     """Base class: ``str(err)`` is the one sentence shown to the user."""
@@ -26,6 +31,12 @@ class CacheError(FeatcacheError):
     """A cache file is missing rows, corrupt, or was written with other settings."""
 
 
+class CacheWriteError(CacheError):
+    """The operating system refused a write to a cache file (disk full, quota, I/O error)."""
+
+    exit_code = 1
+
+
 class CacheLockedError(CacheError):
     """Another process is writing the same cache file."""
 
@@ -38,3 +49,43 @@ class RunError(FeatcacheError):
 
 class DownloadError(FeatcacheError):
     """A download failed, was truncated, did not match its checksum or was unsafe."""
+
+
+_ERRNO_RE = re.compile(r"errno = (\d+)")
+_OS_PHRASES = ("No space left on device", "Disk quota exceeded", "File too large", "Read-only file system",
+               "Input/output error", "Permission denied")
+
+
+def os_reason(exc: BaseException) -> str:
+    """The operating system's reason for a failed file operation, in a few words.
+
+    Why: HDF5 reports a failed write as an h5py RuntimeError or OSError whose text runs over several lines
+    (time, file descriptor, buffer address, offsets) and whose ``errno`` is HDF5's guess, not the system's;
+    the real one is in the text as ``errno = 28``. The user needs only "No space left on device".
+    """
+    text = str(exc)
+    match = _ERRNO_RE.search(text)
+    if match:
+        return os.strerror(int(match.group(1)))
+    for phrase in _OS_PHRASES:
+        if phrase in text:
+            return phrase
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.strip().splitlines()[0][:200]
+    first = text.strip().splitlines()[0].strip() if text.strip() else type(exc).__name__
+    return first[:200]
+
+
+@contextlib.contextmanager
+def naming(path: str | os.PathLike) -> Iterator[None]:
+    """Give an OSError raised inside the block the ``path`` being written when it names none.
+
+    Why: a write() that fails on a full disk raises ``OSError(28)`` without a file name, and the CLI's one
+    sentence must say where the operating system refused (README, Reliability).
+    """
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise OSError(exc.errno, os_reason(exc), os.fspath(path)) from exc

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from featcache.errors import RunError
+from featcache.errors import RunError, naming
 from featcache.hashing import sha256_file
 
 RUN_FORMAT = 1
@@ -98,16 +98,27 @@ RECORD_FILES = ("metrics.json", "predictions_val.csv", "predictions_test.csv")
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON via a temp file in the same folder + fsync + os.replace: readers see old or new."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=False, default=_json_default, allow_nan=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with naming(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            os.fchmod(fd, _FILE_MODE)  # mkstemp makes it 0600; the run's other files are 0644 (umask)
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(obj, fh, indent=2, sort_keys=False, default=_json_default, allow_nan=True)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # read once at import: os.umask can only be read by setting it
 
 
 def library_versions() -> dict:
@@ -266,12 +277,8 @@ class RunWriter:
         The file is valid UTF-8 whatever the file names: a name's non-UTF-8 bytes are written as ``\\xff``
         escapes. Written raw, they made the CSV unreadable to csv/pandas and to the report itself.
         """
-        with open(
-            self.path / f"predictions_{split}.csv",
-            "w",
-            newline="",
-            encoding="utf-8",
-        ) as fh:
+        target = self.path / f"predictions_{split}.csv"
+        with naming(target), open(target, "w", newline="", encoding="utf-8") as fh:
             w = csv.writer(fh)
             extra = ["group"] if groups is not None else []
             w.writerow(["relpath", "key", "y_true", *[f"p_{c}" for c in classes], "y_pred", *extra])
@@ -282,13 +289,16 @@ class RunWriter:
                 )
 
     def write_indices(self, **arrays: np.ndarray) -> None:
-        np.savez(self.path / "indices.npz", **{k: np.asarray(v, dtype=np.int64) for k, v in arrays.items()})
+        target = self.path / "indices.npz"
+        with naming(target):
+            np.savez(target, **{k: np.asarray(v, dtype=np.int64) for k, v in arrays.items()})
 
     def save_head(self, head: Any) -> list[str]:
         """Call ``head.save(model/)`` and record the sha256 of every file written."""
         model_dir = self.path / "model"
-        model_dir.mkdir(exist_ok=True)
-        files = head.save(model_dir)
+        with naming(model_dir):
+            model_dir.mkdir(exist_ok=True)
+            files = head.save(model_dir)
         arts = {}
         for f in files:
             f = Path(f)

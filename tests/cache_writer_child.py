@@ -3,7 +3,8 @@
 It writes deterministic rows (row content depends only on the image index and view, never on chunking
 or on what a previous, killed run managed to write), so a resumed run must end with exactly the rows of
 an uninterrupted one. Kill points come from featcache.faults (``FEATCACHE_CRASH_AT=cache.after_data_flush:2``)
-plus ``child.between_chunks`` here. Exit status 3 = CacheLockedError (message on stderr).
+plus ``child.between_chunks`` here. Exit status 3 = CacheLockedError, 4 = another CacheError (message
+on stderr).
 
     python tests/cache_writer_child.py FILE --root DIR --images 40 --chunk 8 --dim 16 [--views orig,hflip]
                                        [--dtype float16] [--sleep 0.02] [--wait 5]
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.cache import CacheWriter, cache_config
-from featcache.errors import CacheLockedError
+from featcache.errors import CacheError, CacheLockedError
 from featcache.faults import crash_point
 
 
@@ -87,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     except CacheLockedError as exc:
         print(exc, file=sys.stderr, flush=True)
         return 3
+    except CacheError as exc:  # e.g. the file system refused a write
+        print(exc, file=sys.stderr, flush=True)
+        return 4
     print(f"done {written}", flush=True)
     return 0
 

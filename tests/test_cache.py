@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from cache_writer_child import make_config, make_rows, write_all
 from featcache.cli.app import run
 
 from featcache import cache as fc
-from featcache.errors import CacheError, CacheLockedError, ConfigError
+from featcache.errors import CacheError, CacheLockedError, CacheWriteError, ConfigError
 
 CHILD = Path(__file__).with_name("cache_writer_child.py")
 ROOT = Path("/data/xrays")          # a dataset root only used as a config value; never read
@@ -278,6 +279,87 @@ def test_repeated_kills_then_resume(tmp_path: Path, reference: Path) -> None:
     assert run_child(path, *args).returncode == 0
     assert_same_file_content(path, reference)
     assert fc.verify(path)["ok"]
+
+
+def _limited_child(path: Path, max_bytes: int, *extra: str) -> subprocess.CompletedProcess:
+    """The child writer with RLIMIT_FSIZE: the kernel refuses writes past ``max_bytes`` (EFBIG), through
+    the same h5py calls that fail when a disk is full (ENOSPC)."""
+    import resource
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a refused write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+
+    proc = child(path, *extra, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=limit)
+    out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE semantics are Linux's")
+def test_a_refused_write_is_one_error_and_loses_no_rows(tmp_path: Path) -> None:
+    """Creating the file, or growing it, on a file system that refuses writes: one CacheWriteError naming
+    the file and the system's reason (h5py raised a multi-line RuntimeError, then a second one from
+    close() while unwinding), no temporary file left, the rows written before kept, and a rerun with room
+    ends byte-identical to an uninterrupted writer."""
+    dim, args = 1024, ("--dim", "1024", "--chunk", "64")
+    path = fc.cache_path(tmp_path / "c", make_config(ROOT, dim))
+    refused = _limited_child(path, 8000, "--images", "20", *args)
+    assert refused.returncode == 4, refused.stderr
+    assert refused.stderr.strip() == (f"could not write the cache file {path}: File too large; the rows "
+                                      "written before are kept, so free space (or fix the folder) and run "
+                                      "the same command to resume")
+    assert not path.exists() and not list(path.parent.glob("*.tmp-*"))
+
+    assert run_child(path, "--images", "20", *args).returncode == 0
+    grown = _limited_child(path, 4 << 20, "--images", "2000", *args)  # 2000 rows need ~8 MiB
+    assert grown.returncode == 4, grown.stderr
+    assert grown.stderr.count("\n") == 1, grown.stderr
+    assert re.match(rf"could not reserve [0-9.]+ MiB more for the cache file {re.escape(str(path))}: "
+                    "File too large; the rows written before are kept", grown.stderr), grown.stderr
+    assert fc.verify(path)["ok"]
+    with fc.CacheReader(path) as r:
+        assert r.n_rows == 20
+
+    done = run_child(path, "--images", "2000", *args)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-2:] == ["done", "1980"]
+    reference = fc.cache_path(tmp_path / "ref", make_config(ROOT, dim))
+    write_all(reference, ROOT, 2000, 64, dim)
+    assert_same_file_content(path, reference)
+
+
+def test_a_write_refused_mid_stream_keeps_the_valid_prefix(tmp_path: Path, cfg: dict, monkeypatch) -> None:
+    """Disk full after some chunks (a flush fails with h5py's multi-line RuntimeError): CacheWriteError
+    with the short reason, the writer lets go of the file (no second error from close), and the chunks
+    flushed before are the cache's valid rows."""
+    path = tmp_path / "c.h5"
+    rows = make_rows(20, DIM)
+    real_flush, calls = fc.CacheWriter._flush, []
+
+    def flaky_flush(self) -> None:
+        calls.append(1)
+        if len(calls) == 6:  # reserve's flush, 2 per chunk: chunks 1, 2 whole, chunk 3's data flush fails
+            raise RuntimeError("Unable to flush file's cached information (file write failed: time = Sat "
+                               "Dec  5 18:24:55 2026\n, filename = 'c.h5', file descriptor = 4, errno = 28, "
+                               "error message = 'No space left on device', buf = 0x55e6, total write "
+                               "size = 2096)")
+        real_flush(self)
+
+    monkeypatch.setattr(fc.CacheWriter, "_flush", flaky_flush)
+    refused = pytest.raises(CacheWriteError, match=r"^could not write the cache file .*c\.h5: No space "
+                                                    r"left on device; the rows written before are kept")
+    with refused, fc.CacheWriter(path, cfg, DIM) as w:
+        w.reserve(20)
+        for lo in range(0, 20, 8):
+            w.append(rows["keys"][lo:lo + 8], rows["views"][lo:lo + 8], rows["paths"][lo:lo + 8],
+                     rows["features"][lo:lo + 8])
+    monkeypatch.setattr(fc.CacheWriter, "_flush", real_flush)
+    assert fc.verify(path)["ok"]
+    with fc.CacheReader(path) as r:
+        assert r.n_rows == 16
+    with fc.CacheWriter(path, cfg, DIM) as w:  # the lock was released; a rerun writes the rest
+        assert len(w.present()) == 16
+        assert w.append(rows["keys"], rows["views"], rows["paths"], rows["features"]) == 4
 
 
 # ------------------------------------------------------------------------------------------ concurrency

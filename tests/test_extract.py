@@ -301,3 +301,36 @@ def test_cli_errors_are_one_sentence(args: list[str], needle: str, tree: Path, t
     assert code != 0
     assert needle in " ".join(err.split()) and "Traceback" not in err  # the console wraps long paths
     assert err.count("error:") == 1 and err.startswith("error:")  # one message, no bar or empty line before
+
+
+def test_a_full_disk_mid_extract_is_one_sentence_and_the_rerun_resumes(tree: Path, tmp_path: Path, reference,
+                                                                       monkeypatch, capsys):
+    """Disk full while rows stream in (a flush fails with h5py's multi-line RuntimeError; the unwinding
+    close() then failed again): it was a Python traceback. Now one sentence naming the cache file and the
+    reason, exit 1; the chunks flushed before stay valid and a rerun computes only the rest."""
+    real_flush, calls = fcache.CacheWriter._flush, []
+
+    def flaky_flush(self) -> None:
+        calls.append(1)
+        if len(calls) == 4:  # reserve, chunk 1 (data, valid): chunk 2's data flush fails
+            raise RuntimeError("Unable to flush file's cached information (file write failed: time = Sat "
+                               "Dec  5 18:24:55 2026\n, errno = 28, error message = 'No space left on "
+                               "device')")
+        real_flush(self)
+
+    monkeypatch.setattr(fcache.CacheWriter, "_flush", flaky_flush)
+    assert run(_cli(tree, tmp_path)) == 1
+    raw = capsys.readouterr().err
+    (path,) = tmp_path.glob("*.h5")
+    assert raw.count("\n") == 1 and "Traceback" not in raw, raw
+    assert " ".join(raw.split()).startswith(f"error: could not write the cache file {path}: No space left on "
+                                            "device; the rows written before are kept")
+    assert len(_rows(path)) == 8
+    monkeypatch.setattr(fcache.CacheWriter, "_flush", real_flush)
+    assert run(_cli(tree, tmp_path, "--json")) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["rows_computed"], summary["rows_reused"]) == (40, 8)
+    rows = _rows(path)
+    assert rows.keys() == reference.keys()
+    for k, v in reference.items():
+        _close(rows[k], v)

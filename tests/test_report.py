@@ -753,3 +753,30 @@ def test_a_report_killed_while_writing_leaves_the_previous_report_whole(sweep, t
     with pytest.raises(ConfigError, match=r"report.md is a folder; the report writes a file of that name"):
         build_report(runs, clash)
     assert sorted(p.name for p in clash.iterdir()) == ["report.md"]
+
+
+def test_a_full_disk_while_writing_names_the_report_folder_and_keeps_the_previous_report(sweep, tmp_path,
+                                                                                       monkeypatch, capsys):
+    """A write() that fails on a full disk raises OSError(28) with no file name: the CLI's sentence said
+    "refused a file operation: No space left on device" without saying where. It names --out now, the
+    previous report stays whole and no staging folder is left."""
+    import featcache.report.build as build_mod
+
+    runs, _ = sweep
+    out = tmp_path / "out"
+    build_report(runs, out, ReportOptions(top=3))
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    real = build_mod.write_csv
+
+    def disk_full(rows, path):
+        real(rows, path)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(build_mod, "write_csv", disk_full)
+    assert run(["report", "--runs-dir", str(runs), "--out", str(out)]) == 1
+    raw = capsys.readouterr().err
+    assert raw.count("\n") == 1 and "Traceback" not in raw
+    assert " ".join(raw.split()) == (f"error: the operating system refused a file operation ({out}): No "
+                                     "space left on device. Finished work is saved.")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert not list(out.glob(".staging-*"))

@@ -114,3 +114,30 @@ def test_cli_lists_then_drops(runs_dir: Path, capsys, monkeypatch) -> None:
     assert captured.out.strip() == "Deleted the checkpoints of 1 sweep(s) (2.0 MB): aaaaaaaaaaaa."
     assert captured.err.startswith("0 interrupted sweep(s), 1 running and 1 from other machines keep epoch "
                                    "checkpoints")
+
+
+def test_run_files_name_the_file_a_full_disk_refused_and_are_readable_by_others(tmp_path: Path,
+                                                                                   monkeypatch) -> None:
+    """run.json and metrics.json were written 0600 (mkstemp) beside 0644 prediction files; and a write
+    refused for lack of space raised OSError(28) with no file name, so the CLI could not say where."""
+    import csv
+
+    import numpy as np
+
+    from featcache.runs import RunWriter
+
+    w = RunWriter(tmp_path / "runs", {"head": "logreg", "config_hash": "c" * 64})
+    w.write_metrics({"val": {"accuracy": 1.0}})
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("run.json", "metrics.json"):
+        assert (w.path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+    def disk_full(*_a, **_k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(csv, "writer", disk_full)
+    with pytest.raises(OSError, match="No space left on device") as info:
+        w.write_predictions("val", ["a.png"], ["k" * 64], np.array([0]), np.array([[0.9, 0.1]]),
+                            np.array([0]), ["NORMAL", "PNEUMONIA"])
+    assert info.value.errno == 28 and info.value.filename == str(w.path / "predictions_val.csv")

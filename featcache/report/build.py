@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from featcache.errors import ConfigError, FeatcacheError, RunError
+from featcache.errors import ConfigError, FeatcacheError, RunError, naming
 from featcache.faults import crash_point
 from featcache.progress import ProgressFn, emit
 from featcache.report import plots
@@ -1248,10 +1248,12 @@ def build_report(
     _remove_stale_staging(out_dir)
     import tempfile
 
-    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=out_dir))
+    with naming(out_dir):
+        staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=out_dir))
     try:
-        _write_report_files(doc, rows, options, runs_dir, staging)
-        _publish(staging, out_dir)
+        with naming(out_dir):  # a full disk names the report folder, not an anonymous write()
+            _write_report_files(doc, rows, options, runs_dir, staging)
+            _publish(staging, out_dir)
     finally:  # an error (disk full, say) leaves the previous report as it was, and no staging folder
         if staging.exists():
             import shutil
