@@ -197,3 +197,21 @@ def test_names_from_the_data_are_shown_as_one_visible_line() -> None:
     assert shown(odd) == "a\\nb\\tc\\x1b[31m\\xff\\[red]d\\x85.png"  # rich markup escaped
     assert printable("line\u0085next\u2028") == "line\\x85next\u2028"  # C1 control escaped too
     assert printable("thorax-ü.png") == "thorax-ü.png"  # printable UTF-8 is left alone
+
+
+@pytest.mark.parametrize(("argv", "status"), [(["--version"], 0), (["runs", "show", "no-such-run"], 2)])
+def test_ctrl_c_after_the_command_finished_keeps_its_status(argv, status, tmp_path) -> None:
+    """A Ctrl-C during the exit hooks (after the summary was printed) printed an "Exception ignored"
+    traceback after a successful command. It now ends the process at once with the command's own status.
+    The SIGINT is sent from an exit hook registered first, so it runs last, when the command is done."""
+    code = (
+        "import atexit, os, signal, sys, time\n"
+        "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(5)))\n"
+        "from featcache.cli.app import main\n"
+        f"sys.argv = ['featcache', *{argv!r}]\n"
+        "main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert proc.returncode == status, proc.stderr
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
