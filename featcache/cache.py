@@ -35,7 +35,8 @@ A full disk
 HDF5 writes the new end-of-file address into the superblock even when writing past the old end fails, and
 such a file no longer opens ("truncated"): every row in it would be lost. So ``reserve`` and ``close`` first
 reserve the bytes the file will grow by (``posix_fallocate``) and refuse cleanly, file untouched, when the
-disk cannot give them; the reserved rows cannot run out of blocks later either. Any refused write becomes a
+disk cannot give them; the reserved rows cannot run out of blocks later either, and ``reserve`` keeps the
+room ``close`` needs, so the MiB a refusal names are enough. Any refused write becomes a
 ``CacheWriteError`` (one sentence: the file and the system's reason) and ``close`` then only lets go of
 the file, so the error a user sees is the first one, not a second from unwinding.
 
@@ -55,6 +56,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -80,6 +82,7 @@ ABOUT = ("featcache feature cache: features[i] is the vector of the image whose 
          "with valid[i] == 1: rows with valid == 0 exist only after a writer crashed (or while one runs) and "
          "are incomplete.")
 CHUNK_BYTES = 2 << 20        # ~2 MiB feature chunks: big sequential I/O, small loss on a crash
+CLOSE_MARGIN = 1 << 20       # room kept past HDF5's end of file for close(): attributes, index nodes
 META_CHUNK_ROWS = 4096       # rows per chunk of the 1-D datasets (keys: 256 KiB)
 BLOCK_BYTES = 16 << 20       # rows read per block by verify/merge/get: memory stays flat on big files
 _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -217,6 +220,8 @@ def _open_h5(path: Path, mode: str, **kwargs: Any):
     read while a writer streams."""
     import h5py
 
+    if Path(path).is_dir():
+        raise CacheError(f"cache file {path} is a folder; move it away or choose another --cache-dir")
     try:
         return h5py.File(path, mode, locking=False, **kwargs)
     except (OSError, ValueError) as exc:
@@ -241,11 +246,21 @@ def _config_diff(have: dict, want: dict) -> list[str]:
             for k in keys if have.get(k) != want.get(k)]
 
 
-def _write_error(path: Path, exc: BaseException, need: int | None = None) -> CacheWriteError:
-    what = (f"could not reserve {need / 2**20:,.1f} MiB more for the cache file {path}" if need
-            else f"could not write the cache file {path}")
-    return CacheWriteError(f"{what}: {os_reason(exc)}; the rows written before are kept, so free space (or "
-                           "fix the folder) and run the same command to resume")
+def _write_error(path: Path, exc: BaseException, need: int | None = None, creating: bool = False,
+                 has_rows: bool = True) -> CacheWriteError:
+    if creating:
+        what = f"could not create the cache file {path}"
+    elif need:
+        mib = -(-need * 10 // 2**20) / 10  # rounded up: freeing what it says is enough
+        what = f"could not reserve {mib:,.1f} MiB{' more' if has_rows else ''} for the cache file {path}"
+    else:
+        what = f"could not write the cache file {path}"
+    if creating or not has_rows:
+        tail = "nothing was written, so free space (or fix the folder) and run the same command again"
+    else:
+        tail = ("the rows written before are kept, so free space (or fix the folder) and run the same "
+                "command to resume")
+    return CacheWriteError(f"{what}: {os_reason(exc)}; {tail}")
 
 
 # ----------------------------------------------------------------------------------------------- writer
@@ -263,6 +278,7 @@ class CacheWriter:
         self._fsync = fsync
         self._f = None
         self._failed = False  # a write was refused (disk full): close() then only lets go of the file
+        self._created = False  # this writer made the file (removed again if a refusal left it empty)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         lock_path = str(self.path) + ".lock"
         # filelock reports a lock file it cannot create (read-only folder, /proc) as held by someone else;
@@ -348,13 +364,14 @@ class CacheWriter:
                 f.close()
             with contextlib.suppress(OSError):
                 tmp.unlink()
-            raise _write_error(self.path, exc) from None
+            raise _write_error(self.path, exc, creating=True) from None
         except BaseException:
             with contextlib.suppress(Exception):
                 f.close()
             raise
         crash_point("cache.during_create")
         os.replace(tmp, self.path)
+        self._created = True
         with contextlib.suppress(OSError):  # make the rename durable
             dir_fd = os.open(self.path.parent, os.O_RDONLY)
             os.fsync(dir_fd)
@@ -392,17 +409,20 @@ class CacheWriter:
         need = self.n_valid + int(n_rows)
         if need <= self.capacity:
             return
-        self._preallocate(self._growth_bytes(need))
+        self._preallocate(self._growth_bytes(need) + CLOSE_MARGIN)
         try:
             for name in DATASETS:
                 ds = self._f[name]
                 ds.resize((need,) + ds.shape[1:])
             crash_point("cache.during_reserve")
             self._flush()
-            self._trim()
         except (OSError, RuntimeError) as exc:  # disk full, quota, I/O error
             self._failed = True
             raise _write_error(self.path, exc) from None
+        # HDF5's flush cut the file at its new end of file, giving back the margin: take it again (it was
+        # just freed), so close() finds its room already reserved and a full disk cannot fail it
+        with contextlib.suppress(CacheWriteError):
+            self._preallocate(CLOSE_MARGIN, keep_going=True)
         self.capacity = need
 
     def append(self, keys: Sequence[str], views: Sequence[str], paths: Sequence[str],
@@ -474,7 +494,7 @@ class CacheWriter:
                     views = json.dumps(self._views)
                     if (self.capacity != self.n_valid or _from_attr(f.attrs.get("n_rows", -1)) != self.n_valid
                             or _from_attr(f.attrs.get("views", "")) != views):  # else nothing to write
-                        self._preallocate(1 << 20)  # a longer 'views' attribute may need a new home
+                        self._preallocate(CLOSE_MARGIN)  # no new space if reserve() kept it for us
                         if self.capacity != self.n_valid:
                             for name in DATASETS:
                                 ds = f[name]
@@ -494,13 +514,17 @@ class CacheWriter:
             if f is not None and self._failed:
                 with contextlib.suppress(Exception):
                     f.close()
+                if self._created and self.n_valid == 0:  # refused before any row: leave no empty cache
+                    with contextlib.suppress(OSError):
+                        self.path.unlink()
             self._release()
 
     # -- internals -----------------------------------------------------------------------------------
     def _growth_bytes(self, rows: int) -> int:
-        """Bytes HDF5 will add to the file to hold ``rows`` rows: the new chunks (allocated early) plus a
-        margin for chunk-index nodes and attributes."""
-        total = 1 << 20
+        """Bytes HDF5 will add to the file to hold ``rows`` rows: the new chunks (allocated early) and some
+        slack for the chunk-index nodes, so the margin that ``reserve`` takes again after its flush fits in
+        what the flush gave back."""
+        total = 64 << 10
         for name in DATASETS:
             ds = self._f[name]
             per_chunk = ds.chunks[0]
@@ -509,25 +533,35 @@ class CacheWriter:
             total += max(0, new_chunks) * chunk_bytes
         return total
 
-    def _preallocate(self, nbytes: int) -> None:
-        """Reserve ``nbytes`` of disk past the end of the file before HDF5 grows it.
+    def _preallocate(self, nbytes: int, keep_going: bool = False) -> None:
+        """Reserve ``nbytes`` of disk past HDF5's end of file before HDF5 grows the file.
 
         Why: HDF5 writes the new end-of-file address into the superblock even when writing the structures
         past the old end fails (disk full, quota): the file then reads as truncated and every row in it is
-        lost. Reserving the space first turns a full disk into a clean refusal here, with the file as it
-        was, and the rows' blocks cannot run out later either. Best effort where the file system cannot
-        preallocate.
+        lost. Reserving the space first turns a full disk into a clean refusal here, and the rows' blocks
+        cannot run out later either. Space already reserved (by ``reserve`` for ``close``) is not counted
+        twice. A refusal leaves the file at its size before the call: some file systems (ext4) keep the
+        blocks a failed ``posix_fallocate`` got, which would leave the disk full. ``keep_going``: a refusal
+        does not mark the writer failed. Where there is no ``posix_fallocate`` (macOS) the free space is
+        checked instead (not proof against a race); best effort where the file system cannot preallocate.
         """
-        if not hasattr(os, "posix_fallocate"):  # macOS, Windows
-            return
         fd = self._f.id.get_vfd_handle()
+        size = os.fstat(fd).st_size
+        start = max(int(self._f.id.get_filesize()), 0)
         try:
-            os.posix_fallocate(fd, os.fstat(fd).st_size, nbytes)
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, start, nbytes)
+            elif shutil.disk_usage(self.path.parent).free < nbytes - max(size - start, 0):  # macOS: a check
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         except OSError as exc:
             if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 return
-            self._failed = True  # the file is as it was; close() must not try to shrink it either
-            raise _write_error(self.path, exc, nbytes) from None
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)  # give back what a partial allocation kept
+            if not keep_going:
+                self._failed = True  # the file is as it was; close() must not try to shrink it either
+            raise _write_error(self.path, exc, max(nbytes - max(size - start, 0), 1),
+                               has_rows=self.n_valid > 0) from None
 
     def _trim(self) -> None:
         """Give back the preallocated bytes HDF5 did not use: cut the file at HDF5's end of file (its end of
@@ -556,6 +590,9 @@ class CacheReader:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        if self.path.is_dir():
+            raise CacheError(f"cache file {self.path} is a folder; move it away or choose another "
+                             "--cache-dir")
         if not self.path.is_file():
             raise CacheError(f"cache file {self.path} does not exist; run `featcache extract` first or check "
                              "--cache-dir")

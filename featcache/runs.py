@@ -253,7 +253,12 @@ class RunWriter:
             "artifacts": {},
             "owner": this_process(),
         }
-        write_json_atomic(self.path / "run.json", self.info)
+        try:
+            write_json_atomic(self.path / "run.json", self.info)
+        except BaseException:  # a full disk, say: no run.json means no run, so leave no empty folder
+            with contextlib.suppress(OSError):
+                self.path.rmdir()
+            raise
 
     def write_metrics(self, metrics: dict) -> None:
         write_json_atomic(self.path / "metrics.json", metrics)

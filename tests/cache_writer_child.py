@@ -8,6 +8,7 @@ on stderr).
 
     python tests/cache_writer_child.py FILE --root DIR --images 40 --chunk 8 --dim 16 [--views orig,hflip]
                                        [--dtype float16] [--sleep 0.02] [--wait 5]
+                                       [--max-file-bytes N]
 """
 from __future__ import annotations
 
@@ -79,7 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--sleep", type=float, default=0.0)
     ap.add_argument("--wait", type=float, default=None)
+    ap.add_argument("--max-file-bytes", type=int, default=None,
+                    help="RLIMIT_FSIZE: the kernel refuses writes past it (EFBIG), as a full disk does")
     args = ap.parse_args(argv)
+    if args.max_file_bytes is not None:
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a refused write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (args.max_file_bytes, args.max_file_bytes))
     try:
         views = tuple(args.views.split(","))
         written = write_all(args.path, args.root, args.images, args.chunk, args.dim, views,

@@ -283,34 +283,32 @@ def test_repeated_kills_then_resume(tmp_path: Path, reference: Path) -> None:
 
 def _limited_child(path: Path, max_bytes: int, *extra: str) -> subprocess.CompletedProcess:
     """The child writer with RLIMIT_FSIZE: the kernel refuses writes past ``max_bytes`` (EFBIG), through
-    the same h5py calls that fail when a disk is full (ENOSPC)."""
-    import resource
-
-    def limit() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a refused write, not a killed process
-        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
-
-    proc = child(path, *extra, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=limit)
-    out, err = proc.communicate(timeout=120)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    the same h5py calls that fail when a disk is full (ENOSPC). The child sets the limit itself: a
+    preexec_fn would fork this (multithreaded) test process."""
+    return run_child(path, *extra, "--max-file-bytes", str(max_bytes))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE semantics are Linux's")
 def test_a_refused_write_is_one_error_and_loses_no_rows(tmp_path: Path) -> None:
     """Creating the file, or growing it, on a file system that refuses writes: one CacheWriteError naming
     the file and the system's reason (h5py raised a multi-line RuntimeError, then a second one from
-    close() while unwinding), no temporary file left, the rows written before kept, and a rerun with room
-    ends byte-identical to an uninterrupted writer."""
+    close() while unwinding; and a refused growth left a file HDF5 could no longer open: all rows lost),
+    no temporary or empty file left, the rows written before kept, the file's size unchanged, and a rerun
+    given just the MiB the sentence asked for ends byte-identical to an uninterrupted writer."""
     dim, args = 1024, ("--dim", "1024", "--chunk", "64")
     path = fc.cache_path(tmp_path / "c", make_config(ROOT, dim))
     refused = _limited_child(path, 8000, "--images", "20", *args)
     assert refused.returncode == 4, refused.stderr
-    assert refused.stderr.strip() == (f"could not write the cache file {path}: File too large; the rows "
-                                      "written before are kept, so free space (or fix the folder) and run "
-                                      "the same command to resume")
+    assert refused.stderr.strip() == (f"could not create the cache file {path}: File too large; nothing was "
+                                      "written, so free space (or fix the folder) and run the same command "
+                                      "again")
     assert not path.exists() and not list(path.parent.glob("*.tmp-*"))
+    empty = _limited_child(path, 40_000, "--images", "20", *args)  # created, then its growth is refused
+    assert empty.returncode == 4 and "could not reserve" in empty.stderr, empty.stderr
+    assert not path.exists()  # no empty cache left where there was none
 
     assert run_child(path, "--images", "20", *args).returncode == 0
+    size = path.stat().st_size
     grown = _limited_child(path, 4 << 20, "--images", "2000", *args)  # 2000 rows need ~8 MiB
     assert grown.returncode == 4, grown.stderr
     assert grown.stderr.count("\n") == 1, grown.stderr
@@ -319,13 +317,86 @@ def test_a_refused_write_is_one_error_and_loses_no_rows(tmp_path: Path) -> None:
     assert fc.verify(path)["ok"]
     with fc.CacheReader(path) as r:
         assert r.n_rows == 20
+    assert path.stat().st_size == size  # nothing of a refused reservation is kept
 
-    done = run_child(path, "--images", "2000", *args)
+    # the MiB the sentence asked for are enough: reserve, stream and close all fit in them
+    asked = float(re.search(r"reserve ([0-9.]+) MiB", grown.stderr).group(1))
+    done = _limited_child(path, size + int((asked + 0.1) * 2**20), "--images", "2000", *args)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[-2:] == ["done", "1980"]
     reference = fc.cache_path(tmp_path / "ref", make_config(ROOT, dim))
     write_all(reference, ROOT, 2000, 64, dim)
     assert_same_file_content(path, reference)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path):
+    """A tmpfs mount of its own (needs root, as in CI's container): a disk that really fills up."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(where)],
+                                 capture_output=True).returncode == 0
+    except OSError:
+        mounted = False
+    if not mounted:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+
+    def resize(kib: int) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={kib}k", str(where)], check=True)
+
+    yield where, resize
+    subprocess.run(["umount", str(where)], check=False)
+
+
+def test_the_space_a_refusal_asks_for_is_enough_on_a_full_disk(small_tmpfs) -> None:
+    """On a real disk that fills up (tmpfs), freeing exactly the MiB the sentence named let every row be
+    computed and then close() asked for 1 MiB more (its margin had been given back after the flush), so
+    the same command failed forever with nothing left to compute. Now reserve() keeps close()'s room."""
+    where, resize = small_tmpfs
+    path = fc.cache_path(where / "c", make_config(ROOT, DIM))
+    assert run_child(path, "--images", "20").returncode == 0  # a ~3 MiB file (fixed-size chunks)
+    grown = run_child(path, "--images", "6000")  # ~7 MiB more: does not fit in 8 MiB
+    assert grown.returncode == 4 and "No space left on device" in grown.stderr, grown.stderr
+    asked = float(re.search(r"reserve ([0-9.]+) MiB", grown.stderr).group(1))
+    st = os.statvfs(where)
+    used_kib = (st.f_blocks - st.f_bfree) * st.f_frsize // 1024
+    resize(used_kib + int(asked * 1024))
+    done = run_child(path, "--images", "6000")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-2:] == ["done", "5980"]
+    check = fc.verify(path)
+    assert check["ok"] and not check["warnings"], check
+
+
+def test_a_refused_preallocation_gives_back_what_it_got(tmp_path: Path, cfg: dict, monkeypatch) -> None:
+    """ext4 keeps the blocks a failed posix_fallocate allocated (and the longer size): the refused
+    extract left the disk full. The file is cut back to its size before the call."""
+    path = tmp_path / "c.h5"
+    with fc.CacheWriter(path, cfg, DIM) as w:
+        w.reserve(8)
+    size = path.stat().st_size
+
+    def partial(fd: int, offset: int, length: int) -> None:
+        os.ftruncate(fd, offset + length // 2)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", partial)
+    with pytest.raises(CacheWriteError, match="could not reserve"), fc.CacheWriter(path, cfg, DIM) as w:
+        w.reserve(100_000)
+    assert path.stat().st_size == size
+    monkeypatch.undo()
+    assert fc.verify(path)["ok"]
+
+
+def test_a_folder_where_the_cache_file_goes_is_called_a_folder(tmp_path: Path, cfg: dict) -> None:
+    """It was called "not a readable HDF5 file (truncated or corrupt)"."""
+    path = tmp_path / "c.h5"
+    path.mkdir()
+    with pytest.raises(CacheError, match=r"c\.h5 is a folder; move it away or choose another --cache-dir"):
+        fc.CacheWriter(path, cfg, DIM)
+    with pytest.raises(CacheError, match="is a folder"):
+        fc.CacheReader(path)
 
 
 def test_a_write_refused_mid_stream_keeps_the_valid_prefix(tmp_path: Path, cfg: dict, monkeypatch) -> None:
@@ -628,3 +699,24 @@ def test_cli_merge_and_lock_error(tmp_path: Path, capsys: pytest.CaptureFixture)
     assert run(["cache", "merge", str(s0), "--out", "/proc/featcache-test.h5"]) == 1
     err = " ".join(capsys.readouterr().err.split())
     assert "operating system refused" in err and "featcache-test.h5.lock" in err and "another" not in err
+
+
+def test_without_posix_fallocate_the_free_space_is_checked(tmp_path: Path, cfg: dict, monkeypatch) -> None:
+    """macOS has no posix_fallocate: a growth the disk cannot hold is refused by a free-space check
+    before HDF5 touches the file, instead of leaving a file that no longer opens."""
+    import collections
+    import shutil
+
+    path = tmp_path / "c.h5"
+    with fc.CacheWriter(path, cfg, DIM) as w:
+        w.reserve(8)
+    size = path.stat().st_size
+    monkeypatch.delattr(os, "posix_fallocate")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: collections.namedtuple("U", "total used free")(
+        10 << 20, 9 << 20, 1 << 20))
+    refused = pytest.raises(CacheWriteError, match=r"could not reserve [0-9.]+ MiB for .*No space left on")
+    with refused, fc.CacheWriter(path, cfg, DIM) as w:
+        w.reserve(100_000)
+    assert path.stat().st_size == size
+    monkeypatch.undo()
+    assert fc.verify(path)["ok"]

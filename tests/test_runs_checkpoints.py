@@ -141,3 +141,17 @@ def test_run_files_name_the_file_a_full_disk_refused_and_are_readable_by_others(
         w.write_predictions("val", ["a.png"], ["k" * 64], np.array([0]), np.array([[0.9, 0.1]]),
                             np.array([0]), ["NORMAL", "PNEUMONIA"])
     assert info.value.errno == 28 and info.value.filename == str(w.path / "predictions_val.csv")
+
+
+def test_a_run_refused_its_first_file_leaves_no_empty_folder(tmp_path: Path, monkeypatch) -> None:
+    """A fit refused on its very first run.json (full disk) left an empty run folder that no rerun
+    removed."""
+    import featcache.runs as runs_mod
+
+    def disk_full(path, obj):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(runs_mod, "write_json_atomic", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        runs_mod.RunWriter(tmp_path / "runs", {"head": "logreg", "config_hash": "c" * 64})
+    assert list((tmp_path / "runs").iterdir()) == []
