@@ -147,7 +147,7 @@ def register(app: typer.Typer) -> None:
 
         preset_head = PRESETS[preset].head if preset in PRESETS else None
         if (head or preset_head) == "mlp":  # only Keras heads need the backend
-            import_backend_quietly()
+            import_backend_quietly(tensorflow_too=True)
 
         opts = FitOptions(
             task=task,

@@ -94,17 +94,24 @@ def run_capturing_fd2(fn: Callable[[], object]) -> tuple[str, BaseException | No
     return text, error
 
 
-def _import_backend() -> None:
+def _import_backend(tensorflow_too: bool = False) -> None:
+    import importlib.util
+
     import keras
 
-    if keras.backend.backend() == "tensorflow":
+    if keras.backend.backend() == "tensorflow" or (
+            tensorflow_too and importlib.util.find_spec("tensorflow") is not None):
         import tensorflow as tf
 
         tf.config.list_physical_devices()  # CUDA's start-up (cuInit) logs here
 
 
-def import_backend_quietly() -> None:
+def import_backend_quietly(tensorflow_too: bool = False) -> None:
     """Import Keras and its backend with the native start-up log filtered by ``TF_CPP_MIN_LOG_LEVEL``.
+
+    ``tensorflow_too``: also import TensorFlow, when installed, under another Keras backend (JAX). Why:
+    training an mlp head calls ``keras.utils.set_random_seed``, which imports TensorFlow whenever it is
+    installed, to seed it too; imported there, its start-up lines reached the terminal unfiltered.
 
     If the import fails, everything it wrote is shown unfiltered and nothing is raised here: the
     command then meets the same failure where it always did and reports it its own way. At level 2
@@ -112,7 +119,7 @@ def import_backend_quietly() -> None:
     ``tf.function`` retracing when a command predicts with several small models in turn.
     """
     level = min_log_level()
-    text, error = run_capturing_fd2(_import_backend)
+    text, error = run_capturing_fd2(lambda: _import_backend(tensorflow_too))
     shown = text if error is not None else kept_lines(text, level)
     if shown:
         sys.stderr.write(shown)

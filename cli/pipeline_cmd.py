@@ -111,7 +111,7 @@ def register(app: typer.Typer) -> None:
             tags=tuple(tag),
             layers=layers_option(layers),
         )
-        import_backend_quietly()
+        import_backend_quietly(tensorflow_too=not head or "mlp" in _split(head))  # no --head: the preset's
         with progress_display(console) as bar:
             result = run_pipeline(
                 data,
@@ -153,7 +153,7 @@ def register(app: typer.Typer) -> None:
         """
         from featcache.pipeline import run_demo
 
-        import_backend_quietly()
+        import_backend_quietly(tensorflow_too="mlp" in _split(head))
         with progress_display(console) as bar:
             result = run_demo(
                 workdir, weights=weights, out=out, heads=_split(head), progress=make_callback(bar)

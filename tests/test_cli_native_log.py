@@ -67,13 +67,13 @@ def test_capture_hands_back_the_exception(capfd):
 
 def test_import_backend_quietly_shows_only_kept_lines(monkeypatch, capfd):
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
-    monkeypatch.setattr(native_log, "_import_backend", lambda: os.write(2, STARTUP.encode()))
+    monkeypatch.setattr(native_log, "_import_backend", lambda *_a: os.write(2, STARTUP.encode()))
     native_log.import_backend_quietly()
     assert capfd.readouterr().err == PY_WARNING
 
 
 def test_import_backend_quietly_shows_everything_when_the_import_fails(monkeypatch, capfd):
-    def failing() -> None:
+    def failing(*_a) -> None:
         os.write(2, STARTUP.encode())
         raise ImportError("broken install")
 
@@ -87,3 +87,30 @@ def test_import_backend_quietly_shows_everything_when_the_import_fails(monkeypat
 def test_min_log_level_parsing(monkeypatch, value, level):
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", value)
     assert native_log.min_log_level() == level
+
+
+def test_an_mlp_under_jax_does_not_print_tensorflows_startup_lines():
+    """Under KERAS_BACKEND=jax, training an mlp calls keras.utils.set_random_seed, which imports
+    TensorFlow (when installed) to seed it: its start-up lines reached the terminal unfiltered. The mlp
+    commands now import it inside the filter first."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("jax")
+    pytest.importorskip("tensorflow")
+    script = ("from featcache.cli.native_log import import_backend_quietly\n"
+              "import_backend_quietly(tensorflow_too={too})\n"
+              "import keras\n"
+              "keras.utils.set_random_seed(0)\n")
+    env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+    def startup_lines(too: bool) -> list[str]:
+        proc = subprocess.run([sys.executable, "-c", script.format(too=too)], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        return [line for line in proc.stderr.splitlines()
+                if "absl::InitializeLog" in line or "cuda drivers" in line or "oneDNN" in line]
+
+    if not startup_lines(False):
+        pytest.skip("TensorFlow printed no start-up lines on this machine: nothing to filter")
+    assert startup_lines(True) == []
