@@ -66,7 +66,7 @@ from typing import Any
 
 import numpy as np
 
-from featcache.errors import CacheError, CacheLockedError, CacheWriteError, ConfigError, os_reason
+from featcache.errors import CacheError, CacheLockedError, CacheWriteError, ConfigError, naming, os_reason
 from featcache.faults import crash_point
 from featcache.progress import ProgressFn, emit
 
@@ -220,13 +220,18 @@ def _open_h5(path: Path, mode: str, **kwargs: Any):
     read while a writer streams."""
     import h5py
 
-    if Path(path).is_dir():
-        raise CacheError(f"cache file {path} is a folder; move it away or choose another --cache-dir")
+    _refuse_folder(path)
     try:
         return h5py.File(path, mode, locking=False, **kwargs)
     except (OSError, ValueError) as exc:
         raise CacheError(f"cache file {path} is not a readable HDF5 file (truncated or corrupt); delete it "
                          "or move it away and run the extraction again") from exc
+
+
+def _refuse_folder(path: Path) -> None:
+    """A folder where the cache file goes was called "truncated or corrupt" (or "does not exist")."""
+    if Path(path).is_dir():
+        raise CacheError(f"cache file {path} is a folder; move it away or choose another --cache-dir")
 
 
 def _read_config(f, path: Path) -> dict:
@@ -331,10 +336,8 @@ class CacheWriter:
         import h5py
 
         tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
-        try:
+        with naming(tmp):  # folder not writable: still an OSError (extract may not need to write)
             f = h5py.File(tmp, "w", locking=False)
-        except OSError as exc:  # folder not writable: still an OSError (extract may not need to write)
-            raise OSError(exc.errno, os_reason(exc), str(tmp)) from exc
         try:
             # rows per chunk from the float32 size: a float16 file has the same chunks at half the bytes
             frows = max(1, min(65536, CHUNK_BYTES // (self.feature_dim * 4)))
@@ -410,15 +413,12 @@ class CacheWriter:
         if need <= self.capacity:
             return
         self._preallocate(self._growth_bytes(need) + CLOSE_MARGIN)
-        try:
+        with self._refusals():
             for name in DATASETS:
                 ds = self._f[name]
                 ds.resize((need,) + ds.shape[1:])
             crash_point("cache.during_reserve")
             self._flush()
-        except (OSError, RuntimeError) as exc:  # disk full, quota, I/O error
-            self._failed = True
-            raise _write_error(self.path, exc) from None
         # HDF5's flush cut the file at its new end of file, giving back the margin: take it again (it was
         # just freed), so close() finds its room already reserved and a full disk cannot fail it
         with contextlib.suppress(CacheWriteError):
@@ -458,7 +458,7 @@ class CacheWriter:
         digests = [row_digest(a, b, r) for a, b, r in zip(kk, vv, rows, strict=True)]
         lo, hi = self.n_valid, self.n_valid + k
         f = self._f
-        try:
+        with self._refusals():  # rows past the valid prefix are free slots: nothing before is lost
             crash_point("cache.before_data_write")
             f["features"][lo:hi] = rows
             f["keys"][lo:hi] = np.array([s.encode("ascii") for s in kk], dtype=f"S{KEY_BYTES}")
@@ -472,9 +472,6 @@ class CacheWriter:
             f["valid"][lo:hi] = 1
             crash_point("cache.after_valid_write")
             self._flush()
-        except (OSError, RuntimeError) as exc:  # disk full, quota, I/O error: rows past the valid prefix
-            self._failed = True                   # are free slots, so nothing written before is lost
-            raise _write_error(self.path, exc) from None
         self.n_valid = hi
         self._present.update(zip(kk, vv, strict=True))
         self._views.extend(v for v in dict.fromkeys(vv) if v not in self._views)
@@ -490,7 +487,7 @@ class CacheWriter:
         f = self._f
         try:
             if f is not None and not self._failed:
-                try:
+                with self._refusals():
                     views = json.dumps(self._views)
                     if (self.capacity != self.n_valid or _from_attr(f.attrs.get("n_rows", -1)) != self.n_valid
                             or _from_attr(f.attrs.get("views", "")) != views):  # else nothing to write
@@ -506,9 +503,6 @@ class CacheWriter:
                         self._flush()
                         self._trim()
                     f.close()
-                except (OSError, RuntimeError) as exc:
-                    self._failed = True
-                    raise _write_error(self.path, exc) from None
         finally:
             self._f = None
             if f is not None and self._failed:
@@ -520,6 +514,16 @@ class CacheWriter:
             self._release()
 
     # -- internals -----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _refusals(self) -> Iterator[None]:
+        """A write HDF5 or the system refuses (disk full, quota, I/O error) becomes one CacheWriteError,
+        and the writer touches the file no more (``close`` then only lets go of it)."""
+        try:
+            yield
+        except (OSError, RuntimeError) as exc:
+            self._failed = True
+            raise _write_error(self.path, exc) from None
+
     def _growth_bytes(self, rows: int) -> int:
         """Bytes HDF5 will add to the file to hold ``rows`` rows: the new chunks (allocated early) and some
         slack for the chunk-index nodes, so the margin that ``reserve`` takes again after its flush fits in
@@ -590,9 +594,7 @@ class CacheReader:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        if self.path.is_dir():
-            raise CacheError(f"cache file {self.path} is a folder; move it away or choose another "
-                             "--cache-dir")
+        _refuse_folder(self.path)
         if not self.path.is_file():
             raise CacheError(f"cache file {self.path} does not exist; run `featcache extract` first or check "
                              "--cache-dir")

@@ -1248,17 +1248,16 @@ def build_report(
     _remove_stale_staging(out_dir)
     import tempfile
 
-    with naming(out_dir):
+    with naming(out_dir):  # a full disk names the report folder, not an anonymous write()
         staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=out_dir))
-    try:
-        with naming(out_dir):  # a full disk names the report folder, not an anonymous write()
+        try:
             _write_report_files(doc, rows, options, runs_dir, staging)
             _publish(staging, out_dir)
-    finally:  # an error (disk full, say) leaves the previous report as it was, and no staging folder
-        if staging.exists():
-            import shutil
+        finally:  # an error (disk full, say) leaves the previous report as it was, and no staging folder
+            if staging.exists():
+                import shutil
 
-            shutil.rmtree(staging, ignore_errors=True)
+                shutil.rmtree(staging, ignore_errors=True)
     emit(progress, "report", 4, 4, "report written")
     best = min(rows, key=lambda r: r["rank"])
     return ReportResult(out_dir, out_dir / "report.html", out_dir / "report.md", out_dir / "leaderboard.csv",
