@@ -106,6 +106,26 @@ def _import_backend(tensorflow_too: bool = False) -> None:
         tf.config.list_physical_devices()  # CUDA's start-up (cuInit) logs here
 
 
+def _refuse_backend(error: Exception) -> None:
+    """A Keras backend that does not exist or is not installed: one sentence saying where it was set.
+    Other import failures are left to the command (see ``import_backend_quietly``)."""
+    import importlib.util
+
+    from featcache.errors import ConfigError
+    from featcache.runs import keras_backend
+
+    name = keras_backend()
+    if "Unable to import backend" not in str(error) and (
+            name in ("tensorflow", "jax") and importlib.util.find_spec(name) is not None):
+        return
+    where = ("$KERAS_BACKEND" if os.environ.get("KERAS_BACKEND")
+             else "the \"backend\" of keras.json in $KERAS_HOME (or ~/.keras)")
+    installed = [b for b, module in (("tensorflow", "tensorflow"), ("jax", "jax"))
+                 if importlib.util.find_spec(module) is not None]
+    raise ConfigError(f"Keras cannot use the backend '{name}' set by {where} ({error}); set it to "
+                      f"{' or '.join(installed) or 'tensorflow'} (installed here)") from None
+
+
 def import_backend_quietly(tensorflow_too: bool = False) -> None:
     """Import Keras and its backend with the native start-up log filtered by ``TF_CPP_MIN_LOG_LEVEL``.
 
@@ -120,6 +140,8 @@ def import_backend_quietly(tensorflow_too: bool = False) -> None:
     """
     level = min_log_level()
     text, error = run_capturing_fd2(lambda: _import_backend(tensorflow_too))
+    if isinstance(error, (ValueError, ImportError)):
+        _refuse_backend(error)
     shown = text if error is not None else kept_lines(text, level)
     if shown:
         sys.stderr.write(shown)

@@ -39,6 +39,8 @@ def ls_cmd(
     from featcache.errors import RunError
     from featcache.runs import list_runs
 
+    if not runs_dir.exists() and runs_dir != Path("runs"):  # a mistyped path is not an empty folder
+        raise RunError(f"--runs-dir {runs_dir} does not exist.")
     rows, damaged = [], []
     for run in list_runs(runs_dir, include_incomplete=True):
         if run.status == "corrupt":  # no run.json yet: a run being written (or a stray folder)

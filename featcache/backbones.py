@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from featcache.errors import ConfigError
+from featcache.errors import ConfigError, NetworkError
 from featcache.hashing import sha256_file
 
 POOLINGS = ("avg", "max", "flatten")
@@ -324,9 +324,15 @@ def _construct(ctor: Any, spec: BackboneSpec, cfg: BackboneConfig, size: int, po
                         **kwargs)
     except Exception as exc:
         expected = keras_models_dir() / imagenet_weights_file(spec.name, size)
-        if weights != "imagenet" or expected.is_file():
+        if weights != "imagenet":
             raise
-        raise ConfigError(
+        if expected.is_file():  # Keras found the file and could not load it: damaged or not Keras' own
+            raise ConfigError(
+                f"the ImageNet weights file Keras keeps for {spec.name}, {expected}, could not be loaded "
+                f"({_load_reason(exc)}); it is damaged or not Keras' original file: delete it so Keras "
+                "downloads it again, replace it with the original, or use --weights PATH"
+            ) from exc
+        raise NetworkError(
             f"could not download the ImageNet weights for {spec.name} (no network?); put "
             f"{expected.name} in {expected.parent} (the Keras cache, set by $KERAS_HOME), or use "
             "--weights none (random, seeded) or --weights PATH to a weights file"

@@ -360,7 +360,10 @@ def _discover_manifest(root: Path, csv_path: Path) -> Dataset:
         if problem:
             skipped.append((relpath, problem))
             continue
-        split = _normalise_split(row["split"]) if row.get("split") else None
+        split = _normalise_split(row["split"]) if (row.get("split") or "").strip() else None
+        if split is not None and split not in ("train", "val", "test"):  # fit would use it nowhere
+            raise DataError(f"manifest '{os.fsdecode(csv_path)}' line {line} has split '{row['split']}'; "
+                            "use train, val (validation) or test, or leave it empty (training).")
         subtype, group = _subtype_and_group(label, path.name)
         records.append(ImageRecord(path, relpath, split, label, subtype, row.get("group") or group))
     if missing:

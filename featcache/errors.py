@@ -51,6 +51,13 @@ class DownloadError(FeatcacheError):
     """A download failed, was truncated, did not match its checksum or was unsafe."""
 
 
+class NetworkError(DownloadError):
+    """The network or the disk failed a download (no connection, a transfer cut off, a folder that cannot
+    be written): not a usage mistake, so exit 1 like other refusals of the world outside, not 2."""
+
+    exit_code = 1
+
+
 _ERRNO_RE = re.compile(r"errno = (\d+)")
 _OS_PHRASES = ("No space left on device", "Disk quota exceeded", "File too large", "Read-only file system",
                "Input/output error", "Permission denied")

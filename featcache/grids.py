@@ -61,7 +61,11 @@ def parse_layers(raw: Any) -> tuple[int, ...]:
     if isinstance(raw, str):
         # Every separator must sit between two sizes: "1024,,512", "8-" or "-5" are slips, not a
         # layout (dropping the empty part would train a different network than the one asked for).
-        sizes = tuple(int(p) for p in raw.replace(",", "-").replace(" ", "").split("-"))
+        # Each size is plain digits: "16 8" was read as 168 units and "1_6" as 16 (int() allows both).
+        parts = [p.strip() for p in raw.replace(",", "-").split("-")]
+        if not all(p.isascii() and p.isdigit() for p in parts):
+            raise ValueError
+        sizes = tuple(int(p) for p in parts)
     elif isinstance(raw, (list, tuple)):
         if any(isinstance(v, bool) or not isinstance(v, int) for v in raw):
             raise ValueError
@@ -208,6 +212,8 @@ def load_grid_file(path: str | Path, schema: dict | None = None) -> list[dict[st
         data = tomllib.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"grid file {p} does not exist; check the --grid-file path.") from None
+    except IsADirectoryError:
+        raise ConfigError(f"grid file {p} is a folder; give --grid-file a .toml file.") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"grid file {p} is not valid TOML ({exc}); fix its syntax.") from None
     grids = data.get("grid")

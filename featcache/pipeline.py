@@ -190,6 +190,12 @@ def run_pipeline(
         raise ConfigError("choose at least one backbone with --backbone (e.g. mobilenet-0.75).")
     if not heads:
         raise ConfigError("choose at least one head with --head (e.g. logreg,mlp).")
+    if layer and not any(is_saved_model(b) for b in backbones):  # else it would be ignored
+        raise ConfigError(f"--layer only applies to a saved-model backbone (a .keras file), not to "
+                          f"{', '.join(backbones)}.")
+    if Path(reports_dir).exists() and not Path(reports_dir).is_dir():  # now, not after the extraction
+        raise ConfigError(f"--out {reports_dir} is a file, not a folder; choose a folder for the report "
+                          "files.")
     result = PipelineResult()
     if preset is not None:
         result.notes += _preset_notes(preset, backbones, pooling, image_size)
@@ -248,6 +254,9 @@ def run_demo(
     if weights not in ("imagenet", "none"):
         raise ConfigError(f"the demo runs with --weights imagenet or none, not '{weights}'.")
     work = Path(workdir)
+    if work.exists() and not work.is_dir():
+        raise ConfigError(f"--workdir {work} is a file, not a folder; choose a folder for cache/, runs/ and "
+                          "reports/.")
     tag = f"demo-{weights}"
     fopts = FitOptions(task="binary", tags=(tag,), cv_folds=3, seed=0, n_boot=500)
     ropts = ReportOptions(

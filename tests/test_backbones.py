@@ -19,7 +19,7 @@ from featcache.backbones import (
     get_spec,
     imagenet_weights_file,
 )
-from featcache.errors import ConfigError
+from featcache.errors import ConfigError, NetworkError
 
 
 def _images(n: int, size: int, seed: int = 0) -> np.ndarray:
@@ -130,11 +130,31 @@ def test_imagenet_download_failure_is_one_sentence(tmp_path: Path, monkeypatch):
 
     monkeypatch.setattr(file_utils, "get_file", offline)
     monkeypatch.setattr(bmod, "keras_models_dir", lambda: tmp_path / "models")
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(NetworkError) as err:
         build_backbone(BackboneConfig("resnet50", image_size=32))
+    assert err.value.exit_code == 1  # the network failed, not the user: not the usage-error status 2
     msg = str(err.value)
     assert "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5" in msg
     assert str(tmp_path / "models") in msg and "--weights none" in msg and "\n" not in msg
+
+
+def test_a_damaged_imagenet_file_in_the_keras_cache_is_one_sentence(tmp_path: Path, monkeypatch):
+    """Keras finds its cached weights file but cannot load it (truncated, or not Keras' original file):
+    one sentence naming the file and what to do (before: a traceback from extract and predict)."""
+    from keras.src.utils import file_utils
+
+    import featcache.backbones as bmod
+
+    models = tmp_path / "models"
+    models.mkdir()
+    damaged = models / "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    damaged.write_bytes(b"not an HDF5 file" * 100)
+    monkeypatch.setattr(file_utils, "get_file", lambda *a, **k: str(damaged))
+    monkeypatch.setattr(bmod, "keras_models_dir", lambda: models)
+    with pytest.raises(ConfigError) as err:
+        build_backbone(BackboneConfig("resnet50", image_size=32))
+    msg = str(err.value)
+    assert str(damaged) in msg and "could not be loaded" in msg and "delete it" in msg and "\n" not in msg
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 """The CLI's filter for TensorFlow's native start-up log (featcache.cli.native_log)."""
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -114,3 +115,24 @@ def test_an_mlp_under_jax_does_not_print_tensorflows_startup_lines():
     if not startup_lines(False):
         pytest.skip("TensorFlow printed no start-up lines on this machine: nothing to filter")
     assert startup_lines(True) == []
+
+
+@pytest.mark.parametrize("backend", ["foo", "torch"])
+def test_a_backend_keras_cannot_use_is_one_sentence(tmp_path, backend):
+    """KERAS_BACKEND=foo (or an uninstalled one) ended extract, mlp fits and predict in a traceback."""
+    import subprocess
+    import sys
+
+    if backend == "torch" and importlib.util.find_spec("torch") is not None:
+        pytest.skip("torch is installed here: Keras can use it")
+    from conftest import write_xray
+
+    write_xray(tmp_path / "d" / "train" / "a" / "x.png", 0, 16)
+    code = "import sys; from featcache.cli.app import run; sys.exit(run(sys.argv[1:]))"
+    env = {**os.environ, "KERAS_BACKEND": backend}
+    proc = subprocess.run([sys.executable, "-c", code, "extract", "--data", str(tmp_path / "d"), "--backbone",
+                           "mobilenet-0.75", "--weights", "none", "--cache-dir", str(tmp_path / "c")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert f"Keras cannot use the backend '{backend}' set by $KERAS_BACKEND" in " ".join(proc.stderr.split())

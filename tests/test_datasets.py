@@ -146,6 +146,8 @@ def test_manifest_without_split_keeps_kermany_parsing(tmp_path):
     ("path,label\nx.png,a\nx.png,b\n", "lists 'x.png' twice"),
     ("", "is empty"),
     ("path,label\n", "lists no images; add one row per image"),
+    # a typo put those rows in no split fit uses: left out of training and test without a word
+    ("path,label,split\nx.png,a,tset\n", "line 2 has split 'tset'; use train, val"),
 ])
 def test_bad_manifests(tmp_path, content, match):
     write_xray(tmp_path / "x.png", 1)

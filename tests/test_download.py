@@ -343,8 +343,10 @@ def test_http_error_and_unreachable_server_are_one_sentence(server, tmp_path):
     with pytest.raises(DownloadError, match="HTTP 404") as err:
         download_file(server.url("/missing.zip"), tmp_path / "x.zip", timeout=10)
     assert "\n" not in str(err.value)
-    with pytest.raises(DownloadError, match="could not reach"):
+    assert err.value.exit_code == 2  # a wrong URL: the user's to fix
+    with pytest.raises(DownloadError, match="could not reach") as err:
         download_file("http://127.0.0.1:9/x.zip", tmp_path / "y.zip", timeout=5)   # discard port: refused
+    assert err.value.exit_code == 1  # the network's failure, not a usage error
     with pytest.raises(ConfigError, match="http"):
         download_file("file:///etc/passwd", tmp_path / "z.zip")
 

@@ -31,6 +31,8 @@ def test_parse_grid_args_types() -> None:
     ("layers=1024--512", "'layers'"),  # an empty size is a slip, not a shorter network
     ("layers=8-", "'layers'"),
     ("layers=-5", "'layers'"),
+    ("layers=16 8", "'layers'"),  # was read as one layer of 168 units
+    ("layers=1_6", "'layers'"),  # was read as 16
     ("max_iter=none", "'max_iter'"),
     ("C", "KEY=V1,V2"),
     ("C=", "no values"),

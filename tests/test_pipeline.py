@@ -73,6 +73,13 @@ def test_run_gives_layers_to_the_mlp_and_checks_every_grid_before_the_extraction
                      **kw)
     with pytest.raises(ConfigError, match="lr"):
         run_pipeline(kermany_tree, ["mobilenet-0.75"], ["logreg", "mlp"], grid_args=["mlp:lr=fast"], **kw)
+    # --layer on registry backbones only was ignored; --out a file was refused after extracting and fitting
+    with pytest.raises(ConfigError, match="--layer only applies to a saved-model backbone"):
+        run_pipeline(kermany_tree, ["mobilenet-0.75"], ["logreg"], layer="conv1", **kw)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        run_pipeline(kermany_tree, ["mobilenet-0.75"], ["logreg"],
+                     **{**kw, "reports_dir": tmp_path / "notes.txt"})
     assert not (tmp_path / "c").exists()  # nothing was extracted
 
 

@@ -46,7 +46,7 @@ from featcache.download.transfer import (
     sha256_with_progress,
     write_json_atomic,
 )
-from featcache.errors import DownloadError
+from featcache.errors import DownloadError, NetworkError
 from featcache.faults import crash_point
 from featcache.progress import ProgressFn
 
@@ -103,7 +103,7 @@ def _prepare_dest(dest: str | Path) -> Path:
         dest.mkdir(parents=True, exist_ok=True)
         (dest / DOWNLOADS_DIR).mkdir(exist_ok=True)
     except OSError as exc:
-        raise DownloadError(f"cannot create {dest} ({exc.strerror}); choose a writable --dest.") from None
+        raise NetworkError(f"cannot create {dest} ({exc.strerror}); choose a writable --dest.") from None
     return dest.resolve()
 
 

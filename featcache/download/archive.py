@@ -17,7 +17,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from featcache.errors import DownloadError
+from featcache.errors import DownloadError, NetworkError
 from featcache.faults import crash_point
 from featcache.progress import ProgressFn, emit
 
@@ -176,7 +176,7 @@ def _copy_capped(src, dst, size: int, name: str) -> None:
         try:
             dst.write(block)
         except OSError as exc:
-            raise DownloadError(f"cannot write {name!r} under the destination ({exc.strerror}); free some "
+            raise NetworkError(f"cannot write {name!r} under the destination ({exc.strerror}); free some "
                                 f"space or fix permissions, then rerun.") from None
 
 
@@ -215,7 +215,7 @@ def _write_plan(plan: _Plan, archive_size: int, out_dir: Path, limits: ExtractLi
     _check_layout(plan, name)
     free = shutil.disk_usage(out_dir).free
     if plan.total > free:
-        raise DownloadError(f"{name} needs {plan.total} bytes but only {free} are free next to the "
+        raise NetworkError(f"{name} needs {plan.total} bytes but only {free} are free next to the "
                             f"destination; free some space and rerun.")
     todo = [e for e in plan.entries if e[0] and not is_junk(e[0]) and not e[1]]
     for i, (parts, _is_dir, size, handle) in enumerate(todo, 1):

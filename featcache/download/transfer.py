@@ -22,7 +22,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from featcache.download.sources import HEX64, RemoteFile, check_url
-from featcache.errors import DownloadError
+from featcache.errors import DownloadError, NetworkError
 from featcache.faults import crash_point
 from featcache.progress import ProgressFn, emit
 
@@ -138,7 +138,7 @@ def download_file(url: str, path: str | Path, *, timeout: float = DEFAULT_TIMEOU
         transferred, resumed = outcome
         break
     else:
-        raise DownloadError(f"the server for {path.name} answered resume requests inconsistently; "
+        raise NetworkError(f"the server for {path.name} answered resume requests inconsistently; "
                             f"delete {part} and rerun.")
     _finish(part, path, meta_path)
     return transferred, resumed
@@ -176,7 +176,7 @@ def _one_request(url: str, path: Path, meta: dict, have: int, timeout: float, bl
                                 f"or try again later.") from None
     except (urllib.error.URLError, HTTPException, OSError) as exc:
         reason = getattr(exc, "reason", None) or exc
-        raise DownloadError(f"could not reach {url} ({reason}); check the network, then "
+        raise NetworkError(f"could not reach {url} ({reason}); check the network, then "
                             f"{_resume_message(name)}.") from None
     with response:
         status = getattr(response, "status", 200)
@@ -221,13 +221,13 @@ def _stream(response, part: Path, mode: str, have: int, total: int | None, block
         os.fsync(out.fileno())
     if total is not None and done > total:
         part.unlink()
-        raise DownloadError(f"the server sent more bytes for {name} than it announced ({done} > {total}); "
+        raise NetworkError(f"the server sent more bytes for {name} than it announced ({done} > {total}); "
                             f"the partial file was discarded, rerun to download it again.")
     if (total is not None and done < total) or error is not None:
         shown = f"{done} of {total}" if total is not None else f"{done}"
         why = "the connection timed out" if error in ("TimeoutError", "timeout") else \
             "the connection closed early"
-        raise DownloadError(f"the transfer of {name} stopped after {shown} bytes ({why}); "
+        raise NetworkError(f"the transfer of {name} stopped after {shown} bytes ({why}); "
                             f"{_resume_message(name)}.")
     return done - have
 
