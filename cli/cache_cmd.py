@@ -40,6 +40,10 @@ def ls_cmd(
 
     Example: featcache cache ls --cache-dir ./cache --json
     """
+    if not cache_dir.exists() and cache_dir != Path("cache"):  # a mistyped path is not an empty folder
+        from featcache.errors import ConfigError
+
+        raise ConfigError(f"--cache-dir {cache_dir} does not exist.")
     entries = []
     for path in sorted(cache_dir.glob("*.h5")) if cache_dir.is_dir() else []:
         try:
@@ -99,9 +103,26 @@ def info_cmd(
     }
     if data["shard"]:
         summary["shard"] = f"{data['shard'][0]} of {data['shard'][1]}"
+    if data["sessions"]:
+        summary["rows added"] = "; ".join(_session_lines(data["sessions"], data["n_rows"]))
     for key, value in summary.items():
         table.add_row(key, escape(str(value)))
     Console().print(table)
+
+
+def _session_lines(sessions: list[dict], n_rows: int) -> list[str]:
+    """'rows 0-119: tensorflow backend, batch 32 (2026-12-05T21:00:00+00:00)' for each recorded session."""
+    out = []
+    for i, s in enumerate(sessions):
+        lo = int(s.get("first_row", 0))
+        hi = int(sessions[i + 1].get("first_row", n_rows)) if i + 1 < len(sessions) else n_rows
+        how = [f"{(s.get('versions') or {}).get('backend', '?')} backend"]
+        if "batch_size" in s:
+            how.append(f"batch {s['batch_size']}")
+        if s.get("merged_from"):
+            how.append(f"merged from {len(s['merged_from'])} shard(s)")
+        out.append(f"rows {lo}-{hi - 1}: {', '.join(how)} ({s.get('started', '?')})")
+    return out
 
 
 @cache_app.command("verify")

@@ -78,6 +78,7 @@ def _result_dict(result) -> dict:  # noqa: ANN001 - featcache.extract.ExtractRes
         "images_per_s": round(result.images_per_s, 2),
         "feature_dim": result.feature_dim,
         "timings": {k: round(v, 3) for k, v in result.timings.items()},
+        "notes": list(result.notes),
     }
 
 
@@ -112,6 +113,8 @@ def _render_summary(console: Console, result) -> None:  # noqa: ANN001 - Extract
         console.print(st)
         if len(skipped) > MAX_SKIPPED_SHOWN:
             console.print(f"... and {len(skipped) - MAX_SKIPPED_SHOWN} more (use --json for the full list)")
+    for note in getattr(result, "notes", []):
+        console.print(Text.assemble(("note ", "bold"), shown(note)), soft_wrap=True)
 
 
 def extract_cmd(

@@ -30,6 +30,8 @@ def _summary(result) -> None:
         )
         for rel, reason in ex.skipped[:3]:  # the first bad files
             console.print(f"  skipped {shown(rel)}: {shown(reason)}", highlight=False)
+        for note in ex.notes:
+            console.print(f"[bold]note[/] {escape(note)}", highlight=False, soft_wrap=True)
     for fr in result.fits:
         for note in fr.notes:
             console.print(f"[bold]note[/] {escape(note)}", highlight=False, soft_wrap=True)

@@ -76,7 +76,8 @@ KEY_BYTES, VIEW_BYTES, PATH_BYTES, DIGEST_BYTES = 64, 32, 1024, 16
 DATASETS = ("features", "keys", "views", "paths", "valid", "row_digest")
 # Attributes that are not config keys; a backbone description using one of these names is prefixed.
 RESERVED_ATTRS = {"featcache_format", "config_json", "config_hash", "views", "versions_json", "created",
-                  "n_rows", "about"}
+                  "n_rows", "about", "sessions_json"}
+MAX_SESSIONS = 64  # entries kept in sessions_json (an HDF5 attribute stays under its 64 KiB)
 ABOUT = ("featcache feature cache: features[i] is the vector of the image whose file bytes have sha256 "
          "keys[i], under augmentation views[i] (paths[i] = its path relative to dataset_root). Use only rows "
          "with valid[i] == 1: rows with valid == 0 exist only after a writer crashed (or while one runs) and "
@@ -180,6 +181,22 @@ def _versions() -> dict:
     return out
 
 
+def _sessions(f: Any) -> list[dict]:
+    """The file's ``sessions_json``: who added rows from which row on (empty in files made before it)."""
+    try:
+        out = json.loads(_from_attr(f.attrs.get("sessions_json", "[]")))
+    except (TypeError, ValueError):
+        return []
+    return [s for s in out if isinstance(s, dict)] if isinstance(out, list) else []
+
+
+def _same_setup(a: dict, b: dict) -> bool:
+    """Two sessions that computed rows the same way (all but where and when they started)."""
+    def strip(s: dict) -> dict:
+        return {k: v for k, v in s.items() if k not in ("first_row", "started")}
+    return strip(a) == strip(b)
+
+
 def row_digest(key: str, view: str, row: np.ndarray) -> str:
     """blake2b-8 hex of key|view|feature bytes, as stored (dtype of the file, little-endian)."""
     h = hashlib.blake2b(digest_size=8)
@@ -273,7 +290,13 @@ class CacheWriter:
     """The one writer of a cache file: holds the lock, appends complete rows, resumes after crashes."""
 
     def __init__(self, path: Path, config: dict, feature_dim: int, *, wait: float | None = None,
-                 fsync: bool = True, versions: dict | None = None) -> None:
+                 fsync: bool = True, versions: dict | None = None, session: dict | None = None) -> None:
+        """``versions``: what a new file records as its creator's versions (merge passes its shards').
+        ``session``: how this writer's rows are computed beyond the settings (extract: its batch size),
+        recorded with the library versions in ``sessions_json`` when the first row is added, because both
+        move the features in the last digits: a file resumed on another backend or batch size holds rows
+        of two kinds, and says from which row on.
+        """
         from filelock import FileLock, Timeout
 
         self.path = Path(path)
@@ -284,6 +307,8 @@ class CacheWriter:
         self._f = None
         self._failed = False  # a write was refused (disk full): close() then only lets go of the file
         self._created = False  # this writer made the file (removed again if a refusal left it empty)
+        self._session = {"versions": _versions(), **(session or {})}
+        self._session_recorded = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
         lock_path = str(self.path) + ".lock"
         # filelock reports a lock file it cannot create (read-only folder, /proc) as held by someone else;
@@ -322,6 +347,7 @@ class CacheWriter:
                              f"backbone gives {self.feature_dim}-d; delete the file and extract again")
         valid = f["valid"][...]
         self.n_valid = _valid_prefix(valid)
+        self._first_row = self.n_valid  # this writer's rows start here (its session's first_row)
         self.capacity = int(valid.shape[0])
         if valid[self.n_valid:].any():  # stale flags past a gap: those slots are free, clear them first
             f["valid"][self.n_valid:] = 0
@@ -410,10 +436,17 @@ class CacheWriter:
     def reserve(self, n_rows: int) -> None:
         """Make room for ``n_rows`` more rows in one resize + flush, before streaming starts."""
         need = self.n_valid + int(n_rows)
-        if need <= self.capacity:
+        if need <= self.capacity:  # room left by a crashed writer: only the session to record
+            if n_rows > 0 and not self._session_recorded:
+                self._preallocate(CLOSE_MARGIN)
+                with self._refusals():
+                    self._record_session()
+                    self._flush()
             return
         self._preallocate(self._growth_bytes(need) + CLOSE_MARGIN)
         with self._refusals():
+            if not self._session_recorded:  # metadata changes here and in close(), never in append()
+                self._record_session()
             for name in DATASETS:
                 ds = self._f[name]
                 ds.resize((need,) + ds.shape[1:])
@@ -492,6 +525,8 @@ class CacheWriter:
                     if (self.capacity != self.n_valid or _from_attr(f.attrs.get("n_rows", -1)) != self.n_valid
                             or _from_attr(f.attrs.get("views", "")) != views):  # else nothing to write
                         self._preallocate(CLOSE_MARGIN)  # no new space if reserve() kept it for us
+                        if self.n_valid > self._first_row and not self._session_recorded:
+                            self._record_session()
                         if self.capacity != self.n_valid:
                             for name in DATASETS:
                                 ds = f[name]
@@ -513,7 +548,36 @@ class CacheWriter:
                         self.path.unlink()
             self._release()
 
+    @property
+    def session_versions(self) -> dict:
+        """The library versions (and Keras backend) this writer records for the rows it adds."""
+        return dict(self._session.get("versions") or {})
+
+    def previous_session(self) -> dict | None:
+        """How the file's last rows were computed (its last session, else its creator's versions)."""
+        sessions = _sessions(self._f)
+        if sessions:
+            return sessions[-1]
+        if self.n_valid == 0:
+            return None
+        try:
+            return {"versions": json.loads(_from_attr(self._f.attrs.get("versions_json", "{}")))}
+        except (TypeError, ValueError):
+            return None
+
     # -- internals -----------------------------------------------------------------------------------
+    def _record_session(self) -> None:
+        """Add this writer's session to ``sessions_json`` unless the last one computed rows the same way.
+
+        Called where the file's metadata changes anyway (reserve's resize, close), never from append:
+        appends touch only data chunks, the premise of the cache's crash safety."""
+        sessions = _sessions(self._f)
+        entry = {"first_row": int(self._first_row),
+                 "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), **self._session}
+        if not sessions or not _same_setup(sessions[-1], entry):
+            self._f.attrs["sessions_json"] = json.dumps((sessions + [entry])[-MAX_SESSIONS:], sort_keys=True)
+        self._session_recorded = True
+
     @contextlib.contextmanager
     def _refusals(self) -> Iterator[None]:
         """A write HDF5 or the system refuses (disk full, quota, I/O error) becomes one CacheWriteError,
@@ -628,6 +692,7 @@ class CacheReader:
             self.versions: dict = json.loads(_from_attr(f.attrs.get("versions_json", "{}")))
         except (TypeError, ValueError):
             self.versions = {}
+        self.sessions: list[dict] = _sessions(f)  # who added rows from which row on (see CacheWriter)
         valid = f["valid"][...]          # read first: rows before the first 0 are complete and immutable
         self.n_rows: int = _valid_prefix(valid)
         self.feature_dim: int = int(f["features"].shape[1])
@@ -838,7 +903,7 @@ def info(path: Path) -> dict:
             "n_rows": reader.n_rows, "n_images": len(keys), "views": counts, "capacity": capacity,
             "clean": capacity == reader.n_rows and n_rows_attr == reader.n_rows,
             "shard": list(name["shard"]) if name and name["shard"] else None,
-            "versions": versions, "created": created,
+            "versions": versions, "created": created, "sessions": reader.sessions,
         }
 
 
@@ -1014,6 +1079,8 @@ def merge(shards: Sequence[Path], out: Path | None = None, *, wait: float | None
     catches them.
     """
     shards = [Path(s) for s in shards if not str(s).endswith(".lock")]
+    # a shard named twice (cache/*.h5 plus the same file by name) would wait on its own lock
+    shards = list({os.path.realpath(s): s for s in reversed(shards)}.values())[::-1]
     if not shards:
         raise ConfigError("merge needs at least one shard file; pass the .shard-I-of-N.h5 files to combine")
     with contextlib.ExitStack() as held:
@@ -1067,7 +1134,9 @@ def _merge(shards: list[Path], out: Path | None, wait: float | None, progress: P
         total = sum(r.n_rows for r in readers)
         added = 0
         done = 0
-        with CacheWriter(out, first.config, first.feature_dim, wait=wait, versions=versions) as writer:
+        session = {"merged_from": [r.path.name for r in readers], "versions": versions or {}}
+        with CacheWriter(out, first.config, first.feature_dim, wait=wait, versions=versions,
+                         session=session) as writer:
             wanted = set().union(*(r._index.keys() for r in readers))
             writer.reserve(len(wanted - writer.present()))
             del wanted

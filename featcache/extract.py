@@ -78,6 +78,7 @@ class ExtractResult:
     images_per_s: float
     feature_dim: int
     timings: dict[str, float] = field(default_factory=dict)   # phase -> seconds (build, hash, stream)
+    notes: list[str] = field(default_factory=list)            # what the user should know (mixed rows)
 
 
 @dataclass
@@ -228,6 +229,8 @@ def extract(dataset: Dataset, backbone: BackboneConfig, cache_dir: Path, options
 
     t0 = time.perf_counter()
     views = check_options(options)
+    if Path(cache_dir).exists() and not Path(cache_dir).is_dir():  # else "File exists" from mkdir, later
+        raise ConfigError(f"--cache-dir {cache_dir} is a file, not a folder; choose a folder for the caches.")
     records = dataset.select(options.splits)
     skipped = _selected_skips(dataset, options.splits)
     bb, digests, timings = _build_and_hash(records, backbone, progress)
@@ -249,9 +252,11 @@ def extract(dataset: Dataset, backbone: BackboneConfig, cache_dir: Path, options
         return items
 
     rows_computed = 0
+    notes: list[str] = []
     t_stream = time.perf_counter()
     try:
-        writer_cm = fcache.CacheWriter(path, config, bb.feature_dim, wait=options.wait)
+        writer_cm = fcache.CacheWriter(path, config, bb.feature_dim, wait=options.wait,
+                                       session={"batch_size": options.batch_size})
     except OSError as exc:  # e.g. a shared cache in a read-only folder: fine if nothing is left to compute
         undecodable = _complete_read_only(path, exc, todo, size=bb.input_size, resize=options.resize,
                                           skipped=skipped)
@@ -262,6 +267,7 @@ def extract(dataset: Dataset, backbone: BackboneConfig, cache_dir: Path, options
             rows_total = sum(len(it.views) for it in items)
             rows_reused = len(keys) * len(views) - rows_total
             if rows_total:
+                notes += _mixed_rows_notes(writer, path)
                 writer.reserve(rows_total)
                 rows_computed = _stream(items, bb, writer, options, skipped, rows_total, progress)
     timings["stream"] = time.perf_counter() - t_stream
@@ -270,7 +276,7 @@ def extract(dataset: Dataset, backbone: BackboneConfig, cache_dir: Path, options
         cache_path=path, n_files=len(records), n_unique=len(keys), rows_computed=rows_computed,
         rows_reused=rows_reused, duplicates=duplicates, skipped=skipped, seconds=seconds,
         images_per_s=rows_computed / seconds if seconds > 0 else 0.0, feature_dim=bb.feature_dim,
-        timings=timings,
+        timings=timings, notes=notes,
     )
     if options.strict and skipped:
         rel, reason = skipped[0]
@@ -281,6 +287,22 @@ def extract(dataset: Dataset, backbone: BackboneConfig, cache_dir: Path, options
         err.result = result  # type: ignore[attr-defined]  # lets the CLI still list what was skipped
         raise err
     return result
+
+
+def _mixed_rows_notes(writer: Any, path: Path) -> list[str]:
+    """A note when the rows a CacheWriter is about to add come from another Keras backend than its last rows.
+
+    Why only a note: those features differ in the last digits (up to ~5e-5), not in meaning, and the file
+    records from which row on (``cache info``); a user who wants one kind throughout uses another
+    --cache-dir. Another batch size moves them less (~3e-6): it is recorded, not announced.
+    """
+    before = (writer.previous_session() or {}).get("versions", {}).get("backend")
+    now = writer.session_versions.get("backend")
+    if not before or before == now:
+        return []
+    return [f"{path.name} holds rows extracted with the {before} backend; the rows added now come from "
+            f"{now}, whose features differ in the last digits. The file records which rows came from which "
+            "(`featcache cache info`); use another --cache-dir to keep one backend per file."]
 
 
 def _decode_item(item: _Item, size: int, resize: str) -> list[np.ndarray] | str:

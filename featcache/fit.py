@@ -41,6 +41,7 @@ from featcache.runs import (
     done_hashes,
     environment,
     format_value,
+    keras_backend,
     library_versions,
     remove_sweep_checkpoints,
     sweep_lock,
@@ -331,6 +332,7 @@ def _load_features(
                     "views": list(reader.views),
                     "config": cfg,
                     "extracted_with": reader.versions,
+                    "extraction_sessions": reader.sessions,  # rows of another backend or batch size
                 }
             )
             digest = hashlib.sha256()
@@ -477,6 +479,22 @@ def _base_grid(head_obj: Any, opts: FitOptions, preset: Any) -> list[dict]:
     return [dict(head_obj.default_grid)]
 
 
+def _check_cache_choice(opts: FitOptions) -> None:
+    """The flags that pick among a backbone's caches, checked as extract checks them: a value no cache
+    can have ended in "no feature cache ... run `featcache extract ... --pooling mean`", a command that
+    itself fails."""
+    from featcache.backbones import POOLINGS
+    from featcache.cache import DTYPES
+    from featcache.images import RESIZE_MODES
+
+    for flag, value, allowed in (("--pooling", opts.pooling, POOLINGS), ("--dtype", opts.dtype, DTYPES),
+                                 ("--resize", opts.resize, RESIZE_MODES)):
+        if value is not None and value not in allowed:
+            raise ConfigError(f"{flag} must be one of {', '.join(allowed)}, got '{value}'.")
+    if opts.image_size is not None and opts.image_size < 1:
+        raise ConfigError(f"--image-size must be a positive number of pixels, got {opts.image_size}.")
+
+
 def build_configs(head_obj: Any, opts: FitOptions, preset: Any = None) -> list[dict]:
     """The expanded list of configs: base grid (preset / file / head default) with --grid and --layers
     replacing the values of the keys they name."""
@@ -485,6 +503,9 @@ def build_configs(head_obj: Any, opts: FitOptions, preset: Any = None) -> list[d
     if opts.layers is not None:
         if "layers" not in schema:
             raise ConfigError(f"--layers applies to the mlp head only, not '{head_obj.name}'.")
+        if "layers" in overrides:  # one of them would be dropped without a word
+            raise ConfigError("--layers and --grid layers=... both set the hidden layers; give one of them "
+                              "(--grid layers=1024-512,256 for several).")
         overrides["layers"] = [tuple(opts.layers)]
     grids = [{**g, **overrides} for g in _base_grid(head_obj, opts, preset)]
     configs = expand(grids)
@@ -632,6 +653,10 @@ def fit(
                           f"got '{opts.mlp_precision}'.")
     if opts.mlp_trainer not in TRAINERS:
         raise ConfigError(f"--mlp-trainer must be one of {', '.join(TRAINERS)}, got '{opts.mlp_trainer}'.")
+    _check_cache_choice(opts)
+    if Path(opts.runs_dir).exists() and not Path(opts.runs_dir).is_dir():  # else a lock-path OS error
+        raise ConfigError(f"--runs-dir {opts.runs_dir} is a file, not a folder; choose a folder for the "
+                          "runs.")
     thr_method, thr_target = _parse_threshold(opts.threshold)
     names = [
         b.strip() for b in (backbones.split(",") if isinstance(backbones, str) else backbones) if b.strip()
@@ -727,6 +752,9 @@ def fit(
         common["mlp_precision"] = resolve_precision(opts.mlp_precision, trainer)
         if trainer != "tf":  # the JAX trainer draws other dropout masks (TensorFlow runs keep their ids)
             common["mlp_trainer"] = trainer
+        backend = keras_backend(load=True)
+        if backend != "tensorflow":  # Keras draws other initial weights on another backend
+            common["keras_backend"] = backend
         elif "TF_ENABLE_ONEDNN_OPTS" in os.environ:  # oneDNN off or on changes TensorFlow's training numbers
             common["tf_onednn_opts"] = os.environ["TF_ENABLE_ONEDNN_OPTS"]
     sweep_id = config_hash({"common": common, "configs": [to_jsonable(c) for c in configs]})[:12]
@@ -791,7 +819,14 @@ def fit(
                        left_out=[(dataset.records[i].relpath, why) for i, why in undecodable.items()],
                        notes=_leak_notes(records, pool, test))
     # the config hashes of the runs this sweep writes: claimed under the lock, then looked up among done runs
-    hashes = [_cv_hash(common, configs)] if selection == "cv" else _holdout_hashes(common, configs)
+    if selection == "cv":
+        hashes = [_cv_hash(common, configs)]
+    elif head_obj.name == "mlp":
+        from featcache.heads.mlp import unpartnered
+
+        hashes = _holdout_hashes(common, configs, unpartnered(configs))
+    else:
+        hashes = _holdout_hashes(common, configs)
     with sweep_lock(opts.runs_dir, sweep_id, hashes):  # a sweep or config trained twice at once: refused
         if selection == "cv":
             _fit_cv(ctx, configs, result, hashes[0])
@@ -895,12 +930,12 @@ def _check_class_weights(configs: Sequence[dict], classes: Sequence[str]) -> Non
             )
 
 
-def _resolved(head_obj: Any, params: Any) -> dict | None:
-    """The head's full parameters for this config (defaults included), or None if it cannot say."""
+def _resolved(head_obj: Any, params: Any, seed: int) -> dict | None:
+    """The head's full parameters for this config and seed (defaults included), or None if it cannot say."""
     if not isinstance(params, dict) or not hasattr(head_obj, "resolved"):
         return None
     try:
-        return to_jsonable(head_obj.resolved(params))
+        return to_jsonable(head_obj.resolved(params, seed=seed))
     except Exception:  # noqa: BLE001 - a record, never a reason to lose a trained run
         return None
 
@@ -934,7 +969,7 @@ def _store_run(
         "classes": ctx.classes,
         "backbones": ctx.backbone_info,
         "params": to_jsonable(params) if isinstance(params, dict) else params,
-        "hyperparameters": _resolved(ctx.head_obj, params),
+        "hyperparameters": _resolved(ctx.head_obj, params, ctx.opts.seed),
         "config_hash": chash,
         "seed": ctx.opts.seed,
         "metric": ctx.opts.metric,
@@ -1028,17 +1063,22 @@ def _cv_hash(common: dict, configs: list[dict]) -> str:
     return config_hash({**common, "configs": [to_jsonable(c) for c in configs]})
 
 
-def _holdout_hashes(common: dict, configs: list[dict]) -> list[str]:
+def _holdout_hashes(common: dict, configs: list[dict], alone: set[int] = frozenset()) -> list[str]:
     """The config hash of each hold-out run: one per grid point, with the grid points before it.
 
     Why the preceding points are part of it: a config's seed is the sweep's seed plus its position, and a
     fused batch-size group draws the minibatch stream of its first member and gives each member the dropout
     key of its position. So the same config placed elsewhere in another grid gives other numbers, and must
-    not be found "already done" there. Points after it change none of these: a grid extended at its end
-    still finds its earlier points done, with the numbers the longer grid gives them.
+    not be found "already done" there. Points after it change none of these but one: a dense-head config
+    that no other config shares its batch size with trains alone (``model.fit``), and fused once a later
+    one does, with other numbers. Those (``alone``, see ``mlp.unpartnered``) are marked in their hash, so a
+    grid extended at its end finds its earlier points done, with the numbers the longer grid gives them,
+    except a config that the extension gives its first partner, which trains again, fused.
     """
     grid = [to_jsonable(c) for c in configs]
-    return [config_hash({**common, "params": c, "preceding": grid[:i]}) for i, c in enumerate(grid)]
+    marks = [{"alone": True} if i in alone else {} for i in range(len(grid))]
+    return [config_hash({**common, "params": c, "preceding": grid[:i], **marks[i]})
+            for i, c in enumerate(grid)]
 
 
 def _split_gaps(ctx: _Ctx, sides: list[np.ndarray]) -> list[tuple[int, list[str]]]:
@@ -1132,13 +1172,14 @@ def _fit_cv(ctx: _Ctx, configs: list[dict], result: FitResult, chash: str) -> No
     oof = np.zeros((len(pool), len(ctx.classes)))
     fold_models = []
     for (tr_rows, _), (_, va_pos) in zip(fold_rows, folds_pos, strict=True):
-        m = ctx.head_obj.fit(X[tr_rows], yrows[tr_rows], best, seed=opts.seed)
+        m = ctx.head_obj.fit(X[tr_rows], yrows[tr_rows], best, seed=opts.seed,
+                             groups=ctx.groups[rec_rows[tr_rows]])
         fold_models.append(m)
         oof[va_pos] = ctx.proba(m, pool[va_pos])
     if ctx.refit:
         r, v, yy = ctx.train_rows(pool, np.random.default_rng(opts.seed + 1))
         Xf = ctx.feats.rows(r, v)
-        model = ctx.head_obj.fit(Xf, yy, best, seed=opts.seed)
+        model = ctx.head_obj.fit(Xf, yy, best, seed=opts.seed, groups=ctx.groups[r])
         train_fit = (Xf, yy)
         final_train = np.unique(r)
     else:  # the first fold's model stands as the final head (trained on (K-1)/K of the pool)

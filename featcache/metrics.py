@@ -129,6 +129,11 @@ def choose_threshold(
     ``youden`` maximises sensitivity + specificity - 1; ``sensitivity`` picks the highest threshold
     whose sensitivity reaches ``target_sensitivity`` (highest = best specificity at that sensitivity).
     Falls back to 0.5 when validation holds a single class (no ROC curve exists).
+
+    The threshold returned lies midway between the validation score the ROC point is taken at and the
+    next lower one: the same split of the validation images, but not equal to any of their scores. Why:
+    a threshold equal to a score puts that image on the boundary, and the same model's probability for it
+    recomputed in another batch (``predict``) differs in the last float digits and flipped its label.
     """
     from sklearn.metrics import roc_curve
 
@@ -147,7 +152,10 @@ def choose_threshold(
         i = int(ok[0])  # roc_curve thresholds decrease: the first hit is the highest threshold
     else:
         raise ValueError(f"unknown threshold method {method!r}")
-    return float(min(1.0, max(0.0, thr[i])))
+    if i == 0:  # above every score: nothing is called positive
+        return 1.0
+    lower = p[p < thr[i]]
+    return float(min(1.0, max(0.0, (thr[i] + (lower.max() if len(lower) else 0.0)) / 2)))
 
 
 # --- bootstrap -------------------------------------------------------------------------------------

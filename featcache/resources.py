@@ -33,3 +33,18 @@ def available_memory(meminfo: str = "/proc/meminfo") -> float:
         return float("inf")
 
 
+
+
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` says; recorded with every run
+    because dense-head and feature numbers move in the last digits with the CPU type."""
+    import platform
+
+    try:
+        with open(cpuinfo, encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -134,6 +134,31 @@ def library_versions() -> dict:
     return out
 
 
+def keras_backend(load: bool = False) -> str:
+    """The backend Keras runs on in this process, or would run on (``load``: import Keras to ask it).
+
+    Why not just $KERAS_BACKEND: Keras also takes it from ``keras.json`` in $KERAS_HOME (or ~/.keras), and
+    dense-head numbers differ between backends, so a run records the one that was really used. Without
+    Keras imported (a logistic-regression fit never needs it) Keras' own rule is followed: the variable,
+    else the file, else TensorFlow.
+    """
+    import sys
+
+    if load or "keras" in sys.modules:
+        import keras
+
+        return str(keras.backend.backend())
+    if os.environ.get("KERAS_BACKEND"):
+        return os.environ["KERAS_BACKEND"]
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    if not os.access(home, os.W_OK):  # where Keras itself then looks
+        home = os.path.join(tempfile.gettempdir(), ".keras")
+    with contextlib.suppress(OSError, ValueError, AttributeError), \
+            open(os.path.join(home, "keras.json"), encoding="utf-8") as fh:
+        return str(json.load(fh).get("backend") or "tensorflow")
+    return "tensorflow"
+
+
 ENV_VARIABLES = ("KERAS_BACKEND", "TF_ENABLE_ONEDNN_OPTS", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES",
                  "XLA_FLAGS")
 
@@ -146,9 +171,11 @@ def environment() -> dict:
     BLAS threads); the command's relative paths need its working folder; an editable install's version
     number does not change with its code, so the source revision is recorded where there is one.
     """
-    from featcache.resources import cpus
+    from featcache.resources import cpu_model, cpus
 
     out: dict = {"cwd": os.getcwd(), "cpus": cpus(), "machine": platform.machine(),
+                 "cpu_model": cpu_model(), "system": f"{platform.system()} {platform.release()}",
+                 "keras_backend": keras_backend(),
                  "variables": {k: os.environ[k] for k in ENV_VARIABLES if k in os.environ}}
     revision = source_revision()
     if revision:

@@ -605,6 +605,10 @@ def test_merge_shards(tmp_path: Path) -> None:
             sel = [i for i, v in enumerate(rows["views"]) if v == view]
             np.testing.assert_array_equal(r.get([rows["keys"][i] for i in sel], view), rows["features"][sel])
     assert fc.merge([s0, s1], out)["rows_added"] == 0   # merging again adds nothing
+    # a shard named twice (a glob plus its name) waited on its own lock ("still being written")
+    assert fc.merge([s0, s1, Path(str(s0))], out, wait=0)["rows_added"] == 0
+    with fc.CacheReader(out) as r:
+        assert r.sessions[-1]["merged_from"] == [s0.name, s1.name]
     # a glob such as cache/*.shard-* also catches the writers' lock files: they are ignored, and
     # without --out the merged file goes next to the shards under its canonical name
     locks = [Path(str(s0) + ".lock"), Path(str(s1) + ".lock")]
@@ -650,8 +654,11 @@ def test_cli_ls_info_json_and_escaping(tmp_path: Path, capsys: pytest.CaptureFix
     assert run(["cache", "info", str(path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["config"] == cfg
 
-    assert run(["cache", "ls", "--cache-dir", str(tmp_path / "none")]) == 0
+    (tmp_path / "empty").mkdir()
+    assert run(["cache", "ls", "--cache-dir", str(tmp_path / "empty")]) == 0
     assert "No cache files" in capsys.readouterr().out
+    assert run(["cache", "ls", "--cache-dir", str(tmp_path / "none")]) == 2  # a typo is not an empty folder
+    assert f"--cache-dir {tmp_path / 'none'} does not exist" in " ".join(capsys.readouterr().err.split())
 
 
 def test_cli_verify_exit_codes(good_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -113,6 +113,33 @@ def test_new_view_extends_the_same_file(tree: Path, tmp_path: Path, reference):
         _close(rows[k], v)
 
 
+def test_a_file_records_how_each_part_of_its_rows_was_computed(tree: Path, tmp_path: Path, monkeypatch,
+                                                                capsys):
+    """Rows added on another backend or batch size differ in the last digits: the file says from which
+    row on (before, it kept its creator's versions only, and a JAX resume of a TensorFlow file said
+    "tensorflow" throughout)."""
+    ds = discover(tree)
+    first = extract(ds, BB, tmp_path, ExtractOptions(splits=["train"], batch_size=8))
+    n_train = first.rows_computed
+    extract(ds, BB, tmp_path, ExtractOptions(splits=["train"], batch_size=8))  # nothing new: no session
+    more = extract(ds, BB, tmp_path, ExtractOptions(batch_size=5))
+    assert more.rows_computed > 0 and not more.notes  # same backend: recorded, not announced
+    with fcache.CacheReader(first.cache_path) as r:
+        sessions = r.sessions
+    assert [(s["first_row"], s["batch_size"]) for s in sessions] == [(0, 8), (n_train, 5)]
+    assert all(s["versions"]["backend"] == fcache._versions()["backend"] for s in sessions)
+    real = fcache._versions
+    monkeypatch.setattr(fcache, "_versions", lambda: {**real(), "backend": "otherbackend"})
+    flipped = extract(ds, BB, tmp_path, ExtractOptions(views=("orig", "hflip"), batch_size=5))
+    assert len(flipped.notes) == 1 and "otherbackend" in flipped.notes[0]
+    info = fcache.info(first.cache_path)
+    assert [s["versions"]["backend"] for s in info["sessions"]][-1] == "otherbackend"
+    assert info["sessions"][-1]["first_row"] == n_train + more.rows_computed
+    assert run(["cache", "info", str(first.cache_path)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"rows 0-{n_train - 1}:" in out and "otherbackend backend, batch 5" in out
+
+
 def test_shards_partition_the_keys_and_merge_to_the_full_cache(tree: Path, tmp_path: Path, reference):
     ds = discover(tree)
     shards = []
@@ -131,6 +158,9 @@ def test_splits_float16_and_option_errors(tree: Path, tmp_path: Path):
     assert res.n_files == 12 and res.rows_computed == 12
     with fcache.CacheReader(res.cache_path) as r:
         assert r.config["dtype"] == "float16"
+    (tmp_path / "a-file").write_text("mine")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        extract(ds, BB, tmp_path / "a-file", ExtractOptions())
     for bad in (ExtractOptions(views=("orig", "spin")), ExtractOptions(resize="stretch"),
                 ExtractOptions(dtype="int8"), ExtractOptions(shard=(2, 2)), ExtractOptions(batch_size=0)):
         with pytest.raises(ConfigError):

@@ -23,7 +23,7 @@ from featcache.datasets import discover
 from featcache.errors import CacheError, ConfigError, DataError
 from featcache.fit import FitOptions, fit
 from featcache.hashing import sha256_file
-from featcache.runs import list_runs, load_run
+from featcache.runs import keras_backend, list_runs, load_run
 from featcache.splits import index_digest
 
 SUBTYPES = ("normal", "bacteria", "virus")
@@ -344,6 +344,8 @@ def test_runs_ls(setup, capsys) -> None:
     assert "n_neighbors=3" in table and "fakenet" in table and "<img src=x>" in table and "val" in table
     assert cli(["runs", "show", "nope", "--runs-dir", str(runs_dir)]) == 2
     assert "no run 'nope'" in " ".join(capsys.readouterr().err.split())
+    assert cli(["runs", "ls", "--runs-dir", str(runs_dir) + "x"]) == 2  # a typo is not an empty folder
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_cli_fit_table(setup, capsys) -> None:
@@ -371,6 +373,12 @@ def test_cli_fit_table(setup, capsys) -> None:
     (["--head", "mlp", "--mlp-precision", "fp8"], "--mlp-precision"),
     (["--head", "mlp", "--mlp-trainer", "torch"], "--mlp-trainer"),
     (["--head", "logreg", "--seed", "-3"], "--seed must be between 0 and"),
+    (["--head", "mlp", "--layers", "8", "--grid", "layers=32"], "--layers and --grid layers=... both set"),
+    (["--head", "mlp", "--layers", "16 8"], "--layers expects positive sizes"),
+    (["--head", "logreg", "--pooling", "mean"], "--pooling must be one of avg, max, flatten, got 'mean'"),
+    (["--head", "logreg", "--dtype", "float64"], "--dtype must be one of float32, float16"),
+    (["--head", "logreg", "--resize", "foo"], "--resize must be one of squash, pad, crop"),
+    (["--head", "logreg", "--image-size", "0"], "--image-size must be a positive number of pixels"),
 ])
 def test_cli_config_errors(setup, capsys, extra: list[str], needle: str) -> None:
     root, cache_dir, runs_dir = setup
@@ -496,7 +504,7 @@ def test_values_scikit_learn_or_keras_reject_and_too_little_data_are_one_sentenc
     res = fit(root, "fakenet", "mlp", opts(cache_dir, runs_dir, val_fraction=0.001, layers=(4,),
                                            grid_args=["epochs=1"]))
     assert res.runs and all(r["selection"]["method"] == "grouped_holdout" for r in res.runs)
-    # two images: no class has an image for each of 2 folds; svm's calibration needs 2 per class
+    # two images: no class has an image for each of 2 folds; svm's calibration needs 2 patients per class
     tiny = tmp_path / "tiny"
     write_xray(tiny / "train" / "NORMAL" / "IM-0001-0001.jpeg", 1, size=16)
     write_xray(tiny / "train" / "PNEUMONIA" / "person1_virus_1.jpeg", 2, size=16)
@@ -505,7 +513,7 @@ def test_values_scikit_learn_or_keras_reject_and_too_little_data_are_one_sentenc
         fit(tiny, "fakenet", "knn", opts(tmp_path / "tiny_cache", runs_dir, cv_folds=2))
     from featcache.heads import get_head
 
-    with pytest.raises(DataError, match="svm's probability calibration needs at least 2 images of every"):
+    with pytest.raises(DataError, match="svm's probability calibration needs at least 2 patients of every"):
         get_head("svm").fit(np.eye(3), np.array([0, 0, 1]), {"kernel": "linear"})
     one_class = tmp_path / "one_class"
     for i in range(4):
@@ -570,6 +578,11 @@ def test_prediction_csvs_hold_the_exact_probabilities_and_patient_ids_are_counte
     auc = roc_auc_score([int(r["y_true"]) for r in rows], [float(r["p_PNEUMONIA"]) for r in rows])
     assert auc == run.metrics()["test"]["auc"]
     assert run["dataset"]["patient_ids"] == run["dataset"]["n_images"]
+    # the chosen threshold is no validation image's probability: recomputing one in the last digits (as
+    # predict does) cannot flip its label
+    val = [float(r["p_PNEUMONIA"]) for r in run.predictions("val")]
+    chosen = run["threshold"]["chosen"]
+    assert chosen not in val and min(abs(v - chosen) for v in val) > 1e-6
     plain = tmp_path / "plain"
     for i in range(6):
         write_xray(plain / "train" / "cats" / f"c{i}.png", i, 16)
@@ -716,6 +729,35 @@ def test_a_config_placed_elsewhere_in_another_grid_is_trained_there(setup) -> No
         assert a.metrics()["val"] == b.metrics()["val"] and a.metrics()["history"] == b.metrics()["history"]
 
 
+def test_a_config_trained_alone_is_not_taken_for_the_same_config_trained_fused(setup, monkeypatch) -> None:
+    """A config that no other shares its batch size with trains alone (model.fit); a later config of its
+    batch size makes it train fused, with other numbers. Before, both had one run id, so the longer grid
+    found it "already done" and reported the lone numbers (which numbers depended on the folder's past)."""
+    root, cache_dir, runs_dir = setup
+    base = {"layers": (4,), "mlp_precision": "float32"}
+    grid = ["epochs=3", "dropout=0"]
+    lone = fit(root, "fakenet", "mlp", opts(cache_dir, runs_dir, grid_args=[*grid, "lr=0.01"], **base))
+    assert lone.runs[0]["trainer"]["selection"]["path"] == "keras.fit"
+    pair = fit(root, "fakenet", "mlp", opts(cache_dir, runs_dir, grid_args=[*grid, "lr=0.01,0.001"], **base))
+    assert not pair.skipped and len(pair.runs) == 2
+    assert [r["trainer"]["selection"]["path"] for r in pair.runs] == ["fused", "fused"]
+    fresh = fit(root, "fakenet", "mlp", opts(cache_dir, runs_dir.parent / "fresh",
+                                             grid_args=[*grid, "lr=0.01,0.001"], **base))
+    for a, b in zip(pair.runs, fresh.runs, strict=True):
+        assert a["config_hash"] == b["config_hash"] and a.metrics()["val"] == b.metrics()["val"]
+    # a non-fusable config (SGD) trains alone in any grid: its id does not depend on partners
+    sgd = fit(root, "fakenet", "mlp", opts(cache_dir, runs_dir, grid_args=[*grid, "lr=0.01", "optimizer=sgd"],
+                                           **base))
+    assert sgd.runs and sgd.runs[0]["trainer"]["selection"]["path"] == "keras.fit"
+    # Keras on another backend draws other initial weights: another run, not "already done"
+    import featcache.fit as fit_module
+
+    monkeypatch.setattr(fit_module, "keras_backend", lambda load=False: "jax")
+    other = fit(root, "fakenet", "mlp", opts(cache_dir, runs_dir, grid_args=[*grid, "lr=0.01"], **base,
+                                             mlp_trainer="tf"))
+    assert other.runs and not other.skipped
+
+
 def test_a_run_records_what_its_numbers_depend_on(setup, tmp_path, monkeypatch) -> None:
     """run.json pins the features (a content digest: another backend or oneDNN setting changes them under the
     same settings), an mlp config's place in its grid, every default, and the working folder; features that
@@ -736,10 +778,15 @@ def test_a_run_records_what_its_numbers_depend_on(setup, tmp_path, monkeypatch) 
     hp = run["hyperparameters"]
     assert hp["batch_size"] == 64 and hp["optimizer"] == "adam" and hp["layers"] == [8]
     assert run["environment"]["cwd"] and run["environment"]["cpus"] >= 1
+    env = run["environment"]
+    assert env["keras_backend"] == keras_backend(load=True) and env["cpu_model"] and env["system"]
     cache = run["caches"][0]
     assert len(cache["features_digest"]) == 64 and "numpy" in cache["extracted_with"]
     logreg = load_run(runs_dir, fit(root, "fakenet", "logreg", opts(cache_dir, runs_dir)).runs[0].id)
     assert logreg["hyperparameters"]["C"] > 0 and "max_iter" in logreg["hyperparameters"]
+    assert logreg["hyperparameters"]["random_state"] == 0  # the trained model's, not the grid's None
+    svm = fit(root, "fakenet", "svm", opts(cache_dir, runs_dir, seed=3, grid_args=["kernel=linear", "C=1"]))
+    assert load_run(runs_dir, svm.runs[0].id)["hyperparameters"]["estimator__random_state"] == 3
     other = tmp_path / "other-cache"  # the same settings, other values (as another backend would give)
     write_cache(root, other, views=("orig", "hflip", "rot+20"), noise=0.31)
     again = fit(root, "fakenet", "logreg", opts(other, runs_dir))
@@ -860,3 +907,16 @@ def test_binary_and_3class_runs_of_one_folder_are_one_dataset_in_the_report(setu
     fit(root, "fakenet", "knn", opts(cache_dir, runs_dir, task="binary", grid_args=["n_neighbors=3"]))
     text = build_report(runs_dir, tmp_path / "rep2", ReportOptions()).markdown.read_text()
     assert "Mixed datasets" in text and len(re.findall(r"^### .*data @", text, re.M)) == 2
+
+
+def test_a_file_or_folder_in_the_wrong_place_is_one_sentence(setup, tmp_path) -> None:
+    """--runs-dir naming a file ended in an operating-system error about a lock path (exit 1), and
+    --grid-file naming a folder in "Is a directory"."""
+    root, cache_dir, runs_dir = setup
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    with pytest.raises(ConfigError, match="--runs-dir .*notes.txt is a file, not a folder"):
+        fit(root, "fakenet", "logreg", opts(cache_dir, mine))
+    with pytest.raises(ConfigError, match="is a folder; give --grid-file a .toml file"):
+        fit(root, "fakenet", "logreg", opts(cache_dir, runs_dir, grid_file=tmp_path))
+    assert mine.read_text() == "mine"

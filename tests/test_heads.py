@@ -839,3 +839,21 @@ def test_a_checkpoint_that_cannot_be_written_does_not_stop_training(tmp_path, mo
     assert len(attempts) == 1  # tried once, then trained on without checkpoints
     assert [h for _, h in got] == [h for _, h in whole]
     assert not list((tmp_path / "ck").glob("*"))  # no half-written file, no label without a checkpoint
+
+
+def test_svm_calibration_folds_keep_each_patient_on_one_side():
+    """Platt scaling's folds are grouped by patient: with plain folds a patient's other images (or other
+    views of one image) were in the part a calibration model trained on, and its scores were too good."""
+    from featcache.errors import DataError
+
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(12), 3)  # 12 patients, 3 rows each
+    y = (groups % 2).astype(int)
+    X = rng.normal(size=(len(y), 5)) + y[:, None]
+    model = get_head("svm").fit(X, y, {"kernel": "linear", "C": 1.0}, groups=groups)
+    calibrated = model.estimator.steps[-1][1]
+    assert len(calibrated.cv) == 3
+    for tr, te in calibrated.cv:
+        assert not set(groups[tr]) & set(groups[te])
+    with pytest.raises(DataError, match="2 patients of every class"):
+        get_head("svm").fit(X, y, {"kernel": "linear", "C": 1.0}, groups=y)  # one patient per class

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -305,6 +306,9 @@ def test_runs_whose_result_files_changed_after_the_fit_are_left_out(tmp_path):
     flat = " ".join(res.html.read_text().split())
     assert "predictions_test.csv was changed after the fit" in flat
     assert "predictions_val.csv has 19 rows, metrics.json says 40" in flat
+    shutil.rmtree(good)  # every run left is damaged: say so, not "train heads first"
+    with pytest.raises(RunError, match=r"no usable runs in .*: 2 run folder\(s\) were left out as damaged"):
+        build_report(runs, tmp_path / "none")
 
 
 def test_markdown_figures_have_one_file_each_and_no_stale_ones(tmp_path):
@@ -623,6 +627,52 @@ def test_provenance_gives_the_working_folder_and_source_revision(tmp_path):
     assert "cd '/home/me/study one' && featcache fit --head logreg --tag" in md
     assert "0123456789ab-dirty" in md and "TF\\_ENABLE\\_ONEDNN\\_OPTS" in md
     assert "featcache 0.1.0 (git 0123456789ab-dirty)" in md  # in the Methods paragraph
+
+
+def test_provenance_is_per_run_not_pooled(tmp_path):
+    """Runs on two caches of one file name (another backend's values) and two Keras backends: the report
+    says which run had what, instead of one pooled list that reads as if it applied to every run (before:
+    "$KERAS_BACKEND jax" for all runs, one cache row for two contents, no seed or features column)."""
+    runs = tmp_path / "runs"
+    for k, (backend, digest, seed) in enumerate([("tensorflow", "aa", 0), ("tensorflow", "aa", 1),
+                                                  ("jax", "bb", 0)]):
+        folder = write_fake_run(runs, f"20240101-00000{k}-mlp-0000000{k}", head="mlp", seed=seed,
+                                params={"lr": 0.01})
+        info = json.loads((folder / "run.json").read_text())
+        info["environment"] = {"cwd": "/w", "cpus": 2, "keras_backend": backend,
+                               "variables": {"KERAS_BACKEND": "jax"} if backend == "jax" else {}}
+        info["caches"][0].update(features_digest=digest * 32, extracted_with={"backend": backend},
+                                 extraction_sessions=[{"first_row": 0, "batch_size": 32,
+                                                       "versions": {"backend": backend}}])
+        (folder / "run.json").write_text(json.dumps(info))
+    res = build_report(runs, tmp_path / "out")
+    md = " ".join(res.markdown.read_text().split())
+    assert "$KERAS\\_BACKEND | jax (1 of 3 runs)" in md
+    assert "Keras backend | jax (1 of 3 runs), tensorflow (2 of 3 runs)" in md
+    assert "Mixed backends:" in md
+    assert md.count("| " + "aa" * 6 + " | tensorflow (batch 32) |") == 1
+    assert md.count("| " + "bb" * 6 + " | jax (batch 32) |") == 1
+    with open(res.csv, encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted((r["keras_backend"], r["features"], r["seed"]) for r in rows) == [
+        ("jax", "bb" * 6, "0"), ("tensorflow", "aa" * 6, "0"), ("tensorflow", "aa" * 6, "1")]
+    leaderboard = md[md.index("Leaderboard"):]
+    assert "| seed |" in leaderboard and "| features |" in leaderboard
+
+
+def test_a_file_name_that_is_not_utf8_does_not_stop_the_report(tmp_path):
+    """An undecodable image named with a non-UTF-8 byte is listed as left out (Python keeps the byte as a
+    lone surrogate); writing the report failed with UnicodeEncodeError."""
+    runs = tmp_path / "runs"
+    folder = write_fake_run(runs, "20240101-000001-logreg-aaaaaaaa")
+    info = json.loads((folder / "run.json").read_text())
+    info["dataset"]["left_out"] = [{"path": "train/NORMAL/bad-\udcffname.jpeg", "reason": "not an image"},
+                                   {"path": "train/NORMAL/odd-\ud800.jpeg", "reason": "not an image"}]
+    (folder / "run.json").write_text(json.dumps(info))
+    res = build_report(runs, tmp_path / "out")
+    md = res.markdown.read_text(encoding="utf-8")
+    assert "bad-\ufffdname.jpeg" in md and "odd-" in md
+    assert "bad-\ufffdname.jpeg" in res.html.read_text(encoding="utf-8")
 
 
 def test_runs_show_gives_the_grid_position_folder_and_revision(tmp_path, capsys):

@@ -92,9 +92,13 @@ def test_choose_threshold() -> None:
     y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
     p = np.array([0.1, 0.2, 0.3, 0.75, 0.7, 0.8, 0.9, 0.95])
     # Youden: threshold 0.8 gives sens .75 spec 1.0 (J=.75); 0.7 gives sens 1 spec .75 (J=.75): first max
+    # the threshold lies midway to the next lower score: the same split, no image on the boundary
     t = choose_threshold(y, p, "youden")
-    assert t in (0.7, 0.8)
-    assert choose_threshold(y, p, "sensitivity", target_sensitivity=1.0) == pytest.approx(0.7)
+    assert t in (pytest.approx(0.725), pytest.approx(0.775))
+    assert choose_threshold(y, p, "sensitivity", target_sensitivity=1.0) == pytest.approx(0.5)
+    assert choose_threshold(y, p, "sensitivity", target_sensitivity=0.75) == pytest.approx(0.775)
+    assert choose_threshold([0, 1, 1], [0.6, 0.1, 0.2], "sensitivity", target_sensitivity=1.0) == 0.05
+    assert choose_threshold([0, 1], [0.1, 0.9], "youden") == pytest.approx(0.5)
     assert choose_threshold([1, 1], [0.2, 0.9]) == 0.5
 
 

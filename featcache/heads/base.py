@@ -214,10 +214,10 @@ class CVHead:
     def check(self, params: dict) -> dict:
         return check_params(self.name, params, self.schema)
 
-    def resolved(self, params: dict) -> dict:
-        """Every plain parameter of the estimator this config builds, defaults included: run.json records
-        it, so a reader sees the whole model, not only the keys the grid varied."""
-        est = self.make_estimator(params)
+    def resolved(self, params: dict, *, seed: int = 0) -> dict:
+        """Every plain parameter of the estimator this config builds with this ``seed``, defaults included:
+        run.json records it, so a reader sees the whole model, not only the keys the grid varied."""
+        est = self.make_estimator(params, seed=seed)
         final = est.steps[-1][1] if hasattr(est, "steps") else est
         return {k: v for k, v in final.get_params(deep=True).items() if plain_value(v)}
 
@@ -232,7 +232,9 @@ class CVHead:
             return cv_loop(lambda p: self.make_estimator(p, seed=seed, for_search=True), X, y, folds, grid,
                            scorer, progress)
 
-    def fit(self, X: np.ndarray, y: np.ndarray, params: dict, *, seed: int = 0) -> SklearnHead:
+    def fit(self, X: np.ndarray, y: np.ndarray, params: dict, *, seed: int = 0,
+            groups: np.ndarray | None = None) -> SklearnHead:
+        """The final model of ``params``; ``groups`` (each row's patient) for heads that split internally."""
         est = self.make_estimator(self.check(params), seed=seed)
         with rejected_params(self.name):
             est.fit(np.asarray(X), np.asarray(y))

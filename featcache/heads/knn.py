@@ -38,5 +38,6 @@ class KNNHead(CVHead):
         return super().search(X, y, folds, [self._capped(self.check(p), n_train) for p in grid],
                               scoring=scoring, seed=seed, progress=progress)
 
-    def fit(self, X: np.ndarray, y: np.ndarray, params: dict, *, seed: int = 0) -> SklearnHead:
+    def fit(self, X: np.ndarray, y: np.ndarray, params: dict, *, seed: int = 0,
+            groups: np.ndarray | None = None) -> SklearnHead:
         return super().fit(X, y, self._capped(self.check(params), len(X)), seed=seed)

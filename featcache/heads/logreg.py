@@ -333,11 +333,15 @@ class LogRegHead(CVHead):
         res.best_params = dict(grid[res.best_index])
         return res
 
-    def resolved(self, params: dict) -> dict:
-        """Every LogisticRegression parameter of this config, library defaults included."""
-        return {k: v for k, v in _lr_params(self.check(params)).items() if plain_value(v)}
+    def resolved(self, params: dict, *, seed: int = 0) -> dict:
+        """Every LogisticRegression parameter of this config, library defaults included, with the
+        ``random_state`` the trained model gets (``fit`` fills in the seed)."""
+        params = self.check(params)
+        params = {**params, "random_state": params.get("random_state", seed)}
+        return {k: v for k, v in _lr_params(params).items() if plain_value(v)}
 
-    def fit(self, X: np.ndarray, y: np.ndarray, params: dict, *, seed: int = 0) -> SklearnHead:
+    def fit(self, X: np.ndarray, y: np.ndarray, params: dict, *, seed: int = 0,
+            groups: np.ndarray | None = None) -> SklearnHead:
         params = self.check(params)
         if "random_state" not in params:
             params = {**params, "random_state": seed}

@@ -206,7 +206,7 @@ class MLPHead:
     default_grid: ClassVar[dict[str, list]] = {"layers": [(1024, 512)], "lr": [1e-3, 1e-4],
                                                "dropout": [0.0, 0.5], "epochs": [50]}
 
-    def resolved(self, params: dict) -> dict:
+    def resolved(self, params: dict, *, seed: int = 0) -> dict:
         """The config with every default filled in (batch size, optimizer, activation...): what trains."""
         p = _params(params)
         return {**p, "layers": list(p["layers"])}
@@ -282,16 +282,7 @@ class MLPHead:
             if on_result is not None:
                 on_result(i, head, hist)
 
-        groups: dict[int, list[int]] = {}
-        alone: list[int] = []
-        for i, p in enumerate(ps):
-            if _fusable(p, fuse):
-                groups.setdefault(int(p["batch_size"]), []).append(i)
-            else:
-                alone.append(i)
-        if fuse is None:  # a lone config keeps the reference path (model.fit, float32)
-            alone += [idx[0] for idx in groups.values() if len(idx) == 1]
-            groups = {k: idx for k, idx in groups.items() if len(idx) > 1}
+        groups, alone = _fused_groups(ps, fuse)
         backend = resolve_trainer(trainer) if groups else "tf"
         resolved = resolve_precision(precision, backend) if groups else "float32"
         d = int(np.shape(Xtr)[1])
@@ -426,6 +417,33 @@ def _cache_sized_chunks(idx: list[int], ps: list[dict], n_features: int,
 
     cached = [i for i in idx if llc_bytes is None or state(i) <= llc_bytes]
     return pack(cached, FUSE_STATE_BYTES) + pack([i for i in idx if i not in cached], STREAMING_STATE_BYTES)
+
+
+def unpartnered(configs: list[dict]) -> set[int]:
+    """Indices of the fusable configs that ``train_many`` (``fuse=None``) trains alone with ``model.fit``
+    (float32) because no other config of the grid shares their batch size.
+
+    Why it is public: for these configs, and only these, the path depends on the rest of the grid (the
+    same config trains fused once a later config shares its batch size), and the two paths give different
+    numbers, so ``fit`` puts it into their run ids.
+    """
+    ps = [_params(c) for c in configs]
+    return {i for i in _fused_groups(ps, None)[1] if _fusable(ps[i])}
+
+
+def _fused_groups(ps: list[dict], fuse: bool | None) -> tuple[dict[int, list[int]], list[int]]:
+    """({batch size: indices trained fused together}, [indices trained alone]) of resolved params."""
+    groups: dict[int, list[int]] = {}
+    alone: list[int] = []
+    for i, p in enumerate(ps):
+        if _fusable(p, fuse):
+            groups.setdefault(int(p["batch_size"]), []).append(i)
+        else:
+            alone.append(i)
+    if fuse is None:  # a lone config keeps the reference path (model.fit, float32)
+        alone += [idx[0] for idx in groups.values() if len(idx) == 1]
+        groups = {k: idx for k, idx in groups.items() if len(idx) > 1}
+    return groups, alone
 
 
 def _fusable(p: dict, fuse: bool | None = None) -> bool:

@@ -2,7 +2,9 @@
 
 Why two estimators: ``LinearSVC`` scales to thousands of rows x thousands of features far better than a
 kernel SVC with a linear kernel; ``SVC`` is used for RBF. Probabilities come from Platt scaling
-(``CalibratedClassifierCV(method="sigmoid", cv=3)`` around either model).
+(``CalibratedClassifierCV(method="sigmoid")`` around either model) on 3 patient-grouped folds
+(``StratifiedGroupKFold``): with scikit-learn's plain 3 folds a patient's other images sat in the part a
+calibration model was trained on, so the sigmoid was fitted to scores that were too good.
 The CV search scores the uncalibrated model (decision-based scorers do not need probabilities, and
 calibration would multiply the cost); only the final fit is calibrated.
 """
@@ -39,24 +41,29 @@ class SVMHead(CVHead):
     default_grid: ClassVar[dict[str, list]] = {"kernel": ["linear", "rbf"], "C": [0.1, 1.0, 10.0],
                                                "class_weight": [None, "balanced"]}
 
-    def fit(self, X: Any, y: Any, params: dict, *, seed: int = 0) -> Any:
-        """The calibrated final model; Platt scaling's 3 folds shrink to what the smallest class allows."""
+    def fit(self, X: Any, y: Any, params: dict, *, seed: int = 0, groups: Any = None) -> Any:
+        """The calibrated final model; Platt scaling's 3 folds (patient-grouped when ``groups`` is given)
+        shrink to what the smallest class allows."""
         import numpy as np
+        from sklearn.model_selection import StratifiedGroupKFold
 
         from featcache.heads.base import SklearnHead, rejected_params
 
-        smallest = int(np.min(np.bincount(np.asarray(y))[np.unique(y)]))
+        y = np.asarray(y)
+        g = np.arange(len(y)) if groups is None else np.asarray(groups)
+        smallest = min(len(np.unique(g[y == k])) for k in np.unique(y))  # patients of the smallest class
         if smallest < 2:
-            raise DataError(f"svm's probability calibration needs at least 2 images of every class in the "
+            raise DataError(f"svm's probability calibration needs at least 2 patients of every class in the "
                             f"rows it is fitted on (each CV fold's training part, then all training images); "
                             f"one class has {smallest} there: add images, or use the logreg or knn head.")
-        est = self.make_estimator(self.check(params), seed=seed, calibration_folds=min(3, smallest))
+        folds = list(StratifiedGroupKFold(n_splits=min(3, smallest)).split(np.zeros(len(y)), y, g))
+        est = self.make_estimator(self.check(params), seed=seed, calibration_folds=folds)
         with rejected_params(self.name):
             est.fit(np.asarray(X), np.asarray(y))
         return SklearnHead(est, int(np.max(y)) + 1)
 
     def make_estimator(self, params: dict, *, seed: int = 0, for_search: bool = False,
-                       calibration_folds: int = 3) -> Any:
+                       calibration_folds: Any = 3) -> Any:
         from sklearn.calibration import CalibratedClassifierCV
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import re
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,13 @@ from featcache.report import plots
 from featcache.report.collect import RunRecord, load_runs, select_runs
 from featcache.report.document import Code, Document, Figure, Heading, Hero, Para, Stat, Table
 from featcache.report.html import render_html
-from featcache.report.leaderboard import build_leaderboard, config_string, write_csv, write_json
+from featcache.report.leaderboard import (
+    build_leaderboard,
+    config_string,
+    keras_backend_of,
+    write_csv,
+    write_json,
+)
 from featcache.report.markdown import render_markdown
 from featcache.report.scores import (
     LOWER_IS_BETTER,
@@ -237,6 +244,12 @@ def _callouts(
                      "none), not ImageNet: runs marked '(random weights)' test the pipeline, and their "
                      "accuracy says nothing about the method.", "warn", "Random weights:"))
     _ties(doc, rows, options)
+    backends = sorted({keras_backend_of(r) or "not recorded" for r in runs if r.head == "mlp"})
+    if len(backends) > 1:  # Keras draws other initial weights on another backend
+        doc.add(Para(f"dense-head runs trained on {len(backends)} Keras backends ({', '.join(backends)}): "
+                     "the same config and seed give other numbers on another backend, so their differences "
+                     "are partly the backend's (the leaderboard CSV has a keras_backend column).", "note",
+                     "Mixed backends:"))
     datasets = sorted({r.dataset for r in runs})
     if len(datasets) > 1 and options.group_by != "dataset":
         doc.add(Para(f"runs of {len(datasets)} datasets (or versions of one folder) are ranked together: "
@@ -322,6 +335,11 @@ def _leaderboard_table(rows: Sequence[dict], metric: str, has_test: bool) -> Tab
         ]
         if any(r.get("test_sensitivity") is not None for r in rows):
             cols.append(("test sens / spec (95% CI)", lambda r: _sens_spec(r)))
+    # runs that differ only by seed, or by the values in their caches, would otherwise read the same
+    if len({r.get("seed") for r in rows}) > 1:
+        cols.append(("seed", lambda r: str(r.get("seed"))))
+    if len({(r.get("backbone"), r.get("features")) for r in rows}) > len({r.get("backbone") for r in rows}):
+        cols.append(("features", lambda r: r.get("features")))
     tag_sets = {", ".join(r["tags"]) for r in rows}
     if len(tag_sets) > 1:
         cols.append(("tags", lambda r: ", ".join(r["tags"])))
@@ -1008,6 +1026,29 @@ def _methods_text(runs: Sequence[RunRecord]) -> str:
     return text + (f". Software: {software}." if software else ".")
 
 
+def _counted(values: dict[str, int], n_runs: int) -> str:
+    """'2.21.0' when every run has it; else each value with its number of runs ('jax (7 of 21 runs)'):
+    a pooled list would read as if every value applied to every run."""
+    if len(values) == 1 and next(iter(values.values())) == n_runs:
+        return next(iter(values))
+    runs = f"run{'s' if n_runs != 1 else ''}"
+    return ", ".join(f"{v} ({n} of {n_runs} {runs})" for v, n in sorted(values.items()))
+
+
+def _extracted_with(cache: dict) -> str:
+    """The Keras backend(s) that computed a cache's rows, with the batch sizes where recorded."""
+    sessions = cache.get("extraction_sessions") if isinstance(cache.get("extraction_sessions"), list) else []
+    created = cache.get("extracted_with") if isinstance(cache.get("extracted_with"), dict) else {}
+    seen: list[str] = []
+    if not sessions or (sessions[0] if isinstance(sessions[0], dict) else {}).get("first_row", 0) > 0:
+        seen.append(str(created.get("backend", "?")))  # rows added before sessions were recorded
+    for s in sessions:
+        if isinstance(s, dict):
+            backend = str((s.get("versions") or {}).get("backend", "?"))
+            seen.append(backend + (f" (batch {s['batch_size']})" if "batch_size" in s else ""))
+    return ", ".join(dict.fromkeys(seen)) or "?"
+
+
 def _provenance_section(doc: Document, runs: Sequence[RunRecord]) -> None:
     doc.section("Provenance", "provenance")
     caches: dict[str, list[str]] = {}
@@ -1018,8 +1059,9 @@ def _provenance_section(doc: Document, runs: Sequence[RunRecord]) -> None:
                 continue
             bb = bbs[i] if i < len(bbs) and isinstance(bbs[i], dict) else {}
             digest = str(c.get("weights_digest") or bb.get("weights_digest") or "")
-            caches.setdefault(
-                str(c.get("path")),
+            features = str(c.get("features_digest") or "")
+            caches.setdefault(  # one file holds other values after a re-extraction: one row per content
+                f"{c.get('path')}|{features}",
                 [
                     str(bb.get("name", r.backbone)),
                     str(bb.get("weights", "?")),
@@ -1029,6 +1071,8 @@ def _provenance_section(doc: Document, runs: Sequence[RunRecord]) -> None:
                     Path(str(c.get("path"))).name,
                     str(c.get("n_rows", "?")),
                     str(c.get("config_hash", ""))[:12],
+                    features[:12] or "?",
+                    _extracted_with(c),
                 ],
             )
     if caches:
@@ -1044,6 +1088,8 @@ def _provenance_section(doc: Document, runs: Sequence[RunRecord]) -> None:
                     "cache file",
                     "rows",
                     "config hash",
+                    "features sha256",
+                    "extracted with",
                 ],
                 list(caches.values()),
                 {6},
@@ -1072,20 +1118,21 @@ def _provenance_section(doc: Document, runs: Sequence[RunRecord]) -> None:
             + [["mlp training", f"{how}: {n} run(s)"] for how, n in sorted(trained.items())],
         )
     )
-    versions: dict[str, set[str]] = {}
+    versions: dict[str, dict[str, int]] = {}  # item -> value -> runs
     for r in runs:
-        for k, v in (r.run.get("versions") or {}).items():
-            versions.setdefault(str(k), set()).add(str(v))
         env = r.run.get("environment") if isinstance(r.run.get("environment"), dict) else {}
+        items = {str(k): v for k, v in (r.run.get("versions") or {}).items()}
         if env.get("source_revision"):  # an editable install: the version number does not pin the code
-            versions.setdefault("featcache source (git)", set()).add(str(env["source_revision"]))
-        for k, v in (env.get("variables") or {}).items():
-            versions.setdefault(f"${k}", set()).add(str(v))
+            items["featcache source (git)"] = env["source_revision"]
+        items.update({f"${k}": v for k, v in (env.get("variables") or {}).items()})
+        items["Keras backend"] = keras_backend_of(r) or "not recorded"
+        for k, v in items.items():
+            counts = versions.setdefault(k, {})
+            counts[str(v)] = counts.get(str(v), 0) + 1
     if versions:
         doc.add(Heading("Versions", 3))
-        doc.add(
-            Table(["package", "version(s)"], [[k, ", ".join(sorted(v))] for k, v in sorted(versions.items())])
-        )
+        doc.add(Table(["package", "version(s)"],
+                      [[k, _counted(v, len(runs))] for k, v in sorted(versions.items())]))
     commands: list[str] = []
     for r in runs:
         cmd = r.run.get("command")
@@ -1200,6 +1247,16 @@ def _check_heatmap_names(pair: tuple[str, str] | None, rows: list[dict], runs: S
         )
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _utf8(text: str) -> str:
+    """Text that encodes as UTF-8: a file name that is not valid UTF-8 (kept by Python as lone surrogates,
+    e.g. an undecodable image listed as left out) is shown with U+FFFD for its bad bytes instead of
+    failing the whole report."""
+    return _SURROGATE.sub("\ufffd", text)
+
+
 def build_report(
     runs_dir: str | Path = "runs",
     out_dir: str | Path = "reports",
@@ -1214,6 +1271,11 @@ def build_report(
         )
     runs_dir, out_dir = Path(runs_dir), Path(out_dir)
     all_runs, skipped = load_runs(runs_dir, progress)
+    damaged = [(name, why) for name, why in skipped if not why.startswith(("status", "no run.json"))]
+    if not all_runs and damaged:  # "train heads first" would hide that there were runs
+        name, why = damaged[0]
+        raise RunError(f"no usable runs in {runs_dir}: {len(damaged)} run folder(s) were left out as damaged "
+                       f"(e.g. {name}: {why}); delete them and rerun their fit commands.")
     if not all_runs:
         raise RunError(
             f"no finished runs in {runs_dir}; train heads with `featcache fit` (or `featcache run`) first."
@@ -1267,8 +1329,8 @@ def build_report(
 def _write_report_files(doc: Document, rows: list[dict], options: ReportOptions, runs_dir: Path,
                         folder: Path) -> None:
     """The report's four files and its figure folder, written into ``folder`` (a staging folder)."""
-    (folder / "report.html").write_text(render_html(doc), encoding="utf-8")
-    (folder / "report.md").write_text(render_markdown(doc, folder / ASSETS, ASSETS), encoding="utf-8")
+    (folder / "report.html").write_text(_utf8(render_html(doc)), encoding="utf-8")
+    (folder / "report.md").write_text(_utf8(render_markdown(doc, folder / ASSETS, ASSETS)), encoding="utf-8")
     meta = {
         "runs_dir": str(runs_dir),
         "metric": options.metric,

@@ -100,6 +100,22 @@ def _split_columns(rec: RunRecord, split: str, threshold: float | None) -> dict[
     return out
 
 
+def features_id(rec: RunRecord) -> str:
+    """The first 12 hex digits of the features digest of each cache the run trained on ('+'-joined).
+
+    Why: two caches with the same settings can hold different values (another Keras backend, batch size or
+    oneDNN setting), and runs on them differ though their backbone and config read the same."""
+    caches = rec.run.get("caches") if isinstance(rec.run.get("caches"), list) else []
+    return "+".join(str(c.get("features_digest") or "?")[:12] for c in caches if isinstance(c, dict))
+
+
+def keras_backend_of(rec: RunRecord) -> str | None:
+    """The Keras backend the run recorded (runs before it was recorded: $KERAS_BACKEND if it was set)."""
+    env = rec.run.get("environment") if isinstance(rec.run.get("environment"), dict) else {}
+    variables = env.get("variables") if isinstance(env.get("variables"), dict) else {}
+    return env.get("keras_backend") or variables.get("KERAS_BACKEND")
+
+
 def run_row(rec: RunRecord) -> dict[str, Any]:
     """All leaderboard columns of one run (unranked)."""
     thr = chosen_threshold(rec)
@@ -116,6 +132,8 @@ def run_row(rec: RunRecord) -> dict[str, Any]:
         "params": rec.params,
         "tags": rec.tags,
         "seed": rec.run.get("seed"),
+        "features": features_id(rec),
+        "keras_backend": keras_backend_of(rec),
         "created": rec.run.get("created"),
         "threshold": thr,
     }
