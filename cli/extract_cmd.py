@@ -153,13 +153,14 @@ def extract_cmd(
     from featcache.backbones import BackboneConfig
     from featcache.datasets import discover
     from featcache.extract import ExtractOptions, check_options, extract, parse_shard
+    from featcache.grids import parse_names
 
     config = BackboneConfig(backbone, weights=weights, pooling=pooling, image_size=image_size, layer=layer)
     config.resolved()  # bad backbone/pooling/size: one sentence before any slow work
     options = ExtractOptions(
-        batch_size=batch_size, views=views, resize=resize, dtype=dtype, strict=strict,
+        batch_size=batch_size, views=parse_names(views, "--views"), resize=resize, dtype=dtype, strict=strict,
         shard=parse_shard(shard) if shard else None,
-        splits=[s.strip() for s in splits.split(",") if s.strip()] if splits else None,
+        splits=parse_names(splits, "--splits") if splits is not None else None,
         workers=workers, wait=wait,
     )
     check_options(options)  # bad --views/--resize/--dtype: fail before discovery and the progress display

@@ -46,8 +46,11 @@ def _summary(result) -> None:
     print_outputs(result.report, console)
 
 
-def _split(text: str) -> list[str]:
-    return [p.strip() for p in text.split(",") if p.strip()]
+def _split(text: str | None, flag: str = "--head") -> list[str]:
+    """A comma-separated option; not given (a preset's) is empty, an empty item is refused."""
+    from featcache.grids import parse_names
+
+    return parse_names(text, flag) if text else []
 
 
 def register(app: typer.Typer) -> None:
@@ -113,12 +116,13 @@ def register(app: typer.Typer) -> None:
             tags=tuple(tag),
             layers=layers_option(layers),
         )
-        import_backend_quietly(tensorflow_too=not head or "mlp" in _split(head))  # no --head: the preset's
+        backbones, heads = _split(backbone, "--backbone"), _split(head)  # bad lists: before the backend
+        import_backend_quietly(tensorflow_too=not heads or "mlp" in heads)  # no --head: the preset's
         with progress_display(console) as bar:
             result = run_pipeline(
                 data,
-                _split(backbone),
-                _split(head),
+                backbones,
+                heads,
                 weights=weights,
                 layer=layer,
                 cache_dir=cache_dir,
@@ -155,9 +159,8 @@ def register(app: typer.Typer) -> None:
         """
         from featcache.pipeline import run_demo
 
-        import_backend_quietly(tensorflow_too="mlp" in _split(head))
+        heads = _split(head)
+        import_backend_quietly(tensorflow_too="mlp" in heads)
         with progress_display(console) as bar:
-            result = run_demo(
-                workdir, weights=weights, out=out, heads=_split(head), progress=make_callback(bar)
-            )
+            result = run_demo(workdir, weights=weights, out=out, heads=heads, progress=make_callback(bar))
         _summary(result)

@@ -66,12 +66,15 @@ def print_outputs(result, console: Console) -> None:
 
 
 def parse_heatmap(value: str | None) -> tuple[str, str] | None:
-    if not value:
+    from featcache.grids import parse_names
+
+    if value is None:
         return None
-    parts = [p.strip() for p in value.split(",") if p.strip()]
-    if len(parts) != 2:
+    parts = parse_names(value, "--heatmap")
+    if len(parts) != 2 or parts[0] == parts[1]:
         raise ConfigError(
-            "--heatmap takes two parameter names separated by a comma, e.g. --heatmap lr,batch_size."
+            "--heatmap takes two different parameter names separated by a comma, e.g. "
+            "--heatmap lr,batch_size."
         )
     return parts[0], parts[1]
 

@@ -824,8 +824,10 @@ def find_caches(cache_dir: Path, *, dataset_root: Path | None = None, backbone: 
 
 
 def unreadable_caches(cache_dir: Path, *, dataset_root: Path | None = None,
-                      backbone: str | None = None) -> list[Path]:
-    """Cache files (by name) in ``cache_dir`` that find_caches skips because they cannot be read.
+                      backbone: str | None = None) -> list[tuple[Path, CacheError | None]]:
+    """Cache files (by name) in ``cache_dir`` that find_caches skips because they cannot be read, each
+    with the CacheError that says why when the file is HDF5 (not a featcache cache, a newer format: the
+    advice differs from "delete it"), None when it is not readable HDF5 at all.
 
     Why: when no cache matches, "run extract first" is the wrong advice if the matching cache is there
     but truncated or corrupt (extract itself refuses to overwrite it). The name carries the dataset
@@ -843,8 +845,10 @@ def unreadable_caches(cache_dir: Path, *, dataset_root: Path | None = None,
         try:
             with _open_h5(path, "r") as f:
                 _read_config(f, path)
-        except (CacheError, ValueError):
-            out.append(path)
+        except CacheError as exc:
+            out.append((path, None if "not a readable HDF5 file" in str(exc) else exc))
+        except ValueError:
+            out.append((path, None))
     return out
 
 

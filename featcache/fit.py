@@ -28,7 +28,7 @@ import numpy as np
 from featcache.cache import refuse_damaged_features
 from featcache.errors import CacheError, ConfigError, DataError
 from featcache.faults import crash_point
-from featcache.grids import expand, get_preset, load_grid_file, parse_grid_args, to_jsonable
+from featcache.grids import expand, get_preset, load_grid_file, parse_grid_args, parse_names, to_jsonable
 from featcache.heads.mlp_fused import PRECISIONS, TRAINERS, resolve_precision, resolve_trainer
 from featcache.metrics import bootstrap_ci, choose_threshold, classification_metrics, predict_labels
 from featcache.progress import ProgressFn, emit
@@ -279,9 +279,11 @@ def _pick_cache(data_root: Path, backbone: str, opts: FitOptions) -> Path:
                 f"{opts.cache_dir}; merge them first: `featcache cache merge {listed}`."
             )
         broken = unreadable_caches(Path(opts.cache_dir), dataset_root=data_root, backbone=name)
+        if broken and broken[0][1] is not None:  # HDF5, but not a cache this featcache reads: its reason
+            raise broken[0][1]
         if broken:
             raise CacheError(
-                f"the feature cache {broken[0]} for backbone '{backbone}' is not a readable HDF5 file "
+                f"the feature cache {broken[0][0]} for backbone '{backbone}' is not a readable HDF5 file "
                 f"(truncated or corrupt); delete it or move it away, then run "
                 f"`{_extract_cmd(data_root, backbone, opts)}` again."
             )
@@ -658,9 +660,8 @@ def fit(
         raise ConfigError(f"--runs-dir {opts.runs_dir} is a file, not a folder; choose a folder for the "
                           "runs.")
     thr_method, thr_target = _parse_threshold(opts.threshold)
-    names = [
-        b.strip() for b in (backbones.split(",") if isinstance(backbones, str) else backbones) if b.strip()
-    ]
+    names = (parse_names(backbones, "--backbone") if isinstance(backbones, str) and backbones.strip()
+             else [b.strip() for b in backbones if b.strip()])
     if not names:
         raise ConfigError("choose at least one backbone with --backbone (e.g. vgg16 or vgg16,inceptionv3).")
     if len(set(names)) != len(names):
@@ -752,6 +753,9 @@ def fit(
         common["mlp_precision"] = resolve_precision(opts.mlp_precision, trainer)
         if trainer != "tf":  # the JAX trainer draws other dropout masks (TensorFlow runs keep their ids)
             common["mlp_trainer"] = trainer
+        from featcache.heads.mlp_checkpoint import checkpoint_seconds
+
+        checkpoint_seconds()  # a bad $FEATCACHE_MLP_CHECKPOINT_SECONDS: refused now, not mid-grid
         backend = keras_backend(load=True)
         if backend != "tensorflow":  # Keras draws other initial weights on another backend
             common["keras_backend"] = backend
@@ -817,7 +821,7 @@ def fit(
     result = FitResult(sweep_id=sweep_id, n_configs=len(configs), selection=selection,
                        caches={c["name"]: Path(c["path"]) for c in caches},
                        left_out=[(dataset.records[i].relpath, why) for i, why in undecodable.items()],
-                       notes=_leak_notes(records, pool, test))
+                       notes=_unused_option_notes(opts, head_obj) + _leak_notes(records, pool, test))
     # the config hashes of the runs this sweep writes: claimed under the lock, then looked up among done runs
     if selection == "cv":
         hashes = [_cv_hash(common, configs)]
@@ -833,6 +837,22 @@ def fit(
         else:
             _fit_holdout(ctx, configs, result, hashes)
     return result
+
+
+def _unused_option_notes(opts: FitOptions, head_obj: Any) -> list[str]:
+    """A note for each option given a non-default value that this head does not use: accepted without a
+    word, it looked as if it had shaped the runs."""
+    defaults = FitOptions()
+    unused = []
+    if head_obj.selection == "cv" and opts.val_fraction != defaults.val_fraction:
+        unused.append(f"--val-fraction ({head_obj.name} is validated by {opts.cv_folds}-fold CV)")
+    if head_obj.selection != "cv" and opts.cv_folds != defaults.cv_folds:
+        unused.append(f"--cv-folds ({head_obj.name} is validated on a hold-out)")
+    if head_obj.name != "mlp":
+        unused += [f"{flag} (mlp only)" for flag, value, default in (
+            ("--mlp-precision", opts.mlp_precision, defaults.mlp_precision),
+            ("--mlp-trainer", opts.mlp_trainer, defaults.mlp_trainer)) if value != default]
+    return [f"not used by the {head_obj.name} head: {u}." for u in unused]
 
 
 def _leak_notes(records: Sequence[Any], pool: np.ndarray, test: np.ndarray) -> list[str]:

@@ -53,6 +53,18 @@ def _coerce_one(key: str, raw: Any, typ: str) -> Any:
     raise ValueError(f"unknown schema type {typ!r} for {key}")
 
 
+def parse_names(text: str, flag: str) -> list[str]:
+    """``"a,b"`` -> ["a", "b"] for a comma-separated option; an empty item is a slip, refused as --grid
+    refuses one (``--views orig,,hflip`` or ``--head logreg,`` silently dropped it), and so is an option
+    given with nothing in it."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if not any(parts):
+        raise ConfigError(f"{flag} was given with nothing in it; name at least one, or leave the option out.")
+    if not all(parts):
+        raise ConfigError(f"{flag} '{text}' has an empty item; separate the names with single commas.")
+    return parts
+
+
 def parse_layers(raw: Any) -> tuple[int, ...]:
     """``"1024-512"`` / ``"1024,512"`` / ``[1024, 512]`` -> (1024, 512); every size a positive int.
 

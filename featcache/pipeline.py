@@ -143,11 +143,19 @@ def _head_options(fopts: Any, heads: Sequence[str], routed: dict[str, list[str]]
     if fopts.layers is not None and not with_layers:
         raise ConfigError(f"--layers applies to the mlp head only, and --head is {','.join(heads)}; add mlp "
                           "to --head, or drop --layers.")
+    # an option meant for some of the heads is not "unused" by the others (fit notes unused ones): each
+    # head gets the default of what it does not use, unless no head of the run uses it
+    uses = {"val_fraction": lambda h: get_head(h).selection != "cv",
+            "cv_folds": lambda h: get_head(h).selection == "cv",
+            "mlp_precision": lambda h: h == "mlp", "mlp_trainer": lambda h: h == "mlp"}
+    defaults = type(fopts)()
     out = {}
     for head in heads:
         grid = (head_grids or {}).get(head)
+        own = {k: getattr(defaults, k) for k, used in uses.items()
+               if not used(head) and any(map(used, heads))}
         out[head] = replace(fopts, grid_args=routed[head], grid=grid if grid is not None else fopts.grid,
-                            layers=fopts.layers if head in with_layers else None)
+                            layers=fopts.layers if head in with_layers else None, **own)
     return out
 
 

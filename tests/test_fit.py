@@ -379,9 +379,14 @@ def test_cli_fit_table(setup, capsys) -> None:
     (["--head", "logreg", "--dtype", "float64"], "--dtype must be one of float32, float16"),
     (["--head", "logreg", "--resize", "foo"], "--resize must be one of squash, pad, crop"),
     (["--head", "logreg", "--image-size", "0"], "--image-size must be a positive number of pixels"),
+    (["--head", "mlp", "--env", "FEATCACHE_MLP_CHECKPOINT_SECONDS=abc"], "a number of seconds, 0 or more"),
+    (["--head", "mlp", "--env", "FEATCACHE_MLP_CHECKPOINT_SECONDS=-5"], "got '-5'"),
 ])
-def test_cli_config_errors(setup, capsys, extra: list[str], needle: str) -> None:
+def test_cli_config_errors(setup, capsys, monkeypatch, extra: list[str], needle: str) -> None:
     root, cache_dir, runs_dir = setup
+    if extra[-2] == "--env":  # an environment variable, not a flag
+        monkeypatch.setenv(*extra[-1].split("=", 1))
+        extra = extra[:-2]
     assert cli(_fit_cmd(root, cache_dir, runs_dir, *extra)) != 0
     raw = capsys.readouterr().err
     assert raw.startswith("error:"), raw  # the error first: no empty line left by a progress bar
@@ -421,6 +426,12 @@ def test_missing_rows_and_3class_errors(tmp_path: Path, capsys) -> None:
     with pytest.raises(CacheError) as exc:
         fit(root, "fakenet", "logreg", opts(tmp_path / "broken", tmp_path / "runs"))
     assert str(broken) in str(exc.value) and "not a readable HDF5 file" in str(exc.value)
+    # readable HDF5 that this featcache cannot use is not "truncated or corrupt, delete it"
+    newer = write_cache(root, tmp_path / "newer", name="fakenet")
+    with h5py.File(newer, "r+") as f:
+        f.attrs["featcache_format"] = 99
+    with pytest.raises(CacheError, match="has format 99, newer than this featcache understands"):
+        fit(root, "fakenet", "logreg", opts(tmp_path / "newer", tmp_path / "runs"))
     with pytest.raises(CacheError, match="no feature cache for backbone 'resnet50'"):  # only its backbone's
         fit(root, "resnet50", "logreg", opts(tmp_path / "broken", tmp_path / "runs"))
     # a name that is no backbone at all: the valid names, not an extract command that would fail too
@@ -920,3 +931,15 @@ def test_a_file_or_folder_in_the_wrong_place_is_one_sentence(setup, tmp_path) ->
     with pytest.raises(ConfigError, match="is a folder; give --grid-file a .toml file"):
         fit(root, "fakenet", "logreg", opts(cache_dir, runs_dir, grid_file=tmp_path))
     assert mine.read_text() == "mine"
+
+
+def test_options_the_head_does_not_use_are_noted(setup) -> None:
+    """--val-fraction with a CV head (or --cv-folds with the hold-out mlp, --mlp-* with other heads) was
+    accepted without a word, as if it had shaped the runs."""
+    root, cache_dir, runs_dir = setup
+    res = fit(root, "fakenet", "logreg", opts(cache_dir, runs_dir, grid_args=["C=1"], val_fraction=0.3,
+                                              mlp_precision="float32"))
+    assert "not used by the logreg head: --val-fraction (logreg is validated by 3-fold CV)." in res.notes
+    assert "not used by the logreg head: --mlp-precision (mlp only)." in res.notes
+    plain = fit(root, "fakenet", "logreg", opts(cache_dir, runs_dir, grid_args=["C=1"]))
+    assert not any(n.startswith("not used") for n in plain.notes)

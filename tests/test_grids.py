@@ -159,3 +159,26 @@ def test_presets_through_build_configs() -> None:
     cfgs = build_configs(mlp, FitOptions(grid_args=["epochs=1"]), get_preset("mao2018"))
     # epochs overridden: configs that differed only by epochs collapse (7 (batch, lr) pairs x 3 depths)
     assert all(c["epochs"] == 1 for c in cfgs) and len(cfgs) == 21
+
+
+def test_comma_lists_refuse_an_empty_item(tmp_path, capsys):
+    """--views orig,,hflip, --head logreg,, --splits train, and --heatmap C,C were accepted with the empty
+    (or repeated) item dropped: a slip then ran another job than the one typed, unlike --grid."""
+    from featcache.cli.app import run
+
+    from featcache.grids import parse_names
+
+    assert parse_names(" orig , hflip ", "--views") == ["orig", "hflip"]
+    for text in ("orig,,hflip", "orig,", ",orig"):
+        with pytest.raises(ConfigError, match="--views '.*' has an empty item"):
+            parse_names(text, "--views")
+    with pytest.raises(ConfigError, match="--splits was given with nothing in it"):
+        parse_names(" ", "--splits")
+    base = ["--data", str(tmp_path), "--backbone"]
+    for argv, needle in (
+            (["extract", *base, "mobilenet-0.75", "--views", "orig,"], "--views 'orig,'"),
+            (["run", *base, "mobilenet-0.75", "--head", "logreg,,svm"], "--head 'logreg,,svm'"),
+            (["run", *base, "vgg16,,mobilenet", "--head", "logreg"], "--backbone 'vgg16,,"),
+            (["report", "--runs-dir", str(tmp_path), "--heatmap", "C,C"], "two different parameter names")):
+        assert run(argv) == 2
+        assert needle in " ".join(capsys.readouterr().err.split())

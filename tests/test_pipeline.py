@@ -66,6 +66,13 @@ def test_run_gives_layers_to_the_mlp_and_checks_every_grid_before_the_extraction
 
     opts = _head_options(FitOptions(layers=(16,)), ["logreg", "mlp"], {"logreg": [], "mlp": []}, None)
     assert opts["logreg"].layers is None and opts["mlp"].layers == (16,)
+    # an option for one of the heads is not noted as unused by the others (the demo's --cv-folds 3)
+    both = {"logreg": [], "mlp": []}
+    opts = _head_options(FitOptions(cv_folds=3, val_fraction=0.3), ["logreg", "mlp"], both, None)
+    assert (opts["logreg"].cv_folds, opts["logreg"].val_fraction) == (3, 0.2)
+    assert (opts["mlp"].cv_folds, opts["mlp"].val_fraction) == (5, 0.3)
+    alone = _head_options(FitOptions(val_fraction=0.3), ["logreg"], {"logreg": []}, None)
+    assert alone["logreg"].val_fraction == 0.3  # used by no head: kept, so fit notes it
     kw = {"weights": "none", "cache_dir": tmp_path / "c", "runs_dir": tmp_path / "r",
           "reports_dir": tmp_path / "rep"}
     with pytest.raises(ConfigError, match="--layers applies to the mlp head only, and --head is logreg,knn"):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import time
 import zipfile
@@ -28,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from featcache.errors import ConfigError
 from featcache.faults import crash_point
 from featcache.runs import write_json_atomic
 
@@ -43,10 +45,15 @@ CHECKPOINT_SECONDS_ENV = "FEATCACHE_MLP_CHECKPOINT_SECONDS"
 def checkpoint_seconds() -> float:
     """The configured interval (``FEATCACHE_MLP_CHECKPOINT_SECONDS``, else ``CHECKPOINT_SECONDS``)."""
     raw = os.environ.get(CHECKPOINT_SECONDS_ENV)
-    try:
-        return max(0.0, float(raw)) if raw is not None else CHECKPOINT_SECONDS
-    except ValueError:
+    if raw is None or not raw.strip():
         return CHECKPOINT_SECONDS
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value < 0:  # was read as the default (or 0) without a word
+        raise ConfigError(f"${CHECKPOINT_SECONDS_ENV} must be a number of seconds, 0 or more, got '{raw}'.")
+    return value
 
 
 def data_digest(arrays: tuple[np.ndarray, ...]) -> str:
