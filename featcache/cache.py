@@ -190,6 +190,15 @@ def _sessions(f: Any) -> list[dict]:
     return [s for s in out if isinstance(s, dict)] if isinstance(out, list) else []
 
 
+def _versions_attr(f: Any) -> dict:
+    """The file's ``versions_json`` (its creator's library versions); {} when absent or unreadable."""
+    try:
+        out = json.loads(_from_attr(f.attrs.get("versions_json", "{}")))
+    except (TypeError, ValueError):
+        return {}
+    return out if isinstance(out, dict) else {}
+
+
 def _same_setup(a: dict, b: dict) -> bool:
     """Two sessions that computed rows the same way (all but where and when they started)."""
     def strip(s: dict) -> dict:
@@ -558,12 +567,7 @@ class CacheWriter:
         sessions = _sessions(self._f)
         if sessions:
             return sessions[-1]
-        if self.n_valid == 0:
-            return None
-        try:
-            return {"versions": json.loads(_from_attr(self._f.attrs.get("versions_json", "{}")))}
-        except (TypeError, ValueError):
-            return None
+        return {"versions": _versions_attr(self._f)} if self.n_valid else None
 
     # -- internals -----------------------------------------------------------------------------------
     def _record_session(self) -> None:
@@ -688,10 +692,8 @@ class CacheReader:
         f = self._f
         self.config: dict = _read_config(f, self.path)
         self.config_hash: str = str(_from_attr(f.attrs.get("config_hash", "")))
-        try:  # what extracted the rows (backend, library versions): settings alone do not pin the numbers
-            self.versions: dict = json.loads(_from_attr(f.attrs.get("versions_json", "{}")))
-        except (TypeError, ValueError):
-            self.versions = {}
+        # what extracted the rows (backend, library versions): settings alone do not pin the numbers
+        self.versions: dict = _versions_attr(f)
         self.sessions: list[dict] = _sessions(f)  # who added rows from which row on (see CacheWriter)
         valid = f["valid"][...]          # read first: rows before the first 0 are complete and immutable
         self.n_rows: int = _valid_prefix(valid)
@@ -894,7 +896,7 @@ def info(path: Path) -> dict:
             keys.add(kv[0])
         capacity = int(f["valid"].shape[0])
         n_rows_attr = int(_from_attr(f.attrs.get("n_rows", 0)))
-        versions = json.loads(_from_attr(f.attrs.get("versions_json", "{}")))
+        versions = reader.versions
         created = str(_from_attr(f.attrs.get("created", "")))
         config = reader.config
         name = parse_cache_name(path)
@@ -1134,7 +1136,7 @@ def _merge(shards: list[Path], out: Path | None, wait: float | None, progress: P
             out = cache_path(out, first.config)
         if any(out.resolve() == s.resolve() for s in shards):
             raise ConfigError(f"--out {out} is one of the shards; write the merged cache to a new file")
-        versions = json.loads(_from_attr(first._f.attrs.get("versions_json", "{}"))) or None
+        versions = first.versions or None
         total = sum(r.n_rows for r in readers)
         added = 0
         done = 0
