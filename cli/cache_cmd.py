@@ -168,7 +168,8 @@ def merge_cmd(
         None, "--out", help="Merged .h5 file, or a folder for the canonical name (created when the name does "
         "not end in .h5; default: the shards' folder)."
     ),
-    wait: float | None = typer.Option(None, "--wait", help="Seconds to wait while another process writes."),
+    wait: float | None = typer.Option(None, "--wait", min=0,
+                                      help="Seconds to wait while another process writes."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Combine shard files of one extraction into one cache file (one row per image and view).

@@ -101,7 +101,8 @@ def register(app: typer.Typer) -> None:
             help="Refit the chosen config on all training data (default: on for CV heads, off for mlp).",
         ),
         metric: str = typer.Option("accuracy", "--metric", help="accuracy | auc | macro_f1 (selection)."),
-        balance: str = typer.Option(None, "--balance", help="none | undersample | oversample."),
+        balance: str = typer.Option(
+            None, "--balance", help="none | undersample | undersample-subtypes | oversample."),
         train_views: str = typer.Option("orig", "--train-views", help="Cached views used as training rows."),
         tta: bool = typer.Option(False, "--tta", help="Average val/test probabilities over cached views."),
         threshold: str = typer.Option(

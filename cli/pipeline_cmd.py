@@ -91,10 +91,13 @@ def register(app: typer.Typer) -> None:
             "(see `featcache fit --help`)."
         ),
         cv_folds: int = typer.Option(5, "--cv-folds", help="Patient-grouped CV folds (logreg, svm, knn)."),
-        balance: str | None = typer.Option(None, "--balance", help="none | undersample | oversample."),
+        balance: str | None = typer.Option(
+            None, "--balance", help="none | undersample | undersample-subtypes | oversample."),
         seed: int = typer.Option(0, "--seed", help="Seed of splits, resampling and training."),
         tag: list[str] = typer.Option([], "--tag", help="Tag the runs (repeatable)."),
         batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass during extraction."),
+        wait: float | None = typer.Option(
+            None, "--wait", min=0, help="Seconds to wait if another process writes the same cache file."),
         cache_dir: Path = typer.Option(Path("cache"), "--cache-dir", help="Feature caches."),
         runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Run store."),
         out: Path = typer.Option(Path("reports"), "--out", help="Report folder."),
@@ -130,7 +133,7 @@ def register(app: typer.Typer) -> None:
                 reports_dir=out,
                 fit_options=fopts,
                 grid_args=grid,
-                extract_options=ExtractOptions(batch_size=batch_size),
+                extract_options=ExtractOptions(batch_size=batch_size, wait=wait),
                 progress=make_callback(bar),
             )
         _summary(result)

@@ -49,7 +49,7 @@ from featcache.runs import (
 )
 from featcache.splits import grouped_holdout, grouped_kfold, index_digest
 
-BALANCE_MODES = ("none", "undersample", "oversample")
+BALANCE_MODES = ("none", "undersample", "undersample-subtypes", "oversample")
 AUGMENT_VIEWS = ("orig", "hflip", "rot+20")  # what --balance oversample asks to extract (and `run` extracts)
 METRICS = ("accuracy", "auc", "macro_f1")
 POOL_SPLITS = (None, "train", "val")  # everything but the official test split
@@ -379,6 +379,12 @@ def check_seed(seed: int) -> None:
         raise ConfigError(f"--seed must be between 0 and {MAX_SEED}, got {seed}.")
 
 
+def check_tags(tags: Sequence[str]) -> None:
+    """ConfigError for an empty tag: it would be recorded, shown as nothing, and matched by no --tag."""
+    if any(not str(t).strip() for t in tags):
+        raise ConfigError("--tag needs a name (an empty tag was given).")
+
+
 def _undecodable(root: Path, backbones: Sequence[str], opts: FitOptions, records: Sequence[Any],
                  keys: Sequence[str]) -> dict[int, str]:
     """{record index: reason} of the images some cache lacks because they cannot be decoded.
@@ -526,19 +532,27 @@ def _balance_rows(
     mode: str,
     rng: np.random.Generator,
     extra: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    strata: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Training rows (record, view, label) after undersampling / oversampling.
 
-    undersample: every class cut to the smallest class (paper 000). oversample: minority classes
-    topped up with cached augmentation views of their own images (``extra`` candidates), never with
-    exact copies; they stop when the candidates run out.
+    undersample: every class cut to the smallest class. undersample-subtypes: every stratum (``strata``,
+    the Kermany subtype normal/bacteria/virus of each row) cut to the smallest, whatever the task: paper
+    000 balanced the three label types and trained its binary head on those sets (NORMAL:PNEUMONIA 1:2,
+    bacteria = virus), which class-level undersampling (1:1, bacteria:virus about 2:1) does not give.
+    oversample: minority classes topped up with cached augmentation views of their own images (``extra``
+    candidates), never with exact copies; they stop when the candidates run out.
     """
     if mode == "none":
         return rec, view, y
     classes, counts = np.unique(y, return_counts=True)
-    if mode == "undersample":
+    if mode in ("undersample", "undersample-subtypes"):
+        by = strata if mode == "undersample-subtypes" else y
+        if by is None:
+            raise ValueError("undersample-subtypes needs each row's subtype (strata)")
+        kinds, sizes = np.unique(by, return_counts=True)
         keep = np.concatenate(
-            [np.sort(rng.choice(np.flatnonzero(y == c), counts.min(), replace=False)) for c in classes]
+            [np.sort(rng.choice(np.flatnonzero(by == c), sizes.min(), replace=False)) for c in kinds]
         )
         keep.sort()
         return rec[keep], view[keep], y[keep]
@@ -593,7 +607,9 @@ class _Ctx:
             if er:
                 erc = np.concatenate(er)
                 extra = (erc, np.concatenate(ev).astype(str), self.y[erc])
-        return _balance_rows(rec, view, y, self.balance, rng, extra)
+        strata = (np.array([self.records[i].subtype for i in rec], dtype=object)
+                  if self.balance == "undersample-subtypes" else None)
+        return _balance_rows(rec, view, y, self.balance, rng, extra, strata)
 
     def proba(self, model: Any, rec_idx: np.ndarray) -> np.ndarray:
         """Class probabilities of these records; with TTA the mean over every cached view present."""
@@ -644,6 +660,7 @@ def fit(
     if not head:
         raise ConfigError("choose a head with --head (logreg, mlp, svm or knn) or a --preset.")
     check_seed(opts.seed)
+    check_tags(opts.tags)
     task = opts.task or (preset.task if preset and preset.task else "binary")
     balance = opts.balance or "none"
     if balance not in BALANCE_MODES:
@@ -700,6 +717,14 @@ def fit(
             f"{', '.join(classes)}); every class needs training images."
         )
     groups = np.array([r.group for r in records], dtype=object)
+    if balance == "undersample-subtypes":
+        subtypes = ("normal", "bacteria", "virus")
+        lacking = [records[i].relpath for i in pool if records[i].subtype not in subtypes]
+        if lacking:
+            raise DataError(
+                "--balance undersample-subtypes balances the Kermany subtypes (normal, bacteria, virus), "
+                f"which come from Kermany file names; {len(lacking)} training image(s) have none, e.g. "
+                f"'{lacking[0]}'. Use --balance undersample to balance the task's classes instead.")
 
     # which views must / may be read
     needed = {"orig": np.ones(len(records), dtype=bool)}

@@ -297,7 +297,8 @@ PRESETS: dict[str, Preset] = {
                     "33 (batch, epochs, lr) configs, undersampling to balance; binary or 3class.",
         configs=[{"layers": layers, "batch_size": b, "epochs": e, "lr": lr, "optimizer": "adam"}
                  for layers in _MAO_LAYERS for (b, e, lr) in _MAO_BEL],
-        options={"backbone": "inceptionv3", "pooling": "avg", "image_size": 300, "balance": "undersample",
+        options={"backbone": "inceptionv3", "pooling": "avg", "image_size": 300,
+                 "balance": "undersample-subtypes",
                  "tasks": ["binary", "3class"]},
     ),
     "laban2021": Preset(

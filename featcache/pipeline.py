@@ -186,7 +186,7 @@ def run_pipeline(
     from featcache.backbones import BackboneConfig, is_saved_model
     from featcache.datasets import discover
     from featcache.extract import ExtractOptions, extract
-    from featcache.fit import FitOptions, build_configs, check_seed, fit
+    from featcache.fit import FitOptions, build_configs, check_seed, check_tags, fit
     from featcache.grids import get_preset
     from featcache.heads import get_head
     from featcache.report import ReportOptions, build_report
@@ -210,6 +210,7 @@ def run_pipeline(
     dataset = discover(data, getattr(fit_options, "manifest", None))
     routed = split_grid_args(grid_args, heads)
     check_seed(fopts.seed)  # before the extraction, not an hour later in the fit
+    check_tags(fopts.tags)
     head_opts = _head_options(fopts, heads, routed, head_grids)
     for head, hopts in head_opts.items():  # a grid a head refuses fails now, not after the extraction
         build_configs(get_head(head), hopts, preset)
@@ -231,6 +232,7 @@ def run_pipeline(
             runs_dir=Path(runs_dir),
             cache_dir=Path(cache_dir),
             cache_files=cache_files,
+            manifest=dataset.manifest,  # --data manifest.csv: the fit reads the same images, not the folder
             command=list(fopts.command or ["featcache", *sys.argv[1:]]),
         )
         result.fits.append(fit(dataset.root, list(backbones), head, opts, progress))

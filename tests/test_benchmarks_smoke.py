@@ -33,6 +33,38 @@ def test_run_py_quick_json_reports_every_ratio(tmp_path: Path) -> None:
     assert mlp["jax_compile_s"] is None  # both sides ran on TensorFlow
 
 
+@pytest.mark.slow
+def test_accuracy_benchmark_quick_holds_out_whole_patients_and_reports_each_head(tmp_path: Path) -> None:
+    import csv
+    import shutil
+
+    from conftest import make_kermany_tree
+
+    train = make_kermany_tree(tmp_path / "data", n_normal=15, n_pneu=30, splits=("train",)) / "train"
+    # a byte-identical file under a second patient's name: both patients must land on one side
+    shutil.copy(train / "NORMAL" / "IM-1000-0001.jpeg", train / "NORMAL" / "IM-1099-0001.jpeg")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_accuracy.py"), "--quick",
+                           "--json", "--data", str(train), "--work", str(tmp_path / "w")],
+                          capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    rows = list(csv.DictReader((tmp_path / "w" / "manifest.csv").open()))
+    assert len(rows) == out["split"]["images"] == 46 and out["split"]["merged_by_identical_files"] == 1
+    side = {r["path"].rsplit("/", 1)[-1]: r["split"] for r in rows}
+    assert side["IM-1000-0001.jpeg"] == side["IM-1099-0001.jpeg"]
+    for group in {r["group"] for r in rows}:
+        assert len({r["split"] for r in rows if r["group"] == group}) == 1, group
+    n_test = sum(r["split"] == "test" for r in rows)
+    assert 0 < n_test < len(rows)
+    assert set(out["tasks"]) == {"binary", "3class"}
+    for task, result in out["tasks"].items():
+        assert sorted(h["head"] for h in result["heads"]) == ["knn", "logreg"], task
+        for h in result["heads"]:
+            assert h["n_test"] == n_test and 0 <= h["test_accuracy"] <= 1 and h["config"], (task, h)
+            assert (h["threshold"] is None) == (task == "3class")
+
+
 def test_jax_compile_clock_counts_compilations() -> None:
     pytest.importorskip("jax")
     import jax

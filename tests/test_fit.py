@@ -4,6 +4,7 @@ Features are synthetic (written with CacheWriter under a fake backbone name) so 
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
@@ -185,6 +186,36 @@ def test_fusion_views_balance_tta(setup) -> None:
     assert r["balance"] == "undersample"
     res2 = fit(root, "fakenet", "logreg", opts(cache_dir, runs_dir, grid_args=["C=1"], balance="oversample"))
     assert res2.runs[0].metrics()["train"]["n"] > res.runs[0].metrics()["train"]["n"] / 2
+
+
+def test_undersampling_by_subtype_keeps_paper_000s_binary_mix(setup, tmp_path) -> None:
+    """mao2018 balanced normal/bacteria/virus and trained binary on those sets (NORMAL:PNEUMONIA 1:2)."""
+    from featcache.fit import _balance_rows
+
+    y = np.array([0] * 5 + [1] * 9 + [1] * 4)
+    strata = np.array(["normal"] * 5 + ["bacteria"] * 9 + ["virus"] * 4, dtype=object)
+    rec = np.arange(len(y))
+    r, _, yb = _balance_rows(rec, rec.astype(str), y, "undersample-subtypes", np.random.default_rng(0),
+                             strata=strata)
+    assert sorted(collections.Counter(strata[r]).values()) == [4, 4, 4] and list(np.bincount(yb)) == [4, 8]
+    r, _, yb = _balance_rows(rec, rec.astype(str), y, "undersample", np.random.default_rng(0))
+    assert list(np.bincount(yb)) == [5, 5]  # class-level: 1:1, whatever the subtypes
+
+    root, cache_dir, runs_dir = setup
+    res = fit(root, "fakenet", "logreg", opts(cache_dir, runs_dir, grid_args=["C=1"],
+                                              balance="undersample-subtypes"))
+    train = [x for x in discover(root).records if x.split == "train"]
+    smallest = min(collections.Counter(x.subtype for x in train).values())
+    assert res.runs[0]["balance"] == "undersample-subtypes"
+    assert res.runs[0].metrics()["train"]["n"] == 3 * smallest  # the refit's rows: each subtype cut alike
+
+    plain = tmp_path / "plain"
+    for i in range(8):
+        write_xray(plain / ("cats" if i % 2 else "dogs") / f"img{i}.png", i, size=16)
+    write_cache(plain, cache_dir)
+    with pytest.raises(DataError, match="undersample-subtypes balances the Kermany subtypes"):
+        fit(plain, "fakenet", "logreg", opts(cache_dir, runs_dir, grid_args=["C=1"], task="folders",
+                                             balance="undersample-subtypes"))
 
 
 def test_resume_skips_done_and_cleans_stale(setup) -> None:

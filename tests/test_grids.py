@@ -102,7 +102,7 @@ def test_toml_grid_files(tmp_path: Path) -> None:
 
 def test_mao2018_is_the_papers_33_configs() -> None:
     p = get_preset("mao2018")
-    assert p.head == "mlp" and len(p.configs) == 33 and p.options["balance"] == "undersample"
+    assert p.head == "mlp" and len(p.configs) == 33 and p.options["balance"] == "undersample-subtypes"
     assert set(p.options["tasks"]) == {"binary", "3class"}
     layers = [c["layers"] for c in p.configs]
     assert {len(x) for x in layers} == {2, 5, 8}  # 3 / 6 / 9 layers counting the output layer

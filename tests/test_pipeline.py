@@ -58,6 +58,20 @@ def test_bad_seed_is_refused_before_the_extraction(kermany_tree, tmp_path):
     assert not (tmp_path / "c").exists()  # nothing was extracted
 
 
+def test_an_empty_tag_is_refused_before_any_work(kermany_tree, tmp_path):
+    from featcache.fit import FitOptions
+    from featcache.pipeline import run_pipeline
+
+    with pytest.raises(ConfigError, match="--tag needs a name"):
+        run_pipeline(kermany_tree, ["mobilenet-0.75"], ["knn"], weights="none", cache_dir=tmp_path / "c",
+                     runs_dir=tmp_path / "r", reports_dir=tmp_path / "rep",
+                     fit_options=FitOptions(tags=(" ",)))
+    assert not (tmp_path / "c").exists()
+    assert run(["fit", "--data", str(kermany_tree), "--backbone", "mobilenet-0.75", "--head", "knn",
+                "--tag", "", "--runs-dir", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c")]) == 2
+    assert not (tmp_path / "r").exists()
+
+
 def test_run_gives_layers_to_the_mlp_and_checks_every_grid_before_the_extraction(kermany_tree, tmp_path):
     """`run --head logreg,mlp --layers 16` means the mlp's layers (it failed for logreg after extracting);
     a grid a head refuses stops the run before any image is read."""
@@ -123,6 +137,58 @@ def test_run_end_to_end(kermany_tree, tmp_path, capsys, monkeypatch):
     assert all(r["tags"] == ["e2e"] and r["test_accuracy"] is not None for r in board)
     html = report.read_text()
     assert "Grid views" in html and "mean CV" in html  # the CV search inside each run is shown
+
+
+def test_run_waits_for_a_cache_another_process_writes_as_long_as_wait_says(kermany_tree, tmp_path, capsys,
+                                                                          monkeypatch):
+    """run's lock message offers --wait, so run has it: a held cache lock is waited for, then refused."""
+    from featcache import cache as fcache
+
+    real, held = fcache.CacheWriter, []
+    holder = ("import sys; from filelock import FileLock; lock = FileLock(sys.argv[1]); lock.acquire(); "
+              "print('held', flush=True); sys.stdin.read()")
+
+    def writer_of_a_locked_file(path, *args, **kwargs):  # another process holds this file's lock
+        if not held:
+            held.append(subprocess.Popen([sys.executable, "-c", holder, str(path) + ".lock"],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+            assert held[0].stdout.readline().strip() == "held"
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(fcache, "CacheWriter", writer_of_a_locked_file)
+    monkeypatch.chdir(tmp_path)
+    argv = ["run", "--data", str(kermany_tree), "--backbone", "mobilenet-0.75", "--weights", "none",
+            "--head", "knn", "--cv-folds", "2"]
+    try:
+        assert run([*argv, "--wait", "0.3"]) == 3
+        err = capsys.readouterr().err.replace("\n", " ")
+        assert "being written by another featcache process" in err and "still held after --wait 0.3" in err
+        assert run(argv) == 3
+        assert "pass --wait SECONDS" in capsys.readouterr().err.replace("\n", " ")
+    finally:
+        for proc in held:
+            proc.kill()
+            proc.wait()
+    assert not (tmp_path / "runs").exists()  # nothing was fitted on a cache it could not write
+
+
+def test_run_on_a_manifest_fits_the_manifests_images(kermany_tree, tmp_path, capsys, monkeypatch):
+    """--data manifest.csv: the fit read the manifest's folder as class folders (and found the cache)."""
+    from featcache.datasets import discover
+
+    records = discover(kermany_tree).records
+    manifest = tmp_path / "lists" / "manifest.csv"
+    manifest.parent.mkdir()
+    rows = [f"{os.path.relpath(r.path, manifest.parent)},{r.label},{'test' if i % 4 == 0 else 'train'}"
+            for i, r in enumerate(records)]
+    manifest.write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    monkeypatch.chdir(tmp_path)
+    code = run(["run", "--data", str(manifest), "--backbone", "mobilenet-0.75", "--weights", "none",
+                "--head", "knn", "--cv-folds", "2", "--grid", "n_neighbors=3"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    board = json.loads((tmp_path / "reports" / "leaderboard.json").read_text())["runs"]
+    assert len(board) == 1 and board[0]["n_test"] == sum(1 for i in range(len(records)) if i % 4 == 0)
 
 
 def test_run_with_a_preset_extracts_and_fits_the_papers_setup(kermany_tree, tmp_path, capsys, monkeypatch):
