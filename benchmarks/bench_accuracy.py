@@ -120,7 +120,7 @@ def best_per_head(board: list[dict]) -> list[dict]:
         binary = row.get("positive_class") is not None
         out[row["head"]] = {
             "head": row["head"], "config": row["config"], "run_id": row["run_id"],
-            "validation": row["validation"], "configs_in_sweep": sum(r["head"] == row["head"] for r in board),
+            "validation": row["validation"], "runs_of_head": sum(r["head"] == row["head"] for r in board),
             "val_accuracy": row.get("val_accuracy"), "val_auc": row.get("val_auc"),
             "test_accuracy": row.get("test_accuracy"), "test_accuracy_ci": _ci(row, "accuracy"),
             "test_auc": row.get("test_auc"), "test_auc_ci": _ci(row, "auc"),
