@@ -171,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         board = json.loads((work / f"reports-{task}" / "leaderboard.json").read_text())["runs"]
         result["tasks"][task] = {"seconds": round(seconds, 1), "report": str(work / f"reports-{task}"),
                                  "heads": best_per_head(board)}
+    from quiet_start import quiet_backend_start
+
+    quiet_backend_start()  # machine() imports TensorFlow: without its start-up lines on stderr
     result["machine"] = machine()
     if args.json:
         print(json.dumps(result, indent=2))
