@@ -70,11 +70,11 @@ def _union_groups(patients: list[str], digests: list[str]) -> list[str]:
 
 def write_manifest(data: Path, out: Path, *, test_fraction: float, seed: int, limit: int | None) -> dict:
     """The patient-grouped train/test manifest (see the module docstring); returns its counts."""
-    from featcache.datasets import discover
+    from featcache.datasets import SUBTYPES, discover
     from featcache.hashing import sha256_file
     from featcache.splits import grouped_holdout
 
-    records = [r for r in discover(data).records if r.subtype in ("normal", "bacteria", "virus")]
+    records = [r for r in discover(data).records if r.subtype in SUBTYPES]
     if limit is not None and limit < len(records):  # quick mode: an even sample over the sorted file list
         records = [records[i] for i in np.linspace(0, len(records) - 1, limit).astype(int)]
     digests = [sha256_file(r.path) for r in records]
@@ -90,7 +90,7 @@ def write_manifest(data: Path, out: Path, *, test_fraction: float, seed: int, li
         for rec, s, g in zip(records, side, groups, strict=True):
             w.writerow([os.path.relpath(rec.path, out.parent), rec.label, s, g])
     counts = {s: {t: int(sum(1 for x, y in zip(side, subtypes, strict=True) if x == s and y == t))
-                  for t in ("normal", "bacteria", "virus")} for s in ("train", "test")}
+                  for t in SUBTYPES} for s in ("train", "test")}
     return {"images": len(records), "patients": len(set(r.group for r in records)),
             "groups": len(set(groups)), "merged_by_identical_files": len(set(r.group for r in records))
             - len(set(groups)), "counts": counts}

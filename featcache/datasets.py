@@ -45,6 +45,10 @@ _PERSON_RE = re.compile(r"^(person\d+)_(bacteria|virus)_\d+(?:_\d+)*$", re.IGNOR
 _IM_RE = re.compile(r"^((?:NORMAL\d*-)?IM-\d+)(?:-\d+)+$", re.IGNORECASE)
 
 
+SUBTYPES = ("normal", "bacteria", "virus")
+"""The Kermany subtypes (3class task classes, in this order), from the file names."""
+
+
 @dataclass(frozen=True)
 class ImageRecord:
     """One image file and everything derived from its location and name."""
@@ -422,7 +426,7 @@ def task_labels(records: Sequence[ImageRecord], task: str) -> tuple[np.ndarray, 
                             "use --task folders for other class names.")
         return y, ["NORMAL", "PNEUMONIA"]
     if task == "3class":
-        classes = ["normal", "bacteria", "virus"]
+        classes = list(SUBTYPES)
         lacking = [r.relpath for r in records if r.subtype not in classes]
         if lacking:
             raise DataError(f"task '3class' needs Kermany names (person*_bacteria_*/person*_virus_*) but "

@@ -607,8 +607,7 @@ class _Ctx:
             if er:
                 erc = np.concatenate(er)
                 extra = (erc, np.concatenate(ev).astype(str), self.y[erc])
-        strata = (np.array([self.records[i].subtype for i in rec], dtype=object)
-                  if self.balance == "undersample-subtypes" else None)
+        strata = self.subtypes[rec] if self.balance == "undersample-subtypes" else None
         return _balance_rows(rec, view, y, self.balance, rng, extra, strata)
 
     def proba(self, model: Any, rec_idx: np.ndarray) -> np.ndarray:
@@ -636,7 +635,7 @@ def fit(
     progress: ProgressFn | None = None,
 ) -> FitResult:
     """Join cached features with labels/splits/patients, select, evaluate on test once, store runs."""
-    from featcache.datasets import discover, task_labels
+    from featcache.datasets import SUBTYPES, discover, task_labels
     from featcache.heads import get_head
 
     opts = options or FitOptions()
@@ -718,8 +717,7 @@ def fit(
         )
     groups = np.array([r.group for r in records], dtype=object)
     if balance == "undersample-subtypes":
-        subtypes = ("normal", "bacteria", "virus")
-        lacking = [records[i].relpath for i in pool if records[i].subtype not in subtypes]
+        lacking = [records[i].relpath for i in pool if records[i].subtype not in SUBTYPES]
         if lacking:
             raise DataError(
                 "--balance undersample-subtypes balances the Kermany subtypes (normal, bacteria, virus), "
@@ -798,6 +796,7 @@ def fit(
         task=task,
         classes=classes,
         records=records,
+        subtypes=np.array([r.subtype for r in records], dtype=object),  # undersample-subtypes' strata
         keys=keys,
         y=y,
         groups=groups,
