@@ -123,6 +123,9 @@ def install_signal_handlers() -> None:
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI with ``argv`` and return the exit status (used by tests and ``main``)."""
     try:
+        from featcache.cli.repeats import check_repeated_options
+
+        check_repeated_options(typer.main.get_command(app), sys.argv[1:] if argv is None else argv)
         app(args=argv, prog_name="featcache", standalone_mode=True)
     except SystemExit as exc:  # typer/click exit normally through SystemExit
         code = exc.code

@@ -155,6 +155,8 @@ def register(app: typer.Typer) -> None:
             Path("."), "--workdir", help="Where cache/, runs/ and reports/ are written."
         ),
         head: str = typer.Option("logreg,mlp,svm,knn", "--head", help="Heads to train (comma-separated)."),
+        wait: float | None = typer.Option(
+            None, "--wait", min=0, help="Seconds to wait if another process writes the same cache file."),
     ) -> None:
         """Run the whole pipeline on 96 bundled Kermany chest X-rays (mobilenet-0.75); print the report path.
 
@@ -165,5 +167,6 @@ def register(app: typer.Typer) -> None:
         heads = _split(head)
         import_backend_quietly(tensorflow_too="mlp" in heads)
         with progress_display(console) as bar:
-            result = run_demo(workdir, weights=weights, out=out, heads=heads, progress=make_callback(bar))
+            result = run_demo(workdir, weights=weights, out=out, heads=heads, wait=wait,
+                              progress=make_callback(bar))
         _summary(result)

@@ -845,7 +845,8 @@ def fit(
     result = FitResult(sweep_id=sweep_id, n_configs=len(configs), selection=selection,
                        caches={c["name"]: Path(c["path"]) for c in caches},
                        left_out=[(dataset.records[i].relpath, why) for i, why in undecodable.items()],
-                       notes=_unused_option_notes(opts, head_obj) + _leak_notes(records, pool, test))
+                       notes=(_preset_task_notes(opts, preset, task) + _unused_option_notes(opts, head_obj)
+                              + _leak_notes(records, pool, test)))
     # the config hashes of the runs this sweep writes: claimed under the lock, then looked up among done runs
     if selection == "cv":
         hashes = [_cv_hash(common, configs)]
@@ -861,6 +862,23 @@ def fit(
         else:
             _fit_holdout(ctx, configs, result, hashes)
     return result
+
+
+def _preset_task_notes(opts: FitOptions, preset: Any, task: str) -> list[str]:
+    """Say which of a paper's tasks this sweep ran when --task was not given, or that the paper did not run
+    the one given. Why: mao2018's paper reports binary and 3-class; without --task the preset runs binary,
+    and a reader comparing with the paper's 3-class table would not know the other needs --task 3class."""
+    if preset is None:
+        return []
+    tasks = list(preset.options.get("tasks") or ([preset.task] if preset.task else []))
+    if opts.task and tasks and opts.task not in tasks:
+        return [f"preset {preset.name}: the paper ran {' and '.join(tasks)}, not {opts.task}; the preset's "
+                "grid and balancing are applied to it all the same."]
+    others = [t for t in tasks if t != task]
+    if opts.task or not others:
+        return []
+    return [f"preset {preset.name}: the paper ran {' and '.join(tasks)}; this sweep is {task} (the preset's "
+            f"default); add --task {others[0]} for the other."]
 
 
 def _unused_option_notes(opts: FitOptions, head_obj: Any) -> list[str]:

@@ -255,9 +255,15 @@ def run_demo(
     weights: str = "imagenet",
     out: Path | None = None,
     heads: Sequence[str] = DEMO_HEADS,
+    wait: float | None = None,
     progress: ProgressFn | None = None,
 ) -> PipelineResult:
-    """The whole pipeline on the bundled sample with mobilenet-0.75 (writes cache/, runs/, reports/)."""
+    """The whole pipeline on the bundled sample with mobilenet-0.75 (writes cache/, runs/, reports/).
+
+    ``wait``: seconds to wait for another process that holds the cache file's writer lock (two demos
+    started in the same folder), as ``run --wait``.
+    """
+    from featcache.extract import ExtractOptions
     from featcache.fit import FitOptions
     from featcache.report import ReportOptions
 
@@ -284,5 +290,6 @@ def run_demo(
         fit_options=fopts,
         head_grids={h: DEMO_GRIDS[h] for h in heads if h in DEMO_GRIDS},
         report_options=ropts,
+        extract_options=ExtractOptions(wait=wait),
         progress=progress,
     )

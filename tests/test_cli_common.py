@@ -215,3 +215,38 @@ def test_ctrl_c_after_the_command_finished_keeps_its_status(argv, status, tmp_pa
                           cwd=tmp_path)
     assert proc.returncode == status, proc.stderr
     assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (["fit", "--head", "logreg", "--seed", "1", "--seed", "2"],
+     "--seed was given twice (--seed 1, --seed 2)"),
+    (["fit", "--seed=1", "--head", "knn", "--seed", "3"], "--seed was given twice (--seed=1, --seed 3)"),
+    (["report", "--inspect", "--no-inspect"], "--inspect was given twice (--inspect, --no-inspect)"),
+    (["cache", "merge", "--wait", "1", "a", "--wait", "2", "--wait", "3"],
+     "--wait was given 3 times (--wait 1, --wait 2, --wait 3)"),
+])
+def test_a_single_value_option_given_twice_is_refused(argv, said, tmp_path, monkeypatch, capsys) -> None:
+    """click keeps the last value of a repeated option without a word: `fit --seed 1 ... --seed 2` recorded
+    seed 2. It is refused before any work, in one sentence."""
+    from featcache.cli.app import run
+
+    monkeypatch.chdir(tmp_path)
+    assert run(argv) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.startswith(f"error: {said}") and err.endswith("give it once (the last one would win without "
+                                                             "a word).")
+    assert not any(tmp_path.iterdir())  # nothing was written
+
+
+def test_repeatable_options_values_that_look_like_options_and_help_are_not_refused() -> None:
+    """--tag and --grid repeat on purpose; a value is skipped even when it looks like an option
+    (--title --seed); --help and anything after `--` are left to click."""
+    from featcache.cli.app import app
+    from featcache.cli.repeats import check_repeated_options
+
+    root = typer.main.get_command(app)
+    check_repeated_options(root, ["run", "--tag", "a", "--tag", "b", "--grid", "C=1", "--grid", "mlp:lr=1"])
+    check_repeated_options(root, ["report", "--title", "--metric", "--metric", "auc"])
+    check_repeated_options(root, ["fit", "--seed", "1", "--seed", "2", "--help"])
+    check_repeated_options(root, ["predict", "--", "--out", "--out"])
+    check_repeated_options(root, ["fit", "--seed", "1", "--nope", "--seed"])  # click names --nope itself

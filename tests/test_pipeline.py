@@ -139,37 +139,43 @@ def test_run_end_to_end(kermany_tree, tmp_path, capsys, monkeypatch):
     assert "Grid views" in html and "mean CV" in html  # the CV search inside each run is shown
 
 
-def test_run_waits_for_a_cache_another_process_writes_as_long_as_wait_says(kermany_tree, tmp_path, capsys,
-                                                                          monkeypatch):
-    """run's lock message offers --wait, so run has it: a held cache lock is waited for, then refused."""
+def test_run_and_demo_wait_for_a_cache_another_process_writes_as_long_as_wait_says(kermany_tree, tmp_path,
+                                                                                  capsys, monkeypatch):
+    """The lock message offers --wait, so run and demo have it: a held cache lock is waited for, then
+    refused (demo's message named --wait, which demo lacked)."""
     from featcache import cache as fcache
 
-    real, held = fcache.CacheWriter, []
+    real, held = fcache.CacheWriter, {}
     holder = ("import sys; from filelock import FileLock; lock = FileLock(sys.argv[1]); lock.acquire(); "
               "print('held', flush=True); sys.stdin.read()")
 
     def writer_of_a_locked_file(path, *args, **kwargs):  # another process holds this file's lock
-        if not held:
-            held.append(subprocess.Popen([sys.executable, "-c", holder, str(path) + ".lock"],
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
-            assert held[0].stdout.readline().strip() == "held"
+        if str(path) not in held:
+            held[str(path)] = proc = subprocess.Popen(
+                [sys.executable, "-c", holder, str(path) + ".lock"], stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, text=True)
+            assert proc.stdout.readline().strip() == "held"
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(fcache, "CacheWriter", writer_of_a_locked_file)
     monkeypatch.chdir(tmp_path)
     argv = ["run", "--data", str(kermany_tree), "--backbone", "mobilenet-0.75", "--weights", "none",
             "--head", "knn", "--cv-folds", "2"]
+    demo = ["demo", "--weights", "none", "--workdir", str(tmp_path / "d"), "--head", "knn"]
     try:
         assert run([*argv, "--wait", "0.3"]) == 3
         err = capsys.readouterr().err.replace("\n", " ")
         assert "being written by another featcache process" in err and "still held after --wait 0.3" in err
         assert run(argv) == 3
         assert "pass --wait SECONDS" in capsys.readouterr().err.replace("\n", " ")
+        assert run([*demo, "--wait", "0.2"]) == 3
+        assert "still held after --wait 0.2" in capsys.readouterr().err.replace("\n", " ")
     finally:
-        for proc in held:
+        for proc in held.values():
             proc.kill()
             proc.wait()
-    assert not (tmp_path / "runs").exists()  # nothing was fitted on a cache it could not write
+    assert len(held) == 2  # the demo's own cache file was the one held
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "d" / "runs").exists()
 
 
 def test_run_on_a_manifest_fits_the_manifests_images(kermany_tree, tmp_path, capsys, monkeypatch):
