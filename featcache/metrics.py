@@ -210,6 +210,8 @@ def bootstrap_ci(
 
     With ``groups`` (patient ids) whole patients are resampled, so the several images of one patient are
     not counted as independent evidence (most Kermany patients have several images); without, images.
+    A proportion (accuracy, sensitivity, specificity) observed at 0 or 1 gets the exact Clopper-Pearson
+    interval instead, named under ``exact_at_bound`` (see :func:`_exact_at_bounds`).
     """
     k = len(classes)
     y = np.asarray(y_true, dtype=np.int64)
@@ -258,6 +260,38 @@ def bootstrap_ci(
         out[name] = (
             [float(np.quantile(vals, alpha)), float(np.quantile(vals, 1 - alpha))] if len(vals) else None
         )
+    exact = _exact_at_bounds(out, y, y_pred, k, groups, level)
+    if exact:
+        out["exact_at_bound"] = exact
     out["n_boot"] = int(n_boot)
     out["level"] = float(level)
     return out
+
+
+def _exact_at_bounds(out: dict, y: np.ndarray, y_pred: np.ndarray, k: int, groups: Sequence | None,
+                     level: float) -> list[str]:
+    """Replace the degenerate percentile interval of a proportion observed at 0 or 1 by the exact
+    Clopper-Pearson interval; return the names replaced.
+
+    Why: when all 12 positives are found, every resample finds all of them, and the percentile interval
+    is [1.00, 1.00], a certainty that 12 images cannot give. Clopper-Pearson at x = n is
+    [(alpha/2)^(1/n), 1] (at x = 0 its mirror). n counts patients, the bootstrap's resampling unit (images
+    without patient ids), so several images of one patient are not counted as independent evidence.
+    """
+    alpha = 1.0 - level
+    ids = np.asarray(groups if groups is not None else np.arange(len(y)), dtype=object)
+    counted = {"accuracy": np.ones(len(y), dtype=bool)}
+    if k == 2:
+        counted.update(sensitivity=y == 1, specificity=y == 0)
+    replaced = []
+    for name, mask in counted.items():
+        if not mask.any() or out.get(name) is None:
+            continue
+        hits = y_pred[mask] == y[mask]
+        if 0 < hits.sum() < len(hits):
+            continue
+        m = len(set(ids[mask].tolist()))
+        edge = float((alpha / 2.0) ** (1.0 / m))
+        out[name] = [edge, 1.0] if hits.all() else [0.0, 1.0 - edge]
+        replaced.append(name)
+    return replaced

@@ -131,6 +131,29 @@ def test_bootstrap_multiclass_runs() -> None:
     assert ci["auc"][0] < 0.5 < ci["auc"][1] + 0.1
 
 
+def test_a_proportion_at_0_or_1_gets_the_exact_interval_not_a_point() -> None:
+    """All 12 positives found: every resample finds all of them, so the percentile interval was
+    [1.00, 1.00]. It is the Clopper-Pearson interval over the patients counted instead, and named."""
+    from scipy.stats import beta
+
+    y = np.array([0] * 30 + [1] * 12)
+    p1 = np.where(y == 1, 0.8, 0.1)
+    p1[0] = 0.7  # one false positive: specificity 29/30 keeps its percentile interval
+    proba = np.column_stack([1 - p1, p1])
+    ci = bootstrap_ci(y, proba, ["n", "p"], threshold=0.5, n_boot=300, seed=0)
+    assert ci["exact_at_bound"] == ["sensitivity"]
+    assert ci["sensitivity"] == pytest.approx([beta.ppf(0.025, 12, 1), 1.0])  # 0.735: 12 images say no more
+    assert ci["specificity"][1] == 1.0 and 0.85 < ci["specificity"][0] < 29 / 30
+    # by patients (3 images each): 4 positive patients, a far wider interval; all wrong: the mirror image
+    pats = [i // 3 for i in range(42)]
+    by_pat = bootstrap_ci(y, proba, ["n", "p"], threshold=0.5, n_boot=300, seed=0, groups=pats)
+    assert by_pat["sensitivity"] == pytest.approx([beta.ppf(0.025, 4, 1), 1.0])
+    wrong = bootstrap_ci(y, proba[:, ::-1], ["n", "p"], threshold=0.5, n_boot=300, seed=0)
+    assert set(wrong["exact_at_bound"]) == {"sensitivity"} and wrong["sensitivity"] == pytest.approx(
+        [0.0, 1 - (0.025) ** (1 / 12)])
+    assert ci["accuracy"][0] < ci["accuracy"][1] and "accuracy" not in ci["exact_at_bound"]
+
+
 def test_bootstrap_resamples_whole_patients_when_groups_are_given() -> None:
     from featcache.metrics import bootstrap_weights
 
