@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from featcache.errors import ConfigError
 from featcache.progress import ProgressEvent
@@ -47,8 +48,41 @@ def make_callback(bar: Progress):
     return callback
 
 
+def _leaders_table(result) -> Table | None:
+    """The best runs in a few columns, so the terminal answers "which won, and by how much" at once.
+
+    Columns that are the same on every row (backbone, task) are left out, and configs without the settings
+    all shown runs of a head share, as in the report's overview plot."""
+    from featcache.report.plots import overview_labels
+
+    rows = getattr(result, "leaders", None) or []
+    if not rows:
+        return None
+    metric = result.metric
+    varying = [k for k in ("backbone", "head", "task")
+               if k == "head" or len({str(r.get(k)) for r in rows}) > 1]
+    table = Table(title=f"best runs by validation {metric}", title_justify="left", box=None, pad_edge=False)
+    for name in ("#", *varying, "config", f"val {metric}", f"test {metric} [95% CI]"):
+        table.add_column(name, justify="right" if name == "#" or metric in name else "left", overflow="fold")
+
+    def num(value) -> str:
+        return "—" if value is None else f"{value:.3f}"
+
+    for r, config in zip(rows, overview_labels(rows), strict=True):
+        test = num(r.get(f"test_{metric}"))
+        lo, hi = r.get(f"test_{metric}_lo"), r.get(f"test_{metric}_hi")
+        if test != "—" and lo is not None and hi is not None:
+            test += f" [{lo:.3f}–{hi:.3f}]"
+        table.add_row(str(r["rank"]), *(escape(str(r.get(k))) for k in varying),
+                      escape(config or "(defaults)"), num(r.get(f"val_{metric}")), test)
+    return table
+
+
 def print_outputs(result, console: Console) -> None:
-    """Where the report is: the one thing the user needs after the command."""
+    """The best runs, then where the report is: what the user needs after the command."""
+    table = _leaders_table(result)
+    if table is not None:
+        console.print(table)
     console.print(
         f"[green]Report written[/] ({result.n_runs} runs; best [bold]{escape(str(result.best_run_id))}[/]):"
     )

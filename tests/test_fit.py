@@ -153,6 +153,25 @@ def test_test_labels_cannot_change_any_choice(tmp_path: Path) -> None:
     assert ra.metrics()["test"]["accuracy"] != rb.metrics()["test"]["accuracy"]
 
 
+def test_a_three_class_report_says_how_its_labels_and_auc_are_made(setup, tmp_path: Path) -> None:
+    """A 3-class report said "threshold 0.5" (hero, leaderboard, tables), showed '@thr' columns empty on
+    every row and never said its AUC is one-vs-rest macro; the paired table's "—" had no reason."""
+    from featcache.report import ReportOptions, build_report
+
+    root, cache_dir, runs_dir = setup
+    for grid in (["n_neighbors=3"], ["n_neighbors=5"]):
+        fit(root, "fakenet", "knn", opts(cache_dir, runs_dir, grid_args=grid, task="3class"))
+    res = build_report(runs_dir, tmp_path / "rep", ReportOptions(inspect_data=False))
+    text = " ".join(res.markdown.read_text(encoding="utf-8").split())
+    assert "threshold 0.5" not in text and "@thr" not in text
+    assert "sorted by validation accuracy (the most probable class; higher is better)" in text
+    assert "AUC of a task with more than two classes is one-vs-rest, macro-averaged over the classes" in text
+    assert "the paired AUC difference is computed for binary runs only" in text
+    assert [r["rank"] for r in res.leaders] == [1, 2] and res.metric == "accuracy"
+    meta = json.loads(res.json.read_text())["meta"]
+    assert meta["confidence_intervals"]["n_boot"] and meta["featcache_version"]
+
+
 @pytest.mark.parametrize("head, grid", [("svm", ["C=1", "kernel=linear,rbf"]), ("knn", ["n_neighbors=3,5"]),
                                         ("mlp", ["layers=8", "epochs=3", "lr=0.01,0.001", "dropout=0"])])
 def test_each_head_through_fit(setup, head: str, grid: list[str]) -> None:
@@ -975,3 +994,21 @@ def test_options_the_head_does_not_use_are_noted(setup) -> None:
     assert "not used by the logreg head: --mlp-precision (mlp only)." in res.notes
     plain = fit(root, "fakenet", "logreg", opts(cache_dir, runs_dir, grid_args=["C=1"]))
     assert not any(n.startswith("not used") for n in plain.notes)
+
+
+def test_a_preset_names_the_task_it_ran_when_the_paper_ran_two() -> None:
+    """`fit --preset mao2018` without --task ran binary without a word, though the paper also reports
+    3-class; a task the paper did not run is noted too; a task given explicitly, or a one-task paper, is
+    not noted."""
+    from featcache.fit import _preset_task_notes
+    from featcache.grids import get_preset
+
+    mao, laban = get_preset("mao2018"), get_preset("laban2021")
+    (note,) = _preset_task_notes(FitOptions(preset="mao2018"), mao, "binary")
+    assert note == ("preset mao2018: the paper ran binary and 3class; this sweep is binary (the preset's "
+                    "default); add --task 3class for the other.")
+    assert _preset_task_notes(FitOptions(preset="mao2018", task="3class"), mao, "3class") == []
+    (other,) = _preset_task_notes(FitOptions(preset="mao2018", task="folders"), mao, "folders")
+    assert other.startswith("preset mao2018: the paper ran binary and 3class, not folders")
+    assert _preset_task_notes(FitOptions(preset="laban2021"), laban, "binary") == []
+    assert _preset_task_notes(FitOptions(), None, "binary") == []

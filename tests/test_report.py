@@ -266,6 +266,12 @@ def test_group_top_tag_and_id_selection(sweep, tmp_path):
     assert [r["head"] for r in json.loads(res.json.read_text())["runs"]] == ["logreg"]
     with pytest.raises(RunError, match="matches the --tag/--id selection"):
         build_report(runs, tmp_path / "n", ReportOptions(tags=["nope"]))
+    # an empty tag beside a real one was dropped without a word; an empty --id selected every run
+    with pytest.raises(ConfigError, match="--tag needs a name"):
+        build_report(runs, tmp_path / "e", ReportOptions(tags=["mlp-grid", " "]))
+    with pytest.raises(ConfigError, match="--id needs a glob or part of a run id"):
+        build_report(runs, tmp_path / "e", ReportOptions(ids=[""]))
+    assert not (tmp_path / "e").exists()
     with pytest.raises(ConfigError, match="unknown metric"):
         build_report(runs, tmp_path / "m", ReportOptions(metric="bogus"))
 
@@ -444,7 +450,13 @@ def test_cli_report(sweep, tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert (out / "report.html").is_file() and "report.html" in captured.out.replace("\n", "")
-    assert captured.out.startswith("Report written"), captured.out  # no empty line from the progress bar
+    # no empty line from the progress bar; the best runs first (top 3 per head: 5 shown), then the paths
+    assert captured.out.startswith("best runs by validation auc"), captured.out
+    lines = captured.out.splitlines()
+    board = sorted(json.loads((out / "leaderboard.json").read_text())["runs"], key=lambda r: r["rank"])
+    assert [ln.split()[0] for ln in lines[2:7]] == [str(r["rank"]) for r in board[:5]]  # ranks of the kept
+    assert "Report written" in lines[7]
+    assert f"{board[0]['test_auc']:.3f} [{board[0]['test_auc_lo']:.3f}–" in lines[2]
     code = run(["report", "--runs-dir", str(tmp_path / "missing"), "--out", str(out)])
     err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
     assert code != 0 and "does not exist" in err and "Traceback" not in err
@@ -458,6 +470,37 @@ def test_cli_report(sweep, tmp_path, capsys):
     code = run(["report", "--runs-dir", str(runs), "--out", str(a_file)])
     err = " ".join(capsys.readouterr().err.split())
     assert code == 2 and "is a file, not a folder" in err and a_file.read_text() == "x"
+
+
+def test_overview_labels_keep_the_settings_that_tell_runs_apart() -> None:
+    """Cut at 47 characters, two mlp rows both read "dropout=0.5, epochs=50, layers=1024-512, lr=0.0…"."""
+    from featcache.report.plots import overview_labels
+
+    rows = [{"head": "mlp", "config": "dropout=0.5, epochs=50, layers=1024-512, lr=0.0001"},
+            {"head": "mlp", "config": "dropout=0.5, epochs=50, layers=1024-512, lr=0.001"},
+            {"head": "logreg", "config": "C=1, class_weight={0: 3.0, 1: 1.0}"},
+            {"head": "svm", "config": "C=1"}, {"head": "svm", "config": "C=1"}]
+    assert overview_labels(rows) == ["lr=0.0001", "lr=0.001", "C=1, class_weight={0: 3.0, 1: 1.0}", "C=1",
+                                     "C=1"]  # one logreg: all of it; identical svm configs: kept
+    assert overview_labels(rows[:1], width=10) == ["dropout=0…"]
+
+
+def test_figures_are_print_quality_files_shown_at_screen_size(sweep, tmp_path):
+    """Figures were 90-dpi PNGs (a heatmap 323 px wide): they are 150 dpi in report_files/, and the HTML
+    gives each the width it had at 90 dpi, so the page looks as designed."""
+    import base64
+    import struct
+
+    runs, _ = sweep
+    res = build_report(runs, tmp_path / "out")
+    html = res.html.read_text()
+    shown = re.findall(r'<img alt="[^"]*" width="(\d+)" src="data:image/png;base64,([^"]+)"', html)
+    assert shown and len(shown) == html.count("<img ")
+    for width, data in shown:
+        png = base64.b64decode(data)
+        assert int(width) == round(struct.unpack(">I", png[16:20])[0] * 90 / 150)
+    overview = (tmp_path / "out" / "report_files" / "overview.png").read_bytes()
+    assert struct.unpack(">I", overview[16:20])[0] > 1400  # 11 inches at 150 dpi, less the trimmed margin
 
 
 def test_dataset_audit_from_existing_folder(tmp_path, kermany_tree):
@@ -612,6 +655,12 @@ def test_brier_and_calibration_bins():
     assert counts.tolist() == [2, 2]
     three = Predictions(["a", "b"], np.array([0, 2]), np.array([[1.0, 0, 0], [0.5, 0, 0.5]]), ["x", "y", "z"])
     assert scores(three)["brier"] == pytest.approx((0 + 0.5) / 2)  # (0.25 + 0.25) for the second image
+    # each bin's fraction gets a Wilson interval: 0 of 12 is not "exactly 0", 50 of 100 is +-0.096
+    from featcache.report.plots import wilson_interval
+
+    lo, hi = wilson_interval(np.array([0.0, 1.0, 0.5]), np.array([12, 12, 100]))
+    assert lo.tolist() == pytest.approx([0.0, 12 / (12 + 1.96**2), 0.4038], abs=1e-4)
+    assert hi.tolist() == pytest.approx([1.96**2 / (12 + 1.96**2), 1.0, 0.5962], abs=1e-4)
 
 
 def test_provenance_gives_the_working_folder_and_source_revision(tmp_path):

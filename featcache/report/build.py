@@ -20,6 +20,7 @@ import numpy as np
 
 from featcache.errors import ConfigError, FeatcacheError, RunError, naming
 from featcache.faults import crash_point
+from featcache.fit import check_tags
 from featcache.progress import ProgressFn, emit
 from featcache.report import plots
 from featcache.report.collect import RunRecord, load_runs, select_runs
@@ -92,6 +93,8 @@ class ReportResult:
     n_runs: int
     best_run_id: str | None
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    metric: str = "accuracy"
+    leaders: list[dict] = field(default_factory=list)  # the best rows (leaderboard columns), for the terminal
 
 
 def _f(value: Any, digits: int = 3) -> str:
@@ -120,13 +123,24 @@ def _interval(row: dict, key: str, digits: int = 2) -> str:
     return "—" if lo is None or hi is None else f"{_f(lo, digits)}–{_f(hi, digits)}"
 
 
+def _rule(row: dict, at: str = "") -> str:
+    """How a run's labels are decided: threshold 0.5 on the positive class (binary), else argmax."""
+    return f"{at}threshold 0.5" if "positive_class" in row else "the most probable class"
+
+
+def _rules(rows: Sequence[dict], at: str = "") -> str:
+    """:func:`_rule` of a set of runs (both, where binary and 3-class runs are mixed)."""
+    kinds = {_rule(r, at) for r in rows}
+    return kinds.pop() if len(kinds) == 1 else f"{at}threshold 0.5 if binary, else the most probable class"
+
+
 def _hero(best: dict, metric: str, has_test: bool) -> Hero:
     thr = best.get("threshold")
     stats = [
         Stat(
             f"validation {metric}",
             _f(best.get(f"val_{metric}")),
-            ("" if metric in THRESHOLD_FREE else "threshold 0.5 · ")
+            ("" if metric in THRESHOLD_FREE else _rule(best) + " · ")
             + f"{best.get('validation') or 'n=' + str(best.get('n_val') or '?')}",
         )
     ]
@@ -320,16 +334,18 @@ def _leaderboard_table(rows: Sequence[dict], metric: str, has_test: bool) -> Tab
         cols.append(("validated on", lambda r: r.get("validation")))
     if metric != "accuracy":
         cols.append(("val acc", lambda r: _f(r.get("val_accuracy"))))
-    cols += [
-        ("val acc @thr", lambda r: _f(r.get("val_accuracy_thr"))),
-        ("thr", lambda r: _f(r.get("threshold"), 2)),
-    ]
+    thresholds = any(r.get("threshold") is not None for r in rows)  # binary runs; 3-class has none
+    if thresholds:
+        cols += [
+            ("val acc @thr", lambda r: _f(r.get("val_accuracy_thr"))),
+            ("thr", lambda r: _f(r.get("threshold"), 2)),
+        ]
     if metric != "auc":
         cols.append(("val AUC", lambda r: _f(r.get("val_auc"))))
     if has_test:
         cols += [
             ("test acc [95% CI]", lambda r: _ci(r, "test_accuracy")),
-            ("test acc @thr", lambda r: _f(r.get("test_accuracy_thr"))),
+            *([("test acc @thr", lambda r: _f(r.get("test_accuracy_thr")))] if thresholds else []),
             ("test AUC [95% CI]", lambda r: _ci(r, "test_auc")),
             ("test F1", lambda r: _f(r.get("test_macro_f1"))),
         ]
@@ -377,14 +393,18 @@ def _paired_section(doc: Document, rows: list[dict], by_id: dict[str, RunRecord]
             continue
         where = f"{group_by} {name}: " if group_by else ""
         doc.add(Heading(f"{where}is #{ranked[0]['rank']} better than the next runs on the test images?", 3))
+        no_auc = any(cells[3] == "—" for cells in body)
         doc.add(Table(
-            ["#", "run", "Δ test accuracy vs best [95% CI]", "Δ test AUC vs best [95% CI]", "accuracy"],
+            ["#", "run", "Δ test accuracy vs best [95% CI]", "Δ test AUC vs best [95% CI]",
+             "by accuracy, the run is"],
             body,
             {0, 2, 3},
-            caption="Differences on the same test images, with 95% intervals from 1000 paired bootstrap "
-            "resamples of test patients (seed 0): both runs are scored on each resample. An interval that "
-            "contains 0 means this test set cannot tell the two runs apart, whatever the validation "
-            "ranking says.",
+            caption="Differences on the same test images (Δ = this run − the best, so a negative Δ means "
+            "the run scores lower), with 95% intervals from 1000 paired bootstrap resamples of test "
+            "patients (seed 0): both runs are scored on each resample. An interval that contains 0 means "
+            "this test set cannot tell the two runs apart, whatever the validation ranking says. Each row "
+            "is its own test, not corrected for the several rows"
+            + ("; the paired AUC difference is computed for binary runs only (—)." if no_auc else "."),
         ))
 
 
@@ -437,12 +457,15 @@ def _leaderboard_section(
     doc.add(
         Para(
             f"{n_total} run(s), {shown} shown, sorted by validation {options.metric}"
-            f"{'' if options.metric in THRESHOLD_FREE else ' at threshold 0.5'} "
-            f"({'lower' if options.metric in LOWER_IS_BETTER else 'higher'} is better). '@thr' columns use "
-            "the threshold chosen on validation data (Youden's J unless fit chose another); 'val acc @thr' "
-            "is scored on the predictions that chose it, so it is optimistic (its test twin is not); F1 is "
-            "macro-averaged; CIs are 95% bootstrap intervals resampling test patients (all images of a "
-            "patient together).",
+            f" ({'' if options.metric in THRESHOLD_FREE else _rules(rows) + '; '}"
+            f"{'lower' if options.metric in LOWER_IS_BETTER else 'higher'} is better). "
+            + ("'@thr' columns use the threshold chosen on validation data (Youden's J unless fit chose "
+               "another); 'val acc @thr' is scored on the predictions that chose it, so it is optimistic "
+               "(its test twin is not); " if any(r.get("threshold") is not None for r in rows) else "")
+            + "F1 is macro-averaged; "
+            + ("AUC of a task with more than two classes is one-vs-rest, macro-averaged over the classes; "
+               if any("positive_class" not in r for r in rows) else "")
+            + "CIs are 95% bootstrap intervals resampling test patients (all images of a patient together).",
             "muted",
         )
     )
@@ -484,7 +507,8 @@ def _leaderboard_section(
             Figure(
                 "overview",
                 fig,
-                f"The {len(shown_rows)} best of {len(rows)} runs: validation {m} (blue){test_words}",
+                f"The {len(shown_rows)} best of {len(rows)} runs: validation {m} (blue){test_words} "
+                "Labels leave out the settings that all shown runs of a head share (the table has them).",
                 f"validation versus test {options.metric} of the best runs",
             )
         )
@@ -507,17 +531,27 @@ def _top_runs_section(
     else:
         chosen = rows[: options.detail]
     doc.section("Top runs", "top-runs")
-    doc.add(
-        Para(
-            "Confusion matrices at threshold 0.5 and at the validation-chosen threshold (test split when "
+    binary = [r for r in chosen if "positive_class" in r]
+    if binary:
+        doc.add(Para(
+            ("Binary runs: confusion" if len(binary) < len(chosen) else "Confusion")
+            + " matrices at threshold 0.5 and at the validation-chosen threshold (test split when "
             "present, else validation), ROC and precision-recall curves with both operating points "
             "(● 0.5, ★ chosen; the dotted line of the precision-recall panel is the positive class's share, "
             "what a classifier without skill reaches), a "
-            "reliability diagram (binary: predicted probability against the observed fraction, dot area = "
-            "images; on the diagonal is well calibrated) and the MLP's training curves.",
+            "reliability diagram (predicted probability against the observed fraction in 10 equal-width "
+            "bins, dot area = images, grey bars = 95% Wilson intervals of each bin's fraction; on the "
+            "diagonal is well calibrated, and a bin whose bar crosses it is within its noise) and the "
+            "MLP's training curves.",
             "muted",
-        )
-    )
+        ))
+    if len(binary) < len(chosen):
+        doc.add(Para(
+            ("Runs with more than two classes: the" if binary else "The")
+            + " confusion matrix of the most probable class (test split when present, else validation) "
+            "and the MLP's training curves; their AUC is one-vs-rest, macro-averaged over the classes.",
+            "muted",
+        ))
     for i, row in enumerate(chosen):
         emit(progress, "report", i, len(chosen), f"plotting {row['run_id']}")
         rec = by_id[row["run_id"]]
@@ -591,11 +625,18 @@ def _cells(
 
 
 def _heatmap(
-    rows: Sequence[dict], x: str, y: str, value_key: str, title: str, lower_better: bool = False
+    rows: Sequence[dict], x: str, y: str, value_key: str, title: str, lower_better: bool = False,
+    bar_label: str = "", chosen: dict | None = None,
 ) -> bytes:
-    """Best value of ``value_key`` per (x, y) cell of two hyperparameters."""
+    """Best value of ``value_key`` per (x, y) cell of two hyperparameters; ``chosen`` (the params of the
+    selected config) gets its cell outlined."""
     table, xs, ys = _cells(rows, x, y, value_key, lower_better)
-    return plots.heatmap_figure(table, xs, ys, x, y, title)
+    mark = None
+    if chosen is not None:
+        cx, cy = format_value(chosen.get(x)), format_value(chosen.get(y))
+        if cx in xs and cy in ys:
+            mark = (ys.index(cy), xs.index(cx))
+    return plots.heatmap_figure(table, xs, ys, x, y, title, bar_label=bar_label, mark=mark)
 
 
 def _telling_pair(rows: Sequence[dict], names: list[str], value_key: str) -> tuple[str, str] | None:
@@ -675,8 +716,8 @@ def _hyper_table(rows: Sequence[dict], varying: list[str], metric: str, by_id: d
         numeric,
         best,
         caption=f"Highlighted: best validation {metric} (every run that ties for it). Loss = log loss; "
-        "F1 = macro F1; accuracy and F1 at threshold 0.5. Train metrics as recorded by fit (empty when not "
-        "recorded).",
+        f"F1 = macro F1; accuracy and F1 {_rules(rows, 'at ')}. Train metrics as recorded by fit (empty "
+        "when not recorded).",
     )
 
 
@@ -724,12 +765,17 @@ def _cv_section(doc: Document, rec: RunRecord, row: dict, options: ReportOptions
         else _telling_pair(grid, names, "cv")
     )
     if pair:
-        png = _heatmap(grid, pair[0], pair[1], "cv", f"mean CV {scoring}: {rec.head} on {rec.backbone}")
+        chosen_at = (rec.run.get("selection") or {}).get("best_index")
+        png = _heatmap(grid, pair[0], pair[1], "cv", f"mean CV {scoring}: {rec.head} on {rec.backbone}",
+                       bar_label=f"mean CV {scoring}",
+                       chosen=grid[chosen_at]["params"] if isinstance(chosen_at, int)
+                       and 0 <= chosen_at < len(grid) else None)
         doc.add(
             Figure(
                 f"heatmap-cv-{row['rank']}",
                 png,
-                f"Mean cross-validation {scoring} over {pair[0]} × {pair[1]} (best config per cell; "
+                f"Mean cross-validation {scoring} over {pair[0]} × {pair[1]} (best config per cell, the "
+                "chosen one outlined; "
                 "unless --heatmap names them, the two parameters that spread the scores most).",
                 f"heatmap of CV {scoring} over {pair[0]} and {pair[1]}",
             )
@@ -759,7 +805,11 @@ def _cv_section(doc: Document, rec: RunRecord, row: dict, options: ReportOptions
             {0, *range(1 + len(names), len(cols))},
             best,
             caption="Highlighted: the config the search chose; the run's train/val/test metrics above are "
-            "for that config only." + ties,
+            f"for that config only. 'mean CV {scoring}' averages the per-fold scores (what GridSearchCV "
+            "ranks by); the run's validation score in the leaderboard is scored on the pooled out-of-fold "
+            "predictions of the chosen config, so the two differ a little (folds differ in size). Both "
+            f"are the best of {len(grid)} configs on the folds that chose it, so they lean optimistic; the "
+            "test columns do not." + ties,
         )
     )
 
@@ -802,12 +852,15 @@ def _grid_section(
                 f"val_{options.metric}",
                 f"validation {options.metric}: {head} on {backbone}, {task}",
                 options.metric in LOWER_IS_BETTER,
+                bar_label=f"validation {options.metric}",
+                chosen=min(members, key=lambda r: r["rank"])["params"],
             )
             doc.add(
                 Figure(
                     f"heatmap-{head}-{backbone}-{task}",
                     png,
-                    f"Validation {options.metric} over {pair[0]} × {pair[1]} (best run per cell; other "
+                    f"Validation {options.metric} over {pair[0]} × {pair[1]} (best run per cell, the best "
+                    "run outlined; other "
                     "parameters vary inside a cell; unless --heatmap names them, the two parameters that "
                     "spread the scores most).",
                     f"heatmap of {options.metric} over {pair[0]} and {pair[1]}",
@@ -1023,7 +1076,20 @@ def _methods_text(runs: Sequence[RunRecord]) -> str:
     if boots:
         text += (f"; 95% confidence intervals are percentile bootstrap intervals over {'/'.join(boots)} "
                  f"resamples of test patients (all images of a patient together), seed {'/'.join(seeds)}")
+        exact = sorted({name for r in runs for ci in _recorded_cis(r)
+                        for name in ci.get("exact_at_bound") or ()})
+        if exact:
+            text += (f"; where a proportion ({', '.join(exact)}) was observed at 0 or 1, every resample "
+                     "gives the same value and the percentile interval is a point, so the exact "
+                     "Clopper-Pearson interval over the patients counted is shown instead")
     return text + (f". Software: {software}." if software else ".")
+
+
+def _recorded_cis(run: RunRecord) -> list[dict]:
+    """The CI dicts a run recorded for its test split (at 0.5 and at its chosen threshold)."""
+    test = run.metrics.get("test") if isinstance(run.metrics.get("test"), dict) else {}
+    at_thr = test.get("at_threshold") if isinstance(test.get("at_threshold"), dict) else {}
+    return [ci for ci in (test.get("ci"), at_thr.get("ci")) if isinstance(ci, dict)]
 
 
 def _counted(values: dict[str, int], n_runs: int) -> str:
@@ -1269,6 +1335,9 @@ def build_report(
         raise ConfigError(
             "--heatmap takes two parameter names separated by a comma, e.g. --heatmap lr,batch_size."
         )
+    check_tags(options.tags)  # `--tag ""` beside a real tag would otherwise be dropped without a word
+    if any(not str(i).strip() for i in options.ids):  # "" is a substring of every id: it would select all
+        raise ConfigError("--id needs a glob or part of a run id (an empty one was given).")
     runs_dir, out_dir = Path(runs_dir), Path(out_dir)
     all_runs, skipped = load_runs(runs_dir, progress)
     damaged = [(name, why) for name, why in skipped if not why.startswith(("status", "no run.json"))]
@@ -1313,7 +1382,7 @@ def build_report(
     with naming(out_dir):  # a full disk names the report folder, not an anonymous write()
         staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=out_dir))
         try:
-            _write_report_files(doc, rows, options, runs_dir, staging)
+            _write_report_files(doc, rows, runs, options, runs_dir, staging)
             _publish(staging, out_dir)
         finally:  # an error (disk full, say) leaves the previous report as it was, and no staging folder
             if staging.exists():
@@ -1322,12 +1391,23 @@ def build_report(
                 shutil.rmtree(staging, ignore_errors=True)
     emit(progress, "report", 4, 4, "report written")
     best = min(rows, key=lambda r: r["rank"])
+    leaders = sorted(rows, key=lambda r: r["rank"])[:TERMINAL_ROWS]
     return ReportResult(out_dir, out_dir / "report.html", out_dir / "report.md", out_dir / "leaderboard.csv",
-                        out_dir / "leaderboard.json", len(rows), best["run_id"], skipped)
+                        out_dir / "leaderboard.json", len(rows), best["run_id"], skipped, options.metric,
+                        leaders)
 
 
-def _write_report_files(doc: Document, rows: list[dict], options: ReportOptions, runs_dir: Path,
-                        folder: Path) -> None:
+TERMINAL_ROWS = 5  # best runs the CLI prints after writing the report
+
+
+def _featcache_version() -> str:
+    from featcache import __version__
+
+    return str(__version__)
+
+
+def _write_report_files(doc: Document, rows: list[dict], runs: Sequence[RunRecord], options: ReportOptions,
+                        runs_dir: Path, folder: Path) -> None:
     """The report's four files and its figure folder, written into ``folder`` (a staging folder)."""
     (folder / "report.html").write_text(_utf8(render_html(doc)), encoding="utf-8")
     (folder / "report.md").write_text(_utf8(render_markdown(doc, folder / ASSETS, ASSETS)), encoding="utf-8")
@@ -1340,6 +1420,19 @@ def _write_report_files(doc: Document, rows: list[dict], options: ReportOptions,
         "ids": list(options.ids),
         "n_runs": len(rows),
         "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "featcache_version": _featcache_version(),
+        # how the test CIs were made, so a CSV/JSON read alone can be traced (each run's own record too)
+        "confidence_intervals": {
+            "method": "percentile bootstrap resampling test patients (images where no patient ids); a "
+                      "proportion observed at 0 or 1 gets the exact Clopper-Pearson interval",
+            "level": 0.95,
+            "n_boot": sorted({int(ci["n_boot"]) for r in runs for ci in _recorded_cis(r)
+                              if isinstance(ci.get("n_boot"), int)}),
+            "seed": sorted({r.run.get("seed") for r in runs if isinstance(r.run.get("seed"), int)}),
+        },
+        "source_revisions": sorted({str(r.run["environment"].get("source_revision")) for r in runs
+                                    if isinstance(r.run.get("environment"), dict)
+                                    and r.run["environment"].get("source_revision")}),
     }
     write_csv(rows, folder / "leaderboard.csv")
     write_json(rows, folder / "leaderboard.json", meta)

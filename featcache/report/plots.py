@@ -8,6 +8,7 @@ matplotlib would otherwise read ``$...$`` in a label as math markup (and fail on
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -53,9 +54,13 @@ def _t(text: object) -> str:
     return str(text).replace("$", r"\$")
 
 
+PNG_DPI = 150  # print quality for report_files/; the HTML shows each figure at its 90-dpi size
+SCREEN_DPI = 90
+
+
 def _png(fig) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight", metadata={"Software": None})
+    fig.savefig(buf, format="png", dpi=PNG_DPI, bbox_inches="tight", metadata={"Software": None})
     _plt().close(fig)
     return buf.getvalue()
 
@@ -163,11 +168,12 @@ def _history_ax(ax, history: dict) -> None:
         vals = history.get(key)
         if vals:
             ep = np.arange(1, len(vals) + 1)
-            ax.plot(ep, vals, color=color, ls=style, lw=1.4, label=key)
+            ax.plot(ep, vals, color=color, ls=style, lw=1.4, label=_CURVE_NAMES[key])
     for key, color, style in (("accuracy", ORANGE, "-"), ("val_accuracy", ORANGE, "--")):
         vals = history.get(key)
         if vals:
-            ax2.plot(np.arange(1, len(vals) + 1), vals, color=color, ls=style, lw=1.4, label=key)
+            ax2.plot(np.arange(1, len(vals) + 1), vals, color=color, ls=style, lw=1.4,
+                     label=_CURVE_NAMES[key])
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss", color=BLUE)
     ax2.set_ylabel("accuracy", color=ORANGE)
@@ -175,7 +181,23 @@ def _history_ax(ax, history: dict) -> None:
     ax.set_title("MLP training curves" if ep is not None else "no training history")
     lines = ax.get_legend_handles_labels()
     lines2 = ax2.get_legend_handles_labels()
-    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=7, frameon=False, loc="center right")
+    # below the panel: inside it, the legend covered the validation curves of a 3-class run
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=7, frameon=False, loc="upper center",
+              bbox_to_anchor=(0.5, -0.2), ncol=2)
+
+
+_CURVE_NAMES = {"loss": "train loss", "val_loss": "val loss", "accuracy": "train acc",
+                "val_accuracy": "val acc"}
+
+
+def wilson_interval(fraction: np.ndarray, n: np.ndarray, z: float = 1.96) -> tuple[np.ndarray, np.ndarray]:
+    """95% Wilson score interval of observed fractions over ``n`` images each (sound at 0, 1 and small n,
+    where the normal approximation gives a zero-width or out-of-range bar)."""
+    n = np.maximum(np.asarray(n, dtype=float), 1.0)
+    p = np.asarray(fraction, dtype=float)
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return np.clip(centre - half, 0.0, 1.0), np.clip(centre + half, 0.0, 1.0)
 
 
 def _calibration_ax(ax, pred: Predictions, split: str) -> None:
@@ -183,6 +205,9 @@ def _calibration_ax(ax, pred: Predictions, split: str) -> None:
     mean_p, observed, counts = calibration_bins(pred)
     ax.plot([0, 1], [0, 1], color=GREY, lw=0.8, ls=":")
     ax.plot(mean_p, observed, color=ORANGE if split == "test" else BLUE, lw=1.2)
+    lo, hi = wilson_interval(observed, counts)  # a middle bin of 4 images zig-zags within its noise
+    ax.errorbar(mean_p, observed, yerr=[observed - lo, hi - observed], fmt="none", ecolor=GREY, lw=0.8,
+                capsize=1.5, zorder=2)
     ax.scatter(mean_p, observed, s=12 + 120 * counts / max(counts.max(), 1),
                color=ORANGE if split == "test" else BLUE, edgecolor="black", linewidth=0.5, zorder=3)
     ax.set_xlim(-0.02, 1.02)
@@ -245,23 +270,60 @@ def overview_rows(rows: Sequence[dict], metric: str, n: int = OVERVIEW_RUNS) -> 
     return [r for r in rows if r.get(f"val_{metric}") is not None][:n]
 
 
+_SETTING = re.compile(r", (?=[A-Za-z_][A-Za-z0-9_]*=)")  # "C=1, class_weight={0: 3.0, 1: 1.0}" -> 2
+
+
+def overview_labels(rows: Sequence[dict], width: int = 64) -> list[str]:
+    """Each run's config without the settings that all shown runs of its head share.
+
+    Why: cut at a fixed width, "dropout=0.5, epochs=50, layers=1024-512, lr=0.0…" hid the one setting
+    (lr) that told two rows apart; the leaderboard table keeps the full configs.
+    """
+    parts = [_SETTING.split(str(r["config"])) if r["config"] else [] for r in rows]
+    shared: dict[str, set[str]] = {}
+    for head in {r["head"] for r in rows}:
+        mine = [set(p) for p, r in zip(parts, rows, strict=True) if r["head"] == head]
+        common = set.intersection(*mine) if len(mine) > 1 else set()
+        shared[head] = common if any(m - common for m in mine) else set()  # identical configs: keep them
+    out = []
+    for p, r in zip(parts, rows, strict=True):
+        text = ", ".join(x for x in p if x not in shared[r["head"]])
+        out.append(text if len(text) <= width else text[:width - 1] + "…")
+    return out
+
+
 def overview_figure(rows: Sequence[dict], metric: str, n: int = OVERVIEW_RUNS) -> bytes | None:
-    """Dot plot of the best runs: validation metric vs test metric with its 95% CI where there is one."""
+    """Dot plot of the best runs: validation metric vs test metric with its 95% CI where there is one.
+
+    One panel per task: a binary accuracy and a 3-class one on one axis squeezed one of them into a corner
+    and read as comparable numbers."""
     rows = overview_rows(rows, metric, n)
     if not rows:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(11.0, 0.32 * len(rows) + 1.0))
-    y = np.arange(len(rows))[::-1]
+    panels: dict[str | None, list[int]] = {}
+    for i, r in enumerate(rows):
+        panels.setdefault(r.get("task"), []).append(i)
+    heights = [0.32 * len(idx) + 0.5 for idx in panels.values()]
+    fig, axes = plt.subplots(len(panels), 1, squeeze=False, gridspec_kw={"height_ratios": heights},
+                             figsize=(11.0, max(sum(heights) + 0.6 * len(panels), 1.8)))
     many_bb = len({r["backbone"] for r in rows}) > 1
-    tasks = {r.get("task") for r in rows}
+    configs = overview_labels(rows)
+    for k, (ax, (task, idx)) in enumerate(zip(axes[:, 0], panels.items(), strict=True)):
+        members = [rows[i] for i in idx]
+        labels = [_t(f"#{r['rank']} {r['backbone'] + ' · ' if many_bb else ''}{r['head']}  {configs[i]}")
+                  for i, r in zip(idx, members, strict=True)]
+        _overview_panel(ax, members, labels, metric, task, legend=k == 0)
+        if len(panels) > 1:
+            ax.set_title(_t(f"task: {task}"), loc="right", fontsize=9)
+    fig.tight_layout()
+    return _png(fig)
 
-    def label(r: dict) -> str:
-        cfg = r["config"] if len(r["config"]) <= 48 else r["config"][:47] + "…"
-        task = f" ({r.get('task')})" if len(tasks) > 1 else ""  # a 3-class score beside binary ones
-        return _t(f"#{r['rank']} {r['backbone'] + ' · ' if many_bb else ''}{r['head']}{task}  {cfg}")
 
-    labels = [label(r) for r in rows]
+def _overview_panel(ax, rows: Sequence[dict], labels: Sequence[str], metric: str, task: str | None,
+                    legend: bool) -> None:
+    """One task's rows of the overview: blue validation dots, orange test squares with their CIs."""
+    y = np.arange(len(rows))[::-1]
     ax.scatter([r[f"val_{metric}"] for r in rows], y, color=BLUE, zorder=3, label=f"validation {metric}")
     tests = [
         (yy, r.get(f"test_{metric}"), r.get(f"test_{metric}_lo"), r.get(f"test_{metric}_hi"))
@@ -287,22 +349,26 @@ def overview_figure(rows: Sequence[dict], metric: str, n: int = OVERVIEW_RUNS) -
             label=f"test {metric}" + (" (95% CI)" if any(t[2] is not None for t in tests) else ""),
         )
     ax.set_yticks(y, labels)
+    ax.set_ylim(-0.7, len(rows) - 0.4)  # one run: its dot and CI were drawn on the axis line
     if metric in THRESHOLD_FREE:  # scored on the probabilities themselves
-        ax.set_xlabel(metric + (" (lower is better)" if metric in LOWER_IS_BETTER else ""))
+        how = [w for w, on in (("one-vs-rest, macro over classes", metric == "auc" and task == "3class"),
+                               ("lower is better", metric in LOWER_IS_BETTER)) if on]
+        ax.set_xlabel(metric + (f" ({'; '.join(how)})" if how else ""))
     else:
-        rule = ("threshold 0.5" if tasks == {"binary"}
-                else "threshold 0.5 if binary, else the most probable class")
+        rule = {"binary": "threshold 0.5", "3class": "the most probable class"}.get(
+            str(task), "threshold 0.5 if binary, else the most probable class")
         ax.set_xlabel(f"{metric} ({rule})")
     ax.grid(axis="x", color="#e3e6ea", lw=0.6)
-    ax.legend(fontsize=8, frameon=False, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=2)
-    fig.tight_layout()
-    return _png(fig)
+    if legend:
+        ax.legend(fontsize=8, frameon=False, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=2)
 
 
 def heatmap_figure(
-    table: np.ndarray, xs: Sequence[str], ys: Sequence[str], x_name: str, y_name: str, title: str
+    table: np.ndarray, xs: Sequence[str], ys: Sequence[str], x_name: str, y_name: str, title: str,
+    bar_label: str = "", mark: tuple[int, int] | None = None,
 ) -> bytes:
-    """Metric over two hyperparameters (best run per cell; empty cells stay blank)."""
+    """Metric over two hyperparameters (best run per cell; empty cells stay blank); ``mark`` (row, column)
+    outlines the chosen config's cell and ``bar_label`` names the colour scale."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(xs), 0.9 + 0.45 * len(ys)))
     masked = np.ma.masked_invalid(table)
@@ -330,7 +396,14 @@ def heatmap_figure(
     ax.set_xlabel(_t(x_name))
     ax.set_ylabel(_t(y_name))
     ax.set_title(_t(title))
+    if mark is not None:
+        from matplotlib.patches import Rectangle
+
+        ax.add_patch(Rectangle((mark[1] - 0.5, mark[0] - 0.5), 1, 1, fill=False, ec="#d62728", lw=2.2,
+                               zorder=4))
     bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    if bar_label:
+        bar.set_label(_t(bar_label))
     bar.ax.yaxis.get_major_formatter().set_useOffset(False)  # "1e-10+9.374e-1" over the title otherwise
     fig.tight_layout()
     return _png(fig)
