@@ -206,7 +206,9 @@ def _calibration_ax(ax, pred: Predictions, split: str) -> None:
     ax.plot([0, 1], [0, 1], color=GREY, lw=0.8, ls=":")
     ax.plot(mean_p, observed, color=ORANGE if split == "test" else BLUE, lw=1.2)
     lo, hi = wilson_interval(observed, counts)  # a middle bin of 4 images zig-zags within its noise
-    ax.errorbar(mean_p, observed, yerr=[observed - lo, hi - observed], fmt="none", ecolor=GREY, lw=0.8,
+    # the interval holds the fraction; rounding can put an end a hair past it (a negative bar is an error)
+    yerr = [np.maximum(observed - lo, 0.0), np.maximum(hi - observed, 0.0)]
+    ax.errorbar(mean_p, observed, yerr=yerr, fmt="none", ecolor=GREY, lw=0.8,
                 capsize=1.5, zorder=2)
     ax.scatter(mean_p, observed, s=12 + 120 * counts / max(counts.max(), 1),
                color=ORANGE if split == "test" else BLUE, edgecolor="black", linewidth=0.5, zorder=3)
