@@ -6,6 +6,7 @@ Thin layer over featcache.predict; image paths and labels are escaped before ric
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import typer
@@ -26,6 +27,9 @@ def register(app: typer.Typer) -> None:
         run: str = typer.Option(..., "--run", help="Run id (see `featcache runs ls`)."),
         runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where runs are stored."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+        csv_out: Path | None = typer.Option(
+            None, "--csv", help="Also write the predictions to this CSV file (image, label, features, "
+            "p_<class>...); the terminal then shows only a summary."),
         backbone_file: list[Path] = typer.Option(
             [], "--backbone-file",
             help="Weights file or saved model the run's backbone was built from (matched by SHA-256).",
@@ -36,7 +40,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Classify images with a trained run (its backbone settings, head and chosen threshold).
 
-        Example: featcache predict xray1.jpeg new_xrays/ --run 20250101-120000-logreg-0123abcd --json
+        Example: featcache predict xray1.jpeg new_xrays/ --run 20250101-120000-logreg-0123abcd --csv out.csv
 
         Images that cannot be read or decoded are skipped and listed with their reason.
         """
@@ -47,8 +51,18 @@ def register(app: typer.Typer) -> None:
         import_backend_quietly()
         with progress_display(Console(stderr=True)) as bar:  # a folder of thousands of images takes a while
             out = predict(images, run, runs_dir, backbone_files=backbone_file, progress=make_callback(bar))
+        if csv_out is not None:
+            from featcache.predict import write_predictions_csv
+
+            written = write_predictions_csv(out, csv_out)
         if as_json:
             typer.echo(json.dumps(out, indent=2))
+        elif csv_out is not None:
+            counts = Counter(p["label"] for p in out["predictions"])
+            Console().print(f"{len(out['predictions'])} image(s) classified ("
+                            + ", ".join(f"{shown(c)} {counts[c]}" for c in out["classes"])
+                            + f"); written to {escape(str(written))}", highlight=False, soft_wrap=True)
+            _print_skipped(out)
         else:
             _print_table(out)
         if strict and out["skipped"]:
@@ -75,6 +89,11 @@ def _print_table(out: dict) -> None:
             "cache" if p["from_cache"] else "backbone",
         )
     Console().print(table)
+    _print_skipped(out)
+
+
+def _print_skipped(out: dict) -> None:
+    """The skipped images with their reasons, on stderr."""
     skipped = out["skipped"]
     if skipped:
         err = Console(stderr=True)

@@ -37,7 +37,7 @@ def check_repeated_options(root: Any, argv: Sequence[str]) -> None:
     seen: dict[str, list[str]] = {}
     i = 0
     while i < len(argv):
-        token = argv[i]
+        token = str(argv[i])  # (tests pass Path objects, which click accepts too)
         i += 1
         if token == "--":
             break
@@ -50,7 +50,7 @@ def check_repeated_options(root: Any, argv: Sequence[str]) -> None:
                 i += param.nargs  # its value(s), which may look like an option
             if not param.multiple:
                 value = argv[i - param.nargs:i] if not param.is_flag and "=" not in token else []
-                seen.setdefault(param.opts[0], []).append(" ".join([token, *value]))
+                seen.setdefault(param.opts[0], []).append(" ".join([token, *map(str, value)]))
         elif token in (getattr(command, "commands", None) or {}):
             command = command.commands[token]
             options = _options(command)  # (a group's options come before its subcommand's name)

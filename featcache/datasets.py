@@ -199,6 +199,17 @@ def _walk(directory: Path, parts: tuple[str, ...], ancestors: frozenset[tuple[in
             files.append((sub, Path(entry.path)))
 
 
+def scan_images(root: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """(image files below ``root``, [(relative path, reason)] of what was left out), found the way
+    discovery finds a dataset's images: symlinked folders followed (loops refused), hidden entries and
+    files without an image extension left out with a reason. Used by predict for folders of new images."""
+    files: list[tuple[tuple[str, ...], Path]] = []
+    skipped: list[tuple[str, str]] = []
+    root_st = root.stat()
+    _walk(root, (), frozenset({(root_st.st_dev, root_st.st_ino)}), files, skipped)
+    return [path for _, path in files], skipped
+
+
 def _classify(parts: tuple[str, ...], root_split: str | None) -> tuple[str | None, str] | str:
     """``(split, label)`` for a file's relative parts, or a skip reason.
 

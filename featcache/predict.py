@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from featcache.errors import DataError, RunError
+from featcache.errors import DataError, NetworkError, RunError
 from featcache.hashing import sha256_bytes
 from featcache.metrics import predict_labels
 from featcache.progress import ProgressFn, emit
@@ -29,29 +29,30 @@ PREDICT_CHUNK = 64
 and is the backbone's compiled batch size."""
 
 
-def expand_images(images: Sequence[str | Path]) -> list[str]:
-    """The image paths to classify: files as given, folders replaced by the image files below them.
+def expand_images(images: Sequence[str | Path]) -> list[tuple[str, str | None]]:
+    """The image paths to classify, each with the reason it is left out (None: to classify).
 
-    Why folders: "classify this folder of new X-rays" is the common case, and a shell glob over
-    thousands of files can exceed the argument limit. Hidden entries are left out, as discovery does;
-    a missing path is kept so that it is reported as skipped, not silently dropped.
+    Files are kept as given (a JPEG without an extension named on purpose is classified); a folder is
+    replaced by the image files below it, found as discovery finds a dataset's: symlinked sub-folders are
+    followed (loops refused) and every other file is listed with its reason ("not an image file
+    extension"), so nothing in the folder vanishes without a word; hidden entries (.DS_Store) are left
+    out quietly. Why folders: "classify this folder of new X-rays" is the common case, and a shell glob
+    over thousands of files can exceed the argument limit. A missing path is kept, reported as skipped.
     """
-    from featcache.datasets import IMAGE_EXTENSIONS
+    from featcache.datasets import scan_images
 
-    out: list[str] = []
+    out: list[tuple[str, str | None]] = []
     for img in images:
         p = Path(os.fsdecode(img))
         if not p.is_dir():
-            out.append(os.fsdecode(p))
+            out.append((os.fsdecode(p), None))
             continue
-        found = []
-        for dirpath, dirnames, filenames in os.walk(p):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            found += [os.path.join(dirpath, f) for f in filenames
-                      if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+        found, left_out = scan_images(p)
         if not found:
-            out.append(os.fsdecode(p))  # reported as "a folder with no image files"
-        out += sorted(found)
+            out.append((os.fsdecode(p), "a folder with no image files"))
+        out += [(os.fsdecode(f), None) for f in found]
+        out += [(os.path.join(os.fsdecode(p), rel.rstrip("/")), why) for rel, why in left_out
+                if not why.startswith("hidden")]
     return out
 
 
@@ -67,6 +68,19 @@ def _read_image(path: str) -> tuple[str, bytes, str] | str:
     except OSError as exc:
         return f"unreadable ({exc.strerror or exc})"
     return path, data, sha256_bytes(data)
+
+
+def _missing_imagenet(config: Any) -> str:
+    """The sentence for ImageNet weights that are neither in the Keras cache nor downloadable, in
+    predict's terms: it must use the weights the run was trained on, so no other --weights is offered."""
+    from featcache.backbones import get_spec, imagenet_weights_file, keras_models_dir
+
+    cfg = config.resolved()
+    name = imagenet_weights_file(cfg.name, int(cfg.image_size or get_spec(cfg.name).input_size))
+    return (f"new images need the run's backbone, {cfg.name} with ImageNet weights, and they could not be "
+            f"downloaded (no network?); put {name} in {keras_models_dir()} (the Keras cache, set by "
+            "$KERAS_HOME): predict uses the weights the run was trained on. Images already in the run's "
+            "cache need no backbone")
 
 
 def _backbone_config(cache: dict, backbone_files: Sequence[str | Path] = ()) -> Any:
@@ -138,7 +152,11 @@ class _Extractor:
         if self.backbone is None:
             from featcache.backbones import build_backbone
 
-            bb = build_backbone(_backbone_config(self.cache, self.backbone_files))
+            config = _backbone_config(self.cache, self.backbone_files)
+            try:
+                bb = build_backbone(config)
+            except NetworkError as exc:  # extract's advice (--weights none or PATH) is no option here
+                raise NetworkError(_missing_imagenet(config)) from exc
             bb.fix_batch_size(self.batch_size)
             want = self.cache.get("weights_digest")
             if want and bb.weights_digest != want:
@@ -240,7 +258,8 @@ def predict(
     """
     run: Run = load_run(runs_dir, run_id)
     model = load_head(run)  # sha256 of every model file checked first
-    paths = expand_images(images)
+    listed = expand_images(images)
+    paths = [path for path, _ in listed]
     if not paths:
         raise DataError("give at least one image to predict.")
     classes = list(run.info.get("classes") or [])
@@ -258,8 +277,8 @@ def predict(
             emit(progress, "predict", start, len(paths), "classifying images")
             items: list[tuple[str, bytes, str]] = []
             where: list[int] = []
-            for pos, path in enumerate(paths[start:start + PREDICT_CHUNK], start):
-                got = _read_image(path)
+            for pos, (path, why) in enumerate(listed[start:start + PREDICT_CHUNK], start):
+                got = why or _read_image(path)
                 if isinstance(got, str):
                     skipped.append((pos, {"image": path, "reason": got}))
                 else:
@@ -288,7 +307,7 @@ def predict(
     if not preds:
         first = skipped_list[0]
         raise DataError(
-            f"none of the {len(paths)} image(s) could be classified (e.g. {first['image']}: "
+            f"none of the {len(paths)} path(s) given or found could be classified (e.g. {first['image']}: "
             f"{first['reason']}); pass readable image files or folders of them."
         )
     return {
@@ -299,3 +318,29 @@ def predict(
         "predictions": preds,
         "skipped": skipped_list,
     }
+
+
+def write_predictions_csv(out: dict, path: str | Path) -> Path:
+    """predict's result as a CSV: image, label, features (cache or backbone), one p_<class> per class.
+
+    Why a file: the terminal table folds long paths over several lines (grep for a file name failed),
+    and a spreadsheet is where a clinician's list of images gets read. A path a spreadsheet would run as
+    a formula (starting with =, +, - or @) gets a leading quote, as in leaderboard.csv.
+    """
+    import csv
+
+    from featcache.report.leaderboard import csv_cell
+
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"--csv {path} is a folder; give a file name such as {path / 'predictions.csv'}.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    classes = list(out["classes"])
+    with open(path, "w", encoding="utf-8", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image", "label", "features", *(f"p_{c}" for c in classes)])
+        for p in out["predictions"]:
+            writer.writerow([csv_cell(p["image"]), csv_cell(p["label"]),
+                             "cache" if p["from_cache"] else "backbone",
+                             *(repr(float(p["probabilities"][c])) for c in classes)])
+    return path

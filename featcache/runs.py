@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import platform
+import shlex
 import shutil
 import socket
 import tempfile
@@ -394,8 +395,16 @@ def list_runs(runs_dir: str | Path, *, include_incomplete: bool = False) -> list
 
 
 def load_run(runs_dir: str | Path, run_id: str) -> Run:
-    """The run ``run_id`` or RunError (unknown id, or a run that never finished)."""
+    """The run ``run_id`` or RunError (unknown id, or a run that never finished).
+
+    ``run_id`` may also be the run's folder inside ``runs_dir`` as a shell completes it
+    (``runs/20250101-...-logreg-0123abcd/``): the same run, named by its path.
+    """
     runs_dir = Path(runs_dir)
+    as_path = Path(run_id.rstrip("/")) if run_id else None
+    if (as_path is not None and len(as_path.parts) > 1 and (as_path / "run.json").is_file()
+            and as_path.parent.resolve() == runs_dir.resolve()):
+        run_id = as_path.name
     d = runs_dir / run_id
     if (
         not run_id
@@ -404,7 +413,8 @@ def load_run(runs_dir: str | Path, run_id: str) -> Run:
         or run_id in {".", ".."}
         or not (d / "run.json").is_file()
     ):
-        raise RunError(f"no run '{run_id}' in {runs_dir}; `featcache runs ls` lists them.")
+        where = "" if runs_dir == Path("runs") else f" --runs-dir {shlex.quote(str(runs_dir))}"
+        raise RunError(f"no run '{run_id}' in {runs_dir}; `featcache runs ls{where}` lists them.")
     try:
         info = json.loads((d / "run.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -78,6 +78,33 @@ def test_cli_predict_json_and_table(trained, capsys) -> None:
     assert "P(NORMAL)" in table and "cache" in table and ("NORMAL" in table.split("P(PNEUMONIA)")[-1])
 
 
+def test_predictions_go_to_a_csv_with_a_summary_on_the_terminal(trained, tmp_path: Path, capsys,
+                                                                monkeypatch) -> None:
+    """The terminal table folds long paths (grep for a file name failed): --csv writes one row per image
+    with the exact probabilities, and a path a spreadsheet would run as a formula is quoted."""
+    root, runs_dir, run_id = trained
+    shutil.copy(sorted((root / "test" / "NORMAL").iterdir())[0], tmp_path / "=cmd.jpeg")
+    monkeypatch.chdir(tmp_path)
+    img = "=cmd.jpeg"  # relative, as typed: a spreadsheet would run it
+    out_csv = tmp_path / "out" / "predictions.csv"
+    assert cli(["predict", str(root / "test"), str(img), "--run", run_id, "--runs-dir", str(runs_dir),
+                "--csv", str(out_csv)]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    with open(out_csv, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    n = len(list((root / "test").rglob("*.jpeg"))) + 1
+    assert len(rows) == n and f"{n} image(s) classified (NORMAL " in said and str(out_csv) in said
+    assert list(rows[0]) == ["image", "label", "features", "p_NORMAL", "p_PNEUMONIA"]
+    assert rows[-1]["image"] == "'=cmd.jpeg" and rows[-1]["features"] == "cache"
+    direct = predict([root / "test"], run_id, runs_dir)["predictions"]
+    for row, p in zip(rows, direct, strict=False):
+        assert row["image"] == p["image"] and row["label"] == p["label"]
+        assert float(row["p_PNEUMONIA"]) == p["probabilities"]["PNEUMONIA"]  # repr: no digits lost
+    args = ["predict", str(img), "--run", run_id, "--runs-dir", str(runs_dir)]
+    assert cli([*args, "--csv", str(tmp_path)]) == 2
+    assert "is a folder; give a file name" in " ".join(capsys.readouterr().err.split())
+
+
 def test_tampered_model_is_refused(trained, tmp_path: Path, capsys) -> None:
     root, runs_dir, run_id = trained
     copy_dir = tmp_path / "runs"
@@ -104,7 +131,10 @@ def test_predict_errors(trained, tmp_path: Path, capsys) -> None:
     img = sorted((root / "test" / "NORMAL").iterdir())[0]
     assert cli(["predict", str(img), "--run", "nope", "--runs-dir", str(runs_dir)]) != 0
     err = " ".join(capsys.readouterr().err.split())
-    assert "no run 'nope'" in err and "featcache runs ls" in err
+    assert "no run 'nope'" in err and f"`featcache runs ls --runs-dir {runs_dir}` lists them" in err
+    # the run's folder, as a shell completes it, names the same run
+    assert cli(["predict", str(img), "--run", f"{runs_dir / run_id}/", "--runs-dir", str(runs_dir)]) == 0
+    assert run_id in " ".join(capsys.readouterr().out.split())
     assert cli(["predict", str(tmp_path / "missing.jpeg"), "--run", run_id, "--runs-dir", str(runs_dir)]) != 0
     assert "does not exist" in " ".join(capsys.readouterr().err.split())
     bad = tmp_path / "bad.jpeg"
@@ -150,7 +180,8 @@ def test_bad_images_are_skipped_and_folders_expanded(trained, tmp_path: Path, ca
     root, runs_dir, run_id = trained
     folder = root / "test" / "PNEUMONIA"  # cached rows, read as a folder of images
     new = write_xray(tmp_path / "new" / "a.jpeg", 7, size=40)  # needs the backbone
-    (tmp_path / "new" / "notes.txt").write_text("not an image, not listed")
+    (tmp_path / "new" / "notes.txt").write_text("not an image: listed as skipped, not dropped unseen")
+    (tmp_path / "new" / ".DS_Store").write_text("hidden: left out quietly")
     bad = tmp_path / "bad.jpeg"
     bad.write_bytes(new.read_bytes()[:200])  # truncated JPEG
     missing = tmp_path / "missing.png"
@@ -158,7 +189,8 @@ def test_bad_images_are_skipped_and_folders_expanded(trained, tmp_path: Path, ca
     names = [Path(p["image"]).name for p in whole["predictions"]]
     assert names == sorted(f.name for f in folder.iterdir()) + ["a.jpeg"]
     assert [(Path(s["image"]).name, s["reason"].split(":")[0]) for s in whole["skipped"]] == [
-        ("bad.jpeg", "cannot decode"), ("missing.png", "does not exist")]
+        ("notes.txt", "not an image file extension (.txt)"), ("bad.jpeg", "cannot decode"),
+        ("missing.png", "does not exist")]
     # in chunks of 2 (a chunk of only cached rows, one of a cached row and the bad file, ...) nothing moves
     monkeypatch.setattr(fp, "PREDICT_CHUNK", 2)
     chunked = predict([folder, tmp_path / "new", bad, missing], run_id, runs_dir)
@@ -175,7 +207,7 @@ def test_bad_images_are_skipped_and_folders_expanded(trained, tmp_path: Path, ca
     assert cli([*args, "--strict", "--json"]) == 2
     assert json.loads(capsys.readouterr().out)["skipped"][0]["image"] == str(bad)
     # nothing usable at all is an error, with the first reason
-    with pytest.raises(DataError, match="none of the 2 image.*does not exist"):
+    with pytest.raises(DataError, match="none of the 2 path.*does not exist"):
         predict([missing, tmp_path / "empty_dir_missing"], run_id, runs_dir)
 
 
@@ -209,3 +241,33 @@ def test_a_broken_symlink_is_called_so(tmp_path: Path) -> None:
     link.symlink_to(tmp_path / "gone.jpeg")
     assert fp._read_image(str(link)) == "broken symlink"
     assert fp._read_image(str(tmp_path / "nothing.jpeg")) == "does not exist"
+
+
+def test_symlinked_folders_are_followed_as_discovery_follows_them(trained, tmp_path: Path) -> None:
+    """A folder whose images sit behind a symlinked sub-folder gave "a folder with no image files"
+    (os.walk does not follow links); beside a real image the linked ones were dropped without a word.
+    A link back up the tree is listed as a loop, not followed forever."""
+    root, runs_dir, run_id = trained
+    new = tmp_path / "new"
+    write_xray(new / "own.jpeg", 3, size=40)
+    (new / "linked").symlink_to(root / "test" / "NORMAL", target_is_directory=True)
+    (new / "loop").symlink_to(new, target_is_directory=True)
+    out = predict([new], run_id, runs_dir)
+    names = sorted(Path(p["image"]).name for p in out["predictions"])
+    assert names == sorted(["own.jpeg", *(f.name for f in (root / "test" / "NORMAL").iterdir())])
+    assert [(Path(s["image"]).name, s["reason"]) for s in out["skipped"]] == [("loop", "symlink loop")]
+    only_link = tmp_path / "only"
+    only_link.mkdir()
+    (only_link / "x").symlink_to(root / "test" / "NORMAL", target_is_directory=True)
+    assert len(predict([only_link], run_id, runs_dir)["predictions"]) == len(names) - 1
+
+
+def test_missing_imagenet_weights_are_explained_in_predicts_terms() -> None:
+    """extract's advice ("use --weights none or --weights PATH") named options predict does not have:
+    predict must use the run's weights, so it says which file to put where."""
+    from featcache.backbones import keras_models_dir
+    from featcache.predict import _missing_imagenet
+
+    text = _missing_imagenet(BackboneConfig("mobilenet-0.75", weights="imagenet"))
+    assert "put mobilenet_7_5_224_tf_no_top.h5 in " + str(keras_models_dir()) in text
+    assert "--weights" not in text and "the weights the run was trained on" in text

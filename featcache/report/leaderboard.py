@@ -197,7 +197,7 @@ def csv_columns(rows: Sequence[dict]) -> list[str]:
     return [*CSV_FIRST, *sorted(rest), "params"]
 
 
-def _csv_cell(value: Any) -> str:
+def csv_cell(value: Any) -> str:
     """Cells as text; strings that a spreadsheet would run as a formula get a leading quote."""
     if value is None:
         return ""
@@ -226,7 +226,7 @@ def write_csv(rows: Sequence[dict], path: Path) -> Path:
         writer = csv.writer(fh)
         writer.writerow(cols)
         for row in rows:
-            writer.writerow([_csv_cell(row.get(c)) for c in cols])
+            writer.writerow([csv_cell(row.get(c)) for c in cols])
     return path
 
 
