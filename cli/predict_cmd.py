@@ -93,7 +93,9 @@ def _print_table(out: dict) -> None:
 
 
 def _print_skipped(out: dict) -> None:
-    """The skipped images with their reasons, on stderr."""
+    """The notes, then the skipped images with their reasons, on stderr."""
+    for note in out.get("notes") or []:
+        Console(stderr=True).print(f"[bold]note[/] {escape(note)}", highlight=False, soft_wrap=True)
     skipped = out["skipped"]
     if skipped:
         err = Console(stderr=True)

@@ -130,19 +130,27 @@ class _Extractor:
         self.backbone: Any = None
         self.reader_index: dict | None = None
         self._reader: Any = None
+        # why no cached row can be reused (None: the cache is there): said, since every image then costs
+        # a forward pass, and a damaged or replaced cache is worth knowing about
+        self.note: str | None = None
         path = Path(cache.get("path", ""))
-        if path.is_file():
-            from featcache.cache import CacheReader
-            from featcache.errors import CacheError
+        if not path.is_file():
+            self.note = f"the run's cache {path} is gone"
+            return
+        from featcache.cache import CacheReader
+        from featcache.errors import CacheError
 
-            try:
-                reader = CacheReader(path)
-            except CacheError:
-                reader = None
-            if reader is not None and reader.config_hash == cache.get("config_hash"):
-                self._reader = reader
-            elif reader is not None:
-                reader.close()
+        try:
+            reader = CacheReader(path)
+        except CacheError:
+            self.note = (f"the run's cache {path} cannot be read (truncated, corrupt or not a featcache "
+                         "cache; `featcache cache verify` says which)")
+            return
+        if reader.config_hash == cache.get("config_hash"):
+            self._reader = reader
+        else:
+            reader.close()
+            self.note = f"the run's cache {path} now holds another extraction (config hash differs)"
 
     def close(self) -> None:
         if self._reader is not None:
@@ -249,7 +257,8 @@ def predict(
     """Class probabilities and labels of ``images`` (files, or folders of image files) with run ``run_id``.
 
     Returns {"run": id, "classes", "threshold", "task", "predictions": [{"image", "key",
-    "probabilities", "label", "from_cache"}], "skipped": [{"image", "reason"}]}. A missing, unreadable
+    "probabilities", "label", "from_cache"}], "skipped": [{"image", "reason"}], "notes": [str]} (notes: a
+    run cache that is gone, unreadable or replaced, so nothing came from it). A missing, unreadable
     or undecodable image is skipped with its reason and the others are still classified (as extract
     does); DataError only when no image at all can be used. RunError for an unknown run or a tampered
     model file. Images go through in chunks of PREDICT_CHUNK, so memory does not grow with their number.
@@ -304,6 +313,8 @@ def predict(
         for ex in extractors:
             ex.close()
     skipped_list = [entry for _, entry in sorted(skipped, key=lambda t: t[0])]
+    notes = [f"{ex.note}: its images went through the backbone again (same settings, same features)"
+             for ex in extractors if ex.note and any(not p["from_cache"] for p in preds)]
     if not preds:
         first = skipped_list[0]
         raise DataError(
@@ -317,6 +328,7 @@ def predict(
         "task": run.info.get("task"),
         "predictions": preds,
         "skipped": skipped_list,
+        "notes": notes,
     }
 
 

@@ -59,10 +59,17 @@ def test_round_trip_known_and_new_images(trained, tmp_path: Path) -> None:
     moved = tmp_path / "moved.h5"
     shutil.move(cache_file, moved)
     try:
-        again = predict([copy], run_id, runs_dir)["predictions"][0]
+        gone = predict([copy], run_id, runs_dir)
+        cache_file.write_bytes(moved.read_bytes()[:4096])  # truncated: unreadable, said so, not refused
+        truncated = predict([copy], run_id, runs_dir)
     finally:
         shutil.move(moved, cache_file)
-    assert not again["from_cache"]
+    again = gone["predictions"][0]
+    assert not again["from_cache"] and not truncated["predictions"][0]["from_cache"]
+    assert gone["notes"] == [f"the run's cache {cache_file} is gone: its images went through the backbone "
+                             "again (same settings, same features)"]
+    assert truncated["notes"][0].startswith(f"the run's cache {cache_file} cannot be read (")
+    assert out["notes"] == []
     p_again = again["probabilities"]["PNEUMONIA"]
     assert p_again == pytest.approx(p_known["probabilities"]["PNEUMONIA"], abs=1e-3)
 
