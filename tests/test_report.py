@@ -676,6 +676,8 @@ def test_provenance_gives_the_working_folder_and_source_revision(tmp_path):
     assert "cd '/home/me/study one' && featcache fit --head logreg --tag" in md
     assert "0123456789ab-dirty" in md and "TF\\_ENABLE\\_ONEDNN\\_OPTS" in md
     assert "featcache 0.1.0 (git 0123456789ab-dirty)" in md  # in the Methods paragraph
+    assert "source had uncommitted changes when some runs were made" in md  # a revision that pins nothing
+    assert "byte-identical files share a row" in md  # why a cache can have fewer rows than images
 
 
 def test_provenance_is_per_run_not_pooled(tmp_path):
@@ -879,3 +881,31 @@ def test_a_full_disk_while_writing_names_the_report_folder_and_keeps_the_previou
                                      "space left on device. Finished work is saved.")
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert not list(out.glob(".staging-*"))
+
+
+def test_roc_and_pr_panels_show_their_corner_when_every_curve_is_near_perfect():
+    """At AUC 0.996 the whole-square ROC was a corner and nothing else; the markers' legend entries were
+    blue only although the test markers are orange."""
+    from types import SimpleNamespace
+
+    from featcache.report import plots
+    from featcache.report.collect import Predictions
+
+    plt = plots._plt()
+    rng = np.random.default_rng(0)
+    y = np.arange(400) % 2
+
+    def rec(noise: float):
+        p1 = 1 / (1 + np.exp(-(4 * (2 * y - 1) + rng.normal(0, noise, 400))))
+        pred = Predictions([f"i{i}" for i in range(400)], y, np.c_[1 - p1, p1], list(CLASSES))
+        return SimpleNamespace(val=pred, test=pred)
+
+    for noise, zoomed in ((1.0, True), (6.0, False)):
+        fig, (roc, pr) = plt.subplots(1, 2)
+        plots._roc_ax(roc, rec(noise), 0.5)
+        plots._pr_ax(pr, rec(noise), 0.5)
+        assert (roc.get_xlim()[1] < 0.5) == zoomed and (roc.get_ylim()[0] > 0.5) == zoomed
+        assert (pr.get_xlim()[0] > 0.5) == zoomed and roc.get_title().endswith(", corner") == zoomed
+        faces = {h.get_markerfacecolor() for h in roc.get_legend().legend_handles if h.get_marker() in "o*"}
+        assert faces == {"white"}  # neutral: they stand for the markers of both splits
+        plt.close(fig)

@@ -347,7 +347,7 @@ def _leaderboard_table(rows: Sequence[dict], metric: str, has_test: bool) -> Tab
             ("test acc [95% CI]", lambda r: _ci(r, "test_accuracy")),
             *([("test acc @thr", lambda r: _f(r.get("test_accuracy_thr")))] if thresholds else []),
             ("test AUC [95% CI]", lambda r: _ci(r, "test_auc")),
-            ("test F1", lambda r: _f(r.get("test_macro_f1"))),
+            ("test F1 [95% CI]", lambda r: _ci(r, "test_macro_f1")),
         ]
         if any(r.get("test_sensitivity") is not None for r in rows):
             cols.append(("test sens / spec (95% CI)", lambda r: _sens_spec(r)))
@@ -538,7 +538,8 @@ def _top_runs_section(
             + " matrices at threshold 0.5 and at the validation-chosen threshold (test split when "
             "present, else validation), ROC and precision-recall curves with both operating points "
             "(● 0.5, ★ chosen; the dotted line of the precision-recall panel is the positive class's share, "
-            "what a classifier without skill reaches), a "
+            "what a classifier without skill reaches; where every curve's AUC or average precision is "
+            f"{plots.ZOOM_AUC:g} or more, the panel shows only the corner where the curves run), a "
             "reliability diagram (predicted probability against the observed fraction in 10 equal-width "
             "bins, dot area = images, grey bars = 95% Wilson intervals of each bin's fraction; on the "
             "diagonal is well calibrated, and a bin whose bar crosses it is within its noise) and the "
@@ -1159,6 +1160,8 @@ def _provenance_section(doc: Document, runs: Sequence[RunRecord]) -> None:
                 ],
                 list(caches.values()),
                 {6},
+                caption="rows: one per distinct image content and view, so byte-identical files share a "
+                "row and a cache can hold fewer rows than the folder has images.",
             )
         )
     selections = sorted(
@@ -1199,6 +1202,10 @@ def _provenance_section(doc: Document, runs: Sequence[RunRecord]) -> None:
         doc.add(Heading("Versions", 3))
         doc.add(Table(["package", "version(s)"],
                       [[k, _counted(v, len(runs))] for k, v in sorted(versions.items())]))
+        dirty = sorted(v for v in versions.get("featcache source (git)", {}) if v.endswith("-dirty"))
+        if dirty:  # the revision alone does not pin the code these runs ran
+            doc.add(Para(f"featcache's source had uncommitted changes when some runs were made "
+                         f"({', '.join(dirty)}): that revision alone does not reproduce them.", "note"))
     commands: list[str] = []
     for r in runs:
         cmd = r.run.get("command")

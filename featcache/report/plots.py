@@ -93,12 +93,14 @@ def _roc_ax(ax, rec: RunRecord, threshold: float | None) -> None:
     """ROC of validation and test predictions; 0.5 and the chosen threshold marked on each."""
     ax.plot([0, 1], [0, 1], color=GREY, lw=0.8, ls=":")
     marked: set[str] = set()
+    areas, points = [], []
     for split, color in (("val", BLUE), ("test", ORANGE)):
         pred = getattr(rec, split)
         if pred is None or pred.proba.shape[1] != 2 or len(set(pred.y_true.tolist())) < 2:
             continue
         fpr, tpr, _ = roc_points(pred.y_true, pred.proba[:, 1])
         area = auc_binary(pred.y_true, pred.proba[:, 1])
+        areas.append(area)
         ax.plot(fpr, tpr, color=color, lw=1.6, label=f"{split} (AUC {area:.3f})")
         for thr, marker, name in ((0.5, "o", "0.5"), (threshold, "*", "chosen")):
             if thr is None:
@@ -106,6 +108,7 @@ def _roc_ax(ax, rec: RunRecord, threshold: float | None) -> None:
             yp = pred.proba[:, 1] >= thr
             sens = yp[pred.y_true == 1].mean()
             fp = yp[pred.y_true == 0].mean()
+            points.append((fp, sens))
             ax.plot(
                 [fp],
                 [sens],
@@ -118,19 +121,42 @@ def _roc_ax(ax, rec: RunRecord, threshold: float | None) -> None:
                 label=None if name in marked else f"threshold {name}",  # one legend entry per marker
             )
             marked.add(name)
-    ax.set_xlim(-0.02, 1.02)
-    ax.set_ylim(-0.02, 1.02)
+    zoom = bool(areas) and min(areas) >= ZOOM_AUC  # the whole square shows a corner and nothing else
+    if zoom:
+        ax.set_xlim(-0.005, max([ZOOM_SPAN, *(fp + 0.03 for fp, _ in points)]))
+        ax.set_ylim(min([1 - ZOOM_SPAN, *(se - 0.03 for _, se in points)]), 1.005)
+    else:
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("1 − specificity (false-positive rate)")
     ax.set_ylabel("sensitivity")
     thr_txt = f"{threshold:.2f}" if threshold is not None else "n/a"
-    ax.set_title(f"ROC (● 0.5, ★ chosen {thr_txt})")
-    ax.legend(fontsize=7, loc="lower right", frameon=False)
+    ax.set_title(f"ROC (● 0.5, ★ chosen {thr_txt})" + (", corner" if zoom else ""))
+    _legend(ax, "lower right")
+
+
+ZOOM_AUC = 0.95  # from this AUC / AP on, ROC and precision-recall panels show their top corner
+ZOOM_SPAN = 0.3  # how much of each axis the zoomed panel shows
+
+
+def _legend(ax, loc: str) -> None:
+    """The curves' entries, then one neutral entry per threshold marker: the markers are drawn in each
+    split's colour, and an entry copied from the validation (blue) one read as if it marked only that."""
+    from matplotlib.lines import Line2D
+
+    handles, labels = ax.get_legend_handles_labels()
+    curves = [(h, lab) for h, lab in zip(handles, labels, strict=True) if not lab.startswith("threshold")]
+    marks = [(Line2D([], [], marker=m, ms=ms, color="white", mec="black", mew=0.6, ls="none"), lab)
+             for m, ms, lab in (("o", 6, "threshold 0.5"), ("*", 9, "threshold chosen")) if lab in labels]
+    ax.legend([h for h, _ in curves + marks], [lab for _, lab in curves + marks], fontsize=7, loc=loc,
+              frameon=False)
 
 
 def _pr_ax(ax, rec: RunRecord, threshold: float | None) -> None:
     """Precision-recall of validation and test; the dotted line is the test prevalence (a classifier
     without skill); 0.5 and the chosen threshold marked as on the ROC."""
     marked: set[str] = set()
+    aps, points = [], []
     for split, color in (("val", BLUE), ("test", ORANGE)):
         pred = getattr(rec, split)
         if pred is None or pred.proba.shape[1] != 2 or len(set(pred.y_true.tolist())) < 2:
@@ -138,6 +164,7 @@ def _pr_ax(ax, rec: RunRecord, threshold: float | None) -> None:
         y, score = pred.y_true, pred.proba[:, 1]
         recall, precision, _ = pr_points(y, score)
         ap = average_precision(y, score)
+        aps.append(ap)
         ax.step(np.r_[0.0, recall], np.r_[precision[0], precision], where="pre", color=color, lw=1.6,
                 label=f"{split} (AP {ap:.3f})")
         if split == "test" or rec.test is None:
@@ -148,17 +175,23 @@ def _pr_ax(ax, rec: RunRecord, threshold: float | None) -> None:
             yp = score >= thr
             if not yp.any():
                 continue
+            points.append((yp[y == 1].mean(), (y[yp] == 1).mean()))
             ax.plot([yp[y == 1].mean()], [(y[yp] == 1).mean()], marker=marker, ms=9 if marker == "*" else 6,
                     color=color, mec="black", mew=0.6, ls="none",
                     label=None if name in marked else f"threshold {name}")
             marked.add(name)
-    ax.set_xlim(-0.02, 1.02)
-    ax.set_ylim(-0.02, 1.02)
+    zoom = bool(aps) and min(aps) >= ZOOM_AUC
+    if zoom:
+        ax.set_xlim(min([1 - ZOOM_SPAN, *(r - 0.03 for r, _ in points)]), 1.005)
+        ax.set_ylim(min([1 - ZOOM_SPAN, *(p - 0.03 for _, p in points)]), 1.005)
+    else:
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_ylim(-0.02, 1.02)
     positive = next((getattr(rec, s).classes[1] for s in ("test", "val") if getattr(rec, s) is not None), "")
     ax.set_xlabel("recall (sensitivity)")
     ax.set_ylabel(_t(f"precision ({positive} called)" if positive else "precision"))
-    ax.set_title("precision-recall (⋯ prevalence)")
-    ax.legend(fontsize=7, loc="lower left", frameon=False)
+    ax.set_title("precision-recall (⋯ prevalence)" + (", corner" if zoom else ""))
+    _legend(ax, "center left" if zoom else "lower left")  # zoomed, the prevalence line runs along the bottom
 
 
 def _history_ax(ax, history: dict) -> None:
