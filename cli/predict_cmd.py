@@ -46,8 +46,10 @@ def register(app: typer.Typer) -> None:
         """
         from featcache.cli.report_cmd import make_callback, progress_display
 
-        from featcache.predict import predict
+        from featcache.predict import check_csv_target, predict
 
+        if csv_out is not None:
+            check_csv_target(csv_out)  # before the forward passes, not after them
         import_backend_quietly()
         with progress_display(Console(stderr=True)) as bar:  # a folder of thousands of images takes a while
             out = predict(images, run, runs_dir, backbone_files=backbone_file, progress=make_callback(bar))

@@ -63,7 +63,7 @@ class ImageRecord:
     @property
     def has_patient_id(self) -> bool:
         """Whether ``group`` is a real patient id (from the file name or a manifest column), not the file stem
-        that stands in when there is none (then the image is its own patient)."""
+        that stands in when there is none (then fit groups the images that share a file stem: mostly one)."""
         return self.group != Path(self.relpath).stem
 
 
@@ -479,7 +479,8 @@ def inspect(dataset: Dataset, progress: ProgressFn | None = None, workers: int =
             continue
         split = rec.split if rec.split is not None else "-"
         counts[split][rec.label][rec.subtype or "-"] += 1
-        # without a patient id every image is its own patient (as fit groups it): a file name that recurs
+        # without a patient id the audit counts every image as its own patient (fit groups by file stem,
+        # which only merges more): a file name that recurs
         # in train/ and test/ is not one child on both sides
         patient = rec.group if rec.has_patient_id else f"image {rec.relpath}"
         patients_by_split[split].add(patient)

@@ -826,7 +826,7 @@ def fit(
             "n_images": len(records),
             "n_patients": int(len(np.unique(groups))),
             # a record whose group is its file stem had no patient id (not in the name, no manifest column):
-            # grouping and the patient bootstrap then treat each such image as its own patient
+            # grouping and the patient bootstrap then group by file stem (mostly one image per group)
             "patient_ids": int(sum(r.has_patient_id for r in records)),
             "left_out": [{"path": dataset.records[i].relpath, "reason": why}
                          for i, why in undecodable.items()],

@@ -332,6 +332,20 @@ def predict(
     }
 
 
+def check_csv_target(path: str | Path) -> Path:
+    """DataError for a --csv path that cannot become a file (a folder, or a folder under a regular file),
+    checked before any image is classified: found afterwards, it cost the whole forward pass."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"--csv {path} is a folder; give a file name such as {path / 'predictions.csv'}.")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise DataError(f"--csv {path} cannot be written: {parent} is a file, not a folder.")
+            break
+    return path
+
+
 def write_predictions_csv(out: dict, path: str | Path) -> Path:
     """predict's result as a CSV: image, label, features (cache or backbone), one p_<class> per class.
 
@@ -343,9 +357,7 @@ def write_predictions_csv(out: dict, path: str | Path) -> Path:
 
     from featcache.report.leaderboard import csv_cell
 
-    path = Path(path)
-    if path.is_dir():
-        raise DataError(f"--csv {path} is a folder; give a file name such as {path / 'predictions.csv'}.")
+    path = check_csv_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     classes = list(out["classes"])
     with open(path, "w", encoding="utf-8", newline="") as fh:

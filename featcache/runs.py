@@ -413,6 +413,9 @@ def load_run(runs_dir: str | Path, run_id: str) -> Run:
         or run_id in {".", ".."}
         or not (d / "run.json").is_file()
     ):
+        if as_path is not None and len(as_path.parts) > 1 and (as_path / "run.json").is_file():
+            raise RunError(f"{as_path} is a run of another runs folder than {runs_dir}; add --runs-dir "
+                           f"{shlex.quote(str(as_path.parent))}.")
         where = "" if runs_dir == Path("runs") else f" --runs-dir {shlex.quote(str(runs_dir))}"
         raise RunError(f"no run '{run_id}' in {runs_dir}; `featcache runs ls{where}` lists them.")
     try:

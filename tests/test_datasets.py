@@ -283,7 +283,7 @@ def test_inspect_duplicates_and_leaks(kermany_tree):
 
 
 def test_a_file_name_without_patient_id_is_not_a_patient_across_splits(tmp_path):
-    """Without patient ids each image is its own patient (as fit groups them): scan1.png in train/ and in
+    """Without patient ids the audit counts each image as its own patient: scan1.png in train/ and in
     test/ is two images, not one child on both sides (the report said "Leak" beside "No patient ids")."""
     for split in ("train", "test"):
         for cls in ("cats", "dogs"):

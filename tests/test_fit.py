@@ -167,6 +167,7 @@ def test_a_three_class_report_says_how_its_labels_and_auc_are_made(setup, tmp_pa
     assert "sorted by validation accuracy (the most probable class; higher is better)" in text
     assert "AUC of a task with more than two classes is one-vs-rest, macro-averaged over the classes" in text
     assert "the paired AUC difference is computed for binary runs only" in text
+    assert "accuracy and F1 by the most probable class" in text  # the grid table's caption
     assert [r["rank"] for r in res.leaders] == [1, 2] and res.metric == "accuracy"
     meta = json.loads(res.json.read_text())["meta"]
     assert meta["confidence_intervals"]["n_boot"] and meta["featcache_version"]

@@ -107,9 +107,15 @@ def test_predictions_go_to_a_csv_with_a_summary_on_the_terminal(trained, tmp_pat
     for row, p in zip(rows, direct, strict=False):
         assert row["image"] == p["image"] and row["label"] == p["label"]
         assert float(row["p_PNEUMONIA"]) == p["probabilities"]["PNEUMONIA"]  # repr: no digits lost
+    # a --csv that cannot become a file is refused before any image is classified
+    import featcache.predict as fp
+
+    monkeypatch.setattr(fp, "predict", lambda *a, **k: pytest.fail("classified before checking --csv"))
     args = ["predict", str(img), "--run", run_id, "--runs-dir", str(runs_dir)]
     assert cli([*args, "--csv", str(tmp_path)]) == 2
     assert "is a folder; give a file name" in " ".join(capsys.readouterr().err.split())
+    assert cli([*args, "--csv", str(tmp_path / "=cmd.jpeg" / "out.csv")]) == 2
+    assert "=cmd.jpeg is a file, not a folder" in " ".join(capsys.readouterr().err.split())
 
 
 def test_tampered_model_is_refused(trained, tmp_path: Path, capsys) -> None:
@@ -142,6 +148,9 @@ def test_predict_errors(trained, tmp_path: Path, capsys) -> None:
     # the run's folder, as a shell completes it, names the same run
     assert cli(["predict", str(img), "--run", f"{runs_dir / run_id}/", "--runs-dir", str(runs_dir)]) == 0
     assert run_id in " ".join(capsys.readouterr().out.split())
+    assert cli(["predict", str(img), "--run", str(runs_dir / run_id), "--runs-dir", str(tmp_path)]) == 2
+    assert f"is a run of another runs folder than {tmp_path}; add --runs-dir {runs_dir}" in " ".join(
+        capsys.readouterr().err.split())
     assert cli(["predict", str(tmp_path / "missing.jpeg"), "--run", run_id, "--runs-dir", str(runs_dir)]) != 0
     assert "does not exist" in " ".join(capsys.readouterr().err.split())
     bad = tmp_path / "bad.jpeg"

@@ -680,6 +680,17 @@ def test_provenance_gives_the_working_folder_and_source_revision(tmp_path):
     assert "byte-identical files share a row" in md  # why a cache can have fewer rows than images
 
 
+def test_recomputed_intervals_hold_metric_pairs_only():
+    """The names of the exact intervals are not an interval (two names read as a (lo, hi) pair)."""
+    from featcache.report.collect import Predictions
+    from featcache.report.scores import bootstrap_ci
+
+    y = np.array([0, 0, 0, 1, 1, 1])
+    p1 = np.array([0.9, 0.8, 0.7, 0.9, 0.8, 0.7])  # every positive found, every negative missed
+    ci = bootstrap_ci(Predictions([f"i{i}" for i in range(6)], y, np.c_[1 - p1, p1], list(CLASSES)), 0.5)
+    assert "exact_at_bound" not in ci and ci["sensitivity"][1] == 1.0 and ci["specificity"][0] == 0.0
+
+
 def test_provenance_is_per_run_not_pooled(tmp_path):
     """Runs on two caches of one file name (another backend's values) and two Keras backends: the report
     says which run had what, instead of one pooled list that reads as if it applied to every run (before:
@@ -906,6 +917,7 @@ def test_roc_and_pr_panels_show_their_corner_when_every_curve_is_near_perfect():
         plots._pr_ax(pr, rec(noise), 0.5)
         assert (roc.get_xlim()[1] < 0.5) == zoomed and (roc.get_ylim()[0] > 0.5) == zoomed
         assert (pr.get_xlim()[0] > 0.5) == zoomed and roc.get_title().endswith(", corner") == zoomed
+        assert pr.get_ylim()[0] < 0.5  # the prevalence line (0.5 here) the caption explains stays in view
         faces = {h.get_markerfacecolor() for h in roc.get_legend().legend_handles if h.get_marker() in "o*"}
         assert faces == {"white"}  # neutral: they stand for the markers of both splits
         plt.close(fig)

@@ -123,15 +123,23 @@ def _interval(row: dict, key: str, digits: int = 2) -> str:
     return "—" if lo is None or hi is None else f"{_f(lo, digits)}–{_f(hi, digits)}"
 
 
+def _binary(row: dict) -> bool:
+    """Whether a leaderboard row is a two-class run (its predictions name a positive class; a run without
+    prediction files by its task)."""
+    return "positive_class" in row or row.get("task") == "binary"
+
+
 def _rule(row: dict, at: str = "") -> str:
-    """How a run's labels are decided: threshold 0.5 on the positive class (binary), else argmax."""
-    return f"{at}threshold 0.5" if "positive_class" in row else "the most probable class"
+    """How a run's labels are decided: threshold 0.5 on the positive class (binary), else argmax.
+    ``at``: "at " for "accuracy at threshold 0.5" / "accuracy by the most probable class"."""
+    return f"{at}threshold 0.5" if _binary(row) else f"{'by ' if at else ''}the most probable class"
 
 
 def _rules(rows: Sequence[dict], at: str = "") -> str:
     """:func:`_rule` of a set of runs (both, where binary and 3-class runs are mixed)."""
     kinds = {_rule(r, at) for r in rows}
-    return kinds.pop() if len(kinds) == 1 else f"{at}threshold 0.5 if binary, else the most probable class"
+    return kinds.pop() if len(kinds) == 1 else (f"{at}threshold 0.5 if binary, else "
+                                                f"{'by ' if at else ''}the most probable class")
 
 
 def _hero(best: dict, metric: str, has_test: bool) -> Hero:
@@ -273,9 +281,10 @@ def _callouts(
                      and r.run["dataset"].get("patient_ids") == 0})
     if no_ids:  # "patient-grouped" would claim a protection that was not possible
         text = (f"{', '.join(no_ids)} has no patient ids (neither the file names nor a manifest group column "
-                "carry one), so folds, the hold-out and the bootstrap treat every image as its own patient: "
-                "images of one person may be on both sides of a split, and the CIs may be too narrow. Give a "
-                "manifest with a group column to group by patient.")
+                "carry one), so folds, the hold-out and the bootstrap group images by file name alone "
+                "(without folder and extension; mostly one image per group): images of one person may be on "
+                "both sides of a split, and the CIs may be too narrow. Give a manifest with a group column "
+                "to group by patient.")
         doc.add(Para(text, "warn", "No patient ids:"))
     with_test = sum(1 for r in rows if r.get("test_accuracy") is not None)
     if with_test == 0:
@@ -464,7 +473,7 @@ def _leaderboard_section(
                "(its test twin is not); " if any(r.get("threshold") is not None for r in rows) else "")
             + "F1 is macro-averaged; "
             + ("AUC of a task with more than two classes is one-vs-rest, macro-averaged over the classes; "
-               if any("positive_class" not in r for r in rows) else "")
+               if not all(_binary(r) for r in rows) else "")
             + "CIs are 95% bootstrap intervals resampling test patients (all images of a patient together).",
             "muted",
         )
@@ -531,7 +540,7 @@ def _top_runs_section(
     else:
         chosen = rows[: options.detail]
     doc.section("Top runs", "top-runs")
-    binary = [r for r in chosen if "positive_class" in r]
+    binary = [r for r in chosen if _binary(r)]
     if binary:
         doc.add(Para(
             ("Binary runs: confusion" if len(binary) < len(chosen) else "Confusion")

@@ -156,7 +156,7 @@ def _pr_ax(ax, rec: RunRecord, threshold: float | None) -> None:
     """Precision-recall of validation and test; the dotted line is the test prevalence (a classifier
     without skill); 0.5 and the chosen threshold marked as on the ROC."""
     marked: set[str] = set()
-    aps, points = [], []
+    aps, points, prevalence = [], [], 1.0
     for split, color in (("val", BLUE), ("test", ORANGE)):
         pred = getattr(rec, split)
         if pred is None or pred.proba.shape[1] != 2 or len(set(pred.y_true.tolist())) < 2:
@@ -168,7 +168,8 @@ def _pr_ax(ax, rec: RunRecord, threshold: float | None) -> None:
         ax.step(np.r_[0.0, recall], np.r_[precision[0], precision], where="pre", color=color, lw=1.6,
                 label=f"{split} (AP {ap:.3f})")
         if split == "test" or rec.test is None:
-            ax.axhline(float(np.mean(y == 1)), color=GREY, lw=0.8, ls=":")
+            prevalence = float(np.mean(y == 1))
+            ax.axhline(prevalence, color=GREY, lw=0.8, ls=":")
         for thr, marker, name in ((0.5, "o", "0.5"), (threshold, "*", "chosen")):
             if thr is None:
                 continue
@@ -183,7 +184,8 @@ def _pr_ax(ax, rec: RunRecord, threshold: float | None) -> None:
     zoom = bool(aps) and min(aps) >= ZOOM_AUC
     if zoom:
         ax.set_xlim(min([1 - ZOOM_SPAN, *(r - 0.03 for r, _ in points)]), 1.005)
-        ax.set_ylim(min([1 - ZOOM_SPAN, *(p - 0.03 for _, p in points)]), 1.005)
+        # down to the prevalence line (the caption explains it; Kermany's test split: 0.625)
+        ax.set_ylim(min([1 - ZOOM_SPAN, prevalence - 0.03, *(p - 0.03 for _, p in points)]), 1.005)
     else:
         ax.set_xlim(-0.02, 1.02)
         ax.set_ylim(-0.02, 1.02)
@@ -191,7 +193,7 @@ def _pr_ax(ax, rec: RunRecord, threshold: float | None) -> None:
     ax.set_xlabel("recall (sensitivity)")
     ax.set_ylabel(_t(f"precision ({positive} called)" if positive else "precision"))
     ax.set_title("precision-recall (⋯ prevalence)" + (", corner" if zoom else ""))
-    _legend(ax, "center left" if zoom else "lower left")  # zoomed, the prevalence line runs along the bottom
+    _legend(ax, "center left" if zoom else "lower left")  # zoomed, the prevalence line is near the bottom
 
 
 def _history_ax(ax, history: dict) -> None:

@@ -203,7 +203,8 @@ def bootstrap_ci(
         return {}
     ci = fit_bootstrap_ci(pred.y_true, pred.proba, pred.classes, threshold, n_boot=n_boot, seed=seed,
                           groups=pred.groups)
-    return {k: (v[0], v[1]) for k, v in ci.items() if isinstance(v, list) and len(v) == 2}
+    return {k: (v[0], v[1]) for k, v in ci.items()
+            if k != "exact_at_bound" and isinstance(v, list) and len(v) == 2}
 
 
 def paired_difference(
