@@ -144,20 +144,31 @@ def run(argv: list[str] | None = None) -> int:
         _print_interrupted()
         return 143 if _terminated else 130
     except OSError as exc:  # a folder that cannot be created, a full disk, a path through a file
-        err_console.print(f"[bold red]error:[/] {escape(_os_error_sentence(exc))}", highlight=False,
-                          soft_wrap=True)
+        words = [str(a) for a in (sys.argv[1:] if argv is None else argv) if not str(a).startswith("-")]
+        err_console.print(f"[bold red]error:[/] {escape(_os_error_sentence(exc, words[:2]))}",
+                          highlight=False, soft_wrap=True)
         return 1
     return 0
 
 
-def _os_error_sentence(exc: OSError) -> str:
+# What an operating-system error leaves behind, by command: the commands that write as they go keep what
+# they finished; report publishes only a whole report; the rest (predict, inspect, ls, verify) write nothing.
+_KEPT = {"extract": "Finished work is saved.", "fit": "Finished work is saved.",
+         "run": "Finished work is saved.", "demo": "Finished work is saved.",
+         "cache merge": "Finished work is saved.", "data download": "Finished work is saved.",
+         "report": "The previous report is kept whole."}
+
+
+def _os_error_sentence(exc: OSError, command: list[str] | None = None) -> str:
     """What the operating system refused, and where. Library code turns the errors it expects (damaged
     caches, unreadable images, locked files) into FeatcacheError; this is for the rest, such as an output
     folder under a regular file or on a read-only mount, which would otherwise end in a traceback."""
     reason = os_reason(exc)  # HDF5's errors carry several lines of detail; the reason is a few words
     paths = [os.fsdecode(f) for f in (exc.filename, exc.filename2) if f is not None]
     where = f" ({' -> '.join(paths)})" if paths else ""
-    return f"the operating system refused a file operation{where}: {reason}. Finished work is saved."
+    words = list(command or [])
+    kept = _KEPT.get(" ".join(words[:2])) or _KEPT.get(words[0] if words else "", "")
+    return f"the operating system refused a file operation{where}: {reason}." + (f" {kept}" if kept else "")
 
 
 def _print_interrupted() -> None:

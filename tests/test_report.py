@@ -889,7 +889,7 @@ def test_a_full_disk_while_writing_names_the_report_folder_and_keeps_the_previou
     raw = capsys.readouterr().err
     assert raw.count("\n") == 1 and "Traceback" not in raw
     assert " ".join(raw.split()) == (f"error: the operating system refused a file operation ({out}): No "
-                                     "space left on device. Finished work is saved.")
+                                     "space left on device. The previous report is kept whole.")
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert not list(out.glob(".staging-*"))
 
