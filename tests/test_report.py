@@ -921,3 +921,14 @@ def test_roc_and_pr_panels_show_their_corner_when_every_curve_is_near_perfect():
         faces = {h.get_markerfacecolor() for h in roc.get_legend().legend_handles if h.get_marker() in "o*"}
         assert faces == {"white"}  # neutral: they stand for the markers of both splits
         plt.close(fig)
+
+
+def test_interval_cells_wrap_between_value_and_interval_only(sweep, tmp_path):
+    """The leaderboard ran past 1400 px (sens/spec and run id behind a scroll bar): interval cells may now
+    wrap, at the space before "[", never inside "0.875–1.000" (word joiners around the dash)."""
+    runs, _ = sweep
+    html = build_report(runs, tmp_path / "out").html.read_text()
+    cells = re.findall(r'<td class="num ci">([^<]*)</td>', html)
+    assert cells and all(c.count("–") == c.count("\u2060–\u2060") for c in cells)
+    assert any(" [" in c and "\u2060–\u2060" in c for c in cells)
+    assert not re.search(r'<td class="num">[^<]*\[', html)  # every interval cell is marked

@@ -49,8 +49,10 @@ word-break:break-word}
 .tablewrap.wide{display:block}
 table{border-collapse:collapse;width:100%;font-size:12.5px}
 th,td{padding:5px 9px;border-bottom:1px solid var(--line);text-align:left;vertical-align:top}
-th{background:#eef1f5;font-weight:600;position:sticky;top:0;white-space:nowrap}
-td.num,th.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+th{background:#eef1f5;font-weight:600;position:sticky;top:0;vertical-align:bottom}
+td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
+td.num{white-space:nowrap}
+td.num.ci{white-space:normal}
 tbody tr:nth-child(even){background:#fafbfc}
 tbody tr.best{background:var(--best);font-weight:600}
 td.mono{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:11px;min-width:110px;color:var(--muted)}
@@ -81,7 +83,12 @@ def _table(t: Table) -> str:
         cells = []
         for c_i, cell in enumerate(row):
             cls = "num" if c_i in t.numeric else {"run id": "mono", "config": "cfg"}.get(t.columns[c_i], "")
-            cells.append(f'<td class="{cls}">{e(cell)}</td>' if cls else f"<td>{e(cell)}</td>")
+            if cls == "num" and "CI" in t.columns[c_i]:  # "0.958 [0.875–1.000]" may wrap before its "["
+                cls = "num ci"
+            text = e(cell)
+            if cls == "num ci":  # break between value and interval, never inside "0.875–1.000"
+                text = text.replace("–", "\u2060–\u2060")
+            cells.append(f'<td class="{cls}">{text}</td>' if cls else f"<td>{text}</td>")
         tr_cls = ' class="best"' if r_i in t.highlight else ""
         body.append(f"<tr{tr_cls}>{''.join(cells)}</tr>")
     cap = f"<caption>{e(t.caption)}</caption>" if t.caption else ""
