@@ -56,6 +56,35 @@ def expand_images(images: Sequence[str | Path]) -> list[tuple[str, str | None]]:
     return out
 
 
+UPSCALE_LIMIT = 4  # an image upscaled more than this to the backbone's input is noted (a 5x5 "X-ray")
+
+
+def _input_size(cache: dict) -> int:
+    """The backbone input size (px) a run cache was extracted at."""
+    from featcache.backbones import get_spec
+
+    cfg = cache.get("config") or {}
+    if cfg.get("image_size"):
+        return int(cfg["image_size"])
+    try:
+        return int(get_spec(str(cfg.get("backbone", cache.get("name")))).input_size)
+    except Exception:  # noqa: BLE001 - a saved-model backbone has no registry entry: the common size
+        return 224
+
+
+def _pixel_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the image header (no decoding); None when PIL cannot tell."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return int(im.size[0]), int(im.size[1])
+    except Exception:  # noqa: BLE001 - any unreadable header: the decoder reports it properly later
+        return None
+
+
 def _read_image(path: str) -> tuple[str, bytes, str] | str:
     """(path, bytes, sha256), or the reason the file cannot be used."""
     p = Path(path)
@@ -281,6 +310,9 @@ def predict(
     thr = (run.info.get("threshold") or {}).get("chosen") if len(classes) == 2 else None
     preds: list[dict] = []
     skipped: list[tuple[int, dict]] = []  # (position in paths, entry): listed in the order given
+    tiny: dict[str, tuple[int, int]] = {}  # image -> (width, height) of those under `smallest` px a side
+    # upscaled more than UPSCALE_LIMIT times to the (largest) backbone input: little left to classify
+    smallest = max(_input_size(ex.cache) for ex in extractors) / UPSCALE_LIMIT
     try:
         for start in range(0, len(paths), PREDICT_CHUNK):
             emit(progress, "predict", start, len(paths), "classifying images")
@@ -293,6 +325,9 @@ def predict(
                 else:
                     items.append(got)
                     where.append(pos)
+                    dims = _pixel_size(got[1])
+                    if dims is not None and min(dims) < smallest:
+                        tiny[got[0]] = dims
             if not items:
                 continue
             good, proba, cached, bad = _predict_chunk(items, extractors, views, model)
@@ -315,6 +350,12 @@ def predict(
     skipped_list = [entry for _, entry in sorted(skipped, key=lambda t: t[0])]
     notes = [f"{ex.note}: its images went through the backbone again (same settings, same features)"
              for ex in extractors if ex.note and any(not p["from_cache"] for p in preds)]
+    small = [p["image"] for p in preds if p["image"] in tiny]
+    if small:  # a 5x5 image got P(PNEUMONIA) 0.74 and a label like any X-ray
+        w, h = tiny[small[0]]
+        notes.append(f"{len(small)} image(s) smaller than {smallest:g} px on a side were upscaled more "
+                     f"than {UPSCALE_LIMIT} times to the backbone's input (e.g. {small[0]}, {w}x{h}): their "
+                     "labels carry little information.")
     if not preds:
         first = skipped_list[0]
         raise DataError(

@@ -287,3 +287,19 @@ def test_missing_imagenet_weights_are_explained_in_predicts_terms() -> None:
     text = _missing_imagenet(BackboneConfig("mobilenet-0.75", weights="imagenet"))
     assert "put mobilenet_7_5_224_tf_no_top.h5 in " + str(keras_models_dir()) in text
     assert "--weights" not in text and "the weights the run was trained on" in text
+
+
+def test_a_tiny_image_gets_its_label_and_a_note(trained, tmp_path: Path) -> None:
+    """A 5x5 image was labelled PNEUMONIA at 0.74 like any X-ray, without a word. It is still classified
+    (the user may know better), and a note names it: upscaled more than 4x to the backbone's 32 px."""
+    from PIL import Image
+
+    root, runs_dir, run_id = trained
+    Image.fromarray(np.full((5, 5, 3), 120, dtype=np.uint8)).save(tmp_path / "tiny.png")
+    fine = write_xray(tmp_path / "fine.jpeg", 5, size=16)  # 2x: not noted
+    out = predict([tmp_path / "tiny.png", fine], run_id, runs_dir)
+    assert len(out["predictions"]) == 2
+    assert out["notes"] == [f"1 image(s) smaller than 8 px on a side were upscaled more than 4 times to the "
+                            f"backbone's input (e.g. {tmp_path / 'tiny.png'}, 5x5): their labels carry "
+                            "little information."]
+    assert predict([fine], run_id, runs_dir)["notes"] == []
