@@ -401,10 +401,11 @@ def load_run(runs_dir: str | Path, run_id: str) -> Run:
     (``runs/20250101-...-logreg-0123abcd/``): the same run, named by its path.
     """
     runs_dir = Path(runs_dir)
-    as_path = Path(run_id.rstrip("/")) if run_id else None
-    if (as_path is not None and len(as_path.parts) > 1 and (as_path / "run.json").is_file()
-            and as_path.parent.resolve() == runs_dir.resolve()):
-        run_id = as_path.name
+    folder = Path(run_id.rstrip("/")) if run_id and "/" in run_id.rstrip("/") else None
+    if folder is not None and not (folder / "run.json").is_file():
+        folder = None  # a path that is no run folder: refused below like any unknown id
+    if folder is not None and folder.parent.resolve() == runs_dir.resolve():
+        run_id = folder.name
     d = runs_dir / run_id
     if (
         not run_id
@@ -413,9 +414,9 @@ def load_run(runs_dir: str | Path, run_id: str) -> Run:
         or run_id in {".", ".."}
         or not (d / "run.json").is_file()
     ):
-        if as_path is not None and len(as_path.parts) > 1 and (as_path / "run.json").is_file():
-            raise RunError(f"{as_path} is a run of another runs folder than {runs_dir}; add --runs-dir "
-                           f"{shlex.quote(str(as_path.parent))}.")
+        if folder is not None:
+            raise RunError(f"{folder} is a run of another runs folder than {runs_dir}; add --runs-dir "
+                           f"{shlex.quote(str(folder.parent))}.")
         where = "" if runs_dir == Path("runs") else f" --runs-dir {shlex.quote(str(runs_dir))}"
         raise RunError(f"no run '{run_id}' in {runs_dir}; `featcache runs ls{where}` lists them.")
     try:

@@ -1063,9 +1063,7 @@ def _methods_text(runs: Sequence[RunRecord]) -> str:
     versions = next((r.run.get("versions") for r in runs if isinstance(r.run.get("versions"), dict)), {})
     software = ", ".join(f"{k} {versions[k]}" for k in ("featcache", "keras", "tensorflow", "jax",
                                                          "scikit-learn", "numpy", "python") if k in versions)
-    revisions = sorted({str(r.run["environment"].get("source_revision")) for r in runs
-                        if isinstance(r.run.get("environment"), dict)
-                        and r.run["environment"].get("source_revision")})
+    revisions = _source_revisions(runs)
     if revisions and software:
         software = software.replace(f"featcache {versions.get('featcache')}",
                                     f"featcache {versions.get('featcache')} (git {', '.join(revisions)})", 1)
@@ -1093,6 +1091,12 @@ def _methods_text(runs: Sequence[RunRecord]) -> str:
                      "gives the same value and the percentile interval is a point, so the exact "
                      "Clopper-Pearson interval over the patients counted is shown instead")
     return text + (f". Software: {software}." if software else ".")
+
+
+def _source_revisions(runs: Sequence[RunRecord]) -> list[str]:
+    """The git revisions of featcache's source the runs recorded (editable installs), sorted."""
+    envs = [r.run["environment"] for r in runs if isinstance(r.run.get("environment"), dict)]
+    return sorted({str(env["source_revision"]) for env in envs if env.get("source_revision")})
 
 
 def _recorded_cis(run: RunRecord) -> list[dict]:
@@ -1446,9 +1450,7 @@ def _write_report_files(doc: Document, rows: list[dict], runs: Sequence[RunRecor
                               if isinstance(ci.get("n_boot"), int)}),
             "seed": sorted({r.run.get("seed") for r in runs if isinstance(r.run.get("seed"), int)}),
         },
-        "source_revisions": sorted({str(r.run["environment"].get("source_revision")) for r in runs
-                                    if isinstance(r.run.get("environment"), dict)
-                                    and r.run["environment"].get("source_revision")}),
+        "source_revisions": _source_revisions(runs),
     }
     write_csv(rows, folder / "leaderboard.csv")
     write_json(rows, folder / "leaderboard.json", meta)
