@@ -122,10 +122,11 @@ def install_signal_handlers() -> None:
 
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI with ``argv`` and return the exit status (used by tests and ``main``)."""
+    args = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     try:
         from featcache.cli.repeats import check_repeated_options
 
-        check_repeated_options(typer.main.get_command(app), sys.argv[1:] if argv is None else argv)
+        check_repeated_options(typer.main.get_command(app), args)
         app(args=argv, prog_name="featcache", standalone_mode=True)
     except SystemExit as exc:  # typer/click exit normally through SystemExit
         code = exc.code
@@ -144,7 +145,7 @@ def run(argv: list[str] | None = None) -> int:
         _print_interrupted()
         return 143 if _terminated else 130
     except OSError as exc:  # a folder that cannot be created, a full disk, a path through a file
-        words = [str(a) for a in (sys.argv[1:] if argv is None else argv) if not str(a).startswith("-")]
+        words = [a for a in args if not a.startswith("-")]
         err_console.print(f"[bold red]error:[/] {escape(_os_error_sentence(exc, words[:2]))}",
                           highlight=False, soft_wrap=True)
         return 1
@@ -153,9 +154,8 @@ def run(argv: list[str] | None = None) -> int:
 
 # What an operating-system error leaves behind, by command: the commands that write as they go keep what
 # they finished; report publishes only a whole report; the rest (predict, inspect, ls, verify) write nothing.
-_KEPT = {"extract": "Finished work is saved.", "fit": "Finished work is saved.",
-         "run": "Finished work is saved.", "demo": "Finished work is saved.",
-         "cache merge": "Finished work is saved.", "data download": "Finished work is saved.",
+_SAVED = "Finished work is saved."
+_KEPT = {**dict.fromkeys(("extract", "fit", "run", "demo", "cache merge", "data download"), _SAVED),
          "report": "The previous report is kept whole."}
 
 

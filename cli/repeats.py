@@ -26,7 +26,8 @@ def _options(command: Any) -> dict[str, Any]:
 
 
 def check_repeated_options(root: Any, argv: Sequence[str]) -> None:
-    """ConfigError naming the first single-value option that ``argv`` gives more than once.
+    """ConfigError naming the first single-value option that ``argv`` (strings: run() converts the Path
+    objects tests pass) gives more than once.
 
     Walks the command path as click does (group, subcommand, its options); unknown tokens are skipped, so
     click still reports them in its own words. ``--help`` anywhere disables the check.
@@ -37,7 +38,7 @@ def check_repeated_options(root: Any, argv: Sequence[str]) -> None:
     seen: dict[str, list[str]] = {}
     i = 0
     while i < len(argv):
-        token = str(argv[i])  # (tests pass Path objects, which click accepts too)
+        token = argv[i]
         i += 1
         if token == "--":
             break
@@ -46,11 +47,10 @@ def check_repeated_options(root: Any, argv: Sequence[str]) -> None:
             param = options.get(name)
             if param is None:
                 return  # an unknown option: click's own message names it
-            if not param.is_flag and "=" not in token:
-                i += param.nargs  # its value(s), which may look like an option
+            value = argv[i:i + param.nargs] if not param.is_flag and "=" not in token else []
+            i += len(value)  # its value(s), which may look like an option
             if not param.multiple:
-                value = argv[i - param.nargs:i] if not param.is_flag and "=" not in token else []
-                seen.setdefault(param.opts[0], []).append(" ".join([token, *map(str, value)]))
+                seen.setdefault(param.opts[0], []).append(" ".join([token, *value]))
         elif token in (getattr(command, "commands", None) or {}):
             command = command.commands[token]
             options = _options(command)  # (a group's options come before its subcommand's name)
