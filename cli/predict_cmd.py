@@ -50,9 +50,15 @@ def register(app: typer.Typer) -> None:
 
         if csv_out is not None:
             check_csv_target(csv_out)  # before the forward passes, not after them
-        import_backend_quietly()
         with progress_display(Console(stderr=True)) as bar:  # a folder of thousands of images takes a while
-            out = predict(images, run, runs_dir, backbone_files=backbone_file, progress=make_callback(bar))
+
+            def quiet_backend() -> None:  # only when Keras is needed (an mlp head, or an uncached image)
+                bar.stop()  # its refreshes would land in the captured native log
+                import_backend_quietly()
+                bar.start()
+
+            out = predict(images, run, runs_dir, backbone_files=backbone_file, progress=make_callback(bar),
+                          before_backend=quiet_backend)
         if csv_out is not None:
             from featcache.predict import write_predictions_csv
 

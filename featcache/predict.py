@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -152,8 +152,10 @@ def _backbone_config(cache: dict, backbone_files: Sequence[str | Path] = ()) -> 
 class _Extractor:
     """Features of one run cache for given images: cached rows first, the backbone for the rest."""
 
-    def __init__(self, cache: dict, backbone_files: Sequence[str | Path] = (), batch_size: int = 1) -> None:
+    def __init__(self, cache: dict, backbone_files: Sequence[str | Path] = (), batch_size: int = 1,
+                 before_backend: Callable[[], None] | None = None) -> None:
         self.cache = cache
+        self.before_backend = before_backend
         self.batch_size = batch_size
         self.backbone_files = list(backbone_files)
         self.backbone: Any = None
@@ -187,6 +189,8 @@ class _Extractor:
 
     def _build(self) -> Any:
         if self.backbone is None:
+            if self.before_backend is not None:
+                self.before_backend()
             from featcache.backbones import build_backbone
 
             config = _backbone_config(self.cache, self.backbone_files)
@@ -282,6 +286,7 @@ def predict(
     runs_dir: str | Path = "runs",
     progress: ProgressFn | None = None,
     backbone_files: Sequence[str | Path] = (),
+    before_backend: Callable[[], None] | None = None,
 ) -> dict:
     """Class probabilities and labels of ``images`` (files, or folders of image files) with run ``run_id``.
 
@@ -293,8 +298,15 @@ def predict(
     model file. Images go through in chunks of PREDICT_CHUNK, so memory does not grow with their number.
     ``backbone_files``: the weights file / saved model of a run whose backbone came from a file (matched
     by SHA-256); only needed for images that are not already in the run's caches.
+    ``before_backend``: called once, just before Keras is first needed (an mlp head, or an image that is
+    in none of the run's caches). Why: importing TensorFlow takes 3-7 s and prints native start-up
+    lines; the CLI imports it there with those lines filtered, and not at all when a logreg, svm or knn
+    run classifies cached images (the call took 7 s, nearly all of it the import).
     """
     run: Run = load_run(runs_dir, run_id)
+    before_backend = _once(before_backend)
+    if str(run.info.get("head", "")).strip().lower() == "mlp" and before_backend is not None:
+        before_backend()
     model = load_head(run)  # sha256 of every model file checked first
     listed = expand_images(images)
     paths = [path for path, _ in listed]
@@ -304,7 +316,7 @@ def predict(
     views = ["orig"] + (list(run.info.get("tta_views") or []) if run.info.get("tta") else [])
     # The backbone's compiled batch: a chunk, or all images when fewer (one new image is not padded to 64).
     batch = min(PREDICT_CHUNK, len(paths))
-    extractors = [_Extractor(c, backbone_files, batch) for c in run.info.get("caches", [])]
+    extractors = [_Extractor(c, backbone_files, batch, before_backend) for c in run.info.get("caches", [])]
     if not extractors:
         raise RunError(f"run '{run.id}' records no feature caches; fit it again.")
     thr = (run.info.get("threshold") or {}).get("chosen") if len(classes) == 2 else None
@@ -371,6 +383,20 @@ def predict(
         "skipped": skipped_list,
         "notes": notes,
     }
+
+
+def _once(fn: Callable[[], None] | None) -> Callable[[], None] | None:
+    """``fn`` wrapped to run at most once (several caches, and an mlp head, may each ask for Keras)."""
+    if fn is None:
+        return None
+    done: list[bool] = []
+
+    def call() -> None:
+        if not done:
+            done.append(True)
+            fn()
+
+    return call
 
 
 def check_csv_target(path: str | Path) -> Path:

@@ -303,3 +303,30 @@ def test_a_tiny_image_gets_its_label_and_a_note(trained, tmp_path: Path) -> None
                             f"backbone's input (e.g. {tmp_path / 'tiny.png'}, 5x5): their labels carry "
                             "little information."]
     assert predict([fine], run_id, runs_dir)["notes"] == []
+
+
+def test_keras_is_asked_for_only_when_an_image_needs_the_backbone(trained, tmp_path: Path) -> None:
+    root, runs_dir, run_id = trained
+    known = sorted((root / "test" / "NORMAL").iterdir())[:2]
+    calls: list[int] = []
+    predict(known, run_id, runs_dir, before_backend=lambda: calls.append(1))
+    assert calls == []  # a logreg run and cached images: no backbone, no Keras
+    new = [write_xray(tmp_path / f"new{i}.jpeg", 500 + i, size=48) for i in range(2)]
+    out = predict([*known, *new], run_id, runs_dir, before_backend=lambda: calls.append(1))
+    assert calls == [1]  # once, however many images or views need it
+    assert [p["from_cache"] for p in out["predictions"]] == [True, True, False, False]
+
+
+def test_cli_predict_of_cached_images_does_not_import_tensorflow(trained) -> None:
+    """In a fresh process, as a user's call: the import took 3-7 s of a 7 s call that needed none of it."""
+    import subprocess
+    import sys
+
+    root, runs_dir, run_id = trained
+    img = sorted((root / "test" / "NORMAL").iterdir())[0]
+    argv = ["predict", str(img), "--run", run_id, "--runs-dir", str(runs_dir), "--json"]
+    code = ("import sys\nfrom featcache.cli.app import run\n"
+            f"rc = run({argv!r})\n"
+            "print('RESULT', rc, 'tensorflow' in sys.modules, 'keras' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "RESULT 0 False False" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
