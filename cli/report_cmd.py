@@ -154,12 +154,18 @@ def register(app: typer.Typer) -> None:
             help="Re-audit the dataset folder (patients, duplicates) when it still exists.",
         ),
         title: str = typer.Option("featcache report", "--title", help="Title of the report."),
+        figures: str | None = typer.Option(
+            None, "--figures",
+            help="Also write every figure as vector files for papers in report_files/: svg, pdf or svg,pdf "
+            "(PNGs are always written; the HTML embeds those).",
+        ),
     ) -> None:
         """Write a self-contained HTML report, a Markdown version and CSV/JSON leaderboards of finished runs.
 
         Runs are ranked by a validation metric; test metrics (with 95% bootstrap CIs) are shown next to them.
         """
         from featcache.report import ReportOptions, build_report
+        from featcache.report.build import parse_figure_formats
 
         options = ReportOptions(
             metric=metric,
@@ -171,6 +177,7 @@ def register(app: typer.Typer) -> None:
             detail=detail,
             inspect_data=inspect,
             title=title,
+            figure_formats=parse_figure_formats(figures),
         )
         with progress_display(console) as bar:
             result = build_report(runs_dir, out, options, progress=make_callback(bar))

@@ -932,3 +932,36 @@ def test_interval_cells_wrap_between_value_and_interval_only(sweep, tmp_path):
     assert cells and all(c.count("–") == c.count("\u2060–\u2060") for c in cells)
     assert any(" [" in c and "\u2060–\u2060" in c for c in cells)
     assert not re.search(r'<td class="num">[^<]*\[', html)  # every interval cell is marked
+
+
+def test_vector_copies_of_every_figure_for_papers(sweep, tmp_path):
+    """`report --figures svg,pdf`: each PNG gets SVG and PDF copies of the same stem, linked from the
+    Markdown and the HTML; the same runs give the same bytes; a report without the flag removes them."""
+    runs, _ = sweep
+    out = tmp_path / "out"
+    assert run(["report", "--runs-dir", str(runs), "--out", str(out), "--figures", "SVG,pdf"]) == 0
+    files = out / "report_files"
+    pngs = sorted(p.stem for p in files.glob("*.png"))
+    assert pngs and sorted(p.stem for p in files.glob("*.svg")) == pngs == sorted(p.stem for p in
+                                                                               files.glob("*.pdf"))
+    first = {p.name: p.read_bytes() for p in files.iterdir()}
+    for stem in pngs:
+        assert first[f"{stem}.svg"].lstrip().startswith(b"<?xml") and b"<svg" in first[f"{stem}.svg"]
+        assert first[f"{stem}.pdf"].startswith(b"%PDF-")
+    md_links = set(re.findall(r"report_files/([^)]+\.(?:svg|pdf))", (out / "report.md").read_text()))
+    html = (out / "report.html").read_text()
+    html_links = set(re.findall(r'href="report_files/([^"]+\.(?:svg|pdf))"', html))
+    assert md_links == html_links == {n for n in first if n.endswith((".svg", ".pdf"))}
+    build_report(runs, out, ReportOptions(figure_formats=("svg", "pdf")))
+    assert {p.name: p.read_bytes() for p in files.iterdir()} == first  # no dates, fixed ids
+    build_report(runs, out)
+    assert not list(files.glob("*.svg")) and not list(files.glob("*.pdf"))
+    assert "Vector copies" not in (out / "report.md").read_text()
+
+
+def test_unknown_figure_formats_are_refused_before_any_work(sweep, tmp_path, capsys):
+    runs, _ = sweep
+    assert run(["report", "--runs-dir", str(runs), "--out", str(tmp_path / "o"), "--figures", "svg,eps"]) == 2
+    assert "--figures takes svg and/or pdf" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    with pytest.raises(ConfigError, match="not 'png'"):
+        build_report(runs, tmp_path / "o", ReportOptions(figure_formats=("png",)))

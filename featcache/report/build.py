@@ -81,6 +81,7 @@ class ReportOptions:
     inspect_data: bool = True  # re-audit the dataset folder when it still exists
     notes: Sequence[str] = ()  # extra callouts (e.g. from `featcache run`)
     title: str = "featcache report"
+    figure_formats: Sequence[str] = ()  # vector copies of every figure in report_files/ ("svg", "pdf")
 
 
 @dataclass
@@ -491,7 +492,7 @@ def _leaderboard_section(
                 "Validation sizes differ:",
             )
         )
-    fig = plots.overview_figure(rows, options.metric)
+    fig = plots.overview_figure(rows, options.metric, formats=options.figure_formats)
     if options.group_by:
         groups: dict[str, list[dict]] = {}
         for r in rows:
@@ -515,10 +516,11 @@ def _leaderboard_section(
         doc.add(
             Figure(
                 "overview",
-                fig,
+                fig.png,
                 f"The {len(shown_rows)} best of {len(rows)} runs: validation {m} (blue){test_words} "
                 "Labels leave out the settings that all shown runs of a head share (the table has them).",
                 f"validation versus test {options.metric} of the best runs",
+                fig.vector,
             )
         )
 
@@ -585,14 +587,15 @@ def _top_runs_section(
                     f"; the recall of {preds.classes[1]} is the sensitivity, of {preds.classes[0]} the "
                     "specificity." if len(preds.classes) == 2 else "."),
             ))
-        png = plots.run_figure(rec, chosen_threshold(rec))
-        if png:
+        img = plots.run_figure(rec, chosen_threshold(rec), options.figure_formats)
+        if img:
             doc.add(
                 Figure(
                     f"run-{row['rank']}",
-                    png,
+                    img.png,
                     f"Run #{row['rank']} ({row['run_id']}).",
                     f"confusion matrices, ROC, precision-recall and training curves of run {row['run_id']}",
+                    img.vector,
                 )
             )
         else:
@@ -636,8 +639,8 @@ def _cells(
 
 def _heatmap(
     rows: Sequence[dict], x: str, y: str, value_key: str, title: str, lower_better: bool = False,
-    bar_label: str = "", chosen: dict | None = None,
-) -> bytes:
+    bar_label: str = "", chosen: dict | None = None, formats: Sequence[str] = (),
+) -> plots.Rendered:
     """Best value of ``value_key`` per (x, y) cell of two hyperparameters; ``chosen`` (the params of the
     selected config) gets its cell outlined."""
     table, xs, ys = _cells(rows, x, y, value_key, lower_better)
@@ -646,7 +649,7 @@ def _heatmap(
         cx, cy = format_value(chosen.get(x)), format_value(chosen.get(y))
         if cx in xs and cy in ys:
             mark = (ys.index(cy), xs.index(cx))
-    return plots.heatmap_figure(table, xs, ys, x, y, title, bar_label=bar_label, mark=mark)
+    return plots.heatmap_figure(table, xs, ys, x, y, title, bar_label=bar_label, mark=mark, formats=formats)
 
 
 def _telling_pair(rows: Sequence[dict], names: list[str], value_key: str) -> tuple[str, str] | None:
@@ -776,18 +779,19 @@ def _cv_section(doc: Document, rec: RunRecord, row: dict, options: ReportOptions
     )
     if pair:
         chosen_at = (rec.run.get("selection") or {}).get("best_index")
-        png = _heatmap(grid, pair[0], pair[1], "cv", f"mean CV {scoring}: {rec.head} on {rec.backbone}",
-                       bar_label=f"mean CV {scoring}",
+        img = _heatmap(grid, pair[0], pair[1], "cv", f"mean CV {scoring}: {rec.head} on {rec.backbone}",
+                       bar_label=f"mean CV {scoring}", formats=options.figure_formats,
                        chosen=grid[chosen_at]["params"] if isinstance(chosen_at, int)
                        and 0 <= chosen_at < len(grid) else None)
         doc.add(
             Figure(
                 f"heatmap-cv-{row['rank']}",
-                png,
+                img.png,
                 f"Mean cross-validation {scoring} over {pair[0]} × {pair[1]} (best config per cell, the "
                 "chosen one outlined; "
                 "unless --heatmap names them, the two parameters that spread the scores most).",
                 f"heatmap of CV {scoring} over {pair[0]} and {pair[1]}",
+                img.vector,
             )
         )
     timed = any(isinstance(g["fit_time"], int | float) and g["fit_time"] > 0 for g in grid)
@@ -855,7 +859,7 @@ def _grid_section(
         elif len(names) >= 2:
             pair = _telling_pair(members, names, f"val_{options.metric}")
         if pair:
-            png = _heatmap(
+            img = _heatmap(
                 members,
                 pair[0],
                 pair[1],
@@ -864,16 +868,18 @@ def _grid_section(
                 options.metric in LOWER_IS_BETTER,
                 bar_label=f"validation {options.metric}",
                 chosen=min(members, key=lambda r: r["rank"])["params"],
+                formats=options.figure_formats,
             )
             doc.add(
                 Figure(
                     f"heatmap-{head}-{backbone}-{task}",
-                    png,
+                    img.png,
                     f"Validation {options.metric} over {pair[0]} × {pair[1]} (best run per cell, the best "
                     "run outlined; other "
                     "parameters vary inside a cell; unless --heatmap names them, the two parameters that "
                     "spread the scores most).",
                     f"heatmap of {options.metric} over {pair[0]} and {pair[1]}",
+                    img.vector,
                 )
             )
         doc.add(_hyper_table(members, names, options.metric, by_id))
@@ -1343,6 +1349,25 @@ def _utf8(text: str) -> str:
     return _SURROGATE.sub("\ufffd", text)
 
 
+def parse_figure_formats(text: str | None) -> tuple[str, ...]:
+    """``"svg,pdf"`` -> ("svg", "pdf") for `report --figures`, case-insensitive, each once."""
+    if text is None:
+        return ()
+    from featcache.grids import parse_names
+
+    formats = tuple(dict.fromkeys(p.lower() for p in parse_names(text, "--figures")))
+    check_figure_formats(formats)
+    return formats
+
+
+def check_figure_formats(formats: Sequence[str]) -> None:
+    """ConfigError for a vector format the report cannot write (PNG is always written)."""
+    bad = [f for f in formats if f not in plots.VECTOR_FORMATS]
+    if bad:
+        raise ConfigError(f"--figures takes {' and/or '.join(plots.VECTOR_FORMATS)} (comma-separated; every "
+                          f"figure is always written as PNG too), not {', '.join(map(repr, bad))}.")
+
+
 def build_report(
     runs_dir: str | Path = "runs",
     out_dir: str | Path = "reports",
@@ -1356,6 +1381,7 @@ def build_report(
             "--heatmap takes two parameter names separated by a comma, e.g. --heatmap lr,batch_size."
         )
     check_tags(options.tags)  # `--tag ""` beside a real tag would otherwise be dropped without a word
+    check_figure_formats(options.figure_formats)  # before the metrics, not after them
     if any(not str(i).strip() for i in options.ids):  # "" is a substring of every id: it would select all
         raise ConfigError("--id needs a glob or part of a run id (an empty one was given).")
     runs_dir, out_dir = Path(runs_dir), Path(out_dir)
@@ -1429,7 +1455,7 @@ def _featcache_version() -> str:
 def _write_report_files(doc: Document, rows: list[dict], runs: Sequence[RunRecord], options: ReportOptions,
                         runs_dir: Path, folder: Path) -> None:
     """The report's four files and its figure folder, written into ``folder`` (a staging folder)."""
-    (folder / "report.html").write_text(_utf8(render_html(doc)), encoding="utf-8")
+    (folder / "report.html").write_text(_utf8(render_html(doc, ASSETS)), encoding="utf-8")
     (folder / "report.md").write_text(_utf8(render_markdown(doc, folder / ASSETS, ASSETS)), encoding="utf-8")
     meta = {
         "runs_dir": str(runs_dir),

@@ -7,6 +7,7 @@ no builder code can forget to escape a file name, tag or parameter value.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 
@@ -40,6 +41,7 @@ class Figure:
     png: bytes
     caption: str
     alt: str
+    vector: dict[str, bytes] = field(default_factory=dict)  # "svg"/"pdf" copies for report_files/
 
 
 @dataclass
@@ -79,3 +81,30 @@ class Document:
         """A level-2 heading that also appears in the navigation bar."""
         self.nav.append((anchor, text))
         self.blocks.append(Heading(text, 2, anchor))
+
+
+def figure_files(doc: Document) -> dict[int, str]:
+    """{id(figure block): its PNG's file name in report_files/}; vector copies share the stem.
+
+    Why here: the Markdown writes the files and the HTML links the vector copies, so both must name
+    them the same. A second figure with the name of an earlier one gets ``stem-2.png``...: two figures
+    with one name (a binary and a 3-class grid of one head and backbone) made the second PNG overwrite
+    the first, and the Markdown showed one figure twice.
+    """
+    names: dict[int, str] = {}
+    taken: set[str] = set()
+    for b in doc.blocks:
+        if isinstance(b, Figure):
+            stem = re.sub(r"[^A-Za-z0-9_.-]", "_", b.name)
+            name, k = f"{stem}.png", 1
+            while name in taken:
+                k += 1
+                name = f"{stem}-{k}.png"
+            taken.add(name)
+            names[id(b)] = name
+    return names
+
+
+def vector_files(b: Figure, png_name: str) -> dict[str, str]:
+    """{format: file name} of a figure's vector copies: run-1.png -> run-1.svg, run-1.pdf."""
+    return {fmt: f"{png_name[:-len('.png')]}.{fmt}" for fmt in b.vector}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 
+from featcache.report import document
 from featcache.report.document import Code, Document, Figure, Heading, Hero, Para, Table
 
 CSS = """
@@ -113,7 +114,7 @@ def _hero(h: Hero) -> str:
     )
 
 
-def _block(b) -> str:
+def _block(b, names: dict[int, str], assets_rel: str) -> str:
     if isinstance(b, Heading):
         anchor = f' id="{e(b.anchor)}"' if b.anchor else ""
         return f"<h{b.level}{anchor}>{e(b.text)}</h{b.level}>"
@@ -127,9 +128,13 @@ def _block(b) -> str:
         return _table(b)
     if isinstance(b, Figure):
         data = base64.b64encode(b.png).decode("ascii")
+        links = "".join(f' <a href="{assets_rel}/{e(name)}">{e(fmt.upper())}</a>'
+                        for fmt, name in document.vector_files(b, names.get(id(b), "")).items())
         return (
             f'<figure><img alt="{e(b.alt)}"{_screen_width(b.png)} src="data:image/png;base64,{data}">'
-            f"<figcaption>{e(b.caption)}</figcaption></figure>"
+            f"<figcaption>{e(b.caption)}"
+            + (f' <span class="muted">Vector copies in {assets_rel}/:{links}</span>' if links else "")
+            + "</figcaption></figure>"
         )
     if isinstance(b, Hero):
         return _hero(b)
@@ -138,10 +143,12 @@ def _block(b) -> str:
     raise TypeError(f"unknown block {type(b).__name__}")
 
 
-def render_html(doc: Document) -> str:
-    """The whole page as a string (UTF-8, no external resources)."""
+def render_html(doc: Document, assets_rel: str = "report_files") -> str:
+    """The whole page as a string (UTF-8, no external resources; figures' vector copies, when asked for,
+    are linked in ``assets_rel``, where the Markdown renderer writes them)."""
     nav = "".join(f'<a href="#{e(a)}">{e(label)}</a>' for a, label in doc.nav)
-    body = "\n".join(_block(b) for b in doc.blocks)
+    names = document.figure_files(doc)
+    body = "\n".join(_block(b, names, assets_rel) for b in doc.blocks)
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'

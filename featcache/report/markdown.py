@@ -10,7 +10,17 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from featcache.report.document import Code, Document, Figure, Heading, Hero, Para, Table
+from featcache.report.document import (
+    Code,
+    Document,
+    Figure,
+    Heading,
+    Hero,
+    Para,
+    Table,
+    figure_files,
+    vector_files,
+)
 
 _BACKSLASHED = re.compile(r"([\\`*_\[\]|#!{}])")
 
@@ -41,6 +51,7 @@ def render_markdown(doc: Document, assets_dir: Path, assets_rel: str) -> str:
     assets_dir.mkdir(parents=True, exist_ok=True)
     out: list[str] = [f"# {md(doc.title)}", "", md(doc.subtitle), ""]
     written: set[str] = set()
+    names = figure_files(doc)
     for b in doc.blocks:
         if isinstance(b, Heading):
             out += [f"{'#' * b.level} {md(b.text)}", ""]
@@ -52,9 +63,17 @@ def render_markdown(doc: Document, assets_dir: Path, assets_rel: str) -> str:
         elif isinstance(b, Table):
             out += [*_table(b), ""]
         elif isinstance(b, Figure):
-            name = _unique(re.sub(r"[^A-Za-z0-9_.-]", "_", b.name), written)
+            name = names[id(b)]
             (assets_dir / name).write_bytes(b.png)
+            written.add(name)
             out += [f"![{md(b.alt)}]({assets_rel}/{name})", "", f"*{md(b.caption)}*", ""]
+            vector = vector_files(b, name)
+            for fmt, other in vector.items():
+                (assets_dir / other).write_bytes(b.vector[fmt])
+                written.add(other)
+            if vector:
+                out += ["Vector copies: " + ", ".join(f"[{fmt.upper()}]({assets_rel}/{other})"
+                                                      for fmt, other in vector.items()), ""]
         elif isinstance(b, Hero):
             out += [f"**Best run (ranked on validation data): {md(b.title)}**", "", md(b.subtitle), ""]
             out += [
@@ -67,21 +86,7 @@ def render_markdown(doc: Document, assets_dir: Path, assets_rel: str) -> str:
             out += [fence, *(line.replace("~~~~", "~ ~ ~ ~") for line in b.lines), fence, ""]
     if doc.footer:
         out += ["---", "", f"*{md(doc.footer)}*", ""]
-    for old in assets_dir.glob("*.png"):  # figures of an earlier report that this one does not have
-        if old.name not in written:
+    for old in assets_dir.iterdir():  # figures of an earlier report that this one does not have
+        if old.suffix in (".png", ".svg", ".pdf") and old.name not in written:
             old.unlink(missing_ok=True)
     return "\n".join(out)
-
-
-def _unique(stem: str, written: set[str]) -> str:
-    """``stem.png``, or ``stem-2.png``... when an earlier figure of this report took the name.
-
-    Why: two figures with one name (a binary and a 3-class grid of one head and backbone) made the
-    second PNG overwrite the first, and the Markdown showed one figure twice.
-    """
-    name, k = f"{stem}.png", 1
-    while name in written:
-        k += 1
-        name = f"{stem}-{k}.png"
-    written.add(name)
-    return name

@@ -1,8 +1,9 @@
-"""Report figures rendered with matplotlib's Agg backend to PNG bytes.
+"""Report figures rendered with matplotlib's Agg backend to PNG bytes (and SVG/PDF when asked for).
 
 PNG bytes can be embedded as data URIs (self-contained HTML) and written next to the Markdown; no
-figure ever references a file or a URL. Every string from data goes through :func:`_t` because
-matplotlib would otherwise read ``$...$`` in a label as math markup (and fail on a lone ``$``).
+figure ever references a file or a URL; vector copies go to report_files/ only. Every string from data
+goes through :func:`_t` because matplotlib would otherwise read ``$...$`` in a label as math markup
+(and fail on a lone ``$``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import io
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -44,6 +46,8 @@ def _plt():
             "axes.spines.top": False,
             "axes.spines.right": False,
             "svg.fonttype": "path",
+            "svg.hashsalt": "featcache",  # fixed element ids: the same figure gives the same SVG bytes
+            "pdf.fonttype": 42,  # TrueType, so text stays editable in a journal's tools
         }
     )
     return plt
@@ -56,13 +60,32 @@ def _t(text: object) -> str:
 
 PNG_DPI = 150  # print quality for report_files/; the HTML shows each figure at its 90-dpi size
 SCREEN_DPI = 90
+VECTOR_FORMATS = ("svg", "pdf")  # what `report --figure-formats` may add beside each PNG
+# no dates or tool names in the files: the same runs give byte-identical figures
+_VECTOR_METADATA = {"svg": {"Date": None, "Creator": None}, "pdf": {"CreationDate": None, "Creator": None,
+                                                                    "Producer": None}}
 
 
-def _png(fig) -> bytes:
+@dataclass
+class Rendered:
+    """One figure as a PNG (embedded in the HTML) and, when asked for, as vector files for papers."""
+
+    png: bytes
+    vector: dict[str, bytes] = field(default_factory=dict)  # format ("svg", "pdf") -> file content
+
+
+def _render(fig, formats: Sequence[str] = ()) -> Rendered:
+    """The PNG, plus the ``formats`` of VECTOR_FORMATS (a journal wants vector art; a 150-dpi PNG
+    blurs when a panel is enlarged)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=PNG_DPI, bbox_inches="tight", metadata={"Software": None})
+    vector: dict[str, bytes] = {}
+    for fmt in formats:
+        out = io.BytesIO()
+        fig.savefig(out, format=fmt, bbox_inches="tight", metadata=_VECTOR_METADATA[fmt])
+        vector[fmt] = out.getvalue()
     _plt().close(fig)
-    return buf.getvalue()
+    return Rendered(buf.getvalue(), vector)
 
 
 def _confusion_ax(ax, pred: Predictions, threshold: float | None, title: str) -> None:
@@ -254,7 +277,7 @@ def _calibration_ax(ax, pred: Predictions, split: str) -> None:
     ax.set_title(f"{split} calibration (Brier {scores(pred)['brier']:.3f})")
 
 
-def run_figure(rec: RunRecord, threshold: float | None) -> bytes | None:
+def run_figure(rec: RunRecord, threshold: float | None, formats: Sequence[str] = ()) -> Rendered | None:
     """One row of panels for a top run: confusion matrices (0.5 and chosen), ROC and precision-recall,
     calibration (binary), training curves."""
     pred = rec.test if rec.test is not None else rec.val
@@ -295,7 +318,7 @@ def run_figure(rec: RunRecord, threshold: float | None) -> bytes | None:
         else:
             _history_ax(ax, history)
     fig.tight_layout()
-    return _png(fig)
+    return _render(fig, formats)
 
 
 OVERVIEW_RUNS = 15  # rows of the overview dot plot; more would not be readable
@@ -329,7 +352,8 @@ def overview_labels(rows: Sequence[dict], width: int = 64) -> list[str]:
     return out
 
 
-def overview_figure(rows: Sequence[dict], metric: str, n: int = OVERVIEW_RUNS) -> bytes | None:
+def overview_figure(rows: Sequence[dict], metric: str, n: int = OVERVIEW_RUNS,
+                    formats: Sequence[str] = ()) -> Rendered | None:
     """Dot plot of the best runs: validation metric vs test metric with its 95% CI where there is one.
 
     One panel per task: a binary accuracy and a 3-class one on one axis squeezed one of them into a corner
@@ -354,7 +378,7 @@ def overview_figure(rows: Sequence[dict], metric: str, n: int = OVERVIEW_RUNS) -
         if len(panels) > 1:
             ax.set_title(_t(f"task: {task}"), loc="right", fontsize=9)
     fig.tight_layout()
-    return _png(fig)
+    return _render(fig, formats)
 
 
 def _overview_panel(ax, rows: Sequence[dict], labels: Sequence[str], metric: str, task: str | None,
@@ -402,8 +426,8 @@ def _overview_panel(ax, rows: Sequence[dict], labels: Sequence[str], metric: str
 
 def heatmap_figure(
     table: np.ndarray, xs: Sequence[str], ys: Sequence[str], x_name: str, y_name: str, title: str,
-    bar_label: str = "", mark: tuple[int, int] | None = None,
-) -> bytes:
+    bar_label: str = "", mark: tuple[int, int] | None = None, formats: Sequence[str] = (),
+) -> Rendered:
     """Metric over two hyperparameters (best run per cell; empty cells stay blank); ``mark`` (row, column)
     outlines the chosen config's cell and ``bar_label`` names the colour scale."""
     plt = _plt()
@@ -443,4 +467,4 @@ def heatmap_figure(
         bar.set_label(_t(bar_label))
     bar.ax.yaxis.get_major_formatter().set_useOffset(False)  # "1e-10+9.374e-1" over the title otherwise
     fig.tight_layout()
-    return _png(fig)
+    return _render(fig, formats)
