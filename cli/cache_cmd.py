@@ -121,6 +121,8 @@ def _session_lines(sessions: list[dict], n_rows: int) -> list[str]:
             how.append(f"batch {s['batch_size']}")
         if s.get("merged_from"):
             how.append(f"merged from {len(s['merged_from'])} shard(s)")
+        if s.get("copied_from"):
+            how.append(f"copied from {s['copied_from']} (made for {s.get('source_dataset_root', '?')})")
         out.append(f"rows {lo}-{hi - 1}: {', '.join(how)} ({s.get('started', '?')})")
     return out
 

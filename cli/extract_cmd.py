@@ -72,6 +72,7 @@ def _result_dict(result) -> dict:  # noqa: ANN001 - featcache.extract.ExtractRes
         "n_unique": result.n_unique,
         "rows_computed": result.rows_computed,
         "rows_reused": result.rows_reused,
+        "rows_copied": result.rows_copied,
         "duplicates": result.duplicates,
         "skipped": [[rel, reason] for rel, reason in result.skipped],
         "seconds": round(result.seconds, 3),
@@ -96,7 +97,8 @@ def _render_summary(console: Console, result) -> None:  # noqa: ANN001 - Extract
         ("unique images", str(info["n_unique"])),
         ("duplicate files (computed once)", str(info["duplicates"])),
         ("rows computed", str(info["rows_computed"])),
-        ("rows reused from cache", str(info["rows_reused"])),
+        ("rows reused from cache", str(info["rows_reused"]) + (
+            f" ({info['rows_copied']} copied from another cache)" if info.get("rows_copied") else "")),
         ("files skipped", str(len(info["skipped"]))),
         ("time", f"{info['seconds']:.1f} s ({info['images_per_s']:.1f} rows/s)"),
     ]

@@ -806,8 +806,13 @@ def find_caches(cache_dir: Path, *, dataset_root: Path | None = None, backbone: 
         want["backbone"] = backbone
     if dataset_root is not None:
         want["dataset_root"] = str(Path(dataset_root).resolve())
-    found = []
-    for path in sorted(cache_dir.glob("*.h5")):
+    return [path for path, config in _readable_configs(cache_dir, include_shards)
+            if all(_same_setting(config.get(k), v) for k, v in want.items())]
+
+
+def _readable_configs(cache_dir: Path, include_shards: bool) -> Iterator[tuple[Path, dict]]:
+    """(path, config) of each cache file in ``cache_dir`` that opens as a featcache cache, by name."""
+    for path in sorted(Path(cache_dir).glob("*.h5")):
         name = parse_cache_name(path)
         if name and name["shard"] and not include_shards:
             continue
@@ -820,9 +825,18 @@ def find_caches(cache_dir: Path, *, dataset_root: Path | None = None, backbone: 
                 config = _read_config(f, path)
             except (CacheError, ValueError):
                 continue
-        if all(_same_setting(config.get(k), v) for k, v in want.items()):
-            found.append(path)
-    return found
+        yield path, config
+
+
+def find_twins(cache_dir: Path, config: dict) -> list[Path]:
+    """Complete (not shard) caches in ``cache_dir`` with every setting of ``config`` but the dataset root:
+    their rows are the features this config gives for the same image bytes."""
+    if not Path(cache_dir).is_dir():
+        return []
+    want = {k: v for k, v in json.loads(canonical_json(config)).items() if k != "dataset_root"}
+    return [path for path, have in _readable_configs(cache_dir, include_shards=False)
+            if have.get("dataset_root") != config.get("dataset_root")
+            and {k: v for k, v in have.items() if k != "dataset_root"} == want]
 
 
 def unreadable_caches(cache_dir: Path, *, dataset_root: Path | None = None,

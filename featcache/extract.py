@@ -79,6 +79,7 @@ class ExtractResult:
     feature_dim: int
     timings: dict[str, float] = field(default_factory=dict)   # phase -> seconds (build, hash, stream)
     notes: list[str] = field(default_factory=list)            # what the user should know (mixed rows)
+    rows_copied: int = 0  # of rows_reused: copied from a cache of the same settings for another folder
 
 
 @dataclass
@@ -254,6 +255,9 @@ def extract(dataset: Dataset, backbone: BackboneConfig, cache_dir: Path, options
     rows_computed = 0
     notes: list[str] = []
     t_stream = time.perf_counter()
+    rows_copied, copy_notes = _copy_from_twins(path, config, bb.feature_dim, keys, groups, views, options,
+                                               progress)
+    notes += copy_notes
     try:
         writer_cm = fcache.CacheWriter(path, config, bb.feature_dim, wait=options.wait,
                                        session={"batch_size": options.batch_size})
@@ -276,7 +280,7 @@ def extract(dataset: Dataset, backbone: BackboneConfig, cache_dir: Path, options
         cache_path=path, n_files=len(records), n_unique=len(keys), rows_computed=rows_computed,
         rows_reused=rows_reused, duplicates=duplicates, skipped=skipped, seconds=seconds,
         images_per_s=rows_computed / seconds if seconds > 0 else 0.0, feature_dim=bb.feature_dim,
-        timings=timings, notes=notes,
+        timings=timings, notes=notes, rows_copied=rows_copied,
     )
     if options.strict and skipped:
         rel, reason = skipped[0]
@@ -287,6 +291,85 @@ def extract(dataset: Dataset, backbone: BackboneConfig, cache_dir: Path, options
         err.result = result  # type: ignore[attr-defined]  # lets the CLI still list what was skipped
         raise err
     return result
+
+
+COPY_BLOCK = 1024  # rows per read/append while copying from a twin cache
+
+
+def _copy_from_twins(path: Path, config: dict, feature_dim: int, keys: list[str],
+                     groups: dict[str, list[ImageRecord]], views: list[Any], options: ExtractOptions,
+                     progress: ProgressFn | None) -> tuple[int, list[str]]:
+    """Copy the rows ``path`` lacks from caches of the same settings made for another dataset folder.
+
+    Why: a cache's identity includes the dataset's absolute path, so a moved or copied folder (or the
+    cache folder carried from the GPU machine that extracted it to the laptop that fits) got a new cache
+    and every image went through the backbone again, although rows are keyed by the image's bytes.
+    Rows are copied, not shared, so each file stays one (dataset root, settings) as runs record it; the
+    copy is recorded as its own session (``copied_from`` and the source's library versions), as `cache
+    merge` records its shards. Returns (rows copied, notes); a twin that cannot be read is passed over.
+    """
+    from featcache import cache as fcache
+
+    if options.shard is not None:
+        return 0, []
+    copied, notes = 0, []
+    for twin in fcache.find_twins(path.parent, config):
+        try:
+            reader = fcache.CacheReader(twin)
+        except fcache.CacheError:
+            continue
+        with reader:
+            index = reader.index()
+            if reader.feature_dim != feature_dim or not _wanted(keys, views, _present_rows(path), index):
+                continue  # nothing to take: open no writer (a new file would record the twin's versions)
+            source = (reader.sessions[-1].get("versions") if reader.sessions else None) or reader.versions
+            session = {"copied_from": twin.name, "versions": source or {},
+                       "source_dataset_root": str(reader.config.get("dataset_root"))}
+            try:
+                writer_cm = fcache.CacheWriter(path, config, feature_dim, wait=options.wait,
+                                               versions=source or None, session=session)
+            except OSError:  # a read-only cache folder: extract's own path says what is missing
+                return copied, notes
+            n = 0
+            with writer_cm as writer:
+                need = _wanted(keys, views, writer.present(), index)  # again, under the lock
+                total = sum(len(ks) for ks in need.values())
+                if total:
+                    writer.reserve(total)
+                emit(progress, "copy", 0, total, f"copying rows from {twin.name}")
+                for view, ks in need.items():
+                    for start in range(0, len(ks), COPY_BLOCK):
+                        block = ks[start:start + COPY_BLOCK]
+                        feats = reader.get(block, view)  # every row's digest checked
+                        n += writer.append(block, [view] * len(block), [groups[k][0].relpath for k in block],
+                                           feats)
+                        emit(progress, "copy", n, total, f"copying rows from {twin.name}")
+            if n:
+                copied += n
+                notes.append(f"{n} row(s) copied from {twin.name}, a cache of the same settings made for "
+                             f"{reader.config.get('dataset_root')} (moved or copied images are the same "
+                             "bytes): no forward pass for them.")
+    return copied, notes
+
+
+def _wanted(keys: list[str], views: list[Any], present: set | dict, index: dict) -> dict[str, list[str]]:
+    """{view: keys} of the rows missing from ``present`` that ``index`` (a twin's) holds."""
+    need = {v.name: [k for k in keys if (k, v.name) not in present and (k, v.name) in index] for v in views}
+    return {v: ks for v, ks in need.items() if ks}
+
+
+def _present_rows(path: Path) -> dict:
+    """(key, view) -> row of the complete rows of ``path``; empty when it does not exist or cannot be read
+    (the writer then decides, under its lock)."""
+    from featcache import cache as fcache
+
+    if not path.is_file():
+        return {}
+    try:
+        with fcache.CacheReader(path) as reader:
+            return reader.index()
+    except fcache.CacheError:
+        return {}
 
 
 def _mixed_rows_notes(writer: Any, path: Path) -> list[str]:

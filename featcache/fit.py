@@ -289,9 +289,12 @@ def _pick_cache(data_root: Path, backbone: str, opts: FitOptions) -> Path:
             )
         if not is_saved_model(backbone):
             get_spec(backbone)  # an unknown name: the valid ones, not an extract command that fails too
+        others = find_caches(Path(opts.cache_dir), backbone=name, **settings)
+        moved = (f" ({others[0].name} has these settings for another folder; if they are the same images, "
+                 "moved or copied, extract copies its rows, not running the backbone)" if others else "")
         raise CacheError(
             f"no feature cache for backbone '{backbone}' of {data_root} in {opts.cache_dir}; "
-            f"run `{_extract_cmd(data_root, backbone, opts)}` first."
+            f"run `{_extract_cmd(data_root, backbone, opts)}` first{moved}."
         )
     if len(found) > 1:
         raise _ambiguous(backbone, found, opts)

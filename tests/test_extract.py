@@ -364,3 +364,50 @@ def test_a_full_disk_mid_extract_is_one_sentence_and_the_rerun_resumes(tree: Pat
     assert rows.keys() == reference.keys()
     for k, v in reference.items():
         _close(rows[k], v)
+
+
+def test_a_moved_dataset_copies_its_rows_from_the_old_folders_cache(tree: Path, tmp_path: Path, reference):
+    """A cache is per (dataset folder, settings): a moved or copied folder (or a cache folder carried from
+    the machine that extracted) got a new file and every image went through the backbone again. Now the
+    rows of a cache with the same settings for another folder are copied, and only new images computed."""
+    cache_dir = tmp_path / "cache"
+    old = shutil.copytree(tree, tmp_path / "old")
+    first = extract(discover(old), BB, cache_dir, ExtractOptions(batch_size=8, views=("orig", "hflip")))
+    assert first.rows_computed == 48 and first.rows_copied == 0
+    moved = old.rename(tmp_path / "moved")
+    write_xray(moved / "train" / "NORMAL" / "IM-9999-0001.jpeg", 9999, size=40)  # one new image
+    other = extract(discover(moved), BackboneConfig("mobilenet-0.75", weights="none", image_size=32,
+                                                    pooling="max"), cache_dir, ExtractOptions(batch_size=8))
+    assert other.rows_copied == 0 and other.rows_computed == 25  # other settings: nothing to copy
+    res = extract(discover(moved), BB, cache_dir, ExtractOptions(batch_size=8, views=("orig", "hflip")))
+    assert res.cache_path != first.cache_path and "moved__" in res.cache_path.name
+    assert (res.rows_copied, res.rows_computed, res.rows_reused) == (48, 2, 48)
+    assert any(f"48 row(s) copied from {first.cache_path.name}" in n for n in res.notes)
+    rows = _rows(res.cache_path)
+    assert len(rows) == 50
+    for kv, want in _rows(first.cache_path).items():
+        np.testing.assert_array_equal(rows[kv], want)  # copied bit for bit
+        _close(rows[kv], reference[kv])
+    with fcache.CacheReader(res.cache_path) as reader:
+        assert reader.config["dataset_root"] == str(moved.resolve())
+        sessions = reader.sessions
+    assert sessions[0]["copied_from"] == first.cache_path.name and sessions[0]["first_row"] == 0
+    assert sessions[0]["source_dataset_root"] == str(old.resolve())
+    assert "copied_from" not in sessions[-1] and sessions[-1]["first_row"] == 48  # the new image's rows
+    again = extract(discover(moved), BB, cache_dir, ExtractOptions(batch_size=8, views=("orig", "hflip")))
+    assert (again.rows_copied, again.rows_computed) == (0, 0)  # its own file has everything now
+
+
+def test_fit_names_a_cache_of_the_same_settings_for_another_folder(tree: Path, tmp_path: Path, capsys):
+    cache_dir = tmp_path / "cache"
+    old = shutil.copytree(tree, tmp_path / "old")
+    assert run(["extract", "--data", str(old), *CLI_BB, "--cache-dir", str(cache_dir)]) == 0
+    moved = old.rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert run(["fit", "--data", str(moved), *CLI_BB[:2], "--head", "logreg", "--cache-dir", str(cache_dir),
+                "--runs-dir", str(tmp_path / "runs")]) != 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "has these settings for another folder" in err and "old__mobilenet-0.75" in err
+    assert run(["extract", "--data", str(moved), *CLI_BB, "--cache-dir", str(cache_dir), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["rows_copied"] == 24 and out["rows_computed"] == 0
