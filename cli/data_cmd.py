@@ -61,7 +61,10 @@ def _summary_table(info: dict) -> Table:
     table.add_row("root", shown(info["root"]))
     table.add_row("layout", info["layout"])
     table.add_row("images", f"{info['n_images']:,} ({info['n_unique']:,} unique)")
-    table.add_row("patients", f"{info['n_patients']:,}")
+    no_id = info.get("n_without_patient_id", 0)
+    table.add_row("patients", f"{info['n_patients']:,}" + (
+        f" ([yellow]{no_id:,} image(s) without a patient id[/], each counted as one here; fit groups them by "
+        f"file stem: {info['stem_groups']:,} group(s))" if no_id else ""))
     table.add_row("duplicate groups", f"{len(info['duplicates']):,}")
     leak = len(info["cross_split_patients"])
     table.add_row("patients in several splits", f"[red]{leak:,}[/]" if leak else "0")

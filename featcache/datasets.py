@@ -496,6 +496,10 @@ def inspect(dataset: Dataset, progress: ProgressFn | None = None, workers: int =
         "counts": {s: {lab: dict(sorted(sub.items())) for lab, sub in sorted(c.items())}
                    for s, c in sorted(counts.items())},
         "n_patients": len(splits_by_patient),
+        # images whose name (or manifest) gives no patient id: each counts as a patient above, while fit
+        # groups them by file stem (``stem_groups``); said, since a patient count read as real is not
+        "n_without_patient_id": sum(1 for r in dataset.records if not r.has_patient_id),
+        "stem_groups": len({r.group for r in dataset.records if not r.has_patient_id}),
         "patients_per_split": {s: len(p) for s, p in sorted(patients_by_split.items())},
         "duplicates": dup_groups,
         "cross_split_patients": {p: sorted(s) for p, s in sorted(splits_by_patient.items()) if len(s) > 1},

@@ -354,3 +354,18 @@ def test_cli_inspect_help(capsys):
     assert run(["data", "inspect", "--help"]) == 0
     out = capsys.readouterr().out
     assert "featcache data inspect data/kermany" in out and "[,split]" in out
+
+
+def test_inspect_says_when_images_have_no_patient_id(tmp_path: Path, kermany_tree: Path, capsys) -> None:
+    """alpha/001.jpg and beta/001.jpg: the audit counted 40 patients and never said they were images,
+    while fit grouped the 20 file stems; inspect now says both."""
+    for cls in ("alpha", "beta"):
+        for i in range(3):
+            write_xray(tmp_path / "cf" / cls / f"00{i}.jpg", seed=i, size=24)
+    info = inspect(discover(tmp_path / "cf"))
+    assert (info["n_patients"], info["n_without_patient_id"], info["stem_groups"]) == (6, 6, 3)
+    named = inspect(discover(kermany_tree))
+    assert named["n_without_patient_id"] == 0 and named["stem_groups"] == 0
+    assert run(["data", "inspect", str(tmp_path / "cf")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "6 image(s) without a patient id" in out and "3 group(s)" in out
