@@ -38,7 +38,8 @@ HELP = (
     "Example: featcache extract --data ../shared/data/kermany224/train --backbone mobilenet-0.75 "
     "--weights none --image-size 128"
 )
-_PHASE_LABELS = {"backbone": "building backbone", "hash": "hashing files", "extract": "extracting"}
+_PHASE_LABELS = {"backbone": "building backbone", "hash": "hashing files", "copy": "copying rows",
+                 "extract": "extracting"}
 
 
 class _RateColumn(ProgressColumn):

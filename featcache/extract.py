@@ -304,9 +304,12 @@ def _copy_from_twins(path: Path, config: dict, feature_dim: int, keys: list[str]
     Why: a cache's identity includes the dataset's absolute path, so a moved or copied folder (or the
     cache folder carried from the GPU machine that extracted it to the laptop that fits) got a new cache
     and every image went through the backbone again, although rows are keyed by the image's bytes.
-    Rows are copied, not shared, so each file stays one (dataset root, settings) as runs record it; the
-    copy is recorded as its own session (``copied_from`` and the source's library versions), as `cache
-    merge` records its shards. Returns (rows copied, notes); a twin that cannot be read is passed over.
+    Rows are copied, not shared, so each file stays one (dataset root, settings) as runs record it. Each
+    of the source's sessions is recorded again for the rows copied from it (versions, backend, batch
+    size, plus ``copied_from``), as `cache merge` records its shards. A twin that cannot be read, or
+    whose rows fail their digest check, is passed over with a note (the rows copied before stay):
+    another folder's damaged file must not stop this one. Not for shards (each is a part of one folder).
+    Returns (rows copied, notes).
     """
     from featcache import cache as fcache
 
@@ -314,48 +317,108 @@ def _copy_from_twins(path: Path, config: dict, feature_dim: int, keys: list[str]
         return 0, []
     copied, notes = 0, []
     for twin in fcache.find_twins(path.parent, config):
+        done = _Copied()
         try:
-            reader = fcache.CacheReader(twin)
-        except fcache.CacheError:
-            continue
-        with reader:
-            index = reader.index()
-            if reader.feature_dim != feature_dim or not _wanted(keys, views, _present_rows(path), index):
-                continue  # nothing to take: open no writer (a new file would record the twin's versions)
-            source = (reader.sessions[-1].get("versions") if reader.sessions else None) or reader.versions
-            session = {"copied_from": twin.name, "versions": source or {},
-                       "source_dataset_root": str(reader.config.get("dataset_root"))}
-            try:
-                writer_cm = fcache.CacheWriter(path, config, feature_dim, wait=options.wait,
-                                               versions=source or None, session=session)
-            except OSError:  # a read-only cache folder: extract's own path says what is missing
-                return copied, notes
-            n = 0
-            with writer_cm as writer:
-                need = _wanted(keys, views, writer.present(), index)  # again, under the lock
-                total = sum(len(ks) for ks in need.values())
-                if total:
-                    writer.reserve(total)
-                emit(progress, "copy", 0, total, f"copying rows from {twin.name}")
-                for view, ks in need.items():
-                    for start in range(0, len(ks), COPY_BLOCK):
-                        block = ks[start:start + COPY_BLOCK]
-                        feats = reader.get(block, view)  # every row's digest checked
-                        n += writer.append(block, [view] * len(block), [groups[k][0].relpath for k in block],
-                                           feats)
-                        emit(progress, "copy", n, total, f"copying rows from {twin.name}")
-            if n:
-                copied += n
-                notes.append(f"{n} row(s) copied from {twin.name}, a cache of the same settings made for "
-                             f"{reader.config.get('dataset_root')} (moved or copied images are the same "
-                             "bytes): no forward pass for them.")
+            with fcache.CacheReader(twin) as reader:
+                done.root = str(reader.config.get("dataset_root"))
+                if reader.feature_dim == feature_dim:
+                    _copy_from(reader, path, config, keys, groups, views, options, progress, done)
+        except (fcache.CacheWriteError, fcache.CacheLockedError):
+            raise  # this folder's own cache cannot be written: extract says so as it always did
+        except (fcache.CacheError, OSError) as exc:
+            notes.append(f"{twin.name}, a cache of the same settings for another folder, was passed over "
+                         f"after {done.rows} row(s): {exc}")
+        if done.damaged:
+            notes.append(f"{done.damaged} row(s) of {twin.name} failed their integrity check and were not "
+                         f"copied (the backbone computes them): {done.why}")
+        if done.rows:
+            copied += done.rows
+            notes.append(f"{done.rows} row(s) copied from {twin.name}, a cache of the same settings made for "
+                         f"{done.root} (moved or copied images are the same bytes): no forward pass for "
+                         "them.")
     return copied, notes
 
 
-def _wanted(keys: list[str], views: list[Any], present: set | dict, index: dict) -> dict[str, list[str]]:
-    """{view: keys} of the rows missing from ``present`` that ``index`` (a twin's) holds."""
-    need = {v.name: [k for k in keys if (k, v.name) not in present and (k, v.name) in index] for v in views}
-    return {v: ks for v, ks in need.items() if ks}
+@dataclass
+class _Copied:
+    """Rows copied from one twin so far (kept when a later block fails) and the folder it was made for."""
+
+    rows: int = 0
+    root: str = "?"
+    damaged: int = 0  # rows that failed their digest check (computed by the backbone instead)
+    why: str = ""
+
+
+def _copy_from(reader: Any, path: Path, config: dict, keys: list[str], groups: dict[str, list[ImageRecord]],
+               views: list[Any], options: ExtractOptions, progress: ProgressFn | None, done: _Copied) -> None:
+    """Copy what ``path`` lacks from one twin, one writer session per source session, in the twin's row
+    order (blocks of scattered rows read whole spans: quadratic in a file ordered otherwise)."""
+    from featcache import cache as fcache
+
+    index = reader.index()
+    present = _present_rows(path)
+    total = len(_wanted(keys, views, present, index))
+    if not total:
+        return  # open no writer: a new file would record the twin's versions as its creator's
+    starts, sessions = _source_sessions(reader)
+    label = f"copying rows from {reader.path.name}"
+    for s, session in enumerate(sessions):
+        lo, hi = starts[s], (starts[s + 1] if s + 1 < len(starts) else None)
+        entry = {**session, "copied_from": reader.path.name,
+                 "source_dataset_root": str(reader.config.get("dataset_root"))}
+        mine = {kv: r for kv, r in index.items() if r >= lo and (hi is None or r < hi)}
+        if not _wanted(keys, views, present, mine):
+            continue
+        with fcache.CacheWriter(path, config, reader.feature_dim, wait=options.wait,
+                                versions=session.get("versions") or None, session=entry) as writer:
+            need = _wanted(keys, views, writer.present(), mine)  # again, under the lock
+            writer.reserve(len(need))
+            for start in range(0, len(need), COPY_BLOCK):
+                block = need[start:start + COPY_BLOCK]
+                block, feats = _read_intact(reader, block, mine, done)
+                if block:
+                    done.rows += writer.append([k for k, _ in block], [v for _, v in block],
+                                               [groups[k][0].relpath for k, _ in block], feats)
+                emit(progress, "copy", done.rows, total, label)
+
+
+def _read_intact(reader: Any, block: list[tuple[str, str]], rows_of: dict, done: _Copied,
+                 ) -> tuple[list[tuple[str, str]], np.ndarray | None]:
+    """The block's rows whose digest holds: all in one read, or one by one when a row fails (a changed
+    row is left to the backbone and counted; the others are as good as ever)."""
+    from featcache.cache import CacheError
+
+    rows = np.array([rows_of[kv] for kv in block], dtype=np.int64)
+    try:
+        return block, reader.read_rows(rows, labels={int(r): kv for r, kv in zip(rows, block, strict=True)})
+    except CacheError:
+        kept, parts = [], []
+        for r, kv in zip(rows, block, strict=True):
+            try:
+                parts.append(reader.read_rows(np.array([r]), labels={int(r): kv}))
+                kept.append(kv)
+            except CacheError as exc:
+                done.damaged += 1
+                done.why = str(exc)
+        return kept, (np.concatenate(parts) if parts else None)
+
+
+def _source_sessions(reader: Any) -> tuple[list[int], list[dict]]:
+    """The twin's sessions as (first rows, settings without place and time), in row order; rows before
+    its first recorded session (a file older than sessions, or past MAX_SESSIONS) get its creator's
+    versions, as `cache info` shows them."""
+    recorded = sorted(((int(s.get("first_row", 0)), {k: v for k, v in s.items()
+                                                     if k not in ("first_row", "started")})
+                       for s in reader.sessions), key=lambda t: t[0])
+    if not recorded or recorded[0][0] > 0:
+        recorded.insert(0, (0, {"versions": reader.versions}))
+    return [r for r, _ in recorded], [s for _, s in recorded]
+
+
+def _wanted(keys: list[str], views: list[Any], present: set | dict, index: dict) -> list[tuple[str, str]]:
+    """(key, view) pairs missing from ``present`` that ``index`` (a twin's) holds, in the twin's row order."""
+    need = [(k, v.name) for v in views for k in keys if (k, v.name) not in present and (k, v.name) in index]
+    return sorted(dict.fromkeys(need), key=index.__getitem__)
 
 
 def _present_rows(path: Path) -> dict:

@@ -290,11 +290,20 @@ def _pick_cache(data_root: Path, backbone: str, opts: FitOptions) -> Path:
         if not is_saved_model(backbone):
             get_spec(backbone)  # an unknown name: the valid ones, not an extract command that fails too
         others = find_caches(Path(opts.cache_dir), backbone=name, **settings)
-        moved = (f" ({others[0].name} has these settings for another folder; if they are the same images, "
-                 "moved or copied, extract copies its rows, not running the backbone)" if others else "")
+        if others:  # the same images in a moved or copied folder: extract with its settings copies its rows
+            from featcache.cache import CacheReader
+
+            with CacheReader(others[0]) as reader:
+                like = reader.config
+            raise CacheError(
+                f"no feature cache for backbone '{backbone}' of {data_root} in {opts.cache_dir}, but "
+                f"{others[0].name} holds its features for {like.get('dataset_root')}; if these are the same "
+                f"images (moved or copied), `{_extract_cmd(data_root, backbone, opts, like=like)}` copies "
+                "its rows instead of running the backbone (other images are extracted)."
+            )
         raise CacheError(
             f"no feature cache for backbone '{backbone}' of {data_root} in {opts.cache_dir}; "
-            f"run `{_extract_cmd(data_root, backbone, opts)}` first{moved}."
+            f"run `{_extract_cmd(data_root, backbone, opts)}` first."
         )
     if len(found) > 1:
         raise _ambiguous(backbone, found, opts)

@@ -372,8 +372,9 @@ def test_a_moved_dataset_copies_its_rows_from_the_old_folders_cache(tree: Path, 
     rows of a cache with the same settings for another folder are copied, and only new images computed."""
     cache_dir = tmp_path / "cache"
     old = shutil.copytree(tree, tmp_path / "old")
-    first = extract(discover(old), BB, cache_dir, ExtractOptions(batch_size=8, views=("orig", "hflip")))
-    assert first.rows_computed == 48 and first.rows_copied == 0
+    extract(discover(old), BB, cache_dir, ExtractOptions(batch_size=8))
+    first = extract(discover(old), BB, cache_dir, ExtractOptions(batch_size=4, views=("orig", "hflip")))
+    assert first.rows_computed == 24 and first.rows_copied == 0  # two sessions: batch 8, then 4
     moved = old.rename(tmp_path / "moved")
     write_xray(moved / "train" / "NORMAL" / "IM-9999-0001.jpeg", 9999, size=40)  # one new image
     other = extract(discover(moved), BackboneConfig("mobilenet-0.75", weights="none", image_size=32,
@@ -391,9 +392,11 @@ def test_a_moved_dataset_copies_its_rows_from_the_old_folders_cache(tree: Path, 
     with fcache.CacheReader(res.cache_path) as reader:
         assert reader.config["dataset_root"] == str(moved.resolve())
         sessions = reader.sessions
-    assert sessions[0]["copied_from"] == first.cache_path.name and sessions[0]["first_row"] == 0
+    # each source session is recorded again for its rows, with its batch size and versions
+    assert [(x["first_row"], x["batch_size"], x.get("copied_from")) for x in sessions] == [
+        (0, 8, first.cache_path.name), (24, 4, first.cache_path.name), (48, 8, None)]
     assert sessions[0]["source_dataset_root"] == str(old.resolve())
-    assert "copied_from" not in sessions[-1] and sessions[-1]["first_row"] == 48  # the new image's rows
+    assert sessions[0]["versions"] == sessions[2]["versions"]
     again = extract(discover(moved), BB, cache_dir, ExtractOptions(batch_size=8, views=("orig", "hflip")))
     assert (again.rows_copied, again.rows_computed) == (0, 0)  # its own file has everything now
 
@@ -407,7 +410,46 @@ def test_fit_names_a_cache_of_the_same_settings_for_another_folder(tree: Path, t
     assert run(["fit", "--data", str(moved), *CLI_BB[:2], "--head", "logreg", "--cache-dir", str(cache_dir),
                 "--runs-dir", str(tmp_path / "runs")]) != 0
     err = " ".join(capsys.readouterr().err.split())
-    assert "has these settings for another folder" in err and "old__mobilenet-0.75" in err
+    assert "old__mobilenet-0.75-avg-32__" in err and f"holds its features for {old.resolve()}" in err
+    # the command it prints has the twin's settings (fit was given none: ImageNet weights would not copy)
+    assert f"featcache extract --data {moved} --backbone mobilenet-0.75 --weights none" in err
+    assert "--image-size 32" in err
     assert run(["extract", "--data", str(moved), *CLI_BB, "--cache-dir", str(cache_dir), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["rows_copied"] == 24 and out["rows_computed"] == 0
+
+
+def test_a_damaged_twin_row_is_computed_not_copied(tree: Path, tmp_path: Path, reference):
+    """Another folder's cache with a row that fails its digest check stopped extract of this folder on
+    every run (exit 2, "delete it"): now its intact rows are copied, with a note, and the backbone
+    computes the changed one."""
+    import h5py
+
+    cache_dir = tmp_path / "cache"
+    old = shutil.copytree(tree, tmp_path / "old")
+    first = extract(discover(old), BB, cache_dir, ExtractOptions(batch_size=8))
+    with h5py.File(first.cache_path, "r+") as f:
+        f["features"][20, 0] += 1.0  # a row changed after it was written
+    moved = shutil.copytree(old, tmp_path / "moved")
+    res = extract(discover(moved), BB, cache_dir, ExtractOptions(batch_size=8))
+    assert (res.rows_copied, res.rows_computed) == (23, 1)  # the changed row went through the backbone
+    name = first.cache_path.name
+    assert any(n.startswith(f"1 row(s) of {name} failed their integrity check") for n in res.notes)
+    rows = _rows(res.cache_path)
+    assert len(rows) == 24
+    for kv, want in reference.items():
+        if kv[1] == "orig":
+            _close(rows[kv], want)  # none of the damaged row's values arrived
+
+
+def test_rows_are_copied_in_the_sources_row_order() -> None:
+    """Blocks of rows scattered over a source file each read the whole span between their rows: copying
+    a source ordered otherwise (extracted split by split, merged shards) read 2 GB of a 64 MB file."""
+    from featcache.extract import _wanted
+    from featcache.images import parse_views
+
+    keys = [f"{i:064x}" for i in range(6)]
+    order = [(k, v) for v in ("hflip", "orig") for k in reversed(keys)]  # not the folder's order
+    index = {kv: row for row, kv in enumerate(order)}
+    need = _wanted(keys, parse_views(["orig", "hflip"]), {(keys[0], "orig"): 0}, index)
+    assert [index[kv] for kv in need] == sorted(index[kv] for kv in need) and len(need) == 11
