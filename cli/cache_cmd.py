@@ -72,6 +72,11 @@ def ls_cmd(
                       escape(str(e["image_size"])), str(e["feature_dim"]), str(e["n_rows"]),
                       escape(",".join(e["views"])), escape(str(e["dtype"])), _mb(e["size_bytes"]))
     console.print(table)
+    gone = [e for e in entries if e.get("dataset_root") and not Path(str(e["dataset_root"])).exists()]
+    for e in gone:  # a moved or deleted dataset: say so, since the file name shows only its last folder
+        console.print(f"[dim]{escape(e['file'])} was made for {escape(str(e['dataset_root']))}, which no "
+                      "longer exists: extract copies its rows when the same images turn up in another "
+                      "folder; delete it when they will not.[/]", soft_wrap=True, highlight=False)
 
 
 @cache_app.command("info")

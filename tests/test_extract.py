@@ -417,6 +417,10 @@ def test_fit_names_a_cache_of_the_same_settings_for_another_folder(tree: Path, t
     assert run(["extract", "--data", str(moved), *CLI_BB, "--cache-dir", str(cache_dir), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["rows_copied"] == 24 and out["rows_computed"] == 0
+    assert run(["cache", "ls", "--cache-dir", str(cache_dir)]) == 0
+    listed = " ".join(capsys.readouterr().out.split())
+    assert f"was made for {old.resolve()}, which no longer exists" in listed
+    assert f"made for {moved.resolve()}" not in listed  # the folder that is there is not named
 
 
 def test_a_damaged_twin_row_is_computed_not_copied(tree: Path, tmp_path: Path, reference):
