@@ -31,6 +31,14 @@ def _echo_json(obj: object) -> None:
     typer.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
+def _gone(folder: Path) -> bool:
+    """Whether a cache's dataset folder is known to be gone (a folder that cannot be checked is not)."""
+    try:
+        return not folder.exists()
+    except OSError:
+        return False
+
+
 @cache_app.command("ls")
 def ls_cmd(
     cache_dir: Path = typer.Option(Path("cache"), "--cache-dir", help="Folder holding the cache files."),
@@ -72,7 +80,8 @@ def ls_cmd(
                       escape(str(e["image_size"])), str(e["feature_dim"]), str(e["n_rows"]),
                       escape(",".join(e["views"])), escape(str(e["dtype"])), _mb(e["size_bytes"]))
     console.print(table)
-    gone = [e for e in entries if e.get("dataset_root") and not Path(str(e["dataset_root"])).exists()]
+    gone = [e for e in entries if e.get("dataset_root") and not e.get("shard")  # shards are not copied from
+            and _gone(Path(str(e["dataset_root"])))]
     for e in gone:  # a moved or deleted dataset: say so, since the file name shows only its last folder
         console.print(f"[dim]{escape(e['file'])} was made for {escape(str(e['dataset_root']))}, which no "
                       "longer exists: extract copies its rows when the same images turn up in another "

@@ -325,7 +325,7 @@ def _copy_from_twins(path: Path, config: dict, feature_dim: int, keys: list[str]
                     _copy_from(reader, path, config, keys, groups, views, options, progress, done)
         except (fcache.CacheWriteError, fcache.CacheLockedError):
             raise  # this folder's own cache cannot be written: extract says so as it always did
-        except (fcache.CacheError, OSError) as exc:
+        except (fcache.CacheError, OSError, TypeError, ValueError) as exc:  # a damaged source, whatever way
             notes.append(f"{twin.name}, a cache of the same settings for another folder, was passed over "
                          f"after {done.rows} row(s): {exc}")
         if done.damaged:
@@ -372,11 +372,14 @@ def _copy_from(reader: Any, path: Path, config: dict, keys: list[str], groups: d
         with fcache.CacheWriter(path, config, reader.feature_dim, wait=options.wait,
                                 versions=session.get("versions") or None, session=entry) as writer:
             need = _wanted(keys, views, writer.present(), mine)  # again, under the lock
-            writer.reserve(len(need))
+            reserved = False  # reserving records the session: not for a group whose every row is damaged
             for start in range(0, len(need), COPY_BLOCK):
                 block = need[start:start + COPY_BLOCK]
                 block, feats = _read_intact(reader, block, mine, done)
                 if block:
+                    if not reserved:
+                        writer.reserve(len(need) - start)
+                        reserved = True
                     done.rows += writer.append([k for k, _ in block], [v for _, v in block],
                                                [groups[k][0].relpath for k, _ in block], feats)
                 emit(progress, "copy", done.rows, total, label)
@@ -407,9 +410,10 @@ def _source_sessions(reader: Any) -> tuple[list[int], list[dict]]:
     """The twin's sessions as (first rows, settings without place and time), in row order; rows before
     its first recorded session (a file older than sessions, or past MAX_SESSIONS) get its creator's
     versions, as `cache info` shows them."""
-    recorded = sorted(((int(s.get("first_row", 0)), {k: v for k, v in s.items()
-                                                     if k not in ("first_row", "started")})
-                       for s in reader.sessions), key=lambda t: t[0])
+    recorded = sorted(((s.get("first_row", 0), {k: v for k, v in s.items()
+                                                 if k not in ("first_row", "started")})
+                       for s in reader.sessions if isinstance(s.get("first_row", 0), int)),  # not edited ones
+                      key=lambda t: t[0])
     if not recorded or recorded[0][0] > 0:
         recorded.insert(0, (0, {"versions": reader.versions}))
     return [r for r, _ in recorded], [s for _, s in recorded]

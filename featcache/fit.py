@@ -148,6 +148,20 @@ def _find_key(d: Any, key: str) -> Any:
     return None
 
 
+def _readable_config(paths: Sequence[Path]) -> dict | None:
+    """The config (plus ``_file``) of the first of ``paths`` that opens as a cache; a damaged one of another
+    folder must not hide the hint behind its own error."""
+    from featcache.cache import CacheError, CacheReader
+
+    for path in paths:
+        try:
+            with CacheReader(path) as reader:
+                return {**reader.config, "_file": path.name}
+        except CacheError:
+            continue
+    return None
+
+
 def _extract_cmd(data: Path, backbone: str, opts: FitOptions, views: Sequence[str] | None = None,
                  like: dict | None = None) -> str:
     """The extract command that writes what fit lacks; ``like``: the config of the cache it should add
@@ -164,6 +178,10 @@ def _extract_cmd(data: Path, backbone: str, opts: FitOptions, views: Sequence[st
         parts.append(f"--layer {_q(pick('layer', None) or 'NAME')}")
     for flag, key, value in (("--weights", "weights", opts.weights), ("--dtype", "dtype", opts.dtype),
                              ("--resize", "resize", opts.resize)):
+        if key == "weights" and pick(key, None) in ("file", "saved"):  # the cache's word, not a flag value
+            if value or pick(key, None) == "file":  # the weights file itself; a saved model needs no flag
+                parts.append(f"--weights {_q(value or 'PATH')}")
+            continue
         value = pick(key, value)
         if value:
             parts.append(f"{flag} {_q(value)}")
@@ -290,14 +308,11 @@ def _pick_cache(data_root: Path, backbone: str, opts: FitOptions) -> Path:
         if not is_saved_model(backbone):
             get_spec(backbone)  # an unknown name: the valid ones, not an extract command that fails too
         others = find_caches(Path(opts.cache_dir), backbone=name, **settings)
-        if others:  # the same images in a moved or copied folder: extract with its settings copies its rows
-            from featcache.cache import CacheReader
-
-            with CacheReader(others[0]) as reader:
-                like = reader.config
+        like = _readable_config(others)  # the same images in a moved or copied folder: extract with its
+        if like is not None:  # settings copies its rows
             raise CacheError(
                 f"no feature cache for backbone '{backbone}' of {data_root} in {opts.cache_dir}, but "
-                f"{others[0].name} holds its features for {like.get('dataset_root')}; if these are the same "
+                f"{like['_file']} holds its features for {like.get('dataset_root')}; if these are the same "
                 f"images (moved or copied), `{_extract_cmd(data_root, backbone, opts, like=like)}` copies "
                 "its rows instead of running the backbone (other images are extracted)."
             )

@@ -457,3 +457,29 @@ def test_rows_are_copied_in_the_sources_row_order() -> None:
     index = {kv: row for row, kv in enumerate(order)}
     need = _wanted(keys, parse_views(["orig", "hflip"]), {(keys[0], "orig"): 0}, index)
     assert [index[kv] for kv in need] == sorted(index[kv] for kv in need) and len(need) == 11
+
+
+def test_fits_hint_gives_a_weights_file_not_the_caches_word_for_it(tmp_path: Path) -> None:
+    """A cache records `weights: file` (or `saved`): the hint printed `--weights file`, which extract
+    refuses; a damaged cache of another folder must not replace the hint with its own error."""
+    from featcache.fit import FitOptions, _extract_cmd, _readable_config
+
+    like = {"backbone": "mobilenet", "weights": "file", "dtype": "float32", "image_size": 32}
+    given = _extract_cmd(tmp_path / "d", "mobilenet", FitOptions(weights="mine.weights.h5"), like=like)
+    assert "--weights mine.weights.h5" in given and "--weights file" not in given
+    assert "--weights PATH" in _extract_cmd(tmp_path / "d", "mobilenet", FitOptions(), like=like)
+    saved = _extract_cmd(tmp_path / "d", "m.keras", FitOptions(), like={**like, "weights": "saved"})
+    assert "--weights" not in saved
+    (tmp_path / "bad.h5").write_bytes(b"not hdf5")
+    assert _readable_config([tmp_path / "bad.h5"]) is None
+
+
+def test_an_edited_session_entry_of_a_source_does_not_stop_the_copy() -> None:
+    from types import SimpleNamespace
+
+    from featcache.extract import _source_sessions
+
+    reader = SimpleNamespace(versions={"keras": "3"}, sessions=[
+        {"first_row": 40, "batch_size": 8}, {"first_row": None, "batch_size": 4}, {"batch_size": 2}])
+    starts, sessions = _source_sessions(reader)
+    assert starts == [0, 40] and sessions == [{"batch_size": 2}, {"batch_size": 8}]
