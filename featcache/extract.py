@@ -356,33 +356,31 @@ def _copy_from(reader: Any, path: Path, config: dict, keys: list[str], groups: d
     from featcache import cache as fcache
 
     index = reader.index()
-    present = _present_rows(path)
-    total = len(_wanted(keys, views, present, index))
-    if not total:
+    want = _wanted(keys, views, _present_rows(path), index)  # in the twin's row order
+    if not want:
         return  # open no writer: a new file would record the twin's versions as its creator's
     starts, sessions = _source_sessions(reader)
     label = f"copying rows from {reader.path.name}"
-    for s, session in enumerate(sessions):
-        lo, hi = starts[s], (starts[s + 1] if s + 1 < len(starts) else None)
+    cut = np.searchsorted(np.array([index[kv] for kv in want]), starts[1:])  # sorted rows: one slice each
+    for session, part in zip(sessions, np.split(np.array(want, dtype=object), cut), strict=True):
+        if not len(part):
+            continue
         entry = {**session, "copied_from": reader.path.name,
                  "source_dataset_root": str(reader.config.get("dataset_root"))}
-        mine = {kv: r for kv, r in index.items() if r >= lo and (hi is None or r < hi)}
-        if not _wanted(keys, views, present, mine):
-            continue
         with fcache.CacheWriter(path, config, reader.feature_dim, wait=options.wait,
                                 versions=session.get("versions") or None, session=entry) as writer:
-            need = _wanted(keys, views, writer.present(), mine)  # again, under the lock
+            present = writer.present()  # again, under the lock
+            need = [(str(k), str(v)) for k, v in part if (k, v) not in present]
             reserved = False  # reserving records the session: not for a group whose every row is damaged
             for start in range(0, len(need), COPY_BLOCK):
-                block = need[start:start + COPY_BLOCK]
-                block, feats = _read_intact(reader, block, mine, done)
+                block, feats = _read_intact(reader, need[start:start + COPY_BLOCK], index, done)
                 if block:
                     if not reserved:
                         writer.reserve(len(need) - start)
                         reserved = True
                     done.rows += writer.append([k for k, _ in block], [v for _, v in block],
                                                [groups[k][0].relpath for k, _ in block], feats)
-                emit(progress, "copy", done.rows, total, label)
+                emit(progress, "copy", done.rows, len(want), label)
 
 
 def _read_intact(reader: Any, block: list[tuple[str, str]], rows_of: dict, done: _Copied,
