@@ -249,12 +249,20 @@ class Run:
         return data
 
     def predictions(self, split: str) -> list[dict]:
-        """Rows of predictions_<split>.csv (``val`` or ``test``); [] when absent."""
+        """Rows of predictions_<split>.csv (``val`` or ``test``); [] when absent.
+
+        relpath and group come back as the fit saw them (a formula-safe leading quote undone).
+        """
         p = self.path / f"predictions_{split}.csv"
         if not p.exists():
             return []
         with open(p, newline="", encoding="utf-8") as fh:
-            return list(csv.DictReader(fh))
+            rows = list(csv.DictReader(fh))
+        for row in rows:
+            for col in ("relpath", "group"):
+                if isinstance(row.get(col), str):
+                    row[col] = sheet_unquote(row[col])
+        return rows
 
     def indices(self) -> dict[str, np.ndarray]:
         """The index arrays saved in indices.npz (train, val, test, fold_*)."""
@@ -308,7 +316,8 @@ class RunWriter:
         classes near 1.0, so metrics recomputed from the CSV (the report's) differed from metrics.json.
 
         The file is valid UTF-8 whatever the file names: a name's non-UTF-8 bytes are written as ``\\xff``
-        escapes. Written raw, they made the CSV unreadable to csv/pandas and to the report itself.
+        escapes. Written raw, they made the CSV unreadable to csv/pandas and to the report itself. A name
+        or group a spreadsheet would run as a formula is written with a leading quote (`sheet_safe`).
         """
         target = self.path / f"predictions_{split}.csv"
         with naming(target), open(target, "w", newline="", encoding="utf-8") as fh:
@@ -317,8 +326,9 @@ class RunWriter:
             w.writerow(["relpath", "key", "y_true", *[f"p_{c}" for c in classes], "y_pred", *extra])
             for i in range(len(keys)):
                 w.writerow(
-                    [_utf8(relpaths[i]), keys[i], int(y_true[i]), *[repr(float(v)) for v in proba[i]],
-                     int(y_pred[i]), *([_utf8(groups[i])] if groups is not None else [])]
+                    [sheet_safe(_utf8(relpaths[i])), keys[i], int(y_true[i]),
+                     *[repr(float(v)) for v in proba[i]], int(y_pred[i]),
+                     *([sheet_safe(_utf8(groups[i]))] if groups is not None else [])]
                 )
 
     def write_indices(self, **arrays: np.ndarray) -> None:
@@ -360,6 +370,24 @@ class RunWriter:
         self.info["error"] = reason
         self.info["finished"] = _now()
         write_json_atomic(self.path / "run.json", self.info)
+
+
+SHEET_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def sheet_safe(text: str) -> str:
+    """``text`` with a leading ``'`` when a spreadsheet would run it as a formula (``=HYPERLINK(...``).
+
+    Why: people open predictions_*.csv in a spreadsheet, and a class folder or file name is data the
+    user may not control. Unlike leaderboard.csv's cells, these are read back by the report, so the
+    mapping must invert exactly: a text that already starts with ``'`` gets one more (`sheet_unquote`).
+    """
+    return "'" + text if text[:1] in (*SHEET_TRIGGERS, "'") else text
+
+
+def sheet_unquote(text: str) -> str:
+    """The inverse of `sheet_safe`: one leading ``'`` removed."""
+    return text[1:] if text[:1] == "'" else text
 
 
 def _utf8(text: Any) -> str:

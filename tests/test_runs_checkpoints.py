@@ -155,3 +155,30 @@ def test_a_run_refused_its_first_file_leaves_no_empty_folder(tmp_path: Path, mon
     with pytest.raises(OSError, match="No space left"):
         runs_mod.RunWriter(tmp_path / "runs", {"head": "logreg", "config_hash": "c" * 64})
     assert list((tmp_path / "runs").iterdir()) == []
+
+
+def test_prediction_csvs_do_not_hand_a_spreadsheet_a_formula(tmp_path: Path) -> None:
+    """A class folder or file name starting with = (+, -, @) was written raw into predictions_*.csv,
+    which a spreadsheet opening the file runs as a formula. It is written with a leading quote now, and
+    read back (by the report and `Run.predictions`) as the name it is."""
+    import csv
+
+    import numpy as np
+
+    from featcache.report.collect import read_predictions
+    from featcache.runs import Run, RunWriter
+
+    names = ["=HYPERLINK(\"http://x\")/a.png", "'quoted/b.png", "-2/c.png", "@SUM(1)/d.png", "plain/e.png"]
+    groups = ["+1", "''", "p1", "=g", "p2"]
+    w = RunWriter(tmp_path / "runs", {"head": "logreg", "config_hash": "c" * 64})
+    w.write_predictions("val", names, ["k" * 64] * 5, np.zeros(5, int), np.full((5, 2), 0.5),
+                        np.zeros(5, int), ["NORMAL", "PNEUMONIA"], groups=groups)
+    path = w.path / "predictions_val.csv"
+    with open(path, encoding="utf-8", newline="") as fh:
+        raw = list(csv.DictReader(fh))
+    assert [r["relpath"] for r in raw] == ["'" + n for n in names[:4]] + ["plain/e.png"]
+    assert [r["group"] for r in raw] == ["'+1", "'''", "p1", "'=g", "p2"]
+    back = read_predictions(path)
+    assert back.relpaths == names and back.groups == groups
+    rows = Run(w.id, w.path, {}).predictions("val")
+    assert [r["relpath"] for r in rows] == names and [r["group"] for r in rows] == groups

@@ -21,7 +21,7 @@ import numpy as np
 from featcache.errors import RunError
 from featcache.metrics import predict_labels
 from featcache.progress import ProgressFn, emit
-from featcache.runs import changed_records
+from featcache.runs import changed_records, sheet_unquote
 
 
 @dataclass
@@ -142,9 +142,9 @@ def read_predictions(path: Path) -> Predictions:
         else:
             y.append(int(float(raw)))
     proba = np.array([[_parse_float(r[i]) for i in pcols] for r in rows], dtype=float).reshape(len(rows), -1)
-    relpaths = [r[ri] if ri is not None else "" for r in rows]
+    relpaths = [sheet_unquote(r[ri]) if ri is not None else "" for r in rows]
     gi = header.index("group") if "group" in header else None
-    groups = [r[gi] for r in rows] if gi is not None else None
+    groups = [sheet_unquote(r[gi]) for r in rows] if gi is not None else None
     return Predictions(relpaths, np.asarray(y, dtype=int), proba, classes, groups)
 
 
