@@ -211,7 +211,10 @@ def bootstrap_ci(
     With ``groups`` (patient ids) whole patients are resampled, so the several images of one patient are
     not counted as independent evidence (most Kermany patients have several images); without, images.
     A proportion (accuracy, sensitivity, specificity) observed at 0 or 1 gets the exact Clopper-Pearson
-    interval instead, named under ``exact_at_bound`` (see :func:`_exact_at_bounds`).
+    interval instead, named under ``exact_at_bound`` (see :func:`_exact_at_bounds`). An AUC of exactly 1
+    (or 0) gets a score-type bound instead of the point [1, 1], flagged ``auc_score_bound``
+    (see :func:`_auc_at_bounds`). A macro F1 of exactly 1 (or 0) keeps its point interval, named under
+    ``point_at_bound`` so that a report can say it is no measure of uncertainty.
     """
     k = len(classes)
     y = np.asarray(y_true, dtype=np.int64)
@@ -263,6 +266,11 @@ def bootstrap_ci(
     exact = _exact_at_bounds(out, y, y_pred, k, groups, level)
     if exact:
         out["exact_at_bound"] = exact
+    if _auc_at_bounds(out, y, k, groups, level):
+        out["auc_score_bound"] = True
+    f1 = out.get("macro_f1")
+    if f1 is not None and f1[0] == f1[1] and f1[0] in (0.0, 1.0):
+        out["point_at_bound"] = ["macro_f1"]  # no exact interval for an F1: the report says so
     out["n_boot"] = int(n_boot)
     out["level"] = float(level)
     return out
@@ -295,3 +303,63 @@ def _exact_at_bounds(out: dict, y: np.ndarray, y_pred: np.ndarray, k: int, group
         out[name] = [edge, 1.0] if hits.all() else [0.0, 1.0 - edge]
         replaced.append(name)
     return replaced
+
+
+def _auc_at_bounds(out: dict, y: np.ndarray, k: int, groups: Sequence | None, level: float) -> bool:
+    """Replace the point interval [1, 1] of a perfectly separating AUC (or [0, 0]) by a score-type
+    bound; return whether it did.
+
+    Why: perfect separation holds in every resample, so the percentile interval claimed a certainty no
+    finite test split gives (small demo and per-subtype test sets do reach AUC 1). There is no exact
+    interval for an AUC; the bound used is the AUC theta at which Hanley and McNeil's standard error puts
+    the observed 1 exactly z standard errors away, ``1 - theta = z * SE(theta)``, with the variance in
+    Newcombe's symmetric form (both sample sizes replaced by N* = (m + n) / 2). m and n count positive
+    and negative patients (images without patient ids), the bootstrap's resampling unit. For a
+    multi-class macro AUC each class's one-vs-rest bound is taken and the bounds are averaged.
+    """
+    ci = out.get("auc")
+    if ci is None or ci[0] != ci[1] or ci[0] not in (0.0, 1.0):
+        return False
+    z = _normal_quantile(1.0 - (1.0 - level) / 2.0)
+    ids = np.asarray(groups if groups is not None else np.arange(len(y)), dtype=object)
+    bounds = []
+    for i in [1] if k == 2 else range(k):
+        m, n = len(set(ids[y == i].tolist())), len(set(ids[y != i].tolist()))
+        if m == 0 or n == 0:
+            return False
+        bounds.append(auc_score_bound(m, n, z))
+    edge = float(np.mean(bounds))
+    out["auc"] = [edge, 1.0] if ci[0] == 1.0 else [0.0, 1.0 - edge]
+    return True
+
+
+def auc_score_bound(m: int, n: int, z: float) -> float:
+    """The lower bound theta of an observed AUC of 1 with m positives and n negatives: the root of
+    ``1 - theta = z * SE(theta)`` below 1 (see :func:`_auc_at_bounds`), by bisection.
+
+    Hanley-McNeil's variance, theta (1 - theta) [1 + (m-1) Q1' + (n-1) Q2'] / (m n) with
+    Q1' = (1 - theta) / (2 - theta) and Q2' = theta / (1 + theta), uses N* - 1 for both m - 1 and n - 1
+    (Newcombe), so the bound does not depend on which class is called positive. The left side minus
+    the right is positive at theta = 0 and negative just below 1, so the root is bracketed.
+    """
+    half = (m + n) / 2.0 - 1.0
+
+    def gap(t: float) -> float:
+        var = t * (1.0 - t) * (1.0 + half * ((1.0 - t) / (2.0 - t) + t / (1.0 + t))) / (m * n)
+        return (1.0 - t) - z * float(np.sqrt(max(var, 0.0)))
+
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2.0
+        if gap(mid) >= 0.0:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _normal_quantile(q: float) -> float:
+    """The standard normal quantile."""
+    from statistics import NormalDist
+
+    return NormalDist().inv_cdf(q)

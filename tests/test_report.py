@@ -691,6 +691,28 @@ def test_recomputed_intervals_hold_metric_pairs_only():
     assert "exact_at_bound" not in ci and ci["sensitivity"][1] == 1.0 and ci["specificity"][0] == 0.0
 
 
+def test_a_perfect_test_auc_is_reported_with_its_bound_and_method(tmp_path):
+    """A run that separates its test images perfectly showed "AUC 1.000 (95% CI 1.000–1.000)"; its recorded
+    interval is the score-type bound now, and the Methods paragraph and leaderboard.json say how."""
+    from featcache.metrics import auc_score_bound, bootstrap_ci
+    from featcache.report.collect import read_predictions
+
+    runs = tmp_path / "runs"
+    folder = write_fake_run(runs, "20240101-000001-logreg-aaaaaaaa", quality=60.0, n_test=60)
+    pred = read_predictions(folder / "predictions_test.csv")
+    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics["test"] = {"n": 60, "accuracy": 1.0, "auc": 1.0,
+                       "ci": bootstrap_ci(pred.y_true, pred.proba, list(CLASSES), n_boot=200, seed=0)}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    res = build_report(runs, tmp_path / "out")
+    md_text = " ".join(res.markdown.read_text().split())
+    assert f"**test AUC:** 1.000 (95% CI {auc_score_bound(30, 30, 1.959963984540054):.3f}–1.000)" in md_text
+    assert "score-type bound 1 - θ = 1.96 SE(θ) with Hanley and McNeil" in md_text
+    assert "a macro F1 of exactly 1 (or 0) is the same in every resample" in md_text
+    meta = json.loads(res.json.read_text())["meta"]
+    assert "Hanley-McNeil score-type bound" in meta["confidence_intervals"]["method"]
+
+
 def test_provenance_is_per_run_not_pooled(tmp_path):
     """Runs on two caches of one file name (another backend's values) and two Keras backends: the report
     says which run had what, instead of one pooled list that reads as if it applied to every run (before:

@@ -154,6 +154,45 @@ def test_a_proportion_at_0_or_1_gets_the_exact_interval_not_a_point() -> None:
     assert ci["accuracy"][0] < ci["accuracy"][1] and "accuracy" not in ci["exact_at_bound"]
 
 
+def test_a_perfect_auc_gets_a_score_bound_not_a_point() -> None:
+    """Perfect separation holds in every resample, so the percentile interval of an AUC of 1 was
+    [1.00, 1.00]. It is the score-type bound now: the theta at which Hanley-McNeil's standard error (in
+    Newcombe's symmetric form) puts 1 at 1.96 SE, over the positive and negative patients counted."""
+    from featcache.metrics import auc_score_bound
+
+    z = 1.959963984540054
+
+    def se(t: float, m: int, n: int) -> float:  # written out independently of the module's form
+        q1, q2, ns = t / (2 - t), 2 * t * t / (1 + t), (m + n) / 2
+        return float(np.sqrt((t * (1 - t) + (ns - 1) * (q1 - t * t) + (ns - 1) * (q2 - t * t)) / (m * n)))
+
+    for m, n in [(10, 10), (12, 100), (3, 40), (300, 200)]:
+        t = auc_score_bound(m, n, z)
+        assert 0.0 < t < 1.0 and 1 - t == pytest.approx(z * se(t, m, n), rel=1e-9)
+        assert auc_score_bound(n, m, z) == t  # which class is positive does not matter
+    assert auc_score_bound(10, 10, z) == pytest.approx(0.8002, abs=1e-4)  # 10 + 10 cannot say 0.95
+    assert auc_score_bound(300, 200, z) > auc_score_bound(30, 20, z)  # more patients, a tighter bound
+
+    y = np.array([0] * 10 + [1] * 10)
+    p1 = np.where(y == 1, 0.9, 0.2)
+    p1[0] = 0.6  # a false positive at 0.5 that still ranks below every positive: AUC 1
+    proba = np.column_stack([1 - p1, p1])
+    ci = bootstrap_ci(y, proba, ["n", "p"], n_boot=300, seed=0)
+    assert ci["auc"] == pytest.approx([auc_score_bound(10, 10, z), 1.0]) and ci["auc_score_bound"] is True
+    assert "point_at_bound" not in ci  # one error: macro F1 varies over resamples
+    by_pat = bootstrap_ci(y, proba, ["n", "p"], n_boot=300, seed=0, groups=[i // 2 for i in range(20)])
+    assert by_pat["auc"] == pytest.approx([auc_score_bound(5, 5, z), 1.0])  # 5 + 5 patients: wider
+    reversed_ = bootstrap_ci(y, proba[:, ::-1], ["n", "p"], n_boot=300, seed=0)
+    assert reversed_["auc"] == pytest.approx([0.0, 1 - auc_score_bound(10, 10, z)])
+    p1[0] = 0.95  # now a negative outranks every positive: AUC < 1, the percentile interval stays
+    ci = bootstrap_ci(y, np.column_stack([1 - p1, p1]), ["n", "p"], n_boot=300, seed=0)
+    assert "auc_score_bound" not in ci and ci["auc"][0] < ci["auc"][1] == 1.0
+    y3 = np.repeat([0, 1, 2], 8)  # three classes, all right: the mean of the one-vs-rest bounds
+    ci3 = bootstrap_ci(y3, np.eye(3)[y3] * 0.8 + 0.2 / 3, ["a", "b", "c"], n_boot=300, seed=0)
+    assert ci3["auc"] == pytest.approx([auc_score_bound(8, 16, z), 1.0])
+    assert ci3["point_at_bound"] == ["macro_f1"] and ci3["macro_f1"] == [1.0, 1.0]
+
+
 def test_bootstrap_resamples_whole_patients_when_groups_are_given() -> None:
     from featcache.metrics import bootstrap_weights
 

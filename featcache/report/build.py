@@ -1096,6 +1096,14 @@ def _methods_text(runs: Sequence[RunRecord]) -> str:
             text += (f"; where a proportion ({', '.join(exact)}) was observed at 0 or 1, every resample "
                      "gives the same value and the percentile interval is a point, so the exact "
                      "Clopper-Pearson interval over the patients counted is shown instead")
+        if any(ci.get("auc_score_bound") for r in runs for ci in _recorded_cis(r)):
+            text += ("; an AUC of exactly 1 (perfect separation, the same in every resample) gets the "
+                     "score-type bound 1 - θ = 1.96 SE(θ) with Hanley and McNeil's standard error in "
+                     "Newcombe's symmetric form over the positive and negative patients counted (a "
+                     "multi-class AUC: the mean of the classes' one-vs-rest bounds)")
+        if any("macro_f1" in (ci.get("point_at_bound") or ()) for r in runs for ci in _recorded_cis(r)):
+            text += ("; a macro F1 of exactly 1 (or 0) is the same in every resample and has no exact "
+                     "interval: its [1, 1] is a point, not a measure of certainty")
     return text + (f". Software: {software}." if software else ".")
 
 
@@ -1468,7 +1476,9 @@ def _write_report_files(doc: Document, rows: list[dict], runs: Sequence[RunRecor
         # how the test CIs were made, so a CSV/JSON read alone can be traced (each run's own record too)
         "confidence_intervals": {
             "method": "percentile bootstrap resampling test patients (images where no patient ids); a "
-                      "proportion observed at 0 or 1 gets the exact Clopper-Pearson interval",
+                      "proportion observed at 0 or 1 gets the exact Clopper-Pearson interval; an AUC of 1 "
+                      "a Hanley-McNeil score-type bound (Newcombe's symmetric variance); a macro F1 of 1 "
+                      "keeps its point",
             "level": 0.95,
             "n_boot": sorted({int(ci["n_boot"]) for r in runs for ci in _recorded_cis(r)
                               if isinstance(ci.get("n_boot"), int)}),

@@ -204,7 +204,8 @@ def bootstrap_ci(
     ci = fit_bootstrap_ci(pred.y_true, pred.proba, pred.classes, threshold, n_boot=n_boot, seed=seed,
                           groups=pred.groups)
     return {k: (v[0], v[1]) for k, v in ci.items()
-            if k != "exact_at_bound" and isinstance(v, list) and len(v) == 2}
+            if k in ("accuracy", "macro_f1", "auc", "log_loss", "sensitivity", "specificity")
+            and isinstance(v, list) and len(v) == 2}
 
 
 def paired_difference(
