@@ -17,6 +17,7 @@ import numpy as np
 
 ROC_POINTS = 101  # downsampled ROC curve size stored per run (enough for a smooth plot)
 _EPS = 1e-15
+LOG_LOSS_CLIP = _EPS  # the report's recomputed log loss uses the same clip (it had 1e-7: another number)
 
 
 def _as_proba(proba: np.ndarray, n_classes: int) -> np.ndarray:
@@ -141,7 +142,10 @@ def choose_threshold(
     p = np.asarray(p_pos, dtype=np.float64)
     if len(np.unique(y)) < 2:
         return 0.5
-    fpr, tpr, thr = roc_curve(y, p)
+    # every threshold, not only the ROC's corners: with the default drop_intermediate=True the first
+    # point reaching the target sensitivity could be the top of a vertical segment, a lower threshold
+    # than the highest one reaching it (sensitivity 0.95 chosen where 0.90 was asked and reachable)
+    fpr, tpr, thr = roc_curve(y, p, drop_intermediate=False)
     thr = np.where(np.isfinite(thr), thr, 1.0)
     if method == "youden":
         i = int(np.argmax(tpr - fpr))
