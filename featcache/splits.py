@@ -59,8 +59,9 @@ def grouped_holdout(y: Sequence, groups: Sequence, fraction: float = 0.2, seed: 
                     ) -> tuple[np.ndarray, np.ndarray]:
     """(train_idx, val_idx) with about ``fraction`` of the images (whole patients) in validation.
 
-    Implemented as the first fold of a grouped stratified K-fold with K = round(1 / fraction), so the
-    achieved fraction is 1/K (0.2 -> 5 folds -> 20%); callers record the achieved size.
+    Implemented as the first fold of a grouped stratified K-fold with the K whose 1/K is nearest to
+    ``fraction`` (0.2 -> 5 folds -> 20%; 0.4 -> 3 folds -> 33%: Python's round(2.5) = 2 gave 50% for
+    both 0.4 and 0.6); callers record the achieved size.
     """
     if not 0.0 < fraction < 1.0:
         raise ConfigError(f"--val-fraction must be between 0 and 1 (exclusive), got {fraction}.")
@@ -68,12 +69,18 @@ def grouped_holdout(y: Sequence, groups: Sequence, fraction: float = 0.2, seed: 
     # a tiny fraction asks for more folds than patients, or than the largest class has images: fewer folds
     n_groups = min(n_groups, int(np.max(np.unique(np.asarray(y), return_counts=True)[1])) if len(y) else 0)
     if fraction > 0.5:  # a fraction above one half: validation is the complement of one fold
-        n_splits = min(n_groups, max(2, int(round(1.0 / (1.0 - fraction)))))
+        n_splits = min(n_groups, _nearest_folds(1.0 - fraction))
         tr, va = grouped_kfold(y, groups, n_splits=n_splits, seed=seed)[0]
         return va, tr
     # few patients: fewer folds (a larger validation share) rather than failing
-    n_splits = min(max(2, n_groups), max(2, int(round(1.0 / fraction))))
+    n_splits = min(max(2, n_groups), _nearest_folds(fraction))
     return grouped_kfold(y, groups, n_splits=n_splits, seed=seed)[0]
+
+
+def _nearest_folds(fraction: float) -> int:
+    """The K >= 2 whose one fold, 1/K, is nearest to ``fraction`` (<= 0.5); the smaller K on a tie."""
+    low = max(2, int(1.0 / fraction))  # 1/low >= fraction >= 1/(low + 1)
+    return min((low, low + 1), key=lambda k: (abs(1.0 / k - fraction), k))
 
 
 def index_digest(indices: np.ndarray) -> str:

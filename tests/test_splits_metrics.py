@@ -41,6 +41,16 @@ def test_kfold_never_shares_a_patient_on_thousands_of_layouts() -> None:
             assert len(tr) + len(va) == len(y)
 
 
+def test_holdout_fraction_is_the_nearest_fold_share() -> None:
+    """K was round(1 / fraction), and Python rounds 2.5 to 2: --val-fraction 0.4 and 0.6 both gave a 50%
+    hold-out. The nearest 1/K is taken now (0.4 -> 33%, 0.6 -> 67%); 0.2 stays 20%."""
+    groups = np.repeat(np.arange(300), 2)
+    y = (np.arange(300) % 3 == 0).astype(int)[groups]
+    for asked, share in ((0.2, 1 / 5), (0.3, 1 / 3), (0.4, 1 / 3), (0.45, 1 / 2), (0.6, 2 / 3), (0.8, 4 / 5)):
+        _, va = grouped_holdout(y, groups, asked, seed=0)
+        assert len(va) / len(y) == pytest.approx(share, abs=0.01), asked
+
+
 def test_holdout_fraction_stratified_and_seeded() -> None:
     rng = np.random.default_rng(1)
     groups = np.repeat(np.arange(200), 3)
@@ -152,6 +162,44 @@ def test_a_proportion_at_0_or_1_gets_the_exact_interval_not_a_point() -> None:
     assert set(wrong["exact_at_bound"]) == {"sensitivity"} and wrong["sensitivity"] == pytest.approx(
         [0.0, 1 - (0.025) ** (1 / 12)])
     assert ci["accuracy"][0] < ci["accuracy"][1] and "accuracy" not in ci["exact_at_bound"]
+
+
+def test_a_target_sensitivity_gets_the_highest_threshold_reaching_it() -> None:
+    """roc_curve dropped the points inside a vertical segment, so the first point reaching 0.9 was the
+    segment's top: threshold 0.525 with sensitivity 0.95, although 0.571 reaches 0.90 (a better
+    specificity on new images)."""
+    y = np.array([1] * 20 + [0] * 20)
+    s = np.r_[np.linspace(0.95, 0.55, 20), np.linspace(0.5, 0.05, 20)]
+    s[0] = 0.3  # one positive ranked low
+    t = choose_threshold(y, s, "sensitivity", 0.9)
+    highest = max(th for th in np.unique(s) if np.mean(s[y == 1] >= th) >= 0.9)
+    assert np.mean(s[y == 1] >= t) == 0.9 and highest > t > max(s[s < highest])  # midway below it
+
+
+def test_the_report_scores_as_fit_records() -> None:
+    """The report recomputes its numbers from the CSVs with fit's definitions: macro F1 over every class
+    (0.97 against metrics.json's 0.65 for a 3-class hold-out without a virus image), no 3-class AUC then,
+    fit's log-loss clip (it clipped a probability of 1e-12 at 1e-7) and the 0.5 rule at a tie."""
+    from featcache.report.collect import Predictions
+    from featcache.report.scores import scores
+
+    def both(y, p, classes, thr):
+        return classification_metrics(y, p, classes), scores(Predictions([f"i{i}" for i in range(len(y))],
+                                                                      y, p, classes, None), thr)
+
+    y = np.array([0] * 10 + [1] * 10)
+    p = np.full((20, 3), 0.1)
+    p[:10, 0], p[10:, 1], p[3] = 0.8, 0.8, [0.1, 0.1, 0.8]  # one normal called virus
+    fit_m, rep = both(y, p, ["normal", "bacteria", "virus"], None)
+    assert rep["macro_f1"] == pytest.approx(fit_m["macro_f1"]) == pytest.approx(
+        f1_score(y, p.argmax(1), average="macro", labels=[0, 1, 2], zero_division=0))
+    assert fit_m["auc"] is None and np.isnan(rep["auc"])
+    y2 = np.array([1, 1, 1, 0])  # the first image: P(true class) = 1e-12
+    p2 = np.array([[1 - 1e-12, 1e-12], [0.2, 0.8], [0.3, 0.7], [0.6, 0.4]])
+    fit_m, rep = both(y2, p2, ["a", "b"], 0.5)
+    assert rep["loss"] == pytest.approx(fit_m["log_loss"]) and rep["loss"] > 6.5  # 1e-7 clip: 4.3
+    fit_m, rep = both(np.array([1, 0]), np.array([[0.5, 0.5], [0.9, 0.1]]), ["a", "b"], None)
+    assert rep["accuracy"] == fit_m["accuracy"] == 1.0
 
 
 def test_a_perfect_auc_gets_a_score_bound_not_a_point() -> None:
