@@ -5,9 +5,10 @@ of the training folder and never selects on it:
 
 1. ``manifest.csv`` puts a seeded, stratified 20% of the *patients* of ../shared/data/kermany224/train
    on the test side (stratified by normal/bacteria/virus). Byte-identical files are kept on one side:
-   patients that share a file are one group (the Kermany training split has 24 such groups), so no
-   image is on both sides under two patient ids. The manifest's ``group`` column carries that group,
-   so every CV fold inside ``fit`` is grouped the same way.
+   patients that share a file are one group (as fit groups them; the Kermany training split's 24 sets
+   of identical files each lie within one patient), so no image is on both sides under two patient
+   ids. The manifest's ``group`` column carries that group, so every CV fold inside ``fit`` is grouped
+   the same way.
 2. ``featcache run`` per task (binary, 3class) with every head's default grid: mobilenet-0.75 with its
    genuine ImageNet weights (the only ones here), patient-grouped CV (logreg, svm, knn) or hold-out
    (mlp) selection on the training side, one test evaluation of the chosen config.
@@ -50,27 +51,10 @@ TASKS = ("binary", "3class")
 QUICK_IMAGES = 120
 
 
-def _union_groups(patients: list[str], digests: list[str]) -> list[str]:
-    """Patients that share a byte-identical file become one group (named by its first patient)."""
-    parent: dict[str, str] = {p: p for p in patients}
-
-    def find(p: str) -> str:
-        while parent[p] != p:
-            parent[p] = parent[parent[p]]
-            p = parent[p]
-        return p
-
-    first_with: dict[str, str] = {}
-    for patient, digest in zip(patients, digests, strict=True):
-        other = first_with.setdefault(digest, patient)
-        a, b = sorted((find(patient), find(other)))
-        parent[b] = a
-    return [find(p) for p in patients]
-
-
 def write_manifest(data: Path, out: Path, *, test_fraction: float, seed: int, limit: int | None) -> dict:
     """The patient-grouped train/test manifest (see the module docstring); returns its counts."""
     from featcache.datasets import SUBTYPES, discover
+    from featcache.fit import merge_identical_groups  # patients that share a file become one group
     from featcache.hashing import sha256_file
     from featcache.splits import grouped_holdout
 
@@ -78,7 +62,7 @@ def write_manifest(data: Path, out: Path, *, test_fraction: float, seed: int, li
     if limit is not None and limit < len(records):  # quick mode: an even sample over the sorted file list
         records = [records[i] for i in np.linspace(0, len(records) - 1, limit).astype(int)]
     digests = [sha256_file(r.path) for r in records]
-    groups = _union_groups([r.group for r in records], digests)
+    groups = [str(g) for g in merge_identical_groups([r.group for r in records], digests)[0]]
     subtypes = [r.subtype for r in records]
     train_idx, test_idx = grouped_holdout(subtypes, groups, fraction=test_fraction, seed=seed)
     side = np.empty(len(records), dtype=object)

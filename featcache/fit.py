@@ -742,7 +742,7 @@ def fit(
             f"the training images of {dataset.root} have no image of {', '.join(absent)} (classes: "
             f"{', '.join(classes)}); every class needs training images."
         )
-    groups = np.array([r.group for r in records], dtype=object)
+    groups, merged = merge_identical_groups([r.group for r in records], keys)
     if balance == "undersample-subtypes":
         lacking = [records[i].relpath for i in pool if records[i].subtype not in SUBTYPES]
         if lacking:
@@ -873,7 +873,7 @@ def fit(
                        caches={c["name"]: Path(c["path"]) for c in caches},
                        left_out=[(dataset.records[i].relpath, why) for i, why in undecodable.items()],
                        notes=(_preset_task_notes(opts, preset, task) + _unused_option_notes(opts, head_obj)
-                              + _leak_notes(records, pool, test)))
+                              + _leak_notes(records, pool, test, keys) + merged))
     # the config hashes of the runs this sweep writes: claimed under the lock, then looked up among done runs
     if selection == "cv":
         hashes = [_cv_hash(common, configs)]
@@ -924,18 +924,60 @@ def _unused_option_notes(opts: FitOptions, head_obj: Any) -> list[str]:
     return [f"not used by the {head_obj.name} head: {u}." for u in unused]
 
 
-def _leak_notes(records: Sequence[Any], pool: np.ndarray, test: np.ndarray) -> list[str]:
-    """A note when patients (real ids only) have images both in the training pool and in the test split:
-    the split is the data's, so fit keeps it, but test numbers then reward remembering a child."""
+def merge_identical_groups(groups: Sequence[str], keys: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    """Groups with the images that share a byte-identical file (the same key) joined into one, named by
+    its first group in sorted order; plus a note when any were joined.
+
+    Why: patient ids come from file names, so one image saved under two patients' names (or, without
+    ids, under two file stems) gave two groups, and CV could train on one copy and validate on the other,
+    the same feature vector (the demo with one image copied under another patient's name: split across
+    a fold's sides in 28 of 50 seeds). The Kermany training split's 24 sets of identical files each stay
+    within one patient, so its groups do not change.
+    """
+    parent = {g: g for g in groups}
+
+    def find(g: str) -> str:
+        while parent[g] != g:
+            parent[g] = parent[parent[g]]
+            g = parent[g]
+        return g
+
+    first: dict[str, str] = {}
+    for g, k in zip(groups, keys, strict=True):
+        a, b = sorted((find(g), find(first.setdefault(k, g))))
+        parent[b] = a
+    joined = np.array([find(g) for g in groups], dtype=object)
+    n_joined = len(set(groups)) - len(set(joined.tolist()))
+    if not n_joined:
+        return joined, []
+    example = next(g for g in sorted(set(groups)) if find(g) != g)
+    return joined, [f"{n_joined} patient group(s) share byte-identical images with another (e.g. {example} "
+                    f"with {find(example)}): each such set is one group, so no copy of an image validates "
+                    "its twin."]
+
+
+def _leak_notes(records: Sequence[Any], pool: np.ndarray, test: np.ndarray,
+                keys: Sequence[str] = ()) -> list[str]:
+    """A note when patients (real ids only) have images both in the training pool and in the test split,
+    and when an image of the test split is byte-identical to a training image: the split is the data's,
+    so fit keeps it, but test numbers then reward remembering a child (or an image)."""
     def ids(idx: np.ndarray) -> set[str]:
         return {records[i].group for i in idx if records[i].has_patient_id}
 
+    notes = []
     both = sorted(ids(pool) & ids(test))
-    if not both:
-        return []
-    return [f"{len(both)} patient(s) have images in both the training and the test split (e.g. "
-            f"{', '.join(both[:3])}): test numbers may be optimistic; `featcache data inspect` lists them, "
-            "and moving each patient's images to one side fixes it."]
+    if both:
+        notes.append(f"{len(both)} patient(s) have images in both the training and the test split (e.g. "
+                     f"{', '.join(both[:3])}): test numbers may be optimistic; `featcache data inspect` "
+                     "lists them, and moving each patient's images to one side fixes it.")
+    if len(keys):
+        in_pool = {keys[i] for i in pool}
+        copies = sorted(records[i].relpath for i in test if keys[i] in in_pool)
+        if copies:
+            notes.append(f"{len(copies)} test image(s) are byte-identical to a training image (e.g. "
+                         f"{copies[0]}): the model has seen them; test numbers may be optimistic. "
+                         "`featcache data inspect` lists duplicates.")
+    return notes
 
 
 def _views(spec: Sequence[str] | str) -> list[str]:
@@ -1100,7 +1142,7 @@ def _store_run(
     if len(ctx.test):  # the one and only look at the test split, after every choice above
         p_test = ctx.proba(model, ctx.test)
         metrics["test"] = _evaluate(ctx, ctx.y[ctx.test], p_test, chosen, ci=True,
-                                    groups=[ctx.records[i].group for i in ctx.test])
+                                    groups=[str(g) for g in ctx.groups[ctx.test]])
         _write_preds(writer, ctx, "test", ctx.test, p_test, chosen)
     writer.write_metrics(metrics)
     writer.write_indices(test=ctx.test, pool=ctx.pool, **indices)
@@ -1122,7 +1164,7 @@ def _write_preds(
         proba,
         predict_labels(proba, thr),
         ctx.classes,
-        groups=[ctx.records[i].group for i in idx],
+        groups=[str(g) for g in ctx.groups[idx]],
     )
 
 
@@ -1383,10 +1425,14 @@ def _fit_holdout(ctx: _Ctx, configs: list[dict], result: FitResult, hashes: list
     def on_result(ci: int, model: Any, history: dict) -> None:
         final = model
         sel = selection
-        if ctx.refit:  # retrain the chosen config on all pool images (hold-out only monitors)
+        if ctx.refit:  # retrain the chosen config on all pool images, for the hold-out model's epochs
+            from featcache.heads.mlp import refit_plan
+
+            params, rates, plan = refit_plan(configs[ci], history)
             rr, vv, yr = ctx.train_rows(pool, np.random.default_rng(opts.seed + 1))
-            final, _ = ctx.head_obj.train(ctx.feats.rows(rr, vv), yr, Xva, yva, configs[ci], seed=opts.seed)
-            sel = {**selection, "refit_train_indices_digest": index_digest(np.unique(rr))}
+            final, _ = ctx.head_obj.train(ctx.feats.rows(rr, vv), yr, Xva, yva, params, seed=opts.seed,
+                                          lr_per_epoch=rates)
+            sel = {**selection, "refit_train_indices_digest": index_digest(np.unique(rr)), "refit_plan": plan}
         p_val = ctx.proba(model, va_idx)
         run = _store_run(
             ctx,

@@ -1013,3 +1013,69 @@ def test_a_preset_names_the_task_it_ran_when_the_paper_ran_two() -> None:
     assert other.startswith("preset mao2018: the paper ran binary and 3class, not folders")
     assert _preset_task_notes(FitOptions(preset="laban2021"), laban, "binary") == []
     assert _preset_task_notes(FitOptions(), None, "binary") == []
+
+
+def test_identical_images_under_two_patients_are_one_group(tmp_path: Path) -> None:
+    """Patient ids come from file names, so one image saved under a second patient's name made two
+    groups, and CV trained on one copy and validated on the other (the same feature vector). Such
+    groups are joined now, said in a note; a test image identical to a training image is named too."""
+    import csv
+
+    root = make_tree(tmp_path / "data")
+    pneu = root / "train" / "PNEUMONIA"
+    src = sorted(pneu.iterdir())[0]
+    shutil.copy(src, pneu / "person9999_bacteria_1.jpeg")
+    shutil.copy(src, root / "test" / "PNEUMONIA" / "person9998_bacteria_2.jpeg")
+    write_cache(root, tmp_path / "cache")
+    res = fit(root, "fakenet", "logreg", opts(tmp_path / "cache", tmp_path / "runs", grid_args=["C=0.1"]))
+    notes = " ".join(res.notes)
+    src_patient = src.name.split("_")[0]
+    assert (f"2 patient group(s) share byte-identical images with another (e.g. person9998 with "
+            f"{src_patient})") in notes  # the test copy's patient too
+    assert "1 test image(s) are byte-identical to a training image (e.g. test/PNEUMONIA/person9998" in notes
+    with open(res.runs[0].path / "predictions_val.csv", encoding="utf-8", newline="") as fh:
+        group = {row["relpath"]: row["group"] for row in csv.DictReader(fh)}
+    twin = group["train/PNEUMONIA/person9999_bacteria_1.jpeg"]
+    assert group[f"train/PNEUMONIA/{src.name}"] == twin == min(src_patient, "person9999")
+    idx = load_run(tmp_path / "runs", res.runs[0].id).indices()
+    rows = {r.relpath: i for i, r in enumerate(discover(root).records)}
+    a, b = rows[f"train/PNEUMONIA/{src.name}"], rows["train/PNEUMONIA/person9999_bacteria_1.jpeg"]
+    folds = [k for k in idx if k.startswith("fold") and k.endswith("_val")]
+    assert len(folds) == 3 and all((a in idx[k]) == (b in idx[k]) for k in folds)  # never split up
+
+
+def test_an_mlp_refit_trains_for_the_hold_out_models_epochs(setup) -> None:
+    """`--refit` retrained the chosen config on the hold-out rows too, with early stopping and best-epoch
+    checkpointing still watching those rows: the refit model ran on a rule that no longer meant
+    anything (17 epochs against 5). It trains for the hold-out model's epochs now, with no validation
+    callbacks, and run.json records the plan."""
+    from featcache.heads.mlp import refit_plan
+
+    hist = {"loss": [1.0, 0.8, 0.7, 0.6, 0.5], "val_loss": [0.9, 0.7, float("nan"), 0.75, 0.8],
+            "lr": [0.01, 0.01, 0.005, 0.005, 0.0025]}
+    base = {"layers": [8], "epochs": 30, "patience": 3}
+    params, rates, plan = refit_plan({**base, "checkpoint": True}, hist)
+    assert params["epochs"] == 2 and params["patience"] is None and not params["checkpoint"] and rates is None
+    assert plan["epochs_from"] == "best hold-out epoch (checkpoint)" and plan["hold_out_epochs_run"] == 5
+    params, rates, plan = refit_plan({**base, "reduce_lr_patience": 1}, hist)
+    assert params["epochs"] == 5 and rates == hist["lr"] and params["reduce_lr_patience"] is None
+    params, rates, plan = refit_plan({"layers": [8], "epochs": 30}, hist)  # nothing watches the hold-out
+    assert params == {"layers": [8], "epochs": 30} and rates is None and plan["as_configured"]
+
+    root, cache_dir, runs_dir = setup
+    res = fit(root, "fakenet", "mlp", opts(cache_dir, runs_dir, refit=True, grid_args=[
+        "layers=8", "epochs=40", "lr=0.05", "patience=2", "checkpoint=true", "reduce_lr_patience=1"]))
+    run = res.runs[0]
+    history = run.metrics()["history"]
+    best = int(np.nanargmin(history["val_loss"])) + 1
+    assert len(history["loss"]) < 40  # the hold-out model stopped early, so the plan is not trivial
+    assert run["selection"]["refit_plan"] == {
+        "epochs": best, "as_configured": False, "epochs_from": "best hold-out epoch (checkpoint)",
+        "hold_out_epochs_run": len(history["loss"]), "learning_rates_replayed": True}
+    from featcache.heads.mlp import MLPHead
+
+    X = np.random.default_rng(0).normal(size=(40, 4)).astype(np.float32)
+    y = (X[:, 0] > 0).astype(int)
+    _, h = MLPHead().train(X, y, X[:8], y[:8], {"layers": [4], "epochs": 3, "lr": 0.1}, seed=0,
+                           lr_per_epoch=[0.1, 0.02, 0.004])
+    assert h["lr"] == pytest.approx([0.1, 0.02, 0.004])  # the replayed schedule, epoch by epoch

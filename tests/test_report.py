@@ -713,6 +713,20 @@ def test_a_perfect_test_auc_is_reported_with_its_bound_and_method(tmp_path):
     assert "Hanley-McNeil score-type bound" in meta["confidence_intervals"]["method"]
 
 
+def test_epochs_chosen_on_the_hold_out_are_disclosed(tmp_path):
+    """An MLP with early stopping had its epoch chosen by the same hold-out that ranks it; the report
+    said so only when validation sizes differed twofold, never for an MLP-only report."""
+    runs = tmp_path / "runs"
+    write_fake_run(runs, "20240101-000001-mlp-aaaaaaaa", head="mlp", params={"layers": [8], "epochs": 9})
+    md_text = " ".join(build_report(runs, tmp_path / "a").markdown.read_text().split())
+    assert "Epochs chosen on the hold-out" not in md_text and "also chose its epoch" not in md_text
+    write_fake_run(runs, "20240101-000002-mlp-bbbbbbbb", head="mlp", seed=1,
+                   params={"layers": [8], "epochs": 9, "patience": 3})
+    md_text = " ".join(build_report(runs, tmp_path / "b").markdown.read_text().split())
+    assert "Epochs chosen on the hold-out:** 1 run(s) stop early" in md_text
+    assert "the hold-out also chose its epoch, so its validation numbers are slightly optimistic" in md_text
+
+
 def test_provenance_is_per_run_not_pooled(tmp_path):
     """Runs on two caches of one file name (another backend's values) and two Keras backends: the report
     says which run had what, instead of one pooled list that reads as if it applied to every run (before:

@@ -12,7 +12,7 @@ how it was trained in ``KerasHead.trainer`` (recorded in run.json).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -182,6 +182,46 @@ def _best_weights_callback(monitor: str = "val_loss") -> Any:
     return _Best()
 
 
+def _replay_lr_callback(rates: list[float]) -> Any:
+    import keras
+
+    class _Replay(keras.callbacks.Callback):
+        """Set each epoch's learning rate from a recorded schedule (the last one past its end)."""
+
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+            self.model.optimizer.learning_rate = float(rates[min(epoch, len(rates) - 1)])
+
+    return _Replay()
+
+
+def refit_plan(params: dict, history: dict | None) -> tuple[dict, list[float] | None, dict]:
+    """How ``--refit`` retrains a config chosen on the hold-out: (params, learning rates to replay, record).
+
+    Why: the refit trains on the hold-out rows too, so the hold-out can no longer stop it, keep its best
+    epoch or lower its learning rate; with those callbacks left on, the refit monitored rows it trained
+    on and ran (17 epochs against the hold-out model's 5) on a rule that no longer meant anything. So it
+    trains for the number of epochs the hold-out model's weights came from (its best epoch with
+    ``checkpoint``, else the epochs it ran), with no validation callbacks, and replays the learning
+    rates ReduceLROnPlateau gave the hold-out model. Without those options it trains as configured.
+    """
+    p = _params(params)
+    stops = p["patience"] is not None or p["checkpoint"] or p["reduce_lr_patience"] is not None
+    h = history or {}
+    losses = [float(v) for v in h.get("val_loss") or []]
+    if not stops or not h.get("loss"):
+        return dict(params), None, {"epochs": int(p["epochs"]), "as_configured": True}
+    ran = len(h["loss"])
+    finite = [v if np.isfinite(v) else np.inf for v in losses]
+    epochs = int(np.argmin(finite)) + 1 if p["checkpoint"] and finite and min(finite) < np.inf else ran
+    rates = [float(v) for v in (h.get("lr") or [])][:epochs] if p["reduce_lr_patience"] is not None else None
+    fixed = {**params, "epochs": epochs, "patience": None, "checkpoint": False, "reduce_lr_patience": None}
+    record = {"epochs": epochs, "as_configured": False,
+              "epochs_from": ("best hold-out epoch (checkpoint)" if p["checkpoint"]
+                              else "epochs the hold-out ran"),
+              "hold_out_epochs_run": ran, "learning_rates_replayed": bool(rates)}
+    return fixed, rates or None, record
+
+
 def _progress_callback(progress: ProgressFn | None, total: int) -> Any:
     import keras
 
@@ -212,8 +252,12 @@ class MLPHead:
         return {**p, "layers": list(p["layers"])}
 
     def train(self, Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarray, params: dict, *,
-              seed: int = 0, progress: ProgressFn | None = None) -> tuple[KerasHead, dict]:
-        """One Keras model, one ``model.fit`` (the reference behaviour)."""
+              seed: int = 0, progress: ProgressFn | None = None,
+              lr_per_epoch: Sequence[float] | None = None) -> tuple[KerasHead, dict]:
+        """One Keras model, one ``model.fit`` (the reference behaviour).
+
+        ``lr_per_epoch``: learning rates to set at the start of each epoch (a refit replaying the
+        schedule ReduceLROnPlateau gave the hold-out model, see :func:`refit_plan`)."""
         import keras
 
         p = _params(params)
@@ -233,6 +277,8 @@ class MLPHead:
             callbacks.append(keras.callbacks.ReduceLROnPlateau(patience=int(p["reduce_lr_patience"])))
         if p["checkpoint"]:
             callbacks.append(_best_weights_callback())
+        if lr_per_epoch:
+            callbacks.append(_replay_lr_callback(list(lr_per_epoch)))
         hist = model.fit(np.asarray(Xtr, np.float32), ytr, validation_data=(np.asarray(Xva, np.float32), yva),
                          batch_size=int(p["batch_size"]), epochs=int(p["epochs"]), verbose=0, shuffle=True,
                          class_weight=_class_weight_dict(p, ytr, n_classes), callbacks=callbacks)

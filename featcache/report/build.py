@@ -456,7 +456,8 @@ def _sens_spec(row: dict, suffix: str = "", ci: bool = True) -> str:
 
 
 def _leaderboard_section(
-    doc: Document, rows: list[dict], options: ReportOptions, has_test: bool, n_total: int
+    doc: Document, rows: list[dict], options: ReportOptions, has_test: bool, n_total: int,
+    runs: Sequence[RunRecord] = (),
 ) -> None:
     doc.section("Leaderboard", "leaderboard")
     shown = (
@@ -485,11 +486,22 @@ def _leaderboard_section(
             Para(
                 f"validation sets differ in size ({min(n_vals)} to {max(n_vals)} images: hold-out heads "
                 "such as the MLP validate on a fraction, CV heads on out-of-fold predictions of all training "
-                "images; see 'validated on'). A score on few images is noisy, and an MLP's hold-out also "
-                "chose its best epoch when early stopping is on, so a hold-out run at the top may owe its "
-                "rank to chance: compare the test columns and their CIs too.",
+                "images; see 'validated on'). A score on few images is noisy, so a hold-out run at the top "
+                "may owe its rank to chance: compare the test columns and their CIs too.",
                 "note",
                 "Validation sizes differ:",
+            )
+        )
+    watched = [r for r in runs if _epoch_chosen_on_holdout(r)]
+    if watched:
+        doc.add(
+            Para(
+                f"{len(watched)} run(s) stop early, keep their best epoch or lower their learning rate on "
+                "the validation hold-out (patience, checkpoint or reduce_lr_patience), so the hold-out chose "
+                "their epoch as well as ranking them: their validation numbers are slightly optimistic. "
+                "The test columns, from images no choice saw, are not.",
+                "note",
+                "Epochs chosen on the hold-out:",
             )
         )
     fig = plots.overview_figure(rows, options.metric, formats=options.figure_formats)
@@ -1027,6 +1039,16 @@ SELECTION_KEYS = (
 )
 
 
+def _epoch_chosen_on_holdout(run: RunRecord) -> bool:
+    """Whether a hold-out run's training watched its validation rows (early stopping, best-epoch
+    checkpoint, learning-rate reduction): then the hold-out chose its epoch, not only its rank."""
+    sel, params = run.run.get("selection"), run.run.get("params")
+    if not isinstance(sel, dict) or sel.get("method") != "grouped_holdout" or not isinstance(params, dict):
+        return False
+    return (params.get("patience") is not None or bool(params.get("checkpoint"))
+            or params.get("reduce_lr_patience") is not None)
+
+
 def _methods_text(runs: Sequence[RunRecord]) -> str:
     """A methods paragraph a reader can adapt for a paper, written from what the runs recorded."""
     weights_word = {"imagenet": "ImageNet-pretrained", "none": "randomly initialised (--weights none)"}
@@ -1057,8 +1079,15 @@ def _methods_text(runs: Sequence[RunRecord]) -> str:
                        and isinstance(s.get("achieved_fraction"), int | float)})
     if fractions:  # whole patients move, so the hold-out's share is near the one asked for, not equal
         got = f"; {'/'.join(achieved)} achieved, keeping each patient's images together" if achieved else ""
+        watched = ("; where a config stopped early, kept its best epoch or lowered its learning rate on "
+                   "the hold-out, the hold-out also chose its epoch, so its validation numbers are slightly "
+                   "optimistic" if any(_epoch_chosen_on_holdout(r) for r in runs) else "")
+        replanned = any(isinstance(s.get("refit_plan"), dict) and not s["refit_plan"].get("as_configured")
+                        for s in sel)
         protocols.append(f"a patient-grouped stratified hold-out of {'/'.join(fractions)} of the training "
-                         f"images requested{got} (one model per config, trained on the rest)")
+                         f"images requested{got} (one model per config, trained on the rest{watched})"
+                         + ("; models refit on all training images trained for the hold-out model's number "
+                            "of epochs, without validation callbacks" if replanned else ""))
     rules = {"youden": "Youden's J", "sensitivity": "the highest threshold reaching the target sensitivity"}
     thr = sorted({rules.get(str(r.run["threshold"].get("method")), str(r.run["threshold"].get("method")))
                   for r in runs if isinstance(r.run.get("threshold"), dict)
@@ -1310,7 +1339,7 @@ def build_document(
     best = rows[0] if not options.group_by else min(rows, key=lambda r: r["rank"])
     doc.add(_hero(best, options.metric, has_test))
     _callouts(doc, runs, rows, skipped, options)
-    _leaderboard_section(doc, rows, options, has_test, n_selected or len(runs))
+    _leaderboard_section(doc, rows, options, has_test, n_selected or len(runs), runs)
     by_id = {r.id: r for r in runs}
     _paired_section(doc, rows, by_id, options.group_by)
     _top_runs_section(doc, sorted(rows, key=lambda r: r["rank"]), by_id, options, progress)
