@@ -1035,10 +1035,23 @@ def _evaluate(ctx: _Ctx, y_true: np.ndarray, proba: np.ndarray, thr: float | Non
     if ci and len(y_true):
         kw = {"n_boot": ctx.opts.n_boot, "seed": ctx.opts.seed, "groups": groups}
         m["ci"] = bootstrap_ci(y_true, proba, ctx.classes, None, **kw)
-        m["ci"]["resampled"] = "patients" if groups is not None else "images"
+        m["ci"]["resampled"] = _resampled_unit(ctx, groups)
         if thr is not None:
             m["at_threshold"]["ci"] = bootstrap_ci(y_true, proba, ctx.classes, thr, **kw)
     return m
+
+
+def _resampled_unit(ctx: _Ctx, groups: list[str] | None) -> str:
+    """What the test bootstrap resampled: patients only where every test image has a patient id;
+    otherwise groups by file name (the fallback), which must not be called patients."""
+    if groups is None:
+        return "images"
+    missing = sum(not ctx.records[i].has_patient_id for i in ctx.test)
+    if not missing:
+        return "patients"
+    if missing == len(ctx.test):
+        return "file-name groups (no patient ids)"
+    return f"patients ({missing} image(s) without a patient id grouped by file name)"
 
 
 def _check_class_weights(configs: Sequence[dict], classes: Sequence[str]) -> None:

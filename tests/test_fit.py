@@ -1042,6 +1042,12 @@ def test_identical_images_under_two_patients_are_one_group(tmp_path: Path) -> No
     a, b = rows[f"train/PNEUMONIA/{src.name}"], rows["train/PNEUMONIA/person9999_bacteria_1.jpeg"]
     folds = [k for k in idx if k.startswith("fold") and k.endswith("_val")]
     assert len(folds) == 3 and all((a in idx[k]) == (b in idx[k]) for k in folds)  # never split up
+    assert res.runs[0].metrics()["test"]["ci"]["resampled"] == "patients"  # every test image has an id
+    (root / "test" / "NORMAL" / "x.jpeg").write_bytes((root / "test" / "PNEUMONIA" /
+                                                       "person9998_bacteria_2.jpeg").read_bytes())
+    res = fit(root, "fakenet", "logreg", opts(tmp_path / "cache", tmp_path / "runs", grid_args=["C=0.1"]))
+    assert res.runs[0].metrics()["test"]["ci"]["resampled"] == (
+        "patients (1 image(s) without a patient id grouped by file name)")
 
 
 def test_an_mlp_refit_trains_for_the_hold_out_models_epochs(setup) -> None:

@@ -547,7 +547,7 @@ def test_recorded_cis_and_dataset_notes_follow_the_runs(tmp_path):
         info["dataset"]["counts"]["test"] = {"NORMAL": 30, "PNEUMONIA": 90}
         (folder / "run.json").write_text(json.dumps(info))
     md = " ".join(build_report(runs, tmp_path / "out1").markdown.read_text().split())
-    assert "63% vs 74%" not in md and "test 75%, train 50% of images are not NORMAL" in md
+    assert "63% vs 74%" not in md and "test 75.0%, train 50.0% of images are not NORMAL" in md
     for folder in (recorded, runs / "20240101-000002-logreg-bbbbbbbb"):  # the official test split
         info = json.loads((folder / "run.json").read_text())
         info["dataset"]["counts"]["test"] = {"NORMAL": 234, "PNEUMONIA": 390}
@@ -709,6 +709,7 @@ def test_a_perfect_test_auc_is_reported_with_its_bound_and_method(tmp_path):
     assert f"**test AUC:** 1.000 (95% CI {auc_score_bound(30, 30, 1.959963984540054):.3f}–1.000)" in md_text
     assert "score-type bound 1 - θ = 1.96 SE(θ) with Hanley and McNeil" in md_text
     assert "a macro F1 of exactly 1 (or 0) is the same in every resample" in md_text
+    assert "a proportion or AUC observed at 0 or 1 has an exact or score-type interval instead" in md_text
     meta = json.loads(res.json.read_text())["meta"]
     assert "Hanley-McNeil score-type bound" in meta["confidence_intervals"]["method"]
 
@@ -725,6 +726,43 @@ def test_epochs_chosen_on_the_hold_out_are_disclosed(tmp_path):
     md_text = " ".join(build_report(runs, tmp_path / "b").markdown.read_text().split())
     assert "Epochs chosen on the hold-out:** 1 run(s) stop early" in md_text
     assert "the hold-out also chose its epoch, so its validation numbers are slightly optimistic" in md_text
+    assert "with --refit" not in md_text
+    # a refit mlp, a sensitivity target: the Methods said "trained on the rest" and "the target sensitivity"
+    folder = runs / "20240101-000002-mlp-bbbbbbbb"
+    info = json.loads((folder / "run.json").read_text())
+    info["selection"].update(refit=True, refit_plan={"epochs": 4, "as_configured": False})
+    info["threshold"].update(method="sensitivity", target_sensitivity=0.95)
+    (folder / "run.json").write_text(json.dumps(info))
+    md_text = " ".join(build_report(runs, tmp_path / "c").markdown.read_text().split())
+    assert ("with --refit the model tested was trained again on all training images, hold-out included (for "
+            "the hold-out model's number of epochs, without validation callbacks), while its validation "
+            "numbers, threshold and training curves are the hold-out model's") in md_text
+    assert "the highest threshold reaching validation sensitivity 0.95" in md_text
+
+
+def test_images_without_patient_ids_are_not_called_patients(tmp_path):
+    """The bootstrap resampled file-name groups where images had no patient id, but run.json and the
+    Methods said "patients"; a dataset with some ids missing got no warning (only one with none did)."""
+    from featcache.metrics import bootstrap_ci
+    from featcache.report.collect import read_predictions
+
+    runs = tmp_path / "runs"
+    folder = write_fake_run(runs, "20240101-000001-logreg-aaaaaaaa")
+    info = json.loads((folder / "run.json").read_text())
+    info["dataset"].update(patient_ids=30, n_images=40)
+    (folder / "run.json").write_text(json.dumps(info))
+    pred = read_predictions(folder / "predictions_test.csv")
+    metrics = json.loads((folder / "metrics.json").read_text())
+    ci = bootstrap_ci(pred.y_true, pred.proba, list(CLASSES), n_boot=200, seed=0)
+    ci["resampled"] = "patients (10 image(s) without a patient id grouped by file name)"
+    acc = float(np.mean((pred.proba[:, 1] >= 0.5) == pred.y_true))
+    metrics["test"] = {"n": 60, "accuracy": acc, "ci": ci}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    md_text = " ".join(build_report(runs, tmp_path / "out").markdown.read_text().split())
+    assert ("Some patient ids missing:** some images have no patient id: /nonexistent/featcache-data (10 "
+            "of 40") in md_text
+    assert ("resamples of test patients (all images of a patient together; patients (10 image(s) without a "
+            "patient id grouped by file name))") in md_text
 
 
 def test_provenance_is_per_run_not_pooled(tmp_path):

@@ -228,7 +228,7 @@ def _prevalence(runs: Sequence[RunRecord]) -> str:
             n = sum(totals.values())
             if n and any(k.upper() == "NORMAL" for k in totals):
                 normal = sum(v for k, v in totals.items() if k.upper() == "NORMAL")
-                shares.append(f"{split} {100 * (n - normal) / n:.0f}%")
+                shares.append(f"{split} {100 * (n - normal) / n:.1f}%")  # .0f printed 62.5% as 62%
         if len(shares) == 2:
             parts.append(f"{root}: {', '.join(shares)} of images are not NORMAL")
     return (" In " + "; in ".join(parts) + ".") if parts else ""
@@ -287,6 +287,11 @@ def _callouts(
                 "both sides of a split, and the CIs may be too narrow. Give a manifest with a group column "
                 "to group by patient.")
         doc.add(Para(text, "warn", "No patient ids:"))
+    partial = sorted(filter(None, (_without_ids(r) for r in runs)))
+    if partial:
+        doc.add(Para(f"some images have no patient id: {'; '.join(partial)}. Those are grouped by file name "
+                     "alone in folds, the hold-out and the bootstrap, so one person's images among them may "
+                     "be on both sides of a split.", "warn", "Some patient ids missing:"))
     with_test = sum(1 for r in rows if r.get("test_accuracy") is not None)
     if with_test == 0:
         kermany = all(isinstance(r.run.get("dataset"), dict) and r.run["dataset"].get("layout") == "kermany"
@@ -476,7 +481,10 @@ def _leaderboard_section(
             + "F1 is macro-averaged; "
             + ("AUC of a task with more than two classes is one-vs-rest, macro-averaged over the classes; "
                if not all(_binary(r) for r in rows) else "")
-            + "CIs are 95% bootstrap intervals resampling test patients (all images of a patient together).",
+            + "CIs are 95% bootstrap intervals resampling test patients (all images of a patient together)"
+            + ("; a proportion or AUC observed at 0 or 1 has an exact or score-type interval instead (see "
+               "Methods)." if any(ci.get("exact_at_bound") or ci.get("auc_score_bound")
+                                 for r in runs for ci in _recorded_cis(r)) else "."),
             "muted",
         )
     )
@@ -806,7 +814,10 @@ def _cv_section(doc: Document, rec: RunRecord, row: dict, options: ReportOptions
                 img.vector,
             )
         )
-    timed = any(isinstance(g["fit_time"], int | float) and g["fit_time"] > 0 for g in grid)
+    # a column only where configs were timed alone: the shared-Gram logreg search splits each fold's time
+    # equally over its candidates, and 14 equal "0.00" read as per-config times
+    times = [g["fit_time"] for g in grid if isinstance(g["fit_time"], int | float) and g["fit_time"] > 0]
+    timed = len(set(times)) > 1
     body = [
         [
             str(i),
@@ -886,10 +897,11 @@ def _grid_section(
                 Figure(
                     f"heatmap-{head}-{backbone}-{task}",
                     img.png,
-                    f"Validation {options.metric} over {pair[0]} × {pair[1]} (best run per cell, the best "
-                    "run outlined; other "
-                    "parameters vary inside a cell; unless --heatmap names them, the two parameters that "
-                    "spread the scores most).",
+                    f"Validation {options.metric} over {pair[0]} × {pair[1]} (best run per cell, the "
+                    "top-ranked run outlined"
+                    + ("; other parameters vary inside a cell" if set(names) - set(pair) else "")
+                    + ("; unless --heatmap names them, the two parameters that spread the scores most)."
+                       if len(names) > 2 else ")."),
                     f"heatmap of {options.metric} over {pair[0]} and {pair[1]}",
                     img.vector,
                 )
@@ -1039,6 +1051,15 @@ SELECTION_KEYS = (
 )
 
 
+def _without_ids(run: RunRecord) -> str | None:
+    """'<root> (N of M images)' when some, not all, of a run's images have no patient id."""
+    ds = run.run.get("dataset") if isinstance(run.run.get("dataset"), dict) else {}
+    with_ids, n = ds.get("patient_ids"), ds.get("n_images")
+    if not isinstance(with_ids, int) or not isinstance(n, int) or not 0 < with_ids < n:
+        return None
+    return f"{ds.get('root')} ({n - with_ids} of {n} images)"
+
+
 def _epoch_chosen_on_holdout(run: RunRecord) -> bool:
     """Whether a hold-out run's training watched its validation rows (early stopping, best-epoch
     checkpoint, learning-rate reduction): then the hold-out chose its epoch, not only its rank."""
@@ -1082,15 +1103,28 @@ def _methods_text(runs: Sequence[RunRecord]) -> str:
         watched = ("; where a config stopped early, kept its best epoch or lowered its learning rate on "
                    "the hold-out, the hold-out also chose its epoch, so its validation numbers are slightly "
                    "optimistic" if any(_epoch_chosen_on_holdout(r) for r in runs) else "")
+        held = [s for s in sel if s.get("method") == "grouped_holdout"]
         replanned = any(isinstance(s.get("refit_plan"), dict) and not s["refit_plan"].get("as_configured")
-                        for s in sel)
+                        for s in held)
+        refit_text = ""
+        if any(s.get("refit") for s in held):
+            plan = (" (for the hold-out model's number of epochs, without validation callbacks)"
+                    if replanned else "")
+            refit_text = ("; with --refit the model tested was trained again on all training images, "
+                          f"hold-out included{plan}, while its validation numbers, threshold and training "
+                          "curves are the hold-out model's")
         protocols.append(f"a patient-grouped stratified hold-out of {'/'.join(fractions)} of the training "
                          f"images requested{got} (one model per config, trained on the rest{watched})"
-                         + ("; models refit on all training images trained for the hold-out model's number "
-                            "of epochs, without validation callbacks" if replanned else ""))
-    rules = {"youden": "Youden's J", "sensitivity": "the highest threshold reaching the target sensitivity"}
-    thr = sorted({rules.get(str(r.run["threshold"].get("method")), str(r.run["threshold"].get("method")))
-                  for r in runs if isinstance(r.run.get("threshold"), dict)
+                         + refit_text)
+
+    def rule(t: dict) -> str:
+        target = t.get("target_sensitivity")
+        if t.get("method") == "sensitivity":
+            return ("the highest threshold reaching validation sensitivity "
+                    + (f"{target:g}" if isinstance(target, int | float) else "(target not recorded)"))
+        return "Youden's J" if t.get("method") == "youden" else str(t.get("method"))
+
+    thr = sorted({rule(r.run["threshold"]) for r in runs if isinstance(r.run.get("threshold"), dict)
                   and r.run["threshold"].get("method") and r.run["threshold"].get("chosen") is not None})
     boots = sorted({str(((r.metrics.get("test") or {}).get("ci") or {}).get("n_boot")) for r in runs
                     if isinstance(r.metrics.get("test"), dict)} - {"None"})
@@ -1117,8 +1151,12 @@ def _methods_text(runs: Sequence[RunRecord]) -> str:
     text += ("The chosen model of each run was evaluated once on the test split, which played no part in "
              "any choice")
     if boots:
+        units = sorted({str(ci.get("resampled")) for r in runs for ci in _recorded_cis(r)
+                        if ci.get("resampled") and ci.get("resampled") != "patients"})
+        unit = ("test patients (all images of a patient together)" if not units
+                else "test patients (all images of a patient together; " + "; ".join(units) + ")")
         text += (f"; 95% confidence intervals are percentile bootstrap intervals over {'/'.join(boots)} "
-                 f"resamples of test patients (all images of a patient together), seed {'/'.join(seeds)}")
+                 f"resamples of {unit}, seed {'/'.join(seeds)}")
         exact = sorted({name for r in runs for ci in _recorded_cis(r)
                         for name in ci.get("exact_at_bound") or ()})
         if exact:

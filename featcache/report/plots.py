@@ -430,8 +430,11 @@ def heatmap_figure(
 ) -> Rendered:
     """Metric over two hyperparameters (best run per cell; empty cells stay blank); ``mark`` (row, column)
     outlines the chosen config's cell and ``bar_label`` names the colour scale."""
+    import textwrap
+
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(xs), 0.9 + 0.45 * len(ys)))
+    width = max(3.8, 1.0 + 0.9 * len(xs))  # a 2-column grid was 2.8 in: the title ran into the bar label
+    fig, ax = plt.subplots(figsize=(width, 0.9 + 0.45 * len(ys)))
     masked = np.ma.masked_invalid(table)
     finite = table[np.isfinite(table)]
     vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
@@ -456,7 +459,7 @@ def heatmap_figure(
     ax.set_yticks(range(len(ys)), [_t(v) for v in ys])
     ax.set_xlabel(_t(x_name))
     ax.set_ylabel(_t(y_name))
-    ax.set_title(_t(title))
+    ax.set_title(textwrap.fill(_t(title), max(24, int(7 * width))), fontsize=10)
     if mark is not None:
         from matplotlib.patches import Rectangle
 
