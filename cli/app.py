@@ -154,7 +154,7 @@ def run(argv: list[str] | None = None) -> int:
 
 # What an operating-system error leaves behind, by command: the commands that write as they go keep what
 # they finished; report publishes only a whole report; the rest (predict, inspect, ls, verify) write nothing.
-_SAVED = "Finished work is saved."
+_SAVED = "Anything finished before the error is kept."  # "is saved" read as if work had been done
 _KEPT = {**dict.fromkeys(("extract", "fit", "run", "demo", "cache merge", "data download"), _SAVED),
          "report": "The previous report is kept whole."}
 

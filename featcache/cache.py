@@ -247,6 +247,10 @@ def _open_h5(path: Path, mode: str, **kwargs: Any):
     import h5py
 
     _refuse_folder(path)
+    with contextlib.suppress(OSError):
+        if Path(path).stat().st_size == 0:  # HDF5 opened "r+" would write an empty file into it
+            raise CacheError(f"cache file {path} is empty (0 bytes: an interrupted copy or a full disk?); "
+                             "delete it and run the extraction again (extract replaces it itself)")
     try:
         return h5py.File(path, mode, locking=False, **kwargs)
     except (OSError, ValueError) as exc:
@@ -342,6 +346,9 @@ class CacheWriter:
         for stale in self.path.parent.glob(glob.escape(self.path.name) + ".tmp-*"):  # crash during creation
             with contextlib.suppress(OSError):
                 stale.unlink()
+        with contextlib.suppress(OSError):
+            if self.path.stat().st_size == 0:  # nothing to lose (an interrupted copy): build it anew,
+                self.path.unlink()  # as the lock holder; "r+" made it an empty HDF5 "not a cache"
         if not self.path.exists():
             self._create(versions)
         self._f = _open_h5(self.path, "r+", rdcc_nbytes=0)  # no chunk cache: rows go straight to disk
@@ -944,7 +951,8 @@ def verify(path: Path, progress: ProgressFn | None = None) -> dict:
     try:
         f = _open_h5(path, "r")
     except CacheError:
-        result["problems"].append("not a readable HDF5 file (truncated or corrupt)")
+        result["problems"].append("empty (0 bytes)" if path.stat().st_size == 0
+                                  else "not a readable HDF5 file (truncated or corrupt)")
         return result
     with f:
         try:
@@ -1103,10 +1111,35 @@ def merge(shards: Sequence[Path], out: Path | None = None, *, wait: float | None
     shards = list({os.path.realpath(s): s for s in reversed(shards)}.values())[::-1]
     if not shards:
         raise ConfigError("merge needs at least one shard file; pass the .shard-I-of-N.h5 files to combine")
+    for shard in shards:  # before any lock: a lock file would land beside an X-ray (or create a folder)
+        _check_mergeable(shard)
     with contextlib.ExitStack() as held:
         for shard in shards:  # a shard whose extract still runs is incomplete: wait for it, or refuse
             held.enter_context(_shard_lock(shard, wait))
         return _merge(shards, out, wait, progress)
+
+
+def _check_mergeable(shard: Path) -> None:
+    """ConfigError for a merge argument that is no HDF5 file at all (missing, a folder, an image).
+
+    Why: `cache merge some.jpeg` took a lock file beside the image (which every later extract then
+    listed as a skipped file) and answered "not a readable HDF5 file ...; delete it", about an X-ray.
+    """
+    import h5py
+
+    if not shard.exists():
+        raise ConfigError(f"{shard} does not exist; merge takes the .shard-I-of-N.h5 files extract --shard "
+                          "wrote.")
+    if not shard.is_file():
+        raise ConfigError(f"{shard} is not a file; merge takes the .shard-I-of-N.h5 files extract --shard "
+                          "wrote (a glob such as cache/*.shard-*-of-4.h5).")
+    try:
+        hdf5 = h5py.is_hdf5(str(shard))
+    except OSError:
+        hdf5 = True  # unreadable: the reader says why
+    if not hdf5 and shard.stat().st_size > 0:
+        raise ConfigError(f"{shard} is not a featcache cache file (not HDF5); merge takes the "
+                          ".shard-I-of-N.h5 files extract --shard wrote.")
 
 
 @contextlib.contextmanager

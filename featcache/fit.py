@@ -162,6 +162,19 @@ def _readable_config(paths: Sequence[Path]) -> dict | None:
     return None
 
 
+def _settings_in_name(path: Path) -> dict | None:
+    """Pooling and image size from a cache file name (``<root>__<backbone>-<pooling>-<size>__<hash>.h5``),
+    for the extract command that rebuilds a file too damaged to read its settings from: without them,
+    fit's own flags gave ImageNet weights' default 224 px for a 64-px cache."""
+    parts = path.name.split("__")
+    if len(parts) < 3:
+        return None
+    pieces = parts[-2].rsplit("-", 2)
+    if len(pieces) != 3 or not pieces[2].isdigit():
+        return None
+    return {"pooling": pieces[1], "image_size": int(pieces[2])}
+
+
 def _extract_cmd(data: Path, backbone: str, opts: FitOptions, views: Sequence[str] | None = None,
                  like: dict | None = None) -> str:
     """The extract command that writes what fit lacks; ``like``: the config of the cache it should add
@@ -300,10 +313,14 @@ def _pick_cache(data_root: Path, backbone: str, opts: FitOptions) -> Path:
         if broken and broken[0][1] is not None:  # HDF5, but not a cache this featcache reads: its reason
             raise broken[0][1]
         if broken:
+            like = _settings_in_name(Path(broken[0][0]))
+            unsaid = ("" if opts.weights and opts.dtype and opts.resize else
+                      " (with the --weights, --dtype and --resize it was made with: a file name does not "
+                      "say them)")
             raise CacheError(
                 f"the feature cache {broken[0][0]} for backbone '{backbone}' is not a readable HDF5 file "
                 f"(truncated or corrupt); delete it or move it away, then run "
-                f"`{_extract_cmd(data_root, backbone, opts)}` again."
+                f"`{_extract_cmd(data_root, backbone, opts, like=like)}` again{unsaid}."
             )
         if not is_saved_model(backbone):
             get_spec(backbone)  # an unknown name: the valid ones, not an extract command that fails too
@@ -873,7 +890,8 @@ def fit(
                        caches={c["name"]: Path(c["path"]) for c in caches},
                        left_out=[(dataset.records[i].relpath, why) for i, why in undecodable.items()],
                        notes=(_preset_task_notes(opts, preset, task) + _unused_option_notes(opts, head_obj)
-                              + _leak_notes(records, pool, test, keys) + merged))
+                              + _binary_label_notes(records, task) + _leak_notes(records, pool, test, keys)
+                              + merged))
     # the config hashes of the runs this sweep writes: claimed under the lock, then looked up among done runs
     if selection == "cv":
         hashes = [_cv_hash(common, configs)]
@@ -922,6 +940,25 @@ def _unused_option_notes(opts: FitOptions, head_obj: Any) -> list[str]:
             ("--mlp-precision", opts.mlp_precision, defaults.mlp_precision),
             ("--mlp-trainer", opts.mlp_trainer, defaults.mlp_trainer)) if value != default]
     return [f"not used by the {head_obj.name} head: {u}." for u in unused]
+
+
+def _binary_label_notes(records: Sequence[Any], task: str) -> list[str]:
+    """A note naming the labels the binary task counts as PNEUMONIA besides PNEUMONIA itself.
+
+    Why: binary is NORMAL against anything else (so bacteria/virus labels work), which also turned a
+    manifest's typo "NROMAL" into a pneumonia image without a word.
+    """
+    if task != "binary":
+        return []
+    counts: dict[str, int] = {}
+    for r in records:
+        if r.label.upper() not in ("NORMAL", "PNEUMONIA"):
+            counts[r.label] = counts.get(r.label, 0) + 1
+    if not counts:
+        return []
+    listed = ", ".join(f"'{label}' ({n} image(s))" for label, n in sorted(counts.items()))
+    return [f"task binary counts every label but NORMAL as PNEUMONIA, here also {listed}; if one is a "
+            "misspelt NORMAL, correct it (or use --task folders to keep every label a class)."]
 
 
 def merge_identical_groups(groups: Sequence[str], keys: Sequence[str]) -> tuple[np.ndarray, list[str]]:

@@ -402,9 +402,14 @@ def _once(fn: Callable[[], None] | None) -> Callable[[], None] | None:
 def check_csv_target(path: str | Path) -> Path:
     """DataError for a --csv path that cannot become a file (a folder, or a folder under a regular file),
     checked before any image is classified: found afterwards, it cost the whole forward pass."""
+    from featcache.datasets import IMAGE_EXTENSIONS
+
     path = Path(path)
     if path.is_dir():
         raise DataError(f"--csv {path} is a folder; give a file name such as {path / 'predictions.csv'}.")
+    if path.suffix.lower() in IMAGE_EXTENSIONS:  # `--csv a.jpeg` replaced the X-ray a.jpeg with the table
+        raise DataError(f"--csv {path} is named like an image, and an existing file would be overwritten; "
+                        f"give a .csv name such as {path.with_suffix('.csv')}.")
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():

@@ -24,7 +24,8 @@ def _check(y: Sequence, groups: Sequence, n_splits: int) -> tuple[np.ndarray, np
     n_groups = len(np.unique(g_arr))
     if n_groups < n_splits:
         raise DataError(
-            f"only {n_groups} patients are available but the split needs at least {n_splits}; "
+            f"only {n_groups} {'patient is' if n_groups == 1 else 'patients are'} available but the split "
+            f"needs at least {n_splits}; "
             "add data or lower --cv-folds / raise --val-fraction."
         )
     largest = int(np.max(np.unique(y_arr, return_counts=True)[1])) if len(y_arr) else 0

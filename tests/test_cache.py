@@ -515,6 +515,16 @@ def test_verify_detects_truncation_and_garbage(good_file: Path, tmp_path: Path) 
         fc.CacheWriter(garbage, make_config(ROOT, DIM), DIM)
     with pytest.raises(CacheError, match="does not exist"):
         fc.verify(tmp_path / "nope.h5")
+    # zero bytes (an interrupted copy): the same words from every reader, and extract builds it anew (a
+    # writer opening it "r+" made it an empty HDF5 that later said "not a featcache cache")
+    empty = tmp_path / "empty.h5"
+    empty.touch()
+    with pytest.raises(CacheError, match=r"is empty \(0 bytes"):
+        fc.CacheReader(empty)
+    assert fc.verify(empty)["problems"] == ["empty (0 bytes)"] and empty.stat().st_size == 0
+    with fc.CacheWriter(empty, make_config(ROOT, DIM), DIM) as w:
+        assert w.n_valid == 0
+    assert fc.CacheReader(empty).config == make_config(ROOT, DIM)
     with pytest.raises(CacheError, match="is a folder, not a cache file; .*cache ls --cache-dir"):
         fc.verify(tmp_path)
 
@@ -706,6 +716,16 @@ def test_cli_merge_and_lock_error(tmp_path: Path, capsys: pytest.CaptureFixture)
     assert run(["cache", "merge", str(s0), "--out", "/proc/featcache-test.h5"]) == 1
     err = " ".join(capsys.readouterr().err.split())
     assert "operating system refused" in err and "featcache-test.h5.lock" in err and "another" not in err
+    # not a cache at all: an image (which got a lock file beside it and "delete it"), a missing path
+    # (whose folder got created), a folder
+    image = tmp_path / "data" / "IM-0001-0001.jpeg"
+    image.parent.mkdir()
+    image.write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 64)
+    for arg, said in ((image, "is not a featcache cache file (not HDF5)"), (tmp_path / "nope" / "a.h5",
+                      "does not exist"), (image.parent, "is not a file")):
+        assert run(["cache", "merge", str(arg)]) == 2
+        assert said in " ".join(capsys.readouterr().err.split()), arg
+    assert sorted(p.name for p in image.parent.iterdir()) == [image.name] and not (tmp_path / "nope").exists()
 
 
 def test_without_posix_fallocate_the_free_space_is_checked(tmp_path: Path, cfg: dict, monkeypatch) -> None:

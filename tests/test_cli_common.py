@@ -176,7 +176,7 @@ def test_an_operating_system_error_is_one_sentence_not_a_traceback(tmp_path, mon
     assert raw.count("\n") == 1  # one line whatever the path's length: a newline would break the path
     err = " ".join(raw.split())
     assert err.startswith(f"error: the operating system refused a file operation ({blocker / 'demo'}")
-    assert err.endswith("): Not a directory. Finished work is saved.")
+    assert err.endswith("): Not a directory. Anything finished before the error is kept.")
 
     def disk_full(*_args, **_kwargs):
         raise OSError(28, "No space left on device", "/data/x.h5")

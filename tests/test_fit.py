@@ -477,6 +477,9 @@ def test_missing_rows_and_3class_errors(tmp_path: Path, capsys) -> None:
     with pytest.raises(CacheError) as exc:
         fit(root, "fakenet", "logreg", opts(tmp_path / "broken", tmp_path / "runs"))
     assert str(broken) in str(exc.value) and "not a readable HDF5 file" in str(exc.value)
+    _, pooling, size = broken.name.split("__")[1].rsplit("-", 2)  # the command rebuilds that file, whose
+    said = " ".join(str(exc.value).split())  # settings fit's own flags do not give
+    assert f"--pooling {pooling} --image-size {size} --cache-dir" in said and "a file name does not" in said
     # readable HDF5 that this featcache cannot use is not "truncated or corrupt, delete it"
     newer = write_cache(root, tmp_path / "newer", name="fakenet")
     with h5py.File(newer, "r+") as f:
@@ -1085,3 +1088,20 @@ def test_an_mlp_refit_trains_for_the_hold_out_models_epochs(setup) -> None:
     _, h = MLPHead().train(X, y, X[:8], y[:8], {"layers": [4], "epochs": 3, "lr": 0.1}, seed=0,
                            lr_per_epoch=[0.1, 0.02, 0.004])
     assert h["lr"] == pytest.approx([0.1, 0.02, 0.004])  # the replayed schedule, epoch by epoch
+
+
+def test_binary_names_the_labels_it_counts_as_pneumonia(tmp_path: Path) -> None:
+    """Binary is NORMAL against anything else, so a misspelt NORMAL trained as pneumonia without a word."""
+    root = make_tree(tmp_path / "data")
+    normal = sorted((root / "train" / "NORMAL").iterdir())
+    (root / "train" / "NROMAL").mkdir()
+    shutil.move(normal[0], root / "train" / "NROMAL" / normal[0].name)
+    write_cache(root, tmp_path / "cache")
+    one = ["n_neighbors=1"]
+    res = fit(root, "fakenet", "knn", opts(tmp_path / "cache", tmp_path / "runs", grid_args=one))
+    assert ("task binary counts every label but NORMAL as PNEUMONIA, here also 'NROMAL' (1 image(s))"
+            in " ".join(res.notes))
+    shutil.rmtree(root / "train" / "NROMAL")
+    write_cache(root, tmp_path / "cache2")
+    res = fit(root, "fakenet", "knn", opts(tmp_path / "cache2", tmp_path / "runs", grid_args=one))
+    assert "counts every label but NORMAL" not in " ".join(res.notes)

@@ -857,3 +857,17 @@ def test_svm_calibration_folds_keep_each_patient_on_one_side():
         assert not set(groups[tr]) & set(groups[te])
     with pytest.raises(DataError, match="2 patients of every class"):
         get_head("svm").fit(X, y, {"kernel": "linear", "C": 1.0}, groups=y)  # one patient per class
+
+
+def test_the_gram_buffers_unused_triangle_raises_no_warning() -> None:
+    """The Gram fills K's lower triangle only; the upper one is a reused buffer's old bytes, and a
+    signalling-NaN pattern there printed "RuntimeWarning: invalid value encountered in cast" during fit
+    (features of random weights, about 1e-19, hit it)."""
+    from featcache.heads.logreg_space import _float64_square
+
+    K = np.eye(3, dtype=np.float32, order="F")
+    K.view(np.uint32)[0, 2] = 0x7F800001  # a signalling NaN above the diagonal
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        A = _float64_square(K, 3, None)
+    assert np.array_equal(np.tril(A), np.eye(3))

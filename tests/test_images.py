@@ -220,6 +220,23 @@ def test_simplejpeg_path_leaves_other_jpegs_and_errors_to_pil(monkeypatch):
     assert len(spy.calls) == 1  # simplejpeg refused the cut file, PIL decoded it again and worded the error
 
 
+def test_a_damaged_jpeg_that_still_ends_properly_is_refused():
+    """A JPEG cut short but ending with its end-of-image marker (or with bytes zeroed inside) made libjpeg
+    warn and fill the rest with grey; PIL ignored the warning, so the damaged X-ray was cached as a good
+    one. simplejpeg's error now names it."""
+    pytest.importorskip("simplejpeg")
+    whole = _jpeg(Image.fromarray(np.kron(_gray(16, 16), np.ones((8, 8), np.uint8))))
+    n = len(whole)
+    cut = whole[: int(n * 0.4)] + b"\xff\xd9"
+    zeroed = whole[: int(n * 0.4)] + bytes(int(n * 0.2)) + whole[int(n * 0.6):]
+    assert Image.open(io.BytesIO(cut)).load() is not None  # PIL alone: no complaint
+    for damaged in (cut, zeroed):
+        with pytest.raises(ImageDecodeError) as err:
+            decode_image(damaged, 16)
+        assert err.value.reason == "truncated image" or err.value.reason.startswith("corrupt image data")
+    assert decode_image(whole, 16).shape == (16, 16, 3)
+
+
 def test_crop_when_one_side_fits_exactly():
     """A 31 x 53 image cropped to 299 x 299: the box's left edge came out at -1.8e-15, which PIL refused
     ("box offset can't be negative"); about one (width, height, target) combination in eight did."""
@@ -364,3 +381,12 @@ def test_decode_views_decodes_once_and_applies_each(monkeypatch):
     base = real(data, 16)
     assert np.array_equal(out[0], base) and np.array_equal(out[1], base[:, ::-1])
     assert np.array_equal(out[2], View("rot+20").apply(base))
+
+
+def test_alpha_composite_in_row_blocks_equals_the_whole_image_at_once():
+    """The composite runs in row blocks (a 13,000-px RGBA PNG peaked at 8.6 GB as one float32 copy);
+    every pixel must come out as the whole-image arithmetic gave it."""
+    a = np.random.default_rng(0).integers(0, 256, (700, 300, 4), dtype=np.uint8)
+    arr = a.astype(np.float32)
+    whole = np.rint(arr[..., :-1] * (arr[..., -1:] / 255.0)).astype(np.uint8)
+    assert np.array_equal(np.asarray(images._composite_on_black(Image.fromarray(a, "RGBA"), "RGB")), whole)

@@ -116,6 +116,9 @@ def test_predictions_go_to_a_csv_with_a_summary_on_the_terminal(trained, tmp_pat
     assert "is a folder; give a file name" in " ".join(capsys.readouterr().err.split())
     assert cli([*args, "--csv", str(tmp_path / "=cmd.jpeg" / "out.csv")]) == 2
     assert "=cmd.jpeg is a file, not a folder" in " ".join(capsys.readouterr().err.split())
+    before = Path(img).read_bytes()  # `--csv` given the image itself replaced the X-ray with the table
+    assert cli([*args, "--csv", str(img)]) == 2 and Path(img).read_bytes() == before
+    assert "is named like an image" in " ".join(capsys.readouterr().err.split())
 
 
 def test_tampered_model_is_refused(trained, tmp_path: Path, capsys) -> None:

@@ -1039,3 +1039,16 @@ def test_unknown_figure_formats_are_refused_before_any_work(sweep, tmp_path, cap
     assert "--figures takes svg and/or pdf" in capsys.readouterr().err and not (tmp_path / "o").exists()
     with pytest.raises(ConfigError, match="not 'png'"):
         build_report(runs, tmp_path / "o", ReportOptions(figure_formats=("png",)))
+
+
+def test_a_report_written_into_the_runs_folder_is_not_a_run(tmp_path):
+    """`report --out runs` left report_files/ there, and the next report counted it as a run folder
+    "left out (unfinished, failed or unreadable)"."""
+    runs = tmp_path / "runs"
+    write_fake_run(runs, "20240101-000001-logreg-aaaaaaaa")
+    build_report(runs, runs)
+    assert (runs / "report_files").is_dir()
+    from featcache.report.collect import load_runs
+
+    kept, left_out = load_runs(runs)
+    assert len(kept) == 1 and left_out == []

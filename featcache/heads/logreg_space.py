@@ -128,7 +128,11 @@ def _float64_square(K: np.ndarray, m: int, work: Workspace | None, copy: bool = 
     """An [m, m] float64 Fortran array in ``work``'s factor buffer (or new), holding K[:m, :m] if ``copy``."""
     A = work.square(m) if work is not None else np.empty((m, m), order="F")
     if copy:
-        np.copyto(A, K[:m, :m])
+        # only K's lower triangle is the Gram; the upper one is whatever the reused buffer held, which may
+        # be a signalling-NaN pattern whose cast raised "invalid value encountered in cast" on the terminal
+        # (LAPACK reads the lower triangle only, so the warning meant nothing)
+        with np.errstate(invalid="ignore"):
+            np.copyto(A, K[:m, :m])
     return A
 
 

@@ -212,7 +212,8 @@ def load_runs(
     for i, folder in enumerate(folders):
         emit(progress, "report", i, len(folders), f"reading {folder.name}")
         if not (folder / "run.json").is_file():
-            skipped.append((folder.name, "no run.json"))
+            if folder.name != "report_files":  # a report written into the runs folder: not a run
+                skipped.append((folder.name, "no run.json"))
             continue
         try:
             rec = load_run(folder)
