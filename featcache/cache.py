@@ -148,6 +148,19 @@ def parse_cache_name(path: Path) -> dict | None:
     return {"hash12": match["hash"], "shard": shard}
 
 
+def settings_in_name(path: Path) -> dict | None:
+    """Pooling and image size from a cache file name (``<root>__<backbone>-<pooling>-<size>__<hash>``, as
+    `cache_path` writes it), for the extract command that rebuilds a file too damaged to read its
+    settings from: fit's own flags gave ImageNet weights' default 224 px for a 64-px cache."""
+    if _NAME_RE.search(Path(path).name) is None:
+        return None
+    parts = Path(path).name.split("__")
+    pieces = parts[-2].rsplit("-", 2) if len(parts) >= 3 else []
+    if len(pieces) != 3 or not pieces[2].isdigit():
+        return None
+    return {"image_size": int(pieces[2]), **({"pooling": pieces[1]} if pieces[1] != "None" else {})}
+
+
 def _attr_value(value: Any) -> Any:
     """How a config value is stored as a flat attribute: scalars as they are, anything else as JSON."""
     if isinstance(value, (str, bool, int, float)):

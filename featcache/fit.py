@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from featcache.cache import refuse_damaged_features
+from featcache.cache import refuse_damaged_features, settings_in_name
 from featcache.errors import CacheError, ConfigError, DataError
 from featcache.faults import crash_point
 from featcache.grids import expand, get_preset, load_grid_file, parse_grid_args, parse_names, to_jsonable
@@ -160,19 +160,6 @@ def _readable_config(paths: Sequence[Path]) -> dict | None:
         except CacheError:
             continue
     return None
-
-
-def _settings_in_name(path: Path) -> dict | None:
-    """Pooling and image size from a cache file name (``<root>__<backbone>-<pooling>-<size>__<hash>.h5``),
-    for the extract command that rebuilds a file too damaged to read its settings from: without them,
-    fit's own flags gave ImageNet weights' default 224 px for a 64-px cache."""
-    parts = path.name.split("__")
-    if len(parts) < 3:
-        return None
-    pieces = parts[-2].rsplit("-", 2)
-    if len(pieces) != 3 or not pieces[2].isdigit():
-        return None
-    return {"pooling": pieces[1], "image_size": int(pieces[2])}
 
 
 def _extract_cmd(data: Path, backbone: str, opts: FitOptions, views: Sequence[str] | None = None,
@@ -313,7 +300,7 @@ def _pick_cache(data_root: Path, backbone: str, opts: FitOptions) -> Path:
         if broken and broken[0][1] is not None:  # HDF5, but not a cache this featcache reads: its reason
             raise broken[0][1]
         if broken:
-            like = _settings_in_name(Path(broken[0][0]))
+            like = settings_in_name(Path(broken[0][0]))
             unsaid = ("" if opts.weights and opts.dtype and opts.resize else
                       " (with the --weights, --dtype and --resize it was made with: a file name does not "
                       "say them)")
@@ -815,6 +802,12 @@ def fit(
         "manifest": os.fsdecode(opts.manifest or ""),
         "data": _data_digest(keys, records, y, split, groups),
     }
+    if selection != "cv":
+        from featcache.splits import holdout_rule_change
+
+        folds = holdout_rule_change(opts.val_fraction)
+        if folds is not None:  # this fraction's split changed (dc3d3fc): not the old runs' hold-out
+            common["holdout_folds"] = folds
     if head_obj.name == "mlp":  # fused grids compute in this precision: a different one is a different run
         trainer = resolve_trainer(opts.mlp_trainer)
         common["mlp_precision"] = resolve_precision(opts.mlp_precision, trainer)
@@ -896,9 +889,10 @@ def fit(
     if selection == "cv":
         hashes = [_cv_hash(common, configs)]
     elif head_obj.name == "mlp":
-        from featcache.heads.mlp import unpartnered
+        from featcache.heads.mlp import unpartnered, watches_holdout
 
-        hashes = _holdout_hashes(common, configs, unpartnered(configs))
+        planned = {i for i, c in enumerate(configs) if refit and watches_holdout(c)}
+        hashes = _holdout_hashes(common, configs, unpartnered(configs), planned)
     else:
         hashes = _holdout_hashes(common, configs)
     with sweep_lock(opts.runs_dir, sweep_id, hashes):  # a sweep or config trained twice at once: refused
@@ -950,9 +944,12 @@ def _binary_label_notes(records: Sequence[Any], task: str) -> list[str]:
     """
     if task != "binary":
         return []
+    from featcache.datasets import SUBTYPES
+
     counts: dict[str, int] = {}
+    expected = {"NORMAL", "PNEUMONIA", *(s.upper() for s in SUBTYPES)}  # bacteria/virus labels are meant
     for r in records:
-        if r.label.upper() not in ("NORMAL", "PNEUMONIA"):
+        if r.label.upper() not in expected:
             counts[r.label] = counts.get(r.label, 0) + 1
     if not counts:
         return []
@@ -984,13 +981,16 @@ def merge_identical_groups(groups: Sequence[str], keys: Sequence[str]) -> tuple[
         a, b = sorted((find(g), find(first.setdefault(k, g))))
         parent[b] = a
     joined = np.array([find(g) for g in groups], dtype=object)
-    n_joined = len(set(groups)) - len(set(joined.tolist()))
-    if not n_joined:
+    members: dict[str, set[str]] = {}
+    for g in set(groups):
+        members.setdefault(find(g), set()).add(g)
+    sets = [sorted(m) for m in members.values() if len(m) > 1]
+    if not sets:
         return joined, []
-    example = next(g for g in sorted(set(groups)) if find(g) != g)
-    return joined, [f"{n_joined} patient group(s) share byte-identical images with another (e.g. {example} "
-                    f"with {find(example)}): each such set is one group, so no copy of an image validates "
-                    "its twin."]
+    example = min(sets)
+    return joined, [f"{sum(len(m) for m in sets)} patient groups share byte-identical images and were "
+                    f"joined into {len(sets)} group(s) (e.g. {', '.join(example)}), so no copy of an image "
+                    "validates its twin."]
 
 
 def _leak_notes(records: Sequence[Any], pool: np.ndarray, test: np.ndarray,
@@ -1087,8 +1087,8 @@ def _resampled_unit(ctx: _Ctx, groups: list[str] | None) -> str:
     if not missing:
         return "patients"
     if missing == len(ctx.test):
-        return "file-name groups (no patient ids)"
-    return f"patients ({missing} image(s) without a patient id grouped by file name)"
+        return "file-name groups"
+    return f"patients and file-name groups ({missing} image(s) without a patient id)"
 
 
 def _check_class_weights(configs: Sequence[dict], classes: Sequence[str]) -> None:
@@ -1244,7 +1244,8 @@ def _cv_hash(common: dict, configs: list[dict]) -> str:
     return config_hash({**common, "configs": [to_jsonable(c) for c in configs]})
 
 
-def _holdout_hashes(common: dict, configs: list[dict], alone: set[int] = frozenset()) -> list[str]:
+def _holdout_hashes(common: dict, configs: list[dict], alone: set[int] = frozenset(),
+                    planned: set[int] = frozenset()) -> list[str]:
     """The config hash of each hold-out run: one per grid point, with the grid points before it.
 
     Why the preceding points are part of it: a config's seed is the sweep's seed plus its position, and a
@@ -1255,9 +1256,12 @@ def _holdout_hashes(common: dict, configs: list[dict], alone: set[int] = frozens
     one does, with other numbers. Those (``alone``, see ``mlp.unpartnered``) are marked in their hash, so a
     grid extended at its end finds its earlier points done, with the numbers the longer grid gives them,
     except a config that the extension gives its first partner, which trains again, fused.
+    ``planned``: refit configs whose refit follows ``mlp.refit_plan`` (they watch the hold-out); before
+    it their refit early-stopped on its own training rows, another saved model under the same hash.
     """
     grid = [to_jsonable(c) for c in configs]
-    marks = [{"alone": True} if i in alone else {} for i in range(len(grid))]
+    marks = [{**({"alone": True} if i in alone else {}), **({"refit_plan": 1} if i in planned else {})}
+             for i in range(len(grid))]
     return [config_hash({**common, "params": c, "preceding": grid[:i], **marks[i]})
             for i, c in enumerate(grid)]
 

@@ -408,8 +408,8 @@ def check_csv_target(path: str | Path) -> Path:
     if path.is_dir():
         raise DataError(f"--csv {path} is a folder; give a file name such as {path / 'predictions.csv'}.")
     if path.suffix.lower() in IMAGE_EXTENSIONS:  # `--csv a.jpeg` replaced the X-ray a.jpeg with the table
-        raise DataError(f"--csv {path} is named like an image, and an existing file would be overwritten; "
-                        f"give a .csv name such as {path.with_suffix('.csv')}.")
+        raise DataError(f"--csv {path} is named like an image (writing the table there could replace an "
+                        f"X-ray); give a .csv name such as {path.with_suffix('.csv')}.")
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():

@@ -386,8 +386,12 @@ def sheet_safe(text: str) -> str:
 
 
 def sheet_unquote(text: str) -> str:
-    """The inverse of `sheet_safe`: one leading ``'`` removed."""
-    return text[1:] if text[:1] == "'" else text
+    """The inverse of `sheet_safe`: the leading ``'`` it added removed.
+
+    Only before a formula character or another ``'``, which is all `sheet_safe` quotes: files written
+    before it existed keep a name such as ``'quoted/a.png`` as it was (runs pair by name).
+    """
+    return text[1:] if text[:1] == "'" and text[1:2] in (*SHEET_TRIGGERS, "'") else text
 
 
 def _utf8(text: Any) -> str:

@@ -70,15 +70,15 @@ def grouped_holdout(y: Sequence, groups: Sequence, fraction: float = 0.2, seed: 
     # a tiny fraction asks for more folds than patients, or than the largest class has images: fewer folds
     n_groups = min(n_groups, int(np.max(np.unique(np.asarray(y), return_counts=True)[1])) if len(y) else 0)
     if fraction > 0.5:  # a fraction above one half: validation is the complement of one fold
-        n_splits = min(n_groups, _nearest_folds(1.0 - fraction))
+        n_splits = min(n_groups, nearest_folds(1.0 - fraction))
         tr, va = grouped_kfold(y, groups, n_splits=n_splits, seed=seed)[0]
         return va, tr
     # few patients: fewer folds (a larger validation share) rather than failing
-    n_splits = min(max(2, n_groups), _nearest_folds(fraction))
+    n_splits = min(max(2, n_groups), nearest_folds(fraction))
     return grouped_kfold(y, groups, n_splits=n_splits, seed=seed)[0]
 
 
-def _nearest_folds(fraction: float) -> int:
+def nearest_folds(fraction: float) -> int:
     """The K >= 2 whose one fold, 1/K, is nearest to ``fraction`` (<= 0.5); the smaller K on a tie."""
     low = max(2, int(1.0 / fraction))  # 1/low >= fraction >= 1/(low + 1)
     return min((low, low + 1), key=lambda k: (abs(1.0 / k - fraction), k))
@@ -90,3 +90,15 @@ def index_digest(indices: np.ndarray) -> str:
 
     arr = np.sort(np.asarray(indices, dtype=np.int64))
     return hashlib.sha256(arr.tobytes()).hexdigest()
+
+
+def holdout_rule_change(fraction: float) -> int | None:
+    """The hold-out's fold count where it differs from the old rule K = round(1 / fraction) (Python's
+    round: 2.5 -> 2), else None. fit puts it in the hash of hold-out runs, so that runs made under the
+    old rule (another split: 50% for 0.4) are not found "already done"; other fractions keep their runs.
+    """
+    if not 0.0 < fraction < 1.0:
+        return None
+    side = fraction if fraction <= 0.5 else 1.0 - fraction
+    new = nearest_folds(side)
+    return new if new != max(2, int(round(1.0 / side))) else None

@@ -1033,8 +1033,8 @@ def test_identical_images_under_two_patients_are_one_group(tmp_path: Path) -> No
     res = fit(root, "fakenet", "logreg", opts(tmp_path / "cache", tmp_path / "runs", grid_args=["C=0.1"]))
     notes = " ".join(res.notes)
     src_patient = src.name.split("_")[0]
-    assert (f"2 patient group(s) share byte-identical images with another (e.g. person9998 with "
-            f"{src_patient})") in notes  # the test copy's patient too
+    assert (f"3 patient groups share byte-identical images and were joined into 1 group(s) (e.g. "
+            f"{src_patient}, person9998, person9999)") in notes  # the test copy's patient too
     assert "1 test image(s) are byte-identical to a training image (e.g. test/PNEUMONIA/person9998" in notes
     with open(res.runs[0].path / "predictions_val.csv", encoding="utf-8", newline="") as fh:
         group = {row["relpath"]: row["group"] for row in csv.DictReader(fh)}
@@ -1050,10 +1050,10 @@ def test_identical_images_under_two_patients_are_one_group(tmp_path: Path) -> No
                                                        "person9998_bacteria_2.jpeg").read_bytes())
     res = fit(root, "fakenet", "logreg", opts(tmp_path / "cache", tmp_path / "runs", grid_args=["C=0.1"]))
     assert res.runs[0].metrics()["test"]["ci"]["resampled"] == (
-        "patients (1 image(s) without a patient id grouped by file name)")
+        "patients and file-name groups (1 image(s) without a patient id)")
 
 
-def test_an_mlp_refit_trains_for_the_hold_out_models_epochs(setup) -> None:
+def test_an_mlp_refit_trains_for_the_hold_out_models_epochs(setup, monkeypatch) -> None:
     """`--refit` retrained the chosen config on the hold-out rows too, with early stopping and best-epoch
     checkpointing still watching those rows: the refit model ran on a rule that no longer meant
     anything (17 epochs against 5). It trains for the hold-out model's epochs now, with no validation
@@ -1070,10 +1070,24 @@ def test_an_mlp_refit_trains_for_the_hold_out_models_epochs(setup) -> None:
     assert params["epochs"] == 5 and rates == hist["lr"] and params["reduce_lr_patience"] is None
     params, rates, plan = refit_plan({"layers": [8], "epochs": 30}, hist)  # nothing watches the hold-out
     assert params == {"layers": [8], "epochs": 30} and rates is None and plan["as_configured"]
+    # a decay schedule cannot be set per epoch (Keras raised TypeError mid-sweep): kept, not replayed
+    params, rates, plan = refit_plan({**base, "reduce_lr_patience": 1, "lr_decay": 0.01}, hist)
+    assert rates is None and not plan["learning_rates_replayed"] and params["epochs"] == 5
 
+    from featcache.heads.mlp import MLPHead
+
+    calls = []
+    real_train = MLPHead.train
+
+    def spy(self, *args, **kwargs):
+        calls.append((dict(args[4]), kwargs.get("lr_per_epoch")))
+        return real_train(self, *args, **kwargs)
+
+    monkeypatch.setattr(MLPHead, "train", spy)
     root, cache_dir, runs_dir = setup
     res = fit(root, "fakenet", "mlp", opts(cache_dir, runs_dir, refit=True, grid_args=[
-        "layers=8", "epochs=40", "lr=0.05", "patience=2", "checkpoint=true", "reduce_lr_patience=1"]))
+        "layers=8", "epochs=40", "lr=0.05", "dropout=0", "patience=2", "checkpoint=true",
+        "reduce_lr_patience=1"]))
     run = res.runs[0]
     history = run.metrics()["history"]
     best = int(np.nanargmin(history["val_loss"])) + 1
@@ -1081,8 +1095,16 @@ def test_an_mlp_refit_trains_for_the_hold_out_models_epochs(setup) -> None:
     assert run["selection"]["refit_plan"] == {
         "epochs": best, "as_configured": False, "epochs_from": "best hold-out epoch (checkpoint)",
         "hold_out_epochs_run": len(history["loss"]), "learning_rates_replayed": True}
-    from featcache.heads.mlp import MLPHead
+    (held, _), (refit, rates) = calls  # the refit really trained that plan
+    assert held["epochs"] == 40 and refit["epochs"] == best and refit["patience"] is None
+    assert not refit["checkpoint"] and refit["reduce_lr_patience"] is None
+    assert rates == pytest.approx(history["lr"][:best])
+    monkeypatch.setattr(MLPHead, "train", real_train)
+    # the refits trained before (early-stopped on their own rows) are other models: not "already done"
+    from featcache.fit import _holdout_hashes
 
+    cfg = [{"layers": [8], "patience": 2}]
+    assert _holdout_hashes({"x": 1}, cfg) != _holdout_hashes({"x": 1}, cfg, planned={0})
     X = np.random.default_rng(0).normal(size=(40, 4)).astype(np.float32)
     y = (X[:, 0] > 0).astype(int)
     _, h = MLPHead().train(X, y, X[:8], y[:8], {"layers": [4], "epochs": 3, "lr": 0.1}, seed=0,

@@ -235,6 +235,14 @@ def test_a_damaged_jpeg_that_still_ends_properly_is_refused():
             decode_image(damaged, 16)
         assert err.value.reason == "truncated image" or err.value.reason.startswith("corrupt image data")
     assert decode_image(whole, 16).shape == (16, 16, 3)
+    noisy = io.BytesIO()  # zeroed scan data that still parses: libjpeg says "N extraneous bytes"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256), dtype=np.uint8)).save(
+        noisy, "JPEG", quality=90)
+    data = noisy.getvalue()
+    cut = len(data) * 2 // 5, len(data) * 3 // 5
+    with pytest.raises(ImageDecodeError, match="extraneous bytes"):
+        decode_image(data[:cut[0]] + bytes(cut[1] - cut[0]) + data[cut[1]:], 16)
+    assert images._jpeg_damage("Corrupt JPEG data: 2 extraneous bytes before marker 0xd9") is None
 
 
 def test_crop_when_one_side_fits_exactly():

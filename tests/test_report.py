@@ -754,15 +754,20 @@ def test_images_without_patient_ids_are_not_called_patients(tmp_path):
     pred = read_predictions(folder / "predictions_test.csv")
     metrics = json.loads((folder / "metrics.json").read_text())
     ci = bootstrap_ci(pred.y_true, pred.proba, list(CLASSES), n_boot=200, seed=0)
-    ci["resampled"] = "patients (10 image(s) without a patient id grouped by file name)"
+    ci["resampled"] = "patients and file-name groups (10 image(s) without a patient id)"
     acc = float(np.mean((pred.proba[:, 1] >= 0.5) == pred.y_true))
     metrics["test"] = {"n": 60, "accuracy": acc, "ci": ci}
     (folder / "metrics.json").write_text(json.dumps(metrics))
     md_text = " ".join(build_report(runs, tmp_path / "out").markdown.read_text().split())
     assert ("Some patient ids missing:** some images have no patient id: /nonexistent/featcache-data (10 "
             "of 40") in md_text
-    assert ("resamples of test patients (all images of a patient together; patients (10 image(s) without a "
-            "patient id grouped by file name))") in md_text
+    assert ("resamples of test patients and file-name groups (10 image(s) without a patient id): patients "
+            "together, the rest by file name, seed 0") in md_text
+    assert "CIs are 95% bootstrap intervals resampling test patients and file-name groups" in md_text
+    ci["resampled"] = "file-name groups"  # no image has an id
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    md_text = " ".join(build_report(runs, tmp_path / "out2").markdown.read_text().split())
+    assert "resamples of test images grouped by file name (the data has no patient ids), seed 0" in md_text
 
 
 def test_provenance_is_per_run_not_pooled(tmp_path):

@@ -182,3 +182,8 @@ def test_prediction_csvs_do_not_hand_a_spreadsheet_a_formula(tmp_path: Path) -> 
     assert back.relpaths == names and back.groups == groups
     rows = Run(w.id, w.path, {}).predictions("val")
     assert [r["relpath"] for r in rows] == names and [r["group"] for r in rows] == groups
+    # a file written before the quoting keeps a name such as 'quoted/b.png as it is (runs pair by name)
+    text = path.read_text(encoding="utf-8")
+    path.write_text(text.replace("''quoted", "'quoted").replace(",'''\n", ",'p9\n"), encoding="utf-8")
+    back = read_predictions(path)
+    assert back.relpaths[1] == "'quoted/b.png" and back.groups[1] == "'p9" and back.relpaths[0] == names[0]

@@ -49,6 +49,12 @@ def test_holdout_fraction_is_the_nearest_fold_share() -> None:
     for asked, share in ((0.2, 1 / 5), (0.3, 1 / 3), (0.4, 1 / 3), (0.45, 1 / 2), (0.6, 2 / 3), (0.8, 4 / 5)):
         _, va = grouped_holdout(y, groups, asked, seed=0)
         assert len(va) / len(y) == pytest.approx(share, abs=0.01), asked
+    # runs made under the old rule must not count as done where the split changed (fit hashes this)
+    from featcache.splits import holdout_rule_change
+
+    changed = {round(f / 100, 2) for f in range(1, 100) if holdout_rule_change(f / 100) is not None}
+    assert {0.4, 0.6} <= changed and not {0.2, 0.25, 0.3, 0.5} & changed
+    assert holdout_rule_change(0.4) == 3 and holdout_rule_change(0.2) is None
 
 
 def test_holdout_fraction_stratified_and_seeded() -> None:

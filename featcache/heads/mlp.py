@@ -194,6 +194,13 @@ def _replay_lr_callback(rates: list[float]) -> Any:
     return _Replay()
 
 
+def watches_holdout(params: dict) -> bool:
+    """Whether training reads the validation rows: early stopping, best-epoch checkpoint, or
+    learning-rate reduction on a plateau."""
+    p = _params(params)
+    return p["patience"] is not None or bool(p["checkpoint"]) or p["reduce_lr_patience"] is not None
+
+
 def refit_plan(params: dict, history: dict | None) -> tuple[dict, list[float] | None, dict]:
     """How ``--refit`` retrains a config chosen on the hold-out: (params, learning rates to replay, record).
 
@@ -202,10 +209,12 @@ def refit_plan(params: dict, history: dict | None) -> tuple[dict, list[float] | 
     on and ran (17 epochs against the hold-out model's 5) on a rule that no longer meant anything. So it
     trains for the number of epochs the hold-out model's weights came from (its best epoch with
     ``checkpoint``, else the epochs it ran), with no validation callbacks, and replays the learning
-    rates ReduceLROnPlateau gave the hold-out model. Without those options it trains as configured.
+    rates ReduceLROnPlateau gave the hold-out model (not with ``lr_decay``: a schedule cannot be set per
+    epoch, so the refit keeps the schedule and drops the plateau rule). Without those options it trains
+    as configured.
     """
     p = _params(params)
-    stops = p["patience"] is not None or p["checkpoint"] or p["reduce_lr_patience"] is not None
+    stops = watches_holdout(p)
     h = history or {}
     losses = [float(v) for v in h.get("val_loss") or []]
     if not stops or not h.get("loss"):
@@ -213,7 +222,9 @@ def refit_plan(params: dict, history: dict | None) -> tuple[dict, list[float] | 
     ran = len(h["loss"])
     finite = [v if np.isfinite(v) else np.inf for v in losses]
     epochs = int(np.argmin(finite)) + 1 if p["checkpoint"] and finite and min(finite) < np.inf else ran
-    rates = [float(v) for v in (h.get("lr") or [])][:epochs] if p["reduce_lr_patience"] is not None else None
+    # a decay schedule cannot be set epoch by epoch (Keras refuses), and the refit keeps the schedule anyway
+    replay = p["reduce_lr_patience"] is not None and not p["lr_decay"]
+    rates = [float(v) for v in (h.get("lr") or [])][:epochs] if replay else None
     fixed = {**params, "epochs": epochs, "patience": None, "checkpoint": False, "reduce_lr_patience": None}
     record = {"epochs": epochs, "as_configured": False,
               "epochs_from": ("best hold-out epoch (checkpoint)" if p["checkpoint"]

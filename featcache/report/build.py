@@ -481,7 +481,7 @@ def _leaderboard_section(
             + "F1 is macro-averaged; "
             + ("AUC of a task with more than two classes is one-vs-rest, macro-averaged over the classes; "
                if not all(_binary(r) for r in rows) else "")
-            + "CIs are 95% bootstrap intervals resampling test patients (all images of a patient together)"
+            + f"CIs are 95% bootstrap intervals resampling {_resample_unit(runs)}"
             + ("; a proportion or AUC observed at 0 or 1 has an exact or score-type interval instead (see "
                "Methods)." if any(ci.get("exact_at_bound") or ci.get("auc_score_bound")
                                  for r in runs for ci in _recorded_cis(r)) else "."),
@@ -1051,6 +1051,17 @@ SELECTION_KEYS = (
 )
 
 
+def _resample_unit(runs: Sequence[RunRecord]) -> str:
+    """What the runs' test bootstraps resampled, in words: fit records "patients", "file-name groups"
+    (no image had a patient id) or "patients and file-name groups (...)"; older runs recorded
+    "patients" whatever the data had."""
+    words = {"patients": "test patients (all images of a patient together)",
+             "file-name groups": "test images grouped by file name (the data has no patient ids)"}
+    units = sorted({str(ci.get("resampled") or "patients") for r in runs for ci in _recorded_cis(r)}
+                   or {"patients"})
+    return "; ".join(words.get(u) or f"test {u}: patients together, the rest by file name" for u in units)
+
+
 def _without_ids(run: RunRecord) -> str | None:
     """'<root> (N of M images)' when some, not all, of a run's images have no patient id."""
     ds = run.run.get("dataset") if isinstance(run.run.get("dataset"), dict) else {}
@@ -1151,12 +1162,8 @@ def _methods_text(runs: Sequence[RunRecord]) -> str:
     text += ("The chosen model of each run was evaluated once on the test split, which played no part in "
              "any choice")
     if boots:
-        units = sorted({str(ci.get("resampled")) for r in runs for ci in _recorded_cis(r)
-                        if ci.get("resampled") and ci.get("resampled") != "patients"})
-        unit = ("test patients (all images of a patient together)" if not units
-                else "test patients (all images of a patient together; " + "; ".join(units) + ")")
         text += (f"; 95% confidence intervals are percentile bootstrap intervals over {'/'.join(boots)} "
-                 f"resamples of {unit}, seed {'/'.join(seeds)}")
+                 f"resamples of {_resample_unit(runs)}, seed {'/'.join(seeds)}")
         exact = sorted({name for r in runs for ci in _recorded_cis(r)
                         for name in ci.get("exact_at_bound") or ()})
         if exact:
@@ -1542,7 +1549,8 @@ def _write_report_files(doc: Document, rows: list[dict], runs: Sequence[RunRecor
         "featcache_version": _featcache_version(),
         # how the test CIs were made, so a CSV/JSON read alone can be traced (each run's own record too)
         "confidence_intervals": {
-            "method": "percentile bootstrap resampling test patients (images where no patient ids); a "
+            "method": "percentile bootstrap resampling test patients (images without a patient id grouped "
+                      "by file name); a "
                       "proportion observed at 0 or 1 gets the exact Clopper-Pearson interval; an AUC of 1 "
                       "a Hanley-McNeil score-type bound (Newcombe's symmetric variance); a macro F1 of 1 "
                       "keeps its point",

@@ -17,7 +17,7 @@ from typing import Any
 from featcache.errors import ConfigError
 from featcache.report.collect import RunRecord
 from featcache.report.scores import LOWER_IS_BETTER, METRICS, bootstrap_ci, chosen_threshold, scores
-from featcache.runs import params_string
+from featcache.runs import SHEET_TRIGGERS, params_string
 
 GROUP_BY = ("backbone", "head", "task", "dataset")
 THR_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "sensitivity", "specificity")
@@ -206,7 +206,7 @@ def csv_cell(value: Any) -> str:
     if isinstance(value, dict | list):
         value = json.dumps(value, sort_keys=True)
     text = str(value)
-    if text[:1] in ("=", "+", "-", "@", "\t", "\r") and not _is_number(text):
+    if text[:1] in SHEET_TRIGGERS and not _is_number(text):
         text = "'" + text
     return text
 
