@@ -171,9 +171,45 @@ def _load(im: Image.Image, size_hw: tuple[int, int], data: bytes) -> tuple[Image
         if isinstance(exc, zlib.error):
             raise ImageDecodeError("corrupt image data (bad compressed stream)") from exc
         raise ImageDecodeError(f"corrupt image data ({_short(exc)})") from exc
+    if im.format == "PNG" and _png_rows_short(data):
+        raise ImageDecodeError("truncated image")
     if im.format not in ("JPEG", "MPO"):
         orientation = _orientation(im)
     return im, orientation
+
+
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by IHDR colour type
+
+
+def _png_rows_short(data: bytes) -> bool:
+    """Whether a non-interlaced PNG's image data inflates to fewer bytes than its rows need.
+
+    Why: a PNG whose compressed stream is complete but holds only part of the rows (an encoder or a copy
+    that stopped early, then an end chunk) loads in PIL without a word, the missing rows black. The
+    stream is inflated once more, in 1 MiB steps, only to count its bytes. Anything unusual (interlaced,
+    unparsable chunks) is left to PIL.
+    """
+    try:
+        if data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
+            return False
+        width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
+        if interlace or colour not in _PNG_CHANNELS:
+            return False
+        need = height * (1 + -(-width * depth * _PNG_CHANNELS[colour] // 8))
+        inflate, got, pos = zlib.decompressobj(), 0, 8
+        while pos + 8 <= len(data):
+            length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+            if kind == b"IDAT":
+                pending = data[pos + 8:pos + 8 + length]
+                while pending and got < need:
+                    got += len(inflate.decompress(pending, 1 << 20))
+                    pending = inflate.unconsumed_tail
+            elif kind == b"IEND" or got >= need:
+                break
+            pos += 12 + length
+        return got + len(inflate.flush()) < need if got < need else False
+    except (zlib.error, struct.error, ValueError):
+        return False
 
 
 def _draft_scale(size_wh: tuple[int, int], request_wh: tuple[int, int]) -> int:

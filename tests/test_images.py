@@ -398,3 +398,25 @@ def test_alpha_composite_in_row_blocks_equals_the_whole_image_at_once():
     arr = a.astype(np.float32)
     whole = np.rint(arr[..., :-1] * (arr[..., -1:] / 255.0)).astype(np.uint8)
     assert np.array_equal(np.asarray(images._composite_on_black(Image.fromarray(a, "RGBA"), "RGB")), whole)
+
+
+def test_a_png_holding_part_of_its_rows_is_refused():
+    """A PNG whose compressed stream is complete but holds only half the rows (then a valid end chunk)
+    loaded in PIL without a word, the missing rows black, and was cached."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    rows = b"".join(b"\0" + bytes((4 * x) % 256 for x in range(64)) for _ in range(64))
+    head = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 64, 64, 8, 0, 0, 0, 0))
+    whole = head + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    half = head + chunk(b"IDAT", zlib.compress(rows[: len(rows) // 2])) + chunk(b"IEND", b"")
+    assert decode_image(whole, 16).shape == (16, 16, 3)
+    Image.open(io.BytesIO(half)).load()  # PIL alone: no complaint
+    with pytest.raises(ImageDecodeError) as err:
+        decode_image(half, 16)
+    assert err.value.reason == "truncated image"
+    for mode in ("L", "RGB", "RGBA", "P", "LA", "I;16", "1"):  # every complete PNG PIL writes passes
+        assert not images._png_rows_short(_png(Image.new(mode, (37, 23)))), mode
