@@ -146,7 +146,8 @@ def verify_cmd(
     file: Path = typer.Argument(..., help="A cache file (.h5)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Check a cache file end to end: readable, settings untouched, every row's digest; exit 1 on problems.
+    """Check a cache file end to end: readable, settings untouched, every row's digest; exit 1 on problems
+    (2 for a file that does not exist).
 
     Example: featcache cache verify cache/train__vgg16-flatten-224__0123456789ab.h5 --json
     """

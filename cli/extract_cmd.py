@@ -136,7 +136,8 @@ def extract_cmd(
     resize: str = typer.Option(
         "squash", "--resize", help="squash (aspect not kept, as most of the papers), pad or crop."),
     views: str = typer.Option(
-        "orig", "--views", help="Comma-separated views, e.g. orig,hflip,rot+20,bright+0.2."),
+        "orig", "--views", help="Comma-separated views (fit needs orig): orig, hflip, vflip, rot+D, "
+        "bright+F, contrast+F, shiftx+F, shifty+F, zoomZ; e.g. orig,hflip,rot+20,bright+0.2."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass (and per cache chunk)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 or float16 (half the features' size)."),
     cache_dir: Path = typer.Option(Path("cache"), "--cache-dir", help="Folder for the cache files."),
@@ -147,7 +148,7 @@ def extract_cmd(
     layer: str | None = typer.Option(None, "--layer", help="For a saved-model backbone: the feature layer."),
     workers: int = typer.Option(2, "--workers", help="Decode threads running ahead of the forward pass."),
     strict: bool = typer.Option(
-        False, "--strict", help="Exit non-zero if any file is skipped (the good ones are still cached)."),
+        False, "--strict", help="Exit 2 if any file is skipped (the good ones are still cached)."),
     wait: float | None = typer.Option(
         None, "--wait", min=0, help="Seconds to wait if another process writes the same cache file."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),

@@ -81,20 +81,24 @@ def register(app: typer.Typer) -> None:
         data: Path = typer.Option(
             ..., "--data", help="Dataset folder (Kermany layout, class folders) or CSV."
         ),
-        backbone: str = typer.Option(None, "--backbone", help="Backbone name(s); several = feature fusion."),
-        head: str = typer.Option(None, "--head", help="logreg | mlp | svm | knn."),
+        backbone: str = typer.Option(None, "--backbone", help="Backbone name(s), comma-separated; several = "
+                                     "feature fusion (default: the --preset's)."),
+        head: str = typer.Option(None, "--head", help="logreg | mlp | svm | knn (default: the --preset's)."),
         layers: str = typer.Option(None, "--layers", help="mlp hidden layers, e.g. 1024,512."),
-        task: str = typer.Option(None, "--task", help="binary | 3class | folders (default binary)."),
+        task: str = typer.Option(None, "--task", help="binary | 3class | folders (default: the --preset's "
+                                 "task, else binary)."),
         grid: list[str] = typer.Option([], "--grid", help="KEY=V1,V2 (repeatable): replaces that key's "
                                        "values in the head's default grid (or the preset / grid file)."),
         grid_file: Path = typer.Option(  # brackets escaped: rich markup would swallow "[grid]"
             None, "--grid-file", help="TOML file with \\[grid] or \\[\\[grid]] tables of KEY = \\[values]."
         ),
         preset: str = typer.Option(
-            None, "--preset", help="mao2018 | laban2021 | vazquez2021 | aucouturier2020."
+            None, "--preset", help="mao2018 | laban2021 | vazquez2021 | aucouturier2020: a paper's backbone, "
+            "pooling, image size, task, head, grid and balance (README: Heads, grids and presets)."
         ),
         cv_folds: int = typer.Option(5, "--cv-folds", help="Grouped K-fold CV folds (logreg, svm, knn)."),
-        val_fraction: float = typer.Option(0.2, "--val-fraction", help="Grouped hold-out fraction (mlp)."),
+        val_fraction: float = typer.Option(0.2, "--val-fraction", help="Grouped hold-out fraction (mlp): one "
+                                           "fold of the K-fold split whose 1/K is nearest (0.4 -> 33%)."),
         refit: bool = typer.Option(
             None,
             "--refit/--no-refit",
@@ -102,20 +106,24 @@ def register(app: typer.Typer) -> None:
         ),
         metric: str = typer.Option("accuracy", "--metric", help="accuracy | auc | macro_f1 (selection)."),
         balance: str = typer.Option(
-            None, "--balance", help="none | undersample | undersample-subtypes | oversample."),
-        train_views: str = typer.Option("orig", "--train-views", help="Cached views used as training rows."),
+            None, "--balance", help="none | undersample | undersample-subtypes | oversample (default: the "
+        "--preset's, else none)."),
+        train_views: str = typer.Option("orig", "--train-views", help="Cached views used as training rows, "
+                                        "comma-separated (orig is always one)."),
         tta: bool = typer.Option(False, "--tta", help="Average val/test probabilities over cached views."),
         threshold: str = typer.Option(
-            "youden", "--threshold", help="youden | sensitivity:0.95 (on validation)."
+            "youden", "--threshold", help="youden | sensitivity:T, 0 < T <= 1 (chosen on validation)."
         ),
         seed: int = typer.Option(0, "--seed", help="Seed of splits, resampling and training."),
         tag: list[str] = typer.Option([], "--tag", help="Tag the runs (repeatable)."),
         runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where runs are stored."),
         cache_dir: Path = typer.Option(Path("cache"), "--cache-dir", help="Where feature caches are."),
         pooling: str = typer.Option(
-            None, "--pooling", help="Pick the cache with this pooling (avg|max|flatten)."
+            None, "--pooling", help="Pick the cache with this pooling (avg|max|flatten; default: the "
+            "--preset's)."
         ),
-        image_size: int = typer.Option(None, "--image-size", help="Pick the cache with this input size."),
+        image_size: int = typer.Option(None, "--image-size", help="Pick the cache with this input size "
+                                   "(default: the --preset's)."),
         weights: str = typer.Option(
             None, "--weights", help="Pick the cache extracted with these weights (imagenet|none|FILE)."
         ),
@@ -127,17 +135,20 @@ def register(app: typer.Typer) -> None:
         ),
         mlp_precision: str = typer.Option(
             "auto", "--mlp-precision", help="auto | float32 | bfloat16: matmuls of fused mlp grid training "
-            "(auto: bfloat16 on CPUs with AMX/AVX512-BF16; recorded in run.json)."
+            "(auto: $FEATCACHE_MLP_PRECISION, else bfloat16 on CPUs with AMX/AVX512-BF16 and, with the JAX "
+            "trainer, on accelerators; recorded in run.json)."
         ),
         mlp_trainer: str = typer.Option(
             "auto", "--mlp-trainer", help="auto | tf | jax: implementation of fused mlp grid training "
-            "(auto: JAX when Keras runs on JAX, e.g. KERAS_BACKEND=jax on a GPU; recorded in run.json)."
+            "(auto: $FEATCACHE_MLP_TRAINER, else JAX when Keras runs on JAX, e.g. KERAS_BACKEND=jax on a "
+            "GPU; recorded in run.json)."
         ),
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
     ) -> None:
         """Train heads on cached features with patient-grouped selection; the test split is used once.
 
-        Rerun an interrupted grid to resume it (mlp: from its last epoch checkpoint), with the same numbers.
+        Rerun an interrupted grid to resume it (mlp: fused chunks from their last epoch checkpoint), with
+        the same numbers.
         When the cache folder holds several extractions of a backbone (other --weights, --dtype, --resize,
         --pooling or --image-size), pick one with those flags: fit never chooses between them silently.
 

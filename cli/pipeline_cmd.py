@@ -87,8 +87,8 @@ def register(app: typer.Typer) -> None:
         ),
         layers: str | None = typer.Option(None, "--layers", help="mlp hidden layers, e.g. 1024,512."),
         preset: str | None = typer.Option(
-            None, "--preset", help="A paper's setup: its backbone, pooling, image size, task, head and grid "
-            "(see `featcache fit --help`)."
+            None, "--preset", help="A paper's setup: its backbone, pooling, image size, task, head, grid "
+            "and balance (README: Heads, grids and presets)."
         ),
         cv_folds: int = typer.Option(5, "--cv-folds", help="Patient-grouped CV folds (logreg, svm, knn)."),
         balance: str | None = typer.Option(

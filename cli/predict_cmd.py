@@ -35,7 +35,7 @@ def register(app: typer.Typer) -> None:
             help="Weights file or saved model the run's backbone was built from (matched by SHA-256).",
         ),
         strict: bool = typer.Option(
-            False, "--strict", help="Exit non-zero if any image is skipped (the others are still classified)."
+            False, "--strict", help="Exit 2 if any image is skipped (the others are still classified)."
         ),
     ) -> None:
         """Classify images with a trained run (its backbone settings, head and chosen threshold).

@@ -141,7 +141,7 @@ def register(app: typer.Typer) -> None:
             None,
             "--heatmap",
             help="Two hyperparameters for the grid heatmap, "
-            "e.g. lr,batch_size (default: the two that vary most).",
+            "e.g. lr,batch_size (default: the two whose heatmap spreads the scores most).",
         ),
         detail: int = typer.Option(
             3, "--detail", min=0,

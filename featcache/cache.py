@@ -684,8 +684,8 @@ class CacheReader:
         self.path = Path(path)
         _refuse_folder(self.path)
         if not self.path.is_file():
-            raise CacheError(f"cache file {self.path} does not exist; run `featcache extract` first or check "
-                             "--cache-dir")
+            raise CacheError(f"cache file {self.path} does not exist; run `featcache extract` first, or "
+                             "check the path (`featcache cache ls` lists the caches of a folder)")
         last: Exception | None = None
         for attempt in range(3):  # a writer's reserve/close flush can be caught mid-way: retry briefly
             try:
@@ -1195,7 +1195,8 @@ def _merge(shards: list[Path], out: Path | None, wait: float | None, progress: P
         if out.is_dir():
             out = cache_path(out, first.config)
         if any(out.resolve() == s.resolve() for s in shards):
-            raise ConfigError(f"--out {out} is one of the shards; write the merged cache to a new file")
+            raise ConfigError(f"the merged cache would be {out}, one of the files given to merge; pass "
+                              "the shard files (.shard-I-of-N.h5), or --out a new file")
         versions = first.versions or None
         total = sum(r.n_rows for r in readers)
         added = 0

@@ -404,6 +404,34 @@ MAX_SEED = 2**31 - 1
 """Largest --seed: numpy and Keras take seeds below 2**32, and runs derive more seeds by adding offsets."""
 
 
+def check_options(opts: FitOptions, preset: Any = None) -> tuple[str, str]:
+    """(task, balance) after refusing option values fit cannot use; no file is read.
+
+    Why separate: `run` calls it before the extraction, so a misspelt --task or --balance, or
+    --cv-folds 1, fails at once instead of after the backbone has run over every image.
+    """
+    from featcache.datasets import TASKS
+
+    check_seed(opts.seed)
+    check_tags(opts.tags)
+    task = opts.task or (preset.task if preset and preset.task else "binary")
+    if task not in TASKS:
+        raise ConfigError(f"unknown task '{task}'; choose one of: {', '.join(TASKS)}.")
+    balance = opts.balance or (preset.options.get("balance") if preset else None) or "none"
+    if balance not in BALANCE_MODES:
+        raise ConfigError(f"--balance must be one of {', '.join(BALANCE_MODES)}, got '{balance}'.")
+    if opts.cv_folds < 2:
+        raise ConfigError(f"--cv-folds must be at least 2, got {opts.cv_folds}.")
+    if opts.metric not in METRICS:
+        raise ConfigError(f"--metric must be one of {', '.join(METRICS)}, got '{opts.metric}'.")
+    if opts.mlp_precision not in PRECISIONS:
+        raise ConfigError(f"--mlp-precision must be one of {', '.join(PRECISIONS)}, "
+                          f"got '{opts.mlp_precision}'.")
+    if opts.mlp_trainer not in TRAINERS:
+        raise ConfigError(f"--mlp-trainer must be one of {', '.join(TRAINERS)}, got '{opts.mlp_trainer}'.")
+    return task, balance
+
+
 def check_seed(seed: int) -> None:
     """ConfigError for a seed the random generators would reject mid-run (negative or too large)."""
     if not 0 <= int(seed) <= MAX_SEED:
@@ -689,19 +717,7 @@ def fit(
             backbones = [preset.options["backbone"]]
     if not head:
         raise ConfigError("choose a head with --head (logreg, mlp, svm or knn) or a --preset.")
-    check_seed(opts.seed)
-    check_tags(opts.tags)
-    task = opts.task or (preset.task if preset and preset.task else "binary")
-    balance = opts.balance or "none"
-    if balance not in BALANCE_MODES:
-        raise ConfigError(f"--balance must be one of {', '.join(BALANCE_MODES)}, got '{balance}'.")
-    if opts.metric not in METRICS:
-        raise ConfigError(f"--metric must be one of {', '.join(METRICS)}, got '{opts.metric}'.")
-    if opts.mlp_precision not in PRECISIONS:
-        raise ConfigError(f"--mlp-precision must be one of {', '.join(PRECISIONS)}, "
-                          f"got '{opts.mlp_precision}'.")
-    if opts.mlp_trainer not in TRAINERS:
-        raise ConfigError(f"--mlp-trainer must be one of {', '.join(TRAINERS)}, got '{opts.mlp_trainer}'.")
+    task, balance = check_options(opts, preset)
     _check_cache_choice(opts)
     if Path(opts.runs_dir).exists() and not Path(opts.runs_dir).is_dir():  # else a lock-path OS error
         raise ConfigError(f"--runs-dir {opts.runs_dir} is a file, not a folder; choose a folder for the "

@@ -186,7 +186,7 @@ def run_pipeline(
     from featcache.backbones import BackboneConfig, is_saved_model
     from featcache.datasets import discover
     from featcache.extract import ExtractOptions, extract
-    from featcache.fit import FitOptions, build_configs, check_seed, check_tags, fit
+    from featcache.fit import FitOptions, build_configs, check_options, fit
     from featcache.grids import get_preset
     from featcache.heads import get_head
     from featcache.report import ReportOptions, build_report
@@ -209,15 +209,16 @@ def run_pipeline(
         result.notes += _preset_notes(preset, backbones, pooling, image_size)
     dataset = discover(data, getattr(fit_options, "manifest", None))
     routed = split_grid_args(grid_args, heads)
-    check_seed(fopts.seed)  # before the extraction, not an hour later in the fit
-    check_tags(fopts.tags)
+    check_options(fopts, preset)  # before the extraction, not an hour later in the fit
     head_opts = _head_options(fopts, heads, routed, head_grids)
     for head, hopts in head_opts.items():  # a grid a head refuses fails now, not after the extraction
         build_configs(get_head(head), hopts, preset)
     xopts = _with_needed_views(extract_options or ExtractOptions(), fopts, preset)
     for i, name in enumerate(backbones):
         emit(progress, "pipeline", i, len(backbones) + len(heads) + 1, f"extracting {name}")
-        bb = BackboneConfig(name=name, weights=weights, seed=fopts.seed,  # layer: saved models only
+        # seed 0, as extract and predict use: --seed is the fit's (splits, training); a --weights none
+        # backbone drawn with it made another cache that predict could not rebuild
+        bb = BackboneConfig(name=name, weights=weights, seed=0,  # layer: saved models only
                             layer=layer if is_saved_model(name) else None, pooling=pooling,
                             image_size=image_size)
         result.extracts.append(extract(dataset, bb, cache_dir, xopts, progress))

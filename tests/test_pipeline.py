@@ -56,6 +56,15 @@ def test_bad_seed_is_refused_before_the_extraction(kermany_tree, tmp_path):
         run_pipeline(kermany_tree, ["mobilenet-0.75"], ["logreg"], weights="none", cache_dir=tmp_path / "c",
                      runs_dir=tmp_path / "r", reports_dir=tmp_path / "rep", fit_options=FitOptions(seed=-1))
     assert not (tmp_path / "c").exists()  # nothing was extracted
+    # --task, --balance and --cv-folds were checked only in the fit, after the whole extraction
+    for bad, said in ((FitOptions(task="foo"), "unknown task 'foo'"),
+                      (FitOptions(balance="foo"), "--balance"),
+                      (FitOptions(cv_folds=1), "--cv-folds must be at least 2")):
+        with pytest.raises(ConfigError, match=said):
+            run_pipeline(kermany_tree, ["mobilenet-0.75"], ["logreg"], weights="none",
+                         cache_dir=tmp_path / "c", runs_dir=tmp_path / "r", reports_dir=tmp_path / "rep",
+                         fit_options=bad)
+        assert not (tmp_path / "c").exists()
 
 
 def test_an_empty_tag_is_refused_before_any_work(kermany_tree, tmp_path):
@@ -314,3 +323,24 @@ def test_demo_with_real_imagenet_weights(shared_dir, tmp_path):
     assert {r["head"] for r in board} == {"logreg", "mlp"}
     # ImageNet features must separate normal from pneumonia far better than chance on the held-out images
     assert max(r["test_auc"] for r in board) > 0.75
+
+
+def test_run_seed_is_the_fits_not_the_backbones(kermany_tree, tmp_path, monkeypatch):
+    """`run --seed 1 --weights none` drew the random backbone with seed 1: a second cache of the same
+    images, which `fit` then could not choose between and `predict` (seed 0, as extract) could not rebuild.
+    The backbone is seed 0, as in extract; --seed is the fit's."""
+    import featcache.extract as fx
+    from featcache.fit import FitOptions
+    from featcache.pipeline import run_pipeline
+
+    seen = []
+
+    def stop(dataset, bb, *args, **kwargs):
+        seen.append(bb.seed)
+        raise RuntimeError("stop after the backbone config")
+
+    monkeypatch.setattr(fx, "extract", stop)
+    with pytest.raises(RuntimeError, match="stop after"):
+        run_pipeline(kermany_tree, ["mobilenet-0.75"], ["logreg"], weights="none", cache_dir=tmp_path / "c",
+                     runs_dir=tmp_path / "r", reports_dir=tmp_path / "rep", fit_options=FitOptions(seed=1))
+    assert seen == [0]
