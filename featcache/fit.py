@@ -824,6 +824,8 @@ def fit(
         folds = holdout_rule_change(opts.val_fraction)
         if folds is not None:  # this fraction's split changed (dc3d3fc): not the old runs' hold-out
             common["holdout_folds"] = folds
+    if thr_method == "sensitivity":  # eb55e7c: the highest threshold reaching T, which runs fitted
+        common["threshold_rule"] = "highest reaching T"  # before may have missed (not "already done")
     if head_obj.name == "mlp":  # fused grids compute in this precision: a different one is a different run
         trainer = resolve_trainer(opts.mlp_trainer)
         common["mlp_precision"] = resolve_precision(opts.mlp_precision, trainer)
