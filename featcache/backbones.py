@@ -105,12 +105,13 @@ class BackboneConfig:
             weights = weights.lower()
         pooling = self.pooling.lower() if self.pooling else None
         if pooling is not None and pooling not in POOLINGS:
-            raise ConfigError(f"unknown pooling '{self.pooling}'; choose one of: {', '.join(POOLINGS)}")
+            raise ConfigError(f"--pooling: unknown pooling '{self.pooling}'; choose one of: "
+                              f"{', '.join(POOLINGS)}")
         if self.image_size is not None and self.image_size < 1:
-            raise ConfigError(f"image size must be a positive number of pixels, got {self.image_size}")
+            raise ConfigError(f"--image-size must be a positive number of pixels, got {self.image_size}")
         if self.image_size is not None and self.image_size > MAX_IMAGE_SIZE:
             # a typo (22400 for 224) would otherwise fill memory with one batch and be killed without a word
-            raise ConfigError(f"image size {self.image_size} is above the {MAX_IMAGE_SIZE} px featcache "
+            raise ConfigError(f"--image-size {self.image_size} is above the {MAX_IMAGE_SIZE} px featcache "
                               "allows (ImageNet backbones are trained at 224-331 px); use a smaller one")
         if weights not in _WEIGHT_KEYWORDS and not Path(weights).is_file():
             raise ConfigError(

@@ -129,13 +129,14 @@ def check_options(options: ExtractOptions) -> list[Any]:
     from featcache.images import RESIZE_MODES, parse_views
 
     if options.batch_size < 1:
-        raise ConfigError(f"batch size must be at least 1, got {options.batch_size}")
+        raise ConfigError(f"--batch-size must be at least 1, got {options.batch_size}")
     if options.workers < 1:
-        raise ConfigError(f"decode workers must be at least 1, got {options.workers}")
+        raise ConfigError(f"--workers (decode workers) must be at least 1, got {options.workers}")
     if options.resize not in RESIZE_MODES:
-        raise ConfigError(f"unknown resize mode '{options.resize}'; choose one of: {', '.join(RESIZE_MODES)}")
+        raise ConfigError(f"--resize: unknown mode '{options.resize}'; choose one of: "
+                          f"{', '.join(RESIZE_MODES)}")
     if options.dtype not in DTYPES:
-        raise ConfigError(f"unknown dtype '{options.dtype}'; choose one of: {', '.join(DTYPES)}")
+        raise ConfigError(f"--dtype: unknown dtype '{options.dtype}'; choose one of: {', '.join(DTYPES)}")
     if options.shard is not None:
         _check_shard(tuple(options.shard))
     views = parse_views(list(options.views) if not isinstance(options.views, str) else options.views)

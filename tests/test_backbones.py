@@ -163,7 +163,7 @@ def test_a_damaged_imagenet_file_in_the_keras_cache_is_one_sentence(tmp_path: Pa
         (BackboneConfig("resnet51"), "unknown backbone 'resnet51'"),
         (BackboneConfig("inceptionv3", image_size=60), "at least 75 px"),
         (BackboneConfig("xception", image_size=70), "at least 71 px"),
-        (BackboneConfig("vgg16", image_size=22400), "image size 22400 is above the 2048 px"),
+        (BackboneConfig("vgg16", image_size=22400), "--image-size 22400 is above the 2048 px"),
         (BackboneConfig("vgg16", pooling="mean"), "unknown pooling"),
         (BackboneConfig("vgg16", weights="/no/such/file.h5"), "does not exist"),
         (BackboneConfig("vgg16", layer="block5_pool"), "only applies to a saved-model"),

@@ -89,7 +89,8 @@ def get_source(name: str) -> Source:
     try:
         return SOURCES[name]
     except KeyError:
-        raise ConfigError(f"unknown download source {name!r}; choose one of: {', '.join(SOURCES)}.") from None
+        raise ConfigError(f"--source: unknown download source {name!r}; choose one of: "
+                          f"{', '.join(SOURCES)}.") from None
 
 
 def check_url(url: str) -> None:

@@ -161,9 +161,9 @@ def build_leaderboard(
     ``rank`` is the overall rank; ``top`` keeps the best N of each group (of all runs without grouping).
     """
     if metric not in METRICS:
-        raise ConfigError(f"unknown metric '{metric}'; choose one of: {', '.join(METRICS)}.")
+        raise ConfigError(f"--metric: unknown metric '{metric}'; choose one of: {', '.join(METRICS)}.")
     if group_by is not None and group_by not in GROUP_BY:
-        raise ConfigError(f"cannot group by '{group_by}'; choose one of: {', '.join(GROUP_BY)}.")
+        raise ConfigError(f"--group-by: cannot group by '{group_by}'; choose one of: {', '.join(GROUP_BY)}.")
     if top is not None and top < 1:
         raise ConfigError("--top must be at least 1.")
     rows = sorted((run_row(r) for r in runs), key=lambda r: _sort_key(r, metric))
