@@ -270,7 +270,7 @@ def _jpeg_damage(message: str) -> str | None:
     if extra and int(extra.group(1)) <= _EXTRANEOUS_OK:
         return None
     if "corrupt jpeg data" in text:
-        return f"corrupt image data ({_short(Exception(message))})"
+        return f"corrupt image data ({message.strip().splitlines()[0][:80]})"
     return None
 
 

@@ -318,8 +318,8 @@ def _auc_at_bounds(out: dict, y: np.ndarray, k: int, groups: Sequence | None, le
     interval for an AUC; the bound used is the AUC theta at which Hanley and McNeil's standard error puts
     the observed 1 exactly z standard errors away, ``1 - theta = z * SE(theta)``, with the variance in
     Newcombe's symmetric form (m - 1 and n - 1 both replaced by N* - 1, N* = (m + n) / 2; the
-    denominator keeps m n). m and n count positive
-    and negative patients (images without patient ids), the bootstrap's resampling unit. For a
+    denominator keeps m n). m and n count positive and negative patients (images without patient ids),
+    the bootstrap's resampling unit. For a
     multi-class macro AUC each class's one-vs-rest bound is taken and the bounds are averaged.
     """
     ci = out.get("auc")

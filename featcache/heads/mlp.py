@@ -196,9 +196,10 @@ def _replay_lr_callback(rates: list[float]) -> Any:
 
 def watches_holdout(params: dict) -> bool:
     """Whether training reads the validation rows: early stopping, best-epoch checkpoint, or
-    learning-rate reduction on a plateau."""
-    p = _params(params)
-    return p["patience"] is not None or bool(p["checkpoint"]) or p["reduce_lr_patience"] is not None
+    learning-rate reduction on a plateau. Reads the three keys only (their defaults are off), so the
+    report can ask it of the params a run recorded without validating them again."""
+    return (params.get("patience") is not None or bool(params.get("checkpoint"))
+            or params.get("reduce_lr_patience") is not None)
 
 
 def refit_plan(params: dict, history: dict | None) -> tuple[dict, list[float] | None, dict]:

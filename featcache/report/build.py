@@ -23,7 +23,7 @@ from featcache.faults import crash_point
 from featcache.fit import check_tags
 from featcache.progress import ProgressFn, emit
 from featcache.report import plots
-from featcache.report.collect import RunRecord, load_runs, select_runs
+from featcache.report.collect import ASSETS, RunRecord, load_runs, select_runs
 from featcache.report.document import Code, Document, Figure, Heading, Hero, Para, Stat, Table
 from featcache.report.html import render_html
 from featcache.report.leaderboard import (
@@ -1074,11 +1074,11 @@ def _without_ids(run: RunRecord) -> str | None:
 def _epoch_chosen_on_holdout(run: RunRecord) -> bool:
     """Whether a hold-out run's training watched its validation rows (early stopping, best-epoch
     checkpoint, learning-rate reduction): then the hold-out chose its epoch, not only its rank."""
+    from featcache.heads.mlp import watches_holdout
+
     sel, params = run.run.get("selection"), run.run.get("params")
-    if not isinstance(sel, dict) or sel.get("method") != "grouped_holdout" or not isinstance(params, dict):
-        return False
-    return (params.get("patience") is not None or bool(params.get("checkpoint"))
-            or params.get("reduce_lr_patience") is not None)
+    return (isinstance(sel, dict) and sel.get("method") == "grouped_holdout" and isinstance(params, dict)
+            and watches_holdout(params))
 
 
 def _methods_text(runs: Sequence[RunRecord]) -> str:
@@ -1324,7 +1324,6 @@ def _provenance_section(doc: Document, runs: Sequence[RunRecord]) -> None:
 
 # ----------------------------------------------------------------------------------------------- main
 REPORT_FILES = ("report.html", "report.md", "leaderboard.csv", "leaderboard.json")
-ASSETS = "report_files"
 STAGING_PREFIX = ".staging-"
 
 

@@ -23,6 +23,8 @@ from featcache.metrics import predict_labels
 from featcache.progress import ProgressFn, emit
 from featcache.runs import changed_records, sheet_unquote
 
+ASSETS = "report_files"  # the report's figure folder (report.md's links), beside report.html
+
 
 @dataclass
 class Predictions:
@@ -212,7 +214,7 @@ def load_runs(
     for i, folder in enumerate(folders):
         emit(progress, "report", i, len(folders), f"reading {folder.name}")
         if not (folder / "run.json").is_file():
-            if folder.name != "report_files":  # a report written into the runs folder: not a run
+            if folder.name != ASSETS:  # a report written into the runs folder: not a run
                 skipped.append((folder.name, "no run.json"))
             continue
         try:
