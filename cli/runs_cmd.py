@@ -166,7 +166,7 @@ def show_cmd(
     """
     from featcache.cli.fit_cmd import fmt, params_text
 
-    from featcache.runs import describe_trainer, load_run
+    from featcache.runs import describe_trainer, load_run, replay_command
 
     run = load_run(runs_dir, run_id)
     info, metrics = run.info, run.metrics()
@@ -182,8 +182,7 @@ def show_cmd(
     rows = [
         ("folder", str(run.path)),
         ("finished", str(info.get("finished", "-"))),
-        ("command", shlex.join(map(str, info.get("command") or [])) or "-"),
-        *([("run from", str(env["cwd"]))] if env.get("cwd") else []),
+        ("command", replay_command(info) or "-"),
         ("head / task", f"{info.get('head')} / {info.get('task')} ({', '.join(info.get('classes') or [])})"),
         ("params", params_text(info.get("params") or {})),
         *([("grid position", f"config {info['grid']['index'] + 1} of {info['grid']['size']} (its seed, "

@@ -647,7 +647,22 @@ class _Ctx:
     def train_rows(
         self, rec_idx: np.ndarray, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(record, view, y) training rows for these record indices: train views, then balance."""
+        """(record, view, y) training rows for these record indices: train views, then balance.
+
+        Undersampling cuts images before their views are added: paper 000 cut each class to the smallest
+        in images and then augmented those, so every kept image brings all its views and a dropped one
+        none (cutting image x view rows would keep some views of many images instead). With one view
+        this picks the same rows as cutting rows does.
+        """
+        balance = self.balance
+        if balance in ("undersample", "undersample-subtypes"):
+            has_any = np.zeros(len(rec_idx), dtype=bool)
+            for v in self.train_views:
+                has_any |= self.feats.has(v, rec_idx)
+            rec_idx = rec_idx[has_any]
+            strata = self.subtypes[rec_idx] if balance == "undersample-subtypes" else None
+            rec_idx = _balance_rows(rec_idx, rec_idx, self.y[rec_idx], balance, rng, None, strata)[0]
+            balance = "none"
         recs, views = [], []
         for v in self.train_views:
             ok = self.feats.has(v, rec_idx)
@@ -666,8 +681,7 @@ class _Ctx:
             if er:
                 erc = np.concatenate(er)
                 extra = (erc, np.concatenate(ev).astype(str), self.y[erc])
-        strata = self.subtypes[rec] if self.balance == "undersample-subtypes" else None
-        return _balance_rows(rec, view, y, self.balance, rng, extra, strata)
+        return _balance_rows(rec, view, y, balance, rng, extra)
 
     def proba(self, model: Any, rec_idx: np.ndarray) -> np.ndarray:
         """Class probabilities of these records; with TTA the mean over every cached view present."""
@@ -824,6 +838,10 @@ def fit(
         folds = holdout_rule_change(opts.val_fraction)
         if folds is not None:  # this fraction's split changed (dc3d3fc): not the old runs' hold-out
             common["holdout_folds"] = folds
+    if opts.n_boot != FitOptions.n_boot:  # the intervals' resamples: another count, other recorded CIs (a
+        common["n_boot"] = opts.n_boot  # demo's 500 is not the 1000 a fit asks for); 1000 keeps old ids
+    if balance.startswith("undersample") and len(train_views) > 1:  # images are cut before their views
+        common["balance_rule"] = "images, then views"  # are added now: not the old runs' training rows
     if thr_method == "sensitivity":  # eb55e7c: the highest threshold reaching T, which runs fitted
         common["threshold_rule"] = "highest reaching T"  # before may have missed (not "already done")
     if head_obj.name == "mlp":  # fused grids compute in this precision: a different one is a different run
@@ -918,7 +936,24 @@ def fit(
             _fit_cv(ctx, configs, result, hashes[0])
         else:
             _fit_holdout(ctx, configs, result, hashes)
+    result.notes += _untagged_notes(opts.runs_dir, result.skipped, opts.tags)
     return result
+
+
+def _untagged_notes(runs_dir: Path, skipped: list[str], tags: Sequence[str]) -> list[str]:
+    """Say that --tag did not reach runs found already done (a tag is given when a run is trained, and a
+    finished run's record is not rewritten): `report --tag` would not find them, with no word why."""
+    if not tags or not skipped:
+        return []
+    from featcache.runs import load_run
+
+    wanted = set(tags)
+    untagged = [rid for rid in skipped if not wanted <= set(load_run(runs_dir, rid).info.get("tags") or [])]
+    if not untagged:
+        return []
+    return [f"--tag {', '.join(tags)} was not added to {len(untagged)} run(s) found already done (e.g. "
+            f"{untagged[0]}): tags are given when a run is trained; select those runs by id, or fit into "
+            "another --runs-dir to train tagged ones."]
 
 
 def _preset_task_notes(opts: FitOptions, preset: Any, task: str) -> list[str]:
@@ -1320,11 +1355,23 @@ def _check_training_sides(ctx: _Ctx, train_sides: list[np.ndarray], where: str) 
     )
 
 
+def _damaged_notes(damaged: list[tuple[str, str]]) -> list[str]:
+    """Say which finished runs of this sweep's configs are trained again, and why (their files changed)."""
+    if not damaged:
+        return []
+    run_id, why = damaged[0]
+    more = f" and {len(damaged) - 1} more" if len(damaged) > 1 else ""
+    return [f"{len(damaged)} finished run(s) of these configs are damaged ({run_id}: {why}{more}) and are "
+            "trained again; the report leaves the damaged ones out (delete their folders when done)."]
+
+
 def _fit_cv(ctx: _Ctx, configs: list[dict], result: FitResult, chash: str) -> None:
     """One run for the whole search (its config hash ``chash``): grouped K-fold CV, out-of-fold threshold,
     refit, test once."""
     opts = ctx.opts
-    done = done_hashes(opts.runs_dir)
+    damaged: list[tuple[str, str]] = []
+    done = done_hashes(opts.runs_dir, {chash}, damaged)
+    result.notes += _damaged_notes(damaged)
     result.cleaned = clean_stale(opts.runs_dir, {chash})
     if chash in done:
         result.skipped.append(done[chash])
@@ -1451,7 +1498,9 @@ def _fit_holdout(ctx: _Ctx, configs: list[dict], result: FitResult, hashes: list
     opts = ctx.opts
     pool = ctx.pool
     result.cleaned = clean_stale(opts.runs_dir, set(hashes))
-    done = done_hashes(opts.runs_dir)
+    damaged: list[tuple[str, str]] = []
+    done = done_hashes(opts.runs_dir, hashes, damaged)
+    result.notes += _damaged_notes(damaged)
     todo = [i for i, h in enumerate(hashes) if h not in done]
     result.skipped = [done[h] for h in hashes if h in done]
     total = len(configs)

@@ -160,23 +160,54 @@ def keras_backend(load: bool = False) -> str:
     return "tensorflow"
 
 
-ENV_VARIABLES = ("KERAS_BACKEND", "TF_ENABLE_ONEDNN_OPTS", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES",
-                 "XLA_FLAGS")
+ENV_VARIABLES = ("KERAS_BACKEND", "TF_ENABLE_ONEDNN_OPTS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                 "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "XLA_FLAGS", "FEATCACHE_MLP_PRECISION",
+                 "FEATCACHE_MLP_TRAINER")
+
+
+def replay_command(info: dict) -> str:
+    """A run's command as one shell line that reruns it: the recorded variables in front (a precision set
+    by $FEATCACHE_MLP_PRECISION, or BLAS threads, are in no flag, yet they move the numbers), and ``cd``
+    into its working folder first (the command's relative paths are relative to it). "" when none."""
+    cmd = info.get("command")
+    text = shlex.join(map(str, cmd)) if isinstance(cmd, list) else str(cmd or "")
+    env = info.get("environment") if isinstance(info.get("environment"), dict) else {}
+    variables = env.get("variables") if isinstance(env.get("variables"), dict) else {}
+    if text and variables:
+        text = " ".join(f"{k}={shlex.quote(str(v))}" for k, v in sorted(variables.items())) + " " + text
+    if text and env.get("cwd"):
+        text = f"cd {shlex.quote(str(env['cwd']))} && {text}"
+    return text
+
+
+def _blas_threads() -> dict[str, int]:
+    """Threads of each BLAS/OpenMP library loaded (threadpoolctl, a scikit-learn dependency). Why: the
+    logistic-regression grid's float32 Grams sum in another order with another thread count, which moves
+    its probabilities at about 1e-7 (measured: 6e-7 with OPENBLAS_NUM_THREADS=1 against 2 threads)."""
+    try:
+        from threadpoolctl import threadpool_info
+
+        return {str(i.get("internal_api") or i.get("prefix")): int(i["num_threads"])
+                for i in threadpool_info() if "num_threads" in i}
+    except Exception:  # noqa: BLE001 - a record, never a reason to fail a fit
+        return {}
 
 
 def environment() -> dict:
     """What besides the versions moves a run's numbers or is needed to rerun its command (run.json).
 
     Measured: ``TF_ENABLE_ONEDNN_OPTS=0`` or another Keras backend changes features and MLP results in
-    the last digits and beyond; the number of CPUs changes logistic-regression probabilities at 1e-15 (the
-    BLAS threads); the command's relative paths need its working folder; an editable install's version
-    number does not change with its code, so the source revision is recorded where there is one.
+    the last digits and beyond; the number of BLAS threads (CPUs, ``OPENBLAS_NUM_THREADS``, ``taskset``)
+    changes logistic-regression probabilities at about 1e-7; the command's relative paths need its
+    working folder; an editable install's version number does not change with its code, so the source
+    revision is recorded where there is one.
     """
     from featcache.resources import cpu_model, cpus
 
     out: dict = {"cwd": os.getcwd(), "cpus": cpus(), "machine": platform.machine(),
                  "cpu_model": cpu_model(), "system": f"{platform.system()} {platform.release()}",
                  "keras_backend": keras_backend(),
+                 "blas_threads": _blas_threads(),
                  "variables": {k: os.environ[k] for k in ENV_VARIABLES if k in os.environ}}
     revision = source_revision()
     if revision:
@@ -449,6 +480,9 @@ def load_run(runs_dir: str | Path, run_id: str) -> Run:
         if folder is not None:
             raise RunError(f"{folder} is a run of another runs folder than {runs_dir}; add --runs-dir "
                            f"{shlex.quote(str(folder.parent))}.")
+        if not runs_dir.is_dir():  # a mistyped --runs-dir: listing it would not help
+            raise RunError(f"runs folder {runs_dir} does not exist; point --runs-dir at the folder "
+                           "`featcache fit` wrote the run into.")
         where = "" if runs_dir == Path("runs") else f" --runs-dir {shlex.quote(str(runs_dir))}"
         raise RunError(f"no run '{run_id}' in {runs_dir}; `featcache runs ls{where}` lists them.")
     try:
@@ -511,9 +545,30 @@ def load_head(run: Run) -> Any:
     return load_fitted(run.info["head"], run.path / "model")
 
 
-def done_hashes(runs_dir: str | Path) -> dict[str, str]:
-    """config_hash -> run id of every done run (what a resumed sweep skips)."""
-    return {r.info["config_hash"]: r.id for r in list_runs(runs_dir) if r.info.get("config_hash")}
+def done_hashes(runs_dir: str | Path, wanted: Iterable[str] | None = None,
+                damaged: list[tuple[str, str]] | None = None) -> dict[str, str]:
+    """config_hash -> run id of every done run whose result files are intact (what a resumed sweep skips).
+
+    A done run whose ``metrics.json`` or prediction CSVs changed after the fit, or whose model files are
+    gone, is not done: the report leaves it out, so "already done" would keep its config out of every
+    report for good. Its config trains again, and (run id, why) goes to ``damaged``. ``wanted``: check only
+    these configs' runs (hashing every run's files at each fit would grow with the folder).
+    """
+    keep = None if wanted is None else set(wanted)
+    out: dict[str, str] = {}
+    for r in list_runs(runs_dir):
+        h = r.info.get("config_hash")
+        if not h or (keep is not None and h not in keep):
+            continue
+        problems = changed_records(r.path, r.info) + [
+            f"model file {rel} is missing" for rel in (r.info.get("artifacts") or {})
+            if not (r.path / str(rel)).is_file()]
+        if problems:
+            if damaged is not None:
+                damaged.append((r.id, problems[0]))
+            continue
+        out[h] = r.id
+    return out
 
 
 def resumed_epoch(run: Run | dict) -> int:

@@ -208,6 +208,36 @@ def test_fusion_views_balance_tta(setup) -> None:
     assert res2.runs[0].metrics()["train"]["n"] > res.runs[0].metrics()["train"]["n"] / 2
 
 
+def test_undersampling_cuts_images_before_their_views() -> None:
+    """Paper 000 cut each class to the smallest in images, then augmented those: with --train-views every
+    kept image brings all its views (cutting image x view rows kept some views of many images)."""
+    from featcache.fit import _Ctx
+
+    class Feats:
+        def has(self, view: str, idx: np.ndarray) -> np.ndarray:
+            return np.ones(len(idx), dtype=bool) if view != "rot" else idx % 2 == 0  # a view some lack
+
+    y = np.array([0] * 10 + [1] * 30)
+    subtypes = np.array(["normal"] * 10 + ["bacteria"] * 30, dtype=object)
+    views = ["orig", "hflip", "rot", "zoom"]
+    for balance in ("undersample", "undersample-subtypes"):
+        ctx = _Ctx(train_views=views, aug_views=[], feats=Feats(), y=y, subtypes=subtypes, balance=balance)
+        rec, view, yy = ctx.train_rows(np.arange(40), np.random.default_rng(0))
+        kept = np.unique(rec)
+        assert list(np.bincount(y[kept])) == [10, 10]  # ten images per class, not ten-ish rows' worth
+        for r in kept:  # each kept image with every view it has
+            assert sorted(view[rec == r]) == sorted(v for v in views if v != "rot" or r % 2 == 0)
+        assert list(yy) == list(y[rec])
+    from featcache.fit import _balance_rows  # one view: the same rows as cutting rows (old runs stay valid)
+
+    ctx = _Ctx(train_views=["orig"], aug_views=[], feats=Feats(), y=y, subtypes=subtypes,
+               balance="undersample")
+
+    idx = np.arange(40)
+    old = _balance_rows(idx, np.full(40, "orig"), y, "undersample", np.random.default_rng(3))[0]
+    assert list(ctx.train_rows(idx, np.random.default_rng(3))[0]) == list(old)
+
+
 def test_undersampling_by_subtype_keeps_paper_000s_binary_mix(setup, tmp_path) -> None:
     """mao2018 balanced normal/bacteria/virus and trained binary on those sets (NORMAL:PNEUMONIA 1:2)."""
     from featcache.fit import _balance_rows
@@ -397,6 +427,8 @@ def test_runs_ls(setup, capsys) -> None:
     assert "no run 'nope'" in " ".join(capsys.readouterr().err.split())
     assert cli(["runs", "ls", "--runs-dir", str(runs_dir) + "x"]) == 2  # a typo is not an empty folder
     assert "does not exist" in capsys.readouterr().err
+    assert cli(["runs", "show", run_id, "--runs-dir", str(runs_dir) + "x"]) == 2
+    assert f"runs folder {runs_dir}x does not exist" in " ".join(capsys.readouterr().err.split())
 
 
 def test_cli_fit_table(setup, capsys) -> None:
@@ -673,6 +705,39 @@ def test_a_dataset_changed_in_place_is_trained_anew(setup) -> None:
     assert not again.runs and again.skipped == [first.runs[0].id] and again.sweep_id == first.sweep_id
 
 
+
+def test_another_bootstrap_count_is_another_run(setup) -> None:
+    """The demo fits with 500 resamples: a later fit asking 1000 was served the demo's run and intervals."""
+    root, cache_dir, runs_dir = setup
+    first = fit(root, "fakenet", "knn", opts(cache_dir, runs_dir, n_boot=50))
+    other = fit(root, "fakenet", "knn", opts(cache_dir, runs_dir, n_boot=60))
+    assert other.runs and not other.skipped and other.sweep_id != first.sweep_id
+    assert fit(root, "fakenet", "knn", opts(cache_dir, runs_dir, n_boot=50)).skipped == [first.runs[0].id]
+    tagged = fit(root, "fakenet", "knn", opts(cache_dir, runs_dir, n_boot=50, tags=["audit"]))
+    assert tagged.skipped and any("--tag audit was not added to 1 run(s) found already done" in n
+                                  for n in tagged.notes)
+
+
+def test_a_damaged_finished_run_is_not_already_done(setup) -> None:
+    """The report leaves out a run whose result files changed after the fit; "already done" kept its config
+    out of every report for good. Such a run's config trains again, and fit says why."""
+    root, cache_dir, runs_dir = setup
+    first = fit(root, "fakenet", "knn", opts(cache_dir, runs_dir))
+    grid = ["layers=4", "epochs=2", "lr=0.01,0.1"]
+    hold = fit(root, "fakenet", "mlp", opts(cache_dir, runs_dir, grid_args=grid))
+    (first.runs[0].path / "metrics.json").write_text("{}")
+    again = fit(root, "fakenet", "knn", opts(cache_dir, runs_dir))
+    assert len(again.runs) == 1 and not again.skipped and again.runs[0].id != first.runs[0].id
+    assert any(f"{first.runs[0].id}: metrics.json was changed after the fit" in n for n in again.notes)
+    assert fit(root, "fakenet", "knn", opts(cache_dir, runs_dir)).skipped == [again.runs[0].id]
+    lost = hold.runs[-1]
+    next(p for p in (lost.path / "model").rglob("*") if p.is_file()).unlink()
+    redo = fit(root, "fakenet", "mlp", opts(cache_dir, runs_dir, grid_args=grid))  # only that config trains
+    assert [r["config_hash"] for r in redo.runs] == [lost["config_hash"]]
+    assert sorted(redo.skipped) == sorted(r.id for r in hold.runs[:-1]) and len(hold.runs) > 1
+    assert any(f"{lost.id}: model file" in n and "is missing" in n for n in redo.notes)
+
+
 def test_several_extractions_of_a_backbone_are_never_chosen_between_silently(tmp_path: Path, capsys) -> None:
     """Caches of one backbone that differ in weights or dtype: fit refuses to guess and names the flag that
     picks one (a guess could train on random-weight features); the flags, or the files that `run` extracted,
@@ -845,6 +910,14 @@ def test_a_run_records_what_its_numbers_depend_on(setup, tmp_path, monkeypatch) 
     assert run["environment"]["cwd"] and run["environment"]["cpus"] >= 1
     env = run["environment"]
     assert env["keras_backend"] == keras_backend(load=True) and env["cpu_model"] and env["system"]
+    assert env["blas_threads"] and all(n >= 1 for n in env["blas_threads"].values())  # move logreg at 1e-7
+    monkeypatch.setenv("FEATCACHE_MLP_PRECISION", "float32")  # a precision no flag shows in the command
+    res = fit(root, "fakenet", "mlp", opts(cache_dir, runs_dir / "env", grid_args=grid[1::2], layers=(8,)))
+    assert res.runs[0]["environment"]["variables"]["FEATCACHE_MLP_PRECISION"] == "float32"
+    from featcache.runs import replay_command
+
+    assert "FEATCACHE_MLP_PRECISION=float32 " in replay_command(res.runs[0].info)
+    monkeypatch.delenv("FEATCACHE_MLP_PRECISION")
     cache = run["caches"][0]
     assert len(cache["features_digest"]) == 64 and "numpy" in cache["extracted_with"]
     logreg = load_run(runs_dir, fit(root, "fakenet", "logreg", opts(cache_dir, runs_dir)).runs[0].id)

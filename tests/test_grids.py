@@ -104,6 +104,8 @@ def test_mao2018_is_the_papers_33_configs() -> None:
     p = get_preset("mao2018")
     assert p.head == "mlp" and len(p.configs) == 33 and p.options["balance"] == "undersample-subtypes"
     assert set(p.options["tasks"]) == {"binary", "3class"}
+    for name in ("vazquez2021", "aucouturier2020"):  # their binary results came from fine-tuned / own CNNs
+        assert get_preset(name).task == "3class" and "tasks" not in get_preset(name).options
     layers = [c["layers"] for c in p.configs]
     assert {len(x) for x in layers} == {2, 5, 8}  # 3 / 6 / 9 layers counting the output layer
     assert all(layers.count(x) == 11 for x in set(layers))

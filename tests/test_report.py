@@ -673,7 +673,7 @@ def test_provenance_gives_the_working_folder_and_source_revision(tmp_path):
                            "variables": {"TF_ENABLE_ONEDNN_OPTS": "0"}}
     (folder / "run.json").write_text(json.dumps(info))
     md = " ".join(build_report(runs, tmp_path / "out").markdown.read_text().split())
-    assert "cd '/home/me/study one' && featcache fit --head logreg --tag" in md
+    assert "cd '/home/me/study one' && TF_ENABLE_ONEDNN_OPTS=0 featcache fit --head logreg --tag" in md
     assert "0123456789ab-dirty" in md and "TF\\_ENABLE\\_ONEDNN\\_OPTS" in md
     assert "featcache 0.1.0 (git 0123456789ab-dirty)" in md  # in the Methods paragraph
     assert "source had uncommitted changes when some runs were made" in md  # a revision that pins nothing
@@ -826,7 +826,7 @@ def test_runs_show_gives_the_grid_position_folder_and_revision(tmp_path, capsys)
     (folder / "run.json").write_text(json.dumps(info))
     assert run(["runs", "show", folder.name, "--runs-dir", str(runs)]) == 0
     out = " ".join(capsys.readouterr().out.replace("│", " ").split())
-    assert "run from /home/me/study" in out and "config 3 of 4" in out
+    assert "cd /home/me/study && KERAS_BACKEND=jax featcache fit" in out and "config 3 of 4" in out
     assert "git 0123456789ab" in out and "KERAS_BACKEND=jax" in out
 
 
@@ -848,6 +848,34 @@ def test_precision_recall_points_and_average_precision_match_scikit_learn():
         assert np.allclose(thr, t_ref[::-1])
         assert average_precision(y, score) == pytest.approx(average_precision_score(y, score))
     assert np.isnan(average_precision(np.zeros(5, dtype=int), rng.random(5)))
+
+
+def test_macro_average_row_is_scikit_learns_macro_and_fits_macro_f1():
+    """Paper 003 reports macro precision / recall / F1: the per-class table's last row gives them, an
+    absent or never-predicted class counting 0 as in scikit-learn and in fit's metrics.json."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    from featcache.metrics import classification_metrics
+    from featcache.report.collect import Predictions
+    from featcache.report.scores import macro_average, per_class
+
+    rng = np.random.default_rng(5)
+    for y in (rng.integers(0, 3, 60), np.array([0, 1] * 20), rng.integers(0, 2, 40) * 2):  # class 1 absent
+        proba = rng.dirichlet(np.ones(3), len(y))
+        proba[np.arange(len(y)), y] += 0.3 * rng.random(len(y))
+        proba /= proba.sum(1, keepdims=True)
+        pred = Predictions([f"i{i}" for i in range(len(y))], y, proba, ["normal", "bacteria", "virus"])
+        row = macro_average(per_class(pred))
+        ref = precision_recall_fscore_support(y, proba.argmax(1), labels=[0, 1, 2], average="macro",
+                                              zero_division=0)
+        assert row["class"] == "macro average" and row["n"] == len(y)
+        assert [row["precision"], row["recall"], row["f1"]] == pytest.approx(list(ref[:3]))
+        assert row["f1"] == pytest.approx(classification_metrics(y, proba, pred.classes)["macro_f1"])
+
+
+def test_report_tables_end_with_the_macro_average(sweep, tmp_path):
+    md_text = build_report(sweep[0], tmp_path / "out").markdown.read_text(encoding="utf-8")
+    assert "| macro average |" in md_text and "as scikit-learn's average='macro'" in md_text
 
 
 def test_runs_can_be_ranked_by_average_precision(sweep, tmp_path):
@@ -884,6 +912,23 @@ def test_a_tie_for_the_best_validation_score_is_said(tmp_path):
     assert [r["tied"] for r in rows] == ["3"]
     res = build_report(runs, tmp_path / "out2", ReportOptions(ids=["-000000-", "-000009-"]))
     assert "Tie:" not in res.markdown.read_text()
+
+
+def test_tied_runs_rank_by_sweep_and_grid_place_not_by_when_they_were_written(tmp_path):
+    """Run ids start with the second a run was written: the same commands run again ranked tied runs the
+    other way round and called another run the best. Ties now follow the sweep and the grid order."""
+    runs = tmp_path / "runs"
+    written = [("20240101-000000-logreg-cccccccc", "sweep-b", 0),
+               ("20240101-000001-logreg-bbbbbbbb", "sweep-a", 1),
+               ("20240101-000002-logreg-aaaaaaaa", "sweep-a", 0)]
+    for run_id, sweep, index in written:  # same seed and quality: the same predictions, a three-way tie
+        folder = write_fake_run(runs, run_id, params={"C": 1.0}, quality=2, seed=7)
+        info = json.loads((folder / "run.json").read_text())
+        info.update(sweep_id=sweep, grid={"index": index, "size": 2, "configs": []})
+        (folder / "run.json").write_text(json.dumps(info))
+    with open(build_report(runs, tmp_path / "out").csv, encoding="utf-8") as fh:
+        order = [r["run_id"] for r in csv.DictReader(fh)]
+    assert order == [written[2][0], written[1][0], written[0][0]]
 
 
 def test_hyperparameter_table_numbers_models_in_grid_order_and_highlights_every_tie(tmp_path):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import re
-import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,10 +37,11 @@ from featcache.report.scores import (
     LOWER_IS_BETTER,
     THRESHOLD_FREE,
     chosen_threshold,
+    macro_average,
     paired_difference,
     per_class,
 )
-from featcache.runs import describe_trainer, format_value
+from featcache.runs import describe_trainer, format_value, replay_command
 
 OVERSTATE_NOTE = (
     "validation accuracy on this dataset overstates test accuracy. The official Kermany test split differs "
@@ -598,14 +598,17 @@ def _top_runs_section(
         preds, split = (rec.test, "test") if rec.test is not None else (rec.val, "validation")
         if preds is not None and len(preds.y_true):
             rule = "threshold 0.5" if len(preds.classes) == 2 else "most probable class"
+            rows = per_class(preds)
             doc.add(Table(
                 ["class", "precision", "recall", "F1", f"{split} images"],
                 [[c["class"], _f(c["precision"]), _f(c["recall"]), _f(c["f1"]), str(c["n"])]
-                 for c in per_class(preds)],
+                 for c in (*rows, macro_average(rows))],
                 {1, 2, 3, 4},
                 caption=f"Per class on the {split} split ({rule})" + (
                     f"; the recall of {preds.classes[1]} is the sensitivity, of {preds.classes[0]} the "
-                    "specificity." if len(preds.classes) == 2 else "."),
+                    "specificity" if len(preds.classes) == 2 else "") + (
+                    "; macro average: the unweighted mean over the classes (an undefined value counts 0), "
+                    "as scikit-learn's average='macro'."),
             ))
         img = plots.run_figure(rec, chosen_threshold(rec), options.figure_formats)
         if img:
@@ -1309,12 +1312,7 @@ def _provenance_section(doc: Document, runs: Sequence[RunRecord]) -> None:
                          f"({', '.join(dirty)}): that revision alone does not reproduce them.", "note"))
     commands: list[str] = []
     for r in runs:
-        cmd = r.run.get("command")
-        text = shlex.join(map(str, cmd)) if isinstance(cmd, list) else str(cmd or "")
-        env = r.run.get("environment")
-        cwd = env.get("cwd") if isinstance(env, dict) else None
-        if text and cwd:  # relative paths in the command are relative to it
-            text = f"cd {shlex.quote(str(cwd))} && {text}"
+        text = replay_command(r.run)
         if text and text not in commands:
             commands.append(text)
     if commands:

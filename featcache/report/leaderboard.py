@@ -146,11 +146,18 @@ def run_row(rec: RunRecord) -> dict[str, Any]:
     return row
 
 
-def _sort_key(row: dict, metric: str) -> tuple:
+def _sort_key(row: dict, metric: str, run: dict) -> tuple:
+    """Best validation score first; ties in an order the runs' contents fix: sweep, place in its grid
+    (GridSearchCV's rule: the earlier config wins a tie), config hash. Why not the run id: it starts
+    with the second the run was written, so the same commands run again could rank tied runs the other
+    way round and name another run the best."""
     value = row.get(f"val_{metric}")
     missing = value is None
     signed = 0.0 if missing else (value if metric in LOWER_IS_BETTER else -value)
-    return (missing, signed, row["run_id"])
+    grid = run.get("grid") if isinstance(run.get("grid"), dict) else {}
+    index = grid.get("index") if isinstance(grid.get("index"), int) else -1
+    return (missing, signed, str(run.get("sweep_id") or ""), index, str(run.get("config_hash") or ""),
+            row["run_id"])
 
 
 def build_leaderboard(
@@ -166,7 +173,8 @@ def build_leaderboard(
         raise ConfigError(f"--group-by: cannot group by '{group_by}'; choose one of: {', '.join(GROUP_BY)}.")
     if top is not None and top < 1:
         raise ConfigError("--top must be at least 1.")
-    rows = sorted((run_row(r) for r in runs), key=lambda r: _sort_key(r, metric))
+    pairs = sorted(((run_row(r), r.run) for r in runs), key=lambda p: _sort_key(p[0], metric, p[1]))
+    rows = [row for row, _ in pairs]
     for i, row in enumerate(rows, 1):
         row["rank"] = i
         row["score"] = row.get(f"val_{metric}")
