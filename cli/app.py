@@ -172,8 +172,19 @@ def _os_error_sentence(exc: OSError, command: list[str] | None = None) -> str:
 
 
 def _print_interrupted() -> None:
-    what = "terminated (SIGTERM)" if _terminated else "interrupted"
-    err_console.print(f"[bold red]{what}:[/] finished work is saved; run the same command to resume.")
+    """One line on what was kept. A second Ctrl-C while it prints (people press it twice) is ignored: it
+    raised inside rich and buried the line under pages of chained tracebacks."""
+    old = None
+    with contextlib.suppress(ValueError, OSError):  # not the main thread: no handler to swap
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        what = "terminated (SIGTERM)" if _terminated else "interrupted"
+        err_console.print(f"[bold red]{what}:[/] finished work is saved; run the same command to resume.")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGINT, old)
 
 
 def main() -> None:

@@ -327,6 +327,14 @@ def _construct(ctor: Any, spec: BackboneSpec, cfg: BackboneConfig, size: int, po
         expected = keras_models_dir() / imagenet_weights_file(spec.name, size)
         if weights != "imagenet":
             raise
+        home = expected.parent.parent
+        if expected.is_file() and not os.access(home, os.W_OK):  # Keras looked in /tmp/.keras instead
+            raise ConfigError(
+                f"Keras does not use {home} ($KERAS_HOME) because this user cannot write to it: it looks "
+                f"for {expected.name} under /tmp/.keras instead and tries to download it. Make {home} "
+                "writable, point $KERAS_HOME at a writable folder holding models/ with that file, or use "
+                f"--weights {expected}"
+            ) from exc
         if expected.is_file():  # Keras found the file and could not load it: damaged or not Keras' own
             raise ConfigError(
                 f"the ImageNet weights file Keras keeps for {spec.name}, {expected}, could not be loaded "

@@ -239,6 +239,39 @@ def _encode_path(path: str) -> bytes:
     return path.encode("utf-8", "surrogateescape")[:PATH_BYTES]
 
 
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block is done, then deliver them. Why: the six datasets are
+    resized one after another, and an interrupt between two of those calls left them with different
+    lengths (rows then written past a short dataset's end vanish without an error). Only the main thread
+    can swap handlers; elsewhere no KeyboardInterrupt can arrive anyway."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError, OSError):
+            old[sig] = signal.signal(sig, lambda signum, _frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(caught):
+            signal.raise_signal(sig)  # now, with the previous handler: KeyboardInterrupt, or the exit
+
+
+def _equal_lengths(f: Any) -> int | None:
+    """The shortest dataset's length when the datasets' lengths differ (a resize interrupted before
+    ``_signals_deferred`` existed, or by SIGKILL), else None."""
+    lengths = {int(f[name].shape[0]) for name in DATASETS if name in f}
+    return min(lengths) if len(lengths) > 1 else None
+
+
 def _valid_prefix(valid: np.ndarray) -> int:
     """Number of leading rows marked valid: the rows readers may use."""
     zeros = np.flatnonzero(valid != 1)
@@ -374,6 +407,12 @@ class CacheWriter:
         if f["features"].shape[1] != self.feature_dim:
             raise CacheError(f"cache file {self.path} holds {f['features'].shape[1]}-d features but the "
                              f"backbone gives {self.feature_dim}-d; delete the file and extract again")
+        short = _equal_lengths(f)
+        if short is not None:  # rows past the shortest dataset's end were never whole: cut every dataset
+            with self._refusals(), _signals_deferred():  # there, and extract computes those rows again
+                for name in DATASETS:
+                    f[name].resize((short,) + f[name].shape[1:])
+                self._flush()
         valid = f["valid"][...]
         self.n_valid = _valid_prefix(valid)
         self._first_row = self.n_valid  # this writer's rows start here (its session's first_row)
@@ -473,7 +512,7 @@ class CacheWriter:
                     self._flush()
             return
         self._preallocate(self._growth_bytes(need) + CLOSE_MARGIN)
-        with self._refusals():
+        with self._refusals(), _signals_deferred():
             if not self._session_recorded:  # metadata changes here and in close(), never in append()
                 self._record_session()
             for name in DATASETS:
@@ -547,21 +586,22 @@ class CacheWriter:
         what a rerun resumes from, and more writes would only fail again.
         """
         f = self._f
+        n = self.n_valid  # one count for every dataset, whatever a writer thread still appends
         try:
             if f is not None and not self._failed:
-                with self._refusals():
+                with self._refusals(), _signals_deferred():
                     views = json.dumps(self._views)
-                    if (self.capacity != self.n_valid or _from_attr(f.attrs.get("n_rows", -1)) != self.n_valid
+                    if (self.capacity != n or _from_attr(f.attrs.get("n_rows", -1)) != n
                             or _from_attr(f.attrs.get("views", "")) != views):  # else nothing to write
                         self._preallocate(CLOSE_MARGIN)  # no new space if reserve() kept it for us
-                        if self.n_valid > self._first_row and not self._session_recorded:
+                        if n > self._first_row and not self._session_recorded:
                             self._record_session()
-                        if self.capacity != self.n_valid:
+                        if self.capacity != n:
                             for name in DATASETS:
                                 ds = f[name]
-                                ds.resize((self.n_valid,) + ds.shape[1:])
-                            self.capacity = self.n_valid
-                        f.attrs["n_rows"] = self.n_valid
+                                ds.resize((n,) + ds.shape[1:])
+                            self.capacity = n
+                        f.attrs["n_rows"] = n
                         f.attrs["views"] = views
                         crash_point("cache.during_close")
                         self._flush()
@@ -569,11 +609,11 @@ class CacheWriter:
                     f.close()
         finally:
             self._f = None
-            if f is not None and self._failed:
+            if f is not None:  # closed above, or not: never left for the garbage collector to flush
                 with contextlib.suppress(Exception):
                     f.close()
-                if self._created and self.n_valid == 0:  # refused before any row: leave no empty cache
-                    with contextlib.suppress(OSError):
+                if self._failed and self._created and self.n_valid == 0:
+                    with contextlib.suppress(OSError):  # refused before any row: leave no empty cache
                         self.path.unlink()
             self._release()
 
@@ -716,7 +756,8 @@ class CacheReader:
         self.versions: dict = _versions_attr(f)
         self.sessions: list[dict] = _sessions(f)  # who added rows from which row on (see CacheWriter)
         valid = f["valid"][...]          # read first: rows before the first 0 are complete and immutable
-        self.n_rows: int = _valid_prefix(valid)
+        short = _equal_lengths(f)  # an interrupted resize: rows past the shortest dataset are not whole
+        self.n_rows: int = _valid_prefix(valid if short is None else valid[:short])
         self.feature_dim: int = int(f["features"].shape[1])
         self.dtype: str = str(self.config.get("dtype", "float32"))
         keys = _decode(f["keys"][: self.n_rows])

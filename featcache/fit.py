@@ -1226,6 +1226,16 @@ def _store_run(
     if grid is not None:
         info["grid"] = grid
     writer = RunWriter(ctx.opts.runs_dir, info)
+    try:
+        return _write_run(ctx, writer, model, thr, y_val, p_val, val_idx, indices, extra_metrics, train_fit)
+    except BaseException:  # Ctrl-C, SIGTERM, a full disk: no half-written run folder is left behind
+        writer.discard()
+        raise
+
+
+def _write_run(ctx: _Ctx, writer: RunWriter, model: Any, thr: dict, y_val: np.ndarray, p_val: np.ndarray,
+               val_idx: np.ndarray, indices: dict, extra_metrics: dict, train_fit: Any) -> Run:
+    """Metrics, predictions, indices and model into the run folder, then run.json "done"."""
     crash_point("fit.run_started")
     chosen = thr["chosen"]
     metrics: dict = {
@@ -1350,8 +1360,9 @@ def _check_training_sides(ctx: _Ctx, train_sides: list[np.ndarray], where: str) 
     place = f"fold {side + 1} of the {len(train_sides)}-fold cross-validation" if where == "cv" else where
     raise DataError(
         f"class {name} has {_class_sizes(ctx, name)} for training, and a patient's images stay on one side "
-        f"of the split, so {place} trains without it; every class needs training images from at least 2 "
-        f"patients: add images of {name}, or leave the class out."
+        f"of the split, so {place} trains without it; every training side needs a patient of every class "
+        f"(2 patients at the least, and a patient-grouped split may still put both on one side): add "
+        f"images of {name}{', lower --cv-folds' if where == 'cv' else ''}, or leave the class out."
     )
 
 

@@ -395,6 +395,14 @@ class RunWriter:
         write_json_atomic(self.path / "run.json", self.info)
         return Run(self.id, self.path, self.info)
 
+    def discard(self) -> None:
+        """Remove the unfinished folder. Why: a fit stopped by Ctrl-C, SIGTERM or a full disk left a
+        "running" folder (and its half-written model) that only a rerun of the same config removed: the
+        report listed it as left out, and on a full disk it kept the disk full. SIGKILL still leaves one,
+        for ``clean_stale``."""
+        with contextlib.suppress(OSError):
+            shutil.rmtree(self.path)
+
     def fail(self, reason: str) -> None:
         """Mark the run failed (e.g. training diverged); it is kept for inspection, never resumed into."""
         self.info["status"] = "failed"

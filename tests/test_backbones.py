@@ -5,6 +5,7 @@ Small on purpose (2 images; 32-75 px except where the shape check needs the real
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -155,6 +156,14 @@ def test_a_damaged_imagenet_file_in_the_keras_cache_is_one_sentence(tmp_path: Pa
         build_backbone(BackboneConfig("resnet50", image_size=32))
     msg = str(err.value)
     assert str(damaged) in msg and "could not be loaded" in msg and "delete it" in msg and "\n" not in msg
+    # a $KERAS_HOME this user cannot write to: Keras looks elsewhere, so the good file is not to be deleted
+    real_access = os.access
+    monkeypatch.setattr(bmod.os, "access", lambda path, mode: False if Path(path) == tmp_path else
+                        real_access(path, mode))
+    with pytest.raises(ConfigError) as err:
+        build_backbone(BackboneConfig("resnet50", image_size=32))
+    msg = str(err.value)
+    assert "cannot write to it" in msg and "delete" not in msg and f"--weights {damaged}" in msg
 
 
 @pytest.mark.parametrize(

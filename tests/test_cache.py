@@ -119,6 +119,57 @@ def test_create_append_reopen_resume(tmp_path: Path, cfg: dict) -> None:
     assert fc.verify(path)["ok"]
 
 
+def test_datasets_of_unequal_length_are_cut_to_whole_rows_and_refilled(tmp_path: Path, cfg: dict) -> None:
+    """A resize interrupted between two datasets (before signals were held, or by SIGKILL) left features and
+    keys at 4 rows and the rest at 10: the next extract wrote 6 rows past the short datasets' end, which
+    h5py drops without an error, and exited 0; fit then failed with a traceback."""
+    path = fc.cache_path(tmp_path, cfg)
+    rows = make_rows(10, DIM)
+    write_rows(path, rows)
+    with h5py.File(path, "r+", locking=False) as f:
+        for name in ("features", "keys"):
+            f[name].resize((4,) + f[name].shape[1:])
+    with fc.CacheReader(path) as r:  # only the rows every dataset holds
+        assert r.n_rows == 4
+        np.testing.assert_array_equal(r.get(rows["keys"][:4]), rows["features"][:4])
+    with fc.CacheWriter(path, cfg, DIM) as w:
+        assert w.present() == set(zip(rows["keys"][:4], rows["views"][:4], strict=True))
+        w.reserve(6)
+        assert w.append(rows["keys"], rows["views"], rows["paths"], rows["features"]) == 6
+    with fc.CacheReader(path) as r:
+        assert r.n_rows == 10
+        np.testing.assert_array_equal(r.get(rows["keys"]), rows["features"])
+    assert fc.verify(path)["ok"]
+
+
+def test_ctrl_c_during_the_resizes_waits_for_the_last_one(tmp_path: Path, cfg: dict, monkeypatch) -> None:
+    """Ctrl-C between two datasets' resizes left them with different lengths: it is held until all six are
+    resized and flushed, then raised."""
+    import signal
+
+    path = fc.cache_path(tmp_path, cfg)
+    rows = make_rows(10, DIM)
+    real, calls = h5py.Dataset.resize, []
+
+    def resize(self, *a, **k):
+        calls.append(1)
+        real(self, *a, **k)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    w = fc.CacheWriter(path, cfg, DIM)
+    w.reserve(10)
+    w.append(rows["keys"][:7], rows["views"][:7], rows["paths"][:7], rows["features"][:7])
+    monkeypatch.setattr(h5py.Dataset, "resize", resize)
+    with pytest.raises(KeyboardInterrupt):
+        w.close()  # shrinks 10 -> 7
+    monkeypatch.undo()
+    assert len(calls) == len(fc.DATASETS)
+    with h5py.File(path, "r", locking=False) as f:
+        assert {f[name].shape[0] for name in fc.DATASETS} == {7}
+    assert fc.verify(path)["ok"]
+
+
 def test_append_rejects_bad_keys_and_shapes(tmp_path: Path, cfg: dict) -> None:
     with fc.CacheWriter(tmp_path / "c.h5", cfg, DIM) as w:
         with pytest.raises(ValueError, match="hex"):

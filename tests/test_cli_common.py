@@ -65,6 +65,21 @@ def test_ctrl_c_exits_130_with_one_line_saying_work_is_kept(tmp_path, monkeypatc
     assert run(["data", "inspect", str(tmp_path)]) == 130
     err = capsys.readouterr().err
     assert err.strip() == "interrupted: finished work is saved; run the same command to resume."
+    # a second Ctrl-C while that line prints (people press it twice) is ignored, not a traceback
+    import signal
+
+    import featcache.cli.app as app_module
+
+    real_print, before = app_module.err_console.print, signal.getsignal(signal.SIGINT)
+
+    def print_then_ctrl_c(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        real_print(*args, **kwargs)
+
+    monkeypatch.setattr(app_module.err_console, "print", print_then_ctrl_c)
+    assert run(["data", "inspect", str(tmp_path)]) == 130
+    assert "interrupted: finished work is saved" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is before  # the handler is back for the next command
 
 
 def test_sigterm_unwinds_like_ctrl_c_and_exits_143(tmp_path) -> None:

@@ -706,6 +706,32 @@ def test_a_dataset_changed_in_place_is_trained_anew(setup) -> None:
 
 
 
+def test_a_fit_stopped_while_writing_a_run_leaves_no_run_folder(setup, monkeypatch) -> None:
+    """Ctrl-C, SIGTERM or a full disk while a run's files were written left a "running" folder (and its
+    half-written model) that only a rerun of the same config removed; on a full disk it kept the disk full."""
+    import errno
+
+    from featcache.runs import RunWriter, list_runs
+
+    root, cache_dir, runs_dir = setup
+
+    def full(self, model):
+        (self.path / "model").mkdir(exist_ok=True)
+        (self.path / "model" / "tmp-part").write_bytes(b"x" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(RunWriter, "save_head", full)
+    with pytest.raises(OSError, match="No space"):
+        fit(root, "fakenet", "knn", opts(cache_dir, runs_dir))
+    assert list_runs(runs_dir, include_incomplete=True) == []
+    monkeypatch.setattr(RunWriter, "save_head", lambda self, model: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        fit(root, "fakenet", "knn", opts(cache_dir, runs_dir))
+    assert list_runs(runs_dir, include_incomplete=True) == []
+    monkeypatch.undo()
+    assert fit(root, "fakenet", "knn", opts(cache_dir, runs_dir)).runs
+
+
 def test_another_bootstrap_count_is_another_run(setup) -> None:
     """The demo fits with 500 resamples: a later fit asking 1000 was served the demo's run and intervals."""
     root, cache_dir, runs_dir = setup
