@@ -59,9 +59,16 @@ def _leaders_table(result) -> Table | None:
     if not rows:
         return None
     metric = result.metric
-    varying = [k for k in ("backbone", "head", "task")
-               if k == "head" or len({str(r.get(k)) for r in rows}) > 1]
-    table = Table(title=f"best runs by validation {metric}", title_justify="left", box=None, pad_edge=False)
+    grouped = any(r.get("group") for r in rows)  # --group-by: the best run of each group
+
+    def shown_column(k: str) -> bool:
+        if grouped and all(str(r.get(k)) == r.get("group") for r in rows):
+            return False  # the group column says it already
+        return k == "head" or len({str(r.get(k)) for r in rows}) > 1
+
+    varying = [*(["group"] if grouped else []), *(k for k in ("backbone", "head", "task") if shown_column(k))]
+    what = "best run of each group" if grouped else "best runs"
+    table = Table(title=f"{what} by validation {metric}", title_justify="left", box=None, pad_edge=False)
     for name in ("#", *varying, "config", f"val {metric}", f"test {metric} [95% CI]"):
         table.add_column(name, justify="right" if name == "#" or metric in name else "left", overflow="fold")
 

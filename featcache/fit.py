@@ -1164,12 +1164,20 @@ def _check_class_weights(configs: Sequence[dict], classes: Sequence[str]) -> Non
             )
 
 
-def _resolved(head_obj: Any, params: Any, seed: int) -> dict | None:
-    """The head's full parameters for this config and seed (defaults included), or None if it cannot say."""
+def _resolved(head_obj: Any, params: Any, seed: int, model: Any = None) -> dict | None:
+    """The head's full parameters for this config and seed (defaults included), or None if it cannot say.
+    Where the fitted scikit-learn model holds another value, its value: knn caps n_neighbors at the
+    training rows, and the record should say what ran (``--grid n_neighbors=500`` on 80 images ran 80)."""
     if not isinstance(params, dict) or not hasattr(head_obj, "resolved"):
         return None
     try:
-        return to_jsonable(head_obj.resolved(params, seed=seed))
+        out = head_obj.resolved(params, seed=seed)
+        est = getattr(model, "estimator", None)
+        final = est.steps[-1][1] if hasattr(est, "steps") else est
+        if final is not None and hasattr(final, "get_params"):
+            fitted = final.get_params(deep=False)
+            out = {k: fitted.get(k, v) if type(fitted.get(k, v)) is type(v) else v for k, v in out.items()}
+        return to_jsonable(out)
     except Exception:  # noqa: BLE001 - a record, never a reason to lose a trained run
         return None
 
@@ -1203,7 +1211,7 @@ def _store_run(
         "classes": ctx.classes,
         "backbones": ctx.backbone_info,
         "params": to_jsonable(params) if isinstance(params, dict) else params,
-        "hyperparameters": _resolved(ctx.head_obj, params, ctx.opts.seed),
+        "hyperparameters": _resolved(ctx.head_obj, params, ctx.opts.seed, model),
         "config_hash": chash,
         "seed": ctx.opts.seed,
         "metric": ctx.opts.metric,

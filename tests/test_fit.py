@@ -948,6 +948,9 @@ def test_a_run_records_what_its_numbers_depend_on(setup, tmp_path, monkeypatch) 
     assert len(cache["features_digest"]) == 64 and "numpy" in cache["extracted_with"]
     logreg = load_run(runs_dir, fit(root, "fakenet", "logreg", opts(cache_dir, runs_dir)).runs[0].id)
     assert logreg["hyperparameters"]["C"] > 0 and "max_iter" in logreg["hyperparameters"]
+    knn = fit(root, "fakenet", "knn", opts(cache_dir, runs_dir, grid_args=["n_neighbors=500"])).runs[0]
+    assert knn["params"]["n_neighbors"] == 500  # the config as asked; what ran: capped at the training rows
+    assert knn["hyperparameters"]["n_neighbors"] == len(knn.indices()["train"]) < 500
     assert logreg["hyperparameters"]["random_state"] == 0  # the trained model's, not the grid's None
     svm = fit(root, "fakenet", "svm", opts(cache_dir, runs_dir, seed=3, grid_args=["kernel=linear", "C=1"]))
     assert load_run(runs_dir, svm.runs[0].id)["hyperparameters"]["estimator__random_state"] == 3

@@ -450,12 +450,16 @@ def test_cli_report(sweep, tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert (out / "report.html").is_file() and "report.html" in captured.out.replace("\n", "")
-    # no empty line from the progress bar; the best runs first (top 3 per head: 5 shown), then the paths
-    assert captured.out.startswith("best runs by validation auc"), captured.out
+    # no empty line from the progress bar; the best run of each head first (grouped), then the paths
+    assert captured.out.startswith("best run of each group by validation auc"), captured.out
     lines = captured.out.splitlines()
     board = sorted(json.loads((out / "leaderboard.json").read_text())["runs"], key=lambda r: r["rank"])
-    assert [ln.split()[0] for ln in lines[2:7]] == [str(r["rank"]) for r in board[:5]]  # ranks of the kept
-    assert "Report written" in lines[7]
+    firsts: dict = {}
+    for r in board:
+        firsts.setdefault(r["group"], r)
+    assert len(firsts) == 3 and [ln.split()[:2] for ln in lines[2:5]] == [[str(r["rank"]), r["group"]]
+                                                                          for r in firsts.values()]
+    assert "Report written" in lines[5]
     assert f"{board[0]['test_auc']:.3f} [{board[0]['test_auc_lo']:.3f}–" in lines[2]
     code = run(["report", "--runs-dir", str(tmp_path / "missing"), "--out", str(out)])
     err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
