@@ -118,12 +118,14 @@ def parse_kermany_name(filename: str) -> tuple[str | None, str | None]:
     only used for normal images in the dataset, but callers should still trust the class folder.
     """
     stem = Path(filename).stem if "." in filename else filename
+    # patient ids in the dataset's own case whatever the file's (PERSON447_VIRUS_921.jpeg is person447):
+    # a renamed copy of a patient's image in another split must still be that patient
     m = _PERSON_RE.match(stem)
     if m:
-        return m.group(2).lower(), m.group(1)
+        return m.group(2).lower(), m.group(1).lower()
     m = _IM_RE.match(stem)
     if m:
-        return "normal", m.group(1)
+        return "normal", m.group(1).upper()
     return None, None
 
 
@@ -134,6 +136,8 @@ def _subtype_and_group(label: str, filename: str) -> tuple[str | None, str]:
         subtype: str | None = "normal"
     elif name_subtype in ("bacteria", "virus"):
         subtype = name_subtype
+    elif label.lower() in ("bacteria", "virus"):  # a manifest labelled by subtype, file names of its own
+        subtype = label.lower()
     else:
         subtype = None
     return subtype, patient if patient else Path(filename).stem
@@ -488,6 +492,10 @@ def inspect(dataset: Dataset, progress: ProgressFn | None = None, workers: int =
         by_digest[digest].append(rec)
     dup_groups = sorted(sorted(r.relpath for r in g) for g in by_digest.values() if len(g) > 1)
     split_of = {r.relpath: (r.split or "-") for r in dataset.records}
+
+    def group_splits(group: list[str]) -> set[str]:
+        return {split_of[r] for r in group}
+
     return {
         "root": os.fsdecode(dataset.root),
         "layout": dataset.layout,
@@ -503,7 +511,9 @@ def inspect(dataset: Dataset, progress: ProgressFn | None = None, workers: int =
         "patients_per_split": {s: len(p) for s, p in sorted(patients_by_split.items())},
         "duplicates": dup_groups,
         "cross_split_patients": {p: sorted(s) for p, s in sorted(splits_by_patient.items()) if len(s) > 1},
-        "cross_split_duplicates": [g for g in dup_groups if len({split_of[r] for r in g}) > 1],
+        "cross_split_duplicates": [g for g in dup_groups if len(group_splits(g)) > 1],
+        # of those, the groups with an image in the test split (train and val are one pool for fit)
+        "cross_split_duplicates_with_test": sum(1 for g in dup_groups if {"test"} < group_splits(g)),
         # the same bytes under different labels: at least one label is wrong, whatever a model learns
         "conflicting_duplicates": sorted(sorted(r.relpath for r in g) for g in by_digest.values()
                                          if len({(r.label, r.subtype) for r in g}) > 1),

@@ -809,6 +809,18 @@ def fit(
             f"run `{_extract_cmd(dataset.root, names[0], opts, ('orig', 'hflip'), caches[0]['config'])}` "
             "first, or drop --tta."
         )
+    if tta_views:  # every image it predicts needs every view: else its average would be of fewer views
+        scored = np.flatnonzero(in_pool | (np.asarray(split, dtype=object) == "test"))  # than predict's
+        lacking = {v: int((~feats.has(v, scored)).sum()) for v in tta_views}
+        lacking = {v: n for v, n in lacking.items() if n}
+        if lacking:
+            v, n = next(iter(lacking.items()))
+            raise ConfigError(
+                f"--tta averages over the views {', '.join(tta_views)}, and {n} of the {len(scored)} images "
+                f"it scores lack view {v} in the cache (extracted for some splits only?); run "
+                f"`{_extract_cmd(dataset.root, names[0], opts, ('orig', *tta_views), caches[0]['config'])}` "
+                "for every split first, or drop --tta."
+            )
 
     selection = head_obj.selection
     refit = opts.refit if opts.refit is not None else (selection == "cv")
@@ -1606,6 +1618,12 @@ def _fit_holdout(ctx: _Ctx, configs: list[dict], result: FitResult, hashes: list
                           "configs": total, "owner": this_process()},
     )
     remove_sweep_checkpoints(opts.runs_dir, ctx.sweep_id)
+    unsaved = [r.id for r in result.runs if ((r.info.get("trainer") or {}).get("selection") or {}).get(
+        "checkpoint_failed")]
+    if unsaved:  # training went on: the runs are whole, but a Ctrl-C would have restarted their chunks
+        result.notes.append(f"epoch checkpoints could not be written for {len(unsaved)} config(s) (e.g. "
+                            f"{unsaved[0]}; a full disk?), so they trained on without them: an interruption "
+                            f"would have restarted them; free space under {checkpoints.parent}.")
 
 
 def _jsonable_history(history: dict | None) -> dict | None:

@@ -53,7 +53,18 @@ def expand_images(images: Sequence[str | Path]) -> list[tuple[str, str | None]]:
         out += [(os.fsdecode(f), None) for f in found]
         out += [(os.path.join(os.fsdecode(p), rel.rstrip("/")), why) for rel, why in left_out
                 if not why.startswith("hidden")]
-    return out
+    # one row per file: a path given twice (a.jpeg ./a.jpeg), or a file given by name inside a folder given
+    # too, was classified twice, or classified and also listed as skipped ("not an image file extension")
+    given = {os.path.normpath(os.fsdecode(img)) for img in images if not Path(os.fsdecode(img)).is_dir()}
+    seen: set[str] = set()
+    kept: list[tuple[str, str | None]] = []
+    for path, why in out:
+        norm = os.path.normpath(path)
+        if norm in seen or (why is not None and norm in given and why.startswith("not an image")):
+            continue
+        seen.add(norm)
+        kept.append((path, why))
+    return kept
 
 
 UPSCALE_LIMIT = 4  # an image upscaled more than this to the backbone's input is noted (a 5x5 "X-ray")
@@ -78,6 +89,9 @@ def _pixel_size(data: bytes) -> tuple[int, int] | None:
 
     from PIL import Image
 
+    from featcache.images import _quiet_pil
+
+    _quiet_pil()  # a 90-180 MP image made PIL print its DecompressionBombWarning here
     try:
         with Image.open(io.BytesIO(data)) as im:
             return int(im.size[0]), int(im.size[1])
@@ -267,9 +281,9 @@ def _predict_chunk(
             raise DataError(f"image {items[min(new_bad)][0]} decoded once but not for view {view}.")
         keep = [j for j in range(len(sub)) if good[j] not in new_bad]
         X = np.concatenate([p[0][keep] for p in parts], axis=1)
+        for p in parts:  # "from the cache" only when every view of every backbone was there
+            cached[good] &= p[1]
         if view == views[0]:
-            for p in parts:
-                cached[good] &= p[1]
             bad.update(new_bad)
             good = [good[j] for j in keep]
         if good:
@@ -432,11 +446,18 @@ def write_predictions_csv(out: dict, path: str | Path) -> Path:
     path = check_csv_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     classes = list(out["classes"])
-    with open(path, "w", encoding="utf-8", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["image", "label", "features", *(f"p_{c}" for c in classes)])
-        for p in out["predictions"]:
-            writer.writerow([csv_cell(p["image"]), csv_cell(p["label"]),
-                             "cache" if p["from_cache"] else "backbone",
-                             *(repr(float(p["probabilities"][c])) for c in classes)])
+    from featcache.runs import _utf8
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:  # a file cut short by an error never replaces a good one
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["image", "label", "features", *(f"p_{c}" for c in classes)])
+            for p in out["predictions"]:  # a name that is no UTF-8 written escaped (caf\xe9), as fit's CSVs
+                writer.writerow([csv_cell(_utf8(p["image"])), csv_cell(p["label"]),
+                                 "cache" if p["from_cache"] else "backbone",
+                                 *(repr(float(p["probabilities"][c])) for c in classes)])
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path

@@ -95,6 +95,27 @@ def test_table_gives_verdicts_only_for_a_full_run(capsys) -> None:
     assert "logreg_speedup" in text and "MISSED" in text and "smoke test" not in text
 
 
+def test_a_speed_target_counts_only_with_the_same_answers(capsys) -> None:
+    """Requirements 4 and 5 are speed *and* the same answers: a fast grid with other answers is not "ok"."""
+    run = _run_module()
+    out = {"benchmarks": {"logreg": {"logreg_agrees": False}, "mlp": {"mlp_grid_agrees": True}},
+           "wall_seconds": {}, "missing": [], "failed": {}, "quick": False, "logreg_speedup": 25.0,
+           "mlp_grid_speedup": 3.2}
+    run.print_table(out)
+    lines = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines() if ln.strip()}
+    assert lines["logreg_speedup"].endswith("speed ok, answers differ (see the JSON)")
+    assert lines["mlp_grid_speedup"].endswith("ok") and "differ" not in lines["mlp_grid_speedup"]
+    run._collect_ratios(out)
+    assert out["logreg_agrees"] is False and out["mlp_grid_agrees"] is True
+
+
+def test_grid_flops_count_no_input_gradient_for_the_first_layer_and_the_validation_pass() -> None:
+    bench = _bench("mlp")
+    cfg = [{"layers": [8], "epochs": 2}]  # 4 -> 8 -> 2: 40 + 18 parameters
+    # per epoch: training 6 per weight, less 2 per first-layer weight (4*8), on 10 rows; validation 2 on 5
+    assert bench.grid_flops(cfg, 4, 10, n_val=5) == 2 * ((6 * 58 - 2 * 32) * 10 + 2 * 58 * 5)
+
+
 def _run_module():
     import importlib.util
 

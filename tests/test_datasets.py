@@ -31,6 +31,8 @@ DISCOVERY_KEYWORDS = ("hidden", "extension", "symlink loop", "broken symlink", "
     ("cat.001.jpg", (None, None)),
     ("person12_bacteria.jpeg", (None, None)),
     ("IM-0115.jpeg", (None, None)),
+    ("PERSON447_VIRUS_921.jpeg", ("virus", "person447")),  # the same patient whatever the file's case
+    ("normal2-im-1427-0001.jpeg", ("normal", "NORMAL2-IM-1427")),
 ])
 def test_parse_kermany_name(name, expected):
     assert parse_kermany_name(name) == expected
@@ -121,6 +123,16 @@ def test_manifest_with_split_and_group(tmp_path):
         ("imgs/x2.png", "test", "well", "x2"),
     ]
     assert discover(tmp_path, manifest=csv_path) == ds
+
+
+def test_a_manifest_labelled_by_subtype_gives_the_3class_subtypes(tmp_path):
+    """Labels normal/bacteria/virus with file names of the user's own: 3-class needs the subtypes, which
+    came from Kermany file names only ("64 image(s) have no subtype")."""
+    for i in range(3):
+        write_xray(tmp_path / "imgs" / f"scan{i}.png", i)
+    csv_path = _write_manifest(tmp_path / "m.csv", "path,label\nimgs/scan0.png,normal\n"
+                               "imgs/scan1.png,Bacteria\nimgs/scan2.png,virus\n")
+    assert [r.subtype for r in discover(csv_path).records] == ["normal", "bacteria", "virus"]
 
 
 def test_manifest_without_split_keeps_kermany_parsing(tmp_path):
@@ -280,6 +292,20 @@ def test_inspect_duplicates_and_leaks(kermany_tree):
     assert info["patients_per_split"] == {"test": 14, "train": 12}
     assert events[-1].phase == "hash" and events[-1].done == events[-1].total == 26
     assert info["conflicting_duplicates"] == []  # the duplicate is NORMAL on both sides
+    assert info["cross_split_duplicates_with_test"] == 1
+
+
+def test_inspect_calls_only_overlaps_with_test_a_leak(kermany_tree, capsys):
+    """fit pools train and val: a patient in both (as in Kaggle's archive) leaks nothing, yet inspect
+    printed it in red among "patients in several splits"."""
+    write_xray(kermany_tree / "val/PNEUMONIA/person100_bacteria_901.jpeg", seed=78)  # person100 is in train
+    assert run(["data", "inspect", str(kermany_tree)]) == 0
+    out = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    assert "patients in several splits 1 (train/val only: fit pools those, no leak)" in out
+    write_xray(kermany_tree / "test/PNEUMONIA/person100_bacteria_902.jpeg", seed=79)
+    assert run(["data", "inspect", str(kermany_tree)]) == 0
+    out = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    assert "patients in several splits 1 (1 with test)" in out
 
 
 def test_a_file_name_without_patient_id_is_not_a_patient_across_splits(tmp_path):

@@ -732,6 +732,44 @@ def test_a_fit_stopped_while_writing_a_run_leaves_no_run_folder(setup, monkeypat
     assert fit(root, "fakenet", "knn", opts(cache_dir, runs_dir)).runs
 
 
+def test_a_checkpoint_that_cannot_be_written_is_said(setup, monkeypatch) -> None:
+    """A failed checkpoint write (a full disk) turned a fused chunk's checkpoints off without a word: the
+    runs are whole, but an interruption would have restarted the chunk. run.json and a note say so now."""
+    import featcache.heads.mlp_checkpoint as ck
+
+    root, cache_dir, runs_dir = setup
+    monkeypatch.setenv("FEATCACHE_MLP_CHECKPOINT_SECONDS", "0")  # a checkpoint before every epoch
+    monkeypatch.setattr(ck, "save", lambda *a, **k: False)
+    grid = ["layers=4", "epochs=3", "dropout=0", "lr=0.01,0.001"]
+    res = fit(root, "fakenet", "mlp", opts(cache_dir, runs_dir, grid_args=grid, mlp_precision="float32"))
+    assert len(res.runs) == 2
+    assert all(r["trainer"]["selection"]["checkpoint_failed"] for r in res.runs)
+    assert any("epoch checkpoints could not be written for 2 config(s)" in n for n in res.notes)
+    monkeypatch.undo()
+    ok = fit(root, "fakenet", "mlp", opts(cache_dir, runs_dir / "ok", grid_args=grid,
+                                          mlp_precision="float32"))
+    assert not any("checkpoint_failed" in r["trainer"]["selection"] for r in ok.runs)
+    assert not any("checkpoints could not" in n for n in ok.notes)
+
+
+def test_tta_needs_every_view_of_every_image_it_scores(tmp_path: Path) -> None:
+    """Views extracted for the training split only: TTA averaged orig alone for test images and both views
+    for the rest, without a word, while predict computed every view (0.195 apart). Refused now."""
+    root = make_tree(tmp_path / "data")
+    cache = write_cache(root, tmp_path / "cache", views=("orig",))
+    ds = discover(root)
+    train = [r for r in ds.records if r.split == "train"]
+    keys = list(dict.fromkeys(sha256_file(r.path) for r in train))
+    cfg = cache_config(ds.root, fake_backbone(), "squash", "float32")
+    with CacheWriter(cache, cfg, 6) as w:  # hflip rows for the training images only
+        w.reserve(len(keys))
+        w.append(keys, ["hflip"] * len(keys), [r.relpath for r in train][: len(keys)],
+                 np.ones((len(keys), 6), dtype=np.float32))
+    with pytest.raises(ConfigError, match=r"images it scores lack view hflip in the cache") as err:
+        fit(root, "fakenet", "logreg", opts(tmp_path / "cache", tmp_path / "runs", tta=True))
+    assert "--views orig,hflip" in str(err.value)
+
+
 def test_another_bootstrap_count_is_another_run(setup) -> None:
     """The demo fits with 500 resamples: a later fit asking 1000 was served the demo's run and intervals."""
     root, cache_dir, runs_dir = setup

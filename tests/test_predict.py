@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -107,6 +108,22 @@ def test_predictions_go_to_a_csv_with_a_summary_on_the_terminal(trained, tmp_pat
     for row, p in zip(rows, direct, strict=False):
         assert row["image"] == p["image"] and row["label"] == p["label"]
         assert float(row["p_PNEUMONIA"]) == p["probabilities"]["PNEUMONIA"]  # repr: no digits lost
+    # a file name that is no UTF-8 (surrogate escapes on Linux) crashed the writer half-way: escaped now,
+    # as fit's prediction CSVs write it, and a write that fails leaves the previous file whole
+    from featcache.predict import write_predictions_csv
+
+    odd = {"classes": ["NORMAL", "PNEUMONIA"], "predictions": [
+        {"image": "caf\udce9.jpeg", "label": "NORMAL", "from_cache": False,
+         "probabilities": {"NORMAL": 0.75, "PNEUMONIA": 0.25}}]}
+    write_predictions_csv(odd, out_csv)
+    written = out_csv.read_text(encoding="utf-8").splitlines()[1]
+    assert written.startswith("caf\\xe9.jpeg,NORMAL,backbone,0.75")
+    odd["predictions"].append({"image": "x.jpeg", "label": "NORMAL", "from_cache": False,
+                               "probabilities": {"NORMAL": object(), "PNEUMONIA": 0.5}})
+    before = out_csv.read_bytes()
+    with pytest.raises(TypeError):
+        write_predictions_csv(odd, out_csv)
+    assert out_csv.read_bytes() == before and [f.name for f in out_csv.parent.iterdir()] == [out_csv.name]
     # a --csv that cannot become a file is refused before any image is classified
     import featcache.predict as fp
 
@@ -140,6 +157,20 @@ def test_tampered_model_is_refused(trained, tmp_path: Path, capsys) -> None:
     (copy_dir / run_id / "run.json").write_text(json.dumps(info))
     with pytest.raises(RunError, match="records no model files"):
         predict([img], run_id, copy_dir)
+
+
+def test_each_file_is_listed_once(tmp_path: Path, monkeypatch) -> None:
+    """A path given twice was classified twice; a JPEG without an extension named beside its folder was
+    classified and also listed as skipped ("not an image file extension"), so --strict exited 2."""
+    from featcache.predict import expand_images
+
+    (tmp_path / "ne").mkdir()
+    write_xray(tmp_path / "ne" / "a.jpeg", 1)
+    write_xray(tmp_path / "ne" / "scan2.jpeg", 2).rename(tmp_path / "ne" / "scan2")  # no extension
+    monkeypatch.chdir(tmp_path)
+    rows = expand_images(["ne", "ne/scan2", "ne/a.jpeg", "./ne/a.jpeg"])
+    assert sorted(os.path.normpath(p) for p, _ in rows) == ["ne/a.jpeg", "ne/scan2"]
+    assert all(why is None for _, why in rows)
 
 
 def test_predict_errors(trained, tmp_path: Path, capsys) -> None:

@@ -367,6 +367,7 @@ class MLPHead:
         Xtr32, Xva32 = np.asarray(Xtr, np.float32), np.asarray(Xva, np.float32)  # once, not per chunk
         jobs = []
         kept_chunks = []
+        ckpt_of: dict[int, Checkpointer] = {}  # a chunk's first config -> its checkpointer (filled below)
         for idx in chunks:
             keep = [j for j, i in enumerate(idx) if i not in skip]
             if not keep:
@@ -377,7 +378,10 @@ class MLPHead:
 
             def member_done(j: int, model: Any, hist: dict, resumed: int = 0, *, idx: list[int] = idx,
                             how: dict = how) -> None:
-                trainer_info = {**how, "resumed_from_epoch": resumed} if resumed else how
+                trainer_info = {**how, "resumed_from_epoch": resumed} if resumed else dict(how)
+                ckpt = ckpt_of.get(idx[0])
+                if ckpt is not None and ckpt.failed:  # an interruption would have lost its training
+                    trainer_info["checkpoint_failed"] = True
                 finish(idx[j], KerasHead(model, n_classes, trainer_info), hist)
 
             jobs.append(FusedJob([ps[i] for i in idx], [seed + i for i in idx], member_done, keep,
@@ -392,6 +396,7 @@ class MLPHead:
             digest = data_digest((Xtr32, np.asarray(ytr, np.int32), Xva32, np.asarray(yva, np.int32)))
             where = [Checkpointer(Path(checkpoint_dir) / f"chunk-{idx[0]}.npz", digest, checkpoint_about)
                      for idx in kept_chunks]
+            ckpt_of.update({idx[0]: c for idx, c in zip(kept_chunks, where, strict=True) if c is not None})
 
         if backend == "jax":  # all groups at once: on an accelerator their compilations overlap
             from featcache.heads.mlp_fused_jax import fused_train_jax_groups

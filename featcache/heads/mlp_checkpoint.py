@@ -183,6 +183,7 @@ class Checkpointer:
         self.key = ""
         self.every = checkpoint_seconds()
         self.last = time.monotonic()
+        self.failed = False  # a write failed: the group trained on without checkpoints (the run says so)
 
     def restore(self, fields: dict, precision: str, members: list[Any],
                 rng: np.random.Generator) -> Restored | None:
@@ -200,6 +201,7 @@ class Checkpointer:
         """``save`` (see there); after a failed write the group trains on without checkpoints."""
         if not save(self.path, self.key, members, state, t, rng, extra):
             self.every = float("inf")
+            self.failed = True
         elif self.about is not None:
             with contextlib.suppress(OSError):  # a label, not needed to resume
                 write_json_atomic(self.path.parent / ABOUT_FILE, self.about)
