@@ -1514,26 +1514,19 @@ def build_report(
                 shutil.rmtree(staging, ignore_errors=True)
     emit(progress, "report", 4, 4, "report written")
     best = min(rows, key=lambda r: r["rank"])
-    leaders = sorted(rows, key=lambda r: r["rank"])[:TERMINAL_ROWS]
-    if options.group_by:  # the best run of each group (groups ordered by their best), as the report does
-        firsts: dict[str, dict] = {}
-        for r in leaders_in_group_order(rows):
+    if options.group_by:  # the best run of each group: build_leaderboard lists each group's rows together,
+        firsts: dict[str, dict] = {}  # best first, groups ordered by their best
+        for r in rows:
             firsts.setdefault(r["group"], r)
         leaders = list(firsts.values())[:TERMINAL_ROWS]
+    else:
+        leaders = sorted(rows, key=lambda r: r["rank"])[:TERMINAL_ROWS]
     return ReportResult(out_dir, out_dir / "report.html", out_dir / "report.md", out_dir / "leaderboard.csv",
                         out_dir / "leaderboard.json", len(rows), best["run_id"], skipped, options.metric,
                         leaders)
 
 
 TERMINAL_ROWS = 5  # best runs the CLI prints after writing the report
-
-
-def leaders_in_group_order(rows: Sequence[dict]) -> list[dict]:
-    """Rows with each group's together, groups ordered by their best run, best first within a group."""
-    best: dict[str, int] = {}
-    for r in rows:
-        best[r["group"]] = min(best.get(r["group"], r["rank"]), r["rank"])
-    return sorted(rows, key=lambda r: (best[r["group"]], r["rank"]))
 
 
 def _featcache_version() -> str:
