@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 from featcache.cli.text import shown
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from featcache.progress import ProgressEvent
@@ -41,17 +41,20 @@ _INSPECT_HELP = (
 )
 
 
-class _HashBar:
-    """Progress events of the hashing pass -> one rich bar on stderr."""
+class _PassBars:
+    """Progress events of the hashing and decoding passes -> one rich bar each on stderr."""
+
+    _TITLES = {"hash": "hashing files", "decode": "decoding files"}
 
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
-        self.task = None
+        self.tasks: dict[str, TaskID] = {}
 
     def __call__(self, event: ProgressEvent) -> None:
-        if self.task is None:
-            self.task = self.progress.add_task("hashing files", total=event.total)
-        self.progress.update(self.task, completed=event.done, total=event.total)
+        if event.phase not in self.tasks:
+            title = self._TITLES.get(event.phase, event.phase)
+            self.tasks[event.phase] = self.progress.add_task(title, total=event.total)
+        self.progress.update(self.tasks[event.phase], completed=event.done, total=event.total)
 
 
 def _summary_table(info: dict) -> Table:
@@ -75,7 +78,8 @@ def _summary_table(info: dict) -> Table:
     table.add_row("duplicates across splits", _overlap(len(xdups), xdup_test))
     clash = len(info.get("conflicting_duplicates", []))
     table.add_row("duplicates with different labels", f"[red]{clash:,}[/]" if clash else "0")
-    table.add_row("skipped files", f"{len(info['skipped']):,}")
+    table.add_row("skipped files", f"{len(info['skipped']):,}" + (
+        "" if info.get("decode_checked", True) else " (files not decoded: --no-decode)"))
     return table
 
 
@@ -142,6 +146,11 @@ def inspect_cmd(
         None, "--manifest", metavar="CSV",
         help="CSV with header path,label\\[,split]\\[,group]; paths relative to the CSV's folder."),
     as_json: bool = typer.Option(False, "--json", help="Print the full result as JSON on stdout."),
+    decode: bool = typer.Option(
+        True, "--decode/--no-decode",
+        help="Decode every unique file once (small) and list those extract would skip (truncated, not an "
+             "image) as skipped rather than counting them; --no-decode only hashes (faster on many large "
+             "originals)."),
 ) -> None:
     from featcache.datasets import discover, inspect
 
@@ -149,7 +158,7 @@ def inspect_cmd(
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=err_console, transient=True,
                   disable=as_json or not err_console.is_interactive) as progress:
-        info = inspect(dataset, progress=_HashBar(progress))
+        info = inspect(dataset, progress=_PassBars(progress), decode=decode)
     if as_json:
         typer.echo(json.dumps(info, indent=2))
     else:

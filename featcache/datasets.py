@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.errors import ConfigError, DataError
-from featcache.hashing import sha256_many
+from featcache.hashing import sha256_bytes, sha256_many
 from featcache.progress import ProgressFn, emit
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
@@ -466,21 +466,73 @@ def _hash_records(records: Sequence[ImageRecord], progress: ProgressFn | None,
         yield rec, digest
 
 
-def inspect(dataset: Dataset, progress: ProgressFn | None = None, workers: int = 4) -> dict:
+INSPECT_DECODE_SIZE = 32  # pixels: enough to decode every byte of a file (JPEG draft mode reads it all)
+
+
+def _undecodable(recs_by_digest: dict[str, list[ImageRecord]], progress: ProgressFn | None,
+                 workers: int, size: int) -> dict[str, str]:
+    """digest -> reason, for the files that extract would skip as undecodable (one decode per unique file).
+
+    Why: a truncated or mislabelled file hashes fine, so without this ``inspect`` counted it as an image
+    that extract then skips; the decode is small (``size`` px, JPEG DCT-domain downscaling), so the
+    check costs a fraction of a second per thousand 224-px files.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from featcache.images import ImageDecodeError, decode_image
+
+    def check(item: tuple[str, ImageRecord]) -> str | None:
+        digest, rec = item
+        try:
+            data = rec.path.read_bytes()
+        except OSError as exc:
+            return f"unreadable: {exc.strerror or type(exc).__name__}"
+        if sha256_bytes(data) != digest:
+            return None  # changed since hashing: not this check's business (extract re-checks)
+        try:
+            decode_image(data, size)
+        except ImageDecodeError as exc:
+            return exc.reason
+        return None
+
+    items = [(d, recs[0]) for d, recs in recs_by_digest.items()]
+    total = len(items)
+    emit(progress, "decode", 0, total, "decoding image files")
+    bad: dict[str, str] = {}
+    step = max(1, total // 100)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for i, ((digest, _rec), reason) in enumerate(zip(items, pool.map(check, items), strict=True), 1):
+            if reason is not None:
+                bad[digest] = reason
+            if i % step == 0 or i == total:
+                emit(progress, "decode", i, total)
+    return bad
+
+
+def inspect(dataset: Dataset, progress: ProgressFn | None = None, workers: int = 4,
+            decode: bool = True) -> dict:
     """Counts, patients, byte-identical duplicates and cross-split leaks of a dataset (JSON-ready).
 
     Duplicates are found by SHA-256 of the file bytes: the cache keys rows the same way, so what
-    is reported here is exactly what extraction will compute once.
+    is reported here is exactly what extraction will compute once. With ``decode`` (the default) every
+    unique file is also decoded once, small, and the ones extract would skip (truncated, not an image)
+    are listed under ``skipped`` with extract's reason instead of being counted as images.
     """
     counts: dict[str, dict[str, dict[str, int]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(int)))
     patients_by_split: dict[str, set[str]] = defaultdict(set)
     splits_by_patient: dict[str, set[str]] = defaultdict(set)
     by_digest: dict[str, list[ImageRecord]] = defaultdict(list)
     skipped = list(dataset.skipped)
+    hashed: dict[str, list[ImageRecord]] = defaultdict(list)
     for rec, digest in _hash_records(dataset.records, progress, workers):
         if isinstance(digest, OSError):
             skipped.append((rec.relpath, f"unreadable ({digest.strerror or digest})"))
             continue
+        hashed[digest].append(rec)
+    bad = _undecodable(hashed, progress, workers, INSPECT_DECODE_SIZE) if decode else {}
+    for digest, reason in bad.items():
+        skipped.extend((rec.relpath, reason) for rec in hashed[digest])
+    for rec, digest in ((r, d) for d, recs in hashed.items() if d not in bad for r in recs):
         split = rec.split if rec.split is not None else "-"
         counts[split][rec.label][rec.subtype or "-"] += 1
         # without a patient id the audit counts every image as its own patient (fit groups by file stem,
@@ -492,6 +544,7 @@ def inspect(dataset: Dataset, progress: ProgressFn | None = None, workers: int =
         by_digest[digest].append(rec)
     dup_groups = sorted(sorted(r.relpath for r in g) for g in by_digest.values() if len(g) > 1)
     split_of = {r.relpath: (r.split or "-") for r in dataset.records}
+    counted = [r for g in by_digest.values() for r in g]
 
     def group_splits(group: list[str]) -> set[str]:
         return {split_of[r] for r in group}
@@ -506,8 +559,8 @@ def inspect(dataset: Dataset, progress: ProgressFn | None = None, workers: int =
         "n_patients": len(splits_by_patient),
         # images whose name (or manifest) gives no patient id: each counts as a patient above, while fit
         # groups them by file stem (``stem_groups``); said, since a patient count read as real is not
-        "n_without_patient_id": sum(1 for r in dataset.records if not r.has_patient_id),
-        "stem_groups": len({r.group for r in dataset.records if not r.has_patient_id}),
+        "n_without_patient_id": sum(1 for r in counted if not r.has_patient_id),
+        "stem_groups": len({r.group for r in counted if not r.has_patient_id}),
         "patients_per_split": {s: len(p) for s, p in sorted(patients_by_split.items())},
         "duplicates": dup_groups,
         "cross_split_patients": {p: sorted(s) for p, s in sorted(splits_by_patient.items()) if len(s) > 1},
@@ -518,4 +571,5 @@ def inspect(dataset: Dataset, progress: ProgressFn | None = None, workers: int =
         "conflicting_duplicates": sorted(sorted(r.relpath for r in g) for g in by_digest.values()
                                          if len({(r.label, r.subtype) for r in g}) > 1),
         "skipped": [[rel, why] for rel, why in sorted(skipped)],
+        "decode_checked": decode,
     }

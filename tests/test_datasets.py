@@ -249,6 +249,18 @@ def test_bad_corpus_discovery(tmp_path):
     info = inspect(ds)
     assert sorted(DUPLICATE_PAIR) in info["duplicates"]
     json.dumps(info)  # surrogate-escaped names must still serialise
+    # inspect decodes each unique file: what extract would skip is listed with its reason, not counted
+    inspected = {rel: why for rel, why in info["skipped"]}
+    for rel, outcome in expected.items():
+        kind, keyword = outcome_keyword(outcome)
+        if kind == "ok":
+            assert rel not in inspected, (rel, inspected.get(rel))
+        else:
+            assert rel in inspected and keyword in inspected[rel].lower(), (rel, inspected.get(rel))
+    assert info["n_images"] == sum(outcome == "ok" for outcome in expected.values())
+    assert info["decode_checked"] is True
+    hashed_only = inspect(ds, decode=False)  # the old, hash-only pass counts undecodable files as images
+    assert hashed_only["n_images"] > info["n_images"] and hashed_only["decode_checked"] is False
 
 
 def test_task_labels(tmp_path):
@@ -290,7 +302,9 @@ def test_inspect_duplicates_and_leaks(kermany_tree):
     assert info["cross_split_patients"] == {"person100": ["test", "train"]}
     assert info["n_patients"] == 25  # 24 + IM-1999; person100 counted once
     assert info["patients_per_split"] == {"test": 14, "train": 12}
-    assert events[-1].phase == "hash" and events[-1].done == events[-1].total == 26
+    hashed = [e for e in events if e.phase == "hash"]
+    assert hashed[-1].done == hashed[-1].total == 26
+    assert events[-1].phase == "decode" and events[-1].done == events[-1].total == 25  # once per unique file
     assert info["conflicting_duplicates"] == []  # the duplicate is NORMAL on both sides
     assert info["cross_split_duplicates_with_test"] == 1
 
@@ -339,6 +353,22 @@ def test_cli_inspect_json(kermany_tree, capsys):
     assert code == 0
     info = json.loads(out)
     assert info["n_images"] == 24 and info["counts"]["test"]["PNEUMONIA"] == {"bacteria": 3, "virus": 3}
+
+
+def test_cli_inspect_lists_a_cut_jpeg_as_skipped_unless_no_decode(kermany_tree, capsys):
+    """A truncated file hashes fine; inspect used to count it as an image that extract then skipped."""
+    victim = kermany_tree / "train/NORMAL/IM-1000-0001.jpeg"
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    assert run(["data", "inspect", str(kermany_tree), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["n_images"] == 23
+    assert info["skipped"] == [["train/NORMAL/IM-1000-0001.jpeg", "truncated image"]]
+    assert run(["data", "inspect", str(kermany_tree)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "skipped files │ 1" in out and "truncated image" in out
+    assert run(["data", "inspect", str(kermany_tree), "--no-decode"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "24 (24 unique)" in out and "files not decoded: --no-decode" in out
 
 
 def test_cli_inspect_tables_escape_markup(tmp_path, capsys):
