@@ -315,10 +315,11 @@ def _read_manifest_rows(csv_path: Path) -> tuple[list[str], list[tuple[int, dict
                                 "line path,label[,split][,group].")
             cols = [h.strip().lower() for h in header]
             rows = []
+            start = reader.line_num + 1  # a quoted cell may span lines: report where its row begins
             for row in reader:
-                if not any(cell.strip() for cell in row):
-                    continue
-                rows.append((reader.line_num, dict(zip(cols, (c.strip() for c in row), strict=False))))
+                if any(cell.strip() for cell in row):
+                    rows.append((start, dict(zip(cols, (c.strip() for c in row), strict=False))))
+                start = reader.line_num + 1
     except UnicodeDecodeError as exc:
         name = os.fsdecode(csv_path)
         raise DataError(f"manifest '{name}' is not UTF-8 text; save it as UTF-8 CSV.") from exc
@@ -354,8 +355,12 @@ def _discover_manifest(root: Path, csv_path: Path) -> Dataset:
     cols, rows = _read_manifest_rows(csv_path)
     missing_cols = [c for c in ("path", "label") if c not in cols]
     if missing_cols:
+        sep = next((name for ch, name in ((";", "semicolon"), ("\t", "tab"), ("|", "'|'"))
+                    if len(cols) == 1 and ch in cols[0]), None)
+        hint = (f" Its header '{cols[0]}' looks {sep}-separated: save it with commas (a spreadsheet's "
+                "'CSV (comma delimited)')." if sep else "")
         raise DataError(f"manifest '{os.fsdecode(csv_path)}' lacks the column(s) {', '.join(missing_cols)}; "
-                        "its header must be path,label[,split][,group].")
+                        f"its header must be path,label[,split][,group].{hint}")
     base = csv_path.parent.resolve()
     records: list[ImageRecord] = []
     skipped: list[tuple[str, str]] = []
@@ -363,6 +368,13 @@ def _discover_manifest(root: Path, csv_path: Path) -> Dataset:
     seen: dict[str, int] = {}
     for line, row in rows:
         raw, label = row.get("path") or "", row.get("label") or ""
+        if "\n" in raw or "\n" in label:  # csv read on to the end of the file inside one cell
+            raise DataError(f"manifest '{os.fsdecode(csv_path)}' line {line} opens a quote (\") that is "
+                            "never closed, so the lines after it were read as one cell; close or remove the "
+                            "quote.")
+        if raw.lower() == "path" and label.lower() == "label":
+            raise DataError(f"manifest '{os.fsdecode(csv_path)}' line {line} repeats the header row (were "
+                            "two CSVs joined?); keep one header line, the first.")
         if not raw or not label:
             raise DataError(f"manifest '{os.fsdecode(csv_path)}' line {line} has an empty path or label; "
                             "fill in both.")
@@ -386,8 +398,12 @@ def _discover_manifest(root: Path, csv_path: Path) -> Dataset:
         subtype, group = _subtype_and_group(label, path.name)
         records.append(ImageRecord(path, relpath, split, label, subtype, row.get("group") or group))
     if missing:
+        windows = [m for m in missing if "\\" in m and os.path.lexists(base / m.replace("\\", "/"))]
+        hint = (f" {len(windows)} of them name an existing file once their backslashes are slashes, e.g. "
+                f"'{windows[0]}': write paths with / (Windows-style \\ is part of a file name here)."
+                if windows else "")
         raise DataError(f"manifest '{os.fsdecode(csv_path)}' lists {len(missing)} missing file(s), e.g. "
-                        f"'{missing[0]}'; paths must be relative to the manifest's folder.")
+                        f"'{missing[0]}'; paths must be relative to the manifest's folder.{hint}")
     if not records and not skipped:  # a header and nothing else: say so, not "no images under the folder"
         raise DataError(f"manifest '{os.fsdecode(csv_path)}' lists no images; add one row per image "
                         "(path,label[,split][,group]).")

@@ -160,6 +160,11 @@ def test_manifest_without_split_keeps_kermany_parsing(tmp_path):
     ("path,label\n", "lists no images; add one row per image"),
     # a typo put those rows in no split fit uses: left out of training and test without a word
     ("path,label,split\nx.png,a,tset\n", "line 2 has split 'tset'; use train, val"),
+    # spreadsheet and editing slips: each named instead of "lacks the column" / "empty path" / "missing"
+    ("path;label\nx.png;a\n", "lacks the column.*'path;label' looks semicolon-separated: save it with comma"),
+    ("path\tlabel\nx.png\ta\n", "looks tab-separated"),
+    ('path,label\n"x.png,a\nx.png,b\n', "line 2 opens a quote .* never closed"),
+    ("path,label\nx.png,a\npath,label\n", "line 3 repeats the header row"),
 ])
 def test_bad_manifests(tmp_path, content, match):
     write_xray(tmp_path / "x.png", 1)
@@ -167,6 +172,14 @@ def test_bad_manifests(tmp_path, content, match):
     with pytest.raises(DataError, match=match) as err:
         discover(csv_path)
     assert "\n" not in str(err.value)
+
+
+def test_manifest_with_windows_backslashes_says_so(tmp_path):
+    write_xray(tmp_path / "sub" / "x.png", 1)
+    csv_path = _write_manifest(tmp_path / "m.csv", "path,label\nsub\\x.png,a\n")
+    with pytest.raises(DataError, match=r"1 missing file.*1 of them name an existing file once their "
+                                        r"backslashes are slashes, e\.g\. 'sub\\x\.png': write paths with /"):
+        discover(csv_path)
 
 
 def test_manifest_not_utf8_and_missing(tmp_path):
