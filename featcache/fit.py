@@ -937,10 +937,10 @@ def fit(
     if selection == "cv":
         hashes = [_cv_hash(common, configs)]
     elif head_obj.name == "mlp":
-        from featcache.heads.mlp import unpartnered, watches_holdout
+        from featcache.heads.mlp import fused_sigmoid, unpartnered, watches_holdout
 
         planned = {i for i, c in enumerate(configs) if refit and watches_holdout(c)}
-        hashes = _holdout_hashes(common, configs, unpartnered(configs), planned)
+        hashes = _holdout_hashes(common, configs, unpartnered(configs), planned, fused_sigmoid(configs))
     else:
         hashes = _holdout_hashes(common, configs)
     with sweep_lock(opts.runs_dir, sweep_id, hashes):  # a sweep or config trained twice at once: refused
@@ -1328,7 +1328,7 @@ def _cv_hash(common: dict, configs: list[dict]) -> str:
 
 
 def _holdout_hashes(common: dict, configs: list[dict], alone: set[int] = frozenset(),
-                    planned: set[int] = frozenset()) -> list[str]:
+                    planned: set[int] = frozenset(), logit_loss: set[int] = frozenset()) -> list[str]:
     """The config hash of each hold-out run: one per grid point, with the grid points before it.
 
     Why the preceding points are part of it: a config's seed is the sweep's seed plus its position, and a
@@ -1341,9 +1341,12 @@ def _holdout_hashes(common: dict, configs: list[dict], alone: set[int] = frozens
     except a config that the extension gives its first partner, which trains again, fused.
     ``planned``: refit configs whose refit follows ``mlp.refit_plan`` (they watch the hold-out); before
     it their refit early-stopped on its own training rows, another saved model under the same hash.
+    ``logit_loss``: fused sigmoid-output configs (``mlp.fused_sigmoid``), whose loss is taken from the logit
+    now; before, a clipped probability could freeze a saturated member: other numbers under the same hash.
     """
     grid = [to_jsonable(c) for c in configs]
-    marks = [{**({"alone": True} if i in alone else {}), **({"refit_plan": 1} if i in planned else {})}
+    marks = [{**({"alone": True} if i in alone else {}), **({"refit_plan": 1} if i in planned else {}),
+              **({"sigmoid_loss": "logits"} if i in logit_loss else {})}
              for i in range(len(grid))]
     return [config_hash({**common, "params": c, "preceding": grid[:i], **marks[i]})
             for i, c in enumerate(grid)]

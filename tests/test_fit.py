@@ -1245,6 +1245,8 @@ def test_an_mlp_refit_trains_for_the_hold_out_models_epochs(setup, monkeypatch) 
 
     cfg = [{"layers": [8], "patience": 2}]
     assert _holdout_hashes({"x": 1}, cfg) != _holdout_hashes({"x": 1}, cfg, planned={0})
+    # fused sigmoid runs trained with the clipped loss are other models too
+    assert _holdout_hashes({"x": 1}, cfg) != _holdout_hashes({"x": 1}, cfg, logit_loss={0})
     X = np.random.default_rng(0).normal(size=(40, 4)).astype(np.float32)
     y = (X[:, 0] > 0).astype(int)
     _, h = MLPHead().train(X, y, X[:8], y[:8], {"layers": [4], "epochs": 3, "lr": 0.1}, seed=0,

@@ -427,6 +427,66 @@ def test_fused_float32_matches_model_fit_step_for_step():
             np.testing.assert_allclose(w, w_ref, atol=2e-5)
 
 
+@pytest.mark.parametrize("trainer", ["tf", "jax"])
+def test_fused_sigmoid_loss_comes_from_the_logit_as_in_model_fit(trainer):
+    """A saturating sigmoid output: Keras on TensorFlow takes the loss from the logit (a logit of -50 costs
+    50), the fused trainers clipped the probability (a loss capped near 16.1, zero gradient), so a member
+    that saturated on every row never recovered and its val_loss history was a flat 16.1. Full batches
+    remove the minibatch order, so fused training must follow model.fit here too."""
+    if trainer == "jax":
+        pytest.importorskip("jax")
+    rng = np.random.default_rng(5)
+    X = np.maximum(rng.normal(size=(160, 64)), 0).astype(np.float32) * 200  # huge inputs: saturated logits
+    y = (X[:, :4].sum(1) > np.median(X[:, :4].sum(1))).astype(int)
+    y[rng.random(160) < 0.1] ^= 1  # noisy labels: confidently wrong rows
+    Xtr, ytr, Xva, yva = X[:120], y[:120], X[120:], y[120:]
+    head = get_head("mlp")
+    configs = [{"layers": (16,), "lr": 0.05, "epochs": 4, "batch_size": 120, "output_activation": "sigmoid"},
+               {"layers": (8,), "lr": 0.02, "epochs": 4, "batch_size": 120, "output_activation": "sigmoid",
+                "class_weight": "balanced"}]
+    many = head.train_many(Xtr, ytr, Xva, yva, configs, seed=2, fuse=True, precision="float32",
+                           trainer=trainer)
+    saturated = False
+    for i, (cfg, (_fitted, hist)) in enumerate(zip(configs, many, strict=True)):
+        _ref_fitted, ref = head.train(Xtr, ytr, Xva, yva, cfg, seed=2 + i)
+        saturated |= max(ref["loss"] + ref["val_loss"]) > 17  # beyond the old cap: the case is exercised
+        np.testing.assert_allclose(hist["loss"], ref["loss"], rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(hist["val_loss"], ref["val_loss"], rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(hist["val_accuracy"], ref["val_accuracy"], atol=1e-6)
+    assert saturated
+
+
+def test_grid_configs_with_an_activation_the_fused_trainer_lacks_train_alone():
+    """leaky_relu passes validation and trains with model.fit; two such Adam configs of one batch size were
+    sent to the fused trainer, which raised "not supported by grid training" (after other configs had
+    trained). They train alone now, as model.fit does."""
+    from featcache.heads.mlp import fused_sigmoid, unpartnered
+
+    X, y = separable(120, 8, k=2, shift=1.0)
+    head = get_head("mlp")
+    configs = [{"layers": (4,), "lr": lr, "epochs": 2, "batch_size": 30, "activation": "leaky_relu"}
+               for lr in (0.01, 0.001)]
+    many = head.train_many(X[:90], y[:90], X[90:], y[90:], configs, seed=0, precision="float32")
+    assert [r[0].trainer["path"] for r in many] == ["keras.fit", "keras.fit"]
+    assert unpartnered(configs) == set()  # not fusable at all: their ids do not depend on partners
+    sig = [{**c, "activation": "relu", "output_activation": "sigmoid"} for c in configs]
+    assert fused_sigmoid(sig) == {0, 1} and fused_sigmoid(sig[:1]) == set()
+    assert fused_sigmoid(configs) == set()
+
+
+def test_fused_early_stopping_never_stops_after_the_first_epoch_as_keras():
+    """Keras' EarlyStopping stops only from the second epoch on (``epoch > 0``); with patience 0 and a first
+    val_loss that is no improvement (NaN), the fused rule stopped after one epoch."""
+    X, y = separable(120, 8, k=2, shift=1.0)
+    head = get_head("mlp")
+    cfg = {"layers": (4,), "lr": 1e36, "epochs": 5, "batch_size": 30, "patience": 0}
+    (_, hist), _ = head.train_many(X[:90], y[:90], X[90:], y[90:], [cfg, {**cfg, "lr": 1e35}], seed=0,
+                                   fuse=True, precision="float32")
+    _, ref = head.train(X[:90], y[:90], X[90:], y[90:], cfg, seed=0)
+    assert not np.isfinite(ref["val_loss"][0])  # the case: the first epoch is no improvement
+    assert len(hist["val_loss"]) == len(ref["val_loss"]) == 2
+
+
 def test_bfloat16_grid_training_agrees_with_float32():
     X, y = separable(300, 64, k=2, shift=0.9)
     Xtr, ytr, Xva, yva = X[:220], y[:220], X[220:], y[220:]

@@ -21,7 +21,7 @@ import numpy as np
 from featcache.errors import ConfigError
 from featcache.heads.base import check_params, sample_weights
 from featcache.heads.mlp_checkpoint import Checkpointer, data_digest
-from featcache.heads.mlp_fused import FusedJob, fused_train, resolve_precision, resolve_trainer
+from featcache.heads.mlp_fused import ACTIVATIONS, FusedJob, fused_train, resolve_precision, resolve_trainer
 from featcache.progress import ProgressFn, emit
 
 MODEL_FILE = "head.keras"
@@ -494,6 +494,18 @@ def unpartnered(configs: list[dict]) -> set[int]:
     return {i for i in _fused_groups(ps, None)[1] if _fusable(ps[i])}
 
 
+def fused_sigmoid(configs: list[dict]) -> set[int]:
+    """Indices of the sigmoid-output configs that ``train_many`` (``fuse=None``) trains fused.
+
+    Why it is public: until the fused trainers took a sigmoid output's loss from its logit (as Keras on
+    TensorFlow does), they clipped the probability, and a saturated member stopped learning; ``fit`` marks
+    these configs' run ids so their earlier, clipped runs are not found "already done".
+    """
+    ps = [_params(c) for c in configs]
+    groups = _fused_groups(ps, None)[0]
+    return {i for idx in groups.values() for i in idx if ps[i]["output_activation"] == "sigmoid"}
+
+
 def _fused_groups(ps: list[dict], fuse: bool | None) -> tuple[dict[int, list[int]], list[int]]:
     """({batch size: indices trained fused together}, [indices trained alone]) of resolved params."""
     groups: dict[int, list[int]] = {}
@@ -510,10 +522,12 @@ def _fused_groups(ps: list[dict], fuse: bool | None) -> tuple[dict[int, list[int
 
 
 def _fusable(p: dict, fuse: bool | None = None) -> bool:
-    """Configs the fused trainer reproduces: Adam with a constant learning rate."""
+    """Configs the fused trainer reproduces: Adam with a constant learning rate and an activation it has
+    (another Keras activation, e.g. leaky_relu, trains alone with ``model.fit`` instead of failing)."""
     if fuse is False:
         return False
-    return p["optimizer"] == "adam" and not p["lr_decay"] and p["reduce_lr_patience"] is None
+    return (p["optimizer"] == "adam" and not p["lr_decay"] and p["reduce_lr_patience"] is None
+            and p["activation"] in ACTIVATIONS)
 
 
 def history_json(history: dict) -> str:

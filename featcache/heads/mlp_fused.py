@@ -147,7 +147,9 @@ class MemberRecord:
                 self.best_weights = weights()
         else:
             self.since_best += 1
-            if self.p["patience"] is not None and self.since_best >= int(self.p["patience"]):
+            # Keras' EarlyStopping never stops after the first epoch (``epoch > 0``), whatever the patience
+            if (self.p["patience"] is not None and self.since_best >= int(self.p["patience"])
+                    and self.epoch > 1):
                 self.stopped = True
 
     def export(self, weights: Callable[[], list[np.ndarray]]) -> Any:
@@ -203,10 +205,12 @@ def _losses(mb: _Member, logits: Any, y: Any) -> tuple[Any, Any]:
     import tensorflow as tf
 
     if mb.sigmoid:
-        p = tf.clip_by_value(tf.sigmoid(logits[:, 0]), 1e-7, 1 - 1e-7)
-        yf = tf.cast(y, tf.float32)
-        ce = -(yf * tf.math.log(p) + (1 - yf) * tf.math.log(1 - p))
-        correct = tf.cast(tf.equal(tf.cast(p > 0.5, tf.int32), y), tf.float32)
+        # from the logit, as Keras on TensorFlow computes a sigmoid output's loss (it keeps the logit); a
+        # clipped probability capped the loss near 16 with a zero gradient, so a saturated member never
+        # recovered and its capped val_loss misled early stopping and checkpoint
+        z = logits[:, 0]
+        ce = tf.nn.sigmoid_cross_entropy_with_logits(labels=tf.cast(y, tf.float32), logits=z)
+        correct = tf.cast(tf.equal(tf.cast(tf.sigmoid(z) > 0.5, tf.int32), y), tf.float32)
     else:
         ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
         correct = tf.cast(tf.equal(tf.cast(tf.argmax(logits, -1), tf.int32), y), tf.float32)

@@ -151,11 +151,11 @@ def _build_epoch(stacks: list[_Stack], compute: str) -> Callable:
 
     def losses(si: int, logits: Any, y: Any) -> tuple[Any, Any]:
         """Per-member, per-sample cross-entropy and correctness [members, batch], as Keras computes them."""
-        if sigm[si]:
-            p = jnp.clip(jax.nn.sigmoid(logits[..., 0]), 1e-7, 1 - 1e-7)
+        if sigm[si]:  # from the logit, as mlp_fused (and Keras on TensorFlow): no clipped probability
+            z = logits[..., 0]
             yf = y.astype(jnp.float32)[None, :]
-            ce = -(yf * jnp.log(p) + (1 - yf) * jnp.log(1 - p))
-            correct = ((p > 0.5).astype(jnp.int32) == y[None, :]).astype(jnp.float32)
+            ce = -(yf * jax.nn.log_sigmoid(z) + (1 - yf) * jax.nn.log_sigmoid(-z))
+            correct = ((jax.nn.sigmoid(z) > 0.5).astype(jnp.int32) == y[None, :]).astype(jnp.float32)
         else:
             logz = jax.nn.logsumexp(logits, axis=-1)
             picked = jnp.take_along_axis(logits, jnp.broadcast_to(y[None, :, None], logits.shape[:2] + (1,)),
