@@ -246,6 +246,77 @@ def test_fast_logistic_search_multiclass_d_gt_n():
     assert gs.best_estimator_.predict_proba(X).shape == (90, 3)
 
 
+def _sklearn_search(grid: dict, **kw):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return GridSearchCV(make_pipeline(StandardScaler(), LogisticRegression()),
+                        {f"logisticregression__{k}": v for k, v in grid.items()}, **kw)
+
+
+def test_fast_logistic_dict_class_weights_are_keyed_by_label_as_in_sklearn():
+    """The solver weighs rows by their fold-local code; a dict {label: weight} was read as codes, so with
+    labels 1, 2 the weights were ignored, and with a class absent from a training fold they moved to
+    another class (the two candidates below came out swapped)."""
+    from sklearn.datasets import make_classification
+    from sklearn.model_selection import KFold
+
+    from featcache.heads.logreg import FastLogisticGridSearchCV
+
+    X, y = make_classification(300, 20, weights=[0.8, 0.2], random_state=0)
+    y = y + 1
+    grid = {"C": [1.0], "class_weight": [{1: 1, 2: 10}]}
+    ours, ref = FastLogisticGridSearchCV(grid, cv=5).fit(X, y), _sklearn_search(grid, cv=5).fit(X, y)
+    assert ours.best_score_ == pytest.approx(ref.best_score_, abs=1e-9)
+    np.testing.assert_allclose(ours.best_estimator_.predict_proba(X), ref.best_estimator_.predict_proba(X),
+                               atol=1e-6)
+    X3, y3 = make_classification(240, 20, n_classes=3, n_informative=6, random_state=1)
+    order = np.argsort(y3, kind="stable")  # sorted, unshuffled folds: a training fold lacks class 0 / 2
+    X3, y3 = X3[order], y3[order]
+    folds = list(KFold(4).split(X3))
+    grid = {"C": [1.0], "class_weight": [{0: 1, 1: 1, 2: 8}, {0: 1, 1: 8, 2: 1}]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = FastLogisticGridSearchCV(grid, cv=folds).fit(X3, y3)
+        ref = _sklearn_search(grid, cv=folds).fit(X3, y3)
+    np.testing.assert_allclose(ours.cv_results_["mean_test_score"], ref.cv_results_["mean_test_score"],
+                               atol=1e-9)
+
+
+def test_fast_logistic_input_checks_as_sklearn():
+    """NaN in X was taken silently (chance scores, a NaN scaler mean); boolean-mask folds crashed in
+    numpy; an empty cv gave NaN scores and still refit; neg_log_loss scored folds scikit-learn cannot."""
+    from sklearn.datasets import make_classification
+    from sklearn.model_selection import KFold
+
+    from featcache.heads.logreg import FastLogisticGridSearchCV
+
+    X, y = make_classification(200, 20, random_state=3)
+    bad = X.copy()
+    bad[5, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        FastLogisticGridSearchCV({"C": [1.0]}, cv=5).fit(bad, y)
+    masks = [(np.isin(np.arange(200), a), np.isin(np.arange(200), b))
+             for a, b in KFold(4, shuffle=True, random_state=1).split(X)]
+    grid = {"C": [0.1]}
+    assert (FastLogisticGridSearchCV(grid, cv=masks).fit(X, y).best_score_
+            == pytest.approx(_sklearn_search(grid, cv=masks).fit(X, y).best_score_, abs=1e-9))
+    with pytest.raises(ValueError, match="cv iterator is empty"):
+        FastLogisticGridSearchCV(grid, cv=[]).fit(X, y)
+    order = np.argsort(y, kind="stable")  # unshuffled folds on sorted labels: one-class validation folds
+    Xs, ys = X[order], y[order]
+    folds = list(KFold(4).split(Xs))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = FastLogisticGridSearchCV({"C": [0.1, 1.0]}, cv=folds, scoring="neg_log_loss").fit(Xs, ys)
+        ref = _sklearn_search({"C": [0.1, 1.0]}, cv=folds, scoring="neg_log_loss").fit(Xs, ys)
+    np.testing.assert_array_equal(np.isnan(ours.cv_results_["mean_test_score"]),
+                                  np.isnan(ref.cv_results_["mean_test_score"]))
+    assert np.isnan(ours.cv_results_["mean_test_score"]).all()
+
+
 def test_l1_falls_back_to_sklearn():
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GridSearchCV

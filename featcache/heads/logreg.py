@@ -52,7 +52,11 @@ Where each part lives: this module holds the search (``FastLogisticGridSearchCV`
 preparation (2, 4); ``logreg_lbfgs`` the batched L-BFGS-B runs and the stop test (2, 3).
 
 Measured on the 2-core dev box: see benchmarks/bench_logreg.py. Unsupported settings (a non-lbfgs solver,
-l1/elastic-net, a scorer we do not compute) fall back to real ``GridSearchCV`` -- still correct, slower.
+l1/elastic-net, a scorer we do not compute) fall back to real ``GridSearchCV`` -- the same numbers, slower,
+except that it runs with ``error_score="raise"``: a fit scikit-learn would score NaN (a one-class training
+fold, an invalid solver/penalty pair) stops the search with scikit-learn's own message. On float32 input
+the search matches float64 scikit-learn; float32 scikit-learn evaluates decision values near 0 in float32
+(tiny C), where its predictions can flip and its scores differ from ours by more than 0.005.
 """
 from __future__ import annotations
 
@@ -105,6 +109,36 @@ def _fast_supported(p: dict) -> bool:
             and p["l1_ratio"] in (None, 0, 0.0) and not p["dual"] and np.isfinite(p["C"]) and p["C"] > 0)
 
 
+def _by_label(p: dict, classes: np.ndarray) -> dict:
+    """``p`` with a dict class_weight keyed by the positions of ``classes`` (a fold's labels, in the order
+    its 0-based codes follow), as LogisticRegression reads such a dict: by class label.
+
+    Why: the solver weighs rows by their fold-local code, and a dict {label: weight} used as codes put the
+    weights on other classes when the labels are not 0..K-1 or a training fold lacks a class.
+    """
+    cw = p["class_weight"]
+    if not isinstance(cw, dict):
+        return p
+    return {**p, "class_weight": {i: float(cw.get(_key(c), 1.0)) for i, c in enumerate(classes)}}
+
+
+def _key(label: Any) -> Any:
+    """A class label as the key ``normalize_class_weight`` gives it (ints stay ints, numpy scalars too)."""
+    return label.item() if isinstance(label, np.generic) else label
+
+
+def _checked_xy(X: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
+    """X as a finite float array and y as 1-d, with scikit-learn's own messages (NaN/inf in X was taken
+    silently: every decision value NaN, chance-level scores, a refit scaler with a NaN mean)."""
+    from sklearn.utils import check_array, column_or_1d
+
+    X = check_array(X, dtype=[np.float64, np.float32])  # finite by default in every supported version
+    y = column_or_1d(y, warn=True)
+    if len(y) != len(X):
+        raise ValueError(f"X has {len(X)} rows but y has {len(y)} labels.")
+    return X, y
+
+
 def _score(scoring: str, y: np.ndarray, raw: np.ndarray, classes: np.ndarray) -> float:
     """The scorer applied to decision values exactly as scikit-learn's would use predict/proba."""
     from scipy.special import expit, softmax
@@ -125,9 +159,20 @@ def _score(scoring: str, y: np.ndarray, raw: np.ndarray, classes: np.ndarray) ->
         return float(metrics.f1_score(y, pred, average="macro"))
     if scoring == "roc_auc":
         return float(metrics.roc_auc_score(y == classes[1], raw[:, 0]))
-    if scoring == "neg_log_loss":
-        return float(-metrics.log_loss(y, proba, labels=classes))
+    if scoring == "neg_log_loss":  # as scikit-learn's scorer calls it: NaN where it cannot score a fold
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return float(-metrics.log_loss(y, proba[:, 1] if proba.shape[1] == 2 else proba))
+        except ValueError:
+            return float("nan")
     raise ValueError(scoring)
+
+
+def _indices(a: Any, n: int) -> np.ndarray:
+    """A fold side as row indices: boolean masks (which scikit-learn accepts) become their positions."""
+    a = np.asarray(a)
+    return np.flatnonzero(a) if a.dtype == bool else a.astype(np.intp, copy=False)
 
 
 # ---------------------------------------------------------------- public search class
@@ -154,8 +199,13 @@ class FastLogisticGridSearchCV:
         from sklearn.model_selection import check_cv
 
         if isinstance(self.cv, (list, tuple)):
-            return [(np.asarray(a), np.asarray(b)) for a, b in self.cv]
-        return list(check_cv(self.cv, y, classifier=True).split(X, y, groups))
+            folds = [(_indices(a, len(y)), _indices(b, len(y))) for a, b in self.cv]
+        else:
+            folds = [(_indices(a, len(y)), _indices(b, len(y)))
+                     for a, b in check_cv(self.cv, y, classifier=True).split(X, y, groups)]
+        if not folds:
+            raise ValueError("No fits were performed: the cv iterator is empty.")
+        return folds
 
     def _fallback(self, X, y, groups, folds, candidates) -> None:
         from sklearn.linear_model import LogisticRegression
@@ -185,9 +235,7 @@ class FastLogisticGridSearchCV:
         from sklearn.model_selection import ParameterGrid
         from threadpoolctl import threadpool_limits
 
-        X, y = np.asarray(X), np.asarray(y)
-        if X.dtype not in (np.float32, np.float64):
-            X = X.astype(np.float64)
+        X, y = _checked_xy(X, y)
         candidates = [dict(c) for c in ParameterGrid(self.param_grid)]
         full = [_lr_params(c) for c in candidates]
         folds = self._folds(X, y, groups)
@@ -237,7 +285,7 @@ class FastLogisticGridSearchCV:
                     done[0] += 1
                     emit(self.progress, "fit", done[0], total, f"fold {j + 1}/{len(folds)}")
 
-                sols = solve_many(space, yi, len(classes), full, tick, d)
+                sols = solve_many(space, yi, len(classes), [_by_label(p, classes) for p in full], tick, d)
                 t1 = time.perf_counter()
                 k = sols[0][0].shape[1]
                 raw = space.decisions(Zte, np.hstack([G for G, _, _ in sols]))
@@ -278,7 +326,7 @@ def fit_pipeline(X: np.ndarray, y: np.ndarray, params: dict) -> Any:
     from sklearn.preprocessing import StandardScaler
 
     p = _lr_params(params)
-    X, y = np.asarray(X), np.asarray(y)
+    X, y = _checked_xy(X, y)
     if not _fast_supported(p) or len(np.unique(y)) < 2:
         return make_pipeline(StandardScaler(), LogisticRegression(**p)).fit(X, y)
     scaler = fit_scaler(X)
@@ -294,7 +342,8 @@ def _fit_in_space(space: Space, Z: np.ndarray, y: np.ndarray, p: dict, scaler: A
     classes, yi = np.unique(y, return_inverse=True)
     # All cores but at most 4: a lone fit's products are memory-bound ?trmv (two threads: 2x here), and
     # idle OpenBLAS threads spin between L-BFGS-B's small calls.
-    (G, b, nit), = solve_many(space, yi, len(classes), [p], None, Z.shape[1], threads=min(cpus(), 4))
+    (G, b, nit), = solve_many(space, yi, len(classes), [_by_label(p, classes)], None, Z.shape[1],
+                              threads=min(cpus(), 4))
     W = space.coefficients(Z, G)
     lr = LogisticRegression(**p)
     lr.classes_ = classes
