@@ -38,6 +38,31 @@ def predict_labels(proba: np.ndarray, threshold: float | None = None) -> np.ndar
     return np.argmax(p, axis=1).astype(np.int64)
 
 
+def rank_score(p: np.ndarray, i: int) -> np.ndarray:
+    """Class ``i``'s score for rank metrics (AUC, ROC, precision-recall): P(class i), its ties broken by the
+    other classes' total probability (a smaller total ranks higher).
+
+    Why: float32 probabilities saturate. An MLP's P(pneumonia) was 0.99999994 for every test image while
+    P(normal) still ranged from 1e-20 to 1e-15, and prediction CSVs round P near 1 to "1"; ranked on P(class
+    i) alone that model scored AUC 0.500 with a zero-width interval, its true one 0.789. Without ties in
+    P(class i) this returns P(class i) itself, so every number stays as it was; with ties that the rest
+    breaks it returns dense ranks (0, 1, ...), comparable only with each other.
+    """
+    p = np.asarray(p, dtype=np.float64)
+    pi = p[:, i]
+    if len(np.unique(pi)) == len(pi):
+        return pi
+    rest = np.delete(p, i, axis=1).sum(axis=1)
+    order = np.lexsort((-rest, pi))
+    a, b = pi[order], rest[order]
+    new = np.r_[True, (a[1:] != a[:-1]) | (b[1:] != b[:-1])]
+    if new.sum() == len(np.unique(pi)):  # the rest breaks no tie: P(class i) ranks the same
+        return pi
+    ranks = np.empty(len(pi))
+    ranks[order] = np.cumsum(new) - 1
+    return ranks
+
+
 def _downsample_roc(fpr: np.ndarray, tpr: np.ndarray, thr: np.ndarray) -> dict:
     """At most ROC_POINTS points, always keeping both ends, so run files stay small."""
     if len(fpr) > ROC_POINTS:
@@ -57,10 +82,11 @@ def _safe_auc(y_true: np.ndarray, p: np.ndarray, n_classes: int) -> float | None
 
     present = np.unique(y_true)
     if n_classes == 2:
-        return float(roc_auc_score(y_true, p[:, 1])) if len(present) == 2 else None
+        return float(roc_auc_score(y_true, rank_score(p, 1))) if len(present) == 2 else None
     if len(present) < n_classes:
         return None
-    return float(roc_auc_score(y_true, p, multi_class="ovr", average="macro", labels=list(range(n_classes))))
+    # scikit-learn's one-vs-rest macro AUC (the mean of each class's AUC against the rest), on rank scores
+    return float(np.mean([roc_auc_score(y_true == c, rank_score(p, c)) for c in range(n_classes)]))
 
 
 def classification_metrics(
@@ -104,7 +130,10 @@ def classification_metrics(
         out["sensitivity"] = float(rec[1]) if support[1] else None  # undefined, not 0, without positives
         out["specificity"] = float(rec[0]) if support[0] else None
         if len(np.unique(y)) == 2:
-            fpr, tpr, thr = roc_curve(y, p[:, 1])
+            score = rank_score(p, 1)
+            fpr, tpr, thr = roc_curve(y, score)
+            at = dict(zip(score.tolist(), p[:, 1].tolist(), strict=False))  # dense ranks: record P(class 1)
+            thr = np.array([at.get(float(t), np.inf) for t in thr])
             out["roc"] = _downsample_roc(fpr, tpr, thr)
         else:
             out["roc"] = None
@@ -251,12 +280,12 @@ def bootstrap_ci(
     if k == 2:
         stats["sensitivity"] = np.where(row[:, 1] > 0, recall[:, 1], np.nan)
         stats["specificity"] = np.where(row[:, 0] > 0, recall[:, 0], np.nan)
-        order, bounds = _ties(p[:, 1])
+        order, bounds = _ties(rank_score(p, 1))
         stats["auc"] = _weighted_auc(w * (y == 1), w * (y == 0), order, bounds)
     else:
         aucs = []
         for i in range(k):
-            order, bounds = _ties(p[:, i])
+            order, bounds = _ties(rank_score(p, i))
             aucs.append(_weighted_auc(w * (y == i), w * (y != i), order, bounds))
         stats["auc"] = np.mean(np.stack(aucs, axis=1), axis=1)  # NaN when a class is missing
 

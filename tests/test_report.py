@@ -255,6 +255,13 @@ def test_group_top_tag_and_id_selection(sweep, tmp_path):
         assert data[i]["rank"] < data[i + 1]["rank"]
     html = res.html.read_text()
     assert "head: mlp" in html and "head: svm" in html
+    # methods and grid views describe every run ranked, not only the top ones shown (they said "mlp (2
+    # run(s))" and listed a searched parameter as fixed)
+    md_text = res.markdown.read_text(encoding="utf-8")
+    methods = " ".join(md_text[md_text.index("## Methods"):md_text.index("## Provenance")].split())
+    assert "logreg (6 run(s)), mlp (6 run(s)), svm (2 run(s))" in methods
+    assert "leaderboard shows 6 of these 14 runs (--top)" in methods
+    assert re.search(r"mlp on \S+ features · task \S+ · 6 configs \(2 in the leaderboard\)", md_text)
 
     res = build_report(runs, tmp_path / "t", ReportOptions(tags=["mlp-grid"]))
     assert {r["head"] for r in json.loads(res.json.read_text())["runs"]} == {"mlp"}

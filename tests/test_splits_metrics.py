@@ -104,6 +104,35 @@ def test_multiclass_metrics_ovr_auc() -> None:
     assert np.array(m["confusion"]).sum() == 200
 
 
+def test_saturated_float32_probabilities_are_ranked_by_the_other_class() -> None:
+    """An overfit MLP gave P(pneumonia) = 0.99999994 (float32's largest below 1) to every test image while
+    P(normal) still ranged 1e-20..1e-15: ranked on P(pneumonia) alone the AUC was 0.500 with a zero-width
+    interval; its ranking lies in P(normal), as in the log-odds."""
+    from featcache.metrics import rank_score
+    from featcache.report.collect import Predictions
+    from featcache.report.scores import auc, scores
+
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(20, int), np.ones(40, int)]
+    exponent = np.where(y == 1, rng.uniform(18, 20, 60), rng.uniform(15, 17.5, 60))  # a near-perfect ranking
+    p0 = (10.0 ** -exponent).astype(np.float32)
+    p0[0] = 1e-19  # one normal image among the pneumonia ones
+    proba = np.column_stack([p0, np.full(60, np.float32(1) - np.float32(2.0**-24))]).astype(np.float32)
+    m = classification_metrics(y, proba, ["NORMAL", "PNEUMONIA"])
+    truth = roc_auc_score(y, np.log(proba[:, 1].astype(float)) - np.log(proba[:, 0].astype(float)))
+    assert m["auc"] == pytest.approx(truth) and truth > 0.9
+    ci = bootstrap_ci(y, proba, ["NORMAL", "PNEUMONIA"], n_boot=200, seed=0)["auc"]
+    assert min(ci) > 0.9  # not a zero-width interval at 0.5
+    pred = Predictions([f"{i}.png" for i in range(60)], y, proba.astype(np.float64), ["NORMAL", "PNEUMONIA"])
+    assert auc(pred) == pytest.approx(truth)
+    assert scores(pred)["average_precision"] > 0.9
+    # without ties in P(class 1) the score is P(class 1) itself: every earlier number stays as it was
+    q = rng.uniform(size=60)
+    plain = np.column_stack([1 - q, q])
+    assert rank_score(plain, 1) is not None and np.array_equal(rank_score(plain, 1), q)
+    assert classification_metrics(y, plain, ["a", "b"])["auc"] == pytest.approx(roc_auc_score(y, q))
+
+
 def test_choose_threshold() -> None:
     y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
     p = np.array([0.1, 0.2, 0.3, 0.75, 0.7, 0.8, 0.9, 0.95])

@@ -29,6 +29,7 @@ from featcache.report.leaderboard import (
     build_leaderboard,
     config_string,
     keras_backend_of,
+    top_of_groups,
     write_csv,
     write_json,
 )
@@ -235,8 +236,9 @@ def _prevalence(runs: Sequence[RunRecord]) -> str:
 
 
 def _ties(doc: Document, rows: Sequence[dict], options: ReportOptions) -> None:
-    """Say when the best run shares its validation score: the leaderboard breaks ties by run id, which says
-    nothing about the runs, so "#1" is then one of several equally good choices."""
+    """Say when the best run shares its validation score: the leaderboard breaks ties by sweep and grid
+    position (``leaderboard._sort_key``), which says nothing about the runs' merit, so "#1" is then one of
+    several equally good choices."""
     firsts: dict[str, dict] = {}
     for r in sorted(rows, key=lambda r: r["rank"]):
         firsts.setdefault(str(r.get("group") or ""), r)
@@ -249,7 +251,8 @@ def _ties(doc: Document, rows: Sequence[dict], options: ReportOptions) -> None:
         where = f" of {group}" if options.group_by else ""
         listed = f" ({', '.join(shown)}" + (f" and {n - len(shown)} not shown)" if n > len(shown) else ")")
         doc.add(Para(f"{n} runs{where} share the best validation {options.metric}, {_f(best['score'])}"
-                     f"{listed}; the leaderboard orders them by run id, so #{best['rank']} is one of "
+                     f"{listed}; the leaderboard orders them by sweep and grid position, so "
+                     f"#{best['rank']} is one of "
                      f"{n} equally good choices on validation. Choose among them on something other than "
                      "the test numbers (e.g. the simpler model, or another validation metric with --metric).",
                      "note", "Tie:"))
@@ -343,7 +346,7 @@ def _leaderboard_table(rows: Sequence[dict], metric: str, has_test: bool) -> Tab
     cols += [(k, lambda r, k=k: r.get(k)) for k in keys[:4] if k not in constant]
     cols += [
         ("config", lambda r: r["config"]),
-        (f"val {metric} ▼", lambda r: _f(r.get(f"val_{metric}"))),
+        (f"val {metric} {'▲' if metric in LOWER_IS_BETTER else '▼'}", lambda r: _f(r.get(f"val_{metric}"))),
     ]
     if "validation" not in constant:  # out-of-fold CV on all training images, or a small hold-out
         cols.append(("validated on", lambda r: r.get("validation")))
@@ -789,7 +792,7 @@ def _cv_section(doc: Document, rec: RunRecord, row: dict, options: ReportOptions
     folds = (rec.run.get("selection") or {}).get("folds", "?")
     doc.add(
         Heading(
-            f"{rec.head} on {rec.backbone} features · task {rec.task} · grid search inside run "
+            f"{rec.head} on {row['backbone']} features · task {rec.task} · grid search inside run "
             f"#{row['rank']} ({len(grid)} configs × {folds} patient-grouped folds)",
             3,
         )
@@ -802,7 +805,8 @@ def _cv_section(doc: Document, rec: RunRecord, row: dict, options: ReportOptions
     )
     if pair:
         chosen_at = (rec.run.get("selection") or {}).get("best_index")
-        img = _heatmap(grid, pair[0], pair[1], "cv", f"mean CV {scoring}: {rec.head} on {rec.backbone}",
+        img = _heatmap(grid, pair[0], pair[1], "cv",
+                       f"mean CV {scoring}: {rec.head} on {row['backbone']}, {rec.task}",
                        bar_label=f"mean CV {scoring}", formats=options.figure_formats,
                        chosen=grid[chosen_at]["params"] if isinstance(chosen_at, int)
                        and 0 <= chosen_at < len(grid) else None)
@@ -855,20 +859,26 @@ def _cv_section(doc: Document, rec: RunRecord, row: dict, options: ReportOptions
 
 
 def _grid_section(
-    doc: Document, rows: list[dict], options: ReportOptions, by_id: dict[str, RunRecord]
+    doc: Document, rows: list[dict], options: ReportOptions, by_id: dict[str, RunRecord],
+    shown: set[str] | None = None,
 ) -> None:
+    """Each CV run's grid, and each family's (backbone, head, task) hold-out configs: every ranked run of
+    it, also those --top leaves out of the leaderboard (``shown``: the run ids it keeps)."""
     families: dict[tuple[str, str, str], list[dict]] = {}
     for r in rows:
         families.setdefault((r["backbone"], r["head"], r["task"]), []).append(r)
     families = {k: v for k, v in families.items() if len(v) >= 2}
-    cv_rows = [r for r in rows if _cv_grid(by_id[r["run_id"]])]
+    # a CV run holds its whole grid: only the shown ones get theirs (another CV run is another search)
+    cv_rows = [r for r in rows if _cv_grid(by_id[r["run_id"]]) and (shown is None or r["run_id"] in shown)]
     if not families and not cv_rows:
         return
     doc.section("Grid views", "grids")
     for r in cv_rows:
         _cv_section(doc, by_id[r["run_id"]], r, options)
     for (backbone, head, task), members in families.items():
-        doc.add(Heading(f"{head} on {backbone} features · task {task} · {len(members)} configs", 3))
+        n_shown = len([r for r in members if shown is None or r["run_id"] in shown])
+        doc.add(Heading(f"{head} on {backbone} features · task {task} · {len(members)} configs"
+                        + (f" ({n_shown} in the leaderboard)" if n_shown < len(members) else ""), 3))
         varying = _varying(members)
         names = [v[0] for v in varying]
         fixed = sorted({k for r in members for k in r["params"]} - set(names))
@@ -1086,7 +1096,7 @@ def _epoch_chosen_on_holdout(run: RunRecord) -> bool:
 
 def _methods_text(runs: Sequence[RunRecord]) -> str:
     """A methods paragraph a reader can adapt for a paper, written from what the runs recorded."""
-    weights_word = {"imagenet": "ImageNet-pretrained", "none": "randomly initialised (--weights none)"}
+    weights_word = {"imagenet": "ImageNet-pretrained", "none": "randomly initialised, --weights none"}
     def weights(b: dict) -> str:
         return weights_word.get(str(b.get("weights")), f"weights from {b.get('weights')}")
 
@@ -1368,9 +1378,17 @@ def build_document(
     runs_dir: Path,
     progress: ProgressFn | None = None,
     n_selected: int | None = None,
+    searched: tuple[Sequence[RunRecord], list[dict]] | None = None,
 ) -> Document:
-    """Assemble every section (format-neutral) from the selected runs and their leaderboard rows."""
+    """Assemble every section (format-neutral) from the selected runs and their leaderboard rows.
+
+    ``searched``: every run ranked and its rows, when ``--top`` shows fewer: the grid views, methods and
+    provenance describe all of them (a methods paragraph and grid view written from the top runs only
+    understated the search the winner came from: "2 configs, fixed lr" of a 16-config lr sweep).
+    """
     from featcache import __version__
+
+    all_runs, all_rows = searched if searched is not None else (runs, rows)
 
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     has_test = any(r.get("test_accuracy") is not None for r in rows)
@@ -1385,11 +1403,16 @@ def build_document(
     by_id = {r.id: r for r in runs}
     _paired_section(doc, rows, by_id, options.group_by)
     _top_runs_section(doc, sorted(rows, key=lambda r: r["rank"]), by_id, options, progress)
-    _grid_section(doc, rows, options, by_id)
+    shown = {r["run_id"] for r in rows}
+    _grid_section(doc, all_rows, options, {r.id: r for r in all_runs}, shown)
     _dataset_section(doc, runs, options, progress)
     doc.section("Methods", "methods")
-    doc.add(Para(_methods_text(runs)))
-    _provenance_section(doc, runs)
+    methods = _methods_text(all_runs)
+    if len(all_runs) > len(runs):
+        methods += (f" This report's leaderboard shows {len(runs)} of these {len(all_runs)} runs (--top); "
+                    "its grid views show every hold-out config.")
+    doc.add(Para(methods))
+    _provenance_section(doc, all_runs)
     if skipped:
         doc.add(Heading("Runs left out", 3))
         doc.add(Table(["folder", "reason"], [[a, b] for a, b in skipped]))
@@ -1482,12 +1505,14 @@ def build_report(
             "list run ids and tags with `featcache runs ls`."
         )
     emit(progress, "report", 0, len(runs), "computing metrics")
-    rows = build_leaderboard(runs, options.metric, options.group_by, options.top)
-    _check_heatmap_names(options.heatmap, rows, runs)
+    ranked = build_leaderboard(runs, options.metric, options.group_by)
+    rows = top_of_groups(ranked, options.top)
+    _check_heatmap_names(options.heatmap, ranked, runs)
     selected = {r["run_id"] for r in rows}
-    n_selected = len(runs)
+    searched = list(runs)  # every run ranked: what methods, grid views and provenance describe
     runs = [r for r in runs if r.id in selected]
-    doc = build_document(runs, rows, skipped, options, runs_dir, progress, n_selected)
+    doc = build_document(runs, rows, skipped, options, runs_dir, progress, len(searched),
+                         searched=(searched, ranked))
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {out_dir} is a file, not a folder; choose a folder for the report files.")
     out_dir.mkdir(parents=True, exist_ok=True)

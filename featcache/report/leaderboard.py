@@ -187,7 +187,24 @@ def build_leaderboard(
         scores = Counter(r["score"] for r in members if r["score"] is not None)
         for r in members:  # before --top trims: a tie with a run left out is still a tie
             r["tied"] = scores[r["score"]] if r["score"] is not None else None
-        out.extend(members[:top] if top else members)
+        out.extend(members)
+    return top_of_groups(out, top)
+
+
+def top_of_groups(rows: list[dict[str, Any]], top: int | None) -> list[dict[str, Any]]:
+    """The best ``top`` rows of each group of a built leaderboard (all of them when ``top`` is None).
+
+    Why apart from ``build_leaderboard``: the report ranks every selected run once and shows the top ones,
+    while its methods and grid views describe every run that was searched, not only those shown.
+    """
+    if not top:
+        return list(rows)
+    seen: Counter = Counter()
+    out = []
+    for row in rows:
+        seen[row["group"]] += 1
+        if seen[row["group"]] <= top:
+            out.append(row)
     return out
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from featcache.metrics import rank_score
 from featcache.report.collect import Predictions, RunRecord
 from featcache.report.scores import (
     LOWER_IS_BETTER,
@@ -121,10 +122,13 @@ def _roc_ax(ax, rec: RunRecord, threshold: float | None) -> None:
         pred = getattr(rec, split)
         if pred is None or pred.proba.shape[1] != 2 or len(set(pred.y_true.tolist())) < 2:
             continue
-        fpr, tpr, _ = roc_points(pred.y_true, pred.proba[:, 1])
-        area = auc_binary(pred.y_true, pred.proba[:, 1])
+        ranked = rank_score(pred.proba, 1)  # P(class 1), saturated ties broken as the AUC breaks them
+        fpr, tpr, _ = roc_points(pred.y_true, ranked)
+        area = auc_binary(pred.y_true, ranked)
         areas.append(area)
-        ax.plot(fpr, tpr, color=color, lw=1.6, label=f"{split} (AUC {area:.3f})")
+        # validation dashed: the two stay apart where they coincide, and in greyscale
+        ax.plot(fpr, tpr, color=color, lw=1.6, ls="--" if split == "val" else "-",
+                label=f"{split} (AUC {area:.3f})")
         for thr, marker, name in ((0.5, "o", "0.5"), (threshold, "*", "chosen")):
             if thr is None:
                 continue
@@ -145,17 +149,28 @@ def _roc_ax(ax, rec: RunRecord, threshold: float | None) -> None:
             )
             marked.add(name)
     zoom = bool(areas) and min(areas) >= ZOOM_AUC  # the whole square shows a corner and nothing else
-    if zoom:
-        ax.set_xlim(-0.005, max([ZOOM_SPAN, *(fp + 0.03 for fp, _ in points)]))
-        ax.set_ylim(min([1 - ZOOM_SPAN, *(se - 0.03 for _, se in points)]), 1.005)
+    if zoom:  # one span on both axes: a ROC's shape only reads right with equal scales
+        span = max(max([ZOOM_SPAN, *(fp + 0.03 for fp, _ in points)]) + 0.005,
+                   1.005 - min([1 - ZOOM_SPAN, *(se - 0.03 for _, se in points)]))
+        ax.set_xlim(-0.005, -0.005 + span)
+        ax.set_ylim(1.005 - span, 1.005)
     else:
         ax.set_xlim(-0.02, 1.02)
         ax.set_ylim(-0.02, 1.02)
+    ax.set_aspect("equal", adjustable="box")
     ax.set_xlabel("1 − specificity (false-positive rate)")
     ax.set_ylabel("sensitivity")
-    thr_txt = f"{threshold:.2f}" if threshold is not None else "n/a"
+    thr_txt = threshold_text(threshold)
     ax.set_title(f"ROC (● 0.5, ★ chosen {thr_txt})" + (", corner" if zoom else ""))
     _legend(ax, "lower right")
+
+
+RUN_FIGURE_COLUMNS = 3  # panels per row of a top run's figure
+
+
+def threshold_text(threshold: float | None) -> str:
+    """A threshold to 3 significant digits: 0.499 printed "0.50" beside the 0.5 marker, 0.9979 as "1.00"."""
+    return f"{threshold:.3g}" if threshold is not None else "n/a"
 
 
 ZOOM_AUC = 0.95  # from this AUC / AP on, ROC and precision-recall panels show their top corner
@@ -185,11 +200,11 @@ def _pr_ax(ax, rec: RunRecord, threshold: float | None) -> None:
         if pred is None or pred.proba.shape[1] != 2 or len(set(pred.y_true.tolist())) < 2:
             continue
         y, score = pred.y_true, pred.proba[:, 1]
-        recall, precision, _ = pr_points(y, score)
-        ap = average_precision(y, score)
+        recall, precision, _ = pr_points(y, rank_score(pred.proba, 1))
+        ap = average_precision(y, rank_score(pred.proba, 1))
         aps.append(ap)
         ax.step(np.r_[0.0, recall], np.r_[precision[0], precision], where="pre", color=color, lw=1.6,
-                label=f"{split} (AP {ap:.3f})")
+                ls="--" if split == "val" else "-", label=f"{split} (AP {ap:.3f})")
         if split == "test" or rec.test is None:
             prevalence = float(np.mean(y == 1))
             ax.axhline(prevalence, color=GREY, lw=0.8, ls=":")
@@ -296,10 +311,15 @@ def run_figure(rec: RunRecord, threshold: float | None, formats: Sequence[str] =
     if not panels:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.0))
-    axes = np.atleast_1d(axes)
+    # rows of at most 3 panels: one strip of 6 (19.5 in wide) was shrunk to a page's width, 6-px legends
+    ncols = min(RUN_FIGURE_COLUMNS, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, grid = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.4 * nrows), squeeze=False)
+    axes = grid.ravel()
+    for ax in axes[len(panels):]:
+        ax.set_axis_off()
     split = "test" if rec.test is not None else "val"
-    for ax, panel in zip(axes, panels, strict=True):
+    for ax, panel in zip(axes[:len(panels)], panels, strict=True):
         if panel == "cm05":
             _confusion_ax(
                 ax,
@@ -308,7 +328,7 @@ def run_figure(rec: RunRecord, threshold: float | None, formats: Sequence[str] =
                 f"{split} confusion @ 0.5" if pred.proba.shape[1] == 2 else f"{split} confusion (argmax)",
             )
         elif panel == "cmthr":
-            _confusion_ax(ax, pred, threshold, f"{split} confusion @ chosen {threshold:.2f}")
+            _confusion_ax(ax, pred, threshold, f"{split} confusion @ chosen {threshold_text(threshold)}")
         elif panel == "roc":
             _roc_ax(ax, rec, threshold)
         elif panel == "pr":

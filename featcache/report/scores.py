@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from featcache.metrics import LOG_LOSS_CLIP as EPS
-from featcache.metrics import predict_labels
+from featcache.metrics import predict_labels, rank_score
 from featcache.report.collect import Predictions, RunRecord
 
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auc", "average_precision", "sensitivity",
@@ -102,8 +102,8 @@ def auc(pred: Predictions) -> float:
     a mean over the classes present would rank a run on a number its own record does not have)."""
     k = pred.proba.shape[1]
     if k == 2:
-        return auc_binary(pred.y_true, pred.proba[:, 1])
-    vals = [auc_binary((pred.y_true == c).astype(int), pred.proba[:, c]) for c in range(k)]
+        return auc_binary(pred.y_true, rank_score(pred.proba, 1))
+    vals = [auc_binary((pred.y_true == c).astype(int), rank_score(pred.proba, c)) for c in range(k)]
     return float(np.mean(vals))  # NaN when any class is absent
 
 
@@ -128,7 +128,7 @@ def scores(pred: Predictions, threshold: float | None = 0.5) -> dict[str, float]
     if k == 2:
         out["sensitivity"] = float(cm[1, 1] / cm[1].sum()) if cm[1].sum() else float("nan")
         out["specificity"] = float(cm[0, 0] / cm[0].sum()) if cm[0].sum() else float("nan")
-        out["average_precision"] = average_precision(pred.y_true, pred.proba[:, 1])
+        out["average_precision"] = average_precision(pred.y_true, rank_score(pred.proba, 1))
     return out
 
 
