@@ -1113,3 +1113,24 @@ def test_a_report_written_into_the_runs_folder_is_not_a_run(tmp_path):
 
     kept, left_out = load_runs(runs)
     assert len(kept) == 1 and left_out == []
+
+
+def test_a_copy_of_the_demo_folder_still_gets_the_demo_note(tmp_path):
+    """The demo's test side is carved from Kermany's training split; a report on a copy of the folder (same
+    images, paths, labels) lost the "Demo data" note, which was keyed on the installed path only."""
+    from featcache.pipeline import demo_root
+    from featcache.report.build import _demo_images_digest, _is_demo
+
+    digest = _demo_images_digest()
+    assert digest and len(digest) == 16
+    assert _is_demo({"root": str(demo_root())})
+    assert _is_demo({"root": str(tmp_path / "copy"), "images_digest": digest})
+    assert not _is_demo({"root": str(tmp_path / "other"), "images_digest": "0" * 16})
+    assert not _is_demo({"root": str(tmp_path / "other")})
+
+
+def test_markdown_escapes_dollars_and_tildes():
+    """GitHub renders $x$ in a title or tag as math and ~~x~~ struck through."""
+    from featcache.report.markdown import md
+
+    assert md("$x$ ~~y~~") == "\\$x\\$ \\~\\~y\\~\\~"

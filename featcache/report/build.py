@@ -8,6 +8,7 @@ then what is needed to trust and reproduce it (dataset audit, provenance).
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import os
 import re
 from collections.abc import Sequence
@@ -109,13 +110,31 @@ def _ci(row: dict, key: str) -> str:
     return f"{base} [{interval}]" if interval != "—" and base != "—" else base
 
 
-def _is_demo(root: str) -> bool:
+def _is_demo(dataset: dict) -> bool:
+    """Whether a run's dataset is the bundled demo: its folder, or a copy of it anywhere (the same
+    ``images_digest``: images, paths, labels, splits and patients), which a path test missed."""
     try:
         from featcache.pipeline import demo_root
 
-        return Path(root).resolve() == demo_root().resolve()
+        root = str(dataset.get("root") or "")
+        if root and Path(root).resolve() == demo_root().resolve():
+            return True
+        digest = dataset.get("images_digest")
+        return bool(digest) and digest == _demo_images_digest()
     except (OSError, ImportError, FeatcacheError):
         return False
+
+
+@functools.lru_cache(maxsize=1)
+def _demo_images_digest() -> str | None:
+    """The installed demo folder's ``images_digest``, as fit computes it (96 small files: milliseconds)."""
+    from featcache.datasets import discover
+    from featcache.fit import _images_digest
+    from featcache.hashing import sha256_file
+    from featcache.pipeline import demo_root
+
+    ds = discover(demo_root())
+    return _images_digest([sha256_file(r.path) for r in ds.records], ds.records)
 
 
 # --------------------------------------------------------------------------------------------- summary
@@ -309,8 +328,7 @@ def _callouts(
                 "muted",
             )
         )
-    roots = {str((r.run.get("dataset") or {}).get("root", "")) for r in runs}
-    if any(_is_demo(root) for root in roots if root):
+    if any(_is_demo(r.run["dataset"]) for r in runs if isinstance(r.run.get("dataset"), dict)):
         doc.add(Para(DEMO_NOTE[0].upper() + DEMO_NOTE[1:], "note", "Demo data:"))
     tasks = {r["task"] for r in rows}
     if len(tasks) > 1 and options.group_by != "task":
@@ -747,14 +765,17 @@ def _hyper_table(rows: Sequence[dict], varying: list[str], metric: str, by_id: d
         )
     numeric = {0, *range(1 + len(varying), len(cols))}
     top = min(ordered, key=lambda r: r["rank"])  # runs that tie with it are as good: all highlighted
-    best = {i for i, r in enumerate(ordered) if r is top or (r.get("score") is not None
-                                                            and r.get("score") == top.get("score"))}
+    # without the metric in any run of the family (average_precision on a 3-class task) nothing is "best"
+    scored = top.get("score") is not None
+    best = {i for i, r in enumerate(ordered) if r.get("score") == top.get("score")} if scored else set()
+    marked = (f"Highlighted: best validation {metric} (every run that ties for it)." if scored else
+              f"Nothing highlighted: validation {metric} is undefined for these runs (binary tasks only).")
     return Table(
         cols,
         body,
         numeric,
         best,
-        caption=f"Highlighted: best validation {metric} (every run that ties for it). Loss = log loss; "
+        caption=f"{marked} Loss = log loss; "
         f"F1 = macro F1; accuracy and F1 {_rules(rows, 'at ')}. Train metrics as recorded by fit (empty "
         "when not recorded).",
     )
@@ -894,6 +915,8 @@ def _grid_section(
             pair = options.heatmap
         elif len(names) >= 2:
             pair = _telling_pair(members, names, f"val_{options.metric}")
+        if pair and all(r.get(f"val_{options.metric}") is None for r in members):
+            pair = None  # the metric is undefined for this family: an empty map with a "chosen" outline
         if pair:
             img = _heatmap(
                 members,

@@ -22,7 +22,7 @@ from featcache.report.document import (
     vector_files,
 )
 
-_BACKSLASHED = re.compile(r"([\\`*_\[\]|#!{}])")
+_BACKSLASHED = re.compile(r"([\\`*_\[\]|#!{}$~])")  # $: GitHub renders $x$ as math; ~~: strikethrough
 
 
 def md(text: object) -> str:
