@@ -867,6 +867,8 @@ def fit(
         backend = keras_backend(load=True)
         if backend != "tensorflow":  # Keras draws other initial weights on another backend
             common["keras_backend"] = backend
+            # model.fit on Keras-JAX took the loss from a clipped probability until it fitted the logits
+            common["keras_loss"] = "logits"
         elif "TF_ENABLE_ONEDNN_OPTS" in os.environ:  # oneDNN off or on changes TensorFlow's training numbers
             common["tf_onednn_opts"] = os.environ["TF_ENABLE_ONEDNN_OPTS"]
     sweep_id = config_hash({"common": common, "configs": [to_jsonable(c) for c in configs]})[:12]

@@ -129,6 +129,42 @@ def test_grid_training_with_keras_on_jax(tmp_path):
     assert got == {"backend": "jax", "paths": ["fused-jax", "fused-jax"], "epochs": [3, 2], "same": True}
 
 
+@pytest.mark.slow
+def test_model_fit_on_keras_jax_takes_the_loss_from_the_logits_as_the_fused_trainer():
+    """Keras' JAX backend computes a softmax/sigmoid output's loss from a clipped probability (TensorFlow's
+    from the logit), so on JAX model.fit (configs trained alone, refits) and the fused trainers parted on
+    saturated outputs (val_loss 6.85 flat against 1.13). ``train`` fits the logits now: on saturating
+    inputs and full batches both paths must give the same history."""
+    script = textwrap.dedent("""
+        import json, numpy as np, keras
+        from featcache.heads import get_head
+        rng = np.random.default_rng(5)
+        X = np.maximum(rng.normal(size=(160, 64)), 0).astype(np.float32) * 200
+        y = (X[:, :4].sum(1) > np.median(X[:, :4].sum(1))).astype(int)
+        y[rng.random(160) < 0.1] ^= 1
+        head = get_head("mlp")
+        out = {"backend": keras.backend.backend(), "max_loss": 0.0, "diff": 0.0}
+        for act in ("softmax", "sigmoid"):
+            cfg = {"layers": (16,), "lr": 0.05, "epochs": 4, "batch_size": 120, "output_activation": act}
+            _, ref = head.train(X[:120], y[:120], X[120:], y[120:], cfg, seed=2)
+            (_, h), = head.train_many(X[:120], y[:120], X[120:], y[120:], [cfg], seed=2, fuse=True,
+                                      precision="float32", trainer="jax")
+            out["max_loss"] = max(out["max_loss"], max(ref["loss"] + ref["val_loss"]))
+            for key in ("loss", "val_loss"):
+                rel = np.abs(np.array(h[key]) - ref[key]) / np.maximum(np.abs(ref[key]), 1.0)
+                out["diff"] = max(out["diff"], float(rel.max()))
+        print(json.dumps(out))
+    """)
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    env.pop("FEATCACHE_MLP_TRAINER", None)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["backend"] == "jax"
+    assert got["max_loss"] > 17  # beyond the clipped loss's cap: the case is exercised
+    assert got["diff"] < 1e-3
+
+
 def test_jax_trainer_accelerator_layout_on_the_cpu(monkeypatch):
     """The GPU layout, exercised here: one group per batch size, finished members kept in their stack
     (never restacked). Same trajectory as the TensorFlow trainer, one compilation for the whole group."""

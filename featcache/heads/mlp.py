@@ -83,10 +83,35 @@ def build_model(p: dict, n_features: int, n_classes: int, seed: int = 0) -> Any:
                                name=f"dense_{i}")(h)
         if p["dropout"]:
             h = keras.layers.Dropout(float(p["dropout"]), seed=seed + i, name=f"dropout_{i}")(h)
-    out = keras.layers.Dense(_n_out(p, n_classes), activation=p["output_activation"], kernel_regularizer=reg,
-                             kernel_initializer=keras.initializers.GlorotUniform(seed + 104729),
-                             name="output")(h)
+    # the output layer is linear and its activation a layer of its own: ``train`` fits on the logits (see
+    # ``_logit_model``); the weights are the same list as with Dense(activation=...), so fused exports fit
+    logits = keras.layers.Dense(_n_out(p, n_classes), activation=None, kernel_regularizer=reg,
+                                kernel_initializer=keras.initializers.GlorotUniform(seed + 104729),
+                                name="output")(h)
+    out = keras.layers.Activation(p["output_activation"], name=OUTPUT_ACTIVATION_LAYER)(logits)
     return keras.Model(inputs, out, name="featcache_mlp")
+
+
+OUTPUT_ACTIVATION_LAYER = "output_activation"
+
+
+def _logit_model(model: Any, sigmoid: bool) -> tuple[Any, Any, list[Any]]:
+    """(the model up to its logits, sharing every layer and weight; its loss; its accuracy metric).
+
+    Why: a loss on the softmax/sigmoid output is computed from the logit by Keras on TensorFlow but from a
+    clipped probability by Keras on JAX (a saturated output then has a capped loss and zero gradient), so
+    ``model.fit`` trained differently per backend, and unlike the fused trainers on JAX. On the logits,
+    both backends (and both fused trainers) compute the same loss; under TensorFlow the numbers are those
+    ``model.fit`` gave before.
+    """
+    import keras
+
+    logits = keras.Model(model.inputs, model.get_layer("output").output, name="featcache_mlp_logits")
+    if sigmoid:
+        return (logits, keras.losses.BinaryCrossentropy(from_logits=True),
+                [keras.metrics.BinaryAccuracy(threshold=0.0, name="binary_accuracy")])
+    return (logits, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            [keras.metrics.SparseCategoricalAccuracy(name="sparse_categorical_accuracy")])
 
 
 def _optimizer(p: dict) -> Any:
@@ -278,9 +303,8 @@ class MLPHead:
         keras.utils.set_random_seed(seed)
         model = build_model(p, Xtr.shape[1], n_classes, seed)
         sigmoid = p["output_activation"] == "sigmoid"
-        model.compile(optimizer=_optimizer(p),
-                      loss="binary_crossentropy" if sigmoid else "sparse_categorical_crossentropy",
-                      metrics=["binary_accuracy" if sigmoid else "sparse_categorical_accuracy"])
+        trained, loss, metrics = _logit_model(model, sigmoid)  # shares model's layers: fitting it fits model
+        trained.compile(optimizer=_optimizer(p), loss=loss, metrics=metrics)
         record: dict = {}
         callbacks = [_history_callback(record), _progress_callback(progress, int(p["epochs"]))]
         if p["patience"] is not None:
@@ -291,9 +315,10 @@ class MLPHead:
             callbacks.append(_best_weights_callback())
         if lr_per_epoch:
             callbacks.append(_replay_lr_callback(list(lr_per_epoch)))
-        hist = model.fit(np.asarray(Xtr, np.float32), ytr, validation_data=(np.asarray(Xva, np.float32), yva),
-                         batch_size=int(p["batch_size"]), epochs=int(p["epochs"]), verbose=0, shuffle=True,
-                         class_weight=_class_weight_dict(p, ytr, n_classes), callbacks=callbacks)
+        hist = trained.fit(np.asarray(Xtr, np.float32), ytr,
+                           validation_data=(np.asarray(Xva, np.float32), yva),
+                           batch_size=int(p["batch_size"]), epochs=int(p["epochs"]), verbose=0, shuffle=True,
+                           class_weight=_class_weight_dict(p, ytr, n_classes), callbacks=callbacks)
         h = hist.history
         acc = "binary_accuracy" if sigmoid else "sparse_categorical_accuracy"
         history = {"loss": h["loss"], "val_loss": h["val_loss"], "accuracy": h[acc],
