@@ -481,6 +481,18 @@ def _sens_spec(row: dict, suffix: str = "", ci: bool = True) -> str:
     return f"{one(sens, f'test_sensitivity{suffix}')} / {one(spec, f'test_specificity{suffix}')}"
 
 
+def _positive_text(rows: Sequence[dict], runs: Sequence[RunRecord]) -> str:
+    """Which class sensitivity and specificity take as positive (the binary runs' second class), when the
+    leaderboard shows them: the column alone did not say."""
+    if not any(r.get("test_sensitivity") is not None for r in rows):
+        return ""
+    preds = [r.test if r.test is not None else r.val for r in runs]
+    positive = sorted({str(p.classes[1]) for p in preds if p is not None and len(p.classes) == 2})
+    if not positive:
+        return ""
+    return f"sensitivity and specificity take {' / '.join(positive)} as the positive class; "
+
+
 def _leaderboard_section(
     doc: Document, rows: list[dict], options: ReportOptions, has_test: bool, n_total: int,
     runs: Sequence[RunRecord] = (),
@@ -502,6 +514,10 @@ def _leaderboard_section(
             + "F1 is macro-averaged; "
             + ("AUC of a task with more than two classes is one-vs-rest, macro-averaged over the classes; "
                if not all(_binary(r) for r in rows) else "")
+            + _positive_text(rows, runs)
+            + ("a dataset's '@' suffix is its content digest (images, paths, labels, splits, patients): one "
+               "folder under two digests changed between fits; " if any("@" in str(r.get("dataset"))
+                                                                        for r in rows) else "")
             + f"CIs are 95% bootstrap intervals resampling {_resample_unit(runs)}"
             + ("; a proportion or AUC observed at 0 or 1 has an exact or score-type interval instead (see "
                "Methods)." if any(ci.get("exact_at_bound") or ci.get("auc_score_bound")
