@@ -315,6 +315,16 @@ def test_fast_logistic_input_checks_as_sklearn():
     np.testing.assert_array_equal(np.isnan(ours.cv_results_["mean_test_score"]),
                                   np.isnan(ref.cv_results_["mean_test_score"]))
     assert np.isnan(ours.cv_results_["mean_test_score"]).all()
+    # GridSearchCV's interface: arrays in cv_results_, the candidates' own values, shortcuts to the refit
+    grid = {"C": [0.1, 1.0], "class_weight": [None, {0: 1, 1: 3}]}
+    ours, ref = FastLogisticGridSearchCV(grid, cv=4).fit(X, y), _sklearn_search(grid, cv=4).fit(X, y)
+    assert ours.cv_results_["mean_test_score"].argmax() == ref.cv_results_["mean_test_score"].argmax()
+    assert ours.cv_results_["params"][1]["class_weight"] == {0: 1, 1: 3}
+    column = ref.cv_results_["param_logisticregression__class_weight"]
+    assert list(ours.cv_results_["param_class_weight"]) == list(column)
+    np.testing.assert_array_equal(ours.predict(X), ref.predict(X))
+    np.testing.assert_allclose(ours.predict_proba(X), ref.predict_proba(X), atol=1e-6)
+    assert ours.score(X, y) == pytest.approx(ref.score(X, y)) and list(ours.classes_) == list(ref.classes_)
 
 
 def test_l1_falls_back_to_sklearn():

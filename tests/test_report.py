@@ -220,7 +220,7 @@ def test_report_files_are_written_and_self_contained(sweep, tmp_path):
     assert "model #" in html and "train loss" in html  # paper-000-style hyperparameter table
     assert "| mlp training | fused (bfloat16): 6 run(s) |" in md_text  # precision shapes the numbers
     flat = " ".join(md_text.split())
-    assert "sensitivity and specificity take PNEUMONIA as the positive class" in flat  # the column did not say
+    assert "sensitivity and specificity take PNEUMONIA as the positive class" in flat  # said nowhere before
 
 
 def test_leaderboard_order_matches_independent_accuracy(sweep, tmp_path):

@@ -169,6 +169,25 @@ def _score(scoring: str, y: np.ndarray, raw: np.ndarray, classes: np.ndarray) ->
     raise ValueError(scoring)
 
 
+def _as_arrays(cv_results: dict, candidates: list[dict]) -> dict:
+    """``cv_results_`` as GridSearchCV gives it: numpy arrays for scores, times and ranks
+    (``cv_results_["mean_test_score"].argmax()`` failed on lists), masked object arrays of the candidates'
+    own values for ``param_<name>`` and the candidates themselves for ``params`` (a dict class_weight
+    came back with string keys, unlike ``best_params_``)."""
+    out: dict = {}
+    for k, v in cv_results.items():
+        if k == "params":
+            out[k] = [dict(c) for c in candidates]
+        elif k.startswith("param_"):
+            name = k[len("param_"):]
+            column = np.empty(len(candidates), dtype=object)
+            column[:] = [c.get(name) for c in candidates]
+            out[k] = np.ma.MaskedArray(column, mask=[name not in c for c in candidates])
+        else:
+            out[k] = np.asarray(v)
+    return out
+
+
 def _indices(a: Any, n: int) -> np.ndarray:
     """A fold side as row indices: boolean masks (which scikit-learn accepts) become their positions."""
     a = np.asarray(a)
@@ -296,7 +315,7 @@ class FastLogisticGridSearchCV:
                 score_t[:, j] = (time.perf_counter() - t1) / len(full)
                 del space, Z, Zte, gram, work
                 ready.release()
-            self.cv_results_ = build_cv_results(candidates, scores, fit_t, score_t)
+            self.cv_results_ = _as_arrays(build_cv_results(candidates, scores, fit_t, score_t), candidates)
             res = result_from_cv(candidates, self.cv_results_)
             self.best_index_, self.best_params_ = res.best_index, res.best_params
             self.best_score_ = res.best_score
@@ -306,6 +325,26 @@ class FastLogisticGridSearchCV:
             space = Space(Z, work, None if gram is None else gram.K(), centered=True)
             self.best_estimator_ = _fit_in_space(space, Z, y, _lr_params(self.best_params_), scaler)
         return self
+
+    # GridSearchCV's shortcuts to the refit model (``refit=True``)
+    @property
+    def classes_(self) -> np.ndarray:
+        return self.best_estimator_.classes_
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.best_estimator_.predict(X)
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        return self.best_estimator_.predict_proba(X)
+
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        return self.best_estimator_.decision_function(X)
+
+    def score(self, X: np.ndarray, y: np.ndarray) -> float:
+        """Accuracy of the refit model (GridSearchCV scores with its scorer; ours defaults to accuracy)."""
+        from sklearn.metrics import get_scorer
+
+        return float(get_scorer(self.scoring)(self.best_estimator_, X, y))
 
     def search_result(self) -> SearchResult:
         from featcache.heads.base import jsonable
