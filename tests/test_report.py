@@ -1136,3 +1136,22 @@ def test_markdown_escapes_dollars_and_tildes():
     from featcache.report.markdown import md
 
     assert md("$x$ ~~y~~") == "\\$x\\$ \\~\\~y\\~\\~"
+
+
+def test_methods_state_the_settings_every_run_of_a_head_shared(sweep, tmp_path):
+    """The grid views show only searched values: batch size, optimizer, solver, max_iter... were nowhere in
+    a report a reader would reproduce the work from. Methods lists the shared, unsearched ones."""
+    runs, ids = sweep
+    for rid in ids:
+        path = runs / rid / "run.json"
+        run = json.loads(path.read_text())
+        if run["head"] == "logreg":
+            run["hyperparameters"] = {**run["params"], "solver": "lbfgs", "max_iter": 100, "verbose": 0,
+                                      "tol": 1e-4 if rid != ids[0] else 1e-3}
+            path.write_text(json.dumps(run))
+    res = build_report(runs, tmp_path / "out")
+    md_text = " ".join(res.markdown.read_text(encoding="utf-8").split())
+    methods = md_text[md_text.index("## Methods"):md_text.index("## Provenance")]
+    assert "logreg: max\\_iter=100, solver=lbfgs" in methods
+    assert "verbose" not in methods and "tol=" not in methods  # noise, and a setting that differed
+    assert "mlp:" not in methods  # no run of it recorded its settings: nothing claimed

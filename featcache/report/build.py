@@ -1133,6 +1133,34 @@ def _epoch_chosen_on_holdout(run: RunRecord) -> bool:
             and watches_holdout(params))
 
 
+_UNSTATED_SETTINGS = {"verbose", "n_jobs", "random_state"}  # no effect on the numbers, or the seed (said)
+
+
+def _head_settings(runs: Sequence[RunRecord]) -> str:
+    """Each head's settings that every one of its runs shared and no grid searched, from run.json's
+    resolved ``hyperparameters``: what a reader needs to reproduce the head (batch size, optimizer,
+    activation, solver, max_iter...), which the grid views, showing only searched values, left out."""
+    parts = []
+    for head in sorted({r.head for r in runs}):
+        mine = [r for r in runs if r.head == head]
+        hps = [r.run["hyperparameters"] for r in mine if isinstance(r.run.get("hyperparameters"), dict)]
+        if not hps or len(hps) < len(mine):
+            continue
+        searched: set[str] = set()
+        for r in mine:
+            searched |= set(r.run.get("params") or {})
+            searched |= {k for g in (_cv_grid(r) or []) for k in g["params"]}
+        shared = [k for k in sorted(hps[0]) if k not in searched
+                  and k.rsplit("__", 1)[-1] not in _UNSTATED_SETTINGS  # estimator__random_state too
+                  and all(h.get(k) == hps[0][k] for h in hps)]
+        if shared:
+            parts.append(f"{head}: " + ", ".join(f"{k}={format_value(hps[0][k])}" for k in shared))
+    if not parts:
+        return ""
+    return ("Settings every run of a head shared, beside the searched ones in the grid views: "
+            + "; ".join(parts) + ". ")
+
+
 def _methods_text(runs: Sequence[RunRecord]) -> str:
     """A methods paragraph a reader can adapt for a paper, written from what the runs recorded."""
     weights_word = {"imagenet": "ImageNet-pretrained", "none": "randomly initialised, --weights none"}
@@ -1202,6 +1230,7 @@ def _methods_text(runs: Sequence[RunRecord]) -> str:
     text = (f"Features were extracted once by frozen {'; '.join(backbones) or 'backbones'} and cached. "
             f"Heads were trained on the cached features: "
             f"{', '.join(f'{h} ({n} run(s))' for h, n in sorted(heads.items()))}. ")
+    text += _head_settings(runs)
     if protocols:
         text += "Models were chosen on the training split only, by " + "; or ".join(protocols) + ". "
     if thr:
