@@ -1155,3 +1155,21 @@ def test_methods_state_the_settings_every_run_of_a_head_shared(sweep, tmp_path):
     assert "logreg: max\\_iter=100, solver=lbfgs" in methods
     assert "verbose" not in methods and "tol=" not in methods  # noise, and a setting that differed
     assert "mlp:" not in methods  # no run of it recorded its settings: nothing claimed
+
+
+def test_a_mixed_task_report_shows_each_tasks_class_counts(tmp_path):
+    """Binary and 3-class runs of one folder: the Dataset table showed the first run's NORMAL/PNEUMONIA
+    counts only; the 3-class n per class appeared nowhere."""
+    runs = tmp_path / "runs"
+    for i, (task, counts) in enumerate((("binary", {"test": {"NORMAL": 8, "PNEUMONIA": 16}}),
+                                        ("3class", {"test": {"bacteria": 8, "normal": 8, "virus": 8}}))):
+        folder = write_fake_run(runs, f"2024010{i}-000000-logreg-0000000{i}", task=task, seed=i)
+        run = json.loads((folder / "run.json").read_text())
+        run["dataset"] = {"root": "/nonexistent/featcache-data", "layout": "kermany", "counts": counts,
+                          "images_digest": "ab" * 8}
+        (folder / "run.json").write_text(json.dumps(run))
+    res = build_report(runs, tmp_path / "out")
+    md_text = " ".join(res.markdown.read_text(encoding="utf-8").split())
+    section = md_text[md_text.index("## Dataset"):md_text.index("## Methods")]
+    assert "task binary: images per split and class" in section and "task 3class" in section
+    assert "| test | virus | 8 |" in section and "| test | PNEUMONIA | 16 |" in section

@@ -993,9 +993,11 @@ def _dataset_section(
     doc: Document, runs: Sequence[RunRecord], options: ReportOptions, progress: ProgressFn | None
 ) -> None:
     datasets: dict[str, dict] = {}
+    by_task: dict[str, dict[str, dict]] = {}  # fit records counts per task class: binary and 3-class differ
     for r in runs:  # one entry per dataset version (folder + content digest) the runs used
         ds = r.run.get("dataset") if isinstance(r.run.get("dataset"), dict) else {}
         datasets.setdefault(r.dataset, ds)
+        by_task.setdefault(r.dataset, {}).setdefault(r.task, ds)
     doc.section("Dataset", "dataset")
     for name, ds in datasets.items():
         root = str(ds.get("root", "?"))
@@ -1015,13 +1017,19 @@ def _dataset_section(
                          f"({info.get('n_images', '?')} images now, {ds.get('n_images', '?')} then). The "
                          "counts below are what the runs used; the audit after them is of the folder now.",
                          "warn", "Changed since the fit:"))
-        flat = _flatten_counts(recorded or (info or {}).get("counts") or {})
-        if flat:
-            depth = max(len(p) for p, _ in flat)
-            names = ["split", "class", "subtype", "level 4", "level 5"][:depth]
-            body = [[*p, *([""] * (depth - len(p))), str(n)] for p, n in flat]
-            body.append(["total", *([""] * (depth - 1)), str(sum(n for _, n in flat))])
-            doc.add(Table([*names, "images"], body, {depth}))
+        tasks = by_task.get(name, {})
+        # one table per task when runs of several used the folder (the first run's counts were shown alone)
+        for task, tds in (tasks.items() if len(tasks) > 1 else [(None, ds)]):
+            counts = (tds.get("counts") or {}) if task else recorded
+            flat = _flatten_counts(counts or (info or {}).get("counts") or {})
+            if flat:
+                depth = max(len(p) for p, _ in flat)
+                names = ["split", "class", "subtype", "level 4", "level 5"][:depth]
+                body = [[*p, *([""] * (depth - len(p))), str(n)] for p, n in flat]
+                body.append(["total", *([""] * (depth - 1)), str(sum(n for _, n in flat))])
+                if task:
+                    doc.add(Para(f"task {task}: images per split and class, as its runs used them", "muted"))
+                doc.add(Table([*names, "images"], body, {depth}))
         left_out = ds.get("left_out") or []
         if left_out:  # undecodable images: no features, so no run saw them
             shown = ", ".join(f"{e.get('path')} ({e.get('reason')})" for e in left_out[:5])
@@ -1065,7 +1073,7 @@ def _audit(doc: Document, info: dict) -> None:
         ["patients in more than one split", str(len(cross))],
         ["duplicates across splits", str(len(xdups))],
         ["duplicates with different labels", str(len(info.get("conflicting_duplicates") or []))],
-        ["files skipped by discovery", str(len(info.get("skipped") or []))],
+        ["files skipped (not images, unreadable or undecodable)", str(len(info.get("skipped") or []))],
     ]
     doc.add(Table(["audit", "value"], rows, {1}))
     if cross or xdups:
