@@ -1173,3 +1173,17 @@ def test_a_mixed_task_report_shows_each_tasks_class_counts(tmp_path):
     section = md_text[md_text.index("## Dataset"):md_text.index("## Methods")]
     assert "task binary: images per split and class" in section and "task 3class" in section
     assert "| test | virus | 8 |" in section and "| test | PNEUMONIA | 16 |" in section
+
+
+def test_heatmap_colour_span_covers_more_than_one_image_of_a_small_hold_out(monkeypatch):
+    """0.667 against 0.733 is one image of 15, yet it was drawn as the full purple-to-yellow scale."""
+    from featcache.report import build, plots
+
+    seen = {}
+    monkeypatch.setattr(plots, "heatmap_figure", lambda *a, **kw: seen.update(kw))
+    rows = [{"params": {"lr": lr, "dropout": d}, "val_accuracy": acc, "n_val": 15, "rank": i}
+            for i, (lr, d, acc) in enumerate(((0.1, 0.0, 0.733), (0.01, 0.0, 0.667), (0.1, 0.5, 0.667)))]
+    build._heatmap(rows, "lr", "dropout", "val_accuracy", "t")
+    assert seen["min_span"] == pytest.approx(3 / 15)
+    build._heatmap([{**r, "n_val": 3000} for r in rows], "lr", "dropout", "val_accuracy", "t")
+    assert seen["min_span"] == pytest.approx(plots.HEATMAP_MIN_SPAN)

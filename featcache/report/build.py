@@ -709,7 +709,11 @@ def _heatmap(
         cx, cy = format_value(chosen.get(x)), format_value(chosen.get(y))
         if cx in xs and cy in ys:
             mark = (ys.index(cy), xs.index(cx))
-    return plots.heatmap_figure(table, xs, ys, x, y, title, bar_label=bar_label, mark=mark, formats=formats)
+    # a hold-out of 15 images moves accuracy in steps of 0.067: one image must not span the colour scale
+    n_val = [r["n_val"] for r in rows if isinstance(r.get("n_val"), int) and r["n_val"] > 0]
+    span = max(plots.HEATMAP_MIN_SPAN, 3.0 / min(n_val)) if n_val and value_key.endswith("accuracy") else None
+    return plots.heatmap_figure(table, xs, ys, x, y, title, bar_label=bar_label, mark=mark, formats=formats,
+                                min_span=span)
 
 
 def _telling_pair(rows: Sequence[dict], names: list[str], value_key: str) -> tuple[str, str] | None:

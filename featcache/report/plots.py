@@ -447,9 +447,11 @@ def _overview_panel(ax, rows: Sequence[dict], labels: Sequence[str], metric: str
 def heatmap_figure(
     table: np.ndarray, xs: Sequence[str], ys: Sequence[str], x_name: str, y_name: str, title: str,
     bar_label: str = "", mark: tuple[int, int] | None = None, formats: Sequence[str] = (),
+    min_span: float | None = None,
 ) -> Rendered:
     """Metric over two hyperparameters (best run per cell; empty cells stay blank); ``mark`` (row, column)
-    outlines the chosen config's cell and ``bar_label`` names the colour scale."""
+    outlines the chosen config's cell and ``bar_label`` names the colour scale; ``min_span`` is the
+    narrowest colour range (default ``HEATMAP_MIN_SPAN``)."""
     import textwrap
 
     plt = _plt()
@@ -458,9 +460,10 @@ def heatmap_figure(
     masked = np.ma.masked_invalid(table)
     finite = table[np.isfinite(table)]
     vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    if vmax - vmin < HEATMAP_MIN_SPAN:  # a one-point spread must not look like the whole colour scale
+    narrowest = HEATMAP_MIN_SPAN if min_span is None else min_span
+    if vmax - vmin < narrowest:  # a one-point spread must not look like the whole colour scale
         mid = (vmin + vmax) / 2
-        vmin, vmax = mid - HEATMAP_MIN_SPAN / 2, mid + HEATMAP_MIN_SPAN / 2
+        vmin, vmax = mid - narrowest / 2, mid + narrowest / 2
     im = ax.imshow(masked, cmap="viridis", aspect="auto", vmin=vmin, vmax=vmax)
     for i in range(table.shape[0]):
         for j in range(table.shape[1]):
