@@ -1187,3 +1187,15 @@ def test_heatmap_colour_span_covers_more_than_one_image_of_a_small_hold_out(monk
     assert seen["min_span"] == pytest.approx(3 / 15)
     build._heatmap([{**r, "n_val": 3000} for r in rows], "lr", "dropout", "val_accuracy", "t")
     assert seen["min_span"] == pytest.approx(plots.HEATMAP_MIN_SPAN)
+
+
+def test_training_curves_mark_the_epoch_whose_weights_were_kept():
+    """With checkpoint the model keeps its best-validation epoch; the curves did not say which."""
+    from types import SimpleNamespace
+
+    from featcache.report.plots import kept_epoch
+
+    history = {"val_loss": [0.9, 0.4, float("nan"), 0.5]}
+    assert kept_epoch(SimpleNamespace(run={"hyperparameters": {"checkpoint": True}}), history) == 2
+    assert kept_epoch(SimpleNamespace(run={"hyperparameters": {"checkpoint": False}}), history) is None
+    assert kept_epoch(SimpleNamespace(run={}), history) is None

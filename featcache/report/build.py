@@ -356,6 +356,10 @@ def _callouts(
 
 
 # ----------------------------------------------------------------------------------------- leaderboard
+_CURVES_TEXT = ("loss (log scale) and accuracy per epoch in two panels, training solid, validation dashed, "
+                "the epoch whose weights were kept dotted (checkpoint)")
+
+
 def _leaderboard_table(rows: Sequence[dict], metric: str, has_test: bool) -> Table:
     cols: list[tuple[str, Any]] = [("#", lambda r: str(r["rank"]))]
     # a column that is the same on every row is noise: say it once in the caption instead
@@ -611,14 +615,14 @@ def _top_runs_section(
             "reliability diagram (predicted probability against the observed fraction in 10 equal-width "
             "bins, dot area = images, grey bars = 95% Wilson intervals of each bin's fraction; on the "
             "diagonal is well calibrated, and a bin whose bar crosses it is within its noise) and the "
-            "MLP's training curves.",
+            f"MLP's {_CURVES_TEXT}.",
             "muted",
         ))
     if len(binary) < len(chosen):
         doc.add(Para(
             ("Runs with more than two classes: the" if binary else "The")
             + " confusion matrix of the most probable class (test split when present, else validation) "
-            "and the MLP's training curves; their AUC is one-vs-rest, macro-averaged over the classes.",
+            f"and the MLP's {_CURVES_TEXT}; their AUC is one-vs-rest, macro-averaged over the classes.",
             "muted",
         ))
     for i, row in enumerate(chosen):
@@ -654,7 +658,8 @@ def _top_runs_section(
                     f"run-{row['rank']}",
                     img.png,
                     f"Run #{row['rank']} ({row['run_id']}).",
-                    f"confusion matrices, ROC, precision-recall and training curves of run {row['run_id']}",
+                    f"per-run figure of run {row['run_id']}: confusion matrices and, where they apply, ROC, "
+                    "precision-recall, calibration and training curves",
                     img.vector,
                 )
             )

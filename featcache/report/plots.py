@@ -234,29 +234,38 @@ def _pr_ax(ax, rec: RunRecord, threshold: float | None) -> None:
     _legend(ax, "center left" if zoom else "lower left")  # zoomed, the prevalence line is near the bottom
 
 
-def _history_ax(ax, history: dict) -> None:
-    ax2 = ax.twinx()
+def _curves_ax(ax, history: dict, kind: str, kept: int | None) -> None:
+    """Training and validation ``kind`` (loss or accuracy) per epoch, one quantity per panel (the two on
+    twin axes crossed and read as one), loss on a log scale (an early spike flattened the rest), and the
+    epoch whose weights were kept (best validation loss with ``checkpoint``) marked."""
+    keys = ("loss", "val_loss") if kind == "loss" else ("accuracy", "val_accuracy")
+    color = BLUE if kind == "loss" else ORANGE
     ep = None
-    for key, color, style in (("loss", BLUE, "-"), ("val_loss", BLUE, "--")):
+    for key, style in zip(keys, ("-", "--"), strict=True):
         vals = history.get(key)
         if vals:
             ep = np.arange(1, len(vals) + 1)
             ax.plot(ep, vals, color=color, ls=style, lw=1.4, label=_CURVE_NAMES[key])
-    for key, color, style in (("accuracy", ORANGE, "-"), ("val_accuracy", ORANGE, "--")):
-        vals = history.get(key)
-        if vals:
-            ax2.plot(np.arange(1, len(vals) + 1), vals, color=color, ls=style, lw=1.4,
-                     label=_CURVE_NAMES[key])
+    values = np.array([v for k in keys for v in (history.get(k) or [])], dtype=float)
+    if kind == "loss" and values.size and np.all(np.isfinite(values)) and values.min() > 0:
+        ax.set_yscale("log")
+    if kept is not None:
+        ax.axvline(kept, color=GREY, lw=0.9, ls=":", label=f"weights kept (epoch {kept})")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("loss", color=BLUE)
-    ax2.set_ylabel("accuracy", color=ORANGE)
-    ax2.spines["right"].set_visible(True)
-    ax.set_title("MLP training curves" if ep is not None else "no training history")
-    lines = ax.get_legend_handles_labels()
-    lines2 = ax2.get_legend_handles_labels()
-    # below the panel: inside it, the legend covered the validation curves of a 3-class run
-    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=7, frameon=False, loc="upper center",
-              bbox_to_anchor=(0.5, -0.2), ncol=2)
+    ax.set_ylabel(kind if kind == "loss" else "accuracy")
+    ax.set_title(f"MLP {kind}" + (" (log scale)" if ax.get_yscale() == "log" else "")
+                 if ep is not None else "no training history")
+    ax.legend(fontsize=7, frameon=False, loc="best")
+
+
+def kept_epoch(rec: RunRecord, history: dict) -> int | None:
+    """The epoch whose weights the model kept when ``checkpoint`` chose one (best validation loss)."""
+    hp = rec.run.get("hyperparameters") if isinstance(rec.run.get("hyperparameters"), dict) else {}
+    losses = [v if isinstance(v, int | float) and np.isfinite(v) else np.inf
+              for v in history.get("val_loss") or []]
+    if not hp.get("checkpoint") or not losses or min(losses) == np.inf:
+        return None
+    return int(np.argmin(losses)) + 1
 
 
 _CURVE_NAMES = {"loss": "train loss", "val_loss": "val loss", "accuracy": "train acc",
@@ -307,12 +316,14 @@ def run_figure(rec: RunRecord, threshold: float | None, formats: Sequence[str] =
         if pred.proba.shape[1] == 2 and len(pred.y_true):
             panels.append("calib")
     if history and any(history.get(k) for k in ("loss", "val_loss")):
-        panels.append("hist")
+        panels.append("loss")
+        if any(history.get(k) for k in ("accuracy", "val_accuracy")):
+            panels.append("acc")
     if not panels:
         return None
     plt = _plt()
     # rows of at most 3 panels: one strip of 6 (19.5 in wide) was shrunk to a page's width, 6-px legends
-    ncols = min(RUN_FIGURE_COLUMNS, len(panels))
+    ncols = min(RUN_FIGURE_COLUMNS + (len(panels) > 2 * RUN_FIGURE_COLUMNS), len(panels))
     nrows = -(-len(panels) // ncols)
     fig, grid = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.4 * nrows), squeeze=False)
     axes = grid.ravel()
@@ -336,7 +347,7 @@ def run_figure(rec: RunRecord, threshold: float | None, formats: Sequence[str] =
         elif panel == "calib":
             _calibration_ax(ax, pred, split)
         else:
-            _history_ax(ax, history)
+            _curves_ax(ax, history, "loss" if panel == "loss" else "accuracy", kept_epoch(rec, history))
     fig.tight_layout()
     return _render(fig, formats)
 
