@@ -91,6 +91,21 @@ def register(app: typer.Typer) -> None:
             "and balance (README: Heads, grids and presets)."
         ),
         cv_folds: int = typer.Option(5, "--cv-folds", help="Patient-grouped CV folds (logreg, svm, knn)."),
+        val_fraction: float = typer.Option(0.2, "--val-fraction", help="Grouped hold-out fraction (mlp)."),
+        refit: bool = typer.Option(
+            None, "--refit/--no-refit",
+            help="Refit the chosen config on all training data (default: on for CV heads, off for mlp)."),
+        metric: str = typer.Option(
+            "accuracy", "--metric", help="accuracy | auc | macro_f1: selection, and the report's ranking."),
+        threshold: str = typer.Option(
+            "youden", "--threshold", help="youden | sensitivity:T, 0 < T <= 1 (chosen on validation)."),
+        train_views: str = typer.Option(
+            "orig", "--train-views", help="Views used as training rows, comma-separated (extracted too)."),
+        tta: bool = typer.Option(False, "--tta", help="Average val/test probabilities over cached views."),
+        mlp_precision: str = typer.Option(
+            "auto", "--mlp-precision", help="auto | float32 | bfloat16 (fused mlp grids; see fit --help)."),
+        mlp_trainer: str = typer.Option(
+            "auto", "--mlp-trainer", help="auto | tf | jax (fused mlp grids; see fit --help)."),
         balance: str | None = typer.Option(
             None, "--balance", help="none | undersample | undersample-subtypes | oversample."),
         seed: int = typer.Option(0, "--seed", help="Seed of splits, resampling and training."),
@@ -109,11 +124,20 @@ def register(app: typer.Typer) -> None:
         from featcache.extract import ExtractOptions
         from featcache.fit import FitOptions
         from featcache.pipeline import run_pipeline
+        from featcache.report import ReportOptions
 
         fopts = FitOptions(
             task=task,
             preset=preset,
             cv_folds=cv_folds,
+            val_fraction=val_fraction,
+            refit=refit,
+            metric=metric,
+            threshold=threshold,
+            train_views=train_views,
+            tta=tta,
+            mlp_precision=mlp_precision,
+            mlp_trainer=mlp_trainer,
             balance=balance,
             seed=seed,
             tags=tuple(tag),
@@ -134,6 +158,7 @@ def register(app: typer.Typer) -> None:
                 fit_options=fopts,
                 grid_args=grid,
                 extract_options=ExtractOptions(batch_size=batch_size, wait=wait),
+                report_options=ReportOptions(metric=metric),  # ranked by what selected the configs
                 progress=make_callback(bar),
             )
         _summary(result)

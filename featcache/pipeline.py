@@ -118,17 +118,22 @@ def _preset_notes(
 def _with_needed_views(xopts: Any, fopts: Any, preset: Any) -> Any:
     """Extraction options that also write the augmentation views the fit will need.
 
-    Why: ``--balance oversample`` (vazquez2021's preset sets it) and ``--tta`` train or test on cached
-    augmented views; extracting only the originals made the fit refuse after the extraction had run.
+    Why: ``--balance oversample`` (vazquez2021's preset sets it), ``--tta`` and ``--train-views`` train or
+    test on cached augmented views; extracting only the originals made the fit refuse after the extraction
+    had run.
     """
     from dataclasses import replace
 
     from featcache.fit import AUGMENT_VIEWS
+    from featcache.fit import _views as canonical_views
 
     balance = fopts.balance or (preset.options.get("balance") if preset is not None else None)
-    if (balance == "oversample" or fopts.tta) and tuple(xopts.views) == ("orig",):
-        return replace(xopts, views=AUGMENT_VIEWS)
-    return xopts
+    views = list(xopts.views)
+    if (balance == "oversample" or fopts.tta) and tuple(views) == ("orig",):
+        views = list(AUGMENT_VIEWS)
+    # --train-views: those views are training rows, so they must be in the cache too
+    views += [v for v in canonical_views(fopts.train_views or ("orig",)) if v not in views]
+    return replace(xopts, views=tuple(views)) if views != list(xopts.views) else xopts
 
 
 def _head_options(fopts: Any, heads: Sequence[str], routed: dict[str, list[str]],

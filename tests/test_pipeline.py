@@ -344,3 +344,23 @@ def test_run_seed_is_the_fits_not_the_backbones(kermany_tree, tmp_path, monkeypa
         run_pipeline(kermany_tree, ["mobilenet-0.75"], ["logreg"], weights="none", cache_dir=tmp_path / "c",
                      runs_dir=tmp_path / "r", reports_dir=tmp_path / "rep", fit_options=FitOptions(seed=1))
     assert seen == [0]
+
+
+def test_run_passes_the_fit_options_a_fit_would_take(kermany_tree, tmp_path):
+    """`run` lacked --val-fraction, --refit, --metric, --threshold, --train-views, --tta and the mlp
+    trainer options, so a user had to leave it for extract + fit + report to set any of them."""
+    from featcache.cli.app import run
+
+    from featcache.runs import load_run
+
+    code = run(["run", "--data", str(kermany_tree), "--backbone", "mobilenet-0.75", "--weights", "none",
+                "--head", "knn", "--grid", "n_neighbors=3", "--cv-folds", "3", "--metric", "auc",
+                "--no-refit", "--threshold", "sensitivity:0.9", "--train-views", "orig,hflip",
+                "--cache-dir", str(tmp_path / "c"), "--runs-dir", str(tmp_path / "r"),
+                "--out", str(tmp_path / "o")])
+    assert code == 0
+    (run_dir,) = [p for p in (tmp_path / "r").iterdir() if p.is_dir() and not p.name.startswith(".")]
+    rec = load_run(tmp_path / "r", run_dir.name)
+    assert rec["metric"] == "auc" and rec["train_views"] == ["orig", "hflip"]
+    assert rec["threshold"]["method"] == "sensitivity" and rec["selection"]["refit"] is False
+    assert "ranked by validation auc" in (tmp_path / "o" / "report.md").read_text(encoding="utf-8")
