@@ -50,13 +50,14 @@ def rank_score(p: np.ndarray, i: int) -> np.ndarray:
     """
     p = np.asarray(p, dtype=np.float64)
     pi = p[:, i]
-    if len(np.unique(pi)) == len(pi):
+    distinct = len(np.unique(pi))
+    if distinct == len(pi):
         return pi
     rest = np.delete(p, i, axis=1).sum(axis=1)
     order = np.lexsort((-rest, pi))
     a, b = pi[order], rest[order]
     new = np.r_[True, (a[1:] != a[:-1]) | (b[1:] != b[:-1])]
-    if new.sum() == len(np.unique(pi)):  # the rest breaks no tie: P(class i) ranks the same
+    if new.sum() == distinct:  # the rest breaks no tie: P(class i) ranks the same
         return pi
     ranks = np.empty(len(pi))
     ranks[order] = np.cumsum(new) - 1

@@ -119,24 +119,15 @@ def _by_label(p: dict, classes: np.ndarray) -> dict:
     cw = p["class_weight"]
     if not isinstance(cw, dict):
         return p
-    return {**p, "class_weight": {i: float(cw.get(_key(c), 1.0)) for i, c in enumerate(classes)}}
-
-
-def _key(label: Any) -> Any:
-    """A class label as the key ``normalize_class_weight`` gives it (ints stay ints, numpy scalars too)."""
-    return label.item() if isinstance(label, np.generic) else label
+    return {**p, "class_weight": {i: float(cw.get(c, 1.0)) for i, c in enumerate(classes)}}
 
 
 def _checked_xy(X: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
     """X as a finite float array and y as 1-d, with scikit-learn's own messages (NaN/inf in X was taken
     silently: every decision value NaN, chance-level scores, a refit scaler with a NaN mean)."""
-    from sklearn.utils import check_array, column_or_1d
+    from sklearn.utils import check_X_y
 
-    X = check_array(X, dtype=[np.float64, np.float32])  # finite by default in every supported version
-    y = column_or_1d(y, warn=True)
-    if len(y) != len(X):
-        raise ValueError(f"X has {len(X)} rows but y has {len(y)} labels.")
-    return X, y
+    return check_X_y(X, y, dtype=[np.float64, np.float32])  # finite by default in every supported version
 
 
 def _score(scoring: str, y: np.ndarray, raw: np.ndarray, classes: np.ndarray) -> float:
@@ -188,7 +179,7 @@ def _as_arrays(cv_results: dict, candidates: list[dict]) -> dict:
     return out
 
 
-def _indices(a: Any, n: int) -> np.ndarray:
+def _indices(a: Any) -> np.ndarray:
     """A fold side as row indices: boolean masks (which scikit-learn accepts) become their positions."""
     a = np.asarray(a)
     return np.flatnonzero(a) if a.dtype == bool else a.astype(np.intp, copy=False)
@@ -218,10 +209,10 @@ class FastLogisticGridSearchCV:
         from sklearn.model_selection import check_cv
 
         if isinstance(self.cv, (list, tuple)):
-            folds = [(_indices(a, len(y)), _indices(b, len(y))) for a, b in self.cv]
+            pairs = list(self.cv)
         else:
-            folds = [(_indices(a, len(y)), _indices(b, len(y)))
-                     for a, b in check_cv(self.cv, y, classifier=True).split(X, y, groups)]
+            pairs = list(check_cv(self.cv, y, classifier=True).split(X, y, groups))
+        folds = [(_indices(a), _indices(b)) for a, b in pairs]
         if not folds:
             raise ValueError("No fits were performed: the cv iterator is empty.")
         return folds
@@ -341,7 +332,7 @@ class FastLogisticGridSearchCV:
         return self.best_estimator_.decision_function(X)
 
     def score(self, X: np.ndarray, y: np.ndarray) -> float:
-        """Accuracy of the refit model (GridSearchCV scores with its scorer; ours defaults to accuracy)."""
+        """The refit model's score with the search's scorer, as GridSearchCV's ``score``."""
         from sklearn.metrics import get_scorer
 
         return float(get_scorer(self.scoring)(self.best_estimator_, X, y))

@@ -25,6 +25,7 @@ from featcache.heads.mlp_fused import ACTIVATIONS, FusedJob, fused_train, resolv
 from featcache.progress import ProgressFn, emit
 
 MODEL_FILE = "head.keras"
+OUTPUT_ACTIVATION_LAYER = "output_activation"  # the layer after the linear "output" (see build_model)
 DEFAULTS: dict[str, Any] = {
     "layers": (1024, 512), "dropout": 0.0, "activation": "relu", "output_activation": "softmax",
     "optimizer": "adam", "lr": 1e-3, "lr_decay": None, "lr_decay_type": "inverse_time",
@@ -90,9 +91,6 @@ def build_model(p: dict, n_features: int, n_classes: int, seed: int = 0) -> Any:
                                 name="output")(h)
     out = keras.layers.Activation(p["output_activation"], name=OUTPUT_ACTIVATION_LAYER)(logits)
     return keras.Model(inputs, out, name="featcache_mlp")
-
-
-OUTPUT_ACTIVATION_LAYER = "output_activation"
 
 
 def _logit_model(model: Any, sigmoid: bool) -> tuple[Any, Any, list[Any]]:

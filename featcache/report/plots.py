@@ -200,8 +200,9 @@ def _pr_ax(ax, rec: RunRecord, threshold: float | None) -> None:
         if pred is None or pred.proba.shape[1] != 2 or len(set(pred.y_true.tolist())) < 2:
             continue
         y, score = pred.y_true, pred.proba[:, 1]
-        recall, precision, _ = pr_points(y, rank_score(pred.proba, 1))
-        ap = average_precision(y, rank_score(pred.proba, 1))
+        ranked = rank_score(pred.proba, 1)  # as on the ROC: saturated ties broken by the other class
+        recall, precision, _ = pr_points(y, ranked)
+        ap = average_precision(y, ranked)
         aps.append(ap)
         ax.step(np.r_[0.0, recall], np.r_[precision[0], precision], where="pre", color=color, lw=1.6,
                 ls="--" if split == "val" else "-", label=f"{split} (AP {ap:.3f})")
