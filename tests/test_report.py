@@ -1199,3 +1199,41 @@ def test_training_curves_mark_the_epoch_whose_weights_were_kept():
     assert kept_epoch(SimpleNamespace(run={"hyperparameters": {"checkpoint": True}}), history) == 2
     assert kept_epoch(SimpleNamespace(run={"hyperparameters": {"checkpoint": False}}), history) is None
     assert kept_epoch(SimpleNamespace(run={}), history) is None
+
+
+def test_multi_class_runs_get_each_classes_one_vs_rest_roc():
+    """A 3-class run's figure had a confusion matrix and nothing else: its macro AUC could not be read back
+    to the class that drags it down. Each class's one-vs-rest curve is drawn, and their areas are the
+    report's per-class AUCs, whose mean is the recorded macro AUC."""
+    from types import SimpleNamespace
+
+    from featcache.report import plots
+    from featcache.report.collect import Predictions
+    from featcache.report.scores import auc_binary, scores
+
+    rng = np.random.default_rng(3)
+    y = np.arange(300) % 3
+    logits = rng.normal(0, 1, (300, 3)) + np.eye(3)[y] * np.array([3.0, 1.0, 0.3])  # class 2 hardest
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    pred = Predictions([f"i{i}" for i in range(300)], y, p, ["normal", "bacteria", "virus"])
+    per_class = [auc_binary((y == c).astype(int), p[:, c]) for c in range(3)]
+    assert per_class[0] > per_class[1] > per_class[2]
+
+    plt = plots._plt()
+    fig, ax = plt.subplots()
+    plots._roc_ovr_ax(ax, pred, "test")
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == [f"{c} (AUC {a:.3f})" for c, a in zip(pred.classes, per_class, strict=True)]
+    assert ax.get_title().endswith(f"macro AUC {scores(pred)['auc']:.3f}")
+    assert abs(np.mean(per_class) - scores(pred)["auc"]) < 1e-12
+    plt.close(fig)
+
+    # no image of "virus"
+    missing = Predictions([f"i{i}" for i in range(200)], y[:200] % 2, p[:200], pred.classes)
+    fig, ax = plt.subplots()
+    plots._roc_ovr_ax(ax, missing, "test")
+    assert len(ax.get_legend().get_texts()) == 2 and "no macro AUC" in ax.get_title()
+    plt.close(fig)
+
+    rendered = plots.run_figure(SimpleNamespace(val=None, test=pred, metrics={}, run={}), None)
+    assert rendered is not None and rendered.png.startswith(b"\x89PNG")

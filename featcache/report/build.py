@@ -621,8 +621,9 @@ def _top_runs_section(
     if len(binary) < len(chosen):
         doc.add(Para(
             ("Runs with more than two classes: the" if binary else "The")
-            + " confusion matrix of the most probable class (test split when present, else validation) "
-            f"and the MLP's {_CURVES_TEXT}; their AUC is one-vs-rest, macro-averaged over the classes.",
+            + " confusion matrix of the most probable class (test split when present, else validation), "
+            "each class's one-vs-rest ROC curve on the same split (their AUC is the mean of these curves' "
+            f"areas, the macro average) and the MLP's {_CURVES_TEXT}.",
             "muted",
         ))
     for i, row in enumerate(chosen):

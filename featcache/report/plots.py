@@ -31,6 +31,9 @@ from featcache.report.scores import (
 )
 
 BLUE, ORANGE, GREY, GREEN = "#1f5fa8", "#e07b00", "#8a8f98", "#2e8540"
+# one colour and one line style per class of a multi-class ROC (styles keep them apart in greyscale)
+CLASS_STYLES = ((BLUE, "-"), (ORANGE, "--"), (GREEN, "-."), ("#7b3294", ":"), ("#c51b7d", "-"),
+                ("#4d4d4d", "--"))
 
 
 def _plt():
@@ -163,6 +166,34 @@ def _roc_ax(ax, rec: RunRecord, threshold: float | None) -> None:
     thr_txt = threshold_text(threshold)
     ax.set_title(f"ROC (● 0.5, ★ chosen {thr_txt})" + (", corner" if zoom else ""))
     _legend(ax, "lower right")
+
+
+def _roc_ovr_ax(ax, pred: Predictions, split: str) -> None:
+    """One-vs-rest ROC of each class of a multi-class run (the split of its confusion matrix): the macro
+    AUC in the leaderboard is the mean of these curves' areas, and which class drags it down (viral
+    against bacterial pneumonia, on Kermany) is what a reader of a 3-class run wants to see."""
+    ax.plot([0, 1], [0, 1], color=GREY, lw=0.8, ls=":")
+    areas = []
+    for c, name in enumerate(pred.classes):
+        truth = (pred.y_true == c).astype(int)
+        if truth.min() == truth.max():  # a class absent from the split has no curve (its AUC is undefined)
+            continue
+        ranked = rank_score(pred.proba, c)  # as the AUC ranks them: saturated ties broken by the others
+        fpr, tpr, _ = roc_points(truth, ranked)
+        area = auc_binary(truth, ranked)
+        areas.append(area)
+        color, style = CLASS_STYLES[c % len(CLASS_STYLES)]
+        ax.plot(fpr, tpr, color=color, ls=style, lw=1.6, label=_t(f"{name} (AUC {area:.3f})"))
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_aspect("equal", adjustable="box")
+    ax.set_xlabel("false-positive rate (the other classes)")
+    ax.set_ylabel("true-positive rate (sensitivity)")
+    complete = len(areas) == len(pred.classes)
+    macro = f", macro AUC {np.mean(areas):.3f}" if complete else ", a class absent: no macro AUC"
+    ax.set_title(f"{split} ROC, one class vs rest{macro}", fontsize=9)
+    if areas:
+        ax.legend(fontsize=7, loc="lower right", frameon=False)
 
 
 RUN_FIGURE_COLUMNS = 3  # panels per row of a top run's figure
@@ -304,7 +335,7 @@ def _calibration_ax(ax, pred: Predictions, split: str) -> None:
 
 def run_figure(rec: RunRecord, threshold: float | None, formats: Sequence[str] = ()) -> Rendered | None:
     """One row of panels for a top run: confusion matrices (0.5 and chosen), ROC and precision-recall,
-    calibration (binary), training curves."""
+    calibration (binary), each class's one-vs-rest ROC (multi-class), training curves."""
     pred = rec.test if rec.test is not None else rec.val
     history = rec.metrics.get("history") if isinstance(rec.metrics.get("history"), dict) else None
     panels: list[str] = []
@@ -316,6 +347,8 @@ def run_figure(rec: RunRecord, threshold: float | None, formats: Sequence[str] =
             panels.append("pr")
         if pred.proba.shape[1] == 2 and len(pred.y_true):
             panels.append("calib")
+        if pred.proba.shape[1] > 2 and len(set(pred.y_true.tolist())) > 1:
+            panels.append("roc_ovr")
     if history and any(history.get(k) for k in ("loss", "val_loss")):
         panels.append("loss")
         if any(history.get(k) for k in ("accuracy", "val_accuracy")):
@@ -343,6 +376,8 @@ def run_figure(rec: RunRecord, threshold: float | None, formats: Sequence[str] =
             _confusion_ax(ax, pred, threshold, f"{split} confusion @ chosen {threshold_text(threshold)}")
         elif panel == "roc":
             _roc_ax(ax, rec, threshold)
+        elif panel == "roc_ovr":
+            _roc_ovr_ax(ax, pred, split)
         elif panel == "pr":
             _pr_ax(ax, rec, threshold)
         elif panel == "calib":
