@@ -110,6 +110,17 @@ def register(app: typer.Typer) -> None:
             None, "--balance", help="none | undersample | undersample-subtypes | oversample."),
         seed: int = typer.Option(0, "--seed", help="Seed of splits, resampling and training."),
         tag: list[str] = typer.Option([], "--tag", help="Tag the runs (repeatable)."),
+        pooling: str | None = typer.Option(
+            None, "--pooling", help="avg, max or flatten (default: the --preset's, else the backbone's)."),
+        image_size: int | None = typer.Option(
+            None, "--image-size", help="Input size in pixels (default: the --preset's, else the backbone's)."
+        ),
+        resize: str = typer.Option(
+            "squash", "--resize", help="squash (aspect not kept, as most of the papers), pad or crop."),
+        dtype: str = typer.Option("float32", "--dtype", help="Cached features: float32 or float16."),
+        grid_file: Path | None = typer.Option(  # brackets escaped: rich markup would swallow "[grid]"
+            None, "--grid-file", help="TOML file with \\[grid] or \\[\\[grid]] tables of KEY = \\[values] "
+            "(one --head only)."),
         batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass during extraction."),
         wait: float | None = typer.Option(
             None, "--wait", min=0, help="Seconds to wait if another process writes the same cache file."),
@@ -142,6 +153,11 @@ def register(app: typer.Typer) -> None:
             seed=seed,
             tags=tuple(tag),
             layers=layers_option(layers),
+            pooling=pooling,
+            image_size=image_size,
+            grid_file=grid_file,
+            resize=resize,  # checked with the fit's options, before any extraction
+            dtype=dtype,
         )
         backbones, heads = _split(backbone, "--backbone"), _split(head)  # bad lists: before the backend
         import_backend_quietly(tensorflow_too=not heads or "mlp" in heads)  # no --head: the preset's
@@ -157,7 +173,7 @@ def register(app: typer.Typer) -> None:
                 reports_dir=out,
                 fit_options=fopts,
                 grid_args=grid,
-                extract_options=ExtractOptions(batch_size=batch_size, wait=wait),
+                extract_options=ExtractOptions(batch_size=batch_size, wait=wait, resize=resize, dtype=dtype),
                 report_options=ReportOptions(metric=metric),  # ranked by what selected the configs
                 progress=make_callback(bar),
             )

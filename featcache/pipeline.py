@@ -144,6 +144,9 @@ def _head_options(fopts: Any, heads: Sequence[str], routed: dict[str, list[str]]
 
     from featcache.heads import get_head
 
+    if fopts.grid_file is not None and len(heads) > 1:  # its keys are one head's: which one is ambiguous
+        raise ConfigError(f"--grid-file holds one head's grid, and --head is {','.join(heads)}; run one head "
+                          "per grid file, or give the grids as --grid HEAD:KEY=V1,V2.")
     with_layers = [h for h in heads if "layers" in get_head(h).schema]
     if fopts.layers is not None and not with_layers:
         raise ConfigError(f"--layers applies to the mlp head only, and --head is {','.join(heads)}; add mlp "

@@ -364,3 +364,38 @@ def test_run_passes_the_fit_options_a_fit_would_take(kermany_tree, tmp_path):
     assert rec["metric"] == "auc" and rec["train_views"] == ["orig", "hflip"]
     assert rec["threshold"]["method"] == "sensitivity" and rec["selection"]["refit"] is False
     assert "ranked by validation auc" in (tmp_path / "o" / "report.md").read_text(encoding="utf-8")
+
+
+def test_run_takes_extracts_feature_settings_and_a_grid_file(kermany_tree, tmp_path, capsys):
+    """`run` had no --pooling, --image-size, --resize, --dtype or --grid-file: features other than the
+    backbone's defaults, or a grid kept in a file, meant leaving it for extract + fit + report."""
+    from featcache.cli.app import run
+
+    from featcache.cache import CacheReader
+    from featcache.runs import load_run
+
+    grid = tmp_path / "grid.toml"
+    grid.write_text("[grid]\nC = [0.05, 0.5]\n", encoding="utf-8")
+    dirs = ["--cache-dir", str(tmp_path / "c"), "--runs-dir", str(tmp_path / "r"),
+            "--out", str(tmp_path / "o")]
+    base = ["run", "--data", str(kermany_tree), "--backbone", "mobilenet-0.75", "--weights", "none",
+            "--cv-folds", "2", *dirs]
+    # refused before any image is read: a grid file with two heads, and a dtype no cache can have
+    assert run([*base, "--head", "logreg,knn", "--grid-file", str(grid)]) == 2
+    assert "--grid-file holds one head's grid, and --head is logreg,knn" in capsys.readouterr().err
+    assert run([*base, "--head", "logreg", "--dtype", "float8"]) == 2
+    assert "--dtype: unknown dtype 'float8'" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+    code = run([*base, "--head", "logreg", "--grid-file", str(grid), "--pooling", "max", "--image-size", "64",
+                "--resize", "pad", "--dtype", "float16"])
+    assert code == 0
+    (cache,) = (tmp_path / "c").rglob("*.h5")
+    with CacheReader(cache) as reader:
+        config = reader.config
+    assert (config["pooling"], config["image_size"], config["resize"], config["dtype"]) == \
+        ("max", 64, "pad", "float16")
+    (run_dir,) = [p for p in (tmp_path / "r").iterdir() if p.is_dir() and not p.name.startswith(".")]
+    rec = load_run(tmp_path / "r", run_dir.name)
+    # the file's grid, not logreg's default (14 configs): its 2 values of C and nothing else
+    assert rec["selection"]["n_configs"] == 2 and rec["params"]["C"] in (0.05, 0.5)
