@@ -663,6 +663,30 @@ def live_owner(owner: object) -> int | None:
     return pid if _pid_alive(pid) else None
 
 
+def _sweep_lock_holder(runs_dir: str | Path, sweep_id: str) -> dict | None:
+    """What the live holder of ``sweep_id``'s lock says about itself (pid, host), or None when no fit holds
+    it (no lock file, a killed fit's free lock, or no ``flock`` here)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: sweep_lock guards nothing there either
+        return None
+    try:
+        fd = os.open(Path(runs_dir) / LOCKS_DIR / f"{sweep_id}.lock", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:  # held: a live fit trains this sweep now
+            return _holder(fd) or {"host": socket.gethostname()}
+        except OSError:
+            return None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 def pending_checkpoints(runs_dir: str | Path) -> list[PendingSweep]:
     """Every sweep with checkpoints left in ``runs_dir``, oldest first. They can be large (hundreds of MB
     per chunk), so listings mention them, with the command that resumes each and whether its fit is still
@@ -677,9 +701,18 @@ def pending_checkpoints(runs_dir: str | Path) -> list[PendingSweep]:
             about = _sweep_about(d)  # no label (or a damaged one): still listed
             command, owner = about.get("command"), about.get("owner")
             host = owner.get("host") if isinstance(owner, dict) else None
+            running = live_owner(owner)
+            # a resumed fit relabels the folder only at its first save (minutes): until then the label
+            # names the killed fit, while the sweep's lock is held by the one training it now
+            holder = _sweep_lock_holder(runs_dir, d.name) if running is None else None
+            if holder is not None:
+                host = holder.get("host", socket.gethostname())
+                if host == socket.gethostname():  # the lock is held, so it runs even where no pid is read
+                    pid = holder.get("pid")
+                    running = pid if isinstance(pid, int) and not isinstance(pid, bool) else 0
             out.append(PendingSweep(d.name, sum(f.st_size for f in files), max(f.st_mtime for f in files),
                                     [str(a) for a in command] if isinstance(command, list) else None,
-                                    live_owner(owner),
+                                    running,
                                     str(host) if host is not None and host != socket.gethostname() else None))
     return sorted(out, key=lambda p: (p.last_saved, p.sweep_id))
 

@@ -187,3 +187,20 @@ def test_prediction_csvs_do_not_hand_a_spreadsheet_a_formula(tmp_path: Path) -> 
     path.write_text(text.replace("''quoted", "'quoted").replace(",'''\n", ",'p9\n"), encoding="utf-8")
     back = read_predictions(path)
     assert back.relpaths[1] == "'quoted/b.png" and back.groups[1] == "'p9" and back.relpaths[0] == names[0]
+
+
+def test_a_resumed_sweep_is_running_before_its_first_save(runs_dir: Path) -> None:
+    """A rerun of a killed sweep relabels its checkpoint folder only at its first save (3 minutes by
+    default); until then the label named the killed fit, so `runs ls` called the sweep interrupted and
+    `drop-checkpoints` deleted the state the running fit resumes from. The sweep's lock says who trains it."""
+    from featcache.runs import sweep_lock
+
+    with sweep_lock(runs_dir, "aaaaaaaaaaaa", ["h1"]):  # this process resumes the killed sweep
+        found = {p.sweep_id: p for p in pending_checkpoints(runs_dir)}
+        assert found["aaaaaaaaaaaa"].running_pid == os.getpid() and found["aaaaaaaaaaaa"].may_be_running
+        with pytest.raises(RunError, match=rf"aaaaaaaaaaaa \(process {os.getpid()}\) is still running"):
+            drop_checkpoints(runs_dir, ["aaaaaaaaaaaa"])
+        assert drop_checkpoints(runs_dir) == []  # --all leaves it alone too
+        assert (runs_dir / CHECKPOINTS_DIR / "aaaaaaaaaaaa" / "chunk-0.npz").is_file()
+    # the fit ended (or was killed): its lock is free, and the sweep is an interrupted one again
+    assert [p.sweep_id for p in drop_checkpoints(runs_dir)] == ["aaaaaaaaaaaa"]
