@@ -37,29 +37,43 @@ def ls_cmd(
     from featcache.cli.fit_cmd import fmt, params_text, summary
 
     from featcache.errors import RunError
-    from featcache.runs import list_runs
+    from featcache.runs import list_runs, run_problems
 
-    if not runs_dir.exists() and runs_dir != Path("runs"):  # a mistyped path is not an empty folder
-        raise RunError(f"--runs-dir {runs_dir} does not exist.")
-    rows, damaged = [], []
+    _check_runs_dir(runs_dir)
+    rows, damaged, unfinished = [], [], []
     for run in list_runs(runs_dir, include_incomplete=True):
         if run.status == "corrupt":  # no run.json yet: a run being written (or a stray folder)
             if (run.path / "run.json").is_file():
                 damaged.append((run.id, "run.json unreadable"))
             continue
         if run.status != "done":
+            unfinished.append(run.id)
             continue
         try:
-            rows.append({**summary(run), "tags": list(run.info.get("tags") or [])})
+            row = {**summary(run), "tags": list(run.info.get("tags") or [])}
         except RunError:
             damaged.append((run.id, "metrics.json damaged"))
+            continue
+        except (TypeError, AttributeError, ValueError):  # valid JSON of the wrong shape (a hand edit)
+            damaged.append((run.id, "run.json or metrics.json malformed"))
+            continue
+        problems = run_problems(run)  # what the report would leave out, never listed as a result
+        if problems:
+            damaged.append((run.id, problems[0]))
+        else:
+            rows.append(row)
     if as_json:
         typer.echo(json.dumps(rows, indent=2, default=str))
+    err = Console(stderr=True, highlight=False)
     if damaged:  # on stderr: the list (or the JSON) stays what it was, and no damaged run is hidden
-        Console(stderr=True, highlight=False).print(
+        err.print(
             f"{len(damaged)} run folder(s) left out, damaged: "
             + "; ".join(f"{escape(rid)} ({why})" for rid, why in damaged)
             + ". Delete them and rerun their fit commands to train those configs anew.", soft_wrap=True)
+    if unfinished:
+        err.print(f"{len(unfinished)} unfinished run folder(s) left out (training now, or interrupted: rerun "
+                  "the fit command to finish them): " + ", ".join(escape(rid) for rid in unfinished) + ".",
+                  soft_wrap=True)
     if as_json:
         return
     console = Console()
@@ -71,7 +85,8 @@ def ls_cmd(
     tagged = any(r["tags"] for r in rows)
     columns = ["id", "backbone", "head", "task", "params", "metric", "val", "test"]
     for col in columns + (["tags"] if tagged else []):
-        table.add_column(col, overflow="fold")
+        # the id whole on one line: it is what `runs show` and `predict --run` take, copied or grepped
+        table.add_column(col, overflow="fold", no_wrap=col == "id")
     for r in rows:
         table.add_row(
             shown(r["id"]),
@@ -85,6 +100,14 @@ def ls_cmd(
             *([shown(",".join(r["tags"]))] if tagged else []),
         )
     console.print(table)
+
+
+def _check_runs_dir(runs_dir: Path) -> None:
+    """A mistyped --runs-dir is not an empty folder (the default runs/ may not exist yet)."""
+    from featcache.errors import RunError
+
+    if not runs_dir.exists() and runs_dir != Path("runs"):
+        raise RunError(f"--runs-dir {runs_dir} does not exist.")
 
 
 def _mention_checkpoints(runs_dir: Path) -> None:
@@ -142,6 +165,7 @@ def drop_checkpoints_cmd(
     if not sweep_ids and not every:
         raise ConfigError("name the sweep ids whose checkpoints to delete (`featcache runs ls` lists them), "
                           "or pass --all")
+    _check_runs_dir(runs_dir)
     dropped = drop_checkpoints(runs_dir, None if every else sweep_ids, force=force)
     freed = sum(p.size_bytes for p in dropped) / 1e6
     console = Console(highlight=False)
@@ -166,10 +190,16 @@ def show_cmd(
     """
     from featcache.cli.fit_cmd import fmt, params_text
 
-    from featcache.runs import describe_trainer, load_run, replay_command
+    from featcache.runs import describe_trainer, load_run, replay_command, run_problems
 
     run = load_run(runs_dir, run_id)
     info, metrics = run.info, run.metrics()
+    problems = run_problems(run)
+    if problems:  # shown, since it was asked for by id, but never as if it were a result
+        Console(stderr=True, highlight=False).print(
+            f"[bold]warning[/] run {escape(run.id)} cannot be trusted ({escape('; '.join(problems))}); the "
+            "report leaves it out. Delete it and rerun its fit command to train the config anew.",
+            soft_wrap=True)
     if as_json:
         out = {"run": info, "metrics": metrics, "path": str(run.path)}
         typer.echo(json.dumps(out, indent=2, default=str))
@@ -217,8 +247,8 @@ def show_cmd(
     for name in _METRICS:
         scores.add_column(name, justify="right")
     for split in ("val", "test"):
-        m = metrics.get(split) or {}
-        if not m:
+        m = metrics.get(split) if isinstance(metrics, dict) else None
+        if not m or not isinstance(m, dict):  # none, or a hand-edited file of the wrong shape
             continue
         ci = m.get("ci") or {}
         cells = []

@@ -553,6 +553,15 @@ def load_head(run: Run) -> Any:
     return load_fitted(run.info["head"], run.path / "model")
 
 
+def run_problems(run: Run) -> list[str]:
+    """Why a done run's results cannot be trusted ([] when they can): result files changed after the fit
+    or missing, or model files gone. The report leaves such a run out, and so do listings."""
+    artifacts = run.info.get("artifacts")
+    return changed_records(run.path, run.info) + [
+        f"model file {rel} is missing" for rel in (artifacts if isinstance(artifacts, dict) else {})
+        if not (run.path / str(rel)).is_file()]
+
+
 def done_hashes(runs_dir: str | Path, wanted: Iterable[str] | None = None,
                 damaged: list[tuple[str, str]] | None = None) -> dict[str, str]:
     """config_hash -> run id of every done run whose result files are intact (what a resumed sweep skips).
@@ -568,9 +577,7 @@ def done_hashes(runs_dir: str | Path, wanted: Iterable[str] | None = None,
         h = r.info.get("config_hash")
         if not h or (keep is not None and h not in keep):
             continue
-        problems = changed_records(r.path, r.info) + [
-            f"model file {rel} is missing" for rel in (r.info.get("artifacts") or {})
-            if not (r.path / str(rel)).is_file()]
+        problems = run_problems(r)
         if problems:
             if damaged is not None:
                 damaged.append((r.id, problems[0]))

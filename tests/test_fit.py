@@ -431,6 +431,47 @@ def test_runs_ls(setup, capsys) -> None:
     assert f"runs folder {runs_dir}x does not exist" in " ".join(capsys.readouterr().err.split())
 
 
+def test_runs_ls_lists_only_runs_the_report_would_publish(setup, capsys, monkeypatch) -> None:
+    """`runs ls` showed a run whose metrics.json was edited after the fit (val 0.99), and one whose model
+    files were gone, as results, while the report left both out; a valid run.json of the wrong shape
+    crashed the whole listing; unfinished runs vanished without a word; and in 80 columns the run id was
+    folded across lines, so `runs ls | grep ID` found nothing."""
+    root, cache_dir, runs_dir = setup
+    for k in (1, 3, 5, 7):
+        fit(root, "fakenet", "knn", opts(cache_dir, runs_dir, grid_args=[f"n_neighbors={k}"]))
+    runs = sorted(p for p in runs_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert len(runs) == 4
+    edited, no_model, malformed, unfinished = runs
+    m = json.loads((edited / "metrics.json").read_text())
+    m["val"]["accuracy"] = 0.99
+    (edited / "metrics.json").write_text(json.dumps(m))
+    shutil.rmtree(no_model / "model")
+    info = json.loads((malformed / "run.json").read_text())
+    info["backbones"] = None
+    (malformed / "run.json").write_text(json.dumps(info))
+    info = json.loads((unfinished / "run.json").read_text())
+    info["status"] = "running"
+    (unfinished / "run.json").write_text(json.dumps(info))
+
+    assert cli(["runs", "ls", "--runs-dir", str(runs_dir), "--json"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out) == []
+    err = " ".join(out.err.split())
+    assert f"3 run folder(s) left out, damaged: {edited.name} (metrics.json was changed after the fit" in err
+    assert f"{no_model.name} (model file model/" in err
+    assert f"{malformed.name} (run.json or metrics.json" in err
+    assert "1 unfinished run folder(s) left out" in err and unfinished.name in err
+
+    info["status"] = "done"  # the listing of an intact run keeps its id on one line in 80 columns
+    (unfinished / "run.json").write_text(json.dumps(info))
+    monkeypatch.setenv("COLUMNS", "80")
+    assert cli(["runs", "ls", "--runs-dir", str(runs_dir)]) == 0
+    assert any(unfinished.name in line for line in capsys.readouterr().out.splitlines())
+    assert cli(["runs", "show", edited.name, "--runs-dir", str(runs_dir)]) == 0
+    assert "cannot be trusted (metrics.json was changed" in " ".join(capsys.readouterr().err.split())
+    assert cli(["runs", "drop-checkpoints", "--all", "--runs-dir", str(runs_dir) + "x"]) == 2
+
+
 def test_cli_fit_table(setup, capsys) -> None:
     root, cache_dir, runs_dir = setup
     code = cli(_fit_cmd(root, cache_dir, runs_dir, "--head", "logreg", "--grid", "C=[bold]1"))
