@@ -217,7 +217,10 @@ def _typed_grid(raw: dict, schema: dict | None, where: str) -> dict[str, list]:
 def load_grid_file(path: str | Path, schema: dict | None = None) -> list[dict[str, list]]:
     """Read a TOML grid file: ``[grid]`` with KEY = [values], or several ``[[grid]]`` tables (their
     union). Values are checked against ``schema`` when given."""
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the same parser as the tomli backport (a dependency there)
+        import tomli as tomllib
 
     p = Path(path)
     try:
