@@ -150,8 +150,12 @@ class Backbone:
     """A built, frozen feature extractor: uint8 images in, float32 feature rows out."""
 
     def __init__(self, config: BackboneConfig, model: Any, *, preprocess_name: str, weights_digest: str,
-                 weights_file_sha256: str | None = None, channels: int = 3) -> None:
+                 weights_file_sha256: str | None = None, channels: int = 3,
+                 model_file_sha256: str | None = None) -> None:
         self.config = config
+        # a saved model given a separate weights file: the model file still decides the features (its
+        # preprocessing layers, its architecture), so it is part of the cache key beside the weights
+        self.model_file_sha256 = model_file_sha256
         self.model = model
         self.preprocess_name = preprocess_name
         self.weights_digest = weights_digest
@@ -196,7 +200,7 @@ class Backbone:
                 pad = np.zeros((fixed - m, s, s, 3), np.uint8)
                 part = np.concatenate([part, pad])
             if self._channels == 1:
-                part = part[..., :1]
+                part = luma(part)
             out[start:start + m] = np.asarray(self.model.predict_on_batch(part), np.float32)[:m]
         return out
 
@@ -219,9 +223,21 @@ class Backbone:
         }
         if self.weights_file_sha256:
             out["weights_file_sha256"] = self.weights_file_sha256
+        if self.model_file_sha256:
+            out["model_file_sha256"] = self.model_file_sha256
         if saved:
             out["layer"] = cfg.layer
+        if self._channels == 1:  # a colour image reaches it as its luma (it took the red channel before)
+            out["input_channels"] = "luma"
         return out
+
+
+def luma(rgb: np.ndarray) -> np.ndarray:
+    """uint8 [..., 3] RGB as its uint8 [..., 1] luma (ITU-R 601 weights, integer arithmetic as Pillow's
+    "L" mode): grey pixels (R = G = B, every X-ray) keep their value exactly; a colour image is no longer
+    reduced to its red channel."""
+    r, g, b = (rgb[..., i].astype(np.uint32) for i in range(3))
+    return ((299 * r + 587 * g + 114 * b + 500) // 1000).astype(np.uint8)[..., None]
 
 
 def saved_name(path: str) -> str:
@@ -443,7 +459,8 @@ def _build_saved(cfg: BackboneConfig) -> Backbone:
     model.trainable = False
     resolved = replace(cfg, image_size=int(size))
     return Backbone(resolved, model, preprocess_name=preprocess, weights_digest=weights_digest(feat),
-                    weights_file_sha256=file_sha or sha256_file(path), channels=channels)
+                    weights_file_sha256=file_sha or sha256_file(path), channels=channels,
+                    model_file_sha256=sha256_file(path) if file_sha else None)
 
 
 def _has_own_preprocessing(model: Any) -> bool:

@@ -20,7 +20,9 @@ are saved. Crash points (``featcache.faults``) mark the dangerous moments for th
 Bit-for-bit resume: CPU kernels round a row slightly differently (~1e-7 relative) depending on its
 position in the batch. Rows are computed in one deterministic order and every chunk is one batch, so
 a run resumed after a crash (which keeps whole chunks) puts every remaining row at the same batch
-position as an uninterrupted run with the same --batch-size would: the features are identical.
+position as an uninterrupted run with the same --batch-size would: the features are identical. Every
+pass is padded to --batch-size (``Backbone.fix_batch_size``), so a later extract that adds fewer rows
+than one batch does not compile a smaller batch, whose kernels round differently.
 """
 from __future__ import annotations
 
@@ -274,6 +276,9 @@ def extract(dataset: Dataset, backbone: BackboneConfig, cache_dir: Path, options
             if rows_total:
                 notes += _mixed_rows_notes(writer, path)
                 writer.reserve(rows_total)
+                # every forward pass at --batch-size, padded: a resume with fewer missing rows than one
+                # batch compiled a smaller one, whose float rounding differed (4e-6) from a fresh extract
+                bb.fix_batch_size(options.batch_size)
                 rows_computed = _stream(items, bb, writer, options, skipped, rows_total, progress)
     timings["stream"] = time.perf_counter() - t_stream
     seconds = time.perf_counter() - t0

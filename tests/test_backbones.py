@@ -254,3 +254,57 @@ def test_mobilenet075_imagenet_offline_differs_from_random(shared_dir: Path, tmp
     assert not np.allclose(fr, fn, atol=1e-3)
     assert real.describe()["weights_file_sha256"] == hashlib.sha256(
         (tmp_path / "models" / "mobilenet_7_5_224_tf_no_top.h5").read_bytes()).hexdigest()
+
+
+def test_a_saved_model_with_a_weights_file_is_keyed_by_both_files(tmp_path: Path):
+    """Two saved models with the same weights file but other preprocessing layers shared one cache key (the
+    weights file's hash replaced the model file's), so the second reused the first one's vectors."""
+    import keras
+
+    from featcache.cache import cache_config
+
+    def model(path: Path, scale: float, offset: float) -> Path:
+        keras.utils.set_random_seed(0)
+        inp = keras.Input((32, 32, 3))
+        x = keras.layers.Rescaling(scale, offset)(inp)
+        x = keras.layers.Conv2D(6, 3, activation="relu", name="feat_conv")(x)
+        keras.Model(inp, keras.layers.GlobalAveragePooling2D()(x)).save(path)
+        return path
+
+    a = model(tmp_path / "m.keras", 1 / 255.0, 0.0)
+    sub = tmp_path / "other"
+    sub.mkdir()
+    b = model(sub / "m.keras", 1 / 127.5, -1.0)  # same name, same weights, other input scaling
+    weights = tmp_path / "w.weights.h5"
+    keras.models.load_model(a, compile=False).save_weights(weights)
+    bb_a, bb_b = (build_backbone(BackboneConfig(str(p), layer="feat_conv", weights=str(weights)))
+                  for p in (a, b))
+    x = _images(2, 32, seed=5)
+    assert not np.allclose(bb_a(x), bb_b(x))  # other features...
+    desc_a, desc_b = bb_a.describe(), bb_b.describe()
+    assert desc_a["weights_digest"] == desc_b["weights_digest"]
+    assert cache_config(tmp_path, desc_a, "squash", "float32") != cache_config(tmp_path, desc_b, "squash",
+                                                                               "float32")  # ...other cache
+
+
+def test_a_one_channel_saved_model_sees_a_colour_images_luma(tmp_path: Path):
+    """A 1-channel saved model was fed the red channel only: pure cyan (0, 255, 255) gave black's
+    features. It gets the luma now; a grey pixel (every X-ray) keeps its value exactly."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((32, 32, 1))
+    x = keras.layers.Rescaling(1 / 255.0)(inp)
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="feat_conv", bias_initializer="zeros")(x)
+    path = tmp_path / "gray.keras"
+    keras.Model(inp, keras.layers.GlobalAveragePooling2D()(x)).save(path)
+    bb = build_backbone(BackboneConfig(str(path), layer="feat_conv"))
+    cyan = np.zeros((1, 32, 32, 3), np.uint8)
+    cyan[..., 1:] = 255
+    black = np.zeros_like(cyan)
+    assert not np.array_equal(bb(cyan), bb(black))
+    from featcache.backbones import luma
+
+    grey = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2)
+    assert np.array_equal(luma(grey)[..., 0], grey[..., 0])
+    assert bb.describe()["input_channels"] == "luma"

@@ -483,3 +483,25 @@ def test_an_edited_session_entry_of_a_source_does_not_stop_the_copy() -> None:
         {"first_row": 40, "batch_size": 8}, {"first_row": None, "batch_size": 4}, {"batch_size": 2}])
     starts, sessions = _source_sessions(reader)
     assert starts == [0, 40] and sessions == [{"batch_size": 2}, {"batch_size": 8}]
+
+
+def test_a_resume_with_less_than_a_batch_missing_gives_the_fresh_extracts_rows(tmp_path: Path):
+    """Rows added to a cache by a later extract (3 new images, --batch-size 8) went through a backbone
+    compiled for batches of 3, whose float rounding differed (up to 4e-6) from the batches of 8 of a fresh
+    extract: the features depended on the cache's history. Every pass is now padded to --batch-size."""
+    root = make_kermany_tree(tmp_path / "data", n_normal=4, n_pneu=4, splits=("train",))
+    later = sorted((root / "train").rglob("*.jpeg"))[:3]
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    for p in later:
+        p.rename(aside / p.name)
+    bb = BackboneConfig("mobilenet-0.75", weights="none", image_size=96)
+    first = extract(discover(root), bb, tmp_path / "grown", ExtractOptions(batch_size=8))
+    for p in later:
+        (aside / p.name).rename(p)
+    grown = extract(discover(root), bb, tmp_path / "grown", ExtractOptions(batch_size=8))
+    assert (first.rows_computed, grown.rows_computed, grown.rows_reused) == (5, 3, 5)
+    fresh = extract(discover(root), bb, tmp_path / "fresh", ExtractOptions(batch_size=8))
+    got, want = _rows(grown.cache_path), _rows(fresh.cache_path)
+    assert got.keys() == want.keys()
+    assert all(np.array_equal(got[k], want[k]) for k in want)
