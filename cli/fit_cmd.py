@@ -257,7 +257,7 @@ def register(app: typer.Typer) -> None:
         table = Table(title=f"fit sweep {escape(result.sweep_id)}")
         metric_name = rows[0]["metric"]
         for col in ("run", "params", f"val {metric_name}", f"test {metric_name}", "test 95% CI", "thr"):
-            table.add_column(col, overflow="fold")
+            table.add_column(col, overflow="fold", no_wrap=col == "run")  # an id to copy whole
         for r in rows:
             ci = r["test_ci"]
             table.add_row(

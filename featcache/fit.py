@@ -29,6 +29,7 @@ from featcache.cache import refuse_damaged_features, settings_in_name
 from featcache.errors import CacheError, ConfigError, DataError
 from featcache.faults import crash_point
 from featcache.grids import expand, get_preset, load_grid_file, parse_grid_args, parse_names, to_jsonable
+from featcache.heads.base import normalize_class_weight
 from featcache.heads.mlp_fused import PRECISIONS, TRAINERS, resolve_precision, resolve_trainer
 from featcache.metrics import bootstrap_ci, choose_threshold, classification_metrics, predict_labels
 from featcache.progress import ProgressFn, emit
@@ -856,6 +857,10 @@ def fit(
         common["balance_rule"] = "images, then views"  # are added now: not the old runs' training rows
     if thr_method == "sensitivity":  # eb55e7c: the highest threshold reaching T, which runs fitted
         common["threshold_rule"] = "highest reaching T"  # before may have missed (not "already done")
+    if head_obj.name == "svm" and any(normalize_class_weight(c.get("class_weight")) is not None
+                                      for c in configs):
+        # class weights reach the Platt sigmoid of the stored model now; before, it undid them at 0.5
+        common["svm_class_weight"] = "calibrated"
     if head_obj.name == "mlp":  # fused grids compute in this precision: a different one is a different run
         trainer = resolve_trainer(opts.mlp_trainer)
         common["mlp_precision"] = resolve_precision(opts.mlp_precision, trainer)

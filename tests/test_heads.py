@@ -1012,3 +1012,83 @@ def test_the_gram_buffers_unused_triangle_raises_no_warning() -> None:
         warnings.simplefilter("error")
         A = _float64_square(K, 3, None)
     assert np.array_equal(np.tril(A), np.eye(3))
+
+
+def test_a_linear_svm_search_gives_the_same_scores_every_time():
+    """liblinear draws one process-wide random stream: two linear SVM fits in parallel threads took each
+    other's draws, and six identical searches gave six different sets of CV scores."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    rng = np.random.default_rng(1)
+    n, d = 300, 2000
+    y = (rng.random(n) < 0.6).astype(int)
+    X = rng.normal(size=(n, d))
+    X[:, :40] += 0.25 * y[:, None]
+    folds = list(StratifiedGroupKFold(5, shuffle=True, random_state=0).split(X, y, np.arange(n) // 2))
+    grid = [{"kernel": "linear", "C": c, "max_iter": 10} for c in (0.001, 0.01, 0.1, 1.0)]
+    head = get_head("svm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # max_iter 10: liblinear does not converge, on purpose (more draws)
+        scores = {tuple(head.search(X, y, folds, grid, scoring="roc_auc").cv_results["mean_test_score"])
+                  for _ in range(4)}
+    assert len(scores) == 1
+
+
+def test_an_svms_class_weight_survives_its_probability_calibration():
+    """The search chose class_weight=balanced for the shift it gives an SVM's decisions, but the stored
+    model's Platt sigmoid was fitted without the weights and undid it: at 0.5 the calibrated model
+    predicted 2 positives of 54 (macro F1 0.49 against the search's 0.58). The weights now reach the
+    sigmoid too, and the stored model scores what the search measured."""
+    from sklearn.metrics import f1_score
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    from featcache.metrics import predict_labels
+
+    rng = np.random.default_rng(0)
+    n = 600
+    y = (rng.random(n) < 0.10).astype(int)
+    g = np.arange(n) // 2
+    X = rng.normal(size=(n, 20))
+    X[:, :3] += 0.7 * y[:, None]
+    folds = list(StratifiedGroupKFold(5, shuffle=True, random_state=0).split(X, y, g))
+    head = get_head("svm")
+    params = {"kernel": "linear", "C": 1.0, "class_weight": "balanced"}
+    searched = head.search(X, y, folds, [params], scoring="f1_macro").cv_results["mean_test_score"][0]
+    oof = np.zeros((n, 2))
+    for tr, va in folds:
+        oof[va] = head.fit(X[tr], y[tr], params, groups=g[tr]).predict_proba(X[va])
+    calibrated = np.mean([f1_score(y[va], predict_labels(oof[va]), average="macro") for _, va in folds])
+    assert abs(calibrated - searched) < 0.03 and predict_labels(oof).sum() > y.sum()
+
+
+def test_a_three_class_svm_search_ranks_by_one_vs_rest_auc():
+    """`fit --head svm --task 3class --metric auc` crashed: scikit-learn's roc_auc_ovr scorer needs
+    predict_proba, which the search's uncalibrated SVM lacks. It is scored from the decision function,
+    as the one-vs-rest macro AUC of each class's decision value."""
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold
+
+    rng = np.random.default_rng(2)
+    y = np.arange(150) % 3
+    X = rng.normal(size=(150, 8)) + np.eye(3)[y] @ rng.normal(size=(3, 8))
+    folds = list(StratifiedKFold(3, shuffle=True, random_state=0).split(X, y))
+    head = get_head("svm")
+    grid = [{"kernel": k, "C": 1.0} for k in ("linear", "rbf")]
+    res = head.search(X, y, folds, grid, scoring="roc_auc_ovr")
+    for i, params in enumerate(grid):
+        want = []
+        for tr, te in folds:
+            est = head.make_estimator(head.check(params), for_search=True).fit(X[tr], y[tr])
+            d = est.decision_function(X[te])
+            want.append(np.mean([roc_auc_score(y[te] == k, d[:, k]) for k in range(3)]))
+        np.testing.assert_allclose(res.cv_results["mean_test_score"][i], np.mean(want), rtol=1e-12)
+
+
+def test_knn_metrics_that_need_more_than_a_name_and_svm_calibration_record():
+    """`--grid metric=mahalanobis` passed the grid check and then failed inside scikit-learn with a
+    traceback; an svm run recorded cv=3 (scikit-learn's plain folds) for its patient-grouped calibration."""
+    for metric in ("mahalanobis", "seuclidean", "haversine", "precomputed"):
+        with pytest.raises(ConfigError, match=f"knn metric '{metric}' needs more than its name"):
+            get_head("knn").check({"metric": metric})
+    assert get_head("knn").check({"metric": "cosine"})["metric"] == "cosine"
+    assert get_head("svm").resolved({"kernel": "linear"})["cv"].startswith("patient-grouped")

@@ -1147,13 +1147,16 @@ def test_methods_state_the_settings_every_run_of_a_head_shared(sweep, tmp_path):
         run = json.loads(path.read_text())
         if run["head"] == "logreg":
             run["hyperparameters"] = {**run["params"], "solver": "lbfgs", "max_iter": 100, "verbose": 0,
-                                      "tol": 1e-4 if rid != ids[0] else 1e-3}
+                                      "tol": 1e-4 if rid != ids[0] else 1e-3,
+                                      # a searched key under a wrapped estimator's name (svm's estimator__C)
+                                      **{f"estimator__{k}": 1 for k in run["params"]}}
             path.write_text(json.dumps(run))
     res = build_report(runs, tmp_path / "out")
     md_text = " ".join(res.markdown.read_text(encoding="utf-8").split())
     methods = md_text[md_text.index("## Methods"):md_text.index("## Provenance")]
     assert "logreg: max\\_iter=100, solver=lbfgs" in methods
     assert "verbose" not in methods and "tol=" not in methods  # noise, and a setting that differed
+    assert "estimator" not in methods  # searched, under another name: not a shared setting
     assert "mlp:" not in methods  # no run of it recorded its settings: nothing claimed
 
 

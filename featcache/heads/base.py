@@ -227,10 +227,20 @@ class CVHead:
         from sklearn.metrics import get_scorer
 
         grid = [self.check(p) for p in grid]
-        scorer = _scorer(scoring, get_scorer)
+        scorer = self.scorer(scoring) or _scorer(scoring, get_scorer)
         with rejected_params(self.name):
             return cv_loop(lambda p: self.make_estimator(p, seed=seed, for_search=True), X, y, folds, grid,
-                           scorer, progress)
+                           scorer, progress, serial=self.draws_global_rng)
+
+    def scorer(self, scoring: str) -> Callable | None:
+        """A head's own scorer for ``scoring`` where scikit-learn's named one cannot score its search
+        estimator (None: the named one)."""
+        return None
+
+    def draws_global_rng(self, params: dict) -> bool:
+        """Whether fitting ``params`` draws from a process-wide random stream (liblinear's): two such fits
+        in parallel threads would take each other's draws, and the scores would change from run to run."""
+        return False
 
     def fit(self, X: np.ndarray, y: np.ndarray, params: dict, *, seed: int = 0,
             groups: np.ndarray | None = None) -> SklearnHead:
@@ -269,13 +279,18 @@ def _scorer(scoring: str, get_scorer: Callable) -> Callable:
 
 
 def cv_loop(factory: Callable[[dict], Any], X: np.ndarray, y: np.ndarray, folds: Folds, grid: list[dict],
-            scorer: Callable, progress: ProgressFn | None, n_jobs: int | None = None) -> SearchResult:
+            scorer: Callable, progress: ProgressFn | None, n_jobs: int | None = None,
+            serial: Callable[[dict], bool] | None = None) -> SearchResult:
     """Fit/score every (config, fold) pair; the shared engine of the plain CV heads.
 
     Why threads: libsvm and the kNN searches release the GIL, so on a 2-core machine two fits run at once
     (the svm grid took about half the time); no process start-up or data copying is paid. Results do not
-    depend on the order in which pairs finish.
+    depend on the order in which pairs finish. ``serial(config)``: configs whose fits must not overlap each
+    other (a linear SVM: liblinear seeds and draws one process-wide random stream, and two threads drawing
+    it at once gave other CV scores in every run); they fit one at a time, beside the others.
     """
+    import threading
+
     from joblib import Parallel, delayed
 
     X, y = np.asarray(X), np.asarray(y)
@@ -285,12 +300,16 @@ def cv_loop(factory: Callable[[dict], Any], X: np.ndarray, y: np.ndarray, folds:
     score_t = np.zeros((len(grid), n_f))
     pairs = [(i, j) for i in range(len(grid)) for j in range(n_f)]
 
+    one_at_a_time = threading.Lock()
+
     def one(i: int, j: int) -> tuple[int, int, float, float, float]:
         tr, te = folds[j]
         est = factory(grid[i])
-        t0 = time.perf_counter()
-        est.fit(X[tr], y[tr])
-        t1 = time.perf_counter()
+        guard = one_at_a_time if serial is not None and serial(grid[i]) else contextlib.nullcontext()
+        with guard:
+            t0 = time.perf_counter()
+            est.fit(X[tr], y[tr])
+            t1 = time.perf_counter()
         return i, j, float(scorer(est, X[te], y[te])), t1 - t0, time.perf_counter() - t1
 
     workers = n_jobs or min(len(pairs), os.cpu_count() or 1)

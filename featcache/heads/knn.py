@@ -8,6 +8,8 @@ import numpy as np
 from featcache.heads.base import CVHead, Folds, SearchResult, SklearnHead
 from featcache.progress import ProgressFn
 
+NEEDS_MORE_THAN_A_NAME = ("seuclidean", "mahalanobis", "haversine", "precomputed", "wminkowski")
+
 
 class KNNHead(CVHead):
     """``knn``: n_neighbors, weights (uniform|distance), metric (euclidean, cosine, manhattan, ...)."""
@@ -15,6 +17,19 @@ class KNNHead(CVHead):
     name: ClassVar[str] = "knn"
     schema: ClassVar[dict[str, str]] = {"n_neighbors": "int", "weights": "str", "metric": "str"}
     default_grid: ClassVar[dict[str, list]] = {"n_neighbors": [5, 15, 31], "weights": ["uniform", "distance"]}
+
+    def check(self, params: dict) -> dict:
+        """The base check, and no distance metric that needs more than its name: seuclidean and mahalanobis
+        need per-feature variances or a covariance, haversine takes 2-d inputs, precomputed takes distances;
+        scikit-learn accepted them here and failed later with a traceback."""
+        from featcache.errors import ConfigError
+
+        out = super().check(params)
+        metric = out.get("metric")
+        if isinstance(metric, str) and metric.lower() in NEEDS_MORE_THAN_A_NAME:
+            raise ConfigError(f"knn metric '{metric}' needs more than its name (extra parameters or other "
+                              "inputs); use euclidean, manhattan, chebyshev, minkowski or cosine.")
+        return out
 
     def make_estimator(self, params: dict, *, seed: int = 0, for_search: bool = False) -> Any:
         from sklearn.neighbors import KNeighborsClassifier

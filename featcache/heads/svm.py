@@ -16,6 +16,16 @@ from featcache.errors import ConfigError, DataError
 from featcache.heads.base import CVHead
 
 
+def ovr_macro_auc(y_true: Any, scores: Any) -> float:
+    """Mean over classes of the AUC of class k's score against the rest (scikit-learn's one-vs-rest macro
+    AUC, on scores instead of probabilities: AUC needs only their order)."""
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    y_true, scores = np.asarray(y_true), np.asarray(scores)
+    return float(np.mean([roc_auc_score(y_true == k, scores[:, k]) for k in range(scores.shape[1])]))
+
+
 def _gamma(value: Any) -> Any:
     if value is None:
         return "scale"
@@ -41,13 +51,36 @@ class SVMHead(CVHead):
     default_grid: ClassVar[dict[str, list]] = {"kernel": ["linear", "rbf"], "C": [0.1, 1.0, 10.0],
                                                "class_weight": [None, "balanced"]}
 
+    def resolved(self, params: dict, *, seed: int = 0) -> dict:
+        """As the base class, but the calibration's folds as :meth:`fit` makes them: the estimator built
+        here says ``cv=3``, scikit-learn's plain (not patient-grouped) 3 folds, which fit does not use."""
+        out = super().resolved(params, seed=seed)
+        if "cv" in out:
+            out["cv"] = "patient-grouped StratifiedGroupKFold, 3 folds (fewer if a class has fewer patients)"
+        return out
+
+    def scorer(self, scoring: str) -> Any:
+        """Multi-class AUC from the decision function: scikit-learn's ``roc_auc_ovr`` needs predict_proba,
+        which the search's uncalibrated SVM lacks (`--task 3class --metric auc` crashed). The same
+        one-vs-rest macro average as the recorded AUC, on each class's decision value."""
+        if scoring != "roc_auc_ovr":
+            return None
+        from sklearn.metrics import make_scorer
+
+        return make_scorer(ovr_macro_auc, response_method="decision_function")
+
+    def draws_global_rng(self, params: dict) -> bool:
+        """LinearSVC's solver draws liblinear's process-wide random stream (libsvm's SVC does not, without
+        ``probability=True``): linear configs fit one at a time in a search."""
+        return params.get("kernel", "rbf") == "linear"
+
     def fit(self, X: Any, y: Any, params: dict, *, seed: int = 0, groups: Any = None) -> Any:
         """The calibrated final model; Platt scaling's 3 folds (patient-grouped when ``groups`` is given)
         shrink to what the smallest class allows."""
         import numpy as np
         from sklearn.model_selection import StratifiedGroupKFold
 
-        from featcache.heads.base import SklearnHead, rejected_params
+        from featcache.heads.base import SklearnHead, rejected_params, sample_weights
 
         y = np.asarray(y)
         g = np.arange(len(y)) if groups is None else np.asarray(groups)
@@ -57,9 +90,16 @@ class SVMHead(CVHead):
                             f"rows it is fitted on (each CV fold's training part, then all training images); "
                             f"one class has {smallest} there: add images, or use the logreg or knn head.")
         folds = list(StratifiedGroupKFold(n_splits=min(3, smallest)).split(np.zeros(len(y)), y, g))
-        est = self.make_estimator(self.check(params), seed=seed, calibration_folds=folds)
+        params = self.check(params)
+        # class weights as sample weights of the calibrated model, so they reach Platt's sigmoid too: given
+        # to the SVM alone, the unweighted sigmoid re-centred its scores on the class prior, and at 0.5 the
+        # model predicted as if unweighted (the search had chosen the weight for an effect that vanished)
+        weights = sample_weights(y, params.get("class_weight"), int(np.max(y)) + 1)
+        est = self.make_estimator({**params, "class_weight": None} if weights is not None else params,
+                                  seed=seed, calibration_folds=folds)
         with rejected_params(self.name):
-            est.fit(np.asarray(X), np.asarray(y))
+            est.fit(np.asarray(X), y, **({} if weights is None else
+                                         {"calibratedclassifiercv__sample_weight": weights}))
         return SklearnHead(est, int(np.max(y)) + 1)
 
     def make_estimator(self, params: dict, *, seed: int = 0, for_search: bool = False,

@@ -1169,6 +1169,7 @@ def _head_settings(runs: Sequence[RunRecord]) -> str:
             searched |= set(r.run.get("params") or {})
             searched |= {k for g in (_cv_grid(r) or []) for k in g["params"]}
         shared = [k for k in sorted(hps[0]) if k not in searched
+                  and k.rsplit("__", 1)[-1] not in searched  # svm's estimator__C is its searched C
                   and k.rsplit("__", 1)[-1] not in _UNSTATED_SETTINGS  # estimator__random_state too
                   and all(h.get(k) == hps[0][k] for h in hps)]
         if shared:
