@@ -130,7 +130,8 @@ def kermany(
         if not f.verified:
             console.print(f"[yellow]note:[/] no published SHA-256 for {escape(f.name)}; computed "
                           f"{f.sha256} and recorded it in {escape(str(f.record_path))}. Later runs check the "
-                          f"cached file against it; pin it with --sha256 {f.sha256}.", highlight=False)
+                          f"cached file and any new download against it; pin it with --sha256 {f.sha256}.",
+                          highlight=False)
     console.print(f"[bold green]done:[/] {result.n_images:,} images in {where} "
                   f"(downloads kept in {escape(str(result.dest / '.downloads'))}).", highlight=False)
 

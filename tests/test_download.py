@@ -603,3 +603,36 @@ def test_cli_rejects_malicious_archive(server, tmp_path, images, cli, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "'..'" in err and "Traceback" not in err
     assert not (tmp_path / "evil.txt").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Audit fixes
+# ---------------------------------------------------------------------------------------------
+def test_recorded_digest_binds_a_fresh_download_until_a_new_pin(server, tmp_path, images):
+    """Deleting the cache must not let a changed remote file through and overwrite the record."""
+    archive = make_zip(kermany_entries(images))
+    server.files[ZIP_PATH] = archive
+    dest = tmp_path / "k"
+    download_kermany(dest, url=server.url(ZIP_PATH), timeout=10)
+    record = dest / ".downloads" / "ChestXRay2017.zip.sha256"
+    first = record.read_text()
+    changed = make_zip(kermany_entries(images)[:-1])          # the remote file changed
+    server.files[ZIP_PATH] = changed
+    (dest / ".downloads" / "ChestXRay2017.zip").unlink()      # cache gone
+    with pytest.raises(DownloadError, match="earlier download recorded") as err:
+        download_kermany(dest, url=server.url(ZIP_PATH), force=True, timeout=10)
+    new_digest = hashlib.sha256(changed).hexdigest()
+    assert f"--sha256 {new_digest}" in str(err.value) and "\n" not in str(err.value)
+    assert record.read_text() == first                        # the trusted digest is untouched
+    assert (dest / ".downloads" / "ChestXRay2017.zip.bad").read_bytes() == changed
+    assert_layout(dest, images)                               # the old layout is untouched
+    res = download_kermany(dest, url=server.url(ZIP_PATH), force=True, sha256=new_digest, timeout=10)
+    assert res.files[0].verified and record.read_text().split()[0] == new_digest
+
+
+def test_digest_is_recorded_only_after_a_successful_extraction(server, tmp_path, images):
+    server.files[ZIP_PATH] = b"<html>Please log in</html>"
+    dest = tmp_path / "k"
+    with pytest.raises(DownloadError, match="neither a zip nor a tar"):
+        download_kermany(dest, url=server.url(ZIP_PATH), timeout=10)
+    assert not (dest / ".downloads" / "ChestXRay2017.zip.sha256").exists()

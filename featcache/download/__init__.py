@@ -11,7 +11,10 @@ Why this module is careful:
 * Checksums are only trusted when they are real: the table of sources carries none we could not
   verify (this code was written offline), so an unknown checksum is computed, reported and recorded
   next to the file (``<name>.sha256``) and later runs verify the cached file against that record
-  (trust on first use); ``--sha256`` pins it. A mismatch keeps the bad file aside as ``<name>.bad``.
+  (trust on first use); ``--sha256`` pins it. The record binds a fresh download too (only a new
+  ``--sha256`` overrides it) and is written only after the files were extracted, so a truncated file
+  or an HTML error page never becomes the trusted digest. A mismatch keeps the bad file aside as
+  ``<name>.bad``.
 * Archives are untrusted input: entries with absolute paths, drive letters, ``..`` components, links
   or device files are rejected (zip-slip), and zip bombs are caught from the headers before anything
   is written (entry count, total size, compression ratio). We never call ``extractall``: every file
@@ -45,6 +48,7 @@ from featcache.download.transfer import (
     read_json,
     sha256_with_progress,
     write_json_atomic,
+    write_record,
 )
 from featcache.errors import DownloadError, NetworkError
 from featcache.faults import crash_point
@@ -178,6 +182,8 @@ def download_kermany(dest: str | Path, *, source: str = "mendeley", url: str | N
                            by_name.get(f.name.replace("-images.", "-paths.")))
                           for f in files if f.role == "images"]
                 counts = tfrecords_to_kermany(shards, stage, tfrecord_features, limits, progress)
+            for r in results:        # trust on first use only what extracted: never an HTML page
+                write_record(r)
             _install(stage, dest, tmp / "old", {
                 "source": source, "urls": [f.url for f in files], "counts": counts,
                 "sha256": {r.name: r.sha256 for r in results},

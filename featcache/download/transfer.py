@@ -258,17 +258,22 @@ def fetch(remote: RemoteFile, downloads: Path, *, pinned: str | None = None, tim
     """Download (or reuse) one file and check its SHA-256.
 
     Expected digest, in order: ``pinned`` (``--sha256``), the source table, the digest recorded by
-    an earlier run next to the file. A cached file that fails its check is set aside and fetched
-    again once; a fresh download that fails is set aside as ``<name>.bad`` and raises.
+    an earlier run next to the file. The record binds a fresh download as much as a cached file:
+    otherwise deleting the cache (or a cache set aside as ``.bad``) would let a changed remote file
+    through and overwrite the trusted digest; only a new ``--sha256`` overrides it. A cached file that
+    fails its check is set aside and fetched again once; a fresh download that fails is set aside as
+    ``<name>.bad`` and raises. The digest is not recorded here: the caller calls :func:`write_record`
+    once the file proved usable (extracted), so a truncated file or an HTML error page never becomes
+    the trusted digest.
     """
     path = downloads / remote.name
     record = downloads / f"{remote.name}.sha256"
-    expected = pinned or remote.sha256
+    recorded = _read_record(record)
+    expected = pinned or remote.sha256 or recorded
     if path.exists():
-        known = expected or _read_record(record)
         actual = sha256_with_progress(path, progress, remote.name)
-        if known is None or actual == known:
-            return _result(remote, path, record, actual, expected or known, 0, False, True)
+        if expected is None or actual == expected:
+            return _result(remote, path, record, actual, expected, 0, False, True)
         os.replace(path, path.with_name(path.name + ".bad"))   # corrupt cache: keep aside, fetch again
     transferred, resumed = download_file(remote.url, path, timeout=timeout, block_size=block_size,
                                          progress=progress)
@@ -276,9 +281,22 @@ def fetch(remote: RemoteFile, downloads: Path, *, pinned: str | None = None, tim
     if expected is not None and actual != expected:
         bad = path.with_name(path.name + ".bad")
         os.replace(path, bad)
-        raise DownloadError(f"{remote.name} has SHA-256 {actual} but {expected} was expected; it was kept "
-                            f"aside as {bad} and not extracted (check --sha256 or the URL, then rerun).")
+        if pinned or remote.sha256:
+            raise DownloadError(f"{remote.name} has SHA-256 {actual} but {expected} was expected; it was "
+                                f"kept aside as {bad} and not extracted (check --sha256 or the URL, then "
+                                f"rerun).")
+        raise DownloadError(f"{remote.name} downloaded from {remote.url} has SHA-256 {actual}, but an "
+                            f"earlier download recorded {expected} in {record}: the remote file changed or "
+                            f"this transfer is damaged. It was kept aside as {bad} and not extracted; if the "
+                            f"change is expected, rerun with --sha256 {actual} to trust the new file.")
     return _result(remote, path, record, actual, expected, transferred, resumed, False)
+
+
+def write_record(result: DownloadResult) -> None:
+    """Record the digest of a file that proved usable (sha256sum format), for later runs to check against."""
+    tmp = result.record_path.with_name(result.record_path.name + ".tmp")
+    tmp.write_text(f"{result.sha256}  {result.name}\n", encoding="utf-8")
+    os.replace(tmp, result.record_path)
 
 
 def _read_record(record: Path) -> str | None:
@@ -291,10 +309,7 @@ def _read_record(record: Path) -> str | None:
 
 def _result(remote: RemoteFile, path: Path, record: Path, actual: str, expected: str | None,
             transferred: int, resumed: bool, reused: bool) -> DownloadResult:
-    """Record the digest (sha256sum format) and build the result."""
-    tmp = record.with_name(record.name + ".tmp")
-    tmp.write_text(f"{actual}  {remote.name}\n", encoding="utf-8")
-    os.replace(tmp, record)
+    """Build the result; ``record`` is where :func:`write_record` will put the digest."""
     return DownloadResult(name=remote.name, url=remote.url, path=path, size=path.stat().st_size,
                           sha256=actual, expected_sha256=expected,
                           verified=expected is not None and actual == expected, record_path=record,
