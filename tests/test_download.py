@@ -48,6 +48,7 @@ class _State:
         self.files: dict[str, bytes] = {}
         self.etag = '"v1"'
         self.support_range = True
+        self.honour_if_range = True              # False: a server that answers Range whatever If-Range says
         self.truncate: dict[str, int] = {}       # path -> bytes to send before closing (once)
         self.refuse = False                      # answer 403 (an anti-bot wall)
         self.requests: list[dict] = []
@@ -76,7 +77,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_error(403 if state.refuse else 404)
                 return
             start, status = 0, 200
-            usable = rng and state.support_range and (if_range is None or if_range == state.etag)
+            usable = rng and state.support_range and (if_range is None or if_range == state.etag
+                                                      or not state.honour_if_range)
             if usable:
                 start = int(re.fullmatch(r"bytes=(\d+)-", rng).group(1))
                 if start >= len(data):
@@ -636,3 +638,21 @@ def test_digest_is_recorded_only_after_a_successful_extraction(server, tmp_path,
     with pytest.raises(DownloadError, match="neither a zip nor a tar"):
         download_kermany(dest, url=server.url(ZIP_PATH), timeout=10)
     assert not (dest / ".downloads" / "ChestXRay2017.zip.sha256").exists()
+
+
+@pytest.mark.parametrize("change", ["etag", "size"])
+def test_resume_from_a_changed_remote_file_restarts_when_if_range_is_ignored(server, tmp_path, change):
+    """A 206 whose ETag or Content-Range total differs from the .part's is another file: restart from 0."""
+    old = os.urandom(20_000)
+    new = os.urandom(20_000) if change == "etag" else os.urandom(21_000)
+    server.files["/f.zip"], server.honour_if_range = old, False
+    server.truncate["/f.zip"] = 7000
+    target = tmp_path / "f.zip"
+    with pytest.raises(DownloadError, match="resume"):
+        download_file(server.url("/f.zip"), target, timeout=10)
+    server.files["/f.zip"] = new
+    if change == "etag":
+        server.etag = '"v2"'
+    transferred, resumed = download_file(server.url("/f.zip"), target, timeout=10)
+    assert server.requests[-2]["status"] == 206 and server.requests[-1]["range"] is None
+    assert target.read_bytes() == new and (transferred, resumed) == (len(new), False)

@@ -4,7 +4,8 @@ Why this module is careful:
 
 * The archive is large (about 1.2 GB) and links drop: a partial download is kept as
   ``<dest>/.downloads/<name>.part`` and resumed with an HTTP ``Range`` request. A server that ignores
-  ``Range`` (answers 200) or answers a range we did not ask for makes us restart cleanly from byte 0
+  ``Range`` (answers 200), answers a range we did not ask for or a range of another file (its total
+  size or ETag differs from the ``.part``'s) makes us restart cleanly from byte 0
   instead of splicing two different transfers together.
 * A connection that closes early looks like a normal end of stream to ``http.client``; we compare the
   bytes received with ``Content-Length`` / ``Content-Range`` so a truncated file is never extracted.

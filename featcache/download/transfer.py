@@ -111,7 +111,9 @@ def download_file(url: str, path: str | Path, *, timeout: float = DEFAULT_TIMEOU
     """Fetch ``url`` into ``path`` through ``path.part``; return (bytes transferred now, resumed?).
 
     Resumes an existing ``.part`` with ``Range`` (plus ``If-Range`` when the server gave an ETag or
-    Last-Modified, so a changed remote file restarts instead of being spliced). At most two requests
+    Last-Modified, so a changed remote file restarts instead of being spliced; a 206 whose total size,
+    ETag or Last-Modified differs from the ``.part``'s restarts too, for servers that ignore
+    ``If-Range``). At most two requests
     are made: the second only when the server answered a resume with a range we cannot use.
     Raises DownloadError for HTTP errors, timeouts and truncated transfers; the ``.part`` is kept
     so the next call resumes.
@@ -142,6 +144,17 @@ def download_file(url: str, path: str | Path, *, timeout: float = DEFAULT_TIMEOU
                             f"delete {part} and rerun.")
     _finish(part, path, meta_path)
     return transferred, resumed
+
+
+def _same_file(meta: dict, total: int | None, headers) -> bool:
+    """Whether a 206 continues the file the ``.part`` came from: same total size, ETag, Last-Modified.
+
+    Why: a server (or a cache in between) may ignore ``If-Range`` and answer the range of a remote file
+    that changed since; appending it would splice two files. Only what both answers carry is compared.
+    """
+    pairs = ((meta.get("total"), total), (meta.get("etag"), headers.get("ETag")),
+             (meta.get("last_modified"), headers.get("Last-Modified")))
+    return all(old == new for old, new in pairs if old is not None and new is not None)
 
 
 def _one_request(url: str, path: Path, meta: dict, have: int, timeout: float, block_size: int,
@@ -182,7 +195,7 @@ def _one_request(url: str, path: Path, meta: dict, have: int, timeout: float, bl
         status = getattr(response, "status", 200)
         if status == 206:
             start, total = _parse_content_range(response.headers.get("Content-Range"))
-            if not have or start != have:
+            if not have or start != have or not _same_file(meta, total, response.headers):
                 return None
             mode = "ab"
         elif status == 200:
