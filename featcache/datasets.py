@@ -163,6 +163,18 @@ def _stat_entry(entry: os.DirEntry) -> os.stat_result | str:
         return f"unreadable ({exc.strerror or exc})"
 
 
+def _downloader_entry(name: str) -> bool:
+    """Whether a name at the dataset root is one `featcache data download` writes there.
+
+    Why: its download cache (``.downloads/``), marker and a killed run's extraction folder sit beside
+    the splits it installs; listed as skipped they would make ``extract --strict`` fail on every fresh
+    download and tell the user to remove the cache. Only these exact names are left out silently.
+    """
+    from featcache.download import DOWNLOADS_DIR, MARKER_NAME, TEMP_PREFIX  # lazy: urllib costs 50 ms
+
+    return name in (DOWNLOADS_DIR, MARKER_NAME, f"{MARKER_NAME}.tmp") or name.startswith(TEMP_PREFIX)
+
+
 def _walk(directory: Path, parts: tuple[str, ...], ancestors: frozenset[tuple[int, int]],
           files: list[tuple[tuple[str, ...], Path]], skipped: list[tuple[str, str]]) -> None:
     """Depth-first scan collecting candidate image files and refusals, following symlinks safely."""
@@ -175,6 +187,8 @@ def _walk(directory: Path, parts: tuple[str, ...], ancestors: frozenset[tuple[in
     for entry in entries:
         sub = (*parts, entry.name)
         rel = _rel(sub)
+        if entry.name.startswith(".") and not parts and _downloader_entry(entry.name):
+            continue                    # `data download`'s own cache and marker: not the user's files
         if entry.name.startswith("."):  # .DS_Store, ._x.jpeg (macOS forks), .ipynb_checkpoints/
             hidden_dir = entry.is_dir()
             skipped.append((rel + "/", "hidden folder") if hidden_dir else (rel, "hidden file"))

@@ -438,3 +438,21 @@ def test_inspect_says_when_images_have_no_patient_id(tmp_path: Path, kermany_tre
     assert run(["data", "inspect", str(tmp_path / "cf")]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "6 image(s) without a patient id" in out and "3 group(s)" in out
+
+
+def test_download_cache_and_marker_at_the_root_are_not_user_files(tmp_path):
+    """`data download` keeps .downloads/, its marker and (after a kill) an extraction folder beside the
+    splits; listed as skipped they made `extract --strict` fail on every fresh download. Only those exact
+    names at the root are left out: the same names deeper down, or similar ones, are still listed."""
+    root = make_kermany_tree(tmp_path / "k", n_normal=2, n_pneu=2)
+    (root / ".downloads").mkdir()
+    (root / ".downloads" / "ChestXRay2017.zip").write_bytes(b"zip")
+    (root / ".featcache-download.json").write_text("{}")
+    (root / ".featcache-download.json.tmp").write_text("{}")
+    (root / ".featcache-extract-abc123").mkdir()
+    (root / ".downloads-old").mkdir()
+    (root / "train" / ".downloads").mkdir()
+    ds = discover(root)
+    assert len(ds.records) == 8
+    assert sorted(ds.skipped) == [(".downloads-old/", "hidden folder"),
+                                  ("train/.downloads/", "hidden folder")]

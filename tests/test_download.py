@@ -656,3 +656,14 @@ def test_resume_from_a_changed_remote_file_restarts_when_if_range_is_ignored(ser
     transferred, resumed = download_file(server.url("/f.zip"), target, timeout=10)
     assert server.requests[-2]["status"] == 206 and server.requests[-1]["range"] is None
     assert target.read_bytes() == new and (transferred, resumed) == (len(new), False)
+
+
+def test_fresh_download_has_nothing_for_discovery_to_skip(server, tmp_path, images):
+    """`extract --strict` fails on any skipped file: the downloader's own files must not count."""
+    server.files[ZIP_PATH] = make_zip(kermany_entries(images))
+    dest = tmp_path / "k"
+    download_kermany(dest, url=server.url(ZIP_PATH), timeout=10)
+    from featcache.datasets import discover
+
+    ds = discover(dest)
+    assert ds.skipped == [] and len(ds.records) == len(images)
