@@ -31,7 +31,7 @@ from featcache.download import (
     safe_extract,
     tfrecords_to_kermany,
 )
-from featcache.errors import ConfigError, DownloadError
+from featcache.errors import ConfigError, DownloadError, NetworkError
 
 ZIP_PATH = "/ChestXRay2017.zip"
 MAX_REQUESTS = 50     # a runaway client loop fails the test instead of hanging it
@@ -51,6 +51,7 @@ class _State:
         self.honour_if_range = True              # False: a server that answers Range whatever If-Range says
         self.truncate: dict[str, int] = {}       # path -> bytes to send before closing (once)
         self.refuse = False                      # answer 403 (an anti-bot wall)
+        self.fail_status: int | None = None      # answer this HTTP error status to every request
         self.requests: list[dict] = []
         self.lock = threading.Lock()
 
@@ -73,6 +74,10 @@ class _Handler(BaseHTTPRequestHandler):
             if_range = self.headers.get("If-Range")
             entry = {"path": self.path, "range": rng, "if_range": if_range, "sent": 0, "status": 404}
             state.requests.append(entry)
+            if state.fail_status is not None:
+                entry["status"] = state.fail_status
+                self.send_error(state.fail_status)
+                return
             if data is None or state.refuse:
                 self.send_error(403 if state.refuse else 404)
                 return
@@ -667,3 +672,15 @@ def test_fresh_download_has_nothing_for_discovery_to_skip(server, tmp_path, imag
 
     ds = discover(dest)
     assert ds.skipped == [] and len(ds.records) == len(images)
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 429])
+def test_server_failure_and_rate_limit_exit_1_not_2(server, tmp_path, images, cli, capsys, status):
+    """README: network failures exit 1; a failing or busy server is one, not a usage error (2)."""
+    server.files[ZIP_PATH], server.fail_status = make_zip(kermany_entries(images)), status
+    with pytest.raises(NetworkError, match=f"HTTP {status}") as err:
+        download_file(server.url(ZIP_PATH), tmp_path / "x.zip", timeout=10)
+    assert err.value.exit_code == 1 and "\n" not in str(err.value)
+    code = cli(["data", "download", "kermany", "--dest", str(tmp_path / "k"), "--url", server.url(ZIP_PATH),
+                "--timeout", "10"])
+    assert code == 1 and f"HTTP {status}" in capsys.readouterr().err

@@ -181,7 +181,14 @@ def _one_request(url: str, path: Path, meta: dict, have: int, timeout: float, bl
                     write_json_atomic(meta_path, {**meta, "url": url, "total": have})
                     return 0, True
                 return None
-            if exc.code in (401, 403, 429):   # e.g. an anti-bot wall: a browser download still works
+            if exc.code == 429:               # rate limit: the server's state, not a usage error (exit 1)
+                raise NetworkError(f"the server is limiting requests (HTTP 429) for {url}; wait and rerun, "
+                                   f"or fetch it in a browser, save it as {path} and rerun (it is then "
+                                   f"checked and used).") from None
+            if exc.code >= 500:               # the server failed: like a dropped connection, exit 1
+                raise NetworkError(f"the server failed (HTTP {exc.code}) for {url}; try again later, then "
+                                   f"{_resume_message(name)}.") from None
+            if exc.code in (401, 403):        # e.g. an anti-bot wall: a browser download still works
                 raise DownloadError(f"the server refused the download (HTTP {exc.code}) of {url}; fetch it "
                                     f"in a browser, save it as {path} and rerun (it is then checked and "
                                     f"used).") from None
