@@ -5,6 +5,7 @@ in tmp_path. Each server answers a bounded number of requests; every client call
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -684,3 +685,63 @@ def test_server_failure_and_rate_limit_exit_1_not_2(server, tmp_path, images, cl
     code = cli(["data", "download", "kermany", "--dest", str(tmp_path / "k"), "--url", server.url(ZIP_PATH),
                 "--timeout", "10"])
     assert code == 1 and f"HTTP {status}" in capsys.readouterr().err
+
+
+class _FullDisk:
+    """A file whose write or close fails like a full disk (buffered bytes are flushed at close)."""
+
+    def __init__(self, real, fail: str) -> None:
+        self.real, self.fail = real, fail
+
+    def write(self, data: bytes) -> int:
+        if self.fail == "write":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.real.write(data)
+
+    def close(self) -> None:
+        self.real.close()
+        if self.fail == "close":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("fail", ["mkdir", "open", "write", "close"])
+def test_full_disk_during_extraction_is_a_write_error_not_a_damaged_archive(tmp_path, images, monkeypatch,
+                                                                           fail):
+    """"Damaged; delete it" would cost the user a good download; the disk is at fault: exit 1, name it."""
+    import builtins
+
+    from featcache.download import archive as archive_mod
+
+    zpath = tmp_path / "a.zip"
+    zpath.write_bytes(make_zip(kermany_entries(images)))
+    out = tmp_path / "out"
+    real_open, real_mkdir = builtins.open, Path.mkdir
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        if fail == "open":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return _FullDisk(real_open(path, mode, *args, **kwargs), fail)
+
+    def fake_mkdir(self, *args, **kwargs):
+        if "chest_xray" in self.parts:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    if fail == "mkdir":
+        monkeypatch.setattr(Path, "mkdir", fake_mkdir)
+    else:
+        monkeypatch.setattr(archive_mod, "open", fake_open, raising=False)
+    with pytest.raises(NetworkError) as err:
+        safe_extract(zpath, out)
+    message = str(err.value)
+    assert err.value.exit_code == 1 and "damaged" not in message and "\n" not in message
+    assert "No space left on device" in message and str(out) in message
+
+
+def test_corrupt_archive_still_says_damaged_with_its_full_path(tmp_path, images):
+    good = make_tar([(f"chest_xray/{rel}", data) for rel, data in images.items()])
+    tpath = tmp_path / "a.tar.gz"
+    tpath.write_bytes(good[: len(good) // 2])
+    with pytest.raises(DownloadError, match="damaged") as err:
+        safe_extract(tpath, tmp_path / "out")
+    assert err.value.exit_code == 2 and str(tpath) in str(err.value)

@@ -7,6 +7,7 @@ inside the output folder.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -17,7 +18,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from featcache.errors import DownloadError, NetworkError
+from featcache.errors import DownloadError, NetworkError, os_reason
 from featcache.faults import crash_point
 from featcache.progress import ProgressFn, emit
 
@@ -165,19 +166,14 @@ def _check_layout(plan: _Plan, name: str) -> None:
                             f"refusing to extract it.")
 
 
-def _copy_capped(src, dst, size: int, name: str) -> None:
-    """Copy at most ``size`` bytes: a header that lies about the size cannot grow the output."""
-    written = 0
-    while block := src.read(1 << 20):
-        written += len(block)
-        if written > size:
-            raise DownloadError(f"archive entry {name!r} is larger than its header says; refusing to extract "
-                                f"a possible zip bomb.")
-        try:
-            dst.write(block)
-        except OSError as exc:
-            raise NetworkError(f"cannot write {name!r} under the destination ({exc.strerror}); free some "
-                                f"space or fix permissions, then rerun.") from None
+def _write_error(exc: OSError, folder: Path) -> NetworkError:
+    """A refused write (full disk, quota, permissions) is the disk's fault, not the archive's: exit 1.
+
+    Why separate from "damaged": telling the user to delete a good 1.2 GB download because the disk
+    filled up would cost them the download and fix nothing.
+    """
+    return NetworkError(f"cannot write the extracted files in {folder} ({os_reason(exc)}); free some space "
+                        f"or fix permissions there, then rerun (the download is kept).")
 
 
 def safe_extract(archive: str | Path, out_dir: str | Path, limits: ExtractLimits | None = None,
@@ -190,7 +186,10 @@ def safe_extract(archive: str | Path, out_dir: str | Path, limits: ExtractLimits
     """
     archive, out_dir = Path(archive), Path(out_dir)
     limits = limits or ExtractLimits()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _write_error(exc, out_dir) from None
     size = archive.stat().st_size
     try:
         if zipfile.is_zipfile(archive):
@@ -204,9 +203,40 @@ def safe_extract(archive: str | Path, out_dir: str | Path, limits: ExtractLimits
                 return _write_plan(plan, size, out_dir, limits, archive.name, progress,
                                    lambda member: tf.extractfile(member))
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError, ValueError, zlib.error) as exc:
-        raise DownloadError(f"{archive.name} is damaged ({type(exc).__name__}: {exc}); delete it and rerun "
-                            f"to download it again.") from None
+        raise DownloadError(f"{archive.name} is damaged ({type(exc).__name__}: {exc}); delete {archive} and "
+                            f"rerun to download it again.") from None
     raise DownloadError(f"{archive.name} is neither a zip nor a tar archive; check --source or --url.")
+
+
+def _copy_entry(src, target: Path, size: int, name: str, out_dir: Path) -> None:
+    """Write one entry; an OSError from open, write or close becomes a write error naming ``out_dir``.
+
+    Reads from ``src`` stay outside that net: a truncated or corrupt archive raises OSError subclasses
+    too (``BadGzipFile``), and those must still say "damaged".
+    """
+    try:
+        dst = open(target, "xb")  # noqa: SIM115 (close() is checked on its own: ENOSPC can come there)
+    except OSError as exc:
+        raise _write_error(exc, out_dir) from None
+    try:
+        written = 0
+        while block := src.read(1 << 20):
+            written += len(block)
+            if written > size:
+                raise DownloadError(f"archive entry {name!r} is larger than its header says; refusing to "
+                                    f"extract a possible zip bomb.")
+            try:
+                dst.write(block)
+            except OSError as exc:
+                raise _write_error(exc, out_dir) from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            dst.close()
+        raise
+    try:
+        dst.close()                      # buffered bytes reach the disk here: ENOSPC can come now
+    except OSError as exc:
+        raise _write_error(exc, out_dir) from None
 
 
 def _write_plan(plan: _Plan, archive_size: int, out_dir: Path, limits: ExtractLimits, name: str,
@@ -220,14 +250,17 @@ def _write_plan(plan: _Plan, archive_size: int, out_dir: Path, limits: ExtractLi
     todo = [e for e in plan.entries if e[0] and not is_junk(e[0]) and not e[1]]
     for i, (parts, _is_dir, size, handle) in enumerate(todo, 1):
         target = inside(out_dir, out_dir.joinpath(*parts))
-        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _write_error(exc, out_dir) from None
         inside(out_dir, target.parent)
         src = opener(handle)
         if src is None:
             raise DownloadError(f"archive entry {'/'.join(parts)!r} cannot be read; refusing to extract "
                                 f"the archive.")
-        with src, open(target, "xb") as dst:
-            _copy_capped(src, dst, size, "/".join(parts))
+        with src:
+            _copy_entry(src, target, size, "/".join(parts), out_dir)
         crash_point("download.extract_entry")
         emit(progress, "extract", i, len(todo), name)
     return len(todo)
