@@ -745,3 +745,20 @@ def test_corrupt_archive_still_says_damaged_with_its_full_path(tmp_path, images)
     with pytest.raises(DownloadError, match="damaged") as err:
         safe_extract(tpath, tmp_path / "out")
     assert err.value.exit_code == 2 and str(tpath) in str(err.value)
+
+
+def test_mistyped_pin_keeps_the_recorded_cached_archive_and_downloads_nothing(server, tmp_path, images):
+    archive = make_zip(kermany_entries(images))
+    server.files[ZIP_PATH] = archive
+    dest = tmp_path / "k"
+    download_kermany(dest, url=server.url(ZIP_PATH), timeout=10)
+    n_requests = len(server.requests)
+    wrong = "0" * 64
+    with pytest.raises(DownloadError, match="nothing was moved or downloaded") as err:
+        download_kermany(dest, url=server.url(ZIP_PATH), force=True, sha256=wrong, timeout=10)
+    digest = hashlib.sha256(archive).hexdigest()
+    assert wrong in str(err.value) and digest in str(err.value) and "\n" not in str(err.value)
+    assert len(server.requests) == n_requests
+    assert (dest / ".downloads" / "ChestXRay2017.zip").read_bytes() == archive
+    assert not (dest / ".downloads" / "ChestXRay2017.zip.bad").exists()
+    assert_layout(dest, images)

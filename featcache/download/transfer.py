@@ -284,7 +284,8 @@ def fetch(remote: RemoteFile, downloads: Path, *, pinned: str | None = None, tim
     fails its check is set aside and fetched again once; a fresh download that fails is set aside as
     ``<name>.bad`` and raises. The digest is not recorded here: the caller calls :func:`write_record`
     once the file proved usable (extracted), so a truncated file or an HTML error page never becomes
-    the trusted digest.
+    the trusted digest. A cached file that matches its record but not ``pinned`` stays where it is and
+    raises: the pin is then the likelier mistake.
     """
     path = downloads / remote.name
     record = downloads / f"{remote.name}.sha256"
@@ -294,6 +295,13 @@ def fetch(remote: RemoteFile, downloads: Path, *, pinned: str | None = None, tim
         actual = sha256_with_progress(path, progress, remote.name)
         if expected is None or actual == expected:
             return _result(remote, path, record, actual, expected, 0, False, True)
+        if pinned and actual == recorded:
+            # The cache is the file an earlier run extracted and recorded: the pin is the likelier typo.
+            # Setting a good 1.2 GB download aside and fetching it again would only fail the same way.
+            raise DownloadError(f"--sha256 {pinned} does not match {path}, whose SHA-256 {actual} is the one "
+                                f"an earlier download recorded in {record}; nothing was moved or downloaded. "
+                                f"Check the --sha256 value; if the remote file really changed, delete {path} "
+                                f"and rerun with the new --sha256.")
         os.replace(path, path.with_name(path.name + ".bad"))   # corrupt cache: keep aside, fetch again
     transferred, resumed = download_file(remote.url, path, timeout=timeout, block_size=block_size,
                                          progress=progress)
