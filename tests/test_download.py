@@ -762,3 +762,20 @@ def test_mistyped_pin_keeps_the_recorded_cached_archive_and_downloads_nothing(se
     assert (dest / ".downloads" / "ChestXRay2017.zip").read_bytes() == archive
     assert not (dest / ".downloads" / "ChestXRay2017.zip.bad").exists()
     assert_layout(dest, images)
+
+
+def test_cached_file_from_another_url_is_downloaded_again(server, tmp_path, images):
+    """An HTML page saved under the archive's name must not stick whatever --url says next."""
+    server.files["/a/ChestXRay2017.zip"] = b"<html>Please log in</html>"
+    archive = make_zip(kermany_entries(images))
+    server.files["/b/ChestXRay2017.zip"] = archive
+    dest = tmp_path / "k"
+    cached = dest / ".downloads" / "ChestXRay2017.zip"
+    with pytest.raises(DownloadError, match="truncated or an HTML page") as err:
+        download_kermany(dest, url=server.url("/a/ChestXRay2017.zip"), timeout=10)
+    assert f"delete {cached} and rerun" in str(err.value)
+    res = download_kermany(dest, url=server.url("/b/ChestXRay2017.zip"), timeout=10)
+    assert not res.files[0].reused and res.files[0].sha256 == hashlib.sha256(archive).hexdigest()
+    assert (dest / ".downloads" / "ChestXRay2017.zip.url").read_text().strip() == server.url(
+        "/b/ChestXRay2017.zip")
+    assert_layout(dest, images)

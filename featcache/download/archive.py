@@ -205,7 +205,9 @@ def safe_extract(archive: str | Path, out_dir: str | Path, limits: ExtractLimits
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError, ValueError, zlib.error) as exc:
         raise DownloadError(f"{archive.name} is damaged ({type(exc).__name__}: {exc}); delete {archive} and "
                             f"rerun to download it again.") from None
-    raise DownloadError(f"{archive.name} is neither a zip nor a tar archive; check --source or --url.")
+    raise DownloadError(f"{archive.name} is neither a zip nor a tar archive: it may be truncated or an HTML "
+                        f"page (a login or error page) saved in its place; delete {archive} and rerun, or "
+                        f"check --source or --url.")
 
 
 def _copy_entry(src, target: Path, size: int, name: str, out_dir: Path) -> None:

@@ -285,13 +285,18 @@ def fetch(remote: RemoteFile, downloads: Path, *, pinned: str | None = None, tim
     ``<name>.bad`` and raises. The digest is not recorded here: the caller calls :func:`write_record`
     once the file proved usable (extracted), so a truncated file or an HTML error page never becomes
     the trusted digest. A cached file that matches its record but not ``pinned`` stays where it is and
-    raises: the pin is then the likelier mistake.
+    raises: the pin is then the likelier mistake. The URL a file came from is kept beside it
+    (``<name>.url``) and a cached file from another URL is downloaded again: reusing it by name alone
+    kept a failed download (an HTML page, a truncated file) in place whatever ``--url`` said. A file
+    without that record (saved there by hand from a browser) is used as it is.
     """
     path = downloads / remote.name
     record = downloads / f"{remote.name}.sha256"
+    origin = downloads / f"{remote.name}.url"
     recorded = _read_record(record)
     expected = pinned or remote.sha256 or recorded
-    if path.exists():
+    # A file fetched from another --url is downloaded again (the final rename replaces it).
+    if path.exists() and _read_origin(origin) in (None, remote.url):
         actual = sha256_with_progress(path, progress, remote.name)
         if expected is None or actual == expected:
             return _result(remote, path, record, actual, expected, 0, False, True)
@@ -303,12 +308,16 @@ def fetch(remote: RemoteFile, downloads: Path, *, pinned: str | None = None, tim
                                 f"Check the --sha256 value; if the remote file really changed, delete {path} "
                                 f"and rerun with the new --sha256.")
         os.replace(path, path.with_name(path.name + ".bad"))   # corrupt cache: keep aside, fetch again
+        with contextlib.suppress(FileNotFoundError):
+            origin.unlink()
     transferred, resumed = download_file(remote.url, path, timeout=timeout, block_size=block_size,
                                          progress=progress)
     actual = sha256_with_progress(path, progress, remote.name)
     if expected is not None and actual != expected:
         bad = path.with_name(path.name + ".bad")
         os.replace(path, bad)
+        with contextlib.suppress(FileNotFoundError):
+            origin.unlink()              # no cached file now: a stale URL must not refuse a hand-placed one
         if pinned or remote.sha256:
             raise DownloadError(f"{remote.name} has SHA-256 {actual} but {expected} was expected; it was "
                                 f"kept aside as {bad} and not extracted (check --sha256 or the URL, then "
@@ -317,7 +326,18 @@ def fetch(remote: RemoteFile, downloads: Path, *, pinned: str | None = None, tim
                             f"earlier download recorded {expected} in {record}: the remote file changed or "
                             f"this transfer is damaged. It was kept aside as {bad} and not extracted; if the "
                             f"change is expected, rerun with --sha256 {actual} to trust the new file.")
+    tmp = origin.with_name(origin.name + ".tmp")
+    tmp.write_text(remote.url + "\n", encoding="utf-8")
+    os.replace(tmp, origin)
     return _result(remote, path, record, actual, expected, transferred, resumed, False)
+
+
+def _read_origin(origin: Path) -> str | None:
+    """The URL a cached file was downloaded from; None for a file placed by hand (or before this record)."""
+    try:
+        return origin.read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
 
 
 def write_record(result: DownloadResult) -> None:
