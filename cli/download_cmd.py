@@ -95,8 +95,9 @@ def kermany(
                                    "(archive URL, or the base folder of the TFRecord files)."),
     sha256: list[str] | None = typer.Option(None, "--sha256", help="Expected SHA-256 (hex); for several "
                                             "files repeat as NAME=HEX. A mismatch stops before extraction."),
-    force: bool = typer.Option(False, "--force", help="Replace train/ test/ val/ already in DEST "
-                               "(a verified cached download is reused)."),
+    force: bool = typer.Option(False, "--force", help="Replace the train/ test/ val/ an earlier featcache "
+                               "download put in DEST (folders it did not install are never replaced; a "
+                               "verified cached download is reused)."),
     timeout: float = typer.Option(60.0, "--timeout", min=1.0, help="Seconds of network silence before "
                                   "giving up (rerun to resume)."),
     image_key: str = typer.Option("image", "--tfrecord-image-key", help="tf.train.Example feature with "

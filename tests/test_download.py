@@ -270,16 +270,32 @@ def test_tampered_cached_download_is_fetched_again(server, tmp_path, images):
     assert_layout(dest, images)
 
 
-def test_existing_foreign_layout_needs_force(server, tmp_path, images):
+def test_existing_foreign_layout_is_never_replaced_even_with_force(server, tmp_path, images):
+    """--force replaces only splits a featcache download installed; the user's own train/ stays."""
     server.files[ZIP_PATH] = make_zip(kermany_entries(images))
     dest = tmp_path / "k"
-    write_xray(dest / "train" / "NORMAL" / "mine.jpeg", 99, size=16)
-    with pytest.raises(DownloadError, match="--force"):
-        download_kermany(dest, url=server.url(ZIP_PATH), timeout=10)
+    mine = write_xray(dest / "train" / "NORMAL" / "mine.jpeg", 99, size=16)
+    for force in (False, True):
+        with pytest.raises(DownloadError, match="which no featcache download installed") as err:
+            download_kermany(dest, url=server.url(ZIP_PATH), force=force, timeout=10)
+        assert "train/" in str(err.value) and "\n" not in str(err.value)
     assert server.requests == []                                   # refused before any transfer
+    assert mine.exists() and sorted(p.name for p in dest.iterdir()) == ["train"]   # no .downloads left
+
+
+def test_force_replaces_our_splits_but_not_a_split_the_user_added(server, tmp_path, images):
+    server.files[ZIP_PATH] = make_zip(kermany_entries(images))
+    dest = tmp_path / "k"
+    download_kermany(dest, url=server.url(ZIP_PATH), timeout=10)
+    theirs = write_xray(dest / "val" / "NORMAL" / "theirs.jpeg", 98, size=16)
+    with pytest.raises(DownloadError, match="val/"):
+        download_kermany(dest, url=server.url(ZIP_PATH), force=True, timeout=10)
+    assert theirs.exists()
+    theirs.parent.parent.rename(tmp_path / "val-moved")
     res = download_kermany(dest, url=server.url(ZIP_PATH), force=True, timeout=10)
-    assert res.counts == COUNTS
-    assert_layout(dest, images)                                     # mine.jpeg replaced, not mixed in
+    assert res.files[0].reused and res.counts == COUNTS
+    assert_layout(dest, images)
+    assert json.loads((dest / MARKER_NAME).read_text())["owned"] == ["test", "train"]
 
 
 def test_nested_top_folder_is_tolerated(server, tmp_path, images):

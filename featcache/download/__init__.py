@@ -106,10 +106,51 @@ def _prepare_dest(dest: str | Path) -> Path:
         raise DownloadError(f"--dest {dest} exists and is not a folder; choose a folder path.")
     try:
         dest.mkdir(parents=True, exist_ok=True)
-        (dest / DOWNLOADS_DIR).mkdir(exist_ok=True)
     except OSError as exc:
         raise NetworkError(f"cannot create {dest} ({exc.strerror}); choose a writable --dest.") from None
     return dest.resolve()
+
+
+def _owned_splits(marker: dict) -> set[str]:
+    """The split folders our marker says a featcache download installed (or is installing).
+
+    Markers written before ``owned`` existed name them only through ``counts``.
+    """
+    owned = marker.get("owned")
+    if not isinstance(owned, list):
+        owned = list(marker.get("counts", {}) or {})
+    return {s for s in owned if s in KERMANY_SPLITS}
+
+
+def _check_existing(dest: Path, source: str, files: Sequence[RemoteFile], pins: Mapping[str, str],
+                    force: bool) -> KermanyResult | None:
+    """Decide what an existing layout in ``dest`` allows: None (go on), a no-op result, or raise.
+
+    ``--force`` replaces only split folders our marker says we installed: a ``train/`` the user made
+    (their own data, another download) is never deleted, with or without it.
+    """
+    existing = [s for s in KERMANY_SPLITS if (dest / s).exists() or (dest / s).is_symlink()]
+    if not existing:
+        return None
+    marker = read_json(dest / MARKER_NAME)
+    interrupted = marker.get("state") == "installing"     # our own install, killed half-way
+    if not force and not interrupted and marker.get("state") == "complete" and \
+            marker.get("source") == source and marker.get("urls") == [f.url for f in files] and \
+            all((dest / s).is_dir() for s in marker.get("counts", {})) and \
+            all(marker.get("sha256", {}).get(n) == h for n, h in pins.items()):
+        return KermanyResult(dest=dest, source=source, files=[], counts=marker.get("counts", {}),
+                             already_present=True)
+    owned = _owned_splits(marker)
+    foreign = [s + "/" for s in existing if s not in owned]
+    if foreign:
+        raise DownloadError(f"{dest} holds {', '.join(foreign)}, which no featcache download installed; move "
+                            f"them away or choose another --dest (--force replaces only folders a featcache "
+                            f"download installed).")
+    if not force and not interrupted:
+        held = ", ".join(s + "/" for s in existing)
+        raise DownloadError(f"{dest} already holds {held}; pass --force to replace them or choose "
+                            f"another --dest.")
+    return None
 
 
 def _clean_stale(dest: Path) -> None:
@@ -119,13 +160,17 @@ def _clean_stale(dest: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
-def _install(stage: Path, dest: Path, trash: Path, marker: dict) -> None:
+def _install(stage: Path, dest: Path, trash: Path, owned_before: set[str], marker: dict) -> None:
     """Rename the staged splits into ``dest``; an old layout goes to ``trash`` first (--force).
 
     The marker says ``installing`` while splits are being swapped, so a run killed half-way is
-    recognised as ours and finished by the next run without --force; ``complete`` comes last.
+    recognised as ours and finished by the next run without --force; ``complete`` comes last. Its
+    ``owned`` lists the split folders --force may replace: while installing, the old layout's
+    (``owned_before``, still in place until moved) and the new one's; once complete, the new one's.
     """
-    write_json_atomic(dest / MARKER_NAME, {**marker, "state": "installing"})
+    new = sorted(marker["counts"])
+    write_json_atomic(dest / MARKER_NAME, {**marker, "state": "installing",
+                                           "owned": sorted(owned_before | set(new))})
     for split in KERMANY_SPLITS:
         old = dest / split
         if old.exists() or old.is_symlink():
@@ -134,7 +179,7 @@ def _install(stage: Path, dest: Path, trash: Path, marker: dict) -> None:
     for split in sorted(p.name for p in stage.iterdir()):
         os.replace(stage / split, dest / split)
         crash_point("download.install_split")
-    write_json_atomic(dest / MARKER_NAME, {**marker, "state": "complete"})
+    write_json_atomic(dest / MARKER_NAME, {**marker, "state": "complete", "owned": new})
 
 
 def download_kermany(dest: str | Path, *, source: str = "mendeley", url: str | None = None,
@@ -147,27 +192,28 @@ def download_kermany(dest: str | Path, *, source: str = "mendeley", url: str | N
     Downloads are cached in ``dest/.downloads`` (resumable, checksummed) and kept after
     extraction, so a rerun or ``force`` re-layout does not fetch 1.2 GB again. Without ``force``
     an existing layout is left alone: if our marker says it came from the same source the call
-    is a no-op (``already_present``), otherwise it raises.
+    is a no-op (``already_present``), otherwise it raises. ``force`` replaces only the split folders
+    our marker says a featcache download installed; any other ``train/``, ``test/`` or ``val/`` raises.
     """
     src = get_source(source)
     files = src.resolve(url)
     pins = parse_sha256_pins(sha256, files)
     dest = _prepare_dest(dest)
+    # Checked before .downloads exists, so a refused run leaves nothing behind in the user's folder...
+    present = _check_existing(dest, source, files, pins, force)
+    if present is not None:
+        return present
     downloads = dest / DOWNLOADS_DIR
+    try:
+        downloads.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise NetworkError(f"cannot create {downloads} ({exc.strerror}); choose a writable --dest.") from None
     with _dest_lock(downloads):
-        existing = [s for s in KERMANY_SPLITS if (dest / s).exists() or (dest / s).is_symlink()]
-        marker = read_json(dest / MARKER_NAME)
-        interrupted = marker.get("state") == "installing"     # our own install, killed half-way
-        if existing and not force and not interrupted:
-            if marker.get("state") == "complete" and marker.get("source") == source and \
-                    marker.get("urls") == [f.url for f in files] and \
-                    all((dest / s).is_dir() for s in marker.get("counts", {})) and \
-                    all(marker.get("sha256", {}).get(n) == h for n, h in pins.items()):
-                return KermanyResult(dest=dest, source=source, files=[], counts=marker.get("counts", {}),
-                                     already_present=True)
-            held = ", ".join(s + "/" for s in existing)
-            raise DownloadError(f"{dest} already holds {held}; pass --force to replace them or choose "
-                                f"another --dest.")
+        # ...and again under the lock: another run may have installed a layout meanwhile.
+        present = _check_existing(dest, source, files, pins, force)
+        if present is not None:
+            return present
+        owned_before = _owned_splits(read_json(dest / MARKER_NAME))
         _clean_stale(dest)
         results = [fetch(f, downloads, pinned=pins.get(f.name), timeout=timeout, block_size=block_size,
                          progress=progress) for f in files]
@@ -185,7 +231,7 @@ def download_kermany(dest: str | Path, *, source: str = "mendeley", url: str | N
                 counts = tfrecords_to_kermany(shards, stage, tfrecord_features, limits, progress)
             for r in results:        # trust on first use only what extracted: never an HTML page
                 write_record(r)
-            _install(stage, dest, tmp / "old", {
+            _install(stage, dest, tmp / "old", owned_before, {
                 "source": source, "urls": [f.url for f in files], "counts": counts,
                 "sha256": {r.name: r.sha256 for r in results},
                 "verified": {r.name: r.verified for r in results},
