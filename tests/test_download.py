@@ -795,3 +795,19 @@ def test_cached_file_from_another_url_is_downloaded_again(server, tmp_path, imag
     assert (dest / ".downloads" / "ChestXRay2017.zip.url").read_text().strip() == server.url(
         "/b/ChestXRay2017.zip")
     assert_layout(dest, images)
+
+
+def test_tfrecord_source_without_tensorflow_is_refused_before_downloading(server, tmp_path, monkeypatch,
+                                                                          cli, capsys):
+    monkeypatch.setitem(sys.modules, "tensorflow", None)          # what find_spec sees when it is absent
+    for split in ("train", "test"):
+        for role in ("images", "paths"):
+            server.files[f"/data/{split}/{role}.tfrec"] = b"records"
+    dest = tmp_path / "k"
+    with pytest.raises(ConfigError, match="needs TensorFlow"):
+        download_kermany(dest, source="tfrecord", url=server.url("/data"), timeout=10)
+    code = cli(["data", "download", "kermany", "--dest", str(dest), "--source", "tfrecord", "--url",
+                server.url("/data")])
+    err = capsys.readouterr().err
+    assert code == 2 and "needs TensorFlow" in err and "Traceback" not in err
+    assert server.requests == [] and not dest.exists()

@@ -28,6 +28,7 @@ Why this module is careful:
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -51,7 +52,7 @@ from featcache.download.transfer import (
     write_json_atomic,
     write_record,
 )
-from featcache.errors import DownloadError, NetworkError
+from featcache.errors import ConfigError, DownloadError, NetworkError
 from featcache.faults import crash_point
 from featcache.progress import ProgressFn
 
@@ -198,6 +199,10 @@ def download_kermany(dest: str | Path, *, source: str = "mendeley", url: str | N
     src = get_source(source)
     files = src.resolve(url)
     pins = parse_sha256_pins(sha256, files)
+    if src.kind == "tfrecord" and importlib.util.find_spec("tensorflow") is None:
+        # Checked before anything is fetched: the records are read with TensorFlow only after the download.
+        raise ConfigError("--source tfrecord needs TensorFlow to read the records and it is not installed; "
+                          "install it (pip install tensorflow) or use --source mendeley.")
     dest = _prepare_dest(dest)
     # Checked before .downloads exists, so a refused run leaves nothing behind in the user's folder...
     present = _check_existing(dest, source, files, pins, force)
