@@ -811,3 +811,19 @@ def test_tfrecord_source_without_tensorflow_is_refused_before_downloading(server
     err = capsys.readouterr().err
     assert code == 2 and "needs TensorFlow" in err and "Traceback" not in err
     assert server.requests == [] and not dest.exists()
+
+
+def test_https_to_http_redirect_is_refused():
+    """No local TLS server here: the redirect handler is asked directly, as urllib asks it."""
+    import urllib.request
+
+    from featcache.download.transfer import _SafeRedirects
+
+    handler = _SafeRedirects()
+    secure = urllib.request.Request("https://example.org/a.zip")
+    with pytest.raises(DownloadError, match="https-to-http downgrade"):
+        handler.redirect_request(secure, None, 302, "Found", {}, "http://example.org/a.zip")
+    assert handler.redirect_request(secure, None, 302, "Found", {}, "https://mirror.example.org/a.zip")
+    plain = urllib.request.Request("http://example.org/a.zip")
+    assert handler.redirect_request(plain, None, 302, "Found", {}, "https://example.org/a.zip")
+    assert handler.redirect_request(plain, None, 302, "Found", {}, "http://example.org/b.zip")

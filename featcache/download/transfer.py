@@ -49,14 +49,22 @@ class DownloadResult:
 
 
 class _SafeRedirects(urllib.request.HTTPRedirectHandler):
-    """Follow redirects only to http(s): a server must not bounce us to ``file://`` or ``ftp://``."""
+    """Follow redirects only to http(s), and never from https down to plain http.
+
+    A server must not bounce us to ``file://`` or ``ftp://``; and a downgrade would hand the rest of the
+    transfer to anyone on the path, whose bytes a first download (no record yet) would then trust.
+    """
 
     max_redirections = 10
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: D102 (stdlib signature)
-        if urlsplit(newurl).scheme not in ("http", "https"):
+        scheme = urlsplit(newurl).scheme
+        if scheme not in ("http", "https"):
             raise DownloadError(f"the server redirected to a non-HTTP address ({newurl!r}); "
                                 f"refusing to follow it.")
+        if scheme == "http" and urlsplit(req.full_url).scheme == "https":
+            raise DownloadError(f"the server redirected {req.full_url} to unencrypted {newurl}; refusing to "
+                                f"follow an https-to-http downgrade (pass an https --url that does not).")
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
