@@ -827,3 +827,17 @@ def test_https_to_http_redirect_is_refused():
     plain = urllib.request.Request("http://example.org/a.zip")
     assert handler.redirect_request(plain, None, 302, "Found", {}, "https://example.org/a.zip")
     assert handler.redirect_request(plain, None, 302, "Found", {}, "http://example.org/b.zip")
+
+
+def test_several_kermany_roots_at_one_depth_are_refused_and_listed(server, tmp_path, images):
+    """Picking one by name would install whichever copy sorts first; a copy without images is no rival."""
+    entries = [(f"chest_xray/{rel}", data) for rel, data in images.items()]
+    copy = [(f"chest_xray_v2/{rel}", data) for rel, data in images.items()]
+    server.files["/two.zip"] = make_zip(entries + copy)
+    with pytest.raises(DownloadError, match="several Kermany-like folders") as err:
+        download_kermany(tmp_path / "k2", url=server.url("/two.zip"), timeout=10)
+    assert "chest_xray/ (6 images)" in str(err.value) and "chest_xray_v2/ (6 images)" in str(err.value)
+    assert not (tmp_path / "k2" / "train").exists()
+    server.files["/one.zip"] = make_zip(entries + [("empty/train/NORMAL/readme.txt", b"no images")])
+    res = download_kermany(tmp_path / "k1", url=server.url("/one.zip"), timeout=10)
+    assert res.counts == COUNTS

@@ -38,18 +38,44 @@ def _looks_like_root(folder: Path) -> bool:
     return False
 
 
+def _count_images(root: Path) -> int:
+    """Images ``layout_kermany`` would take from a candidate root (split/label folders only)."""
+    n = 0
+    for alias, split_dir in _child_dirs(root).items():
+        if alias not in _SPLIT_ALIASES:
+            continue
+        labels = _child_dirs(split_dir)
+        for label in KERMANY_LABELS:
+            label_dir = labels.get(label.lower())
+            if label_dir is None:
+                continue
+            with contextlib.suppress(OSError), os.scandir(label_dir) as entries:
+                n += sum(1 for e in entries if e.is_file(follow_symlinks=False) and not e.name.startswith(".")
+                         and Path(e.name).suffix.lower() in LAYOUT_EXTENSIONS)
+    return n
+
+
 def find_kermany_root(extracted: Path, max_depth: int = 6) -> Path:
     """The shallowest folder in the extracted tree that has the Kermany split/class structure.
 
     Tolerates a top-level folder (``chest_xray/``), nesting (the Kaggle copy repeats
-    ``chest_xray/chest_xray/``: the shallowest wins) and ``__MACOSX``.
+    ``chest_xray/chest_xray/``: the shallowest wins) and ``__MACOSX``. Several candidates at the
+    shallowest depth that hold images are refused, listed: picking one by name would silently
+    install whichever copy sorts first (another version, a subset) as the dataset.
     """
     level = [extracted]
     for _depth in range(max_depth + 1):
         hits = [d for d in level if _looks_like_root(d)]
         if hits:
-            hits.sort(key=lambda d: (d.name.lower() != "chest_xray", str(d)))
-            return hits[0]
+            with_images = [d for d in hits if _count_images(d)]
+            if len(with_images) > 1:
+                names = ", ".join(f"{d.relative_to(extracted).as_posix()}/ ({_count_images(d)} images)"
+                                  for d in with_images)
+                raise DownloadError(f"the archive holds several Kermany-like folders at the same depth "
+                                    f"({names}); featcache cannot tell which is the dataset: extract the "
+                                    f"archive yourself and pass the right folder as --data, or use another "
+                                    f"--url.")
+            return (with_images or hits)[0]
         level = [c for d in level for c in _child_dirs(d).values()]
         if not level:
             break
