@@ -861,6 +861,8 @@ def fit(
                                       for c in configs):
         # class weights reach the Platt sigmoid of the stored model now; before, it undid them at 0.5
         common["svm_class_weight"] = "calibrated"
+    if head_obj.name == "knn":  # the search caps k per fold and scores ties as the report labels them
+        common["knn_search"] = "per-fold cap, report labels"
     if head_obj.name == "mlp":  # fused grids compute in this precision: a different one is a different run
         trainer = resolve_trainer(opts.mlp_trainer)
         common["mlp_precision"] = resolve_precision(opts.mlp_precision, trainer)

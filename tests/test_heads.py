@@ -407,7 +407,8 @@ def test_knn_caps_n_neighbors_at_the_training_size():
     head = get_head("knn")
     folds = folds_for(y)  # 16 training rows per fold
     res = head.search(X, y, folds, [{"n_neighbors": 31}, {"n_neighbors": 3}])
-    assert res.cv_results["param_n_neighbors"] == [16, 3]  # the effective value is recorded
+    # the requested value is recorded (each fold's fit caps at its own training rows: no one effective k)
+    assert list(res.cv_results["param_n_neighbors"]) == [31, 3]
     assert all(np.isfinite(res.cv_results["mean_test_score"]))
     fitted = head.fit(X[:10], y[:10], {"n_neighbors": 31})
     assert fitted.estimator[-1].n_neighbors == 10
@@ -1092,3 +1093,39 @@ def test_knn_metrics_that_need_more_than_a_name_and_svm_calibration_record():
             get_head("knn").check({"metric": metric})
     assert get_head("knn").check({"metric": "cosine"})["metric"] == "cosine"
     assert get_head("svm").resolved({"kernel": "linear"})["cv"].startswith("patient-grouped")
+
+
+def test_knn_search_scores_ties_and_caps_k_as_its_fitted_models_do():
+    """The search scored an even k's tied votes with scikit-learn's predict (class 0) while the report
+    labels P(class 1) >= 0.5 (class 1): k was chosen by another rule than the one it was judged by. And it
+    capped k at the smallest fold's training rows for every fold, where each out-of-fold model capped at its
+    own, recording the capped value (15 and 31 both listed as 7)."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    from featcache.metrics import predict_labels
+
+    rng = np.random.default_rng(0)
+    n = 300
+    y = (rng.random(n) < 0.7).astype(int)
+    g = np.arange(n) // 2
+    X = rng.normal(size=(n, 10))
+    X[:, 0] += 0.8 * y
+    folds = list(StratifiedGroupKFold(5, shuffle=True, random_state=0).split(X, y, g))
+    head = get_head("knn")
+    res = head.search(X, y, folds, [{"n_neighbors": 4}])
+    per_fold = []
+    for tr, va in folds:
+        model = head.fit(X[tr], y[tr], {"n_neighbors": 4})
+        per_fold.append(np.mean(predict_labels(model.predict_proba(X[va])) == y[va]))
+    assert res.cv_results["mean_test_score"][0] == pytest.approx(np.mean(per_fold), abs=1e-12)
+
+    X2 = rng.normal(size=(30, 4))
+    y2 = np.array([0, 1] * 15)
+    X2[:, 0] += y2
+    uneven = [(np.arange(0, 12), np.arange(12, 30)), (np.arange(12, 30), np.arange(0, 12))]
+    grid = [{"n_neighbors": 15, "weights": "distance"}, {"n_neighbors": 40, "weights": "distance"}]
+    res = head.search(X2, y2, uneven, grid)
+    assert [p["n_neighbors"] for p in res.cv_results["params"]] == [15, 40]  # what was asked for
+    model = head.fit(X2[uneven[1][0]], y2[uneven[1][0]], grid[0])  # fold 2's model: k 15 of 18 rows
+    want = np.mean(predict_labels(model.predict_proba(X2[uneven[1][1]])) == y2[uneven[1][1]])
+    assert res.cv_results["split1_test_score"][0] == pytest.approx(want, abs=1e-12)

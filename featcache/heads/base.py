@@ -229,8 +229,14 @@ class CVHead:
         grid = [self.check(p) for p in grid]
         scorer = self.scorer(scoring) or _scorer(scoring, get_scorer)
         with rejected_params(self.name):
-            return cv_loop(lambda p: self.make_estimator(p, seed=seed, for_search=True), X, y, folds, grid,
-                           scorer, progress, serial=self.draws_global_rng)
+            return cv_loop(lambda p, n_train: self.make_estimator(self.fold_params(p, n_train), seed=seed,
+                                                                  for_search=True),
+                           X, y, folds, grid, scorer, progress, serial=self.draws_global_rng)
+
+    def fold_params(self, params: dict, n_train: int) -> dict:
+        """The parameters one fit on ``n_train`` rows really uses (knn caps its k there); the search
+        records the requested ones."""
+        return params
 
     def scorer(self, scoring: str) -> Callable | None:
         """A head's own scorer for ``scoring`` where scikit-learn's named one cannot score its search
@@ -278,16 +284,18 @@ def _scorer(scoring: str, get_scorer: Callable) -> Callable:
                           "roc_auc or f1_macro.") from None
 
 
-def cv_loop(factory: Callable[[dict], Any], X: np.ndarray, y: np.ndarray, folds: Folds, grid: list[dict],
+def cv_loop(factory: Callable[[dict, int], Any], X: np.ndarray, y: np.ndarray, folds: Folds, grid: list[dict],
             scorer: Callable, progress: ProgressFn | None, n_jobs: int | None = None,
             serial: Callable[[dict], bool] | None = None) -> SearchResult:
     """Fit/score every (config, fold) pair; the shared engine of the plain CV heads.
 
     Why threads: libsvm and the kNN searches release the GIL, so on a 2-core machine two fits run at once
     (the svm grid took about half the time); no process start-up or data copying is paid. Results do not
-    depend on the order in which pairs finish. ``serial(config)``: configs whose fits must not overlap each
-    other (a linear SVM: liblinear seeds and draws one process-wide random stream, and two threads drawing
-    it at once gave other CV scores in every run); they fit one at a time, beside the others.
+    depend on the order in which pairs finish. ``factory(config, n_train)`` builds the estimator of one
+    (config, fold) pair, the fold's training size given. ``serial(config)``: configs whose fits must not
+    overlap each other (a linear SVM: liblinear seeds and draws one process-wide random stream, and two
+    threads drawing it at once gave other CV scores in every run); they fit one at a time, beside the
+    others.
     """
     import threading
 
@@ -304,7 +312,7 @@ def cv_loop(factory: Callable[[dict], Any], X: np.ndarray, y: np.ndarray, folds:
 
     def one(i: int, j: int) -> tuple[int, int, float, float, float]:
         tr, te = folds[j]
-        est = factory(grid[i])
+        est = factory(grid[i], len(tr))
         guard = one_at_a_time if serial is not None and serial(grid[i]) else contextlib.nullcontext()
         with guard:
             t0 = time.perf_counter()
