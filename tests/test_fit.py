@@ -1310,3 +1310,18 @@ def test_binary_names_the_labels_it_counts_as_pneumonia(tmp_path: Path) -> None:
     write_cache(root, tmp_path / "cache2")
     res = fit(root, "fakenet", "knn", opts(tmp_path / "cache2", tmp_path / "runs", grid_args=one))
     assert "counts every label but NORMAL" not in " ".join(res.notes)
+
+
+def test_an_auc_search_whose_fold_lacks_a_class_is_refused(tmp_path: Path) -> None:
+    """With 2 NORMAL patients and 3 folds, one fold's validation side has no NORMAL image: its AUC is NaN,
+    every config's mean was NaN, and config 0 was "chosen" without a word (metrics.json then held a NaN,
+    which is not JSON)."""
+    root = make_tree(tmp_path / "data", n_patients=6)  # patients 0 and 3 are NORMAL
+    cache_dir = tmp_path / "cache"
+    write_cache(root, cache_dir)
+    with pytest.raises(DataError, match=r"fold \d of the 3-fold cross-validation has no validation image of "
+                                        r"NORMAL .* --metric auc cannot rank the configs"):
+        fit(root, "fakenet", "knn", opts(cache_dir, tmp_path / "runs", metric="auc",
+                                         grid_args=["n_neighbors=1,3"]))
+    res = fit(root, "fakenet", "knn", opts(cache_dir, tmp_path / "runs", grid_args=["n_neighbors=1,3"]))
+    assert len(res.runs) == 1  # accuracy still ranks them
