@@ -126,6 +126,13 @@ def info_cmd(
 
 def _session_lines(sessions: list[dict], n_rows: int) -> list[str]:
     """'rows 0-119: tensorflow backend, batch 32 (2026-12-05T21:00:00+00:00)' for each recorded session."""
+    from featcache.extract import NUMERIC_LIBRARIES
+
+    def libs(s: dict) -> str:
+        v = s.get("versions") or {}
+        return ", ".join(f"{lib} {v[lib]}" for lib in NUMERIC_LIBRARIES if v.get(lib))
+
+    differ = len({libs(s) for s in sessions}) > 1  # versions per line only where they changed
     out = []
     for i, s in enumerate(sessions):
         lo = int(s.get("first_row", 0))
@@ -133,8 +140,13 @@ def _session_lines(sessions: list[dict], n_rows: int) -> list[str]:
         how = [f"{(s.get('versions') or {}).get('backend', '?')} backend"]
         if "batch_size" in s:
             how.append(f"batch {s['batch_size']}")
-        if s.get("merged_from"):
-            how.append(f"merged from {len(s['merged_from'])} shard(s)")
+        if differ and libs(s):
+            how.append(libs(s))
+        merged = s.get("merged_from")
+        if isinstance(merged, list) and merged:  # files merged before per-shard sessions: one for all
+            how.append(f"merged from {len(merged)} shard(s)")
+        elif merged:
+            how.append(f"merged from {merged}")
         if s.get("copied_from"):
             how.append(f"copied from {s['copied_from']} (made for {s.get('source_dataset_root', '?')})")
         out.append(f"rows {lo}-{hi - 1}: {', '.join(how)} ({s.get('started', '?')})")
@@ -204,6 +216,11 @@ def merge_cmd(
     if result["missing_shards"]:
         missing = ", ".join(map(str, result["missing_shards"]))
         console.print(f"[yellow]warning:[/] shards {missing} were not given; the merged cache is incomplete")
+    if result.get("mixed_shard_counts"):
+        counts = " and ".join(map(str, result["mixed_shard_counts"]))
+        console.print(f"[yellow]warning:[/] the shards come from splits into {counts} parts, which do not "
+                      "add up to one extraction; the merged cache may be incomplete (an extract with the "
+                      "same settings fills in what is missing)")
 
 
 def register(app: typer.Typer) -> None:

@@ -841,11 +841,14 @@ class CacheReader:
             )
         return got[inverse.reshape(-1)]
 
-    def iter_blocks(self, rows_per_block: int | None = None) -> Iterator[dict]:
-        """Yield the complete rows in blocks: {"start", "keys", "views", "paths", "features", "digests"}."""
+    def iter_blocks(self, rows_per_block: int | None = None, start: int = 0,
+                    stop: int | None = None) -> Iterator[dict]:
+        """Yield the complete rows (those in [start, stop)) in blocks: {"start", "keys", "views", "paths",
+        "features", "digests"}."""
         f = self._f
         step = rows_per_block or _block_rows(self.feature_dim, f["features"].dtype.itemsize)
-        for lo, hi in _blocks(self.n_rows, step):
+        end = self.n_rows if stop is None else min(int(stop), self.n_rows)
+        for lo, hi in ((start + a, start + b) for a, b in _blocks(max(0, end - start), step)):
             yield {"start": lo, "keys": _decode(f["keys"][lo:hi]), "views": _decode(f["views"][lo:hi]),
                    "paths": _decode(f["paths"][lo:hi]), "features": f["features"][lo:hi],
                    "digests": _decode(f["row_digest"][lo:hi])}
@@ -1238,35 +1241,58 @@ def _merge(shards: list[Path], out: Path | None, wait: float | None, progress: P
         if any(out.resolve() == s.resolve() for s in shards):
             raise ConfigError(f"the merged cache would be {out}, one of the files given to merge; pass "
                               "the shard files (.shard-I-of-N.h5), or --out a new file")
-        versions = first.versions or None
         total = sum(r.n_rows for r in readers)
-        added = 0
-        done = 0
-        session = {"merged_from": [r.path.name for r in readers], "versions": versions or {}}
-        with CacheWriter(out, first.config, first.feature_dim, wait=wait, versions=versions,
-                         session=session) as writer:
-            wanted = set().union(*(r._index.keys() for r in readers))
-            writer.reserve(len(wanted - writer.present()))
-            del wanted
-            for reader in readers:
-                for block in reader.iter_blocks():
-                    _check_block(reader.path, block)
-                    added += writer.append(block["keys"], block["views"], block["paths"], block["features"])
-                    done += len(block["keys"])
-                    emit(progress, "merge", done, total)
-            n_rows = writer.n_valid
+        added = done = 0
+        n_rows = 0
+        # one writer session per shard session, so `cache info` and the runs that read the merged file say
+        # which backend, batch size and versions computed which rows (one session for all shards kept only
+        # the first shard's)
+        for reader in readers:
+            starts, sessions = source_sessions(reader)
+            for i, source in enumerate(sessions):
+                stop = starts[i + 1] if i + 1 < len(starts) else reader.n_rows
+                blocks = list(reader.iter_blocks(start=starts[i], stop=stop))
+                if not blocks:
+                    continue
+                session = {**source, "merged_from": reader.path.name}
+                with CacheWriter(out, first.config, first.feature_dim, wait=wait,
+                                 versions=source.get("versions") or None, session=session) as writer:
+                    fresh = {kv for b in blocks for kv in zip(b["keys"], b["views"], strict=True)}
+                    need = len(fresh - writer.present())
+                    if need:  # a session none of whose rows are new leaves no record
+                        writer.reserve(need)
+                    for block in blocks:
+                        _check_block(reader.path, block)
+                        added += writer.append(block["keys"], block["views"], block["paths"],
+                                               block["features"])
+                        done += len(block["keys"])
+                        emit(progress, "merge", done, total)
+                    n_rows = writer.n_valid
         found = {parse_cache_name(s)["shard"] for s in shards if parse_cache_name(s)}
         found.discard(None)
         missing: list[int] = []
-        if found and len({n for _, n in found}) == 1:
-            n_shards = next(iter(found))[1]
-            missing = sorted(set(range(n_shards)) - {i for i, _ in found})
+        counts = sorted({n for _, n in found})
+        if len(counts) == 1:
+            missing = sorted(set(range(counts[0])) - {i for i, _ in found})
         return {"out": str(out), "config_hash": first.config_hash, "n_rows": n_rows, "rows_added": added,
                 "duplicates": total - added, "shards": [str(s) for s in shards], "n_shards": len(shards),
-                "missing_shards": missing}
+                "missing_shards": missing, "mixed_shard_counts": counts if len(counts) > 1 else []}
     finally:
         for reader in readers:
             reader.close()
+
+
+def source_sessions(reader: CacheReader) -> tuple[list[int], list[dict]]:
+    """A cache file's sessions as (first rows, settings without place and time), in row order; rows before
+    its first recorded session (a file older than sessions, or past MAX_SESSIONS) get its creator's
+    versions, as `cache info` shows them. What a copy (extract from a twin, merge) records per part."""
+    recorded = sorted(((s.get("first_row", 0), {k: v for k, v in s.items()
+                                                 if k not in ("first_row", "started")})
+                       for s in reader.sessions if isinstance(s.get("first_row", 0), int)),  # not edited ones
+                      key=lambda t: t[0])
+    if not recorded or recorded[0][0] > 0:
+        recorded.insert(0, (0, {"versions": reader.versions}))
+    return [r for r, _ in recorded], [s for _, s in recorded]
 
 
 def _check_block(path: Path, block: dict) -> None:

@@ -365,7 +365,7 @@ def _copy_from(reader: Any, path: Path, config: dict, keys: list[str], groups: d
     want = _wanted(keys, views, _present_rows(path), index)  # in the twin's row order
     if not want:
         return  # open no writer: a new file would record the twin's versions as its creator's
-    starts, sessions = _source_sessions(reader)
+    starts, sessions = fcache.source_sessions(reader)
     label = f"copying rows from {reader.path.name}"
     cut = np.searchsorted(np.array([index[kv] for kv in want]), starts[1:])  # sorted rows: one slice each
     for session, part in zip(sessions, np.split(np.array(want, dtype=object), cut), strict=True):
@@ -410,19 +410,6 @@ def _read_intact(reader: Any, block: list[tuple[str, str]], rows_of: dict, done:
         return kept, (np.concatenate(parts) if parts else None)
 
 
-def _source_sessions(reader: Any) -> tuple[list[int], list[dict]]:
-    """The twin's sessions as (first rows, settings without place and time), in row order; rows before
-    its first recorded session (a file older than sessions, or past MAX_SESSIONS) get its creator's
-    versions, as `cache info` shows them."""
-    recorded = sorted(((s.get("first_row", 0), {k: v for k, v in s.items()
-                                                 if k not in ("first_row", "started")})
-                       for s in reader.sessions if isinstance(s.get("first_row", 0), int)),  # not edited ones
-                      key=lambda t: t[0])
-    if not recorded or recorded[0][0] > 0:
-        recorded.insert(0, (0, {"versions": reader.versions}))
-    return [r for r, _ in recorded], [s for _, s in recorded]
-
-
 def _wanted(keys: list[str], views: list[Any], present: set | dict, index: dict) -> list[tuple[str, str]]:
     """(key, view) pairs missing from ``present`` that ``index`` (a twin's) holds, in the twin's row order."""
     need = [(k, v.name) for v in views for k in keys if (k, v.name) not in present and (k, v.name) in index]
@@ -450,13 +437,25 @@ def _mixed_rows_notes(writer: Any, path: Path) -> list[str]:
     records from which row on (``cache info``); a user who wants one kind throughout uses another
     --cache-dir. Another batch size moves them less (~3e-6): it is recorded, not announced.
     """
-    before = (writer.previous_session() or {}).get("versions", {}).get("backend")
-    now = writer.session_versions.get("backend")
-    if not before or before == now:
+    previous = (writer.previous_session() or {}).get("versions", {})
+    current = writer.session_versions
+    before, now = previous.get("backend"), current.get("backend")
+    if before and before != now:
+        return [f"{path.name} holds rows extracted with the {before} backend; the rows added now come from "
+                f"{now}, whose features differ in the last digits. The file records which rows came from "
+                "which (`featcache cache info`); use another --cache-dir to keep one backend per file."]
+    # another Keras/TensorFlow/JAX build may pick other kernels, another Pillow decode differently
+    changed = [f"{lib} {previous[lib]} -> {current.get(lib)}" for lib in NUMERIC_LIBRARIES
+               if previous.get(lib) and current.get(lib) and previous[lib] != current[lib]]
+    if not changed:
         return []
-    return [f"{path.name} holds rows extracted with the {before} backend; the rows added now come from "
-            f"{now}, whose features differ in the last digits. The file records which rows came from which "
-            "(`featcache cache info`); use another --cache-dir to keep one backend per file."]
+    return [f"{path.name} holds rows extracted with other library versions ({', '.join(changed)}); the rows "
+            "added now may differ from them in the last digits. The file records which rows came from which "
+            "(`featcache cache info`); use another --cache-dir to keep one set of versions per file."]
+
+
+NUMERIC_LIBRARIES = ("keras", "tensorflow", "jax", "pillow", "numpy")
+"""Libraries whose version can change the feature values a row gets (kernels, decoding)."""
 
 
 def _decode_item(item: _Item, size: int, resize: str) -> list[np.ndarray] | str:

@@ -248,6 +248,11 @@ def _ambiguous(backbone: str, found: Sequence[Path], opts: FitOptions) -> CacheE
             configs.append(r.config)
     keys = sorted({k for c in configs for k in c} - {"dataset_root"})
     differ = [k for k in keys if len({repr(c.get(k)) for c in configs}) > 1]
+    if not differ:  # copies of one extraction (a merge --out under another name, a copied file)
+        return CacheError(
+            f"{len(found)} feature caches of backbone '{backbone}' in {opts.cache_dir} hold the same "
+            f"settings: {', '.join(Path(p).name for p in found)}; they are copies of one extraction, so keep "
+            "one and move or delete the others.")
     shown = [k for k in differ if k not in ("weights_digest", "feature_dim")] or differ
     listed = "; ".join(f"{Path(p).name} ({', '.join(f'{k} {c.get(k)}' for k in shown[:3])})"
                        for p, c in zip(found, configs, strict=True))

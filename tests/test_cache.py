@@ -668,8 +668,14 @@ def test_merge_shards(tmp_path: Path) -> None:
     assert fc.merge([s0, s1], out)["rows_added"] == 0   # merging again adds nothing
     # a shard named twice (a glob plus its name) waited on its own lock ("still being written")
     assert fc.merge([s0, s1, Path(str(s0))], out, wait=0)["rows_added"] == 0
-    with fc.CacheReader(out) as r:
-        assert r.sessions[-1]["merged_from"] == [s0.name, s1.name]
+    with fc.CacheReader(out) as r:  # one session per shard: where each row came from is kept
+        assert [(x["first_row"], x["merged_from"]) for x in r.sessions] == [(0, s0.name), (30, s1.name)]
+        with fc.CacheReader(s1) as shard:
+            assert r.sessions[1]["versions"] == shard.sessions[0]["versions"]
+    other_split = fc.cache_path(tmp_path, cfg, shard=(1, 2))  # a shard of a split into 2, not 3
+    write_all(other_split, ROOT, 2, 4, DIM, ("orig",), start=20)
+    mixed = fc.merge([s0, other_split], tmp_path / "mixed.h5")
+    assert mixed["mixed_shard_counts"] == [2, 3] and mixed["missing_shards"] == []
     # a glob such as cache/*.shard-* also catches the writers' lock files: they are ignored, and
     # without --out the merged file goes next to the shards under its canonical name
     locks = [Path(str(s0) + ".lock"), Path(str(s1) + ".lock")]

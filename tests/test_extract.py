@@ -477,11 +477,11 @@ def test_fits_hint_gives_a_weights_file_not_the_caches_word_for_it(tmp_path: Pat
 def test_an_edited_session_entry_of_a_source_does_not_stop_the_copy() -> None:
     from types import SimpleNamespace
 
-    from featcache.extract import _source_sessions
+    from featcache.cache import source_sessions
 
     reader = SimpleNamespace(versions={"keras": "3"}, sessions=[
         {"first_row": 40, "batch_size": 8}, {"first_row": None, "batch_size": 4}, {"batch_size": 2}])
-    starts, sessions = _source_sessions(reader)
+    starts, sessions = source_sessions(reader)
     assert starts == [0, 40] and sessions == [{"batch_size": 2}, {"batch_size": 8}]
 
 
@@ -505,3 +505,19 @@ def test_a_resume_with_less_than_a_batch_missing_gives_the_fresh_extracts_rows(t
     got, want = _rows(grown.cache_path), _rows(fresh.cache_path)
     assert got.keys() == want.keys()
     assert all(np.array_equal(got[k], want[k]) for k in want)
+
+
+def test_rows_added_under_other_library_versions_are_announced_and_shown(tree: Path, tmp_path: Path,
+                                                                        monkeypatch, capsys):
+    """Rows added after a Keras or TensorFlow upgrade went in without a word, and `cache info` showed two
+    identical-looking lines ("tensorflow backend, batch 8"): the versions that differ are now in both."""
+    ds = discover(tree)
+    first = extract(ds, BB, tmp_path, ExtractOptions(splits=["train"], batch_size=8))
+    real = fcache._versions
+    monkeypatch.setattr(fcache, "_versions", lambda: {**real(), "keras": "9.9.9"})
+    more = extract(ds, BB, tmp_path, ExtractOptions(batch_size=8))
+    assert more.rows_computed > 0 and len(more.notes) == 1
+    assert f"keras {real()['keras']} -> 9.9.9" in more.notes[0]
+    assert run(["cache", "info", str(first.cache_path)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"keras {real()['keras']}" in out and "keras 9.9.9" in out

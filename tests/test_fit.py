@@ -871,6 +871,11 @@ def test_several_extractions_of_a_backbone_are_never_chosen_between_silently(tmp
         "fakenet": half.resolve()}
     with pytest.raises(ConfigError, match="--weights 'nope.h5' is neither imagenet, none nor an existing"):
         fit(root, "fakenet", "knn", opts(cache_dir, runs, weights="nope.h5"))
+    # a copy under another name (`cache merge --out merged.h5`): the same settings, said so
+    shutil.copy(half, cache_dir / "merged.h5")
+    with pytest.raises(CacheError, match=r"2 feature caches .* hold the same settings: .*merged\.h5.*copies"):
+        fit(root, "fakenet", "knn", opts(cache_dir, runs, weights="none", dtype="float16"))
+    (cache_dir / "merged.h5").unlink()
     # the CLI names the file it read, and takes the same selectors
     code = cli(["fit", "--data", str(root), "--backbone", "fakenet", "--head", "knn", "--cache-dir",
                 str(cache_dir), "--runs-dir", str(runs), "--weights", "imagenet", "--cv-folds", "3"])
