@@ -1403,6 +1403,25 @@ def _check_training_sides(ctx: _Ctx, train_sides: list[np.ndarray], where: str) 
     )
 
 
+def _check_training_patients(ctx: _Ctx, train_sides: list[np.ndarray]) -> None:
+    """Stop before the search when a head needs more patients of a class per fit than a fold's training
+    side has (svm's patient-grouped calibration: 2); it failed after the whole search, naming no class."""
+    need = getattr(ctx.head_obj, "min_training_patients", 1)
+    if need <= 1:
+        return
+    for i, pos in enumerate(train_sides):
+        rows = ctx.pool[pos]
+        for k, name in enumerate(ctx.classes):
+            n_pat = len(np.unique(ctx.groups[rows[ctx.y[rows] == k]]))
+            if n_pat < need:
+                raise DataError(
+                    f"the {ctx.head_obj.name} head needs {need} patients of every class in each fit's "
+                    f"training rows (its probability calibration is patient-grouped), and fold {i + 1} of "
+                    f"the {len(train_sides)}-fold cross-validation trains on {n_pat} patient(s) of {name} "
+                    f"({_class_sizes(ctx, name)} in all): lower --cv-folds, add images of {name} from more "
+                    "patients, or use the logreg or knn head.")
+
+
 def _damaged_notes(damaged: list[tuple[str, str]]) -> list[str]:
     """Say which finished runs of this sweep's configs are trained again, and why (their files changed)."""
     if not damaged:
@@ -1428,6 +1447,7 @@ def _fit_cv(ctx: _Ctx, configs: list[dict], result: FitResult, chash: str) -> No
     pool = ctx.pool
     folds_pos = grouped_kfold(ctx.y[pool], ctx.groups[pool], n_splits=opts.cv_folds, seed=opts.seed)
     _check_training_sides(ctx, [tr for tr, _ in folds_pos], "cv")
+    _check_training_patients(ctx, [tr for tr, _ in folds_pos])
     if opts.metric == "auc":  # an AUC without both classes is NaN: every config's mean would be NaN
         for side, missing in _split_gaps(ctx, [va for _, va in folds_pos])[:1]:
             raise DataError(

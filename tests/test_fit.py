@@ -1330,3 +1330,17 @@ def test_an_auc_search_whose_fold_lacks_a_class_is_refused(tmp_path: Path) -> No
                                          grid_args=["n_neighbors=1,3"]))
     res = fit(root, "fakenet", "knn", opts(cache_dir, tmp_path / "runs", grid_args=["n_neighbors=1,3"]))
     assert len(res.runs) == 1  # accuracy still ranks them
+
+
+def test_svm_with_too_few_patients_per_fold_is_refused_before_the_search(tmp_path: Path) -> None:
+    """svm's patient-grouped calibration needs 2 patients of a class per fit; with fewer, the error came
+    after the whole search and named neither the class nor the fold."""
+    root = make_tree(tmp_path / "data", n_patients=6)  # 2 NORMAL patients: a 2-fold split trains on 1
+    cache_dir = tmp_path / "cache"
+    write_cache(root, cache_dir)
+    events = []
+    with pytest.raises(DataError, match=r"svm head needs 2 patients of every class .* fold \d of the 2-fold "
+                                        r"cross-validation trains on 1 patient\(s\) of NORMAL"):
+        fit(root, "fakenet", "svm", opts(cache_dir, tmp_path / "runs", cv_folds=2,
+                                         grid_args=["kernel=linear", "C=1"]), progress=events.append)
+    assert not any("config" in e.message for e in events)  # no search ran

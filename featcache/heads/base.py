@@ -204,6 +204,8 @@ class CVHead:
 
     name: ClassVar[str] = ""
     selection: ClassVar[str] = "cv"
+    # patients of every class each fit needs in its training rows (svm: 2, for its grouped calibration)
+    min_training_patients: ClassVar[int] = 1
     schema: ClassVar[dict[str, str]] = {}
     default_grid: ClassVar[dict[str, list]] = {}
 

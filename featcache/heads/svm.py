@@ -46,6 +46,7 @@ class SVMHead(CVHead):
     """
 
     name: ClassVar[str] = "svm"
+    min_training_patients: ClassVar[int] = 2  # Platt scaling's patient-grouped folds need two per class
     schema: ClassVar[dict[str, str]] = {"kernel": "str", "C": "float", "gamma": "float|str",
                                         "class_weight": "class_weight", "max_iter": "int?"}
     default_grid: ClassVar[dict[str, list]] = {"kernel": ["linear", "rbf"], "C": [0.1, 1.0, 10.0],
