@@ -64,7 +64,8 @@ class _ProgressView:
         self.progress.update(self.tasks[event.phase], completed=event.done, total=event.total)
 
 
-def _result_dict(result) -> dict:  # noqa: ANN001 - featcache.extract.ExtractResult
+def result_dict(result) -> dict:  # noqa: ANN001 - featcache.extract.ExtractResult
+    """An extract's summary as JSON-able data (`extract --json`, and `run --json` per backbone)."""
     path = Path(result.cache_path)
     return {
         "cache_path": str(path),
@@ -85,7 +86,7 @@ def _result_dict(result) -> dict:  # noqa: ANN001 - featcache.extract.ExtractRes
 
 
 def _render_summary(console: Console, result) -> None:  # noqa: ANN001 - ExtractResult
-    info = _result_dict(result)
+    info = result_dict(result)
     table = Table(title="extract summary", show_header=False)
     table.add_column("what")
     table.add_column("value", overflow="fold")
@@ -180,7 +181,7 @@ def extract_cmd(
             partial = getattr(exc, "result", None)   # --strict: show what was saved and skipped, then fail
             if isinstance(exc, DataError) and partial is not None:
                 if as_json:  # scripts get the result, skip list included, then the error and exit 2
-                    typer.echo(json.dumps(_result_dict(partial), indent=2))
+                    typer.echo(json.dumps(result_dict(partial), indent=2))
                 else:
                     _render_summary(err_console, partial)
             # A log keeps the bars' last frame as a record of a finished extract; above an error it is
@@ -191,7 +192,7 @@ def extract_cmd(
                 progress.disable = True  # Progress.stop would still print its empty line
             raise
     if as_json:
-        typer.echo(json.dumps(_result_dict(result), indent=2))
+        typer.echo(json.dumps(result_dict(result), indent=2))
         return
     _render_summary(Console(), result)
 

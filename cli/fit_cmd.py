@@ -72,6 +72,20 @@ def summary(run) -> dict:  # noqa: ANN001 - featcache.runs.Run
     }
 
 
+def fit_dict(result) -> dict:  # noqa: ANN001 - featcache.fit.FitResult
+    """A fit's outcome as JSON-able data (`fit --json`, and `run --json` per head)."""
+    return {
+        "sweep_id": result.sweep_id,
+        "n_configs": result.n_configs,
+        "caches": {name: str(p) for name, p in result.caches.items()},
+        "left_out": [{"path": rel, "reason": why} for rel, why in result.left_out],
+        "runs": [summary(r) for r in result.runs],
+        "skipped": result.skipped,
+        "cleaned": result.cleaned,
+        "notes": result.notes,
+    }
+
+
 def register(app: typer.Typer) -> None:
     """Add `featcache fit` to the root app."""
 
@@ -212,22 +226,7 @@ def register(app: typer.Typer) -> None:
                 result = fit(data, backbone or [], head, opts, progress=on_event)
         rows = [summary(r) for r in result.runs]
         if as_json:
-            typer.echo(
-                json.dumps(
-                    {
-                        "sweep_id": result.sweep_id,
-                        "n_configs": result.n_configs,
-                        "caches": {name: str(p) for name, p in result.caches.items()},
-                        "left_out": [{"path": rel, "reason": why} for rel, why in result.left_out],
-                        "runs": rows,
-                        "skipped": result.skipped,
-                        "cleaned": result.cleaned,
-                        "notes": result.notes,
-                    },
-                    indent=2,
-                    default=str,
-                )
-            )
+            typer.echo(json.dumps(fit_dict(result), indent=2, default=str))
             return
         out = Console()
         for name, path in result.caches.items():

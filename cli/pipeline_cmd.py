@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -44,6 +45,24 @@ def _summary(result) -> None:
             soft_wrap=True,
         )
     print_outputs(result.report, console)
+
+
+def pipeline_dict(result) -> dict:  # noqa: ANN001 - featcache.pipeline.PipelineResult
+    """Every stage's outcome as JSON-able data, in the shapes `extract --json` and `fit --json` print."""
+    from featcache.cli.extract_cmd import result_dict
+    from featcache.cli.fit_cmd import fit_dict
+
+    rep = result.report
+    return {
+        "notes": list(result.notes),
+        "extracts": [result_dict(ex) for ex in result.extracts],
+        "fits": [fit_dict(fr) for fr in result.fits],
+        "report": None if rep is None else {
+            "html": str(rep.html.resolve()), "markdown": str(rep.markdown.resolve()),
+            "csv": str(rep.csv.resolve()), "json": str(rep.json.resolve()), "n_runs": rep.n_runs,
+            "best_run_id": rep.best_run_id, "metric": rep.metric,
+            "left_out": [{"run": rid, "reason": why} for rid, why in rep.skipped]},
+    }
 
 
 def _split(text: str | None, flag: str = "--head") -> list[str]:
@@ -127,6 +146,7 @@ def register(app: typer.Typer) -> None:
         cache_dir: Path = typer.Option(Path("cache"), "--cache-dir", help="Feature caches."),
         runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Run store."),
         out: Path = typer.Option(Path("reports"), "--out", help="Report folder."),
+        as_json: bool = typer.Option(False, "--json", help="Print what each stage did as JSON (no tables)."),
     ) -> None:
         """Extract features, fit heads and write the report, in one command with one progress display.
 
@@ -161,7 +181,7 @@ def register(app: typer.Typer) -> None:
         )
         backbones, heads = _split(backbone, "--backbone"), _split(head)  # bad lists: before the backend
         import_backend_quietly(tensorflow_too=not heads or "mlp" in heads)  # no --head: the preset's
-        with progress_display(console) as bar:
+        with progress_display(Console(stderr=True) if as_json else console) as bar:
             result = run_pipeline(
                 data,
                 backbones,
@@ -177,7 +197,10 @@ def register(app: typer.Typer) -> None:
                 report_options=ReportOptions(metric=metric),  # ranked by what selected the configs
                 progress=make_callback(bar),
             )
-        _summary(result)
+        if as_json:
+            typer.echo(json.dumps(pipeline_dict(result), indent=2, default=str))
+        else:
+            _summary(result)
 
     @app.command(
         "demo",

@@ -399,3 +399,20 @@ def test_run_takes_extracts_feature_settings_and_a_grid_file(kermany_tree, tmp_p
     rec = load_run(tmp_path / "r", run_dir.name)
     # the file's grid, not logreg's default (14 configs): its 2 values of C and nothing else
     assert rec["selection"]["n_configs"] == 2 and rec["params"]["C"] in (0.05, 0.5)
+
+
+def test_run_json_prints_every_stage_in_the_shapes_extract_and_fit_print(kermany_tree, tmp_path, capsys):
+    """`run` had no --json: a script had to parse the tables, or call extract, fit and report itself."""
+    from featcache.cli.app import run
+
+    code = run(["run", "--data", str(kermany_tree), "--backbone", "mobilenet-0.75", "--weights", "none",
+                "--head", "knn", "--grid", "n_neighbors=3", "--cv-folds", "2", "--json",
+                "--cache-dir", str(tmp_path / "c"), "--runs-dir", str(tmp_path / "r"),
+                "--out", str(tmp_path / "o")])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)  # stdout is the JSON and nothing else
+    (ex,) = out["extracts"]
+    assert ex["rows_computed"] == 24 and ex["feature_dim"] == 768 and Path(ex["cache_path"]).is_file()
+    (fr,) = out["fits"]
+    assert len(fr["runs"]) == 1 and fr["runs"][0]["head"] == "knn"
+    assert out["report"]["best_run_id"] == fr["runs"][0]["id"] and Path(out["report"]["html"]).is_file()
