@@ -54,11 +54,18 @@ def summary(run) -> dict:  # noqa: ANN001 - featcache.runs.Run
     m = run.metrics()
     val, test = m.get("val") or {}, m.get("test") or {}
     metric = run.info.get("metric", "accuracy")
+    backbones = run.info.get("backbones", [])
+    caches = run.info.get("caches") if isinstance(run.info.get("caches"), list) else []
     return {
         "id": run.id,
         "head": run.info.get("head"),
         "task": run.info.get("task"),
-        "backbone": "+".join(b.get("name", "?") for b in run.info.get("backbones", [])),
+        "backbone": "+".join(b.get("name", "?") for b in backbones),
+        # what tells apart runs whose backbone and params read the same (as the report's columns)
+        "random_weights": any(b.get("weights") == "none" for b in backbones),
+        "dataset": (run.info.get("dataset") or {}).get("root"),
+        "features": "+".join(str(c.get("features_digest") or "?")[:12]
+                             for c in caches if isinstance(c, dict)),
         "params": run.info.get("params", {}),
         "metric": metric,
         "val": val.get(metric),

@@ -83,14 +83,19 @@ def ls_cmd(
         return
     table = Table(title=f"runs in {escape(str(runs_dir))}")
     tagged = any(r["tags"] for r in rows)
-    columns = ["id", "backbone", "head", "task", "params", "metric", "val", "test"]
+    # the dataset and features columns only where they tell runs apart (as the report's)
+    extra = [c for c, differ in (("dataset", len({r["dataset"] for r in rows}) > 1),
+                                 ("features", len({(r["backbone"], r["features"]) for r in rows})
+                                  > len({r["backbone"] for r in rows}))) if differ]
+    columns = ["id", "backbone", *extra, "head", "task", "params", "metric", "val", "test"]
     for col in columns + (["tags"] if tagged else []):
         # the id whole on one line: it is what `runs show` and `predict --run` take, copied or grepped
         table.add_column(col, overflow="fold", no_wrap=col == "id")
     for r in rows:
         table.add_row(
             shown(r["id"]),
-            shown(r["backbone"]),
+            shown(r["backbone"] + (" (random weights)" if r["random_weights"] else "")),
+            *(shown(str(r[c])) for c in extra),
             shown(r["head"]),
             shown(r["task"]),
             shown(params_text(r["params"])),

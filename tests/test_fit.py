@@ -1344,3 +1344,22 @@ def test_svm_with_too_few_patients_per_fold_is_refused_before_the_search(tmp_pat
         fit(root, "fakenet", "svm", opts(cache_dir, tmp_path / "runs", cv_folds=2,
                                          grid_args=["kernel=linear", "C=1"]), progress=events.append)
     assert not any("config" in e.message for e in events)  # no search ran
+
+
+def test_runs_ls_tells_apart_runs_on_other_data_or_random_weights(tmp_path: Path, capsys,
+                                                                  monkeypatch) -> None:
+    """Runs of one head and config on two datasets, or on random-weight features, read the same in
+    `runs ls` (backbone, head, params): the report told them apart, the listing did not."""
+    runs, cache_dir = tmp_path / "runs", tmp_path / "cache"
+    a, b = make_tree(tmp_path / "a"), make_tree(tmp_path / "b", seed=1)
+    write_cache(a, cache_dir, weights="imagenet")
+    write_cache(b, cache_dir, weights="none")
+    for root in (a, b):
+        fit(root, "fakenet", "knn", opts(cache_dir, runs, grid_args=["n_neighbors=3"]))
+    assert cli(["runs", "ls", "--runs-dir", str(runs), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert sorted((Path(r["dataset"]).name, r["random_weights"]) for r in rows) == [("a", False), ("b", True)]
+    monkeypatch.setenv("COLUMNS", "250")
+    assert cli(["runs", "ls", "--runs-dir", str(runs)]) == 0
+    table = capsys.readouterr().out
+    assert "dataset" in table and "fakenet (random weights)" in table
