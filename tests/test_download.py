@@ -841,3 +841,24 @@ def test_several_kermany_roots_at_one_depth_are_refused_and_listed(server, tmp_p
     server.files["/one.zip"] = make_zip(entries + [("empty/train/NORMAL/readme.txt", b"no images")])
     res = download_kermany(tmp_path / "k1", url=server.url("/one.zip"), timeout=10)
     assert res.counts == COUNTS
+
+
+def test_a_wrong_url_keeps_the_verified_cached_archive(server, tmp_path, images):
+    """A mistyped --url (a login page served with HTTP 200) was downloaded over the verified cached
+    archive, which then went to .bad with the page: 1.2 GB to fetch again, and the message advised
+    trusting the page's digest with --sha256."""
+    archive = make_zip(kermany_entries(images))
+    server.files[ZIP_PATH] = archive
+    server.files["/login/ChestXRay2017.zip"] = b"<html>Please log in</html>"
+    dest = tmp_path / "k"
+    download_kermany(dest, url=server.url(ZIP_PATH), timeout=10)
+    cached = dest / ".downloads" / "ChestXRay2017.zip"
+    with pytest.raises(DownloadError) as err:
+        download_kermany(dest, url=server.url("/login/ChestXRay2017.zip"), force=True, timeout=10)
+    message = " ".join(str(err.value).split())
+    assert "is not a zip or tar archive" in message and "--sha256" not in message
+    assert f"stays in {cached}" in message
+    assert cached.read_bytes() == archive  # the verified archive is where it was
+    n = len(server.requests)
+    res = download_kermany(dest, url=server.url(ZIP_PATH), force=True, timeout=10)
+    assert res.files[0].reused and len(server.requests) == n  # back on the right URL: nothing fetched

@@ -318,26 +318,51 @@ def fetch(remote: RemoteFile, downloads: Path, *, pinned: str | None = None, tim
         os.replace(path, path.with_name(path.name + ".bad"))   # corrupt cache: keep aside, fetch again
         with contextlib.suppress(FileNotFoundError):
             origin.unlink()
-    transferred, resumed = download_file(remote.url, path, timeout=timeout, block_size=block_size,
+    # a cached file from another URL stays until the new download proves itself: a mistyped --url (a login
+    # page) would otherwise replace a verified 1.2 GB archive
+    side = path.with_name(path.name + ".new") if path.exists() else None
+    target = side or path
+    transferred, resumed = download_file(remote.url, target, timeout=timeout, block_size=block_size,
                                          progress=progress)
-    actual = sha256_with_progress(path, progress, remote.name)
+    actual = sha256_with_progress(target, progress, remote.name)
     if expected is not None and actual != expected:
         bad = path.with_name(path.name + ".bad")
-        os.replace(path, bad)
-        with contextlib.suppress(FileNotFoundError):
-            origin.unlink()              # no cached file now: a stale URL must not refuse a hand-placed one
+        os.replace(target, bad)
+        if side is None:
+            with contextlib.suppress(FileNotFoundError):
+                origin.unlink()          # no cached file now: a stale URL must not refuse a hand-placed one
+        kept = (f" The file cached from {_read_origin(origin) or 'the earlier download'} stays in {path}."
+                if side is not None else "")
+        if not _opens_as_archive(bad):
+            raise DownloadError(f"{remote.name} downloaded from {remote.url} is not a zip or tar archive (an "
+                                f"HTML page or an error message?) and does not match the expected SHA-256 "
+                                f"{expected}; it was kept aside as {bad} and not extracted: check the URL."
+                                + kept)
         if pinned or remote.sha256:
             raise DownloadError(f"{remote.name} has SHA-256 {actual} but {expected} was expected; it was "
                                 f"kept aside as {bad} and not extracted (check --sha256 or the URL, then "
-                                f"rerun).")
+                                f"rerun)." + kept)
         raise DownloadError(f"{remote.name} downloaded from {remote.url} has SHA-256 {actual}, but an "
                             f"earlier download recorded {expected} in {record}: the remote file changed or "
                             f"this transfer is damaged. It was kept aside as {bad} and not extracted; if the "
-                            f"change is expected, rerun with --sha256 {actual} to trust the new file.")
+                            f"change is expected, rerun with --sha256 {actual} to trust the new file." + kept)
+    if side is not None:
+        os.replace(side, path)
     tmp = origin.with_name(origin.name + ".tmp")
     tmp.write_text(remote.url + "\n", encoding="utf-8")
     os.replace(tmp, origin)
     return _result(remote, path, record, actual, expected, transferred, resumed, False)
+
+
+def _opens_as_archive(path: Path) -> bool:
+    """Whether ``path`` starts as a zip or a tar archive: only then is "trust the new digest" advice."""
+    import tarfile
+    import zipfile
+
+    try:
+        return zipfile.is_zipfile(path) or tarfile.is_tarfile(path)
+    except (OSError, EOFError):
+        return False
 
 
 def _read_origin(origin: Path) -> str | None:
