@@ -51,13 +51,13 @@ def ls_cmd(
             continue
         try:
             row = {**summary(run), "tags": list(run.info.get("tags") or [])}
+            problems = run_problems(run)  # what the report would leave out, never listed as a result
         except RunError:
             damaged.append((run.id, "metrics.json damaged"))
             continue
         except (TypeError, AttributeError, ValueError):  # valid JSON of the wrong shape (a hand edit)
             damaged.append((run.id, "run.json or metrics.json malformed"))
             continue
-        problems = run_problems(run)  # what the report would leave out, never listed as a result
         if problems:
             damaged.append((run.id, problems[0]))
         else:

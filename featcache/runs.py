@@ -514,7 +514,11 @@ def changed_records(path: Path, info: dict) -> list[str]:
     the prediction CSVs with metrics.json instead.
     """
     problems = []
-    for name, digest in (info.get("records") or {}).items():
+    records = info.get("records")
+    records = {} if records is None else records  # absent: a run from before records existed
+    if not isinstance(records, dict):  # a hand edit: nothing can be checked, so nothing is trusted
+        return ["run.json's records are malformed"]
+    for name, digest in records.items():
         if name not in RECORD_FILES:
             continue  # only our own file names: a record must not make us open arbitrary paths
         file = path / name
@@ -557,9 +561,11 @@ def run_problems(run: Run) -> list[str]:
     """Why a done run's results cannot be trusted ([] when they can): result files changed after the fit
     or missing, or model files gone. The report leaves such a run out, and so do listings."""
     artifacts = run.info.get("artifacts")
+    artifacts = {} if artifacts is None else artifacts
+    if not isinstance(artifacts, dict):
+        return [*changed_records(run.path, run.info), "run.json's artifacts are malformed"]
     return changed_records(run.path, run.info) + [
-        f"model file {rel} is missing" for rel in (artifacts if isinstance(artifacts, dict) else {})
-        if not (run.path / str(rel)).is_file()]
+        f"model file {rel} is missing" for rel in artifacts if not (run.path / str(rel)).is_file()]
 
 
 def done_hashes(runs_dir: str | Path, wanted: Iterable[str] | None = None,

@@ -437,11 +437,14 @@ def test_runs_ls_lists_only_runs_the_report_would_publish(setup, capsys, monkeyp
     crashed the whole listing; unfinished runs vanished without a word; and in 80 columns the run id was
     folded across lines, so `runs ls | grep ID` found nothing."""
     root, cache_dir, runs_dir = setup
-    for k in (1, 3, 5, 7):
+    for k in (1, 3, 5, 7, 9):
         fit(root, "fakenet", "knn", opts(cache_dir, runs_dir, grid_args=[f"n_neighbors={k}"]))
     runs = sorted(p for p in runs_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-    assert len(runs) == 4
-    edited, no_model, malformed, unfinished = runs
+    assert len(runs) == 5
+    edited, no_model, malformed, unfinished, bad_records = runs
+    info = json.loads((bad_records / "run.json").read_text())
+    info["records"] = []  # a hand edit of the wrong shape: crashed ls and show with a traceback
+    (bad_records / "run.json").write_text(json.dumps(info))
     m = json.loads((edited / "metrics.json").read_text())
     m["val"]["accuracy"] = 0.99
     (edited / "metrics.json").write_text(json.dumps(m))
@@ -457,7 +460,8 @@ def test_runs_ls_lists_only_runs_the_report_would_publish(setup, capsys, monkeyp
     out = capsys.readouterr()
     assert json.loads(out.out) == []
     err = " ".join(out.err.split())
-    assert f"3 run folder(s) left out, damaged: {edited.name} (metrics.json was changed after the fit" in err
+    assert f"4 run folder(s) left out, damaged: {edited.name} (metrics.json was changed after the fit" in err
+    assert f"{bad_records.name} (run.json's records are malformed)" in err
     assert f"{no_model.name} (model file model/" in err
     assert f"{malformed.name} (run.json or metrics.json" in err
     assert "1 unfinished run folder(s) left out" in err and unfinished.name in err
