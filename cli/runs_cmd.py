@@ -119,7 +119,7 @@ def _mention_checkpoints(runs_dir: Path) -> None:
     """On stderr, the sweeps that keep epoch checkpoints: they resume a grid, and they take space. One line
     each, with its size, when it was last saved and the command that resumes it (or the process training it
     now)."""
-    from featcache.runs import CHECKPOINTS_DIR, pending_checkpoints
+    from featcache.runs import CHECKPOINTS_DIR, pending_checkpoints, running_process
 
     pending = pending_checkpoints(runs_dir)
     if not pending:
@@ -138,7 +138,7 @@ def _mention_checkpoints(runs_dir: Path) -> None:
     for p in pending:
         when = datetime.fromtimestamp(p.last_saved).strftime("%Y-%m-%d %H:%M")
         command = shlex.join(p.command) if p.command else "(command not recorded)"
-        now = (f" (running now: process {p.running_pid})" if p.running_pid is not None
+        now = (f" (running now: {running_process(p.running_pid)})" if p.running_pid is not None
                else f" (started on {p.other_host}: whether it still runs cannot be checked from here)"
                if p.other_host is not None else "")
         # unwrapped, so the command can be copied whole

@@ -233,11 +233,11 @@ class Backbone:
 
 
 def luma(rgb: np.ndarray) -> np.ndarray:
-    """uint8 [..., 3] RGB as its uint8 [..., 1] luma (ITU-R 601 weights, integer arithmetic as Pillow's
-    "L" mode): grey pixels (R = G = B, every X-ray) keep their value exactly; a colour image is no longer
-    reduced to its red channel."""
+    """uint8 [..., 3] RGB as its uint8 [..., 1] luma (ITU-R 601 weights in Pillow's own fixed-point form, so
+    the same values as ``Image.convert("L")``): grey pixels (R = G = B, every X-ray) keep their value
+    exactly; a colour image is no longer reduced to its red channel."""
     r, g, b = (rgb[..., i].astype(np.uint32) for i in range(3))
-    return ((299 * r + 587 * g + 114 * b + 500) // 1000).astype(np.uint8)[..., None]
+    return ((19595 * r + 38470 * g + 7471 * b + 0x8000) >> 16).astype(np.uint8)[..., None]
 
 
 def saved_name(path: str) -> str:

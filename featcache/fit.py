@@ -213,7 +213,8 @@ def _cache_wanted(backbone: str, opts: FitOptions) -> tuple[str, dict[str, Any]]
     """(the backbone name caches record, the attribute values fit's selectors ask of the cache).
 
     A saved model is recorded as ``saved-<stem>``; when its file is at hand, its SHA-256 picks the cache
-    of exactly that model (two models may share a stem). ``--weights FILE`` is matched by the file's hash.
+    of exactly that model (two models may share a stem). ``--weights FILE`` is matched by the file's hash;
+    a saved model given one too is then matched by both (``model_file_sha256``, as extract keys it).
     """
     from featcache.backbones import BACKBONE_NAMES, get_spec, is_saved_model, saved_name
     from featcache.hashing import sha256_file
@@ -232,6 +233,8 @@ def _cache_wanted(backbone: str, opts: FitOptions) -> tuple[str, dict[str, Any]]
         if weights.lower() in ("imagenet", "none"):
             want["weights"] = weights.lower()
         elif Path(weights).expanduser().is_file():
+            if "weights_file_sha256" in want:  # a saved model with its own weights file: keyed by both
+                want["model_file_sha256"] = want["weights_file_sha256"]
             want["weights_file_sha256"] = sha256_file(Path(weights).expanduser())
         else:
             raise ConfigError(f"--weights '{weights}' is neither imagenet, none nor an existing file.")

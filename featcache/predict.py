@@ -137,6 +137,17 @@ def _backbone_config(cache: dict, backbone_files: Sequence[str | Path] = ()) -> 
 
     cfg = cache.get("config") or {}
     weights = cfg.get("weights", "imagenet")
+    if weights == "file" and cfg.get("model_file_sha256"):  # a saved model given its own weights file
+        by_hash = {sha256_file(Path(f)): str(f) for f in backbone_files if Path(f).is_file()}
+        model, wfile = by_hash.get(cfg["model_file_sha256"]), by_hash.get(cfg.get("weights_file_sha256"))
+        if model and wfile:
+            return BackboneConfig(model, weights=wfile, layer=cfg.get("layer"), pooling=cfg.get("pooling"),
+                                  image_size=cfg.get("image_size"))
+        raise RunError(
+            f"run uses the saved model '{cfg.get('backbone')}' (sha256 "
+            f"{str(cfg['model_file_sha256'])[:12]}...) with a weights file (sha256 "
+            f"{str(cfg.get('weights_file_sha256'))[:12]}...), and these images are not in its cache; pass "
+            "both files, each with --backbone-file PATH.")
     if weights in ("file", "saved"):
         want = cfg.get("weights_file_sha256")
         for f in backbone_files:
@@ -178,6 +189,7 @@ class _Extractor:
         # why no cached row can be reused (None: the cache is there): said, since every image then costs
         # a forward pass, and a damaged or replaced cache is worth knowing about
         self.note: str | None = None
+        self.input_note: str | None = None  # the backbone built here reads images otherwise than the run's
         path = Path(cache.get("path", ""))
         if not path.is_file():
             self.note = f"the run's cache {path} is gone"
@@ -219,6 +231,12 @@ class _Extractor:
                     f"the backbone '{self.cache.get('name')}' built here has other weights than the run's "
                     "cache (weights digest differs); predict with the weights the run was trained on."
                 )
+            config = self.cache.get("config") if isinstance(self.cache.get("config"), dict) else {}
+            if bb.describe().get("input_channels") == "luma" and config and "input_channels" not in config:
+                self.input_note = (  # a 1-channel saved model took the red channel before: grey is the same
+                    f"the run's backbone '{self.cache.get('name')}' takes 1-channel input and now gets each "
+                    "image's luma, where its training features took the red channel: the same for grey "
+                    "X-rays, not for colour images")
             self.backbone = bb
         return self.backbone
 
@@ -376,6 +394,7 @@ def predict(
     skipped_list = [entry for _, entry in sorted(skipped, key=lambda t: t[0])]
     notes = [f"{ex.note}: its images went through the backbone again (same settings, same features)"
              for ex in extractors if ex.note and any(not p["from_cache"] for p in preds)]
+    notes += [ex.input_note for ex in extractors if ex.input_note]
     small = [p["image"] for p in preds if p["image"] in tiny]
     if small:  # a 5x5 image got P(PNEUMONIA) 0.74 and a label like any X-ray
         w, h = tiny[small[0]]

@@ -730,6 +730,11 @@ def pending_checkpoints(runs_dir: str | Path) -> list[PendingSweep]:
     return sorted(out, key=lambda p: (p.last_saved, p.sweep_id))
 
 
+def running_process(pid: int) -> str:
+    """'process 1234', or 'a process' for a fit that holds the sweep's lock before its claim is written."""
+    return f"process {pid}" if pid else "a process starting now"
+
+
 def remove_sweep_checkpoints(runs_dir: str | Path, sweep_id: str) -> None:
     """Delete one sweep's checkpoint folder, and the ``.checkpoints`` folder too once no sweep keeps any: what
     fit does when its grid finished and what ``drop_checkpoints`` does per sweep."""
@@ -762,7 +767,7 @@ def drop_checkpoints(runs_dir: str | Path, sweep_ids: list[str] | None = None,
         chosen = [pending[s] for s in dict.fromkeys(sweep_ids)]
         busy = [p for p in chosen if p.running_pid is not None]
         if busy and not force:
-            who = ", ".join(f"{p.sweep_id} (process {p.running_pid})" for p in busy)
+            who = ", ".join(f"{p.sweep_id} ({running_process(p.running_pid)})" for p in busy)
             raise RunError(f"sweep {who} is still running on this machine and writes these checkpoints; "
                            "stop it first, or pass --force")
         away = [p for p in chosen if p.other_host is not None]

@@ -307,4 +307,8 @@ def test_a_one_channel_saved_model_sees_a_colour_images_luma(tmp_path: Path):
 
     grey = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2)
     assert np.array_equal(luma(grey)[..., 0], grey[..., 0])
+    from PIL import Image
+
+    colour = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    assert np.array_equal(luma(colour)[..., 0], np.asarray(Image.fromarray(colour).convert("L")))
     assert bb.describe()["input_channels"] == "luma"

@@ -416,3 +416,49 @@ def test_run_json_prints_every_stage_in_the_shapes_extract_and_fit_print(kermany
     (fr,) = out["fits"]
     assert len(fr["runs"]) == 1 and fr["runs"][0]["head"] == "knn"
     assert out["report"]["best_run_id"] == fr["runs"][0]["id"] and Path(out["report"]["html"]).is_file()
+
+
+def test_fit_picks_the_cache_of_the_saved_model_and_weights_file_it_is_given(kermany_tree, tmp_path):
+    """Two saved models sharing a weights file now get two caches (both files are in the key), but fit
+    only matched the weights file's hash and refused to choose between them."""
+    import keras
+
+    from featcache.backbones import BackboneConfig
+    from featcache.datasets import discover
+    from featcache.extract import ExtractOptions, extract
+    from featcache.fit import FitOptions, fit
+
+    def model(path: Path, scale: float, offset: float) -> Path:
+        keras.utils.set_random_seed(0)
+        inp = keras.Input((32, 32, 3))
+        x = keras.layers.Rescaling(scale, offset)(inp)
+        x = keras.layers.Conv2D(6, 3, activation="relu", name="feat_conv")(x)
+        keras.Model(inp, keras.layers.GlobalAveragePooling2D()(x)).save(path)
+        return path
+
+    a = model(tmp_path / "m.keras", 1 / 255.0, 0.0)
+    (tmp_path / "b").mkdir()
+    b = model(tmp_path / "b" / "m.keras", 1 / 127.5, -1.0)
+    weights = tmp_path / "w.weights.h5"
+    keras.models.load_model(a, compile=False).save_weights(weights)
+    caches = {}
+    for p in (a, b):
+        bb = BackboneConfig(str(p), layer="feat_conv", weights=str(weights))
+        caches[p] = extract(discover(kermany_tree), bb, tmp_path / "c", ExtractOptions()).cache_path
+    assert caches[a] != caches[b]
+    for p in (a, b):
+        res = fit(kermany_tree, [str(p)], "knn", FitOptions(cache_dir=tmp_path / "c", runs_dir=tmp_path / "r",
+                                                            weights=str(weights), cv_folds=2, n_boot=50,
+                                                            grid_args=["n_neighbors=3"], command=["t"]))
+        assert res.caches == {str(p): caches[p].resolve()}
+    # predict on an image the cache lacks rebuilds that backbone from both files (it could not before)
+    from conftest import write_xray
+
+    from featcache.errors import RunError
+    from featcache.predict import predict
+
+    new = write_xray(tmp_path / "new" / "x.jpeg", seed=99)
+    out = predict([new], res.runs[0].id, tmp_path / "r", backbone_files=[weights, b])
+    assert [p["from_cache"] for p in out["predictions"]] == [False]
+    with pytest.raises(RunError, match="pass both files, each with --backbone-file"):
+        predict([new], res.runs[0].id, tmp_path / "r", backbone_files=[b])

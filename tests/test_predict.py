@@ -364,3 +364,27 @@ def test_cli_predict_of_cached_images_does_not_import_tensorflow(trained) -> Non
             "print('RESULT', rc, 'tensorflow' in sys.modules, 'keras' in sys.modules)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert "RESULT 0 False False" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+def test_predict_says_when_a_one_channel_saved_model_now_reads_the_luma(tmp_path: Path):
+    """A run made on a 1-channel saved model before it was fed the luma trained on red-channel features;
+    predict now feeds it the luma: the same for grey X-rays, not for colour images, and it says so."""
+    import keras
+
+    from featcache.hashing import sha256_file
+    from featcache.predict import _Extractor
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((32, 32, 1))
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="feat_conv")(keras.layers.Rescaling(1 / 255)(inp))
+    path = tmp_path / "gray.keras"
+    keras.Model(inp, keras.layers.GlobalAveragePooling2D()(x)).save(path)
+    config = {"backbone": "saved-gray", "weights": "saved", "weights_file_sha256": sha256_file(path),
+              "layer": "feat_conv", "pooling": "avg", "image_size": 32}
+    old = _Extractor({"path": str(tmp_path / "gone.h5"), "name": "saved-gray", "config": config}, [path])
+    old._build()
+    assert "now gets each image's luma" in old.input_note
+    new = _Extractor({"path": str(tmp_path / "gone.h5"), "name": "saved-gray",
+                      "config": {**config, "input_channels": "luma"}}, [path])
+    new._build()
+    assert new.input_note is None
