@@ -22,6 +22,19 @@ def write_xray(path: Path, seed: int, size: int = 64, bright: float = 0.0) -> Pa
     return path
 
 
+def save_rescaling_model(path: Path, scale: float, offset: float) -> Path:
+    """A tiny saved .keras model (Rescaling, a conv layer "feat_conv", average pooling) whose weights do not
+    depend on ``scale``/``offset``: two of them share a weights file but not their features."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((32, 32, 3))
+    x = keras.layers.Rescaling(scale, offset)(inp)
+    x = keras.layers.Conv2D(6, 3, activation="relu", name="feat_conv")(x)
+    keras.Model(inp, keras.layers.GlobalAveragePooling2D()(x)).save(path)
+    return path
+
+
 def make_kermany_tree(root: Path, n_normal: int = 6, n_pneu: int = 6, splits=("train", "test"),
                       size: int = 64) -> Path:
     """A Kermany-layout tree with real-looking names (patients, bacteria/virus subtypes)."""

@@ -260,16 +260,9 @@ def test_a_saved_model_with_a_weights_file_is_keyed_by_both_files(tmp_path: Path
     """Two saved models with the same weights file but other preprocessing layers shared one cache key (the
     weights file's hash replaced the model file's), so the second reused the first one's vectors."""
     import keras
+    from conftest import save_rescaling_model as model
 
     from featcache.cache import cache_config
-
-    def model(path: Path, scale: float, offset: float) -> Path:
-        keras.utils.set_random_seed(0)
-        inp = keras.Input((32, 32, 3))
-        x = keras.layers.Rescaling(scale, offset)(inp)
-        x = keras.layers.Conv2D(6, 3, activation="relu", name="feat_conv")(x)
-        keras.Model(inp, keras.layers.GlobalAveragePooling2D()(x)).save(path)
-        return path
 
     a = model(tmp_path / "m.keras", 1 / 255.0, 0.0)
     sub = tmp_path / "other"

@@ -422,19 +422,12 @@ def test_fit_picks_the_cache_of_the_saved_model_and_weights_file_it_is_given(ker
     """Two saved models sharing a weights file now get two caches (both files are in the key), but fit
     only matched the weights file's hash and refused to choose between them."""
     import keras
+    from conftest import save_rescaling_model as model
 
     from featcache.backbones import BackboneConfig
     from featcache.datasets import discover
     from featcache.extract import ExtractOptions, extract
     from featcache.fit import FitOptions, fit
-
-    def model(path: Path, scale: float, offset: float) -> Path:
-        keras.utils.set_random_seed(0)
-        inp = keras.Input((32, 32, 3))
-        x = keras.layers.Rescaling(scale, offset)(inp)
-        x = keras.layers.Conv2D(6, 3, activation="relu", name="feat_conv")(x)
-        keras.Model(inp, keras.layers.GlobalAveragePooling2D()(x)).save(path)
-        return path
 
     a = model(tmp_path / "m.keras", 1 / 255.0, 0.0)
     (tmp_path / "b").mkdir()
