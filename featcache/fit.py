@@ -16,6 +16,7 @@ The protocol, and why:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -585,6 +586,10 @@ def build_configs(head_obj: Any, opts: FitOptions, preset: Any = None) -> list[d
         overrides["layers"] = [tuple(opts.layers)]
     grids = [{**g, **overrides} for g in _base_grid(head_obj, opts, preset)]
     configs = expand(grids)
+    canonical = getattr(head_obj, "canonical", None)
+    if canonical is not None:  # settings a config ignores (a linear svm's gamma) would train it twice
+        configs = list({json.dumps(to_jsonable(canonical(c)), sort_keys=True): canonical(c)
+                        for c in configs}.values())
     if not configs:
         raise ConfigError("the grid expands to no configuration; give at least one value per key.")
     return configs

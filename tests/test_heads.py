@@ -1129,3 +1129,14 @@ def test_knn_search_scores_ties_and_caps_k_as_its_fitted_models_do():
     model = head.fit(X2[uneven[1][0]], y2[uneven[1][0]], grid[0])  # fold 2's model: k 15 of 18 rows
     want = np.mean(predict_labels(model.predict_proba(X2[uneven[1][1]])) == y2[uneven[1][1]])
     assert res.cv_results["split1_test_score"][0] == pytest.approx(want, abs=1e-12)
+
+
+def test_a_linear_svm_ignores_gamma_so_its_configs_are_not_trained_twice():
+    """`--grid kernel=linear,rbf --grid gamma=0.1,1` trained two identical linear models, shown as two
+    rows: gamma means nothing to a linear SVM."""
+    from featcache.fit import FitOptions, build_configs
+
+    grid = ["kernel=linear,rbf", "gamma=0.1,1", "C=1", "class_weight=none"]
+    configs = build_configs(get_head("svm"), FitOptions(grid_args=grid))
+    assert sorted((c["kernel"], c.get("gamma")) for c in configs) == [
+        ("linear", None), ("rbf", 0.1), ("rbf", 1.0)]

@@ -70,6 +70,14 @@ class SVMHead(CVHead):
 
         return make_scorer(ovr_macro_auc, response_method="decision_function")
 
+    @staticmethod
+    def canonical(params: dict) -> dict:
+        """The config without settings its kernel ignores: a linear SVM has no gamma, so ``--grid
+        gamma=0.1,1`` beside ``kernel=linear`` made identical models trained twice and shown as two rows."""
+        if params.get("kernel") == "linear" and "gamma" in params:
+            return {k: v for k, v in params.items() if k != "gamma"}
+        return params
+
     def draws_global_rng(self, params: dict) -> bool:
         """LinearSVC's solver draws liblinear's process-wide random stream (libsvm's SVC does not, without
         ``probability=True``): linear configs fit one at a time in a search."""
