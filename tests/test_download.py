@@ -862,3 +862,19 @@ def test_a_wrong_url_keeps_the_verified_cached_archive(server, tmp_path, images)
     n = len(server.requests)
     res = download_kermany(dest, url=server.url(ZIP_PATH), force=True, timeout=10)
     assert res.files[0].reused and len(server.requests) == n  # back on the right URL: nothing fetched
+
+
+def test_a_download_larger_than_the_free_space_is_refused_before_it_starts(server, tmp_path, images,
+                                                                          monkeypatch):
+    """A 1.2 GB archive on a nearly full disk failed at the end of its transfer with the operating
+    system's words and no folder; the announced size is now checked against the free space first."""
+    from collections import namedtuple
+
+    from featcache.download import transfer
+
+    server.files[ZIP_PATH] = make_zip(kermany_entries(images))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(transfer.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 100, 100))
+    with pytest.raises(NetworkError, match=r"ChestXRay2017.zip needs [\d,]+ more bytes but only 100 are free "
+                                           r"in .*\.downloads; free some space"):
+        download_kermany(tmp_path / "k", url=server.url(ZIP_PATH), timeout=10)

@@ -247,8 +247,8 @@ def _write_plan(plan: _Plan, archive_size: int, out_dir: Path, limits: ExtractLi
     _check_layout(plan, name)
     free = shutil.disk_usage(out_dir).free
     if plan.total > free:
-        raise NetworkError(f"{name} needs {plan.total} bytes but only {free} are free next to the "
-                            f"destination; free some space and rerun.")
+        raise NetworkError(f"{name} needs {plan.total:,} bytes but only {free:,} are free in {out_dir}; "
+                            f"free some space and rerun.")
     todo = [e for e in plan.entries if e[0] and not is_junk(e[0]) and not e[1]]
     for i, (parts, _is_dir, size, handle) in enumerate(todo, 1):
         target = inside(out_dir, out_dir.joinpath(*parts))

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -218,6 +219,11 @@ def _one_request(url: str, path: Path, meta: dict, have: int, timeout: float, bl
         else:
             raise DownloadError(f"the server answered HTTP {status} for {url}; check the URL or try "
                                 f"again later.")
+        if total is not None:  # a 1.2 GB archive on a full disk failed at the end of its transfer
+            free = shutil.disk_usage(part.parent).free
+            if total - have > free:
+                raise NetworkError(f"{name} needs {total - have:,} more bytes but only {free:,} are free in "
+                                   f"{part.parent}; free some space and rerun.")
         write_json_atomic(meta_path, {"url": url, "total": total, "etag": response.headers.get("ETag"),
                                        "last_modified": response.headers.get("Last-Modified")})
         return _stream(response, part, mode, have, total, block_size, progress, name), mode == "ab"
