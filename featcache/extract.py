@@ -305,7 +305,8 @@ COPY_BLOCK = 1024  # rows per read/append while copying from a twin cache
 def _copy_from_twins(path: Path, config: dict, feature_dim: int, keys: list[str],
                      groups: dict[str, list[ImageRecord]], views: list[Any], options: ExtractOptions,
                      progress: ProgressFn | None) -> tuple[int, list[str]]:
-    """Copy the rows ``path`` lacks from caches of the same settings made for another dataset folder.
+    """Copy the rows ``path`` lacks from caches of the same settings made for another dataset folder (or
+    for this one, under another file name).
 
     Why: a cache's identity includes the dataset's absolute path, so a moved or copied folder (or the
     cache folder carried from the GPU machine that extracted it to the laptop that fits) got a new cache
@@ -322,7 +323,7 @@ def _copy_from_twins(path: Path, config: dict, feature_dim: int, keys: list[str]
     if options.shard is not None:
         return 0, []
     copied, notes = 0, []
-    for twin in fcache.find_twins(path.parent, config):
+    for twin in fcache.find_twins(path.parent, config, own=path):
         done = _Copied()
         try:
             with fcache.CacheReader(twin) as reader:
@@ -339,9 +340,10 @@ def _copy_from_twins(path: Path, config: dict, feature_dim: int, keys: list[str]
                          f"copied (the backbone computes them): {done.why}")
         if done.rows:
             copied += done.rows
-            notes.append(f"{done.rows} row(s) copied from {twin.name}, a cache of the same settings made for "
-                         f"{done.root} (moved or copied images are the same bytes): no forward pass for "
-                         "them.")
+            made_for = (f"a cache of the same settings made for {done.root} (moved or copied images are the "
+                        "same bytes)" if done.root != str(config.get("dataset_root"))
+                        else "a copy of this cache under another name (a merge --out, say)")
+            notes.append(f"{done.rows} row(s) copied from {twin.name}, {made_for}: no forward pass for them.")
     return copied, notes
 
 

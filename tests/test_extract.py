@@ -150,6 +150,14 @@ def test_shards_partition_the_keys_and_merge_to_the_full_cache(tree: Path, tmp_p
     assert not shards[0].keys() & shards[1].keys()
     assert shards[0].keys() | shards[1].keys() == reference.keys()
     assert all(int(k, 16) % 2 == i for i, rows in enumerate(shards) for k, _ in rows)
+    # merged under a name of the user's: a later extract of the same settings copies its rows instead of
+    # sending every image through the backbone again
+    merged = fcache.merge(sorted(tmp_path.glob("*.shard-*-of-2.h5")), tmp_path / "merged.h5")
+    assert merged["n_rows"] == 48
+    again = extract(ds, BB, tmp_path, ExtractOptions(views=("orig", "hflip")))
+    assert (again.rows_copied, again.rows_computed) == (48, 0)
+    assert any("a copy of this cache under another name" in n for n in again.notes)
+    assert _rows(again.cache_path).keys() == reference.keys()
 
 
 def test_splits_float16_and_option_errors(tree: Path, tmp_path: Path):
