@@ -560,12 +560,16 @@ def load_head(run: Run) -> Any:
 def run_problems(run: Run) -> list[str]:
     """Why a done run's results cannot be trusted ([] when they can): result files changed after the fit
     or missing, or model files gone. The report leaves such a run out, and so do listings."""
-    artifacts = run.info.get("artifacts")
+    return changed_records(run.path, run.info) + missing_artifacts(run.path, run.info)
+
+
+def missing_artifacts(path: Path, info: dict) -> list[str]:
+    """The recorded model files that are gone from a run folder (or why the record cannot say)."""
+    artifacts = info.get("artifacts")
     artifacts = {} if artifacts is None else artifacts
     if not isinstance(artifacts, dict):
-        return [*changed_records(run.path, run.info), "run.json's artifacts are malformed"]
-    return changed_records(run.path, run.info) + [
-        f"model file {rel} is missing" for rel in artifacts if not (run.path / str(rel)).is_file()]
+        return ["run.json's artifacts are malformed"]
+    return [f"model file {rel} is missing" for rel in artifacts if not (Path(path) / str(rel)).is_file()]
 
 
 def done_hashes(runs_dir: str | Path, wanted: Iterable[str] | None = None,

@@ -316,13 +316,18 @@ def test_runs_whose_result_files_changed_after_the_fit_are_left_out(tmp_path):
     (recorded / "predictions_test.csv").write_text(text)
     lines = (legacy / "predictions_val.csv").read_text().splitlines(keepends=True)
     (legacy / "predictions_val.csv").write_text("".join(lines[:20]))  # cut short; no records: older run
+    modelless = write_fake_run(runs, "20240101-000004-logreg-dddddddd", quality=5)
+    info = json.loads((modelless / "run.json").read_text())
+    info["artifacts"] = {"model/sklearn.joblib": "0" * 64}  # recorded, then deleted: `runs ls` left it out
+    (modelless / "run.json").write_text(json.dumps(info))
     res = build_report(runs, tmp_path / "after")
     assert [r["run_id"] for r in json.loads(res.json.read_text())["runs"]] == [good.name]
     flat = " ".join(res.html.read_text().split())
     assert "predictions_test.csv was changed after the fit" in flat
     assert "predictions_val.csv has 19 rows, metrics.json says 40" in flat
+    assert "model file model/sklearn.joblib is missing" in flat
     shutil.rmtree(good)  # every run left is damaged: say so, not "train heads first"
-    with pytest.raises(RunError, match=r"no usable runs in .*: 2 run folder\(s\) were left out as damaged"):
+    with pytest.raises(RunError, match=r"no usable runs in .*: 3 run folder\(s\) were left out as damaged"):
         build_report(runs, tmp_path / "none")
 
 

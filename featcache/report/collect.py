@@ -21,7 +21,7 @@ import numpy as np
 from featcache.errors import RunError
 from featcache.metrics import predict_labels
 from featcache.progress import ProgressFn, emit
-from featcache.runs import changed_records, sheet_unquote
+from featcache.runs import changed_records, missing_artifacts, sheet_unquote
 
 ASSETS = "report_files"  # the report's figure folder (report.md's links), beside report.html
 
@@ -168,6 +168,7 @@ def load_run(path: Path) -> RunRecord:
             except (OSError, ValueError, IndexError, StopIteration) as exc:
                 rec.problems.append(f"predictions_{split}.csv unreadable ({exc})")
     rec.problems += changed_records(path, run) if run.get("records") else _disagreements(rec)
+    rec.problems += missing_artifacts(path, run)  # as `runs ls`: a run without its model is not a result
     return rec
 
 
