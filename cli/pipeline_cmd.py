@@ -137,6 +137,9 @@ def register(app: typer.Typer) -> None:
         resize: str = typer.Option(
             "squash", "--resize", help="squash (aspect not kept, as most of the papers), pad or crop."),
         dtype: str = typer.Option("float32", "--dtype", help="Cached features: float32 or float16."),
+        views: str = typer.Option(
+            "orig", "--views", help="Views to extract, comma-separated (orig, hflip, rot+D, ...; see extract "
+            "--help). Left at orig, --tta and oversampling extract orig,hflip,rot+20."),
         grid_file: Path | None = typer.Option(  # brackets escaped: rich markup would swallow "[grid]"
             None, "--grid-file", help="TOML file with \\[grid] or \\[\\[grid]] tables of KEY = \\[values] "
             "(one --head only)."),
@@ -193,7 +196,8 @@ def register(app: typer.Typer) -> None:
                 reports_dir=out,
                 fit_options=fopts,
                 grid_args=grid,
-                extract_options=ExtractOptions(batch_size=batch_size, wait=wait, resize=resize, dtype=dtype),
+                extract_options=ExtractOptions(batch_size=batch_size, wait=wait, resize=resize, dtype=dtype,
+                                               views=tuple(_split(views, "--views")) or ("orig",)),
                 report_options=ReportOptions(metric=metric),  # ranked by what selected the configs
                 progress=make_callback(bar),
             )

@@ -455,3 +455,22 @@ def test_fit_picks_the_cache_of_the_saved_model_and_weights_file_it_is_given(ker
     assert [p["from_cache"] for p in out["predictions"]] == [False]
     with pytest.raises(RunError, match="pass both files, each with --backbone-file"):
         predict([new], res.runs[0].id, tmp_path / "r", backbone_files=[b])
+
+
+def test_run_views_choose_what_tta_averages(kermany_tree, tmp_path):
+    """`run --tta` extracted orig,hflip,rot+20 whatever the user wanted to average; --views chooses."""
+    from featcache.cli.app import run
+
+    from featcache.cache import CacheReader
+    from featcache.runs import load_run
+
+    code = run(["run", "--data", str(kermany_tree), "--backbone", "mobilenet-0.75", "--weights", "none",
+                "--head", "knn", "--grid", "n_neighbors=3", "--cv-folds", "2", "--tta",
+                "--views", "orig,hflip", "--cache-dir", str(tmp_path / "c"),
+                "--runs-dir", str(tmp_path / "r"), "--out", str(tmp_path / "o")])
+    assert code == 0
+    (cache,) = (tmp_path / "c").glob("*.h5")
+    with CacheReader(cache) as reader:
+        assert sorted(reader.views) == ["hflip", "orig"]
+    (run_dir,) = [p for p in (tmp_path / "r").iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert load_run(tmp_path / "r", run_dir.name)["tta_views"] == ["hflip"]
