@@ -230,7 +230,9 @@ def show_cmd(
                       f"train {sel.get('n_train_images', '?')}, validation {sel.get('n_val_images', '?')}, "
                       f"test {sel.get('n_test_images', '?')} images"),
         ("threshold", f"{fmt(thr.get('chosen'))} ({thr.get('method', '-')}, on {thr.get('chosen_on', '-')})"
-                      if thr else "-"),
+                      if thr.get("chosen") is not None
+                      else "none: more than two classes, labelled by the most probable one"
+                      if len(info.get("classes") or []) > 2 else "-"),
         ("tags", ", ".join(info.get("tags") or []) or "-"),
     ]
     if info.get("trainer"):

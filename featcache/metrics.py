@@ -159,7 +159,8 @@ def choose_threshold(
 
     ``youden`` maximises sensitivity + specificity - 1; ``sensitivity`` picks the highest threshold
     whose sensitivity reaches ``target_sensitivity`` (highest = best specificity at that sensitivity).
-    Falls back to 0.5 when validation holds a single class (no ROC curve exists).
+    Falls back to 0.5 when validation holds a single class (no ROC curve exists), and for ``youden`` when
+    no threshold does better than chance (every image given the same probability).
 
     The threshold returned lies midway between the validation score the ROC point is taken at and the
     next lower one: the same split of the validation images, but not equal to any of their scores. Why:
@@ -178,7 +179,10 @@ def choose_threshold(
     fpr, tpr, thr = roc_curve(y, p, drop_intermediate=False)
     thr = np.where(np.isfinite(thr), thr, 1.0)
     if method == "youden":
-        i = int(np.argmax(tpr - fpr))
+        j = tpr - fpr
+        if j.max() <= 0:  # no threshold beats chance (one probability for every image): keep the default,
+            return 0.5  # not "above every score", which called every image negative
+        i = int(np.argmax(j))
     elif method == "sensitivity":
         if target_sensitivity is None or not 0.0 < target_sensitivity <= 1.0:
             raise ValueError("target_sensitivity must be in (0, 1]")

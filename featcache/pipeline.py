@@ -56,7 +56,7 @@ class PipelineResult:
 
 def split_grid_args(items: Sequence[str], heads: Sequence[str]) -> dict[str, list[str]]:
     """Route ``--grid`` items to heads: ``HEAD:KEY=V`` targets one head, ``KEY=V`` every head that has KEY."""
-    from featcache.heads import get_head
+    from featcache.heads import HEAD_NAMES, get_head
 
     routed: dict[str, list[str]] = {h: [] for h in heads}
     for item in items:
@@ -64,6 +64,9 @@ def split_grid_args(items: Sequence[str], heads: Sequence[str]) -> dict[str, lis
         if sep and target in routed and "=" in rest:
             routed[target].append(rest)
             continue
+        if sep and target in HEAD_NAMES and "=" in rest:  # a head's grid, and that head is not run
+            raise ConfigError(f"--grid {item} is for the {target} head, and --head is {','.join(heads)}; add "
+                              f"{target} to --head, or drop that --grid.")
         key = item.split("=", 1)[0].strip()
         takers = [h for h in heads if key in get_head(h).schema]
         if not takers:

@@ -1367,3 +1367,12 @@ def test_runs_ls_tells_apart_runs_on_other_data_or_random_weights(tmp_path: Path
     assert cli(["runs", "ls", "--runs-dir", str(runs)]) == 0
     table = capsys.readouterr().out
     assert "dataset" in table and "fakenet (random weights)" in table
+
+
+def test_runs_show_says_a_multi_class_run_has_no_threshold(setup, capsys) -> None:
+    """`runs show` printed "threshold - (None, on -)" for a 3-class run."""
+    root, cache_dir, runs_dir = setup
+    res = fit(root, "fakenet", "knn", opts(cache_dir, runs_dir, task="3class", grid_args=["n_neighbors=3"]))
+    assert cli(["runs", "show", res.runs[0].id, "--runs-dir", str(runs_dir)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "none: more than two classes" in out and "(None, on" not in out

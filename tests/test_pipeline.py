@@ -46,6 +46,9 @@ def test_grid_args_are_routed_to_the_heads_that_have_them():
     assert routed["mlp"] == ["lr=0.001"] and routed["knn"] == ["n_neighbors=3"]
     with pytest.raises(ConfigError, match="belongs to none of the heads"):
         split_grid_args(["colour=red"], ["logreg"])
+    # a prefixed grid for a head that is not run: said so (it advised the prefix already given)
+    with pytest.raises(ConfigError, match="--grid mlp:lr=0.1 is for the mlp head, and --head is logreg"):
+        split_grid_args(["mlp:lr=0.1"], ["logreg"])
 
 
 def test_bad_seed_is_refused_before_the_extraction(kermany_tree, tmp_path):

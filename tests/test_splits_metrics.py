@@ -295,3 +295,14 @@ def test_bootstrap_resamples_whole_patients_when_groups_are_given() -> None:
     width = lambda ci: ci["accuracy"][1] - ci["accuracy"][0]  # noqa: E731
     assert width(by_pat) > 1.6 * width(by_img)
     assert by_pat["accuracy"][0] <= np.mean(pred == y) <= by_pat["accuracy"][1]
+
+
+def test_youden_without_skill_keeps_the_default_threshold() -> None:
+    """One probability for every validation image (knn with k larger than the data): no threshold beats
+    chance, and Youden's first maximum was "above every score", a threshold of 1.0 that called every test
+    image negative (test accuracy 0.333 on a 2:1 split)."""
+    from featcache.metrics import choose_threshold
+
+    assert choose_threshold([0, 1, 1, 0, 1], [0.6] * 5, "youden") == 0.5
+    assert choose_threshold([1, 0], [0.2, 0.8], "youden") == 0.5  # worse than chance: no skill either
+    assert choose_threshold([0, 1], [0.2, 0.8], "youden") == pytest.approx(0.5)  # a real split: midway
