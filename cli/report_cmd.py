@@ -102,7 +102,8 @@ def print_outputs(result, console: Console) -> None:
     )
     if result.skipped:
         console.print(
-            f"[yellow]{len(result.skipped)} run folder(s) left out (unfinished, failed or unreadable).[/]"
+            f"[yellow]{len(result.skipped)} run folder(s) left out (unfinished, damaged or unreadable; the "
+            "report says why).[/]"
         )
 
 

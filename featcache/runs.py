@@ -469,7 +469,8 @@ def load_run(runs_dir: str | Path, run_id: str) -> Run:
     """The run ``run_id`` or RunError (unknown id, or a run that never finished).
 
     ``run_id`` may also be the run's folder inside ``runs_dir`` as a shell completes it
-    (``runs/20250101-...-logreg-0123abcd/``): the same run, named by its path.
+    (``runs/20250101-...-logreg-0123abcd/``): the same run, named by its path; or any part of the id that
+    only one run has (its 8-hex hash, say), as ``report --id`` takes it.
     """
     runs_dir = Path(runs_dir)
     folder = Path(run_id.rstrip("/")) if run_id and "/" in run_id.rstrip("/") else None
@@ -477,6 +478,8 @@ def load_run(runs_dir: str | Path, run_id: str) -> Run:
         folder = None  # a path that is no run folder: refused below like any unknown id
     if folder is not None and folder.parent.resolve() == runs_dir.resolve():
         run_id = folder.name
+    if folder is None and run_id and not (runs_dir / run_id / "run.json").is_file():
+        run_id = _unique_part(runs_dir, run_id)  # the hash or a part of the id, as `report --id` takes it
     d = runs_dir / run_id
     if (
         not run_id
@@ -505,6 +508,19 @@ def load_run(runs_dir: str | Path, run_id: str) -> Run:
             "rerun the same `featcache fit` command to complete it."
         )
     return Run(run_id, d, info)
+
+
+def _unique_part(runs_dir: Path, part: str) -> str:
+    """The id of the one run folder whose name contains ``part`` (``8f18c1b7`` for
+    ``20261206-180757-logreg-8f18c1b7``), ``part`` itself when none does, RunError when several do."""
+    if not Path(runs_dir).is_dir() or "/" in part or "\\" in part:
+        return part
+    names = sorted(d.name for d in Path(runs_dir).iterdir()
+                   if part in d.name and not d.name.startswith(".") and (d / "run.json").is_file())
+    if len(names) > 1:
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise RunError(f"'{part}' is part of {len(names)} run ids ({shown}); give more of the id.")
+    return names[0] if names else part
 
 
 def changed_records(path: Path, info: dict) -> list[str]:

@@ -21,7 +21,7 @@ from featcache.cli.app import run as cli
 
 from featcache.cache import CacheWriter, cache_config, cache_path
 from featcache.datasets import discover
-from featcache.errors import CacheError, ConfigError, DataError
+from featcache.errors import CacheError, ConfigError, DataError, RunError
 from featcache.fit import FitOptions, fit
 from featcache.hashing import sha256_file
 from featcache.runs import keras_backend, list_runs, load_run
@@ -1376,3 +1376,16 @@ def test_runs_show_says_a_multi_class_run_has_no_threshold(setup, capsys) -> Non
     assert cli(["runs", "show", res.runs[0].id, "--runs-dir", str(runs_dir)]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "none: more than two classes" in out and "(None, on" not in out
+
+
+def test_a_run_is_found_by_any_part_of_its_id_only_one_run_has(setup, capsys) -> None:
+    """`runs show 8f18c1b7` said "no run" although `report --id 8f18c1b7` found it: the hash (or any part
+    only one run has) names a run for show and predict too; a part several runs share is refused."""
+    root, cache_dir, runs_dir = setup
+    ids = [fit(root, "fakenet", "knn", opts(cache_dir, runs_dir, grid_args=[f"n_neighbors={k}"])).runs[0].id
+           for k in (3, 5)]
+    assert load_run(runs_dir, ids[0][-8:]).id == ids[0]
+    assert cli(["runs", "show", ids[1][-8:], "--runs-dir", str(runs_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["run"]["id"] == ids[1]
+    with pytest.raises(RunError, match="'knn' is part of 2 run ids"):
+        load_run(runs_dir, "knn")
