@@ -81,29 +81,33 @@ def ls_cmd(
     if not rows:
         console.print(f"No finished runs in {escape(str(runs_dir))}; `featcache fit` creates them.")
         return
-    table = Table(title=f"runs in {escape(str(runs_dir))}")
     tagged = any(r["tags"] for r in rows)
     # the dataset and features columns only where they tell runs apart (as the report's)
     extra = [c for c, differ in (("dataset", len({r["dataset"] for r in rows}) > 1),
                                  ("features", len({(r["backbone"], r["features"]) for r in rows})
                                   > len({r["backbone"] for r in rows}))) if differ]
-    columns = ["id", "backbone", *extra, "head", "task", "params", "metric", "val", "test"]
-    for col in columns + (["tags"] if tagged else []):
+    cells = {
+        "id": lambda r: shown(r["id"]),
+        "backbone": lambda r: shown(r["backbone"] + (" (random weights)" if r["random_weights"] else "")),
+        **{c: (lambda r, c=c: shown(str(r[c]))) for c in extra},
+        "head": lambda r: shown(r["head"]),
+        "task": lambda r: shown(r["task"]),
+        "params": lambda r: shown(params_text(r["params"])),
+        "metric": lambda r: escape(str(r["metric"])),
+        "val": lambda r: fmt(r["val"]),
+        "test": lambda r: fmt(r["test"]),
+        **({"tags": lambda r: shown(",".join(r["tags"]))} if tagged else {}),
+    }
+    # a column with one value on every row goes to the title: nine columns in 80 were strips of 3 letters
+    same = [c for c in ("backbone", "task", "metric", "tags")
+            if c in cells and len(rows) > 1 and len({cells[c](r) for r in rows}) == 1]
+    title = f"runs in {escape(str(runs_dir))}" + "".join(f", {c} {cells[c](rows[0])}" for c in same)
+    table = Table(title=title)
+    for col in (c for c in cells if c not in same):
         # the id whole on one line: it is what `runs show` and `predict --run` take, copied or grepped
         table.add_column(col, overflow="fold", no_wrap=col == "id")
     for r in rows:
-        table.add_row(
-            shown(r["id"]),
-            shown(r["backbone"] + (" (random weights)" if r["random_weights"] else "")),
-            *(shown(str(r[c])) for c in extra),
-            shown(r["head"]),
-            shown(r["task"]),
-            shown(params_text(r["params"])),
-            escape(str(r["metric"])),
-            fmt(r["val"]),
-            fmt(r["test"]),
-            *([shown(",".join(r["tags"]))] if tagged else []),
-        )
+        table.add_row(*(cells[c](r) for c in cells if c not in same))
     console.print(table)
 
 
