@@ -149,7 +149,10 @@ def _session_lines(sessions: list[dict], n_rows: int) -> list[str]:
             how.append(f"merged from {merged}")
         if s.get("copied_from"):
             how.append(f"copied from {s['copied_from']} (made for {s.get('source_dataset_root', '?')})")
-        out.append(f"rows {lo}-{hi - 1}: {', '.join(how)} ({s.get('started', '?')})")
+        when = s.get("started", "?")
+        if s.get("extracted"):  # merged or copied: when the rows were computed, then when they came here
+            when = f"extracted {s['extracted']}, {'merged' if merged else 'copied'} {when}"
+        out.append(f"rows {lo}-{hi - 1}: {', '.join(how)} ({when})")
     return out
 
 

@@ -1290,8 +1290,13 @@ def source_sessions(reader: CacheReader) -> tuple[list[int], list[dict]]:
     """A cache file's sessions as (first rows, settings without place and time), in row order; rows before
     its first recorded session (a file older than sessions, or past MAX_SESSIONS) get its creator's
     versions, as `cache info` shows them. What a copy (extract from a twin, merge) records per part."""
-    recorded = sorted(((s.get("first_row", 0), {k: v for k, v in s.items()
-                                                 if k not in ("first_row", "started")})
+    def setup(s: dict) -> dict:  # the source's own start time kept as "extracted" (the copy gets its own)
+        out = {k: v for k, v in s.items() if k not in ("first_row", "started")}
+        if "started" in s and "extracted" not in out:
+            out["extracted"] = s["started"]
+        return out
+
+    recorded = sorted(((s.get("first_row", 0), setup(s))
                        for s in reader.sessions if isinstance(s.get("first_row", 0), int)),  # not edited ones
                       key=lambda t: t[0])
     if not recorded or recorded[0][0] > 0:

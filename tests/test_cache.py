@@ -672,6 +672,8 @@ def test_merge_shards(tmp_path: Path) -> None:
         assert [(x["first_row"], x["merged_from"]) for x in r.sessions] == [(0, s0.name), (30, s1.name)]
         with fc.CacheReader(s1) as shard:
             assert r.sessions[1]["versions"] == shard.sessions[0]["versions"]
+            # when the shard's rows were computed, not only when they were merged
+            assert r.sessions[1]["extracted"] == shard.sessions[0]["started"]
     other_split = fc.cache_path(tmp_path, cfg, shard=(1, 2))  # a shard of a split into 2, not 3
     write_all(other_split, ROOT, 2, 4, DIM, ("orig",), start=20)
     mixed = fc.merge([s0, other_split], tmp_path / "mixed.h5")
