@@ -157,6 +157,16 @@ def make_zip(entries: list[tuple[str | zipfile.ZipInfo, bytes]]) -> bytes:
     return buf.getvalue()
 
 
+def first_download(server, tmp_path: Path, images: dict[str, bytes]) -> tuple[bytes, Path]:
+    """The archive served at ZIP_PATH and downloaded once into tmp_path/k: the start of the tests of what
+    a later run does with its cache and record."""
+    archive = make_zip(kermany_entries(images))
+    server.files[ZIP_PATH] = archive
+    dest = tmp_path / "k"
+    download_kermany(dest, url=server.url(ZIP_PATH), timeout=10)
+    return archive, dest
+
+
 def kermany_entries(images: dict[str, bytes]) -> list[tuple[str, bytes]]:
     """The Mendeley zip's shape: chest_xray/<split>/<LABEL>/..., plus __MACOSX and .DS_Store junk."""
     entries = [(f"chest_xray/{rel}", data) for rel, data in images.items()]
@@ -258,10 +268,7 @@ def test_checksum_mismatch_keeps_file_aside_and_extracts_nothing(server, tmp_pat
 
 
 def test_tampered_cached_download_is_fetched_again(server, tmp_path, images):
-    archive = make_zip(kermany_entries(images))
-    server.files[ZIP_PATH] = archive
-    dest = tmp_path / "k"
-    download_kermany(dest, url=server.url(ZIP_PATH), timeout=10)
+    archive, dest = first_download(server, tmp_path, images)
     cached = dest / ".downloads" / "ChestXRay2017.zip"
     cached.write_bytes(archive[:-10] + b"0123456789")            # bit rot after the first run
     res = download_kermany(dest, url=server.url(ZIP_PATH), force=True, timeout=10)
@@ -634,10 +641,7 @@ def test_cli_rejects_malicious_archive(server, tmp_path, images, cli, capsys):
 # ---------------------------------------------------------------------------------------------
 def test_recorded_digest_binds_a_fresh_download_until_a_new_pin(server, tmp_path, images):
     """Deleting the cache must not let a changed remote file through and overwrite the record."""
-    archive = make_zip(kermany_entries(images))
-    server.files[ZIP_PATH] = archive
-    dest = tmp_path / "k"
-    download_kermany(dest, url=server.url(ZIP_PATH), timeout=10)
+    archive, dest = first_download(server, tmp_path, images)
     record = dest / ".downloads" / "ChestXRay2017.zip.sha256"
     first = record.read_text()
     changed = make_zip(kermany_entries(images)[:-1])          # the remote file changed
@@ -764,10 +768,7 @@ def test_corrupt_archive_still_says_damaged_with_its_full_path(tmp_path, images)
 
 
 def test_mistyped_pin_keeps_the_recorded_cached_archive_and_downloads_nothing(server, tmp_path, images):
-    archive = make_zip(kermany_entries(images))
-    server.files[ZIP_PATH] = archive
-    dest = tmp_path / "k"
-    download_kermany(dest, url=server.url(ZIP_PATH), timeout=10)
+    archive, dest = first_download(server, tmp_path, images)
     n_requests = len(server.requests)
     wrong = "0" * 64
     with pytest.raises(DownloadError, match="nothing was moved or downloaded") as err:
@@ -847,11 +848,8 @@ def test_a_wrong_url_keeps_the_verified_cached_archive(server, tmp_path, images)
     """A mistyped --url (a login page served with HTTP 200) was downloaded over the verified cached
     archive, which then went to .bad with the page: 1.2 GB to fetch again, and the message advised
     trusting the page's digest with --sha256."""
-    archive = make_zip(kermany_entries(images))
-    server.files[ZIP_PATH] = archive
+    archive, dest = first_download(server, tmp_path, images)
     server.files["/login/ChestXRay2017.zip"] = b"<html>Please log in</html>"
-    dest = tmp_path / "k"
-    download_kermany(dest, url=server.url(ZIP_PATH), timeout=10)
     cached = dest / ".downloads" / "ChestXRay2017.zip"
     with pytest.raises(DownloadError) as err:
         download_kermany(dest, url=server.url("/login/ChestXRay2017.zip"), force=True, timeout=10)

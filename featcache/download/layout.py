@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from featcache.download.archive import is_junk
@@ -38,21 +39,31 @@ def _looks_like_root(folder: Path) -> bool:
     return False
 
 
-def _count_images(root: Path) -> int:
-    """Images ``layout_kermany`` would take from a candidate root (split/label folders only)."""
-    n = 0
+def _image_files(root: Path) -> Iterator[tuple[str, str, list[os.DirEntry]]]:
+    """(split, label, its image files sorted by name) for each split/label folder of a candidate root:
+    what ``layout_kermany`` moves and what ``find_kermany_root`` counts to tell candidates apart."""
     for alias, split_dir in _child_dirs(root).items():
-        if alias not in _SPLIT_ALIASES:
+        split = _SPLIT_ALIASES.get(alias)
+        if split is None:
             continue
         labels = _child_dirs(split_dir)
         for label in KERMANY_LABELS:
-            label_dir = labels.get(label.lower())
-            if label_dir is None:
+            src_dir = labels.get(label.lower())
+            if src_dir is None:
                 continue
-            with contextlib.suppress(OSError), os.scandir(label_dir) as entries:
-                n += sum(1 for e in entries if e.is_file(follow_symlinks=False) and not e.name.startswith(".")
-                         and Path(e.name).suffix.lower() in LAYOUT_EXTENSIONS)
-    return n
+            with os.scandir(src_dir) as entries:
+                files = sorted((e for e in entries if e.is_file(follow_symlinks=False)
+                                and not e.name.startswith(".")
+                                and Path(e.name).suffix.lower() in LAYOUT_EXTENSIONS), key=lambda e: e.name)
+            yield split, label, files
+
+
+def _count_images(root: Path) -> int:
+    """Images ``layout_kermany`` would take from a candidate root (0 when a folder cannot be read)."""
+    try:
+        return sum(len(files) for _, _, files in _image_files(root))
+    except OSError:
+        return 0
 
 
 def find_kermany_root(extracted: Path, max_depth: int = 6) -> Path:
@@ -67,9 +78,10 @@ def find_kermany_root(extracted: Path, max_depth: int = 6) -> Path:
     for _depth in range(max_depth + 1):
         hits = [d for d in level if _looks_like_root(d)]
         if hits:
-            with_images = [d for d in hits if _count_images(d)]
+            counts = {d: _count_images(d) for d in hits}
+            with_images = [d for d in hits if counts[d]]
             if len(with_images) > 1:
-                names = ", ".join(f"{d.relative_to(extracted).as_posix()}/ ({_count_images(d)} images)"
+                names = ", ".join(f"{d.relative_to(extracted).as_posix()}/ ({counts[d]} images)"
                                   for d in with_images)
                 raise DownloadError(f"the archive holds several Kermany-like folders at the same depth "
                                     f"({names}); featcache cannot tell which is the dataset: extract the "
@@ -87,29 +99,18 @@ def layout_kermany(extracted: Path, stage: Path) -> dict[str, dict[str, int]]:
     """Move the images of the found root into ``stage/<split>/<LABEL>/``; return counts."""
     root = find_kermany_root(extracted)
     counts: dict[str, dict[str, int]] = {}
-    for alias, split_dir in _child_dirs(root).items():
-        split = _SPLIT_ALIASES.get(alias)
-        if split is None:
-            continue
-        labels = _child_dirs(split_dir)
-        for label in KERMANY_LABELS:
-            src_dir = labels.get(label.lower())
-            if src_dir is None:
+    for split, label, files in _image_files(root):
+        target_dir = stage / split / label
+        n = 0
+        for entry in files:
+            target_dir.mkdir(parents=True, exist_ok=True)
+            target = target_dir / entry.name
+            if target.exists():      # "val" and "validation" both present: keep the first copy
                 continue
-            target_dir = stage / split / label
-            n = 0
-            for entry in sorted(os.scandir(src_dir), key=lambda e: e.name):
-                if not entry.is_file(follow_symlinks=False) or entry.name.startswith(".") or \
-                        Path(entry.name).suffix.lower() not in LAYOUT_EXTENSIONS:
-                    continue
-                target_dir.mkdir(parents=True, exist_ok=True)
-                target = target_dir / entry.name
-                if target.exists():      # "val" and "validation" both present: keep the first copy
-                    continue
-                os.replace(entry.path, target)
-                n += 1
-            if n:
-                counts.setdefault(split, {})[label] = counts.get(split, {}).get(label, 0) + n
+            os.replace(entry.path, target)
+            n += 1
+        if n:
+            counts.setdefault(split, {})[label] = counts.get(split, {}).get(label, 0) + n
     if not counts:
         raise DownloadError("the archive's split folders hold no .jpeg/.jpg/.png images; check --source "
                             "or --url.")
