@@ -1456,14 +1456,15 @@ def _fit_cv(ctx: _Ctx, configs: list[dict], result: FitResult, chash: str) -> No
     folds_pos = grouped_kfold(ctx.y[pool], ctx.groups[pool], n_splits=opts.cv_folds, seed=opts.seed)
     _check_training_sides(ctx, [tr for tr, _ in folds_pos], "cv")
     _check_training_patients(ctx, [tr for tr, _ in folds_pos])
-    if opts.metric == "auc":  # an AUC without both classes is NaN: every config's mean would be NaN
-        for side, missing in _split_gaps(ctx, [va for _, va in folds_pos])[:1]:
-            raise DataError(
-                f"fold {side + 1} of the {len(folds_pos)}-fold cross-validation has no validation image of "
-                f"{', '.join(missing)} (a patient's images stay on one side; "
-                f"{'; '.join(f'{c}: {_class_sizes(ctx, c)}' for c in missing)}), so its AUC is undefined "
-                "and --metric auc cannot rank the configs: lower --cv-folds, add images from more patients, "
-                "or select by --metric accuracy.")
+    gaps = _split_gaps(ctx, [va for _, va in folds_pos]) if opts.metric == "auc" else []
+    if gaps:  # an AUC without both classes is NaN: every config's mean would be NaN
+        side, missing = gaps[0]
+        raise DataError(
+            f"fold {side + 1} of the {len(folds_pos)}-fold cross-validation has no validation image of "
+            f"{', '.join(missing)} (a patient's images stay on one side; "
+            f"{'; '.join(f'{c}: {_class_sizes(ctx, c)}' for c in missing)}), so its AUC is undefined "
+            "and --metric auc cannot rank the configs: lower --cv-folds, add images from more patients, "
+            "or select by --metric accuracy.")
     rng = np.random.default_rng(opts.seed)
     # one row matrix for the search; folds index into it (training rows: train views + balance)
     all_rec, all_view, all_y, fold_rows = [], [], [], []

@@ -703,21 +703,8 @@ def _sweep_lock_holder(runs_dir: str | Path, sweep_id: str) -> dict | None:
         import fcntl
     except ImportError:  # not POSIX: sweep_lock guards nothing there either
         return None
-    try:
-        fd = os.open(Path(runs_dir) / LOCKS_DIR / f"{sweep_id}.lock", os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:  # held: a live fit trains this sweep now
-            return _holder(fd) or {"host": socket.gethostname()}
-        except OSError:
-            return None
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
+    info = _live_holder(fcntl, Path(runs_dir) / LOCKS_DIR / f"{sweep_id}.lock")
+    return None if info is None else info or {"host": socket.gethostname()}
 
 
 def pending_checkpoints(runs_dir: str | Path) -> list[PendingSweep]:
@@ -901,29 +888,36 @@ def _refuse_overlap(fcntl: Any, own: Path, wanted: set[str]) -> None:
     if not wanted:
         return
     for other in sorted(own.parent.glob("*.lock")):
-        if other == own:
+        info = None if other == own else _live_holder(fcntl, other)
+        if info is None:
             continue
+        shared = wanted & {str(h) for h in info.get("configs") or []}
+        if shared:
+            raise RunError(
+                f"{len(shared)} of this sweep's {len(wanted)} config(s) are being trained now by "
+                f"sweep {info.get('sweep_id', other.stem)} ({_who(info)}); wait for it to finish "
+                "(this command then skips them), or stop it")
+
+
+def _live_holder(fcntl: Any, path: Path) -> dict | None:
+    """What the live holder of the lock file ``path`` claims ({} when unreadable), or None when no process
+    holds it (a killed fit's free lock, a file removed meanwhile, no ``flock`` here). A shared probe: it
+    holds the file for an instant, which a fit taking the lock retries over."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # finished and removed meanwhile
+        return None
+    try:
         try:
-            fd = os.open(other, os.O_RDONLY)
-        except OSError:  # finished and removed meanwhile
-            continue
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:  # held: a live fit
-                info = _holder(fd)
-                shared = wanted & {str(h) for h in info.get("configs") or []}
-                if shared:
-                    raise RunError(
-                        f"{len(shared)} of this sweep's {len(wanted)} config(s) are being trained now by "
-                        f"sweep {info.get('sweep_id', other.stem)} ({_who(info)}); wait for it to finish "
-                        "(this command then skips them), or stop it") from None
-            except OSError:
-                pass
-            else:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:  # held: a live fit
+            return _holder(fd)
+        except OSError:
+            return None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 def _pid_alive(pid: int) -> bool:
