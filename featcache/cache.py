@@ -1253,19 +1253,21 @@ def _merge(shards: list[Path], out: Path | None, wait: float | None, progress: P
         # the first shard's)
         for reader in readers:
             starts, sessions = source_sessions(reader)
+            index = reader.index()
             for i, source in enumerate(sessions):
                 stop = starts[i + 1] if i + 1 < len(starts) else reader.n_rows
-                blocks = list(reader.iter_blocks(start=starts[i], stop=stop))
-                if not blocks:
+                # which (key, view) rows the session holds, from the index: its features are streamed below,
+                # never held whole (a vgg16 shard's session can be hundreds of MB)
+                rows = {kv for kv, row in index.items() if starts[i] <= row < stop}
+                if not rows:
                     continue
                 session = {**source, "merged_from": reader.path.name}
                 with CacheWriter(out, first.config, first.feature_dim, wait=wait,
                                  versions=source.get("versions") or None, session=session) as writer:
-                    fresh = {kv for b in blocks for kv in zip(b["keys"], b["views"], strict=True)}
-                    need = len(fresh - writer.present())
+                    need = len(rows - writer.present())
                     if need:  # a session none of whose rows are new leaves no record
                         writer.reserve(need)
-                    for block in blocks:
+                    for block in reader.iter_blocks(start=starts[i], stop=stop):
                         _check_block(reader.path, block)
                         added += writer.append(block["keys"], block["views"], block["paths"],
                                                block["features"])
