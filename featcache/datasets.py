@@ -43,6 +43,10 @@ TASKS = ("binary", "3class", "folders")
 _PERSON_RE = re.compile(r"^(person\d+)_(bacteria|virus)_\d+(?:_\d+)*$", re.IGNORECASE)
 # IM-0115-0001 / NORMAL2-IM-1427-0001 / IM-0439-0001-0001 -> patient = prefix up to the first number
 _IM_RE = re.compile(r"^((?:NORMAL\d*-)?IM-\d+)(?:-\d+)+$", re.IGNORECASE)
+# Mendeley Data v3 (ZhangLabData, CellData/chest_xray): NORMAL-1003233-0001 / BACTERIA-1008087-0001 /
+# VIRUS-1047596-0001 -> (subtype, patient number). The patient is the number alone, so one number seen
+# under two subtypes stays one patient (grouping more never leaks a patient across folds).
+_V3_RE = re.compile(r"^(normal|bacteria|virus)-(\d+)(?:-\d+)+$", re.IGNORECASE)
 
 
 SUBTYPES = ("normal", "bacteria", "virus")
@@ -114,7 +118,8 @@ def parse_kermany_name(filename: str) -> tuple[str | None, str | None]:
     """``(subtype, patient)`` from a Kermany file name, ``(None, None)`` when it is not one.
 
     ``person447_virus_921_1.jpeg`` -> ("virus", "person447"); ``NORMAL2-IM-1427-0001.jpeg`` ->
-    ("normal", "NORMAL2-IM-1427"). Normal files carry no subtype word: the ``IM-`` naming is
+    ("normal", "NORMAL2-IM-1427"); the Mendeley v3 names ``VIRUS-1047596-0001.jpeg`` ->
+    ("virus", "1047596"). The Kaggle/v2 normal files carry no subtype word: the ``IM-`` naming is
     only used for normal images in the dataset, but callers should still trust the class folder.
     """
     stem = Path(filename).stem if "." in filename else filename
@@ -126,6 +131,9 @@ def parse_kermany_name(filename: str) -> tuple[str | None, str | None]:
     m = _IM_RE.match(stem)
     if m:
         return "normal", m.group(1).upper()
+    m = _V3_RE.match(stem)
+    if m:
+        return m.group(1).lower(), m.group(2)
     return None, None
 
 

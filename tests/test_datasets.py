@@ -33,6 +33,13 @@ DISCOVERY_KEYWORDS = ("hidden", "extension", "symlink loop", "broken symlink", "
     ("IM-0115.jpeg", (None, None)),
     ("PERSON447_VIRUS_921.jpeg", ("virus", "person447")),  # the same patient whatever the file's case
     ("normal2-im-1427-0001.jpeg", ("normal", "NORMAL2-IM-1427")),
+    # Mendeley Data v3 (ZhangLabData) names: subtype word, patient number, image number
+    ("NORMAL-1003233-0001.jpeg", ("normal", "1003233")),
+    ("BACTERIA-1008087-0001.jpeg", ("bacteria", "1008087")),
+    ("VIRUS-1047596-0002.jpeg", ("virus", "1047596")),
+    ("virus-11419-0001.JPEG", ("virus", "11419")),
+    ("BACTERIA-1008087.jpeg", (None, None)),
+    ("FUNGUS-1008087-0001.jpeg", (None, None)),
 ])
 def test_parse_kermany_name(name, expected):
     assert parse_kermany_name(name) == expected
@@ -291,6 +298,26 @@ def test_task_labels(tmp_path):
         task_labels([r for r in ds_records if r.label == "NORMAL"], "binary")
     with pytest.raises(DataError, match="no images"):
         task_labels([], "folders")
+
+
+def test_mendeley_v3_names_give_subtypes_and_patients(tmp_path):
+    """The v3 archive (CellData/chest_xray) names files NORMAL-/BACTERIA-/VIRUS-<patient>-<n>: before they
+    were parsed, every image was its own patient (a patient's images could sit on both sides of a fold)
+    and the 3class task refused the whole tree for want of subtypes."""
+    names = {"NORMAL": ["NORMAL-28501-0001.jpeg", "NORMAL-28501-0002.jpeg"],
+             "PNEUMONIA": ["BACTERIA-7422-0001.jpeg", "BACTERIA-7422-0002.jpeg", "VIRUS-40699-0001.jpeg"]}
+    for i, (label, files) in enumerate(names.items()):
+        for j, name in enumerate(files):
+            write_xray(tmp_path / "train" / label / name, 10 * i + j)
+    records = discover(tmp_path).records
+    assert {r.path.name: (r.subtype, r.group, r.has_patient_id) for r in records} == {
+        "NORMAL-28501-0001.jpeg": ("normal", "28501", True),
+        "NORMAL-28501-0002.jpeg": ("normal", "28501", True),
+        "BACTERIA-7422-0001.jpeg": ("bacteria", "7422", True),
+        "BACTERIA-7422-0002.jpeg": ("bacteria", "7422", True),
+        "VIRUS-40699-0001.jpeg": ("virus", "40699", True)}
+    y3, classes3 = task_labels(records, "3class")
+    assert [classes3[i] for i in y3] == [r.subtype for r in records]
 
 
 def test_task_3class_needs_subtypes(tmp_path):

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from conftest import write_xray
 
+from featcache.datasets import discover
 from featcache.download import (
     MARKER_NAME,
     ExtractLimits,
@@ -842,6 +843,29 @@ def test_several_kermany_roots_at_one_depth_are_refused_and_listed(server, tmp_p
     server.files["/one.zip"] = make_zip(entries + [("empty/train/NORMAL/readme.txt", b"no images")])
     res = download_kermany(tmp_path / "k1", url=server.url("/one.zip"), timeout=10)
     assert res.counts == COUNTS
+
+
+def test_the_mendeley_v3_archive_installs_its_chest_xrays_not_its_oct_scans(server, tmp_path, images):
+    """v3 (ZhangLabData.zip) holds CellData/OCT/{train,test}/{CNV,DME,DRUSEN,NORMAL} beside
+    CellData/chest_xray/: both look like a Kermany root (split folders with NORMAL), so the download was
+    refused as ambiguous. Only the chest X-ray tree has PNEUMONIA; its v3 names give subtype and patient."""
+    v3_names = {"train/NORMAL/IM-0115-0001.jpeg": "train/NORMAL/NORMAL-28501-0001.jpeg",
+                "train/NORMAL/NORMAL2-IM-1427-0001.jpeg": "train/NORMAL/NORMAL-28501-0002.jpeg",
+                "train/PNEUMONIA/person1_bacteria_1.jpeg": "train/PNEUMONIA/BACTERIA-7422-0001.jpeg",
+                "train/PNEUMONIA/person2_virus_2.jpeg": "train/PNEUMONIA/VIRUS-40699-0001.jpeg",
+                "test/NORMAL/IM-0001-0001.jpeg": "test/NORMAL/NORMAL-4512-0001.jpeg",
+                "test/PNEUMONIA/person3_bacteria_3.jpeg": "test/PNEUMONIA/BACTERIA-1008087-0001.jpeg"}
+    chest = [(f"ZhangLabData/CellData/chest_xray/{v3_names[rel]}", data) for rel, data in images.items()]
+    data = next(iter(images.values()))
+    oct_scans = [(f"ZhangLabData/CellData/OCT/{split}/{label}/{label}-1016042-{i}.jpeg", data)
+                 for split in ("train", "test") for i, label in enumerate(("CNV", "DME", "DRUSEN", "NORMAL"))]
+    server.files["/ZhangLabData.zip"] = make_zip(oct_scans + chest)
+    res = download_kermany(tmp_path / "v3", url=server.url("/ZhangLabData.zip"), timeout=10)
+    assert res.counts == COUNTS
+    records = discover(tmp_path / "v3").records
+    assert sorted((r.split, r.subtype, r.group) for r in records) == [
+        ("test", "bacteria", "1008087"), ("test", "normal", "4512"), ("train", "bacteria", "7422"),
+        ("train", "normal", "28501"), ("train", "normal", "28501"), ("train", "virus", "40699")]
 
 
 def test_a_wrong_url_keeps_the_verified_cached_archive(server, tmp_path, images):

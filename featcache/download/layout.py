@@ -39,6 +39,11 @@ def _looks_like_root(folder: Path) -> bool:
     return False
 
 
+def _has_pneumonia(folder: Path) -> bool:
+    """Whether a candidate root's split folders hold a PNEUMONIA class folder (an OCT tree's do not)."""
+    return any(label == "PNEUMONIA" for _, label, files in _image_files(folder) if files)
+
+
 def _image_files(root: Path) -> Iterator[tuple[str, str, list[os.DirEntry]]]:
     """(split, label, its image files sorted by name) for each split/label folder of a candidate root:
     what ``layout_kermany`` moves and what ``find_kermany_root`` counts to tell candidates apart."""
@@ -70,7 +75,8 @@ def find_kermany_root(extracted: Path, max_depth: int = 6) -> Path:
     """The shallowest folder in the extracted tree that has the Kermany split/class structure.
 
     Tolerates a top-level folder (``chest_xray/``), nesting (the Kaggle copy repeats
-    ``chest_xray/chest_xray/``: the shallowest wins) and ``__MACOSX``. Several candidates at the
+    ``chest_xray/chest_xray/``: the shallowest wins), ``__MACOSX`` and the Mendeley v3 archive's OCT
+    tree beside the chest X-rays (the one candidate with PNEUMONIA images wins). Several candidates at the
     shallowest depth that hold images are refused, listed: picking one by name would silently
     install whichever copy sorts first (another version, a subset) as the dataset.
     """
@@ -80,6 +86,10 @@ def find_kermany_root(extracted: Path, max_depth: int = 6) -> Path:
         if hits:
             counts = {d: _count_images(d) for d in hits}
             with_images = [d for d in hits if counts[d]]
+            if len(with_images) > 1:  # Mendeley v3 holds CellData/OCT/ (CNV, DME, DRUSEN, NORMAL) beside
+                # CellData/chest_xray/: only the chest X-ray tree has pneumonia
+                chest = [d for d in with_images if _has_pneumonia(d)]
+                with_images = chest if len(chest) == 1 else with_images
             if len(with_images) > 1:
                 names = ", ".join(f"{d.relative_to(extracted).as_posix()}/ ({counts[d]} images)"
                                   for d in with_images)
