@@ -477,3 +477,49 @@ def test_run_views_choose_what_tta_averages(kermany_tree, tmp_path):
         assert sorted(reader.views) == ["hflip", "orig"]
     (run_dir,) = [p for p in (tmp_path / "r").iterdir() if p.is_dir() and not p.name.startswith(".")]
     assert load_run(tmp_path / "r", run_dir.name)["tta_views"] == ["hflip"]
+
+
+@pytest.mark.slow
+def test_run_and_predict_with_keras_on_jax_where_tensorflow_cannot_be_imported(kermany_tree, tmp_path):
+    """The GPU machines this project may borrow have JAX and no TensorFlow: extract, fit (the fused JAX
+    trainer), report and predict must not need TensorFlow when Keras runs on JAX. Here TensorFlow is
+    installed, so an import hook refuses it in the child process."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class _NoTensorFlow:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'tensorflow' or name.startswith('tensorflow.'):\n"
+        "            raise ImportError('TensorFlow is not installed on this machine (test hook)')\n"
+        "sys.meta_path.insert(0, _NoTensorFlow())\n")
+    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(hook), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env.pop("FEATCACHE_MLP_TRAINER", None)
+    blocked = subprocess.run([sys.executable, "-c", "import tensorflow"], env=env, capture_output=True,
+                             text=True)
+    assert blocked.returncode != 0 and "test hook" in blocked.stderr  # the hook works
+    exe = str(Path(sys.executable).with_name("featcache"))
+    where = ["--cache-dir", str(tmp_path / "c"), "--runs-dir", str(tmp_path / "r")]
+    proc = subprocess.run(
+        [exe, "run", "--data", str(kermany_tree), "--backbone", "mobilenet-0.75", "--weights", "none",
+         "--image-size", "96", "--head", "logreg,mlp", "--layers", "8", "--grid", "lr=0.01,0.001",
+         "--grid", "epochs=2", "--cv-folds", "2", "--json", "--out", str(tmp_path / "o"), *where],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    (ex,) = out["extracts"]
+    assert ex["rows_computed"] == 24
+    with h5py.File(ex["cache_path"], "r") as f:
+        sessions = json.loads(f.attrs["sessions_json"])
+    assert sessions[-1]["versions"]["backend"] == "jax"
+    runs = {r["head"]: r for fr in out["fits"] for r in fr["runs"]}
+    assert set(runs) == {"logreg", "mlp"}
+    record = json.loads((tmp_path / "r" / runs["mlp"]["id"] / "run.json").read_text())
+    assert record["environment"]["keras_backend"] == "jax"
+    assert record["trainer"]["saved_model"]["path"] == "fused-jax"
+    image = next(kermany_tree.glob("test/PNEUMONIA/*.jpeg"))
+    pred = subprocess.run([exe, "predict", "--run", runs["mlp"]["id"], str(image), "--json",
+                           "--runs-dir", str(tmp_path / "r")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert pred.returncode == 0, pred.stderr[-3000:]
+    assert len(json.loads(pred.stdout)["predictions"]) == 1
