@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 from featcache.cli.native_log import import_backend_quietly
 from featcache.cli.text import shown
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -47,6 +48,28 @@ def fmt(value: object) -> str:
 
 def params_text(params: dict) -> str:
     return params_string(params, sep=" ", float_format=".4g", none="-")
+
+
+def shared_params(rows: list[dict]) -> dict:
+    """The params with one value on every row of several (a sweep's fixed settings: the table's title says
+    them once, and its params column keeps what tells the rows apart)."""
+    if len(rows) < 2:
+        return {}
+    first = rows[0]["params"]
+    return {k: v for k, v in first.items()
+            if all(k in r["params"] and params_text({k: r["params"][k]}) == params_text({k: v})
+                   for r in rows)}
+
+
+def _fixed_word(n_rows: int, selection: str) -> str:
+    """How the title introduces the params it holds: a sweep's shared ones, a search's choice, a config."""
+    return "all with " if n_rows > 1 else ("chosen " if selection == "cv" else "config ")
+
+
+def best_first(rows: list[dict]) -> list[dict]:
+    """Rows by validation score, best first (every selection metric is higher-is-better); rows without one
+    last; ties keep training order."""
+    return sorted(rows, key=lambda r: (r["val"] is None, -(r["val"] or 0.0)))
 
 
 def summary(run) -> dict:  # noqa: ANN001 - featcache.runs.Run
@@ -260,15 +283,26 @@ def register(app: typer.Typer) -> None:
         if resumed:
             epochs = ", ".join(map(str, sorted(set(resumed))))
             out.print(f"{len(resumed)} config(s) resumed at epoch {epochs} from a checkpoint.")
-        table = Table(title=f"fit sweep {escape(result.sweep_id)}")
+        # a grid's fixed settings in the title, once: on every row they folded the varying ones into
+        # strips of a few letters in 80 columns; the rows best first, as the report ranks them
+        fixed = shared_params(rows) if len(rows) > 1 else rows[0]["params"]
+        varying = len(rows) > 1 and any(k not in fixed for r in rows for k in r["params"])
         metric_name = rows[0]["metric"]
-        for col in ("run", "params", f"val {metric_name}", f"test {metric_name}", "test 95% CI", "thr"):
-            table.add_column(col, overflow="fold", no_wrap=col == "run")  # an id to copy whole
-        for r in rows:
+        # the metric in the title, not in four headers whose width squeezed the params column
+        title = (f"fit sweep {escape(result.sweep_id)}: validation and test {escape(metric_name)}"
+                 + (f", {len(rows)} runs, best first" if len(rows) > 1 else "")
+                 + (f"; {_fixed_word(len(rows), result.selection)}{shown(params_text(fixed))}"
+                    if fixed else ""))
+        table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True)
+        for col in ("run", *(("params",) if varying else ()), "val", "test", "test 95% CI", "thr"):
+            # the id whole (to copy) and the numbers unbroken; the params fold, one setting per line
+            table.add_column(col, overflow="fold", no_wrap=col != "params")
+        for r in best_first(rows):
             ci = r["test_ci"]
             table.add_row(
                 shown(r["id"]),
-                shown(params_text(r["params"])),
+                *((shown(params_text({k: v for k, v in r["params"].items() if k not in fixed}) or "-"),)
+                  if varying else ()),
                 fmt(r["val"]),
                 fmt(r["test"]),
                 f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "-",

@@ -487,6 +487,27 @@ def test_cli_fit_table(setup, capsys) -> None:
     assert run["command"][:2] == ["featcache", "fit"] and "--grid" in run["command"]
 
 
+def test_cli_fit_table_of_a_sweep_puts_its_fixed_settings_in_the_title_and_the_best_first(
+        setup, capsys, monkeypatch) -> None:
+    """In 80 columns every setting of every row, fixed or not, shared the params column with four metric
+    headers: it folded into strips of a few letters (`lr=0.00` / `1`), and the rows came in training order."""
+    root, cache_dir, runs_dir = setup
+    monkeypatch.setenv("COLUMNS", "80")
+    code = cli(_fit_cmd(root, cache_dir, runs_dir, "--head", "mlp", "--layers", "4", "--grid",
+                        "lr=0.3,0.03,0.003,0.0003", "--grid", "epochs=2", "--grid", "batch_size=8"))
+    assert code == 0
+    out = capsys.readouterr().out
+    title = " ".join(out[:out.index(" run ")].split())
+    assert f"{len(list_runs(runs_dir))} runs, best first; all with" in title
+    assert all(s in title for s in ("layers=4", "epochs=2", "batch_size=8")) and "lr=" not in title
+    for lr in ("0.3", "0.03", "0.003", "0.0003"):  # the varying setting whole, on one line
+        assert re.search(rf"\blr={re.escape(lr)}\s", out)
+    shown_ids = [line.split()[0] for line in out.splitlines() if "-mlp-" in line]
+    vals = {r["id"]: load_run(runs_dir, r["id"]).metrics()["val"]["accuracy"] for r in list_runs(runs_dir)}
+    assert sorted(shown_ids) == sorted(vals)
+    assert [vals[i] for i in shown_ids] == sorted(vals.values(), reverse=True)
+
+
 @pytest.mark.parametrize("extra, needle", [
     (["--head", "forest"], "unknown head 'forest'"),
     (["--head", "logreg,mlp"], "fit trains one head per call, got --head logreg,mlp; run fit once per "
