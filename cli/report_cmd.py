@@ -69,7 +69,8 @@ def _leaders_table(result) -> Table | None:
     varying = [*(["group"] if grouped else []), *(k for k in ("backbone", "head", "task") if shown_column(k))]
     what = "best run of each group" if grouped else "best runs"
     table = Table(title=f"{what} by validation {metric}", title_justify="left", box=None, pad_edge=False)
-    for name in ("#", *varying, "config", f"val {metric}", f"test {metric} [95% CI]"):
+    # grouped, every row is its group's #1 (ranks count within groups): a rank column would say nothing
+    for name in (*([] if grouped else ["#"]), *varying, "config", f"val {metric}", f"test {metric} [95% CI]"):
         table.add_column(name, justify="right" if name == "#" or metric in name else "left", overflow="fold")
 
     def num(value) -> str:
@@ -80,7 +81,7 @@ def _leaders_table(result) -> Table | None:
         lo, hi = r.get(f"test_{metric}_lo"), r.get(f"test_{metric}_hi")
         if test != "—" and lo is not None and hi is not None:
             test += f" [{lo:.3f}–{hi:.3f}]"
-        table.add_row(str(r["rank"]), *(escape(str(r.get(k))) for k in varying),
+        table.add_row(*([] if grouped else [str(r["rank"])]), *(escape(str(r.get(k))) for k in varying),
                       escape(config or "(defaults)"), num(r.get(f"val_{metric}")), test)
     return table
 

@@ -285,6 +285,37 @@ def test_group_top_tag_and_id_selection(sweep, tmp_path):
         build_report(runs, tmp_path / "m", ReportOptions(metric="bogus"))
 
 
+def test_grouped_ranks_count_within_each_group(sweep, tmp_path):
+    """With --group-by the "#" of each run was its place among all runs (mlp's best read "#3", as if two
+    mlp runs beat it); ranks now count 1..k within each group, the overall place kept as overall_rank."""
+    runs, ids = sweep
+    res = build_report(runs, tmp_path / "g", ReportOptions(group_by="head"))
+    data = json.loads(res.json.read_text())["runs"]
+    overall = sorted(ids, key=lambda rid: (-_accuracy(runs / rid / "predictions_val.csv"), rid))
+    by_head: dict[str, list[str]] = {}
+    for rid in overall:
+        by_head.setdefault(rid.split("-")[2], []).append(rid)
+    for r in data:
+        assert r["rank"] == by_head[r["group"]].index(r["run_id"]) + 1
+        assert r["overall_rank"] == overall.index(r["run_id"]) + 1
+    assert sorted(r["rank"] for r in data if r["group"] == "mlp") == list(range(1, 7))
+    with open(res.csv, encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["rank"], r["overall_rank"]) for r in rows] == [(str(r["rank"]), str(r["overall_rank"]))
+                                                                for r in data]
+    md_text = res.markdown.read_text(encoding="utf-8")
+    for head, members in by_head.items():  # each group's table numbers its rows 1..k, its best in bold
+        table = md_text[md_text.index(f"### head: {head}"):]
+        table = table[:table.index("\n\n*")]
+        assert re.findall(r"^\| \**(\d+)\**", table, re.M) == [str(i) for i in range(1, len(members) + 1)]
+        assert "| **1** |" in table
+        assert f"### \\#1 in head {head} · mobilenet-0.75 · {head} · binary" in md_text  # top-run heading
+    figures = re.findall(r"\(report_files/(run-\d+)\.png\)", md_text)
+    assert len(figures) == len(set(figures)) == 8  # 3 + 3 + 2: every group's #1 its own file
+    ungrouped = json.loads(build_report(runs, tmp_path / "u").json.read_text())["runs"]
+    assert all(r["rank"] == r["overall_rank"] for r in ungrouped)
+
+
 def test_unfinished_runs_are_left_out_and_listed(tmp_path):
     runs = tmp_path / "runs"
     write_fake_run(runs, "20240101-000001-logreg-aaaaaaaa", quality=2)
@@ -471,8 +502,9 @@ def test_cli_report(sweep, tmp_path, capsys):
     firsts: dict = {}
     for r in board:
         firsts.setdefault(r["group"], r)
-    assert len(firsts) == 3 and [ln.split()[:2] for ln in lines[2:5]] == [[str(r["rank"]), r["group"]]
-                                                                          for r in firsts.values()]
+    # every row is its group's #1 (ranks count within groups): no rank column, the group first
+    assert len(firsts) == 3 and [ln.split()[0] for ln in lines[2:5]] == list(firsts)
+    assert lines[1].split()[0] == "group"
     assert "Report written" in lines[5]
     assert f"{board[0]['test_auc']:.3f} [{board[0]['test_auc_lo']:.3f}–" in lines[2]
     code = run(["report", "--runs-dir", str(tmp_path / "missing"), "--out", str(out)])

@@ -254,12 +254,18 @@ def _prevalence(runs: Sequence[RunRecord]) -> str:
     return (" In " + "; in ".join(parts) + ".") if parts else ""
 
 
+def rank_text(row: dict, group_by: str | None) -> str:
+    """``#3``, or ``#3 in head mlp`` with --group-by: ranks count within each group, so every group has
+    its own #1 and a heading outside the group's table must say whose it is."""
+    return f"#{row['rank']}" + (f" in {group_by} {row['group']}" if group_by else "")
+
+
 def _ties(doc: Document, rows: Sequence[dict], options: ReportOptions) -> None:
     """Say when the best run shares its validation score: the leaderboard breaks ties by sweep and grid
     position (``leaderboard._sort_key``), which says nothing about the runs' merit, so "#1" is then one of
     several equally good choices."""
     firsts: dict[str, dict] = {}
-    for r in sorted(rows, key=lambda r: r["rank"]):
+    for r in sorted(rows, key=lambda r: r["overall_rank"]):
         firsts.setdefault(str(r.get("group") or ""), r)
     for group, best in firsts.items():
         n = best.get("tied")
@@ -425,7 +431,7 @@ def _paired_section(doc: Document, rows: list[dict], by_id: dict[str, RunRecord]
     are what the reader asked to compare within.
     """
     groups: dict[str, list[dict]] = {}
-    for r in sorted(rows, key=lambda r: r["rank"]):
+    for r in sorted(rows, key=lambda r: r["overall_rank"]):
         groups.setdefault(str(r.get("group")) if group_by else "", []).append(r)
     for name, ranked in groups.items():
         body = _paired_rows(ranked, by_id)
@@ -553,7 +559,8 @@ def _leaderboard_section(
                 "Epochs chosen on the hold-out:",
             )
         )
-    fig = plots.overview_figure(rows, options.metric, formats=options.figure_formats)
+    fig = plots.overview_figure(rows, options.metric, formats=options.figure_formats,
+                                group_by=options.group_by)
     if options.group_by:
         groups: dict[str, list[dict]] = {}
         for r in rows:
@@ -629,7 +636,8 @@ def _top_runs_section(
     for i, row in enumerate(chosen):
         emit(progress, "report", i, len(chosen), f"plotting {row['run_id']}")
         rec = by_id[row["run_id"]]
-        doc.add(Heading(f"#{row['rank']} · {row['backbone']} · {row['head']} · {row['task']}", 3))
+        doc.add(Heading(f"{rank_text(row, options.group_by)} · {row['backbone']} · {row['head']} · "
+                        f"{row['task']}", 3))
         doc.add(
             Para(
                 f"config: {row['config'] or '(defaults)'} — run {row['run_id']}"
@@ -656,9 +664,9 @@ def _top_runs_section(
         if img:
             doc.add(
                 Figure(
-                    f"run-{row['rank']}",
+                    f"run-{row['overall_rank']}",  # unique: each group has a #1
                     img.png,
-                    f"Run #{row['rank']} ({row['run_id']}).",
+                    f"Run {rank_text(row, options.group_by)} ({row['run_id']}).",
                     f"per-run figure of run {row['run_id']}: confusion matrices and, where they apply, ROC, "
                     "precision-recall, calibration and training curves",
                     img.vector,
@@ -763,6 +771,7 @@ def _grid_order(rows: Sequence[dict], by_id: dict[str, RunRecord]) -> list[dict]
 def _hyper_table(rows: Sequence[dict], varying: list[str], metric: str, by_id: dict[str, RunRecord]) -> Table:
     """Paper 000 Fig. 4/5 style: every config with train/val/test loss, accuracy and F1."""
     ordered = _grid_order(rows, by_id)
+    spans = len({r.get("group") for r in rows}) > 1  # a family in two groups (datasets): whose #1 is it
     cols = [
         "model #",
         *varying,
@@ -786,11 +795,11 @@ def _hyper_table(rows: Sequence[dict], varying: list[str], metric: str, by_id: d
                 *(_f(r.get(f"{s}_loss")) for s in ("train", "val", "test")),
                 *(_f(r.get(f"{s}_accuracy")) for s in ("train", "val", "test")),
                 *(_f(r.get(f"{s}_macro_f1")) for s in ("train", "val", "test")),
-                str(r["rank"]),
+                str(r["rank"]) + (f" ({r['group']})" if spans else ""),
             ]
         )
     numeric = {0, *range(1 + len(varying), len(cols))}
-    top = min(ordered, key=lambda r: r["rank"])  # runs that tie with it are as good: all highlighted
+    top = min(ordered, key=lambda r: r["overall_rank"])  # runs that tie with it are as good: all highlighted
     # without the metric in any run of the family (average_precision on a 3-class task) nothing is "best"
     scored = top.get("score") is not None
     best = {i for i, r in enumerate(ordered) if r.get("score") == top.get("score")} if scored else set()
@@ -840,7 +849,7 @@ def _cv_section(doc: Document, rec: RunRecord, row: dict, options: ReportOptions
     doc.add(
         Heading(
             f"{rec.head} on {row['backbone']} features · task {rec.task} · grid search inside run "
-            f"#{row['rank']} ({len(grid)} configs × {folds} patient-grouped folds)",
+            f"{rank_text(row, options.group_by)} ({len(grid)} configs × {folds} patient-grouped folds)",
             3,
         )
     )
@@ -859,7 +868,7 @@ def _cv_section(doc: Document, rec: RunRecord, row: dict, options: ReportOptions
                        and 0 <= chosen_at < len(grid) else None)
         doc.add(
             Figure(
-                f"heatmap-cv-{row['rank']}",
+                f"heatmap-cv-{row['overall_rank']}",
                 img.png,
                 f"Mean cross-validation {scoring} over {pair[0]} × {pair[1]} (best config per cell, the "
                 "chosen one outlined; "
@@ -952,7 +961,7 @@ def _grid_section(
                 f"validation {options.metric}: {head} on {backbone}, {task}",
                 options.metric in LOWER_IS_BETTER,
                 bar_label=f"validation {options.metric}",
-                chosen=min(members, key=lambda r: r["rank"])["params"],
+                chosen=min(members, key=lambda r: r["overall_rank"])["params"],
                 formats=options.figure_formats,
             )
             doc.add(
@@ -1483,13 +1492,13 @@ def build_document(
         options.title,
         f"{len(rows)} run(s) from {runs_dir} · ranked by validation {options.metric} · generated {now}",
     )
-    best = rows[0] if not options.group_by else min(rows, key=lambda r: r["rank"])
+    best = rows[0] if not options.group_by else min(rows, key=lambda r: r["overall_rank"])
     doc.add(_hero(best, options.metric, has_test))
     _callouts(doc, runs, rows, skipped, options)
     _leaderboard_section(doc, rows, options, has_test, n_selected or len(runs), runs)
     by_id = {r.id: r for r in runs}
     _paired_section(doc, rows, by_id, options.group_by)
-    _top_runs_section(doc, sorted(rows, key=lambda r: r["rank"]), by_id, options, progress)
+    _top_runs_section(doc, sorted(rows, key=lambda r: r["overall_rank"]), by_id, options, progress)
     shown = {r["run_id"] for r in rows}
     _grid_section(doc, all_rows, options, {r.id: r for r in all_runs}, shown)
     _dataset_section(doc, runs, options, progress)
@@ -1625,14 +1634,14 @@ def build_report(
 
                 shutil.rmtree(staging, ignore_errors=True)
     emit(progress, "report", 4, 4, "report written")
-    best = min(rows, key=lambda r: r["rank"])
+    best = min(rows, key=lambda r: r["overall_rank"])
     if options.group_by:  # the best run of each group: build_leaderboard lists each group's rows together,
         firsts: dict[str, dict] = {}  # best first, groups ordered by their best
         for r in rows:
             firsts.setdefault(r["group"], r)
         leaders = list(firsts.values())[:TERMINAL_ROWS]
     else:
-        leaders = sorted(rows, key=lambda r: r["rank"])[:TERMINAL_ROWS]
+        leaders = sorted(rows, key=lambda r: r["overall_rank"])[:TERMINAL_ROWS]
     return ReportResult(out_dir, out_dir / "report.html", out_dir / "report.md", out_dir / "leaderboard.csv",
                         out_dir / "leaderboard.json", len(rows), best["run_id"], skipped, options.metric,
                         leaders)

@@ -165,7 +165,10 @@ def build_leaderboard(
 ) -> list[dict[str, Any]]:
     """Rows sorted by validation ``metric`` (best first); grouped, groups ordered by their best run.
 
-    ``rank`` is the overall rank; ``top`` keeps the best N of each group (of all runs without grouping).
+    ``rank`` is the place within the row's group (1..k in each group: a grouped leaderboard is read group
+    by group, and a group's best run shown as "#4" read as if three runs of that group beat it);
+    ``overall_rank`` is the place among all runs (the same as ``rank`` without grouping). ``top`` keeps the
+    best N of each group (of all runs without grouping).
     """
     if metric not in METRICS:
         raise ConfigError(f"--metric: unknown metric '{metric}'; choose one of: {', '.join(METRICS)}.")
@@ -176,7 +179,7 @@ def build_leaderboard(
     pairs = sorted(((run_row(r), r.run) for r in runs), key=lambda p: _sort_key(p[0], metric, p[1]))
     rows = [row for row, _ in pairs]
     for i, row in enumerate(rows, 1):
-        row["rank"] = i
+        row["overall_rank"] = i
         row["score"] = row.get(f"val_{metric}")
         row["group"] = str(row[group_by]) if group_by else ""
     groups: dict[str, list[dict]] = {}
@@ -184,6 +187,8 @@ def build_leaderboard(
         groups.setdefault(row["group"], []).append(row)
     out: list[dict] = []
     for members in groups.values():
+        for i, r in enumerate(members, 1):
+            r["rank"] = i
         scores = Counter(r["score"] for r in members if r["score"] is not None)
         for r in members:  # before --top trims: a tie with a run left out is still a tie
             r["tied"] = scores[r["score"]] if r["score"] is not None else None
@@ -208,8 +213,8 @@ def top_of_groups(rows: list[dict[str, Any]], top: int | None) -> list[dict[str,
     return out
 
 
-CSV_FIRST = ("rank", "group", "run_id", "dataset", "backbone", "head", "task", "config", "tags", "validation",
-             "score", "tied", "threshold")
+CSV_FIRST = ("rank", "overall_rank", "group", "run_id", "dataset", "backbone", "head", "task", "config",
+             "tags", "validation", "score", "tied", "threshold")
 
 
 def csv_columns(rows: Sequence[dict]) -> list[str]:

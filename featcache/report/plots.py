@@ -420,11 +420,12 @@ def overview_labels(rows: Sequence[dict], width: int = 64) -> list[str]:
 
 
 def overview_figure(rows: Sequence[dict], metric: str, n: int = OVERVIEW_RUNS,
-                    formats: Sequence[str] = ()) -> Rendered | None:
+                    formats: Sequence[str] = (), group_by: str | None = None) -> Rendered | None:
     """Dot plot of the best runs: validation metric vs test metric with its 95% CI where there is one.
 
     One panel per task: a binary accuracy and a 3-class one on one axis squeezed one of them into a corner
-    and read as comparable numbers."""
+    and read as comparable numbers. With ``group_by`` the ranks count within each group, so a label names
+    its group where neither the label nor the panel does (two "#1 logreg" rows of two datasets)."""
     rows = overview_rows(rows, metric, n)
     if not rows:
         return None
@@ -437,9 +438,12 @@ def overview_figure(rows: Sequence[dict], metric: str, n: int = OVERVIEW_RUNS,
                              figsize=(11.0, max(sum(heights) + 0.6 * len(panels), 1.8)))
     many_bb = len({r["backbone"] for r in rows}) > 1
     configs = overview_labels(rows)
+    named = (group_by in (None, "head", "task") or (group_by == "backbone" and many_bb)  # label/panel says it
+             or len({r.get("group") for r in rows}) == 1)
     for k, (ax, (task, idx)) in enumerate(zip(axes[:, 0], panels.items(), strict=True)):
         members = [rows[i] for i in idx]
-        labels = [_t(f"#{r['rank']} {r['backbone'] + ' · ' if many_bb else ''}{r['head']}  {configs[i]}")
+        labels = [_t(f"#{r['rank']}{'' if named else ' ' + str(r.get('group'))} "
+                     f"{r['backbone'] + ' · ' if many_bb else ''}{r['head']}  {configs[i]}")
                   for i, r in zip(idx, members, strict=True)]
         _overview_panel(ax, members, labels, metric, task, legend=k == 0)
         if len(panels) > 1:
