@@ -77,12 +77,15 @@ def _leaders_table(result) -> Table | None:
         return "—" if value is None else f"{value:.3f}"
 
     for r, config in zip(rows, overview_labels(rows), strict=True):
-        test = num(r.get(f"test_{metric}"))
-        lo, hi = r.get(f"test_{metric}_lo"), r.get(f"test_{metric}_hi")
+        used = r.get("ranked_by") or metric  # a 3-class group asked for average_precision: ranked by auc
+        named = "" if used == metric else f" ({used})"
+        test = num(r.get(f"test_{used}"))
+        lo, hi = r.get(f"test_{used}_lo"), r.get(f"test_{used}_hi")
         if test != "—" and lo is not None and hi is not None:
             test += f" [{lo:.3f}–{hi:.3f}]"
         table.add_row(*([] if grouped else [str(r["rank"])]), *(escape(str(r.get(k))) for k in varying),
-                      escape(config or "(defaults)"), num(r.get(f"val_{metric}")), test)
+                      escape(config or "(defaults)"), num(r.get(f"val_{used}")) + named,
+                      test + (named if test != "—" else ""))
     return table
 
 

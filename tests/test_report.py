@@ -183,6 +183,37 @@ def write_fake_sweep(runs_dir: Path) -> list[str]:
     return ids
 
 
+CLASSES_3 = ("bacteria", "normal", "virus")
+
+
+def write_3class_run(runs_dir: Path, run_id: str, *, quality: float, seed: int,
+                     params: dict | None = None) -> Path:
+    """A 3-class run: write_fake_run's record with 3-class prediction CSVs (higher quality = better)."""
+    folder = write_fake_run(runs_dir, run_id, task="3class", params=params, seed=seed, threshold=None)
+    rng = np.random.default_rng(seed)
+    for split, n in (("val", 45), ("test", 60)):
+        y = np.arange(n) % 3
+        logits = rng.normal(0, 1, (n, 3)) + quality * np.eye(3)[y]
+        p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+        with open(folder / f"predictions_{split}.csv", "w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            w.writerow(["relpath", "key", "y_true", *(f"p_{c}" for c in CLASSES_3), "y_pred"])
+            for i in range(n):
+                w.writerow([f"{split}/{CLASSES_3[y[i]]}/img{i}.jpeg", f"{i:064x}", int(y[i]),
+                            *(f"{v:.6f}" for v in p[i]), int(p[i].argmax())])
+    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics["val"] = {"n": 45}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    return folder
+
+
+def _read_preds(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with open(path, encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    cols = [c for c in rows[0] if c.startswith("p_")]
+    return np.array([int(r["y_true"]) for r in rows]), np.array([[float(r[c]) for c in cols] for r in rows])
+
+
 def _accuracy(path: Path, thr: float = 0.5) -> float:
     with open(path, encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
@@ -944,6 +975,44 @@ def test_runs_can_be_ranked_by_average_precision(sweep, tmp_path):
     assert [r["run_id"] for r in data] == sorted(ids, key=lambda rid: (-ap(rid), rid))
     assert data[0]["val_average_precision"] == pytest.approx(ap(data[0]["run_id"]))
     assert data[0]["test_average_precision"] is not None
+
+
+def test_a_group_without_the_metric_is_ranked_by_a_stand_in_it_has_and_says_so(sweep, tmp_path):
+    """--group-by task --metric average_precision: average precision is binary-only, so the 3-class group's
+    "best" was whichever run the tie-break put first, shown with "—". The group is now ranked by its
+    macro one-vs-rest AUC, and the report, JSON and terminal say so."""
+    from featcache.cli.report_cmd import _leaders_table
+    from rich.console import Console
+    from sklearn.metrics import roc_auc_score
+
+    runs, _ = sweep
+    # the worst run has the config hash the tie-break puts first
+    for k, quality in enumerate((0.2, 3.0, 1.0)):
+        write_3class_run(runs, f"20240102-00000{k}-logreg-3c00000{k}", quality=quality, seed=60 + k,
+                         params={"C": 10.0 ** -k})
+    res = build_report(runs, tmp_path / "out", ReportOptions(group_by="task", metric="average_precision"))
+    data = json.loads(res.json.read_text())["runs"]
+    three = [r for r in data if r["group"] == "3class"]
+
+    def auc(rid: str) -> float:
+        y, p = _read_preds(runs / rid / "predictions_val.csv")
+        return roc_auc_score(y, p, multi_class="ovr", average="macro")
+
+    assert [r["run_id"] for r in three] == sorted((r["run_id"] for r in three), key=lambda rid: -auc(rid))
+    assert three[0]["run_id"] == "20240102-000001-logreg-3c000001" and three[0]["rank"] == 1
+    assert all(r["ranked_by"] == "auc" and r["val_average_precision"] is None for r in three)
+    assert [r["score"] for r in three] == pytest.approx([auc(r["run_id"]) for r in three])
+    assert all(r["ranked_by"] == "average_precision" for r in data if r["group"] == "binary")
+    md_text = res.markdown.read_text(encoding="utf-8")
+    section = md_text[md_text.index("### task: 3class"):]
+    section = " ".join(section[:section.index("*dataset")].split())
+    assert ("**Ranked by auc:** no run here has a validation average\\_precision (it is defined for binary "
+            "tasks only), so these runs are ranked by validation auc") in section
+    assert "val auc ▼" in section and "| **1** | **C=0.1** |" in section
+    out = Console(record=True, width=200)
+    out.print(_leaders_table(res))
+    line = next(ln for ln in out.export_text().splitlines() if ln.startswith("3class"))
+    assert f"{three[0]['score']:.3f} (auc)" in line
 
 
 def test_a_tie_for_the_best_validation_score_is_said(tmp_path):

@@ -27,6 +27,7 @@ from featcache.report.collect import ASSETS, RunRecord, load_runs, select_runs
 from featcache.report.document import Code, Document, Figure, Heading, Hero, Para, Stat, Table
 from featcache.report.html import render_html
 from featcache.report.leaderboard import (
+    FALLBACK,
     build_leaderboard,
     config_string,
     keras_backend_of,
@@ -275,7 +276,8 @@ def _ties(doc: Document, rows: Sequence[dict], options: ReportOptions) -> None:
                  and r.get("score") == best["score"]]
         where = f" of {group}" if options.group_by else ""
         listed = f" ({', '.join(shown)}" + (f" and {n - len(shown)} not shown)" if n > len(shown) else ")")
-        doc.add(Para(f"{n} runs{where} share the best validation {options.metric}, {_f(best['score'])}"
+        doc.add(Para(f"{n} runs{where} share the best validation {best.get('ranked_by') or options.metric}, "
+                     f"{_f(best['score'])}"
                      f"{listed}; the leaderboard orders them by sweep and grid position, so "
                      f"#{best['rank']} is one of "
                      f"{n} equally good choices on validation. Choose among them on something other than "
@@ -503,6 +505,26 @@ def _positive_text(rows: Sequence[dict], runs: Sequence[RunRecord]) -> str:
     return f"sensitivity and specificity take {' / '.join(positive)} as the positive class; "
 
 
+def _ranking_notes(doc: Document, members: Sequence[dict], metric: str) -> None:
+    """Say what ranks a group whose runs lack ``metric`` (average_precision, sensitivity or specificity of
+    3-class runs): ranked by its FALLBACK instead, or, where only some lack it, listed last. Why: ordered by
+    the tie-break alone, such a group named an arbitrary run its best and showed "—" as its score."""
+    used = members[0].get("ranked_by") or metric
+    binary_only = " (it is defined for binary tasks only)" if metric in FALLBACK else ""
+    if used != metric:
+        how = " (one-vs-rest, macro-averaged over the classes)" if used == "auc" else ""
+        doc.add(Para(f"no run here has a validation {metric}{binary_only}, so these runs are ranked by "
+                     f"validation {used}{how} instead: #1 is the best by {used}, not by {metric}.",
+                     "warn", f"Ranked by {used}:"))
+        return
+    lacking = [r for r in members if r.get("score") is None]
+    if lacking and len(lacking) < len(members):
+        order = (f"in the order of their validation {FALLBACK[metric]}" if metric in FALLBACK
+                 else "by sweep and grid position")
+        doc.add(Para(f"{len(lacking)} of these runs have no validation {metric}{binary_only}; they are "
+                     f"listed last (—), {order}.", "note", "Not ranked by it:"))
+
+
 def _leaderboard_section(
     doc: Document, rows: list[dict], options: ReportOptions, has_test: bool, n_total: int,
     runs: Sequence[RunRecord] = (),
@@ -561,15 +583,14 @@ def _leaderboard_section(
         )
     fig = plots.overview_figure(rows, options.metric, formats=options.figure_formats,
                                 group_by=options.group_by)
-    if options.group_by:
-        groups: dict[str, list[dict]] = {}
-        for r in rows:
-            groups.setdefault(r["group"], []).append(r)
-        for name, members in groups.items():
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["group"], []).append(r)
+    for name, members in groups.items():
+        if options.group_by:
             doc.add(Heading(f"{options.group_by}: {name}", 3))
-            doc.add(_leaderboard_table(members, options.metric, has_test))
-    else:
-        doc.add(_leaderboard_table(rows, options.metric, has_test))
+        _ranking_notes(doc, members, options.metric)
+        doc.add(_leaderboard_table(members, members[0].get("ranked_by") or options.metric, has_test))
     if fig:
         shown_rows = plots.overview_rows(rows, options.metric)
         m = options.metric
@@ -585,7 +606,9 @@ def _leaderboard_section(
             Figure(
                 "overview",
                 fig.png,
-                f"The {len(shown_rows)} best of {len(rows)} runs: validation {m} (blue){test_words} "
+                f"The {len(shown_rows)} best of {len(rows)} runs"
+                + (f" with a validation {m}" if any(r.get(f"val_{m}") is None for r in rows) else "")
+                + f": validation {m} (blue){test_words} "
                 "Labels leave out the settings that all shown runs of a head share (the table has them).",
                 f"validation versus test {options.metric} of the best runs",
                 fig.vector,
@@ -803,7 +826,10 @@ def _hyper_table(rows: Sequence[dict], varying: list[str], metric: str, by_id: d
     # without the metric in any run of the family (average_precision on a 3-class task) nothing is "best"
     scored = top.get("score") is not None
     best = {i for i, r in enumerate(ordered) if r.get("score") == top.get("score")} if scored else set()
-    marked = (f"Highlighted: best validation {metric} (every run that ties for it)." if scored else
+    used = top.get("ranked_by") or metric  # a 3-class family ranked by auc when asked for average_precision
+    marked = (f"Highlighted: best validation {used} (every run that ties for it)"
+              + ("." if used == metric else f"; validation {metric} is defined for binary tasks only.")
+              if scored else
               f"Nothing highlighted: validation {metric} is undefined for these runs (binary tasks only).")
     return Table(
         cols,
@@ -1493,7 +1519,7 @@ def build_document(
         f"{len(rows)} run(s) from {runs_dir} · ranked by validation {options.metric} · generated {now}",
     )
     best = rows[0] if not options.group_by else min(rows, key=lambda r: r["overall_rank"])
-    doc.add(_hero(best, options.metric, has_test))
+    doc.add(_hero(best, best.get("ranked_by") or options.metric, has_test))
     _callouts(doc, runs, rows, skipped, options)
     _leaderboard_section(doc, rows, options, has_test, n_selected or len(runs), runs)
     by_id = {r.id: r for r in runs}

@@ -23,6 +23,12 @@ GROUP_BY = ("backbone", "head", "task", "dataset")
 THR_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "sensitivity", "specificity")
 CI_METRICS = ("accuracy", "macro_f1", "auc", "sensitivity", "specificity")
 BINARY_ONLY = ("sensitivity", "specificity")
+# What ranks a group (or an ungrouped leaderboard) none of whose runs has the metric asked for: these are
+# defined for binary tasks only, and a 3-class group ordered by the tie-break alone named an arbitrary run
+# its best. The stand-in measures the same kind of thing on every task: AUC is threshold-free like average
+# precision, balanced accuracy is the mean of the per-class recalls that sensitivity and specificity are.
+FALLBACK = {"average_precision": "auc", "sensitivity": "balanced_accuracy",
+            "specificity": "balanced_accuracy"}
 
 
 def config_string(params: dict) -> str:
@@ -146,18 +152,25 @@ def run_row(rec: RunRecord) -> dict[str, Any]:
     return row
 
 
-def _sort_key(row: dict, metric: str, run: dict) -> tuple:
-    """Best validation score first; ties in an order the runs' contents fix: sweep, place in its grid
-    (GridSearchCV's rule: the earlier config wins a tie), config hash. Why not the run id: it starts
-    with the second the run was written, so the same commands run again could rank tied runs the other
-    way round and name another run the best."""
+def _signed(row: dict, metric: str) -> tuple[bool, float]:
+    """(missing, value turned so that smaller is better) of the validation ``metric``."""
     value = row.get(f"val_{metric}")
-    missing = value is None
-    signed = 0.0 if missing else (value if metric in LOWER_IS_BETTER else -value)
+    if value is None:
+        return True, 0.0
+    return False, value if metric in LOWER_IS_BETTER else -value
+
+
+def _sort_key(row: dict, metric: str, run: dict) -> tuple:
+    """Best validation score first; runs without it last, by the metric's FALLBACK; ties in an order the
+    runs' contents fix: sweep, place in its grid (GridSearchCV's rule: the earlier config wins a tie),
+    config hash. Why not the run id: it starts with the second the run was written, so the same commands
+    run again could rank tied runs the other way round and name another run the best."""
+    missing, signed = _signed(row, metric)
+    stand_in = _signed(row, FALLBACK[metric]) if missing and metric in FALLBACK else (False, 0.0)
     grid = run.get("grid") if isinstance(run.get("grid"), dict) else {}
     index = grid.get("index") if isinstance(grid.get("index"), int) else -1
-    return (missing, signed, str(run.get("sweep_id") or ""), index, str(run.get("config_hash") or ""),
-            row["run_id"])
+    return (missing, signed, *stand_in, str(run.get("sweep_id") or ""), index,
+            str(run.get("config_hash") or ""), row["run_id"])
 
 
 def build_leaderboard(
@@ -165,6 +178,8 @@ def build_leaderboard(
 ) -> list[dict[str, Any]]:
     """Rows sorted by validation ``metric`` (best first); grouped, groups ordered by their best run.
 
+    ``ranked_by`` is the metric that ranks the row's group: ``metric``, or its FALLBACK where no run of the
+    group has ``metric`` (average_precision of 3-class runs), ``score`` that metric's validation value.
     ``rank`` is the place within the row's group (1..k in each group: a grouped leaderboard is read group
     by group, and a group's best run shown as "#4" read as if three runs of that group beat it);
     ``overall_rank`` is the place among all runs (the same as ``rank`` without grouping). ``top`` keeps the
@@ -187,8 +202,14 @@ def build_leaderboard(
         groups.setdefault(row["group"], []).append(row)
     out: list[dict] = []
     for members in groups.values():
+        stand_in = FALLBACK.get(metric)
+        without = all(r["score"] is None for r in members)
+        has_stand_in = stand_in is not None and any(r.get(f"val_{stand_in}") is not None for r in members)
+        ranked_by = stand_in if without and has_stand_in else metric
         for i, r in enumerate(members, 1):
             r["rank"] = i
+            r["ranked_by"] = ranked_by
+            r["score"] = r.get(f"val_{ranked_by}")
         scores = Counter(r["score"] for r in members if r["score"] is not None)
         for r in members:  # before --top trims: a tie with a run left out is still a tie
             r["tied"] = scores[r["score"]] if r["score"] is not None else None
@@ -214,7 +235,7 @@ def top_of_groups(rows: list[dict[str, Any]], top: int | None) -> list[dict[str,
 
 
 CSV_FIRST = ("rank", "overall_rank", "group", "run_id", "dataset", "backbone", "head", "task", "config",
-             "tags", "validation", "score", "tied", "threshold")
+             "tags", "validation", "ranked_by", "score", "tied", "threshold")
 
 
 def csv_columns(rows: Sequence[dict]) -> list[str]:
