@@ -1348,6 +1348,46 @@ def test_multi_class_runs_get_each_classes_one_vs_rest_roc():
     assert rendered is not None and rendered.png.startswith(b"\x89PNG")
 
 
+def test_multi_class_runs_get_each_classes_one_vs_rest_precision_recall(tmp_path, monkeypatch):
+    """Binary runs had a precision-recall panel, 3-class runs none: a class with few images can look good on
+    its ROC while most images called that class are not. Each class's one-vs-rest PR curve is drawn in the
+    run's figure, its legend AP scikit-learn's average_precision_score on the run's stored predictions."""
+    from sklearn.metrics import average_precision_score
+
+    from featcache.report import plots
+    from featcache.report.collect import Predictions, load_runs
+
+    runs = tmp_path / "runs"
+    write_3class_run(runs, "20240102-000000-logreg-3c000000", quality=1.0, seed=70)
+    (rec,), _ = load_runs(runs)
+    drawn = []
+    real = plots._pr_ovr_ax
+
+    def spy(ax, pred, split):
+        real(ax, pred, split)
+        drawn.append(([t.get_text() for t in ax.get_legend().get_texts()], ax.get_title(), split))
+
+    monkeypatch.setattr(plots, "_pr_ovr_ax", spy)
+    assert plots.run_figure(rec, None) is not None
+    assert len(drawn) == 1  # in the run's figure, once
+    labels, title, split = drawn[0]
+    y, p = _read_preds(runs / rec.id / "predictions_test.csv")
+    expected = [average_precision_score(y == c, p[:, c]) for c in range(3)]
+    assert split == "test" and "precision-recall, one class vs rest" in title
+    assert [lab.rsplit(" (AP ", 1)[0] for lab in labels] == list(CLASSES_3)
+    got = [float(lab.rsplit(" (AP ", 1)[1].rstrip(")")) for lab in labels]
+    assert got == pytest.approx(expected, abs=5e-4)  # the legend's 3 decimals
+    ours = [plots.average_precision((y == c).astype(int), plots.rank_score(p, c)) for c in range(3)]
+    assert ours == pytest.approx(expected, abs=1e-12)  # the number the legend rounds
+    assert len(set(np.round(expected, 3))) == 3  # the classes differ: a swapped legend would show
+
+    plt = plots._plt()
+    fig, ax = plt.subplots()
+    real(ax, Predictions([f"i{i}" for i in range(40)], y[:40] % 2, p[:40], list(CLASSES_3)), "test")
+    assert len(ax.get_legend().get_texts()) == 2  # no image of "virus": no curve, no AP
+    plt.close(fig)
+
+
 def test_overview_validation_dots_say_their_size_and_that_they_were_selected_on():
     """The overview's validation dots carried neither n nor a note: a 40-image hold-out and CV over 4,000
     images read alike, and beside the test CIs the dots looked like unbiased estimates."""

@@ -653,7 +653,9 @@ def _top_runs_section(
             ("Runs with more than two classes: the" if binary else "The")
             + " confusion matrix of the most probable class (test split when present, else validation), "
             "each class's one-vs-rest ROC curve on the same split (their AUC is the mean of these curves' "
-            f"areas, the macro average) and the MLP's {_CURVES_TEXT}.",
+            "areas, the macro average) and precision-recall curve (with its average precision; dotted in its "
+            "colour, the class's share of the images, what a classifier without skill reaches) and the "
+            f"MLP's {_CURVES_TEXT}.",
             "muted",
         ))
     for i, row in enumerate(chosen):

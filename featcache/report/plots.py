@@ -196,6 +196,33 @@ def _roc_ovr_ax(ax, pred: Predictions, split: str) -> None:
         ax.legend(fontsize=7, loc="lower right", frameon=False)
 
 
+def _pr_ovr_ax(ax, pred: Predictions, split: str) -> None:
+    """One-vs-rest precision-recall of each class of a multi-class run, its average precision in the legend
+    and its share of the images dotted (what a classifier without skill reaches): the binary runs' PR panel
+    for each class. Why beside the one-vs-rest ROC: a class with few images (viral pneumonia) can show a
+    good ROC while most of the images called that class are not."""
+    aps = []
+    for c, name in enumerate(pred.classes):
+        truth = (pred.y_true == c).astype(int)
+        if truth.min() == truth.max():  # a class absent from the split has no curve (its AP is undefined)
+            continue
+        ranked = rank_score(pred.proba, c)  # as on the one-vs-rest ROC
+        recall, precision, _ = pr_points(truth, ranked)
+        ap = average_precision(truth, ranked)
+        aps.append(ap)
+        color, style = CLASS_STYLES[c % len(CLASS_STYLES)]
+        ax.step(np.r_[0.0, recall], np.r_[precision[0], precision], where="pre", color=color, ls=style,
+                lw=1.6, label=_t(f"{name} (AP {ap:.3f})"))
+        ax.axhline(float(truth.mean()), color=color, lw=0.7, ls=":")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("recall (of the class)")
+    ax.set_ylabel("precision (images called the class)")
+    ax.set_title(f"{split} precision-recall, one class vs rest (⋯ share)", fontsize=9)
+    if aps:
+        ax.legend(fontsize=7, loc="lower left", frameon=False)
+
+
 RUN_FIGURE_COLUMNS = 3  # panels per row of a top run's figure
 
 
@@ -335,7 +362,8 @@ def _calibration_ax(ax, pred: Predictions, split: str) -> None:
 
 def run_figure(rec: RunRecord, threshold: float | None, formats: Sequence[str] = ()) -> Rendered | None:
     """One row of panels for a top run: confusion matrices (0.5 and chosen), ROC and precision-recall,
-    calibration (binary), each class's one-vs-rest ROC (multi-class), training curves."""
+    calibration (binary), each class's one-vs-rest ROC and precision-recall (multi-class), training
+    curves."""
     pred = rec.test if rec.test is not None else rec.val
     history = rec.metrics.get("history") if isinstance(rec.metrics.get("history"), dict) else None
     panels: list[str] = []
@@ -349,6 +377,7 @@ def run_figure(rec: RunRecord, threshold: float | None, formats: Sequence[str] =
             panels.append("calib")
         if pred.proba.shape[1] > 2 and len(set(pred.y_true.tolist())) > 1:
             panels.append("roc_ovr")
+            panels.append("pr_ovr")
     if history and any(history.get(k) for k in ("loss", "val_loss")):
         panels.append("loss")
         if any(history.get(k) for k in ("accuracy", "val_accuracy")):
@@ -378,6 +407,8 @@ def run_figure(rec: RunRecord, threshold: float | None, formats: Sequence[str] =
             _roc_ax(ax, rec, threshold)
         elif panel == "roc_ovr":
             _roc_ovr_ax(ax, pred, split)
+        elif panel == "pr_ovr":
+            _pr_ovr_ax(ax, pred, split)
         elif panel == "pr":
             _pr_ax(ax, rec, threshold)
         elif panel == "calib":
