@@ -47,7 +47,9 @@ def fmt(value: object) -> str:
 
 
 def params_text(params: dict) -> str:
-    return params_string(params, sep=" ", float_format=".4g", none="-")
+    """A config for tables: ``class_weight=None`` as the report and ``--grid class_weight=none`` write it
+    ("-" is what these tables show for a missing metric, and read as a parameter not recorded)."""
+    return params_string(params, sep=" ", float_format=".4g")
 
 
 def shared_params(rows: list[dict]) -> dict:

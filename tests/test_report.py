@@ -911,6 +911,22 @@ def test_runs_show_gives_the_grid_position_folder_and_revision(tmp_path, capsys)
     assert "git 0123456789ab" in out and "KERAS_BACKEND=jax" in out
 
 
+def test_a_none_parameter_reads_the_same_in_runs_ls_runs_show_and_the_report(tmp_path, capsys):
+    """class_weight=None was "class_weight=-" in `runs ls`/`runs show` (the tables' mark for a missing
+    metric) and "class_weight=None" in the report's config column."""
+    runs = tmp_path / "runs"
+    write_fake_run(runs, "20240101-000001-logreg-aaaaaaaa", params={"C": 1.0, "class_weight": None})
+    write_fake_run(runs, "20240101-000002-logreg-bbbbbbbb", params={"C": 1.0, "class_weight": "balanced"})
+    res = build_report(runs, tmp_path / "out", ReportOptions(detail=0))
+    assert "| **C=1, class\\_weight=None** |" in res.markdown.read_text(encoding="utf-8")  # the best
+    assert run(["runs", "ls", "--runs-dir", str(runs)]) == 0
+    listed = capsys.readouterr().out
+    assert run(["runs", "show", "20240101-000001-logreg-aaaaaaaa", "--runs-dir", str(runs)]) == 0
+    shown = capsys.readouterr().out
+    for out in (listed, shown):
+        assert "class_weight=None" in out and "class_weight=-" not in out
+
+
 def test_precision_recall_points_and_average_precision_match_scikit_learn():
     from sklearn.metrics import average_precision_score, precision_recall_curve
 
