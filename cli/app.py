@@ -32,18 +32,31 @@ app = typer.Typer(
 )
 
 
+def version_text() -> str:
+    """What both `featcache version` and `featcache --version` print: the featcache version on the first
+    line (what a script reads), then the versions of the libraries that move the numbers and the Keras
+    backend, as run.json records them. Why the libraries: a bug report or a "same command, other numbers"
+    question needs them, and two spellings of one question should not give two answers. Read from the
+    installed packages' metadata, without importing TensorFlow or Keras, so it stays instant."""
+    from featcache import __version__
+    from featcache.runs import keras_backend, library_versions
+
+    libraries = {k: v for k, v in library_versions().items() if k != "featcache"}  # the line above says it
+    return (f"featcache {__version__}\n" + ", ".join(f"{k} {v}" for k, v in libraries.items())
+            + f"; Keras backend {keras_backend()}")
+
+
 def _show_version(value: bool) -> None:
     if value:
-        from featcache import __version__
-
-        typer.echo(f"featcache {__version__}")
+        typer.echo(version_text())
         raise typer.Exit()
 
 
 @app.callback()
 def _root(
     show_version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
-                                      help="Print the featcache version and exit."),
+                                      help="Print the featcache and library versions (as `featcache "
+                                      "version`) and exit."),
 ) -> None:
     """Options of featcache itself (the help text is the Typer app's)."""
 
@@ -67,13 +80,11 @@ for _module in (extract_cmd, cache_cmd, data_cmd, fit_cmd, runs_cmd, predict_cmd
 
 @app.command()
 def version() -> None:
-    """Print the featcache version (also: featcache --version).
+    """Print the featcache version, then the library versions and Keras backend (same as --version).
 
     Example: featcache version
     """
-    from featcache import __version__
-
-    typer.echo(__version__)
+    typer.echo(version_text())
 
 
 class Terminated(KeyboardInterrupt):

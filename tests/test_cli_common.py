@@ -49,7 +49,27 @@ def test_every_help_text_has_an_example_and_there_is_a_version_flag(capsys) -> N
     missing = [path for path, cmd in leaves if "Example" not in (cmd.help or "") + (cmd.epilog or "")]
     assert not missing, missing
     assert "Example:" in (root.help or "")
-    assert run(["--version"]) == 0 and capsys.readouterr().out.strip() == f"featcache {__version__}"
+    assert run(["--version"]) == 0 and capsys.readouterr().out.splitlines()[0] == f"featcache {__version__}"
+
+
+def test_version_command_and_flag_print_the_same(capsys) -> None:
+    """`featcache version` printed the bare number and `--version` "featcache X": two answers to one
+    question. Both now print the featcache version line, then the library versions and Keras backend."""
+    import importlib.metadata as md
+
+    from featcache.cli.app import run
+
+    from featcache import __version__
+
+    assert run(["version"]) == 0
+    by_command = capsys.readouterr().out
+    assert run(["--version"]) == 0
+    by_flag = capsys.readouterr().out
+    assert by_command == by_flag
+    first, libraries = by_command.splitlines()
+    assert first == f"featcache {__version__}"
+    assert f"numpy {md.version('numpy')}" in libraries and f"keras {md.version('keras')}" in libraries
+    assert "Keras backend " in libraries
 
 
 def test_ctrl_c_exits_130_with_one_line_saying_work_is_kept(tmp_path, monkeypatch, capsys) -> None:
