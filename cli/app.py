@@ -138,7 +138,8 @@ def run(argv: list[str] | None = None) -> int:
         from featcache.cli.repeats import check_repeated_options
 
         check_repeated_options(typer.main.get_command(app), args)
-        app(args=argv, prog_name="featcache", standalone_mode=True)
+        # the command line as typed, for run.json (`typed_command`): sys.argv is the caller's in-process
+        app(args=argv, prog_name="featcache", standalone_mode=True, obj={"argv": ["featcache", *args]})
     except SystemExit as exc:  # typer/click exit normally through SystemExit
         code = exc.code
         if code == 130:  # typer turns Ctrl-C (and our SIGTERM) into a silent Exit(130): say what was kept

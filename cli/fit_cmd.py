@@ -232,7 +232,7 @@ def register(app: typer.Typer) -> None:
             resize=resize,
             mlp_precision=mlp_precision,
             mlp_trainer=mlp_trainer,
-            command=_command(ctx),
+            command=typed_command(ctx),
         )
         console = Console(stderr=True)
         if as_json:
@@ -317,9 +317,25 @@ def register(app: typer.Typer) -> None:
                       soft_wrap=True, highlight=False)
 
 
-def _command(ctx: typer.Context) -> list[str]:
-    """The command line as parsed (works in-process too, where sys.argv is the caller's)."""
-    argv = ["featcache", "fit"]
+def typed_command(ctx: typer.Context) -> list[str]:
+    """The command line as the user typed it, for run.json (`runs show` and the report print it, shell-quoted,
+    as the command that reruns the run).
+
+    Why as typed: it was rebuilt from the parsed options, in the order of the command's declaration and
+    without options left at their default, so a user looking for "the same command" saw flags they had
+    not typed in that order. The root app (``featcache.cli.app.run``) puts the argv it was given in
+    ``ctx.obj``; that works in-process too, where sys.argv is the caller's. A command invoked without it
+    (click's own test runner) gets the parsed form.
+    """
+    obj = ctx.find_root().obj
+    if isinstance(obj, dict) and isinstance(obj.get("argv"), list):
+        return [str(a) for a in obj["argv"]]
+    return _parsed_command(ctx)
+
+
+def _parsed_command(ctx: typer.Context) -> list[str]:
+    """The command line rebuilt from the parsed options (declaration order, defaults left out)."""
+    argv = ["featcache", ctx.info_name or "fit"]
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
         if value is None or value == [] or value == param.default or not param.opts:

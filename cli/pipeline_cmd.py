@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import typer
-from featcache.cli.fit_cmd import layers_option
+from featcache.cli.fit_cmd import layers_option, typed_command
 from featcache.cli.native_log import import_backend_quietly
 from featcache.cli.report_cmd import make_callback, print_outputs, progress_display
 from featcache.cli.text import shown
@@ -81,6 +81,7 @@ def register(app: typer.Typer) -> None:
         "--head logreg,mlp --grid logreg:C=0.01,0.1,1 --grid mlp:lr=0.001,0.0001 --out reports",
     )
     def run_cmd(
+        ctx: typer.Context,
         data: Path = typer.Option(
             ..., "--data", help="Dataset folder (Kermany layout, class folders) or CSV."
         ),
@@ -181,6 +182,7 @@ def register(app: typer.Typer) -> None:
             grid_file=grid_file,
             resize=resize,  # checked with the fit's options, before any extraction
             dtype=dtype,
+            command=typed_command(ctx),  # run.json's command: this one, as typed
         )
         backbones, heads = _split(backbone, "--backbone"), _split(head)  # bad lists: before the backend
         import_backend_quietly(tensorflow_too=not heads or "mlp" in heads)  # no --head: the preset's

@@ -508,6 +508,28 @@ def test_cli_fit_table_of_a_sweep_puts_its_fixed_settings_in_the_title_and_the_b
     assert [vals[i] for i in shown_ids] == sorted(vals.values(), reverse=True)
 
 
+def test_run_json_records_the_command_as_typed(setup, capsys, monkeypatch) -> None:
+    """run.json's command was rebuilt from the parsed options: flags in declaration order, defaults left out,
+    so `runs show` printed a command the user never typed. It is now the argv as typed, shell-quoted."""
+    import shlex
+
+    from featcache.runs import replay_command
+
+    root, cache_dir, runs_dir = setup
+    argv = ["fit", "--head", "logreg", "--seed=0", "--tag", "two words", "--runs-dir", str(runs_dir),
+            "--cv-folds", "3", "--grid", "C=1", "--data", str(root), "--backbone", "fakenet", "--cache-dir",
+            str(cache_dir), "--tag", "a;b"]
+    assert cli(argv) == 0
+    capsys.readouterr()
+    run = list_runs(runs_dir)[0]
+    assert run["command"] == ["featcache", *argv]
+    typed = shlex.join(["featcache", *argv])
+    assert replay_command(run.info).endswith(typed)  # after `cd` into the working folder (and variables)
+    monkeypatch.setenv("COLUMNS", "2000")  # the table on one line per row, to find the command whole
+    assert cli(["runs", "show", run.id, "--runs-dir", str(runs_dir)]) == 0
+    assert typed in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("extra, needle", [
     (["--head", "forest"], "unknown head 'forest'"),
     (["--head", "logreg,mlp"], "fit trains one head per call, got --head logreg,mlp; run fit once per "

@@ -201,12 +201,17 @@ def test_run_on_a_manifest_fits_the_manifests_images(kermany_tree, tmp_path, cap
             for i, r in enumerate(records)]
     manifest.write_text("path,label,split\n" + "\n".join(rows) + "\n")
     monkeypatch.chdir(tmp_path)
-    code = run(["run", "--data", str(manifest), "--backbone", "mobilenet-0.75", "--weights", "none",
-                "--head", "knn", "--cv-folds", "2", "--grid", "n_neighbors=3"])
+    argv = ["run", "--data", str(manifest), "--backbone", "mobilenet-0.75", "--weights", "none",
+            "--head", "knn", "--cv-folds", "2", "--grid", "n_neighbors=3"]
+    code = run(argv)
     out = capsys.readouterr()
     assert code == 0, out.err
     board = json.loads((tmp_path / "reports" / "leaderboard.json").read_text())["runs"]
     assert len(board) == 1 and board[0]["n_test"] == sum(1 for i in range(len(records)) if i % 4 == 0)
+    # run.json's command is this one as typed (in-process it took the caller's sys.argv: pytest's)
+    from featcache.runs import list_runs
+
+    assert [r["command"] for r in list_runs(tmp_path / "runs")] == [["featcache", *argv]]
 
 
 def test_run_with_a_preset_extracts_and_fits_the_papers_setup(kermany_tree, tmp_path, capsys, monkeypatch):
