@@ -30,18 +30,19 @@ def ls_cmd(
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where runs are stored."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list instead of a table."),
 ) -> None:
-    """List finished runs with their validation and test metric.
+    """List finished runs with their validation and test metric, oldest first (by the time each run.json
+    records it was created, else finished; the folder name breaks ties), so the newest is the last line.
 
     Example: featcache runs ls --runs-dir runs --json
     """
     from featcache.cli.fit_cmd import fmt, params_text, summary
 
     from featcache.errors import RunError
-    from featcache.runs import list_runs, run_problems
+    from featcache.runs import by_time, list_runs, run_problems
 
     _check_runs_dir(runs_dir)
     rows, damaged, unfinished = [], [], []
-    for run in list_runs(runs_dir, include_incomplete=True):
+    for run in by_time(list_runs(runs_dir, include_incomplete=True)):
         if run.status == "corrupt":  # no run.json yet: a run being written (or a stray folder)
             if (run.path / "run.json").is_file():
                 damaged.append((run.id, "run.json unreadable"))

@@ -465,6 +465,36 @@ def list_runs(runs_dir: str | Path, *, include_incomplete: bool = False) -> list
     return out
 
 
+def run_time(run: Run) -> datetime | None:
+    """When a run was made: run.json's ``created``, else its ``finished`` (aware, UTC when the text has no
+    offset); None when neither is a readable ISO time."""
+    for key in ("created", "finished"):
+        value = run.info.get(key)
+        if not isinstance(value, str):
+            continue
+        try:
+            when = datetime.fromisoformat(value)
+        except ValueError:
+            continue
+        return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
+    return None
+
+
+def by_time(runs: Iterable[Run]) -> list[Run]:
+    """``runs`` oldest first by `run_time`, the folder name breaking ties (and ordering runs with no
+    readable time, which come first).
+
+    Why not the folder name alone (`list_runs`): a name starts with its UTC creation time only while it is
+    the name fit gave it; a folder renamed, or copied in from another runs folder under another name, sorted
+    by its new name, so a listing did not show runs in the order they were made.
+    """
+    def key(run: Run) -> tuple[bool, float, str]:
+        when = run_time(run)
+        return when is not None, when.timestamp() if when is not None else 0.0, run.id
+
+    return sorted(runs, key=key)
+
+
 def load_run(runs_dir: str | Path, run_id: str) -> Run:
     """The run ``run_id`` or RunError (unknown id, or a run that never finished).
 

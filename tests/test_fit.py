@@ -508,6 +508,35 @@ def test_cli_fit_table_of_a_sweep_puts_its_fixed_settings_in_the_title_and_the_b
     assert [vals[i] for i in shown_ids] == sorted(vals.values(), reverse=True)
 
 
+def test_runs_ls_lists_runs_in_the_order_they_were_made(setup, capsys, monkeypatch) -> None:
+    """runs ls sorted by folder name, which is the creation time only while the folder keeps fit's name: runs
+    renamed (or copied in under other names) were listed out of order. It sorts by run.json's created time
+    (finished when created is missing, offsets honoured), oldest first."""
+    root, cache_dir, runs_dir = setup
+    made = {  # folder name -> (C, created, finished): names sort the other way round
+        "zz-made-first": ("1", "2026-01-01T09:00:00+00:00", "2026-01-01T09:01:00+00:00"),
+        "aa-made-last": ("0.1", None, "2026-01-01T10:00:00+00:00"),
+        "mm-made-second": ("10", "2026-01-01T10:45:00+01:00", "2026-01-01T10:46:00+01:00"),  # 09:45 UTC
+    }
+    for name, (c, created, finished) in made.items():
+        argv = _fit_cmd(root, cache_dir, runs_dir, "--head", "logreg", "--grid", f"C={c}", "--cv-folds", "3")
+        assert cli([*argv, "--json"]) == 0
+        (folder,) = [p for p in runs_dir.iterdir() if p.name[:2].isdigit()]  # fit's own name: a UTC time
+        info = {**json.loads((folder / "run.json").read_text()), "created": created, "finished": finished}
+        if created is None:
+            del info["created"]
+        (folder / "run.json").write_text(json.dumps(info))
+        folder.rename(runs_dir / name)
+    capsys.readouterr()
+    assert cli(["runs", "ls", "--runs-dir", str(runs_dir), "--json"]) == 0
+    order = ["zz-made-first", "mm-made-second", "aa-made-last"]
+    assert [r["id"] for r in json.loads(capsys.readouterr().out)] == order
+    monkeypatch.setenv("COLUMNS", "200")
+    assert cli(["runs", "ls", "--runs-dir", str(runs_dir)]) == 0
+    out = capsys.readouterr().out
+    assert sorted(order, key=out.index) == order
+
+
 def test_run_json_records_the_command_as_typed(setup, capsys, monkeypatch) -> None:
     """run.json's command was rebuilt from the parsed options: flags in declaration order, defaults left out,
     so `runs show` printed a command the user never typed. It is now the argv as typed, shell-quoted."""
