@@ -151,8 +151,11 @@ class Backbone:
 
     def __init__(self, config: BackboneConfig, model: Any, *, preprocess_name: str, weights_digest: str,
                  weights_file_sha256: str | None = None, channels: int = 3,
-                 model_file_sha256: str | None = None) -> None:
+                 model_file_sha256: str | None = None, notes: list[str] | None = None) -> None:
         self.config = config
+        # what the user should know about how it was built (extract prints them as notes); the library
+        # never prints, and Keras' own UserWarnings about it are turned into these
+        self.notes = list(notes or [])
         # a saved model given a separate weights file: the model file still decides the features (its
         # preprocessing layers, its architecture), so it is part of the cache key beside the weights
         self.model_file_sha256 = model_file_sha256
@@ -314,7 +317,7 @@ def _build_registry(cfg: BackboneConfig) -> Backbone:
     file_sha = None
     if cfg.weights == "none":
         keras.utils.set_random_seed(cfg.seed)   # random init is seeded: features stay deterministic
-    base = _construct(ctor, spec, cfg, size, keras_pool, kwargs)
+    base, notes = _construct(ctor, spec, cfg, size, keras_pool, kwargs)
     if cfg.weights == "imagenet":
         cached = keras_models_dir() / imagenet_weights_file(spec.name, size)
         file_sha = sha256_file(cached) if cached.is_file() else None
@@ -327,17 +330,32 @@ def _build_registry(cfg: BackboneConfig) -> Backbone:
     model = keras.Model(inp, x, name=f"featcache_{spec.name}")
     model.trainable = False
     return Backbone(replace(cfg, image_size=size), model, preprocess_name=spec.preprocess,
-                    weights_digest=weights_digest(base), weights_file_sha256=file_sha)
+                    weights_digest=weights_digest(base), weights_file_sha256=file_sha, notes=notes)
+
+
+# Keras (mobilenet.py) when it has no ImageNet weights trained at the asked size and loads another's
+_OTHER_SIZE_WEIGHTS = re.compile(r"Weights for input shape \((\d+), (\d+)\) will be loaded as the default")
 
 
 def _construct(ctor: Any, spec: BackboneSpec, cfg: BackboneConfig, size: int, pooling: str | None,
-               kwargs: dict[str, Any]) -> Any:
-    """Call the keras.applications constructor; a failed ImageNet download becomes one sentence."""
+               kwargs: dict[str, Any]) -> tuple[Any, list[str]]:
+    """Call the keras.applications constructor; a failed ImageNet download becomes one sentence.
+
+    Returns the model and the notes for the user. Why the warnings are caught: at a size Keras has no
+    weights for (mao2018's 300 px on mobilenet-0.75), Keras warns "`input_shape` is undefined or
+    non-square, or `rows` is not in [128, 160, 192, 224]..." through Python's warnings, a two-line
+    UserWarning naming a line of featcache on the CLI's stderr, which reads as a bug and says nothing of
+    what it means for the features. That one becomes a note (extract prints it); any other warning is
+    passed on unchanged.
+    """
+    import warnings
+
     weights = "imagenet" if cfg.weights == "imagenet" else None
     try:
         # Keras prints its download progress on stdout; send it to stderr so `--json` output stays clean.
-        with contextlib.redirect_stdout(sys.stderr):
-            return ctor(include_top=False, weights=weights, input_shape=(size, size, 3), pooling=pooling,
+        with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            base = ctor(include_top=False, weights=weights, input_shape=(size, size, 3), pooling=pooling,
                         **kwargs)
     except Exception as exc:
         expected = keras_models_dir() / imagenet_weights_file(spec.name, size)
@@ -362,6 +380,18 @@ def _construct(ctor: Any, spec: BackboneSpec, cfg: BackboneConfig, size: int, po
             f"{expected.name} in {expected.parent} (the Keras cache, set by $KERAS_HOME), or use "
             "--weights none (random, seeded) or --weights PATH to a weights file"
         ) from exc
+    notes = []
+    for w in caught:
+        other = _OTHER_SIZE_WEIGHTS.search(str(w.message))
+        if other and issubclass(w.category, UserWarning):
+            trained = "x".join(other.groups())
+            notes.append(f"{spec.name} at --image-size {size}: Keras has no ImageNet weights trained at that "
+                         f"size and loaded the {trained}-px ones; convolutions take any size, so the "
+                         f"features are sound, but not those of a network trained at {size} px "
+                         f"(--image-size {other.group(1)} matches its weights)")
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return base, notes
 
 
 _SHAPE_MISMATCH = re.compile(r"variable\.shape=(\([^)]*\)), Received: value\.shape=(\([^)]*\))"

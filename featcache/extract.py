@@ -256,7 +256,7 @@ def extract(dataset: Dataset, backbone: BackboneConfig, cache_dir: Path, options
         return items
 
     rows_computed = 0
-    notes: list[str] = []
+    notes: list[str] = list(bb.notes)  # how the backbone was built (ImageNet weights of another size)
     t_stream = time.perf_counter()
     rows_copied, copy_notes = _copy_from_twins(path, config, bb.feature_dim, keys, groups, views, options,
                                                progress)

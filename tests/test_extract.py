@@ -262,6 +262,41 @@ def test_strict_json_still_prints_the_result_with_its_skip_list(tmp_path: Path, 
     assert "without --strict" in " ".join(captured.err.split())
 
 
+def test_imagenet_weights_of_another_size_are_one_note_not_a_keras_warning(tmp_path, capsys, monkeypatch):
+    """At a size Keras has no ImageNet weights for (mao2018's 300 px on mobilenet-0.75), Keras' raw
+    UserWarning ("`input_shape` is undefined or non-square, or `rows` is not in [128, 160, 192, 224]...",
+    pointing at a line of featcache) reached the user. It is one featcache note now, and no warning. The
+    ImageNet file is a locally saved copy of the same architecture (no download, no ../shared)."""
+    import warnings
+
+    import keras
+    from keras.src.utils import file_utils
+
+    import featcache.backbones as bmod
+
+    local = tmp_path / "mobilenet_0.75.weights.h5"
+    keras.applications.MobileNet(alpha=0.75, include_top=False, weights=None, input_shape=(224, 224, 3),
+                                 pooling="avg").save_weights(local)
+    monkeypatch.setattr(file_utils, "get_file", lambda *a, **k: str(local))
+    monkeypatch.setattr(bmod, "keras_models_dir", lambda: tmp_path / "models")
+    tree = tmp_path / "d"
+    write_xray(tree / "train" / "NORMAL" / "IM-0001-0001.jpeg", 1, 64)
+    argv = ["extract", "--data", str(tree), "--backbone", "mobilenet-0.75", "--weights", "imagenet",
+            "--image-size", "300", "--cache-dir", str(tmp_path / "c")]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert run(argv) == 0
+    assert [str(w.message) for w in caught if "input_shape" in str(w.message)] == []
+    out = " ".join(capsys.readouterr().out.split())
+    assert ("note mobilenet-0.75 at --image-size 300: Keras has no ImageNet weights trained at that size and "
+            "loaded the 224x224-px ones") in out
+    with warnings.catch_warnings(record=True) as caught:  # at a size it has weights for: nothing to say
+        warnings.simplefilter("always")
+        assert run([*argv[:-3], "224", *argv[-2:]]) == 0
+    assert "Keras has no ImageNet weights" not in capsys.readouterr().out
+    assert [str(w.message) for w in caught if "input_shape" in str(w.message)] == []
+
+
 def _cli(tree: Path, cache_dir: Path, *extra: str) -> list[str]:
     return ["extract", "--data", str(tree), *CLI_BB, "--cache-dir", str(cache_dir), "--batch-size", "8",
             "--views", "orig,hflip", *extra]
