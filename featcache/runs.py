@@ -467,7 +467,8 @@ def list_runs(runs_dir: str | Path, *, include_incomplete: bool = False) -> list
 
 def run_time(run: Run) -> datetime | None:
     """When a run was made: run.json's ``created``, else its ``finished`` (aware, UTC when the text has no
-    offset); None when neither is a readable ISO time."""
+    offset), else the UTC time its folder name starts with (fit's ``yyyymmdd-HHMMSS-``; a run.json that
+    cannot be read); None when none of them is readable."""
     for key in ("created", "finished"):
         value = run.info.get(key)
         if not isinstance(value, str):
@@ -477,12 +478,15 @@ def run_time(run: Run) -> datetime | None:
         except ValueError:
             continue
         return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
-    return None
+    try:
+        return datetime.strptime(run.id[:15], "%Y%m%d-%H%M%S").replace(tzinfo=timezone.utc)
+    except ValueError:
+        return None
 
 
 def by_time(runs: Iterable[Run]) -> list[Run]:
-    """``runs`` oldest first by `run_time`, the folder name breaking ties (and ordering runs with no
-    readable time, which come first).
+    """``runs`` oldest first by `run_time`, the folder name breaking ties (and ordering the runs with no
+    readable time, which come last).
 
     Why not the folder name alone (`list_runs`): a name starts with its UTC creation time only while it is
     the name fit gave it; a folder renamed, or copied in from another runs folder under another name, sorted
@@ -490,7 +494,7 @@ def by_time(runs: Iterable[Run]) -> list[Run]:
     """
     def key(run: Run) -> tuple[bool, float, str]:
         when = run_time(run)
-        return when is not None, when.timestamp() if when is not None else 0.0, run.id
+        return when is None, when.timestamp() if when is not None else 0.0, run.id
 
     return sorted(runs, key=key)
 

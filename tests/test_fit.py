@@ -8,6 +8,7 @@ import collections
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -376,10 +377,10 @@ def test_grid_killed_mid_chunk_resumes_from_its_epoch_checkpoint(setup, capsys, 
     head = " ".join(" ".join(lines).split())
     assert head.startswith("1 interrupted sweep(s) keep epoch checkpoints in")
     assert "delete its checkpoints with `featcache runs drop-checkpoints ID`" in head
-    # it says which command resumes the sweep (as run.json records commands)
+    # it says which command resumes the sweep: the one typed (as run.json records commands)
     sweep_id, _size, _mb, last, saved, *_when, command = sweep_line.split(maxsplit=7)
     assert sweep_id == next((runs_dir / ".checkpoints").iterdir()).name and (last, saved) == ("last", "saved")
-    assert command.startswith(f"featcache fit --data {root} --backbone fakenet --head mlp --grid layers=4 ")
+    assert command == shlex.join(["featcache", *_fit_cmd(root, cache_dir, runs_dir, *grid)])
     ok = subprocess.run([*exe, *_fit_cmd(root, cache_dir, runs_dir, *grid[:-1])], capture_output=True,
                         text=True, env=env, timeout=300)
     assert ok.returncode == 0, ok.stderr[-2000:]
@@ -540,8 +541,6 @@ def test_runs_ls_lists_runs_in_the_order_they_were_made(setup, capsys, monkeypat
 def test_run_json_records_the_command_as_typed(setup, capsys, monkeypatch) -> None:
     """run.json's command was rebuilt from the parsed options: flags in declaration order, defaults left out,
     so `runs show` printed a command the user never typed. It is now the argv as typed, shell-quoted."""
-    import shlex
-
     from featcache.runs import replay_command
 
     root, cache_dir, runs_dir = setup
