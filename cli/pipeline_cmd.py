@@ -214,6 +214,7 @@ def register(app: typer.Typer) -> None:
         "Offline: featcache demo --weights none",
     )
     def demo_cmd(
+        ctx: typer.Context,
         weights: str = typer.Option(
             "imagenet",
             "--weights",
@@ -238,5 +239,5 @@ def register(app: typer.Typer) -> None:
         import_backend_quietly(tensorflow_too="mlp" in heads)
         with progress_display(console) as bar:
             result = run_demo(workdir, weights=weights, out=out, heads=heads, wait=wait,
-                              progress=make_callback(bar))
+                              progress=make_callback(bar), command=typed_command(ctx))
         _summary(result)

@@ -269,11 +269,13 @@ def run_demo(
     heads: Sequence[str] = DEMO_HEADS,
     wait: float | None = None,
     progress: ProgressFn | None = None,
+    command: Sequence[str] | None = None,
 ) -> PipelineResult:
     """The whole pipeline on the bundled sample with mobilenet-0.75 (writes cache/, runs/, reports/).
 
     ``wait``: seconds to wait for another process that holds the cache file's writer lock (two demos
-    started in the same folder), as ``run --wait``.
+    started in the same folder), as ``run --wait``. ``command``: the command line run.json records (the
+    CLI's, as typed; default: this process's).
     """
     from featcache.extract import ExtractOptions
     from featcache.fit import FitOptions
@@ -286,7 +288,8 @@ def run_demo(
         raise ConfigError(f"--workdir {work} is a file, not a folder; choose a folder for cache/, runs/ and "
                           "reports/.")
     tag = f"demo-{weights}"
-    fopts = FitOptions(task="binary", tags=(tag,), cv_folds=3, seed=0, n_boot=500)
+    fopts = FitOptions(task="binary", tags=(tag,), cv_folds=3, seed=0, n_boot=500,
+                       command=list(command) if command else None)
     ropts = ReportOptions(
         title="featcache demo: pneumonia in pediatric chest X-rays",
         tags=(tag,),

@@ -286,9 +286,13 @@ def test_run_with_a_saved_model_and_then_fit_by_its_path(kermany_tree, tmp_path,
 
 
 def test_demo_with_random_weights(tmp_path, capsys):
-    code = run(["demo", "--weights", "none", "--workdir", str(tmp_path), "--head", "logreg,mlp"])
+    argv = ["demo", "--weights", "none", "--workdir", str(tmp_path), "--head", "logreg,mlp"]
+    code = run(argv)
     out = capsys.readouterr()
     assert code == 0, out.err
+    from featcache.runs import list_runs
+
+    assert {tuple(r["command"]) for r in list_runs(tmp_path / "runs")} == {("featcache", *argv)}  # as typed
     report = tmp_path / "reports" / "report.html"
     assert report.is_file() and str(report) in out.out.replace("\n", "")
     assert "0 file(s) skipped" in " ".join(out.out.split())  # the attribution file is not in the dataset
