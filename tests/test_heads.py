@@ -227,8 +227,12 @@ def test_fold_scalers_equal_per_fold_standard_scalers():
     kfold = [(np.setdiff1d(np.arange(90), te), te) for te in np.array_split(rng.permutation(90), 3)]
     odd = [(np.arange(0, 60), np.arange(60, 80)), (np.arange(20, 90), np.arange(0, 20)),
            (np.arange(10, 50), np.arange(50, 70))]  # overlapping tests, rows 80-89 in no test set
-    for folds in (kfold, odd):
+    # rows listed twice or three times in a training set count as often (StandardScaler on X[train]);
+    # few membership patterns, so the shared moments are used, not per-fold statistics
+    repeated = [(np.concatenate([tr, tr[:20], tr[:5]]), te) for tr, te in kfold]
+    for folds in (kfold, odd, repeated):
         fs = FoldScalers(X, folds)
+        assert fs.parts is not None
         for j, (tr, _) in enumerate(folds):
             ref, ours = StandardScaler().fit(X[tr]), fs.fold(j)
             np.testing.assert_allclose(ours.mean_, ref.mean_, rtol=1e-12, atol=1e-10)
@@ -283,6 +287,27 @@ def test_fast_logistic_dict_class_weights_are_keyed_by_label_as_in_sklearn():
         ref = _sklearn_search(grid, cv=folds).fit(X3, y3)
     np.testing.assert_allclose(ours.cv_results_["mean_test_score"], ref.cv_results_["mean_test_score"],
                                atol=1e-9)
+
+
+def test_fast_logistic_repeated_train_rows_standardise_as_the_pipeline():
+    """Bootstrap-like folds (train indices with repeats): the Pipeline's StandardScaler counts a repeated
+    row as often as it is listed; the shared fold statistics counted it once, so the scores differed."""
+    from sklearn.datasets import make_classification
+
+    from featcache.heads.logreg import FastLogisticGridSearchCV
+
+    X, y = make_classification(200, 30, weights=[0.7, 0.3], random_state=0)
+    rng = np.random.default_rng(0)
+    folds = []
+    for _ in range(3):
+        tr = rng.integers(0, 200, 200)
+        folds.append((tr, np.setdiff1d(np.arange(200), tr)))
+    grid = {"C": [0.01, 1.0], "class_weight": [None, "balanced"], "max_iter": [1000]}
+    ours, ref = FastLogisticGridSearchCV(grid, cv=folds).fit(X, y), _sklearn_search(grid, cv=folds).fit(X, y)
+    assert not ours.used_fallback_
+    for j in range(3):
+        np.testing.assert_allclose(ours.cv_results_[f"split{j}_test_score"],
+                                   ref.cv_results_[f"split{j}_test_score"], atol=1e-9)
 
 
 def test_fast_logistic_input_checks_as_sklearn():

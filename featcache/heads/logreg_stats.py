@@ -80,6 +80,9 @@ class FoldScalers:
     Why: the Pipeline standardises each fold with its own training rows' mean and std. Those sets overlap
     (K-fold: each row is in K-1 of them), so the moments are computed once per group of rows that share
     fold membership and combined per fold, instead of re-reading the training rows for every fold.
+    Membership is a count: a row listed c times in a fold's training indices (bootstrap-like custom
+    folds) counts c times in that fold's statistics, as in ``StandardScaler().fit(X[train])``; its group's
+    moments enter the fold as (c n, mean, c m2), the moments of the group repeated c times.
     """
 
     MAX_GROUPS = 64
@@ -87,9 +90,9 @@ class FoldScalers:
 
     def __init__(self, X: np.ndarray, folds: Sequence[tuple[np.ndarray, np.ndarray]]):
         self.X, self.folds = X, folds
-        member = np.zeros((X.shape[0], len(folds)), dtype=bool)
+        member = np.zeros((X.shape[0], len(folds)), dtype=np.intp)
         for j, (tr, _) in enumerate(folds):
-            member[tr, j] = True
+            np.add.at(member[:, j], tr, 1)  # repeats count (a plain assignment counted a row once)
         patterns, codes = np.unique(member, axis=0, return_inverse=True)
         self.parts: list | None = None
         if len(patterns) <= self.MAX_GROUPS:
@@ -109,7 +112,8 @@ class FoldScalers:
     def fold(self, j: int) -> Any:
         if self.parts is None:  # unusual CV with many membership patterns: plain per-fold statistics
             return fit_scaler(self.X[self.folds[j][0]])
-        return _scaler(*_combine([p for p, pat in zip(self.parts, self.patterns, strict=True) if pat[j]]))
+        return _scaler(*_combine([(c * n, mean, c * m2) for (n, mean, m2), c
+                                  in zip(self.parts, self.patterns[:, j], strict=True) if c]))
 
     def all_rows(self) -> Any:
         return fit_scaler(self.X) if self.parts is None else _scaler(*_combine(self.parts))
