@@ -289,6 +289,82 @@ def test_fast_logistic_dict_class_weights_are_keyed_by_label_as_in_sklearn():
                                atol=1e-9)
 
 
+def test_fast_logistic_dict_class_weight_with_string_labels_as_in_sklearn():
+    """A dict class_weight keyed by string labels ({"NORMAL": 2.0}) was refused (its keys were forced to
+    int); scikit-learn accepts it. The "2:1" shorthand weighs the sorted labels in order, as it weighs the
+    codes 0, 1. A key that names no label goes to scikit-learn, which raises as it does."""
+    from sklearn.datasets import make_classification
+
+    from featcache.heads.logreg import FastLogisticGridSearchCV
+
+    X, y = make_classification(200, 30, weights=[0.7, 0.3], random_state=0)
+    labels = np.where(y == 1, "PNEUMONIA", "NORMAL")
+    grid = {"C": [0.1, 1.0], "class_weight": [{"NORMAL": 2.0, "PNEUMONIA": 1.0}, {"PNEUMONIA": 5.0}]}
+    ours = FastLogisticGridSearchCV(grid, cv=4).fit(X, labels)
+    ref = _sklearn_search(grid, cv=4).fit(X, labels)
+    assert not ours.used_fallback_
+    np.testing.assert_allclose(ours.cv_results_["mean_test_score"], ref.cv_results_["mean_test_score"],
+                               atol=1e-9)
+    assert ours.best_params_ == {k.split("__")[1]: v for k, v in ref.best_params_.items()}
+    np.testing.assert_allclose(ours.predict_proba(X), ref.predict_proba(X), atol=1e-6)
+    assert list(ours.predict(X[:20])) == list(ref.predict(X[:20]))
+    short = FastLogisticGridSearchCV({"C": [0.1, 1.0], "class_weight": ["2:1"]}, cv=4).fit(X, labels)
+    np.testing.assert_allclose(short.cv_results_["mean_test_score"],  # C=0.1 and C=1 with {"NORMAL": 2}
+                               ref.cv_results_["mean_test_score"][[0, 2]], atol=1e-9)
+    with warnings.catch_warnings(), pytest.raises(ValueError, match="not in class_weight"):
+        warnings.simplefilter("ignore")
+        FastLogisticGridSearchCV({"C": [1.0], "class_weight": [{"NORMAL": 2.0, "OTHER": 1.0}]},
+                                 cv=4).fit(X, labels)
+
+
+def test_fast_logistic_dict_class_weight_missing_from_a_fold_fails_as_in_sklearn():
+    """{0: 1, 2: 8} on a training fold without class 0 (or 2) makes LogisticRegression raise "The classes,
+    [1], are not in class_weight" (NaN with error_score=np.nan); the fast solver weighed class 1 by 1 and
+    scored the fold."""
+    from sklearn.datasets import make_classification
+    from sklearn.model_selection import KFold
+
+    from featcache.heads.logreg import FastLogisticGridSearchCV
+
+    X, y = make_classification(240, 20, n_classes=3, n_informative=6, random_state=1)
+    order = np.argsort(y, kind="stable")  # sorted, unshuffled: each training fold lacks one class
+    X, y = X[order], y[order]
+    folds = list(KFold(3).split(X))
+    grid = {"C": [1.0], "class_weight": [{0: 1, 2: 8}, {0: 1, 1: 1, 2: 8}]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="not in class_weight"):
+            FastLogisticGridSearchCV(grid, cv=folds).fit(X, y)
+        ours = FastLogisticGridSearchCV(grid, cv=folds, error_score=np.nan).fit(X, y)
+        ref = _sklearn_search(grid, cv=folds, error_score=np.nan).fit(X, y)
+    for j in range(3):
+        np.testing.assert_array_equal(ours.cv_results_[f"split{j}_test_score"],
+                                      ref.cv_results_[f"split{j}_test_score"])
+    assert np.isnan(ours.cv_results_["split0_test_score"][0])
+
+
+def test_fallback_cv_results_keys_match_the_fast_path():
+    """The fallback's cv_results_ was keyed param_logisticregression__C, the fast path's param_C: a user
+    switching solver saw other column names."""
+    from sklearn.datasets import make_classification
+
+    from featcache.heads.logreg import FastLogisticGridSearchCV
+
+    X, y = make_classification(150, 12, random_state=2)
+    grid = {"C": [0.1, 1.0], "class_weight": [None, {0: 1, 1: 3}]}
+    fast = FastLogisticGridSearchCV(grid, cv=3).fit(X, y)
+    slow = FastLogisticGridSearchCV({**grid, "solver": ["liblinear"]}, cv=3).fit(X, y)
+    ref = _sklearn_search({**grid, "solver": ["liblinear"]}, cv=3).fit(X, y)
+    assert not fast.used_fallback_ and slow.used_fallback_
+    assert set(slow.cv_results_) == set(fast.cv_results_) | {"param_solver"}
+    assert set(slow.cv_results_) == {k.replace("logisticregression__", "") for k in ref.cv_results_}
+    for name in ("C", "class_weight"):
+        assert list(slow.cv_results_[f"param_{name}"]) == list(fast.cv_results_[f"param_{name}"])
+    np.testing.assert_array_equal(slow.cv_results_["mean_test_score"], ref.cv_results_["mean_test_score"])
+    assert slow.cv_results_["params"] == [{k.split("__")[1]: v for k, v in c.items()}
+                                          for c in ref.cv_results_["params"]]
+
+
 def test_fast_logistic_repeated_train_rows_standardise_as_the_pipeline():
     """Bootstrap-like folds (train indices with repeats): the Pipeline's StandardScaler counts a repeated
     row as often as it is listed; the shared fold statistics counted it once, so the scores differed."""
@@ -308,6 +384,33 @@ def test_fast_logistic_repeated_train_rows_standardise_as_the_pipeline():
     for j in range(3):
         np.testing.assert_allclose(ours.cv_results_[f"split{j}_test_score"],
                                    ref.cv_results_[f"split{j}_test_score"], atol=1e-9)
+
+
+def test_error_score_is_honoured_by_the_fallback():
+    """error_score was always "raise" on the fallback; GridSearchCV's np.nan (or a number) is honoured,
+    "raise" stays the default (featcache reports the first failing fit as one sentence)."""
+    from sklearn.datasets import make_classification
+    from sklearn.model_selection import KFold
+
+    from featcache.heads.logreg import FastLogisticGridSearchCV
+
+    X, y = make_classification(120, 10, random_state=5)
+    grid = {"C": [0.1, 1.0], "l1_ratio": [0.0, 1.0], "solver": ["lbfgs"]}  # l1 with lbfgs fails
+    with pytest.raises(ValueError, match="l1"):
+        FastLogisticGridSearchCV(grid, cv=3).fit(X, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = FastLogisticGridSearchCV(grid, cv=3, error_score=np.nan).fit(X, y)
+        ref = _sklearn_search(grid, cv=3, error_score=np.nan).fit(X, y)
+        order = np.argsort(y, kind="stable")  # the first fold trains on one class only
+        folds = [(np.arange(60), np.arange(60, 120)), next(KFold(3, shuffle=True, random_state=0).split(X))]
+        low = FastLogisticGridSearchCV({"C": [1.0]}, cv=folds, error_score=-1.0).fit(X[order], y[order])
+    assert ours.used_fallback_
+    np.testing.assert_array_equal(ours.cv_results_["mean_test_score"], ref.cv_results_["mean_test_score"])
+    assert np.isnan(ours.cv_results_["mean_test_score"]).sum() == 2
+    assert ours.best_params_ == {k.split("__")[1]: v for k, v in ref.best_params_.items()}
+    assert low.used_fallback_ and low.cv_results_["split0_test_score"][0] == -1.0
+    assert low.cv_results_["split1_test_score"][0] > 0.5
 
 
 def test_fast_logistic_input_checks_as_sklearn():

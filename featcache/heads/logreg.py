@@ -52,11 +52,13 @@ Where each part lives: this module holds the search (``FastLogisticGridSearchCV`
 preparation (2, 4); ``logreg_lbfgs`` the batched L-BFGS-B runs and the stop test (2, 3).
 
 Measured on the 2-core dev box: see benchmarks/bench_logreg.py. Unsupported settings (a non-lbfgs solver,
-l1/elastic-net, a scorer we do not compute) fall back to real ``GridSearchCV`` -- the same numbers, slower,
-except that it runs with ``error_score="raise"``: a fit scikit-learn would score NaN (a one-class training
-fold, an invalid solver/penalty pair) stops the search with scikit-learn's own message. On float32 input
-the search matches float64 scikit-learn; float32 scikit-learn evaluates decision values near 0 in float32
-(tiny C), where its predictions can flip and its scores differ from ours by more than 0.005.
+l1/elastic-net, a scorer we do not compute, a dict class_weight that scikit-learn refuses for a training
+set) fall back to real ``GridSearchCV`` -- the same numbers, slower, except that its ``error_score``
+defaults to ``"raise"``: a fit scikit-learn would score NaN (a one-class training fold, an invalid
+solver/penalty pair) stops the search with scikit-learn's own message (``error_score=np.nan`` gives
+GridSearchCV's default). On float32 input the search matches float64 scikit-learn; float32 scikit-learn
+evaluates decision values near 0 in float32 (tiny C), where its predictions can flip and its scores differ
+from ours by more than 0.005.
 """
 from __future__ import annotations
 
@@ -88,8 +90,13 @@ DEFAULT_CS = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 1e1, 1e2]
 _FAST_SCORERS = ("accuracy", "balanced_accuracy", "roc_auc", "f1_macro", "neg_log_loss")
 
 
-def _lr_params(params: dict) -> dict:
-    """Complete LogisticRegression parameters (library defaults + the candidate's own)."""
+def _lr_params(params: dict, classes: np.ndarray | None = None) -> dict:
+    """Complete LogisticRegression parameters (library defaults + the candidate's own).
+
+    ``classes``: the labels of the data being fitted (sorted, as ``np.unique`` gives them). With them, a
+    dict class_weight is keyed by those labels (``_label_weights``) instead of being read as featcache's
+    0-based class codes, so string labels work as in scikit-learn.
+    """
     from sklearn.linear_model import LogisticRegression
 
     defaults = LogisticRegression().get_params()
@@ -99,8 +106,64 @@ def _lr_params(params: dict) -> dict:
                           f"{', '.join(sorted(defaults))}.")
     out = {**defaults, **params}
     if "class_weight" in params:
-        out["class_weight"] = normalize_class_weight(params["class_weight"])
+        cw = params["class_weight"]
+        if classes is not None and isinstance(cw, dict):
+            out["class_weight"] = _label_weights(cw, classes)
+        else:
+            out["class_weight"] = normalize_class_weight(cw)
+            if classes is not None and isinstance(cw, str) and isinstance(out["class_weight"], dict) \
+                    and len(out["class_weight"]) == len(classes):  # "3:1": one weight per class, in order
+                out["class_weight"] = {c: w for c, w in zip(classes.tolist(), out["class_weight"].values(),
+                                                            strict=True)}
     return out
+
+
+def _label_weights(cw: dict, classes: np.ndarray) -> dict:
+    """A dict class_weight keyed by the labels in ``classes``, as LogisticRegression reads it.
+
+    Why: featcache's own dicts come from JSON with string keys ("0": 3.0) for integer labels, so a key is
+    matched to a label by its text when it is not a label itself; string labels ({"NORMAL": 2.0}) are
+    kept as they are (they were refused: the keys were forced to int). A key naming no label is kept
+    too: scikit-learn decides what it means (``_weights_as_sklearn`` sends such a search to GridSearchCV).
+    """
+    labels = set(classes.tolist())
+    by_text = {str(c): c for c in classes.tolist()}
+    try:
+        return {(k if k in labels else by_text.get(str(k), k)): float(v) for k, v in cw.items()}
+    except (TypeError, ValueError):
+        raise ConfigError(f"class_weight '{cw}' is not valid: its weights must be numbers.") from None
+
+
+def _weight_key(label: Any) -> Any:
+    """The key scikit-learn 1.9's ``compute_class_weight`` looks a label up by: int(label), else str(label)
+    (older versions look the label itself up)."""
+    try:
+        return int(label)
+    except (TypeError, ValueError):
+        return str(label)
+
+
+def _weights_as_sklearn(p: dict, label_sets: list[np.ndarray]) -> bool:
+    """True unless ``p``'s dict class_weight makes scikit-learn differ from ``_by_label``'s reading for one
+    of ``label_sets`` (the labels of each training set): a fit that raises "The classes ... are not in
+    class_weight" (some labels weighted, and not every key a label: a key naming no label, or a training
+    fold that lacks a weighted class), or a label that the int/str lookup and the plain one read
+    differently (numeric string labels). Those searches go to GridSearchCV, which does what it does;
+    the fast solver weighed such classes 1 and scored them.
+    """
+    cw = p["class_weight"]
+    if not isinstance(cw, dict):
+        return True
+    for classes in label_sets:
+        found = []
+        for c in classes.tolist():
+            plain, key = c in cw, _weight_key(c) in cw
+            if plain != key or (plain and cw[c] != cw[_weight_key(c)]):
+                return False
+            found.append(plain)
+        if not all(found) and sum(found) != len(cw):
+            return False
+    return True
 
 
 def _fast_supported(p: dict) -> bool:
@@ -192,16 +255,23 @@ class FastLogisticGridSearchCV:
 
     ``param_grid`` holds LogisticRegression parameter names (``C``, ``class_weight``, ``max_iter``...) as
     a dict of lists or a list of such dicts; candidates come in ``ParameterGrid`` order, so
-    ``cv_results_`` lines up with GridSearchCV's. ``best_estimator_`` is a real fitted
-    ``Pipeline(StandardScaler, LogisticRegression)``.
+    ``cv_results_`` lines up with GridSearchCV's, keyed ``param_<name>`` on both paths.
+    ``best_estimator_`` is a real fitted ``Pipeline(StandardScaler, LogisticRegression)``.
+
+    ``error_score`` is GridSearchCV's, used by the fallback (the fast path's fits do not fail: what could
+    fail is sent to the fallback). Its default is ``"raise"``, not GridSearchCV's ``np.nan``: featcache
+    turns the first failing fit (an invalid solver/penalty pair, a one-class training fold) into one
+    sentence (``LogRegHead.search``), where NaN would give a search whose scores are partly NaN and
+    scikit-learn's report of every failed fit. Pass ``np.nan`` (or a number) for GridSearchCV's behaviour.
     """
 
     def __init__(self, param_grid: dict | list[dict], *, cv: Any = 5, scoring: str = "accuracy",
-                 refit: bool = True, progress: ProgressFn | None = None):
+                 refit: bool = True, error_score: Any = "raise", progress: ProgressFn | None = None):
         self.param_grid = param_grid
         self.cv = cv
         self.scoring = scoring
         self.refit = refit
+        self.error_score = error_score
         self.progress = progress
 
     # --- helpers
@@ -217,24 +287,31 @@ class FastLogisticGridSearchCV:
             raise ValueError("No fits were performed: the cv iterator is empty.")
         return folds
 
-    def _fallback(self, X, y, groups, folds, candidates) -> None:
+    def _fallback(self, X, y, groups, folds, candidates: list[dict], full: list[dict]) -> None:
+        """Plain GridSearchCV over the Pipeline, its results shaped as the fast path's.
+
+        The candidates' class weights go in as resolved (``_lr_params``: "3:1" and JSON-keyed dicts mean
+        what they mean on the fast path); ``cv_results_`` is keyed ``param_<name>`` with the candidates' own
+        values, as on the fast path (GridSearchCV's ``param_logisticregression__<name>`` keys changed
+        with the settings that chose the path).
+        """
         from sklearn.linear_model import LogisticRegression
         from sklearn.model_selection import GridSearchCV
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
 
-        grid = [{f"logisticregression__{k}": [v] for k, v in c.items()} for c in candidates]
-        # error_score="raise": an invalid pair (penalty=l1 with lbfgs) is the first fit's one sentence,
-        # not scikit-learn's report of every failed fit with their tracebacks
+        grid = [{f"logisticregression__{k}": [p[k] if k == "class_weight" else v] for k, v in c.items()}
+                for c, p in zip(candidates, full, strict=True)]
         gs = GridSearchCV(make_pipeline(StandardScaler(), LogisticRegression()), grid, cv=folds,
-                          scoring=self.scoring, refit=self.refit, error_score="raise")
+                          scoring=self.scoring, refit=self.refit, error_score=self.error_score)
         with warnings.catch_warnings():  # scikit-learn's deprecation notices about 'penalty', once per fit
             warnings.simplefilter("ignore", FutureWarning)
             gs.fit(X, y, groups=groups)
         self.used_fallback_ = True
-        cvr = dict(gs.cv_results_)
-        cvr["params"] = [dict(c) for c in candidates]
-        self.cv_results_ = cvr
+        prefix = "param_logisticregression__"
+        cvr = {("param_" + k[len(prefix):] if k.startswith(prefix) else k): v
+               for k, v in gs.cv_results_.items()}
+        self.cv_results_ = _as_arrays(cvr, candidates)
         self.best_index_ = int(gs.best_index_)
         self.best_params_ = dict(candidates[self.best_index_])
         self.best_score_ = float(gs.best_score_)
@@ -247,15 +324,17 @@ class FastLogisticGridSearchCV:
 
         X, y = _checked_xy(X, y)
         candidates = [dict(c) for c in ParameterGrid(self.param_grid)]
-        full = [_lr_params(c) for c in candidates]
+        labels = np.unique(y)
+        full = [_lr_params(c, labels) for c in candidates]
         folds = self._folds(X, y, groups)
         self.n_splits_ = len(folds)
-        fast = self.scoring in _FAST_SCORERS and all(_fast_supported(p) for p in full)
-        fast = fast and all(len(np.unique(y[tr])) >= 2 for tr, _ in folds)
+        label_sets = [labels] + [np.unique(y[tr]) for tr, _ in folds]
+        fast = self.scoring in _FAST_SCORERS and all(len(c) >= 2 for c in label_sets)
+        fast = fast and all(_fast_supported(p) and _weights_as_sklearn(p, label_sets) for p in full)
         if fast and self.scoring == "roc_auc" and len(np.unique(y)) != 2:
             fast = False
         if not fast:
-            self._fallback(X, y, groups, folds, candidates)
+            self._fallback(X, y, groups, folds, candidates, full)
             return self
         self.used_fallback_ = False
         scores = np.zeros((len(full), len(folds)))
@@ -314,7 +393,7 @@ class FastLogisticGridSearchCV:
                 scaler, Z, _Zte, gram, work = ready.get()
         if self.refit:  # outside the one-thread limit: nothing runs beside the refit
             space = Space(Z, work, None if gram is None else gram.K(), centered=True)
-            self.best_estimator_ = _fit_in_space(space, Z, y, _lr_params(self.best_params_), scaler)
+            self.best_estimator_ = _fit_in_space(space, Z, y, full[self.best_index_], scaler)
         return self
 
     # GridSearchCV's shortcuts to the refit model (``refit=True``)
@@ -355,8 +434,8 @@ def fit_pipeline(X: np.ndarray, y: np.ndarray, params: dict) -> Any:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    p = _lr_params(params)
     X, y = _checked_xy(X, y)
+    p = _lr_params(params, np.unique(y))
     if not _fast_supported(p) or len(np.unique(y)) < 2:
         return make_pipeline(StandardScaler(), LogisticRegression(**p)).fit(X, y)
     scaler = fit_scaler(X)
