@@ -413,6 +413,41 @@ def test_error_score_is_honoured_by_the_fallback():
     assert low.cv_results_["split1_test_score"][0] > 0.5
 
 
+def test_sample_weight_goes_to_scaler_and_classifier_as_a_routed_pipeline():
+    """fit(X, y, sample_weight=...) was refused (no such argument). It falls back to GridSearchCV with the
+    weights routed to StandardScaler and LogisticRegression of every fit and of the refit; scores stay
+    unweighted."""
+    from sklearn import config_context
+    from sklearn.datasets import make_classification
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import get_scorer
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from featcache.heads.logreg import FastLogisticGridSearchCV
+
+    X, y = make_classification(150, 12, random_state=2)
+    sw = np.random.default_rng(0).uniform(0.2, 3.0, 150)
+    folds = folds_for(y, 3)
+    grid = {"C": [0.1, 1.0], "class_weight": [None, "balanced"]}
+    ours = FastLogisticGridSearchCV(grid, cv=folds).fit(X, y, sample_weight=sw)
+    with config_context(enable_metadata_routing=True):
+        pipe = make_pipeline(StandardScaler().set_fit_request(sample_weight=True),
+                             LogisticRegression().set_fit_request(sample_weight=True))
+        ref = GridSearchCV(pipe, {f"logisticregression__{k}": v for k, v in grid.items()}, cv=folds,
+                           scoring=get_scorer("accuracy").set_score_request(sample_weight=False))
+        ref.fit(X, y, sample_weight=sw)
+    assert ours.used_fallback_ and "param_C" in ours.cv_results_
+    np.testing.assert_array_equal(ours.cv_results_["mean_test_score"], ref.cv_results_["mean_test_score"])
+    np.testing.assert_allclose(ours.best_estimator_[0].mean_, np.average(X, axis=0, weights=sw))
+    np.testing.assert_allclose(ours.predict_proba(X), ref.predict_proba(X))
+    plain = FastLogisticGridSearchCV(grid, cv=folds).fit(X, y)
+    assert not np.allclose(plain.best_estimator_[0].mean_, ours.best_estimator_[0].mean_)
+    with pytest.raises(ValueError, match="sample_weight"):
+        FastLogisticGridSearchCV(grid, cv=folds).fit(X, y, sample_weight=sw[:10])
+
+
 def test_fast_logistic_input_checks_as_sklearn():
     """NaN in X was taken silently (chance scores, a NaN scaler mean); boolean-mask folds crashed in
     numpy; an empty cv gave NaN scores and still refit; neg_log_loss scored folds scikit-learn cannot."""

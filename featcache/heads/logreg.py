@@ -242,6 +242,16 @@ def _as_arrays(cv_results: dict, candidates: list[dict]) -> dict:
     return out
 
 
+def _checked_weights(sample_weight: Any, n: int) -> np.ndarray:
+    """``sample_weight`` as n float64 weights (a scalar is every row's), or scikit-learn's kind of error."""
+    sw = np.asarray(sample_weight, dtype=np.float64)
+    if sw.ndim == 0:
+        return np.full(n, float(sw))
+    if sw.shape != (n,):
+        raise ValueError(f"sample_weight.shape == {sw.shape}, expected ({n},)!")
+    return sw
+
+
 def _indices(a: Any) -> np.ndarray:
     """A fold side as row indices: boolean masks (which scikit-learn accepts) become their positions."""
     a = np.asarray(a)
@@ -287,26 +297,47 @@ class FastLogisticGridSearchCV:
             raise ValueError("No fits were performed: the cv iterator is empty.")
         return folds
 
-    def _fallback(self, X, y, groups, folds, candidates: list[dict], full: list[dict]) -> None:
+    def _fallback(self, X, y, groups, folds, candidates: list[dict], full: list[dict],
+                  sample_weight: np.ndarray | None = None) -> None:
         """Plain GridSearchCV over the Pipeline, its results shaped as the fast path's.
+
+        ``sample_weight`` goes to both steps of every fit (the scaler's weighted mean and variance, the
+        classifier's weighted loss) and of the refit, through scikit-learn's metadata routing, enabled for
+        this search only: without it GridSearchCV hands fit parameters to ``Pipeline.fit``, which refuses
+        a bare ``sample_weight``, and ``logisticregression__sample_weight`` would leave the scaler
+        unweighted. Scoring stays unweighted, as GridSearchCV's without routing.
 
         The candidates' class weights go in as resolved (``_lr_params``: "3:1" and JSON-keyed dicts mean
         what they mean on the fast path); ``cv_results_`` is keyed ``param_<name>`` with the candidates' own
         values, as on the fast path (GridSearchCV's ``param_logisticregression__<name>`` keys changed
         with the settings that chose the path).
         """
+        from contextlib import nullcontext
+
+        from sklearn import config_context
         from sklearn.linear_model import LogisticRegression
+        from sklearn.metrics import get_scorer
         from sklearn.model_selection import GridSearchCV
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
 
         grid = [{f"logisticregression__{k}": [p[k] if k == "class_weight" else v] for k, v in c.items()}
                 for c, p in zip(candidates, full, strict=True)]
-        gs = GridSearchCV(make_pipeline(StandardScaler(), LogisticRegression()), grid, cv=folds,
-                          scoring=self.scoring, refit=self.refit, error_score=self.error_score)
-        with warnings.catch_warnings():  # scikit-learn's deprecation notices about 'penalty', once per fit
-            warnings.simplefilter("ignore", FutureWarning)
-            gs.fit(X, y, groups=groups)
+        weighted = sample_weight is not None
+        with config_context(enable_metadata_routing=True) if weighted else nullcontext():
+            pipe = make_pipeline(StandardScaler(), LogisticRegression())
+            scoring: Any = self.scoring
+            params: dict = {"groups": groups}
+            if weighted:  # the folds are fixed: no groups to route
+                for _name, step in pipe.steps:
+                    step.set_fit_request(sample_weight=True)
+                scoring = get_scorer(self.scoring).set_score_request(sample_weight=False)
+                params = {"sample_weight": sample_weight}
+            gs = GridSearchCV(pipe, grid, cv=folds, scoring=scoring, refit=self.refit,
+                              error_score=self.error_score)
+            with warnings.catch_warnings():  # scikit-learn's deprecation notices about 'penalty', per fit
+                warnings.simplefilter("ignore", FutureWarning)
+                gs.fit(X, y, **params)
         self.used_fallback_ = True
         prefix = "param_logisticregression__"
         cvr = {("param_" + k[len(prefix):] if k.startswith(prefix) else k): v
@@ -318,23 +349,28 @@ class FastLogisticGridSearchCV:
         if self.refit:
             self.best_estimator_ = gs.best_estimator_
 
-    def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> FastLogisticGridSearchCV:
+    def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None,
+            sample_weight: Any = None) -> FastLogisticGridSearchCV:
+        """Search the grid. ``sample_weight`` (one weight per row) sends the search to GridSearchCV with the
+        weights given to the scaler and the classifier of every fit (``_fallback``); the fast path solves
+        unweighted problems only."""
         from sklearn.model_selection import ParameterGrid
         from threadpoolctl import threadpool_limits
 
         X, y = _checked_xy(X, y)
+        sw = None if sample_weight is None else _checked_weights(sample_weight, len(y))
         candidates = [dict(c) for c in ParameterGrid(self.param_grid)]
         labels = np.unique(y)
         full = [_lr_params(c, labels) for c in candidates]
         folds = self._folds(X, y, groups)
         self.n_splits_ = len(folds)
         label_sets = [labels] + [np.unique(y[tr]) for tr, _ in folds]
-        fast = self.scoring in _FAST_SCORERS and all(len(c) >= 2 for c in label_sets)
+        fast = sw is None and self.scoring in _FAST_SCORERS and all(len(c) >= 2 for c in label_sets)
         fast = fast and all(_fast_supported(p) and _weights_as_sklearn(p, label_sets) for p in full)
         if fast and self.scoring == "roc_auc" and len(np.unique(y)) != 2:
             fast = False
         if not fast:
-            self._fallback(X, y, groups, folds, candidates, full)
+            self._fallback(X, y, groups, folds, candidates, full, sw)
             return self
         self.used_fallback_ = False
         scores = np.zeros((len(full), len(folds)))
