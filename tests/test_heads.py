@@ -446,6 +446,15 @@ def test_sample_weight_goes_to_scaler_and_classifier_as_a_routed_pipeline():
     assert not np.allclose(plain.best_estimator_[0].mean_, ours.best_estimator_[0].mean_)
     with pytest.raises(ValueError, match="sample_weight"):
         FastLogisticGridSearchCV(grid, cv=folds).fit(X, y, sample_weight=sw[:10])
+    # scoring=None (the Pipeline's accuracy), a plain function and a scorer object, which stays the caller's
+    from sklearn.metrics import accuracy_score, make_scorer
+
+    scorer = make_scorer(accuracy_score)
+    before = scorer.get_metadata_routing()
+    for scoring in (None, lambda est, X_, y_: accuracy_score(y_, est.predict(X_)), scorer):
+        got = FastLogisticGridSearchCV(grid, cv=folds, scoring=scoring).fit(X, y, sample_weight=sw)
+        np.testing.assert_array_equal(got.cv_results_["mean_test_score"], ref.cv_results_["mean_test_score"])
+    assert str(scorer.get_metadata_routing()) == str(before)
 
 
 def test_fast_logistic_input_checks_as_sklearn():

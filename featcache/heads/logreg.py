@@ -242,6 +242,21 @@ def _as_arrays(cv_results: dict, candidates: list[dict]) -> dict:
     return out
 
 
+def _unweighted_scorer(scoring: Any) -> Any:
+    """``scoring`` as a scorer that asks for no sample weights under metadata routing (GridSearchCV's
+    unweighted scores). None is the Pipeline's own score, accuracy; a scorer object is copied first (the
+    request would change the caller's own object); a plain function asks for nothing already."""
+    import copy
+
+    from sklearn.metrics import get_scorer
+
+    if scoring is None or isinstance(scoring, str):
+        return get_scorer(scoring or "accuracy").set_score_request(sample_weight=False)
+    if hasattr(scoring, "set_score_request"):
+        return copy.deepcopy(scoring).set_score_request(sample_weight=False)
+    return scoring
+
+
 def _checked_weights(sample_weight: Any, n: int) -> np.ndarray:
     """``sample_weight`` as n float64 weights (a scalar is every row's), or scikit-learn's kind of error."""
     sw = np.asarray(sample_weight, dtype=np.float64)
@@ -316,7 +331,6 @@ class FastLogisticGridSearchCV:
 
         from sklearn import config_context
         from sklearn.linear_model import LogisticRegression
-        from sklearn.metrics import get_scorer
         from sklearn.model_selection import GridSearchCV
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
@@ -331,7 +345,7 @@ class FastLogisticGridSearchCV:
             if weighted:  # the folds are fixed: no groups to route
                 for _name, step in pipe.steps:
                     step.set_fit_request(sample_weight=True)
-                scoring = get_scorer(self.scoring).set_score_request(sample_weight=False)
+                scoring = _unweighted_scorer(self.scoring)
                 params = {"sample_weight": sample_weight}
             gs = GridSearchCV(pipe, grid, cv=folds, scoring=scoring, refit=self.refit,
                               error_score=self.error_score)
