@@ -31,7 +31,8 @@ def ls_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list instead of a table."),
 ) -> None:
     """List finished runs with their validation and test metric, oldest first (by the time each run.json
-    records it was created, else finished; the folder name breaks ties), so the newest is the last line.
+    records it was created, else finished, to the second; within one second by place in the grid, then by
+    folder name), so the newest is the last line.
 
     Example: featcache runs ls --runs-dir runs --json
     """

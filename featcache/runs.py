@@ -485,16 +485,20 @@ def run_time(run: Run) -> datetime | None:
 
 
 def by_time(runs: Iterable[Run]) -> list[Run]:
-    """``runs`` oldest first by `run_time`, the folder name breaking ties (and ordering the runs with no
-    readable time, which come last).
+    """``runs`` oldest first by `run_time` (to the second); runs of one second by their place in their grid
+    (a fused sweep finishes several per second, not in grid order), then by folder name (which also orders
+    the runs with no readable time, which come last).
 
     Why not the folder name alone (`list_runs`): a name starts with its UTC creation time only while it is
     the name fit gave it; a folder renamed, or copied in from another runs folder under another name, sorted
     by its new name, so a listing did not show runs in the order they were made.
     """
-    def key(run: Run) -> tuple[bool, float, str]:
+    def key(run: Run) -> tuple[bool, float, int, str]:
         when = run_time(run)
-        return when is None, when.timestamp() if when is not None else 0.0, run.id
+        grid = run.info.get("grid")
+        index = grid.get("index") if isinstance(grid, dict) else None
+        return (when is None, when.timestamp() if when is not None else 0.0,
+                index if isinstance(index, int) else -1, run.id)
 
     return sorted(runs, key=key)
 

@@ -538,6 +538,23 @@ def test_runs_ls_lists_runs_in_the_order_they_were_made(setup, capsys, monkeypat
     assert sorted(order, key=out.index) == order
 
 
+def test_runs_ls_orders_runs_of_one_second_by_their_place_in_the_grid(setup, capsys) -> None:
+    """created is stored to the second and a fused sweep finishes several runs per second, not in grid
+    order: those ties went by folder name, whose end is a random config hash."""
+    root, cache_dir, runs_dir = setup
+    for c, index, name in (("1", 2, "a-third"), ("0.1", 0, "c-first"), ("10", 1, "b-second")):
+        argv = _fit_cmd(root, cache_dir, runs_dir, "--head", "logreg", "--grid", f"C={c}", "--cv-folds", "3")
+        assert cli([*argv, "--json"]) == 0
+        (folder,) = [p for p in runs_dir.iterdir() if p.name[:2].isdigit()]
+        info = {**json.loads((folder / "run.json").read_text()), "created": "2026-01-01T09:00:00+00:00",
+                "grid": {"index": index, "size": 3, "configs": []}}
+        (folder / "run.json").write_text(json.dumps(info))
+        folder.rename(runs_dir / name)
+    capsys.readouterr()
+    assert cli(["runs", "ls", "--runs-dir", str(runs_dir), "--json"]) == 0
+    assert [r["id"] for r in json.loads(capsys.readouterr().out)] == ["c-first", "b-second", "a-third"]
+
+
 def test_run_json_records_the_command_as_typed(setup, capsys, monkeypatch) -> None:
     """run.json's command was rebuilt from the parsed options: flags in declaration order, defaults left out,
     so `runs show` printed a command the user never typed. It is now the argv as typed, shell-quoted."""
