@@ -86,7 +86,12 @@ def register(app: typer.Typer) -> None:
             ..., "--data", help="Dataset folder (Kermany layout, class folders) or CSV."
         ),
         backbone: str = typer.Option(
-            "", "--backbone", help="Backbone name(s), comma-separated (default: the --preset's)."
+            "", "--backbone", help="Backbone name(s), comma-separated (default: the --preset's); several are "
+            "fused into one feature vector, as in fit, unless --separate."
+        ),
+        separate: bool = typer.Option(
+            False, "--separate", help="With several --backbone: fit each backbone's features on their own, "
+            "so the report compares the backbones side by side (instead of one fused run)."
         ),
         head: str = typer.Option(
             "", "--head", help="Head(s), comma-separated: logreg, mlp, svm, knn (default: the --preset's)."
@@ -201,6 +206,7 @@ def register(app: typer.Typer) -> None:
                 extract_options=ExtractOptions(batch_size=batch_size, wait=wait, resize=resize, dtype=dtype,
                                                views=tuple(_split(views, "--views")) or ("orig",)),
                 report_options=ReportOptions(metric=metric),  # ranked by what selected the configs
+                separate=separate,
                 progress=make_callback(bar),
             )
         if as_json:

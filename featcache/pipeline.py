@@ -185,9 +185,14 @@ def run_pipeline(
     grid_args: Sequence[str] = (),
     head_grids: dict[str, dict] | None = None,
     report_options: Any = None,
+    separate: bool = False,
     progress: ProgressFn | None = None,
 ) -> PipelineResult:
     """Extract features for every backbone, fit every head on them, then write the report.
+
+    Several backbones are fused (one fit on their concatenated features, as ``fit --backbone a,b``);
+    ``separate`` fits each backbone's features on their own instead, so the report compares them side by
+    side.
 
     Each stage reuses finished work (cached rows, done runs), so rerunning after a crash or with one
     more head only computes what is new. The report covers the runs of this call's sweeps.
@@ -209,6 +214,9 @@ def run_pipeline(
         raise ConfigError("choose at least one backbone with --backbone (e.g. mobilenet-0.75).")
     if not heads:
         raise ConfigError("choose at least one head with --head (e.g. logreg,mlp).")
+    if separate and len(backbones) < 2:
+        raise ConfigError("--separate compares several backbones; give two or more with --backbone "
+                          "(e.g. mobilenet-0.75,vgg16).")
     if layer and not any(is_saved_model(b) for b in backbones):  # else it would be ignored
         raise ConfigError(f"--layer only applies to a saved-model backbone (a .keras file), not to "
                           f"{', '.join(backbones)}.")
@@ -225,8 +233,9 @@ def run_pipeline(
     for head, hopts in head_opts.items():  # a grid a head refuses fails now, not after the extraction
         build_configs(get_head(head), hopts, preset)
     xopts = _with_needed_views(extract_options or ExtractOptions(), fopts, preset)
+    steps = len(backbones) + len(heads) * (len(backbones) if separate else 1) + 1
     for i, name in enumerate(backbones):
-        emit(progress, "pipeline", i, len(backbones) + len(heads) + 1, f"extracting {name}")
+        emit(progress, "pipeline", i, steps, f"extracting {name}")
         # seed 0, as extract and predict use: --seed is the fit's (splits, training); a --weights none
         # backbone drawn with it made another cache that predict could not rebuild
         bb = BackboneConfig(name=name, weights=weights, seed=0,  # layer: saved models only
@@ -237,19 +246,21 @@ def run_pipeline(
     # the fits read exactly these files: the cache folder may hold other settings of the same backbone
     # (another --weights, say), and those must not be picked instead
     cache_files = {name: ex.cache_path for name, ex in zip(backbones, result.extracts, strict=True)}
-    for j, head in enumerate(heads):
-        emit(progress, "pipeline", len(backbones) + j, len(backbones) + len(heads) + 1, f"fitting {head}")
+    inputs = [[name] for name in backbones] if separate else [list(backbones)]  # fused: one input
+    fits = [(head, names) for head in heads for names in inputs]
+    for j, (head, names) in enumerate(fits):
+        emit(progress, "pipeline", len(backbones) + j, steps, f"fitting {head} on {'+'.join(names)}")
         opts = replace(
             head_opts[head],
             runs_dir=Path(runs_dir),
             cache_dir=Path(cache_dir),
-            cache_files=cache_files,
+            cache_files={name: cache_files[name] for name in names},
             manifest=dataset.manifest,  # --data manifest.csv: the fit reads the same images, not the folder
             command=list(fopts.command or ["featcache", *sys.argv[1:]]),
         )
-        result.fits.append(fit(dataset.root, list(backbones), head, opts, progress))
+        result.fits.append(fit(dataset.root, names, head, opts, progress))
         crash_point("pipeline.after_fit")
-    emit(progress, "pipeline", len(backbones) + len(heads), len(backbones) + len(heads) + 1, "writing report")
+    emit(progress, "pipeline", steps - 1, steps, "writing report")
     ids = [run.id for fr in result.fits for run in fr.runs] + [
         rid for fr in result.fits for rid in fr.skipped
     ]

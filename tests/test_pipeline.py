@@ -413,6 +413,30 @@ def test_run_takes_extracts_feature_settings_and_a_grid_file(kermany_tree, tmp_p
     assert rec["selection"]["n_configs"] == 2 and rec["params"]["C"] in (0.05, 0.5)
 
 
+def test_run_separate_fits_each_backbone_on_its_own_features(kermany_tree, tmp_path, capsys):
+    """`run --backbone a,b` could only fuse them (one run on the concatenated features), so comparing
+    backbones, what the report is for, took a run per backbone. --separate fits each on its own."""
+    from featcache.cli.app import run
+
+    base = ["run", "--data", str(kermany_tree), "--backbone", "mobilenet-0.75,mobilenet", "--weights", "none",
+            "--image-size", "64", "--head", "knn", "--grid", "n_neighbors=3", "--cv-folds", "2", "--json",
+            "--cache-dir", str(tmp_path / "c"), "--runs-dir", str(tmp_path / "r"),
+            "--out", str(tmp_path / "o")]
+    assert run([*base, "--separate"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["extracts"]) == 2
+    board = json.loads((tmp_path / "o" / "leaderboard.json").read_text())["runs"]
+    assert sorted(r["backbone"] for r in board) == ["mobilenet (random weights)",
+                                                    "mobilenet-0.75 (random weights)"]
+    assert run(base) == 0  # without it: one fused run, from the same two caches
+    out = json.loads(capsys.readouterr().out)
+    assert [e["rows_computed"] for e in out["extracts"]] == [0, 0]
+    board = json.loads((tmp_path / "o" / "leaderboard.json").read_text())["runs"]
+    assert [r["backbone"] for r in board] == ["mobilenet-0.75+mobilenet (random weights)"]
+    code = run([*base[:4], "mobilenet-0.75", *base[5:], "--separate"])
+    assert code == 2 and "--separate compares several backbones" in " ".join(capsys.readouterr().err.split())
+
+
 def test_run_json_prints_every_stage_in_the_shapes_extract_and_fit_print(kermany_tree, tmp_path, capsys):
     """`run` had no --json: a script had to parse the tables, or call extract, fit and report itself."""
     from featcache.cli.app import run
