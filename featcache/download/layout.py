@@ -39,11 +39,6 @@ def _looks_like_root(folder: Path) -> bool:
     return False
 
 
-def _has_pneumonia(folder: Path) -> bool:
-    """Whether a candidate root's split folders hold a PNEUMONIA class folder (an OCT tree's do not)."""
-    return any(label == "PNEUMONIA" for _, label, files in _image_files(folder) if files)
-
-
 def _image_files(root: Path) -> Iterator[tuple[str, str, list[os.DirEntry]]]:
     """(split, label, its image files sorted by name) for each split/label folder of a candidate root:
     what ``layout_kermany`` moves and what ``find_kermany_root`` counts to tell candidates apart."""
@@ -63,12 +58,16 @@ def _image_files(root: Path) -> Iterator[tuple[str, str, list[os.DirEntry]]]:
             yield split, label, files
 
 
-def _count_images(root: Path) -> int:
-    """Images ``layout_kermany`` would take from a candidate root (0 when a folder cannot be read)."""
+def _count_images(root: Path) -> dict[str, int]:
+    """Images ``layout_kermany`` would take from a candidate root, per class label (none when a folder
+    cannot be read)."""
+    counts: dict[str, int] = {}
     try:
-        return sum(len(files) for _, _, files in _image_files(root))
+        for _, label, files in _image_files(root):
+            counts[label] = counts.get(label, 0) + len(files)
     except OSError:
-        return 0
+        return {}
+    return counts
 
 
 def find_kermany_root(extracted: Path, max_depth: int = 6) -> Path:
@@ -85,13 +84,13 @@ def find_kermany_root(extracted: Path, max_depth: int = 6) -> Path:
         hits = [d for d in level if _looks_like_root(d)]
         if hits:
             counts = {d: _count_images(d) for d in hits}
-            with_images = [d for d in hits if counts[d]]
+            with_images = [d for d in hits if sum(counts[d].values())]
             if len(with_images) > 1:  # Mendeley v3 holds CellData/OCT/ (CNV, DME, DRUSEN, NORMAL) beside
                 # CellData/chest_xray/: only the chest X-ray tree has pneumonia
-                chest = [d for d in with_images if _has_pneumonia(d)]
+                chest = [d for d in with_images if counts[d].get("PNEUMONIA")]
                 with_images = chest if len(chest) == 1 else with_images
             if len(with_images) > 1:
-                names = ", ".join(f"{d.relative_to(extracted).as_posix()}/ ({counts[d]} images)"
+                names = ", ".join(f"{d.relative_to(extracted).as_posix()}/ ({sum(counts[d].values())} images)"
                                   for d in with_images)
                 raise DownloadError(f"the archive holds several Kermany-like folders at the same depth "
                                     f"({names}); featcache cannot tell which is the dataset: extract the "
