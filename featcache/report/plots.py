@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -168,21 +168,26 @@ def _roc_ax(ax, rec: RunRecord, threshold: float | None) -> None:
     _legend(ax, "lower right")
 
 
+def _one_vs_rest(pred: Predictions) -> Iterator[tuple[str, np.ndarray, np.ndarray, str, str]]:
+    """(class name, 0/1 truth, score ranking the class first, colour, line style) of each class present in
+    the split: an absent class has no curve (its AUC and AP are undefined). The scores rank as the AUC
+    does, saturated ties broken by the other classes' probabilities."""
+    for c, name in enumerate(pred.classes):
+        truth = (pred.y_true == c).astype(int)
+        if truth.min() != truth.max():
+            yield (name, truth, rank_score(pred.proba, c), *CLASS_STYLES[c % len(CLASS_STYLES)])
+
+
 def _roc_ovr_ax(ax, pred: Predictions, split: str) -> None:
     """One-vs-rest ROC of each class of a multi-class run (the split of its confusion matrix): the macro
     AUC in the leaderboard is the mean of these curves' areas, and which class drags it down (viral
     against bacterial pneumonia, on Kermany) is what a reader of a 3-class run wants to see."""
     ax.plot([0, 1], [0, 1], color=GREY, lw=0.8, ls=":")
     areas = []
-    for c, name in enumerate(pred.classes):
-        truth = (pred.y_true == c).astype(int)
-        if truth.min() == truth.max():  # a class absent from the split has no curve (its AUC is undefined)
-            continue
-        ranked = rank_score(pred.proba, c)  # as the AUC ranks them: saturated ties broken by the others
+    for name, truth, ranked, color, style in _one_vs_rest(pred):
         fpr, tpr, _ = roc_points(truth, ranked)
         area = auc_binary(truth, ranked)
         areas.append(area)
-        color, style = CLASS_STYLES[c % len(CLASS_STYLES)]
         ax.plot(fpr, tpr, color=color, ls=style, lw=1.6, label=_t(f"{name} (AUC {area:.3f})"))
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.02, 1.02)
@@ -202,15 +207,10 @@ def _pr_ovr_ax(ax, pred: Predictions, split: str) -> None:
     for each class. Why beside the one-vs-rest ROC: a class with few images (viral pneumonia) can show a
     good ROC while most of the images called that class are not."""
     aps = []
-    for c, name in enumerate(pred.classes):
-        truth = (pred.y_true == c).astype(int)
-        if truth.min() == truth.max():  # a class absent from the split has no curve (its AP is undefined)
-            continue
-        ranked = rank_score(pred.proba, c)  # as on the one-vs-rest ROC
+    for name, truth, ranked, color, style in _one_vs_rest(pred):
         recall, precision, _ = pr_points(truth, ranked)
         ap = average_precision(truth, ranked)
         aps.append(ap)
-        color, style = CLASS_STYLES[c % len(CLASS_STYLES)]
         ax.step(np.r_[0.0, recall], np.r_[precision[0], precision], where="pre", color=color, ls=style,
                 lw=1.6, label=_t(f"{name} (AP {ap:.3f})"))
         ax.axhline(float(truth.mean()), color=color, lw=0.7, ls=":")
