@@ -29,6 +29,7 @@ from featcache.report.html import render_html
 from featcache.report.leaderboard import (
     FALLBACK,
     build_leaderboard,
+    by_group,
     config_string,
     keras_backend_of,
     top_of_groups,
@@ -432,10 +433,7 @@ def _paired_section(doc: Document, rows: list[dict], by_id: dict[str, RunRecord]
     With ``--group-by`` each group's best is compared with the next runs of its own group: the groups
     are what the reader asked to compare within.
     """
-    groups: dict[str, list[dict]] = {}
-    for r in sorted(rows, key=lambda r: r["overall_rank"]):
-        groups.setdefault(str(r.get("group")) if group_by else "", []).append(r)
-    for name, ranked in groups.items():
+    for name, ranked in by_group(sorted(rows, key=lambda r: r["overall_rank"])).items():
         body = _paired_rows(ranked, by_id)
         if not body:
             continue
@@ -583,10 +581,7 @@ def _leaderboard_section(
         )
     fig = plots.overview_figure(rows, options.metric, formats=options.figure_formats,
                                 group_by=options.group_by)
-    groups: dict[str, list[dict]] = {}
-    for r in rows:
-        groups.setdefault(r["group"], []).append(r)
-    for name, members in groups.items():
+    for name, members in by_group(rows).items():
         if options.group_by:
             doc.add(Heading(f"{options.group_by}: {name}", 3))
         _ranking_notes(doc, members, options.metric)
@@ -626,10 +621,7 @@ def _top_runs_section(
     if options.detail <= 0 or not rows:
         return
     if options.group_by:  # the best --detail runs of each group
-        groups: dict[str, list[dict]] = {}
-        for r in rows:
-            groups.setdefault(r["group"], []).append(r)
-        chosen = [r for members in groups.values() for r in members[: options.detail]]
+        chosen = [r for members in by_group(rows).values() for r in members[: options.detail]]
     else:
         chosen = rows[: options.detail]
     doc.section("Top runs", "top-runs")

@@ -173,6 +173,14 @@ def _sort_key(row: dict, metric: str, run: dict) -> tuple:
             str(run.get("config_hash") or ""), row["run_id"])
 
 
+def by_group(rows: Sequence[dict]) -> dict[str, list[dict]]:
+    """Rows by their ``group`` ("" for all of them without --group-by), in the order given."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(str(row.get("group") or ""), []).append(row)
+    return groups
+
+
 def build_leaderboard(
     runs: Sequence[RunRecord], metric: str = "accuracy", group_by: str | None = None, top: int | None = None
 ) -> list[dict[str, Any]]:
@@ -197,9 +205,7 @@ def build_leaderboard(
         row["overall_rank"] = i
         row["score"] = row.get(f"val_{metric}")
         row["group"] = str(row[group_by]) if group_by else ""
-    groups: dict[str, list[dict]] = {}
-    for row in rows:  # rows are sorted, so each group's first row is its best: dict order = group order
-        groups.setdefault(row["group"], []).append(row)
+    groups = by_group(rows)  # rows are sorted: each group's first row is its best, dict order = group order
     out: list[dict] = []
     for members in groups.values():
         stand_in = FALLBACK.get(metric)
