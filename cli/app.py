@@ -21,6 +21,32 @@ from featcache.errors import FeatcacheError, os_reason
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ banner off the CLI
 
+
+def _hide_flag_placeholders() -> None:
+    """Show on/off flags in ``--help`` without a value placeholder.
+
+    Why: typer 0.29's rich help prints the type of every option, flags included (``--json <bool>``,
+    ``--help <bool>``), which reads as if the flag took a value; ``--json true`` then fails with "unexpected
+    extra argument". A flag with its own metavar keeps it. Typer versions without ``display_type_rich``
+    print no placeholder for flags, so there is nothing to change.
+    """
+    from typer.core import TyperOption
+
+    original = getattr(TyperOption, "display_type_rich", None)
+    if original is None or getattr(original, "_featcache_flags", False):
+        return
+
+    def display_type_rich(self: Any, ctx: Any) -> str | None:
+        if getattr(self, "is_flag", False) and self.metavar is None:
+            return None
+        return original(self, ctx)
+
+    display_type_rich._featcache_flags = True  # type: ignore[attr-defined]  # patch once per process
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_hide_flag_placeholders()
+
 app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,

@@ -52,6 +52,19 @@ def test_every_help_text_has_an_example_and_there_is_a_version_flag(capsys) -> N
     assert run(["--version"]) == 0 and capsys.readouterr().out.splitlines()[0] == f"featcache {__version__}"
 
 
+def test_help_shows_flags_without_a_value_placeholder(capsys, monkeypatch) -> None:
+    """typer 0.29 printed "--json <bool>" and "--help <bool>", as if the flags took a value; options that
+    take one keep their placeholder."""
+    from featcache.cli.app import run
+
+    monkeypatch.setenv("COLUMNS", "120")
+    assert run(["extract", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--json" in out and "--strict" in out
+    assert "<bool>" not in out
+    assert re.search(r"--batch-size\s+<int>", out)
+
+
 def test_version_command_and_flag_print_the_same(capsys) -> None:
     """`featcache version` printed the bare number and `--version` "featcache X": two answers to one
     question. Both now print the featcache version line, then the library versions and Keras backend."""
