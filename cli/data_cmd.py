@@ -135,7 +135,7 @@ def _render(info: dict) -> None:
         console.print(_list_table("patients in more than one split", ("patient", "splits"), rows, len(leaks)))
     skipped = info["skipped"]
     if skipped:
-        rows = [(shown(rel), shown(why)) for rel, why in skipped[:_MAX_ROWS]]
+        rows = [(shown(s["path"]), shown(s["reason"])) for s in skipped[:_MAX_ROWS]]
         console.print(_list_table("skipped files", ("file", "reason"), rows, len(skipped)))
 
 

@@ -66,6 +66,8 @@ class _ProgressView:
 
 def result_dict(result) -> dict:  # noqa: ANN001 - featcache.extract.ExtractResult
     """An extract's summary as JSON-able data (`extract --json`, and `run --json` per backbone)."""
+    from featcache.datasets import skip_entries  # here: the CLI's start-up imports stay small
+
     path = Path(result.cache_path)
     return {
         "cache_path": str(path),
@@ -76,7 +78,7 @@ def result_dict(result) -> dict:  # noqa: ANN001 - featcache.extract.ExtractResu
         "rows_reused": result.rows_reused,
         "rows_copied": result.rows_copied,
         "duplicates": result.duplicates,
-        "skipped": [[rel, reason] for rel, reason in result.skipped],
+        "skipped": skip_entries(result.skipped),
         "seconds": round(result.seconds, 3),
         "images_per_s": round(result.images_per_s, 2),
         "feature_dim": result.feature_dim,

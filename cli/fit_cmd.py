@@ -106,11 +106,13 @@ def summary(run) -> dict:  # noqa: ANN001 - featcache.runs.Run
 
 def fit_dict(result) -> dict:  # noqa: ANN001 - featcache.fit.FitResult
     """A fit's outcome as JSON-able data (`fit --json`, and `run --json` per head)."""
+    from featcache.datasets import skip_entries  # here: the CLI's start-up imports stay small
+
     return {
         "sweep_id": result.sweep_id,
         "n_configs": result.n_configs,
         "caches": {name: str(p) for name, p in result.caches.items()},
-        "left_out": [{"path": rel, "reason": why} for rel, why in result.left_out],
+        "left_out": skip_entries(result.left_out),
         "runs": [summary(r) for r in result.runs],
         "skipped": result.skipped,
         "cleaned": result.cleaned,

@@ -109,6 +109,6 @@ def _print_skipped(out: dict) -> None:
         err = Console(stderr=True)
         err.print(f"[yellow]{len(skipped)} image(s) skipped:[/]")
         for s in skipped[:MAX_SKIPPED_SHOWN]:
-            err.print(f"  {shown(s['image'])}: {shown(s['reason'])}", highlight=False, soft_wrap=True)
+            err.print(f"  {shown(s['path'])}: {shown(s['reason'])}", highlight=False, soft_wrap=True)
         if len(skipped) > MAX_SKIPPED_SHOWN:
             err.print(f"  ... and {len(skipped) - MAX_SKIPPED_SHOWN} more (use --json for the full list)")

@@ -53,6 +53,13 @@ SUBTYPES = ("normal", "bacteria", "virus")
 """The Kermany subtypes (3class task classes, in this order), from the file names."""
 
 
+def skip_entries(skipped: Iterable[tuple[str, str]]) -> list[dict[str, str]]:
+    """(path, reason) pairs as ``{"path", "reason"}`` objects: the one shape every ``--json`` output lists
+    skipped or left-out files in (extract, data inspect, fit, predict, run), so a script reads them all
+    the same way and each entry says what its two strings are."""
+    return [{"path": path, "reason": reason} for path, reason in skipped]
+
+
 @dataclass(frozen=True)
 class ImageRecord:
     """One image file and everything derived from its location and name."""
@@ -606,6 +613,6 @@ def inspect(dataset: Dataset, progress: ProgressFn | None = None, workers: int =
         # the same bytes under different labels: at least one label is wrong, whatever a model learns
         "conflicting_duplicates": sorted(sorted(r.relpath for r in g) for g in by_digest.values()
                                          if len({(r.label, r.subtype) for r in g}) > 1),
-        "skipped": [[rel, why] for rel, why in sorted(skipped)],
+        "skipped": skip_entries(sorted(skipped)),
         "decode_checked": decode,
     }

@@ -323,7 +323,7 @@ def predict(
     """Class probabilities and labels of ``images`` (files, or folders of image files) with run ``run_id``.
 
     Returns {"run": id, "classes", "threshold", "task", "predictions": [{"image", "key",
-    "probabilities", "label", "from_cache"}], "skipped": [{"image", "reason"}], "notes": [str]} (notes: a
+    "probabilities", "label", "from_cache"}], "skipped": [{"path", "reason"}], "notes": [str]} (notes: a
     run cache that is gone, unreadable or replaced, so nothing came from it). A missing, unreadable
     or undecodable image is skipped with its reason and the others are still classified (as extract
     does); DataError only when no image at all can be used. RunError for an unknown run or a tampered
@@ -365,7 +365,7 @@ def predict(
             for pos, (path, why) in enumerate(listed[start:start + PREDICT_CHUNK], start):
                 got = why or _read_image(path)
                 if isinstance(got, str):
-                    skipped.append((pos, {"image": path, "reason": got}))
+                    skipped.append((pos, {"path": path, "reason": got}))
                 else:
                     items.append(got)
                     where.append(pos)
@@ -375,7 +375,7 @@ def predict(
             if not items:
                 continue
             good, proba, cached, bad = _predict_chunk(items, extractors, views, model)
-            skipped += [(where[i], {"image": items[i][0], "reason": why}) for i, why in bad.items()]
+            skipped += [(where[i], {"path": items[i][0], "reason": why}) for i, why in bad.items()]
             labels = predict_labels(proba, thr) if good else []
             preds += [
                 {
@@ -404,7 +404,7 @@ def predict(
     if not preds:
         first = skipped_list[0]
         raise DataError(
-            f"none of the {len(paths)} path(s) given or found could be classified (e.g. {first['image']}: "
+            f"none of the {len(paths)} path(s) given or found could be classified (e.g. {first['path']}: "
             f"{first['reason']}); pass readable image files or folders of them."
         )
     return {

@@ -1,6 +1,7 @@
 """CLI behaviour common to every command: help texts survive rich markup, Ctrl-C is reported."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -195,6 +196,25 @@ def test_run_summary_counts_configs_resumed_from_a_checkpoint(monkeypatch, capsy
         "fit sweep abc: 3 run(s) trained, 1 already done, 1 resumed from a checkpoint",
         "note 1 patient(s) have images in both the training and the test split",
         "fit sweep def: 2 run(s) trained, 0 already done, 1 undecodable image(s) left out"]
+
+
+def test_run_json_lists_skipped_and_left_out_files_as_path_reason_objects(tmp_path) -> None:
+    """`run --json` (extract's and fit's shapes inside) lists files as {path, reason}, as inspect and predict
+    do: extract printed [path, reason] pairs while fit printed objects, so scripts needed two readers."""
+    from types import SimpleNamespace
+
+    from featcache.cli.pipeline_cmd import pipeline_dict
+
+    bad = [("train/NORMAL/zero.jpeg", "zero-byte file")]
+    ex = SimpleNamespace(cache_path=tmp_path / "c.h5", n_files=2, n_unique=1, rows_computed=1, rows_reused=0,
+                         rows_copied=0, duplicates=0, skipped=bad, seconds=0.5, images_per_s=2.0,
+                         feature_dim=8, timings={}, notes=[])
+    fr = SimpleNamespace(sweep_id="abc", n_configs=1, caches={}, left_out=bad, runs=[], skipped=[],
+                         cleaned=[], notes=[])
+    result = SimpleNamespace(notes=[], extracts=[ex], fits=[fr], report=None)
+    out = json.loads(json.dumps(pipeline_dict(result)))
+    expected = [{"path": "train/NORMAL/zero.jpeg", "reason": "zero-byte file"}]
+    assert out["extracts"][0]["skipped"] == expected and out["fits"][0]["left_out"] == expected
 
 
 def test_runs_show_says_how_an_mlp_run_was_trained() -> None:

@@ -270,7 +270,7 @@ def test_bad_corpus_discovery(tmp_path):
     assert sorted(DUPLICATE_PAIR) in info["duplicates"]
     json.dumps(info)  # surrogate-escaped names must still serialise
     # inspect decodes each unique file: what extract would skip is listed with its reason, not counted
-    inspected = {rel: why for rel, why in info["skipped"]}
+    inspected = {s["path"]: s["reason"] for s in info["skipped"]}
     for rel, outcome in expected.items():
         kind, keyword = outcome_keyword(outcome)
         if kind == "ok":
@@ -402,7 +402,7 @@ def test_cli_inspect_lists_a_cut_jpeg_as_skipped_unless_no_decode(kermany_tree, 
     assert run(["data", "inspect", str(kermany_tree), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["n_images"] == 23
-    assert info["skipped"] == [["train/NORMAL/IM-1000-0001.jpeg", "truncated image"]]
+    assert info["skipped"] == [{"path": "train/NORMAL/IM-1000-0001.jpeg", "reason": "truncated image"}]
     assert run(["data", "inspect", str(kermany_tree)]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "skipped files │ 1" in out and "truncated image" in out

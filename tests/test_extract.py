@@ -258,7 +258,8 @@ def test_strict_json_still_prints_the_result_with_its_skip_list(tmp_path: Path, 
     code = run(["extract", "--data", str(tree), *CLI_BB, "--cache-dir", str(tmp_path / "c"), "--strict",
                 "--json"])
     captured = capsys.readouterr()
-    assert code == 2 and json.loads(captured.out)["skipped"] == [["train/NORMAL/zero.jpeg", "zero-byte file"]]
+    assert code == 2 and json.loads(captured.out)["skipped"] == [
+        {"path": "train/NORMAL/zero.jpeg", "reason": "zero-byte file"}]
     assert "without --strict" in " ".join(captured.err.split())
 
 

@@ -238,7 +238,7 @@ def test_bad_images_are_skipped_and_folders_expanded(trained, tmp_path: Path, ca
     whole = predict([folder, tmp_path / "new", bad, missing], run_id, runs_dir)
     names = [Path(p["image"]).name for p in whole["predictions"]]
     assert names == sorted(f.name for f in folder.iterdir()) + ["a.jpeg"]
-    assert [(Path(s["image"]).name, s["reason"].split(":")[0]) for s in whole["skipped"]] == [
+    assert [(Path(s["path"]).name, s["reason"].split(":")[0]) for s in whole["skipped"]] == [
         ("notes.txt", "not an image file extension (.txt)"), ("bad.jpeg", "cannot decode"),
         ("missing.png", "does not exist")]
     # in chunks of 2 (a chunk of only cached rows, one of a cached row and the bad file, ...) nothing moves
@@ -255,7 +255,8 @@ def test_bad_images_are_skipped_and_folders_expanded(trained, tmp_path: Path, ca
     captured = capsys.readouterr()
     assert "a.jpeg" in captured.out and "1 image(s) skipped" in captured.err and "bad.jpeg" in captured.err
     assert cli([*args, "--strict", "--json"]) == 2
-    assert json.loads(capsys.readouterr().out)["skipped"][0]["image"] == str(bad)
+    entry = json.loads(capsys.readouterr().out)["skipped"][0]  # {path, reason}, as extract lists them
+    assert set(entry) == {"path", "reason"} and entry["path"] == str(bad) and "decode" in entry["reason"]
     # nothing usable at all is an error, with the first reason
     with pytest.raises(DataError, match="none of the 2 path.*does not exist"):
         predict([missing, tmp_path / "empty_dir_missing"], run_id, runs_dir)
@@ -305,7 +306,7 @@ def test_symlinked_folders_are_followed_as_discovery_follows_them(trained, tmp_p
     out = predict([new], run_id, runs_dir)
     names = sorted(Path(p["image"]).name for p in out["predictions"])
     assert names == sorted(["own.jpeg", *(f.name for f in (root / "test" / "NORMAL").iterdir())])
-    assert [(Path(s["image"]).name, s["reason"]) for s in out["skipped"]] == [("loop", "symlink loop")]
+    assert [(Path(s["path"]).name, s["reason"]) for s in out["skipped"]] == [("loop", "symlink loop")]
     only_link = tmp_path / "only"
     only_link.mkdir()
     (only_link / "x").symlink_to(root / "test" / "NORMAL", target_is_directory=True)
