@@ -318,7 +318,18 @@ def _read_config(f, path: Path) -> dict:
     if int(fmt) > FORMAT_VERSION:
         raise CacheError(f"cache file {path} has format {fmt}, newer than this featcache understands "
                          f"({FORMAT_VERSION}); upgrade featcache")
-    return json.loads(_from_attr(f.attrs["config_json"]))
+    config = json.loads(_from_attr(f.attrs["config_json"]))
+    # Why: readers take config_json as the settings that computed the rows (fit matches and records them),
+    # so an edited one (a "fixed" dataset_root or pooling) passed the rows off as another extraction's.
+    # Every writer since format 1 stores config_hash beside config_json: one hash of a short string, and
+    # no file featcache wrote is refused.
+    if str(_from_attr(f.attrs.get("config_hash", ""))) != config_hash(config):
+        quoted = shlex.quote(os.fsdecode(path))
+        raise CacheError(f"cache file {path}: its settings (config_json) no longer match its config_hash, so "
+                         "they were edited after extraction and its rows cannot be trusted to be their "
+                         f"features; `featcache cache verify {quoted}` lists what differs (extract again "
+                         "into another --cache-dir, or restore the file)")
+    return config
 
 
 def _config_diff(have: dict, want: dict) -> list[str]:

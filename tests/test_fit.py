@@ -683,6 +683,27 @@ def test_missing_rows_and_3class_errors(tmp_path: Path, capsys) -> None:
     assert code != 0 and "featcache extract" in " ".join(capsys.readouterr().err.split())
 
 
+def test_a_cache_whose_settings_were_edited_is_refused_with_cache_verify_named(tmp_path: Path) -> None:
+    """`cache verify` said "config_hash does not match config_json (the settings were edited)" while fit
+    read the same file without a word and recorded the edited settings as the ones its rows came from."""
+    from featcache.cache import canonical_json, verify
+
+    root = make_tree(tmp_path / "data", n_patients=6)
+    edited = write_cache(root, tmp_path / "cache")
+    with h5py.File(edited, "r+") as f:
+        config = json.loads(f.attrs["config_json"])
+        config["preprocess"] = "caffe"  # a setting fit does not select by: the file is still "the" cache
+        f.attrs["config_json"] = canonical_json(config)
+    for cache_files in (None, {"fakenet": edited}):  # found in --cache-dir, or given as the file itself
+        with pytest.raises(CacheError) as exc:
+            fit(root, "fakenet", "logreg", opts(tmp_path / "cache", tmp_path / "runs",
+                                                 cache_files=cache_files))
+        said = " ".join(str(exc.value).split())
+        assert str(edited) in said and "were edited" in said and f"featcache cache verify {edited}" in said
+    assert not (tmp_path / "runs").exists()
+    assert "config_hash does not match config_json" in " ".join(verify(edited)["problems"])
+
+
 def test_images_extract_could_not_decode_are_left_out_and_named(setup, capsys) -> None:
     """A zero-byte or text "image" has no features (extract skipped it): fit leaves it out, says so and
     records it, instead of asking for an extract that would skip it again. A missing image that decodes
