@@ -10,6 +10,31 @@ from PIL import Image
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+
+def _share_jax_compilations() -> None:
+    """One persistent XLA compilation cache for the whole test session (and its subprocesses).
+
+    Why: the JAX trainer jits a new epoch function per grid, so every test that trains the same small grid
+    on JAX compiled the same programs again; compiling was about two thirds of those tests' time on a
+    2-core CI machine. A program loaded from the cache is the one compiled for that HLO, so the numbers do
+    not change. The folder is new per session (no state from earlier runs); set JAX_COMPILATION_CACHE_DIR
+    to choose another.
+    """
+    import atexit
+    import shutil
+    import tempfile
+
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    folder = tempfile.mkdtemp(prefix="featcache-tests-xla-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # the small grids compile fast
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+_share_jax_compilations()
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
