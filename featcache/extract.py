@@ -192,6 +192,11 @@ def _build_and_hash(records: list[ImageRecord], config: BackboneConfig,
     return backbone, state["results"], {"build": t_build, "build_and_hash": time.perf_counter() - t0}
 
 
+def _reused(present: set | dict, keys: list[str], views: list[Any]) -> list[tuple[str, str]]:
+    """The (key, view) rows this extract wants that ``present`` holds."""
+    return [(k, v.name) for k in keys for v in views if (k, v.name) in present]
+
+
 def _group_by_key(records: list[ImageRecord], digests: list[str | OSError],
                   skipped: list[tuple[str, str]]) -> dict[str, list[ImageRecord]]:
     """Unique keys in first-seen (relpath) order; unreadable files go to ``skipped``."""
@@ -205,7 +210,8 @@ def _group_by_key(records: list[ImageRecord], digests: list[str | OSError],
 
 
 def _complete_read_only(path: Path, exc: OSError, todo: Callable[[Any], list[_Item]], *, size: int,
-                        resize: str, skipped: list[tuple[str, str]]) -> list[_Item]:
+                        resize: str, skipped: list[tuple[str, str]], keys: list[str],
+                        views: list[Any]) -> list[_Item]:
     """The missing rows' items when none of them can be computed (undecodable images); else raise ``exc``.
 
     Why: a cache shared read-only (a group's folder, a read-only mount) has nothing to lock when nothing is
@@ -217,13 +223,27 @@ def _complete_read_only(path: Path, exc: OSError, todo: Callable[[Any], list[_It
     if not path.is_file():
         raise exc
     with fcache.CacheReader(path) as reader:
-        items = todo(reader.index())
-    for item in items:
-        reason = _decode_item(item, size, resize)  # what a writable extract would do with it
-        if not isinstance(reason, str):
-            raise exc  # a row that could be computed is missing: the cache must be written to
-        skipped.extend((rec.relpath, reason) for rec in item.records)
+        present = reader.index()
+        for kv in reader.damaged(_reused(present, keys, views)):  # to compute again: it must be written
+            del present[kv]
+        items = todo(present)
+    undecodable = _undecodable(items, size, resize)  # what a writable extract would find
+    if undecodable is None:
+        raise exc  # a row that could be computed is missing: the cache must be written to
+    skipped.extend(undecodable)
     return items
+
+
+def _undecodable(items: list[_Item], size: int, resize: str) -> list[tuple[str, str]] | None:
+    """The skip entries (path, reason) of ``items`` when none of them can be decoded, so that there is
+    nothing to compute; None as soon as one can (it must go through the backbone)."""
+    out = []
+    for item in items:
+        reason = _decode_item(item, size, resize)
+        if not isinstance(reason, str):
+            return None
+        out.extend((rec.relpath, reason) for rec in item.records)
+    return out
 
 
 def extract(dataset: Dataset, backbone: BackboneConfig, cache_dir: Path, options: ExtractOptions,
@@ -266,16 +286,21 @@ def extract(dataset: Dataset, backbone: BackboneConfig, cache_dir: Path, options
                                        session={"batch_size": options.batch_size})
     except OSError as exc:  # e.g. a shared cache in a read-only folder: fine if nothing is left to compute
         undecodable = _complete_read_only(path, exc, todo, size=bb.input_size, resize=options.resize,
-                                          skipped=skipped)
+                                          skipped=skipped, keys=keys, views=views)
         rows_reused = len(keys) * len(views) - sum(len(it.views) for it in undecodable)
     else:
         with writer_cm as writer:
+            damaged = writer.damaged(_reused(writer.present(), keys, views))
+            if damaged:  # a reused row must be the one written: compute changed ones again, in their place
+                writer.redo(damaged)
+                notes.append(f"{len(damaged)} row(s) of {path.name} failed their integrity check (changed "
+                             "after they were written) and were computed again")
             items = todo(writer.present())
             rows_total = sum(len(it.views) for it in items)
             rows_reused = len(keys) * len(views) - rows_total
             if rows_total:
                 notes += _mixed_rows_notes(writer, path)
-                writer.reserve(rows_total)
+                writer.reserve(rows_total - len(damaged))
                 # every forward pass at --batch-size, padded: a resume with fewer missing rows than one
                 # batch compiled a smaller one, whose float rounding differed (4e-6) from a fresh extract
                 bb.fix_batch_size(options.batch_size)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from badcorpus import DUPLICATE_PAIR, make_bad_corpus, outcome_keyword
-from conftest import make_kermany_tree, write_xray
+from conftest import make_kermany_tree, save_rescaling_model, write_xray
 from featcache.cli.app import run
 
 from featcache import cache as fcache
@@ -296,6 +296,30 @@ def test_imagenet_weights_of_another_size_are_one_note_not_a_keras_warning(tmp_p
         assert run([*argv[:-3], "224", *argv[-2:]]) == 0
     assert "Keras has no ImageNet weights" not in capsys.readouterr().out
     assert [str(w.message) for w in caught if "input_shape" in str(w.message)] == []
+
+
+def test_a_changed_row_of_the_cache_is_computed_again_not_reused(tmp_path: Path):
+    """`fit` and `cache verify` refuse a row that fails its digest, but a plain re-extract counted it as
+    cached and reused it: now it is computed again, in its own row, with a note."""
+    import h5py
+
+    root = make_kermany_tree(tmp_path / "data", n_normal=3, n_pneu=3, splits=("train",), size=32)
+    bb = BackboneConfig(str(save_rescaling_model(tmp_path / "m.keras", 1 / 255, 0.0)), layer="feat_conv")
+    first = extract(discover(root), bb, tmp_path / "c", ExtractOptions())
+    want = _rows(first.cache_path)
+    with h5py.File(first.cache_path, "r+") as f:
+        kv = (f["keys"][2].decode(), f["views"][2].decode())
+        f["features"][2, 0] += 1.0  # a flipped bit, say
+    assert not fcache.verify(first.cache_path)["ok"]
+    again = extract(discover(root), bb, tmp_path / "c", ExtractOptions())
+    assert (again.cache_path, again.rows_computed, again.rows_reused) == (first.cache_path, 1, 5)
+    assert any(n.startswith(f"1 row(s) of {first.cache_path.name} failed their integrity check")
+               for n in again.notes)
+    assert fcache.verify(first.cache_path)["ok"]
+    rows = _rows(first.cache_path)
+    assert rows.keys() == want.keys()
+    _close(rows[kv], want[kv])
+    assert extract(discover(root), bb, tmp_path / "c", ExtractOptions()).rows_computed == 0
 
 
 def _cli(tree: Path, cache_dir: Path, *extra: str) -> list[str]:
