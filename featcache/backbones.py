@@ -271,10 +271,80 @@ def imagenet_weights_file(name: str, image_size: int) -> str:
 
 
 def keras_models_dir() -> Path:
-    """Where keras.applications caches downloaded weights ($KERAS_HOME/models, default ~/.keras/models)."""
-    from keras.src.backend import config as kconfig
+    """Where keras.applications caches downloaded weights ($KERAS_HOME/models, default ~/.keras/models).
 
-    return Path(os.path.expanduser(kconfig.keras_home())) / "models"
+    Without Keras imported, Keras' own rule ($KERAS_HOME, else ~/.keras, else /tmp/.keras where the home
+    folder is not writable): extract finds a complete cache's settings without importing it.
+    """
+    if "keras" in sys.modules:
+        from keras.src.backend import config as kconfig
+
+        home = kconfig.keras_home()
+    elif "KERAS_HOME" in os.environ:
+        home = os.environ["KERAS_HOME"]
+    else:
+        base = os.path.expanduser("~")
+        home = os.path.join(base if os.access(base, os.W_OK) else "/tmp", ".keras")
+    return Path(os.path.expanduser(home)) / "models"
+
+
+@dataclass(frozen=True)
+class Unbuilt:
+    """What :meth:`Backbone.describe` and ``Backbone.notes`` will say, as far as the configuration and the
+    files it names tell without building the model (see :func:`describe_unbuilt`)."""
+
+    known: dict                 # describe() entries with their values
+    from_build: frozenset[str]  # describe() entries only a build (or a cache it made) can give
+    notes: tuple[str, ...]      # the notes a build gives
+
+
+def describe_unbuilt(config: BackboneConfig) -> Unbuilt | None:
+    """The settings a build of ``config`` would describe, except those that need the built model (the
+    weights digest, the feature size; a saved model's input and preprocessing), or None when it cannot
+    be known without building (ImageNet weights Keras has not downloaded yet).
+
+    Why: a fully cached extract only needs to find its cache file; building the model for that cost
+    seconds (and TensorFlow). Files are hashed as the build hashes them, so the values are the same.
+    """
+    cfg = config.resolved()
+    if is_saved_model(cfg.name):
+        path = Path(cfg.name)
+        known: dict[str, Any] = {"backbone": saved_name(cfg.name), "pooling": cfg.pooling, "layer": cfg.layer,
+                                 "weights": "saved" if cfg.weights == "imagenet" else "file"}
+        if cfg.weights == "imagenet":
+            known["weights_file_sha256"] = sha256_file(path)
+        else:
+            known.update(weights_file_sha256=sha256_file(Path(cfg.weights)),
+                         model_file_sha256=sha256_file(path))
+        from_build = {"weights_digest", "feature_dim", "preprocess", "input_channels"}
+        if cfg.image_size:
+            known["image_size"] = int(cfg.image_size)
+        else:
+            from_build.add("image_size")
+        return Unbuilt(known, frozenset(from_build), ())
+    spec = get_spec(cfg.name)
+    size = int(cfg.image_size or spec.input_size)
+    known = {"backbone": cfg.name, "pooling": cfg.pooling, "image_size": size, "preprocess": spec.preprocess,
+             "weights": cfg.weights if cfg.weights in _WEIGHT_KEYWORDS else "file"}
+    if cfg.weights == "imagenet":
+        cached = keras_models_dir() / imagenet_weights_file(spec.name, size)
+        if not cached.is_file():
+            return None  # the build downloads it
+        known["weights_file_sha256"] = sha256_file(cached)
+    elif cfg.weights != "none":
+        known["weights_file_sha256"] = sha256_file(Path(cfg.weights))
+    notes = ()
+    if cfg.weights == "imagenet" and spec.name.startswith("mobilenet") and size not in (128, 160, 192, 224):
+        notes = (_other_size_note(spec.name, size, ("224", "224")),)  # Keras' rule in mobilenet.py
+    return Unbuilt(known, frozenset({"weights_digest", "feature_dim"}), notes)
+
+
+def _other_size_note(name: str, size: int, trained: tuple[str, str]) -> str:
+    """The note for ImageNet weights trained at another size than the one asked for (see _construct)."""
+    return (f"{name} at --image-size {size}: Keras has no ImageNet weights trained at that "
+            f"size and loaded the {'x'.join(trained)}-px ones; convolutions take any size, so the "
+            f"features are sound, but not those of a network trained at {size} px "
+            f"(--image-size {trained[0]} matches its weights)")
 
 
 def build_backbone(config: BackboneConfig) -> Backbone:
@@ -384,11 +454,7 @@ def _construct(ctor: Any, spec: BackboneSpec, cfg: BackboneConfig, size: int, po
     for w in caught:
         other = _OTHER_SIZE_WEIGHTS.search(str(w.message))
         if other and issubclass(w.category, UserWarning):
-            trained = "x".join(other.groups())
-            notes.append(f"{spec.name} at --image-size {size}: Keras has no ImageNet weights trained at that "
-                         f"size and loaded the {trained}-px ones; convolutions take any size, so the "
-                         f"features are sound, but not those of a network trained at {size} px "
-                         f"(--image-size {other.group(1)} matches its weights)")
+            notes.append(_other_size_note(spec.name, size, other.groups()))
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return base, notes

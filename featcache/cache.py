@@ -805,6 +805,9 @@ class CacheReader:
         valid = f["valid"][...]          # read first: rows before the first 0 are complete and immutable
         short = _equal_lengths(f)  # an interrupted resize: rows past the shortest dataset are not whole
         self.n_rows: int = _valid_prefix(valid if short is None else valid[:short])
+        # closed cleanly: no reserved or incomplete rows, no interrupted resize (a writer would tidy them)
+        self.clean: bool = (short is None and int(valid.shape[0]) == self.n_rows
+                            and _from_attr(f.attrs.get("n_rows", -1)) == self.n_rows)
         self.feature_dim: int = int(f["features"].shape[1])
         self.dtype: str = str(self.config.get("dtype", "float32"))
         keys = _decode(f["keys"][: self.n_rows])
@@ -982,6 +985,30 @@ def _readable_configs(cache_dir: Path, include_shards: bool) -> Iterator[tuple[P
             except (CacheError, ValueError):
                 continue
         yield path, config
+
+
+def recorded_setups(cache_dir: Path, dataset_root: Path) -> list[tuple[dict, list[dict]]]:
+    """The settings of the cache files ``cache_path`` names after ``dataset_root`` (shards included), each
+    with the library versions that computed its rows: its creator's and every session's.
+
+    Why: each of them was written with the settings a build of its backbone gave under those versions
+    (a writer only adds rows to a file of its own settings), so extract can learn from them what a build
+    would say without building (``extract._described_before``).
+    """
+    prefix = f"{_slug(Path(dataset_root).resolve().name or 'dataset')}__"
+    out = []
+    for path in sorted(Path(cache_dir).glob(glob.escape(prefix) + "*.h5")):
+        if not parse_cache_name(path):
+            continue
+        try:
+            with _open_h5(path, "r") as f:
+                config = _read_config(f, path)
+                versions = [_versions_attr(f)] + [s["versions"] for s in _sessions(f)
+                                                  if isinstance(s.get("versions"), dict)]
+        except (CacheError, OSError, ValueError):
+            continue
+        out.append((config, versions))
+    return out
 
 
 def find_twins(cache_dir: Path, config: dict, own: Path | None = None) -> list[Path]:

@@ -26,6 +26,7 @@ than one batch does not compile a smaller batch, whose kernels round differently
 """
 from __future__ import annotations
 
+import json
 import queue
 import threading
 import time
@@ -170,17 +171,18 @@ def _hash_records(records: list[ImageRecord], state: dict) -> None:
     state["results"] = results
 
 
-def _build_and_hash(records: list[ImageRecord], config: BackboneConfig,
-                    progress: ProgressFn | None) -> tuple[Backbone, list[str | OSError], dict[str, float]]:
-    """Build the backbone in this thread while the files are hashed in another (both take seconds)."""
+def _build_and_hash(records: list[ImageRecord], config: BackboneConfig, progress: ProgressFn | None,
+                    build: bool = True) -> tuple[Backbone | None, list[str | OSError], dict[str, float]]:
+    """Build the backbone in this thread while the files are hashed in another (both take seconds);
+    ``build=False`` only hashes (the backbone is None)."""
     state: dict = {"done": 0}
     t0 = time.perf_counter()
     worker = threading.Thread(target=_hash_records, args=(records, state), name="featcache-hash", daemon=True)
     worker.start()
-    emit(progress, "backbone", 0, None, f"building {config.name}")
+    backbone = None
     try:
-        backbone = build_backbone(config)
-        emit(progress, "backbone", 1, 1, f"built {config.name}")
+        if build:
+            backbone = _build(config, progress)
     finally:
         t_build = time.perf_counter() - t0
         while worker.is_alive():
@@ -192,9 +194,107 @@ def _build_and_hash(records: list[ImageRecord], config: BackboneConfig,
     return backbone, state["results"], {"build": t_build, "build_and_hash": time.perf_counter() - t0}
 
 
+def _build(config: BackboneConfig, progress: ProgressFn | None) -> Backbone:
+    emit(progress, "backbone", 0, None, f"building {config.name}")
+    backbone = build_backbone(config)
+    emit(progress, "backbone", 1, 1, f"built {config.name}")
+    return backbone
+
+
+@dataclass
+class _Described:
+    """A cache file's settings known without building the backbone (see ``_described_before``)."""
+
+    config: dict
+    path: Path
+    feature_dim: int
+    input_size: int
+    notes: list[str]
+
+
+def _build_environment() -> dict:
+    """The library versions that decide what a build gives (random weights, how a file is loaded)."""
+    from featcache import cache as fcache
+    from featcache.runs import keras_backend
+
+    now = fcache._versions()
+    backend = keras_backend()  # Keras' own rule (keras.json included) without importing it
+    return {"keras": now.get("keras"), "backend": backend, backend: now.get(backend),
+            "numpy": now.get("numpy")}
+
+
+def _described_before(backbone: BackboneConfig, cache_dir: Path, root: Path, options: ExtractOptions,
+                      shard: tuple[int, int] | None) -> _Described | None:
+    """This extract's cache file and settings, taken from a cache of this dataset folder that a build of
+    the same backbone wrote under the same library versions; None when none did (or two disagree).
+
+    Why: a fully cached extract built the model (seconds; TensorFlow; the weights file) only to learn its
+    weights digest and feature size. Every other setting follows from the options and the files they name
+    (``describe_unbuilt``), and those two are a function of them under given Keras, backend and numpy
+    versions, which each cache file records for every part of its rows. The path is then the one a build
+    gives, so nothing changes but the time; whenever a row is missing the model is built as before.
+    """
+    from featcache import cache as fcache
+    from featcache.backbones import describe_unbuilt, is_saved_model, saved_name
+
+    if not Path(cache_dir).is_dir():
+        return None
+    cfg = backbone.resolved()
+    label = saved_name(cfg.name) if is_saved_model(cfg.name) else cfg.name
+    setups = [(config, versions) for config, versions in fcache.recorded_setups(Path(cache_dir), root)
+              if config.get("backbone") == label and config.get("pooling") == cfg.pooling]
+    unbuilt = describe_unbuilt(cfg) if setups else None  # hashes the weights file: only when it may pay
+    if unbuilt is None:
+        return None
+    env = _build_environment()
+    found = set()
+    for config, versions in setups:
+        described = {k: v for k, v in config.items() if k not in ("dataset_root", "resize", "dtype")}
+        learnt = {k: v for k, v in described.items() if k not in unbuilt.known}
+        if ({k: described.get(k) for k in unbuilt.known} != unbuilt.known
+                or not {"weights_digest", "feature_dim"} <= set(learnt) <= unbuilt.from_build
+                or not any(all(v.get(k) == want for k, want in env.items()) for v in versions)):
+            continue
+        found.add(fcache.canonical_json(learnt))
+    if len(found) != 1:
+        return None
+    described = {**unbuilt.known, **json.loads(found.pop())}
+    config = fcache.cache_config(root, described, options.resize, options.dtype)
+    path = fcache.cache_path(Path(cache_dir), config, shard)
+    return _Described(config, path, int(described["feature_dim"]), int(described["image_size"]),
+                      list(unbuilt.notes))
+
+
 def _reused(present: set | dict, keys: list[str], views: list[Any]) -> list[tuple[str, str]]:
     """The (key, view) rows this extract wants that ``present`` holds."""
     return [(k, v.name) for k in keys for v in views if (k, v.name) in present]
+
+
+def _complete_unbuilt(described: _Described, keys: list[str], views: list[Any],
+                      todo: Callable[[Any], list[_Item]], resize: str,
+                      skipped: list[tuple[str, str]]) -> int | None:
+    """The rows reused when ``described.path`` holds every row this extract wants (those it lacks because
+    their image cannot be decoded go to ``skipped``, as a build would find), all intact, and was closed
+    cleanly; else None (the backbone is built and a writer takes over, as before)."""
+    from featcache import cache as fcache
+
+    if not described.path.is_file():
+        return None
+    try:
+        with fcache.CacheReader(described.path) as reader:
+            if reader.config != described.config or reader.feature_dim != described.feature_dim:
+                return None
+            index = reader.index()
+            items = todo(index)
+            # a row to compute, a file for a writer to tidy, or a damaged row: build (the digest check last:
+            # it reads every row)
+            undecodable = _undecodable(items, described.input_size, resize) if reader.clean else None
+            if undecodable is None or reader.damaged(_reused(index, keys, views)):
+                return None
+    except fcache.CacheError:
+        return None  # the writer says what is wrong with it
+    skipped.extend(undecodable)
+    return len(keys) * len(views) - sum(len(it.views) for it in items)
 
 
 def _group_by_key(records: list[ImageRecord], digests: list[str | OSError],
@@ -249,23 +349,19 @@ def _undecodable(items: list[_Item], size: int, resize: str) -> list[tuple[str, 
 def extract(dataset: Dataset, backbone: BackboneConfig, cache_dir: Path, options: ExtractOptions,
             progress: ProgressFn | None = None) -> ExtractResult:
     """Compute every missing (image, view) row of ``dataset`` into its cache file and return a summary."""
-    from featcache import cache as fcache
-
     t0 = time.perf_counter()
     views = check_options(options)
     if Path(cache_dir).exists() and not Path(cache_dir).is_dir():  # else "File exists" from mkdir, later
         raise ConfigError(f"--cache-dir {cache_dir} is a file, not a folder; choose a folder for the caches.")
     records = dataset.select(options.splits)
     skipped = _selected_skips(dataset, options.splits)
-    bb, digests, timings = _build_and_hash(records, backbone, progress)
+    shard = tuple(options.shard) if options.shard is not None else None
+    # a cache this backbone's build wrote before tells its file and settings: build only if rows are missing
+    described = _described_before(backbone, Path(cache_dir), dataset.root, options, shard)
+    bb, digests, timings = _build_and_hash(records, backbone, progress, build=described is None)
     groups = _group_by_key(records, digests, skipped)
     duplicates = sum(len(recs) - 1 for recs in groups.values())
     keys = [k for k in groups if in_shard(k, options.shard)]
-
-    config = fcache.cache_config(dataset.root, bb.describe(), options.resize, options.dtype)
-    shard = tuple(options.shard) if options.shard is not None else None
-    path = fcache.cache_path(Path(cache_dir), config, shard)  # a shard gets "<name>.shard-i-of-n.h5"
-    path.parent.mkdir(parents=True, exist_ok=True)
 
     def todo(present: set | dict) -> list[_Item]:
         items = []
@@ -275,9 +371,55 @@ def extract(dataset: Dataset, backbone: BackboneConfig, cache_dir: Path, options
                 items.append(_Item(key, groups[key], missing))
         return items
 
+    rows_computed = rows_copied = 0
+    t_stream = time.perf_counter()
+    hit = None
+    if described is not None:
+        hit = _complete_unbuilt(described, keys, views, todo, options.resize, skipped)
+        if hit is None:  # rows to compute (or a file to tidy): build now
+            t_build = time.perf_counter()
+            bb = _build(backbone, progress)
+            timings["build"] = time.perf_counter() - t_build
+            t_stream = time.perf_counter()
+    if hit is not None:
+        path, feature_dim, rows_reused = described.path, described.feature_dim, hit
+        notes = list(described.notes)  # what a build would have said of itself
+    else:
+        feature_dim = bb.feature_dim
+        path, rows_computed, rows_reused, rows_copied, notes = _extract_built(
+            bb, dataset, Path(cache_dir), options, shard, keys, groups, views, todo, skipped, progress)
+    timings["stream"] = time.perf_counter() - t_stream
+    seconds = time.perf_counter() - t0
+    result = ExtractResult(
+        cache_path=path, n_files=len(records), n_unique=len(keys), rows_computed=rows_computed,
+        rows_reused=rows_reused, duplicates=duplicates, skipped=skipped, seconds=seconds,
+        images_per_s=rows_computed / seconds if seconds > 0 else 0.0, feature_dim=feature_dim,
+        timings=timings, notes=notes, rows_copied=rows_copied,
+    )
+    if options.strict and skipped:
+        rel, reason = skipped[0]
+        err = DataError(
+            f"{len(skipped)} file(s) could not be used (first: {rel}: {reason}); the good images are cached "
+            "in " + path.name + ", so fix or remove those files, or run without --strict"
+        )
+        err.result = result  # type: ignore[attr-defined]  # lets the CLI still list what was skipped
+        raise err
+    return result
+
+
+def _extract_built(bb: Backbone, dataset: Dataset, cache_dir: Path, options: ExtractOptions,
+                   shard: tuple[int, int] | None, keys: list[str], groups: dict[str, list[ImageRecord]],
+                   views: list[Any], todo: Callable[[Any], list[_Item]], skipped: list[tuple[str, str]],
+                   progress: ProgressFn | None) -> tuple[Path, int, int, int, list[str]]:
+    """Copy, check and compute the rows with a built backbone; returns (cache path, rows computed, rows
+    reused, rows copied, notes)."""
+    from featcache import cache as fcache
+
+    config = fcache.cache_config(dataset.root, bb.describe(), options.resize, options.dtype)
+    path = fcache.cache_path(cache_dir, config, shard)  # a shard gets "<name>.shard-i-of-n.h5"
+    path.parent.mkdir(parents=True, exist_ok=True)
     rows_computed = 0
     notes: list[str] = list(bb.notes)  # how the backbone was built (ImageNet weights of another size)
-    t_stream = time.perf_counter()
     rows_copied, copy_notes = _copy_from_twins(path, config, bb.feature_dim, keys, groups, views, options,
                                                progress)
     notes += copy_notes
@@ -305,23 +447,7 @@ def extract(dataset: Dataset, backbone: BackboneConfig, cache_dir: Path, options
                 # batch compiled a smaller one, whose float rounding differed (4e-6) from a fresh extract
                 bb.fix_batch_size(options.batch_size)
                 rows_computed = _stream(items, bb, writer, options, skipped, rows_total, progress)
-    timings["stream"] = time.perf_counter() - t_stream
-    seconds = time.perf_counter() - t0
-    result = ExtractResult(
-        cache_path=path, n_files=len(records), n_unique=len(keys), rows_computed=rows_computed,
-        rows_reused=rows_reused, duplicates=duplicates, skipped=skipped, seconds=seconds,
-        images_per_s=rows_computed / seconds if seconds > 0 else 0.0, feature_dim=bb.feature_dim,
-        timings=timings, notes=notes, rows_copied=rows_copied,
-    )
-    if options.strict and skipped:
-        rel, reason = skipped[0]
-        err = DataError(
-            f"{len(skipped)} file(s) could not be used (first: {rel}: {reason}); the good images are cached "
-            "in " + path.name + ", so fix or remove those files, or run without --strict"
-        )
-        err.result = result  # type: ignore[attr-defined]  # lets the CLI still list what was skipped
-        raise err
-    return result
+    return path, rows_computed, rows_reused, rows_copied, notes
 
 
 COPY_BLOCK = 1024  # rows per read/append while copying from a twin cache

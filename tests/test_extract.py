@@ -60,7 +60,9 @@ def reference(tree: Path, tmp_path_factory) -> dict[tuple[str, str], np.ndarray]
     return _rows(res.cache_path)
 
 
-def test_extract_then_full_cache_hit(tree: Path, tmp_path: Path):
+def test_extract_then_full_cache_hit(tree: Path, tmp_path: Path, monkeypatch):
+    import featcache.extract as xmod
+
     ds = discover(tree)
     events = []
     first = extract(ds, BB, tmp_path, ExtractOptions(batch_size=8), progress=events.append)
@@ -69,6 +71,7 @@ def test_extract_then_full_cache_hit(tree: Path, tmp_path: Path):
     assert first.feature_dim == 768 and first.cache_path.parent == tmp_path
     done = [e.done for e in events if e.phase == "extract"]
     assert done == sorted(done) and done[-1] == 24
+    monkeypatch.setattr(xmod, "build_backbone", lambda cfg: pytest.fail("a cache hit built the backbone"))
     second = extract(ds, BB, tmp_path, ExtractOptions(batch_size=8))
     assert second.cache_path == first.cache_path
     assert (second.rows_computed, second.rows_reused) == (0, 24)
@@ -280,22 +283,65 @@ def test_imagenet_weights_of_another_size_are_one_note_not_a_keras_warning(tmp_p
                                  pooling="avg").save_weights(local)
     monkeypatch.setattr(file_utils, "get_file", lambda *a, **k: str(local))
     monkeypatch.setattr(bmod, "keras_models_dir", lambda: tmp_path / "models")
+    (tmp_path / "models").mkdir()
+    shutil.copy(local, tmp_path / "models" / bmod.imagenet_weights_file("mobilenet-0.75", 300))
     tree = tmp_path / "d"
     write_xray(tree / "train" / "NORMAL" / "IM-0001-0001.jpeg", 1, 64)
     argv = ["extract", "--data", str(tree), "--backbone", "mobilenet-0.75", "--weights", "imagenet",
             "--image-size", "300", "--cache-dir", str(tmp_path / "c")]
+    note = ("note mobilenet-0.75 at --image-size 300: Keras has no ImageNet weights trained at that size and "
+            "loaded the 224x224-px ones")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert run(argv) == 0
     assert [str(w.message) for w in caught if "input_shape" in str(w.message)] == []
-    out = " ".join(capsys.readouterr().out.split())
-    assert ("note mobilenet-0.75 at --image-size 300: Keras has no ImageNet weights trained at that size and "
-            "loaded the 224x224-px ones") in out
+    assert note in " ".join(capsys.readouterr().out.split())
+    import featcache.extract as xmod
+
+    with monkeypatch.context() as m:  # fully cached: found without a build, and the note is the same
+        m.setattr(xmod, "build_backbone", lambda cfg: pytest.fail("a fully cached extract built the model"))
+        assert run(argv) == 0
+    assert note in " ".join(capsys.readouterr().out.split())
     with warnings.catch_warnings(record=True) as caught:  # at a size it has weights for: nothing to say
         warnings.simplefilter("always")
         assert run([*argv[:-3], "224", *argv[-2:]]) == 0
     assert "Keras has no ImageNet weights" not in capsys.readouterr().out
     assert [str(w.message) for w in caught if "input_shape" in str(w.message)] == []
+
+
+def test_a_fully_cached_extract_finds_its_file_without_building_the_backbone(tmp_path: Path, monkeypatch):
+    """A cache hit built the model (1.9 s for vgg16, plus the weights and TensorFlow) only to learn its
+    weights digest and feature size for the file name. The cache files record them with the library
+    versions that built them: a saved model, alone or with a weights file, finds the file a build names
+    (the first extracts' own, made as before); a missing row or other versions build. (Random weights:
+    test_extract_then_full_cache_hit; ImageNet weights: the note test above.)"""
+    import keras
+
+    import featcache.extract as xmod
+
+    root = make_kermany_tree(tmp_path / "data", n_normal=2, n_pneu=2, splits=("train",), size=32)
+    model = save_rescaling_model(tmp_path / "m.keras", 1 / 255, 0.0)
+    weights = tmp_path / "m.weights.h5"
+    keras.models.load_model(model).save_weights(weights)
+    saved = BackboneConfig(str(model), layer="feat_conv")
+    configs = [saved, BackboneConfig(str(model), weights=str(weights), layer="feat_conv")]
+    firsts = [extract(discover(root), cfg, tmp_path / "c", ExtractOptions()) for cfg in configs]
+    assert len({r.cache_path for r in firsts}) == 2
+    built: list[BackboneConfig] = []
+    real = xmod.build_backbone
+    monkeypatch.setattr(xmod, "build_backbone", lambda cfg: built.append(cfg) or real(cfg))
+    for cfg, first in zip(configs, firsts, strict=True):
+        again = extract(discover(root), cfg, tmp_path / "c", ExtractOptions())
+        assert (again.cache_path, again.rows_reused, again.rows_computed, again.feature_dim) == (
+            first.cache_path, 4, 0, first.feature_dim)
+    assert built == []
+    write_xray(root / "train" / "NORMAL" / "IM-0950-0001.jpeg", 950, 32)
+    more = extract(discover(root), saved, tmp_path / "c", ExtractOptions())
+    assert (more.cache_path, more.rows_computed, len(built)) == (firsts[0].cache_path, 1, 1)
+    versions = fcache._versions
+    monkeypatch.setattr(fcache, "_versions", lambda: {**versions(), "keras": "9.9.9"})
+    other = extract(discover(root), saved, tmp_path / "c", ExtractOptions())
+    assert (other.cache_path, other.rows_computed, len(built)) == (firsts[0].cache_path, 0, 2)
 
 
 def test_a_changed_row_of_the_cache_is_computed_again_not_reused(tmp_path: Path):
