@@ -172,13 +172,14 @@ def extract_cmd(
     )
     check_options(options)  # bad --views/--resize/--dtype: fail before discovery and the progress display
     dataset = discover(data)
-    import_backend_quietly()
     err_console = Console(stderr=True)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                _RateColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
     with Progress(*columns, console=err_console, transient=False, disable=as_json) as progress:
         try:
-            result = extract(dataset, config, cache_dir, options, progress=_ProgressView(progress))
+            # the backend is imported only for a build: a fully cached extract needs neither (seconds)
+            result = extract(dataset, config, cache_dir, options, progress=_ProgressView(progress),
+                             before_build=import_backend_quietly)
         except BaseException as exc:
             partial = getattr(exc, "result", None)   # --strict: show what was saved and skipped, then fail
             if isinstance(exc, DataError) and partial is not None:

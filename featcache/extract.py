@@ -172,17 +172,18 @@ def _hash_records(records: list[ImageRecord], state: dict) -> None:
 
 
 def _build_and_hash(records: list[ImageRecord], config: BackboneConfig, progress: ProgressFn | None,
-                    build: bool = True) -> tuple[Backbone | None, list[str | OSError], dict[str, float]]:
+                    build: Callable[[], None] | None) -> tuple[Backbone | None, list[str | OSError],
+                                                               dict[str, float]]:
     """Build the backbone in this thread while the files are hashed in another (both take seconds);
-    ``build=False`` only hashes (the backbone is None)."""
+    ``build`` is called first (see ``extract``'s ``before_build``); None only hashes (no backbone)."""
     state: dict = {"done": 0}
     t0 = time.perf_counter()
     worker = threading.Thread(target=_hash_records, args=(records, state), name="featcache-hash", daemon=True)
     worker.start()
     backbone = None
     try:
-        if build:
-            backbone = _build(config, progress)
+        if build is not None:
+            backbone = _build(config, progress, build)
     finally:
         t_build = time.perf_counter() - t0
         while worker.is_alive():
@@ -194,7 +195,8 @@ def _build_and_hash(records: list[ImageRecord], config: BackboneConfig, progress
     return backbone, state["results"], {"build": t_build, "build_and_hash": time.perf_counter() - t0}
 
 
-def _build(config: BackboneConfig, progress: ProgressFn | None) -> Backbone:
+def _build(config: BackboneConfig, progress: ProgressFn | None, before: Callable[[], None]) -> Backbone:
+    before()
     emit(progress, "backbone", 0, None, f"building {config.name}")
     backbone = build_backbone(config)
     emit(progress, "backbone", 1, 1, f"built {config.name}")
@@ -347,8 +349,15 @@ def _undecodable(items: list[_Item], size: int, resize: str) -> list[tuple[str, 
 
 
 def extract(dataset: Dataset, backbone: BackboneConfig, cache_dir: Path, options: ExtractOptions,
-            progress: ProgressFn | None = None) -> ExtractResult:
-    """Compute every missing (image, view) row of ``dataset`` into its cache file and return a summary."""
+            progress: ProgressFn | None = None,
+            before_build: Callable[[], None] | None = None) -> ExtractResult:
+    """Compute every missing (image, view) row of ``dataset`` into its cache file and return a summary.
+
+    ``before_build`` is called once before the backbone is built, and not at all when the cache holds every
+    row: the CLI imports the Keras backend there (with its native start-up log filtered), which a cache hit
+    then does not wait for.
+    """
+    before_build = before_build or (lambda: None)
     t0 = time.perf_counter()
     views = check_options(options)
     if Path(cache_dir).exists() and not Path(cache_dir).is_dir():  # else "File exists" from mkdir, later
@@ -358,7 +367,8 @@ def extract(dataset: Dataset, backbone: BackboneConfig, cache_dir: Path, options
     shard = tuple(options.shard) if options.shard is not None else None
     # a cache this backbone's build wrote before tells its file and settings: build only if rows are missing
     described = _described_before(backbone, Path(cache_dir), dataset.root, options, shard)
-    bb, digests, timings = _build_and_hash(records, backbone, progress, build=described is None)
+    bb, digests, timings = _build_and_hash(records, backbone, progress,
+                                           build=before_build if described is None else None)
     groups = _group_by_key(records, digests, skipped)
     duplicates = sum(len(recs) - 1 for recs in groups.values())
     keys = [k for k in groups if in_shard(k, options.shard)]
@@ -378,7 +388,7 @@ def extract(dataset: Dataset, backbone: BackboneConfig, cache_dir: Path, options
         hit = _complete_unbuilt(described, keys, views, todo, options.resize, skipped)
         if hit is None:  # rows to compute (or a file to tidy): build now
             t_build = time.perf_counter()
-            bb = _build(backbone, progress)
+            bb = _build(backbone, progress, before_build)
             timings["build"] = time.perf_counter() - t_build
             t_stream = time.perf_counter()
     if hit is not None:

@@ -344,6 +344,23 @@ def test_a_fully_cached_extract_finds_its_file_without_building_the_backbone(tmp
     assert (other.cache_path, other.rows_computed, len(built)) == (firsts[0].cache_path, 0, 2)
 
 
+def test_a_cache_hit_on_the_command_line_imports_no_backend(tmp_path: Path, monkeypatch, capsys):
+    """`featcache extract` imported Keras and TensorFlow (7-20 s on a busy 2-core VM) before every extract;
+    it does so only before a build now, so a cache hit waits for neither."""
+    import featcache.cli.extract_cmd as cmd
+
+    calls: list[int] = []
+    monkeypatch.setattr(cmd, "import_backend_quietly", lambda: calls.append(1))
+    root = make_kermany_tree(tmp_path / "data", n_normal=2, n_pneu=2, splits=("train",), size=32)
+    model = save_rescaling_model(tmp_path / "m.keras", 1 / 255, 0.0)
+    argv = ["extract", "--data", str(root), "--backbone", str(model), "--layer", "feat_conv", "--cache-dir",
+            str(tmp_path / "c"), "--json"]
+    assert run(argv) == 0 and calls == [1]
+    assert json.loads(capsys.readouterr().out)["rows_computed"] == 4
+    assert run(argv) == 0 and calls == [1]
+    assert json.loads(capsys.readouterr().out)["rows_reused"] == 4
+
+
 def test_a_changed_row_of_the_cache_is_computed_again_not_reused(tmp_path: Path):
     """`fit` and `cache verify` refuse a row that fails its digest, but a plain re-extract counted it as
     cached and reused it: now it is computed again, in its own row, with a note."""
