@@ -288,6 +288,14 @@ def keras_models_dir() -> Path:
     return Path(os.path.expanduser(home)) / "models"
 
 
+BUILD_RULES = 1
+"""Bump whenever what a build of a given configuration computes or describes changes (``describe()``'s keys or
+values, preprocessing, channel handling, how weights are loaded or seeded). Each cache file records it with
+its library versions, and a cache hit takes a build's weights digest and feature size only from files
+recorded under the same number (``extract._described_before``): an older file cannot pass for what today's
+build would give. Files written before it existed have none, so their hits build as before."""
+
+
 @dataclass(frozen=True)
 class Unbuilt:
     """What :meth:`Backbone.describe` and ``Backbone.notes`` will say, as far as the configuration and the
@@ -307,6 +315,15 @@ def describe_unbuilt(config: BackboneConfig) -> Unbuilt | None:
     seconds (and TensorFlow). Files are hashed as the build hashes them, so the values are the same.
     """
     cfg = config.resolved()
+    if cfg.weights == "none" and cfg.seed != BackboneConfig.seed:
+        return None  # the seed draws the weights but is not in describe(): only a build tells the digest
+    try:
+        return _describe_unbuilt(cfg)
+    except OSError:
+        return None  # an unreadable file: the build says what is wrong with it, in its own words
+
+
+def _describe_unbuilt(cfg: BackboneConfig) -> Unbuilt | None:
     if is_saved_model(cfg.name):
         path = Path(cfg.name)
         known: dict[str, Any] = {"backbone": saved_name(cfg.name), "pooling": cfg.pooling, "layer": cfg.layer,

@@ -181,8 +181,9 @@ def _versions() -> dict:
     from importlib import metadata
 
     from featcache import __version__
+    from featcache.backbones import BUILD_RULES
 
-    out = {"python": sys.version.split()[0], "featcache": __version__}
+    out = {"python": sys.version.split()[0], "featcache": __version__, "build_rules": BUILD_RULES}
     for pkg in ("keras", "tensorflow", "jax", "h5py", "numpy", "pillow"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             out[pkg] = metadata.version(pkg)

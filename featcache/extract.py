@@ -215,14 +215,16 @@ class _Described:
 
 
 def _build_environment() -> dict:
-    """The library versions that decide what a build gives (random weights, how a file is loaded)."""
+    """What decides what a build gives (random weights, how a file is loaded): featcache's build rules and
+    the Keras, backend and numpy versions. A value this process cannot tell (a backend whose version is not
+    recorded, such as torch) is None, and None matches nothing (``_described_before``)."""
     from featcache import cache as fcache
     from featcache.runs import keras_backend
 
     now = fcache._versions()
     backend = keras_backend()  # Keras' own rule (keras.json included) without importing it
-    return {"keras": now.get("keras"), "backend": backend, backend: now.get(backend),
-            "numpy": now.get("numpy")}
+    return {"build_rules": now.get("build_rules"), "keras": now.get("keras"), "backend": backend,
+            backend: now.get(backend), "numpy": now.get("numpy")}
 
 
 def _described_before(backbone: BackboneConfig, cache_dir: Path, root: Path, options: ExtractOptions,
@@ -232,8 +234,9 @@ def _described_before(backbone: BackboneConfig, cache_dir: Path, root: Path, opt
 
     Why: a fully cached extract built the model (seconds; TensorFlow; the weights file) only to learn its
     weights digest and feature size. Every other setting follows from the options and the files they name
-    (``describe_unbuilt``), and those two are a function of them under given Keras, backend and numpy
-    versions, which each cache file records for every part of its rows. The path is then the one a build
+    (``describe_unbuilt``), and those two are a function of them under given build rules
+    (``backbones.BUILD_RULES``) and Keras, backend and numpy versions, which each cache file records for
+    every part of its rows. The path is then the one a build
     gives, so nothing changes but the time; whenever a row is missing the model is built as before.
     """
     from featcache import cache as fcache
@@ -249,6 +252,8 @@ def _described_before(backbone: BackboneConfig, cache_dir: Path, root: Path, opt
     if unbuilt is None:
         return None
     env = _build_environment()
+    if any(value is None for value in env.values()):
+        return None
     found = set()
     for config, versions in setups:
         described = {k: v for k, v in config.items() if k not in ("dataset_root", "resize", "dtype")}
@@ -293,8 +298,8 @@ def _complete_unbuilt(described: _Described, keys: list[str], views: list[Any],
             undecodable = _undecodable(items, described.input_size, resize) if reader.clean else None
             if undecodable is None or reader.damaged(_reused(index, keys, views)):
                 return None
-    except fcache.CacheError:
-        return None  # the writer says what is wrong with it
+    except (fcache.CacheError, OSError):
+        return None  # the writer says what is wrong with it (an unreadable chunk included)
     skipped.extend(undecodable)
     return len(keys) * len(views) - sum(len(it.views) for it in items)
 

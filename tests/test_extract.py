@@ -342,6 +342,33 @@ def test_a_fully_cached_extract_finds_its_file_without_building_the_backbone(tmp
     monkeypatch.setattr(fcache, "_versions", lambda: {**versions(), "keras": "9.9.9"})
     other = extract(discover(root), saved, tmp_path / "c", ExtractOptions())
     assert (other.cache_path, other.rows_computed, len(built)) == (firsts[0].cache_path, 0, 2)
+    # featcache's build rules changed since the file was written (or a file from before they were recorded),
+    # and a backend version this process cannot tell: the hit builds rather than trust the file's digest
+    rules = versions()["build_rules"]
+    for now in ({**versions(), "build_rules": rules + 1}, {**versions(), "numpy": None}):
+        monkeypatch.setattr(fcache, "_versions", lambda now=now: now)
+        again = extract(discover(root), saved, tmp_path / "c", ExtractOptions())
+        assert (again.cache_path, again.rows_computed) == (firsts[0].cache_path, 0)
+    assert len(built) == 4
+
+
+def test_random_weights_of_another_seed_are_not_taken_from_a_cache_of_seed_0(tmp_path: Path, monkeypatch):
+    """The seed draws --weights none's weights but is not one of the settings a cache records, so a hit
+    cannot tell its digest: only the default seed's are looked up without a build. A weights file that
+    cannot be read leaves it to the build, which says what is wrong in its own words."""
+    import featcache.backbones as bmod
+
+    assert bmod.describe_unbuilt(BackboneConfig("vgg16", weights="none")) is not None
+    assert bmod.describe_unbuilt(BackboneConfig("vgg16", weights="none", seed=1)) is None
+    weights = tmp_path / "w.h5"
+    weights.write_bytes(b"x")
+    assert bmod.describe_unbuilt(BackboneConfig("vgg16", weights=str(weights))) is not None
+
+    def unreadable(path: Path) -> str:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(bmod, "sha256_file", unreadable)
+    assert bmod.describe_unbuilt(BackboneConfig("vgg16", weights=str(weights))) is None
 
 
 def test_a_cache_hit_on_the_command_line_imports_no_backend(tmp_path: Path, monkeypatch, capsys):
