@@ -190,7 +190,11 @@ def register(app: typer.Typer) -> None:
             command=typed_command(ctx),  # run.json's command: this one, as typed
         )
         backbones, heads = _split(backbone, "--backbone"), _split(head)  # bad lists: before the backend
-        import_backend_quietly(tensorflow_too=not heads or "mlp" in heads)  # no --head: the preset's
+        # a Keras head (no --head: the preset's) needs the backend for its fit; the other heads only when a
+        # backbone is built, so a run on cached features imports no TensorFlow
+        keras_fit = not heads or "mlp" in heads
+        if keras_fit:
+            import_backend_quietly(tensorflow_too=True)
         with progress_display(Console(stderr=True) if as_json else console) as bar:
             result = run_pipeline(
                 data,
@@ -208,6 +212,7 @@ def register(app: typer.Typer) -> None:
                 report_options=ReportOptions(metric=metric),  # ranked by what selected the configs
                 separate=separate,
                 progress=make_callback(bar),
+                before_build=None if keras_fit else import_backend_quietly,
             )
         if as_json:
             typer.echo(json.dumps(pipeline_dict(result), indent=2, default=str))
@@ -242,8 +247,11 @@ def register(app: typer.Typer) -> None:
         from featcache.pipeline import run_demo
 
         heads = _split(head)
-        import_backend_quietly(tensorflow_too="mlp" in heads)
+        keras_fit = "mlp" in heads  # as in run: the other heads need the backend only for a build
+        if keras_fit:
+            import_backend_quietly(tensorflow_too=True)
         with progress_display(console) as bar:
             result = run_demo(workdir, weights=weights, out=out, heads=heads, wait=wait,
-                              progress=make_callback(bar), command=typed_command(ctx))
+                              progress=make_callback(bar), command=typed_command(ctx),
+                              before_build=None if keras_fit else import_backend_quietly)
         _summary(result)

@@ -8,7 +8,7 @@ forwards one progress callback, and tells the report what a reader must know abo
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -187,6 +187,7 @@ def run_pipeline(
     report_options: Any = None,
     separate: bool = False,
     progress: ProgressFn | None = None,
+    before_build: Callable[[], None] | None = None,
 ) -> PipelineResult:
     """Extract features for every backbone, fit every head on them, then write the report.
 
@@ -196,6 +197,7 @@ def run_pipeline(
 
     Each stage reuses finished work (cached rows, done runs), so rerunning after a crash or with one
     more head only computes what is new. The report covers the runs of this call's sweeps.
+    ``before_build`` is extract's: called before a backbone is built, never when every row is cached.
     """
     from dataclasses import replace
 
@@ -241,7 +243,7 @@ def run_pipeline(
         bb = BackboneConfig(name=name, weights=weights, seed=0,  # layer: saved models only
                             layer=layer if is_saved_model(name) else None, pooling=pooling,
                             image_size=image_size)
-        result.extracts.append(extract(dataset, bb, cache_dir, xopts, progress))
+        result.extracts.append(extract(dataset, bb, cache_dir, xopts, progress, before_build=before_build))
         crash_point("pipeline.after_extract")
     # the fits read exactly these files: the cache folder may hold other settings of the same backbone
     # (another --weights, say), and those must not be picked instead
@@ -281,6 +283,7 @@ def run_demo(
     wait: float | None = None,
     progress: ProgressFn | None = None,
     command: Sequence[str] | None = None,
+    before_build: Callable[[], None] | None = None,
 ) -> PipelineResult:
     """The whole pipeline on the bundled sample with mobilenet-0.75 (writes cache/, runs/, reports/).
 
@@ -318,4 +321,5 @@ def run_demo(
         report_options=ropts,
         extract_options=ExtractOptions(wait=wait),
         progress=progress,
+        before_build=before_build,
     )

@@ -116,6 +116,28 @@ def test_run_gives_layers_to_the_mlp_and_checks_every_grid_before_the_extraction
     assert not (tmp_path / "c").exists()  # nothing was extracted
 
 
+def test_a_run_on_cached_features_with_a_scikit_learn_head_imports_no_backend(tmp_path, capsys, monkeypatch):
+    """`run` imported Keras and TensorFlow before every call; with scikit-learn heads it needs them only to
+    build a backbone, so a rerun on cached features waits for neither. (An mlp head imports them for its
+    fit, up front, as before.)"""
+    import featcache.cli.pipeline_cmd as cmd
+    from conftest import make_kermany_tree, save_rescaling_model
+
+    calls: list[bool] = []
+    monkeypatch.setattr(cmd, "import_backend_quietly",
+                        lambda tensorflow_too=False: calls.append(tensorflow_too))
+    monkeypatch.chdir(tmp_path)
+    root = make_kermany_tree(tmp_path / "data", n_normal=4, n_pneu=4, splits=("train",), size=32)
+    model = save_rescaling_model(tmp_path / "m.keras", 1 / 255, 0.0)
+    argv = ["run", "--data", str(root), "--backbone", str(model), "--layer", "feat_conv", "--head", "knn",
+            "--cv-folds", "2", "--json"]
+    assert run(argv) == 0 and calls == [False]  # the build
+    first = json.loads(capsys.readouterr().out)
+    assert first["extracts"][0]["rows_computed"] == 8
+    assert run(argv) == 0 and calls == [False]  # all cached: no build, no import
+    assert json.loads(capsys.readouterr().out)["extracts"][0]["rows_reused"] == 8
+
+
 def test_run_end_to_end(kermany_tree, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code = run(
