@@ -288,6 +288,26 @@ def _block_rows(feature_dim: int, itemsize: int) -> int:
     return max(1, BLOCK_BYTES // max(1, feature_dim * itemsize))
 
 
+def _row_blocks(f: Any, uniq: np.ndarray, n_rows: int,
+                digests: bool) -> Iterator[tuple[np.ndarray, np.ndarray, list[str] | None]]:
+    """(rows, raw features, stored digests or None) of the sorted unique ``uniq``, one file block at a time:
+    each block reads one span of the file (few seeks) and memory stays at a block (``BLOCK_BYTES``).
+    The one walk that reading rows (``CacheReader.read_rows``) and checking them (``_damaged``) share."""
+    ds = f["features"]
+    step = _block_rows(int(ds.shape[1]), ds.dtype.itemsize)
+    pos = 0
+    for _start, stop in _blocks(n_rows, step):
+        if pos == uniq.size:
+            return
+        sel = uniq[pos:][: np.searchsorted(uniq[pos:], stop)]
+        if sel.size == 0:
+            continue
+        lo, hi = int(sel[0]), int(sel[-1]) + 1
+        stored = _decode(f["row_digest"][lo:hi][sel - lo]) if digests else None
+        yield sel, ds[lo:hi][sel - lo], stored
+        pos += sel.size
+
+
 def _open_h5(path: Path, mode: str, **kwargs: Any):
     """Open without HDF5's own file locking: our lock file guards writers, and readers must be able to
     read while a writer streams."""
@@ -517,7 +537,7 @@ class CacheWriter:
 
     def damaged(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
         """The present (key, view) pairs among ``pairs`` whose row fails its stored digest."""
-        return _damaged(self._f, {self._rows[kv]: kv for kv in pairs}, self.feature_dim)
+        return _damaged(self._f, {self._rows[kv]: kv for kv in pairs}, self.n_valid)
 
     def redo(self, pairs: Sequence[tuple[str, str]]) -> None:
         """Take damaged rows out of ``present``: the next ``append`` of each writes it again in its own row.
@@ -864,24 +884,14 @@ class CacheReader:
             raise IndexError("row outside the valid rows of the cache")
         uniq, inverse = np.unique(rows, return_inverse=True)
         got = np.empty((uniq.shape[0], self.feature_dim), dtype=np.float32)
-        ds = self._f["features"]
-        step = _block_rows(self.feature_dim, ds.dtype.itemsize)
         pos = 0
         changed: list[int] = []
-        for _start, stop in _blocks(self.n_rows, step):
-            sel = uniq[pos:][: np.searchsorted(uniq[pos:], stop)]
-            if sel.size == 0:
-                continue
-            lo, hi = int(sel[0]), int(sel[-1]) + 1
-            raw = ds[lo:hi][sel - lo]
+        for sel, raw, stored in _row_blocks(self._f, uniq, self.n_rows, digests=labels is not None):
             if labels is not None:
-                stored = _decode(self._f["row_digest"][lo:hi][sel - lo])
                 changed += [int(r) for r, x, d in zip(sel, raw, stored, strict=True)
                             if row_digest(*labels[int(r)], x) != d]
             got[pos:pos + sel.size] = raw
             pos += sel.size
-            if pos == uniq.size:
-                break
         if changed:
             path = _decode(self._f["paths"][changed[0]:changed[0] + 1])[0]
             quoted = shlex.quote(os.fsdecode(self.path))
@@ -898,7 +908,7 @@ class CacheReader:
         Why: extract reuses the rows it finds; one changed after it was written (a flipped bit) must be
         computed again, not reported as cached. A 533 MB VGG16-sized file takes 0.7-0.8 s on 2 cores.
         """
-        return _damaged(self._f, {self._index[kv]: kv for kv in pairs}, self.feature_dim)
+        return _damaged(self._f, {self._index[kv]: kv for kv in pairs}, self.n_rows)
 
     def iter_blocks(self, rows_per_block: int | None = None, start: int = 0,
                     stop: int | None = None) -> Iterator[dict]:
@@ -916,33 +926,26 @@ class CacheReader:
 CHECK_THREADS = 4  # blocks hashed at once by _damaged (blake2b releases the GIL): a cache hit stays quick
 
 
-def _damaged(f: Any, label: dict[int, tuple[str, str]], feature_dim: int) -> list[tuple[str, str]]:
+def _damaged(f: Any, label: dict[int, tuple[str, str]], n_rows: int) -> list[tuple[str, str]]:
     """The labels ({row: (key, view)}) of the rows of ``f`` that fail their stored digest.
 
-    Read in blocks of whole spans (scattered rows alone), so a full file is read sequentially, while up to
-    ``CHECK_THREADS`` earlier blocks are hashed in threads: memory stays flat (a few 16 MiB blocks) and the
-    check of a 525 MB VGG16 file takes hashing time divided by the cores, not the sum of reading and hashing.
+    The blocks ``read_rows`` reads (``_row_blocks``), hashed in up to ``CHECK_THREADS`` threads while the
+    next ones are read: memory stays flat (a few 16 MiB blocks) and the check of a 525 MB VGG16 file takes
+    hashing time divided by the cores, not the sum of reading and hashing.
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    def failing(pairs: list[tuple[str, str]], feats: np.ndarray, stored: list[str]) -> list[tuple[str, str]]:
+    def failing(sel: np.ndarray, feats: np.ndarray, stored: list[str]) -> list[tuple[str, str]]:
+        pairs = [label[int(r)] for r in sel]
         return [kv for kv, x, d in zip(pairs, feats, stored, strict=True) if row_digest(*kv, x) != d]
 
     rows = np.array(sorted(label), dtype=np.int64)
     out: list[tuple[str, str]] = []
-    ds, digests = f["features"], f["row_digest"]
-    step = _block_rows(feature_dim, ds.dtype.itemsize)
     threads = max(1, min(CHECK_THREADS, os.cpu_count() or 1))
     pending: list[Any] = []
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="featcache-check") as pool:
-        for start in range(0, rows.size, step):
-            sel = rows[start:start + step]
-            lo, hi = int(sel[0]), int(sel[-1]) + 1
-            if hi - lo > 2 * sel.size:
-                feats, stored = ds[sel], digests[sel]
-            else:
-                feats, stored = ds[lo:hi][sel - lo], digests[lo:hi][sel - lo]
-            pending.append(pool.submit(failing, [label[int(r)] for r in sel], feats, _decode(stored)))
+        for sel, feats, stored in _row_blocks(f, rows, n_rows, digests=True):
+            pending.append(pool.submit(failing, sel, feats, stored))
             if len(pending) > threads:
                 out += pending.pop(0).result()
         for job in pending:
