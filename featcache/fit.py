@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from featcache.cache import refuse_damaged_features, settings_in_name
+from featcache.datasets import skip_entries
 from featcache.errors import CacheError, ConfigError, DataError
 from featcache.faults import crash_point
 from featcache.grids import expand, get_preset, load_grid_file, parse_grid_args, parse_names, to_jsonable
@@ -935,8 +936,7 @@ def fit(
             # a record whose group is its file stem had no patient id (not in the name, no manifest column):
             # grouping and the patient bootstrap then group by file stem (mostly one image per group)
             "patient_ids": int(sum(r.has_patient_id for r in records)),
-            "left_out": [{"path": dataset.records[i].relpath, "reason": why}
-                         for i, why in undecodable.items()],
+            "left_out": skip_entries((dataset.records[i].relpath, why) for i, why in undecodable.items()),
         },
         backbone_info=[
             {

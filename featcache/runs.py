@@ -465,6 +465,14 @@ def list_runs(runs_dir: str | Path, *, include_incomplete: bool = False) -> list
     return out
 
 
+def grid_index(info: dict) -> int | None:
+    """A run's place in its grid (``run.json``'s ``grid.index``), or None when it has none (older runs,
+    runs trained alone): what orders runs of one sweep that tie on everything else."""
+    grid = info.get("grid")
+    index = grid.get("index") if isinstance(grid, dict) else None
+    return index if isinstance(index, int) else None
+
+
 def run_time(run: Run) -> datetime | None:
     """When a run was made: run.json's ``created``, else its ``finished`` (aware, UTC when the text has no
     offset), else the UTC time its folder name starts with (fit's ``yyyymmdd-HHMMSS-``; a run.json that
@@ -495,10 +503,9 @@ def by_time(runs: Iterable[Run]) -> list[Run]:
     """
     def key(run: Run) -> tuple[bool, float, int, str]:
         when = run_time(run)
-        grid = run.info.get("grid")
-        index = grid.get("index") if isinstance(grid, dict) else None
+        index = grid_index(run.info)
         return (when is None, when.timestamp() if when is not None else 0.0,
-                index if isinstance(index, int) else -1, run.id)
+                index if index is not None else -1, run.id)
 
     return sorted(runs, key=key)
 

@@ -45,7 +45,7 @@ from featcache.report.scores import (
     paired_difference,
     per_class,
 )
-from featcache.runs import describe_trainer, format_value, replay_command
+from featcache.runs import describe_trainer, format_value, grid_index, replay_command
 
 OVERSTATE_NOTE = (
     "validation accuracy on this dataset overstates test accuracy. The official Kermany test split differs "
@@ -774,9 +774,8 @@ def _grid_order(rows: Sequence[dict], by_id: dict[str, RunRecord]) -> list[dict]
         return str(by_id[r["run_id"]].run.get("sweep_id") or r["run_id"])
 
     def index(r: dict) -> float:
-        grid = by_id[r["run_id"]].run.get("grid")
-        i = grid.get("index") if isinstance(grid, dict) else None
-        return float(i) if isinstance(i, int) else float("inf")
+        i = grid_index(by_id[r["run_id"]].run)
+        return float("inf") if i is None else float(i)
 
     started: dict[str, str] = {}
     for r in rows:

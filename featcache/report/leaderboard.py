@@ -17,7 +17,7 @@ from typing import Any
 from featcache.errors import ConfigError
 from featcache.report.collect import RunRecord
 from featcache.report.scores import LOWER_IS_BETTER, METRICS, bootstrap_ci, chosen_threshold, scores
-from featcache.runs import SHEET_TRIGGERS, params_string
+from featcache.runs import SHEET_TRIGGERS, grid_index, params_string
 
 GROUP_BY = ("backbone", "head", "task", "dataset")
 THR_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "sensitivity", "specificity")
@@ -167,9 +167,8 @@ def _sort_key(row: dict, metric: str, run: dict) -> tuple:
     run again could rank tied runs the other way round and name another run the best."""
     missing, signed = _signed(row, metric)
     stand_in = _signed(row, FALLBACK[metric]) if missing and metric in FALLBACK else (False, 0.0)
-    grid = run.get("grid") if isinstance(run.get("grid"), dict) else {}
-    index = grid.get("index") if isinstance(grid.get("index"), int) else -1
-    return (missing, signed, *stand_in, str(run.get("sweep_id") or ""), index,
+    index = grid_index(run)
+    return (missing, signed, *stand_in, str(run.get("sweep_id") or ""), -1 if index is None else index,
             str(run.get("config_hash") or ""), row["run_id"])
 
 
