@@ -400,6 +400,7 @@ class CacheWriter:
         self._created = False  # this writer made the file (removed again if a refusal left it empty)
         self._session = {"versions": _versions(), **(session or {})}
         self._session_recorded = False
+        self._session_entry: dict | None = None  # the entry this writer added to sessions_json, if any
         self.path.parent.mkdir(parents=True, exist_ok=True)
         lock_path = str(self.path) + ".lock"
         # filelock reports a lock file it cannot create (read-only folder, /proc) as held by someone else;
@@ -659,11 +660,15 @@ class CacheWriter:
             if f is not None and not self._failed:
                 with self._refusals(), _signals_deferred():
                     views = json.dumps(self._views)
+                    # rows reserved that never came (every image left failed to decode): no session
+                    empty = self._session_entry is not None and n == self._first_row
                     if (self.capacity != n or _from_attr(f.attrs.get("n_rows", -1)) != n
-                            or _from_attr(f.attrs.get("views", "")) != views):  # else nothing to write
+                            or _from_attr(f.attrs.get("views", "")) != views or empty):  # else nothing to do
                         self._preallocate(CLOSE_MARGIN)  # no new space if reserve() kept it for us
                         if n > self._first_row and not self._session_recorded:
                             self._record_session()
+                        elif empty:
+                            self._drop_own_session()
                         if self.capacity != n:
                             for name in DATASETS:
                                 ds = f[name]
@@ -708,7 +713,19 @@ class CacheWriter:
                  "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), **self._session}
         if not sessions or not _same_setup(sessions[-1], entry):
             self._f.attrs["sessions_json"] = json.dumps((sessions + [entry])[-MAX_SESSIONS:], sort_keys=True)
+            self._session_entry = entry
         self._session_recorded = True
+
+    def _drop_own_session(self) -> None:
+        """Take back the session entry this writer added when it added no row after all.
+
+        Why: ``reserve`` records the session before the rows come (metadata changes only there and in
+        close); when every image left to compute fails to decode, the entry would describe an empty range
+        (``cache info``: "rows 10-9") and stop a later session of the file's previous setup from merging."""
+        sessions = _sessions(self._f)
+        if sessions and sessions[-1] == json.loads(json.dumps(self._session_entry, sort_keys=True)):
+            self._f.attrs["sessions_json"] = json.dumps(sessions[:-1], sort_keys=True)
+        self._session_entry = None
 
     @contextlib.contextmanager
     def _refusals(self) -> Iterator[None]:

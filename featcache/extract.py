@@ -456,12 +456,14 @@ def _extract_built(bb: Backbone, dataset: Dataset, cache_dir: Path, options: Ext
             rows_total = sum(len(it.views) for it in items)
             rows_reused = len(keys) * len(views) - rows_total
             if rows_total:
-                notes += _mixed_rows_notes(writer, path)
+                mixed = _mixed_rows_notes(writer, path)  # before reserve records this session
                 writer.reserve(rows_total - len(damaged))
                 # every forward pass at --batch-size, padded: a resume with fewer missing rows than one
                 # batch compiled a smaller one, whose float rounding differed (4e-6) from a fresh extract
                 bb.fix_batch_size(options.batch_size)
                 rows_computed = _stream(items, bb, writer, options, skipped, rows_total, progress)
+                if rows_computed:  # not when every image left failed to decode: no row came from it
+                    notes += mixed
     return path, rows_computed, rows_reused, rows_copied, notes
 
 

@@ -143,6 +143,22 @@ def test_a_file_records_how_each_part_of_its_rows_was_computed(tree: Path, tmp_p
     assert f"rows 0-{n_train - 1}:" in out and "otherbackend backend, batch 5" in out
 
 
+def test_a_rerun_that_only_meets_undecodable_images_records_no_session(tmp_path: Path, monkeypatch):
+    """Such a rerun adds no row: before, after a Keras upgrade it recorded an empty session ("rows 4-3" in
+    `cache info`) and said the rows added now came from other library versions."""
+    root = make_kermany_tree(tmp_path / "data", n_normal=2, n_pneu=2, splits=("train",))
+    (root / "train/NORMAL/IM-0901-0001.jpeg").write_bytes(b"plain text, not a JPEG")
+    ds = discover(root)
+    first = extract(ds, BB, tmp_path / "c", ExtractOptions(batch_size=8))
+    real = fcache._versions
+    monkeypatch.setattr(fcache, "_versions", lambda: {**real(), "keras": "99.0.0"})  # builds (not a hit)
+    again = extract(ds, BB, tmp_path / "c", ExtractOptions(batch_size=5))
+    assert (again.rows_computed, again.rows_reused, len(again.skipped)) == (0, 4, 1)
+    assert again.notes == []
+    with fcache.CacheReader(first.cache_path) as r:
+        assert [(s["first_row"], s["batch_size"]) for s in r.sessions] == [(0, 8)]
+
+
 def test_shards_partition_the_keys_and_merge_to_the_full_cache(tree: Path, tmp_path: Path, reference):
     ds = discover(tree)
     shards = []
