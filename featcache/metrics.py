@@ -97,7 +97,7 @@ def classification_metrics(
 
     Binary tasks treat class 1 as positive (sensitivity = its recall, specificity = class 0 recall).
     """
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_curve
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
     classes = [str(c) for c in classes]
     k = len(classes)
@@ -131,22 +131,28 @@ def classification_metrics(
         out["sensitivity"] = float(rec[1]) if support[1] else None  # undefined, not 0, without positives
         out["specificity"] = float(rec[0]) if support[0] else None
         if len(np.unique(y)) == 2:
-            score = rank_score(p, 1)
-            fpr, tpr, thr = roc_curve(y, score)
-            at = dict(zip(score.tolist(), p[:, 1].tolist(), strict=False))  # dense ranks: record P(class 1)
-            thr = np.array([at.get(float(t), np.inf) for t in thr])
-            out["roc"] = _downsample_roc(fpr, tpr, thr)
+            out["roc"] = _downsample_roc(*_roc_on_rank_score(y, p, 1))
         else:
             out["roc"] = None
     else:
         curves = {}
         for i, c in enumerate(classes):
             yi = (y == i).astype(int)
-            if 0 < yi.sum() < len(yi):
-                fpr, tpr, thr = roc_curve(yi, p[:, i])
-                curves[c] = _downsample_roc(fpr, tpr, thr)
+            if 0 < yi.sum() < len(yi):  # on the scores the AUC ranks, thresholds shown as P(class i)
+                curves[c] = _downsample_roc(*_roc_on_rank_score(yi, p, i))
         out["roc"] = curves or None
     return out
+
+
+def _roc_on_rank_score(y: np.ndarray, p: np.ndarray, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ROC (fpr, tpr, thresholds) of class ``i`` against the rest, ranked by ``rank_score`` as its AUC is,
+    each threshold given back as the P(class i) it stands for (dense ranks mean nothing to a reader)."""
+    from sklearn.metrics import roc_curve
+
+    score = rank_score(p, i)
+    fpr, tpr, thr = roc_curve(y, score)
+    at = dict(zip(score.tolist(), p[:, i].tolist(), strict=False))
+    return fpr, tpr, np.array([at.get(float(t), np.inf) for t in thr])
 
 
 def choose_threshold(

@@ -133,6 +133,35 @@ def test_saturated_float32_probabilities_are_ranked_by_the_other_class() -> None
     assert classification_metrics(y, plain, ["a", "b"])["auc"] == pytest.approx(roc_auc_score(y, q))
 
 
+def test_paired_difference_and_roc_curves_rank_saturated_probabilities_as_the_auc_does() -> None:
+    """The report's paired test (best run vs next) and the stored 3-class ROC curves ranked on P(class i)
+    alone: two runs with the same ranking and the same AUC differed by -0.4 "significantly", and a
+    saturated class's curve was the diagonal next to its AUC of 0.9."""
+    from featcache.report.collect import Predictions
+    from featcache.report.scores import paired_difference
+
+    rng = np.random.default_rng(1)
+    y = np.r_[np.zeros(20, int), np.ones(40, int)]
+    exponent = np.where(y == 1, rng.uniform(18, 20, 60), rng.uniform(15, 17.5, 60))
+    p0 = 10.0 ** -exponent
+    p0[:2] = 1e-19  # two normal images among the pneumonia ones: an AUC below 1
+    saturated = np.column_stack([p0, np.full(60, 1 - 2.0**-24)])
+    odds = -np.log(p0)  # the same ranking, unsaturated
+    plain = np.column_stack([1 - odds / odds.max(), odds / odds.max()])
+    names = [f"{i}.png" for i in range(60)]
+    diff = paired_difference(Predictions(names, y, saturated, ["NORMAL", "PNEUMONIA"]),
+                             Predictions(names, y, plain, ["NORMAL", "PNEUMONIA"]), n_boot=200)
+    assert diff["auc"] == pytest.approx((0.0, 0.0, 0.0), abs=1e-12)
+    # 3 classes: class 2 saturated for every image, its ranking in the other two
+    y3 = np.where(y == 1, 2, rng.integers(0, 2, 60))
+    three = np.column_stack([p0 / 2, p0 / 2, np.full(60, 1 - 2.0**-24)])
+    m = classification_metrics(y3, three, ["normal", "bacteria", "virus"])
+    curve = m["roc"]["virus"]
+    area = float(np.sum(np.diff(curve["fpr"]) * (np.array(curve["tpr"][1:]) + curve["tpr"][:-1]) / 2))
+    assert area == pytest.approx(roc_auc_score(y3 == 2, odds)) and area > 0.9
+    assert max(curve["thresholds"]) <= 1.0  # shown as P(virus), not as dense ranks
+
+
 def test_choose_threshold() -> None:
     y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
     p = np.array([0.1, 0.2, 0.3, 0.75, 0.7, 0.8, 0.9, 0.95])

@@ -244,7 +244,9 @@ def paired_difference(
     right_b = (predict(b, 0.5)[order_b] == y).astype(float)
     diffs = {"accuracy": (float(right_a.mean() - right_b.mean()), w @ (right_a - right_b) / total)}
     if a.proba.shape[1] == 2 and len(set(y.tolist())) == 2:
-        pa, pb = a.proba[order_a, 1], b.proba[order_b, 1]
+        # ranked as every other AUC of the report is (saturated P(class 1) tied, the rest breaking ties):
+        # on P(class 1) alone a saturated run's difference was -0.35 where both runs' AUCs were equal
+        pa, pb = rank_score(a.proba[order_a], 1), rank_score(b.proba[order_b], 1)
         point = auc_binary(y, pa) - auc_binary(y, pb)
         diffs["auc"] = (point, _auc_weighted(y, pa, w) - _auc_weighted(y, pb, w))
     out = {}
