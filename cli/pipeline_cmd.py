@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
@@ -70,6 +71,16 @@ def _split(text: str | None, flag: str = "--head") -> list[str]:
     from featcache.grids import parse_names
 
     return parse_names(text, flag) if text else []
+
+
+def _backend_for(heads: list[str]) -> Callable[[], None] | None:
+    """Import the Keras backend now when a head trains on it (mlp; no --head means a preset, which has
+    one), and return None; else return what extract calls before it builds a backbone. Why: the other
+    heads need the backend only for a build, so a run on cached features imports no TensorFlow."""
+    if not heads or "mlp" in heads:
+        import_backend_quietly(tensorflow_too=True)
+        return None
+    return import_backend_quietly
 
 
 def register(app: typer.Typer) -> None:
@@ -190,11 +201,7 @@ def register(app: typer.Typer) -> None:
             command=typed_command(ctx),  # run.json's command: this one, as typed
         )
         backbones, heads = _split(backbone, "--backbone"), _split(head)  # bad lists: before the backend
-        # a Keras head (no --head: the preset's) needs the backend for its fit; the other heads only when a
-        # backbone is built, so a run on cached features imports no TensorFlow
-        keras_fit = not heads or "mlp" in heads
-        if keras_fit:
-            import_backend_quietly(tensorflow_too=True)
+        before_build = _backend_for(heads)
         with progress_display(Console(stderr=True) if as_json else console) as bar:
             result = run_pipeline(
                 data,
@@ -212,7 +219,7 @@ def register(app: typer.Typer) -> None:
                 report_options=ReportOptions(metric=metric),  # ranked by what selected the configs
                 separate=separate,
                 progress=make_callback(bar),
-                before_build=None if keras_fit else import_backend_quietly,
+                before_build=before_build,
             )
         if as_json:
             typer.echo(json.dumps(pipeline_dict(result), indent=2, default=str))
@@ -247,11 +254,9 @@ def register(app: typer.Typer) -> None:
         from featcache.pipeline import run_demo
 
         heads = _split(head)
-        keras_fit = "mlp" in heads  # as in run: the other heads need the backend only for a build
-        if keras_fit:
-            import_backend_quietly(tensorflow_too=True)
+        before_build = _backend_for(heads)
         with progress_display(console) as bar:
             result = run_demo(workdir, weights=weights, out=out, heads=heads, wait=wait,
                               progress=make_callback(bar), command=typed_command(ctx),
-                              before_build=None if keras_fit else import_backend_quietly)
+                              before_build=before_build)
         _summary(result)
