@@ -21,6 +21,14 @@ from rich.table import Table
 from featcache.errors import ConfigError
 from featcache.runs import format_value, params_string, resumed_epoch
 
+VIEW_HELP = {  # fit's and run's: one wording for the views TTA and oversampling use
+    "tta": "Average val/test probabilities of orig and the --tta-views.",
+    "tta_views": "Views --tta averages with orig, comma-separated as extract --views spells them (default: "
+    "hflip; needs --tta). Never taken from what the cache holds.",
+    "aug_views": "Views --balance oversample draws from, comma-separated (default: hflip,rot+20 less the "
+    "--train-views; needs oversample). Never taken from what the cache holds.",
+}
+
 EPILOG = (
     "Examples:\n\n"
     "featcache fit --data data/chest_xray --backbone mobilenet-0.75 --head logreg\n\n"
@@ -158,7 +166,9 @@ def register(app: typer.Typer) -> None:
         "--preset's, else none)."),
         train_views: str = typer.Option("orig", "--train-views", help="Cached views used as training rows, "
                                         "comma-separated (orig is always one)."),
-        tta: bool = typer.Option(False, "--tta", help="Average val/test probabilities over cached views."),
+        tta: bool = typer.Option(False, "--tta", help=VIEW_HELP["tta"]),
+        tta_views: str | None = typer.Option(None, "--tta-views", help=VIEW_HELP["tta_views"]),
+        aug_views: str | None = typer.Option(None, "--aug-views", help=VIEW_HELP["aug_views"]),
         threshold: str = typer.Option(
             "youden", "--threshold", help="youden | sensitivity:T, 0 < T <= 1 (chosen on validation)."
         ),
@@ -222,6 +232,8 @@ def register(app: typer.Typer) -> None:
             balance=balance,
             train_views=train_views,
             tta=tta,
+            tta_views=tta_views,
+            aug_views=aug_views,
             threshold=threshold,
             seed=seed,
             tags=list(tag),

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import typer
-from featcache.cli.fit_cmd import layers_option, typed_command
+from featcache.cli.fit_cmd import VIEW_HELP, layers_option, typed_command
 from featcache.cli.native_log import import_backend_quietly
 from featcache.cli.report_cmd import make_callback, print_outputs, progress_display
 from featcache.cli.text import shown
@@ -137,7 +137,9 @@ def register(app: typer.Typer) -> None:
             "youden", "--threshold", help="youden | sensitivity:T, 0 < T <= 1 (chosen on validation)."),
         train_views: str = typer.Option(
             "orig", "--train-views", help="Views used as training rows, comma-separated (extracted too)."),
-        tta: bool = typer.Option(False, "--tta", help="Average val/test probabilities over cached views."),
+        tta: bool = typer.Option(False, "--tta", help=VIEW_HELP["tta"]),
+        tta_views: str | None = typer.Option(None, "--tta-views", help=VIEW_HELP["tta_views"]),
+        aug_views: str | None = typer.Option(None, "--aug-views", help=VIEW_HELP["aug_views"]),
         mlp_precision: str = typer.Option(
             "auto", "--mlp-precision", help="auto | float32 | bfloat16 (fused mlp grids; see fit --help)."),
         mlp_trainer: str = typer.Option(
@@ -156,7 +158,7 @@ def register(app: typer.Typer) -> None:
         dtype: str = typer.Option("float32", "--dtype", help="Cached features: float32 or float16."),
         views: str = typer.Option(
             "orig", "--views", help="Views to extract, comma-separated (orig, hflip, rot+D, ...; see extract "
-            "--help). Left at orig, --tta and oversampling extract orig,hflip,rot+20."),
+            "--help). The views --train-views, --tta-views and --aug-views name are extracted too."),
         grid_file: Path | None = typer.Option(  # brackets escaped: rich markup would swallow "[grid]"
             None, "--grid-file", help="TOML file with \\[grid] or \\[\\[grid]] tables of KEY = \\[values] "
             "(one --head only)."),
@@ -187,6 +189,8 @@ def register(app: typer.Typer) -> None:
             threshold=threshold,
             train_views=train_views,
             tta=tta,
+            tta_views=tta_views,
+            aug_views=aug_views,
             mlp_precision=mlp_precision,
             mlp_trainer=mlp_trainer,
             balance=balance,

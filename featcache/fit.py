@@ -53,7 +53,8 @@ from featcache.runs import (
 from featcache.splits import grouped_holdout, grouped_kfold, index_digest
 
 BALANCE_MODES = ("none", "undersample", "undersample-subtypes", "oversample")
-AUGMENT_VIEWS = ("orig", "hflip", "rot+20")  # what --balance oversample asks to extract (and `run` extracts)
+AUGMENT_VIEWS = ("orig", "hflip", "rot+20")  # --balance oversample draws from these (less the training views)
+TTA_VIEWS = ("hflip",)  # what --tta averages with orig when --tta-views does not say
 METRICS = ("accuracy", "auc", "macro_f1")
 POOL_SPLITS = (None, "train", "val")  # everything but the official test split
 
@@ -75,6 +76,8 @@ class FitOptions:
     balance: str | None = None  # None: the preset's, else "none"
     train_views: Sequence[str] = ("orig",)
     tta: bool = False
+    tta_views: Sequence[str] | str | None = None  # None: TTA_VIEWS; what --tta averages with orig
+    aug_views: Sequence[str] | str | None = None  # None: AUGMENT_VIEWS less orig and the training views
     threshold: str = "youden"  # "youden" | "sensitivity:0.95"
     seed: int = 0
     tags: Sequence[str] = ()
@@ -440,7 +443,51 @@ def check_options(opts: FitOptions, preset: Any = None) -> tuple[str, str]:
                           f"got '{opts.mlp_precision}'.")
     if opts.mlp_trainer not in TRAINERS:
         raise ConfigError(f"--mlp-trainer must be one of {', '.join(TRAINERS)}, got '{opts.mlp_trainer}'.")
+    chosen_views(opts, balance)  # a misspelt or misplaced --tta-views / --aug-views: before any extraction
     return task, balance
+
+
+def chosen_views(opts: FitOptions, balance: str) -> tuple[list[str], list[str]]:
+    """(the views --tta averages with orig, the views --balance oversample draws from), sorted; [] unused.
+
+    Why from the options and never from the cache: both were every view the cache held, so a view someone
+    extracted into the same cache for another experiment changed what the same command averaged or drew
+    from, and its numbers. Sorted: the order they are named in must not change the oversampling draw.
+    """
+    train = _views(opts.train_views)
+    if opts.tta_views is not None and not opts.tta:
+        raise ConfigError("--tta-views says which views --tta averages, and --tta is not given; add --tta, "
+                          "or drop --tta-views.")
+    if opts.aug_views is not None and balance != "oversample":
+        raise ConfigError(f"--aug-views says which views --balance oversample draws from, and --balance is "
+                          f"{balance}; add --balance oversample, or drop --aug-views.")
+
+    def named(flag: str, spec: Sequence[str] | str) -> list[str]:  # the flag in front of a bad name's error
+        try:
+            return sorted(_views(spec)[1:])
+        except ConfigError as exc:
+            raise ConfigError(f"{flag}: {exc}") from None
+
+    tta: list[str] = []
+    if opts.tta:
+        tta = named("--tta-views", opts.tta_views) if opts.tta_views is not None else sorted(TTA_VIEWS)
+        if not tta:  # it would average one view: the same numbers, labelled TTA
+            raise ConfigError("--tta-views needs a view besides orig (orig is always averaged), e.g. "
+                              "--tta-views hflip.")
+    aug: list[str] = []
+    if balance == "oversample":
+        if opts.aug_views is not None:
+            aug = named("--aug-views", opts.aug_views)
+            copies = [v for v in aug if v in train]
+            if copies:
+                raise ConfigError(f"--aug-views names {', '.join(copies)}, which --train-views already "
+                                  "trains on: oversampling from it would add exact copies; name other views.")
+        else:
+            aug = sorted(v for v in AUGMENT_VIEWS if v != "orig" and v not in train)
+        if not aug:
+            raise ConfigError("--balance oversample needs augmentation views besides orig and the training "
+                              "views; name them with --aug-views (e.g. --aug-views rot+10,rot-10).")
+    return tta, aug
 
 
 def check_seed(seed: int) -> None:
@@ -759,6 +806,7 @@ def fit(
     if len(set(names)) != len(names):
         raise ConfigError(f"--backbone lists a backbone twice ({','.join(names)}); name each once.")
     train_views = _views(opts.train_views)
+    tta_views, aug_views = chosen_views(opts, balance)
     head_obj = get_head(head)
     configs = build_configs(head_obj, opts, preset)
 
@@ -807,23 +855,9 @@ def fit(
     for v in train_views:
         if v != "orig":
             needed[v] = in_pool
-    optional: set[str] = set()
-    if opts.tta or balance == "oversample":
-        optional |= _all_cache_views(dataset.root, names, opts, keys)
-    feats, caches = _load_features(dataset.root, names, keys, needed, optional - set(needed), opts)
-    aug_views = sorted(v for v in feats.views if v != "orig" and v not in train_views)
-    if balance == "oversample" and not aug_views:
-        raise ConfigError(
-            "--balance oversample needs augmentation views in the cache beyond the training views; "
-            f"run `{_extract_cmd(dataset.root, names[0], opts, AUGMENT_VIEWS, caches[0]['config'])}`."
-        )
-    tta_views = sorted(v for v in feats.views if v != "orig") if opts.tta else []
-    if opts.tta and not tta_views:  # it would average one view: the same numbers, labelled TTA
-        raise ConfigError(
-            "--tta averages over augmentation views, and the cache has none; "
-            f"run `{_extract_cmd(dataset.root, names[0], opts, ('orig', 'hflip'), caches[0]['config'])}` "
-            "first, or drop --tta."
-        )
+    optional = (set(tta_views) | set(aug_views)) - set(needed)
+    feats, caches = _load_features(dataset.root, names, keys, needed, optional, opts)
+    _refuse_missing_views(dataset.root, names, opts, feats, caches, tta_views, aug_views)
     if tta_views:  # every image it predicts needs every view: else its average would be of fewer views
         scored = np.flatnonzero(in_pool | (np.asarray(split, dtype=object) == "test"))  # than predict's
         lacking = {v: int((~feats.has(v, scored)).sum()) for v in tta_views}
@@ -859,6 +893,14 @@ def fit(
         "manifest": os.fsdecode(opts.manifest or ""),
         "data": _data_digest(keys, records, y, split, groups),
     }
+    # the views TTA averages and oversampling draws from were every view the cache held: the features digest
+    # (of every view read) then said which. A key only where the old rule, every view read less orig (and,
+    # for oversampling, the training views), gives other views: runs that rule made keep their ids
+    read = sorted(set(needed) | optional)
+    if tta_views and tta_views != [v for v in read if v != "orig"]:
+        common["tta_views"] = tta_views
+    if aug_views and aug_views != [v for v in read if v != "orig" and v not in train_views]:
+        common["aug_views"] = aug_views
     if selection != "cv":
         from featcache.splits import holdout_rule_change
 
@@ -1117,14 +1159,24 @@ def _views(spec: Sequence[str] | str) -> list[str]:
     return out
 
 
-def _all_cache_views(root: Path, names: list[str], opts: FitOptions, keys: list[str]) -> set[str]:
-    from featcache.cache import CacheReader
+def _refuse_missing_views(root: Path, names: list[str], opts: FitOptions, feats: _Features,
+                          caches: list[dict], tta_views: list[str], aug_views: list[str]) -> None:
+    """ConfigError naming the first --tta / oversampling view no image has, with the extract that adds it.
 
-    views: set[str] | None = None
-    for name in names:
-        with CacheReader(_pick_cache(root, name, opts)) as r:
-            views = set(r.views) if views is None else views & set(r.views)
-    return views or set()
+    Why not skip it: the numbers would then be of fewer views than the command (and run.json) names.
+    """
+    for flag, views in (("--tta averages orig with", tta_views),
+                        ("--balance oversample draws from", aug_views)):
+        for view in views:
+            if view in feats.views:
+                continue
+            k = next((i for i, c in enumerate(caches) if view not in c["views"]), 0)
+            cmd = _extract_cmd(root, names[k], opts, ("orig", *views), caches[k]["config"])
+            choose = "--tta-views" if flag.startswith("--tta") else "--aug-views"
+            raise ConfigError(
+                f"{flag} {', '.join(views)}, and cache {caches[k]['file']} has no '{view}' "
+                f"features for these images; run `{cmd}` to add them, or name cached views with {choose}."
+            )
 
 
 def _scoring(metric: str, n_classes: int) -> str:
@@ -1254,6 +1306,7 @@ def _store_run(
         "train_views": ctx.train_views,
         "tta": ctx.tta,
         "tta_views": ctx.tta_views,
+        "aug_views": ctx.aug_views if ctx.balance == "oversample" else [],
         "dataset": ctx.dataset_info,
         "caches": [{k: v for k, v in c.items()} for c in ctx.caches],
         "versions": library_versions(),

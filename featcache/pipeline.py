@@ -119,23 +119,23 @@ def _preset_notes(
 
 
 def _with_needed_views(xopts: Any, fopts: Any, preset: Any) -> Any:
-    """Extraction options that also write the augmentation views the fit will need.
+    """Extraction options that also write the views the fit will read besides --views.
 
     Why: ``--balance oversample`` (vazquez2021's preset sets it), ``--tta`` and ``--train-views`` train or
     test on cached augmented views; extracting only the originals made the fit refuse after the extraction
-    had run.
+    had run. The views are the ones the fit names (``--tta-views``, ``--aug-views`` or their defaults).
     """
     from dataclasses import replace
 
-    from featcache.fit import AUGMENT_VIEWS
     from featcache.fit import _views as canonical_views
+    from featcache.fit import chosen_views
 
-    balance = fopts.balance or (preset.options.get("balance") if preset is not None else None)
+    balance = fopts.balance or (preset.options.get("balance") if preset is not None else None) or "none"
+    tta_views, aug_views = chosen_views(fopts, balance)
     views = list(xopts.views)
-    if (balance == "oversample" or fopts.tta) and tuple(views) == ("orig",):
-        views = list(AUGMENT_VIEWS)
     # --train-views: those views are training rows, so they must be in the cache too
-    views += [v for v in canonical_views(fopts.train_views or ("orig",)) if v not in views]
+    wanted = [*canonical_views(fopts.train_views or ("orig",)), *tta_views, *aug_views]
+    views += [v for v in dict.fromkeys(wanted) if v not in views]
     return replace(xopts, views=tuple(views)) if views != list(xopts.views) else xopts
 
 

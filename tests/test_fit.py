@@ -12,6 +12,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -595,6 +596,8 @@ def test_run_json_records_the_command_as_typed(setup, capsys, monkeypatch) -> No
     (["--head", "logreg", "--dtype", "float64"], "--dtype must be one of float32, float16"),
     (["--head", "logreg", "--resize", "foo"], "--resize must be one of squash, pad, crop"),
     (["--head", "logreg", "--image-size", "0"], "--image-size must be a positive number of pixels"),
+    (["--head", "logreg", "--tta-views", "hflip"], "add --tta, or drop --tta-views"),
+    (["--head", "logreg", "--balance", "oversample", "--aug-views", "sideways"], "--aug-views: invalid view"),
     (["--head", "mlp", "--env", "FEATCACHE_MLP_CHECKPOINT_SECONDS=abc"], "a number of seconds, 0 or more"),
     (["--head", "mlp", "--env", "FEATCACHE_MLP_CHECKPOINT_SECONDS=-5"], "got '-5'"),
 ])
@@ -748,7 +751,7 @@ def test_values_scikit_learn_or_keras_reject_and_too_little_data_are_one_sentenc
         with pytest.raises(error, match=message) as exc:
             fit(root, "fakenet", head, opts(cache_dir, runs_dir, **kw))
         assert "Traceback" not in str(exc.value) and "\n" not in str(exc.value)
-    with pytest.raises(ConfigError, match="--tta averages over augmentation views, and the cache has none"):
+    with pytest.raises(ConfigError, match="--tta averages orig with hflip, and cache .* has no 'hflip'"):
         fit(root, "fakenet", "knn",
             opts(tmp_path / "orig_only", runs_dir, tta=True, cache_files={"fakenet": orig_only}))
     # a tiny validation fraction means fewer folds (one validation patient), not a failure
@@ -922,6 +925,65 @@ def test_tta_needs_every_view_of_every_image_it_scores(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"images it scores lack view hflip in the cache") as err:
         fit(root, "fakenet", "logreg", opts(tmp_path / "cache", tmp_path / "runs", tta=True))
     assert "--views orig,hflip" in str(err.value)
+
+
+def _add_view(root: Path, cache: Path, view: str) -> None:
+    """Append one more view to a fake cache, as an extract for another experiment would: every image, with
+    features far from the other views' (an average or draw that took it in would move the numbers)."""
+    ds = discover(root)
+    keys = list(dict.fromkeys(sha256_file(r.path) for r in ds.records))
+    rel = {sha256_file(r.path): r.relpath for r in ds.records}
+    with CacheWriter(cache, cache_config(ds.root, fake_backbone(), "squash", "float32"), 6) as w:
+        w.reserve(len(keys))
+        w.append(keys, [view] * len(keys), [rel[k] for k in keys],
+                 np.random.default_rng(5).normal(0, 4, (len(keys), 6)).astype(np.float32))
+
+
+def test_tta_and_oversampling_views_come_from_the_command_not_the_cache(setup, tmp_path: Path) -> None:
+    """--tta averaged, and --balance oversample drew from, every view the cache held: a view extracted into
+    the same cache for another experiment changed what the same command computed (another run, other
+    numbers). They are the views the options name now (defaults: hflip; hflip,rot+20)."""
+    root, cache_dir, runs_dir = setup
+    (cache,) = cache_dir.glob("*.h5")
+    o = opts(cache_dir, runs_dir, grid_args=["C=1"], tta=True, balance="oversample")
+    first = fit(root, "fakenet", "logreg", o).runs[0]
+    assert first["tta_views"] == ["hflip"] and first["aug_views"] == ["hflip", "rot+20"]
+    _add_view(root, cache, "rot-20")
+    again = fit(root, "fakenet", "logreg", o)
+    assert not again.runs and again.skipped == [first.id]  # the same run: already done
+    elsewhere = fit(root, "fakenet", "logreg", replace(o, runs_dir=tmp_path / "runs2")).runs[0]
+    assert elsewhere["config_hash"] == first["config_hash"]  # the run id's config part (not its time)
+    assert elsewhere.predictions("test") == first.predictions("test")
+    assert elsewhere.metrics()["train"]["n"] == first.metrics()["train"]["n"]
+    # naming the new view is another run, which reads it
+    named = fit(root, "fakenet", "logreg", opts(cache_dir, runs_dir, grid_args=["C=1"], tta=True,
+                                                tta_views="rot-20,hflip")).runs[0]
+    assert named["tta_views"] == ["hflip", "rot-20"] and named["config_hash"] != first["config_hash"]
+
+
+def test_a_named_view_the_cache_lacks_is_refused_with_the_extract_that_adds_it(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "data")
+    write_cache(root, tmp_path / "cache", views=("orig", "hflip"))
+    o = {"grid_args": ["C=1"]}
+    cases = [({"tta": True, "tta_views": "hflip,rot+20"}, "--tta averages orig with hflip, rot+20", "rot+20",
+              "orig,hflip,rot+20"),
+             ({"balance": "oversample"}, "--balance oversample draws from hflip, rot+20", "rot+20",
+              "orig,hflip,rot+20"),
+             ({"balance": "oversample", "aug_views": "zoom1.1"}, "--balance oversample draws from zoom1.1",
+              "zoom1.1", "orig,zoom1.1")]
+    for kw, says, view, views in cases:
+        with pytest.raises(ConfigError, match=re.escape(says)) as err:
+            fit(root, "fakenet", "logreg", opts(tmp_path / "cache", tmp_path / "runs", **o, **kw))
+        assert f"has no '{view}' features" in str(err.value) and f"--views {views} " in str(err.value)
+    refused = [({"tta_views": "hflip"}, "add --tta, or drop --tta-views"),
+               ({"aug_views": "hflip"}, "add --balance oversample, or drop --aug-views"),
+               ({"tta": True, "tta_views": "orig"}, "--tta-views needs a view besides orig"),
+               ({"balance": "oversample", "aug_views": "hflip", "train_views": "orig,hflip"},
+                "--aug-views names hflip, which --train-views already trains on")]
+    for kw, says in refused:
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            fit(root, "fakenet", "logreg", opts(tmp_path / "cache", tmp_path / "runs", **o, **kw))
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").glob("*/run.json"))
 
 
 def test_another_bootstrap_count_is_another_run(setup) -> None:

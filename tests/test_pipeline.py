@@ -515,6 +515,25 @@ def test_fit_picks_the_cache_of_the_saved_model_and_weights_file_it_is_given(ker
         predict([new], res.runs[0].id, tmp_path / "r", backbone_files=[b])
 
 
+def test_run_extracts_the_views_the_fit_names():
+    """`run` extracts what the fit reads: --tta-views / --aug-views (or their defaults) besides --views,
+    and no more (it extracted orig,hflip,rot+20 for any --tta, of which the fit now averages hflip)."""
+    from featcache.extract import ExtractOptions
+    from featcache.fit import FitOptions
+    from featcache.grids import PRESETS
+    from featcache.pipeline import _with_needed_views
+
+    def views(preset=None, **kw) -> tuple[str, ...]:
+        return tuple(_with_needed_views(ExtractOptions(), FitOptions(**kw), preset).views)
+
+    assert views(tta=True) == ("orig", "hflip")
+    assert views(tta=True, tta_views="rot-20,zoom1.1") == ("orig", "rot-20", "zoom1.1")
+    assert views(balance="oversample", train_views="orig,hflip") == ("orig", "hflip", "rot+20")
+    assert views(PRESETS["vazquez2021"], aug_views="rot+10") == ("orig", "rot+10")
+    with pytest.raises(ConfigError, match="add --tta, or drop --tta-views"):
+        views(tta_views="hflip")
+
+
 def test_run_views_choose_what_tta_averages(kermany_tree, tmp_path):
     """`run --tta` extracted orig,hflip,rot+20 whatever the user wanted to average; --views chooses."""
     from featcache.cli.app import run
