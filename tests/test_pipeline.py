@@ -535,7 +535,8 @@ def test_run_extracts_the_views_the_fit_names():
 
 
 def test_run_views_choose_what_tta_averages(kermany_tree, tmp_path):
-    """`run --tta` extracted orig,hflip,rot+20 whatever the user wanted to average; --views chooses."""
+    """`run --tta` extracted orig,hflip,rot+20 whatever the user wanted to average: now the views extracted
+    are --views and those the fit names (--tta-views, default hflip), and TTA averages those named."""
     from featcache.cli.app import run
 
     from featcache.cache import CacheReader
