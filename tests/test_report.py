@@ -1420,3 +1420,77 @@ def test_overview_validation_dots_say_their_size_and_that_they_were_selected_on(
     plots._overview_panel(ax, [{**rows[0], "n_val": 41}, rows[1]], ["a", "b"], "accuracy", "binary", True)
     assert "validation accuracy (selected on)" in [t.get_text() for t in ax.get_legend().get_texts()]
     plt.close(fig)
+
+
+def test_the_best_of_many_configs_is_called_optimistic_without_early_stopping(tmp_path):
+    """An mlp grid without patience is ranked on one hold-out: its best validation score is a maximum over
+    noisy estimates. The report called it optimistic only when the hold-out also chose an epoch."""
+    runs = tmp_path / "runs"
+    for k, lr in enumerate((0.1, 0.01, 0.001), 1):
+        write_fake_run(runs, f"20240101-00000{k}-mlp-{k:08x}", head="mlp", seed=k,
+                       params={"layers": [8], "epochs": 9, "lr": lr})
+    res = build_report(runs, tmp_path / "out", ReportOptions(detail=0))
+    for text in (res.html.read_text(encoding="utf-8"), res.markdown.read_text(encoding="utf-8")):
+        text = " ".join(re.sub(r"<[^>]+>", "", text).split())
+        methods = text[text.rindex("Methods"):text.rindex("Provenance")]
+        board = text[text.rindex("Leaderboard"):text.rindex("Grid views")]
+        for part in (board, methods):
+            assert "the best validation score is the best of 3 configs scored on validation" in part.lower()
+            assert "optimistic (selection bias)" in part and "unbiased estimate" in part
+        assert "Epochs chosen on the hold-out" not in text  # no patience: that note is not the reason
+    assert "best of 3 configs" in json.loads(res.json.read_text())["meta"]["selection_optimism"]
+    # one config compared: nothing was chosen among, nothing to disclose
+    solo = tmp_path / "solo"
+    write_fake_run(solo, "20240101-000001-mlp-aaaaaaaa", head="mlp", params={"layers": [8], "epochs": 9})
+    solo_md = build_report(solo, tmp_path / "out2", ReportOptions(detail=0)).markdown
+    assert "selection bias" not in solo_md.read_text(encoding="utf-8")
+
+
+def _methods_md(runs: Path, out: Path) -> str:
+    """The markdown report's Methods paragraph, whitespace collapsed (no detail figures: fast)."""
+    text = build_report(runs, out, ReportOptions(detail=0)).markdown.read_text(encoding="utf-8")
+    text = " ".join(text.split())
+    return text[text.index("## Methods"):text.index("## Provenance")]
+
+
+def test_tta_runs_say_they_were_chosen_on_one_view_and_reported_on_the_average(tmp_path):
+    """fit's CV search and an mlp's early stopping score the orig view only, while the predictions, threshold
+    and ranking average the TTA views: the Methods never said so."""
+    runs = tmp_path / "runs"
+    cv = write_fake_run(runs, "20240101-000001-logreg-aaaaaaaa", params={"C": 1.0})
+    mlp = write_fake_run(runs, "20240101-000002-mlp-bbbbbbbb", head="mlp", seed=1,
+                         params={"layers": [8], "epochs": 9, "patience": 3})
+    assert "single-view" not in _methods_md(runs, tmp_path / "a")
+    for folder in (cv, mlp):
+        info = json.loads((folder / "run.json").read_text())
+        info.update(tta=True, tta_views=["hflip", "rot+20"])
+        (folder / "run.json").write_text(json.dumps(info))
+    methods = _methods_md(runs, tmp_path / "b")
+    assert "With test-time augmentation (2 of 2 run(s))" in methods
+    assert "average the class probabilities over the views orig, hflip, rot+20" in methods
+    assert ("a CV head's search scored its configs on the validation folds and an mlp's early stopping"
+            in methods)
+    assert "on single-view (orig) predictions only" in methods
+
+
+def test_a_cv_heads_threshold_is_said_to_move_from_the_fold_models_to_the_refit(tmp_path):
+    """A CV head's threshold is chosen on the pooled out-of-fold probabilities of K fold models and applied
+    to the refit model: README said so for the mlp's --refit only, the Methods not at all."""
+    runs = tmp_path / "runs"
+    write_fake_run(runs, "20240101-000001-logreg-aaaaaaaa", params={"C": 1.0}, threshold=0.5)
+    assert "out-of-fold probabilities of the" not in _methods_md(runs, tmp_path / "a")  # 0.5: nothing moved
+    write_fake_run(runs, "20240101-000002-logreg-bbbbbbbb", params={"C": 0.1}, threshold=0.37, seed=1)
+    methods = _methods_md(runs, tmp_path / "b")
+    assert ("For CV heads (1 run(s) with a threshold other than 0.5) the threshold was chosen on the pooled "
+            "out-of-fold probabilities of the 5 fold models and then applied unchanged to another model, the "
+            "model refit on all training images") in methods
+
+
+def test_methods_state_that_im_and_normal2_im_numbers_are_different_patients(tmp_path):
+    """Kermany's IM-k and NORMAL2-IM-k are grouped as different patients, an assumption nothing checks."""
+    plain, named = tmp_path / "plain", tmp_path / "named"
+    write_fake_run(plain, "20240101-000001-logreg-aaaaaaaa")
+    assert "NORMAL2-IM-k" not in _methods_md(plain, tmp_path / "a")  # no IM- file names: not this data
+    write_fake_run(named, "20240101-000001-logreg-aaaaaaaa", relpath_prefix="NORMAL2-IM-1427-000")
+    assert "IM-k and NORMAL2-IM-k were taken as different patients: an assumption" in _methods_md(
+        named, tmp_path / "b")

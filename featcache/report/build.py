@@ -525,8 +525,10 @@ def _ranking_notes(doc: Document, members: Sequence[dict], metric: str) -> None:
 
 def _leaderboard_section(
     doc: Document, rows: list[dict], options: ReportOptions, has_test: bool, n_total: int,
-    runs: Sequence[RunRecord] = (),
+    runs: Sequence[RunRecord] = (), searched: Sequence[RunRecord] = (),
 ) -> None:
+    """``runs``: the runs shown; ``searched``: every run ranked (--top shows fewer), the ones the best was
+    chosen among."""
     doc.section("Leaderboard", "leaderboard")
     shown = (
         f"top {options.top} per group"
@@ -567,6 +569,13 @@ def _leaderboard_section(
                 "Validation sizes differ:",
             )
         )
+    optimism = _selection_optimism(searched or runs)
+    if optimism:
+        doc.add(Para(optimism + ("; the test columns, scored once on images no choice saw, are the unbiased "
+                                 "estimate." if has_test else "; no test split was scored, so no number here "
+                                 "is free of it.")
+                     + (" Within a group, the same holds for the group's best." if options.group_by else ""),
+                     "note", "Best of many:"))
     watched = [r for r in runs if _epoch_chosen_on_holdout(r)]
     if watched:
         doc.add(
@@ -1179,6 +1188,93 @@ def _epoch_chosen_on_holdout(run: RunRecord) -> bool:
             and watches_holdout(params))
 
 
+def _compared(runs: Sequence[RunRecord]) -> tuple[int, int]:
+    """(runs, configs) behind the leaderboard's top validation score: a CV run scored every config of its
+    grid on its folds before the report ranked the runs, so each of its configs counts."""
+    return len(runs), sum(len(_cv_grid(r) or ()) or 1 for r in runs)
+
+
+def _selection_optimism(runs: Sequence[RunRecord]) -> str:
+    """Why the best validation score is optimistic, when it is the best of several: a maximum over noisy
+    estimates on the same validation images is biased upward (selection bias), whether or not a
+    hold-out also chose an epoch. Empty for a single config: nothing was chosen among."""
+    n_runs, n_configs = _compared(runs)
+    if n_configs < 2:
+        return ""
+    what = (f"{n_configs} configs" if n_configs == n_runs
+            else f"{n_configs} configs ({n_runs} run(s), each CV run's grid counted)")
+    return (f"The best validation score is the best of {what} scored on validation data from the same "
+            "training images (hold-out or out-of-fold predictions), a maximum over noisy estimates, so it is "
+            "optimistic (selection bias), the more so the more configs were compared")
+
+
+def _selection_of(run: RunRecord) -> dict:
+    return run.run["selection"] if isinstance(run.run.get("selection"), dict) else {}
+
+
+def _tta_text(runs: Sequence[RunRecord]) -> str:
+    """With --tta, fit's CV search scores validation folds and an mlp's callbacks watch its hold-out on the
+    orig view alone, while every prediction it reports (and the threshold) averages the views: the rule
+    chosen under is not the rule reported, and a paper's reader must be told."""
+    tta = [r for r in runs
+           if r.run.get("tta") and isinstance(r.run.get("tta_views"), list) and r.run["tta_views"]]
+    if not tta:
+        return ""
+    views = sorted({", ".join(["orig", *map(str, r.run["tta_views"])]) for r in tta})
+    chosen = []
+    if any(_selection_of(r).get("method") == "grouped_kfold" for r in tta):
+        chosen.append("a CV head's search scored its configs on the validation folds")
+    if any(_epoch_chosen_on_holdout(r) for r in tta):
+        chosen.append("an mlp's early stopping, checkpoint or learning-rate reduction watched its hold-out")
+    text = (f"With test-time augmentation ({len(tta)} of {len(runs)} run(s)) the validation (out-of-fold or "
+            "hold-out) and test predictions reported, the threshold chosen on them and the ranking of runs "
+            f"average the class probabilities over the views {'; '.join(views)}")
+    if chosen:
+        text += (f", while {' and '.join(chosen)} on single-view (orig) predictions only: those choices were "
+                 "made under one prediction rule and are reported under another")
+    return text + ". "
+
+
+def _threshold_transfer_text(runs: Sequence[RunRecord]) -> str:
+    """A CV head's threshold comes from the pooled out-of-fold probabilities of its K fold models and is
+    applied to another model (the refit, or the first fold's): a transfer the reader should know of."""
+    moved = [r for r in runs if _selection_of(r).get("method") == "grouped_kfold"
+             and isinstance(r.run.get("threshold"), dict)
+             and isinstance(r.run["threshold"].get("chosen"), int | float)
+             and r.run["threshold"]["chosen"] != 0.5]
+    if not moved:
+        return ""
+    folds = "/".join(sorted({str(_selection_of(r).get("folds", "K")) for r in moved}))
+    models = []
+    if any(_selection_of(r).get("refit", True) for r in moved):
+        models.append("the model refit on all training images")
+    if any(not _selection_of(r).get("refit", True) for r in moved):
+        models.append("the first fold's model (--no-refit)")
+    return (f"For CV heads ({len(moved)} run(s) with a threshold other than 0.5) the threshold was chosen on "
+            f"the pooled out-of-fold probabilities of the {folds} fold models and then applied unchanged to "
+            f"another model, {' or '.join(models)}, whose probabilities need not be scaled like theirs, so "
+            "its test numbers at that threshold rest on that transfer. ")
+
+
+_KERMANY_IM = re.compile(r"(?:^|[/\\])(?:NORMAL\d*-)?IM-\d+-", re.IGNORECASE)
+
+
+def _patient_naming_text(runs: Sequence[RunRecord]) -> str:
+    """The one patient-grouping assumption featcache cannot check: Kermany's IM-k and NORMAL2-IM-k are
+    taken as different patients (datasets._IM_RE), though 211 numbers occur under both prefixes."""
+    def named(r: RunRecord) -> bool:
+        preds = [p for p in (r.val, r.test) if p is not None]
+        return any(_KERMANY_IM.search(path) for p in preds for path in p.relpaths)
+
+    if not any((r.run.get("dataset") or {}).get("layout") == "kermany" and named(r) for r in runs):
+        return ""
+    return ("Patients were identified from Kermany file names (person447, IM-0115, NORMAL2-IM-1427), and "
+            "IM-k and NORMAL2-IM-k were taken as different patients: an assumption, since 211 numbers k "
+            "occur under both prefixes in the training NORMAL folder and a pixel comparison neither "
+            "confirmed nor ruled out that they are the same people (were they, patient-grouped selection "
+            "could put one person on both sides). ")
+
+
 _UNSTATED_SETTINGS = {"verbose", "n_jobs", "random_state"}  # no effect on the numbers, or the seed (said)
 
 
@@ -1280,11 +1376,18 @@ def _methods_text(runs: Sequence[RunRecord]) -> str:
     text += _head_settings(runs)
     if protocols:
         text += "Models were chosen on the training split only, by " + "; or ".join(protocols) + ". "
+        text += _patient_naming_text(runs)  # the grouping those patient-grouped splits rest on
+    has_test = any(r.test is not None or isinstance(r.metrics.get("test"), dict) for r in runs)
+    optimism = _selection_optimism(runs)
+    if optimism:
+        text += optimism + ("; the test-split numbers of the chosen models are the unbiased estimate. "
+                            if has_test else ". ")
     if thr:
         text += (f"For binary tasks a decision threshold was chosen on the validation predictions "
                  f"({', '.join(thr)}); headline metrics use 0.5 and the chosen threshold is reported beside "
                  "it. ")
-    if not any(r.test is not None or isinstance(r.metrics.get("test"), dict) for r in runs):
+    text += _threshold_transfer_text(runs) + _tta_text(runs)
+    if not has_test:
         return text + "No test split was used: every number is a validation estimate." + (
             f" Software: {software}." if software else "")
     text += ("The chosen model of each run was evaluated once on the test split, which played no part in "
@@ -1514,7 +1617,7 @@ def build_document(
     best = rows[0] if not options.group_by else min(rows, key=lambda r: r["overall_rank"])
     doc.add(_hero(best, best.get("ranked_by") or options.metric, has_test))
     _callouts(doc, runs, rows, skipped, options)
-    _leaderboard_section(doc, rows, options, has_test, n_selected or len(runs), runs)
+    _leaderboard_section(doc, rows, options, has_test, n_selected or len(runs), runs, all_runs)
     by_id = {r.id: r for r in runs}
     _paired_section(doc, rows, by_id, options.group_by)
     _top_runs_section(doc, sorted(rows, key=lambda r: r["overall_rank"]), by_id, options, progress)
@@ -1645,7 +1748,7 @@ def build_report(
     with naming(out_dir):  # a full disk names the report folder, not an anonymous write()
         staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=out_dir))
         try:
-            _write_report_files(doc, rows, runs, options, runs_dir, staging)
+            _write_report_files(doc, rows, runs, options, runs_dir, staging, searched)
             _publish(staging, out_dir)
         finally:  # an error (disk full, say) leaves the previous report as it was, and no staging folder
             if staging.exists():
@@ -1676,8 +1779,9 @@ def _featcache_version() -> str:
 
 
 def _write_report_files(doc: Document, rows: list[dict], runs: Sequence[RunRecord], options: ReportOptions,
-                        runs_dir: Path, folder: Path) -> None:
-    """The report's four files and its figure folder, written into ``folder`` (a staging folder)."""
+                        runs_dir: Path, folder: Path, searched: Sequence[RunRecord] = ()) -> None:
+    """The report's four files and its figure folder, written into ``folder`` (a staging folder);
+    ``searched``: every run ranked, which the best was chosen among."""
     (folder / "report.html").write_text(_utf8(render_html(doc, ASSETS)), encoding="utf-8")
     (folder / "report.md").write_text(_utf8(render_markdown(doc, folder / ASSETS, ASSETS)), encoding="utf-8")
     meta = {
@@ -1703,6 +1807,8 @@ def _write_report_files(doc: Document, rows: list[dict], runs: Sequence[RunRecor
             "seed": sorted({r.run.get("seed") for r in runs if isinstance(r.run.get("seed"), int)}),
         },
         "source_revisions": _source_revisions(runs),
+        # a CSV/JSON read alone must not pass the best validation score off as an unbiased estimate
+        "selection_optimism": _selection_optimism(searched or runs) or None,
     }
     write_csv(rows, folder / "leaderboard.csv")
     write_json(rows, folder / "leaderboard.json", meta)
