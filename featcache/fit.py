@@ -42,6 +42,7 @@ from featcache.runs import (
     clean_stale,
     config_hash,
     done_hashes,
+    done_with_other_versions,
     environment,
     format_value,
     keras_backend,
@@ -1013,6 +1014,7 @@ def fit(
         else:
             _fit_holdout(ctx, configs, result, hashes)
     result.notes += _untagged_notes(opts.runs_dir, result.skipped, opts.tags)
+    result.notes += done_with_other_versions(opts.runs_dir, result.skipped)  # kept: say when versions moved
     return result
 
 

@@ -135,6 +135,44 @@ def library_versions() -> dict:
     return out
 
 
+RESULT_LIBRARIES = ("numpy", "scipy", "scikit-learn")
+"""Libraries whose version can change any head's numbers; an mlp's also depend on ``MLP_LIBRARIES``."""
+MLP_LIBRARIES = ("keras", "tensorflow", "jax")
+
+
+def version_changes(info: dict, current: dict) -> list[str]:
+    """'featcache 0.1.0 (now 0.2.0)' for featcache and each library a run's numbers depend on whose version
+    differs from ``current`` (``library_versions()``). Why: the run identity leaves versions out (an upgrade
+    would otherwise orphan every run), so a rerun after an upgrade finds the old run "already done"."""
+    recorded = info.get("versions") if isinstance(info.get("versions"), dict) else {}
+    libs = ("featcache", *RESULT_LIBRARIES, *(MLP_LIBRARIES if info.get("head") == "mlp" else ()))
+    return [f"{lib} {recorded[lib]} (now {current.get(lib) or 'not installed'})" for lib in libs
+            if recorded.get(lib) and recorded[lib] != current.get(lib)]
+
+
+def done_with_other_versions(runs_dir: str | Path, run_ids: Sequence[str],
+                             current: dict | None = None) -> list[str]:
+    """A note when runs found already done were trained with other versions than this process has: they
+    are kept, not trained again, so the user must be told their numbers come from the old versions."""
+    if not run_ids:
+        return []
+    current = library_versions() if current is None else current
+    changed = {}
+    for rid in run_ids:
+        try:
+            diff = version_changes(load_run(runs_dir, rid).info, current)
+        except (OSError, ValueError, RunError):  # unreadable record: done_hashes already vouched for it
+            continue
+        if diff:
+            changed[rid] = diff
+    if not changed:
+        return []
+    rid, diff = next(iter(changed.items()))
+    return [f"{len(changed)} of the {len(run_ids)} run(s) found already done were trained with other "
+            f"versions ({rid}: {', '.join(diff)}) and are kept as they are; to train them again with these "
+            "versions, delete their run folders or fit into another --runs-dir."]
+
+
 def keras_backend(load: bool = False) -> str:
     """The backend Keras runs on in this process, or would run on (``load``: import Keras to ask it).
 

@@ -26,7 +26,7 @@ from featcache.datasets import discover
 from featcache.errors import CacheError, ConfigError, DataError, RunError
 from featcache.fit import FitOptions, fit
 from featcache.hashing import sha256_file
-from featcache.runs import keras_backend, list_runs, load_run
+from featcache.runs import done_with_other_versions, keras_backend, list_runs, load_run
 from featcache.splits import index_digest
 
 SUBTYPES = ("normal", "bacteria", "virus")
@@ -1562,3 +1562,22 @@ def test_a_run_is_found_by_any_part_of_its_id_only_one_run_has(setup, capsys) ->
     assert json.loads(capsys.readouterr().out)["run"]["id"] == ids[1]
     with pytest.raises(RunError, match="'knn' is part of 2 run ids"):
         load_run(runs_dir, "knn")
+
+
+def test_a_run_found_done_with_other_versions_is_kept_and_said(setup, monkeypatch) -> None:
+    """The run identity leaves versions out, so after an upgrade a rerun found the old run "already done"
+    and kept its numbers without a word. It still keeps them, and says which versions moved."""
+    root, cache_dir, runs_dir = setup
+    first = fit(root, "fakenet", "knn", opts(cache_dir, runs_dir, n_boot=50))
+    rid = first.runs[0].id
+    recorded = load_run(runs_dir, rid).info["versions"]
+    assert not done_with_other_versions(runs_dir, [rid], recorded)  # the same versions: nothing to say
+    upgraded = {**recorded, "featcache": "99.0", "scikit-learn": "99.1", "keras": "99.2"}
+    monkeypatch.setattr("featcache.runs.library_versions", lambda: upgraded)
+    again = fit(root, "fakenet", "knn", opts(cache_dir, runs_dir, n_boot=50))
+    assert again.skipped == [rid] and not again.runs  # kept, not trained again
+    note = next(n for n in again.notes if "other versions" in n)
+    assert (f"1 of the 1 run(s) found already done were trained with other versions ({rid}: featcache "
+            f"{recorded['featcache']} (now 99.0), scikit-learn {recorded['scikit-learn']} (now 99.1))"
+            in note)  # keras moved too, but a knn's numbers do not depend on it
+    assert "delete their run folders or fit into another --runs-dir" in note
