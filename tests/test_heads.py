@@ -881,6 +881,40 @@ def test_deferred_stop_test_gives_scikit_learns_iterations(age, monkeypatch):
         np.testing.assert_allclose(Z @ w + b[0], ref.decision_function(Z), atol=1e-6, rtol=1e-6)
 
 
+def _weak_signal(n: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """35% positives, five features shifted by 0.3: a gradient at w = 0 that a loose tol already accepts."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.35).astype(int)
+    X = rng.normal(size=(n, d))
+    X[:, :5] += 0.3 * y[:, None]
+    return X, y
+
+
+def test_kernel_space_tests_the_starting_point_as_scipy_does():
+    """D > n: scipy tests the gradient at w = 0 before any step; where it passes tol scikit-learn stops at
+    iteration 0 with zero coefficients, and so must the kernel-space solve (it once always took a step)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from featcache.heads.logreg import FastLogisticGridSearchCV, fit_pipeline
+
+    X, y = _weak_signal(100, 400)
+    p = {"C": 1.0, "class_weight": "balanced", "tol": 0.2}
+    ref = make_pipeline(StandardScaler(), LogisticRegression(**p)).fit(X, y)
+    ours = fit_pipeline(X, y, p)
+    assert int(ref[-1].n_iter_[0]) == 0 and int(ours[-1].n_iter_[0]) == 0
+    np.testing.assert_allclose(ours[-1].coef_, ref[-1].coef_, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(ours[-1].intercept_, ref[-1].intercept_, rtol=0, atol=1e-10)
+    folds = folds_for(y, 5)
+    grid = {"C": [1e-4, 1e-2, 1.0], "class_weight": [None, "balanced"], "tol": [0.2]}
+    gs = sklearn_search(X, y, grid, folds)
+    fs = FastLogisticGridSearchCV(grid, cv=folds, refit=False).fit(X, y)
+    np.testing.assert_allclose(fs.cv_results_["mean_test_score"], gs.cv_results_["mean_test_score"],
+                               atol=0.005)
+    assert fs.best_index_ == gs.best_index_
+
+
 def test_prefetcher_hands_errors_to_the_consumer_and_stops():
     from featcache.heads.logreg_space import Prefetcher, Tasks, Workspace
 

@@ -19,7 +19,8 @@ flatten features (D = 25,088 > n) that is memory-bound work repeated for every C
    therefore **the L-BFGS iterates themselves are the same** in exact arithmetic. We run the very same scipy
    L-BFGS-B with scikit-learn's options (maxiter, gtol = tol, ftol, maxls=50) on [n, r] instead of [n, D].
    scipy's stop test max|grad_i| <= tol is not rotation invariant, so in kernel space we switch it off and
-   apply scikit-learn's test to the D-space gradient ourselves: the bounds ||g||_2/sqrt(D) <= ||g||_inf <=
+   apply scikit-learn's test to the D-space gradient ourselves (at the start point w = 0 too, which scipy
+   tests before any step): the bounds ||g||_2/sqrt(D) <= ||g||_inf <=
    ||g||_2 decide most iterations; the undecided ones are queued, the run goes on, and every few rounds
    one shared pass over Z tests all queued iterates at once; a run whose earlier iterate passed is
    stopped and returns that iterate (L-BFGS never looks ahead, so this is the result of testing at once).

@@ -91,7 +91,8 @@ class _Evaluator:
     them, and the loss and gradient arithmetic as one vectorised pass, cost little more than one run's.
     Each run's numbers are those it would get alone.
 
-    scikit-learn's stop test (kernel space only): max|D-space gradient| <= tol at an accepted iterate.
+    scikit-learn's stop test (kernel space only): max|D-space gradient| <= tol at the starting point (as
+    scipy tests x0 before any step: a pass ends the run at iteration 0) and at every accepted iterate.
     Cheap bounds decide it on most iterations. When they cannot, the exact test needs a pass over all
     of Z -- memory-bound, 45-150 ms whether it is for one gradient or forty. So undecided iterates are
     queued and the run goes on; every few rounds (``_due``) every queued iterate is tested in one shared
@@ -153,6 +154,18 @@ class _Evaluator:
             return False
         return gmax <= self.specs[i]["tol"]
 
+    def _at_start(self, i: int, x: np.ndarray, gmax: float | None) -> None:
+        """scipy's test of x0, before any step (``setulb`` makes it, but ours runs with gtol 0): a pass
+        ends the run at iteration 0 with x0. Undecided, x0 is queued as iteration 0 like any iterate, so a
+        later pass of the test finds it first."""
+        if gmax is None:
+            if not self.queue:
+                self.queued_at = self.rounds
+            st = self.state[i]
+            self.queue.append((i, 0, x.copy(), st[2], st[3], st[4]))
+        elif gmax <= self.specs[i]["tol"]:
+            self.final[i] = (x.copy(), 0)
+
     def evaluate(self, xs: dict[int, np.ndarray]) -> dict[int, tuple[float, np.ndarray]]:
         """(loss, gradient) of each problem i at ``xs[i]``, all in one batch; may test queued iterates."""
         from scipy.special import expit, logsumexp
@@ -193,7 +206,11 @@ class _Evaluator:
             if not self.space.primal:
                 gb_max = float(np.max(np.abs(gb))) if spec["intercept"] else 0.0
                 norm2 = float(np.sqrt(np.sum(gG * gG)))
-                self.state[i] = (xs[i], self._gradient_max(spec, norm2, gb_max), gG, gb_max, norm2)
+                first = i not in self.state  # the run's first evaluation: at its starting point x0
+                gmax = self._gradient_max(spec, norm2, gb_max)
+                self.state[i] = (xs[i], gmax, gG, gb_max, norm2)
+                if first:
+                    self._at_start(i, xs[i], gmax)
         self.rounds += 1
         if self.queue and self._due():
             self.resolve()
