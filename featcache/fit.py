@@ -1593,6 +1593,8 @@ def _fit_cv(ctx: _Ctx, configs: list[dict], result: FitResult, chash: str) -> No
         n_configs=len(configs),
         validation="out-of-fold predictions of the chosen config",
         fold_digests=[[index_digest(pool[t]), index_digest(pool[v])] for t, v in folds_pos],
+        # logreg: how many of the search's fits stopped at max_iter (each warned as scikit-learn's would)
+        **({} if search.n_unconverged is None else {"cv_unconverged_fits": search.n_unconverged}),
     )
     run = _store_run(
         ctx,

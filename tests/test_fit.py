@@ -122,6 +122,7 @@ def test_cv_protocol_never_touches_test(setup) -> None:
     assert sel["test_indices_digest"] == index_digest(idx["test"])
     assert sel["val_indices_digest"] == index_digest(idx["val"])
     assert sel["method"] == "grouped_kfold" and sel["folds"] == 3
+    assert sel["cv_unconverged_fits"] == 0  # logreg's search counts its fits stopped at max_iter
     val_rel = {r["relpath"] for r in run.predictions("val")}
     assert all(rel.startswith("train/") for rel in val_rel) and len(val_rel) == len(idx["val"])
     m = run.metrics()

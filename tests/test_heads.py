@@ -872,7 +872,7 @@ def test_deferred_stop_test_gives_scikit_learns_iterations(age, monkeypatch):
     stats: dict = {}
     sols = solve_many(space, y, 2, problems, None, Z.shape[1], stats)
     assert stats["exact_checks"] > 0  # undecided iterates were queued and tested in batches
-    for p, (G, b, nit) in zip(problems, sols, strict=True):
+    for p, (G, b, nit, _status, _msg) in zip(problems, sols, strict=True):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ref = LogisticRegression(**p).fit(Z, y)
@@ -913,6 +913,39 @@ def test_kernel_space_tests_the_starting_point_as_scipy_does():
     np.testing.assert_allclose(fs.cv_results_["mean_test_score"], gs.cv_results_["mean_test_score"],
                                atol=0.005)
     assert fs.best_index_ == gs.best_index_
+
+
+@pytest.mark.parametrize("n,d", [(120, 300), (200, 20)])  # kernel space, and the primal one
+def test_fits_stopped_at_max_iter_warn_as_scikit_learns(n, d):
+    """Every fit that ends at max_iter raises scikit-learn's ConvergenceWarning (as many as GridSearchCV
+    gives, counted in ``n_unconverged_``), the refit too; a converged fit raises none."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from featcache.heads.logreg import FastLogisticGridSearchCV, fit_pipeline
+
+    X, y = _weak_signal(n, d, seed=1)
+    folds = folds_for(y, 3)
+    grid = {"C": [1e-4, 1e4], "max_iter": [5, 100]}
+    with warnings.catch_warnings(record=True) as theirs:
+        warnings.simplefilter("always")
+        pipe = make_pipeline(StandardScaler(), LogisticRegression())
+        GridSearchCV(pipe, {f"logisticregression__{k}": v for k, v in grid.items()}, cv=folds,
+                     refit=False).fit(X, y)
+    expected = sorted(str(w.message) for w in theirs if issubclass(w.category, ConvergenceWarning))
+    assert expected
+    with pytest.warns(ConvergenceWarning, match="lbfgs failed to converge") as ours:
+        fs = FastLogisticGridSearchCV(grid, cv=folds, refit=False).fit(X, y)
+    assert sorted(str(w.message) for w in ours if issubclass(w.category, ConvergenceWarning)) == expected
+    assert fs.n_unconverged_ == len(expected)
+    with pytest.warns(ConvergenceWarning, match=r"max_iter=5"):
+        fit_pipeline(X, y, {"C": 1e4, "max_iter": 5})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        fit_pipeline(X, y, {})
 
 
 def test_prefetcher_hands_errors_to_the_consumer_and_stops():

@@ -32,6 +32,8 @@ class SearchResult:
     best_index: int
     best_score: float
     cv_results: dict = field(default_factory=dict)
+    #: fits of the search that stopped unconverged (scikit-learn warned for each); None: not counted
+    n_unconverged: int | None = None
 
 
 class FittedHead(Protocol):

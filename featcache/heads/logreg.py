@@ -80,7 +80,7 @@ from featcache.heads.base import (
     plain_value,
     result_from_cv,
 )
-from featcache.heads.logreg_lbfgs import solve_many
+from featcache.heads.logreg_lbfgs import Solution, solve_many
 from featcache.heads.logreg_space import GramJob, Prefetcher, Space, Tasks, Workspace
 from featcache.heads.logreg_stats import FoldScalers, fit_scaler, standardize, standardize_tasks
 from featcache.progress import ProgressFn, emit
@@ -289,6 +289,9 @@ class FastLogisticGridSearchCV:
     turns the first failing fit (an invalid solver/penalty pair, a one-class training fold) into one
     sentence (``LogRegHead.search``), where NaN would give a search whose scores are partly NaN and
     scikit-learn's report of every failed fit. Pass ``np.nan`` (or a number) for GridSearchCV's behaviour.
+
+    A fit that stops at ``max_iter`` (or abnormally) raises scikit-learn's ConvergenceWarning, once per
+    fit as in GridSearchCV; ``n_unconverged_`` counts those fits of the search (None after the fallback).
     """
 
     def __init__(self, param_grid: dict | list[dict], *, cv: Any = 5, scoring: str = "accuracy",
@@ -354,6 +357,7 @@ class FastLogisticGridSearchCV:
                 warnings.simplefilter("ignore", FutureWarning)
                 gs.fit(X, y, **params)
         self.used_fallback_ = True
+        self.n_unconverged_ = None  # not counted: GridSearchCV's fits warn for themselves
         prefix = "param_logisticregression__"
         cvr = {("param_" + k[len(prefix):] if k.startswith(prefix) else k): v
                for k, v in gs.cv_results_.items()}
@@ -388,6 +392,7 @@ class FastLogisticGridSearchCV:
             self._fallback(X, y, groups, folds, candidates, full, sw)
             return self
         self.used_fallback_ = False
+        unconverged = 0
         scores = np.zeros((len(full), len(folds)))
         fit_t = np.zeros_like(scores)
         score_t = np.zeros_like(scores)
@@ -427,16 +432,18 @@ class FastLogisticGridSearchCV:
 
                 sols = solve_many(space, yi, len(classes), [_by_label(p, classes) for p in full], tick, d)
                 t1 = time.perf_counter()
-                k = sols[0][0].shape[1]
-                raw = space.decisions(Zte, np.hstack([G for G, _, _ in sols]))
-                for i, (_G, b, _nit) in enumerate(sols):
-                    scores[i, j] = _score(self.scoring, y[te], raw[:, i * k:(i + 1) * k] + b, classes)
+                k = sols[0].G.shape[1]
+                raw = space.decisions(Zte, np.hstack([s.G for s in sols]))
+                for i, (s, p) in enumerate(zip(sols, full, strict=True)):
+                    scores[i, j] = _score(self.scoring, y[te], raw[:, i * k:(i + 1) * k] + s.b, classes)
+                    unconverged += _warn_if_unconverged(s, p)
                 # fold-level cost shared equally by its candidates (they were solved together)
                 fit_t[:, j] = (t1 - t0) / len(full)
                 score_t[:, j] = (time.perf_counter() - t1) / len(full)
                 del space, Z, Zte, gram, work
                 ready.release()
             self.cv_results_ = _as_arrays(build_cv_results(candidates, scores, fit_t, score_t), candidates)
+            self.n_unconverged_ = unconverged
             res = result_from_cv(candidates, self.cv_results_)
             self.best_index_, self.best_params_ = res.best_index, res.best_params
             self.best_score_ = res.best_score
@@ -472,7 +479,8 @@ class FastLogisticGridSearchCV:
 
         cvr = {k: jsonable(v) for k, v in self.cv_results_.items()}
         return SearchResult(best_params=dict(self.best_params_), best_index=int(self.best_index_),
-                            best_score=float(self.best_score_), cv_results=cvr)
+                            best_score=float(self.best_score_), cv_results=cvr,
+                            n_unconverged=getattr(self, "n_unconverged_", None))
 
 
 def fit_pipeline(X: np.ndarray, y: np.ndarray, params: dict) -> Any:
@@ -502,8 +510,10 @@ def _fit_in_space(space: Space, Z: np.ndarray, y: np.ndarray, p: dict, scaler: A
     classes, yi = np.unique(y, return_inverse=True)
     # All cores but at most 4: a lone fit's products are memory-bound ?trmv (two threads: 2x here), and
     # idle OpenBLAS threads spin between L-BFGS-B's small calls.
-    (G, b, nit), = solve_many(space, yi, len(classes), [_by_label(p, classes)], None, Z.shape[1],
-                              threads=min(cpus(), 4))
+    sol, = solve_many(space, yi, len(classes), [_by_label(p, classes)], None, Z.shape[1],
+                      threads=min(cpus(), 4))
+    _warn_if_unconverged(sol, p)
+    G, b, nit = sol.G, sol.b, sol.n_iter
     W = space.coefficients(Z, G)
     lr = LogisticRegression(**p)
     lr.classes_ = classes
@@ -512,6 +522,21 @@ def _fit_in_space(space: Space, Z: np.ndarray, y: np.ndarray, p: dict, scaler: A
     lr.n_features_in_ = Z.shape[1]
     lr.n_iter_ = np.array([nit], dtype=np.int32)
     return Pipeline([("standardscaler", scaler), ("logisticregression", lr)])
+
+
+def _warn_if_unconverged(sol: Solution, p: dict) -> int:
+    """scikit-learn's ConvergenceWarning, in its words, for a fit it would warn about (scipy's status != 0:
+    max_iter reached, or an abnormal stop); 1 if it warned, else 0. Called once per fit, as each of
+    GridSearchCV's fits warns once."""
+    if sol.status == 0:
+        return 0
+    from scipy.optimize import OptimizeResult
+    from sklearn.linear_model._logistic import _LOGISTIC_SOLVER_CONVERGENCE_MSG
+    from sklearn.utils.optimize import _check_optimize_result
+
+    _check_optimize_result("lbfgs", OptimizeResult(nit=sol.n_iter, status=sol.status, message=sol.message),
+                           int(p["max_iter"]), extra_warning_msg=_LOGISTIC_SOLVER_CONVERGENCE_MSG)
+    return 1
 
 
 # ---------------------------------------------------------------- the head

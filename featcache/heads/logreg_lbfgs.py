@@ -9,7 +9,7 @@ scikit-learn's own ``minimize`` call would give (see ``featcache.heads.logreg`` 
 from __future__ import annotations
 
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -82,6 +82,38 @@ class _Lbfgsb:
                     self.task[:] = (5, 502)
             else:
                 return False
+
+    def outcome(self) -> tuple[int, str]:
+        """scipy's ``status`` and ``message`` for this run as ``minimize`` would report them.
+
+        0: converged (scipy's own tests, or ``accept`` -- our stand-in for scipy's gtol test -- stopped
+        it); 1: max_iter or maxfun reached (scikit-learn warns, even when the last iterate would have
+        passed: scipy announces a new iterate, and stops at max_iter, before testing it); 2: anything
+        else (e.g. the line search failed; scikit-learn warns too).
+        """
+        from scipy.optimize._lbfgsb_py import status_messages, task_messages
+
+        if self.task[0] == 4 or (self.task[0] == 5 and self.task[1] == 505):
+            return 0, _CONVERGED
+        status = 1 if self.nfev > self.maxfun or self.nit >= self.maxiter else 2
+        return status, f"{status_messages[int(self.task[0])]}: {task_messages[int(self.task[1])]}"
+
+
+#: scipy's message for a run stopped by its gradient test (the test ``accept`` applies in kernel space)
+_CONVERGED = "CONVERGENCE: NORM OF PROJECTED GRADIENT <= PGTOL"
+#: scipy's message for a run stopped at max_iter
+_MAX_ITER = "STOP: TOTAL NO. OF ITERATIONS REACHED LIMIT"
+
+
+class Solution(NamedTuple):
+    """One problem's result: coefficients in the space (G [r, k]), intercept [k], scikit-learn's
+    ``n_iter_`` and scipy's ``status``/``message`` (status != 0: scikit-learn warns: not converged)."""
+
+    G: np.ndarray
+    b: np.ndarray
+    n_iter: int
+    status: int
+    message: str
 
 
 class _Evaluator:
@@ -276,11 +308,12 @@ def _never(x: np.ndarray) -> bool:
 
 def solve_many(space: Space, y: np.ndarray, n_cls: int, problems: list[dict],
                 progress_cb=None, n_features: int = 0, stats: dict | None = None,
-                threads: int = 1) -> list[tuple]:
+                threads: int = 1) -> list[Solution]:
     """Run one scipy L-BFGS-B per problem (identical options to scikit-learn) sharing the products.
 
     All runs are stepped by this one thread (``_Lbfgsb``); each round evaluates every run that is still
-    going in one batch (``_Evaluator``). Returns (G [r, k], intercept [k], n_iter) per problem.
+    going in one batch (``_Evaluator``). Returns a ``Solution`` per problem; warning about the unconverged
+    ones (status != 0) is the caller's business, as it is scikit-learn's after ``minimize``.
     ``stats`` (optional) receives the numbers of evaluation rounds and of exact stop-test passes.
     ``threads``: BLAS threads, more than one only where nothing else runs (see below).
     """
@@ -329,8 +362,13 @@ def solve_many(space: Space, y: np.ndarray, n_cls: int, problems: list[dict],
         stats["exact_checks"] = stats.get("exact_checks", 0) + ev.exact_checks
     out = []
     for i, (p, run) in enumerate(zip(problems, runs, strict=True)):
-        x, nit = ev.final.get(i, (run.x, run.nit))
+        if i in ev.final:  # stopped by our (deferred) gradient test: scipy would have reported convergence,
+            x, nit = ev.final[i]  # unless it had reached max_iter first (see ``_Lbfgsb.outcome``)
+            status, msg = (1, _MAX_ITER) if nit >= run.maxiter else (0, _CONVERGED)
+        else:
+            x, nit = run.x, run.nit
+            status, msg = run.outcome()
         G = x[: r * ev.k].reshape(r, ev.k)
         b = x[r * ev.k:] if p["fit_intercept"] else np.zeros(ev.k)
-        out.append((G, b, nit))
+        out.append(Solution(G, b, nit, status, msg))
     return out
