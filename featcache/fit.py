@@ -1613,6 +1613,12 @@ def _fit_cv(ctx: _Ctx, configs: list[dict], result: FitResult, chash: str) -> No
         train_fit=train_fit,
     )
     result.runs.append(run)
+    if search.n_unconverged:  # scikit-learn's warning is one line for them all, easy to miss under a bar
+        total = len(configs) * len(folds_pos)
+        result.notes.append(
+            f"{search.n_unconverged} of the search's {total} fits stopped at max_iter before converging "
+            f"(run {run.id}; recorded as cv_unconverged_fits); their CV scores, and the choice among them, "
+            "are of unconverged models: a larger max_iter (e.g. --grid max_iter=1000) lets them converge.")
     emit(ctx.progress, "fit", 1, 1, f"{run.id} done")
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from conftest import write_xray
 from featcache.cli.app import run as cli
+from sklearn.exceptions import ConvergenceWarning
 
 from featcache.cache import CacheWriter, cache_config, cache_path
 from featcache.datasets import discover
@@ -132,6 +133,17 @@ def test_cv_protocol_never_touches_test(setup) -> None:
     assert 0.0 <= run["threshold"]["chosen"] <= 1.0 and "at_threshold" in m["test"]
     assert set(run["artifacts"]) and run["caches"][0]["weights_digest"] == "digest-fakenet"
     assert run["status"] == "done" and run["command"] == ["test"]
+
+
+def test_a_search_with_unconverged_fits_says_so(setup) -> None:
+    """scikit-learn's ConvergenceWarning is one line however many fits stopped at max_iter, printed amid
+    the progress bar: the fit's notes give the count and the way out."""
+    root, cache_dir, runs_dir = setup
+    with pytest.warns(ConvergenceWarning):
+        res = fit(root, "fakenet", "logreg", opts(cache_dir, runs_dir, grid_args=["C=1000", "max_iter=1"]))
+    n = load_run(runs_dir, res.runs[0].id)["selection"]["cv_unconverged_fits"]
+    # C=1000 x the default two class weights x 3 folds, every one stopped after one iteration
+    assert n == 6 and any("6 of the search's 6 fits stopped at max_iter" in note for note in res.notes)
 
 
 def test_test_labels_cannot_change_any_choice(tmp_path: Path) -> None:
