@@ -1,6 +1,7 @@
 """Heads: learning, class weights, the fast logistic search against scikit-learn, fused MLP grids, saving."""
 from __future__ import annotations
 
+import functools
 import warnings
 
 import numpy as np
@@ -728,17 +729,37 @@ def test_grid_configs_with_an_activation_the_fused_trainer_lacks_train_alone():
     assert fused_sigmoid(configs) == set()
 
 
-def test_fused_early_stopping_never_stops_after_the_first_epoch_as_keras():
-    """Keras' EarlyStopping stops only from the second epoch on (``epoch > 0``); with patience 0 and a first
-    val_loss that is no improvement (NaN), the fused rule stopped after one epoch."""
+NAN_FIRST_EPOCH = [{"layers": (4,), "lr": 1e36, "epochs": 5, "batch_size": 30, "patience": patience}
+                   for patience in (0, 2, 3)]
+"""Diverged configs (lr 1e36: val_loss NaN from the first epoch), one per patience."""
+
+
+@functools.cache
+def _nan_first_epoch_keras() -> tuple[list[float], ...]:
+    """model.fit's val_loss histories for ``NAN_FIRST_EPOCH`` (config i with seed i, as train_many seeds
+    them), computed once for both trainers' tests."""
     X, y = separable(120, 8, k=2, shift=1.0)
     head = get_head("mlp")
-    cfg = {"layers": (4,), "lr": 1e36, "epochs": 5, "batch_size": 30, "patience": 0}
-    (_, hist), _ = head.train_many(X[:90], y[:90], X[90:], y[90:], [cfg, {**cfg, "lr": 1e35}], seed=0,
-                                   fuse=True, precision="float32")
-    _, ref = head.train(X[:90], y[:90], X[90:], y[90:], cfg, seed=0)
-    assert not np.isfinite(ref["val_loss"][0])  # the case: the first epoch is no improvement
-    assert len(hist["val_loss"]) == len(ref["val_loss"]) == 2
+    return tuple(head.train(X[:90], y[:90], X[90:], y[90:], cfg, seed=i)[1]["val_loss"]
+                 for i, cfg in enumerate(NAN_FIRST_EPOCH))
+
+
+@pytest.mark.parametrize("trainer", ["tf", "jax"])
+def test_fused_early_stopping_after_a_nan_first_epoch_as_keras(trainer):
+    """Keras' EarlyStopping never stops after the first epoch (``epoch > 0``), and its best starts unset, so
+    a NaN first epoch is an improvement and the epochs without one count from the second on. The fused
+    rule stopped after one epoch with patience 0, and, counting from a best of inf, one epoch before
+    model.fit with patience 2 and 3."""
+    if trainer == "jax":
+        pytest.importorskip("jax")
+    X, y = separable(120, 8, k=2, shift=1.0)
+    head = get_head("mlp")
+    many = head.train_many(X[:90], y[:90], X[90:], y[90:], NAN_FIRST_EPOCH, seed=0, fuse=True,
+                           precision="float32", trainer=trainer)
+    assert {r[0].trainer["path"] for r in many} == {"fused" if trainer == "tf" else "fused-jax"}
+    for cfg, (_, hist), ref in zip(NAN_FIRST_EPOCH, many, _nan_first_epoch_keras(), strict=True):
+        assert np.isnan(ref[0]) and np.isnan(hist["val_loss"][0])  # the case: a diverged first epoch
+        assert len(hist["val_loss"]) == len(ref) == max(2, cfg["patience"] + 1)
 
 
 def test_bfloat16_grid_training_agrees_with_float32():
@@ -1169,7 +1190,10 @@ def test_checkpoint_round_trip_keeps_every_member_field(tmp_path):
     a.history = {"loss": [0.9, 0.5, 0.4, 0.45], "val_loss": [0.3, 0.25, 0.27, 0.26]}
     a.best_weights = [w + 1 for w in a.current()]
     a.m[0].assign(a.m[0] + 0.5)
-    members[1].epoch = 4
+    # a diverged member, saved by an older featcache: its wait counted from a best of inf (4), where Keras'
+    # EarlyStopping counts the NaN first epoch as its best (3); restore follows the history
+    members[1].epoch, members[1].since_best = 4, 4
+    members[1].history = {"val_loss": [float("nan")] * 4}
     rng = np.random.default_rng(0)
     rng.random(3)
     fields = {"ps": ps, "seeds": [3, 4], "stream_seed": 3, "keys": None}
@@ -1182,6 +1206,8 @@ def test_checkpoint_round_trip_keeps_every_member_field(tmp_path):
     assert (got.t, got.extra, sorted(got.states)) == (77, {"epoch_no": 4}, [0, 1])
     b = fresh[0]
     assert (b.epoch, b.since_best, b.best_val, b.history, b.resumed_epoch) == (4, 2, 0.25, a.history, 4)
+    assert b.stop_best == 0.25
+    assert fresh[1].since_best == 3 and np.isnan(fresh[1].stop_best)
     w, m, v = got.states[0]
     for back, want in [(w, a.current()), (b.best_weights, a.best_weights),
                        (m, [x.numpy() for x in a.m]), (v, [x.numpy() for x in a.v])]:

@@ -158,7 +158,7 @@ def restore(path: Path, key: str, members: list[Any], rng: np.random.Generator) 
         mb.epoch = int(r["epoch"])
         mb.history = {k: [float(x) for x in v] for k, v in r["history"].items()}
         mb.best_val = np.inf if r["best_val"] is None else float(r["best_val"])
-        mb.since_best = int(r["since_best"])
+        mb.replay_stopping()  # early stopping's state follows from the history (see there)
         mb.best_weights = [np.array(a) for a in best] if best is not None else None
         mb.resumed_epoch = mb.epoch
     rng.bit_generator.state = meta["rng"]

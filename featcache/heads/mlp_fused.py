@@ -15,9 +15,10 @@ Why it is faster than one ``model.fit`` per config (measured in ``benchmarks/ben
 Semantics follow ``model.fit`` with Keras' Adam: the loss is the mean over the batch of the (class-
 weighted) cross-entropy plus the L2 penalties, Adam's bias-corrected step uses epsilon outside the square
 root, dropout is inverted dropout, validation runs after every epoch, early stopping counts epochs without
-a lower validation loss, and ``checkpoint`` keeps the best-validation weights. Members start from the
-Keras model built for their own seed (Glorot-uniform kernels, zero biases) and are exported back into it,
-so save/load/predict are those of ``train``. They see the same minibatch order, not the one ``model.fit``
+a lower validation loss than its best (as in Keras, the first epoch's, even a NaN), and ``checkpoint``
+keeps the best-validation weights (never a NaN epoch's). Members start from the Keras model built for their
+own seed (Glorot-uniform kernels, zero biases) and are exported back into it, so save/load/predict are
+those of ``train``. They see the same minibatch order, not the one ``model.fit``
 would draw, so a member agrees with ``train`` within run-to-run noise, not bit for bit.
 """
 from __future__ import annotations
@@ -128,7 +129,12 @@ class MemberRecord:
         self.epoch = 0
         self.history: dict[str, list[float]] = {k: [] for k in ("loss", "val_loss", "accuracy",
                                                                  "val_accuracy", "lr")}
-        self.best_val, self.best_weights, self.since_best = np.inf, None, 0
+        # two "bests", as in ``train``: the checkpoint's starts at inf and only a lower val_loss replaces it
+        # (``_best_weights_callback``), so a NaN epoch never becomes the best weights; early stopping's
+        # starts unset, as Keras' EarlyStopping's does (see ``stopping_step``)
+        self.best_val, self.best_weights = np.inf, None
+        self.stop_best: float | None = None
+        self.since_best = 0  # epochs since early stopping's best (Keras' ``wait``)
         self.stopped = False
         self.resumed_epoch = 0  # > 0: restored from a checkpoint taken after this many epochs
 
@@ -142,15 +148,34 @@ class MemberRecord:
                             (loss, acc, val_loss, val_acc, float(self.p["lr"])), strict=True):
             self.history[key].append(float(val))
         if val_loss < self.best_val:
-            self.best_val, self.since_best = val_loss, 0
+            self.best_val = val_loss
             if self.p["checkpoint"]:
                 self.best_weights = weights()
-        else:
-            self.since_best += 1
-            # Keras' EarlyStopping never stops after the first epoch (``epoch > 0``), whatever the patience
-            if (self.p["patience"] is not None and self.since_best >= int(self.p["patience"])
-                    and self.epoch > 1):
-                self.stopped = True
+        # Keras' EarlyStopping never stops after the first epoch (``epoch > 0``), whatever the patience,
+        # nor after an improvement
+        if (not self.stopping_step(val_loss) and self.p["patience"] is not None
+                and self.since_best >= int(self.p["patience"]) and self.epoch > 1):
+            self.stopped = True
+
+    def stopping_step(self, val_loss: float) -> bool:
+        """Early stopping's bookkeeping for one epoch, exactly as Keras 3's EarlyStopping (min_delta 0, no
+        baseline): its best starts unset, so the first epoch is always an improvement, even a NaN or inf
+        val_loss (a diverged config); later only a strictly lower val_loss is, so after a NaN first epoch
+        nothing improves again. True when this epoch improved. Starting from inf instead made a NaN first
+        epoch count as one without improvement, and such a config stopped an epoch before ``train``'s."""
+        if self.stop_best is None or val_loss < self.stop_best:
+            self.stop_best, self.since_best = float(val_loss), 0
+            return True
+        self.since_best += 1
+        return False
+
+    def replay_stopping(self) -> None:
+        """Rebuild early stopping's best and wait from the validation losses in ``history`` (on a checkpoint
+        restore: the state follows from the history, and an older featcache's checkpoint holds a wait
+        counted from inf)."""
+        self.stop_best, self.since_best = None, 0
+        for val_loss in self.history["val_loss"]:
+            self.stopping_step(val_loss)
 
     def export(self, weights: Callable[[], list[np.ndarray]]) -> Any:
         self.model.set_weights(self.best_weights if self.best_weights is not None else weights())
