@@ -714,6 +714,7 @@ class CacheWriter:
         if not sessions or not _same_setup(sessions[-1], entry):
             self._f.attrs["sessions_json"] = json.dumps((sessions + [entry])[-MAX_SESSIONS:], sort_keys=True)
             self._session_entry = entry
+            self._sessions_before = sessions  # what _drop_own_session puts back (the cap may drop the first)
         self._session_recorded = True
 
     def _drop_own_session(self) -> None:
@@ -724,7 +725,7 @@ class CacheWriter:
         (``cache info``: "rows 10-9") and stop a later session of the file's previous setup from merging."""
         sessions = _sessions(self._f)
         if sessions and sessions[-1] == json.loads(json.dumps(self._session_entry, sort_keys=True)):
-            self._f.attrs["sessions_json"] = json.dumps(sessions[:-1], sort_keys=True)
+            self._f.attrs["sessions_json"] = json.dumps(self._sessions_before, sort_keys=True)
         self._session_entry = None
 
     @contextlib.contextmanager

@@ -859,6 +859,7 @@ def fit(
     optional = (set(tta_views) | set(aug_views)) - set(needed)
     feats, caches = _load_features(dataset.root, names, keys, needed, optional, opts)
     _refuse_missing_views(dataset.root, names, opts, feats, caches, tta_views, aug_views)
+    view_notes = _old_view_rule_notes(opts, caches, train_views, tta_views, aug_views)
     if tta_views:  # every image it predicts needs every view: else its average would be of fewer views
         scored = np.flatnonzero(in_pool | (np.asarray(split, dtype=object) == "test"))  # than predict's
         lacking = {v: int((~feats.has(v, scored)).sum()) for v in tta_views}
@@ -1013,6 +1014,7 @@ def fit(
             _fit_cv(ctx, configs, result, hashes[0])
         else:
             _fit_holdout(ctx, configs, result, hashes)
+    result.notes += view_notes
     result.notes += _untagged_notes(opts.runs_dir, result.skipped, opts.tags)
     result.notes += done_with_other_versions(opts.runs_dir, result.skipped)  # kept: say when versions moved
     return result
@@ -1159,6 +1161,24 @@ def _views(spec: Sequence[str] | str) -> list[str]:
         names = [s.strip() for s in items if s.strip()]
     out = ["orig"] + [v for v in dict.fromkeys(names) if v != "orig"]
     return out
+
+
+def _old_view_rule_notes(opts: FitOptions, caches: list[dict], train_views: list[str], tta_views: list[str],
+                         aug_views: list[str]) -> list[str]:
+    """A note where a default --tta-views / --aug-views differs from the views featcache used before it had
+    these options (every view the caches held): the same command then trained new runs, and the old ones
+    are reused only by naming their views."""
+    held = sorted(set.intersection(*(set(c["views"]) for c in caches)) - {"orig"}) if caches else []
+    notes = []
+    for flag, option, chosen, given, old in (
+            ("--tta", "--tta-views", tta_views, opts.tta_views, held),
+            ("--balance oversample", "--aug-views", aug_views, opts.aug_views,
+             [v for v in held if v not in train_views])):
+        if chosen and given is None and old and old != chosen:  # no old view: the old rule refused
+            notes.append(f"{flag} used {', '.join(chosen)} ({option}'s default). Before {option} existed it "
+                         f"used every view the cache holds, here {', '.join(old)}: to reuse runs made that "
+                         f"way, pass {option} {','.join(old)}.")
+    return notes
 
 
 def _refuse_missing_views(root: Path, names: list[str], opts: FitOptions, feats: _Features,
@@ -1616,9 +1636,10 @@ def _fit_cv(ctx: _Ctx, configs: list[dict], result: FitResult, chash: str) -> No
     if search.n_unconverged:  # scikit-learn's warning is one line for them all, easy to miss under a bar
         total = len(configs) * len(folds_pos)
         result.notes.append(
-            f"{search.n_unconverged} of the search's {total} fits stopped at max_iter before converging "
-            f"(run {run.id}; recorded as cv_unconverged_fits); their CV scores, and the choice among them, "
-            "are of unconverged models: a larger max_iter (e.g. --grid max_iter=1000) lets them converge.")
+            f"{search.n_unconverged} of the search's {total} fits stopped before converging (at max_iter, "
+            f"or rarely a failed line search; run {run.id}, recorded as cv_unconverged_fits); their CV "
+            "scores, and the choice among them, are of unconverged models: a larger max_iter (e.g. --grid "
+            "max_iter=1000) lets them converge.")
     emit(ctx.progress, "fit", 1, 1, f"{run.id} done")
 
 

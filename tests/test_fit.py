@@ -143,7 +143,7 @@ def test_a_search_with_unconverged_fits_says_so(setup) -> None:
         res = fit(root, "fakenet", "logreg", opts(cache_dir, runs_dir, grid_args=["C=1000", "max_iter=1"]))
     n = load_run(runs_dir, res.runs[0].id)["selection"]["cv_unconverged_fits"]
     # C=1000 x the default two class weights x 3 folds, every one stopped after one iteration
-    assert n == 6 and any("6 of the search's 6 fits stopped at max_iter" in note for note in res.notes)
+    assert n == 6 and any("6 of the search's 6 fits stopped before converging" in note for note in res.notes)
 
 
 def test_test_labels_cannot_change_any_choice(tmp_path: Path) -> None:
@@ -959,11 +959,17 @@ def test_tta_and_oversampling_views_come_from_the_command_not_the_cache(setup, t
     root, cache_dir, runs_dir = setup
     (cache,) = cache_dir.glob("*.h5")
     o = opts(cache_dir, runs_dir, grid_args=["C=1"], tta=True, balance="oversample")
-    first = fit(root, "fakenet", "logreg", o).runs[0]
+    done = fit(root, "fakenet", "logreg", o)
+    first = done.runs[0]
     assert first["tta_views"] == ["hflip"] and first["aug_views"] == ["hflip", "rot+20"]
+    # runs made before the options existed used every cached view: the note says how to reuse them
+    assert [n for n in done.notes if "existed" in n] == [
+        "--tta used hflip (--tta-views's default). Before --tta-views existed it used every view the cache "
+        "holds, here hflip, rot+20: to reuse runs made that way, pass --tta-views hflip,rot+20."]
     _add_view(root, cache, "rot-20")
     again = fit(root, "fakenet", "logreg", o)
     assert not again.runs and again.skipped == [first.id]  # the same run: already done
+    assert any("pass --aug-views hflip,rot+20,rot-20." in n for n in again.notes)
     elsewhere = fit(root, "fakenet", "logreg", replace(o, runs_dir=tmp_path / "runs2")).runs[0]
     assert elsewhere["config_hash"] == first["config_hash"]  # the run id's config part (not its time)
     assert elsewhere.predictions("test") == first.predictions("test")
