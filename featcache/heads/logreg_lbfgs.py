@@ -180,21 +180,23 @@ class _Evaluator:
             return False
         gmax = last[1]
         if gmax is None:  # undecided: test it later, together with others
-            if not self.queue:
-                self.queued_at = self.rounds
-            self.queue.append((i, self.iters[i], x.copy(), last[2], last[3], last[4]))
+            self._queue(i, self.iters[i], x)
             return False
         return gmax <= self.specs[i]["tol"]
+
+    def _queue(self, i: int, iteration: int, x: np.ndarray) -> None:
+        """Queue problem i's undecided iterate ``x`` (its last evaluated point) for the shared exact test."""
+        if not self.queue:
+            self.queued_at = self.rounds
+        st = self.state[i]
+        self.queue.append((i, iteration, x.copy(), st[2], st[3], st[4]))
 
     def _at_start(self, i: int, x: np.ndarray, gmax: float | None) -> None:
         """scipy's test of x0, before any step (``setulb`` makes it, but ours runs with gtol 0): a pass
         ends the run at iteration 0 with x0. Undecided, x0 is queued as iteration 0 like any iterate, so a
         later pass of the test finds it first."""
         if gmax is None:
-            if not self.queue:
-                self.queued_at = self.rounds
-            st = self.state[i]
-            self.queue.append((i, 0, x.copy(), st[2], st[3], st[4]))
+            self._queue(i, 0, x)
         elif gmax <= self.specs[i]["tol"]:
             self.final[i] = (x.copy(), 0)
 
