@@ -53,6 +53,12 @@ SUBTYPES = ("normal", "bacteria", "virus")
 """The Kermany subtypes (3class task classes, in this order), from the file names."""
 
 
+def is_im_name(relpath: str) -> bool:
+    """Whether a file is named in Kermany's IM-k / NORMAL2-IM-k form, whose patient (``_IM_RE``) rests on
+    an assumption the report states: the two prefixes number different patients."""
+    return bool(_IM_RE.match(Path(relpath.replace("\\", "/")).stem))
+
+
 def skip_entries(skipped: Iterable[tuple[str, str]]) -> list[dict[str, str]]:
     """(path, reason) pairs as ``{"path", "reason"}`` objects: the one shape every ``--json`` output lists
     skipped or left-out files in (extract, data inspect, fit, predict, run), so a script reads them all

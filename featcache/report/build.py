@@ -1256,15 +1256,14 @@ def _threshold_transfer_text(runs: Sequence[RunRecord]) -> str:
             "its test numbers at that threshold rest on that transfer. ")
 
 
-_KERMANY_IM = re.compile(r"(?:^|[/\\])(?:NORMAL\d*-)?IM-\d+-", re.IGNORECASE)
-
-
 def _patient_naming_text(runs: Sequence[RunRecord]) -> str:
     """The one patient-grouping assumption featcache cannot check: Kermany's IM-k and NORMAL2-IM-k are
     taken as different patients (datasets._IM_RE), though 211 numbers occur under both prefixes."""
+    from featcache.datasets import is_im_name
+
     def named(r: RunRecord) -> bool:
         preds = [p for p in (r.val, r.test) if p is not None]
-        return any(_KERMANY_IM.search(path) for p in preds for path in p.relpaths)
+        return any(is_im_name(path) for p in preds for path in p.relpaths)
 
     if not any((r.run.get("dataset") or {}).get("layout") == "kermany" and named(r) for r in runs):
         return ""
