@@ -136,8 +136,24 @@ def library_versions() -> dict:
 
 
 RESULT_LIBRARIES = ("numpy", "scipy", "scikit-learn")
-"""Libraries whose version can change any head's numbers; an mlp's also depend on ``MLP_LIBRARIES``."""
+"""Libraries whose version can change any head's numbers; an mlp's also depend on ``mlp_libraries``."""
 MLP_LIBRARIES = ("keras", "tensorflow", "jax")
+_TRAINER_LIBRARY = {"fused": "tensorflow", "fused-jax": "jax"}  # run.json's trainer paths besides keras.fit
+
+
+def mlp_libraries(info: dict) -> tuple[str, ...]:
+    """The libraries a dense-head run's numbers came from: Keras, its backend (``environment``), and the
+    fused trainer's library (``trainer``). Why not all of MLP_LIBRARIES: a run trained on TensorFlow does
+    not move when only JAX is upgraded, and a note saying so would send users to retrain for nothing. A
+    run without those records (or on another backend) keeps the old answer, all of them."""
+    env = info.get("environment") if isinstance(info.get("environment"), dict) else {}
+    backend = env.get("keras_backend")
+    if backend not in MLP_LIBRARIES[1:]:
+        return MLP_LIBRARIES
+    trainer = info.get("trainer") if isinstance(info.get("trainer"), dict) else {}
+    paths = {str(how.get("path")) for how in trainer.values() if isinstance(how, dict)}
+    used = {"keras", str(backend)} | {lib for path, lib in _TRAINER_LIBRARY.items() if path in paths}
+    return tuple(lib for lib in MLP_LIBRARIES if lib in used)
 
 
 def version_changes(info: dict, current: dict) -> list[str]:
@@ -145,7 +161,7 @@ def version_changes(info: dict, current: dict) -> list[str]:
     differs from ``current`` (``library_versions()``). Why: the run identity leaves versions out (an upgrade
     would otherwise orphan every run), so a rerun after an upgrade finds the old run "already done"."""
     recorded = info.get("versions") if isinstance(info.get("versions"), dict) else {}
-    libs = ("featcache", *RESULT_LIBRARIES, *(MLP_LIBRARIES if info.get("head") == "mlp" else ()))
+    libs = ("featcache", *RESULT_LIBRARIES, *(mlp_libraries(info) if info.get("head") == "mlp" else ()))
     return [f"{lib} {recorded[lib]} (now {current.get(lib) or 'not installed'})" for lib in libs
             if recorded.get(lib) and recorded[lib] != current.get(lib)]
 

@@ -1600,3 +1600,28 @@ def test_a_run_found_done_with_other_versions_is_kept_and_said(setup, monkeypatc
             f"{recorded['featcache']} (now 99.0), scikit-learn {recorded['scikit-learn']} (now 99.1))"
             in note)  # keras moved too, but a knn's numbers do not depend on it
     assert "delete their run folders or fit into another --runs-dir" in note
+
+
+def test_the_version_note_of_a_dense_head_names_only_the_libraries_that_trained_it() -> None:
+    """An mlp run was said to depend on TensorFlow and JAX whatever trained it, so upgrading JAX alone
+    sent users of TensorFlow-trained runs to retrain for nothing. Now: Keras, its backend, and the fused
+    trainer's library; a run without those records keeps the old answer (all three)."""
+    from featcache.runs import version_changes
+
+    versions = {"featcache": "1", "numpy": "1", "scipy": "1", "scikit-learn": "1", "keras": "3",
+                "tensorflow": "2", "jax": "0.4"}
+    tf_run = {"head": "mlp", "versions": versions, "environment": {"keras_backend": "tensorflow"},
+              "trainer": {"selection": {"path": "fused"}, "saved_model": {"path": "keras.fit"}}}
+    jax_run = {**tf_run, "environment": {"keras_backend": "jax"},
+               "trainer": {"selection": {"path": "fused-jax"}, "saved_model": {"path": "keras.fit"}}}
+    jax_trainer_on_tf = {**tf_run, "trainer": {"selection": {"path": "fused-jax"}}}
+    new_jax, new_tf = {**versions, "jax": "0.5"}, {**versions, "tensorflow": "2.9"}
+    assert version_changes(tf_run, new_jax) == []
+    assert version_changes(tf_run, new_tf) == ["tensorflow 2 (now 2.9)"]
+    assert version_changes(jax_run, new_tf) == []
+    assert version_changes(jax_run, new_jax) == ["jax 0.4 (now 0.5)"]
+    assert version_changes(jax_trainer_on_tf, new_jax) == ["jax 0.4 (now 0.5)"]
+    assert version_changes(jax_trainer_on_tf, new_tf) == ["tensorflow 2 (now 2.9)"]
+    unrecorded = {"head": "mlp", "versions": versions}
+    assert version_changes(unrecorded, new_jax) == ["jax 0.4 (now 0.5)"]
+    assert version_changes({**tf_run, "head": "knn"}, new_tf) == []  # a knn does not use Keras
