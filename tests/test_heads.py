@@ -969,6 +969,36 @@ def test_fits_stopped_at_max_iter_warn_as_scikit_learns(n, d):
         fit_pipeline(X, y, {})
 
 
+def test_the_fallback_counts_its_unconverged_fits_and_still_shows_their_warnings():
+    """The GridSearchCV fallback (here: sample weights) left ``n_unconverged_`` None, so run.json had no
+    cv_unconverged_fits and fit no note for it. Now it counts the search's fits, not the refit's, and the
+    warnings still reach the caller; the refit is GridSearchCV's own."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from featcache.heads.logreg import FastLogisticGridSearchCV
+
+    X, y = _weak_signal(120, 30, seed=1)
+    folds = folds_for(y, 3)
+    grid = {"C": [1e4], "max_iter": [3, 100]}
+    ref = GridSearchCV(make_pipeline(StandardScaler(), LogisticRegression()),
+                       {f"logisticregression__{k}": v for k, v in grid.items()}, cv=folds)
+    with warnings.catch_warnings(record=True) as theirs:
+        warnings.simplefilter("always")
+        ref.fit(X, y)
+    n_theirs = sum(issubclass(w.category, ConvergenceWarning) for w in theirs)
+    refit_warned = int(ref.best_estimator_[-1].n_iter_[0]) >= ref.best_params_["logisticregression__max_iter"]
+    with pytest.warns(ConvergenceWarning, match="lbfgs failed to converge"):
+        fs = FastLogisticGridSearchCV(grid, cv=folds).fit(X, y, sample_weight=np.ones(len(y)))
+    assert fs.used_fallback_
+    assert fs.n_unconverged_ == n_theirs - refit_warned >= 3  # max_iter=3 stops in each of the 3 folds
+    assert fs.best_params_ == {k[len("logisticregression__"):]: v for k, v in ref.best_params_.items()}
+    np.testing.assert_allclose(fs.best_estimator_[-1].coef_, ref.best_estimator_[-1].coef_, atol=1e-8)
+
+
 def test_prefetcher_hands_errors_to_the_consumer_and_stops():
     from featcache.heads.logreg_space import Prefetcher, Tasks, Workspace
 

@@ -291,7 +291,7 @@ class FastLogisticGridSearchCV:
     scikit-learn's report of every failed fit. Pass ``np.nan`` (or a number) for GridSearchCV's behaviour.
 
     A fit that stops at ``max_iter`` (or abnormally) raises scikit-learn's ConvergenceWarning, once per
-    fit as in GridSearchCV; ``n_unconverged_`` counts those fits of the search (None after the fallback).
+    fit as in GridSearchCV; ``n_unconverged_`` counts those fits of the search (the fallback's too).
     """
 
     def __init__(self, param_grid: dict | list[dict], *, cv: Any = 5, scoring: str = "accuracy",
@@ -351,13 +351,20 @@ class FastLogisticGridSearchCV:
                     step.set_fit_request(sample_weight=True)
                 scoring = _unweighted_scorer(self.scoring)
                 params = {"sample_weight": sample_weight}
-            gs = GridSearchCV(pipe, grid, cv=folds, scoring=scoring, refit=self.refit,
+            # the refit is done below, not by GridSearchCV: its warning must not count as the search's
+            gs = GridSearchCV(pipe, grid, cv=folds, scoring=scoring, refit=False,
                               error_score=self.error_score)
-            with warnings.catch_warnings():  # scikit-learn's deprecation notices about 'penalty', per fit
-                warnings.simplefilter("ignore", FutureWarning)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")  # every fit's warning, to count them; shown again below
+                warnings.simplefilter("ignore", FutureWarning)  # deprecation notices about 'penalty', per fit
                 gs.fit(X, y, **params)
+            if self.refit:  # what GridSearchCV's refit does: the base pipeline, best parameters, all rows
+                pipe.set_params(**gs.best_params_)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FutureWarning)
+                    pipe.fit(X, y, **({"sample_weight": sample_weight} if weighted else {}))
         self.used_fallback_ = True
-        self.n_unconverged_ = None  # not counted: GridSearchCV's fits warn for themselves
+        self.n_unconverged_ = _reissued(caught)
         prefix = "param_logisticregression__"
         cvr = {("param_" + k[len(prefix):] if k.startswith(prefix) else k): v
                for k, v in gs.cv_results_.items()}
@@ -366,7 +373,7 @@ class FastLogisticGridSearchCV:
         self.best_params_ = dict(candidates[self.best_index_])
         self.best_score_ = float(gs.best_score_)
         if self.refit:
-            self.best_estimator_ = gs.best_estimator_
+            self.best_estimator_ = pipe
 
     def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None,
             sample_weight: Any = None) -> FastLogisticGridSearchCV:
@@ -522,6 +529,18 @@ def _fit_in_space(space: Space, Z: np.ndarray, y: np.ndarray, p: dict, scaler: A
     lr.n_features_in_ = Z.shape[1]
     lr.n_iter_ = np.array([nit], dtype=np.int32)
     return Pipeline([("standardscaler", scaler), ("logisticregression", lr)])
+
+
+def _reissued(caught: list[warnings.WarningMessage]) -> int:
+    """Show the warnings recorded during a GridSearchCV search again under the caller's filters (each
+    distinct one once, as Python shows a repeated warning), and return how many were ConvergenceWarnings:
+    the search's unconverged fits, counted as the fast path counts them."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    registry: dict = {}
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, registry=registry)
+    return sum(issubclass(w.category, ConvergenceWarning) for w in caught)
 
 
 def _warn_if_unconverged(sol: Solution, p: dict) -> int:
