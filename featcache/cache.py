@@ -104,7 +104,7 @@ def cache_config(dataset_root: Path, backbone: dict, resize: str, dtype: str) ->
     """
     if dtype not in DTYPES:
         raise ConfigError(f"unknown cache dtype '{dtype}'; choose one of: {', '.join(DTYPES)}")
-    own = {"dataset_root", "resize", "dtype"}
+    own = {"dataset_root", "resize", "dtype", "resize_box"}
     config: dict[str, Any] = {}
     for key, value in backbone.items():
         name = "backbone" if key == "name" and "backbone" not in backbone else key
@@ -114,6 +114,8 @@ def cache_config(dataset_root: Path, backbone: dict, resize: str, dtype: str) ->
     if "backbone" not in config:
         raise ValueError("backbone description has no 'name'")
     config.update(dataset_root=str(Path(dataset_root).resolve()), resize=resize, dtype=dtype)
+    if resize != "squash":  # pad and crop boxes come from the full size now (images._resize), not from a
+        config["resize_box"] = "full size"  # JPEG's downscaled one: old caches hold the old rows
     return json.loads(canonical_json(config))  # tuples -> lists etc.: equal to what a reader loads
 
 

@@ -4,8 +4,8 @@ Three layouts are understood, all resolved into the same sorted list of :class:`
 
 * **kermany**: ``root/{train,test[,val]}/{NORMAL,PNEUMONIA}/*.jpeg`` (or ``root`` being one split
   folder). File names carry the patient and the pneumonia subtype; we parse them because a split
-  that ignores patients leaks them between train and validation (about 61% of Kermany patients
-  have several images).
+  that ignores patients leaks them between train and validation (about 66% of Kermany's training
+  images belong to patients with several images).
 * **folders**: any ``root/[split/]CLASS/*.ext`` tree.
 * **manifest**: a CSV ``path,label[,split][,group]`` with paths relative to the CSV's folder.
 
@@ -32,6 +32,8 @@ from featcache.errors import ConfigError, DataError
 from featcache.hashing import sha256_many
 from featcache.progress import ProgressFn, emit
 
+SUBTYPES = ("normal", "bacteria", "virus")
+"""The Kermany subtypes (3class task classes, in this order), from the file names."""
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 SPLIT_NAMES = {"train", "val", "test"}
 _SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "valid": "val", "test": "test"}
@@ -47,16 +49,17 @@ _IM_RE = re.compile(r"^((?:NORMAL\d*-)?IM-\d+)(?:-\d+)+$", re.IGNORECASE)
 # VIRUS-1047596-0001 -> (subtype, patient number). The patient is the number alone, so one number seen
 # under two subtypes stays one patient (grouping more never leaks a patient across folds).
 _V3_RE = re.compile(r"^(normal|bacteria|virus)-(\d+)(?:-\d+)+$", re.IGNORECASE)
+# what a file manager appends to a copy: "name (1)", "name copy", "name copy 2", "name - Copy (2)". Left on,
+# a copy of a patient's image would be a patient of its own, and could land on the other side of a split.
+_COPY_SUFFIX_RE = re.compile(r"(?: \(\d+\)| copy(?: \d+)?| - copy(?: \(\d+\))?)+$", re.IGNORECASE)
 
 
-SUBTYPES = ("normal", "bacteria", "virus")
-"""The Kermany subtypes (3class task classes, in this order), from the file names."""
 
 
 def is_im_name(relpath: str) -> bool:
     """Whether a file is named in Kermany's IM-k / NORMAL2-IM-k form, whose patient (``_IM_RE``) rests on
     an assumption the report states: the two prefixes number different patients."""
-    return bool(_IM_RE.match(Path(relpath.replace("\\", "/")).stem))
+    return bool(_IM_RE.match(_COPY_SUFFIX_RE.sub("", Path(relpath.replace("\\", "/")).stem)))
 
 
 def skip_entries(skipped: Iterable[tuple[str, str]]) -> list[dict[str, str]]:
@@ -121,10 +124,10 @@ def _normalise_split(name: str) -> str:
     return _SPLIT_ALIASES.get(name.strip().lower(), name.strip())
 
 
-def _split_of_folder(name: str) -> str | None:
-    """The split a folder name stands for, or None when it is not a split folder."""
+def split_folder(name: str) -> str | None:
+    """The split a folder name stands for (train, val or test), or None when it is not a split folder."""
     low = name.lower()
-    return _SPLIT_ALIASES[low] if low in ("train", "val", "validation", "test") else None
+    return _SPLIT_ALIASES.get(low)  # valid/ too: a common download layout (train/valid/test)
 
 
 def parse_kermany_name(filename: str) -> tuple[str | None, str | None]:
@@ -135,7 +138,7 @@ def parse_kermany_name(filename: str) -> tuple[str | None, str | None]:
     ("virus", "1047596"). The Kaggle/v2 normal files carry no subtype word: the ``IM-`` naming is
     only used for normal images in the dataset, but callers should still trust the class folder.
     """
-    stem = Path(filename).stem if "." in filename else filename
+    stem = _COPY_SUFFIX_RE.sub("", Path(filename).stem if "." in filename else filename)
     # patient ids in the dataset's own case whatever the file's (PERSON447_VIRUS_921.jpeg is person447):
     # a renamed copy of a patient's image in another split must still be that patient
     m = _PERSON_RE.match(stem)
@@ -151,14 +154,14 @@ def parse_kermany_name(filename: str) -> tuple[str | None, str | None]:
 
 
 def _subtype_and_group(label: str, filename: str) -> tuple[str | None, str]:
-    """Subtype (folder wins over name for NORMAL) and patient id (falls back to the file stem)."""
+    """Subtype and patient id (falls back to the file stem). A label that is a subtype (NORMAL, or a
+    manifest's or folder's bacteria/virus) wins over the file name: otherwise --task 3class would label
+    an image by its name while --task folders labels it by what the user wrote."""
     name_subtype, patient = parse_kermany_name(filename)
-    if label.upper() == "NORMAL":
-        subtype: str | None = "normal"
+    if label.lower() in SUBTYPES:
+        subtype: str | None = label.lower()
     elif name_subtype in ("bacteria", "virus"):
         subtype = name_subtype
-    elif label.lower() in ("bacteria", "virus"):  # a manifest labelled by subtype, file names of its own
-        subtype = label.lower()
     else:
         subtype = None
     return subtype, patient if patient else Path(filename).stem
@@ -256,7 +259,7 @@ def _classify(parts: tuple[str, ...], root_split: str | None) -> tuple[str | Non
     is the next folder. Deeper sub-folders below the class folder are allowed.
     """
     dirs = parts[:-1]
-    first_split = _split_of_folder(dirs[0]) if dirs else None
+    first_split = split_folder(dirs[0]) if dirs else None
     if first_split is not None:
         if len(dirs) < 2:
             return _NO_CLASS_FOLDER
@@ -271,7 +274,7 @@ def _discover_folders(root: Path) -> Dataset:
     skipped: list[tuple[str, str]] = []
     root_st = root.stat()
     _walk(root, (), frozenset({(root_st.st_dev, root_st.st_ino)}), files, skipped)
-    root_split = _split_of_folder(root.name)
+    root_split = split_folder(root.name)
     classified: list[tuple[tuple[str, ...], Path, str | None, str]] = []
     for parts, path in files:
         c = _classify(parts, root_split)
@@ -279,7 +282,7 @@ def _discover_folders(root: Path) -> Dataset:
             skipped.append((_rel(parts), c))
         else:
             classified.append((parts, path, c[0], c[1]))
-    has_split_folders = any(_split_of_folder(p[0]) is not None for p, *_ in classified)
+    has_split_folders = any(split_folder(p[0]) is not None for p, *_ in classified)
     if not has_split_folders:
         _refuse_nested_root(root, classified)
     records: list[ImageRecord] = []
@@ -311,7 +314,7 @@ def _refuse_nested_root(
     for parts, _path, _split, label in classified:
         if len(parts) >= 3:
             sub = parts[1]
-            if _split_of_folder(sub) is not None or sub.upper() in _KERMANY_LABELS:
+            if split_folder(sub) is not None or sub.upper() in _KERMANY_LABELS:
                 inner[label].add(sub)
     if inner:
         label = sorted(inner)[0]

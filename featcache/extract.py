@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from featcache.backbones import Backbone, BackboneConfig, build_backbone
-from featcache.datasets import Dataset, ImageRecord
+from featcache.datasets import Dataset, ImageRecord, split_folder
 from featcache.errors import ConfigError, DataError
 from featcache.faults import crash_point
 from featcache.hashing import sha256_bytes, sha256_many
@@ -152,11 +152,10 @@ def _selected_skips(dataset: Dataset, splits: Sequence[str] | None) -> list[tupl
     """Discovery's refused files, minus those that live under a split folder that was not selected."""
     if splits is None:
         return list(dataset.skipped)
-    aliases = {"train": "train", "val": "val", "validation": "val", "valid": "val", "test": "test"}
-    wanted = {aliases.get(s.lower(), s.lower()) for s in splits}
+    wanted = {split_folder(s) or s.lower() for s in splits}
     out = []
     for rel, reason in dataset.skipped:
-        top = aliases.get(rel.split("/", 1)[0].lower())
+        top = split_folder(rel.split("/", 1)[0])
         if top is None or top in wanted:
             out.append((rel, reason))
     return out

@@ -331,22 +331,30 @@ def _to_l_or_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # CMYK (PIL reads JPEG CMYK as Adobe-inverted), YCbCr, LAB, HSV, RGBX
 
 
-def _resize(im: Image.Image, size_hw: tuple[int, int], mode: str) -> Image.Image:
+def _resize(im: Image.Image, size_hw: tuple[int, int], mode: str,
+            full_wh: tuple[int, int] | None = None) -> Image.Image:
+    """``im`` to ``size_hw`` by ``mode``. ``full_wh``: the picture's size before a JPEG's DCT downscaling
+    (which rounds each side up, so ``im`` can have another aspect ratio by a fraction of a pixel). The
+    crop box and the padded size are worked out on it, so they are the same whether or not the decoder
+    downscaled: the padded box of a 1616 x 1121 original was 224 x 156 with downscaling, 224 x 155 without.
+    """
     h, w = size_hw
     sw, sh = im.size
     if (sw, sh) == (w, h):
         return im  # fast path: already the target size (the 224-px Kermany copy)
     if mode == "squash":
         return im.resize((w, h), RESAMPLE)
+    fw, fh = full_wh or (sw, sh)
     if mode == "crop":  # one resample of the central box with the target's aspect ratio
-        scale = max(w / sw, h / sh)
+        scale = max(w / fw, h / fh)
         bw, bh = w / scale, h / scale
+        kx, ky = sw / fw, sh / fh  # the full picture's coordinates in im's
         # clamped: when one side fits exactly, rounding can put an edge 1e-15 outside, which PIL refuses
-        box = (max(0.0, (sw - bw) / 2), max(0.0, (sh - bh) / 2),
-               min(sw, (sw + bw) / 2), min(sh, (sh + bh) / 2))
+        box = (max(0.0, (fw - bw) / 2 * kx), max(0.0, (fh - bh) / 2 * ky),
+               min(sw, (fw + bw) / 2 * kx), min(sh, (fh + bh) / 2 * ky))
         return im.resize((w, h), RESAMPLE, box=box)
-    scale = min(w / sw, h / sh)  # pad: fit inside, keep aspect, black borders
-    nw, nh = max(1, min(w, round(sw * scale))), max(1, min(h, round(sh * scale)))
+    scale = min(w / fw, h / fh)  # pad: fit inside, keep aspect, black borders
+    nw, nh = max(1, min(w, round(fw * scale))), max(1, min(h, round(fh * scale)))
     canvas = Image.new(im.mode, (w, h), 0)
     canvas.paste(im.resize((nw, nh), RESAMPLE), ((w - nw) // 2, (h - nh) // 2))
     return canvas
@@ -362,6 +370,7 @@ def decode_image(data: bytes, size: int | tuple[int, int], resize: str = "squash
     size_hw = _normalise_size(size)
     _quiet_pil()
     im = _open(data)
+    full_wh = im.size  # before _load: a JPEG's draft mode shrinks im.size
     try:
         pixels, orientation = _load(im, size_hw, data)
         if isinstance(pixels, np.ndarray) and orientation == 1 and pixels.shape[:2] == size_hw:
@@ -370,7 +379,9 @@ def decode_image(data: bytes, size: int | tuple[int, int], resize: str = "squash
             im = Image.fromarray(pixels) if isinstance(pixels, np.ndarray) else pixels
             if orientation != 1:
                 im = im.transpose(_TRANSPOSE[orientation])
-            im = _resize(_to_l_or_rgb(im), size_hw, resize)
+                if orientation >= 5:  # these turn the picture a quarter
+                    full_wh = full_wh[::-1]
+            im = _resize(_to_l_or_rgb(im), size_hw, resize, full_wh)
             arr = np.asarray(im, dtype=np.uint8)
     except ImageDecodeError:
         raise

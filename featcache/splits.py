@@ -1,6 +1,7 @@
 """Patient-grouped, class-stratified splits.
 
-About 61% of Kermany patients have several X-rays; an image-level split puts the same child on both
+About 66% of Kermany's training images belong to patients with several X-rays (2,861 patients, 38% of them
+with more than one image); an image-level split puts the same child on both
 sides and inflates every validation number. Every split here is grouped: all images of one patient
 (``groups``) land on the same side. Stratification keeps the class balance of each side close to
 the pool's so a fold never ends up without a class.
@@ -14,9 +15,13 @@ import numpy as np
 
 from featcache.errors import ConfigError, DataError
 
+_KFOLD_ADVICE = "add data or lower --cv-folds"
+_HOLDOUT_ADVICE = "add images of more patients"  # the hold-out already takes fewer folds where it must
 
-def _check(y: Sequence, groups: Sequence, n_splits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Validate inputs shared by both splitters and return them as arrays."""
+
+def _check(y: Sequence, groups: Sequence, n_splits: int, advice: str) -> tuple[np.ndarray, np.ndarray]:
+    """Validate inputs shared by both splitters and return them as arrays; ``advice`` names what helps the
+    splitter in use (the hold-out has no --cv-folds, and raising --val-fraction cannot add a patient)."""
     y_arr = np.asarray(y)
     g_arr = np.asarray(groups)
     if y_arr.shape[0] != g_arr.shape[0]:
@@ -26,19 +31,19 @@ def _check(y: Sequence, groups: Sequence, n_splits: int) -> tuple[np.ndarray, np
         raise DataError(
             f"only {n_groups} {'patient is' if n_groups == 1 else 'patients are'} available but the split "
             f"needs at least {n_splits}; "
-            "add data or lower --cv-folds / raise --val-fraction."
+            f"{advice}."
         )
     largest = int(np.max(np.unique(y_arr, return_counts=True)[1])) if len(y_arr) else 0
     if largest < n_splits:  # scikit-learn's splitter needs one class with an image for every fold
         raise DataError(
             f"every class has fewer than {n_splits} images (the largest has {largest}), and the split "
-            f"needs {n_splits} folds; add data or lower --cv-folds / raise --val-fraction."
+            f"needs {n_splits} folds; {advice}."
         )
     return y_arr, g_arr
 
 
-def grouped_kfold(y: Sequence, groups: Sequence, n_splits: int = 5, seed: int = 0
-                  ) -> list[tuple[np.ndarray, np.ndarray]]:
+def grouped_kfold(y: Sequence, groups: Sequence, n_splits: int = 5, seed: int = 0, *,
+                  advice: str = _KFOLD_ADVICE) -> list[tuple[np.ndarray, np.ndarray]]:
     """K folds as (train_idx, val_idx) pairs; a patient is in exactly one validation fold.
 
     Uses scikit-learn's StratifiedGroupKFold with a seeded shuffle so folds are reproducible.
@@ -47,7 +52,7 @@ def grouped_kfold(y: Sequence, groups: Sequence, n_splits: int = 5, seed: int = 
 
     if n_splits < 2:
         raise ConfigError(f"--cv-folds must be at least 2, got {n_splits}.")
-    y_arr, g_arr = _check(y, groups, n_splits)
+    y_arr, g_arr = _check(y, groups, n_splits, advice)
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     with warnings.catch_warnings():  # "least populated class has only k members": expected on tiny data
         warnings.simplefilter("ignore", UserWarning)
@@ -69,13 +74,15 @@ def grouped_holdout(y: Sequence, groups: Sequence, fraction: float = 0.2, seed: 
     n_groups = len(np.unique(np.asarray(groups)))
     # a tiny fraction asks for more folds than patients, or than the largest class has images: fewer folds
     n_groups = min(n_groups, int(np.max(np.unique(np.asarray(y), return_counts=True)[1])) if len(y) else 0)
+    # the splitter's own check, before n_splits falls to 1 (which it would refuse as a bad --cv-folds)
+    _check(y, groups, 2, _HOLDOUT_ADVICE)
     if fraction > 0.5:  # a fraction above one half: validation is the complement of one fold
         n_splits = min(n_groups, nearest_folds(1.0 - fraction))
-        tr, va = grouped_kfold(y, groups, n_splits=n_splits, seed=seed)[0]
+        tr, va = grouped_kfold(y, groups, n_splits=n_splits, seed=seed, advice=_HOLDOUT_ADVICE)[0]
         return va, tr
     # few patients: fewer folds (a larger validation share) rather than failing
     n_splits = min(max(2, n_groups), nearest_folds(fraction))
-    return grouped_kfold(y, groups, n_splits=n_splits, seed=seed)[0]
+    return grouped_kfold(y, groups, n_splits=n_splits, seed=seed, advice=_HOLDOUT_ADVICE)[0]
 
 
 def nearest_folds(fraction: float) -> int:

@@ -40,6 +40,13 @@ DISCOVERY_KEYWORDS = ("hidden", "extension", "symlink loop", "broken symlink", "
     ("virus-11419-0001.JPEG", ("virus", "11419")),
     ("BACTERIA-1008087.jpeg", (None, None)),
     ("FUNGUS-1008087-0001.jpeg", (None, None)),
+    # a file manager's copy is the same patient (left whole, it was a patient of its own)
+    ("person1_virus_1 (1).jpeg", ("virus", "person1")),
+    ("person1_virus_2 copy.jpeg", ("virus", "person1")),
+    ("IM-0115-0001 copy 2.jpeg", ("normal", "IM-0115")),
+    ("NORMAL2-IM-1427-0001 - Copy (2).jpeg", ("normal", "NORMAL2-IM-1427")),
+    ("person1_virus_1 (1) (1).jpeg", ("virus", "person1")),
+    ("person1_virus_1copy.jpeg", (None, None)),
 ])
 def test_parse_kermany_name(name, expected):
     assert parse_kermany_name(name) == expected
@@ -483,3 +490,32 @@ def test_download_cache_and_marker_at_the_root_are_not_user_files(tmp_path):
     assert len(ds.records) == 8
     assert sorted(ds.skipped) == [(".downloads-old/", "hidden folder"),
                                   ("train/.downloads/", "hidden folder")]
+
+
+def test_a_valid_folder_is_the_validation_split(tmp_path):
+    """train/valid/test (a common download layout) lost every valid/ image as "outside the
+    train/val/test folders", though a manifest's "valid" already meant val."""
+    root = tmp_path / "d"
+    for i, split in enumerate(["train", "valid", "test"]):
+        write_xray(root / split / "NORMAL" / f"IM-000{i}-0001.jpeg", seed=i)
+        write_xray(root / split / "PNEUMONIA" / f"person{i}_virus_{i}.jpeg", seed=10 + i)
+    ds = discover(root)
+    assert ds.skipped == []
+    assert Counter(r.split for r in ds.records) == {"train": 2, "val": 2, "test": 2}
+    assert [r.relpath for r in ds.select(["val"])] == ["valid/NORMAL/IM-0001-0001.jpeg",
+                                                       "valid/PNEUMONIA/person1_virus_1.jpeg"]
+
+
+def test_a_label_that_is_a_subtype_wins_over_the_file_name(tmp_path):
+    """A manifest labelling person1_bacteria_1 as virus got subtype bacteria from the name, so --task
+    3class and --task folders labelled the same image differently."""
+    for name in ("person1_bacteria_1.jpeg", "person2_virus_2.jpeg", "person3_virus_3.jpeg"):
+        write_xray(tmp_path / name, seed=len(name))
+    csv_path = _write_manifest(tmp_path / "m.csv", "path,label\nperson1_bacteria_1.jpeg,virus\n"
+                               "person2_virus_2.jpeg,bacteria\nperson3_virus_3.jpeg,PNEUMONIA\n")
+    ds = discover(csv_path)
+    assert [(r.relpath, r.subtype, r.group) for r in ds.records] == [
+        ("person1_bacteria_1.jpeg", "virus", "person1"),
+        ("person2_virus_2.jpeg", "bacteria", "person2"),
+        ("person3_virus_3.jpeg", "virus", "person3"),  # PNEUMONIA is no subtype: the name tells it
+    ]

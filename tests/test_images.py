@@ -156,6 +156,27 @@ def test_draft_mode_downscales_big_jpegs_in_dct_domain(monkeypatch):
     assert np.abs(fast.astype(int) - full.astype(int)).mean() < 2.0
 
 
+@pytest.mark.parametrize("mode", ["pad", "crop"])
+def test_pad_and_crop_geometry_does_not_depend_on_dct_downscaling(monkeypatch, tmp_path, mode):
+    """Downscaling rounds each side up (1616 x 1121 at 1/4 is 404 x 281), and the padded box was worked
+    out on that size: 224 x 156 where the full picture gives 224 x 155 (originals-sample's
+    IM-0279-0001). The box now comes from the full size, with or without downscaling."""
+    white = Image.new("L", (1616, 1121), 255)
+    data = _jpeg(white)
+    fast = decode_image(data, 224, mode)
+    monkeypatch.setattr(images, "_simplejpeg", None)
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", lambda self, mode, size: None)
+    full = decode_image(data, 224, mode)
+    lit = (fast[:, :, 0] > 128).sum(axis=0).max(), (full[:, :, 0] > 128).sum(axis=0).max()
+    assert lit == ((155, 155) if mode == "pad" else (224, 224))
+    assert np.abs(fast.astype(int) - full.astype(int)).max() <= 2
+    from featcache.cache import cache_config  # old pad/crop caches hold the old boxes: another cache file
+
+    described = {"name": "x", "input_size": 224}
+    assert cache_config(tmp_path, described, mode, "float16")["resize_box"] == "full size"
+    assert "resize_box" not in cache_config(tmp_path, described, "squash", "float16")
+
+
 def _fast_jpeg_cases() -> list[tuple[str, bytes]]:
     """JPEGs of every layout the simplejpeg path takes: subsamplings, progressive, gray, odd sizes, EXIF."""
     rng = np.random.default_rng(3)

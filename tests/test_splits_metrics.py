@@ -335,3 +335,18 @@ def test_youden_without_skill_keeps_the_default_threshold() -> None:
     assert choose_threshold([0, 1, 1, 0, 1], [0.6] * 5, "youden") == 0.5
     assert choose_threshold([1, 0], [0.2, 0.8], "youden") == 0.5  # worse than chance: no skill either
     assert choose_threshold([0, 1], [0.2, 0.8], "youden") == pytest.approx(0.5)  # a real split: midway
+
+
+def test_a_holdout_of_one_patient_says_so_and_names_no_flag_of_the_kfold() -> None:
+    """One patient: the hold-out asked grouped_kfold for 1 fold, which refused it as "--cv-folds must be at
+    least 2, got 1", an option the hold-out does not use; with more images it said "raise --val-fraction",
+    which cannot add a patient."""
+    from featcache.errors import DataError
+    from featcache.splits import grouped_holdout, grouped_kfold
+
+    for fraction in (0.2, 0.8):
+        with pytest.raises(DataError, match=r"only 1 patient is available") as err:
+            grouped_holdout([0, 1, 0, 1], ["p9"] * 4, fraction=fraction)
+        assert "add images of more patients" in str(err.value) and "--" not in str(err.value)
+    with pytest.raises(DataError, match="lower --cv-folds"):  # the k-fold keeps its own advice
+        grouped_kfold([0, 1, 0, 1], ["p9"] * 4, n_splits=2)
