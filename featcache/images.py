@@ -94,8 +94,8 @@ def _header_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _too_large(w: int, h: int) -> ImageDecodeError:
-    return ImageDecodeError(f"image too large: {w}x{h} pixels (limit {MAX_PIXELS:,}; "
+def _too_large(w: int, h: int, limit: int | None = None) -> ImageDecodeError:
+    return ImageDecodeError(f"image too large: {w}x{h} pixels (limit {limit or MAX_PIXELS:,}; "
                             "decompression-bomb guard)")
 
 
@@ -109,7 +109,9 @@ def _open(data: bytes) -> Image.Image:
         dims = _header_size(data)
         if dims is None:
             raise ImageDecodeError("image too large (decompression-bomb guard)") from exc
-        raise _too_large(*dims) from exc
+        # Pillow's own guard (twice Image.MAX_IMAGE_PIXELS) can fire below MAX_PIXELS: name the one that did
+        pil_limit = 2 * int(Image.MAX_IMAGE_PIXELS or 0)
+        raise _too_large(*dims, min(MAX_PIXELS, pil_limit) if pil_limit else MAX_PIXELS) from exc
     except UnidentifiedImageError as exc:
         raise ImageDecodeError("not an image (unrecognised format)") from exc
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for broken headers

@@ -291,6 +291,18 @@ def test_decompression_bomb_is_refused_from_the_header():
         decode_image(huge_png(), 32)
 
 
+def test_a_bomb_refused_by_pillow_names_pillows_limit(monkeypatch):
+    """Pillow refuses above twice Image.MAX_IMAGE_PIXELS (178,956,970 by default), below featcache's
+    180,000,000: a 13400 x 13400 file was refused as over a limit of 180,000,000 it was under."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400_000_000)  # Pillow's guard: 800,000,000
+    monkeypatch.setattr(images, "MAX_PIXELS", 500_000_000)
+    with pytest.raises(ImageDecodeError, match=r"30000x30000 pixels \(limit 500,000,000;"):
+        decode_image(huge_png(), 32)  # 900,000,000 pixels: over both; the lower limit is named
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000_000)  # Pillow's guard fires first
+    with pytest.raises(ImageDecodeError, match=r"30000x30000 pixels \(limit 200,000,000;"):
+        decode_image(huge_png(), 32)
+
+
 def test_own_pixel_limit_applies_before_loading(monkeypatch):
     data = _png(Image.fromarray(_gray(40, 40)))
     monkeypatch.setattr(images, "MAX_PIXELS", 1000)
