@@ -133,6 +133,25 @@ def test_saturated_float32_probabilities_are_ranked_by_the_other_class() -> None
     assert classification_metrics(y, plain, ["a", "b"])["auc"] == pytest.approx(roc_auc_score(y, q))
 
 
+def test_real_ties_stay_ties_when_the_other_classes_total_differs_by_rounding_alone() -> None:
+    """Two images with the same P(class) whose other probabilities add to 1.0 and 0.9999999999999999
+    were ranked by that rounding: a kNN's 3-class AUC was 0.8895 where scikit-learn's is 0.8854. Such a
+    tie now counts a half, as scikit-learn counts it."""
+    from featcache.metrics import rank_score
+
+    proba = np.array([[.1, .1 + .2, .6], [.1, .3, .6], [.8, .1, .1], [.05, .05, .9]])
+    y = np.array([0, 1, 0, 2])
+    assert classification_metrics(y, proba, ["a", "b", "c"])["auc"] == pytest.approx(
+        roc_auc_score(y, proba, multi_class="ovr"))
+    knn = np.array([[0.0, 0.6, 0.4], [0.0, 0.7, 0.30000000000000004], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    assert rank_score(knn, 0)[0] == rank_score(knn, 0)[1]  # P = 0 for both: a tie
+    assert classification_metrics([1, 0, 0, 1], knn, ["a", "b", "c"])["auc"] is None  # no class c
+    yk = np.array([1, 0, 0, 2])
+    knn[3] = [0.0, 0.0, 1.0]
+    assert classification_metrics(yk, knn, ["a", "b", "c"])["auc"] == pytest.approx(
+        roc_auc_score(yk, knn, multi_class="ovr"))
+
+
 def test_paired_difference_and_roc_curves_rank_saturated_probabilities_as_the_auc_does() -> None:
     """The report's paired test (best run vs next) and the stored 3-class ROC curves ranked on P(class i)
     alone: two runs with the same ranking and the same AUC differed by -0.4 "significantly", and a
