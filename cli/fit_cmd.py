@@ -21,6 +21,8 @@ from rich.table import Table
 from featcache.errors import ConfigError
 from featcache.runs import format_value, params_string, resumed_epoch
 
+RETRAIN_HELP = ("Train configs that already have a finished run again (after an upgrade, say); their old "
+                "runs are moved to RUNS_DIR/.retrained, not deleted.")  # fit's and run's
 VIEW_HELP = {  # fit's and run's: one wording for the views TTA and oversampling use
     "tta": "Average val/test probabilities of orig and the --tta-views.",
     "tta_views": "Views --tta averages with orig, comma-separated as extract --views spells them (default: "
@@ -123,6 +125,7 @@ def fit_dict(result) -> dict:  # noqa: ANN001 - featcache.fit.FitResult
         "left_out": skip_entries(result.left_out),
         "runs": [summary(r) for r in result.runs],
         "skipped": result.skipped,
+        "retired": result.retired,
         "cleaned": result.cleaned,
         "notes": result.notes,
     }
@@ -174,6 +177,7 @@ def register(app: typer.Typer) -> None:
         ),
         seed: int = typer.Option(0, "--seed", help="Seed of splits, resampling and training."),
         tag: list[str] = typer.Option([], "--tag", help="Tag the runs (repeatable)."),
+        retrain: bool = typer.Option(False, "--retrain", help=RETRAIN_HELP),
         runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where runs are stored."),
         cache_dir: Path = typer.Option(Path("cache"), "--cache-dir", help="Where feature caches are."),
         pooling: str = typer.Option(
@@ -237,6 +241,7 @@ def register(app: typer.Typer) -> None:
             threshold=threshold,
             seed=seed,
             tags=list(tag),
+            retrain=retrain,
             runs_dir=runs_dir,
             cache_dir=cache_dir,
             pooling=pooling,
@@ -286,11 +291,12 @@ def register(app: typer.Typer) -> None:
                 out.print(f"  {shown(rel)}: {shown(why)}", soft_wrap=True, highlight=False)
         if result.skipped and result.selection == "cv":  # one run holds the whole CV search
             out.print(f"this search over {result.n_configs} config(s) already has a finished run in "
-                      f"{escape(str(runs_dir))} ({escape(result.skipped[0])}); skipped it.", soft_wrap=True)
+                      f"{escape(str(runs_dir))} ({escape(result.skipped[0])}); skipped it (--retrain trains "
+                      "it again).", soft_wrap=True)
         elif result.skipped:
             out.print(
                 f"{len(result.skipped)} of {result.n_configs} config(s) already had a finished run "
-                f"in {escape(str(runs_dir))}; skipped them."
+                f"in {escape(str(runs_dir))}; skipped them (--retrain trains them again).", soft_wrap=True
             )
         if not rows:
             out.print("Nothing new to train.")

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import typer
-from featcache.cli.fit_cmd import VIEW_HELP, layers_option, typed_command
+from featcache.cli.fit_cmd import RETRAIN_HELP, VIEW_HELP, layers_option, typed_command
 from featcache.cli.native_log import import_backend_quietly
 from featcache.cli.report_cmd import make_callback, print_outputs, progress_display
 from featcache.cli.text import shown
@@ -148,6 +148,7 @@ def register(app: typer.Typer) -> None:
             None, "--balance", help="none | undersample | undersample-subtypes | oversample."),
         seed: int = typer.Option(0, "--seed", help="Seed of splits, resampling and training."),
         tag: list[str] = typer.Option([], "--tag", help="Tag the runs (repeatable)."),
+        retrain: bool = typer.Option(False, "--retrain", help=RETRAIN_HELP),
         pooling: str | None = typer.Option(
             None, "--pooling", help="avg, max or flatten (default: the --preset's, else the backbone's)."),
         image_size: int | None = typer.Option(
@@ -196,6 +197,7 @@ def register(app: typer.Typer) -> None:
             balance=balance,
             seed=seed,
             tags=tuple(tag),
+            retrain=retrain,
             layers=layers_option(layers),
             pooling=pooling,
             image_size=image_size,

@@ -36,6 +36,7 @@ from featcache.heads.mlp_fused import PRECISIONS, TRAINERS, resolve_precision, r
 from featcache.metrics import bootstrap_ci, choose_threshold, classification_metrics, predict_labels
 from featcache.progress import ProgressFn, emit
 from featcache.runs import (
+    RETIRED_DIR,
     Run,
     RunWriter,
     checkpoint_dir,
@@ -48,6 +49,7 @@ from featcache.runs import (
     keras_backend,
     library_versions,
     remove_sweep_checkpoints,
+    retire_runs,
     sweep_lock,
     this_process,
 )
@@ -82,6 +84,7 @@ class FitOptions:
     threshold: str = "youden"  # "youden" | "sensitivity:0.95"
     seed: int = 0
     tags: Sequence[str] = ()
+    retrain: bool = False  # train the configs found already done again; their old runs go to RETIRED_DIR
     runs_dir: Path = Path("runs")
     cache_dir: Path = Path("cache")
     pooling: str | None = None
@@ -104,6 +107,7 @@ class FitResult:
     sweep_id: str
     runs: list[Run] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # run ids of configs already done
+    retired: list[str] = field(default_factory=list)  # run ids moved to RETIRED_DIR by --retrain
     n_configs: int = 0
     selection: str = ""  # "cv" (one run per search) or "holdout" (one run per config)
     caches: dict[str, Path] = field(default_factory=dict)  # backbone (as given) -> the cache file read
@@ -1010,6 +1014,9 @@ def fit(
     else:
         hashes = _holdout_hashes(common, configs)
     with sweep_lock(opts.runs_dir, sweep_id, hashes):  # a sweep or config trained twice at once: refused
+        if opts.retrain:  # under the lock: no other fit of these configs reads or writes them now
+            result.retired = retire_runs(opts.runs_dir, set(hashes))
+            result.notes += _retired_notes(opts.runs_dir, result.retired)
         if selection == "cv":
             _fit_cv(ctx, configs, result, hashes[0])
         else:
@@ -1018,6 +1025,16 @@ def fit(
     result.notes += _untagged_notes(opts.runs_dir, result.skipped, opts.tags)
     result.notes += done_with_other_versions(opts.runs_dir, result.skipped)  # kept: say when versions moved
     return result
+
+
+def _retired_notes(runs_dir: Path, retired: list[str]) -> list[str]:
+    """Where --retrain put the runs it replaces: kept, out of every listing, for a comparison or undo."""
+    if not retired:
+        return []
+    return [f"--retrain: {len(retired)} finished run(s) of these configs ({retired[0]}"
+            f"{f' and {len(retired) - 1} more' if len(retired) > 1 else ''}) were moved to "
+            f"{Path(runs_dir) / RETIRED_DIR} (kept, but no longer listed or reported) and are trained again; "
+            "move a folder back to restore it."]
 
 
 def _untagged_notes(runs_dir: Path, skipped: list[str], tags: Sequence[str]) -> list[str]:

@@ -186,7 +186,7 @@ def done_with_other_versions(runs_dir: str | Path, run_ids: Sequence[str],
     rid, diff = next(iter(changed.items()))
     return [f"{len(changed)} of the {len(run_ids)} run(s) found already done were trained with other "
             f"versions ({rid}: {', '.join(diff)}) and are kept as they are; to train them again with these "
-            "versions, delete their run folders or fit into another --runs-dir."]
+            "versions, add --retrain (the old runs are moved aside, not deleted)."]
 
 
 def keras_backend(load: bool = False) -> str:
@@ -286,12 +286,18 @@ def source_revision() -> str | None:
     return f"{commit}-dirty" if dirty else commit or None
 
 
+RETIRED_DIR = ".retrained"
+"""Where ``fit --retrain`` moves the runs it replaces (a dot-folder: no listing, report or resume reads
+it)."""
+
+
 def new_run_id(runs_dir: Path, head: str, chash: str) -> str:
-    """``<UTC yyyymmdd-HHMMSS>-<head>-<hash8>``; a numeric suffix avoids a same-second collision."""
+    """``<UTC yyyymmdd-HHMMSS>-<head>-<hash8>``; a numeric suffix avoids a same-second collision, with the
+    runs --retrain moved aside too (a config retrained in the second it was trained got its old id)."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     base = f"{stamp}-{head}-{chash[:8]}"
     run_id, i = base, 1
-    while (Path(runs_dir) / run_id).exists():
+    while (Path(runs_dir) / run_id).exists() or (Path(runs_dir) / RETIRED_DIR / run_id).exists():
         i += 1
         run_id = f"{base}-{i}"
     return run_id
@@ -685,6 +691,31 @@ def missing_artifacts(path: Path, info: dict) -> list[str]:
     if not isinstance(artifacts, dict):
         return ["run.json's artifacts are malformed"]
     return [f"model file {rel} is missing" for rel in artifacts if not (Path(path) / str(rel)).is_file()]
+
+
+def retire_runs(runs_dir: str | Path, config_hashes: set[str]) -> list[str]:
+    """Move every finished run of ``config_hashes`` into ``RETIRED_DIR`` and return their ids.
+
+    Why moved, not deleted: a retrain after an upgrade is often made to compare the old numbers with the new
+    ones, and a retrain that is then interrupted must not have lost the old runs. Why before training, not
+    after: a sweep interrupted halfway then resumes as any other (the configs without a run are trained),
+    instead of leaving an old and a new run of one config side by side in the report. Damaged runs are
+    moved too (they would be trained again anyway). A rename in one folder: nothing is copied.
+    """
+    root = Path(runs_dir)
+    moved = []
+    for r in list_runs(root):
+        if r.info.get("config_hash") not in config_hashes:
+            continue
+        dest = root / RETIRED_DIR / r.id
+        i = 1
+        while dest.exists():  # the same run retired twice (moved back by hand, then retrained again)
+            i += 1
+            dest = root / RETIRED_DIR / f"{r.id}-{i}"
+        dest.parent.mkdir(exist_ok=True)
+        r.path.rename(dest)
+        moved.append(r.id)
+    return moved
 
 
 def done_hashes(runs_dir: str | Path, wanted: Iterable[str] | None = None,

@@ -210,7 +210,7 @@ def test_run_json_lists_skipped_and_left_out_files_as_path_reason_objects(tmp_pa
                          rows_copied=0, duplicates=0, skipped=bad, seconds=0.5, images_per_s=2.0,
                          feature_dim=8, timings={}, notes=[])
     fr = SimpleNamespace(sweep_id="abc", n_configs=1, caches={}, left_out=bad, runs=[], skipped=[],
-                         cleaned=[], notes=[])
+                         retired=[], cleaned=[], notes=[])
     result = SimpleNamespace(notes=[], extracts=[ex], fits=[fr], report=None)
     out = json.loads(json.dumps(pipeline_dict(result)))
     expected = [{"path": "train/NORMAL/zero.jpeg", "reason": "zero-byte file"}]

@@ -1599,7 +1599,7 @@ def test_a_run_found_done_with_other_versions_is_kept_and_said(setup, monkeypatc
     assert (f"1 of the 1 run(s) found already done were trained with other versions ({rid}: featcache "
             f"{recorded['featcache']} (now 99.0), scikit-learn {recorded['scikit-learn']} (now 99.1))"
             in note)  # keras moved too, but a knn's numbers do not depend on it
-    assert "delete their run folders or fit into another --runs-dir" in note
+    assert "add --retrain" in note
 
 
 def test_the_version_note_of_a_dense_head_names_only_the_libraries_that_trained_it() -> None:
@@ -1625,3 +1625,31 @@ def test_the_version_note_of_a_dense_head_names_only_the_libraries_that_trained_
     unrecorded = {"head": "mlp", "versions": versions}
     assert version_changes(unrecorded, new_jax) == ["jax 0.4 (now 0.5)"]
     assert version_changes({**tf_run, "head": "knn"}, new_tf) == []  # a knn does not use Keras
+
+
+def test_retrain_trains_done_configs_again_and_keeps_the_old_runs_aside(setup, capsys) -> None:
+    """There was no way to retrain a run found already done (after an upgrade, say) but deleting its folder.
+    --retrain moves the old runs of the sweep's configs to runs/.retrained (kept, listed nowhere) and
+    trains them again; runs of other configs stay where they are."""
+    from featcache.runs import RETIRED_DIR
+
+    root, cache_dir, runs_dir = setup
+    other = fit(root, "fakenet", "knn", opts(cache_dir, runs_dir, grid_args=["n_neighbors=3"]))
+    knn = ("--head", "knn", "--cv-folds", "3")
+    assert cli(_fit_cmd(root, cache_dir, runs_dir, *knn)) == 0
+    old = next(r for r in list_runs(runs_dir) if r.id != other.runs[0].id)
+    capsys.readouterr()
+    assert cli(_fit_cmd(root, cache_dir, runs_dir, *knn)) == 0
+    assert "skipped it (--retrain trains it again)" in " ".join(capsys.readouterr().out.split())
+    assert cli(_fit_cmd(root, cache_dir, runs_dir, *knn, "--retrain", "--json")) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["retired"] == [old.id] and not again["skipped"] and len(again["runs"]) == 1
+    new = load_run(runs_dir, again["runs"][0]["id"])
+    assert new.id != old.id and new.info["config_hash"] == old.info["config_hash"]
+    assert sorted(r.id for r in list_runs(runs_dir)) == sorted([other.runs[0].id, new.id])
+    assert (runs_dir / RETIRED_DIR / old.id / "run.json").is_file()
+    assert any(f"moved to {runs_dir / RETIRED_DIR}" in n for n in again["notes"])
+    assert new.metrics()["test"]["accuracy"] == load_run(runs_dir / RETIRED_DIR, old.id).metrics()["test"][
+        "accuracy"]
+    assert cli(_fit_cmd(root, cache_dir, runs_dir, *knn, "--json")) == 0
+    assert json.loads(capsys.readouterr().out)["skipped"] == [new.id]  # done again, once
