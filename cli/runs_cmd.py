@@ -254,7 +254,7 @@ def show_cmd(
         rows.append(("environment", " ".join(f"{k}={v}" for k, v in env["variables"].items())))
     for key, value in rows:
         about.add_row(shown(key), shown(value))
-    scores = Table(title="metrics (threshold 0.5; test with 95% bootstrap CI over patients)")
+    scores = Table(title=_scores_title(info, metrics))
     scores.add_column("split")
     scores.add_column("n", justify="right")
     for name in _METRICS:
@@ -274,6 +274,24 @@ def show_cmd(
     console = Console()
     console.print(about)
     console.print(scores)
+
+
+_RESAMPLED_WORDS = {"patients": "patients", "images": "images",
+                    "file-name groups": "images grouped by file name (no patient ids)"}
+
+
+def _scores_title(info: dict, metrics: object) -> str:
+    """The metrics table's title from the run's own record: a 3-class run labels by its most probable
+    class (no 0.5 threshold), and the test CI resampled what fit recorded (file-name groups on data
+    without patient ids; older runs recorded nothing and resampled patients)."""
+    n_classes = len(info.get("classes") or [])
+    rule = "label: most probable class" if n_classes > 2 else "threshold 0.5"
+    test = metrics.get("test") if isinstance(metrics, dict) else None
+    ci = test.get("ci") if isinstance(test, dict) else None
+    if not isinstance(ci, dict) or not ci:
+        return f"metrics ({rule})"
+    unit = str(ci.get("resampled") or "patients")
+    return f"metrics ({rule}; test with 95% bootstrap CI over {_RESAMPLED_WORDS.get(unit, unit)})"
 
 
 def register(app: typer.Typer) -> None:

@@ -1251,8 +1251,9 @@ def _evaluate(ctx: _Ctx, y_true: np.ndarray, proba: np.ndarray, thr: float | Non
         kw = {"n_boot": ctx.opts.n_boot, "seed": ctx.opts.seed, "groups": groups}
         m["ci"] = bootstrap_ci(y_true, proba, ctx.classes, None, **kw)
         m["ci"]["resampled"] = _resampled_unit(ctx, groups)
-        if thr is not None:
+        if thr is not None:  # the same resamples: it must say so too, or a reader takes it for patients
             m["at_threshold"]["ci"] = bootstrap_ci(y_true, proba, ctx.classes, thr, **kw)
+            m["at_threshold"]["ci"]["resampled"] = m["ci"]["resampled"]
     return m
 
 

@@ -1429,8 +1429,9 @@ def test_identical_images_under_two_patients_are_one_group(tmp_path: Path) -> No
     (root / "test" / "NORMAL" / "x.jpeg").write_bytes((root / "test" / "PNEUMONIA" /
                                                        "person9998_bacteria_2.jpeg").read_bytes())
     res = fit(root, "fakenet", "logreg", opts(tmp_path / "cache", tmp_path / "runs", grid_args=["C=0.1"]))
-    assert res.runs[0].metrics()["test"]["ci"]["resampled"] == (
-        "patients and file-name groups (1 image(s) without a patient id)")
+    test = res.runs[0].metrics()["test"]
+    assert test["ci"]["resampled"] == test["at_threshold"]["ci"]["resampled"] == (
+        "patients and file-name groups (1 image(s) without a patient id)")  # both CIs say so
 
 
 def test_an_mlp_refit_trains_for_the_hold_out_models_epochs(setup, monkeypatch) -> None:

@@ -1494,3 +1494,68 @@ def test_methods_state_that_im_and_normal2_im_numbers_are_different_patients(tmp
     write_fake_run(named, "20240101-000001-logreg-aaaaaaaa", relpath_prefix="NORMAL2-IM-1427-000")
     assert "IM-k and NORMAL2-IM-k were taken as different patients: an assumption" in _methods_md(
         named, tmp_path / "b")
+
+
+def _no_id_runs(tmp_path: Path) -> Path:
+    """Two logreg runs (one with a CV grid) on a folder whose file names carry no patient id, their test
+    CIs recorded as fit records them there: the 0.5 CI says "file-name groups"; the at-threshold CI, as
+    fits before the fix wrote it, says nothing."""
+    from featcache.metrics import bootstrap_ci
+    from featcache.report.collect import read_predictions
+    from tests.conftest import write_xray
+
+    data = tmp_path / "noid"
+    for split in ("train", "test"):
+        for k, label in enumerate(CLASSES * 3):
+            write_xray(data / split / label / f"scan{k}.jpeg", k + 10 * (split == "test"), 32)
+    runs = tmp_path / "runs"
+    for k in (1, 2):
+        folder = write_fake_run(runs, f"20240101-00000{k}-logreg-{k:08x}", quality=2 + k, seed=k,
+                                dataset_root=str(data), params={"C": float(k)})
+        info = json.loads((folder / "run.json").read_text())
+        info["dataset"].update(layout="folders", patient_ids=0, n_images=12)
+        info["selection"].update(best_index=0, scoring="accuracy", folds=3)
+        (folder / "run.json").write_text(json.dumps(info))
+        pred = read_predictions(folder / "predictions_test.csv")
+        ci = bootstrap_ci(pred.y_true, pred.proba, list(CLASSES), n_boot=50, seed=0)
+        metrics = json.loads((folder / "metrics.json").read_text())
+        metrics["test"] = {"n": 60, "accuracy": float(np.mean(pred.proba.argmax(1) == pred.y_true)),
+                           "ci": {**ci, "resampled": "file-name groups"}, "at_threshold": {"ci": dict(ci)}}
+        metrics["cv_results"] = {"params": [{"C": 0.1}, {"C": 1.0}], "mean_test_score": [0.9, 0.8],
+                                 "std_test_score": [0.01, 0.02], "rank_test_score": [1, 2],
+                                 "mean_fit_time": [0.0, 0.0]}
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+    return runs
+
+
+def test_data_without_patient_ids_is_never_called_patients_in_the_report(tmp_path):
+    """On data without patient ids the report said both "test images grouped by file name" and "test
+    patients" (the at-threshold CI had no "resampled" key and defaulted to patients), and the paired
+    test, the grid headings, the footer and the audit table spoke of patients."""
+    res = build_report(_no_id_runs(tmp_path), tmp_path / "out")
+    html = " ".join(re.sub(r"<[^>]+>", " ", res.html.read_text(encoding="utf-8")).split())
+    assert "test images grouped by file name" in html
+    for claim in ("test patients", "patient-grouped", "patients in test", "patients in train"):
+        assert claim not in html, claim
+    assert "resamples of test images grouped by file name (the data has no patient ids) (seed 0)" in html
+    assert "2 configs × 3 file-name-grouped folds" in html
+    assert "images in test 6" in html and "patients — (no image has a patient id)" in html
+    meta = json.loads(res.json.read_text())["meta"]["confidence_intervals"]["method"]
+    assert "test images grouped by file name" in meta and "patients" not in meta
+
+
+def test_runs_show_names_what_the_ci_resampled_and_how_a_3class_run_labels(tmp_path, capsys):
+    """`runs show` said "threshold 0.5; ... CI over patients" for every run: a 3-class run labels by its
+    most probable class, and on data without patient ids fit resampled file-name groups."""
+    runs = _no_id_runs(tmp_path)
+    assert run(["runs", "show", "20240101-000001-logreg-00000001", "--runs-dir", str(runs)]) == 0
+    out = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    assert "threshold 0.5; test with 95% bootstrap CI over images grouped by file name" in out
+    assert "over patients" not in out
+    folder = write_3class_run(runs, "20240101-000009-logreg-99999999", quality=2, seed=9)
+    info = json.loads((folder / "run.json").read_text())
+    info["classes"] = list(CLASSES_3)
+    (folder / "run.json").write_text(json.dumps(info))
+    assert run(["runs", "show", folder.name, "--runs-dir", str(runs)]) == 0
+    out = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    assert "metrics (label: most probable class)" in out and "threshold 0.5" not in out

@@ -440,15 +440,18 @@ def _paired_section(doc: Document, rows: list[dict], by_id: dict[str, RunRecord]
         where = f"{group_by} {name}: " if group_by else ""
         doc.add(Heading(f"{where}is #{ranked[0]['rank']} better than the next runs on the test images?", 3))
         no_auc = any(cells[3] == "—" for cells in body)
+        # the resamples draw the test CSV's groups: patients, or file-name groups where there are no ids
+        compared = [by_id[r["run_id"]] for r in ranked[: PAIRED_RUNS + 1]]
         doc.add(Table(
             ["#", "run", "Δ test accuracy vs best [95% CI]", "Δ test AUC vs best [95% CI]",
              "by accuracy, the run is"],
             body,
             {0, 2, 3},
             caption="Differences on the same test images (Δ = this run − the best, so a negative Δ means "
-            "the run scores lower), with 95% intervals from 1000 paired bootstrap resamples of test "
-            "patients (seed 0): both runs are scored on each resample. An interval that contains 0 means "
-            "this test set cannot tell the two runs apart, whatever the validation ranking says. Each row "
+            f"the run scores lower), with 95% intervals from 1000 paired bootstrap resamples of "
+            f"{_resample_unit(compared)} (seed 0): both runs are scored on each resample. An interval "
+            "that contains 0 means this test set cannot tell the two runs apart, whatever the validation "
+            "ranking says. Each row "
             "is its own test, not corrected for the several rows"
             + ("; the paired AUC difference is computed for binary runs only (—)." if no_auc else "."),
         ))
@@ -877,7 +880,7 @@ def _cv_section(doc: Document, rec: RunRecord, row: dict, options: ReportOptions
     doc.add(
         Heading(
             f"{rec.head} on {row['backbone']} features · task {rec.task} · grid search inside run "
-            f"{rank_text(row, options.group_by)} ({len(grid)} configs × {folds} patient-grouped folds)",
+            f"{rank_text(row, options.group_by)} ({len(grid)} configs × {folds} {_grouped(rec)} folds)",
             3,
         )
     )
@@ -1113,11 +1116,19 @@ def _audit(doc: Document, info: dict) -> None:
     dups = info.get("duplicates") or []
     xdups = info.get("cross_split_duplicates") or []
     pps = info.get("patients_per_split") or {}
-    rows = [["images", str(info.get("n_images", "?"))], ["patients", str(info.get("n_patients", "?"))]]
-    rows += [[f"patients in {k}", str(v)] for k, v in sorted(pps.items(), key=lambda kv: str(kv[0]))]
+    missing = info.get("n_without_patient_id") or 0
+    # the audit counts an image without a patient id as its own patient: with none, "patients 68" and
+    # "patients in test" would claim ids the data does not have
+    no_ids = bool(missing) and missing == info.get("n_images")
+    who = "images" if no_ids else "patients"
+    rows = [["images", str(info.get("n_images", "?"))],
+            ["patients", "— (no image has a patient id)" if no_ids else str(info.get("n_patients", "?"))]]
+    if missing and not no_ids:
+        rows.append(["images without a patient id (each counted as a patient)", str(missing)])
+    rows += [[f"{who} in {k}", str(v)] for k, v in sorted(pps.items(), key=lambda kv: str(kv[0]))]
     rows += [
         ["byte-identical duplicate groups", str(len(dups))],
-        ["patients in more than one split", str(len(cross))],
+        ["patients in more than one split", "— (no patient ids)" if no_ids else str(len(cross))],
         ["duplicates across splits", str(len(xdups))],
         ["duplicates with different labels", str(len(info.get("conflicting_duplicates") or []))],
         ["files skipped (not images, unreadable or undecodable)", str(len(info.get("skipped") or []))],
@@ -1134,6 +1145,9 @@ def _audit(doc: Document, info: dict) -> None:
                 "Leak:",
             )
         )
+    elif no_ids:
+        doc.add(Para("No byte-identical image appears in more than one split; without patient ids, images "
+                     "of one patient in two splits cannot be found.", "muted"))
     else:
         doc.add(Para("No patient and no byte-identical image appears in more than one split.", "muted"))
     clashes = info.get("conflicting_duplicates") or []
@@ -1158,15 +1172,30 @@ SELECTION_KEYS = (
 )
 
 
+def _resampled_units(runs: Sequence[RunRecord]) -> set[str]:
+    """The "resampled" values the runs' test CIs recorded: fit records "patients", "file-name groups"
+    (no image had a patient id), "images" (no groups) or "patients and file-name groups (...)". A CI dict
+    without the key says nothing (older fits wrote it only beside the 0.5 CI, not the at-threshold one,
+    and defaulting that to "patients" contradicted a recorded "file-name groups"); runs recording none
+    at all are older runs, which resampled patients whatever the data had."""
+    return ({str(ci["resampled"]) for r in runs for ci in _recorded_cis(r) if ci.get("resampled")}
+            or {"patients"})
+
+
 def _resample_unit(runs: Sequence[RunRecord]) -> str:
-    """What the runs' test bootstraps resampled, in words: fit records "patients", "file-name groups"
-    (no image had a patient id) or "patients and file-name groups (...)"; older runs recorded
-    "patients" whatever the data had."""
+    """What the runs' test bootstraps resampled, in words (see ``_resampled_units``)."""
     words = {"patients": "test patients (all images of a patient together)",
-             "file-name groups": "test images grouped by file name (the data has no patient ids)"}
-    units = sorted({str(ci.get("resampled") or "patients") for r in runs for ci in _recorded_cis(r)}
-                   or {"patients"})
+             "file-name groups": "test images grouped by file name (the data has no patient ids)",
+             "images": "test images (each image on its own)"}
+    units = sorted(_resampled_units(runs))
     return "; ".join(words.get(u) or f"test {u}: patients together, the rest by file name" for u in units)
+
+
+def _grouped(run: RunRecord) -> str:
+    """How a run's folds and hold-out were grouped, in words: by patient, or by file name where the
+    dataset recorded no patient id at all (``patient_ids`` 0), which "patient-grouped" would misstate."""
+    ds = run.run.get("dataset") if isinstance(run.run.get("dataset"), dict) else {}
+    return "file-name-grouped" if ds.get("patient_ids") == 0 else "patient-grouped"
 
 
 def _without_ids(run: RunRecord) -> str | None:
@@ -1319,10 +1348,11 @@ def _methods_text(runs: Sequence[RunRecord]) -> str:
         heads[r.head] = heads.get(r.head, 0) + 1
     sel = [r.run.get("selection") for r in runs if isinstance(r.run.get("selection"), dict)]
     protocols = []
+    grouped = " or ".join(sorted({_grouped(r) for r in runs}))  # file-name-grouped where no patient ids
     cv_folds = sorted({str(s.get("folds")) for s in sel if s.get("method") == "grouped_kfold"})
     if cv_folds:
         refit = any(s.get("refit") for s in sel if s.get("method") == "grouped_kfold")
-        protocols.append(f"patient-grouped stratified {'/'.join(cv_folds)}-fold cross-validation over each "
+        protocols.append(f"{grouped} stratified {'/'.join(cv_folds)}-fold cross-validation over each "
                          "head's grid (out-of-fold predictions of the chosen config are its validation "
                          "predictions)" + (", the chosen config then refit on all training images" if refit
                                            else ""))
@@ -1346,7 +1376,7 @@ def _methods_text(runs: Sequence[RunRecord]) -> str:
             refit_text = ("; with --refit the model tested was trained again on all training images, "
                           f"hold-out included{plan}, while its validation numbers, threshold and training "
                           "curves are the hold-out model's")
-        protocols.append(f"a patient-grouped stratified hold-out of {'/'.join(fractions)} of the training "
+        protocols.append(f"a {grouped} stratified hold-out of {'/'.join(fractions)} of the training "
                          f"images requested{got} (one model per config, trained on the rest{watched})"
                          + refit_text)
 
@@ -1394,16 +1424,19 @@ def _methods_text(runs: Sequence[RunRecord]) -> str:
     if boots:
         text += (f"; 95% confidence intervals are percentile bootstrap intervals over {'/'.join(boots)} "
                  f"resamples of {_resample_unit(runs)}, seed {'/'.join(seeds)}")
+        units = _resampled_units(runs)  # what the exact and score-type intervals counted
+        counted = (next(iter(units)) if len(units) == 1 and next(iter(units)) in
+                   ("patients", "images", "file-name groups") else "groups (patients, or file names)")
         exact = sorted({name for r in runs for ci in _recorded_cis(r)
                         for name in ci.get("exact_at_bound") or ()})
         if exact:
             text += (f"; where a proportion ({', '.join(exact)}) was observed at 0 or 1, every resample "
                      "gives the same value and the percentile interval is a point, so the exact "
-                     "Clopper-Pearson interval over the patients counted is shown instead")
+                     f"Clopper-Pearson interval over the {counted} counted is shown instead")
         if any(ci.get("auc_score_bound") for r in runs for ci in _recorded_cis(r)):
             text += ("; an AUC of exactly 1 (perfect separation, the same in every resample) gets the "
                      "score-type bound 1 - θ = 1.96 SE(θ) with Hanley and McNeil's standard error in "
-                     "Newcombe's symmetric form over the positive and negative patients counted (a "
+                     f"Newcombe's symmetric form over the positive and negative {counted} counted (a "
                      "multi-class AUC: the mean of the classes' one-vs-rest bounds)")
         if any("macro_f1" in (ci.get("point_at_bound") or ()) for r in runs for ci in _recorded_cis(r)):
             text += ("; a macro F1 of exactly 1 (or 0) is the same in every resample and has no exact "
@@ -1635,9 +1668,9 @@ def build_document(
         doc.add(Table(["folder", "reason"], [[a, b] for a, b in skipped]))
     doc.footer = (
         f"Generated by featcache {__version__} on {now}. Metrics are recomputed from each run's prediction "
-        "CSVs; 95% CIs are the fit's percentile bootstrap intervals resampling test patients (images for "
-        "runs without patient ids), with the run's --seed and number of resamples (recomputed with 1000 "
-        "resamples and seed 0 only for runs that did not record them)."
+        f"CSVs; 95% CIs are the fit's percentile bootstrap intervals resampling {_resample_unit(all_runs)}, "
+        "with the run's --seed and number of resamples (recomputed with 1000 resamples and seed 0 only for "
+        "runs that did not record them)."
     )
     return doc
 
@@ -1795,9 +1828,8 @@ def _write_report_files(doc: Document, rows: list[dict], runs: Sequence[RunRecor
         "featcache_version": _featcache_version(),
         # how the test CIs were made, so a CSV/JSON read alone can be traced (each run's own record too)
         "confidence_intervals": {
-            "method": "percentile bootstrap resampling test patients (images without a patient id grouped "
-                      "by file name); a "
-                      "proportion observed at 0 or 1 gets the exact Clopper-Pearson interval; an AUC of 1 "
+            "method": f"percentile bootstrap resampling {_resample_unit(runs)}; a proportion observed at 0 "
+                      "or 1 gets the exact Clopper-Pearson interval; an AUC of 1 "
                       "a Hanley-McNeil score-type bound (Newcombe's symmetric variance); a macro F1 of 1 "
                       "keeps its point",
             "level": 0.95,
