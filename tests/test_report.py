@@ -1559,3 +1559,23 @@ def test_runs_show_names_what_the_ci_resampled_and_how_a_3class_run_labels(tmp_p
     assert run(["runs", "show", folder.name, "--runs-dir", str(runs)]) == 0
     out = " ".join(capsys.readouterr().out.replace("│", " ").split())
     assert "metrics (label: most probable class)" in out and "threshold 0.5" not in out
+
+
+def test_the_ranking_metric_has_its_test_column_and_the_losss_recorded_interval(tmp_path):
+    """Ranked by loss or average precision, the HTML leaderboard had no test column for that metric; and
+    under loss the figure said "no interval computed for loss" though fit recorded test.ci.log_loss."""
+    runs = _no_id_runs(tmp_path)
+    res = build_report(runs, tmp_path / "out", ReportOptions(metric="loss", detail=0))
+    rows = {r["run_id"]: r for r in json.loads(res.json.read_text())["runs"]}
+    folder = runs / "20240101-000001-logreg-00000001"
+    recorded = json.loads((folder / "metrics.json").read_text())["test"]["ci"]["log_loss"]
+    row = rows[folder.name]
+    assert [row["test_loss_lo"], row["test_loss_hi"]] == pytest.approx(recorded)
+    html = " ".join(re.sub(r"<[^>]+>", " ", res.html.read_text(encoding="utf-8")).split())
+    assert "test loss [95% CI]" in html and f"{row['test_loss']:.3f} [{recorded[0]:.3f}" in html
+    assert "no interval computed for loss" not in html and "test loss with 95% CI (orange)" in html
+    res = build_report(runs, tmp_path / "out2", ReportOptions(metric="average_precision", detail=0))
+    html = " ".join(re.sub(r"<[^>]+>", " ", res.html.read_text(encoding="utf-8")).split())
+    header = html[html.index("Leaderboard"):]
+    header = header[header.index(" # "):header.index(" run id ")]
+    assert "test average_precision seed" in header  # no interval is computed for it: none promised

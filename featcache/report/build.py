@@ -400,6 +400,10 @@ def _leaderboard_table(rows: Sequence[dict], metric: str, has_test: bool) -> Tab
         ]
         if any(r.get("test_sensitivity") is not None for r in rows):
             cols.append(("test sens / spec (95% CI)", lambda r: _sens_spec(r)))
+        if metric not in ("accuracy", "auc", "macro_f1", "sensitivity", "specificity"):
+            # the table ranks by this metric: its test value (and CI where recorded) belongs beside it
+            ci = any(r.get(f"test_{metric}_lo") is not None for r in rows)
+            cols.append((f"test {metric}{' [95% CI]' if ci else ''}", lambda r: _ci(r, f"test_{metric}")))
     # runs that differ only by seed, or by the values in their caches, would otherwise read the same
     if len({r.get("seed") for r in rows}) > 1:
         cols.append(("seed", lambda r: str(r.get("seed"))))
@@ -606,7 +610,7 @@ def _leaderboard_section(
         elif any(r.get(f"test_{m}_lo") is not None for r in shown_rows):
             test_words = (f" and test {m} with 95% CI (orange). The gap between them is the optimism of "
                           "validation numbers.")
-        else:  # a metric without a bootstrap interval (loss, Brier, balanced accuracy)
+        else:  # a metric without a bootstrap interval (Brier, balanced accuracy)
             test_words = (f" and test {m} (orange; no interval computed for {m}). The gap between them is "
                           "the optimism of validation numbers.")
         doc.add(

@@ -21,7 +21,11 @@ from featcache.runs import SHEET_TRIGGERS, grid_index, params_string
 
 GROUP_BY = ("backbone", "head", "task", "dataset")
 THR_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "sensitivity", "specificity")
-CI_METRICS = ("accuracy", "macro_f1", "auc", "sensitivity", "specificity")
+CI_METRICS = ("accuracy", "macro_f1", "auc", "sensitivity", "specificity", "loss")
+# fit records the loss's interval as "log_loss" (the leaderboard's column is "loss"): without the mapping a
+# report ranked by loss said "no interval computed" while metrics.json and `runs show` had one
+CI_KEY = {"loss": "log_loss"}
+THRESHOLD_FREE_CI = {"auc", "loss"}  # scored on probabilities: no second interval at the chosen threshold
 BINARY_ONLY = ("sensitivity", "specificity")
 # What ranks a group (or an ungrouped leaderboard) none of whose runs has the metric asked for: these are
 # defined for binary tasks only, and a 3-class group ordered by the tie-break alone named an arbitrary run
@@ -84,13 +88,15 @@ def _split_columns(rec: RunRecord, split: str, threshold: float | None) -> dict[
                 # run is published with one CI; recomputed from the CSV only for runs that lack them
                 where = (test_m.get("at_threshold") or {}) if suffix else test_m
                 recorded = where.get("ci") if isinstance(where.get("ci"), dict) else {}
-                wanted = [m for m in CI_METRICS if not (suffix and m == "auc")  # AUC ignores the threshold
+                wanted = [m for m in CI_METRICS if not (suffix and m in THRESHOLD_FREE_CI)
                           and (m not in BINARY_ONLY or pred.proba.shape[1] == 2)]
-                pairs = {m: recorded[m] for m in wanted
-                         if isinstance(recorded.get(m), list | tuple) and len(recorded[m]) == 2}
+                pairs = {m: recorded[CI_KEY.get(m, m)] for m in wanted
+                         if isinstance(recorded.get(CI_KEY.get(m, m)), list | tuple)
+                         and len(recorded[CI_KEY.get(m, m)]) == 2}
                 if len(pairs) < len(wanted):  # a run that recorded none (or not all): bootstrap the CSV
                     computed = bootstrap_ci(pred, thr)
-                    pairs.update({m: computed[m] for m in wanted if m not in pairs and m in computed})
+                    pairs.update({m: computed[CI_KEY.get(m, m)] for m in wanted
+                                  if m not in pairs and CI_KEY.get(m, m) in computed})
                 for m, (lo, hi) in pairs.items():
                     out[f"test_{m}{suffix}_lo"], out[f"test_{m}{suffix}_hi"] = _num(lo), _num(hi)
         return out
@@ -100,7 +106,7 @@ def _split_columns(rec: RunRecord, split: str, threshold: float | None) -> dict[
     out[f"n_{split}"] = rec_m.get("n")
     ci = rec_m.get("ci") if isinstance(rec_m.get("ci"), dict) else {}
     for m in CI_METRICS:
-        pair = ci.get(m)
+        pair = ci.get(CI_KEY.get(m, m))
         if isinstance(pair, list | tuple) and len(pair) == 2:
             out[f"test_{m}_lo"], out[f"test_{m}_hi"] = _num(pair[0]), _num(pair[1])
     return out
