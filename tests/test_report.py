@@ -1579,3 +1579,29 @@ def test_the_ranking_metric_has_its_test_column_and_the_losss_recorded_interval(
     header = html[html.index("Leaderboard"):]
     header = header[header.index(" # "):header.index(" run id ")]
     assert "test average_precision seed" in header  # no interval is computed for it: none promised
+
+
+def test_heatmap_colour_scale_stays_inside_the_metrics_range(monkeypatch):
+    """Near-perfect accuracies widened to the minimum span around their middle put 1.05 on the colour
+    bar, a value no accuracy can take; a loss keeps its centred span."""
+    from featcache.report import build, plots
+
+    seen = {}
+
+    def fake_imshow(self, data, **kw):
+        seen.update(kw)
+        raise RuntimeError("stop")  # the colour limits are all this test needs
+
+    import matplotlib.axes
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow", fake_imshow)
+    rows = [{"params": {"lr": lr, "dropout": d}, "val_accuracy": acc, "val_loss": acc, "n_val": 3000,
+             "rank": i} for i, (lr, d, acc) in enumerate(((0.1, 0.0, 1.0), (0.01, 0.0, 0.99)))]
+    for key, lo, hi in (("val_accuracy", 1 - plots.HEATMAP_MIN_SPAN, 1.0),
+                        ("val_loss", 0.995 - plots.HEATMAP_MIN_SPAN / 2, 0.995 + plots.HEATMAP_MIN_SPAN / 2)):
+        with pytest.raises(RuntimeError):
+            build._heatmap(rows, "lr", "dropout", key, "t")
+        assert (seen["vmin"], seen["vmax"]) == pytest.approx((lo, hi)), key
+    import matplotlib.pyplot as plt
+
+    plt.close("all")

@@ -746,10 +746,11 @@ def _cells(
 
 def _heatmap(
     rows: Sequence[dict], x: str, y: str, value_key: str, title: str, lower_better: bool = False,
-    bar_label: str = "", chosen: dict | None = None, formats: Sequence[str] = (),
+    bar_label: str = "", chosen: dict | None = None, formats: Sequence[str] = (), metric: str = "",
 ) -> plots.Rendered:
     """Best value of ``value_key`` per (x, y) cell of two hyperparameters; ``chosen`` (the params of the
-    selected config) gets its cell outlined."""
+    selected config) gets its cell outlined; ``metric`` (the report's or scikit-learn's scoring name)
+    bounds the colour scale where it is a proportion."""
     table, xs, ys = _cells(rows, x, y, value_key, lower_better)
     mark = None
     if chosen is not None:
@@ -760,7 +761,19 @@ def _heatmap(
     n_val = [r["n_val"] for r in rows if isinstance(r.get("n_val"), int) and r["n_val"] > 0]
     span = max(plots.HEATMAP_MIN_SPAN, 3.0 / min(n_val)) if n_val and value_key.endswith("accuracy") else None
     return plots.heatmap_figure(table, xs, ys, x, y, title, bar_label=bar_label, mark=mark, formats=formats,
-                                min_span=span)
+                                min_span=span,
+                                limits=_metric_limits(metric or value_key.removeprefix("val_")))
+
+
+_BOUNDED = {"accuracy", "balanced_accuracy", "macro_f1", "auc", "average_precision", "sensitivity",
+            "specificity", "precision", "recall"}
+
+
+def _metric_limits(metric: str) -> tuple[float, float] | None:
+    """(0, 1) for a metric that is a proportion (the report's names, or scikit-learn scorings such as
+    roc_auc_ovr and f1_macro); None for loss, Brier (0-2 with several classes) and unknown scorings."""
+    bounded = metric in _BOUNDED or metric.startswith(("roc_auc", "f1", "average_precision"))
+    return (0.0, 1.0) if bounded else None
 
 
 def _telling_pair(rows: Sequence[dict], names: list[str], value_key: str) -> tuple[str, str] | None:
@@ -898,7 +911,7 @@ def _cv_section(doc: Document, rec: RunRecord, row: dict, options: ReportOptions
         chosen_at = (rec.run.get("selection") or {}).get("best_index")
         img = _heatmap(grid, pair[0], pair[1], "cv",
                        f"mean CV {scoring}: {rec.head} on {row['backbone']}, {rec.task}",
-                       bar_label=f"mean CV {scoring}", formats=options.figure_formats,
+                       bar_label=f"mean CV {scoring}", formats=options.figure_formats, metric=scoring,
                        chosen=grid[chosen_at]["params"] if isinstance(chosen_at, int)
                        and 0 <= chosen_at < len(grid) else None)
         doc.add(

@@ -534,11 +534,13 @@ def _overview_panel(ax, rows: Sequence[dict], labels: Sequence[str], metric: str
 def heatmap_figure(
     table: np.ndarray, xs: Sequence[str], ys: Sequence[str], x_name: str, y_name: str, title: str,
     bar_label: str = "", mark: tuple[int, int] | None = None, formats: Sequence[str] = (),
-    min_span: float | None = None,
+    min_span: float | None = None, limits: tuple[float, float] | None = None,
 ) -> Rendered:
     """Metric over two hyperparameters (best run per cell; empty cells stay blank); ``mark`` (row, column)
     outlines the chosen config's cell and ``bar_label`` names the colour scale; ``min_span`` is the
-    narrowest colour range (default ``HEATMAP_MIN_SPAN``)."""
+    narrowest colour range (default ``HEATMAP_MIN_SPAN``); ``limits`` is the metric's range ((0, 1) for
+    accuracy or AUC), which the widened scale is moved inside: a bar reaching 1.05 showed a value no
+    accuracy can take."""
     import textwrap
 
     plt = _plt()
@@ -551,6 +553,9 @@ def heatmap_figure(
     if vmax - vmin < narrowest:  # a one-point spread must not look like the whole colour scale
         mid = (vmin + vmax) / 2
         vmin, vmax = mid - narrowest / 2, mid + narrowest / 2
+        if limits is not None:  # slide the window back into the metric's range, then clip what is left
+            shift = max(0.0, limits[0] - vmin) - max(0.0, vmax - limits[1])
+            vmin, vmax = max(limits[0], vmin + shift), min(limits[1], vmax + shift)
     im = ax.imshow(masked, cmap="viridis", aspect="auto", vmin=vmin, vmax=vmax)
     for i in range(table.shape[0]):
         for j in range(table.shape[1]):
