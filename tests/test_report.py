@@ -1532,7 +1532,7 @@ def test_data_without_patient_ids_is_never_called_patients_in_the_report(tmp_pat
     """On data without patient ids the report said both "test images grouped by file name" and "test
     patients" (the at-threshold CI had no "resampled" key and defaulted to patients), and the paired
     test, the grid headings, the footer and the audit table spoke of patients."""
-    res = build_report(_no_id_runs(tmp_path), tmp_path / "out")
+    res = build_report(_no_id_runs(tmp_path), tmp_path / "out", ReportOptions(detail=0))
     html = " ".join(re.sub(r"<[^>]+>", " ", res.html.read_text(encoding="utf-8")).split())
     assert "test images grouped by file name" in html
     for claim in ("test patients", "patient-grouped", "patients in test", "patients in train"):
@@ -1605,3 +1605,24 @@ def test_heatmap_colour_scale_stays_inside_the_metrics_range(monkeypatch):
     import matplotlib.pyplot as plt
 
     plt.close("all")
+
+
+def test_selection_optimism_counts_the_whole_sweep_and_each_task_apart(tmp_path):
+    """`--id` on one run of a 4-config sweep dropped the "best of many" warning (its grid's other configs
+    were not in the report), and a binary and a 3-class run were added into one count."""
+    runs = tmp_path / "runs"
+    for k, lr in enumerate((0.1, 0.01, 0.001, 0.0001)):
+        folder = write_fake_run(runs, f"20240101-00000{k}-mlp-{k:08x}", head="mlp", seed=k,
+                                params={"layers": [8], "epochs": 9, "lr": lr})
+        info = json.loads((folder / "run.json").read_text())
+        info["grid"] = {"index": k, "size": 4}
+        (folder / "run.json").write_text(json.dumps(info))
+    res = build_report(runs, tmp_path / "out", ReportOptions(detail=0, ids=("00000002",)))
+    optimism = json.loads(res.json.read_text())["meta"]["selection_optimism"]
+    assert optimism and "best of 4 configs (1 run(s) here" in optimism
+    write_3class_run(runs, "20240101-000009-logreg-99999999", quality=2, seed=9)
+    write_3class_run(runs, "20240101-000008-logreg-88888888", quality=1, seed=8)
+    res = build_report(runs, tmp_path / "out2", ReportOptions(detail=0, ids=("00000002", "logreg")))
+    optimism = json.loads(res.json.read_text())["meta"]["selection_optimism"]
+    assert "4 configs (1 run(s) here" in optimism and "for task binary" in optimism
+    assert "2 configs for task 3class" in optimism

@@ -1235,21 +1235,46 @@ def _epoch_chosen_on_holdout(run: RunRecord) -> bool:
 
 
 def _compared(runs: Sequence[RunRecord]) -> tuple[int, int]:
-    """(runs, configs) behind the leaderboard's top validation score: a CV run scored every config of its
-    grid on its folds before the report ranked the runs, so each of its configs counts."""
-    return len(runs), sum(len(_cv_grid(r) or ()) or 1 for r in runs)
+    """(runs, configs) behind the best validation score of ``runs``: a CV run scored every config of its
+    grid on its folds, and a hold-out run was chosen from its sweep's whole grid (run.json's grid size),
+    whether or not `--id`, `--tag` or `--top` keeps the other configs' runs in the report; each sweep
+    counts once (as many configs as its grid, or as its runs here where no size was recorded)."""
+    configs, sweeps = 0, {}
+    for r in runs:
+        cv = _cv_grid(r)
+        if cv:
+            configs += len(cv)
+            continue
+        grid = r.run.get("grid") if isinstance(r.run.get("grid"), dict) else {}
+        size = grid.get("size") if isinstance(grid.get("size"), int) and grid["size"] > 0 else 0
+        key = str(r.run.get("sweep_id") or r.id)
+        grid_size, shown = sweeps.get(key, (0, 0))
+        sweeps[key] = (max(grid_size, size), shown + 1)
+    return len(runs), configs + sum(max(size, shown) for size, shown in sweeps.values())
 
 
 def _selection_optimism(runs: Sequence[RunRecord]) -> str:
     """Why the best validation score is optimistic, when it is the best of several: a maximum over noisy
     estimates on the same validation images is biased upward (selection bias), whether or not a
-    hold-out also chose an epoch. Empty for a single config: nothing was chosen among."""
-    n_runs, n_configs = _compared(runs)
-    if n_configs < 2:
+    hold-out also chose an epoch. Empty for a single config: nothing was chosen among. Counted per task:
+    a binary and a 3-class run are never compared with each other."""
+    by_task: dict[str, list[RunRecord]] = {}
+    for r in runs:
+        by_task.setdefault(str(r.task), []).append(r)
+    counts = {task: _compared(members) for task, members in sorted(by_task.items())}
+    if all(n_configs < 2 for _, n_configs in counts.values()):
         return ""
-    what = (f"{n_configs} configs" if n_configs == n_runs
-            else f"{n_configs} configs ({n_runs} run(s), each CV run's grid counted)")
-    return (f"The best validation score is the best of {what} scored on validation data from the same "
+
+    def what(n_runs: int, n_configs: int) -> str:
+        return (f"{n_configs} configs" if n_configs == n_runs
+                else f"{n_configs} configs ({n_runs} run(s) here; each CV run's and each sweep's grid "
+                     "counted)")
+
+    if len(counts) == 1:
+        best_of = what(*next(iter(counts.values())))
+    else:
+        best_of = "; ".join(f"{what(*c)} for task {task}" for task, c in counts.items())
+    return (f"The best validation score is the best of {best_of} scored on validation data from the same "
             "training images (hold-out or out-of-fold predictions), a maximum over noisy estimates, so it is "
             "optimistic (selection bias), the more so the more configs were compared")
 
