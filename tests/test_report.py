@@ -1626,3 +1626,23 @@ def test_selection_optimism_counts_the_whole_sweep_and_each_task_apart(tmp_path)
     optimism = json.loads(res.json.read_text())["meta"]["selection_optimism"]
     assert "4 configs (1 run(s) here" in optimism and "for task binary" in optimism
     assert "2 configs for task 3class" in optimism
+
+
+def test_without_a_test_split_no_note_points_to_the_test_columns(tmp_path):
+    """With no test split the notes on unequal validation sizes and on epochs chosen on the hold-out still
+    sent the reader to "the test columns and their CIs", which the report does not have."""
+    runs = tmp_path / "runs"
+    write_fake_run(runs, "20240101-000001-logreg-aaaaaaaa", test=False, n_val=100)
+    write_fake_run(runs, "20240101-000002-mlp-bbbbbbbb", head="mlp", test=False, seed=3, n_val=20,
+                   params={"patience": 3})
+    text = build_report(runs, tmp_path / "out", ReportOptions(detail=0)).markdown.read_text()
+    text = " ".join(text.split())
+    assert "Validation sizes differ:" in text and "Epochs chosen on the hold-out:" in text
+    assert "test columns" not in text and "no test split was scored to check it against" in text
+
+
+def test_the_overview_of_a_top_n_report_counts_every_run_ranked(sweep, tmp_path):
+    """Under --top 4 the overview said "The 4 best of 4 runs" though 14 runs were ranked."""
+    runs, _ = sweep
+    text = build_report(runs, tmp_path / "out", ReportOptions(top=4, detail=0)).markdown.read_text()
+    assert "The 4 best of 14 runs" in " ".join(text.split())

@@ -571,7 +571,9 @@ def _leaderboard_section(
                 f"validation sets differ in size ({min(n_vals)} to {max(n_vals)} images: hold-out heads "
                 "such as the MLP validate on a fraction, CV heads on out-of-fold predictions of all training "
                 "images; see 'validated on'). A score on few images is noisy, so a hold-out run at the top "
-                "may owe its rank to chance: compare the test columns and their CIs too.",
+                "may owe its rank to chance"
+                + (": compare the test columns and their CIs too." if has_test else
+                   " (no test split was scored to check it against)."),
                 "note",
                 "Validation sizes differ:",
             )
@@ -589,8 +591,8 @@ def _leaderboard_section(
             Para(
                 f"{len(watched)} run(s) stop early, keep their best epoch or lower their learning rate on "
                 "the validation hold-out (patience, checkpoint or reduce_lr_patience), so the hold-out chose "
-                "their epoch as well as ranking them: their validation numbers are slightly optimistic. "
-                "The test columns, from images no choice saw, are not.",
+                "their epoch as well as ranking them: their validation numbers are slightly optimistic."
+                + (" The test columns, from images no choice saw, are not." if has_test else ""),
                 "note",
                 "Epochs chosen on the hold-out:",
             )
@@ -617,7 +619,8 @@ def _leaderboard_section(
             Figure(
                 "overview",
                 fig.png,
-                f"The {len(shown_rows)} best of {len(rows)} runs"
+                # of every run ranked, not only the --top rows the table shows ("the 4 best of 4")
+                f"The {len(shown_rows)} best of {max(n_total, len(rows))} runs"
                 + (f" with a validation {m}" if any(r.get(f"val_{m}") is None for r in rows) else "")
                 + f": validation {m} (blue){test_words} "
                 "Labels leave out the settings that all shown runs of a head share (the table has them).",
