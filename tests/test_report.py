@@ -1646,3 +1646,20 @@ def test_the_overview_of_a_top_n_report_counts_every_run_ranked(sweep, tmp_path)
     runs, _ = sweep
     text = build_report(runs, tmp_path / "out", ReportOptions(top=4, detail=0)).markdown.read_text()
     assert "The 4 best of 14 runs" in " ".join(text.split())
+
+
+def test_a_loss_set_by_the_clip_is_said_to_be() -> None:
+    """A kNN gave 3 of 59 test images probability 0 for their true class: its log loss (2.159) was the
+    clip's doing (0.424 without those 3), shown and ranked by --metric loss without a word."""
+    from featcache.report.build import _clipped_loss_text
+    from featcache.report.collect import Predictions, RunRecord
+
+    y = np.array([0, 1, 1, 0])
+    soft = Predictions(list("abcd"), y, np.array([[.9, .1], [.2, .8], [.3, .7], [.6, .4]]), list(CLASSES))
+    hard = Predictions(list("abcd"), y, np.array([[1., 0.], [0., 1.], [1., 0.], [1., 0.]]), list(CLASSES))
+    runs = [RunRecord("r1", Path("r1"), {}, {}, val=soft, test=soft),
+            RunRecord("r2", Path("r2"), {}, {}, val=soft, test=hard)]
+    assert _clipped_loss_text(runs[:1]) == ""
+    text = _clipped_loss_text(runs)
+    assert text.startswith("In 1 of 2 run(s) some validation or test image got probability 0")
+    assert "(34.5 per such image" in text

@@ -1460,7 +1460,7 @@ def _methods_text(runs: Sequence[RunRecord]) -> str:
         text += (f"For binary tasks a decision threshold was chosen on the validation predictions "
                  f"({', '.join(thr)}); headline metrics use 0.5 and the chosen threshold is reported beside "
                  "it. ")
-    text += _threshold_transfer_text(runs) + _tta_text(runs)
+    text += _threshold_transfer_text(runs) + _tta_text(runs) + _clipped_loss_text(runs)
     if not has_test:
         return text + "No test split was used: every number is a validation estimate." + (
             f" Software: {software}." if software else "")
@@ -1487,6 +1487,26 @@ def _methods_text(runs: Sequence[RunRecord]) -> str:
             text += ("; a macro F1 of exactly 1 (or 0) is the same in every resample and has no exact "
                      "interval: its [1, 1] is a point, not a measure of certainty")
     return text + (f". Software: {software}." if software else ".")
+
+
+def _clipped_loss_text(runs: Sequence[RunRecord]) -> str:
+    """A sentence when some run gave an image probability 0 for its true class (a kNN's votes, a saturated
+    float32 output): log loss is infinite there, and the number shown is set by the clip at
+    LOG_LOSS_CLIP (-log(1e-15) = 34.5 per such image), not by the model; --metric loss then ranks by it."""
+    from featcache.metrics import LOG_LOSS_CLIP
+
+    hit = 0
+    for r in runs:
+        preds = [p for p in (r.val, r.test) if p is not None and len(p.y_true)]
+        if any((p.proba[np.arange(len(p.y_true)), p.y_true] < LOG_LOSS_CLIP).any() for p in preds):
+            hit += 1
+    if not hit:
+        return ""
+    return (f"In {hit} of {len(runs)} run(s) some validation or test image got probability 0 for its true "
+            f"class (hard votes such as kNN's, or a saturated output), where log loss is infinite: the "
+            f"loss shown clips that probability at {LOG_LOSS_CLIP:g} ({-np.log(LOG_LOSS_CLIP):.1f} per such "
+            "image; scikit-learn clips at float64's machine epsilon, 2.2e-16), so it measures the clip, not "
+            "the model, and is not comparable with a calibrated head's. ")
 
 
 def _source_revisions(runs: Sequence[RunRecord]) -> list[str]:
