@@ -100,14 +100,25 @@ def kermany(
                                "verified cached download is reused)."),
     timeout: float = typer.Option(60.0, "--timeout", min=1.0, help="Seconds of network silence before "
                                   "giving up (rerun to resume)."),
-    image_key: str = typer.Option("image", "--tfrecord-image-key", help="tf.train.Example feature with "
-                                  "the encoded image (only for Example-format TFRecords)."),
-    label_key: str = typer.Option("label", "--tfrecord-label-key", help="Example feature with the label "
-                                  "(int index NORMAL=0, PNEUMONIA=1, or the name)."),
-    filename_key: str = typer.Option("filename", "--tfrecord-filename-key",
-                                     help="Example feature with the original file name."),
+    image_key: str | None = typer.Option(None, "--tfrecord-image-key", help="tf.train.Example feature with "
+                                         "the encoded image (only for Example-format TFRecords; default "
+                                         "image)."),
+    label_key: str | None = typer.Option(None, "--tfrecord-label-key", help="Example feature with the "
+                                         "label (int index NORMAL=0, PNEUMONIA=1, or the name; default "
+                                         "label)."),
+    filename_key: str | None = typer.Option(None, "--tfrecord-filename-key",
+                                            help="Example feature with the original file name (default "
+                                            "filename)."),
 ) -> None:
     from featcache.download import TFRecordFeatures, download_kermany
+    from featcache.errors import ConfigError
+
+    keys = {"--tfrecord-image-key": image_key, "--tfrecord-label-key": label_key,
+            "--tfrecord-filename-key": filename_key}
+    given = [flag for flag, value in keys.items() if value is not None]
+    if given and source != "tfrecord":  # it was ignored without a word, then the download went ahead
+        raise ConfigError(f"{given[0]} names a feature of the TFRecord files, and --source is {source}; "
+                          f"add --source tfrecord, or drop {given[0]}.")
 
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                TimeRemainingColumn())
@@ -116,7 +127,8 @@ def kermany(
     with Progress(*columns, console=err_console, transient=True, disable=quiet) as bars:
         result = download_kermany(
             dest, source=source, url=url, sha256=sha256 or None, force=force, timeout=timeout,
-            tfrecord_features=TFRecordFeatures(image=image_key, label=label_key, filename=filename_key),
+            tfrecord_features=TFRecordFeatures(image=image_key or "image", label=label_key or "label",
+                                               filename=filename_key or "filename"),
             progress=_Bars(bars),
         )
     where = escape(str(result.dest))

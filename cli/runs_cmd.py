@@ -117,6 +117,8 @@ def _check_runs_dir(runs_dir: Path) -> None:
     """A mistyped --runs-dir is not an empty folder (the default runs/ may not exist yet)."""
     from featcache.errors import RunError
 
+    if runs_dir.exists() and not runs_dir.is_dir():  # "No finished runs" would hide the mistake
+        raise RunError(f"--runs-dir {runs_dir} is a file, not a folder.")
     if not runs_dir.exists() and runs_dir != Path("runs"):
         raise RunError(f"--runs-dir {runs_dir} does not exist.")
 

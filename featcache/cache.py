@@ -918,7 +918,8 @@ class CacheReader:
             raise CacheError(
                 f"{len(changed)} row(s) of cache {self.path} changed after they were written (their digests "
                 f"do not match; the first is {path}); the file is damaged: `featcache cache verify {quoted}` "
-                "lists the rows; delete it and run the extraction again."
+                "lists the rows; run the same `featcache extract` again, which computes those rows again "
+                "and keeps the others (deleting the file would throw the good rows away)."
             )
         return got[inverse.reshape(-1)]
 

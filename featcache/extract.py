@@ -410,6 +410,10 @@ def extract(dataset: Dataset, backbone: BackboneConfig, cache_dir: Path, options
         images_per_s=rows_computed / seconds if seconds > 0 else 0.0, feature_dim=feature_dim,
         timings=timings, notes=notes, rows_copied=rows_copied,
     )
+    if all(v.name != "orig" for v in views):  # accepted, and then every fit on it failed for want of orig
+        result.notes.append(f"--views {','.join(v.name for v in views)} has no orig: fit trains, selects and "
+                            "tests on orig features (the other views only add to them), so extract orig "
+                            "too (--views orig,...) unless this cache already holds it.")
     if options.strict and skipped:
         rel, reason = skipped[0]
         err = DataError(

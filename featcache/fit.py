@@ -441,6 +441,8 @@ def check_options(opts: FitOptions, preset: Any = None) -> tuple[str, str]:
         raise ConfigError(f"--balance must be one of {', '.join(BALANCE_MODES)}, got '{balance}'.")
     if opts.cv_folds < 2:
         raise ConfigError(f"--cv-folds must be at least 2, got {opts.cv_folds}.")
+    if not 0.0 < opts.val_fraction < 1.0:  # the hold-out's own check came after `run`'s extraction
+        raise ConfigError(f"--val-fraction must be between 0 and 1 (exclusive), got {opts.val_fraction}.")
     if opts.metric not in METRICS:
         raise ConfigError(f"--metric must be one of {', '.join(METRICS)}, got '{opts.metric}'.")
     if opts.mlp_precision not in PRECISIONS:

@@ -188,6 +188,7 @@ def run_pipeline(
     separate: bool = False,
     progress: ProgressFn | None = None,
     before_build: Callable[[], None] | None = None,
+    after_checks: Callable[[], None] | None = None,
 ) -> PipelineResult:
     """Extract features for every backbone, fit every head on them, then write the report.
 
@@ -198,6 +199,8 @@ def run_pipeline(
     Each stage reuses finished work (cached rows, done runs), so rerunning after a crash or with one
     more head only computes what is new. The report covers the runs of this call's sweeps.
     ``before_build`` is extract's: called before a backbone is built, never when every row is cached.
+    ``after_checks``: called once every option, the dataset and the grids have been checked, before the
+    first stage (the CLI imports TensorFlow there for an mlp head: a typo is refused in a second, not 18).
     """
     from dataclasses import replace
 
@@ -235,6 +238,8 @@ def run_pipeline(
     for head, hopts in head_opts.items():  # a grid a head refuses fails now, not after the extraction
         build_configs(get_head(head), hopts, preset)
     xopts = _with_needed_views(extract_options or ExtractOptions(), fopts, preset)
+    if after_checks is not None:
+        after_checks()
     steps = len(backbones) + len(heads) * (len(backbones) if separate else 1) + 1
     for i, name in enumerate(backbones):
         emit(progress, "pipeline", i, steps, f"extracting {name}")
@@ -284,6 +289,7 @@ def run_demo(
     progress: ProgressFn | None = None,
     command: Sequence[str] | None = None,
     before_build: Callable[[], None] | None = None,
+    after_checks: Callable[[], None] | None = None,
 ) -> PipelineResult:
     """The whole pipeline on the bundled sample with mobilenet-0.75 (writes cache/, runs/, reports/).
 
@@ -322,4 +328,5 @@ def run_demo(
         extract_options=ExtractOptions(wait=wait),
         progress=progress,
         before_build=before_build,
+        after_checks=after_checks,
     )

@@ -190,6 +190,7 @@ class _Extractor:
         # a forward pass, and a damaged or replaced cache is worth knowing about
         self.note: str | None = None
         self.input_note: str | None = None  # the backbone built here reads images otherwise than the run's
+        self.damaged: list[str] = []  # keys of cached rows that failed their digest (computed here instead)
         path = Path(cache.get("path", ""))
         if not path.is_file():
             self.note = f"the run's cache {path} is gone"
@@ -255,10 +256,20 @@ class _Extractor:
         out = np.zeros((len(keys), dim), dtype=np.float32)
         if from_cache.any():
             from featcache.cache import refuse_damaged_features
+            from featcache.errors import CacheError
 
-            cached_rows = np.asarray(
-                self._reader.get([k for k, c in zip(keys, from_cache, strict=True) if c], view), np.float32
-            )
+            def cached() -> np.ndarray:
+                wanted = [k for k, c in zip(keys, from_cache, strict=True) if c]
+                return np.asarray(self._reader.get(wanted, view), np.float32)
+
+            try:
+                cached_rows = cached()
+            except CacheError:  # rows changed after they were written: through the backbone, as when the
+                bad_rows = {k for k, _ in self._reader.damaged(  # cache is gone, for those images only
+                    [(k, view) for k, c in zip(keys, from_cache, strict=True) if c])}
+                self.damaged += sorted(bad_rows - set(self.damaged))
+                from_cache &= np.array([k not in bad_rows for k in keys], dtype=bool)
+                cached_rows = cached() if from_cache.any() else np.zeros((0, dim), np.float32)
             refuse_damaged_features(cached_rows, self._reader.path, view)  # a NaN would become P = NaN
             out[from_cache] = cached_rows
         bad: dict[int, str] = {}
@@ -395,6 +406,9 @@ def predict(
     notes = [f"{ex.note}: its images went through the backbone again (same settings, same features)"
              for ex in extractors if ex.note and any(not p["from_cache"] for p in preds)]
     notes += [ex.input_note for ex in extractors if ex.input_note]
+    notes += [f"{len(ex.damaged)} cached row(s) of {ex.cache.get('path')} changed after they were written "
+              "(their digests do not match): those images went through the backbone again; rerun the same "
+              "`featcache extract` to repair the cache" for ex in extractors if ex.damaged]
     small = [p["image"] for p in preds if p["image"] in tiny]
     if small:  # a 5x5 image got P(PNEUMONIA) 0.74 and a label like any X-ray
         w, h = tiny[small[0]]

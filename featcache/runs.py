@@ -596,6 +596,9 @@ def load_run(runs_dir: str | Path, run_id: str) -> Run:
         if folder is not None:
             raise RunError(f"{folder} is a run of another runs folder than {runs_dir}; add --runs-dir "
                            f"{shlex.quote(str(folder.parent))}.")
+        if runs_dir.exists() and not runs_dir.is_dir():
+            raise RunError(f"--runs-dir {runs_dir} is a file, not a folder; point --runs-dir at the folder "
+                           "`featcache fit` wrote the run into.")
         if not runs_dir.is_dir():  # a mistyped --runs-dir: listing it would not help
             raise RunError(f"runs folder {runs_dir} does not exist; point --runs-dir at the folder "
                            "`featcache fit` wrote the run into.")

@@ -616,6 +616,8 @@ def test_cli_happy_path_prints_counts_and_checksum(server, tmp_path, images, cli
     (["--url", "file:///etc/passwd"], "http"),
     (["--sha256", "ab" * 32], "SHA-256"),
     (["--url", "EVIL"], "http"),
+    # a TFRecord feature name for the Mendeley archive was ignored, and the download went ahead
+    (["--tfrecord-image-key", "x"], "--tfrecord-image-key names a feature of the TFRecord files"),
 ])
 def test_cli_errors_are_one_sentence(server, tmp_path, images, cli, capsys, args, needle):
     server.files[ZIP_PATH] = make_zip(kermany_entries(images))

@@ -110,6 +110,11 @@ def test_new_view_extends_the_same_file(tree: Path, tmp_path: Path, reference):
     b = extract(ds, BB, tmp_path, ExtractOptions(views=("orig", "hflip")))
     assert a.cache_path == b.cache_path
     assert (b.rows_computed, b.rows_reused) == (24, 24)
+    assert not [n for n in a.notes + b.notes if "has no orig" in n]
+    # views without orig were accepted without a word, and every fit on them then failed for want of orig
+    c = extract(ds, BB, tmp_path, ExtractOptions(views=("hflip",)))
+    assert (c.rows_computed, c.rows_reused) == (0, 24)
+    assert any(n.startswith("--views hflip has no orig: fit trains, selects and tests") for n in c.notes)
     rows = _rows(b.cache_path)
     assert rows.keys() == reference.keys()
     for k, v in reference.items():  # other batch positions than the reference: float precision

@@ -1663,3 +1663,11 @@ def test_a_loss_set_by_the_clip_is_said_to_be() -> None:
     text = _clipped_loss_text(runs)
     assert text.startswith("In 1 of 2 run(s) some validation or test image got probability 0")
     assert "(34.5 per such image" in text
+
+
+def test_top_below_one_is_refused(tmp_path: Path) -> None:
+    """`report --top -1` ended in a traceback (IndexError in build.py); `--top 0` showed every run."""
+    for top in (-1, 0):
+        with pytest.raises(ConfigError, match=f"--top must be at least 1, got {top}"):
+            build_report(tmp_path / "runs", tmp_path / "rep", ReportOptions(top=top))
+    assert not (tmp_path / "rep").exists()

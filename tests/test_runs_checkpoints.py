@@ -204,3 +204,17 @@ def test_a_resumed_sweep_is_running_before_its_first_save(runs_dir: Path) -> Non
         assert (runs_dir / CHECKPOINTS_DIR / "aaaaaaaaaaaa" / "chunk-0.npz").is_file()
     # the fit ended (or was killed): its lock is free, and the sweep is an interrupted one again
     assert [p.sweep_id for p in drop_checkpoints(runs_dir)] == ["aaaaaaaaaaaa"]
+
+
+def test_a_file_given_as_the_runs_folder_is_called_a_file(tmp_path: Path, capsys) -> None:
+    """`runs ls --runs-dir some.jpeg` said "No finished runs" (exit 0), drop-checkpoints "Deleted 0", and
+    report, predict and runs show said the folder "does not exist", though it does: it is a file."""
+    not_a_folder = tmp_path / "some.jpeg"
+    not_a_folder.write_bytes(b"x")
+    flag = ["--runs-dir", str(not_a_folder)]
+    for argv in (["runs", "ls", *flag], ["runs", "drop-checkpoints", "--all", *flag],
+                 ["runs", "show", "abc", *flag], ["report", *flag, "--out", str(tmp_path / "rep")],
+                 ["predict", str(not_a_folder), "--run", "abc", *flag]):
+        assert cli(argv) == 2, argv
+        assert "is a file, not a folder" in " ".join(capsys.readouterr().err.split()), argv
+    assert not (tmp_path / "rep").exists()

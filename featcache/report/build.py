@@ -1795,6 +1795,8 @@ def build_report(
         raise ConfigError(
             "--heatmap takes two parameter names separated by a comma, e.g. --heatmap lr,batch_size."
         )
+    if options.top is not None and options.top < 1:  # -1 ended in an IndexError, 0 showed every run
+        raise ConfigError(f"--top must be at least 1, got {options.top}.")
     check_tags(options.tags)  # `--tag ""` beside a real tag would otherwise be dropped without a word
     check_figure_formats(options.figure_formats)  # before the metrics, not after them
     if any(not str(i).strip() for i in options.ids):  # "" is a substring of every id: it would select all

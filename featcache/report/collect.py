@@ -204,6 +204,9 @@ def load_runs(
     model into a leaderboard; listing them tells the reader why a run is missing.
     """
     runs_dir = Path(runs_dir)
+    if runs_dir.exists() and not runs_dir.is_dir():
+        raise RunError(f"--runs-dir {runs_dir} is a file, not a folder; point --runs-dir at the folder "
+                       "`featcache fit` wrote its runs into.")
     if not runs_dir.is_dir():
         raise RunError(
             f"runs folder {runs_dir} does not exist; train heads with `featcache fit` first "
