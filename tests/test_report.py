@@ -1671,3 +1671,14 @@ def test_top_below_one_is_refused(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match=f"--top must be at least 1, got {top}"):
             build_report(tmp_path / "runs", tmp_path / "rep", ReportOptions(top=top))
     assert not (tmp_path / "rep").exists()
+
+
+def test_the_terminal_lists_the_best_run_of_every_group() -> None:
+    """`report --group-by backbone` over 6 groups printed 5 rows under "best run of each group": the sixth
+    group's winner was left out without a word."""
+    from featcache.report.build import TERMINAL_ROWS, terminal_leaders
+
+    rows = [{"run_id": f"r{g}{i}", "group": f"g{g}", "overall_rank": 10 * i + g} for g in range(6)
+            for i in range(2)]
+    assert [r["run_id"] for r in terminal_leaders(rows, True)] == [f"r{g}0" for g in range(6)]
+    assert [r["run_id"] for r in terminal_leaders(rows, False)] == [f"r{g}0" for g in range(TERMINAL_ROWS)]

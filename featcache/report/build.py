@@ -1856,19 +1856,26 @@ def build_report(
                 shutil.rmtree(staging, ignore_errors=True)
     emit(progress, "report", 4, 4, "report written")
     best = min(rows, key=lambda r: r["overall_rank"])
-    if options.group_by:  # the best run of each group: build_leaderboard lists each group's rows together,
-        firsts: dict[str, dict] = {}  # best first, groups ordered by their best
-        for r in rows:
-            firsts.setdefault(r["group"], r)
-        leaders = list(firsts.values())[:TERMINAL_ROWS]
-    else:
-        leaders = sorted(rows, key=lambda r: r["overall_rank"])[:TERMINAL_ROWS]
+    leaders = terminal_leaders(rows, bool(options.group_by))
     return ReportResult(out_dir, out_dir / "report.html", out_dir / "report.md", out_dir / "leaderboard.csv",
                         out_dir / "leaderboard.json", len(rows), best["run_id"], skipped, options.metric,
                         leaders)
 
 
-TERMINAL_ROWS = 5  # best runs the CLI prints after writing the report
+TERMINAL_ROWS = 5  # best runs the CLI prints after writing an ungrouped report (grouped: each group's best)
+
+
+def terminal_leaders(rows: Sequence[dict], grouped: bool) -> list[dict]:
+    """The rows the CLI prints after a report: the TERMINAL_ROWS best, or with --group-by the best run of
+    every group (build_leaderboard lists each group's rows together, best first, groups ordered by their
+    best). Why every group's: the table is titled "best run of each group", and a cap of 5 left a sixth
+    group out without a word."""
+    if not grouped:
+        return sorted(rows, key=lambda r: r["overall_rank"])[:TERMINAL_ROWS]
+    firsts: dict[str, dict] = {}
+    for r in rows:
+        firsts.setdefault(r["group"], r)
+    return list(firsts.values())
 
 
 def _featcache_version() -> str:
