@@ -170,6 +170,26 @@ def _head_options(fopts: Any, heads: Sequence[str], routed: dict[str, list[str]]
     return out
 
 
+def _check_cv_folds(dataset: Any, task: str, fopts: Any) -> None:
+    """Refuse a --cv-folds the training images cannot have (fewer patients, or a largest class with fewer
+    images, than folds) before the extraction: the fit's splitter said so only after it. A necessary
+    condition only: images found undecodable, or merged patients, can only make the fit's pool smaller,
+    so whatever passes here is still checked there; a task the data cannot have is left to the fit."""
+    from featcache.datasets import task_labels
+    from featcache.errors import DataError
+    from featcache.fit import POOL_SPLITS
+    from featcache.splits import grouped_kfold
+
+    records = [r for r in dataset.records if r.split in POOL_SPLITS]
+    if not records:
+        return
+    try:
+        y, _ = task_labels(records, task)
+    except DataError:
+        return
+    grouped_kfold(y, [r.group for r in records], n_splits=fopts.cv_folds, seed=fopts.seed)
+
+
 def run_pipeline(
     data: str | Path,
     backbones: Sequence[str],
@@ -233,10 +253,12 @@ def run_pipeline(
         result.notes += _preset_notes(preset, backbones, pooling, image_size)
     dataset = discover(data, getattr(fit_options, "manifest", None))
     routed = split_grid_args(grid_args, heads)
-    check_options(fopts, preset)  # before the extraction, not an hour later in the fit
+    task, _ = check_options(fopts, preset)  # before the extraction, not an hour later in the fit
     head_opts = _head_options(fopts, heads, routed, head_grids)
     for head, hopts in head_opts.items():  # a grid a head refuses fails now, not after the extraction
         build_configs(get_head(head), hopts, preset)
+    if any(get_head(h).selection == "cv" for h in heads):
+        _check_cv_folds(dataset, task, fopts)
     xopts = _with_needed_views(extract_options or ExtractOptions(), fopts, preset)
     if after_checks is not None:
         after_checks()

@@ -85,7 +85,7 @@ def test_an_empty_tag_is_refused_before_any_work(kermany_tree, tmp_path):
 
 
 def test_run_and_demo_with_an_mlp_refuse_a_typo_before_importing_the_backend(kermany_tree, tmp_path,
-                                                                              monkeypatch):
+                                                                              monkeypatch, capsys):
     """With an mlp head, run and demo imported TensorFlow (18 s under load) before any option was checked:
     `run --head mlp --metric foo` took 19 s to say the metric was wrong, `--head logreg` 1.8 s. The import
     now comes after the checks (and still before any training)."""
@@ -99,6 +99,9 @@ def test_run_and_demo_with_an_mlp_refuse_a_typo_before_importing_the_backend(ker
     assert run(["demo", "--head", "mlp", "--weights", "foo", "--workdir", str(tmp_path / "w")]) == 2
     assert run(["run", *base, "--data", str(tmp_path / "nothing")]) == 2
     assert run(["run", *base, "--val-fraction", "2"]) == 2  # was refused by the fit, after the extraction
+    logreg = [*base[:5], "logreg", *base[6:]]  # 6 images per class and split: 9 folds cannot be
+    assert run(["run", *logreg, "--cv-folds", "9"]) == 2
+    assert "every class has fewer than 9 images" in " ".join(capsys.readouterr().err.split())
     assert imported == [] and not (tmp_path / "c").exists()
     before_build, after_checks = pipeline_cmd._backend_for(["logreg", "mlp"])
     assert before_build is None and after_checks is not None
