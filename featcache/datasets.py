@@ -36,7 +36,7 @@ SUBTYPES = ("normal", "bacteria", "virus")
 """The Kermany subtypes (3class task classes, in this order), from the file names."""
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 SPLIT_NAMES = {"train", "val", "test"}
-_SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "valid": "val", "test": "test"}
+SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "valid": "val", "test": "test"}
 _KERMANY_LABELS = {"NORMAL", "PNEUMONIA"}
 _NO_CLASS_FOLDER = "not inside a class folder"  # a skip reason; the no-images message looks for it
 TASKS = ("binary", "3class", "folders")
@@ -121,13 +121,13 @@ class Dataset:
 
 def _normalise_split(name: str) -> str:
     """Map folder/manifest spellings (``Validation``, ``VAL``) to train/val/test; keep others as written."""
-    return _SPLIT_ALIASES.get(name.strip().lower(), name.strip())
+    return SPLIT_ALIASES.get(name.strip().lower(), name.strip())
 
 
 def split_folder(name: str) -> str | None:
     """The split a folder name stands for (train, val or test), or None when it is not a split folder."""
     low = name.lower()
-    return _SPLIT_ALIASES.get(low)  # valid/ too: a common download layout (train/valid/test)
+    return SPLIT_ALIASES.get(low)  # valid/ too: a common download layout (train/valid/test)
 
 
 def parse_kermany_name(filename: str) -> tuple[str | None, str | None]:

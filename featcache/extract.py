@@ -161,6 +161,18 @@ def _selected_skips(dataset: Dataset, splits: Sequence[str] | None) -> list[tupl
     return out
 
 
+def _holds_orig(path: Path, keys: Sequence[str]) -> bool:
+    """Whether the cache has the orig row of every image: a --views hflip that only adds a view to such a
+    cache needs no note saying orig is missing."""
+    from featcache import cache as fcache
+
+    try:
+        with fcache.CacheReader(path) as reader:
+            return bool(np.all(reader.has(list(keys), "orig")))
+    except (fcache.CacheError, OSError):
+        return False
+
+
 def _hash_records(records: list[ImageRecord], state: dict) -> None:
     """Background thread body: hash every file, recording results and a live counter."""
     results: list[str | OSError] = []
@@ -410,10 +422,10 @@ def extract(dataset: Dataset, backbone: BackboneConfig, cache_dir: Path, options
         images_per_s=rows_computed / seconds if seconds > 0 else 0.0, feature_dim=feature_dim,
         timings=timings, notes=notes, rows_copied=rows_copied,
     )
-    if all(v.name != "orig" for v in views):  # accepted, and then every fit on it failed for want of orig
+    if all(v.name != "orig" for v in views) and not _holds_orig(path, keys):  # then every fit failed
         result.notes.append(f"--views {','.join(v.name for v in views)} has no orig: fit trains, selects and "
-                            "tests on orig features (the other views only add to them), so extract orig "
-                            "too (--views orig,...) unless this cache already holds it.")
+                            "tests on orig features (the other views only add to them), and this cache "
+                            "lacks orig rows: extract orig too (--views orig,...).")
     if options.strict and skipped:
         rel, reason = skipped[0]
         err = DataError(
@@ -507,8 +519,9 @@ def _copy_from_twins(path: Path, config: dict, feature_dim: int, keys: list[str]
             notes.append(f"{twin.name}, a cache of the same settings for another folder, was passed over "
                          f"after {done.rows} row(s): {exc}")
         if done.damaged:
+            # done.why's advice ("run the same extract again") is for the file's own folder: not this one
             notes.append(f"{done.damaged} row(s) of {twin.name} failed their integrity check and were not "
-                         f"copied (the backbone computes them): {done.why}")
+                         f"copied (the backbone computes them): {done.why.split('; run the same')[0]}.")
         if done.rows:
             copied += done.rows
             made_for = (f"a cache of the same settings made for {done.root} (moved or copied images are the "

@@ -344,8 +344,26 @@ def _pick_cache(data_root: Path, backbone: str, opts: FitOptions) -> Path:
             f"run `{_extract_cmd(data_root, backbone, opts)}` first."
         )
     if len(found) > 1:
+        found = _without_superseded(found)
+    if len(found) > 1:
         raise _ambiguous(backbone, found, opts)
     return Path(found[0])
+
+
+def _without_superseded(found: Sequence[Path]) -> list[Path]:
+    """``found`` less each pad/crop cache made before boxes came from the full size (no ``resize_box``)
+    that a cache of the same settings made after it replaces. Why: re-extracting with pad or crop starts
+    a new file beside the old one, and fit then refused to choose between them with no flag to pick one;
+    the new file is what this featcache computes."""
+    from featcache.cache import CacheReader
+
+    configs = []
+    for p in found:
+        with CacheReader(Path(p)) as r:
+            configs.append(dict(r.config))
+    newer = [{k: v for k, v in c.items() if k != "resize_box"} for c in configs if "resize_box" in c]
+    return [p for p, c in zip(found, configs, strict=True)
+            if "resize_box" in c or c.get("resize") == "squash" or c not in newer]
 
 
 def _load_features(

@@ -191,6 +191,14 @@ class _Extractor:
         self.note: str | None = None
         self.input_note: str | None = None  # the backbone built here reads images otherwise than the run's
         self.damaged: list[str] = []  # keys of cached rows that failed their digest (computed here instead)
+        config = cache.get("config") if isinstance(cache.get("config"), dict) else {}
+        # images decoded here get the pad/crop box of the full size; a run's cache made before had the box
+        # of a JPEG's downscaled size (up to a pixel apart): new images can differ from its training rows
+        self.box_note: str | None = (
+            f"the run's cache was made with --resize {config['resize']} before its boxes came from the full "
+            "image size: images decoded here (not found in the cache) get boxes up to a pixel apart from "
+            "its training images' for large JPEGs; re-extract and fit again for the same geometry"
+            if config.get("resize") in ("pad", "crop") and "resize_box" not in config else None)
         path = Path(cache.get("path", ""))
         if not path.is_file():
             self.note = f"the run's cache {path} is gone"
@@ -406,6 +414,7 @@ def predict(
     notes = [f"{ex.note}: its images went through the backbone again (same settings, same features)"
              for ex in extractors if ex.note and any(not p["from_cache"] for p in preds)]
     notes += [ex.input_note for ex in extractors if ex.input_note]
+    notes += [ex.box_note for ex in extractors if ex.box_note and any(not p["from_cache"] for p in preds)]
     notes += [f"{len(ex.damaged)} cached row(s) of {ex.cache.get('path')} changed after they were written "
               "(their digests do not match): those images went through the backbone again; rerun the same "
               "`featcache extract` to repair the cache" for ex in extractors if ex.damaged]

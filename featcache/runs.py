@@ -602,6 +602,10 @@ def load_run(runs_dir: str | Path, run_id: str) -> Run:
         if not runs_dir.is_dir():  # a mistyped --runs-dir: listing it would not help
             raise RunError(f"runs folder {runs_dir} does not exist; point --runs-dir at the folder "
                            "`featcache fit` wrote the run into.")
+        if run_id and "/" not in run_id and (runs_dir / RETIRED_DIR / run_id / "run.json").is_file():
+            raise RunError(f"run '{run_id}' was moved to {runs_dir / RETIRED_DIR} by `fit --retrain`; use it "
+                           f"with --runs-dir {shlex.quote(str(runs_dir / RETIRED_DIR))}, or move its folder "
+                           f"back into {runs_dir}.")
         where = "" if runs_dir == Path("runs") else f" --runs-dir {shlex.quote(str(runs_dir))}"
         raise RunError(f"no run '{run_id}' in {runs_dir}; `featcache runs ls{where}` lists them.")
     try:

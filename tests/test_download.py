@@ -212,6 +212,16 @@ def assert_layout(dest: Path, images: dict[str, bytes]) -> None:
 # ---------------------------------------------------------------------------------------------
 # Happy path, checksums, reuse
 # ---------------------------------------------------------------------------------------------
+def test_a_valid_folder_in_an_archive_is_the_val_split(server, tmp_path, images):
+    """Discovery reads train/valid/test, but the download's own alias table lacked valid/: an archive laid
+    out so lost its valid/ images."""
+    valid = {"valid/NORMAL/IM-0002-0001.jpeg": images["test/NORMAL/IM-0001-0001.jpeg"]}
+    server.files[ZIP_PATH] = make_zip(kermany_entries({**images, **valid}))
+    res = download_kermany(tmp_path / "k", url=server.url(ZIP_PATH), timeout=10)
+    assert res.counts["val"]["NORMAL"] == 1
+    assert (tmp_path / "k" / "val" / "NORMAL" / "IM-0002-0001.jpeg").is_file()
+
+
 def test_zip_download_lays_out_kermany_and_records_checksum(server, tmp_path, images):
     archive = make_zip(kermany_entries(images))
     server.files[ZIP_PATH] = archive

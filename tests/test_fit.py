@@ -1654,3 +1654,32 @@ def test_retrain_trains_done_configs_again_and_keeps_the_old_runs_aside(setup, c
         "accuracy"]
     assert cli(_fit_cmd(root, cache_dir, runs_dir, *knn, "--json")) == 0
     assert json.loads(capsys.readouterr().out)["skipped"] == [new.id]  # done again, once
+    with pytest.raises(RunError, match=f"run '{old.id}' was moved to .*retrained by `fit --retrain`"):
+        load_run(runs_dir, old.id)  # `runs show OLD` / `predict --run OLD` said "no run"
+
+
+def test_a_pad_cache_made_before_full_size_boxes_does_not_block_fit(tmp_path: Path) -> None:
+    """Re-extracting with --resize pad starts a new cache (boxes from the full size: ``resize_box``) beside
+    the old one, and fit refused to choose between the two with no flag that could (a reviewer's case).
+    The old file is passed over; two real choices are still refused."""
+    root = make_tree(tmp_path / "data")
+    ds = discover(root)
+    new = cache_config(ds.root, fake_backbone(), "pad", "float32")
+    old = {k: v for k, v in new.items() if k != "resize_box"}
+    keys = list(dict.fromkeys(sha256_file(r.path) for r in ds.records))
+    paths = {sha256_file(r.path): r.relpath for r in ds.records}
+    files = []
+    for i, cfg in enumerate((old, new)):
+        files.append(cache_path(tmp_path / "cache", cfg))
+        with CacheWriter(files[-1], cfg, 6) as w:
+            w.reserve(len(keys))
+            w.append(keys, ["orig"] * len(keys), [paths[k] for k in keys],
+                     np.random.default_rng(i).normal(size=(len(keys), 6)).astype(np.float32))
+    res = fit(root, "fakenet", "logreg", opts(tmp_path / "cache", tmp_path / "runs", grid_args=["C=1"]))
+    assert res.caches == {"fakenet": files[1]}
+    crop = cache_config(ds.root, fake_backbone(), "crop", "float32")
+    with CacheWriter(cache_path(tmp_path / "cache", crop), crop, 6) as w:
+        w.reserve(len(keys))
+        w.append(keys, ["orig"] * len(keys), [paths[k] for k in keys], np.zeros((len(keys), 6), np.float32))
+    with pytest.raises(CacheError, match="differ in resize"):
+        fit(root, "fakenet", "logreg", opts(tmp_path / "cache", tmp_path / "runs2", grid_args=["C=1"]))

@@ -396,3 +396,15 @@ def test_predict_says_when_a_one_channel_saved_model_now_reads_the_luma(tmp_path
                       "config": {**config, "input_channels": "luma"}}, [path])
     new._build()
     assert new.input_note is None
+
+
+def test_a_run_of_a_pad_cache_made_before_full_size_boxes_is_noted(tmp_path: Path) -> None:
+    """predict decodes new images with the full-size pad/crop box; a run whose cache was made before (no
+    resize_box in its config) trained on boxes up to a pixel apart for large JPEGs, without a word."""
+    from featcache.predict import _Extractor
+
+    gone = str(tmp_path / "gone.h5")
+    old = _Extractor({"path": gone, "config": {"resize": "pad"}})
+    assert old.box_note is not None and "--resize pad before its boxes came from the full" in old.box_note
+    for config in ({"resize": "pad", "resize_box": "full size"}, {"resize": "squash"}, {}):
+        assert _Extractor({"path": gone, "config": config}).box_note is None

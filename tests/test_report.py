@@ -1626,6 +1626,10 @@ def test_selection_optimism_counts_the_whole_sweep_and_each_task_apart(tmp_path)
     optimism = json.loads(res.json.read_text())["meta"]["selection_optimism"]
     assert "4 configs (1 run(s) here" in optimism and "for task binary" in optimism
     assert "2 configs for task 3class" in optimism
+    # a task with one config had nothing chosen among: it is not listed ("best of 1 configs for task ...")
+    res = build_report(runs, tmp_path / "out3", ReportOptions(detail=0, ids=("00000002", "99999999")))
+    optimism = json.loads(res.json.read_text())["meta"]["selection_optimism"]
+    assert "for task binary" in optimism and "3class" not in optimism and "1 configs" not in optimism
 
 
 def test_without_a_test_split_no_note_points_to_the_test_columns(tmp_path):

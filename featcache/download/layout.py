@@ -10,11 +10,11 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from featcache.datasets import SPLIT_ALIASES  # what discovery reads as a split: valid/ too
 from featcache.download.archive import is_junk
 from featcache.errors import DownloadError
 
 KERMANY_LABELS = ("NORMAL", "PNEUMONIA")
-_SPLIT_ALIASES = {"train": "train", "test": "test", "val": "val", "validation": "val"}
 LAYOUT_EXTENSIONS = {".jpeg", ".jpg", ".png"}
 
 
@@ -31,7 +31,7 @@ def _child_dirs(folder: Path) -> dict[str, Path]:
 def _looks_like_root(folder: Path) -> bool:
     """A folder with split sub-folders that hold NORMAL or PNEUMONIA class folders."""
     children = _child_dirs(folder)
-    for alias in _SPLIT_ALIASES:
+    for alias in SPLIT_ALIASES:
         if alias in children:
             labels = _child_dirs(children[alias])
             if any(lbl.lower() in labels for lbl in KERMANY_LABELS):
@@ -43,7 +43,7 @@ def _image_files(root: Path) -> Iterator[tuple[str, str, list[os.DirEntry]]]:
     """(split, label, its image files sorted by name) for each split/label folder of a candidate root:
     what ``layout_kermany`` moves and what ``find_kermany_root`` counts to tell candidates apart."""
     for alias, split_dir in _child_dirs(root).items():
-        split = _SPLIT_ALIASES.get(alias)
+        split = SPLIT_ALIASES.get(alias)
         if split is None:
             continue
         labels = _child_dirs(split_dir)

@@ -1273,10 +1273,11 @@ def _selection_optimism(runs: Sequence[RunRecord]) -> str:
                 else f"{n_configs} configs ({n_runs} run(s) here; each CV run's and each sweep's grid "
                      "counted)")
 
+    chosen = {task: c for task, c in counts.items() if c[1] >= 2}  # one config: nothing chosen among
     if len(counts) == 1:
         best_of = what(*next(iter(counts.values())))
     else:
-        best_of = "; ".join(f"{what(*c)} for task {task}" for task, c in counts.items())
+        best_of = "; ".join(f"{what(*c)} for task {task}" for task, c in chosen.items())
     return (f"The best validation score is the best of {best_of} scored on validation data from the same "
             "training images (hold-out or out-of-fold predictions), a maximum over noisy estimates, so it is "
             "optimistic (selection bias), the more so the more configs were compared")
