@@ -583,6 +583,13 @@ def load_run(runs_dir: str | Path, run_id: str) -> Run:
         folder = None  # a path that is no run folder: refused below like any unknown id
     if folder is not None and folder.parent.resolve() == runs_dir.resolve():
         run_id = folder.name
+    retired = runs_dir / RETIRED_DIR / run_id
+    if (folder is None and run_id not in {"", ".", ".."} and "/" not in run_id and "\\" not in run_id
+            and not (runs_dir / run_id / "run.json").is_file()
+            and (retired / "run.json").is_file()):  # before the part match: "<id>" must not find "<id>-2"
+        raise RunError(f"run '{run_id}' was moved to {runs_dir / RETIRED_DIR} by `fit --retrain`; use it "
+                       f"with --runs-dir {shlex.quote(str(runs_dir / RETIRED_DIR))}, or move its folder "
+                       f"back into {runs_dir}.")
     if folder is None and run_id and not (runs_dir / run_id / "run.json").is_file():
         run_id = _unique_part(runs_dir, run_id)  # the hash or a part of the id, as `report --id` takes it
     d = runs_dir / run_id
@@ -602,10 +609,6 @@ def load_run(runs_dir: str | Path, run_id: str) -> Run:
         if not runs_dir.is_dir():  # a mistyped --runs-dir: listing it would not help
             raise RunError(f"runs folder {runs_dir} does not exist; point --runs-dir at the folder "
                            "`featcache fit` wrote the run into.")
-        if run_id and "/" not in run_id and (runs_dir / RETIRED_DIR / run_id / "run.json").is_file():
-            raise RunError(f"run '{run_id}' was moved to {runs_dir / RETIRED_DIR} by `fit --retrain`; use it "
-                           f"with --runs-dir {shlex.quote(str(runs_dir / RETIRED_DIR))}, or move its folder "
-                           f"back into {runs_dir}.")
         where = "" if runs_dir == Path("runs") else f" --runs-dir {shlex.quote(str(runs_dir))}"
         raise RunError(f"no run '{run_id}' in {runs_dir}; `featcache runs ls{where}` lists them.")
     try:
