@@ -66,7 +66,15 @@ from typing import Any
 
 import numpy as np
 
-from featcache.errors import CacheError, CacheLockedError, CacheWriteError, ConfigError, naming, os_reason
+from featcache.errors import (
+    CacheError,
+    CacheLockedError,
+    CacheWriteError,
+    ConfigError,
+    DamagedRowsError,
+    naming,
+    os_reason,
+)
 from featcache.faults import crash_point
 from featcache.progress import ProgressFn, emit
 
@@ -894,7 +902,7 @@ class CacheReader:
     def read_rows(self, rows: np.ndarray, labels: dict[int, tuple[str, str]] | None = None) -> np.ndarray:
         """Features of the given row numbers as float32, read block by block (flat memory, few seeks).
 
-        ``labels`` ({row: (key, view)}) turns on the digest check of every row read (CacheError on a
+        ``labels`` ({row: (key, view)}) turns on the digest check of every row read (DamagedRowsError on a
         mismatch).
         """
         rows = np.asarray(rows, dtype=np.int64)
@@ -915,11 +923,12 @@ class CacheReader:
         if changed:
             path = _decode(self._f["paths"][changed[0]:changed[0] + 1])[0]
             quoted = shlex.quote(os.fsdecode(self.path))
-            raise CacheError(
+            raise DamagedRowsError(
                 f"{len(changed)} row(s) of cache {self.path} changed after they were written (their digests "
                 f"do not match; the first is {path}); the file is damaged: `featcache cache verify {quoted}` "
-                "lists the rows; run the same `featcache extract` again, which computes those rows again "
-                "and keeps the others (deleting the file would throw the good rows away)."
+                "lists the rows",
+                "run the same `featcache extract` again, which computes those rows again "
+                "and keeps the others (deleting the file would throw the good rows away).",
             )
         return got[inverse.reshape(-1)]
 

@@ -31,6 +31,20 @@ class CacheError(FeatcacheError):
     """A cache file is missing rows, corrupt, or was written with other settings."""
 
 
+class DamagedRowsError(CacheError):
+    """Rows of a cache file fail their stored digest (changed after they were written).
+
+    Why the parts: the finding (which rows, which file) holds wherever the file is read, but the advice
+    (run that folder's extract again) is for the file's own folder; a caller copying rows from another
+    folder's file quotes the finding alone.
+    """
+
+    def __init__(self, finding: str, advice: str) -> None:
+        super().__init__(f"{finding}; {advice}")
+        self.finding = finding
+        self.advice = advice
+
+
 class CacheWriteError(CacheError):
     """The operating system refused a write to a cache file (disk full, quota, I/O error)."""
 

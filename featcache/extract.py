@@ -519,9 +519,9 @@ def _copy_from_twins(path: Path, config: dict, feature_dim: int, keys: list[str]
             notes.append(f"{twin.name}, a cache of the same settings for another folder, was passed over "
                          f"after {done.rows} row(s): {exc}")
         if done.damaged:
-            # done.why's advice ("run the same extract again") is for the file's own folder: not this one
+            # the finding alone: the error's advice ("run the same extract again") is for the twin's folder
             notes.append(f"{done.damaged} row(s) of {twin.name} failed their integrity check and were not "
-                         f"copied (the backbone computes them): {done.why.split('; run the same')[0]}.")
+                         f"copied (the backbone computes them): {done.why}.")
         if done.rows:
             copied += done.rows
             made_for = (f"a cache of the same settings made for {done.root} (moved or copied images are the "
@@ -579,20 +579,20 @@ def _read_intact(reader: Any, block: list[tuple[str, str]], rows_of: dict, done:
                  ) -> tuple[list[tuple[str, str]], np.ndarray | None]:
     """The block's rows whose digest holds: all in one read, or one by one when a row fails (a changed
     row is left to the backbone and counted; the others are as good as ever)."""
-    from featcache.cache import CacheError
+    from featcache.errors import DamagedRowsError
 
     rows = np.array([rows_of[kv] for kv in block], dtype=np.int64)
     try:
         return block, reader.read_rows(rows, labels={int(r): kv for r, kv in zip(rows, block, strict=True)})
-    except CacheError:
+    except DamagedRowsError:
         kept, parts = [], []
         for r, kv in zip(rows, block, strict=True):
             try:
                 parts.append(reader.read_rows(np.array([r]), labels={int(r): kv}))
                 kept.append(kv)
-            except CacheError as exc:
+            except DamagedRowsError as exc:
                 done.damaged += 1
-                done.why = str(exc)
+                done.why = exc.finding
         return kept, (np.concatenate(parts) if parts else None)
 
 

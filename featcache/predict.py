@@ -264,7 +264,7 @@ class _Extractor:
         out = np.zeros((len(keys), dim), dtype=np.float32)
         if from_cache.any():
             from featcache.cache import refuse_damaged_features
-            from featcache.errors import CacheError
+            from featcache.errors import DamagedRowsError
 
             def cached() -> np.ndarray:
                 wanted = [k for k, c in zip(keys, from_cache, strict=True) if c]
@@ -272,7 +272,7 @@ class _Extractor:
 
             try:
                 cached_rows = cached()
-            except CacheError:  # rows changed after they were written: through the backbone, as when the
+            except DamagedRowsError:  # rows changed since written: through the backbone, as when the
                 bad_rows = {k for k, _ in self._reader.damaged(  # cache is gone, for those images only
                     [(k, view) for k, c in zip(keys, from_cache, strict=True) if c])}
                 self.damaged += sorted(bad_rows - set(self.damaged))
