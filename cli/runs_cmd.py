@@ -278,14 +278,12 @@ def show_cmd(
     console.print(scores)
 
 
-_RESAMPLED_WORDS = {"patients": "patients", "images": "images",
-                    "file-name groups": "images grouped by file name (no patient ids)"}
-
-
 def _scores_title(info: dict, metrics: object) -> str:
     """The metrics table's title from the run's own record: a 3-class run labels by its most probable
     class (no 0.5 threshold), and the test CI resampled what fit recorded (file-name groups on data
     without patient ids; older runs recorded nothing and resampled patients)."""
+    from featcache.runs import resampled_words
+
     n_classes = len(info.get("classes") or [])
     rule = "label: most probable class" if n_classes > 2 else "threshold 0.5"
     test = metrics.get("test") if isinstance(metrics, dict) else None
@@ -293,7 +291,7 @@ def _scores_title(info: dict, metrics: object) -> str:
     if not isinstance(ci, dict) or not ci:
         return f"metrics ({rule})"
     unit = str(ci.get("resampled") or "patients")
-    return f"metrics ({rule}; test with 95% bootstrap CI over {_RESAMPLED_WORDS.get(unit, unit)})"
+    return f"metrics ({rule}; test with 95% bootstrap CI over {resampled_words(unit)})"
 
 
 def register(app: typer.Typer) -> None:

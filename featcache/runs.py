@@ -768,6 +768,26 @@ def _describe_one(t: dict, *, detail: bool) -> str:
     return text
 
 
+# what a test bootstrap resampled (fit's "resampled" value) -> (short words, words for a report's prose)
+_RESAMPLED_WORDS = {
+    "patients": ("patients", "test patients (all images of a patient together)"),
+    "file-name groups": ("images grouped by file name (no patient ids)",
+                         "test images grouped by file name (the data has no patient ids)"),
+    "images": ("images", "test images (each image on its own)"),
+}
+
+
+def resampled_words(unit: str, *, detail: bool = False) -> str:
+    """A recorded "resampled" unit in words, one table for `runs show` and the report.
+
+    Why: "file-name groups" must never read as patients, and two tables of wordings drift apart. Mixed
+    units ("patients and file-name groups (...)") are spelled out as recorded.
+    """
+    if unit in _RESAMPLED_WORDS:
+        return _RESAMPLED_WORDS[unit][int(detail)]
+    return f"test {unit}: patients together, the rest by file name" if detail else unit
+
+
 def describe_trainer(trainer: dict, *, detail: bool = True) -> str:
     """How an MLP run was trained, from run.json's ``trainer``: e.g. 'fused (bfloat16, chunk of 18), resumed
     at epoch 40 from a checkpoint; saved model refit: keras.fit (float32)'. ``detail=False`` keeps what

@@ -45,7 +45,7 @@ from featcache.report.scores import (
     paired_difference,
     per_class,
 )
-from featcache.runs import describe_trainer, format_value, grid_index, replay_command
+from featcache.runs import describe_trainer, format_value, grid_index, replay_command, resampled_words
 
 OVERSTATE_NOTE = (
     "validation accuracy on this dataset overstates test accuracy. The official Kermany test split differs "
@@ -1204,11 +1204,7 @@ def _resampled_units(runs: Sequence[RunRecord]) -> set[str]:
 
 def _resample_unit(runs: Sequence[RunRecord]) -> str:
     """What the runs' test bootstraps resampled, in words (see ``_resampled_units``)."""
-    words = {"patients": "test patients (all images of a patient together)",
-             "file-name groups": "test images grouped by file name (the data has no patient ids)",
-             "images": "test images (each image on its own)"}
-    units = sorted(_resampled_units(runs))
-    return "; ".join(words.get(u) or f"test {u}: patients together, the rest by file name" for u in units)
+    return "; ".join(resampled_words(u, detail=True) for u in sorted(_resampled_units(runs)))
 
 
 def _grouped(run: RunRecord) -> str:
