@@ -295,12 +295,16 @@ def new_run_id(runs_dir: Path, head: str, chash: str) -> str:
     """``<UTC yyyymmdd-HHMMSS>-<head>-<hash8>``; a numeric suffix avoids a same-second collision, with the
     runs --retrain moved aside too (a config retrained in the second it was trained got its old id)."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    base = f"{stamp}-{head}-{chash[:8]}"
-    run_id, i = base, 1
-    while (Path(runs_dir) / run_id).exists() or (Path(runs_dir) / RETIRED_DIR / run_id).exists():
+    return _free_name(f"{stamp}-{head}-{chash[:8]}", Path(runs_dir), Path(runs_dir) / RETIRED_DIR)
+
+
+def _free_name(base: str, *folders: Path) -> str:
+    """``base``, or ``base-2``, ``base-3``... : the first name no folder of ``folders`` holds yet."""
+    name, i = base, 1
+    while any((folder / name).exists() for folder in folders):
         i += 1
-        run_id = f"{base}-{i}"
-    return run_id
+        name = f"{base}-{i}"
+    return name
 
 
 def _now() -> str:
@@ -717,11 +721,8 @@ def retire_runs(runs_dir: str | Path, config_hashes: set[str]) -> list[str]:
     for r in list_runs(root):
         if r.info.get("config_hash") not in config_hashes:
             continue
-        dest = root / RETIRED_DIR / r.id
-        i = 1
-        while dest.exists():  # the same run retired twice (moved back by hand, then retrained again)
-            i += 1
-            dest = root / RETIRED_DIR / f"{r.id}-{i}"
+        # a suffix when the same run is retired twice (moved back by hand, then retrained again)
+        dest = root / RETIRED_DIR / _free_name(r.id, root / RETIRED_DIR)
         dest.parent.mkdir(exist_ok=True)
         r.path.rename(dest)
         moved.append(r.id)

@@ -1656,6 +1656,11 @@ def test_retrain_trains_done_configs_again_and_keeps_the_old_runs_aside(setup, c
     assert json.loads(capsys.readouterr().out)["skipped"] == [new.id]  # done again, once
     with pytest.raises(RunError, match=f"run '{old.id}' was moved to .*retrained by `fit --retrain`"):
         load_run(runs_dir, old.id)  # `runs show OLD` / `predict --run OLD` said "no run"
+    shutil.copytree(runs_dir / RETIRED_DIR / old.id, runs_dir / old.id)  # moved back by hand
+    assert cli(_fit_cmd(root, cache_dir, runs_dir, *knn, "--retrain", "--json")) == 0
+    assert sorted(json.loads(capsys.readouterr().out)["retired"]) == sorted([old.id, new.id])
+    assert (runs_dir / RETIRED_DIR / f"{old.id}-2" / "run.json").is_file()  # the first one is kept
+    assert (runs_dir / RETIRED_DIR / old.id / "run.json").is_file()
 
 
 def test_a_pad_cache_made_before_full_size_boxes_does_not_block_fit(tmp_path: Path) -> None:
