@@ -1441,7 +1441,7 @@ def _selection_record(
 ) -> dict:
     return {
         "method": method,
-        "group_by": "patient",
+        "group_by": _grouped_by(ctx),
         "stratified": True,
         "seed": ctx.opts.seed,
         "refit": ctx.refit,
@@ -1455,6 +1455,15 @@ def _selection_record(
         "test_used_for_selection": False,
         **extra,
     }
+
+
+def _grouped_by(ctx: _Ctx) -> str:
+    """What the folds and the hold-out kept together, as the records have it: "patient" only where every
+    image has a patient id (an image without one is grouped by its file name, which is not a patient)."""
+    with_ids = sum(r.has_patient_id for r in ctx.records)
+    if with_ids == len(ctx.records):
+        return "patient"
+    return "file name" if with_ids == 0 else "patient, else file name"
 
 
 def _cv_hash(common: dict, configs: list[dict]) -> str:

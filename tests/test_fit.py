@@ -835,7 +835,8 @@ def test_prediction_csvs_are_utf8_whatever_the_file_names(tmp_path: Path) -> Non
 
 def test_prediction_csvs_hold_the_exact_probabilities_and_patient_ids_are_counted(setup, tmp_path) -> None:
     """The report recomputes metrics from the CSVs: rounded probabilities made false ties and another AUC.
-    run.json counts the images that have a real patient id (0 for names without one)."""
+    run.json counts the images that have a real patient id (0 for names without one), and says what the
+    selection grouped by."""
     from sklearn.metrics import roc_auc_score
 
     root, cache_dir, runs_dir = setup
@@ -845,6 +846,7 @@ def test_prediction_csvs_hold_the_exact_probabilities_and_patient_ids_are_counte
     auc = roc_auc_score([int(r["y_true"]) for r in rows], [float(r["p_PNEUMONIA"]) for r in rows])
     assert auc == run.metrics()["test"]["auc"]
     assert run["dataset"]["patient_ids"] == run["dataset"]["n_images"]
+    assert run["selection"]["group_by"] == "patient"
     # the chosen threshold is no validation image's probability: recomputing one in the last digits (as
     # predict does) cannot flip its label
     val = [float(r["p_PNEUMONIA"]) for r in run.predictions("val")]
@@ -856,7 +858,9 @@ def test_prediction_csvs_hold_the_exact_probabilities_and_patient_ids_are_counte
         write_xray(plain / "train" / "dogs" / f"d{i}.png", 10 + i, 16)
     write_cache(plain, tmp_path / "plain_cache")
     res = fit(plain, "fakenet", "knn", opts(tmp_path / "plain_cache", runs_dir, task="folders", cv_folds=2))
-    assert load_run(runs_dir, res.runs[0].id)["dataset"]["patient_ids"] == 0
+    plain_run = load_run(runs_dir, res.runs[0].id)
+    assert plain_run["dataset"]["patient_ids"] == 0
+    assert plain_run["selection"]["group_by"] == "file name"  # it said "patient" (Provenance printed it)
 
 
 def test_a_dataset_changed_in_place_is_trained_anew(setup) -> None:
