@@ -429,7 +429,7 @@ class MLPHead:
                 finish(idx[j], KerasHead(model, n_classes, trainer_info), hist)
 
             jobs.append(FusedJob([ps[i] for i in idx], [seed + i for i in idx], member_done, keep,
-                                 lineage[idx[0]][0], [lineage[i][1] for i in idx]))
+                                 lineage[idx[0]][0], [lineage[i][1] for i in idx], dropout_seed=seed))
 
         def build(p: dict, s: int) -> Any:
             return build_model(p, d, n_classes, s)

@@ -185,6 +185,8 @@ class MemberRecord:
 class _Member(MemberRecord):
     """A member of the TensorFlow trainer: its own variables and Adam moments."""
 
+    salt = 0  # the grid's --seed in its dropout masks (``FusedJob.dropout_seed``), set by ``fused_train``
+
     def __init__(self, p: dict, model: Any, seed: int, index: int, key: int | None = None):
         import tensorflow as tf
 
@@ -218,7 +220,9 @@ def _forward(mb: _Member, x: Any, compute: Any, training: bool, seed: Any) -> An
     for i in range(n_hidden):
         z = mb.act(dense(h, i))
         if training and rate > 0:
-            key = tf.stack([seed, mb.key * 1000 + i])
+            # int64: the salt (< 2**31) times 2**31 fits; equal values draw equal masks in either dtype
+            key = tf.stack([tf.cast(seed, tf.int64),
+                            tf.constant(mb.key * 1000 + i + mb.salt * 2**31, tf.int64)])
             keep = tf.random.stateless_uniform(tf.shape(z), seed=key) >= rate
             z = tf.where(keep, z / (1.0 - rate), 0.0)
         h = tf.cast(z, compute)
@@ -306,7 +310,10 @@ class FusedJob(NamedTuple):
     """One fused chunk for a trainer: its configs, their seeds, the callback for each finished member
     (with its index, model, history and resumed epoch), the positions to train (``only``, see
     ``group_setup``) and where the chunk's randomness comes from: ``stream_seed`` seeds its minibatch
-    stream (default ``seeds[0]``) and ``keys`` are its members' dropout identities (default positions).
+    stream (default ``seeds[0]``) and ``keys`` are its members' dropout identities (default positions);
+    ``dropout_seed`` (the grid's --seed) salts the TensorFlow trainer's dropout masks, which it left out (a
+    new --seed drew the same masks; the JAX trainer draws its masks from the stream seed already). Seed 0
+    draws the masks it always drew.
 
     ``MLPHead.train_many`` gives every chunk of a batch-size group the group's first seed and each member
     its position in the group: how a machine splits a group into chunks (by its cache size on a CPU, one
@@ -318,6 +325,7 @@ class FusedJob(NamedTuple):
     only: Sequence[int] | None = None
     stream_seed: int | None = None
     keys: Sequence[int] | None = None
+    dropout_seed: int = 0
 
     def stream(self) -> int:
         """The seed of the chunk's minibatch stream."""
@@ -326,7 +334,8 @@ class FusedJob(NamedTuple):
     def key_fields(self) -> dict:
         """What a checkpoint of this chunk must have been written for (beside precision and data)."""
         return {"ps": self.ps, "seeds": self.seeds, "stream_seed": self.stream(),
-                "keys": None if self.keys is None else [int(k) for k in self.keys]}
+                "keys": None if self.keys is None else [int(k) for k in self.keys],
+                **({"dropout_seed": int(self.dropout_seed)} if self.dropout_seed else {})}
 
 
 def group_setup(ytr: np.ndarray, ps: list[dict], n_classes: int, seeds: list[int],
@@ -368,6 +377,8 @@ def fused_train(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarr
 
     precision = resolve_precision(precision)
     batch, members, sw = group_setup(ytr, job.ps, n_classes, job.seeds, build, _Member, job.only, job.keys)
+    for mb in members:
+        mb.salt = int(job.dropout_seed)
     rng = np.random.default_rng(job.stream())
     n = len(ytr)
     xtr_t, ytr_t = tf.constant(np.asarray(Xtr, np.float32)), tf.constant(np.asarray(ytr, np.int32))
