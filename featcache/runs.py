@@ -221,12 +221,20 @@ ENV_VARIABLES = ("KERAS_BACKEND", "TF_ENABLE_ONEDNN_OPTS", "OMP_NUM_THREADS", "O
 
 def replay_command(info: dict) -> str:
     """A run's command as one shell line that reruns it: the recorded variables in front (a precision set
-    by $FEATCACHE_MLP_PRECISION, or BLAS threads, are in no flag, yet they move the numbers), and ``cd``
+    by $FEATCACHE_MLP_PRECISION, or BLAS threads, are in no flag, yet they move the numbers; the Keras
+    backend of an mlp or `run` even when keras.json chose it), and ``cd``
     into its working folder first (the command's relative paths are relative to it). "" when none."""
     cmd = info.get("command")
     text = shlex.join(map(str, cmd)) if isinstance(cmd, list) else str(cmd or "")
     env = info.get("environment") if isinstance(info.get("environment"), dict) else {}
-    variables = env.get("variables") if isinstance(env.get("variables"), dict) else {}
+    variables = dict(env.get("variables")) if isinstance(env.get("variables"), dict) else {}
+    backend = env.get("keras_backend")
+    extracts = isinstance(cmd, list) and len(cmd) > 1 and str(cmd[1]) in ("run", "demo")
+    computes = info.get("head") == "mlp" or extracts
+    if backend and "KERAS_BACKEND" not in variables and computes:
+        # Keras also takes its backend from keras.json, which the replaying machine may not share, and a
+        # dense head's (or a run's extraction's) numbers depend on it
+        variables["KERAS_BACKEND"] = str(backend)
     if text and variables:
         text = " ".join(f"{k}={shlex.quote(str(v))}" for k, v in sorted(variables.items())) + " " + text
     if text and env.get("cwd"):

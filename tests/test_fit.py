@@ -569,6 +569,23 @@ def test_runs_ls_orders_runs_of_one_second_by_their_place_in_the_grid(setup, cap
     assert [r["id"] for r in json.loads(capsys.readouterr().out)] == ["c-first", "b-second", "a-third"]
 
 
+def test_the_replay_command_names_the_keras_backend_keras_json_chose() -> None:
+    """An mlp trained on the backend keras.json chose (no $KERAS_BACKEND) replayed as a bare command, which
+    trained on the replaying machine's backend: other numbers, other run ids (a reproducibility audit).
+    A logistic-regression fit's numbers do not depend on it, and a variable set already is not repeated."""
+    from featcache.runs import replay_command
+
+    env = {"cwd": "/w", "keras_backend": "jax", "variables": {}}
+    mlp = {"head": "mlp", "command": ["featcache", "fit", "--head", "mlp"], "environment": env}
+    assert replay_command(mlp) == "cd /w && KERAS_BACKEND=jax featcache fit --head mlp"
+    logreg = {**mlp, "head": "logreg", "command": ["featcache", "fit", "--head", "logreg"]}
+    assert replay_command(logreg) == "cd /w && featcache fit --head logreg"
+    extracted = {**logreg, "command": ["featcache", "run", "--head", "logreg"]}  # its features too
+    assert replay_command(extracted) == "cd /w && KERAS_BACKEND=jax featcache run --head logreg"
+    given = {**mlp, "environment": {**env, "variables": {"KERAS_BACKEND": "jax"}}}
+    assert replay_command(given).count("KERAS_BACKEND") == 1
+
+
 def test_run_json_records_the_command_as_typed(setup, capsys, monkeypatch) -> None:
     """run.json's command was rebuilt from the parsed options: flags in declaration order, defaults left out,
     so `runs show` printed a command the user never typed. It is now the argv as typed, shell-quoted."""
@@ -1225,6 +1242,7 @@ def test_a_run_records_what_its_numbers_depend_on(setup, tmp_path, monkeypatch) 
     from featcache.runs import replay_command
 
     assert "FEATCACHE_MLP_PRECISION=float32 " in replay_command(res.runs[0].info)
+    assert f"KERAS_BACKEND={keras_backend(load=True)} " in replay_command(res.runs[0].info)
     monkeypatch.delenv("FEATCACHE_MLP_PRECISION")
     cache = run["caches"][0]
     assert len(cache["features_digest"]) == 64 and "numpy" in cache["extracted_with"]
