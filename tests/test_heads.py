@@ -682,6 +682,32 @@ def test_fused_float32_matches_model_fit_step_for_step():
             np.testing.assert_allclose(w, w_ref, atol=2e-5)
 
 
+def test_keras_floatx_float64_does_not_change_what_an_mlp_trains():
+    """"floatx": "float64" in keras.json built float64 heads with other initial weights and other numbers,
+    recorded as float32 under the same run id (a reproducibility audit). Heads now train at float32 whatever
+    floatx says, by model.fit and fused alike, and the user's floatx is put back."""
+    import keras
+
+    X, y = separable(120, 16, shift=0.8)
+    head = get_head("mlp")
+    cfg = {"layers": (8,), "epochs": 2, "batch_size": 40}
+    grid = [cfg, {**cfg, "lr": 0.01}]
+
+    def trained() -> list[np.ndarray]:
+        one, _ = head.train(X[:90], y[:90], X[90:], y[90:], cfg, seed=1)
+        many = head.train_many(X[:90], y[:90], X[90:], y[90:], grid, seed=1, fuse=True, precision="float32")
+        return [w for m in (one, *(f for f, _ in many)) for w in m.model.get_weights()]
+
+    want = trained()
+    keras.config.set_floatx("float64")
+    try:
+        got = trained()
+        assert keras.config.floatx() == "float64"
+    finally:
+        keras.config.set_floatx("float32")
+    assert all(g.dtype == np.float32 and np.array_equal(g, w) for g, w in zip(got, want, strict=True))
+
+
 def test_the_tensorflow_trainers_dropout_masks_follow_the_seed():
     """--seed did not reach the fused TensorFlow trainer's dropout masks (their key was the step and the
     member's position): with the initial weights and the minibatch stream held, seed 0 and seed 1 trained

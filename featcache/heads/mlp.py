@@ -11,6 +11,7 @@ how it was trained in ``KerasHead.trainer`` (recorded in run.json).
 """
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
@@ -288,6 +289,30 @@ def _progress_callback(progress: ProgressFn | None, total: int) -> Any:
     return _P()
 
 
+def _in_float32(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``method`` with Keras' floatx at float32, then put the user's back.
+
+    Why: ``"floatx": "float64"`` in keras.json built float64 heads (other initial weights, other numbers)
+    that run.json recorded as float32 under the same run id, and a rerun at float32 then skipped them as
+    done. A head's precision is featcache's (``--mlp-precision``), not a global Keras setting.
+    """
+
+    @functools.wraps(method)
+    def in_float32(*args: Any, **kwargs: Any) -> Any:
+        import keras
+
+        before = keras.config.floatx()
+        if before == "float32":
+            return method(*args, **kwargs)
+        keras.config.set_floatx("float32")
+        try:
+            return method(*args, **kwargs)
+        finally:
+            keras.config.set_floatx(before)
+
+    return in_float32
+
+
 class MLPHead:
     """``mlp``: Keras dense head selected on a grouped hold-out fraction."""
 
@@ -307,6 +332,7 @@ class MLPHead:
         p = _params(params)
         return {**p, "layers": list(p["layers"])}
 
+    @_in_float32
     def train(self, Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarray, params: dict, *,
               seed: int = 0, progress: ProgressFn | None = None,
               lr_per_epoch: Sequence[float] | None = None) -> tuple[KerasHead, dict]:
@@ -344,6 +370,7 @@ class MLPHead:
                    "val_accuracy": h["val_" + acc], "lr": record.get("lr", [])}
         return KerasHead(model, n_classes), {k: [float(v) for v in vals] for k, vals in history.items()}
 
+    @_in_float32
     def train_many(self, Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarray,
                    configs: list[dict], *, seed: int = 0, progress: ProgressFn | None = None,
                    on_result: Callable[[int, KerasHead, dict], None] | None = None,
