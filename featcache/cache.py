@@ -331,8 +331,24 @@ def _open_h5(path: Path, mode: str, **kwargs: Any):
     try:
         return h5py.File(path, mode, locking=False, **kwargs)
     except (OSError, ValueError) as exc:
+        refused = _access_refused(exc)
+        if refused is not None and mode != "r":
+            # a read-only file (a shared or backed-up cache) is not a damaged one: "delete it" would throw
+            # good rows away; an OSError lets extract use a complete read-only cache and say what was refused
+            raise PermissionError(refused, os.strerror(refused), os.fsdecode(path)) from exc
+        if refused is not None:
+            raise CacheError(f"cache file {path} cannot be read ({os.strerror(refused)}); give this user "
+                             "read access to it (the file is not known to be damaged)") from exc
         raise CacheError(f"cache file {path} is not a readable HDF5 file (truncated or corrupt); delete it "
                          "or move it away and run the extraction again") from exc
+
+
+def _access_refused(exc: BaseException) -> int | None:
+    """The errno of an open refused by permissions or a read-only file system (h5py gives it in the text
+    as ``errno = 13``), else None."""
+    found = re.search(r"errno = (\d+)", str(exc))
+    code = int(found.group(1)) if found else getattr(exc, "errno", None)
+    return code if code in (errno.EACCES, errno.EPERM, errno.EROFS) else None
 
 
 def _refuse_folder(path: Path) -> None:

@@ -242,6 +242,34 @@ def test_a_complete_cache_that_cannot_be_written_to_is_used_read_only(tmp_path: 
         extract(discover(root), BB, tmp_path / "c", ExtractOptions())
 
 
+def test_a_read_only_cache_file_is_not_called_corrupt(tmp_path: Path, monkeypatch, capsys):
+    """A cache file we may not write to (the folder and its lock file writable; simulated, as root ignores
+    permissions: h5py refuses "r+" as it does) was "not a readable HDF5 file (truncated or corrupt); delete
+    it", and fit sent the user back to that extract: a circle ending in 97 good rows deleted (a cache
+    audit). Complete, it is used read-only; with a row to add, the refusal is the operating system's."""
+    import h5py
+
+    root = make_kermany_tree(tmp_path / "data", n_normal=2, n_pneu=2, splits=("train",))
+    ds = discover(root)
+    first = extract(ds, BB, tmp_path / "c", ExtractOptions())
+    real = h5py.File
+
+    def no_write(name, mode="r", *a, **k):
+        if mode != "r":
+            raise OSError(13, f"Unable to synchronously open file (unable to open file: name = '{name}', "
+                              "errno = 13, error message = 'Permission denied', flags = 1, o_flags = 2)")
+        return real(name, mode, *a, **k)
+
+    monkeypatch.setattr(h5py, "File", no_write)
+    again = extract(ds, BB, tmp_path / "c", ExtractOptions())
+    assert (again.rows_computed, again.rows_reused) == (0, 4)
+    write_xray(root / "train" / "NORMAL" / "IM-0950-0001.jpeg", 950, 32)
+    argv = ["extract", "--data", str(root), *CLI_BB, "--cache-dir", str(tmp_path / "c")]
+    assert run(argv) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "Permission denied" in err and str(first.cache_path) in err and "corrupt" not in err
+
+
 def test_bad_corpus_end_to_end(tmp_path: Path):
     """Every file of the generated bad corpus is cached or skipped as expected; exit 0 (2 with --strict)."""
     expected = make_bad_corpus(tmp_path / "bad")
