@@ -1217,8 +1217,9 @@ def _verify_open(f, path: Path, result: dict, progress: ProgressFn | None) -> No
     if not np.isin(valid, (0, 1)).all():
         problems.append("the valid column holds values other than 0 and 1")
     if valid[n:].any():
-        problems.append(f"valid flags are not a prefix: {int(valid[n:].sum())} rows after row {n} are marked "
-                        "valid behind an incomplete row")
+        behind = int(np.count_nonzero(valid[n:]))  # rows, not the sum of flags (a damaged flag is not 1)
+        problems.append(f"valid flags are not a prefix: {behind} rows after row {n} are marked valid behind "
+                        "an incomplete row")
     n_rows_attr = _from_attr(f.attrs.get("n_rows", 0))
     if isinstance(n_rows_attr, int) and n_rows_attr > n:
         problems.append(f"attribute n_rows says {n_rows_attr} rows but only {n} rows are valid")
@@ -1444,6 +1445,9 @@ def _merge(shards: list[Path], out: Path | None, wait: float | None, progress: P
                         emit(progress, "merge", done, total)
                     n_rows = writer.n_valid
         found = {parse_cache_name(s)["shard"] for s in shards if parse_cache_name(s)}
+        with CacheReader(out) as merged:  # shards merged into it before count too (one merge per shard)
+            found |= {parse_cache_name(Path(str(s["merged_from"])))["shard"] for s in merged.sessions
+                      if s.get("merged_from") and parse_cache_name(Path(str(s["merged_from"])))}
         found.discard(None)
         missing: list[int] = []
         counts = sorted({n for _, n in found})

@@ -620,8 +620,10 @@ def test_verify_detects_duplicates_and_broken_prefix(good_file: Path) -> None:
     assert problems == ["1 duplicate (key, view) rows (first: rows 0 and 1)"]
     with h5py.File(good_file, "r+") as f:
         f["valid"][1] = 0
+        f["valid"][2] = 84  # a damaged flag: a row, not 84 rows (verify summed the flags)
     result = fc.verify(good_file)
-    assert any("not a prefix" in p for p in result["problems"]) and result["n_rows"] == 1
+    assert "valid flags are not a prefix: 22 rows after row 1 are marked valid behind an incomplete row" in \
+        result["problems"] and result["n_rows"] == 1
     with fc.CacheReader(good_file) as r:
         assert r.n_rows == 1
 
@@ -660,6 +662,13 @@ def test_merge_shards(tmp_path: Path) -> None:
     assert result["n_rows"] == 52 and result["rows_added"] == 52 and result["duplicates"] == 10
     assert result["missing_shards"] == [2]
     assert fc.verify(out)["ok"]
+    # shards merged one command at a time: those in the file already are not missing (a cache audit: the
+    # last merge warned "incomplete" about a complete cache)
+    s2 = fc.cache_path(tmp_path, cfg, shard=(2, 3))
+    write_all(s2, ROOT, 2, 4, DIM, ("orig", "hflip"), start=30)
+    by_one = tmp_path / "by_one.h5"
+    assert fc.merge([s0], by_one)["missing_shards"] == [1, 2]
+    assert fc.merge([s1, s2], by_one)["missing_shards"] == []
     rows = make_rows(26, DIM, ("orig", "hflip"))
     with fc.CacheReader(out) as r:
         for view in ("orig", "hflip"):
