@@ -476,7 +476,10 @@ class CacheWriter:
         self.n_valid = _valid_prefix(valid)
         self._first_row = self.n_valid  # this writer's rows start here (its session's first_row)
         self.capacity = int(valid.shape[0])
-        if valid[self.n_valid:].any():  # stale flags past a gap: those slots are free, clear them first
+        # rows marked valid behind an invalid one: no writer leaves them (rows become valid in order), so a
+        # flag was damaged; their slots are free from here (cleared first), and extract says how many
+        self.cleared_rows = int(np.count_nonzero(valid[self.n_valid:]))
+        if self.cleared_rows:
             f["valid"][self.n_valid:] = 0
             self._flush()
         keys = _decode(f["keys"][: self.n_valid])

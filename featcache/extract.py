@@ -462,6 +462,10 @@ def _extract_built(bb: Backbone, dataset: Dataset, cache_dir: Path, options: Ext
         rows_reused = len(keys) * len(views) - sum(len(it.views) for it in undecodable)
     else:
         with writer_cm as writer:
+            if writer.cleared_rows:
+                notes.append(f"{writer.cleared_rows} row(s) of {path.name} were marked valid behind row "
+                             f"{writer.n_valid}, which was not (a damaged valid flag): they are not trusted, "
+                             "and those of these images were computed again")
             damaged = writer.damaged(_reused(writer.present(), keys, views))
             if damaged:  # a reused row must be the one written: compute changed ones again, in their place
                 writer.redo(damaged)

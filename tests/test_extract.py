@@ -655,6 +655,25 @@ def test_a_damaged_twin_row_is_computed_not_copied(tree: Path, tmp_path: Path, r
             _close(rows[kv], want)  # none of the damaged row's values arrived
 
 
+def test_rows_behind_a_damaged_valid_flag_are_computed_again_with_a_note(tree: Path, tmp_path: Path,
+                                                                         reference):
+    """A damaged valid flag (a byte of 84 at row 5) cleared every row behind it, which were then computed
+    again with no word: 90 rows silently redone (a cache audit). The rerun now says so."""
+    import h5py
+
+    first = extract(discover(tree), BB, tmp_path / "c", ExtractOptions(batch_size=8))
+    with h5py.File(first.cache_path, "r+") as f:
+        f["valid"][5] = 84
+    again = extract(discover(tree), BB, tmp_path / "c", ExtractOptions(batch_size=8))
+    assert (again.rows_reused, again.rows_computed) == (5, 19)
+    assert any(n.startswith(f"19 row(s) of {first.cache_path.name} were marked valid behind row 5")
+               for n in again.notes)
+    rows = _rows(again.cache_path)
+    for kv, want in reference.items():
+        if kv[1] == "orig":
+            _close(rows[kv], want)
+
+
 def test_rows_are_copied_in_the_sources_row_order() -> None:
     """Blocks of rows scattered over a source file each read the whole span between their rows: copying
     a source ordered otherwise (extracted split by split, merged shards) read 2 GB of a 64 MB file."""
