@@ -52,6 +52,10 @@ def ls_cmd(
         from featcache.errors import ConfigError
 
         raise ConfigError(f"--cache-dir {cache_dir} does not exist.")
+    if cache_dir.exists() and not cache_dir.is_dir():  # "no cache files in it" would send to extract, which
+        from featcache.errors import ConfigError  # refuses a file as --cache-dir
+
+        raise ConfigError(f"--cache-dir {cache_dir} is a file, not a folder.")
     entries = []
     for path in sorted(cache_dir.glob("*.h5")) if cache_dir.is_dir() else []:
         try:
@@ -152,7 +156,8 @@ def _session_lines(sessions: list[dict], n_rows: int) -> list[str]:
         when = s.get("started", "?")
         if s.get("extracted"):  # merged or copied: when the rows were computed, then when they came here
             when = f"extracted {s['extracted']}, {'merged' if merged else 'copied'} {when}"
-        out.append(f"rows {lo}-{hi - 1}: {', '.join(how)} ({when})")
+        rows = f"rows {lo}-{hi - 1}" if hi > lo else f"no rows yet (from row {lo})"  # killed before any
+        out.append(f"{rows}: {', '.join(how)} ({when})")
     return out
 
 

@@ -357,6 +357,13 @@ def _refuse_folder(path: Path) -> None:
         raise CacheError(f"cache file {path} is a folder; move it away or choose another --cache-dir")
 
 
+def _refuse_given_folder(path: Path, verb: str) -> None:
+    """A folder given where a cache file is wanted (`cache verify`, `cache info`): what to pass instead."""
+    if path.is_dir():
+        raise CacheError(f"{path} is a folder, not a cache file; pass the .h5 files to {verb} "
+                         f"(`featcache cache ls --cache-dir {shlex.quote(os.fsdecode(path))}` lists them)")
+
+
 def _read_config(f, path: Path) -> dict:
     fmt = _from_attr(f.attrs.get("featcache_format", 0))
     if "config_json" not in f.attrs or not fmt:
@@ -1141,6 +1148,7 @@ def _same_setting(have: Any, want: Any) -> bool:
 def info(path: Path) -> dict:
     """Settings, row counts, views and size on disk of one cache file (CacheError if unreadable)."""
     path = Path(path)
+    _refuse_given_folder(path, "describe")  # not "choose another --cache-dir": `cache info` has none
     with CacheReader(path) as reader:
         f = reader._f
         counts: dict[str, int] = {}
@@ -1176,9 +1184,7 @@ def verify(path: Path, progress: ProgressFn | None = None) -> dict:
     if not path.exists():
         raise CacheError(f"cache file {path} does not exist; check the path (`featcache cache ls` lists "
                          "caches)")
-    if path.is_dir():
-        raise CacheError(f"{path} is a folder, not a cache file; pass the .h5 files to check "
-                         f"(`featcache cache ls --cache-dir {shlex.quote(os.fsdecode(path))}` lists them)")
+    _refuse_given_folder(path, "check")
     result: dict[str, Any] = {"path": str(path), "ok": False, "problems": [], "warnings": [], "n_rows": 0,
                               "capacity": 0}
     try:

@@ -737,6 +737,18 @@ def test_cli_ls_info_json_and_escaping(tmp_path: Path, capsys: pytest.CaptureFix
     assert "No cache files" in capsys.readouterr().out
     assert run(["cache", "ls", "--cache-dir", str(tmp_path / "none")]) == 2  # a typo is not an empty folder
     assert f"--cache-dir {tmp_path / 'none'} does not exist" in " ".join(capsys.readouterr().err.split())
+    # from a cache audit: a file as --cache-dir was "No cache files" (extract refuses it), `cache info` of a
+    # folder advised "choose another --cache-dir" (it has none), a file killed before its first row had
+    # "rows 0--1"
+    assert run(["cache", "ls", "--cache-dir", str(path)]) == 2
+    assert f"--cache-dir {path} is a file, not a folder" in " ".join(capsys.readouterr().err.split())
+    assert run(["cache", "info", str(tmp_path / "empty")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "is a folder, not a cache file; pass the .h5 files to describe" in err and "another" not in err
+    from featcache.cli.cache_cmd import _session_lines
+
+    killed = {"first_row": 0, "batch_size": 8, "versions": {"backend": "tensorflow"}, "started": "t"}
+    assert _session_lines([killed], 0) == ["no rows yet (from row 0): tensorflow backend, batch 8 (t)"]
 
 
 def test_cli_verify_exit_codes(good_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
