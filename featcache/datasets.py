@@ -62,6 +62,19 @@ def is_im_name(relpath: str) -> bool:
     return bool(_IM_RE.match(_COPY_SUFFIX_RE.sub("", Path(relpath.replace("\\", "/")).stem)))
 
 
+def im_numbers_under_both_prefixes(relpaths: Iterable[str]) -> int:
+    """How many numbers k name both an IM-k and a NORMAL2-IM-k (any ``NORMAL<d>-`` prefix) file among
+    ``relpaths``: the images the report's patient assumption (``is_im_name``) is about, counted on the
+    data in hand rather than quoted from the official training folder."""
+    prefixes: dict[str, set[str]] = {}
+    for rel in relpaths:
+        m = _IM_RE.match(_COPY_SUFFIX_RE.sub("", Path(rel.replace("\\", "/")).stem))
+        if m:
+            prefix, _, number = m.group(1).upper().rpartition("IM-")
+            prefixes.setdefault(str(int(number)), set()).add(prefix)
+    return sum(1 for seen in prefixes.values() if "" in seen and len(seen) > 1)
+
+
 def skip_entries(skipped: Iterable[tuple[str, str]]) -> list[dict[str, str]]:
     """(path, reason) pairs as ``{"path", "reason"}`` objects: the one shape every ``--json`` output lists
     skipped or left-out files in (extract, data inspect, fit, predict, run), so a script reads them all

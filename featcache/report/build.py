@@ -1344,19 +1344,22 @@ def _threshold_transfer_text(runs: Sequence[RunRecord]) -> str:
 def _patient_naming_text(runs: Sequence[RunRecord]) -> str:
     """The one patient-grouping assumption featcache cannot check: Kermany's IM-k and NORMAL2-IM-k are
     taken as different patients (datasets._IM_RE), though 211 numbers occur under both prefixes."""
-    from featcache.datasets import is_im_name
+    from featcache.datasets import im_numbers_under_both_prefixes, is_im_name
 
-    def named(r: RunRecord) -> bool:
-        preds = [p for p in (r.val, r.test) if p is not None]
-        return any(is_im_name(path) for p in preds for path in p.relpaths)
+    def paths(r: RunRecord) -> list[str]:
+        return [path for p in (r.val, r.test) if p is not None for path in p.relpaths]
 
-    if not any((r.run.get("dataset") or {}).get("layout") == "kermany" and named(r) for r in runs):
+    kermany = [r for r in runs if (r.run.get("dataset") or {}).get("layout") == "kermany"
+               and any(is_im_name(path) for path in paths(r))]
+    if not kermany:
         return ""
+    both = im_numbers_under_both_prefixes({path for r in kermany for path in paths(r)})
     return ("Patients were identified from Kermany file names (person447, IM-0115, NORMAL2-IM-1427), and "
-            "IM-k and NORMAL2-IM-k were taken as different patients: an assumption, since 211 numbers k "
-            "occur under both prefixes in the training NORMAL folder and a pixel comparison neither "
-            "confirmed nor ruled out that they are the same people (were they, patient-grouped selection "
-            "could put one person on both sides). ")
+            "IM-k and NORMAL2-IM-k were taken as different patients: an assumption. Among these runs' "
+            f"validation and test images {both} number(s) k occur under both prefixes; in the official "
+            "training NORMAL folder 211 do, and a pixel comparison there neither confirmed nor ruled out "
+            "that they are the same people (were they, patient-grouped selection could put one person on "
+            "both sides). ")
 
 
 _UNSTATED_SETTINGS = {"verbose", "n_jobs", "random_state"}  # no effect on the numbers, or the seed (said)
