@@ -203,7 +203,7 @@ def show_cmd(
     """
     from featcache.cli.fit_cmd import fmt, params_text
 
-    from featcache.runs import describe_trainer, load_run, replay_command, run_problems
+    from featcache.runs import describe_trainer, load_run, replay_command, run_problems, training_settings
 
     run = load_run(runs_dir, run_id)
     info, metrics = run.info, run.metrics()
@@ -228,6 +228,8 @@ def show_cmd(
         ("command", replay_command(info) or "-"),
         ("head / task", f"{info.get('head')} / {info.get('task')} ({', '.join(info.get('classes') or [])})"),
         ("params", params_text(info.get("params") or {})),
+        *([("setup", ", ".join(f"{k}={v}" for k, v in training_settings(info).items()))]
+          if training_settings(info) else []),
         *([("grid position", f"config {info['grid']['index'] + 1} of {info['grid']['size']} (its seed, "
                              "minibatches and dropout come from its place)")]
           if isinstance(info.get("grid"), dict) and isinstance(info["grid"].get("index"), int) else []),

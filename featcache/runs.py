@@ -777,6 +777,31 @@ def _describe_one(t: dict, *, detail: bool) -> str:
     return text
 
 
+def training_settings(run: dict) -> dict[str, str]:
+    """The settings besides the head's params that shape what it trained on and how it was scored, where
+    not the default: --balance, --train-views, --aug-views (oversampling) and --tta views.
+
+    Why: three logreg runs, plain, undersampled and trained on flipped copies too, each read "C=1,
+    class_weight=None" in every table and in `runs show`, with different numbers (a reproducibility audit).
+    """
+    out: dict[str, str] = {}
+    balance = run.get("balance")
+    if isinstance(balance, str) and balance not in ("", "none"):
+        out["balance"] = balance
+
+    def views(key: str) -> list[str]:
+        value = run.get(key)
+        return [str(v) for v in value] if isinstance(value, list) else []
+
+    if views("train_views") not in ([], ["orig"]):
+        out["train_views"] = "+".join(views("train_views"))
+    if views("aug_views"):
+        out["aug_views"] = "+".join(views("aug_views"))
+    if run.get("tta") and views("tta_views"):
+        out["tta"] = "+".join(["orig", *views("tta_views")])
+    return out
+
+
 # what a test bootstrap resampled (fit's "resampled" value) -> (short words, words for a report's prose)
 _RESAMPLED_WORDS = {
     "patients": ("patients", "test patients (all images of a patient together)"),

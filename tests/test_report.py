@@ -1458,6 +1458,33 @@ def _methods_md(runs: Path, out: Path) -> str:
     return text[text.index("## Methods"):text.index("## Provenance")]
 
 
+def test_balance_and_train_views_are_shown_beside_the_config(tmp_path, capsys):
+    """Three logreg runs, plain, undersampled and trained on flipped copies too, each read "C=1,
+    class_weight=None" in every table, in `runs show` and in Methods, with different numbers (a
+    reproducibility audit): the settings now follow the config, and Methods counts them."""
+    from featcache.cli.app import run as cli
+
+    runs = tmp_path / "runs"
+    setups = [{}, {"balance": "undersample"}, {"train_views": ["orig", "hflip"]}]
+    for i, extra in enumerate(setups):
+        folder = write_fake_run(runs, f"2024010{i + 1}-000000-logreg-0000000{i}", params={"C": 1.0}, seed=i)
+        info = json.loads((folder / "run.json").read_text())
+        info.update({"balance": "none", "train_views": ["orig"], "aug_views": [], **extra})
+        (folder / "run.json").write_text(json.dumps(info))
+    build_report(runs, tmp_path / "out", ReportOptions(detail=0))
+    board = {r["run_id"]: r for r in json.loads((tmp_path / "out" / "leaderboard.json").read_text())["runs"]}
+    assert board["20240101-000000-logreg-00000000"]["config"] == "C=1"
+    assert board["20240102-000000-logreg-00000001"]["config"] == "C=1, balance=undersample"
+    assert board["20240103-000000-logreg-00000002"]["training"] == {"train_views": "orig+hflip"}
+    methods = _methods_md(runs, tmp_path / "md")
+    assert ("balance=undersample (each training set's larger classes cut at random to the smallest class) "
+            "in 1 of 3 run(s)") in methods
+    assert "train\\_views=orig+hflip (each training image also seen as its cached orig, hflip views)" in \
+        methods
+    assert cli(["runs", "show", "20240102-000000-logreg-00000001", "--runs-dir", str(runs)]) == 0
+    assert "balance=undersample" in capsys.readouterr().out
+
+
 def test_tta_runs_say_they_were_chosen_on_one_view_and_reported_on_the_average(tmp_path):
     """fit's CV search and an mlp's early stopping score the orig view only, while the predictions, threshold
     and ranking average the TTA views: the Methods never said so."""

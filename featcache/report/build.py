@@ -45,7 +45,14 @@ from featcache.report.scores import (
     paired_difference,
     per_class,
 )
-from featcache.runs import describe_trainer, format_value, grid_index, replay_command, resampled_words
+from featcache.runs import (
+    describe_trainer,
+    format_value,
+    grid_index,
+    replay_command,
+    resampled_words,
+    training_settings,
+)
 
 OVERSTATE_NOTE = (
     "validation accuracy on this dataset overstates test accuracy. The official Kermany test split differs "
@@ -1297,6 +1304,41 @@ def _selection_of(run: RunRecord) -> dict:
     return run.run["selection"] if isinstance(run.run.get("selection"), dict) else {}
 
 
+_SETUP_WORDS = {
+    "balance=undersample": "each training set's larger classes cut at random to the smallest class",
+    "balance=undersample-subtypes": "each training set's Kermany subtypes (normal, bacteria, virus) cut at "
+                                    "random to the smallest",
+    "balance=oversample": "each training set's smaller classes topped up with cached augmented views",
+}
+
+
+def _training_setup_text(runs: Sequence[RunRecord]) -> str:
+    """What some runs trained on besides their configs (--balance, --train-views, --aug-views), counted.
+
+    Why: a run trained on an undersampled set or on flipped copies too read like a plain one in every table
+    and in Methods ("one model per config, trained on the rest"), with other numbers. Validation and test
+    images are never resampled; TTA has its own sentence (``_tta_text``).
+    """
+    counts: dict[str, int] = {}
+    for r in runs:
+        for k, v in training_settings(r.run).items():
+            if k != "tta":
+                counts[f"{k}={v}"] = counts.get(f"{k}={v}", 0) + 1
+    if not counts:
+        return ""
+
+    def said(setting: str, n: int) -> str:
+        what = _SETUP_WORDS.get(setting) or (
+            f"each training image also seen as its cached {setting.split('=', 1)[1].replace('+', ', ')} "
+            "views" if setting.startswith("train_views=") else
+            f"drawn from the cached views {setting.split('=', 1)[1].replace('+', ', ')}")
+        return f"{setting} ({what}) in {n} of {len(runs)} run(s)"
+
+    return ("Training rows were changed besides the configs (the config columns list it per run; validation "
+            "and test images were not resampled): " + "; ".join(said(k, n) for k, n in sorted(counts.items()))
+            + ". ")
+
+
 def _tta_text(runs: Sequence[RunRecord]) -> str:
     """With --tta, fit's CV search scores validation folds and an mlp's callbacks watch its hold-out on the
     orig view alone, while every prediction it reports (and the threshold) averages the views: the rule
@@ -1475,6 +1517,7 @@ def _methods_text(runs: Sequence[RunRecord]) -> str:
         text += (f"For binary tasks a decision threshold was chosen on the validation predictions "
                  f"({', '.join(thr)}); headline metrics use 0.5 and the chosen threshold is reported beside "
                  "it. ")
+    text += _training_setup_text(runs)
     text += _threshold_transfer_text(runs) + _tta_text(runs) + _clipped_loss_text(runs)
     if not has_test:
         return text + "No test split was used: every number is a validation estimate." + (

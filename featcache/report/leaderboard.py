@@ -17,7 +17,7 @@ from typing import Any
 from featcache.errors import ConfigError
 from featcache.report.collect import RunRecord
 from featcache.report.scores import LOWER_IS_BETTER, METRICS, bootstrap_ci, chosen_threshold, scores
-from featcache.runs import SHEET_TRIGGERS, grid_index, params_string
+from featcache.runs import SHEET_TRIGGERS, grid_index, params_string, training_settings
 
 GROUP_BY = ("backbone", "head", "task", "dataset")
 THR_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "sensitivity", "specificity")
@@ -35,9 +35,12 @@ FALLBACK = {"average_precision": "auc", "sensitivity": "balanced_accuracy",
             "specificity": "balanced_accuracy"}
 
 
-def config_string(params: dict) -> str:
-    """``key=value`` pairs in a stable order: the config column of every table."""
-    return params_string(params)
+def config_string(params: dict, run: dict | None = None) -> str:
+    """``key=value`` pairs in a stable order: the config column of every table; with ``run`` (run.json),
+    followed by the training settings beside the head's params (``training_settings``)."""
+    pairs = [params_string(params)] if params else []
+    pairs += [f"{k}={v}" for k, v in training_settings(run or {}).items()]
+    return ", ".join(p for p in pairs if p)
 
 
 def _recorded(metrics: dict, split: str) -> dict:
@@ -140,8 +143,9 @@ def run_row(rec: RunRecord) -> dict[str, Any]:
         "preset": rec.run.get("preset"),
         "head": rec.head,
         "task": rec.task,
-        "config": config_string(rec.params),
+        "config": config_string(rec.params, rec.run),
         "params": rec.params,
+        "training": training_settings(rec.run),
         "tags": rec.tags,
         "seed": rec.run.get("seed"),
         "features": features_id(rec),
