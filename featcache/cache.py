@@ -1072,15 +1072,16 @@ def recorded_setups(cache_dir: Path, dataset_root: Path) -> list[tuple[dict, lis
 
 
 def find_twins(cache_dir: Path, config: dict, own: Path | None = None) -> list[Path]:
-    """Complete (not shard) caches in ``cache_dir`` with every setting of ``config`` but the dataset root:
-    their rows are the features this config gives for the same image bytes. With ``own`` (the config's
-    own file), also other files of the very same config: a `cache merge --out merged.h5` or a copy, whose
-    rows extract otherwise computed again."""
+    """Caches in ``cache_dir`` with every setting of ``config`` but the dataset root: their rows are the
+    features this config gives for the same image bytes. With ``own`` (the config's own file), also other
+    files of the very same config: a `cache merge --out merged.h5` or a copy, whose rows extract otherwise
+    computed again, and shard files (`extract --shard`; a plain extract beside them computed every row
+    again instead of taking theirs, as `cache merge` would)."""
     if not Path(cache_dir).is_dir():
         return []
     want = {k: v for k, v in json.loads(canonical_json(config)).items() if k != "dataset_root"}
     mine = Path(own).resolve() if own is not None else None
-    return [path for path, have in _readable_configs(cache_dir, include_shards=False)
+    return [path for path, have in _readable_configs(cache_dir, include_shards=own is not None)
             if (have.get("dataset_root") != config.get("dataset_root")
                 or (mine is not None and Path(path).resolve() != mine))
             and {k: v for k, v in have.items() if k != "dataset_root"} == want]

@@ -502,7 +502,8 @@ def _copy_from_twins(path: Path, config: dict, feature_dim: int, keys: list[str]
     of the source's sessions is recorded again for the rows copied from it (versions, backend, batch
     size, plus ``copied_from``), as `cache merge` records its shards. A twin that cannot be read, or
     whose rows fail their digest check, is passed over with a note (the rows copied before stay):
-    another folder's damaged file must not stop this one. Not for shards (each is a part of one folder).
+    another folder's damaged file must not stop this one. Not when extracting a shard (each is a part of
+    one folder); a plain extract takes the rows of shard files of its settings (what `cache merge` does).
     Returns (rows copied, notes).
     """
     from featcache import cache as fcache
@@ -528,8 +529,10 @@ def _copy_from_twins(path: Path, config: dict, feature_dim: int, keys: list[str]
                          f"copied (the backbone computes them): {done.why}.")
         if done.rows:
             copied += done.rows
+            shard = (fcache.parse_cache_name(twin) or {}).get("shard")
             made_for = (f"a cache of the same settings made for {done.root} (moved or copied images are the "
                         "same bytes)" if done.root != str(config.get("dataset_root"))
+                        else f"shard {shard[0]}/{shard[1]} of this cache (as `cache merge` would)" if shard
                         else "a copy of this cache under another name (a merge --out, say)")
             notes.append(f"{done.rows} row(s) copied from {twin.name}, {made_for}: no forward pass for them.")
     return copied, notes

@@ -175,10 +175,23 @@ def test_shards_partition_the_keys_and_merge_to_the_full_cache(tree: Path, tmp_p
     assert not shards[0].keys() & shards[1].keys()
     assert shards[0].keys() | shards[1].keys() == reference.keys()
     assert all(int(k, 16) % 2 == i for i, rows in enumerate(shards) for k, _ in rows)
+    # a plain extract beside the shards takes their rows (it sent every image through the backbone again)
+    beside = tmp_path / "beside"
+    beside.mkdir()
+    for f in tmp_path.glob("*.shard-*-of-2.h5"):
+        shutil.copy(f, beside / f.name)
+    plain = extract(ds, BB, beside, ExtractOptions(views=("orig", "hflip")))
+    assert (plain.rows_copied, plain.rows_computed) == (48, 0)
+    assert sum("shard 0/2 of this cache" in n or "shard 1/2 of this cache" in n for n in plain.notes) == 2
+    assert _rows(plain.cache_path).keys() == reference.keys()
+    for kv, want in reference.items():
+        _close(_rows(plain.cache_path)[kv], want)
     # merged under a name of the user's: a later extract of the same settings copies its rows instead of
     # sending every image through the backbone again
     merged = fcache.merge(sorted(tmp_path.glob("*.shard-*-of-2.h5")), tmp_path / "merged.h5")
     assert merged["n_rows"] == 48
+    for f in tmp_path.glob("*.shard-*-of-2.h5"):
+        f.unlink()  # the merged file alone is the source below
     again = extract(ds, BB, tmp_path, ExtractOptions(views=("orig", "hflip")))
     assert (again.rows_copied, again.rows_computed) == (48, 0)
     assert any("a copy of this cache under another name" in n for n in again.notes)
