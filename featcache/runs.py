@@ -277,20 +277,30 @@ def environment() -> dict:
     return out
 
 
-def source_revision() -> str | None:
-    """``<commit>`` or ``<commit>-dirty`` when featcache runs from a git checkout (an editable install)."""
+def source_revision(root: Path | None = None) -> str | None:
+    """``<commit>`` or ``<commit>-dirty`` when featcache runs from a git checkout (an editable install).
+
+    Dirty: a tracked file changed, or a Python file git does not track yet sits in the package folders
+    (a new module the code may import: it was not counted, so such a run claimed the clean commit). Other
+    untracked files (notes, data, runs) do not count. ``root``: the checkout (default: this package's).
+    """
     import subprocess
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(root) if root is not None else Path(__file__).resolve().parent.parent
     if not (root / ".git").exists():
         return None
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+
     try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
-                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        commit = git("rev-parse", "--short=12", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        untracked = git("status", "--porcelain", "--untracked-files=all", "--", "featcache", "cli")
     except (OSError, subprocess.SubprocessError):
         return None
+    dirty |= any(line.startswith("?? ") and line.endswith(".py") for line in untracked.splitlines())
     return f"{commit}-dirty" if dirty else commit or None
 
 

@@ -569,6 +569,30 @@ def test_runs_ls_orders_runs_of_one_second_by_their_place_in_the_grid(setup, cap
     assert [r["id"] for r in json.loads(capsys.readouterr().out)] == ["c-first", "b-second", "a-third"]
 
 
+def test_a_new_untracked_module_marks_the_source_revision_dirty(tmp_path: Path) -> None:
+    """A Python file git does not track yet in the package folders (a new module) left the revision clean
+    (a reproducibility audit); other untracked files still do not count."""
+    import subprocess
+
+    from featcache.runs import source_revision
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    (tmp_path / "featcache").mkdir()
+    (tmp_path / "featcache" / "a.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "one")
+    clean = source_revision(tmp_path)
+    assert clean and not clean.endswith("-dirty")
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "featcache" / "data.csv").write_text("1")
+    assert source_revision(tmp_path) == clean
+    (tmp_path / "featcache" / "new_module.py").write_text("y = 2\n")
+    assert source_revision(tmp_path) == f"{clean}-dirty"
+
+
 def test_the_replay_command_names_the_keras_backend_keras_json_chose() -> None:
     """An mlp trained on the backend keras.json chose (no $KERAS_BACKEND) replayed as a bare command, which
     trained on the replaying machine's backend: other numbers, other run ids (a reproducibility audit).
