@@ -183,6 +183,8 @@ def choose_threshold(
     next lower one: the same split of the validation images, but not equal to any of their scores. Why:
     a threshold equal to a score puts that image on the boundary, and the same model's probability for it
     recomputed in another batch (``predict``) differs in the last float digits and flipped its label.
+    Two cases keep a score: two adjacent floats have no value between them (the higher is returned, so
+    the split holds), and a point calling every image positive whose lowest score is 0.0 returns 0.0.
     """
     from sklearn.metrics import roc_curve
 
@@ -210,7 +212,11 @@ def choose_threshold(
     if i == 0:  # above every score: nothing is called positive
         return 1.0
     lower = p[p < thr[i]]
-    return float(min(1.0, max(0.0, (thr[i] + (lower.max() if len(lower) else 0.0)) / 2)))
+    below = float(lower.max()) if len(lower) else 0.0
+    mid = (float(thr[i]) + below) / 2
+    if len(lower) and not below < mid:  # adjacent floats: the midpoint rounded onto the lower score, which
+        mid = float(thr[i])  # then counted as positive (specificity 1 -> 0); the point's own score splits
+    return float(min(1.0, max(0.0, mid)))
 
 
 # --- bootstrap -------------------------------------------------------------------------------------

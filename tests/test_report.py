@@ -737,6 +737,12 @@ def test_brier_and_calibration_bins():
     mean_p, observed, counts = calibration_bins(pred, n_bins=2)
     assert mean_p.tolist() == pytest.approx([0.2, 0.825]) and observed.tolist() == [0.0, 1.0]
     assert counts.tolist() == [2, 2]
+    # 0, 0.1, ..., 1 (a 10-nn's probabilities) fill all ten bins: linspace's 0.30000000000000004 edges put
+    # 0.3, 0.6 and 0.7 in the bin below (8 bins)
+    tenths = np.arange(11) / 10
+    steps = Predictions([str(i) for i in range(11)], np.arange(11) % 2, np.c_[1 - tenths, tenths],
+                        list(CLASSES))
+    assert calibration_bins(steps)[2].tolist() == [1] * 9 + [2]
     three = Predictions(["a", "b"], np.array([0, 2]), np.array([[1.0, 0, 0], [0.5, 0, 0.5]]), ["x", "y", "z"])
     assert scores(three)["brier"] == pytest.approx((0 + 0.5) / 2)  # (0.25 + 0.25) for the second image
     # each bin's fraction gets a Wilson interval: 0 of 12 is not "exactly 0", 50 of 100 is +-0.096

@@ -193,6 +193,11 @@ def test_choose_threshold() -> None:
     assert choose_threshold([0, 1, 1], [0.6, 0.1, 0.2], "sensitivity", target_sensitivity=1.0) == 0.05
     assert choose_threshold([0, 1], [0.1, 0.9], "youden") == pytest.approx(0.5)
     assert choose_threshold([1, 1], [0.2, 0.9]) == 0.5
+    # adjacent floats: the midpoint rounded onto the negative's score, which then counted as positive
+    neg = 0.8346938775510204
+    pos = float(np.nextafter(neg, 1.0))
+    t = choose_threshold([0, 1], [neg, pos], "youden")
+    assert neg < t <= pos
 
 
 def test_bootstrap_ci_matches_loop_and_is_seeded() -> None:

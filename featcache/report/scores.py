@@ -260,7 +260,8 @@ def paired_difference(
 def calibration_bins(pred: Predictions, n_bins: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(mean predicted P(class 1), observed fraction of class 1, images) per non-empty equal-width bin."""
     p = pred.proba[:, 1]
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # i / n, not linspace: linspace's 0.30000000000000004 put 0.3 (a kNN's 3/10) in the bin below
+    edges = np.arange(n_bins + 1) / n_bins
     which = np.clip(np.digitize(p, edges[1:-1]), 0, n_bins - 1)
     mean_p, observed, counts = [], [], []
     for b in range(n_bins):
