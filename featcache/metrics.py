@@ -275,7 +275,9 @@ def bootstrap_ci(
     interval instead, named under ``exact_at_bound`` (see :func:`_exact_at_bounds`). An AUC of exactly 1
     (or 0) gets a score-type bound instead of the point [1, 1], flagged ``auc_score_bound``
     (see :func:`_auc_at_bounds`). A macro F1 of exactly 1 (or 0) keeps its point interval, named under
-    ``point_at_bound`` so that a report can say it is no measure of uncertainty.
+    ``point_at_bound`` so that a report can say it is no measure of uncertainty. Other intervals of no
+    width are named under ``no_width``; resamples in which a metric is undefined (no image of a class it
+    needs was drawn) are left out of its interval and counted under ``undefined_resamples``.
     """
     k = len(classes)
     y = np.asarray(y_true, dtype=np.int64)
@@ -319,11 +321,13 @@ def bootstrap_ci(
 
     alpha = (1.0 - level) / 2.0
     out: dict = {}
+    undefined: dict[str, int] = {}
     for name, vals in stats.items():
-        vals = vals[np.isfinite(vals)]
-        out[name] = (
-            [float(np.quantile(vals, alpha)), float(np.quantile(vals, 1 - alpha))] if len(vals) else None
-        )
+        finite = vals[np.isfinite(vals)]
+        if len(finite) < len(vals):
+            undefined[name] = int(len(vals) - len(finite))
+        out[name] = ([float(np.quantile(finite, alpha)), float(np.quantile(finite, 1 - alpha))]
+                     if len(finite) else None)
     exact = _exact_at_bounds(out, y, y_pred, k, groups, level)
     if exact:
         out["exact_at_bound"] = exact
@@ -332,6 +336,14 @@ def bootstrap_ci(
     f1 = out.get("macro_f1")
     if f1 is not None and f1[0] == f1[1] and f1[0] in (0.0, 1.0):
         out["point_at_bound"] = ["macro_f1"]  # no exact interval for an F1: the report says so
+    if undefined:  # resamples drawing no image of a class the metric needs: the interval is conditional
+        out["undefined_resamples"] = undefined
+    # an interval of no width left after the bounds above: every resample gave the same value (one patient
+    # holding every image of a class), which is no measure of certainty, and the report says so
+    flat = [name for name in stats if isinstance(out.get(name), list) and out[name][0] == out[name][1]
+            and name not in (out.get("point_at_bound") or ())]
+    if flat:
+        out["no_width"] = flat
     out["n_boot"] = int(n_boot)
     out["level"] = float(level)
     return out

@@ -1538,6 +1538,27 @@ def test_methods_state_that_im_and_normal2_im_numbers_are_different_patients(tmp
     assert "in the official training NORMAL folder 211 do" in methods
 
 
+def test_methods_name_intervals_without_width_and_left_out_resamples(tmp_path):
+    """A statistics audit: a [0.75, 0.75] interval away from 0 and 1, and resamples left out where a metric
+    was undefined, went unmentioned; fit records both now and Methods says what they mean."""
+    runs = tmp_path / "runs"
+    folder = write_fake_run(runs, "20240101-000001-logreg-aaaaaaaa")
+    assert "no measure of certainty" not in _methods_md(runs, tmp_path / "a")
+    from featcache.metrics import bootstrap_ci
+    from featcache.report.collect import read_predictions
+
+    pred = read_predictions(folder / "predictions_test.csv")
+    m = json.loads((folder / "metrics.json").read_text())
+    m["test"] = {"n": len(pred.y_true),
+                 "ci": bootstrap_ci(pred.y_true, pred.proba, list(CLASSES), n_boot=200, seed=0)}
+    m["test"]["ci"].update(no_width=["sensitivity"], undefined_resamples={"sensitivity": 111, "auc": 111})
+    (folder / "metrics.json").write_text(json.dumps(m))
+    methods = _methods_md(runs, tmp_path / "b")
+    n_boot = 200
+    assert "an interval of no width away from 0 and 1 (sensitivity) means every resample gave" in methods
+    assert f"left out of its interval (at most, of {n_boot}: auc 111, sensitivity 111)" in methods
+
+
 def test_numbers_under_both_im_prefixes_are_counted() -> None:
     from featcache.datasets import im_numbers_under_both_prefixes
 

@@ -200,6 +200,20 @@ def test_choose_threshold() -> None:
     assert neg < t <= pos
 
 
+def test_intervals_without_width_and_undefined_resamples_are_named() -> None:
+    """A statistics audit: a test split whose positives are one patient (3 of 4 found) got sensitivity
+    [0.75, 0.75] with no flag (it is not at 0 or 1, so no exact interval replaced it), and the resamples
+    that drew no positive were dropped while n_boot still said 1000."""
+    y = np.array([1, 1, 1, 1] + [0] * 10)
+    p1 = np.array([0.9, 0.8, 0.7, 0.2] + [0.1] * 9 + [0.6])
+    groups = ["p0"] * 4 + [f"n{i}" for i in range(10)]
+    ci = bootstrap_ci(y, np.c_[1 - p1, p1], ["NORMAL", "PNEUMONIA"], 0.5, n_boot=500, seed=0, groups=groups)
+    assert ci["sensitivity"] == [0.75, 0.75] and "sensitivity" in ci["no_width"]
+    dropped = ci["undefined_resamples"]["sensitivity"]
+    assert 0 < dropped < 500 and ci["undefined_resamples"]["auc"] == dropped  # no p0 drawn: no positive
+    assert "specificity" not in ci["no_width"] and ci["n_boot"] == 500
+
+
 def test_bootstrap_ci_matches_loop_and_is_seeded() -> None:
     rng = np.random.default_rng(4)
     y = rng.integers(0, 2, 120)

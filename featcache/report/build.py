@@ -1544,6 +1544,7 @@ def _methods_text(runs: Sequence[RunRecord]) -> str:
         if any("macro_f1" in (ci.get("point_at_bound") or ()) for r in runs for ci in _recorded_cis(r)):
             text += ("; a macro F1 of exactly 1 (or 0) is the same in every resample and has no exact "
                      "interval: its [1, 1] is a point, not a measure of certainty")
+        text += _degenerate_ci_text(runs, counted)
     return text + (f". Software: {software}." if software else ".")
 
 
@@ -1571,6 +1572,33 @@ def _source_revisions(runs: Sequence[RunRecord]) -> list[str]:
     """The git revisions of featcache's source the runs recorded (editable installs), sorted."""
     envs = [r.run["environment"] for r in runs if isinstance(r.run.get("environment"), dict)]
     return sorted({str(env["source_revision"]) for env in envs if env.get("source_revision")})
+
+
+def _degenerate_ci_text(runs: Sequence[RunRecord], counted: str) -> str:
+    """Methods' words for intervals the percentile bootstrap could not make whole: those of no width away
+    from 0 and 1 (every resample gave the same value), and those some resamples could not score (no image
+    of a class the metric needs was drawn: those resamples are left out, so the interval is conditional on
+    drawing both). Why: a statistics audit found [0.75, 0.75] for the sensitivity of a test split whose
+    positives were one patient, and n_boot 1000 where 111 resamples had no positive."""
+    flat = sorted({name for r in runs for ci in _recorded_cis(r) for name in ci.get("no_width") or ()})
+    left: dict[str, int] = {}
+    boots: set[int] = set()
+    for r in runs:
+        for ci in _recorded_cis(r):
+            for name, n in (ci.get("undefined_resamples") or {}).items():
+                left[name] = max(left.get(name, 0), int(n))
+                boots.add(int(ci.get("n_boot") or 0))
+    text = ""
+    if flat:
+        text += (f"; an interval of no width away from 0 and 1 ({', '.join(flat)}) means every resample gave "
+                 f"the same value (few {counted}, such as one holding every test image of a class) and is "
+                 "no measure of certainty")
+    if left:
+        most = ", ".join(f"{name} {n}" for name, n in sorted(left.items()))
+        text += (f"; resamples that drew no image of a class a metric needs leave it undefined and are left "
+                 f"out of its interval (at most, of {'/'.join(map(str, sorted(boots)))}: {most}), so such an "
+                 "interval assumes every class is drawn")
+    return text
 
 
 def _recorded_cis(run: RunRecord) -> list[dict]:
