@@ -150,6 +150,14 @@ def test_real_ties_stay_ties_when_the_other_classes_total_differs_by_rounding_al
     knn[3] = [0.0, 0.0, 1.0]
     assert classification_metrics(yk, knn, ["a", "b", "c"])["auc"] == pytest.approx(
         roc_auc_score(yk, knn, multi_class="ovr"))
+    # float32 probabilities (what heads store): 0.3 + 0.2 is 0.5000000149 and 0.25 + 0.25 is 0.5, which
+    # broke the tie in P(class 0) = 0.5 (macro AUC 0.806 against 0.861: a statistics audit)
+    f32 = np.array([[0.5, 0.3, 0.2], [0.5, 0.25, 0.25], [0.2, 0.7, 0.1], [0.1, 0.2, 0.7], [0.6, 0.2, 0.2]],
+                   np.float32)
+    y32 = np.array([0, 1, 1, 2, 0])
+    assert rank_score(f32, 0)[0] == rank_score(f32, 0)[1]
+    assert classification_metrics(y32, f32, ["a", "b", "c"])["auc"] == pytest.approx(
+        roc_auc_score(y32, f32.astype(np.float64), multi_class="ovr"))
 
 
 def test_paired_difference_and_roc_curves_rank_saturated_probabilities_as_the_auc_does() -> None:
