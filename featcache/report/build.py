@@ -459,7 +459,8 @@ def _paired_section(doc: Document, rows: list[dict], by_id: dict[str, RunRecord]
             body,
             {0, 2, 3},
             caption="Differences on the same test images (Δ = this run − the best, so a negative Δ means "
-            f"the run scores lower), with 95% intervals from 1000 paired bootstrap resamples of "
+            "the run scores lower; accuracy as in the headline: threshold 0.5, or the most probable of "
+            "3 classes), with 95% intervals from 1000 paired bootstrap resamples of "
             f"{_resample_unit(compared)} (seed 0): both runs are scored on each resample. An interval "
             "that contains 0 means this test set cannot tell the two runs apart, whatever the validation "
             "ranking says. Each row "
