@@ -688,7 +688,7 @@ def test_paired_difference_is_of_the_same_images_resampled_together():
 def test_report_compares_the_best_run_with_the_next_on_the_same_test_images(sweep, tmp_path):
     html = " ".join(build_report(sweep[0], tmp_path / "out").html.read_text().split())
     assert "better than the next runs on the test images?" in html and "paired bootstrap" in html
-    assert "accuracy as in the headline: threshold 0.5, or the most probable of 3 classes" in html  # not said
+    assert "accuracy at the 0.5 threshold, as in the headline" in html  # which accuracy was not said
 
 
 def test_leaderboard_gives_sensitivity_and_specificity_with_intervals(sweep, tmp_path):

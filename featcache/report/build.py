@@ -437,6 +437,17 @@ def _leaderboard_table(rows: Sequence[dict], metric: str, has_test: bool) -> Tab
 PAIRED_RUNS = 5  # runs after the best that the paired comparison tests against it
 
 
+def _paired_accuracy(rows: Sequence[dict]) -> str:
+    """Which accuracy the paired comparison differences, as the headline labels: at 0.5 for two classes,
+    the most probable class for more (a 3-class report must not speak of a 0.5 threshold)."""
+    kinds = {_binary(r) for r in rows}
+    if kinds == {True}:
+        return "accuracy at the 0.5 threshold, as in the headline"
+    if kinds == {False}:
+        return "accuracy of the most probable class, as in the headline"
+    return "accuracy as in the headline: at 0.5 for two classes, the most probable class for more"
+
+
 def _paired_section(doc: Document, rows: list[dict], by_id: dict[str, RunRecord],
                     group_by: str | None = None) -> None:
     """Is the best run better than the next ones on the test images? Paired patient bootstrap.
@@ -459,8 +470,8 @@ def _paired_section(doc: Document, rows: list[dict], by_id: dict[str, RunRecord]
             body,
             {0, 2, 3},
             caption="Differences on the same test images (Δ = this run − the best, so a negative Δ means "
-            "the run scores lower; accuracy as in the headline: threshold 0.5, or the most probable of "
-            "3 classes), with 95% intervals from 1000 paired bootstrap resamples of "
+            f"the run scores lower; {_paired_accuracy(ranked[: PAIRED_RUNS + 1])}), with 95% intervals "
+            "from 1000 paired bootstrap resamples of "
             f"{_resample_unit(compared)} (seed 0): both runs are scored on each resample. An interval "
             "that contains 0 means this test set cannot tell the two runs apart, whatever the validation "
             "ranking says. Each row "
