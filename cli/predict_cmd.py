@@ -23,7 +23,8 @@ def register(app: typer.Typer) -> None:
 
     @app.command("predict")
     def predict_cmd(
-        images: list[Path] = typer.Argument(..., help="Image files, or folders of them, to classify."),
+        images: list[Path] = typer.Argument(  # not readable=True: an unreadable file is skipped, not fatal
+            ..., readable=False, help="Image files, or folders of them, to classify."),
         run: str = typer.Option(..., "--run", help="Run id (see `featcache runs ls`)."),
         runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where runs are stored."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),

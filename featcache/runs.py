@@ -698,7 +698,9 @@ def verify_artifacts(run: Run) -> None:
         if sha256_file(p) != digest:
             raise RunError(
                 f"model file {rel} of run '{run.id}' does not match its recorded SHA-256 "
-                "(modified or replaced); refusing to load it, fit the run again."
+                "(modified or replaced); refusing to load it. Train it again with its fit command plus "
+                f"--retrain (`featcache runs show {run.id}` prints the command): without --retrain, fit "
+                "finds the run done and skips it."
             )
 
 

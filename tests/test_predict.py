@@ -150,7 +150,8 @@ def test_tampered_model_is_refused(trained, tmp_path: Path, capsys) -> None:
     with pytest.raises(RunError, match="does not match its recorded SHA-256"):
         predict([img], run_id, copy_dir)
     assert cli(["predict", str(img), "--run", run_id, "--runs-dir", str(copy_dir)]) != 0
-    assert "SHA-256" in " ".join(capsys.readouterr().err.split())
+    err = " ".join(capsys.readouterr().err.split())
+    assert "SHA-256" in err and "plus --retrain" in err  # "fit the run again": fit skipped it as done
     # a model file not recorded in run.json (e.g. dropped in by someone else) is never the one loaded
     info = json.loads((copy_dir / run_id / "run.json").read_text())
     info["artifacts"] = {}
@@ -257,6 +258,20 @@ def test_bad_images_are_skipped_and_folders_expanded(trained, tmp_path: Path, ca
     assert cli([*args, "--strict", "--json"]) == 2
     entry = json.loads(capsys.readouterr().out)["skipped"][0]  # {path, reason}, as extract lists them
     assert set(entry) == {"path", "reason"} and entry["path"] == str(bad) and "decode" in entry["reason"]
+    # a file named on the command line that the user may not read (simulated: root reads everything) was
+    # a usage error that classified nothing (the argument's readable check): it is one skipped image
+    import os
+
+    real_access = os.access
+
+    def access(path, mode, *a, **k) -> bool:
+        return False if Path(path) == bad and mode & os.R_OK else real_access(path, mode, *a, **k)
+
+    monkeypatch.setattr(os, "access", access)
+    assert cli(args) == 0
+    captured = capsys.readouterr()
+    assert "a.jpeg" in captured.out and "Invalid value" not in captured.err
+    monkeypatch.setattr(os, "access", real_access)
     # nothing usable at all is an error, with the first reason
     with pytest.raises(DataError, match="none of the 2 path.*does not exist"):
         predict([missing, tmp_path / "empty_dir_missing"], run_id, runs_dir)
