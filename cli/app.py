@@ -169,7 +169,7 @@ def run(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # typer/click exit normally through SystemExit
         code = exc.code
         if code == 130:  # typer turns Ctrl-C (and our SIGTERM) into a silent Exit(130): say what was kept
-            _print_interrupted()
+            _print_interrupted(args)
             return 143 if _terminated else 130
         return code if isinstance(code, int) else (0 if code is None else 1)
     except FeatcacheError as exc:
@@ -180,7 +180,7 @@ def run(argv: list[str] | None = None) -> int:
         err_console.print(f"[bold red]error:[/] {escape(sentence)}", highlight=False, soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:  # typer versions that let it through
-        _print_interrupted()
+        _print_interrupted(args)
         return 143 if _terminated else 130
     except OSError as exc:  # a folder that cannot be created, a full disk, a path through a file
         words = [a for a in args if not a.startswith("-")]
@@ -209,15 +209,24 @@ def _os_error_sentence(exc: OSError, command: list[str] | None = None) -> str:
     return f"the operating system refused a file operation{where}: {reason}." + (f" {kept}" if kept else "")
 
 
-def _print_interrupted() -> None:
-    """One line on what was kept. A second Ctrl-C while it prints (people press it twice) is ignored: it
-    raised inside rich and buried the line under pages of chained tracebacks."""
+def _print_interrupted(args: list[str] | None = None) -> None:
+    """One line on what was kept, by command: a resumable one saved its finished work, a report kept the
+    previous one, the others (predict, listings) changed nothing and have nothing to resume. A second
+    Ctrl-C while it prints (people press it twice) is ignored: it raised inside rich and buried the line
+    under pages of chained tracebacks."""
+    words = [a for a in (args or []) if not a.startswith("-")]
+    if _KEPT.get(" ".join(words[:2])) == _SAVED or _KEPT.get(words[0] if words else "") == _SAVED:
+        kept = "finished work is saved; run the same command to resume."
+    elif words[:1] == ["report"]:
+        kept = "the previous report is kept whole."
+    else:
+        kept = "nothing was changed."
     old = None
     with contextlib.suppress(ValueError, OSError):  # not the main thread: no handler to swap
         old = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         what = "terminated (SIGTERM)" if _terminated else "interrupted"
-        err_console.print(f"[bold red]{what}:[/] finished work is saved; run the same command to resume.")
+        err_console.print(f"[bold red]{what}:[/] {kept}")
     except KeyboardInterrupt:
         pass
     finally:

@@ -98,7 +98,16 @@ def test_ctrl_c_exits_130_with_one_line_saying_work_is_kept(tmp_path, monkeypatc
     monkeypatch.setattr(featcache.datasets, "discover", interrupted)
     assert run(["data", "inspect", str(tmp_path)]) == 130
     err = capsys.readouterr().err
-    assert err.strip() == "interrupted: finished work is saved; run the same command to resume."
+    assert err.strip() == "interrupted: nothing was changed."  # a listing: nothing to save or resume
+    # by command (a CLI audit: predict said "finished work is saved; run the same command to resume")
+    from featcache.cli.app import _print_interrupted
+
+    for argv, said in ((["extract", "--data", "d"], "finished work is saved; run the same command"),
+                       (["cache", "merge", "a.h5"], "finished work is saved"),
+                       (["report", "--top", "3"], "the previous report is kept whole."),
+                       (["predict", "x.png", "--run", "r"], "nothing was changed.")):
+        _print_interrupted(argv)
+        assert said in capsys.readouterr().err, argv
     # a second Ctrl-C while that line prints (people press it twice) is ignored, not a traceback
     import signal
 
@@ -112,7 +121,7 @@ def test_ctrl_c_exits_130_with_one_line_saying_work_is_kept(tmp_path, monkeypatc
 
     monkeypatch.setattr(app_module.err_console, "print", print_then_ctrl_c)
     assert run(["data", "inspect", str(tmp_path)]) == 130
-    assert "interrupted: finished work is saved" in capsys.readouterr().err
+    assert "interrupted: nothing was changed" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGINT) is before  # the handler is back for the next command
 
 
@@ -131,8 +140,7 @@ def test_sigterm_unwinds_like_ctrl_c_and_exits_143(tmp_path) -> None:
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 143, done.stderr
-    assert done.stderr.strip() == ("terminated (SIGTERM): finished work is saved; run the same command to "
-                                   "resume.")
+    assert done.stderr.strip() == "terminated (SIGTERM): nothing was changed."
 
 
 def test_ctrl_c_inside_a_gc_callback_is_delivered_again(monkeypatch) -> None:
