@@ -206,7 +206,8 @@ def merge_cmd(
         "not end in .h5; default: the shards' folder)."
     ),
     wait: float | None = typer.Option(None, "--wait", min=0,
-                                      help="Seconds to wait while another process writes."),
+                                      help="Seconds to wait while another process writes (default: "
+                                      "do not wait; exit 3 at once)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Combine shard files of one extraction into one cache file (one row per image and view).

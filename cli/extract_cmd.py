@@ -153,7 +153,8 @@ def extract_cmd(
     strict: bool = typer.Option(
         False, "--strict", help="Exit 2 if any file is skipped (the good ones are still cached)."),
     wait: float | None = typer.Option(
-        None, "--wait", min=0, help="Seconds to wait if another process writes the same cache file."),
+        None, "--wait", min=0, help="Seconds to wait if another process writes the same cache file "
+        "(default: do not wait; exit 3 at once)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
 ) -> None:
     """Extract frozen-CNN features of every image into a resumable HDF5 cache (help text: HELP)."""

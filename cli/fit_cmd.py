@@ -143,7 +143,8 @@ def register(app: typer.Typer) -> None:
         backbone: str = typer.Option(None, "--backbone", help="Backbone name(s), comma-separated; several = "
                                      "feature fusion (default: the --preset's)."),
         head: str = typer.Option(None, "--head", help="logreg | mlp | svm | knn (default: the --preset's)."),
-        layers: str = typer.Option(None, "--layers", help="mlp hidden layers, e.g. 1024,512."),
+        layers: str = typer.Option(None, "--layers", help="mlp hidden layers, e.g. 1024,512 "
+                                          "(default: the --preset's, else 1024,512)."),
         task: str = typer.Option(None, "--task", help="binary | 3class | folders (default: the --preset's "
                                  "task, else binary)."),
         grid: list[str] = typer.Option([], "--grid", help="KEY=V1,V2 (repeatable): replaces that key's "

@@ -121,7 +121,8 @@ def register(app: typer.Typer) -> None:
             "--grid",
             help="KEY=V1,V2 for every head that has KEY, or HEAD:KEY=V1,V2 for one head (repeatable).",
         ),
-        layers: str | None = typer.Option(None, "--layers", help="mlp hidden layers, e.g. 1024,512."),
+        layers: str | None = typer.Option(None, "--layers", help="mlp hidden layers, e.g. 1024,512 "
+                                          "(default: the --preset's, else 1024,512)."),
         preset: str | None = typer.Option(
             None, "--preset", help="A paper's setup: its backbone, pooling, image size, task, head, grid "
             "and balance (README: Heads, grids and presets)."
@@ -145,7 +146,8 @@ def register(app: typer.Typer) -> None:
         mlp_trainer: str = typer.Option(
             "auto", "--mlp-trainer", help="auto | tf | jax (fused mlp grids; see fit --help)."),
         balance: str | None = typer.Option(
-            None, "--balance", help="none | undersample | undersample-subtypes | oversample."),
+            None, "--balance", help="none | undersample | undersample-subtypes | oversample (default: the "
+            "--preset's, else none)."),
         seed: int = typer.Option(0, "--seed", help="Seed of splits, resampling and training."),
         tag: list[str] = typer.Option([], "--tag", help="Tag the runs (repeatable)."),
         retrain: bool = typer.Option(False, "--retrain", help=RETRAIN_HELP),
@@ -165,7 +167,8 @@ def register(app: typer.Typer) -> None:
             "(one --head only)."),
         batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass during extraction."),
         wait: float | None = typer.Option(
-            None, "--wait", min=0, help="Seconds to wait if another process writes the same cache file."),
+            None, "--wait", min=0, help="Seconds to wait if another process writes the same "
+            "cache file (default: do not wait; exit 3 at once)."),
         cache_dir: Path = typer.Option(Path("cache"), "--cache-dir", help="Feature caches."),
         runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Run store."),
         out: Path = typer.Option(Path("reports"), "--out", help="Report folder."),
@@ -252,7 +255,8 @@ def register(app: typer.Typer) -> None:
         ),
         head: str = typer.Option("logreg,mlp,svm,knn", "--head", help="Heads to train (comma-separated)."),
         wait: float | None = typer.Option(
-            None, "--wait", min=0, help="Seconds to wait if another process writes the same cache file."),
+            None, "--wait", min=0, help="Seconds to wait if another process writes the same "
+            "cache file (default: do not wait; exit 3 at once)."),
     ) -> None:
         """Run the whole pipeline on 96 bundled Kermany chest X-rays (mobilenet-0.75); print the report path.
 
