@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import typer
+from featcache.cli.text import print_table
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -83,7 +84,7 @@ def ls_cmd(
         table.add_row(escape(e["file"]), escape(str(e["backbone"])), escape(str(e["pooling"])),
                       escape(str(e["image_size"])), str(e["feature_dim"]), str(e["n_rows"]),
                       escape(",".join(e["views"])), escape(str(e["dtype"])), _mb(e["size_bytes"]))
-    console.print(table)
+    print_table(console, table)
     gone = [e for e in entries if e.get("dataset_root") and not e.get("shard")  # shards are not copied from
             and _gone(Path(str(e["dataset_root"])))]
     for e in gone:  # a moved or deleted dataset: say so, since the file name shows only its last folder

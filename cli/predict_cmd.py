@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 from featcache.cli.extract_cmd import MAX_SKIPPED_SHOWN
 from featcache.cli.native_log import import_backend_quietly
-from featcache.cli.text import shown
+from featcache.cli.text import print_table, shown
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -97,7 +97,7 @@ def _print_table(out: dict) -> None:
             f"[bold]{shown(p['label'])}[/]",
             "cache" if p["from_cache"] else "backbone",
         )
-    Console().print(table)
+    print_table(Console(), table)
     _print_skipped(out)
 
 

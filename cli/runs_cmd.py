@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 
 import typer
-from featcache.cli.text import shown
+from featcache.cli.text import print_table, shown
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -110,7 +110,7 @@ def ls_cmd(
         table.add_column(col, overflow="fold", no_wrap=col == "id")
     for r in rows:
         table.add_row(*(cells[c](r) for c in cells if c not in same))
-    console.print(table)
+    print_table(console, table)
 
 
 def _check_runs_dir(runs_dir: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Any
 
 from rich.markup import escape
 
@@ -31,3 +32,20 @@ def printable(text: object) -> str:
 def shown(text: object) -> str:
     """:func:`printable`, with rich markup escaped, for use inside a rich format string."""
     return escape(printable(text))
+
+
+def print_table(console: Any, table: Any) -> None:
+    """Print a rich ``table``; into a pipe or a file (no terminal, no $COLUMNS) as wide as its content.
+
+    Why: without a terminal rich lays tables out in 80 columns and wraps cells mid-value, so `runs ls > f`
+    split numbers (0.944 as "0.944" and "4") and `predict DIR > f` split file names, which grep and
+    scripts then missed. A terminal, or $COLUMNS, keeps its width.
+    """
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        from rich.measure import Measurement
+
+        wide = console.options.update(max_width=100_000)  # rich clamps a measurement to the width
+        need = Measurement.get(console, wide, table).maximum
+        if need > console.width:
+            console.width = need
+    console.print(table)

@@ -421,14 +421,18 @@ def test_grid_killed_mid_chunk_resumes_from_its_epoch_checkpoint(setup, capsys, 
         assert (m["history"], m["val"], m["test"]) == (ref["history"], ref["val"], ref["test"])
 
 
-def test_runs_ls(setup, capsys) -> None:
+def test_runs_ls(setup, capsys, monkeypatch) -> None:
     root, cache_dir, runs_dir = setup
     fit(root, "fakenet", "knn", opts(cache_dir, runs_dir, grid_args=["n_neighbors=3"], tags=["<img src=x>"]))
     assert cli(["runs", "ls", "--runs-dir", str(runs_dir), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 1 and rows[0]["head"] == "knn" and rows[0]["val"] is not None
+    # into a pipe (no terminal, no $COLUMNS) the table is as wide as its content: at 80 columns its cells
+    # wrapped mid-value, so `runs ls > f` split numbers and ids that grep then missed (a CLI audit)
+    monkeypatch.delenv("COLUMNS", raising=False)
     assert cli(["runs", "ls", "--runs-dir", str(runs_dir)]) == 0
-    assert "knn" in capsys.readouterr().out
+    row = next(line for line in capsys.readouterr().out.splitlines() if rows[0]["id"] in line)
+    assert "│ knn " in row and "n_neighbors=3 weights=uniform" in row and "<img src=x>" in row
     # one run in full: its record and metrics, as JSON and as tables
     run_id = rows[0]["id"]
     assert cli(["runs", "show", run_id, "--runs-dir", str(runs_dir), "--json"]) == 0
