@@ -197,6 +197,12 @@ _KEPT = {**dict.fromkeys(("extract", "fit", "run", "demo", "cache merge", "data 
          "report": "The previous report is kept whole."}
 
 
+def _kept(words: list[str]) -> str:
+    """What a command keeps when it stops early (``_KEPT``), from its words without flags; "" for the
+    commands that change nothing."""
+    return _KEPT.get(" ".join(words[:2])) or _KEPT.get(words[0] if words else "", "")
+
+
 def _os_error_sentence(exc: OSError, command: list[str] | None = None) -> str:
     """What the operating system refused, and where. Library code turns the errors it expects (damaged
     caches, unreadable images, locked files) into FeatcacheError; this is for the rest, such as an output
@@ -204,8 +210,7 @@ def _os_error_sentence(exc: OSError, command: list[str] | None = None) -> str:
     reason = os_reason(exc)  # HDF5's errors carry several lines of detail; the reason is a few words
     paths = [os.fsdecode(f) for f in (exc.filename, exc.filename2) if f is not None]
     where = f" ({' -> '.join(paths)})" if paths else ""
-    words = list(command or [])
-    kept = _KEPT.get(" ".join(words[:2])) or _KEPT.get(words[0] if words else "", "")
+    kept = _kept(list(command or []))
     return f"the operating system refused a file operation{where}: {reason}." + (f" {kept}" if kept else "")
 
 
@@ -214,11 +219,11 @@ def _print_interrupted(args: list[str] | None = None) -> None:
     previous one, the others (predict, listings) changed nothing and have nothing to resume. A second
     Ctrl-C while it prints (people press it twice) is ignored: it raised inside rich and buried the line
     under pages of chained tracebacks."""
-    words = [a for a in (args or []) if not a.startswith("-")]
-    if _KEPT.get(" ".join(words[:2])) == _SAVED or _KEPT.get(words[0] if words else "") == _SAVED:
+    kept = _kept([a for a in (args or []) if not a.startswith("-")])
+    if kept == _SAVED:
         kept = "finished work is saved; run the same command to resume."
-    elif words[:1] == ["report"]:
-        kept = "the previous report is kept whole."
+    elif kept:
+        kept = kept[0].lower() + kept[1:]
     else:
         kept = "nothing was changed."
     old = None

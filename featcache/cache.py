@@ -73,6 +73,7 @@ from featcache.errors import (
     ConfigError,
     DamagedRowsError,
     naming,
+    os_errno,
     os_reason,
 )
 from featcache.faults import crash_point
@@ -344,10 +345,8 @@ def _open_h5(path: Path, mode: str, **kwargs: Any):
 
 
 def _access_refused(exc: BaseException) -> int | None:
-    """The errno of an open refused by permissions or a read-only file system (h5py gives it in the text
-    as ``errno = 13``), else None."""
-    found = re.search(r"errno = (\d+)", str(exc))
-    code = int(found.group(1)) if found else getattr(exc, "errno", None)
+    """The errno of an open refused by permissions or a read-only file system, else None."""
+    code = os_errno(exc)
     return code if code in (errno.EACCES, errno.EPERM, errno.EROFS) else None
 
 
@@ -1456,8 +1455,9 @@ def _merge(shards: list[Path], out: Path | None, wait: float | None, progress: P
                     n_rows = writer.n_valid
         found = {parse_cache_name(s)["shard"] for s in shards if parse_cache_name(s)}
         with CacheReader(out) as merged:  # shards merged into it before count too (one merge per shard)
-            found |= {parse_cache_name(Path(str(s["merged_from"])))["shard"] for s in merged.sessions
-                      if s.get("merged_from") and parse_cache_name(Path(str(s["merged_from"])))}
+            names = [parse_cache_name(Path(str(s["merged_from"]))) for s in merged.sessions
+                     if s.get("merged_from")]
+            found |= {name["shard"] for name in names if name}
         found.discard(None)
         missing: list[int] = []
         counts = sorted({n for _, n in found})

@@ -59,7 +59,12 @@ _COPY_SUFFIX_RE = re.compile(r"(?: \(\d+\)| copy(?: \d+)?| - copy(?: \(\d+\))?)+
 def is_im_name(relpath: str) -> bool:
     """Whether a file is named in Kermany's IM-k / NORMAL2-IM-k form, whose patient (``_IM_RE``) rests on
     an assumption the report states: the two prefixes number different patients."""
-    return bool(_IM_RE.match(_COPY_SUFFIX_RE.sub("", Path(relpath.replace("\\", "/")).stem)))
+    return _im_match(relpath) is not None
+
+
+def _im_match(relpath: str) -> re.Match[str] | None:
+    """``_IM_RE`` on a path's stem, a file manager's copy suffix left out."""
+    return _IM_RE.match(_COPY_SUFFIX_RE.sub("", Path(relpath.replace("\\", "/")).stem))
 
 
 def im_numbers_under_both_prefixes(relpaths: Iterable[str]) -> int:
@@ -68,7 +73,7 @@ def im_numbers_under_both_prefixes(relpaths: Iterable[str]) -> int:
     data in hand rather than quoted from the official training folder."""
     prefixes: dict[str, set[str]] = {}
     for rel in relpaths:
-        m = _IM_RE.match(_COPY_SUFFIX_RE.sub("", Path(rel.replace("\\", "/")).stem))
+        m = _im_match(rel)
         if m:
             prefix, _, number = m.group(1).upper().rpartition("IM-")
             prefixes.setdefault(str(int(number)), set()).add(prefix)

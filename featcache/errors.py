@@ -77,6 +77,13 @@ _OS_PHRASES = ("No space left on device", "Disk quota exceeded", "File too large
                "Input/output error", "Permission denied")
 
 
+def os_errno(exc: BaseException) -> int | None:
+    """The operating system's errno of a failed file operation: HDF5 gives it in its text as
+    ``errno = 13`` (its own ``errno`` attribute is a guess, see ``os_reason``), else the exception's."""
+    match = _ERRNO_RE.search(str(exc))
+    return int(match.group(1)) if match else getattr(exc, "errno", None)
+
+
 def os_reason(exc: BaseException) -> str:
     """The operating system's reason for a failed file operation, in a few words.
 
