@@ -126,7 +126,7 @@ def info_cmd(
         summary["rows added"] = "; ".join(_session_lines(data["sessions"], data["n_rows"]))
     for key, value in summary.items():
         table.add_row(key, escape(str(value)))
-    Console().print(table)
+    print_table(Console(), table)
 
 
 def _session_lines(sessions: list[dict], n_rows: int) -> list[str]:

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import typer
-from featcache.cli.text import shown
+from featcache.cli.text import print_table, shown
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -118,25 +118,26 @@ def _list_table(title: str, columns: tuple[str, str], rows: list[tuple[str, str]
 
 
 def _render(info: dict) -> None:
-    console.print(_summary_table(info))
-    console.print(_counts_table(info))
+    print_table(console, _summary_table(info))
+    print_table(console, _counts_table(info))
     dups = info["duplicates"]
     if dups:
         rows = [(str(i + 1), "\n".join(shown(p) for p in g)) for i, g in enumerate(dups[:_MAX_ROWS])]
-        console.print(_list_table("byte-identical duplicates", ("group", "files"), rows, len(dups)))
+        print_table(console, _list_table("byte-identical duplicates", ("group", "files"), rows, len(dups)))
     clashes = info.get("conflicting_duplicates", [])
     if clashes:
         rows = [(str(i + 1), "\n".join(shown(p) for p in g)) for i, g in enumerate(clashes[:_MAX_ROWS])]
-        console.print(_list_table("byte-identical images with different labels", ("group", "files"), rows,
-                                  len(clashes)))
+        title = "byte-identical images with different labels"
+        print_table(console, _list_table(title, ("group", "files"), rows, len(clashes)))
     leaks = list(info["cross_split_patients"].items())
     if leaks:
         rows = [(shown(p), ", ".join(shown(s) for s in splits)) for p, splits in leaks[:_MAX_ROWS]]
-        console.print(_list_table("patients in more than one split", ("patient", "splits"), rows, len(leaks)))
+        title = "patients in more than one split"
+        print_table(console, _list_table(title, ("patient", "splits"), rows, len(leaks)))
     skipped = info["skipped"]
     if skipped:
         rows = [(shown(s["path"]), shown(s["reason"])) for s in skipped[:_MAX_ROWS]]
-        console.print(_list_table("skipped files", ("file", "reason"), rows, len(skipped)))
+        print_table(console, _list_table("skipped files", ("file", "reason"), rows, len(skipped)))
 
 
 @data_app.command("inspect", help=_INSPECT_HELP)

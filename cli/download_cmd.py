@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from featcache.cli.text import print_table
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -135,10 +136,10 @@ def kermany(
     if result.already_present:
         console.print(f"{where} already holds the Kermany layout from source {escape(result.source)}; "
                       "nothing to do (use --force to lay it out again).")
-        console.print(_counts_table(result.counts))
+        print_table(console, _counts_table(result.counts))
         return
-    console.print(_files_table(result))
-    console.print(_counts_table(result.counts))
+    print_table(console, _files_table(result))
+    print_table(console, _counts_table(result.counts))
     for f in result.files:
         if not f.verified:
             console.print(f"[yellow]note:[/] no published SHA-256 for {escape(f.name)}; computed "

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 from featcache.cli.native_log import import_backend_quietly
-from featcache.cli.text import shown
+from featcache.cli.text import print_table, shown
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -108,7 +108,7 @@ def _render_summary(console: Console, result) -> None:  # noqa: ANN001 - Extract
     ]
     for what, value in rows:
         table.add_row(what, value)
-    console.print(table)
+    print_table(console, table)
     skipped = result.skipped
     if skipped:
         st = Table(title=f"skipped files ({len(skipped)})")
@@ -116,7 +116,7 @@ def _render_summary(console: Console, result) -> None:  # noqa: ANN001 - Extract
         st.add_column("reason", overflow="fold")
         for rel, reason in skipped[:MAX_SKIPPED_SHOWN]:
             st.add_row(shown(rel), shown(reason))
-        console.print(st)
+        print_table(console, st)
         if len(skipped) > MAX_SKIPPED_SHOWN:
             console.print(f"... and {len(skipped) - MAX_SKIPPED_SHOWN} more (use --json for the full list)")
     for note in getattr(result, "notes", []):

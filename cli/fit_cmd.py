@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 from featcache.cli.native_log import import_backend_quietly
-from featcache.cli.text import shown
+from featcache.cli.text import print_table, shown
 from rich import box
 from rich.console import Console
 from rich.markup import escape
@@ -331,7 +331,7 @@ def register(app: typer.Typer) -> None:
                 f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "-",
                 fmt(r["threshold"]),
             )
-        out.print(table)
+        print_table(out, table)
         if not any(r["has_test"] for r in rows):  # say why the test columns are blank
             out.print("no test images in the data (no test/ folder, no split=test rows): the test columns "
                       "are blank, and the validation numbers are the only estimate.",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from featcache.cli.text import print_table
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -93,7 +94,7 @@ def print_outputs(result, console: Console) -> None:
     """The best runs, then where the report is: what the user needs after the command."""
     table = _leaders_table(result)
     if table is not None:
-        console.print(table)
+        print_table(console, table)
     console.print(
         f"[green]Report written[/] ({result.n_runs} runs; best [bold]{escape(str(result.best_run_id))}[/]):"
     )

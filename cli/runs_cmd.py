@@ -276,8 +276,8 @@ def show_cmd(
             cells.append(cell)
         scores.add_row(split, str(m.get("n", "-")), *cells)
     console = Console()
-    console.print(about)
-    console.print(scores)
+    print_table(console, about)
+    print_table(console, scores)
 
 
 def _scores_title(info: dict, metrics: object) -> str:

@@ -440,8 +440,12 @@ def test_runs_ls(setup, capsys, monkeypatch) -> None:
     assert shown["run"]["id"] == run_id and shown["run"]["params"]["n_neighbors"] == 3
     assert shown["metrics"]["val"]["accuracy"] == rows[0]["val"]
     assert cli(["runs", "show", run_id, "--runs-dir", str(runs_dir)]) == 0
-    table = " ".join(capsys.readouterr().out.split())
+    out = capsys.readouterr().out
+    table = " ".join(out.split())
     assert "n_neighbors=3" in table and "fakenet" in table and "<img src=x>" in table and "val" in table
+    # whole lines in a pipe, as runs ls: the versions and the cache path were folded at 80 columns
+    assert any("python " in line and "scikit-learn " in line and "h5py " in line for line in out.splitlines())
+    assert any(str(cache_dir) in line and "rows ×" in line for line in out.splitlines())
     assert cli(["runs", "show", "nope", "--runs-dir", str(runs_dir)]) == 2
     assert "no run 'nope'" in " ".join(capsys.readouterr().err.split())
     assert cli(["runs", "ls", "--runs-dir", str(runs_dir) + "x"]) == 2  # a typo is not an empty folder
