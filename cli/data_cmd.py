@@ -23,7 +23,7 @@ err_console = Console(stderr=True)
 data_app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode="rich",
-    help="Inspect (and download) datasets.\n\nExample:\n\n    featcache data inspect data/kermany",
+    help="Inspect (and download) datasets.\n\nExample:\n\n    featcache data inspect data/chest_xray",
 )
 
 _MAX_ROWS = 30  # long lists (duplicates, skipped files) are cut in tables; --json has everything
@@ -36,7 +36,7 @@ _INSPECT_HELP = (
     "tree, or a CSV manifest (path,label\\[,split]\\[,group])."
     "\n\n"
     "Examples:\n\n"
-    "    featcache data inspect data/kermany\n\n"
+    "    featcache data inspect data/chest_xray\n\n"
     "    featcache data inspect data/xrays --manifest data/xrays/labels.csv --json > inspect.json"
 )
 

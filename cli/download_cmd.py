@@ -41,8 +41,8 @@ _KERMANY_HELP = (
     "Archive entries with absolute paths, '..', links or device files are refused, and so are zip bombs."
     "\n\n"
     "Examples:\n\n"
-    "    featcache data download kermany --dest data/kermany\n\n"
-    "    featcache data download kermany --dest data/kermany --source tfrecord"
+    "    featcache data download kermany --dest data/chest_xray\n\n"
+    "    featcache data download kermany --dest data/chest_xray --source tfrecord"
 )
 
 
@@ -155,7 +155,7 @@ def register_download(data_app: typer.Typer) -> None:
     download_app = typer.Typer(
         no_args_is_help=True,
         help="Download public datasets in the layout featcache reads.\n\n"
-             "Example:\n\n    featcache data download kermany --dest data/kermany",
+             "Example:\n\n    featcache data download kermany --dest data/chest_xray",
     )
     download_app.command("kermany", help=_KERMANY_HELP)(kermany)
     data_app.add_typer(download_app, name="download")

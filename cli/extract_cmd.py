@@ -35,8 +35,8 @@ HELP = (
     "Rows already in the cache are reused, duplicate files are computed once, and an interrupted run "
     "resumes where it stopped. Files that cannot be decoded are skipped and listed with their reason "
     "(exit 0; --strict makes that exit non-zero after the good images are cached).\n\n"
-    "Example: featcache extract --data ../shared/data/kermany224/train --backbone mobilenet-0.75 "
-    "--weights none --image-size 128"
+    "Example: featcache extract --data data/chest_xray --backbone vgg16   (the folders `featcache data "
+    "download kermany --dest data/chest_xray` makes)"
 )
 _PHASE_LABELS = {"backbone": "building backbone", "hash": "hashing files", "copy": "copying rows",
                  "extract": "extracting"}

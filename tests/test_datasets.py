@@ -458,7 +458,7 @@ def test_real_kermany_train_split(shared_dir):
 def test_cli_inspect_help(capsys):
     assert run(["data", "inspect", "--help"]) == 0
     out = capsys.readouterr().out
-    assert "featcache data inspect data/kermany" in out and "[,split]" in out
+    assert "featcache data inspect data/chest_xray" in out and "[,split]" in out
 
 
 def test_inspect_says_when_images_have_no_patient_id(tmp_path: Path, kermany_tree: Path, capsys) -> None:
