@@ -30,7 +30,8 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
         csv_out: Path | None = typer.Option(
             None, "--csv", help="Also write the predictions to this CSV file (image, label, features, "
-            "p_<class>...); the terminal then shows only a summary."),
+            "p_<class>...; missing folders are made); the terminal then shows only a summary. `-` prints "
+            "the CSV on stdout (the summary goes to stderr)."),
         backbone_file: list[Path] = typer.Option(
             [], "--backbone-file",
             help="Weights file or saved model the run's backbone was built from (matched by SHA-256).",
@@ -49,7 +50,11 @@ def register(app: typer.Typer) -> None:
 
         from featcache.predict import check_csv_target, predict
 
-        if csv_out is not None:
+        to_stdout = csv_out is not None and str(csv_out) == "-"
+        if to_stdout and as_json:
+            raise typer.BadParameter("--csv - and --json would both print on stdout; choose one.",
+                                     param_hint="--csv")
+        if csv_out is not None and not to_stdout:
             check_csv_target(csv_out)  # before the forward passes, not after them
         with progress_display(Console(stderr=True)) as bar:  # a folder of thousands of images takes a while
 
@@ -60,7 +65,11 @@ def register(app: typer.Typer) -> None:
 
             out = predict(images, run, runs_dir, backbone_files=backbone_file, progress=make_callback(bar),
                           before_backend=quiet_backend)
-        if csv_out is not None:
+        if to_stdout:
+            from featcache.predict import predictions_csv_text
+
+            typer.echo(predictions_csv_text(out), nl=False)
+        elif csv_out is not None:
             from featcache.predict import write_predictions_csv
 
             written = write_predictions_csv(out, csv_out)
@@ -68,9 +77,11 @@ def register(app: typer.Typer) -> None:
             typer.echo(json.dumps(out, indent=2))
         elif csv_out is not None:
             counts = Counter(p["label"] for p in out["predictions"])
-            Console().print(f"{len(out['predictions'])} image(s) classified ("
-                            + ", ".join(f"{shown(c)} {counts[c]}" for c in out["classes"])
-                            + f"); written to {escape(str(written))}", highlight=False, soft_wrap=True)
+            where = "printed above" if to_stdout else f"written to {escape(str(written))}"
+            Console(stderr=to_stdout).print(
+                f"{len(out['predictions'])} image(s) classified ("
+                + ", ".join(f"{shown(c)} {counts[c]}" for c in out["classes"]) + f"); {where}",
+                highlight=False, soft_wrap=True)
             _print_skipped(out)
         else:
             _print_table(out)

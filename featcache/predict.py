@@ -474,31 +474,38 @@ def check_csv_target(path: str | Path) -> Path:
     return path
 
 
-def write_predictions_csv(out: dict, path: str | Path) -> Path:
-    """predict's result as a CSV: image, label, features (cache or backbone), one p_<class> per class.
+def predictions_csv_text(out: dict) -> str:
+    """predict's result as CSV text: image, label, features (cache or backbone), one p_<class> per class.
 
-    Why a file: the terminal table folds long paths over several lines (grep for a file name failed),
+    Why a table: the terminal table folds long paths over several lines (grep for a file name failed),
     and a spreadsheet is where a clinician's list of images gets read. A path a spreadsheet would run as
     a formula (starting with =, +, - or @) gets a leading quote, as in leaderboard.csv.
     """
     import csv
+    import io
 
     from featcache.report.leaderboard import csv_cell
-
-    path = check_csv_target(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    classes = list(out["classes"])
     from featcache.runs import _utf8
 
+    classes = list(out["classes"])
+    buf = io.StringIO(newline="")
+    writer = csv.writer(buf)
+    writer.writerow(["image", "label", "features", *(f"p_{c}" for c in classes)])
+    for p in out["predictions"]:  # a name that is no UTF-8 written escaped (caf\xe9), as fit's CSVs
+        writer.writerow([csv_cell(_utf8(p["image"])), csv_cell(p["label"]),
+                         "cache" if p["from_cache"] else "backbone",
+                         *(repr(float(p["probabilities"][c])) for c in classes)])
+    return buf.getvalue()
+
+
+def write_predictions_csv(out: dict, path: str | Path) -> Path:
+    """:func:`predictions_csv_text` into ``path`` (missing folders are made), whole or not at all."""
+    path = check_csv_target(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:  # a file cut short by an error never replaces a good one
         with open(tmp, "w", encoding="utf-8", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["image", "label", "features", *(f"p_{c}" for c in classes)])
-            for p in out["predictions"]:  # a name that is no UTF-8 written escaped (caf\xe9), as fit's CSVs
-                writer.writerow([csv_cell(_utf8(p["image"])), csv_cell(p["label"]),
-                                 "cache" if p["from_cache"] else "backbone",
-                                 *(repr(float(p["probabilities"][c])) for c in classes)])
+            fh.write(predictions_csv_text(out))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

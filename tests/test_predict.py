@@ -108,6 +108,15 @@ def test_predictions_go_to_a_csv_with_a_summary_on_the_terminal(trained, tmp_pat
     for row, p in zip(rows, direct, strict=False):
         assert row["image"] == p["image"] and row["label"] == p["label"]
         assert float(row["p_PNEUMONIA"]) == p["probabilities"]["PNEUMONIA"]  # repr: no digits lost
+    # `--csv -` made a file named "-"; it prints the same table on stdout, the summary on stderr
+    assert cli(["predict", str(root / "test"), str(img), "--run", run_id, "--runs-dir", str(runs_dir),
+                "--csv", "-"]) == 0
+    printed = capsys.readouterr()
+    assert printed.out == out_csv.read_bytes().decode("utf-8") and not (tmp_path / "-").exists()
+    assert f"{n} image(s) classified (NORMAL " in " ".join(printed.err.split())
+    both = ["predict", str(img), "--run", run_id, "--runs-dir", str(runs_dir), "--csv", "-", "--json"]
+    assert cli(both) == 2
+    assert "would both print on stdout" in " ".join(capsys.readouterr().err.split())
     # a file name that is no UTF-8 (surrogate escapes on Linux) crashed the writer half-way: escaped now,
     # as fit's prediction CSVs write it, and a write that fails leaves the previous file whole
     from featcache.predict import write_predictions_csv
