@@ -179,7 +179,9 @@ def choose_threshold(
     ``youden`` maximises sensitivity + specificity - 1; ``sensitivity`` picks the highest threshold
     whose sensitivity reaches ``target_sensitivity`` (highest = best specificity at that sensitivity).
     Falls back to 0.5 when validation holds a single class (no ROC curve exists), and for ``youden`` when
-    no threshold does better than chance (every image given the same probability).
+    no threshold does better than chance (every image given the same probability). Of thresholds with
+    equal J, ``youden`` keeps the highest (the first in roc_curve's decreasing order): fewer false
+    positives at the same J, and one documented rule rather than whatever order ties fell in.
 
     The threshold returned lies midway between the validation score the ROC point is taken at and the
     next lower one: the same split of the validation images, but not equal to any of their scores. Why:

@@ -396,3 +396,14 @@ def test_a_holdout_of_one_patient_says_so_and_names_no_flag_of_the_kfold() -> No
         assert "add images of more patients" in str(err.value) and "--" not in str(err.value)
     with pytest.raises(DataError, match="lower --cv-folds"):  # the k-fold keeps its own advice
         grouped_kfold([0, 1, 0, 1], ["p9"] * 4, n_splits=2)
+
+
+def test_documented_tie_rules_youden_keeps_the_highest_threshold_argmax_the_first_class() -> None:
+    """README: of thresholds with equal Youden J the highest is kept; a 3-class exact tie goes to the class
+    listed first. J is 0.5 at 0.4 (midway to 0.3: 0.35) and at 0.2 (midway to 0.1: 0.15)."""
+    from featcache.metrics import predict_labels
+
+    assert choose_threshold([0, 1, 0, 1], [0.1, 0.2, 0.3, 0.4]) == pytest.approx(0.35)
+    assert choose_threshold([1, 0, 1, 0], [0.4, 0.3, 0.2, 0.1]) == pytest.approx(0.35)  # not the row order
+    labels = predict_labels(np.array([[0.4, 0.4, 0.2], [0.2, 0.4, 0.4], [0.3, 0.3, 0.4]]))
+    assert labels.tolist() == [0, 1, 2]
