@@ -81,10 +81,16 @@ def ls_cmd(
         if "error" in e:
             table.add_row(escape(e["file"]), "[red]unreadable[/]", *[""] * 6, _mb(e["size_bytes"]))
             continue
+        rows = str(e["n_rows"]) + ("" if e["clean"] else " [yellow](not closed)[/]")
         table.add_row(escape(e["file"]), escape(str(e["backbone"])), escape(str(e["pooling"])),
-                      escape(str(e["image_size"])), str(e["feature_dim"]), str(e["n_rows"]),
+                      escape(str(e["image_size"])), str(e["feature_dim"]), rows,
                       escape(",".join(e["views"])), escape(str(e["dtype"])), _mb(e["size_bytes"]))
     print_table(console, table)
+    open_ = [e for e in entries if "error" not in e and not e["clean"]]
+    if open_:  # an interrupted extract looked like a finished one of fewer images
+        console.print(f"[yellow]{len(open_)} file(s) not closed cleanly[/]: an extract is writing them or "
+                      "was interrupted; the same extract command finishes them (see `cache info FILE`).",
+                      soft_wrap=True, highlight=False)
     gone = [e for e in entries if e.get("dataset_root") and not e.get("shard")  # shards are not copied from
             and _gone(Path(str(e["dataset_root"])))]
     for e in gone:  # a moved or deleted dataset: say so, since the file name shows only its last folder

@@ -724,7 +724,14 @@ def test_cli_ls_info_json_and_escaping(tmp_path: Path, capsys: pytest.CaptureFix
 
     assert run(["cache", "ls", "--cache-dir", str(tmp_path / "cache")]) == 0
     out = capsys.readouterr().out
-    assert path.name in out and "testnet" in out and "unreadable" in out
+    assert path.name in out and "testnet" in out and "unreadable" in out and "not closed" not in out
+    # a writer killed after reserving rows: `ls` showed its 4 rows like a finished cache's
+    with h5py.File(path, "r+", locking=False) as f:
+        for name in fc.DATASETS:
+            f[name].resize(7, axis=0)
+    assert run(["cache", "ls", "--cache-dir", str(tmp_path / "cache")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "4 (not closed)" in out and "1 file(s) not closed cleanly" in out
 
     assert run(["cache", "info", str(path)]) == 0
     out = capsys.readouterr().out
