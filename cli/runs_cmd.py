@@ -222,14 +222,14 @@ def show_cmd(
     about.add_column(style="bold")
     about.add_column(overflow="fold")
     env = info.get("environment") if isinstance(info.get("environment"), dict) else {}
+    setup = training_settings(info)
     rows = [
         ("folder", str(run.path)),
         ("finished", str(info.get("finished", "-"))),
         ("command", replay_command(info) or "-"),
         ("head / task", f"{info.get('head')} / {info.get('task')} ({', '.join(info.get('classes') or [])})"),
         ("params", params_text(info.get("params") or {})),
-        *([("setup", ", ".join(f"{k}={v}" for k, v in training_settings(info).items()))]
-          if training_settings(info) else []),
+        *([("setup", ", ".join(f"{k}={v}" for k, v in setup.items()))] if setup else []),
         *([("grid position", f"config {info['grid']['index'] + 1} of {info['grid']['size']} (its seed, "
                              "minibatches and dropout come from its place)")]
           if isinstance(info.get("grid"), dict) and isinstance(info["grid"].get("index"), int) else []),
