@@ -149,7 +149,10 @@ def register(app: typer.Typer) -> None:
             "--id",
             help="Only runs whose id matches this glob or substring (repeatable), e.g. --id '*-mlp-*'.",
         ),
-        metric: str = typer.Option("accuracy", "--metric", help=METRIC_HELP),
+        metric: str | None = typer.Option(
+            None, "--metric", show_default=False,
+            help=METRIC_HELP + " Default: the metric the runs were selected by (`fit --metric`) when they "
+            "all agree, else accuracy."),
         heatmap: str | None = typer.Option(
             None,
             "--heatmap",

@@ -1020,7 +1020,8 @@ def fit(
     result = FitResult(sweep_id=sweep_id, n_configs=len(configs), selection=selection,
                        caches={c["name"]: Path(c["path"]) for c in caches},
                        left_out=[(dataset.records[i].relpath, why) for i, why in undecodable.items()],
-                       notes=(_preset_task_notes(opts, preset, task) + _unused_option_notes(opts, head_obj)
+                       notes=(_preset_task_notes(opts, preset, task)
+                              + _unused_option_notes(opts, head_obj, len(classes))
                               + _binary_label_notes(records, task) + _leak_notes(records, pool, test, keys)
                               + merged))
     # the config hashes of the runs this sweep writes: claimed under the lock, then looked up among done runs
@@ -1090,11 +1091,13 @@ def _preset_task_notes(opts: FitOptions, preset: Any, task: str) -> list[str]:
             f"default); add --task {others[0]} for the other."]
 
 
-def _unused_option_notes(opts: FitOptions, head_obj: Any) -> list[str]:
-    """A note for each option given a non-default value that this head does not use: accepted without a
-    word, it looked as if it had shaped the runs."""
+def _unused_option_notes(opts: FitOptions, head_obj: Any, n_classes: int = 2) -> list[str]:
+    """A note for each option given a non-default value that this head (or task) does not use: accepted
+    without a word, it looked as if it had shaped the runs."""
     defaults = FitOptions()
     unused = []
+    if n_classes > 2 and opts.threshold != defaults.threshold:
+        unused.append(f"--threshold (a {n_classes}-class head labels each image by its most probable class)")
     if head_obj.selection == "cv" and opts.val_fraction != defaults.val_fraction:
         unused.append(f"--val-fraction ({head_obj.name} is validated by {opts.cv_folds}-fold CV)")
     if head_obj.selection != "cv" and opts.cv_folds != defaults.cv_folds:
@@ -1103,7 +1106,12 @@ def _unused_option_notes(opts: FitOptions, head_obj: Any) -> list[str]:
         unused += [f"{flag} (mlp only)" for flag, value, default in (
             ("--mlp-precision", opts.mlp_precision, defaults.mlp_precision),
             ("--mlp-trainer", opts.mlp_trainer, defaults.mlp_trainer)) if value != default]
-    return [f"not used by the {head_obj.name} head: {u}." for u in unused]
+    notes = [f"not used by the {head_obj.name} head: {u}." for u in unused]
+    if head_obj.selection != "cv" and opts.metric != defaults.metric:  # no choice inside fit to make
+        notes.append(f"--metric {opts.metric}: every {head_obj.name} config is a run of its own, so the "
+                     "metric changes nothing they train; it orders fit's table and `featcache report` ranks "
+                     "the runs by it (it is in a run's id: runs made with another --metric train again).")
+    return notes
 
 
 def _binary_label_notes(records: Sequence[Any], task: str) -> list[str]:

@@ -1432,6 +1432,18 @@ def test_options_the_head_does_not_use_are_noted(setup) -> None:
     assert "not used by the logreg head: --mlp-precision (mlp only)." in res.notes
     plain = fit(root, "fakenet", "logreg", opts(cache_dir, runs_dir, grid_args=["C=1"]))
     assert not any(n.startswith("not used") for n in plain.notes)
+    # a fit audit: --threshold on a 3-class task, and --metric with mlp (each config its own run), were
+    # accepted without a word, and the mlp runs retrained under a new id as the metric is in it
+    three = fit(root, "fakenet", "knn", opts(cache_dir, runs_dir, grid_args=["n_neighbors=3"], task="3class",
+                                             threshold="sensitivity:0.9"))
+    assert ("not used by the knn head: --threshold (a 3-class head labels each image by its most probable "
+            "class).") in three.notes
+    from featcache.fit import FitOptions, _unused_option_notes
+    from featcache.heads import get_head
+
+    said = " ".join(_unused_option_notes(FitOptions(metric="auc"), get_head("mlp")))
+    assert "--metric auc: every mlp config is a run of its own" in said and "train again" in said
+    assert not _unused_option_notes(FitOptions(metric="auc"), get_head("logreg"))  # its CV search uses it
 
 
 def test_a_preset_names_the_task_it_ran_when_the_paper_ran_two() -> None:
@@ -1742,3 +1754,29 @@ def test_a_pad_cache_made_before_full_size_boxes_does_not_block_fit(tmp_path: Pa
         w.append(keys, ["orig"] * len(keys), [paths[k] for k in keys], np.zeros((len(keys), 6), np.float32))
     with pytest.raises(CacheError, match="differ in resize"):
         fit(root, "fakenet", "logreg", opts(tmp_path / "cache", tmp_path / "runs2", grid_args=["C=1"]))
+
+
+def test_report_ranks_by_the_metric_the_runs_were_selected_by(setup, tmp_path: Path, capsys) -> None:
+    """`fit --metric auc` then `report` ranked by accuracy: the report headlined another config than the one
+    auc picks (an mlp sweep's configs are each a run) while its provenance said metric=auc (a fit audit)."""
+    from featcache.report import ReportOptions, build_report
+
+    root, cache_dir, runs_dir = setup
+    for k in (1, 9):
+        fit(root, "fakenet", "knn", opts(cache_dir, runs_dir, grid_args=[f"n_neighbors={k}"], metric="auc"))
+    res = build_report(runs_dir, tmp_path / "rep", ReportOptions(inspect_data=False))
+    text = " ".join(res.markdown.read_text(encoding="utf-8").split())
+    assert res.metric == "auc" and "sorted by validation auc" in text
+    assert "Ranked by validation auc, the metric these runs were selected by (fit --metric auc)" in text
+    aucs = [r["val_auc"] for r in json.loads(res.json.read_text())["runs"]]
+    assert aucs == sorted(aucs, reverse=True)
+    res = build_report(runs_dir, tmp_path / "rep2", ReportOptions(metric="accuracy", inspect_data=False))
+    assert res.metric == "accuracy" and "Ranked by validation auc" not in res.markdown.read_text()
+    fit(root, "fakenet", "knn", opts(cache_dir, runs_dir, grid_args=["n_neighbors=3"]))  # by accuracy
+    res = build_report(runs_dir, tmp_path / "rep3", ReportOptions(inspect_data=False))
+    text = " ".join(res.markdown.read_text(encoding="utf-8").split())
+    assert res.metric == "accuracy"
+    assert "selected by different metrics (accuracy (1 run(s)), auc (2 run(s))); they are ranked by" in text
+    assert cli(["report", "--runs-dir", str(runs_dir), "--out", str(tmp_path / "rep4"), "--no-inspect",
+                "--id", "*knn*", "--tag", "x"]) == 2  # no such tag: an error, not a default metric crash
+    capsys.readouterr()

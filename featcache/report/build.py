@@ -12,7 +12,7 @@ import functools
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +81,7 @@ DEMO_NOTE = (
 class ReportOptions:
     """What to include and how to rank (the `featcache report` flags)."""
 
-    metric: str = "accuracy"
+    metric: str | None = None  # None: the metric the runs were selected by when they agree, else accuracy
     group_by: str | None = None  # "backbone" | "head" | "task"
     top: int | None = None  # best N runs per group in the leaderboard
     tags: Sequence[str] = ()
@@ -1881,6 +1881,29 @@ def check_figure_formats(formats: Sequence[str]) -> None:
                           f"figure is always written as PNG too), not {', '.join(map(repr, bad))}.")
 
 
+def _metric_of_runs(options: ReportOptions, runs: Sequence[RunRecord]) -> ReportOptions:
+    """``options`` ranking by the metric every run was selected by (`fit --metric`), else by accuracy.
+
+    Why: `fit --metric auc` then `report` ranked by accuracy, so the report headlined another config than
+    the one the user's metric picks (an mlp sweep, whose configs are each a run, most visibly) while its
+    provenance said metric=auc. A note says which metric ranks, and why.
+    """
+    from collections import Counter
+
+    recorded = Counter(str(r.run.get("metric") or "accuracy") for r in runs)
+    if len(recorded) == 1:
+        metric = next(iter(recorded))
+        notes = [] if metric == "accuracy" else [
+            f"Ranked by validation {metric}, the metric these runs were selected by (fit --metric "
+            f"{metric}); report --metric ranks by another."]
+    else:
+        metric = "accuracy"
+        listed = ", ".join(f"{m} ({n} run(s))" for m, n in sorted(recorded.items()))
+        notes = [f"These runs were selected by different metrics ({listed}); they are ranked by validation "
+                 "accuracy; report --metric chooses another."]
+    return replace(options, metric=metric, notes=(*options.notes, *notes))
+
+
 def build_report(
     runs_dir: str | Path = "runs",
     out_dir: str | Path = "reports",
@@ -1919,6 +1942,8 @@ def build_report(
             f"none of the {len(all_runs)} finished runs in {runs_dir} matches the --tag/--id selection; "
             "list run ids and tags with `featcache runs ls`."
         )
+    if options.metric is None:
+        options = _metric_of_runs(options, runs)
     emit(progress, "report", 0, len(runs), "computing metrics")
     ranked = build_leaderboard(runs, options.metric, options.group_by)
     rows = top_of_groups(ranked, options.top)
