@@ -682,6 +682,35 @@ def changed_records(path: Path, info: dict) -> list[str]:
     return problems
 
 
+def edited_run_json(info: dict, metrics: dict) -> list[str]:
+    """Where run.json contradicts metrics.json (whose SHA-256 run.json records): run.json edited by hand.
+
+    Why: run.json cannot record its own digest, and a changed ``threshold.chosen`` or ``params`` was
+    published as the run's (a test sensitivity at 0.9 beside the interval recorded at the real
+    threshold, the CV grid view saying the search chose another config). The threshold metrics.json's
+    at-threshold numbers were computed at, and the configs its CV results rank first, are the fit's own.
+    """
+    if not isinstance(metrics, dict):
+        return []
+    problems = []
+    chosen = (info.get("threshold") or {}).get("chosen") if isinstance(info.get("threshold"), dict) else None
+    for split in ("test", "val"):
+        at = (metrics.get(split) or {}).get("at_threshold") if isinstance(metrics.get(split), dict) else None
+        if isinstance(at, dict) and isinstance(at.get("threshold"), (int, float)):
+            if chosen != at["threshold"]:
+                problems.append(f"run.json's chosen threshold ({chosen}) is not the {at['threshold']} "
+                                "metrics.json was computed at: run.json was edited after the fit")
+            break
+    cv = metrics.get("cv_results")
+    if isinstance(cv, dict) and isinstance(cv.get("params"), list) and isinstance(cv.get("rank_test_score"),
+                                                                                    list):
+        best = [p for p, r in zip(cv["params"], cv["rank_test_score"], strict=False) if r == 1]
+        if best and info.get("params") not in best:
+            problems.append("run.json's params are not a config its CV search ranked first (metrics.json): "
+                            "run.json was edited after the fit")
+    return problems
+
+
 def verify_artifacts(run: Run) -> None:
     """RunError unless every recorded model file exists and matches its recorded sha256."""
     arts = run.info.get("artifacts") or {}
@@ -715,7 +744,13 @@ def load_head(run: Run) -> Any:
 def run_problems(run: Run) -> list[str]:
     """Why a done run's results cannot be trusted ([] when they can): result files changed after the fit
     or missing, or model files gone. The report leaves such a run out, and so do listings."""
-    return changed_records(run.path, run.info) + missing_artifacts(run.path, run.info)
+    problems = changed_records(run.path, run.info) + missing_artifacts(run.path, run.info)
+    if not problems and (run.path / "metrics.json").is_file():
+        try:
+            problems += edited_run_json(run.info, run.metrics())
+        except RunError as exc:
+            problems.append(str(exc))
+    return problems
 
 
 def missing_artifacts(path: Path, info: dict) -> list[str]:

@@ -499,6 +499,35 @@ def test_runs_ls_lists_only_runs_the_report_would_publish(setup, capsys, monkeyp
     assert cli(["runs", "drop-checkpoints", "--all", "--runs-dir", str(runs_dir) + "x"]) == 2
 
 
+def test_a_hand_edited_run_json_is_left_out_as_damaged(setup, tmp_path: Path, capsys) -> None:
+    """run.json cannot record its own SHA-256: a chosen threshold or params edited after the fit were
+    published as the run's (a report audit: test sensitivity at 0.9 beside the CI recorded at the real
+    threshold, and params the CV search had not chosen). metrics.json, whose digest run.json records,
+    says which threshold and which configs are the fit's."""
+    from featcache.report import ReportOptions, build_report
+
+    root, cache_dir, runs_dir = setup
+    for k in (3, 5):
+        fit(root, "fakenet", "knn", opts(cache_dir, runs_dir, grid_args=[f"n_neighbors=1,{k}"]))
+    moved, swapped = sorted(p for p in runs_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert cli(["runs", "ls", "--runs-dir", str(runs_dir), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 2  # untouched runs pass the check
+    info = json.loads((moved / "run.json").read_text())
+    info["threshold"]["chosen"] = 0.9
+    (moved / "run.json").write_text(json.dumps(info))
+    info = json.loads((swapped / "run.json").read_text())
+    info["params"] = {**info["params"], "n_neighbors": 99}  # a config the search never tried
+    (swapped / "run.json").write_text(json.dumps(info))
+    assert cli(["runs", "ls", "--runs-dir", str(runs_dir), "--json"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out) == []
+    err = " ".join(out.err.split())
+    assert "run.json's chosen threshold (0.9) is not the" in err and "edited after the fit" in err
+    assert "run.json's params are not a config its CV search ranked first" in err
+    with pytest.raises(RunError, match="no usable runs"):
+        build_report(runs_dir, tmp_path / "rep", ReportOptions(inspect_data=False))
+
+
 def test_cli_fit_table(setup, capsys) -> None:
     root, cache_dir, runs_dir = setup
     code = cli(_fit_cmd(root, cache_dir, runs_dir, "--head", "logreg", "--grid", "C=[bold]1"))

@@ -1595,7 +1595,7 @@ def _no_id_runs(tmp_path: Path) -> Path:
         metrics = json.loads((folder / "metrics.json").read_text())
         metrics["test"] = {"n": 60, "accuracy": float(np.mean(pred.proba.argmax(1) == pred.y_true)),
                            "ci": {**ci, "resampled": "file-name groups"}, "at_threshold": {"ci": dict(ci)}}
-        metrics["cv_results"] = {"params": [{"C": 0.1}, {"C": 1.0}], "mean_test_score": [0.9, 0.8],
+        metrics["cv_results"] = {"params": [{"C": float(k)}, {"C": 0.1}], "mean_test_score": [0.9, 0.8],
                                  "std_test_score": [0.01, 0.02], "rank_test_score": [1, 2],
                                  "mean_fit_time": [0.0, 0.0]}
         (folder / "metrics.json").write_text(json.dumps(metrics))

@@ -21,7 +21,7 @@ import numpy as np
 from featcache.errors import RunError
 from featcache.metrics import predict_labels
 from featcache.progress import ProgressFn, emit
-from featcache.runs import changed_records, missing_artifacts, sheet_unquote
+from featcache.runs import changed_records, edited_run_json, missing_artifacts, sheet_unquote
 
 ASSETS = "report_files"  # the report's figure folder (report.md's links), beside report.html
 
@@ -169,6 +169,8 @@ def load_run(path: Path) -> RunRecord:
                 rec.problems.append(f"predictions_{split}.csv unreadable ({exc})")
     rec.problems += changed_records(path, run) if run.get("records") else _disagreements(rec)
     rec.problems += missing_artifacts(path, run)  # as `runs ls`: a run without its model is not a result
+    if not rec.problems:
+        rec.problems += edited_run_json(run, rec.metrics)
     return rec
 
 
