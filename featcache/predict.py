@@ -22,7 +22,7 @@ from featcache.errors import DataError, NetworkError, RunError
 from featcache.hashing import sha256_bytes
 from featcache.metrics import predict_labels
 from featcache.progress import ProgressFn, emit
-from featcache.runs import Run, load_head, load_run
+from featcache.runs import Run, edited_run_json, load_head, load_run
 
 PREDICT_CHUNK = 64
 """Images read, decoded and classified together: bounds memory (full-size originals are megabytes each)
@@ -359,6 +359,10 @@ def predict(
     if str(run.info.get("head", "")).strip().lower() == "mlp" and before_backend is not None:
         before_backend()
     model = load_head(run)  # sha256 of every model file checked first
+    edited = edited_run_json(run.info, run.metrics())  # the threshold it labels with is run.json's
+    if edited:
+        raise RunError(f"run '{run.id}' cannot be used: {edited[0]}; fit it again (the same fit command "
+                       "plus --retrain).")
     listed = expand_images(images)
     paths = [path for path, _ in listed]
     if not paths:

@@ -161,8 +161,16 @@ def test_tampered_model_is_refused(trained, tmp_path: Path, capsys) -> None:
     assert cli(["predict", str(img), "--run", run_id, "--runs-dir", str(copy_dir)]) != 0
     err = " ".join(capsys.readouterr().err.split())
     assert "SHA-256" in err and "plus --retrain" in err  # "fit the run again": fit skipped it as done
-    # a model file not recorded in run.json (e.g. dropped in by someone else) is never the one loaded
+    # a hand-edited threshold in run.json labelled every image by it (a report audit): refused
     info = json.loads((copy_dir / run_id / "run.json").read_text())
+    shutil.rmtree(copy_dir / run_id)
+    shutil.copytree(runs_dir / run_id, copy_dir / run_id)
+    assert info["threshold"]["chosen"] not in (None, 0.99)
+    edited = {**info, "threshold": {**info["threshold"], "chosen": 0.99}}
+    (copy_dir / run_id / "run.json").write_text(json.dumps(edited))
+    with pytest.raises(RunError, match=r"chosen threshold \(0.99\) is not the .* plus --retrain"):
+        predict([img], run_id, copy_dir)
+    # a model file not recorded in run.json (e.g. dropped in by someone else) is never the one loaded
     info["artifacts"] = {}
     (copy_dir / run_id / "run.json").write_text(json.dumps(info))
     with pytest.raises(RunError, match="records no model files"):
