@@ -1768,16 +1768,20 @@ def _fit_holdout(ctx: _Ctx, configs: list[dict], result: FitResult, hashes: list
     finished = [0]
 
     def on_result(ci: int, model: Any, history: dict) -> None:
-        final = model
-        sel = selection
+        final, sel, kept, train_fit = model, selection, indices, (Xtr, yy)
         if ctx.refit:  # retrain the chosen config on all pool images, for the hold-out model's epochs
             from featcache.heads.mlp import refit_plan
 
             params, rates, plan = refit_plan(configs[ci], history)
             rr, vv, yr = ctx.train_rows(pool, np.random.default_rng(opts.seed + 1))
-            final, _ = ctx.head_obj.train(ctx.feats.rows(rr, vv), yr, Xva, yva, params, seed=opts.seed,
-                                          lr_per_epoch=rates)
-            sel = {**selection, "refit_train_indices_digest": index_digest(np.unique(rr)), "refit_plan": plan}
+            Xrr = ctx.feats.rows(rr, vv)
+            final, _ = ctx.head_obj.train(Xrr, yr, Xva, yva, params, seed=opts.seed, lr_per_epoch=rates)
+            # the saved model's own rows: its images (indices.npz "refit_train"), its train metrics and the
+            # seed it trained with (the run's --seed, not the grid position's); a fit audit found the record
+            # described the hold-out model's training rows only
+            sel = {**selection, "refit_train_indices_digest": index_digest(np.unique(rr)), "refit_plan": plan,
+                   "refit_n_train_images": int(len(np.unique(rr))), "refit_seed": opts.seed}
+            kept, train_fit = {**indices, "refit_train": np.unique(rr)}, (Xrr, yr)
         p_val = ctx.proba(model, va_idx)
         run = _store_run(
             ctx,
@@ -1787,9 +1791,9 @@ def _fit_holdout(ctx: _Ctx, configs: list[dict], result: FitResult, hashes: list
             selection=sel,
             val_idx=va_idx,
             p_val=p_val,
-            indices=indices,
+            indices=kept,
             extra_metrics={"history": _jsonable_history(history)},
-            train_fit=(Xtr, yy),
+            train_fit=train_fit,
             trainer={"selection": dict(model.trainer), "saved_model": dict(final.trainer)},
             grid={"index": ci, "size": len(configs), "configs": [to_jsonable(c) for c in configs]},
         )

@@ -1575,6 +1575,12 @@ def test_an_mlp_refit_trains_for_the_hold_out_models_epochs(setup, monkeypatch) 
     assert held["epochs"] == 40 and refit["epochs"] == best and refit["patience"] is None
     assert not refit["checkpoint"] and refit["reduce_lr_patience"] is None
     assert rates == pytest.approx(history["lr"][:best])
+    # the record describes the saved (refit) model: its images, its train metrics, its seed (a fit audit:
+    # indices.npz held only the hold-out model's training images and "train" metrics were of those)
+    sel, idx = run["selection"], run.indices()
+    assert index_digest(idx["refit_train"]) == sel["refit_train_indices_digest"]
+    assert len(idx["refit_train"]) == sel["refit_n_train_images"] > sel["n_train_images"] == len(idx["train"])
+    assert sel["refit_seed"] == 0 and run.metrics()["train"]["n"] == len(idx["refit_train"])
     monkeypatch.setattr(MLPHead, "train", real_train)
     # the refits trained before (early-stopped on their own rows) are other models: not "already done"
     from featcache.fit import _holdout_hashes
