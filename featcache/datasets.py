@@ -329,11 +329,21 @@ def _refuse_nested_root(
     or Kermany classes (NORMAL/PNEUMONIA) can only be such a wrapper.
     """
     inner: dict[str, set[str]] = defaultdict(set)
+    split_then_images: dict[str, str] = {}  # class folder -> a split folder holding images directly
     for parts, _path, _split, label in classified:
         if len(parts) >= 3:
             sub = parts[1]
             if split_folder(sub) is not None or sub.upper() in _KERMANY_LABELS:
                 inner[label].add(sub)
+            if len(parts) == 3 and split_folder(sub) is not None:
+                split_then_images.setdefault(label, sub)
+    if len(split_then_images) > 1:  # NORMAL/train/x.jpeg: classes first; no wrapper to step into (a fit
+        first = sorted(split_then_images)[0]  # audit: "pass 'NORMAL'" was advice that then failed)
+        sub, names = split_then_images[first], ", ".join(sorted(split_then_images))
+        raise DataError(
+            f"'{os.fsdecode(root)}' holds its splits inside its class folders ({names} hold {sub}/ ...); "
+            f"featcache reads the split first, then the class: '{sub}/{first}/', not '{first}/{sub}/'. Move "
+            "the folders that way, or list the images in a CSV manifest (path,label,split) and pass that.")
     if inner:
         label = sorted(inner)[0]
         subs = ", ".join(f"{s}/" for s in sorted(inner[label]))

@@ -216,6 +216,14 @@ def test_folder_above_a_dataset_is_refused(kermany_tree, tmp_path):
     with pytest.raises(DataError, match=r"'mytrain' holds NORMAL/, PNEUMONIA/"):
         discover(tmp_path / "up")
     assert len(discover(outer / "chest_xray").records) == len(discover(kermany_tree).records)
+    # classes first, then splits (NORMAL/train/...): stepping into 'NORMAL' as advised then failed
+    for split in ("train", "test"):
+        for label in ("NORMAL", "PNEUMONIA"):
+            shutil.copytree(kermany_tree / split / label, tmp_path / "cf" / label / split)
+    with pytest.raises(DataError, match=r"holds its splits inside its class folders \(NORMAL, PNEUMONIA hold "
+                       r"test/ ...\); featcache reads the split first, then the class: 'test/NORMAL/', not "
+                       r"'NORMAL/test/'.* CSV manifest"):
+        discover(tmp_path / "cf")
     # deeper folders inside a class folder stay allowed when they are not splits or Kermany classes
     write_xray(tmp_path / "pets" / "dogs" / "2024" / "a.png", seed=1)
     write_xray(tmp_path / "pets" / "cats" / "b.png", seed=2)
