@@ -1760,3 +1760,26 @@ def test_the_terminal_lists_the_best_run_of_every_group() -> None:
             for i in range(2)]
     assert [r["run_id"] for r in terminal_leaders(rows, True)] == [f"r{g}0" for g in range(6)]
     assert [r["run_id"] for r in terminal_leaders(rows, False)] == [f"r{g}0" for g in range(TERMINAL_ROWS)]
+
+
+def test_a_threshold_is_never_shown_rounded_onto_0_0_5_or_1() -> None:
+    """A report audit: a chosen threshold of 0.9999969 read "1.000", "1.00" and "chosen 1" (p >= 1 calls
+    nothing positive, while sensitivity at it was 0.88), and 0.4988 read "0.50", the default."""
+    from featcache.report.plots import threshold_text
+
+    assert threshold_text(0.9999969) == "0.999997"
+    assert threshold_text(0.4988) == "0.4988"
+    assert threshold_text(0.50004) == "0.50004"
+    assert threshold_text(3e-7) == "3e-07"
+    assert [threshold_text(v) for v in (0.5, 0.37, 1.0, 0.0)] == ["0.5", "0.37", "1", "0"]
+    assert threshold_text(0.371234567) == "0.3712"
+    assert threshold_text(None) == "n/a" and threshold_text(None, "—") == "—"
+
+
+def test_the_hero_and_leaderboard_show_a_threshold_below_1_as_below_1(tmp_path):
+    runs = tmp_path / "runs"
+    write_fake_run(runs, "20240101-000001-logreg-aaaaaaaa", threshold=0.9999969)
+    text = build_report(runs, tmp_path / "out", ReportOptions(detail=0)).markdown.read_text(encoding="utf-8")
+    assert "threshold 0.999997, chosen on validation" in text
+    assert "| **0.999997** |" in text  # the leaderboard's thr column (the best row is bold)
+    assert "1.000, chosen" not in text and "**1.00**" not in text

@@ -187,7 +187,7 @@ def _hero(best: dict, metric: str, has_test: bool) -> Hero:
             Stat(
                 "validation accuracy @ chosen threshold",
                 _f(best.get("val_accuracy_thr")),
-                f"threshold {thr:.3f}, chosen on validation",
+                f"threshold {plots.threshold_text(thr)}, chosen on validation",
             )
         )
     if has_test and best.get("test_accuracy") is not None:
@@ -394,7 +394,7 @@ def _leaderboard_table(rows: Sequence[dict], metric: str, has_test: bool) -> Tab
     if thresholds:
         cols += [
             ("val acc @thr", lambda r: _f(r.get("val_accuracy_thr"))),
-            ("thr", lambda r: _f(r.get("threshold"), 2)),
+            ("thr", lambda r: plots.threshold_text(r.get("threshold"), "—")),
         ]
     if metric != "auc":
         cols.append(("val AUC", lambda r: _f(r.get("val_auc"))))
