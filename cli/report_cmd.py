@@ -95,6 +95,11 @@ def print_outputs(result, console: Console) -> None:
     table = _leaders_table(result)
     if table is not None:
         print_table(console, table)
+    random = getattr(result, "random_weights", None) or []
+    if random:
+        console.print(f"[yellow]Random weights: {escape(', '.join(random))} features come from randomly "
+                      "initialised weights (--weights none), not ImageNet: those runs test the pipeline, and "
+                      "their accuracy says nothing about the method.[/]")
     console.print(
         f"[green]Report written[/] ({result.n_runs} runs; best [bold]{escape(str(result.best_run_id))}[/]):"
     )

@@ -1783,3 +1783,21 @@ def test_the_hero_and_leaderboard_show_a_threshold_below_1_as_below_1(tmp_path):
     assert "threshold 0.999997, chosen on validation" in text
     assert "| **0.999997** |" in text  # the leaderboard's thr column (the best row is bold)
     assert "1.000, chosen" not in text and "**1.00**" not in text
+
+
+def test_the_terminal_warns_when_a_ranked_run_has_random_weights(tmp_path, capsys):
+    """A report audit: `featcache report` printed the test accuracy of --weights none runs with no word,
+    while the HTML has a callout; the terminal says it now, also when that run is not among the leaders."""
+    runs = tmp_path / "runs"
+    write_fake_run(runs, "20240101-000001-logreg-aaaaaaaa", quality=3.0)
+    args = ["report", "--runs-dir", str(runs), "--out", str(tmp_path / "out"), "--detail", "0", "--top", "1"]
+    assert run(args) == 0
+    assert "Random weights" not in capsys.readouterr().out
+    folder = write_fake_run(runs, "20240101-000002-logreg-bbbbbbbb", quality=0.1, seed=1)
+    info = json.loads((folder / "run.json").read_text())
+    info["backbones"][0]["weights"] = "none"
+    (folder / "run.json").write_text(json.dumps(info))
+    assert run(args) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert ("Random weights: mobilenet-0.75 features come from randomly initialised weights (--weights none)"
+            in out)

@@ -107,6 +107,9 @@ class ReportResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     metric: str = "accuracy"
     leaders: list[dict] = field(default_factory=list)  # the best rows (leaderboard columns), for the terminal
+    # backbones of ranked runs with --weights none: the terminal warns as the report's callout does, since
+    # its leaders table alone shows their accuracy as if it measured the method
+    random_weights: list[str] = field(default_factory=list)
 
 
 def _f(value: Any, digits: int = 3) -> str:
@@ -1982,7 +1985,7 @@ def build_report(
     leaders = terminal_leaders(rows, bool(options.group_by))
     return ReportResult(out_dir, out_dir / "report.html", out_dir / "report.md", out_dir / "leaderboard.csv",
                         out_dir / "leaderboard.json", len(rows), best["run_id"], skipped, options.metric,
-                        leaders)
+                        leaders, sorted({r.backbone for r in searched if r.random_weights}))
 
 
 TERMINAL_ROWS = 5  # best runs the CLI prints after writing an ungrouped report (grouped: each group's best)
