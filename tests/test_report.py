@@ -1801,3 +1801,64 @@ def test_the_terminal_warns_when_a_ranked_run_has_random_weights(tmp_path, capsy
     out = " ".join(capsys.readouterr().out.split())
     assert ("Random weights: mobilenet-0.75 features come from randomly initialised weights (--weights none)"
             in out)
+
+
+def _rewrite_test_csv(folder: Path, keep=lambda row: True, change=lambda row: row) -> None:
+    """Keep (and change) rows of a fake run's test predictions, as if fit had written those."""
+    path = folder / "predictions_test.csv"
+    with open(path, encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    rows = [change(dict(r)) for r in rows if keep(r)]
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _record_no_width(folder: Path, names: list[str]) -> None:
+    """metrics.json as fit writes it where the bootstrap intervals of ``names`` had no width."""
+    m = json.loads((folder / "metrics.json").read_text())
+    n = len(_read_preds(folder / "predictions_test.csv")[0])
+    m["test"] = {"n": n, "ci": {"n_boot": 200, "resampled": "patients", "no_width": names}}
+    (folder / "metrics.json").write_text(json.dumps(m))
+
+
+def test_a_test_split_of_one_class_is_named_as_why_auc_is_undefined(tmp_path):
+    """A report audit: two binary runs tested on PNEUMONIA images only read "test AUC: — (95% CI —–—)",
+    "the paired AUC difference is computed for binary runs only (—)" and, for their F1 [0.5–0.5], "few
+    patients, such as one holding every test image of a class"; each now names the absent class."""
+    runs = tmp_path / "runs"
+    for i in range(2):
+        folder = write_fake_run(runs, f"2024010{i + 1}-000000-logreg-0000000{i}", quality=2 - i, seed=i)
+        _rewrite_test_csv(folder, keep=lambda r: r["y_true"] == "1")
+        _record_no_width(folder, ["macro_f1"])
+    text = build_report(runs, tmp_path / "out", ReportOptions(detail=0)).markdown.read_text(encoding="utf-8")
+    text = " ".join(text.split())
+    assert ("**test AUC:** undefined (the test split holds PNEUMONIA images only: AUC needs both classes)"
+            in text)
+    assert ("the test split holds no NORMAL image, so AUC, and the paired AUC difference, is undefined (—)"
+            in text)
+    assert "binary runs only" not in text
+    assert ("(macro\\_f1) means every resample gave the same value (macro\\_f1: no NORMAL image in the test "
+            "split) and is no measure of certainty") in text
+    assert "such as one holding" not in text
+
+
+def test_an_interval_without_width_is_explained_by_what_the_predictions_show(tmp_path):
+    """A report audit: a model giving every test image the same score (AUC [0.5–0.5]) was explained as
+    "few patients, such as one holding every test image of a class"; that cause is now said only where
+    the test predictions show it, and nothing is guessed where they show none."""
+    flat, one, plain = tmp_path / "flat", tmp_path / "one", tmp_path / "plain"
+    folder = write_fake_run(flat, "20240101-000000-mlp-00000000", head="mlp")
+    _rewrite_test_csv(folder, change=lambda r: {**r, "p_NORMAL": "0.470258", "p_PNEUMONIA": "0.529742"})
+    _record_no_width(folder, ["auc"])
+    folder = write_fake_run(one, "20240101-000000-logreg-00000000")
+    _rewrite_test_csv(folder, change=lambda r: {
+        **r, "group": "patient-1" if r["y_true"] == "0" else r["relpath"]})
+    _record_no_width(folder, ["specificity"])
+    folder = write_fake_run(plain, "20240101-000000-logreg-00000000")
+    _record_no_width(folder, ["sensitivity"])
+    assert "(auc: a model gave every test image the same score)" in _methods_md(flat, tmp_path / "a")
+    assert "(specificity: one patient holding every NORMAL test image)" in _methods_md(one, tmp_path / "b")
+    methods = _methods_md(plain, tmp_path / "c")
+    assert "(sensitivity) means every resample gave the same value and is no measure of certainty" in methods

@@ -23,7 +23,7 @@ from featcache.faults import crash_point
 from featcache.fit import check_tags
 from featcache.progress import ProgressFn, emit
 from featcache.report import plots
-from featcache.report.collect import ASSETS, RunRecord, load_runs, select_runs
+from featcache.report.collect import ASSETS, Predictions, RunRecord, load_runs, select_runs
 from featcache.report.document import Code, Document, Figure, Heading, Hero, Para, Stat, Table
 from featcache.report.html import render_html
 from featcache.report.leaderboard import (
@@ -202,13 +202,16 @@ def _hero(best: dict, metric: str, has_test: bool) -> Hero:
                 f" · n={best.get('n_test')}",
             )
         )
-        stats.append(
-            Stat(
-                "test AUC",
-                _f(best.get("test_auc")),
-                f"95% CI {_f(best.get('test_auc_lo'))}–{_f(best.get('test_auc_hi'))}",
+        if best.get("test_auc") is None:  # "— (95% CI —–—)" left the reader to guess why
+            stats.append(Stat("test AUC", "undefined", _undefined_auc_text(best)))
+        else:
+            stats.append(
+                Stat(
+                    "test AUC",
+                    _f(best.get("test_auc")),
+                    f"95% CI {_f(best.get('test_auc_lo'))}–{_f(best.get('test_auc_hi'))}",
+                )
             )
-        )
         if best.get("test_sensitivity") is not None:
             positive = best.get("positive_class")
             stats.append(
@@ -229,6 +232,18 @@ def _hero(best: dict, metric: str, has_test: bool) -> Hero:
         best["config"] or "(default parameters)",
         stats,
     )
+
+
+def _undefined_auc_text(row: dict) -> str:
+    """Why a leaderboard row has no test AUC, as far as the row tells: a binary run's sensitivity is
+    undefined without positive images and its specificity without negative ones, so one of the two missing
+    means the test split held one class."""
+    positive = row.get("positive_class") or "the positive class"
+    if _binary(row) and row.get("test_specificity") is None and row.get("test_sensitivity") is not None:
+        return f"the test split holds {positive} images only: AUC needs both classes"
+    if _binary(row) and row.get("test_sensitivity") is None and row.get("test_specificity") is not None:
+        return f"the test split holds no {positive} image: AUC needs both classes"
+    return "not computable from this run's test predictions"
 
 
 def _class_totals(counts: Any, split: str) -> dict[str, int]:
@@ -479,8 +494,29 @@ def _paired_section(doc: Document, rows: list[dict], by_id: dict[str, RunRecord]
             "that contains 0 means this test set cannot tell the two runs apart, whatever the validation "
             "ranking says. Each row "
             "is its own test, not corrected for the several rows"
-            + ("; the paired AUC difference is computed for binary runs only (—)." if no_auc else "."),
+            + (f"; {_no_paired_auc_text(by_id[ranked[0]['run_id']].test)}." if no_auc else "."),
         ))
+
+
+def _no_paired_auc_text(test: Predictions | None) -> str:
+    """Why the paired comparison has no AUC difference (—), from the best run's test predictions (the runs
+    compared share its images and labels). Why: "computed for binary runs only" was said of two binary
+    runs whose test split held one class, where AUC is undefined (a report audit)."""
+    absent = _absent_classes(test)
+    if test is not None and test.proba.shape[1] == 2 and absent:
+        return (f"the test split holds no {' or '.join(absent)} image, so AUC, and the paired AUC "
+                "difference, is undefined (—)")
+    if test is not None and test.proba.shape[1] == 2:
+        return "the paired AUC difference could not be computed (—)"
+    return "the paired AUC difference is computed for binary runs only (—)"
+
+
+def _absent_classes(pred: Predictions | None) -> list[str]:
+    """The classes a run's predictions have no image of (an AUC needs every class present)."""
+    if pred is None or not len(pred.y_true):
+        return []
+    present = set(np.asarray(pred.y_true).tolist())
+    return [str(c) for i, c in enumerate(pred.classes) if i not in present]
 
 
 def _paired_rows(ranked: list[dict], by_id: dict[str, RunRecord]) -> list[list[str]]:
@@ -1595,7 +1631,11 @@ def _degenerate_ci_text(runs: Sequence[RunRecord], counted: str) -> str:
     of a class the metric needs was drawn: those resamples are left out, so the interval is conditional on
     drawing both). Why: a statistics audit found [0.75, 0.75] for the sensitivity of a test split whose
     positives were one patient, and n_boot 1000 where 111 resamples had no positive."""
-    flat = sorted({name for r in runs for ci in _recorded_cis(r) for name in ci.get("no_width") or ()})
+    causes: dict[str, set[str]] = {}  # metric -> why its interval had no width, per run where it can be told
+    for r in runs:
+        for name in {name for ci in _recorded_cis(r) for name in ci.get("no_width") or ()}:
+            causes.setdefault(name, set()).add(_no_width_cause(r, counted))
+    flat = sorted(causes)
     left: dict[str, int] = {}
     boots: set[int] = set()
     for r in runs:
@@ -1605,15 +1645,39 @@ def _degenerate_ci_text(runs: Sequence[RunRecord], counted: str) -> str:
                 boots.add(int(ci.get("n_boot") or 0))
     text = ""
     if flat:
+        told = "; ".join(f"{name}: {', '.join(sorted(c for c in causes[name] if c))}" for name in flat
+                         if any(causes[name]))
         text += (f"; an interval of no width away from 0 and 1 ({', '.join(flat)}) means every resample gave "
-                 f"the same value (few {counted}, such as one holding every test image of a class) and is "
-                 "no measure of certainty")
+                 f"the same value{f' ({told})' if told else ''} and is no measure of certainty")
     if left:
         most = ", ".join(f"{name} {n}" for name, n in sorted(left.items()))
         text += (f"; resamples that drew no image of a class a metric needs leave it undefined and are left "
                  f"out of its interval (at most, of {'/'.join(map(str, sorted(boots)))}: {most}), so such an "
                  "interval assumes every class is drawn")
     return text
+
+
+def _no_width_cause(run: RunRecord, counted: str) -> str:
+    """Why every bootstrap resample of a run's test split gave one value, where its test predictions tell
+    ("" where they do not): a class absent from the split, one score for every image, or one group (a
+    patient) holding every test image of a class. Why: Methods gave the last cause for all of them, also
+    for a model that scored every image alike (AUC [0.5, 0.5]) and for a split of one class."""
+    pred = run.test
+    if pred is None or not len(pred.y_true):
+        return ""
+    absent = _absent_classes(pred)
+    if absent:
+        return f"no {' or '.join(absent)} image in the test split"
+    if np.ptp(pred.proba, axis=0).max() == 0:
+        return "a model gave every test image the same score"
+    unit = {"patients": "patient", "file-name groups": "file-name group"}.get(counted, "group")
+    for i, name in enumerate(pred.classes):
+        members = np.flatnonzero(np.asarray(pred.y_true) == i)
+        if len(members) == 1:
+            return f"one {name} image in the test split"
+        if pred.groups is not None and len({pred.groups[j] for j in members}) == 1:
+            return f"one {unit} holding every {name} test image"
+    return ""
 
 
 def _recorded_cis(run: RunRecord) -> list[dict]:
