@@ -1862,3 +1862,31 @@ def test_an_interval_without_width_is_explained_by_what_the_predictions_show(tmp
     assert "(specificity: one patient holding every NORMAL test image)" in _methods_md(one, tmp_path / "b")
     methods = _methods_md(plain, tmp_path / "c")
     assert "(sensitivity) means every resample gave the same value and is no measure of certainty" in methods
+
+
+def test_methods_say_how_each_head_is_built(tmp_path):
+    """A report audit: Methods never said that logreg, svm and knn standardise the features (and mlp does
+    not), that a linear svm is LinearSVC and an RBF one SVC, nor what "method=sigmoid, ensemble=auto"
+    among svm's settings meant; one sentence per head now names its estimators and preprocessing."""
+    runs, solo = tmp_path / "runs", tmp_path / "solo"
+    write_fake_run(runs, "20240101-000001-logreg-aaaaaaaa", params={"C": 1.0})
+    write_fake_run(runs, "20240101-000002-svm-bbbbbbbb", head="svm", params={"kernel": "linear", "C": 1.0})
+    write_fake_run(runs, "20240101-000003-svm-cccccccc", head="svm", params={"kernel": "rbf", "C": 1.0})
+    write_fake_run(runs, "20240101-000004-knn-dddddddd", head="knn", params={"n_neighbors": 5})
+    write_fake_run(runs, "20240101-000005-mlp-eeeeeeee", head="mlp", params={"layers": [8], "dropout": 0.5})
+    methods = _methods_md(runs, tmp_path / "a")
+    assert ("logreg is scikit-learn's LogisticRegression on features standardised by a StandardScaler "
+            "fitted on the images each model is trained on (each CV fold's training part, then the final "
+            "model's).") in methods
+    assert ("svm is scikit-learn's LinearSVC for kernel=linear (liblinear, squared hinge loss) and SVC for "
+            "kernel=rbf (libsvm) on features standardised in the same way") in methods
+    assert ("probabilities come from Platt scaling (CalibratedClassifierCV, method=sigmoid) over 3 "
+            "patient-grouped folds") in methods
+    assert "knn is scikit-learn's KNeighborsClassifier on features standardised in the same way" in methods
+    assert ("mlp is a Keras model: Dense hidden layers (relu activation, Glorot-uniform initialised, Dropout "
+            "after each where a config sets dropout), then a Dense output with softmax, trained by minibatch "
+            "Adam on sparse categorical cross-entropy (computed from the logits), on the cached features as "
+            "they are (not standardised).") in methods
+    write_fake_run(solo, "20240101-000001-mlp-aaaaaaaa", head="mlp", params={"layers": [8]})
+    methods = _methods_md(solo, tmp_path / "b")
+    assert "StandardScaler" not in methods and "Dropout" not in methods and "mlp is a Keras model" in methods

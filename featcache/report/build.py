@@ -1455,6 +1455,63 @@ def _patient_naming_text(runs: Sequence[RunRecord]) -> str:
             "both sides). ")
 
 
+def _head_construction_text(runs: Sequence[RunRecord]) -> str:
+    """One sentence per head in the runs: the estimator classes and the preprocessing featcache builds
+    around them (featcache/heads/*.py). Why: Methods named heads only by featcache's names, so a reader
+    could not tell that logreg, svm and knn standardise the features and mlp does not, that a linear svm is
+    LinearSVC (squared hinge) and an RBF one SVC, or that "method=sigmoid" among svm's settings is Platt
+    scaling."""
+    heads = {r.head for r in runs}
+    first = next((h for h in ("logreg", "svm", "knn") if h in heads), None)
+    scaled = ("on features standardised by a StandardScaler fitted on the images each model is trained on "
+              "(each CV fold's training part, then the final model's)")
+
+    def again(head: str) -> str:  # the StandardScaler said once, by the first head that has one
+        return scaled if head == first else "on features standardised in the same way"
+
+    out = []
+    if "logreg" in heads:
+        out.append(f"logreg is scikit-learn's LogisticRegression {again('logreg')}.")
+    if "svm" in heads:
+        mine = [r for r in runs if r.head == "svm"]
+        kernels = {str((r.run.get("params") or {}).get("kernel", "rbf")) for r in mine}
+        models = [m for k, m in (("linear", "LinearSVC for kernel=linear (liblinear, squared hinge loss)"),
+                                 ("rbf", "SVC for kernel=rbf (libsvm)")) if k in kernels]
+        grouped = " or ".join(sorted({_grouped(r) for r in mine}))
+        units = " or ".join(sorted({"file-name groups" if _grouped(r) == "file-name-grouped" else "patients"
+                                    for r in mine}))
+        out.append(f"svm is scikit-learn's {' and '.join(models) or 'SVM'} {again('svm')}; the CV search "
+                   "scores the uncalibrated SVM, and the final model's probabilities come from Platt scaling "
+                   f"(CalibratedClassifierCV, method=sigmoid) over 3 {grouped} folds (fewer where a class "
+                   f"has fewer {units}), averaging the calibrated models of the folds (ensemble=auto).")
+    if "knn" in heads:
+        out.append(f"knn is scikit-learn's KNeighborsClassifier {again('knn')}; a class's probability is its "
+                   "(weights=distance: distance-weighted) share of the k nearest training images, k capped "
+                   "at the images a model is trained on.")
+    if "mlp" in heads:
+        from featcache.heads.mlp import DEFAULTS
+
+        hps = [{**DEFAULTS, **(r.run.get("hyperparameters") or r.run.get("params") or {})}
+               for r in runs if r.head == "mlp"]
+
+        names = {"adam": "Adam", "sgd": "SGD", "nadam": "Nadam", "rmsprop": "RMSprop"}
+
+        def said(key: str) -> str:
+            return "/".join(sorted({names.get(str(h.get(key)), str(h.get(key))) for h in hps}))
+
+        extras = [text for key, text in (("dropout", ", Dropout after each where a config sets dropout"),
+                                         ("l2", ", an L2 weight penalty where a config sets l2"))
+                  if any(h.get(key) for h in hps)]
+        losses = sorted({"binary cross-entropy" if h.get("output_activation") == "sigmoid"
+                         else "sparse categorical cross-entropy" for h in hps})
+        out.append(f"mlp is a Keras model: Dense hidden layers ({said('activation')} activation, "
+                   f"Glorot-uniform initialised{''.join(extras)}), then a Dense output with "
+                   f"{said('output_activation')}, trained by minibatch {said('optimizer')} on "
+                   f"{' / '.join(losses)} (computed from the logits), on the cached features as they are "
+                   "(not standardised).")
+    return " ".join(out) + (" " if out else "")
+
+
 _UNSTATED_SETTINGS = {"verbose", "n_jobs", "random_state"}  # no effect on the numbers, or the seed (said)
 
 
@@ -1555,7 +1612,7 @@ def _methods_text(runs: Sequence[RunRecord]) -> str:
     text = (f"Features were extracted once by frozen {'; '.join(backbones) or 'backbones'} and cached. "
             f"Heads were trained on the cached features: "
             f"{', '.join(f'{h} ({n} run(s))' for h, n in sorted(heads.items()))}. ")
-    text += _head_settings(runs)
+    text += _head_construction_text(runs) + _head_settings(runs)
     if protocols:
         text += "Models were chosen on the training split only, by " + "; or ".join(protocols) + ". "
         text += _patient_naming_text(runs)  # the grouping those patient-grouped splits rest on
