@@ -45,8 +45,12 @@ def ls_cmd(
     rows, damaged, unfinished = [], [], []
     for run in by_time(list_runs(runs_dir, include_incomplete=True)):
         if run.status == "corrupt":  # no run.json yet: a run being written (or a stray folder)
+            # named either way, as the report names it (a README audit: a run whose run.json was deleted
+            # vanished from `runs ls` without a word, while the report counted it as left out)
             if (run.path / "run.json").is_file():
                 damaged.append((run.id, "run.json unreadable"))
+            else:
+                unfinished.append(f"{run.id} (no run.json)")
             continue
         if run.status != "done":
             unfinished.append(run.id)

@@ -488,6 +488,12 @@ def test_runs_ls_lists_only_runs_the_report_would_publish(setup, capsys, monkeyp
     assert f"{no_model.name} (model file model/" in err
     assert f"{malformed.name} (run.json or metrics.json" in err
     assert "1 unfinished run folder(s) left out" in err and unfinished.name in err
+    # a folder without run.json (being created, or its run.json deleted) was left out without a word
+    (runs_dir / "20240101-000000-knn-00000000").mkdir()
+    assert cli(["runs", "ls", "--runs-dir", str(runs_dir), "--json"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "2 unfinished run folder(s) left out" in err
+    assert "20240101-000000-knn-00000000 (no run.json)" in err
 
     info["status"] = "done"  # the listing of an intact run keeps its id on one line in 80 columns
     (unfinished / "run.json").write_text(json.dumps(info))
