@@ -1890,3 +1890,30 @@ def test_methods_say_how_each_head_is_built(tmp_path):
     write_fake_run(solo, "20240101-000001-mlp-aaaaaaaa", head="mlp", params={"layers": [8]})
     methods = _methods_md(solo, tmp_path / "b")
     assert "StandardScaler" not in methods and "Dropout" not in methods and "mlp is a Keras model" in methods
+
+
+def test_grid_views_give_the_value_a_run_left_at_its_default(tmp_path, monkeypatch):
+    """A dropout sweep beside runs that left dropout at its default: the hyperparameter table read
+    "dropout None" and the heatmap had "0" and "None" columns, though run.json's hyperparameters say every
+    such run trained with dropout 0 (and batch_size 64)."""
+    from featcache.report import plots
+
+    runs = tmp_path / "runs"
+    configs = [({"dropout": 0.5}, 0.5, 64), ({"batch_size": 16}, 0.0, 16), ({"dropout": 0.0}, 0.0, 64)]
+    for i, (params, dropout, batch) in enumerate(configs):
+        folder = write_fake_run(runs, f"20240101-00000{i}-mlp-{i:08x}", head="mlp", params=params, seed=i,
+                                quality=1 + i)
+        info = json.loads((folder / "run.json").read_text())
+        info["hyperparameters"] = {"dropout": dropout, "batch_size": batch, "lr": 0.001}
+        (folder / "run.json").write_text(json.dumps(info))
+    seen: list[tuple] = []
+    drawn = plots.heatmap_figure
+    monkeypatch.setattr(plots, "heatmap_figure", lambda table, xs, ys, *a, **kw: (
+        seen.append((list(xs), list(ys))), drawn(table, xs, ys, *a, **kw))[1])
+    text = build_report(runs, tmp_path / "out", ReportOptions(detail=0)).markdown.read_text()
+    table = text[text.index(r"| model \# |"):].split("\n\n")[0].splitlines()
+    assert not [line for line in table if "None" in line]
+    assert table[0].split("|")[2:4] == [" batch\\_size ", " dropout "]
+    cells = sorted([c.strip().strip("*") for c in line.strip("|").split("|")][1:3] for line in table[2:])
+    assert cells == [["16", "0"], ["64", "0"], ["64", "0.5"]]
+    assert seen and all("None" not in xs + ys for xs, ys in seen)

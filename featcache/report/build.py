@@ -1037,6 +1037,25 @@ def _pooled_vs_mean(rec: RunRecord) -> str:
     return why
 
 
+def _setting(rec: RunRecord, key: str) -> Any:
+    """The value of ``key`` the run trained with: run.json's ``hyperparameters`` (the head's full settings,
+    defaults included, as fit resolved them), else its searched ``params`` (runs that did not record
+    them)."""
+    resolved = rec.run.get("hyperparameters")
+    if isinstance(resolved, dict) and key in resolved:
+        return resolved[key]
+    return rec.params.get(key)
+
+
+def _settings_of(members: list[dict], by_id: dict[str, RunRecord]) -> list[dict]:
+    """Copies of a family's rows whose ``params`` hold every parameter any of them searched, each with the
+    value the run trained with. Why: a run's ``params`` holds only what its grid searched, so a sweep over
+    dropout beside one that left it at its default read "dropout None" in the hyperparameter table and split
+    the heatmap into "0" and "None" columns, though both runs trained with dropout 0."""
+    keys = sorted({k for r in members for k in r["params"]})
+    return [{**r, "params": {k: _setting(by_id[r["run_id"]], k) for k in keys}} for r in members]
+
+
 def _grid_section(
     doc: Document, rows: list[dict], options: ReportOptions, by_id: dict[str, RunRecord],
     shown: set[str] | None = None,
@@ -1046,7 +1065,7 @@ def _grid_section(
     families: dict[tuple[str, str, str], list[dict]] = {}
     for r in rows:
         families.setdefault((r["backbone"], r["head"], r["task"]), []).append(r)
-    families = {k: v for k, v in families.items() if len(v) >= 2}
+    families = {k: _settings_of(v, by_id) for k, v in families.items() if len(v) >= 2}
     # a CV run holds its whole grid: only the shown ones get theirs (another CV run is another search)
     cv_rows = [r for r in rows if _cv_grid(by_id[r["run_id"]]) and (shown is None or r["run_id"] in shown)]
     if not families and not cv_rows:
