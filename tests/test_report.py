@@ -1917,3 +1917,13 @@ def test_grid_views_give_the_value_a_run_left_at_its_default(tmp_path, monkeypat
     cells = sorted([c.strip().strip("*") for c in line.strip("|").split("|")][1:3] for line in table[2:])
     assert cells == [["16", "0"], ["64", "0"], ["64", "0.5"]]
     assert seen and all("None" not in xs + ys for xs, ys in seen)
+
+
+def test_the_overview_of_a_grouped_top_n_report_says_it_shows_each_groups_best(sweep, tmp_path):
+    """Under --group-by head --top 2 the overview said "The 6 best of 14 runs" while it showed the best 2
+    of each head (an svm run that 3 logreg and 2 mlp runs beat among them)."""
+    runs, _ = sweep
+    options = ReportOptions(group_by="head", top=2, detail=0)
+    text = " ".join(build_report(runs, tmp_path / "out", options).markdown.read_text().split())
+    assert "The best 2 of each head (6 of 14 runs)" in text
+    assert "The 6 best of 14 runs" not in text

@@ -673,12 +673,20 @@ def _leaderboard_section(
         else:  # a metric without a bootstrap interval (Brier, balanced accuracy)
             test_words = (f" and test {m} (orange; no interval computed for {m}). The gap between them is "
                           "the optimism of validation numbers.")
+        n_ranked = max(n_total, len(rows))  # every run ranked, not only the --top rows ("the 4 best of 4")
+        if options.group_by:  # the rows are each group's best, in group order: not the best N of all runs
+            cut = len(shown_rows) < len(plots.overview_rows(rows, m, len(rows)))
+            whose = (f"The best {options.top} of each {options.group_by}" if options.top
+                     else f"The runs of each {options.group_by}")
+            lead = (f"{whose} ({len(shown_rows)} of {n_ranked} runs"
+                    + (f", the first {len(shown_rows)} in the leaderboard's order" if cut else "") + ")")
+        else:
+            lead = f"The {len(shown_rows)} best of {n_ranked} runs"
         doc.add(
             Figure(
                 "overview",
                 fig.png,
-                # of every run ranked, not only the --top rows the table shows ("the 4 best of 4")
-                f"The {len(shown_rows)} best of {max(n_total, len(rows))} runs"
+                lead
                 + (f" with a validation {m}" if any(r.get(f"val_{m}") is None for r in rows) else "")
                 + f": validation {m} (blue){test_words} "
                 "Labels leave out the settings that all shown runs of a head share (the table has them).",
