@@ -338,8 +338,8 @@ def test_grouped_ranks_count_within_each_group(sweep, tmp_path):
     for head, members in by_head.items():  # each group's table numbers its rows 1..k, its best in bold
         table = md_text[md_text.index(f"### head: {head}"):]
         table = table[:table.index("\n\n*")]
-        assert re.findall(r"^\| \**(\d+)\**", table, re.M) == [str(i) for i in range(1, len(members) + 1)]
-        assert "| **1** |" in table
+        assert re.findall(r"^\| \**(\d+)=?\**", table, re.M) == [str(i) for i in range(1, len(members) + 1)]
+        assert re.search(r"^\| \*\*1=?\*\* \|", table, re.M)  # "1=" where another run ties with it
         assert f"### \\#1 in head {head} · mobilenet-0.75 · {head} · binary" in md_text  # top-run heading
     figures = re.findall(r"\(report_files/(run-\d+)\.png\)", md_text)
     assert len(figures) == len(set(figures)) == 8  # 3 + 3 + 2: every group's #1 its own file
@@ -1927,3 +1927,21 @@ def test_the_overview_of_a_grouped_top_n_report_says_it_shows_each_groups_best(s
     text = " ".join(build_report(runs, tmp_path / "out", options).markdown.read_text().split())
     assert "The best 2 of each head (6 of 14 runs)" in text
     assert "The 6 best of 14 runs" not in text
+
+
+def test_ties_below_the_best_are_marked_in_the_leaderboard(tmp_path):
+    """#2 and #3 with the same validation accuracy read as distinct ranks in the HTML and Markdown; only the
+    CSV's tied column told, and the Tie note covers #1 only."""
+    runs = tmp_path / "runs"
+    write_fake_run(runs, "20240101-000000-logreg-00000000", params={"C": 1.0}, quality=4, seed=1)
+    for k in (1, 2):  # same seed and quality: the same predictions
+        write_fake_run(runs, f"20240101-00000{k}-logreg-{k:08x}", params={"C": 10.0 ** -k}, quality=1, seed=7)
+    write_fake_run(runs, "20240101-000009-logreg-00000009", params={"C": 100.0}, quality=0.1, seed=3)
+    res = build_report(runs, tmp_path / "out", ReportOptions(detail=0))
+    with open(res.csv, encoding="utf-8") as fh:
+        assert [r["tied"] for r in csv.DictReader(fh)] == ["1", "2", "2", "1"]
+    text = res.markdown.read_text()
+    table = text[text.index(r"| \# | config"):].split("\n\n")[0].splitlines()[2:]
+    assert [line.split("|")[1].strip().strip("*") for line in table] == ["1", "2=", "3=", "4"]
+    assert "'=' after a rank: the run has the same validation accuracy as another" in " ".join(text.split())
+    assert "<td>2=</td>" in res.html.read_text().replace(' class="num"', "")
