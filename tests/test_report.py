@@ -1945,3 +1945,34 @@ def test_ties_below_the_best_are_marked_in_the_leaderboard(tmp_path):
     assert [line.split("|")[1].strip().strip("*") for line in table] == ["1", "2=", "3=", "4"]
     assert "'=' after a rank: the run has the same validation accuracy as another" in " ".join(text.split())
     assert "<td>2=</td>" in res.html.read_text().replace(' class="num"', "")
+
+
+def test_mixed_tasks_and_datasets_are_told_from_every_run_ranked_and_each_task_gets_its_best(tmp_path):
+    """Under --top 1 a 3-class run was named the best over binary runs with no "Mixed tasks" note (the
+    note looked at the runs shown), the same for "Mixed datasets", and with --group-by task the best run
+    was still one of all tasks by overall rank, though the groups' scores are not comparable."""
+    runs = tmp_path / "runs"
+    write_3class_run(runs, "20240101-000000-logreg-00000000", quality=4, seed=1)
+    write_fake_run(runs, "20240101-000001-logreg-00000001", quality=0.5, seed=2)
+    write_fake_run(runs, "20240101-000002-logreg-00000002", quality=0.3, seed=3,
+                   dataset_root="/nonexistent/b")
+    for top, group_by in ((1, None), (None, "task")):
+        res = build_report(runs, tmp_path / f"out-{group_by}", ReportOptions(top=top, group_by=group_by,
+                                                                            detail=0))
+        text = " ".join(res.markdown.read_text().split())
+        assert ("**Mixed tasks:**" in text) == (group_by is None)
+        assert "**Mixed datasets:** runs of 2 datasets" in text
+        assert "**No single best:** these runs are of 2 tasks (3class, binary)" in text
+        heroes = re.findall(r"\*\*(Best run[^*]*)\*\*", text)
+        assert [h.split(":")[0] for h in heroes] == ["Best run of task 3class (ranked on validation data)",
+                                                    "Best run of task binary (ranked on validation data)"]
+        assert ("is not in the leaderboard (--top)" in text) == (top == 1)
+        assert 'class="kicker">Best run of task binary' in res.html.read_text()
+    one_task = build_report(runs, tmp_path / "one", ReportOptions(ids=["-000001-", "-000002-"], detail=0))
+    text = one_task.markdown.read_text()
+    assert "No single best" not in text and "**Best run (ranked on validation data):" in text
+    by_dataset = build_report(runs, tmp_path / "ds", ReportOptions(ids=["-000001-", "-000002-"], detail=0,
+                                                                   group_by="dataset"))
+    text = " ".join(by_dataset.markdown.read_text().split())
+    assert "**No single best:** these runs are of 2 datasets" in text
+    assert len(re.findall(r"\*\*Best run of dataset /nonexistent/", text)) == 2

@@ -175,7 +175,7 @@ def _rules(rows: Sequence[dict], at: str = "") -> str:
                                                 f"{'by ' if at else ''}the most probable class")
 
 
-def _hero(best: dict, metric: str, has_test: bool) -> Hero:
+def _hero(best: dict, metric: str, has_test: bool, kicker: str = "") -> Hero:
     thr = best.get("threshold")
     stats = [
         Stat(
@@ -231,6 +231,7 @@ def _hero(best: dict, metric: str, has_test: bool) -> Hero:
         f"{best['backbone']} · {best['head']} · {best['task']}",
         best["config"] or "(default parameters)",
         stats,
+        *([kicker] if kicker else []),
     )
 
 
@@ -244,6 +245,35 @@ def _undefined_auc_text(row: dict) -> str:
     if _binary(row) and row.get("test_sensitivity") is None and row.get("test_specificity") is not None:
         return f"the test split holds no {positive} image: AUC needs both classes"
     return "not computable from this run's test predictions"
+
+
+def _heroes(doc: Document, rows: Sequence[dict], ranked: Sequence[dict], options: ReportOptions) -> None:
+    """The best run, or, where the ranked runs fall into sets whose scores are not comparable (several
+    tasks; with --group-by dataset, several datasets), the best of each set and a line saying why there is
+    no best overall. ``ranked``: every run ranked (--top shows fewer), which the sets are told from.
+
+    Why: the hero named a 3-class run (val accuracy 0.764) best over binary runs (0.694), under --group-by
+    task too, where it took the first by overall rank across the groups."""
+    by = "task" if len({r["task"] for r in ranked}) > 1 else (
+        "dataset" if options.group_by == "dataset" else None)
+    firsts: dict[str, dict] = {}
+    for r in sorted(ranked, key=lambda r: r["overall_rank"]):
+        firsts.setdefault(str(r[by]) if by else "", r)
+    if len(firsts) == 1:
+        best = min(rows, key=lambda r: r["overall_rank"])
+        doc.add(_hero(best, best.get("ranked_by") or options.metric,
+                      any(r.get("test_accuracy") is not None for r in rows)))
+        return
+    shown = {r["run_id"] for r in rows}
+    hidden = [v for v, r in firsts.items() if r["run_id"] not in shown]
+    doc.add(Para(f"these runs are of {len(firsts)} {by}s ({', '.join(firsts)}), whose scores are not "
+                 f"comparable, so no run is best overall: the best run of each {by} is shown."
+                 + (f" The best of {by} {', '.join(hidden)} is not in the leaderboard (--top); --group-by "
+                    f"{by} shows each {by}'s best." if hidden else ""), "note", "No single best:"))
+    has_test = any(r.get("test_accuracy") is not None for r in ranked)
+    for value, best in firsts.items():
+        doc.add(_hero(best, best.get("ranked_by") or options.metric, has_test,
+                      f"Best run of {by} {value} (ranked on validation data)"))
 
 
 def _class_totals(counts: Any, split: str) -> dict[str, int]:
@@ -312,8 +342,13 @@ def _ties(doc: Document, rows: Sequence[dict], options: ReportOptions) -> None:
 
 
 def _callouts(
-    doc: Document, runs: Sequence[RunRecord], rows: Sequence[dict], skipped: Sequence, options: ReportOptions
+    doc: Document, runs: Sequence[RunRecord], rows: Sequence[dict], skipped: Sequence, options: ReportOptions,
+    ranked_runs: Sequence[RunRecord] = (), ranked_rows: Sequence[dict] = (),
 ) -> None:
+    """The caveats above the leaderboard. ``runs``/``rows``: the runs shown; ``ranked_runs``/``ranked_rows``:
+    every run ranked (--top shows fewer): whether tasks or datasets are mixed is a fact of the ranking, and
+    under --top 1 a 3-class best over binary runs came without the "Mixed tasks" note."""
+    ranked_runs, ranked_rows = ranked_runs or runs, ranked_rows or rows
     official = any(_official_kermany(r.run.get("dataset")) for r in runs)
     note = OVERSTATE_NOTE if official else GENERIC_OVERSTATE_NOTE + _prevalence(runs)
     doc.add(Para(note[0].upper() + note[1:], "warn", "Read with care:"))
@@ -329,7 +364,7 @@ def _callouts(
                      "the same config and seed give other numbers on another backend, so their differences "
                      "are partly the backend's (the leaderboard CSV has a keras_backend column).", "note",
                      "Mixed backends:"))
-    datasets = sorted({r.dataset for r in runs})
+    datasets = sorted({r.dataset for r in ranked_runs})
     if len(datasets) > 1 and options.group_by != "dataset":
         doc.add(Para(f"runs of {len(datasets)} datasets (or versions of one folder) are ranked together: "
                      f"{'; '.join(datasets)}. They were validated and tested on different images, so their "
@@ -364,7 +399,7 @@ def _callouts(
         )
     if any(_is_demo(r.run["dataset"]) for r in runs if isinstance(r.run.get("dataset"), dict)):
         doc.add(Para(DEMO_NOTE[0].upper() + DEMO_NOTE[1:], "note", "Demo data:"))
-    tasks = {r["task"] for r in rows}
+    tasks = {r["task"] for r in ranked_rows}
     if len(tasks) > 1 and options.group_by != "task":
         doc.add(
             Para(
@@ -1971,9 +2006,8 @@ def build_document(
         options.title,
         f"{len(rows)} run(s) from {runs_dir} · ranked by validation {options.metric} · generated {now}",
     )
-    best = rows[0] if not options.group_by else min(rows, key=lambda r: r["overall_rank"])
-    doc.add(_hero(best, best.get("ranked_by") or options.metric, has_test))
-    _callouts(doc, runs, rows, skipped, options)
+    _heroes(doc, rows, all_rows, options)
+    _callouts(doc, runs, rows, skipped, options, all_runs, all_rows)
     _leaderboard_section(doc, rows, options, has_test, n_selected or len(runs), runs, all_runs)
     by_id = {r.id: r for r in runs}
     _paired_section(doc, rows, by_id, options.group_by)

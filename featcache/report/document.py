@@ -56,6 +56,7 @@ class Hero:
     title: str  # e.g. "mobilenet-0.75 · logreg"
     subtitle: str  # the config
     stats: list[Stat]
+    kicker: str = "Best run (ranked on validation data)"  # whose best: "Best run of task 3class (...)"
 
 
 @dataclass

@@ -108,7 +108,7 @@ def _hero(h: Hero) -> str:
         for s in h.stats
     )
     return (
-        f'<section class="hero"><div class="kicker">Best run (ranked on validation data)</div>'
+        f'<section class="hero"><div class="kicker">{e(h.kicker)}</div>'
         f'<div class="title">{e(h.title)}</div><div class="config">{e(h.subtitle)}</div>'
         f'<div class="stats">{stats}</div></section>'
     )

@@ -75,7 +75,7 @@ def render_markdown(doc: Document, assets_dir: Path, assets_rel: str) -> str:
                 out += ["Vector copies: " + ", ".join(f"[{fmt.upper()}]({assets_rel}/{other})"
                                                       for fmt, other in vector.items()), ""]
         elif isinstance(b, Hero):
-            out += [f"**Best run (ranked on validation data): {md(b.title)}**", "", md(b.subtitle), ""]
+            out += [f"**{md(b.kicker)}: {md(b.title)}**", "", md(b.subtitle), ""]
             out += [
                 f"- **{md(s.label)}:** {md(s.value)}" + (f" ({md(s.detail)})" if s.detail else "")
                 for s in b.stats
