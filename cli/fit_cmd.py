@@ -159,6 +159,10 @@ def register(app: typer.Typer) -> None:
         cv_folds: int = typer.Option(5, "--cv-folds", help="Grouped K-fold CV folds (logreg, svm, knn)."),
         val_fraction: float = typer.Option(0.2, "--val-fraction", help="Grouped hold-out fraction (mlp): one "
                                            "fold of the K-fold split whose 1/K is nearest (0.4 -> 33%)."),
+        test_fraction: float = typer.Option(
+            None, "--test-fraction", show_default=False,
+            help="For data without a test split: hold out this share of the patients as the test split "
+            "(patient-grouped, stratified, seed 0 whatever --seed): test numbers with CIs in the report."),
         refit: bool = typer.Option(
             None,
             "--refit/--no-refit",
@@ -232,6 +236,7 @@ def register(app: typer.Typer) -> None:
             layers=layers_option(layers),
             cv_folds=cv_folds,
             val_fraction=val_fraction,
+            test_fraction=test_fraction,
             refit=refit,
             metric=metric,
             balance=balance,
@@ -334,7 +339,8 @@ def register(app: typer.Typer) -> None:
         print_table(out, table)
         if not any(r["has_test"] for r in rows):  # say why the test columns are blank
             out.print("no test images in the data (no test/ folder, no split=test rows): the test columns "
-                      "are blank, and the validation numbers are the only estimate.",
+                      "are blank, and the validation numbers are the only estimate; --test-fraction 0.2 "
+                      "holds out a patient-grouped test split.",
                       soft_wrap=True, highlight=False)
 
 

@@ -129,6 +129,10 @@ def register(app: typer.Typer) -> None:
         ),
         cv_folds: int = typer.Option(5, "--cv-folds", help="Patient-grouped CV folds (logreg, svm, knn)."),
         val_fraction: float = typer.Option(0.2, "--val-fraction", help="Grouped hold-out fraction (mlp)."),
+        test_fraction: float = typer.Option(
+            None, "--test-fraction", show_default=False,
+            help="For data without a test split: hold out this share of the patients as the test split "
+            "(patient-grouped, stratified, seed 0 whatever --seed): test numbers with CIs in the report."),
         refit: bool = typer.Option(
             None, "--refit/--no-refit",
             help="Refit the chosen config on all training data (default: on for CV heads, off for mlp)."),
@@ -188,6 +192,7 @@ def register(app: typer.Typer) -> None:
             preset=preset,
             cv_folds=cv_folds,
             val_fraction=val_fraction,
+            test_fraction=test_fraction,
             refit=refit,
             metric=metric,
             threshold=threshold,

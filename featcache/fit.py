@@ -74,6 +74,7 @@ class FitOptions:
     layers: tuple[int, ...] | None = None  # mlp shortcut for --grid layers=...
     cv_folds: int = 5
     val_fraction: float = 0.2
+    test_fraction: float | None = None  # data without a test split: hold out this share of patients as test
     refit: bool | None = None  # None: on for CV heads, off for mlp
     metric: str = "accuracy"
     balance: str | None = None  # None: the preset's, else "none"
@@ -461,6 +462,8 @@ def check_options(opts: FitOptions, preset: Any = None) -> tuple[str, str]:
         raise ConfigError(f"--cv-folds must be at least 2, got {opts.cv_folds}.")
     if not 0.0 < opts.val_fraction < 1.0:  # the hold-out's own check came after `run`'s extraction
         raise ConfigError(f"--val-fraction must be between 0 and 1 (exclusive), got {opts.val_fraction}.")
+    if opts.test_fraction is not None and not 0.0 < opts.test_fraction < 1.0:
+        raise ConfigError(f"--test-fraction must be between 0 and 1 (exclusive), got {opts.test_fraction}.")
     if opts.metric not in METRICS:
         raise ConfigError(f"--metric must be one of {', '.join(METRICS)}, got '{opts.metric}'.")
     if opts.mlp_precision not in PRECISIONS:
@@ -865,6 +868,9 @@ def fit(
             f"{', '.join(classes)}); every class needs training images."
         )
     groups, merged = merge_identical_groups([r.group for r in records], keys)
+    if opts.test_fraction is not None:
+        split, pool, test = _held_out_test(dataset.root, records, y, groups, split, pool, test,
+                                           opts.test_fraction)
     if balance == "undersample-subtypes":
         lacking = [records[i].relpath for i in pool if records[i].subtype not in SUBTYPES]
         if lacking:
@@ -916,6 +922,7 @@ def fit(
         "tta": opts.tta,
         "threshold": opts.threshold,
         "metric": opts.metric,
+        **({} if opts.test_fraction is None else {"test_fraction": opts.test_fraction}),  # old ids unchanged
         "manifest": os.fsdecode(opts.manifest or ""),
         "data": _data_digest(keys, records, y, split, groups),
     }
@@ -999,6 +1006,8 @@ def fit(
             "digest": common["data"],  # images, labels, splits, patients: two versions of a folder differ
             "images_digest": _images_digest(keys, records),  # the same for every task on one folder version
             "counts": counts,
+            **({} if opts.test_fraction is None else {"test_fraction": opts.test_fraction,
+                                                     "test_split_seed": TEST_SPLIT_SEED}),
             "n_images": len(records),
             "n_patients": int(len(np.unique(groups))),
             # a record whose group is its file stem had no patient id (not in the name, no manifest column):
@@ -1089,6 +1098,35 @@ def _preset_task_notes(opts: FitOptions, preset: Any, task: str) -> list[str]:
         return []
     return [f"preset {preset.name}: the paper ran {' and '.join(tasks)}; this sweep is {task} (the preset's "
             f"default); add --task {others[0]} for the other."]
+
+
+TEST_SPLIT_SEED = 0  # --test-fraction's draw: one test split per folder whatever --seed, so seeds compare
+
+
+def _held_out_test(root: Path, records: Sequence[Any], y: np.ndarray, groups: np.ndarray, split: np.ndarray,
+                   pool: np.ndarray, test: np.ndarray, fraction: float
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(split, pool, test) with a patient-grouped, stratified ``fraction`` of the training images moved to
+    test, for data without a test split (`--test-fraction`).
+
+    Why: on a folder without a test split every number was a validation estimate, with no interval and no
+    paired comparison, and the only way to a test split was a hand-made manifest (a researcher's audit on
+    the Kermany training split). Stratified by Kermany subtype where every image has one (as
+    benchmarks/bench_accuracy.py's split), else by class; whole patients (groups merged over identical
+    files) move; drawn with a fixed seed, so runs of any --seed share the split.
+    """
+    from featcache.datasets import SUBTYPES
+    from featcache.splits import grouped_holdout
+
+    if len(test):
+        raise ConfigError(f"{os.fsdecode(root)} has a test split of its own ({len(test)} images); "
+                          "--test-fraction holds one out only of data without one: drop it.")
+    sub = [records[i].subtype for i in pool]
+    strata = sub if all(s in SUBTYPES for s in sub) else [str(v) for v in y[pool]]
+    tr, te = grouped_holdout(strata, groups[pool], fraction=fraction, seed=TEST_SPLIT_SEED)
+    split = split.copy()
+    split[pool[te]] = "test"
+    return split, np.sort(pool[tr]), np.sort(pool[te])
 
 
 def _unused_option_notes(opts: FitOptions, head_obj: Any, n_classes: int = 2) -> list[str]:

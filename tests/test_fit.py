@@ -1821,3 +1821,42 @@ def test_report_ranks_by_the_metric_the_runs_were_selected_by(setup, tmp_path: P
     assert cli(["report", "--runs-dir", str(runs_dir), "--out", str(tmp_path / "rep4"), "--no-inspect",
                 "--id", "*knn*", "--tag", "x"]) == 2  # no such tag: an error, not a default metric crash
     capsys.readouterr()
+
+
+def test_test_fraction_holds_out_a_patient_grouped_test_split(tmp_path: Path, capsys) -> None:
+    """A folder without a test split gave validation numbers only, with no interval and no paired
+    comparison, and no way to a test split but a hand-made manifest (a researcher's audit on the Kermany
+    training split). --test-fraction holds out whole patients, stratified, with a seed of its own."""
+    from featcache.report import ReportOptions, build_report
+
+    root = make_tree(tmp_path / "data", n_patients=24)
+    shutil.rmtree(root / "test")
+    cache_dir, runs_dir = tmp_path / "cache", tmp_path / "runs"
+    write_cache(root, cache_dir)
+    ds = discover(root)
+    groups = np.array([r.group for r in ds.records])
+    tests = []
+    for seed in (0, 1):
+        res = fit(root, "fakenet", "knn", opts(cache_dir, runs_dir, grid_args=["n_neighbors=3"], seed=seed,
+                                                test_fraction=0.25))
+        run = load_run(runs_dir, res.runs[0].id)
+        idx = run.indices()
+        assert len(idx["test"]) and not set(groups[idx["test"]]) & set(groups[idx["pool"]])
+        assert len(idx["pool"]) + len(idx["test"]) == len(ds.records)
+        assert 0.15 < len(idx["test"]) / len(ds.records) < 0.35
+        assert run["dataset"]["test_fraction"] == 0.25 and run.metrics()["test"]["ci"]
+        assert {ds.records[i].subtype for i in idx["test"]} == set(SUBTYPES)  # stratified by subtype
+        tests.append(idx["test"].tolist())
+    assert tests[0] == tests[1]  # one test split whatever --seed: runs of several seeds compare
+    plain = fit(root, "fakenet", "knn", opts(cache_dir, runs_dir, grid_args=["n_neighbors=3"]))
+    assert plain.runs[0].id not in {r.id for r in res.runs}  # without it: another run, no test split
+    text = " ".join(build_report(runs_dir, tmp_path / "rep", ReportOptions(inspect_data=False, ids=["*knn*"],
+                                                                          top=1)).markdown.read_text().split())
+    assert "held out of the training images by fit --test-fraction (25% of the patients requested" in text
+    assert "Published Kermany results are on its official test split" in text  # 0.97 beside published 0.9
+    with_test = make_tree(tmp_path / "with")
+    write_cache(with_test, tmp_path / "c2")
+    with pytest.raises(ConfigError, match="has a test split of its own"):
+        fit(with_test, "fakenet", "knn", opts(tmp_path / "c2", runs_dir, test_fraction=0.2))
+    assert cli(_fit_cmd(root, cache_dir, runs_dir, "--head", "knn", "--test-fraction", "1.5")) == 2
+    assert "--test-fraction must be between 0 and 1" in " ".join(capsys.readouterr().err.split())
