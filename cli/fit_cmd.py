@@ -338,10 +338,12 @@ def register(app: typer.Typer) -> None:
             )
         print_table(out, table)
         if not any(r["has_test"] for r in rows):  # say why the test columns are blank
-            out.print("no test images in the data (no test/ folder, no split=test rows): the test columns "
-                      "are blank, and the validation numbers are the only estimate; --test-fraction 0.2 "
-                      "holds out a patient-grouped test split.",
-                      soft_wrap=True, highlight=False)
+            out.print(NO_TEST_LINE, soft_wrap=True, highlight=False)
+
+
+NO_TEST_LINE = ("no test images in the data (no test/ folder, no split=test rows): the test columns are "
+                "blank, and the validation numbers are the only estimate; --test-fraction 0.2 holds out a "
+                "patient-grouped test split.")
 
 
 def typed_command(ctx: typer.Context) -> list[str]:

@@ -45,6 +45,11 @@ def _summary(result) -> None:
             highlight=False,
             soft_wrap=True,
         )
+    leaders = getattr(result.report, "leaders", None) or []
+    if leaders and all(r.get("test_accuracy") is None for r in leaders):  # say why the test column is blank
+        from featcache.cli.fit_cmd import NO_TEST_LINE
+
+        console.print(NO_TEST_LINE, soft_wrap=True, highlight=False)
     print_outputs(result.report, console)
 
 
@@ -61,7 +66,7 @@ def pipeline_dict(result) -> dict:  # noqa: ANN001 - featcache.pipeline.Pipeline
         "report": None if rep is None else {
             "html": str(rep.html.resolve()), "markdown": str(rep.markdown.resolve()),
             "csv": str(rep.csv.resolve()), "json": str(rep.json.resolve()), "n_runs": rep.n_runs,
-            "best_run_id": rep.best_run_id, "metric": rep.metric,
+            "best_run_id": rep.best_run_id, "best_by_task": rep.best_by_task, "metric": rep.metric,
             "left_out": [{"run": rid, "reason": why} for rid, why in rep.skipped]},
     }
 

@@ -100,9 +100,15 @@ def print_outputs(result, console: Console) -> None:
         console.print(f"[yellow]Random weights: {escape(', '.join(random))} features come from randomly "
                       "initialised weights (--weights none), not ImageNet: those runs test the pipeline, and "
                       "their accuracy says nothing about the method.[/]")
-    console.print(
-        f"[green]Report written[/] ({result.n_runs} runs; best [bold]{escape(str(result.best_run_id))}[/]):"
-    )
+    by_task = getattr(result, "best_by_task", None) or {}
+    if by_task:  # one "best" across binary and 3-class runs: the report says there is none
+        console.print(f"[yellow]Mixed tasks: runs of {escape(', '.join(by_task))} are ranked together, and "
+                      "their scores are not comparable; the report gives each task's best (--group-by task "
+                      "ranks them apart).[/]", soft_wrap=True, highlight=False)
+        best = "best per task " + ", ".join(f"{escape(t)} [bold]{escape(i)}[/]" for t, i in by_task.items())
+    else:
+        best = f"best [bold]{escape(str(result.best_run_id))}[/]"
+    console.print(f"[green]Report written[/] ({result.n_runs} runs; {best}):", soft_wrap=True)
     console.print(f"  HTML      {escape(str(result.html.resolve()))}", soft_wrap=True, highlight=False)
     console.print(f"  Markdown  {escape(str(result.markdown.resolve()))}", soft_wrap=True, highlight=False)
     console.print(

@@ -161,6 +161,10 @@ def test_a_run_on_cached_features_with_a_scikit_learn_head_imports_no_backend(tm
     assert first["extracts"][0]["rows_computed"] == 8
     assert run(argv) == 0 and calls == [False]  # all cached: no build, no import
     assert json.loads(capsys.readouterr().out)["extracts"][0]["rows_reused"] == 8
+    # data without a test split: the summary says why the test column is blank, as fit's table does (a
+    # researcher's audit: `run` showed "—" without a word)
+    assert run(argv[:-1]) == 0
+    assert "no test images in the data" in " ".join(capsys.readouterr().out.split())
 
 
 def test_run_end_to_end(kermany_tree, tmp_path, capsys, monkeypatch):

@@ -1968,9 +1968,22 @@ def test_mixed_tasks_and_datasets_are_told_from_every_run_ranked_and_each_task_g
                                                     "Best run of task binary (ranked on validation data)"]
         assert ("is not in the leaderboard (--top)" in text) == (top == 1)
         assert 'class="kicker">Best run of task binary' in res.html.read_text()
+        # the terminal named one "best" across the tasks (a researcher's audit): each task's best now
+        binary_best = build_report(runs, tmp_path / "b", ReportOptions(ids=["-000001-", "-000002-"],
+                                                                     detail=0)).best_run_id
+        assert res.best_by_task == {"3class": "20240101-000000-logreg-00000000", "binary": binary_best}
+        from featcache.cli.report_cmd import print_outputs
+        from rich.console import Console
+
+        console = Console(record=True, width=300)
+        print_outputs(res, console)
+        said = " ".join(console.export_text().split())
+        assert "Mixed tasks: runs of 3class, binary are ranked together" in said
+        assert f"best per task 3class 20240101-000000-logreg-00000000, binary {binary_best}" in said
     one_task = build_report(runs, tmp_path / "one", ReportOptions(ids=["-000001-", "-000002-"], detail=0))
     text = one_task.markdown.read_text()
     assert "No single best" not in text and "**Best run (ranked on validation data):" in text
+    assert not one_task.best_by_task
     by_dataset = build_report(runs, tmp_path / "ds", ReportOptions(ids=["-000001-", "-000002-"], detail=0,
                                                                    group_by="dataset"))
     text = " ".join(by_dataset.markdown.read_text().split())

@@ -111,6 +111,8 @@ class ReportResult:
     # backbones of ranked runs with --weights none: the terminal warns as the report's callout does, since
     # its leaders table alone shows their accuracy as if it measured the method
     random_weights: list[str] = field(default_factory=list)
+    # task -> run id of its best, where the ranked runs are of several tasks (no one best across them)
+    best_by_task: dict[str, str] = field(default_factory=dict)
 
 
 def _f(value: Any, digits: int = 3) -> str:
@@ -2199,7 +2201,17 @@ def build_report(
     leaders = terminal_leaders(rows, bool(options.group_by))
     return ReportResult(out_dir, out_dir / "report.html", out_dir / "report.md", out_dir / "leaderboard.csv",
                         out_dir / "leaderboard.json", len(rows), best["run_id"], skipped, options.metric,
-                        leaders, sorted({r.backbone for r in searched if r.random_weights}))
+                        leaders, sorted({r.backbone for r in searched if r.random_weights}),
+                        _best_by_task(ranked))
+
+
+def _best_by_task(ranked: Sequence[dict]) -> dict[str, str]:
+    """Each task's best run id by overall rank, where the ranked runs are of several tasks ({} where one):
+    the terminal named one "best" across binary and 3-class runs while the report said there is none."""
+    firsts: dict[str, str] = {}
+    for r in sorted(ranked, key=lambda r: r["overall_rank"]):
+        firsts.setdefault(str(r["task"]), str(r["run_id"]))
+    return firsts if len(firsts) > 1 else {}
 
 
 TERMINAL_ROWS = 5  # best runs the CLI prints after writing an ungrouped report (grouped: each group's best)
