@@ -280,7 +280,10 @@ def register(app: typer.Typer) -> None:
                         ids[ev.phase] = bar.add_task(ev.phase, total=ev.total, msg="")
                     bar.update(ids[ev.phase], completed=ev.done, total=ev.total, msg=escape(ev.message[:60]))
 
-                result = fit(data, backbone or [], head, opts, progress=on_event)
+                from featcache.cli.text import LogLines  # a log gets dated lines, not silence
+
+                result = fit(data, backbone or [], head, opts,
+                             progress=LogLines(console) if bar.disable else on_event)
         rows = [summary(r) for r in result.runs]
         if as_json:
             typer.echo(json.dumps(fit_dict(result), indent=2, default=str))

@@ -39,6 +39,10 @@ def progress_display(console: Console) -> Progress:
 
 def make_callback(bar: Progress):
     """Map ProgressEvents onto one task per phase (messages escaped: they may hold file names)."""
+    if bar.disable:  # no animation here (a log, a pipe): dated plain lines instead of nothing
+        from featcache.cli.text import LogLines
+
+        return LogLines(Console(stderr=True))  # stderr: stdout keeps the tables and JSON
     tasks: dict[str, int] = {}
 
     def callback(ev: ProgressEvent) -> None:

@@ -326,3 +326,32 @@ def test_repeatable_options_values_that_look_like_options_and_help_are_not_refus
     check_repeated_options(root, ["fit", "--seed", "1", "--seed", "2", "--help"])
     check_repeated_options(root, ["predict", "--", "--out", "--out"])
     check_repeated_options(root, ["fit", "--seed", "1", "--nope", "--seed"])  # click names --nope itself
+
+
+def test_progress_into_a_log_is_dated_lines_not_silence(monkeypatch) -> None:
+    """rich's bar is off where it cannot animate, so `featcache run > log 2>&1` wrote nothing for the whole
+    run (a researcher's audit): a log gets a line at most every interval and the end of a phase that got
+    one; a command done within the interval prints nothing (its one error message stays alone)."""
+    from featcache.cli.text import LogLines
+    from rich.console import Console
+
+    from featcache.progress import ProgressEvent
+
+    clock = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    console = Console(record=True, width=200)
+    log = LogLines(console, every=30)
+    for done in range(0, 101, 10):  # 11 s of hashing: nothing
+        log(ProgressEvent("hash", done, 100, ""))
+        clock[0] += 1
+    assert console.export_text(clear=False) == ""
+    for done in range(0, 61):  # a minute of extraction: a line at 30 s and at 60 s, then its end
+        log(ProgressEvent("extract", done, 61, "[red]x\nray"))
+        clock[0] += 1
+    log(ProgressEvent("extract", 61, 61, "[red]x\nray"))
+    log(ProgressEvent("extract", 61, 61, "[red]x\nray"))  # the same finished count again: said once
+    log(ProgressEvent("fit", 3, 3, "done"))  # a phase that never got a line: its end is not said either
+    lines = console.export_text().splitlines()
+    assert [line.split(" ", 1)[1] for line in lines] == [  # markup and a newline shown as they are
+        "extract 19/61 [red]x\\nray", "extract 49/61 [red]x\\nray", "extract 61/61 [red]x\\nray"]
+    assert all(re.match(r"\d\d:\d\d:\d\d ", line) for line in lines)
