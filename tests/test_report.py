@@ -1883,6 +1883,7 @@ def test_methods_say_how_each_head_is_built(tmp_path):
     assert ("probabilities come from Platt scaling (CalibratedClassifierCV, method=sigmoid) over 3 "
             "patient-grouped folds") in methods
     assert "knn is scikit-learn's KNeighborsClassifier on features standardised in the same way" in methods
+    assert "a class's probability is its share of the k nearest" in methods  # uniform weights
     assert ("mlp is a Keras model: Dense hidden layers (relu activation, Glorot-uniform initialised, Dropout "
             "after each where a config sets dropout), then a Dense output with softmax, trained by minibatch "
             "Adam on sparse categorical cross-entropy (computed from the logits), on the cached features as "

@@ -1574,10 +1574,12 @@ def _head_construction_text(runs: Sequence[RunRecord]) -> str:
                    "scores the uncalibrated SVM, and the final model's probabilities come from Platt scaling "
                    f"(CalibratedClassifierCV, method=sigmoid) over 3 {grouped} folds (fewer where a class "
                    f"has fewer {units}), averaging the calibrated models of the folds (ensemble=auto).")
-    if "knn" in heads:
+    if "knn" in heads:  # "distance-weighted" only where a run used it (it read so beside uniform weights)
+        weighted = any(str((r.run.get("hyperparameters") or r.run.get("params") or {}).get("weights"))
+                       == "distance" for r in runs if r.head == "knn")
         out.append(f"knn is scikit-learn's KNeighborsClassifier {again('knn')}; a class's probability is its "
-                   "(weights=distance: distance-weighted) share of the k nearest training images, k capped "
-                   "at the images a model is trained on.")
+                   + ("(weights=distance: distance-weighted) " if weighted else "")
+                   + "share of the k nearest training images, k capped at the images a model is trained on.")
     if "mlp" in heads:
         from featcache.heads.mlp import DEFAULTS
 
