@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from typing import Any
 
 import typer
@@ -160,6 +161,10 @@ def install_signal_handlers() -> None:
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI with ``argv`` and return the exit status (used by tests and ``main``)."""
     args = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    # scikit-learn's raw ConvergenceWarning (with a featcache source path) reached stderr beside fit's note,
+    # which counts the unconverged fits and says how to avoid them (a researcher's audit); the library
+    # still warns, as GridSearchCV would, for Python callers
+    warnings.filterwarnings("ignore", message="lbfgs failed to converge")
     try:
         from featcache.cli.repeats import check_repeated_options
 

@@ -536,6 +536,11 @@ def _paired_section(doc: Document, rows: list[dict], by_id: dict[str, RunRecord]
     With ``--group-by`` each group's best is compared with the next runs of its own group: the groups
     are what the reader asked to compare within.
     """
+    if len(rows) > 1 and all(by_id[r["run_id"]].test is None for r in rows):  # it vanished without a word
+        doc.add(Para("No paired comparison of the best runs: they have no test predictions to compare them "
+                     "on (validation only); fit --test-fraction 0.2 holds out a patient-grouped test split.",
+                     "muted"))
+        return
     for name, ranked in by_group(sorted(rows, key=lambda r: r["overall_rank"])).items():
         body = _paired_rows(ranked, by_id)
         if not body:
