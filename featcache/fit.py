@@ -1817,9 +1817,10 @@ def _fit_holdout(ctx: _Ctx, configs: list[dict], result: FitResult, hashes: list
             # the saved model's own rows: its images (indices.npz "refit_train"), its train metrics and the
             # seed it trained with (the run's --seed, not the grid position's); a fit audit found the record
             # described the hold-out model's training rows only
-            sel = {**selection, "refit_train_indices_digest": index_digest(np.unique(rr)), "refit_plan": plan,
-                   "refit_n_train_images": int(len(np.unique(rr))), "refit_seed": opts.seed}
-            kept, train_fit = {**indices, "refit_train": np.unique(rr)}, (Xrr, yr)
+            images = np.unique(rr)
+            sel = {**selection, "refit_train_indices_digest": index_digest(images), "refit_plan": plan,
+                   "refit_n_train_images": int(len(images)), "refit_seed": opts.seed}
+            kept, train_fit = {**indices, "refit_train": images}, (Xrr, yr)
         p_val = ctx.proba(model, va_idx)
         run = _store_run(
             ctx,

@@ -259,9 +259,7 @@ def _heroes(doc: Document, rows: Sequence[dict], ranked: Sequence[dict], options
     task too, where it took the first by overall rank across the groups."""
     by = "task" if len({r["task"] for r in ranked}) > 1 else (
         "dataset" if options.group_by == "dataset" else None)
-    firsts: dict[str, dict] = {}
-    for r in sorted(ranked, key=lambda r: r["overall_rank"]):
-        firsts.setdefault(str(r[by]) if by else "", r)
+    firsts = _firsts(ranked, by)
     if len(firsts) == 1:
         best = min(rows, key=lambda r: r["overall_rank"])
         doc.add(_hero(best, best.get("ranked_by") or options.metric,
@@ -293,6 +291,15 @@ def _official_kermany(ds: Any) -> bool:
         return False
     totals = {k.upper(): v for k, v in _class_totals(ds.get("counts"), "test").items()}
     return totals == {"NORMAL": 234, "PNEUMONIA": 390}
+
+
+def _firsts(ranked: Sequence[dict], by: str | None) -> dict[str, dict]:
+    """The best row (lowest overall rank) of each value of ``by`` (one row under "" where ``by`` is None),
+    in rank order: the headline's sets and the terminal's best per task."""
+    firsts: dict[str, dict] = {}
+    for r in sorted(ranked, key=lambda r: r["overall_rank"]):
+        firsts.setdefault(str(r[by]) if by else "", r)
+    return firsts
 
 
 def _within_training_images(run: RunRecord) -> bool:
@@ -1569,7 +1576,7 @@ def _head_construction_text(runs: Sequence[RunRecord]) -> str:
         out.append(f"logreg is scikit-learn's LogisticRegression {again('logreg')}.")
     if "svm" in heads:
         mine = [r for r in runs if r.head == "svm"]
-        kernels = {str((r.run.get("params") or {}).get("kernel", "rbf")) for r in mine}
+        kernels = {str(_setting(r, "kernel") or "rbf") for r in mine}
         models = [m for k, m in (("linear", "LinearSVC for kernel=linear (liblinear, squared hinge loss)"),
                                  ("rbf", "SVC for kernel=rbf (libsvm)")) if k in kernels]
         grouped = " or ".join(sorted({_grouped(r) for r in mine}))
@@ -1580,8 +1587,7 @@ def _head_construction_text(runs: Sequence[RunRecord]) -> str:
                    f"(CalibratedClassifierCV, method=sigmoid) over 3 {grouped} folds (fewer where a class "
                    f"has fewer {units}), averaging the calibrated models of the folds (ensemble=auto).")
     if "knn" in heads:  # "distance-weighted" only where a run used it (it read so beside uniform weights)
-        weighted = any(str((r.run.get("hyperparameters") or r.run.get("params") or {}).get("weights"))
-                       == "distance" for r in runs if r.head == "knn")
+        weighted = any(_setting(r, "weights") == "distance" for r in runs if r.head == "knn")
         out.append(f"knn is scikit-learn's KNeighborsClassifier {again('knn')}; a class's probability is its "
                    + ("(weights=distance: distance-weighted) " if weighted else "")
                    + "share of the k nearest training images, k capped at the images a model is trained on.")
@@ -2215,9 +2221,7 @@ def build_report(
 def _best_by_task(ranked: Sequence[dict]) -> dict[str, str]:
     """Each task's best run id by overall rank, where the ranked runs are of several tasks ({} where one):
     the terminal named one "best" across binary and 3-class runs while the report said there is none."""
-    firsts: dict[str, str] = {}
-    for r in sorted(ranked, key=lambda r: r["overall_rank"]):
-        firsts.setdefault(str(r["task"]), str(r["run_id"]))
+    firsts = {task: str(r["run_id"]) for task, r in _firsts(ranked, "task").items()}
     return firsts if len(firsts) > 1 else {}
 
 
