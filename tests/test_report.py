@@ -1990,3 +1990,42 @@ def test_mixed_tasks_and_datasets_are_told_from_every_run_ranked_and_each_task_g
     text = " ".join(by_dataset.markdown.read_text().split())
     assert "**No single best:** these runs are of 2 datasets" in text
     assert len(re.findall(r"\*\*Best run of dataset /nonexistent/", text)) == 2
+
+
+def test_sensitivity_by_pneumonia_subtype_counts_each_subtypes_positives() -> None:
+    from featcache.report.collect import Predictions
+    from featcache.report.scores import subtype_sensitivity
+
+    names = ["test/NORMAL/IM-0001-0001.jpeg", "test/PNEUMONIA/person1_bacteria_1.jpeg",
+             "test/PNEUMONIA/person1_bacteria_2.jpeg", "test/PNEUMONIA/person2_bacteria_3.jpeg",
+             "test/PNEUMONIA/person3_virus_4.jpeg", "test/PNEUMONIA/person4_virus_5.jpeg",
+             "test/PNEUMONIA/other.jpeg"]
+    y = np.array([0, 1, 1, 1, 1, 1, 1])
+    p1 = np.array([0.9, 0.8, 0.3, 0.6, 0.45, 0.1, 0.9])  # bacteria 2/3 at 0.5, virus 0/2; at 0.4: 1/2
+    pred = Predictions(names, y, np.c_[1 - p1, p1], ["NORMAL", "PNEUMONIA"],
+                       ["IM-0001", "person1", "person1", "person2", "person3", "person4", "other"])
+    out = {s["subtype"]: s for s in subtype_sensitivity(pred, [0.5, 0.4])}
+    assert set(out) == {"bacteria", "virus"}  # the unnamed positive and the normal image count nowhere
+    assert (out["bacteria"]["n"], out["bacteria"]["patients"]) == (3, 2)
+    assert [a["found"] for a in out["bacteria"]["at"]] == [2, 2]
+    assert [a["found"] for a in out["virus"]["at"]] == [0, 1]
+    assert out["virus"]["at"][1]["sensitivity"] == 0.5
+    lo, hi = out["bacteria"]["at"][0]["ci"]
+    assert 0.0 <= lo <= 2 / 3 <= hi <= 1.0
+    three = Predictions(names, np.array([0, 1, 1, 1, 2, 2, 1]), np.full((7, 3), 1 / 3), ["a", "b", "c"])
+    assert subtype_sensitivity(three, [0.5]) == []
+
+
+def test_binary_top_runs_show_sensitivity_by_subtype_when_the_names_carry_it(tmp_path):
+    runs = tmp_path / "runs"
+    write_fake_run(runs, "20240101-000000-logreg-aaaaaaaa", relpath_prefix="person7_virus_", threshold=0.4)
+    write_fake_run(runs, "20240101-000001-logreg-bbbbbbbb", relpath_prefix="img", seed=1)
+    res = build_report(runs, tmp_path / "rep", ReportOptions(detail=2))
+    text = res.markdown.read_text(encoding="utf-8")
+    assert text.count("Sensitivity by pneumonia subtype on the test split") == 1  # "img" names: no table
+    assert "| subtype | PNEUMONIA images | threshold 0.5 | threshold 0.4 (chosen) |" in text
+    y, p = _read_preds(runs / "20240101-000000-logreg-aaaaaaaa" / "predictions_test.csv")
+    found = int(np.sum(p[y == 1, 1] >= 0.5))
+    assert f"· {found}/{int(np.sum(y == 1))} |" in text
+    assert f"| virus | {int(np.sum(y == 1))} |" in text  # no group column: images, not patients
+    assert not [ln for ln in text.splitlines() if ln.startswith("| bacteria |") and "·" in ln]

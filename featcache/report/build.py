@@ -44,6 +44,7 @@ from featcache.report.scores import (
     macro_average,
     paired_difference,
     per_class,
+    subtype_sensitivity,
 )
 from featcache.runs import (
     describe_trainer,
@@ -837,6 +838,7 @@ def _top_runs_section(
                     "; macro average: the unweighted mean over the classes (an undefined value counts 0), "
                     "as scikit-learn's average='macro'."),
             ))
+            _subtype_table(doc, preds, split, chosen_threshold(rec))
         img = plots.run_figure(rec, chosen_threshold(rec), options.figure_formats)
         if img:
             doc.add(
@@ -851,6 +853,32 @@ def _top_runs_section(
             )
         else:
             doc.add(Para("No predictions or training history were recorded for this run.", "muted"))
+
+
+def _subtype_table(doc: Document, preds: Predictions, split: str, chosen: float | None) -> None:
+    """A binary run's sensitivity on bacterial and on viral pneumonia, where the file names say which
+    (:func:`~featcache.report.scores.subtype_sensitivity`): at 0.5 and at the validation-chosen threshold."""
+    thresholds: list[float | None] = [0.5] + ([chosen] if chosen is not None and chosen != 0.5 else [])
+    found = subtype_sensitivity(preds, thresholds)
+    if not found:
+        return
+    heads = [f"threshold {plots.threshold_text(t)}" + (" (chosen)" if i else "")
+             for i, t in enumerate(thresholds)]
+    rows = [[s["subtype"], str(s["n"]) + (f" ({s['patients']} patients)" if s["patients"] else ""),
+             *[f"{_f(a['sensitivity'])} [{_f(a['ci'][0], 2)}, {_f(a['ci'][1], 2)}] · {a['found']}/{s['n']}"
+               for a in s["at"]]] for s in found]
+    positive = preds.classes[1]
+    counted = sum(s["n"] for s in found)
+    unnamed = int(np.sum(preds.y_true == 1)) - counted
+    doc.add(Table(
+        ["subtype", f"{positive} images", *heads], rows, set(range(1, 2 + len(heads))),
+        caption=f"Sensitivity by pneumonia subtype on the {split} split, from the Kermany file names "
+        f"(person…_bacteria_… / person…_virus_…): the share of each subtype's images called {positive}, "
+        "with its 95% bootstrap interval" + (" (patients resampled)" if preds.groups is not None else "")
+        + ". A model that misses viral pneumonia more than bacterial shows it here, not in one sensitivity"
+        + (f"; {unnamed} {positive} image(s) whose names carry no subtype are not counted" if unnamed else "")
+        + ".",
+    ))
 
 
 # ---------------------------------------------------------------------------------------------- grids

@@ -54,6 +54,42 @@ def per_class(pred: Predictions, threshold: float | None = 0.5) -> list[dict]:
     return out
 
 
+def subtype_sensitivity(pred: Predictions, thresholds: Sequence[float | None], n_boot: int = 1000,
+                        seed: int = 0) -> list[dict]:
+    """Sensitivity of a binary run on each pneumonia subtype named by the Kermany file names
+    (``person12_bacteria_47.jpeg``, ``..._virus_...``), at each of ``thresholds``, with 95% bootstrap
+    intervals (patients resampled when the CSV has groups, as every other interval of the report).
+
+    Why: a binary run's one sensitivity hides whether it misses viral pneumonia, the subtype papers find
+    hardest (fewer images, subtler opacities), more than bacterial. Only the positive class's images whose
+    name carries a subtype count; an empty list when there are none (another dataset, or a 3-class task,
+    whose per-class table already shows each subtype).
+    """
+    from featcache.datasets import parse_kermany_name
+    from featcache.metrics import bootstrap_weights
+
+    if pred.proba.shape[1] != 2:
+        return []
+    names = [parse_kermany_name(rp.replace("\\", "/").rsplit("/", 1)[-1])[0] for rp in pred.relpaths]
+    out = []
+    for subtype in ("bacteria", "virus"):
+        rows = np.array([i for i, s in enumerate(names) if s == subtype and pred.y_true[i] == 1], dtype=int)
+        if not len(rows):
+            continue
+        groups = [pred.groups[i] for i in rows] if pred.groups is not None else None
+        w = bootstrap_weights(len(rows), n_boot, seed, groups)
+        entry: dict = {"subtype": subtype, "n": int(len(rows)),
+                       "patients": len(set(groups)) if groups is not None else None, "at": []}
+        for thr in thresholds:
+            found = (predict(pred, thr)[rows] == 1).astype(float)
+            boot = w @ found / np.maximum(w.sum(axis=1), 1.0)
+            lo, hi = np.quantile(boot, [0.025, 0.975])
+            entry["at"].append({"threshold": thr, "sensitivity": float(found.mean()),
+                                "found": int(found.sum()), "ci": (float(lo), float(hi))})
+        out.append(entry)
+    return out
+
+
 def macro_average(rows: Sequence[dict]) -> dict:
     """The unweighted mean of :func:`per_class`'s rows, an undefined value counting 0: scikit-learn's
     ``average="macro", zero_division=0`` over every class, and the same macro F1 as fit's metrics.json.
