@@ -2029,3 +2029,38 @@ def test_binary_top_runs_show_sensitivity_by_subtype_when_the_names_carry_it(tmp
     assert f"· {found}/{int(np.sum(y == 1))} |" in text
     assert f"| virus | {int(np.sum(y == 1))} |" in text  # no group column: images, not patients
     assert not [ln for ln in text.splitlines() if ln.startswith("| bacteria |") and "·" in ln]
+
+
+def test_three_class_confidence_bins_score_the_predicted_class() -> None:
+    from featcache.report.collect import Predictions
+    from featcache.report.scores import confidence_bins
+
+    proba = np.array([[0.9, 0.05, 0.05],   # predicts 0, right
+                      [0.1, 0.85, 0.05],   # predicts 1, wrong (truth 2)
+                      [0.4, 0.35, 0.25],   # predicts 0, right
+                      [0.2, 0.2, 0.6],     # predicts 2, wrong (truth 0)
+                      [0.45, 0.45, 0.1]])  # a tie: the first class (0), as fit decides; truth 1 -> wrong
+    pred = Predictions(list("abcde"), np.array([0, 2, 0, 0, 1]), proba, ["x", "y", "z"])
+    mean_c, correct, counts = confidence_bins(pred, n_bins=2)
+    # bin [0, 0.5): confidences 0.4, 0.45 (1 of 2 right); bin [0.5, 1]: 0.9, 0.85, 0.6 (1 of 3 right)
+    assert counts.tolist() == [2, 3]
+    assert mean_c.tolist() == pytest.approx([0.425, (0.9 + 0.85 + 0.6) / 3])
+    assert correct.tolist() == pytest.approx([0.5, 1 / 3])
+
+
+def test_three_class_top_runs_get_a_top_label_reliability_diagram(tmp_path, monkeypatch):
+    from featcache.report import plots
+
+    runs = tmp_path / "runs"
+    write_3class_run(runs, "20240101-000000-logreg-aaaaaaaa", quality=2.0, seed=0)
+    titles: list[str] = []
+    original = plots._calibration_ax
+
+    def spy(ax, pred, split):
+        original(ax, pred, split)
+        titles.append(ax.get_title())
+
+    monkeypatch.setattr(plots, "_calibration_ax", spy)
+    res = build_report(runs, tmp_path / "rep", ReportOptions(detail=1))
+    assert len(titles) == 1 and "top-label calibration (Brier" in titles[0]
+    assert "top-label reliability diagram" in res.markdown.read_text(encoding="utf-8")

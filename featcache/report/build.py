@@ -807,7 +807,9 @@ def _top_runs_section(
             + " confusion matrix of the most probable class (test split when present, else validation), "
             "each class's one-vs-rest ROC curve on the same split (their AUC is the mean of these curves' "
             "areas, the macro average) and precision-recall curve (with its average precision; dotted in its "
-            "colour, the class's share of the images, what a classifier without skill reaches) and the "
+            "colour, the class's share of the images, what a classifier without skill reaches), a top-label "
+            "reliability diagram (the predicted class's probability against the fraction of those images "
+            "whose predicted class is right, in 10 equal-width bins with 95% Wilson intervals) and the "
             f"MLP's {_CURVES_TEXT}.",
             "muted",
         ))

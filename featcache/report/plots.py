@@ -23,6 +23,7 @@ from featcache.report.scores import (
     auc_binary,
     average_precision,
     calibration_bins,
+    confidence_bins,
     confusion,
     pr_points,
     predict,
@@ -354,8 +355,11 @@ def wilson_interval(fraction: np.ndarray, n: np.ndarray, z: float = 1.96) -> tup
 
 
 def _calibration_ax(ax, pred: Predictions, split: str) -> None:
-    """Reliability diagram: does P(class 1) = 0.8 come true 80% of the time? Dot area = images in bin."""
-    mean_p, observed, counts = calibration_bins(pred)
+    """Reliability diagram: does P(class 1) = 0.8 come true 80% of the time? Dot area = images in bin.
+    More than two classes: the top-label diagram, confidence (the predicted class's probability) against
+    the fraction of those images whose predicted class is right."""
+    binary = pred.proba.shape[1] == 2
+    mean_p, observed, counts = calibration_bins(pred) if binary else confidence_bins(pred)
     ax.plot([0, 1], [0, 1], color=GREY, lw=0.8, ls=":")
     ax.plot(mean_p, observed, color=ORANGE if split == "test" else BLUE, lw=1.2)
     lo, hi = wilson_interval(observed, counts)  # a middle bin of 4 images zig-zags within its noise
@@ -367,15 +371,20 @@ def _calibration_ax(ax, pred: Predictions, split: str) -> None:
                color=ORANGE if split == "test" else BLUE, edgecolor="black", linewidth=0.5, zorder=3)
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel(_t(f"predicted P({pred.classes[1]})"))
-    ax.set_ylabel(_t(f"observed fraction {pred.classes[1]}"))
-    ax.set_title(f"{split} calibration (Brier {scores(pred)['brier']:.3f})")
+    if binary:
+        ax.set_xlabel(_t(f"predicted P({pred.classes[1]})"))
+        ax.set_ylabel(_t(f"observed fraction {pred.classes[1]}"))
+    else:
+        ax.set_xlabel("confidence: P(predicted class)")
+        ax.set_ylabel("fraction predicted right")
+    ax.set_title(f"{split} {'calibration' if binary else 'top-label calibration'} "
+                 f"(Brier {scores(pred)['brier']:.3f})")
 
 
 def run_figure(rec: RunRecord, threshold: float | None, formats: Sequence[str] = ()) -> Rendered | None:
-    """One row of panels for a top run: confusion matrices (0.5 and chosen), ROC and precision-recall,
-    calibration (binary), each class's one-vs-rest ROC and precision-recall (multi-class), training
-    curves."""
+    """One row of panels for a top run: confusion matrices (0.5 and chosen), ROC and precision-recall
+    (binary), each class's one-vs-rest ROC and precision-recall (multi-class), calibration (top-label
+    when multi-class), training curves."""
     pred = rec.test if rec.test is not None else rec.val
     history = rec.metrics.get("history") if isinstance(rec.metrics.get("history"), dict) else None
     panels: list[str] = []
@@ -385,11 +394,11 @@ def run_figure(rec: RunRecord, threshold: float | None, formats: Sequence[str] =
             panels.append("cmthr")
             panels.append("roc")
             panels.append("pr")
-        if pred.proba.shape[1] == 2 and len(pred.y_true):
-            panels.append("calib")
         if pred.proba.shape[1] > 2 and len(set(pred.y_true.tolist())) > 1:
             panels.append("roc_ovr")
             panels.append("pr_ovr")
+        if len(pred.y_true):
+            panels.append("calib")
     if history and any(history.get(k) for k in ("loss", "val_loss")):
         panels.append("loss")
         if any(history.get(k) for k in ("accuracy", "val_accuracy")):
