@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from featcache.errors import ConfigError
-from featcache.runs import format_value, params_string, resumed_epoch
+from featcache.runs import format_value, params_string, resumed_epoch, threshold_text
 
 RETRAIN_HELP = ("Train configs that already have a finished run again (after an upgrade, say); their old "
                 "runs are moved to RUNS_DIR/.retrained, not deleted.")  # fit's and run's
@@ -337,7 +337,7 @@ def register(app: typer.Typer) -> None:
                 fmt(r["val"]),
                 fmt(r["test"]),
                 f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "-",
-                fmt(r["threshold"]),
+                threshold_text(r["threshold"], "-"),
             )
         print_table(out, table)
         if not any(r["has_test"] for r in rows):  # say why the test columns are blank

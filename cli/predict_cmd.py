@@ -91,9 +91,11 @@ def register(app: typer.Typer) -> None:
 
 def _print_table(out: dict) -> None:
     """Predictions as a table, then the skipped images with their reasons (on stderr)."""
+    from featcache.runs import threshold_text
+
     thr = out["threshold"]
     title = f"run {escape(out['run'])}" + (
-        f" (threshold {thr:.3f} on P({escape(out['classes'][1])}))" if thr is not None else ""
+        f" (threshold {threshold_text(thr)} on P({escape(out['classes'][1])}))" if thr is not None else ""
     )
     table = Table(title=title)
     table.add_column("image", overflow="fold")

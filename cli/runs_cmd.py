@@ -207,7 +207,14 @@ def show_cmd(
     """
     from featcache.cli.fit_cmd import fmt, params_text
 
-    from featcache.runs import describe_trainer, load_run, replay_command, run_problems, training_settings
+    from featcache.runs import (
+        describe_trainer,
+        load_run,
+        replay_command,
+        run_problems,
+        threshold_text,
+        training_settings,
+    )
 
     run = load_run(runs_dir, run_id)
     info, metrics = run.info, run.metrics()
@@ -243,7 +250,8 @@ def show_cmd(
         ("selection", f"{sel.get('method', '-')} by {sel.get('group_by', '-')} on {info.get('metric')}; "
                       f"train {sel.get('n_train_images', '?')}, validation {sel.get('n_val_images', '?')}, "
                       f"test {sel.get('n_test_images', '?')} images"),
-        ("threshold", f"{fmt(thr.get('chosen'))} ({thr.get('method', '-')}, on {thr.get('chosen_on', '-')})"
+        ("threshold", f"{threshold_text(thr.get('chosen'))} ({thr.get('method', '-')}, "
+                      f"on {thr.get('chosen_on', '-')})"
                       if thr.get("chosen") is not None
                       else "none: more than two classes, labelled by the most probable one"
                       if len(info.get("classes") or []) > 2 else "-"),

@@ -63,6 +63,24 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+_THRESHOLD_LANDMARKS = (0.0, 0.5, 1.0)  # values a reader acts on: "p >= 1" calls nothing positive
+
+
+def threshold_text(threshold: float | None, missing: str = "n/a") -> str:
+    """A threshold as the report's tables, captions and plot titles, fit's table, `runs show` and predict
+    show it: 4 significant digits (0.37, 0.4988), more where those would round it onto 0, 0.5 or 1 without
+    being it. Why: 0.9999969 was shown as "1" (who applies p >= 1 calls nothing positive, yet sensitivity
+    at it was 0.88) and 0.4988 as "0.50", the default it is not. ``missing``: the text for a run without
+    one."""
+    if threshold is None or not np.isfinite(threshold):
+        return missing
+    for digits in range(4, 18):
+        text = f"{threshold:.{digits}g}"
+        if float(text) == threshold or float(text) not in _THRESHOLD_LANDMARKS:
+            return text
+    return repr(float(threshold))
+
+
 def format_value(value: Any, *, float_format: str = "g", none: str = "None") -> str:
     """Compact human form of a parameter or metric value: 0.001, 1024-512, 0:1,1:3.
 

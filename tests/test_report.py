@@ -2064,3 +2064,13 @@ def test_three_class_top_runs_get_a_top_label_reliability_diagram(tmp_path, monk
     res = build_report(runs, tmp_path / "rep", ReportOptions(detail=1))
     assert len(titles) == 1 and "top-label calibration (Brier" in titles[0]
     assert "top-label reliability diagram" in res.markdown.read_text(encoding="utf-8")
+
+
+def test_runs_show_does_not_round_a_threshold_onto_1(tmp_path, capsys):
+    """The report's threshold rule (threshold_text) was not the CLI's: `runs show` gave 0.9999969 as "1"
+    (4 significant digits), fit's table too, and predict's title "1.000"."""
+    runs = tmp_path / "runs"
+    write_fake_run(runs, "20240101-000001-logreg-aaaaaaaa", threshold=0.9999969)
+    assert run(["runs", "show", "20240101-000001-logreg-aaaaaaaa", "--runs-dir", str(runs)]) == 0
+    out = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    assert "threshold 0.999997 (" in out

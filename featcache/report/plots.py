@@ -30,6 +30,7 @@ from featcache.report.scores import (
     roc_points,
     scores,
 )
+from featcache.runs import threshold_text
 
 BLUE, ORANGE, GREY, GREEN = "#1f5fa8", "#e07b00", "#8a8f98", "#2e8540"
 # one colour and one line style per class of a multi-class ROC (styles keep them apart in greyscale)
@@ -227,21 +228,6 @@ def _pr_ovr_ax(ax, pred: Predictions, split: str) -> None:
 RUN_FIGURE_COLUMNS = 3  # panels per row of a top run's figure
 
 
-_THRESHOLD_LANDMARKS = (0.0, 0.5, 1.0)  # values a reader acts on: "p >= 1" calls nothing positive
-
-
-def threshold_text(threshold: float | None, missing: str = "n/a") -> str:
-    """A threshold as every table, caption and plot title of the report shows it: 4 significant digits
-    (0.37, 0.4988), more where those would round it onto 0, 0.5 or 1 without being it. Why: 0.9999969 was
-    shown as "1" (who applies p >= 1 calls nothing positive, yet sensitivity at it was 0.88) and 0.4988 as
-    "0.50", the default it is not. ``missing``: the text for a run without one."""
-    if threshold is None or not np.isfinite(threshold):
-        return missing
-    for digits in range(4, 18):
-        text = f"{threshold:.{digits}g}"
-        if float(text) == threshold or float(text) not in _THRESHOLD_LANDMARKS:
-            return text
-    return repr(float(threshold))
 
 
 ZOOM_AUC = 0.95  # from this AUC / AP on, ROC and precision-recall panels show their top corner
