@@ -2074,3 +2074,32 @@ def test_runs_show_does_not_round_a_threshold_onto_1(tmp_path, capsys):
     assert run(["runs", "show", "20240101-000001-logreg-aaaaaaaa", "--runs-dir", str(runs)]) == 0
     out = " ".join(capsys.readouterr().out.replace("│", " ").split())
     assert "threshold 0.999997 (" in out
+
+
+def test_the_paired_comparison_draws_its_runs_roc_curves_on_one_plot(sweep, tmp_path, monkeypatch):
+    from featcache.report import plots
+
+    runs, _ = sweep
+    drawn: list[list[str]] = []
+    original = plots.comparison_figure
+
+    def spy(preds, labels, formats=()):
+        drawn.append(list(labels))
+        return original(preds, labels, formats)
+
+    monkeypatch.setattr(plots, "comparison_figure", spy)
+    res = build_report(runs, tmp_path / "out", ReportOptions(detail=0, group_by="head"))
+    text = res.markdown.read_text(encoding="utf-8")
+    # one figure per group with a paired table (svm: 2 runs, logreg: 6, mlp: 6), the group's best first
+    assert len(drawn) == 3 and all(labels[0].startswith("#1 ") for labels in drawn)
+    assert sorted(len(labels) for labels in drawn) == [2, 6, 6]
+    for i in (1, 2, 3):
+        assert f"](report_files/compare-{i}.png)" in text
+        assert (res.out_dir / "report_files" / f"compare-{i}.png").stat().st_size > 1000
+    # one run, or runs of three classes: no figure
+    from featcache.report.collect import Predictions
+
+    two = Predictions(["a", "b"], np.array([0, 1]), np.array([[0.8, 0.2], [0.3, 0.7]]), list(CLASSES))
+    assert original([two], ["#1"]) is None
+    three = Predictions(["a", "b"], np.array([0, 2]), np.full((2, 3), 1 / 3), list(CLASSES_3))
+    assert original([three, three], ["#1", "#2"]) is None

@@ -538,7 +538,7 @@ def _paired_accuracy(rows: Sequence[dict]) -> str:
 
 
 def _paired_section(doc: Document, rows: list[dict], by_id: dict[str, RunRecord],
-                    group_by: str | None = None) -> None:
+                    group_by: str | None = None, formats: Sequence[str] = ()) -> None:
     """Is the best run better than the next ones on the test images? Paired patient bootstrap.
 
     With ``--group-by`` each group's best is compared with the next runs of its own group: the groups
@@ -549,8 +549,8 @@ def _paired_section(doc: Document, rows: list[dict], by_id: dict[str, RunRecord]
                      "on (validation only); fit --test-fraction 0.2 holds out a patient-grouped test split.",
                      "muted"))
         return
-    for name, ranked in by_group(sorted(rows, key=lambda r: r["overall_rank"])).items():
-        body = _paired_rows(ranked, by_id)
+    for i, (name, ranked) in enumerate(by_group(sorted(rows, key=lambda r: r["overall_rank"])).items()):
+        body, members = _paired_rows(ranked, by_id)
         if not body:
             continue
         where = f"{group_by} {name}: " if group_by else ""
@@ -572,6 +572,7 @@ def _paired_section(doc: Document, rows: list[dict], by_id: dict[str, RunRecord]
             "is its own test, not corrected for the several rows"
             + (f"; {_no_paired_auc_text(by_id[ranked[0]['run_id']].test)}." if no_auc else "."),
         ))
+        _comparison_figure(doc, [ranked[0], *members], by_id, f"compare-{i + 1}", formats)
 
 
 def _no_paired_auc_text(test: Predictions | None) -> str:
@@ -595,12 +596,27 @@ def _absent_classes(pred: Predictions | None) -> list[str]:
     return [str(c) for i, c in enumerate(pred.classes) if i not in present]
 
 
-def _paired_rows(ranked: list[dict], by_id: dict[str, RunRecord]) -> list[list[str]]:
-    """Table rows comparing ``ranked[0]`` with up to PAIRED_RUNS later runs scored on its test images."""
+def _comparison_figure(doc: Document, members: list[dict], by_id: dict[str, RunRecord], name: str,
+                       formats: Sequence[str]) -> None:
+    """The paired comparison's runs' test ROC and precision-recall curves on one plot (binary runs)."""
+    img = plots.comparison_figure([by_id[r["run_id"]].test for r in members],
+                                  [f"#{r['rank']} {r['backbone']} · {r['head']}" for r in members], formats)
+    if img:
+        doc.add(Figure(
+            name, img.png,
+            "The same runs' test ROC and precision-recall curves on the same images (AUC and average "
+            "precision in the legend; dotted: the diagonal of no skill, and the positive class's share).",
+            "test ROC and precision-recall curves of the runs compared above, on one plot each",
+            img.vector))
+
+
+def _paired_rows(ranked: list[dict], by_id: dict[str, RunRecord]) -> tuple[list[list[str]], list[dict]]:
+    """Table rows comparing ``ranked[0]`` with up to PAIRED_RUNS later runs scored on its test images, and
+    those runs' leaderboard rows."""
     best = ranked[0] if ranked else None
     if best is None or by_id[best["run_id"]].test is None:
-        return []
-    body = []
+        return [], []
+    body, members = [], []
     for row in ranked[1:]:
         other = by_id[row["run_id"]].test
         diff = paired_difference(other, by_id[best["run_id"]].test) if other is not None else None
@@ -614,9 +630,10 @@ def _paired_rows(ranked: list[dict], by_id: dict[str, RunRecord]) -> list[list[s
         verdict = "worse" if acc[2] < 0 else ("better" if acc[1] > 0 else "not distinguishable")
         body.append([str(row["rank"]), f"{row['backbone']} · {row['head']} · {row['config'] or '(defaults)'}",
                      *cells, verdict])
+        members.append(row)
         if len(body) == PAIRED_RUNS:
             break
-    return body
+    return body, members
 
 
 def _sens_spec(row: dict, suffix: str = "", ci: bool = True) -> str:
@@ -2076,7 +2093,7 @@ def build_document(
     _callouts(doc, runs, rows, skipped, options, all_runs, all_rows)
     _leaderboard_section(doc, rows, options, has_test, n_selected or len(runs), runs, all_runs)
     by_id = {r.id: r for r in runs}
-    _paired_section(doc, rows, by_id, options.group_by)
+    _paired_section(doc, rows, by_id, options.group_by, options.figure_formats)
     _top_runs_section(doc, sorted(rows, key=lambda r: r["overall_rank"]), by_id, options, progress)
     shown = {r["run_id"] for r in rows}
     _grid_section(doc, all_rows, options, {r.id: r for r in all_runs}, shown)

@@ -426,6 +426,52 @@ def run_figure(rec: RunRecord, threshold: float | None, formats: Sequence[str] =
     return _render(fig, formats)
 
 
+def comparison_figure(preds: Sequence[Predictions], labels: Sequence[str],
+                      formats: Sequence[str] = ()) -> Rendered | None:
+    """The test ROC and precision-recall curves of several binary runs on the same images, in one pair of
+    panels (each run's AUC and average precision in the legend). Why: a paper compares backbones and
+    heads on one ROC plot; the per-run figures, one run each, leave the reader to overlay them by eye.
+    None when fewer than two of ``preds`` are binary with both classes present."""
+    shown = [(p, label) for p, label in zip(preds, labels, strict=True)
+             if p.proba.shape[1] == 2 and len(set(p.y_true.tolist())) == 2]
+    if len(shown) < 2:
+        return None
+    plt = _plt()
+    fig, (roc, pr) = plt.subplots(1, 2, figsize=(9.6, 4.4))
+    roc.plot([0, 1], [0, 1], color=GREY, lw=0.8, ls=":")
+    areas, aps = [], []
+    for i, (pred, label) in enumerate(shown):
+        color, style = CLASS_STYLES[i % len(CLASS_STYLES)]
+        ranked = rank_score(pred.proba, 1)
+        fpr, tpr, _ = roc_points(pred.y_true, ranked)
+        areas.append(auc_binary(pred.y_true, ranked))
+        top = len(shown) - i + 2  # the best run's curve drawn over the rest where they coincide
+        roc.plot(fpr, tpr, color=color, ls=style, lw=1.5, zorder=top,
+                 label=_t(f"{label} (AUC {areas[-1]:.3f})"))
+        recall, precision, _ = pr_points(pred.y_true, ranked)
+        aps.append(average_precision(pred.y_true, ranked))
+        pr.step(np.r_[0.0, recall], np.r_[precision[0], precision], where="pre", color=color, ls=style,
+                lw=1.5, zorder=top, label=_t(f"{label} (AP {aps[-1]:.3f})"))
+    pr.axhline(float(shown[0][0].y_true.mean()), color=GREY, lw=0.8, ls=":")
+    zoom = min(areas) >= ZOOM_AUC and min(aps) >= ZOOM_AUC
+    low = 1.005 - ZOOM_SPAN if zoom else -0.02
+    roc.set_xlim(-0.005 if zoom else -0.02, (-0.005 + ZOOM_SPAN) if zoom else 1.02)
+    roc.set_ylim(low, 1.005 if zoom else 1.02)
+    roc.set_aspect("equal", adjustable="box")
+    roc.set_xlabel("1 − specificity (false-positive rate)")
+    roc.set_ylabel("sensitivity")
+    roc.set_title("test ROC" + (", corner" if zoom else ""))
+    pr.set_xlim(low, 1.005 if zoom else 1.02)
+    pr.set_ylim(low, 1.005 if zoom else 1.02)
+    pr.set_xlabel(_t(f"recall (sensitivity to {shown[0][0].classes[1]})"))
+    pr.set_ylabel(_t(f"precision (images called {shown[0][0].classes[1]})"))
+    pr.set_title("test precision-recall (⋯ share)" + (", corner" if zoom else ""))
+    for ax, loc in ((roc, "lower right"), (pr, "lower left")):
+        ax.legend(fontsize=7, loc=loc, frameon=False)
+    fig.tight_layout()
+    return _render(fig, formats)
+
+
 OVERVIEW_RUNS = 15  # rows of the overview dot plot; more would not be readable
 HEATMAP_MIN_SPAN = 0.05  # narrowest colour range of a heatmap, in metric units
 
