@@ -57,17 +57,13 @@ def pipeline_dict(result) -> dict:  # noqa: ANN001 - featcache.pipeline.Pipeline
     """Every stage's outcome as JSON-able data, in the shapes `extract --json` and `fit --json` print."""
     from featcache.cli.extract_cmd import result_dict
     from featcache.cli.fit_cmd import fit_dict
+    from featcache.cli.report_cmd import report_dict
 
-    rep = result.report
     return {
         "notes": list(result.notes),
         "extracts": [result_dict(ex) for ex in result.extracts],
         "fits": [fit_dict(fr) for fr in result.fits],
-        "report": None if rep is None else {
-            "html": str(rep.html.resolve()), "markdown": str(rep.markdown.resolve()),
-            "csv": str(rep.csv.resolve()), "json": str(rep.json.resolve()), "n_runs": rep.n_runs,
-            "best_run_id": rep.best_run_id, "best_by_task": rep.best_by_task, "metric": rep.metric,
-            "left_out": [{"run": rid, "reason": why} for rid, why in rep.skipped]},
+        "report": None if result.report is None else report_dict(result.report),
     }
 
 
@@ -267,6 +263,7 @@ def register(app: typer.Typer) -> None:
         wait: float | None = typer.Option(
             None, "--wait", min=0, help="Seconds to wait if another process writes the same "
             "cache file (default: do not wait; exit 3 at once)."),
+        as_json: bool = typer.Option(False, "--json", help="Print what each stage did as JSON (no tables)."),
     ) -> None:
         """Run the whole pipeline on 96 bundled Kermany chest X-rays (mobilenet-0.75); print the report path.
 
@@ -276,8 +273,11 @@ def register(app: typer.Typer) -> None:
 
         heads = _split(head)
         before_build, after_checks = _backend_for(heads)
-        with progress_display(console) as bar:
+        with progress_display(Console(stderr=True) if as_json else console) as bar:
             result = run_demo(workdir, weights=weights, out=out, heads=heads, wait=wait,
                               progress=make_callback(bar), command=typed_command(ctx),
                               before_build=before_build, after_checks=after_checks)
-        _summary(result)
+        if as_json:
+            typer.echo(json.dumps(pipeline_dict(result), indent=2, default=str))
+        else:
+            _summary(result)

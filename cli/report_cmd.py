@@ -127,6 +127,26 @@ def print_outputs(result, console: Console) -> None:
         )
 
 
+def report_dict(rep) -> dict:  # noqa: ANN001 - featcache.report.ReportResult
+    """A report's outcome as JSON-able data (`report --json`, and the "report" of `run --json`): its files,
+    the best run (per task where the runs are of several), and the leaders the terminal table shows."""
+    def leader(r: dict) -> dict:
+        used = r.get("ranked_by") or rep.metric
+        lo, hi = r.get(f"test_{used}_lo"), r.get(f"test_{used}_hi")
+        return {"rank": r.get("rank"), "group": r.get("group"), "run_id": r.get("run_id"),
+                "backbone": r.get("backbone"), "head": r.get("head"), "task": r.get("task"),
+                "config": r.get("config"), "metric": used, "val": r.get(f"val_{used}"),
+                "test": r.get(f"test_{used}"),
+                "test_ci": [lo, hi] if lo is not None and hi is not None else None}
+
+    return {
+        "html": str(rep.html.resolve()), "markdown": str(rep.markdown.resolve()),
+        "csv": str(rep.csv.resolve()), "json": str(rep.json.resolve()), "n_runs": rep.n_runs,
+        "best_run_id": rep.best_run_id, "best_by_task": rep.best_by_task, "metric": rep.metric,
+        "random_weights": list(rep.random_weights), "leaders": [leader(r) for r in rep.leaders],
+        "left_out": [{"run": rid, "reason": why} for rid, why in rep.skipped]}
+
+
 def parse_heatmap(value: str | None) -> tuple[str, str] | None:
     from featcache.grids import parse_names
 
@@ -190,6 +210,8 @@ def register(app: typer.Typer) -> None:
             help="Also write every figure as vector files for papers in report_files/: svg, pdf or svg,pdf "
             "(PNGs are always written; the HTML embeds those).",
         ),
+        as_json: bool = typer.Option(
+            False, "--json", help="Print the report's files, best run(s) and leaders as JSON (no tables)."),
     ) -> None:
         """Write a self-contained HTML report, a Markdown version and CSV/JSON leaderboards of finished runs.
 
@@ -210,6 +232,11 @@ def register(app: typer.Typer) -> None:
             title=title,
             figure_formats=parse_figure_formats(figures),
         )
-        with progress_display(console) as bar:
+        with progress_display(Console(stderr=True) if as_json else console) as bar:
             result = build_report(runs_dir, out, options, progress=make_callback(bar))
-        print_outputs(result, console)
+        if as_json:
+            import json
+
+            typer.echo(json.dumps(report_dict(result), indent=2, default=str))
+        else:
+            print_outputs(result, console)

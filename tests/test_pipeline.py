@@ -357,6 +357,12 @@ def test_demo_with_random_weights(tmp_path, capsys):
     code = run(["demo", "--weights", "none", "--workdir", str(tmp_path), "--head", "logreg,mlp"])
     out = " ".join(capsys.readouterr().out.split())
     assert code == 0 and "0 rows computed, 96 reused" in out and "0 run(s) trained" in out
+    # --json: stdout is the JSON alone (as run's), the report's leaders in it
+    code = run(["demo", "--weights", "none", "--workdir", str(tmp_path), "--head", "logreg,mlp", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert code == 0 and data["extracts"][0]["rows_computed"] == 0
+    assert data["report"]["leaders"][0]["run_id"] == data["report"]["best_run_id"]
+    assert data["report"]["random_weights"] == ["mobilenet-0.75"]
 
 
 @pytest.mark.slow

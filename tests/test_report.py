@@ -2103,3 +2103,17 @@ def test_the_paired_comparison_draws_its_runs_roc_curves_on_one_plot(sweep, tmp_
     assert original([two], ["#1"]) is None
     three = Predictions(["a", "b"], np.array([0, 2]), np.full((2, 3), 1 / 3), list(CLASSES_3))
     assert original([three, three], ["#1", "#2"]) is None
+
+
+def test_report_json_prints_the_files_best_run_and_leaders_alone_on_stdout(sweep, tmp_path, capsys):
+    runs, _ = sweep
+    assert run(["report", "--runs-dir", str(runs), "--out", str(tmp_path / "o"), "--detail", "0",
+                "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)  # nothing but the JSON on stdout
+    board = json.loads((tmp_path / "o" / "leaderboard.json").read_text())["runs"]
+    assert out["n_runs"] == len(board) == 14 and out["metric"] == "accuracy"
+    assert Path(out["html"]).is_file() and out["best_run_id"] == board[0]["run_id"]
+    first = out["leaders"][0]
+    assert (first["rank"], first["run_id"], first["val"]) == (1, board[0]["run_id"], board[0]["val_accuracy"])
+    assert first["test_ci"] == [board[0]["test_accuracy_lo"], board[0]["test_accuracy_hi"]]
+    assert [r["rank"] for r in out["leaders"]] == list(range(1, len(out["leaders"]) + 1))
