@@ -80,8 +80,8 @@ def register(app: typer.Typer) -> None:
             where = "printed above" if to_stdout else f"written to {escape(str(written))}"
             Console(stderr=to_stdout).print(
                 f"{len(out['predictions'])} image(s) classified ("
-                + ", ".join(f"{shown(c)} {counts[c]}" for c in out["classes"]) + f"); {where}",
-                highlight=False, soft_wrap=True)
+                + ", ".join(f"{shown(c)} {counts[c]}" for c in out["classes"]) + f") by {_rule_text(out)}; "
+                + where, highlight=False, soft_wrap=True)
             _print_skipped(out)
         else:
             _print_table(out)
@@ -89,26 +89,36 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(2)  # as extract --strict: the status of a user error
 
 
-def _print_table(out: dict) -> None:
-    """Predictions as a table, then the skipped images with their reasons (on stderr)."""
+def _rule_text(out: dict) -> str:
+    """How the labels were decided: "threshold 0.374 on P(PNEUMONIA)" (the run's chosen one), or the most
+    probable class. Why in the CSV summary too: a label against a lower probability read as an error."""
     from featcache.runs import threshold_text
 
     thr = out["threshold"]
-    title = f"run {escape(out['run'])}" + (
-        f" (threshold {threshold_text(thr)} on P({escape(out['classes'][1])}))" if thr is not None else ""
-    )
+    if thr is None:
+        return "the most probable class"
+    return f"threshold {threshold_text(thr)} on P({shown(out['classes'][1])})"
+
+
+def _print_table(out: dict) -> None:
+    """Predictions as a table, then the skipped images with their reasons (on stderr)."""
+    title = f"run {escape(out['run'])} (labels by {_rule_text(out)})"
     table = Table(title=title)
     table.add_column("image", overflow="fold")
     for c in out["classes"]:
         table.add_column(f"P({shown(c)})", justify="right")
     table.add_column("label")
     table.add_column("features")
+    with_seen = any(p.get("seen") for p in out["predictions"])
+    if with_seen:
+        table.add_column("seen")
     for p in out["predictions"]:
         table.add_row(
             shown(p["image"]),
             *[f"{p['probabilities'][c]:.3f}" for c in out["classes"]],
             f"[bold]{shown(p['label'])}[/]",
             "cache" if p["from_cache"] else "backbone",
+            *([("[yellow]training[/]" if p["seen"] == "training" else str(p["seen"]))] if with_seen else []),
         )
     print_table(Console(), table)
     _print_skipped(out)

@@ -1460,6 +1460,7 @@ def _write_run(ctx: _Ctx, writer: RunWriter, model: Any, thr: dict, y_val: np.nd
         _write_preds(writer, ctx, "test", ctx.test, p_test, chosen)
     writer.write_metrics(metrics)
     writer.write_indices(test=ctx.test, pool=ctx.pool, **indices)
+    writer.write_seen_keys([ctx.keys[i] for i in ctx.pool], [ctx.keys[i] for i in ctx.test])
     writer.save_head(model)
     crash_point("fit.before_run_done")
     run = writer.finish()

@@ -22,7 +22,7 @@ from featcache.errors import DataError, NetworkError, RunError
 from featcache.hashing import sha256_bytes
 from featcache.metrics import predict_labels
 from featcache.progress import ProgressFn, emit
-from featcache.runs import Run, edited_run_json, load_head, load_run
+from featcache.runs import Run, changed_records, edited_run_json, load_head, load_run
 
 PREDICT_CHUNK = 64
 """Images read, decoded and classified together: bounds memory (full-size originals are megabytes each)
@@ -342,9 +342,10 @@ def predict(
     """Class probabilities and labels of ``images`` (files, or folders of image files) with run ``run_id``.
 
     Returns {"run": id, "classes", "threshold", "task", "predictions": [{"image", "key",
-    "probabilities", "label", "from_cache"}], "skipped": [{"path", "reason"}], "notes": [str]} (notes: a
-    run cache that is gone, unreadable or replaced, so nothing came from it). A missing, unreadable
-    or undecodable image is skipped with its reason and the others are still classified (as extract
+    "probabilities", "label", "from_cache", "seen"}], "skipped": [{"path", "reason"}], "notes": [str]}
+    (notes: a run cache that is gone, unreadable or replaced, so nothing came from it; images the run was
+    trained on; random weights). ``seen``: "training", "test" or "new" (:func:`_seen_as`). A missing,
+    unreadable or undecodable image is skipped with its reason and the others are still classified (as extract
     does); DataError only when no image at all can be used. RunError for an unknown run or a tampered
     model file. Images go through in chunks of PREDICT_CHUNK, so memory does not grow with their number.
     ``backbone_files``: the weights file / saved model of a run whose backbone came from a file (matched
@@ -375,6 +376,7 @@ def predict(
     if not extractors:
         raise RunError(f"run '{run.id}' records no feature caches; fit it again.")
     thr = (run.info.get("threshold") or {}).get("chosen") if len(classes) == 2 else None
+    seen = run.seen_keys()
     preds: list[dict] = []
     skipped: list[tuple[int, dict]] = []  # (position in paths, entry): listed in the order given
     tiny: dict[str, tuple[int, int]] = {}  # image -> (width, height) of those under `smallest` px a side
@@ -407,6 +409,7 @@ def predict(
                     "probabilities": {c: float(proba[r, j]) for j, c in enumerate(classes)},
                     "label": classes[int(labels[r])],
                     "from_cache": bool(cached[r]),
+                    "seen": _seen_as(items[i][2], seen),
                 }
                 for r, i in enumerate(good)
             ]
@@ -428,6 +431,7 @@ def predict(
         notes.append(f"{len(small)} image(s) smaller than {smallest:g} px on a side were upscaled more "
                      f"than {UPSCALE_LIMIT} times to the backbone's input (e.g. {small[0]}, {w}x{h}): their "
                      "labels carry little information.")
+    notes += _seen_notes(run, preds, seen)
     if not preds:
         first = skipped_list[0]
         raise DataError(
@@ -443,6 +447,36 @@ def predict(
         "skipped": skipped_list,
         "notes": notes,
     }
+
+
+def _seen_as(key: str, seen: dict[str, set[str]] | None) -> str | None:
+    """"training" (an image the run was fitted or selected on), "test" (one of its test images), "new", or
+    None when the run did not record them (fitted by an older featcache)."""
+    if seen is None:
+        return None
+    return "training" if key in seen["training"] else "test" if key in seen["test"] else "new"
+
+
+def _seen_notes(run: Run, preds: Sequence[dict], seen: dict[str, set[str]] | None) -> list[str]:
+    """What a reader of the labels must know about the run and the images: labels of the run's own
+    training images are no held-out estimate (a 72-image check gave 0.986 where the out-of-fold accuracy
+    was 0.944), and a random-weight run's labels mean nothing."""
+    notes = [f"the run's {problem}: `runs ls` and the report leave it out, as its recorded numbers cannot be "
+             "trusted; its model files are intact (their SHA-256 matches), so these labels are its model's"
+             for problem in changed_records(run.path, run.info)]
+    trained = [p["image"] for p in preds if p["seen"] == "training"]
+    if trained:
+        notes.append(f"{len(trained)} image(s) are among the run's own training images (it was fitted or "
+                     f"selected on them; e.g. {trained[0]}; column seen=training): their labels are no "
+                     "estimate of accuracy on new images (the run's held-out numbers are in `featcache runs "
+                     f"show {run.id}`).")
+    if seen is None and preds:
+        notes.append("the run was fitted before featcache recorded which images it saw (seen_keys.npz): "
+                     "predict cannot say whether these images were among its training images.")
+    if any(isinstance(b, dict) and b.get("weights") == "none" for b in run.info.get("backbones") or []):
+        notes.append("the run's features come from randomly initialised weights (--weights none), not "
+                     "ImageNet: its labels test the pipeline and say nothing about the images.")
+    return notes
 
 
 def _once(fn: Callable[[], None] | None) -> Callable[[], None] | None:
@@ -467,9 +501,18 @@ def check_csv_target(path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
         raise DataError(f"--csv {path} is a folder; give a file name such as {path / 'predictions.csv'}.")
-    if path.suffix.lower() in IMAGE_EXTENSIONS:  # `--csv a.jpeg` replaced the X-ray a.jpeg with the table
+    target = path.resolve() if path.is_symlink() else path  # a link's file is written, the link kept
+    if target.suffix.lower() in IMAGE_EXTENSIONS:  # `--csv a.jpeg` replaced the X-ray a.jpeg with the table
         raise DataError(f"--csv {path} is named like an image (writing the table there could replace an "
                         f"X-ray); give a .csv name such as {path.with_suffix('.csv')}.")
+    if target.suffix.lower() in (".h5", ".hdf5", ".keras", ".npz"):  # a feature cache or a saved model
+        raise DataError(f"--csv {path} is named like a feature cache or model file; give a .csv name such "
+                        f"as {path.with_suffix('.csv')}.")
+    if (target.parent / "run.json").is_file() or (target.parent.name == "model"
+                                                  and (target.parent.parent / "run.json").is_file()):
+        # `--csv runs/<id>/run.json` replaced the run's record: the run was then "damaged"
+        raise DataError(f"--csv {path} is inside the run folder {target.parent}; writing there could "
+                        "replace the run's own files. Give a path outside it.")
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
@@ -479,7 +522,12 @@ def check_csv_target(path: str | Path) -> Path:
 
 
 def predictions_csv_text(out: dict) -> str:
-    """predict's result as CSV text: image, label, features (cache or backbone), one p_<class> per class.
+    """predict's result as CSV text: image, label, features (cache or backbone), one p_<class> per class,
+    the threshold the label applied to P(class 1) (empty with more than two classes: the most probable
+    class) and seen (training, test or new; empty for a run that did not record it).
+
+    Why the threshold in every row: P(NORMAL) 0.595 labelled PNEUMONIA (chosen threshold 0.374) read as an
+    error in a spreadsheet that did not say which threshold made the label.
 
     Why a table: the terminal table folds long paths over several lines (grep for a file name failed),
     and a spreadsheet is where a clinician's list of images gets read. A path a spreadsheet would run as
@@ -494,17 +542,29 @@ def predictions_csv_text(out: dict) -> str:
     classes = list(out["classes"])
     buf = io.StringIO(newline="")
     writer = csv.writer(buf)
-    writer.writerow(["image", "label", "features", *(f"p_{c}" for c in classes)])
+    thr = "" if out.get("threshold") is None else repr(float(out["threshold"]))
+    writer.writerow(["image", "label", "features", *(f"p_{c}" for c in classes), "threshold", "seen"])
     for p in out["predictions"]:  # a name that is no UTF-8 written escaped (caf\xe9), as fit's CSVs
         writer.writerow([csv_cell(_utf8(p["image"])), csv_cell(p["label"]),
                          "cache" if p["from_cache"] else "backbone",
-                         *(repr(float(p["probabilities"][c])) for c in classes)])
+                         *(repr(float(p["probabilities"][c])) for c in classes), thr, p.get("seen") or ""])
     return buf.getvalue()
 
 
 def write_predictions_csv(out: dict, path: str | Path) -> Path:
-    """:func:`predictions_csv_text` into ``path`` (missing folders are made), whole or not at all."""
+    """:func:`predictions_csv_text` into ``path`` (missing folders are made), whole or not at all.
+
+    A symbolic link's file is replaced, the link kept; a device or named pipe (``/dev/null``,
+    ``/dev/stdout``, a fifo a script reads) is written into. Why: the file written beside it and renamed
+    over it, as a regular file is, replaced ``/dev/null`` itself with a regular file (run as root).
+    """
     path = check_csv_target(path)
+    if path.is_symlink():
+        path = path.resolve()
+    if path.exists() and not path.is_file():  # a device, fifo or socket: no rename over it
+        with open(path, "w", encoding="utf-8", newline="") as fh:
+            fh.write(predictions_csv_text(out))
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:  # a file cut short by an error never replaces a good one

@@ -466,7 +466,8 @@ def comparison_figure(preds: Sequence[Predictions], labels: Sequence[str],
     pr.set_xlabel(_t(f"recall (sensitivity to {shown[0][0].classes[1]})"))
     pr.set_ylabel(_t(f"precision (images called {shown[0][0].classes[1]})"))
     pr.set_title("test precision-recall (⋯ share)" + (", corner" if zoom else ""))
-    for ax, loc in ((roc, "lower right"), (pr, "lower left")):
+    # zoomed, the share's dotted line runs along the bottom: the legend goes above it
+    for ax, loc in ((roc, "lower right"), (pr, "center left" if zoom else "lower left")):
         ax.legend(fontsize=7, loc=loc, frameon=False)
     fig.tight_layout()
     return _render(fig, formats)
