@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -270,8 +271,11 @@ def show_cmd(
         rows.append(("environment", " ".join(f"{k}={v}" for k, v in env["variables"].items())))
     for key, value in rows:
         about.add_row(shown(key), shown(value))
-    scores = Table(title=_scores_title(info, metrics))
+    chosen = _chosen_threshold_rows(info, metrics)
+    scores = Table(title=_scores_title(info, metrics, [t for _, t, _ in chosen]))
     scores.add_column("split")
+    if chosen:
+        scores.add_column("at", justify="right")  # the threshold: narrow, the title names it
     scores.add_column("n", justify="right")
     for name in _METRICS:
         scores.add_column(name, justify="right")
@@ -279,27 +283,67 @@ def show_cmd(
         m = metrics.get(split) if isinstance(metrics, dict) else None
         if not m or not isinstance(m, dict):  # none, or a hand-edited file of the wrong shape
             continue
-        ci = m.get("ci") or {}
-        cells = []
-        for name in _METRICS:
-            cell = fmt(m.get(name))
-            if name in ci and ci[name]:
-                cell += f" [{fmt(ci[name][0])}–{fmt(ci[name][1])}]"
-            cells.append(cell)
-        scores.add_row(split, str(m.get("n", "-")), *cells)
+        scores.add_row(split, *(["0.5"] if chosen else []), str(m.get("n", "-")), *_metric_cells(m, fmt))
+    for split, thr_value, at in chosen:
+        # auc and log_loss do not depend on the threshold: left blank rather than repeated
+        scores.add_row(split, threshold_text(thr_value), str(at.get("n", "-")),
+                       *_metric_cells(at, fmt, skip=("auc", "log_loss")))
     console = Console()
     print_table(console, about)
     print_table(console, scores)
 
 
-def _scores_title(info: dict, metrics: object) -> str:
+def _metric_cells(m: dict, fmt: Callable[[object], str], skip: tuple[str, ...] = ()) -> list[str]:
+    """One row's cells of the metrics table, each with its recorded CI where there is one; ``skip``: the
+    metrics left blank (those a threshold does not change, on the chosen-threshold rows)."""
+    ci = m.get("ci") if isinstance(m.get("ci"), dict) else {}
+    cells = []
+    for name in _METRICS:
+        if name in skip:
+            cells.append("")
+            continue
+        cell = fmt(m.get(name))
+        if name in ci and ci[name]:
+            cell += f" [{fmt(ci[name][0])}–{fmt(ci[name][1])}]"
+        cells.append(cell)
+    return cells
+
+
+def _chosen_threshold_rows(info: dict, metrics: object) -> list[tuple[str, float, dict]]:
+    """(split, threshold, metrics) at the threshold chosen on validation, for the splits metrics.json has
+    them for (binary runs).
+
+    Why: ``predict`` labels at that threshold, not at 0.5, so the accuracy, sensitivity and specificity a
+    user gets from the run are these; the table showed only the 0.5 ones. The threshold is the one the
+    numbers were computed at (metrics.json's own), else run.json's chosen one."""
+    if not isinstance(metrics, dict) or len(info.get("classes") or []) > 2:
+        return []
+    thr_info = info.get("threshold")
+    recorded = thr_info.get("chosen") if isinstance(thr_info, dict) else None
+    rows = []
+    for split in ("val", "test"):
+        m = metrics.get(split)
+        at = m.get("at_threshold") if isinstance(m, dict) else None
+        if not isinstance(at, dict):
+            continue
+        thr = at.get("threshold") if isinstance(at.get("threshold"), (int, float)) else recorded
+        if isinstance(thr, (int, float)) and any(at.get(name) is not None for name in _METRICS):
+            rows.append((split, float(thr), at))
+    return rows
+
+
+def _scores_title(info: dict, metrics: object, chosen: Sequence[float] = ()) -> str:
     """The metrics table's title from the run's own record: a 3-class run labels by its most probable
-    class (no 0.5 threshold), and the test CI resampled what fit recorded (file-name groups on data
-    without patient ids; older runs recorded nothing and resampled patients)."""
-    from featcache.runs import resampled_words
+    class (no 0.5 threshold), a binary run's rows are at 0.5 and, where metrics.json has them, at the
+    ``chosen`` threshold(s) from validation; and the test CI resampled what fit recorded (file-name groups
+    on data without patient ids; older runs recorded nothing and resampled patients)."""
+    from featcache.runs import resampled_words, threshold_text
 
     n_classes = len(info.get("classes") or [])
-    rule = "label: most probable class" if n_classes > 2 else "threshold 0.5"
+    shown_thr = sorted({threshold_text(t) for t in chosen})
+    rule = ("label: most probable class" if n_classes > 2
+            else f"threshold 0.5 and {' / '.join(shown_thr)} chosen on validation" if shown_thr
+            else "threshold 0.5")
     test = metrics.get("test") if isinstance(metrics, dict) else None
     ci = test.get("ci") if isinstance(test, dict) else None
     if not isinstance(ci, dict) or not ci:

@@ -1,0 +1,66 @@
+"""`featcache runs show ID`: what one run's record says, as the user audits it.
+
+Runs are fake-but-well-formed folders (test_report's write_fake_run), so no cache or backbone is needed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from featcache.cli.app import run
+from test_report import write_fake_run
+
+RUN_ID = "20240101-000001-logreg-aaaaaaaa"
+
+
+def _with_at_threshold(runs: Path, threshold: float = 0.3127) -> Path:
+    """A binary run whose metrics.json holds val and test metrics at 0.5 and at the chosen threshold (with
+    numbers that differ, so each can be told apart in the output)."""
+    folder = write_fake_run(runs, RUN_ID, threshold=threshold)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics["val"].update(sensitivity=0.7111, specificity=0.9222, at_threshold={
+        "n": metrics["val"]["n"], "threshold": threshold, "accuracy": 0.8333, "sensitivity": 0.9444,
+        "specificity": 0.7222})
+    metrics["test"] = {"n": 60, "accuracy": 0.8111, "sensitivity": 0.6555, "specificity": 0.9666,
+                       "ci": {"accuracy": [0.7, 0.9], "resampled": "patients"},
+                       "at_threshold": {"n": 60, "threshold": threshold, "accuracy": 0.8777,
+                                        "sensitivity": 0.9555, "specificity": 0.7999,
+                                        "ci": {"sensitivity": [0.9001, 0.9901], "resampled": "patients"}}}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    return folder
+
+
+def test_runs_show_gives_the_metrics_at_the_chosen_threshold(tmp_path, capsys):
+    """`runs show` gave accuracy, sensitivity and specificity at 0.5 only, while `predict` labels at the
+    threshold chosen on validation, whose numbers metrics.json records (at_threshold): they are rows of
+    their own now, labelled with that threshold."""
+    runs = tmp_path / "runs"
+    _with_at_threshold(runs)
+    assert run(["runs", "show", RUN_ID, "--runs-dir", str(runs)]) == 0
+    lines = [" ".join(line.replace("│", " ").split()) for line in capsys.readouterr().out.splitlines()]
+    out = " ".join(lines)
+    assert "metrics (threshold 0.5 and 0.3127 chosen on validation; test with 95% bootstrap CI" in out
+    val_rows = [line for line in lines if line.startswith("val ")]
+    test_rows = [line for line in lines if line.startswith("test ")]
+    assert len(val_rows) == 2 and len(test_rows) == 2
+    assert val_rows[0].startswith("val 0.5 40 ") and "0.7111" in val_rows[0]
+    assert val_rows[1].startswith("val 0.3127 40 0.8333")
+    assert "0.9444" in val_rows[1] and "0.7222" in val_rows[1]
+    assert test_rows[0].startswith("test 0.5 60 0.8111")
+    assert test_rows[1].startswith("test 0.3127 60 0.8777") and "0.9555 [0.9001–0.9901]" in test_rows[1]
+    assert "0.7999" in test_rows[1]
+    # --json already holds them (metrics.json whole): unchanged
+    assert run(["runs", "show", RUN_ID, "--runs-dir", str(runs), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["metrics"]["test"]["at_threshold"]["sensitivity"] == 0.9555
+
+
+def test_runs_show_of_a_run_without_at_threshold_metrics_is_unchanged(tmp_path, capsys):
+    """Older runs (no at_threshold in metrics.json) keep the 0.5 table, without an empty threshold column."""
+    runs = tmp_path / "runs"
+    write_fake_run(runs, RUN_ID)
+    assert run(["runs", "show", RUN_ID, "--runs-dir", str(runs)]) == 0
+    lines = [" ".join(line.replace("│", " ").split()) for line in capsys.readouterr().out.splitlines()]
+    assert "metrics (threshold 0.5)" in lines
+    assert [line.split()[:2] for line in lines if line.startswith("val ")] == [["val", "40"]]
