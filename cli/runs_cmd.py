@@ -260,9 +260,16 @@ def show_cmd(
     ]
     if info.get("trainer"):
         rows.append(("trained", describe_trainer(info["trainer"])))
-    for c in info.get("caches") or []:
-        rows.append((f"cache {c.get('name')}", f"{c.get('path')} (config {str(c.get('config_hash'))[:12]}, "
+    caches = [c for c in info.get("caches") or [] if isinstance(c, dict)]
+    backbones = [b for b in info.get("backbones") or [] if isinstance(b, dict)]
+    for i, c in enumerate(caches):  # fit records backbones[i] from caches[i]
+        b = backbones[i] if i < len(backbones) and len(backbones) == len(caches) else {}
+        rows.append((f"cache {c.get('name') or b.get('name')}",
+                     f"{c.get('path')} ({_backbone_text(c, b)}; config {str(c.get('config_hash'))[:12]}, "
                      f"{c.get('n_rows')} rows × {c.get('feature_dim')})"))
+    if not caches:  # a run record without its caches still names its backbones
+        rows += [(f"backbone {b.get('name')}", _backbone_text({}, b)) for b in backbones]
+    random = [str(b.get("name")) for b in backbones if b.get("weights") == "none"]
     versions = info.get("versions") or {}
     rows.append(("versions", ", ".join(f"{k} {v}" for k, v in versions.items()) or "-"))
     if env.get("source_revision"):
@@ -291,6 +298,36 @@ def show_cmd(
     console = Console()
     print_table(console, about)
     print_table(console, scores)
+    if random:  # worded as the report's terminal note: these numbers must not be read as the method's
+        console.print(f"[yellow]Random weights: {escape(', '.join(random))} features come from randomly "
+                      "initialised weights (--weights none), not ImageNet: this run tests the pipeline, and "
+                      "its metrics say nothing about the method.[/]", soft_wrap=True)
+
+
+def _backbone_text(cache: dict, backbone: dict) -> str:
+    """A run's backbone weights and input size, from its cache's recorded config, else run.json's backbone
+    entry: "ImageNet weights, 224 px".
+
+    Why: two runs of one backbone name on random, ImageNet or own weights differ in everything, and only the
+    command line told them apart; a file is named by its SHA-256 (what predict's --backbone-file must
+    match), since its path is not recorded."""
+    cfg = cache.get("config") if isinstance(cache.get("config"), dict) else {}
+    weights = cfg.get("weights", backbone.get("weights"))
+    size = cfg.get("image_size", backbone.get("image_size"))
+    wfile, model = str(cfg.get("weights_file_sha256"))[:12], str(cfg.get("model_file_sha256"))[:12]
+    if weights == "imagenet":
+        text = "ImageNet weights"
+    elif weights == "none":
+        text = "random weights from --weights none"
+    elif weights == "saved":
+        text = f"saved model sha256 {wfile}... with its own weights"
+    elif weights == "file" and cfg.get("model_file_sha256"):
+        text = f"saved model sha256 {model}... with a weights file sha256 {wfile}..."
+    elif weights == "file":
+        text = f"weights file sha256 {wfile}..."
+    else:
+        text = "weights not recorded"
+    return f"{text}, {size} px" if size else text
 
 
 def _metric_cells(m: dict, fmt: Callable[[object], str], skip: tuple[str, ...] = ()) -> list[str]:

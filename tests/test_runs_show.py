@@ -64,3 +64,36 @@ def test_runs_show_of_a_run_without_at_threshold_metrics_is_unchanged(tmp_path, 
     lines = [" ".join(line.replace("│", " ").split()) for line in capsys.readouterr().out.splitlines()]
     assert "metrics (threshold 0.5)" in lines
     assert [line.split()[:2] for line in lines if line.startswith("val ")] == [["val", "40"]]
+
+
+def _set_weights(folder: Path, weights: str, image_size: int, **config: str) -> None:
+    """Give a fake run's backbone and cache the weights and input size fit records from the cache config."""
+    info = json.loads((folder / "run.json").read_text())
+    info["backbones"][0].update(weights=weights, image_size=image_size)
+    info["caches"][0].update(name=info["backbones"][0]["name"], feature_dim=768,
+                             config={"weights": weights, "image_size": image_size, **config})
+    (folder / "run.json").write_text(json.dumps(info))
+
+
+def test_runs_show_names_the_backbone_weights_and_image_size(tmp_path, capsys):
+    """`runs show` named neither a run's backbone weights (ImageNet, random, a file) nor its image size:
+    only the command line told them apart. The cache row gives both, a file by its SHA-256; a random-weights
+    run says plainly that its metrics say nothing about the method (as `runs ls` and the report mark it)."""
+    runs = tmp_path / "runs"
+    cases = {
+        "20240101-000001-logreg-aaaaaaaa": (("imagenet", 224, {}), "(ImageNet weights, 224 px; config"),
+        "20240101-000002-logreg-bbbbbbbb": (("none", 160, {}),
+                                            "(random weights from --weights none, 160 px;"),
+        "20240101-000003-logreg-cccccccc": (("file", 192, {"weights_file_sha256": "12" * 32}),
+                                            "(weights file sha256 121212121212..., 192 px;"),
+    }
+    for rid, ((weights, size, config), _) in cases.items():
+        _set_weights(write_fake_run(runs, rid), weights, size, **config)
+    for rid, (_, expected) in cases.items():
+        assert run(["runs", "show", rid, "--runs-dir", str(runs)]) == 0
+        out = " ".join(capsys.readouterr().out.replace("│", " ").split())
+        assert "cache mobilenet-0.75 /tmp/cache/" in out and expected in out, out
+        random = ("Random weights: mobilenet-0.75 features come from randomly initialised weights "
+                  "(--weights none), not ImageNet: this run tests the pipeline, and its metrics say nothing "
+                  "about the method")
+        assert (random in out) == (rid.endswith("bbbbbbbb"))
