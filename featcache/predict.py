@@ -131,14 +131,23 @@ def _backbone_config(cache: dict, backbone_files: Sequence[str | Path] = ()) -> 
 
     Why ``backbone_files``: a weights file or saved model is recorded by its SHA-256, not its path (the
     same file anywhere gives the same features), so the user hands the file back and we match it by hash.
+    When none matches, the message says why for each file given (a path that does not exist, a file of
+    another digest): "pass that file" alone read as if no file had been given.
     """
     from featcache.backbones import BackboneConfig
+    from featcache.errors import ConfigError
     from featcache.hashing import sha256_file
 
+    missing = [str(f) for f in backbone_files if not Path(f).is_file()]
+    if missing:  # a mistyped path is a usage error whatever the run needs (as --weights PATH at extract)
+        raise ConfigError(f"--backbone-file {missing[0]} does not exist (or is not a file).")
     cfg = cache.get("config") or {}
     weights = cfg.get("weights", "imagenet")
+    # hashed only where a file is needed (a run of several caches gets every cache's files here)
+    digests = ({str(f): sha256_file(Path(f)) for f in backbone_files} if weights in ("file", "saved")
+               else {})
     if weights == "file" and cfg.get("model_file_sha256"):  # a saved model given its own weights file
-        by_hash = {sha256_file(Path(f)): str(f) for f in backbone_files if Path(f).is_file()}
+        by_hash = {digest: path for path, digest in digests.items()}
         model, wfile = by_hash.get(cfg["model_file_sha256"]), by_hash.get(cfg.get("weights_file_sha256"))
         if model and wfile:
             return BackboneConfig(model, weights=wfile, layer=cfg.get("layer"), pooling=cfg.get("pooling"),
@@ -147,21 +156,22 @@ def _backbone_config(cache: dict, backbone_files: Sequence[str | Path] = ()) -> 
             f"run uses the saved model '{cfg.get('backbone')}' (sha256 "
             f"{str(cfg['model_file_sha256'])[:12]}...) with a weights file (sha256 "
             f"{str(cfg.get('weights_file_sha256'))[:12]}...), and these images are not in its cache; pass "
-            "both files, each with --backbone-file PATH.")
+            "both files, each with --backbone-file PATH" + _given_digests(digests, {
+                "saved model": cfg["model_file_sha256"], "weights file": cfg.get("weights_file_sha256")}))
     if weights in ("file", "saved"):
         want = cfg.get("weights_file_sha256")
-        for f in backbone_files:
-            if want and Path(f).is_file() and sha256_file(Path(f)) == want:
+        for f, digest in digests.items():
+            if want and digest == want:
                 if weights == "saved":
-                    return BackboneConfig(str(f), weights="imagenet", layer=cfg.get("layer"),
+                    return BackboneConfig(f, weights="imagenet", layer=cfg.get("layer"),
                                           pooling=cfg.get("pooling"), image_size=cfg.get("image_size"))
-                return BackboneConfig(cfg.get("backbone"), weights=str(f), pooling=cfg.get("pooling"),
+                return BackboneConfig(cfg.get("backbone"), weights=f, pooling=cfg.get("pooling"),
                                       image_size=cfg.get("image_size"))
         what = "saved model" if weights == "saved" else "weights file"
         raise RunError(
             f"run uses backbone '{cfg.get('backbone')}' built from a {what} (sha256 {str(want)[:12]}...) and "
-            f"these images are not in its cache; pass that file with --backbone-file PATH."
-        )
+            f"these images are not in its cache; pass that file with --backbone-file PATH"
+            + _given_digests(digests, {what: want}))
     fields = {f.name for f in dataclasses.fields(BackboneConfig)}
     kw = {
         "name": cfg.get("backbone", cache.get("name")),
@@ -172,6 +182,20 @@ def _backbone_config(cache: dict, backbone_files: Sequence[str | Path] = ()) -> 
     if "seed" in cfg and "seed" in fields:
         kw["seed"] = int(cfg["seed"])
     return BackboneConfig(**{k: v for k, v in kw.items() if k in fields})
+
+
+def _given_digests(digests: dict[str, str], wanted: dict[str, object]) -> str:
+    """The end of the no-match sentence: "." when no file was given, else what each given file is: the
+    run's saved model or weights file, or a file whose digest (first 12 hex digits, as the run's are named
+    before) is not the run's."""
+    if not digests:
+        return "."
+    parts = []
+    for path, digest in digests.items():
+        role = next((name for name, want in wanted.items() if want == digest), None)
+        parts.append(f"{path} is the run's {role}" if role
+                     else f"{path} has sha256 {digest[:12]}..., not the run's")
+    return f" (given: {'; '.join(parts)})."
 
 
 class _Extractor:
