@@ -184,6 +184,25 @@ def _backbone_config(cache: dict, backbone_files: Sequence[str | Path] = ()) -> 
     return BackboneConfig(**{k: v for k, v in kw.items() if k in fields})
 
 
+def _check_backbone_files(run: Run, backbone_files: Sequence[str | Path]) -> None:
+    """ConfigError, before any image is read, for a --backbone-file that does not exist or that the run
+    cannot use (none of its backbones came from a file). Why up front: checked only where an image missed
+    the cache, a mistyped path passed without a word whenever every image was cached, and a file given to
+    an ImageNet run was ignored silently."""
+    from featcache.errors import ConfigError
+
+    if not backbone_files:
+        return
+    missing = [str(f) for f in backbone_files if not Path(f).is_file()]
+    if missing:
+        raise ConfigError(f"--backbone-file {missing[0]} does not exist (or is not a file).")
+    kinds = {str(((c.get("config") or {}) if isinstance(c, dict) else {}).get("weights", "imagenet"))
+             for c in run.info.get("caches") or []}
+    if not kinds & {"file", "saved"}:
+        raise ConfigError(f"run '{run.id}' builds its backbone by name ({', '.join(sorted(kinds))} weights), "
+                          "not from a file: --backbone-file is not used; leave it out.")
+
+
 def _given_digests(digests: dict[str, str], wanted: dict[str, object]) -> str:
     """The end of the no-match sentence: "." when no file was given, else what each given file is: the
     run's saved model or weights file, or a file whose digest (first 12 hex digits, as the run's are named
@@ -388,6 +407,7 @@ def predict(
     if edited:
         raise RunError(f"run '{run.id}' cannot be used: {edited[0]}; fit it again (the same fit command "
                        "plus --retrain).")
+    _check_backbone_files(run, backbone_files)
     listed = expand_images(images)
     paths = [path for path, _ in listed]
     if not paths:

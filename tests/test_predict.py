@@ -524,3 +524,19 @@ def test_a_run_whose_result_files_changed_is_used_with_a_note(trained, tmp_path:
         csv_file.write_bytes(saved)
     assert any(n.startswith("the run's predictions_test.csv was changed after the fit") for n in out["notes"])
     assert not any("changed after the fit" in n for n in predict([root / "test"], run_id, runs_dir)["notes"])
+
+
+def test_a_backbone_file_is_checked_before_any_image_even_when_all_are_cached(trained, tmp_path: Path,
+                                                                              capsys) -> None:
+    """Checked only where an image missed the cache: a mistyped --backbone-file passed without a word when
+    every image was cached, and a file given to a run built by name was ignored."""
+    root, runs_dir, run_id = trained
+    img = str(sorted((root / "test" / "NORMAL").iterdir())[0])  # cached: no backbone would be built
+    args = ["predict", img, "--run", run_id, "--runs-dir", str(runs_dir), "--backbone-file"]
+    assert cli([*args, str(tmp_path / "typo.h5")]) == 2
+    assert "typo.h5 does not exist" in " ".join(capsys.readouterr().err.split())
+    real = tmp_path / "w.h5"
+    real.write_bytes(b"weights")
+    assert cli([*args, str(real)]) == 2
+    assert "builds its backbone by name (none weights), not from a file: --backbone-file is not used" in \
+        " ".join(capsys.readouterr().err.split())
