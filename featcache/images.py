@@ -230,10 +230,14 @@ def _fast_jpeg(im: Image.Image, data: bytes, request_wh: tuple[int, int]) -> np.
     libjpeg-turbo's default (accurate) DCT and upsampling, and the scale is the one ``draft`` would
     choose (``min_factor`` forbids a larger reduction, the minimum sides a smaller one), so the arrays
     are identical: the tests compare them over subsamplings, progressive files, odd sizes and every
-    draft scale. ``None`` hands the file to PIL: no simplejpeg, another mode (CMYK, palette...), a
-    multi-tile file ``draft`` would not scale, or any decode error, which PIL then reports in its words.
+    draft scale. ``None`` hands the file to PIL: no simplejpeg, another mode (CMYK, palette...) or an MPO, a
+    multi-tile file ``draft`` would not scale (these first pass :func:`_check_jpeg_scan`), or any decode
+    error, which PIL then reports in its words.
     """
-    if _simplejpeg is None or im.format != "JPEG" or im.mode not in ("L", "RGB") or len(im.tile) != 1:
+    if _simplejpeg is None:
+        return None
+    if im.format != "JPEG" or im.mode not in ("L", "RGB") or len(im.tile) != 1:
+        _check_jpeg_scan(data, im.mode)
         return None
     w, h = im.size
     s = _draft_scale((w, h), request_wh)
@@ -249,6 +253,25 @@ def _fast_jpeg(im: Image.Image, data: bytes, request_wh: tuple[int, int]) -> np.
     if arr.shape[:2] != (out_h, out_w):
         return None
     return arr[:, :, 0] if im.mode == "L" else arr
+
+
+def _check_jpeg_scan(data: bytes, mode: str) -> None:
+    """Refuse a JPEG that PIL decodes itself (CMYK, MPO, multi-tile) when libjpeg reports lost pixels.
+
+    Why: PIL never sees libjpeg's "premature end of data segment" warning, so a CMYK file or an MPO (what
+    Pillow calls many phone-camera JPEGs) cut short but ending with FF D9 was cached with its missing half
+    grey, while the same damage in an RGB file was refused. The scan is decoded once more by simplejpeg at
+    its smallest DCT scale (every coefficient is still entropy-decoded, so the warning still comes) only
+    to hear that warning; the pixels used stay PIL's, so intact files decode exactly as before. Any other
+    simplejpeg error (a colour conversion it does not offer...) is left to PIL.
+    """
+    try:
+        _simplejpeg.decode_jpeg(data, "CMYK" if mode == "CMYK" else "RGB", min_height=1, min_width=1,
+                                min_factor=1)
+    except Exception as exc:  # noqa: BLE001 - only damage is ours to word; PIL words the rest
+        damage = _jpeg_damage(str(exc))
+        if damage:
+            raise ImageDecodeError(damage) from exc
 
 
 _EXTRANEOUS_OK = 64  # stray bytes before a marker that a JPEG may carry without harm

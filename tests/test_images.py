@@ -233,14 +233,45 @@ def test_simplejpeg_path_decodes_the_same_pixels_as_pil(monkeypatch):
 def test_simplejpeg_path_leaves_other_jpegs_and_errors_to_pil(monkeypatch):
     spy = _SimplejpegSpy()
     monkeypatch.setattr(images, "_simplejpeg", spy)
-    cmyk = Image.fromarray(_rgb(20, 20)).convert("CMYK")
-    assert decode_image(_jpeg(cmyk), 16).shape == (16, 16, 3)
-    assert spy.calls == []  # CMYK is PIL's (Adobe-inverted) path
+    cmyk = _jpeg(Image.fromarray(_rgb(20, 20)).convert("CMYK"))
+    got = decode_image(cmyk, 16)
+    assert spy.calls == [1]  # simplejpeg only checked the scan (see the next test) ...
+    monkeypatch.setattr(images, "_simplejpeg", None)
+    assert np.array_equal(got, decode_image(cmyk, 16))  # ... the pixels are PIL's (Adobe-inverted) path
+    monkeypatch.setattr(images, "_simplejpeg", spy)
     whole = _jpeg(Image.fromarray(_gray(64, 64)))
     with pytest.raises(ImageDecodeError) as err:
         decode_image(whole[: len(whole) * 2 // 3], 16)  # cut inside the scan: the header still opens
     assert err.value.reason == "truncated image"
-    assert len(spy.calls) == 1  # simplejpeg refused the cut file, PIL decoded it again and worded the error
+    assert len(spy.calls) == 2  # simplejpeg refused the cut file, PIL decoded it again and worded the error
+
+
+def _wave(size: int = 400) -> np.ndarray:
+    y, x = np.mgrid[:size, :size]
+    return ((np.sin(x / 13) * np.cos(y / 9) + 1) * 120).astype(np.uint8)
+
+
+def test_a_cmyk_or_mpo_jpeg_cut_short_but_ending_properly_is_refused(monkeypatch):
+    """CMYK JPEGs and MPOs (Pillow's name for many phone-camera JPEGs) are decoded by PIL, which never
+    sees libjpeg's "premature end" warning: cut short but ending with FF D9, they were cached with the
+    missing half grey, while the same damage in an RGB file was refused. Intact ones decode as before."""
+    pytest.importorskip("simplejpeg")
+    gray = Image.fromarray(_wave())
+    buf = io.BytesIO()
+    gray.convert("CMYK").save(buf, "JPEG")
+    cmyk = buf.getvalue()
+    buf = io.BytesIO()
+    gray.convert("RGB").save(buf, "MPO", save_all=True, append_images=[gray.convert("RGB")])
+    mpo = buf.getvalue()
+    assert Image.open(io.BytesIO(mpo)).format == "MPO"
+    for whole, keep in ((cmyk, 2), (mpo, 4)):
+        with pytest.raises(ImageDecodeError) as err:
+            decode_image(whole[: len(whole) // keep] + b"\xff\xd9", 64)
+        assert err.value.reason == "truncated image"
+        got = decode_image(whole, 64)
+        monkeypatch.setattr(images, "_simplejpeg", None)  # PIL alone: the pixels cached before this fix
+        assert np.array_equal(got, decode_image(whole, 64))
+        monkeypatch.undo()
 
 
 def test_a_damaged_jpeg_that_still_ends_properly_is_refused():
