@@ -49,6 +49,10 @@ from featcache.progress import ProgressFn, emit
 DTYPES = ("float32", "float16")
 _PREFETCH_BATCHES = 3        # ready batches waiting for the forward pass (bounded: flat memory)
 _HASH_WORKERS = 4            # hashing is mostly I/O on a cold page cache
+# input buffers of one batch alive at once: the ready ones, the one being filled, the decoded images waiting
+# for it (up to a batch), the one in the forward pass
+_BATCHES_IN_FLIGHT = _PREFETCH_BATCHES + 3
+_INPUT_BYTES = 4             # per pixel channel: the forward pass casts the uint8 batch to float32
 
 
 @dataclass
@@ -437,6 +441,30 @@ def extract(dataset: Dataset, backbone: BackboneConfig, cache_dir: Path, options
     return result
 
 
+def check_batch_memory(batch_size: int, size: int, available: float | None = None) -> None:
+    """Refuse a --batch-size whose input buffers cannot fit in the memory available now.
+
+    Why: every forward pass is padded to --batch-size (see the module docstring), so the buffers are that
+    size whatever the number of images: --batch-size 100000 on 4 images had the process killed by the
+    kernel, 2000000 raised numpy's allocation error as a traceback. The estimate counts the batches alive
+    at once (``_BATCHES_IN_FLIGHT``) at float32, the forward pass's input; it leaves the network's own
+    activations out, so a batch it passes may still be too large for a big backbone, never the reverse.
+    """
+    from featcache.resources import available_memory
+
+    per_image = size * size * 3 * _INPUT_BYTES * _BATCHES_IN_FLIGHT
+    free = available_memory() if available is None else available
+    if batch_size * per_image <= free:
+        return
+    largest = int(free // per_image)
+    fits = (f"the largest that would is --batch-size {largest}" if largest >= 1
+            else "not even --batch-size 1 would; free memory first")
+    need = batch_size * per_image / 1e9
+    raise ConfigError(f"--batch-size {batch_size} needs about {need:,.1f} GB for its input buffers "
+                      f"({_BATCHES_IN_FLIGHT} batches of {size}x{size}x3 float32 in flight) but "
+                      f"{free / 1e9:,.1f} GB is available; {fits}.")
+
+
 def _extract_built(bb: Backbone, dataset: Dataset, cache_dir: Path, options: ExtractOptions,
                    shard: tuple[int, int] | None, keys: list[str], groups: dict[str, list[ImageRecord]],
                    views: list[Any], todo: Callable[[Any], list[_Item]], skipped: list[tuple[str, str]],
@@ -445,6 +473,7 @@ def _extract_built(bb: Backbone, dataset: Dataset, cache_dir: Path, options: Ext
     reused, rows copied, notes)."""
     from featcache import cache as fcache
 
+    check_batch_memory(options.batch_size, bb.input_size)
     config = fcache.cache_config(dataset.root, bb.describe(), options.resize, options.dtype)
     path = fcache.cache_path(cache_dir, config, shard)  # a shard gets "<name>.shard-i-of-n.h5"
     path.parent.mkdir(parents=True, exist_ok=True)

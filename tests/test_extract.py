@@ -726,6 +726,25 @@ def test_an_edited_session_entry_of_a_source_does_not_stop_the_copy() -> None:
     assert starts == [0, 40] and sessions == [{"batch_size": 2}, {"batch_size": 8}]
 
 
+def test_a_batch_size_whose_buffers_cannot_fit_is_one_sentence_naming_the_largest_that_would(
+        tree: Path, tmp_path: Path, monkeypatch, capsys):
+    """Every pass is padded to --batch-size, so --batch-size 100000 on 4 images had the process killed by
+    the kernel (2000000: numpy's allocation error as a traceback). Now it is refused up front."""
+    import featcache.resources as res
+
+    monkeypatch.setattr(res, "available_memory", lambda: 10e6)  # 10 MB: 135 images of 32 px (6 x float32)
+    code = run(["extract", "--data", str(tree), *CLI_BB, "--cache-dir", str(tmp_path), "--batch-size", "200"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and err.count("error:") == 1 and "Traceback" not in err
+    assert "--batch-size 200 needs about" in err and "the largest that would is --batch-size 135" in err
+    assert not list(tmp_path.rglob("*.h5"))  # refused before a cache file was made
+    from featcache.extract import check_batch_memory
+
+    check_batch_memory(135, 32, available=10e6)  # the one it names passes
+    with pytest.raises(ConfigError, match="not even --batch-size 1"):
+        check_batch_memory(1, 224, available=1e5)
+
+
 def test_a_resume_with_less_than_a_batch_missing_gives_the_fresh_extracts_rows(tmp_path: Path):
     """Rows added to a cache by a later extract (3 new images, --batch-size 8) went through a backbone
     compiled for batches of 3, whose float rounding differed (up to 4e-6) from the batches of 8 of a fresh
