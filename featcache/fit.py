@@ -160,17 +160,35 @@ def _find_key(d: Any, key: str) -> Any:
     return None
 
 
-def _readable_config(paths: Sequence[Path]) -> dict | None:
-    """The config (plus ``_file``) of the first of ``paths`` that opens as a cache; a damaged one of another
-    folder must not hide the hint behind its own error."""
-    from featcache.cache import CacheError, CacheReader
+def _twin_config(paths: Sequence[Path], data_root: Path, manifest: Path | None) -> dict | None:
+    """The config (plus ``_file``) of the first of ``paths`` that opens as a cache and holds a row of an
+    image of ``data_root``; None when none does.
 
+    Why: fit said such a cache "holds its features" for any cache of the same settings, even one of a folder
+    sharing no image with this one, and sent the user to an extract that copies nothing. Rows are keyed by
+    the image's sha256, so one common key is evidence; the folder is hashed only on this error path (fit
+    hashes it next anyway). A damaged cache of another folder must not hide the hint behind its own error.
+    """
+    from featcache.cache import CacheError, CacheReader
+    from featcache.datasets import discover
+    from featcache.hashing import sha256_many
+
+    digests: set[str] | None = None
     for path in paths:
         try:
             with CacheReader(path) as reader:
-                return {**reader.config, "_file": path.name}
+                config = {**reader.config, "_file": path.name}
+                held = {key for key, _ in reader.index()}
         except CacheError:
             continue
+        if digests is None:
+            try:
+                records = discover(data_root, manifest).records
+            except (ConfigError, DataError, OSError):
+                return None
+            digests = {d for _, d in sha256_many(r.path for r in records) if isinstance(d, str)}
+        if digests & held:
+            return config
     return None
 
 
@@ -332,8 +350,8 @@ def _pick_cache(data_root: Path, backbone: str, opts: FitOptions) -> Path:
         if not is_saved_model(backbone):
             get_spec(backbone)  # an unknown name: the valid ones, not an extract command that fails too
         others = find_caches(Path(opts.cache_dir), backbone=name, **settings)
-        like = _readable_config(others)  # the same images in a moved or copied folder: extract with its
-        if like is not None:  # settings copies its rows
+        like = _twin_config(others, data_root, opts.manifest)  # the same images in a moved or copied
+        if like is not None:  # folder: extract with its settings copies its rows
             raise CacheError(
                 f"no feature cache for backbone '{backbone}' of {data_root} in {opts.cache_dir}, but "
                 f"{like['_file']} holds its features for {like.get('dataset_root')}; if these are the same "

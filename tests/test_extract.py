@@ -644,6 +644,23 @@ def test_fit_names_a_cache_of_the_same_settings_for_another_folder(tree: Path, t
     assert f"made for {moved.resolve()}" not in listed  # the folder that is there is not named
 
 
+def test_fit_does_not_name_a_cache_of_a_folder_that_shares_no_image(tree: Path, tmp_path: Path, capsys):
+    """fit said another folder's cache "holds its features" and sent the user to an extract that would copy
+    nothing, although the two folders shared no image: rows are keyed by content, so it now checks."""
+    cache_dir = tmp_path / "cache"
+    assert run(["extract", "--data", str(tree), *CLI_BB, "--cache-dir", str(cache_dir)]) == 0
+    other = tmp_path / "other"
+    for i, label in enumerate(("NORMAL", "PNEUMONIA") * 2):
+        write_xray(other / "train" / label / f"IM-{900 + i:04d}-0001.jpeg", 500 + i, 64, float(i % 2))
+    capsys.readouterr()
+    assert run(["fit", "--data", str(other), *CLI_BB[:2], "--head", "logreg", "--cache-dir", str(cache_dir),
+                "--runs-dir", str(tmp_path / "runs")]) != 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "holds its features" not in err and "same images" not in err
+    assert f"no feature cache for backbone 'mobilenet-0.75' of {other.resolve()}" in err
+    assert f"featcache extract --data {other}" in err
+
+
 def test_a_damaged_twin_row_is_computed_not_copied(tree: Path, tmp_path: Path, reference):
     """Another folder's cache with a row that fails its digest check stopped extract of this folder on
     every run (exit 2, "delete it"): now its intact rows are copied, with a note, and the backbone
@@ -703,7 +720,7 @@ def test_rows_are_copied_in_the_sources_row_order() -> None:
 def test_fits_hint_gives_a_weights_file_not_the_caches_word_for_it(tmp_path: Path) -> None:
     """A cache records `weights: file` (or `saved`): the hint printed `--weights file`, which extract
     refuses; a damaged cache of another folder must not replace the hint with its own error."""
-    from featcache.fit import FitOptions, _extract_cmd, _readable_config
+    from featcache.fit import FitOptions, _extract_cmd, _twin_config
 
     like = {"backbone": "mobilenet", "weights": "file", "dtype": "float32", "image_size": 32}
     given = _extract_cmd(tmp_path / "d", "mobilenet", FitOptions(weights="mine.weights.h5"), like=like)
@@ -712,7 +729,7 @@ def test_fits_hint_gives_a_weights_file_not_the_caches_word_for_it(tmp_path: Pat
     saved = _extract_cmd(tmp_path / "d", "m.keras", FitOptions(), like={**like, "weights": "saved"})
     assert "--weights" not in saved
     (tmp_path / "bad.h5").write_bytes(b"not hdf5")
-    assert _readable_config([tmp_path / "bad.h5"]) is None
+    assert _twin_config([tmp_path / "bad.h5"], tmp_path / "d", None) is None
 
 
 def test_an_edited_session_entry_of_a_source_does_not_stop_the_copy() -> None:
