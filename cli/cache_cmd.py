@@ -128,6 +128,9 @@ def info_cmd(
     }
     if data["shard"]:
         summary["shard"] = f"{data['shard'][0]} of {data['shard'][1]}"
+    if data.get("paths_cut"):
+        summary["paths cut"] = (f"{data['paths_cut']} row(s) hold a path longer than {fc.PATH_BYTES:,} "
+                                "bytes, stored cut and ending with '…' (the features are whole)")
     if data["sessions"]:
         summary["rows added"] = "; ".join(_session_lines(data["sessions"], data["n_rows"]))
     for key, value in summary.items():

@@ -12,7 +12,8 @@ Layout (all datasets row-aligned, length = capacity)::
     features   [N, D] <f4 | <f2   chunked, early allocation, never filled
     keys       [N] S64            hex sha256 of the image file's bytes
     views      [N] S32            "orig", "hflip", "rot+20", ...
-    paths      [N] S1024          relative path, utf-8 (surrogateescape keeps non-UTF-8 names)
+    paths      [N] S1024          relative path, utf-8 (surrogateescape keeps non-UTF-8 names); a
+                                  longer one is cut to 1,021 bytes + "…" (PATH_CUT_MARK)
     valid      [N] u1             1 = row complete; the valid rows form a prefix
     row_digest [N] S16            blake2b-8 hex of key|view|feature bytes (tamper evidence)
 
@@ -82,6 +83,7 @@ from featcache.progress import ProgressFn, emit
 FORMAT_VERSION = 1
 DTYPES = {"float32": "<f4", "float16": "<f2"}
 KEY_BYTES, VIEW_BYTES, PATH_BYTES, DIGEST_BYTES = 64, 32, 1024, 16
+PATH_CUT_MARK = "…".encode()  # ends a path cut to the column width (U+2026, three bytes in UTF-8)
 DATASETS = ("features", "keys", "views", "paths", "valid", "row_digest")
 # Attributes that are not config keys; a backbone description using one of these names is prefixed.
 RESERVED_ATTRS = {"featcache_format", "config_json", "config_hash", "views", "versions_json", "created",
@@ -247,8 +249,31 @@ def _decode(values: np.ndarray) -> list[str]:
 
 
 def _encode_path(path: str) -> bytes:
-    """UTF-8 with surrogateescape (non-UTF-8 names survive); cut to the column width (paths are info only)."""
-    return path.encode("utf-8", "surrogateescape")[:PATH_BYTES]
+    """UTF-8 with surrogateescape (non-UTF-8 names survive); a path longer than the column ends with
+    ``PATH_CUT_MARK`` instead of its last bytes.
+
+    Why the mark rather than a variable-length column: the fixed ``S1024`` dtype is what every existing
+    cache and its checks hold, and paths are information only (rows are keyed by content), so a cut path
+    loses nothing but text; before, it was cut silently and looked like a real, shorter path.
+    """
+    raw = path.encode("utf-8", "surrogateescape")
+    if len(raw) <= PATH_BYTES:
+        return raw
+    end = PATH_BYTES - len(PATH_CUT_MARK)
+    for _ in range(3):  # not inside a character: at most 3 continuation bytes (10xxxxxx) to give back
+        if raw[end] & 0xC0 != 0x80:
+            break
+        end -= 1
+    return raw[:end] + PATH_CUT_MARK
+
+
+_CUT_MIN = PATH_BYTES - 3  # the shortest value _encode_path cuts to, mark included
+
+
+def path_was_cut(stored: bytes) -> bool:
+    """Whether a ``paths`` value is one ``_encode_path`` cut (a real path of 1,021 to 1,024 bytes ending in
+    the mark reads as cut too: harmless, and no real file name was seen to)."""
+    return len(stored) >= _CUT_MIN and stored.endswith(PATH_CUT_MARK)
 
 
 @contextlib.contextmanager
@@ -433,6 +458,7 @@ class CacheWriter:
         self._session = {"versions": _versions(), **(session or {})}
         self._session_recorded = False
         self._session_entry: dict | None = None  # the entry this writer added to sessions_json, if any
+        self.paths_cut = 0  # rows this writer added whose path was longer than the column (see _encode_path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         lock_path = str(self.path) + ".lock"
         # filelock reports a lock file it cannot create (read-only folder, /proc) as held by someone else;
@@ -655,7 +681,8 @@ class CacheWriter:
             f["keys"][lo:hi] = np.array([s.encode("ascii") for s in kk], dtype=f"S{KEY_BYTES}")
             f["views"][lo:hi] = np.array([s.encode("utf-8", "surrogateescape") for s in vv],
                                          dtype=f"S{VIEW_BYTES}")
-            f["paths"][lo:hi] = np.array([_encode_path(paths[i]) for i in take], dtype=f"S{PATH_BYTES}")
+            stored = [_encode_path(paths[i]) for i in take]
+            f["paths"][lo:hi] = np.array(stored, dtype=f"S{PATH_BYTES}")
             f["row_digest"][lo:hi] = np.array([d.encode("ascii") for d in digests], dtype=f"S{DIGEST_BYTES}")
             crash_point("cache.after_data_write")
             self._flush()
@@ -664,6 +691,7 @@ class CacheWriter:
             crash_point("cache.after_valid_write")
             self._flush()
         self.n_valid = hi
+        self.paths_cut += sum(path_was_cut(b) for b in stored)
         self._present.update(zip(kk, vv, strict=True))
         self._rows.update({kv: lo + j for j, kv in enumerate(zip(kk, vv, strict=True))})
         self._views.extend(v for v in dict.fromkeys(vv) if v not in self._views)
@@ -1162,6 +1190,7 @@ def info(path: Path) -> dict:
         created = str(_from_attr(f.attrs.get("created", "")))
         config = reader.config
         name = parse_cache_name(path)
+        paths_cut = _count_cut_paths(f["paths"], reader.n_rows)
         return {
             "path": str(path), "file": path.name, "size_bytes": path.stat().st_size,
             "config": config, "config_hash": reader.config_hash,
@@ -1171,8 +1200,15 @@ def info(path: Path) -> dict:
             "n_rows": reader.n_rows, "n_images": len(keys), "views": counts, "capacity": capacity,
             "clean": capacity == reader.n_rows and n_rows_attr == reader.n_rows,
             "shard": list(name["shard"]) if name and name["shard"] else None,
-            "versions": versions, "created": created, "sessions": reader.sessions,
+            "versions": versions, "created": created, "sessions": reader.sessions, "paths_cut": paths_cut,
         }
+
+
+def _count_cut_paths(paths: Any, n_rows: int) -> int:
+    """Rows whose stored path was cut to the column width, read in blocks (1 KiB a row: memory stays flat)."""
+    step = max(1, BLOCK_BYTES // PATH_BYTES)
+    return sum(sum(path_was_cut(b) for b in paths[lo:min(lo + step, n_rows)])
+               for lo in range(0, n_rows, step))
 
 
 def verify(path: Path, progress: ProgressFn | None = None) -> dict:

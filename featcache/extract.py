@@ -512,6 +512,10 @@ def _extract_built(bb: Backbone, dataset: Dataset, cache_dir: Path, options: Ext
                 rows_computed = _stream(items, bb, writer, options, skipped, rows_total, progress)
                 if rows_computed:  # not when every image left failed to decode: no row came from it
                     notes += mixed
+            if writer.paths_cut:  # paths are information only, but a cut one must not pass for a real one
+                notes.append(f"{writer.paths_cut} row(s) added to {path.name} have a path longer than "
+                             f"{fcache.PATH_BYTES:,} bytes: its paths column holds them cut, ending with "
+                             "'…' (the features are whole; `featcache cache info` counts them)")
     return path, rows_computed, rows_reused, rows_copied, notes
 
 

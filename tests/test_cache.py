@@ -239,9 +239,34 @@ def test_plain_h5py_reads_features_keys_paths_views(tmp_path: Path, cfg: dict) -
         assert [v.decode() for v in f["views"][...]] == ["orig"] * 3
         paths = [p.decode("utf-8", "surrogateescape") for p in f["paths"][...]]
         assert paths[:2] == rows["paths"][:2]
-        assert rows["paths"][2].startswith(paths[2]) and len(paths[2].encode()) == fc.PATH_BYTES
+        assert len(paths[2].encode()) >= fc.PATH_BYTES - 3 and paths[2].endswith("\u2026")  # cut: it says so
+        assert rows["paths"][2].startswith(paths[2][:-1])
         assert f.attrs["pooling"] == "avg" and json.loads(f.attrs["config_json"]) == cfg
         assert f.attrs["image_size"] == 32 and f.attrs["featcache_format"] == 1
+
+
+def test_a_path_longer_than_the_column_is_marked_cut_and_counted(tmp_path: Path, capsys) -> None:
+    """The paths column was cut at 1,024 bytes silently: the stored path looked like a real, shorter one.
+    A cut path now ends with an ellipsis, and the writer, `cache info` and a merge's copy count it."""
+    path = tmp_path / "c.h5"
+    rows = make_rows(3, DIM)
+    long_path = "train/NORMAL/" + "x" * 250 + "/" + "\u00e9" * 600 + ".jpeg"  # 1,469 bytes in UTF-8
+    rows["paths"] = ["train/NORMAL/a.jpeg", long_path, "a/" * 511 + "b.png"]  # the last: 1,027 bytes
+    with fc.CacheWriter(path, make_config(ROOT, DIM), DIM) as w:
+        w.append(rows["keys"], rows["views"], rows["paths"], rows["features"])
+        assert w.paths_cut == 2
+    info = fc.info(path)
+    assert info["paths_cut"] == 2
+    with h5py.File(path, "r") as f:
+        stored = list(f["paths"][...])
+    assert stored[0] == b"train/NORMAL/a.jpeg" and all(fc.path_was_cut(b) for b in stored[1:])
+    assert long_path.startswith(stored[1].decode()[:-1])  # cut between characters, not inside one
+    assert run(["cache", "info", str(path)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "paths cut" in out and "2 row(s) hold a path longer than 1,024 bytes" in out
+    short = tmp_path / "short.h5"
+    write_rows(short, make_rows(2, DIM))
+    assert fc.info(short)["paths_cut"] == 0
 
 
 def test_streaming_writes_touch_only_chunk_bytes(tmp_path: Path, cfg: dict) -> None:

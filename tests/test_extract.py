@@ -762,6 +762,17 @@ def test_a_batch_size_whose_buffers_cannot_fit_is_one_sentence_naming_the_larges
         check_batch_memory(1, 224, available=1e5)
 
 
+def test_extract_says_when_a_path_is_stored_cut(tmp_path: Path):
+    """Paths longer than the cache's 1,024-byte column were cut without a word."""
+    root = make_kermany_tree(tmp_path / "data", n_normal=1, n_pneu=1, splits=("train",))
+    deep = root / "train" / "NORMAL" / "/".join(c * 250 for c in "abcd") / "IM-0500-0001.jpeg"
+    write_xray(deep, 77, 64, 0.0)
+    res = extract(discover(root), BB, tmp_path / "cache", ExtractOptions(batch_size=4))
+    assert res.rows_computed == 3
+    assert any("1 row(s) added to" in n and "longer than 1,024 bytes" in n for n in res.notes)
+    assert fcache.info(res.cache_path)["paths_cut"] == 1
+
+
 def test_a_resume_with_less_than_a_batch_missing_gives_the_fresh_extracts_rows(tmp_path: Path):
     """Rows added to a cache by a later extract (3 new images, --batch-size 8) went through a backbone
     compiled for batches of 3, whose float rounding differed (up to 4e-6) from the batches of 8 of a fresh
