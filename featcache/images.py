@@ -113,6 +113,8 @@ def _open(data: bytes) -> Image.Image:
         pil_limit = 2 * int(Image.MAX_IMAGE_PIXELS or 0)
         raise _too_large(*dims, min(MAX_PIXELS, pil_limit) if pil_limit else MAX_PIXELS) from exc
     except UnidentifiedImageError as exc:
+        if _tiff_cut_before_ifd(data):
+            raise ImageDecodeError("truncated image") from exc
         raise ImageDecodeError("not an image (unrecognised format)") from exc
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for broken headers
         if _looks_truncated(exc):
@@ -124,6 +126,24 @@ def _open(data: bytes) -> Image.Image:
     if w * h > MAX_PIXELS:
         raise _too_large(w, h)
     return im
+
+
+def _tiff_cut_before_ifd(data: bytes) -> bool:
+    """Whether ``data`` is a TIFF header whose first directory (IFD) lies at or past the end of the bytes.
+
+    Why: a compressed (LZW, deflate) TIFF as libtiff writes it keeps its directory after the pixel data, so
+    a file cut short loses it and PIL cannot identify the file at all: the skip list called a truncated
+    X-ray "not an image". Classic TIFF stores the offset as 4 bytes at 4, BigTIFF as 8 bytes at 8.
+    """
+    order = {b"II": "<", b"MM": ">"}.get(data[:2])
+    if order is None or len(data) < 8:
+        return False
+    magic = struct.unpack(order + "H", data[2:4])[0]
+    if magic == 42:
+        return struct.unpack(order + "I", data[4:8])[0] >= len(data)
+    if magic == 43:
+        return len(data) < 16 or struct.unpack(order + "Q", data[8:16])[0] >= len(data)
+    return False
 
 
 def _looks_truncated(exc: BaseException) -> bool:

@@ -319,6 +319,22 @@ def test_bad_bytes_raise_decode_error(data, reason):
     assert err.value.reason == reason
 
 
+@pytest.mark.parametrize("compression", ["tiff_lzw", "tiff_adobe_deflate"])
+def test_a_truncated_compressed_tiff_is_a_truncated_image(compression):
+    """libtiff writes a compressed TIFF's directory after its pixels: cut short, PIL could not identify the
+    file, and it was listed as "not an image (unrecognised format)"."""
+    buf = io.BytesIO()
+    Image.fromarray(_gray(64, 64)).save(buf, "TIFF", compression=compression)
+    data = buf.getvalue()
+    for keep in (0.3, 0.9):
+        with pytest.raises(ImageDecodeError) as err:
+            decode_image(data[:int(len(data) * keep)], 16)
+        assert err.value.reason == "truncated image"
+    assert decode_image(data, 16).shape == (16, 16, 3)
+    with pytest.raises(ImageDecodeError, match="unrecognised format"):
+        decode_image(b"II*\x00\x08\x00\x00\x00" + b"\x00" * 16, 16)  # directory in the file, but empty
+
+
 def test_decompression_bomb_is_refused_from_the_header():
     with pytest.raises(ImageDecodeError, match=r"image too large: 30000x30000 pixels"):
         decode_image(huge_png(), 32)
