@@ -364,7 +364,9 @@ def _chosen_threshold_rows(info: dict, metrics: object) -> list[tuple[str, float
         if not isinstance(at, dict):
             continue
         thr = at.get("threshold") if isinstance(at.get("threshold"), (int, float)) else recorded
-        if isinstance(thr, (int, float)) and any(at.get(name) is not None for name in _METRICS):
+        # a chosen threshold of exactly 0.5: its numbers are the 0.5 row's, not a second row labelled 0.5
+        if (isinstance(thr, (int, float)) and thr != 0.5
+                and any(at.get(name) is not None for name in _METRICS)):
             rows.append((split, float(thr), at))
     return rows
 
@@ -378,8 +380,10 @@ def _scores_title(info: dict, metrics: object, chosen: Sequence[float] = ()) -> 
 
     n_classes = len(info.get("classes") or [])
     shown_thr = sorted({threshold_text(t) for t in chosen})
+    thr_info = info.get("threshold") if isinstance(info.get("threshold"), dict) else {}
+    on = str(thr_info.get("chosen_on") or "validation")  # a CV head's: "validation (out-of-fold)"
     rule = ("label: most probable class" if n_classes > 2
-            else f"threshold 0.5 and {' / '.join(shown_thr)} chosen on validation" if shown_thr
+            else f"threshold 0.5 and {' / '.join(shown_thr)} chosen on {on}" if shown_thr
             else "threshold 0.5")
     test = metrics.get("test") if isinstance(metrics, dict) else None
     ci = test.get("ci") if isinstance(test, dict) else None

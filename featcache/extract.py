@@ -49,10 +49,11 @@ from featcache.progress import ProgressFn, emit
 DTYPES = ("float32", "float16")
 _PREFETCH_BATCHES = 3        # ready batches waiting for the forward pass (bounded: flat memory)
 _HASH_WORKERS = 4            # hashing is mostly I/O on a cold page cache
-# input buffers of one batch alive at once: the ready ones, the one being filled, the decoded images waiting
-# for it (up to a batch), the one in the forward pass
+# uint8 input buffers of one batch alive at once: the ready ones, the one being filled, the decoded images
+# waiting for it (up to a batch), the one in the forward pass
 _BATCHES_IN_FLIGHT = _PREFETCH_BATCHES + 3
-_INPUT_BYTES = 4             # per pixel channel: the forward pass casts the uint8 batch to float32
+# bytes per pixel channel of a batch: each uint8 buffer, and the float32 copy the compiled forward pass makes
+_BYTES_PER_CHANNEL = _BATCHES_IN_FLIGHT * 1 + 4
 
 
 @dataclass
@@ -446,13 +447,14 @@ def check_batch_memory(batch_size: int, size: int, available: float | None = Non
 
     Why: every forward pass is padded to --batch-size (see the module docstring), so the buffers are that
     size whatever the number of images: --batch-size 100000 on 4 images had the process killed by the
-    kernel, 2000000 raised numpy's allocation error as a traceback. The estimate counts the batches alive
-    at once (``_BATCHES_IN_FLIGHT``) at float32, the forward pass's input; it leaves the network's own
-    activations out, so a batch it passes may still be too large for a big backbone, never the reverse.
+    kernel, 2000000 raised numpy's allocation error as a traceback. The estimate counts the uint8 batches
+    alive at once (``_BATCHES_IN_FLIGHT``) and the float32 copy the compiled forward pass makes of one; it
+    leaves the network's own activations out, so a batch it passes may still be too large for a big
+    backbone, while one it refuses would not fit.
     """
     from featcache.resources import available_memory
 
-    per_image = size * size * 3 * _INPUT_BYTES * _BATCHES_IN_FLIGHT
+    per_image = size * size * 3 * _BYTES_PER_CHANNEL
     free = available_memory() if available is None else available
     if batch_size * per_image <= free:
         return
@@ -461,7 +463,8 @@ def check_batch_memory(batch_size: int, size: int, available: float | None = Non
             else "not even --batch-size 1 would; free memory first")
     need = batch_size * per_image / 1e9
     raise ConfigError(f"--batch-size {batch_size} needs about {need:,.1f} GB for its input buffers "
-                      f"({_BATCHES_IN_FLIGHT} batches of {size}x{size}x3 float32 in flight) but "
+                      f"({_BATCHES_IN_FLIGHT} uint8 batches of {size}x{size}x3 in flight and the forward "
+                      "pass's float32 copy of one) but "
                       f"{free / 1e9:,.1f} GB is available; {fits}.")
 
 
@@ -473,9 +476,10 @@ def _extract_built(bb: Backbone, dataset: Dataset, cache_dir: Path, options: Ext
     reused, rows copied, notes)."""
     from featcache import cache as fcache
 
-    check_batch_memory(options.batch_size, bb.input_size)
     config = fcache.cache_config(dataset.root, bb.describe(), options.resize, options.dtype)
     path = fcache.cache_path(cache_dir, config, shard)  # a shard gets "<name>.shard-i-of-n.h5"
+    if not path.exists():  # a new cache: refused before its file is made (an existing one: only with work)
+        check_batch_memory(options.batch_size, bb.input_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     rows_computed = 0
     notes: list[str] = list(bb.notes)  # how the backbone was built (ImageNet weights of another size)
@@ -504,6 +508,8 @@ def _extract_built(bb: Backbone, dataset: Dataset, cache_dir: Path, options: Ext
             rows_total = sum(len(it.views) for it in items)
             rows_reused = len(keys) * len(views) - rows_total
             if rows_total:
+                # only with rows to compute: a rerun on a complete cache has no batch to hold
+                check_batch_memory(options.batch_size, bb.input_size)
                 mixed = _mixed_rows_notes(writer, path)  # before reserve records this session
                 writer.reserve(rows_total - len(damaged))
                 # every forward pass at --batch-size, padded: a resume with fewer missing rows than one

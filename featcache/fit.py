@@ -160,35 +160,43 @@ def _find_key(d: Any, key: str) -> Any:
     return None
 
 
+_TWIN_SAMPLE = 256  # images of the data hashed to look for a cache of the same images elsewhere
+
+
 def _twin_config(paths: Sequence[Path], data_root: Path, manifest: Path | None) -> dict | None:
     """The config (plus ``_file``) of the first of ``paths`` that opens as a cache and holds a row of an
     image of ``data_root``; None when none does.
 
     Why: fit said such a cache "holds its features" for any cache of the same settings, even one of a folder
     sharing no image with this one, and sent the user to an extract that copies nothing. Rows are keyed by
-    the image's sha256, so one common key is evidence; the folder is hashed only on this error path (fit
-    hashes it next anyway). A damaged cache of another folder must not hide the hint behind its own error.
+    the image's sha256, so one common key is evidence. This runs only on the way to an error, so it hashes
+    at most ``_TWIN_SAMPLE`` images spread over the data, stopping at the first one found: a moved or
+    copied folder matches at once, and hashing a whole large folder delayed the message by minutes. A twin
+    missed this way costs nothing: the extract command the message gives copies a twin's rows itself.
+    A damaged cache of another folder must not hide the hint behind its own error.
     """
     from featcache.cache import CacheError, CacheReader
     from featcache.datasets import discover
     from featcache.hashing import sha256_many
 
-    digests: set[str] | None = None
+    held: list[tuple[dict, set[str]]] = []
     for path in paths:
         try:
             with CacheReader(path) as reader:
-                config = {**reader.config, "_file": path.name}
-                held = {key for key, _ in reader.index()}
+                held.append(({**reader.config, "_file": path.name}, {key for key, _ in reader.index()}))
         except CacheError:
             continue
-        if digests is None:
-            try:
-                records = discover(data_root, manifest).records
-            except (ConfigError, DataError, OSError):
-                return None
-            digests = {d for _, d in sha256_many(r.path for r in records) if isinstance(d, str)}
-        if digests & held:
-            return config
+    if not held:
+        return None
+    try:
+        records = discover(data_root, manifest).records
+    except (ConfigError, DataError, OSError):
+        return None
+    step = max(1, len(records) // _TWIN_SAMPLE)
+    for _, digest in sha256_many(r.path for r in records[::step]):
+        for config, keys in held:
+            if digest in keys:
+                return config
     return None
 
 

@@ -22,7 +22,7 @@ from featcache.errors import DataError, NetworkError, RunError
 from featcache.hashing import sha256_bytes
 from featcache.metrics import predict_labels
 from featcache.progress import ProgressFn, emit
-from featcache.runs import Run, changed_records, edited_run_json, load_head, load_run
+from featcache.runs import SEEN_KEYS, Run, changed_records, edited_run_json, load_head, load_run
 
 PREDICT_CHUNK = 64
 """Images read, decoded and classified together: bounds memory (full-size originals are megabytes each)
@@ -135,12 +135,9 @@ def _backbone_config(cache: dict, backbone_files: Sequence[str | Path] = ()) -> 
     another digest): "pass that file" alone read as if no file had been given.
     """
     from featcache.backbones import BackboneConfig
-    from featcache.errors import ConfigError
     from featcache.hashing import sha256_file
 
-    missing = [str(f) for f in backbone_files if not Path(f).is_file()]
-    if missing:  # a mistyped path is a usage error whatever the run needs (as --weights PATH at extract)
-        raise ConfigError(f"--backbone-file {missing[0]} does not exist (or is not a file).")
+    _refuse_missing(backbone_files)  # a mistyped path is a usage error whatever the run needs
     cfg = cache.get("config") or {}
     weights = cfg.get("weights", "imagenet")
     # hashed only where a file is needed (a run of several caches gets every cache's files here)
@@ -193,14 +190,21 @@ def _check_backbone_files(run: Run, backbone_files: Sequence[str | Path]) -> Non
 
     if not backbone_files:
         return
-    missing = [str(f) for f in backbone_files if not Path(f).is_file()]
-    if missing:
-        raise ConfigError(f"--backbone-file {missing[0]} does not exist (or is not a file).")
+    _refuse_missing(backbone_files)
     kinds = {str(((c.get("config") or {}) if isinstance(c, dict) else {}).get("weights", "imagenet"))
              for c in run.info.get("caches") or []}
     if not kinds & {"file", "saved"}:
         raise ConfigError(f"run '{run.id}' builds its backbone by name ({', '.join(sorted(kinds))} weights), "
                           "not from a file: --backbone-file is not used; leave it out.")
+
+
+def _refuse_missing(backbone_files: Sequence[str | Path]) -> None:
+    """ConfigError naming the first --backbone-file that is not a file (as --weights PATH at extract)."""
+    from featcache.errors import ConfigError
+
+    missing = [str(f) for f in backbone_files if not Path(f).is_file()]
+    if missing:
+        raise ConfigError(f"--backbone-file {missing[0]} does not exist (or is not a file).")
 
 
 def _given_digests(digests: dict[str, str], wanted: dict[str, object]) -> str:
@@ -515,8 +519,9 @@ def _seen_notes(run: Run, preds: Sequence[dict], seen: dict[str, set[str]] | Non
                      "estimate of accuracy on new images (the run's held-out numbers are in `featcache runs "
                      f"show {run.id}`).")
     if seen is None and preds:
-        notes.append("the run was fitted before featcache recorded which images it saw (seen_keys.npz): "
-                     "predict cannot say whether these images were among its training images.")
+        why = ("its seen_keys.npz cannot be read" if (run.path / SEEN_KEYS).exists() else
+               "the run was fitted before featcache recorded which images it saw (seen_keys.npz)")
+        notes.append(f"{why}: predict cannot say whether these images were among its training images.")
     if any(isinstance(b, dict) and b.get("weights") == "none" for b in run.info.get("backbones") or []):
         notes.append("the run's features come from randomly initialised weights (--weights none), not "
                      "ImageNet: its labels test the pipeline and say nothing about the images.")
@@ -537,6 +542,27 @@ def _once(fn: Callable[[], None] | None) -> Callable[[], None] | None:
     return call
 
 
+def _csv_destination(path: Path) -> tuple[Path, bool]:
+    """(the file --csv writes, whether it is written in place) for ``path``.
+
+    In place, appending: a device or named pipe (a link to one included), and a link under /dev or /proc
+    (/dev/stdout, /dev/fd/63 of a process substitution: a descriptor, whatever it leads to). Why: the file
+    written beside the path and renamed over it replaced /dev/null itself with a regular file (as root);
+    /dev/stdout resolved to /proc/self/fd/1 and then to "pipe:[N]", which does not exist, so the write
+    failed after every forward pass; and resolved to a log file the shell appends to (`>> log`), the rename
+    wiped the log. A symbolic
+    link to a regular file: that file is replaced whole, the link kept. ``DataError`` for a link that loops.
+    """
+    if path.is_symlink() and str(path).startswith(("/dev/", "/proc/")):
+        return path, True
+    if path.is_symlink():
+        real = Path(os.path.realpath(path))
+        if real.is_symlink():  # realpath leaves a loop unresolved (Path.resolve raised a bare RuntimeError)
+            raise DataError(f"--csv {path} is a symbolic link that loops; give a file name.")
+        path = real
+    return path, path.exists() and not path.is_file()
+
+
 def check_csv_target(path: str | Path) -> Path:
     """DataError for a --csv path that cannot become a file (a folder, or a folder under a regular file),
     checked before any image is classified: found afterwards, it cost the whole forward pass."""
@@ -545,7 +571,9 @@ def check_csv_target(path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
         raise DataError(f"--csv {path} is a folder; give a file name such as {path / 'predictions.csv'}.")
-    target = path.resolve() if path.is_symlink() else path  # a link's file is written, the link kept
+    target, in_place = _csv_destination(path)
+    if in_place:
+        return path
     if target.suffix.lower() in IMAGE_EXTENSIONS:  # `--csv a.jpeg` replaced the X-ray a.jpeg with the table
         raise DataError(f"--csv {path} is named like an image (writing the table there could replace an "
                         f"X-ray); give a .csv name such as {path.with_suffix('.csv')}.")
@@ -598,17 +626,15 @@ def predictions_csv_text(out: dict) -> str:
 def write_predictions_csv(out: dict, path: str | Path) -> Path:
     """:func:`predictions_csv_text` into ``path`` (missing folders are made), whole or not at all.
 
-    A symbolic link's file is replaced, the link kept; a device or named pipe (``/dev/null``,
-    ``/dev/stdout``, a fifo a script reads) is written into. Why: the file written beside it and renamed
-    over it, as a regular file is, replaced ``/dev/null`` itself with a regular file (run as root).
+    A symbolic link's file is replaced, the link kept; a device, named pipe or descriptor (``/dev/null``,
+    ``/dev/stdout``, a fifo a script reads) is written into (:func:`_csv_destination`).
     """
-    path = check_csv_target(path)
-    if path.is_symlink():
-        path = path.resolve()
-    if path.exists() and not path.is_file():  # a device, fifo or socket: no rename over it
-        with open(path, "w", encoding="utf-8", newline="") as fh:
+    given = check_csv_target(path)
+    path, in_place = _csv_destination(given)
+    if in_place:  # a device, pipe or descriptor: written into, appending (see _csv_destination)
+        with open(given, "a", encoding="utf-8", newline="") as fh:
             fh.write(predictions_csv_text(out))
-        return path
+        return given
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:  # a file cut short by an error never replaces a good one

@@ -405,12 +405,15 @@ class Run:
     def seen_keys(self) -> dict[str, set[str]] | None:
         """{"training": keys, "test": keys}: the content keys (SHA-256 of the image bytes, the caches' row
         keys) of the images the run was fitted and selected on (its train and validation images), and of
-        its test images. None for a run fitted before they were recorded, or whose file is unreadable.
+        its test images. None for a run fitted before they were recorded, or whose file is unreadable
+        (cut short, emptied: zipfile's and numpy's errors alike).
         Why: predict says which images the run has seen, whose predictions are no held-out estimate."""
+        import zipfile
+
         try:
             with np.load(self.path / SEEN_KEYS, allow_pickle=False) as z:
                 return {name: {bytes(row).hex() for row in z[name]} for name in ("training", "test")}
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             return None
 
 

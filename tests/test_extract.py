@@ -749,15 +749,23 @@ def test_a_batch_size_whose_buffers_cannot_fit_is_one_sentence_naming_the_larges
     the kernel (2000000: numpy's allocation error as a traceback). Now it is refused up front."""
     import featcache.resources as res
 
-    monkeypatch.setattr(res, "available_memory", lambda: 10e6)  # 10 MB: 135 images of 32 px (6 x float32)
-    code = run(["extract", "--data", str(tree), *CLI_BB, "--cache-dir", str(tmp_path), "--batch-size", "200"])
+    # 10 MB: 325 images of 32 px (6 uint8 batches + the forward pass's float32 copy: 10 bytes a channel)
+    monkeypatch.setattr(res, "available_memory", lambda: 10e6)
+    code = run(["extract", "--data", str(tree), *CLI_BB, "--cache-dir", str(tmp_path), "--batch-size", "400"])
     err = " ".join(capsys.readouterr().err.split())
     assert code == 2 and err.count("error:") == 1 and "Traceback" not in err
-    assert "--batch-size 200 needs about" in err and "the largest that would is --batch-size 135" in err
+    assert "--batch-size 400 needs about" in err and "the largest that would is --batch-size 325" in err
     assert not list(tmp_path.rglob("*.h5"))  # refused before a cache file was made
+    # a complete cache has no batch to hold: a rerun is not refused, whatever the memory
+    monkeypatch.setattr(res, "available_memory", lambda: 1e12)
+    args = ["extract", "--data", str(tree), *CLI_BB, "--cache-dir", str(tmp_path), "--batch-size"]
+    assert run([*args, "4"]) == 0
+    monkeypatch.setattr(res, "available_memory", lambda: 10e6)
+    assert run([*args, "400"]) == 0
+    capsys.readouterr()
     from featcache.extract import check_batch_memory
 
-    check_batch_memory(135, 32, available=10e6)  # the one it names passes
+    check_batch_memory(325, 32, available=10e6)  # the one it names passes
     with pytest.raises(ConfigError, match="not even --batch-size 1"):
         check_batch_memory(1, 224, available=1e5)
 

@@ -108,7 +108,9 @@ def test_predictions_go_to_a_csv_with_a_summary_on_the_terminal(trained, tmp_pat
     assert list(rows[0]) == ["image", "label", "features", "p_NORMAL", "p_PNEUMONIA", "threshold", "seen"]
     thr = json.loads((runs_dir / run_id / "run.json").read_text())["threshold"]["chosen"]
     assert {r["threshold"] for r in rows} == {repr(thr)} and {r["seen"] for r in rows} == {"test"}
-    assert f"by threshold {thr:.4g}"[:16] in said and "on P(PNEUMONIA)" in said  # the rule, in the summary
+    from featcache.runs import threshold_text
+
+    assert f"by threshold {threshold_text(thr)} on P(PNEUMONIA)" in said  # the rule, in the summary
     assert rows[-1]["image"] == "'=cmd.jpeg" and rows[-1]["features"] == "cache"
     direct = predict([root / "test"], run_id, runs_dir)["predictions"]
     for row, p in zip(rows, direct, strict=False):
@@ -540,3 +542,37 @@ def test_a_backbone_file_is_checked_before_any_image_even_when_all_are_cached(tr
     assert cli([*args, str(real)]) == 2
     assert "builds its backbone by name (none weights), not from a file: --backbone-file is not used" in \
         " ".join(capsys.readouterr().err.split())
+
+
+def test_csv_to_dev_stdout_appends_and_a_link_loop_is_refused(trained, tmp_path: Path, capfd) -> None:
+    """A review: /dev/stdout was resolved to /proc/self/fd/1 and on to "pipe:[N]" (the write failed after
+    every forward pass) or to the log file the shell appends to (renamed over: the log was wiped); a link
+    loop raised a bare RuntimeError."""
+    from featcache.predict import write_predictions_csv
+
+    root, runs_dir, run_id = trained
+    img = sorted((root / "test" / "NORMAL").iterdir())[0]
+    out = predict([img], run_id, runs_dir)
+    capfd.readouterr()
+    print("an earlier log line", flush=True)
+    write_predictions_csv(out, "/dev/stdout")
+    got = capfd.readouterr().out
+    assert got.startswith("an earlier log line\nimage,label,features,") and img.name in got
+    loop = tmp_path / "loop.csv"
+    loop.symlink_to(loop)
+    assert cli(["predict", str(img), "--run", run_id, "--runs-dir", str(runs_dir), "--csv", str(loop)]) == 2
+    assert "is a symbolic link that loops" in " ".join(capfd.readouterr().err.split())
+
+
+def test_an_unreadable_seen_keys_file_is_said_not_a_traceback(trained) -> None:
+    root, runs_dir, run_id = trained
+    keys = runs_dir / run_id / "seen_keys.npz"
+    saved = keys.read_bytes()
+    try:
+        for damage in (b"", saved[: len(saved) // 2]):
+            keys.write_bytes(damage)
+            got = predict([sorted((root / "train" / "NORMAL").iterdir())[0]], run_id, runs_dir)
+            assert got["predictions"][0]["seen"] is None
+            assert any(n.startswith("its seen_keys.npz cannot be read") for n in got["notes"])
+    finally:
+        keys.write_bytes(saved)

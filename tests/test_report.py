@@ -2062,7 +2062,7 @@ def test_three_class_top_runs_get_a_top_label_reliability_diagram(tmp_path, monk
 
     monkeypatch.setattr(plots, "_calibration_ax", spy)
     res = build_report(runs, tmp_path / "rep", ReportOptions(detail=1))
-    assert len(titles) == 1 and "top-label calibration (Brier" in titles[0]
+    assert len(titles) == 1 and "top-label calibration (multi-class Brier" in titles[0]
     assert "top-label reliability diagram" in res.markdown.read_text(encoding="utf-8")
 
 

@@ -97,3 +97,22 @@ def test_runs_show_names_the_backbone_weights_and_image_size(tmp_path, capsys):
                   "(--weights none), not ImageNet: this run tests the pipeline, and its metrics say nothing "
                   "about the method")
         assert (random in out) == (rid.endswith("bbbbbbbb"))
+
+
+def test_runs_show_says_where_the_threshold_was_chosen_and_shows_0_5_once(tmp_path, capsys):
+    """A review: the title said "chosen on validation" of a CV head's threshold, chosen on the pooled
+    out-of-fold probabilities (run.json's chosen_on says so), and a chosen threshold of exactly 0.5 got a
+    second pair of rows labelled 0.5."""
+    runs = tmp_path / "runs"
+    folder = _with_at_threshold(runs)
+    info = json.loads((folder / "run.json").read_text())
+    info["threshold"]["chosen_on"] = "validation (out-of-fold)"
+    (folder / "run.json").write_text(json.dumps(info))
+    assert run(["runs", "show", RUN_ID, "--runs-dir", str(runs)]) == 0
+    out = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    assert "threshold 0.5 and 0.3127 chosen on validation (out-of-fold);" in out
+    half = tmp_path / "half"
+    _with_at_threshold(half, threshold=0.5)
+    assert run(["runs", "show", RUN_ID, "--runs-dir", str(half)]) == 0
+    lines = [" ".join(line.replace("│", " ").split()) for line in capsys.readouterr().out.splitlines()]
+    assert len([line for line in lines if line.startswith("test ")]) == 1

@@ -857,7 +857,7 @@ def _top_runs_section(
                     "; macro average: the unweighted mean over the classes (an undefined value counts 0), "
                     "as scikit-learn's average='macro'."),
             ))
-            _subtype_table(doc, preds, split, chosen_threshold(rec))
+            _subtype_table(doc, rec, preds, split)
         img = plots.run_figure(rec, chosen_threshold(rec), options.figure_formats)
         if img:
             doc.add(
@@ -874,9 +874,18 @@ def _top_runs_section(
             doc.add(Para("No predictions or training history were recorded for this run.", "muted"))
 
 
-def _subtype_table(doc: Document, preds: Predictions, split: str, chosen: float | None) -> None:
+def _subtype_table(doc: Document, rec: RunRecord, preds: Predictions, split: str) -> None:
     """A binary run's sensitivity on bacterial and on viral pneumonia, where the file names say which
-    (:func:`~featcache.report.scores.subtype_sensitivity`): at 0.5 and at the validation-chosen threshold."""
+    (:func:`~featcache.report.scores.subtype_sensitivity`): at 0.5 and at the validation-chosen threshold.
+    The caption names what the bootstrap resampled: the CSV's groups are patients, or file names where the
+    data has no patient ids ("patients resampled" said of those would misstate it)."""
+    chosen = chosen_threshold(rec)
+    if preds.groups is None:
+        unit = "images"
+    elif split == "test":
+        unit = _resample_unit([rec])
+    else:
+        unit = resampled_words("patients" if _grouped(rec) == "patient-grouped" else "file-name groups")
     thresholds: list[float | None] = [0.5] + ([chosen] if chosen is not None and chosen != 0.5 else [])
     found = subtype_sensitivity(preds, thresholds)
     if not found:
@@ -893,8 +902,8 @@ def _subtype_table(doc: Document, preds: Predictions, split: str, chosen: float 
         ["subtype", f"{positive} images", *heads], rows, set(range(1, 2 + len(heads))),
         caption=f"Sensitivity by pneumonia subtype on the {split} split, from the Kermany file names "
         f"(person…_bacteria_… / person…_virus_…): the share of each subtype's images called {positive}, "
-        "with its 95% bootstrap interval" + (" (patients resampled)" if preds.groups is not None else "")
-        + ". A model that misses viral pneumonia more than bacterial shows it here, not in one sensitivity"
+        f"with its 95% bootstrap interval (1000 resamples of {unit}, seed 0). A model that misses viral "
+        "pneumonia more than bacterial shows it here, not in one sensitivity"
         + (f"; {unnamed} {positive} image(s) whose names carry no subtype are not counted" if unnamed else "")
         + ".",
     ))

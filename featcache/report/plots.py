@@ -363,8 +363,8 @@ def _calibration_ax(ax, pred: Predictions, split: str) -> None:
     else:
         ax.set_xlabel("confidence: P(predicted class)")
         ax.set_ylabel("fraction predicted right")
-    ax.set_title(f"{split} {'calibration' if binary else 'top-label calibration'} "
-                 f"(Brier {scores(pred)['brier']:.3f})")
+    ax.set_title(f"{split} calibration (Brier {scores(pred)['brier']:.3f})" if binary else
+                 f"{split} top-label calibration (multi-class Brier {scores(pred)['brier']:.3f})", fontsize=9)
 
 
 def run_figure(rec: RunRecord, threshold: float | None, formats: Sequence[str] = ()) -> Rendered | None:
