@@ -530,6 +530,14 @@ def task_labels(records: Sequence[ImageRecord], task: str) -> tuple[np.ndarray, 
                             f"{len(lacking)} image(s) have no subtype, e.g. '{lacking[0]}'.")
         return np.array([classes.index(r.subtype) for r in records], dtype=np.int64), classes
     classes = sorted({r.label for r in records})
+    spellings: dict[str, list[str]] = {}
+    for c in classes:
+        spellings.setdefault(c.casefold(), []).append(c)
+    twins = next((names for names in spellings.values() if len(names) > 1), None)
+    if twins:  # a manifest's NORMAL/Normal/normal: three classes of one (binary and 3class read them as one)
+        raise DataError(f"task 'folders': the labels {', '.join(repr(c) for c in twins)} differ only in "
+                        "case, so they would be separate classes; spell each class one way in the manifest "
+                        "or folder names.")
     index = {c: i for i, c in enumerate(classes)}
     return np.array([index[r.label] for r in records], dtype=np.int64), classes
 

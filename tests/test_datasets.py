@@ -313,6 +313,14 @@ def test_task_labels(tmp_path):
         task_labels([r for r in ds_records if r.label == "NORMAL"], "binary")
     with pytest.raises(DataError, match="no images"):
         task_labels([], "folders")
+    # a manifest's NORMAL / Normal: one class to binary, two to --task folders (an audit): refused
+    from dataclasses import replace
+
+    first = next(i for i, r in enumerate(ds_records) if r.label == "NORMAL")
+    mixed = [replace(r, label="Normal") if i == first else r for i, r in enumerate(ds_records)]
+    assert task_labels(mixed, "binary")[0].tolist() == y.tolist()
+    with pytest.raises(DataError, match="the labels 'NORMAL', 'Normal' differ only in case"):
+        task_labels(mixed, "folders")
 
 
 def test_mendeley_v3_names_give_subtypes_and_patients(tmp_path):
