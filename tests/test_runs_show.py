@@ -8,10 +8,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from featcache.cli.app import run
 from test_report import write_fake_run
 
 RUN_ID = "20240101-000001-logreg-aaaaaaaa"
+
+
+@pytest.fixture(autouse=True)
+def _wide_tables(monkeypatch):
+    """One table line per row, as test_fit pins it: in a fresh-clone CI run (xdist), the metrics table was
+    laid out narrower there than alone and a cell's CI wrapped onto the next line."""
+    monkeypatch.setenv("COLUMNS", "250")
 
 
 def _with_at_threshold(runs: Path, threshold: float = 0.3127) -> Path:
