@@ -78,6 +78,11 @@ def _summary_table(info: dict) -> Table:
     table.add_row("duplicates across splits", _overlap(len(xdups), xdup_test))
     clash = len(info.get("conflicting_duplicates", []))
     table.add_row("duplicates with different labels", f"[red]{clash:,}[/]" if clash else "0")
+    for twins in info.get("case_twin_labels") or []:  # a manifest's NORMAL and Normal
+        spelled = ", ".join(shown(t) for t in twins)
+        table.add_row("labels differing only in case",
+                      f"[yellow]{spelled}[/]: one class to --task binary and 3class, refused by --task "
+                      "folders")
     table.add_row("skipped files", f"{len(info['skipped']):,}" + (
         "" if info.get("decode_checked", True) else " (files not decoded: --no-decode)"))
     return table

@@ -505,6 +505,16 @@ def discover(root: str | Path, manifest: str | Path | None = None) -> Dataset:
 
 # ----------------------------------------------------------------------------------------- labels
 
+def case_twins(labels: Iterable[str]) -> list[list[str]]:
+    """The sets of labels that differ only in case (``[["NORMAL", "Normal"]]``), each sorted. Why: binary
+    and 3class read them as one class, `--task folders` would make them several; inspect says so and
+    the folders task refuses them."""
+    spellings: dict[str, set[str]] = {}
+    for label in labels:
+        spellings.setdefault(label.casefold(), set()).add(label)
+    return sorted(sorted(names) for names in spellings.values() if len(names) > 1)
+
+
 def task_labels(records: Sequence[ImageRecord], task: str) -> tuple[np.ndarray, list[str]]:
     """Integer targets and class names for a labelling task.
 
@@ -530,12 +540,9 @@ def task_labels(records: Sequence[ImageRecord], task: str) -> tuple[np.ndarray, 
                             f"{len(lacking)} image(s) have no subtype, e.g. '{lacking[0]}'.")
         return np.array([classes.index(r.subtype) for r in records], dtype=np.int64), classes
     classes = sorted({r.label for r in records})
-    spellings: dict[str, list[str]] = {}
-    for c in classes:
-        spellings.setdefault(c.casefold(), []).append(c)
-    twins = next((names for names in spellings.values() if len(names) > 1), None)
+    twins = case_twins(classes)
     if twins:  # a manifest's NORMAL/Normal/normal: three classes of one (binary and 3class read them as one)
-        raise DataError(f"task 'folders': the labels {', '.join(repr(c) for c in twins)} differ only in "
+        raise DataError(f"task 'folders': the labels {', '.join(repr(c) for c in twins[0])} differ only in "
                         "case, so they would be separate classes; spell each class one way in the manifest "
                         "or folder names.")
     index = {c: i for i, c in enumerate(classes)}
@@ -660,4 +667,5 @@ def inspect(dataset: Dataset, progress: ProgressFn | None = None, workers: int =
                                          if len({(r.label, r.subtype) for r in g}) > 1),
         "skipped": skip_entries(sorted(skipped)),
         "decode_checked": decode,
+        "case_twin_labels": case_twins({r.label for r in counted}),
     }

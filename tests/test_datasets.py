@@ -537,3 +537,22 @@ def test_a_label_that_is_a_subtype_wins_over_the_file_name(tmp_path):
         ("person2_virus_2.jpeg", "bacteria", "person2"),
         ("person3_virus_3.jpeg", "virus", "person3"),  # PNEUMONIA is no subtype: the name tells it
     ]
+
+
+def test_inspect_names_labels_that_differ_only_in_case(tmp_path, capsys, monkeypatch):
+    """A manifest's NORMAL / Normal were two rows of the counts and nothing more: one class to binary and
+    3class, two to --task folders (which now refuses them)."""
+    monkeypatch.setenv("COLUMNS", "250")  # one table line per row (xdist workers have COLUMNS=80)
+    for i in range(4):
+        write_xray(tmp_path / "imgs" / f"x{i}.png", i)
+    csv_path = _write_manifest(tmp_path / "m.csv", "path,label\nimgs/x0.png,NORMAL\nimgs/x1.png,Normal\n"
+                               "imgs/x2.png,PNEUMONIA\nimgs/x3.png,PNEUMONIA\n")
+    info = inspect(discover(csv_path), decode=False)
+    assert info["case_twin_labels"] == [["NORMAL", "Normal"]]
+    assert run(["data", "inspect", str(csv_path)]) == 0
+    out = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    assert "labels differing only in case NORMAL, Normal: one class to --task binary and 3class" in out
+    with pytest.raises(DataError, match="differ only in case"):
+        task_labels(discover(csv_path).records, "folders")
+    assert inspect(discover(make_kermany_tree(tmp_path / "k", n_normal=2, n_pneu=2)),
+                   decode=False)["case_twin_labels"] == []
