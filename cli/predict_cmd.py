@@ -112,6 +112,9 @@ def _print_table(out: dict) -> None:
     with_seen = any(p.get("seen") for p in out["predictions"])
     if with_seen:
         table.add_column("seen")
+    with_unusual = any(p.get("unusual") for p in out["predictions"])  # a column only when it says something
+    if with_unusual:
+        table.add_column("unusual")
     for p in out["predictions"]:
         table.add_row(
             shown(p["image"]),
@@ -119,6 +122,7 @@ def _print_table(out: dict) -> None:
             f"[bold]{shown(p['label'])}[/]",
             "cache" if p["from_cache"] else "backbone",
             *([("[yellow]training[/]" if p["seen"] == "training" else str(p["seen"]))] if with_seen else []),
+            *([("[yellow]yes[/]" if p.get("unusual") else "no")] if with_unusual else []),
         )
     print_table(Console(), table)
     _print_skipped(out)

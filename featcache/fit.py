@@ -799,6 +799,17 @@ class _Ctx:
                 extra = (erc, np.concatenate(ev).astype(str), self.y[erc])
         return _balance_rows(rec, view, y, balance, rng, extra)
 
+    def feature_reference(self) -> Any:
+        """The pool's :class:`featcache.typicality.FeatureReference` (orig view; None with too few images),
+        built once per fit call: every run of a sweep shares the pool, so they share it."""
+        if "_reference" not in self.__dict__:
+            from featcache.typicality import build_reference
+
+            pool = self.pool[self.feats.has("orig", self.pool)]
+            self._reference = build_reference(lambda i: self.feats.rows(pool[i], ["orig"] * len(i)),
+                                              self.groups[pool], seed=self.opts.seed)
+        return self._reference
+
     def proba(self, model: Any, rec_idx: np.ndarray) -> np.ndarray:
         """Class probabilities of these records; with TTA the mean over every cached view present."""
         rec_idx = np.asarray(rec_idx, dtype=np.int64)
@@ -1487,6 +1498,7 @@ def _write_run(ctx: _Ctx, writer: RunWriter, model: Any, thr: dict, y_val: np.nd
     writer.write_metrics(metrics)
     writer.write_indices(test=ctx.test, pool=ctx.pool, **indices)
     writer.write_seen_keys([ctx.keys[i] for i in ctx.pool], [ctx.keys[i] for i in ctx.test])
+    writer.write_feature_reference(ctx.feature_reference())
     writer.save_head(model)
     crash_point("fit.before_run_done")
     run = writer.finish()

@@ -10,6 +10,7 @@ Why it works this way:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Callable, Sequence
@@ -350,10 +351,13 @@ class _Extractor:
 
 
 def _predict_chunk(
-    items: list[tuple[str, bytes, str]], extractors: list[_Extractor], views: list[str], model: Any
-) -> tuple[list[int], np.ndarray, np.ndarray, dict[int, str]]:
-    """Averaged probabilities of one chunk: (indices used, proba, from-cache mask, {index: reason})."""
+    items: list[tuple[str, bytes, str]], extractors: list[_Extractor], views: list[str], model: Any,
+    reference: Any = None,
+) -> tuple[list[int], np.ndarray, np.ndarray, dict[int, str], np.ndarray | None]:
+    """Averaged probabilities of one chunk: (indices used, proba, from-cache mask, {index: reason}, the
+    orig view's :meth:`~featcache.typicality.FeatureReference.scores` or None without a reference)."""
     bad: dict[int, str] = {}
+    scores: np.ndarray | None = None
     good = list(range(len(items)))
     total: np.ndarray | None = None
     cached = np.ones(len(items), dtype=bool)
@@ -370,12 +374,15 @@ def _predict_chunk(
         if view == views[0]:
             bad.update(new_bad)
             good = [good[j] for j in keep]
+            if reference is not None and good:
+                with contextlib.suppress(ValueError):  # another width than the run's: no typicality
+                    scores = reference.scores(X)
         if good:
             proba = np.asarray(model.predict_proba(X), dtype=np.float64)
             total = proba if total is None else total + proba
     if total is None:
-        return [], np.zeros((0, 0)), cached[:0], bad
-    return good, total / len(views), cached[good], bad
+        return [], np.zeros((0, 0)), cached[:0], bad, None
+    return good, total / len(views), cached[good], bad, scores
 
 
 def predict(
@@ -389,9 +396,13 @@ def predict(
     """Class probabilities and labels of ``images`` (files, or folders of image files) with run ``run_id``.
 
     Returns {"run": id, "classes", "threshold", "task", "predictions": [{"image", "key",
-    "probabilities", "label", "from_cache", "seen"}], "skipped": [{"path", "reason"}], "notes": [str]}
+    "probabilities", "label", "from_cache", "seen", "unusual", "unusual_score"}], "skipped": [{"path",
+    "reason"}], "notes": [str]}
     (notes: a run cache that is gone, unreadable or replaced, so nothing came from it; images the run was
-    trained on; random weights). ``seen``: "training", "test" or "new" (:func:`_seen_as`). A missing,
+    trained on; random weights; unusual images). ``seen``: "training", "test" or "new" (:func:`_seen_as`).
+    ``unusual``: whether the image's features lie beyond the run's training images' (``unusual_score`` above
+    1, :mod:`featcache.typicality`); None for a run without a feature reference (fitted before featcache
+    wrote one, or on fewer than 200 images). A missing,
     unreadable or undecodable image is skipped with its reason and the others are still classified (as extract
     does); DataError only when no image at all can be used. RunError for an unknown run or a tampered
     model file. Images go through in chunks of PREDICT_CHUNK, so memory does not grow with their number.
@@ -425,6 +436,7 @@ def predict(
         raise RunError(f"run '{run.id}' records no feature caches; fit it again.")
     thr = (run.info.get("threshold") or {}).get("chosen") if len(classes) == 2 else None
     seen = run.seen_keys()
+    reference = run.feature_reference()
     preds: list[dict] = []
     skipped: list[tuple[int, dict]] = []  # (position in paths, entry): listed in the order given
     tiny: dict[str, tuple[int, int]] = {}  # image -> (width, height) of those under `smallest` px a side
@@ -447,7 +459,7 @@ def predict(
                         tiny[got[0]] = dims
             if not items:
                 continue
-            good, proba, cached, bad = _predict_chunk(items, extractors, views, model)
+            good, proba, cached, bad, scores = _predict_chunk(items, extractors, views, model, reference)
             skipped += [(where[i], {"path": items[i][0], "reason": why}) for i, why in bad.items()]
             labels = predict_labels(proba, thr) if good else []
             preds += [
@@ -458,6 +470,8 @@ def predict(
                     "label": classes[int(labels[r])],
                     "from_cache": bool(cached[r]),
                     "seen": _seen_as(items[i][2], seen),
+                    "unusual": None if scores is None else bool(scores[r] > 1.0),
+                    "unusual_score": None if scores is None else round(float(scores[r]), 4),
                 }
                 for r, i in enumerate(good)
             ]
@@ -480,6 +494,16 @@ def predict(
                      f"than {UPSCALE_LIMIT} times to the backbone's input (e.g. {small[0]}, {w}x{h}): their "
                      "labels carry little information.")
     notes += _seen_notes(run, preds, seen)
+    unusual = [p for p in preds if p["unusual"]]
+    if unusual:
+        worst = max(unusual, key=lambda p: p["unusual_score"])
+        notes.append(
+            f"{len(unusual)} image(s) are unlike the images the run was trained on: their features lie "
+            f"further from them than its held-out training images' did, by a margin (e.g. {worst['image']}, "
+            f"{worst['unusual_score']:.2f} times the limit; column unusual=yes). Their labels are not to be "
+            "trusted: check that they are chest X-rays like the run's own (not blank, noise, a photo or a "
+            "turned film)."
+        )
     if not preds:
         first = skipped_list[0]
         raise DataError(
@@ -596,7 +620,8 @@ def check_csv_target(path: str | Path) -> Path:
 def predictions_csv_text(out: dict) -> str:
     """predict's result as CSV text: image, label, features (cache or backbone), one p_<class> per class,
     the threshold the label applied to P(class 1) (empty with more than two classes: the most probable
-    class) and seen (training, test or new; empty for a run that did not record it).
+    class), seen (training, test or new; empty for a run that did not record it) and unusual (yes when the
+    image is unlike the run's training images, :mod:`featcache.typicality`; empty without a reference).
 
     Why the threshold in every row: P(NORMAL) 0.595 labelled PNEUMONIA (chosen threshold 0.374) read as an
     error in a spreadsheet that did not say which threshold made the label.
@@ -615,11 +640,13 @@ def predictions_csv_text(out: dict) -> str:
     buf = io.StringIO(newline="")
     writer = csv.writer(buf)
     thr = "" if out.get("threshold") is None else repr(float(out["threshold"]))
-    writer.writerow(["image", "label", "features", *(f"p_{c}" for c in classes), "threshold", "seen"])
+    writer.writerow(["image", "label", "features", *(f"p_{c}" for c in classes), "threshold", "seen",
+                     "unusual"])
     for p in out["predictions"]:  # a name that is no UTF-8 written escaped (caf\xe9), as fit's CSVs
         writer.writerow([csv_cell(_utf8(p["image"])), csv_cell(p["label"]),
                          "cache" if p["from_cache"] else "backbone",
-                         *(repr(float(p["probabilities"][c])) for c in classes), thr, p.get("seen") or ""])
+                         *(repr(float(p["probabilities"][c])) for c in classes), thr, p.get("seen") or "",
+                         {True: "yes", False: "no"}.get(p.get("unusual"), "")])
     return buf.getvalue()
 
 

@@ -114,6 +114,7 @@ def config_hash(config: dict) -> str:
 
 RECORD_FILES = ("metrics.json", "predictions_val.csv", "predictions_test.csv")
 SEEN_KEYS = "seen_keys.npz"  # content keys of the images a run was fitted and selected on, and tested on
+FEATURE_REFERENCE = "feature_reference.npz"  # the training features' PCA and limits (featcache.typicality)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -417,6 +418,20 @@ class Run:
             return None
 
 
+    def feature_reference(self) -> Any:
+        """The run's :class:`featcache.typicality.FeatureReference`, or None: a run fitted before featcache
+        wrote one, with too few training images for one, or whose file is unreadable.
+        Why: predict says which images lie outside what the run was trained on."""
+        import zipfile
+
+        from featcache.typicality import FeatureReference
+
+        try:
+            return FeatureReference.load(self.path / FEATURE_REFERENCE)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            return None
+
+
 class RunWriter:
     """Builds one run folder: run.json ("running") first, then files, then run.json ("done") last."""
 
@@ -486,6 +501,15 @@ class RunWriter:
             np.savez(target, **{name: np.array([np.frombuffer(bytes.fromhex(k), np.uint8) for k in keys],
                                                dtype=np.uint8).reshape(len(keys), 32)
                                 for name, keys in (("training", training), ("test", test))})
+
+    def write_feature_reference(self, reference: Any) -> None:
+        """:data:`FEATURE_REFERENCE` from a :class:`featcache.typicality.FeatureReference` (nothing for None:
+        too few training images to set its limits)."""
+        if reference is None:
+            return
+        target = self.path / FEATURE_REFERENCE
+        with naming(target):
+            reference.save(target)
 
     def write_indices(self, **arrays: np.ndarray) -> None:
         target = self.path / "indices.npz"

@@ -105,9 +105,11 @@ def test_predictions_go_to_a_csv_with_a_summary_on_the_terminal(trained, tmp_pat
         rows = list(csv.DictReader(fh))
     n = len(list((root / "test").rglob("*.jpeg"))) + 1
     assert len(rows) == n and f"{n} image(s) classified (NORMAL " in said and str(out_csv) in said
-    assert list(rows[0]) == ["image", "label", "features", "p_NORMAL", "p_PNEUMONIA", "threshold", "seen"]
+    assert list(rows[0]) == ["image", "label", "features", "p_NORMAL", "p_PNEUMONIA", "threshold", "seen",
+                             "unusual"]
     thr = json.loads((runs_dir / run_id / "run.json").read_text())["threshold"]["chosen"]
     assert {r["threshold"] for r in rows} == {repr(thr)} and {r["seen"] for r in rows} == {"test"}
+    assert {r["unusual"] for r in rows} == {""}  # the fixture's 10 training images: too few for a reference
     from featcache.runs import threshold_text
 
     assert f"by threshold {threshold_text(thr)} on P(PNEUMONIA)" in said  # the rule, in the summary
@@ -576,3 +578,44 @@ def test_an_unreadable_seen_keys_file_is_said_not_a_traceback(trained) -> None:
             assert any(n.startswith("its seen_keys.npz cannot be read") for n in got["notes"])
     finally:
         keys.write_bytes(saved)
+
+
+def test_images_unlike_the_training_images_are_marked_unusual(tmp_path: Path, capsys, monkeypatch) -> None:
+    """A head labels anything: fit stores a reference of the training features (PCA and limits set by
+    patients held out of it) and predict marks images beyond it, with a note and a CSV column. Synthetic
+    X-rays of the same kind pass; a black image and colour noise do not. A damaged reference is no error."""
+    from PIL import Image
+
+    monkeypatch.setenv("COLUMNS", "250")
+    root = make_kermany_tree(tmp_path / "data", n_normal=100, n_pneu=100, splits=("train",), size=32)
+    cache_dir, runs_dir = tmp_path / "cache", tmp_path / "runs"
+    extract(discover(root), BackboneConfig("mobilenet-0.75", weights="none", image_size=32), cache_dir,
+            ExtractOptions(batch_size=32))
+    opts = FitOptions(cache_dir=cache_dir, runs_dir=runs_dir, cv_folds=3, grid_args=["C=1"], n_boot=50)
+    run = fit(root, "mobilenet-0.75", "logreg", opts).runs[0]
+    assert (run.path / "feature_reference.npz").is_file()
+    new = [write_xray(tmp_path / f"new{i}.jpeg", 500 + i, size=32, bright=i % 2) for i in range(4)]
+    Image.new("RGB", (32, 32)).save(tmp_path / "black.png")
+    noise = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "noise.png")
+    images = [*new, tmp_path / "black.png", tmp_path / "noise.png"]
+    out = predict(images, run.id, runs_dir)
+    assert [p["unusual"] for p in out["predictions"]] == [False] * 4 + [True] * 2
+    assert all(p["unusual_score"] <= 1 for p in out["predictions"][:4])
+    unusual = [n for n in out["notes"] if "unlike the images the run was trained on" in n]
+    assert len(unusual) == 1 and unusual[0].startswith("2 image(s) are unlike") and "black.png" in unusual[0]
+    training = predict(sorted((root / "train" / "NORMAL").iterdir()), run.id, runs_dir)["predictions"]
+    assert not any(p["unusual"] for p in training)
+    csv_path = tmp_path / "p.csv"
+    assert cli(["predict", *map(str, images), "--run", run.id, "--runs-dir", str(runs_dir),
+                "--csv", str(csv_path)]) == 0
+    with open(csv_path, newline="") as fh:
+        assert [r["unusual"] for r in csv.DictReader(fh)] == ["no"] * 4 + ["yes"] * 2
+    assert "column unusual=yes" in " ".join(capsys.readouterr().err.split())
+    assert cli(["predict", str(tmp_path / "black.png"), "--run", run.id, "--runs-dir", str(runs_dir)]) == 0
+    table = capsys.readouterr().out
+    assert "unusual" in table.splitlines()[1] + table.splitlines()[2]  # the column, beside seen
+    (run.path / "feature_reference.npz").write_bytes(b"PK\x03\x04 cut short")
+    damaged = predict(images, run.id, runs_dir)
+    assert [p["unusual"] for p in damaged["predictions"]] == [None] * 6
+    assert not any("unlike the images" in n for n in damaged["notes"])
