@@ -44,8 +44,10 @@ the file, so the error a user sees is the first one, not a second from unwinding
 Concurrency
 -----------
 A writer holds ``<file>.lock`` (filelock): a second writer fails at once with ``CacheLockedError`` or waits
-``wait`` seconds. HDF5's own file locking is off (``locking=False``) for everyone, so readers can read while
-a writer streams: they read ``valid`` first and use only the valid prefix, which is never rewritten.
+``wait`` seconds. ``writer_lock`` takes that lock before the writer opens the file (extract: before it
+builds the backbone), and the writers of the file in the same thread then share it. HDF5's own file
+locking is off (``locking=False``) for everyone, so readers can read while a writer streams: they read
+``valid`` first and use only the valid prefix, which is never rewritten.
 """
 from __future__ import annotations
 
@@ -434,6 +436,55 @@ def _write_error(path: Path, exc: BaseException, need: int | None = None, creati
 
 
 # ----------------------------------------------------------------------------------------------- writer
+_HELD_LOCKS: dict[str, Any] = {}
+"""Writer locks this process holds through ``writer_lock``, by absolute lock-file path: a CacheWriter of
+that file takes the same lock again (nested) instead of a second one, which the first would refuse."""
+
+
+def _take_writer_lock(path: Path, wait: float | None) -> Any:
+    """Acquire ``<path>.lock``, the one-writer lock of the cache file ``path``, and return it (a filelock
+    lock: release it once per acquire); CacheLockedError when another process holds it past ``wait``."""
+    from filelock import FileLock, Timeout
+
+    lock_path = str(path) + ".lock"
+    lock = _HELD_LOCKS.get(os.path.abspath(lock_path))
+    if lock is None:
+        # filelock reports a lock file it cannot create (read-only folder, /proc) as held by someone else;
+        # creating it here first lets the operating system's own reason through (the CLI prints it)
+        os.close(os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644))
+        lock = FileLock(lock_path)
+    try:
+        lock.acquire(timeout=max(0.0, wait or 0.0))
+    except Timeout:
+        how = (f"it was still held after --wait {wait:g}; wait longer" if wait
+               else "wait for it to finish or pass --wait SECONDS")
+        raise CacheLockedError(
+            f"cache file {path} is being written by another featcache process; {how}.") from None
+    return lock
+
+
+@contextlib.contextmanager
+def writer_lock(path: Path, wait: float | None = None) -> Iterator[None]:
+    """Hold the writer lock of the cache file ``path`` (which need not exist yet) before any CacheWriter
+    opens it; the CacheWriters of ``path`` this thread opens meanwhile take this same lock again.
+
+    Why: extract can know its cache file before it builds the backbone (seconds to a minute, and the
+    TensorFlow import); taking the lock then refuses a second extract of the same file, with the same
+    message, before that wait instead of after it, and keeps the file to this process from the build on.
+    OSError as CacheWriter raises it when the lock file cannot be created (a read-only folder).
+    """
+    lock = _take_writer_lock(Path(path), wait)
+    key = os.path.abspath(str(path) + ".lock")
+    nested = key in _HELD_LOCKS  # this thread holds it already: the outer block lets it go
+    _HELD_LOCKS[key] = lock
+    try:
+        yield
+    finally:
+        if not nested:
+            del _HELD_LOCKS[key]
+        lock.release()
+
+
 class CacheWriter:
     """The one writer of a cache file: holds the lock, appends complete rows, resumes after crashes."""
 
@@ -445,8 +496,6 @@ class CacheWriter:
         move the features in the last digits: a file resumed on another backend or batch size holds rows
         of two kinds, and says from which row on.
         """
-        from filelock import FileLock, Timeout
-
         self.path = Path(path)
         self.config = json.loads(canonical_json(config))
         self.feature_dim = int(feature_dim)
@@ -460,18 +509,7 @@ class CacheWriter:
         self._session_entry: dict | None = None  # the entry this writer added to sessions_json, if any
         self.paths_cut = 0  # rows this writer added whose path was longer than the column (see _encode_path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        lock_path = str(self.path) + ".lock"
-        # filelock reports a lock file it cannot create (read-only folder, /proc) as held by someone else;
-        # creating it here first lets the operating system's own reason through (the CLI prints it)
-        os.close(os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644))
-        self._lock = FileLock(lock_path)
-        try:
-            self._lock.acquire(timeout=max(0.0, wait or 0.0))
-        except Timeout:
-            how = (f"it was still held after --wait {wait:g}; wait longer" if wait
-                   else "wait for it to finish or pass --wait SECONDS")
-            raise CacheLockedError(
-                f"cache file {self.path} is being written by another featcache process; {how}.") from None
+        self._lock = _take_writer_lock(self.path, wait)
         try:
             self._open(versions)
         except BaseException:

@@ -26,6 +26,7 @@ than one batch does not compile a smaller batch, whose kernels round differently
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import threading
@@ -288,6 +289,20 @@ def _described_before(backbone: BackboneConfig, cache_dir: Path, root: Path, opt
                       list(unbuilt.notes))
 
 
+def _lock_before_build(held: contextlib.ExitStack, path: Path, wait: float | None) -> None:
+    """Hold the writer lock of ``path`` (the file ``_described_before`` named) in ``held`` from now on.
+
+    Why: a second extract of a file another process writes was told so only by its CacheWriter, after
+    the build (up to a minute, and the TensorFlow import) it had no use for. Held, not just tried: an
+    extract starting during this one's build is refused early too. Without a lock file here (a
+    read-only shared cache) it goes on unlocked: the writer meets that OSError where extract handles it.
+    """
+    from featcache import cache as fcache
+
+    with contextlib.suppress(OSError):
+        held.enter_context(fcache.writer_lock(path, wait))
+
+
 def _reused(present: set | dict, keys: list[str], views: list[Any]) -> list[tuple[str, str]]:
     """The (key, view) rows this extract wants that ``present`` holds."""
     return [(k, v.name) for k in keys for v in views if (k, v.name) in present]
@@ -405,20 +420,22 @@ def extract(dataset: Dataset, backbone: BackboneConfig, cache_dir: Path, options
     rows_computed = rows_copied = 0
     t_stream = time.perf_counter()
     hit = None
-    if described is not None:
-        hit = _complete_unbuilt(described, keys, views, todo, options.resize, skipped)
-        if hit is None:  # rows to compute (or a file to tidy): build now
-            t_build = time.perf_counter()
-            bb = _build(backbone, progress, before_build)
-            timings["build"] = time.perf_counter() - t_build
-            t_stream = time.perf_counter()
-    if hit is not None:
-        path, feature_dim, rows_reused = described.path, described.feature_dim, hit
-        notes = list(described.notes)  # what a build would have said of itself
-    else:
-        feature_dim = bb.feature_dim
-        path, rows_computed, rows_reused, rows_copied, notes = _extract_built(
-            bb, dataset, Path(cache_dir), options, shard, keys, groups, views, todo, skipped, progress)
+    with contextlib.ExitStack() as held:
+        if described is not None:
+            hit = _complete_unbuilt(described, keys, views, todo, options.resize, skipped)
+            if hit is None:  # rows to compute (or a file to tidy): lock the file, then build
+                _lock_before_build(held, described.path, options.wait)
+                t_build = time.perf_counter()
+                bb = _build(backbone, progress, before_build)
+                timings["build"] = time.perf_counter() - t_build
+                t_stream = time.perf_counter()
+        if hit is not None:
+            path, feature_dim, rows_reused = described.path, described.feature_dim, hit
+            notes = list(described.notes)  # what a build would have said of itself
+        else:
+            feature_dim = bb.feature_dim
+            path, rows_computed, rows_reused, rows_copied, notes = _extract_built(
+                bb, dataset, Path(cache_dir), options, shard, keys, groups, views, todo, skipped, progress)
     timings["stream"] = time.perf_counter() - t_stream
     seconds = time.perf_counter() - t0
     result = ExtractResult(

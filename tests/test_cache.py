@@ -521,6 +521,39 @@ def test_second_writer_in_process_is_refused_or_waits(tmp_path: Path, cfg: dict)
         assert w.present() == set()
 
 
+def test_a_writer_lock_taken_before_the_file_is_shared_by_its_threads_writers_only(tmp_path: Path,
+                                                                                  cfg: dict) -> None:
+    """extract takes the lock before it builds (``writer_lock``): its own writers of the file open under
+    it, one after another; any other writer (another thread here, another process) is refused as before,
+    and the lock is free once the block ends."""
+    import threading
+
+    path = tmp_path / "c.h5"
+    refused: list[BaseException] = []
+
+    def other_thread() -> None:
+        for take in (lambda: fc.CacheWriter(path, cfg, DIM).close(),
+                     lambda: fc.writer_lock(path).__enter__()):
+            try:
+                take()
+            except CacheLockedError as exc:
+                refused.append(exc)
+
+    with fc.writer_lock(path):
+        assert not path.exists()  # locked before the file is made
+        with fc.writer_lock(path):  # nested: the outer block still holds it after this one
+            pass
+        for _ in range(2):
+            with fc.CacheWriter(path, cfg, DIM) as w:
+                w.present()
+        worker = threading.Thread(target=other_thread)
+        worker.start()
+        worker.join()
+        assert len(refused) == 2
+    with fc.CacheWriter(path, cfg, DIM) as w:
+        assert w.present() == set()
+
+
 def test_two_writer_processes(tmp_path: Path) -> None:
     path = fc.cache_path(tmp_path, make_config(ROOT, DIM))
     args = ("--images", "30", "--chunk", "2", "--sleep", "0.04")

@@ -451,6 +451,45 @@ def test_a_cache_hit_on_the_command_line_imports_no_backend(tmp_path: Path, monk
     assert json.loads(capsys.readouterr().out)["rows_reused"] == 4
 
 
+def test_a_cache_another_process_writes_is_refused_before_the_backbone_is_built(tmp_path: Path, monkeypatch,
+                                                                                  capsys):
+    """A second extract of a file another process writes was told so by its CacheWriter only after it had
+    imported the backend and built the backbone (47 s for vgg16 on a busy 2-core VM). The file is known
+    from the cache before the build, so its lock is taken first: same message, no backend, no build; the
+    lock is let go again, and the rerun once the other process is gone computes the missing rows."""
+    import featcache.cli.extract_cmd as cmd
+
+    import featcache.extract as xmod
+
+    root = make_kermany_tree(tmp_path / "data", n_normal=2, n_pneu=2, size=32)
+    first = extract(discover(root), BB, tmp_path / "c", ExtractOptions(splits=("train",)))
+    assert first.rows_computed == 4  # the test split's rows are missing: the next extract has work
+    holder = ("import sys; from filelock import FileLock; lock = FileLock(sys.argv[1]); lock.acquire(); "
+              "print('held', flush=True); sys.stdin.read()")
+    other = subprocess.Popen([sys.executable, "-c", holder, str(first.cache_path) + ".lock"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    built: list[str] = []
+    real = xmod.build_backbone
+    monkeypatch.setattr(xmod, "build_backbone", lambda cfg: built.append("build") or real(cfg))
+    monkeypatch.setattr(cmd, "import_backend_quietly", lambda: built.append("backend"))
+    argv = ["extract", "--data", str(root), *CLI_BB, "--cache-dir", str(tmp_path / "c")]
+    try:
+        assert other.stdout.readline().strip() == "held"
+        assert run(argv) == 3
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"cache file {first.cache_path} is being written by another featcache process; wait for it " \
+               "to finish or pass --wait SECONDS." in err
+        assert run([*argv, "--wait", "0.3"]) == 3
+        assert "it was still held after --wait 0.3; wait longer." in " ".join(capsys.readouterr().err.split())
+        assert built == []
+    finally:
+        other.kill()
+        other.wait()
+    assert run([*argv, "--json"]) == 0 and built == ["backend", "build"]
+    out = json.loads(capsys.readouterr().out)
+    assert (out["cache_path"], out["rows_computed"], out["rows_reused"]) == (str(first.cache_path), 4, 4)
+
+
 def test_a_changed_row_of_the_cache_is_computed_again_not_reused(tmp_path: Path):
     """`fit` and `cache verify` refuse a row that fails its digest, but a plain re-extract counted it as
     cached and reused it: now it is computed again, in its own row, with a note."""
