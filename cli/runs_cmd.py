@@ -11,6 +11,7 @@ import shlex
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import typer
 from featcache.cli.text import print_table, shown
@@ -260,6 +261,7 @@ def show_cmd(
     ]
     if info.get("trainer"):
         rows.append(("trained", describe_trainer(info["trainer"])))
+    rows.append(("unusual images", _reference_text(run)))
     caches = [c for c in info.get("caches") or [] if isinstance(c, dict)]
     backbones = [b for b in info.get("backbones") or [] if isinstance(b, dict)]
     for i, c in enumerate(caches):  # fit records backbones[i] from caches[i]
@@ -302,6 +304,21 @@ def show_cmd(
         console.print(f"[yellow]Random weights: {escape(', '.join(random))} features come from randomly "
                       "initialised weights (--weights none), not ImageNet: this run tests the pipeline, and "
                       "its metrics say nothing about the method.[/]", soft_wrap=True)
+
+
+def _reference_text(run: Any) -> str:  # featcache.runs.Run
+    """How predict tells images unlike the run's training images (featcache.typicality), or why it cannot."""
+    from featcache.runs import FEATURE_REFERENCE
+    from featcache.typicality import MIN_IMAGES
+
+    ref = run.feature_reference()
+    if ref is not None:
+        return (f"predict marks them: PCA of {ref.components.shape[0]} components of {ref.n_fit} training "
+                f"images' features, limits set by {ref.n_held_out} held out by patient")
+    if (run.path / FEATURE_REFERENCE).exists():
+        return f"not marked: its {FEATURE_REFERENCE} cannot be read"
+    return (f"not marked: no {FEATURE_REFERENCE} (fitted on fewer than {MIN_IMAGES} images, or before "
+            "featcache stored one)")
 
 
 def _backbone_text(cache: dict, backbone: dict) -> str:

@@ -615,7 +615,13 @@ def test_images_unlike_the_training_images_are_marked_unusual(tmp_path: Path, ca
     assert cli(["predict", str(tmp_path / "black.png"), "--run", run.id, "--runs-dir", str(runs_dir)]) == 0
     table = capsys.readouterr().out
     assert "unusual" in table.splitlines()[1] + table.splitlines()[2]  # the column, beside seen
+    assert cli(["runs", "show", run.id, "--runs-dir", str(runs_dir)]) == 0
+    said = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    assert ("unusual images predict marks them: PCA of 20 components of 160 training images' features, "
+            "limits set by 40 held out by patient") in said
     (run.path / "feature_reference.npz").write_bytes(b"PK\x03\x04 cut short")
     damaged = predict(images, run.id, runs_dir)
     assert [p["unusual"] for p in damaged["predictions"]] == [None] * 6
     assert not any("unlike the images" in n for n in damaged["notes"])
+    assert cli(["runs", "show", run.id, "--runs-dir", str(runs_dir)]) == 0
+    assert "not marked: its feature_reference.npz cannot be read" in capsys.readouterr().out
