@@ -498,11 +498,10 @@ def predict(
     if unusual:
         worst = max(unusual, key=lambda p: p["unusual_score"])
         notes.append(
-            f"{len(unusual)} image(s) are unlike the images the run was trained on: their features lie "
-            f"further from them than its held-out training images' did, by a margin (e.g. {worst['image']}, "
-            f"{worst['unusual_score']:.2f} times the limit; column unusual=yes). Their labels are not to be "
-            "trusted: check that they are chest X-rays like the run's own (not blank, noise, a photo or a "
-            "turned film)."
+            f"{len(unusual)} image(s) are unlike the images the run was trained on (e.g. {worst['image']}: "
+            f"{worst['unusual_score']:.2f} times the limit its held-out training images set; column "
+            "unusual=yes): their labels are not to be trusted. Check that they are chest X-rays like the "
+            "run's own (not blank, noise, a photo or a turned film)."
         )
     if not preds:
         first = skipped_list[0]
