@@ -211,7 +211,8 @@ def _extract_cmd(data: Path, backbone: str, opts: FitOptions, views: Sequence[st
         found = _find_key(like, key) if like else None
         return found if found not in (None, "") else given
 
-    parts = ["featcache extract", f"--data {_q(data)}", f"--backbone {_q(backbone)}"]
+    # a manifest's folder is no dataset (extract refuses it): --data names the CSV
+    parts = ["featcache extract", f"--data {_q(opts.manifest or data)}", f"--backbone {_q(backbone)}"]
     if is_saved_model(backbone):
         parts.append(f"--layer {_q(pick('layer', None) or 'NAME')}")
     for flag, key, value in (("--weights", "weights", opts.weights), ("--dtype", "dtype", opts.dtype),
@@ -877,6 +878,10 @@ def fit(
 
     dataset = discover(data, opts.manifest)
     records = dataset.records
+    # `--data labels.csv` reads the CSV as the manifest of its folder: the commands fit's errors give (and the
+    # twin-cache hint, which reads the images again) need the CSV, since the folder alone is not a dataset.
+    # The sweep id keeps what was given, so runs made before keep their ids.
+    given_manifest, opts = opts.manifest, replace(opts, manifest=opts.manifest or dataset.manifest)
     _, task_classes = task_labels(records, task)  # a task the dataset cannot have fails before reading files
     _check_class_weights(configs, task_classes)
     # each backbone's cache file, looked up once (the lookup opens every file in the cache folder and hashes
@@ -960,7 +965,7 @@ def fit(
         "threshold": opts.threshold,
         "metric": opts.metric,
         **({} if opts.test_fraction is None else {"test_fraction": opts.test_fraction}),  # old ids unchanged
-        "manifest": os.fsdecode(opts.manifest or ""),
+        "manifest": os.fsdecode(given_manifest or ""),
         "data": _data_digest(keys, records, y, split, groups),
     }
     # the views TTA averages and oversampling draws from were every view the cache held: the features digest

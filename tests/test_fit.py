@@ -792,6 +792,23 @@ def test_missing_rows_and_3class_errors(tmp_path: Path, capsys) -> None:
     assert code != 0 and "featcache extract" in " ".join(capsys.readouterr().err.split())
 
 
+def test_a_manifests_missing_cache_names_the_csv_in_the_extract_command(tmp_path: Path) -> None:
+    """`fit --data labels.csv` without a cache said `extract --data <the CSV's folder>`, which extract refuses
+    (a folder above a dataset), and missed a cache of the same images in another folder."""
+    root = make_tree(tmp_path / "data")
+    csv = tmp_path / "labels.csv"
+    rows = [f"{r.path.relative_to(tmp_path).as_posix()},{r.label},{r.split}" for r in discover(root).records]
+    csv.write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    with pytest.raises(CacheError) as exc:
+        fit(csv, "vgg16", "logreg", opts(tmp_path / "empty", tmp_path / "runs"))
+    cmd = str(exc.value).split("`")[1]
+    assert f"--data {csv}" in cmd
+    assert discover(shlex.split(cmd)[shlex.split(cmd).index("--data") + 1]).records  # extract can read it
+    write_cache(root, tmp_path / "cache", name="vgg16")  # the same images' features, from the folder
+    with pytest.raises(CacheError, match=rf"holds its features for {re.escape(str(root))}.*--data {csv} "):
+        fit(csv, "vgg16", "logreg", opts(tmp_path / "cache", tmp_path / "runs"))
+
+
 def test_a_cache_whose_settings_were_edited_is_refused_with_cache_verify_named(tmp_path: Path) -> None:
     """`cache verify` said "config_hash does not match config_json (the settings were edited)" while fit
     read the same file without a word and recorded the edited settings as the ones its rows came from."""
