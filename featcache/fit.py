@@ -1089,10 +1089,15 @@ def fit(
         if opts.retrain:  # under the lock: no other fit of these configs reads or writes them now
             result.retired = retire_runs(opts.runs_dir, set(hashes))
             result.notes += _retired_notes(opts.runs_dir, result.retired)
-        if selection == "cv":
-            _fit_cv(ctx, configs, result, hashes[0])
-        else:
-            _fit_holdout(ctx, configs, result, hashes)
+        try:
+            if selection == "cv":
+                _fit_cv(ctx, configs, result, hashes[0])
+            else:
+                _fit_holdout(ctx, configs, result, hashes)
+        except DataError as exc:
+            if opts.test_fraction is None:
+                raise
+            raise DataError(f"{exc} {_test_fraction_advice(opts.test_fraction, groups, pool, test)}") from exc
     result.notes += view_notes
     result.notes += _untagged_notes(opts.runs_dir, result.skipped, opts.tags)
     result.notes += done_with_other_versions(opts.runs_dir, result.skipped)  # kept: say when versions moved
@@ -1169,6 +1174,18 @@ def _held_out_test(root: Path, records: Sequence[Any], y: np.ndarray, groups: np
     split = split.copy()
     split[pool[te]] = "test"
     return split, np.sort(pool[tr]), np.sort(pool[te])
+
+
+def _test_fraction_advice(fraction: float, groups: np.ndarray, pool: np.ndarray, test: np.ndarray) -> str:
+    """The sentence added to a split's "too few patients for training" error under --test-fraction.
+
+    Why: `--test-fraction 0.99` left 2 patients to train on, and the error said "add data or lower
+    --cv-folds" (or named a class as having 1 patient) about a folder of hundreds: the held-out share, the
+    cause, went unsaid.
+    """
+    n_test, n_pool = len(np.unique(groups[test])), len(np.unique(groups[pool]))
+    return (f"--test-fraction {fraction} moved {n_test} of the {n_test + n_pool} patients to the test split, "
+            f"leaving {n_pool} for training and validation; a smaller --test-fraction leaves more.")
 
 
 def _unused_option_notes(opts: FitOptions, head_obj: Any, n_classes: int = 2) -> list[str]:

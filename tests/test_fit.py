@@ -1890,3 +1890,18 @@ def test_test_fraction_holds_out_a_patient_grouped_test_split(tmp_path: Path, ca
         fit(with_test, "fakenet", "knn", opts(tmp_path / "c2", runs_dir, test_fraction=0.2))
     assert cli(_fit_cmd(root, cache_dir, runs_dir, "--head", "knn", "--test-fraction", "1.5")) == 2
     assert "--test-fraction must be between 0 and 1" in " ".join(capsys.readouterr().err.split())
+
+
+def test_a_test_fraction_that_leaves_too_few_patients_says_so(tmp_path: Path) -> None:
+    """--test-fraction 0.95 left a handful of patients to train on, and the split's error said only "add
+    data or lower --cv-folds" (or gave a class one patient) about a folder of many: the held-out share, the
+    cause, is named with the patients it moved."""
+    root = make_tree(tmp_path / "data", n_patients=24)
+    shutil.rmtree(root / "test")
+    write_cache(root, tmp_path / "cache")
+    n = len({r.group for r in discover(root).records})
+    said = rf"--test-fraction 0\.95 moved \d+ of the {n} patients to the test split, leaving \d+ for "
+    for head in ("logreg", "mlp"):
+        with pytest.raises(DataError, match=said + r".* a smaller --test-fraction"):
+            fit(root, "fakenet", head, opts(tmp_path / "cache", tmp_path / "runs", test_fraction=0.95,
+                                            grid_args=["epochs=1"] if head == "mlp" else ["C=1"]))
