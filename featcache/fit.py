@@ -1074,6 +1074,7 @@ def fit(
                        notes=(_preset_task_notes(opts, preset, task)
                               + _unused_option_notes(opts, head_obj, len(classes))
                               + _binary_label_notes(records, task) + _leak_notes(records, pool, test, keys)
+                              + _test_gap_notes(classes, y, test)
                               + merged))
     # the config hashes of the runs this sweep writes: claimed under the lock, then looked up among done runs
     if selection == "cv":
@@ -1266,6 +1267,23 @@ def merge_identical_groups(groups: Sequence[str], keys: Sequence[str]) -> tuple[
     return joined, [f"{sum(len(m) for m in sets)} patient groups share byte-identical images and were "
                     f"joined into {len(sets)} group(s) (e.g. {', '.join(example)}), so no copy of an image "
                     "validates its twin."]
+
+
+def _test_gap_notes(classes: Sequence[str], y: np.ndarray, test: np.ndarray) -> list[str]:
+    """A note when the test split lacks a class: its AUC (and that class's recall) came back blank, and its
+    accuracy a perfect-looking 1 with an interval, without a word, while a validation hold-out that lacks a
+    class is named. The split is the data's, so fit keeps it."""
+    if not len(test):
+        return []
+    present = set(np.unique(y[test]).tolist())
+    missing = [c for k, c in enumerate(classes) if k not in present]
+    if not missing:
+        return []
+    held = ", ".join(f"{c}: {int(np.sum(y[test] == k))}" for k, c in enumerate(classes) if k in present)
+    absent = ", ".join(missing)
+    return [f"the test split has no image of {absent} (its {len(test)} images: {held}), so test AUC and "
+            f"the recall of {absent} are undefined (left blank), macro F1 counts its F1 as 0, and test "
+            "accuracy does not test it; add test images of every class."]
 
 
 def _leak_notes(records: Sequence[Any], pool: np.ndarray, test: np.ndarray,

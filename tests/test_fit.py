@@ -1398,7 +1398,8 @@ def test_a_class_too_small_for_the_split_is_named_before_training(setup, tmp_pat
             assert "the training side of the validation hold-out trains without it" in str(exc)
             outcomes.add("error")
             continue
-        assert len(res.notes) == 1 and "the validation hold-out has no image of OTHER" in res.notes[0]
+        notes = [n for n in res.notes if not n.startswith("the test split has no image of OTHER")]
+        assert len(notes) == 1 and "the validation hold-out has no image of OTHER" in notes[0]
         val = load_run(tmp_path / f"r{seed}", res.runs[0].id).metrics()["val"]
         assert val["per_class"]["OTHER"]["recall"] is None
         assert val["per_class"]["NORMAL"]["recall"] is not None
@@ -1890,6 +1891,23 @@ def test_test_fraction_holds_out_a_patient_grouped_test_split(tmp_path: Path, ca
         fit(with_test, "fakenet", "knn", opts(tmp_path / "c2", runs_dir, test_fraction=0.2))
     assert cli(_fit_cmd(root, cache_dir, runs_dir, "--head", "knn", "--test-fraction", "1.5")) == 2
     assert "--test-fraction must be between 0 and 1" in " ".join(capsys.readouterr().err.split())
+
+
+def test_a_test_split_without_a_class_is_noted(tmp_path: Path) -> None:
+    """A test split of NORMAL images only gave test AUC blank and accuracy 1 with an interval, without a
+    word (a validation hold-out lacking a class is named); the note says which class and why."""
+    root = make_tree(tmp_path / "data")
+    shutil.rmtree(root / "test" / "PNEUMONIA")
+    write_cache(root, tmp_path / "cache")
+    res = fit(root, "fakenet", "logreg", opts(tmp_path / "cache", tmp_path / "runs", grid_args=["C=1"]))
+    n_test = sum(r.split == "test" for r in discover(root).records)
+    said = [n for n in res.notes if n.startswith("the test split has no image of PNEUMONIA")]
+    assert said and f"(its {n_test} images: NORMAL: {n_test})" in said[0] and "AUC" in said[0]
+    assert load_run(tmp_path / "runs", res.runs[0].id).metrics()["test"]["auc"] is None
+    whole = make_tree(tmp_path / "whole", seed=1)  # every class in the test split: no such note
+    write_cache(whole, tmp_path / "c2")
+    res = fit(whole, "fakenet", "logreg", opts(tmp_path / "c2", tmp_path / "r2", grid_args=["C=1"]))
+    assert not [n for n in res.notes if "test split has no image" in n]
 
 
 def test_a_test_fraction_that_leaves_too_few_patients_says_so(tmp_path: Path) -> None:
