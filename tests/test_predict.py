@@ -625,3 +625,24 @@ def test_images_unlike_the_training_images_are_marked_unusual(tmp_path: Path, ca
     assert not any("unlike the images" in n for n in damaged["notes"])
     assert cli(["runs", "show", run.id, "--runs-dir", str(runs_dir)]) == 0
     assert "not marked: its feature_reference.npz cannot be read" in capsys.readouterr().out
+
+
+def test_fit_notes_test_images_unlike_its_training_images(tmp_path: Path) -> None:
+    """A test split with images unlike the training ones (a stray black file here; another scanner in
+    practice) got metrics without a word: fit names how many lie beyond the feature reference."""
+    from PIL import Image
+
+    root = make_kermany_tree(tmp_path / "data", n_normal=100, n_pneu=100, splits=("train",), size=32)
+    for i in range(10):  # new patients, new seeds
+        name = f"NORMAL/IM-{5000 + i}-0001.jpeg" if i < 5 else f"PNEUMONIA/person{900 + i}_virus_{i}.jpeg"
+        write_xray(root / "test" / name, 7000 + i, size=32, bright=float(i >= 5))
+    Image.new("RGB", (32, 32)).save(root / "test" / "NORMAL" / "IM-9999-0001.jpeg")
+    cache_dir, runs_dir = tmp_path / "cache", tmp_path / "runs"
+    extract(discover(root), BackboneConfig("mobilenet-0.75", weights="none", image_size=32), cache_dir,
+            ExtractOptions(batch_size=32))
+    opts = FitOptions(cache_dir=cache_dir, runs_dir=runs_dir, cv_folds=3, grid_args=["C=1"], n_boot=50)
+    res = fit(root, "mobilenet-0.75", "logreg", opts)
+    said = [n for n in res.notes if "lie beyond the limits" in n]
+    assert len(said) == 1 and said[0].startswith("1 of the 11 test images (9.1%) lie beyond the limits")
+    assert "test/NORMAL/IM-9999-0001.jpeg" in said[0]
+    assert not [n for n in fit(root, "mobilenet-0.75", "logreg", opts).notes if "lie beyond" in n]  # done
