@@ -92,7 +92,9 @@ def build_reference(
     rows: Callable[[np.ndarray], np.ndarray], groups: np.ndarray, seed: int
 ) -> FeatureReference | None:
     """The reference of the training images whose features ``rows(indices)`` returns (indices into
-    ``groups``, the images' patient groups). None with fewer than :data:`MIN_IMAGES` images.
+    ``groups``, the images' patient groups). None with fewer than :data:`MIN_IMAGES` images. ``rows`` must
+    return a new array each call (fit's do): the PCA's rows are centred in place, so that a VGG16-sized
+    fit holds one copy of them, not two.
 
     Deterministic for one seed (the group split, the subsample and the randomized SVD all draw from it).
     Why a patient split: the limits must come from images the PCA did not see, of patients it did not
