@@ -1297,11 +1297,10 @@ def _test_gap_notes(classes: Sequence[str], y: np.ndarray, test: np.ndarray) -> 
     class is named. The split is the data's, so fit keeps it."""
     if not len(test):
         return []
-    present = set(np.unique(y[test]).tolist())
-    missing = [c for k, c in enumerate(classes) if k not in present]
+    missing = _missing_classes(classes, y[test])
     if not missing:
         return []
-    held = ", ".join(f"{c}: {int(np.sum(y[test] == k))}" for k, c in enumerate(classes) if k in present)
+    held = ", ".join(f"{c}: {int(np.sum(y[test] == k))}" for k, c in enumerate(classes) if c not in missing)
     absent = ", ".join(missing)
     return [f"the test split has no image of {absent} (its {len(test)} images: {held}), so test AUC and "
             f"the recall of {absent} are undefined (left blank), macro F1 counts its F1 as 0, and test "
@@ -1645,13 +1644,14 @@ def _holdout_hashes(common: dict, configs: list[dict], alone: set[int] = frozens
 
 def _split_gaps(ctx: _Ctx, sides: list[np.ndarray]) -> list[tuple[int, list[str]]]:
     """(side index, classes with no image there) for each side (pool positions) that lacks a class."""
-    gaps = []
-    for i, pos in enumerate(sides):
-        present = set(np.unique(ctx.y[ctx.pool[pos]]).tolist())
-        missing = [c for k, c in enumerate(ctx.classes) if k not in present]
-        if missing:
-            gaps.append((i, missing))
-    return gaps
+    gaps = [(i, _missing_classes(ctx.classes, ctx.y[ctx.pool[pos]])) for i, pos in enumerate(sides)]
+    return [(i, missing) for i, missing in gaps if missing]
+
+
+def _missing_classes(classes: Sequence[str], labels: np.ndarray) -> list[str]:
+    """The classes (in task order) of which ``labels`` (class indices) hold no image."""
+    present = set(np.unique(labels).tolist())
+    return [c for k, c in enumerate(classes) if k not in present]
 
 
 def _class_sizes(ctx: _Ctx, name: str) -> str:

@@ -31,6 +31,7 @@ import shutil
 import socket
 import tempfile
 import time
+import zipfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -115,6 +116,8 @@ def config_hash(config: dict) -> str:
 RECORD_FILES = ("metrics.json", "predictions_val.csv", "predictions_test.csv")
 SEEN_KEYS = "seen_keys.npz"  # content keys of the images a run was fitted and selected on, and tested on
 FEATURE_REFERENCE = "feature_reference.npz"  # the training features' PCA and limits (featcache.typicality)
+_NPZ_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
+"""What np.load of a cut-short, emptied or foreign .npz raises (zipfile's and numpy's errors alike)."""
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -409,12 +412,10 @@ class Run:
         its test images. None for a run fitted before they were recorded, or whose file is unreadable
         (cut short, emptied: zipfile's and numpy's errors alike).
         Why: predict says which images the run has seen, whose predictions are no held-out estimate."""
-        import zipfile
-
         try:
             with np.load(self.path / SEEN_KEYS, allow_pickle=False) as z:
                 return {name: {bytes(row).hex() for row in z[name]} for name in ("training", "test")}
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        except _NPZ_ERRORS:
             return None
 
 
@@ -422,13 +423,11 @@ class Run:
         """The run's :class:`featcache.typicality.FeatureReference`, or None: a run fitted before featcache
         wrote one, with too few training images for one, or whose file is unreadable.
         Why: predict says which images lie outside what the run was trained on."""
-        import zipfile
-
         from featcache.typicality import FeatureReference
 
         try:
             return FeatureReference.load(self.path / FEATURE_REFERENCE)
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        except _NPZ_ERRORS:
             return None
 
 
