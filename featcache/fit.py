@@ -688,6 +688,13 @@ def build_configs(head_obj: Any, opts: FitOptions, preset: Any = None) -> list[d
                               "(--grid layers=1024-512,256 for several).")
         overrides["layers"] = [tuple(opts.layers)]
     grids = [{**g, **overrides} for g in _base_grid(head_obj, opts, preset)]
+    empty = sorted({k for g in grids for k, v in g.items() if isinstance(v, list | tuple) and not v})
+    if empty and not any(all(not isinstance(v, list | tuple) or v for v in g.values()) for g in grids):
+        from_file = opts.grid_file is not None and opts.grid is None
+        where = f" in --grid-file {opts.grid_file}" if from_file else ""
+        verb = "has" if len(empty) == 1 else "have"
+        raise ConfigError(f"the grid expands to no configuration: {', '.join(empty)} {verb} no "
+                          f"values{where}; give at least one value per key.")
     configs = expand(grids)
     canonical = getattr(head_obj, "canonical", None)
     if canonical is not None:  # settings a config ignores (a linear svm's gamma) would train it twice
@@ -864,6 +871,9 @@ def fit(
     if Path(opts.runs_dir).exists() and not Path(opts.runs_dir).is_dir():  # else a lock-path OS error
         raise ConfigError(f"--runs-dir {opts.runs_dir} is a file, not a folder; choose a folder for the "
                           "runs.")
+    if Path(opts.cache_dir).exists() and not Path(opts.cache_dir).is_dir():  # else "run extract --cache-dir"
+        raise ConfigError(f"--cache-dir {opts.cache_dir} is a file, not a folder; point --cache-dir at the "
+                          "folder `featcache extract` wrote its caches into.")
     thr_method, thr_target = _parse_threshold(opts.threshold)
     names = (parse_names(backbones, "--backbone") if isinstance(backbones, str) and backbones.strip()
              else [b.strip() for b in backbones if b.strip()])

@@ -1472,15 +1472,22 @@ def test_binary_and_3class_runs_of_one_folder_are_one_dataset_in_the_report(setu
 
 
 def test_a_file_or_folder_in_the_wrong_place_is_one_sentence(setup, tmp_path) -> None:
-    """--runs-dir naming a file ended in an operating-system error about a lock path (exit 1), and
-    --grid-file naming a folder in "Is a directory"."""
+    """--runs-dir naming a file ended in an operating-system error about a lock path (exit 1),
+    --cache-dir naming a file in advice to extract into it, --grid-file naming a folder in "Is a
+    directory", and a grid file's empty list named neither the key nor the file."""
     root, cache_dir, runs_dir = setup
     mine = tmp_path / "notes.txt"
     mine.write_text("mine")
     with pytest.raises(ConfigError, match="--runs-dir .*notes.txt is a file, not a folder"):
         fit(root, "fakenet", "logreg", opts(cache_dir, mine))
+    with pytest.raises(ConfigError, match="--cache-dir .*notes.txt is a file, not a folder; point"):
+        fit(root, "fakenet", "logreg", opts(mine, runs_dir))  # it advised `extract --cache-dir notes.txt`
     with pytest.raises(ConfigError, match="is a folder; give --grid-file a .toml file"):
         fit(root, "fakenet", "logreg", opts(cache_dir, runs_dir, grid_file=tmp_path))
+    empty = tmp_path / "empty.toml"
+    empty.write_text("[grid]\nC = []\n")  # named neither the key nor the file
+    with pytest.raises(ConfigError, match="C has no values in --grid-file .*empty.toml; give at least"):
+        fit(root, "fakenet", "logreg", opts(cache_dir, runs_dir, grid_file=empty))
     assert mine.read_text() == "mine"
 
 
