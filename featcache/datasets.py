@@ -468,8 +468,12 @@ def _discover_manifest(root: Path, csv_path: Path) -> Dataset:
         hint = (f" {len(windows)} of them name an existing file once their backslashes are slashes, e.g. "
                 f"'{windows[0]}': write paths with / (Windows-style \\ is part of a file name here)."
                 if windows else "")
+        relative = [m for m in missing if not Path(m).is_absolute()]
+        # absolute paths are read as they are: "must be relative" misled about a file that is just gone
+        where = (f"relative paths are read from the manifest's folder, {base}" if relative else
+                 "no such file; correct or drop those rows")
         raise DataError(f"manifest '{os.fsdecode(csv_path)}' lists {len(missing)} missing file(s), e.g. "
-                        f"'{missing[0]}'; paths must be relative to the manifest's folder.{hint}")
+                        f"'{(relative or missing)[0]}'; {where}.{hint}")
     if not records and not skipped:  # a header and nothing else: say so, not "no images under the folder"
         raise DataError(f"manifest '{os.fsdecode(csv_path)}' lists no images; add one row per image "
                         "(path,label[,split][,group]).")

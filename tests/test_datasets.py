@@ -168,7 +168,9 @@ def test_manifest_without_split_keeps_kermany_parsing(tmp_path):
     ("file,label\nx.png,a\n", "lacks the column"),
     ("path,split\nx.png,train\n", "lacks the column.*label"),
     ("path,label\nx.png,\n", "line 2 has an empty path or label"),
-    ("path,label\nmissing.png,a\n", "1 missing file"),
+    ("path,label\nmissing.png,a\n", "1 missing file.*relative paths are read from the manifest's folder"),
+    # an absolute path is read as it is: the message said paths must be relative
+    ("path,label\n/nonexistent-dir/gone.png,a\n", "1 missing file.*'/nonexistent-dir/gone.png'; no such"),
     ("path,label\nx.png,a\nx.png,b\n", "lists 'x.png' twice"),
     ("", "is empty"),
     ("path,label\n", "lists no images; add one row per image"),
