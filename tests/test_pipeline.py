@@ -102,6 +102,16 @@ def test_run_and_demo_with_an_mlp_refuse_a_typo_before_importing_the_backend(ker
     logreg = [*base[:5], "logreg", *base[6:]]  # 6 images per class and split: 9 folds cannot be
     assert run(["run", *logreg, "--cv-folds", "9"]) == 2
     assert "every class has fewer than 9 images" in " ".join(capsys.readouterr().err.split())
+    # --test-fraction on data with a test split, and folds the held-out split leaves too few patients
+    # for, were refused by the fit, after the extraction
+    assert run(["run", *logreg, "--test-fraction", "0.2"]) == 2
+    assert "has a test split of its own (12 images)" in " ".join(capsys.readouterr().err.split())
+    from conftest import make_kermany_tree
+
+    flat = make_kermany_tree(tmp_path / "flat", n_normal=10, n_pneu=10, splits=("train",))
+    flat_args = [*logreg[:1], str(flat), *logreg[2:], "--cv-folds", "8"]
+    assert run(["run", *flat_args, "--test-fraction", "0.5"]) == 2  # 8 folds of 20 patients, of 10: no
+    assert "--test-fraction 0.5 moved 10 of the 20 patients" in " ".join(capsys.readouterr().err.split())
     assert imported == [] and not (tmp_path / "c").exists()
     before_build, after_checks = pipeline_cmd._backend_for(["logreg", "mlp"])
     assert before_build is None and after_checks is not None
