@@ -363,7 +363,6 @@ def _exact_at_bounds(out: dict, y: np.ndarray, y_pred: np.ndarray, k: int, group
     [(alpha/2)^(1/n), 1] (at x = 0 its mirror). n counts patients, the bootstrap's resampling unit (images
     without patient ids), so several images of one patient are not counted as independent evidence.
     """
-    alpha = 1.0 - level
     ids = np.asarray(groups if groups is not None else np.arange(len(y)), dtype=object)
     counted = {"accuracy": np.ones(len(y), dtype=bool)}
     if k == 2:
@@ -375,11 +374,20 @@ def _exact_at_bounds(out: dict, y: np.ndarray, y_pred: np.ndarray, k: int, group
         hits = y_pred[mask] == y[mask]
         if 0 < hits.sum() < len(hits):
             continue
-        m = len(set(ids[mask].tolist()))
-        edge = float((alpha / 2.0) ** (1.0 / m))
-        out[name] = [edge, 1.0] if hits.all() else [0.0, 1.0 - edge]
+        out[name] = list(exact_interval_at_bound(len(set(ids[mask].tolist())), bool(hits.all()), level))
         replaced.append(name)
     return replaced
+
+
+def exact_interval_at_bound(m: int, all_hit: bool, level: float = 0.95) -> tuple[float, float]:
+    """The exact Clopper-Pearson interval of a proportion observed at 1 (``all_hit``) or at 0 over ``m``
+    counted units: [(alpha/2)^(1/m), 1], or its mirror.
+
+    Why a function of its own: every proportion the report shows with an interval (the leaderboard's, the
+    per-subtype sensitivities) must replace the percentile bootstrap's point [1, 1] the same way; m counts
+    the bootstrap's resampling unit (patients, else images)."""
+    edge = float(((1.0 - level) / 2.0) ** (1.0 / m))
+    return (edge, 1.0) if all_hit else (0.0, 1.0 - edge)
 
 
 def _auc_at_bounds(out: dict, y: np.ndarray, k: int, groups: Sequence | None, level: float) -> bool:

@@ -2016,6 +2016,40 @@ def test_sensitivity_by_pneumonia_subtype_counts_each_subtypes_positives() -> No
     assert subtype_sensitivity(three, [0.5]) == []
 
 
+def test_a_subtype_found_in_every_or_no_image_gets_an_exact_interval_not_a_point() -> None:
+    """8 of 8 viral images found: every bootstrap resample finds them all, so the percentile interval was
+    [1.00, 1.00]; the leaderboard's proportions give Clopper-Pearson there, and so must this table."""
+    from featcache.report.collect import Predictions
+    from featcache.report.scores import subtype_sensitivity
+
+    names = [f"test/PNEUMONIA/person{i // 2}_virus_{i}.jpeg" for i in range(8)]  # 8 images, 4 patients
+    names += [f"test/PNEUMONIA/person{10 + i}_bacteria_{i}.jpeg" for i in range(5)]  # 5 patients
+    p1 = np.array([0.9] * 8 + [0.2] * 5)  # every virus image found, no bacterial one
+    pred = Predictions(names, np.ones(13, dtype=int), np.c_[1 - p1, p1], ["NORMAL", "PNEUMONIA"],
+                       [n.split("/")[-1].split("_")[0] for n in names])
+    out = {s["subtype"]: s["at"][0] for s in subtype_sensitivity(pred, [0.5])}
+    assert (out["virus"]["found"], out["bacteria"]["found"]) == (8, 0)
+    assert out["virus"]["exact"] and out["bacteria"]["exact"]
+    assert out["virus"]["ci"] == pytest.approx((0.025 ** (1 / 4), 1.0))  # over the 4 patients, not 8 images
+    assert out["bacteria"]["ci"] == pytest.approx((0.0, 1 - 0.025 ** (1 / 5)))
+
+
+def test_the_subtype_table_names_its_exact_intervals(tmp_path):
+    runs = tmp_path / "runs"
+    write_fake_run(runs, "20240101-000000-logreg-aaaaaaaa", relpath_prefix="person7_virus_", threshold=0.4)
+
+    def found(row: dict) -> dict:  # every viral image called PNEUMONIA, at 0.5 and at the chosen 0.4
+        p = 0.9 if row["y_true"] == "1" else 0.1
+        return {**row, "p_NORMAL": f"{1 - p:.6f}", "p_PNEUMONIA": f"{p:.6f}", "y_pred": row["y_true"]}
+
+    _rewrite_test_csv(runs / "20240101-000000-logreg-aaaaaaaa", change=found)
+    text = build_report(runs, tmp_path / "rep", ReportOptions()).markdown.read_text(encoding="utf-8")
+    row = next(ln for ln in text.splitlines() if ln.startswith("| virus |"))
+    assert row.count(r"1.000 \[0.88, 1.00\] · 30/30") == 2, row  # Clopper-Pearson, 30 images: 0.025^(1/30)
+    assert "A share observed at 0 or 1 has the exact Clopper-Pearson interval over the images counted" in (
+        " ".join(text.split()))
+
+
 def test_binary_top_runs_show_sensitivity_by_subtype_when_the_names_carry_it(tmp_path):
     runs = tmp_path / "runs"
     write_fake_run(runs, "20240101-000000-logreg-aaaaaaaa", relpath_prefix="person7_virus_", threshold=0.4)

@@ -905,6 +905,10 @@ def _subtype_table(doc: Document, rec: RunRecord, preds: Predictions, split: str
         f"with its 95% bootstrap interval (1000 resamples of {unit}, seed 0). A model that misses viral "
         "pneumonia more than bacterial shows it here, not in one sensitivity"
         + (f"; {unnamed} {positive} image(s) whose names carry no subtype are not counted" if unnamed else "")
+        + (f". A share observed at 0 or 1 has the exact Clopper-Pearson interval over the "
+           f"{'patients' if preds.groups is not None else 'images'} counted instead (every resample gives "
+           "the same share, so the bootstrap interval would be a point)"
+           if any(a["exact"] for s in found for a in s["at"]) else "")
         + ".",
     ))
 

@@ -58,7 +58,10 @@ def subtype_sensitivity(pred: Predictions, thresholds: Sequence[float | None], n
                         seed: int = 0) -> list[dict]:
     """Sensitivity of a binary run on each pneumonia subtype named by the Kermany file names
     (``person12_bacteria_47.jpeg``, ``..._virus_...``), at each of ``thresholds``, with 95% bootstrap
-    intervals (patients resampled when the CSV has groups, as every other interval of the report).
+    intervals (patients resampled when the CSV has groups, as every other interval of the report). A
+    subtype found in all or none of its images gets the exact Clopper-Pearson interval over its patients
+    (``exact``), as the leaderboard's proportions do: the percentile interval of 8/8 is the point [1, 1],
+    a certainty that 8 patients cannot give.
 
     Why: a binary run's one sensitivity hides whether it misses viral pneumonia, the subtype papers find
     hardest (fewer images, subtler opacities), more than bacterial. Only the positive class's images whose
@@ -66,7 +69,7 @@ def subtype_sensitivity(pred: Predictions, thresholds: Sequence[float | None], n
     whose per-class table already shows each subtype).
     """
     from featcache.datasets import parse_kermany_name
-    from featcache.metrics import bootstrap_weights
+    from featcache.metrics import bootstrap_weights, exact_interval_at_bound
 
     if pred.proba.shape[1] != 2:
         return []
@@ -82,10 +85,15 @@ def subtype_sensitivity(pred: Predictions, thresholds: Sequence[float | None], n
                        "patients": len(set(groups)) if groups is not None else None, "at": []}
         for thr in thresholds:
             found = (predict(pred, thr)[rows] == 1).astype(float)
-            boot = w @ found / np.maximum(w.sum(axis=1), 1.0)
-            lo, hi = np.quantile(boot, [0.025, 0.975])
+            exact = found.sum() in (0, len(found))
+            if exact:  # every resample agrees: the percentile interval would be the point [1, 1] or [0, 0]
+                lo, hi = exact_interval_at_bound(len(set(groups)) if groups is not None else len(rows),
+                                                 bool(found.all()))
+            else:
+                boot = w @ found / np.maximum(w.sum(axis=1), 1.0)
+                lo, hi = np.quantile(boot, [0.025, 0.975])
             entry["at"].append({"threshold": thr, "sensitivity": float(found.mean()),
-                                "found": int(found.sum()), "ci": (float(lo), float(hi))})
+                                "found": int(found.sum()), "ci": (float(lo), float(hi)), "exact": exact})
         out.append(entry)
     return out
 
