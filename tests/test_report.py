@@ -440,6 +440,34 @@ def test_cv_grid_table_highlights_only_the_config_the_search_chose(tmp_path):
     assert "folds differ in size" not in text and "Platt-calibrated probabilities" in text
 
 
+def test_runs_whose_cv_search_did_not_converge_are_named_in_the_report(tmp_path):
+    """A 3-class logreg on Kermany at max_iter=100: fit noted "6 of the search's 6 fits stopped before
+    converging" and recorded cv_unconverged_fits in run.json, but the report ranked the run and tabled its
+    CV scores without a word."""
+    from html import unescape
+
+    runs = tmp_path / "runs"
+    folder = write_fake_run(runs, "20240101-000001-logreg-aaaaaaaa", params={"C": 1.0})
+    write_fake_run(runs, "20240101-000002-logreg-bbbbbbbb", params={"C": 0.1}, seed=1, quality=2.0)
+    m = json.loads((folder / "metrics.json").read_text())
+    m["cv_results"] = {"params": [{"C": 0.1}, {"C": 1.0}], "mean_test_score": [0.8, 0.9],
+                       "std_test_score": [0.01, 0.02], "rank_test_score": [2, 1]}
+    (folder / "metrics.json").write_text(json.dumps(m))
+    info = json.loads((folder / "run.json").read_text())
+    info["selection"].update(best_index=1, scoring="accuracy", folds=3, n_configs=2, cv_unconverged_fits=4)
+    (folder / "run.json").write_text(json.dumps(info))
+    res = build_report(runs, tmp_path / "out")
+    rank = next(r["rank"] for r in json.loads(res.json.read_text())["runs"]
+                if r["run_id"] == "20240101-000001-logreg-aaaaaaaa")
+    for text in (" ".join(res.html.read_text().split()), " ".join(res.markdown.read_text().split())):
+        text = unescape(text).replace("\\", "")  # HTML entities; Markdown's escaped '#'
+        assert "Unconverged fits:" in text, text
+        assert f"#{rank} (logreg, binary): 4 of the search's 6 fits stopped before converging" in text
+        assert text.count("4 of the search's 6 fits stopped before converging") == 2  # note + grid caption
+        note = text.split("Unconverged fits:")[1].split("lets them converge.")[0]
+        assert note.count("(logreg, binary)") == 1  # the other run's search converged: not named
+
+
 def test_validation_only_statement_when_no_test_split(tmp_path):
     runs = tmp_path / "runs"
     write_fake_run(runs, "20240101-000001-logreg-aaaaaaaa", test=False)

@@ -736,6 +736,7 @@ def _leaderboard_section(
                                  "is free of it.")
                      + (" Within a group, the same holds for the group's best." if options.group_by else ""),
                      "note", "Best of many:"))
+    _unconverged_note(doc, rows, runs, options)
     watched = [r for r in runs if _epoch_chosen_on_holdout(r)]
     if watched:
         doc.add(
@@ -1161,9 +1162,46 @@ def _cv_section(doc: Document, rec: RunRecord, row: dict, options: ReportOptions
             "ranks by); the run's validation score in the leaderboard is scored on the pooled out-of-fold "
             f"predictions of the chosen config, so the two differ{_pooled_vs_mean(rec)}. Both "
             f"are the best of {len(grid)} configs on the folds that chose it, so they lean optimistic; the "
-            "test columns do not." + ties,
+            "test columns do not." + ties
+            + (f" {_unconverged_text(rec)} stopped before converging (at max_iter): these are scores of "
+               "unconverged models." if _unconverged(rec) else ""),
         )
     )
+
+
+def _unconverged(rec: RunRecord) -> int:
+    """How many of the run's CV search fits stopped before converging (run.json's
+    ``selection.cv_unconverged_fits``, counted by fit for logreg), 0 where none or not recorded."""
+    n = (rec.run.get("selection") or {}).get("cv_unconverged_fits")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 0
+
+
+def _unconverged_text(rec: RunRecord) -> str:
+    """"6 of the search's 6 fits", the total from the run's grid and folds where it has them."""
+    sel = rec.run.get("selection") or {}
+    folds = sel.get("folds")
+    folds = len(folds) if isinstance(folds, list) else folds
+    configs = sel.get("n_configs") or len(_cv_grid(rec) or [])
+    total = configs * folds if isinstance(folds, int) and isinstance(configs, int) and configs else None
+    return f"{_unconverged(rec)} of the search's {total if total else '?'} fits"
+
+
+def _unconverged_note(doc: Document, rows: Sequence[dict], runs: Sequence[RunRecord],
+                      options: ReportOptions) -> None:
+    """Name the shown runs whose grid search fitted unconverged models. Why: fit prints this as a note
+    (a 3-class logreg at max_iter=100 on Kermany: 6 of 6 fits), but run.json was the only place it stayed,
+    so a report that ranks the run and plots its CV heatmap said nothing about scores of models that had
+    not finished fitting."""
+    rank = {r["run_id"]: rank_text(r, options.group_by) for r in rows}
+    hit = [rec for rec in runs if _unconverged(rec) and rec.id in rank]
+    if not hit:
+        return
+    doc.add(Para(
+        "; ".join(f"run {rank[rec.id]} ({rec.head}, {rec.task}): {_unconverged_text(rec)}" for rec in hit)
+        + " stopped before converging (at max_iter, or rarely a failed line search). Their mean CV scores, "
+        "the config chosen by them and the out-of-fold validation numbers are of unconverged models; fitting "
+        "again with a larger max_iter (e.g. --grid max_iter=1000) lets them converge.",
+        "note", "Unconverged fits:"))
 
 
 def _pooled_vs_mean(rec: RunRecord) -> str:
