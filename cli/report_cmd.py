@@ -105,10 +105,13 @@ def print_outputs(result, console: Console) -> None:
                       "initialised weights (--weights none), not ImageNet: those runs test the pipeline, and "
                       "their accuracy says nothing about the method.[/]")
     by_task = getattr(result, "best_by_task", None) or {}
-    if by_task:  # one "best" across binary and 3-class runs: the report says there is none
+    # under --group-by task each group is one task: "ranked together ... (--group-by task ranks them apart)"
+    # contradicted the flag just given, and the report itself has no such note then
+    if by_task and getattr(result, "group_by", None) != "task":
         console.print(f"[yellow]Mixed tasks: runs of {escape(', '.join(by_task))} are ranked together, and "
                       "their scores are not comparable; the report gives each task's best (--group-by task "
                       "ranks them apart).[/]", soft_wrap=True, highlight=False)
+    if by_task:  # one "best" across binary and 3-class runs: the report says there is none
         best = "best per task " + ", ".join(f"{escape(t)} [bold]{escape(i)}[/]" for t, i in by_task.items())
     else:
         best = f"best [bold]{escape(str(result.best_run_id))}[/]"

@@ -114,6 +114,8 @@ class ReportResult:
     random_weights: list[str] = field(default_factory=list)
     # task -> run id of its best, where the ranked runs are of several tasks (no one best across them)
     best_by_task: dict[str, str] = field(default_factory=dict)
+    # --group-by as given: the terminal's "ranked together" warning is false where each group is one task
+    group_by: str | None = None
 
 
 def _f(value: Any, digits: int = 3) -> str:
@@ -2313,7 +2315,7 @@ def build_report(
     return ReportResult(out_dir, out_dir / "report.html", out_dir / "report.md", out_dir / "leaderboard.csv",
                         out_dir / "leaderboard.json", len(rows), best["run_id"], skipped, options.metric,
                         leaders, sorted({r.backbone for r in searched if r.random_weights}),
-                        _best_by_task(ranked))
+                        _best_by_task(ranked), options.group_by)
 
 
 def _best_by_task(ranked: Sequence[dict]) -> dict[str, str]:
