@@ -656,7 +656,8 @@ def _base_grid(head_obj: Any, opts: FitOptions, preset: Any) -> list[dict]:
         return load_grid_file(opts.grid_file, schema)
     if preset is not None:
         return [{k: [v] for k, v in cfg.items()} for cfg in preset.configs]
-    return [dict(head_obj.default_grid)]
+    task = opts.task or "binary"  # no preset here
+    return [{**head_obj.default_grid, **getattr(head_obj, "task_defaults", {}).get(task, {})}]
 
 
 def _check_cache_choice(opts: FitOptions) -> None:
