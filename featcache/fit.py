@@ -30,7 +30,15 @@ from featcache.cache import refuse_damaged_features, settings_in_name
 from featcache.datasets import skip_entries
 from featcache.errors import CacheError, ConfigError, DataError
 from featcache.faults import crash_point
-from featcache.grids import expand, get_preset, load_grid_file, parse_grid_args, parse_names, to_jsonable
+from featcache.grids import (
+    expand,
+    get_preset,
+    larger_max_iter,
+    load_grid_file,
+    parse_grid_args,
+    parse_names,
+    to_jsonable,
+)
 from featcache.heads.base import normalize_class_weight
 from featcache.heads.mlp_fused import PRECISIONS, TRAINERS, resolve_precision, resolve_trainer
 from featcache.metrics import bootstrap_ci, choose_threshold, classification_metrics, predict_labels
@@ -1844,7 +1852,7 @@ def _fit_cv(ctx: _Ctx, configs: list[dict], result: FitResult, chash: str) -> No
             f"{search.n_unconverged} of the search's {total} fits stopped before converging (at max_iter, "
             f"or rarely a failed line search; run {run.id}, recorded as cv_unconverged_fits); their CV "
             "scores, and the choice among them, are of unconverged models: a larger max_iter (e.g. --grid "
-            "max_iter=1000) lets them converge.")
+            f"max_iter={larger_max_iter(configs)}) lets them converge.")
     emit(ctx.progress, "fit", 1, 1, f"{run.id} done")
 
 

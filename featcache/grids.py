@@ -263,6 +263,14 @@ def expand(grid: dict[str, list] | Sequence[dict[str, list]]) -> list[dict]:
     return out
 
 
+def larger_max_iter(configs: Sequence[Any]) -> int:
+    """Ten times the largest ``max_iter`` the configs ran with (scikit-learn's LogisticRegression default
+    100 where unset): the value an unconverged search's note suggests. Why computed: a fixed "e.g.
+    --grid max_iter=1000" advised the value the 3-class default grid already runs with."""
+    ran = [c.get("max_iter") for c in configs if isinstance(c, dict)]
+    return 10 * max([v for v in ran if isinstance(v, int) and not isinstance(v, bool)] or [100])
+
+
 def to_jsonable(params: dict) -> dict:
     """Params with tuples as lists and dict keys as strings (for run.json and config hashes)."""
     def conv(v: Any) -> Any:

@@ -144,6 +144,8 @@ def test_a_search_with_unconverged_fits_says_so(setup, capsys) -> None:
     n = load_run(runs_dir, res.runs[0].id)["selection"]["cv_unconverged_fits"]
     # C=1000 x the default two class weights x 3 folds, every one stopped after one iteration
     assert n == 6 and any("6 of the search's 6 fits stopped before converging" in note for note in res.notes)
+    # the way out is ten times the max_iter the fits ran with (it said 1000 whatever they had)
+    assert any("(e.g. --grid max_iter=10) lets them converge" in note for note in res.notes)
     # the CLI leaves scikit-learn's raw warning out (it reached stderr with a featcache source path beside
     # the note; a researcher's audit); the library above still raised it
     import warnings

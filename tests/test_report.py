@@ -466,6 +466,7 @@ def test_runs_whose_cv_search_did_not_converge_are_named_in_the_report(tmp_path)
         assert text.count("4 of the search's 6 fits stopped before converging") == 2  # note + grid caption
         note = text.split("Unconverged fits:")[1].split("lets them converge.")[0]
         assert note.count("(logreg, binary)") == 1  # the other run's search converged: not named
+        assert "e.g. --grid max_iter=1000" in note  # ten times scikit-learn's 100, which the grid left
 
 
 def test_validation_only_statement_when_no_test_split(tmp_path):

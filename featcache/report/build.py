@@ -1198,11 +1198,14 @@ def _unconverged_note(doc: Document, rows: Sequence[dict], runs: Sequence[RunRec
     hit = [rec for rec in runs if _unconverged(rec) and rec.id in rank]
     if not hit:
         return
+    from featcache.grids import larger_max_iter
+
+    configs = [g["params"] for rec in hit for g in (_cv_grid(rec) or [{"params": rec.params}])]
     doc.add(Para(
         "; ".join(f"run {rank[rec.id]} ({rec.head}, {rec.task}): {_unconverged_text(rec)}" for rec in hit)
         + " stopped before converging (at max_iter, or rarely a failed line search). Their mean CV scores, "
         "the config chosen by them and the out-of-fold validation numbers are of unconverged models; fitting "
-        "again with a larger max_iter (e.g. --grid max_iter=1000) lets them converge.",
+        f"again with a larger max_iter (e.g. --grid max_iter={larger_max_iter(configs)}) lets them converge.",
         "note", "Unconverged fits:"))
 
 
