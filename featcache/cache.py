@@ -1498,6 +1498,7 @@ def _merge(shards: list[Path], out: Path | None, wait: float | None, progress: P
         if any(out.resolve() == s.resolve() for s in shards):
             raise ConfigError(f"the merged cache would be {out}, one of the files given to merge; pass "
                               "the shard files (.shard-I-of-N.h5), or --out a new file")
+        _check_merge_out(out, first)
         total = sum(r.n_rows for r in readers)
         added = done = 0
         n_rows = 0
@@ -1543,6 +1544,43 @@ def _merge(shards: list[Path], out: Path | None, wait: float | None, progress: P
     finally:
         for reader in readers:
             reader.close()
+
+
+def _check_merge_out(out: Path, first: CacheReader) -> None:
+    """ConfigError for an existing ``out`` that merge must not add rows to, before any row is copied.
+
+    Why: the writer's own refusal is worded for extract: a cache of other settings got "use another
+    --cache-dir or delete that file" (merge has no --cache-dir, and deleting it throws a good cache away),
+    and a file that is no cache at all (an --out typo naming a CSV) got "delete it ... and run the
+    extraction again" (a truncated cache too). Either way the file is left as it is; the way out is another
+    --out, and no lock file is left beside it.
+    """
+    import h5py
+
+    if not out.is_file() or out.stat().st_size == 0:  # a new file, or an empty one the writer builds anew
+        return
+    try:
+        hdf5 = h5py.is_hdf5(str(out))
+    except OSError:
+        return  # unreadable: the writer says why (and keeps a read-only file's reason)
+    if not hdf5:
+        raise ConfigError(f"--out {out} is a file but not a featcache cache; merge writes a new cache file "
+                          "or adds rows to a cache of the shards' settings: pass another --out (that file "
+                          "was left as it is)")
+    try:
+        with CacheReader(out) as have:
+            config, dim = have.config, have.feature_dim
+    except CacheError:  # truncated, not featcache's, edited settings: its own advice was extract's
+        quoted = shlex.quote(os.fsdecode(out))
+        raise ConfigError(f"--out {out} exists but cannot be read as a featcache cache (`featcache cache "
+                          f"verify {quoted}` says why), so merge cannot add rows to it: pass another --out "
+                          "(that file was left as it is)") from None
+    if config != first.config or dim != first.feature_dim:
+        diff = "; ".join(_config_diff(config, first.config)).replace("requested", "shards")
+        diff = diff or f"{dim}-d features, shards {first.feature_dim}-d"
+        raise ConfigError(f"--out {out} is a cache of other settings than the shards ({diff}); merge adds "
+                          "rows only to a cache of the same settings: pass another --out (that file was "
+                          "left as it is)")
 
 
 def source_sessions(reader: CacheReader) -> tuple[list[int], list[dict]]:

@@ -873,6 +873,34 @@ def test_cli_merge_and_lock_error(tmp_path: Path, capsys: pytest.CaptureFixture)
     assert sorted(p.name for p in image.parent.iterdir()) == [image.name] and not (tmp_path / "nope").exists()
 
 
+def test_merge_refuses_an_out_that_is_not_a_cache_of_its_settings(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    """An existing --out of other settings got extract's advice, "use another --cache-dir or delete that
+    file" (merge has no --cache-dir; deleting throws a good cache away), and a file that is no cache at
+    all got "delete it ... run the extraction again" and a lock file beside it."""
+    cfg = make_config(ROOT, DIM)
+    s0 = fc.cache_path(tmp_path, cfg, shard=(0, 1))
+    write_all(s0, ROOT, 5, 4, DIM)
+    other = tmp_path / "other.h5"
+    write_rows(other, make_rows(3, DIM), pooling="max")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("patient,label\n")
+    truncated = tmp_path / "cut.h5"
+    truncated.write_bytes(s0.read_bytes()[:4096])
+    for target, said in ((other, f"--out {other} is a cache of other settings than the shards (pooling: "
+                                 "file 'max', shards 'avg')"),
+                         (notes, f"--out {notes} is a file but not a featcache cache"),
+                         (truncated, f"--out {truncated} exists but cannot be read as a featcache cache")):
+        before, locked = target.read_bytes(), Path(f"{target}.lock").exists()  # other.h5's writer left one
+        assert run(["cache", "merge", str(s0), "--out", str(target)]) == 2, target
+        err = " ".join(capsys.readouterr().err.split())
+        assert said in err and "pass another --out (that file was left as it is)" in err, err
+        assert "delete" not in err and "--cache-dir" not in err and "extraction again" not in err, err
+        assert target.read_bytes() == before and Path(f"{target}.lock").exists() == locked
+    with fc.CacheReader(other) as r:
+        assert r.n_rows == 3
+
+
 def test_without_posix_fallocate_the_free_space_is_checked(tmp_path: Path, cfg: dict, monkeypatch) -> None:
     """macOS has no posix_fallocate: a growth the disk cannot hold is refused by a free-space check
     before HDF5 touches the file, instead of leaving a file that no longer opens."""
