@@ -1418,7 +1418,8 @@ def merge(shards: Sequence[Path], out: Path | None = None, *, wait: float | None
     exist yet is created as one) or a file path; None means the first shard's folder. Shard rows are
     checked against their digests while copying, so a damaged shard cannot slip into the merged file.
     Writers' lock files (``*.h5.lock``) in ``shards`` are ignored: a glob such as ``cache/*.shard-*``
-    catches them.
+    catches them. A shard not closed cleanly (its extract killed) is merged as far as its rows are finished
+    and listed in ``unfinished_shards``, so the caller can say the merged file may be incomplete.
     """
     shards = [Path(s) for s in shards if not str(s).endswith(".lock")]
     # a shard named twice (cache/*.h5 plus the same file by name) would wait on its own lock
@@ -1538,9 +1539,13 @@ def _merge(shards: list[Path], out: Path | None, wait: float | None, progress: P
         counts = sorted({n for _, n in found})
         if len(counts) == 1:
             missing = sorted(set(range(counts[0])) - {i for i, _ in found})
+        # a shard whose extract was killed (no lock holds it any more) merged "without a word": the merged
+        # file is closed cleanly and lists no missing shard, yet lacks every row that extract had not written
+        unfinished = [{"shard": str(r.path), "n_rows": r.n_rows} for r in readers if not r.clean]
         return {"out": str(out), "config_hash": first.config_hash, "n_rows": n_rows, "rows_added": added,
                 "duplicates": total - added, "shards": [str(s) for s in shards], "n_shards": len(shards),
-                "missing_shards": missing, "mixed_shard_counts": counts if len(counts) > 1 else []}
+                "missing_shards": missing, "mixed_shard_counts": counts if len(counts) > 1 else [],
+                "unfinished_shards": unfinished}
     finally:
         for reader in readers:
             reader.close()

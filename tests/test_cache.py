@@ -873,6 +873,30 @@ def test_cli_merge_and_lock_error(tmp_path: Path, capsys: pytest.CaptureFixture)
     assert sorted(p.name for p in image.parent.iterdir()) == [image.name] and not (tmp_path / "nope").exists()
 
 
+def test_merge_warns_of_a_shard_whose_extract_was_killed(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shard SIGKILLed mid-extract holds no lock, so merge took it: the merged file came out closed
+    cleanly with no shard missing and "0 duplicates", 17 of 96 images short, and only fit noticed."""
+    monkeypatch.setenv("COLUMNS", "250")
+    cfg = make_config(ROOT, DIM)
+    s0, s1 = fc.cache_path(tmp_path, cfg, shard=(0, 2)), fc.cache_path(tmp_path, cfg, shard=(1, 2))
+    write_all(s0, ROOT, 10, 4, DIM)
+    killed = run_child(s1, "--images", "10", "--start", "10", "--chunk", "4", crash="child.between_chunks:1")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    with fc.CacheReader(s1) as r:
+        assert r.n_rows == 4 and not r.clean
+    result = fc.merge([s0, s1], tmp_path / "all.h5")
+    assert result["n_rows"] == 14 and result["missing_shards"] == []
+    assert result["unfinished_shards"] == [{"shard": str(s1), "n_rows": 4}]
+    assert run(["cache", "merge", str(s0), str(s1), "--out", str(tmp_path / "cli.h5")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"warning: shard {s1} was not closed cleanly" in out and "only its 4 finished rows" in out
+    assert "--shard 1/2" in out
+    assert run_child(s1, "--images", "10", "--start", "10", "--chunk", "4").returncode == 0  # finished
+    again = fc.merge([s0, s1], tmp_path / "all.h5")
+    assert again["unfinished_shards"] == [] and again["n_rows"] == 20 and again["rows_added"] == 6
+
+
 def test_merge_refuses_an_out_that_is_not_a_cache_of_its_settings(tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture) -> None:
     """An existing --out of other settings got extract's advice, "use another --cache-dir or delete that
