@@ -86,6 +86,11 @@ def ls_cmd(
                       escape(str(e["image_size"])), str(e["feature_dim"]), rows,
                       escape(",".join(e["views"])), escape(str(e["dtype"])), _mb(e["size_bytes"]))
     print_table(console, table)
+    unreadable = [e for e in entries if "error" in e]
+    if unreadable:  # why, as --json says: "unreadable" alone did not tell a cut copy from another HDF5 file
+        console.print(f"[red]{len(unreadable)} file(s) unreadable[/]:", highlight=False)
+        for e in unreadable:
+            console.print(f"  - {escape(e['error'])}", soft_wrap=True, highlight=False)
     open_ = [e for e in entries if "error" not in e and not e["clean"]]
     if open_:  # an interrupted extract looked like a finished one of fewer images
         console.print(f"[yellow]{len(open_)} file(s) not closed cleanly[/]: an extract is writing them or "

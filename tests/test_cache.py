@@ -816,6 +816,29 @@ def test_cli_ls_info_json_and_escaping(tmp_path: Path, capsys: pytest.CaptureFix
     assert _session_lines([killed], 0) == ["no rows yet (from row 0): tensorflow backend, batch 8 (t)"]
 
 
+def test_cli_ls_table_says_why_a_file_is_unreadable(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The table said only "unreadable" (--json had the reason): a copy cut short, a file that is no HDF5
+    and another program's HDF5 file looked the same, and each needed its own `cache info` to tell."""
+    monkeypatch.setenv("COLUMNS", "250")
+    folder = tmp_path / "cache"
+    good = fc.cache_path(folder, make_config(ROOT, DIM))
+    write_all(good, ROOT, 4, 4, DIM)
+    (folder / "cut.h5").write_bytes(good.read_bytes()[:4096])
+    (folder / "notes.h5").write_text("not hdf5")
+    with h5py.File(folder / "weights.h5", "w") as f:
+        f["kernel"] = np.zeros(3)
+    assert run(["cache", "ls", "--cache-dir", str(folder), "--json"]) == 0
+    errors = {e["file"]: e["error"] for e in json.loads(capsys.readouterr().out) if "error" in e}
+    assert sorted(errors) == ["cut.h5", "notes.h5", "weights.h5"]
+    assert "but not a featcache cache" in errors["weights.h5"]
+    assert run(["cache", "ls", "--cache-dir", str(folder)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "3 file(s) unreadable" in out
+    for error in errors.values():
+        assert " ".join(error.split()) in out, error
+
+
 def test_cli_verify_exit_codes(good_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert run(["cache", "verify", str(good_file)]) == 0
     assert "OK" in capsys.readouterr().out
