@@ -242,12 +242,13 @@ def merge_cmd(
         console.print(f"[yellow]warning:[/] shards {missing} were not given; the merged cache is incomplete")
     for shard in result.get("unfinished_shards") or []:
         name = fc.parse_cache_name(Path(shard["shard"]))
-        spec = f"{name['shard'][0]}/{name['shard'][1]}" if name and name["shard"] else "I/N"
-        console.print(f"[yellow]warning:[/] shard {escape(shard['shard'])} was not closed cleanly (its "
+        # a whole cache given to merge is finished by its extract without --shard (which would make a shard)
+        what, extract = (("shard", f"`featcache extract ... --shard {name['shard'][0]}/{name['shard'][1]}`")
+                         if name and name["shard"] else ("cache file", "`featcache extract` (no --shard)"))
+        console.print(f"[yellow]warning:[/] {what} {escape(shard['shard'])} was not closed cleanly (its "
                       f"extract was interrupted): only its {shard['n_rows']} finished rows were merged, so "
-                      f"the merged cache may be incomplete; rerun that shard's `featcache extract ... "
-                      f"--shard {spec}` command to finish it, then merge again",
-                      soft_wrap=True, highlight=False)
+                      f"the merged cache may be incomplete; rerun that {what}'s {extract} command to finish "
+                      "it, then merge again", soft_wrap=True, highlight=False)
     if result.get("mixed_shard_counts"):
         counts = " and ".join(map(str, result["mixed_shard_counts"]))
         console.print(f"[yellow]warning:[/] the shards come from splits into {counts} parts, which do not "

@@ -915,6 +915,11 @@ def test_merge_warns_of_a_shard_whose_extract_was_killed(tmp_path: Path, capsys:
     out = " ".join(capsys.readouterr().out.split())
     assert f"warning: shard {s1} was not closed cleanly" in out and "only its 4 finished rows" in out
     assert "--shard 1/2" in out
+    whole = tmp_path / "whole.h5"  # a killed whole cache: its extract finishes it without --shard
+    assert run_child(whole, "--images", "10", "--chunk", "4", crash="child.between_chunks:1").returncode < 0
+    assert run(["cache", "merge", str(whole), "--out", str(tmp_path / "from_whole.h5")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"warning: cache file {whole} was not closed cleanly" in out and "(no --shard)" in out
     assert run_child(s1, "--images", "10", "--start", "10", "--chunk", "4").returncode == 0  # finished
     again = fc.merge([s0, s1], tmp_path / "all.h5")
     assert again["unfinished_shards"] == [] and again["n_rows"] == 20 and again["rows_added"] == 6
