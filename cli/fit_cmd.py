@@ -52,8 +52,9 @@ def layers_option(text: str | None) -> tuple[int, ...] | None:
 
 
 def fmt(value: object) -> str:
-    """Compact form of a metric or param value for tables (4 significant digits, "-" for none)."""
-    return format_value(value, float_format=".4g", none="-")
+    """A metric for tables: 4 decimals, "-" for none. Why fixed decimals: 4 significant digits dropped
+    trailing zeros, so a column read "0.974" beside "0.9761" and "1" beside "0.9444"."""
+    return format_value(value, float_format=".4f", none="-")
 
 
 def params_text(params: dict) -> str:

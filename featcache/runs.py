@@ -697,6 +697,10 @@ def load_run(runs_dir: str | Path, run_id: str) -> Run:
         if not runs_dir.is_dir():  # a mistyped --runs-dir: listing it would not help
             raise RunError(f"runs folder {runs_dir} does not exist; point --runs-dir at the folder "
                            "`featcache fit` wrote the run into.")
+        if run_id and "/" not in run_id and "\\" not in run_id and run_id not in {".", ".."} and d.is_dir():
+            # `runs ls` lists this folder as unfinished: "no run" contradicted it
+            raise RunError(f"run '{run_id}' is unfinished (its folder has no run.json: training now, or "
+                           "interrupted); rerun the fit command to finish it.")
         where = "" if runs_dir == Path("runs") else f" --runs-dir {shlex.quote(str(runs_dir))}"
         raise RunError(f"no run '{run_id}' in {runs_dir}; `featcache runs ls{where}` lists them.")
     try:

@@ -124,3 +124,26 @@ def test_runs_show_says_where_the_threshold_was_chosen_and_shows_0_5_once(tmp_pa
     assert run(["runs", "show", RUN_ID, "--runs-dir", str(half)]) == 0
     lines = [" ".join(line.replace("│", " ").split()) for line in capsys.readouterr().out.splitlines()]
     assert len([line for line in lines if line.startswith("test ")]) == 1
+
+
+def test_scores_have_four_decimals_and_an_unfinished_run_is_named(tmp_path, capsys):
+    """`runs ls` and `runs show` gave scores to 4 significant digits, which drop trailing zeros: a column
+    read "0.974" beside "0.9761" and "1" beside "0.9444". And `runs show ID` of a folder that `runs ls`
+    lists as unfinished (no run.json) said "no run 'ID'"."""
+    runs = tmp_path / "runs"
+    folder = _with_at_threshold(runs)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics["val"]["accuracy"], metrics["test"]["accuracy"] = 0.974, 1.0
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    assert run(["runs", "ls", "--runs-dir", str(runs)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if RUN_ID in line)
+    assert " 0.9740 " in row and " 1.0000 " in row, row
+    assert run(["runs", "show", RUN_ID, "--runs-dir", str(runs)]) == 0
+    out = capsys.readouterr().out
+    assert "0.9740" in out and "1.0000 [0.7000–0.9000]" in out
+    unfinished = "20240101-000002-logreg-bbbbbbbb"
+    (runs / unfinished).mkdir()
+    (runs / unfinished / "metrics.json").write_text("{}")
+    assert run(["runs", "show", unfinished, "--runs-dir", str(runs)]) != 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"run '{unfinished}' is unfinished (its folder has no run.json" in err, err
