@@ -163,7 +163,8 @@ def _mention_checkpoints(runs_dir: Path) -> None:
 @runs_app.command("drop-checkpoints")
 def drop_checkpoints_cmd(
     sweep_ids: list[str] | None = typer.Argument(None, metavar="SWEEP_ID",
-                                                  help="Sweep ids, as `featcache runs ls` lists them."),
+                                                  help="Sweep ids, as `featcache runs ls` lists them (or "
+                                                  "the start of one)."),
     every: bool = typer.Option(False, "--all", help="Every interrupted sweep's checkpoints (not those of a "
                                "sweep running now, nor of one started on another machine)."),
     force: bool = typer.Option(False, "--force", help="Also a named sweep that is still running here, or "

@@ -1078,6 +1078,7 @@ def drop_checkpoints(runs_dir: str | Path, sweep_ids: list[str] | None = None,
     if sweep_ids is None:
         chosen = [p for p in pending.values() if not p.may_be_running]
     else:
+        sweep_ids = [_sweep_by_part(pending, s) for s in sweep_ids]
         unknown = [s for s in dict.fromkeys(sweep_ids) if s not in pending]
         if unknown:
             raise RunError(f"no checkpoints of sweep {', '.join(unknown)} in {root}; `featcache runs ls` "
@@ -1096,6 +1097,19 @@ def drop_checkpoints(runs_dir: str | Path, sweep_ids: list[str] | None = None,
     for p in chosen:
         remove_sweep_checkpoints(runs_dir, p.sweep_id)
     return chosen
+
+
+def _sweep_by_part(pending: dict, part: str) -> str:
+    """The one pending sweep id that starts with ``part`` (``3f2a9c`` for ``3f2a9c1d0b7e``), ``part`` itself
+    when it is an id or starts none; RunError when it starts several. Why: `runs show` takes part of a run
+    id, and drop-checkpoints refused the first characters of a sweep id that `runs ls` had printed."""
+    if part in pending or not part:
+        return part
+    found = sorted(s for s in pending if s.startswith(part))
+    if len(found) > 1:
+        raise RunError(f"'{part}' starts {len(found)} sweep ids ({', '.join(found[:3])}"
+                       f"{' and more' if len(found) > 3 else ''}); give more of the id")
+    return found[0] if found else part
 
 
 LOCKS_DIR = ".locks"

@@ -64,6 +64,17 @@ def test_drop_named_sweeps_deletes_only_them(runs_dir: Path) -> None:
     assert [p.name for p in (runs_dir / CHECKPOINTS_DIR).iterdir()] == ["bbbbbbbbbbbb"]
 
 
+def test_a_sweep_is_named_by_the_start_of_its_id(runs_dir: Path) -> None:
+    """`runs show` takes part of a run id; drop-checkpoints refused the first characters of a sweep id."""
+    _sweep(runs_dir, "aaaaaa000000", _dead_pid())
+    before = sorted((runs_dir / CHECKPOINTS_DIR).iterdir())
+    with pytest.raises(RunError, match="'aaaaaa' starts 2 sweep ids .*give more of the id"):
+        drop_checkpoints(runs_dir, ["aaaaaa"])
+    assert sorted((runs_dir / CHECKPOINTS_DIR).iterdir()) == before
+    assert [p.sweep_id for p in drop_checkpoints(runs_dir, ["aaaaaaa"])] == ["aaaaaaaaaaaa"]
+    assert [p.sweep_id for p in drop_checkpoints(runs_dir, ["aaaaaa000000"])] == ["aaaaaa000000"]
+
+
 def test_a_refused_drop_deletes_nothing(runs_dir: Path) -> None:
     before = sorted((runs_dir / CHECKPOINTS_DIR).iterdir())
     with pytest.raises(RunError, match="no checkpoints of sweep nope"):
