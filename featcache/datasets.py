@@ -36,7 +36,10 @@ SUBTYPES = ("normal", "bacteria", "virus")
 """The Kermany subtypes (3class task classes, in this order), from the file names."""
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 SPLIT_NAMES = {"train", "val", "test"}
-SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "valid": "val", "test": "test"}
+# Training/ and Testing/ too (Kaggle's brain-tumour MRI set, among others): unknown to discovery, they were
+# read as two classes, and a fit then learned train-versus-test without a word.
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "validation": "val", "valid": "val",
+                 "test": "test", "testing": "test"}
 _KERMANY_LABELS = {"NORMAL", "PNEUMONIA"}
 _NO_CLASS_FOLDER = "not inside a class folder"  # a skip reason; the no-images message looks for it
 TASKS = ("binary", "3class", "folders")
@@ -145,7 +148,7 @@ def _normalise_split(name: str) -> str:
 def split_folder(name: str) -> str | None:
     """The split a folder name stands for (train, val or test), or None when it is not a split folder."""
     low = name.lower()
-    return SPLIT_ALIASES.get(low)  # valid/ too: a common download layout (train/valid/test)
+    return SPLIT_ALIASES.get(low)  # valid/, training/, testing/ too: common download layouts
 
 
 def parse_kermany_name(filename: str) -> tuple[str | None, str | None]:

@@ -526,6 +526,24 @@ def test_a_valid_folder_is_the_validation_split(tmp_path):
                                                        "valid/PNEUMONIA/person1_virus_1.jpeg"]
 
 
+def test_training_and_testing_folders_are_splits_not_classes(tmp_path):
+    """Training/ and Testing/ (Kaggle's brain-tumour MRI layout) were read as two classes, 'Training' and
+    'Testing', so `--task folders` fitted train against test; they are the train and test splits."""
+    root = tmp_path / "mri"
+    for i, (split, label) in enumerate([("Training", "glioma"), ("Training", "notumor"),
+                                        ("Testing", "glioma"), ("Testing", "notumor")]):
+        write_xray(root / split / label / f"img{i}.jpg", seed=i)
+    ds = discover(root)
+    assert ds.skipped == []
+    assert Counter((r.split, r.label) for r in ds.records) == {
+        ("train", "glioma"): 1, ("train", "notumor"): 1, ("test", "glioma"): 1, ("test", "notumor"): 1}
+    assert task_labels(ds.records, "folders")[1] == ["glioma", "notumor"]
+    # the folder above such a dataset is refused as the one above train/test is
+    shutil.copytree(root, tmp_path / "up" / "mri")
+    with pytest.raises(DataError, match=r"its class folder 'mri' holds Testing/, Training/"):
+        discover(tmp_path / "up")
+
+
 def test_a_label_that_is_a_subtype_wins_over_the_file_name(tmp_path):
     """A manifest labelling person1_bacteria_1 as virus got subtype bacteria from the name, so --task
     3class and --task folders labelled the same image differently."""
