@@ -313,6 +313,8 @@ def _discover_folders(root: Path) -> Dataset:
             continue
         subtype, group = _subtype_and_group(label, parts[-1])
         records.append(ImageRecord(path, _rel(parts), split, label, subtype, group))
+    if len({r.label for r in records}) < 2:
+        _refuse_manifest_beside(root, {r.label for r in records}, skipped)
     if not records:
         raise DataError(_no_images_message(root, skipped))
     labels = {r.label.upper() for r in records}
@@ -354,6 +356,44 @@ def _refuse_nested_root(
             f"'{os.fsdecode(root)}' looks like the folder above a dataset: its class folder '{label}' holds "
             f"{subs}; pass the dataset folder itself: '{os.fsdecode(root / label)}'."
         )
+
+
+def _manifests_beside(root: Path, skipped: Sequence[tuple[str, str]]) -> list[str]:
+    """The CSV files directly in ``root`` whose header has path and label columns (sorted names): manifests
+    that a folder reading lists as skipped files, since only ``--data FILE.csv`` reads one."""
+    names = []
+    for rel, why in skipped:  # regular files only (that reason): opening a named pipe would block
+        if "/" in rel or not rel.lower().endswith(".csv") or not why.startswith("not an image file ext"):
+            continue
+        try:
+            with open(root / rel, newline="", encoding="utf-8-sig") as fh:
+                header = next(csv.reader(fh), [])
+        except (OSError, UnicodeDecodeError, csv.Error):
+            continue
+        if {"path", "label"} <= {h.strip().lower() for h in header}:
+            names.append(rel)
+    return sorted(names)
+
+
+def _refuse_manifest_beside(root: Path, labels: set[str], skipped: Sequence[tuple[str, str]]) -> None:
+    """Refuse a folder read as class folders that gives no class or one, when a manifest lies in it.
+
+    Why: the usual manifest layout is a CSV beside its images (``labels.csv`` + ``images/`` or loose
+    files). Passing the folder instead of the CSV read ``images/`` as the only class, which extract took
+    without a word and fit refused only after the extraction (one class), or, for loose images, advised
+    passing the folder above, which makes the folder itself the one class. The manifest is what was meant.
+    """
+    manifests = _manifests_beside(root, skipped)
+    if not manifests:
+        return
+    where = os.fsdecode(root)
+    found = (f"the manifest '{manifests[0]}'" if len(manifests) == 1 else
+             "the manifests " + ", ".join(f"'{m}'" for m in manifests))
+    read = (f"read as class folders it has one class, '{next(iter(labels))}'" if labels else
+            "no image in it lies in a class folder")
+    raise DataError(f"'{where}' holds {found} (a CSV with path and label columns), but {read}; to use the "
+                    f"manifest's labels pass the CSV in place of the folder: "
+                    f"'{os.fsdecode(root / manifests[0])}'.")
 
 
 def _no_images_message(root: Path, skipped: list[tuple[str, str]]) -> str:

@@ -254,6 +254,34 @@ def test_missing_empty_and_useless_folders(tmp_path):
         discover(tmp_path / "file.png")
 
 
+def test_a_folder_holding_a_manifest_beside_its_images_names_the_manifest(tmp_path):
+    """A manifest beside its images, with the folder passed instead of the CSV: images/ was read as the one
+    class 'images' without a word (fit refused it only after the extraction), and loose images got the
+    advice to pass the folder above, which makes the folder itself the one class."""
+    sub = tmp_path / "xrays"
+    for i in range(4):
+        write_xray(sub / "images" / f"x{i}.png", seed=i)
+    rows = "".join(f"images/x{i}.png,{'sick' if i % 2 else 'well'}\n" for i in range(4))
+    csv_path = _write_manifest(sub / "labels.csv", "\ufeffPath,Label\r\n" + rows.replace("\n", "\r\n"))
+    with pytest.raises(DataError, match=r"holds the manifest 'labels.csv' .* one class, 'images'; .* pass "
+                       r"the CSV in place of the folder: '.*xrays/labels.csv'"):
+        discover(sub)
+    assert sorted(r.label for r in discover(csv_path).records) == ["sick", "sick", "well", "well"]
+    loose = tmp_path / "loose"
+    for i in range(2):
+        write_xray(loose / f"x{i}.png", seed=i)
+    _write_manifest(loose / "meta.csv", "patient,age\np1,3\n")  # not a manifest: the usual advice stays
+    with pytest.raises(DataError, match="pass the folder above it"):
+        discover(loose)
+    _write_manifest(loose / "labels.csv", "path,label\nx0.png,a\nx1.png,b\n")
+    with pytest.raises(DataError, match=r"holds the manifest 'labels.csv' .* no image in it lies in a class "
+                       r"folder; .*'.*loose/labels.csv'"):
+        discover(loose)
+    # two classes by folder: a CSV beside them changes nothing
+    write_xray(sub / "more" / "y.png", seed=9)
+    assert {r.label for r in discover(sub).records} == {"images", "more"}
+
+
 def test_symlinked_file_outside_root_and_hidden_folder(tmp_path):
     outside = write_xray(tmp_path / "elsewhere" / "real.jpeg", 3)
     root = tmp_path / "d"
