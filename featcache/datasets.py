@@ -52,9 +52,11 @@ _IM_RE = re.compile(r"^((?:NORMAL\d*-)?IM-\d+)(?:-\d+)+$", re.IGNORECASE)
 # VIRUS-1047596-0001 -> (subtype, patient number). The patient is the number alone, so one number seen
 # under two subtypes stays one patient (grouping more never leaks a patient across folds).
 _V3_RE = re.compile(r"^(normal|bacteria|virus)-(\d+)(?:-\d+)+$", re.IGNORECASE)
-# what a file manager appends to a copy: "name (1)", "name copy", "name copy 2", "name - Copy (2)". Left on,
-# a copy of a patient's image would be a patient of its own, and could land on the other side of a split.
-_COPY_SUFFIX_RE = re.compile(r"(?: \(\d+\)| copy(?: \d+)?| - copy(?: \(\d+\))?)+$", re.IGNORECASE)
+# what a file manager or browser appends to a copy: "name (1)", "name copy", "name copy 2", "name - Copy (2)",
+# Firefox's "name(1)", macOS Finder's "keep both" "name 2". Left on, a copy of a patient's image would be a
+# patient of its own (and, with no subtype, refused by --task 3class), and could land on the other side of
+# a split.
+_COPY_SUFFIX_RE = re.compile(r"(?: ?\(\d+\)| \d+| copy(?: \d+)?| - copy(?: \(\d+\))?)+$", re.IGNORECASE)
 
 
 

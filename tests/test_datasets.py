@@ -46,6 +46,12 @@ DISCOVERY_KEYWORDS = ("hidden", "extension", "symlink loop", "broken symlink", "
     ("IM-0115-0001 copy 2.jpeg", ("normal", "IM-0115")),
     ("NORMAL2-IM-1427-0001 - Copy (2).jpeg", ("normal", "NORMAL2-IM-1427")),
     ("person1_virus_1 (1) (1).jpeg", ("virus", "person1")),
+    # Firefox's second download of a file, and macOS Finder's "keep both" copy: no subtype and a patient of
+    # their own before (3class refused them, and a split could put them apart from their patient)
+    ("person1_virus_1(1).jpeg", ("virus", "person1")),
+    ("NORMAL2-IM-1427-0001(2).jpeg", ("normal", "NORMAL2-IM-1427")),
+    ("person1_bacteria_3 2.jpeg", ("bacteria", "person1")),
+    ("IM-0115-0001 3.jpeg", ("normal", "IM-0115")),
     ("person1_virus_1copy.jpeg", (None, None)),
 ])
 def test_parse_kermany_name(name, expected):
