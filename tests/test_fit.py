@@ -1902,6 +1902,38 @@ def test_test_fraction_holds_out_a_patient_grouped_test_split(tmp_path: Path, ca
     assert "--test-fraction must be between 0 and 1" in " ".join(capsys.readouterr().err.split())
 
 
+def test_a_held_out_and_a_validation_only_run_of_one_folder_each_get_their_counts_in_the_report(
+        tmp_path: Path) -> None:
+    """Both runs share the folder's dataset digest, which leaves the --test-fraction split out: the report's
+    Dataset section showed the held-out run's test counts for the validation-only run too."""
+    from featcache.report import ReportOptions, build_report
+
+    root = make_tree(tmp_path / "data", n_patients=24)
+    shutil.rmtree(root / "test")
+    cache_dir, runs_dir = tmp_path / "cache", tmp_path / "runs"
+    write_cache(root, cache_dir)
+    labels = np.array([r.label for r in discover(root).records])
+    held = fit(root, "fakenet", "knn", opts(cache_dir, runs_dir, grid_args=["n_neighbors=3"],
+                                            test_fraction=0.25))
+    fit(root, "fakenet", "knn", opts(cache_dir, runs_dir, grid_args=["n_neighbors=5"]))
+    test_idx = load_run(runs_dir, held.runs[0].id).indices()["test"]
+    text = " ".join(build_report(runs_dir, tmp_path / "rep", ReportOptions(inspect_data=False))
+                    .markdown.read_text().split())
+    section = text[text.index("## Dataset"):text.index("## Methods")]
+    assert len(re.findall(r"### .*data @", section)) == 1  # still one dataset
+    assert section.count("| total |") == 2  # but a counts table for each split layout
+    at_held = section.index("25% held out as the test split (--test-fraction 0.25, seed 0)")
+    at_own = section.index("no test split (validation only)")
+    held_table = section[at_held:at_own] if at_held < at_own else section[at_held:]
+    own_table = section[at_own:at_held] if at_own < at_held else section[at_own:]
+    for label in ("NORMAL", "PNEUMONIA"):
+        in_test = int((labels[test_idx] == label).sum())
+        assert f"| test | {label} | {in_test} |" in held_table
+        assert f"| train | {label} | {int((labels == label).sum()) - in_test} |" in held_table
+        assert f"| train | {label} | {int((labels == label).sum())} |" in own_table
+    assert "| test |" not in own_table
+
+
 def test_a_test_split_without_a_class_is_noted(tmp_path: Path) -> None:
     """A test split of NORMAL images only gave test AUC blank and accuracy 1 with an interval, without a
     word (a validation hold-out lacking a class is named); the note says which class and why."""

@@ -2181,3 +2181,27 @@ def test_report_json_prints_the_files_best_run_and_leaders_alone_on_stdout(sweep
     assert (first["rank"], first["run_id"], first["val"]) == (1, board[0]["run_id"], board[0]["val_accuracy"])
     assert first["test_ci"] == [board[0]["test_accuracy_lo"], board[0]["test_accuracy_hi"]]
     assert [r["rank"] for r in out["leaders"]] == list(range(1, len(out["leaders"]) + 1))
+
+
+def test_a_held_out_test_split_and_a_validation_only_run_of_one_folder_get_their_own_counts(tmp_path):
+    """A --test-fraction run and a validation-only run of one folder share the dataset digest, which leaves
+    the held-out split out: the Dataset section showed the first run's "test 270/776" for both."""
+    runs = tmp_path / "runs"
+    held_out = {"train": {"NORMAL": 6, "PNEUMONIA": 18}, "test": {"NORMAL": 2, "PNEUMONIA": 6}}
+    for i, (extra, counts) in enumerate((({"test_fraction": 0.25, "test_split_seed": 0}, held_out),
+                                         ({}, {"train": {"NORMAL": 8, "PNEUMONIA": 24}}))):
+        folder = write_fake_run(runs, f"2024010{i}-000000-logreg-0000000{i}", seed=i, test=bool(extra))
+        run = json.loads((folder / "run.json").read_text())
+        run["dataset"] = {"root": "/nonexistent/featcache-data", "layout": "kermany", "counts": counts,
+                          "images_digest": "ab" * 8, **extra}
+        (folder / "run.json").write_text(json.dumps(run))
+    md_text = " ".join(build_report(runs, tmp_path / "out").markdown.read_text(encoding="utf-8").split())
+    section = md_text[md_text.index("## Dataset"):md_text.index("## Methods")]
+    assert "| train | PNEUMONIA | 24 |" in section  # the validation-only run's counts, not the first run's
+    held = section.index("25% held out as the test split (--test-fraction 0.25, seed 0)")
+    own = section.index("no test split (validation only)")
+    held_table, own_table = (section[held:own], section[own:]) if held < own else (section[held:],
+                                                                                  section[own:held])
+    assert "| test | PNEUMONIA | 6 |" in held_table and "| train | PNEUMONIA | 18 |" in held_table
+    assert "| train | PNEUMONIA | 24 |" in own_table and "| test |" not in own_table
+    assert "not a --test-fraction hold-out" in md_text  # the '@' digest does not claim to cover it

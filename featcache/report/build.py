@@ -707,7 +707,8 @@ def _leaderboard_section(
             + ("AUC of a task with more than two classes is one-vs-rest, macro-averaged over the classes; "
                if not all(_binary(r) for r in rows) else "")
             + _positive_text(rows, runs)
-            + ("a dataset's '@' suffix is its content digest (images, paths, labels, splits, patients): one "
+            + ("a dataset's '@' suffix is its content digest (images, paths, labels, the data's own splits, "
+               "patients; not a --test-fraction hold-out, whose counts the Dataset section gives apart): one "
                "folder under two digests changed between fits; " if any("@" in str(r.get("dataset"))
                                                                         for r in rows) else "")
             + f"CIs are 95% bootstrap intervals resampling {_resample_unit(runs)}"
@@ -1340,11 +1341,14 @@ def _dataset_section(
     doc: Document, runs: Sequence[RunRecord], options: ReportOptions, progress: ProgressFn | None
 ) -> None:
     datasets: dict[str, dict] = {}
-    by_task: dict[str, dict[str, dict]] = {}  # fit records counts per task class: binary and 3-class differ
+    # fit records counts per task class (binary and 3-class differ) and per split layout: the dataset's
+    # digest is of the images as the folder splits them, so a --test-fraction run and a validation-only run
+    # of one folder are one dataset whose runs split it differently (one table showed the first's test split)
+    layouts: dict[str, dict[tuple[str, tuple], dict]] = {}
     for r in runs:  # one entry per dataset version (folder + content digest) the runs used
         ds = r.run.get("dataset") if isinstance(r.run.get("dataset"), dict) else {}
         datasets.setdefault(r.dataset, ds)
-        by_task.setdefault(r.dataset, {}).setdefault(r.task, ds)
+        layouts.setdefault(r.dataset, {}).setdefault((r.task, _split_layout(ds)), ds)
     doc.section("Dataset", "dataset")
     for name, ds in datasets.items():
         root = str(ds.get("root", "?"))
@@ -1364,18 +1368,24 @@ def _dataset_section(
                          f"({info.get('n_images', '?')} images now, {ds.get('n_images', '?')} then). The "
                          "counts below are what the runs used; the audit after them is of the folder now.",
                          "warn", "Changed since the fit:"))
-        tasks = by_task.get(name, {})
-        # one table per task when runs of several used the folder (the first run's counts were shown alone)
-        for task, tds in (tasks.items() if len(tasks) > 1 else [(None, ds)]):
-            counts = (tds.get("counts") or {}) if task else recorded
+        tables = layouts.get(name, {})
+        several_tasks = len({task for task, _ in tables}) > 1
+        several_layouts = len({layout for _, layout in tables}) > 1
+        # one table per task and split layout the runs used (the first run's counts were shown alone)
+        for (task, layout), tds in tables.items():
+            counts = tds.get("counts") or {}
             flat = _flatten_counts(counts or (info or {}).get("counts") or {})
             if flat:
                 depth = max(len(p) for p, _ in flat)
                 names = ["split", "class", "subtype", "level 4", "level 5"][:depth]
                 body = [[*p, *([""] * (depth - len(p))), str(n)] for p, n in flat]
                 body.append(["total", *([""] * (depth - 1)), str(sum(n for _, n in flat))])
-                if task:
-                    doc.add(Para(f"task {task}: images per split and class, as its runs used them", "muted"))
+                said = [f"task {task}"] if several_tasks else []
+                if several_layouts or layout:  # a held-out test split is not the folder's: always say so
+                    said.append(_split_layout_text(tds, bool(counts.get("test"))))
+                if said:
+                    doc.add(Para(f"{', '.join(said)}: images per split and class, as its runs used them",
+                                 "muted"))
                 doc.add(Table([*names, "images"], body, {depth}))
         left_out = ds.get("left_out") or []
         if left_out:  # undecodable images: no features, so no run saw them
@@ -1385,6 +1395,26 @@ def _dataset_section(
                          f"testing: {shown}{more}.", "warn", "Left out:"))
         if info:
             _audit(doc, info)
+
+
+def _split_layout(ds: dict) -> tuple:
+    """What, beyond the images, decided a run's splits: the ``--test-fraction`` hold-out and its seed, which
+    run.json's ``dataset`` records and the dataset's digest leaves out (empty: the data's own splits)."""
+    fraction = ds.get("test_fraction")
+    if not isinstance(fraction, int | float) or isinstance(fraction, bool):
+        return ()
+    return (float(fraction), ds.get("test_split_seed"))
+
+
+def _split_layout_text(ds: dict, has_test: bool) -> str:
+    """The split layout of a Dataset counts table in words (``has_test``: its counts have a test split)."""
+    layout = _split_layout(ds)
+    if layout:
+        fraction, seed = layout
+        drawn = f", seed {seed}" if seed is not None else ""
+        # not "of patients": data without patient ids holds out file-name groups
+        return f"{100 * fraction:g}% held out as the test split (--test-fraction {fraction:g}{drawn})"
+    return "the data's own splits" if has_test else "no test split (validation only)"
 
 
 def _changed_since_fit(now: dict, ds: dict) -> bool:
