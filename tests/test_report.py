@@ -2205,3 +2205,15 @@ def test_a_held_out_test_split_and_a_validation_only_run_of_one_folder_get_their
     assert "| test | PNEUMONIA | 6 |" in held_table and "| train | PNEUMONIA | 18 |" in held_table
     assert "| train | PNEUMONIA | 24 |" in own_table and "| test |" not in own_table
     assert "not a --test-fraction hold-out" in md_text  # the '@' digest does not claim to cover it
+
+
+def test_a_run_without_a_test_split_is_headed_no_test_split(tmp_path):
+    """The per-run header read "test n=none" for a validation-only run."""
+    runs = tmp_path / "runs"
+    write_fake_run(runs, "20240101-000001-logreg-aaaaaaaa", test=False, n_val=40)
+    write_fake_run(runs, "20240101-000002-logreg-bbbbbbbb", seed=2, n_val=40, n_test=60)
+    res = build_report(runs, tmp_path / "out")
+    for text in (res.html.read_text(encoding="utf-8"), res.markdown.read_text(encoding="utf-8")):
+        assert "run 20240101-000001-logreg-aaaaaaaa — val n=40, no test split" in text
+        assert "run 20240101-000002-logreg-bbbbbbbb — val n=40, test n=60" in text
+        assert "test n=none" not in text

@@ -842,7 +842,8 @@ def _top_runs_section(
         doc.add(
             Para(
                 f"config: {row['config'] or '(defaults)'} — run {row['run_id']}"
-                f" — val n={row.get('n_val') or '?'}, test n={row.get('n_test') or 'none'}",
+                f" — val n={row.get('n_val') or '?'}, "
+                + (f"test n={row['n_test']}" if row.get("n_test") else "no test split"),  # not "test n=none"
                 "muted",
             )
         )
