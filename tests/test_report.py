@@ -2217,3 +2217,25 @@ def test_a_run_without_a_test_split_is_headed_no_test_split(tmp_path):
         assert "run 20240101-000001-logreg-aaaaaaaa — val n=40, no test split" in text
         assert "run 20240101-000002-logreg-bbbbbbbb — val n=40, test n=60" in text
         assert "test n=none" not in text
+
+
+def _leaderboard_md(res) -> str:
+    text = " ".join(res.markdown.read_text(encoding="utf-8").split())
+    start = text.index("## Leaderboard")
+    return text[start:text.index("## ", start + 3)]
+
+
+def test_the_leaderboard_caption_describes_intervals_only_when_it_shows_test_columns(tmp_path):
+    """A report with no test split said "CIs are 95% bootstrap intervals resampling test patients" above a
+    leaderboard without a single interval."""
+    runs = tmp_path / "runs"
+    write_fake_run(runs, "20240101-000001-logreg-aaaaaaaa", test=False)
+    write_fake_run(runs, "20240101-000002-logreg-bbbbbbbb", test=False, seed=2)
+    caption = _leaderboard_md(build_report(runs, tmp_path / "out"))
+    assert "| test acc" not in caption  # no test column, so no interval in the table
+    assert "CIs are" not in caption
+    assert "no run shown has a test split, so no confidence interval is given." in caption
+    write_fake_run(runs, "20240101-000003-logreg-cccccccc", seed=3)  # one run with a test split: CIs shown
+    caption = _leaderboard_md(build_report(runs, tmp_path / "out2"))
+    assert "| test acc" in caption and "CIs are 95% bootstrap intervals resampling" in caption
+    assert "no confidence interval is given" not in caption

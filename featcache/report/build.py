@@ -695,6 +695,16 @@ def _leaderboard_section(
         if options.top and options.group_by
         else (f"top {options.top}" if options.top else "all")
     )
+    # the intervals are of test scores only: without test columns the table has none to describe (it said
+    # "CIs are 95% bootstrap intervals resampling test patients" above a table without one)
+    if has_test:
+        ci_text = f"CIs are 95% bootstrap intervals resampling {_resample_unit(runs)}" + (
+            "; a proportion or AUC observed at 0 or 1 has an exact or score-type interval instead (see "
+            "Methods)."
+            if any(ci.get("exact_at_bound") or ci.get("auc_score_bound") for r in runs
+                   for ci in _recorded_cis(r)) else ".")
+    else:
+        ci_text = "no run shown has a test split, so no confidence interval is given."
     doc.add(
         Para(
             f"{n_total} run(s), {shown} shown, sorted by validation {options.metric}"
@@ -711,10 +721,7 @@ def _leaderboard_section(
                "patients; not a --test-fraction hold-out, whose counts the Dataset section gives apart): one "
                "folder under two digests changed between fits; " if any("@" in str(r.get("dataset"))
                                                                         for r in rows) else "")
-            + f"CIs are 95% bootstrap intervals resampling {_resample_unit(runs)}"
-            + ("; a proportion or AUC observed at 0 or 1 has an exact or score-type interval instead (see "
-               "Methods)." if any(ci.get("exact_at_bound") or ci.get("auc_score_bound")
-                                 for r in runs for ci in _recorded_cis(r)) else "."),
+            + ci_text,
             "muted",
         )
     )
