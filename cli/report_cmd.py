@@ -115,7 +115,8 @@ def print_outputs(result, console: Console) -> None:
         best = "best per task " + ", ".join(f"{escape(t)} [bold]{escape(i)}[/]" for t, i in by_task.items())
     else:
         best = f"best [bold]{escape(str(result.best_run_id))}[/]"
-    console.print(f"[green]Report written[/] ({result.n_runs} runs; {best}):", soft_wrap=True)
+    runs = f"{result.n_runs} run{'' if result.n_runs == 1 else 's'}"  # "1 runs" read as a slip
+    console.print(f"[green]Report written[/] ({runs}; {best}):", soft_wrap=True)
     console.print(f"  HTML      {escape(str(result.html.resolve()))}", soft_wrap=True, highlight=False)
     console.print(f"  Markdown  {escape(str(result.markdown.resolve()))}", soft_wrap=True, highlight=False)
     console.print(

@@ -2239,3 +2239,15 @@ def test_the_leaderboard_caption_describes_intervals_only_when_it_shows_test_col
     caption = _leaderboard_md(build_report(runs, tmp_path / "out2"))
     assert "| test acc" in caption and "CIs are 95% bootstrap intervals resampling" in caption
     assert "no confidence interval is given" not in caption
+
+
+def test_the_terminal_says_1_run_not_1_runs(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")
+    runs = tmp_path / "runs"
+    write_fake_run(runs, "20240101-000001-logreg-aaaaaaaa")
+    assert run(["report", "--runs-dir", str(runs), "--out", str(tmp_path / "one")]) == 0
+    out = capsys.readouterr().out
+    assert "Report written (1 run; best 20240101-000001-logreg-aaaaaaaa)" in out
+    write_fake_run(runs, "20240101-000002-logreg-bbbbbbbb", seed=2)
+    assert run(["report", "--runs-dir", str(runs), "--out", str(tmp_path / "two")]) == 0
+    assert "Report written (2 runs; best " in capsys.readouterr().out
