@@ -556,7 +556,9 @@ def test_a_writer_lock_taken_before_the_file_is_shared_by_its_threads_writers_on
 
 def test_two_writer_processes(tmp_path: Path) -> None:
     path = fc.cache_path(tmp_path, make_config(ROOT, DIM))
-    args = ("--images", "30", "--chunk", "2", "--sleep", "0.04")
+    # the first writer holds the lock for 15 chunks x the sleep: at 0.04 s (0.6 s) it had finished before
+    # the second child process was up once, with three other jobs on the 2 cores ("done 0", exit 0)
+    args = ("--images", "30", "--chunk", "2", "--sleep", "0.2")
     first = child(path, *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert first.stdout.readline().strip() == "ready"   # holds the lock now
