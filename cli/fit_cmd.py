@@ -92,6 +92,7 @@ def summary(run) -> dict:  # noqa: ANN001 - featcache.runs.Run
     metric = run.info.get("metric", "accuracy")
     backbones = run.info.get("backbones", [])
     caches = run.info.get("caches") if isinstance(run.info.get("caches"), list) else []
+    ds = run.info.get("dataset") if isinstance(run.info.get("dataset"), dict) else {}
     return {
         "id": run.id,
         "head": run.info.get("head"),
@@ -99,7 +100,8 @@ def summary(run) -> dict:  # noqa: ANN001 - featcache.runs.Run
         "backbone": "+".join(b.get("name", "?") for b in backbones),
         # what tells apart runs whose backbone and params read the same (as the report's columns)
         "random_weights": any(b.get("weights") == "none" for b in backbones),
-        "dataset": (run.info.get("dataset") or {}).get("root"),
+        # a manifest by its file, as the report names it: two manifests of one folder are two datasets
+        "dataset": ds.get("manifest") or ds.get("root"),
         "features": "+".join(str(c.get("features_digest") or "?")[:12]
                              for c in caches if isinstance(c, dict)),
         "params": run.info.get("params", {}),

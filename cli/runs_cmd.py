@@ -248,8 +248,8 @@ def show_cmd(
                              "minibatches and dropout come from its place)")]
           if isinstance(info.get("grid"), dict) and isinstance(info["grid"].get("index"), int) else []),
         ("seed", str(info.get("seed"))),
-        ("dataset", f"{ds.get('root', '-')} ({ds.get('n_images', '?')} images, {ds.get('n_patients', '?')} "
-                    "patients)"),
+        ("dataset", f"{ds.get('manifest') or ds.get('root', '-')} ({ds.get('n_images', '?')} images, "
+                    f"{ds.get('n_patients', '?')} patients)"),
         ("selection", f"{sel.get('method', '-')} by {sel.get('group_by', '-')} on {info.get('metric')}; "
                       f"train {sel.get('n_train_images', '?')}, validation {sel.get('n_val_images', '?')}, "
                       f"test {sel.get('n_test_images', '?')} images"),

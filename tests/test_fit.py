@@ -1441,6 +1441,8 @@ def test_a_manifest_leak_is_noted_by_fit_and_audited_by_the_report_from_the_mani
     assert load_run(runs_dir, res.runs[0].id)["dataset"]["manifest"] == str(manifest)
     text = (build_report(runs_dir, tmp_path / "rep", ReportOptions()).markdown).read_text()
     assert "| patients in more than one split | 1 |" in text and "kid0 (test/train)" in text
+    # named by the manifest, not its folder (two manifests of one folder read as one name)
+    assert re.search(r"^### .*list\.csv @[0-9a-f]{8}", text, re.M), text
     manifest.unlink()  # gone: not audited (the folder is not the dataset the runs used)
     text = (build_report(runs_dir, tmp_path / "rep2", ReportOptions()).markdown).read_text()
     assert "patients in more than one split" not in text

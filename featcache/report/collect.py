@@ -72,15 +72,17 @@ class RunRecord:
 
     @property
     def dataset(self) -> str:
-        """The dataset folder the run used, with its content digest's first 8 hex digits when recorded:
-        a folder whose images changed between two fits is two datasets.
+        """The dataset folder (or manifest file) the run used, with its content digest's first 8 hex digits
+        when recorded: a folder whose images changed between two fits is two datasets.
 
         The digest is of the images as the folder labels them (``images_digest``), so binary and 3-class
         runs of one folder are one dataset; runs fit before it was recorded fall back to the data digest,
         which includes the task's labels.
         """
         ds = self.run.get("dataset") if isinstance(self.run.get("dataset"), dict) else {}
-        root = str(ds.get("root") or "?")
+        # a manifest is named by its file: two manifests of one folder (a subset, a relabelling) were both
+        # named by the folder, told apart only by their digests
+        root = str(ds.get("manifest") or ds.get("root") or "?")
         digest = ds.get("images_digest") or ds.get("digest")
         return f"{root} @{digest[:8]}" if isinstance(digest, str) and digest else root
 
