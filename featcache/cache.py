@@ -972,6 +972,18 @@ class CacheReader:
         """(key, view) -> row, for every complete row."""
         return dict(self._index)
 
+    def key_paths(self) -> dict[str, str]:
+        """{key: the relative path its first complete row was extracted from}.
+
+        Why: predict names the run's images a new image shares a file name with (a full-size or re-saved
+        copy of a training image has other bytes, so another key)."""
+        keys = _decode(self._f["keys"][: self.n_rows])
+        paths = _decode(self._f["paths"][: self.n_rows])
+        out: dict[str, str] = {}
+        for key, path in zip(keys, paths, strict=True):
+            out.setdefault(key, path)
+        return out
+
     def has(self, keys: Sequence[str], view: str = "orig") -> np.ndarray:
         """Boolean mask: which keys have a complete row for ``view``."""
         return np.array([(k, view) in self._index for k in keys], dtype=bool)

@@ -476,6 +476,9 @@ def predict(
                 for r, i in enumerate(good)
             ]
         emit(progress, "predict", len(paths), len(paths))
+        # read while the caches are open, and only when some image is "new" (a cache's paths are megabytes)
+        any_new = seen is not None and any(p["seen"] == "new" for p in preds)
+        own_names = _own_names(extractors, seen) if any_new and seen is not None else {}
     finally:
         for ex in extractors:
             ex.close()
@@ -494,6 +497,15 @@ def predict(
                      f"than {UPSCALE_LIMIT} times to the backbone's input (e.g. {small[0]}, {w}x{h}): their "
                      "labels carry little information.")
     notes += _seen_notes(run, preds, seen)
+    namesakes = [(p["image"], own_names[_name_stem(p["image"])]) for p in preds
+                 if p["seen"] == "new" and _name_stem(p["image"]) in own_names]
+    if namesakes:  # the 42 full-size Kermany originals of its training images: all "new"
+        img, own = namesakes[0]
+        notes.append(
+            f"{len(namesakes)} image(s) marked seen=new have the file name of one of the run's own training "
+            f"or test images (e.g. {img} and {own} in its cache): a full-size, resized or re-saved copy "
+            "of an X-ray has other bytes, so predict cannot tell it is the same image; if these are such "
+            "copies, their labels are no estimate of accuracy on new images.")
     unusual = [p for p in preds if p["unusual"]]
     if unusual:
         worst = max(unusual, key=lambda p: p["unusual_score"])
@@ -518,6 +530,29 @@ def predict(
         "skipped": skipped_list,
         "notes": notes,
     }
+
+
+def _name_stem(path: str) -> str:
+    """A file's name without folder, extension or case: how a copy exported elsewhere keeps its name
+    (IM-0115-0001.jpeg full-size beside IM-0115-0001.jpeg at 224 px, or saved as .PNG)."""
+    return Path(path).stem.casefold()
+
+
+def _own_names(extractors: Sequence[_Extractor], seen: dict[str, set[str]]) -> dict[str, str]:
+    """{name stem: cache path} of the run's training and test images, from the caches that can be read
+    (none when they are gone).
+
+    Why: ``seen`` matches content keys, so a full-size original or a re-saved copy of a training image
+    read "new", and its label passed for a held-out one; the file name is what such a copy keeps."""
+    own = seen["training"] | seen["test"]
+    names: dict[str, str] = {}
+    for ex in extractors:
+        if ex._reader is None:
+            continue
+        for key, path in ex._reader.key_paths().items():
+            if key in own:
+                names.setdefault(_name_stem(path), path)
+    return names
 
 
 def _seen_as(key: str, seen: dict[str, set[str]] | None) -> str | None:

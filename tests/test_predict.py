@@ -482,6 +482,26 @@ def test_predict_says_which_images_the_run_was_fitted_on(trained, tmp_path: Path
     assert any("cannot say whether these images were among its training images" in n for n in old["notes"])
 
 
+def test_a_copy_of_a_training_image_under_its_name_is_noted(trained, tmp_path: Path) -> None:
+    """The 42 full-size Kermany originals of a run's training images all read seen=new (other bytes, so
+    another key), and their labels passed for held-out ones; they keep the training images' file names."""
+    from PIL import Image
+
+    root, runs_dir, run_id = trained
+    train_img = sorted((root / "train" / "PNEUMONIA").iterdir())[0]
+    bigger = tmp_path / "originals" / train_img.name.upper()  # the full-size copy, its name kept
+    bigger.parent.mkdir()
+    Image.open(train_img).resize((64, 64)).save(bigger, format="JPEG", quality=95)
+    new = write_xray(tmp_path / "unrelated.jpeg", 4343, size=48)
+    out = predict([bigger, new], run_id, runs_dir)
+    assert [p["seen"] for p in out["predictions"]] == ["new", "new"]  # by content: neither is the run's
+    said = [n for n in out["notes"] if "have the file name of one of the run's own" in n]
+    assert len(said) == 1 and said[0].startswith("1 image(s)")
+    assert str(bigger) in said[0] and f"PNEUMONIA/{train_img.name}" in said[0]
+    alone = predict([new], run_id, runs_dir)  # an unrelated name: no such note
+    assert not [n for n in alone["notes"] if "file name of one of the run's own" in n]
+
+
 def test_csv_into_a_pipe_a_link_or_a_run_folder(trained, tmp_path: Path, capsys) -> None:
     """--csv replaced whatever was at the path: /dev/null became a regular file (as root), a named pipe and
     a symbolic link were replaced, and `--csv runs/<id>/run.json` destroyed the run."""
