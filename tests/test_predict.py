@@ -536,6 +536,31 @@ def test_csv_into_a_pipe_a_link_or_a_run_folder(trained, tmp_path: Path, capsys)
     assert not (runs_dir / run_id / "mine.csv").exists()
 
 
+@pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="needs sysfs, which refuses new files")
+def test_a_csv_folder_that_refuses_files_stops_predict_before_any_image(trained, tmp_path: Path, capsys,
+                                                                         monkeypatch) -> None:
+    """A --csv in a read-only folder failed only after every image was classified, with a bare "the
+    operating system refused a file operation" and none of the labels shown. sysfs refuses new files to
+    root as well, so this runs whoever runs the tests."""
+    import featcache.predict as predict_mod
+
+    root, runs_dir, run_id = trained
+    img = str(sorted((root / "test" / "NORMAL").iterdir())[0])
+    called: list[object] = []
+    monkeypatch.setattr(predict_mod, "predict", lambda *a, **k: called.append(a))
+    for target in ("/sys/featcache-test.csv", "/sys/kernel/featcache-missing/out.csv"):
+        assert cli(["predict", img, "--run", run_id, "--runs-dir", str(runs_dir), "--csv", target]) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"--csv {target} cannot be written" in err and "refuses new files" in err
+    assert not called  # refused before the forward passes
+    assert not Path("/sys/kernel/featcache-missing").exists()
+    monkeypatch.undo()
+    fine = tmp_path / "new" / "folder" / "p.csv"  # a writable place, missing folders included, still works
+    assert cli(["predict", img, "--run", run_id, "--runs-dir", str(runs_dir), "--csv", str(fine)]) == 0
+    assert fine.read_text(encoding="utf-8").startswith("image,label,")
+    assert sorted(x.name for x in fine.parent.iterdir()) == ["p.csv"]  # no probe left behind
+
+
 def test_a_run_whose_result_files_changed_is_used_with_a_note(trained, tmp_path: Path) -> None:
     """`runs ls` called the run damaged (predictions_test.csv edited) while predict used it without a word."""
     root, runs_dir, run_id = trained
