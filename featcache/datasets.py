@@ -35,6 +35,18 @@ from featcache.progress import ProgressFn, emit
 SUBTYPES = ("normal", "bacteria", "virus")
 """The Kermany subtypes (3class task classes, in this order), from the file names."""
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
+DICOM_EXTENSIONS = (".dcm", ".dicom")
+
+
+def not_an_image_extension(suffix: str) -> str:
+    """The reason a file of extension ``suffix`` (lower case, with its dot, or "") is left out.
+
+    Why DICOM is named: it is what a hospital's X-rays come as, and "not an image file extension (.dcm)"
+    read as if featcache took the file for something other than an image, with nothing said of what to do."""
+    if suffix in DICOM_EXTENSIONS:
+        return (f"not an image file extension ({suffix}: DICOM, which featcache does not read; export it as "
+                "PNG, 16-bit to keep its grey levels, or JPEG)")
+    return f"not an image file extension ({suffix or 'none'})"
 SPLIT_NAMES = {"train", "val", "test"}
 # Training/ and Testing/ too (Kaggle's brain-tumour MRI set, among others): unknown to discovery, they were
 # read as two classes, and a fit then learned train-versus-test without a word.
@@ -257,7 +269,7 @@ def _walk(directory: Path, parts: tuple[str, ...], ancestors: frozenset[tuple[in
         elif not stat.S_ISREG(st.st_mode):
             skipped.append((rel, "not a regular file"))
         elif suffix not in IMAGE_EXTENSIONS:
-            skipped.append((rel, f"not an image file extension ({suffix or 'none'})"))
+            skipped.append((rel, not_an_image_extension(suffix)))
         elif not os.access(entry.path, os.R_OK):
             skipped.append((rel, "unreadable (permission denied)"))
         else:
@@ -456,7 +468,7 @@ def _manifest_file_problem(path: Path) -> str | None:
     if not stat.S_ISREG(st.st_mode):
         return "not a regular file"
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
-        return f"not an image file extension ({path.suffix.lower() or 'none'})"
+        return not_an_image_extension(path.suffix.lower())
     if not os.access(path, os.R_OK):
         return "unreadable (permission denied)"
     return None

@@ -115,6 +115,9 @@ def _open(data: bytes) -> Image.Image:
     except UnidentifiedImageError as exc:
         if _tiff_cut_before_ifd(data):
             raise ImageDecodeError("truncated image") from exc
+        if data[128:132] == b"DICM":  # the DICOM preamble's magic (a .dcm renamed, or no extension)
+            raise ImageDecodeError("DICOM, which featcache does not read; export it as PNG, 16-bit to keep "
+                                   "its grey levels, or JPEG") from exc
         raise ImageDecodeError("not an image (unrecognised format)") from exc
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for broken headers
         if _looks_truncated(exc):

@@ -333,6 +333,26 @@ def test_damaged_cached_rows_go_through_the_backbone_again(trained, tmp_path: Pa
         shutil.copy(backup, cache_file)
 
 
+def test_dicom_files_are_called_dicom_with_what_to_do(trained, tmp_path: Path) -> None:
+    """A hospital's X-rays come as DICOM: a .dcm in a folder was "not an image file extension (.dcm)", and
+    one given by name or under an image extension "not an image (unrecognised format)", neither saying
+    that featcache does not read DICOM or that a PNG export would do."""
+    root, runs_dir, run_id = trained
+    dicom = b"\x00" * 128 + b"DICM" + b"\x02\x00\x00\x00UL\x04\x00" + bytes(range(200))  # preamble, magic
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    (scans / "chest.dcm").write_bytes(dicom)
+    (scans / "exported.png").write_bytes(dicom)  # a DICOM under an image extension: found by its magic
+    good = shutil.copy(sorted((root / "test" / "NORMAL").iterdir())[0], scans / "good.jpeg")
+    out = predict([scans], run_id, runs_dir)
+    assert [p["image"] for p in out["predictions"]] == [str(good)]  # the good one still classified
+    reasons = {Path(s["path"]).name: s["reason"] for s in out["skipped"]}
+    assert set(reasons) == {"chest.dcm", "exported.png"}
+    for reason in reasons.values():
+        assert "DICOM, which featcache does not read" in reason and "export it as PNG" in reason
+    assert reasons["chest.dcm"].startswith("not an image file extension (.dcm")
+
+
 def test_a_broken_symlink_is_called_so(tmp_path: Path) -> None:
     """predict words a dangling link as extract does, not as a missing file."""
     from featcache import predict as fp
