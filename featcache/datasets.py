@@ -36,6 +36,14 @@ SUBTYPES = ("normal", "bacteria", "virus")
 """The Kermany subtypes (3class task classes, in this order), from the file names."""
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 DICOM_EXTENSIONS = (".dcm", ".dicom")
+SPLIT_NAMES = {"train", "val", "test"}
+# Training/ and Testing/ too (Kaggle's brain-tumour MRI set, among others): unknown to discovery, they were
+# read as two classes, and a fit then learned train-versus-test without a word.
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "validation": "val", "valid": "val",
+                 "test": "test", "testing": "test"}
+_KERMANY_LABELS = {"NORMAL", "PNEUMONIA"}
+_NO_CLASS_FOLDER = "not inside a class folder"  # a skip reason; the no-images message looks for it
+TASKS = ("binary", "3class", "folders")
 
 
 def not_an_image_extension(suffix: str) -> str:
@@ -47,14 +55,7 @@ def not_an_image_extension(suffix: str) -> str:
         return (f"not an image file extension ({suffix}: DICOM, which featcache does not read; export it as "
                 "PNG, 16-bit to keep its grey levels, or JPEG)")
     return f"not an image file extension ({suffix or 'none'})"
-SPLIT_NAMES = {"train", "val", "test"}
-# Training/ and Testing/ too (Kaggle's brain-tumour MRI set, among others): unknown to discovery, they were
-# read as two classes, and a fit then learned train-versus-test without a word.
-SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "validation": "val", "valid": "val",
-                 "test": "test", "testing": "test"}
-_KERMANY_LABELS = {"NORMAL", "PNEUMONIA"}
-_NO_CLASS_FOLDER = "not inside a class folder"  # a skip reason; the no-images message looks for it
-TASKS = ("binary", "3class", "folders")
+
 
 # person447_virus_921_1 / person1000_bacteria_2931 -> (subtype, patient)
 _PERSON_RE = re.compile(r"^(person\d+)_(bacteria|virus)_\d+(?:_\d+)*$", re.IGNORECASE)
