@@ -118,7 +118,7 @@ def _print_table(out: dict) -> None:
     for p in out["predictions"]:
         table.add_row(
             shown(p["image"]),
-            *[f"{p['probabilities'][c]:.3f}" for c in out["classes"]],
+            *[f"{p['probabilities'][c]:.4f}" for c in out["classes"]],
             f"[bold]{shown(p['label'])}[/]",
             "cache" if p["from_cache"] else "backbone",
             *([("[yellow]training[/]" if p["seen"] == "training" else str(p["seen"]))] if with_seen else []),

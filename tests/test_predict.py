@@ -87,6 +87,9 @@ def test_cli_predict_json_and_table(trained, capsys) -> None:
     assert cli(["predict", str(img), "--run", run_id, "--runs-dir", str(runs_dir)]) == 0
     table = capsys.readouterr().out
     assert "P(NORMAL)" in table and "cache" in table and ("NORMAL" in table.split("P(PNEUMONIA)")[-1])
+    # probabilities to 4 decimals, as the threshold (at 3, 0.716 labelled NORMAL under threshold 0.7156)
+    p = out["predictions"][0]["probabilities"]
+    assert f"{p['NORMAL']:.4f}" in table and f"{p['PNEUMONIA']:.4f}" in table, table
 
 
 def test_predictions_go_to_a_csv_with_a_summary_on_the_terminal(trained, tmp_path: Path, capsys,
