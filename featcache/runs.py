@@ -697,9 +697,9 @@ def load_run(runs_dir: str | Path, run_id: str) -> Run:
         if not runs_dir.is_dir():  # a mistyped --runs-dir: listing it would not help
             raise RunError(f"runs folder {runs_dir} does not exist; point --runs-dir at the folder "
                            "`featcache fit` wrote the run into.")
-        if run_id and "/" not in run_id and "\\" not in run_id and run_id not in {".", ".."} and d.is_dir():
-            # `runs ls` lists this folder as unfinished: "no run" contradicted it
-            raise RunError(f"run '{run_id}' is unfinished (its folder has no run.json: training now, or "
+        unfinished = _unfinished_part(runs_dir, run_id)
+        if unfinished:  # `runs ls` lists this folder as unfinished: "no run" contradicted it
+            raise RunError(f"run '{unfinished}' is unfinished (its folder has no run.json: training now, or "
                            "interrupted); rerun the fit command to finish it.")
         where = "" if runs_dir == Path("runs") else f" --runs-dir {shlex.quote(str(runs_dir))}"
         raise RunError(f"no run '{run_id}' in {runs_dir}; `featcache runs ls{where}` lists them.")
@@ -715,6 +715,18 @@ def load_run(runs_dir: str | Path, run_id: str) -> Run:
             "rerun the same `featcache fit` command to complete it."
         )
     return Run(run_id, d, info)
+
+
+def _unfinished_part(runs_dir: Path, part: str) -> str | None:
+    """The id of the one run folder without run.json (training, or interrupted) that is ``part`` or
+    contains it, else None: the id `runs ls` lists as unfinished, whole or in part."""
+    if not part or "/" in part or "\\" in part or part.startswith(".") or not Path(runs_dir).is_dir():
+        return None  # hidden folders (checkpoints, locks, retired runs) are no runs
+    if (Path(runs_dir) / part).is_dir():
+        return part
+    names = [d.name for d in Path(runs_dir).iterdir() if part in d.name and not d.name.startswith(".")
+             and d.is_dir() and not (d / "run.json").exists()]
+    return names[0] if len(names) == 1 else None
 
 
 def _unique_part(runs_dir: Path, part: str) -> str:

@@ -147,3 +147,5 @@ def test_scores_have_four_decimals_and_an_unfinished_run_is_named(tmp_path, caps
     assert run(["runs", "show", unfinished, "--runs-dir", str(runs)]) != 0
     err = " ".join(capsys.readouterr().err.split())
     assert f"run '{unfinished}' is unfinished (its folder has no run.json" in err, err
+    assert run(["runs", "show", "bbbbbb", "--runs-dir", str(runs)]) != 0  # part of its id: said "no run"
+    assert f"run '{unfinished}' is unfinished" in " ".join(capsys.readouterr().err.split())
