@@ -112,8 +112,10 @@ def ls_cmd(
     title = f"runs in {escape(str(runs_dir))}" + "".join(f", {c} {cells[c](rows[0])}" for c in same)
     table = Table(title=title)
     for col in (c for c in cells if c not in same):
-        # the id whole on one line: it is what `runs show` and `predict --run` take, copied or grepped
-        table.add_column(col, overflow="fold", no_wrap=col == "id")
+        # the id whole on one line: it is what `runs show` and `predict --run` take, copied or grepped; the
+        # scores too (in 80 columns "0.8082" was folded into "0.80" over "82"): the params column gives way
+        whole = col in ("id", "val", "test")
+        table.add_column(col, overflow="fold", no_wrap=whole, min_width=6 if col in ("val", "test") else None)
     for r in rows:
         table.add_row(*(cells[c](r) for c in cells if c not in same))
     print_table(console, table)

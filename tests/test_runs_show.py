@@ -126,7 +126,7 @@ def test_runs_show_says_where_the_threshold_was_chosen_and_shows_0_5_once(tmp_pa
     assert len([line for line in lines if line.startswith("test ")]) == 1
 
 
-def test_scores_have_four_decimals_and_an_unfinished_run_is_named(tmp_path, capsys):
+def test_scores_have_four_decimals_and_an_unfinished_run_is_named(tmp_path, capsys, monkeypatch):
     """`runs ls` and `runs show` gave scores to 4 significant digits, which drop trailing zeros: a column
     read "0.974" beside "0.9761" and "1" beside "0.9444". And `runs show ID` of a folder that `runs ls`
     lists as unfinished (no run.json) said "no run 'ID'"."""
@@ -138,6 +138,10 @@ def test_scores_have_four_decimals_and_an_unfinished_run_is_named(tmp_path, caps
     assert run(["runs", "ls", "--runs-dir", str(runs)]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if RUN_ID in line)
     assert " 0.9740 " in row and " 1.0000 " in row, row
+    monkeypatch.setenv("COLUMNS", "80")  # a score was folded there ("0.97" over "40"); params give way
+    assert run(["runs", "ls", "--runs-dir", str(runs)]) == 0
+    assert " 0.9740 " in capsys.readouterr().out
+    monkeypatch.setenv("COLUMNS", "250")
     assert run(["runs", "show", RUN_ID, "--runs-dir", str(runs)]) == 0
     out = capsys.readouterr().out
     assert "0.9740" in out and "1.0000 [0.7000–0.9000]" in out
