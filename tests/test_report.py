@@ -950,9 +950,10 @@ def test_runs_show_gives_the_grid_position_folder_and_revision(tmp_path, capsys)
     assert "git 0123456789ab" in out and "KERAS_BACKEND=jax" in out
 
 
-def test_a_none_parameter_reads_the_same_in_runs_ls_runs_show_and_the_report(tmp_path, capsys):
+def test_a_none_parameter_reads_the_same_in_runs_ls_runs_show_and_the_report(tmp_path, capsys, monkeypatch):
     """class_weight=None was "class_weight=-" in `runs ls`/`runs show` (the tables' mark for a missing
     metric) and "class_weight=None" in the report's config column."""
+    monkeypatch.setenv("COLUMNS", "250")  # a whole cell per line (xdist workers run at 80 columns)
     runs = tmp_path / "runs"
     write_fake_run(runs, "20240101-000001-logreg-aaaaaaaa", params={"C": 1.0, "class_weight": None})
     write_fake_run(runs, "20240101-000002-logreg-bbbbbbbb", params={"C": 1.0, "class_weight": "balanced"})
