@@ -1171,6 +1171,14 @@ def _preset_task_notes(opts: FitOptions, preset: Any, task: str) -> list[str]:
 TEST_SPLIT_SEED = 0  # --test-fraction's draw: one test split per folder whatever --seed, so seeds compare
 
 
+def refuse_test_fraction_with_test_split(root: Path, n_test: int) -> None:
+    """ConfigError where --test-fraction meets data with a test split of its own (``n_test`` images): fit
+    and `run`'s pre-check (before the extraction) say it in one sentence."""
+    if n_test:
+        raise ConfigError(f"{os.fsdecode(root)} has a test split of its own ({n_test} images); "
+                          "--test-fraction holds one out only of data without one: drop it.")
+
+
 def _held_out_test(root: Path, records: Sequence[Any], y: np.ndarray, groups: np.ndarray, split: np.ndarray,
                    pool: np.ndarray, test: np.ndarray, fraction: float
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -1186,9 +1194,7 @@ def _held_out_test(root: Path, records: Sequence[Any], y: np.ndarray, groups: np
     from featcache.datasets import SUBTYPES
     from featcache.splits import grouped_holdout
 
-    if len(test):
-        raise ConfigError(f"{os.fsdecode(root)} has a test split of its own ({len(test)} images); "
-                          "--test-fraction holds one out only of data without one: drop it.")
+    refuse_test_fraction_with_test_split(root, len(test))
     sub = [records[i].subtype for i in pool]
     strata = sub if all(s in SUBTYPES for s in sub) else [str(v) for v in y[pool]]
     tr, te = grouped_holdout(strata, groups[pool], fraction=fraction, seed=TEST_SPLIT_SEED)

@@ -212,10 +212,10 @@ def _check_cv_folds(dataset: Any, task: str, fopts: Any) -> None:
 def _check_test_fraction(dataset: Any, fopts: Any) -> None:
     """Refuse --test-fraction on data with a test split of its own before the extraction: the fit said so
     only after it (31 s on the 96-image demo; hours on a large set)."""
-    n_test = sum(r.split == "test" for r in dataset.records)
-    if fopts.test_fraction is not None and n_test:
-        raise ConfigError(f"{dataset.root} has a test split of its own ({n_test} images); --test-fraction "
-                          "holds one out only of data without one: drop it.")
+    from featcache.fit import refuse_test_fraction_with_test_split
+
+    if fopts.test_fraction is not None:
+        refuse_test_fraction_with_test_split(dataset.root, sum(r.split == "test" for r in dataset.records))
 
 
 def run_pipeline(

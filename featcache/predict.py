@@ -478,7 +478,7 @@ def predict(
         emit(progress, "predict", len(paths), len(paths))
         # read while the caches are open, and only when some image is "new" (a cache's paths are megabytes)
         any_new = seen is not None and any(p["seen"] == "new" for p in preds)
-        own_names = _own_names(extractors, seen) if any_new and seen is not None else {}
+        own_names = _own_names(extractors, seen) if any_new else {}
     finally:
         for ex in extractors:
             ex.close()
