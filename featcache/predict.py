@@ -84,8 +84,11 @@ def _input_size(cache: dict) -> int:
         return 224
 
 
-def _pixel_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from the image header (no decoding); None when PIL cannot tell."""
+def _pixel_size(data: bytes) -> tuple[int, int, int] | None:
+    """(width, height, frames) from the image headers (no pixel decoding); None when PIL cannot tell.
+
+    Frames: an animated GIF or a multi-page TIFF is classified from its first frame, as extract reads it;
+    the count lets predict say so (a 3-page TIFF got one label without a word)."""
     import io
 
     from PIL import Image
@@ -95,7 +98,8 @@ def _pixel_size(data: bytes) -> tuple[int, int] | None:
     _quiet_pil()  # a 90-180 MP image made PIL print its DecompressionBombWarning here
     try:
         with Image.open(io.BytesIO(data)) as im:
-            return int(im.size[0]), int(im.size[1])
+            frames = int(getattr(im, "n_frames", 1) or 1) if getattr(im, "is_animated", False) else 1
+            return int(im.size[0]), int(im.size[1]), frames
     except Exception:  # noqa: BLE001 - any unreadable header: the decoder reports it properly later
         return None
 
@@ -440,6 +444,7 @@ def predict(
     preds: list[dict] = []
     skipped: list[tuple[int, dict]] = []  # (position in paths, entry): listed in the order given
     tiny: dict[str, tuple[int, int]] = {}  # image -> (width, height) of those under `smallest` px a side
+    multi: dict[str, int] = {}  # image -> its number of frames, for those holding more than one
     # upscaled more than UPSCALE_LIMIT times to the (largest) backbone input: little left to classify
     smallest = max(_input_size(ex.cache) for ex in extractors) / UPSCALE_LIMIT
     try:
@@ -455,8 +460,10 @@ def predict(
                     items.append(got)
                     where.append(pos)
                     dims = _pixel_size(got[1])
-                    if dims is not None and min(dims) < smallest:
-                        tiny[got[0]] = dims
+                    if dims is not None and min(dims[:2]) < smallest:
+                        tiny[got[0]] = dims[:2]
+                    if dims is not None and dims[2] > 1:
+                        multi[got[0]] = dims[2]
             if not items:
                 continue
             good, proba, cached, bad, scores = _predict_chunk(items, extractors, views, model, reference)
@@ -496,6 +503,11 @@ def predict(
         notes.append(f"{len(small)} image(s) smaller than {smallest:g} px on a side were upscaled more "
                      f"than {UPSCALE_LIMIT} times to the backbone's input (e.g. {small[0]}, {w}x{h}): their "
                      "labels carry little information.")
+    frames = [p["image"] for p in preds if p["image"] in multi]
+    if frames:
+        notes.append(f"{len(frames)} image(s) hold several frames (an animated GIF or a multi-page TIFF; "
+                     f"e.g. {frames[0]}, {multi[frames[0]]} frames): each was classified from its first "
+                     "frame only; save the frame to classify as an image of its own.")
     notes += _seen_notes(run, preds, seen)
     namesakes = [(p["image"], own_names[_name_stem(p["image"])]) for p in preds
                  if p["seen"] == "new" and _name_stem(p["image"]) in own_names]

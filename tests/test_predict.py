@@ -413,6 +413,28 @@ def test_a_tiny_image_gets_its_label_and_a_note(trained, tmp_path: Path) -> None
     assert predict([fine], run_id, runs_dir)["notes"] == random
 
 
+def test_an_animated_gif_or_multi_page_tiff_is_classified_from_its_first_frame_with_a_note(
+        trained, tmp_path: Path) -> None:
+    """A 3-page TIFF and a 2-frame GIF each got one label like a single X-ray, without a word that the
+    other frames were never looked at. They are still classified (as extract reads them), and a note
+    says so; a one-frame GIF is not noted."""
+    from PIL import Image
+
+    root, runs_dir, run_id = trained
+    pages = [Image.fromarray(np.full((32, 32), v, dtype=np.uint8)) for v in (40, 120, 200)]
+    pages[0].save(tmp_path / "scan.tiff", save_all=True, append_images=pages[1:])
+    pages[0].save(tmp_path / "cine.gif", save_all=True, append_images=pages[1:2])
+    pages[0].save(tmp_path / "still.gif")
+    out = predict([tmp_path / "scan.tiff", tmp_path / "cine.gif", tmp_path / "still.gif"], run_id, runs_dir)
+    assert len(out["predictions"]) == 3
+    assert [n for n in out["notes"] if "frames" in n] == [
+        "2 image(s) hold several frames (an animated GIF or a multi-page TIFF; "
+        f"e.g. {tmp_path / 'scan.tiff'}, 3 frames): each was classified from its first frame only; "
+        "save the frame to classify as an image "
+        "of its own."]
+    assert not [n for n in predict([tmp_path / "still.gif"], run_id, runs_dir)["notes"] if "frames" in n]
+
+
 def test_keras_is_asked_for_only_when_an_image_needs_the_backbone(trained, tmp_path: Path) -> None:
     root, runs_dir, run_id = trained
     known = sorted((root / "test" / "NORMAL").iterdir())[:2]
