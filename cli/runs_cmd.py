@@ -82,10 +82,10 @@ def ls_cmd(
         err.print(f"{len(unfinished)} unfinished run folder(s) left out (training now, or interrupted: rerun "
                   "the fit command to finish them): " + ", ".join(escape(rid) for rid in unfinished) + ".",
                   soft_wrap=True)
+    _mention_checkpoints(runs_dir)  # on stderr, with --json too: the JSON list has no room for them
     if as_json:
         return
     console = Console()
-    _mention_checkpoints(runs_dir)
     if not rows:
         console.print(f"No finished runs in {escape(str(runs_dir))}; `featcache fit` creates them.")
         return

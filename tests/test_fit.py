@@ -406,6 +406,11 @@ def test_grid_killed_mid_chunk_resumes_from_its_epoch_checkpoint(setup, capsys, 
     sweep_id, _size, _mb, last, saved, *_when, command = sweep_line.split(maxsplit=7)
     assert sweep_id == next((runs_dir / ".checkpoints").iterdir()).name and (last, saved) == ("last", "saved")
     assert command == shlex.join(["featcache", *_fit_cmd(root, cache_dir, runs_dir, *grid)])
+    # --json: stdout stays the JSON list (no finished run), the sweep is named on stderr (it was not at all)
+    assert cli(["runs", "ls", "--runs-dir", str(runs_dir), "--json"]) == 0
+    listed = capsys.readouterr()
+    assert json.loads(listed.out) == [] and sweep_id in listed.err
+    assert "1 interrupted sweep(s) keep epoch checkpoints in" in " ".join(listed.err.split())
     ok = subprocess.run([*exe, *_fit_cmd(root, cache_dir, runs_dir, *grid[:-1])], capture_output=True,
                         text=True, env=env, timeout=300)
     assert ok.returncode == 0, ok.stderr[-2000:]
