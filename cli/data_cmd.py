@@ -83,6 +83,11 @@ def _summary_table(info: dict) -> Table:
         table.add_row("labels differing only in case",
                       f"[yellow]{spelled}[/]: one class to --task binary and 3class, refused by --task "
                       "folders")
+    for split, missing in (info.get("splits_lacking_classes") or {}).items():
+        why = ("fit cannot compute test AUC or the recall of " + ("that class" if len(missing) == 1 else
+               "those classes")) if split == "test" else "fit pools train and val, so the pool still has it"
+        table.add_row(f"{shown(split)} split lacks", f"[yellow]{', '.join(shown(m) for m in missing)}[/] "
+                      f"(an empty or missing class folder?): {why}")
     table.add_row("skipped files", f"{len(info['skipped']):,}" + (
         "" if info.get("decode_checked", True) else " (files not decoded: --no-decode)"))
     return table

@@ -730,4 +730,14 @@ def inspect(dataset: Dataset, progress: ProgressFn | None = None, workers: int =
         "skipped": skip_entries(sorted(skipped)),
         "decode_checked": decode,
         "case_twin_labels": case_twins({r.label for r in counted}),
+        # a class folder left empty (a copy that failed) vanished without a word: test/NORMAL/ empty gave a
+        # test split of one class, where AUC and that class's recall cannot be computed
+        "splits_lacking_classes": _splits_lacking_classes(counts),
     }
+
+
+def _splits_lacking_classes(counts: dict[str, dict[str, dict[str, int]]]) -> dict[str, list[str]]:
+    """{split: [classes found in other splits but not in this one]}, for datasets with several splits."""
+    every = {label for labels in counts.values() for label in labels}
+    return {split: sorted(every - set(labels)) for split, labels in sorted(counts.items())
+            if len(counts) > 1 and every - set(labels)}

@@ -610,3 +610,22 @@ def test_inspect_names_labels_that_differ_only_in_case(tmp_path, capsys, monkeyp
         task_labels(discover(csv_path).records, "folders")
     assert inspect(discover(make_kermany_tree(tmp_path / "k", n_normal=2, n_pneu=2)),
                    decode=False)["case_twin_labels"] == []
+
+
+def test_inspect_names_a_split_that_lacks_a_class(tmp_path, capsys, monkeypatch):
+    """test/NORMAL/ left empty (a copy that failed) vanished without a word: data inspect listed a test split
+    of PNEUMONIA alone, where fit can compute neither test AUC nor NORMAL's recall. It is named now; a
+    dataset whose splits all hold every class gets no such row."""
+    monkeypatch.setenv("COLUMNS", "250")  # one table line per row (xdist workers have COLUMNS=80)
+    root = make_kermany_tree(tmp_path / "data", n_normal=2, n_pneu=2, size=16)
+    assert inspect(discover(root), decode=False)["splits_lacking_classes"] == {}
+    for f in (root / "test" / "NORMAL").iterdir():
+        f.unlink()
+    info = inspect(discover(root), decode=False)
+    assert info["splits_lacking_classes"] == {"test": ["NORMAL"]}
+    assert run(["data", "inspect", str(root)]) == 0
+    out = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    assert ("test split lacks NORMAL (an empty or missing class folder?): fit cannot compute test AUC or the "
+            "recall of that class") in out
+    one_split = make_kermany_tree(tmp_path / "flat", n_normal=2, n_pneu=2, splits=("train",), size=16)
+    assert inspect(discover(one_split / "train"), decode=False)["splits_lacking_classes"] == {}
