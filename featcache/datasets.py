@@ -724,9 +724,11 @@ def inspect(dataset: Dataset, progress: ProgressFn | None = None, workers: int =
         "cross_split_duplicates": [g for g in dup_groups if len(group_splits(g)) > 1],
         # of those, the groups with an image in the test split (train and val are one pool for fit)
         "cross_split_duplicates_with_test": sum(1 for g in dup_groups if {"test"} < group_splits(g)),
-        # the same bytes under different labels: at least one label is wrong, whatever a model learns
+        # the same bytes under different labels: at least one label is wrong, whatever a model learns. Labels
+        # that differ only in case are one class (binary, 3class; `case_twin_labels` names them), so a copy
+        # under Pneumonia/ and PNEUMONIA/ is a duplicate, not a contradiction
         "conflicting_duplicates": sorted(sorted(r.relpath for r in g) for g in by_digest.values()
-                                         if len({(r.label, r.subtype) for r in g}) > 1),
+                                         if len({(r.label.upper(), r.subtype) for r in g}) > 1),
         "skipped": skip_entries(sorted(skipped)),
         "decode_checked": decode,
         "case_twin_labels": case_twins({r.label for r in counted}),

@@ -610,6 +610,12 @@ def test_inspect_names_labels_that_differ_only_in_case(tmp_path, capsys, monkeyp
         task_labels(discover(csv_path).records, "folders")
     assert inspect(discover(make_kermany_tree(tmp_path / "k", n_normal=2, n_pneu=2)),
                    decode=False)["case_twin_labels"] == []
+    # the same bytes filed as NORMAL and Normal: one class, so a duplicate and not "different labels"
+    shutil.copy(tmp_path / "imgs" / "x0.png", tmp_path / "imgs" / "x0copy.png")
+    twin = _write_manifest(tmp_path / "t.csv", "path,label\nimgs/x0.png,NORMAL\nimgs/x0copy.png,Normal\n"
+                           "imgs/x2.png,PNEUMONIA\nimgs/x3.png,PNEUMONIA\n")
+    info = inspect(discover(twin), decode=False)
+    assert info["duplicates"] == [["imgs/x0.png", "imgs/x0copy.png"]] and info["conflicting_duplicates"] == []
 
 
 def test_inspect_names_a_split_that_lacks_a_class(tmp_path, capsys, monkeypatch):
