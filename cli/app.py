@@ -208,6 +208,24 @@ def _kept(words: list[str]) -> str:
     return _KEPT.get(" ".join(words[:2])) or _KEPT.get(words[0] if words else "", "")
 
 
+def _file_in_the_way(exc: OSError, paths: list[str]) -> str | None:
+    """The part of ``paths`` that is a regular file where the operation needed a folder (``--out
+    a-file/report``, ``--cache-dir`` under a file), for a "Not a directory" or "File exists" error; None
+    otherwise, or when no such file is found (then the operating system's words stand alone)."""
+    import errno
+    from pathlib import Path
+
+    if exc.errno not in (errno.ENOTDIR, errno.EEXIST):
+        return None
+    for path in paths:
+        for candidate in (Path(path), *Path(path).parents):
+            if candidate.is_dir():
+                break  # the nearest existing folder: nothing above it is in the way
+            if candidate.exists():
+                return os.fsdecode(candidate)
+    return None
+
+
 def _os_error_sentence(exc: OSError, command: list[str] | None = None) -> str:
     """What the operating system refused, and where. Library code turns the errors it expects (damaged
     caches, unreadable images, locked files) into FeatcacheError; this is for the rest, such as an output
@@ -215,6 +233,9 @@ def _os_error_sentence(exc: OSError, command: list[str] | None = None) -> str:
     reason = os_reason(exc)  # HDF5's errors carry several lines of detail; the reason is a few words
     paths = [os.fsdecode(f) for f in (exc.filename, exc.filename2) if f is not None]
     where = f" ({' -> '.join(paths)})" if paths else ""
+    blocker = _file_in_the_way(exc, paths)
+    if blocker is not None:  # "Not a directory" / "File exists" left the user to find which part was a file
+        reason += f": {blocker} is a file, where a folder is needed; choose another path"
     kept = _kept(list(command or []))
     return f"the operating system refused a file operation{where}: {reason}." + (f" {kept}" if kept else "")
 

@@ -252,7 +252,20 @@ def test_an_operating_system_error_is_one_sentence_not_a_traceback(tmp_path, mon
     assert raw.count("\n") == 1  # one line whatever the path's length: a newline would break the path
     err = " ".join(raw.split())
     assert err.startswith(f"error: the operating system refused a file operation ({blocker / 'demo'}")
-    assert err.endswith("): Not a directory. Anything finished before the error is kept.")
+    assert err.endswith(f"): Not a directory: {blocker} is a file, where a folder is needed; choose another "
+                        "path. Anything finished before the error is kept.")
+    # --out that is itself a file where a folder is made ("File exists"): the file is named too
+    from featcache.cli.app import _os_error_sentence
+
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
+
+    assert _os_error_sentence(FileExistsError(17, "File exists", str(blocker)), ["cache", "merge"]) == (
+        f"the operating system refused a file operation ({blocker}): File exists: {blocker} is a file, where "
+        "a folder is needed; choose another path. Anything finished before the error is kept.")
+    assert _os_error_sentence(FileExistsError(17, "File exists", str(runs_dir)), ["report"]) == (
+        f"the operating system refused a file operation ({runs_dir}): File exists. The previous report is "
+        "kept whole.")  # an existing folder: nothing to blame on a file
 
     def disk_full(*_args, **_kwargs):
         raise OSError(28, "No space left on device", "/data/x.h5")
