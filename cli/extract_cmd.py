@@ -151,7 +151,8 @@ def extract_cmd(
     layer: str | None = typer.Option(None, "--layer", help="For a saved-model backbone: the feature layer."),
     workers: int = typer.Option(2, "--workers", help="Decode threads running ahead of the forward pass."),
     strict: bool = typer.Option(
-        False, "--strict", help="Exit 2 if any file is skipped (the good ones are still cached)."),
+        False, "--strict", help="Exit 2 if any file is skipped (the good ones are still cached); hidden "
+        "entries such as .DS_Store are listed but not counted."),
     wait: float | None = typer.Option(
         None, "--wait", min=0, help="Seconds to wait if another process writes the same cache file "
         "(default: do not wait; exit 3 at once)."),

@@ -46,6 +46,18 @@ _NO_CLASS_FOLDER = "not inside a class folder"  # a skip reason; the no-images m
 TASKS = ("binary", "3class", "folders")
 
 
+HIDDEN_FILE = "hidden file"
+HIDDEN_FOLDER = "hidden folder"
+
+
+def is_hidden_skip(reason: str) -> bool:
+    """Whether a skip reason is a hidden entry (.DS_Store, macOS' ._x.jpeg forks, .ipynb_checkpoints/).
+
+    Why: such entries are a copy's or a tool's clutter, never images someone meant to use, so
+    ``extract --strict`` does not count them (as predict leaves them out); they are still listed."""
+    return reason in (HIDDEN_FILE, HIDDEN_FOLDER)
+
+
 def not_an_image_extension(suffix: str) -> str:
     """The reason a file of extension ``suffix`` (lower case, with its dot, or "") is left out.
 
@@ -251,7 +263,7 @@ def _walk(directory: Path, parts: tuple[str, ...], ancestors: frozenset[tuple[in
             continue                    # `data download`'s own cache and marker: not the user's files
         if entry.name.startswith("."):  # .DS_Store, ._x.jpeg (macOS forks), .ipynb_checkpoints/
             hidden_dir = entry.is_dir()
-            skipped.append((rel + "/", "hidden folder") if hidden_dir else (rel, "hidden file"))
+            skipped.append((rel + "/", HIDDEN_FOLDER) if hidden_dir else (rel, HIDDEN_FILE))
             continue
         st = _stat_entry(entry)
         if isinstance(st, str):

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from featcache.backbones import Backbone, BackboneConfig, build_backbone
-from featcache.datasets import Dataset, ImageRecord, split_folder
+from featcache.datasets import Dataset, ImageRecord, is_hidden_skip, split_folder
 from featcache.errors import ConfigError, DataError
 from featcache.faults import crash_point
 from featcache.hashing import sha256_bytes, sha256_many
@@ -448,10 +448,13 @@ def extract(dataset: Dataset, backbone: BackboneConfig, cache_dir: Path, options
         result.notes.append(f"--views {','.join(v.name for v in views)} has no orig: fit trains, selects and "
                             "tests on orig features (the other views only add to them), and this cache "
                             "lacks orig rows: extract orig too (--views orig,...).")
-    if options.strict and skipped:
-        rel, reason = skipped[0]
+    # hidden entries (.DS_Store, ._x.jpeg, .ipynb_checkpoints/) are listed but are no lost images: a
+    # macOS-made copy of a dataset otherwise failed every --strict run, naming .DS_Store as its first file
+    unusable = [(rel, reason) for rel, reason in skipped if not is_hidden_skip(reason)]
+    if options.strict and unusable:
+        rel, reason = unusable[0]
         err = DataError(
-            f"{len(skipped)} file(s) could not be used (first: {rel}: {reason}); the good images are cached "
+            f"{len(unusable)} file(s) could not be used (first: {rel}: {reason}); the good images are cached "
             "in " + path.name + ", so fix or remove those files, or run without --strict"
         )
         err.result = result  # type: ignore[attr-defined]  # lets the CLI still list what was skipped

@@ -234,6 +234,24 @@ def test_bad_files_are_skipped_with_reasons_and_strict_fails_after_saving(tmp_pa
     assert saved.rows_computed == 4 and len(_rows(saved.cache_path)) == 4
 
 
+def test_strict_does_not_count_hidden_entries_but_still_lists_them(tmp_path: Path):
+    """A dataset copied from a Mac carries .DS_Store and ._x.jpeg forks, a Jupyter session leaves
+    .ipynb_checkpoints/: --strict failed on every such copy, and named .DS_Store as the first bad file
+    even when a real image was damaged. They are listed, not counted; a damaged image still fails."""
+    root = make_kermany_tree(tmp_path / "data", n_normal=2, n_pneu=2, splits=("train",))
+    (root / "train/NORMAL/.DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (root / "train/NORMAL/._IM-0001-0001.jpeg").write_bytes(b"\x00\x05\x16\x07" + b"\x00" * 60)
+    (root / "train/PNEUMONIA/.ipynb_checkpoints").mkdir()
+    res = extract(discover(root), BB, tmp_path / "c", ExtractOptions(strict=True))
+    assert res.rows_computed == 4
+    assert sorted(res.skipped) == [("train/NORMAL/.DS_Store", "hidden file"),
+                                   ("train/NORMAL/._IM-0001-0001.jpeg", "hidden file"),
+                                   ("train/PNEUMONIA/.ipynb_checkpoints/", "hidden folder")]
+    (root / "train/NORMAL/IM-0900-0001.jpeg").write_bytes(b"")
+    with pytest.raises(DataError, match=r"^1 file\(s\) could not be used \(first: train/NORMAL/IM-0900-0001"):
+        extract(discover(root), BB, tmp_path / "c", ExtractOptions(strict=True))
+
+
 def test_a_complete_cache_that_cannot_be_written_to_is_used_read_only(tmp_path: Path, monkeypatch):
     """A shared cache in a folder we may not write to (simulated: root ignores permissions): nothing to
     compute means nothing to lock, and undecodable images are still listed; a missing row that could be
