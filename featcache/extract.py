@@ -89,6 +89,9 @@ class ExtractResult:
     timings: dict[str, float] = field(default_factory=dict)   # phase -> seconds (build, hash, stream)
     notes: list[str] = field(default_factory=list)            # what the user should know (mixed rows)
     rows_copied: int = 0  # of rows_reused: copied from a cache of the same settings for another folder
+    # of skipped: entries discovery left out (hidden, other extensions, broken links), which are not among
+    # n_files; the rest of skipped are image files that could not be read or decoded
+    n_left_out: int = 0
 
 
 @dataclass
@@ -400,6 +403,7 @@ def extract(dataset: Dataset, backbone: BackboneConfig, cache_dir: Path, options
         raise ConfigError(f"--cache-dir {cache_dir} is a file, not a folder; choose a folder for the caches.")
     records = dataset.select(options.splits)
     skipped = _selected_skips(dataset, options.splits)
+    n_left_out = len(skipped)
     shard = tuple(options.shard) if options.shard is not None else None
     # a cache this backbone's build wrote before tells its file and settings: build only if rows are missing
     described = _described_before(backbone, Path(cache_dir), dataset.root, options, shard)
@@ -442,7 +446,7 @@ def extract(dataset: Dataset, backbone: BackboneConfig, cache_dir: Path, options
         cache_path=path, n_files=len(records), n_unique=len(keys), rows_computed=rows_computed,
         rows_reused=rows_reused, duplicates=duplicates, skipped=skipped, seconds=seconds,
         images_per_s=rows_computed / seconds if seconds > 0 else 0.0, feature_dim=feature_dim,
-        timings=timings, notes=notes, rows_copied=rows_copied,
+        timings=timings, notes=notes, rows_copied=rows_copied, n_left_out=n_left_out,
     )
     if all(v.name != "orig" for v in views) and not _holds_orig(path, keys):  # then every fit failed
         result.notes.append(f"--views {','.join(v.name for v in views)} has no orig: fit trains, selects and "
