@@ -118,6 +118,10 @@ def _open(data: bytes) -> Image.Image:
         if data[128:132] == b"DICM":  # the DICOM preamble's magic (a .dcm renamed, or no extension)
             raise ImageDecodeError("DICOM, which featcache does not read; export it as PNG, 16-bit to keep "
                                    "its grey levels, or JPEG") from exc
+        fmt = _signature_format(data)
+        if fmt is not None:
+            raise ImageDecodeError(
+                f"damaged {fmt} (its header cannot be read: cut short or overwritten)") from exc
         raise ImageDecodeError("not an image (unrecognised format)") from exc
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for broken headers
         if _looks_truncated(exc):
@@ -129,6 +133,26 @@ def _open(data: bytes) -> Image.Image:
     if w * h > MAX_PIXELS:
         raise _too_large(w, h)
     return im
+
+
+# The signatures of the formats a skip reason can name. A TIFF's is left out: one whose directory is gone
+# is told apart more exactly by _tiff_cut_before_ifd.
+_SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"),
+               (b"GIF87a", "GIF"), (b"GIF89a", "GIF"))
+
+
+def _signature_format(data: bytes) -> str | None:
+    """The format ``data`` starts as (JPEG, PNG, GIF, WebP), or None; used only once Pillow gave up.
+
+    Why: a JPEG or PNG cut inside its header, or whose header was overwritten, was listed as "not an image
+    (unrecognised format)", as a text file renamed .jpeg is: a user could not tell a file to download
+    again from one to delete. Only the opening bytes are compared, never the file's extension."""
+    for magic, fmt in _SIGNATURES:
+        if data.startswith(magic):
+            return fmt
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    return None
 
 
 def _tiff_cut_before_ifd(data: bytes) -> bool:

@@ -319,6 +319,26 @@ def test_bad_bytes_raise_decode_error(data, reason):
     assert err.value.reason == reason
 
 
+def test_a_jpeg_or_png_with_a_damaged_header_is_named_damaged_not_not_an_image():
+    """A JPEG or PNG cut inside its header, or whose header bytes were overwritten, was listed as "not an
+    image (unrecognised format)", the reason of a text file named .jpeg: nothing told a file worth
+    downloading again from one to delete."""
+    jpeg = _jpeg(Image.fromarray(_gray(64, 64)))
+    png = _png(Image.fromarray(_gray(64, 64)))
+    sof = jpeg.index(b"\xff\xc0")
+    damaged = {
+        "JPEG": [jpeg[:20], jpeg[:sof] + b"\x00" * 40 + jpeg[sof + 40:]],
+        "PNG": [png[:40], png[:16] + b"\x00" * 8 + png[24:]],
+    }
+    for fmt, cases in damaged.items():
+        for data in cases:
+            with pytest.raises(ImageDecodeError) as err:
+                decode_image(data, 16)
+            assert err.value.reason == f"damaged {fmt} (its header cannot be read: cut short or overwritten)"
+    with pytest.raises(ImageDecodeError, match=r"^not an image \(unrecognised format\)$"):
+        decode_image(b"\xff\xd8 some text after two JPEG-like bytes", 16)
+
+
 @pytest.mark.parametrize("compression", ["tiff_lzw", "tiff_adobe_deflate"])
 def test_a_truncated_compressed_tiff_is_a_truncated_image(compression):
     """libtiff writes a compressed TIFF's directory after its pixels: cut short, PIL could not identify the
