@@ -824,7 +824,7 @@ def test_an_edited_session_entry_of_a_source_does_not_stop_the_copy() -> None:
     assert starts == [0, 40] and sessions == [{"batch_size": 2}, {"batch_size": 8}]
 
 
-def test_a_batch_size_whose_buffers_cannot_fit_is_one_sentence_naming_the_largest_that_would(
+def test_a_batch_size_whose_buffers_cannot_fit_is_one_sentence_naming_an_upper_bound(
         tree: Path, tmp_path: Path, monkeypatch, capsys):
     """Every pass is padded to --batch-size, so --batch-size 100000 on 4 images had the process killed by
     the kernel (2000000: numpy's allocation error as a traceback). Now it is refused up front."""
@@ -835,7 +835,9 @@ def test_a_batch_size_whose_buffers_cannot_fit_is_one_sentence_naming_the_larges
     code = run(["extract", "--data", str(tree), *CLI_BB, "--cache-dir", str(tmp_path), "--batch-size", "400"])
     err = " ".join(capsys.readouterr().err.split())
     assert code == 2 and err.count("error:") == 1 and "Traceback" not in err
-    assert "--batch-size 400 needs about" in err and "the largest that would is --batch-size 325" in err
+    assert "--batch-size 400 needs about" in err and "leave room for --batch-size 325 at most" in err
+    # an upper bound, said as one: "the largest that would" sent a user to a batch 20 times too large
+    assert "the network's working memory comes on top" in err and "the largest that would" not in err
     assert not list(tmp_path.rglob("*.h5"))  # refused before a cache file was made
     # a complete cache has no batch to hold: a rerun is not refused, whatever the memory
     monkeypatch.setattr(res, "available_memory", lambda: 1e12)
