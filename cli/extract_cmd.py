@@ -135,10 +135,12 @@ def _render_summary(console: Console, result) -> None:  # noqa: ANN001 - Extract
     print_table(console, table)
     skipped = result.skipped
     if skipped:
+        from featcache.datasets import unusable_first
+
         st = Table(title=f"skipped files ({len(skipped)})")
         st.add_column("file", overflow="fold")
         st.add_column("reason", overflow="fold")
-        for rel, reason in skipped[:MAX_SKIPPED_SHOWN]:
+        for rel, reason in unusable_first(skipped)[:MAX_SKIPPED_SHOWN]:  # .DS_Store & co. last
             st.add_row(shown(rel), shown(reason))
         print_table(console, st)
         if len(skipped) > MAX_SKIPPED_SHOWN:

@@ -21,6 +21,8 @@ console = Console()
 
 def _summary(result) -> None:
     """Short account of what each stage did, then where the report is."""
+    from featcache.datasets import unusable_first
+
     for note in getattr(result, "notes", []):
         console.print(f"[bold]note[/] {escape(note)}", highlight=False, soft_wrap=True)
     for ex in result.extracts:
@@ -30,7 +32,7 @@ def _summary(result) -> None:
             highlight=False,
             soft_wrap=True,  # one line per stage, whatever the terminal's width (log greps find it)
         )
-        for rel, reason in ex.skipped[:3]:  # the first bad files
+        for rel, reason in unusable_first(ex.skipped)[:3]:  # the first bad files, .DS_Store & co. last
             console.print(f"  skipped {shown(rel)}: {shown(reason)}", highlight=False)
         for note in ex.notes:
             console.print(f"[bold]note[/] {escape(note)}", highlight=False, soft_wrap=True)

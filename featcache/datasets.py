@@ -58,6 +58,13 @@ def is_hidden_skip(reason: str) -> bool:
     return reason in (HIDDEN_FILE, HIDDEN_FOLDER)
 
 
+def unusable_first(skipped: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Skipped (path, reason) pairs with hidden entries last, each kind in its order. Why: summaries show
+    the first few, and a Mac-made copy's ``.DS_Store`` files filled `run`'s three lines while the damaged
+    images that needed the user went unshown."""
+    return sorted(skipped, key=lambda item: is_hidden_skip(item[1]))
+
+
 def not_an_image_extension(suffix: str) -> str:
     """The reason a file of extension ``suffix`` (lower case, with its dot, or "") is left out.
 

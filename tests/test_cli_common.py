@@ -206,6 +206,25 @@ def test_run_summary_counts_configs_resumed_from_a_checkpoint(monkeypatch, capsy
         "fit sweep def: 2 run(s) trained, 0 already done, 1 undecodable image(s) left out"]
 
 
+def test_run_summary_shows_damaged_images_before_hidden_clutter(monkeypatch, capsys) -> None:
+    """`run` shows the first three skipped files: on a Mac-made copy they were three .DS_Store files, and the
+    damaged image that needed the user went unshown. Hidden entries now come last (each kind in order)."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from featcache.cli import pipeline_cmd
+
+    monkeypatch.setattr(pipeline_cmd, "print_outputs", lambda *_a: None)
+    skipped = [(".DS_Store", "hidden file"), ("train/.DS_Store", "hidden file"),
+               ("train/.ipynb_checkpoints/", "hidden folder"), ("train/NORMAL/a.jpeg", "truncated image"),
+               ("train/NORMAL/b.jpeg", "zero bytes")]
+    ex = SimpleNamespace(cache_path=Path("c.h5"), rows_computed=4, rows_reused=0, skipped=skipped, notes=[])
+    pipeline_cmd._summary(SimpleNamespace(extracts=[ex], fits=[], report=None))
+    assert capsys.readouterr().out.splitlines()[1:] == [
+        "  skipped train/NORMAL/a.jpeg: truncated image", "  skipped train/NORMAL/b.jpeg: zero bytes",
+        "  skipped .DS_Store: hidden file"]
+
+
 def test_run_json_lists_skipped_and_left_out_files_as_path_reason_objects(tmp_path) -> None:
     """`run --json` (extract's and fit's shapes inside) lists files as {path, reason}, as inspect and predict
     do: extract printed [path, reason] pairs while fit printed objects, so scripts needed two readers."""
