@@ -111,6 +111,13 @@ def print_outputs(result, console: Console) -> None:
         console.print(f"[yellow]Mixed tasks: runs of {escape(', '.join(by_task))} are ranked together, and "
                       "their scores are not comparable; the report gives each task's best (--group-by task "
                       "ranks them apart).[/]", soft_wrap=True, highlight=False)
+    mixed = getattr(result, "mixed_datasets", None) or []
+    if mixed:  # the demo's runs beside a user's own read as one ranking: the report warns, so does this
+        console.print(f"[yellow]Mixed datasets: runs of {len(mixed)} datasets are ranked together "
+                      f"({escape('; '.join(mixed))}); they were tested on different images, so their "
+                      "scores are not comparable (--group-by dataset ranks them apart; --id or --tag selects "
+                      "one).[/]",
+                      soft_wrap=True, highlight=False)
     if by_task:  # one "best" across binary and 3-class runs: the report says there is none
         best = "best per task " + ", ".join(f"{escape(t)} [bold]{escape(i)}[/]" for t, i in by_task.items())
     else:
@@ -147,7 +154,8 @@ def report_dict(rep) -> dict:  # noqa: ANN001 - featcache.report.ReportResult
         "html": str(rep.html.resolve()), "markdown": str(rep.markdown.resolve()),
         "csv": str(rep.csv.resolve()), "json": str(rep.json.resolve()), "n_runs": rep.n_runs,
         "best_run_id": rep.best_run_id, "best_by_task": rep.best_by_task, "metric": rep.metric,
-        "random_weights": list(rep.random_weights), "leaders": [leader(r) for r in rep.leaders],
+        "random_weights": list(rep.random_weights), "mixed_datasets": list(rep.mixed_datasets),
+        "leaders": [leader(r) for r in rep.leaders],
         "left_out": [{"run": rid, "reason": why} for rid, why in rep.skipped]}
 
 

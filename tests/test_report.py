@@ -2023,6 +2023,31 @@ def test_mixed_tasks_and_datasets_are_told_from_every_run_ranked_and_each_task_g
     assert len(re.findall(r"\*\*Best run of dataset /nonexistent/", text)) == 2
 
 
+def test_the_terminal_and_json_say_when_runs_of_several_datasets_are_ranked_together(tmp_path):
+    """A new user ran `featcache demo`, then fit their own data in the same folder: `featcache report`
+    printed the demo's runs as the best of each head over theirs with no word that these are two datasets
+    (only the report file's "Mixed datasets" callout said so)."""
+    from featcache.cli.report_cmd import print_outputs, report_dict
+    from rich.console import Console
+
+    runs = tmp_path / "runs"
+    write_fake_run(runs, "20240101-000001-logreg-00000001", quality=0.5, seed=2)
+    write_fake_run(runs, "20240101-000002-logreg-00000002", quality=0.3, seed=3,
+                   dataset_root="/nonexistent/b")
+    for group_by, mixed in ((None, True), ("head", True), ("dataset", False)):
+        res = build_report(runs, tmp_path / f"out-{group_by}", ReportOptions(group_by=group_by, detail=0))
+        console = Console(record=True, width=300)
+        print_outputs(res, console)
+        said = " ".join(console.export_text().split())
+        assert ("Mixed datasets: runs of 2 datasets are ranked together" in said) == mixed
+        assert not mixed or "/nonexistent/b" in said.split("Mixed datasets:")[1]  # which: named
+        assert len(report_dict(res)["mixed_datasets"]) == (2 if mixed else 0)
+    one = build_report(runs, tmp_path / "one", ReportOptions(ids=["-000001-"], detail=0))
+    console = Console(record=True, width=300)
+    print_outputs(one, console)
+    assert "Mixed datasets" not in console.export_text() and report_dict(one)["mixed_datasets"] == []
+
+
 def test_sensitivity_by_pneumonia_subtype_counts_each_subtypes_positives() -> None:
     from featcache.report.collect import Predictions
     from featcache.report.scores import subtype_sensitivity

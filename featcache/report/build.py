@@ -116,6 +116,10 @@ class ReportResult:
     best_by_task: dict[str, str] = field(default_factory=dict)
     # --group-by as given: the terminal's "ranked together" warning is false where each group is one task
     group_by: str | None = None
+    # the datasets of the ranked runs where there are several (and --group-by is not dataset): the report's
+    # "Mixed datasets" callout, which the terminal lacked, so after `featcache demo` in the same folder the
+    # demo's runs topped a user's own in the printed table without a word
+    mixed_datasets: list[str] = field(default_factory=list)
 
 
 def _f(value: Any, digits: int = 3) -> str:
@@ -391,8 +395,8 @@ def _callouts(
                      "the same config and seed give other numbers on another backend, so their differences "
                      "are partly the backend's (the leaderboard CSV has a keras_backend column).", "note",
                      "Mixed backends:"))
-    datasets = sorted({r.dataset for r in ranked_runs})
-    if len(datasets) > 1 and options.group_by != "dataset":
+    datasets = _mixed_datasets(ranked_runs, options.group_by)
+    if datasets:
         doc.add(Para(f"runs of {len(datasets)} datasets (or versions of one folder) are ranked together: "
                      f"{'; '.join(datasets)}. They were validated and tested on different images, so their "
                      "numbers are not comparable (use --group-by dataset).", "warn", "Mixed datasets:"))
@@ -2356,7 +2360,14 @@ def build_report(
     return ReportResult(out_dir, out_dir / "report.html", out_dir / "report.md", out_dir / "leaderboard.csv",
                         out_dir / "leaderboard.json", len(rows), best["run_id"], skipped, options.metric,
                         leaders, sorted({r.backbone for r in searched if r.random_weights}),
-                        _best_by_task(ranked), options.group_by)
+                        _best_by_task(ranked), options.group_by, _mixed_datasets(searched, options.group_by))
+
+
+def _mixed_datasets(ranked_runs: Sequence[RunRecord], group_by: str | None) -> list[str]:
+    """The datasets of the ranked runs where several are ranked together ([] where one, or grouped by
+    dataset): the same rule as the report's "Mixed datasets" callout, so the terminal says what it says."""
+    datasets = sorted({r.dataset for r in ranked_runs})
+    return datasets if len(datasets) > 1 and group_by != "dataset" else []
 
 
 def _best_by_task(ranked: Sequence[dict]) -> dict[str, str]:
