@@ -32,6 +32,23 @@ def _echo_json(obj: object) -> None:
     typer.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
+def _weights(config: object) -> str:
+    """A cache's weights in a word or two: "ImageNet", "random" (--weights none), or a file by its SHA-256.
+
+    Why: `featcache demo` and `featcache demo --weights none` in one folder left two rows of the same
+    backbone, pooling and size in `cache ls`, the random one told apart only by `cache info`."""
+    cfg = config if isinstance(config, dict) else {}
+    weights = cfg.get("weights")
+    digest = str(cfg.get("weights_file_sha256") or "")[:8]
+    if weights == "imagenet":
+        return "ImageNet"
+    if weights == "none":
+        return "random"
+    if weights in ("file", "saved") and digest:
+        return f"{'saved model' if weights == 'saved' else 'file'} {digest}"
+    return str(weights) if weights else "?"
+
+
 def _gone(folder: Path) -> bool:
     """Whether a cache's dataset folder is known to be gone (a folder that cannot be checked is not)."""
     try:
@@ -74,15 +91,16 @@ def ls_cmd(
     table = Table(title=f"caches in {escape(str(cache_dir))}")
     numeric = ("size", "dim", "rows", "MB")
     widest = max(len(e["file"]) for e in entries)
-    for col in ("file", "backbone", "pooling", "size", "dim", "rows", "views", "dtype", "MB"):
+    for col in ("file", "backbone", "weights", "pooling", "size", "dim", "rows", "views", "dtype", "MB"):
         table.add_column(col, overflow="fold", justify="right" if col in numeric else "left",
-                         min_width=widest if col == "file" and console.width >= widest + 75 else None)
+                         min_width=widest if col == "file" and console.width >= widest + 86 else None)
     for e in entries:
         if "error" in e:
-            table.add_row(escape(e["file"]), "[red]unreadable[/]", *[""] * 6, _mb(e["size_bytes"]))
+            table.add_row(escape(e["file"]), "[red]unreadable[/]", *[""] * 7, _mb(e["size_bytes"]))
             continue
         rows = str(e["n_rows"]) + ("" if e["clean"] else " [yellow](not closed)[/]")
-        table.add_row(escape(e["file"]), escape(str(e["backbone"])), escape(str(e["pooling"])),
+        table.add_row(escape(e["file"]), escape(str(e["backbone"])), escape(_weights(e.get("config"))),
+                      escape(str(e["pooling"])),
                       escape(str(e["image_size"])), str(e["feature_dim"]), rows,
                       escape(",".join(e["views"])), escape(str(e["dtype"])), _mb(e["size_bytes"]))
     print_table(console, table)

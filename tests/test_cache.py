@@ -767,6 +767,35 @@ def test_merge_shards(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ CLI
+def test_cli_ls_names_each_caches_weights(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """`featcache demo` and `featcache demo --weights none` in one folder left two rows of one backbone,
+    pooling and size in `cache ls`: which held random features took `cache info` to tell."""
+    from featcache.cache import cache_config
+
+    monkeypatch.setenv("COLUMNS", "250")
+    base = {"name": "testnet", "pooling": "avg", "image_size": 32, "preprocess": "unit", "feature_dim": DIM,
+            "seed": 0}
+    kinds = {"none": {"weights_digest": "none"}, "imagenet": {"weights_digest": "ab" * 32},
+             "file": {"weights_digest": "cd" * 32, "weights_file_sha256": "12345678" + "e" * 56}}
+    names = {}
+    for weights, extra in kinds.items():
+        cfg = cache_config(ROOT, {**base, "weights": weights, **extra}, "squash", "float32")
+        names[weights] = fc.cache_path(tmp_path / "cache", cfg)
+        with fc.CacheWriter(names[weights], cfg, DIM) as w:
+            rows = make_rows(2, DIM)
+            w.reserve(2)
+            w.append(rows["keys"], rows["views"], rows["paths"], rows["features"])
+    assert run(["cache", "ls", "--cache-dir", str(tmp_path / "cache")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if "backbone" in line)
+    assert "weights" in header.split("backbone")[1].split("pooling")[0]
+    said = {w: next(line for line in lines if path.name in line) for w, path in names.items()}
+    assert "random" in said["none"] and "ImageNet" not in said["none"]
+    assert "ImageNet" in said["imagenet"] and "random" not in said["imagenet"]
+    assert "file 12345678" in said["file"]
+
+
 def test_cli_ls_info_json_and_escaping(tmp_path: Path, capsys: pytest.CaptureFixture,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COLUMNS", "200")
