@@ -203,10 +203,17 @@ def extract_cmd(
     err_console = Console(stderr=True)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                _RateColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-    with Progress(*columns, console=err_console, transient=False, disable=as_json) as progress:
+    # a log (nohup, a batch job, `> log 2>&1`) cannot animate a bar: rich drew nothing there until the end,
+    # so a 5-minute extract looked hung; it gets dated lines instead, as fit, run and report do
+    interactive = err_console.is_interactive
+    with Progress(*columns, console=err_console, transient=False,
+                  disable=as_json or not interactive) as progress:
+        from featcache.cli.text import LogLines
+
+        view = _ProgressView(progress) if interactive or as_json else LogLines(err_console)
         try:
             # the backend is imported only for a build: a fully cached extract needs neither (seconds)
-            result = extract(dataset, config, cache_dir, options, progress=_ProgressView(progress),
+            result = extract(dataset, config, cache_dir, options, progress=view,
                              before_build=import_backend_quietly)
         except BaseException as exc:
             partial = getattr(exc, "result", None)   # --strict: show what was saved and skipped, then fail
@@ -215,13 +222,7 @@ def extract_cmd(
                     typer.echo(json.dumps(result_dict(partial), indent=2))
                 else:
                     _render_summary(err_console, partial)
-            # A log keeps the bars' last frame as a record of a finished extract; above an error it is
-            # only a stale "0/?" line, so in a pipe the error comes alone (a terminal keeps its bar).
-            if not err_console.is_terminal:
-                progress.live.transient = True
-                progress.live.stop()
-                progress.disable = True  # Progress.stop would still print its empty line
-            raise
+            raise  # in a pipe no bar was drawn (dated lines instead), so the error comes alone
     if as_json:
         typer.echo(json.dumps(result_dict(result), indent=2))
         return

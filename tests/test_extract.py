@@ -900,3 +900,22 @@ def test_rows_added_under_other_library_versions_are_announced_and_shown(tree: P
     assert run(["cache", "info", str(first.cache_path)]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert f"keras {real()['keras']}" in out and "keras 9.9.9" in out
+
+
+def test_extract_into_a_log_writes_dated_progress_lines(tree: Path, tmp_path: Path, capsys, monkeypatch):
+    """Into a log (nohup, `> log 2>&1`) rich draws no bar, so extract wrote nothing until it ended: a
+    5-minute extract looked hung. It writes dated lines on stderr now, as fit, run and report do (here with
+    the interval at 0 s, so each event gives one)."""
+    import re
+
+    import featcache.cli.text as text
+
+    real = text.LogLines
+    monkeypatch.setattr(text, "LogLines", lambda console: real(console, every=0))
+    code = run(["extract", "--data", str(tree), *CLI_BB, "--cache-dir", str(tmp_path / "c")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    lines = captured.err.splitlines()
+    assert any(re.match(r"\d\d:\d\d:\d\d extract \d+/\d+", line) for line in lines), captured.err
+    assert any(re.match(r"\d\d:\d\d:\d\d extract (\d+)/\1 ", line + " ") for line in lines)  # its end
+    assert "extract summary" in captured.out
