@@ -214,6 +214,7 @@ def show_cmd(
 
     from featcache.runs import (
         describe_trainer,
+        epochs_text,
         load_run,
         replay_command,
         run_problems,
@@ -264,6 +265,9 @@ def show_cmd(
     ]
     if info.get("trainer"):
         rows.append(("trained", describe_trainer(info["trainer"])))
+    epochs = epochs_text(info, metrics.get("history") if isinstance(metrics, dict) else None)
+    if epochs:  # what ran, beside the params' "epochs=200" (what was asked)
+        rows.append(("epochs", epochs))
     rows.append(("unusual images", _reference_text(run)))
     caches = [c for c in info.get("caches") or [] if isinstance(c, dict)]
     backbones = [b for b in info.get("backbones") or [] if isinstance(b, dict)]

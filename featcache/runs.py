@@ -962,6 +962,63 @@ def describe_trainer(trainer: dict, *, detail: bool = True) -> str:
     return text
 
 
+def _whole(value: Any) -> int | None:
+    """A recorded count (an int, not a bool or a hand-edited string); None otherwise."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+# mlp.refit_plan's "epochs_from" in the words of `runs show`'s epochs row (its own has parentheses)
+_REFIT_EPOCHS_FROM = {"best hold-out epoch (checkpoint)": "the hold-out model's best epoch",
+                      "epochs the hold-out ran": "the epochs the hold-out model ran"}
+
+
+def epochs_text(info: dict, history: Any) -> str | None:
+    """How an mlp run's epochs went, from run.json and metrics.json's ``history``: e.g. '13 of 200 epochs
+    (stopped early, patience 3); weights of epoch 10 kept (lowest validation loss); tested model: refit on
+    160 images (training + validation) for 10 epochs (best hold-out epoch)'. None for other heads and
+    for runs without a history.
+
+    Why: the params say what was asked (``epochs=200``), not what ran. An early-stopped run trained 13
+    epochs, kept epoch 10's weights, and with ``--refit`` the tested model trained on other images for
+    another number of epochs; `runs show` and the report showed none of it, so a Methods section written
+    from them said 200 epochs.
+    """
+    if info.get("head") != "mlp" or not isinstance(history, dict):
+        return None
+    losses = history.get("loss")
+    if not isinstance(losses, list) or not losses:
+        return None
+    hp = info.get("hyperparameters") if isinstance(info.get("hyperparameters"), dict) else {}
+    params = info.get("params") if isinstance(info.get("params"), dict) else {}
+    setting = {**params, **hp}
+    ran, planned = len(losses), _whole(setting.get("epochs"))
+    patience = _whole(setting.get("patience"))
+    text = f"{ran} of {planned} epochs" if planned else f"{ran} epochs"
+    if patience is not None:
+        text += (f" (stopped early, patience {patience})" if planned and ran < planned
+                 else f" (patience {patience}: never stopped early)")
+    if setting.get("checkpoint") is True:
+        val = [v if isinstance(v, int | float) and np.isfinite(v) else np.inf
+               for v in history.get("val_loss") or []]
+        if val and min(val) < np.inf:  # the first lowest, as the best-weights callbacks keep it
+            text += f"; weights of epoch {int(np.argmin(val)) + 1} kept (lowest validation loss)"
+    else:
+        text += "; weights of the last epoch kept"
+    rates = [v for v in history.get("lr") or [] if isinstance(v, int | float)]
+    lowered = sum(b < a for a, b in zip(rates, rates[1:], strict=False))
+    if setting.get("reduce_lr_patience") is not None and lowered:
+        text += f"; learning rate lowered {lowered} time(s) on plateaus, to {rates[-1]:.3g}"
+    sel = info.get("selection") if isinstance(info.get("selection"), dict) else {}
+    plan = sel.get("refit_plan")
+    if sel.get("refit") and isinstance(plan, dict) and _whole(plan.get("epochs")):
+        n = sel.get("refit_n_train_images")
+        why = ("as configured" if plan.get("as_configured")
+               else _REFIT_EPOCHS_FROM.get(str(plan.get("epochs_from")), str(plan.get("epochs_from") or "?")))
+        text += (f"; tested model: refit on {n if _whole(n) else 'all'} images (training + validation) for "
+                 f"{plan['epochs']} epochs ({why})")
+    return text
+
+
 CHECKPOINTS_DIR = ".checkpoints"
 """Folder inside a runs folder where fit keeps epoch checkpoints of unfinished MLP sweeps, one subfolder per
 sweep id (hidden: run listings skip it)."""

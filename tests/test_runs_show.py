@@ -153,3 +153,58 @@ def test_scores_have_four_decimals_and_an_unfinished_run_is_named(tmp_path, caps
     assert f"run '{unfinished}' is unfinished (its folder has no run.json" in err, err
     assert run(["runs", "show", "bbbbbb", "--runs-dir", str(runs)]) != 0  # part of its id: said "no run"
     assert f"run '{unfinished}' is unfinished" in " ".join(capsys.readouterr().err.split())
+
+
+def _early_stopped_mlp(runs: Path, *, refit: bool) -> str:
+    """A fake mlp run asked for 200 epochs that stopped after 8 (patience 3) and kept epoch 5's weights,
+    optionally refit on training + validation for those 5 epochs (as fit records it)."""
+    run_id = "20240101-000003-mlp-cccccccc"
+    folder = write_fake_run(runs, run_id, head="mlp", params={"layers": [8], "epochs": 200, "patience": 3,
+                                                               "checkpoint": True})
+    metrics = json.loads((folder / "metrics.json").read_text())
+    val_loss = [0.9, 0.7, 0.6, 0.55, 0.5, 0.52, 0.51, 0.53]
+    metrics["history"] = {"loss": [v - 0.1 for v in val_loss], "val_loss": val_loss,
+                          "accuracy": [0.8] * 8, "val_accuracy": [0.8] * 8, "lr": [1e-3] * 8}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    info = json.loads((folder / "run.json").read_text())
+    info["hyperparameters"] = {"layers": [8], "epochs": 200, "patience": 3, "checkpoint": True,
+                               "reduce_lr_patience": None}
+    if refit:
+        info["selection"].update(refit=True, refit_n_train_images=160, refit_plan={
+            "epochs": 5, "as_configured": False, "epochs_from": "best hold-out epoch (checkpoint)",
+            "hold_out_epochs_run": 8, "learning_rates_replayed": False})
+    (folder / "run.json").write_text(json.dumps(info))
+    return run_id
+
+
+@pytest.mark.parametrize("refit", [False, True])
+def test_runs_show_says_how_many_epochs_an_mlp_ran_and_which_it_kept(tmp_path, capsys, refit):
+    """An mlp run with epochs=200 and early stopping showed only "epochs=200": not that it stopped after 8
+    epochs, kept epoch 5's weights, or (--refit) that the tested model was trained on training + validation
+    images for 5 epochs. A Methods section written from `runs show` said 200 epochs."""
+    runs = tmp_path / "runs"
+    run_id = _early_stopped_mlp(runs, refit=refit)
+    assert run(["runs", "show", run_id, "--runs-dir", str(runs)]) == 0
+    lines = [" ".join(line.replace("│", " ").split()) for line in capsys.readouterr().out.splitlines()]
+    row = next((line for line in lines if line.startswith("epochs ")), "")
+    assert row.startswith("epochs 8 of 200 epochs (stopped early, patience 3); weights of epoch 5 kept "
+                          "(lowest validation loss)"), lines
+    refit_words = ("tested model: refit on 160 images (training + validation) for 5 epochs (the hold-out "
+                   "model's best epoch)")
+    assert (refit_words in row) == refit
+    logreg = "20240101-000004-logreg-dddddddd"  # other heads have no epochs: no row
+    write_fake_run(runs, logreg)
+    assert run(["runs", "show", logreg, "--runs-dir", str(runs)]) == 0
+    assert "epochs" not in capsys.readouterr().out
+
+
+def test_the_report_heads_an_mlp_run_with_the_epochs_it_ran(tmp_path):
+    """The report's per-run header named the config (epochs=200) but not the 8 epochs it ran."""
+    from featcache.report import build_report
+
+    runs = tmp_path / "runs"
+    run_id = _early_stopped_mlp(runs, refit=False)
+    res = build_report(runs, tmp_path / "out")
+    text = " ".join(res.markdown.read_text(encoding="utf-8").split())
+    assert (f"run {run_id} — val n=40, test n=60 — 8 of 200 epochs (stopped early, patience 3); weights of "
+            "epoch 5 kept (lowest validation loss)") in text

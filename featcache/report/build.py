@@ -48,6 +48,7 @@ from featcache.report.scores import (
 )
 from featcache.runs import (
     describe_trainer,
+    epochs_text,
     format_value,
     grid_index,
     replay_command,
@@ -854,7 +855,8 @@ def _top_runs_section(
             Para(
                 f"config: {row['config'] or '(defaults)'} — run {row['run_id']}"
                 f" — val n={row.get('n_val') or '?'}, "
-                + (f"test n={row['n_test']}" if row.get("n_test") else "no test split"),  # not "test n=none"
+                + (f"test n={row['n_test']}" if row.get("n_test") else "no test split")  # not "test n=none"
+                + (f" — {epochs}" if (epochs := epochs_text(rec.run, rec.metrics.get("history"))) else ""),
                 "muted",
             )
         )
