@@ -1091,7 +1091,7 @@ def fit(
                        caches={c["name"]: Path(c["path"]) for c in caches},
                        left_out=[(dataset.records[i].relpath, why) for i, why in undecodable.items()],
                        notes=(_preset_task_notes(opts, preset, task)
-                              + _unused_option_notes(opts, head_obj, len(classes))
+                              + _unused_option_notes(opts, head_obj, len(classes), configs)
                               + _binary_label_notes(records, task) + _leak_notes(records, pool, test, keys)
                               + _test_gap_notes(classes, y, test)
                               + merged))
@@ -1236,9 +1236,16 @@ def _test_fraction_advice(fraction: float, groups: np.ndarray, pool: np.ndarray,
             f"leaving {n_pool} for training and validation; a smaller --test-fraction leaves more.")
 
 
-def _unused_option_notes(opts: FitOptions, head_obj: Any, n_classes: int = 2) -> list[str]:
+def _unused_option_notes(opts: FitOptions, head_obj: Any, n_classes: int = 2,
+                         configs: Sequence[dict] = ()) -> list[str]:
     """A note for each option given a non-default value that this head (or task) does not use: accepted
-    without a word, it looked as if it had shaped the runs."""
+    without a word, it looked as if it had shaped the runs.
+
+    ``configs``: the sweep's grid; --mlp-precision and --mlp-trainer shape only configs trained fused, and
+    a grid with none (one config, SGD, a decay schedule, no two sharing a batch size) trains each with
+    ``model.fit`` in float32 whatever they say. Unnoted, `--mlp-precision float32` on one config trained it
+    again under a new run id, to the same numbers, as if bfloat16 had been turned off.
+    """
     defaults = FitOptions()
     unused = []
     if n_classes > 2 and opts.threshold != defaults.threshold:
@@ -1252,6 +1259,25 @@ def _unused_option_notes(opts: FitOptions, head_obj: Any, n_classes: int = 2) ->
             ("--mlp-precision", opts.mlp_precision, defaults.mlp_precision),
             ("--mlp-trainer", opts.mlp_trainer, defaults.mlp_trainer)) if value != default]
     notes = [f"not used by the {head_obj.name} head: {u}." for u in unused]
+    fused_flags = [flag for flag, value, default in (
+        ("--mlp-precision", opts.mlp_precision, defaults.mlp_precision),
+        ("--mlp-trainer", opts.mlp_trainer, defaults.mlp_trainer)) if value != default]
+    if head_obj.name == "mlp" and fused_flags and configs:
+        from featcache.heads.mlp import fused_configs
+
+        if not fused_configs(list(configs)):
+            trainer, auto = resolve_trainer(opts.mlp_trainer), resolve_trainer(defaults.mlp_trainer)
+            # the resolved values go into the run ids (see _fit's common): where they differ from the
+            # default's, runs made without the flag are not found "already done"
+            new_ids = (trainer != auto or resolve_precision(opts.mlp_precision, trainer)
+                       != resolve_precision(defaults.mlp_precision, auto))
+            notes.append(f"{' and '.join(fused_flags)} change{'' if len(fused_flags) > 1 else 's'} nothing "
+                         "these configs train: "
+                         f"{'they apply' if len(fused_flags) > 1 else 'it applies'} to fused grid training "
+                         "(Adam configs with a constant learning rate that share a batch size), and none of "
+                         "these trains fused, so each trains alone with model.fit in float32"
+                         + ("; the value is in their run ids, so runs made without it train again, to the "
+                            "same numbers." if new_ids else "."))
     if head_obj.selection != "cv" and opts.metric != defaults.metric:  # no choice inside fit to make
         notes.append(f"--metric {opts.metric}: every {head_obj.name} config is a run of its own, so the "
                      "metric changes nothing they train; it orders fit's table and `featcache report` ranks "

@@ -1524,6 +1524,40 @@ def test_options_the_head_does_not_use_are_noted(setup) -> None:
     assert not _unused_option_notes(FitOptions(metric="auc"), get_head("logreg"))  # its CV search uses it
 
 
+def test_mlp_precision_and_trainer_are_noted_when_no_config_trains_fused(monkeypatch) -> None:
+    """An mlp audit: `fit --head mlp --grid lr=0.001 --grid dropout=0 --mlp-precision float32` (one config)
+    trained it again under a new run id, to the same numbers, without a word: a lone config (or SGD, or
+    a decay schedule) trains with model.fit in float32 whatever --mlp-precision or --mlp-trainer say."""
+    from featcache.fit import FitOptions, _unused_option_notes
+    from featcache.heads import get_head
+
+    monkeypatch.delenv("FEATCACHE_MLP_TRAINER", raising=False)
+    monkeypatch.delenv("FEATCACHE_MLP_PRECISION", raising=False)
+    mlp = get_head("mlp")
+    lone = [{"layers": (8,), "lr": 1e-3, "epochs": 1}]
+    sgd_pair = [{"layers": (8,), "optimizer": "sgd", "lr": lr, "epochs": 1} for lr in (1e-3, 1e-2)]
+    for configs in (lone, sgd_pair):
+        said = " ".join(_unused_option_notes(FitOptions(mlp_precision="float32"), mlp, 2, configs))
+        assert ("--mlp-precision changes nothing these configs train: it applies to fused grid training"
+                in said), said
+        assert "each trains alone with model.fit in float32" in said
+    both = " ".join(_unused_option_notes(FitOptions(mlp_precision="float32", mlp_trainer="tf"), mlp, 2, lone))
+    assert "--mlp-precision and --mlp-trainer change nothing these configs train: they apply" in both
+    # two Adam configs sharing a batch size train fused: the option shapes them, no note
+    fused = [{"layers": (8,), "lr": lr, "epochs": 1} for lr in (1e-3, 1e-2)]
+    assert not _unused_option_notes(FitOptions(mlp_precision="float32"), mlp, 2, fused)
+    assert not _unused_option_notes(FitOptions(), mlp, 2, lone)  # not given: nothing to say
+
+
+def test_fit_notes_mlp_precision_on_a_lone_config(setup) -> None:
+    """The same, through fit: a one-config mlp sweep given --mlp-precision float32 says so."""
+    root, cache_dir, runs_dir = setup
+    res = fit(root, "fakenet", "mlp", opts(cache_dir, runs_dir, grid_args=["epochs=1", "lr=0.001",
+                                                                          "dropout=0", "layers=4"],
+                                            mlp_precision="float32"))
+    assert any(n.startswith("--mlp-precision changes nothing these configs train") for n in res.notes)
+
+
 def test_a_preset_names_the_task_it_ran_when_the_paper_ran_two() -> None:
     """`fit --preset mao2018` without --task ran binary without a word, though the paper also reports
     3-class; a task the paper did not run is noted too; a task given explicitly, or a one-task paper, is

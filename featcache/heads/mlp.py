@@ -565,6 +565,14 @@ def unpartnered(configs: list[dict]) -> set[int]:
     return {i for i in _fused_groups(ps, None)[1] if _fusable(ps[i])}
 
 
+def fused_configs(configs: list[dict]) -> set[int]:
+    """Indices of the configs that ``train_many`` (``fuse=None``) trains fused, the only ones that
+    ``--mlp-precision`` and ``--mlp-trainer`` shape (the rest train alone with ``model.fit`` in float32);
+    public so that ``fit`` can say when those options change nothing."""
+    ps = [_params(c) for c in configs]
+    return {i for idx in _fused_groups(ps, None)[0].values() for i in idx}
+
+
 def fused_sigmoid(configs: list[dict]) -> set[int]:
     """Indices of the sigmoid-output configs that ``train_many`` (``fuse=None``) trains fused.
 
