@@ -230,6 +230,11 @@ def load_grid_file(path: str | Path, schema: dict | None = None) -> list[dict[st
     except IsADirectoryError:
         raise ConfigError(f"grid file {p} is a folder; give --grid-file a .toml file.") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        other = _other_format(p)
+        if other:  # "fix its syntax" sent a user with a valid grid.json hunting for a typo
+            raise ConfigError(f"grid file {p} looks like {other}, but grid files are TOML: write a [grid] "
+                              "table and one KEY = [values] line per key under it, e.g. lr = [0.001, 0.0001] "
+                              "(mlp) or C = [0.1, 1.0] (logreg, svm).") from None
         raise ConfigError(f"grid file {p} is not valid TOML ({exc}); fix its syntax.") from None
     grids = data.get("grid")
     if isinstance(grids, dict):
@@ -237,6 +242,21 @@ def load_grid_file(path: str | Path, schema: dict | None = None) -> list[dict[st
     if not isinstance(grids, list) or not grids or not all(isinstance(g, dict) for g in grids):
         raise ConfigError(f"grid file {p} needs a [grid] table or [[grid]] tables of KEY = [values].")
     return [_typed_grid(g, schema, f"grid file {p}") for g in grids]
+
+
+def _other_format(path: Path) -> str | None:
+    """"JSON" or "YAML" when a grid file that TOML cannot read is one of those (by its suffix, or JSON by
+    its content), else None. Why: the README's other files are often JSON or YAML, and a grid written
+    that way is no syntax slip but another format."""
+    if path.suffix.lower() in (".yaml", ".yml"):
+        return "YAML"
+    if path.suffix.lower() == ".json":
+        return "JSON"
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return "JSON"
 
 
 def _freeze(v: Any) -> Any:

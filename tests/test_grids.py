@@ -77,6 +77,28 @@ def test_expand_product_and_union() -> None:
     assert union == [{"C": 1.0}, {"C": 2.0}, {"C": 3.0}]
 
 
+def test_a_json_or_yaml_grid_file_is_named_as_such(tmp_path: Path) -> None:
+    """An mlp audit: a valid grid.json (or .yaml) got "is not valid TOML (Invalid statement ...); fix its
+    syntax", a hunt for a typo in a file with none. It is named as JSON or YAML now, with the TOML form; a
+    broken TOML file keeps its parser's message."""
+    from featcache.heads import get_head
+
+    mlp = get_head("mlp").schema
+    files = {"grid.json": '{"grid": {"lr": [0.001], "epochs": [1]}}', "grid.yaml": "grid:\n  lr: [0.001]\n",
+             "grid.yml": "grid:\n  lr: [0.001]\n", "grid.txt": '{"grid": {"lr": [0.001]}}'}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ConfigError) as err:
+            load_grid_file(tmp_path / name, mlp)
+        fmt = "YAML" if name.endswith(("yaml", "yml")) else "JSON"
+        assert f"looks like {fmt}, but grid files are TOML" in str(err.value), str(err.value)
+        assert "lr = [0.001, 0.0001]" in str(err.value) and "fix its syntax" not in str(err.value)
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[grid\n")
+    with pytest.raises(ConfigError, match="not valid TOML .*fix its syntax"):
+        load_grid_file(broken, mlp)
+
+
 def test_toml_grid_files(tmp_path: Path) -> None:
     one = tmp_path / "one.toml"
     one.write_text('[grid]\nC = [0.1, 1]\nlayers = [[1024, 512], [64]]\nclass_weight = ["balanced", "1:3"]\n')
