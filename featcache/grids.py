@@ -148,7 +148,10 @@ def coerce(key: str, raw: Any, typ: str) -> Any:
         except (ValueError, TypeError):
             continue
         return _check_range(key, value)
-    raise ConfigError(f"grid value {raw!r} for '{key}' is not a valid {base.replace('|', ' or ')}.")
+    # "class_weight=1:0" said only "not a valid class_weight": the forms it takes are named
+    hint = ("; give balanced, or one weight above 0 per class in class order (1:3, or "
+            "{\"0\": 1, \"1\": 3})" if base == "class_weight" else "")
+    raise ConfigError(f"grid value {raw!r} for '{key}' is not a valid {base.replace('|', ' or ')}{hint}.")
 
 
 def _check_key(key: str, schema: dict) -> str:

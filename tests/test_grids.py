@@ -45,6 +45,9 @@ def test_parse_grid_args_types() -> None:
     ("max_iter=0", "must be at least 1"),
     ("patience=-1", "must be 0 or more"),
     ("gamma=-0.5", "-0.5 for 'gamma' is out of range"),
+    # a zero weight said only "not a valid class_weight": the forms it takes are named
+    ("class_weight=1:0", "is not a valid class_weight; give balanced, or one weight above 0 per class in "
+                         'class order (1:3, or {"0": 1, "1": 3})'),
 ])
 def test_parse_grid_errors_name_the_key(item: str, needle: str) -> None:
     with pytest.raises(ConfigError) as exc:
