@@ -58,6 +58,7 @@ def _leaders_table(result) -> Table | None:
 
     Columns that are the same on every row (backbone, task) are left out, and configs without the settings
     all shown runs of a head share, as in the report's overview plot."""
+    from featcache.report.build import is_tied
     from featcache.report.plots import overview_labels
 
     rows = getattr(result, "leaders", None) or []
@@ -73,7 +74,10 @@ def _leaders_table(result) -> Table | None:
 
     varying = [*(["group"] if grouped else []), *(k for k in ("backbone", "head", "task") if shown_column(k))]
     what = "best run of each group" if grouped else "best runs"
-    table = Table(title=f"{what} by validation {metric}", title_justify="left", box=None, pad_edge=False)
+    tied = not grouped and any(is_tied(r) for r in rows)
+    table = Table(title=f"{what} by validation {metric}", title_justify="left", box=None, pad_edge=False,
+                  caption=f"'=' after a rank: the same validation {metric} as another run" if tied else None,
+                  caption_justify="left")
     # grouped, every row is its group's #1 (ranks count within groups): a rank column would say nothing
     for name in (*([] if grouped else ["#"]), *varying, "config", f"val {metric}", f"test {metric} [95% CI]"):
         table.add_column(name, justify="right" if name == "#" or metric in name else "left", overflow="fold")
@@ -88,7 +92,9 @@ def _leaders_table(result) -> Table | None:
         lo, hi = r.get(f"test_{used}_lo"), r.get(f"test_{used}_hi")
         if test != "—" and lo is not None and hi is not None:
             test += f" [{lo:.3f}–{hi:.3f}]"
-        table.add_row(*([] if grouped else [str(r["rank"])]), *(escape(str(r.get(k))) for k in varying),
+        # "2=" as in the report: tied runs read 1, 2, 3, 4 here while report.md said 1, 2=, 3=, 4
+        rank = f"{r['rank']}{'=' if is_tied(r) else ''}"
+        table.add_row(*([] if grouped else [rank]), *(escape(str(r.get(k))) for k in varying),
                       escape(config or "(defaults)"), num(r.get(f"val_{used}")) + named,
                       test + (named if test != "—" else ""))
     return table

@@ -1976,6 +1976,16 @@ def test_ties_below_the_best_are_marked_in_the_leaderboard(tmp_path):
     assert [line.split("|")[1].strip().strip("*") for line in table] == ["1", "2=", "3=", "4"]
     assert "'=' after a rank: the run has the same validation accuracy as another" in " ".join(text.split())
     assert "<td>2=</td>" in res.html.read_text().replace(' class="num"', "")
+    # the terminal's table too: it read 1, 2, 3, 4 while report.md said 1, 2=, 3=, 4
+    from featcache.cli.report_cmd import _leaders_table
+    from rich.console import Console
+
+    out = Console(record=True, width=200)
+    out.print(_leaders_table(res))
+    lines = out.export_text().splitlines()
+    assert [ln.split()[0] for ln in lines[2:6]] == ["1", "2=", "3=", "4"]
+    caption = " ".join(" ".join(lines[6:]).split())  # the caption wraps to the table's width
+    assert caption == "'=' after a rank: the same validation accuracy as another run"
 
 
 def test_mixed_tasks_and_datasets_are_told_from_every_run_ranked_and_each_task_gets_its_best(tmp_path):

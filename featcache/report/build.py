@@ -461,7 +461,7 @@ _CURVES_TEXT = ("loss (log scale) and accuracy per epoch in two panels, training
                 "the epoch whose weights were kept dotted (checkpoint)")
 
 
-def _tied(row: dict) -> bool:
+def is_tied(row: dict) -> bool:
     """Whether the row's validation score is shared by another run of its group (``tied`` counts them before
     --top trims, so a tie with a run left out counts too)."""
     return isinstance(row.get("tied"), int) and row["tied"] > 1
@@ -469,7 +469,7 @@ def _tied(row: dict) -> bool:
 
 def _leaderboard_table(rows: Sequence[dict], metric: str, has_test: bool) -> Table:
     # "2=": only the CSV's tied column told that #2 and #3 score the same, and the Tie note covers #1 only
-    cols: list[tuple[str, Any]] = [("#", lambda r: f"{r['rank']}{'=' if _tied(r) else ''}")]
+    cols: list[tuple[str, Any]] = [("#", lambda r: f"{r['rank']}{'=' if is_tied(r) else ''}")]
     # a column that is the same on every row is noise: say it once in the caption instead
     keys = ("dataset", "backbone", "head", "task", "validation")
     constant = [k for k in keys if len({r.get(k) for r in rows}) == 1]
@@ -523,7 +523,7 @@ def _leaderboard_table(rows: Sequence[dict], metric: str, has_test: bool) -> Tab
         return ", ".join(rows[0][k]) if k == "tags" else str(rows[0][k])
 
     caption = "; ".join(f"{k}: {shown(k)}" for k in constant) + " (all runs)" if constant else ""
-    if any(_tied(r) for r in rows):
+    if any(is_tied(r) for r in rows):
         caption += (". " if caption else "") + (
             f"'=' after a rank: the run has the same validation {metric} as another ranked run (shown or "
             "not); tied runs are ordered by sweep and grid position, which says nothing about their merit.")
