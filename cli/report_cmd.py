@@ -107,9 +107,11 @@ def print_outputs(result, console: Console) -> None:
         print_table(console, table)
     random = getattr(result, "random_weights", None) or []
     if random:
-        console.print(f"[yellow]Random weights: {escape(', '.join(random))} features come from randomly "
-                      "initialised weights (--weights none), not ImageNet: those runs test the pipeline, and "
-                      "their accuracy says nothing about the method.[/]")
+        # "mobilenet-0.75 features come from random weights" read as every mobilenet-0.75 run's, with
+        # ImageNet runs of it ranked beside: it names the runs (marked so in the table and report)
+        console.print(f"[yellow]Random weights: the runs on randomly initialised {escape(', '.join(random))} "
+                      "weights (--weights none), not ImageNet, test the pipeline only: their accuracy says "
+                      "nothing about the method.[/]")
     by_task = getattr(result, "best_by_task", None) or {}
     # under --group-by task each group is one task: "ranked together ... (--group-by task ranks them apart)"
     # contradicted the flag just given, and the report itself has no such note then
