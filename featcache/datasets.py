@@ -460,6 +460,12 @@ def _read_manifest_rows(csv_path: Path) -> tuple[list[str], list[tuple[int, dict
             rows = []
             start = reader.line_num + 1  # a quoted cell may span lines: report where its row begins
             for row in reader:
+                if any(cell.strip() for cell in row[len(cols):]):  # trailing empty cells are harmless
+                    # zip dropped them: "a,b.png,NORMAL" under path,label became path "a", label "b.png"
+                    raise DataError(
+                        f"manifest '{os.fsdecode(csv_path)}' line {start} has {len(row)} values but its "
+                        f"header names {len(cols)} columns ({','.join(cols)}); quote a path or label "
+                        'that holds a comma ("a,b.png"), or add the extra columns to the header.')
                 if any(cell.strip() for cell in row):
                     rows.append((start, dict(zip(cols, (c.strip() for c in row), strict=False))))
                 start = reader.line_num + 1

@@ -187,6 +187,9 @@ def test_manifest_without_split_keeps_kermany_parsing(tmp_path):
     ("path\tlabel\nx.png\ta\n", "looks tab-separated"),
     ('path,label\n"x.png,a\nx.png,b\n', "line 2 opens a quote .* never closed"),
     ("path,label\nx.png,a\npath,label\n", "line 3 repeats the header row"),
+    # a comma in a path shifted the row: 'a,b.png,NORMAL' read as path 'a', label 'b.png', NORMAL dropped
+    ("path,label\nx.png,a\na,b.png,NORMAL\n", "line 3 has 3 values but its header names 2 columns "
+     r"\(path,label\); quote a path or label that holds a comma"),
 ])
 def test_bad_manifests(tmp_path, content, match):
     write_xray(tmp_path / "x.png", 1)
@@ -194,6 +197,14 @@ def test_bad_manifests(tmp_path, content, match):
     with pytest.raises(DataError, match=match) as err:
         discover(csv_path)
     assert "\n" not in str(err.value)
+
+
+def test_a_manifest_row_with_trailing_empty_cells_is_read(tmp_path):
+    """Spreadsheets add empty cells at a row's end ("x.png,a,,"): harmless, so not refused as extra values."""
+    write_xray(tmp_path / "x.png", 1)
+    write_xray(tmp_path / "y.png", 2)
+    ds = discover(_write_manifest(tmp_path / "m.csv", "path,label\nx.png,a,,\ny.png,b,\n"))
+    assert [(r.relpath, r.label) for r in ds.records] == [("x.png", "a"), ("y.png", "b")]
 
 
 def test_manifest_with_windows_backslashes_says_so(tmp_path):
