@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_run_py_quick_json_reports_every_ratio(tmp_path: Path) -> None:
+def test_run_py_quick_json_reports_every_ratio(tmp_path: Path, capsys) -> None:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     # --extract-repeats: the extract is timed twice, each between two forward measurements (one run.py
     # process checks both, where a second bench_extract.py process cost CI about 40 s)
@@ -43,6 +43,43 @@ def test_run_py_quick_json_reports_every_ratio(tmp_path: Path) -> None:
     assert r["pipeline_efficiency"] == pytest.approx(sum(effs) / 2, abs=2e-3)  # median of two
     assert r["forward_images_per_s_before_after"] == [fwd[0], fwd[-1]]
     assert out["pipeline_efficiency"]["mobilenet-0.75"] == r["pipeline_efficiency"]
+    _check_ratios_are_what_they_name(out)
+    # the text table of the same object: every ratio printed, called a smoke test, no verdict
+    _run_module().print_table(out)
+    rows = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines() if ln.strip()}
+    for key in ("pipeline_efficiency[mobilenet-0.75]", "cache_hit_fraction", "memory_ratio", "logreg_speedup",
+                "mlp_grid_speedup"):
+        assert rows[key].endswith("(smoke test)"), rows.get(key)
+
+
+def _check_ratios_are_what_they_name(out: dict) -> None:
+    """Each top-level ratio must be the quotient of the raw measurements beside it, of what it names.
+
+    Why: a ratio checked only for being a positive number passes when the second extract recomputes
+    every row (no cache hit), the memory check runs the same subset twice, or a speedup divides the
+    wrong timings; these ask the JSON for the numerator and the denominator instead.
+    """
+    ext = out["benchmarks"]["extract"]
+    r = ext["backbones"][ext["cache_hit_backbone"]]
+    # a cache hit computes nothing, and its fraction divides the two extracts' wall times
+    assert r["images"] > 0 and r["second_run_rows_computed"] == 0, r
+    assert out["cache_hit_fraction"] == r["cache_hit_fraction"] < 1
+    assert r["cache_hit_fraction"] == pytest.approx(r["second_run_seconds"] / r["extract_seconds"],
+                                                    rel=0.05, abs=2e-3)
+    # peak RSS of the whole (quick) data set over that of a smaller subset, each a real extract
+    mem = ext["memory"]
+    assert mem["full"]["rows"] == r["images"] > mem["small"]["rows"] > 0, mem
+    assert out["memory_ratio"] == mem["memory_ratio"] == pytest.approx(
+        mem["full"]["peak_rss_mb"] / mem["small"]["peak_rss_mb"], abs=1e-3)
+    # both speedups: the reference's seconds over featcache's, on the same grid
+    logreg, mlp = out["benchmarks"]["logreg"], out["benchmarks"]["mlp"]
+    assert out["logreg_speedup"] == logreg["logreg_speedup"] == pytest.approx(
+        logreg["t_sklearn_s"] / logreg["t_featcache_s"], rel=0.01)
+    assert len(logreg["candidates"]) == logreg["grid_size"] == 14
+    assert out["mlp_grid_speedup"] == mlp["mlp_grid_speedup"] == pytest.approx(
+        mlp["t_reference_s"] / mlp["t_featcache_s"], rel=0.01)
+    assert out["logreg_agrees"] is logreg["logreg_agrees"]
+    assert out["mlp_grid_agrees"] is mlp["mlp_grid_agrees"]
 
 
 @pytest.mark.slow
