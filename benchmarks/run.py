@@ -148,21 +148,44 @@ def print_table(out: dict) -> None:
             agrees = out["benchmarks"].get(bench, {}).get(agree_key) if agree_key else None
             verdict = "(smoke test)" if quick else _verdict(v, target, better, agrees)
             print(f"{label:28} {v:>10} {cmp + str(target):>10}  {verdict}")
-    ext = out["benchmarks"].get("extract")
-    if ext:
-        for name, r in ext["backbones"].items():
-            print(f"  {name}: forward {r['forward_images_per_s']} img/s, extract {r['extract_images_per_s']} "
-                  f"img/s, second run {r['second_run_seconds']} s, cache {r['cache_file_mb']} MB")
-        if "originals" in ext:
-            o = ext["originals"]
-            print(f"  decode img/s: originals {o['decode_images_per_s_originals']}, 224-px "
-                  f"{o['decode_images_per_s_224']}")
+    _print_measured(out["benchmarks"])
     for name, secs in out["wall_seconds"].items():
         print(f"  bench_{name}: {secs} s")
     for miss in out["missing"]:
         print(f"  {miss}: not present, skipped")
     for name, err in out["failed"].items():
         print(f"  bench_{name}: FAILED ({err})")
+
+
+def _print_measured(benchmarks: dict) -> None:
+    """What each ratio divides, in its units: the table above gives only the quotients, and a reader of
+    the text output (no --json) must see the seconds and sizes behind them, as the JSON has them."""
+    ext = benchmarks.get("extract")
+    if ext:
+        for name, r in ext["backbones"].items():
+            print(f"  {name}: forward {r['forward_images_per_s']} img/s, extract {r['extract_images_per_s']} "
+                  f"img/s ({r['images']} images), first run {r['extract_seconds']} s, second (cached) run "
+                  f"{r['second_run_seconds']} s, cache {r['cache_file_mb']} MB")
+        for name, m in ext.get("memory_by_backbone", {}).items():
+            print(f"  memory, {name}: peak RSS {m['full']['peak_rss_mb']} MB on {m['full']['rows']} images / "
+                  f"{m['small']['peak_rss_mb']} MB on {m['small']['rows']}, each a fresh process")
+        if "originals" in ext:
+            o = ext["originals"]
+            print(f"  decode img/s: originals {o['decode_images_per_s_originals']}, 224-px "
+                  f"{o['decode_images_per_s_224']}")
+    lr = benchmarks.get("logreg", {})
+    if "t_sklearn_s" in lr:
+        print(f"  logreg: GridSearchCV {lr['t_sklearn_s']} s / featcache {lr['t_featcache_s']} s "
+              f"(median of {lr['featcache_repeats']}); {lr['n']} x {lr['d']} {lr['source']}, "
+              f"{lr['grid_size']} candidates x {lr['folds']} folds + refit; same parameters: "
+              f"{lr['same_params']}, largest CV score difference {lr['max_cv_score_diff']:.4g}")
+    mlp = benchmarks.get("mlp", {})
+    if "t_reference_s" in mlp:
+        ag, epochs = mlp["agreement"], mlp["epochs"]
+        print(f"  mlp: one model.fit per config {mlp['t_reference_s']} s / fused featcache "
+              f"{mlp['t_featcache_s']} s; {mlp['n_configs']} configs of {min(epochs)}-{max(epochs)} epochs, "
+              f"{'/'.join(mlp['precision'])}; {ag['configs_agreeing']} of {ag['configs']} configs within "
+              f"{ag['tolerance']} of a reference run")
 
 
 def main(argv: list[str] | None = None) -> int:

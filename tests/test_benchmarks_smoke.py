@@ -236,3 +236,30 @@ def test_extract_repeats_parse_for_all_or_for_named_backbones() -> None:
             bench.parse_repeats(bad)
     with pytest.raises(ValueError, match="not benchmarked here: vgg16"):
         bench.run(quick=True, memory=False, repeats={"vgg16": 2})
+
+
+def test_table_prints_the_measurements_each_ratio_divides(capsys) -> None:
+    """Without --json the run must still say what it measured: each speedup's two times, the cache hit's
+    two extracts, the memory check's two peaks (the ratio column alone cannot be checked by a reader)."""
+    run = _run_module()
+    backbone = {"forward_images_per_s": 170.1, "extract_images_per_s": 150.1, "images": 5206,
+                "extract_seconds": 34.7, "second_run_seconds": 0.59, "cache_file_mb": 22.4}
+    mem = {"backbone": "mobilenet-0.75", "memory_ratio": 1.0, "full": {"peak_rss_mb": 2313.0, "rows": 5206},
+           "small": {"peak_rss_mb": 2311.5, "rows": 500}}
+    logreg = {"t_sklearn_s": 695.7, "t_featcache_s": 25.42, "featcache_repeats": 3, "n": 5232, "d": 25088,
+              "source": "synthetic_vgg", "grid_size": 14, "folds": 5, "same_params": True,
+              "max_cv_score_diff": 0.0, "logreg_speedup": 27.37, "logreg_agrees": True}
+    mlp = {"t_reference_s": 429.7, "t_featcache_s": 140.1, "n_configs": 33, "epochs": [5, 10, 20, 40],
+           "precision": ["bfloat16"], "mlp_grid_speedup": 3.07, "mlp_grid_agrees": False,
+           "agreement": {"configs_agreeing": 26, "configs": 33, "tolerance": 0.005}}
+    out = {"benchmarks": {"extract": {"backbones": {"mobilenet-0.75": backbone}, "memory": mem,
+                                      "memory_by_backbone": {"mobilenet-0.75": mem}},
+                          "logreg": logreg, "mlp": mlp},
+           "wall_seconds": {}, "missing": [], "failed": {}, "quick": False}
+    run.print_table(out)
+    text = capsys.readouterr().out
+    assert "first run 34.7 s, second (cached) run 0.59 s" in text
+    assert "peak RSS 2313.0 MB on 5206 images / 2311.5 MB on 500" in text
+    assert "GridSearchCV 695.7 s / featcache 25.42 s (median of 3); 5232 x 25088 synthetic_vgg" in text
+    assert "one model.fit per config 429.7 s / fused featcache 140.1 s; 33 configs of 5-40 epochs" in text
+    assert "26 of 33 configs within 0.005 of a reference run" in text
