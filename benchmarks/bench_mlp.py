@@ -7,7 +7,8 @@ has bf16 units). Agreement: per-config final validation accuracy of both; run-to
 training the reference again with other seeds (``--noise-configs`` configs once, ``--extra-seeds`` more
 where featcache matches no reference run yet); see ``judge_agreement``.
 Also measured: the machine's matmul peak (numpy and TF float32, TF bfloat16, 2048^3) and the fraction of
-it that grid training reaches, counting 6 x params x samples x epochs FLOPs.
+it that grid training reaches, counting the FLOPs of ``grid_flops`` (no input gradient for the first layer,
+plus the validation pass: for this grid 0.83 of the 6 x params x samples x epochs counted before the audit).
 
 Features are synthetic (``synthetic_gap``: non-negative GAP-like vectors with a planted class signal) or
 ``--features cache.h5``. --quick shrinks everything (D=256, 400 rows, 6 configs, epochs / 25).
@@ -42,9 +43,10 @@ def synthetic_gap(n: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray
 def configs(quick: bool, epoch_scale: float = 1.0) -> list[dict]:
     """The grid; ``epoch_scale`` < 1 shortens every config's epochs by the same factor.
 
-    Why it exists: the full grid is ~360 TFLOP of training, about an hour at 100% of this CPU's peak and
-    several hours for the sequential reference. Scaling epochs keeps the per-epoch work (what the speedup
-    is made of) and the config structure, so the ratio is measured on the real shapes in tens of minutes.
+    Why it exists: the full grid is ~300 TFLOP of training (``grid_flops``; ~360 by the pre-audit count),
+    about an hour at 100% of this CPU's peak and several hours for the sequential reference. Scaling
+    epochs keeps the per-epoch work (what the speedup is made of) and the config structure, so the ratio
+    is measured on the real shapes in tens of minutes.
     """
     if quick:
         return [{"layers": (64, 32), "batch_size": b, "epochs": max(2, e // 25), "lr": lr,
