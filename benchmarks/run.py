@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="up to N more reference seeds where featcache matches no reference run yet")
     ap.add_argument("--extract-repeats", default="1",
                     help="time each extract N times, or NAME=N,... for the backbones named (e.g. "
-                         "mobilenet-0.75=5); pipeline_efficiency is the median (vgg16: ~17 min each)")
+                         "mobilenet-0.75=5); pipeline_efficiency is the median (vgg16: ~12 min each)")
     ap.add_argument("--logreg-repeats", type=int, default=1,
                     help="time featcache's logreg search N times; logreg_speedup uses the median")
     ap.add_argument("--save", type=Path, metavar="FILE",
