@@ -33,6 +33,8 @@ private KERAS_HOME); the other backbones run with ``--weights none`` (same speed
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import json
 import os
 import platform
@@ -66,6 +68,7 @@ def _private_keras_home() -> bool:
     if "keras" in sys.modules:
         return False
     home = tempfile.mkdtemp(prefix="featcache-keras-")
+    atexit.register(shutil.rmtree, home, True)  # a copy of the weights per run (even --help) was left behind
     (Path(home) / "models").mkdir()
     for w in weights:
         shutil.copy(w, Path(home) / "models" / w.name)
@@ -80,16 +83,41 @@ def _weights_for(backbone: str, quick: bool) -> str:
     return "imagenet" if backbone == "mobilenet-0.75" and HAVE_IMAGENET_MOBILENET and not quick else "none"
 
 
+# The instruction-set features the ratios depend on: bf16 matmuls (the dense grid), vector width (both grids)
+_CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_identity(cpuinfo: str = "/proc/cpuinfo") -> dict:
+    """The CPU's model name, family/model/stepping, /proc/cpuinfo's "cache size" (L2 or L3, by vendor)
+    and the ``_CPU_FLAGS`` it has.
+
+    Why: the results tables are split by CPU generation (Zen 2/3/4, Xeon with AMX), but a VM's model name
+    is often only "AMD EPYC": family 23 is Zen 2, 25 with model < 16 Zen 3, 25 with model 16+ Zen 4, and the
+    bf16/AVX-512 flags decide which dense-grid path runs. Empty values where /proc/cpuinfo is absent."""
+    info: dict = {"cpu": platform.processor() or "", "family": None, "model": None, "stepping": None,
+                  "cache_size": None, "flags": []}
+    try:
+        text = Path(cpuinfo).read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return info
+    fields: dict[str, str] = {}
+    for line in text.split("\n\n", 1)[0].splitlines():  # the first processor's block
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    info["cpu"] = fields.get("model name") or info["cpu"]
+    for key, name in (("cpu family", "family"), ("model", "model"), ("stepping", "stepping")):
+        with contextlib.suppress(ValueError):
+            info[name] = int(fields.get(key, ""))
+    info["cache_size"] = fields.get("cache size")
+    flags = set(fields.get("flags", "").split())
+    info["flags"] = [f for f in _CPU_FLAGS if f in flags]
+    return info
+
+
 def machine() -> dict:
     """What the numbers were measured on."""
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    ident = cpu_identity()
+    cpu = ident.pop("cpu")
     mem_gb = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -103,8 +131,8 @@ def machine() -> dict:
             versions[mod] = __import__(mod).__version__
         except Exception:  # noqa: BLE001 - a missing library is just not reported
             continue
-    return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(), "memory_gb": mem_gb,
-            "versions": versions}
+    return {"platform": platform.platform(), "cpu": cpu, **ident, "cores": os.cpu_count(),
+            "memory_gb": mem_gb, "versions": versions}
 
 
 def _image_files(root: Path) -> list[Path]:

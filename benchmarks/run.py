@@ -98,6 +98,8 @@ def _collect_ratios(out: dict) -> None:
     ext = out["benchmarks"].get("extract", {})
     if "machine" in ext:
         out["machine"] = ext["machine"]
+    elif "machine" not in out and _load("extract") is not None:  # --only logreg,mlp named no machine at all
+        out["machine"] = _load("extract").machine()
     for key, (bench, _target, _better) in TARGETS.items():
         res = out["benchmarks"].get(bench, {})
         if key in res:
@@ -129,7 +131,9 @@ def _verdict(value: float, target: float, better: str, agrees: bool | None = Non
 def print_table(out: dict) -> None:
     m = out.get("machine")
     if m:
-        print(f"machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; {m['platform']}")
+        ident = (f" (family {m['family']}, model {m['model']}; cache {m.get('cache_size')}; "
+                 f"{' '.join(m.get('flags') or []) or 'no avx2'})" if m.get("family") is not None else "")
+        print(f"machine: {m['cpu']}{ident}, {m['cores']} cores, {m['memory_gb']} GB; {m['platform']}")
     quick = out.get("quick", False)
     if quick:  # tiny inputs: fixed costs dominate, so the targets (set for the full sizes) do not apply
         print("--quick: a smoke test on tiny inputs. The ratios show that everything runs; the targets are "

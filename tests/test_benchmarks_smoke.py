@@ -263,3 +263,28 @@ def test_table_prints_the_measurements_each_ratio_divides(capsys) -> None:
     assert "GridSearchCV 695.7 s / featcache 25.42 s (median of 3); 5232 x 25088 synthetic_vgg" in text
     assert "one model.fit per config 429.7 s / fused featcache 140.1 s; 33 configs of 5-40 epochs" in text
     assert "26 of 33 configs within 0.005 of a reference run" in text
+
+
+def test_the_machine_is_identified_by_cpu_generation_and_features(tmp_path, capsys) -> None:
+    """The results tables are split by CPU generation, but the JSON's machine read only "AMD EPYC": the
+    family, model and the flags that pick the dense grid's path (bf16, AVX-512) are recorded now, and the
+    text table prints them. A run without the extract benchmark (--only logreg,mlp) names its machine too."""
+    bench = _bench("extract")
+    cpuinfo = tmp_path / "cpuinfo"
+    block = ("processor\t: {n}\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+             "model name\t: AMD EPYC\nstepping\t: 1\ncache size\t: 1024 KB\n"
+             "flags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16\n")
+    cpuinfo.write_text(block.format(n=0) + "\n" + block.format(n=1).replace("avx512_bf16", ""))
+    ident = bench.cpu_identity(str(cpuinfo))
+    assert ident == {"cpu": "AMD EPYC", "family": 25, "model": 17, "stepping": 1, "cache_size": "1024 KB",
+                     "flags": ["avx2", "fma", "avx512f", "avx512_bf16"]}
+    assert bench.cpu_identity(str(tmp_path / "absent"))["family"] is None
+    run = _run_module()
+    out = {"benchmarks": {"logreg": {}}, "wall_seconds": {}, "missing": [], "failed": {}, "quick": True}
+    run._collect_ratios(out)
+    assert {"cpu", "family", "model", "flags", "cores"} <= set(out["machine"])
+    out["machine"] = {**out["machine"], **ident}
+    run.print_table(out)
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("machine: AMD EPYC (family 25, model 17; cache 1024 KB; avx2 fma avx512f "
+                            "avx512_bf16), ")
