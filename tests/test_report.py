@@ -1522,6 +1522,24 @@ def test_balance_and_train_views_are_shown_beside_the_config(tmp_path, capsys):
     assert "balance=undersample" in capsys.readouterr().out
 
 
+def test_methods_names_views_whose_names_hold_a_plus(tmp_path):
+    """`--train-views orig,rot+20` read "each training image also seen as its cached orig, rot, 20 views" in
+    Methods (the short form 'orig+rot+20' was split at every '+'), and oversampling's rot+20 read "rot,
+    20": Methods now lists the views as the run recorded them."""
+    runs = tmp_path / "runs"
+    setups = [{"train_views": ["orig", "rot+20"]},
+              {"balance": "oversample", "aug_views": ["bright+0.2", "rot-20"]}]
+    for i, extra in enumerate(setups):
+        folder = write_fake_run(runs, f"2024010{i + 1}-000000-logreg-0000000{i}", params={"C": 1.0}, seed=i)
+        info = json.loads((folder / "run.json").read_text())
+        info.update({"balance": "none", "train_views": ["orig"], "aug_views": [], **extra})
+        (folder / "run.json").write_text(json.dumps(info))
+    methods = _methods_md(runs, tmp_path / "md")
+    assert "each training image also seen as its cached orig, rot+20 views" in methods
+    assert "drawn from the cached views bright+0.2, rot-20" in methods
+    assert "rot, 20" not in methods and "bright, 0.2" not in methods
+
+
 def test_tta_runs_say_they_were_chosen_on_one_view_and_reported_on_the_average(tmp_path):
     """fit's CV search and an mlp's early stopping score the orig view only, while the predictions, threshold
     and ranking average the TTA views: the Methods never said so."""

@@ -1620,18 +1620,23 @@ def _training_setup_text(runs: Sequence[RunRecord]) -> str:
     images are never resampled; TTA has its own sentence (``_tta_text``).
     """
     counts: dict[str, int] = {}
+    named: dict[str, str] = {}  # setting -> its views as recorded, listed
     for r in runs:
         for k, v in training_settings(r.run).items():
             if k != "tta":
                 counts[f"{k}={v}"] = counts.get(f"{k}={v}", 0) + 1
+                if isinstance(r.run.get(k), list):
+                    # from the recorded list, never by splitting the short form at '+': view names hold
+                    # '+' themselves (rot+20 read "orig, rot, 20 views")
+                    named[f"{k}={v}"] = ", ".join(map(str, r.run[k]))
     if not counts:
         return ""
 
     def said(setting: str, n: int) -> str:
+        views = named.get(setting, setting.split("=", 1)[1])
         what = _SETUP_WORDS.get(setting) or (
-            f"each training image also seen as its cached {setting.split('=', 1)[1].replace('+', ', ')} "
-            "views" if setting.startswith("train_views=") else
-            f"drawn from the cached views {setting.split('=', 1)[1].replace('+', ', ')}")
+            f"each training image also seen as its cached {views} views" if setting.startswith("train_views=")
+            else f"drawn from the cached views {views}")
         return f"{setting} ({what}) in {n} of {len(runs)} run(s)"
 
     return ("Training rows were changed besides the configs (the config columns list it per run; validation "
