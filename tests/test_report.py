@@ -1540,6 +1540,26 @@ def test_methods_names_views_whose_names_hold_a_plus(tmp_path):
     assert "rot, 20" not in methods and "bright, 0.2" not in methods
 
 
+def test_methods_says_which_runs_fused_backbones(tmp_path):
+    """A fused run (fit --backbone mobilenet-0.75,densenet121) beside a single-backbone one: Methods named
+    both backbones in one list, "extracted once by frozen densenet121 (...); mobilenet-0.75 (...)", as for
+    `run --separate`, and never said that a head saw their features concatenated."""
+    runs = tmp_path / "runs"
+    write_fake_run(runs, "20240101-000000-logreg-00000000", params={"C": 1.0})
+    fused = write_fake_run(runs, "20240102-000000-logreg-00000001", params={"C": 1.0}, seed=1)
+    info = json.loads((fused / "run.json").read_text())
+    first = info["backbones"][0]
+    info["backbones"] = [{**first, "feature_dim": 768},
+                         {**first, "name": "densenet121", "feature_dim": 1024}]
+    (fused / "run.json").write_text(json.dumps(info))
+    methods = _methods_md(runs, tmp_path / "md")
+    assert ("Feature fusion: in 1 of 2 run(s) each image's cached features of mobilenet-0.75 (768-d) and "
+            "densenet121 (1024-d), 1792-d in all, were concatenated in that order") in methods
+    # runs each on one backbone (run --separate) fuse nothing
+    (fused / "run.json").write_text(json.dumps({**info, "backbones": [info["backbones"][1]]}))
+    assert "Feature fusion" not in _methods_md(runs, tmp_path / "md2")
+
+
 def test_tta_runs_say_they_were_chosen_on_one_view_and_reported_on_the_average(tmp_path):
     """fit's CV search and an mlp's early stopping score the orig view only, while the predictions, threshold
     and ranking average the TTA views: the Methods never said so."""

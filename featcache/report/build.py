@@ -1644,6 +1644,31 @@ def _training_setup_text(runs: Sequence[RunRecord]) -> str:
             + ". ")
 
 
+def _fusion_text(runs: Sequence[RunRecord]) -> str:
+    """Which runs fed their head several backbones' features, concatenated, and in which order.
+
+    Why: Methods listed every backbone extracted ("frozen mobilenet (...); mobilenet-0.75 (...)") in one
+    sentence whether a run fused them (fit --backbone a,b) or each was fitted alone (run --separate), so a
+    paper following it could not tell the fused head from two single ones; only the leaderboard's
+    'a+b' said so.
+    """
+    fused: dict[str, int] = {}
+    for r in runs:
+        bbs = [b for b in (r.run.get("backbones") or []) if isinstance(b, dict)]
+        if len(bbs) > 1:
+            dims = [b.get("feature_dim") for b in bbs]
+            key = " and ".join(f"{b.get('name')} ({b.get('feature_dim', '?')}-d)" for b in bbs)
+            if all(isinstance(d, int) for d in dims):
+                key += f", {sum(dims)}-d in all"
+            fused[key] = fused.get(key, 0) + 1
+    if not fused:
+        return ""
+    return ("Feature fusion: " + "; ".join(
+        f"in {n} of {len(runs)} run(s) each image's cached features of {key}, were concatenated in that "
+        "order into the one vector the head was trained and evaluated on"
+        for key, n in sorted(fused.items())) + ". ")
+
+
 def _tta_text(runs: Sequence[RunRecord]) -> str:
     """With --tta, fit's CV search scores validation folds and an mlp's callbacks watch its hold-out on the
     orig view alone, while every prediction it reports (and the threshold) averages the views: the rule
@@ -1867,7 +1892,7 @@ def _methods_text(runs: Sequence[RunRecord]) -> str:
     text = (f"Features were extracted once by frozen {'; '.join(backbones) or 'backbones'} and cached. "
             f"Heads were trained on the cached features: "
             f"{', '.join(f'{h} ({n} run(s))' for h, n in sorted(heads.items()))}. ")
-    text += _head_construction_text(runs) + _head_settings(runs)
+    text += _fusion_text(runs) + _head_construction_text(runs) + _head_settings(runs)
     if protocols:
         text += "Models were chosen on the training split only, by " + "; or ".join(protocols) + ". "
         text += _patient_naming_text(runs)  # the grouping those patient-grouped splits rest on
