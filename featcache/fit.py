@@ -890,7 +890,11 @@ def fit(
         raise ConfigError("choose at least one backbone with --backbone (e.g. vgg16 or vgg16,inceptionv3).")
     if len(set(names)) != len(names):
         raise ConfigError(f"--backbone lists a backbone twice ({','.join(names)}); name each once.")
-    train_views = _views(opts.train_views)
+    given_train_views = _views(opts.train_views)
+    # sorted like --tta-views and --aug-views (orig first): 'orig,rot+20,hflip' and 'orig,hflip,rot+20' were
+    # two runs with two ids and other numbers (training rows in another order), and the README says the
+    # order views are named in does not matter
+    train_views = ["orig", *sorted(given_train_views[1:])]
     tta_views, aug_views = chosen_views(opts, balance)
     head_obj = get_head(head)
     configs = build_configs(head_obj, opts, preset)
@@ -951,6 +955,10 @@ def fit(
     feats, caches = _load_features(dataset.root, names, keys, needed, optional, opts)
     _refuse_missing_views(dataset.root, names, opts, feats, caches, tta_views, aug_views)
     view_notes = _old_view_rule_notes(opts, caches, train_views, tta_views, aug_views)
+    if given_train_views != train_views:  # runs fit before the sort trained on rows in the order named
+        view_notes.append(f"--train-views are taken in sorted order ({','.join(train_views)}); runs fit with "
+                          f"--train-views {','.join(given_train_views)} before featcache sorted them trained "
+                          "on rows in the order named and are not reused.")
     if tta_views:  # every image it predicts needs every view: else its average would be of fewer views
         scored = np.flatnonzero(in_pool | (np.asarray(split, dtype=object) == "test"))  # than predict's
         lacking = {v: int((~feats.has(v, scored)).sum()) for v in tta_views}

@@ -234,6 +234,21 @@ def test_fusion_views_balance_tta(setup) -> None:
     assert res2.runs[0].metrics()["train"]["n"] > res.runs[0].metrics()["train"]["n"] / 2
 
 
+def test_train_views_order_does_not_make_another_run(setup) -> None:
+    """README: "The order views are named in does not matter". `--train-views orig,rot+20,hflip` and
+    `--train-views orig,hflip,rot+20` trained two runs, with two ids and other numbers (the training rows in
+    another order); the second command now finds the first's run done."""
+    root, cache_dir, runs_dir = setup
+    first = fit(root, "fakenet", "logreg", opts(cache_dir, runs_dir, grid_args=["C=1"],
+                                                  train_views=["orig", "rot+20", "hflip"]))
+    assert first.runs[0]["train_views"] == ["orig", "hflip", "rot+20"]
+    assert any("sorted order" in n for n in first.notes)
+    again = fit(root, "fakenet", "logreg", opts(cache_dir, runs_dir, grid_args=["C=1"],
+                                                  train_views="hflip,orig,rot+20"))
+    assert not again.runs and again.skipped == [r["id"] for r in first.runs]
+    assert len([p for p in runs_dir.iterdir() if (p / "run.json").exists()]) == 1
+
+
 def test_undersampling_cuts_images_before_their_views() -> None:
     """Paper 000 cut each class to the smallest in images, then augmented those: with --train-views every
     kept image brings all its views (cutting image x view rows kept some views of many images)."""
