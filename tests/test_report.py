@@ -1870,6 +1870,17 @@ def test_the_terminal_warns_when_a_ranked_run_has_random_weights(tmp_path, capsy
     # beside an ImageNet run of the same backbone: the random runs are meant, not every mobilenet-0.75 run
     assert ("Random weights: the runs on randomly initialised mobilenet-0.75 weights (--weights none), not "
             "ImageNet, test the pipeline only: their accuracy says nothing about the method." in out)
+    # a fused run of ImageNet mobilenet-0.75 and a random densenet121: only densenet121 is called random
+    # (it said "randomly initialised mobilenet-0.75+densenet121 weights")
+    info["backbones"] = [{**info["backbones"][0], "weights": "imagenet"},
+                         {**info["backbones"][0], "name": "densenet121", "weights": "none"}]
+    (folder / "run.json").write_text(json.dumps(info))
+    assert run([*args, "--id", "bbbbbbbb"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Random weights: the runs on randomly initialised densenet121 weights (--weights none)" in out
+    md = " ".join((tmp_path / "out" / "report.md").read_text().split())
+    assert "densenet121 features come from randomly initialised weights" in md and "mobilenet-0.75+" not in (
+        md[md.index("Random weights:"):md.index("Random weights:") + 200])
 
 
 def _rewrite_test_csv(folder: Path, keep=lambda row: True, change=lambda row: row) -> None:

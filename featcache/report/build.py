@@ -384,7 +384,7 @@ def _callouts(
                  "split in class balance (63% vs 74% pneumonia) and in appearance: expect them 5–15 points "
                  "below numbers measured within the training images.")
     doc.add(Para(note[0].upper() + note[1:], "warn", "Read with care:"))
-    random = sorted({r.backbone for r in runs if r.random_weights})
+    random = sorted({name for r in runs for name in r.random_backbones})
     if random:
         doc.add(Para(f"{', '.join(random)} features come from randomly initialised weights (--weights "
                      "none), not ImageNet: runs marked '(random weights)' test the pipeline, and their "
@@ -2391,7 +2391,7 @@ def build_report(
     leaders = terminal_leaders(rows, bool(options.group_by))
     return ReportResult(out_dir, out_dir / "report.html", out_dir / "report.md", out_dir / "leaderboard.csv",
                         out_dir / "leaderboard.json", len(rows), best["run_id"], skipped, options.metric,
-                        leaders, sorted({r.backbone for r in searched if r.random_weights}),
+                        leaders, sorted({name for r in searched for name in r.random_backbones}),
                         _best_by_task(ranked), options.group_by, _mixed_datasets(searched, options.group_by))
 
 

@@ -71,6 +71,13 @@ class RunRecord:
         return any(isinstance(b, dict) and b.get("weights") == "none" for b in bbs)
 
     @property
+    def random_backbones(self) -> list[str]:
+        """The backbones of this run with ``--weights none``: in a fused run with one such backbone, the
+        "random weights" notes named "mobilenet-0.75+mobilenet", the ImageNet one too."""
+        bbs = self.run.get("backbones") or []
+        return [str(b.get("name", "?")) for b in bbs if isinstance(b, dict) and b.get("weights") == "none"]
+
+    @property
     def dataset(self) -> str:
         """The dataset folder (or manifest file) the run used, with its content digest's first 8 hex digits
         when recorded: a folder whose images changed between two fits is two datasets.
