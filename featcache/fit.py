@@ -989,7 +989,10 @@ def fit(
         "balance": balance,
         "train_views": list(train_views),
         "tta": opts.tta,
-        "threshold": opts.threshold,
+        # a head of more than two classes labels by the most probable class, so --threshold is unused (and
+        # noted): keyed as given, it trained the same config again under a new id, a duplicate that tied in
+        # the report; the default keeps the ids runs fitted without it have
+        "threshold": opts.threshold if len(classes) == 2 else FitOptions.threshold,
         "metric": opts.metric,
         **({} if opts.test_fraction is None else {"test_fraction": opts.test_fraction}),  # old ids unchanged
         "manifest": os.fsdecode(given_manifest or ""),
@@ -1013,8 +1016,8 @@ def fit(
         common["n_boot"] = opts.n_boot  # demo's 500 is not the 1000 a fit asks for); 1000 keeps old ids
     if balance.startswith("undersample") and len(train_views) > 1:  # images are cut before their views
         common["balance_rule"] = "images, then views"  # are added now: not the old runs' training rows
-    if thr_method == "sensitivity":  # eb55e7c: the highest threshold reaching T, which runs fitted
-        common["threshold_rule"] = "highest reaching T"  # before may have missed (not "already done")
+    if thr_method == "sensitivity" and len(classes) == 2:  # eb55e7c: the highest threshold reaching T,
+        common["threshold_rule"] = "highest reaching T"  # which runs fitted before may have missed
     if head_obj.name == "svm" and any(normalize_class_weight(c.get("class_weight")) is not None
                                       for c in configs):
         # class weights reach the Platt sigmoid of the stored model now; before, it undid them at 0.5

@@ -1153,6 +1153,21 @@ def test_another_bootstrap_count_is_another_run(setup) -> None:
                                   for n in tagged.notes)
 
 
+def test_an_unused_threshold_on_a_3class_fit_finds_its_runs_already_done(setup) -> None:
+    """--threshold is noted as unused by a 3-class head, yet it keyed the run: the same config trained
+    again under a new id, a duplicate that tied with the first in the report."""
+    root, cache_dir, runs_dir = setup
+    first = fit(root, "fakenet", "knn", opts(cache_dir, runs_dir, task="3class", grid_args=["n_neighbors=3"]))
+    again = fit(root, "fakenet", "knn", opts(cache_dir, runs_dir, task="3class", grid_args=["n_neighbors=3"],
+                                              threshold="sensitivity:0.95"))
+    assert again.skipped == [first.runs[0].id] and not again.runs
+    assert any("not used by the knn head: --threshold" in n for n in again.notes)
+    binary = fit(root, "fakenet", "knn", opts(cache_dir, runs_dir, grid_args=["n_neighbors=3"]))
+    other = fit(root, "fakenet", "knn", opts(cache_dir, runs_dir, grid_args=["n_neighbors=3"],
+                                             threshold="sensitivity:0.95"))
+    assert other.runs and other.sweep_id != binary.sweep_id  # a binary head uses it: another run
+
+
 def test_a_damaged_finished_run_is_not_already_done(setup) -> None:
     """The report leaves out a run whose result files changed after the fit; "already done" kept its config
     out of every report for good. Such a run's config trains again, and fit says why."""
