@@ -2005,6 +2005,30 @@ def test_a_held_out_and_a_validation_only_run_of_one_folder_each_get_their_count
     assert "| test |" not in own_table
 
 
+def test_the_images_a_test_fraction_leaves_for_training_are_counted_as_train_not_all(tmp_path: Path) -> None:
+    """A folder without split folders: fit records its images as split "all", and after --test-fraction
+    the report's counts read "all | NORMAL | n" beside "test | NORMAL | m", n being only the training side."""
+    from featcache.report import ReportOptions, build_report
+
+    tree = make_tree(tmp_path / "tree", n_patients=24)
+    root = tmp_path / "data"
+    shutil.move(tree / "train", root)  # NORMAL/ and PNEUMONIA/ at the top: no split folders
+    cache_dir, runs_dir = tmp_path / "cache", tmp_path / "runs"
+    write_cache(root, cache_dir)
+    labels = np.array([r.label for r in discover(root).records])
+    held = fit(root, "fakenet", "knn", opts(cache_dir, runs_dir, grid_args=["n_neighbors=3"],
+                                            test_fraction=0.25))
+    test_idx = load_run(runs_dir, held.runs[0].id).indices()["test"]
+    text = " ".join(build_report(runs_dir, tmp_path / "rep", ReportOptions(inspect_data=False))
+                    .markdown.read_text().split())
+    section = text[text.index("## Dataset"):text.index("## Methods")]
+    for label in ("NORMAL", "PNEUMONIA"):
+        in_test = int((labels[test_idx] == label).sum())
+        assert f"| test | {label} | {in_test} |" in section
+        assert f"| train | {label} | {int((labels == label).sum()) - in_test} |" in section
+    assert "| all |" not in section
+
+
 def test_a_test_split_without_a_class_is_noted(tmp_path: Path) -> None:
     """A test split of NORMAL images only gave test AUC blank and accuracy 1 with an interval, without a
     word (a validation hold-out lacking a class is named); the note says which class and why."""

@@ -1387,7 +1387,7 @@ def _dataset_section(
         several_layouts = len({layout for _, layout in tables}) > 1
         # one table per task and split layout the runs used (the first run's counts were shown alone)
         for (task, layout), tds in tables.items():
-            counts = tds.get("counts") or {}
+            counts = _held_out_rest_as_train(tds.get("counts") or {})
             flat = _flatten_counts(counts or (info or {}).get("counts") or {})
             if flat:
                 depth = max(len(p) for p, _ in flat)
@@ -1409,6 +1409,17 @@ def _dataset_section(
                          f"testing: {shown}{more}.", "warn", "Left out:"))
         if info:
             _audit(doc, info)
+
+
+def _held_out_rest_as_train(counts: dict) -> dict:
+    """Counts with the split fit records as "all" renamed "train" where a test split sits beside it.
+
+    Why: fit names the images of a folder without split folders "all", and a --test-fraction hold-out
+    leaves that name on the rest, so the table read "all | bacteria | 64" above "test | bacteria | 16":
+    64 is the training side, not the folder's 80 bacteria images."""
+    if not isinstance(counts, dict) or "all" not in counts or not counts.get("test") or "train" in counts:
+        return counts
+    return {("train" if k == "all" else k): v for k, v in counts.items()}
 
 
 def _split_layout(ds: dict) -> tuple:
