@@ -88,6 +88,12 @@ def _summary_table(info: dict) -> Table:
                "those classes")) if split == "test" else "fit pools train and val, so the pool still has it"
         table.add_row(f"{shown(split)} split lacks", f"[yellow]{', '.join(shown(m) for m in missing)}[/] "
                       f"(an empty or missing class folder?): {why}")
+    for split, missing in (info.get("splits_lacking_subtypes") or {}).items():
+        pooled = "fit pools train and val, so the pool still has it"
+        why = pooled if split != "test" else ("--task 3class cannot compute test AUC or the recall of "
+                                              + ("that class" if len(missing) == 1 else "those classes"))
+        table.add_row(f"{shown(split)} split lacks subtype", f"[yellow]{', '.join(missing)}[/] "
+                      f"(no file named as one): {why}")
     table.add_row("skipped files", f"{len(info['skipped']):,}" + (
         "" if info.get("decode_checked", True) else " (files not decoded: --no-decode)"))
     return table

@@ -760,7 +760,27 @@ def inspect(dataset: Dataset, progress: ProgressFn | None = None, workers: int =
         # a class folder left empty (a copy that failed) vanished without a word: test/NORMAL/ empty gave a
         # test split of one class, where AUC and that class's recall cannot be computed
         "splits_lacking_classes": _splits_lacking_classes(counts),
+        # the same for Kermany subtypes, the classes of --task 3class: a test/PNEUMONIA/ of bacteria alone
+        # passed without a word, and a 3-class fit then had no test AUC and no virus recall
+        "splits_lacking_subtypes": _splits_lacking_subtypes(counts),
     }
+
+
+def _splits_lacking_subtypes(counts: dict[str, dict[str, dict[str, int]]]) -> dict[str, list[str]]:
+    """{split: [Kermany subtypes (normal, bacteria, virus) found in other splits but not in this one]}, less
+    those a lacking class already names (no NORMAL folder: no normal subtype either)."""
+    def subtypes(labels: dict[str, dict[str, int]]) -> set[str]:
+        return {sub for subs in labels.values() for sub in subs if sub in SUBTYPES}
+
+    every = {sub for labels in counts.values() for sub in subtypes(labels)}
+    lacking_classes = _splits_lacking_classes(counts)
+    out = {}
+    for split, labels in sorted(counts.items()):
+        missing = every - subtypes(labels)
+        missing -= {m.lower() for m in lacking_classes.get(split, [])}  # said as a lacking class
+        if len(counts) > 1 and missing:
+            out[split] = [s for s in SUBTYPES if s in missing]
+    return out
 
 
 def _splits_lacking_classes(counts: dict[str, dict[str, dict[str, int]]]) -> dict[str, list[str]]:

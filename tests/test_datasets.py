@@ -629,6 +629,28 @@ def test_inspect_names_labels_that_differ_only_in_case(tmp_path, capsys, monkeyp
     assert info["duplicates"] == [["imgs/x0.png", "imgs/x0copy.png"]] and info["conflicting_duplicates"] == []
 
 
+def test_inspect_names_a_split_that_lacks_a_subtype(tmp_path, capsys, monkeypatch):
+    """A test/PNEUMONIA/ of bacteria images alone passed data inspect without a word, and a 3-class fit then
+    had neither test AUC nor virus recall. The subtype is named now, not again when its class is missing."""
+    monkeypatch.setenv("COLUMNS", "250")  # one table line per row (xdist workers have COLUMNS=80)
+    root = make_kermany_tree(tmp_path / "data", n_normal=3, n_pneu=4, size=16)
+    assert inspect(discover(root), decode=False)["splits_lacking_subtypes"] == {}
+    viral = [f for f in (root / "test" / "PNEUMONIA").iterdir() if "_virus_" in f.name]
+    assert viral
+    for f in viral:
+        f.unlink()
+    assert inspect(discover(root), decode=False)["splits_lacking_subtypes"] == {"test": ["virus"]}
+    assert run(["data", "inspect", str(root)]) == 0
+    out = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    assert ("test split lacks subtype virus (no file named as one): --task 3class cannot compute test AUC or "
+            "the recall of that class") in out
+    for f in (root / "test" / "NORMAL").iterdir():
+        f.unlink()
+    info = inspect(discover(root), decode=False)
+    assert info["splits_lacking_classes"] == {"test": ["NORMAL"]}  # said once, as a class
+    assert info["splits_lacking_subtypes"] == {"test": ["virus"]}
+
+
 def test_inspect_names_a_split_that_lacks_a_class(tmp_path, capsys, monkeypatch):
     """test/NORMAL/ left empty (a copy that failed) vanished without a word: data inspect listed a test split
     of PNEUMONIA alone, where fit can compute neither test AUC nor NORMAL's recall. It is named now; a
