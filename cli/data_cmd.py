@@ -83,20 +83,33 @@ def _summary_table(info: dict) -> Table:
         table.add_row("labels differing only in case",
                       f"[yellow]{spelled}[/]: one class to --task binary and 3class, refused by --task "
                       "folders")
+    counts = info.get("counts") or {}
+    pool = {s: labels for s, labels in counts.items() if s != "test"}  # what fit trains and selects on
     for split, missing in (info.get("splits_lacking_classes") or {}).items():
-        why = ("fit cannot compute test AUC or the recall of " + ("that class" if len(missing) == 1 else
-               "those classes")) if split == "test" else "fit pools train and val, so the pool still has it"
+        held = all(any(m in labels for s, labels in pool.items() if s != split) for m in missing)
+        why = _lacking_why(split, missing, held, "fit")
         table.add_row(f"{shown(split)} split lacks", f"[yellow]{', '.join(shown(m) for m in missing)}[/] "
                       f"(an empty or missing class folder?): {why}")
     for split, missing in (info.get("splits_lacking_subtypes") or {}).items():
-        pooled = "fit pools train and val, so the pool still has it"
-        why = pooled if split != "test" else ("--task 3class cannot compute test AUC or the recall of "
-                                              + ("that class" if len(missing) == 1 else "those classes"))
+        held = all(any(m in subs for s, labels in pool.items() if s != split for subs in labels.values())
+                   for m in missing)
+        why = _lacking_why(split, missing, held, "--task 3class")
         table.add_row(f"{shown(split)} split lacks subtype", f"[yellow]{', '.join(missing)}[/] "
                       f"(no file named as one): {why}")
     table.add_row("skipped files", f"{len(info['skipped']):,}" + (
         "" if info.get("decode_checked", True) else " (files not decoded: --no-decode)"))
     return table
+
+
+def _lacking_why(split: str, missing: list[str], held: bool, who: str) -> str:
+    """What a split lacking a class means to fit. ``held``: another training-side split has every missing
+    class (fit pools train and val); where only the test split has one, fit cannot learn it at all."""
+    which = "that class" if len(missing) == 1 else "those classes"
+    if split == "test":
+        return f"{who} cannot compute test AUC or the recall of {which}"
+    if held:
+        return "fit pools train and val, so the pool still has it"
+    return f"only the test split has {which}, so {who} cannot learn {'it' if len(missing) == 1 else 'them'}"
 
 
 def _overlap(n: int, with_test: int) -> str:

@@ -666,5 +666,13 @@ def test_inspect_names_a_split_that_lacks_a_class(tmp_path, capsys, monkeypatch)
     out = " ".join(capsys.readouterr().out.replace("│", " ").split())
     assert ("test split lacks NORMAL (an empty or missing class folder?): fit cannot compute test AUC or the "
             "recall of that class") in out
+    # a class only the test split has: the training pool lacks it too, so "the pool still has it" is false
+    alone = make_kermany_tree(tmp_path / "alone", n_normal=2, n_pneu=2, size=16)
+    for f in (alone / "train" / "NORMAL").iterdir():
+        f.unlink()
+    assert run(["data", "inspect", str(alone)]) == 0
+    out = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    assert ("train split lacks NORMAL (an empty or missing class folder?): only the test split has that "
+            "class, so fit cannot learn it") in out
     one_split = make_kermany_tree(tmp_path / "flat", n_normal=2, n_pneu=2, splits=("train",), size=16)
     assert inspect(discover(one_split / "train"), decode=False)["splits_lacking_classes"] == {}
