@@ -1670,12 +1670,12 @@ def _fusion_text(runs: Sequence[RunRecord]) -> str:
             dims = [b.get("feature_dim") for b in bbs]
             key = " and ".join(f"{b.get('name')} ({b.get('feature_dim', '?')}-d)" for b in bbs)
             if all(isinstance(d, int) for d in dims):
-                key += f", {sum(dims)}-d in all"
+                key += f", {sum(dims)}-d in all,"
             fused[key] = fused.get(key, 0) + 1
     if not fused:
         return ""
     return ("Feature fusion: " + "; ".join(
-        f"in {n} of {len(runs)} run(s) each image's cached features of {key}, were concatenated in that "
+        f"in {n} of {len(runs)} run(s) each image's cached features of {key} were concatenated in that "
         "order into the one vector the head was trained and evaluated on"
         for key, n in sorted(fused.items())) + ". ")
 
