@@ -517,20 +517,19 @@ def chosen_views(opts: FitOptions, balance: str) -> tuple[list[str], list[str]]:
     extracted into the same cache for another experiment changed what the same command averaged or drew
     from, and its numbers. Sorted: the order they are named in must not change the oversampling draw.
     """
-    train = _views(opts.train_views)
+    def named(flag: str, spec: Sequence[str] | str) -> list[str]:  # the flag in front of a bad name's error
+        try:
+            return sorted(_views(spec, flag)[1:])
+        except ConfigError as exc:
+            raise ConfigError(f"{flag}: {exc}") from None
+
+    train = ["orig", *named("--train-views", opts.train_views)]  # "invalid view 'flip'" named no flag
     if opts.tta_views is not None and not opts.tta:
         raise ConfigError("--tta-views says which views --tta averages, and --tta is not given; add --tta, "
                           "or drop --tta-views.")
     if opts.aug_views is not None and balance != "oversample":
         raise ConfigError(f"--aug-views says which views --balance oversample draws from, and --balance is "
                           f"{balance}; add --balance oversample, or drop --aug-views.")
-
-    def named(flag: str, spec: Sequence[str] | str) -> list[str]:  # the flag in front of a bad name's error
-        try:
-            return sorted(_views(spec)[1:])
-        except ConfigError as exc:
-            raise ConfigError(f"{flag}: {exc}") from None
-
     tta: list[str] = []
     if opts.tta:
         tta = named("--tta-views", opts.tta_views) if opts.tta_views is not None else sorted(TTA_VIEWS)
@@ -1393,13 +1392,13 @@ def _leak_notes(records: Sequence[Any], pool: np.ndarray, test: np.ndarray,
     return notes
 
 
-def _views(spec: Sequence[str] | str) -> list[str]:
+def _views(spec: Sequence[str] | str, flag: str = "--views") -> list[str]:
     """Canonical view names (through images.parse_views when available); 'orig' always first."""
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     try:
         from featcache.images import parse_views
 
-        names = [v.name for v in parse_views(items)]
+        names = [v.name for v in parse_views(items, flag)]
     except ImportError:  # pragma: no cover - images module not present
         names = [s.strip() for s in items if s.strip()]
     out = ["orig"] + [v for v in dict.fromkeys(names) if v != "orig"]

@@ -588,13 +588,16 @@ _APPLY = {
 }
 
 
-def parse_views(spec: str | Sequence[str]) -> list[View]:
-    """Views from ``"orig,hflip,rot+20"`` or a list of such strings; duplicates collapse, order kept."""
+def parse_views(spec: str | Sequence[str], flag: str = "--views") -> list[View]:
+    """Views from ``"orig,hflip,rot+20"`` or a list of such strings; duplicates collapse, order kept.
+
+    ``flag``: the option the views came from, for the example an empty list's error gives (fit's
+    ``--tta-views ''`` was told to "pass e.g. --views orig,hflip", extract's option)."""
     items = [spec] if isinstance(spec, str) else list(spec)
     names = [part.strip() for item in items for part in str(item).split(",") if part.strip()]
     if not names:
         forms = "; ".join(VIEW_FORMS)
-        raise ConfigError(f"no views given; pass e.g. --views orig,hflip (valid forms: {forms}).")
+        raise ConfigError(f"no views given; pass e.g. {flag} orig,hflip (valid forms: {forms}).")
     views: list[View] = []
     for name in names:
         view = View(name)

@@ -726,6 +726,11 @@ def test_run_json_records_the_command_as_typed(setup, capsys, monkeypatch) -> No
     (["--head", "logreg", "--image-size", "0"], "--image-size must be a positive number of pixels"),
     (["--head", "logreg", "--tta-views", "hflip"], "add --tta, or drop --tta-views"),
     (["--head", "logreg", "--balance", "oversample", "--aug-views", "sideways"], "--aug-views: invalid view"),
+    # each view option names itself: "invalid view 'flip'" named no flag, and an empty --tta-views was told
+    # to "pass e.g. --views orig,hflip", extract's option
+    (["--head", "logreg", "--train-views", "orig,flip"], "--train-views: invalid view 'flip'"),
+    (["--head", "logreg", "--tta", "--tta-views", ","], "--tta-views: no views given; pass e.g. --tta-views "
+                                                         "orig,hflip"),
     (["--head", "mlp", "--env", "FEATCACHE_MLP_CHECKPOINT_SECONDS=abc"], "a number of seconds, 0 or more"),
     (["--head", "mlp", "--env", "FEATCACHE_MLP_CHECKPOINT_SECONDS=-5"], "got '-5'"),
 ])
