@@ -65,6 +65,10 @@ def run_all(quick: bool, data: Path | None, only: list[str], mlp_epoch_scale: fl
     """
     out: dict = {"quick": quick, "complete": False, "benchmarks": {}, "wall_seconds": {}, "missing": [],
                  "failed": {}}
+    if quick:  # the ratios sit at the top level either way: a reader of the JSON alone must be told
+        out["quick_note"] = ("--quick: a smoke test on tiny inputs, where fixed costs dominate; its ratios "
+                             "show that everything runs and are not results (the targets are for the full "
+                             "run)")
     # bench_extract first: it sets a private KERAS_HOME with ../shared/weights before Keras is imported.
     for name in only:
         module = _load(name)

@@ -288,3 +288,13 @@ def test_the_machine_is_identified_by_cpu_generation_and_features(tmp_path, caps
     first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith("machine: AMD EPYC (family 25, model 17; cache 1024 KB; avx2 fma avx512f "
                             "avx512_bf16), ")
+
+
+def test_quick_json_says_its_ratios_are_not_results() -> None:
+    """--quick's ratios sit at the JSON's top level like a full run's (logreg_speedup 143 on tiny inputs),
+    with only "quick": true beside them: the JSON now says what they are; a full run's has no such note."""
+    run = _run_module()
+    quick = run.run_all(quick=True, data=None, only=[])
+    assert quick["quick_note"].startswith("--quick: a smoke test on tiny inputs") and "not results" in (
+        quick["quick_note"])
+    assert "quick_note" not in run.run_all(quick=False, data=None, only=[])
