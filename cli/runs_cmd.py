@@ -307,6 +307,9 @@ def show_cmd(
     console = Console()
     print_table(console, about)
     print_table(console, scores)
+    per_class = _per_class_table(metrics, fmt)
+    if per_class is not None:
+        print_table(console, per_class)
     if random:  # worded as the report's terminal note: these numbers must not be read as the method's
         console.print(f"[yellow]Random weights: {escape(', '.join(random))} features come from randomly "
                       "initialised weights (--weights none), not ImageNet: this run tests the pipeline, and "
@@ -352,6 +355,28 @@ def _backbone_text(cache: dict, backbone: dict) -> str:
     else:
         text = "weights not recorded"
     return f"{text}, {size} px" if size else text
+
+
+def _per_class_table(metrics: object, fmt: Callable[[object], str]) -> Table | None:
+    """Each class's precision, recall, F1 and support per split, for runs of more than two classes.
+
+    Why: the scores table's sensitivity and specificity are binary's and read "-" on a 3-class run, so its
+    virus recall was only in the report or metrics.json."""
+    if not isinstance(metrics, dict):
+        return None
+    splits = [(s, metrics[s]["per_class"]) for s in ("val", "test") if isinstance(metrics.get(s), dict)
+              and isinstance(metrics[s].get("per_class"), dict) and len(metrics[s]["per_class"]) > 2]
+    if not splits:
+        return None
+    table = Table(title="per class (labels: the most probable class)")
+    for name in ("split", "class", "precision", "recall", "f1", "support"):
+        table.add_column(name, justify="left" if name in ("split", "class") else "right")
+    for split, classes in splits:
+        for cls, m in classes.items():
+            m = m if isinstance(m, dict) else {}
+            table.add_row(split, shown(str(cls)), *(fmt(m.get(k)) for k in ("precision", "recall", "f1")),
+                          str(m.get("support", "-")))
+    return table
 
 
 def _metric_cells(m: dict, fmt: Callable[[object], str], skip: tuple[str, ...] = ()) -> list[str]:

@@ -208,3 +208,25 @@ def test_the_report_heads_an_mlp_run_with_the_epochs_it_ran(tmp_path):
     text = " ".join(res.markdown.read_text(encoding="utf-8").split())
     assert (f"run {run_id} — val n=40, test n=60 — 8 of 200 epochs (stopped early, patience 3); weights of "
             "epoch 5 kept (lowest validation loss)") in text
+
+
+def test_runs_show_gives_each_class_of_a_3class_run(tmp_path, capsys):
+    """A 3-class run's sensitivity and specificity read "-" (they are binary's), so its virus recall was
+    only in the report or metrics.json: `runs show` adds a per-class table. A binary run gets none."""
+    runs = tmp_path / "runs"
+    folder = write_fake_run(runs, RUN_ID, task="3class", threshold=None)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    per_class = {"normal": {"precision": 0.9, "recall": 0.8, "f1": 0.847, "support": 20},
+                 "bacteria": {"precision": 0.7, "recall": 0.75, "f1": 0.724, "support": 20},
+                 "virus": {"precision": 0.5, "recall": 0.4444, "f1": 0.4706, "support": 18}}
+    metrics["test"] = {"n": 58, "accuracy": 0.67, "per_class": per_class}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    assert run(["runs", "show", RUN_ID, "--runs-dir", str(runs)]) == 0
+    out = capsys.readouterr().out
+    assert "per class (labels: the most probable class)" in out
+    rows = [" ".join(line.replace("│", " ").split()) for line in out.splitlines()]
+    assert "test virus 0.5000 0.4444 0.4706 18" in rows, out
+    binary = tmp_path / "binary"
+    write_fake_run(binary, RUN_ID)
+    assert run(["runs", "show", RUN_ID, "--runs-dir", str(binary)]) == 0
+    assert "per class" not in capsys.readouterr().out
