@@ -358,7 +358,8 @@ def _backbone_text(cache: dict, backbone: dict) -> str:
 
 
 def _per_class_table(metrics: object, fmt: Callable[[object], str]) -> Table | None:
-    """Each class's precision, recall, F1 and support per split, for runs of more than two classes.
+    """Each class's precision, recall (with its CI where fit recorded one), F1 and support per split, for
+    runs of more than two classes.
 
     Why: the scores table's sensitivity and specificity are binary's and read "-" on a 3-class run, so its
     virus recall was only in the report or metrics.json."""
@@ -372,9 +373,14 @@ def _per_class_table(metrics: object, fmt: Callable[[object], str]) -> Table | N
     for name in ("split", "class", "precision", "recall", "f1", "support"):
         table.add_column(name, justify="left" if name in ("split", "class") else "right")
     for split, classes in splits:
+        ci = metrics[split].get("ci") if isinstance(metrics[split].get("ci"), dict) else {}
+        recall_ci = ci.get("per_class_recall") if isinstance(ci.get("per_class_recall"), dict) else {}
         for cls, m in classes.items():
             m = m if isinstance(m, dict) else {}
-            table.add_row(split, shown(str(cls)), *(fmt(m.get(k)) for k in ("precision", "recall", "f1")),
+            pair = recall_ci.get(cls)
+            recall = fmt(m.get("recall")) + (f" [{pair[0]:.3f}–{pair[1]:.3f}]" if isinstance(pair, list)
+                                             and len(pair) == 2 and m.get("recall") is not None else "")
+            table.add_row(split, shown(str(cls)), fmt(m.get("precision")), recall, fmt(m.get("f1")),
                           str(m.get("support", "-")))
     return table
 

@@ -219,13 +219,15 @@ def test_runs_show_gives_each_class_of_a_3class_run(tmp_path, capsys):
     per_class = {"normal": {"precision": 0.9, "recall": 0.8, "f1": 0.847, "support": 20},
                  "bacteria": {"precision": 0.7, "recall": 0.75, "f1": 0.724, "support": 20},
                  "virus": {"precision": 0.5, "recall": 0.4444, "f1": 0.4706, "support": 18}}
-    metrics["test"] = {"n": 58, "accuracy": 0.67, "per_class": per_class}
+    metrics["test"] = {"n": 58, "accuracy": 0.67, "per_class": per_class,
+                       "ci": {"per_class_recall": {"normal": [0.6, 0.93], "bacteria": [0.55, 0.9],
+                                                   "virus": [0.19, 0.71]}}}
     (folder / "metrics.json").write_text(json.dumps(metrics))
     assert run(["runs", "show", RUN_ID, "--runs-dir", str(runs)]) == 0
     out = capsys.readouterr().out
     assert "per class (labels: the most probable class)" in out
     rows = [" ".join(line.replace("│", " ").split()) for line in out.splitlines()]
-    assert "test virus 0.5000 0.4444 0.4706 18" in rows, out
+    assert "test virus 0.5000 0.4444 [0.190–0.710] 0.4706 18" in rows, out
     binary = tmp_path / "binary"
     write_fake_run(binary, RUN_ID)
     assert run(["runs", "show", RUN_ID, "--runs-dir", str(binary)]) == 0

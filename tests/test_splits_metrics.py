@@ -251,6 +251,29 @@ def test_bootstrap_multiclass_runs() -> None:
     assert ci["auc"][0] < 0.5 < ci["auc"][1] + 0.1
 
 
+def test_bootstrap_gives_each_class_recall_an_interval_for_more_than_two_classes() -> None:
+    """A 3-class run's virus recall came without an interval (binary runs have sensitivity and specificity).
+    Each class's recall now gets the percentile interval of the same resamples (checked against a loop),
+    the exact interval where every or no image of the class was found, and None for a class absent here."""
+    rng = np.random.default_rng(9)
+    y = np.array([0] * 20 + [1] * 20 + [2] * 18)
+    y_pred = np.where(y == 0, 0, np.where(rng.random(len(y)) < 0.5, y, 3 - y))  # class 0 always found
+    proba = np.full((len(y), 3), 0.1)
+    proba[np.arange(len(y)), y_pred] = 0.8
+    ci = bootstrap_ci(y, proba, ["normal", "bacteria", "virus"], n_boot=300, seed=3)
+    per = ci["per_class_recall"]
+    assert per["normal"] == pytest.approx([0.025 ** (1 / 20), 1.0])  # all 20 found: Clopper-Pearson
+    w = np.random.default_rng(3).multinomial(len(y), np.full(len(y), 1 / len(y)), size=300)
+    for i, cls in ((1, "bacteria"), (2, "virus")):
+        recalls = [np.sum(r[y == i] * (y_pred[y == i] == i)) / r[y == i].sum() for r in w if r[y == i].sum()]
+        assert per[cls] == pytest.approx([np.quantile(recalls, 0.025), np.quantile(recalls, 0.975)])
+        assert per[cls][0] < np.mean(y_pred[y == i] == i) < per[cls][1]
+    absent = bootstrap_ci(y[y < 2], proba[y < 2], ["normal", "bacteria", "virus"], n_boot=50)
+    assert absent["per_class_recall"]["virus"] is None
+    two = bootstrap_ci(y[y < 2], proba[y < 2][:, :2], ["normal", "bacteria"], n_boot=50)
+    assert "per_class_recall" not in two  # binary: sensitivity and specificity say it
+
+
 def test_a_proportion_at_0_or_1_gets_the_exact_interval_not_a_point() -> None:
     """All 12 positives found: every resample finds all of them, so the percentile interval was
     [1.00, 1.00]. It is the Clopper-Pearson interval over the patients counted instead, and named."""
