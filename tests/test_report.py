@@ -2337,3 +2337,28 @@ def test_the_terminal_says_1_run_not_1_runs(tmp_path, capsys, monkeypatch):
     write_fake_run(runs, "20240101-000002-logreg-bbbbbbbb", seed=2)
     assert run(["report", "--runs-dir", str(runs), "--out", str(tmp_path / "two")]) == 0
     assert "Report written (2 runs; best " in capsys.readouterr().out
+
+
+def test_the_per_class_table_gives_a_3class_runs_recall_interval_as_fit_recorded_it(tmp_path):
+    """`runs show` printed a 3-class run's per-class recall intervals (fit records them), the report's
+    per-class table only the points: it gives them now, and says where they come from; a run that recorded
+    none (fit before them) keeps its table as it was."""
+    runs = tmp_path / "runs"
+    folder = write_3class_run(runs, "20240102-000000-logreg-3c000000", quality=1.5, seed=71)
+    res = build_report(runs, tmp_path / "before", ReportOptions(detail=1))
+    assert "recall with its 95% interval" not in " ".join(res.markdown.read_text().split())
+    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics["test"] = {**(metrics.get("test") or {"n": 60}), "ci": {"per_class_recall": {
+        "bacteria": [0.41, 0.82], "normal": [0.52, 0.9], "virus": [0.53, 0.9]}}}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    info = json.loads((folder / "run.json").read_text())
+    info.get("records", {}).pop("metrics.json", None)  # the fake's record of the old file: not a hand edit
+    (folder / "run.json").write_text(json.dumps(info))
+    res = build_report(runs, tmp_path / "after", ReportOptions(detail=1))
+    text = " ".join(res.markdown.read_text().split())
+    assert "recall with its 95% interval as fit recorded it (patient bootstrap; exact Clopper-Pearson" in text
+    y, p = _read_preds(folder / "predictions_test.csv")
+    virus = CLASSES_3.index("virus")
+    recall = float(np.mean(p[y == virus].argmax(axis=1) == virus))
+    assert f"{recall:.3f} \\[0.53, 0.90\\] |" in text  # Markdown escapes the brackets
+    assert f"{recall:.3f} [0.53, 0.90]" in res.html.read_text()
