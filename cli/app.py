@@ -213,17 +213,13 @@ def _file_in_the_way(exc: OSError, paths: list[str]) -> str | None:
     a-file/report``, ``--cache-dir`` under a file), for a "Not a directory" or "File exists" error; None
     otherwise, or when no such file is found (then the operating system's words stand alone)."""
     import errno
-    from pathlib import Path
+
+    from featcache.errors import nearest_existing
 
     if exc.errno not in (errno.ENOTDIR, errno.EEXIST):
         return None
-    for path in paths:
-        for candidate in (Path(path), *Path(path).parents):
-            if candidate.is_dir():
-                break  # the nearest existing folder: nothing above it is in the way
-            if candidate.exists():
-                return os.fsdecode(candidate)
-    return None
+    found = (nearest_existing(path) for path in paths)
+    return next((os.fsdecode(f) for f in found if f.exists() and not f.is_dir()), None)
 
 
 def _os_error_sentence(exc: OSError, command: list[str] | None = None) -> str:

@@ -85,17 +85,17 @@ def _summary_table(info: dict) -> Table:
                       "folders")
     counts = info.get("counts") or {}
     pool = {s: labels for s, labels in counts.items() if s != "test"}  # what fit trains and selects on
-    for split, missing in (info.get("splits_lacking_classes") or {}).items():
-        held = all(any(m in labels for s, labels in pool.items() if s != split) for m in missing)
-        why = _lacking_why(split, missing, held, "fit")
-        table.add_row(f"{shown(split)} split lacks", f"[yellow]{', '.join(shown(m) for m in missing)}[/] "
-                      f"(an empty or missing class folder?): {why}")
-    for split, missing in (info.get("splits_lacking_subtypes") or {}).items():
-        held = all(any(m in subs for s, labels in pool.items() if s != split for subs in labels.values())
-                   for m in missing)
-        why = _lacking_why(split, missing, held, "--task 3class")
-        table.add_row(f"{shown(split)} split lacks subtype", f"[yellow]{', '.join(missing)}[/] "
-                      f"(no file named as one): {why}")
+    kinds = (  # (key, what a split's counts hold, the row's words, its hint, who needs what is missing)
+        ("splits_lacking_classes", lambda labels: set(labels), "lacks", "an empty or missing class folder?",
+         "fit"),
+        ("splits_lacking_subtypes", lambda labels: {sub for subs in labels.values() for sub in subs},
+         "lacks subtype", "no file named as one", "--task 3class"))
+    for key, members, words, hint, who in kinds:
+        for split, missing in (info.get(key) or {}).items():
+            held = all(any(m in members(labels) for s, labels in pool.items() if s != split) for m in missing)
+            names = ", ".join(shown(m) for m in missing)
+            table.add_row(f"{shown(split)} split {words}",
+                          f"[yellow]{names}[/] ({hint}): {_lacking_why(split, missing, held, who)}")
     table.add_row("skipped files", f"{len(info['skipped']):,}" + (
         "" if info.get("decode_checked", True) else " (files not decoded: --no-decode)"))
     return table

@@ -79,7 +79,7 @@ def result_dict(result) -> dict:  # noqa: ANN001 - featcache.extract.ExtractResu
         "rows_copied": result.rows_copied,
         "duplicates": result.duplicates,
         "skipped": skip_entries(result.skipped),
-        "skipped_while_listing": getattr(result, "n_left_out", 0),
+        "skipped_while_listing": getattr(result, "n_left_out", 0),  # run --json tests pass partial fakes
         "seconds": round(result.seconds, 3),
         "images_per_s": round(result.images_per_s, 2),
         "feature_dim": result.feature_dim,

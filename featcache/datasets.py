@@ -731,6 +731,10 @@ def inspect(dataset: Dataset, progress: ProgressFn | None = None, workers: int =
     def group_splits(group: list[str]) -> set[str]:
         return {split_of[r] for r in group}
 
+    # a class folder left empty (a copy that failed) vanished without a word: test/NORMAL/ empty gave a
+    # test split of one class, where AUC and that class's recall cannot be computed
+    lacking = _splits_lacking_classes(counts)
+
     return {
         "root": os.fsdecode(dataset.root),
         "layout": dataset.layout,
@@ -757,23 +761,22 @@ def inspect(dataset: Dataset, progress: ProgressFn | None = None, workers: int =
         "skipped": skip_entries(sorted(skipped)),
         "decode_checked": decode,
         "case_twin_labels": case_twins({r.label for r in counted}),
-        # a class folder left empty (a copy that failed) vanished without a word: test/NORMAL/ empty gave a
-        # test split of one class, where AUC and that class's recall cannot be computed
-        "splits_lacking_classes": _splits_lacking_classes(counts),
+        "splits_lacking_classes": lacking,
         # the same for Kermany subtypes, the classes of --task 3class: a test/PNEUMONIA/ of bacteria alone
         # passed without a word, and a 3-class fit then had no test AUC and no virus recall
-        "splits_lacking_subtypes": _splits_lacking_subtypes(counts),
+        "splits_lacking_subtypes": _splits_lacking_subtypes(counts, lacking),
     }
 
 
-def _splits_lacking_subtypes(counts: dict[str, dict[str, dict[str, int]]]) -> dict[str, list[str]]:
+def _splits_lacking_subtypes(counts: dict[str, dict[str, dict[str, int]]],
+                             lacking_classes: dict[str, list[str]]) -> dict[str, list[str]]:
     """{split: [Kermany subtypes (normal, bacteria, virus) found in other splits but not in this one]}, less
-    those a lacking class already names (no NORMAL folder: no normal subtype either)."""
+    those ``lacking_classes`` (``_splits_lacking_classes``) already names (no NORMAL folder: no normal
+    subtype either)."""
     def subtypes(labels: dict[str, dict[str, int]]) -> set[str]:
         return {sub for subs in labels.values() for sub in subs if sub in SUBTYPES}
 
     every = {sub for labels in counts.values() for sub in subtypes(labels)}
-    lacking_classes = _splits_lacking_classes(counts)
     out = {}
     for split, labels in sorted(counts.items()):
         missing = every - subtypes(labels)

@@ -11,6 +11,7 @@ import contextlib
 import os
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 
 class FeatcacheError(Exception):
@@ -102,6 +103,14 @@ def os_reason(exc: BaseException) -> str:
         return exc.strerror.strip().splitlines()[0][:200]
     first = text.strip().splitlines()[0].strip() if text.strip() else type(exc).__name__
     return first[:200]
+
+
+def nearest_existing(path: str | os.PathLike) -> Path:
+    """``path`` itself, or its nearest ancestor that exists: the folder a missing one would be made in, or
+    the regular file that stands where a folder is needed. One walk for every check of an output path
+    (predict's --csv checks, the CLI's "X is a file, where a folder is needed")."""
+    p = Path(path)
+    return next((c for c in (p, *p.parents) if c.exists()), p.parents[-1] if p.parents else p)
 
 
 @contextlib.contextmanager

@@ -1264,14 +1264,13 @@ def _unused_option_notes(opts: FitOptions, head_obj: Any, n_classes: int = 2,
         unused.append(f"--val-fraction ({head_obj.name} is validated by {opts.cv_folds}-fold CV)")
     if head_obj.selection != "cv" and opts.cv_folds != defaults.cv_folds:
         unused.append(f"--cv-folds ({head_obj.name} is validated on a hold-out)")
-    if head_obj.name != "mlp":
-        unused += [f"{flag} (mlp only)" for flag, value, default in (
-            ("--mlp-precision", opts.mlp_precision, defaults.mlp_precision),
-            ("--mlp-trainer", opts.mlp_trainer, defaults.mlp_trainer)) if value != default]
-    notes = [f"not used by the {head_obj.name} head: {u}." for u in unused]
+    # the options that shape only fused mlp grid training, where given
     fused_flags = [flag for flag, value, default in (
         ("--mlp-precision", opts.mlp_precision, defaults.mlp_precision),
         ("--mlp-trainer", opts.mlp_trainer, defaults.mlp_trainer)) if value != default]
+    if head_obj.name != "mlp":
+        unused += [f"{flag} (mlp only)" for flag in fused_flags]
+    notes = [f"not used by the {head_obj.name} head: {u}." for u in unused]
     if head_obj.name == "mlp" and fused_flags and configs:
         from featcache.heads.mlp import fused_configs
 

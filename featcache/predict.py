@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from featcache.errors import DataError, NetworkError, RunError
+from featcache.errors import DataError, NetworkError, RunError, nearest_existing
 from featcache.hashing import sha256_bytes
 from featcache.metrics import predict_labels
 from featcache.progress import ProgressFn, emit
@@ -655,11 +655,9 @@ def check_csv_target(path: str | Path) -> Path:
         # `--csv runs/<id>/run.json` replaced the run's record: the run was then "damaged"
         raise DataError(f"--csv {path} is inside the run folder {target.parent}; writing there could "
                         "replace the run's own files. Give a path outside it.")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise DataError(f"--csv {path} cannot be written: {parent} is a file, not a folder.")
-            break
+    parent = nearest_existing(path.parent)
+    if not parent.is_dir():
+        raise DataError(f"--csv {path} cannot be written: {parent} is a file, not a folder.")
     _probe_writable(path, target)
     return path
 
@@ -674,9 +672,7 @@ def _probe_writable(path: Path, target: Path) -> None:
     passes for 1,000 new images here, all lost)."""
     import tempfile
 
-    folder = target.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
+    folder = nearest_existing(target.parent)
     try:
         if folder == target.parent:  # the temporary file beside the target, as write_predictions_csv
             fd, probe = tempfile.mkstemp(prefix=f".{target.name}.probe-", dir=folder)

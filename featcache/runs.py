@@ -724,9 +724,15 @@ def _unfinished_part(runs_dir: Path, part: str) -> str | None:
         return None  # hidden folders (checkpoints, locks, retired runs) are no runs
     if (Path(runs_dir) / part).is_dir():
         return part
-    names = [d.name for d in Path(runs_dir).iterdir() if part in d.name and not d.name.startswith(".")
-             and d.is_dir() and not (d / "run.json").exists()]
+    names = _folders_containing(runs_dir, part, finished=False)
     return names[0] if len(names) == 1 else None
+
+
+def _folders_containing(runs_dir: Path, part: str, *, finished: bool) -> list[str]:
+    """The names, sorted, of the run folders (hidden ones are no runs) whose name contains ``part``: the
+    finished ones (with run.json) or the unfinished ones (without)."""
+    return sorted(d.name for d in Path(runs_dir).iterdir() if part in d.name and not d.name.startswith(".")
+                  and d.is_dir() and (d / "run.json").is_file() == finished)
 
 
 def _unique_part(runs_dir: Path, part: str) -> str:
@@ -734,8 +740,7 @@ def _unique_part(runs_dir: Path, part: str) -> str:
     ``20261206-180757-logreg-8f18c1b7``), ``part`` itself when none does, RunError when several do."""
     if not Path(runs_dir).is_dir() or "/" in part or "\\" in part:
         return part
-    names = sorted(d.name for d in Path(runs_dir).iterdir()
-                   if part in d.name and not d.name.startswith(".") and (d / "run.json").is_file())
+    names = _folders_containing(runs_dir, part, finished=True)
     if len(names) > 1:
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
         raise RunError(f"'{part}' is part of {len(names)} run ids ({shown}); give more of the id.")

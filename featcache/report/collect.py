@@ -67,8 +67,7 @@ class RunRecord:
     @property
     def random_weights(self) -> bool:
         """Any backbone with ``--weights none``: its features, and so its accuracy, mean nothing."""
-        bbs = self.run.get("backbones") or []
-        return any(isinstance(b, dict) and b.get("weights") == "none" for b in bbs)
+        return bool(self.random_backbones)
 
     @property
     def random_backbones(self) -> list[str]:
