@@ -216,6 +216,10 @@ def extract_cmd(
             result = extract(dataset, config, cache_dir, options, progress=view,
                              before_build=import_backend_quietly)
         except BaseException as exc:
+            stopped = getattr(exc, "extract_stopped", None)  # Ctrl-C or SIGTERM while rows were computed
+            if isinstance(exc, KeyboardInterrupt) and stopped is not None:
+                err_console.print(Text.assemble(("extract stopped: ", "bold"), stopped.sentence()),
+                                  soft_wrap=True)  # the CLI's "interrupted: ..." line follows
             partial = getattr(exc, "result", None)   # --strict: show what was saved and skipped, then fail
             if isinstance(exc, DataError) and partial is not None:
                 if as_json:  # scripts get the result, skip list included, then the error and exit 2

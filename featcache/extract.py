@@ -95,6 +95,31 @@ class ExtractResult:
 
 
 @dataclass
+class ExtractStopped:
+    """What an interrupted extract left in its cache file; attached to the KeyboardInterrupt (or the CLI's
+    SIGTERM, a subclass) as ``extract_stopped`` once the rows in flight are on disk.
+
+    Why: Ctrl-C printed only "finished work is saved; run the same command to resume", so a user could not
+    tell whether 10 or 990 of 1,000 images were kept, or how much a resume had left to compute.
+    """
+
+    cache_path: Path
+    rows_wanted: int    # (image, view) rows this extract was asked for (unique images x views)
+    rows_reused: int    # of them, in the cache before this run computed any
+    rows_computed: int  # of them, computed by this run and on disk
+    n_views: int
+
+    def sentence(self) -> str:
+        """One line with the counts, in images when one view was asked for."""
+        unit = "images" if self.n_views == 1 else "rows (image x view)"
+        held = self.rows_reused + self.rows_computed
+        return (f"{held:,} of the {self.rows_wanted:,} {unit} this extract wants are in "
+                f"{self.cache_path.name} ({self.rows_computed:,} computed before the interruption, "
+                f"{self.rows_reused:,} there before); the same command computes the remaining "
+                f"{self.rows_wanted - held:,}.")
+
+
+@dataclass
 class _Item:
     """One unique image to compute: its key, the records that share its bytes, and missing views."""
 
@@ -544,7 +569,8 @@ def _extract_built(bb: Backbone, dataset: Dataset, cache_dir: Path, options: Ext
                 # every forward pass at --batch-size, padded: a resume with fewer missing rows than one
                 # batch compiled a smaller one, whose float rounding differed (4e-6) from a fresh extract
                 bb.fix_batch_size(options.batch_size)
-                rows_computed = _stream(items, bb, writer, options, skipped, rows_total, progress)
+                stopped = ExtractStopped(path, len(keys) * len(views), rows_reused, 0, len(views))
+                rows_computed = _stream(items, bb, writer, options, skipped, rows_total, progress, stopped)
                 if rows_computed:  # not when every image left failed to decode: no row came from it
                     notes += mixed
             if writer.paths_cut:  # paths are information only, but a cut one must not pass for a real one
@@ -847,10 +873,12 @@ class _ChunkWriter(threading.Thread):
 
 
 def _stream(items: list[_Item], bb: Backbone, writer: Any, options: ExtractOptions,
-            skipped: list[tuple[str, str]], rows_total: int, progress: ProgressFn | None) -> int:
+            skipped: list[tuple[str, str]], rows_total: int, progress: ProgressFn | None,
+            stopped: ExtractStopped) -> int:
     """Consume ready batches: forward pass, hand the chunk to the writer thread, report progress.
 
-    Returns the number of rows written."""
+    Returns the number of rows written. An interruption (Ctrl-C, SIGTERM) carries ``stopped`` with the rows
+    written before it, counted once the writer thread has finished."""
     producer = _Producer(items, bb.input_size, options, skipped)
     chunks = _ChunkWriter(writer)
     producer.start()
@@ -870,10 +898,14 @@ def _stream(items: list[_Item], bb: Backbone, writer: Any, options: ExtractOptio
             chunks.submit(batch.keys, batch.views, batch.paths, feats)
             done += n
             emit(progress, "extract", done, rows_total - producer.failed_rows)
+    except KeyboardInterrupt as exc:
+        exc.extract_stopped = stopped  # type: ignore[attr-defined]  # its count is final after the finally
+        raise
     finally:
         producer.stop.set()
         chunks.finish()
         producer.join(timeout=30)
+        stopped.rows_computed = chunks.written
     if chunks.error is not None:
         raise chunks.error
     emit(progress, "extract", chunks.written, chunks.written)

@@ -595,6 +595,34 @@ def test_sigkill_then_resume_gives_the_uninterrupted_features(point: str, tree: 
     assert run(["cache", "verify", str(files[0])]) == 0
 
 
+def test_ctrl_c_during_extract_says_how_many_images_are_kept_and_left(tmp_path: Path, capsys, monkeypatch):
+    """Ctrl-C printed only "finished work is saved; run the same command to resume": no word of how many
+    images were kept or how many a resume would compute. The counts come first now, and they are true."""
+    import featcache.extract as extract_module
+
+    root = make_kermany_tree(tmp_path / "data", n_normal=4, n_pneu=4, splits=("train",))
+    forwards = []
+
+    def ctrl_c_at_the_third_forward_pass(name: str) -> None:
+        if name == "extract.forward":
+            forwards.append(name)
+            if len(forwards) == 3:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(extract_module, "crash_point", ctrl_c_at_the_third_forward_pass)
+    monkeypatch.setenv("COLUMNS", "250")
+    argv = ["extract", "--data", str(root), *CLI_BB, "--cache-dir", str(tmp_path / "c"), "--batch-size", "2"]
+    assert run(argv) == 130
+    err = " ".join(capsys.readouterr().err.split())
+    name = next((tmp_path / "c").glob("*.h5")).name
+    assert (f"extract stopped: 4 of the 8 images this extract wants are in {name} (4 computed before the "
+            "interruption, 0 there before); the same command computes the remaining 4.") in err
+    assert err.endswith("interrupted: finished work is saved; run the same command to resume.")
+    monkeypatch.undo()
+    res = extract(discover(root), BB, tmp_path / "c", ExtractOptions(batch_size=2))
+    assert (res.rows_reused, res.rows_computed) == (4, 4)  # the sentence's counts were the cache's
+
+
 def test_cli_json_summary_and_cache_hit(tree: Path, tmp_path: Path, capsys):
     assert run(_cli(tree, tmp_path, "--json")) == 0
     first = json.loads(capsys.readouterr().out)
