@@ -321,6 +321,49 @@ def _check_jpeg_scan(data: bytes, mode: str) -> None:
             raise ImageDecodeError(damage) from exc
 
 
+_SEQUENTIAL_SOF = (0xC0, 0xC1)  # baseline and extended sequential Huffman frames: every pixel in one pass
+# a marker inside entropy-coded data: FF (fill FFs allowed) and neither a stuffed 00 nor a restart D0-D7
+_MARKER_IN_SCAN = re.compile(rb"\xff+[^\x00\xd0-\xd7\xff]")
+
+
+def _end_marker_restored(data: bytes) -> bytes:
+    """``data`` with its end-of-image marker (FF D9) put back when that marker is a JPEG's only damage.
+
+    Why: a JPEG whose last two bytes are missing (a copy or an encoder that stopped at the marker) holds
+    every pixel, and Pillow and libjpeg decode it whole, but libjpeg's "premature end of JPEG file" warning,
+    which also comes for files cut inside their data, had extract skip it as "truncated image". Only a
+    sequential JPEG with a single scan holding every component qualifies (a progressive one cut between two
+    scans also lacks the marker, yet misses detail), and only when libjpeg, given the marker, decodes the
+    scan without a warning: a scan cut short still warns "premature end of data segment" and is skipped as
+    before. The file's key stays the hash of its own bytes.
+    """
+    if _simplejpeg is None or not data.startswith(b"\xff\xd8\xff") or data.endswith(b"\xff\xd9"):
+        return data
+    pos, components = 2, 0
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # a fill byte before the marker
+            pos += 1
+            continue
+        end = pos + 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a frame header (SOFn)
+            if marker not in _SEQUENTIAL_SOF or pos + 9 >= len(data):
+                return data
+            components = data[pos + 9]
+        elif marker == 0xDA:  # the first scan: whole, alone, and running to the end of the bytes?
+            if pos + 4 >= len(data) or data[pos + 4] != components or _MARKER_IN_SCAN.search(data, end):
+                return data
+            fixed = data + b"\xff\xd9"
+            try:
+                _simplejpeg.decode_jpeg(fixed, "CMYK" if components == 4 else "RGB", min_height=1,
+                                        min_width=1, min_factor=1)
+            except Exception:  # noqa: BLE001 - any warning: the file lacks more than its marker
+                return data
+            return fixed
+        pos = end
+    return data
+
+
 _EXTRANEOUS_OK = 64  # stray bytes before a marker that a JPEG may carry without harm
 
 
@@ -441,6 +484,7 @@ def decode_image(data: bytes, size: int | tuple[int, int], resize: str = "squash
         raise ConfigError(f"unknown resize mode '{resize}'; choose one of: {', '.join(RESIZE_MODES)}.")
     size_hw = _normalise_size(size)
     _quiet_pil()
+    data = _end_marker_restored(data)
     im = _open(data)
     full_wh = im.size  # before _load: a JPEG's draft mode shrinks im.size
     try:

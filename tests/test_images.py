@@ -243,7 +243,9 @@ def test_simplejpeg_path_leaves_other_jpegs_and_errors_to_pil(monkeypatch):
     with pytest.raises(ImageDecodeError) as err:
         decode_image(whole[: len(whole) * 2 // 3], 16)  # cut inside the scan: the header still opens
     assert err.value.reason == "truncated image"
-    assert len(spy.calls) == 2  # simplejpeg refused the cut file, PIL decoded it again and worded the error
+    # simplejpeg decoded the cut file twice: once with an end marker put back (it lacks FF D9; the scan still
+    # warns, so it lacks more), once on the fast path, which refused it
+    assert len(spy.calls) == 3
 
 
 def _wave(size: int = 400) -> np.ndarray:
@@ -297,6 +299,31 @@ def test_a_damaged_jpeg_that_still_ends_properly_is_refused():
     with pytest.raises(ImageDecodeError, match="extraneous bytes"):
         decode_image(data[:cut[0]] + bytes(cut[1] - cut[0]) + data[cut[1]:], 16)
     assert images._jpeg_damage("Corrupt JPEG data: 2 extraneous bytes before marker 0xd9") is None
+
+
+def test_a_jpeg_missing_only_its_end_marker_decodes_to_the_intact_files_pixels():
+    """A JPEG whose last two bytes (FF D9) are missing holds every pixel, but libjpeg's "premature end of
+    JPEG file" warning had it skipped as "truncated image". It decodes now, to the intact file's pixels; a
+    file that lacks more (its scan cut, a progressive file's last scans) is still refused."""
+    pytest.importorskip("simplejpeg")
+    wave = _wave(240)
+    for img in (Image.fromarray(wave), Image.fromarray(np.stack([wave, wave[::-1], wave.T], axis=2)),
+                Image.fromarray(wave).convert("CMYK")):  # the last one PIL decodes, simplejpeg only checks
+        whole = _jpeg(img)
+        assert whole.endswith(b"\xff\xd9")
+        for size, mode in ((224, "squash"), ((100, 60), "crop"), (240, "pad")):
+            want = decode_image(whole, size, mode)
+            for lost in (1, 2):  # the marker's last byte, or both
+                assert np.array_equal(decode_image(whole[:-lost], size, mode), want), (img.mode, size, lost)
+        with pytest.raises(ImageDecodeError, match="^truncated image$"):
+            decode_image(whole[:-40], 64)  # the scan's data is cut: libjpeg still warns with the marker back
+    buf = io.BytesIO()
+    Image.fromarray(wave).save(buf, "JPEG", quality=95, progressive=True)
+    progressive = buf.getvalue()
+    # a progressive file without its marker may lack its last scans too (cut between two): still refused
+    for cut in (progressive[:-2], progressive[:progressive.rindex(b"\xff\xda")]):
+        with pytest.raises(ImageDecodeError, match="^truncated image$"):
+            decode_image(cut, 64)
 
 
 def test_crop_when_one_side_fits_exactly():
