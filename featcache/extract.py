@@ -570,7 +570,10 @@ def _extract_built(bb: Backbone, dataset: Dataset, cache_dir: Path, options: Ext
                 # batch compiled a smaller one, whose float rounding differed (4e-6) from a fresh extract
                 bb.fix_batch_size(options.batch_size)
                 stopped = ExtractStopped(path, len(keys) * len(views), rows_reused, 0, len(views))
-                rows_computed = _stream(items, bb, writer, options, skipped, rows_total, progress, stopped)
+                odd: list[tuple[str, int, int, int]] = []
+                rows_computed = _stream(items, bb, writer, options, skipped, rows_total, progress, stopped,
+                                        odd)
+                notes += _input_notes(odd, bb.input_size)
                 if rows_computed:  # not when every image left failed to decode: no row came from it
                     notes += mixed
             if writer.paths_cut:  # paths are information only, but a cut one must not pass for a real one
@@ -745,9 +748,13 @@ NUMERIC_LIBRARIES = ("keras", "tensorflow", "jax", "pillow", "numpy")
 """Libraries whose version can change the feature values a row gets (kernels, decoding)."""
 
 
-def _decode_item(item: _Item, size: int, resize: str) -> list[np.ndarray] | str:
-    """Decode worker: read, re-check the hash (the file may have changed), decode all missing views."""
-    from featcache.images import ImageDecodeError, decode_views
+def _decode_item(item: _Item, size: int,
+                 resize: str) -> tuple[list[np.ndarray], tuple[int, int, int] | None] | str:
+    """Decode worker: read, re-check the hash (the file may have changed), decode all missing views.
+
+    Returns the views with the file's (width, height, frames) from its header (None if unreadable there),
+    or the reason it cannot be used."""
+    from featcache.images import ImageDecodeError, decode_views, pixel_size
 
     crash_point("extract.decode")
     path = item.records[0].path
@@ -758,21 +765,50 @@ def _decode_item(item: _Item, size: int, resize: str) -> list[np.ndarray] | str:
     if sha256_bytes(data) != item.key:
         return "file changed while featcache was reading it; run extract again"
     try:
-        return decode_views(data, (size, size), resize, item.views)
+        return decode_views(data, (size, size), resize, item.views), pixel_size(data)
     except ImageDecodeError as exc:
         return exc.reason
+
+
+def _input_notes(odd: list[tuple[str, int, int, int]], size: int) -> list[str]:
+    """Notes on the images computed now that the backbone sees otherwise than their files hold them:
+    smaller than its input on a side (upscaled; more than UPSCALE_LIMIT times, as predict notes them), or
+    several frames (only the first is read). ``odd``: (path, width, height, frames) of such images.
+
+    Why: predict said so of the images it classified, but extract cached an 8 x 8 thumbnail or a 1 x 200
+    strip among the X-rays as a 224-px blur without a word, and fit then trained and tested on it.
+    """
+    from featcache.images import UPSCALE_LIMIT
+
+    notes = []
+    small = [o for o in odd if min(o[1], o[2]) < size]
+    if small:
+        far = [o for o in small if min(o[1], o[2]) * UPSCALE_LIMIT < size]
+        rel, w, h, _ = (far or small)[0]
+        how = (f", {len(far)} of them more than {UPSCALE_LIMIT} times (under {size / UPSCALE_LIMIT:g} px "
+               "a side): their features carry little information" if far else "")
+        notes.append(f"{len(small)} image(s) computed now are smaller than the backbone's {size}-px input "
+                     f"on a side and were upscaled to it{how} (e.g. {rel}, {w}x{h}).")
+    frames = [o for o in odd if o[3] > 1]
+    if frames:
+        rel, _, _, n = frames[0]
+        notes.append(f"{len(frames)} image(s) hold several frames (an animated GIF or a multi-page TIFF; "
+                     f"e.g. {rel}, {n} frames): only the first frame of each was extracted; save a frame as "
+                     "an image of its own to use it.")
+    return notes
 
 
 class _Producer(threading.Thread):
     """Decodes items in a thread pool (in order) and packs them into fixed-shape uint8 batches."""
 
     def __init__(self, items: list[_Item], size: int, options: ExtractOptions,
-                 skipped: list[tuple[str, str]]) -> None:
+                 skipped: list[tuple[str, str]], odd: list[tuple[str, int, int, int]]) -> None:
         super().__init__(name="featcache-decode", daemon=True)
         self.items = items
         self.size = size
         self.options = options
         self.skipped = skipped
+        self.odd = odd  # (path, width, height, frames) of images smaller than the input or of several frames
         self.failed_rows = 0
         self.out: queue.Queue = queue.Queue(maxsize=_PREFETCH_BATCHES)
         self.stop = threading.Event()
@@ -817,6 +853,9 @@ class _Producer(threading.Thread):
                     self.failed_rows += len(item.views)
                     self.skipped.extend((r.relpath, decoded) for r in item.records)
                     continue
+                decoded, dims = decoded
+                if dims is not None and (min(dims[:2]) < self.size or dims[2] > 1):
+                    self.odd.append((item.records[0].relpath, *dims))
                 for view, pixels in zip(item.views, decoded, strict=True):
                     n = len(batch.keys)
                     batch.pixels[n] = pixels
@@ -874,12 +913,13 @@ class _ChunkWriter(threading.Thread):
 
 def _stream(items: list[_Item], bb: Backbone, writer: Any, options: ExtractOptions,
             skipped: list[tuple[str, str]], rows_total: int, progress: ProgressFn | None,
-            stopped: ExtractStopped) -> int:
+            stopped: ExtractStopped, odd: list[tuple[str, int, int, int]]) -> int:
     """Consume ready batches: forward pass, hand the chunk to the writer thread, report progress.
 
     Returns the number of rows written. An interruption (Ctrl-C, SIGTERM) carries ``stopped`` with the rows
-    written before it, counted once the writer thread has finished."""
-    producer = _Producer(items, bb.input_size, options, skipped)
+    written before it, counted once the writer thread has finished. ``odd`` gets the decoded images smaller
+    than the input or of several frames (``_Producer``)."""
+    producer = _Producer(items, bb.input_size, options, skipped, odd)
     chunks = _ChunkWriter(writer)
     producer.start()
     chunks.start()

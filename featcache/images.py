@@ -475,6 +475,24 @@ def _resize(im: Image.Image, size_hw: tuple[int, int], mode: str,
     return canvas
 
 
+UPSCALE_LIMIT = 4  # an image upscaled more than this to the backbone's input is noted (a 5x5 "X-ray")
+
+
+def pixel_size(data: bytes) -> tuple[int, int, int] | None:
+    """(width, height, frames) from the image headers (no pixel decoding); None when PIL cannot tell.
+
+    Frames: an animated GIF or a multi-page TIFF is read from its first frame only; the count lets predict
+    and extract say so (a 3-page TIFF got one label without a word). Sizes: both note images upscaled more
+    than ``UPSCALE_LIMIT`` times to the backbone's input."""
+    _quiet_pil()  # a 90-180 MP image made PIL print its DecompressionBombWarning here
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            frames = int(getattr(im, "n_frames", 1) or 1) if getattr(im, "is_animated", False) else 1
+            return int(im.size[0]), int(im.size[1]), frames
+    except Exception:  # noqa: BLE001 - any unreadable header: the decoder reports it properly later
+        return None
+
+
 def decode_image(data: bytes, size: int | tuple[int, int], resize: str = "squash") -> np.ndarray:
     """Decode image bytes to a uint8 ``[H, W, 3]`` array of ``size`` = (height, width).
 

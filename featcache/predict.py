@@ -68,9 +68,6 @@ def expand_images(images: Sequence[str | Path]) -> list[tuple[str, str | None]]:
     return kept
 
 
-UPSCALE_LIMIT = 4  # an image upscaled more than this to the backbone's input is noted (a 5x5 "X-ray")
-
-
 def _input_size(cache: dict) -> int:
     """The backbone input size (px) a run cache was extracted at."""
     from featcache.backbones import get_spec
@@ -82,26 +79,6 @@ def _input_size(cache: dict) -> int:
         return int(get_spec(str(cfg.get("backbone", cache.get("name")))).input_size)
     except Exception:  # noqa: BLE001 - a saved-model backbone has no registry entry: the common size
         return 224
-
-
-def _pixel_size(data: bytes) -> tuple[int, int, int] | None:
-    """(width, height, frames) from the image headers (no pixel decoding); None when PIL cannot tell.
-
-    Frames: an animated GIF or a multi-page TIFF is classified from its first frame, as extract reads it;
-    the count lets predict say so (a 3-page TIFF got one label without a word)."""
-    import io
-
-    from PIL import Image
-
-    from featcache.images import _quiet_pil
-
-    _quiet_pil()  # a 90-180 MP image made PIL print its DecompressionBombWarning here
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            frames = int(getattr(im, "n_frames", 1) or 1) if getattr(im, "is_animated", False) else 1
-            return int(im.size[0]), int(im.size[1]), frames
-    except Exception:  # noqa: BLE001 - any unreadable header: the decoder reports it properly later
-        return None
 
 
 def _read_image(path: str) -> tuple[str, bytes, str] | str:
@@ -443,6 +420,8 @@ def predict(
     reference = run.feature_reference()
     preds: list[dict] = []
     skipped: list[tuple[int, dict]] = []  # (position in paths, entry): listed in the order given
+    from featcache.images import UPSCALE_LIMIT, pixel_size
+
     tiny: dict[str, tuple[int, int]] = {}  # image -> (width, height) of those under `smallest` px a side
     multi: dict[str, int] = {}  # image -> its number of frames, for those holding more than one
     # upscaled more than UPSCALE_LIMIT times to the (largest) backbone input: little left to classify
@@ -459,7 +438,7 @@ def predict(
                 else:
                     items.append(got)
                     where.append(pos)
-                    dims = _pixel_size(got[1])
+                    dims = pixel_size(got[1])
                     if dims is not None and min(dims[:2]) < smallest:
                         tiny[got[0]] = dims[:2]
                     if dims is not None and dims[2] > 1:

@@ -623,6 +623,31 @@ def test_ctrl_c_during_extract_says_how_many_images_are_kept_and_left(tmp_path: 
     assert (res.rows_reused, res.rows_computed) == (4, 4)  # the sentence's counts were the cache's
 
 
+def test_images_smaller_than_the_input_or_of_several_frames_are_noted(tmp_path: Path):
+    """predict noted images upscaled more than 4 times and multi-frame files; extract cached an 8 x 8
+    thumbnail as a full-size blur, or a GIF's first frame, without a word, and fit trained and tested on
+    them."""
+    from PIL import Image
+
+    root = make_kermany_tree(tmp_path / "data", n_normal=2, n_pneu=2, splits=("train",))  # 64 px: no note
+    res = extract(discover(root), BB, tmp_path / "c", ExtractOptions())
+    assert res.rows_computed == 4 and not any("upscaled" in n or "frames" in n for n in res.notes)
+    rng = np.random.default_rng(0)
+    for name, (w, h) in (("IM-0900-0001.png", (4, 4)), ("IM-0901-0001.png", (20, 40)),
+                         ("IM-0902-0001.png", (200, 1))):
+        Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8)).save(root / "train/NORMAL" / name)
+    frames = [Image.fromarray(rng.integers(0, 256, (48, 48), dtype=np.uint8)) for _ in range(3)]
+    frames[0].save(root / "train/PNEUMONIA/person9_virus_9.gif", save_all=True, append_images=frames[1:])
+    res = extract(discover(root), BB, tmp_path / "c", ExtractOptions())
+    assert res.rows_computed == 4
+    assert ("3 image(s) computed now are smaller than the backbone's 32-px input on a side and were upscaled "
+            "to it, 2 of them more than 4 times (under 8 px a side): their features carry little information "
+            "(e.g. train/NORMAL/IM-0900-0001.png, 4x4).") in res.notes
+    assert ("1 image(s) hold several frames (an animated GIF or a multi-page TIFF; e.g. "
+            "train/PNEUMONIA/person9_virus_9.gif, 3 frames): only the first frame of each was extracted; "
+            "save a frame as an image of its own to use it.") in res.notes
+
+
 def test_cli_json_summary_and_cache_hit(tree: Path, tmp_path: Path, capsys):
     assert run(_cli(tree, tmp_path, "--json")) == 0
     first = json.loads(capsys.readouterr().out)
