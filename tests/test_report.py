@@ -2362,3 +2362,26 @@ def test_the_per_class_table_gives_a_3class_runs_recall_interval_as_fit_recorded
     recall = float(np.mean(p[y == virus].argmax(axis=1) == virus))
     assert f"{recall:.3f} \\[0.53, 0.90\\] |" in text  # Markdown escapes the brackets
     assert f"{recall:.3f} [0.53, 0.90]" in res.html.read_text()
+
+
+def test_the_caution_gives_a_3class_run_each_class_share_not_the_non_normal_one(tmp_path):
+    """The "Read with care" line of a 3-class run on data with its own test split read "test 55.6%, train
+    51.2% of images are not NORMAL": a binary task's words, hiding the class shift a 3-class run meets
+    (virus 16.7% of the test images, 24.4% of the training ones). A binary run of the folder keeps them."""
+    runs = tmp_path / "runs"
+    counts = {"binary": {"train": {"NORMAL": 40, "PNEUMONIA": 42}, "test": {"NORMAL": 16, "PNEUMONIA": 20}},
+              "3class": {"train": {"normal": 40, "bacteria": 22, "virus": 20},
+                         "test": {"normal": 16, "bacteria": 14, "virus": 6}}}
+    for i, task in enumerate(("binary", "3class")):
+        rid = f"2024010{i}-000000-logreg-0000000{i}"
+        folder = (write_3class_run(runs, rid, quality=2, seed=i) if task == "3class"
+                  else write_fake_run(runs, rid, seed=i))
+        run = json.loads((folder / "run.json").read_text())
+        run["dataset"].update(counts=counts[task], images_digest="ab" * 8)
+        (folder / "run.json").write_text(json.dumps(run))
+    md_text = " ".join(build_report(runs, tmp_path / "out").markdown.read_text(encoding="utf-8").split())
+    caution = md_text.split("**Read with care:**")[1].split("> **")[0]
+    assert ("task 3class, the classes' shares of the images are: test bacteria 38.9%, normal 44.4%, virus "
+            "16.7%; train bacteria 26.8%, normal 48.8%, virus 24.4%") in caution
+    assert "test 55.6%, train 51.2% of images are not NORMAL" in caution  # the binary run's, as it was
+    assert caution.count("not NORMAL") == 1
