@@ -75,11 +75,13 @@ def _leaders_table(result) -> Table | None:
     varying = [*(["group"] if grouped else []), *(k for k in ("backbone", "head", "task") if shown_column(k))]
     what = "best run of each group" if grouped else "best runs"
     tied = not grouped and any(is_tied(r) for r in rows)
+    tested = _tested(rows, metric)  # untested, print_outputs says why there is no interval
     table = Table(title=f"{what} by validation {metric}", title_justify="left", box=None, pad_edge=False,
                   caption=f"'=' after a rank: the same validation {metric} as another run" if tied else None,
                   caption_justify="left")
     # grouped, every row is its group's #1 (ranks count within groups): a rank column would say nothing
-    for name in (*([] if grouped else ["#"]), *varying, "config", f"val {metric}", f"test {metric} [95% CI]"):
+    for name in (*([] if grouped else ["#"]), *varying, "config", f"val {metric}",
+                 *([f"test {metric} [95% CI]"] if tested else [])):
         table.add_column(name, justify="right" if name == "#" or metric in name else "left", overflow="fold")
 
     def num(value) -> str:
@@ -96,15 +98,27 @@ def _leaders_table(result) -> Table | None:
         rank = f"{r['rank']}{'=' if is_tied(r) else ''}"
         table.add_row(*([] if grouped else [rank]), *(escape(str(r.get(k))) for k in varying),
                       escape(config or "(defaults)"), num(r.get(f"val_{used}")) + named,
-                      test + (named if test != "—" else ""))
+                      *([test + (named if test != "—" else "")] if tested else []))
     return table
+
+
+def _tested(rows: list[dict], metric: str) -> bool:
+    """Whether any of the leaders has a test score of the metric that ranks it.
+
+    Why: with none, the table's "test ... [95% CI]" column was all "—", and nothing said why the
+    validation scores beside it had no interval."""
+    return any(r.get(f"test_{r.get('ranked_by') or metric}") is not None for r in rows)
 
 
 def print_outputs(result, console: Console) -> None:
     """The best runs, then where the report is: what the user needs after the command."""
+    from featcache.report.build import NO_VALIDATION_CI
+
     table = _leaders_table(result)
     if table is not None:
         print_table(console, table)
+        if not _tested(getattr(result, "leaders", None) or [], result.metric):
+            console.print(f"No test split: {NO_VALIDATION_CI}.", soft_wrap=True, highlight=False)
     random = getattr(result, "random_weights", None) or []
     if random:
         # "mobilenet-0.75 features come from random weights" read as every mobilenet-0.75 run's, with

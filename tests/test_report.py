@@ -2320,7 +2320,7 @@ def test_the_leaderboard_caption_describes_intervals_only_when_it_shows_test_col
     caption = _leaderboard_md(build_report(runs, tmp_path / "out"))
     assert "| test acc" not in caption  # no test column, so no interval in the table
     assert "CIs are" not in caption
-    assert "no run shown has a test split, so no confidence interval is given." in caption
+    assert "no run shown has a test split, so no confidence interval is given: validation scores" in caption
     write_fake_run(runs, "20240101-000003-logreg-cccccccc", seed=3)  # one run with a test split: CIs shown
     caption = _leaderboard_md(build_report(runs, tmp_path / "out2"))
     assert "| test acc" in caption and "CIs are 95% bootstrap intervals resampling" in caption
@@ -2385,3 +2385,25 @@ def test_the_caution_gives_a_3class_run_each_class_share_not_the_non_normal_one(
             "16.7%; train bacteria 26.8%, normal 48.8%, virus 24.4%") in caution
     assert "test 55.6%, train 51.2% of images are not NORMAL" in caution  # the binary run's, as it was
     assert caution.count("not NORMAL") == 1
+
+
+def test_a_validation_only_report_says_why_its_validation_scores_have_no_interval(tmp_path, capsys,
+                                                                                  monkeypatch):
+    """Validation-only runs: the headline gave "validation accuracy 0.951 (5-fold CV, n=82)" and "test: not
+    used", and the terminal a "test accuracy [95% CI]" column of "—", with no word on why the validation
+    score had no interval; both say it now, and a report with a test split keeps its interval column."""
+    monkeypatch.setenv("COLUMNS", "250")
+    runs = tmp_path / "runs"
+    write_fake_run(runs, "20240101-000001-logreg-aaaaaaaa", test=False)
+    write_fake_run(runs, "20240101-000002-logreg-bbbbbbbb", test=False, seed=2)
+    assert run(["report", "--runs-dir", str(runs), "--out", str(tmp_path / "out")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "test accuracy [95% CI]" not in out  # no column of "—"
+    assert "No test split: validation scores get no interval, as they chose the configs" in out
+    text = " ".join((tmp_path / "out" / "report.md").read_text().split())
+    hero = text[:text.index("**Read with care:**")]
+    assert "**test:** not used (validation only, validation scores get no interval, as they chose" in hero
+    write_fake_run(runs, "20240101-000003-logreg-cccccccc", seed=3, quality=3)  # tested: as it was
+    assert run(["report", "--runs-dir", str(runs), "--out", str(tmp_path / "out2")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "test accuracy [95% CI]" in out and "No test split" not in out

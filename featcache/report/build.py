@@ -73,6 +73,13 @@ NO_TEST_SPLIT_NOTE = (  # data that is not the Kermany layout has no "official" 
     "validation only: the data has no test split (no test/ folder, no split=test rows in a manifest). Every "
     "number below is a validation estimate (fit --test-fraction 0.2 holds out a patient-grouped test split)."
 )
+# why a validation score has no interval, where a run has no test split (the headline gave validation accuracy
+# 0.951 "n=82" with no interval and no word why, so a reader could publish it as if it were a test estimate)
+NO_VALIDATION_CI = (
+    "validation scores get no interval, as they chose the configs and rank the runs: an interval around a "
+    "score that won a comparison would not cover that optimism; fit --test-fraction 0.2 holds out a "
+    "patient-grouped test split, scored once with 95% CIs"
+)
 DEMO_NOTE = (
     "this is featcache's bundled demo sample (96 images). Its 'test' split was carved from the official "
     "Kermany TRAINING split (patient-disjoint from the demo's train split); it is NOT the official test set, "
@@ -237,7 +244,7 @@ def _hero(best: dict, metric: str, has_test: bool, kicker: str = "") -> Hero:
                 )
             )
     else:
-        stats.append(Stat("test", "not used", "validation only"))
+        stats.append(Stat("test", "not used", "validation only, " + NO_VALIDATION_CI))
     return Hero(
         f"{best['backbone']} · {best['head']} · {best['task']}",
         best["config"] or "(default parameters)",
@@ -723,7 +730,7 @@ def _leaderboard_section(
             if any(ci.get("exact_at_bound") or ci.get("auc_score_bound") for r in runs
                    for ci in _recorded_cis(r)) else ".")
     else:
-        ci_text = "no run shown has a test split, so no confidence interval is given."
+        ci_text = f"no run shown has a test split, so no confidence interval is given: {NO_VALIDATION_CI}."
     doc.add(
         Para(
             f"{n_total} run(s), {shown} shown, sorted by validation {options.metric}"
