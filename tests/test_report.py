@@ -2407,3 +2407,23 @@ def test_a_validation_only_report_says_why_its_validation_scores_have_no_interva
     assert run(["report", "--runs-dir", str(runs), "--out", str(tmp_path / "out2")]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "test accuracy [95% CI]" in out and "No test split" not in out
+
+
+def test_balanced_accuracy_is_said_to_be_the_macro_average_recall(tmp_path):
+    """Ranked by balanced accuracy, the leaderboard's 0.833 and the per-class table's macro-average recall
+    0.833 were one number shown twice, and nothing said so; the caption says what balanced accuracy is, and
+    each per-class table that its recall is that score. Ranked by accuracy, neither sentence appears."""
+    runs = tmp_path / "runs"
+    for i in range(2):
+        write_3class_run(runs, f"2024010{i}-000000-logreg-3c00000{i}", quality=1.0 + i, seed=80 + i)
+    res = build_report(runs, tmp_path / "out", ReportOptions(metric="balanced_accuracy", detail=2))
+    text = " ".join(res.markdown.read_text().split())
+    assert "balanced accuracy is the unweighted mean of the classes' recalls (macro recall" in text
+    assert text.count("its recall is the test balanced accuracy of the leaderboard") == 2
+    for row in json.loads(res.json.read_text())["runs"]:  # the sentence is true: the two numbers agree
+        y, proba = _read_preds(runs / row["run_id"] / "predictions_test.csv")
+        recalls = [np.mean(proba[y == c].argmax(axis=1) == c) for c in range(3)]
+        assert abs(row["test_balanced_accuracy"] - np.mean(recalls)) < 1e-12
+        assert re.search(rf"\| macro average \| [0-9.]+ \| {np.mean(recalls):.3f} \|", text)
+    plain = " ".join(build_report(runs, tmp_path / "acc").markdown.read_text().split())
+    assert "balanced accuracy is" not in plain and "its recall is the" not in plain

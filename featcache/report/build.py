@@ -740,6 +740,7 @@ def _leaderboard_section(
                "another); 'val acc @thr' is scored on the predictions that chose it, so it is optimistic "
                "(its test twin is not); " if any(r.get("threshold") is not None for r in rows) else "")
             + "F1 is macro-averaged; "
+            + (BALANCED_ACCURACY_TEXT if any(_shows_balanced_accuracy(r, options) for r in rows) else "")
             + ("AUC of a task with more than two classes is one-vs-rest, macro-averaged over the classes; "
                if not all(_binary(r) for r in rows) else "")
             + _positive_text(rows, runs)
@@ -899,7 +900,10 @@ def _top_runs_section(
                     "Clopper-Pearson where a class was found in all or none of its images)"
                     if recall_ci else "") + (
                     "; macro average: the unweighted mean over the classes (an undefined value counts 0), "
-                    "as scikit-learn's average='macro'."),
+                    "as scikit-learn's average='macro'") + (
+                    # the leaderboard's balanced accuracy is this row's recall, which nothing said
+                    f"; its recall is the {split} balanced accuracy of the leaderboard"
+                    if _shows_balanced_accuracy(row, options) and all(c["n"] for c in rows) else "") + ".",
             ))
             _subtype_table(doc, rec, preds, split)
         img = plots.run_figure(rec, chosen_threshold(rec), options.figure_formats)
@@ -916,6 +920,18 @@ def _top_runs_section(
             )
         else:
             doc.add(Para("No predictions or training history were recorded for this run.", "muted"))
+
+
+BALANCED_ACCURACY_TEXT = (
+    "balanced accuracy is the unweighted mean of the classes' recalls (macro recall; with two classes "
+    "(sensitivity + specificity) / 2), a class without images in the split left out of the mean; ")
+
+
+def _shows_balanced_accuracy(row: dict, options: ReportOptions) -> bool:
+    """Whether the leaderboard gives the row's balanced accuracy (it ranks by it, asked for or as the stand-in
+    for sensitivity or specificity of a 3-class run). Why: it showed balanced accuracy beside the per-class
+    tables' macro-average recall, the same number, without a word that they are one."""
+    return (row.get("ranked_by") or options.metric) == "balanced_accuracy"
 
 
 def _recorded_recall_cis(rec: RunRecord, split: str) -> dict[str, list[float]]:
