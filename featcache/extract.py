@@ -749,12 +749,11 @@ NUMERIC_LIBRARIES = ("keras", "tensorflow", "jax", "pillow", "numpy")
 
 
 def _decode_item(item: _Item, size: int,
-                 resize: str) -> tuple[list[np.ndarray], tuple[int, int, int] | None] | str:
+                 resize: str) -> tuple[list[np.ndarray], tuple[int, int, int]] | str:
     """Decode worker: read, re-check the hash (the file may have changed), decode all missing views.
 
-    Returns the views with the file's (width, height, frames) from its header (None if unreadable there),
-    or the reason it cannot be used."""
-    from featcache.images import ImageDecodeError, decode_views, pixel_size
+    Returns the views with the file's (width, height, frames), or the reason it cannot be used."""
+    from featcache.images import ImageDecodeError, decode_views_sized
 
     crash_point("extract.decode")
     path = item.records[0].path
@@ -765,7 +764,7 @@ def _decode_item(item: _Item, size: int,
     if sha256_bytes(data) != item.key:
         return "file changed while featcache was reading it; run extract again"
     try:
-        return decode_views(data, (size, size), resize, item.views), pixel_size(data)
+        return decode_views_sized(data, (size, size), resize, item.views)
     except ImageDecodeError as exc:
         return exc.reason
 
@@ -854,7 +853,7 @@ class _Producer(threading.Thread):
                     self.skipped.extend((r.relpath, decoded) for r in item.records)
                     continue
                 decoded, dims = decoded
-                if dims is not None and (min(dims[:2]) < self.size or dims[2] > 1):
+                if min(dims[:2]) < self.size or dims[2] > 1:
                     self.odd.append((item.records[0].relpath, *dims))
                 for view, pixels in zip(item.views, decoded, strict=True):
                     n = len(batch.keys)
