@@ -654,8 +654,9 @@ def _parse_threshold(spec: str) -> tuple[str, float | None]:
     raise ConfigError(f"--threshold must be 'youden' or 'sensitivity:T' with 0 < T <= 1, got '{spec}'.")
 
 
-def _base_grid(head_obj: Any, opts: FitOptions, preset: Any) -> list[dict]:
-    """Sub-grids (dicts of value lists) before --grid / --layers overrides."""
+def _base_grid(head_obj: Any, opts: FitOptions, preset: Any, n_classes: int | None = None) -> list[dict]:
+    """Sub-grids (dicts of value lists) before --grid / --layers overrides. ``n_classes``: the task's
+    classes where known (None: 3 for --task 3class, else 2), which pick the head's multi-class defaults."""
     schema = head_obj.schema
     if opts.grid is not None:
         return [opts.grid] if isinstance(opts.grid, dict) else list(opts.grid)
@@ -663,8 +664,10 @@ def _base_grid(head_obj: Any, opts: FitOptions, preset: Any) -> list[dict]:
         return load_grid_file(opts.grid_file, schema)
     if preset is not None:
         return [{k: [v] for k, v in cfg.items()} for cfg in preset.configs]
-    task = opts.task or "binary"  # no preset here
-    return [{**head_obj.default_grid, **getattr(head_obj, "task_defaults", {}).get(task, {})}]
+    if n_classes is None:  # no preset here
+        n_classes = 3 if opts.task == "3class" else 2
+    extra = getattr(head_obj, "multiclass_defaults", {}) if n_classes > 2 else {}
+    return [{**head_obj.default_grid, **extra}]
 
 
 def _check_cache_choice(opts: FitOptions) -> None:
@@ -683,9 +686,11 @@ def _check_cache_choice(opts: FitOptions) -> None:
         raise ConfigError(f"--image-size must be a positive number of pixels, got {opts.image_size}.")
 
 
-def build_configs(head_obj: Any, opts: FitOptions, preset: Any = None) -> list[dict]:
+def build_configs(head_obj: Any, opts: FitOptions, preset: Any = None,
+                  n_classes: int | None = None) -> list[dict]:
     """The expanded list of configs: base grid (preset / file / head default) with --grid and --layers
-    replacing the values of the keys they name."""
+    replacing the values of the keys they name. ``n_classes``: the task's classes once the data is read
+    (``--task folders`` has as many as class folders); None before that."""
     schema = head_obj.schema
     overrides = parse_grid_args(list(opts.grid_args), schema) if opts.grid_args else {}
     if opts.layers is not None:
@@ -695,7 +700,7 @@ def build_configs(head_obj: Any, opts: FitOptions, preset: Any = None) -> list[d
             raise ConfigError("--layers and --grid layers=... both set the hidden layers; give one of them "
                               "(--grid layers=1024-512,256 for several).")
         overrides["layers"] = [tuple(opts.layers)]
-    grids = [{**g, **overrides} for g in _base_grid(head_obj, opts, preset)]
+    grids = [{**g, **overrides} for g in _base_grid(head_obj, opts, preset, n_classes)]
     empty = sorted({k for g in grids for k, v in g.items() if isinstance(v, list | tuple) and not v})
     if empty and not any(all(not isinstance(v, list | tuple) or v for v in g.values()) for g in grids):
         from_file = opts.grid_file is not None and opts.grid is None
@@ -905,6 +910,8 @@ def fit(
     # The sweep id keeps what was given, so runs made before keep their ids.
     given_manifest, opts = opts.manifest, replace(opts, manifest=opts.manifest or dataset.manifest)
     _, task_classes = task_labels(records, task)  # a task the dataset cannot have fails before reading files
+    if len(task_classes) > 2:  # --task folders of 3+ class folders: the multi-class default grid, as 3class
+        configs = build_configs(head_obj, opts, preset, len(task_classes))
     _check_class_weights(configs, task_classes)
     # each backbone's cache file, looked up once (the lookup opens every file in the cache folder and hashes
     # a saved model's file), before the images are hashed, so a missing cache is reported at once

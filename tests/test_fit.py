@@ -1173,6 +1173,27 @@ def test_an_unused_threshold_on_a_3class_fit_finds_its_runs_already_done(setup) 
     assert other.runs and other.sweep_id != binary.sweep_id  # a binary head uses it: another run
 
 
+def test_a_folders_task_of_three_classes_gets_the_multiclass_logreg_grid(setup, tmp_path: Path) -> None:
+    """A fit audit: --task 3class runs logreg's default grid at max_iter 1000 (at scikit-learn's 100 most
+    3-class fits on Kermany features stopped unconverged), while the same three classes as class folders
+    (--task folders) kept max_iter 100 and the unconverged fits. Two class folders keep the binary grid."""
+    root, cache_dir, runs_dir = setup
+    three = tmp_path / "three"
+    for rec in discover(root).records:  # normal/, bacteria/, virus/ under each split: the same images
+        dest = three / rec.split / rec.subtype / rec.path.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(rec.path, dest)
+    write_cache(three, tmp_path / "c3")
+    res = fit(three, "fakenet", "logreg", opts(tmp_path / "c3", runs_dir, task="folders", grid_args=["C=1"]))
+    assert res.runs[0].info["classes"] == ["bacteria", "normal", "virus"]
+    assert res.runs[0].info["params"]["max_iter"] == 1000
+    assert {c["max_iter"] for c in res.runs[0].metrics()["grid"]} == {1000}
+    as_3class = fit(root, "fakenet", "logreg", opts(cache_dir, runs_dir, task="3class", grid_args=["C=1"]))
+    assert as_3class.runs[0].info["params"] == res.runs[0].info["params"]
+    two = fit(root, "fakenet", "logreg", opts(cache_dir, runs_dir, task="folders", grid_args=["C=1"]))
+    assert "max_iter" not in two.runs[0].info["params"]
+
+
 def test_a_damaged_finished_run_is_not_already_done(setup) -> None:
     """The report leaves out a run whose result files changed after the fit; "already done" kept its config
     out of every report for good. Such a run's config trains again, and fit says why."""

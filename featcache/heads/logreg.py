@@ -570,11 +570,13 @@ class LogRegHead(CVHead):
         "intercept_scaling": "float", "dual": "bool", "warm_start": "bool", "random_state": "int?",
     }
     default_grid: ClassVar[dict[str, list]] = {"C": list(DEFAULT_CS), "class_weight": [None, "balanced"]}
-    #: added to the default grid for --task 3class. Why: at scikit-learn's max_iter=100, 40 of the default
-    #: grid's 70 CV fits on Kermany mobilenet-0.75 features (4,186 training images) stopped unconverged;
-    #: at 1,000 none did, with the same chosen C and the same validation and test accuracy (binary fits
-    #: converge well before 100 there, and their config ids stay as they were)
-    task_defaults: ClassVar[dict[str, dict[str, list]]] = {"3class": {"max_iter": [1000]}}
+    #: added to the default grid for a task of more than two classes (--task 3class, or --task folders with
+    #: 3+ class folders). Why: at scikit-learn's max_iter=100, 40 of the default grid's 70 3-class CV fits on
+    #: Kermany mobilenet-0.75 features (4,186 training images) stopped unconverged; at 1,000 none did, with
+    #: the same chosen C and the same validation and test accuracy (binary fits converge well before 100
+    #: there, and their config ids stay as they were). Keyed by class count, not task name: the same
+    #: classes as class folders (--task folders) kept max_iter 100 and stopped unconverged
+    multiclass_defaults: ClassVar[dict[str, list]] = {"max_iter": [1000]}
 
     def search(self, X: np.ndarray, y: np.ndarray, folds: Folds, grid: list[dict], *,
                scoring: str = "accuracy", seed: int = 0, progress: ProgressFn | None = None) -> SearchResult:
