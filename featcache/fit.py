@@ -654,6 +654,16 @@ def _parse_threshold(spec: str) -> tuple[str, float | None]:
     raise ConfigError(f"--threshold must be 'youden' or 'sensitivity:T' with 0 < T <= 1, got '{spec}'.")
 
 
+def _threshold_key(method: str, target: float | None) -> str:
+    """--threshold as run ids key it: one spelling per rule. Why: keyed as typed, ``sensitivity:0.90`` or
+    ``Youden`` trained the config of a ``sensitivity:0.9`` or ``youden`` run again under a new id, to the
+    same numbers, a duplicate in the report. The spellings the help shows (youden, sensitivity:0.95) keep
+    the ids they had."""
+    if method == "youden" or target is None:
+        return "youden"
+    return f"sensitivity:{int(target) if float(target).is_integer() else repr(float(target))}"
+
+
 def _base_grid(head_obj: Any, opts: FitOptions, preset: Any, n_classes: int | None = None) -> list[dict]:
     """Sub-grids (dicts of value lists) before --grid / --layers overrides. ``n_classes``: the task's
     classes where known (None: 3 for --task 3class, else 2), which pick the head's multi-class defaults."""
@@ -998,7 +1008,7 @@ def fit(
         # a head of more than two classes labels by the most probable class, so --threshold is unused (and
         # noted): keyed as given, it trained the same config again under a new id, a duplicate that tied in
         # the report; the default keeps the ids runs fitted without it have
-        "threshold": opts.threshold if len(classes) == 2 else FitOptions.threshold,
+        "threshold": _threshold_key(thr_method, thr_target) if len(classes) == 2 else FitOptions.threshold,
         "metric": opts.metric,
         **({} if opts.test_fraction is None else {"test_fraction": opts.test_fraction}),  # old ids unchanged
         "manifest": os.fsdecode(given_manifest or ""),
@@ -1265,7 +1275,7 @@ def _unused_option_notes(opts: FitOptions, head_obj: Any, n_classes: int = 2,
     """
     defaults = FitOptions()
     unused = []
-    if n_classes > 2 and opts.threshold != defaults.threshold:
+    if n_classes > 2 and _parse_threshold(opts.threshold) != _parse_threshold(defaults.threshold):
         unused.append(f"--threshold (a {n_classes}-class head labels each image by its most probable class)")
     if head_obj.selection == "cv" and opts.val_fraction != defaults.val_fraction:
         unused.append(f"--val-fraction ({head_obj.name} is validated by {opts.cv_folds}-fold CV)")

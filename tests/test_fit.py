@@ -1173,6 +1173,26 @@ def test_an_unused_threshold_on_a_3class_fit_finds_its_runs_already_done(setup) 
     assert other.runs and other.sweep_id != binary.sweep_id  # a binary head uses it: another run
 
 
+def test_a_threshold_spelt_another_way_finds_its_run_already_done(setup) -> None:
+    """A fit audit: --threshold keyed the run as typed, so sensitivity:0.90 after sensitivity:0.9 (or Youden
+    after the default youden) trained the same config again under a new id, to the same numbers."""
+    root, cache_dir, runs_dir = setup
+    knn = ["n_neighbors=3"]
+    first = fit(root, "fakenet", "knn", opts(cache_dir, runs_dir, grid_args=knn, threshold="sensitivity:0.9"))
+    for spelt in ("sensitivity:0.90", " Sensitivity:.9 "):
+        again = fit(root, "fakenet", "knn", opts(cache_dir, runs_dir, grid_args=knn, threshold=spelt))
+        assert again.skipped == [first.runs[0].id] and not again.runs, spelt
+    plain = fit(root, "fakenet", "knn", opts(cache_dir, runs_dir, grid_args=knn))
+    assert fit(root, "fakenet", "knn", opts(cache_dir, runs_dir, grid_args=knn, threshold="Youden")).skipped \
+        == [plain.runs[0].id]
+    other = fit(root, "fakenet", "knn", opts(cache_dir, runs_dir, grid_args=knn,
+                                             threshold="sensitivity:0.95"))
+    assert other.runs and other.sweep_id != first.sweep_id  # another target: another run
+    three = fit(root, "fakenet", "knn", opts(cache_dir, runs_dir, grid_args=knn, task="3class",
+                                             threshold="YOUDEN"))
+    assert not any("--threshold" in n for n in three.notes)  # the default, spelt in capitals: nothing unused
+
+
 def test_a_folders_task_of_three_classes_gets_the_multiclass_logreg_grid(setup, tmp_path: Path) -> None:
     """A fit audit: --task 3class runs logreg's default grid at max_iter 1000 (at scikit-learn's 100 most
     3-class fits on Kermany features stopped unconverged), while the same three classes as class folders
