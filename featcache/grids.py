@@ -28,10 +28,13 @@ def _coerce_one(key: str, raw: Any, typ: str) -> Any:
             raise ValueError
         return float(raw)
     if typ == "int":
+        if isinstance(raw, str):
+            try:
+                return int(raw.strip())
+            except ValueError:  # "2.0" or "1e3": a whole number, as a grid file's 2.0 is read (below)
+                raw = float(raw)
         if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
             raise ValueError
-        if isinstance(raw, str):
-            return int(raw.strip())
         return int(raw)
     if typ == "bool":
         if isinstance(raw, bool):
@@ -150,7 +153,8 @@ def coerce(key: str, raw: Any, typ: str) -> Any:
         return _check_range(key, value)
     # "class_weight=1:0" said only "not a valid class_weight": the forms it takes are named
     hint = ("; give balanced, or one weight above 0 per class in class order (1:3, or "
-            "{\"0\": 1, \"1\": 3})" if base == "class_weight" else "")
+            "{\"0\": 1, \"1\": 3})" if base == "class_weight" else
+            "; give a whole number, e.g. 2 (2.0 reads as 2)" if base == "int" else "")
     raise ConfigError(f"grid value {raw!r} for '{key}' is not a valid {base.replace('|', ' or ')}{hint}.")
 
 

@@ -226,3 +226,22 @@ def test_comma_lists_refuse_an_empty_item(tmp_path, capsys):
             (["report", "--runs-dir", str(tmp_path), "--heatmap", "C,C"], "two different parameter names")):
         assert run(argv) == 2
         assert needle in " ".join(capsys.readouterr().err.split())
+
+
+def test_a_whole_number_with_a_decimal_point_reads_alike_in_grid_and_grid_file(tmp_path: Path) -> None:
+    """A fit audit: `--grid max_iter=1000.0` (or epochs=2.0) was refused as "not a valid int" while
+    `max_iter = [1000.0]` in a grid file trained max_iter=1000. Both now read a whole number written with a
+    decimal point (or an exponent) as that int, one config; both refuse 2.5 with one sentence."""
+    from featcache.heads import get_head
+
+    f = tmp_path / "g.toml"
+    f.write_text("[grid]\nmax_iter = [1000.0]\n")
+    assert load_grid_file(f, SCHEMA) == [{"max_iter": [1000]}]
+    got = parse_grid_args(["max_iter=1000.0,1e3,1000"], SCHEMA)["max_iter"]
+    assert got == [1000] and type(got[0]) is int
+    assert parse_grid_args(["epochs=2.0"], get_head("mlp").schema)["epochs"] == [2]
+    f.write_text("[grid]\nmax_iter = [2.5]\n")
+    for where in ("file", "grid"):
+        with pytest.raises(ConfigError) as exc:
+            load_grid_file(f, SCHEMA) if where == "file" else parse_grid_args(["max_iter=2.5"], SCHEMA)
+        assert "for 'max_iter' is not a valid int; give a whole number, e.g. 2" in str(exc.value), where
