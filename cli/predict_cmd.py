@@ -30,7 +30,8 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
         csv_out: Path | None = typer.Option(
             None, "--csv", help="Also write the predictions to this CSV file (image, label, features, "
-            "p_<class>...; missing folders are made); the terminal then shows only a summary. `-` prints "
+            "p_<class>..., skipped: each skipped image is a row with its reason; missing folders are made); "
+            "the terminal then shows only a summary. `-` prints "
             "the CSV on stdout (the summary goes to stderr)."),
         backbone_file: list[Path] = typer.Option(
             [], "--backbone-file",
@@ -78,6 +79,9 @@ def register(app: typer.Typer) -> None:
         elif csv_out is not None:
             counts = Counter(p["label"] for p in out["predictions"])
             where = "printed above" if to_stdout else f"written to {escape(str(written))}"
+            if out["skipped"]:  # they are rows of the CSV too (column skipped), not only the list below
+                where += (f" with the {len(out['skipped'])} skipped image(s) as rows of their own "
+                          "(column skipped)")
             Console(stderr=to_stdout).print(
                 f"{len(out['predictions'])} image(s) classified ("
                 + ", ".join(f"{shown(c)} {counts[c]}" for c in out["classes"]) + f") by {_rule_text(out)}; "

@@ -668,7 +668,12 @@ def predictions_csv_text(out: dict) -> str:
     """predict's result as CSV text: image, label, features (cache or backbone), one p_<class> per class,
     the threshold the label applied to P(class 1) (empty with more than two classes: the most probable
     class), seen (training, test or new; empty for a run that did not record it) and unusual (yes when the
-    image is unlike the run's training images, :mod:`featcache.typicality`; empty without a reference).
+    image is unlike the run's training images, :mod:`featcache.typicality`; empty without a reference),
+    then skipped: empty for a classified image. Each skipped image follows the classified ones as a row of
+    its own: its path in image, its reason in skipped, every other cell empty.
+
+    Why skipped images are rows: listed on stderr only, they were missing from the table, so a user who
+    joined it to their list of images lost them without a word; an empty label is not read as a prediction.
 
     Why the threshold in every row: P(NORMAL) 0.595 labelled PNEUMONIA (chosen threshold 0.374) read as an
     error in a spreadsheet that did not say which threshold made the label.
@@ -688,12 +693,15 @@ def predictions_csv_text(out: dict) -> str:
     writer = csv.writer(buf)
     thr = "" if out.get("threshold") is None else repr(float(out["threshold"]))
     writer.writerow(["image", "label", "features", *(f"p_{c}" for c in classes), "threshold", "seen",
-                     "unusual"])
+                     "unusual", "skipped"])
     for p in out["predictions"]:  # a name that is no UTF-8 written escaped (caf\xe9), as fit's CSVs
         writer.writerow([csv_cell(_utf8(p["image"])), csv_cell(p["label"]),
                          "cache" if p["from_cache"] else "backbone",
                          *(repr(float(p["probabilities"][c])) for c in classes), thr, p.get("seen") or "",
-                         {True: "yes", False: "no"}.get(p.get("unusual"), "")])
+                         {True: "yes", False: "no"}.get(p.get("unusual"), ""), ""])
+    for s in out.get("skipped") or []:
+        writer.writerow([csv_cell(_utf8(s["path"])), "", "", *("" for _ in classes), "", "", "",
+                         csv_cell(_utf8(s["reason"]))])
     return buf.getvalue()
 
 

@@ -109,7 +109,8 @@ def test_predictions_go_to_a_csv_with_a_summary_on_the_terminal(trained, tmp_pat
     n = len(list((root / "test").rglob("*.jpeg"))) + 1
     assert len(rows) == n and f"{n} image(s) classified (NORMAL " in said and str(out_csv) in said
     assert list(rows[0]) == ["image", "label", "features", "p_NORMAL", "p_PNEUMONIA", "threshold", "seen",
-                             "unusual"]
+                             "unusual", "skipped"]
+    assert {r["skipped"] for r in rows} == {""}  # every image classified
     thr = json.loads((runs_dir / run_id / "run.json").read_text())["threshold"]["chosen"]
     assert {r["threshold"] for r in rows} == {repr(thr)} and {r["seen"] for r in rows} == {"test"}
     assert {r["unusual"] for r in rows} == {""}  # the fixture's 10 training images: too few for a reference
@@ -305,6 +306,37 @@ def test_bad_images_are_skipped_and_folders_expanded(trained, tmp_path: Path, ca
     # nothing usable at all is an error, with the first reason
     with pytest.raises(DataError, match="none of the 2 path.*does not exist"):
         predict([missing, tmp_path / "empty_dir_missing"], run_id, runs_dir)
+
+
+def test_skipped_images_are_rows_of_the_csv(trained, tmp_path: Path, capsys) -> None:
+    """Skipped images were listed on stderr only, not in the --csv table: a user joining it to their list of
+    images lost them without a word. Each is a row of its own, its reason in column skipped, the rest empty;
+    classified rows keep their cells and an empty skipped."""
+    root, runs_dir, run_id = trained
+    good = sorted((root / "test" / "NORMAL").iterdir())[0]
+    bad = tmp_path / "bad.jpeg"
+    bad.write_bytes(good.read_bytes()[:200])  # truncated JPEG
+    text = tmp_path / "notes.jpeg"
+    text.write_text("a text file named like an image")
+    missing = tmp_path / "missing.png"
+    out_csv = tmp_path / "p.csv"
+    args = ["predict", str(bad), str(good), str(text), str(missing), "--run", run_id, "--runs-dir",
+            str(runs_dir), "--csv"]
+    assert cli([*args, str(out_csv)]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    with open(out_csv, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["image"] for r in rows] == [str(good), str(bad), str(text), str(missing)]
+    assert rows[0]["skipped"] == "" and rows[0]["label"] in ("NORMAL", "PNEUMONIA")
+    assert rows[0]["features"] == "cache" and 0 <= float(rows[0]["p_PNEUMONIA"]) <= 1
+    empty = ["label", "features", "p_NORMAL", "p_PNEUMONIA", "threshold", "seen", "unusual"]
+    for r in rows[1:]:
+        assert [r[c] for c in empty] == [""] * len(empty), r
+    assert rows[1]["skipped"].startswith("cannot decode") and rows[2]["skipped"].startswith("cannot decode")
+    assert rows[3]["skipped"] == "does not exist"
+    assert "3 skipped image(s) as rows of their own (column skipped)" in said
+    assert cli([*args, "-"]) == 0  # the same table on stdout
+    assert capsys.readouterr().out == out_csv.read_bytes().decode("utf-8")
 
 
 def test_damaged_cached_rows_go_through_the_backbone_again(trained, tmp_path: Path) -> None:
