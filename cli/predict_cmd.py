@@ -24,7 +24,8 @@ def register(app: typer.Typer) -> None:
     @app.command("predict")
     def predict_cmd(
         images: list[Path] = typer.Argument(  # not readable=True: an unreadable file is skipped, not fatal
-            ..., readable=False, help="Image files, or folders of them, to classify."),
+            None, readable=False, show_default=False,
+            help="Image files, or folders of them, to classify."),
         run: str = typer.Option(..., "--run", help="Run id (see `featcache runs ls`)."),
         runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where runs are stored."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
@@ -40,6 +41,10 @@ def register(app: typer.Typer) -> None:
         strict: bool = typer.Option(
             False, "--strict", help="Exit 2 if any image is skipped (the others are still classified)."
         ),
+        images_from: list[Path] = typer.Option(
+            [], "--images-from", help="Text file naming images (or folders) to classify, one path per line "
+            "(blank lines left out; a relative path is taken from the file's folder); repeatable, and with "
+            "IMAGES too."),
     ) -> None:
         """Classify images with a trained run (its backbone settings, head and chosen threshold).
 
@@ -49,7 +54,9 @@ def register(app: typer.Typer) -> None:
         """
         from featcache.cli.report_cmd import make_callback, progress_display
 
-        from featcache.predict import check_csv_target, predict
+        from featcache.predict import check_csv_target, predict, read_image_list
+
+        images = [*(images or []), *(Path(p) for f in images_from for p in read_image_list(f))]
 
         to_stdout = csv_out is not None and str(csv_out) == "-"
         if to_stdout and as_json:

@@ -30,6 +30,25 @@ PREDICT_CHUNK = 64
 and is the backbone's compiled batch size."""
 
 
+def read_image_list(list_file: str | Path) -> list[str]:
+    """The image paths a list file names, one per line (blank lines left out); a relative path is taken
+    from the list file's folder, as a ``--data`` manifest's paths are.
+
+    Why: a clinician's set of new X-rays comes as a list, and predict took only paths on the command line:
+    the list itself was "cannot decode: not an image", and ``xargs`` over a long list runs predict several
+    times, each run's --csv replacing the last one's rows. ``DataError`` for a list that cannot be read.
+    """
+    path = Path(list_file)
+    try:
+        text = path.read_bytes().decode("utf-8-sig", "surrogateescape")
+    except OSError as exc:
+        raise DataError(f"--images-from {path} cannot be read ({exc.strerror or exc}).") from exc
+    if "\0" in text:  # an image given by mistake: its bytes are no list of paths
+        raise DataError(f"--images-from {path} is not a text file with one image path per line.")
+    lines = [line.strip("\r") for line in text.split("\n") if line.strip()]
+    return [line if os.path.isabs(line) else os.fsdecode(path.parent / line) for line in lines]
+
+
 def expand_images(images: Sequence[str | Path]) -> list[tuple[str, str | None]]:
     """The image paths to classify, each with the reason it is left out (None: to classify).
 
@@ -407,7 +426,7 @@ def predict(
     listed = expand_images(images)
     paths = [path for path, _ in listed]
     if not paths:
-        raise DataError("give at least one image to predict.")
+        raise DataError("give at least one image to predict (files, folders, or --images-from LIST).")
     classes = list(run.info.get("classes") or [])
     views = ["orig"] + (list(run.info.get("tta_views") or []) if run.info.get("tta") else [])
     # The backbone's compiled batch: a chunk, or all images when fewer (one new image is not padded to 64).

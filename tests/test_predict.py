@@ -339,6 +339,34 @@ def test_skipped_images_are_rows_of_the_csv(trained, tmp_path: Path, capsys) -> 
     assert capsys.readouterr().out == out_csv.read_bytes().decode("utf-8")
 
 
+def test_images_are_read_from_a_list_file(trained, tmp_path: Path, capsys) -> None:
+    """A list of images was itself "cannot decode: not an image" (predict took paths on the command line
+    only, and xargs over a long list ran it several times, each --csv replacing the last). --images-from
+    reads one path per line, relative to the list's folder, beside any IMAGES given."""
+    root, runs_dir, run_id = trained
+    imgs = sorted((root / "test" / "NORMAL").iterdir())[:2]
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    shutil.copy(imgs[0], lists / "near.jpeg")
+    (lists / "new.txt").write_bytes(f"near.jpeg\r\n\n{imgs[1]}\nmissing.jpeg\n".encode())
+    out_csv = tmp_path / "p.csv"
+    extra = sorted((root / "test" / "PNEUMONIA").iterdir())[0]
+    assert cli(["predict", str(extra), "--images-from", str(lists / "new.txt"), "--run", run_id,
+                "--runs-dir", str(runs_dir), "--csv", str(out_csv)]) == 0
+    with open(out_csv, newline="") as fh:
+        rows = {r["image"]: r for r in csv.DictReader(fh)}
+    assert set(rows) == {str(extra), str(lists / "near.jpeg"), str(imgs[1]), str(lists / "missing.jpeg")}
+    assert rows[str(lists / "near.jpeg")]["features"] == "cache"  # the same bytes as a test image
+    assert rows[str(imgs[1])]["label"] in ("NORMAL", "PNEUMONIA")
+    capsys.readouterr()
+    assert cli(["predict", "--images-from", str(tmp_path / "nolist.txt"), "--run", run_id, "--runs-dir",
+                str(runs_dir)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"--images-from {tmp_path / 'nolist.txt'} cannot be read" in err
+    assert cli(["predict", "--images-from", str(imgs[0]), "--run", run_id, "--runs-dir", str(runs_dir)]) == 2
+    assert "not a text file with one image path per line" in " ".join(capsys.readouterr().err.split())
+
+
 def test_damaged_cached_rows_go_through_the_backbone_again(trained, tmp_path: Path) -> None:
     """A row changed in the run's cache after writing (here NaN) made predict fail for every image, though a
     cache that is gone or unreadable only sends its images through the backbone. Now the damaged rows'
