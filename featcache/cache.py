@@ -367,8 +367,61 @@ def _open_h5(path: Path, mode: str, **kwargs: Any):
         if refused is not None:
             raise CacheError(f"cache file {path} cannot be read ({os.strerror(refused)}); give this user "
                              "read access to it (the file is not known to be damaged)") from exc
+        cut = cut_short(path)
+        if cut is not None:
+            raise CacheError(f"cache file {path} is not a readable HDF5 file: {cut}; copy it again in full "
+                             "from where it came, or delete it and run the extraction again") from exc
         raise CacheError(f"cache file {path} is not a readable HDF5 file (truncated or corrupt); delete it "
                          "or move it away and run the extraction again") from exc
+
+
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def cut_short(path: Path) -> str | None:
+    """Why ``path`` is unreadable ("cut short (N of the M bytes its HDF5 header gives ...)") when it is an
+    HDF5 file shorter than the end of file its superblock records; None when it is not, or cannot be told.
+
+    Why: a cache copied from the GPU machine or a backup and cut mid-way was "not a readable HDF5 file
+    (truncated or corrupt)", the words for random bytes too, so nothing said that this copy, not the cache,
+    was at fault, nor that copying it again in full recovers every row. HDF5 refuses a file shorter than
+    its recorded end of file (its "truncated file" check); the superblock (at 0, or 512, 1024... after a
+    user block) is read here with the layout of the HDF5 file format specification, versions 0 to 3.
+    """
+    try:
+        size = os.stat(path).st_size
+        with open(path, "rb") as fh:
+            at = 0
+            while at + len(HDF5_SIGNATURE) <= size:
+                fh.seek(at)
+                head = fh.read(64)  # a superblock up to its end-of-file address (8-byte offsets: 52 bytes)
+                if head.startswith(HDF5_SIGNATURE):
+                    break
+                at = 512 if at == 0 else at * 2
+            else:
+                return None
+    except OSError:
+        return None
+    inside = f"cut short inside its HDF5 header (only {size:,} bytes: an interrupted copy or download?)"
+    if len(head) < 14:  # not even the version and offset size, which every layout has by byte 13
+        return inside
+    version = head[8]
+    if version in (0, 1):
+        width, eof_at = head[13], (24 if version == 0 else 28)
+    elif version in (2, 3):
+        width, eof_at = head[9], 12
+    else:
+        return None  # a future layout: HDF5's own word ("truncated or corrupt") stands
+    if width not in (2, 4, 8):
+        return None
+    eof_at += 2 * width  # past the base address and the free-space (or superblock extension) address
+    if len(head) < eof_at + width:
+        return inside
+    eof = int.from_bytes(head[eof_at:eof_at + width], "little")
+    if eof == (1 << (8 * width)) - 1 or eof <= size:  # undefined, or the whole file is there
+        return None
+    return (f"cut short ({size:,} of the {eof:,} bytes its HDF5 header gives: an interrupted copy or "
+            "download?)")
 
 
 def _access_refused(exc: BaseException) -> int | None:
@@ -1276,7 +1329,9 @@ def verify(path: Path, progress: ProgressFn | None = None) -> dict:
     try:
         f = _open_h5(path, "r")
     except CacheError:
+        cut = cut_short(path)
         result["problems"].append("empty (0 bytes)" if path.stat().st_size == 0
+                                  else f"not a readable HDF5 file: {cut}" if cut
                                   else "not a readable HDF5 file (truncated or corrupt)")
         return result
     with f:

@@ -331,7 +331,7 @@ def _pick_cache(data_root: Path, backbone: str, opts: FitOptions) -> Path:
     several: picking one silently could train on another weights' (even random) features.
     """
     from featcache.backbones import get_spec, is_saved_model
-    from featcache.cache import find_caches, parse_cache_name, unreadable_caches
+    from featcache.cache import cut_short, find_caches, parse_cache_name, unreadable_caches
 
     given = (opts.cache_files or {}).get(backbone)
     if given is not None:
@@ -359,10 +359,12 @@ def _pick_cache(data_root: Path, backbone: str, opts: FitOptions) -> Path:
             unsaid = ("" if opts.weights and opts.dtype and opts.resize else
                       " (with the --weights, --dtype and --resize it was made with: a file name does not "
                       "say them)")
+            cut = cut_short(Path(broken[0][0]))  # a copy cut mid-way: copying it again in full loses nothing
+            why = (f": {cut}; copy it again in full from where it came, or delete it and run " if cut
+                   else " (truncated or corrupt); delete it or move it away, then run ")
             raise CacheError(
-                f"the feature cache {broken[0][0]} for backbone '{backbone}' is not a readable HDF5 file "
-                f"(truncated or corrupt); delete it or move it away, then run "
-                f"`{_extract_cmd(data_root, backbone, opts, like=like)}` again{unsaid}."
+                f"the feature cache {broken[0][0]} for backbone '{backbone}' is not a readable HDF5 file"
+                f"{why}`{_extract_cmd(data_root, backbone, opts, like=like)}` again{unsaid}."
             )
         if not is_saved_model(backbone):
             get_spec(backbone)  # an unknown name: the valid ones, not an extract command that fails too

@@ -616,8 +616,9 @@ def test_verify_detects_truncation_and_garbage(good_file: Path, tmp_path: Path) 
         bad.write_bytes(good_file.read_bytes()[:cut])
         result = fc.verify(bad)
         assert not result["ok"]
-        assert result["problems"] == ["not a readable HDF5 file (truncated or corrupt)"]
-        with pytest.raises(CacheError, match="not a readable HDF5 file"):
+        assert result["problems"] == [f"not a readable HDF5 file: cut short ({cut:,} of the {size:,} bytes "
+                                      "its HDF5 header gives: an interrupted copy or download?)"]
+        with pytest.raises(CacheError, match="not a readable HDF5 file: cut short"):
             fc.CacheReader(bad)
     garbage = tmp_path / "garbage.h5"
     garbage.write_bytes(np.random.default_rng(0).bytes(5000))
@@ -868,6 +869,43 @@ def test_cli_ls_table_says_why_a_file_is_unreadable(tmp_path: Path, capsys: pyte
     assert "3 file(s) unreadable" in out
     for error in errors.values():
         assert " ".join(error.split()) in out, error
+
+
+def test_a_cache_cut_short_by_a_copy_says_so_and_that_a_full_copy_recovers_it(
+        good_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache copied from another machine and cut mid-way (a full disk, a dropped connection) was "not a
+    readable HDF5 file (truncated or corrupt); delete it", the words for random bytes: nothing said that
+    this copy was at fault, nor that copying it again in full brings every row back. Its size is compared
+    with the end of file its HDF5 header records, in every command that meets it."""
+    monkeypatch.setenv("COLUMNS", "250")
+    folder = tmp_path / "copied"
+    folder.mkdir()
+    whole = good_file.read_bytes()
+    bad = folder / good_file.name
+    half = len(whole) // 2
+    for cut, said in ((half, rf"cut short \({half:,} of the {len(whole):,} bytes its HDF5 header gives: an "
+                             r"interrupted copy or download\?\)"),
+                      (30, r"cut short inside its HDF5 header \(only 30 bytes: an interrupted copy or "
+                           r"download\?\)")):
+        bad.write_bytes(whole[:cut])
+        advice = r"; copy it again in full from where it came, or delete it and run the extraction again"
+        with pytest.raises(CacheError, match=f"is not a readable HDF5 file: {said}{advice}"):
+            fc.CacheReader(bad)
+        with pytest.raises(CacheError, match=said):  # extract's writer: refused, the copy left as it is
+            fc.CacheWriter(bad, make_config(ROOT, DIM), DIM)
+        assert bad.stat().st_size == cut
+        assert re.fullmatch(f"not a readable HDF5 file: {said}", fc.verify(bad)["problems"][0])
+        assert run(["cache", "info", str(bad)]) == 2
+        assert re.search(said, " ".join(capsys.readouterr().err.split()))
+        assert run(["cache", "ls", "--cache-dir", str(folder)]) == 0
+        assert re.search(said, " ".join(capsys.readouterr().out.split()))
+    bad.write_bytes(whole)  # the copy made again in full: every row is there
+    assert fc.verify(bad)["ok"] and fc.cut_short(bad) is None
+    # bytes that are no HDF5 file, or an HDF5 file that is whole, are not called cut short
+    (folder / "zeros.h5").write_bytes(bytes(5000))
+    assert fc.cut_short(folder / "zeros.h5") is None
+    assert fc.verify(folder / "zeros.h5")["problems"] == ["not a readable HDF5 file (truncated or corrupt)"]
 
 
 def test_cli_verify_exit_codes(good_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -778,6 +778,8 @@ def test_missing_rows_and_3class_errors(tmp_path: Path, capsys) -> None:
     with pytest.raises(CacheError) as exc:
         fit(root, "fakenet", "logreg", opts(tmp_path / "broken", tmp_path / "runs"))
     assert str(broken) in str(exc.value) and "not a readable HDF5 file" in str(exc.value)
+    # a copy cut short says so, and that a full copy brings the rows back (not only "delete it")
+    assert "file: cut short (2,000 of the " in str(exc.value) and "copy it again in full" in str(exc.value)
     _, pooling, size = broken.name.split("__")[1].rsplit("-", 2)  # the command rebuilds that file, whose
     said = " ".join(str(exc.value).split())  # settings fit's own flags do not give
     assert f"--pooling {pooling} --image-size {size} --cache-dir" in said and "a file name does not" in said
