@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import queue
 import threading
 import time
@@ -331,6 +332,59 @@ def _lock_before_build(held: contextlib.ExitStack, path: Path, wait: float | Non
         held.enter_context(fcache.writer_lock(path, wait))
 
 
+def _lock_unknown_file(held: contextlib.ExitStack, backbone: BackboneConfig, cache_dir: Path, root: Path,
+                       options: ExtractOptions, shard: tuple[int, int] | None) -> bool:
+    """Hold in ``held``, before the build, a lock named after every option that decides this extract's
+    cache file, for when ``_described_before`` cannot name that file (a new cache, or one written under
+    other library versions); True when it had to wait for another process (``--wait``).
+
+    Why: the file's name needs the weights digest and feature size, which only the build gives, so a second
+    extract of the same data and settings started while the first built its model (the TensorFlow import,
+    seconds to a minute) built the model too and met the file's lock only then, to exit 3 ~25 s later. The
+    same options name the same file, so it is refused (or waits) now, before any of that. Options that name
+    the same file in other spellings get two locks: the file's own lock still refuses the second writer, as
+    before. No lock file can be made (a read-only folder): it goes on unlocked, as before; the writer or the
+    read-only path says what it must.
+    """
+    from filelock import FileLock, Timeout
+
+    from featcache import cache as fcache
+    from featcache.backbones import is_saved_model
+    from featcache.errors import CacheLockedError
+
+    cfg = backbone.resolved()
+    weights = cfg.weights if cfg.weights in ("imagenet", "none") else str(Path(cfg.weights).resolve())
+    key = {"dataset_root": str(Path(root).resolve()), "name": cfg.name, "weights": weights,
+           "pooling": cfg.pooling, "image_size": cfg.image_size, "layer": cfg.layer, "seed": cfg.seed,
+           "resize": options.resize, "dtype": options.dtype, "shard": list(shard) if shard else None}
+    label = Path(cfg.name).stem if is_saved_model(cfg.name) else cfg.name
+    lock_path = Path(cache_dir) / (f"{fcache._slug(Path(root).resolve().name or 'dataset')}__"
+                                   f"{fcache._slug(label)}__{fcache.config_hash(key)[:12]}.extract.lock")
+    try:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        os.close(os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644))
+    except OSError:
+        return False
+    lock = FileLock(str(lock_path))
+    waited = False
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        waited = True
+        try:
+            if not options.wait:
+                raise
+            lock.acquire(timeout=options.wait)
+        except Timeout:
+            how = (f"it was still held after --wait {options.wait:g}; wait longer" if options.wait
+                   else "wait for it to finish or pass --wait SECONDS")
+            raise CacheLockedError(
+                f"another featcache process is extracting {root} with the same settings into {cache_dir} "
+                f"(it holds {lock_path.name}); {how}.") from None
+    held.callback(lock.release)
+    return waited
+
+
 def _reused(present: set | dict, keys: list[str], views: list[Any]) -> list[tuple[str, str]]:
     """The (key, view) rows this extract wants that ``present`` holds."""
     return [(k, v.name) for k in keys for v in views if (k, v.name) in present]
@@ -430,26 +484,31 @@ def extract(dataset: Dataset, backbone: BackboneConfig, cache_dir: Path, options
     skipped = _selected_skips(dataset, options.splits)
     n_left_out = len(skipped)
     shard = tuple(options.shard) if options.shard is not None else None
-    # a cache this backbone's build wrote before tells its file and settings: build only if rows are missing
-    described = _described_before(backbone, Path(cache_dir), dataset.root, options, shard)
-    bb, digests, timings = _build_and_hash(records, backbone, progress,
-                                           build=before_build if described is None else None)
-    groups = _group_by_key(records, digests, skipped)
-    duplicates = sum(len(recs) - 1 for recs in groups.values())
-    keys = [k for k in groups if in_shard(k, options.shard)]
-
-    def todo(present: set | dict) -> list[_Item]:
-        items = []
-        for key in keys:
-            missing = [v for v in views if (key, v.name) not in present]
-            if missing:
-                items.append(_Item(key, groups[key], missing))
-        return items
-
-    rows_computed = rows_copied = 0
-    t_stream = time.perf_counter()
-    hit = None
     with contextlib.ExitStack() as held:
+        # a cache this backbone's build wrote before tells its file and settings: build only if rows are
+        # missing; without one, the file is known only after the build, so these options' lock comes first
+        described = _described_before(backbone, Path(cache_dir), dataset.root, options, shard)
+        if described is None and _lock_unknown_file(held, backbone, Path(cache_dir), dataset.root, options,
+                                                    shard):
+            # waited for another extract of these settings (--wait): the file it wrote may now hold every row
+            described = _described_before(backbone, Path(cache_dir), dataset.root, options, shard)
+        bb, digests, timings = _build_and_hash(records, backbone, progress,
+                                               build=before_build if described is None else None)
+        groups = _group_by_key(records, digests, skipped)
+        duplicates = sum(len(recs) - 1 for recs in groups.values())
+        keys = [k for k in groups if in_shard(k, options.shard)]
+
+        def todo(present: set | dict) -> list[_Item]:
+            items = []
+            for key in keys:
+                missing = [v for v in views if (key, v.name) not in present]
+                if missing:
+                    items.append(_Item(key, groups[key], missing))
+            return items
+
+        rows_computed = rows_copied = 0
+        t_stream = time.perf_counter()
+        hit = None
         if described is not None:
             hit = _complete_unbuilt(described, keys, views, todo, options.resize, skipped)
             if hit is None:  # rows to compute (or a file to tidy): lock the file, then build

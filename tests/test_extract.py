@@ -532,6 +532,66 @@ def test_a_cache_another_process_writes_is_refused_before_the_backbone_is_built(
     assert (out["cache_path"], out["rows_computed"], out["rows_reused"]) == (str(first.cache_path), 4, 4)
 
 
+BUILDING_CHILD = """
+import sys
+from pathlib import Path
+
+import featcache.extract as xmod
+from featcache.backbones import BackboneConfig
+from featcache.datasets import discover
+
+
+def build_until_told(cfg):
+    print("building", flush=True)
+    sys.stdin.read()  # the test lets go: leave without writing a row
+    raise SystemExit(0)
+
+
+xmod.build_backbone = build_until_told
+xmod.extract(discover(Path(sys.argv[1])), BackboneConfig("mobilenet-0.75", weights="none", image_size=32),
+             Path(sys.argv[2]), xmod.ExtractOptions())
+"""
+
+
+def test_a_second_extract_of_a_new_cache_is_refused_while_the_first_builds(tmp_path: Path, monkeypatch,
+                                                                         capsys):
+    """Two extracts of the same data and settings into a new cache: the second imported the backend and
+    built the model too (~25 s for mobilenet on a 2-core VM), and only then met the cache file's lock, exit
+    3. The file's name needs the build, so a lock named after the options is taken before it: the second is
+    refused at once (or waits with --wait), other settings are not held up, and once the first is gone
+    the same command extracts."""
+    import featcache.cli.extract_cmd as cmd
+
+    import featcache.extract as xmod
+
+    root = make_kermany_tree(tmp_path / "data", n_normal=2, n_pneu=2, splits=("train",), size=32)
+    cache = tmp_path / "c"
+    first = subprocess.Popen([sys.executable, "-c", BUILDING_CHILD, str(root), str(cache)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    built: list[str] = []
+    real = xmod.build_backbone
+    monkeypatch.setattr(xmod, "build_backbone", lambda cfg: built.append("build") or real(cfg))
+    monkeypatch.setattr(cmd, "import_backend_quietly", lambda: built.append("backend"))
+    argv = ["extract", "--data", str(root), *CLI_BB, "--cache-dir", str(cache)]
+    try:
+        assert first.stdout.readline().strip() == "building"
+        assert run(argv) == 3
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"another featcache process is extracting {root} with the same settings into {cache}" in err
+        assert "wait for it to finish or pass --wait SECONDS." in err
+        assert run([*argv, "--wait", "0.3"]) == 3
+        assert "it was still held after --wait 0.3; wait longer." in " ".join(capsys.readouterr().err.split())
+        assert built == [] and not list(cache.glob("*.h5"))
+        other = extract(discover(root), BB, cache, ExtractOptions(dtype="float16"))  # other settings: free
+        assert other.rows_computed == 4 and built == ["build"]
+    finally:
+        first.communicate(timeout=60)
+    assert first.returncode == 0
+    assert run([*argv, "--json"]) == 0 and built == ["build", "backend", "build"]
+    out = json.loads(capsys.readouterr().out)
+    assert (out["rows_computed"], out["rows_reused"]) == (4, 0) and out["cache_path"] != str(other.cache_path)
+
+
 def test_a_changed_row_of_the_cache_is_computed_again_not_reused(tmp_path: Path):
     """`fit` and `cache verify` refuse a row that fails its digest, but a plain re-extract counted it as
     cached and reused it: now it is computed again, in its own row, with a note."""
