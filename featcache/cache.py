@@ -1545,12 +1545,49 @@ def _shard_lock(shard: Path, wait: float | None) -> Iterator[None]:
         lock.release()
 
 
+def _refuse_other_roots(reader: CacheReader, first: CacheReader) -> None:
+    """CacheError for shards that differ only in their dataset folder, with the extract that joins them.
+
+    Why: two machines rarely hold the data at one absolute path, and the path is part of a cache's settings,
+    so `cache merge` of their shards said only "merge only shards of one extraction": the user was left to
+    extract everything again. An extract of the data here into a folder holding the shards copies their
+    rows (``find_twins``: the same settings for another folder), running the backbone for no image they
+    hold.
+    """
+    def rest(config: dict) -> dict:
+        return {k: v for k, v in config.items() if k != "dataset_root"}
+
+    if rest(reader.config) != rest(first.config) or reader.feature_dim != first.feature_dim:
+        return
+    config = first.config
+    weights = config.get("weights")
+    parts = ["featcache extract --data DATA", f"--backbone {shlex.quote(str(config.get('backbone')))}"]
+    if weights in ("imagenet", "none"):
+        parts.append(f"--weights {weights}")
+    elif weights == "file":
+        parts.append("--weights PATH")
+    if config.get("layer"):
+        parts.append(f"--layer {shlex.quote(str(config['layer']))}")
+    parts += [f"--pooling {config.get('pooling')}", f"--image-size {config.get('image_size')}",
+              f"--resize {config.get('resize')}", f"--dtype {config.get('dtype')}"]
+    folders = {Path(r.path).resolve().parent for r in (reader, first)}
+    folder = shlex.quote(os.fsdecode(Path(first.path).parent)) if len(folders) == 1 else "FOLDER"
+    where = "" if len(folders) == 1 else "put the shards in one FOLDER and "
+    raise CacheError(
+        f"shard {reader.path} was extracted from the data at {reader.config.get('dataset_root')} and "
+        f"{first.path} from {config.get('dataset_root')}: merge joins the shards of one data folder only; to "
+        f"join these, {where}run `{' '.join(parts)} --cache-dir {folder}` with DATA the images here (all of "
+        "them): it copies the shards' rows into a cache for DATA and computes only the images "
+        "no shard holds")
+
+
 def _merge(shards: list[Path], out: Path | None, wait: float | None, progress: ProgressFn | None) -> dict:
     readers = [CacheReader(s) for s in shards]
     try:
         first = readers[0]
         for reader in readers[1:]:
             if reader.config != first.config:
+                _refuse_other_roots(reader, first)
                 diff = "; ".join(_config_diff(reader.config, first.config))
                 diff = diff.replace("requested", "first shard")
                 raise CacheError(f"shard {reader.path} was written with other settings than {first.path} "

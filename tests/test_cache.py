@@ -965,6 +965,39 @@ def test_cli_merge_and_lock_error(tmp_path: Path, capsys: pytest.CaptureFixture)
     assert sorted(p.name for p in image.parent.iterdir()) == [image.name] and not (tmp_path / "nope").exists()
 
 
+def test_shards_of_two_machines_data_paths_are_told_the_extract_that_joins_them(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shards extracted on two machines whose data sit at different paths (the path is a setting) were
+    refused with "merge only shards of one extraction" alone, as if everything had to be extracted again;
+    an extract of the data here into a folder holding the shards copies their rows, and the refusal says
+    which one. Shards that differ in any other setting keep the old refusal."""
+    monkeypatch.setenv("COLUMNS", "250")
+    a = fc.cache_path(tmp_path / "a", make_config(Path("/home/ann/xrays"), DIM), shard=(0, 2))
+    b = fc.cache_path(tmp_path / "b", make_config(Path("/scratch/xrays"), DIM), shard=(1, 2))
+    write_all(a, Path("/home/ann/xrays"), 3, 3, DIM)
+    write_all(b, Path("/scratch/xrays"), 3, 3, DIM, start=3)
+    want = ("merge joins the shards of one data folder only; to join these, put the shards in one FOLDER "
+            "and run `featcache extract --data DATA --backbone testnet --weights none --pooling avg "
+            "--image-size 32 --resize squash --dtype float32 --cache-dir FOLDER` with DATA the images here")
+    assert run(["cache", "merge", str(a), str(b)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"shard {b} was extracted from the data at /scratch/xrays and {a} from /home/ann/xrays" in err
+    assert want in err and "computes only the images no shard holds" in err
+    together = tmp_path / "together"
+    together.mkdir()
+    for shard in (a, b):
+        shard.rename(together / shard.name)
+    with pytest.raises(CacheError, match=f"--cache-dir {re.escape(str(together))}` with DATA"):
+        fc.merge([together / a.name, together / b.name])
+    assert sorted(p.name for p in together.glob("*.h5")) == sorted([a.name, b.name])  # nothing merged
+    # another setting too (the dtype): the old refusal, no extract that would not find the rows
+    c = fc.cache_path(tmp_path / "c", make_config(Path("/scratch/xrays"), DIM, dtype="float16"), shard=(1, 2))
+    write_all(c, Path("/scratch/xrays"), 3, 3, DIM, dtype="float16", start=3)
+    with pytest.raises(CacheError, match="merge only shards of one extraction") as exc:
+        fc.merge([together / a.name, c])
+    assert "featcache extract" not in str(exc.value)
+
+
 def test_merge_warns_of_a_shard_whose_extract_was_killed(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """A shard SIGKILLed mid-extract holds no lock, so merge took it: the merged file came out closed
