@@ -168,9 +168,11 @@ def run(argv: list[str] | None = None) -> int:
     try:
         from featcache.cli.repeats import check_repeated_options
 
-        check_repeated_options(typer.main.get_command(app), args)
+        root = typer.main.get_command(app)
+        check_repeated_options(root, args)
         # the command line as typed, for run.json (`typed_command`): sys.argv is the caller's in-process
-        app(args=argv, prog_name="featcache", standalone_mode=True, obj={"argv": ["featcache", *args]})
+        app(args=_help_when_bare(root, args), prog_name="featcache", standalone_mode=True,
+            obj={"argv": ["featcache", *args]})
     except SystemExit as exc:  # typer/click exit normally through SystemExit
         code = exc.code
         if code == 130:  # typer turns Ctrl-C (and our SIGTERM) into a silent Exit(130): say what was kept
@@ -193,6 +195,24 @@ def run(argv: list[str] | None = None) -> int:
                           highlight=False, soft_wrap=True)
         return 1
     return 0
+
+
+def _help_when_bare(root: Any, args: list[str]) -> list[str]:
+    """``args`` with ``--help`` added when they name a command group and nothing else (``featcache``,
+    ``featcache cache``, ``featcache data download``), so that the help they show ends with status 0.
+
+    Why: typer's ``no_args_is_help`` printed the help on stdout and then exited 2, click's status for a
+    usage error. A new user who typed `featcache` to see what it offers got a failing status (a red prompt,
+    a stopped `set -e` script) for an answer; asking for nothing is asking for the help, so `featcache`
+    and `featcache --help` now end alike. ``root`` is the click command of ``app``.
+    """
+    command = root
+    for token in args:
+        sub = (getattr(command, "commands", None) or {}).get(token)
+        if sub is None:  # an option, a leaf command's arguments or a typo: click handles them as before
+            return args
+        command = sub
+    return [*args, "--help"] if getattr(command, "commands", None) else args
 
 
 # What an operating-system error leaves behind, by command: the commands that write as they go keep what

@@ -86,6 +86,29 @@ def test_version_command_and_flag_print_the_same(capsys) -> None:
     assert "Keras backend " in libraries
 
 
+@pytest.mark.parametrize("argv", [[], ["cache"], ["data"], ["data", "download"], ["runs"]])
+def test_a_command_group_alone_shows_its_help_and_succeeds(argv, capsys) -> None:
+    """`featcache` alone printed the help and exited 2, the status of a usage error, as did `featcache cache`
+    and the other groups: asking for nothing is asking for the help, so they end as `--help` does."""
+    from featcache.cli.app import run
+
+    assert run([*argv, "--help"]) == 0
+    asked = capsys.readouterr().out
+    assert run(argv) == 0
+    bare = capsys.readouterr()
+    assert bare.out == asked and "Usage: featcache" in bare.out and "Commands" in bare.out
+    assert bare.err == ""
+
+
+def test_a_leaf_command_alone_is_still_a_usage_error(capsys) -> None:
+    """Only groups get their help: `featcache fit` without its required options stays exit 2 with click's
+    message naming the missing option."""
+    from featcache.cli.app import run
+
+    assert run(["fit"]) == 2
+    assert "Missing option" in capsys.readouterr().err
+
+
 def test_ctrl_c_exits_130_with_one_line_saying_work_is_kept(tmp_path, monkeypatch, capsys) -> None:
     """typer turns KeyboardInterrupt into a silent exit 130; the CLI still says what happened."""
     from featcache.cli.app import run
