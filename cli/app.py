@@ -51,6 +51,9 @@ _hide_flag_placeholders()
 app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
+    # -h too: the spelling most command-line tools accept, and a new user's first guess (it was "No such
+    # option: -h"); click passes it on to every subcommand's context, and no featcache option uses -h
+    context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
     help="featcache: extract frozen-CNN features once into an HDF5 cache, then fit and compare "

@@ -30,9 +30,9 @@ def check_repeated_options(root: Any, argv: Sequence[str]) -> None:
     objects tests pass) gives more than once.
 
     Walks the command path as click does (group, subcommand, its options); unknown tokens are skipped, so
-    click still reports them in its own words. ``--help`` anywhere disables the check.
+    click still reports them in its own words. ``--help`` (or ``-h``) anywhere disables the check.
     """
-    if "--help" in argv:
+    if "--help" in argv or "-h" in argv:
         return
     command, options = root, _options(root)
     seen: dict[str, list[str]] = {}

@@ -100,6 +100,21 @@ def test_a_command_group_alone_shows_its_help_and_succeeds(argv, capsys) -> None
     assert bare.err == ""
 
 
+@pytest.mark.parametrize("command", [[], ["fit"], ["cache", "ls"], ["data", "download", "kermany"]])
+def test_dash_h_is_help_everywhere(command, capsys) -> None:
+    """`featcache -h` said "No such option: -h": the spelling most tools accept, and a new user's first try.
+    It is --help now, for the root and every subcommand (same text, exit 0), and no option else uses it."""
+    from featcache.cli.app import run
+
+    assert run([*command, "--help"]) == 0
+    long_form = capsys.readouterr().out
+    assert run([*command, "-h"]) == 0
+    assert capsys.readouterr().out == long_form and "Usage: featcache" in long_form
+    root = typer.main.get_command(app)
+    taken = [path for path, cmd in _commands(root) for p in cmd.params if "-h" in getattr(p, "opts", [])]
+    assert not taken, taken
+
+
 def test_a_leaf_command_alone_is_still_a_usage_error(capsys) -> None:
     """Only groups get their help: `featcache fit` without its required options stays exit 2 with click's
     message naming the missing option."""
