@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from featcache.errors import ConfigError, NetworkError
+from featcache.errors import ConfigError, WeightsDownloadError
 from featcache.hashing import sha256_file
 
 POOLINGS = ("avg", "max", "flatten")
@@ -462,10 +462,9 @@ def _construct(ctor: Any, spec: BackboneSpec, cfg: BackboneConfig, size: int, po
                 f"({_load_reason(exc)}); it is damaged or not Keras' original file: delete it so Keras "
                 "downloads it again, replace it with the original, or use --weights PATH"
             ) from exc
-        raise NetworkError(
-            f"could not download the ImageNet weights for {spec.name} (no network?); put "
-            f"{expected.name} in {expected.parent} (the Keras cache, set by $KERAS_HOME), or use "
-            "--weights none (random, seeded) or --weights PATH to a weights file"
+        raise WeightsDownloadError(
+            f"could not download the ImageNet weights for {spec.name} (no network?)",
+            f"put {expected.name} in {expected.parent} (the Keras cache, set by $KERAS_HOME)",
         ) from exc
     notes = []
     for w in caught:

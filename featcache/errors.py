@@ -73,6 +73,21 @@ class NetworkError(DownloadError):
     exit_code = 1
 
 
+class WeightsDownloadError(NetworkError):
+    """Keras could not download a backbone's ImageNet weights (no network, and no file in its cache).
+
+    Why the parts: what failed and where Keras looks for the file hold for every command, but the way out
+    (``--weights none``, or ``--weights PATH`` to a weights file) is extract's, fit's and run's;
+    ``featcache demo`` takes only imagenet or none, so it quotes ``finding`` and ``place`` with its own.
+    """
+
+    def __init__(self, finding: str, place: str) -> None:
+        super().__init__(f"{finding}; {place}, or use --weights none (random, seeded) or --weights PATH to a "
+                         "weights file")
+        self.finding = finding
+        self.place = place
+
+
 _ERRNO_RE = re.compile(r"errno = (\d+)")
 _OS_PHRASES = ("No space left on device", "Disk quota exceeded", "File too large", "Read-only file system",
                "Input/output error", "Permission denied")

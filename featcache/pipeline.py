@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from featcache.errors import ConfigError, DataError
+from featcache.errors import ConfigError, DataError, NetworkError, WeightsDownloadError
 from featcache.faults import crash_point
 from featcache.progress import ProgressFn, emit
 
@@ -365,19 +365,24 @@ def run_demo(
         title="featcache demo: pneumonia in pediatric chest X-rays",
         tags=(tag,),
     )
-    return run_pipeline(
-        demo_root(),
-        [DEMO_BACKBONE],
-        heads,
-        weights=weights,
-        cache_dir=work / "cache",
-        runs_dir=work / "runs",
-        reports_dir=out or work / "reports",
-        fit_options=fopts,
-        head_grids={h: DEMO_GRIDS[h] for h in heads if h in DEMO_GRIDS},
-        report_options=ropts,
-        extract_options=ExtractOptions(wait=wait),
-        progress=progress,
-        before_build=before_build,
-        after_checks=after_checks,
-    )
+    try:
+        return run_pipeline(
+            demo_root(),
+            [DEMO_BACKBONE],
+            heads,
+            weights=weights,
+            cache_dir=work / "cache",
+            runs_dir=work / "runs",
+            reports_dir=out or work / "reports",
+            fit_options=fopts,
+            head_grids={h: DEMO_GRIDS[h] for h in heads if h in DEMO_GRIDS},
+            report_options=ropts,
+            extract_options=ExtractOptions(wait=wait),
+            progress=progress,
+            before_build=before_build,
+            after_checks=after_checks,
+        )
+    except WeightsDownloadError as exc:
+        # the library's way out names --weights PATH, which the demo refuses: a new user offline tried it
+        raise NetworkError(f"{exc.finding}; {exc.place}, or run `featcache demo --weights none` (random, "
+                           "seeded weights: the pipeline runs, its accuracy means nothing)") from exc

@@ -643,3 +643,28 @@ def test_run_and_predict_with_keras_on_jax_where_tensorflow_cannot_be_imported(k
                           env=env, capture_output=True, text=True, timeout=600)
     assert pred.returncode == 0, pred.stderr[-3000:]
     assert len(json.loads(pred.stdout)["predictions"]) == 1
+
+
+def test_demo_offline_without_weights_offers_what_the_demo_accepts(tmp_path: Path, monkeypatch):
+    """`featcache demo` offline, before the weights are in Keras' cache, said "or use --weights none ... or
+    --weights PATH to a weights file", and the demo refuses --weights PATH. It names the file, where Keras
+    looks for it, and `featcache demo --weights none` (no real download here)."""
+    from keras.src.utils import file_utils
+
+    import featcache.backbones as bmod
+    from featcache.errors import NetworkError
+    from featcache.pipeline import run_demo
+
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure: no network")
+
+    monkeypatch.setattr(file_utils, "get_file", offline)
+    monkeypatch.setattr(bmod, "keras_models_dir", lambda: tmp_path / "models")
+    with pytest.raises(NetworkError) as err:
+        run_demo(tmp_path / "work", heads=("logreg",))
+    msg = str(err.value)
+    assert err.value.exit_code == 1 and "\n" not in msg
+    assert "mobilenet_7_5_224_tf_no_top.h5" in msg and str(tmp_path / "models") in msg
+    assert "featcache demo --weights none" in msg and "--weights PATH" not in msg
+    with pytest.raises(ConfigError, match="imagenet or none"):  # what that advice led to
+        run_demo(tmp_path / "work", weights=str(tmp_path / "models" / "mobilenet_7_5_224_tf_no_top.h5"))
