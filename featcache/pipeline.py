@@ -27,10 +27,6 @@ DEMO_GRIDS: dict[str, dict[str, list]] = {
     "knn": {"n_neighbors": [3, 7], "weights": ["uniform", "distance"]},
     "mlp": {"layers": [(128,)], "lr": [1e-3, 1e-4], "batch_size": [16], "epochs": [40]},
 }
-NO_WEIGHTS_NOTE = (
-    "run with --weights none: the backbone has random (seeded) weights, so the accuracy here says "
-    "nothing about ImageNet features."
-)
 
 
 def demo_root() -> Path:
