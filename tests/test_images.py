@@ -510,12 +510,15 @@ def test_view_semantics():
 def test_decode_views_decodes_once_and_applies_each(monkeypatch):
     data = _png(Image.fromarray(_rgb(16, 16, seed=5)))
     calls = []
-    real = images.decode_image
-    monkeypatch.setattr(images, "decode_image", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = images.decode_image_sized  # what decode_views and extract's decode_views_sized both go through
+    monkeypatch.setattr(images, "decode_image_sized", lambda *a, **k: calls.append(1) or real(*a, **k))
     views = parse_views("orig,hflip,rot+20")
     out = decode_views(data, 16, "squash", views)
     assert calls == [1] and len(out) == 3
-    base = real(data, 16)
+    sized, dims = images.decode_views_sized(data, 16, "squash", views)  # the same, with the file's size
+    assert calls == [1, 1] and dims == (16, 16, 1)
+    assert all(np.array_equal(a, b) for a, b in zip(sized, out, strict=True))
+    base = images.decode_image(data, 16)
     assert np.array_equal(out[0], base) and np.array_equal(out[1], base[:, ::-1])
     assert np.array_equal(out[2], View("rot+20").apply(base))
 
