@@ -451,6 +451,14 @@ def _read_config(f, path: Path) -> dict:
     if int(fmt) > FORMAT_VERSION:
         raise CacheError(f"cache file {path} has format {fmt}, newer than this featcache understands "
                          f"({FORMAT_VERSION}); upgrade featcache")
+    # Why before anything is read: a hand-made or foreign file with a cache's attributes but not all of its
+    # parts (every writer of this format makes them all) failed later as "could not be read (object 'valid'
+    # doesn't exist)" or "edited after extraction", and, matched by its attributes, stopped a whole
+    # folder's fit; named here, the folder's scans skip it like any other non-cache
+    missing = [a for a in ("config_hash",) if a not in f.attrs] + [d for d in DATASETS if d not in f]
+    if missing:
+        raise CacheError(f"{path} is not a cache featcache extract wrote (missing: {', '.join(missing)}); "
+                         "move it out of the cache folder")
     config = json.loads(_from_attr(f.attrs["config_json"]))
     # Why: readers take config_json as the settings that computed the rows (fit matches and records them),
     # so an edited one (a "fixed" dataset_root or pooling) passed the rows off as another extraction's.

@@ -710,6 +710,35 @@ def test_find_caches_filters_by_settings(tmp_path: Path) -> None:
     assert fc.find_caches(tmp_path / "missing") == []
 
 
+def test_a_hand_made_file_with_a_caches_attributes_is_named_and_skipped(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file holding a real cache's attributes but only its features matched fit's lookup by its
+    attributes, then stopped the folder's fit ("could not be read (object 'valid' doesn't exist)") though a
+    good cache was beside it; one without config_hash was said to have been "edited after extraction"."""
+    monkeypatch.setenv("COLUMNS", "250")
+    good = fc.cache_path(tmp_path, make_config(ROOT, DIM))
+    write_rows(good, make_rows(3, DIM))
+    with h5py.File(good, "r") as f, h5py.File(tmp_path / "x.h5", "w") as only_features:
+        for k, v in f.attrs.items():
+            only_features.attrs[k] = v
+        only_features["features"] = f["features"][...]
+    with h5py.File(good, "r") as f, h5py.File(tmp_path / "y.h5", "w") as no_hash:
+        for k, v in f.attrs.items():
+            if k != "config_hash":
+                no_hash.attrs[k] = v
+        for name in f:
+            f.copy(f[name], no_hash, name)
+    assert fc.find_caches(tmp_path, dataset_root=ROOT, backbone="testnet") == [good]
+    for name, missing in (("x.h5", "keys, views, paths, valid, row_digest"), ("y.h5", "config_hash")):
+        with pytest.raises(CacheError) as err:
+            fc.CacheReader(tmp_path / name)
+        assert str(err.value) == (f"{tmp_path / name} is not a cache featcache extract wrote (missing: "
+                                  f"{missing}); move it out of the cache folder")
+        assert run(["cache", "info", str(tmp_path / name)]) != 0
+        assert f"(missing: {missing}); move it out of the cache folder" in \
+            " ".join(capsys.readouterr().err.split())
+
+
 def test_merge_shards(tmp_path: Path) -> None:
     cfg = make_config(ROOT, DIM)
     s0, s1 = fc.cache_path(tmp_path, cfg, shard=(0, 3)), fc.cache_path(tmp_path, cfg, shard=(1, 3))
