@@ -168,6 +168,9 @@ def run(argv: list[str] | None = None) -> int:
     # which counts the unconverged fits and says how to avoid them (a researcher's audit); the library
     # still warns, as GridSearchCV would, for Python callers
     warnings.filterwarnings("ignore", message="lbfgs failed to converge")
+    # the svm head's solvers, counted the same way (liblinear: LinearSVC; libsvm: SVC)
+    warnings.filterwarnings("ignore", message="Liblinear failed to converge")
+    warnings.filterwarnings("ignore", message="Solver terminated early")
     try:
         from featcache.cli.repeats import check_repeated_options
 

@@ -1886,7 +1886,7 @@ def _fit_cv(ctx: _Ctx, configs: list[dict], result: FitResult, chash: str) -> No
         n_configs=len(configs),
         validation="out-of-fold predictions of the chosen config",
         fold_digests=[[index_digest(pool[t]), index_digest(pool[v])] for t, v in folds_pos],
-        # logreg: how many of the search's fits stopped at max_iter (each warned as scikit-learn's would)
+        # logreg, svm: how many of the search's fits stopped at max_iter (each warned as scikit-learn's would)
         **({} if search.n_unconverged is None else {"cv_unconverged_fits": search.n_unconverged}),
     )
     run = _store_run(
@@ -1909,8 +1909,9 @@ def _fit_cv(ctx: _Ctx, configs: list[dict], result: FitResult, chash: str) -> No
     if search.n_unconverged:  # scikit-learn's warning is one line for them all, easy to miss under a bar
         total = len(configs) * len(folds_pos)
         result.notes.append(
-            f"{search.n_unconverged} of the search's {total} fits stopped before converging (at max_iter, "
-            f"or rarely a failed line search; run {run.id}, recorded as cv_unconverged_fits); their CV "
+            f"{search.n_unconverged} of the search's {total} fits stopped before converging (at max_iter"
+            f"{', or rarely a failed line search' if ctx.head_obj.name == 'logreg' else ''}; run {run.id}, "
+            "recorded as cv_unconverged_fits); their CV "
             "scores, and the choice among them, are of unconverged models: a larger max_iter (e.g. --grid "
             f"max_iter={larger_max_iter(configs)}) lets them converge.")
     emit(ctx.progress, "fit", 1, 1, f"{run.id} done")

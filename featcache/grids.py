@@ -291,10 +291,13 @@ def expand(grid: dict[str, list] | Sequence[dict[str, list]]) -> list[dict]:
 
 
 def larger_max_iter(configs: Sequence[Any]) -> int:
-    """Ten times the largest ``max_iter`` the configs ran with (scikit-learn's LogisticRegression default
-    100 where unset): the value an unconverged search's note suggests. Why computed: a fixed "e.g.
-    --grid max_iter=1000" advised the value the 3-class default grid already runs with."""
-    ran = [c.get("max_iter") for c in configs if isinstance(c, dict)]
+    """Ten times the largest ``max_iter`` the configs ran with (where unset: scikit-learn's LogisticRegression
+    default 100, the svm head's 5,000 for a linear kernel): the value an unconverged search's note
+    suggests. Why computed: a fixed "e.g. --grid max_iter=1000" advised the value the 3-class default grid
+    already runs with (and less than a linear SVM's default)."""
+    unset = {"linear": 5000}  # by kernel: an rbf SVM's unset max_iter has no limit, so never stops at one
+    ran = [c["max_iter"] if c.get("max_iter") is not None else unset.get(c.get("kernel"))
+           for c in configs if isinstance(c, dict)]
     return 10 * max([v for v in ran if isinstance(v, int) and not isinstance(v, bool)] or [100])
 
 

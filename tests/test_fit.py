@@ -157,6 +157,38 @@ def test_a_search_with_unconverged_fits_says_so(setup, capsys) -> None:
     assert not [w for w in caught if issubclass(w.category, ConvergenceWarning)]
 
 
+def test_an_svm_search_with_unconverged_fits_says_so_and_the_cli_prints_no_raw_warnings(setup,
+                                                                                       capsys) -> None:
+    """`fit --head svm --grid kernel=linear --grid max_iter=5` printed liblinear's raw ConvergenceWarning
+    once per fit on the terminal, and recorded no count and gave no note (logreg's search did both)."""
+    import warnings
+
+    root, cache_dir, runs_dir = setup
+    with pytest.warns(ConvergenceWarning):  # the library still warns, as GridSearchCV would
+        res = fit(root, "fakenet", "svm", opts(cache_dir, runs_dir,
+                                                 grid_args=["kernel=linear,rbf", "C=1", "max_iter=1"]))
+    n = load_run(runs_dir, res.runs[0].id)["selection"]["cv_unconverged_fits"]
+    # 2 kernels x the default two class weights x 3 folds, every one stopped after one iteration
+    assert n == 12 and any("12 of the search's 12 fits stopped before converging (at max_iter;" in note
+                           for note in res.notes)
+    assert any("(e.g. --grid max_iter=10) lets them converge" in note for note in res.notes)
+    converged = fit(root, "fakenet", "svm", opts(cache_dir, runs_dir / "converged",
+                                                   grid_args=["kernel=linear,rbf", "C=1"]))
+    assert load_run(runs_dir / "converged", converged.runs[0].id)["selection"]["cv_unconverged_fits"] == 0
+    assert not any("converging" in note for note in converged.notes)
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli(_fit_cmd(root, cache_dir, runs_dir, "--head", "svm", "--grid", "kernel=linear,rbf",
+                            "--grid", "C=1", "--grid", "max_iter=1", "--retrain")) == 0
+    assert not [w for w in caught if issubclass(w.category, ConvergenceWarning)]
+    said = capsys.readouterr()
+    assert "failed to converge" not in said.err + said.out and "Solver terminated early" not in said.err
+    # every fit of the CLI's search (its own folds) counted in the note, in place of the raw warnings
+    assert re.search(r"note (\d+) of the search's \1 fits stopped before converging \(at max_iter;",
+                     " ".join((said.err + said.out).split()))
+
+
 def test_test_labels_cannot_change_any_choice(tmp_path: Path) -> None:
     """Swap the labels of the test split: params, threshold and validation results stay identical."""
     a = make_tree(tmp_path / "a")

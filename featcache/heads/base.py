@@ -235,7 +235,14 @@ class CVHead:
         with rejected_params(self.name):
             return cv_loop(lambda p, n_train: self.make_estimator(self.fold_params(p, n_train), seed=seed,
                                                                   for_search=True),
-                           X, y, folds, grid, scorer, progress, serial=self.draws_global_rng)
+                           X, y, folds, grid, scorer, progress, serial=self.draws_global_rng,
+                           unconverged=self.unconverged)
+
+    def unconverged(self, estimator: Any) -> bool | None:
+        """Whether a fitted search ``estimator`` stopped before its solver converged (scikit-learn warned for
+        it); None: this head's models have no iterative solver, nothing to count. Why read from the model,
+        not counted from the warnings: the search fits in threads, and the model says it for its own fit."""
+        return None
 
     def fold_params(self, params: dict, n_train: int) -> dict:
         """The parameters one fit on ``n_train`` rows really uses (knn caps its k there); the search
@@ -290,7 +297,8 @@ def _scorer(scoring: str, get_scorer: Callable) -> Callable:
 
 def cv_loop(factory: Callable[[dict, int], Any], X: np.ndarray, y: np.ndarray, folds: Folds, grid: list[dict],
             scorer: Callable, progress: ProgressFn | None, n_jobs: int | None = None,
-            serial: Callable[[dict], bool] | None = None) -> SearchResult:
+            serial: Callable[[dict], bool] | None = None,
+            unconverged: Callable[[Any], bool | None] | None = None) -> SearchResult:
     """Fit/score every (config, fold) pair; the shared engine of the plain CV heads.
 
     Why threads: libsvm and the kNN searches release the GIL, so on a 2-core machine two fits run at once
@@ -300,8 +308,15 @@ def cv_loop(factory: Callable[[dict, int], Any], X: np.ndarray, y: np.ndarray, f
     overlap each other (a linear SVM: liblinear seeds and draws one process-wide random stream, and two
     threads drawing it at once gave other CV scores in every run); they fit one at a time, beside the
     others.
+
+    ``unconverged(fitted)``: whether a fit stopped before converging; their number is the result's
+    ``n_unconverged`` (fit's note, run.json's ``cv_unconverged_fits``), as logreg's search counts them.
+    scikit-learn's own warnings of the search (one per fit, e.g. liblinear's "failed to converge") are
+    recorded, not printed under the progress bar, and shown again once each (as Python shows a repeated
+    warning) for Python callers; the CLI silences them, since fit's note says it with the count.
     """
     import threading
+    import warnings
 
     from joblib import Parallel, delayed
 
@@ -314,7 +329,7 @@ def cv_loop(factory: Callable[[dict, int], Any], X: np.ndarray, y: np.ndarray, f
 
     one_at_a_time = threading.Lock()
 
-    def one(i: int, j: int) -> tuple[int, int, float, float, float]:
+    def one(i: int, j: int) -> tuple[int, int, float, float, float, bool]:
         tr, te = folds[j]
         est = factory(grid[i], len(tr))
         guard = one_at_a_time if serial is not None and serial(grid[i]) else contextlib.nullcontext()
@@ -322,15 +337,26 @@ def cv_loop(factory: Callable[[dict, int], Any], X: np.ndarray, y: np.ndarray, f
             t0 = time.perf_counter()
             est.fit(X[tr], y[tr])
             t1 = time.perf_counter()
-        return i, j, float(scorer(est, X[te], y[te])), t1 - t0, time.perf_counter() - t1
+        stopped = bool(unconverged(est)) if unconverged is not None else False
+        return i, j, float(scorer(est, X[te], y[te])), t1 - t0, time.perf_counter() - t1, stopped
 
     workers = n_jobs or min(len(pairs), os.cpu_count() or 1)
-    if workers <= 1:
-        results: Any = (one(i, j) for i, j in pairs)
-    else:
-        results = Parallel(n_jobs=workers, prefer="threads", return_as="generator_unordered")(
-            delayed(one)(i, j) for i, j in pairs)
-    for done, (i, j, score, ft, st) in enumerate(results, start=1):
-        scores[i, j], fit_t[i, j], score_t[i, j] = score, ft, st
-        emit(progress, "fit", done, len(pairs), f"config {i + 1}/{len(grid)} fold {j + 1}/{n_f}")
-    return result_from_cv(grid, build_cv_results(grid, scores, fit_t, score_t))
+    n_stopped = 0
+    # entered here, around every thread's fits: the filters and the record are process-wide (Python < 3.14)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # every fit's warning, to show each distinct one again below
+        if workers <= 1:
+            results: Any = (one(i, j) for i, j in pairs)
+        else:
+            results = Parallel(n_jobs=workers, prefer="threads", return_as="generator_unordered")(
+                delayed(one)(i, j) for i, j in pairs)
+        for done, (i, j, score, ft, st, stopped) in enumerate(results, start=1):
+            scores[i, j], fit_t[i, j], score_t[i, j] = score, ft, st
+            n_stopped += stopped
+            emit(progress, "fit", done, len(pairs), f"config {i + 1}/{len(grid)} fold {j + 1}/{n_f}")
+    registry: dict = {}
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, registry=registry)
+    result = result_from_cv(grid, build_cv_results(grid, scores, fit_t, score_t))
+    result.n_unconverged = n_stopped if unconverged is not None else None
+    return result

@@ -78,6 +78,18 @@ class SVMHead(CVHead):
             return {k: v for k, v in params.items() if k != "gamma"}
         return params
 
+    def unconverged(self, estimator: Any) -> bool | None:
+        """Whether a search fit stopped at max_iter, as scikit-learn decides when it warns: liblinear's
+        iterations reached max_iter (LinearSVC), libsvm's fit status 1 (SVC: "Solver terminated early")."""
+        from sklearn.svm import SVC, LinearSVC
+
+        model = estimator.steps[-1][1] if hasattr(estimator, "steps") else estimator
+        if isinstance(model, LinearSVC):
+            return int(model.n_iter_) >= int(model.max_iter)
+        if isinstance(model, SVC):
+            return int(model.fit_status_) == 1
+        return None
+
     def draws_global_rng(self, params: dict) -> bool:
         """LinearSVC's solver draws liblinear's process-wide random stream (libsvm's SVC does not, without
         ``probability=True``): linear configs fit one at a time in a search."""

@@ -1249,7 +1249,7 @@ def _cv_section(doc: Document, rec: RunRecord, row: dict, options: ReportOptions
 
 def _unconverged(rec: RunRecord) -> int:
     """How many of the run's CV search fits stopped before converging (run.json's
-    ``selection.cv_unconverged_fits``, counted by fit for logreg), 0 where none or not recorded."""
+    ``selection.cv_unconverged_fits``, counted by fit for logreg and svm), 0 where none or not recorded."""
     n = (rec.run.get("selection") or {}).get("cv_unconverged_fits")
     return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 0
 
@@ -1279,7 +1279,9 @@ def _unconverged_note(doc: Document, rows: Sequence[dict], runs: Sequence[RunRec
     configs = [g["params"] for rec in hit for g in (_cv_grid(rec) or [{"params": rec.params}])]
     doc.add(Para(
         "; ".join(f"run {rank[rec.id]} ({rec.head}, {rec.task}): {_unconverged_text(rec)}" for rec in hit)
-        + " stopped before converging (at max_iter, or rarely a failed line search). Their mean CV scores, "
+        + " stopped before converging (at max_iter"
+        + (", or rarely a failed line search" if any(rec.head == "logreg" for rec in hit) else "")
+        + "). Their mean CV scores, "
         "the config chosen by them and the out-of-fold validation numbers are of unconverged models; fitting "
         f"again with a larger max_iter (e.g. --grid max_iter={larger_max_iter(configs)}) lets them converge.",
         "note", "Unconverged fits:"))
