@@ -333,8 +333,11 @@ class _Extractor:
         if len(todo):
             from featcache.images import ImageDecodeError, decode_image, parse_views
 
-            bb = self._build()
             cfg = self.cache.get("config") or {}
+            # decoded before the backbone is built: a stray notes.txt or truncated JPEG beside cached images
+            # imported TensorFlow and built the backbone (5 s more) only to be skipped. A cache config
+            # without image_size (an older cache's) takes the backbone's input size, so builds first.
+            bb = None if cfg.get("image_size") else self._build()
             size = int(cfg.get("image_size") or bb.input_size)
             resize = str(cfg.get("resize", "squash"))
             the_view = parse_views([view])[0]
@@ -346,7 +349,7 @@ class _Extractor:
                 except ImageDecodeError as exc:
                     bad[int(i)] = f"cannot decode: {exc.reason}"
             if batch:
-                out[rows] = bb(np.stack(batch))
+                out[rows] = self._build()(np.stack(batch))
         return out, from_cache, bad
 
 

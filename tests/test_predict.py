@@ -507,6 +507,25 @@ def test_keras_is_asked_for_only_when_an_image_needs_the_backbone(trained, tmp_p
     assert [p["from_cache"] for p in out["predictions"]] == [True, True, False, False]
 
 
+def test_skipped_files_beside_cached_images_build_no_backbone(trained, tmp_path: Path, monkeypatch) -> None:
+    """A truncated JPEG and a notes.txt named beside a cached image made predict import TensorFlow and build
+    the backbone (6.9 s against 1.6 s) only to skip them: no image needed it."""
+    import featcache.backbones as bmod
+
+    root, runs_dir, run_id = trained
+    known = sorted((root / "test" / "NORMAL").iterdir())[0]
+    (tmp_path / "trunc.jpeg").write_bytes(write_xray(tmp_path / "x.jpeg", 7, size=48).read_bytes()[:300])
+    (tmp_path / "notes.txt").write_text("reading notes\n")
+    calls: list[int] = []
+    monkeypatch.setattr(bmod, "build_backbone", lambda *a, **k: calls.append(2) or pytest.fail("built"))
+    out = predict([known, tmp_path / "trunc.jpeg", tmp_path / "notes.txt"], run_id, runs_dir,
+                  before_backend=lambda: calls.append(1))
+    assert calls == []
+    assert [p["from_cache"] for p in out["predictions"]] == [True]
+    assert [s["path"] for s in out["skipped"]] == [str(tmp_path / "trunc.jpeg"), str(tmp_path / "notes.txt")]
+    assert all(s["reason"].startswith("cannot decode") for s in out["skipped"])
+
+
 def test_cli_predict_of_cached_images_does_not_import_tensorflow(trained) -> None:
     """In a fresh process, as a user's call: the import took 3-7 s of a 7 s call that needed none of it."""
     import subprocess
