@@ -228,8 +228,9 @@ def register(app: typer.Typer) -> None:
         from featcache.grids import PRESETS
 
         preset_head = PRESETS[preset].head if preset in PRESETS else None
-        if (head or preset_head) == "mlp":  # only Keras heads need the backend
-            import_backend_quietly(tensorflow_too=True)
+        # only Keras heads need the backend, and only to train: a rerun with every run done imports none
+        before_train = ((lambda: import_backend_quietly(tensorflow_too=True))
+                        if (head or preset_head) == "mlp" else None)
 
         opts = FitOptions(
             task=task,
@@ -264,7 +265,7 @@ def register(app: typer.Typer) -> None:
         )
         console = Console(stderr=True)
         if as_json:
-            result = fit(data, backbone or [], head, opts)
+            result = fit(data, backbone or [], head, opts, before_train=before_train)
         else:
             with Progress(
                 TextColumn("[bold]{task.description}"),
@@ -285,7 +286,7 @@ def register(app: typer.Typer) -> None:
 
                 from featcache.cli.text import LogLines  # a log gets dated lines, not silence
 
-                result = fit(data, backbone or [], head, opts,
+                result = fit(data, backbone or [], head, opts, before_train=before_train,
                              progress=LogLines(console) if bar.disable else on_event)
         rows = [summary(r) for r in result.runs]
         if as_json:

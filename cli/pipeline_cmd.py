@@ -76,13 +76,13 @@ def _split(text: str | None, flag: str = "--head") -> list[str]:
     return parse_names(text, flag) if text else []
 
 
-def _backend_for(heads: list[str]) -> tuple[Callable[[], None] | None, Callable[[], None] | None]:
-    """(before_build, after_checks) for run_pipeline: when a head trains on the Keras backend (mlp; no
-    --head means a preset, which has one) it is imported once the options are checked, else only before
-    extract builds a backbone. Why: the other heads need the backend only for a build, so a run on cached
-    features imports no TensorFlow; and a typo is refused before the 18-s import, not after it."""
+def _backend_for(heads: list[str]) -> tuple[Callable[[], None], Callable[[], None] | None]:
+    """(before_build, before_train) for run_pipeline: the backend is imported before extract builds a
+    backbone and, when a head trains on it (mlp; no --head means a preset, which has one), with TensorFlow
+    before that head trains. Why: a run on cached features, or a rerun whose runs are all done, imports
+    no TensorFlow (a demo rerun took 23-33 s for it); and a typo is refused before the 18-s import."""
     if not heads or "mlp" in heads:
-        return None, lambda: import_backend_quietly(tensorflow_too=True)
+        return import_backend_quietly, lambda: import_backend_quietly(tensorflow_too=True)
     return import_backend_quietly, None
 
 
@@ -218,7 +218,7 @@ def register(app: typer.Typer) -> None:
             command=typed_command(ctx),  # run.json's command: this one, as typed
         )
         backbones, heads = _split(backbone, "--backbone"), _split(head)  # bad lists: before the backend
-        before_build, after_checks = _backend_for(heads)
+        before_build, before_train = _backend_for(heads)
         with progress_display(Console(stderr=True) if as_json else console) as bar:
             result = run_pipeline(
                 data,
@@ -237,7 +237,7 @@ def register(app: typer.Typer) -> None:
                 separate=separate,
                 progress=make_callback(bar),
                 before_build=before_build,
-                after_checks=after_checks,
+                before_train=before_train,
             )
         if as_json:
             typer.echo(json.dumps(pipeline_dict(result), indent=2, default=str))
@@ -274,11 +274,11 @@ def register(app: typer.Typer) -> None:
         from featcache.pipeline import run_demo
 
         heads = _split(head)
-        before_build, after_checks = _backend_for(heads)
+        before_build, before_train = _backend_for(heads)
         with progress_display(Console(stderr=True) if as_json else console) as bar:
             result = run_demo(workdir, weights=weights, out=out, heads=heads, wait=wait,
                               progress=make_callback(bar), command=typed_command(ctx),
-                              before_build=before_build, after_checks=after_checks)
+                              before_build=before_build, before_train=before_train)
         if as_json:
             typer.echo(json.dumps(pipeline_dict(result), indent=2, default=str))
         else:

@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -866,8 +866,14 @@ def fit(
     head: str | None,
     options: FitOptions | None = None,
     progress: ProgressFn | None = None,
+    before_train: Callable[[], None] | None = None,
 ) -> FitResult:
-    """Join cached features with labels/splits/patients, select, evaluate on test once, store runs."""
+    """Join cached features with labels/splits/patients, select, evaluate on test once, store runs.
+
+    ``before_train``: called once before the first config is trained, never when every run is already
+    done. Why: the CLI imports Keras and TensorFlow there (5-30 s) for an mlp head, and a rerun that only
+    finds its runs done needs neither.
+    """
     from featcache.datasets import SUBTYPES, discover, task_labels
     from featcache.heads import get_head
 
@@ -1050,7 +1056,8 @@ def fit(
         from featcache.heads.mlp_checkpoint import checkpoint_seconds
 
         checkpoint_seconds()  # a bad $FEATCACHE_MLP_CHECKPOINT_SECONDS: refused now, not mid-grid
-        backend = keras_backend(load=True)
+        # Keras' own rule, not an import: a rerun with every run done imported TensorFlow (5-30 s) for nothing
+        backend = keras_backend()
         if backend != "tensorflow":  # Keras draws other initial weights on another backend
             common["keras_backend"] = backend
             # model.fit on Keras-JAX took the loss from a clipped probability until it fitted the logits
@@ -1064,6 +1071,7 @@ def fit(
         counts.setdefault(s, {}).setdefault(classes[y[i]], 0)
         counts[s][classes[y[i]]] += 1
     ctx = _Ctx(
+        before_train=before_train,
         opts=opts,
         head_obj=head_obj,
         task=task,
@@ -1800,6 +1808,8 @@ def _fit_cv(ctx: _Ctx, configs: list[dict], result: FitResult, chash: str) -> No
         result.skipped.append(done[chash])
         emit(ctx.progress, "fit", 1, 1, f"already done: {done[chash]}")
         return
+    if ctx.before_train is not None:
+        ctx.before_train()
     pool = ctx.pool
     folds_pos = grouped_kfold(ctx.y[pool], ctx.groups[pool], n_splits=opts.cv_folds, seed=opts.seed)
     _check_training_sides(ctx, [tr for tr, _ in folds_pos], "cv")
@@ -1956,6 +1966,8 @@ def _fit_holdout(ctx: _Ctx, configs: list[dict], result: FitResult, hashes: list
     )
     if not todo:
         return
+    if ctx.before_train is not None:
+        ctx.before_train()
     if ctx.head_obj.name == "mlp":
         _check_head_memory([configs[i] for i in todo], ctx.feats.dim, len(ctx.classes))
     tr_pos, va_pos = grouped_holdout(

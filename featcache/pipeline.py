@@ -233,6 +233,7 @@ def run_pipeline(
     progress: ProgressFn | None = None,
     before_build: Callable[[], None] | None = None,
     after_checks: Callable[[], None] | None = None,
+    before_train: Callable[[], None] | None = None,
 ) -> PipelineResult:
     """Extract features for every backbone, fit every head on them, then write the report.
 
@@ -244,7 +245,11 @@ def run_pipeline(
     more head only computes what is new. The report covers the runs of this call's sweeps.
     ``before_build`` is extract's: called before a backbone is built, never when every row is cached.
     ``after_checks``: called once every option, the dataset and the grids have been checked, before the
-    first stage (the CLI imports TensorFlow there for an mlp head: a typo is refused in a second, not 18).
+    first stage.
+    ``before_train``: fit's for the mlp head (the one that trains on the Keras backend), called before it
+    trains, never when every run is already done (the CLI
+    imports TensorFlow there for an mlp head: a rerun with every run done imports none, and a typo is
+    refused in a second, not 18).
     """
     from dataclasses import replace
 
@@ -312,7 +317,9 @@ def run_pipeline(
             manifest=dataset.manifest,  # --data manifest.csv: the fit reads the same images, not the folder
             command=list(fopts.command or ["featcache", *sys.argv[1:]]),
         )
-        result.fits.append(fit(dataset.root, names, head, opts, progress))
+        keras_head = get_head(head).name == "mlp"
+        result.fits.append(fit(dataset.root, names, head, opts, progress,
+                               before_train=before_train if keras_head else None))
         crash_point("pipeline.after_fit")
     emit(progress, "pipeline", steps - 1, steps, "writing report")
     ids = [run.id for fr in result.fits for run in fr.runs] + [
@@ -337,6 +344,7 @@ def run_demo(
     command: Sequence[str] | None = None,
     before_build: Callable[[], None] | None = None,
     after_checks: Callable[[], None] | None = None,
+    before_train: Callable[[], None] | None = None,
 ) -> PipelineResult:
     """The whole pipeline on the bundled sample with mobilenet-0.75 (writes cache/, runs/, reports/).
 
@@ -377,6 +385,7 @@ def run_demo(
             progress=progress,
             before_build=before_build,
             after_checks=after_checks,
+            before_train=before_train,
         )
     except WeightsDownloadError as exc:
         # the library's way out names --weights PATH, which the demo refuses: a new user offline tried it

@@ -91,10 +91,10 @@ def resolve_trainer(trainer: str | None = None) -> str:
     on JAX (GPU images often have no TensorFlow), TensorFlow otherwise.
     """
     choice = _choice(trainer, TRAINER_ENV, TRAINERS, "MLP grid trainer")
-    if choice == "auto":
-        import keras
+    if choice == "auto":  # Keras' own rule, without importing it (and TensorFlow): see keras_backend
+        from featcache.runs import keras_backend
 
-        choice = "jax" if keras.backend.backend() == "jax" else "tf"
+        choice = "jax" if keras_backend() == "jax" else "tf"
     if choice == "jax" and importlib.util.find_spec("jax") is None:
         raise ConfigError("the JAX grid trainer needs JAX: pip install jax (or jax[cuda12] for a GPU), "
                           f"or unset {TRAINER_ENV} to train with TensorFlow.")
