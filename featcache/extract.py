@@ -349,17 +349,15 @@ def _lock_unknown_file(held: contextlib.ExitStack, backbone: BackboneConfig, cac
     from filelock import FileLock, Timeout
 
     from featcache import cache as fcache
-    from featcache.backbones import is_saved_model
     from featcache.errors import CacheLockedError
 
     cfg = backbone.resolved()
     weights = cfg.weights if cfg.weights in ("imagenet", "none") else str(Path(cfg.weights).resolve())
-    key = {"dataset_root": str(Path(root).resolve()), "name": cfg.name, "weights": weights,
+    key = {"dataset_root": str(Path(root).resolve()), "backbone": cfg.name, "weights": weights,
            "pooling": cfg.pooling, "image_size": cfg.image_size, "layer": cfg.layer, "seed": cfg.seed,
            "resize": options.resize, "dtype": options.dtype, "shard": list(shard) if shard else None}
-    label = Path(cfg.name).stem if is_saved_model(cfg.name) else cfg.name
-    lock_path = Path(cache_dir) / (f"{fcache._slug(Path(root).resolve().name or 'dataset')}__"
-                                   f"{fcache._slug(label)}__{fcache.config_hash(key)[:12]}.extract.lock")
+    # named as cache files are (the data folder, backbone, pooling, size and a hash of these options)
+    lock_path = fcache.cache_path(Path(cache_dir), key).with_suffix(".extract.lock")
     try:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         os.close(os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644))

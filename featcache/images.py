@@ -487,8 +487,7 @@ def pixel_size(data: bytes) -> tuple[int, int, int] | None:
     _quiet_pil()  # a 90-180 MP image made PIL print its DecompressionBombWarning here
     try:
         with Image.open(io.BytesIO(data)) as im:
-            frames = int(getattr(im, "n_frames", 1) or 1) if getattr(im, "is_animated", False) else 1
-            return int(im.size[0]), int(im.size[1]), frames
+            return int(im.size[0]), int(im.size[1]), _frames(im)
     except Exception:  # noqa: BLE001 - any unreadable header: the decoder reports it properly later
         return None
 
