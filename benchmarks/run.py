@@ -57,7 +57,7 @@ def _load(name: str):
 def run_all(quick: bool, data: Path | None, only: list[str], mlp_epoch_scale: float = 1.0,
             mlp_noise_configs: int = 3, mlp_extra_seeds: int = 0,
             extract_repeats: int | dict[str, int] = 1, logreg_repeats: int = 1,
-            on_progress: Callable[[dict], None] | None = None) -> dict:
+            on_progress: Callable[[dict], None] | None = None, mlp_seed_study: int = 0) -> dict:
     """Run the selected benchmarks in this process, one after the other; collect ratios and raw data.
 
     ``on_progress`` gets the result so far (``"complete": False``) after each benchmark: an hour-long
@@ -81,7 +81,7 @@ def run_all(quick: bool, data: Path | None, only: list[str], mlp_epoch_scale: fl
                 res = module.run(quick=quick, data=data, repeats=extract_repeats)
             elif name == "mlp":
                 res = module.run(quick=quick, epoch_scale=mlp_epoch_scale, noise_configs=mlp_noise_configs,
-                                 extra_seeds=mlp_extra_seeds)
+                                 extra_seeds=mlp_extra_seeds, seed_study=mlp_seed_study)
             else:
                 res = module.run(quick=quick, repeats=logreg_repeats)
         except Exception as exc:  # noqa: BLE001 - one broken benchmark must not hide the others
@@ -194,6 +194,13 @@ def _print_measured(benchmarks: dict) -> None:
               f"{mlp['t_featcache_s']} s; {mlp['n_configs']} configs of {min(epochs)}-{max(epochs)} epochs, "
               f"{'/'.join(mlp['precision'])}; {ag['configs_agreeing']} of {ag['configs']} configs within "
               f"{ag['tolerance']} of a reference run")
+        for i, v in sorted(ag.get("seed_study", {}).items(), key=lambda kv: int(kv[0])):
+            print(f"    config {i} over seeds: featcache collapsed {v['featcache_collapsed']} of "
+                  f"{len(v['featcache'])}, reference {v['reference_collapsed']} of {len(v['reference'])} "
+                  f"(Fisher p {v['fisher_p']}); {'agrees' if v['agrees'] else 'differs'}")
+        if ag.get("seed_study_seeds"):
+            print(f"  mlp: {ag['configs_agreeing_over_seeds']} of {ag['configs']} configs agree with the "
+                  f"seed study ({ag['seed_study_seeds']} more seeds per side)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="dense-head configs whose reference is re-trained with another seed (33 = all)")
     ap.add_argument("--mlp-extra-seeds", type=int, default=0,
                     help="up to N more reference seeds where featcache matches no reference run yet")
+    ap.add_argument("--mlp-seed-study", type=int, default=0,
+                    help="configs still within no reference run: N more seeds per side, judged over seeds "
+                         "(bench_mlp.seed_study_verdict); after the timed part")
     ap.add_argument("--extract-repeats", default="1",
                     help="time each extract N times, or NAME=N,... for the backbones named (e.g. "
                          "mobilenet-0.75=5); pipeline_efficiency is the median (vgg16: ~12 min each)")
@@ -238,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--save: folder {args.save.parent} does not exist")
     save = None if args.save is None else (lambda partial: save_json(partial, args.save))
     out = run_all(args.quick, args.data, only, args.mlp_epoch_scale, args.mlp_noise_configs,
-                  args.mlp_extra_seeds, args.extract_repeats, args.logreg_repeats, on_progress=save)
+                  args.mlp_extra_seeds, args.extract_repeats, args.logreg_repeats, on_progress=save,
+                  mlp_seed_study=args.mlp_seed_study)
     if save is not None:
         save(out)
     if args.json:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,6 +164,33 @@ def test_grid_flops_count_no_input_gradient_for_the_first_layer_and_the_validati
     cfg = [{"layers": [8], "epochs": 2}]  # 4 -> 8 -> 2: 40 + 18 parameters
     # per epoch: training 6 per weight, less 2 per first-layer weight (4*8), on 10 rows; validation 2 on 5
     assert bench.grid_flops(cfg, 4, 10, n_val=5) == 2 * ((6 * 58 - 2 * 32) * 10 + 2 * 58 * 5)
+
+
+
+def test_the_seed_study_judges_a_config_over_seeds_where_one_run_matched_no_reference_run() -> None:
+    """A collapse-or-not config: featcache's one run collapsed, the reference's three did not, so the
+    0.005-of-some-run rule flagged it; over more seeds both collapse alike and it agrees. A trainer that
+    collapses far more often, or reaches another accuracy when it does not collapse, still differs."""
+    bench = _bench("mlp")
+    ytr, yva = np.array([0, 1, 1, 1]), np.array([0, 1, 1, 1])  # majority (class 1) accuracy: 0.75
+    ours, ref_runs = [0.75, 0.90], [[1.0, 0.99, 1.0], [0.9]]
+
+    def judged(ours_study, ref_study) -> dict:
+        return bench.judge_agreement(ours, [list(r) for r in ref_runs], ytr, yva, 0,
+                                     lambda i, k: ref_study[k], seed_study=len(ours_study),
+                                     study_ours=lambda i, k: ours_study[k])
+
+    plain = bench.judge_agreement(ours, ref_runs, ytr, yva, 0, None)
+    assert plain["configs_agreeing"] == plain["configs_agreeing_over_seeds"] == 1 and not plain["seed_study"]
+    alike = judged([1.0, 0.75, 1.0, 0.75], [0.75, 0.75, 1.0, 0.75])
+    assert alike["configs_agreeing"] == 1 and alike["configs_agreeing_over_seeds"] == 2
+    assert alike["seed_study"][0]["featcache_collapsed"] == 3 and alike["seed_study"][0]["agrees"]
+    assert alike["seed_study"][0]["reference_collapsed"] == 3 and 1 not in alike["seed_study"]
+    always = judged([0.75] * 8, [1.0] * 8)  # 9 of 9 against 0 of 11: a real difference
+    assert always["seed_study"][0]["fisher_p"] < 0.05 and always["configs_agreeing_over_seeds"] == 1
+    elsewhere = judged([0.95, 0.75], [0.75, 1.0])  # collapse rates alike, but 0.95 is no reference outcome
+    assert elsewhere["seed_study"][0]["unmatched_featcache_runs"] == [0.95]
+    assert not elsewhere["seed_study"][0]["agrees"]
 
 
 def _run_module():
