@@ -197,6 +197,17 @@ def seed_study_verdict(ours: list[float], ref: list[float], majority: float, alp
             "agrees": p >= alpha and not unmatched}
 
 
+def train_alone_fused(head, data: tuple, cfg: dict, seed: int, precision: str = "auto",
+                      trainer: str = "auto") -> tuple[float, str]:
+    """(final validation accuracy, "path precision") of featcache's fused trainer on one config alone.
+
+    Why ``fuse=True``: with the default a lone config takes the reference's path (``model.fit``), so a
+    seed study calling ``train_many([config])`` would judge the reference against itself.
+    """
+    h, hist = head.train_many(*data, [cfg], seed=seed, fuse=True, precision=precision, trainer=trainer)[0]
+    return float(hist["val_accuracy"][-1]), f"{h.trainer['path']} {h.trainer['precision']}"
+
+
 class JaxCompileClock:
     """Seconds JAX spent compiling (XLA backend compiles, from ``jax.monitoring``); None when not ``active``.
 
@@ -274,14 +285,18 @@ def run(quick: bool = False, features: str | None = None, noise_configs: int = 3
     def rerun(i: int, k: int) -> float:
         return head.train(Xtr, ytr, Xva, yva, cfgs[i], seed=seed + 2000 + 100 * k + i)[1]["val_accuracy"][-1]
 
-    def study_ours(i: int, k: int) -> float:  # featcache's grid trainer on this config alone, another seed
-        return head.train_many(Xtr, ytr, Xva, yva, [cfgs[i]], seed=seed + 3000 + 100 * k + i,
-                               fuse=True if fuse == "always" else None, precision=precision,
-                               trainer=trainer)[0][1]["val_accuracy"][-1]
+    study_paths: set[str] = set()
+
+    def study_ours(i: int, k: int) -> float:
+        acc, path = train_alone_fused(head, (Xtr, ytr, Xva, yva), cfgs[i], seed + 3000 + 100 * k + i,
+                                      precision, trainer)
+        study_paths.add(path)
+        return acc
 
     t0 = time.perf_counter()
     agreement = judge_agreement(acc_ours, ref_runs, ytr, yva, extra_seeds, rerun, seed_study, study_ours)
     agreement["seconds"] = round(time.perf_counter() - t0, 1)  # after the timed part: not in any ratio
+    agreement["seed_study_featcache_trainer"] = sorted(study_paths)  # e.g. "fused bfloat16", as the grid
     flops = grid_flops(cfgs, X.shape[1], len(ytr), n_val=len(yva))
     achieved = flops / t_ours / 1e9
     precisions = sorted({h.trainer["precision"] for h, _ in ours})

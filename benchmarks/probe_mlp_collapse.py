@@ -6,7 +6,7 @@ Why: at a tenth of the paper's epochs some configs (large learning rates, deep s
 1.0 or at the majority class's accuracy depending on the seed, so bench_mlp's rule "featcache's accuracy
 within 0.005 of some reference run" flags a config whenever featcache's one run collapsed and the few
 reference runs did not. This trains each named config N times with featcache's grid trainer
-(``train_many([config], seed=s)``, seeds 1..N) and N times with the reference's one-model ``train``
+(``bench_mlp.train_alone_fused``, seeds 1..N) and N times with the reference's one-model ``train``
 (seeds 5000 + 10 k + config), on bench_mlp's data and split, and prints every validation accuracy and
 the collapse counts. Not a test: it prints what it measured (results, not times).
 """
@@ -54,13 +54,16 @@ def main(argv: list[str] | None = None) -> int:
                  "configs": {}}
     for i in chosen:
         c = cfgs[i]
-        ours = [head.train_many(Xtr, ytr, Xva, yva, [c], seed=s)[0][1]["val_accuracy"][-1]
-                for s in range(1, args.seeds + 1)]
+        # bm.train_alone_fused (fuse=True): before 2026-12-08 this called train_many([c]) without it, and a
+        # lone config takes the reference's path (model.fit): the "featcache" side was the reference's
+        runs = [bm.train_alone_fused(head, (Xtr, ytr, Xva, yva), c, s) for s in range(1, args.seeds + 1)]
+        ours = [acc for acc, _ in runs]
         ref = [head.train(Xtr, ytr, Xva, yva, c, seed=5000 + 10 * k + i)[1]["val_accuracy"][-1]
                for k in range(args.seeds)]
         out["configs"][i] = {
             "config": {k: list(v) if isinstance(v, tuple) else v for k, v in c.items()},
             "featcache": [round(float(a), 4) for a in ours], "reference": [round(float(a), 4) for a in ref],
+            "featcache_trainer": sorted({path for _, path in runs}),
             "featcache_collapsed": sum(abs(a - majority) < COLLAPSE_TOL for a in ours),
             "reference_collapsed": sum(abs(a - majority) < COLLAPSE_TOL for a in ref)}
         if not args.json:

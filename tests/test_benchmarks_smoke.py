@@ -193,6 +193,20 @@ def test_the_seed_study_judges_a_config_over_seeds_where_one_run_matched_no_refe
     assert not elsewhere["seed_study"][0]["agrees"]
 
 
+
+@pytest.mark.slow
+def test_the_seed_study_trains_featcache_side_with_the_fused_trainer() -> None:
+    """Its first version (and probe_mlp_collapse's) called train_many([config]), where a lone config takes
+    the reference's model.fit: the study compared the reference with itself under featcache's name."""
+    bench = _bench("mlp")
+    from featcache.heads import get_head
+
+    X, y = bench.synthetic_gap(60, 16)
+    cfg = {"layers": [8], "batch_size": 16, "epochs": 1, "lr": 0.01, "optimizer": "adam"}
+    acc, path = bench.train_alone_fused(get_head("mlp"), (X[:40], y[:40], X[40:], y[40:]), cfg, seed=3)
+    assert path.startswith("fused") and 0.0 <= acc <= 1.0
+
+
 def _run_module():
     import importlib.util
 
