@@ -1477,6 +1477,32 @@ def test_knn_search_scores_ties_and_caps_k_as_its_fitted_models_do():
     assert res.cv_results["split1_test_score"][0] == pytest.approx(want, abs=1e-12)
 
 
+def test_knn_search_in_threads_does_not_warn_about_sklearns_parallel(monkeypatch):
+    """A knn search warned "`sklearn.utils.parallel.delayed` should be used with
+    `sklearn.utils.parallel.Parallel`": on few features each fold's model queries a KD tree through
+    scikit-learn's Parallel, whose worker empties the process-wide warning filters and refills them, and a
+    Parallel started in another search thread in between captured none. The moment is short, so the test
+    widens it (a pause after the emptying) and runs 4 threads, where the old search warned on every run."""
+    import os
+    import time
+
+    real_reset = warnings.resetwarnings
+
+    def slow_reset() -> None:
+        real_reset()
+        time.sleep(0.002)  # the filters stay empty a little longer: what another thread may catch
+
+    monkeypatch.setattr(warnings, "resetwarnings", slow_reset)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)  # threads even on a 1-core runner
+    X, y = separable(n=90, d=12, k=2)  # 12 features: the tree path
+    head = get_head("knn")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = head.search(X, y, folds_for(y), [{"n_neighbors": k} for k in (1, 3, 5, 7, 9, 11, 13, 15)])
+    assert not [str(w.message) for w in caught if "sklearn.utils.parallel" in str(w.message)]
+    assert all(np.isfinite(res.cv_results["mean_test_score"]))
+
+
 def test_a_linear_svm_ignores_gamma_so_its_configs_are_not_trained_twice():
     """`--grid kernel=linear,rbf --grid gamma=0.1,1` trained two identical linear models, shown as two
     rows: gamma means nothing to a linear SVM."""

@@ -235,13 +235,21 @@ class CVHead:
         with rejected_params(self.name):
             return cv_loop(lambda p, n_train: self.make_estimator(self.fold_params(p, n_train), seed=seed,
                                                                   for_search=True),
-                           X, y, folds, grid, scorer, progress, serial=self.draws_global_rng,
-                           unconverged=self.unconverged)
+                           X, y, folds, grid, scorer, progress, n_jobs=self.search_jobs(X),
+                           serial=self.draws_global_rng, unconverged=self.unconverged)
 
     def unconverged(self, estimator: Any) -> bool | None:
         """Whether a fitted search ``estimator`` stopped before its solver converged (scikit-learn warned for
         it); None: this head's models have no iterative solver, nothing to count. Why read from the model,
         not counted from the warnings: the search fits in threads, and the model says it for its own fit."""
+        return None
+
+    def search_jobs(self, X: np.ndarray) -> int | None:
+        """How many threads the search may fit in (None: one per core). 1 where this head's models, on
+        ``X``, run scikit-learn's own Parallel: its workers empty and refill the process-wide warning
+        filters (``warnings.resetwarnings``, not thread-safe before Python 3.14), so such fits in parallel
+        threads warned "`sklearn.utils.parallel.delayed` should be used with
+        `sklearn.utils.parallel.Parallel`" at random."""
         return None
 
     def fold_params(self, params: dict, n_train: int) -> dict:

@@ -8,6 +8,7 @@ import numpy as np
 from featcache.heads.base import CVHead, SklearnHead
 
 NEEDS_MORE_THAN_A_NAME = ("seuclidean", "mahalanobis", "haversine", "precomputed", "wminkowski")
+TREE_MAX_FEATURES = 15  # scikit-learn's algorithm="auto" uses brute force above this many features
 
 
 class KNNHead(CVHead):
@@ -49,6 +50,15 @@ class KNNHead(CVHead):
 
     def fold_params(self, params: dict, n_train: int) -> dict:
         return self._capped(params, n_train)
+
+    def search_jobs(self, X: np.ndarray) -> int | None:
+        """One thread on 15 or fewer features: there scikit-learn's "auto" answers from a KD or ball
+        tree, queried through its own Parallel, whose workers rewrite the process-wide warning filters, so
+        two threads warned "`sklearn.utils.parallel.delayed` should be used with ..." at random (a lock
+        around the query alone is not enough: every fit's check_array saves and restores the filters too).
+        Such searches take milliseconds; on more features (2,048-d embeddings) it answers by brute force,
+        runs no Parallel, and the search keeps its threads. The scores are the same either way."""
+        return 1 if np.ndim(X) == 2 and np.shape(X)[1] <= TREE_MAX_FEATURES else None
 
     def scorer(self, scoring: str) -> Any:
         """Accuracy and macro F1 from the labels the report uses (``predict_labels``: P(class 1) >= 0.5,
