@@ -47,6 +47,7 @@ from featcache.runs import (
     RETIRED_DIR,
     Run,
     RunWriter,
+    canonical_json,
     checkpoint_dir,
     clean_stale,
     config_hash,
@@ -1861,6 +1862,7 @@ def _fit_cv(ctx: _Ctx, configs: list[dict], result: FitResult, chash: str) -> No
         if 0 <= search.best_index < len(configs)
         else dict(search.best_params)
     )
+    same = _same_models(ctx.head_obj, configs, [len(tr) for tr, _ in fold_rows])
     # out-of-fold predictions of the chosen config: the validation predictions (threshold, val metrics)
     oof = np.zeros((len(pool), len(ctx.classes)))
     fold_models = []
@@ -1898,6 +1900,8 @@ def _fit_cv(ctx: _Ctx, configs: list[dict], result: FitResult, chash: str) -> No
         fold_digests=[[index_digest(pool[t]), index_digest(pool[v])] for t, v in folds_pos],
         # logreg, svm: how many of the search's fits stopped at max_iter (each warned as scikit-learn's would)
         **({} if search.n_unconverged is None else {"cv_unconverged_fits": search.n_unconverged}),
+        # knn: configs whose k every fold capped to the same value (0-based grid indices)
+        **({"cv_same_models": same} if same else {}),
     )
     run = _store_run(
         ctx,
@@ -1924,7 +1928,38 @@ def _fit_cv(ctx: _Ctx, configs: list[dict], result: FitResult, chash: str) -> No
             "recorded as cv_unconverged_fits); their CV "
             "scores, and the choice among them, are of unconverged models: a larger max_iter (e.g. --grid "
             f"max_iter={larger_max_iter(configs)}) lets them converge.")
+    if same:
+        result.notes.append(_same_models_note(configs, same, [len(tr) for tr, _ in fold_rows], run.id))
     emit(ctx.progress, "fit", 1, 1, f"{run.id} done")
+
+
+def _same_models(head: Any, configs: list[dict], n_train: Sequence[int]) -> list[list[int]]:
+    """Groups (of 2 or more, by grid index) of configs that ran as one model in every fold: the parameters
+    each fold's fit really used (``fold_params``: knn caps k at a fold's training rows) are equal.
+
+    Why: ``--grid n_neighbors=50,100`` on folds of 40 training rows fits k=40 twice; the two configs tie
+    by construction, and the search's "first of the tie" looked like a choice between two models."""
+    groups: dict[str, list[int]] = {}
+    for i, config in enumerate(configs):
+        used = [head.fold_params(config, n) for n in n_train]
+        groups.setdefault(canonical_json(used), []).append(i)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _same_models_note(configs: list[dict], same: list[list[int]], n_train: Sequence[int], run_id: str) -> str:
+    """fit's note on configs that ran as one model in every fold (``_same_models``), naming them by the
+    parameters that tell them apart."""
+    def named(group: list[int]) -> str:
+        keys = sorted({k for i in group for k in configs[i]
+                       if any(configs[i].get(k) != configs[j].get(k) for j in group)})
+        texts = [", ".join(f"{k}={format_value(configs[i].get(k))}" for k in keys) or str(configs[i])
+                 for i in group]
+        return " and ".join(texts)
+
+    return (f"{'; '.join(named(g) for g in same)} ran as the same model in every CV fold (run {run_id}): "
+            f"k is capped at a fold's training rows ({min(n_train)}–{max(n_train)} here), so their CV "
+            "scores are equal by construction: a tie of one model with itself, not between models (recorded "
+            "as cv_same_models); n_neighbors values below the folds' training rows tell models apart.")
 
 
 def _check_head_memory(configs: list[dict], n_in: int, n_classes: int) -> None:

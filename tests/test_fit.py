@@ -568,6 +568,27 @@ def test_runs_ls_lists_only_runs_the_report_would_publish(setup, capsys, monkeyp
     assert cli(["runs", "drop-checkpoints", "--all", "--runs-dir", str(runs_dir) + "x"]) == 2
 
 
+def test_knn_configs_capped_to_one_model_in_every_fold_are_named(setup) -> None:
+    """`--grid n_neighbors=1,500,1000` on folds of a few dozen training rows: k=500 and k=1000 are both
+    capped at each fold's training rows, so they are one model and tie, and fit said nothing; the run
+    looked chosen between them. fit names them in a note and run.json records them (cv_same_models); a
+    grid whose k fit every fold gets neither."""
+    root, cache_dir, runs_dir = setup
+    res = fit(root, "fakenet", "knn", opts(cache_dir, runs_dir, grid_args=["n_neighbors=1,500,1000",
+                                                                          "weights=uniform"]))
+    info = load_run(runs_dir, res.runs[0].id).info
+    grid = json.loads((runs_dir / res.runs[0].id / "metrics.json").read_text())["grid"]
+    same = info["selection"]["cv_same_models"]
+    assert [[grid[i]["n_neighbors"] for i in g] for g in same] == [[500, 1000]]
+    note = " ".join(" ".join(res.notes).split())
+    assert "n_neighbors=500 and n_neighbors=1000 ran as the same model in every CV fold" in note, note
+    assert "(recorded as cv_same_models)" in note
+    plain = fit(root, "fakenet", "knn", opts(cache_dir, runs_dir, grid_args=["n_neighbors=1,3",
+                                                                            "weights=uniform"]))
+    assert "cv_same_models" not in load_run(runs_dir, plain.runs[0].id).info["selection"]
+    assert not any("same model" in n for n in plain.notes)
+
+
 def test_a_hand_edited_run_json_is_left_out_as_damaged(setup, tmp_path: Path, capsys) -> None:
     """run.json cannot record its own SHA-256: a chosen threshold or params edited after the fit were
     published as the run's (a report audit: test sensitivity at 0.9 beside the CI recorded at the real
