@@ -213,6 +213,7 @@ def show_cmd(
     from featcache.cli.fit_cmd import fmt, params_text
 
     from featcache.runs import (
+        cv_search_text,
         describe_trainer,
         epochs_text,
         load_run,
@@ -256,6 +257,7 @@ def show_cmd(
         ("selection", f"{sel.get('method', '-')} by {sel.get('group_by', '-')} on {info.get('metric')}; "
                       f"train {sel.get('n_train_images', '?')}, validation {sel.get('n_val_images', '?')}, "
                       f"test {sel.get('n_test_images', '?')} images"),
+        *([("CV search", search)] if (search := cv_search_text(info, metrics)) else []),
         ("threshold", f"{threshold_text(thr.get('chosen'))} ({thr.get('method', '-')}, "
                       f"on {thr.get('chosen_on', '-')})"
                       if thr.get("chosen") is not None

@@ -977,6 +977,61 @@ _REFIT_EPOCHS_FROM = {"best hold-out epoch (checkpoint)": "the hold-out model's 
                       "epochs the hold-out ran": "the epochs the hold-out model ran"}
 
 
+def _count(value: Any) -> int | None:
+    """A whole count from a record (not a bool, not negative), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def cv_search_text(info: dict, metrics: Any) -> str | None:
+    """What a CV head's grid search was and found, from run.json's selection and metrics.json's cv_results:
+    "6 config(s) × 5 folds (30 fits); best mean CV accuracy 0.9512 (sd 0.0123 over the folds), config 2 of
+    6, tied with 1 other(s) ...; 3 of the 30 fits stopped before converging ...". None for a run without a
+    CV search (an mlp's hold-out).
+
+    Why: run.json recorded the grid's size, the best mean score and ``cv_unconverged_fits``, but `runs
+    show` showed none of them, so a user judging one run could not tell a choice among 30 configs from a
+    single config, nor that the scores it was chosen by came from unconverged models."""
+    sel = info.get("selection") if isinstance(info.get("selection"), dict) else {}
+    cv = metrics.get("cv_results") if isinstance(metrics, dict) else None
+    cv = cv if isinstance(cv, dict) else {}
+    params = cv.get("params") if isinstance(cv.get("params"), list) else None
+    n_configs = _count(sel.get("n_configs")) or (len(params) if params else None)
+    if sel.get("method") != "grouped_kfold" and not n_configs:
+        return None
+    folds = sel.get("folds")
+    n_folds = len(folds) if isinstance(folds, list) else _count(folds)
+    total = n_configs * n_folds if n_configs and n_folds else None
+    parts = [f"{n_configs or '?'} config(s) × {n_folds or '?'} folds" + (f" ({total} fits)" if total else "")]
+    best = sel.get("best_score", metrics.get("cv_best_score") if isinstance(metrics, dict) else None)
+    index = _count(sel.get("best_index"))
+    if isinstance(best, int | float) and not isinstance(best, bool):
+        text = f"best mean CV {sel.get('scoring') or info.get('metric') or 'score'} {best:.4f}"
+        stds = cv.get("std_test_score")
+        if index is not None and isinstance(stds, list) and index < len(stds) \
+                and isinstance(stds[index], int | float):
+            text += f" (sd {stds[index]:.4f} over the folds)"
+        if index is not None:
+            text += f", config {index + 1} of {n_configs or '?'}"
+        ranks = cv.get("rank_test_score")
+        tied = sum(r == 1 for r in ranks) - 1 if isinstance(ranks, list) else 0
+        if tied > 0:
+            text += f", tied with {tied} other(s) (the first of them taken, as GridSearchCV does)"
+        parts.append(text)
+    same = sel.get("cv_same_models")
+    if isinstance(same, list) and same:
+        groups = [" and ".join(str(i + 1) for i in g) for g in same if isinstance(g, list)
+                  and all(_count(i) is not None for i in g)]
+        parts.append(f"configs {'; '.join(groups)} ran as the same model in every fold (k capped at the "
+                     "folds' training rows): their scores tie by construction")
+    stopped = _count(sel.get("cv_unconverged_fits"))
+    if stopped:
+        parts.append(f"{stopped} of the {total or '?'} fits stopped before converging (at max_iter): the "
+                     "scores the config was chosen by are of unconverged models")
+    elif stopped == 0:
+        parts.append("every fit converged")
+    return "; ".join(parts)
+
+
 def epochs_text(info: dict, history: Any) -> str | None:
     """How an mlp run's epochs went, from run.json and metrics.json's ``history``: e.g. '13 of 200 epochs
     (stopped early, patience 3); weights of epoch 10 kept (lowest validation loss); tested model: refit on

@@ -1503,6 +1503,16 @@ def test_knn_search_in_threads_does_not_warn_about_sklearns_parallel(monkeypatch
     assert all(np.isfinite(res.cv_results["mean_test_score"]))
 
 
+def test_a_knn_search_counts_no_unconverged_fits_where_svm_counts_them():
+    """A knn search recorded cv_unconverged_fits 0 (run.json), and `runs show` would read "every fit
+    converged" of models that have no solver to converge: the count is None where no fit could say (knn),
+    a number where each fit says (svm)."""
+    X, y = separable(n=60, d=20, k=2)
+    folds = folds_for(y)
+    assert get_head("knn").search(X, y, folds, [{"n_neighbors": 3}]).n_unconverged is None
+    assert get_head("svm").search(X, y, folds, [{"kernel": "rbf", "C": 1.0}]).n_unconverged == 0
+
+
 def test_a_linear_svm_ignores_gamma_so_its_configs_are_not_trained_twice():
     """`--grid kernel=linear,rbf --grid gamma=0.1,1` trained two identical linear models, shown as two
     rows: gamma means nothing to a linear SVM."""

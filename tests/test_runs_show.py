@@ -232,3 +232,38 @@ def test_runs_show_gives_each_class_of_a_3class_run(tmp_path, capsys):
     write_fake_run(binary, RUN_ID)
     assert run(["runs", "show", RUN_ID, "--runs-dir", str(binary)]) == 0
     assert "per class" not in capsys.readouterr().out
+
+
+def test_runs_show_gives_the_cv_search_its_best_score_and_unconverged_fits(tmp_path, capsys):
+    """`runs show` of a CV head's run gave the selection method and split sizes only: not how many configs
+    the search compared, the chosen one's mean CV score, nor run.json's ``cv_unconverged_fits`` (fit's
+    note said it once; run.json and the report kept it), which a user needs to judge the run."""
+    runs = tmp_path / "runs"
+    params = [{"C": c} for c in (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)]
+    folder = write_fake_run(runs, RUN_ID, params=params[2])
+    info = json.loads((folder / "run.json").read_text())
+    info["selection"].update(best_index=2, best_score=0.81234, scoring="roc_auc", n_configs=6,
+                             cv_unconverged_fits=4, cv_same_models=[[4, 5]])
+    (folder / "run.json").write_text(json.dumps(info))
+    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics["cv_results"] = {"params": params, "mean_test_score": [0.7, 0.8, 0.81234, 0.81234, 0.6, 0.6],
+                             "std_test_score": [0.1, 0.1, 0.0321, 0.05, 0.1, 0.1],
+                             "rank_test_score": [4, 3, 1, 1, 5, 5]}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    assert run(["runs", "show", RUN_ID, "--runs-dir", str(runs)]) == 0
+    out = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    assert ("CV search 6 config(s) × 5 folds (30 fits); best mean CV roc_auc 0.8123 (sd 0.0321 over the "
+            "folds), config 3 of 6, tied with 1 other(s) (the first of them taken, as GridSearchCV does); "
+            "configs 5 and 6 ran as the same model in every fold (k capped at the folds' training rows): "
+            "their scores tie by construction; 4 of the 30 fits stopped before converging (at max_iter): "
+            "the scores the config was chosen by are of unconverged models") in out, out
+    info["selection"]["cv_unconverged_fits"] = 0  # recorded, and none: said so
+    del info["selection"]["cv_same_models"]
+    (folder / "run.json").write_text(json.dumps(info))
+    assert run(["runs", "show", RUN_ID, "--runs-dir", str(runs)]) == 0
+    out = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    assert "as GridSearchCV does); every fit converged" in out, out
+    mlp = "20240101-000003-mlp-cccccccc"  # a hold-out run has no CV search: no row
+    write_fake_run(runs, mlp, head="mlp")
+    assert run(["runs", "show", mlp, "--runs-dir", str(runs)]) == 0
+    assert "CV search" not in capsys.readouterr().out

@@ -337,7 +337,7 @@ def cv_loop(factory: Callable[[dict, int], Any], X: np.ndarray, y: np.ndarray, f
 
     one_at_a_time = threading.Lock()
 
-    def one(i: int, j: int) -> tuple[int, int, float, float, float, bool]:
+    def one(i: int, j: int) -> tuple[int, int, float, float, float, bool | None]:
         tr, te = folds[j]
         est = factory(grid[i], len(tr))
         guard = one_at_a_time if serial is not None and serial(grid[i]) else contextlib.nullcontext()
@@ -345,11 +345,12 @@ def cv_loop(factory: Callable[[dict, int], Any], X: np.ndarray, y: np.ndarray, f
             t0 = time.perf_counter()
             est.fit(X[tr], y[tr])
             t1 = time.perf_counter()
-        stopped = bool(unconverged(est)) if unconverged is not None else False
+        stopped = unconverged(est) if unconverged is not None else None
         return i, j, float(scorer(est, X[te], y[te])), t1 - t0, time.perf_counter() - t1, stopped
 
     workers = n_jobs or min(len(pairs), os.cpu_count() or 1)
     n_stopped = 0
+    counted = False  # whether any fit could say: knn's cannot, and its runs recorded "0 unconverged"
     # entered here, around every thread's fits: the filters and the record are process-wide (Python < 3.14)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")  # every fit's warning, to show each distinct one again below
@@ -360,11 +361,12 @@ def cv_loop(factory: Callable[[dict, int], Any], X: np.ndarray, y: np.ndarray, f
                 delayed(one)(i, j) for i, j in pairs)
         for done, (i, j, score, ft, st, stopped) in enumerate(results, start=1):
             scores[i, j], fit_t[i, j], score_t[i, j] = score, ft, st
-            n_stopped += stopped
+            n_stopped += bool(stopped)
+            counted = counted or stopped is not None
             emit(progress, "fit", done, len(pairs), f"config {i + 1}/{len(grid)} fold {j + 1}/{n_f}")
     registry: dict = {}
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, registry=registry)
     result = result_from_cv(grid, build_cv_results(grid, scores, fit_t, score_t))
-    result.n_unconverged = n_stopped if unconverged is not None else None
+    result.n_unconverged = n_stopped if counted else None
     return result
