@@ -322,8 +322,33 @@ def test_a_jpeg_missing_only_its_end_marker_decodes_to_the_intact_files_pixels()
     progressive = buf.getvalue()
     # a progressive file without its marker may lack its last scans too (cut between two): still refused
     for cut in (progressive[:-2], progressive[:progressive.rindex(b"\xff\xda")]):
-        with pytest.raises(ImageDecodeError, match="^truncated image$"):
+        with pytest.raises(ImageDecodeError, match="^truncated image"):
             decode_image(cut, 64)
+
+
+def test_a_progressive_jpeg_cut_after_a_scan_but_ending_properly_is_refused(monkeypatch):
+    """A progressive JPEG cut right after one of its scans, ending with FF D9, decodes in libjpeg without a
+    warning, from its first scans only: a blurred copy of the X-ray, which extract cached as a good one.
+    Every such cut is refused now; the intact file decodes to the same pixels as before."""
+    wave = _wave(240)
+    for img in (Image.fromarray(wave), Image.fromarray(np.stack([wave, wave[::-1], wave.T], axis=2)),
+                Image.fromarray(wave).convert("CMYK")):
+        whole = _jpeg(img, progressive=True)
+        first_scan = whole.index(b"\xff\xda")
+        # every marker after the first scan's data: the Huffman tables or the header of a later scan
+        cuts = [m.start() for m in re.finditer(rb"\xff[\xc4\xda]", whole) if m.start() > first_scan]
+        assert len(cuts) >= 5, img.mode
+        for cut in cuts:
+            damaged = whole[:cut] + b"\xff\xd9"
+            Image.open(io.BytesIO(damaged)).load()  # PIL alone: no complaint
+            with pytest.raises(ImageDecodeError) as err:
+                decode_image(damaged, 64)
+            assert err.value.reason == images.PROGRESSIVE_CUT, (img.mode, cut)
+            assert err.value.reason.startswith("truncated image")
+        got = decode_image(whole, 64)
+        monkeypatch.setattr(images, "_simplejpeg", None)  # PIL alone: what the file decoded to before
+        assert np.array_equal(got, decode_image(whole, 64))
+        monkeypatch.undo()
 
 
 def test_crop_when_one_side_fits_exactly():
