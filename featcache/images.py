@@ -467,10 +467,11 @@ def _composite_on_black(im: Image.Image, mode: str) -> Image.Image:
     return Image.fromarray(out[..., 0] if mode == "L" else out)
 
 
-def _scale_wide(im: Image.Image) -> Image.Image:
+def _scale_wide(im: Image.Image, white_is_zero: bool = False) -> Image.Image:
     """16-bit / 32-bit / float images to 8-bit L by their actual value range.
 
     A 12-bit detector stored as 16-bit uses 0..4095: a plain ``>> 8`` would leave it nearly black.
+    ``white_is_zero``: the file stores 0 as white (:func:`_white_is_zero`), so the scale is turned over.
     """
     arr = np.asarray(im).astype(np.float64)
     finite = np.isfinite(arr)
@@ -482,11 +483,29 @@ def _scale_wide(im: Image.Image) -> Image.Image:
     else:  # constant image: place it on the nominal scale of its type
         nominal = 65535.0 if im.mode.startswith("I;16") else (1.0 if im.mode == "F" else 2.0**31 - 1)
         out = np.full(arr.shape, np.clip(lo / nominal, 0.0, 1.0) * 255.0)
+    if white_is_zero:
+        out = 255.0 - out
     return Image.fromarray(np.rint(np.clip(out, 0, 255)).astype(np.uint8))
 
 
-def _to_l_or_rgb(im: Image.Image) -> Image.Image:
-    """Reduce any PIL mode to L or RGB (resizing L is 3x cheaper; channels are expanded last)."""
+def _white_is_zero(im: Image.Image) -> bool:
+    """Whether ``im`` is a TIFF whose PhotometricInterpretation tag says 0 is white (DICOM's MONOCHROME1).
+
+    Why: Pillow inverts such a file's 1- to 8-bit grey levels as it reads them, but not 16-bit or float
+    ones (its mode table maps them to ``I;16`` and ``F`` as they are stored), so a 16-bit X-ray exported
+    as MONOCHROME1 was cached as a negative, bones black, without a word. Only an explicit 0 counts: a file
+    without the tag keeps the plain reading it always had.
+    """
+    try:
+        return im.format == "TIFF" and im.tag_v2.get(262) == 0 and (im.mode.startswith("I") or im.mode == "F")
+    except Exception:  # noqa: BLE001 - unreadable tags: read as stored
+        return False
+
+
+def _to_l_or_rgb(im: Image.Image, white_is_zero: bool = False) -> Image.Image:
+    """Reduce any PIL mode to L or RGB (resizing L is 3x cheaper; channels are expanded last).
+
+    ``white_is_zero``: a 16-bit or float image stored with 0 as white (:func:`_white_is_zero`)."""
     mode = im.mode
     if mode in ("L", "RGB"):
         return im
@@ -502,7 +521,7 @@ def _to_l_or_rgb(im: Image.Image) -> Image.Image:
             return _composite_on_black(im.convert("RGBA"), "RGB")
         return im.convert("RGB")
     if mode.startswith("I") or mode == "F":
-        return _scale_wide(im)
+        return _scale_wide(im, white_is_zero)
     return im.convert("RGB")  # CMYK (PIL reads JPEG CMYK as Adobe-inverted), YCbCr, LAB, HSV, RGBX
 
 
@@ -576,6 +595,7 @@ def decode_image_sized(data: bytes, size: int | tuple[int, int],
     im = opened = _open(data)
     full_wh = im.size  # before _load: a JPEG's draft mode shrinks im.size
     dims = (int(full_wh[0]), int(full_wh[1]))
+    white_is_zero = _white_is_zero(im)  # read from the opened file: a transposed copy has no TIFF tags
     try:
         pixels, orientation = _load(im, size_hw, data)
         if isinstance(pixels, np.ndarray) and orientation == 1 and pixels.shape[:2] == size_hw:
@@ -586,7 +606,7 @@ def decode_image_sized(data: bytes, size: int | tuple[int, int],
                 im = im.transpose(_TRANSPOSE[orientation])
                 if orientation >= 5:  # these turn the picture a quarter
                     full_wh = full_wh[::-1]
-            im = _resize(_to_l_or_rgb(im), size_hw, resize, full_wh)
+            im = _resize(_to_l_or_rgb(im, white_is_zero), size_hw, resize, full_wh)
             arr = np.asarray(im, dtype=np.uint8)
     except ImageDecodeError:
         raise

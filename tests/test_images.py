@@ -577,3 +577,27 @@ def test_a_png_holding_part_of_its_rows_is_refused():
     assert err.value.reason == "truncated image"
     for mode in ("L", "RGB", "RGBA", "P", "LA", "I;16", "1"):  # every complete PNG PIL writes passes
         assert not images._png_rows_short(_png(Image.new(mode, (37, 23)))), mode
+
+
+def _tiff(img: Image.Image, photometric: int, compression: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    options = {"compression": compression} if compression else {}
+    img.save(buf, "TIFF", tiffinfo={262: photometric}, **options)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("compression", [None, "tiff_lzw"])
+def test_a_wide_tiff_storing_zero_as_white_is_not_cached_as_a_negative(compression):
+    """A 16-bit or float TIFF whose PhotometricInterpretation is 0 (WhiteIsZero, DICOM's MONOCHROME1, which
+    many CR/DX exports keep) was read as stored: Pillow inverts such 8-bit files but not wider ones, so the
+    X-ray was cached as its negative, bones black. It decodes now as the same picture stored the usual way."""
+    wave = _wave(64).astype(np.uint16) * 16 + 100  # 12-bit detector values in 16 bits
+    for arr in (wave, wave.astype(np.float32)):
+        usual = decode_image(_tiff(Image.fromarray(arr), 1, compression), 32)
+        stored_inverted = arr.max() + arr.min() - arr  # the same picture as a MONOCHROME1 file holds it
+        got = decode_image(_tiff(Image.fromarray(stored_inverted), 0, compression), 32)
+        assert np.abs(got.astype(int) - usual.astype(int)).max() <= 1, arr.dtype
+        assert usual.std() > 40
+    eight = Image.fromarray(_wave(64))  # 8 bits: Pillow turns the scale over as it writes and reads, alone
+    assert np.array_equal(decode_image(_tiff(eight, 0, compression), 32),
+                          decode_image(_tiff(eight, 1, compression), 32))
