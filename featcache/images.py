@@ -118,6 +118,10 @@ def _open(data: bytes) -> Image.Image:
         if data[128:132] == b"DICM":  # the DICOM preamble's magic (a .dcm renamed, or no extension)
             raise ImageDecodeError("DICOM, which featcache does not read; export it as PNG, 16-bit to keep "
                                    "its grey levels, or JPEG") from exc
+        bits = _jpeg_precision(data)
+        if bits not in (None, 8):
+            raise ImageDecodeError(f"{bits}-bit JPEG, which featcache cannot decode (Pillow reads 8-bit "
+                                   "JPEGs only); export it as PNG, 16-bit to keep its grey levels") from exc
         fmt = _signature_format(data)
         if fmt is not None:
             raise ImageDecodeError(
@@ -152,6 +156,30 @@ def _signature_format(data: bytes) -> str | None:
             return fmt
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WebP"
+    return None
+
+
+def _jpeg_precision(data: bytes) -> int | None:
+    """The sample precision (bits) a JPEG's frame header gives, or None when there is no readable one.
+
+    Why: Pillow reads 8-bit JPEGs only and gives up on a 12-bit one (JPEG extended, as DICOM exports
+    hold) or a 16-bit lossless one without naming it, so a valid file was listed as "damaged JPEG (its
+    header cannot be read: cut short or overwritten)" and a user would fetch it again for nothing. Read
+    only after Pillow failed, up to the first scan.
+    """
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    pos = 2
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # a fill byte before the marker
+            pos += 1
+            continue
+        if marker in (0xD9, 0xDA):  # end of image, or a scan before any frame header
+            return None
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a frame header (SOFn)
+            return data[pos + 4] if pos + 4 < len(data) else None
+        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
     return None
 
 

@@ -391,6 +391,21 @@ def test_a_jpeg_or_png_with_a_damaged_header_is_named_damaged_not_not_an_image()
         decode_image(b"\xff\xd8 some text after two JPEG-like bytes", 16)
 
 
+def test_a_12_or_16_bit_jpeg_is_named_so_not_damaged():
+    """Pillow reads 8-bit JPEGs only: a valid 12-bit one (JPEG extended, as DICOM exports hold) or 16-bit
+    lossless one was listed as "damaged JPEG (... cut short or overwritten)", so a user would fetch it again
+    for nothing. The skip reason names its precision; a JPEG whose frame header is overwritten is still
+    called damaged."""
+    jpeg = _jpeg(Image.fromarray(_gray(64, 64)))
+    sof = jpeg.index(b"\xff\xc0")
+    for bits in (12, 16):
+        with pytest.raises(ImageDecodeError) as err:
+            decode_image(jpeg[:sof + 4] + bytes([bits]) + jpeg[sof + 5:], 16)
+        assert err.value.reason.startswith(f"{bits}-bit JPEG, which featcache cannot"), err.value.reason
+    with pytest.raises(ImageDecodeError, match=r"^damaged JPEG"):
+        decode_image(jpeg[:sof] + b"\x00" * 40 + jpeg[sof + 40:], 16)
+
+
 @pytest.mark.parametrize("compression", ["tiff_lzw", "tiff_adobe_deflate"])
 def test_a_truncated_compressed_tiff_is_a_truncated_image(compression):
     """libtiff writes a compressed TIFF's directory after its pixels: cut short, PIL could not identify the
