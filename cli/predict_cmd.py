@@ -54,6 +54,7 @@ def register(app: typer.Typer) -> None:
         """
         from featcache.cli.report_cmd import make_callback, progress_display
 
+        from featcache.errors import NothingClassifiedError
         from featcache.predict import check_csv_target, predict, read_image_list
 
         images = [*(images or []), *(Path(p) for f in images_from for p in read_image_list(f))]
@@ -64,6 +65,7 @@ def register(app: typer.Typer) -> None:
                                      param_hint="--csv")
         if csv_out is not None and not to_stdout:
             check_csv_target(csv_out)  # before the forward passes, not after them
+        failed: NothingClassifiedError | None = None
         with progress_display(Console(stderr=True)) as bar:  # a folder of thousands of images takes a while
 
             def quiet_backend() -> None:  # only when Keras is needed (an mlp head, or an uncached image)
@@ -71,8 +73,13 @@ def register(app: typer.Typer) -> None:
                 import_backend_quietly()
                 bar.start()
 
-            out = predict(images, run, runs_dir, backbone_files=backbone_file, progress=make_callback(bar),
-                          before_backend=quiet_backend)
+            try:
+                out = predict(images, run, runs_dir, backbone_files=backbone_file,
+                              progress=make_callback(bar), before_backend=quiet_backend)
+            except NothingClassifiedError as exc:  # --csv is still written: its rows are the skipped images
+                if csv_out is None:
+                    raise
+                out, failed = exc.result, exc
         if to_stdout:
             from featcache.predict import predictions_csv_text
 
@@ -81,6 +88,12 @@ def register(app: typer.Typer) -> None:
             from featcache.predict import write_predictions_csv
 
             written = write_predictions_csv(out, csv_out)
+        if failed is not None:  # an error all the same (exit 2), the CSV being there for a script to read
+            _print_skipped(out)
+            where = "printed above" if to_stdout else f"written to {written}"
+            n = len(out["skipped"])
+            raise NothingClassifiedError(f"{failed} The CSV of the {n} skipped path(s), each with its reason "
+                                         f"in column skipped, is {where}", out) from failed
         if as_json:
             typer.echo(json.dumps(out, indent=2))
         elif csv_out is not None:

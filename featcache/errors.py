@@ -28,6 +28,20 @@ class DataError(FeatcacheError):
     """The dataset folder, manifest or labels cannot support the request."""
 
 
+class NothingClassifiedError(DataError):
+    """predict skipped every image it was given (none could be read or decoded).
+
+    ``result`` is predict's dict all the same (no predictions; every skipped image with its reason), so
+    the CLI still writes --csv. Why: skipped images are rows of that CSV, yet when all were skipped no file
+    was written at all, and a script reading it next failed, or read the previous call's predictions left
+    in its place as if they were this call's.
+    """
+
+    def __init__(self, message: str, result: dict) -> None:
+        super().__init__(message)
+        self.result = result
+
+
 class CacheError(FeatcacheError):
     """A cache file is missing rows, corrupt, or was written with other settings."""
 

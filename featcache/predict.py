@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from featcache.errors import DataError, NetworkError, RunError, nearest_existing
+from featcache.errors import DataError, NetworkError, NothingClassifiedError, RunError, nearest_existing
 from featcache.hashing import sha256_bytes
 from featcache.metrics import predict_labels
 from featcache.progress import ProgressFn, emit
@@ -407,8 +407,9 @@ def predict(
     1, :mod:`featcache.typicality`); None for a run without a feature reference (fitted before featcache
     wrote one, or on fewer than 200 images). A missing,
     unreadable or undecodable image is skipped with its reason and the others are still classified (as extract
-    does); DataError only when no image at all can be used. RunError for an unknown run or a tampered
-    model file. Images go through in chunks of PREDICT_CHUNK, so memory does not grow with their number.
+    does); NothingClassifiedError (a DataError carrying this result) when no image at all can be used.
+    RunError for an unknown run or a tampered model file. Images go through in chunks of PREDICT_CHUNK, so
+    memory does not grow with their number.
     ``backbone_files``: the weights file / saved model of a run whose backbone came from a file (matched
     by SHA-256); only needed for images that are not already in the run's caches.
     ``before_backend``: called once, just before Keras is first needed (an mlp head, or an image that is
@@ -528,13 +529,7 @@ def predict(
             "unusual=yes): their labels are not to be trusted. Check that they are chest X-rays like the "
             "run's own (not blank, noise, a photo or a turned film)."
         )
-    if not preds:
-        first = skipped_list[0]
-        raise DataError(
-            f"none of the {len(paths)} path(s) given or found could be classified (e.g. {first['path']}: "
-            f"{first['reason']}); pass readable image files or folders of them."
-        )
-    return {
+    result = {
         "run": run.id,
         "classes": classes,
         "threshold": thr,
@@ -543,6 +538,12 @@ def predict(
         "skipped": skipped_list,
         "notes": notes,
     }
+    if not preds:
+        first = skipped_list[0]
+        raise NothingClassifiedError(
+            f"none of the {len(paths)} path(s) given or found could be classified (e.g. {first['path']}: "
+            f"{first['reason']}); pass readable image files or folders of them.", result)
+    return result
 
 
 def _name_stem(path: str) -> str:

@@ -339,6 +339,35 @@ def test_skipped_images_are_rows_of_the_csv(trained, tmp_path: Path, capsys) -> 
     assert capsys.readouterr().out == out_csv.read_bytes().decode("utf-8")
 
 
+def test_a_csv_is_written_when_every_image_is_skipped(trained, tmp_path: Path, capsys) -> None:
+    """Skipped images are rows of --csv, yet a call that skipped every image wrote no file at all: a script
+    reading it next failed, or read an earlier call's predictions left at that path. The CSV now holds the
+    skipped rows, and the call still fails (exit 2), saying where they are."""
+    root, runs_dir, run_id = trained
+    bad = tmp_path / "bad.jpeg"
+    bad.write_bytes(sorted((root / "test" / "NORMAL").iterdir())[0].read_bytes()[:200])  # truncated JPEG
+    missing = tmp_path / "missing.png"
+    out_csv = tmp_path / "out" / "p.csv"
+    args = ["predict", str(bad), str(missing), "--run", run_id, "--runs-dir", str(runs_dir), "--csv"]
+    assert cli([*args, str(out_csv)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "none of the 2 path(s) given or found could be classified" in err
+    assert ("The CSV of the 2 skipped path(s), each with its reason in column skipped, is written to "
+            f"{out_csv}") in err
+    with open(out_csv, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["image", "label", "features", "p_NORMAL", "p_PNEUMONIA", "threshold", "seen",
+                             "unusual", "skipped"]
+    assert [r["image"] for r in rows] == [str(bad), str(missing)]
+    assert rows[0]["skipped"].startswith("cannot decode") and rows[1]["skipped"] == "does not exist"
+    assert all(r["label"] == "" and r["p_PNEUMONIA"] == "" for r in rows)
+    assert cli([*args, "-"]) == 2  # the same table on stdout, the error on stderr
+    printed = capsys.readouterr()
+    assert printed.out == out_csv.read_bytes().decode("utf-8") and "is printed above" in printed.err
+    with pytest.raises(DataError, match="none of the 2 path"):  # the library's error is unchanged
+        predict([bad, missing], run_id, runs_dir)
+
+
 def test_images_are_read_from_a_list_file(trained, tmp_path: Path, capsys) -> None:
     """A list of images was itself "cannot decode: not an image" (predict took paths on the command line
     only, and xargs over a long list ran it several times, each --csv replacing the last). --images-from
