@@ -43,8 +43,9 @@ def register(app: typer.Typer) -> None:
         ),
         images_from: list[Path] = typer.Option(
             [], "--images-from", help="Text file naming images (or folders) to classify, one path per line "
-            "(blank lines left out; a relative path is taken from the file's folder); repeatable, and with "
-            "IMAGES too."),
+            "(blank lines left out; a relative path is taken from the file's folder), or a CSV whose header "
+            "names a path column (a --data manifest: its path column is read); repeatable, and with IMAGES "
+            "too."),
     ) -> None:
         """Classify images with a trained run (its backbone settings, head and chosen threshold).
 

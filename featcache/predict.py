@@ -34,9 +34,16 @@ def read_image_list(list_file: str | Path) -> list[str]:
     """The image paths a list file names, one per line (blank lines left out); a relative path is taken
     from the list file's folder, as a ``--data`` manifest's paths are.
 
+    A CSV whose header names a ``path`` column (a ``--data`` manifest: ``path,label[,split][,group]``)
+    gives that column's paths, its other columns ignored; a ``.csv`` or ``.tsv`` file whose first line
+    holds several values but no ``path`` column is refused, naming the formats read.
+
     Why: a clinician's set of new X-rays comes as a list, and predict took only paths on the command line:
     the list itself was "cannot decode: not an image", and ``xargs`` over a long list runs predict several
-    times, each run's --csv replacing the last one's rows. ``DataError`` for a list that cannot be read.
+    times, each run's --csv replacing the last one's rows. Why the CSV: given a manifest (the README
+    likens the list's paths to a manifest's), its header and every ``image.jpeg,NORMAL`` line were read as
+    paths of missing files, and predict ended with "none of the 41 path(s) ... could be classified (e.g.
+    path,label: does not exist)". ``DataError`` for a list that cannot be read.
     """
     path = Path(list_file)
     try:
@@ -46,7 +53,39 @@ def read_image_list(list_file: str | Path) -> list[str]:
     if "\0" in text:  # an image given by mistake: its bytes are no list of paths
         raise DataError(f"--images-from {path} is not a text file with one image path per line.")
     lines = [line.strip("\r") for line in text.split("\n") if line.strip()]
+    header = _csv_header(lines[0]) if lines else []
+    if "path" in header:
+        lines = _manifest_paths(path)
+    elif path.suffix.lower() in (".csv", ".tsv") and (len(header) > 1 or any(c in lines[0] for c in ";\t")):
+        raise DataError(
+            f"--images-from {path} is a table whose header names no path column (its first line: "
+            f"{lines[0][:80]!r}); name the image column path in a comma-separated header, as a --data "
+            "manifest's (path,label[,split][,group]), or give a text file with one image path per line.")
     return [line if os.path.isabs(line) else os.fsdecode(path.parent / line) for line in lines]
+
+
+def _csv_header(line: str) -> list[str]:
+    """The lower-cased, stripped cells of a list file's first line read as CSV ([] when it is no CSV)."""
+    import csv
+
+    try:
+        return [cell.strip().lower() for cell in next(csv.reader([line]), [])]
+    except csv.Error:
+        return []
+
+
+def _manifest_paths(path: Path) -> list[str]:
+    """The ``path`` column of a CSV list, read as ``--data`` reads a manifest (quoted commas kept,
+    rows of empty cells left out); DataError for a row with an empty path."""
+    from featcache.datasets import _read_manifest_rows
+
+    paths = []
+    for line, row in _read_manifest_rows(path)[1]:
+        if not row.get("path"):
+            raise DataError(f"--images-from {path} line {line} has an empty path; fill it in or drop the "
+                            "row.")
+        paths.append(row["path"])
+    return paths
 
 
 def expand_images(images: Sequence[str | Path]) -> list[tuple[str, str | None]]:

@@ -396,6 +396,41 @@ def test_images_are_read_from_a_list_file(trained, tmp_path: Path, capsys) -> No
     assert "not a text file with one image path per line" in " ".join(capsys.readouterr().err.split())
 
 
+def test_a_manifest_given_to_images_from_gives_its_path_column(trained, tmp_path: Path, capsys) -> None:
+    """A --data manifest given to --images-from was read line by line: its header and each
+    "image.jpeg,NORMAL" line became a missing file, and predict ended with "none of the 3 path(s) could be
+    classified". Its path column is read now (relative to its folder, as --data reads it); a CSV without
+    one is refused, naming the formats read; a text list of names holding commas is read as before."""
+    from featcache.predict import read_image_list
+
+    root, runs_dir, run_id = trained
+    imgs = sorted((root / "test" / "NORMAL").iterdir())[:2]
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    shutil.copy(imgs[0], lists / "near, 1.jpeg")
+    (lists / "manifest.csv").write_text(f'label,Path,split\r\nNORMAL,"near, 1.jpeg",test\r\n,,\r\n'
+                                        f"PNEUMONIA,{imgs[1]},\r\n", encoding="utf-8-sig")  # as Excel saves
+    out_csv = tmp_path / "p.csv"
+    args = ["--run", run_id, "--runs-dir", str(runs_dir)]
+    assert cli(["predict", "--images-from", str(lists / "manifest.csv"), *args, "--csv", str(out_csv)]) == 0
+    with open(out_csv, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["image"], r["skipped"]) for r in rows] == [(str(lists / "near, 1.jpeg"), ""),
+                                                          (str(imgs[1]), "")]
+    assert rows[0]["features"] == "cache"  # the same bytes as a test image: the manifest's labels unused
+    capsys.readouterr()
+    (lists / "labels.csv").write_text("filename,label\nnear, 1.jpeg,NORMAL\n")
+    assert cli(["predict", "--images-from", str(lists / "labels.csv"), *args]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert (f"--images-from {lists / 'labels.csv'} is a table whose header names no path column (its first "
+            "line: 'filename,label')") in err and "(path,label[,split][,group])" in err
+    (lists / "names.txt").write_text("near, 1.jpeg\n")
+    assert read_image_list(lists / "names.txt") == [str(lists / "near, 1.jpeg")]
+    (lists / "gap.csv").write_text("path,label\n,NORMAL\n")
+    with pytest.raises(DataError, match="line 2 has an empty path"):
+        read_image_list(lists / "gap.csv")
+
+
 def test_damaged_cached_rows_go_through_the_backbone_again(trained, tmp_path: Path) -> None:
     """A row changed in the run's cache after writing (here NaN) made predict fail for every image, though a
     cache that is gone or unreadable only sends its images through the backbone. Now the damaged rows'
