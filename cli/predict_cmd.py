@@ -41,6 +41,9 @@ def register(app: typer.Typer) -> None:
         strict: bool = typer.Option(
             False, "--strict", help="Exit 2 if any image is skipped (the others are still classified)."
         ),
+        force: bool = typer.Option(
+            False, "--force", help="Replace an existing --csv file (without it, one is refused before any "
+            "image is classified, so an earlier prediction file is not lost)."),
         images_from: list[Path] = typer.Option(
             [], "--images-from", help="Text file naming images (or folders) to classify, one path per line "
             "(blank lines left out; a relative path is taken from the file's folder), or a CSV whose header "
@@ -65,7 +68,7 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter("--csv - and --json would both print on stdout; choose one.",
                                      param_hint="--csv")
         if csv_out is not None and not to_stdout:
-            check_csv_target(csv_out)  # before the forward passes, not after them
+            check_csv_target(csv_out, replace=force)  # before the forward passes, not after them
         failed: NothingClassifiedError | None = None
         with progress_display(Console(stderr=True)) as bar:  # a folder of thousands of images takes a while
 

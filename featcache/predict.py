@@ -674,9 +674,14 @@ def _csv_destination(path: Path) -> tuple[Path, bool]:
     return path, path.exists() and not path.is_file()
 
 
-def check_csv_target(path: str | Path) -> Path:
+def check_csv_target(path: str | Path, replace: bool = True) -> Path:
     """DataError for a --csv path that cannot become a file (a folder, or a folder under a regular file),
-    checked before any image is classified: found afterwards, it cost the whole forward pass."""
+    checked before any image is classified: found afterwards, it cost the whole forward pass.
+
+    ``replace=False`` (the CLI without --force): DataError for a file already there too. Why: --csv
+    replaced an earlier prediction file without a word, so a rerun on the next batch of X-rays under the
+    same name lost the first batch's labels. A device or pipe (written into) is never refused.
+    """
     from featcache.datasets import IMAGE_EXTENSIONS
 
     path = Path(path)
@@ -696,6 +701,9 @@ def check_csv_target(path: str | Path) -> Path:
         # `--csv runs/<id>/run.json` replaced the run's record: the run was then "damaged"
         raise DataError(f"--csv {path} is inside the run folder {target.parent}; writing there could "
                         "replace the run's own files. Give a path outside it.")
+    if not replace and target.exists():  # a symbolic link: the file it names
+        raise DataError(f"--csv {path} already exists (an earlier prediction file?); add --force to replace "
+                        "it, or give another name.")
     parent = nearest_existing(path.parent)
     if not parent.is_dir():
         raise DataError(f"--csv {path} cannot be written: {parent} is a file, not a folder.")

@@ -368,6 +368,33 @@ def test_a_csv_is_written_when_every_image_is_skipped(trained, tmp_path: Path, c
         predict([bad, missing], run_id, runs_dir)
 
 
+def test_an_existing_csv_is_kept_unless_force(trained, tmp_path: Path, capsys, monkeypatch) -> None:
+    """--csv out.csv replaced an earlier prediction file without a word: a rerun on the next batch under the
+    same name lost the first batch's labels. It is refused before any image is classified (a link to it
+    too); --force replaces it; a device is written into as before."""
+    import featcache.predict as fp
+
+    root, runs_dir, run_id = trained
+    img = str(sorted((root / "test" / "NORMAL").iterdir())[0])
+    earlier = tmp_path / "out.csv"
+    earlier.write_text("image,label\nbatch1/a.jpeg,PNEUMONIA\n")
+    before = earlier.read_bytes()
+    link = tmp_path / "link.csv"
+    link.symlink_to(earlier)
+    real_predict, called = fp.predict, []
+    monkeypatch.setattr(fp, "predict", lambda *a, **k: called.append(a) or real_predict(*a, **k))
+    args = ["predict", img, "--run", run_id, "--runs-dir", str(runs_dir), "--csv"]
+    for target in (earlier, link):
+        assert cli([*args, str(target)]) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"--csv {target} already exists (an earlier prediction file?); add --force to replace" in err
+    assert earlier.read_bytes() == before and not called
+    assert cli([*args, str(earlier), "--force"]) == 0
+    with open(earlier, newline="") as fh:
+        assert [r["image"] for r in csv.DictReader(fh)] == [img]
+    assert cli([*args, "/dev/null"]) == 0 and len(called) == 2
+
+
 def test_images_are_read_from_a_list_file(trained, tmp_path: Path, capsys) -> None:
     """A list of images was itself "cannot decode: not an image" (predict took paths on the command line
     only, and xargs over a long list ran it several times, each --csv replacing the last). --images-from
