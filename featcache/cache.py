@@ -1569,11 +1569,21 @@ def _refuse_other_roots(reader: CacheReader, first: CacheReader) -> None:
         return
     config = first.config
     weights = config.get("weights")
-    parts = ["featcache extract --data DATA", f"--backbone {shlex.quote(str(config.get('backbone')))}"]
+    # a saved model is recorded by a label ("saved-<stem>") and its file's SHA-256, not by its path: the
+    # command printed `--backbone saved-<stem>`, which extract refuses as an unknown backbone, and left
+    # out that this model's weights come from a file too (cache_config's "file" with model_file_sha256)
+    saved = weights == "saved" or bool(config.get("model_file_sha256"))
+    model_sha = config.get("model_file_sha256") if config.get("model_file_sha256") else (
+        config.get("weights_file_sha256") if weights == "saved" else None)
+    parts = ["featcache extract --data DATA",
+             "--backbone MODEL" if saved else f"--backbone {shlex.quote(str(config.get('backbone')))}"]
     if weights in ("imagenet", "none"):
         parts.append(f"--weights {weights}")
     elif weights == "file":
         parts.append("--weights PATH")
+    names = ([f"MODEL the saved model file (SHA-256 {str(model_sha)[:12]}...)"] if saved else []) + (
+        [f"PATH the weights file (SHA-256 {str(config.get('weights_file_sha256'))[:12]}...)"]
+        if weights == "file" else [])
     if config.get("layer"):
         parts.append(f"--layer {shlex.quote(str(config['layer']))}")
     parts += [f"--pooling {config.get('pooling')}", f"--image-size {config.get('image_size')}",
@@ -1585,8 +1595,8 @@ def _refuse_other_roots(reader: CacheReader, first: CacheReader) -> None:
         f"shard {reader.path} was extracted from the data at {reader.config.get('dataset_root')} and "
         f"{first.path} from {config.get('dataset_root')}: merge joins the shards of one data folder only; to "
         f"join these, {where}run `{' '.join(parts)} --cache-dir {folder}` with DATA the images here (all of "
-        "them): it copies the shards' rows into a cache for DATA and computes only the images "
-        "no shard holds")
+        f"them){''.join(', ' + n for n in names)}: it copies the shards' rows into a cache for DATA and "
+        "computes only the images no shard holds")
 
 
 def _merge(shards: list[Path], out: Path | None, wait: float | None, progress: ProgressFn | None) -> dict:

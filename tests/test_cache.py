@@ -1027,6 +1027,37 @@ def test_shards_of_two_machines_data_paths_are_told_the_extract_that_joins_them(
     assert "featcache extract" not in str(exc.value)
 
 
+
+@pytest.mark.parametrize("weights", ["saved", "file"])
+def test_the_extract_that_joins_two_machines_shards_of_a_saved_model_names_the_model_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, weights: str) -> None:
+    """Shards of a saved-model backbone (`--backbone model.keras`) from two machines' data paths got the
+    joining command `--backbone saved-model`, the cache's label, which extract refuses as an unknown
+    backbone; a saved model with a weights file also got no word of which file PATH is. MODEL and PATH
+    are placeholders now, each named by the SHA-256 the cache recorded."""
+    monkeypatch.setenv("COLUMNS", "250")
+    described = {"backbone": "saved-model", "weights": weights, "weights_digest": "cd" * 32, "pooling": "avg",
+                 "image_size": 32, "preprocess": "none", "feature_dim": DIM, "layer": None,
+                 "weights_file_sha256": "ab" * 32,
+                 **({"model_file_sha256": "ef" * 32} if weights == "file" else {})}
+    shards = []
+    for i, root in enumerate((Path("/home/ann/xrays"), Path("/scratch/xrays"))):
+        config = fc.cache_config(root, described, "squash", "float32")
+        shards.append(fc.cache_path(tmp_path, config, shard=(i, 2)))
+        rows = make_rows(3, DIM, start=3 * i)
+        with fc.CacheWriter(shards[-1], config, DIM) as writer:
+            writer.reserve(3)
+            writer.append(rows["keys"], rows["views"], rows["paths"], rows["features"])
+    assert run(["cache", "merge", *map(str, shards)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    model_sha = ("ef" if weights == "file" else "ab") * 6
+    flags = "--backbone MODEL" + (" --weights PATH" if weights == "file" else "")
+    assert (f"run `featcache extract --data DATA {flags} --pooling avg --image-size 32 --resize squash "
+            f"--dtype float32 --cache-dir {tmp_path}` with DATA the images here (all of them), MODEL the "
+            f"saved model file (SHA-256 {model_sha}...)") in err, err
+    assert ("PATH the weights file (SHA-256 abababababab...)" in err) == (weights == "file")
+    assert "saved-model" not in err.split("run `")[1]  # the cache's label is no --backbone
+
 def test_merge_warns_of_a_shard_whose_extract_was_killed(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """A shard SIGKILLed mid-extract holds no lock, so merge took it: the merged file came out closed
