@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -439,17 +439,42 @@ def _complete_read_only(path: Path, exc: OSError, todo: Callable[[Any], list[_It
     from featcache import cache as fcache
 
     if not path.is_file():
-        raise exc
+        _refuse_unwritable(path, exc, None)
     with fcache.CacheReader(path) as reader:
         present = reader.index()
         for kv in reader.damaged(_reused(present, keys, views)):  # to compute again: it must be written
             del present[kv]
         items = todo(present)
     undecodable = _undecodable(items, size, resize)  # what a writable extract would find
-    if undecodable is None:
-        raise exc  # a row that could be computed is missing: the cache must be written to
+    if undecodable is None:  # a row that could be computed is missing: the cache must be written to
+        _refuse_unwritable(path, exc, sum(len(it.views) for it in items))
     skipped.extend(undecodable)
     return items
+
+
+def _refuse_unwritable(path: Path, exc: OSError, missing: int | None) -> NoReturn:
+    """Raise the error of a cache that must be written: where its lock file cannot be made or opened (a
+    read-only folder or mount, another user's folder), a CacheWriteError naming the folder to make writable
+    and the other way out; ``exc`` itself otherwise. ``missing``: the rows this extract must add (None: the
+    file does not exist yet).
+
+    Why: the CLI printed the operating system's refusal of ``<cache>.lock``, a file the user never made,
+    after the backbone's build; what they must change is the folder."""
+    import errno
+
+    from featcache.errors import CacheWriteError, os_reason
+
+    lock = Path(os.fsdecode(exc.filename)) if exc.filename is not None else None
+    if (lock is None or lock.name != path.name + ".lock"
+            or exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS)):
+        raise exc
+    need = (f"{path.name} does not exist yet and must be created there" if missing is None
+            else f"{missing:,} row(s) of this extract are not in {path.name}, and those that can be "
+            "computed must be written to it")
+    raise CacheWriteError(
+        f"the cache folder {path.parent} is not writable ({os_reason(exc)}, for the lock file {lock.name}): "
+        f"{need}; make the folder and its files writable for you, or pass --cache-dir with a writable "
+        "folder" + ("" if missing is None else f" (copy {path.name} there first to reuse its rows)")) from exc
 
 
 def _undecodable(items: list[_Item], size: int, resize: str) -> list[tuple[str, str]] | None:

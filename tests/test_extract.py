@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -276,10 +277,10 @@ def test_summary_counts_add_up_and_its_rate_is_the_computing_rate(tmp_path: Path
     assert "(nothing to compute) │" in out and "0.0 rows/s" not in out
 
 
-def test_a_complete_cache_that_cannot_be_written_to_is_used_read_only(tmp_path: Path, monkeypatch):
+def test_a_complete_cache_that_cannot_be_written_to_is_used_read_only(tmp_path: Path, monkeypatch, capsys):
     """A shared cache in a folder we may not write to (simulated: root ignores permissions): nothing to
     compute means nothing to lock, and undecodable images are still listed; a missing row that could be
-    computed is the operating system's refusal, as before."""
+    computed is refused, naming the folder to make writable (the refusal named the lock file)."""
     root = make_kermany_tree(tmp_path / "data", n_normal=2, n_pneu=2, splits=("train",))
     (root / "train/NORMAL/IM-0900-0001.jpeg").write_bytes(b"")
     ds = discover(root)
@@ -293,7 +294,21 @@ def test_a_complete_cache_that_cannot_be_written_to_is_used_read_only(tmp_path: 
     assert (again.rows_computed, again.rows_reused) == (0, 4)
     assert again.skipped == [("train/NORMAL/IM-0900-0001.jpeg", "zero-byte file")]
     write_xray(root / "train" / "NORMAL" / "IM-0950-0001.jpeg", 950, 32)
-    with pytest.raises(PermissionError):
+    # a row to add: the error named the lock file (which the user never made); now the folder to fix
+    folder = f"the cache folder {tmp_path / 'c'} is not writable (Permission denied, for the lock file "
+    with pytest.raises(fcache.CacheWriteError, match=re.escape(folder)):
+        extract(discover(root), BB, tmp_path / "c", ExtractOptions())
+    argv = ["extract", "--data", str(root), *CLI_BB, "--cache-dir", str(tmp_path / "c")]
+    assert run(argv) == 1  # the operating system's refusal's status, as before
+    err = " ".join(capsys.readouterr().err.split())
+    name = first.cache_path.name  # 2 rows: the new image's, and the zero-byte file's (cannot be computed)
+    assert (f"error: {folder}{name}.lock): 2 row(s) of this extract are not in {name}, and those that can be "
+            "computed must be written to it; make the folder and its files writable for you, or pass "
+            f"--cache-dir with a writable folder (copy {name} there first to reuse its rows).") in err, err
+    shutil.rmtree(tmp_path / "c")  # no cache yet: it must be created there
+    with pytest.raises(fcache.CacheWriteError, match=f"{re.escape(folder)}.*does not exist yet and must be "
+                       "created there; make the folder and its files writable for you, or pass --cache-dir "
+                       "with a writable folder$"):
         extract(discover(root), BB, tmp_path / "c", ExtractOptions())
 
 
