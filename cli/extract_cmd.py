@@ -216,10 +216,7 @@ def extract_cmd(
             result = extract(dataset, config, cache_dir, options, progress=view,
                              before_build=import_backend_quietly)
         except BaseException as exc:
-            stopped = getattr(exc, "extract_stopped", None)  # Ctrl-C or SIGTERM while rows were computed
-            if isinstance(exc, KeyboardInterrupt) and stopped is not None:
-                err_console.print(Text.assemble(("extract stopped: ", "bold"), stopped.sentence()),
-                                  soft_wrap=True)  # the CLI's "interrupted: ..." line follows
+            say_extract_stopped(err_console, exc)  # the CLI's "interrupted: ..." line follows
             partial = getattr(exc, "result", None)   # --strict: show what was saved and skipped, then fail
             if isinstance(exc, DataError) and partial is not None:
                 if as_json:  # scripts get the result, skip list included, then the error and exit 2
@@ -231,6 +228,15 @@ def extract_cmd(
         typer.echo(json.dumps(result_dict(result), indent=2))
         return
     _render_summary(Console(), result)
+
+
+def say_extract_stopped(console: Console, exc: BaseException) -> None:
+    """For Ctrl-C or SIGTERM while an extract computed rows (``featcache.extract.ExtractStopped``): how many
+    images its cache keeps and how many the same command has left to compute; nothing for other errors.
+    `extract`, `run` and `demo` share it, so an interrupted run tells what an interrupted extract tells."""
+    stopped = getattr(exc, "extract_stopped", None)
+    if isinstance(exc, KeyboardInterrupt) and stopped is not None:
+        console.print(Text.assemble(("extract stopped: ", "bold"), stopped.sentence()), soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

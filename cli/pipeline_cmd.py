@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import typer
@@ -53,6 +54,22 @@ def _summary(result) -> None:
 
         console.print(NO_TEST_LINE, soft_wrap=True, highlight=False)
     print_outputs(result.report, console)
+
+
+@contextlib.contextmanager
+def _extract_counts() -> Iterator[None]:
+    """On Ctrl-C or SIGTERM during the extract stage, the counts `featcache extract` gives (images kept in
+    the cache, images the same command has left to compute), on stderr before the CLI's "interrupted"
+    line. Why: an interrupted `run` or `demo` said only "finished work is saved", so its user could not
+    tell whether 10 or 990 images were kept, where an interrupted `extract` said so. Entered before the
+    progress display, so the line comes after the bar is gone."""
+    from featcache.cli.extract_cmd import say_extract_stopped
+
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        say_extract_stopped(Console(stderr=True, highlight=False), exc)
+        raise
 
 
 def pipeline_dict(result) -> dict:  # noqa: ANN001 - featcache.pipeline.PipelineResult
@@ -219,7 +236,7 @@ def register(app: typer.Typer) -> None:
         )
         backbones, heads = _split(backbone, "--backbone"), _split(head)  # bad lists: before the backend
         before_build, before_train = _backend_for(heads)
-        with progress_display(Console(stderr=True) if as_json else console) as bar:
+        with _extract_counts(), progress_display(Console(stderr=True) if as_json else console) as bar:
             result = run_pipeline(
                 data,
                 backbones,
@@ -275,7 +292,7 @@ def register(app: typer.Typer) -> None:
 
         heads = _split(head)
         before_build, before_train = _backend_for(heads)
-        with progress_display(Console(stderr=True) if as_json else console) as bar:
+        with _extract_counts(), progress_display(Console(stderr=True) if as_json else console) as bar:
             result = run_demo(workdir, weights=weights, out=out, heads=heads, wait=wait,
                               progress=make_callback(bar), command=typed_command(ctx),
                               before_build=before_build, before_train=before_train)
