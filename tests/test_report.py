@@ -2427,3 +2427,29 @@ def test_balanced_accuracy_is_said_to_be_the_macro_average_recall(tmp_path):
         assert re.search(rf"\| macro average \| [0-9.]+ \| {np.mean(recalls):.3f} \|", text)
     plain = " ".join(build_report(runs, tmp_path / "acc").markdown.read_text().split())
     assert "balanced accuracy is" not in plain and "its recall is the" not in plain
+
+
+def test_a_threshold_rule_other_than_youden_is_in_the_config_that_tells_runs_apart(tmp_path):
+    """One config fitted with --threshold youden and with --threshold sensitivity:0.9: the same scores at
+    0.5, and the terminal's leaders table and the report's config columns read the same for both, while
+    their chosen thresholds and the numbers at them differ."""
+    from featcache.cli.report_cmd import _leaders_table
+    from rich.console import Console
+
+    runs = tmp_path / "runs"
+    write_fake_run(runs, "20240101-000001-logreg-00000001", params={"C": 1.0}, seed=5, threshold=0.5)
+    folder = write_fake_run(runs, "20240101-000002-logreg-00000002", params={"C": 1.0}, seed=5,
+                            threshold=0.2)
+    info = json.loads((folder / "run.json").read_text())
+    info["threshold"] = {"method": "sensitivity", "target_sensitivity": 0.9, "youden": 0.5, "chosen": 0.2}
+    (folder / "run.json").write_text(json.dumps(info))
+    res = build_report(runs, tmp_path / "out", ReportOptions(detail=0))
+    configs = {r["run_id"]: r["config"] for r in json.loads(res.json.read_text())["runs"]}
+    assert configs == {"20240101-000001-logreg-00000001": "C=1",
+                       "20240101-000002-logreg-00000002": "C=1, threshold=sensitivity:0.9"}
+    out = Console(record=True, width=200)
+    out.print(_leaders_table(res))
+    rows = [ln.split() for ln in out.export_text().splitlines() if ln[:1].isdigit()]
+    assert len(rows) == 2 and len({" ".join(r[1:]) for r in rows}) == 2  # the two rows no longer read alike
+    assert all("C=1" in " ".join(r) for r in rows)  # the Youden run's, all shared, did not read "(defaults)"
+    assert "| C=1, threshold=sensitivity:0.9 |" in res.markdown.read_text()

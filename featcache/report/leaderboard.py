@@ -37,10 +37,28 @@ FALLBACK = {"average_precision": "auc", "sensitivity": "balanced_accuracy",
 
 def config_string(params: dict, run: dict | None = None) -> str:
     """``key=value`` pairs in a stable order: the config column of every table; with ``run`` (run.json),
-    followed by the training settings beside the head's params (``training_settings``)."""
+    followed by the training settings beside the head's params (``training_settings``) and the threshold
+    rule where it is not the default (``threshold_setting``)."""
     pairs = [params_string(params)] if params else []
-    pairs += [f"{k}={v}" for k, v in training_settings(run or {}).items()]
+    pairs += [f"{k}={v}" for k, v in {**training_settings(run or {}), **threshold_setting(run or {})}.items()]
     return ", ".join(p for p in pairs if p)
+
+
+def threshold_setting(run: dict) -> dict[str, str]:
+    """``{"threshold": "sensitivity:0.9"}`` for a binary run whose threshold fit chose by another rule than
+    the default Youden's J (``fit --threshold``), as the flag spells it; ``{}`` otherwise.
+
+    Why: the same config fitted with ``--threshold youden`` and with ``--threshold sensitivity:0.9`` is two
+    runs with the same scores at 0.5, and their rows read alike in the terminal's leaders table and in every
+    config column of the report, though their chosen thresholds and the numbers at them differ."""
+    thr = run.get("threshold")
+    if not isinstance(thr, dict) or thr.get("method") in (None, "youden"):
+        return {}
+    target = thr.get("target_sensitivity")
+    numeric = isinstance(target, int | float) and not isinstance(target, bool)
+    if thr.get("method") == "sensitivity" and numeric:
+        return {"threshold": f"sensitivity:{target:g}"}
+    return {"threshold": str(thr.get("method"))}
 
 
 def _recorded(metrics: dict, split: str) -> dict:

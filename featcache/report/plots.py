@@ -489,14 +489,16 @@ def overview_labels(rows: Sequence[dict], width: int = 64) -> list[str]:
     """Each run's config without the settings that all shown runs of its head share.
 
     Why: cut at a fixed width, "dropout=0.5, epochs=50, layers=1024-512, lr=0.0…" hid the one setting
-    (lr) that told two rows apart; the leaderboard table keeps the full configs.
+    (lr) that told two rows apart; the leaderboard table keeps the full configs. A head whose shared
+    settings are the whole config of one of its runs keeps its full configs: stripped, that run read
+    "(defaults)" beside "threshold=sensitivity:0.9" though it had C=0.001 as the other.
     """
     parts = [_SETTING.split(str(r["config"])) if r["config"] else [] for r in rows]
     shared: dict[str, set[str]] = {}
     for head in {r["head"] for r in rows}:
         mine = [set(p) for p, r in zip(parts, rows, strict=True) if r["head"] == head]
         common = set.intersection(*mine) if len(mine) > 1 else set()
-        shared[head] = common if any(m - common for m in mine) else set()  # identical configs: keep them
+        shared[head] = common if all(m - common for m in mine) else set()  # a config left empty: keep them
     out = []
     for p, r in zip(parts, rows, strict=True):
         text = ", ".join(x for x in p if x not in shared[r["head"]])
