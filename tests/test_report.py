@@ -2475,3 +2475,27 @@ def test_a_validation_only_report_speaks_of_no_test_column_or_test_interval(tmp_
         assert ("no test split to check them against" in caption) == (not tested)
         assert ("resampling test patients" in footer) == tested
         assert ("No run has a test split, so no score has a confidence interval" in footer) == (not tested)
+
+
+def test_best_of_n_configs_counts_a_search_fitted_again_with_another_threshold_rule_once(tmp_path):
+    """A logreg search fitted under --threshold youden and again under sensitivity:0.9 scored the same
+    configs on the same validation folds, but "Best of many" (and Methods) said "the best of 4 configs" for
+    its 2. Searches that differ in what they score (here the seed, which draws other folds) still add up."""
+    def search(runs: Path, run_id: str, seed: int, rule: str) -> None:
+        folder = write_fake_run(runs, run_id, params={"C": 1.0}, seed=seed)
+        m = json.loads((folder / "metrics.json").read_text())
+        m["cv_results"] = {"params": [{"C": 0.1}, {"C": 1.0}], "mean_test_score": [0.8, 0.9],
+                           "std_test_score": [0.01, 0.02], "rank_test_score": [2, 1]}
+        (folder / "metrics.json").write_text(json.dumps(m))
+        info = json.loads((folder / "run.json").read_text())
+        info["threshold"] = {"method": rule, "target_sensitivity": 0.9 if rule == "sensitivity" else None,
+                             "youden": 0.4, "chosen": 0.4}
+        (folder / "run.json").write_text(json.dumps(info))
+
+    for seed, n in ((5, 2), (6, 4)):
+        runs = tmp_path / f"runs-{seed}"
+        search(runs, "20240101-000001-logreg-00000001", 5, "youden")
+        search(runs, "20240101-000002-logreg-00000002", seed, "sensitivity")
+        text = " ".join(build_report(runs, tmp_path / f"out-{seed}", ReportOptions(detail=0))
+                        .markdown.read_text().split())
+        assert text.count(f"The best validation score is the best of {n} configs ") == 2  # note, Methods

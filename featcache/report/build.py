@@ -1631,23 +1631,59 @@ def _epoch_chosen_on_holdout(run: RunRecord) -> bool:
             and watches_holdout(params))
 
 
+# what fixes the models a run's search scored on validation; --threshold is not among them: it only moves
+# the operating point on the same validation predictions
+_SEARCH_RUN_KEYS = ("head", "task", "classes", "seed", "metric", "balance", "train_views", "tta", "tta_views",
+                    "aug_views")
+_SEARCH_SELECTION_KEYS = ("method", "folds", "fraction", "group_by", "seed", "refit", "train_indices_digest",
+                          "val_indices_digest")
+
+
+def _search_setting(run: RunRecord) -> str:
+    """The canonical text of what, besides its configs, decided the validation scores a run's search
+    compared: its head, task, features (their digests), training settings and validation splits."""
+    import json
+
+    caches = run.run.get("caches") if isinstance(run.run.get("caches"), list) else []
+    setting = {**{k: run.run.get(k) for k in _SEARCH_RUN_KEYS},
+               **{f"selection.{k}": _selection_of(run).get(k) for k in _SEARCH_SELECTION_KEYS},
+               "features": [c.get("features_digest") or c.get("config_hash") for c in caches
+                            if isinstance(c, dict)]}
+    return json.dumps(setting, sort_keys=True, default=str)
+
+
 def _compared(runs: Sequence[RunRecord]) -> tuple[int, int]:
     """(runs, configs) behind the best validation score of ``runs``: a CV run scored every config of its
     grid on its folds, and a hold-out run was chosen from its sweep's whole grid (run.json's grid size),
     whether or not `--id`, `--tag` or `--top` keeps the other configs' runs in the report; each sweep
-    counts once (as many configs as its grid, or as its runs here where no size was recorded)."""
-    configs, sweeps = 0, {}
+    counts once (as many configs as its grid, or as its runs here where no size was recorded).
+
+    A search fitted again with only another --threshold rule scored the same models on the same validation
+    images, so it counts once. Why: fitted under youden and under sensitivity:0.9, the 20 configs of a
+    logreg and a knn search read "the best of 40 configs" in the report and its Methods."""
+    import json
+
+    searches: dict[str, int] = {}  # CV searches: one grid each
+    sweeps: dict[str, tuple[int, set[str]]] = {}  # hold-out sweeps: grid size, configs of their runs here
     for r in runs:
+        setting = _search_setting(r)
         cv = _cv_grid(r)
         if cv:
-            configs += len(cv)
+            searches[json.dumps([setting, [g["params"] for g in cv]], sort_keys=True, default=str)] = len(cv)
             continue
         grid = r.run.get("grid") if isinstance(r.run.get("grid"), dict) else {}
         size = grid.get("size") if isinstance(grid.get("size"), int) and grid["size"] > 0 else 0
-        key = str(r.run.get("sweep_id") or r.id)
-        grid_size, shown = sweeps.get(key, (0, 0))
-        sweeps[key] = (max(grid_size, size), shown + 1)
-    return len(runs), configs + sum(max(size, shown) for size, shown in sweeps.values())
+        listed = grid.get("configs") if isinstance(grid.get("configs"), list) and grid["configs"] else None
+        params = json.dumps(r.params, sort_keys=True, default=str)
+        if listed is not None:  # the sweep's grid as fit recorded it
+            key = json.dumps([setting, listed], sort_keys=True, default=str)
+        elif size > 1:  # a grid recorded by its size alone (older runs): by sweep, as before
+            key = str(r.run.get("sweep_id") or r.id)
+        else:
+            key = json.dumps([setting, params], sort_keys=True, default=str)
+        grid_size, shown = sweeps.get(key, (0, set()))
+        sweeps[key] = (max(grid_size, size), shown | {params})
+    return len(runs), sum(searches.values()) + sum(max(size, len(shown)) for size, shown in sweeps.values())
 
 
 def _selection_optimism(runs: Sequence[RunRecord]) -> str:
