@@ -352,6 +352,7 @@ def _check_jpeg_scan(data: bytes, mode: str) -> None:
 
 
 _SEQUENTIAL_SOF = (0xC0, 0xC1)  # baseline and extended sequential Huffman frames: every pixel in one pass
+_PROGRESSIVE_SOF = 0xC2  # the progressive Huffman frame
 # a marker inside entropy-coded data: FF (fill FFs allowed) and neither a stuffed 00 nor a restart D0-D7
 _MARKER_IN_SCAN = re.compile(rb"\xff+[^\x00\xd0-\xd7\xff]")
 
@@ -362,10 +363,11 @@ def _end_marker_restored(data: bytes) -> bytes:
     Why: a JPEG whose last two bytes are missing (a copy or an encoder that stopped at the marker) holds
     every pixel, and Pillow and libjpeg decode it whole, but libjpeg's "premature end of JPEG file" warning,
     which also comes for files cut inside their data, had extract skip it as "truncated image". Only a
-    sequential JPEG with a single scan holding every component qualifies (a progressive one cut between two
-    scans also lacks the marker, yet misses detail), and only when libjpeg, given the marker, decodes the
-    scan without a warning: a scan cut short still warns "premature end of data segment" and is skipped as
-    before. The file's key stays the hash of its own bytes.
+    sequential JPEG with a single scan holding every component qualifies, or a progressive one whose scans
+    bring every coefficient of every component down to its last bit (:func:`_progressive_scan_state`; one
+    cut between two scans also lacks the marker, yet misses detail, and is still refused), and only when
+    libjpeg, given the marker, decodes the file without a warning: a scan cut short still warns "premature
+    end of data segment" and is skipped as before. The file's key stays the hash of its own bytes.
     """
     if _simplejpeg is None or not data.startswith(b"\xff\xd8\xff") or data.endswith(b"\xff\xd9"):
         return data
@@ -377,21 +379,35 @@ def _end_marker_restored(data: bytes) -> bytes:
             continue
         end = pos + 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a frame header (SOFn)
-            if marker not in _SEQUENTIAL_SOF or pos + 9 >= len(data):
+            if pos + 9 >= len(data):
+                return data
+            if marker == _PROGRESSIVE_SOF:  # every scan there, the last one running to the end of the bytes?
+                short, open_scan = _progressive_scan_state(data)
+                return _with_end_marker(data, data[pos + 9]) if open_scan and not short else data
+            if marker not in _SEQUENTIAL_SOF:
                 return data
             components = data[pos + 9]
         elif marker == 0xDA:  # the first scan: whole, alone, and running to the end of the bytes?
             if pos + 4 >= len(data) or data[pos + 4] != components or _MARKER_IN_SCAN.search(data, end):
                 return data
-            fixed = data + b"\xff\xd9"
-            try:
-                _simplejpeg.decode_jpeg(fixed, "CMYK" if components == 4 else "RGB", min_height=1,
-                                        min_width=1, min_factor=1)
-            except Exception:  # noqa: BLE001 - any warning: the file lacks more than its marker
-                return data
-            return fixed
+            return _with_end_marker(data, components)
         pos = end
     return data
+
+
+def _with_end_marker(data: bytes, components: int) -> bytes:
+    """``data`` with FF D9 appended if libjpeg then decodes it without a warning, else ``data`` unchanged.
+
+    Why: the marker's absence is harmless only when nothing else is missing; libjpeg's warning for a scan
+    cut short ("premature end of data segment") is the check, so a cut file keeps its "truncated image".
+    """
+    fixed = data + b"\xff\xd9"
+    try:
+        _simplejpeg.decode_jpeg(fixed, "CMYK" if components == 4 else "RGB", min_height=1,
+                                min_width=1, min_factor=1)
+    except Exception:  # noqa: BLE001 - any warning: the file lacks more than its marker
+        return data
+    return fixed
 
 
 PROGRESSIVE_CUT = ("truncated image (a progressive JPEG that stops before its last scans: it would decode "
@@ -403,7 +419,13 @@ _NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 
 
 def _progressive_scans_short(data: bytes) -> bool:
-    """Whether a progressive JPEG's scans leave some coefficient of some component without its last bit.
+    """Whether a progressive JPEG's scans leave some coefficient of some component without its last bit."""
+    return _progressive_scan_state(data)[0]
+
+
+def _progressive_scan_state(data: bytes) -> tuple[bool, bool]:
+    """(whether a progressive JPEG's scans leave some coefficient of some component without its last bit,
+    whether its last scan's data runs to the end of the bytes, with no end-of-image marker after it).
 
     Why: a progressive JPEG stores the picture as a series of scans, each adding frequencies (spectral
     selection) or lower bits of them (successive approximation, down to bit 0 in the last scan of each).
@@ -413,12 +435,13 @@ def _progressive_scans_short(data: bytes) -> bool:
     DCT coefficients, a scan that ends at bit 0 (libjpeg tracks the same in its ``coef_bits`` table). Only
     the marker segments are read (entropy-coded data is skipped with one regex search per scan), and only
     for files whose frame header says progressive, so baseline files cost nothing. Anything unparsable
-    returns False and is left to the decoder, which words its own errors.
+    returns (False, False) and is left to the decoder, which words its own errors. The second answer lets
+    :func:`_end_marker_restored` tell a complete file that lost only its FF D9 from one cut elsewhere.
     """
-    pos, done, scans = 2, {}, 0  # done: component id -> bit mask of the coefficients complete
+    pos, done, scans, open_scan = 2, {}, 0, False  # done: component id -> mask of the coefficients complete
     while pos + 4 <= len(data):
         if data[pos] != 0xFF:
-            return False
+            return False, False
         marker = data[pos + 1]
         if marker == 0xFF:  # a fill byte before the marker
             pos += 1
@@ -436,7 +459,7 @@ def _progressive_scans_short(data: bytes) -> bool:
             count = data[pos + 4] if pos + 4 < len(data) else 0
             head = data[pos + 5 + 2 * count:pos + 8 + 2 * count]
             if len(head) < 3:
-                return False
+                return False, False
             first, last, al = head[0], min(head[1], 63), head[2] & 0x0F
             scans += 1
             if al == 0 and first <= last:
@@ -445,11 +468,12 @@ def _progressive_scans_short(data: bytes) -> bool:
                     if c in done:
                         done[c] |= band
             found = _NEXT_MARKER.search(data, end)
-            if found is None:  # the data runs to the end of the bytes: cut inside this scan
+            if found is None:  # the data runs to the end of the bytes: cut inside this scan, or at FF D9
+                open_scan = True
                 break
             end = found.start()
         pos = end
-    return scans > 0 and any(mask != _ALL_COEFFICIENTS for mask in done.values())
+    return scans > 0 and any(mask != _ALL_COEFFICIENTS for mask in done.values()), open_scan
 
 
 _EXTRANEOUS_OK = 64  # stray bytes before a marker that a JPEG may carry without harm

@@ -321,9 +321,28 @@ def test_a_jpeg_missing_only_its_end_marker_decodes_to_the_intact_files_pixels()
     Image.fromarray(wave).save(buf, "JPEG", quality=95, progressive=True)
     progressive = buf.getvalue()
     # a progressive file without its marker may lack its last scans too (cut between two): still refused
-    for cut in (progressive[:-2], progressive[:progressive.rindex(b"\xff\xda")]):
-        with pytest.raises(ImageDecodeError, match="^truncated image"):
-            decode_image(cut, 64)
+    with pytest.raises(ImageDecodeError, match="^truncated image"):
+        decode_image(progressive[:progressive.rindex(b"\xff\xda")], 64)
+
+
+def test_a_complete_progressive_jpeg_missing_only_its_end_marker_decodes_to_the_intact_files_pixels():
+    """A progressive JPEG with every scan but without its last two bytes (FF D9) was skipped as "truncated
+    image", while a baseline file in that state decoded. It decodes now, to the intact file's pixels; one cut
+    between two scans, or inside its last scan, is still refused."""
+    pytest.importorskip("simplejpeg")
+    wave = _wave(240)
+    for img in (Image.fromarray(wave), Image.fromarray(np.stack([wave, wave[::-1], wave.T], axis=2)),
+                Image.fromarray(wave).convert("CMYK")):
+        whole = _jpeg(img, progressive=True)
+        assert whole.endswith(b"\xff\xd9")
+        for size, mode in ((224, "squash"), ((100, 60), "crop")):
+            want = decode_image(whole, size, mode)
+            for lost in (1, 2):  # the marker's last byte, or both
+                assert np.array_equal(decode_image(whole[:-lost], size, mode), want), (img.mode, size, lost)
+        last_scan = whole.rindex(b"\xff\xda")
+        for cut in (last_scan, last_scan + 40, len(whole) - 40, len(whole) - 3):
+            with pytest.raises(ImageDecodeError, match="^truncated image"):
+                decode_image(whole[:cut], 64)
 
 
 def test_a_progressive_jpeg_cut_after_a_scan_but_ending_properly_is_refused(monkeypatch):
