@@ -128,7 +128,7 @@ def _open(data: bytes) -> Image.Image:
                 f"damaged {fmt} (its header cannot be read: cut short or overwritten)") from exc
         raise ImageDecodeError("not an image (unrecognised format)") from exc
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for broken headers
-        if _looks_truncated(exc):
+        if _looks_truncated(exc) or _riff_cut_short(data):
             raise ImageDecodeError("truncated image") from exc
         raise ImageDecodeError(f"corrupt image header ({_short(exc)})") from exc
     w, h = im.size
@@ -201,6 +201,19 @@ def _tiff_cut_before_ifd(data: bytes) -> bool:
     return False
 
 
+def _riff_cut_short(data: bytes) -> bool:
+    """Whether ``data`` is a WebP shorter than its RIFF header's size says; asked only once Pillow gave up.
+
+    Why: Pillow opens a WebP through libwebp's decoder, which refuses a file cut short with "could not
+    create decoder object": extract listed it as "corrupt image header (...)", where a JPEG, PNG or TIFF cut
+    short is a "truncated image", the file to copy again. The RIFF header (bytes 4-8, little-endian) holds
+    the size of everything after its first 8 bytes; a WebP broken some other way keeps its own reason.
+    """
+    if data[:4] != b"RIFF" or data[8:12] != b"WEBP":
+        return False
+    return len(data) < 8 + int.from_bytes(data[4:8], "little")
+
+
 def _looks_truncated(exc: BaseException) -> bool:
     """PIL reports early end-of-data with several types; all mean the file was cut short."""
     return "truncated" in str(exc).lower() or isinstance(exc, EOFError | struct.error)
@@ -245,7 +258,7 @@ def _load(im: Image.Image, size_hw: tuple[int, int], data: bytes) -> tuple[Image
     try:
         im.load()
     except Exception as exc:  # noqa: BLE001
-        if _looks_truncated(exc):
+        if _looks_truncated(exc) or _riff_cut_short(data):
             raise ImageDecodeError("truncated image") from exc
         if isinstance(exc, zlib.error):
             raise ImageDecodeError("corrupt image data (bad compressed stream)") from exc

@@ -390,6 +390,25 @@ def test_bad_bytes_raise_decode_error(data, reason):
     assert err.value.reason == reason
 
 
+def test_a_webp_cut_short_is_a_truncated_image():
+    """A WebP cut short was listed as "corrupt image header (could not create decoder object)", where a JPEG
+    or PNG cut short is a "truncated image". Shorter than its RIFF header says, it is one now; a WebP of full
+    length whose data was overwritten keeps a reason of its own."""
+    wave = _wave(240)
+    for kw in ({"quality": 90}, {"lossless": True}):
+        buf = io.BytesIO()
+        Image.fromarray(wave).save(buf, "WEBP", **kw)
+        whole = buf.getvalue()
+        assert decode_image(whole, 64).shape == (64, 64, 3)
+        for cut in (len(whole) - 1, len(whole) // 2, 40):
+            with pytest.raises(ImageDecodeError) as err:
+                decode_image(whole[:cut], 64)
+            assert err.value.reason == "truncated image", (kw, cut)
+    with pytest.raises(ImageDecodeError) as err:
+        decode_image(whole[:30] + bytes(len(whole) - 30), 64)  # the lossless file, its data zeroed
+    assert err.value.reason != "truncated image"
+
+
 def test_a_jpeg_or_png_with_a_damaged_header_is_named_damaged_not_not_an_image():
     """A JPEG or PNG cut inside its header, or whose header bytes were overwritten, was listed as "not an
     image (unrecognised format)", the reason of a text file named .jpeg: nothing told a file worth
