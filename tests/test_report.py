@@ -2038,6 +2038,21 @@ def test_ties_below_the_best_are_marked_in_the_leaderboard(tmp_path):
     assert caption == "'=' after a rank: the same validation accuracy as another run"
 
 
+
+
+def test_the_audit_of_a_flat_folder_names_its_one_split_all_not_a_dash(tmp_path):
+    """A folder without split folders is one split that inspect names "-": report.md's audit read
+    "| patients in - | 70 |" under counts tables that call it "all"."""
+    from conftest import make_kermany_tree
+
+    data = make_kermany_tree(tmp_path / "flat", n_normal=3, n_pneu=3, splits=("",), size=32)
+    runs = tmp_path / "runs"
+    write_fake_run(runs, "20240101-000001-logreg-00000001", dataset_root=str(data))
+    text = build_report(runs, tmp_path / "out", ReportOptions(detail=0)).markdown.read_text()
+    assert "| patients in all | 6 |" in text
+    assert "patients in -" not in text
+
+
 def test_mixed_tasks_and_datasets_are_told_from_every_run_ranked_and_each_task_gets_its_best(tmp_path):
     """Under --top 1 a 3-class run was named the best over binary runs with no "Mixed tasks" note (the
     note looked at the runs shown), the same for "Mixed datasets", and with --group-by task the best run

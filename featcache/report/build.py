@@ -1543,7 +1543,10 @@ def _audit(doc: Document, info: dict) -> None:
             ["patients", "— (no image has a patient id)" if no_ids else str(info.get("n_patients", "?"))]]
     if missing and not no_ids:
         rows.append(["images without a patient id (each counted as a patient)", str(missing)])
-    rows += [[f"{who} in {k}", str(v)] for k, v in sorted(pps.items(), key=lambda kv: str(kv[0]))]
+    # inspect names a flat folder's one split "-", which read as a slip ("patients in -") below counts
+    # tables that call it "all", as fit does
+    rows += [[f"{who} in {'all' if k == '-' else k}", str(v)]
+             for k, v in sorted(pps.items(), key=lambda kv: str(kv[0]))]
     rows += [
         ["byte-identical duplicate groups", str(len(dups))],
         ["patients in more than one split", "— (no patient ids)" if no_ids else str(len(cross))],
