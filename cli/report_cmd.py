@@ -74,14 +74,17 @@ def _leaders_table(result) -> Table | None:
 
     varying = [*(["group"] if grouped else []), *(k for k in ("backbone", "head", "task") if shown_column(k))]
     what = "best run of each group" if grouped else "best runs"
-    tied = not grouped and any(is_tied(r) for r in rows)
     tested = _tested(rows, metric)  # untested, print_outputs says why there is no interval
+    # balanced accuracy, average precision and Brier get no bootstrap interval (not in CI_METRICS): a
+    # "[95% CI]" header above bare scores promised one the cells did not have
+    ci = " [95% CI]" if any(_interval(r, metric) for r in rows) else ""
+    tied = not grouped and any(is_tied(r) for r in rows)
     table = Table(title=f"{what} by validation {metric}", title_justify="left", box=None, pad_edge=False,
                   caption=f"'=' after a rank: the same validation {metric} as another run" if tied else None,
                   caption_justify="left")
     # grouped, every row is its group's #1 (ranks count within groups): a rank column would say nothing
     for name in (*([] if grouped else ["#"]), *varying, "config", f"val {metric}",
-                 *([f"test {metric} [95% CI]"] if tested else [])):
+                 *([f"test {metric}{ci}"] if tested else [])):
         table.add_column(name, justify="right" if name == "#" or metric in name else "left", overflow="fold")
 
     def num(value) -> str:
@@ -91,15 +94,25 @@ def _leaders_table(result) -> Table | None:
         used = r.get("ranked_by") or metric  # a 3-class group asked for average_precision: ranked by auc
         named = "" if used == metric else f" ({used})"
         test = num(r.get(f"test_{used}"))
-        lo, hi = r.get(f"test_{used}_lo"), r.get(f"test_{used}_hi")
-        if test != "—" and lo is not None and hi is not None:
-            test += f" [{lo:.3f}–{hi:.3f}]"
+        interval = _interval(r, metric)
+        if interval:
+            test += f" [{interval[0]:.3f}–{interval[1]:.3f}]"
         # "2=" as in the report: tied runs read 1, 2, 3, 4 here while report.md said 1, 2=, 3=, 4
         rank = f"{r['rank']}{'=' if is_tied(r) else ''}"
         table.add_row(*([] if grouped else [rank]), *(escape(str(r.get(k))) for k in varying),
                       escape(config or "(defaults)"), num(r.get(f"val_{used}")) + named,
                       *([test + (named if test != "—" else "")] if tested else []))
     return table
+
+
+def _interval(row: dict, metric: str) -> tuple[float, float] | None:
+    """A leader's 95% interval of its test score in the metric that ranks it, or None where it has none
+    (no test split, or a metric bootstrapped for no interval)."""
+    used = row.get("ranked_by") or metric
+    lo, hi = row.get(f"test_{used}_lo"), row.get(f"test_{used}_hi")
+    if row.get(f"test_{used}") is None or lo is None or hi is None:
+        return None
+    return lo, hi
 
 
 def _tested(rows: list[dict], metric: str) -> bool:

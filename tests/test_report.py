@@ -2038,6 +2038,24 @@ def test_ties_below_the_best_are_marked_in_the_leaderboard(tmp_path):
     assert caption == "'=' after a rank: the same validation accuracy as another run"
 
 
+def test_the_terminal_test_column_says_95_ci_only_when_its_cells_have_one(tmp_path):
+    """`report --metric balanced_accuracy` headed the terminal's test column "test balanced_accuracy
+    [95% CI]" above bare scores: balanced accuracy, like average precision and Brier, gets no interval."""
+    from featcache.cli.report_cmd import _leaders_table
+    from rich.console import Console
+
+    runs = tmp_path / "runs"
+    for k in (1, 2):
+        write_fake_run(runs, f"20240101-00000{k}-logreg-{k:08x}", params={"C": float(k)}, quality=k, seed=k)
+    for metric, has_ci in (("balanced_accuracy", False), ("accuracy", True)):
+        res = build_report(runs, tmp_path / metric, ReportOptions(metric=metric, detail=0))
+        leaders = json.loads(res.json.read_text())["runs"]
+        assert any(r.get(f"test_{metric}_lo") is not None for r in leaders) == has_ci
+        out = Console(record=True, width=200)
+        out.print(_leaders_table(res))
+        header = out.export_text().splitlines()[1]
+        assert f"test {metric}" in header
+        assert ("[95% CI]" in header) == has_ci
 
 
 def test_the_audit_of_a_flat_folder_names_its_one_split_all_not_a_dash(tmp_path):
