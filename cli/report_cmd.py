@@ -78,10 +78,9 @@ def _leaders_table(result) -> Table | None:
     # balanced accuracy, average precision and Brier get no bootstrap interval (not in CI_METRICS): a
     # "[95% CI]" header above bare scores promised one the cells did not have
     ci = " [95% CI]" if any(_interval(r, metric) for r in rows) else ""
-    tied = not grouped and any(is_tied(r) for r in rows)
-    table = Table(title=f"{what} by validation {metric}", title_justify="left", box=None, pad_edge=False,
-                  caption=f"'=' after a rank: the same validation {metric} as another run" if tied else None,
-                  caption_justify="left")
+    # the tie note is printed after the table (print_outputs, _tie_note): as its caption it wrapped at the
+    # narrow table's width, mid-sentence
+    table = Table(title=f"{what} by validation {metric}", title_justify="left", box=None, pad_edge=False)
     # grouped, every row is its group's #1 (ranks count within groups): a rank column would say nothing
     for name in (*([] if grouped else ["#"]), *varying, "config", f"val {metric}",
                  *([f"test {metric}{ci}"] if tested else [])):
@@ -115,6 +114,16 @@ def _interval(row: dict, metric: str) -> tuple[float, float] | None:
     return lo, hi
 
 
+def _tie_note(result) -> str | None:  # noqa: ANN001 - featcache.report.ReportResult
+    """The sentence explaining a leaders table's '=' ranks, or None when no rank shown is tied."""
+    from featcache.report.build import is_tied
+
+    rows = getattr(result, "leaders", None) or []
+    if any(r.get("group") for r in rows) or not any(is_tied(r) for r in rows):
+        return None  # grouped, the table has no rank column to mark
+    return f"'=' after a rank: the same validation {result.metric} as another run"
+
+
 def _tested(rows: list[dict], metric: str) -> bool:
     """Whether any of the leaders has a test score of the metric that ranks it.
 
@@ -130,6 +139,9 @@ def print_outputs(result, console: Console) -> None:
     table = _leaders_table(result)
     if table is not None:
         print_table(console, table)
+        tie = _tie_note(result)
+        if tie:  # soft_wrap: as the table's caption it was broken at the table's width
+            console.print(tie, soft_wrap=True, highlight=False, markup=False)
         if not _tested(getattr(result, "leaders", None) or [], result.metric):
             console.print(f"No test split: {NO_VALIDATION_CI}.", soft_wrap=True, highlight=False)
     random = getattr(result, "random_weights", None) or []

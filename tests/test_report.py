@@ -2034,8 +2034,28 @@ def test_ties_below_the_best_are_marked_in_the_leaderboard(tmp_path):
     out.print(_leaders_table(res))
     lines = out.export_text().splitlines()
     assert [ln.split()[0] for ln in lines[2:6]] == ["1", "2=", "3=", "4"]
-    caption = " ".join(" ".join(lines[6:]).split())  # the caption wraps to the table's width
-    assert caption == "'=' after a rank: the same validation accuracy as another run"
+
+
+def test_the_terminal_tie_note_is_one_unbroken_line_under_a_narrow_table(tmp_path):
+    """As the leaders table's caption, "'=' after a rank: the same validation accuracy as another run" was
+    wrapped at the narrow table's width, breaking the sentence over two lines in a wide terminal."""
+    from featcache.cli.report_cmd import print_outputs
+    from rich.console import Console
+
+    runs = tmp_path / "runs"
+    for k in (1, 2):  # same seed and quality: the same predictions, a tie
+        write_fake_run(runs, f"20240101-00000{k}-logreg-{k:08x}", params={"C": 10.0 ** -k}, quality=1, seed=7,
+                       test=False)
+    res = build_report(runs, tmp_path / "out", ReportOptions(detail=0))
+    out = Console(record=True, width=200)
+    print_outputs(res, out)
+    lines = [ln.strip() for ln in out.export_text().splitlines()]
+    assert max(len(ln) for ln in lines[:4]) < 60  # the table is narrower than the note
+    assert "'=' after a rank: the same validation accuracy as another run" in lines
+    untied = build_report(runs, tmp_path / "out2", ReportOptions(ids=["-000001-"], detail=0))
+    out = Console(record=True, width=200)
+    print_outputs(untied, out)
+    assert "'=' after a rank" not in out.export_text()
 
 
 def test_the_terminal_test_column_says_95_ci_only_when_its_cells_have_one(tmp_path):
