@@ -81,7 +81,7 @@ def register(app: typer.Typer) -> None:
                 out = predict(images, run, runs_dir, backbone_files=backbone_file,
                               progress=make_callback(bar), before_backend=quiet_backend)
             except NothingClassifiedError as exc:  # --csv is still written: its rows are the skipped images
-                if csv_out is None:
+                if csv_out is None and not as_json:  # (and --json printed: its skipped list says why)
                     raise
                 out, failed = exc.result, exc
         if to_stdout:
@@ -92,10 +92,15 @@ def register(app: typer.Typer) -> None:
             from featcache.predict import write_predictions_csv
 
             written = write_predictions_csv(out, csv_out)
-        if failed is not None:  # an error all the same (exit 2), the CSV being there for a script to read
-            _print_skipped(out)
-            where = "printed above" if to_stdout else f"written to {written}"
+        if failed is not None:  # an error all the same (exit 2), the CSV or JSON there for a script to read
             n = len(out["skipped"])
+            if as_json:  # as extract --json --strict: the result, skipped list included, then the error
+                typer.echo(json.dumps(out, indent=2))
+            _print_skipped(out)
+            if csv_out is None:
+                raise NothingClassifiedError(f"{failed} The JSON printed above lists the {n} skipped "
+                                             "path(s), each with its reason", out) from failed
+            where = "printed above" if to_stdout else f"written to {written}"
             raise NothingClassifiedError(f"{failed} The CSV of the {n} skipped path(s), each with its reason "
                                          f"in column skipped, is {where}", out) from failed
         if as_json:

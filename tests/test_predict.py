@@ -368,6 +368,25 @@ def test_a_csv_is_written_when_every_image_is_skipped(trained, tmp_path: Path, c
         predict([bad, missing], run_id, runs_dir)
 
 
+def test_json_is_printed_when_every_image_is_skipped(trained, tmp_path: Path, capsys) -> None:
+    """`predict junk --json` that skipped every image printed no JSON (only the error), while --csv writes
+    its skipped rows then: a script parsing stdout failed on an empty string. Now the JSON object, with
+    every skipped path and its reason, is printed, and the call still exits 2."""
+    root, runs_dir, run_id = trained
+    bad = tmp_path / "bad.jpeg"
+    bad.write_bytes(sorted((root / "test" / "NORMAL").iterdir())[0].read_bytes()[:200])  # truncated JPEG
+    missing = tmp_path / "missing.png"
+    assert cli(["predict", str(bad), str(missing), "--run", run_id, "--runs-dir", str(runs_dir),
+                "--json"]) == 2
+    printed = capsys.readouterr()
+    out = json.loads(printed.out)
+    assert out["predictions"] == [] and [s["path"] for s in out["skipped"]] == [str(bad), str(missing)]
+    assert out["skipped"][1]["reason"] == "does not exist"
+    err = " ".join(printed.err.split())
+    assert "none of the 2 path(s) given or found could be classified" in err
+    assert "The JSON printed above lists the 2 skipped path(s)" in err
+
+
 def test_an_existing_csv_is_kept_unless_force(trained, tmp_path: Path, capsys, monkeypatch) -> None:
     """--csv out.csv replaced an earlier prediction file without a word: a rerun on the next batch under the
     same name lost the first batch's labels. It is refused before any image is classified (a link to it
