@@ -60,6 +60,22 @@ def save_rescaling_model(path: Path, scale: float, offset: float) -> Path:
     return path
 
 
+def ctrl_c_at_forward_pass(monkeypatch: pytest.MonkeyPatch, n: int = 3) -> None:
+    """Make extract raise KeyboardInterrupt at its ``n``-th forward pass (through its ``crash_point`` hook),
+    as a user's Ctrl-C would; for the tests of what extract, run and demo then say."""
+    import featcache.extract as extract_module
+
+    forwards: list[str] = []
+
+    def ctrl_c(name: str) -> None:
+        if name == "extract.forward":
+            forwards.append(name)
+            if len(forwards) == n:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(extract_module, "crash_point", ctrl_c)
+
+
 def make_kermany_tree(root: Path, n_normal: int = 6, n_pneu: int = 6, splits=("train", "test"),
                       size: int = 64) -> Path:
     """A Kermany-layout tree with real-looking names (patients, bacteria/virus subtypes)."""

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from badcorpus import DUPLICATE_PAIR, make_bad_corpus, outcome_keyword
-from conftest import make_kermany_tree, save_rescaling_model, write_xray
+from conftest import ctrl_c_at_forward_pass, make_kermany_tree, save_rescaling_model, write_xray
 from featcache.cli.app import run
 
 from featcache import cache as fcache
@@ -673,18 +673,8 @@ def test_sigkill_then_resume_gives_the_uninterrupted_features(point: str, tree: 
 def test_ctrl_c_during_extract_says_how_many_images_are_kept_and_left(tmp_path: Path, capsys, monkeypatch):
     """Ctrl-C printed only "finished work is saved; run the same command to resume": no word of how many
     images were kept or how many a resume would compute. The counts come first now, and they are true."""
-    import featcache.extract as extract_module
-
     root = make_kermany_tree(tmp_path / "data", n_normal=4, n_pneu=4, splits=("train",))
-    forwards = []
-
-    def ctrl_c_at_the_third_forward_pass(name: str) -> None:
-        if name == "extract.forward":
-            forwards.append(name)
-            if len(forwards) == 3:
-                raise KeyboardInterrupt
-
-    monkeypatch.setattr(extract_module, "crash_point", ctrl_c_at_the_third_forward_pass)
+    ctrl_c_at_forward_pass(monkeypatch, 3)
     monkeypatch.setenv("COLUMNS", "250")
     argv = ["extract", "--data", str(root), *CLI_BB, "--cache-dir", str(tmp_path / "c"), "--batch-size", "2"]
     assert run(argv) == 130

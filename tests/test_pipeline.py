@@ -713,23 +713,14 @@ def test_ctrl_c_during_runs_extract_says_how_many_images_are_kept_and_left(tmp_p
     """`featcache run` (and `demo`) interrupted while extracting said only "finished work is saved; run the
     same command to resume", where `featcache extract` says how many images the cache keeps and how many
     the same command computes: they say the same now, with the cache's true counts."""
-    from conftest import make_kermany_tree
+    from conftest import ctrl_c_at_forward_pass, make_kermany_tree
 
-    import featcache.extract as extract_module
     from featcache.backbones import BackboneConfig
     from featcache.datasets import discover
     from featcache.extract import ExtractOptions, extract
 
     root = make_kermany_tree(tmp_path / "data", n_normal=4, n_pneu=4, splits=("train",))
-    forwards = []
-
-    def ctrl_c_at_the_third_forward_pass(name: str) -> None:
-        if name == "extract.forward":
-            forwards.append(name)
-            if len(forwards) == 3:
-                raise KeyboardInterrupt
-
-    monkeypatch.setattr(extract_module, "crash_point", ctrl_c_at_the_third_forward_pass)
+    ctrl_c_at_forward_pass(monkeypatch, 3)
     monkeypatch.setenv("COLUMNS", "250")
     argv = ["run", "--data", str(root), "--backbone", "mobilenet-0.75", "--weights", "none", "--image-size",
             "32", "--head", "knn", "--cv-folds", "2", "--batch-size", "2", "--cache-dir", str(tmp_path / "c"),
@@ -741,7 +732,7 @@ def test_ctrl_c_during_runs_extract_says_how_many_images_are_kept_and_left(tmp_p
             "interruption, 0 there before); the same command computes the remaining 4.") in err, err
     assert err.endswith("interrupted: finished work is saved; run the same command to resume.")
     assert not (tmp_path / "r").exists()  # stopped in the extract stage: nothing was fitted
-    forwards.clear()  # the demo's 96 images at batch 32: stopped at its third batch, 64 kept
+    ctrl_c_at_forward_pass(monkeypatch, 3)  # the demo's 96 images at batch 32: its third batch, 64 kept
     assert run(["demo", "--weights", "none", "--workdir", str(tmp_path / "d"), "--head", "knn"]) == 130
     err = " ".join(capsys.readouterr().err.split())
     assert "extract stopped: 64 of the 96 images this extract wants are in" in err, err
